@@ -1,0 +1,21 @@
+"""fastcluster_cl: fused contrastive clustering losses for PyTorch.
+
+Functional losses (`nt_xent`, `cc_cluster_loss`, `student_t`, `dec_loss`, `anchor_loss`,
+`tcc_cluster_loss`) and their nn.Module wrappers, each with backends torch / chunked / triton /
+cuda (see `fastcluster_cl.functional`). Metrics live in `fastcluster_cl.metrics`.
+"""
+from ._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from .functional import (anchor_loss, cc_cluster_loss, dec_loss, nt_xent, student_t,  # noqa: E402
+                         tcc_cluster_loss)
+from .modules import (AnchorLoss, CCClusterLoss, ClusterContrastiveLoss, DECLoss,  # noqa: E402
+                      LossOutput, NTXentLoss)
+
+__version__ = "0.1.0"
+__all__ = [
+    "nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss",
+    "NTXentLoss", "CCClusterLoss", "DECLoss", "AnchorLoss", "ClusterContrastiveLoss",
+    "LossOutput",
+]

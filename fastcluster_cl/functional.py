@@ -1,0 +1,149 @@
+"""Functional losses: validate arguments, pick the backend, call it.
+
+Every function accepts float16/bfloat16/float32/float64 inputs, accumulates in float32 (float64
+for float64 inputs) and returns a 0-d loss in that accumulation dtype. `backend` is one of
+"auto" (triton for CUDA tensors, else chunked), "torch" (plain reference that materialises the
+similarity matrix), "chunked" (row blocks, never holds the 2N x 2N matrix), "triton", "cuda";
+all compute the same function to rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .losses.dispatch import implementation
+from .validation import (check_finite, check_matrix, check_positive, check_probabilities,
+                         check_same)
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
+            backend: str = "auto") -> torch.Tensor:
+    """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
+
+    Z = [z_a; z_b] (2N x D) is L2-normalised row-wise, S = Z Z^T / tau and pos(i) = i +- N:
+
+        L = 1/(2N) sum_i [ logsumexp_{k != i} S_ik - S_{i,pos(i)} ]
+
+    Equal to lightly's NTXentLoss and CC's InstanceLoss.
+
+    Args:
+        z_a, z_b: (N, D) projections of the two views, N >= 2.
+        temperature: tau > 0 (0.5 in CC and arXiv 2109.12714).
+    """
+    check_matrix("z_a", z_a, min_rows=2)
+    check_matrix("z_b", z_b, min_rows=2)
+    check_same(("z_a", "z_b"), (z_a, z_b))
+    temperature = check_positive("temperature", temperature)
+    check_finite(("z_a", "z_b"), (z_a, z_b))
+    return implementation("nt_xent", backend, z_a.device)(z_a, z_b, temperature)
+
+
+def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
+    check_matrix("logits_a", logits_a, min_rows=2, min_cols=2)
+    check_matrix("logits_b", logits_b, min_rows=2, min_cols=2)
+    check_same(("logits_a", "logits_b"), (logits_a, logits_b))
+
+
+def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
+
+    q = softmax(logits) over K clusters. The 2K columns of [q_a, q_b] (vectors of length N) are
+    L2-normalised and contrasted with NT-Xent (mean over 2K); then, for each view, the
+    anti-collapse term log K + sum_k P_k log P_k, P_k the column mean of q, is added.
+
+    Args:
+        logits_a, logits_b: (N, K) cluster logits of the two views, N >= 2, K >= 2.
+        temperature: tau_c > 0 (1.0 in CC).
+    """
+    _check_logit_pair(logits_a, logits_b)
+    temperature = check_positive("temperature", temperature)
+    check_finite(("logits_a", "logits_b"), (logits_a, logits_b))
+    return implementation("cc_cluster_loss", backend, logits_a.device)(logits_a, logits_b,
+                                                                       temperature)
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
+              backend: str = "auto") -> torch.Tensor:
+    """Student-t soft assignment of DEC / arXiv 2109.12714's cluster centre predictor.
+
+        q_ik = (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) / sum_j (same for j)
+
+    Args:
+        h: (N, F) features. centers: (K, F) centres, K >= 2. alpha: degrees of freedom > 0.
+    Returns:
+        (N, K) probabilities in the accumulation dtype (float32, or float64 for float64 input).
+    """
+    check_matrix("h", h)
+    check_matrix("centers", centers, min_rows=2)
+    check_same(("h", "centers"), (h, centers), shape=False)
+    if h.shape[1] != centers.shape[1]:
+        raise ValueError(f"h has {h.shape[1]} features but centers have {centers.shape[1]}")
+    alpha = check_positive("alpha", alpha)
+    check_finite(("h", "centers"), (h, centers))
+    return implementation("student_t", backend, h.device)(h, centers, alpha)
+
+
+def dec_loss(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
+
+    Target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) with f_k = sum_i q_ik, computed on the
+    batch with no gradient; L = (1/N) sum_i KL(p_i || q_i).
+
+    Args:
+        q: (N, K) probabilities (rows sum to 1), K >= 2: the clean view's assignment.
+    """
+    check_matrix("q", q, min_cols=2)
+    check_probabilities(("q",), (q,))
+    return implementation("dec_loss", backend, q.device)(q)
+
+
+def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
+                backend: str = "auto") -> torch.Tensor:
+    """Anchor loss of arXiv 2109.12714: the clean view anchors both augmented views.
+
+        L = (1/N) sum_i [ KL(q0_i || qa_i) + KL(q0_i || qb_i) ],   q0 detached
+
+    Args:
+        q0, q_a, q_b: (N, K) probabilities of the clean and the two augmented views, K >= 2.
+    """
+    names = ("q0", "q_a", "q_b")
+    for name, q in zip(names, (q0, q_a, q_b)):
+        check_matrix(name, q, min_cols=2)
+    check_same(names, (q0, q_a, q_b))
+    check_probabilities(names, (q0, q_a, q_b))
+    return implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b)
+
+
+def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
+                     h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
+                     backend: str = "auto") -> torch.Tensor:
+    """Cluster-level loss of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021).
+
+    Reconstructed from the paper's abstract and method summary, not from its code: each view
+    draws a soft Gumbel-softmax sample y = gumbel_softmax(logits, gumbel_tau) (N x K), builds
+    cluster representations s_k = normalise(sum_i y_ik h_i) (K x F), and the 2K representations
+    are contrasted with NT-Xent (the same cluster in the other view is the positive); the
+    marginal-entropy term of `cc_cluster_loss` on q = softmax(logits) guards against collapse.
+    Sampling uses torch's global RNG (seed it for reproducibility).
+
+    Args:
+        logits_a, logits_b: (N, K) cluster logits, K >= 2. h_a, h_b: (N, F) features.
+        temperature: tau_c > 0. gumbel_tau: Gumbel-softmax temperature > 0.
+    """
+    _check_logit_pair(logits_a, logits_b)
+    check_matrix("h_a", h_a, min_rows=2)
+    check_matrix("h_b", h_b, min_rows=2)
+    check_same(("h_a", "h_b"), (h_a, h_b))
+    if h_a.shape[0] != logits_a.shape[0]:
+        raise ValueError(f"h_a has {h_a.shape[0]} rows but logits_a has {logits_a.shape[0]}")
+    temperature = check_positive("temperature", temperature)
+    gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
+    check_finite(("logits_a", "logits_b", "h_a", "h_b"), (logits_a, logits_b, h_a, h_b))
+    acc = torch.float64 if logits_a.dtype == torch.float64 else torch.float32
+    logits_a, logits_b = logits_a.to(acc), logits_b.to(acc)
+    y_a = F.gumbel_softmax(logits_a, tau=gumbel_tau, dim=1)
+    y_b = F.gumbel_softmax(logits_b, tau=gumbel_tau, dim=1)
+    q_a, q_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
+    return implementation("tcc_cluster_loss", backend, h_a.device)(y_a, y_b, h_a, h_b, q_a, q_b,
+                                                                    temperature)

@@ -1,0 +1,127 @@
+"""Chunked backend: pure PyTorch in square tiles, never holding the 2N x 2N similarity matrix.
+
+Memory is O(N*D + block^2). S is symmetric, so only the upper-triangle tiles (I <= J) are
+computed: each serves the row sums of block I and, transposed, those of block J (half the
+matmul and exp work of the reference). Rows are shifted by the fixed bound 1/tau >= S_ik when
+exp(-2/tau) cannot underflow; below that temperature a first pass finds each row's exact max.
+The backward is one more pass over the same tiles using the saved per-row lse (DESIGN.md):
+
+    dL/dzn_i = 1/(tau*2N) * ( sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) ),  P_ij = exp(S_ij - lse_i)
+
+followed by the backward of the L2 normalisation. This is the fast path on CPU.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from . import reference
+from .reference import NORM_EPS, accumulation_dtype, anchor_loss, dec_loss, student_t  # noqa: F401
+
+DEFAULT_BLOCK = 1024
+# Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number.
+_SHIFT_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _tiles(rows: int, block: int) -> Iterator[tuple[slice, slice, bool]]:
+    """Upper-triangle tiles (I, J), I <= J, and whether the tile is on the diagonal."""
+    starts = range(0, rows, block)
+    for i0 in starts:
+        for j0 in starts:
+            if j0 >= i0:
+                yield slice(i0, min(i0 + block, rows)), slice(j0, min(j0 + block, rows)), i0 == j0
+
+
+def _tile(zn: torch.Tensor, rows: slice, cols: slice, inv_tau: float) -> torch.Tensor:
+    return (zn[rows] @ zn[cols].T) * inv_tau
+
+
+def _row_shift(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor | None:
+    """None when the uniform shift 1/tau is safe, else each row's max over k != i."""
+    if 2.0 * inv_tau <= _SHIFT_RANGE[zn.dtype]:
+        return None
+    m = torch.full((zn.shape[0],), float("-inf"), dtype=zn.dtype, device=zn.device)
+    for rows, cols, diagonal in _tiles(zn.shape[0], block):
+        s = _tile(zn, rows, cols, inv_tau)
+        if diagonal:
+            s.fill_diagonal_(float("-inf"))
+        m[rows] = torch.maximum(m[rows], s.amax(1))
+        m[cols] = torch.maximum(m[cols], s.amax(0))
+    return m
+
+
+def _masked_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
+    """lse_i = log sum_{k != i} exp(S_ik), from upper-triangle tiles."""
+    shift = _row_shift(zn, inv_tau, block)
+    total = torch.zeros(zn.shape[0], dtype=zn.dtype, device=zn.device)
+    for rows, cols, diagonal in _tiles(zn.shape[0], block):
+        s = _tile(zn, rows, cols, inv_tau)
+        if shift is None:
+            e_rows = e_cols = torch.exp(s - inv_tau)
+        else:
+            e_rows, e_cols = torch.exp(s - shift[rows, None]), torch.exp(s - shift[None, cols])
+        if diagonal:
+            e_rows.fill_diagonal_(0.0)
+            total[rows] += e_rows.sum(1)
+        else:
+            total[rows] += e_rows.sum(1)
+            total[cols] += e_cols.sum(0)
+    return torch.log(total) + (inv_tau if shift is None else shift)
+
+
+def _positive_index(n: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(n, 2 * n, device=device), torch.arange(n, device=device)])
+
+
+class _ChunkedNTXent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z_a, z_b, temperature, block):
+        n = z_a.shape[0]
+        z = torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype))
+        norm = z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        zn = z / norm
+        inv_tau = 1.0 / temperature
+        lse = _masked_lse(zn, inv_tau, block)
+        pos = _positive_index(n, z.device)
+        positive = (zn * zn[pos]).sum(1) * inv_tau
+        ctx.save_for_backward(zn, norm, lse)
+        ctx.inv_tau, ctx.block, ctx.input_dtype = inv_tau, block, z_a.dtype
+        return (lse - positive).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zn, norm, lse = ctx.saved_tensors
+        inv_tau, rows_total = ctx.inv_tau, zn.shape[0]
+        g = torch.zeros_like(zn)
+        for rows, cols, diagonal in _tiles(rows_total, ctx.block):
+            s = _tile(zn, rows, cols, inv_tau)
+            a = torch.exp(s - lse[rows, None]) + torch.exp(s - lse[None, cols])  # P_IJ + P_JI^T
+            if diagonal:
+                a.fill_diagonal_(0.0)
+                g[rows] += a @ zn[cols]
+            else:
+                g[rows] += a @ zn[cols]
+                g[cols] += a.T @ zn[rows]
+        g -= 2.0 * zn[_positive_index(rows_total // 2, zn.device)]
+        g *= grad_out * inv_tau / rows_total
+        # Backward of zn = z / max(||z||, eps): project out the radial part where ||z|| > eps.
+        radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
+        dz = ((g - zn * radial) / norm).to(ctx.input_dtype)
+        n = rows_total // 2
+        return dz[:n], dz[n:], None, None
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+            block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """NT-Xent (see `fastcluster_cl.nt_xent`) in block_size x block_size tiles."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return _ChunkedNTXent.apply(z_a.contiguous(), z_b.contiguous(), temperature, block_size)
+
+
+# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; the O(N*K) terms
+# (student_t, dec_loss, anchor_loss) have no N x N matrix to chunk and are the reference ones.
+cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
+tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)

@@ -1,0 +1,113 @@
+"""Plain PyTorch reference of every loss (backend "torch").
+
+Readable, materialises the full similarity matrices, and is the ground truth every other backend
+is tested against. Inputs are cast to the accumulation dtype (float64 stays float64, everything
+else computes in float32), so the returned loss is float32 or float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # as F.normalize: z / max(||z||, eps)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def safe_log(q: torch.Tensor) -> torch.Tensor:
+    """log(q) with q clamped at the dtype's smallest normal: zero probabilities give a finite log
+    whose product with a zero weight is 0, and a zero gradient instead of 0/0."""
+    return torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over Z = [z_a; z_b] (2N rows): mean_i logsumexp_{k != i} S_ik - S_{i,pos(i)}.
+
+    S = Z Z^T / tau after row L2 normalisation; pos(i) = i + N for i < N, else i - N.
+    """
+    n = z_a.shape[0]
+    z = torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype))
+    z = F.normalize(z, dim=1, eps=NORM_EPS)
+    s = z @ z.T / temperature                                     # (2N, 2N)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
+    pos = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return (lse - s[torch.arange(2 * n, device=z.device), pos]).mean()
+
+
+def marginal_entropy_term(q: torch.Tensor) -> torch.Tensor:
+    """log K + sum_k P_k log P_k with P_k the column mean of q (CC's anti-collapse term, >= 0)."""
+    p = q.sum(0) / q.shape[0]
+    return math.log(q.shape[1]) + torch.special.xlogy(p, p).sum()
+
+
+def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
+                    instance_loss=nt_xent) -> torch.Tensor:
+    """Contrastive Clustering's cluster-level loss.
+
+    q = softmax over K; NT-Xent over the 2K L2-normalised columns of [q_a, q_b] (mean over 2K),
+    plus `marginal_entropy_term` of each view. `instance_loss` is the NT-Xent implementation
+    used on the columns (other backends pass their own).
+    """
+    acc = accumulation_dtype(logits_a.dtype)
+    q_a = torch.softmax(logits_a.to(acc), dim=1)
+    q_b = torch.softmax(logits_b.to(acc), dim=1)
+    return (instance_loss(q_a.T, q_b.T, temperature)
+            + marginal_entropy_term(q_a) + marginal_entropy_term(q_b))
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
+    """q_ik proportional to (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2), rows summing to 1.
+
+    Computed as a softmax of the log-kernel so that far points do not underflow to 0/0.
+    """
+    acc = accumulation_dtype(h.dtype)
+    diff = h.to(acc)[:, None, :] - centers.to(acc)[None, :, :]    # (N, K, F)
+    dist2 = diff.pow(2).sum(-1)
+    return torch.softmax(-(alpha + 1) / 2 * torch.log1p(dist2 / alpha), dim=1)
+
+
+def dec_target(q: torch.Tensor) -> torch.Tensor:
+    """DEC's sharpened target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j), f_k = sum_i q_ik.
+
+    Computed on the batch with no gradient."""
+    q = q.detach()
+    weight = q.pow(2) / q.sum(0)
+    return weight / weight.sum(1, keepdim=True)
+
+
+def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(p_i || q_i) = sum_k p_ik (log p_ik - log q_ik), with 0 log 0 = 0."""
+    return (torch.special.xlogy(p, p) - p * safe_log(q)).sum(1)
+
+
+def dec_loss(q: torch.Tensor) -> torch.Tensor:
+    """DEC clustering loss: (1/N) sum_i KL(p_i || q_i) with p = dec_target(q) held fixed."""
+    q = q.to(accumulation_dtype(q.dtype))
+    return kl_rows(dec_target(q), q).mean()
+
+
+def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """Anchor loss: (1/N) sum_i KL(q0_i || qa_i) + KL(q0_i || qb_i); q0 (clean view) detached."""
+    acc = accumulation_dtype(q0.dtype)
+    q0 = q0.detach().to(acc)
+    return (kl_rows(q0, q_a.to(acc)) + kl_rows(q0, q_b.to(acc))).mean()
+
+
+def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_b: torch.Tensor,
+                     q_a: torch.Tensor, q_b: torch.Tensor, temperature: float,
+                     instance_loss=nt_xent) -> torch.Tensor:
+    """TCC's cluster-level loss (reconstructed, see the functional docstring).
+
+    Cluster representations s_k = normalise(sum_i y_ik h_i) per view, NT-Xent over the 2K rows,
+    plus `marginal_entropy_term` of the assignment probabilities q of each view.
+    """
+    acc = accumulation_dtype(h_a.dtype)
+    s_a = y_a.to(acc).T @ h_a.to(acc)                              # (K, F)
+    s_b = y_b.to(acc).T @ h_b.to(acc)
+    return (instance_loss(s_a, s_b, temperature)
+            + marginal_entropy_term(q_a.to(acc)) + marginal_entropy_term(q_b.to(acc)))

@@ -1,0 +1,161 @@
+"""nn.Module wrappers of the functional losses: they hold hyper-parameters, validate them at
+construction, and call `fastcluster_cl.functional`."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import functional as FL
+from .losses.dispatch import BACKENDS
+from .validation import check_positive
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent instance loss (SimCLR; CC's instance loss). See `fastcluster_cl.nt_xent`.
+
+    Attributes:
+        temperature: tau > 0. backend: see `fastcluster_cl.functional`.
+    Raises:
+        ValueError: temperature <= 0 or unknown backend (here); bad shapes or NaN (in forward).
+
+    Example:
+        >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 16), torch.randn(8, 16))
+    """
+
+    def __init__(self, temperature: float = 0.5, backend: str = "auto"):
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """z_a, z_b: (N, D) projections of the two views. Returns a 0-d loss."""
+        return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend)
+
+
+class CCClusterLoss(nn.Module):
+    """Contrastive Clustering's cluster-level loss. See `fastcluster_cl.cc_cluster_loss`.
+
+    Example:
+        >>> loss = CCClusterLoss()(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    def __init__(self, temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.backend = _check_backend(backend)
+
+    def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+        """logits_a, logits_b: (N, K) cluster logits. Returns a 0-d loss."""
+        return FL.cc_cluster_loss(logits_a, logits_b, self.temperature, backend=self.backend)
+
+
+class DECLoss(nn.Module):
+    """DEC KL loss against the batch's sharpened target. See `fastcluster_cl.dec_loss`."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = _check_backend(backend)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q: (N, K) probabilities. Returns a 0-d loss."""
+        return FL.dec_loss(q, backend=self.backend)
+
+
+class AnchorLoss(nn.Module):
+    """Anchor loss of arXiv 2109.12714. See `fastcluster_cl.anchor_loss`."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = _check_backend(backend)
+
+    def forward(self, q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+        """q0, q_a, q_b: (N, K) probabilities of the clean and augmented views."""
+        return FL.anchor_loss(q0, q_a, q_b, backend=self.backend)
+
+
+class LossOutput(NamedTuple):
+    """The weighted total and each unweighted part, keyed by name."""
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+_METHOD_INPUTS = {
+    "anchor": ("q0", "q_a", "q_b"),
+    "cc": ("logits_a", "logits_b"),
+    "tcc": ("logits_a", "logits_b", "h_a", "h_b"),
+}
+
+
+class ClusterContrastiveLoss(nn.Module):
+    """The whole objective of one method: instance NT-Xent plus its clustering terms.
+
+    Methods (DESIGN.md, "The objective"):
+        "anchor": arXiv 2109.12714, L_ins + w_clu * DEC KL(q0) + w_anc * anchor(q0, qa, qb);
+                  needs q0, q_a, q_b (e.g. from `fastcluster_cl.student_t`).
+        "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b.
+        "tcc":    You Never Cluster Alone (reconstructed), L_ins + w_clu * tcc_cluster_loss;
+                  needs logits_a/b and features h_a/b.
+
+    Attributes:
+        method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
+        weights: "instance", "cluster", "anchor"), gumbel_tau (tcc), backend.
+    Raises:
+        ValueError: unknown method or backend, temperature <= 0, negative weight (here);
+        a missing input for the method, bad shapes, NaN (in forward).
+
+    Example:
+        >>> crit = ClusterContrastiveLoss("cc")
+        >>> out = crit(z_a, z_b, logits_a=c_a, logits_b=c_b)
+        >>> out.total.backward(); out.parts["instance"], out.parts["cluster"]
+    """
+
+    def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
+                 cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
+                 gumbel_tau: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        if method not in _METHOD_INPUTS:
+            raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
+        self.method = method
+        self.instance_temperature = check_positive("instance_temperature", instance_temperature)
+        self.cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
+        self.gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
+        self.weights = {"instance": 1.0, "cluster": 1.0, "anchor": 1.0, **(weights or {})}
+        for name, w in self.weights.items():
+            if name not in ("instance", "cluster", "anchor") or not w >= 0:
+                raise ValueError(f"weights takes 'instance', 'cluster', 'anchor' >= 0, got "
+                                 f"{name}={w}")
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
+        """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: q0, q_a, q_b (N, K)
+        probabilities; cc: logits_a, logits_b (N, K); tcc: logits_a, logits_b (N, K) and
+        h_a, h_b (N, F)."""
+        needed = _METHOD_INPUTS[self.method]
+        missing = [name for name in needed if inputs.get(name) is None]
+        extra = sorted(set(inputs) - set(needed))
+        if missing or extra:
+            raise TypeError(f"method {self.method!r} takes {needed}; missing {missing}, "
+                            f"unexpected {extra}")
+        parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature,
+                                        backend=self.backend)}
+        if self.method == "anchor":
+            parts["cluster"] = FL.dec_loss(inputs["q0"], backend=self.backend)
+            parts["anchor"] = FL.anchor_loss(inputs["q0"], inputs["q_a"], inputs["q_b"],
+                                             backend=self.backend)
+        elif self.method == "cc":
+            parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
+                                                  self.cluster_temperature, backend=self.backend)
+        else:
+            parts["cluster"] = FL.tcc_cluster_loss(
+                inputs["logits_a"], inputs["logits_b"], inputs["h_a"], inputs["h_b"],
+                self.cluster_temperature, gumbel_tau=self.gumbel_tau, backend=self.backend)
+        total = sum(self.weights[name] * value for name, value in parts.items())
+        return LossOutput(total, parts)

@@ -1,0 +1,97 @@
+"""Argument checks shared by every loss. Each error says what was wrong and what to pass instead.
+
+`check_values` (non-finite inputs, probabilities off the simplex) needs one device sync; it is on
+by default because a silent NaN loss costs more than the sync. Turn it off with
+``fastcluster_cl.validation.set_value_checks(False)``; it is skipped while torch.compile traces.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Enable or disable the data-dependent checks (finite inputs, valid probabilities)."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+@contextmanager
+def value_checks(enabled: bool):
+    """Context manager form of `set_value_checks`."""
+    previous = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def _value_checks_active() -> bool:
+    return _value_checks and not torch.compiler.is_compiling()
+
+
+def check_positive(name: str, value: float) -> float:
+    """A finite number > 0 (temperatures, alpha)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_matrix(name: str, x: torch.Tensor, min_rows: int = 1, min_cols: int = 1) -> None:
+    """A 2-D floating tensor with at least `min_rows` rows and `min_cols` columns."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[0] < min_rows:
+        what = "an empty batch" if x.shape[0] == 0 else f"{x.shape[0]} rows"
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {what}")
+    if x.shape[1] < min_cols:
+        raise ValueError(f"{name} needs at least {min_cols} columns, got {x.shape[1]}")
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shape: bool = True) -> None:
+    """Same device and dtype (and shape when `shape`) for every tensor."""
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "move them to one device")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} is {t.dtype} but {first_name} is {first.dtype}; "
+                            "cast them to one dtype")
+        if shape and t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has "
+                             f"{tuple(first.shape)}; the views must match")
+
+
+def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Raise on NaN/inf inputs instead of returning a NaN loss."""
+    if not _value_checks_active():
+        return
+    for name, t in zip(names, tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; check the model outputs (a diverged "
+                             "step or an fp16 overflow) before the loss")
+
+
+def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Finite, non-negative rows that sum to 1 (to a tolerance fitting the dtype)."""
+    if not _value_checks_active():
+        return
+    check_finite(names, tensors)
+    for name, q in zip(names, tensors):
+        tol = 1e-2 if q.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if bool((q < 0).any()) or not bool(((q.float().sum(1) - 1).abs() <= tol).all()):
+            raise ValueError(f"{name} must hold probabilities (rows >= 0 summing to 1); pass "
+                             "softmax(logits) or fastcluster_cl.student_t(h, centers)")

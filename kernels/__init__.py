@@ -1,0 +1,1 @@
+"""Triton kernels (installed as fastcluster_cl.kernels): one file per fused op."""
