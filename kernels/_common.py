@@ -1,6 +1,8 @@
 """Shared host-side helpers of the Triton kernels: dtype mapping, dot precision, block sizes."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot mis-handles bf16 (numpy has no bf16): cast such operands to fp32
+    there. On a GPU bf16 dots stay on the tensor cores."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC (fp32 operands upcast first when UPCAST, see `upcast_dots`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), out_dtype=ACC, input_precision=PREC)
+    else:
+        return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
 
 
 def feature_block(d: int, what: str) -> int:

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NORM_EPS, acc_dtype, check_dtype, dot_precision, feature_block,
-                      torch_acc_dtype)
+from ._common import (NORM_EPS, acc_dtype, check_dtype, dot, dot_precision, feature_block,
+                      torch_acc_dtype, upcast_dots)
 
 _EPS = tl.constexpr(NORM_EPS)
 # Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number (as chunked.py).
@@ -67,8 +67,9 @@ def _inv_norm(z, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _sim_tile(zi, ri, zj, rj, inv_tau, ACC: tl.constexpr, PREC: tl.constexpr):
-    s = tl.dot(zi, tl.trans(zj), out_dtype=ACC, input_precision=PREC)
+def _sim_tile(zi, ri, zj, rj, inv_tau, ACC: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
+    s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
     return s * (ri[:, None] * inv_tau) * rj[None, :]
 
 
@@ -80,7 +81,7 @@ def _positive_rows(offs_m, half):
 @triton.jit
 def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_start, row_end,
                     NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, WITH_POS: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr,
+                    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = row_start + pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +95,8 @@ def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        s = _sim_tile(zi, ri, zj, _inv_norm(zj, NORMALIZE, ACC, BLOCK_N), inv_tau, ACC, PREC)
+        rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK_N)
+        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         if FIXED_SHIFT:
             total += tl.sum(tl.where(valid, tl.exp(s - inv_tau), 0.0), axis=1)
@@ -119,7 +121,7 @@ def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_
 def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_stride,
                  row_start, row_end,
                  NORMALIZE: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = row_start + pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,11 +138,11 @@ def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
         rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK_N)
         lse_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC)
+        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         a = tl.where(valid, tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :]), 0.0)
         zn_j = (zj.to(ACC) * rj[:, None]).to(zj.dtype)
-        acc += tl.dot(a.to(zj.dtype), zn_j, out_dtype=ACC, input_precision=PREC)
+        acc += dot(a.to(zj.dtype), zn_j, ACC, PREC, UPCAST)
     zp = _load_rows(Z, stride, _positive_rows(offs_m, half), mask_m, D, BLOCK_D)
     g = acc - 2.0 * zp.to(ACC) * _inv_norm(zp, NORMALIZE, ACC, BLOCK_M)[:, None]
     if EPILOGUE:
@@ -157,6 +159,7 @@ def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_
 @triton.jit
 def _symmetric_fwd_kernel(Z, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
                           NORMALIZE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                          UPCAST: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Upper-triangle tiles (I <= J), fixed shift 1/tau: tile (I, J) adds its row sums to rows I
     (registers) and its column sums to rows J (atomics)."""
@@ -171,7 +174,8 @@ def _symmetric_fwd_kernel(Z, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
         offs_n = c0 + tl.arange(0, BLOCK)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        s = _sim_tile(zi, ri, zj, _inv_norm(zj, NORMALIZE, ACC, BLOCK), inv_tau, ACC, PREC)
+        rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK)
+        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         e = tl.where(valid, tl.exp(s - inv_tau), 0.0)
         total += tl.sum(e, axis=1)
@@ -221,7 +225,7 @@ def _lse(z, row_start, row_end, inv_tau, normalize, with_pos):
         z, lse, row_loss, _inv_tau_tensor(inv_tau, z), rows_total, rows_total // 2, d,
         z.stride(0), row_start, row_end,
         NORMALIZE=normalize, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc), WITH_POS=with_pos,
-        ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype),
+        ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return lse, (row_loss if with_pos else None)
 
@@ -238,7 +242,8 @@ def _grad(z, lse, row_start, row_end, inv_tau, grad_out, out_dtype):
         z, lse, dz, inv, grad_out if epilogue else inv, rows_total, rows_total // 2, d,
         z.stride(0), dz.stride(0), row_start, row_end,
         NORMALIZE=epilogue, EPILOGUE=epilogue, ACC=acc_dtype(z.dtype),
-        PREC=dot_precision(z.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return dz
 
 
@@ -281,7 +286,7 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float, normalize: bool = True
     _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
         z, row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d, z.stride(0),
         NORMALIZE=normalize, ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype),
-        BLOCK=block, BLOCK_D=block_d)
+        UPCAST=upcast_dots(z.dtype), BLOCK=block, BLOCK_D=block_d)
     return torch.log(row_sum + col_sum) + inv_tau
 
 
