@@ -72,7 +72,8 @@ def _colsum_kernel(Q, PARTIAL, n, K, stride, ACC: tl.constexpr,
 @triton.jit
 def _dec_target(q, f, mask_k):
     w = tl.where(mask_k[None, :], q * q / f[None, :], 0.0)
-    return w / tl.sum(w, axis=1)[:, None]
+    total = tl.sum(w, axis=1)
+    return w / tl.where(total > 0, total, 1.0)[:, None]  # padding rows are all zero
 
 
 @triton.jit

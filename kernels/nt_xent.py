@@ -152,6 +152,7 @@ def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_
         zn = zf * ri[:, None]
         radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
         g = (g - zn * radial[:, None]) * ri[:, None]
+        g = tl.where(mask_m[:, None], g, 0.0)  # padding rows (zero, so 1/eps-scaled) stay finite
     tl.store(DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
              g.to(DZ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
 
@@ -277,8 +278,9 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float, normalize: bool = True
     _check_rows(z, 0, z.shape[0])
     acc = torch_acc_dtype(z.dtype)
     if not fixed_shift_safe(inv_tau, acc):
-        raise ValueError(f"the symmetric forward needs 2/tau <= {_SHIFT_RANGE_DEFAULT} "
-                         f"(fixed shift), got tau = {1 / inv_tau}")
+        raise ValueError(f"the symmetric forward needs the fixed shift, 2/tau <= "
+                         f"{_SHIFT_RANGE.get(acc, _SHIFT_RANGE_DEFAULT)} for {acc} "
+                         f"accumulation, got tau = {1 / inv_tau}")
     rows_total, d = z.shape
     block, _, block_d = _blocks(d)
     row_sum = torch.empty(rows_total, dtype=acc, device=z.device)
