@@ -46,6 +46,9 @@ _EPS = tl.constexpr(NORM_EPS)
 # Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number (as chunked.py).
 _SHIFT_RANGE = {torch.float64: 700.0}
 _SHIFT_RANGE_DEFAULT = 80.0
+# sm_90 AOT compile (bf16, D=128, 64x64 tiles): the backward spills 744 B/thread at 4 warps,
+# 64 B at 8; the forward none at 4.
+_BWD_WARPS = 8
 SYMMETRIC_FORWARD = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 
 
@@ -57,11 +60,12 @@ def _load_rows(Z, stride, offs, mask, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm(z, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """1 / max(||z_row||, eps) per row, or ones when the rows are already normalised."""
+def _inv_norm(NORMS, offs, mask, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """1 / max(||z_row||, eps) of the given rows, or ones when the rows are already normalised.
+    The norms are loaded, not recomputed from the tiles: that cost registers (spills on sm_90)."""
     if NORMALIZE:
-        zf = z.to(ACC)
-        return 1.0 / tl.maximum(tl.sqrt(tl.sum(zf * zf, axis=1)), _EPS)
+        return 1.0 / tl.load(NORMS + offs, mask=mask, other=1.0)
     else:
         return tl.full([BLOCK], 1.0, ACC)
 
@@ -79,7 +83,8 @@ def _positive_rows(offs_m, half):
 
 
 @triton.jit
-def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_start, row_end,
+def _lse_fwd_kernel(Z, NORMS, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride,
+                    row_start, row_end,
                     NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, WITH_POS: tl.constexpr,
                     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -88,16 +93,20 @@ def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_
     mask_m = offs_m < row_end
     inv_tau = tl.load(INV_TAU)
     zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(zi, NORMALIZE, ACC, BLOCK_M)
+    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK_M)
+    pos = _positive_rows(offs_m, half)
+    positive = tl.zeros([BLOCK_M], ACC)
     total = tl.zeros([BLOCK_M], ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK_N)
+        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK_N)
         s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
+        if WITH_POS:  # S_i,pos(i) from the tile that holds it (no second layout of z_I)
+            positive += tl.sum(tl.where(offs_n[None, :] == pos[:, None], s, 0.0), axis=1)
         if FIXED_SHIFT:
             total += tl.sum(tl.where(valid, tl.exp(s - inv_tau), 0.0), axis=1)
         else:
@@ -111,14 +120,11 @@ def _lse_fwd_kernel(Z, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride, row_
         lse = tl.log(total) + m_i
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     if WITH_POS:
-        zp = _load_rows(Z, stride, _positive_rows(offs_m, half), mask_m, D, BLOCK_D)
-        rp = _inv_norm(zp, NORMALIZE, ACC, BLOCK_M)
-        positive = tl.sum(zi.to(ACC) * zp.to(ACC), axis=1) * ri * rp * inv_tau
         tl.store(ROW_LOSS + offs_m - row_start, lse - positive, mask=mask_m)
 
 
 @triton.jit
-def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_stride,
+def _grad_kernel(Z, NORMS, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_stride,
                  row_start, row_end,
                  NORMALIZE: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -129,27 +135,28 @@ def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_
     offs_d = tl.arange(0, BLOCK_D)
     inv_tau = tl.load(INV_TAU)
     zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(zi, NORMALIZE, ACC, BLOCK_M)
+    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK_M)
     lse_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK_N)
+        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK_N)
         lse_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
         s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         a = tl.where(valid, tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :]), 0.0)
-        zn_j = (zj.to(ACC) * rj[:, None]).to(zj.dtype)
-        acc += dot(a.to(zj.dtype), zn_j, ACC, PREC, UPCAST)
-    zp = _load_rows(Z, stride, _positive_rows(offs_m, half), mask_m, D, BLOCK_D)
-    g = acc - 2.0 * zp.to(ACC) * _inv_norm(zp, NORMALIZE, ACC, BLOCK_M)[:, None]
+        # A @ zn_J = (A diag(r_J)) @ z_J: scale the tile, not the (BLOCK_N, D) operand.
+        acc += dot((a * rj[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+    pos = _positive_rows(offs_m, half)
+    zp = _load_rows(Z, stride, pos, mask_m, D, BLOCK_D)
+    g = acc - 2.0 * zp.to(ACC) * _inv_norm(NORMS, pos, mask_m, NORMALIZE, ACC, BLOCK_M)[:, None]
     if EPILOGUE:
         g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau / rows_total)
-        zf = zi.to(ACC)
-        norm = tl.sqrt(tl.sum(zf * zf, axis=1))
-        zn = zf * ri[:, None]
+        # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
+        zn = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+        norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
         radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
         g = (g - zn * radial[:, None]) * ri[:, None]
         g = tl.where(mask_m[:, None], g, 0.0)  # padding rows (zero, so 1/eps-scaled) stay finite
@@ -158,7 +165,7 @@ def _grad_kernel(Z, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_
 
 
 @triton.jit
-def _symmetric_fwd_kernel(Z, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
+def _symmetric_fwd_kernel(Z, NORMS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
                           NORMALIZE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                           UPCAST: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -169,13 +176,13 @@ def _symmetric_fwd_kernel(Z, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
     mask_m = offs_m < rows_total
     inv_tau = tl.load(INV_TAU)
     zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(zi, NORMALIZE, ACC, BLOCK)
+    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK)
     total = tl.zeros([BLOCK], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(zj, NORMALIZE, ACC, BLOCK)
+        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK)
         s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         e = tl.where(valid, tl.exp(s - inv_tau), 0.0)
@@ -189,10 +196,10 @@ def _is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
+def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter is fastest at 32 (DESIGN.md)."""
     block_d = feature_block(d, "the NT-Xent input")
-    if _is_interpreted() or block_d > 128:
+    if _is_interpreted() or block_d > 128 or dtype == torch.float64:
         return 32, 32, block_d
     return 64, 64, block_d
 
@@ -204,6 +211,14 @@ def fixed_shift_safe(inv_tau: float, dtype: torch.dtype) -> bool:
 
 def _inv_tau_tensor(inv_tau: float, z: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), inv_tau, dtype=torch_acc_dtype(z.dtype), device=z.device)
+
+
+def _norms(z: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """max(||z_i||, eps) per row (one extra read of Z), or an unused placeholder."""
+    acc = torch_acc_dtype(z.dtype)
+    if not normalize:
+        return torch.empty(1, dtype=acc, device=z.device)
+    return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(NORM_EPS)
 
 
 def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
@@ -218,13 +233,13 @@ def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
 def _lse(z, row_start, row_end, inv_tau, normalize, with_pos):
     """Launch the row-parallel forward: (lse, lse - S_pos or None) for rows [row_start, row_end)."""
     rows_total, d = z.shape
-    block_m, block_n, block_d = _blocks(d)
+    block_m, block_n, block_d = _blocks(d, z.dtype)
     acc = torch_acc_dtype(z.dtype)
     lse = torch.empty(row_end - row_start, dtype=acc, device=z.device)
     row_loss = torch.empty_like(lse) if with_pos else lse
     _lse_fwd_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-        z, lse, row_loss, _inv_tau_tensor(inv_tau, z), rows_total, rows_total // 2, d,
-        z.stride(0), row_start, row_end,
+        z, _norms(z, normalize), lse, row_loss, _inv_tau_tensor(inv_tau, z), rows_total,
+        rows_total // 2, d, z.stride(0), row_start, row_end,
         NORMALIZE=normalize, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc), WITH_POS=with_pos,
         ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
@@ -235,16 +250,16 @@ def _grad(z, lse, row_start, row_end, inv_tau, grad_out, out_dtype):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
     applies the normalisation's backward (z raw); without it z is normalised and g unscaled."""
     rows_total, d = z.shape
-    block_m, block_n, block_d = _blocks(d)
+    block_m, block_n, block_d = _blocks(d, z.dtype)
     dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=z.device)
     epilogue = grad_out is not None
     inv = _inv_tau_tensor(inv_tau, z)
     _grad_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-        z, lse, dz, inv, grad_out if epilogue else inv, rows_total, rows_total // 2, d,
-        z.stride(0), dz.stride(0), row_start, row_end,
+        z, _norms(z, epilogue), lse, dz, inv, grad_out if epilogue else inv, rows_total,
+        rows_total // 2, d, z.stride(0), dz.stride(0), row_start, row_end,
         NORMALIZE=epilogue, EPILOGUE=epilogue, ACC=acc_dtype(z.dtype),
         PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_BWD_WARPS)
     return dz
 
 
@@ -282,12 +297,12 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float, normalize: bool = True
                          f"{_SHIFT_RANGE.get(acc, _SHIFT_RANGE_DEFAULT)} for {acc} "
                          f"accumulation, got tau = {1 / inv_tau}")
     rows_total, d = z.shape
-    block, _, block_d = _blocks(d)
+    block, _, block_d = _blocks(d, z.dtype)
     row_sum = torch.empty(rows_total, dtype=acc, device=z.device)
     col_sum = torch.zeros(rows_total, dtype=acc, device=z.device)
     _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
-        z, row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d, z.stride(0),
-        NORMALIZE=normalize, ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype),
+        z, _norms(z, normalize), row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d,
+        z.stride(0), NORMALIZE=normalize, ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype),
         UPCAST=upcast_dots(z.dtype), BLOCK=block, BLOCK_D=block_d)
     return torch.log(row_sum + col_sum) + inv_tau
 
