@@ -22,10 +22,13 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: TF32 for float32 inputs only where torch allows it, as torch does."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision: TF32 for float32 inputs only where torch allows it for matmuls
+    (torch.backends.cuda.matmul.fp32_precision, which also reflects the legacy allow_tf32 and
+    set_float32_matmul_precision; "none" defers to torch.backends.fp32_precision)."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if dtype == torch.float32 and precision == "tf32" else "ieee"
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -232,3 +232,19 @@ def test_unavailable_reason_and_auto(monkeypatch):
         fc.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_limits_and_tf32_follow_torch():
+    from fastcluster_cl.kernels._common import dot_precision
+    with pytest.raises(ValueError, match="at most 64 clusters"):
+        kernels.cc_cluster_loss(torch.randn(8, 65), torch.randn(8, 65), 1.0)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float64) == "ieee"
+    finally:
+        matmul.fp32_precision = saved
