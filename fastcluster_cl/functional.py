@@ -107,12 +107,28 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
     Args:
         q0, q_a, q_b: (N, K) probabilities of the clean and the two augmented views, K >= 2.
     """
+    _check_anchor_inputs(q0, q_a, q_b)
+    return implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b)
+
+
+def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> None:
     names = ("q0", "q_a", "q_b")
     for name, q in zip(names, (q0, q_a, q_b)):
         check_matrix(name, q, min_cols=2)
     check_same(names, (q0, q_a, q_b))
     check_probabilities(names, (q0, q_a, q_b))
-    return implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b)
+
+
+def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(dec_loss(q0), anchor_loss(q0, q_a, q_b)): the anchor method's clustering terms, in fused
+    launches on backends that have them (triton: q0 read once for both), else the two ops."""
+    _check_anchor_inputs(q0, q_a, q_b)
+    fused = implementation("dec_anchor_losses", backend, q0.device, required=False)
+    if fused is not None:
+        return fused(q0, q_a, q_b)
+    return (implementation("dec_loss", backend, q0.device)(q0),
+            implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
 
 
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,

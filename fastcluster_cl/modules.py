@@ -147,9 +147,8 @@ class ClusterContrastiveLoss(nn.Module):
         parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature,
                                         backend=self.backend)}
         if self.method == "anchor":
-            parts["cluster"] = FL.dec_loss(inputs["q0"], backend=self.backend)
-            parts["anchor"] = FL.anchor_loss(inputs["q0"], inputs["q_a"], inputs["q_b"],
-                                             backend=self.backend)
+            parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
+                inputs["q0"], inputs["q_a"], inputs["q_b"], backend=self.backend)
         elif self.method == "cc":
             parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
                                                   self.cluster_temperature, backend=self.backend)

@@ -3,7 +3,8 @@
 One file per fused op, each holding its forward and backward kernels, the host launchers and a
 torch.autograd.Function: `nt_xent` (instance NT-Xent, plus the row-range primitives of the
 distributed backend), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
-cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses).
+cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
+both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here).
 This module exposes the ops under their public names with the signatures of
 `fastcluster_cl.losses.reference`, as `losses/dispatch.py` expects.
 
@@ -22,7 +23,7 @@ from fastcluster_cl.losses import reference
 
 try:
     from .cc_cluster import cc_cluster_loss
-    from .kl import anchor_loss, dec_loss
+    from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import nt_xent
     from .student_t import student_t
     _IMPORT_ERROR = None
@@ -30,7 +31,7 @@ except ImportError as err:  # triton missing or broken: the backend reports why 
     _IMPORT_ERROR = err
 
 __all__ = ["nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
-           "tcc_cluster_loss", "unavailable_reason"]
+           "tcc_cluster_loss", "dec_anchor_losses", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

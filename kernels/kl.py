@@ -12,6 +12,12 @@ row launch reads q0, qa, qb once and writes per-row terms; the backward reads ea
 writes dqa = -(grad / N) q0 / qa, dqb likewise. Floors: forward 3 N K b read, backward 3 N K b
 read + 2 N K b written.
 
+Anchor method's cluster side fused (`dec_anchor_losses`, what `ClusterContrastiveLoss("anchor")`
+uses on this backend): both losses read q0, so one column-sum launch over q0 and one row launch
+reading q0, qa, qb once give both per-row terms; one backward launch reads each once more and
+writes dq0 (DEC's), dqa, dqb. Saves one read of q0 in the forward and one in the backward, and
+two launches each way, over calling `dec_loss` and `anchor_loss`.
+
 log q is clamped at the accumulation dtype's smallest normal, as `reference.safe_log`: a zero
 probability has a finite log and a zero gradient (one-hot assignments stay NaN-free).
 """
@@ -114,6 +120,35 @@ def _anchor_kernel(Q0, QA, QB, OUT, DQA, DQB, GRAD, n, K, stride0, stride_a, str
         tl.store(OUT + offs_m, tl.sum(terms, axis=1), mask=mask_m)
 
 
+@triton.jit
+def _dec_anchor_kernel(Q0, QA, QB, F, OUT, DQ0, DQA, DQB, GRAD, n, K, stride0, stride_a,
+                       stride_b, stride_d0, stride_da, stride_db, BACKWARD: tl.constexpr,
+                       ACC: tl.constexpr, TINY: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Forward: OUT[0, i] = KL(p_i || q0_i) (DEC), OUT[1, i] = the anchor terms of row i.
+    Backward: DQ0 = DEC's gradient (GRAD[0]), DQA, DQB = the anchor's (GRAD[1])."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    q0 = _load(Q0, stride0, offs_m, mask_m, K, ACC, BLOCK_K)
+    qa = _load(QA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
+    qb = _load(QB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
+    p = _dec_target(q0, tl.load(F + offs_k, mask=mask_k, other=1.0), mask_k)
+    if BACKWARD:
+        dec_scale = -tl.load(GRAD).to(ACC) / n
+        anchor_scale = -tl.load(GRAD + 1).to(ACC) / n
+        _store(DQ0, stride_d0, offs_m, mask_m, K, dec_scale * _ratio(p, q0, TINY), BLOCK_K)
+        _store(DQA, stride_da, offs_m, mask_m, K, anchor_scale * _ratio(q0, qa, TINY), BLOCK_K)
+        _store(DQB, stride_db, offs_m, mask_m, K, anchor_scale * _ratio(q0, qb, TINY), BLOCK_K)
+    else:
+        dec = tl.sum(_xlogx(p) - p * _safe_log(q0, TINY), axis=1)
+        anchor = tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
+                        axis=1)
+        tl.store(OUT + offs_m, dec, mask=mask_m)
+        tl.store(OUT + n + offs_m, anchor, mask=mask_m)
+
+
 def _block_k(k: int) -> int:
     if k > MAX_CLUSTERS:
         raise ValueError(f"backend='triton' supports at most {MAX_CLUSTERS} clusters, got {k}; "
@@ -126,6 +161,17 @@ def _consts(dtype: torch.dtype) -> dict:
     return dict(ACC=acc_dtype(dtype), TINY=torch.finfo(acc).tiny, BLOCK_M=_BLOCK_M)
 
 
+def _column_sums(q: torch.Tensor) -> torch.Tensor:
+    """f_k = sum_i q_ik from deterministic per-program partials."""
+    n, k = q.shape
+    block_k = _block_k(k)
+    programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
+    partial = torch.empty(programs, block_k, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    _colsum_kernel[(programs,)](q, partial, n, k, q.stride(0), ACC=acc_dtype(q.dtype),
+                                BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+    return partial.sum(0)[:k].contiguous()
+
+
 class DECFunction(torch.autograd.Function):
     """q (N x K) -> DEC KL loss (accumulation dtype); saves q and f = column sums (K,)."""
 
@@ -134,11 +180,7 @@ class DECFunction(torch.autograd.Function):
         n, k = q.shape
         block_k = _block_k(k)
         acc = torch_acc_dtype(q.dtype)
-        programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
-        partial = torch.empty(programs, block_k, dtype=acc, device=q.device)
-        _colsum_kernel[(programs,)](q, partial, n, k, q.stride(0), ACC=acc_dtype(q.dtype),
-                                    BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
-        f = partial.sum(0)[:k].contiguous()
+        f = _column_sums(q)
         rows = torch.empty(n, dtype=acc, device=q.device)
         _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, rows, n, k, q.stride(0), f, 0,
                                                  BACKWARD=False, BLOCK_K=block_k,
@@ -182,6 +224,43 @@ class AnchorFunction(torch.autograd.Function):
         return None, d_a, d_b
 
 
+class DECAnchorFunction(torch.autograd.Function):
+    """(q0, qa, qb) -> (DEC loss of q0, anchor loss), fused; q0 gets DEC's gradient only."""
+
+    @staticmethod
+    def forward(ctx, q0, q_a, q_b):
+        n, k = q0.shape
+        f = _column_sums(q0)
+        rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
+        _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+            q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
+            q_b.stride(0), 0, 0, 0, BACKWARD=False, BLOCK_K=_block_k(k), **_consts(q0.dtype))
+        ctx.save_for_backward(q0, q_a, q_b, f)
+        dec, anchor = rows.mean(1).unbind(0)
+        return dec, anchor
+
+    @staticmethod
+    def backward(ctx, grad_dec, grad_anchor):
+        q0, q_a, q_b, f = ctx.saved_tensors
+        n, k = q0.shape
+        grads = torch.stack([torch.zeros_like(f[0]) if g is None else g.to(f.dtype)
+                             for g in (grad_dec, grad_anchor)])
+        d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
+        _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+            q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0), q_a.stride(0),
+            q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True,
+            BLOCK_K=_block_k(k), **_consts(q0.dtype))
+        return d0, d_a, d_b
+
+
+def _common_inputs(q0, q_a, q_b):
+    """One accumulation dtype for the three, chosen by q0 as the reference does."""
+    check_dtype(q0, q_a, q_b)
+    common = (q0.dtype if all(t.dtype == q0.dtype for t in (q_a, q_b))
+              else torch_acc_dtype(q0.dtype))
+    return [t.to(common).contiguous() for t in (q0, q_a, q_b)]
+
+
 def dec_loss(q: torch.Tensor) -> torch.Tensor:
     """DEC KL loss (see `fastcluster_cl.dec_loss`) with the Triton kernels."""
     check_dtype(q)
@@ -190,9 +269,12 @@ def dec_loss(q: torch.Tensor) -> torch.Tensor:
 
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
     """Anchor loss (see `fastcluster_cl.anchor_loss`) with the Triton kernels."""
-    check_dtype(q0, q_a, q_b)
-    # One accumulation dtype for the three, chosen by q0 as the reference does.
-    acc = torch_acc_dtype(q0.dtype)
-    common = q0.dtype if all(t.dtype == q0.dtype for t in (q_a, q_b)) else acc
-    return AnchorFunction.apply(q0.detach().to(common).contiguous(),
-                                q_a.to(common).contiguous(), q_b.to(common).contiguous())
+    q0, q_a, q_b = _common_inputs(q0, q_a, q_b)
+    return AnchorFunction.apply(q0.detach(), q_a, q_b)
+
+
+def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor,
+                      q_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dec_loss(q0), anchor_loss(q0, q_a, q_b)) in fused launches: the anchor method's
+    clustering terms. q0 receives DEC's gradient only (the anchor treats it as fixed)."""
+    return DECAnchorFunction.apply(*_common_inputs(q0, q_a, q_b))

@@ -26,7 +26,7 @@ def randn(*shape, seed=0, scale=1.0):
 
 
 def leaves(*tensors, dtype):
-    return [t.to(DEVICE, dtype).requires_grad_() for t in tensors]
+    return [t.to(DEVICE, dtype).detach().clone().requires_grad_() for t in tensors]
 
 
 def compare(fn_triton, fn_ref, inputs, dtype, weights=None, loosen=1.0):
@@ -188,6 +188,41 @@ def test_dec_and_anchor_match_reference(dtype, n, k):
     compare(lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
             reference.anchor_loss,
             (probabilities(n, k, 29), probabilities(n, k, 30), probabilities(n, k, 31)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_fused_dec_anchor_equals_unfused(dtype):
+    """dec_anchor_losses == (dec_loss, anchor_loss): values, and gradients of 0.7 dec + 1.3 anc
+    (q0 receives DEC's gradient only)."""
+    from fastcluster_cl.functional import dec_anchor_losses
+
+    def weighted(fn_dec, fn_anchor):
+        return lambda q0, qa, qb: torch.stack([fn_dec(q0), fn_anchor(q0, qa, qb)])
+
+    fused = lambda q0, qa, qb: torch.stack(dec_anchor_losses(q0, qa, qb, backend="triton"))
+    inputs = (probabilities(37, 10, 44), probabilities(37, 10, 45), probabilities(37, 10, 46))
+    weights = torch.tensor([0.7, 1.3], dtype=F64)
+    compare(fused, weighted(reference.dec_loss, reference.anchor_loss), inputs, dtype, weights)
+    x = leaves(*inputs, dtype=dtype)
+    y = [t.detach().clone().requires_grad_() for t in x]
+    got = fused(*x)
+    want = weighted(lambda q: fc.dec_loss(q, backend="triton"),
+                    lambda *q: fc.anchor_loss(*q, backend="triton"))(*y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (got * weights.to(got)).sum().backward()
+    (want * weights.to(want)).sum().backward()
+    for a, b in zip(x, y):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_anchor_objective_uses_the_fused_kernel(monkeypatch):
+    calls = []
+    fused = kernels.dec_anchor_losses
+    monkeypatch.setattr(kernels, "dec_anchor_losses", lambda *q: calls.append(1) or fused(*q))
+    q = [probabilities(9, 4, seed) for seed in (47, 48, 49)]
+    ClusterContrastiveLoss("anchor", backend="triton")(randn(9, 8, seed=50), randn(9, 8, seed=51),
+                                                       q0=q[0], q_a=q[1], q_b=q[2])
+    assert calls == [1]
 
 
 def test_dec_and_anchor_one_hot_stay_finite():

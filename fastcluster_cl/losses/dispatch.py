@@ -43,8 +43,10 @@ def _backend_module(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def implementation(op: str, backend: str, device: torch.device) -> Callable:
-    """The function computing `op` on `backend` ("auto" resolved) for tensors on `device`."""
+def implementation(op: str, backend: str, device: torch.device,
+                   required: bool = True) -> Callable | None:
+    """The function computing `op` on `backend` ("auto" resolved) for tensors on `device`; None
+    for an optional op (required=False, e.g. a fused variant) that the backend lacks."""
     name = resolve(backend, device)
     try:
         module = _backend_module(name)
@@ -55,6 +57,8 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
     fn = getattr(module, op, None)
+    if fn is None and not required:
+        return None
     if fn is None:
         raise NotImplementedError(f"backend={name!r} has no {op}; use backend='torch' or "
                                   "'chunked' for it")
