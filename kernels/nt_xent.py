@@ -24,9 +24,10 @@ Floors (R = 2N rows, D features, b bytes per input element):
   backward 4 R^2 D FLOPs (the S tile and A @ zn_J), 2 R^2 exps; reads of Z: own rows once, all
            columns once per row block, positive rows once; lse once per row block; writes R*D*b.
 The symmetric upper-triangle variant (each tile serving its rows and, transposed, its columns;
-half the GEMM/exp work, at the price of atomics on the column sums) is `symmetric_masked_lse`;
-which one the autograd Function uses awaits a GPU measurement (no GPU in the session that wrote
-this), so `SYMMETRIC_FORWARD` defaults to the row-parallel kernel.
+half the GEMM/exp work, at the price of atomics on the column sums / column gradient rows, whose
+summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`. Which one
+the autograd Function uses awaits a GPU measurement (no GPU in the session that wrote this), so
+`SYMMETRIC` (env FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
 all-gathered, already-normalised Z): `masked_lse_rows` and `grad_rows`.
@@ -49,7 +50,7 @@ _SHIFT_RANGE_DEFAULT = 80.0
 # sm_90 AOT compile (bf16, D=128, 64x64 tiles): the backward spills 744 B/thread at 4 warps,
 # 64 B at 8; the forward none at 4.
 _BWD_WARPS = 8
-SYMMETRIC_FORWARD = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
+SYMMETRIC = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 
 
 @triton.jit
@@ -192,6 +193,40 @@ def _symmetric_fwd_kernel(Z, NORMS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, st
     tl.store(ROW_SUM + offs_m, total, mask=mask_m)
 
 
+@triton.jit
+def _symmetric_grad_kernel(Z, NORMS, LSE, G, INV_TAU, rows_total, D, stride, g_stride,
+                           NORMALIZE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Upper-triangle tiles: A = P_IJ + P_JI^T from tile (I, J) gives rows I their A zn_J
+    (registers) and rows J their A^T zn_I (atomics into G, fp32/fp64, zero-initialised)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK + tl.arange(0, BLOCK)
+    mask_m = offs_m < rows_total
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d[None, :] < D
+    inv_tau = tl.load(INV_TAU)
+    zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
+    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK)
+    lse_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    acc = tl.zeros([BLOCK, BLOCK_D], ACC)
+    for c0 in range(pid * BLOCK, rows_total, BLOCK):
+        offs_n = c0 + tl.arange(0, BLOCK)
+        mask_n = offs_n < rows_total
+        zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
+        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK)
+        lse_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
+        valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
+        a = tl.where(valid, tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :]), 0.0)
+        acc += dot((a * rj[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+        if c0 != pid * BLOCK:
+            col = dot(tl.trans(a * ri[:, None]).to(zi.dtype), zi, ACC, PREC, UPCAST)
+            tl.atomic_add(G + offs_n[:, None] * g_stride + offs_d[None, :], col,
+                          mask=mask_n[:, None] & mask_d)
+    tl.atomic_add(G + offs_m[:, None] * g_stride + offs_d[None, :], acc,
+                  mask=mask_m[:, None] & mask_d)
+
+
 def _is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -307,10 +342,28 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float, normalize: bool = True
     return torch.log(row_sum + col_sum) + inv_tau
 
 
-def _positive_logits(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    zf = z.to(torch_acc_dtype(z.dtype))
-    zn = zf / zf.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    return (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
+def _normalised(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zn, max(||z||, eps)) in the accumulation dtype (O(N D) host-side work)."""
+    norm = _norms(z, True)[:, None]
+    return z.to(norm.dtype) / norm, norm
+
+
+def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """`grad_rows` over all 2N rows of the raw z (normalised on the fly) from upper-triangle
+    tiles: sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled, in the accumulation dtype."""
+    z = z.contiguous()
+    _check_rows(z, 0, z.shape[0])
+    rows_total, d = z.shape
+    block, _, block_d = _blocks(d, z.dtype)
+    acc = torch_acc_dtype(z.dtype)
+    g = torch.zeros(rows_total, d, dtype=acc, device=z.device)
+    _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
+        z, _norms(z, True), lse.to(acc).contiguous(), g, _inv_tau_tensor(inv_tau, z), rows_total,
+        d, z.stride(0), g.stride(0), NORMALIZE=True, ACC=acc_dtype(z.dtype),
+        PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype), BLOCK=block, BLOCK_D=block_d,
+        num_warps=_BWD_WARPS)
+    zn = _normalised(z)[0]
+    return g - 2.0 * zn.roll(rows_total // 2, 0)
 
 
 class NTXentFunction(torch.autograd.Function):
@@ -321,9 +374,10 @@ class NTXentFunction(torch.autograd.Function):
     def forward(ctx, z_a, z_b, temperature):
         z = torch.cat([z_a, z_b]).contiguous()
         inv_tau = 1.0 / temperature
-        if SYMMETRIC_FORWARD and fixed_shift_safe(inv_tau, torch_acc_dtype(z.dtype)):
+        if SYMMETRIC and fixed_shift_safe(inv_tau, torch_acc_dtype(z.dtype)):
             lse = symmetric_masked_lse(z, inv_tau)
-            row_loss = lse - _positive_logits(z, inv_tau)
+            zn = _normalised(z)[0]
+            row_loss = lse - (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
         else:
             lse, row_loss = _lse(z, 0, z.shape[0], inv_tau, normalize=True, with_pos=True)
         ctx.save_for_backward(z, lse)
@@ -334,7 +388,13 @@ class NTXentFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, lse = ctx.saved_tensors
         n = z.shape[0] // 2
-        dz = _grad(z, lse, 0, z.shape[0], ctx.inv_tau, grad_out.contiguous(), z.dtype)
+        if SYMMETRIC:
+            g = symmetric_grad(z, lse, ctx.inv_tau) * (grad_out * ctx.inv_tau / (2 * n))
+            zn, norm = _normalised(z)
+            radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
+            dz = ((g - zn * radial) / norm).to(z.dtype)
+        else:
+            dz = _grad(z, lse, 0, z.shape[0], ctx.inv_tau, grad_out.contiguous(), z.dtype)
         return dz[:n], dz[n:], None
 
 

@@ -1,14 +1,12 @@
 """Every Triton kernel compiles for sm_90 without a GPU (tests/triton_aot.py, with the ptxas of
-the triton wheel) and fits the H100's shared memory. Slow (about a minute of compilation)."""
+the triton wheel) and fits the H100's shared memory. About 25 s of compilation on one core
+(less with a warm ~/.triton cache)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-
-@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_aot.py")
@@ -16,4 +14,4 @@ def test_kernels_compile_for_sm90():
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 16 and all(line.startswith("ok ") for line in lines), done.stdout
+    assert len(lines) == 19 and all(line.startswith("ok ") for line in lines), done.stdout

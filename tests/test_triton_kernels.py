@@ -9,7 +9,8 @@ import torch
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
-from fastcluster_cl.kernels.nt_xent import grad_rows, masked_lse_rows, symmetric_masked_lse
+from fastcluster_cl.kernels.nt_xent import (grad_rows, masked_lse_rows, symmetric_grad,
+                                            symmetric_masked_lse)
 from fastcluster_cl.losses import dispatch, reference
 from fastcluster_cl.modules import ClusterContrastiveLoss
 
@@ -104,17 +105,26 @@ def test_row_range_primitives():
         masked_lse_rows(zn, 10, 80, inv_tau)
 
 
-def test_symmetric_forward_matches_row_parallel(monkeypatch):
+def test_symmetric_variant_matches_row_parallel(monkeypatch):
     z = randn(70, 24, seed=11)
     torch.testing.assert_close(symmetric_masked_lse(z, 2.0),
                                masked_lse_rows(z / z.norm(dim=1, keepdim=True), 0, 70, 2.0),
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="fixed shift"):
         symmetric_masked_lse(z, 1000.0)
-    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC_FORWARD", True)
+    zn = z / z.norm(dim=1, keepdim=True)
+    lse = masked_lse_rows(zn, 0, 70, 2.0)
+    torch.testing.assert_close(symmetric_grad(z, lse, 2.0), grad_rows(zn, lse, 0, 70, 2.0),
+                               rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC", True)
     compare(lambda a, b: fc.nt_xent(a, b, 0.5, backend="triton"),
             lambda a, b: reference.nt_xent(a, b, 0.5), (randn(35, 24, seed=12),
                                                         randn(35, 24, seed=13)), F64)
+    # tau = 0.01: the forward needs the online max (row-parallel), the backward stays symmetric.
+    compare(lambda a, b: fc.nt_xent(a, b, 0.01, backend="triton"),
+            lambda a, b: reference.nt_xent(a, b, 0.01), (randn(35, 24, seed=14),
+                                                         randn(35, 24, seed=15)),
+            torch.float32, loosen=10.0)
 
 
 def test_nt_xent_rejects_wide_rows_and_integer_inputs():

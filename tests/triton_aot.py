@@ -57,6 +57,9 @@ def variants():
            {"Z": "bf16", "NORMS": "fp32", "ROW_SUM": "fp32", "COL_SUM": "fp32",
             "INV_TAU": "fp32"},
            dict(NORMALIZE=True, PREC="ieee", BLOCK=64, BLOCK_D=128, **common), 4)
+    yield ("nt_xent symmetric bwd bf16", nt._symmetric_grad_kernel,
+           {"Z": "bf16", "NORMS": "fp32", "LSE": "fp32", "G": "fp32", "INV_TAU": "fp32"},
+           dict(NORMALIZE=True, PREC="ieee", BLOCK=64, BLOCK_D=128, **common), nt._BWD_WARPS)
     logits = {"LA": "bf16", "LB": "bf16", "GRAM": "fp32", "COLSUM": "fp32"}
     yield ("cc stats bf16", cc._stats_kernel, logits,
            dict(ACC=F32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4)
@@ -76,6 +79,8 @@ def variants():
         yield f"dec backward={backward}", kl._dec_kernel, q, dict(BACKWARD=backward, **tiny), 4
         yield (f"anchor backward={backward}", kl._anchor_kernel, q,
                dict(BACKWARD=backward, **tiny), 4)
+        yield (f"dec+anchor backward={backward}", kl._dec_anchor_kernel,
+               {**q, "DQ0": "fp32"}, dict(BACKWARD=backward, **tiny), 4)
 
 
 def main():
