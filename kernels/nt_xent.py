@@ -5,11 +5,14 @@ Z = [z_a; z_b] (2N x D, any of fp16/bf16/fp32/fp64), zn_i = z_i / max(||z_i||, 1
 S = zn zn^T / tau, pos(i) = i + N for i < N else i - N.
 
 Forward (`_lse_fwd_kernel`, one row-parallel launch): each program owns BLOCK_M rows, keeps them
-in registers, and streams every column block of Z once: S tile = (z_I z_J^T) * r_I r_J / tau with
-r the inverse row norms computed from the tiles already loaded (the L2 normalisation is fused: zn
-is never written). Per row it accumulates sum_{k != i} exp(S_ik - shift): shift = 1/tau (fixed,
-exact bound |S| <= 1/tau) when exp(-2/tau) stays normal, else the online row max. It also reads
-the positive row and writes lse_i - S_{i,pos(i)}. Saved for backward: Z (the input) and lse (2N).
+in registers, and streams every column block of Z: S tile = (z_I z_J^T) * r_I r_J / tau, with
+r = 1 / max(||z||, eps) from a (2N,) vector of row norms computed once beforehand (one O(N D)
+read of Z): the L2 normalisation is fused, zn is never written. (Recomputing the norms from each
+tile made the sm_90 build spill registers.) Per row it accumulates sum_{k != i} exp(S_ik - shift):
+shift = 1/tau (exact bound |S| <= 1/tau) when exp(-2/tau) stays a normal number, else the online
+row max. S_{i,pos(i)} is picked out of the tile that holds it, and the kernel writes lse_i and
+lse_i - S_{i,pos(i)}. Saved for backward: Z (the input, no copy beyond the [z_a; z_b] concat)
+and lse (2N floats).
 
 Backward (`_grad_kernel`, one row-parallel launch, no atomics): S is symmetric, so
 P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
@@ -17,12 +20,16 @@ P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
     g_i = 1/(tau*2N) * ( sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) ),
     dz_i = (g_i - zn_i (zn_i . g_i)) / ||z_i||      (the normalisation's backward, fused)
 
+A zn_J is computed as (A diag(r_J)) z_J, so the tile is scaled and z_J feeds the tensor cores as
+loaded (bf16/fp16: A is rounded to the input dtype for that dot, as P is in flash attention).
+
 Floors (R = 2N rows, D features, b bytes per input element):
-  forward  2 R^2 D FLOPs, R^2 exps; reads of Z: its own rows once, all columns once per row block
-           (R / BLOCK_M passes, served from L2 at these sizes), the positive rows once; writes
-           2R floats. Byte floor R*D*b read + 8R written.
-  backward 4 R^2 D FLOPs (the S tile and A @ zn_J), 2 R^2 exps; reads of Z: own rows once, all
-           columns once per row block, positive rows once; lse once per row block; writes R*D*b.
+  forward  2 R^2 D FLOPs, R^2 exps. Reads of Z: the norm pass once, own rows once, all columns
+           once per row block (R / BLOCK_M passes, L2-resident at these sizes); byte floor
+           2 R D b read + 8 R written.
+  backward 4 R^2 D FLOPs (the S tile and A z_J), 2 R^2 exps. Reads of Z: the norm pass once, own
+           rows twice (tile operand, epilogue), all columns once per row block, positive rows
+           once; lse once per row block; writes R D b.
 The symmetric upper-triangle variant (each tile serving its rows and, transposed, its columns;
 half the GEMM/exp work, at the price of atomics on the column sums / column gradient rows, whose
 summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`. Which one
