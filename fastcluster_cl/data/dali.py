@@ -144,4 +144,6 @@ class DaliTwoViewPipeline:
             tensor = torch.empty(shape, dtype=torch.float32, device=self.device)
             feed_ndarray(out.as_tensor(), tensor, cuda_stream=stream)
             results.append(tensor)
+        if stream is not None:  # the next run reuses DALI's output buffers: finish the copies
+            stream.synchronize()
         return tuple(results)

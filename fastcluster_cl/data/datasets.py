@@ -57,7 +57,7 @@ _DEFAULT_IMAGE_SIZE = {"digits": 8, "mnist5k": 28, "cifar10": 32, "cifar100": 32
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageDataset:
     """An in-memory image dataset.
 
@@ -101,6 +101,18 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return self.images.shape[3]
+
+    def labelled(self) -> "ImageDataset":
+        """The images with a label (>= 0), for evaluation; shares this dataset's normalisation
+        statistics so eval batches are normalised exactly like training batches."""
+        keep = np.flatnonzero(self.labels >= 0)
+        if len(keep) == len(self):
+            return self
+        if len(keep) and keep[-1] == len(keep) - 1:  # a prefix (STL-10): a view, no copy
+            keep = slice(0, len(keep))
+        subset = ImageDataset(self.images[keep], self.labels[keep], self.num_classes, self.name)
+        subset._stats = self.mean_std
+        return subset
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
