@@ -180,6 +180,16 @@ class _EpochBatches(torch.utils.data.Dataset):
         return self.order[k * size:(k + 1) * size]
 
     def __getitem__(self, k: int) -> dict:
+        # Per-image ops on small tensors: intra-op threads only add overhead (and stall badly on
+        # a loaded machine), so build the batch on one thread, as DataLoader workers do.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._batch(k)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _batch(self, k: int) -> dict:
         loader, indices = self.loader, self.indices(k)
         images = torch.from_numpy(loader.dataset.images[indices]).permute(0, 3, 1, 2)
         params_a, params_b = loader.batch_params(self.epoch, k, indices)
