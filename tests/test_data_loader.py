@@ -229,3 +229,19 @@ def test_separable_blur_equals_torchvision_2d_blur():
         ref = F.gaussian_blur(images[i], [kernel, kernel], [float(p.sigma[i])] * 2)
         assert (out[i].int() - ref.int()).abs().max() <= 1
     assert (out != images).float().mean() > 0.9
+
+
+def test_backend_choice(monkeypatch):
+    import fastcluster_cl.data.dali as dali_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+
+    def not_probed():
+        raise AssertionError("auto on CPU must not import DALI")
+
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", not_probed)
+    assert loader_module.choose_backend("auto", cpu)[0] == "torchvision"
+    assert loader_module.choose_backend("torchvision", cuda) == ("torchvision", "requested")
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", lambda: None)
+    assert loader_module.choose_backend("auto", cuda)[0] == "dali"
+    assert loader_module.choose_backend("dali", cpu) == ("dali", "requested")

@@ -65,14 +65,14 @@ def choose_backend(augment: str, device: torch.device) -> tuple[str, str]:
         raise ValueError(f"augment must be one of {AUGMENT_BACKENDS}, got {augment!r}")
     if augment == "torchvision":
         return "torchvision", "requested"
+    if augment == "auto" and device.type != "cuda":
+        return "torchvision", f"device is {device.type}; 'auto' uses DALI on CUDA devices only"
     reason = dali_unavailable_reason()
     if augment == "dali":
         if reason is not None:
             raise ImportError(f"augment='dali' but {reason}; install it with "
                               "pip install fastcluster_cl[dali], or pass augment='torchvision'")
         return "dali", "requested"
-    if device.type != "cuda":
-        return "torchvision", f"device is {device.type}, DALI is used on CUDA devices only"
     if reason is not None:
         return "torchvision", reason
     return "dali", "DALI importable and device is CUDA"
