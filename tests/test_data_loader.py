@@ -200,7 +200,9 @@ def test_bad_arguments(rgb, digits, monkeypatch):
     with pytest.raises(TypeError, match="ImageDataset"):
         make_train_loader(rgb.images, 4)
     with pytest.raises(ValueError, match="start_batch"):
-        next(make_train_loader(rgb, 4).epoch(0, start_batch=99))
+        make_train_loader(rgb, 4).epoch(0, start_batch=99)  # raised before iterating
+    with pytest.raises(ValueError, match="epoch"):
+        make_train_loader(rgb, 4).epoch(-1)
     with pytest.raises(ValueError, match="crop_scale"):
         AugmentSpec(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="preset"):

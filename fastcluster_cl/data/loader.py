@@ -123,7 +123,9 @@ class TrainLoader:
                 or not 0 <= start_batch <= len(self)):
             raise ValueError(f"start_batch must be an int in [0, {len(self)}], got "
                              f"{start_batch!r}")
-        source = _EpochBatches(self, int(epoch))
+        return self._batches(_EpochBatches(self, int(epoch)), int(start_batch))
+
+    def _batches(self, source: "_EpochBatches", start_batch: int):
         if self.backend == "dali":
             for k in range(start_batch, len(self)):
                 yield self._dali_batch(source, k)
