@@ -247,3 +247,9 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(dali_module, "dali_unavailable_reason", lambda: None)
     assert loader_module.choose_backend("auto", cuda)[0] == "dali"
     assert loader_module.choose_backend("dali", cpu) == ("dali", "requested")
+
+
+def test_backend_is_logged(rgb, caplog):
+    with caplog.at_level("INFO", logger="fastcluster_cl.data.loader"):
+        make_train_loader(rgb, 4)
+    assert "augmentation backend: torchvision (device is cpu" in caplog.text
