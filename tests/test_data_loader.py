@@ -253,3 +253,16 @@ def test_backend_is_logged(rgb, caplog):
     with caplog.at_level("INFO", logger="fastcluster_cl.data.loader"):
         make_train_loader(rgb, 4)
     assert "augmentation backend: torchvision (device is cpu" in caplog.text
+
+
+@pytest.mark.parametrize("augment,workers", [("torchvision", 0), ("torchvision", 1),
+                                             ("dali", 0)])
+def test_global_rng_untouched(rgb, augment, workers):
+    """The model's own sampling (e.g. Gumbel noise) uses torch's global RNG: iterating the
+    loader must not advance it, or resumed runs would diverge."""
+    if augment == "dali":
+        pytest.importorskip("nvidia.dali")
+    loader = make_train_loader(rgb, 8, augment=augment, num_workers=workers)
+    before = torch.get_rng_state()
+    assert len(list(loader.epoch(0, start_batch=1))) == 3
+    assert torch.equal(torch.get_rng_state(), before)

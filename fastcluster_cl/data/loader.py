@@ -131,9 +131,12 @@ class TrainLoader:
                 yield self._dali_batch(source, k)
             return
         pin = self.device.type == "cuda"
+        # DataLoader draws its worker base seed when an iterator starts; a private generator
+        # keeps that draw off torch's global RNG, which the model's own sampling uses.
+        generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
             source, batch_size=None, sampler=range(start_batch, len(self)),
-            num_workers=self.num_workers, pin_memory=pin)
+            num_workers=self.num_workers, pin_memory=pin, generator=generator)
         for batch in loader:
             out = {key: self._normalise(batch[key].to(self.device, non_blocking=pin))
                    for key in ("a", "b", "clean")}
