@@ -191,6 +191,20 @@ def _peer_nt_xent(impl: str, device: torch.device) -> Callable:
     return pml
 
 
+def pml_memory_bytes(two_n: int) -> int:
+    """pytorch-metric-learning's NTXentLoss builds a (positive pairs) x (negative pairs) mask,
+    (2N) x (2N)^2 entries: about 16 * (2N)^3 bytes at its peak (measured: 32 MiB at 2N = 128,
+    256 MiB at 2N = 256), so it is only run where that fits."""
+    return 16 * two_n**3
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a peer may take: 1 GiB on CPU (a shared machine), half the free memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return 2**30
+
+
 def _op_args(op: str) -> dict:
     return {"nt_xent": {"temperature": TEMPERATURE}}.get(op, {})
 
@@ -287,6 +301,10 @@ def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
             input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None) -> dict:
     """Time and peak memory of `impl` on `case`, with its floors. Raises Skip."""
     fn = resolve_impl(impl, case.op, device)
+    if impl == "pml" and pml_memory_bytes(case.two_n) > memory_budget(device):
+        raise Skip(f"pytorch-metric-learning's NTXentLoss needs about "
+                   f"{pml_memory_bytes(case.two_n) / 2**30:.0f} GiB at 2N = {case.two_n} "
+                   "(cubic mask); over the memory budget")
     if input_sets is None:
         input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
     step = make_step(fn, input_sets, case.backward)
@@ -321,7 +339,8 @@ def machine(device: torch.device) -> dict:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return {"device": str(device), "device_name": name, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+            "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
             **{dist: _version(dist) for dist in ("triton", "lightly", "pytorch-metric-learning",
                                                  "fastcluster_cl")}}
@@ -445,6 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="folder for the results JSON and PNG (created)")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds of timing per measurement (default 0.2, --quick 0.02)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own setting)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2N in {QUICK_SIZES}, torch and chunked, short timing")
     return parser
@@ -456,14 +477,19 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device")
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}")
+            return 2
+        torch.set_num_threads(args.threads)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
     impls = args.backends or (["torch", "chunked"] if args.quick else list(IMPLS))
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
     case_list = cases(args.ops, sizes, args.dims, args.ks, args.dtype, args.modes)
     stamp = _dt.datetime.now(_dt.timezone.utc)
+    info = machine(device)  # before the run: the load average is that of other processes
     measured = run_cases(case_list, impls, device, min_run_time,
                          progress=lambda msg: print(msg, flush=True))
-    info = machine(device)
     report = {"meta": {**info, "date": stamp.isoformat(timespec="seconds"),
                        "min_run_time_s": min_run_time, "rotated_input_sets": ROTATE,
                        "peak_memory_method": "cuda.max_memory_allocated" if device.type == "cuda"
@@ -478,8 +504,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{info['device_name']} ({device}), torch {info['torch']}, "
           f"{report['meta']['date']}\n")
     print(table(measured["results"]))
-    for impl, reason in dict.fromkeys((s["impl"], s["reason"]) for s in measured["skipped"]):
-        print(f"skipped {impl}: {reason}")
+    for skip in measured["skipped"]:
+        print(f"skipped {skip['impl']} on {skip['case']}: {skip['reason']}")
     print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
     return 0
 

@@ -37,6 +37,13 @@ def test_cpu_peak_memory_measures_tensor_bytes():
     assert 2 * nbytes <= peak < 2 * nbytes + 4096
 
 
+def test_pml_is_skipped_where_its_cubic_mask_does_not_fit():
+    pytest.importorskip("pytorch_metric_learning")
+    case = bench.Case("nt_xent", 2048, 8, 2, "float32", backward=False)
+    with pytest.raises(bench.Skip, match="128 GiB at 2N = 2048"):
+        bench.measure(case, "pml", torch.device("cpu"), min_run_time=0.01)
+
+
 @pytest.mark.parametrize(("impl", "op", "reason"), [
     ("triton", "nt_xent", "GPU-only"), ("cuda", "nt_xent", "GPU-only"),
     ("lightly", "cc_cluster_loss", "lightly has no cc_cluster_loss"),
@@ -74,4 +81,4 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["median_s"] / ref[r["case"]])
     assert "| nt_xent-2N64-D16-float32-fwd | torch |" in out
     assert "| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |" in out
-    assert "skipped triton: triton is GPU-only" in out
+    assert "skipped triton on nt_xent-2N64-D16-float32-fwd: triton is GPU-only" in out
