@@ -16,7 +16,7 @@ from conftest import DEVICE
 
 K = 10
 # Images per view by tier (the batch holds 2N images).
-BATCH = {"cpu": {"small": 16, "large": 128}, "cuda": {"small": 256, "large": 1024}}[DEVICE.type]
+BATCH = {"cpu": {"small": 8, "large": 64}, "cuda": {"small": 256, "large": 1024}}[DEVICE.type]
 
 
 class ClusterModel(nn.Module):
@@ -67,6 +67,6 @@ def test_train_step(benchmark, tier, backend):
         peak = bench.peak_memory(step, DEVICE)
         benchmark.extra_info.update(backend=backend, images=2 * n, device=str(DEVICE),
                                     peak_bytes=int(peak))
-        benchmark.pedantic(step, rounds=5 if DEVICE.type == "cpu" else 20, warmup_rounds=1)
+        benchmark.pedantic(step, rounds=3 if DEVICE.type == "cpu" else 20, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = 2 * n / benchmark.stats.stats.median

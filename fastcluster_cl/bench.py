@@ -223,8 +223,9 @@ def resolve_impl(impl: str, op: str, device: torch.device) -> Callable:
     fn = getattr(functional, op)
     if impl in BACKENDS:
         if impl in GPU_ONLY and device.type != "cuda":
-            raise Skip(f"{impl} is GPU-only; not timed on {device.type} (the Triton interpreter "
-                       "is a correctness tool, not a timing)")
+            why = " (the Triton interpreter is a correctness tool, not a timing)"
+            raise Skip(f"{impl} is GPU-only; not timed on {device.type}"
+                       + (why if impl == "triton" else ""))
         try:
             implementation(op, impl, device)
         except (RuntimeError, NotImplementedError) as err:
