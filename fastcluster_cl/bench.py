@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -263,15 +264,23 @@ def make_step(fn: Callable, input_sets: Sequence[tuple[torch.Tensor, ...]],
     return forward_backward if backward else forward
 
 
-def time_call(step: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    """Median seconds per call of `step` (warm-up included in both timers)."""
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def time_call(step: Callable[[], object], device: torch.device, min_run_time: float,
+              clock: str = "wall") -> float:
+    """Median seconds per call of `step` (warm-up included in both timers). On CPU, `clock`
+    "process" counts this process's CPU seconds (all its threads) instead of wall time: with
+    one thread on a shared, loaded machine that is the uncontended time, which wall time is
+    not. CUDA always uses CUDA events."""
     if device.type == "cuda":
         from triton.testing import do_bench
         return do_bench(step, warmup=max(1, int(min_run_time * 250)),
                         rep=max(1, int(min_run_time * 1000)), return_mode="median") / 1e3
     from torch.utils.benchmark import Timer
     step()
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads(),
+                  timer=CLOCKS[clock])
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -299,7 +308,8 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
 
 
 def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
-            input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None) -> dict:
+            input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
+            clock: str = "wall") -> dict:
     """Time and peak memory of `impl` on `case`, with its floors. Raises Skip."""
     fn = resolve_impl(impl, case.op, device)
     if impl == "pml" and pml_memory_bytes(case.two_n) > memory_budget(device):
@@ -312,7 +322,7 @@ def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
     with value_checks(False):
         try:
             step()  # first call: compiles (torch.compile, Triton) and surfaces errors
-            seconds = time_call(step, device, min_run_time)
+            seconds = time_call(step, device, min_run_time, clock)
             peak = peak_memory(step, device)
         except torch.OutOfMemoryError as err:
             raise Skip(f"out of memory: {str(err).splitlines()[0]}")
@@ -348,7 +358,8 @@ def machine(device: torch.device) -> dict:
 
 
 def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.device,
-              min_run_time: float, progress: Callable[[str], None] = lambda _msg: None) -> dict:
+              min_run_time: float, progress: Callable[[str], None] = lambda _msg: None,
+              clock: str = "wall") -> dict:
     """Measure every (case, impl); add each row's ratio to the reference of the same case."""
     results, skipped = [], []
     for case in case_list:
@@ -356,7 +367,7 @@ def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.dev
         rows = []
         for impl in impls:
             try:
-                rows.append(measure(case, impl, device, min_run_time, input_sets))
+                rows.append(measure(case, impl, device, min_run_time, input_sets, clock))
                 progress(f"{case.label} {impl}: {rows[-1]['median_s'] * 1e3:.3f} ms")
             except Skip as why:
                 skipped.append({"case": case.label, "impl": impl, "reason": str(why)})
@@ -378,9 +389,18 @@ def table(results: Sequence[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
-                     f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3f')} | "
-                     f"{_fmt(r['gbps'], '.2f')} | {_fmt(r['peak_bytes'] / 2**20, '.1f')} |")
+                     f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
+                     f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.1f')} |")
     return "\n".join(lines)
+
+
+def skipped_summary(skipped: Sequence[dict]) -> str:
+    """One line per (implementation, reason) with the number of cases it covers."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for skip in skipped:
+        groups.setdefault((skip["impl"], skip["reason"]), []).append(skip["case"])
+    return "\n".join(f"skipped {impl} on {len(names)} case(s), e.g. {names[0]}: {reason}"
+                     for (impl, reason), names in groups.items())
 
 
 def plot(results: Sequence[dict], path: Path) -> Path | None:
@@ -467,6 +487,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds of timing per measurement (default 0.2, --quick 0.02)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own setting)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="CPU timer: wall time, or this process's CPU time (for a loaded "
+                        "shared machine, with --threads 1)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: 2N in {QUICK_SIZES}, torch and chunked, short timing")
     return parser
@@ -489,10 +512,12 @@ def run(args: argparse.Namespace) -> int:
     case_list = cases(args.ops, sizes, args.dims, args.ks, args.dtype, args.modes)
     stamp = _dt.datetime.now(_dt.timezone.utc)
     info = machine(device)  # before the run: the load average is that of other processes
+    clock = "cuda events" if device.type == "cuda" else args.clock
     measured = run_cases(case_list, impls, device, min_run_time,
-                         progress=lambda msg: print(msg, flush=True))
+                         progress=lambda msg: print(msg, flush=True), clock=args.clock)
     report = {"meta": {**info, "date": stamp.isoformat(timespec="seconds"),
                        "min_run_time_s": min_run_time, "rotated_input_sets": ROTATE,
+                       "clock": clock,
                        "peak_memory_method": "cuda.max_memory_allocated" if device.type == "cuda"
                        else "torch.profiler profile_memory events"},
               **measured}
@@ -502,11 +527,10 @@ def run(args: argparse.Namespace) -> int:
     json_path = base.with_suffix(".json")
     json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     png = plot(measured["results"], base.with_suffix(".png"))
-    print(f"\n{info['device_name']} ({device}), torch {info['torch']}, "
-          f"{report['meta']['date']}\n")
+    print(f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
+          f"clock), torch {info['torch']}, {report['meta']['date']}\n")
     print(table(measured["results"]))
-    for skip in measured["skipped"]:
-        print(f"skipped {skip['impl']} on {skip['case']}: {skip['reason']}")
+    print(skipped_summary(measured["skipped"]))
     print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
     return 0
 
