@@ -390,7 +390,23 @@ def table(results: Sequence[dict]) -> str:
     for r in results:
         lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
                      f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
-                     f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.1f')} |")
+                     f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.3g')} |")
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    """Compact markdown table for a README: one row per case, one column per implementation
+    holding "median ms (x torch), peak MiB"."""
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    rows: dict[str, dict[str, dict]] = {}
+    for r in results:
+        rows.setdefault(r["case"], {})[r["impl"]] = r
+    lines = ["| case | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    for case, by_impl in rows.items():
+        cells = [f"{by_impl[i]['median_s'] * 1e3:.3g} ms ({_fmt(by_impl[i]['ratio'], '.2f')}x), "
+                 f"{by_impl[i]['peak_bytes'] / 2**20:.3g} MiB" if i in by_impl else "-"
+                 for i in impls]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -530,6 +546,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
           f"clock), torch {info['torch']}, {report['meta']['date']}\n")
     print(table(measured["results"]))
+    print("\n" + summary_table(measured["results"]) + "\n")
     print(skipped_summary(measured["skipped"]))
     print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
     return 0

@@ -83,3 +83,13 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     assert "| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |" in out
     assert ("skipped triton on 4 case(s), e.g. nt_xent-2N64-D16-float32-fwd: triton is GPU-only"
             in out)
+
+
+def test_process_clock_ignores_time_off_cpu():
+    import time
+
+    def sleep():
+        time.sleep(0.01)
+    cpu = torch.device("cpu")
+    assert bench.time_call(sleep, cpu, 0.05, clock="wall") >= 0.01
+    assert bench.time_call(sleep, cpu, 0.05, clock="process") < 0.005
