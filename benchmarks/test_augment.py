@@ -7,6 +7,7 @@ one worker (DALI: one CPU thread; torchvision: in-process); on CUDA DALI runs on
 """
 import numpy as np
 import pytest
+import torch
 
 from fastcluster_cl.data import ImageDataset, make_train_loader
 from fastcluster_cl.data.dali import dali_unavailable_reason
@@ -33,7 +34,6 @@ def test_augment(benchmark, augment, tier):
     def epoch():
         batches = list(loader.epoch(0))
         if DEVICE.type == "cuda":
-            import torch
             torch.cuda.synchronize()
         return batches
 

@@ -16,7 +16,7 @@ from conftest import DEVICE
 
 K = 10
 # Images per view by tier (the batch holds 2N images).
-BATCH = {"cpu": {"small": 8, "large": 64}, "cuda": {"small": 256, "large": 1024}}[DEVICE.type]
+BATCH = {"cpu": {"small": 4, "large": 64}, "cuda": {"small": 256, "large": 1024}}[DEVICE.type]
 
 
 class ClusterModel(nn.Module):
