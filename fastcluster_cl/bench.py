@@ -450,7 +450,7 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110 if len(series) <= 4 else 72)  # many rows: keep the file small
     plt.close(fig)
     return path
 
