@@ -1,0 +1,159 @@
+// torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.cuda_backend builds it).
+//
+// Each function checks its tensors, allocates the outputs and calls one extern "C" launcher of
+// fcl_kernels.h on the current stream. The autograd.Function that composes them lives in
+// fastcluster_cl/cuda_backend.py; the row-range functions are also the building blocks of the
+// distributed path (each rank: its rows against the all-gathered Z and lse).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <climits>
+#include <vector>
+
+#include "fcl_kernels.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FCL_FLOAT32;
+    case at::kHalf: return FCL_FLOAT16;
+    case at::kBFloat16: return FCL_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "backend='cuda' takes float32, float16 or bfloat16 tensors, got ",
+                  t.scalar_type());
+  }
+  return -1;  // unreachable
+}
+
+void check_launch(int err, const char* launcher) {
+  TORCH_CHECK(err == 0, launcher, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+int checked_int(int64_t value, const char* what) {
+  TORCH_CHECK(value >= 0 && value <= INT_MAX, what, " = ", value, " does not fit the kernels' int");
+  return static_cast<int>(value);
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_float_vector(const at::Tensor& t, const char* name, int64_t length,
+                        const at::Tensor& like) {
+  check_cuda_tensor(t, name, 1);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.size(0) == length, name, " must have ", length, " entries, got ", t.size(0));
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", zn on ", like.device());
+}
+
+// Validates zn (m x d) and the row range; returns {m, d}.
+std::pair<int, int> check_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end) {
+  check_cuda_tensor(zn, "zn", 2);
+  dtype_code(zn);
+  const int m = checked_int(zn.size(0), "rows of zn");
+  const int d = checked_int(zn.size(1), "features of zn");
+  TORCH_CHECK(m >= 2 && d >= 1, "zn must be at least 2 x 1, got ", zn.sizes());
+  TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= m,
+              "row range [", row_start, ", ", row_end, ") is not inside [0, ", m, ")");
+  return {m, d};
+}
+
+}  // namespace
+
+// (zn, norm, pos_sim): zn = [z_a; z_b] row-normalised (input dtype), norm the clamped row norms,
+// pos_sim[i] = zn[i] . zn[n + i] (both fp32).
+std::vector<at::Tensor> normalize(const at::Tensor& z_a, const at::Tensor& z_b) {
+  check_cuda_tensor(z_a, "z_a", 2);
+  check_cuda_tensor(z_b, "z_b", 2);
+  TORCH_CHECK(z_a.sizes() == z_b.sizes() && z_a.scalar_type() == z_b.scalar_type() &&
+                  z_a.device() == z_b.device(),
+              "z_a and z_b must share shape, dtype and device");
+  const int dtype = dtype_code(z_a);
+  const int n = checked_int(z_a.size(0), "rows of z_a");
+  const int d = checked_int(z_a.size(1), "features of z_a");
+  checked_int(2 * static_cast<int64_t>(n), "2 * rows of z_a");
+  TORCH_CHECK(n >= 1 && d >= 1, "z_a must be at least 1 x 1, got ", z_a.sizes());
+  const c10::cuda::CUDAGuard guard(z_a.device());
+  const auto f32 = z_a.options().dtype(at::kFloat);
+  at::Tensor zn = at::empty({2 * static_cast<int64_t>(n), d}, z_a.options());
+  at::Tensor norm = at::empty({2 * static_cast<int64_t>(n)}, f32);
+  at::Tensor pos_sim = at::empty({n}, f32);
+  check_launch(fcl_nt_xent_normalize(dtype, z_a.data_ptr(), z_b.data_ptr(), n, d, zn.data_ptr(),
+                                     norm.data_ptr<float>(), pos_sim.data_ptr<float>(),
+                                     c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_normalize");
+  return {zn, norm, pos_sim};
+}
+
+// lse of the rows [row_start, row_end) of zn against all rows, excluding the diagonal (fp32).
+at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, double inv_tau) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  const c10::cuda::CUDAGuard guard(zn.device());
+  at::Tensor lse = at::empty({row_end - row_start}, zn.options().dtype(at::kFloat));
+  check_launch(fcl_nt_xent_lse(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+                               static_cast<int>(row_end), static_cast<float>(inv_tau),
+                               lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_lse");
+  return lse;
+}
+
+// g = sum_j (P_ij + P_ji) zn_j for the rows [row_start, row_end), given every row's lse (fp32).
+at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& lse_full, int64_t row_start,
+                     int64_t row_end, double inv_tau) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  check_float_vector(lse_full, "lse", m, zn);
+  const c10::cuda::CUDAGuard guard(zn.device());
+  at::Tensor g = at::empty({row_end - row_start, d}, zn.options().dtype(at::kFloat));
+  check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+                                static_cast<int>(row_end), static_cast<float>(inv_tau),
+                                lse_full.data_ptr<float>(), g.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_grad");
+  return g;
+}
+
+// dz of the rows [row_start, row_end): positive term, scaling by grad_out * factor and the
+// backward of the L2 normalisation (input dtype). norm and g are indexed from row_start.
+at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at::Tensor& g,
+                         int64_t row_start, int64_t row_end, const at::Tensor& grad_out,
+                         double factor) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  TORCH_CHECK(m % 2 == 0, "zn must have an even number of rows ([z_a; z_b]), got ", m);
+  check_float_vector(norm, "norm", row_end - row_start, zn);
+  check_cuda_tensor(g, "g", 2);
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.size(0) == row_end - row_start &&
+                  g.size(1) == d && g.device() == zn.device(),
+              "g must be float32 of shape [", row_end - row_start, ", ", d, "] on ", zn.device(),
+              ", got ", g.scalar_type(), " ", g.sizes());
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == zn.device() &&
+                  grad_out.scalar_type() == at::kFloat && grad_out.numel() == 1 &&
+                  grad_out.is_contiguous(),
+              "grad_out must be one contiguous float32 on ", zn.device());
+  const c10::cuda::CUDAGuard guard(zn.device());
+  at::Tensor dz = at::empty({row_end - row_start, d}, zn.options());
+  check_launch(fcl_nt_xent_norm_backward(dtype_code(zn), zn.data_ptr(), norm.data_ptr<float>(),
+                                         g.data_ptr<float>(), m, d, static_cast<int>(row_start),
+                                         static_cast<int>(row_end), grad_out.data_ptr<float>(),
+                                         static_cast<float>(factor), dz.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_norm_backward");
+  return dz;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA C++ twin of the fastcluster_cl fused NT-Xent (see csrc/fcl_kernels.h)";
+  m.def("normalize", &normalize, "zn, norm, pos_sim of [z_a; z_b]", py::arg("z_a"),
+        py::arg("z_b"));
+  m.def("lse_rows", &lse_rows, "masked row log-sum-exp of rows [row_start, row_end)",
+        py::arg("zn"), py::arg("row_start"), py::arg("row_end"), py::arg("inv_tau"));
+  m.def("grad_rows", &grad_rows, "sum_j (P_ij + P_ji) zn_j of rows [row_start, row_end)",
+        py::arg("zn"), py::arg("lse"), py::arg("row_start"), py::arg("row_end"),
+        py::arg("inv_tau"));
+  m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
+        py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
+        py::arg("grad_out"), py::arg("factor"));
+}

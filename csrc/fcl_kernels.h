@@ -1,0 +1,52 @@
+// C interface of the CUDA twin of the fused NT-Xent (DESIGN.md, "The objective", item 1).
+//
+// Z = [z_a; z_b] has m = 2n rows of d features; row i's positive is (i + m/2) mod m. Every
+// launcher takes raw device pointers, sizes and a stream, launches asynchronously and returns
+// the cudaError_t of the launch (cudaSuccess == 0). Row-range launchers work on the global rows
+// [row_start, row_end) of the full normalised Z; their per-row inputs and outputs are indexed
+// from row_start (entry 0 is row row_start), so a distributed caller passes its own rows and the
+// all-gathered Z and lse. Inputs: float32 (SIMT fp32 path) or float16/bfloat16 (tensor cores,
+// fp32 accumulation); every statistic and gradient accumulator is float32.
+#ifndef FASTCLUSTER_CL_FCL_KERNELS_H_
+#define FASTCLUSTER_CL_FCL_KERNELS_H_
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element type of z, zn and dz.
+enum FclDtype { FCL_FLOAT32 = 0, FCL_FLOAT16 = 1, FCL_BFLOAT16 = 2 };
+
+// zn[i] = z_a[i] / max(||z_a[i]||, 1e-12), zn[n + i] likewise for z_b (zn: 2n x d, input
+// dtype); norm[0..2n) = those clamped norms (fp32); pos_sim[i] = zn[i] . zn[n + i] in fp32 from
+// the rounded zn, i.e. tau * S_{i,pos(i)}. z_a, z_b: n x d, contiguous.
+int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d, void* zn,
+                          float* norm, float* pos_sim, cudaStream_t stream);
+
+// lse[i - row_start] = log sum_{k != i, k < m} exp(inv_tau * zn[i] . zn[k]) for the rows
+// [row_start, row_end): online log-sum-exp over column tiles, no m x m buffer. m >= 2.
+int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start, int row_end,
+                    float inv_tau, float* lse, cudaStream_t stream);
+
+// g[i - row_start] = sum_{j != i} (P_ij + P_ji) zn[j] for the rows [row_start, row_end), with
+// P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full holds all m rows' lse. g is fp32,
+// (row_end - row_start) x d. This is the unscaled contrastive part of dL/dzn (no atomics).
+int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start, int row_end,
+                     float inv_tau, const float* lse_full, float* g, cudaStream_t stream);
+
+// Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * (g - 2 zn_pos),
+// factor = inv_tau / m for the mean loss, then the backward of the L2 normalisation:
+// dz = (u - zn (zn . u)) / norm where norm > 1e-12, else u / norm. norm and g are indexed from
+// row_start (the outputs of normalize and grad); dz is (row_end - row_start) x d, input dtype.
+// grad_out is a device pointer to one float (the incoming gradient of the loss).
+int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm, const float* g,
+                              int m, int d, int row_start, int row_end, const float* grad_out,
+                              float factor, void* dz, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // FASTCLUSTER_CL_FCL_KERNELS_H_

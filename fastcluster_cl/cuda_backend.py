@@ -1,0 +1,147 @@
+"""Backend "cuda": the CUDA C++ twin of the fused NT-Xent (csrc/, DESIGN.md "Kernels").
+
+For users who cannot or do not want to JIT Triton, and as an independently written second
+implementation that cross-checks the Triton kernels. The kernels in ``csrc/nt_xent.cu`` use
+tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT product for float32;
+the forward is an online log-sum-exp over column tiles and the backward one more row-parallel
+pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
+
+The extension (``csrc/binding.cpp`` + ``csrc/nt_xent.cu``) is built with
+``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
+directory; importing this module builds nothing and works on CPU-only machines.
+
+The cluster-level contrasts (`cc_cluster_loss`, `tcc_cluster_loss`) run this NT-Xent on their
+2K rows. `student_t`, `dec_loss` and `anchor_loss` are O(N*K) with no N x N matrix to fuse; they
+are the reference functions (plain torch ops on the CUDA tensors), exactly as in the chunked
+backend.
+
+Raises:
+    RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
+        no CUDA, the tensors are not on a CUDA device of compute capability >= 8.0, or no CUDA
+        compiler is found; TypeError for float64 inputs (the kernels compute in float32).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+from functools import partial
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .losses import reference
+from .losses.reference import anchor_loss, dec_loss, student_t  # noqa: F401  (O(N*K) terms)
+
+_EXTENSION_NAME = "fastcluster_cl_cuda"
+_SOURCES = ("binding.cpp", "nt_xent.cu")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
+
+
+def _compiler_missing() -> str | None:
+    """Why the extension cannot be compiled here, or None when nvcc is found."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return ("no CUDA toolkit found to compile the extension (torch.utils.cpp_extension."
+                "CUDA_HOME is None); install the CUDA toolkit matching torch.version.cuda="
+                f"{torch.version.cuda} and set CUDA_HOME, or use backend='triton'")
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return (f"no nvcc at {nvcc} (CUDA_HOME={home}); install the CUDA toolkit or set "
+                "CUDA_HOME, or use backend='triton'")
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why backend="cuda" cannot run on `device`, or None when it can."""
+    if torch.version.cuda is None:
+        return ("this torch build has no CUDA support (torch.version.cuda is None); install a "
+                "CUDA build of torch, or use backend='chunked' or 'torch' on CPU")
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got tensors on {device}; move them with .cuda()"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False (no visible GPU or driver)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _MIN_CAPABILITY:
+        return (f"it needs compute capability >= {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]} "
+                f"(Ampere or newer), {torch.cuda.get_device_name(device)} has "
+                f"{capability[0]}.{capability[1]}; use backend='triton'")
+    return _compiler_missing()
+
+
+def _require(device: torch.device) -> None:
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' cannot run on {device}: {reason}")
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
+
+    Exposes the row-range building blocks documented in csrc/fcl_kernels.h: normalize(z_a, z_b),
+    lse_rows(zn, row_start, row_end, inv_tau), grad_rows(zn, lse, row_start, row_end, inv_tau),
+    norm_backward(zn, norm, g, row_start, row_end, grad_out, factor).
+    """
+    from torch.utils.cpp_extension import load
+
+    root = importlib.resources.files("fastcluster_cl.csrc")
+    sources = [str(root / name) for name in _SOURCES]
+    try:
+        return load(name=_EXTENSION_NAME, sources=sources, extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)
+    except (RuntimeError, OSError) as err:
+        raise RuntimeError(f"building the backend='cuda' extension from {sources} failed "
+                           f"({err}); run with TORCH_EXTENSIONS_DIR set to a fresh directory and "
+                           "verbose=True to see the compiler output, or use backend='triton'"
+                           ) from err
+
+
+class _CudaNTXent(torch.autograd.Function):
+    """NT-Xent through the csrc kernels: normalise, row lse (forward); gradient rows, positive
+    term and normalisation backward (backward). Saves zn (input dtype), norms and lse."""
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, temperature):
+        ext = extension()
+        inv_tau = 1.0 / temperature
+        zn, norm, pos_sim = ext.normalize(z_a, z_b)
+        rows = zn.shape[0]
+        lse = ext.lse_rows(zn, 0, rows, inv_tau)
+        # mean over 2N rows of lse_i - S_{i,pos(i)}; each pair's positive appears twice.
+        loss = (lse.sum() - 2.0 * inv_tau * pos_sim.sum()) / rows
+        ctx.save_for_backward(zn, norm, lse)
+        ctx.inv_tau = inv_tau
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        zn, norm, lse = ctx.saved_tensors
+        ext = extension()
+        rows = zn.shape[0]
+        g = ext.grad_rows(zn, lse, 0, rows, ctx.inv_tau)
+        dz = ext.norm_backward(zn, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
+                               ctx.inv_tau / rows)
+        return dz[: rows // 2], dz[rows // 2:], None
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (see `fastcluster_cl.nt_xent`) with the CUDA C++ kernels; returns float32."""
+    _require(z_a.device)
+    if z_a.dtype not in _DTYPES:
+        raise TypeError(f"backend='cuda' takes float32, float16 or bfloat16 inputs (it "
+                        f"accumulates in float32), got {z_a.dtype}; use backend='torch' or "
+                        "'chunked' for float64")
+    if z_b.dtype != z_a.dtype or z_b.shape != z_a.shape or z_b.device != z_a.device:
+        raise ValueError(f"z_a and z_b must share shape, dtype and device, got {tuple(z_a.shape)} "
+                         f"{z_a.dtype} {z_a.device} and {tuple(z_b.shape)} {z_b.dtype} "
+                         f"{z_b.device}")
+    return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
+
+
+cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
+tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
