@@ -45,7 +45,10 @@ def test_cu_compiles(source, arch, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    _run([nvcc, f"-gencode={ARCHS[arch]}", "-O3", "-Werror=all-warnings",
+    # torch's own nvcc flags (no implicit half/bfloat16 conversions), as the JIT build uses them
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    _run([nvcc, f"-gencode={ARCHS[arch]}", "-O3", "-Werror=all-warnings", *COMMON_NVCC_FLAGS,
           "-c", str(source), "-o", str(tmp_path / f"{source.stem}_{arch}.o")])
 
 

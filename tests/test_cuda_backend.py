@@ -112,7 +112,8 @@ def test_autograd_glue_matches_reference(monkeypatch):
 
 # --- GPU: the compiled kernels ---------------------------------------------------------------
 
-# (loss atol, gradient tolerance relative to the largest reference gradient entry)
+# (loss atol, gradient tolerance relative to the largest reference gradient entry) at tau = 0.5;
+# rounding errors of S grow like 1/tau, so `_assert_close_to` widens them for smaller tau.
 TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2),
              torch.bfloat16: (3e-2, 4e-2)}
 SHAPES = [(37, 48), (2, 1), (130, 200), (300, 33)]  # odd sizes, D > BD = 128, many tiles
@@ -125,8 +126,8 @@ def _loss_and_grads(fn, z_a, z_b, *args):
     return loss.detach(), z_a.grad, z_b.grad
 
 
-def _assert_close_to(expected, actual, dtype, what):
-    loss_atol, grad_rel = TOLERANCE[dtype]
+def _assert_close_to(expected, actual, dtype, what, temperature=0.5):
+    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in TOLERANCE[dtype])
     torch.testing.assert_close(actual[0].double(), expected[0].double(), rtol=0, atol=loss_atol,
                                msg=lambda m: f"{what} loss: {m}")
     for e, a in zip(expected[1:], actual[1:]):
@@ -145,7 +146,7 @@ def test_nt_xent_matches_float64_reference(n, d, dtype, temperature):
     assert actual[0].dtype == torch.float32 and actual[1].dtype == dtype
     # reference on the same (rounded) inputs, in float64
     expected = _loss_and_grads(reference.nt_xent, z_a.double(), z_b.double(), temperature)
-    _assert_close_to(expected, actual, dtype, f"cuda {dtype} vs float64 reference")
+    _assert_close_to(expected, actual, dtype, f"cuda {dtype} vs float64 reference", temperature)
 
 
 @pytest.mark.gpu
