@@ -1,6 +1,6 @@
 // torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.cuda_backend builds it).
 //
-// Each function checks its tensors, allocates the outputs and calls one extern "C" launcher of
+// Each function checks its tensors, allocates the outputs and calls the extern "C" launchers of
 // fcl_kernels.h on the current stream. The autograd.Function that composes them lives in
 // fastcluster_cl/cuda_backend.py; the row-range functions are also the building blocks of the
 // distributed path (each rank: its rows against the all-gathered Z and lse).
@@ -48,6 +48,13 @@ void check_float_vector(const at::Tensor& t, const char* name, int64_t length,
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.size(0) == length, name, " must have ", length, " entries, got ", t.size(0));
   TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", zn on ", like.device());
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& like) {
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == like.device() &&
+                  grad_out.scalar_type() == at::kFloat && grad_out.numel() == 1 &&
+                  grad_out.is_contiguous(),
+              "grad_out must be one contiguous float32 on ", like.device());
 }
 
 // Validates zn (m x d) and the row range; returns {m, d}.
@@ -129,10 +136,7 @@ at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at:
                   g.size(1) == d && g.device() == zn.device(),
               "g must be float32 of shape [", row_end - row_start, ", ", d, "] on ", zn.device(),
               ", got ", g.scalar_type(), " ", g.sizes());
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == zn.device() &&
-                  grad_out.scalar_type() == at::kFloat && grad_out.numel() == 1 &&
-                  grad_out.is_contiguous(),
-              "grad_out must be one contiguous float32 on ", zn.device());
+  check_grad_out(grad_out, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
   at::Tensor dz = at::empty({row_end - row_start, d}, zn.options());
   check_launch(fcl_nt_xent_norm_backward(dtype_code(zn), zn.data_ptr(), norm.data_ptr<float>(),
@@ -142,6 +146,85 @@ at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at:
                                          c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_norm_backward");
   return dz;
+}
+
+namespace {
+
+// Validates an n x k assignment matrix; returns {n, k}.
+std::pair<int, int> check_assignments(const at::Tensor& q, const char* name) {
+  check_cuda_tensor(q, name, 2);
+  dtype_code(q);
+  return {checked_int(q.size(0), "rows of q"), checked_int(q.size(1), "columns of q")};
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  check_cuda_tensor(t, name, like.dim());
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
+                  t.device() == like.device(),
+              name, " must match q0 in shape, dtype and device");
+}
+
+}  // namespace
+
+// (loss_rows, f): per-row DEC KL(p_i || q_i) and the column sums f (both fp32).
+std::vector<at::Tensor> dec_forward(const at::Tensor& q) {
+  const auto [n, k] = check_assignments(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor f = at::empty({k}, f32);
+  at::Tensor loss_rows = at::empty({n}, f32);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(fcl_column_sums(dtype_code(q), q.data_ptr(), n, k, f.data_ptr<float>(), stream),
+               "fcl_column_sums");
+  check_launch(fcl_dec_rows(dtype_code(q), q.data_ptr(), f.data_ptr<float>(), n, k,
+                            loss_rows.data_ptr<float>(), stream),
+               "fcl_dec_rows");
+  return {loss_rows, f};
+}
+
+at::Tensor dec_backward(const at::Tensor& q, const at::Tensor& f, const at::Tensor& grad_out,
+                        double factor) {
+  const auto [n, k] = check_assignments(q, "q");
+  check_float_vector(f, "f", k, q);
+  check_grad_out(grad_out, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty_like(q);
+  check_launch(fcl_dec_backward(dtype_code(q), q.data_ptr(), f.data_ptr<float>(), n, k,
+                                grad_out.data_ptr<float>(), static_cast<float>(factor),
+                                dq.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_dec_backward");
+  return dq;
+}
+
+// Per-row KL(q0_i || qa_i) + KL(q0_i || qb_i) (fp32).
+at::Tensor anchor_forward(const at::Tensor& q0, const at::Tensor& qa, const at::Tensor& qb) {
+  const auto [n, k] = check_assignments(q0, "q0");
+  check_like(qa, "q_a", q0);
+  check_like(qb, "q_b", q0);
+  const c10::cuda::CUDAGuard guard(q0.device());
+  at::Tensor loss_rows = at::empty({n}, q0.options().dtype(at::kFloat));
+  check_launch(fcl_anchor_rows(dtype_code(q0), q0.data_ptr(), qa.data_ptr(), qb.data_ptr(), n, k,
+                               loss_rows.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_anchor_rows");
+  return loss_rows;
+}
+
+std::vector<at::Tensor> anchor_backward(const at::Tensor& q0, const at::Tensor& qa,
+                                        const at::Tensor& qb, const at::Tensor& grad_out,
+                                        double factor) {
+  const auto [n, k] = check_assignments(q0, "q0");
+  check_like(qa, "q_a", q0);
+  check_like(qb, "q_b", q0);
+  check_grad_out(grad_out, q0);
+  const c10::cuda::CUDAGuard guard(q0.device());
+  at::Tensor dqa = at::empty_like(qa);
+  at::Tensor dqb = at::empty_like(qb);
+  check_launch(fcl_anchor_backward(dtype_code(q0), q0.data_ptr(), qa.data_ptr(), qb.data_ptr(), n,
+                                   k, grad_out.data_ptr<float>(), static_cast<float>(factor),
+                                   dqa.data_ptr(), dqb.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream()),
+               "fcl_anchor_backward");
+  return {dqa, dqb};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -156,4 +239,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
         py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
         py::arg("grad_out"), py::arg("factor"));
+  m.def("dec_forward", &dec_forward, "per-row DEC loss and column sums f", py::arg("q"));
+  m.def("dec_backward", &dec_backward, "gradient of the DEC loss", py::arg("q"), py::arg("f"),
+        py::arg("grad_out"), py::arg("factor"));
+  m.def("anchor_forward", &anchor_forward, "per-row anchor loss", py::arg("q0"), py::arg("q_a"),
+        py::arg("q_b"));
+  m.def("anchor_backward", &anchor_backward, "gradients of the anchor loss for q_a, q_b",
+        py::arg("q0"), py::arg("q_a"), py::arg("q_b"), py::arg("grad_out"), py::arg("factor"));
 }

@@ -1,6 +1,7 @@
-// C interface of the CUDA twin of the fused NT-Xent (DESIGN.md, "The objective", item 1).
+// C interface of the CUDA twin: the fused NT-Xent (DESIGN.md, "The objective", item 1;
+// csrc/nt_xent.cu) and the DEC / anchor terms (items 3 and 4; csrc/cluster.cu).
 //
-// Z = [z_a; z_b] has m = 2n rows of d features; row i's positive is (i + m/2) mod m. Every
+// NT-Xent: Z = [z_a; z_b] has m = 2n rows of d features; row i's positive is (i + m/2) mod m. Every
 // launcher takes raw device pointers, sizes and a stream, launches asynchronously and returns
 // the cudaError_t of the launch (cudaSuccess == 0). Row-range launchers work on the global rows
 // [row_start, row_end) of the full normalised Z; their per-row inputs and outputs are indexed
@@ -44,6 +45,27 @@ int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start, int
 int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm, const float* g,
                               int m, int d, int row_start, int row_end, const float* grad_out,
                               float factor, void* dz, cudaStream_t stream);
+
+// DEC and anchor terms (csrc/cluster.cu); q, q0, qa, qb: n x k, contiguous, input dtype.
+// f[c] = sum_i q[i][c] (fp32). A distributed caller all-reduces f before fcl_dec_rows.
+int fcl_column_sums(int dtype, const void* q, int n, int k, float* f, cudaStream_t stream);
+
+// loss_rows[i] = KL(p_i || q_i) with the DEC target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j).
+int fcl_dec_rows(int dtype, const void* q, const float* f, int n, int k, float* loss_rows,
+                 cudaStream_t stream);
+
+// dq = -(*grad_out * factor) p / q (p held fixed; 0 where q < FLT_MIN, the clamped log).
+int fcl_dec_backward(int dtype, const void* q, const float* f, int n, int k,
+                     const float* grad_out, float factor, void* dq, cudaStream_t stream);
+
+// loss_rows[i] = KL(q0_i || qa_i) + KL(q0_i || qb_i).
+int fcl_anchor_rows(int dtype, const void* q0, const void* qa, const void* qb, int n, int k,
+                    float* loss_rows, cudaStream_t stream);
+
+// dqa = -(*grad_out * factor) q0 / qa, dqb likewise (q0 held fixed; clamped log as above).
+int fcl_anchor_backward(int dtype, const void* q0, const void* qa, const void* qb, int n, int k,
+                        const float* grad_out, float factor, void* dqa, void* dqb,
+                        cudaStream_t stream);
 
 #ifdef __cplusplus
 }

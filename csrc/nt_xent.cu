@@ -11,20 +11,22 @@
 //            no atomics.
 // The small kernels normalize_kernel and norm_backward_kernel handle the L2 normalisation, the
 // positive pair and the final scaling. See fcl_kernels.h for the launcher contract.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <mma.h>
-
 #include <stdint.h>
 
 #include <type_traits>
 
-#include "fcl_kernels.h"
+#include "common.cuh"
 
 namespace {
 
 using namespace nvcuda;
+using fcl::blocks_for;
+using fcl::dispatch;
+using fcl::from_float;
+using fcl::kFullMask;
+using fcl::to_float;
+using fcl::warp_sum;
 
 constexpr int kThreads = 128;  // 4 warps; each warp owns 16 of the BM rows on the wmma path
 constexpr int kWarps = kThreads / 32;
@@ -34,36 +36,14 @@ constexpr int BK = 32;         // features per step of the S product
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNormEps = 1e-12f;  // as F.normalize
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
 
 constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
 constexpr int max_of(int a, int b) { return a > b ? a : b; }
 
 // Shared-memory layout per element type. Offsets are multiples of 128 bytes and every wmma
-// pointer lands on a 32-byte boundary (rows of 16-bit tiles are padded by 8 elements = 16 bytes,
-// fp32 tiles by 4; padding also spreads rows across banks).
+// pointer lands on a 32-byte boundary: rows of 16-bit tiles are padded by 8 elements (16 bytes),
+// fp32 score/staging tiles by 4 floats, fp32 SIMT operand tiles by 1 float (conflict-free
+// column reads). Padding also spreads rows across banks.
 template <typename T>
 struct Tile {
   static constexpr bool kTensorCores = !std::is_same<T, float>::value;
@@ -380,22 +360,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Calls fn with a value of the element type named by dtype.
-template <typename Fn>
-int dispatch(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case FCL_FLOAT32: return fn(float{});
-    case FCL_FLOAT16: return fn(__half{});
-    case FCL_BFLOAT16: return fn(__nv_bfloat16{});
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
-
 bool valid_rows(int m, int d, int row_start, int row_end) {
   return m >= 2 && d >= 1 && 0 <= row_start && row_start <= row_end && row_end <= m;
 }
-
-int blocks_for(int rows, int per_block) { return (rows + per_block - 1) / per_block; }
 
 }  // namespace
 

@@ -10,10 +10,10 @@ The extension (``csrc/binding.cpp`` + ``csrc/nt_xent.cu``) is built with
 ``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
 directory; importing this module builds nothing and works on CPU-only machines.
 
-The cluster-level contrasts (`cc_cluster_loss`, `tcc_cluster_loss`) run this NT-Xent on their
-2K rows. `student_t`, `dec_loss` and `anchor_loss` are O(N*K) with no N x N matrix to fuse; they
-are the reference functions (plain torch ops on the CUDA tensors), exactly as in the chunked
-backend.
+`dec_loss` and `anchor_loss` run the row kernels of ``csrc/cluster.cu`` (one warp per row,
+deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
+`tcc_cluster_loss`) run this NT-Xent on their 2K rows. `student_t` is the reference function
+(plain torch ops on the CUDA tensors), as in the chunked backend.
 
 Raises:
     RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
@@ -23,6 +23,7 @@ Raises:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import os
 from functools import partial
@@ -31,10 +32,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .losses import reference
-from .losses.reference import anchor_loss, dec_loss, student_t  # noqa: F401  (O(N*K) terms)
+from .losses.reference import student_t  # noqa: F401  (no CUDA C++ kernel: the reference one)
 
-_EXTENSION_NAME = "fastcluster_cl_cuda"
-_SOURCES = ("binding.cpp", "nt_xent.cu")
+_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
+_SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
 
@@ -82,22 +83,29 @@ def _require(device: torch.device) -> None:
 def extension():
     """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
 
-    Exposes the row-range building blocks documented in csrc/fcl_kernels.h: normalize(z_a, z_b),
-    lse_rows(zn, row_start, row_end, inv_tau), grad_rows(zn, lse, row_start, row_end, inv_tau),
-    norm_backward(zn, norm, g, row_start, row_end, grad_out, factor).
+    Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
+    normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau), grad_rows(zn, lse,
+    row_start, row_end, inv_tau), norm_backward(zn, norm, g, row_start, row_end, grad_out,
+    factor), dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
+    anchor_backward(q0, q_a, q_b, grad_out, factor).
     """
     from torch.utils.cpp_extension import load
 
     root = importlib.resources.files("fastcluster_cl.csrc")
     sources = [str(root / name) for name in _SOURCES]
+    # The name carries a digest of every source and header: torch's cache keys on the sources
+    # it is given only, so a changed header must not reuse a stale build.
+    digest = hashlib.sha256()
+    for entry in sorted(root.iterdir(), key=lambda entry: entry.name):
+        if entry.name.endswith(_SOURCE_SUFFIXES):
+            digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    name = f"fastcluster_cl_cuda_{digest.hexdigest()[:16]}"
     try:
-        return load(name=_EXTENSION_NAME, sources=sources, extra_cflags=["-O3"],
+        return load(name=name, sources=sources, extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)
     except (RuntimeError, OSError) as err:
-        raise RuntimeError(f"building the backend='cuda' extension from {sources} failed "
-                           f"({err}); run with TORCH_EXTENSIONS_DIR set to a fresh directory and "
-                           "verbose=True to see the compiler output, or use backend='triton'"
-                           ) from err
+        raise RuntimeError(f"building the backend='cuda' extension from {sources} failed; "
+                           f"use backend='triton' meanwhile. Compiler report: {err}") from err
 
 
 class _CudaNTXent(torch.autograd.Function):
@@ -129,18 +137,73 @@ class _CudaNTXent(torch.autograd.Function):
         return dz[: rows // 2], dz[rows // 2:], None
 
 
+class _CudaDEC(torch.autograd.Function):
+    """DEC loss through csrc/cluster.cu; the target p is recomputed from q and f in backward."""
+
+    @staticmethod
+    def forward(ctx, q):
+        loss_rows, f = extension().dec_forward(q)
+        ctx.save_for_backward(q, f)
+        return loss_rows.sum() / q.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, f = ctx.saved_tensors
+        return extension().dec_backward(q, f, grad_out.float().reshape(1).contiguous(),
+                                        1.0 / q.shape[0])
+
+
+class _CudaAnchor(torch.autograd.Function):
+    """Anchor loss through csrc/cluster.cu; q0 is held fixed (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q0, q_a, q_b):
+        loss_rows = extension().anchor_forward(q0, q_a, q_b)
+        ctx.save_for_backward(q0, q_a, q_b)
+        return loss_rows.sum() / q0.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q0, q_a, q_b = ctx.saved_tensors
+        dq_a, dq_b = extension().anchor_backward(q0, q_a, q_b,
+                                                 grad_out.float().reshape(1).contiguous(),
+                                                 1.0 / q0.shape[0])
+        return None, dq_a, dq_b
+
+
+def _check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Device usable, a kernel dtype, and one shape/dtype/device for all tensors."""
+    first = tensors[0]
+    _require(first.device)
+    if first.dtype not in _DTYPES:
+        raise TypeError(f"backend='cuda' takes float32, float16 or bfloat16 inputs (it "
+                        f"accumulates in float32), got {names[0]} of {first.dtype}; use "
+                        "backend='torch' or 'chunked' for float64")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype or t.shape != first.shape or t.device != first.device:
+            raise ValueError(f"{name} must match {names[0]} in shape, dtype and device, got "
+                             f"{tuple(t.shape)} {t.dtype} {t.device} and {tuple(first.shape)} "
+                             f"{first.dtype} {first.device}")
+
+
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) with the CUDA C++ kernels; returns float32."""
-    _require(z_a.device)
-    if z_a.dtype not in _DTYPES:
-        raise TypeError(f"backend='cuda' takes float32, float16 or bfloat16 inputs (it "
-                        f"accumulates in float32), got {z_a.dtype}; use backend='torch' or "
-                        "'chunked' for float64")
-    if z_b.dtype != z_a.dtype or z_b.shape != z_a.shape or z_b.device != z_a.device:
-        raise ValueError(f"z_a and z_b must share shape, dtype and device, got {tuple(z_a.shape)} "
-                         f"{z_a.dtype} {z_a.device} and {tuple(z_b.shape)} {z_b.dtype} "
-                         f"{z_b.device}")
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
+
+
+def dec_loss(q: torch.Tensor) -> torch.Tensor:
+    """DEC clustering loss (see `fastcluster_cl.dec_loss`) with the CUDA C++ kernels; float32."""
+    _check_inputs(("q",), (q,))
+    return _CudaDEC.apply(q.contiguous())
+
+
+def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """Anchor loss (see `fastcluster_cl.anchor_loss`) with the CUDA C++ kernels; float32."""
+    _check_inputs(("q0", "q_a", "q_b"), (q0, q_a, q_b))
+    return _CudaAnchor.apply(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
 
 
 cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)

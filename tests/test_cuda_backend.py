@@ -95,10 +95,43 @@ class _DenseLaunchers:
                              (rows * u).sum(1, keepdim=True), 0.0)
         return (u - rows * radial) / norm[:, None]
 
+    @staticmethod
+    def dec_forward(q):
+        f = q.sum(0)
+        return reference.kl_rows(reference.dec_target(q), q), f
 
-def test_autograd_glue_matches_reference(monkeypatch):
+    @staticmethod
+    def dec_backward(q, f, grad_out, factor):
+        weight = q.pow(2) / f
+        p = weight / weight.sum(1, keepdim=True)
+        return -grad_out * factor * torch.where(q >= torch.finfo(q.dtype).tiny, p / q, 0.0)
+
+    @staticmethod
+    def anchor_forward(q0, q_a, q_b):
+        return reference.kl_rows(q0, q_a) + reference.kl_rows(q0, q_b)
+
+    @staticmethod
+    def anchor_backward(q0, q_a, q_b, grad_out, factor):
+        tiny = torch.finfo(q0.dtype).tiny
+        return tuple(-grad_out * factor * torch.where(q >= tiny, q0 / q, 0.0) for q in (q_a, q_b))
+
+
+@pytest.fixture
+def dense_launchers(monkeypatch):
     monkeypatch.setattr(cuda_backend, "extension", lambda: _DenseLaunchers)
     monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+
+
+def _assignments(n, k, seed, zeros=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(2.0 * torch.randn(n, k, generator=gen, dtype=torch.float64), dim=1)
+    if zeros:  # exact zeros exercise the clamped log (0 * log 0 terms, zero gradients)
+        q[0, 1] = 0.0
+        q[0] /= q[0].sum()
+    return q
+
+
+def test_autograd_glue_matches_reference(dense_launchers):
     z_a, z_b = (t.double().requires_grad_() for t in _pair(9, 7))
     loss = cuda_backend._CudaNTXent.apply(z_a, z_b, 0.3)  # float64 passes the dense model
     (3.0 * loss).backward()
@@ -108,6 +141,20 @@ def test_autograd_glue_matches_reference(monkeypatch):
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(z_a.grad, r_a.grad)
     torch.testing.assert_close(z_b.grad, r_b.grad)
+
+
+def test_cluster_glue_matches_reference(dense_launchers):
+    q0, q_a, q_b = (_assignments(11, 5, seed).requires_grad_() for seed in range(3))
+    for ours, ref, inputs in [(cuda_backend._CudaDEC.apply, reference.dec_loss, (q_a,)),
+                              (cuda_backend._CudaAnchor.apply, reference.anchor_loss,
+                               (q0.detach(), q_a, q_b))]:
+        loss = ours(*inputs)
+        grads = torch.autograd.grad(2.5 * loss, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
+        expected = ref(*inputs)
+        want = torch.autograd.grad(2.5 * expected, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
+        torch.testing.assert_close(loss, expected)
+        for got, ref_grad in zip(grads, want):
+            torch.testing.assert_close(got, ref_grad)
 
 
 # --- GPU: the compiled kernels ---------------------------------------------------------------
@@ -226,3 +273,29 @@ def test_cluster_losses_match_reference():
     got = cuda_backend.tcc_cluster_loss(*y, *h, *y, 0.8)
     want = reference.tcc_cluster_loss(*(t.double() for t in (*y, *h, *y)), 0.8)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k", [(37, 10), (3, 2), (129, 40)])
+def test_dec_and_anchor_match_float64_reference(n, k, dtype):
+    q0, q_a, q_b = (_assignments(n, k, seed, zeros=seed == 1).to("cuda", dtype)
+                    for seed in range(3))
+    rel = 1e-5  # fp32 arithmetic on the same (rounded) inputs as the float64 reference
+    for name, ours, ref, inputs, wrt in [
+            ("dec", fastcluster_cl.dec_loss, reference.dec_loss, (q_a,), (0,)),
+            ("anchor", fastcluster_cl.anchor_loss, reference.anchor_loss, (q0, q_a, q_b), (1, 2))]:
+        got_in = [t.clone().requires_grad_() for t in inputs]
+        ref_in = [t.double().requires_grad_() for t in inputs]
+        got = ours(*got_in, backend="cuda")
+        want = ref(*ref_in)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel, msg=name)
+        got_grads = torch.autograd.grad(got, [got_in[i] for i in wrt])
+        want_grads = torch.autograd.grad(want, [ref_in[i] for i in wrt])
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == dtype
+            # ours is fp32 math rounded once to the input dtype (subnormals: absolute spacing)
+            atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
+            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps,
+                                       atol=atol, msg=name)
