@@ -227,6 +227,59 @@ std::vector<at::Tensor> anchor_backward(const at::Tensor& q0, const at::Tensor& 
   return {dqa, dqb};
 }
 
+// (q, dist2): Student-t assignment of h (n x f) to centers (k x f), both n x k fp32.
+std::vector<at::Tensor> student_t_forward(const at::Tensor& h, const at::Tensor& centers,
+                                          double alpha) {
+  check_cuda_tensor(h, "h", 2);
+  check_cuda_tensor(centers, "centers", 2);
+  TORCH_CHECK(centers.scalar_type() == h.scalar_type() && centers.device() == h.device() &&
+                  centers.size(1) == h.size(1),
+              "centers must match h in dtype, device and features, got ", centers.sizes(), " ",
+              centers.scalar_type(), " and ", h.sizes(), " ", h.scalar_type());
+  TORCH_CHECK(alpha > 0, "alpha must be > 0, got ", alpha);
+  const int n = checked_int(h.size(0), "rows of h");
+  const int f = checked_int(h.size(1), "features of h");
+  const int k = checked_int(centers.size(0), "rows of centers");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor q = at::empty({n, k}, f32);
+  at::Tensor dist2 = at::empty({n, k}, f32);
+  check_launch(fcl_student_t(dtype_code(h), h.data_ptr(), centers.data_ptr(), n, k, f,
+                             static_cast<float>(alpha), q.data_ptr<float>(),
+                             dist2.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_student_t");
+  return {q, dist2};
+}
+
+// (dh, dcenters) from grad_q = dL/dq (n x k fp32) and the forward's q and dist2.
+std::vector<at::Tensor> student_t_backward(const at::Tensor& h, const at::Tensor& centers,
+                                           const at::Tensor& q, const at::Tensor& dist2,
+                                           const at::Tensor& grad_q, double alpha) {
+  check_cuda_tensor(h, "h", 2);
+  check_cuda_tensor(centers, "centers", 2);
+  const int n = checked_int(h.size(0), "rows of h");
+  const int f = checked_int(h.size(1), "features of h");
+  const int k = checked_int(centers.size(0), "rows of centers");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&dist2, "dist2"}, {&grad_q, "grad_q"}}) {
+    check_cuda_tensor(*t, name, 2);
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->size(0) == n && t->size(1) == k &&
+                    t->device() == h.device(),
+                name, " must be float32 of shape [", n, ", ", k, "] on ", h.device());
+  }
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor w = at::empty({n, k}, q.options());
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor dcenters = at::empty_like(centers);
+  check_launch(fcl_student_t_backward(dtype_code(h), h.data_ptr(), centers.data_ptr(),
+                                      q.data_ptr<float>(), dist2.data_ptr<float>(),
+                                      grad_q.data_ptr<float>(), n, k, f,
+                                      static_cast<float>(alpha), w.data_ptr<float>(),
+                                      dh.data_ptr(), dcenters.data_ptr(),
+                                      c10::cuda::getCurrentCUDAStream()),
+               "fcl_student_t_backward");
+  return {dh, dcenters};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA C++ twin of the fastcluster_cl fused NT-Xent (see csrc/fcl_kernels.h)";
   m.def("normalize", &normalize, "zn, norm, pos_sim of [z_a; z_b]", py::arg("z_a"),
@@ -239,6 +292,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
         py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
         py::arg("grad_out"), py::arg("factor"));
+  m.def("student_t_forward", &student_t_forward, "Student-t assignment q and distances",
+        py::arg("h"), py::arg("centers"), py::arg("alpha"));
+  m.def("student_t_backward", &student_t_backward, "gradients for h and centers", py::arg("h"),
+        py::arg("centers"), py::arg("q"), py::arg("dist2"), py::arg("grad_q"), py::arg("alpha"));
   m.def("dec_forward", &dec_forward, "per-row DEC loss and column sums f", py::arg("q"));
   m.def("dec_backward", &dec_backward, "gradient of the DEC loss", py::arg("q"), py::arg("f"),
         py::arg("grad_out"), py::arg("factor"));

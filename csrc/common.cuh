@@ -35,6 +35,14 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  }
+  return x;
+}
+
 // Calls fn with a value of the element type named by dtype (an FclDtype); returns its result,
 // or cudaErrorInvalidValue for an unknown dtype.
 template <typename Fn>

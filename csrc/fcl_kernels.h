@@ -46,6 +46,18 @@ int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm, cons
                               int m, int d, int row_start, int row_end, const float* grad_out,
                               float factor, void* dz, cudaStream_t stream);
 
+// Student-t assignment (csrc/cluster.cu): h n x f, centers k x f (input dtype, contiguous);
+// q[i][c] = softmax_c(-(alpha+1)/2 log1p(dist2[i][c] / alpha)), dist2[i][c] = ||h_i - mu_c||^2
+// (both n x k, fp32; dist2 is kept for the backward).
+int fcl_student_t(int dtype, const void* h, const void* centers, int n, int k, int f, float alpha,
+                  float* q, float* dist2, cudaStream_t stream);
+
+// dh (n x f) and dcenters (k x f) in the input dtype from grad_q = dL/dq (n x k, fp32); w is an
+// n x k fp32 scratch buffer that receives dL/d dist2.
+int fcl_student_t_backward(int dtype, const void* h, const void* centers, const float* q,
+                           const float* dist2, const float* grad_q, int n, int k, int f,
+                           float alpha, float* w, void* dh, void* dcenters, cudaStream_t stream);
+
 // DEC and anchor terms (csrc/cluster.cu); q, q0, qa, qb: n x k, contiguous, input dtype.
 // f[c] = sum_i q[i][c] (fp32). A distributed caller all-reduces f before fcl_dec_rows.
 int fcl_column_sums(int dtype, const void* q, int n, int k, float* f, cudaStream_t stream);

@@ -10,10 +10,9 @@ The extension (``csrc/binding.cpp`` + ``csrc/nt_xent.cu``) is built with
 ``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
 directory; importing this module builds nothing and works on CPU-only machines.
 
-`dec_loss` and `anchor_loss` run the row kernels of ``csrc/cluster.cu`` (one warp per row,
-deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
-`tcc_cluster_loss`) run this NT-Xent on their 2K rows. `student_t` is the reference function
-(plain torch ops on the CUDA tensors), as in the chunked backend.
+`student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
+row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
+`tcc_cluster_loss`) run this NT-Xent on their 2K rows.
 
 Raises:
     RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
@@ -32,7 +31,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .losses import reference
-from .losses.reference import student_t  # noqa: F401  (no CUDA C++ kernel: the reference one)
 
 _SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -86,7 +84,8 @@ def extension():
     Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
     normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau), grad_rows(zn, lse,
     row_start, row_end, inv_tau), norm_backward(zn, norm, g, row_start, row_end, grad_out,
-    factor), dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
+    factor), student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2,
+    grad_q, alpha), dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
     anchor_backward(q0, q_a, q_b, grad_out, factor).
     """
     from torch.utils.cpp_extension import load
@@ -135,6 +134,25 @@ class _CudaNTXent(torch.autograd.Function):
         dz = ext.norm_backward(zn, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
                                ctx.inv_tau / rows)
         return dz[: rows // 2], dz[rows // 2:], None
+
+
+class _CudaStudentT(torch.autograd.Function):
+    """Student-t assignment through csrc/cluster.cu; saves q and the squared distances."""
+
+    @staticmethod
+    def forward(ctx, h, centers, alpha):
+        q, dist2 = extension().student_t_forward(h, centers, alpha)
+        ctx.save_for_backward(h, centers, q, dist2)
+        ctx.alpha = alpha
+        return q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q):
+        h, centers, q, dist2 = ctx.saved_tensors
+        dh, dcenters = extension().student_t_backward(h, centers, q, dist2,
+                                                      grad_q.float().contiguous(), ctx.alpha)
+        return dh, dcenters, None
 
 
 class _CudaDEC(torch.autograd.Function):
@@ -192,6 +210,17 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     """NT-Xent (see `fastcluster_cl.nt_xent`) with the CUDA C++ kernels; returns float32."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Student-t soft assignment (see `fastcluster_cl.student_t`) with the CUDA C++ kernels;
+    returns float32 (N, K)."""
+    _check_inputs(("h",), (h,))
+    if centers.dtype != h.dtype or centers.device != h.device or centers.shape[1:] != h.shape[1:]:
+        raise ValueError(f"centers must match h in dtype, device and features, got "
+                         f"{tuple(centers.shape)} {centers.dtype} {centers.device} and "
+                         f"{tuple(h.shape)} {h.dtype} {h.device}")
+    return _CudaStudentT.apply(h.contiguous(), centers.contiguous(), float(alpha))
 
 
 def dec_loss(q: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,24 @@ class EmulatedExtension:
             _ptr(grad_out), ctypes.c_float(factor), _ptr(dz), None), "norm_backward")
         return dz
 
+    def student_t_forward(self, h, centers, alpha):
+        (n, f), k = h.shape, centers.shape[0]
+        q, dist2 = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
+        self._check(self.lib.fcl_student_t(DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), n, k, f,
+                                           ctypes.c_float(alpha), _ptr(q), _ptr(dist2), None),
+                    "student_t")
+        return q, dist2
+
+    def student_t_backward(self, h, centers, q, dist2, grad_q, alpha):
+        (n, f), k = h.shape, centers.shape[0]
+        w = torch.full((n, k), float("nan"))
+        dh, dcenters = torch.full_like(h, float("nan")), torch.full_like(centers, float("nan"))
+        self._check(self.lib.fcl_student_t_backward(
+            DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), _ptr(q), _ptr(dist2), _ptr(grad_q), n,
+            k, f, ctypes.c_float(alpha), _ptr(w), _ptr(dh), _ptr(dcenters), None),
+            "student_t_backward")
+        return dh, dcenters
+
     def dec_forward(self, q):
         n, k = q.shape
         f, loss_rows = torch.full((k,), float("nan")), torch.full((n,), float("nan"))
@@ -228,3 +246,26 @@ def test_dec_and_anchor_match_reference(emulated, n, k, dtype):
             assert g.dtype == dtype
             atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
             torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (9, 45, 200, 0.7)])
+def test_student_t_matches_reference(emulated, n, k, f, alpha, dtype):
+    """K = 45 gives lanes two columns each; F = 200 spans two feature slices of the centre
+    gradient. The gradient flows from a weighted sum of q (a generic upstream gradient)."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(n, f, generator=gen).to(dtype)
+    centers = (torch.randn(k, f, generator=gen) * 0.5).to(dtype)
+    weights = torch.randn(n, k, generator=gen)
+    got_in = [t.clone().requires_grad_() for t in (h, centers)]
+    ref_in = [t.double().requires_grad_() for t in (h, centers)]
+    q = cuda_backend.student_t(*got_in, alpha)
+    expected = reference.student_t(*ref_in, alpha)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
+    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
+    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())

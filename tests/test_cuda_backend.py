@@ -299,3 +299,25 @@ def test_dec_and_anchor_match_float64_reference(n, k, dtype):
             atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
             torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps,
                                        atol=atol, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (300, 45, 200, 0.7)])
+def test_student_t_matches_float64_reference(n, k, f, alpha, dtype):
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(n, f, generator=gen).to("cuda", dtype)
+    centers = (torch.randn(k, f, generator=gen) * 0.5).to("cuda", dtype)
+    weights = torch.randn(n, k, generator=gen).cuda()
+    got_in = [t.clone().requires_grad_() for t in (h, centers)]
+    ref_in = [t.double().requires_grad_() for t in (h, centers)]
+    q = fastcluster_cl.student_t(*got_in, alpha, backend="cuda")
+    expected = reference.student_t(*ref_in, alpha)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
+    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
+    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())

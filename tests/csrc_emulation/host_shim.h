@@ -83,6 +83,8 @@ inline void launch(Dim grid, int threads, const std::function<void()>& body) {
 
 inline void __syncthreads() { emu::current->block.arrive_and_wait(); }
 
+inline void __syncwarp() { emu::current->warps[threadIdx.x / 32]->arrive_and_wait(); }
+
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const int t = static_cast<int>(threadIdx.x), warp = t / 32, lane = t % 32;
   auto& barrier = *emu::current->warps[warp];
