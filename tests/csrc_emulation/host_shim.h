@@ -18,7 +18,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
+#include <cstdint>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -39,6 +41,7 @@ struct Block {
 };
 
 inline thread_local Block* current = nullptr;
+inline std::atomic<bool> misaligned{false};  // a wmma pointer or ldm broke the alignment rules
 inline thread_local Dim thread_idx, block_idx;
 inline Dim grid_dim, block_dim;
 
@@ -78,8 +81,12 @@ inline void launch(Dim grid, int threads, const std::function<void()>& body) {
 #define gridDim (emu::grid_dim)
 #define blockDim (emu::block_dim)
 
-// Launch errors cannot happen here; a real cudaGetLastError would need a driver.
-#define cudaGetLastError() cudaSuccess
+// The launch status: misaligned wmma accesses (undefined behaviour on a GPU) are reported as
+// cudaErrorMisalignedAddress; a real cudaGetLastError would need a driver.
+inline cudaError_t emulated_last_error() {
+  return emu::misaligned.exchange(false) ? cudaErrorMisalignedAddress : cudaSuccess;
+}
+#define cudaGetLastError() emulated_last_error()
 
 inline void __syncthreads() { emu::current->block.arrive_and_wait(); }
 
@@ -109,8 +116,17 @@ struct fragment {
   float x[16][16];  // element values (16-bit inputs are exact in float)
 };
 
+// wmma needs 256-bit aligned pointers and ldm a multiple of 16 bytes.
+template <typename T>
+void check_alignment(const T* p, unsigned ldm) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
+    emu::misaligned = true;
+  }
+}
+
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_alignment(p, ldm);
   for (int r = 0; r < 16; ++r) {
     for (int c = 0; c < 16; ++c) {
       const T v = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
@@ -144,6 +160,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 // Collective store: lane 0 of the warp writes (all lanes hold the same fragment).
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
+  check_alignment(p, ldm);
   if (threadIdx.x % 32 != 0) return;
   for (int r = 0; r < 16; ++r) {
     for (int c = 0; c < 16; ++c) {
