@@ -1,12 +1,12 @@
-"""Backend "cuda": the CUDA C++ twin of the fused NT-Xent (csrc/, DESIGN.md "Kernels").
+"""Backend "cuda": the CUDA C++ twin of the fused losses (csrc/, DESIGN.md "Kernels").
 
 For users who cannot or do not want to JIT Triton, and as an independently written second
-implementation that cross-checks the Triton kernels. The kernels in ``csrc/nt_xent.cu`` use
-tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT product for float32;
-the forward is an online log-sum-exp over column tiles and the backward one more row-parallel
-pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
+implementation that cross-checks the Triton kernels. The NT-Xent kernels in ``csrc/nt_xent.cu``
+use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT product for
+float32; the forward is an online log-sum-exp over column tiles and the backward one more
+row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
 
-The extension (``csrc/binding.cpp`` + ``csrc/nt_xent.cu``) is built with
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``) is built with
 ``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
 directory; importing this module builds nothing and works on CPU-only machines.
 
@@ -25,7 +25,6 @@ import functools
 import hashlib
 import importlib.resources
 import os
-from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -82,10 +81,11 @@ def extension():
     """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
 
     Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
-    normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau), grad_rows(zn, lse,
-    row_start, row_end, inv_tau), norm_backward(zn, norm, g, row_start, row_end, grad_out,
-    factor), student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2,
-    grad_q, alpha), dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
+    normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau),
+    grad_rows(zn, lse, row_start, row_end, inv_tau),
+    norm_backward(zn, norm, g, row_start, row_end, grad_out, factor),
+    student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
+    dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
     anchor_backward(q0, q_a, q_b, grad_out, factor).
     """
     from torch.utils.cpp_extension import load
@@ -235,5 +235,5 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return _CudaAnchor.apply(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
 
 
-cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
-tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
+cc_cluster_loss = functools.partial(reference.cc_cluster_loss, instance_loss=nt_xent)
+tcc_cluster_loss = functools.partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
