@@ -5,7 +5,8 @@
 // Student-t: logit_ik = -(alpha+1)/2 log1p(d_ik / alpha), d_ik = ||h_i - mu_k||^2 (summed as
 //   squared differences in fp32, like the reference), q = softmax_k(logit). One warp per row i.
 //   Backward, with G = dL/dq: w_ik = dL/dd_ik
-//   = q_ik (G_ik - sum_j G_ij q_ij) * (-(alpha+1)/2) / (alpha + d_ik) (softmax, log1p), dh_i = 2 (h_i sum_k w_ik - sum_k w_ik mu_k) (one warp per row) and
+//   = q_ik (G_ik - sum_j G_ij q_ij) * (-(alpha+1)/2) / (alpha + d_ik) (softmax, log1p);
+//   dh_i = 2 (h_i sum_k w_ik - sum_k w_ik mu_k) (one warp per row) and
 //   dmu_k = -2 (sum_i w_ik h_i - mu_k sum_i w_ik) (a block per centre and feature slice, looping
 //   over the rows in order: deterministic).
 //
