@@ -96,13 +96,37 @@ std::vector<at::Tensor> normalize(const at::Tensor& z_a, const at::Tensor& z_b) 
   return {zn, norm, pos_sim};
 }
 
+namespace {
+
+// The column split count: `splits` when >= 1, else the launchers' recommendation for this GPU.
+int column_splits(const at::Tensor& zn, int m, int d, int64_t rows, bool backward,
+                  int64_t splits) {
+  if (splits >= 1) return checked_int(splits, "splits");
+  int multiprocessors = 0;
+  check_launch(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                      zn.get_device()),
+               "cudaDeviceGetAttribute");
+  return fcl_nt_xent_splits(dtype_code(zn), m, d, static_cast<int>(rows), backward ? 1 : 0,
+                            multiprocessors);
+}
+
+}  // namespace
+
 // lse of the rows [row_start, row_end) of zn against all rows, excluding the diagonal (fp32).
-at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, double inv_tau) {
+// splits < 1 picks the column split for this GPU (see fcl_nt_xent_splits).
+at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, double inv_tau,
+                    int64_t splits) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
   const c10::cuda::CUDAGuard guard(zn.device());
-  at::Tensor lse = at::empty({row_end - row_start}, zn.options().dtype(at::kFloat));
+  const int64_t rows = row_end - row_start;
+  const auto f32 = zn.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({rows}, f32);
+  if (rows == 0) return lse;
+  const int split = column_splits(zn, m, d, rows, false, splits);
+  at::Tensor workspace = at::empty({split > 1 ? 2 * split * rows : 0}, f32);
   check_launch(fcl_nt_xent_lse(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
-                               static_cast<int>(row_end), static_cast<float>(inv_tau),
+                               static_cast<int>(row_end), static_cast<float>(inv_tau), split,
+                               split > 1 ? workspace.data_ptr<float>() : nullptr,
                                lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_lse");
   return lse;
@@ -110,15 +134,21 @@ at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, do
 
 // g = sum_j (P_ij + P_ji) zn_j for the rows [row_start, row_end), given every row's lse (fp32).
 at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& lse_full, int64_t row_start,
-                     int64_t row_end, double inv_tau) {
+                     int64_t row_end, double inv_tau, int64_t splits) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
   check_float_vector(lse_full, "lse", m, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
-  at::Tensor g = at::empty({row_end - row_start, d}, zn.options().dtype(at::kFloat));
+  const int64_t rows = row_end - row_start;
+  const auto f32 = zn.options().dtype(at::kFloat);
+  at::Tensor g = at::empty({rows, d}, f32);
+  if (rows == 0) return g;
+  const int split = column_splits(zn, m, d, rows, true, splits);
+  at::Tensor workspace = at::empty({split > 1 ? split * rows * d : 0}, f32);
   check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
                                 static_cast<int>(row_end), static_cast<float>(inv_tau),
-                                lse_full.data_ptr<float>(), g.data_ptr<float>(),
-                                c10::cuda::getCurrentCUDAStream()),
+                                lse_full.data_ptr<float>(), split,
+                                split > 1 ? workspace.data_ptr<float>() : nullptr,
+                                g.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_grad");
   return g;
 }
@@ -285,10 +315,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normalize", &normalize, "zn, norm, pos_sim of [z_a; z_b]", py::arg("z_a"),
         py::arg("z_b"));
   m.def("lse_rows", &lse_rows, "masked row log-sum-exp of rows [row_start, row_end)",
-        py::arg("zn"), py::arg("row_start"), py::arg("row_end"), py::arg("inv_tau"));
+        py::arg("zn"), py::arg("row_start"), py::arg("row_end"), py::arg("inv_tau"),
+        py::arg("splits") = 0);
   m.def("grad_rows", &grad_rows, "sum_j (P_ij + P_ji) zn_j of rows [row_start, row_end)",
         py::arg("zn"), py::arg("lse"), py::arg("row_start"), py::arg("row_end"),
-        py::arg("inv_tau"));
+        py::arg("inv_tau"), py::arg("splits") = 0);
   m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
         py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
         py::arg("grad_out"), py::arg("factor"));

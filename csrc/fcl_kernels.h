@@ -26,16 +26,28 @@ enum FclDtype { FCL_FLOAT32 = 0, FCL_FLOAT16 = 1, FCL_BFLOAT16 = 2 };
 int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d, void* zn,
                           float* norm, float* pos_sim, cudaStream_t stream);
 
+// Column splits: the lse and gradient launchers can divide the m columns among `splits` groups
+// of blocks (more blocks when few rows are asked for) and combine the partial results from a
+// caller-provided fp32 workspace, in a fixed order (deterministic for a given split count).
+// Returns the split count recommended for a GPU with `multiprocessors` SMs (backward = 0 for
+// fcl_nt_xent_lse, 1 for fcl_nt_xent_grad). Counts are clamped to [1, column tiles]; 1 needs no
+// workspace.
+int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backward, int multiprocessors);
+
 // lse[i - row_start] = log sum_{k != i, k < m} exp(inv_tau * zn[i] . zn[k]) for the rows
 // [row_start, row_end): online log-sum-exp over column tiles, no m x m buffer. m >= 2.
+// workspace: 2 * splits * (row_end - row_start) floats when splits > 1, else may be NULL.
 int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start, int row_end,
-                    float inv_tau, float* lse, cudaStream_t stream);
+                    float inv_tau, int splits, float* workspace, float* lse,
+                    cudaStream_t stream);
 
 // g[i - row_start] = sum_{j != i} (P_ij + P_ji) zn[j] for the rows [row_start, row_end), with
 // P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full holds all m rows' lse. g is fp32,
 // (row_end - row_start) x d. This is the unscaled contrastive part of dL/dzn (no atomics).
+// workspace: splits * (row_end - row_start) * d floats when splits > 1, else may be NULL.
 int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start, int row_end,
-                     float inv_tau, const float* lse_full, float* g, cudaStream_t stream);
+                     float inv_tau, const float* lse_full, int splits, float* workspace,
+                     float* g, cudaStream_t stream);
 
 // Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * (g - 2 zn_pos),
 // factor = inv_tau / m for the mean loss, then the backward of the L2 normalisation:

@@ -9,6 +9,9 @@
 //            saved lse (S is symmetric), then G += A Z_cols[:, d0:d0+BD]; grid.y splits the
 //            features so that the G accumulator stays in registers. One writer per output row:
 //            no atomics.
+// Column splits (grid.z): when the row blocks alone cannot fill the GPU, each block sweeps only
+// its share of the column tiles and writes a partial result to a workspace (per-row max and sum,
+// or a partial G); merge_lse_kernel / sum_splits_kernel combine the splits in a fixed order.
 // The small kernels normalize_kernel and norm_backward_kernel handle the L2 normalisation, the
 // positive pair and the final scaling. See fcl_kernels.h for the launcher contract.
 #include <mma.h>
@@ -155,16 +158,19 @@ __device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
-               float scale2, float* __restrict__ lse) {
+               float scale2, int cols_per_split, float* __restrict__ lse,
+               float2* __restrict__ partial) {
   using Tr = Tile<T>;
   __shared__ __align__(128) unsigned char smem[Tr::kBytes];
   const float* Ss = reinterpret_cast<const float*>(smem + Tr::kSOffset);
   const int r0 = row_start + blockIdx.x * BM;
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
   const int i = r0 + r;
+  const int c_begin = blockIdx.z * cols_per_split;
+  const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
   // Running max and sum of 2^x over this thread's columns, x = S * log2(e) (base-2 lse).
   float run_max = -INFINITY, run_sum = 0.f;
-  for (int c0 = 0; c0 < m; c0 += BN) {
+  for (int c0 = c_begin; c0 < c_end; c0 += BN) {
     score_tile<T>(zn, m, d, r0, row_end, c0, smem);
     float x[BN / 2];
     float tile_max = -INFINITY;
@@ -184,20 +190,56 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // the next tile overwrites Ss
   }
-  // Merge the two halves of the row. m >= 2 gives every row a column, so max is finite.
+  // Merge the two halves of the row. Over all columns (one split) max is finite since m >= 2;
+  // a split may hold no column of a row (only its diagonal): max -inf, sum 0.
   const float other_max = __shfl_xor_sync(kFullMask, run_max, 1);
   const float other_sum = __shfl_xor_sync(kFullMask, run_sum, 1);
   if (half == 0 && i < row_end) {
     const float mx = fmaxf(run_max, other_max);
-    const float total = run_sum * exp2f(run_max - mx) + other_sum * exp2f(other_max - mx);
-    lse[i - row_start] = (mx + log2f(total)) * kLn2;
+    const float total = mx == -INFINITY ? 0.f
+                        : run_sum * exp2f(run_max - mx) + other_sum * exp2f(other_max - mx);
+    if (gridDim.z == 1) {
+      lse[i - row_start] = (mx + log2f(total)) * kLn2;
+    } else {
+      const int64_t at = (int64_t)blockIdx.z * (row_end - row_start) + (i - row_start);
+      partial[at] = make_float2(mx, total);
+    }
+  }
+}
+
+// lse of each row from the (max, sum) of its column splits, in base 2, combined in split order.
+__global__ void __launch_bounds__(kThreads)
+    merge_lse_kernel(const float2* __restrict__ partial, int rows, int splits,
+                     float* __restrict__ lse) {
+  const int r = blockIdx.x * kThreads + threadIdx.x;
+  if (r >= rows) return;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partial[(int64_t)s * rows + r].x);
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float2 p = partial[(int64_t)s * rows + r];
+    total += p.y * exp2f(p.x - mx);  // p.x = -inf comes with p.y = 0
+  }
+  lse[r] = (mx + log2f(total)) * kLn2;
+}
+
+// out[e] = sum over splits of partial[s][e], in split order.
+__global__ void __launch_bounds__(kThreads)
+    sum_splits_kernel(const float* __restrict__ partial, int64_t count, int splits,
+                      float* __restrict__ out) {
+  for (int64_t e = blockIdx.x * (int64_t)kThreads + threadIdx.x; e < count;
+       e += (int64_t)gridDim.x * kThreads) {
+    float total = 0.f;
+    for (int s = 0; s < splits; ++s) total += partial[s * count + e];
+    out[e] = total;
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
-                float scale2, const float* __restrict__ lse_full, float* __restrict__ g) {
+                float scale2, const float* __restrict__ lse_full, int cols_per_split,
+                float* __restrict__ g_splits) {
   using Tr = Tile<T>;
   constexpr int BD = Tr::BD;
   __shared__ __align__(128) unsigned char smem[Tr::kBytes];
@@ -221,7 +263,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < BD / 16; ++n) wmma::fill_fragment(gfrag[n], 0.f);
   }
 
-  for (int c0 = 0; c0 < m; c0 += BN) {
+  const int c_begin = blockIdx.z * cols_per_split;
+  const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
+  // This split's (row_end - row_start) x d slice of the output (the output itself when unsplit).
+  float* g = g_splits + (int64_t)blockIdx.z * (row_end - row_start) * d;
+  for (int c0 = c_begin; c0 < c_end; c0 += BN) {
     score_tile<T>(zn, m, d, r0, row_end, c0, smem);
     load_tile<T, BD>(Zd, Tr::LDZ, zn, d, c0, m, d0);
     for (int e = threadIdx.x; e < BN; e += kThreads) {
@@ -280,7 +326,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < BM * BD; e += kThreads) {
       const int rr = e / BD, cc = e % BD;
       const int row = r0 + rr, col = d0 + cc;
-      if (row < row_end && col < d) g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc];
+      if (row < row_end && col < d) {
+        g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc];
+      }
     }
   } else {
 #pragma unroll
@@ -364,6 +412,18 @@ bool valid_rows(int m, int d, int row_start, int row_end) {
   return m >= 2 && d >= 1 && 0 <= row_start && row_start <= row_end && row_end <= m;
 }
 
+// Columns per split (a whole number of tiles) and the number of non-empty splits for a request.
+struct Split {
+  int cols, count;
+};
+
+Split split_columns(int m, int requested) {
+  const int tiles = blocks_for(m, BN);
+  const int want = requested < 1 ? 1 : (requested > tiles ? tiles : requested);
+  const int cols = blocks_for(tiles, want) * BN;
+  return {cols, blocks_for(m, cols)};
+}
+
 }  // namespace
 
 extern "C" int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d,
@@ -378,28 +438,60 @@ extern "C" int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b
   });
 }
 
+extern "C" int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backward,
+                                  int multiprocessors) {
+  constexpr int kBlocksPerSm = 4;  // resident blocks per SM the split aims for
+  constexpr int kMinTilesPerSplit = 2;
+  if (m < 2 || d < 1 || rows < 1 || multiprocessors < 1) return 1;
+  const int features = dtype == FCL_FLOAT32 ? Tile<float>::BD : Tile<__half>::BD;
+  const int blocks = blocks_for(rows, BM) * (backward ? blocks_for(d, features) : 1);
+  const int wanted = blocks_for(kBlocksPerSm * multiprocessors, blocks);
+  const int most = blocks_for(blocks_for(m, BN), kMinTilesPerSplit);
+  return split_columns(m, wanted < most ? wanted : most).count;
+}
+
 extern "C" int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start,
-                               int row_end, float inv_tau, float* lse, cudaStream_t stream) {
+                               int row_end, float inv_tau, int splits, float* workspace,
+                               float* lse, cudaStream_t stream) {
   if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
   if (row_end == row_start) return static_cast<int>(cudaSuccess);
+  const Split split = split_columns(m, splits);
+  if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int rows = row_end - row_start;
+  float2* partial = reinterpret_cast<float2*>(workspace);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    lse_kernel<T><<<blocks_for(row_end - row_start, BM), kThreads, 0, stream>>>(
-        static_cast<const T*>(zn), m, d, row_start, row_end, inv_tau * kLog2e, lse);
+    const dim3 grid(blocks_for(rows, BM), 1, split.count);
+    lse_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zn), m, d, row_start,
+                                                  row_end, inv_tau * kLog2e, split.cols, lse,
+                                                  partial);
+    const int launched = static_cast<int>(cudaGetLastError());
+    if (launched != 0 || split.count == 1) return launched;
+    merge_lse_kernel<<<blocks_for(rows, kThreads), kThreads, 0, stream>>>(partial, rows,
+                                                                          split.count, lse);
     return static_cast<int>(cudaGetLastError());
   });
 }
 
 extern "C" int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start,
-                                int row_end, float inv_tau, const float* lse_full, float* g,
-                                cudaStream_t stream) {
+                                int row_end, float inv_tau, const float* lse_full, int splits,
+                                float* workspace, float* g, cudaStream_t stream) {
   if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
   if (row_end == row_start) return static_cast<int>(cudaSuccess);
+  const Split split = split_columns(m, splits);
+  if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int rows = row_end - row_start;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const dim3 grid(blocks_for(row_end - row_start, BM), blocks_for(d, Tile<T>::BD));
-    grad_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zn), m, d, row_start,
-                                                   row_end, inv_tau * kLog2e, lse_full, g);
+    const dim3 grid(blocks_for(rows, BM), blocks_for(d, Tile<T>::BD), split.count);
+    grad_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(zn), m, d, row_start, row_end, inv_tau * kLog2e, lse_full,
+        split.cols, split.count == 1 ? g : workspace);
+    const int launched = static_cast<int>(cudaGetLastError());
+    if (launched != 0 || split.count == 1) return launched;
+    const int64_t count = (int64_t)rows * d;
+    const int blocks = static_cast<int>(count / kThreads < 4096 ? count / kThreads + 1 : 4096);
+    sum_splits_kernel<<<blocks, kThreads, 0, stream>>>(workspace, count, split.count, g);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMULATION = Path(__file__).resolve().parent / "csrc_emulation"
 CUDA_INCLUDE = Path("/usr/local/cuda/include")
-LAUNCH = re.compile(r"(\w+<[^<>;]*>)<<<(.+?),\s*(\w+),\s*0,\s*stream>>>\((.*?)\);", re.DOTALL)
+LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.+?),\s*(\w+),\s*0,\s*stream>>>\((.*?)\);", re.DOTALL)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -74,8 +74,17 @@ def _ptr(t: torch.Tensor):
 class EmulatedExtension:
     """The binding's functions (csrc/binding.cpp) over the emulated launchers, on CPU tensors."""
 
+    multiprocessors = 132  # an H100's SM count drives the automatic column split
+
     def __init__(self, lib):
         self.lib = lib
+
+    def _splits(self, zn, rows, backward, splits):
+        if splits >= 1:
+            return splits
+        m, d = zn.shape
+        return self.lib.fcl_nt_xent_splits(DTYPE_CODES[zn.dtype], m, d, rows, backward,
+                                           self.multiprocessors)
 
     def _check(self, err, name):
         assert err == 0, f"{name} returned {err}"
@@ -89,20 +98,26 @@ class EmulatedExtension:
                     "normalize")
         return zn, norm, pos
 
-    def lse_rows(self, zn, row_start, row_end, inv_tau):
+    def lse_rows(self, zn, row_start, row_end, inv_tau, splits=0):
         m, d = zn.shape
-        lse = torch.full((row_end - row_start,), float("nan"))
+        rows = row_end - row_start
+        splits = self._splits(zn, rows, 0, splits)
+        lse = torch.full((rows,), float("nan"))
+        workspace = torch.full((2 * splits * rows,), float("nan"))
         self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
-                                             row_end, ctypes.c_float(inv_tau), _ptr(lse), None),
-                    "lse")
+                                             row_end, ctypes.c_float(inv_tau), splits,
+                                             _ptr(workspace), _ptr(lse), None), "lse")
         return lse
 
-    def grad_rows(self, zn, lse, row_start, row_end, inv_tau):
+    def grad_rows(self, zn, lse, row_start, row_end, inv_tau, splits=0):
         m, d = zn.shape
-        g = torch.full((row_end - row_start, d), float("nan"))
+        rows = row_end - row_start
+        splits = self._splits(zn, rows, 1, splits)
+        g = torch.full((rows, d), float("nan"))
+        workspace = torch.full((splits * rows * d,), float("nan"))
         self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
                                               row_end, ctypes.c_float(inv_tau), _ptr(lse),
-                                              _ptr(g), None), "grad")
+                                              splits, _ptr(workspace), _ptr(g), None), "grad")
         return g
 
     def norm_backward(self, zn, norm, g, row_start, row_end, grad_out, factor):
@@ -186,10 +201,12 @@ TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2),
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,d,temperature", [(37, 48, 0.5), (33, 150, 0.1), (2, 3, 0.5)])
+@pytest.mark.parametrize("n,d,temperature",
+                         [(37, 48, 0.5), (33, 150, 0.1), (2, 3, 0.5), (100, 40, 0.2)])
 def test_nt_xent_matches_reference(emulated, n, d, temperature, dtype):
     """Two row blocks and column tiles with ragged edges (2N = 74, 66), D over two k-steps and
-    over the gradient's feature split (150 > BD), and a tiny problem (2N = 4, D = 3)."""
+    over the gradient's feature split (150 > BD), a tiny problem (2N = 4, D = 3), and 2N = 200
+    where the automatic column split (132 SMs) divides the columns in two."""
     z_a, z_b = (t.requires_grad_() for t in _pair(n, d, dtype))
     loss = cuda_backend.nt_xent(z_a, z_b, temperature)
     loss.backward(torch.tensor(1.3))
@@ -215,11 +232,37 @@ def test_row_ranges_compose(emulated, dtype):
         torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 2.0), g[start:end])
 
 
-def test_launchers_reject_bad_ranges(lib):
-    zn = torch.zeros(8, 4)
-    out = torch.zeros(8)
-    assert lib.fcl_nt_xent_lse(0, _ptr(zn), 8, 4, 3, 9, ctypes.c_float(1.0), _ptr(out), None) != 0
-    assert lib.fcl_nt_xent_lse(7, _ptr(zn), 8, 4, 0, 8, ctypes.c_float(1.0), _ptr(out), None) != 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_column_splits_match_unsplit(emulated, dtype):
+    """2N = 200 is 4 column tiles: 2, 3 (-> 2 of 2 tiles) and 4 splits, on full and partial
+    row ranges; partial results merge to the unsplit ones up to summation order."""
+    zn, _, _ = emulated.normalize(*_pair(100, 40, dtype))
+    lse = emulated.lse_rows(zn, 0, 200, 3.0, splits=1)
+    g = emulated.grad_rows(zn, lse, 0, 200, 3.0, splits=1)
+    for splits in (2, 3, 4):
+        for start, end in [(0, 200), (70, 75)]:
+            torch.testing.assert_close(emulated.lse_rows(zn, start, end, 3.0, splits),
+                                       lse[start:end])
+            torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 3.0, splits),
+                                       g[start:end])
+
+
+def test_split_recommendation(lib):
+    # dtype, m, d, rows, backward, SMs -> splits
+    assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2        # capped at 2 tiles each
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5     # 128 row blocks
+    assert lib.fcl_nt_xent_splits(2, 8192, 128, 8192, 1, 132) == 5    # one feature slice
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 1, 132) == 3    # fp32: two slices
+    assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1   # enough row blocks
+
+
+def test_launchers_reject_bad_arguments(lib):
+    zn, out = torch.zeros(200, 4), torch.zeros(200)
+    one = ctypes.c_float(1.0)
+    assert lib.fcl_nt_xent_lse(0, _ptr(zn), 8, 4, 3, 9, one, 1, None, _ptr(out), None) != 0
+    assert lib.fcl_nt_xent_lse(7, _ptr(zn), 8, 4, 0, 8, one, 1, None, _ptr(out), None) != 0
+    # a split without a workspace
+    assert lib.fcl_nt_xent_lse(0, _ptr(zn), 200, 4, 0, 200, one, 2, None, _ptr(out), None) != 0
 
 
 def _assignments(n, k, dtype, seed):

@@ -231,6 +231,9 @@ def test_row_ranges_compose(dtype):
     for start, end in [(0, 1), (5, 70), (70, 140), (33, 33), (101, 140)]:
         torch.testing.assert_close(ext.lse_rows(zn, start, end, 2.0), lse[start:end])
         torch.testing.assert_close(ext.grad_rows(zn, lse, start, end, 2.0), g[start:end])
+    for splits in (1, 2, 3):  # explicit column splits agree with the automatic choice
+        torch.testing.assert_close(ext.lse_rows(zn, 0, m, 2.0, splits), lse)
+        torch.testing.assert_close(ext.grad_rows(zn, lse, 0, m, 2.0, splits), g)
     with pytest.raises(RuntimeError, match=r"row range \[3, 141\) is not inside"):
         ext.lse_rows(zn, 3, 141, 2.0)
 

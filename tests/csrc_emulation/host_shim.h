@@ -53,19 +53,21 @@ inline Dim to_dim(dim3 d) { return Dim{d.x, d.y, d.z}; }
 inline void launch(Dim grid, int threads, const std::function<void()>& body) {
   grid_dim = grid;
   block_dim = Dim{static_cast<unsigned>(threads), 1, 1};
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      Block block(threads);
-      std::vector<std::thread> pool;
-      for (int t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-          current = &block;
-          thread_idx = Dim{static_cast<unsigned>(t), 0, 0};
-          block_idx = Dim{bx, by, 0};
-          body();
-        });
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block block(threads);
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            current = &block;
+            thread_idx = Dim{static_cast<unsigned>(t), 0, 0};
+            block_idx = Dim{bx, by, bz};
+            body();
+          });
+        }
+        for (auto& thread : pool) thread.join();
       }
-      for (auto& thread : pool) thread.join();
     }
   }
 }
