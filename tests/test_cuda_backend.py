@@ -163,7 +163,7 @@ def test_cluster_glue_matches_reference(dense_launchers):
 # rounding errors of S grow like 1/tau, so `_assert_close_to` widens them for smaller tau.
 TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2),
              torch.bfloat16: (3e-2, 4e-2)}
-SHAPES = [(37, 48), (2, 1), (130, 200), (300, 33)]  # odd sizes, D > BD = 128, many tiles
+SHAPES = [(37, 48), (2, 3), (130, 200), (300, 33)]  # odd sizes, D > BD = 128, many tiles
 
 
 def _loss_and_grads(fn, z_a, z_b, *args):
@@ -173,8 +173,8 @@ def _loss_and_grads(fn, z_a, z_b, *args):
     return loss.detach(), z_a.grad, z_b.grad
 
 
-def _assert_close_to(expected, actual, dtype, what, temperature=0.5):
-    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in TOLERANCE[dtype])
+def _assert_close_to(expected, actual, dtype, what, temperature=0.5, tolerance=TOLERANCE):
+    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in tolerance[dtype])
     torch.testing.assert_close(actual[0].double(), expected[0].double(), rtol=0, atol=loss_atol,
                                msg=lambda m: f"{what} loss: {m}")
     for e, a in zip(expected[1:], actual[1:]):
@@ -215,7 +215,10 @@ def test_nt_xent_matches_triton(dtype):
         pytest.skip(f"triton backend has no nt_xent: {err}")
     expected = _loss_and_grads(triton_nt_xent, z_a, z_b, 0.5)
     actual = _loss_and_grads(cuda_backend.nt_xent, z_a, z_b, 0.5)
-    _assert_close_to(expected, actual, dtype, f"cuda vs triton {dtype}")
+    # Both carry rounding: twice the bf16 budget; for float32 a tf32-level budget, since
+    # tl.dot may round fp32 operands to tf32 on the GPU (ours is exact fp32).
+    both = {torch.float32: (1e-3, 5e-3), torch.bfloat16: (6e-2, 8e-2)}
+    _assert_close_to(expected, actual, dtype, f"cuda vs triton {dtype}", tolerance=both)
 
 
 @pytest.mark.gpu
