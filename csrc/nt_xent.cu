@@ -418,8 +418,10 @@ struct Split {
 };
 
 Split split_columns(int m, int requested) {
+  constexpr int kMaxSplits = 65535;  // grid.z limit
   const int tiles = blocks_for(m, BN);
-  const int want = requested < 1 ? 1 : (requested > tiles ? tiles : requested);
+  const int most = tiles < kMaxSplits ? tiles : kMaxSplits;
+  const int want = requested < 1 ? 1 : (requested > most ? most : requested);
   const int cols = blocks_for(tiles, want) * BN;
   return {cols, blocks_for(m, cols)};
 }
