@@ -74,13 +74,41 @@ struct Tile {
 };
 
 // dst[r][c] = src[(r0 + r) * d + c0 + c] for r0 + r < r_end and c0 + c < d, else 0; r < 64.
-template <typename T, int WIDTH>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int d,
-                                          int r0, int r_end, int c0) {
-  for (int e = threadIdx.x; e < 64 * WIDTH; e += kThreads) {
-    const int r = e / WIDTH, c = e % WIDTH;
-    const int row = r0 + r, col = c0 + c;
-    dst[r * ld + c] = (row < r_end && col < d) ? src[(int64_t)row * d + col] : from_float<T>(0.f);
+// When rows are 16-byte multiples (d % (16 / sizeof(T)) == 0) and src is 16-byte aligned, each
+// thread moves 16 bytes per load (and per store when LD keeps shared rows 16-byte aligned).
+template <typename T, int WIDTH, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int d, int r0,
+                                          int r_end, int c0) {
+  constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
+  static_assert(WIDTH % V == 0, "tile width must be whole 16-byte vectors");
+  if (d % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+#pragma unroll 2  // bounded: the gradient kernel holds its G accumulator in registers
+    for (int e = threadIdx.x; e < 64 * WIDTH / V; e += kThreads) {
+      const int r = e / (WIDTH / V), c = e % (WIDTH / V) * V;
+      const int row = r0 + r, col = c0 + c;  // col < d implies col + V <= d
+      const bool inside = row < r_end && col < d;
+      if constexpr (LD * sizeof(T) % 16 == 0) {
+        uint4 vec = make_uint4(0u, 0u, 0u, 0u);  // zero bits are +0 in every element type
+        if (inside) vec = *reinterpret_cast<const uint4*>(src + (int64_t)row * d + col);
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = vec;
+      } else {  // the fp32 SIMT tiles (rows padded by one float): 16-byte loads, 4-byte stores
+        static_assert(std::is_same<T, float>::value, "16-bit tiles keep 16-byte rows");
+        float4 vec = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (inside) vec = *reinterpret_cast<const float4*>(src + (int64_t)row * d + col);
+        float* out = dst + r * LD + c;
+        out[0] = vec.x;
+        out[1] = vec.y;
+        out[2] = vec.z;
+        out[3] = vec.w;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < 64 * WIDTH; e += kThreads) {
+      const int r = e / WIDTH, c = e % WIDTH;
+      const int row = r0 + r, col = c0 + c;
+      dst[r * LD + c] =
+          (row < r_end && col < d) ? src[(int64_t)row * d + col] : from_float<T>(0.f);
+    }
   }
 }
 
@@ -99,8 +127,8 @@ __device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r
 #pragma unroll
     for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
     for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK>(As, Tr::LDA, zn, d, r0, r_end, k0);
-      load_tile<T, BK>(Bs, Tr::LDA, zn, d, c0, m, k0);
+      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
+      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
@@ -126,8 +154,8 @@ __device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r
     const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
     float acc[8][4] = {};
     for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK>(As, Tr::LDA, zn, d, r0, r_end, k0);
-      load_tile<T, BK>(Bs, Tr::LDA, zn, d, c0, m, k0);
+      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
+      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < BK; ++kk) {
@@ -269,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
   float* g = g_splits + (int64_t)blockIdx.z * (row_end - row_start) * d;
   for (int c0 = c_begin; c0 < c_end; c0 += BN) {
     score_tile<T>(zn, m, d, r0, row_end, c0, smem);
-    load_tile<T, BD>(Zd, Tr::LDZ, zn, d, c0, m, d0);
+    load_tile<T, BD, Tr::LDZ>(Zd, zn, d, c0, m, d0);
     for (int e = threadIdx.x; e < BN; e += kThreads) {
       lse_col[e] = c0 + e < m ? lse_full[c0 + e] * kLog2e : 0.f;
     }
