@@ -1,17 +1,37 @@
 """Command line: ``fastcluster-cl train | eval | bench | info``.
 
 Exit codes: 0 success; 2 bad arguments (argparse); 1 a run that cannot proceed (missing dataset,
-unreadable or incompatible checkpoint, non-finite loss), reported as one line on stderr.
+unreadable or incompatible checkpoint, non-finite loss), reported as one line on stderr (set
+FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 PROG = "fastcluster-cl"
+
+
+def _number(cast, minimum, strict: bool):
+    """argparse type: `cast` the text and require > minimum (strict) or >= minimum."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value != value:
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
+POS_INT, NONNEG_INT = _number(int, 0, True), _number(int, 0, False)
+POS_FLOAT, NONNEG_FLOAT = _number(float, 0, True), _number(float, 0, False)
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -30,21 +50,21 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="feature extractor (default auto: by image size)")
     p.add_argument("--cifar-stem", dest="cifar_stem", action=argparse.BooleanOptionalAction,
                    default=S, help="ResNet 3x3 stem without max-pool (default: for <= 64 px)")
-    p.add_argument("--num-clusters", dest="num_clusters", type=int, default=S,
+    p.add_argument("--num-clusters", dest="num_clusters", type=_number(int, 2, False), default=S,
                    help="K (default: the number of classes)")
-    p.add_argument("--image-size", dest="image_size", type=int, default=S)
+    p.add_argument("--image-size", dest="image_size", type=POS_INT, default=S)
     p.add_argument("--augment", default=S, help="augmentation preset (default auto)")
-    p.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
+    p.add_argument("--epochs", type=POS_INT, default=S, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 2, False), default=S,
                    help=f"default {d.batch_size}")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"default {d.optimizer}")
-    p.add_argument("--lr", type=float, default=S, help=f"default {d.lr}")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=S)
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S)
-    p.add_argument("--grad-clip", dest="grad_clip", type=float, default=S,
+    p.add_argument("--lr", type=POS_FLOAT, default=S, help=f"default {d.lr}")
+    p.add_argument("--weight-decay", dest="weight_decay", type=NONNEG_FLOAT, default=S)
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S)
+    p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
                    help="max gradient norm (0: off)")
-    p.add_argument("--instance-temperature", dest="instance_temperature", type=float, default=S)
-    p.add_argument("--cluster-temperature", dest="cluster_temperature", type=float, default=S)
+    p.add_argument("--instance-temperature", dest="instance_temperature", type=POS_FLOAT, default=S)
+    p.add_argument("--cluster-temperature", dest="cluster_temperature", type=POS_FLOAT, default=S)
     p.add_argument("--loss-backend", dest="loss_backend", default=S,
                    choices=("auto", "torch", "chunked", "triton", "cuda"))
     p.add_argument("--amp", choices=AMP_MODES, default=S,
@@ -53,11 +73,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model and the loss")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--eval-every", dest="eval_every", type=int, default=S,
+    p.add_argument("--eval-every", dest="eval_every", type=NONNEG_INT, default=S,
                    help="epochs between evaluations (0: at the end only)")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=S,
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=NONNEG_INT, default=S,
                    help="steps between mid-epoch checkpoints (0: at epoch ends only)")
-    p.add_argument("--log-every", dest="log_every", type=int, default=S)
+    p.add_argument("--log-every", dest="log_every", type=POS_INT, default=S)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=S,
                    help="write PNG plots at the end (default on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S,
@@ -78,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     ev.add_argument("--data-root", dest="data_root", default=None)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--batch-size", dest="batch_size", type=int, default=512)
+    ev.add_argument("--batch-size", dest="batch_size", type=POS_INT, default=512)
     ev.add_argument("--out", default=None, help="also write the metrics to OUT/metrics.json")
     bench = sub.add_parser("bench", help="run the benchmarks (fastcluster_cl.bench)")
     try:
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
             RuntimeError) as err:
+        if os.environ.get("FASTCLUSTER_CL_TRACEBACK"):
+            raise
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
