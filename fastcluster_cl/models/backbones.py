@@ -50,7 +50,7 @@ class SmallCNN(nn.Module):
     """Three conv-BN-ReLU stages (widths w, 2w, 4w; the last two downsample by 2) and global
     average pooling: enough for 8x8 to 32x32 images and fast on a CPU."""
 
-    def __init__(self, in_channels: int = 1, width: int = 64):
+    def __init__(self, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
             _conv_bn_relu(in_channels, width),

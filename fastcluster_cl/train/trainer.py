@@ -154,12 +154,11 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 def resolve(config: TrainConfig, dataset) -> TrainConfig:
     """Fill the None / "auto" model settings from the dataset; the result is what checkpoints
     store and resumes compare."""
-    from ..data import default_image_size
     c = copy.deepcopy(config)
     if c.num_clusters is None:
         c.num_clusters = int(dataset.num_classes)
     if c.image_size is None:
-        c.image_size = int(default_image_size(dataset.name))
+        c.image_size = int(dataset.image_size)
     if c.backbone == "auto":
         c.backbone = ("small_cnn" if c.image_size < 32 else
                       "resnet18" if c.image_size <= 64 else "resnet34")
@@ -250,11 +249,12 @@ class Trainer:
 
     @classmethod
     def for_evaluation(cls, config: TrainConfig, state: dict[str, Any],
-                       runtime: Runtime | None = None) -> "Trainer":
-        """A Trainer holding only what `evaluate` needs, with the checkpoint's weights."""
+                       runtime: Runtime | None = None, dataset=None) -> "Trainer":
+        """A Trainer holding only what `evaluate` needs, with the checkpoint's weights; the
+        dataset is loaded by config.dataset unless given."""
         self = cls.__new__(cls)
         self.runtime = runtime or Runtime.create(config.device)
-        self._setup_model(config, None)
+        self._setup_model(config, dataset)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -361,9 +361,10 @@ class Trainer:
         """Cluster-head metrics (nmi, acc, ari) and k-means-on-features metrics."""
         start = time.perf_counter()
         feats, pred, labels = self._features()
-        metrics = {**cluster_metrics(labels, pred),
-                   "kmeans": kmeans_metrics(feats, labels, self.config.num_clusters,
-                                            seed=self.config.seed),
+        known = labels >= 0  # unlabelled images (label -1, STL-10's extra split) are not scored
+        metrics = {**cluster_metrics(labels[known], pred[known]),
+                   "kmeans": kmeans_metrics(feats[known], labels[known],
+                                            self.config.num_clusters, seed=self.config.seed),
                    "eval_seconds": time.perf_counter() - start}
         return metrics, feats, pred, labels
 
