@@ -397,7 +397,15 @@ class Trainer:
                             dynamic_ncols=True)
         with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
             while self.epoch < c.epochs:
-                for batch in self.train_loader.epoch(self.epoch, start_batch=self.batch):
+                batches = self.train_loader.epoch(self.epoch, start_batch=self.batch)
+                while True:
+                    # The loader may draw from torch's global RNG (DataLoader seeds its workers
+                    # from it when an iterator starts); fencing it off keeps the stream the
+                    # model uses (Gumbel noise) identical in resumed and uninterrupted runs.
+                    with torch.random.fork_rng(devices=[]):
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
                     t0 = time.perf_counter()
                     record = self.train_step(batch)
                     dt = time.perf_counter() - t0
