@@ -51,7 +51,7 @@ class TrainConfig:
     projection_dim: int = 128
     hidden_dim: int = 512
     augment: str = "auto"
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 256
     optimizer: str = "adam"
     lr: float = 1e-3
