@@ -73,6 +73,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model and the loss")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=POS_INT, default=S,
+                   help="CPU threads for torch (default: one per core; on a shared machine "
+                   "1 is often faster)")
     p.add_argument("--eval-every", dest="eval_every", type=NONNEG_INT, default=S,
                    help="epochs between evaluations (0: at the end only)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=NONNEG_INT, default=S,

@@ -67,6 +67,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None       # CPU threads for torch ops; None: torch's default
     eval_every: int = 0              # epochs between evaluations; 0: only at the end
     eval_batch_size: int = 512
     checkpoint_every: int = 0        # steps between mid-epoch checkpoints; 0: epoch ends only
@@ -76,8 +77,9 @@ class TrainConfig:
     progress: bool = True
 
     # Settings a resumed run may change; all others must equal the checkpoint's.
-    RESUMABLE = ("device", "out", "eval_every", "eval_batch_size", "checkpoint_every",
-                 "log_every", "plots", "progress", "compile", "data_root", "loss_backend")
+    RESUMABLE = ("device", "threads", "out", "eval_every", "eval_batch_size",
+                 "checkpoint_every", "log_every", "plots", "progress", "compile", "data_root",
+                 "loss_backend")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +115,8 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_clusters is not None and self.num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
 
@@ -185,6 +189,8 @@ class Trainer:
                  resume_from: str | Path | None = None):
         from ..data import make_train_loader
         config.check()
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.runtime = runtime or Runtime.create(config.device)
         self.resume_state = None
         if resume_from is not None:
