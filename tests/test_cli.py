@@ -69,18 +69,15 @@ def test_info_reports_environment(capsys):
 
 def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *TINY[:-2], "--epochs", "2", "--eval-every", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["train", *TINY, "--epochs", "1", "--batch-size", "512", "--threads", "1",
+                 "--out", str(out)]) == 0     # plots are covered by tests/test_trainer.py
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"nmi", "acc", "ari", "kmeans", "timing"} <= set(metrics)
     assert 0 <= metrics["nmi"] <= 1 and metrics["kmeans"]["nmi"] > 0.3   # learns something
-    assert metrics["timing"]["train_seconds"] > 0 and metrics["steps"] == 14
-    for png in ("losses.png", "confusion.png", "embedding.png"):
-        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert metrics["timing"]["train_seconds"] > 0 and metrics["steps"] == 3
     assert list((out / "tensorboard").iterdir())
     steps = read_log(out / "log.jsonl", "step")
-    assert len(steps) == 14 and all(r["images_per_s"] > 0 for r in steps)
-    assert len(read_log(out / "log.jsonl", "eval")) == 2
+    assert len(steps) == 3 and all(r["images_per_s"] > 0 for r in steps)
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     again = json.loads(capsys.readouterr().out)
@@ -92,7 +89,8 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = [*TINY, "--epochs", "2", "--checkpoint-every", "3", "--method", "tcc"]
+    args = [*TINY, "--batch-size", "512", "--epochs", "2", "--checkpoint-every", "2",
+            "--method", "tcc", "--threads", "1"]
     full = run_cli("train", *args, "--out", str(tmp_path / "full"))
     killed_dir = tmp_path / "killed"
     victim = run_cli("train", *args, "--out", str(killed_dir))
@@ -106,7 +104,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     saved = read_log(log, "checkpoint")[-1]
-    assert 0 < saved["batch"] < 7
+    assert 0 < saved["batch"] < 3
     code, _, err = finish(run_cli("train", "--resume", str(killed_dir)))
     assert code == 0, err
     code, _, err = finish(full)
@@ -116,7 +114,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         return [(r["step"], r["loss"]) for r in last_per_step(read_log(run / "log.jsonl",
                                                                       "step"))]
     assert losses(killed_dir) == losses(tmp_path / "full")
-    assert len(losses(killed_dir)) == 14
+    assert len(losses(killed_dir)) == 6
     final = torch.load(killed_dir / "checkpoint.pt", weights_only=True)["model"]
     reference = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     assert final.keys() == reference.keys()
