@@ -72,6 +72,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     train(tiny(tmp_path, epochs=1, plots=False), dataset=blobs())
+    with pytest.raises(ValueError, match="already holds a run; resume it with --resume"):
+        Trainer(tiny(tmp_path, epochs=1), dataset=blobs())
     with pytest.raises(CheckpointError, match=r"hidden_dim=64 \(checkpoint: 32\)"):
         Trainer(tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(),
                 resume_from=tmp_path / "run")

@@ -201,6 +201,9 @@ class Trainer:
             check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
         self.out = Path(config.out) if config.out else default_out_dir()
         config.out = str(self.out)
+        if resume_from is None and (self.out / "log.jsonl").exists():
+            raise ValueError(f"{self.out} already holds a run; resume it with --resume "
+                             f"{self.out} or choose another --out")
         dev = self.runtime.device
         self.train_loader = make_train_loader(
             self.dataset, config.batch_size, image_size=config.image_size,
