@@ -200,7 +200,9 @@ def test_bad_arguments(rgb, digits, monkeypatch):
     with pytest.raises(TypeError, match="ImageDataset"):
         make_train_loader(rgb.images, 4)
     with pytest.raises(ValueError, match="start_batch"):
-        next(make_train_loader(rgb, 4).epoch(0, start_batch=99))
+        make_train_loader(rgb, 4).epoch(0, start_batch=99)  # raised before iterating
+    with pytest.raises(ValueError, match="epoch"):
+        make_train_loader(rgb, 4).epoch(-1)
     with pytest.raises(ValueError, match="crop_scale"):
         AugmentSpec(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="preset"):
@@ -212,3 +214,55 @@ def test_bad_arguments(rgb, digits, monkeypatch):
     cuda = torch.device("cuda")
     assert loader_module.choose_backend("auto", cuda) == ("torchvision",
                                                           "nvidia.dali is not installed")
+
+
+def test_separable_blur_equals_torchvision_2d_blur():
+    from torchvision.transforms.v2 import functional as F
+
+    spec = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                       gray_p=0.0, blur_p=1.0)
+    images = torch.randint(0, 256, (3, 3, 41, 41), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    p = sample_view_params(np.random.default_rng(0), 3, 41, 41, spec)
+    out = torchvision_view(images, p, 41, spec)
+    kernel = spec.blur_kernel(41)
+    assert kernel == 5
+    for i in range(3):
+        ref = F.gaussian_blur(images[i], [kernel, kernel], [float(p.sigma[i])] * 2)
+        assert (out[i].int() - ref.int()).abs().max() <= 1
+    assert (out != images).float().mean() > 0.9
+
+
+def test_backend_choice(monkeypatch):
+    import fastcluster_cl.data.dali as dali_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+
+    def not_probed():
+        raise AssertionError("auto on CPU must not import DALI")
+
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", not_probed)
+    assert loader_module.choose_backend("auto", cpu)[0] == "torchvision"
+    assert loader_module.choose_backend("torchvision", cuda) == ("torchvision", "requested")
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", lambda: None)
+    assert loader_module.choose_backend("auto", cuda)[0] == "dali"
+    assert loader_module.choose_backend("dali", cpu) == ("dali", "requested")
+
+
+def test_backend_is_logged(rgb, caplog):
+    with caplog.at_level("INFO", logger="fastcluster_cl.data.loader"):
+        make_train_loader(rgb, 4)
+    assert "augmentation backend: torchvision (device is cpu" in caplog.text
+
+
+@pytest.mark.parametrize("augment,workers", [("torchvision", 0), ("torchvision", 1),
+                                             ("dali", 0)])
+def test_global_rng_untouched(rgb, augment, workers):
+    """The model's own sampling (e.g. Gumbel noise) uses torch's global RNG: iterating the
+    loader must not advance it, or resumed runs would diverge."""
+    if augment == "dali":
+        pytest.importorskip("nvidia.dali")
+    loader = make_train_loader(rgb, 8, augment=augment, num_workers=workers)
+    before = torch.get_rng_state()
+    assert len(list(loader.epoch(0, start_batch=1))) == 3
+    assert torch.equal(torch.get_rng_state(), before)
