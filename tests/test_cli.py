@@ -123,10 +123,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert resumed_start[0]["step"] == saved["step"]
 
 
-def test_bench_without_module_is_a_clear_error(capsys):
-    try:
-        import fastcluster_cl.bench  # noqa: F401
-        pytest.skip("fastcluster_cl.bench is installed")
-    except ImportError:
-        pass
+def test_bench_without_module_is_a_clear_error(capsys, monkeypatch):
+    import fastcluster_cl
+    monkeypatch.setitem(sys.modules, "fastcluster_cl.bench", None)   # import now fails
+    monkeypatch.delattr(fastcluster_cl, "bench", raising=False)
     assert "fastcluster_cl.bench is not available" in one_line_error(capsys, ["bench"])
+
+
+def test_bench_delegates_its_options(capsys):
+    pytest.importorskip("fastcluster_cl.bench")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: fastcluster-cl bench")
