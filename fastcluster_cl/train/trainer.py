@@ -207,7 +207,7 @@ class Trainer:
         dev = self.runtime.device
         self.train_loader = make_train_loader(
             self.dataset, config.batch_size, image_size=config.image_size,
-            augment=config.augment, device=dev.type, seed=config.seed,
+            augment=config.augment, device=dev, seed=config.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
@@ -243,7 +243,7 @@ class Trainer:
         config = resolve(config, self.dataset)
         dev = self.runtime.device
         self.eval_loader = make_eval_loader(self.dataset, config.eval_batch_size,
-                                            image_size=config.image_size, device=dev.type)
+                                            image_size=config.image_size, device=dev)
         if config.in_channels is None:
             config.in_channels = int(next(iter(self.eval_loader))["clean"].shape[1])
         self.config = config
