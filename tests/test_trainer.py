@@ -101,3 +101,19 @@ def test_torch_compile_matches_eager(tmp_path):
                    out=str(out)), dataset=blobs())
         losses[compiled] = [r["loss"] for r in read_log(out / "log.jsonl", "step")]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_centre_warmup_trains_the_instance_loss_first(tmp_path):
+    torch.set_num_threads(1)
+    metrics = train(tiny(tmp_path, centre_warmup_epochs=1, plots=False), dataset=blobs())
+    log = tmp_path / "run" / "log.jsonl"
+    steps = read_log(log, "step")
+    assert all(set(r) & {"loss_cluster", "loss_anchor"} == set() for r in steps[:3])
+    assert all({"loss_cluster", "loss_anchor"} <= set(r) for r in steps[3:])
+    init = read_log(log, "init_centres")
+    assert len(init) == 1 and init[0]["time"] > steps[2]["time"]
+    evals = read_log(log, "eval")
+    assert "nmi" not in evals[0] and "kmeans_nmi" in evals[0]   # centres not yet set
+    assert "nmi" in evals[1] and 0 <= metrics["nmi"] <= 1
+    with pytest.raises(ValueError, match="anchor method"):
+        TrainConfig(method="cc", centre_warmup_epochs=1).check()

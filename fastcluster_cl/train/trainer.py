@@ -23,7 +23,7 @@ import torch
 
 from ..metrics import cluster_metrics, kmeans_metrics
 from ..models import RESNETS, build_model, method_loss_inputs
-from ..modules import ClusterContrastiveLoss
+from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
 from ..validation import value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import RunLogger, last_per_step, read_log
@@ -59,6 +59,8 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     min_lr_factor: float = 0.0
     grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
+    centre_warmup_epochs: int = 0    # anchor: epochs of instance loss only before the k-means
+                                     # initialisation of the centres (DEC-style pretraining)
     instance_temperature: float = 0.5
     cluster_temperature: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -115,6 +117,12 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.centre_warmup_epochs and self.method != "anchor":
+            raise ValueError("centre_warmup_epochs applies to the anchor method (centre head) "
+                             "only")
+        if not 0 <= self.centre_warmup_epochs < self.epochs:
+            raise ValueError(f"centre_warmup_epochs must be in [0, epochs={self.epochs}), got "
+                             f"{self.centre_warmup_epochs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_clusters is not None and self.num_clusters < 2:
@@ -223,6 +231,7 @@ class Trainer:
                                        round(config.warmup_epochs * self.steps_per_epoch),
                                        total, config.min_lr_factor)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        self.instance_loss = NTXentLoss(config.instance_temperature, config.loss_backend)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
         self.epoch, self.batch, self.step = 0, 0, 0
@@ -314,15 +323,21 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on a two-view (plus clean view for anchor) batch."""
         anchor = self.config.method == "anchor"
-        views = ("a", "b", "clean") if anchor else ("a", "b")
+        # Before the centres are initialised (centre warmup) only the instance loss trains.
+        warmup = not bool(getattr(self.model.cluster_head, "initialised", True))
+        views = ("a", "b", "clean") if anchor and not warmup else ("a", "b")
         x = self._inputs(batch, views)
         n = batch["a"].shape[0]
         with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
             out = self.forward(x)
             split = [{k: v[i * n:(i + 1) * n] for k, v in out.items()} for i in range(len(views))]
-            inputs = method_loss_inputs(self.model, self.config.method, *split)
-            loss = self.loss_fn(split[0]["z"], split[1]["z"], **inputs)
+            if warmup:
+                instance = self.instance_loss(split[0]["z"], split[1]["z"])
+                loss = LossOutput(instance, {"instance": instance})
+            else:
+                inputs = method_loss_inputs(self.model, self.config.method, *split)
+                loss = self.loss_fn(split[0]["z"], split[1]["z"], **inputs)
         total = loss.total.float()
         if not torch.isfinite(total):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss.parts.items())
@@ -371,7 +386,9 @@ class Trainer:
         start = time.perf_counter()
         feats, pred, labels = self._features()
         known = labels >= 0  # unlabelled images (label -1, STL-10's extra split) are not scored
-        metrics = {**cluster_metrics(labels[known], pred[known]),
+        # no cluster-head metrics while the centres await their initialisation
+        head = cluster_metrics(labels[known], pred[known]) if pred is not None else {}
+        metrics = {**head,
                    "kmeans": kmeans_metrics(feats[known], labels[known],
                                             self.config.num_clusters, seed=self.config.seed),
                    "eval_seconds": time.perf_counter() - start}
@@ -397,7 +414,6 @@ class Trainer:
                         optimizer=optimizer_description(self.optimizer),
                         loader_backend=getattr(self.train_loader, "backend", None),
                         amp=str(self.amp_dtype), steps_per_epoch=self.steps_per_epoch)
-        self.init_centres()
         progress = None
         if main and c.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -406,6 +422,8 @@ class Trainer:
                             dynamic_ncols=True)
         with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
             while self.epoch < c.epochs:
+                if self.epoch >= c.centre_warmup_epochs:
+                    self.init_centres()
                 batches = self.train_loader.epoch(self.epoch, start_batch=self.batch)
                 while True:
                     # The loader may draw from torch's global RNG (DataLoader seeds its workers
