@@ -1,0 +1,219 @@
+"""gather_distributed: two gloo processes on CPU against one process on the concatenated batch.
+
+Convention checked (lightly's, DDP-exact): the mean over ranks of the returned losses equals the
+single-process loss, and each rank's gradient for its rows equals world_size times the
+single-process gradient for those rows. All in float64.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcluster_cl.functional as FL
+from fastcluster_cl import ClusterContrastiveLoss, NTXentLoss, distributed
+from fastcluster_cl.losses import chunked, gathered, reference
+
+WORLD = 2
+N, D, K, F = 5, 7, 4, 6  # rows per rank, projection dim, clusters, features (not block multiples)
+
+
+def _inputs(spec: dict[str, tuple[int, int]], rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+            for name, (cols, _) in spec.items()}
+
+
+def _blocked(block: int):
+    return (partial(chunked.masked_lse_rows, block=block), partial(chunked.grad_rows, block=block))
+
+
+def _single_cc_module(method):
+    return ClusterContrastiveLoss(method, backend="torch")
+
+
+def _anchor_inputs(x):
+    return dict(q0=torch.softmax(x["l0"], 1), q_a=torch.softmax(x["la"], 1),
+                q_b=torch.softmax(x["lb"], 1))
+
+
+# name -> (input columns, rank-local loss, single-process loss on the concatenated batch)
+CASES = {
+    "nt_xent_torch": (
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: FL.nt_xent(x["za"], x["zb"], 0.5, backend="torch", gather_distributed=True),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.5)),
+    "nt_xent_chunked": (
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: NTXentLoss(0.5, backend="chunked", gather_distributed=True)(x["za"], x["zb"]),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.5)),
+    "nt_xent_chunked_block3": (
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: gathered.nt_xent_rows(x["za"], x["zb"], 0.3, *_blocked(3)),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.3)),
+    "nt_xent_chunked_low_tau": (  # 2/tau > 700: the online logsumexp path
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: gathered.nt_xent_rows(x["za"], x["zb"], 0.002, *_blocked(4)),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.002)),
+    "cc_cluster": (
+        {"la": (K, 0), "lb": (K, 0)},
+        lambda x: FL.cc_cluster_loss(x["la"], x["lb"], 0.7, backend="chunked",
+                                     gather_distributed=True),
+        lambda x: reference.cc_cluster_loss(x["la"], x["lb"], 0.7)),
+    "dec": (
+        {"l": (K, 0)},
+        lambda x: FL.dec_loss(torch.softmax(x["l"], 1), gather_distributed=True),
+        lambda x: reference.dec_loss(torch.softmax(x["l"], 1))),
+    "tcc_cluster": (
+        {"ya": (K, 0), "yb": (K, 0), "ha": (F, 0), "hb": (F, 0), "la": (K, 0), "lb": (K, 0)},
+        lambda x: gathered.tcc_cluster_loss(
+            torch.softmax(x["ya"], 1), torch.softmax(x["yb"], 1), x["ha"], x["hb"],
+            torch.softmax(x["la"], 1), torch.softmax(x["lb"], 1), 0.8, "chunked"),
+        lambda x: reference.tcc_cluster_loss(
+            torch.softmax(x["ya"], 1), torch.softmax(x["yb"], 1), x["ha"], x["hb"],
+            torch.softmax(x["la"], 1), torch.softmax(x["lb"], 1), 0.8)),
+    "module_cc": (
+        {"za": (D, 0), "zb": (D, 0), "la": (K, 0), "lb": (K, 0)},
+        lambda x: ClusterContrastiveLoss("cc", backend="chunked", gather_distributed=True)(
+            x["za"], x["zb"], logits_a=x["la"], logits_b=x["lb"]).total,
+        lambda x: _single_cc_module("cc")(x["za"], x["zb"], logits_a=x["la"],
+                                          logits_b=x["lb"]).total),
+    "module_anchor": (
+        {"za": (D, 0), "zb": (D, 0), "l0": (K, 0), "la": (K, 0), "lb": (K, 0)},
+        lambda x: ClusterContrastiveLoss("anchor", backend="chunked", gather_distributed=True)(
+            x["za"], x["zb"], **_anchor_inputs(x)).total,
+        lambda x: _single_cc_module("anchor")(x["za"], x["zb"], **_anchor_inputs(x)).total),
+}
+# Cluster statistics are all-reduced with the row count, so ranks may hold different batches.
+UNEQUAL_ROWS = {"dec": (3, 7), "cc_cluster": (6, 4)}
+
+
+def _rows(case: str) -> tuple[int, ...]:
+    return UNEQUAL_ROWS.get(case, (N,) * WORLD)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        results = {}
+        for name, (spec, local_loss, _) in CASES.items():
+            rows = _rows(name)
+            start = sum(rows[:rank])
+            x = {k: v[start:start + rows[rank]].clone().requires_grad_()
+                 for k, v in _inputs(spec, sum(rows)).items()}
+            loss = local_loss(x)
+            grads = torch.autograd.grad(loss, list(x.values()))
+            results[name] = (loss.detach(), dict(zip(x, grads)))
+        # Unequal batches cannot be gathered row-wise: both ranks must raise, not hang.
+        z = torch.randn(4 + rank, D, dtype=torch.float64)
+        try:
+            FL.nt_xent(z, z, backend="chunked", gather_distributed=True)
+            results["unequal_error"] = None
+        except ValueError as err:
+            results["unequal_error"] = str(err)
+        results["world"] = (distributed.world_size(), distributed.rank(),
+                            distributed.is_main_process())
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_single_process(rank_results, case):
+    spec, _, single_loss = CASES[case]
+    x = {k: v.requires_grad_() for k, v in _inputs(spec, sum(_rows(case))).items()}
+    expected = single_loss(x)
+    expected_grads = torch.autograd.grad(expected, list(x.values()))
+    losses = torch.stack([r[case][0] for r in rank_results])
+    torch.testing.assert_close(losses.mean(), expected.detach(), rtol=1e-10, atol=1e-12)
+    for name, grad in zip(x, expected_grads):
+        got = torch.cat([r[case][1][name] for r in rank_results])
+        torch.testing.assert_close(got, WORLD * grad, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"d/d{name}: {m}")
+
+
+def test_per_rank_values_differ_for_nt_xent(rank_results):
+    # Each rank returns the mean over its own rows, not the global value.
+    a, b = (r["nt_xent_chunked"][0] for r in rank_results)
+    assert abs(float(a - b)) > 1e-6
+
+
+def test_unequal_rows_raise_on_every_rank(rank_results):
+    for r in rank_results:
+        assert r["unequal_error"] is not None and "same number of rows" in r["unequal_error"]
+        assert "[4, 5]" in r["unequal_error"]
+
+
+def test_rank_helpers(rank_results):
+    assert [r["world"] for r in rank_results] == [(2, 0, True), (2, 1, False)]
+
+
+# ---- one process: the helpers act as world size 1 ----
+
+def test_without_process_group_world_is_one():
+    assert not distributed.is_initialized()
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main_process()) == \
+        (1, 0, True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_gather_flag_without_group_is_plain_loss(backend):
+    x = _inputs({"za": (D, 0), "zb": (D, 0), "la": (K, 0), "lb": (K, 0)}, 9, seed=1)
+    plain, gather = (ClusterContrastiveLoss("cc", backend=backend, gather_distributed=flag)(
+        x["za"], x["zb"], logits_a=x["la"], logits_b=x["lb"]).total for flag in (False, True))
+    torch.testing.assert_close(gather, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tau,block", [(0.5, 3), (0.5, 64), (0.002, 5)])
+def test_gathered_function_world_one_matches_reference(tau, block):
+    x = {k: v.requires_grad_() for k, v in _inputs({"za": (D, 0), "zb": (D, 0)}, 11).items()}
+    got = gathered.nt_xent_rows(x["za"], x["zb"], tau, *_blocked(block))
+    want = reference.nt_xent(x["za"], x["zb"], tau)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, list(x.values())),
+                    torch.autograd.grad(want, list(x.values()))):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("start,end", [(0, 22), (3, 9), (10, 17), (21, 22)])
+def test_chunked_row_primitives_match_dense(start, end):
+    zn = torch.nn.functional.normalize(torch.randn(22, D, dtype=torch.float64), dim=1)
+    inv_tau = 1 / 0.4
+    s = zn @ zn.T * inv_tau
+    s_masked = s.masked_fill(torch.eye(22, dtype=torch.bool), float("-inf"))
+    lse = torch.logsumexp(s_masked, 1)
+    torch.testing.assert_close(chunked.masked_lse_rows(zn, start, end, inv_tau, block=4),
+                               lse[start:end])
+    p = torch.exp(s_masked - lse[:, None])
+    pos = (torch.arange(22) + 11) % 22
+    want = (p + p.T) @ zn - 2 * zn[pos]
+    torch.testing.assert_close(chunked.grad_rows(zn, lse, start, end, inv_tau, block=4),
+                               want[start:end])
+
+
+def test_row_primitives_reject_bad_ranges():
+    zn = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="non-empty range"):
+        chunked.masked_lse_rows(zn, 4, 7, 2.0)
+    with pytest.raises(ValueError, match="one value per row"):
+        chunked.grad_rows(zn, torch.zeros(5), 0, 3, 2.0)
