@@ -10,6 +10,8 @@ concatenated batch.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -66,24 +68,126 @@ def gather_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:half] for p in parts] + [p[half:] for p in parts])
 
 
-def gather_rows_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather (n, ...) into (Wn, ...) in rank order, differentiably: the backward sums each
-    rank's gradient for the gathered rows and hands every rank the part for its own rows."""
-    if world_size() == 1:
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks as well."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
         return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x.contiguous()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather in rank order; the backward sums every rank's gradient for the gathered
+    rows (one all-reduce, as gloo has no reduce-scatter) and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_rows_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather (n, ...) into (Wn, ...) in rank order, differentiably: a rank's input gets
+    the sum over ranks of the gradients for its rows."""
+    return x if world_size() == 1 else _GatherRows.apply(x)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks. Differentiable when x requires grad (the backward all-reduces the
-    incoming gradient), so a loss computed identically on every rank from global statistics
-    gives each rank world_size times its share of the single-process gradient."""
+    """Sum over ranks. Differentiable: the backward all-reduces the incoming gradient, so a
+    loss computed identically on every rank from global statistics gives each rank world_size
+    times its share of the single-process gradient."""
+    return x if world_size() == 1 else _AllReduceSum.apply(x)
+
+
+# ---- training under torchrun ----
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) export WORLD_SIZE, RANK, LOCAL_RANK."""
+    return all(key in os.environ for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+
+
+def setup(device: str | torch.device | None = None) -> torch.device:
+    """Initialise the default process group from torchrun's environment and pick this rank's
+    device; without torchrun, return `device` (default: cuda if available, else cpu).
+
+    Under torchrun the device is cuda:LOCAL_RANK with the NCCL backend when CUDA is available,
+    else the CPU with gloo; passing a device of the other kind raises. Idempotent."""
+    if not launched_by_torchrun():
+        return torch.device(device if device is not None else
+                            ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() if device is None else \
+        torch.device(device).type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested under torchrun but CUDA is unavailable")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                               "GPUs: pass --nproc_per_node <= the GPU count to torchrun")
+        local = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local)
+    else:
+        local = torch.device("cpu")
+    if not is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
+                                device_id=local if use_cuda else None)
+    return local
+
+
+def cleanup() -> None:
+    """Destroy the default process group if one exists (end of training)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device,
+               sync_batchnorm: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel over the ranks (the model unchanged with one rank).
+
+    sync_batchnorm converts BatchNorm layers to SyncBatchNorm (statistics over the global batch;
+    torch supports it on CUDA devices only)."""
     if world_size() == 1:
-        return x
-    if x.requires_grad:
-        from torch.distributed.nn.functional import all_reduce
-        return all_reduce(x)
-    x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x)
-    return x
+        return model
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                             "kernel); drop --sync-bn for CPU runs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (what checkpoints store, so they load on any world size)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def local_batch_size(global_batch: int) -> int:
+    """Rows per rank for a global batch split evenly over the ranks (raises when it does not
+    divide: the distributed losses need equal local batches)."""
+    w = world_size()
+    if global_batch % w:
+        raise ValueError(f"batch size {global_batch} is the global batch and must be divisible "
+                         f"by the world size {w}")
+    return global_batch // w
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_initialized():
+        dist.barrier()

@@ -12,7 +12,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcluster_cl.functional as FL
@@ -97,6 +96,45 @@ def _rows(case: str) -> tuple[int, ...]:
     return UNEQUAL_ROWS.get(case, (N,) * WORLD)
 
 
+# DDP end to end: a few SGD steps of a tiny two-head model, parameters vs one process.
+
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(3)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh())
+            self.proj, self.cluster = torch.nn.Linear(6, 4), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.proj(h), self.cluster(h)
+
+    return TwoHeads().double()
+
+
+def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """SGD on a fixed stream of global batches; this rank takes its contiguous share."""
+    model = distributed.wrap_model(_tiny_model(), torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    crit = ClusterContrastiveLoss("cc", backend="chunked", gather_distributed=True)
+    gen = torch.Generator().manual_seed(5)
+    n = distributed.local_batch_size(GLOBAL_BATCH)
+    for _ in range(STEPS):
+        x_a, x_b = (torch.randn(GLOBAL_BATCH, 5, generator=gen, dtype=torch.float64)
+                    for _ in range(2))
+        (z_a, c_a), (z_b, c_b) = model(x_a[rank * n:(rank + 1) * n]), \
+            model(x_b[rank * n:(rank + 1) * n])
+        opt.zero_grad()
+        crit(z_a, z_b, logits_a=c_a, logits_b=c_b).total.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in distributed.unwrap_model(model).state_dict().items()}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,11 +142,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank, set up as torchrun would (env://); runs every case once, saves the results."""
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    device = distributed.setup("cpu")
     try:
-        results = {}
+        results = {"setup": (distributed.launched_by_torchrun(), str(device))}
         for name, (spec, local_loss, _) in CASES.items():
             rows = _rows(name)
             start = sum(rows[:rank])
@@ -126,9 +166,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["unequal_error"] = str(err)
         results["world"] = (distributed.world_size(), distributed.rank(),
                             distributed.is_main_process())
+        results["params"] = _train(rank, WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +207,7 @@ def test_unequal_rows_raise_on_every_rank(rank_results):
 
 def test_rank_helpers(rank_results):
     assert [r["world"] for r in rank_results] == [(2, 0, True), (2, 1, False)]
+    assert [r["setup"] for r in rank_results] == [(True, "cpu")] * WORLD
 
 
 # ---- one process: the helpers act as world size 1 ----
@@ -217,3 +259,23 @@ def test_row_primitives_reject_bad_ranges():
         chunked.masked_lse_rows(zn, 4, 7, 2.0)
     with pytest.raises(ValueError, match="one value per row"):
         chunked.grad_rows(zn, torch.zeros(5), 0, 3, 2.0)
+
+
+def test_ddp_steps_match_single_process(rank_results):
+    single = _train(0, 1)
+    initial = _tiny_model().state_dict()
+    for rank, result in enumerate(rank_results):
+        for name, value in single.items():
+            assert not torch.allclose(value, initial[name])  # training moved every tensor
+            torch.testing.assert_close(result["params"][name], value, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_helpers_without_torchrun(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    model = torch.nn.Linear(2, 2)
+    assert distributed.setup("cpu") == torch.device("cpu") and not distributed.is_initialized()
+    assert distributed.local_batch_size(6) == 6
+    assert distributed.wrap_model(model, torch.device("cpu")) is model
+    assert distributed.unwrap_model(model) is model
