@@ -1,0 +1,114 @@
+"""Bad input gives a clear error naming the problem, never a NaN loss."""
+import math
+
+import pytest
+import torch
+
+import fastcluster_cl as fc
+from fastcluster_cl.validation import value_checks
+
+
+def z(n=4, d=3, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, math.inf, math.nan])
+def test_nt_xent_rejects_bad_temperature(tau):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        fc.nt_xent(z(), z(), tau)
+
+
+def test_temperature_type_is_checked():
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        fc.nt_xent(z(), z(), "0.5")
+
+
+@pytest.mark.parametrize("a,b,match", [
+    (z(4, 3), z(5, 3), "the views must match"),
+    (z(4, 3), z(4, 2), "the views must match"),
+    (torch.randn(4), torch.randn(4), "must be 2-D"),
+    (z(1, 3), z(1, 3), "at least 2 rows"),
+    (z(0, 3), z(0, 3), "an empty batch"),
+    (z(4, 0), z(4, 0), "at least 1 columns"),
+])
+def test_nt_xent_rejects_bad_shapes(a, b, match):
+    with pytest.raises(ValueError, match=match):
+        fc.nt_xent(a, b)
+
+
+def test_mixed_dtypes_and_integer_inputs():
+    with pytest.raises(TypeError, match="cast them to one dtype"):
+        fc.nt_xent(z(), z(dtype=torch.float64))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        fc.nt_xent(torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64))
+
+
+def test_mixed_devices():
+    meta = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="move them to one device"):
+        fc.nt_xent(z(), meta)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs_raise(bad):
+    a = z()
+    a[1, 2] = bad
+    with pytest.raises(ValueError, match="z_a contains NaN or inf"):
+        fc.nt_xent(a, z())
+    with pytest.raises(ValueError, match="logits_b contains NaN or inf"):
+        fc.cc_cluster_loss(z(), a)
+
+
+def test_value_checks_can_be_disabled():
+    a = z()
+    a[0, 0] = math.nan
+    with value_checks(False):
+        assert torch.isnan(fc.nt_xent(a, z(), backend="torch"))
+    with pytest.raises(ValueError):
+        fc.nt_xent(a, z())
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fc.nt_xent(z(), z(), backend="fast")
+
+
+def test_cluster_losses_need_two_clusters():
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        fc.cc_cluster_loss(z(4, 1), z(4, 1))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fc.student_t(z(4, 3), z(1, 3))
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        fc.dec_loss(torch.ones(4, 1))
+
+
+def test_student_t_checks():
+    with pytest.raises(ValueError, match="features but centers have"):
+        fc.student_t(z(4, 3), z(2, 5))
+    with pytest.raises(ValueError, match="alpha must be"):
+        fc.student_t(z(4, 3), z(2, 3), alpha=0)
+
+
+def test_probabilities_are_checked():
+    q = torch.softmax(z(4, 3), 1)
+    with pytest.raises(ValueError, match="must hold probabilities"):
+        fc.dec_loss(z(4, 3))
+    with pytest.raises(ValueError, match="must hold probabilities"):
+        fc.anchor_loss(q, q, q * 2)
+    with pytest.raises(ValueError, match="the views must match"):
+        fc.anchor_loss(q, q, q[:3])
+
+
+def test_tcc_checks_rows_and_gumbel_tau():
+    c, h = z(4, 3), z(5, 6)
+    with pytest.raises(ValueError, match="h_a has 5 rows but logits_a has 4"):
+        fc.tcc_cluster_loss(c, c, h, h)
+    with pytest.raises(ValueError, match="gumbel_tau"):
+        fc.tcc_cluster_loss(c, c, z(4, 6), z(4, 6), gumbel_tau=0.0)
+
+
+def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
+    from fastcluster_cl.losses import dispatch
+    monkeypatch.setitem(dispatch._MODULES, "cuda", "fastcluster_cl.metrics")  # no nt_xent there
+    with pytest.raises(NotImplementedError, match="has no nt_xent"):
+        fc.nt_xent(z(), z(), backend="cuda")
