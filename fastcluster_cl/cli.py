@@ -1,0 +1,227 @@
+"""Command line: ``fastcluster-cl train | eval | bench | info``.
+
+Exit codes: 0 success; 2 bad arguments (argparse); 1 a run that cannot proceed (missing dataset,
+unreadable or incompatible checkpoint, non-finite loss), reported as one line on stderr (set
+FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+PROG = "fastcluster-cl"
+
+
+def _number(cast, minimum, strict: bool):
+    """argparse type: `cast` the text and require > minimum (strict) or >= minimum."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or value != value:
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
+POS_INT, NONNEG_INT = _number(int, 0, True), _number(int, 0, False)
+POS_FLOAT, NONNEG_FLOAT = _number(float, 0, True), _number(float, 0, False)
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    """Options of `train`. Defaults are SUPPRESSed so a resume can tell what was given."""
+    from .train.trainer import AMP_MODES, TrainConfig
+    from .models import BACKBONES, METHOD_HEADS
+    from .train.optim import OPTIMIZERS
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+    p.add_argument("--dataset", default=S, help=f"dataset name (default {d.dataset})")
+    p.add_argument("--data-root", dest="data_root", default=S,
+                   help="directory holding the dataset files (on-disk datasets)")
+    p.add_argument("--method", choices=tuple(METHOD_HEADS), default=S,
+                   help=f"clustering method (default {d.method})")
+    p.add_argument("--backbone", choices=("auto",) + BACKBONES, default=S,
+                   help="feature extractor (default auto: by image size)")
+    p.add_argument("--cifar-stem", dest="cifar_stem", action=argparse.BooleanOptionalAction,
+                   default=S, help="ResNet 3x3 stem without max-pool (default: for <= 64 px)")
+    p.add_argument("--num-clusters", dest="num_clusters", type=_number(int, 2, False), default=S,
+                   help="K (default: the number of classes)")
+    p.add_argument("--image-size", dest="image_size", type=POS_INT, default=S)
+    p.add_argument("--augment", default=S, help="augmentation preset (default auto)")
+    p.add_argument("--epochs", type=POS_INT, default=S, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 2, False), default=S,
+                   help=f"default {d.batch_size}")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"default {d.optimizer}")
+    p.add_argument("--lr", type=POS_FLOAT, default=S, help=f"default {d.lr}")
+    p.add_argument("--weight-decay", dest="weight_decay", type=NONNEG_FLOAT, default=S)
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S)
+    p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
+                   help="max gradient norm (0: off)")
+    p.add_argument("--instance-temperature", dest="instance_temperature", type=POS_FLOAT, default=S)
+    p.add_argument("--cluster-temperature", dest="cluster_temperature", type=POS_FLOAT, default=S)
+    p.add_argument("--loss-backend", dest="loss_backend", default=S,
+                   choices=("auto", "torch", "chunked", "triton", "cuda"))
+    p.add_argument("--amp", choices=AMP_MODES, default=S,
+                   help="autocast dtype (default auto: bf16 on CUDA, none on the CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
+                   help="torch.compile the model and the loss")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--eval-every", dest="eval_every", type=NONNEG_INT, default=S,
+                   help="epochs between evaluations (0: at the end only)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=NONNEG_INT, default=S,
+                   help="steps between mid-epoch checkpoints (0: at epoch ends only)")
+    p.add_argument("--log-every", dest="log_every", type=POS_INT, default=S)
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=S,
+                   help="write PNG plots at the end (default on)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S,
+                   help="progress bar on a terminal (default on)")
+    p.add_argument("--out", default=S, help="output directory (default runs/<timestamp>; on "
+                   "--resume, the checkpoint's directory)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint file or run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Deep contrastive image clustering.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}")
+    sub.required = True
+    _train_options(sub.add_parser("train", help="train a clustering model"))
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (NMI/ACC/ARI, k-means on features)")
+    ev.add_argument("checkpoint", help="checkpoint file or run directory")
+    ev.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
+    ev.add_argument("--data-root", dest="data_root", default=None)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", dest="batch_size", type=POS_INT, default=512)
+    ev.add_argument("--out", default=None, help="also write the metrics to OUT/metrics.json")
+    bench = sub.add_parser("bench", help="run the benchmarks (fastcluster_cl.bench)")
+    try:
+        from . import bench as bench_module
+    except ImportError:
+        bench_module = None
+        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if bench_module is not None:
+        bench_module.add_arguments(bench)
+    sub.add_parser("info", help="versions, devices and available backends")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint
+    from .train.trainer import TrainConfig, train
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    if args.resume is not None:
+        saved = load_checkpoint(args.resume)["config"]
+        saved["out"] = str(resolve_checkpoint(args.resume).parent)
+        config = TrainConfig.from_dict({**saved, **given})
+    else:
+        config = TrainConfig.from_dict(given)
+    config.check()
+    metrics = train(config, resume_from=args.resume)
+    print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")} |
+                     {"kmeans": metrics["kmeans"], "seconds": metrics["timing"]["train_seconds"]}))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.checkpoint import load_checkpoint
+    from .train.trainer import Runtime, TrainConfig, Trainer
+    state = load_checkpoint(args.checkpoint)
+    saved = dict(state["config"])
+    if args.dataset is not None:
+        saved["dataset"] = args.dataset
+    if args.data_root is not None:
+        saved["data_root"] = args.data_root
+    saved.update(device=args.device, eval_batch_size=args.batch_size, plots=False)
+    trainer = Trainer.for_evaluation(TrainConfig.from_dict(saved), state,
+                                     Runtime.create(args.device))
+    metrics, *_ = trainer.evaluate()
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "metrics.json").write_text(text)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from . import bench
+    except ImportError as err:
+        raise RuntimeError(f"the benchmark module fastcluster_cl.bench is not available "
+                           f"({err}); install the package with its benchmarks") from err
+    return int(bench.run(args))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(info(), indent=2))
+    return EXIT_OK
+
+
+def info() -> dict:
+    """Versions, devices, and which optional components can be used here."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    from ._compat import apex_available, module_available
+    from .losses.dispatch import BACKENDS, implementation
+
+    def version(name):
+        try:
+            module = __import__(name)
+            return getattr(module, "__version__", "installed")
+        except Exception as err:  # a broken optional install is reported, not fatal
+            return f"unavailable ({type(err).__name__})"
+
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                         for i in range(torch.cuda.device_count())]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = {}
+    for name in BACKENDS[1:]:
+        try:
+            implementation("nt_xent", name, device)
+            backends[name] = "available"
+        except (RuntimeError, NotImplementedError, ImportError) as err:
+            backends[name] = f"unavailable: {str(err).splitlines()[0]}"
+    return {
+        "fastcluster_cl": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "torchvision": version("torchvision"), "triton": version("triton"),
+        "devices": devices, "loss_backends_on_" + device.type: backends,
+        "dali": version("nvidia.dali") if module_available("nvidia.dali") else "not installed",
+        "apex_fused_optimizers": apex_available(),
+    }
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train.checkpoint import CheckpointError
+    from .train.trainer import NonFiniteLossError
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
+            RuntimeError) as err:
+        if os.environ.get("FASTCLUSTER_CL_TRACEBACK"):
+            raise
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Clustering models: a backbone, an instance projection head and a cluster head.
+
+`build_model(method, ...)` picks the cluster head the method needs (anchor: centre head,
+cc: softmax head, tcc: TCC head) and `method_loss_inputs` turns the model outputs of the views
+into the keyword inputs of `fastcluster_cl.ClusterContrastiveLoss`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import BACKBONES, RESNETS, ResNetBackbone, SmallCNN, build_backbone
+from .heads import CentreHead, ProjectionHead, SoftmaxClusterHead, TCCHead
+
+METHOD_HEADS = {"anchor": "centre", "cc": "softmax", "tcc": "tcc"}
+
+
+class ClusteringModel(nn.Module):
+    """backbone -> h (N, F); projector(h) -> z (N, D); cluster_head(h) -> head outputs.
+
+    forward returns {"h", "z", **head outputs}; `probabilities` gives the (N, K) assignment and
+    `predict` its argmax.
+    """
+
+    def __init__(self, backbone: nn.Module, num_clusters: int, head: str = "softmax",
+                 projection_dim: int = 128, hidden_dim: int = 512):
+        super().__init__()
+        if num_clusters < 2:
+            raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
+        self.backbone = backbone
+        feat = backbone.feature_dim
+        self.projector = ProjectionHead(feat, hidden_dim, projection_dim)
+        if head == "softmax":
+            self.cluster_head = SoftmaxClusterHead(feat, num_clusters, hidden_dim)
+        elif head == "centre":
+            self.cluster_head = CentreHead(feat, num_clusters)
+        elif head == "tcc":
+            self.cluster_head = TCCHead(feat, num_clusters, hidden_dim, projection_dim)
+        else:
+            raise ValueError(f"head must be 'softmax', 'centre' or 'tcc', got {head!r}")
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x)
+        return {"h": h, "z": self.projector(h), **self.cluster_head(h)}
+
+    def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.cluster_head.probabilities(out)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(self(x)).argmax(1)
+
+
+def build_model(method: str, backbone: str, num_clusters: int, in_channels: int,
+                cifar_stem: bool = False, projection_dim: int = 128,
+                hidden_dim: int = 512) -> ClusteringModel:
+    """The model for `method` ("anchor", "cc", "tcc") on `backbone` (see BACKBONES)."""
+    if method not in METHOD_HEADS:
+        raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
+    return ClusteringModel(build_backbone(backbone, in_channels, cifar_stem), num_clusters,
+                           METHOD_HEADS[method], projection_dim, hidden_dim)
+
+
+def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: dict,
+                       out_0: dict | None = None) -> dict[str, torch.Tensor]:
+    """Keyword inputs of ClusterContrastiveLoss(method) from the outputs of views a, b and, for
+    the anchor method, the clean view 0."""
+    if method == "anchor":
+        if out_0 is None:
+            raise ValueError("the anchor method needs the clean view's outputs (out_0)")
+        return {"q0": model.probabilities(out_0), "q_a": model.probabilities(out_a),
+                "q_b": model.probabilities(out_b)}
+    if method == "cc":
+        return {"logits_a": out_a["logits"], "logits_b": out_b["logits"]}
+    if method == "tcc":
+        return {"logits_a": out_a["logits"], "logits_b": out_b["logits"],
+                "h_a": out_a["r"], "h_b": out_b["r"]}
+    raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
+
+
+__all__ = ["BACKBONES", "RESNETS", "ResNetBackbone", "SmallCNN", "build_backbone",
+           "ProjectionHead", "SoftmaxClusterHead", "CentreHead", "TCCHead", "ClusteringModel",
+           "METHOD_HEADS", "build_model", "method_loss_inputs"]

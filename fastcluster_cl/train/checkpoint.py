@@ -1,0 +1,100 @@
+"""Checkpoints: written atomically, loaded with clear errors.
+
+A checkpoint is a dict saved with torch.save: format version, the run's config, model /
+optimizer / scheduler / grad-scaler state dicts, every RNG state (python, numpy, torch CPU and
+CUDA), and the position (epoch, batch within the epoch, global step). It is written to a
+temporary file in the same directory, flushed to disk and renamed over the target, so a crash
+mid-write leaves the previous checkpoint intact. Loading uses ``weights_only=True`` (no
+arbitrary code from the file).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or does not match the run."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the trainer touches, as tensors and plain Python values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write `state` (plus format version and RNG states) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "rng": rng_state(), **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory holding checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; raise CheckpointError if it is missing, corrupted or of another
+    format."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted or not a "
+                              f"fastcluster_cl checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a fastcluster_cl training checkpoint")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {state['format_version']}, this "
+                              f"version reads format {FORMAT_VERSION}")
+    missing = [k for k in ("config", "model", "position") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; it is not a complete training checkpoint")
+    return state

@@ -1,0 +1,72 @@
+"""Run logs: one JSON object per line in ``log.jsonl`` (the record resume and plots read back)
+and the same scalars in TensorBoard. Only the main process writes; on other ranks every call is
+a no-op, so callers never branch on the rank."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Append events to ``out/log.jsonl`` and scalars to ``out/tensorboard``.
+
+    Each record gets "event" and "time" (unix seconds). `scalars` records go to TensorBoard too,
+    under "<event>/<key>" at the record's "step".
+    """
+
+    def __init__(self, out: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out) / "log.jsonl"
+        self._file = None
+        self._writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def log(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        self._file.flush()
+
+    def scalars(self, event: str, step: int, **values: float) -> None:
+        """A record of numbers at `step`, also written to TensorBoard."""
+        self.log(event, step=step, **values)
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{event}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_log(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``log.jsonl`` (all, or one event), skipping a torn last line after a crash."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event is None or record.get("event") == event:
+                records.append(record)
+    return records
+
+
+def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, the latest: steps redone after a resume replace the lost ones."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,472 @@
+"""The training loop: two-view contrastive clustering with AMP, optional torch.compile, fused
+optimizers, warmup + cosine schedule, gradient clipping, a non-finite-loss guard, periodic
+evaluation, exact resume and JSONL/TensorBoard logs.
+
+Device and rank live in one `Runtime` object; logging, checkpoints and plots happen only where
+`runtime.is_main_process` is true, so distributed training can wrap this loop without
+restructuring it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..metrics import cluster_metrics, kmeans_metrics
+from ..models import RESNETS, build_model, method_loss_inputs
+from ..modules import ClusterContrastiveLoss
+from ..validation import value_checks
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from .logging import RunLogger, last_per_step, read_log
+from .optim import build_optimizer, optimizer_description
+from .schedule import warmup_cosine
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stops instead of corrupting the weights."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. None means "derive from the dataset" (see `resolve`)."""
+    dataset: str = "digits"
+    data_root: str | None = None
+    method: str = "anchor"
+    backbone: str = "auto"           # small_cnn below 32 px, resnet18 up to 64 px, else resnet34
+    cifar_stem: bool | None = None   # ResNets: 3x3 stem without max-pool; default for <= 64 px
+    num_clusters: int | None = None  # default: the dataset's number of classes
+    image_size: int | None = None    # default: the dataset's native training size
+    in_channels: int | None = None   # read from the data
+    projection_dim: int = 128
+    hidden_dim: int = 512
+    augment: str = "auto"
+    epochs: int = 60
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_epochs: float = 2.0
+    min_lr_factor: float = 0.0
+    grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
+    instance_temperature: float = 0.5
+    cluster_temperature: float = 1.0
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_backend: str = "auto"
+    amp: str = "auto"                # auto: bf16 on CUDA, none on the CPU
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 0              # epochs between evaluations; 0: only at the end
+    eval_batch_size: int = 512
+    checkpoint_every: int = 0        # steps between mid-epoch checkpoints; 0: epoch ends only
+    log_every: int = 1               # steps between step records in log.jsonl / TensorBoard
+    out: str | None = None
+    plots: bool = True
+    progress: bool = True
+
+    # Settings a resumed run may change; all others must equal the checkpoint's.
+    RESUMABLE = ("device", "out", "eval_every", "eval_batch_size", "checkpoint_every",
+                 "log_every", "plots", "progress", "compile", "data_root", "loss_backend")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raise ValueError on settings that cannot work, before any data is loaded."""
+        from ..models import BACKBONES, METHOD_HEADS
+        from .optim import OPTIMIZERS
+        if self.method not in METHOD_HEADS:
+            raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}")
+        if self.backbone != "auto" and self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be 'auto' or one of {BACKBONES}, got "
+                             f"{self.backbone!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "eval_every",
+                     "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_clusters is not None and self.num_clusters < 2:
+            raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its device, rank and world size (one place for DDP to extend)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def create(cls, device: str = "auto") -> "Runtime":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for but CUDA is not available here")
+        return cls(dev)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device` (None: full precision)."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def resolve(config: TrainConfig, dataset) -> TrainConfig:
+    """Fill the None / "auto" model settings from the dataset; the result is what checkpoints
+    store and resumes compare."""
+    c = copy.deepcopy(config)
+    if c.num_clusters is None:
+        c.num_clusters = int(dataset.num_classes)
+    if c.image_size is None:
+        c.image_size = int(dataset.image_size)
+    if c.backbone == "auto":
+        c.backbone = ("small_cnn" if c.image_size < 32 else
+                      "resnet18" if c.image_size <= 64 else "resnet34")
+    if c.cifar_stem is None:
+        c.cifar_stem = c.backbone in RESNETS and c.image_size <= 64
+    return c
+
+
+def check_resumable(saved: dict[str, Any], asked: dict[str, Any], path) -> None:
+    """Raise CheckpointError naming every setting that differs from the checkpoint's."""
+    diffs = [f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})" for k in asked
+             if k not in TrainConfig.RESUMABLE and asked[k] != saved.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} is incompatible with this run: "
+                              + ", ".join(diffs))
+
+
+class Trainer:
+    """Owns model, loss, optimizer, schedule and loaders of one run; `fit()` trains to the end
+    and returns the final metrics. `resume_from` continues a checkpoint exactly (same batches,
+    same augmentations, same RNG streams)."""
+
+    def __init__(self, config: TrainConfig, dataset=None, runtime: Runtime | None = None,
+                 resume_from: str | Path | None = None):
+        from ..data import make_train_loader
+        config.check()
+        self.runtime = runtime or Runtime.create(config.device)
+        self.resume_state = None
+        if resume_from is not None:
+            self.resume_state = load_checkpoint(resume_from)
+        seed_everything(config.seed)
+        config = self._setup_model(config, dataset)
+        if self.resume_state is not None:
+            check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
+        self.out = Path(config.out) if config.out else default_out_dir()
+        config.out = str(self.out)
+        dev = self.runtime.device
+        self.train_loader = make_train_loader(
+            self.dataset, config.batch_size, image_size=config.image_size,
+            augment=config.augment, device=dev.type, seed=config.seed,
+            rank=self.runtime.rank, world_size=self.runtime.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(self.dataset)} "
+                             f"images of {self.dataset.name}; lower --batch-size")
+        self.criterion = ClusterContrastiveLoss(
+            config.method, config.instance_temperature, config.cluster_temperature,
+            weights=config.loss_weights or None, backend=config.loss_backend)
+        self.optimizer = build_optimizer(config.optimizer, self.model, config.lr,
+                                         config.weight_decay, dev)
+        total = config.epochs * self.steps_per_epoch
+        self.scheduler = warmup_cosine(self.optimizer,
+                                       round(config.warmup_epochs * self.steps_per_epoch),
+                                       total, config.min_lr_factor)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.train_seconds, self.images_seen = 0.0, 0
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
+        main = self.runtime.is_main_process
+        self.logger = RunLogger(self.out, enabled=main)
+        if main:
+            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def _setup_model(self, config: TrainConfig, dataset) -> TrainConfig:
+        """Load the dataset, resolve the config from it, build the eval loader and the model.
+        Sets self.config (resolved), dataset, eval_loader, model, amp_dtype, channels_last."""
+        from ..data import load_dataset, make_eval_loader
+        self.dataset = dataset if dataset is not None else load_dataset(config.dataset,
+                                                                        config.data_root)
+        config = resolve(config, self.dataset)
+        dev = self.runtime.device
+        self.eval_loader = make_eval_loader(self.dataset, config.eval_batch_size,
+                                            image_size=config.image_size, device=dev.type)
+        if config.in_channels is None:
+            config.in_channels = int(next(iter(self.eval_loader))["clean"].shape[1])
+        self.config = config
+        self.channels_last = dev.type == "cuda"
+        self.model = build_model(config.method, config.backbone, config.num_clusters,
+                                 config.in_channels, config.cifar_stem, config.projection_dim,
+                                 config.hidden_dim).to(dev)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = amp_dtype(config.amp, dev)
+        return config
+
+    @classmethod
+    def for_evaluation(cls, config: TrainConfig, state: dict[str, Any],
+                       runtime: Runtime | None = None, dataset=None) -> "Trainer":
+        """A Trainer holding only what `evaluate` needs, with the checkpoint's weights; the
+        dataset is loaded by config.dataset unless given."""
+        self = cls.__new__(cls)
+        self.runtime = runtime or Runtime.create(config.device)
+        self._setup_model(config, dataset)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint weights do not fit the model: "
+                                  f"{str(err).splitlines()[0]}") from err
+        return self
+
+    # ----------------------------------------------------------------------------------- state
+    def _load_state(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint does not fit this model/optimizer: "
+                                  f"{str(err).splitlines()[0]}") from err
+        pos = state["position"]
+        self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.images_seen = state.get("images_seen", 0)
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        """Write checkpoint.pt (atomic) with everything needed to continue exactly."""
+        if not self.runtime.is_main_process:
+            return None
+        path = save_checkpoint(self.out / "checkpoint.pt", {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+        })
+        self.logger.log("checkpoint", epoch=self.epoch, batch=self.batch, step=self.step)
+        return path
+
+    # ---------------------------------------------------------------------------------- steps
+    def _inputs(self, batch: dict, keys: tuple[str, ...]) -> torch.Tensor:
+        x = torch.cat([batch[k] for k in keys]).to(self.runtime.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on a two-view (plus clean view for anchor) batch."""
+        anchor = self.config.method == "anchor"
+        views = ("a", "b", "clean") if anchor else ("a", "b")
+        x = self._inputs(batch, views)
+        n = batch["a"].shape[0]
+        with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            out = self.forward(x)
+            split = [{k: v[i * n:(i + 1) * n] for k, v in out.items()} for i in range(len(views))]
+            inputs = method_loss_inputs(self.model, self.config.method, *split)
+            loss = self.loss_fn(split[0]["z"], split[1]["z"], **inputs)
+        total = loss.total.float()
+        if not torch.isfinite(total):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss.parts.items())
+            raise NonFiniteLossError(
+                f"loss is {total.item()} at epoch {self.epoch} step {self.step} ({parts}); "
+                "lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in loss.parts.items()}}
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                       self.config.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return record
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _features(self, train_mode: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features h, cluster-head predictions, labels) over the whole eval loader."""
+        buffers = copy.deepcopy(dict(self.model.named_buffers())) if train_mode else None
+        self.model.train(train_mode)
+        feats, preds, labels = [], [], []
+        try:
+            for batch in self.eval_loader:
+                with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.model(self._inputs(batch, ("clean",)))
+                    if bool(getattr(self.model.cluster_head, "initialised", True)):
+                        preds.append(self.model.probabilities(out).argmax(1).cpu())
+                feats.append(out["h"].float().cpu())
+                labels.append(torch.as_tensor(batch["label"]).cpu())
+        finally:
+            self.model.train()
+            if buffers is not None:  # train-mode BN updated its running stats: undo that
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(buffers[name])
+        pred = torch.cat(preds).numpy() if preds else None
+        return torch.cat(feats).numpy(), pred, torch.cat(labels).numpy()
+
+    def evaluate(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+        """Cluster-head metrics (nmi, acc, ari) and k-means-on-features metrics."""
+        start = time.perf_counter()
+        feats, pred, labels = self._features()
+        known = labels >= 0  # unlabelled images (label -1, STL-10's extra split) are not scored
+        metrics = {**cluster_metrics(labels[known], pred[known]),
+                   "kmeans": kmeans_metrics(feats[known], labels[known],
+                                            self.config.num_clusters, seed=self.config.seed),
+                   "eval_seconds": time.perf_counter() - start}
+        return metrics, feats, pred, labels
+
+    def init_centres(self) -> None:
+        """k-means on the features of the current network (BatchNorm in training mode, as the
+        loss will see them; running statistics left untouched)."""
+        head = self.model.cluster_head
+        if not hasattr(head, "init_centres") or bool(head.initialised):
+            return
+        feats, _, _ = self._features(train_mode=True)
+        head.init_centres(feats, seed=self.config.seed)
+        self.logger.log("init_centres", n=len(feats))
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train to config.epochs (from the resumed position), evaluate, write outputs."""
+        c, main = self.config, self.runtime.is_main_process
+        wall_start = time.perf_counter()
+        self.logger.log("start", resumed=self.resume_state is not None, epoch=self.epoch,
+                        batch=self.batch, step=self.step, device=str(self.runtime.device),
+                        optimizer=optimizer_description(self.optimizer),
+                        loader_backend=getattr(self.train_loader, "backend", None),
+                        amp=str(self.amp_dtype), steps_per_epoch=self.steps_per_epoch)
+        self.init_centres()
+        progress = None
+        if main and c.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            progress = tqdm(total=c.epochs * self.steps_per_epoch * c.batch_size,
+                            initial=self.step * c.batch_size, unit="img", unit_scale=True,
+                            dynamic_ncols=True)
+        with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
+            while self.epoch < c.epochs:
+                for batch in self.train_loader.epoch(self.epoch, start_batch=self.batch):
+                    t0 = time.perf_counter()
+                    record = self.train_step(batch)
+                    dt = time.perf_counter() - t0
+                    n = batch["a"].shape[0] * self.runtime.world_size
+                    self.train_seconds += dt
+                    self.images_seen += n
+                    self.batch += 1
+                    self.step += 1
+                    record.update(epoch=self.epoch, images_per_s=n / dt)
+                    if self.step % c.log_every == 0:
+                        self.logger.scalars("step", self.step, **record)
+                    if progress is not None:
+                        progress.update(n)
+                        progress.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.3f}")
+                    if c.checkpoint_every and self.step % c.checkpoint_every == 0 \
+                            and self.batch < self.steps_per_epoch:
+                        self.save()
+                self.epoch, self.batch = self.epoch + 1, 0
+                if c.eval_every and self.epoch % c.eval_every == 0 and self.epoch < c.epochs:
+                    metrics, *_ = self.evaluate()
+                    self.logger.scalars("eval", self.step, epoch=self.epoch,
+                                        **_flat(metrics))
+                self.save()
+        if progress is not None:
+            progress.close()
+        metrics, feats, pred, labels = self.evaluate()
+        metrics["timing"] = {
+            "train_seconds": self.train_seconds,
+            "images_per_second": self.images_seen / max(self.train_seconds, 1e-9),
+            "wall_seconds_this_session": time.perf_counter() - wall_start,
+        }
+        metrics.update(method=c.method, dataset=c.dataset, epochs=c.epochs, steps=self.step,
+                       num_clusters=c.num_clusters, backbone=c.backbone)
+        if main:
+            self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            if c.plots:
+                self.write_plots(feats, pred, labels)
+        self.logger.log("end", **_flat(metrics))
+        self.logger.close()
+        return metrics
+
+    def write_plots(self, feats: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> None:
+        from .plots import plot_confusion, plot_embedding, plot_losses
+        plots = self.out / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        steps = last_per_step(read_log(self.out / "log.jsonl", "step"))
+        if steps:
+            plot_losses(steps, plots / "losses.png")
+        plot_confusion(labels, pred, plots / "confusion.png")
+        plot_embedding(feats, pred, plots / "embedding.png", seed=self.config.seed)
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
+    """{"kmeans": {"nmi": x}} -> {"kmeans_nmi": x}, for JSONL records and TensorBoard tags."""
+    flat = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(config: TrainConfig, dataset=None, runtime: Runtime | None = None,
+          resume_from: str | Path | None = None) -> dict[str, Any]:
+    """Build a Trainer and run it; returns the final metrics (also in out/metrics.json)."""
+    return Trainer(config, dataset, runtime, resume_from).fit()

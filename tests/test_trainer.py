@@ -1,0 +1,77 @@
+"""The trainer end to end on a tiny synthetic dataset: outputs, evaluation, the non-finite
+guard and resume checks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastcluster_cl.data import ImageDataset
+from fastcluster_cl.train.checkpoint import CheckpointError, load_checkpoint
+from fastcluster_cl.train.logging import read_log
+from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer, train
+
+
+def blobs(n_per_class=32, classes=3, seed=0) -> ImageDataset:
+    """8x8 grey images: a distinct random template per class plus pixel noise. Named "digits"
+    so the loaders use the digits augmentation preset."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, (classes, 8, 8, 1))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    noise = rng.normal(0, 12, (len(labels), 8, 8, 1))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return ImageDataset(images, labels, classes, "digits")
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=32, hidden_dim=32, projection_dim=16, lr=3e-3,
+                warmup_epochs=0.5, eval_every=1, eval_batch_size=64, out=str(tmp_path / "run"),
+                progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
+def test_tiny_run_writes_every_output(tmp_path, method):
+    torch.set_num_threads(1)
+    cfg = tiny(tmp_path, method=method, plots=method == "anchor")
+    metrics = train(cfg, dataset=blobs())
+    out = tmp_path / "run"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["nmi"] == pytest.approx(metrics["nmi"]) and saved["method"] == method
+    assert saved["steps"] == 9 and saved["timing"]["images_per_second"] > 0
+    # three well-separated templates: features separate them after a few steps
+    assert saved["kmeans"]["nmi"] > 0.9
+    assert 0 <= saved["nmi"] <= 1 and 0 <= saved["acc"] <= 1
+    log = out / "log.jsonl"
+    steps = read_log(log, "step")
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in steps)
+    assert {"loss_instance", "loss_cluster"} <= set(steps[0])
+    assert [r["epoch"] for r in read_log(log, "eval")] == [1, 2, 3]
+    state = load_checkpoint(out)
+    assert state["position"] == {"epoch": 3, "batch": 0, "step": 9}
+    assert state["config"]["in_channels"] == 1 and state["config"]["backbone"] == "small_cnn"
+    if method == "anchor":
+        assert bool(state["model"]["cluster_head.initialised"])
+        for png in ("losses.png", "confusion.png", "embedding.png"):
+            assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+        assert list((out / "tensorboard").iterdir())
+    evaluator = Trainer.for_evaluation(TrainConfig.from_dict(state["config"]), state,
+                                       dataset=blobs())
+    again, *_ = evaluator.evaluate()
+    assert again["nmi"] == pytest.approx(metrics["nmi"])
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    trainer = Trainer(tiny(tmp_path, method="cc", plots=False), dataset=blobs())
+    with torch.no_grad():
+        trainer.model.projector.net[0].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 0 step 0 .*lower --lr"):
+        trainer.fit()
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(tiny(tmp_path, epochs=1, plots=False), dataset=blobs())
+    with pytest.raises(CheckpointError, match=r"hidden_dim=64 \(checkpoint: 32\)"):
+        Trainer(tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(),
+                resume_from=tmp_path / "run")
