@@ -237,3 +237,16 @@ def test_image_dataset_validation():
         ImageDataset(images, np.zeros(2, dtype=int), 2, "x")
     with pytest.raises(ValueError, match=r"labels must lie in \[-1, 2\)"):
         ImageDataset(images, np.array([0, 1, 2]), 2, "x")
+
+
+def test_labelled_subset_keeps_statistics():
+    rng = _rng(6)
+    images = rng.integers(0, 256, size=(6, 4, 4, 3), dtype=np.uint8)
+    full = ImageDataset(images, np.array([3, 1, 0, -1, -1, -1]), 4, "stl10")
+    sub = full.labelled()
+    assert len(sub) == 3 and np.shares_memory(sub.images, images)
+    np.testing.assert_array_equal(sub.labels, [3, 1, 0])
+    assert sub.mean_std == full.mean_std != ImageDataset(images[:3], sub.labels, 4, "x").mean_std
+    mixed = ImageDataset(images, np.array([-1, 2, -1, 0, 1, -1]), 4, "x").labelled()
+    np.testing.assert_array_equal(mixed.images, images[[1, 3, 4]])
+    assert sub.labelled() is sub

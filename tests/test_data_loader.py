@@ -212,3 +212,36 @@ def test_bad_arguments(rgb, digits, monkeypatch):
     cuda = torch.device("cuda")
     assert loader_module.choose_backend("auto", cuda) == ("torchvision",
                                                           "nvidia.dali is not installed")
+
+
+def test_separable_blur_equals_torchvision_2d_blur():
+    from torchvision.transforms.v2 import functional as F
+
+    spec = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                       gray_p=0.0, blur_p=1.0)
+    images = torch.randint(0, 256, (3, 3, 41, 41), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    p = sample_view_params(np.random.default_rng(0), 3, 41, 41, spec)
+    out = torchvision_view(images, p, 41, spec)
+    kernel = spec.blur_kernel(41)
+    assert kernel == 5
+    for i in range(3):
+        ref = F.gaussian_blur(images[i], [kernel, kernel], [float(p.sigma[i])] * 2)
+        assert (out[i].int() - ref.int()).abs().max() <= 1
+    assert (out != images).float().mean() > 0.9
+
+
+def test_backend_choice(monkeypatch):
+    import fastcluster_cl.data.dali as dali_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+
+    def not_probed():
+        raise AssertionError("auto on CPU must not import DALI")
+
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", not_probed)
+    assert loader_module.choose_backend("auto", cpu)[0] == "torchvision"
+    assert loader_module.choose_backend("torchvision", cuda) == ("torchvision", "requested")
+    monkeypatch.setattr(dali_module, "dali_unavailable_reason", lambda: None)
+    assert loader_module.choose_backend("auto", cuda)[0] == "dali"
+    assert loader_module.choose_backend("dali", cpu) == ("dali", "requested")

@@ -57,7 +57,7 @@ _DEFAULT_IMAGE_SIZE = {"digits": 8, "mnist5k": 28, "cifar10": 32, "cifar100": 32
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageDataset:
     """An in-memory image dataset.
 
@@ -101,6 +101,18 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return self.images.shape[3]
+
+    def labelled(self) -> "ImageDataset":
+        """The images with a label (>= 0), for evaluation; shares this dataset's normalisation
+        statistics so eval batches are normalised exactly like training batches."""
+        keep = np.flatnonzero(self.labels >= 0)
+        if len(keep) == len(self):
+            return self
+        if len(keep) and keep[-1] == len(keep) - 1:  # a prefix (STL-10): a view, no copy
+            keep = slice(0, len(keep))
+        subset = ImageDataset(self.images[keep], self.labels[keep], self.num_classes, self.name)
+        subset._stats = self.mean_std
+        return subset
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -296,17 +308,23 @@ def _decode(path: Path, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def _decode_all(paths: list[Path], size: int, num_threads: int | None) -> np.ndarray:
+def _decode_all(name: str, paths: list[Path], size: int, num_threads: int | None) -> np.ndarray:
+    """Decode and resize every file on a thread pool (PIL releases the GIL while it works),
+    with a progress bar on interactive terminals."""
+    from tqdm.auto import tqdm
+
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"image_size must be a positive int, got {size!r}")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     workers = num_threads or min(8, os.cpu_count() or 1)
 
-    def work(i):  # PIL releases the GIL while decoding and resizing
+    def work(i):
         out[i] = _decode(paths[i], size)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(work, range(len(paths))))
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=None,
+                      desc=f"decoding {name} at {size}px", unit="img"):
+            pass
     return out
 
 
@@ -327,7 +345,7 @@ def _wnid_folders(name: str, root: Path, wnids: tuple[str, ...], image_size: int
             raise _missing(name, f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {base / wnid}")
         paths += files
         labels += [label] * len(files)
-    return ImageDataset(_decode_all(paths, image_size, num_threads), np.asarray(labels),
+    return ImageDataset(_decode_all(name, paths, image_size, num_threads), np.asarray(labels),
                         len(wnids), name)
 
 
@@ -370,7 +388,7 @@ def _tiny_imagenet(root: Path, include_val: bool = False, image_size: int = 64,
                 raise _missing(name, f"missing file {str(path)!r} listed in val_annotations.txt")
             paths.append(path)
             labels.append(index[cols[1]])
-    return ImageDataset(_decode_all(paths, image_size, num_threads), np.asarray(labels),
+    return ImageDataset(_decode_all(name, paths, image_size, num_threads), np.asarray(labels),
                         len(wnids), name)
 
 

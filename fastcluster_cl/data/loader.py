@@ -65,14 +65,14 @@ def choose_backend(augment: str, device: torch.device) -> tuple[str, str]:
         raise ValueError(f"augment must be one of {AUGMENT_BACKENDS}, got {augment!r}")
     if augment == "torchvision":
         return "torchvision", "requested"
+    if augment == "auto" and device.type != "cuda":
+        return "torchvision", f"device is {device.type}; 'auto' uses DALI on CUDA devices only"
     reason = dali_unavailable_reason()
     if augment == "dali":
         if reason is not None:
             raise ImportError(f"augment='dali' but {reason}; install it with "
                               "pip install fastcluster_cl[dali], or pass augment='torchvision'")
         return "dali", "requested"
-    if device.type != "cuda":
-        return "torchvision", f"device is {device.type}, DALI is used on CUDA devices only"
     if reason is not None:
         return "torchvision", reason
     return "dali", "DALI importable and device is CUDA"
@@ -113,13 +113,6 @@ class TrainLoader:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return perm[: self.per_rank * self.world_size][self.rank::self.world_size]
 
-    def batch_params(self, epoch: int, batch: int, indices: np.ndarray):
-        """The (view a, view b) augmentation parameters of batch `batch` of `epoch`."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank, batch])
-        _, height, width, _ = self.dataset.images.shape
-        return tuple(sample_view_params(rng, len(indices), height, width, self.spec)
-                     for _ in range(2))
-
     def epoch(self, epoch: int, start_batch: int = 0):
         """Yield this rank's batches start_batch, ..., len(self) - 1 of `epoch` as dicts
         {"a", "b", "clean": float32 (B, C, S, S) normalised, "label", "index": int64 (B,)}
@@ -158,36 +151,57 @@ class TrainLoader:
                 self.batch_size, self.image_size, self.spec, self.mean, self.std,
                 device_id=device_id, num_threads=max(1, self.num_workers))
         indices = source.indices(k)
-        params_a, params_b = self.batch_params(source.epoch, k, indices)
-        a, b, clean = self._dali.run(self.dataset.images[indices], params_a, params_b)
+        a, b, clean = self._dali.run(self.dataset.images[indices], *source.params(k))
         return {"a": a, "b": b, "clean": clean,
                 "label": torch.from_numpy(self.dataset.labels[indices]).to(self.device),
                 "index": torch.from_numpy(indices.astype(np.int64)).to(self.device)}
 
 
 class _EpochBatches(torch.utils.data.Dataset):
-    """Batch k of one epoch as uint8 CPU tensors (the torchvision backend's DataLoader items)."""
+    """One epoch of one rank: batch k's indices and augmentation parameters, and (the
+    torchvision backend's DataLoader items) batch k as uint8 CPU tensors. Holds only NumPy data
+    and plain settings, so worker processes never receive device tensors."""
 
     def __init__(self, loader: TrainLoader, epoch: int):
-        self.loader, self.epoch = loader, epoch
+        self.dataset, self.spec, self.epoch = loader.dataset, loader.spec, epoch
+        self.batch_size, self.image_size, self.length = (loader.batch_size, loader.image_size,
+                                                         len(loader))
+        self.seed, self.rank = loader.seed, loader.rank
         self.order = loader.order(epoch)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.length
 
     def indices(self, k: int) -> np.ndarray:
-        size = self.loader.batch_size
-        return self.order[k * size:(k + 1) * size]
+        return self.order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def params(self, k: int):
+        """(view a, view b) parameters of batch k, from a generator seeded by
+        (seed, epoch, rank, k)."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, k])
+        n = len(self.indices(k))
+        _, height, width, _ = self.dataset.images.shape
+        return tuple(sample_view_params(rng, n, height, width, self.spec) for _ in range(2))
 
     def __getitem__(self, k: int) -> dict:
-        loader, indices = self.loader, self.indices(k)
-        images = torch.from_numpy(loader.dataset.images[indices]).permute(0, 3, 1, 2)
-        params_a, params_b = loader.batch_params(self.epoch, k, indices)
-        size = loader.image_size
-        return {"a": torchvision_view(images, params_a, size, loader.spec),
-                "b": torchvision_view(images, params_b, size, loader.spec),
+        # Per-image ops on small tensors: intra-op threads only add overhead (and stall badly on
+        # a loaded machine), so build the batch on one thread, as DataLoader workers do.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._batch(k)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _batch(self, k: int) -> dict:
+        indices = self.indices(k)
+        images = torch.from_numpy(self.dataset.images[indices]).permute(0, 3, 1, 2)
+        params_a, params_b = self.params(k)
+        size, spec = self.image_size, self.spec
+        return {"a": torchvision_view(images, params_a, size, spec),
+                "b": torchvision_view(images, params_b, size, spec),
                 "clean": _resize(images.contiguous(), size),
-                "label": torch.from_numpy(loader.dataset.labels[indices]),
+                "label": torch.from_numpy(self.dataset.labels[indices]),
                 "index": torch.from_numpy(indices.astype(np.int64))}
 
 
