@@ -279,3 +279,22 @@ def test_helpers_without_torchrun(monkeypatch):
     assert distributed.local_batch_size(6) == 6
     assert distributed.wrap_model(model, torch.device("cpu")) is model
     assert distributed.unwrap_model(model) is model
+
+
+def test_rank_shards_form_the_single_process_batches():
+    """Ranks' batch k, interleaved, is exactly batch k of one process with the global batch
+    size: same images, same augmentations (what resuming on another world size relies on)."""
+    import numpy as np
+
+    from fastcluster_cl.data import ImageDataset, make_train_loader
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8),
+                        rng.integers(0, 3, 50), 3, "digits")
+    single = list(make_train_loader(data, 12, seed=4, augment="torchvision").epoch(2))
+    shards = [list(make_train_loader(data, 4, seed=4, rank=r, world_size=3,
+                                     augment="torchvision").epoch(2)) for r in range(3)]
+    assert len(single) == 4 and all(len(s) == 4 for s in shards)
+    for k, batch in enumerate(single):
+        for key in ("a", "b", "clean", "index"):
+            merged = torch.stack([s[k][key] for s in shards], dim=1).flatten(0, 1)
+            torch.testing.assert_close(merged, batch[key], rtol=0, atol=0)
