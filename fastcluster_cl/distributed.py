@@ -177,14 +177,24 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def local_batch_size(global_batch: int) -> int:
-    """Rows per rank for a global batch split evenly over the ranks (raises when it does not
-    divide: the distributed losses need equal local batches)."""
-    w = world_size()
+def local_batch_size(global_batch: int, world: int | None = None) -> int:
+    """Rows per rank for a global batch split evenly over `world` ranks (default: the process
+    group's size); raises when it does not divide, as the distributed losses need equal local
+    batches."""
+    w = world_size() if world is None else world
     if global_batch % w:
         raise ValueError(f"batch size {global_batch} is the global batch and must be divisible "
                          f"by the world size {w}")
     return global_batch // w
+
+
+@torch.no_grad()
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers into every rank's `module` (no-op alone)."""
+    if world_size() == 1:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src)
 
 
 def barrier() -> None:

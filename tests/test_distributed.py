@@ -298,3 +298,99 @@ def test_rank_shards_form_the_single_process_batches():
         for key in ("a", "b", "clean", "index"):
             merged = torch.stack([s[k][key] for s in shards], dim=1).flatten(0, 1)
             torch.testing.assert_close(merged, batch[key], rtol=0, atol=0)
+
+
+# ---- the trainer under a torchrun-style launch: 2 gloo ranks vs one process ----
+
+def _blobs():
+    """48 8x8 grey images from 3 noisy templates (named "digits" for its augmentation preset)."""
+    import numpy as np
+
+    from fastcluster_cl.data import ImageDataset
+    rng = np.random.default_rng(0)
+    templates = rng.integers(0, 256, (3, 8, 8, 1))
+    labels = np.repeat(np.arange(3), 16)
+    images = np.clip(templates[labels] + rng.normal(0, 12, (48, 8, 8, 1)), 0, 255)
+    return ImageDataset(images.astype(np.uint8), labels, 3, "digits")
+
+
+def _build_model_without_bn(*args, **kwargs):
+    """The trainer's model with BatchNorm replaced by identities: per-rank BatchNorm statistics
+    are DDP's documented behaviour (SyncBatchNorm, CUDA only, makes them global), so exact
+    agreement with one process is checked on a model without them."""
+    from fastcluster_cl.models import build_model
+    model = build_model(*args, **kwargs)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, torch.nn.Identity())
+    return model
+
+
+def _trainer_config(out, **overrides):
+    from fastcluster_cl.train.trainer import TrainConfig
+    return TrainConfig(**{**dict(
+        method="anchor", epochs=2, batch_size=16, hidden_dim=32, projection_dim=16,
+        optimizer="adam", lr=3e-3, warmup_epochs=0.5, eval_every=0, plots=False, progress=False,
+        device="cpu", augment="torchvision", loss_backend="chunked", out=str(out)),
+        **overrides})
+
+
+def _trainer_worker(rank: int, port: int, tmp: str) -> None:
+    import fastcluster_cl.train.trainer as T
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    T.build_model = _build_model_without_bn
+    try:
+        T.train(_trainer_config(os.path.join(tmp, "ddp")), dataset=_blobs())
+        T.train(_trainer_config(os.path.join(tmp, "resumed")), dataset=_blobs(),
+                resume_from=os.path.join(tmp, "half", "checkpoint.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path,
+                                                                           monkeypatch):
+    import fastcluster_cl.train.trainer as T
+    from fastcluster_cl.train.logging import read_log
+    torch.set_num_threads(1)
+    monkeypatch.setattr(T, "build_model", _build_model_without_bn)
+    single = T.train(_trainer_config(tmp_path / "single"), dataset=_blobs())
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(self):  # interrupt the one-process run at its first checkpoint
+        original_save(self)
+        raise Stop
+
+    original_save = T.Trainer.save
+    monkeypatch.setattr(T.Trainer, "save", save_then_stop)
+    with pytest.raises(Stop):
+        T.train(_trainer_config(tmp_path / "half"), dataset=_blobs())
+    monkeypatch.setattr(T.Trainer, "save", original_save)
+
+    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    def model(run):
+        return torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"]
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_log(tmp_path / run / "log.jsonl", "step")]
+
+    reference, initial = model("single"), model("half")
+    assert single["steps"] == 6 and [s for s, _ in losses("single")] == list(range(1, 7))
+    for run in ("ddp", "resumed"):
+        got = model(run)
+        assert got.keys() == reference.keys()  # unwrapped: no DDP "module." prefix
+        for name, value in reference.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5,
+                                       msg=lambda m: f"{run} {name}: {m}")
+    # only rank 0 logs, and it logs the global batch's loss
+    for (step, loss), (ref_step, ref_loss) in zip(losses("ddp"), losses("single"), strict=True):
+        assert step == ref_step and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert [s for s, _ in losses("resumed")] == [4, 5, 6]
+    moved = max(float((reference[k].float() - initial[k].float()).abs().max()) for k in reference)
+    assert moved > 1e-3  # the second epoch changed the weights well beyond the tolerance
