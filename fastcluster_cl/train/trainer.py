@@ -287,6 +287,8 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.images_seen = state.get("images_seen", 0)
         set_rng_state(state["rng"])
+        if self.runtime.rank:  # the checkpoint holds rank 0's streams; keep the ranks' apart
+            seed_everything(self.config.seed + self.runtime.rank + 1_000_003 * self.step)
 
     def save(self) -> Path | None:
         """Write checkpoint.pt (atomic) with everything needed to continue exactly."""
