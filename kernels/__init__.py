@@ -1,1 +1,50 @@
-"""Triton kernels (installed as fastcluster_cl.kernels): one file per fused op."""
+"""Triton kernels (installed as fastcluster_cl.kernels): the backend "triton".
+
+One file per fused op, each holding its forward and backward kernels, the host launchers and a
+torch.autograd.Function: `nt_xent` (instance NT-Xent, plus the row-range primitives of the
+distributed backend), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
+cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses).
+This module exposes the ops under their public names with the signatures of
+`fastcluster_cl.losses.reference`, as `losses/dispatch.py` expects.
+
+On CUDA tensors the kernels are compiled by Triton; on the CPU they run only under the Triton
+interpreter (TRITON_INTERPRET=1, set before triton is first imported), slowly: it is how the tests
+check them without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+
+from fastcluster_cl.losses import reference
+
+try:
+    from .cc_cluster import cc_cluster_loss
+    from .kl import anchor_loss, dec_loss
+    from .nt_xent import nt_xent
+    from .student_t import student_t
+    _IMPORT_ERROR = None
+except ImportError as err:  # triton missing or broken: the backend reports why when asked
+    _IMPORT_ERROR = err
+
+__all__ = ["nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
+           "tcc_cluster_loss", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernels can run on `device`, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return ("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
+            "imported) to run its kernels on the CPU slowly")
+
+
+if _IMPORT_ERROR is None:
+    # TCC's cluster contrast is NT-Xent over the 2K cluster representations: the fused kernel.
+    tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)

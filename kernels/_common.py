@@ -1,0 +1,58 @@
+"""Shared host-side helpers of the Triton kernels: dtype mapping, dot precision, block sizes."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS = 1e-12  # as reference.NORM_EPS (F.normalize)
+MAX_FEATURES = 512  # the row kernels keep a whole feature row in registers
+_ACC = {torch.float64: tl.float64}
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton accumulation dtype: float64 stays float64 (interpreter/tests), all else float32."""
+    return _ACC.get(dtype, tl.float32)
+
+
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: TF32 for float32 inputs only where torch allows it, as torch does."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot mis-handles bf16 (numpy has no bf16): cast such operands to fp32
+    there. On a GPU bf16 dots stay on the tensor cores."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC (fp32 operands upcast first when UPCAST, see `upcast_dots`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), out_dtype=ACC, input_precision=PREC)
+    else:
+        return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
+
+
+def feature_block(d: int, what: str) -> int:
+    """Power-of-two register width for d features; refuse widths the row kernels cannot hold."""
+    if d > MAX_FEATURES:
+        raise ValueError(f"backend='triton' supports at most {MAX_FEATURES} features per row "
+                         f"({what} has {d}); use backend='chunked' for wider inputs")
+    return max(16, triton.next_power_of_2(d))
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"backend='triton' takes float16, bfloat16, float32 or float64 "
+                            f"tensors, got {t.dtype}")

@@ -1,0 +1,234 @@
+"""The Triton backend against the float64 reference: values and gradients of every loss, sizes
+that are not multiples of the blocks, small temperatures, bf16/fp16, extreme inputs, the
+row-range primitives and the symmetric forward. Without CUDA the kernels run under
+TRITON_INTERPRET=1 (tests/conftest.py)."""
+import sys
+
+import pytest
+import torch
+
+import fastcluster_cl as fc
+from fastcluster_cl import kernels
+from fastcluster_cl.kernels.nt_xent import grad_rows, masked_lse_rows, symmetric_masked_lse
+from fastcluster_cl.losses import dispatch, reference
+from fastcluster_cl.modules import ClusterContrastiveLoss
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (rtol, atol) against the float64 reference; bf16 tolerances reflect its 8-bit mantissa.
+TOL = {F64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.float16: (2e-2, 2e-3),
+       torch.bfloat16: (5e-2, 5e-3)}
+
+
+def randn(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+
+def leaves(*tensors, dtype):
+    return [t.to(DEVICE, dtype).requires_grad_() for t in tensors]
+
+
+def compare(fn_triton, fn_ref, inputs, dtype, weights=None, loosen=1.0):
+    """Run both on the same values (the reference in float64 on the dtype-rounded inputs) and
+    compare the outputs and the gradients of sum(weights * output). `loosen` widens the
+    tolerances where the problem amplifies rounding (1/tau multiplies the error of S)."""
+    x = leaves(*inputs, dtype=dtype)
+    x64 = [t.detach().to(F64).requires_grad_() for t in x]
+    got, want = fn_triton(*x), fn_ref(*x64)
+    assert got.dtype == (F64 if dtype == F64 else torch.float32)
+    rtol, atol = (tol * loosen for tol in TOL[dtype])
+    torch.testing.assert_close(got.to(F64), want, rtol=rtol, atol=atol)
+    w = torch.ones_like(want) if weights is None else weights.to(want)
+    (got * w.to(got)).sum().backward()
+    (want * w).sum().backward()
+    for a, b in zip(x, x64):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any()
+            continue
+        assert torch.isfinite(a.grad).all()
+        scale = b.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.to(F64), b.grad, rtol=rtol, atol=atol * max(scale, 1))
+
+
+# --- NT-Xent ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("n,d,tau", [(37, 48, 0.5), (37, 48, 0.05), (5, 3, 0.01), (40, 100, 0.2)])
+def test_nt_xent_matches_reference(dtype, n, d, tau):
+    compare(lambda a, b: fc.nt_xent(a, b, tau, backend="triton"),
+            lambda a, b: reference.nt_xent(a, b, tau), (randn(n, d, seed=1), randn(n, d, seed=2)),
+            dtype, loosen=max(1.0, 0.1 / tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau", [0.5, 0.05])
+def test_nt_xent_half_precision(dtype, tau):
+    compare(lambda a, b: fc.nt_xent(a, b, tau, backend="triton"),
+            lambda a, b: reference.nt_xent(a, b, tau),
+            (randn(37, 48, seed=3), randn(37, 48, seed=4)), dtype, loosen=max(1.0, 0.1 / tau))
+
+
+def test_nt_xent_gradcheck():
+    z = [randn(3, 4, seed=5).requires_grad_(), randn(3, 4, seed=6).requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, b: kernels.nt_xent(a, b, 0.3), z)
+
+
+def test_nt_xent_extreme_inputs_stay_finite():
+    """Near-identical embeddings at a small temperature, plus an all-zero row."""
+    base = randn(1, 16, seed=7)
+    z_a = base + 1e-6 * randn(33, 16, seed=8)
+    z_b = base + 1e-6 * randn(33, 16, seed=9)
+    z_b[3] = 0.0
+    for tau in (0.05, 0.01):
+        compare(lambda a, b: fc.nt_xent(a, b, tau, backend="triton"),
+                lambda a, b: reference.nt_xent(a, b, tau), (z_a, z_b), torch.float32,
+                loosen=0.1 / tau)
+
+
+def test_row_range_primitives():
+    n2, d, inv_tau = 74, 20, 2.0
+    z = randn(n2, d, seed=10)
+    zn = z / z.norm(dim=1, keepdim=True)
+    s = zn @ zn.T * inv_tau
+    s_masked = s.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    lse = torch.logsumexp(s_masked, dim=1)
+    torch.testing.assert_close(masked_lse_rows(zn, 5, 50, inv_tau), lse[5:50], rtol=1e-12,
+                               atol=1e-12)
+    p = torch.exp(s_masked - lse[:, None])
+    pos = torch.arange(n2).roll(n2 // 2)
+    want = (p + p.T) @ zn - 2 * zn[pos]
+    torch.testing.assert_close(grad_rows(zn, lse, 40, n2, inv_tau), want[40:], rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="row_end"):
+        masked_lse_rows(zn, 10, 80, inv_tau)
+
+
+def test_symmetric_forward_matches_row_parallel(monkeypatch):
+    z = randn(70, 24, seed=11)
+    torch.testing.assert_close(symmetric_masked_lse(z, 2.0),
+                               masked_lse_rows(z / z.norm(dim=1, keepdim=True), 0, 70, 2.0),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="fixed shift"):
+        symmetric_masked_lse(z, 1000.0)
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC_FORWARD", True)
+    compare(lambda a, b: fc.nt_xent(a, b, 0.5, backend="triton"),
+            lambda a, b: reference.nt_xent(a, b, 0.5), (randn(35, 24, seed=12),
+                                                        randn(35, 24, seed=13)), F64)
+
+
+def test_nt_xent_rejects_wide_rows_and_integer_inputs():
+    with pytest.raises(ValueError, match="chunked"):
+        kernels.nt_xent(torch.randn(4, 600), torch.randn(4, 600), 0.5)
+    with pytest.raises(TypeError, match="float"):
+        kernels.nt_xent(torch.ones(4, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32),
+                        0.5)
+
+
+# --- cluster side ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,tau", [(37, 10, 1.0), (6, 2, 0.5), (70, 13, 0.3)])
+def test_cc_cluster_loss_matches_reference(dtype, n, k, tau):
+    compare(lambda a, b: fc.cc_cluster_loss(a, b, tau, backend="triton"),
+            lambda a, b: reference.cc_cluster_loss(a, b, tau),
+            (randn(n, k, seed=14, scale=2.0), randn(n, k, seed=15, scale=2.0)), dtype)
+
+
+def test_cc_cluster_loss_one_hot_assignments_stay_finite():
+    """Logits so peaked that the softmax is one-hot in float32 (every cluster used: an empty
+    one has 0 log 0 in the entropy term, whose gradient is NaN in the reference too)."""
+    labels = torch.arange(40) % 10
+    logits = torch.nn.functional.one_hot(labels, 10).to(F64) * 200.0
+    compare(lambda a, b: fc.cc_cluster_loss(a, b, 1.0, backend="triton"),
+            lambda a, b: reference.cc_cluster_loss(a, b, 1.0), (logits, logits.roll(1, 0)),
+            torch.float32)
+
+
+def test_cluster_gradchecks():
+    a, b = randn(5, 3, seed=16).requires_grad_(), randn(5, 3, seed=17).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: kernels.cc_cluster_loss(x, y, 0.7), (a, b))
+    h, mu = randn(5, 4, seed=18).requires_grad_(), randn(3, 4, seed=19).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: kernels.student_t(x, y, 1.0), (h, mu))
+    # DEC is left out: its target p is held fixed (no gradient), which finite differences see.
+    q = torch.softmax(randn(5, 3, seed=20), 1).requires_grad_()
+    q0, qa = torch.softmax(randn(5, 3, seed=21), 1), torch.softmax(randn(5, 3, seed=22), 1)
+    assert torch.autograd.gradcheck(lambda x, y: kernels.anchor_loss(q0, x, y),
+                                    (qa.requires_grad_(), q.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (6, 2, 3, 2.0), (70, 13, 100, 1.0)])
+def test_student_t_matches_reference(dtype, n, k, f, alpha):
+    compare(lambda h, mu: fc.student_t(h, mu, alpha, backend="triton"),
+            lambda h, mu: reference.student_t(h, mu, alpha),
+            (randn(n, f, seed=23), randn(k, f, seed=24)), dtype, weights=randn(n, k, seed=25))
+
+
+def test_student_t_mixed_dtypes():
+    """bf16 features with fp32 centres (autocast) give the fp32 computation on bf16 features."""
+    h = randn(20, 16, seed=26).bfloat16()
+    mu = randn(5, 16, seed=27).float().requires_grad_()
+    got = kernels.student_t(h, mu, 1.0)
+    torch.testing.assert_close(got, reference.student_t(h.float(), mu.detach(), 1.0),
+                               rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert mu.grad.dtype == torch.float32 and torch.isfinite(mu.grad).all()
+
+
+def probabilities(n, k, seed):
+    return torch.softmax(randn(n, k, seed=seed, scale=2.0), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(37, 10), (6, 2), (70, 13)])
+def test_dec_and_anchor_match_reference(dtype, n, k):
+    compare(lambda q: fc.dec_loss(q, backend="triton"), reference.dec_loss,
+            (probabilities(n, k, 28),), dtype)
+    compare(lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
+            reference.anchor_loss,
+            (probabilities(n, k, 29), probabilities(n, k, 30), probabilities(n, k, 31)), dtype)
+
+
+def test_dec_and_anchor_one_hot_stay_finite():
+    q = torch.eye(10, dtype=F64)[torch.arange(37) % 10]
+    compare(lambda x: fc.dec_loss(x, backend="triton"), reference.dec_loss, (q,), torch.float32)
+    compare(lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
+            reference.anchor_loss, (q, q, probabilities(37, 10, 32)), torch.float32)
+
+
+# --- backend wiring --------------------------------------------------------------------------
+
+def test_tcc_cluster_loss_matches_reference():
+    c_a, c_b = randn(30, 7, seed=33), randn(30, 7, seed=34)
+    h_a, h_b = randn(30, 40, seed=35), randn(30, 40, seed=36)
+    torch.manual_seed(0)
+    got = fc.tcc_cluster_loss(c_a, c_b, h_a, h_b, 0.5, backend="triton")
+    torch.manual_seed(0)
+    want = fc.tcc_cluster_loss(c_a, c_b, h_a, h_b, 0.5, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc"])
+def test_whole_objective_matches_torch_backend(method):
+    z_a, z_b = randn(21, 32, seed=37), randn(21, 32, seed=38)
+    inputs = ({"q0": probabilities(21, 6, 39), "q_a": probabilities(21, 6, 40),
+               "q_b": probabilities(21, 6, 41)} if method == "anchor"
+              else {"logits_a": randn(21, 6, seed=42), "logits_b": randn(21, 6, seed=43)})
+    got = ClusterContrastiveLoss(method, backend="triton")(z_a, z_b, **inputs)
+    want = ClusterContrastiveLoss(method, backend="torch")(z_a, z_b, **inputs)
+    torch.testing.assert_close(got.total, want.total, rtol=1e-10, atol=1e-12)
+    for name in want.parts:
+        torch.testing.assert_close(got.parts[name], want.parts[name], rtol=1e-10, atol=1e-12)
+
+
+def test_unavailable_reason_and_auto(monkeypatch):
+    assert kernels.unavailable_reason(torch.device("cuda")) is None
+    assert dispatch.resolve("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = kernels.unavailable_reason(torch.device("cpu"))
+    assert "CUDA" in reason and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        fc.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.unavailable_reason(torch.device("cpu")) is None
