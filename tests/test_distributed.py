@@ -1,4 +1,5 @@
-"""gather_distributed: two gloo processes on CPU against one process on the concatenated batch.
+"""gather_distributed: two gloo processes on CPU against one process on the concatenated batch
+(backends torch, chunked and triton -- the latter under the interpreter without CUDA).
 
 Convention checked (lightly's, DDP-exact): the mean over ranks of the returned losses equals the
 single-process loss, and each rank's gradient for its rows equals world_size times the
@@ -58,6 +59,15 @@ CASES = {
     "nt_xent_chunked_low_tau": (  # 2/tau > 700: the online logsumexp path
         {"za": (D, 0), "zb": (D, 0)},
         lambda x: gathered.nt_xent_rows(x["za"], x["zb"], 0.002, *_blocked(4)),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.002)),
+    "nt_xent_triton": (  # the Triton kernels' row-range primitives (interpreter without CUDA)
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: FL.nt_xent(x["za"], x["zb"], 0.5, backend="triton", gather_distributed=True),
+        lambda x: reference.nt_xent(x["za"], x["zb"], 0.5)),
+    "nt_xent_triton_low_tau": (
+        {"za": (D, 0), "zb": (D, 0)},
+        lambda x: FL.nt_xent(x["za"], x["zb"], 0.002, backend="triton",
+                             gather_distributed=True),
         lambda x: reference.nt_xent(x["za"], x["zb"], 0.002)),
     "cc_cluster": (
         {"la": (K, 0), "lb": (K, 0)},
@@ -226,10 +236,14 @@ def test_gather_flag_without_group_is_plain_loss(backend):
     torch.testing.assert_close(gather, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("tau,block", [(0.5, 3), (0.5, 64), (0.002, 5)])
+@pytest.mark.parametrize("tau,block", [(0.5, 3), (0.5, 64), (0.002, 5), (0.5, "triton"),
+                                       (0.002, "triton")])
 def test_gathered_function_world_one_matches_reference(tau, block):
     x = {k: v.requires_grad_() for k, v in _inputs({"za": (D, 0), "zb": (D, 0)}, 11).items()}
-    got = gathered.nt_xent_rows(x["za"], x["zb"], tau, *_blocked(block))
+    if block == "triton":
+        got = gathered.nt_xent(x["za"], x["zb"], tau, "triton")
+    else:
+        got = gathered.nt_xent_rows(x["za"], x["zb"], tau, *_blocked(block))
     want = reference.nt_xent(x["za"], x["zb"], tau)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for g, w in zip(torch.autograd.grad(got, list(x.values())),
