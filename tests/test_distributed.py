@@ -177,6 +177,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["world"] = (distributed.world_size(), distributed.rank(),
                             distributed.is_main_process())
         results["params"] = _train(rank, WORLD)
+        try:
+            distributed.wrap_model(torch.nn.BatchNorm1d(3), device, sync_batchnorm=True)
+            results["sync_bn_error"] = None
+        except ValueError as err:
+            results["sync_bn_error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         distributed.cleanup()
@@ -213,6 +218,10 @@ def test_unequal_rows_raise_on_every_rank(rank_results):
     for r in rank_results:
         assert r["unequal_error"] is not None and "same number of rows" in r["unequal_error"]
         assert "[4, 5]" in r["unequal_error"]
+
+
+def test_sync_batchnorm_on_cpu_is_refused_clearly(rank_results):
+    assert all("needs CUDA devices" in r["sync_bn_error"] for r in rank_results)
 
 
 def test_rank_helpers(rank_results):
@@ -408,3 +417,16 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
     assert [s for s, _ in losses("resumed")] == [4, 5, 6]
     moved = max(float((reference[k].float() - initial[k].float()).abs().max()) for k in reference)
     assert moved > 1e-3  # the second epoch changed the weights well beyond the tolerance
+
+
+def test_gathered_nt_xent_accumulates_in_fp32_under_autocast():
+    x = {k: v.float().requires_grad_() for k, v in
+         _inputs({"za": (D, 0), "zb": (D, 0)}, 9, seed=2).items()}
+    plain = gathered.nt_xent_rows(x["za"], x["zb"], 0.1, *_blocked(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = gathered.nt_xent_rows(x["za"], x["zb"], 0.1, *_blocked(4))
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(under, list(x.values())),
+                    torch.autograd.grad(plain, list(x.values()))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)

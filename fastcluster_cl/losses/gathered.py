@@ -45,6 +45,12 @@ class _GatheredNTXent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, lse_rows: RowLSE, grad_rows: RowGrad):
+        # Accumulate in fp32/fp64 even inside an autocast region (the primitives' matmuls).
+        with torch.autocast(z_a.device.type, enabled=False):
+            return _GatheredNTXent._forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows)
+
+    @staticmethod
+    def _forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows):
         n, inv_tau = z_a.shape[0], 1.0 / temperature
         ranges = local_row_ranges(n, D.rank(), D.world_size())
         # Gather in the input dtype (half the traffic for bf16), normalise in the accumulation one.
@@ -61,6 +67,11 @@ class _GatheredNTXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _GatheredNTXent._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         zn, norm, lse = ctx.saved_tensors
         (a0, a1), (b0, b1) = ctx.ranges
         g = torch.cat([ctx.grad_rows(zn, lse, a0, a1, ctx.inv_tau),
