@@ -200,7 +200,9 @@ def test_bad_arguments(rgb, digits, monkeypatch):
     with pytest.raises(TypeError, match="ImageDataset"):
         make_train_loader(rgb.images, 4)
     with pytest.raises(ValueError, match="start_batch"):
-        next(make_train_loader(rgb, 4).epoch(0, start_batch=99))
+        make_train_loader(rgb, 4).epoch(0, start_batch=99)  # raised before iterating
+    with pytest.raises(ValueError, match="epoch"):
+        make_train_loader(rgb, 4).epoch(-1)
     with pytest.raises(ValueError, match="crop_scale"):
         AugmentSpec(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="preset"):
@@ -245,3 +247,22 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(dali_module, "dali_unavailable_reason", lambda: None)
     assert loader_module.choose_backend("auto", cuda)[0] == "dali"
     assert loader_module.choose_backend("dali", cpu) == ("dali", "requested")
+
+
+def test_backend_is_logged(rgb, caplog):
+    with caplog.at_level("INFO", logger="fastcluster_cl.data.loader"):
+        make_train_loader(rgb, 4)
+    assert "augmentation backend: torchvision (device is cpu" in caplog.text
+
+
+@pytest.mark.parametrize("augment,workers", [("torchvision", 0), ("torchvision", 1),
+                                             ("dali", 0)])
+def test_global_rng_untouched(rgb, augment, workers):
+    """The model's own sampling (e.g. Gumbel noise) uses torch's global RNG: iterating the
+    loader must not advance it, or resumed runs would diverge."""
+    if augment == "dali":
+        pytest.importorskip("nvidia.dali")
+    loader = make_train_loader(rgb, 8, augment=augment, num_workers=workers)
+    before = torch.get_rng_state()
+    assert len(list(loader.epoch(0, start_batch=1))) == 3
+    assert torch.equal(torch.get_rng_state(), before)

@@ -127,15 +127,20 @@ class TrainLoader:
                 or not 0 <= start_batch <= len(self)):
             raise ValueError(f"start_batch must be an int in [0, {len(self)}], got "
                              f"{start_batch!r}")
-        source = _EpochBatches(self, int(epoch))
+        return self._batches(_EpochBatches(self, int(epoch)), int(start_batch))
+
+    def _batches(self, source: "_EpochBatches", start_batch: int):
         if self.backend == "dali":
             for k in range(start_batch, len(self)):
                 yield self._dali_batch(source, k)
             return
         pin = self.device.type == "cuda"
+        # DataLoader draws its worker base seed when an iterator starts; a private generator
+        # keeps that draw off torch's global RNG, which the model's own sampling uses.
+        generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
             source, batch_size=None, sampler=range(start_batch, len(self)),
-            num_workers=self.num_workers, pin_memory=pin)
+            num_workers=self.num_workers, pin_memory=pin, generator=generator)
         for batch in loader:
             out = {key: self._normalise(batch[key].to(self.device, non_blocking=pin))
                    for key in ("a", "b", "clean")}
