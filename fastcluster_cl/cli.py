@@ -76,6 +76,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    "the device type; each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
                    default=S, help="SyncBatchNorm across torchrun's ranks (CUDA only)")
+    p.add_argument("--threads", type=POS_INT, default=S,
+                   help="CPU threads for torch (default: one per core; on a shared machine "
+                   "1 is often faster)")
     p.add_argument("--eval-every", dest="eval_every", type=NONNEG_INT, default=S,
                    help="epochs between evaluations (0: at the end only)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=NONNEG_INT, default=S,
@@ -91,7 +94,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="continue from a checkpoint file or run directory")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The full parser; `with_bench=False` leaves fastcluster_cl.bench unimported (its options
+    are then not registered), which `main` uses for every other command."""
     parser = argparse.ArgumentParser(prog=PROG, description="Deep contrastive image clustering.")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}")
     sub.required = True
@@ -104,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", dest="batch_size", type=POS_INT, default=512)
     ev.add_argument("--out", default=None, help="also write the metrics to OUT/metrics.json")
     bench = sub.add_parser("bench", help="run the benchmarks (fastcluster_cl.bench)")
-    try:
-        from . import bench as bench_module
-    except ImportError:
-        bench_module = None
-        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench_module = None
+    if with_bench:
+        try:
+            from . import bench as bench_module
+        except ImportError:
+            pass
     if bench_module is not None:
         bench_module.add_arguments(bench)
+    else:
+        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     sub.add_parser("info", help="versions, devices and available backends")
     return parser
 
@@ -216,7 +224,8 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "info": cm
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_bench="bench" in argv)
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError
     from .train.trainer import NonFiniteLossError

@@ -75,3 +75,27 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"hidden_dim=64 \(checkpoint: 32\)"):
         Trainer(tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(),
                 resume_from=tmp_path / "run")
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny(tmp_path, method="cc", amp="bf16", epochs=1, plots=False),
+                      dataset=blobs())
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    metrics = trainer.fit()
+    steps = read_log(tmp_path / "run" / "log.jsonl", "step")
+    assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
+    assert trainer.model.projector.net[0].weight.dtype == torch.float32   # master weights
+    assert 0 <= metrics["nmi"] <= 1
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path):
+    torch.set_num_threads(1)
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        train(tiny(tmp_path, method="cc", epochs=1, compile=compiled, plots=False, eval_every=0,
+                   out=str(out)), dataset=blobs())
+        losses[compiled] = [r["loss"] for r in read_log(out / "log.jsonl", "step")]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

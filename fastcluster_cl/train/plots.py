@@ -71,7 +71,8 @@ def plot_embedding(features: np.ndarray, y_pred: np.ndarray, path: str | Path,
     idx = rng.permutation(len(features))[:max_points]
     x = np.asarray(features, dtype=np.float32)[idx]
     perplexity = float(min(30, max(2, (len(x) - 1) / 3)))
-    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca",
+               random_state=seed).fit_transform(x)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(emb[:, 0], emb[:, 1], c=y_pred[idx], cmap="tab20", s=4)
     ax.set_title("t-SNE of features, coloured by cluster")

@@ -54,7 +54,7 @@ class TrainConfig:
     projection_dim: int = 128
     hidden_dim: int = 512
     augment: str = "auto"
-    epochs: int = 60
+    epochs: int = 40
     batch_size: int = 256            # global batch: split evenly over the ranks
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -71,6 +71,7 @@ class TrainConfig:
     sync_bn: bool = False            # SyncBatchNorm across ranks (CUDA only)
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None       # CPU threads for torch ops; None: torch's default
     eval_every: int = 0              # epochs between evaluations; 0: only at the end
     eval_batch_size: int = 512
     checkpoint_every: int = 0        # steps between mid-epoch checkpoints; 0: epoch ends only
@@ -80,9 +81,9 @@ class TrainConfig:
     progress: bool = True
 
     # Settings a resumed run may change; all others must equal the checkpoint's.
-    RESUMABLE = ("device", "out", "eval_every", "eval_batch_size", "checkpoint_every",
-                 "log_every", "plots", "progress", "compile", "data_root", "loss_backend",
-                 "sync_bn")
+    RESUMABLE = ("device", "threads", "out", "eval_every", "eval_batch_size",
+                 "checkpoint_every", "log_every", "plots", "progress", "compile", "data_root",
+                 "loss_backend", "sync_bn")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +119,8 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_clusters is not None and self.num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
 
@@ -191,6 +194,8 @@ class Trainer:
                  resume_from: str | Path | None = None):
         from ..data import make_train_loader
         config.check()
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.runtime = runtime or Runtime.create(config.device)
         self.resume_state = None
         if resume_from is not None:
@@ -416,7 +421,15 @@ class Trainer:
                             dynamic_ncols=True)
         with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
             while self.epoch < c.epochs:
-                for batch in self.train_loader.epoch(self.epoch, start_batch=self.batch):
+                batches = self.train_loader.epoch(self.epoch, start_batch=self.batch)
+                while True:
+                    # The loader may draw from torch's global RNG (DataLoader seeds its workers
+                    # from it when an iterator starts); fencing it off keeps the stream the
+                    # model uses (Gumbel noise) identical in resumed and uninterrupted runs.
+                    with torch.random.fork_rng(devices=[]):
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
                     t0 = time.perf_counter()
                     record = self.train_step(batch)
                     dt = time.perf_counter() - t0
