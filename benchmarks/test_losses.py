@@ -1,0 +1,29 @@
+"""Every loss op x implementation, forward and forward+backward, by 2N tier, D, K and dtype.
+
+The "small" tier is one D and one K per op (the quick profile: `-k small`); the "medium" and
+"large" tiers cross every D and K.
+
+Backends (torch, chunked, triton, cuda) run through the public API; the peers (torch.compile of
+the reference, lightly, pytorch-metric-learning) are measured for NT-Xent, the loss they share.
+Group and compare with e.g. `--benchmark-group-by=param:case`.
+"""
+import pytest
+
+from fastcluster_cl import bench
+
+from conftest import DTYPES, SIZES
+
+DIMS = (128, 512)
+KS = (10, 100)
+
+PARAMS = []
+for tier, two_n in SIZES.items():
+    dims, ks = (DIMS[:1], KS[:1]) if tier == "small" else (DIMS, KS)
+    for case in bench.cases(bench.OPS, [two_n], dims, ks, DTYPES):
+        impls = bench.IMPLS if case.op == "nt_xent" else bench.BACKENDS
+        PARAMS += [pytest.param(case, impl, id=f"{tier}-{case.label}-{impl}") for impl in impls]
+
+
+@pytest.mark.parametrize(("case", "impl"), PARAMS)
+def test_loss(run_case, case, impl):
+    run_case(case, impl)

@@ -1,0 +1,337 @@
+// torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.cuda_backend builds it).
+//
+// Each function checks its tensors, allocates the outputs and calls the extern "C" launchers of
+// fcl_kernels.h on the current stream. The autograd.Function that composes them lives in
+// fastcluster_cl/cuda_backend.py; the row-range functions are also the building blocks of the
+// distributed path (each rank: its rows against the all-gathered Z and lse).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <climits>
+#include <vector>
+
+#include "fcl_kernels.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FCL_FLOAT32;
+    case at::kHalf: return FCL_FLOAT16;
+    case at::kBFloat16: return FCL_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "backend='cuda' takes float32, float16 or bfloat16 tensors, got ",
+                  t.scalar_type());
+  }
+  return -1;  // unreachable
+}
+
+void check_launch(int err, const char* launcher) {
+  TORCH_CHECK(err == 0, launcher, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+int checked_int(int64_t value, const char* what) {
+  TORCH_CHECK(value >= 0 && value <= INT_MAX, what, " = ", value, " does not fit the kernels' int");
+  return static_cast<int>(value);
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_float_vector(const at::Tensor& t, const char* name, int64_t length,
+                        const at::Tensor& like) {
+  check_cuda_tensor(t, name, 1);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.size(0) == length, name, " must have ", length, " entries, got ", t.size(0));
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", zn on ", like.device());
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& like) {
+  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == like.device() &&
+                  grad_out.scalar_type() == at::kFloat && grad_out.numel() == 1 &&
+                  grad_out.is_contiguous(),
+              "grad_out must be one contiguous float32 on ", like.device());
+}
+
+// Validates zn (m x d) and the row range; returns {m, d}.
+std::pair<int, int> check_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end) {
+  check_cuda_tensor(zn, "zn", 2);
+  dtype_code(zn);
+  const int m = checked_int(zn.size(0), "rows of zn");
+  const int d = checked_int(zn.size(1), "features of zn");
+  TORCH_CHECK(m >= 2 && d >= 1, "zn must be at least 2 x 1, got ", zn.sizes());
+  TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= m,
+              "row range [", row_start, ", ", row_end, ") is not inside [0, ", m, ")");
+  return {m, d};
+}
+
+}  // namespace
+
+// (zn, norm, pos_sim): zn = [z_a; z_b] row-normalised (input dtype), norm the clamped row norms,
+// pos_sim[i] = zn[i] . zn[n + i] (both fp32).
+std::vector<at::Tensor> normalize(const at::Tensor& z_a, const at::Tensor& z_b) {
+  check_cuda_tensor(z_a, "z_a", 2);
+  check_cuda_tensor(z_b, "z_b", 2);
+  TORCH_CHECK(z_a.sizes() == z_b.sizes() && z_a.scalar_type() == z_b.scalar_type() &&
+                  z_a.device() == z_b.device(),
+              "z_a and z_b must share shape, dtype and device");
+  const int dtype = dtype_code(z_a);
+  const int n = checked_int(z_a.size(0), "rows of z_a");
+  const int d = checked_int(z_a.size(1), "features of z_a");
+  checked_int(2 * static_cast<int64_t>(n), "2 * rows of z_a");
+  TORCH_CHECK(n >= 1 && d >= 1, "z_a must be at least 1 x 1, got ", z_a.sizes());
+  const c10::cuda::CUDAGuard guard(z_a.device());
+  const auto f32 = z_a.options().dtype(at::kFloat);
+  at::Tensor zn = at::empty({2 * static_cast<int64_t>(n), d}, z_a.options());
+  at::Tensor norm = at::empty({2 * static_cast<int64_t>(n)}, f32);
+  at::Tensor pos_sim = at::empty({n}, f32);
+  check_launch(fcl_nt_xent_normalize(dtype, z_a.data_ptr(), z_b.data_ptr(), n, d, zn.data_ptr(),
+                                     norm.data_ptr<float>(), pos_sim.data_ptr<float>(),
+                                     c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_normalize");
+  return {zn, norm, pos_sim};
+}
+
+namespace {
+
+// The column split count: `splits` when >= 1, else the launchers' recommendation for this GPU.
+int column_splits(const at::Tensor& zn, int m, int d, int64_t rows, bool backward,
+                  int64_t splits) {
+  if (splits >= 1) return checked_int(splits, "splits");
+  int multiprocessors = 0;
+  check_launch(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                      zn.get_device()),
+               "cudaDeviceGetAttribute");
+  return fcl_nt_xent_splits(dtype_code(zn), m, d, static_cast<int>(rows), backward ? 1 : 0,
+                            multiprocessors);
+}
+
+}  // namespace
+
+// lse of the rows [row_start, row_end) of zn against all rows, excluding the diagonal (fp32).
+// splits < 1 picks the column split for this GPU (see fcl_nt_xent_splits).
+at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, double inv_tau,
+                    int64_t splits) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  const c10::cuda::CUDAGuard guard(zn.device());
+  const int64_t rows = row_end - row_start;
+  const auto f32 = zn.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({rows}, f32);
+  if (rows == 0) return lse;
+  const int split = column_splits(zn, m, d, rows, false, splits);
+  at::Tensor workspace = at::empty({split > 1 ? 2 * split * rows : 0}, f32);
+  check_launch(fcl_nt_xent_lse(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+                               static_cast<int>(row_end), static_cast<float>(inv_tau), split,
+                               split > 1 ? workspace.data_ptr<float>() : nullptr,
+                               lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_lse");
+  return lse;
+}
+
+// g = sum_j (P_ij + P_ji) zn_j for the rows [row_start, row_end), given every row's lse (fp32).
+at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& lse_full, int64_t row_start,
+                     int64_t row_end, double inv_tau, int64_t splits) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  check_float_vector(lse_full, "lse", m, zn);
+  const c10::cuda::CUDAGuard guard(zn.device());
+  const int64_t rows = row_end - row_start;
+  const auto f32 = zn.options().dtype(at::kFloat);
+  at::Tensor g = at::empty({rows, d}, f32);
+  if (rows == 0) return g;
+  const int split = column_splits(zn, m, d, rows, true, splits);
+  at::Tensor workspace = at::empty({split > 1 ? split * rows * d : 0}, f32);
+  check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+                                static_cast<int>(row_end), static_cast<float>(inv_tau),
+                                lse_full.data_ptr<float>(), split,
+                                split > 1 ? workspace.data_ptr<float>() : nullptr,
+                                g.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_grad");
+  return g;
+}
+
+// dz of the rows [row_start, row_end): positive term, scaling by grad_out * factor and the
+// backward of the L2 normalisation (input dtype). norm and g are indexed from row_start.
+at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at::Tensor& g,
+                         int64_t row_start, int64_t row_end, const at::Tensor& grad_out,
+                         double factor) {
+  const auto [m, d] = check_rows(zn, row_start, row_end);
+  TORCH_CHECK(m % 2 == 0, "zn must have an even number of rows ([z_a; z_b]), got ", m);
+  check_float_vector(norm, "norm", row_end - row_start, zn);
+  check_cuda_tensor(g, "g", 2);
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.size(0) == row_end - row_start &&
+                  g.size(1) == d && g.device() == zn.device(),
+              "g must be float32 of shape [", row_end - row_start, ", ", d, "] on ", zn.device(),
+              ", got ", g.scalar_type(), " ", g.sizes());
+  check_grad_out(grad_out, zn);
+  const c10::cuda::CUDAGuard guard(zn.device());
+  at::Tensor dz = at::empty({row_end - row_start, d}, zn.options());
+  check_launch(fcl_nt_xent_norm_backward(dtype_code(zn), zn.data_ptr(), norm.data_ptr<float>(),
+                                         g.data_ptr<float>(), m, d, static_cast<int>(row_start),
+                                         static_cast<int>(row_end), grad_out.data_ptr<float>(),
+                                         static_cast<float>(factor), dz.data_ptr(),
+                                         c10::cuda::getCurrentCUDAStream()),
+               "fcl_nt_xent_norm_backward");
+  return dz;
+}
+
+namespace {
+
+// Validates an n x k assignment matrix; returns {n, k}.
+std::pair<int, int> check_assignments(const at::Tensor& q, const char* name) {
+  check_cuda_tensor(q, name, 2);
+  dtype_code(q);
+  return {checked_int(q.size(0), "rows of q"), checked_int(q.size(1), "columns of q")};
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  check_cuda_tensor(t, name, like.dim());
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
+                  t.device() == like.device(),
+              name, " must match q0 in shape, dtype and device");
+}
+
+}  // namespace
+
+// (loss_rows, f): per-row DEC KL(p_i || q_i) and the column sums f (both fp32).
+std::vector<at::Tensor> dec_forward(const at::Tensor& q) {
+  const auto [n, k] = check_assignments(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor f = at::empty({k}, f32);
+  at::Tensor loss_rows = at::empty({n}, f32);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(fcl_column_sums(dtype_code(q), q.data_ptr(), n, k, f.data_ptr<float>(), stream),
+               "fcl_column_sums");
+  check_launch(fcl_dec_rows(dtype_code(q), q.data_ptr(), f.data_ptr<float>(), n, k,
+                            loss_rows.data_ptr<float>(), stream),
+               "fcl_dec_rows");
+  return {loss_rows, f};
+}
+
+at::Tensor dec_backward(const at::Tensor& q, const at::Tensor& f, const at::Tensor& grad_out,
+                        double factor) {
+  const auto [n, k] = check_assignments(q, "q");
+  check_float_vector(f, "f", k, q);
+  check_grad_out(grad_out, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty_like(q);
+  check_launch(fcl_dec_backward(dtype_code(q), q.data_ptr(), f.data_ptr<float>(), n, k,
+                                grad_out.data_ptr<float>(), static_cast<float>(factor),
+                                dq.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_dec_backward");
+  return dq;
+}
+
+// Per-row KL(q0_i || qa_i) + KL(q0_i || qb_i) (fp32).
+at::Tensor anchor_forward(const at::Tensor& q0, const at::Tensor& qa, const at::Tensor& qb) {
+  const auto [n, k] = check_assignments(q0, "q0");
+  check_like(qa, "q_a", q0);
+  check_like(qb, "q_b", q0);
+  const c10::cuda::CUDAGuard guard(q0.device());
+  at::Tensor loss_rows = at::empty({n}, q0.options().dtype(at::kFloat));
+  check_launch(fcl_anchor_rows(dtype_code(q0), q0.data_ptr(), qa.data_ptr(), qb.data_ptr(), n, k,
+                               loss_rows.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_anchor_rows");
+  return loss_rows;
+}
+
+std::vector<at::Tensor> anchor_backward(const at::Tensor& q0, const at::Tensor& qa,
+                                        const at::Tensor& qb, const at::Tensor& grad_out,
+                                        double factor) {
+  const auto [n, k] = check_assignments(q0, "q0");
+  check_like(qa, "q_a", q0);
+  check_like(qb, "q_b", q0);
+  check_grad_out(grad_out, q0);
+  const c10::cuda::CUDAGuard guard(q0.device());
+  at::Tensor dqa = at::empty_like(qa);
+  at::Tensor dqb = at::empty_like(qb);
+  check_launch(fcl_anchor_backward(dtype_code(q0), q0.data_ptr(), qa.data_ptr(), qb.data_ptr(), n,
+                                   k, grad_out.data_ptr<float>(), static_cast<float>(factor),
+                                   dqa.data_ptr(), dqb.data_ptr(),
+                                   c10::cuda::getCurrentCUDAStream()),
+               "fcl_anchor_backward");
+  return {dqa, dqb};
+}
+
+// (q, dist2): Student-t assignment of h (n x f) to centers (k x f), both n x k fp32.
+std::vector<at::Tensor> student_t_forward(const at::Tensor& h, const at::Tensor& centers,
+                                          double alpha) {
+  check_cuda_tensor(h, "h", 2);
+  check_cuda_tensor(centers, "centers", 2);
+  TORCH_CHECK(centers.scalar_type() == h.scalar_type() && centers.device() == h.device() &&
+                  centers.size(1) == h.size(1),
+              "centers must match h in dtype, device and features, got ", centers.sizes(), " ",
+              centers.scalar_type(), " and ", h.sizes(), " ", h.scalar_type());
+  TORCH_CHECK(alpha > 0, "alpha must be > 0, got ", alpha);
+  const int n = checked_int(h.size(0), "rows of h");
+  const int f = checked_int(h.size(1), "features of h");
+  const int k = checked_int(centers.size(0), "rows of centers");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor q = at::empty({n, k}, f32);
+  at::Tensor dist2 = at::empty({n, k}, f32);
+  check_launch(fcl_student_t(dtype_code(h), h.data_ptr(), centers.data_ptr(), n, k, f,
+                             static_cast<float>(alpha), q.data_ptr<float>(),
+                             dist2.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "fcl_student_t");
+  return {q, dist2};
+}
+
+// (dh, dcenters) from grad_q = dL/dq (n x k fp32) and the forward's q and dist2.
+std::vector<at::Tensor> student_t_backward(const at::Tensor& h, const at::Tensor& centers,
+                                           const at::Tensor& q, const at::Tensor& dist2,
+                                           const at::Tensor& grad_q, double alpha) {
+  check_cuda_tensor(h, "h", 2);
+  check_cuda_tensor(centers, "centers", 2);
+  const int n = checked_int(h.size(0), "rows of h");
+  const int f = checked_int(h.size(1), "features of h");
+  const int k = checked_int(centers.size(0), "rows of centers");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&dist2, "dist2"}, {&grad_q, "grad_q"}}) {
+    check_cuda_tensor(*t, name, 2);
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->size(0) == n && t->size(1) == k &&
+                    t->device() == h.device(),
+                name, " must be float32 of shape [", n, ", ", k, "] on ", h.device());
+  }
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor w = at::empty({n, k}, q.options());
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor dcenters = at::empty_like(centers);
+  check_launch(fcl_student_t_backward(dtype_code(h), h.data_ptr(), centers.data_ptr(),
+                                      q.data_ptr<float>(), dist2.data_ptr<float>(),
+                                      grad_q.data_ptr<float>(), n, k, f,
+                                      static_cast<float>(alpha), w.data_ptr<float>(),
+                                      dh.data_ptr(), dcenters.data_ptr(),
+                                      c10::cuda::getCurrentCUDAStream()),
+               "fcl_student_t_backward");
+  return {dh, dcenters};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA C++ twin of the fastcluster_cl fused NT-Xent (see csrc/fcl_kernels.h)";
+  m.def("normalize", &normalize, "zn, norm, pos_sim of [z_a; z_b]", py::arg("z_a"),
+        py::arg("z_b"));
+  m.def("lse_rows", &lse_rows, "masked row log-sum-exp of rows [row_start, row_end)",
+        py::arg("zn"), py::arg("row_start"), py::arg("row_end"), py::arg("inv_tau"),
+        py::arg("splits") = 0);
+  m.def("grad_rows", &grad_rows, "sum_j (P_ij + P_ji) zn_j of rows [row_start, row_end)",
+        py::arg("zn"), py::arg("lse"), py::arg("row_start"), py::arg("row_end"),
+        py::arg("inv_tau"), py::arg("splits") = 0);
+  m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
+        py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
+        py::arg("grad_out"), py::arg("factor"));
+  m.def("student_t_forward", &student_t_forward, "Student-t assignment q and distances",
+        py::arg("h"), py::arg("centers"), py::arg("alpha"));
+  m.def("student_t_backward", &student_t_backward, "gradients for h and centers", py::arg("h"),
+        py::arg("centers"), py::arg("q"), py::arg("dist2"), py::arg("grad_q"), py::arg("alpha"));
+  m.def("dec_forward", &dec_forward, "per-row DEC loss and column sums f", py::arg("q"));
+  m.def("dec_backward", &dec_backward, "gradient of the DEC loss", py::arg("q"), py::arg("f"),
+        py::arg("grad_out"), py::arg("factor"));
+  m.def("anchor_forward", &anchor_forward, "per-row anchor loss", py::arg("q0"), py::arg("q_a"),
+        py::arg("q_b"));
+  m.def("anchor_backward", &anchor_backward, "gradients of the anchor loss for q_a, q_b",
+        py::arg("q0"), py::arg("q_a"), py::arg("q_b"), py::arg("grad_out"), py::arg("factor"));
+}

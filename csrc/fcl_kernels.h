@@ -1,0 +1,98 @@
+// C interface of the CUDA twin: the fused NT-Xent (DESIGN.md, "The objective", item 1;
+// csrc/nt_xent.cu) and the DEC / anchor terms (items 3 and 4; csrc/cluster.cu).
+//
+// NT-Xent: Z = [z_a; z_b] has m = 2n rows of d features; row i's positive is (i + m/2) mod m. Every
+// launcher takes raw device pointers, sizes and a stream, launches asynchronously and returns
+// the cudaError_t of the launch (cudaSuccess == 0). Row-range launchers work on the global rows
+// [row_start, row_end) of the full normalised Z; their per-row inputs and outputs are indexed
+// from row_start (entry 0 is row row_start), so a distributed caller passes its own rows and the
+// all-gathered Z and lse. Inputs: float32 (SIMT fp32 path) or float16/bfloat16 (tensor cores,
+// fp32 accumulation); every statistic and gradient accumulator is float32.
+#ifndef FASTCLUSTER_CL_FCL_KERNELS_H_
+#define FASTCLUSTER_CL_FCL_KERNELS_H_
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element type of z, zn and dz.
+enum FclDtype { FCL_FLOAT32 = 0, FCL_FLOAT16 = 1, FCL_BFLOAT16 = 2 };
+
+// zn[i] = z_a[i] / max(||z_a[i]||, 1e-12), zn[n + i] likewise for z_b (zn: 2n x d, input
+// dtype); norm[0..2n) = those clamped norms (fp32); pos_sim[i] = zn[i] . zn[n + i] in fp32 from
+// the rounded zn, i.e. tau * S_{i,pos(i)}. z_a, z_b: n x d, contiguous.
+int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d, void* zn,
+                          float* norm, float* pos_sim, cudaStream_t stream);
+
+// Column splits: the lse and gradient launchers can divide the m columns among `splits` groups
+// of blocks (more blocks when few rows are asked for) and combine the partial results from a
+// caller-provided fp32 workspace, in a fixed order (deterministic for a given split count).
+// Returns the split count recommended for a GPU with `multiprocessors` SMs (backward = 0 for
+// fcl_nt_xent_lse, 1 for fcl_nt_xent_grad). Counts are clamped to [1, column tiles]; 1 needs no
+// workspace.
+int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backward, int multiprocessors);
+
+// lse[i - row_start] = log sum_{k != i, k < m} exp(inv_tau * zn[i] . zn[k]) for the rows
+// [row_start, row_end): online log-sum-exp over column tiles, no m x m buffer. m >= 2.
+// workspace: 2 * splits * (row_end - row_start) floats when splits > 1, else may be NULL.
+int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start, int row_end,
+                    float inv_tau, int splits, float* workspace, float* lse,
+                    cudaStream_t stream);
+
+// g[i - row_start] = sum_{j != i} (P_ij + P_ji) zn[j] for the rows [row_start, row_end), with
+// P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full holds all m rows' lse. g is fp32,
+// (row_end - row_start) x d. This is the unscaled contrastive part of dL/dzn (no atomics).
+// workspace: splits * (row_end - row_start) * d floats when splits > 1, else may be NULL.
+int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start, int row_end,
+                     float inv_tau, const float* lse_full, int splits, float* workspace,
+                     float* g, cudaStream_t stream);
+
+// Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * (g - 2 zn_pos),
+// factor = inv_tau / m for the mean loss, then the backward of the L2 normalisation:
+// dz = (u - zn (zn . u)) / norm where norm > 1e-12, else u / norm. norm and g are indexed from
+// row_start (the outputs of normalize and grad); dz is (row_end - row_start) x d, input dtype.
+// grad_out is a device pointer to one float (the incoming gradient of the loss).
+int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm, const float* g,
+                              int m, int d, int row_start, int row_end, const float* grad_out,
+                              float factor, void* dz, cudaStream_t stream);
+
+// Student-t assignment (csrc/cluster.cu): h n x f, centers k x f (input dtype, contiguous);
+// q[i][c] = softmax_c(-(alpha+1)/2 log1p(dist2[i][c] / alpha)), dist2[i][c] = ||h_i - mu_c||^2
+// (both n x k, fp32; dist2 is kept for the backward).
+int fcl_student_t(int dtype, const void* h, const void* centers, int n, int k, int f, float alpha,
+                  float* q, float* dist2, cudaStream_t stream);
+
+// dh (n x f) and dcenters (k x f) in the input dtype from grad_q = dL/dq (n x k, fp32); w is an
+// n x k fp32 scratch buffer that receives dL/d dist2.
+int fcl_student_t_backward(int dtype, const void* h, const void* centers, const float* q,
+                           const float* dist2, const float* grad_q, int n, int k, int f,
+                           float alpha, float* w, void* dh, void* dcenters, cudaStream_t stream);
+
+// DEC and anchor terms (csrc/cluster.cu); q, q0, qa, qb: n x k, contiguous, input dtype.
+// f[c] = sum_i q[i][c] (fp32). A distributed caller all-reduces f before fcl_dec_rows.
+int fcl_column_sums(int dtype, const void* q, int n, int k, float* f, cudaStream_t stream);
+
+// loss_rows[i] = KL(p_i || q_i) with the DEC target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j).
+int fcl_dec_rows(int dtype, const void* q, const float* f, int n, int k, float* loss_rows,
+                 cudaStream_t stream);
+
+// dq = -(*grad_out * factor) p / q (p held fixed; 0 where q < FLT_MIN, the clamped log).
+int fcl_dec_backward(int dtype, const void* q, const float* f, int n, int k,
+                     const float* grad_out, float factor, void* dq, cudaStream_t stream);
+
+// loss_rows[i] = KL(q0_i || qa_i) + KL(q0_i || qb_i).
+int fcl_anchor_rows(int dtype, const void* q0, const void* qa, const void* qb, int n, int k,
+                    float* loss_rows, cudaStream_t stream);
+
+// dqa = -(*grad_out * factor) q0 / qa, dqb likewise (q0 held fixed; clamped log as above).
+int fcl_anchor_backward(int dtype, const void* q0, const void* qa, const void* qb, int n, int k,
+                        const float* grad_out, float factor, void* dqa, void* dqb,
+                        cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // FASTCLUSTER_CL_FCL_KERNELS_H_

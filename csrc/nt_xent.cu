@@ -1,0 +1,544 @@
+// Fused NT-Xent forward and backward (the CUDA C++ twin of the Triton kernel).
+//
+// Z (m x d) is the row-normalised [z_a; z_b]. A block owns BM = 64 rows and sweeps all m columns
+// in tiles of BN = 64: each tile S = Z_rows Z_cols^T is accumulated in fp32 (wmma tensor cores
+// for float16/bfloat16, an 8x4-per-thread SIMT product for float32) into shared memory, then
+// consumed at once, so no m x m buffer ever exists.
+//   forward  (lse_kernel):  online log-sum-exp of each row over k != i, in base 2.
+//   backward (grad_kernel): A_ij = P_ij + P_ji = exp(S_ij - lse_i) + exp(S_ij - lse_j) from the
+//            saved lse (S is symmetric), then G += A Z_cols[:, d0:d0+BD]; grid.y splits the
+//            features so that the G accumulator stays in registers. One writer per output row:
+//            no atomics.
+// Column splits (grid.z): when the row blocks alone cannot fill the GPU, each block sweeps only
+// its share of the column tiles and writes a partial result to a workspace (per-row max and sum,
+// or a partial G); merge_lse_kernel / sum_splits_kernel combine the splits in a fixed order.
+// The small kernels normalize_kernel and norm_backward_kernel handle the L2 normalisation, the
+// positive pair and the final scaling. See fcl_kernels.h for the launcher contract.
+#include <mma.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace {
+
+using namespace nvcuda;
+using fcl::blocks_for;
+using fcl::dispatch;
+using fcl::from_float;
+using fcl::kFullMask;
+using fcl::to_float;
+using fcl::warp_sum;
+
+constexpr int kThreads = 128;  // 4 warps; each warp owns 16 of the BM rows on the wmma path
+constexpr int kWarps = kThreads / 32;
+constexpr int BM = 64;         // rows per block
+constexpr int BN = 64;         // columns per tile
+constexpr int BK = 32;         // features per step of the S product
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNormEps = 1e-12f;  // as F.normalize
+
+constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
+constexpr int max_of(int a, int b) { return a > b ? a : b; }
+
+// Shared-memory layout per element type. Offsets are multiples of 128 bytes and every wmma
+// pointer lands on a 32-byte boundary: rows of 16-bit tiles are padded by 8 elements (16 bytes),
+// fp32 score/staging tiles by 4 floats, fp32 SIMT operand tiles by 1 float (conflict-free
+// column reads). Padding also spreads rows across banks.
+template <typename T>
+struct Tile {
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  static constexpr int kPad = kTensorCores ? 8 : 1;
+  static constexpr int LDA = BK + kPad;                 // As (BM x BK) and Bs (BN x BK)
+  static constexpr int LDS = BN + 4;                    // Ss: fp32 scores, BM x BN
+  static constexpr int BD = kTensorCores ? 128 : 64;    // gradient features per block
+  static constexpr int LDP = kTensorCores ? BN + 8 : LDS;  // Ps: A tile (fp32: in place in Ss)
+  static constexpr int LDZ = BD + kPad;                 // Zd: BN x BD slice of the columns
+  static constexpr int LDG = BD + 4;                    // fp32 staging of G (wmma path)
+
+  static constexpr int kStageBytes = round_up(2 * BM * LDA * (int)sizeof(T), 128);  // As, Bs
+  static constexpr int kPBytes = kTensorCores ? round_up(BM * LDP * (int)sizeof(T), 128) : 0;
+  static constexpr int kZOffset = kPBytes;              // Ps, Zd alias As, Bs (phase 2)
+  static constexpr int kZBytes = round_up(BN * LDZ * (int)sizeof(T), 128);
+  static constexpr int kSOffset = max_of(kStageBytes, kPBytes + kZBytes);
+  static constexpr int kLseOffset = kSOffset + round_up(BM * LDS * (int)sizeof(float), 128);
+  static constexpr int kBytes = kLseOffset + round_up(BN * (int)sizeof(float), 128);
+
+  static_assert(BM == kWarps * 16, "each warp owns 16 rows on the wmma path");
+  static_assert(BM == BN, "As and Bs share one leading dimension");
+  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
+  static_assert(!kTensorCores || BM * LDG * (int)sizeof(float) <= kBytes,
+                "G staging must fit in the shared buffer");
+};
+
+// dst[r][c] = src[(r0 + r) * d + c0 + c] for r0 + r < r_end and c0 + c < d, else 0; r < 64.
+// When rows are 16-byte multiples (d % (16 / sizeof(T)) == 0) and src is 16-byte aligned, each
+// thread moves 16 bytes per load (and per store when LD keeps shared rows 16-byte aligned).
+template <typename T, int WIDTH, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int d, int r0,
+                                          int r_end, int c0) {
+  constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
+  static_assert(WIDTH % V == 0, "tile width must be whole 16-byte vectors");
+  if (d % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+#pragma unroll 2  // bounded: the gradient kernel holds its G accumulator in registers
+    for (int e = threadIdx.x; e < 64 * WIDTH / V; e += kThreads) {
+      const int r = e / (WIDTH / V), c = e % (WIDTH / V) * V;
+      const int row = r0 + r, col = c0 + c;  // col < d implies col + V <= d
+      const bool inside = row < r_end && col < d;
+      if constexpr (LD * sizeof(T) % 16 == 0) {
+        uint4 vec = make_uint4(0u, 0u, 0u, 0u);  // zero bits are +0 in every element type
+        if (inside) vec = *reinterpret_cast<const uint4*>(src + (int64_t)row * d + col);
+        *reinterpret_cast<uint4*>(dst + r * LD + c) = vec;
+      } else {  // the fp32 SIMT tiles (rows padded by one float): 16-byte loads, 4-byte stores
+        static_assert(std::is_same<T, float>::value, "16-bit tiles keep 16-byte rows");
+        float4 vec = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (inside) vec = *reinterpret_cast<const float4*>(src + (int64_t)row * d + col);
+        float* out = dst + r * LD + c;
+        out[0] = vec.x;
+        out[1] = vec.y;
+        out[2] = vec.z;
+        out[3] = vec.w;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < 64 * WIDTH; e += kThreads) {
+      const int r = e / WIDTH, c = e % WIDTH;
+      const int row = r0 + r, col = c0 + c;
+      dst[r * LD + c] =
+          (row < r_end && col < d) ? src[(int64_t)row * d + col] : from_float<T>(0.f);
+    }
+  }
+}
+
+// Ss[r][c] = zn[r0 + r] . zn[c0 + c] (fp32 accumulation) for rows < r_end and columns < m
+// (zero elsewhere). Ends with a barrier, after which As/Bs are free and Ss is readable.
+template <typename T>
+__device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r_end, int c0,
+                           unsigned char* smem) {
+  using Tr = Tile<T>;
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = As + BM * Tr::LDA;
+  float* Ss = reinterpret_cast<float*>(smem + Tr::kSOffset);
+  if constexpr (Tr::kTensorCores) {
+    const int warp = threadIdx.x / 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
+#pragma unroll
+    for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
+    for (int k0 = 0; k0 < d; k0 += BK) {
+      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
+      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, As + warp * 16 * Tr::LDA + kk, Tr::LDA);
+#pragma unroll
+        for (int n = 0; n < BN / 16; ++n) {
+          // Bs holds column rows [n][k]: read as the K x N operand it is column-major.
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+          wmma::load_matrix_sync(b, Bs + n * 16 * Tr::LDA + kk, Tr::LDA);
+          wmma::mma_sync(acc[n], a, b, acc[n]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < BN / 16; ++n) {
+      wmma::store_matrix_sync(Ss + warp * 16 * Tr::LDS + n * 16, acc[n], Tr::LDS,
+                              wmma::mem_row_major);
+    }
+  } else {
+    // 8 x 16 thread grid; thread (tr, tc) owns rows tr + 8i (i < 8) and columns tc + 16j (j < 4).
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    float acc[8][4] = {};
+    for (int k0 = 0; k0 < d; k0 += BK) {
+      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
+      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
+      __syncthreads();
+#pragma unroll 4
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[8], b[4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = As[(tr + 8 * i) * Tr::LDA + kk];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[(tc + 16 * j) * Tr::LDA + kk];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Ss[(tr + 8 * i) * Tr::LDS + tc + 16 * j] = acc[i][j];
+    }
+  }
+  __syncthreads();
+}
+
+// Epilogue thread mapping shared by both kernels: thread t reads row t / 2 of the tile and the
+// interleaved columns 2c + t % 2 (c < BN / 2); the two threads of a row are adjacent lanes.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lse_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
+               float scale2, int cols_per_split, float* __restrict__ lse,
+               float2* __restrict__ partial) {
+  using Tr = Tile<T>;
+  __shared__ __align__(128) unsigned char smem[Tr::kBytes];
+  const float* Ss = reinterpret_cast<const float*>(smem + Tr::kSOffset);
+  const int r0 = row_start + blockIdx.x * BM;
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int i = r0 + r;
+  const int c_begin = blockIdx.z * cols_per_split;
+  const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
+  // Running max and sum of 2^x over this thread's columns, x = S * log2(e) (base-2 lse).
+  float run_max = -INFINITY, run_sum = 0.f;
+  for (int c0 = c_begin; c0 < c_end; c0 += BN) {
+    score_tile<T>(zn, m, d, r0, row_end, c0, smem);
+    float x[BN / 2];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < BN / 2; ++c) {
+      const int col = 2 * c + half, j = c0 + col;
+      x[c] = (j < m && j != i) ? Ss[r * Tr::LDS + col] * scale2 : -INFINITY;
+      tile_max = fmaxf(tile_max, x[c]);
+    }
+    if (tile_max > -INFINITY) {
+      const float new_max = fmaxf(run_max, tile_max);
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < BN / 2; ++c) sum += exp2f(x[c] - new_max);  // exp2f(-inf) = 0
+      run_sum = run_sum * exp2f(run_max - new_max) + sum;
+      run_max = new_max;
+    }
+    __syncthreads();  // the next tile overwrites Ss
+  }
+  // Merge the two halves of the row. Over all columns (one split) max is finite since m >= 2;
+  // a split may hold no column of a row (only its diagonal): max -inf, sum 0.
+  const float other_max = __shfl_xor_sync(kFullMask, run_max, 1);
+  const float other_sum = __shfl_xor_sync(kFullMask, run_sum, 1);
+  if (half == 0 && i < row_end) {
+    const float mx = fmaxf(run_max, other_max);
+    const float total = mx == -INFINITY ? 0.f
+                        : run_sum * exp2f(run_max - mx) + other_sum * exp2f(other_max - mx);
+    if (gridDim.z == 1) {
+      lse[i - row_start] = (mx + log2f(total)) * kLn2;
+    } else {
+      const int64_t at = (int64_t)blockIdx.z * (row_end - row_start) + (i - row_start);
+      partial[at] = make_float2(mx, total);
+    }
+  }
+}
+
+// lse of each row from the (max, sum) of its column splits, in base 2, combined in split order.
+__global__ void __launch_bounds__(kThreads)
+    merge_lse_kernel(const float2* __restrict__ partial, int rows, int splits,
+                     float* __restrict__ lse) {
+  const int r = blockIdx.x * kThreads + threadIdx.x;
+  if (r >= rows) return;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partial[(int64_t)s * rows + r].x);
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float2 p = partial[(int64_t)s * rows + r];
+    total += p.y * exp2f(p.x - mx);  // p.x = -inf comes with p.y = 0
+  }
+  lse[r] = (mx + log2f(total)) * kLn2;
+}
+
+// out[e] = sum over splits of partial[s][e], in split order.
+__global__ void __launch_bounds__(kThreads)
+    sum_splits_kernel(const float* __restrict__ partial, int64_t count, int splits,
+                      float* __restrict__ out) {
+  for (int64_t e = blockIdx.x * (int64_t)kThreads + threadIdx.x; e < count;
+       e += (int64_t)gridDim.x * kThreads) {
+    float total = 0.f;
+    for (int s = 0; s < splits; ++s) total += partial[s * count + e];
+    out[e] = total;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
+                float scale2, const float* __restrict__ lse_full, int cols_per_split,
+                float* __restrict__ g_splits) {
+  using Tr = Tile<T>;
+  constexpr int BD = Tr::BD;
+  __shared__ __align__(128) unsigned char smem[Tr::kBytes];
+  float* Ss = reinterpret_cast<float*>(smem + Tr::kSOffset);
+  T* Ps = Tr::kTensorCores ? reinterpret_cast<T*>(smem) : reinterpret_cast<T*>(Ss);
+  T* Zd = reinterpret_cast<T*>(smem + Tr::kZOffset);
+  float* lse_col = reinterpret_cast<float*>(smem + Tr::kLseOffset);
+  const int r0 = row_start + blockIdx.x * BM;
+  const int d0 = blockIdx.y * BD;
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int i = r0 + r;
+  const float lse_i = i < row_end ? lse_full[i] * kLog2e : 0.f;
+
+  // G accumulator (BM x BD), registers.
+  const int warp = threadIdx.x / 32;
+  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> gfrag[Tr::kTensorCores ? BD / 16 : 1];
+  float gacc[8][4] = {};
+  if constexpr (Tr::kTensorCores) {
+#pragma unroll
+    for (int n = 0; n < BD / 16; ++n) wmma::fill_fragment(gfrag[n], 0.f);
+  }
+
+  const int c_begin = blockIdx.z * cols_per_split;
+  const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
+  // This split's (row_end - row_start) x d slice of the output (the output itself when unsplit).
+  float* g = g_splits + (int64_t)blockIdx.z * (row_end - row_start) * d;
+  for (int c0 = c_begin; c0 < c_end; c0 += BN) {
+    score_tile<T>(zn, m, d, r0, row_end, c0, smem);
+    load_tile<T, BD, Tr::LDZ>(Zd, zn, d, c0, m, d0);
+    for (int e = threadIdx.x; e < BN; e += kThreads) {
+      lse_col[e] = c0 + e < m ? lse_full[c0 + e] * kLog2e : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < BN / 2; ++c) {
+      const int col = 2 * c + half, j = c0 + col;
+      float a = 0.f;
+      if (i < row_end && j < m && j != i) {
+        const float x = Ss[r * Tr::LDS + col] * scale2;
+        a = exp2f(x - lse_i) + exp2f(x - lse_col[col]);
+      }
+      Ps[r * Tr::LDP + col] = from_float<T>(a);  // fp32: same element it just read
+    }
+    __syncthreads();
+    if constexpr (Tr::kTensorCores) {
+#pragma unroll
+      for (int kk = 0; kk < BN; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, Ps + warp * 16 * Tr::LDP + kk, Tr::LDP);
+#pragma unroll
+        for (int n = 0; n < BD / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, Zd + kk * Tr::LDZ + n * 16, Tr::LDZ);
+          wmma::mma_sync(gfrag[n], a, b, gfrag[n]);
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int kk = 0; kk < BN; ++kk) {
+        float a[8], b[4];
+#pragma unroll
+        for (int ii = 0; ii < 8; ++ii) a[ii] = to_float(Ps[(tr + 8 * ii) * Tr::LDP + kk]);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) b[jj] = to_float(Zd[kk * Tr::LDZ + tc + 16 * jj]);
+#pragma unroll
+        for (int ii = 0; ii < 8; ++ii) {
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) gacc[ii][jj] = fmaf(a[ii], b[jj], gacc[ii][jj]);
+        }
+      }
+    }
+    __syncthreads();  // the next tile overwrites Ps, Zd, Ss
+  }
+
+  if constexpr (Tr::kTensorCores) {
+    float* Gs = reinterpret_cast<float*>(smem);  // the whole buffer is free after the barrier
+#pragma unroll
+    for (int n = 0; n < BD / 16; ++n) {
+      wmma::store_matrix_sync(Gs + warp * 16 * Tr::LDG + n * 16, gfrag[n], Tr::LDG,
+                              wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * BD; e += kThreads) {
+      const int rr = e / BD, cc = e % BD;
+      const int row = r0 + rr, col = d0 + cc;
+      if (row < row_end && col < d) {
+        g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ii = 0; ii < 8; ++ii) {
+      const int row = r0 + tr + 8 * ii;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int col = d0 + tc + 16 * jj;
+        if (row < row_end && col < d) g[(int64_t)(row - row_start) * d + col] = gacc[ii][jj];
+      }
+    }
+  }
+}
+
+// One warp per pair i: normalise z_a[i] and z_b[i], store them and their (rounded) dot product.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    normalize_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
+                     T* __restrict__ zn, float* __restrict__ norm, float* __restrict__ pos_sim) {
+  const int i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (i >= n) return;  // whole warp
+  const T* a = z_a + (int64_t)i * d;
+  const T* b = z_b + (int64_t)i * d;
+  float sa = 0.f, sb = 0.f;
+  for (int k = lane; k < d; k += 32) {
+    const float fa = to_float(a[k]), fb = to_float(b[k]);
+    sa = fmaf(fa, fa, sa);
+    sb = fmaf(fb, fb, sb);
+  }
+  const float na = fmaxf(sqrtf(warp_sum(sa)), kNormEps);
+  const float nb = fmaxf(sqrtf(warp_sum(sb)), kNormEps);
+  T* out_a = zn + (int64_t)i * d;
+  T* out_b = zn + (int64_t)(n + i) * d;
+  float dot = 0.f;
+  for (int k = lane; k < d; k += 32) {
+    const T ya = from_float<T>(to_float(a[k]) / na);
+    const T yb = from_float<T>(to_float(b[k]) / nb);
+    out_a[k] = ya;
+    out_b[k] = yb;
+    dot = fmaf(to_float(ya), to_float(yb), dot);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) {
+    norm[i] = na;
+    norm[n + i] = nb;
+    pos_sim[i] = dot;
+  }
+}
+
+// One warp per row: u = scale (g - 2 zn_pos), dz = (u - zn (zn . u)) / norm (radial part only
+// where the norm was not clamped).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    norm_backward_kernel(const T* __restrict__ zn, const float* __restrict__ norm,
+                         const float* __restrict__ g, int m, int d, int row_start, int row_end,
+                         const float* __restrict__ grad_out, float factor, T* __restrict__ dz) {
+  const int row = row_start + blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= row_end) return;  // whole warp
+  const int half_m = m / 2;
+  const int pos = row < half_m ? row + half_m : row - half_m;
+  const float scale = grad_out[0] * factor;
+  const T* zi = zn + (int64_t)row * d;
+  const T* zp = zn + (int64_t)pos * d;
+  const float* gi = g + (int64_t)(row - row_start) * d;
+  float dot = 0.f;
+  for (int k = lane; k < d; k += 32) {
+    const float u = scale * (gi[k] - 2.f * to_float(zp[k]));
+    dot = fmaf(to_float(zi[k]), u, dot);
+  }
+  dot = warp_sum(dot);
+  const float nrm = norm[row - row_start];
+  const float radial = nrm > kNormEps ? dot : 0.f;
+  T* out = dz + (int64_t)(row - row_start) * d;
+  for (int k = lane; k < d; k += 32) {
+    const float u = scale * (gi[k] - 2.f * to_float(zp[k]));
+    out[k] = from_float<T>((u - to_float(zi[k]) * radial) / nrm);
+  }
+}
+
+bool valid_rows(int m, int d, int row_start, int row_end) {
+  return m >= 2 && d >= 1 && 0 <= row_start && row_start <= row_end && row_end <= m;
+}
+
+// Columns per split (a whole number of tiles) and the number of non-empty splits for a request.
+struct Split {
+  int cols, count;
+};
+
+Split split_columns(int m, int requested) {
+  constexpr int kMaxSplits = 65535;  // grid.z limit
+  const int tiles = blocks_for(m, BN);
+  const int most = tiles < kMaxSplits ? tiles : kMaxSplits;
+  const int want = requested < 1 ? 1 : (requested > most ? most : requested);
+  const int cols = blocks_for(tiles, want) * BN;
+  return {cols, blocks_for(m, cols)};
+}
+
+}  // namespace
+
+extern "C" int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d,
+                                     void* zn, float* norm, float* pos_sim, cudaStream_t stream) {
+  if (n < 1 || d < 1) return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    normalize_kernel<T><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
+        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, static_cast<T*>(zn), norm,
+        pos_sim);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+extern "C" int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backward,
+                                  int multiprocessors) {
+  constexpr int kBlocksPerSm = 4;  // resident blocks per SM the split aims for
+  constexpr int kMinTilesPerSplit = 2;
+  if (m < 2 || d < 1 || rows < 1 || multiprocessors < 1) return 1;
+  const int features = dtype == FCL_FLOAT32 ? Tile<float>::BD : Tile<__half>::BD;
+  const int blocks = blocks_for(rows, BM) * (backward ? blocks_for(d, features) : 1);
+  const int wanted = blocks_for(kBlocksPerSm * multiprocessors, blocks);
+  const int most = blocks_for(blocks_for(m, BN), kMinTilesPerSplit);
+  return split_columns(m, wanted < most ? wanted : most).count;
+}
+
+extern "C" int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start,
+                               int row_end, float inv_tau, int splits, float* workspace,
+                               float* lse, cudaStream_t stream) {
+  if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
+  if (row_end == row_start) return static_cast<int>(cudaSuccess);
+  const Split split = split_columns(m, splits);
+  if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int rows = row_end - row_start;
+  float2* partial = reinterpret_cast<float2*>(workspace);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(blocks_for(rows, BM), 1, split.count);
+    lse_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zn), m, d, row_start,
+                                                  row_end, inv_tau * kLog2e, split.cols, lse,
+                                                  partial);
+    const int launched = static_cast<int>(cudaGetLastError());
+    if (launched != 0 || split.count == 1) return launched;
+    merge_lse_kernel<<<blocks_for(rows, kThreads), kThreads, 0, stream>>>(partial, rows,
+                                                                          split.count, lse);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+extern "C" int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start,
+                                int row_end, float inv_tau, const float* lse_full, int splits,
+                                float* workspace, float* g, cudaStream_t stream) {
+  if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
+  if (row_end == row_start) return static_cast<int>(cudaSuccess);
+  const Split split = split_columns(m, splits);
+  if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int rows = row_end - row_start;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(blocks_for(rows, BM), blocks_for(d, Tile<T>::BD), split.count);
+    grad_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(zn), m, d, row_start, row_end, inv_tau * kLog2e, lse_full,
+        split.cols, split.count == 1 ? g : workspace);
+    const int launched = static_cast<int>(cudaGetLastError());
+    if (launched != 0 || split.count == 1) return launched;
+    const int64_t count = (int64_t)rows * d;
+    const int blocks = static_cast<int>(count / kThreads < 4096 ? count / kThreads + 1 : 4096);
+    sum_splits_kernel<<<blocks, kThreads, 0, stream>>>(workspace, count, split.count, g);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+extern "C" int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm,
+                                         const float* g, int m, int d, int row_start,
+                                         int row_end, const float* grad_out, float factor,
+                                         void* dz, cudaStream_t stream) {
+  if (!valid_rows(m, d, row_start, row_end) || m % 2 != 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (row_end == row_start) return static_cast<int>(cudaSuccess);
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    norm_backward_kernel<T><<<blocks_for(row_end - row_start, kWarps), kThreads, 0, stream>>>(
+        static_cast<const T*>(zn), norm, g, m, d, row_start, row_end, grad_out, factor,
+        static_cast<T*>(dz));
+    return static_cast<int>(cudaGetLastError());
+  });
+}

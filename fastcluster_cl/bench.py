@@ -1,0 +1,562 @@
+"""Benchmark runner behind ``fastcluster-cl bench`` (also ``python -m fastcluster_cl.bench``).
+
+For each case (loss op, 2N, D, K, dtype, forward or forward+backward) it times every
+implementation on the same random inputs: the library's backends (torch, chunked, triton, cuda)
+through the public API, and the peers users would otherwise run: the plain torch reference under
+torch.compile, lightly's NTXentLoss and pytorch-metric-learning's NTXentLoss (NT-Xent only).
+It writes a results JSON (device, versions, date, shapes, dtype, times, floors, peak memory) and a
+PNG of time and memory against 2N, and prints a markdown table of the median time, the ratio to
+the torch reference of the same case, the achieved TFLOP/s and GB/s at the FLOP/byte floor, and
+the peak memory. The pytest-benchmark suites in ``benchmarks/`` reuse the pieces defined here
+(cases, inputs, implementations, floors, peak memory) so both measure the same thing.
+
+Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, median); CPU uses
+``torch.utils.benchmark.Timer.blocked_autorange`` (median, all torch threads). Inputs rotate
+over a few random sets (never zeros) so no call reuses the previous call's cache. The
+data-dependent value checks of the public API (one device sync each) are off while timing, as
+in a training loop that turns them off.
+
+Peak memory (`peak_memory`): bytes allocated by one call above what was live before it. On CUDA
+from ``torch.cuda.max_memory_allocated``; on CPU from the allocation/free events that
+``torch.profiler`` records with ``profile_memory=True`` (every CPU tensor allocation through
+c10's allocator), replayed in time order to find the running maximum. This is tensor memory,
+not process RSS, so it compares backends exactly and is not blurred by the allocator's caching.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import functional
+from .losses.dispatch import implementation
+from .validation import value_checks
+
+BACKENDS = ("torch", "chunked", "triton", "cuda")
+GPU_ONLY = ("triton", "cuda")
+PEERS = ("torch-compile", "lightly", "pml")
+IMPLS = BACKENDS + PEERS
+REFERENCE = "torch"
+OPS = ("nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+ROTATE = 3  # input sets cycled through while timing
+TEMPERATURE = 0.5
+
+
+class Skip(Exception):
+    """An implementation that cannot run a case here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape. two_n: rows of Z = [z_a; z_b] (each view has N = two_n // 2 rows);
+    dim: projection/feature width D; k: clusters K; backward: forward+backward when True."""
+    op: str
+    two_n: int
+    dim: int
+    k: int
+    dtype: str
+    backward: bool
+
+    @property
+    def n(self) -> int:
+        return self.two_n // 2
+
+    @property
+    def mode(self) -> str:
+        return "fwd+bwd" if self.backward else "fwd"
+
+    @property
+    def label(self) -> str:
+        """Short id with only the sizes this op depends on (e.g. nt_xent-2N1024-D128-float32)."""
+        sizes = [f"2N{self.two_n}"]
+        if "D" in _USES[self.op]:
+            sizes.append(f"D{self.dim}")
+        if "K" in _USES[self.op]:
+            sizes.append(f"K{self.k}")
+        return "-".join([self.op, *sizes, self.dtype, self.mode])
+
+
+# Which of D and K each op's inputs depend on (the others are not varied for it).
+_USES = {"nt_xent": "D", "cc_cluster_loss": "K", "student_t": "DK", "dec_loss": "K",
+         "anchor_loss": "K", "tcc_cluster_loss": "DK"}
+
+
+def cases(ops: Sequence[str], sizes: Sequence[int], dims: Sequence[int], ks: Sequence[int],
+          dtypes: Sequence[str], modes: Sequence[str] = MODES) -> list[Case]:
+    """The cross product, without repeating an op over a size it does not depend on."""
+    out = []
+    for op in ops:
+        op_dims = dims if "D" in _USES[op] else dims[:1]
+        op_ks = ks if "K" in _USES[op] else ks[:1]
+        for two_n, dim, k, dtype, mode in itertools.product(sizes, op_dims, op_ks, dtypes, modes):
+            out.append(Case(op, two_n, dim, k, dtype, mode == "fwd+bwd"))
+    return out
+
+
+def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random leaf inputs of `case` (requires_grad for forward+backward), never zeros.
+
+    nt_xent: z_a, z_b (N, D). cc/tcc: logits (N, K) [+ h_a, h_b (N, D)]. student_t: h (N, D),
+    centers (K, D). dec_loss: q (N, K). anchor_loss: q0, q_a, q_b (N, K) probabilities."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    n, d, k = case.n, case.dim, case.k
+
+    def randn(rows, cols):
+        return torch.randn(rows, cols, generator=gen)
+
+    def probs(rows, cols):
+        return torch.softmax(2.0 * randn(rows, cols), dim=1)
+
+    shapes = {
+        "nt_xent": lambda: (randn(n, d), randn(n, d)),
+        "cc_cluster_loss": lambda: (randn(n, k), randn(n, k)),
+        "student_t": lambda: (randn(n, d), randn(k, d)),
+        "dec_loss": lambda: (probs(n, k),),
+        "anchor_loss": lambda: (probs(n, k), probs(n, k), probs(n, k)),
+        "tcc_cluster_loss": lambda: (randn(n, k), randn(n, k), randn(n, d), randn(n, d)),
+    }
+    if case.op not in shapes:
+        raise ValueError(f"op must be one of {OPS}, got {case.op!r}")
+    tensors = [t.to(device=device, dtype=dtype) for t in shapes[case.op]()]
+    # anchor_loss detaches its anchor q0: only the two views get gradients
+    differentiable = tensors[1:] if case.op == "anchor_loss" else tensors
+    for t in differentiable:
+        t.requires_grad_(case.backward)
+    return tuple(tensors)
+
+
+def floor(case: Case) -> dict[str, float]:
+    """FLOP, exp and byte floors of one call (DESIGN.md, "Performance method").
+
+    NT-Xent forward: 2*(2N)^2*D FLOPs (the Z Z^T GEMM) and (2N)^2 exps; the other ops count
+    their GEMM-like products the same way and their elementwise work once per element. The
+    backward costs about twice the forward FLOPs, so forward+backward is 3x. Bytes: reading
+    every input once (plus writing an (N, K) output for student_t), and for the backward
+    writing each input's gradient."""
+    n, d, k, two_n = case.n, case.dim, case.k, case.two_n
+    size = DTYPES[case.dtype].itemsize
+    flops, exps, elements = {
+        "nt_xent": (2 * two_n**2 * d, two_n**2, 2 * n * d),
+        # softmax of both views, then NT-Xent over the 2K columns (length N)
+        "cc_cluster_loss": (2 * (2 * k) ** 2 * n + 4 * n * k, (2 * k) ** 2 + 2 * n * k, 2 * n * k),
+        # ||h||^2 + ||mu||^2 - 2 h mu^T, kernel and row normalisation
+        "student_t": (2 * n * k * d + 6 * n * k, 2 * n * k, n * d + k * d),
+        "dec_loss": (8 * n * k, n * k, n * k),
+        "anchor_loss": (8 * n * k, 2 * n * k, 3 * n * k),
+        # y^T h for both views, NT-Xent over 2K rows of width D, softmax/Gumbel of both views
+        "tcc_cluster_loss": (4 * n * k * d + 2 * (2 * k) ** 2 * d + 8 * n * k,
+                             (2 * k) ** 2 + 4 * n * k, 2 * n * k + 2 * n * d),
+    }[case.op]
+    nbytes = elements * size + (n * k * 4 if case.op == "student_t" else 0)
+    if case.backward:
+        grad_elements = 2 * n * k if case.op == "anchor_loss" else elements
+        flops, exps, nbytes = 3 * flops, 2 * exps, nbytes + grad_elements * size
+    return {"flops": float(flops), "exps": float(exps), "bytes": float(nbytes)}
+
+
+def _peer_nt_xent(impl: str, device: torch.device) -> Callable:
+    if impl == "lightly":
+        try:
+            from lightly.loss import NTXentLoss
+        except ImportError as err:
+            raise Skip(f"lightly is not installed ({err}); pip install 'fastcluster_cl[bench]'")
+        return NTXentLoss(temperature=TEMPERATURE).to(device)
+    try:
+        from pytorch_metric_learning.losses import NTXentLoss
+    except ImportError as err:
+        raise Skip(f"pytorch-metric-learning is not installed ({err}); "
+                   "pip install 'fastcluster_cl[bench]'")
+    loss = NTXentLoss(temperature=TEMPERATURE)
+
+    def pml(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        # pml's convention: one embedding batch, equal labels mark the positive pairs.
+        labels = torch.arange(z_a.shape[0], device=z_a.device).repeat(2)
+        return loss(torch.cat([z_a, z_b]), labels)
+    return pml
+
+
+def pml_memory_bytes(two_n: int) -> int:
+    """pytorch-metric-learning's NTXentLoss builds a (positive pairs) x (negative pairs) mask,
+    (2N) x (2N)^2 entries: about 16 * (2N)^3 bytes at its peak (measured: 32 MiB at 2N = 128,
+    256 MiB at 2N = 256), so it is only run where that fits."""
+    return 16 * two_n**3
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a peer may take: 1 GiB on CPU (a shared machine), half the free memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return 2**30
+
+
+def _op_args(op: str) -> dict:
+    return {"nt_xent": {"temperature": TEMPERATURE}}.get(op, {})
+
+
+@lru_cache(maxsize=None)
+def _compiled_reference(op: str) -> Callable:
+    """The torch reference of `op` under torch.compile, one per op so shapes share its cache."""
+    return torch.compile(partial(getattr(functional, op), backend="torch", **_op_args(op)))
+
+
+def resolve_impl(impl: str, op: str, device: torch.device) -> Callable:
+    """A callable computing `op` with implementation `impl` on `device`; raises Skip when that
+    cannot run here (GPU-only backend on CPU, backend refused by dispatch, peer not installed,
+    peer without that op)."""
+    device = torch.device(device)
+    fn = getattr(functional, op)
+    if impl in BACKENDS:
+        if impl in GPU_ONLY and device.type != "cuda":
+            why = " (the Triton interpreter is a correctness tool, not a timing)"
+            raise Skip(f"{impl} is GPU-only; not timed on {device.type}"
+                       + (why if impl == "triton" else ""))
+        try:
+            implementation(op, impl, device)
+        except (RuntimeError, NotImplementedError) as err:
+            raise Skip(str(err))
+        return partial(fn, backend=impl, **_op_args(op))
+    if impl == "torch-compile":
+        return _compiled_reference(op)
+    if impl in ("lightly", "pml"):
+        if op != "nt_xent":
+            raise Skip(f"{impl} has no {op}")
+        return _peer_nt_xent(impl, device)
+    raise ValueError(f"implementation must be one of {IMPLS}, got {impl!r}")
+
+
+def make_step(fn: Callable, input_sets: Sequence[tuple[torch.Tensor, ...]],
+              backward: bool) -> Callable[[], object]:
+    """A no-argument call of `fn` cycling over `input_sets`; with `backward`, also the
+    gradients of the inputs that require them (torch.autograd.grad, so nothing accumulates
+    between calls). A non-scalar output (student_t's q) is back-propagated with a fixed random
+    cotangent: its rows sum to 1, so a cotangent of ones would give zero gradients."""
+    cycle = itertools.cycle(input_sets)
+    cotangent: dict[tuple, torch.Tensor] = {}
+
+    def forward():
+        return fn(*next(cycle))
+
+    def forward_backward():
+        inputs = next(cycle)
+        out = fn(*inputs)
+        if out.dim() and out.shape not in cotangent:
+            gen = torch.Generator().manual_seed(0)
+            cotangent[out.shape] = torch.randn(out.shape, generator=gen).to(out)
+        return torch.autograd.grad(out, [t for t in inputs if t.requires_grad],
+                                   cotangent.get(out.shape))
+    return forward_backward if backward else forward
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def time_call(step: Callable[[], object], device: torch.device, min_run_time: float,
+              clock: str = "wall") -> float:
+    """Median seconds per call of `step` (warm-up included in both timers). On CPU, `clock`
+    "process" counts this process's CPU seconds (all its threads) instead of wall time: with
+    one thread on a shared, loaded machine that is the uncontended time, which wall time is
+    not. CUDA always uses CUDA events."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(step, warmup=max(1, int(min_run_time * 250)),
+                        rep=max(1, int(min_run_time * 1000)), return_mode="median") / 1e3
+    from torch.utils.benchmark import Timer
+    step()
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads(),
+                  timer=CLOCKS[clock])
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def peak_memory(step: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by one call of `step` above those live before it (see module doc)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for frees
+        peak = max(peak, live)
+    return peak
+
+
+def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
+            input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
+            clock: str = "wall") -> dict:
+    """Time and peak memory of `impl` on `case`, with its floors. Raises Skip."""
+    fn = resolve_impl(impl, case.op, device)
+    if impl == "pml" and pml_memory_bytes(case.two_n) > memory_budget(device):
+        raise Skip(f"pytorch-metric-learning's NTXentLoss needs about "
+                   f"{pml_memory_bytes(case.two_n) / 2**30:.0f} GiB at 2N = {case.two_n} "
+                   "(cubic mask); over the memory budget")
+    if input_sets is None:
+        input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
+    step = make_step(fn, input_sets, case.backward)
+    with value_checks(False):
+        try:
+            step()  # first call: compiles (torch.compile, Triton) and surfaces errors
+            seconds = time_call(step, device, min_run_time, clock)
+            peak = peak_memory(step, device)
+        except torch.OutOfMemoryError as err:
+            raise Skip(f"out of memory: {str(err).splitlines()[0]}")
+    fl = floor(case)
+    return {**asdict(case), "case": case.label, "mode": case.mode, "impl": impl,
+            "median_s": seconds, "peak_bytes": int(peak), **fl,
+            "tflops": fl["flops"] / seconds / 1e12, "gbps": fl["bytes"] / seconds / 1e9}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine(device: torch.device) -> dict:
+    """Device name, CPU model, thread count and library versions, for the results file."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            found = re.search(r"model name\s*:\s*(.+)", f.read())
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return {"device": str(device), "device_name": name, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            **{dist: _version(dist) for dist in ("triton", "lightly", "pytorch-metric-learning",
+                                                 "fastcluster_cl")}}
+
+
+def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.device,
+              min_run_time: float, progress: Callable[[str], None] = lambda _msg: None,
+              clock: str = "wall") -> dict:
+    """Measure every (case, impl); add each row's ratio to the reference of the same case."""
+    results, skipped = [], []
+    for case in case_list:
+        input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
+        rows = []
+        for impl in impls:
+            try:
+                rows.append(measure(case, impl, device, min_run_time, input_sets, clock))
+                progress(f"{case.label} {impl}: {rows[-1]['median_s'] * 1e3:.3f} ms")
+            except Skip as why:
+                skipped.append({"case": case.label, "impl": impl, "reason": str(why)})
+        ref = next((r["median_s"] for r in rows if r["impl"] == REFERENCE), None)
+        for row in rows:
+            row["ratio"] = row["median_s"] / ref if ref else None
+        results.extend(rows)
+        del input_sets
+    return {"results": results, "skipped": skipped}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def table(results: Sequence[dict]) -> str:
+    """Markdown table: one row per (case, implementation)."""
+    lines = ["| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
+                     f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
+                     f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.3g')} |")
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    """Compact markdown table for a README: one row per case, one column per implementation
+    holding "median ms (x torch), peak MiB"."""
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    rows: dict[str, dict[str, dict]] = {}
+    for r in results:
+        rows.setdefault(r["case"], {})[r["impl"]] = r
+    lines = ["| case | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    for case, by_impl in rows.items():
+        cells = [f"{by_impl[i]['median_s'] * 1e3:.3g} ms ({_fmt(by_impl[i]['ratio'], '.2f')}x), "
+                 f"{by_impl[i]['peak_bytes'] / 2**20:.3g} MiB" if i in by_impl else "-"
+                 for i in impls]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def skipped_summary(skipped: Sequence[dict]) -> str:
+    """One line per (implementation, reason) with the number of cases it covers."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for skip in skipped:
+        groups.setdefault((skip["impl"], skip["reason"]), []).append(skip["case"])
+    return "\n".join(f"skipped {impl} on {len(names)} case(s), e.g. {names[0]}: {reason}"
+                     for (impl, reason), names in groups.items())
+
+
+def plot(results: Sequence[dict], path: Path) -> Path | None:
+    """PNG of median time and peak memory against 2N, one line per implementation, one row per
+    (op, D, K, dtype, mode) series; None when no series has two sizes to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, dict[str, list[dict]]] = {}
+    for r in results:
+        key = (r["op"], r["dim"], r["k"], r["dtype"], r["mode"])
+        series.setdefault(key, {}).setdefault(r["impl"], []).append(r)
+    series = {key: impls for key, impls in series.items()
+              if any(len(rows) > 1 for rows in impls.values())}
+    if not series:
+        return None
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.2 * len(series)), squeeze=False)
+    for (key, impls), (ax_t, ax_m) in zip(series.items(), axes):
+        op, dim, k, dtype, mode = key
+        title = Case(op, 2, dim, k, dtype, mode == "fwd+bwd").label.replace("-2N2", "")
+        for impl, rows in impls.items():
+            rows = sorted(rows, key=lambda r: r["two_n"])
+            xs = [r["two_n"] for r in rows]
+            ax_t.plot(xs, [r["median_s"] * 1e3 for r in rows], marker="o", label=impl)
+            ax_m.plot(xs, [max(r["peak_bytes"], 1) / 2**20 for r in rows], marker="o",
+                      label=impl)
+        for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MiB)")):
+            ax.set(xscale="log", yscale="log", xlabel="2N (rows of Z)", ylabel=ylabel,
+                   title=title)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110 if len(series) <= 4 else 72)  # many rows: keep the file small
+    plt.close(fig)
+    return path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected integers >= 2, got {text!r}")
+    return values
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        return values
+    return parse
+
+
+# Defaults: the CPU run takes about a minute; the GPU run covers the sizes the kernels target.
+DEFAULT_SIZES = {"cpu": [256, 512, 1024, 2048], "cuda": [1024, 4096, 16384, 65536]}
+QUICK_SIZES = [64, 128]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the runner's options to `parser` (the `fastcluster-cl bench` subparser)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", type=_choices(OPS), default=["nt_xent"],
+                        help=f"comma-separated ops from {','.join(OPS)} (default nt_xent)")
+    parser.add_argument("--sizes", type=_ints, default=None,
+                        help="comma-separated 2N (rows of Z = both views); default "
+                        f"{DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda")
+    parser.add_argument("--dims", type=_ints, default=[128], help="projection widths D")
+    parser.add_argument("--ks", type=_ints, default=[10], help="cluster counts K")
+    parser.add_argument("--dtype", type=_choices(tuple(DTYPES)), default=["float32"],
+                        help="comma-separated dtypes (default float32)")
+    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
+    parser.add_argument("--backends", type=_choices(IMPLS), default=None,
+                        help=f"implementations from {','.join(IMPLS)} (default all; with "
+                        "--quick, torch,chunked)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="folder for the results JSON and PNG (created)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per measurement (default 0.2, --quick 0.02)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own setting)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="CPU timer: wall time, or this process's CPU time (for a loaded "
+                        "shared machine, with --threads 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: 2N in {QUICK_SIZES}, torch and chunked, short timing")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed `args`; write JSON + PNG, print the table."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device")
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}")
+            return 2
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
+    impls = args.backends or (["torch", "chunked"] if args.quick else list(IMPLS))
+    min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
+    case_list = cases(args.ops, sizes, args.dims, args.ks, args.dtype, args.modes)
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    info = machine(device)  # before the run: the load average is that of other processes
+    clock = "cuda events" if device.type == "cuda" else args.clock
+    measured = run_cases(case_list, impls, device, min_run_time,
+                         progress=lambda msg: print(msg, flush=True), clock=args.clock)
+    report = {"meta": {**info, "date": stamp.isoformat(timespec="seconds"),
+                       "min_run_time_s": min_run_time, "rotated_input_sets": ROTATE,
+                       "clock": clock,
+                       "peak_memory_method": "cuda.max_memory_allocated" if device.type == "cuda"
+                       else "torch.profiler profile_memory events"},
+              **measured}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", info["device_name"]).strip("-").lower()
+    base = args.out / f"{stamp:%Y%m%dT%H%M%S}-{device.type}-{slug}"
+    json_path = base.with_suffix(".json")
+    json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    png = plot(measured["results"], base.with_suffix(".png"))
+    print(f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
+          f"clock), torch {info['torch']}, {report['meta']['date']}\n")
+    print(table(measured["results"]))
+    print("\n" + summary_table(measured["results"]) + "\n")
+    print(skipped_summary(measured["skipped"]))
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastcluster-cl bench", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""Backend "cuda": the CUDA C++ twin of the fused losses (csrc/, DESIGN.md "Kernels").
+
+For users who cannot or do not want to JIT Triton, and as an independently written second
+implementation that cross-checks the Triton kernels. The NT-Xent kernels in ``csrc/nt_xent.cu``
+use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT product for
+float32; the forward is an online log-sum-exp over column tiles and the backward one more
+row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
+
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``) is built with
+``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
+directory; importing this module builds nothing and works on CPU-only machines.
+
+`student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
+row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
+`tcc_cluster_loss`) run this NT-Xent on their 2K rows.
+
+Raises:
+    RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
+        no CUDA, the tensors are not on a CUDA device of compute capability >= 8.0, or no CUDA
+        compiler is found; TypeError for float64 inputs (the kernels compute in float32).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .losses import reference
+
+_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
+_SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
+
+
+def _compiler_missing() -> str | None:
+    """Why the extension cannot be compiled here, or None when nvcc is found."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return ("no CUDA toolkit found to compile the extension (torch.utils.cpp_extension."
+                "CUDA_HOME is None); install the CUDA toolkit matching torch.version.cuda="
+                f"{torch.version.cuda} and set CUDA_HOME, or use backend='triton'")
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return (f"no nvcc at {nvcc} (CUDA_HOME={home}); install the CUDA toolkit or set "
+                "CUDA_HOME, or use backend='triton'")
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why backend="cuda" cannot run on `device`, or None when it can."""
+    if torch.version.cuda is None:
+        return ("this torch build has no CUDA support (torch.version.cuda is None); install a "
+                "CUDA build of torch, or use backend='chunked' or 'torch' on CPU")
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got tensors on {device}; move them with .cuda()"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False (no visible GPU or driver)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _MIN_CAPABILITY:
+        return (f"it needs compute capability >= {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]} "
+                f"(Ampere or newer), {torch.cuda.get_device_name(device)} has "
+                f"{capability[0]}.{capability[1]}; use backend='triton'")
+    return _compiler_missing()
+
+
+def _require(device: torch.device) -> None:
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cuda' cannot run on {device}: {reason}")
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
+
+    Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
+    normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau),
+    grad_rows(zn, lse, row_start, row_end, inv_tau),
+    norm_backward(zn, norm, g, row_start, row_end, grad_out, factor),
+    student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
+    dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
+    anchor_backward(q0, q_a, q_b, grad_out, factor).
+    """
+    from torch.utils.cpp_extension import load
+
+    root = importlib.resources.files("fastcluster_cl.csrc")
+    sources = [str(root / name) for name in _SOURCES]
+    # The name carries a digest of every source and header: torch's cache keys on the sources
+    # it is given only, so a changed header must not reuse a stale build.
+    digest = hashlib.sha256()
+    for entry in sorted(root.iterdir(), key=lambda entry: entry.name):
+        if entry.name.endswith(_SOURCE_SUFFIXES):
+            digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    name = f"fastcluster_cl_cuda_{digest.hexdigest()[:16]}"
+    try:
+        return load(name=name, sources=sources, extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-lineinfo"], verbose=False)
+    except (RuntimeError, OSError) as err:
+        raise RuntimeError(f"building the backend='cuda' extension from {sources} failed; "
+                           f"use backend='triton' meanwhile. Compiler report: {err}") from err
+
+
+class _CudaNTXent(torch.autograd.Function):
+    """NT-Xent through the csrc kernels: normalise, row lse (forward); gradient rows, positive
+    term and normalisation backward (backward). Saves zn (input dtype), norms and lse."""
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, temperature):
+        ext = extension()
+        inv_tau = 1.0 / temperature
+        zn, norm, pos_sim = ext.normalize(z_a, z_b)
+        rows = zn.shape[0]
+        lse = ext.lse_rows(zn, 0, rows, inv_tau)
+        # mean over 2N rows of lse_i - S_{i,pos(i)}; each pair's positive appears twice.
+        loss = (lse.sum() - 2.0 * inv_tau * pos_sim.sum()) / rows
+        ctx.save_for_backward(zn, norm, lse)
+        ctx.inv_tau = inv_tau
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        zn, norm, lse = ctx.saved_tensors
+        ext = extension()
+        rows = zn.shape[0]
+        g = ext.grad_rows(zn, lse, 0, rows, ctx.inv_tau)
+        dz = ext.norm_backward(zn, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
+                               ctx.inv_tau / rows)
+        return dz[: rows // 2], dz[rows // 2:], None
+
+
+class _CudaStudentT(torch.autograd.Function):
+    """Student-t assignment through csrc/cluster.cu; saves q and the squared distances."""
+
+    @staticmethod
+    def forward(ctx, h, centers, alpha):
+        q, dist2 = extension().student_t_forward(h, centers, alpha)
+        ctx.save_for_backward(h, centers, q, dist2)
+        ctx.alpha = alpha
+        return q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q):
+        h, centers, q, dist2 = ctx.saved_tensors
+        dh, dcenters = extension().student_t_backward(h, centers, q, dist2,
+                                                      grad_q.float().contiguous(), ctx.alpha)
+        return dh, dcenters, None
+
+
+class _CudaDEC(torch.autograd.Function):
+    """DEC loss through csrc/cluster.cu; the target p is recomputed from q and f in backward."""
+
+    @staticmethod
+    def forward(ctx, q):
+        loss_rows, f = extension().dec_forward(q)
+        ctx.save_for_backward(q, f)
+        return loss_rows.sum() / q.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, f = ctx.saved_tensors
+        return extension().dec_backward(q, f, grad_out.float().reshape(1).contiguous(),
+                                        1.0 / q.shape[0])
+
+
+class _CudaAnchor(torch.autograd.Function):
+    """Anchor loss through csrc/cluster.cu; q0 is held fixed (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q0, q_a, q_b):
+        loss_rows = extension().anchor_forward(q0, q_a, q_b)
+        ctx.save_for_backward(q0, q_a, q_b)
+        return loss_rows.sum() / q0.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q0, q_a, q_b = ctx.saved_tensors
+        dq_a, dq_b = extension().anchor_backward(q0, q_a, q_b,
+                                                 grad_out.float().reshape(1).contiguous(),
+                                                 1.0 / q0.shape[0])
+        return None, dq_a, dq_b
+
+
+def _check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """Device usable, a kernel dtype, and one shape/dtype/device for all tensors."""
+    first = tensors[0]
+    _require(first.device)
+    if first.dtype not in _DTYPES:
+        raise TypeError(f"backend='cuda' takes float32, float16 or bfloat16 inputs (it "
+                        f"accumulates in float32), got {names[0]} of {first.dtype}; use "
+                        "backend='torch' or 'chunked' for float64")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype or t.shape != first.shape or t.device != first.device:
+            raise ValueError(f"{name} must match {names[0]} in shape, dtype and device, got "
+                             f"{tuple(t.shape)} {t.dtype} {t.device} and {tuple(first.shape)} "
+                             f"{first.dtype} {first.device}")
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (see `fastcluster_cl.nt_xent`) with the CUDA C++ kernels; returns float32."""
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Student-t soft assignment (see `fastcluster_cl.student_t`) with the CUDA C++ kernels;
+    returns float32 (N, K)."""
+    _check_inputs(("h",), (h,))
+    if centers.dtype != h.dtype or centers.device != h.device or centers.shape[1:] != h.shape[1:]:
+        raise ValueError(f"centers must match h in dtype, device and features, got "
+                         f"{tuple(centers.shape)} {centers.dtype} {centers.device} and "
+                         f"{tuple(h.shape)} {h.dtype} {h.device}")
+    return _CudaStudentT.apply(h.contiguous(), centers.contiguous(), float(alpha))
+
+
+def dec_loss(q: torch.Tensor) -> torch.Tensor:
+    """DEC clustering loss (see `fastcluster_cl.dec_loss`) with the CUDA C++ kernels; float32."""
+    _check_inputs(("q",), (q,))
+    return _CudaDEC.apply(q.contiguous())
+
+
+def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """Anchor loss (see `fastcluster_cl.anchor_loss`) with the CUDA C++ kernels; float32."""
+    _check_inputs(("q0", "q_a", "q_b"), (q0, q_a, q_b))
+    return _CudaAnchor.apply(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
+
+
+cc_cluster_loss = functools.partial(reference.cc_cluster_loss, instance_loss=nt_xent)
+tcc_cluster_loss = functools.partial(reference.tcc_cluster_loss, instance_loss=nt_xent)

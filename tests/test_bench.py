@@ -1,0 +1,100 @@
+"""The benchmark runner (`fastcluster-cl bench`, fastcluster_cl.bench): floors, peak memory,
+skips, and a --quick CPU run whose JSON, table and plot hold real values."""
+import json
+
+import pytest
+import torch
+
+from fastcluster_cl import bench
+
+
+def test_floor_counts_nt_xent_as_design_says():
+    case = bench.Case("nt_xent", 6, 5, 3, "bfloat16", backward=False)
+    fl = bench.floor(case)
+    assert fl == {"flops": 2 * 6**2 * 5, "exps": 6**2, "bytes": 6 * 5 * 2}
+    both = bench.floor(bench.Case("nt_xent", 6, 5, 3, "bfloat16", backward=True))
+    assert both == {"flops": 3 * fl["flops"], "exps": 2 * fl["exps"], "bytes": 2 * fl["bytes"]}
+
+
+def test_inputs_match_the_case():
+    case = bench.Case("tcc_cluster_loss", 10, 7, 4, "float32", backward=True)
+    logits_a, logits_b, h_a, h_b = bench.make_inputs(case, "cpu", seed=1)
+    assert logits_a.shape == (5, 4) and h_b.shape == (5, 7)
+    assert all(t.requires_grad and t.is_leaf for t in (logits_a, logits_b, h_a, h_b))
+    assert not torch.equal(logits_a, logits_b)
+    (q,) = bench.make_inputs(bench.Case("dec_loss", 10, 7, 4, "float64", False), "cpu")
+    torch.testing.assert_close(q.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+def test_cpu_peak_memory_measures_tensor_bytes():
+    nbytes = 3_000_000
+
+    def step():
+        x = torch.ones(nbytes, dtype=torch.uint8)
+        y = x + 1  # a second buffer of the same size, live with x
+        return int(y[0])
+    peak = bench.peak_memory(step, torch.device("cpu"))
+    assert 2 * nbytes <= peak < 2 * nbytes + 4096
+
+
+def test_pml_is_skipped_where_its_cubic_mask_does_not_fit():
+    pytest.importorskip("pytorch_metric_learning")
+    case = bench.Case("nt_xent", 2048, 8, 2, "float32", backward=False)
+    with pytest.raises(bench.Skip, match="128 GiB at 2N = 2048"):
+        bench.measure(case, "pml", torch.device("cpu"), min_run_time=0.01)
+
+
+@pytest.mark.parametrize(("impl", "op", "reason"), [
+    ("triton", "nt_xent", "GPU-only"), ("cuda", "nt_xent", "GPU-only"),
+    ("lightly", "cc_cluster_loss", "lightly has no cc_cluster_loss"),
+])
+def test_unavailable_implementations_skip_with_a_reason(impl, op, reason):
+    with pytest.raises(bench.Skip, match=reason):
+        bench.resolve_impl(impl, op, torch.device("cpu"))
+
+
+def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
+    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path),
+                     "--backends", "torch,chunked,triton", "--dims", "16"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    (json_path,) = tmp_path.glob("*.json")
+    (png_path,) = tmp_path.glob("*.png")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(json_path.read_text())
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
+    rows = report["results"]
+    assert {(r["two_n"], r["mode"], r["impl"]) for r in rows} == {
+        (n, m, i) for n in bench.QUICK_SIZES for m in bench.MODES for i in ("torch", "chunked")}
+    assert {s["impl"] for s in report["skipped"]} == {"triton"}
+    for r in rows:
+        assert r["median_s"] > 0 and r["dim"] == 16 and r["dtype"] == "float32"
+        assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+        assert r["ratio"] > 0
+        if r["impl"] == "torch":
+            assert r["ratio"] == 1.0
+            # the reference materialises S = Z Z^T / tau: (2N)^2 float32 at least
+            assert r["peak_bytes"] >= 4 * r["two_n"] ** 2
+    ref = {r["case"]: r["median_s"] for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["median_s"] / ref[r["case"]])
+    assert "| nt_xent-2N64-D16-float32-fwd | torch |" in out
+    assert "| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |" in out
+    summary = [line for line in out.splitlines()
+               if line.startswith("| nt_xent-2N128-D16-float32-fwd+bwd | ") and " ms (" in line]
+    assert len(summary) == 1 and summary[0].split(" | ")[1].endswith("(1.00x), " + format(
+        next(r["peak_bytes"] for r in rows if r["impl"] == "torch" and r["two_n"] == 128
+             and r["backward"]) / 2**20, ".3g") + " MiB")
+    assert ("skipped triton on 4 case(s), e.g. nt_xent-2N64-D16-float32-fwd: triton is GPU-only"
+            in out)
+
+
+def test_process_clock_ignores_time_off_cpu():
+    import time
+
+    def sleep():
+        time.sleep(0.01)
+    cpu = torch.device("cpu")
+    assert bench.time_call(sleep, cpu, 0.05, clock="wall") >= 0.01
+    assert bench.time_call(sleep, cpu, 0.05, clock="process") < 0.005

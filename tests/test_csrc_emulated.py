@@ -1,0 +1,314 @@
+"""Run the csrc kernels on the CPU: their source, with each `<<<grid, threads, 0, stream>>>`
+launch rewritten into a call of the host emulation in tests/csrc_emulation/host_shim.h (one
+std::thread per CUDA thread, real barriers and shuffles, wmma fragments emulated whole), is built
+with g++ into a shared library whose extern "C" launchers are called through ctypes. The results
+feed the backend's autograd.Functions and are compared with the float64 reference.
+
+This checks indexing, tiling, masking, barrier placement and the launcher contract without a
+GPU; tensor-core rounding and speed still need one (tests/test_cuda_backend.py, marked gpu)."""
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcluster_cl import cuda_backend
+from fastcluster_cl.losses import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+EMULATION = Path(__file__).resolve().parent / "csrc_emulation"
+CUDA_INCLUDE = Path("/usr/local/cuda/include")
+LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.+?),\s*(\w+),\s*0,\s*stream>>>\((.*?)\);", re.DOTALL)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cuda_include() -> Path | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = shutil.which("nvcc")
+    for home in filter(None, [CUDA_HOME, nvcc and Path(nvcc).resolve().parents[1],
+                              "/usr/local/cuda"]):
+        if Path(home, "include", "cuda_runtime.h").exists():
+            return Path(home, "include")
+    return None
+
+
+def rewrite_launches(source: str) -> str:
+    """`kernel<T><<<grid, threads, 0, stream>>>(args);` -> an emu::launch of the same call."""
+    rewritten, count = LAUNCH.subn(
+        lambda m: f"emu::launch(emu::to_dim({m[2]}), {m[3]}, [&] {{ {m[1]}({m[4]}); }});", source)
+    assert count == source.count("<<<"), "a kernel launch was not rewritten"
+    return rewritten
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    gxx, include = shutil.which("g++"), _cuda_include()
+    if gxx is None or include is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers")
+    out = tmp_path_factory.mktemp("csrc_emulation")
+    objects = []
+    for source in sorted(CSRC.glob("*.cu")):
+        rewritten = out / f"{source.stem}_host.cu"
+        rewritten.write_text(rewrite_launches(source.read_text()))
+        obj = out / f"{source.stem}.o"
+        cmd = [gxx, "-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-x", "c++",
+               f"-DFCL_KERNEL_SOURCE=\"{rewritten}\"", f"-I{EMULATION}", f"-I{CSRC}",
+               f"-I{include}", "-c", str(EMULATION / "harness.cpp"), "-o", str(obj)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        objects.append(str(obj))
+    library = out / "libfcl_emulated.so"
+    subprocess.run([gxx, "-shared", "-pthread", "-o", str(library), *objects], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class EmulatedExtension:
+    """The binding's functions (csrc/binding.cpp) over the emulated launchers, on CPU tensors."""
+
+    multiprocessors = 132  # an H100's SM count drives the automatic column split
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def _splits(self, zn, rows, backward, splits):
+        if splits >= 1:
+            return splits
+        m, d = zn.shape
+        return self.lib.fcl_nt_xent_splits(DTYPE_CODES[zn.dtype], m, d, rows, backward,
+                                           self.multiprocessors)
+
+    def _check(self, err, name):
+        assert err == 0, f"{name} returned {err}"
+
+    def normalize(self, z_a, z_b):
+        n, d = z_a.shape
+        zn = torch.empty(2 * n, d, dtype=z_a.dtype)
+        norm, pos = torch.empty(2 * n), torch.empty(n)
+        self._check(self.lib.fcl_nt_xent_normalize(DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b),
+                                                   n, d, _ptr(zn), _ptr(norm), _ptr(pos), None),
+                    "normalize")
+        return zn, norm, pos
+
+    def lse_rows(self, zn, row_start, row_end, inv_tau, splits=0):
+        m, d = zn.shape
+        rows = row_end - row_start
+        splits = self._splits(zn, rows, 0, splits)
+        lse = torch.full((rows,), float("nan"))
+        workspace = torch.full((2 * splits * rows,), float("nan"))
+        self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
+                                             row_end, ctypes.c_float(inv_tau), splits,
+                                             _ptr(workspace), _ptr(lse), None), "lse")
+        return lse
+
+    def grad_rows(self, zn, lse, row_start, row_end, inv_tau, splits=0):
+        m, d = zn.shape
+        rows = row_end - row_start
+        splits = self._splits(zn, rows, 1, splits)
+        g = torch.full((rows, d), float("nan"))
+        workspace = torch.full((splits * rows * d,), float("nan"))
+        self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
+                                              row_end, ctypes.c_float(inv_tau), _ptr(lse),
+                                              splits, _ptr(workspace), _ptr(g), None), "grad")
+        return g
+
+    def norm_backward(self, zn, norm, g, row_start, row_end, grad_out, factor):
+        m, d = zn.shape
+        dz = torch.full((row_end - row_start, d), float("nan"), dtype=zn.dtype)
+        self._check(self.lib.fcl_nt_xent_norm_backward(
+            DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(norm), _ptr(g), m, d, row_start, row_end,
+            _ptr(grad_out), ctypes.c_float(factor), _ptr(dz), None), "norm_backward")
+        return dz
+
+    def student_t_forward(self, h, centers, alpha):
+        (n, f), k = h.shape, centers.shape[0]
+        q, dist2 = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
+        self._check(self.lib.fcl_student_t(DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), n, k, f,
+                                           ctypes.c_float(alpha), _ptr(q), _ptr(dist2), None),
+                    "student_t")
+        return q, dist2
+
+    def student_t_backward(self, h, centers, q, dist2, grad_q, alpha):
+        (n, f), k = h.shape, centers.shape[0]
+        w = torch.full((n, k), float("nan"))
+        dh, dcenters = torch.full_like(h, float("nan")), torch.full_like(centers, float("nan"))
+        self._check(self.lib.fcl_student_t_backward(
+            DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), _ptr(q), _ptr(dist2), _ptr(grad_q), n,
+            k, f, ctypes.c_float(alpha), _ptr(w), _ptr(dh), _ptr(dcenters), None),
+            "student_t_backward")
+        return dh, dcenters
+
+    def dec_forward(self, q):
+        n, k = q.shape
+        f, loss_rows = torch.full((k,), float("nan")), torch.full((n,), float("nan"))
+        code = DTYPE_CODES[q.dtype]
+        self._check(self.lib.fcl_column_sums(code, _ptr(q), n, k, _ptr(f), None), "column_sums")
+        self._check(self.lib.fcl_dec_rows(code, _ptr(q), _ptr(f), n, k, _ptr(loss_rows), None),
+                    "dec_rows")
+        return loss_rows, f
+
+    def dec_backward(self, q, f, grad_out, factor):
+        n, k = q.shape
+        dq = torch.full_like(q, float("nan"))
+        self._check(self.lib.fcl_dec_backward(DTYPE_CODES[q.dtype], _ptr(q), _ptr(f), n, k,
+                                              _ptr(grad_out), ctypes.c_float(factor), _ptr(dq),
+                                              None), "dec_backward")
+        return dq
+
+    def anchor_forward(self, q0, q_a, q_b):
+        n, k = q0.shape
+        loss_rows = torch.full((n,), float("nan"))
+        self._check(self.lib.fcl_anchor_rows(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
+                                             _ptr(q_b), n, k, _ptr(loss_rows), None),
+                    "anchor_rows")
+        return loss_rows
+
+    def anchor_backward(self, q0, q_a, q_b, grad_out, factor):
+        n, k = q0.shape
+        dq_a, dq_b = torch.full_like(q_a, float("nan")), torch.full_like(q_b, float("nan"))
+        self._check(self.lib.fcl_anchor_backward(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
+                                                 _ptr(q_b), n, k, _ptr(grad_out),
+                                                 ctypes.c_float(factor), _ptr(dq_a),
+                                                 _ptr(dq_b), None), "anchor_backward")
+        return dq_a, dq_b
+
+
+@pytest.fixture
+def emulated(lib, monkeypatch):
+    ext = EmulatedExtension(lib)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    return ext
+
+
+def _pair(n, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(n, d, generator=gen)
+    return z_a.to(dtype), (z_a + 0.5 * torch.randn(n, d, generator=gen)).to(dtype)
+
+
+# loss atol, gradient tolerance relative to the largest reference entry (see test_cuda_backend)
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2),
+             torch.bfloat16: (3e-2, 4e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,d,temperature",
+                         [(37, 48, 0.5), (33, 150, 0.1), (2, 3, 0.5), (100, 40, 0.2)])
+def test_nt_xent_matches_reference(emulated, n, d, temperature, dtype):
+    """Two row blocks and column tiles with ragged edges (2N = 74, 66), D over two k-steps and
+    over the gradient's feature split (150 > BD), a tiny problem (2N = 4, D = 3), and 2N = 200
+    where the automatic column split (132 SMs) divides the columns in two."""
+    z_a, z_b = (t.requires_grad_() for t in _pair(n, d, dtype))
+    loss = cuda_backend.nt_xent(z_a, z_b, temperature)
+    loss.backward(torch.tensor(1.3))
+    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
+    expected = reference.nt_xent(r_a, r_b, temperature)
+    expected.backward(torch.tensor(1.3, dtype=torch.float64))
+    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in TOLERANCE[dtype])
+    assert loss.dtype == torch.float32 and z_a.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=0, atol=loss_atol)
+    for got, want in ((z_a.grad, r_a.grad), (z_b.grad, r_b.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=grad_rel, atol=grad_rel * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_ranges_compose(emulated, dtype):
+    """lse and gradient rows of a sub-range equal those rows of the full pass (distributed)."""
+    zn, _, _ = emulated.normalize(*_pair(40, 20, dtype))
+    lse = emulated.lse_rows(zn, 0, 80, 2.0)
+    g = emulated.grad_rows(zn, lse, 0, 80, 2.0)
+    for start, end in [(0, 1), (5, 70), (64, 80), (33, 33)]:
+        torch.testing.assert_close(emulated.lse_rows(zn, start, end, 2.0), lse[start:end])
+        torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 2.0), g[start:end])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_column_splits_match_unsplit(emulated, dtype):
+    """2N = 200 is 4 column tiles: 2, 3 (-> 2 of 2 tiles) and 4 splits, on full and partial
+    row ranges; partial results merge to the unsplit ones up to summation order."""
+    zn, _, _ = emulated.normalize(*_pair(100, 40, dtype))
+    lse = emulated.lse_rows(zn, 0, 200, 3.0, splits=1)
+    g = emulated.grad_rows(zn, lse, 0, 200, 3.0, splits=1)
+    for splits in (2, 3, 4):
+        for start, end in [(0, 200), (70, 75)]:
+            torch.testing.assert_close(emulated.lse_rows(zn, start, end, 3.0, splits),
+                                       lse[start:end])
+            torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 3.0, splits),
+                                       g[start:end])
+
+
+def test_split_recommendation(lib):
+    # dtype, m, d, rows, backward, SMs -> splits
+    assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2        # capped at 2 tiles each
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5     # 128 row blocks
+    assert lib.fcl_nt_xent_splits(2, 8192, 128, 8192, 1, 132) == 5    # one feature slice
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 1, 132) == 3    # fp32: two slices
+    assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1   # enough row blocks
+
+
+def test_launchers_reject_bad_arguments(lib):
+    zn, out = torch.zeros(200, 4), torch.zeros(200)
+    one = ctypes.c_float(1.0)
+    assert lib.fcl_nt_xent_lse(0, _ptr(zn), 8, 4, 3, 9, one, 1, None, _ptr(out), None) != 0
+    assert lib.fcl_nt_xent_lse(7, _ptr(zn), 8, 4, 0, 8, one, 1, None, _ptr(out), None) != 0
+    # a split without a workspace
+    assert lib.fcl_nt_xent_lse(0, _ptr(zn), 200, 4, 0, 200, one, 2, None, _ptr(out), None) != 0
+
+
+def _assignments(n, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(2.0 * torch.randn(n, k, generator=gen, dtype=torch.float64), dim=1)
+    q[0, 1] = 0.0  # an exact zero exercises the clamped log
+    return (q / q.sum(1, keepdim=True)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k", [(37, 10), (20, 45)])
+def test_dec_and_anchor_match_reference(emulated, n, k, dtype):
+    q0, q_a, q_b = (_assignments(n, k, dtype, seed) for seed in range(3))
+    cases = [(cuda_backend.dec_loss, reference.dec_loss, (q_a,), (0,)),
+             (cuda_backend.anchor_loss, reference.anchor_loss, (q0, q_a, q_b), (1, 2))]
+    for ours, ref, inputs, wrt in cases:
+        got_in = [t.clone().requires_grad_() for t in inputs]
+        ref_in = [t.double().requires_grad_() for t in inputs]
+        got, want = ours(*got_in), ref(*ref_in)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        got_grads = torch.autograd.grad(2.0 * got, [got_in[i] for i in wrt])
+        want_grads = torch.autograd.grad(2.0 * want, [ref_in[i] for i in wrt])
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == dtype
+            atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
+            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (9, 45, 200, 0.7)])
+def test_student_t_matches_reference(emulated, n, k, f, alpha, dtype):
+    """K = 45 gives lanes two columns each; F = 200 spans two feature slices of the centre
+    gradient. The gradient flows from a weighted sum of q (a generic upstream gradient)."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(n, f, generator=gen).to(dtype)
+    centers = (torch.randn(k, f, generator=gen) * 0.5).to(dtype)
+    weights = torch.randn(n, k, generator=gen)
+    got_in = [t.clone().requires_grad_() for t in (h, centers)]
+    ref_in = [t.double().requires_grad_() for t in (h, centers)]
+    q = cuda_backend.student_t(*got_in, alpha)
+    expected = reference.student_t(*ref_in, alpha)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
+    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
+    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())

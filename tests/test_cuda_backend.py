@@ -1,0 +1,329 @@
+"""backend="cuda": clear errors where it cannot run (CPU), the Python glue against a dense model
+of the launcher contract (CPU), and the compiled kernels against the float64 reference and the
+Triton backend (marked gpu)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcluster_cl
+from fastcluster_cl import cuda_backend
+from fastcluster_cl.losses import reference
+
+
+def _pair(n, d, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(n, d, generator=gen)
+    z_b = z_a + 0.5 * torch.randn(n, d, generator=gen)  # correlated views, as in training
+    return z_a.to(device, dtype), z_b.to(device, dtype)
+
+
+# --- CPU: error messages -------------------------------------------------------------------
+
+def test_cpu_tensors_raise_a_clear_error():
+    z_a, z_b = _pair(6, 5)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu: .*CUDA") as err:
+        fastcluster_cl.nt_xent(z_a, z_b, backend="cuda")
+    message = str(err.value)
+    if torch.version.cuda is None:
+        assert "torch.version.cuda is None" in message and "backend='chunked'" in message
+    else:
+        assert "needs CUDA tensors" in message
+
+
+def test_cluster_losses_raise_the_same_error():
+    logits_a, logits_b = _pair(6, 4)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        fastcluster_cl.cc_cluster_loss(logits_a, logits_b, backend="cuda")
+
+
+def test_direct_call_raises_without_building():
+    z_a, z_b = _pair(6, 5)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        cuda_backend.nt_xent(z_a, z_b, 0.5)
+    assert cuda_backend.extension.cache_info().currsize == 0  # nothing was compiled or loaded
+
+
+def test_reason_for_cpu_device_with_cuda_torch(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    reason = cuda_backend.unavailable_reason(torch.device("cpu"))
+    assert "needs CUDA tensors" in reason and ".cuda()" in reason
+
+
+def test_reason_without_compiler(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert "no CUDA toolkit found" in cuda_backend._compiler_missing()
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert f"no nvcc at {tmp_path}" in cuda_backend._compiler_missing()
+
+
+# --- CPU: the autograd glue against a dense model of csrc/fcl_kernels.h ----------------------
+
+class _DenseLaunchers:
+    """What each extension function returns per csrc/fcl_kernels.h, written densely in torch
+    (materialises S). Lets the autograd.Function be checked on machines without a GPU."""
+
+    @staticmethod
+    def normalize(z_a, z_b):
+        z = torch.cat([z_a, z_b])
+        norm = z.norm(dim=1).clamp_min(reference.NORM_EPS)
+        zn = z / norm[:, None]
+        n = z_a.shape[0]
+        return zn, norm, (zn[:n] * zn[n:]).sum(1)
+
+    @staticmethod
+    def lse_rows(zn, row_start, row_end, inv_tau):
+        s = zn[row_start:row_end] @ zn.T * inv_tau
+        s[torch.arange(row_end - row_start), torch.arange(row_start, row_end)] = float("-inf")
+        return torch.logsumexp(s, dim=1)
+
+    @staticmethod
+    def grad_rows(zn, lse, row_start, row_end, inv_tau):
+        s = zn[row_start:row_end] @ zn.T * inv_tau
+        a = torch.exp(s - lse[row_start:row_end, None]) + torch.exp(s - lse[None, :])
+        a[torch.arange(row_end - row_start), torch.arange(row_start, row_end)] = 0.0
+        return a @ zn
+
+    @staticmethod
+    def norm_backward(zn, norm, g, row_start, row_end, grad_out, factor):
+        m = zn.shape[0]
+        pos = (torch.arange(row_start, row_end) + m // 2) % m
+        u = grad_out * factor * (g - 2.0 * zn[pos])
+        rows = zn[row_start:row_end]
+        radial = torch.where(norm[:, None] > reference.NORM_EPS,
+                             (rows * u).sum(1, keepdim=True), 0.0)
+        return (u - rows * radial) / norm[:, None]
+
+    @staticmethod
+    def dec_forward(q):
+        f = q.sum(0)
+        return reference.kl_rows(reference.dec_target(q), q), f
+
+    @staticmethod
+    def dec_backward(q, f, grad_out, factor):
+        weight = q.pow(2) / f
+        p = weight / weight.sum(1, keepdim=True)
+        return -grad_out * factor * torch.where(q >= torch.finfo(q.dtype).tiny, p / q, 0.0)
+
+    @staticmethod
+    def anchor_forward(q0, q_a, q_b):
+        return reference.kl_rows(q0, q_a) + reference.kl_rows(q0, q_b)
+
+    @staticmethod
+    def anchor_backward(q0, q_a, q_b, grad_out, factor):
+        tiny = torch.finfo(q0.dtype).tiny
+        return tuple(-grad_out * factor * torch.where(q >= tiny, q0 / q, 0.0) for q in (q_a, q_b))
+
+
+@pytest.fixture
+def dense_launchers(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "extension", lambda: _DenseLaunchers)
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+
+
+def _assignments(n, k, seed, zeros=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.softmax(2.0 * torch.randn(n, k, generator=gen, dtype=torch.float64), dim=1)
+    if zeros:  # exact zeros exercise the clamped log (0 * log 0 terms, zero gradients)
+        q[0, 1] = 0.0
+        q[0] /= q[0].sum()
+    return q
+
+
+def test_autograd_glue_matches_reference(dense_launchers):
+    z_a, z_b = (t.double().requires_grad_() for t in _pair(9, 7))
+    loss = cuda_backend._CudaNTXent.apply(z_a, z_b, 0.3)  # float64 passes the dense model
+    (3.0 * loss).backward()
+    r_a, r_b = (t.detach().clone().requires_grad_() for t in (z_a, z_b))
+    expected = reference.nt_xent(r_a, r_b, 0.3)
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(z_a.grad, r_a.grad)
+    torch.testing.assert_close(z_b.grad, r_b.grad)
+
+
+def test_cluster_glue_matches_reference(dense_launchers):
+    q0, q_a, q_b = (_assignments(11, 5, seed).requires_grad_() for seed in range(3))
+    for ours, ref, inputs in [(cuda_backend._CudaDEC.apply, reference.dec_loss, (q_a,)),
+                              (cuda_backend._CudaAnchor.apply, reference.anchor_loss,
+                               (q0.detach(), q_a, q_b))]:
+        loss = ours(*inputs)
+        grads = torch.autograd.grad(2.5 * loss, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
+        expected = ref(*inputs)
+        want = torch.autograd.grad(2.5 * expected, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
+        torch.testing.assert_close(loss, expected)
+        for got, ref_grad in zip(grads, want):
+            torch.testing.assert_close(got, ref_grad)
+
+
+# --- GPU: the compiled kernels ---------------------------------------------------------------
+
+# (loss atol, gradient tolerance relative to the largest reference gradient entry) at tau = 0.5;
+# rounding errors of S grow like 1/tau, so `_assert_close_to` widens them for smaller tau.
+TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2),
+             torch.bfloat16: (3e-2, 4e-2)}
+SHAPES = [(37, 48), (2, 3), (130, 200), (300, 33)]  # odd sizes, D > BD = 128, many tiles
+
+
+def _loss_and_grads(fn, z_a, z_b, *args):
+    z_a, z_b = (t.detach().clone().requires_grad_() for t in (z_a, z_b))
+    loss = fn(z_a, z_b, *args)
+    loss.backward(torch.tensor(1.7, device=loss.device, dtype=loss.dtype))
+    return loss.detach(), z_a.grad, z_b.grad
+
+
+def _assert_close_to(expected, actual, dtype, what, temperature=0.5, tolerance=TOLERANCE):
+    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in tolerance[dtype])
+    torch.testing.assert_close(actual[0].double(), expected[0].double(), rtol=0, atol=loss_atol,
+                               msg=lambda m: f"{what} loss: {m}")
+    for e, a in zip(expected[1:], actual[1:]):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.double(), e.double(), rtol=grad_rel,
+                                   atol=grad_rel * scale, msg=lambda m: f"{what} grad: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("temperature", [0.5, 0.07])
+def test_nt_xent_matches_float64_reference(n, d, dtype, temperature):
+    z_a, z_b = _pair(n, d, dtype, "cuda")
+    actual = _loss_and_grads(fastcluster_cl.nt_xent, z_a, z_b, temperature)
+    assert actual[0].dtype == torch.float32 and actual[1].dtype == dtype
+    # reference on the same (rounded) inputs, in float64
+    expected = _loss_and_grads(reference.nt_xent, z_a.double(), z_b.double(), temperature)
+    _assert_close_to(expected, actual, dtype, f"cuda {dtype} vs float64 reference", temperature)
+
+
+@pytest.mark.gpu
+def test_nt_xent_with_backend_keyword():
+    z_a, z_b = _pair(37, 48, torch.float32, "cuda")
+    torch.testing.assert_close(fastcluster_cl.nt_xent(z_a, z_b, backend="cuda"),
+                               reference.nt_xent(z_a.double(), z_b.double(), 0.5).float(),
+                               rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nt_xent_matches_triton(dtype):
+    z_a, z_b = _pair(37, 48, dtype, "cuda")
+    try:
+        triton_nt_xent = fastcluster_cl.losses.dispatch.implementation("nt_xent", "triton",
+                                                                       z_a.device)
+    except NotImplementedError as err:
+        pytest.skip(f"triton backend has no nt_xent: {err}")
+    expected = _loss_and_grads(triton_nt_xent, z_a, z_b, 0.5)
+    actual = _loss_and_grads(cuda_backend.nt_xent, z_a, z_b, 0.5)
+    # Both carry rounding: twice the bf16 budget; for float32 a tf32-level budget, since
+    # tl.dot may round fp32 operands to tf32 on the GPU (ours is exact fp32).
+    both = {torch.float32: (1e-3, 5e-3), torch.bfloat16: (6e-2, 8e-2)}
+    _assert_close_to(expected, actual, dtype, f"cuda vs triton {dtype}", tolerance=both)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_ranges_compose(dtype):
+    """The distributed building blocks: row ranges reproduce the full lse and gradient rows."""
+    ext = cuda_backend.extension()
+    z_a, z_b = _pair(70, 40, dtype, "cuda")
+    zn, norm, _ = ext.normalize(z_a, z_b)
+    m = zn.shape[0]
+    lse = ext.lse_rows(zn, 0, m, 2.0)
+    g = ext.grad_rows(zn, lse, 0, m, 2.0)
+    for start, end in [(0, 1), (5, 70), (70, 140), (33, 33), (101, 140)]:
+        torch.testing.assert_close(ext.lse_rows(zn, start, end, 2.0), lse[start:end])
+        torch.testing.assert_close(ext.grad_rows(zn, lse, start, end, 2.0), g[start:end])
+    for splits in (1, 2, 3):  # explicit column splits agree with the automatic choice
+        torch.testing.assert_close(ext.lse_rows(zn, 0, m, 2.0, splits), lse)
+        torch.testing.assert_close(ext.grad_rows(zn, lse, 0, m, 2.0, splits), g)
+    with pytest.raises(RuntimeError, match=r"row range \[3, 141\) is not inside"):
+        ext.lse_rows(zn, 3, 141, 2.0)
+
+
+@pytest.mark.gpu
+def test_zero_row_uses_clamped_norm():
+    """A zero row normalises to 0 and its gradient is g / 1e-12, as F.normalize's."""
+    z_a, z_b = _pair(10, 16, torch.float32, "cuda")
+    z_a[3] = 0.0
+    actual = _loss_and_grads(cuda_backend.nt_xent, z_a, z_b, 0.5)
+    expected = _loss_and_grads(reference.nt_xent, z_a.double(), z_b.double(), 0.5)
+    keep = torch.arange(10, device="cuda") != 3
+    _assert_close_to((expected[0], expected[1][keep], expected[2]),
+                     (actual[0], actual[1][keep], actual[2]), torch.float32, "zero row")
+    torch.testing.assert_close(actual[1][3].double(), expected[1][3], rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+def test_float64_is_refused():
+    z_a, z_b = _pair(4, 3, torch.float64, "cuda")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        cuda_backend.nt_xent(z_a, z_b, 0.5)
+
+
+@pytest.mark.gpu
+def test_cluster_losses_match_reference():
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(37, 10, generator=gen).cuda().requires_grad_() for _ in range(2)]
+    loss = fastcluster_cl.cc_cluster_loss(*logits, backend="cuda")
+    loss.backward()
+    ref_logits = [t.detach().double().requires_grad_() for t in logits]
+    expected = reference.cc_cluster_loss(*ref_logits, 1.0)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=0, atol=2e-5)
+    for a, e in zip(logits, ref_logits):
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-6)
+
+    y = [F.softmax(t.detach(), 1) for t in logits]
+    h = [torch.randn(37, 24, generator=gen).cuda() for _ in range(2)]
+    got = cuda_backend.tcc_cluster_loss(*y, *h, *y, 0.8)
+    want = reference.tcc_cluster_loss(*(t.double() for t in (*y, *h, *y)), 0.8)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k", [(37, 10), (3, 2), (129, 40)])
+def test_dec_and_anchor_match_float64_reference(n, k, dtype):
+    q0, q_a, q_b = (_assignments(n, k, seed, zeros=seed == 1).to("cuda", dtype)
+                    for seed in range(3))
+    rel = 1e-5  # fp32 arithmetic on the same (rounded) inputs as the float64 reference
+    for name, ours, ref, inputs, wrt in [
+            ("dec", fastcluster_cl.dec_loss, reference.dec_loss, (q_a,), (0,)),
+            ("anchor", fastcluster_cl.anchor_loss, reference.anchor_loss, (q0, q_a, q_b), (1, 2))]:
+        got_in = [t.clone().requires_grad_() for t in inputs]
+        ref_in = [t.double().requires_grad_() for t in inputs]
+        got = ours(*got_in, backend="cuda")
+        want = ref(*ref_in)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel, msg=name)
+        got_grads = torch.autograd.grad(got, [got_in[i] for i in wrt])
+        want_grads = torch.autograd.grad(want, [ref_in[i] for i in wrt])
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == dtype
+            # ours is fp32 math rounded once to the input dtype (subnormals: absolute spacing)
+            atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
+            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps,
+                                       atol=atol, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (300, 45, 200, 0.7)])
+def test_student_t_matches_float64_reference(n, k, f, alpha, dtype):
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(n, f, generator=gen).to("cuda", dtype)
+    centers = (torch.randn(k, f, generator=gen) * 0.5).to("cuda", dtype)
+    weights = torch.randn(n, k, generator=gen).cuda()
+    got_in = [t.clone().requires_grad_() for t in (h, centers)]
+    ref_in = [t.double().requires_grad_() for t in (h, centers)]
+    q = fastcluster_cl.student_t(*got_in, alpha, backend="cuda")
+    expected = reference.student_t(*ref_in, alpha)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
+    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
+    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())
