@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import fastcluster_cl.functional as FL
 from fastcluster_cl import ClusterContrastiveLoss, NTXentLoss, distributed
 from fastcluster_cl.losses import chunked, gathered, reference
+from test_csrc_emulated import emulated, lib  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 WORLD = 2
 N, D, K, F = 5, 7, 4, 6  # rows per rank, projection dim, clusters, features (not block multiples)
@@ -430,3 +431,19 @@ def test_gathered_nt_xent_accumulates_in_fp32_under_autocast():
     for g, w in zip(torch.autograd.grad(under, list(x.values())),
                     torch.autograd.grad(plain, list(x.values()))):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_gathered_function_with_the_cuda_kernels_emulated(emulated):
+    """The CUDA C++ row-range kernels, run on the CPU by tests/test_csrc_emulated.py's host
+    emulation (fixtures `lib`, `emulated`), through the gathered autograd function (world
+    size 1)."""
+    from fastcluster_cl import cuda_backend
+    x = {k: v.float().requires_grad_() for k, v in
+         _inputs({"za": (D, 0), "zb": (D, 0)}, 37, seed=3).items()}
+    got = gathered.nt_xent_rows(x["za"], x["zb"], 0.3, cuda_backend.masked_lse_rows,
+                                cuda_backend.grad_rows)
+    want = reference.nt_xent(x["za"].double(), x["zb"].double(), 0.3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, list(x.values())),
+                    torch.autograd.grad(want, list(x.values()))):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
