@@ -56,7 +56,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default=S, help="augmentation preset (default auto)")
     p.add_argument("--epochs", type=POS_INT, default=S, help=f"default {d.epochs}")
     p.add_argument("--batch-size", dest="batch_size", type=_number(int, 2, False), default=S,
-                   help=f"default {d.batch_size}")
+                   help=f"global batch, split over torchrun's ranks (default {d.batch_size})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"default {d.optimizer}")
     p.add_argument("--lr", type=POS_FLOAT, default=S, help=f"default {d.lr}")
     p.add_argument("--weight-decay", dest="weight_decay", type=NONNEG_FLOAT, default=S)
@@ -75,7 +75,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
                    help="torch.compile the model and the loss")
     p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ... (under torchrun: "
+                   "the device type; each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
+                   default=S, help="SyncBatchNorm across torchrun's ranks (CUDA only)")
     p.add_argument("--threads", type=POS_INT, default=S,
                    help="CPU threads for torch (default: one per core; on a shared machine "
                    "1 is often faster)")
@@ -124,6 +127,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
     from .train.trainer import TrainConfig, train
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
@@ -134,9 +138,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict(given)
     config.check()
-    metrics = train(config, resume_from=args.resume)
-    print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")} |
-                     {"kmeans": metrics["kmeans"], "seconds": metrics["timing"]["train_seconds"]}))
+    try:
+        metrics = train(config, resume_from=args.resume)
+        main = distributed.is_main_process()
+    finally:
+        distributed.cleanup()
+    if main:  # under torchrun, one summary line, not one per rank
+        print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")}
+                         | {"kmeans": metrics["kmeans"],
+                            "seconds": metrics["timing"]["train_seconds"]}))
     return EXIT_OK
 
 

@@ -212,6 +212,27 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
 
 
+def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int,
+                    inv_tau: float) -> torch.Tensor:
+    """Row-range primitive of `fastcluster_cl.losses.gathered` (gather_distributed): the masked
+    lse of rows [row_start, row_end) of the full normalised Z against all its rows (float32)."""
+    _require(zn.device)
+    _check_inputs(("zn",), (zn,))
+    return extension().lse_rows(zn.contiguous(), row_start, row_end, inv_tau)
+
+
+def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
+              inv_tau: float) -> torch.Tensor:
+    """Row-range primitive of `fastcluster_cl.losses.gathered`: sum_j (P_ij + P_ji) zn_j -
+    2 zn_pos(i) for rows [row_start, row_end), `lse` the (2N,) vector of all rows (float32)."""
+    _require(zn.device)
+    _check_inputs(("zn",), (zn,))
+    zn = zn.contiguous()
+    g = extension().grad_rows(zn, lse.float().contiguous(), row_start, row_end, inv_tau)
+    pos = (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
+    return g - 2.0 * zn[pos].float()   # the kernel leaves the positive term to norm_backward
+
+
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """Student-t soft assignment (see `fastcluster_cl.student_t`) with the CUDA C++ kernels;
     returns float32 (N, K)."""

@@ -5,19 +5,28 @@ for float64 inputs) and returns a 0-d loss in that accumulation dtype. `backend`
 "auto" (triton for CUDA tensors, else chunked), "torch" (plain reference that materialises the
 similarity matrix), "chunked" (row blocks, never holds the 2N x 2N matrix), "triton", "cuda";
 all compute the same function to rounding.
+
+`gather_distributed=True` (nt_xent, cc_cluster_loss, dec_loss, tcc_cluster_loss) computes the loss
+over the batch of all ranks of an initialised torch.distributed process group, with lightly's
+convention: the mean over ranks of the returned values is the single-process loss on the
+concatenated batch, and each rank's gradient for its inputs is world_size times the
+single-process one, so that DDP's gradient averaging is exact (`fastcluster_cl.losses.gathered`).
+With one rank (or no process group) it is the plain loss.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .losses import gathered
 from .losses.dispatch import implementation
 from .validation import (check_finite, check_matrix, check_positive, check_probabilities,
                          check_same)
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
-            backend: str = "auto") -> torch.Tensor:
+            backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
 
     Z = [z_a; z_b] (2N x D) is L2-normalised row-wise, S = Z Z^T / tau and pos(i) = i +- N:
@@ -29,12 +38,16 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
     Args:
         z_a, z_b: (N, D) projections of the two views, N >= 2.
         temperature: tau > 0 (0.5 in CC and arXiv 2109.12714).
+        gather_distributed: contrast against the rows of every rank (equal N on all ranks);
+            see the module docstring.
     """
     check_matrix("z_a", z_a, min_rows=2)
     check_matrix("z_b", z_b, min_rows=2)
     check_same(("z_a", "z_b"), (z_a, z_b))
     temperature = check_positive("temperature", temperature)
     check_finite(("z_a", "z_b"), (z_a, z_b))
+    if gather_distributed and distributed.world_size() > 1:
+        return gathered.nt_xent(z_a, z_b, temperature, backend)
     return implementation("nt_xent", backend, z_a.device)(z_a, z_b, temperature)
 
 
@@ -45,7 +58,7 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
 
 
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
 
     q = softmax(logits) over K clusters. The 2K columns of [q_a, q_b] (vectors of length N) are
@@ -55,10 +68,14 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
     Args:
         logits_a, logits_b: (N, K) cluster logits of the two views, N >= 2, K >= 2.
         temperature: tau_c > 0 (1.0 in CC).
+        gather_distributed: use the column statistics of every rank's batch (all-reduced
+            2K x 2K assignment Gram and column sums; the backend is then not used).
     """
     _check_logit_pair(logits_a, logits_b)
     temperature = check_positive("temperature", temperature)
     check_finite(("logits_a", "logits_b"), (logits_a, logits_b))
+    if gather_distributed and distributed.world_size() > 1:
+        return gathered.cc_cluster_loss(logits_a, logits_b, temperature)
     return implementation("cc_cluster_loss", backend, logits_a.device)(logits_a, logits_b,
                                                                        temperature)
 
@@ -84,7 +101,8 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
     return implementation("student_t", backend, h.device)(h, centers, alpha)
 
 
-def dec_loss(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def dec_loss(q: torch.Tensor, *, backend: str = "auto",
+             gather_distributed: bool = False) -> torch.Tensor:
     """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
 
     Target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) with f_k = sum_i q_ik, computed on the
@@ -92,9 +110,12 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
     Args:
         q: (N, K) probabilities (rows sum to 1), K >= 2: the clean view's assignment.
+        gather_distributed: f_k summed over every rank's batch (all-reduced).
     """
     check_matrix("q", q, min_cols=2)
     check_probabilities(("q",), (q,))
+    if gather_distributed and distributed.world_size() > 1:
+        return gathered.dec_loss(q)
     return implementation("dec_loss", backend, q.device)(q)
 
 
@@ -120,10 +141,16 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
 
 
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", gather_distributed: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dec_loss(q0), anchor_loss(q0, q_a, q_b)): the anchor method's clustering terms, in fused
-    launches on backends that have them (triton: q0 read once for both), else the two ops."""
+    launches on backends that have them (triton: q0 read once for both), else the two ops.
+    With gather_distributed over several ranks, DEC needs the global f_k, so the two ops run
+    separately (the anchor loss is row-wise and needs no collective)."""
     _check_anchor_inputs(q0, q_a, q_b)
+    if gather_distributed and distributed.world_size() > 1:
+        return (gathered.dec_loss(q0),
+                implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
     fused = implementation("dec_anchor_losses", backend, q0.device, required=False)
     if fused is not None:
         return fused(q0, q_a, q_b)
@@ -133,7 +160,7 @@ def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
 
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Cluster-level loss of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021).
 
     Reconstructed from the paper's abstract and method summary, not from its code: each view
@@ -146,6 +173,7 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     Args:
         logits_a, logits_b: (N, K) cluster logits, K >= 2. h_a, h_b: (N, F) features.
         temperature: tau_c > 0. gumbel_tau: Gumbel-softmax temperature > 0.
+        gather_distributed: all-reduce the cluster sums and marginals over every rank's batch.
     """
     _check_logit_pair(logits_a, logits_b)
     check_matrix("h_a", h_a, min_rows=2)
@@ -161,5 +189,7 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     y_a = F.gumbel_softmax(logits_a, tau=gumbel_tau, dim=1)
     y_b = F.gumbel_softmax(logits_b, tau=gumbel_tau, dim=1)
     q_a, q_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
+    if gather_distributed and distributed.world_size() > 1:
+        return gathered.tcc_cluster_loss(y_a, y_b, h_a, h_b, q_a, q_b, temperature, backend)
     return implementation("tcc_cluster_loss", backend, h_a.device)(y_a, y_b, h_a, h_b, q_a, q_b,
                                                                     temperature)

@@ -22,7 +22,7 @@ class NTXentLoss(nn.Module):
     """NT-Xent instance loss (SimCLR; CC's instance loss). See `fastcluster_cl.nt_xent`.
 
     Attributes:
-        temperature: tau > 0. backend: see `fastcluster_cl.functional`.
+        temperature: tau > 0. backend, gather_distributed: see `fastcluster_cl.functional`.
     Raises:
         ValueError: temperature <= 0 or unknown backend (here); bad shapes or NaN (in forward).
 
@@ -30,14 +30,17 @@ class NTXentLoss(nn.Module):
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 16), torch.randn(8, 16))
     """
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto"):
+    def __init__(self, temperature: float = 0.5, backend: str = "auto",
+                 gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         """z_a, z_b: (N, D) projections of the two views. Returns a 0-d loss."""
-        return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend)
+        return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend,
+                          gather_distributed=self.gather_distributed)
 
 
 class CCClusterLoss(nn.Module):
@@ -47,26 +50,30 @@ class CCClusterLoss(nn.Module):
         >>> loss = CCClusterLoss()(torch.randn(8, 10), torch.randn(8, 10))
     """
 
-    def __init__(self, temperature: float = 1.0, backend: str = "auto"):
+    def __init__(self, temperature: float = 1.0, backend: str = "auto",
+                 gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
         """logits_a, logits_b: (N, K) cluster logits. Returns a 0-d loss."""
-        return FL.cc_cluster_loss(logits_a, logits_b, self.temperature, backend=self.backend)
+        return FL.cc_cluster_loss(logits_a, logits_b, self.temperature, backend=self.backend,
+                                  gather_distributed=self.gather_distributed)
 
 
 class DECLoss(nn.Module):
     """DEC KL loss against the batch's sharpened target. See `fastcluster_cl.dec_loss`."""
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", gather_distributed: bool = False):
         super().__init__()
         self.backend = _check_backend(backend)
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q: (N, K) probabilities. Returns a 0-d loss."""
-        return FL.dec_loss(q, backend=self.backend)
+        return FL.dec_loss(q, backend=self.backend, gather_distributed=self.gather_distributed)
 
 
 class AnchorLoss(nn.Module):
@@ -106,7 +113,9 @@ class ClusterContrastiveLoss(nn.Module):
 
     Attributes:
         method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
-        weights: "instance", "cluster", "anchor"), gumbel_tau (tcc), backend.
+        weights: "instance", "cluster", "anchor"), gumbel_tau (tcc), backend,
+        gather_distributed (every term over the batch of all ranks; the anchor loss is per row
+        and needs no communication).
     Raises:
         ValueError: unknown method or backend, temperature <= 0, negative weight (here);
         a missing input for the method, bad shapes, NaN (in forward).
@@ -119,7 +128,8 @@ class ClusterContrastiveLoss(nn.Module):
 
     def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
                  cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
-                 gumbel_tau: float = 1.0, backend: str = "auto"):
+                 gumbel_tau: float = 1.0, backend: str = "auto",
+                 gather_distributed: bool = False):
         super().__init__()
         if method not in _METHOD_INPUTS:
             raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
@@ -133,6 +143,7 @@ class ClusterContrastiveLoss(nn.Module):
                 raise ValueError(f"weights takes 'instance', 'cluster', 'anchor' >= 0, got "
                                  f"{name}={w}")
         self.backend = _check_backend(backend)
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
         """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: q0, q_a, q_b (N, K)
@@ -144,17 +155,21 @@ class ClusterContrastiveLoss(nn.Module):
         if missing or extra:
             raise TypeError(f"method {self.method!r} takes {needed}; missing {missing}, "
                             f"unexpected {extra}")
+        gather = self.gather_distributed
         parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature,
-                                        backend=self.backend)}
+                                        backend=self.backend, gather_distributed=gather)}
         if self.method == "anchor":
             parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
-                inputs["q0"], inputs["q_a"], inputs["q_b"], backend=self.backend)
+                inputs["q0"], inputs["q_a"], inputs["q_b"], backend=self.backend,
+                gather_distributed=gather)
         elif self.method == "cc":
             parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
-                                                  self.cluster_temperature, backend=self.backend)
+                                                  self.cluster_temperature, backend=self.backend,
+                                                  gather_distributed=gather)
         else:
             parts["cluster"] = FL.tcc_cluster_loss(
                 inputs["logits_a"], inputs["logits_b"], inputs["h_a"], inputs["h_b"],
-                self.cluster_temperature, gumbel_tau=self.gumbel_tau, backend=self.backend)
+                self.cluster_temperature, gumbel_tau=self.gumbel_tau, backend=self.backend,
+                gather_distributed=gather)
         total = sum(self.weights[name] * value for name, value in parts.items())
         return LossOutput(total, parts)

@@ -2,7 +2,7 @@
 
 The random parameters of every view (crop box, flip, colour-jitter factors and order,
 grayscale, blur sigma) are drawn here with NumPy from a generator the loader seeds with
-(seed, epoch, rank, batch index). Both backends apply the same parameters -- torchvision's
+(seed, epoch, global batch index). Both backends apply the same parameters -- torchvision's
 functional ops here, DALI's operators in `fastcluster_cl.data.dali` -- so a batch is a pure
 function of those four numbers, the two backends share one distribution, and a resumed run
 sees exactly the batches of an uninterrupted one.

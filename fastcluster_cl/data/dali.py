@@ -2,7 +2,7 @@
 
 One pipeline produces both SimCLR views and the clean view of a batch. Images arrive as uint8
 HWC NumPy batches through `fn.external_source`; so do the per-image augmentation parameters,
-which the loader draws with NumPy from a generator seeded by (seed, epoch, rank, batch) (see
+which the loader draws with NumPy from a generator seeded by (seed, epoch, global batch) (see
 `fastcluster_cl.data.augment`). The pipeline itself draws no random numbers, so its output is a
 pure function of the batch's images and parameters: a resumed run is exact, with no need to
 checkpoint DALI's RNG state, and the pipeline is built once, not per epoch.

@@ -2,19 +2,23 @@
 
 Reproducibility contract: epoch e's order is a permutation seeded by (seed, e), identical on all
 ranks; rank r of world_size takes every world_size-th element of it (disjoint slices of equal
-length, as DistributedSampler). Batch k's augmentation parameters come from a generator seeded
-by (seed, e, r, k) (see `augment`). So `loader.epoch(e, start_batch=k)` yields exactly batches
+length, as DistributedSampler), so the ranks' batches k together are the images of batch k of
+one process with world_size times the batch size. Batch k's augmentation parameters are drawn
+for that global batch from a generator seeded by (seed, e, k) (see `augment`), each rank taking
+its images' rows. So `loader.epoch(e, start_batch=k)` yields exactly batches
 k, k+1, ... of an uninterrupted `loader.epoch(e)`, whatever the backend or number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import numpy as np
 import torch
 
-from .augment import AugmentSpec, augment_preset, sample_view_params, torchvision_view
+from .augment import (AugmentSpec, ViewParams, augment_preset, sample_view_params,
+                      torchvision_view)
 from .datasets import DATASETS, ImageDataset
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,11 @@ class TrainLoader:
                 "index": torch.from_numpy(indices.astype(np.int64)).to(self.device)}
 
 
+def _rows(params: ViewParams, rows: slice) -> ViewParams:
+    """The parameters of a subset of a batch's images."""
+    return ViewParams(**{f.name: getattr(params, f.name)[rows] for f in dataclasses.fields(params)})
+
+
 class _EpochBatches(torch.utils.data.Dataset):
     """One epoch of one rank: batch k's indices and augmentation parameters, and (the
     torchvision backend's DataLoader items) batch k as uint8 CPU tensors. Holds only NumPy data
@@ -171,7 +180,7 @@ class _EpochBatches(torch.utils.data.Dataset):
         self.dataset, self.spec, self.epoch = loader.dataset, loader.spec, epoch
         self.batch_size, self.image_size, self.length = (loader.batch_size, loader.image_size,
                                                          len(loader))
-        self.seed, self.rank = loader.seed, loader.rank
+        self.seed, self.rank, self.world_size = loader.seed, loader.rank, loader.world_size
         self.order = loader.order(epoch)
 
     def __len__(self) -> int:
@@ -181,12 +190,15 @@ class _EpochBatches(torch.utils.data.Dataset):
         return self.order[k * self.batch_size:(k + 1) * self.batch_size]
 
     def params(self, k: int):
-        """(view a, view b) parameters of batch k, from a generator seeded by
-        (seed, epoch, rank, k)."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, k])
-        n = len(self.indices(k))
+        """(view a, view b) parameters of batch k: drawn for the global batch k (all ranks
+        together) from a generator seeded by (seed, epoch, k), of which this rank's images hold
+        the positions rank::world_size. A global batch is thus augmented identically whatever
+        the number of ranks (resuming on another world size stays exact)."""
+        rng = np.random.default_rng([self.seed, self.epoch, k])
+        n = len(self.indices(k)) * self.world_size
         _, height, width, _ = self.dataset.images.shape
-        return tuple(sample_view_params(rng, n, height, width, self.spec) for _ in range(2))
+        return tuple(_rows(sample_view_params(rng, n, height, width, self.spec),
+                           slice(self.rank, None, self.world_size)) for _ in range(2))
 
     def __getitem__(self, k: int) -> dict:
         # Per-image ops on small tensors: intra-op threads only add overhead (and stall badly on

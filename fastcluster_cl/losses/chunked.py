@@ -75,16 +75,93 @@ def _positive_index(n: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(n, 2 * n, device=device), torch.arange(n, device=device)])
 
 
+def l2_normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z / max(||z||, eps), the clamped norm (rows, 1)), as F.normalize; the norm is kept for
+    `l2_normalize_backward`."""
+    norm = z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return z / norm, norm
+
+
+def l2_normalize_backward(zn: torch.Tensor, norm: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dL/dz from dL/dzn = g: project out the radial part where ||z|| > eps, divide by the norm."""
+    radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
+    return (g - zn * radial) / norm
+
+
+# Row-range primitives over the full normalised Z (2N x D), shared with the Triton and CUDA
+# backends: the distributed NT-Xent (`fastcluster_cl.losses.gathered`) calls them on a rank's
+# local rows against the all-gathered Z. Rectangular tiles (rows of the range x all columns);
+# the single-process path above keeps its symmetric upper-triangle tiles.
+
+def _range_tiles(row_start: int, row_end: int, cols: int, block: int):
+    """(row block, column block, offset of the global diagonal inside the tile)."""
+    for r0 in range(row_start, row_end, block):
+        rows = slice(r0, min(r0 + block, row_end))
+        yield rows, [(slice(c0, min(c0 + block, cols)), r0 - c0) for c0 in range(0, cols, block)]
+
+
+def _check_range(zn: torch.Tensor, row_start: int, row_end: int, block: int) -> None:
+    if not 0 <= row_start < row_end <= zn.shape[0] or zn.shape[0] % 2:
+        raise ValueError(f"rows [{row_start}, {row_end}) must be a non-empty range in the "
+                         f"{zn.shape[0]} rows of Z = [z_a; z_b] (an even count)")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+
+
+def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
+                    block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """lse_i = log sum_{k != i} exp(zn_i . zn_k * inv_tau) for rows i in [row_start, row_end).
+
+    Shifted by the fixed bound 1/tau when exp(-2/tau) cannot underflow, else combined per
+    column block with logsumexp / logaddexp (exact, one exp per entry plus the row max)."""
+    _check_range(zn, row_start, row_end, block)
+    fixed_shift = 2.0 * inv_tau <= _SHIFT_RANGE[zn.dtype]
+    out = []
+    for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
+        count = rows.stop - rows.start
+        acc = torch.zeros(count, dtype=zn.dtype, device=zn.device) if fixed_shift else \
+            torch.full((count,), float("-inf"), dtype=zn.dtype, device=zn.device)
+        for cols, offset in col_tiles:
+            s = _tile(zn, rows, cols, inv_tau)
+            s.diagonal(offset).fill_(float("-inf"))
+            if fixed_shift:
+                acc += torch.exp(s - inv_tau).sum(1)
+            else:
+                acc = torch.logaddexp(acc, torch.logsumexp(s, 1))
+        out.append(torch.log(acc) + inv_tau if fixed_shift else acc)
+    return torch.cat(out)
+
+
+def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
+              inv_tau: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows i in [row_start, row_end), with
+    P_ij = exp(S_ij - lse_i), P_ii = 0 and `lse` the masked lse of all 2N rows: dL/dzn_i of the
+    mean NT-Xent over the 2N rows, times 2N * tau."""
+    _check_range(zn, row_start, row_end, block)
+    if lse.shape != zn.shape[:1]:
+        raise ValueError(f"lse must hold one value per row of Z ({zn.shape[0]}), got "
+                         f"{tuple(lse.shape)}")
+    out = []
+    for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
+        g = torch.zeros(rows.stop - rows.start, zn.shape[1], dtype=zn.dtype, device=zn.device)
+        for cols, offset in col_tiles:
+            s = _tile(zn, rows, cols, inv_tau)
+            a = torch.exp(s - lse[rows, None]) + torch.exp(s - lse[None, cols])
+            a.diagonal(offset).fill_(0.0)
+            g += a @ zn[cols]
+        out.append(g)
+    pos = (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
+    return torch.cat(out) - 2.0 * zn[pos]
+
+
 class _ChunkedNTXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, block):
         n = z_a.shape[0]
-        z = torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype))
-        norm = z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        zn = z / norm
+        zn, norm = l2_normalize(torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype)))
         inv_tau = 1.0 / temperature
         lse = _masked_lse(zn, inv_tau, block)
-        pos = _positive_index(n, z.device)
+        pos = _positive_index(n, zn.device)
         positive = (zn * zn[pos]).sum(1) * inv_tau
         ctx.save_for_backward(zn, norm, lse)
         ctx.inv_tau, ctx.block, ctx.input_dtype = inv_tau, block, z_a.dtype
@@ -106,9 +183,7 @@ class _ChunkedNTXent(torch.autograd.Function):
                 g[cols] += a.T @ zn[rows]
         g -= 2.0 * zn[_positive_index(rows_total // 2, zn.device)]
         g *= grad_out * inv_tau / rows_total
-        # Backward of zn = z / max(||z||, eps): project out the radial part where ||z|| > eps.
-        radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
-        dz = ((g - zn * radial) / norm).to(ctx.input_dtype)
+        dz = l2_normalize_backward(zn, norm, g).to(ctx.input_dtype)
         n = rows_total // 2
         return dz[:n], dz[n:], None, None
 

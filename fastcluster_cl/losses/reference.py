@@ -71,12 +71,14 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     return torch.softmax(-(alpha + 1) / 2 * torch.log1p(dist2 / alpha), dim=1)
 
 
-def dec_target(q: torch.Tensor) -> torch.Tensor:
+def dec_target(q: torch.Tensor, column_sums: torch.Tensor | None = None) -> torch.Tensor:
     """DEC's sharpened target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j), f_k = sum_i q_ik.
 
-    Computed on the batch with no gradient."""
+    Computed with no gradient; f is the batch's column sums unless `column_sums` gives them
+    (the all-reduced sums of every rank's batch under gather_distributed)."""
     q = q.detach()
-    weight = q.pow(2) / q.sum(0)
+    f = q.sum(0) if column_sums is None else column_sums.detach()
+    weight = q.pow(2) / f
     return weight / weight.sum(1, keepdim=True)
 
 

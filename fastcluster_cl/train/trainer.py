@@ -3,8 +3,10 @@ optimizers, warmup + cosine schedule, gradient clipping, a non-finite-loss guard
 evaluation, exact resume and JSONL/TensorBoard logs.
 
 Device and rank live in one `Runtime` object; logging, checkpoints and plots happen only where
-`runtime.is_main_process` is true, so distributed training can wrap this loop without
-restructuring it.
+`runtime.is_main_process` is true. Under torchrun (docs/distributed.md) `Runtime.create`
+initialises the process group, the model is wrapped in DistributedDataParallel, the losses
+gather across ranks and each rank reads its shard: `batch_size` is the global batch, so a run
+(and its checkpoints) means the same thing on any number of ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..metrics import cluster_metrics, kmeans_metrics
 from ..models import RESNETS, build_model, method_loss_inputs
 from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
@@ -52,7 +55,7 @@ class TrainConfig:
     hidden_dim: int = 512
     augment: str = "auto"
     epochs: int = 40
-    batch_size: int = 256
+    batch_size: int = 256            # global batch: split evenly over the ranks
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -67,6 +70,7 @@ class TrainConfig:
     loss_backend: str = "auto"
     amp: str = "auto"                # auto: bf16 on CUDA, none on the CPU
     compile: bool = False
+    sync_bn: bool = False            # SyncBatchNorm across ranks (CUDA only)
     seed: int = 0
     device: str = "auto"
     threads: int | None = None       # CPU threads for torch ops; None: torch's default
@@ -81,7 +85,7 @@ class TrainConfig:
     # Settings a resumed run may change; all others must equal the checkpoint's.
     RESUMABLE = ("device", "threads", "out", "eval_every", "eval_batch_size",
                  "checkpoint_every", "log_every", "plots", "progress", "compile", "data_root",
-                 "loss_backend")
+                 "loss_backend", "sync_bn")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,12 +146,13 @@ class Runtime:
 
     @classmethod
     def create(cls, device: str = "auto") -> "Runtime":
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
+        """This process's runtime; under torchrun, also joins the process group and takes
+        cuda:LOCAL_RANK (`fastcluster_cl.distributed.setup`)."""
+        if device != "auto" and torch.device(device).type == "cuda" \
+                and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for but CUDA is not available here")
-        return cls(dev)
+        dev = distributed.setup(None if device == "auto" else device)
+        return cls(dev, distributed.rank(), distributed.world_size())
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +208,8 @@ class Trainer:
         self.resume_state = None
         if resume_from is not None:
             self.resume_state = load_checkpoint(resume_from)
-        seed_everything(config.seed)
+        # Per-rank streams (e.g. TCC's Gumbel noise); DDP broadcasts rank 0's initial weights.
+        seed_everything(config.seed + self.runtime.rank)
         config = self._setup_model(config, dataset)
         if self.resume_state is not None:
             check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
@@ -214,8 +220,9 @@ class Trainer:
                              f"{self.out} or choose another --out")
         dev = self.runtime.device
         self.train_loader = make_train_loader(
-            self.dataset, config.batch_size, image_size=config.image_size,
-            augment=config.augment, device=dev, seed=config.seed,
+            self.dataset, distributed.local_batch_size(config.batch_size,
+                                                       self.runtime.world_size),
+            image_size=config.image_size, augment=config.augment, device=dev, seed=config.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
@@ -223,7 +230,11 @@ class Trainer:
                              f"images of {self.dataset.name}; lower --batch-size")
         self.criterion = ClusterContrastiveLoss(
             config.method, config.instance_temperature, config.cluster_temperature,
-            weights=config.loss_weights or None, backend=config.loss_backend)
+            weights=config.loss_weights or None, backend=config.loss_backend,
+            gather_distributed=self.runtime.world_size > 1)
+        self.ddp_model = distributed.wrap_model(
+            self.model, dev, config.sync_bn,
+            find_unused_parameters=config.centre_warmup_epochs > 0)
         self.optimizer = build_optimizer(config.optimizer, self.model, config.lr,
                                          config.weight_decay, dev)
         total = config.epochs * self.steps_per_epoch
@@ -231,8 +242,9 @@ class Trainer:
                                        round(config.warmup_epochs * self.steps_per_epoch),
                                        total, config.min_lr_factor)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        self.instance_loss = NTXentLoss(config.instance_temperature, config.loss_backend)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.instance_loss = NTXentLoss(config.instance_temperature, config.loss_backend,
+                                        gather_distributed=self.runtime.world_size > 1)
+        self.forward = torch.compile(self.ddp_model) if config.compile else self.ddp_model
         self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
         self.epoch, self.batch, self.step = 0, 0, 0
         self.train_seconds, self.images_seen = 0.0, 0
@@ -295,6 +307,8 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.images_seen = state.get("images_seen", 0)
         set_rng_state(state["rng"])
+        if self.runtime.rank:  # the checkpoint holds rank 0's streams; keep the ranks' apart
+            seed_everything(self.config.seed + self.runtime.rank + 1_000_003 * self.step)
 
     def save(self) -> Path | None:
         """Write checkpoint.pt (atomic) with everything needed to continue exactly."""
@@ -339,14 +353,20 @@ class Trainer:
                 inputs = method_loss_inputs(self.model, self.config.method, *split)
                 loss = self.loss_fn(split[0]["z"], split[1]["z"], **inputs)
         total = loss.total.float()
-        if not torch.isfinite(total):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in loss.parts.items())
+        # Logged values are the global batch's (mean over ranks), and every rank sees the same
+        # verdict of the finite check below, so all stop together.
+        world = self.runtime.world_size
+        logged = distributed.all_reduce_sum(torch.stack(
+            [total.detach()] + [v.detach().float() for v in loss.parts.values()])) / world
+        if not torch.isfinite(logged[0]):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in zip(loss.parts, logged[1:]))
             raise NonFiniteLossError(
-                f"loss is {total.item()} at epoch {self.epoch} step {self.step} ({parts}); "
+                f"loss is {logged[0].item()} at epoch {self.epoch} step {self.step} ({parts}); "
                 "lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in loss.parts.items()}}
+        values = logged.tolist()
+        record = {"loss": values[0], **{f"loss_{k}": v for k, v in zip(loss.parts, values[1:])}}
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -402,6 +422,7 @@ class Trainer:
             return
         feats, _, _ = self._features(train_mode=True)
         head.init_centres(feats, seed=self.config.seed)
+        distributed.broadcast_state(head)  # every rank starts from rank 0's centres
         self.logger.log("init_centres", n=len(feats))
 
     # ------------------------------------------------------------------------------------ loop

@@ -1,0 +1,185 @@
+"""Losses over the global batch of all ranks (`gather_distributed=True`).
+
+Convention (lightly's, the one that makes DDP exact): each rank returns a value such that the
+mean over ranks equals the single-process loss on the concatenated batch, and its gradient for
+its local inputs is world_size times the single-process gradient for those rows. DDP averages
+parameter gradients over ranks, which then gives exactly the single-process gradient.
+
+- NT-Xent (backends chunked / triton / cuda): a rank all-gathers Z (not differentiably), computes
+  the masked lse of its own rows against all of Z with the backend's `masked_lse_rows`,
+  all-gathers the per-row lse and returns the mean over its rows. The backward is analytic
+  (DESIGN.md): the backend's `grad_rows` over the local rows needs only the gathered Z and lse,
+  so no B x D gradient is ever reduced across ranks.
+- NT-Xent (backend torch): the independent cross-check, lightly's formulation: a differentiable
+  all-gather (its backward sums every rank's gradient for the gathered rows) and the plain
+  reference on the local rows.
+- Cluster losses: the column statistics (CC assignment Gram and column sums, TCC cluster sums,
+  DEC f_k) are all-reduced; the loss from global statistics is identical on every rank and the
+  all-reduce's backward gives each rank world_size times its share of the gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as D
+from .chunked import l2_normalize, l2_normalize_backward
+from .dispatch import implementation, resolve
+from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows
+
+RowLSE = Callable[[torch.Tensor, int, int, float], torch.Tensor]
+RowGrad = Callable[[torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
+
+
+def local_row_ranges(n: int, rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """This rank's rows of the global Z = [z_a of all ranks; z_b of all ranks] (n per view)."""
+    total = n * world
+    return (rank * n, (rank + 1) * n), (total + rank * n, total + (rank + 1) * n)
+
+
+class _GatheredNTXent(torch.autograd.Function):
+    """NT-Xent of the local rows against the gathered Z; backward by the row-range primitives."""
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, temperature, lse_rows: RowLSE, grad_rows: RowGrad):
+        # Accumulate in fp32/fp64 even inside an autocast region (the primitives' matmuls).
+        with torch.autocast(z_a.device.type, enabled=False):
+            return _GatheredNTXent._forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows)
+
+    @staticmethod
+    def _forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows):
+        n, inv_tau = z_a.shape[0], 1.0 / temperature
+        ranges = local_row_ranges(n, D.rank(), D.world_size())
+        # Gather in the input dtype (half the traffic for bf16), normalise in the accumulation one.
+        zn, norm = l2_normalize(D.gather_views(torch.cat([z_a, z_b])).to(
+            accumulation_dtype(z_a.dtype)))
+        lse_local = torch.cat([lse_rows(zn, start, end, inv_tau) for start, end in ranges])
+        lse = D.gather_views(lse_local)
+        (a0, a1), (b0, b1) = ranges
+        positive = (zn[a0:a1] * zn[b0:b1]).sum(1) * inv_tau                  # S_{i,pos(i)}
+        ctx.save_for_backward(zn, norm, lse)
+        ctx.ranges, ctx.inv_tau, ctx.grad_rows, ctx.input_dtype = ranges, inv_tau, grad_rows, \
+            z_a.dtype
+        return (lse_local - positive.repeat(2)).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _GatheredNTXent._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        zn, norm, lse = ctx.saved_tensors
+        (a0, a1), (b0, b1) = ctx.ranges
+        g = torch.cat([ctx.grad_rows(zn, lse, a0, a1, ctx.inv_tau),
+                       ctx.grad_rows(zn, lse, b0, b1, ctx.inv_tau)])
+        # World-size times the global dL/dzn (1/(tau * 2N_global)) = 1/(tau * 2n_local).
+        g *= grad_out * ctx.inv_tau / g.shape[0]
+        rows = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)]).to(zn.device)
+        dz = l2_normalize_backward(zn[rows], norm[rows], g).to(ctx.input_dtype)
+        n = a1 - a0
+        return dz[:n], dz[n:], None, None, None
+
+
+def nt_xent_rows(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+                 lse_rows: RowLSE, grad_rows: RowGrad) -> torch.Tensor:
+    """Gathered NT-Xent with explicit row-range primitives (the backends' `masked_lse_rows` and
+    `grad_rows`, possibly with a block size bound)."""
+    D.check_equal_rows("z_a", z_a.shape[0], z_a.device)
+    return _GatheredNTXent.apply(z_a.contiguous(), z_b.contiguous(), temperature, lse_rows,
+                                 grad_rows)
+
+
+def _nt_xent_autograd(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Backend torch: differentiable all-gather, then the reference formula on the local rows."""
+    D.check_equal_rows("z_a", z_a.shape[0], z_a.device)
+    acc = accumulation_dtype(z_a.dtype)
+    n, total = z_a.shape[0], z_a.shape[0] * D.world_size()
+    z = torch.cat([D.gather_rows_with_grad(z_a.to(acc)), D.gather_rows_with_grad(z_b.to(acc))])
+    z = F.normalize(z, dim=1, eps=NORM_EPS)
+    rows = torch.cat([torch.arange(start, end) for start, end in
+                      local_row_ranges(n, D.rank(), D.world_size())]).to(z.device)
+    s = z[rows] @ z.T / temperature                                  # (2n, 2N_global)
+    local = torch.arange(2 * n, device=z.device)
+    positive = s[local, (rows + total) % (2 * total)]
+    lse = torch.logsumexp(s.index_put((local, rows), s.new_tensor(float("-inf"))), dim=1)
+    return (lse - positive).mean()
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+            backend: str) -> torch.Tensor:
+    """NT-Xent over the batch of all ranks (see the module docstring for the convention)."""
+    backend = resolve(backend, z_a.device)
+    if backend == "torch":
+        return _nt_xent_autograd(z_a, z_b, temperature)
+    return nt_xent_rows(z_a, z_b, temperature,
+                        implementation("masked_lse_rows", backend, z_a.device),
+                        implementation("grad_rows", backend, z_a.device))
+
+
+def _global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-reduce local sums together with the local row count in one collective:
+    (global sums shaped like `local`, global row count as a 0-d tensor)."""
+    flat = torch.cat([local.reshape(-1), local.new_tensor([rows])])
+    total = D.all_reduce_sum(flat)
+    return total[:-1].view_as(local), total[-1].detach()
+
+
+def _entropy_term(column_sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """log K + sum_k P_k log P_k, P_k = column sum / rows (`reference.marginal_entropy_term`)."""
+    p = column_sums / rows
+    return math.log(column_sums.shape[0]) + torch.special.xlogy(p, p).sum()
+
+
+def _nt_xent_from_gram(gram: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over 2M rows given only their Gram matrix G (2M x 2M): cos_ij =
+    G_ij / (||x_i|| ||x_j||), pos(i) = i +- M, mean over the 2M rows."""
+    norm = gram.diagonal().sqrt().clamp_min(NORM_EPS)
+    s = gram / (norm[:, None] * norm[None, :]) / temperature
+    m = s.shape[0] // 2
+    eye = torch.eye(2 * m, dtype=torch.bool, device=s.device)
+    lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
+    return (lse - s.diagonal(m).repeat(2)).mean()
+
+
+def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """CC's cluster-level loss over all ranks: the column contrast from the all-reduced
+    2K x 2K assignment Gram, the entropy from the all-reduced column sums (any backend: the
+    statistics are K-sized, the N-sized work is one local GEMM)."""
+    acc = accumulation_dtype(logits_a.dtype)
+    q = torch.cat([torch.softmax(logits_a.to(acc), dim=1),
+                   torch.softmax(logits_b.to(acc), dim=1)], dim=1)           # (n, 2K)
+    stats, rows = _global_sums(torch.cat([q.T @ q, q.sum(0)[None]]), q.shape[0])
+    gram, column_sums = stats[:-1], stats[-1]
+    k = logits_a.shape[1]
+    return (_nt_xent_from_gram(gram, temperature)
+            + _entropy_term(column_sums[:k], rows) + _entropy_term(column_sums[k:], rows))
+
+
+def dec_loss(q: torch.Tensor) -> torch.Tensor:
+    """DEC loss over all ranks: the target uses the all-reduced f_k; the local KL sum is scaled
+    by world_size / N_global so that ranks may hold different row counts."""
+    q = q.to(accumulation_dtype(q.dtype))
+    f, rows = _global_sums(q.detach().sum(0), q.shape[0])
+    return kl_rows(dec_target(q, f), q).sum() * (D.world_size() / rows)
+
+
+def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_b: torch.Tensor,
+                     q_a: torch.Tensor, q_b: torch.Tensor, temperature: float,
+                     backend: str) -> torch.Tensor:
+    """TCC's cluster-level loss over all ranks: the cluster sums s_k = sum_i y_ik h_i and the
+    assignment column sums are all-reduced, then the backend's NT-Xent runs on the 2K rows."""
+    acc = accumulation_dtype(h_a.dtype)
+    sums = torch.stack([y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc)])
+    columns = torch.stack([q_a.to(acc).sum(0), q_b.to(acc).sum(0)])
+    k = columns.shape[1]
+    stats, rows = _global_sums(torch.cat([sums.reshape(-1), columns.reshape(-1)]), h_a.shape[0])
+    s = stats[:-2 * k].view_as(sums)
+    columns = stats[-2 * k:].view_as(columns)
+    instance = implementation("nt_xent", backend, h_a.device)
+    return (instance(s[0], s[1], temperature)
+            + _entropy_term(columns[0], rows) + _entropy_term(columns[1], rows))
