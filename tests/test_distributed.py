@@ -360,6 +360,10 @@ def _trainer_config(out, **overrides):
         **overrides})
 
 
+# The centre warm-up leaves the centre head without gradients for an epoch (DDP must allow it).
+WARMUP = dict(epochs=3, centre_warmup_epochs=1)
+
+
 def _trainer_worker(rank: int, port: int, tmp: str) -> None:
     import fastcluster_cl.train.trainer as T
     os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -369,6 +373,7 @@ def _trainer_worker(rank: int, port: int, tmp: str) -> None:
     T.build_model = _build_model_without_bn
     try:
         T.train(_trainer_config(os.path.join(tmp, "ddp")), dataset=_blobs())
+        T.train(_trainer_config(os.path.join(tmp, "ddp_warmup"), **WARMUP), dataset=_blobs())
         T.train(_trainer_config(os.path.join(tmp, "resumed")), dataset=_blobs(),
                 resume_from=os.path.join(tmp, "half", "checkpoint.pt"))
     finally:
@@ -382,6 +387,7 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
     torch.set_num_threads(1)
     monkeypatch.setattr(T, "build_model", _build_model_without_bn)
     single = T.train(_trainer_config(tmp_path / "single"), dataset=_blobs())
+    T.train(_trainer_config(tmp_path / "single_warmup", **WARMUP), dataset=_blobs())
 
     class Stop(Exception):
         pass
@@ -406,12 +412,14 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
 
     reference, initial = model("single"), model("half")
     assert single["steps"] == 6 and [s for s, _ in losses("single")] == list(range(1, 7))
-    for run in ("ddp", "resumed"):
-        got = model(run)
+    for run, ref_run in (("ddp", "single"), ("resumed", "single"),
+                         ("ddp_warmup", "single_warmup")):
+        got, reference = model(run), model(ref_run)
         assert got.keys() == reference.keys()  # unwrapped: no DDP "module." prefix
         for name, value in reference.items():
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5,
                                        msg=lambda m: f"{run} {name}: {m}")
+    reference = model("single")
     # only rank 0 logs, and it logs the global batch's loss
     for (step, loss), (ref_step, ref_loss) in zip(losses("ddp"), losses("single"), strict=True):
         assert step == ref_step and loss == pytest.approx(ref_loss, rel=1e-5)
