@@ -171,7 +171,7 @@ def test_one_hot_assignments_give_finite_losses_and_grads():
     qa = q0.clone().requires_grad_()
     loss = fc.anchor_loss(q0, qa, qa) + fc.dec_loss(qa)
     loss.backward()
-    assert float(loss) == pytest.approx(0.0, abs=1e-12)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
     assert torch.isfinite(qa.grad).all()
 
 
