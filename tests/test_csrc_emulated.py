@@ -17,6 +17,7 @@ import torch
 
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
+from test_cuda_backend import check_student_t
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -296,19 +297,4 @@ def test_dec_and_anchor_match_reference(emulated, n, k, dtype):
 def test_student_t_matches_reference(emulated, n, k, f, alpha, dtype):
     """K = 45 gives lanes two columns each; F = 200 spans two feature slices of the centre
     gradient. The gradient flows from a weighted sum of q (a generic upstream gradient)."""
-    gen = torch.Generator().manual_seed(3)
-    h = torch.randn(n, f, generator=gen).to(dtype)
-    centers = (torch.randn(k, f, generator=gen) * 0.5).to(dtype)
-    weights = torch.randn(n, k, generator=gen)
-    got_in = [t.clone().requires_grad_() for t in (h, centers)]
-    ref_in = [t.double().requires_grad_() for t in (h, centers)]
-    q = cuda_backend.student_t(*got_in, alpha)
-    expected = reference.student_t(*ref_in, alpha)
-    assert q.dtype == torch.float32
-    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
-    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
-    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
-    for g, w in zip(got_grads, want_grads):
-        assert g.dtype == dtype
-        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
-        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())
+    check_student_t(cuda_backend.student_t, n, k, f, alpha, dtype)

@@ -311,13 +311,20 @@ def test_dec_and_anchor_match_float64_reference(n, k, dtype):
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (300, 45, 200, 0.7)])
 def test_student_t_matches_float64_reference(n, k, f, alpha, dtype):
+    check_student_t(lambda h, c, a: fastcluster_cl.student_t(h, c, a, backend="cuda"),
+                    n, k, f, alpha, dtype, device="cuda")
+
+
+def check_student_t(student_t, n, k, f, alpha, dtype, device="cpu"):
+    """`student_t(h, centers, alpha)` against the float64 reference, values and the gradients of
+    a weighted sum of q (a generic upstream gradient); shared by the emulated and GPU tests."""
     gen = torch.Generator().manual_seed(3)
-    h = torch.randn(n, f, generator=gen).to("cuda", dtype)
-    centers = (torch.randn(k, f, generator=gen) * 0.5).to("cuda", dtype)
-    weights = torch.randn(n, k, generator=gen).cuda()
+    h = torch.randn(n, f, generator=gen).to(device, dtype)
+    centers = (torch.randn(k, f, generator=gen) * 0.5).to(device, dtype)
+    weights = torch.randn(n, k, generator=gen).to(device)
     got_in = [t.clone().requires_grad_() for t in (h, centers)]
     ref_in = [t.double().requires_grad_() for t in (h, centers)]
-    q = fastcluster_cl.student_t(*got_in, alpha, backend="cuda")
+    q = student_t(*got_in, alpha)
     expected = reference.student_t(*ref_in, alpha)
     assert q.dtype == torch.float32
     torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
