@@ -15,6 +15,8 @@ With one rank (or no process group) it is the plain loss.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,22 @@ from .validation import (check_finite, check_matrix, check_positive, check_proba
                          check_same)
 
 
+
+def _outside_autocast(loss_fn):
+    """Run a loss with autocast off for its inputs' device: inside an autocast region its
+    matmuls would otherwise run in bf16/fp16, breaking the fp32 (fp64) accumulation every backend
+    promises. Inputs keep their dtype; low-precision inputs are still accepted."""
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or not torch.amp.is_autocast_available(first.device.type):
+            return loss_fn(*args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return loss_fn(*args, **kwargs)
+    return wrapper
+
+
+@_outside_autocast
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
             backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
@@ -57,6 +75,7 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
     check_same(("logits_a", "logits_b"), (logits_a, logits_b))
 
 
+@_outside_autocast
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
                     backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
@@ -80,6 +99,7 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
                                                                        temperature)
 
 
+@_outside_autocast
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
               backend: str = "auto") -> torch.Tensor:
     """Student-t soft assignment of DEC / arXiv 2109.12714's cluster centre predictor.
@@ -101,6 +121,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
     return implementation("student_t", backend, h.device)(h, centers, alpha)
 
 
+@_outside_autocast
 def dec_loss(q: torch.Tensor, *, backend: str = "auto",
              gather_distributed: bool = False) -> torch.Tensor:
     """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
@@ -119,6 +140,7 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto",
     return implementation("dec_loss", backend, q.device)(q)
 
 
+@_outside_autocast
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                 backend: str = "auto") -> torch.Tensor:
     """Anchor loss of arXiv 2109.12714: the clean view anchors both augmented views.
@@ -140,6 +162,7 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
     check_probabilities(names, (q0, q_a, q_b))
 
 
+@_outside_autocast
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                       backend: str = "auto", gather_distributed: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +181,7 @@ def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
             implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
 
 
+@_outside_autocast
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
                      backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:

@@ -200,3 +200,39 @@ def test_cc_cluster_loss_bf16():
     got = fc.cc_cluster_loss(c_a, c_b, backend="chunked")
     want = reference.cc_cluster_loss(c_a.double(), c_b.double(), 1.0)
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+# --- autocast ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,backward_inside", [
+    ("torch", False), ("chunked", False),
+    # PyTorch advises calling backward outside autocast; on CPU a backward inside it runs on the
+    # calling thread under autocast. The chunked Function guards its own backward even then.
+    ("chunked", True),
+])
+def test_losses_accumulate_in_fp32_inside_autocast(backend, backward_inside):
+    """A training step calls the loss inside a bf16 autocast region: the matmuls must still run
+    in fp32, so values and gradients equal those computed outside autocast."""
+    z_a, z_b = randn(37, 48, seed=50, dtype=torch.float32), randn(37, 48, seed=51,
+                                                                  dtype=torch.float32)
+    c_a, c_b = randn(37, 10, seed=52, dtype=torch.float32), randn(37, 10, seed=53,
+                                                                  dtype=torch.float32)
+    inputs = [t.requires_grad_() for t in (z_a, z_b, c_a, c_b)]
+
+    def losses():
+        return (fc.nt_xent(z_a, z_b, 0.1, backend=backend),
+                fc.cc_cluster_loss(c_a, c_b, backend=backend))
+
+    plain = losses()
+    plain_grads = torch.autograd.grad(sum(plain), inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = losses()
+        if backward_inside:
+            under_grads = torch.autograd.grad(sum(under), inputs)
+    if not backward_inside:
+        under_grads = torch.autograd.grad(sum(under), inputs)
+    for u, p in zip(under, plain):
+        assert u.dtype == torch.float32
+        torch.testing.assert_close(u, p, rtol=1e-6, atol=0)
+    for u, p in zip(under_grads, plain_grads):
+        torch.testing.assert_close(u, p, rtol=1e-5, atol=1e-8)

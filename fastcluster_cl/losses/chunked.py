@@ -169,6 +169,12 @@ class _ChunkedNTXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # .backward() may be called inside an autocast region: keep the tiles in fp32/fp64.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _ChunkedNTXent._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         zn, norm, lse = ctx.saved_tensors
         inv_tau, rows_total = ctx.inv_tau, zn.shape[0]
         g = torch.zeros_like(zn)
