@@ -6,8 +6,9 @@ through the public API, and the peers users would otherwise run: the plain torch
 torch.compile, lightly's NTXentLoss and pytorch-metric-learning's NTXentLoss (NT-Xent only).
 It writes a results JSON (device, versions, date, shapes, dtype, times, floors, peak memory) and a
 PNG of time and memory against 2N, and prints a markdown table of the median time, the ratio to
-the torch reference of the same case, the achieved TFLOP/s and GB/s at the FLOP/byte floor, and
-the peak memory. The pytest-benchmark suites in ``benchmarks/`` reuse the pieces defined here
+the torch reference of the same case, the achieved TFLOP/s and GB/s at the FLOP/byte floor, the
+fraction of the measured matrix-product ceiling of the same dtype (`matmul_ceiling`), and the
+peak memory. The pytest-benchmark suites in ``benchmarks/`` reuse the pieces defined here
 (cases, inputs, implementations, floors, peak memory) so both measure the same thing.
 
 Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, median); CPU uses
@@ -307,6 +308,23 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+# Square matrix product used to measure the ceiling: large enough to fill an H100/H200.
+CEILING_SIZE = {"cpu": 1024, "cuda": 8192}
+
+
+def matmul_ceiling(dtype: str, device: torch.device, min_run_time: float, clock: str = "wall",
+                   size: int | None = None) -> float:
+    """Measured TFLOP/s of a size^3 matrix product in `dtype` on random inputs: the ceiling
+    the loss kernels' dot products run against (float32 follows torch's TF32 setting, as the
+    losses do)."""
+    device = torch.device(device)
+    n = size or CEILING_SIZE[device.type]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, DTYPES[dtype]) for _ in range(2))
+    seconds = time_call(lambda: a @ b, device, min_run_time, clock)
+    return 2 * n**3 / seconds / 1e12
+
+
 def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
             input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
             clock: str = "wall") -> dict:
@@ -359,8 +377,12 @@ def machine(device: torch.device) -> dict:
 
 def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.device,
               min_run_time: float, progress: Callable[[str], None] = lambda _msg: None,
-              clock: str = "wall") -> dict:
-    """Measure every (case, impl); add each row's ratio to the reference of the same case."""
+              clock: str = "wall", ceiling_size: int | None = None) -> dict:
+    """Measure every (case, impl); add each row's ratio to the reference of the same case and
+    its fraction of the measured matrix-product ceiling of its dtype."""
+    ceilings = {dtype: matmul_ceiling(dtype, device, min_run_time, clock, ceiling_size)
+                for dtype in dict.fromkeys(case.dtype for case in case_list)}
+    progress("matmul ceiling TFLOP/s: " + ", ".join(f"{d} {v:.3g}" for d, v in ceilings.items()))
     results, skipped = [], []
     for case in case_list:
         input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
@@ -374,9 +396,10 @@ def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.dev
         ref = next((r["median_s"] for r in rows if r["impl"] == REFERENCE), None)
         for row in rows:
             row["ratio"] = row["median_s"] / ref if ref else None
+            row["ceiling_fraction"] = row["tflops"] / ceilings[case.dtype]
         results.extend(rows)
         del input_sets
-    return {"results": results, "skipped": skipped}
+    return {"matmul_ceiling_tflops": ceilings, "results": results, "skipped": skipped}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -385,11 +408,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(results: Sequence[dict]) -> str:
     """Markdown table: one row per (case, implementation)."""
-    lines = ["| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
+             "| peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
                      f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
+                     f"{_fmt(100 * r['ceiling_fraction'], '.3g')} | "
                      f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.3g')} |")
     return "\n".join(lines)
 
@@ -544,7 +568,9 @@ def run(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     png = plot(measured["results"], base.with_suffix(".png"))
     print(f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
-          f"clock), torch {info['torch']}, {report['meta']['date']}\n")
+          f"clock), torch {info['torch']}, {report['meta']['date']}; matmul ceiling "
+          + ", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in
+                      measured["matmul_ceiling_tflops"].items()) + "\n")
     print(table(measured["results"]))
     print("\n" + summary_table(measured["results"]) + "\n")
     print(skipped_summary(measured["skipped"]))

@@ -68,9 +68,12 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     assert {(r["two_n"], r["mode"], r["impl"]) for r in rows} == {
         (n, m, i) for n in bench.QUICK_SIZES for m in bench.MODES for i in ("torch", "chunked")}
     assert {s["impl"] for s in report["skipped"]} == {"triton"}
+    (ceiling,) = report["matmul_ceiling_tflops"].values()
+    assert 1e-4 < ceiling < 100      # a CPU's float32 matrix product, in TFLOP/s
     for r in rows:
         assert r["median_s"] > 0 and r["dim"] == 16 and r["dtype"] == "float32"
         assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+        assert r["ceiling_fraction"] == pytest.approx(r["tflops"] / ceiling)
         assert r["ratio"] > 0
         if r["impl"] == "torch":
             assert r["ratio"] == 1.0
@@ -80,7 +83,9 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     for r in rows:
         assert r["ratio"] == pytest.approx(r["median_s"] / ref[r["case"]])
     assert "| nt_xent-2N64-D16-float32-fwd | torch |" in out
-    assert "| case | impl | median ms | x torch | TFLOP/s | GB/s at floor | peak MiB |" in out
+    assert f"matmul ceiling float32 {ceiling:.3g} TFLOP/s" in out
+    assert ("| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
+            "| peak MiB |") in out
     summary = [line for line in out.splitlines()
                if line.startswith("| nt_xent-2N128-D16-float32-fwd+bwd | ") and " ms (" in line]
     assert len(summary) == 1 and summary[0].split(" | ")[1].endswith("(1.00x), " + format(
