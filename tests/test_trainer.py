@@ -9,7 +9,7 @@ import torch
 from fastcluster_cl.data import ImageDataset
 from fastcluster_cl.train.checkpoint import CheckpointError, load_checkpoint
 from fastcluster_cl.train.logging import read_log
-from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer, train
+from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer, resolve, train
 
 
 def blobs(n_per_class=32, classes=3, seed=0) -> ImageDataset:
@@ -117,3 +117,12 @@ def test_centre_warmup_trains_the_instance_loss_first(tmp_path):
     assert "nmi" in evals[1] and 0 <= metrics["nmi"] <= 1
     with pytest.raises(ValueError, match="anchor method"):
         TrainConfig(method="cc", centre_warmup_epochs=1).check()
+
+
+@pytest.mark.parametrize("method, epochs, warmup, expected", [
+    ("anchor", 80, None, 10), ("anchor", 7, None, 0), ("anchor", 80, 3, 3),
+    ("cc", 80, None, 0), ("tcc", 80, None, 0)])
+def test_centre_warmup_default_is_an_eighth_of_the_anchor_run(method, epochs, warmup, expected):
+    config = TrainConfig(method=method, epochs=epochs, centre_warmup_epochs=warmup)
+    config.check()
+    assert resolve(config, blobs()).centre_warmup_epochs == expected

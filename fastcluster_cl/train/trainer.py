@@ -54,7 +54,7 @@ class TrainConfig:
     projection_dim: int = 128
     hidden_dim: int = 512
     augment: str = "auto"
-    epochs: int = 40
+    epochs: int = 80
     batch_size: int = 256            # global batch: split evenly over the ranks
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -62,8 +62,9 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     min_lr_factor: float = 0.0
     grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
-    centre_warmup_epochs: int = 0    # anchor: epochs of instance loss only before the k-means
-                                     # initialisation of the centres (DEC-style pretraining)
+    centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
+                                     # k-means initialisation of the centres (DEC-style
+                                     # pretraining); None: epochs // 8 for anchor, else 0
     instance_temperature: float = 0.5
     cluster_temperature: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -121,12 +122,13 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.centre_warmup_epochs and self.method != "anchor":
-            raise ValueError("centre_warmup_epochs applies to the anchor method (centre head) "
-                             "only")
-        if not 0 <= self.centre_warmup_epochs < self.epochs:
-            raise ValueError(f"centre_warmup_epochs must be in [0, epochs={self.epochs}), got "
-                             f"{self.centre_warmup_epochs}")
+        if self.centre_warmup_epochs is not None:
+            if self.centre_warmup_epochs and self.method != "anchor":
+                raise ValueError("centre_warmup_epochs applies to the anchor method (centre "
+                                 "head) only")
+            if not 0 <= self.centre_warmup_epochs < self.epochs:
+                raise ValueError(f"centre_warmup_epochs must be in [0, epochs={self.epochs}), "
+                                 f"got {self.centre_warmup_epochs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.num_clusters is not None and self.num_clusters < 2:
@@ -181,6 +183,8 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
                       "resnet18" if c.image_size <= 64 else "resnet34")
     if c.cifar_stem is None:
         c.cifar_stem = c.backbone in RESNETS and c.image_size <= 64
+    if c.centre_warmup_epochs is None:
+        c.centre_warmup_epochs = c.epochs // 8 if c.method == "anchor" else 0
     return c
 
 
