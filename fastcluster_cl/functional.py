@@ -27,7 +27,6 @@ from .validation import (check_finite, check_matrix, check_positive, check_proba
                          check_same)
 
 
-
 def _outside_autocast(loss_fn):
     """Run a loss with autocast off for its inputs' device: inside an autocast region its
     matmuls would otherwise run in bf16/fp16, breaking the fp32 (fp64) accumulation every backend
