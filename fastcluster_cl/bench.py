@@ -312,13 +312,13 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
 CEILING_SIZE = {"cpu": 1024, "cuda": 8192}
 
 
-def matmul_ceiling(dtype: str, device: torch.device, min_run_time: float, clock: str = "wall",
-                   size: int | None = None) -> float:
-    """Measured TFLOP/s of a size^3 matrix product in `dtype` on random inputs: the ceiling
+def matmul_ceiling(dtype: str, device: torch.device, min_run_time: float,
+                   clock: str = "wall") -> float:
+    """Measured TFLOP/s of an n^3 matrix product (n = CEILING_SIZE) in `dtype` on random inputs: the ceiling
     the loss kernels' dot products run against (float32 follows torch's TF32 setting, as the
     losses do)."""
     device = torch.device(device)
-    n = size or CEILING_SIZE[device.type]
+    n = CEILING_SIZE[device.type]
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device, DTYPES[dtype]) for _ in range(2))
     seconds = time_call(lambda: a @ b, device, min_run_time, clock)
@@ -377,10 +377,10 @@ def machine(device: torch.device) -> dict:
 
 def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.device,
               min_run_time: float, progress: Callable[[str], None] = lambda _msg: None,
-              clock: str = "wall", ceiling_size: int | None = None) -> dict:
+              clock: str = "wall") -> dict:
     """Measure every (case, impl); add each row's ratio to the reference of the same case and
     its fraction of the measured matrix-product ceiling of its dtype."""
-    ceilings = {dtype: matmul_ceiling(dtype, device, min_run_time, clock, ceiling_size)
+    ceilings = {dtype: matmul_ceiling(dtype, device, min_run_time, clock)
                 for dtype in dict.fromkeys(case.dtype for case in case_list)}
     progress("matmul ceiling TFLOP/s: " + ", ".join(f"{d} {v:.3g}" for d, v in ceilings.items()))
     results, skipped = [], []
