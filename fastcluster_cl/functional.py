@@ -15,33 +15,18 @@ With one rank (or no process group) it is the plain loss.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from . import distributed
 from .losses import gathered
 from .losses.dispatch import implementation
+from .losses.reference import accumulation_dtype, outside_autocast
 from .validation import (check_finite, check_matrix, check_positive, check_probabilities,
                          check_same)
 
 
-def _outside_autocast(loss_fn):
-    """Run a loss with autocast off for its inputs' device: inside an autocast region its
-    matmuls would otherwise run in bf16/fp16, breaking the fp32 (fp64) accumulation every backend
-    promises. Inputs keep their dtype; low-precision inputs are still accepted."""
-    @functools.wraps(loss_fn)
-    def wrapper(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if first is None or not torch.amp.is_autocast_available(first.device.type):
-            return loss_fn(*args, **kwargs)
-        with torch.autocast(first.device.type, enabled=False):
-            return loss_fn(*args, **kwargs)
-    return wrapper
-
-
-@_outside_autocast
+@outside_autocast
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
             backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
@@ -74,7 +59,7 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
     check_same(("logits_a", "logits_b"), (logits_a, logits_b))
 
 
-@_outside_autocast
+@outside_autocast
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
                     backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
@@ -98,7 +83,7 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
                                                                        temperature)
 
 
-@_outside_autocast
+@outside_autocast
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
               backend: str = "auto") -> torch.Tensor:
     """Student-t soft assignment of DEC / arXiv 2109.12714's cluster centre predictor.
@@ -120,7 +105,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
     return implementation("student_t", backend, h.device)(h, centers, alpha)
 
 
-@_outside_autocast
+@outside_autocast
 def dec_loss(q: torch.Tensor, *, backend: str = "auto",
              gather_distributed: bool = False) -> torch.Tensor:
     """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
@@ -139,7 +124,7 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto",
     return implementation("dec_loss", backend, q.device)(q)
 
 
-@_outside_autocast
+@outside_autocast
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                 backend: str = "auto") -> torch.Tensor:
     """Anchor loss of arXiv 2109.12714: the clean view anchors both augmented views.
@@ -161,7 +146,7 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
     check_probabilities(names, (q0, q_a, q_b))
 
 
-@_outside_autocast
+@outside_autocast
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                       backend: str = "auto", gather_distributed: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +165,7 @@ def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
             implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
 
 
-@_outside_autocast
+@outside_autocast
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
                      backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
@@ -207,7 +192,7 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     temperature = check_positive("temperature", temperature)
     gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
     check_finite(("logits_a", "logits_b", "h_a", "h_b"), (logits_a, logits_b, h_a, h_b))
-    acc = torch.float64 if logits_a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits_a.dtype)
     logits_a, logits_b = logits_a.to(acc), logits_b.to(acc)
     y_a = F.gumbel_softmax(logits_a, tau=gumbel_tau, dim=1)
     y_b = F.gumbel_softmax(logits_b, tau=gumbel_tau, dim=1)

@@ -7,7 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12  # as reference.NORM_EPS (F.normalize)
+# The reference's norm eps (F.normalize's) and accumulation dtype, for the kernel modules.
+from fastcluster_cl.losses.reference import NORM_EPS  # noqa: F401
+from fastcluster_cl.losses.reference import accumulation_dtype as torch_acc_dtype  # noqa: F401
+
 MAX_FEATURES = 512  # the row kernels keep a whole feature row in registers
 _ACC = {torch.float64: tl.float64}
 
@@ -15,10 +18,6 @@ _ACC = {torch.float64: tl.float64}
 def acc_dtype(dtype: torch.dtype):
     """Triton accumulation dtype: float64 stays float64 (interpreter/tests), all else float32."""
     return _ACC.get(dtype, tl.float32)
-
-
-def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:

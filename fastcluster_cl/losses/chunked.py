@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 
 from . import reference
-from .reference import NORM_EPS, accumulation_dtype, anchor_loss, dec_loss, student_t  # noqa: F401
+from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, dec_loss,  # noqa: F401
+                        outside_autocast, student_t)
 
 DEFAULT_BLOCK = 1024
 # Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number.
@@ -168,13 +169,8 @@ class _ChunkedNTXent(torch.autograd.Function):
         return (lse - positive).mean()
 
     @staticmethod
+    @outside_autocast  # .backward() may be called inside an autocast region
     def backward(ctx, grad_out):
-        # .backward() may be called inside an autocast region: keep the tiles in fp32/fp64.
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _ChunkedNTXent._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         zn, norm, lse = ctx.saved_tensors
         inv_tau, rows_total = ctx.inv_tau, zn.shape[0]
         g = torch.zeros_like(zn)

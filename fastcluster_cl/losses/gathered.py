@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from .chunked import l2_normalize, l2_normalize_backward
 from .dispatch import implementation, resolve
-from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows
+from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows, outside_autocast
 
 RowLSE = Callable[[torch.Tensor, int, int, float], torch.Tensor]
 RowGrad = Callable[[torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
@@ -44,13 +44,8 @@ class _GatheredNTXent(torch.autograd.Function):
     """NT-Xent of the local rows against the gathered Z; backward by the row-range primitives."""
 
     @staticmethod
+    @outside_autocast  # the primitives' matmuls accumulate in fp32/fp64
     def forward(ctx, z_a, z_b, temperature, lse_rows: RowLSE, grad_rows: RowGrad):
-        # Accumulate in fp32/fp64 even inside an autocast region (the primitives' matmuls).
-        with torch.autocast(z_a.device.type, enabled=False):
-            return _GatheredNTXent._forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows)
-
-    @staticmethod
-    def _forward(ctx, z_a, z_b, temperature, lse_rows, grad_rows):
         n, inv_tau = z_a.shape[0], 1.0 / temperature
         ranges = local_row_ranges(n, D.rank(), D.world_size())
         # Gather in the input dtype (half the traffic for bf16), normalise in the accumulation one.
@@ -66,12 +61,8 @@ class _GatheredNTXent(torch.autograd.Function):
         return (lse_local - positive.repeat(2)).mean()
 
     @staticmethod
+    @outside_autocast
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _GatheredNTXent._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         zn, norm, lse = ctx.saved_tensors
         (a0, a1), (b0, b1) = ctx.ranges
         g = torch.cat([ctx.grad_rows(zn, lse, a0, a1, ctx.inv_tau),

@@ -6,6 +6,7 @@ else computes in float32), so the returned loss is float32 or float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,21 @@ NORM_EPS = 1e-12  # as F.normalize: z / max(||z||, eps)
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def outside_autocast(fn):
+    """Run `fn` with autocast off for the device of its first tensor argument: inside an
+    autocast region (a forward, or a `.backward()` called there) its matmuls would otherwise run
+    in bf16/fp16, breaking the fp32 (fp64) accumulation every backend promises. Inputs keep
+    their dtype; low-precision inputs are still accepted."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or not torch.amp.is_autocast_available(first.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def safe_log(q: torch.Tensor) -> torch.Tensor:
