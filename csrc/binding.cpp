@@ -71,8 +71,9 @@ std::pair<int, int> check_rows(const at::Tensor& zn, int64_t row_start, int64_t 
 
 }  // namespace
 
-// (zn, norm, pos_sim): zn = [z_a; z_b] row-normalised (input dtype), norm the clamped row norms,
-// pos_sim[i] = zn[i] . zn[n + i] (both fp32).
+// (zs, rs, norm, dist): [z_a; z_b] with rows scaled by powers of two (fp16 for 16-bit inputs,
+// else fp32), the inverse scaled norms (zn = zs rs), the clamped row norms, and
+// dist[i] = 1 - zn[i] . zn[n + i] (fp32; see fcl_kernels.h).
 std::vector<at::Tensor> normalize(const at::Tensor& z_a, const at::Tensor& z_b) {
   check_cuda_tensor(z_a, "z_a", 2);
   check_cuda_tensor(z_b, "z_b", 2);
@@ -86,14 +87,16 @@ std::vector<at::Tensor> normalize(const at::Tensor& z_a, const at::Tensor& z_b) 
   TORCH_CHECK(n >= 1 && d >= 1, "z_a must be at least 1 x 1, got ", z_a.sizes());
   const c10::cuda::CUDAGuard guard(z_a.device());
   const auto f32 = z_a.options().dtype(at::kFloat);
-  at::Tensor zn = at::empty({2 * static_cast<int64_t>(n), d}, z_a.options());
+  const auto normed = z_a.scalar_type() == at::kFloat ? at::kFloat : at::kHalf;
+  at::Tensor zs = at::empty({2 * static_cast<int64_t>(n), d}, z_a.options().dtype(normed));
+  at::Tensor rs = at::empty({2 * static_cast<int64_t>(n)}, f32);
   at::Tensor norm = at::empty({2 * static_cast<int64_t>(n)}, f32);
-  at::Tensor pos_sim = at::empty({n}, f32);
-  check_launch(fcl_nt_xent_normalize(dtype, z_a.data_ptr(), z_b.data_ptr(), n, d, zn.data_ptr(),
-                                     norm.data_ptr<float>(), pos_sim.data_ptr<float>(),
-                                     c10::cuda::getCurrentCUDAStream()),
+  at::Tensor dist = at::empty({n}, f32);
+  check_launch(fcl_nt_xent_normalize(dtype, z_a.data_ptr(), z_b.data_ptr(), n, d, zs.data_ptr(),
+                                     rs.data_ptr<float>(), norm.data_ptr<float>(),
+                                     dist.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_normalize");
-  return {zn, norm, pos_sim};
+  return {zs, rs, norm, dist};
 }
 
 namespace {
@@ -112,11 +115,14 @@ int column_splits(const at::Tensor& zn, int m, int d, int64_t rows, bool backwar
 
 }  // namespace
 
-// lse of the rows [row_start, row_end) of zn against all rows, excluding the diagonal (fp32).
+// lse of the rows [row_start, row_end) of zn over their negatives (all rows but the diagonal
+// and the positive pair; fp32).
 // splits < 1 picks the column split for this GPU (see fcl_nt_xent_splits).
-at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, double inv_tau,
-                    int64_t splits) {
+at::Tensor lse_rows(const at::Tensor& zn, const at::Tensor& rs, int64_t row_start,
+                    int64_t row_end, double inv_tau, int64_t splits) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
+  TORCH_CHECK(m % 2 == 0, "zs must have an even number of rows ([z_a; z_b]), got ", m);
+  check_float_vector(rs, "rs", m, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
   const int64_t rows = row_end - row_start;
   const auto f32 = zn.options().dtype(at::kFloat);
@@ -124,7 +130,8 @@ at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, do
   if (rows == 0) return lse;
   const int split = column_splits(zn, m, d, rows, false, splits);
   at::Tensor workspace = at::empty({split > 1 ? 2 * split * rows : 0}, f32);
-  check_launch(fcl_nt_xent_lse(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+  check_launch(fcl_nt_xent_lse(dtype_code(zn), zn.data_ptr(), rs.data_ptr<float>(), m, d,
+                               static_cast<int>(row_start),
                                static_cast<int>(row_end), static_cast<float>(inv_tau), split,
                                split > 1 ? workspace.data_ptr<float>() : nullptr,
                                lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
@@ -132,11 +139,16 @@ at::Tensor lse_rows(const at::Tensor& zn, int64_t row_start, int64_t row_end, do
   return lse;
 }
 
-// g = sum_j (P_ij + P_ji) zn_j for the rows [row_start, row_end), given every row's lse (fp32).
-at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& lse_full, int64_t row_start,
-                     int64_t row_end, double inv_tau, int64_t splits) {
+// g = sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for the rows [row_start, row_end), given every
+// row's lse and loss (fp32).
+at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& rs, const at::Tensor& lse_full,
+                     const at::Tensor& loss_full, int64_t row_start, int64_t row_end,
+                     double inv_tau, int64_t splits) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
+  TORCH_CHECK(m % 2 == 0, "zs must have an even number of rows ([z_a; z_b]), got ", m);
+  check_float_vector(rs, "rs", m, zn);
   check_float_vector(lse_full, "lse", m, zn);
+  check_float_vector(loss_full, "row_loss", m, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
   const int64_t rows = row_end - row_start;
   const auto f32 = zn.options().dtype(at::kFloat);
@@ -144,22 +156,23 @@ at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& lse_full, int64_t r
   if (rows == 0) return g;
   const int split = column_splits(zn, m, d, rows, true, splits);
   at::Tensor workspace = at::empty({split > 1 ? split * rows * d : 0}, f32);
-  check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), m, d, static_cast<int>(row_start),
+  check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), rs.data_ptr<float>(), m, d,
+                                static_cast<int>(row_start),
                                 static_cast<int>(row_end), static_cast<float>(inv_tau),
-                                lse_full.data_ptr<float>(), split,
+                                lse_full.data_ptr<float>(), loss_full.data_ptr<float>(), split,
                                 split > 1 ? workspace.data_ptr<float>() : nullptr,
                                 g.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_grad");
   return g;
 }
 
-// dz of the rows [row_start, row_end): positive term, scaling by grad_out * factor and the
-// backward of the L2 normalisation (input dtype). norm and g are indexed from row_start.
-at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at::Tensor& g,
-                         int64_t row_start, int64_t row_end, const at::Tensor& grad_out,
-                         double factor) {
+// dz of the rows [row_start, row_end): scaling by grad_out * factor and the backward of the L2
+// normalisation, in dtype `out` (the input's). norm and g are indexed from row_start.
+at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& rs, const at::Tensor& norm,
+                         const at::Tensor& g, int64_t row_start, int64_t row_end,
+                         const at::Tensor& grad_out, double factor, at::ScalarType out) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
-  TORCH_CHECK(m % 2 == 0, "zn must have an even number of rows ([z_a; z_b]), got ", m);
+  check_float_vector(rs, "rs", m, zn);
   check_float_vector(norm, "norm", row_end - row_start, zn);
   check_cuda_tensor(g, "g", 2);
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.size(0) == row_end - row_start &&
@@ -168,11 +181,13 @@ at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& norm, const at:
               ", got ", g.scalar_type(), " ", g.sizes());
   check_grad_out(grad_out, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
-  at::Tensor dz = at::empty({row_end - row_start, d}, zn.options());
-  check_launch(fcl_nt_xent_norm_backward(dtype_code(zn), zn.data_ptr(), norm.data_ptr<float>(),
+  at::Tensor dz = at::empty({row_end - row_start, d}, zn.options().dtype(out));
+  check_launch(fcl_nt_xent_norm_backward(dtype_code(zn), zn.data_ptr(), rs.data_ptr<float>(),
+                                         norm.data_ptr<float>(),
                                          g.data_ptr<float>(), m, d, static_cast<int>(row_start),
                                          static_cast<int>(row_end), grad_out.data_ptr<float>(),
-                                         static_cast<float>(factor), dz.data_ptr(),
+                                         static_cast<float>(factor), dtype_code(dz),
+                                         dz.data_ptr(),
                                          c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_norm_backward");
   return dz;
@@ -312,17 +327,17 @@ std::vector<at::Tensor> student_t_backward(const at::Tensor& h, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA C++ twin of the fastcluster_cl fused NT-Xent (see csrc/fcl_kernels.h)";
-  m.def("normalize", &normalize, "zn, norm, pos_sim of [z_a; z_b]", py::arg("z_a"),
+  m.def("normalize", &normalize, "zs, rs, norm, dist of [z_a; z_b]", py::arg("z_a"),
         py::arg("z_b"));
-  m.def("lse_rows", &lse_rows, "masked row log-sum-exp of rows [row_start, row_end)",
-        py::arg("zn"), py::arg("row_start"), py::arg("row_end"), py::arg("inv_tau"),
-        py::arg("splits") = 0);
-  m.def("grad_rows", &grad_rows, "sum_j (P_ij + P_ji) zn_j of rows [row_start, row_end)",
-        py::arg("zn"), py::arg("lse"), py::arg("row_start"), py::arg("row_end"),
+  m.def("lse_rows", &lse_rows, "log-sum-exp over the negatives of rows [row_start, row_end)",
+        py::arg("zs"), py::arg("rs"), py::arg("row_start"), py::arg("row_end"),
         py::arg("inv_tau"), py::arg("splits") = 0);
-  m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zn"),
-        py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
-        py::arg("grad_out"), py::arg("factor"));
+  m.def("grad_rows", &grad_rows, "unscaled dL/dzn of rows [row_start, row_end)",
+        py::arg("zs"), py::arg("rs"), py::arg("lse"), py::arg("row_loss"), py::arg("row_start"),
+        py::arg("row_end"), py::arg("inv_tau"), py::arg("splits") = 0);
+  m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zs"),
+        py::arg("rs"), py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
+        py::arg("grad_out"), py::arg("factor"), py::arg("out"));
   m.def("student_t_forward", &student_t_forward, "Student-t assignment q and distances",
         py::arg("h"), py::arg("centers"), py::arg("alpha"));
   m.def("student_t_backward", &student_t_backward, "gradients for h and centers", py::arg("h"),

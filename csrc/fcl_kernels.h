@@ -17,14 +17,17 @@
 extern "C" {
 #endif
 
-// Element type of z, zn and dz.
+// Element type of z, zs and dz.
 enum FclDtype { FCL_FLOAT32 = 0, FCL_FLOAT16 = 1, FCL_BFLOAT16 = 2 };
 
-// zn[i] = z_a[i] / max(||z_a[i]||, 1e-12), zn[n + i] likewise for z_b (zn: 2n x d, input
-// dtype); norm[0..2n) = those clamped norms (fp32); pos_sim[i] = zn[i] . zn[n + i] in fp32 from
-// the rounded zn, i.e. tau * S_{i,pos(i)}. z_a, z_b: n x d, contiguous.
-int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d, void* zn,
-                          float* norm, float* pos_sim, cudaStream_t stream);
+// zs[i] = p z_a[i], zs[n + i] likewise for z_b, with p the power of two that puts the row's
+// largest |element| into [1, 2) (zs: 2n x d; fp16 for fp16 and bf16 inputs, fp32 for fp32);
+// rs[0..2n) = 1 / max(||zs_i||, 1e-12 p), so that zs_i rs_i = z_i / max(||z_i||, 1e-12) (rows of
+// any finite magnitude are exact); norm[0..2n) = max(||z_i||, 1e-12); dist[i] = 1 - zn[i] .
+// zn[n + i] = 1 - tau S_{i,pos(i)}, without cancellation for correlated views (all fp32).
+// z_a, z_b: n x d, contiguous.
+int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d, void* zs,
+                          float* rs, float* norm, float* dist, cudaStream_t stream);
 
 // Column splits: the lse and gradient launchers can divide the m columns among `splits` groups
 // of blocks (more blocks when few rows are asked for) and combine the partial results from a
@@ -34,29 +37,35 @@ int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, in
 // workspace.
 int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backward, int multiprocessors);
 
-// lse[i - row_start] = log sum_{k != i, k < m} exp(inv_tau * zn[i] . zn[k]) for the rows
-// [row_start, row_end): online log-sum-exp over column tiles, no m x m buffer. m >= 2.
+// lse[i - row_start] = log sum_{k != i, pos(i)} exp(inv_tau * zn[i] . zn[k]) for the rows
+// [row_start, row_end), zn = zs rs (the outputs of normalize), over the negatives only
+// (pos(i) = i +- m/2): online log-sum-exp over column tiles, no m x m buffer. m >= 2 and even;
+// dtype is zs's.
 // workspace: 2 * splits * (row_end - row_start) floats when splits > 1, else may be NULL.
-int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start, int row_end,
-                    float inv_tau, int splits, float* workspace, float* lse,
+int fcl_nt_xent_lse(int dtype, const void* zs, const float* rs, int m, int d, int row_start,
+                    int row_end, float inv_tau, int splits, float* workspace, float* lse,
                     cudaStream_t stream);
 
-// g[i - row_start] = sum_{j != i} (P_ij + P_ji) zn[j] for the rows [row_start, row_end), with
-// P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full holds all m rows' lse. g is fp32,
-// (row_end - row_start) x d. This is the unscaled contrastive part of dL/dzn (no atomics).
+// g[i - row_start] = sum_{j != i} (P_ij + P_ji) zn[j] - 2 zn[pos(i)] for the rows
+// [row_start, row_end), with P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full and
+// loss_full hold all m rows' lse and loss (lse_i - S_i,pos(i)), the positive's weight being
+// expm1(-loss_i) + expm1(-loss_pos(i)). g is fp32, (row_end - row_start) x d: the unscaled
+// dL/dzn (no atomics).
 // workspace: splits * (row_end - row_start) * d floats when splits > 1, else may be NULL.
-int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start, int row_end,
-                     float inv_tau, const float* lse_full, int splits, float* workspace,
-                     float* g, cudaStream_t stream);
+int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int m, int d, int row_start,
+                     int row_end, float inv_tau, const float* lse_full, const float* loss_full,
+                     int splits, float* workspace, float* g, cudaStream_t stream);
 
-// Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * (g - 2 zn_pos),
-// factor = inv_tau / m for the mean loss, then the backward of the L2 normalisation:
-// dz = (u - zn (zn . u)) / norm where norm > 1e-12, else u / norm. norm and g are indexed from
-// row_start (the outputs of normalize and grad); dz is (row_end - row_start) x d, input dtype.
-// grad_out is a device pointer to one float (the incoming gradient of the loss).
-int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm, const float* g,
-                              int m, int d, int row_start, int row_end, const float* grad_out,
-                              float factor, void* dz, cudaStream_t stream);
+// Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * g, factor =
+// inv_tau / m for the mean loss, then the backward of the L2 normalisation:
+// dz = (u - zn (zn . u)) / norm where norm > 1e-12, else u / norm, zn = zs rs (rs indexed
+// from 0). norm and g are indexed from row_start (the outputs of normalize and grad); dz is
+// (row_end - row_start) x d of dtype dz_dtype (the input's). grad_out is a device pointer to one
+// float (the loss's gradient).
+int fcl_nt_xent_norm_backward(int dtype, const void* zs, const float* rs, const float* norm,
+                              const float* g, int m, int d, int row_start, int row_end,
+                              const float* grad_out, float factor, int dz_dtype, void* dz,
+                              cudaStream_t stream);
 
 // Student-t assignment (csrc/cluster.cu): h n x f, centers k x f (input dtype, contiguous);
 // q[i][c] = softmax_c(-(alpha+1)/2 log1p(dist2[i][c] / alpha)), dist2[i][c] = ||h_i - mu_c||^2

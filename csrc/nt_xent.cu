@@ -1,19 +1,30 @@
 // Fused NT-Xent forward and backward (the CUDA C++ twin of the Triton kernel).
 //
-// Z (m x d) is the row-normalised [z_a; z_b]. A block owns BM = 64 rows and sweeps all m columns
-// in tiles of BN = 64: each tile S = Z_rows Z_cols^T is accumulated in fp32 (wmma tensor cores
+// Zs (m x d) is [z_a; z_b] with each row scaled by the exact power of two that puts its largest
+// |element| in [1, 2), with rs = 1 / max(||zs_i||, eps p_i), so that zn = zs rs exactly: rows of
+// any finite magnitude are safe. It is stored as fp16 for fp16 and bf16 inputs (the same values
+// but for elements below 2^-24 of the row's largest; fp16's 11-bit mantissa for the tensor-core
+// tile weights) and as fp32 for fp32 inputs. A block owns BM = 64 rows and sweeps all m columns
+// in tiles of BN = 64: each tile Zs_rows Zs_cols^T is accumulated in fp32 (wmma tensor cores
 // for float16/bfloat16, an 8x4-per-thread SIMT product for float32) into shared memory, then
 // consumed at once, so no m x m buffer ever exists.
-//   forward  (lse_kernel):  online log-sum-exp of each row over k != i, in base 2.
+//   forward  (lse_kernel):  online log-sum-exp of each row over its negatives k != i, pos(i), in
+//            base 2; the host finishes each row from the positive's 1 - cos (normalize_kernel)
+//            without cancellation: loss_i = softplus(lse_neg_i - S_i,pos(i)).
 //   backward (grad_kernel): A_ij = P_ij + P_ji = exp(S_ij - lse_i) + exp(S_ij - lse_j) from the
-//            saved lse (S is symmetric), then G += A Z_cols[:, d0:d0+BD]; grid.y splits the
-//            features so that the G accumulator stays in registers. One writer per output row:
-//            no atomics.
+//            saved lse (S is symmetric), and for the positive pair A - 2 = expm1(-loss_i) +
+//            expm1(-loss_pos(i)) (A is ~2 there for correlated views at small tau: subtracting
+//            2 zn_pos after the rounded product cancelled catastrophically). The weights are
+//            scaled by 2^14 before their rounding (|A| <= 2: no fp16 overflow, and the ~1/m
+//            weights of large batches stay clear of the subnormals), then
+//            G += (A diag(rs_cols)) Zs_cols[:, d0:d0+BD]; grid.y splits the features so that the G accumulator
+//            stays in registers. One writer per output row: no atomics.
 // Column splits (grid.z): when the row blocks alone cannot fill the GPU, each block sweeps only
 // its share of the column tiles and writes a partial result to a workspace (per-row max and sum,
 // or a partial G); merge_lse_kernel / sum_splits_kernel combine the splits in a fixed order.
-// The small kernels normalize_kernel and norm_backward_kernel handle the L2 normalisation, the
-// positive pair and the final scaling. See fcl_kernels.h for the launcher contract.
+// The small kernels normalize_kernel and norm_backward_kernel handle the row scaling, the
+// positive pair's 1 - cos, the final scaling and the normalisation's backward. See fcl_kernels.h
+// for the launcher contract.
 #include <mma.h>
 #include <stdint.h>
 
@@ -29,6 +40,7 @@ using fcl::dispatch;
 using fcl::from_float;
 using fcl::kFullMask;
 using fcl::to_float;
+using fcl::warp_max;
 using fcl::warp_sum;
 
 constexpr int kThreads = 128;  // 4 warps; each warp owns 16 of the BM rows on the wmma path
@@ -39,6 +51,15 @@ constexpr int BK = 32;         // features per step of the S product
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNormEps = 1e-12f;  // as F.normalize
+constexpr float kWeightScale = 16384.f;  // tile weight scale before rounding (see above)
+
+// The normalised rows' element type: fp16 for 16-bit inputs, fp32 for fp32.
+template <typename T>
+using Normed = typename std::conditional<std::is_same<T, float>::value, float, __half>::type;
+
+__device__ __forceinline__ int positive_of(int i, int m) {
+  return i < m / 2 ? i + m / 2 : i - m / 2;
+}
 
 constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
 constexpr int max_of(int a, int b) { return a > b ? a : b; }
@@ -64,7 +85,8 @@ struct Tile {
   static constexpr int kZBytes = round_up(BN * LDZ * (int)sizeof(T), 128);
   static constexpr int kSOffset = max_of(kStageBytes, kPBytes + kZBytes);
   static constexpr int kLseOffset = kSOffset + round_up(BM * LDS * (int)sizeof(float), 128);
-  static constexpr int kBytes = kLseOffset + round_up(BN * (int)sizeof(float), 128);
+  static constexpr int kRsOffset = kLseOffset + round_up(BN * (int)sizeof(float), 128);
+  static constexpr int kBytes = kRsOffset + round_up(BN * (int)sizeof(float), 128);
 
   static_assert(BM == kWarps * 16, "each warp owns 16 rows on the wmma path");
   static_assert(BM == BN, "As and Bs share one leading dimension");
@@ -185,27 +207,32 @@ __device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r
 // interleaved columns 2c + t % 2 (c < BN / 2); the two threads of a row are adjacent lanes.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    lse_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
-               float scale2, int cols_per_split, float* __restrict__ lse,
-               float2* __restrict__ partial) {
+    lse_kernel(const T* __restrict__ zs, const float* __restrict__ rs, int m, int d,
+               int row_start, int row_end, float scale2, int cols_per_split,
+               float* __restrict__ lse, float2* __restrict__ partial) {
   using Tr = Tile<T>;
   __shared__ __align__(128) unsigned char smem[Tr::kBytes];
   const float* Ss = reinterpret_cast<const float*>(smem + Tr::kSOffset);
+  float* rs_col = reinterpret_cast<float*>(smem + Tr::kRsOffset);
   const int r0 = row_start + blockIdx.x * BM;
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
   const int i = r0 + r;
+  const int pos = positive_of(i, m);
+  const float q_i = i < row_end ? rs[i] * scale2 : 0.f;
   const int c_begin = blockIdx.z * cols_per_split;
   const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
   // Running max and sum of 2^x over this thread's columns, x = S * log2(e) (base-2 lse).
   float run_max = -INFINITY, run_sum = 0.f;
   for (int c0 = c_begin; c0 < c_end; c0 += BN) {
-    score_tile<T>(zn, m, d, r0, row_end, c0, smem);
+    for (int e = threadIdx.x; e < BN; e += kThreads) rs_col[e] = c0 + e < m ? rs[c0 + e] : 0.f;
+    score_tile<T>(zs, m, d, r0, row_end, c0, smem);  // its closing barrier publishes rs_col
     float x[BN / 2];
     float tile_max = -INFINITY;
 #pragma unroll
     for (int c = 0; c < BN / 2; ++c) {
       const int col = 2 * c + half, j = c0 + col;
-      x[c] = (j < m && j != i) ? Ss[r * Tr::LDS + col] * scale2 : -INFINITY;
+      x[c] = (j < m && j != i && j != pos) ? Ss[r * Tr::LDS + col] * q_i * rs_col[col]
+                                           : -INFINITY;
       tile_max = fmaxf(tile_max, x[c]);
     }
     if (tile_max > -INFINITY) {
@@ -265,8 +292,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    grad_kernel(const T* __restrict__ zn, int m, int d, int row_start, int row_end,
-                float scale2, const float* __restrict__ lse_full, int cols_per_split,
+    grad_kernel(const T* __restrict__ zs, const float* __restrict__ rs, int m, int d,
+                int row_start, int row_end, float scale2, const float* __restrict__ lse_full,
+                const float* __restrict__ loss_full, int cols_per_split,
                 float* __restrict__ g_splits) {
   using Tr = Tile<T>;
   constexpr int BD = Tr::BD;
@@ -275,11 +303,15 @@ __global__ void __launch_bounds__(kThreads)
   T* Ps = Tr::kTensorCores ? reinterpret_cast<T*>(smem) : reinterpret_cast<T*>(Ss);
   T* Zd = reinterpret_cast<T*>(smem + Tr::kZOffset);
   float* lse_col = reinterpret_cast<float*>(smem + Tr::kLseOffset);
+  float* rs_col = reinterpret_cast<float*>(smem + Tr::kRsOffset);
   const int r0 = row_start + blockIdx.x * BM;
   const int d0 = blockIdx.y * BD;
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
   const int i = r0 + r;
   const float lse_i = i < row_end ? lse_full[i] * kLog2e : 0.f;
+  const float q_i = i < row_end ? rs[i] * scale2 : 0.f;
+  const int pos = positive_of(i, m);
+  const float pos_i = i < row_end ? expm1f(-loss_full[i]) : 0.f;  // P_i,pos(i) - 1
 
   // G accumulator (BM x BD), registers.
   const int warp = threadIdx.x / 32;
@@ -296,10 +328,11 @@ __global__ void __launch_bounds__(kThreads)
   // This split's (row_end - row_start) x d slice of the output (the output itself when unsplit).
   float* g = g_splits + (int64_t)blockIdx.z * (row_end - row_start) * d;
   for (int c0 = c_begin; c0 < c_end; c0 += BN) {
-    score_tile<T>(zn, m, d, r0, row_end, c0, smem);
-    load_tile<T, BD, Tr::LDZ>(Zd, zn, d, c0, m, d0);
+    score_tile<T>(zs, m, d, r0, row_end, c0, smem);
+    load_tile<T, BD, Tr::LDZ>(Zd, zs, d, c0, m, d0);
     for (int e = threadIdx.x; e < BN; e += kThreads) {
       lse_col[e] = c0 + e < m ? lse_full[c0 + e] * kLog2e : 0.f;
+      rs_col[e] = c0 + e < m ? rs[c0 + e] : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -307,10 +340,15 @@ __global__ void __launch_bounds__(kThreads)
       const int col = 2 * c + half, j = c0 + col;
       float a = 0.f;
       if (i < row_end && j < m && j != i) {
-        const float x = Ss[r * Tr::LDS + col] * scale2;
-        a = exp2f(x - lse_i) + exp2f(x - lse_col[col]);
+        if (j == pos) {
+          a = pos_i + expm1f(-loss_full[j]);
+        } else {
+          const float x = Ss[r * Tr::LDS + col] * q_i * rs_col[col];
+          a = exp2f(x - lse_i) + exp2f(x - lse_col[col]);
+        }
       }
-      Ps[r * Tr::LDP + col] = from_float<T>(a);  // fp32: same element it just read
+      // A zn_J = (A diag(rs_J)) zs_J; fp32: the same element it just read.
+      Ps[r * Tr::LDP + col] = from_float<T>(a * rs_col[col] * kWeightScale);
     }
     __syncthreads();
     if constexpr (Tr::kTensorCores) {
@@ -355,7 +393,7 @@ __global__ void __launch_bounds__(kThreads)
       const int rr = e / BD, cc = e % BD;
       const int row = r0 + rr, col = d0 + cc;
       if (row < row_end && col < d) {
-        g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc];
+        g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc] * (1.f / kWeightScale);
       }
     }
   } else {
@@ -365,74 +403,93 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int col = d0 + tc + 16 * jj;
-        if (row < row_end && col < d) g[(int64_t)(row - row_start) * d + col] = gacc[ii][jj];
+        if (row < row_end && col < d) {
+          g[(int64_t)(row - row_start) * d + col] = gacc[ii][jj] * (1.f / kWeightScale);
+        }
       }
     }
   }
 }
 
-// One warp per pair i: normalise z_a[i] and z_b[i], store them and their (rounded) dot product.
-template <typename T>
+// The power of two that brings a row's largest |element| m into [1, 2): exact scaling, so that
+// the sum of squares cannot overflow (|z| ~ 1e19 in fp32) or lose tiny rows to underflow.
+__device__ __forceinline__ float row_scale(float m) {
+  return ldexpf(1.f, -ilogbf(fmaxf(m, 1.17549435e-38f)));
+}
+
+// One warp per pair i: rows z_a[i], z_b[i] scaled by their exact powers of two into zs (type
+// TO; zs_i rs_i = z_i / max(||z_i||, eps)), rs, the clamped norms, and dist[i] = 1 - zn[i] .
+// zn[n + i], computed as ||zn_a - zn_b||^2 / 2 (no cancellation for correlated views) when both
+// rows are unit, i.e. not clamped by eps.
+template <typename T, typename TO>
 __global__ void __launch_bounds__(kThreads)
     normalize_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
-                     T* __restrict__ zn, float* __restrict__ norm, float* __restrict__ pos_sim) {
+                     TO* __restrict__ zs, float* __restrict__ rs, float* __restrict__ norm,
+                     float* __restrict__ dist) {
   const int i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (i >= n) return;  // whole warp
   const T* a = z_a + (int64_t)i * d;
   const T* b = z_b + (int64_t)i * d;
+  float ma = 0.f, mb = 0.f;
+  for (int k = lane; k < d; k += 32) {
+    ma = fmaxf(ma, fabsf(to_float(a[k])));
+    mb = fmaxf(mb, fabsf(to_float(b[k])));
+  }
+  const float pa = row_scale(warp_max(ma)), pb = row_scale(warp_max(mb));
   float sa = 0.f, sb = 0.f;
   for (int k = lane; k < d; k += 32) {
-    const float fa = to_float(a[k]), fb = to_float(b[k]);
+    const float fa = to_float(a[k]) * pa, fb = to_float(b[k]) * pb;
     sa = fmaf(fa, fa, sa);
     sb = fmaf(fb, fb, sb);
   }
-  const float na = fmaxf(sqrtf(warp_sum(sa)), kNormEps);
-  const float nb = fmaxf(sqrtf(warp_sum(sb)), kNormEps);
-  T* out_a = zn + (int64_t)i * d;
-  T* out_b = zn + (int64_t)(n + i) * d;
-  float dot = 0.f;
+  sa = sqrtf(warp_sum(sa));
+  sb = sqrtf(warp_sum(sb));
+  const float na = fmaxf(sa / pa, kNormEps), nb = fmaxf(sb / pb, kNormEps);
+  const float ra = 1.f / fmaxf(sa, kNormEps * pa), rb = 1.f / fmaxf(sb, kNormEps * pb);
+  TO* out_a = zs + (int64_t)i * d;
+  TO* out_b = zs + (int64_t)(n + i) * d;
+  float gap = 0.f, dot = 0.f;
   for (int k = lane; k < d; k += 32) {
-    const T ya = from_float<T>(to_float(a[k]) / na);
-    const T yb = from_float<T>(to_float(b[k]) / nb);
-    out_a[k] = ya;
-    out_b[k] = yb;
-    dot = fmaf(to_float(ya), to_float(yb), dot);
+    const float sa_k = to_float(a[k]) * pa, sb_k = to_float(b[k]) * pb;
+    out_a[k] = from_float<TO>(sa_k);
+    out_b[k] = from_float<TO>(sb_k);
+    const float ya = sa_k * ra, yb = sb_k * rb;
+    gap = fmaf(ya - yb, ya - yb, gap);
+    dot = fmaf(ya, yb, dot);
   }
+  gap = warp_sum(gap);
   dot = warp_sum(dot);
   if (lane == 0) {
+    rs[i] = ra;
+    rs[n + i] = rb;
     norm[i] = na;
     norm[n + i] = nb;
-    pos_sim[i] = dot;
+    dist[i] = (na > kNormEps && nb > kNormEps) ? 0.5f * gap : 1.f - dot;
   }
 }
 
-// One warp per row: u = scale (g - 2 zn_pos), dz = (u - zn (zn . u)) / norm (radial part only
-// where the norm was not clamped).
-template <typename T>
+// One warp per row: u = scale g, dz = (u - zn (zn . u)) / norm with zn = zs rs (radial part
+// only where the norm was not clamped); dz in the input's type TD.
+template <typename T, typename TD>
 __global__ void __launch_bounds__(kThreads)
-    norm_backward_kernel(const T* __restrict__ zn, const float* __restrict__ norm,
-                         const float* __restrict__ g, int m, int d, int row_start, int row_end,
-                         const float* __restrict__ grad_out, float factor, T* __restrict__ dz) {
+    norm_backward_kernel(const T* __restrict__ zs, const float* __restrict__ rs,
+                         const float* __restrict__ norm, const float* __restrict__ g, int d,
+                         int row_start, int row_end, const float* __restrict__ grad_out,
+                         float factor, TD* __restrict__ dz) {
   const int row = row_start + blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= row_end) return;  // whole warp
-  const int half_m = m / 2;
-  const int pos = row < half_m ? row + half_m : row - half_m;
   const float scale = grad_out[0] * factor;
-  const T* zi = zn + (int64_t)row * d;
-  const T* zp = zn + (int64_t)pos * d;
+  const float r = rs[row];
+  const T* zi = zs + (int64_t)row * d;
   const float* gi = g + (int64_t)(row - row_start) * d;
   float dot = 0.f;
-  for (int k = lane; k < d; k += 32) {
-    const float u = scale * (gi[k] - 2.f * to_float(zp[k]));
-    dot = fmaf(to_float(zi[k]), u, dot);
-  }
+  for (int k = lane; k < d; k += 32) dot = fmaf(to_float(zi[k]) * r, scale * gi[k], dot);
   dot = warp_sum(dot);
   const float nrm = norm[row - row_start];
   const float radial = nrm > kNormEps ? dot : 0.f;
-  T* out = dz + (int64_t)(row - row_start) * d;
+  TD* out = dz + (int64_t)(row - row_start) * d;
   for (int k = lane; k < d; k += 32) {
-    const float u = scale * (gi[k] - 2.f * to_float(zp[k]));
-    out[k] = from_float<T>((u - to_float(zi[k]) * radial) / nrm);
+    out[k] = from_float<TD>((scale * gi[k] - to_float(zi[k]) * r * radial) / nrm);
   }
 }
 
@@ -457,13 +514,15 @@ Split split_columns(int m, int requested) {
 }  // namespace
 
 extern "C" int fcl_nt_xent_normalize(int dtype, const void* z_a, const void* z_b, int n, int d,
-                                     void* zn, float* norm, float* pos_sim, cudaStream_t stream) {
+                                     void* zs, float* rs, float* norm, float* dist,
+                                     cudaStream_t stream) {
   if (n < 1 || d < 1) return static_cast<int>(cudaErrorInvalidValue);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    normalize_kernel<T><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
-        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, static_cast<T*>(zn), norm,
-        pos_sim);
+    using TO = Normed<T>;
+    normalize_kernel<T, TO><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
+        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, static_cast<TO*>(zs), rs,
+        norm, dist);
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -480,10 +539,12 @@ extern "C" int fcl_nt_xent_splits(int dtype, int m, int d, int rows, int backwar
   return split_columns(m, wanted < most ? wanted : most).count;
 }
 
-extern "C" int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_start,
-                               int row_end, float inv_tau, int splits, float* workspace,
-                               float* lse, cudaStream_t stream) {
-  if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
+extern "C" int fcl_nt_xent_lse(int dtype, const void* zs, const float* rs, int m, int d,
+                               int row_start, int row_end, float inv_tau, int splits,
+                               float* workspace, float* lse, cudaStream_t stream) {
+  if (!valid_rows(m, d, row_start, row_end) || m % 2 != 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   if (row_end == row_start) return static_cast<int>(cudaSuccess);
   const Split split = split_columns(m, splits);
   if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -492,9 +553,9 @@ extern "C" int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(blocks_for(rows, BM), 1, split.count);
-    lse_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zn), m, d, row_start,
-                                                  row_end, inv_tau * kLog2e, split.cols, lse,
-                                                  partial);
+    lse_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zs), rs, m, d,
+                                                  row_start, row_end, inv_tau * kLog2e,
+                                                  split.cols, lse, partial);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0 || split.count == 1) return launched;
     merge_lse_kernel<<<blocks_for(rows, kThreads), kThreads, 0, stream>>>(partial, rows,
@@ -503,10 +564,13 @@ extern "C" int fcl_nt_xent_lse(int dtype, const void* zn, int m, int d, int row_
   });
 }
 
-extern "C" int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row_start,
-                                int row_end, float inv_tau, const float* lse_full, int splits,
+extern "C" int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int m, int d,
+                                int row_start, int row_end, float inv_tau,
+                                const float* lse_full, const float* loss_full, int splits,
                                 float* workspace, float* g, cudaStream_t stream) {
-  if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!valid_rows(m, d, row_start, row_end) || m % 2 != 0) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   if (row_end == row_start) return static_cast<int>(cudaSuccess);
   const Split split = split_columns(m, splits);
   if (split.count > 1 && workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
@@ -515,8 +579,8 @@ extern "C" int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row
     using T = decltype(tag);
     const dim3 grid(blocks_for(rows, BM), blocks_for(d, Tile<T>::BD), split.count);
     grad_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(zn), m, d, row_start, row_end, inv_tau * kLog2e, lse_full,
-        split.cols, split.count == 1 ? g : workspace);
+        static_cast<const T*>(zs), rs, m, d, row_start, row_end, inv_tau * kLog2e, lse_full,
+        loss_full, split.cols, split.count == 1 ? g : workspace);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0 || split.count == 1) return launched;
     const int64_t count = (int64_t)rows * d;
@@ -526,19 +590,22 @@ extern "C" int fcl_nt_xent_grad(int dtype, const void* zn, int m, int d, int row
   });
 }
 
-extern "C" int fcl_nt_xent_norm_backward(int dtype, const void* zn, const float* norm,
-                                         const float* g, int m, int d, int row_start,
-                                         int row_end, const float* grad_out, float factor,
-                                         void* dz, cudaStream_t stream) {
-  if (!valid_rows(m, d, row_start, row_end) || m % 2 != 0) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
+extern "C" int fcl_nt_xent_norm_backward(int dtype, const void* zs, const float* rs,
+                                         const float* norm, const float* g, int m, int d,
+                                         int row_start, int row_end, const float* grad_out,
+                                         float factor, int dz_dtype, void* dz,
+                                         cudaStream_t stream) {
+  if (!valid_rows(m, d, row_start, row_end)) return static_cast<int>(cudaErrorInvalidValue);
   if (row_end == row_start) return static_cast<int>(cudaSuccess);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    norm_backward_kernel<T><<<blocks_for(row_end - row_start, kWarps), kThreads, 0, stream>>>(
-        static_cast<const T*>(zn), norm, g, m, d, row_start, row_end, grad_out, factor,
-        static_cast<T*>(dz));
-    return static_cast<int>(cudaGetLastError());
+    return dispatch(dz_dtype, [&](auto out_tag) {
+      using TD = decltype(out_tag);
+      const int blocks = blocks_for(row_end - row_start, kWarps);
+      norm_backward_kernel<T, TD><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const T*>(zs), rs, norm, g, d, row_start, row_end, grad_out, factor,
+          static_cast<TD*>(dz));
+      return static_cast<int>(cudaGetLastError());
+    });
   });
 }

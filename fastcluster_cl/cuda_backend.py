@@ -81,9 +81,9 @@ def extension():
     """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
 
     Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
-    normalize(z_a, z_b), lse_rows(zn, row_start, row_end, inv_tau),
-    grad_rows(zn, lse, row_start, row_end, inv_tau),
-    norm_backward(zn, norm, g, row_start, row_end, grad_out, factor),
+    normalize(z_a, z_b), lse_rows(zs, rs, row_start, row_end, inv_tau),
+    grad_rows(zs, rs, lse, row_loss, row_start, row_end, inv_tau),
+    norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),
     student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
     dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
     anchor_backward(q0, q_a, q_b, grad_out, factor).
@@ -107,32 +107,41 @@ def extension():
                            f"use backend='triton' meanwhile. Compiler report: {err}") from err
 
 
+def _row_values(lse_neg: torch.Tensor, dist: torch.Tensor,
+                inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, loss) per row from the log-sum-exp over the negatives and dist = 1 - tau S_pos:
+    loss = log(1 + exp(lse_neg - S_pos)) never subtracts two large numbers of similar size."""
+    s_pos = (1.0 - dist) * inv_tau
+    loss = torch.nn.functional.softplus(lse_neg - s_pos)
+    return s_pos + loss, loss
+
+
 class _CudaNTXent(torch.autograd.Function):
-    """NT-Xent through the csrc kernels: normalise, row lse (forward); gradient rows, positive
-    term and normalisation backward (backward). Saves zn (input dtype), norms and lse."""
+    """NT-Xent through the csrc kernels: row scaling, row lse (forward); gradient rows and the
+    normalisation backward (backward). Saves zs (fp16 for 16-bit inputs), rs, norms, lse and
+    the row losses."""
 
     @staticmethod
     def forward(ctx, z_a, z_b, temperature):
         ext = extension()
         inv_tau = 1.0 / temperature
-        zn, norm, pos_sim = ext.normalize(z_a, z_b)
-        rows = zn.shape[0]
-        lse = ext.lse_rows(zn, 0, rows, inv_tau)
-        # mean over 2N rows of lse_i - S_{i,pos(i)}; each pair's positive appears twice.
-        loss = (lse.sum() - 2.0 * inv_tau * pos_sim.sum()) / rows
-        ctx.save_for_backward(zn, norm, lse)
-        ctx.inv_tau = inv_tau
-        return loss
+        zs, rs, norm, dist = ext.normalize(z_a, z_b)
+        rows = zs.shape[0]
+        lse, row_loss = _row_values(ext.lse_rows(zs, rs, 0, rows, inv_tau), dist.repeat(2),
+                                    inv_tau)
+        ctx.save_for_backward(zs, rs, norm, lse, row_loss)
+        ctx.inv_tau, ctx.input_dtype = inv_tau, z_a.dtype
+        return row_loss.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        zn, norm, lse = ctx.saved_tensors
+        zs, rs, norm, lse, row_loss = ctx.saved_tensors
         ext = extension()
-        rows = zn.shape[0]
-        g = ext.grad_rows(zn, lse, 0, rows, ctx.inv_tau)
-        dz = ext.norm_backward(zn, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
-                               ctx.inv_tau / rows)
+        rows = zs.shape[0]
+        g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, ctx.inv_tau)
+        dz = ext.norm_backward(zs, rs, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
+                               ctx.inv_tau / rows, ctx.input_dtype)
         return dz[: rows // 2], dz[rows // 2:], None
 
 
@@ -212,25 +221,32 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
 
 
-def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int,
-                    inv_tau: float) -> torch.Tensor:
-    """Row-range primitive of `fastcluster_cl.losses.gathered` (gather_distributed): the masked
-    lse of rows [row_start, row_end) of the full normalised Z against all its rows (float32)."""
-    _require(zn.device)
-    _check_inputs(("zn",), (zn,))
-    return extension().lse_rows(zn.contiguous(), row_start, row_end, inv_tau)
+def _normalized(z: torch.Tensor):
+    """(zs, rs, norm, dist) of the full raw Z = [z_a; z_b] through the extension."""
+    _require(z.device)
+    _check_inputs(("z",), (z,))
+    half = z.shape[0] // 2
+    return extension().normalize(z[:half].contiguous(), z[half:].contiguous())
 
 
-def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
-              inv_tau: float) -> torch.Tensor:
+def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
+             inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-range primitive of `fastcluster_cl.losses.gathered` (gather_distributed): (lse, loss)
+    of rows [row_start, row_end) of the full raw Z against all its rows (float32)."""
+    zs, rs, _, dist = _normalized(z)
+    rows = torch.arange(row_start, row_end, device=z.device) % dist.shape[0]
+    return _row_values(extension().lse_rows(zs, rs, row_start, row_end, inv_tau), dist[rows],
+                       inv_tau)
+
+
+def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
+              row_end: int, inv_tau: float) -> torch.Tensor:
     """Row-range primitive of `fastcluster_cl.losses.gathered`: sum_j (P_ij + P_ji) zn_j -
-    2 zn_pos(i) for rows [row_start, row_end), `lse` the (2N,) vector of all rows (float32)."""
-    _require(zn.device)
-    _check_inputs(("zn",), (zn,))
-    zn = zn.contiguous()
-    g = extension().grad_rows(zn, lse.float().contiguous(), row_start, row_end, inv_tau)
-    pos = (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
-    return g - 2.0 * zn[pos].float()   # the kernel leaves the positive term to norm_backward
+    2 zn_pos(i) for rows [row_start, row_end), `lse` and `row_loss` the (2N,) vectors of all
+    rows (float32)."""
+    zs, rs = _normalized(z)[:2]
+    return extension().grad_rows(zs, rs, lse.float().contiguous(),
+                                 row_loss.float().contiguous(), row_start, row_end, inv_tau)
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -24,14 +24,14 @@ from fastcluster_cl.losses import reference
 try:
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
-    from .nt_xent import grad_rows, masked_lse_rows, nt_xent  # row ranges: gather_distributed
+    from .nt_xent import grad_rows, lse_rows, nt_xent  # row ranges: gather_distributed
     from .student_t import student_t
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
     _IMPORT_ERROR = err
 
 __all__ = ["nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
-           "tcc_cluster_loss", "dec_anchor_losses", "masked_lse_rows", "grad_rows",
+           "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
            "unavailable_reason"]
 
 

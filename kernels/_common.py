@@ -1,6 +1,7 @@
 """Shared host-side helpers of the Triton kernels: dtype mapping, dot precision, block sizes."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -45,6 +46,22 @@ def dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
 
 
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """x (fp32 or wider) cast to DTYPE, rounding to nearest even as the GPU's conversion does.
+    The interpreter truncates fp32 -> bf16 instead (doubling the bf16 output error the tests
+    see), so there the rounding is done on the bits (finite values)."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
 def feature_block(d: int, what: str) -> int:
     """Power-of-two register width for d features; refuse widths the row kernels cannot hold."""
     if d > MAX_FEATURES:
@@ -58,3 +75,8 @@ def check_dtype(*tensors: torch.Tensor) -> None:
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"backend='triton' takes float16, bfloat16, float32 or float64 "
                             f"tensors, got {t.dtype}")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's own GPU, not the current one (the interpreter has none to set)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

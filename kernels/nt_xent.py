@@ -4,40 +4,52 @@ written.
 Z = [z_a; z_b] (2N x D, any of fp16/bf16/fp32/fp64), zn_i = z_i / max(||z_i||, 1e-12),
 S = zn zn^T / tau, pos(i) = i + N for i < N else i - N.
 
+Prologue (`_scale_rows_kernel`, one O(N D) launch over the pairs (i, i + N)): each row is
+multiplied by the exact power of two p_i that brings its largest element into [1, 2), giving Zs
+(stored as fp16 for fp16 and bf16 inputs, else in the input dtype), rs_i = 1 / max(||zs_i||,
+eps p_i) (so zn_i = zs_i rs_i exactly), the clamped true norm, and per pair
+dist = 1 - tau S_i,pos(i) = ||zn_i - zn_pos||^2 / 2, free of the cancellation of 1 - cos. The scaling makes rows of any finite magnitude safe (|z| ~ 1e19 in
+fp32 no longer overflows z_i . z_j), and the fp16 copy of bf16 inputs holds the same values
+(elements below 2^-24 of their row's largest are flushed) while letting the backward round its
+tile weights to fp16's 11-bit rather than bf16's 8-bit mantissa.
+
 Forward (`_lse_fwd_kernel`, one row-parallel launch): each program owns BLOCK_M rows, keeps them
-in registers, and streams every column block of Z: S tile = (z_I z_J^T) * r_I r_J / tau, with
-r = 1 / max(||z||, eps) from a (2N,) vector of row norms computed once beforehand (one O(N D)
-read of Z): the L2 normalisation is fused, zn is never written. (Recomputing the norms from each
-tile made the sm_90 build spill registers.) Per row it accumulates sum_{k != i} exp(S_ik - shift):
-shift = 1/tau (exact bound |S| <= 1/tau) when exp(-2/tau) stays a normal number, else the online
-row max. S_{i,pos(i)} is picked out of the tile that holds it, and the kernel writes lse_i and
-lse_i - S_{i,pos(i)}. Saved for backward: Z (the input, no copy beyond the [z_a; z_b] concat)
-and lse (2N floats).
+in registers, and streams every column block of Zs: x = S log2(e) = (zs_I zs_J^T) q_I rs_J with
+q = rs log2(e) / tau (one row scale, exp2 on the tile). Per row it accumulates
+sum_{k != i} 2^(x_ik - shift): shift = log2(e)/tau (|S| <= 1/tau) when exp(-2/tau) stays a
+normal number, else the online row max. The diagonal and padding masks are applied only on the
+tiles that hold them, and so is the positive pair: with t = log sum_neg exp(S_ik - S_i,pos(i))
+(= ln(total) + dist/tau under the fixed shift: no large terms cancel), the row's loss is
+lse_i - S_i,pos(i) = log(1 + e^t), accurate even when it is tiny. Writes lse_i and that loss.
+Saved for backward: Zs, rs, the norms, lse and the row losses (2N floats each).
 
 Backward (`_grad_kernel`, one row-parallel launch, no atomics): S is symmetric, so
 P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
 
-    g_i = 1/(tau*2N) * ( sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) ),
+    g_i = 1/(tau*2N) * sum_j A_ij zn_j,   A_ij = P_ij + P_ji - 2 [j = pos(i)],
     dz_i = (g_i - zn_i (zn_i . g_i)) / ||z_i||      (the normalisation's backward, fused)
 
-A zn_J is computed as (A diag(r_J)) z_J, so the tile is scaled and z_J feeds the tensor cores as
-loaded (bf16/fp16: A is rounded to the input dtype for that dot, as P is in flash attention).
+With the fixed shift A_ij = 2^(x - shift) (u_i + u_j), u = 2^(shift - lse log2 e): one exp per
+element. The positive pair's -2 joins its weight before the weights are rounded for the tensor
+cores: A_i,pos(i) is close to 2 for correlated views at small tau, and subtracting 2 zn_pos after
+a rounded product cancelled catastrophically (20x gradient errors in bf16 at tau 0.05). A zn_J is
+computed as (A diag(rs_J) * 2^14) zs_J / 2^14: |A rs| <= 2, so the scaled weights cannot
+overflow fp16 and the ~1/(2N) ones stay clear of its subnormals at any batch size.
 
 Floors (R = 2N rows, D features, b bytes per input element):
-  forward  2 R^2 D FLOPs, R^2 exps. Reads of Z: the norm pass once, own rows once, all columns
-           once per row block (R / BLOCK_M passes, L2-resident at these sizes); byte floor
-           2 R D b read + 8 R written.
-  backward 4 R^2 D FLOPs (the S tile and A z_J), 2 R^2 exps. Reads of Z: the norm pass once, own
-           rows twice (tile operand, epilogue), all columns once per row block, positive rows
-           once; lse once per row block; writes R D b.
+  forward  2 R^2 D FLOPs, R^2 exps. Reads of Zs: own rows once, all columns once per row block
+           (R / BLOCK_M passes, L2-resident at these sizes); byte floor 2 R D b read + 8 R written.
+  backward 4 R^2 D FLOPs (the S tile and A zs_J), R^2 exps with the fixed shift. Reads of Zs:
+           own rows twice (tile operand, epilogue), all columns once per row block, lse once per
+           row block; writes R D b.
 The symmetric upper-triangle variant (each tile serving its rows and, transposed, its columns;
-half the GEMM/exp work, at the price of atomics on the column sums / column gradient rows, whose
-summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`. Which one
-the autograd Function uses awaits a GPU measurement (no GPU in the session that wrote this), so
-`SYMMETRIC` (env FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
+half the GEMM/exp work, at the price of relaxed atomics on the column sums / column gradient
+rows, whose summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`.
+Which one the autograd Function uses awaits a GPU measurement, so `SYMMETRIC` (env
+FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
-all-gathered, already-normalised Z): `masked_lse_rows` and `grad_rows`.
+all-gathered raw Z): `lse_rows` and `grad_rows`.
 """
 from __future__ import annotations
 
@@ -47,15 +59,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NORM_EPS, acc_dtype, check_dtype, dot, dot_precision, feature_block,
-                      torch_acc_dtype, upcast_dots)
+from fastcluster_cl.losses.reference import (fixed_shift_safe, l2_normalize,
+                                             l2_normalize_backward)
+
+from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot, dot_precision,
+                      feature_block, round_to, torch_acc_dtype, upcast_dots)
 
 _EPS = tl.constexpr(NORM_EPS)
-# Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number (as chunked.py).
-_SHIFT_RANGE = {torch.float64: 700.0}
-_SHIFT_RANGE_DEFAULT = 80.0
-# sm_90 AOT compile (bf16, D=128, 64x64 tiles): the backward spills 744 B/thread at 4 warps,
-# 64 B at 8; the forward none at 4.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# The backward's tile weights A_ij rs_j (|A| <= 2, rs <= 1) are multiplied by this power of two
+# before the cast to fp16 and divided out of the fp32 sum: below 2^15, so no overflow, while the
+# typical ~1/(2N) weights stay far above fp16's subnormals (unscaled, 2N = 65536 with
+# ||z|| ~ 1e3 flushed 72% of them to zero).
+WEIGHT_SCALE = 16384.0
+_WEIGHT_SCALE = tl.constexpr(WEIGHT_SCALE)
 _BWD_WARPS = 8
 SYMMETRIC = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 
@@ -68,21 +86,49 @@ def _load_rows(Z, stride, offs, mask, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm(NORMS, offs, mask, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-              BLOCK: tl.constexpr):
-    """1 / max(||z_row||, eps) of the given rows, or ones when the rows are already normalised.
-    The norms are loaded, not recomputed from the tiles: that cost registers (spills on sm_90)."""
-    if NORMALIZE:
-        return 1.0 / tl.load(NORMS + offs, mask=mask, other=1.0)
+def _pow2_floor(x, ACC: tl.constexpr):
+    """The largest power of two <= x (x positive and normal): the exponent bits alone, exact."""
+    if ACC == tl.float64:
+        return (x.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
     else:
-        return tl.full([BLOCK], 1.0, ACC)
+        return (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _sim_tile(zi, ri, zj, rj, inv_tau, ACC: tl.constexpr, PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
-    s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
-    return s * (ri[:, None] * inv_tau) * rj[None, :]
+def _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zs = p z (p the power of two putting the row's largest |element| in [1, 2); exact),
+    rs = 1 / max(||zs||, eps p), norms = max(||z||, eps). Returns zn (ACC) and the norms."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = mask_r[:, None] & (offs_d[None, :] < D)
+    z = tl.load(Z + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    p = 1.0 / _pow2_floor(tl.maximum(tl.max(tl.abs(z), axis=1), TINY), ACC)
+    zs = z * p[:, None]
+    ns = tl.sqrt(tl.sum(zs * zs, axis=1))
+    rs = 1.0 / tl.maximum(ns, p * _EPS)
+    norms = tl.maximum(ns / p, _EPS)
+    tl.store(ZS + offs_r[:, None] * D + offs_d[None, :], zs.to(ZS.dtype.element_ty), mask=mask)
+    tl.store(RS + offs_r, rs, mask=mask_r)
+    tl.store(NORMS + offs_r, norms, mask=mask_r)
+    return zs * rs[:, None], norms
+
+
+@triton.jit
+def _scale_rows_kernel(Z, ZS, RS, NORMS, DIST, half, D, stride, TINY: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The prologue over pairs (i, i + N): both rows' Zs, rs and norms, and the pair's
+    dist = 1 - zn_i . zn_pos(i) = 1 - tau S_i,pos(i), as ||zn_i - zn_pos||^2 / 2 for unit rows
+    (no cancellation for correlated views); rows clamped by eps (||z|| < eps) are not unit."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < half
+    zn_a, norm_a = _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY, ACC,
+                                    BLOCK_D)
+    zn_b, norm_b = _scale_row_block(Z, ZS, RS, NORMS, offs_r + half, mask_r, D, stride, TINY,
+                                    ACC, BLOCK_D)
+    gap = zn_a - zn_b
+    dist = tl.where((norm_a > _EPS) & (norm_b > _EPS), 0.5 * tl.sum(gap * gap, axis=1),
+                    1.0 - tl.sum(zn_a * zn_b, axis=1))
+    tl.store(DIST + offs_r, dist, mask=mask_r)
 
 
 @triton.jit
@@ -91,147 +137,217 @@ def _positive_rows(offs_m, half):
 
 
 @triton.jit
-def _lse_fwd_kernel(Z, NORMS, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, stride,
-                    row_start, row_end,
-                    NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, WITH_POS: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _overlaps(c0, BLOCK_N: tl.constexpr, lo, hi):
+    """Whether columns [c0, c0 + BLOCK_N) meet [lo, hi)."""
+    return (lo < hi) & (c0 < hi) & (lo < c0 + BLOCK_N)
+
+
+@triton.jit
+def _edge_tile(c0, BLOCK_N: tl.constexpr, row_lo, BLOCK_M: tl.constexpr, rows_total):
+    """Whether the tile holds a diagonal element S_ii or padding columns: only those tiles pay
+    for the masks."""
+    return _overlaps(c0, BLOCK_N, row_lo, row_lo + BLOCK_M) | (c0 + BLOCK_N > rows_total)
+
+
+@triton.jit
+def _positive_tile(c0, BLOCK_N: tl.constexpr, row_lo, BLOCK_M: tl.constexpr, half):
+    """Whether the tile holds a positive pair (i, pos(i)) of the rows [row_lo, row_lo + BLOCK_M)."""
+    row_hi = row_lo + BLOCK_M
+    return (_overlaps(c0, BLOCK_N, row_lo + half, tl.minimum(row_hi, half) + half)
+            | _overlaps(c0, BLOCK_N, tl.maximum(row_lo, half) - half, row_hi - half))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without the cancellation of the difference for small |x| (a series there)."""
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+        1.0 / 720 + x * (1.0 / 5040)))))))
+    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _softplus(t):
+    """log(1 + exp(t)), accurate where exp(t) is tiny (a series for log1p there)."""
+    y = tl.exp(tl.minimum(t, 15.0))
+    series = y * (1.0 - y * (0.5 - y * (1.0 / 3 - y * (0.25 - y * (0.2 - y * (1.0 / 6 - y * (
+        1.0 / 7 - y * 0.125)))))))
+    return tl.where(t > 15.0, t + tl.exp(-t), tl.where(y < 0.1, series, tl.log(1.0 + y)))
+
+
+@triton.jit
+def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, row_start, row_end,
+                    FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    offs_m = row_start + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_lo = row_start + pid * BLOCK_M
+    offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     inv_tau = tl.load(INV_TAU)
-    zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK_M)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     pos = _positive_rows(offs_m, half)
-    positive = tl.zeros([BLOCK_M], ACC)
-    total = tl.zeros([BLOCK_M], ACC)
+    qi = ri * shift
+    total = tl.zeros([BLOCK_M], ACC)   # sum over the negatives k != i, pos(i)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK_N)
-        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
-        valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        if WITH_POS:  # S_i,pos(i) from the tile that holds it (no second layout of z_I)
-            positive += tl.sum(tl.where(offs_n[None, :] == pos[:, None], s, 0.0), axis=1)
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
+        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        if (_edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total)
+                | _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half)):
+            negative = (mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
+                        & (offs_n[None, :] != pos[:, None]))
+            x = tl.where(negative, x, float("-inf"))
         if FIXED_SHIFT:
-            total += tl.sum(tl.where(valid, tl.exp(s - inv_tau), 0.0), axis=1)
+            total += tl.sum(tl.exp2(x - shift), axis=1)
         else:
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            total = total * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m_new = tl.maximum(m_i, tl.max(x, axis=1))
+            total = total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
             m_i = m_new
+    dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m,
+                   other=0.0)
+    # t = log sum_neg exp(S_ik - S_i,pos); the row's loss is log(1 + e^t), its lse S_pos + that.
     if FIXED_SHIFT:
-        lse = tl.log(total) + inv_tau
+        t = tl.log2(total) * _LN2 + dist * inv_tau
     else:
-        lse = tl.log(total) + m_i
-    tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
-    if WITH_POS:
-        tl.store(ROW_LOSS + offs_m - row_start, lse - positive, mask=mask_m)
+        t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
+    loss = _softplus(t)
+    tl.store(LSE + offs_m - row_start, (1.0 - dist) * inv_tau + loss, mask=mask_m)
+    tl.store(ROW_LOSS + offs_m - row_start, loss, mask=mask_m)
 
 
 @triton.jit
-def _grad_kernel(Z, NORMS, LSE, DZ, INV_TAU, GRAD_OUT, rows_total, half, D, stride, dz_stride,
-                 row_start, row_end,
-                 NORMALIZE: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr,
+def _weights(x, l2_i, l2_j, shift, FIXED_SHIFT: tl.constexpr):
+    """A_ij = P_ij + P_ji = 2^(x - l2_i) + 2^(x - l2_j) (x = S_ij log2 e, l2 = lse log2 e); with
+    the fixed shift one exp per element: 2^(x - shift) (u_i + u_j), u = 2^(shift - l2) (one exp
+    per row and per column)."""
+    if FIXED_SHIFT:
+        return tl.exp2(x - shift) * (tl.exp2(shift - l2_i)[:, None]
+                                     + tl.exp2(shift - l2_j)[None, :])
+    else:
+        return tl.exp2(x - l2_i[:, None]) + tl.exp2(x - l2_j[None, :])
+
+
+@triton.jit
+def _grad_kernel(Z, RS, NORMS, LSE, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
+                 dz_stride, row_start, row_end, EPILOGUE: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+                 ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    offs_m = row_start + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_lo = row_start + pid * BLOCK_M
+    offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_d = tl.arange(0, BLOCK_D)
     inv_tau = tl.load(INV_TAU)
-    zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK_M)
-    lse_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    qi = ri * shift
+    l2_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * _LOG2E
+    pos = _positive_rows(offs_m, half)
+    # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
+    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK_N)
-        lse_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
-        valid = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        a = tl.where(valid, tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :]), 0.0)
-        # A @ zn_J = (A diag(r_J)) @ z_J: scale the tile, not the (BLOCK_N, D) operand.
-        acc += dot((a * rj[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
-    pos = _positive_rows(offs_m, half)
-    zp = _load_rows(Z, stride, pos, mask_m, D, BLOCK_D)
-    g = acc - 2.0 * zp.to(ACC) * _inv_norm(NORMS, pos, mask_m, NORMALIZE, ACC, BLOCK_M)[:, None]
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
+        l2_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * _LOG2E
+        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        a = _weights(x, l2_i, l2_j, shift, FIXED_SHIFT)
+        if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
+            a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
+        if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
+            pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0))
+            a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
+        # A @ zn_J = (A diag(rs_J)) @ zs_J: scale the tile, not the (BLOCK_N, D) operand.
+        acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+    g = acc * (1.0 / _WEIGHT_SCALE)
     if EPILOGUE:
         g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau / rows_total)
         # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
-        zn = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+        zn = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
         norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
         radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
-        g = (g - zn * radial[:, None]) * ri[:, None]
-        g = tl.where(mask_m[:, None], g, 0.0)  # padding rows (zero, so 1/eps-scaled) stay finite
+        g = (g - zn * radial[:, None]) / norm[:, None]
     tl.store(DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
-             g.to(DZ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+             round_to(g, DZ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _symmetric_fwd_kernel(Z, NORMS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D, stride,
-                          NORMALIZE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                          UPCAST: tl.constexpr,
+def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D,
+                          ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Upper-triangle tiles (I <= J), fixed shift 1/tau: tile (I, J) adds its row sums to rows I
-    (registers) and its column sums to rows J (atomics)."""
+    (registers) and its column sums to rows J (relaxed atomics: only their sum matters)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < rows_total
     inv_tau = tl.load(INV_TAU)
-    zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
+    qi = tl.load(RS + offs_m, mask=mask_m, other=1.0) * shift
     total = tl.zeros([BLOCK], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK)
-        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
+        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        e = tl.where(valid, tl.exp(s - inv_tau), 0.0)
+        e = tl.where(valid, tl.exp2(x - shift), 0.0)
         total += tl.sum(e, axis=1)
         if c0 != pid * BLOCK:  # the diagonal tile's columns are its own rows, already counted
-            tl.atomic_add(COL_SUM + offs_n, tl.sum(e, axis=0), mask=mask_n)
+            tl.atomic_add(COL_SUM + offs_n, tl.sum(e, axis=0), mask=mask_n, sem="relaxed")
     tl.store(ROW_SUM + offs_m, total, mask=mask_m)
 
 
 @triton.jit
-def _symmetric_grad_kernel(Z, NORMS, LSE, G, INV_TAU, rows_total, D, stride, g_stride,
-                           NORMALIZE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                           UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Upper-triangle tiles: A = P_IJ + P_JI^T from tile (I, J) gives rows I their A zn_J
-    (registers) and rows J their A^T zn_I (atomics into G, fp32/fp64, zero-initialised)."""
+def _symmetric_grad_kernel(Z, RS, LSE, ROW_LOSS, G, INV_TAU, rows_total, half, D, g_stride,
+                           ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Upper-triangle tiles: A (as in `_grad_kernel`, the positive pairs' -2 included) from tile
+    (I, J) gives rows I their A zn_J (registers) and rows J their A^T zn_I (relaxed atomics into
+    G, fp32/fp64, zero-initialised)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < rows_total
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < D
     inv_tau = tl.load(INV_TAU)
-    zi = _load_rows(Z, stride, offs_m, mask_m, D, BLOCK_D)
-    ri = _inv_norm(NORMS, offs_m, mask_m, NORMALIZE, ACC, BLOCK)
-    lse_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    qi = ri * shift
+    l2_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * _LOG2E
+    pos = _positive_rows(offs_m, half)
+    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, stride, offs_n, mask_n, D, BLOCK_D)
-        rj = _inv_norm(NORMS, offs_n, mask_n, NORMALIZE, ACC, BLOCK)
-        lse_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-        s = _sim_tile(zi, ri, zj, rj, inv_tau, ACC, PREC, UPCAST)
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
+        l2_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * _LOG2E
+        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        a = tl.where(valid, tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :]), 0.0)
-        acc += dot((a * rj[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+        a = tl.where(valid, _weights(x, l2_i, l2_j, shift, False), 0.0)
+        pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0))
+        a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
+        acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
         if c0 != pid * BLOCK:
-            col = dot(tl.trans(a * ri[:, None]).to(zi.dtype), zi, ACC, PREC, UPCAST)
-            tl.atomic_add(G + offs_n[:, None] * g_stride + offs_d[None, :], col,
-                          mask=mask_n[:, None] & mask_d)
-    tl.atomic_add(G + offs_m[:, None] * g_stride + offs_d[None, :], acc,
-                  mask=mask_m[:, None] & mask_d)
+            col = dot(tl.trans(a * (ri * _WEIGHT_SCALE)[:, None]).to(zi.dtype), zi, ACC, PREC,
+                      UPCAST)
+            tl.atomic_add(G + offs_n[:, None] * g_stride + offs_d[None, :],
+                          col * (1.0 / _WEIGHT_SCALE), mask=mask_n[:, None] & mask_d,
+                          sem="relaxed")
+    tl.atomic_add(G + offs_m[:, None] * g_stride + offs_d[None, :], acc * (1.0 / _WEIGHT_SCALE),
+                  mask=mask_m[:, None] & mask_d, sem="relaxed")
 
 
 def _is_interpreted() -> bool:
@@ -246,21 +362,8 @@ def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 64, block_d
 
 
-def fixed_shift_safe(inv_tau: float, dtype: torch.dtype) -> bool:
-    """Whether shift 1/tau keeps every exp(S_ik - 1/tau) >= exp(-2/tau) a normal number."""
-    return 2.0 * inv_tau <= _SHIFT_RANGE.get(dtype, _SHIFT_RANGE_DEFAULT)
-
-
 def _inv_tau_tensor(inv_tau: float, z: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), inv_tau, dtype=torch_acc_dtype(z.dtype), device=z.device)
-
-
-def _norms(z: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """max(||z_i||, eps) per row (one extra read of Z), or an unused placeholder."""
-    acc = torch_acc_dtype(z.dtype)
-    if not normalize:
-        return torch.empty(1, dtype=acc, device=z.device)
-    return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(NORM_EPS)
 
 
 def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
@@ -272,136 +375,165 @@ def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
                          f"got [{row_start}, {row_end})")
 
 
-def _lse(z, row_start, row_end, inv_tau, normalize, with_pos):
-    """Launch the row-parallel forward: (lse, lse - S_pos or None) for rows [row_start, row_end)."""
-    rows_total, d = z.shape
-    block_m, block_n, block_d = _blocks(d, z.dtype)
+def _scaled_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The prologue (see the module docstring): (Zs, rs, norms, dist)."""
+    rows, d = z.shape
     acc = torch_acc_dtype(z.dtype)
-    lse = torch.empty(row_end - row_start, dtype=acc, device=z.device)
-    row_loss = torch.empty_like(lse) if with_pos else lse
-    _lse_fwd_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-        z, _norms(z, normalize), lse, row_loss, _inv_tau_tensor(inv_tau, z), rows_total,
-        rows_total // 2, d, z.stride(0), row_start, row_end,
-        NORMALIZE=normalize, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc), WITH_POS=with_pos,
-        ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    return lse, (row_loss if with_pos else None)
+    zs = torch.empty(rows, d, dtype=_scaled_dtype(z.dtype), device=z.device)
+    rs = torch.empty(rows, dtype=acc, device=z.device)
+    norms = torch.empty_like(rs)
+    dist = torch.empty(rows // 2, dtype=acc, device=z.device)
+    block_r = 32
+    with device_guard(z):
+        _scale_rows_kernel[(triton.cdiv(rows // 2, block_r),)](
+            z, zs, rs, norms, dist, rows // 2, d, z.stride(0), TINY=torch.finfo(acc).tiny,
+            ACC=acc_dtype(z.dtype), BLOCK_R=block_r, BLOCK_D=feature_block(d, "Z"))
+    return zs, rs, norms, dist
 
 
-def _grad(z, lse, row_start, row_end, inv_tau, grad_out, out_dtype):
+def _lse(zs, rs, dist, row_start, row_end, inv_tau):
+    """Launch the row-parallel forward: (lse, lse - S_pos) of rows [row_start, row_end)."""
+    rows_total, d = zs.shape
+    block_m, block_n, block_d = _blocks(d, zs.dtype)
+    acc = rs.dtype
+    lse = torch.empty(row_end - row_start, dtype=acc, device=zs.device)
+    row_loss = torch.empty_like(lse)
+    with device_guard(zs):
+        _lse_fwd_kernel[(triton.cdiv(row_end - row_start, block_m),)](
+            zs, rs, dist, lse, row_loss, _inv_tau_tensor(inv_tau, rs), rows_total,
+            rows_total // 2, d, row_start, row_end, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc), ACC=acc_dtype(acc),
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d)
+    return lse, row_loss
+
+
+def _grad(zs, rs, norms, lse, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
-    applies the normalisation's backward (z raw); without it z is normalised and g unscaled."""
-    rows_total, d = z.shape
-    block_m, block_n, block_d = _blocks(d, z.dtype)
-    dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=z.device)
+    applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
+    sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled."""
+    rows_total, d = zs.shape
+    block_m, block_n, block_d = _blocks(d, zs.dtype)
+    dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
-    inv = _inv_tau_tensor(inv_tau, z)
-    _grad_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-        z, _norms(z, epilogue), lse, dz, inv, grad_out if epilogue else inv, rows_total,
-        rows_total // 2, d, z.stride(0), dz.stride(0), row_start, row_end,
-        NORMALIZE=epilogue, EPILOGUE=epilogue, ACC=acc_dtype(z.dtype),
-        PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_BWD_WARPS)
+    inv = _inv_tau_tensor(inv_tau, rs)
+    with device_guard(zs):
+        _grad_kernel[(triton.cdiv(row_end - row_start, block_m),)](
+            zs, rs, norms, lse, row_loss, dz, inv, grad_out if epilogue else inv, rows_total,
+            rows_total // 2, d, dz.stride(0), row_start, row_end, EPILOGUE=epilogue,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_BWD_WARPS)
     return dz
 
 
-def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int,
-                    inv_tau: float) -> torch.Tensor:
-    """lse_i = log sum_{k != i} exp(zn_i . zn_k * inv_tau) for rows [row_start, row_end) of the
-    full normalised Z (2N x D) against all its columns; shape (row_end - row_start,)."""
-    zn = zn.contiguous()
-    _check_rows(zn, row_start, row_end)
-    return _lse(zn, row_start, row_end, inv_tau, normalize=False, with_pos=False)[0]
+def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
+             inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [row_start, row_end) of the full Z = [z_a; z_b] (2N x D, raw: normalised on the
+    fly) against all its rows: lse_i = log sum_{k != i} exp(S_ik) and the row loss
+    lse_i - S_i,pos(i), each of shape (row_end - row_start,) in the accumulation dtype."""
+    z = z.contiguous()
+    _check_rows(z, row_start, row_end)
+    zs, rs, _, dist = _scale_rows(z)
+    return _lse(zs, rs, dist, row_start, row_end, inv_tau)
 
 
-def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
-              inv_tau: float) -> torch.Tensor:
-    """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows [row_start, row_end), P_ij =
-    exp(S_ij - lse_i), lse the full (2N,) vector. Unscaled: the caller multiplies by
-    grad_out * inv_tau / (2N) and applies the normalisation's backward. Shape (rows, D)."""
-    zn = zn.contiguous()
-    _check_rows(zn, row_start, row_end)
-    if lse.shape != (zn.shape[0],):
-        raise ValueError(f"lse must be the full ({zn.shape[0]},) vector, got {tuple(lse.shape)}")
-    lse = lse.to(torch_acc_dtype(zn.dtype)).contiguous()
-    return _grad(zn, lse, row_start, row_end, inv_tau, None, torch_acc_dtype(zn.dtype))
+def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
+              row_end: int, inv_tau: float) -> torch.Tensor:
+    """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows [row_start, row_end) of the raw Z,
+    P_ij = exp(S_ij - lse_i), with `lse` and `row_loss` the full (2N,) vectors of `lse_rows`.
+    Unscaled: the caller multiplies by grad_out * inv_tau / (2N) and applies the
+    normalisation's backward. Shape (rows, D), in the accumulation dtype."""
+    z = z.contiguous()
+    _check_rows(z, row_start, row_end)
+    for name, v in (("lse", lse), ("row_loss", row_loss)):
+        if v.shape != (z.shape[0],):
+            raise ValueError(f"{name} must be the full ({z.shape[0]},) vector, got "
+                             f"{tuple(v.shape)}")
+    zs, rs, norms, _ = _scale_rows(z)
+    return _grad(zs, rs, norms, lse.to(rs.dtype).contiguous(), row_loss.to(rs.dtype).contiguous(),
+                 row_start, row_end, inv_tau, None, rs.dtype)
 
 
-def symmetric_masked_lse(z: torch.Tensor, inv_tau: float, normalize: bool = True) -> torch.Tensor:
-    """All 2N row lse from upper-triangle tiles only (half the GEMM and exp work of
-    `masked_lse_rows`). Needs the fixed shift (2/tau within the exp range) and fp32 or wider
+def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """All 2N row lse of the raw Z from upper-triangle tiles only (half the GEMM and exp work of
+    `lse_rows`). Needs the fixed shift (2/tau within the exp range) and fp32 or wider
     column-sum atomics; the summation order of the atomics is not deterministic."""
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
     acc = torch_acc_dtype(z.dtype)
     if not fixed_shift_safe(inv_tau, acc):
-        raise ValueError(f"the symmetric forward needs the fixed shift, 2/tau <= "
-                         f"{_SHIFT_RANGE.get(acc, _SHIFT_RANGE_DEFAULT)} for {acc} "
-                         f"accumulation, got tau = {1 / inv_tau}")
+        raise ValueError(f"the symmetric forward needs the fixed shift (2/tau within the exp "
+                         f"range of {acc}), got tau = {1 / inv_tau}")
+    zs, rs = _scale_rows(z)[:2]
     rows_total, d = z.shape
-    block, _, block_d = _blocks(d, z.dtype)
+    block, _, block_d = _blocks(d, zs.dtype)
     row_sum = torch.empty(rows_total, dtype=acc, device=z.device)
     col_sum = torch.zeros(rows_total, dtype=acc, device=z.device)
-    _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
-        z, _norms(z, normalize), row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d,
-        z.stride(0), NORMALIZE=normalize, ACC=acc_dtype(z.dtype), PREC=dot_precision(z.dtype),
-        UPCAST=upcast_dots(z.dtype), BLOCK=block, BLOCK_D=block_d)
+    with device_guard(z):
+        _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
+            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d,
+            ACC=acc_dtype(acc), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
+            BLOCK=block, BLOCK_D=block_d)
     return torch.log(row_sum + col_sum) + inv_tau
 
 
-def _normalised(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(zn, max(||z||, eps)) in the accumulation dtype (O(N D) host-side work)."""
-    norm = _norms(z, True)[:, None]
-    return z.to(norm.dtype) / norm, norm
-
-
-def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
+def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
+                   inv_tau: float) -> torch.Tensor:
     """`grad_rows` over all 2N rows of the raw z (normalised on the fly) from upper-triangle
     tiles: sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled, in the accumulation dtype."""
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
+    zs, rs = _scale_rows(z)[:2]
     rows_total, d = z.shape
-    block, _, block_d = _blocks(d, z.dtype)
-    acc = torch_acc_dtype(z.dtype)
-    g = torch.zeros(rows_total, d, dtype=acc, device=z.device)
-    _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
-        z, _norms(z, True), lse.to(acc).contiguous(), g, _inv_tau_tensor(inv_tau, z), rows_total,
-        d, z.stride(0), g.stride(0), NORMALIZE=True, ACC=acc_dtype(z.dtype),
-        PREC=dot_precision(z.dtype), UPCAST=upcast_dots(z.dtype), BLOCK=block, BLOCK_D=block_d,
-        num_warps=_BWD_WARPS)
-    zn = _normalised(z)[0]
-    return g - 2.0 * zn.roll(rows_total // 2, 0)
+    block, _, block_d = _blocks(d, zs.dtype)
+    g = torch.zeros(rows_total, d, dtype=rs.dtype, device=z.device)
+    with device_guard(z):
+        _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
+            zs, rs, lse.to(rs.dtype).contiguous(), row_loss.to(rs.dtype).contiguous(), g,
+            _inv_tau_tensor(inv_tau, z), rows_total,
+            rows_total // 2, d, g.stride(0), ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK=block,
+            BLOCK_D=block_d, num_warps=_BWD_WARPS)
+    return g
 
 
 class NTXentFunction(torch.autograd.Function):
     """NT-Xent over [z_a; z_b] with the fused kernels; returns the mean loss (fp32, or fp64 for
-    fp64 inputs). Saves the concatenated input and the (2N,) row lse."""
+    fp64 inputs). Saves Zs, rs, the norms and the (2N,) row lse and losses."""
 
     @staticmethod
     def forward(ctx, z_a, z_b, temperature):
-        z = torch.cat([z_a, z_b]).contiguous()
+        z = torch.cat([z_a, z_b])
         inv_tau = 1.0 / temperature
-        if SYMMETRIC and fixed_shift_safe(inv_tau, torch_acc_dtype(z.dtype)):
+        if SYMMETRIC and fixed_shift_safe(inv_tau, z.dtype):
             lse = symmetric_masked_lse(z, inv_tau)
-            zn = _normalised(z)[0]
+            zn = l2_normalize(z)[0]
             row_loss = lse - (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
+            ctx.save_for_backward(z, lse, row_loss)
         else:
-            lse, row_loss = _lse(z, 0, z.shape[0], inv_tau, normalize=True, with_pos=True)
-        ctx.save_for_backward(z, lse)
-        ctx.inv_tau = inv_tau
+            zs, rs, norms, dist = _scale_rows(z)
+            lse, row_loss = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
+            ctx.save_for_backward(zs, rs, norms, lse, row_loss)
+        ctx.inv_tau, ctx.input_dtype = inv_tau, z.dtype
         return row_loss.mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, lse = ctx.saved_tensors
-        n = z.shape[0] // 2
-        if SYMMETRIC:
-            g = symmetric_grad(z, lse, ctx.inv_tau) * (grad_out * ctx.inv_tau / (2 * n))
-            zn, norm = _normalised(z)
-            radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
-            dz = ((g - zn * radial) / norm).to(z.dtype)
+        if len(ctx.saved_tensors) == 3:  # the symmetric variant
+            z, lse, row_loss = ctx.saved_tensors
+            g = symmetric_grad(z, lse, row_loss, ctx.inv_tau) * (grad_out * ctx.inv_tau
+                                                                 / z.shape[0])
+            zn, norm = l2_normalize(z)
+            dz = l2_normalize_backward(zn, norm, g).to(z.dtype)
         else:
-            dz = _grad(z, lse, 0, z.shape[0], ctx.inv_tau, grad_out.contiguous(), z.dtype)
+            zs, rs, norms, lse, row_loss = ctx.saved_tensors
+            dz = _grad(zs, rs, norms, lse, row_loss, 0, zs.shape[0], ctx.inv_tau,
+                       grad_out.contiguous(), ctx.input_dtype)
+        n = dz.shape[0] // 2
         return dz[:n], dz[n:], None
 
 

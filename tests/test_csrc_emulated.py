@@ -17,6 +17,7 @@ import torch
 
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
+from lowp import correlated_views, nt_xent_bounds, nt_xent_errors
 from test_cuda_backend import check_student_t
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,41 +93,46 @@ class EmulatedExtension:
 
     def normalize(self, z_a, z_b):
         n, d = z_a.shape
-        zn = torch.empty(2 * n, d, dtype=z_a.dtype)
-        norm, pos = torch.empty(2 * n), torch.empty(n)
+        normed = torch.float32 if z_a.dtype == torch.float32 else torch.float16
+        zs = torch.empty(2 * n, d, dtype=normed)
+        rs, norm, dist = torch.empty(2 * n), torch.empty(2 * n), torch.empty(n)
         self._check(self.lib.fcl_nt_xent_normalize(DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b),
-                                                   n, d, _ptr(zn), _ptr(norm), _ptr(pos), None),
-                    "normalize")
-        return zn, norm, pos
+                                                   n, d, _ptr(zs), _ptr(rs), _ptr(norm),
+                                                   _ptr(dist), None), "normalize")
+        return zs, rs, norm, dist
 
-    def lse_rows(self, zn, row_start, row_end, inv_tau, splits=0):
+    def lse_rows(self, zn, rs, row_start, row_end, inv_tau, splits=0):
         m, d = zn.shape
         rows = row_end - row_start
         splits = self._splits(zn, rows, 0, splits)
         lse = torch.full((rows,), float("nan"))
         workspace = torch.full((2 * splits * rows,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
+        self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
+                                             row_start,
                                              row_end, ctypes.c_float(inv_tau), splits,
                                              _ptr(workspace), _ptr(lse), None), "lse")
         return lse
 
-    def grad_rows(self, zn, lse, row_start, row_end, inv_tau, splits=0):
+    def grad_rows(self, zn, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0):
         m, d = zn.shape
         rows = row_end - row_start
         splits = self._splits(zn, rows, 1, splits)
         g = torch.full((rows, d), float("nan"))
         workspace = torch.full((splits * rows * d,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), m, d, row_start,
+        self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
+                                              row_start,
                                               row_end, ctypes.c_float(inv_tau), _ptr(lse),
-                                              splits, _ptr(workspace), _ptr(g), None), "grad")
+                                              _ptr(row_loss), splits, _ptr(workspace), _ptr(g),
+                                              None), "grad")
         return g
 
-    def norm_backward(self, zn, norm, g, row_start, row_end, grad_out, factor):
+    def norm_backward(self, zn, rs, norm, g, row_start, row_end, grad_out, factor, out):
         m, d = zn.shape
-        dz = torch.full((row_end - row_start, d), float("nan"), dtype=zn.dtype)
+        dz = torch.full((row_end - row_start, d), float("nan"), dtype=out)
         self._check(self.lib.fcl_nt_xent_norm_backward(
-            DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(norm), _ptr(g), m, d, row_start, row_end,
-            _ptr(grad_out), ctypes.c_float(factor), _ptr(dz), None), "norm_backward")
+            DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), _ptr(norm), _ptr(g), m, d, row_start, row_end,
+            _ptr(grad_out), ctypes.c_float(factor), DTYPE_CODES[out], _ptr(dz), None),
+            "norm_backward")
         return dz
 
     def student_t_forward(self, h, centers, alpha):
@@ -222,30 +228,58 @@ def test_nt_xent_matches_reference(emulated, n, d, temperature, dtype):
         torch.testing.assert_close(got.double(), want, rtol=grad_rel, atol=grad_rel * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d,tau", [(50, 40, 0.05), (37, 48, 0.1), (37, 48, 0.2)])
+def test_nt_xent_low_precision_correlated_views(emulated, dtype, n, d, tau):
+    """Correlated views at tau 0.05-0.2 (tests/lowp.py): no more than twice the error of the
+    fp32-accumulating chunked path on the same inputs."""
+    z_a, z_b = correlated_views(n, d, seed=20)
+    grad_err, loss_err = nt_xent_errors(cuda_backend.nt_xent, z_a, z_b, tau, dtype)
+    grad_bound, loss_bound = nt_xent_bounds(z_a, z_b, tau, dtype)
+    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err, grad_bound,
+                                                               loss_bound)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-30])
+def test_nt_xent_extreme_magnitudes(emulated, scale):
+    """Rows whose squared norm overflows or underflows float32 are normalised exactly."""
+    z_a, z_b = (t.float().requires_grad_() for t in correlated_views(9, 24, 22, scale=scale))
+    loss = cuda_backend.nt_xent(z_a, z_b, 0.2)
+    loss.backward()
+    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
+    want = reference.nt_xent(r_a, r_b, 0.2)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for got, ref in ((z_a.grad, r_a.grad), (z_b.grad, r_b.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4,
+                                   atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_ranges_compose(emulated, dtype):
     """lse and gradient rows of a sub-range equal those rows of the full pass (distributed)."""
-    zn, _, _ = emulated.normalize(*_pair(40, 20, dtype))
-    lse = emulated.lse_rows(zn, 0, 80, 2.0)
-    g = emulated.grad_rows(zn, lse, 0, 80, 2.0)
+    zn, rs, _, _ = emulated.normalize(*_pair(40, 20, dtype))
+    lse = emulated.lse_rows(zn, rs, 0, 80, 2.0)
+    g = emulated.grad_rows(zn, rs, lse, lse - 1.0, 0, 80, 2.0)
     for start, end in [(0, 1), (5, 70), (64, 80), (33, 33)]:
-        torch.testing.assert_close(emulated.lse_rows(zn, start, end, 2.0), lse[start:end])
-        torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 2.0), g[start:end])
+        torch.testing.assert_close(emulated.lse_rows(zn, rs, start, end, 2.0), lse[start:end])
+        torch.testing.assert_close(emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 2.0),
+                                   g[start:end])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_column_splits_match_unsplit(emulated, dtype):
     """2N = 200 is 4 column tiles: 2, 3 (-> 2 of 2 tiles) and 4 splits, on full and partial
     row ranges; partial results merge to the unsplit ones up to summation order."""
-    zn, _, _ = emulated.normalize(*_pair(100, 40, dtype))
-    lse = emulated.lse_rows(zn, 0, 200, 3.0, splits=1)
-    g = emulated.grad_rows(zn, lse, 0, 200, 3.0, splits=1)
+    zn, rs, _, _ = emulated.normalize(*_pair(100, 40, dtype))
+    lse = emulated.lse_rows(zn, rs, 0, 200, 3.0, splits=1)
+    g = emulated.grad_rows(zn, rs, lse, lse - 1.0, 0, 200, 3.0, splits=1)
     for splits in (2, 3, 4):
         for start, end in [(0, 200), (70, 75)]:
-            torch.testing.assert_close(emulated.lse_rows(zn, start, end, 3.0, splits),
+            torch.testing.assert_close(emulated.lse_rows(zn, rs, start, end, 3.0, splits),
                                        lse[start:end])
-            torch.testing.assert_close(emulated.grad_rows(zn, lse, start, end, 3.0, splits),
-                                       g[start:end])
+            torch.testing.assert_close(
+                emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 3.0, splits), g[start:end])
 
 
 def test_split_recommendation(lib):

@@ -66,34 +66,43 @@ class _DenseLaunchers:
 
     @staticmethod
     def normalize(z_a, z_b):
+        """zs = z (a valid power-of-two scaling: p = 1), rs = 1 / norm."""
         z = torch.cat([z_a, z_b])
         norm = z.norm(dim=1).clamp_min(reference.NORM_EPS)
         zn = z / norm[:, None]
         n = z_a.shape[0]
-        return zn, norm, (zn[:n] * zn[n:]).sum(1)
+        return z, 1.0 / norm, norm, 1.0 - (zn[:n] * zn[n:]).sum(1)
 
     @staticmethod
-    def lse_rows(zn, row_start, row_end, inv_tau):
+    def _scores(zs, rs, row_start, row_end, inv_tau):
+        """S of the rows, and the (row, column) index of their diagonal and positive."""
+        zn = zs * rs[:, None]
         s = zn[row_start:row_end] @ zn.T * inv_tau
-        s[torch.arange(row_end - row_start), torch.arange(row_start, row_end)] = float("-inf")
+        rows = torch.arange(row_end - row_start)
+        own = torch.arange(row_start, row_end)
+        return s, rows, own, (own + zn.shape[0] // 2) % zn.shape[0]
+
+    @classmethod
+    def lse_rows(cls, zs, rs, row_start, row_end, inv_tau):
+        s, rows, own, pos = cls._scores(zs, rs, row_start, row_end, inv_tau)
+        s[rows, own] = s[rows, pos] = float("-inf")
         return torch.logsumexp(s, dim=1)
 
-    @staticmethod
-    def grad_rows(zn, lse, row_start, row_end, inv_tau):
-        s = zn[row_start:row_end] @ zn.T * inv_tau
+    @classmethod
+    def grad_rows(cls, zs, rs, lse, row_loss, row_start, row_end, inv_tau):
+        s, rows, own, pos = cls._scores(zs, rs, row_start, row_end, inv_tau)
         a = torch.exp(s - lse[row_start:row_end, None]) + torch.exp(s - lse[None, :])
-        a[torch.arange(row_end - row_start), torch.arange(row_start, row_end)] = 0.0
-        return a @ zn
+        a[rows, own] = 0.0
+        a[rows, pos] = torch.expm1(-row_loss[row_start:row_end]) + torch.expm1(-row_loss[pos])
+        return a @ (zs * rs[:, None])
 
     @staticmethod
-    def norm_backward(zn, norm, g, row_start, row_end, grad_out, factor):
-        m = zn.shape[0]
-        pos = (torch.arange(row_start, row_end) + m // 2) % m
-        u = grad_out * factor * (g - 2.0 * zn[pos])
-        rows = zn[row_start:row_end]
+    def norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out):
+        u = grad_out * factor * g
+        rows = (zs * rs[:, None])[row_start:row_end]
         radial = torch.where(norm[:, None] > reference.NORM_EPS,
                              (rows * u).sum(1, keepdim=True), 0.0)
-        return (u - rows * radial) / norm[:, None]
+        return ((u - rows * radial) / norm[:, None]).to(out)
 
     @staticmethod
     def dec_forward(q):
@@ -227,18 +236,19 @@ def test_row_ranges_compose(dtype):
     """The distributed building blocks: row ranges reproduce the full lse and gradient rows."""
     ext = cuda_backend.extension()
     z_a, z_b = _pair(70, 40, dtype, "cuda")
-    zn, norm, _ = ext.normalize(z_a, z_b)
-    m = zn.shape[0]
-    lse = ext.lse_rows(zn, 0, m, 2.0)
-    g = ext.grad_rows(zn, lse, 0, m, 2.0)
+    zs, rs, norm, _ = ext.normalize(z_a, z_b)
+    m = zs.shape[0]
+    lse = ext.lse_rows(zs, rs, 0, m, 2.0)
+    g = ext.grad_rows(zs, rs, lse, lse - 1.0, 0, m, 2.0)
     for start, end in [(0, 1), (5, 70), (70, 140), (33, 33), (101, 140)]:
-        torch.testing.assert_close(ext.lse_rows(zn, start, end, 2.0), lse[start:end])
-        torch.testing.assert_close(ext.grad_rows(zn, lse, start, end, 2.0), g[start:end])
+        torch.testing.assert_close(ext.lse_rows(zs, rs, start, end, 2.0), lse[start:end])
+        torch.testing.assert_close(ext.grad_rows(zs, rs, lse, lse - 1.0, start, end, 2.0),
+                                   g[start:end])
     for splits in (1, 2, 3):  # explicit column splits agree with the automatic choice
-        torch.testing.assert_close(ext.lse_rows(zn, 0, m, 2.0, splits), lse)
-        torch.testing.assert_close(ext.grad_rows(zn, lse, 0, m, 2.0, splits), g)
+        torch.testing.assert_close(ext.lse_rows(zs, rs, 0, m, 2.0, splits), lse)
+        torch.testing.assert_close(ext.grad_rows(zs, rs, lse, lse - 1.0, 0, m, 2.0, splits), g)
     with pytest.raises(RuntimeError, match=r"row range \[3, 141\) is not inside"):
-        ext.lse_rows(zn, 3, 141, 2.0)
+        ext.lse_rows(zs, rs, 3, 141, 2.0)
 
 
 @pytest.mark.gpu

@@ -31,7 +31,7 @@ def _inputs(spec: dict[str, tuple[int, int]], rows: int, seed: int = 0) -> dict[
 
 
 def _blocked(block: int):
-    return (partial(chunked.masked_lse_rows, block=block), partial(chunked.grad_rows, block=block))
+    return (partial(chunked.lse_rows, block=block), partial(chunked.grad_rows, block=block))
 
 
 def _single_cc_module(method):
@@ -268,21 +268,23 @@ def test_chunked_row_primitives_match_dense(start, end):
     s = zn @ zn.T * inv_tau
     s_masked = s.masked_fill(torch.eye(22, dtype=torch.bool), float("-inf"))
     lse = torch.logsumexp(s_masked, 1)
-    torch.testing.assert_close(chunked.masked_lse_rows(zn, start, end, inv_tau, block=4),
-                               lse[start:end])
-    p = torch.exp(s_masked - lse[:, None])
     pos = (torch.arange(22) + 11) % 22
+    row_loss = lse - s[torch.arange(22), pos]
+    got_lse, got_loss = chunked.lse_rows(zn, start, end, inv_tau, block=4)
+    torch.testing.assert_close(got_lse, lse[start:end])
+    torch.testing.assert_close(got_loss, row_loss[start:end])
+    p = torch.exp(s_masked - lse[:, None])
     want = (p + p.T) @ zn - 2 * zn[pos]
-    torch.testing.assert_close(chunked.grad_rows(zn, lse, start, end, inv_tau, block=4),
-                               want[start:end])
+    torch.testing.assert_close(chunked.grad_rows(zn, lse, row_loss, start, end, inv_tau,
+                                                 block=4), want[start:end])
 
 
 def test_row_primitives_reject_bad_ranges():
     zn = torch.randn(6, 3)
     with pytest.raises(ValueError, match="non-empty range"):
-        chunked.masked_lse_rows(zn, 4, 7, 2.0)
+        chunked.lse_rows(zn, 4, 7, 2.0)
     with pytest.raises(ValueError, match="one value per row"):
-        chunked.grad_rows(zn, torch.zeros(5), 0, 3, 2.0)
+        chunked.grad_rows(zn, torch.zeros(5), torch.zeros(6), 0, 3, 2.0)
 
 
 def test_ddp_steps_match_single_process(rank_results):
@@ -417,7 +419,9 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
         got, reference = model(run), model(ref_run)
         assert got.keys() == reference.keys()  # unwrapped: no DDP "module." prefix
         for name, value in reference.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5,
+            # fp32 sums in another order on two ranks, amplified by six Adam steps (one weight
+            # of 512 lands 3e-5 off); the weights move by > 1e-3 (checked below).
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=5e-5,
                                        msg=lambda m: f"{run} {name}: {m}")
     reference = model("single")
     # only rank 0 logs, and it logs the global batch's loss
@@ -448,7 +452,7 @@ def test_gathered_function_with_the_cuda_kernels_emulated(emulated):
     from fastcluster_cl import cuda_backend
     x = {k: v.float().requires_grad_() for k, v in
          _inputs({"za": (D, 0), "zb": (D, 0)}, 37, seed=3).items()}
-    got = gathered.nt_xent_rows(x["za"], x["zb"], 0.3, cuda_backend.masked_lse_rows,
+    got = gathered.nt_xent_rows(x["za"], x["zb"], 0.3, cuda_backend.lse_rows,
                                 cuda_backend.grad_rows)
     want = reference.nt_xent(x["za"].double(), x["zb"].double(), 0.3)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

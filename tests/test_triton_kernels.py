@@ -9,10 +9,11 @@ import torch
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
-from fastcluster_cl.kernels.nt_xent import (grad_rows, masked_lse_rows, symmetric_grad,
+from fastcluster_cl.kernels.nt_xent import (grad_rows, lse_rows, symmetric_grad,
                                             symmetric_masked_lse)
-from fastcluster_cl.losses import dispatch, reference
+from fastcluster_cl.losses import chunked, dispatch, reference
 from fastcluster_cl.modules import ClusterContrastiveLoss
+from lowp import correlated_views, nt_xent_bounds, nt_xent_errors
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,6 +71,43 @@ def test_nt_xent_half_precision(dtype, tau):
             (randn(37, 48, seed=3), randn(37, 48, seed=4)), dtype, loosen=max(1.0, 0.1 / tau))
 
 
+def triton_nt_xent(a, b, tau):
+    return fc.nt_xent(a, b, tau, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,tau", [(50, 40, 0.05), (37, 48, 0.1), (64, 128, 0.1),
+                                     (37, 48, 0.2)])
+def test_nt_xent_low_precision_correlated_views(dtype, n, d, tau):
+    """Correlated views at tau 0.05-0.2 (tests/lowp.py): the kernels' rounded tile weights
+    must not cost more than twice the fp32-accumulating chunked path's error (the bf16 weights
+    of the previous kernels gave 600-1900% gradient errors here)."""
+    z_a, z_b = correlated_views(n, d, seed=20)
+    grad_err, loss_err = nt_xent_errors(triton_nt_xent, z_a, z_b, tau, dtype)
+    grad_bound, loss_bound = nt_xent_bounds(z_a, z_b, tau, dtype)
+    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err, grad_bound,
+                                                               loss_bound)
+
+
+def test_nt_xent_fp16_weights_stay_normal_at_large_norms():
+    """Tile weights ~ 1/(2N ||z||) were fp16 subnormals for large batches and norms (72% flushed
+    at 2N = 65536, ||z|| ~ 1100); smaller here: 2N = 512, ||z|| ~ 3e4 (fp16 holds < 65504)."""
+    z_a, z_b = correlated_views(256, 32, seed=21, scale=5e3)
+    grad_err, _ = nt_xent_errors(triton_nt_xent, z_a, z_b, 0.5, torch.float16)
+    assert grad_err <= nt_xent_bounds(z_a, z_b, 0.5, torch.float16)[0]
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-30])
+def test_nt_xent_extreme_magnitudes_match_on_every_backend(scale):
+    """Rows whose squared norm overflows (or underflows) float32 are normalised exactly by
+    every backend: the loss and gradient equal the float64 reference on the same values."""
+    z_a, z_b = correlated_views(9, 24, seed=22, scale=scale)
+    for backend in ("torch", "chunked", "triton"):
+        compare(lambda a, b: fc.nt_xent(a, b, 0.2, backend=backend),
+                lambda a, b: reference.nt_xent(a, b, 0.2), (z_a, z_b), torch.float32,
+                loosen=2.0)
+
+
 def test_nt_xent_gradcheck():
     z = [randn(3, 4, seed=5).requires_grad_(), randn(3, 4, seed=6).requires_grad_()]
     assert torch.autograd.gradcheck(lambda a, b: kernels.nt_xent(a, b, 0.3), z)
@@ -94,33 +132,33 @@ def test_row_range_primitives():
     s = zn @ zn.T * inv_tau
     s_masked = s.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
     lse = torch.logsumexp(s_masked, dim=1)
-    torch.testing.assert_close(masked_lse_rows(zn, 5, 50, inv_tau), lse[5:50], rtol=1e-12,
-                               atol=1e-12)
-    p = torch.exp(s_masked - lse[:, None])
     pos = torch.arange(n2).roll(n2 // 2)
+    row_loss = lse - s[torch.arange(n2), pos]
+    got_lse, got_loss = lse_rows(z, 5, 50, inv_tau)
+    torch.testing.assert_close(got_lse, lse[5:50], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_loss, row_loss[5:50], rtol=1e-12, atol=1e-12)
+    p = torch.exp(s_masked - lse[:, None])
     want = (p + p.T) @ zn - 2 * zn[pos]
-    torch.testing.assert_close(grad_rows(zn, lse, 40, n2, inv_tau), want[40:], rtol=1e-12,
-                               atol=1e-12)
+    torch.testing.assert_close(grad_rows(z, lse, row_loss, 40, n2, inv_tau), want[40:],
+                               rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="row_end"):
-        masked_lse_rows(zn, 10, 80, inv_tau)
+        lse_rows(z, 10, 80, inv_tau)
 
 
 def test_symmetric_variant_matches_row_parallel(monkeypatch):
     z = randn(70, 24, seed=11)
-    torch.testing.assert_close(symmetric_masked_lse(z, 2.0),
-                               masked_lse_rows(z / z.norm(dim=1, keepdim=True), 0, 70, 2.0),
-                               rtol=1e-12, atol=1e-12)
+    lse, row_loss = lse_rows(z, 0, 70, 2.0)
+    torch.testing.assert_close(symmetric_masked_lse(z, 2.0), lse, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="fixed shift"):
         symmetric_masked_lse(z, 1000.0)
-    zn = z / z.norm(dim=1, keepdim=True)
-    lse = masked_lse_rows(zn, 0, 70, 2.0)
-    torch.testing.assert_close(symmetric_grad(z, lse, 2.0), grad_rows(zn, lse, 0, 70, 2.0),
+    torch.testing.assert_close(symmetric_grad(z, lse, row_loss, 2.0),
+                               grad_rows(z, lse, row_loss, 0, 70, 2.0),
                                rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC", True)
     compare(lambda a, b: fc.nt_xent(a, b, 0.5, backend="triton"),
             lambda a, b: reference.nt_xent(a, b, 0.5), (randn(35, 24, seed=12),
                                                         randn(35, 24, seed=13)), F64)
-    # tau = 0.01: the forward needs the online max (row-parallel), the backward stays symmetric.
+    # tau = 0.01: the forward needs the online max (row-parallel), and so does its backward.
     compare(lambda a, b: fc.nt_xent(a, b, 0.01, backend="triton"),
             lambda a, b: reference.nt_xent(a, b, 0.01), (randn(35, 24, seed=14),
                                                          randn(35, 24, seed=15)),

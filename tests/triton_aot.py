@@ -44,22 +44,25 @@ def compile_kernel(fn, pointers, constexprs, num_warps=4):
 def variants():
     nt, cc, st, kl = (module(m) for m in ("nt_xent", "cc_cluster", "student_t", "kl"))
     common = dict(ACC=F32, UPCAST=False)
-    for ty, prec in (("bf16", "ieee"), ("fp32", "tf32")):
-        z = {"Z": ty, "NORMS": "fp32", "LSE": "fp32", "ROW_LOSS": "fp32", "INV_TAU": "fp32"}
+    # bf16 and fp16 inputs both run on the fp16 copy Zs (kernels/nt_xent.py's prologue).
+    for ty, prec in (("fp16", "ieee"), ("fp32", "tf32")):
+        z = {"Z": ty, "RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "LSE": "fp32", "ROW_LOSS": "fp32",
+             "INV_TAU": "fp32", "DZ": "bf16", "GRAD_OUT": "fp32", "G": "fp32",
+             "ROW_SUM": "fp32", "COL_SUM": "fp32"}
         for fixed in (True, False):
             yield (f"nt_xent fwd {ty} fixed_shift={fixed}", nt._lse_fwd_kernel, z,
-                   dict(NORMALIZE=True, FIXED_SHIFT=fixed, WITH_POS=True, PREC=prec,
-                        BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **common), 4)
-        yield (f"nt_xent bwd {ty}", nt._grad_kernel, {**z, "DZ": ty, "GRAD_OUT": "fp32"},
-               dict(NORMALIZE=True, EPILOGUE=True, PREC=prec, BLOCK_M=64, BLOCK_N=64,
+                   dict(FIXED_SHIFT=fixed, PREC=prec, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+                        **common), 4)
+        yield (f"nt_xent bwd {ty}", nt._grad_kernel, z,
+               dict(EPILOGUE=True, FIXED_SHIFT=True, PREC=prec, BLOCK_M=64, BLOCK_N=64,
                     BLOCK_D=128, **common), nt._BWD_WARPS)
-    yield ("nt_xent symmetric fwd bf16", nt._symmetric_fwd_kernel,
-           {"Z": "bf16", "NORMS": "fp32", "ROW_SUM": "fp32", "COL_SUM": "fp32",
-            "INV_TAU": "fp32"},
-           dict(NORMALIZE=True, PREC="ieee", BLOCK=64, BLOCK_D=128, **common), 4)
-    yield ("nt_xent symmetric bwd bf16", nt._symmetric_grad_kernel,
-           {"Z": "bf16", "NORMS": "fp32", "LSE": "fp32", "G": "fp32", "INV_TAU": "fp32"},
-           dict(NORMALIZE=True, PREC="ieee", BLOCK=64, BLOCK_D=128, **common), nt._BWD_WARPS)
+    yield ("nt_xent scale_rows bf16", nt._scale_rows_kernel,
+           {"Z": "bf16", "ZS": "fp16", "RS": "fp32", "NORMS": "fp32", "DIST": "fp32"},
+           dict(TINY=1.1754943508222875e-38, ACC=F32, BLOCK_R=32, BLOCK_D=128), 4)
+    yield ("nt_xent symmetric fwd fp16", nt._symmetric_fwd_kernel, z,
+           dict(PREC="ieee", BLOCK=64, BLOCK_D=128, **common), 4)
+    yield ("nt_xent symmetric bwd fp16", nt._symmetric_grad_kernel, z,
+           dict(PREC="ieee", BLOCK=64, BLOCK_D=128, **common), nt._BWD_WARPS)
     logits = {"LA": "bf16", "LB": "bf16", "GRAM": "fp32", "COLSUM": "fp32"}
     yield ("cc stats bf16", cc._stats_kernel, logits,
            dict(ACC=F32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4)

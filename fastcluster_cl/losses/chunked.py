@@ -19,11 +19,10 @@ import torch
 
 from . import reference
 from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, dec_loss,  # noqa: F401
+                        fixed_shift_safe, l2_normalize, l2_normalize_backward,
                         outside_autocast, student_t)
 
 DEFAULT_BLOCK = 1024
-# Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number.
-_SHIFT_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def _tiles(rows: int, block: int) -> Iterator[tuple[slice, slice, bool]]:
@@ -41,7 +40,7 @@ def _tile(zn: torch.Tensor, rows: slice, cols: slice, inv_tau: float) -> torch.T
 
 def _row_shift(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor | None:
     """None when the uniform shift 1/tau is safe, else each row's max over k != i."""
-    if 2.0 * inv_tau <= _SHIFT_RANGE[zn.dtype]:
+    if fixed_shift_safe(inv_tau, zn.dtype):
         return None
     m = torch.full((zn.shape[0],), float("-inf"), dtype=zn.dtype, device=zn.device)
     for rows, cols, diagonal in _tiles(zn.shape[0], block):
@@ -76,23 +75,11 @@ def _positive_index(n: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(n, 2 * n, device=device), torch.arange(n, device=device)])
 
 
-def l2_normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z / max(||z||, eps), the clamped norm (rows, 1)), as F.normalize; the norm is kept for
-    `l2_normalize_backward`."""
-    norm = z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    return z / norm, norm
-
-
-def l2_normalize_backward(zn: torch.Tensor, norm: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """dL/dz from dL/dzn = g: project out the radial part where ||z|| > eps, divide by the norm."""
-    radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
-    return (g - zn * radial) / norm
-
-
-# Row-range primitives over the full normalised Z (2N x D), shared with the Triton and CUDA
-# backends: the distributed NT-Xent (`fastcluster_cl.losses.gathered`) calls them on a rank's
-# local rows against the all-gathered Z. Rectangular tiles (rows of the range x all columns);
-# the single-process path above keeps its symmetric upper-triangle tiles.
+# Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
+# shared with the Triton and CUDA backends: the distributed NT-Xent
+# (`fastcluster_cl.losses.gathered`) calls them on a rank's local rows against the all-gathered
+# Z. Rectangular tiles (rows of the range x all columns); the single-process path above keeps
+# its symmetric upper-triangle tiles.
 
 def _range_tiles(row_start: int, row_end: int, cols: int, block: int):
     """(row block, column block, offset of the global diagonal inside the tile)."""
@@ -101,22 +88,26 @@ def _range_tiles(row_start: int, row_end: int, cols: int, block: int):
         yield rows, [(slice(c0, min(c0 + block, cols)), r0 - c0) for c0 in range(0, cols, block)]
 
 
-def _check_range(zn: torch.Tensor, row_start: int, row_end: int, block: int) -> None:
-    if not 0 <= row_start < row_end <= zn.shape[0] or zn.shape[0] % 2:
+def _normalized_range(z: torch.Tensor, row_start: int, row_end: int,
+                      block: int) -> torch.Tensor:
+    """Check the row range and return the normalised Z in the accumulation dtype."""
+    if not 0 <= row_start < row_end <= z.shape[0] or z.shape[0] % 2:
         raise ValueError(f"rows [{row_start}, {row_end}) must be a non-empty range in the "
-                         f"{zn.shape[0]} rows of Z = [z_a; z_b] (an even count)")
+                         f"{z.shape[0]} rows of Z = [z_a; z_b] (an even count)")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    return l2_normalize(z)[0]
 
 
-def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
-                    block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """lse_i = log sum_{k != i} exp(zn_i . zn_k * inv_tau) for rows i in [row_start, row_end).
+def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
+             block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse_i, lse_i - S_i,pos(i)) for rows i in [row_start, row_end), lse_i = log sum_{k != i}
+    exp(zn_i . zn_k * inv_tau), zn the row-normalised z.
 
     Shifted by the fixed bound 1/tau when exp(-2/tau) cannot underflow, else combined per
     column block with logsumexp / logaddexp (exact, one exp per entry plus the row max)."""
-    _check_range(zn, row_start, row_end, block)
-    fixed_shift = 2.0 * inv_tau <= _SHIFT_RANGE[zn.dtype]
+    zn = _normalized_range(z, row_start, row_end, block)
+    fixed_shift = fixed_shift_safe(inv_tau, zn.dtype)
     out = []
     for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
         count = rows.stop - rows.start
@@ -130,15 +121,24 @@ def masked_lse_rows(zn: torch.Tensor, row_start: int, row_end: int, inv_tau: flo
             else:
                 acc = torch.logaddexp(acc, torch.logsumexp(s, 1))
         out.append(torch.log(acc) + inv_tau if fixed_shift else acc)
-    return torch.cat(out)
+    lse = torch.cat(out)
+    pos = _positive_of(row_start, row_end, zn)
+    return lse, lse - (zn[row_start:row_end] * zn[pos]).sum(1) * inv_tau
 
 
-def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
-              inv_tau: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+def _positive_of(row_start: int, row_end: int, zn: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
+
+
+def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
+              row_end: int, inv_tau: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows i in [row_start, row_end), with
     P_ij = exp(S_ij - lse_i), P_ii = 0 and `lse` the masked lse of all 2N rows: dL/dzn_i of the
-    mean NT-Xent over the 2N rows, times 2N * tau."""
-    _check_range(zn, row_start, row_end, block)
+    mean NT-Xent over the 2N rows, times 2N * tau (zn the row-normalised z). `row_loss` is part
+    of the primitive's contract for the kernels, which round the tile weights and so take the
+    positive's weight from it; in fp32 tiles subtracting 2 zn_pos is as exact."""
+    del row_loss
+    zn = _normalized_range(z, row_start, row_end, block)
     if lse.shape != zn.shape[:1]:
         raise ValueError(f"lse must hold one value per row of Z ({zn.shape[0]}), got "
                          f"{tuple(lse.shape)}")
@@ -151,15 +151,14 @@ def grad_rows(zn: torch.Tensor, lse: torch.Tensor, row_start: int, row_end: int,
             a.diagonal(offset).fill_(0.0)
             g += a @ zn[cols]
         out.append(g)
-    pos = (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
-    return torch.cat(out) - 2.0 * zn[pos]
+    return torch.cat(out) - 2.0 * zn[_positive_of(row_start, row_end, zn)]
 
 
 class _ChunkedNTXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, block):
         n = z_a.shape[0]
-        zn, norm = l2_normalize(torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype)))
+        zn, norm = l2_normalize(torch.cat([z_a, z_b]))
         inv_tau = 1.0 / temperature
         lse = _masked_lse(zn, inv_tau, block)
         pos = _positive_index(n, zn.device)

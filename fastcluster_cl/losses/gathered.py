@@ -5,11 +5,12 @@ mean over ranks equals the single-process loss on the concatenated batch, and it
 its local inputs is world_size times the single-process gradient for those rows. DDP averages
 parameter gradients over ranks, which then gives exactly the single-process gradient.
 
-- NT-Xent (backends chunked / triton / cuda): a rank all-gathers Z (not differentiably), computes
-  the masked lse of its own rows against all of Z with the backend's `masked_lse_rows`,
-  all-gathers the per-row lse and returns the mean over its rows. The backward is analytic
-  (DESIGN.md): the backend's `grad_rows` over the local rows needs only the gathered Z and lse,
-  so no B x D gradient is ever reduced across ranks.
+- NT-Xent (backends chunked / triton / cuda): a rank all-gathers Z in its input dtype (not
+  differentiably), computes the masked lse and the loss of its own rows against all of Z with
+  the backend's `lse_rows`, all-gathers those per-row values and returns the mean loss over its
+  rows. The backward is analytic (DESIGN.md): the backend's `grad_rows` over the local rows
+  needs only the gathered Z and per-row values, so no B x D gradient is ever reduced across
+  ranks.
 - NT-Xent (backend torch): the independent cross-check, lightly's formulation: a differentiable
   all-gather (its backward sums every rank's gradient for the gathered rows) and the plain
   reference on the local rows.
@@ -23,15 +24,14 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed as D
-from .chunked import l2_normalize, l2_normalize_backward
 from .dispatch import implementation, resolve
-from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows, outside_autocast
+from .reference import (NORM_EPS, accumulation_dtype, dec_target, kl_rows, l2_normalize,
+                        l2_normalize_backward, outside_autocast)
 
-RowLSE = Callable[[torch.Tensor, int, int, float], torch.Tensor]
-RowGrad = Callable[[torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
+RowLSE = Callable[[torch.Tensor, int, int, float], tuple[torch.Tensor, torch.Tensor]]
+RowGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
 
 
 def local_row_ranges(n: int, rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -48,36 +48,35 @@ class _GatheredNTXent(torch.autograd.Function):
     def forward(ctx, z_a, z_b, temperature, lse_rows: RowLSE, grad_rows: RowGrad):
         n, inv_tau = z_a.shape[0], 1.0 / temperature
         ranges = local_row_ranges(n, D.rank(), D.world_size())
-        # Gather in the input dtype (half the traffic for bf16), normalise in the accumulation one.
-        zn, norm = l2_normalize(D.gather_views(torch.cat([z_a, z_b])).to(
-            accumulation_dtype(z_a.dtype)))
-        lse_local = torch.cat([lse_rows(zn, start, end, inv_tau) for start, end in ranges])
-        lse = D.gather_views(lse_local)
-        (a0, a1), (b0, b1) = ranges
-        positive = (zn[a0:a1] * zn[b0:b1]).sum(1) * inv_tau                  # S_{i,pos(i)}
-        ctx.save_for_backward(zn, norm, lse)
-        ctx.ranges, ctx.inv_tau, ctx.grad_rows, ctx.input_dtype = ranges, inv_tau, grad_rows, \
-            z_a.dtype
-        return (lse_local - positive.repeat(2)).mean()
+        # Gathered in the input dtype (half the traffic for bf16); the primitives normalise on
+        # the fly and accumulate in fp32.
+        z = D.gather_views(torch.cat([z_a, z_b]))
+        local = [lse_rows(z, start, end, inv_tau) for start, end in ranges]
+        lse_local = torch.cat([lse for lse, _ in local])
+        loss_local = torch.cat([loss for _, loss in local])
+        both = D.gather_views(torch.stack([lse_local, loss_local], 1))
+        ctx.save_for_backward(z, both[:, 0].contiguous(), both[:, 1].contiguous())
+        ctx.ranges, ctx.inv_tau, ctx.grad_rows = ranges, inv_tau, grad_rows
+        return loss_local.mean()
 
     @staticmethod
     @outside_autocast
     def backward(ctx, grad_out):
-        zn, norm, lse = ctx.saved_tensors
-        (a0, a1), (b0, b1) = ctx.ranges
-        g = torch.cat([ctx.grad_rows(zn, lse, a0, a1, ctx.inv_tau),
-                       ctx.grad_rows(zn, lse, b0, b1, ctx.inv_tau)])
+        z, lse, row_loss = ctx.saved_tensors
+        g = torch.cat([ctx.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau)
+                       for start, end in ctx.ranges])
         # World-size times the global dL/dzn (1/(tau * 2N_global)) = 1/(tau * 2n_local).
         g *= grad_out * ctx.inv_tau / g.shape[0]
-        rows = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)]).to(zn.device)
-        dz = l2_normalize_backward(zn[rows], norm[rows], g).to(ctx.input_dtype)
-        n = a1 - a0
+        rows = torch.cat([torch.arange(start, end, device=z.device) for start, end in ctx.ranges])
+        zn, norm = l2_normalize(z[rows])
+        dz = l2_normalize_backward(zn, norm, g).to(z.dtype)
+        n = zn.shape[0] // 2
         return dz[:n], dz[n:], None, None, None
 
 
 def nt_xent_rows(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
                  lse_rows: RowLSE, grad_rows: RowGrad) -> torch.Tensor:
-    """Gathered NT-Xent with explicit row-range primitives (the backends' `masked_lse_rows` and
+    """Gathered NT-Xent with explicit row-range primitives (the backends' `lse_rows` and
     `grad_rows`, possibly with a block size bound)."""
     D.check_equal_rows("z_a", z_a.shape[0], z_a.device)
     return _GatheredNTXent.apply(z_a.contiguous(), z_b.contiguous(), temperature, lse_rows,
@@ -90,7 +89,7 @@ def _nt_xent_autograd(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
     acc = accumulation_dtype(z_a.dtype)
     n, total = z_a.shape[0], z_a.shape[0] * D.world_size()
     z = torch.cat([D.gather_rows_with_grad(z_a.to(acc)), D.gather_rows_with_grad(z_b.to(acc))])
-    z = F.normalize(z, dim=1, eps=NORM_EPS)
+    z = l2_normalize(z)[0]
     rows = torch.cat([torch.arange(start, end) for start, end in
                       local_row_ranges(n, D.rank(), D.world_size())]).to(z.device)
     s = z[rows] @ z.T / temperature                                  # (2n, 2N_global)
@@ -107,7 +106,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
     if backend == "torch":
         return _nt_xent_autograd(z_a, z_b, temperature)
     return nt_xent_rows(z_a, z_b, temperature,
-                        implementation("masked_lse_rows", backend, z_a.device),
+                        implementation("lse_rows", backend, z_a.device),
                         implementation("grad_rows", backend, z_a.device))
 
 

@@ -10,13 +10,44 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 NORM_EPS = 1e-12  # as F.normalize: z / max(||z||, eps)
+# Largest 2/tau for which exp(S - 1/tau) >= exp(-2/tau) stays a normal number, by accumulation
+# dtype: below that temperature the NT-Xent backends shift each row by its own max instead.
+_FIXED_SHIFT_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fixed_shift_safe(inv_tau: float, dtype: torch.dtype) -> bool:
+    """Whether the fixed shift 1/tau (an exact bound of |S|) keeps every exp(S_ik - 1/tau) a
+    normal number in the accumulation dtype `dtype`."""
+    return 2.0 * inv_tau <= _FIXED_SHIFT_RANGE[accumulation_dtype(dtype)]
+
+
+def row_norms(z: torch.Tensor) -> torch.Tensor:
+    """max(||z_i||, eps) per row, shape (rows, 1), in the accumulation dtype. Summed in float64
+    for float32/bfloat16 inputs, so that rows with |z| up to ~1e150 (whose squares overflow
+    float32) get their true norm: every backend normalises such extreme but finite rows exactly
+    (F.normalize would return zeros)."""
+    wide = torch.float32 if z.dtype == torch.float16 else torch.float64
+    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True, dtype=wide)
+    return norm.clamp_min(NORM_EPS).to(accumulation_dtype(z.dtype))
+
+
+def l2_normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z / max(||z||, eps), the clamped norm (rows, 1)) in the accumulation dtype; the norm is
+    kept for the normalisation's backward."""
+    norm = row_norms(z)
+    return z.to(norm.dtype) / norm, norm
+
+
+def l2_normalize_backward(zn: torch.Tensor, norm: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dL/dz from dL/dzn = g: project out the radial part where ||z|| > eps, divide by the norm."""
+    radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
+    return (g - zn * radial) / norm
 
 
 def outside_autocast(fn):
@@ -46,8 +77,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     S = Z Z^T / tau after row L2 normalisation; pos(i) = i + N for i < N, else i - N.
     """
     n = z_a.shape[0]
-    z = torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype))
-    z = F.normalize(z, dim=1, eps=NORM_EPS)
+    z = l2_normalize(torch.cat([z_a, z_b]))[0]
     s = z @ z.T / temperature                                     # (2N, 2N)
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
