@@ -51,18 +51,82 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class CheckpointWriteError(CheckpointError):
+    """The checkpoint could not be written (disk full, read-only, ...); the previous one, if
+    any, is intact."""
+
+
+class _RecordingWriter:
+    """The file object torch.save writes to, remembering the first OSError of a write: torch's
+    zip writer turns it into "[enforce fail at inline_container.cc] unexpected pos ..." and
+    drops the errno, which this keeps."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+_ZIP_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos",
+                        "file write failed")
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write `state` (plus format version and RNG states) to `path`."""
+    """Atomically write `state` (plus format version and RNG states) to `path`.
+
+    Raises CheckpointWriteError with one line ("no space left on device while writing <path>"
+    on a full disk) when the write fails; the temporary file is removed and the previous
+    checkpoint at `path` is left as it was."""
+    from .rundir import describe_os_error
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointWriteError(describe_os_error(err, path)) from err
     payload = {"format_version": FORMAT_VERSION, "rng": rng_state(), **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            torch.save(payload, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(describe_os_error(err, path)) from err
+    except RuntimeError as err:
+        recorded = writer.error if writer is not None else None
+        zip_failure = any(k in str(err) for k in _ZIP_WRITER_FAILURES)
+        free = _free_bytes(path.parent) if zip_failure and recorded is None else None
+        Path(tmp).unlink(missing_ok=True)
+        if recorded is not None:
+            raise CheckpointWriteError(describe_os_error(recorded, path)) from err
+        if zip_failure:
+            if free is not None and free < (1 << 20):
+                raise CheckpointWriteError(f"no space left on device while writing {path}"
+                                           ) from err
+            raise CheckpointWriteError(f"cannot write {path}: torch's writer failed "
+                                       f"({str(err).splitlines()[0]})") from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -75,6 +139,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
+        if (path.parent / "log.jsonl").is_file():
+            raise CheckpointError(f"no checkpoint at {path}: the run in {path.parent} stopped "
+                                  "before its first checkpoint; start it again with --out "
+                                  f"{path.parent}")
         raise CheckpointError(f"no checkpoint at {path}")
     return path
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -29,8 +30,10 @@ from ..models import RESNETS, build_model, method_loss_inputs
 from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
 from ..validation import value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
-from .logging import RunLogger, last_per_step, read_log
+from .logging import RunLogger, last_per_step, read_log, write_text
 from .optim import build_optimizer, optimizer_description
+from .rundir import (RunDirLock, discard_unstarted_run, remove_run_files,
+                     remove_temporary_checkpoints)
 from .schedule import warmup_cosine
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -99,10 +102,29 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {unknown}")
         return cls(**values)
 
+    def _check_types(self) -> None:
+        """Each setting of its declared type (a checkpoint or a dict may hold anything), every
+        float finite."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                 "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value, annotation = getattr(self, f.name), str(f.type)
+            if value is None and "None" in annotation:
+                continue
+            base = annotation.split("|")[0].strip().split("[")[0]
+            ok = isinstance(value, kinds[base]) and (base == "bool"
+                                                     or not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{f.name} must be {annotation.replace('|', 'or')}, got "
+                                 f"{value!r} ({type(value).__name__})")
+            if base == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+
     def check(self) -> None:
         """Raise ValueError on settings that cannot work, before any data is loaded."""
         from ..models import BACKBONES, METHOD_HEADS
         from .optim import OPTIMIZERS
+        self._check_types()
         if self.method not in METHOD_HEADS:
             raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
@@ -204,12 +226,34 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset=None, runtime: Runtime | None = None,
                  resume_from: str | Path | None = None):
-        from ..data import make_train_loader
         config.check()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.runtime = runtime or Runtime.create(config.device)
+        self.out = Path(config.out) if config.out else default_out_dir()
+        self.fresh = resume_from is None
+        self.lock = None
+        self.logger = RunLogger(self.out, enabled=False)
+        if self.runtime.is_main_process:   # one writer per run directory, for the whole run
+            self.lock = RunDirLock(self.out).acquire()
+        try:
+            self._init(config, dataset, resume_from)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _init(self, config: TrainConfig, dataset, resume_from) -> None:
+        from ..data import make_train_loader
         self.resume_state = None
+        main = self.runtime.is_main_process
+        if main:
+            remove_temporary_checkpoints(self.out)   # left by a write killed mid-way
+            if self.fresh and (self.out / "checkpoint.pt").exists():
+                raise ValueError(f"{self.out} already holds a run; resume it with --resume "
+                                 f"{self.out} or choose another --out")
+            if self.fresh and (self.out / "log.jsonl").exists():
+                # a start that stopped before its first checkpoint: nothing to resume
+                remove_run_files(self.out)
         if resume_from is not None:
             self.resume_state = load_checkpoint(resume_from)
         # Per-rank streams (e.g. TCC's Gumbel noise); DDP broadcasts rank 0's initial weights.
@@ -217,11 +261,7 @@ class Trainer:
         config = self._setup_model(config, dataset)
         if self.resume_state is not None:
             check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
-        self.out = Path(config.out) if config.out else default_out_dir()
         config.out = str(self.out)
-        if resume_from is None and (self.out / "log.jsonl").exists():
-            raise ValueError(f"{self.out} already holds a run; resume it with --resume "
-                             f"{self.out} or choose another --out")
         dev = self.runtime.device
         self.train_loader = make_train_loader(
             self.dataset, distributed.local_batch_size(config.batch_size,
@@ -254,10 +294,26 @@ class Trainer:
         self.train_seconds, self.images_seen = 0.0, 0
         if self.resume_state is not None:
             self._load_state(self.resume_state)
-        main = self.runtime.is_main_process
         self.logger = RunLogger(self.out, enabled=main)
         if main:
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
+
+    def _abandon(self) -> None:
+        """After a failure: a fresh start that wrote no checkpoint leaves nothing behind (no
+        dead end: the directory is empty or gone); otherwise the run stays resumable. The lock
+        is released either way."""
+        self.logger.close()
+        if self.lock is None:
+            return
+        if self.fresh and not (self.out / "checkpoint.pt").exists():
+            discard_unstarted_run(self.lock)
+        self.lock.release()
+
+    def close(self) -> None:
+        """Release the run directory (fit() does this when it ends)."""
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _setup_model(self, config: TrainConfig, dataset) -> TrainConfig:
         """Load the dataset, resolve the config from it, build the eval loader and the model.
@@ -431,7 +487,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train to config.epochs (from the resumed position), evaluate, write outputs."""
+        """Train to config.epochs (from the resumed position), evaluate, write outputs. On
+        failure, a fresh run without a checkpoint leaves its directory empty (see `_abandon`);
+        the run directory's lock is released when fit returns or raises."""
+        try:
+            metrics = self._fit()
+        except BaseException:
+            self._abandon()
+            raise
+        self.close()
+        return metrics
+
+    def _fit(self) -> dict[str, Any]:
         c, main = self.config, self.runtime.is_main_process
         wall_start = time.perf_counter()
         self.logger.log("start", resumed=self.resume_state is not None, epoch=self.epoch,
@@ -493,7 +560,7 @@ class Trainer:
                        num_clusters=c.num_clusters, backbone=c.backbone)
         if main:
             self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
             if c.plots:
                 self.write_plots(feats, pred, labels)
         self.logger.log("end", **_flat(metrics))
