@@ -66,6 +66,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S)
     p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
                    help="max gradient norm (0: off)")
+    p.add_argument("--skip-nonfinite-steps", dest="skip_nonfinite_steps", type=NONNEG_INT,
+                   default=S, help="skip (no update) up to N steps whose loss or gradient is "
+                   "NaN/inf, each logged in log.jsonl, before stopping (default 0: stop at the "
+                   "first)")
     p.add_argument("--centre-warmup-epochs", dest="centre_warmup_epochs", type=NONNEG_INT,
                    default=S, help="anchor: train the instance loss alone for this many epochs, "
                    "then initialise the centres by k-means (default: epochs // 8)")
