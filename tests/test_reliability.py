@@ -248,3 +248,37 @@ def test_checkpoint_config_of_the_wrong_type_is_one_line(tmp_path, capsys, finis
         err = one_line_error(capsys, argv)
         assert f"checkpoint {out / 'checkpoint.pt'} holds settings" in err
         assert "lr must be float, got 'fast' (str)" in err
+
+
+@pytest.mark.parametrize("where", ["tensor", "optimizer", "position"])
+def test_flipped_bit_in_a_checkpoint_is_refused(tmp_path, capsys, where):
+    weight = torch.linspace(-1, 1, 4096)
+    state = {"config": {"lr": 0.001}, "model": {"w": weight},
+             "optimizer": {"state": {0: {"exp_avg": torch.full((512,), 0.25)}}},
+             "position": {"epoch": 3, "batch": 0, "step": 7777777}}
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weight)
+    data = bytearray(path.read_bytes())
+    needle = {"tensor": weight.numpy().tobytes()[4000:4016],
+              "optimizer": torch.full((4,), 0.25).numpy().tobytes(),
+              "position": (7777777).to_bytes(4, "little")}[where]
+    at = data.find(needle)
+    assert at > 0
+    data[at + 2] ^= 0x10                    # one bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
+    err = one_line_error(capsys, ["eval", str(path)])
+    assert f"checkpoint {path} fails its checksum" in err
+
+
+def test_checkpoint_without_checksum_is_refused_old_format_still_loads(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"config": {}, "model": {}, "position": {}})
+    state = torch.load(path, weights_only=True)
+    del state["checksum"]
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match="has no checksum"):
+        load_checkpoint(path)
+    state["format_version"] = 1     # written before checksums existed
+    torch.save(state, path)
+    assert load_checkpoint(path)["format_version"] == 1

@@ -5,10 +5,13 @@ optimizer / scheduler / grad-scaler state dicts, every RNG state (python, numpy,
 CUDA), and the position (epoch, batch within the epoch, global step). It is written to a
 temporary file in the same directory, flushed to disk and renamed over the target, so a crash
 mid-write leaves the previous checkpoint intact. Loading uses ``weights_only=True`` (no
-arbitrary code from the file).
+arbitrary code from the file). Format 2 stores a SHA-256 of the payload (every tensor's dtype,
+shape and bytes, and every other value) under "checksum", verified on load, so a flipped bit in
+the tensor data is refused instead of loading silently; format 1 files (no checksum) still load.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -18,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)   # 1: before checksums
 
 
 class CheckpointError(RuntimeError):
@@ -88,6 +92,34 @@ def _free_bytes(directory: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def payload_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over a checkpoint's contents, "checksum" excluded: each tensor's key path, dtype,
+    shape and raw bytes, and the repr of every other value, in the dict's order (kept by
+    torch.save / torch.load)."""
+    h = hashlib.sha256()
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            if t.numel():
+                t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+                h.update(t.view(torch.uint8).numpy().data)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if key or k != "checksum":
+                    walk(f"{key}/{k!r}", v)
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{key}:seq{len(value)};".encode())
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        else:
+            h.update(f"{key}={value!r};".encode())
+
+    walk("", state)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` (plus format version and RNG states) to `path`.
 
@@ -102,6 +134,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     except OSError as err:
         raise CheckpointWriteError(describe_os_error(err, path)) from err
     payload = {"format_version": FORMAT_VERSION, "rng": rng_state(), **state}
+    payload["checksum"] = {"sha256": payload_digest(payload)}
     writer = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -159,9 +192,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a fastcluster_cl training checkpoint")
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in READABLE_FORMATS:
         raise CheckpointError(f"{path} has checkpoint format {state['format_version']}, this "
-                              f"version reads format {FORMAT_VERSION}")
+                              f"version reads formats {READABLE_FORMATS}")
+    if state["format_version"] >= 2:
+        stored = state.get("checksum")
+        if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
+            raise CheckpointError(f"{path} has no checksum; it is corrupted or not a "
+                                  "fastcluster_cl checkpoint")
+        if payload_digest(state) != stored["sha256"]:
+            raise CheckpointError(f"checkpoint {path} fails its checksum: its contents changed "
+                                  "after it was written (a flipped bit, a partial copy); "
+                                  "restore it or start the run again")
     missing = [k for k in ("config", "model", "position") if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; it is not a complete training checkpoint")
