@@ -1,7 +1,8 @@
 """Command line: ``fastcluster-cl train | eval | bench | info``.
 
 Exit codes: 0 success; 2 bad arguments (argparse); 1 a run that cannot proceed (missing dataset,
-unreadable or incompatible checkpoint, non-finite loss), reported as one line on stderr (set
+unreadable, corrupted or incompatible checkpoint, busy or unwritable run directory, full disk,
+non-finite loss or gradient), reported as one line on stderr (set
 FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
 """
 from __future__ import annotations
