@@ -1,13 +1,15 @@
 """Command line: ``fastcluster-cl train | eval | bench | info``.
 
 Exit codes: 0 success; 2 bad arguments (argparse); 1 a run that cannot proceed (missing dataset,
-unreadable or incompatible checkpoint, non-finite loss), reported as one line on stderr (set
+unreadable, corrupted or incompatible checkpoint, busy or unwritable run directory, full disk,
+non-finite loss or gradient), reported as one line on stderr (set
 FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +28,8 @@ def _number(cast, minimum, strict: bool):
         if not (value > minimum if strict else value >= minimum) or value != value:
             raise argparse.ArgumentTypeError(
                 f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
     return parse
 
@@ -63,6 +67,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S)
     p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
                    help="max gradient norm (0: off)")
+    p.add_argument("--skip-nonfinite-steps", dest="skip_nonfinite_steps", type=NONNEG_INT,
+                   default=S, help="skip (no update) up to N steps whose loss or gradient is "
+                   "NaN/inf, each logged in log.jsonl, before stopping (default 0: stop at the "
+                   "first)")
     p.add_argument("--centre-warmup-epochs", dest="centre_warmup_epochs", type=NONNEG_INT,
                    default=S, help="anchor: train the instance loss alone for this many epochs, "
                    "then initialise the centres by k-means (default: epochs // 8)")
@@ -132,12 +140,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, train
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if args.resume is not None:
-        saved = load_checkpoint(args.resume)["config"]
-        saved["out"] = str(resolve_checkpoint(args.resume).parent)
-        config = TrainConfig.from_dict({**saved, **given})
+        path = resolve_checkpoint(args.resume)
+        saved = load_checkpoint(path)["config"]
+        saved["out"] = str(path.parent)
+        config = _saved_config(path, {**saved, **given})
     else:
         config = TrainConfig.from_dict(given)
-    config.check()
+        config.check()
     try:
         metrics = train(config, resume_from=args.resume)
         main = distributed.is_main_process()
@@ -150,24 +159,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _saved_config(path, values: dict):
+    """A TrainConfig from a checkpoint's settings, checked; a setting of the wrong type or value
+    is a CheckpointError naming the checkpoint."""
+    from .train.checkpoint import CheckpointError
+    from .train.trainer import TrainConfig
+    try:
+        config = TrainConfig.from_dict(values)
+        config.check()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds settings this version cannot use: "
+                              f"{err}") from err
+    return config
+
+
+def _output_dir(path: str) -> Path:
+    """`eval --out`: an existing or creatable directory, checked before any work."""
+    from .train.rundir import RunDirError, describe_os_error
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirError(f"cannot create --out {out}: a part of the path is a file") from None
+    except OSError as err:
+        raise RunDirError(describe_os_error(err, out)) from err
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.checkpoint import load_checkpoint
-    from .train.trainer import Runtime, TrainConfig, Trainer
-    state = load_checkpoint(args.checkpoint)
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint
+    from .train.logging import write_text
+    from .train.trainer import Runtime, Trainer
+    out = _output_dir(args.out) if args.out else None
+    path = resolve_checkpoint(args.checkpoint)
+    state = load_checkpoint(path)
     saved = dict(state["config"])
     if args.dataset is not None:
         saved["dataset"] = args.dataset
     if args.data_root is not None:
         saved["data_root"] = args.data_root
     saved.update(device=args.device, eval_batch_size=args.batch_size, plots=False)
-    trainer = Trainer.for_evaluation(TrainConfig.from_dict(saved), state,
+    trainer = Trainer.for_evaluation(_saved_config(path, saved), state,
                                      Runtime.create(args.device))
     metrics, *_ = trainer.evaluate()
     text = json.dumps(metrics, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "metrics.json").write_text(text)
+    if out is not None:
+        write_text(out / "metrics.json", text)
     return EXIT_OK
 
 
@@ -225,6 +265,17 @@ def info() -> dict:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: an OSError as "what: file", other errors' lines joined."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+        if err.filename is not None and str(err.filename) not in text:
+            text += f": {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -234,11 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train.trainer import NonFiniteLossError
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
-            RuntimeError) as err:
+    except (CheckpointError, NonFiniteLossError, OSError, ValueError, RuntimeError) as err:
         if os.environ.get("FASTCLUSTER_CL_TRACEBACK"):
             raise
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

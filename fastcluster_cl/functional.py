@@ -187,6 +187,7 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     check_matrix("h_a", h_a, min_rows=2)
     check_matrix("h_b", h_b, min_rows=2)
     check_same(("h_a", "h_b"), (h_a, h_b))
+    check_same(("logits_a", "h_a"), (logits_a, h_a), shape=False)   # one device, one dtype
     if h_a.shape[0] != logits_a.shape[0]:
         raise ValueError(f"h_a has {h_a.shape[0]} rows but logits_a has {logits_a.shape[0]}")
     temperature = check_positive("temperature", temperature)

@@ -250,3 +250,123 @@ def test_labelled_subset_keeps_statistics():
     mixed = ImageDataset(images, np.array([-1, 2, -1, 0, 1, -1]), 4, "x").labelled()
     np.testing.assert_array_equal(mixed.images, images[[1, 3, 4]])
     assert sub.labelled() is sub
+
+
+# ---------------------------------------------------------------- untrusted and broken files
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious CIFAR batch would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write_cifar10(folder, rng=None, labels=None):
+    rng = rng or _rng()
+    folder.mkdir(exist_ok=True)
+    images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=6) if labels is None else np.asarray(labels)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        _dump(folder / name, _cifar_batch(images[i:i + 1], labels=labels[i:i + 1]))
+    return images, labels
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_restricted_unpickler_reads_numpy_pickles_of_every_protocol(tmp_path, protocol):
+    from fastcluster_cl.data.safe_pickle import load
+    data = {b"data": np.arange(12, dtype=np.uint8).reshape(3, 4), b"labels": [1, 2, 3],
+            b"f": np.ones(2, dtype=np.float32), b"names": [b"a.png", "b"], "t": (1, 2.5, None)}
+    with open(tmp_path / "p", "wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+    got = load(tmp_path / "p")
+    np.testing.assert_array_equal(got[b"data"], data[b"data"])
+    assert got[b"labels"] == [1, 2, 3] and got["t"] == (1, 2.5, None)
+
+
+def test_malicious_cifar_batch_runs_no_code(tmp_path, capsys):
+    from fastcluster_cl.cli import main
+    from fastcluster_cl.data.safe_pickle import UnsafePickleError
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder)
+    marker = tmp_path / "pwned"
+    _dump(folder / "data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0],
+                                    b"x": _RunsCode(marker)})
+    with pytest.raises(UnsafePickleError, match=r"data_batch_1: refusing to load posix.system"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+    # an object array smuggles objects through numpy's own reconstruction: refused too
+    _dump(folder / "data_batch_1", {b"data": np.array([_RunsCode(marker)], dtype=object)})
+    with pytest.raises(UnsafePickleError, match="data_batch_1: refusing"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "run"), "--epochs", "1", "--no-plots", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not marker.exists()
+    assert "\n" not in err and "data_batch_1: refusing to load" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"test_batch: cannot unpickle it, the file is truncated or corrupted \(EOFError"),
+    ("truncated", r"test_batch: cannot unpickle it, the file is truncated"),
+    ([1, 2, 3], r"test_batch holds a list, not a CIFAR batch dict"),
+    ({b"data": np.zeros((1, 3072), np.uint8)}, r"test_batch lacks the key\(s\) \['labels'\]"),
+    ({b"data": np.zeros((1, 100), np.uint8), b"labels": [0]}, r"test_batch has data of shape"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [-1]},
+     r"test_batch holds label -1 at index 0 .*\[0, 10\)"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]},
+     r"test_batch holds label 10 at index 1"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3]}, r"test_batch has \(1,\) labels"),
+])
+def test_broken_cifar_batches_name_the_file(tmp_path, content, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder)
+    if content == "truncated":
+        whole = (folder / "data_batch_2").read_bytes()
+        (folder / "test_batch").write_bytes(whole[:len(whole) // 2])
+    elif isinstance(content, bytes):
+        (folder / "test_batch").write_bytes(content)
+    else:
+        _dump(folder / "test_batch", content)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar100_label_out_of_range_names_the_file(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    _dump(folder / "train", _cifar_batch(images, coarse_labels=[0, 20]))
+    _dump(folder / "test", _cifar_batch(images, coarse_labels=[0, 1]))
+    with pytest.raises(ValueError, match=r"cifar-100-python/train holds label 20 at index 1"):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_stl10_label_byte_zero_is_refused(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    images = np.zeros((2, 96, 96, 3), np.uint8)
+    _stl_write(folder, "train", images, np.array([0, 9]))
+    _stl_write(folder, "test", images, np.array([-1, 3]))     # stored byte 0
+    with pytest.raises(ValueError, match=r"test_y.bin holds label 0 at index 0 .*\[1, 11\)"):
+        load_dataset("stl10", tmp_path)
+    _stl_write(folder, "test", images, np.array([10, 3]))     # stored byte 11
+    with pytest.raises(ValueError, match=r"test_y.bin holds label 11 at index 0"):
+        load_dataset("stl10", tmp_path)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    rng = _rng(7)
+    for wnid in IMAGENET10_WNIDS:
+        (tmp_path / wnid).mkdir()
+        _write_image(tmp_path / wnid / "a.JPEG", rng)
+    bad = tmp_path / IMAGENET10_WNIDS[3] / "a.JPEG"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"imagenet10: cannot decode image {bad}"):
+        load_dataset("imagenet10", tmp_path, image_size=8)
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=f"cannot decode image {bad}"):
+        load_dataset("imagenet10", tmp_path, image_size=8)

@@ -126,3 +126,80 @@ def test_centre_warmup_default_is_an_eighth_of_the_anchor_run(method, epochs, wa
     config = TrainConfig(method=method, epochs=epochs, centre_warmup_epochs=warmup)
     config.check()
     assert resolve(config, blobs()).centre_warmup_epochs == expected
+
+
+def nan_gradient_at(trainer, steps):
+    """A hook that makes one parameter's gradient NaN at the given global steps; the loss
+    stays finite."""
+    weight = trainer.model.projector.net[0].weight
+    return weight.register_hook(
+        lambda g: torch.full_like(g, float("nan")) if trainer.step in steps else g)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_nan_gradient_with_finite_loss_stops(tmp_path, grad_clip):
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny(tmp_path, method="cc", plots=False, grad_clip=grad_clip),
+                      dataset=blobs())
+    nan_gradient_at(trainer, {1})
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan \(the loss is finite\) "
+                       r"at epoch 0 step 1 \(loss=.*--skip-nonfinite-steps N"):
+        trainer.fit()
+    assert trainer.step == 1     # step 0 updated, step 1 did not
+    assert not (tmp_path / "run").exists()   # failed before its first checkpoint
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
+    torch.set_num_threads(1)
+    bad = {1, 4}     # epoch 0 step 1, epoch 1 step 4
+
+    def config(name, **kw):
+        return tiny(tmp_path, method="cc", plots=False, epochs=2, eval_every=0,
+                    skip_nonfinite_steps=2, out=str(tmp_path / name), **kw)
+
+    full = Trainer(config("full"), dataset=blobs())
+    nan_gradient_at(full, bad)
+    full.fit()
+    log = tmp_path / "full" / "log.jsonl"
+    skipped = read_log(log, "skipped_step")
+    assert [(r["step"], r["skipped"], r["limit"]) for r in skipped] == [(2, 1, 2), (5, 2, 2)]
+    assert "gradient norm is nan" in skipped[0]["reason"]
+    assert [r["step"] for r in read_log(log, "step")] == [1, 3, 4, 6]
+    assert load_checkpoint(tmp_path / "full")["skipped_steps"] == 2
+
+    # interrupted after epoch 0's checkpoint, then resumed: the same steps, weights and count
+    part = Trainer(config("part"), dataset=blobs())
+    nan_gradient_at(part, bad)
+
+    class Stop(Exception):
+        pass
+
+    real_save = Trainer.save
+
+    def save_then_stop(self):
+        real_save(self)
+        raise Stop
+    part.save = save_then_stop.__get__(part)
+    with pytest.raises(Stop):
+        part.fit()
+    assert load_checkpoint(tmp_path / "part")["skipped_steps"] == 1
+    resumed = Trainer(config("part"), dataset=blobs(), resume_from=tmp_path / "part")
+    nan_gradient_at(resumed, bad)
+    resumed.fit()
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert b["skipped_steps"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    losses = [[(r["step"], r["loss"]) for r in read_log(tmp_path / n / "log.jsonl", "step")]
+              for n in ("full", "part")]
+    assert losses[0] == sorted(set(losses[1]))
+
+    # a third non-finite step with --skip-nonfinite-steps 2 stops the run, naming the limit
+    third = Trainer(config("third"), dataset=blobs())
+    nan_gradient_at(third, {0, 1, 2})
+    with pytest.raises(NonFiniteLossError, match=r"2 such steps were skipped already "
+                       r"\(--skip-nonfinite-steps 2\)"):
+        third.fit()

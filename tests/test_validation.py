@@ -112,3 +112,16 @@ def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
     monkeypatch.setitem(dispatch._MODULES, "cuda", "fastcluster_cl.metrics")  # no nt_xent there
     with pytest.raises(NotImplementedError, match="has no nt_xent"):
         fc.nt_xent(z(), z(), backend="cuda")
+
+
+def test_tcc_checks_dtypes_and_devices_across_logits_and_features():
+    c, h = z(4, 3), z(4, 6)
+    with pytest.raises(TypeError, match="h_a is torch.float32 but logits_a is torch.float64"):
+        fc.tcc_cluster_loss(c.double(), c.double(), h, h)
+    with pytest.raises(TypeError, match="h_a is torch.float64 but logits_a is torch.float32"):
+        fc.tcc_cluster_loss(c, c, h.double(), h.double())
+    meta = torch.empty(4, 6, device="meta")
+    with pytest.raises(ValueError, match="h_a is on meta but logits_a is on cpu; move them"):
+        fc.tcc_cluster_loss(c, c, meta, meta)
+    assert fc.tcc_cluster_loss(c.double(), c.double(), h.double(), h.double()).dtype \
+        == torch.float64

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,34 +238,70 @@ def _mnist5k() -> ImageDataset:
     return ImageDataset(images, y, 10, "mnist5k")
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+def _unpickle(name: str, path: Path) -> dict:
+    """One CIFAR batch file, read with the restricted unpickler (no code from the file runs)."""
+    from .safe_pickle import load
+
+    batch = load(path, encoding="bytes")
+    if not isinstance(batch, dict):
+        raise ValueError(f"{name}: {path} holds a {type(batch).__name__}, not a CIFAR batch "
+                         "dict")
+    return batch
 
 
-def _cifar_arrays(batch: dict) -> np.ndarray:
-    return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+def _cifar_batch(name: str, path: Path, label_key: bytes, num_classes: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 32, 32, 3) uint8, labels (n,) int64) of one batch file, every field checked
+    and every error naming the file."""
+    batch = _unpickle(name, path)
+    missing = [k.decode() for k in (b"data", label_key) if k not in batch]
+    if missing:
+        raise ValueError(f"{name}: {path} lacks the key(s) {missing}; it is not a CIFAR batch")
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not (
+            np.issubdtype(data.dtype, np.integer) and (data.size == 0 or (
+                data.min() >= 0 and data.max() <= 255))):
+        raise ValueError(f"{name}: {path} has data of shape {data.shape} and dtype {data.dtype};"
+                         " a CIFAR batch holds uint8 rows of 3x32x32 pixels")
+    labels = np.asarray(batch[label_key])
+    if labels.shape != (len(data),) or (len(labels) and not np.issubdtype(labels.dtype,
+                                                                          np.integer)):
+        raise ValueError(f"{name}: {path} has {labels.shape} {label_key.decode()} of dtype "
+                         f"{labels.dtype} for {len(data)} images")
+    _check_labels(name, path, labels, 0, num_classes)
+    images = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels.astype(np.int64)
+
+
+def _check_labels(name: str, path: Path, labels: np.ndarray, low: int, high: int,
+                  offset: int = 0) -> None:
+    """Refuse labels outside [low, high) naming the file and the first bad value (`offset` is
+    added back for files that store label + offset)."""
+    bad = np.flatnonzero((labels < low) | (labels >= high))
+    if len(bad):
+        raise ValueError(f"{name}: {path} holds label {int(labels[bad[0]]) + offset} at index "
+                         f"{int(bad[0])} ({len(bad)} out of range); labels must lie in "
+                         f"[{low + offset}, {high + offset})")
+
+
+def _cifar(name: str, files: list[Path], label_key: bytes, num_classes: int) -> ImageDataset:
+    _require(name, files)
+    parts = [_cifar_batch(name, f, label_key, num_classes) for f in files]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return ImageDataset(np.ascontiguousarray(images), labels, num_classes, name)
 
 
 def _cifar10(root: Path) -> ImageDataset:
     folder = _subdir(root, "cifar-10-batches-py")
     files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
-    _require("cifar10", files)
-    batches = [_unpickle(f) for f in files]
-    images = np.concatenate([_cifar_arrays(b) for b in batches])
-    labels = np.concatenate([np.asarray(b[b"labels"]) for b in batches])
-    return ImageDataset(np.ascontiguousarray(images), labels, 10, "cifar10")
+    return _cifar("cifar10", files, b"labels", 10)
 
 
 def _cifar100(root: Path) -> ImageDataset:
     """Train + test, labelled by the 20 superclasses (the file's `coarse_labels`)."""
     folder = _subdir(root, "cifar-100-python")
-    files = [folder / "train", folder / "test"]
-    _require("cifar100", files)
-    batches = [_unpickle(f) for f in files]
-    images = np.concatenate([_cifar_arrays(b) for b in batches])
-    labels = np.concatenate([np.asarray(b[b"coarse_labels"]) for b in batches])
-    return ImageDataset(np.ascontiguousarray(images), labels, 20, "cifar100")
+    return _cifar("cifar100", [folder / "train", folder / "test"], b"coarse_labels", 20)
 
 
 def _stl10(root: Path, include_unlabeled: bool = False) -> ImageDataset:
@@ -288,6 +323,8 @@ def _stl10(root: Path, include_unlabeled: bool = False) -> ImageDataset:
             labels.append(np.full(len(images[-1]), -1, dtype=np.int64))
         else:
             y = np.fromfile(folder / f"{part}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            # label bytes are 1..10; 0 or > 10 is a corrupted file, not an unlabelled image
+            _check_labels("stl10", folder / f"{part}_y.bin", y, 0, 10, offset=1)
             if len(y) != len(images[-1]):
                 raise ValueError(f"stl10: {part}_y.bin has {len(y)} labels for "
                                  f"{len(images[-1])} images in {part}_X.bin")
@@ -319,7 +356,11 @@ def _decode_all(name: str, paths: list[Path], size: int, num_threads: int | None
     workers = num_threads or min(8, os.cpu_count() or 1)
 
     def work(i):
-        out[i] = _decode(paths[i], size)
+        try:
+            out[i] = _decode(paths[i], size)
+        except Exception as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{name}: cannot decode image {paths[i]}: {detail}") from err
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=None,

@@ -23,8 +23,11 @@ class RunLogger:
         self._writer = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise_for_write(err, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(Path(out) / "tensorboard"))
@@ -32,8 +35,11 @@ class RunLogger:
     def log(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise_for_write(err, self.path)
 
     def scalars(self, event: str, step: int, **values: float) -> None:
         """A record of numbers at `step`, also written to TensorBoard."""
@@ -50,6 +56,23 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def raise_for_write(err: OSError, path) -> None:
+    """Re-raise an OSError met while writing `path` as one that names the path (`str(err)` of
+    a failed write or flush often does not) and says plainly what happened."""
+    from .rundir import describe_os_error
+    raise OSError(err.errno, describe_os_error(err, path), str(path)) from err
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small output file (config.json, metrics.json) in full or raise an OSError that
+    names it."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise_for_write(err, path)
 
 
 def read_log(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:

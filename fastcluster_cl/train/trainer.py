@@ -13,9 +13,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,18 @@ from ..models import RESNETS, build_model, method_loss_inputs
 from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
 from ..validation import value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
-from .logging import RunLogger, last_per_step, read_log
+from .logging import RunLogger, last_per_step, read_log, write_text
 from .optim import build_optimizer, optimizer_description
+from .rundir import (RunDirLock, discard_unstarted_run, remove_run_files,
+                     remove_temporary_checkpoints)
 from .schedule import warmup_cosine
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; training stops instead of corrupting the weights."""
+    """The loss or the gradient became NaN or inf; training stops instead of corrupting the
+    weights."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     min_lr_factor: float = 0.0
     grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
+    skip_nonfinite_steps: int = 0    # steps with a NaN/inf loss or gradient that may be skipped
+                                     # (no update) before the run stops; 0: stop at the first
     centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
                                      # k-means initialisation of the centres (DEC-style
                                      # pretraining); None: epochs // 8 for anchor, else 0
@@ -86,7 +93,7 @@ class TrainConfig:
     # Settings a resumed run may change; all others must equal the checkpoint's.
     RESUMABLE = ("device", "threads", "out", "eval_every", "eval_batch_size",
                  "checkpoint_every", "log_every", "plots", "progress", "compile", "data_root",
-                 "loss_backend", "sync_bn")
+                 "loss_backend", "sync_bn", "skip_nonfinite_steps")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,10 +106,29 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {unknown}")
         return cls(**values)
 
+    def _check_types(self) -> None:
+        """Each setting of its declared type (a checkpoint or a dict may hold anything), every
+        float finite."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                 "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value, annotation = getattr(self, f.name), str(f.type)
+            if value is None and "None" in annotation:
+                continue
+            base = annotation.split("|")[0].strip().split("[")[0]
+            ok = isinstance(value, kinds[base]) and (base == "bool"
+                                                     or not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{f.name} must be {annotation.replace('|', 'or')}, got "
+                                 f"{value!r} ({type(value).__name__})")
+            if base == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+
     def check(self) -> None:
         """Raise ValueError on settings that cannot work, before any data is loaded."""
         from ..models import BACKBONES, METHOD_HEADS
         from .optim import OPTIMIZERS
+        self._check_types()
         if self.method not in METHOD_HEADS:
             raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
@@ -119,7 +145,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "skip_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.centre_warmup_epochs is not None:
@@ -204,12 +230,34 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset=None, runtime: Runtime | None = None,
                  resume_from: str | Path | None = None):
-        from ..data import make_train_loader
         config.check()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.runtime = runtime or Runtime.create(config.device)
+        self.out = Path(config.out) if config.out else default_out_dir()
+        self.fresh = resume_from is None
+        self.lock = None
+        self.logger = RunLogger(self.out, enabled=False)
+        if self.runtime.is_main_process:   # one writer per run directory, for the whole run
+            self.lock = RunDirLock(self.out).acquire()
+        try:
+            self._init(config, dataset, resume_from)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _init(self, config: TrainConfig, dataset, resume_from) -> None:
+        from ..data import make_train_loader
         self.resume_state = None
+        main = self.runtime.is_main_process
+        if main:
+            remove_temporary_checkpoints(self.out)   # left by a write killed mid-way
+            if self.fresh and (self.out / "checkpoint.pt").exists():
+                raise ValueError(f"{self.out} already holds a run; resume it with --resume "
+                                 f"{self.out} or choose another --out")
+            if self.fresh and (self.out / "log.jsonl").exists():
+                # a start that stopped before its first checkpoint: nothing to resume
+                remove_run_files(self.out)
         if resume_from is not None:
             self.resume_state = load_checkpoint(resume_from)
         # Per-rank streams (e.g. TCC's Gumbel noise); DDP broadcasts rank 0's initial weights.
@@ -217,11 +265,7 @@ class Trainer:
         config = self._setup_model(config, dataset)
         if self.resume_state is not None:
             check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
-        self.out = Path(config.out) if config.out else default_out_dir()
         config.out = str(self.out)
-        if resume_from is None and (self.out / "log.jsonl").exists():
-            raise ValueError(f"{self.out} already holds a run; resume it with --resume "
-                             f"{self.out} or choose another --out")
         dev = self.runtime.device
         self.train_loader = make_train_loader(
             self.dataset, distributed.local_batch_size(config.batch_size,
@@ -252,12 +296,29 @@ class Trainer:
         self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
         self.epoch, self.batch, self.step = 0, 0, 0
         self.train_seconds, self.images_seen = 0.0, 0
+        self.skipped_steps = 0      # non-finite steps skipped so far (--skip-nonfinite-steps)
         if self.resume_state is not None:
             self._load_state(self.resume_state)
-        main = self.runtime.is_main_process
         self.logger = RunLogger(self.out, enabled=main)
         if main:
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
+
+    def _abandon(self) -> None:
+        """After a failure: a fresh start that wrote no checkpoint leaves nothing behind (no
+        dead end: the directory is empty or gone); otherwise the run stays resumable. The lock
+        is released either way."""
+        self.logger.close()
+        if self.lock is None:
+            return
+        if self.fresh and not (self.out / "checkpoint.pt").exists():
+            discard_unstarted_run(self.lock)
+        self.lock.release()
+
+    def close(self) -> None:
+        """Release the run directory (fit() does this when it ends)."""
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _setup_model(self, config: TrainConfig, dataset) -> TrainConfig:
         """Load the dataset, resolve the config from it, build the eval loader and the model.
@@ -310,6 +371,7 @@ class Trainer:
         self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.images_seen = state.get("images_seen", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
         set_rng_state(state["rng"])
         if self.runtime.rank:  # the checkpoint holds rank 0's streams; keep the ranks' apart
             seed_everything(self.config.seed + self.runtime.rank + 1_000_003 * self.step)
@@ -327,6 +389,7 @@ class Trainer:
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
+            "skipped_steps": self.skipped_steps,
         })
         self.logger.log("checkpoint", epoch=self.epoch, batch=self.batch, step=self.step)
         return path
@@ -357,28 +420,71 @@ class Trainer:
                 inputs = method_loss_inputs(self.model, self.config.method, *split)
                 loss = self.loss_fn(split[0]["z"], split[1]["z"], **inputs)
         total = loss.total.float()
-        # Logged values are the global batch's (mean over ranks), and every rank sees the same
-        # verdict of the finite check below, so all stop together.
+        # Logged values are the global batch's (mean over ranks), and the gradients are
+        # all-reduced, so every rank sees the same verdict of the finite checks below and all
+        # stop (or skip) together.
         world = self.runtime.world_size
         logged = distributed.all_reduce_sum(torch.stack(
             [total.detach()] + [v.detach().float() for v in loss.parts.values()])) / world
-        if not torch.isfinite(logged[0]):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in zip(loss.parts, logged[1:]))
-            raise NonFiniteLossError(
-                f"loss is {logged[0].item()} at epoch {self.epoch} step {self.step} ({parts}); "
-                "lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        values = logged.tolist()
-        record = {"loss": values[0], **{f"loss_{k}": v for k, v in zip(loss.parts, values[1:])}}
+        # The gradient norm: clipping computes it anyway; without clipping it is one fused
+        # norm over the gradients. Under fp16's GradScaler inf/NaN gradients are expected (the
+        # scaler skips those steps and lowers the scale), so only the loss is checked there.
+        norm = None
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                       self.config.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        elif not self.scaler.is_enabled():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        stats = logged if norm is None else torch.cat(
+            [logged, norm.detach().float().reshape(1).to(logged.device)])
+        values = stats.tolist()   # the step's one device sync: loss, parts and gradient norm
+        n_parts = len(loss.parts)
+        record = {"loss": values[0],
+                  **{f"loss_{k}": v for k, v in zip(loss.parts, values[1:1 + n_parts])}}
+        grad_norm = values[1 + n_parts] if norm is not None else None
+        if self.config.grad_clip > 0:
+            record["grad_norm"] = grad_norm
+        check_grad = grad_norm is not None and not self.scaler.is_enabled()
+        if not math.isfinite(values[0]) or (check_grad and not math.isfinite(grad_norm)):
+            return self._non_finite_step(record, grad_norm, loss.parts)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         record["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
+        return record
+
+    def _non_finite_step(self, record: dict, grad_norm: float | None, parts) -> dict:
+        """A NaN/inf loss or gradient: stop with NonFiniteLossError, or, while fewer than
+        config.skip_nonfinite_steps were skipped, drop the update (weights and optimizer state
+        untouched; the schedule advances, as the batch is used up) and mark the record."""
+        loss_text = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+        if not math.isfinite(record["loss"]):
+            what = f"loss is {record['loss']}"
+            detail = ", ".join(f"{k}={record['loss_' + k]:.4g}" for k in parts)
+        else:
+            what = f"gradient norm is {grad_norm} (the loss is finite)"
+            detail = loss_text
+        where = f"{what} at epoch {self.epoch} step {self.step} ({detail})"
+        limit = self.config.skip_nonfinite_steps
+        if self.skipped_steps >= limit:
+            self.optimizer.zero_grad(set_to_none=True)
+            hint = ("lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16"
+                    + ("; --skip-nonfinite-steps N skips up to N such steps" if limit == 0
+                       else f"; {limit} such steps were skipped already "
+                            f"(--skip-nonfinite-steps {limit})"))
+            raise NonFiniteLossError(f"{where}; {hint}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():   # forget this step's inf checks; back off as on overflow
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        self.skipped_steps += 1
+        record["skipped"] = where
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": meant
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         return record
 
     # ------------------------------------------------------------------------------ evaluation
@@ -431,7 +537,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train to config.epochs (from the resumed position), evaluate, write outputs."""
+        """Train to config.epochs (from the resumed position), evaluate, write outputs. On
+        failure, a fresh run without a checkpoint leaves its directory empty (see `_abandon`);
+        the run directory's lock is released when fit returns or raises."""
+        try:
+            metrics = self._fit()
+        except BaseException:
+            self._abandon()
+            raise
+        self.close()
+        return metrics
+
+    def _fit(self) -> dict[str, Any]:
         c, main = self.config, self.runtime.is_main_process
         wall_start = time.perf_counter()
         self.logger.log("start", resumed=self.resume_state is not None, epoch=self.epoch,
@@ -467,7 +584,11 @@ class Trainer:
                     self.batch += 1
                     self.step += 1
                     record.update(epoch=self.epoch, images_per_s=n / dt)
-                    if self.step % c.log_every == 0:
+                    if "skipped" in record:   # always logged; NaN/inf written as strings
+                        self.logger.log("skipped_step", step=self.step, epoch=self.epoch,
+                                        reason=record["skipped"], skipped=self.skipped_steps,
+                                        limit=c.skip_nonfinite_steps)
+                    elif self.step % c.log_every == 0:
                         self.logger.scalars("step", self.step, **record)
                     if progress is not None:
                         progress.update(n)
@@ -493,7 +614,7 @@ class Trainer:
                        num_clusters=c.num_clusters, backbone=c.backbone)
         if main:
             self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
             if c.plots:
                 self.write_plots(feats, pred, labels)
         self.logger.log("end", **_flat(metrics))
