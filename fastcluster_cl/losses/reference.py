@@ -56,9 +56,12 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
 
 
 def marginal_entropy_term(q: torch.Tensor) -> torch.Tensor:
-    """log K + sum_k P_k log P_k with P_k the column mean of q (CC's anti-collapse term, >= 0)."""
+    """log K + sum_k P_k log P_k with P_k the column mean of q (CC's anti-collapse term, >= 0).
+
+    `safe_log` rather than xlogy: a column that underflows to P_k = 0 has the derivative
+    log P_k + 1 = -inf, and -inf times softmax's zero Jacobian is a NaN gradient."""
     p = q.sum(0) / q.shape[0]
-    return math.log(q.shape[1]) + torch.special.xlogy(p, p).sum()
+    return math.log(q.shape[1]) + (p * safe_log(p)).sum()
 
 
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
@@ -91,10 +94,11 @@ def dec_target(q: torch.Tensor, column_sums: torch.Tensor | None = None) -> torc
     """DEC's sharpened target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j), f_k = sum_i q_ik.
 
     Computed with no gradient; f is the batch's column sums unless `column_sums` gives them
-    (the all-reduced sums of every rank's batch under gather_distributed)."""
+    (the all-reduced sums of every rank's batch under gather_distributed). f is clamped at the
+    smallest normal so that a cluster with no mass in the batch gets p = 0, not 0/0."""
     q = q.detach()
     f = q.sum(0) if column_sums is None else column_sums.detach()
-    weight = q.pow(2) / f
+    weight = q.pow(2) / f.clamp_min(torch.finfo(f.dtype).tiny)
     return weight / weight.sum(1, keepdim=True)
 
 
