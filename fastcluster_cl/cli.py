@@ -16,6 +16,14 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 PROG = "fastcluster-cl"
+# Top-level modules of the [train] extra, which `train` and `eval` need (the losses do not).
+TRAIN_MODULES = ("torchvision", "sklearn", "scipy", "matplotlib", "tqdm", "tensorboard")
+
+
+def missing_train_modules() -> list[str]:
+    """The [train] extra's modules that cannot be imported here (checked without importing)."""
+    from ._compat import module_available
+    return [name for name in TRAIN_MODULES if not module_available(name)]
 
 
 def _number(cast, minimum, strict: bool):
@@ -111,7 +119,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Deep contrastive image clustering.")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}")
     sub.required = True
-    _train_options(sub.add_parser("train", help="train a clustering model"))
+    train = sub.add_parser("train", help="train a clustering model")
+    if not missing_train_modules():  # else `main` refuses train before parsing
+        _train_options(train)
     ev = sub.add_parser("eval", help="evaluate a checkpoint (NMI/ACC/ARI, k-means on features)")
     ev.add_argument("checkpoint", help="checkpoint file or run directory")
     ev.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
@@ -279,13 +289,22 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    missing = missing_train_modules()
+    if command in ("train", "eval") and missing:
+        print(f"{PROG} {command}: error: needs the training extra (missing "
+              f"{', '.join(missing)}); pip install 'fastcluster_cl[train]'", file=sys.stderr)
+        return EXIT_ERROR
     parser = build_parser(with_bench="bench" in argv)
     args = parser.parse_args(argv)
-    from .train.checkpoint import CheckpointError
-    from .train.trainer import NonFiniteLossError
+    errors: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError)
+    if args.command in ("train", "eval"):
+        from .train.checkpoint import CheckpointError
+        from .train.trainer import NonFiniteLossError
+        errors += (CheckpointError, NonFiniteLossError)
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, NonFiniteLossError, OSError, ValueError, RuntimeError) as err:
+    except errors as err:
         if os.environ.get("FASTCLUSTER_CL_TRACEBACK"):
             raise
         print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -11,7 +11,15 @@ over the batch of all ranks of an initialised torch.distributed process group, w
 convention: the mean over ranks of the returned values is the single-process loss on the
 concatenated batch, and each rank's gradient for its inputs is world_size times the
 single-process one, so that DDP's gradient averaging is exact (`fastcluster_cl.losses.gathered`).
-With one rank (or no process group) it is the plain loss.
+With one rank (or no process group) it is the plain loss; over several ranks only
+reduction="mean" is supported. gather_distributed=True raises at once where torch.distributed
+is unavailable.
+
+`reduction` (every loss): "mean" (default), "sum", or "none" for the per-term values whose mean
+is the loss: per row for nt_xent (2N: the rows of [z_a; z_b]), dec_loss and anchor_loss (N), per
+cluster row for cc_cluster_loss and tcc_cluster_loss (2K: view a's clusters, then view b's; row j
+carries its NT-Xent term plus 2K times its column's share P_k log P_k + log(K)/K of the
+anti-collapse term). "none" runs on the torch and chunked backends.
 """
 from __future__ import annotations
 
@@ -19,16 +27,37 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .losses import gathered
+from .losses import gathered, reference
 from .losses.dispatch import implementation
 from .losses.reference import accumulation_dtype, outside_autocast
-from .validation import (check_finite, check_matrix, check_positive, check_probabilities,
-                         check_same)
+from .validation import (check_finite, check_gather_distributed, check_matrix, check_positive,
+                         check_probabilities, check_reduction, check_same)
+
+
+def _reduced(op: str, backend: str, device: torch.device, reduction: str, count: int, *args):
+    """`op` under `reduction`: the backend's mean, times the number of terms `count` for "sum",
+    or the backend's per-term op (`op`_terms) for "none"."""
+    if reduction == "none":
+        return implementation(f"{op}_terms", backend, device)(*args)
+    loss = implementation(op, backend, device)(*args)
+    return loss if reduction == "mean" else loss * count
+
+
+def _gathering(gather_distributed: bool, reduction: str) -> bool:
+    """Validate the two options; True when the loss must run over several ranks."""
+    check_reduction(reduction)
+    if not (check_gather_distributed(gather_distributed) and distributed.world_size() > 1):
+        return False
+    if reduction != "mean":
+        raise NotImplementedError(f"reduction={reduction!r} with gather_distributed over several "
+                                  "ranks is not supported; use reduction='mean'")
+    return True
 
 
 @outside_autocast
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
-            backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
+            backend: str = "auto", gather_distributed: bool = False,
+            reduction: str = "mean") -> torch.Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
 
     Z = [z_a; z_b] (2N x D) is L2-normalised row-wise, S = Z Z^T / tau and pos(i) = i +- N:
@@ -48,9 +77,10 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
     check_same(("z_a", "z_b"), (z_a, z_b))
     temperature = check_positive("temperature", temperature)
     check_finite(("z_a", "z_b"), (z_a, z_b))
-    if gather_distributed and distributed.world_size() > 1:
+    if _gathering(gather_distributed, reduction):
         return gathered.nt_xent(z_a, z_b, temperature, backend)
-    return implementation("nt_xent", backend, z_a.device)(z_a, z_b, temperature)
+    return _reduced("nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b,
+                    temperature)
 
 
 def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
@@ -61,7 +91,8 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
 
 @outside_autocast
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
-                    backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
+                    backend: str = "auto", gather_distributed: bool = False,
+                    reduction: str = "mean", from_probs: bool = False) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
 
     q = softmax(logits) over K clusters. The 2K columns of [q_a, q_b] (vectors of length N) are
@@ -73,14 +104,30 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
         temperature: tau_c > 0 (1.0 in CC).
         gather_distributed: use the column statistics of every rank's batch (all-reduced
             2K x 2K assignment Gram and column sums; the backend is then not used).
+        from_probs: the inputs are the probabilities q themselves (rows on the simplex, as CC's
+            ClusterLoss takes them), not logits; the backend's NT-Xent contrasts their columns.
     """
     _check_logit_pair(logits_a, logits_b)
     temperature = check_positive("temperature", temperature)
-    check_finite(("logits_a", "logits_b"), (logits_a, logits_b))
-    if gather_distributed and distributed.world_size() > 1:
-        return gathered.cc_cluster_loss(logits_a, logits_b, temperature)
-    return implementation("cc_cluster_loss", backend, logits_a.device)(logits_a, logits_b,
-                                                                       temperature)
+    names, device, count = ("logits_a", "logits_b"), logits_a.device, 2 * logits_a.shape[1]
+    if not from_probs:
+        check_finite(names, (logits_a, logits_b))
+        if _gathering(gather_distributed, reduction):
+            return gathered.cc_cluster_loss(logits_a, logits_b, temperature)
+        return _reduced("cc_cluster_loss", backend, device, reduction, count, logits_a, logits_b,
+                        temperature)
+    check_probabilities(names, (logits_a, logits_b))
+    if _gathering(gather_distributed, reduction):
+        raise NotImplementedError("from_probs=True with gather_distributed over several ranks "
+                                  "is not supported; pass logits (from_probs=False)")
+    acc = accumulation_dtype(logits_a.dtype)
+    q_a, q_b = logits_a.to(acc), logits_b.to(acc)
+    if reduction == "none":
+        return reference.cluster_contrast_terms(
+            q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent_terms", backend, device))
+    loss = reference.cluster_contrast(q_a.T, q_b.T, q_a, q_b, temperature,
+                                      implementation("nt_xent", backend, device))
+    return loss if reduction == "mean" else loss * count
 
 
 @outside_autocast
@@ -106,8 +153,8 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
 
 
 @outside_autocast
-def dec_loss(q: torch.Tensor, *, backend: str = "auto",
-             gather_distributed: bool = False) -> torch.Tensor:
+def dec_loss(q: torch.Tensor, *, backend: str = "auto", gather_distributed: bool = False,
+             reduction: str = "mean") -> torch.Tensor:
     """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
 
     Target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) with f_k = sum_i q_ik, computed on the
@@ -119,14 +166,14 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto",
     """
     check_matrix("q", q, min_cols=2)
     check_probabilities(("q",), (q,))
-    if gather_distributed and distributed.world_size() > 1:
+    if _gathering(gather_distributed, reduction):
         return gathered.dec_loss(q)
-    return implementation("dec_loss", backend, q.device)(q)
+    return _reduced("dec_loss", backend, q.device, reduction, q.shape[0], q)
 
 
 @outside_autocast
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", reduction: str = "mean") -> torch.Tensor:
     """Anchor loss of arXiv 2109.12714: the clean view anchors both augmented views.
 
         L = (1/N) sum_i [ KL(q0_i || qa_i) + KL(q0_i || qb_i) ],   q0 detached
@@ -135,7 +182,8 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
         q0, q_a, q_b: (N, K) probabilities of the clean and the two augmented views, K >= 2.
     """
     _check_anchor_inputs(q0, q_a, q_b)
-    return implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b)
+    check_reduction(reduction)
+    return _reduced("anchor_loss", backend, q0.device, reduction, q0.shape[0], q0, q_a, q_b)
 
 
 def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> None:
@@ -148,27 +196,29 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
 
 @outside_autocast
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
-                      backend: str = "auto", gather_distributed: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", gather_distributed: bool = False,
+                      reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(dec_loss(q0), anchor_loss(q0, q_a, q_b)): the anchor method's clustering terms, in fused
     launches on backends that have them (triton: q0 read once for both), else the two ops.
     With gather_distributed over several ranks, DEC needs the global f_k, so the two ops run
     separately (the anchor loss is row-wise and needs no collective)."""
     _check_anchor_inputs(q0, q_a, q_b)
-    if gather_distributed and distributed.world_size() > 1:
-        return (gathered.dec_loss(q0),
-                implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
-    fused = implementation("dec_anchor_losses", backend, q0.device, required=False)
-    if fused is not None:
-        return fused(q0, q_a, q_b)
-    return (implementation("dec_loss", backend, q0.device)(q0),
-            implementation("anchor_loss", backend, q0.device)(q0, q_a, q_b))
+    device, rows = q0.device, q0.shape[0]
+    if _gathering(gather_distributed, reduction):
+        return gathered.dec_loss(q0), implementation("anchor_loss", backend, device)(q0, q_a, q_b)
+    fused = implementation("dec_anchor_losses", backend, device, required=False)
+    if fused is not None and reduction != "none":
+        dec, anchor = fused(q0, q_a, q_b)
+        return (dec, anchor) if reduction == "mean" else (dec * rows, anchor * rows)
+    return (_reduced("dec_loss", backend, device, reduction, rows, q0),
+            _reduced("anchor_loss", backend, device, reduction, rows, q0, q_a, q_b))
 
 
 @outside_autocast
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
-                     backend: str = "auto", gather_distributed: bool = False) -> torch.Tensor:
+                     backend: str = "auto", gather_distributed: bool = False,
+                     reduction: str = "mean") -> torch.Tensor:
     """Cluster-level loss of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021).
 
     Reconstructed from the paper's abstract and method summary, not from its code: each view
@@ -193,12 +243,13 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     temperature = check_positive("temperature", temperature)
     gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
     check_finite(("logits_a", "logits_b", "h_a", "h_b"), (logits_a, logits_b, h_a, h_b))
+    gather = _gathering(gather_distributed, reduction)
     acc = accumulation_dtype(logits_a.dtype)
     logits_a, logits_b = logits_a.to(acc), logits_b.to(acc)
     y_a = F.gumbel_softmax(logits_a, tau=gumbel_tau, dim=1)
     y_b = F.gumbel_softmax(logits_b, tau=gumbel_tau, dim=1)
     q_a, q_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
-    if gather_distributed and distributed.world_size() > 1:
+    if gather:
         return gathered.tcc_cluster_loss(y_a, y_b, h_a, h_b, q_a, q_b, temperature, backend)
-    return implementation("tcc_cluster_loss", backend, h_a.device)(y_a, y_b, h_a, h_b, q_a, q_b,
-                                                                    temperature)
+    return _reduced("tcc_cluster_loss", backend, h_a.device, reduction, 2 * logits_a.shape[1],
+                    y_a, y_b, h_a, h_b, q_a, q_b, temperature)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as FL
 from .losses.dispatch import BACKENDS
-from .validation import check_positive
+from .validation import check_gather_distributed, check_positive, check_reduction
 
 
 def _check_backend(backend: str) -> str:
@@ -22,70 +22,84 @@ class NTXentLoss(nn.Module):
     """NT-Xent instance loss (SimCLR; CC's instance loss). See `fastcluster_cl.nt_xent`.
 
     Attributes:
-        temperature: tau > 0. backend, gather_distributed: see `fastcluster_cl.functional`.
+        temperature: tau > 0. backend, gather_distributed, reduction ("none": the 2N per-row
+        terms): see `fastcluster_cl.functional`.
     Raises:
-        ValueError: temperature <= 0 or unknown backend (here); bad shapes or NaN (in forward).
+        ValueError: temperature <= 0, unknown backend or reduction, gather_distributed without
+        torch.distributed (here); bad shapes or NaN (in forward).
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 16), torch.randn(8, 16))
     """
 
     def __init__(self, temperature: float = 0.5, backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, reduction: str = "mean"):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_gather_distributed(gather_distributed)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        """z_a, z_b: (N, D) projections of the two views. Returns a 0-d loss."""
+        """z_a, z_b: (N, D) projections of the two views. Returns the loss (see reduction)."""
         return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend,
-                          gather_distributed=self.gather_distributed)
+                          gather_distributed=self.gather_distributed, reduction=self.reduction)
 
 
 class CCClusterLoss(nn.Module):
-    """Contrastive Clustering's cluster-level loss. See `fastcluster_cl.cc_cluster_loss`.
+    """Contrastive Clustering's cluster-level loss. See `fastcluster_cl.cc_cluster_loss`
+    (reduction "none": the 2K per-column terms; from_probs: the inputs are probabilities).
 
     Example:
         >>> loss = CCClusterLoss()(torch.randn(8, 10), torch.randn(8, 10))
     """
 
     def __init__(self, temperature: float = 1.0, backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, reduction: str = "mean",
+                 from_probs: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_gather_distributed(gather_distributed)
+        self.reduction = check_reduction(reduction)
+        self.from_probs = bool(from_probs)
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-        """logits_a, logits_b: (N, K) cluster logits. Returns a 0-d loss."""
+        """logits_a, logits_b: (N, K) cluster logits (probabilities with from_probs)."""
         return FL.cc_cluster_loss(logits_a, logits_b, self.temperature, backend=self.backend,
-                                  gather_distributed=self.gather_distributed)
+                                  gather_distributed=self.gather_distributed,
+                                  reduction=self.reduction, from_probs=self.from_probs)
 
 
 class DECLoss(nn.Module):
-    """DEC KL loss against the batch's sharpened target. See `fastcluster_cl.dec_loss`."""
+    """DEC KL loss against the batch's sharpened target. See `fastcluster_cl.dec_loss`
+    (reduction "none": the N per-row terms)."""
 
-    def __init__(self, backend: str = "auto", gather_distributed: bool = False):
+    def __init__(self, backend: str = "auto", gather_distributed: bool = False,
+                 reduction: str = "mean"):
         super().__init__()
         self.backend = _check_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_gather_distributed(gather_distributed)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """q: (N, K) probabilities. Returns a 0-d loss."""
-        return FL.dec_loss(q, backend=self.backend, gather_distributed=self.gather_distributed)
+        """q: (N, K) probabilities. Returns the loss (see reduction)."""
+        return FL.dec_loss(q, backend=self.backend, gather_distributed=self.gather_distributed,
+                           reduction=self.reduction)
 
 
 class AnchorLoss(nn.Module):
-    """Anchor loss of arXiv 2109.12714. See `fastcluster_cl.anchor_loss`."""
+    """Anchor loss of arXiv 2109.12714. See `fastcluster_cl.anchor_loss` (reduction "none":
+    the N per-row terms)."""
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", reduction: str = "mean"):
         super().__init__()
         self.backend = _check_backend(backend)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
         """q0, q_a, q_b: (N, K) probabilities of the clean and augmented views."""
-        return FL.anchor_loss(q0, q_a, q_b, backend=self.backend)
+        return FL.anchor_loss(q0, q_a, q_b, backend=self.backend, reduction=self.reduction)
 
 
 class LossOutput(NamedTuple):
@@ -115,9 +129,12 @@ class ClusterContrastiveLoss(nn.Module):
         method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
         weights: "instance", "cluster", "anchor"), gumbel_tau (tcc), backend,
         gather_distributed (every term over the batch of all ranks; the anchor loss is per row
-        and needs no communication).
+        and needs no communication), reduction: applied to every part ("none": each part holds
+        its per-term values, see `fastcluster_cl.functional`, and total is the weighted sum of
+        their means, the "mean" total).
     Raises:
-        ValueError: unknown method or backend, temperature <= 0, negative weight (here);
+        ValueError: unknown method, backend or reduction, temperature <= 0, negative weight,
+        gather_distributed without torch.distributed (here);
         a missing input for the method, bad shapes, NaN (in forward).
 
     Example:
@@ -129,7 +146,7 @@ class ClusterContrastiveLoss(nn.Module):
     def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
                  cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
                  gumbel_tau: float = 1.0, backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, reduction: str = "mean"):
         super().__init__()
         if method not in _METHOD_INPUTS:
             raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
@@ -143,7 +160,8 @@ class ClusterContrastiveLoss(nn.Module):
                 raise ValueError(f"weights takes 'instance', 'cluster', 'anchor' >= 0, got "
                                  f"{name}={w}")
         self.backend = _check_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_gather_distributed(gather_distributed)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
         """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: q0, q_a, q_b (N, K)
@@ -155,21 +173,19 @@ class ClusterContrastiveLoss(nn.Module):
         if missing or extra:
             raise TypeError(f"method {self.method!r} takes {needed}; missing {missing}, "
                             f"unexpected {extra}")
-        gather = self.gather_distributed
-        parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature,
-                                        backend=self.backend, gather_distributed=gather)}
+        common = dict(backend=self.backend, gather_distributed=self.gather_distributed,
+                      reduction=self.reduction)
+        parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
         if self.method == "anchor":
             parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
-                inputs["q0"], inputs["q_a"], inputs["q_b"], backend=self.backend,
-                gather_distributed=gather)
+                inputs["q0"], inputs["q_a"], inputs["q_b"], **common)
         elif self.method == "cc":
             parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
-                                                  self.cluster_temperature, backend=self.backend,
-                                                  gather_distributed=gather)
+                                                  self.cluster_temperature, **common)
         else:
             parts["cluster"] = FL.tcc_cluster_loss(
                 inputs["logits_a"], inputs["logits_b"], inputs["h_a"], inputs["h_b"],
-                self.cluster_temperature, gumbel_tau=self.gumbel_tau, backend=self.backend,
-                gather_distributed=gather)
-        total = sum(self.weights[name] * value for name, value in parts.items())
+                self.cluster_temperature, gumbel_tau=self.gumbel_tau, **common)
+        total = sum(self.weights[name] * (value.mean() if self.reduction == "none" else value)
+                    for name, value in parts.items())
         return LossOutput(total, parts)

@@ -95,3 +95,23 @@ def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...
         if bool((q < 0).any()) or not bool(((q.float().sum(1) - 1).abs() <= tol).all()):
             raise ValueError(f"{name} must hold probabilities (rows >= 0 summing to 1); pass "
                              "softmax(logits) or fastcluster_cl.student_t(h, centers)")
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> str:
+    """One of REDUCTIONS."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_gather_distributed(gather_distributed: bool) -> bool:
+    """gather_distributed=True needs a torch built with torch.distributed (checked up front, as
+    lightly's NTXentLoss does, rather than at the first multi-rank call)."""
+    if gather_distributed and not torch.distributed.is_available():
+        raise ValueError("gather_distributed=True but torch.distributed is not available in this "
+                         "torch build; pass gather_distributed=False or install a torch with "
+                         "distributed support")
+    return bool(gather_distributed)

@@ -1,9 +1,10 @@
-"""The losses trace under torch.compile (value checks are skipped while tracing) and give the
-eager values and gradients."""
+"""The losses trace under torch.compile (value checks are skipped while tracing) in one graph,
+without breaks, and give the eager values and gradients."""
 import pytest
 import torch
 
 import fastcluster_cl as fc
+from fastcluster_cl.losses import dispatch
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked"])
@@ -18,3 +19,50 @@ def test_compiled_nt_xent_matches_eager(backend):
     (g_want,) = torch.autograd.grad(want, z_a)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def _cases(backend):
+    """(name, function, inputs) for every loss and every method of ClusterContrastiveLoss."""
+    g = torch.Generator().manual_seed(0)
+    z, c, h = (torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g),
+               torch.randn(6, 4, generator=g))
+    q, mu = torch.softmax(c, 1), torch.randn(3, 4, generator=g)
+    cases = [
+        ("nt_xent", lambda a, b: fc.nt_xent(a, b, backend=backend), (z, z + 1)),
+        ("cc_cluster_loss", lambda a, b: fc.cc_cluster_loss(a, b, backend=backend), (c, c + 1)),
+        ("student_t", lambda a, b: fc.student_t(a, b, backend=backend), (h, mu)),
+        ("dec_loss", lambda a: fc.dec_loss(a, backend=backend), (q,)),
+        ("anchor_loss", lambda a, b: fc.anchor_loss(a, b, b, backend=backend), (q, q.flip(0))),
+        ("tcc_cluster_loss", lambda a, b: fc.tcc_cluster_loss(a, b, h, h, backend=backend),
+         (c, c + 1)),
+    ]
+    methods = {"anchor": lambda: dict(q0=q, q_a=q.flip(0), q_b=q),
+               "cc": lambda: dict(logits_a=c, logits_b=c + 1),
+               "tcc": lambda: dict(logits_a=c, logits_b=c + 1, h_a=h, h_b=h)}
+    for method, inputs in methods.items():
+        crit = fc.ClusterContrastiveLoss(method, backend=backend)
+        cases.append((f"ClusterContrastiveLoss({method})",
+                      lambda a, b, crit=crit, inputs=inputs: crit(a, b, **inputs()).total,
+                      (z, z + 1)))
+    return cases
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_no_graph_breaks(backend, monkeypatch):
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # the first, resolving call traces too
+    for name, fn, inputs in _cases(backend):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*inputs)
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        assert explained.graph_count == 1, name
+
+
+def test_backend_is_resolved_once(monkeypatch):
+    calls = []
+    lookup = dispatch._lookup
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(dispatch, "_lookup", lambda *key: calls.append(key) or lookup(*key))
+    z = torch.randn(4, 3)
+    for _ in range(3):
+        fc.nt_xent(z, z + 1, backend="chunked")
+    assert calls == [("nt_xent", "chunked", torch.device("cpu"))]

@@ -175,6 +175,47 @@ def test_one_hot_assignments_give_finite_losses_and_grads():
     assert torch.isfinite(qa.grad).all()
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dec_loss_with_an_empty_cluster_is_the_loss_without_it(backend, dtype):
+    # Cluster 2 has no mass in the batch (f_2 = 0): its target is 0, not 0/0.
+    q = probabilities(6, 3, seed=30).to(dtype)
+    q_empty = torch.cat([q, torch.zeros(6, 1, dtype=dtype)], 1).requires_grad_()
+    loss = fc.dec_loss(q_empty, backend=backend)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(fc.dec_loss(q, backend=backend)), rel=1e-6)
+    assert torch.isfinite(q_empty.grad).all()
+    assert float(fc.dec_loss(torch.tensor([[.5, .5, 0.], [.5, .5, 0.]], dtype=dtype),
+                             backend=backend)) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dec_loss_with_a_subnormal_cluster_mass_is_finite(backend):
+    q = torch.tensor([[.5, .5, 1e-41], [.5, .5, 1e-42]], requires_grad=True)
+    loss = fc.dec_loss(q, backend=backend)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-7) and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_losses_with_an_underflowing_softmax_column_have_finite_grads(backend, dtype):
+    # softmax(-120 + ...) is 0 in float32 (exactly, or a subnormal in float64's exp range).
+    logits = randn(8, 4, seed=31)
+    logits[:, 3] -= 120
+    c_a = logits.to(dtype).requires_grad_()
+    c_b = (logits + 0.1 * randn(8, 4, seed=32)).to(dtype).requires_grad_()
+    h = randn(8, 5, seed=33, dtype=dtype).requires_grad_()
+    for loss in (fc.cc_cluster_loss(c_a, c_b, backend=backend),
+                 fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend)):
+        grads = torch.autograd.grad(loss, (c_a, c_b, h), allow_unused=True)
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
 # --- low precision ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

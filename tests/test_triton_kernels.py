@@ -267,6 +267,7 @@ def test_anchor_objective_uses_the_fused_kernel(monkeypatch):
     calls = []
     fused = kernels.dec_anchor_losses
     monkeypatch.setattr(kernels, "dec_anchor_losses", lambda *q: calls.append(1) or fused(*q))
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # resolve to the patched function
     q = [probabilities(9, 4, seed) for seed in (47, 48, 49)]
     ClusterContrastiveLoss("anchor", backend="triton")(randn(9, 8, seed=50), randn(9, 8, seed=51),
                                                        q0=q[0], q_a=q[1], q_b=q[2])
@@ -306,6 +307,7 @@ def test_whole_objective_matches_torch_backend(method):
 
 
 def test_unavailable_reason_and_auto(monkeypatch):
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # availability changes with the variable below
     assert kernels.unavailable_reason(torch.device("cuda")) is None
     assert dispatch.resolve("auto", torch.device("cuda")) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -108,8 +108,10 @@ def test_tcc_checks_rows_and_gumbel_tau():
 
 
 def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
+    from fastcluster_cl import validation
     from fastcluster_cl.losses import dispatch
-    monkeypatch.setitem(dispatch._MODULES, "cuda", "fastcluster_cl.metrics")  # no nt_xent there
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setitem(dispatch._LOADED, "cuda", validation)  # a module without nt_xent
     with pytest.raises(NotImplementedError, match="has no nt_xent"):
         fc.nt_xent(z(), z(), backend="cuda")
 

@@ -6,7 +6,9 @@ matmul and exp work of the reference). Rows are shifted by the fixed bound 1/tau
 exp(-2/tau) cannot underflow; below that temperature a first pass finds each row's exact max.
 The backward is one more pass over the same tiles using the saved per-row lse (DESIGN.md):
 
-    dL/dzn_i = 1/(tau*2N) * ( sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) ),  P_ij = exp(S_ij - lse_i)
+    dL/dzn_i = 1/tau * ( sum_j (w_i P_ij + w_j P_ji) zn_j - (w_i + w_pos(i)) zn_pos(i) ),
+
+with P_ij = exp(S_ij - lse_i) and w_i the incoming gradient of row i's term (1/(2N) for the mean),
 
 followed by the backward of the L2 normalisation. This is the fast path on CPU.
 """
@@ -18,9 +20,9 @@ from typing import Iterator
 import torch
 
 from . import reference
-from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, dec_loss,  # noqa: F401
-                        fixed_shift_safe, l2_normalize, l2_normalize_backward,
-                        outside_autocast, student_t)
+from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
+                        dec_loss, dec_loss_terms, fixed_shift_safe, l2_normalize,
+                        l2_normalize_backward, outside_autocast, student_t)
 
 DEFAULT_BLOCK = 1024
 
@@ -154,7 +156,9 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     return torch.cat(out) - 2.0 * zn[_positive_of(row_start, row_end, zn)]
 
 
-class _ChunkedNTXent(torch.autograd.Function):
+class _ChunkedNTXentTerms(torch.autograd.Function):
+    """The 2N per-row NT-Xent terms; the backward weights each row by its incoming gradient."""
+
     @staticmethod
     def forward(ctx, z_a, z_b, temperature, block):
         n = z_a.shape[0]
@@ -165,39 +169,50 @@ class _ChunkedNTXent(torch.autograd.Function):
         positive = (zn * zn[pos]).sum(1) * inv_tau
         ctx.save_for_backward(zn, norm, lse)
         ctx.inv_tau, ctx.block, ctx.input_dtype = inv_tau, block, z_a.dtype
-        return (lse - positive).mean()
+        return lse - positive
 
     @staticmethod
     @outside_autocast  # .backward() may be called inside an autocast region
     def backward(ctx, grad_out):
         zn, norm, lse = ctx.saved_tensors
         inv_tau, rows_total = ctx.inv_tau, zn.shape[0]
+        w = grad_out.to(zn.dtype)
         g = torch.zeros_like(zn)
         for rows, cols, diagonal in _tiles(rows_total, ctx.block):
             s = _tile(zn, rows, cols, inv_tau)
-            a = torch.exp(s - lse[rows, None]) + torch.exp(s - lse[None, cols])  # P_IJ + P_JI^T
+            a = (w[rows, None] * torch.exp(s - lse[rows, None])          # w_I P_IJ + w_J P_JI^T
+                 + w[None, cols] * torch.exp(s - lse[None, cols]))
             if diagonal:
                 a.fill_diagonal_(0.0)
                 g[rows] += a @ zn[cols]
             else:
                 g[rows] += a @ zn[cols]
                 g[cols] += a.T @ zn[rows]
-        g -= 2.0 * zn[_positive_index(rows_total // 2, zn.device)]
-        g *= grad_out * inv_tau / rows_total
+        pos = _positive_index(rows_total // 2, zn.device)
+        g -= (w + w[pos])[:, None] * zn[pos]
+        g *= inv_tau
         dz = l2_normalize_backward(zn, norm, g).to(ctx.input_dtype)
         n = rows_total // 2
         return dz[:n], dz[n:], None, None
 
 
+def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+                  block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """NT-Xent's 2N per-row terms (`reference.nt_xent_terms`) in block_size x block_size tiles."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return _ChunkedNTXentTerms.apply(z_a.contiguous(), z_b.contiguous(), temperature, block_size)
+
+
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
             block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) in block_size x block_size tiles."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return _ChunkedNTXent.apply(z_a.contiguous(), z_b.contiguous(), temperature, block_size)
+    return nt_xent_terms(z_a, z_b, temperature, block_size).mean()
 
 
 # The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; the O(N*K) terms
 # (student_t, dec_loss, anchor_loss) have no N x N matrix to chunk and are the reference ones.
 cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
 tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
+cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
+tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms, instance_terms=nt_xent_terms)

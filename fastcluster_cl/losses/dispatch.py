@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from . import chunked, reference
+
 BACKENDS = ("auto", "torch", "chunked", "triton", "cuda")
 _MODULES = {
     "torch": "fastcluster_cl.losses.reference",
@@ -18,6 +20,10 @@ _MODULES = {
     "triton": "fastcluster_cl.kernels",
     "cuda": "fastcluster_cl.cuda_backend",
 }
+# Backend modules by name. The pure-PyTorch ones are imported here so that a first call traced by
+# torch.compile finds them without an import, which dynamo cannot trace; triton and cuda load on
+# first use (so that importing fastcluster_cl never imports triton or builds CUDA code).
+_LOADED = {"torch": reference, "chunked": chunked}
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -40,13 +46,18 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def _backend_module(name: str):
-    return importlib.import_module(_MODULES[name])
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return _LOADED[name]
 
 
-def implementation(op: str, backend: str, device: torch.device,
-                   required: bool = True) -> Callable | None:
-    """The function computing `op` on `backend` ("auto" resolved) for tensors on `device`; None
-    for an optional op (required=False, e.g. a fused variant) that the backend lacks."""
+# (op, backend, device) -> the function, or None for an op the backend lacks. Filled on the first
+# call for a key, so later calls (and torch.compile traces) do a dict lookup instead of an import,
+# which dynamo cannot trace. Failed look-ups are not stored: they raise again on every call.
+_RESOLVED: dict[tuple[str, str, torch.device], Callable | None] = {}
+
+
+def _lookup(op: str, backend: str, device: torch.device) -> Callable | None:
     name = resolve(backend, device)
     try:
         module = _backend_module(name)
@@ -56,10 +67,19 @@ def implementation(op: str, backend: str, device: torch.device,
     reason = getattr(module, "unavailable_reason", lambda _device: None)(device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
-    fn = getattr(module, op, None)
-    if fn is None and not required:
-        return None
-    if fn is None:
-        raise NotImplementedError(f"backend={name!r} has no {op}; use backend='torch' or "
-                                  "'chunked' for it")
+    return getattr(module, op, None)
+
+
+def implementation(op: str, backend: str, device: torch.device,
+                   required: bool = True) -> Callable | None:
+    """The function computing `op` on `backend` ("auto" resolved) for tensors on `device`; None
+    for an optional op (required=False, e.g. a fused variant) that the backend lacks. Resolved
+    once per (op, backend, device)."""
+    key = (op, backend, device)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _lookup(op, backend, device)
+    fn = _RESOLVED[key]
+    if fn is None and required:
+        raise NotImplementedError(f"backend={resolve(backend, device)!r} has no {op}; use "
+                                  "backend='torch' or 'chunked' for it")
     return fn

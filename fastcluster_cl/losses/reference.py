@@ -71,8 +71,8 @@ def safe_log(q: torch.Tensor) -> torch.Tensor:
     return torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over Z = [z_a; z_b] (2N rows): mean_i logsumexp_{k != i} S_ik - S_{i,pos(i)}.
+def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent's 2N per-row terms over Z = [z_a; z_b]: logsumexp_{k != i} S_ik - S_{i,pos(i)}.
 
     S = Z Z^T / tau after row L2 normalisation; pos(i) = i + N for i < N, else i - N.
     """
@@ -82,13 +82,49 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
     pos = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return (lse - s[torch.arange(2 * n, device=z.device), pos]).mean()
+    return lse - s[torch.arange(2 * n, device=z.device), pos]
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent: the mean of `nt_xent_terms` over the 2N rows."""
+    return nt_xent_terms(z_a, z_b, temperature).mean()
+
+
+def marginal_entropy_shares(q: torch.Tensor) -> torch.Tensor:
+    """Column k's share P_k log P_k + (log K) / K of CC's anti-collapse term (K values summing
+    to `marginal_entropy_term`), P_k the column mean of q.
+
+    `safe_log` rather than xlogy: a column that underflows to P_k = 0 has the derivative
+    log P_k + 1 = -inf, and -inf times softmax's zero Jacobian is a NaN gradient."""
+    p = q.sum(0) / q.shape[0]
+    return p * safe_log(p) + math.log(q.shape[1]) / q.shape[1]
 
 
 def marginal_entropy_term(q: torch.Tensor) -> torch.Tensor:
     """log K + sum_k P_k log P_k with P_k the column mean of q (CC's anti-collapse term, >= 0)."""
-    p = q.sum(0) / q.shape[0]
-    return math.log(q.shape[1]) + torch.special.xlogy(p, p).sum()
+    return marginal_entropy_shares(q).sum()
+
+
+def cluster_contrast(x_a: torch.Tensor, x_b: torch.Tensor, q_a: torch.Tensor,
+                     q_b: torch.Tensor, temperature: float, instance_loss=nt_xent) -> torch.Tensor:
+    """NT-Xent over the 2K cluster rows [x_a; x_b] plus `marginal_entropy_term` of the
+    assignment probabilities q of each view: the cluster losses of CC (x = q^T) and TCC."""
+    return (instance_loss(x_a, x_b, temperature)
+            + marginal_entropy_term(q_a) + marginal_entropy_term(q_b))
+
+
+def cluster_contrast_terms(x_a: torch.Tensor, x_b: torch.Tensor, q_a: torch.Tensor,
+                           q_b: torch.Tensor, temperature: float,
+                           instance_terms=nt_xent_terms) -> torch.Tensor:
+    """`cluster_contrast` per cluster row (2K values whose mean is the loss): row j's NT-Xent
+    term plus 2K times its column's `marginal_entropy_shares`."""
+    shares = torch.cat([marginal_entropy_shares(q_a), marginal_entropy_shares(q_b)])
+    return instance_terms(x_a, x_b, temperature) + shares.shape[0] * shares
+
+
+def _softmax_pair(logits_a: torch.Tensor, logits_b: torch.Tensor):
+    acc = accumulation_dtype(logits_a.dtype)
+    return torch.softmax(logits_a.to(acc), dim=1), torch.softmax(logits_b.to(acc), dim=1)
 
 
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
@@ -99,11 +135,15 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
     plus `marginal_entropy_term` of each view. `instance_loss` is the NT-Xent implementation
     used on the columns (other backends pass their own).
     """
-    acc = accumulation_dtype(logits_a.dtype)
-    q_a = torch.softmax(logits_a.to(acc), dim=1)
-    q_b = torch.softmax(logits_b.to(acc), dim=1)
-    return (instance_loss(q_a.T, q_b.T, temperature)
-            + marginal_entropy_term(q_a) + marginal_entropy_term(q_b))
+    q_a, q_b = _softmax_pair(logits_a, logits_b)
+    return cluster_contrast(q_a.T, q_b.T, q_a, q_b, temperature, instance_loss)
+
+
+def cc_cluster_loss_terms(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
+                          instance_terms=nt_xent_terms) -> torch.Tensor:
+    """`cc_cluster_loss` per column of [q_a, q_b] (see `cluster_contrast_terms`)."""
+    q_a, q_b = _softmax_pair(logits_a, logits_b)
+    return cluster_contrast_terms(q_a.T, q_b.T, q_a, q_b, temperature, instance_terms)
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -121,10 +161,11 @@ def dec_target(q: torch.Tensor, column_sums: torch.Tensor | None = None) -> torc
     """DEC's sharpened target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j), f_k = sum_i q_ik.
 
     Computed with no gradient; f is the batch's column sums unless `column_sums` gives them
-    (the all-reduced sums of every rank's batch under gather_distributed)."""
+    (the all-reduced sums of every rank's batch under gather_distributed). f is clamped at the
+    smallest normal so that a cluster with no mass in the batch gets p = 0, not 0/0."""
     q = q.detach()
     f = q.sum(0) if column_sums is None else column_sums.detach()
-    weight = q.pow(2) / f
+    weight = q.pow(2) / f.clamp_min(torch.finfo(f.dtype).tiny)
     return weight / weight.sum(1, keepdim=True)
 
 
@@ -133,17 +174,27 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(p, p) - p * safe_log(q)).sum(1)
 
 
-def dec_loss(q: torch.Tensor) -> torch.Tensor:
-    """DEC clustering loss: (1/N) sum_i KL(p_i || q_i) with p = dec_target(q) held fixed."""
+def dec_loss_terms(q: torch.Tensor) -> torch.Tensor:
+    """DEC's per-row terms KL(p_i || q_i) with p = dec_target(q) held fixed."""
     q = q.to(accumulation_dtype(q.dtype))
-    return kl_rows(dec_target(q), q).mean()
+    return kl_rows(dec_target(q), q)
+
+
+def dec_loss(q: torch.Tensor) -> torch.Tensor:
+    """DEC clustering loss: the mean of `dec_loss_terms` over the N rows."""
+    return dec_loss_terms(q).mean()
+
+
+def anchor_loss_terms(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """Per-row anchor terms KL(q0_i || qa_i) + KL(q0_i || qb_i); q0 (clean view) detached."""
+    acc = accumulation_dtype(q0.dtype)
+    q0 = q0.detach().to(acc)
+    return kl_rows(q0, q_a.to(acc)) + kl_rows(q0, q_b.to(acc))
 
 
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
-    """Anchor loss: (1/N) sum_i KL(q0_i || qa_i) + KL(q0_i || qb_i); q0 (clean view) detached."""
-    acc = accumulation_dtype(q0.dtype)
-    q0 = q0.detach().to(acc)
-    return (kl_rows(q0, q_a.to(acc)) + kl_rows(q0, q_b.to(acc))).mean()
+    """Anchor loss: the mean of `anchor_loss_terms` over the N rows."""
+    return anchor_loss_terms(q0, q_a, q_b).mean()
 
 
 def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_b: torch.Tensor,
@@ -154,8 +205,18 @@ def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_
     Cluster representations s_k = normalise(sum_i y_ik h_i) per view, NT-Xent over the 2K rows,
     plus `marginal_entropy_term` of the assignment probabilities q of each view.
     """
+    return cluster_contrast(*_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature, instance_loss)
+
+
+def tcc_cluster_loss_terms(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor,
+                           h_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
+                           temperature: float, instance_terms=nt_xent_terms) -> torch.Tensor:
+    """`tcc_cluster_loss` per cluster representation (see `cluster_contrast_terms`)."""
+    return cluster_contrast_terms(*_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature,
+                                  instance_terms)
+
+
+def _tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b):
+    """(s_a, s_b, q_a, q_b) in the accumulation dtype, s = y^T h (K x F) per view."""
     acc = accumulation_dtype(h_a.dtype)
-    s_a = y_a.to(acc).T @ h_a.to(acc)                              # (K, F)
-    s_b = y_b.to(acc).T @ h_b.to(acc)
-    return (instance_loss(s_a, s_b, temperature)
-            + marginal_entropy_term(q_a.to(acc)) + marginal_entropy_term(q_b.to(acc)))
+    return (y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc), q_a.to(acc), q_b.to(acc))
