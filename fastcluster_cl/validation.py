@@ -1,8 +1,12 @@
 """Argument checks shared by every loss. Each error says what was wrong and what to pass instead.
 
-`check_values` (non-finite inputs, probabilities off the simplex) needs one device sync; it is on
-by default because a silent NaN loss costs more than the sync. Turn it off with
-``fastcluster_cl.validation.set_value_checks(False)``; it is skipped while torch.compile traces.
+Shape, dtype and device checks read metadata only and always run. The value checks (non-finite
+inputs, probabilities off the simplex) read the data, which on a GPU costs a device-to-host sync
+and a few launches per loss; that stalls pipelining and prevents CUDA-graph capture. So by
+default ("cpu") they run only on CPU tensors, where reading the data syncs nothing, and a GPU
+loss path adds no host sync. ``set_value_checks(True)`` runs them on every device (one sync per
+check; worth it while debugging), ``set_value_checks(False)`` nowhere. They are skipped while
+torch.compile traces.
 """
 from __future__ import annotations
 
@@ -12,17 +16,20 @@ from contextlib import contextmanager
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_value_checks = True
+_value_checks: bool | str = "cpu"
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Enable or disable the data-dependent checks (finite inputs, valid probabilities)."""
+def set_value_checks(enabled: bool | str) -> None:
+    """Data-dependent checks (finite inputs, valid probabilities): True on every device (one
+    host sync per check on a GPU), False nowhere, "cpu" (the default) on CPU tensors only."""
     global _value_checks
-    _value_checks = bool(enabled)
+    if enabled not in (True, False, "cpu"):
+        raise ValueError(f"value checks are True, False or 'cpu', got {enabled!r}")
+    _value_checks = enabled
 
 
 @contextmanager
-def value_checks(enabled: bool):
+def value_checks(enabled: bool | str):
     """Context manager form of `set_value_checks`."""
     previous = _value_checks
     set_value_checks(enabled)
@@ -32,8 +39,15 @@ def value_checks(enabled: bool):
         set_value_checks(previous)
 
 
-def _value_checks_active() -> bool:
-    return _value_checks and not torch.compiler.is_compiling()
+def syncs_host(device: torch.device) -> bool:
+    """Whether reading a tensor's values on `device` waits for the device (all but the CPU)."""
+    return device.type != "cpu"
+
+
+def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
+    if _value_checks is False or torch.compiler.is_compiling():
+        return False
+    return _value_checks is True or not any(syncs_host(t.device) for t in tensors)
 
 
 def check_positive(name: str, value: float) -> float:
@@ -77,7 +91,7 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shape:
 
 def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     """Raise on NaN/inf inputs instead of returning a NaN loss."""
-    if not _value_checks_active():
+    if not _value_checks_active(tensors):
         return
     for name, t in zip(names, tensors):
         if not bool(torch.isfinite(t).all()):
@@ -87,7 +101,7 @@ def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
 
 def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     """Finite, non-negative rows that sum to 1 (to a tolerance fitting the dtype)."""
-    if not _value_checks_active():
+    if not _value_checks_active(tensors):
         return
     check_finite(names, tensors)
     for name, q in zip(names, tensors):
