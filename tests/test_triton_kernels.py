@@ -2,6 +2,7 @@
 that are not multiples of the blocks, small temperatures, bf16/fp16, extreme inputs, the
 row-range primitives and the symmetric forward. Without CUDA the kernels run under
 TRITON_INTERPRET=1 (tests/conftest.py)."""
+import importlib
 import sys
 
 import pytest
@@ -213,6 +214,31 @@ def test_student_t_matches_reference(dtype, n, k, f, alpha):
             (randn(n, f, seed=23), randn(k, f, seed=24)), dtype, weights=randn(n, k, seed=25))
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,f", [(37, 70, 100), (33, 96, 20), (5, 33, 7)])
+def test_student_t_tiles_over_centres(monkeypatch, dtype, n, k, f):
+    """K not a multiple of the centre tile (32 here): several tiles, the online softmax across
+    them, a last tile that is mostly padding (K = 33) and an exact multiple (K = 96)."""
+    st = kernel_module("student_t")
+    monkeypatch.setattr(st, "_BLOCK_K", 32)
+    assert st._blocks(k, f)[0] == 32
+    compare(lambda h, mu: fc.student_t(h, mu, 1.5, backend="triton"),
+            lambda h, mu: reference.student_t(h, mu, 1.5),
+            (randn(n, f, seed=52), randn(k, f, seed=53, scale=0.3)), dtype,
+            weights=randn(n, k, seed=54))
+
+
+def test_student_t_up_to_the_documented_limit():
+    """K = MAX_CENTRES runs (in 16 tiles of 64 centres); one more is refused."""
+    st = kernel_module("student_t")
+    k = st.MAX_CENTRES
+    compare(lambda h, mu: fc.student_t(h, mu, 1.0, backend="triton"),
+            lambda h, mu: reference.student_t(h, mu, 1.0),
+            (randn(3, 8, seed=55), randn(k, 8, seed=56)), torch.float32)
+    with pytest.raises(ValueError, match="at most 1024 centres"):
+        kernels.student_t(torch.randn(3, 8), torch.randn(k + 1, 8), 1.0)
+
+
 def test_student_t_mixed_dtypes():
     """bf16 features with fp32 centres (autocast) give the fp32 computation on bf16 features."""
     h = randn(20, 16, seed=26).bfloat16()
@@ -222,6 +248,11 @@ def test_student_t_mixed_dtypes():
                                rtol=1e-5, atol=1e-6)
     got.sum().backward()
     assert mu.grad.dtype == torch.float32 and torch.isfinite(mu.grad).all()
+
+
+def kernel_module(name):
+    """The module kernels/<name>.py (the package exports functions under the same names)."""
+    return importlib.import_module(f"fastcluster_cl.kernels.{name}")
 
 
 def probabilities(n, k, seed):

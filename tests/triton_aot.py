@@ -71,9 +71,13 @@ def variants():
            dict(ACC=F32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4)
     h = {"H": "bf16", "MU": "bf16", "Q": "fp32", "ALPHA": "fp32", "DQ": "fp32", "DH": "bf16",
          "G": "fp32"}
-    for kern in (st._fwd_kernel, st._bwd_kernel):
-        yield (f"student_t {kern.__name__} bf16", kern, h,
-               dict(PREC="ieee", BLOCK_M=32, BLOCK_K=64, BLOCK_F=64, **common), 4)
+    # The launcher's blocks (st._blocks) for K centres: K is tiled, so the tile stays fixed.
+    for k in (64, 300, 600, 1000):
+        block_k, block_f = st._blocks(k, 128)
+        for kern in (st._fwd_kernel, st._bwd_kernel):
+            yield (f"student_t {kern.__name__} bf16 K={k}", kern, h,
+                   dict(PREC="ieee", BLOCK_M=st._BLOCK_M, BLOCK_K=block_k, BLOCK_F=block_f,
+                        **common), 4)
     q = {"Q": "fp32", "PARTIAL": "fp32", "F": "fp32", "OUT": "fp32", "GRAD": "fp32",
          "Q0": "fp32", "QA": "fp32", "QB": "fp32", "DQA": "fp32", "DQB": "fp32"}
     tiny = dict(ACC=F32, TINY=1.1754943508222875e-38, BLOCK_M=32, BLOCK_K=128)
