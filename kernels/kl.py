@@ -2,10 +2,15 @@
 
 DEC (`dec_loss`): f_k = sum_i q_ik; p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) held fixed;
 L = (1/N) sum_i KL(p_i || q_i). The forward is a column-sum launch (`_colsum_kernel`, persistent
-programs writing deterministic partials of f) and a row launch (`_dec_kernel`) that rebuilds
-p_i from q_i and f and writes the per-row KL; the backward launch re-reads q (and f) and writes
-dq_ik = -(grad / N) p_ik / q_ik. Reads of q: forward 2, backward 1; the target p never reaches
-memory. Floors: O(N K) FLOPs, forward 2 N K b bytes read, backward N K b read + N K b written.
+programs per tile of columns writing deterministic partials of f) and a row launch
+(`_dec_kernel`) that rebuilds p_i from q_i and f and writes the per-row KL; the backward launch
+re-reads q (and f) and writes dq_ik = -(grad / N) p_ik / q_ik. f_k is clamped at the smallest
+normal (`reference.dec_target`): a cluster with no mass in the batch has target 0, not NaN.
+Every kernel walks K in tiles of `_BLOCK_K` columns, so registers and compile time do not grow
+with K (a whole 4096-wide row per program took over 15 minutes to compile); the row launches
+of DEC take two passes over the tiles, the first for the row totals sum_j q_ij^2 / f_j.
+Reads of q: forward 3, backward 2; the target p never reaches memory. Floors: O(N K) FLOPs,
+forward 3 N K b bytes read, backward 2 N K b read + N K b written.
 
 Anchor (`anchor_loss`): L = (1/N) sum_i KL(q0_i || qa_i) + KL(q0_i || qb_i), q0 detached. One
 row launch reads q0, qa, qb once and writes per-row terms; the backward reads each once more and
@@ -14,9 +19,10 @@ read + 2 N K b written.
 
 Anchor method's cluster side fused (`dec_anchor_losses`, what `ClusterContrastiveLoss("anchor")`
 uses on this backend): both losses read q0, so one column-sum launch over q0 and one row launch
-reading q0, qa, qb once give both per-row terms; one backward launch reads each once more and
-writes dq0 (DEC's), dqa, dqb. Saves one read of q0 in the forward and one in the backward, and
-two launches each way, over calling `dec_loss` and `anchor_loss`.
+reading q0 twice (DEC's two passes) and qa, qb once give both per-row terms; one backward
+launch reads the same again and writes dq0 (DEC's), dqa, dqb. Saves one read of q0 in the
+forward and one in the backward, and two launches each way, over calling `dec_loss` and
+`anchor_loss`.
 
 log q is clamped at the accumulation dtype's smallest normal, as `reference.safe_log`: a zero
 probability has a finite log and a zero gradient (one-hot assignments stay NaN-free).
@@ -27,23 +33,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_dtype, torch_acc_dtype
+from ._common import acc_dtype, check_dtype, device_guard, torch_acc_dtype
 
 MAX_CLUSTERS = 4096
 _BLOCK_M = 32
+# Columns per tile and warps per program: registers and compile time independent of K, no
+# spills on sm_90 (at 128 x 4 warps the fused kernels spill; tests/triton_aot.py).
+_BLOCK_K = 64
+_WARPS = 8
 _MAX_PROGRAMS = 128
 
 
 @triton.jit
-def _load(Q, stride, offs_m, mask_m, K, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_k = tl.arange(0, BLOCK_K)
+def _load(Q, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr):
     return tl.load(Q + offs_m[:, None] * stride + offs_k[None, :],
                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(ACC)
 
 
 @triton.jit
-def _store(DQ, stride, offs_m, mask_m, K, value, BLOCK_K: tl.constexpr):
-    offs_k = tl.arange(0, BLOCK_K)
+def _store(DQ, stride, offs_m, mask_m, offs_k, K, value):
     tl.store(DQ + offs_m[:, None] * stride + offs_k[None, :], value.to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & (offs_k[None, :] < K))
 
@@ -65,40 +73,60 @@ def _ratio(p, q, TINY: tl.constexpr):
 
 
 @triton.jit
-def _colsum_kernel(Q, PARTIAL, n, K, stride, ACC: tl.constexpr,
+def _colsum_kernel(Q, PARTIAL, n, K, stride, stride_partial, ACC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (p, j) sums rows p, p + P, ... of q over the j-th tile of BLOCK_K columns."""
     pid = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_K], ACC)
     for r0 in range(pid * BLOCK_M, n, tl.num_programs(0) * BLOCK_M):
         offs_m = r0 + tl.arange(0, BLOCK_M)
-        total += tl.sum(_load(Q, stride, offs_m, offs_m < n, K, ACC, BLOCK_K), axis=0)
-    tl.store(PARTIAL + pid * BLOCK_K + tl.arange(0, BLOCK_K), total)
+        total += tl.sum(_load(Q, stride, offs_m, offs_m < n, offs_k, K, ACC), axis=0)
+    tl.store(PARTIAL + pid * stride_partial + offs_k, total)
 
 
 @triton.jit
-def _dec_target(q, f, mask_k):
-    w = tl.where(mask_k[None, :], q * q / f[None, :], 0.0)
-    total = tl.sum(w, axis=1)
-    return w / tl.where(total > 0, total, 1.0)[:, None]  # padding rows are all zero
+def _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr,
+                 TINY: tl.constexpr):
+    """q (one tile) and its unnormalised DEC target q^2 / max(f, tiny): a cluster with no mass
+    in the batch (f = 0, so q = 0 in its column) gets weight 0, not 0/0."""
+    q = _load(Q, stride, offs_m, mask_m, offs_k, K, ACC)
+    f = tl.load(F + offs_k, mask=offs_k < K, other=1.0)
+    return q, q * q / tl.maximum(f, TINY)[None, :]
+
+
+@triton.jit
+def _dec_row_totals(Q, F, stride, offs_m, mask_m, K, ACC: tl.constexpr, TINY: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k q_ik^2 / f_k over the K tiles (DEC's first pass); 1 for all-zero rows (padding)."""
+    total = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q, w = _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC, TINY)
+        total += tl.sum(w, axis=1)
+    return tl.where(total > 0, total, 1.0)
 
 
 @triton.jit
 def _dec_kernel(Q, F, OUT, n, K, stride, GRAD, stride_out, BACKWARD: tl.constexpr,
                 ACC: tl.constexpr, TINY: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Forward: OUT[i] = KL(p_i || q_i). Backward: OUT = dq = -(GRAD / n) p / q."""
+    """Forward: OUT[i] = KL(p_i || q_i). Backward: OUT = dq = -(GRAD / n) p / q. Two passes
+    over the K tiles: the row totals of the target, then the target tile by tile."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    q = _load(Q, stride, offs_m, mask_m, K, ACC, BLOCK_K)
-    f = tl.load(F + offs_k, mask=mask_k, other=1.0)
-    p = _dec_target(q, f, mask_k)
-    if BACKWARD:
-        scale = -tl.load(GRAD).to(ACC) / n
-        _store(OUT, stride_out, offs_m, mask_m, K, scale * _ratio(p, q, TINY), BLOCK_K)
-    else:
-        kl = tl.sum(_xlogx(p) - p * _safe_log(q, TINY), axis=1)
+    total = _dec_row_totals(Q, F, stride, offs_m, mask_m, K, ACC, TINY, BLOCK_M, BLOCK_K)
+    kl = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q, w = _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC, TINY)
+        p = w / total[:, None]
+        if BACKWARD:
+            scale = -tl.load(GRAD).to(ACC) / n
+            _store(OUT, stride_out, offs_m, mask_m, offs_k, K, scale * _ratio(p, q, TINY))
+        else:
+            kl += tl.sum(_xlogx(p) - p * _safe_log(q, TINY), axis=1)
+    if not BACKWARD:
         tl.store(OUT + offs_m, kl, mask=mask_m)
 
 
@@ -108,16 +136,21 @@ def _anchor_kernel(Q0, QA, QB, OUT, DQA, DQB, GRAD, n, K, stride0, stride_a, str
                    TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    q0 = _load(Q0, stride0, offs_m, mask_m, K, ACC, BLOCK_K)
-    qa = _load(QA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
-    qb = _load(QB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
-    if BACKWARD:
-        scale = -tl.load(GRAD).to(ACC) / n
-        _store(DQA, stride_da, offs_m, mask_m, K, scale * _ratio(q0, qa, TINY), BLOCK_K)
-        _store(DQB, stride_db, offs_m, mask_m, K, scale * _ratio(q0, qb, TINY), BLOCK_K)
-    else:
-        terms = 2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY))
-        tl.store(OUT + offs_m, tl.sum(terms, axis=1), mask=mask_m)
+    acc = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
+        qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
+        qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
+        if BACKWARD:
+            scale = -tl.load(GRAD).to(ACC) / n
+            _store(DQA, stride_da, offs_m, mask_m, offs_k, K, scale * _ratio(q0, qa, TINY))
+            _store(DQB, stride_db, offs_m, mask_m, offs_k, K, scale * _ratio(q0, qb, TINY))
+        else:
+            terms = 2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY))
+            acc += tl.sum(terms, axis=1)
+    if not BACKWARD:
+        tl.store(OUT + offs_m, acc, mask=mask_m)
 
 
 @triton.jit
@@ -129,46 +162,58 @@ def _dec_anchor_kernel(Q0, QA, QB, F, OUT, DQ0, DQA, DQB, GRAD, n, K, stride0, s
     Backward: DQ0 = DEC's gradient (GRAD[0]), DQA, DQB = the anchor's (GRAD[1])."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    q0 = _load(Q0, stride0, offs_m, mask_m, K, ACC, BLOCK_K)
-    qa = _load(QA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
-    qb = _load(QB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
-    p = _dec_target(q0, tl.load(F + offs_k, mask=mask_k, other=1.0), mask_k)
-    if BACKWARD:
-        dec_scale = -tl.load(GRAD).to(ACC) / n
-        anchor_scale = -tl.load(GRAD + 1).to(ACC) / n
-        _store(DQ0, stride_d0, offs_m, mask_m, K, dec_scale * _ratio(p, q0, TINY), BLOCK_K)
-        _store(DQA, stride_da, offs_m, mask_m, K, anchor_scale * _ratio(q0, qa, TINY), BLOCK_K)
-        _store(DQB, stride_db, offs_m, mask_m, K, anchor_scale * _ratio(q0, qb, TINY), BLOCK_K)
-    else:
-        dec = tl.sum(_xlogx(p) - p * _safe_log(q0, TINY), axis=1)
-        anchor = tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
-                        axis=1)
+    total = _dec_row_totals(Q0, F, stride0, offs_m, mask_m, K, ACC, TINY, BLOCK_M, BLOCK_K)
+    dec = tl.zeros([BLOCK_M], ACC)
+    anchor = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q0, w = _dec_weights(Q0, F, stride0, offs_m, mask_m, offs_k, K, ACC, TINY)
+        qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
+        qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
+        p = w / total[:, None]
+        if BACKWARD:
+            dec_scale = -tl.load(GRAD).to(ACC) / n
+            anchor_scale = -tl.load(GRAD + 1).to(ACC) / n
+            _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * _ratio(p, q0, TINY))
+            _store(DQA, stride_da, offs_m, mask_m, offs_k, K,
+                   anchor_scale * _ratio(q0, qa, TINY))
+            _store(DQB, stride_db, offs_m, mask_m, offs_k, K,
+                   anchor_scale * _ratio(q0, qb, TINY))
+        else:
+            dec += tl.sum(_xlogx(p) - p * _safe_log(q0, TINY), axis=1)
+            anchor += tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
+                             axis=1)
+    if not BACKWARD:
         tl.store(OUT + offs_m, dec, mask=mask_m)
         tl.store(OUT + n + offs_m, anchor, mask=mask_m)
 
 
 def _block_k(k: int) -> int:
+    """Columns per tile: at most `_BLOCK_K` whatever K (the kernels loop over the tiles)."""
     if k > MAX_CLUSTERS:
         raise ValueError(f"backend='triton' supports at most {MAX_CLUSTERS} clusters, got {k}; "
                          "use backend='chunked' for more")
-    return max(16, triton.next_power_of_2(k))
+    return min(_BLOCK_K, max(16, triton.next_power_of_2(k)))
 
 
-def _consts(dtype: torch.dtype) -> dict:
+def _consts(dtype: torch.dtype, k: int) -> dict:
     acc = torch_acc_dtype(dtype)
-    return dict(ACC=acc_dtype(dtype), TINY=torch.finfo(acc).tiny, BLOCK_M=_BLOCK_M)
+    return dict(ACC=acc_dtype(dtype), TINY=torch.finfo(acc).tiny, BLOCK_M=_BLOCK_M,
+                BLOCK_K=_block_k(k), num_warps=_WARPS)
 
 
 def _column_sums(q: torch.Tensor) -> torch.Tensor:
     """f_k = sum_i q_ik from deterministic per-program partials."""
     n, k = q.shape
     block_k = _block_k(k)
+    tiles = triton.cdiv(k, block_k)
     programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
-    partial = torch.empty(programs, block_k, dtype=torch_acc_dtype(q.dtype), device=q.device)
-    _colsum_kernel[(programs,)](q, partial, n, k, q.stride(0), ACC=acc_dtype(q.dtype),
-                                BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+    partial = torch.empty(programs, tiles * block_k, dtype=torch_acc_dtype(q.dtype),
+                          device=q.device)
+    with device_guard(q):
+        _colsum_kernel[(programs, tiles)](q, partial, n, k, q.stride(0), partial.stride(0),
+                                          ACC=acc_dtype(q.dtype), BLOCK_M=_BLOCK_M,
+                                          BLOCK_K=block_k, num_warps=_WARPS)
     return partial.sum(0)[:k].contiguous()
 
 
@@ -178,13 +223,12 @@ class DECFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q):
         n, k = q.shape
-        block_k = _block_k(k)
         acc = torch_acc_dtype(q.dtype)
         f = _column_sums(q)
         rows = torch.empty(n, dtype=acc, device=q.device)
-        _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, rows, n, k, q.stride(0), f, 0,
-                                                 BACKWARD=False, BLOCK_K=block_k,
-                                                 **_consts(q.dtype))
+        with device_guard(q):
+            _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, rows, n, k, q.stride(0), f, 0,
+                                                     BACKWARD=False, **_consts(q.dtype, k))
         ctx.save_for_backward(q, f)
         return rows.mean()
 
@@ -193,9 +237,10 @@ class DECFunction(torch.autograd.Function):
         q, f = ctx.saved_tensors
         n, k = q.shape
         dq = torch.empty_like(q)
-        _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, dq, n, k, q.stride(0), grad.contiguous(),
-                                                 dq.stride(0), BACKWARD=True,
-                                                 BLOCK_K=_block_k(k), **_consts(q.dtype))
+        with device_guard(q):
+            _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, dq, n, k, q.stride(0),
+                                                     grad.contiguous(), dq.stride(0),
+                                                     BACKWARD=True, **_consts(q.dtype, k))
         return dq
 
 
@@ -206,9 +251,10 @@ class AnchorFunction(torch.autograd.Function):
     def forward(ctx, q0, q_a, q_b):
         n, k = q0.shape
         rows = torch.empty(n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-        _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            q0, q_a, q_b, rows, q_a, q_b, rows, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), 0, 0, BACKWARD=False, BLOCK_K=_block_k(k), **_consts(q0.dtype))
+        with device_guard(q0):
+            _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                q0, q_a, q_b, rows, q_a, q_b, rows, n, k, q0.stride(0), q_a.stride(0),
+                q_b.stride(0), 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
         ctx.save_for_backward(q0, q_a, q_b)
         return rows.mean()
 
@@ -217,10 +263,11 @@ class AnchorFunction(torch.autograd.Function):
         q0, q_a, q_b = ctx.saved_tensors
         n, k = q0.shape
         d_a, d_b = torch.empty_like(q_a), torch.empty_like(q_b)
-        _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            q0, q_a, q_b, grad, d_a, d_b, grad.contiguous(), n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True, BLOCK_K=_block_k(k),
-            **_consts(q0.dtype))
+        with device_guard(q0):
+            _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                q0, q_a, q_b, grad, d_a, d_b, grad.contiguous(), n, k, q0.stride(0),
+                q_a.stride(0), q_b.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True,
+                **_consts(q0.dtype, k))
         return None, d_a, d_b
 
 
@@ -232,9 +279,10 @@ class DECAnchorFunction(torch.autograd.Function):
         n, k = q0.shape
         f = _column_sums(q0)
         rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-        _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), 0, 0, 0, BACKWARD=False, BLOCK_K=_block_k(k), **_consts(q0.dtype))
+        with device_guard(q0):
+            _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
+                q_b.stride(0), 0, 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
         ctx.save_for_backward(q0, q_a, q_b, f)
         dec, anchor = rows.mean(1).unbind(0)
         return dec, anchor
@@ -246,10 +294,11 @@ class DECAnchorFunction(torch.autograd.Function):
         grads = torch.stack([torch.zeros_like(f[0]) if g is None else g.to(f.dtype)
                              for g in (grad_dec, grad_anchor)])
         d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
-        _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True,
-            BLOCK_K=_block_k(k), **_consts(q0.dtype))
+        with device_guard(q0):
+            _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0),
+                q_a.stride(0), q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0),
+                BACKWARD=True, **_consts(q0.dtype, k))
         return d0, d_a, d_b
 
 

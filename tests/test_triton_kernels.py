@@ -312,6 +312,59 @@ def test_dec_and_anchor_one_hot_stay_finite():
             reference.anchor_loss, (q, q, probabilities(37, 10, 32)), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(37, 70), (40, 64), (5, 33)])
+def test_kl_losses_tile_over_clusters(monkeypatch, dtype, n, k):
+    """K not a multiple of the column tile (32 here): DEC's two passes (row totals, then the
+    target) and the column sums across several tiles, on all three kernels."""
+    kl = kernel_module("kl")
+    monkeypatch.setattr(kl, "_BLOCK_K", 32)
+    assert kl._block_k(k) == 32
+    from fastcluster_cl.functional import dec_anchor_losses
+    test_dec_and_anchor_match_reference(dtype, n, k)
+    inputs = (probabilities(n, k, 57), probabilities(n, k, 58), probabilities(n, k, 59))
+    compare(lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
+            lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
+            inputs, dtype, torch.tensor([0.7, 1.3], dtype=F64))
+
+
+def test_kl_losses_at_the_documented_limit():
+    """K = MAX_CLUSTERS = 4096 runs (64 tiles of 64 columns); one more is refused."""
+    from fastcluster_cl.functional import dec_anchor_losses
+    kl = kernel_module("kl")
+    k = kl.MAX_CLUSTERS
+    inputs = (probabilities(3, k, 60), probabilities(3, k, 61), probabilities(3, k, 62))
+    compare(lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
+            lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
+            inputs, torch.float32)
+    with pytest.raises(ValueError, match="at most 4096 clusters"):
+        kernels.dec_loss(torch.rand(3, k + 1))
+
+
+def test_dec_empty_cluster_gives_a_finite_target():
+    """A cluster with no mass in the batch (f_k = 0): target 0 there, finite loss and gradients
+    equal to backend='torch' (the target divides by max(f, tiny), not by f)."""
+    from fastcluster_cl.functional import dec_anchor_losses
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], dtype=F64)
+    others = (probabilities(2, 3, 63), probabilities(2, 3, 64))
+    for dtype in (F64, torch.float32):
+        for fn in (lambda q0, qa, qb, backend: fc.dec_loss(q0, backend=backend),
+                   lambda q0, qa, qb, backend: torch.stack(
+                       dec_anchor_losses(q0, qa, qb, backend=backend))):
+            x = leaves(q, *others, dtype=dtype)
+            y = leaves(q, *others, dtype=dtype)
+            got, want = fn(*x, backend="triton"), fn(*y, backend="torch")
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want)
+            got.sum().backward()
+            want.sum().backward()
+            for a, b in zip(x, y):
+                assert (a.grad is None) == (b.grad is None)
+                if a.grad is not None:
+                    assert torch.isfinite(a.grad).all()
+                    torch.testing.assert_close(a.grad, b.grad)
+
+
 # --- backend wiring --------------------------------------------------------------------------
 
 def test_tcc_cluster_loss_matches_reference():

@@ -9,6 +9,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -80,14 +81,20 @@ def variants():
                         **common), 4)
     q = {"Q": "fp32", "PARTIAL": "fp32", "F": "fp32", "OUT": "fp32", "GRAD": "fp32",
          "Q0": "fp32", "QA": "fp32", "QB": "fp32", "DQA": "fp32", "DQB": "fp32"}
-    tiny = dict(ACC=F32, TINY=1.1754943508222875e-38, BLOCK_M=32, BLOCK_K=128)
-    yield "kl colsum", kl._colsum_kernel, q, dict(ACC=F32, BLOCK_M=32, BLOCK_K=128), 4
-    for backward in (False, True):
-        yield f"dec backward={backward}", kl._dec_kernel, q, dict(BACKWARD=backward, **tiny), 4
-        yield (f"anchor backward={backward}", kl._anchor_kernel, q,
-               dict(BACKWARD=backward, **tiny), 4)
-        yield (f"dec+anchor backward={backward}", kl._dec_anchor_kernel,
-               {**q, "DQ0": "fp32"}, dict(BACKWARD=backward, **tiny), 4)
+    # The launcher's constants (kl._consts) for K clusters: K = 4096 (the limit) is tiled too,
+    # and compiles in seconds (one whole row per program took over 15 minutes).
+    for k in (128, kl.MAX_CLUSTERS):
+        tiny = kl._consts(torch.float32, k)
+        warps = tiny.pop("num_warps")
+        yield (f"kl colsum K={k}", kl._colsum_kernel, q,
+               dict(ACC=F32, BLOCK_M=tiny["BLOCK_M"], BLOCK_K=tiny["BLOCK_K"]), warps)
+        for backward in (False, True):
+            yield (f"dec backward={backward} K={k}", kl._dec_kernel, q,
+                   dict(BACKWARD=backward, **tiny), warps)
+            yield (f"anchor backward={backward} K={k}", kl._anchor_kernel, q,
+                   dict(BACKWARD=backward, **tiny), warps)
+            yield (f"dec+anchor backward={backward} K={k}", kl._dec_anchor_kernel,
+                   {**q, "DQ0": "fp32"}, dict(BACKWARD=backward, **tiny), warps)
 
 
 def main():
