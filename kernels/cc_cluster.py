@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NORM_EPS, acc_dtype, check_dtype, dot_precision, torch_acc_dtype
+from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precision,
+                      torch_acc_dtype)
 
 # K = 128 overflows sm_90 shared memory in the backward (four K x K blocks) and spills in the
 # forward (three Gram accumulators); K = 64 compiles with neither (tests/triton_aot.py).
@@ -137,10 +138,11 @@ class ClusterStatsFunction(torch.autograd.Function):
         programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
         gram = torch.empty(programs, 3, block_k, block_k, dtype=acc, device=logits_a.device)
         colsum = torch.empty(programs, 2, block_k, dtype=acc, device=logits_a.device)
-        _stats_kernel[(programs,)](
-            logits_a, logits_b, gram, colsum, n, k, logits_a.stride(0), logits_b.stride(0),
-            ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
-            BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+        with device_guard(logits_a):
+            _stats_kernel[(programs,)](
+                logits_a, logits_b, gram, colsum, n, k, logits_a.stride(0), logits_b.stride(0),
+                ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
+                BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
         g_aa, g_ab, g_bb = gram.sum(0)[:, :k, :k].unbind(0)
         full = torch.cat([torch.cat([g_aa, g_ab], 1), torch.cat([g_ab.T, g_bb], 1)], 0)
         ctx.save_for_backward(logits_a, logits_b)
@@ -162,10 +164,11 @@ class ClusterStatsFunction(torch.autograd.Function):
         if d_colsum is not None:
             dc[:, :k] = d_colsum.to(acc).reshape(2, k)
         d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
-        _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            logits_a, logits_b, d_a, d_b, m, dc, n, k, logits_a.stride(0), logits_b.stride(0),
-            d_a.stride(0), d_b.stride(0), ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
-            BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+        with device_guard(logits_a):
+            _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                logits_a, logits_b, d_a, d_b, m, dc, n, k, logits_a.stride(0),
+                logits_b.stride(0), d_a.stride(0), d_b.stride(0), ACC=acc_dtype(logits_a.dtype),
+                PREC=dot_precision(acc), BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
         return d_a, d_b
 
 
@@ -182,7 +185,10 @@ def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: flo
     idx = torch.arange(k2, device=gram.device)
     instance = (lse - s[idx, (idx + k) % k2]).mean()
     p = colsum.reshape(2, k) / n
-    return instance + 2 * math.log(k) + torch.special.xlogy(p, p).sum()
+    # p log max(p, tiny), not xlogy: a column that underflows to P_k = 0 has xlogy's derivative
+    # log P_k + 1 = -inf, and -inf times the softmax's zero Jacobian is a NaN gradient.
+    entropy = p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+    return instance + 2 * math.log(k) + entropy.sum()
 
 
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,

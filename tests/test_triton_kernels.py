@@ -365,6 +365,41 @@ def test_dec_empty_cluster_gives_a_finite_target():
                     torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_cc_underflowing_column_gives_finite_gradients():
+    """A softmax column that underflows to 0 (logit 120 below the rest): finite loss and
+    gradients equal to backend='torch' (p log max(p, tiny), not xlogy, in the entropy term)."""
+    la, lb = randn(8, 4, seed=65), randn(8, 4, seed=66)
+    la[:, 3] -= 120
+    for dtype in (F64, torch.float32):
+        if dtype == F64:
+            la64 = la.clone()
+            la64[:, 3] -= 700  # exp underflows in float64 too
+            inputs = (la64, lb)
+        else:
+            inputs = (la, lb)
+        x, y = leaves(*inputs, dtype=dtype), leaves(*inputs, dtype=dtype)
+        got = fc.cc_cluster_loss(*x, 0.5, backend="triton")
+        want = fc.cc_cluster_loss(*y, 0.5, backend="torch")
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want)
+        got.backward()
+        want.backward()
+        for a, b in zip(x, y):
+            assert torch.isfinite(a.grad).all()
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_gathered_entropy_term_has_a_finite_gradient_at_zero_mass():
+    """The distributed backend's entropy term (gathered._entropy_term) at P_k = 0."""
+    from fastcluster_cl.losses import gathered
+    sums = torch.tensor([3.0, 5.0, 0.0], dtype=F64, requires_grad=True)
+    value = gathered._entropy_term(sums, torch.tensor(8.0, dtype=F64))
+    value.backward()
+    p = sums.detach() / 8
+    assert torch.isfinite(value) and torch.isfinite(sums.grad).all()
+    torch.testing.assert_close(value, reference.marginal_entropy_term(p[None, :]))
+
+
 # --- backend wiring --------------------------------------------------------------------------
 
 def test_tcc_cluster_loss_matches_reference():

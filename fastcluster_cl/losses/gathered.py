@@ -121,7 +121,10 @@ def _global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Te
 def _entropy_term(column_sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """log K + sum_k P_k log P_k, P_k = column sum / rows (`reference.marginal_entropy_term`)."""
     p = column_sums / rows
-    return math.log(column_sums.shape[0]) + torch.special.xlogy(p, p).sum()
+    # p log max(p, tiny) (`reference.safe_log`), not xlogy: xlogy's derivative at P_k = 0 is
+    # -inf, a NaN gradient through the softmax of a column that underflows.
+    return (math.log(column_sums.shape[0])
+            + (p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum())
 
 
 def _nt_xent_from_gram(gram: torch.Tensor, temperature: float) -> torch.Tensor:
