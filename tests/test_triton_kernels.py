@@ -400,6 +400,45 @@ def test_gathered_entropy_term_has_a_finite_gradient_at_zero_mass():
     torch.testing.assert_close(value, reference.marginal_entropy_term(p[None, :]))
 
 
+def test_every_launch_runs_under_its_device_guard(monkeypatch):
+    """student_t, kl and cc_cluster launch each kernel inside device_guard(input) (on a
+    multi-GPU machine the kernel then runs on the inputs' device, not the current one)."""
+    import contextlib
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        active.append(t.device)
+        yield
+        active.pop()
+
+    class Checked:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert active, f"{self.name} launched outside device_guard"
+                launches.append(self.name)
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    for name in ("student_t", "kl", "cc_cluster"):
+        module = kernel_module(name)
+        monkeypatch.setattr(module, "device_guard", guard)
+        for attr, value in vars(module).copy().items():
+            if attr.endswith("_kernel") and hasattr(value, "__getitem__"):  # jit or interpreted
+                monkeypatch.setattr(module, attr, Checked(f"{name}.{attr}", value))
+    q = [probabilities(6, 5, seed).requires_grad_() for seed in (67, 68, 69)]
+    h, mu = randn(6, 4, seed=70).requires_grad_(), randn(3, 4, seed=71).requires_grad_()
+    la, lb = randn(6, 5, seed=72).requires_grad_(), randn(6, 5, seed=73).requires_grad_()
+    total = (kernels.student_t(h, mu, 1.0).sum() + kernels.dec_loss(q[0])
+             + kernels.anchor_loss(*q) + sum(kernels.dec_anchor_losses(*q))
+             + kernels.cc_cluster_loss(la, lb, 0.5))
+    total.backward()
+    assert not active and len(launches) == 12, launches  # 7 forward, 5 backward
+
+
 # --- backend wiring --------------------------------------------------------------------------
 
 def test_tcc_cluster_loss_matches_reference():
