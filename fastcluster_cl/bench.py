@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
@@ -579,6 +580,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`static [...]` runs the static sm_90 report (fastcluster_cl.static_report); anything else
+    the timing runner."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["static"]:
+        from . import static_report
+        return static_report.main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastcluster-cl bench", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     return run(add_arguments(parser).parse_args(argv))

@@ -54,6 +54,7 @@ all-gathered raw Z): `lse_rows` and `grad_rows`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -74,7 +75,6 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # ||z|| ~ 1e3 flushed 72% of them to zero).
 WEIGHT_SCALE = 16384.0
 _WEIGHT_SCALE = tl.constexpr(WEIGHT_SCALE)
-_BWD_WARPS = 8
 SYMMETRIC = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 
 
@@ -175,7 +175,8 @@ def _softplus(t):
 
 
 @triton.jit
-def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, row_start, row_end,
+def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half, D, row_start,
+                    row_end,
                     FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr):
@@ -216,24 +217,35 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, INV_TAU, rows_total, half, D, ro
     else:
         t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
     loss = _softplus(t)
-    tl.store(LSE + offs_m - row_start, (1.0 - dist) * inv_tau + loss, mask=mask_m)
+    lse = (1.0 - dist) * inv_tau + loss
+    tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
+    tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
     tl.store(ROW_LOSS + offs_m - row_start, loss, mask=mask_m)
 
 
 @triton.jit
-def _weights(x, l2_i, l2_j, shift, FIXED_SHIFT: tl.constexpr):
-    """A_ij = P_ij + P_ji = 2^(x - l2_i) + 2^(x - l2_j) (x = S_ij log2 e, l2 = lse log2 e); with
-    the fixed shift one exp per element: 2^(x - shift) (u_i + u_j), u = 2^(shift - l2) (one exp
-    per row and per column)."""
+def _row_weight(lse, inv_tau, FIXED_SHIFT: tl.constexpr):
+    """The backward's per-row term w: u = exp(1/tau - lse) with the fixed shift, else
+    lse log2(e) (see `_weights`)."""
     if FIXED_SHIFT:
-        return tl.exp2(x - shift) * (tl.exp2(shift - l2_i)[:, None]
-                                     + tl.exp2(shift - l2_j)[None, :])
+        return tl.exp(inv_tau - lse)
     else:
-        return tl.exp2(x - l2_i[:, None]) + tl.exp2(x - l2_j[None, :])
+        return lse * _LOG2E
 
 
 @triton.jit
-def _grad_kernel(Z, RS, NORMS, LSE, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
+def _weights(x, w_i, w_j, shift, FIXED_SHIFT: tl.constexpr):
+    """A_ij = P_ij + P_ji = 2^(x - l2_i) + 2^(x - l2_j) (x = S_ij log2 e, l2 = lse log2 e = w);
+    with the fixed shift one exp per element: 2^(x - shift) (u_i + u_j), u = 2^(shift - l2) = w
+    (saved per row by the forward)."""
+    if FIXED_SHIFT:
+        return tl.exp2(x - shift) * (w_i[:, None] + w_j[None, :])
+    else:
+        return tl.exp2(x - w_i[:, None]) + tl.exp2(x - w_j[None, :])
+
+
+@triton.jit
+def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
                  dz_stride, row_start, row_end, EPILOGUE: tl.constexpr, FIXED_SHIFT: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -247,7 +259,7 @@ def _grad_kernel(Z, RS, NORMS, LSE, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total,
     zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     qi = ri * shift
-    l2_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * _LOG2E
+    w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
@@ -257,9 +269,9 @@ def _grad_kernel(Z, RS, NORMS, LSE, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total,
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        l2_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * _LOG2E
+        w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
-        a = _weights(x, l2_i, l2_j, shift, FIXED_SHIFT)
+        a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
             a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
         if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
@@ -308,9 +320,9 @@ def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D,
 
 
 @triton.jit
-def _symmetric_grad_kernel(Z, RS, LSE, ROW_LOSS, G, INV_TAU, rows_total, half, D, g_stride,
-                           ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half, D, g_stride,
+                           FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Upper-triangle tiles: A (as in `_grad_kernel`, the positive pairs' -2 included) from tile
     (I, J) gives rows I their A zn_J (registers) and rows J their A^T zn_I (relaxed atomics into
     G, fp32/fp64, zero-initialised)."""
@@ -324,7 +336,7 @@ def _symmetric_grad_kernel(Z, RS, LSE, ROW_LOSS, G, INV_TAU, rows_total, half, D
     zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     qi = ri * shift
-    l2_i = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * _LOG2E
+    w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
@@ -333,10 +345,10 @@ def _symmetric_grad_kernel(Z, RS, LSE, ROW_LOSS, G, INV_TAU, rows_total, half, D
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        l2_j = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * _LOG2E
+        w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        a = tl.where(valid, _weights(x, l2_i, l2_j, shift, False), 0.0)
+        a = tl.where(valid, _weights(x, w_i, w_j, shift, FIXED_SHIFT), 0.0)
         pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0))
         a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
@@ -354,12 +366,52 @@ def _is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter is fastest at 32 (DESIGN.md)."""
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes, warps and pipeline stages of one launch (also what the static sm_90 report
+    compiles: benchmarks/static_notes.md records how each was chosen)."""
+    block: tuple[int, int, int]   # (BLOCK_M, BLOCK_N, BLOCK_D)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), self.block))
+
+    @property
+    def options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **self.constexprs)
+
+
+def _small_tiles(block_d: int, dtype: torch.dtype) -> bool:
+    """32-row tiles under the interpreter (fastest there, DESIGN.md), for wide rows and fp64."""
+    return _is_interpreted() or block_d > 128 or dtype == torch.float64
+
+
+def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
+    """The forward's launch for D features of Zs in `dtype`: 64 x 128 tiles, one warpgroup, two
+    stages (sm_90: 128 registers, 2 CTAs/SM, issue ceiling 0.98)."""
     block_d = feature_block(d, "the NT-Xent input")
-    if _is_interpreted() or block_d > 128 or dtype == torch.float64:
-        return 32, 32, block_d
-    return 64, 64, block_d
+    if _small_tiles(block_d, dtype):
+        return LaunchConfig((32, 32, block_d))
+    if dtype == torch.float32:  # 4-byte tiles: 64 columns keep 2 CTAs/SM in shared memory
+        return LaunchConfig((64, 64, block_d))
+    return LaunchConfig((64, 128, block_d))
+
+
+def backward_config(d: int, dtype: torch.dtype, precision: str | None = None) -> LaunchConfig:
+    """The backward's launch (dot `precision`: by default what torch allows now): 64 x 64
+    tiles, one warpgroup owning its rows, two stages (sm_90: no spills, 2 CTAs/SM; 8 warps on
+    64 rows held 1 CTA/SM, 3 stages spilled)."""
+    block_d = feature_block(d, "the NT-Xent input")
+    precision = precision or dot_precision(dtype)
+    if _small_tiles(block_d, dtype):
+        return LaunchConfig((32, 32, block_d))
+    if dtype == torch.float32 and precision == "ieee":  # FMA products: 64 x 32 spilled 200 B
+        return LaunchConfig((32, 32, block_d))
+    if dtype == torch.float32:  # 4-byte tiles: 64 columns spilled 56 B
+        return LaunchConfig((64, 32, block_d))
+    return LaunchConfig((64, 64, block_d))
 
 
 def _inv_tau_tensor(inv_tau: float, z: torch.Tensor) -> torch.Tensor:
@@ -396,37 +448,45 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _lse(zs, rs, dist, row_start, row_end, inv_tau):
-    """Launch the row-parallel forward: (lse, lse - S_pos) of rows [row_start, row_end)."""
+    """Launch the row-parallel forward: (lse, lse - S_pos, the backward's row weights) of rows
+    [row_start, row_end)."""
     rows_total, d = zs.shape
-    block_m, block_n, block_d = _blocks(d, zs.dtype)
+    config = forward_config(d, zs.dtype)
     acc = rs.dtype
     lse = torch.empty(row_end - row_start, dtype=acc, device=zs.device)
-    row_loss = torch.empty_like(lse)
+    row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
     with device_guard(zs):
-        _lse_fwd_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-            zs, rs, dist, lse, row_loss, _inv_tau_tensor(inv_tau, rs), rows_total,
-            rows_total // 2, d, row_start, row_end, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc), ACC=acc_dtype(acc),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d)
-    return lse, row_loss
+        _lse_fwd_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
+            zs, rs, dist, lse, row_loss, row_w, _inv_tau_tensor(inv_tau, rs), rows_total,
+            rows_total // 2, d, row_start, row_end, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc),
+            ACC=acc_dtype(acc), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
+            **config.options)
+    return lse, row_loss, row_w
 
 
-def _grad(zs, rs, norms, lse, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype):
+def _row_weights(lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """`_row_weight` on the host, for callers that hold only lse (the distributed path)."""
+    if fixed_shift_safe(inv_tau, lse.dtype):
+        return torch.exp(inv_tau - lse)
+    return lse * 1.4426950408889634
+
+
+def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
     applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
     sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled."""
     rows_total, d = zs.shape
-    block_m, block_n, block_d = _blocks(d, zs.dtype)
+    config = backward_config(d, zs.dtype)
     dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
     inv = _inv_tau_tensor(inv_tau, rs)
     with device_guard(zs):
-        _grad_kernel[(triton.cdiv(row_end - row_start, block_m),)](
-            zs, rs, norms, lse, row_loss, dz, inv, grad_out if epilogue else inv, rows_total,
+        _grad_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
+            zs, rs, norms, row_w, row_loss, dz, inv, grad_out if epilogue else inv, rows_total,
             rows_total // 2, d, dz.stride(0), row_start, row_end, EPILOGUE=epilogue,
             FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_BWD_WARPS)
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
+            **config.options)
     return dz
 
 
@@ -438,7 +498,7 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
     z = z.contiguous()
     _check_rows(z, row_start, row_end)
     zs, rs, _, dist = _scale_rows(z)
-    return _lse(zs, rs, dist, row_start, row_end, inv_tau)
+    return _lse(zs, rs, dist, row_start, row_end, inv_tau)[:2]
 
 
 def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
@@ -454,8 +514,8 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
             raise ValueError(f"{name} must be the full ({z.shape[0]},) vector, got "
                              f"{tuple(v.shape)}")
     zs, rs, norms, _ = _scale_rows(z)
-    return _grad(zs, rs, norms, lse.to(rs.dtype).contiguous(), row_loss.to(rs.dtype).contiguous(),
-                 row_start, row_end, inv_tau, None, rs.dtype)
+    return _grad(zs, rs, norms, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+                 row_loss.to(rs.dtype).contiguous(), row_start, row_end, inv_tau, None, rs.dtype)
 
 
 def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
@@ -470,7 +530,7 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
                          f"range of {acc}), got tau = {1 / inv_tau}")
     zs, rs = _scale_rows(z)[:2]
     rows_total, d = z.shape
-    block, _, block_d = _blocks(d, zs.dtype)
+    block, _, block_d = forward_config(d, zs.dtype).block
     row_sum = torch.empty(rows_total, dtype=acc, device=z.device)
     col_sum = torch.zeros(rows_total, dtype=acc, device=z.device)
     with device_guard(z):
@@ -489,15 +549,16 @@ def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
     _check_rows(z, 0, z.shape[0])
     zs, rs = _scale_rows(z)[:2]
     rows_total, d = z.shape
-    block, _, block_d = _blocks(d, zs.dtype)
+    block, _, block_d = forward_config(d, zs.dtype).block
     g = torch.zeros(rows_total, d, dtype=rs.dtype, device=z.device)
     with device_guard(z):
         _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, lse.to(rs.dtype).contiguous(), row_loss.to(rs.dtype).contiguous(), g,
-            _inv_tau_tensor(inv_tau, z), rows_total,
-            rows_total // 2, d, g.stride(0), ACC=acc_dtype(rs.dtype),
+            zs, rs, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+            row_loss.to(rs.dtype).contiguous(), g, _inv_tau_tensor(inv_tau, z), rows_total,
+            rows_total // 2, d, g.stride(0), FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK=block,
-            BLOCK_D=block_d, num_warps=_BWD_WARPS)
+            BLOCK_D=block_d)
     return g
 
 
@@ -516,8 +577,8 @@ class NTXentFunction(torch.autograd.Function):
             ctx.save_for_backward(z, lse, row_loss)
         else:
             zs, rs, norms, dist = _scale_rows(z)
-            lse, row_loss = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
-            ctx.save_for_backward(zs, rs, norms, lse, row_loss)
+            _, row_loss, row_w = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
+            ctx.save_for_backward(zs, rs, norms, row_w, row_loss)
         ctx.inv_tau, ctx.input_dtype = inv_tau, z.dtype
         return row_loss.mean()
 
@@ -530,8 +591,8 @@ class NTXentFunction(torch.autograd.Function):
             zn, norm = l2_normalize(z)
             dz = l2_normalize_backward(zn, norm, g).to(z.dtype)
         else:
-            zs, rs, norms, lse, row_loss = ctx.saved_tensors
-            dz = _grad(zs, rs, norms, lse, row_loss, 0, zs.shape[0], ctx.inv_tau,
+            zs, rs, norms, row_w, row_loss = ctx.saved_tensors
+            dz = _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], ctx.inv_tau,
                        grad_out.contiguous(), ctx.input_dtype)
         n = dz.shape[0] // 2
         return dz[:n], dz[n:], None

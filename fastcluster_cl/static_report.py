@@ -1,0 +1,299 @@
+"""Static sm_90a report of every Triton kernel variant: what an H100/H200 will run, read from the
+compiled code without a GPU (`python -m fastcluster_cl.bench static --json PATH`).
+
+Each variant is compiled with `triton.compile(..., target=GPUTarget("cuda", 90, 32))`, which
+uses the ptxas bundled in the triton wheel; cuobjdump gives registers and the local-memory stack
+(spills), nvdisasm the SASS. The column loop is the backward branch whose body holds the most
+tensor-core instructions (HGMMA, or HMMA/DMMA/FFMA for the paths without wgmma); its
+steady-state path is that body without the forward-branch regions that hold no MMA (the
+diagonal, padding and positive-pair masks that only edge tiles take).
+
+Per variant (one JSON object each): kernel, dtype, block ("MxNxD"), num_warps, registers,
+spill_bytes (STACK per thread), shared_bytes, ctas_per_sm (bounded by registers, shared memory,
+threads and 32 CTAs), mma_per_tile (MMA instructions the CTA issues per column tile: SASS count
+x warpgroups for HGMMA, x warps for HMMA), mma_floor_per_tile (what the tile's GEMMs need in
+instructions of the shape the compiler chose), ex2_per_tile (MUFU.EX2 per tile, all threads),
+tile_elements (BLOCK_M x BLOCK_N), instructions_per_tile (per warp, steady path) and
+
+    issue_ceiling = min(1, T_mma / T_issue),
+    T_mma   = tile_macs / MACS_PER_CLOCK          (tensor-core clocks of the tile's GEMMs)
+    T_issue = instructions_per_tile * num_warps / 4   (each SM issues 4 warp-instructions/clock)
+
+the fraction of the tensor-core peak that instruction issue alone allows (1 = MMA-bound).
+MACS_PER_CLOCK is the dense rate of one H100/H200 SM: 2048 for fp16/bf16, 1024 for tf32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SM_REGISTERS = 65536
+SM_SHARED = 228 * 1024          # per SM; 1 KiB of it is reserved per CTA
+BLOCK_SHARED_LIMIT = 227 * 1024
+SM_THREADS = 2048
+SM_CTAS = 32
+ISSUE_PER_CLOCK = 4
+MACS_PER_CLOCK = {"fp16": 2048, "bf16": 2048, "tf32": 1024}
+_MMA = re.compile(r"^(HGMMA|HMMA|DMMA|IMMA)\.(\d+)x(\d+)x(\d+)")
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);")
+_LABEL = re.compile(r"^(\.L\w+):")
+_BRANCH_TARGET = re.compile(r"`\((\.L\w+)\)")
+
+
+@dataclass
+class Variant:
+    """One compiled configuration: `gemms` are the (M, N, K) products of one column tile."""
+    kernel: str
+    dtype: str
+    fn: object
+    pointers: dict
+    constexprs: dict
+    num_warps: int
+    block: tuple[int, ...]
+    num_stages: int = 2
+    gemms: tuple[tuple[int, int, int], ...] = ()
+    precision: str = "fp16"
+    targets: dict = field(default_factory=dict)
+
+
+def _bin(tool: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_variant(v: Variant):
+    """The compiled kernel (cubin and metadata) for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {name: ("constexpr" if name in v.constexprs else
+                        f"*{v.pointers[name]}" if name in v.pointers else "i32")
+                 for name in v.fn.arg_names}
+    # As the JIT specialises a launch at D = 128 and a batch that is a multiple of 16: every
+    # pointer 16-byte aligned and every integer argument divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(v.fn.arg_names)
+             if signature[name] != "constexpr"}
+    return triton.compile(triton.compiler.ASTSource(v.fn, signature, v.constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+
+
+def _tool_output(tool: str, args: list[str], cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_bin(tool), *args, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes per thread) from cuobjdump."""
+    usage = _tool_output("cuobjdump", ["-res-usage"], cubin)
+    line = next(line for line in usage.splitlines() if "REG:" in line)
+    return int(re.search(r"REG:(\d+)", line)[1]), int(re.search(r"STACK:(\d+)", line)[1])
+
+
+def parse_sass(text: str) -> list[dict]:
+    """Instructions in order: {"addr", "op", "pred", "text", "label"} (label: a branch target)."""
+    out, labels = [], {}
+    pending = []
+    for line in text.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            pending.append(label[1])
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        for name in pending:
+            labels[name] = len(out)
+        pending = []
+        target = _BRANCH_TARGET.search(m[4])
+        out.append({"addr": int(m[1], 16), "pred": (m[2] or "").strip(), "op": m[3],
+                    "target": target[1] if target else None})
+    for ins in out:
+        ins["target_index"] = labels.get(ins["target"]) if ins["target"] else None
+    return out
+
+
+def _is_mma(op: str) -> bool:
+    return bool(_MMA.match(op))
+
+
+def steady_loop(instructions: list[dict]) -> list[dict]:
+    """The steady-state path of the column loop (see the module docstring); [] if none."""
+    loops = [(ins["target_index"], i) for i, ins in enumerate(instructions)
+             if ins["op"].startswith("BRA") and ins["target_index"] is not None
+             and ins["target_index"] < i]  # not the trap at the end (a branch to itself)
+    if not loops:
+        return []
+
+    def mma_count(start, end):
+        return sum(_is_mma(ins["op"]) for ins in instructions[start:end + 1])
+    start, end = max(loops, key=lambda span: (mma_count(*span), span[1] - span[0]))
+    skipped = set()
+    for i in range(start, end):
+        ins = instructions[i]
+        t = ins["target_index"]
+        if (ins["op"].startswith("BRA") and ins["pred"] and t is not None and i < t <= end
+                and mma_count(i + 1, t - 1) == 0):
+            skipped.update(range(i + 1, t))
+    return [ins for i, ins in enumerate(instructions[start:end + 1], start) if i not in skipped]
+
+
+def ctas_per_sm(registers: int, shared: int, threads: int) -> int:
+    """Resident CTAs per SM: registers (allocated per warp in units of 256), shared memory
+    (1 KiB reserved per CTA), threads and the 32-CTA limit."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = SM_REGISTERS // (per_warp * (threads // 32))
+    by_shared = SM_SHARED // (shared + 1024) if shared else SM_CTAS
+    return max(0, min(by_regs, by_shared, SM_THREADS // threads, SM_CTAS))
+
+
+def analyse(v: Variant) -> dict:
+    """Compile one variant and measure it (module docstring)."""
+    kernel = compile_variant(v)
+    cubin = kernel.asm["cubin"]
+    registers, stack = resource_usage(cubin)
+    shared = kernel.metadata.shared
+    loop = steady_loop(parse_sass(_tool_output("nvdisasm", ["-c"], cubin)))
+    threads = 32 * v.num_warps
+    mma = [tuple(int(x) for x in _MMA.match(ins["op"]).groups()[1:]) + (ins["op"],)
+           for ins in loop if _is_mma(ins["op"])]
+    per_issue = [(v.num_warps // 4 if op.startswith("HGMMA") else v.num_warps, m * n * k)
+                 for m, n, k, op in mma]
+    issued = sum(count for count, _ in per_issue)
+    tile_macs = sum(m * n * k for m, n, k in v.gemms)
+    floor = None
+    if issued and tile_macs:  # tile_macs / (issued MACs per instruction), rounded up
+        floor = -(-tile_macs * issued // sum(c * macs for c, macs in per_issue))
+    ex2 = sum(ins["op"].startswith("MUFU.EX2") for ins in loop) * threads
+    ceiling = None
+    if loop and tile_macs and v.precision in MACS_PER_CLOCK:
+        t_mma = tile_macs / MACS_PER_CLOCK[v.precision]
+        ceiling = round(min(1.0, t_mma / (len(loop) * v.num_warps / ISSUE_PER_CLOCK)), 3)
+    tile_elements = v.block[0] * v.block[1] if len(v.block) == 3 else None
+    return {"kernel": v.kernel, "dtype": v.dtype, "block": "x".join(map(str, v.block)),
+            "num_warps": v.num_warps, "registers": registers, "spill_bytes": stack,
+            "shared_bytes": shared, "ctas_per_sm": ctas_per_sm(registers, shared, threads),
+            "mma_per_tile": issued if loop else None, "mma_floor_per_tile": floor,
+            "ex2_per_tile": ex2 if loop else None, "tile_elements": tile_elements,
+            "instructions_per_tile": len(loop) or None, "issue_ceiling": ceiling,
+            "targets": v.targets}
+
+
+def check_targets(row: dict) -> list[str]:
+    """The targets a variant carries (see `variants`) that its row misses."""
+    t, missed = row["targets"], []
+    if t.get("no_spills") and row["spill_bytes"]:
+        missed.append(f"spills {row['spill_bytes']} B")
+    if t.get("mma_at_floor") and row["mma_per_tile"] != row["mma_floor_per_tile"]:
+        missed.append(f"mma {row['mma_per_tile']} vs floor {row['mma_floor_per_tile']}")
+    if "ex2_per_element" in t and (row["ex2_per_tile"] or 0) > t["ex2_per_element"] * (
+            row["tile_elements"] or 0):
+        missed.append(f"ex2 {row['ex2_per_tile']} for {row['tile_elements']} elements")
+    if "ctas_per_sm" in t and row["ctas_per_sm"] < t["ctas_per_sm"]:
+        missed.append(f"{row['ctas_per_sm']} CTAs/SM")
+    if "issue_ceiling" in t and (row["issue_ceiling"] or 0) < t["issue_ceiling"]:
+        missed.append(f"issue ceiling {row['issue_ceiling']}")
+    if row["shared_bytes"] > BLOCK_SHARED_LIMIT:
+        missed.append(f"shared {row['shared_bytes']} B > {BLOCK_SHARED_LIMIT}")
+    return missed
+
+
+# Targets of the NT-Xent kernels in the tensor-core dtypes (kernel-core issue): no spills, no
+# duplicated MMA work, at most one exp per S element, two CTAs per SM, and instruction issue
+# leaving room for the tensor cores.
+_NT_XENT_FWD = dict(no_spills=True, mma_at_floor=True, ex2_per_element=1.0, ctas_per_sm=2,
+                    issue_ceiling=0.6)
+_NT_XENT_BWD = dict(_NT_XENT_FWD, issue_ceiling=0.5)
+
+
+def _nt_xent_variants() -> list[Variant]:
+    import torch
+    import triton.language as tl
+
+    import fastcluster_cl.kernels  # noqa: F401  (its nt_xent attribute is the function)
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+
+    out = []
+    d = 128
+    pointers = {"RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "LSE": "fp32", "ROW_W": "fp32",
+                "ROW_LOSS": "fp32", "INV_TAU": "fp32", "DZ": "bf16", "GRAD_OUT": "fp32",
+                "G": "fp32", "ROW_SUM": "fp32", "COL_SUM": "fp32"}
+    # bf16 and fp16 inputs both run on the fp16 copy Zs (the prologue); fp32 on TF32 tensor
+    # cores where torch allows TF32 matmuls, else ("ieee", torch's default) on FMA units.
+    for dtype, zs, precision in (("bf16/fp16", torch.float16, "fp16"),
+                                 ("fp32 tf32", torch.float32, "tf32"),
+                                 ("fp32 ieee", torch.float32, "ieee")):
+        common = dict(ACC=tl.float32, UPCAST=False, PREC="tf32" if precision == "tf32" else "ieee")
+        ptrs = dict(pointers, Z="fp16" if precision == "fp16" else "fp32")
+        fwd = nt.forward_config(d, zs)
+        bwd = nt.backward_config(d, zs, common["PREC"])
+        for fixed in (True, False):
+            out.append(Variant(
+                f"nt_xent fwd{'' if fixed else ' online-max'}", dtype, nt._lse_fwd_kernel, ptrs,
+                dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs), fwd.num_warps, fwd.block,
+                fwd.num_stages, gemms=((fwd.block[0], fwd.block[1], d),), precision=precision,
+                targets=_NT_XENT_FWD if fixed and precision == "fp16" else {}))
+        out.append(Variant(
+            "nt_xent bwd", dtype, nt._grad_kernel, ptrs,
+            dict(EPILOGUE=True, FIXED_SHIFT=True, **common, **bwd.constexprs), bwd.num_warps,
+            bwd.block, bwd.num_stages,
+            gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+            precision=precision, targets=_NT_XENT_BWD if precision == "fp16" else {}))
+    out.append(Variant("nt_xent prologue", "bf16", nt._scale_rows_kernel,
+                       dict(pointers, Z="bf16", ZS="fp16"),
+                       dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=32,
+                            BLOCK_D=d), 4, (32, d), targets=dict(no_spills=True)))
+    sym = dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK=64, BLOCK_D=d)
+    out.append(Variant("nt_xent symmetric fwd", "bf16/fp16", nt._symmetric_fwd_kernel,
+                       dict(pointers, Z="fp16"), sym, 4, (64, 64, d), gemms=((64, 64, d),)))
+    out.append(Variant("nt_xent symmetric bwd", "bf16/fp16", nt._symmetric_grad_kernel,
+                       dict(pointers, Z="fp16"), dict(sym, FIXED_SHIFT=True), 4, (64, 64, d),
+                       gemms=((64, 64, d), (64, d, 64), (64, d, 64))))
+    return out
+
+
+def variants(names: str = "") -> list[Variant]:
+    """Every kernel variant the backends launch, at the sizes users train with (D = 128)."""
+    return [v for v in _nt_xent_variants() if names in v.kernel]
+
+
+COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",
+           "ctas_per_sm", "mma_per_tile", "mma_floor_per_tile", "ex2_per_tile", "tile_elements",
+           "instructions_per_tile", "issue_ceiling")
+
+
+def table(rows: list[dict]) -> str:
+    head = ["kernel", "dtype", "block", "warps", "regs", "spill", "smem", "CTAs", "mma",
+            "floor", "ex2", "elems", "instr", "ceiling", "misses"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        cells = [r[c] for c in COLUMNS] + ["; ".join(check_targets(r)) or "-"]
+        lines.append(" | ".join("-" if c is None else str(c) for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastcluster-cl bench static",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    parser.add_argument("--kernels", default="", help="only kernels whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("the kernels must be compiled, not interpreted: unset TRITON_INTERPRET")
+    rows = [analyse(v) for v in variants(args.kernels)]
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 1 if any(check_targets(r) for r in rows) else 0
