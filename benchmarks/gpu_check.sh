@@ -4,8 +4,11 @@
 #   tests     the gpu-marked tests and the Triton kernels compiled for the card (no interpreter)
 #   sanitize  compute-sanitizer memcheck + racecheck over the CUDA backend's gpu tests (small shapes)
 #   bench     the runner: nt_xent bf16, 2N 4096..65536, D 128/256, torch / torch-compile /
-#             triton / cuda, with the matmul ceiling; JSON + PNG for benchmarks/results/
-# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench ...]   (default: tests; one stage a call fits the 10 minutes)
+#             triton / cuda, with the matmul ceiling; JSON + PNG for benchmarks/results/, and
+#             the static sm_90a report beside it (compare measured TFLOP/s with issue_ceiling)
+#   dali      the DALI pipeline tests on the GPU (device_id=0)
+#   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
+# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -39,7 +42,29 @@ for stage in "${stages[@]}"; do
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 128,256 \
           --sizes 4096,16384,65536 --backends torch,torch-compile,triton,cuda \
           --out "$OUT/results" >"$OUT/bench.log" 2>&1 || status=1
-      tail -45 "$OUT/bench.log" ;;
+      tail -45 "$OUT/bench.log"
+      env -u TRITON_INTERPRET python3 -m fastcluster_cl.bench static \
+          --json "$OUT/results/static-sm90a.json" >"$OUT/static.log" 2>&1 || status=1
+      tail -30 "$OUT/static.log" ;;
+    dali)
+      python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_data_dali.py \
+          >"$OUT/dali.log" 2>&1 || status=1
+      tail -15 "$OUT/dali.log" ;;
+    train)
+      # The embedded digits at the CIFAR-sized ResNet-18 would be too small to time: CIFAR-like
+      # random images are not available offline, so the digits at 32 px with a ResNet-18.
+      fastcluster-cl train --out "$OUT/train-run" --device cuda --amp bf16 --compile \
+          --method cc --epochs 3 --batch-size 256 --image-size 32 --backbone resnet18 \
+          --no-plots >"$OUT/train.log" 2>&1 || status=1
+      tail -15 "$OUT/train.log"
+      python3 - "$OUT/train-run/log.jsonl" <<'PY' | tee "$OUT/train-throughput.txt"
+import json, statistics, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if "images_per_s" in r]
+rates = [r["images_per_s"] for r in steps[len(steps) // 3:]]  # after compile and warm-up
+print(f"images/s median {statistics.median(rates):.0f} over {len(rates)} steps" if rates
+      else "no step records")
+PY
+      ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done
