@@ -9,9 +9,9 @@ K: for each tile it builds the (BLOCK_M, BLOCK_K) distances (F in chunks of BLOC
 32), writes the logits into q and updates the row max and rescaled sum of exp (online softmax);
 a second pass over its own rows of q turns the logits into probabilities. Backward
 (`_bwd_kernel`, row-parallel, no atomics) starts from the saved q: one pass over the K tiles
-takes sum_k q dq, a second recomputes each tile's distances and writes g = dL/dd (N x K). dh = 2 (rowsum(g) h - g mu) and
-dmu = -2 (g^T h - colsum(g) mu) are cuBLAS GEMMs on the host, which keeps them deterministic
-and the kernel free of an (N x F) accumulator.
+takes sum_k q dq, a second recomputes each tile's distances and writes g = dL/dd (N x K).
+dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are cuBLAS GEMMs on the host,
+which keeps them deterministic and the kernel free of an (N x F) accumulator.
 
 Floors (N rows, K centres, F features, b bytes): forward 2 N K F FLOPs, N K logs/exps, reads
 N F b ceil(K / BLOCK_K) (h once per centre tile, L2-resident after the first) + P K F b
