@@ -261,9 +261,55 @@ def _nt_xent_variants() -> list[Variant]:
     return out
 
 
+def _cluster_variants() -> list[Variant]:
+    """The K-sized kernels (no tile GEMM targets): they must compile within the shared-memory
+    limit without spills at every K up to their documented limits."""
+    import torch
+    import triton.language as tl
+
+    import fastcluster_cl.kernels  # noqa: F401
+    cc, st, kl = (sys.modules[f"fastcluster_cl.kernels.{m}"]
+                  for m in ("cc_cluster", "student_t", "kl"))
+    clean = dict(no_spills=True)
+    out = [Variant("cc stats", "bf16", cc._stats_kernel,
+                   {"LA": "bf16", "LB": "bf16", "GRAM": "fp32", "COLSUM": "fp32"},
+                   dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4,
+                   (32, cc.MAX_CLUSTERS), targets=clean),
+           Variant("cc grad", "bf16", cc._grad_kernel,
+                   {"LA": "bf16", "LB": "bf16", "DLA": "bf16", "DLB": "bf16", "M": "fp32",
+                    "DC": "fp32"},
+                   dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4,
+                   (32, cc.MAX_CLUSTERS), targets=clean)]
+    h = {"H": "bf16", "MU": "bf16", "Q": "fp32", "ALPHA": "fp32", "DQ": "fp32", "DH": "bf16",
+         "G": "fp32"}
+    for k in (64, 300, 600, 1000):   # K is tiled: the tile (and the code) is the same for all
+        block_k, block_f = st._blocks(k, 128)
+        for name, kern in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
+            out.append(Variant(f"student_t {name} K={k}", "bf16", kern, h,
+                               dict(PREC="ieee", ACC=tl.float32, UPCAST=False,
+                                    BLOCK_M=st._BLOCK_M, BLOCK_K=block_k, BLOCK_F=block_f), 4,
+                               (st._BLOCK_M, block_k, block_f), targets=clean))
+    q = {"Q": "fp32", "PARTIAL": "fp32", "F": "fp32", "OUT": "fp32", "GRAD": "fp32",
+         "Q0": "fp32", "QA": "fp32", "QB": "fp32", "DQA": "fp32", "DQB": "fp32", "DQ0": "fp32"}
+    for k in (128, kl.MAX_CLUSTERS):  # tiled over K: 4096 compiles in seconds
+        consts = kl._consts(torch.float32, k)
+        warps = consts.pop("num_warps")
+        block = (consts["BLOCK_M"], consts["BLOCK_K"])
+        out.append(Variant(f"kl colsum K={k}", "fp32", kl._colsum_kernel, q,
+                           dict(ACC=tl.float32, BLOCK_M=block[0], BLOCK_K=block[1]), warps,
+                           block, targets=clean))
+        for backward in (False, True):
+            for name, kern in (("dec", kl._dec_kernel), ("anchor", kl._anchor_kernel),
+                               ("dec+anchor", kl._dec_anchor_kernel)):
+                out.append(Variant(f"kl {name} {'bwd' if backward else 'fwd'} K={k}", "fp32",
+                                   kern, q, dict(BACKWARD=backward, **consts), warps, block,
+                                   targets=clean))
+    return out
+
+
 def variants(names: str = "") -> list[Variant]:
     """Every kernel variant the backends launch, at the sizes users train with (D = 128)."""
-    return [v for v in _nt_xent_variants() if names in v.kernel]
+    return [v for v in _nt_xent_variants() + _cluster_variants() if names in v.kernel]
 
 
 COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",

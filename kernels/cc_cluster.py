@@ -29,7 +29,7 @@ from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precis
                       torch_acc_dtype)
 
 # K = 128 overflows sm_90 shared memory in the backward (four K x K blocks) and spills in the
-# forward (three Gram accumulators); K = 64 compiles with neither (tests/triton_aot.py).
+# forward (three Gram accumulators); K = 64 compiles with neither (the static report).
 MAX_CLUSTERS = 64
 _BLOCK_M = 32
 _MAX_PROGRAMS = 128

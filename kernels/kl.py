@@ -38,7 +38,7 @@ from ._common import acc_dtype, check_dtype, device_guard, torch_acc_dtype
 MAX_CLUSTERS = 4096
 _BLOCK_M = 32
 # Columns per tile and warps per program: registers and compile time independent of K, no
-# spills on sm_90 (at 128 x 4 warps the fused kernels spill; tests/triton_aot.py).
+# spills on sm_90 (at 128 x 4 warps the fused kernels spill: the static report).
 _BLOCK_K = 64
 _WARPS = 8
 _MAX_PROGRAMS = 128

@@ -8,10 +8,11 @@ Prologue (`_scale_rows_kernel`, one O(N D) launch over the pairs (i, i + N)): ea
 multiplied by the exact power of two p_i that brings its largest element into [1, 2), giving Zs
 (stored as fp16 for fp16 and bf16 inputs, else in the input dtype), rs_i = 1 / max(||zs_i||,
 eps p_i) (so zn_i = zs_i rs_i exactly), the clamped true norm, and per pair
-dist = 1 - tau S_i,pos(i) = ||zn_i - zn_pos||^2 / 2, free of the cancellation of 1 - cos. The scaling makes rows of any finite magnitude safe (|z| ~ 1e19 in
-fp32 no longer overflows z_i . z_j), and the fp16 copy of bf16 inputs holds the same values
-(elements below 2^-24 of their row's largest are flushed) while letting the backward round its
-tile weights to fp16's 11-bit rather than bf16's 8-bit mantissa.
+dist = 1 - tau S_i,pos(i) = ||zn_i - zn_pos||^2 / 2, free of the cancellation of 1 - cos. The
+scaling makes rows of any finite magnitude safe (|z| ~ 1e19 in fp32 no longer overflows
+z_i . z_j), and the fp16 copy of bf16 inputs holds the same values (elements below 2^-24 of
+their row's largest are flushed) while letting the backward round its tile weights to fp16's
+11-bit rather than bf16's 8-bit mantissa.
 
 Forward (`_lse_fwd_kernel`, one row-parallel launch): each program owns BLOCK_M rows, keeps them
 in registers, and streams every column block of Zs: x = S log2(e) = (zs_I zs_J^T) q_I rs_J with

@@ -120,7 +120,7 @@ def _bwd_kernel(H, MU, Q, DQ, G, ALPHA, n, K, F, stride_h, stride_mu,
 
 def _blocks(k: int, f: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_F): centres in tiles of at most `_BLOCK_K`, features in chunks of at most
-    `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, tests/triton_aot.py)."""
+    `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, the static report)."""
     if k > MAX_CENTRES:
         raise ValueError(f"backend='triton' supports at most {MAX_CENTRES} centres, got {k}; "
                          "use backend='chunked' for more")

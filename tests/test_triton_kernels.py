@@ -400,6 +400,25 @@ def test_gathered_entropy_term_has_a_finite_gradient_at_zero_mass():
     torch.testing.assert_close(value, reference.marginal_entropy_term(p[None, :]))
 
 
+def test_gathered_cc_loss_with_an_underflowing_column_is_finite():
+    """The whole distributed CC loss (world size 1): the entropy term and the column contrast
+    from the Gram matrix (its norms clamped before the square root) have finite gradients,
+    equal to backend="torch"'s."""
+    from fastcluster_cl.losses import gathered
+    la, lb = randn(8, 4, seed=60), randn(8, 4, seed=61)
+    la[:, 3] -= 820
+    lb[:, 3] -= 820
+    x = [t.clone().requires_grad_() for t in (la, lb)]
+    y = [t.clone().requires_grad_() for t in (la, lb)]
+    got, want = gathered.cc_cluster_loss(*x, 1.0), reference.cc_cluster_loss(*y, 1.0)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(x, y):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_every_launch_runs_under_its_device_guard(monkeypatch):
     """student_t, kl and cc_cluster launch each kernel inside device_guard(input) (on a
     multi-GPU machine the kernel then runs on the inputs' device, not the current one)."""

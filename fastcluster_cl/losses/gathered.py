@@ -130,7 +130,7 @@ def _entropy_term(column_sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
 def _nt_xent_from_gram(gram: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over 2M rows given only their Gram matrix G (2M x 2M): cos_ij =
     G_ij / (||x_i|| ||x_j||), pos(i) = i +- M, mean over the 2M rows."""
-    norm = gram.diagonal().sqrt().clamp_min(NORM_EPS)
+    norm = gram.diagonal().clamp_min(NORM_EPS ** 2).sqrt()  # clamped first: finite gradient at 0
     s = gram / (norm[:, None] * norm[None, :]) / temperature
     m = s.shape[0] // 2
     eye = torch.eye(2 * m, dtype=torch.bool, device=s.device)
