@@ -41,3 +41,19 @@ def nt_xent_bounds(z_a, z_b, tau, dtype):
     ref = torch.cat([a.grad, b.grad])
     rounding = ((ref.to(dtype).to(F64) - ref).norm() / ref.norm()).item()
     return 2 * max(grad, rounding), max(2 * loss, 1e-6)
+
+
+def tiny_weight_case(n=40, d=24, tau=0.5, lse_value=20.0, seed=23):
+    """Inputs of a backend's `grad_rows` in the regime of very large batches: every row's lse
+    far above its similarities, so the weights P_ij = exp(S_ij - lse_i) ~ 1e-8 (fp16 subnormals
+    unless scaled before rounding), and row losses of 0 (the positive's weight is 0). Returns
+    (z in fp16, lse, row_loss, the float64 result)."""
+    z_a, z_b = correlated_views(n, d, seed)
+    z = torch.cat([z_a, z_b]).to(torch.float16)
+    zn = z.to(F64) / z.to(F64).norm(dim=1, keepdim=True)
+    lse = torch.full((2 * n,), lse_value, dtype=F64)
+    p = torch.exp(zn @ zn.T / tau - lse[:, None])
+    p.fill_diagonal_(0.0)
+    pos = torch.arange(2 * n).roll(n)
+    p[torch.arange(2 * n), pos] = 0.0
+    return z, lse.float(), torch.zeros(2 * n), (p + p.T) @ zn

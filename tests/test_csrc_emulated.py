@@ -17,7 +17,7 @@ import torch
 
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
-from lowp import correlated_views, nt_xent_bounds, nt_xent_errors
+from lowp import correlated_views, nt_xent_bounds, nt_xent_errors, tiny_weight_case
 from test_cuda_backend import check_student_t
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +238,14 @@ def test_nt_xent_low_precision_correlated_views(emulated, dtype, n, d, tau):
     grad_bound, loss_bound = nt_xent_bounds(z_a, z_b, tau, dtype)
     assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err, grad_bound,
                                                                loss_bound)
+
+
+def test_tiny_tile_weights_keep_fp16_precision(emulated):
+    """Weights ~ 1e-8 (2N ~ 1e5 and beyond) are scaled by 2^14 before their fp16 rounding; as
+    subnormals they kept a few bits (tests/lowp.py `tiny_weight_case`)."""
+    z, lse, row_loss, want = tiny_weight_case()
+    got = cuda_backend.grad_rows(z, lse, row_loss, 0, z.shape[0], 2.0).double()
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e-30])
