@@ -29,7 +29,9 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .losses import reference
+from .losses import nt_xent_autograd, reference
+from .losses.nt_xent_autograd import (NTXentBackend, refuse_double_backward, register_backend,
+                                      register_fused_autograd)
 
 _SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -116,33 +118,53 @@ def _row_values(lse_neg: torch.Tensor, dist: torch.Tensor,
     return s_pos + loss, loss
 
 
-class _CudaNTXent(torch.autograd.Function):
-    """NT-Xent through the csrc kernels: row scaling, row lse (forward); gradient rows and the
-    normalisation backward (backward). Saves zs (fp16 for 16-bit inputs), rs, norms, lse and
-    the row losses."""
+# The NT-Xent fast path as torch.library ops with fake implementations; their autograd is
+# `fastcluster_cl.losses.nt_xent_autograd` (the state: zs, rs, norms, lse and row losses).
 
-    @staticmethod
-    def forward(ctx, z_a, z_b, temperature):
-        ext = extension()
-        inv_tau = 1.0 / temperature
-        zs, rs, norm, dist = ext.normalize(z_a, z_b)
-        rows = zs.shape[0]
-        lse, row_loss = _row_values(ext.lse_rows(zs, rs, 0, rows, inv_tau), dist.repeat(2),
-                                    inv_tau)
-        ctx.save_for_backward(zs, rs, norm, lse, row_loss)
-        ctx.inv_tau, ctx.input_dtype = inv_tau, z_a.dtype
-        return row_loss.mean()
+@torch.library.custom_op("fastcluster_cl::nt_xent_cuda_fwd", mutates_args=())
+def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+    """(the 2N row losses, or their mean; zs, rs, norms, lse, row losses): row scaling and the
+    row lse."""
+    ext = extension()
+    half = z.shape[0] // 2
+    zs, rs, norm, dist = ext.normalize(z[:half].contiguous(), z[half:].contiguous())
+    rows = zs.shape[0]
+    lse, row_loss = _row_values(ext.lse_rows(zs, rs, 0, rows, inv_tau), dist.repeat(2),
+                                inv_tau)
+    return (row_loss.clone() if per_row else row_loss.mean()), zs, rs, norm, lse, row_loss
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        zs, rs, norm, lse, row_loss = ctx.saved_tensors
-        ext = extension()
-        rows = zs.shape[0]
-        g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, ctx.inv_tau)
-        dz = ext.norm_backward(zs, rs, norm, g, 0, rows, grad_out.float().reshape(1).contiguous(),
-                               ctx.inv_tau / rows, ctx.input_dtype)
-        return dz[: rows // 2], dz[rows // 2:], None
+
+@_fused_forward.register_fake
+def _(z, inv_tau, per_row):
+    rows, f32 = z.shape[0], torch.float32
+    vector = z.new_empty(rows, dtype=f32)
+    zs = z.new_empty(z.shape, dtype=f32 if z.dtype == f32 else torch.float16)
+    return (z.new_empty((rows,) if per_row else (), dtype=f32), zs, vector,
+            torch.empty_like(vector), torch.empty_like(vector), torch.empty_like(vector))
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_cuda_bwd", mutates_args=())
+def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
+                    rs: torch.Tensor, norm: torch.Tensor, lse: torch.Tensor,
+                    row_loss: torch.Tensor) -> torch.Tensor:
+    """dL/dz (z's dtype) from the gradient of the mean loss (0-d): gradient rows, then the
+    normalisation's backward."""
+    if grad.dim() != 0:
+        raise NotImplementedError("backend='cuda' backward kernels take the mean's gradient "
+                                  "only, not one per row (reduction='none'); use "
+                                  "backend='chunked' or 'torch'")
+    ext = extension()
+    rows = zs.shape[0]
+    g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, inv_tau)
+    return ext.norm_backward(zs, rs, norm, g, 0, rows, grad.float().reshape(1).contiguous(),
+                             inv_tau / rows, z.dtype)
+
+
+@_fused_backward.register_fake
+def _(z, grad, inv_tau, zs, rs, norm, lse, row_loss):
+    return torch.empty_like(z)
 
 
 class _CudaStudentT(torch.autograd.Function):
@@ -218,7 +240,14 @@ def _check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) with the CUDA C++ kernels; returns float32."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
-    return _CudaNTXent.apply(z_a.contiguous(), z_b.contiguous(), float(temperature))
+    return nt_xent_autograd.nt_xent(z_a, z_b, float(temperature), "cuda")
+
+
+def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The 2N per-row terms with the CUDA C++ kernels (no per-row backward: see
+    `nt_xent_autograd.nt_xent_terms`)."""
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    return nt_xent_autograd.nt_xent_terms(z_a, z_b, float(temperature), "cuda")
 
 
 def _normalized(z: torch.Tensor):
@@ -272,5 +301,15 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return _CudaAnchor.apply(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
 
 
+NT_XENT = register_backend(NTXentBackend(
+    "cuda", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_cuda_fwd.default,
+    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default))
+register_fused_autograd(_fused_forward, NT_XENT.backward, "cuda")
+refuse_double_backward(_fused_backward, "cuda")
+
 cc_cluster_loss = functools.partial(reference.cc_cluster_loss, instance_loss=nt_xent)
 tcc_cluster_loss = functools.partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
+cc_cluster_loss_terms = functools.partial(reference.cc_cluster_loss_terms,
+                                          instance_terms=nt_xent_terms)
+tcc_cluster_loss_terms = functools.partial(reference.tcc_cluster_loss_terms,
+                                           instance_terms=nt_xent_terms)

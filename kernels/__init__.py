@@ -1,8 +1,10 @@
 """Triton kernels (installed as fastcluster_cl.kernels): the backend "triton".
 
-One file per fused op, each holding its forward and backward kernels, the host launchers and a
-torch.autograd.Function: `nt_xent` (instance NT-Xent, plus the row-range primitives of the
-distributed backend), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
+One file per fused op, each holding its forward and backward kernels, the host launchers and its
+autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
+`fastcluster_cl::nt_xent_triton_fwd` / `_bwd` whose autograd is
+`fastcluster_cl.losses.nt_xent_autograd`, plus the row-range primitives of the distributed
+backend), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
 cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
 both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here).
 This module exposes the ops under their public names with the signatures of
@@ -24,13 +26,14 @@ from fastcluster_cl.losses import reference
 try:
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
-    from .nt_xent import grad_rows, lse_rows, nt_xent  # row ranges: gather_distributed
+    from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .student_t import student_t
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
     _IMPORT_ERROR = err
 
-__all__ = ["nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
+__all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "cc_cluster_loss", "cc_cluster_loss_terms",
+           "tcc_cluster_loss_terms", "student_t", "dec_loss", "anchor_loss",
            "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
            "unavailable_reason"]
 
@@ -50,3 +53,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 if _IMPORT_ERROR is None:
     # TCC's cluster contrast is NT-Xent over the 2K cluster representations: the fused kernel.
     tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
+    # reduction="none": the per-row NT-Xent kernels on the cluster rows (forward only, see
+    # `nt_xent_terms`).
+    cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
+    tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms,
+                                     instance_terms=nt_xent_terms)

@@ -46,7 +46,7 @@ Floors (R = 2N rows, D features, b bytes per input element):
 The symmetric upper-triangle variant (each tile serving its rows and, transposed, its columns;
 half the GEMM/exp work, at the price of relaxed atomics on the column sums / column gradient
 rows, whose summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`.
-Which one the autograd Function uses awaits a GPU measurement, so `SYMMETRIC` (env
+Which one the fast path (`nt_xent_triton_fwd`) uses awaits a GPU measurement, so `SYMMETRIC` (env
 FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
@@ -61,6 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcluster_cl.losses import nt_xent_autograd
+from fastcluster_cl.losses.nt_xent_autograd import (NTXentBackend, refuse_double_backward,
+                                                    register_backend, register_fused_autograd)
 from fastcluster_cl.losses.reference import (fixed_shift_safe, l2_normalize,
                                              l2_normalize_backward)
 
@@ -529,15 +532,19 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     if not fixed_shift_safe(inv_tau, acc):
         raise ValueError(f"the symmetric forward needs the fixed shift (2/tau within the exp "
                          f"range of {acc}), got tau = {1 / inv_tau}")
-    zs, rs = _scale_rows(z)[:2]
-    rows_total, d = z.shape
+    return _symmetric_lse(*_scale_rows(z)[:2], inv_tau)
+
+
+def _symmetric_lse(zs: torch.Tensor, rs: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """Launch the symmetric forward on the scaled rows: the 2N row lse."""
+    rows_total, d = zs.shape
     block, _, block_d = forward_config(d, zs.dtype).block
-    row_sum = torch.empty(rows_total, dtype=acc, device=z.device)
-    col_sum = torch.zeros(rows_total, dtype=acc, device=z.device)
-    with device_guard(z):
+    row_sum = torch.empty(rows_total, dtype=rs.dtype, device=zs.device)
+    col_sum = torch.zeros(rows_total, dtype=rs.dtype, device=zs.device)
+    with device_guard(zs):
         _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, z), rows_total, d,
-            ACC=acc_dtype(acc), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
+            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, rs), rows_total, d,
+            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
             BLOCK=block, BLOCK_D=block_d)
     return torch.log(row_sum + col_sum) + inv_tau
 
@@ -549,13 +556,19 @@ def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
     zs, rs = _scale_rows(z)[:2]
-    rows_total, d = z.shape
+    return _symmetric_grad(zs, rs, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+                           row_loss.to(rs.dtype).contiguous(), inv_tau)
+
+
+def _symmetric_grad(zs: torch.Tensor, rs: torch.Tensor, row_w: torch.Tensor,
+                    row_loss: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """Launch the symmetric backward on the scaled rows and the forward's row weights."""
+    rows_total, d = zs.shape
     block, _, block_d = forward_config(d, zs.dtype).block
-    g = torch.zeros(rows_total, d, dtype=rs.dtype, device=z.device)
-    with device_guard(z):
+    g = torch.zeros(rows_total, d, dtype=rs.dtype, device=zs.device)
+    with device_guard(zs):
         _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-            row_loss.to(rs.dtype).contiguous(), g, _inv_tau_tensor(inv_tau, z), rows_total,
+            zs, rs, row_w, row_loss, g, _inv_tau_tensor(inv_tau, rs), rows_total,
             rows_total // 2, d, g.stride(0), FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
             ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK=block,
@@ -563,44 +576,82 @@ def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
     return g
 
 
-class NTXentFunction(torch.autograd.Function):
-    """NT-Xent over [z_a; z_b] with the fused kernels; returns the mean loss (fp32, or fp64 for
-    fp64 inputs). Saves Zs, rs, the norms and the (2N,) row lse and losses."""
+# The single-process fast path as torch.library ops with fake implementations: custom_op around
+# the launchers (torch.library.triton_op + wrap_triton cannot run under TRITON_INTERPRET: its
+# fake and AOT tracing hand fake tensors to the interpreter). `nt_xent_autograd.NTXent` is their
+# autograd, and theirs when called directly. The forward's state is the prologue's Zs, rs and
+# norms, the backward's per-row weights (one exp per element) and the row losses.
 
-    @staticmethod
-    def forward(ctx, z_a, z_b, temperature):
-        z = torch.cat([z_a, z_b])
-        inv_tau = 1.0 / temperature
-        if SYMMETRIC and fixed_shift_safe(inv_tau, z.dtype):
-            lse = symmetric_masked_lse(z, inv_tau)
-            zn = l2_normalize(z)[0]
-            row_loss = lse - (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
-            ctx.save_for_backward(z, lse, row_loss)
-        else:
-            zs, rs, norms, dist = _scale_rows(z)
-            _, row_loss, row_w = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
-            ctx.save_for_backward(zs, rs, norms, row_w, row_loss)
-        ctx.inv_tau, ctx.input_dtype = inv_tau, z.dtype
-        return row_loss.mean()
+@torch.library.custom_op("fastcluster_cl::nt_xent_triton_fwd", mutates_args=())
+def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+    """(the 2N row losses, or their mean; Zs, rs, norms, row weights, row losses). `symmetric`:
+    the upper-triangle forward (fixed shift only)."""
+    zs, rs, norms, dist = _scale_rows(z)
+    if symmetric:
+        lse = _symmetric_lse(zs, rs, inv_tau)
+        zn = l2_normalize(z)[0]
+        row_loss = lse - (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
+        row_w = _row_weights(lse, inv_tau)
+    else:
+        _, row_loss, row_w = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
+    return (row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, row_w, row_loss
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if len(ctx.saved_tensors) == 3:  # the symmetric variant
-            z, lse, row_loss = ctx.saved_tensors
-            g = symmetric_grad(z, lse, row_loss, ctx.inv_tau) * (grad_out * ctx.inv_tau
-                                                                 / z.shape[0])
-            zn, norm = l2_normalize(z)
-            dz = l2_normalize_backward(zn, norm, g).to(z.dtype)
-        else:
-            zs, rs, norms, row_w, row_loss = ctx.saved_tensors
-            dz = _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], ctx.inv_tau,
-                       grad_out.contiguous(), ctx.input_dtype)
-        n = dz.shape[0] // 2
-        return dz[:n], dz[n:], None
+
+@_fused_forward.register_fake
+def _(z, inv_tau, per_row, symmetric):
+    acc, rows = torch_acc_dtype(z.dtype), z.shape[0]
+    vector = z.new_empty(rows, dtype=acc)
+    return (z.new_empty((rows,) if per_row else (), dtype=acc),
+            z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)), vector, torch.empty_like(vector),
+            torch.empty_like(vector), torch.empty_like(vector))
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_triton_bwd", mutates_args=())
+def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
+                    rs: torch.Tensor, norms: torch.Tensor, row_w: torch.Tensor,
+                    row_loss: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """dL/dz (z's dtype) from the gradient of the mean loss (0-d)."""
+    if grad.dim() != 0:
+        raise NotImplementedError("backend='triton' backward kernels take the mean's gradient "
+                                  "only, not one per row (reduction='none'); use "
+                                  "backend='chunked' or 'torch'")
+    if symmetric:
+        g = _symmetric_grad(zs, rs, row_w, row_loss, inv_tau) * (grad * inv_tau / z.shape[0])
+        zn, norm = l2_normalize(z)
+        return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    return _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, grad.contiguous(),
+                 z.dtype)
+
+
+@_fused_backward.register_fake
+def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, symmetric):
+    return torch.empty_like(z)
+
+
+NT_XENT = register_backend(NTXentBackend(
+    "triton", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_triton_fwd.default,
+    torch.ops.fastcluster_cl.nt_xent_triton_bwd.default))
+register_fused_autograd(_fused_forward, NT_XENT.backward, "triton")
+refuse_double_backward(_fused_backward, "triton")
+
+
+def _checked_options(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple:
+    check_dtype(z_a, z_b)
+    feature_block(z_a.shape[1], "z")
+    return (SYMMETRIC and fixed_shift_safe(1.0 / temperature, z_a.dtype),)
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent (see `fastcluster_cl.nt_xent`) with the fused Triton kernels."""
-    check_dtype(z_a, z_b)
-    feature_block(z_a.shape[1], "z")
-    return NTXentFunction.apply(z_a, z_b, temperature)
+    """NT-Xent (see `fastcluster_cl.nt_xent`) with the fused Triton kernels; the loss is fp32,
+    or fp64 for fp64 inputs."""
+    return nt_xent_autograd.nt_xent(z_a, z_b, temperature, "triton",
+                                    *_checked_options(z_a, z_b, temperature))
+
+
+def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The 2N per-row terms with the fused Triton kernels (no per-row backward: see
+    `nt_xent_autograd.nt_xent_terms`)."""
+    return nt_xent_autograd.nt_xent_terms(z_a, z_b, temperature, "triton",
+                                          *_checked_options(z_a, z_b, temperature))

@@ -19,7 +19,9 @@ from typing import Iterator
 
 import torch
 
-from . import reference
+from . import nt_xent_autograd, reference
+from .nt_xent_autograd import (NTXentBackend, refuse_double_backward, register_backend,
+                              register_fused_autograd)
 from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
                         dec_loss, dec_loss_terms, fixed_shift_safe, l2_normalize,
                         l2_normalize_backward, outside_autocast, student_t)
@@ -156,58 +158,82 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     return torch.cat(out) - 2.0 * zn[_positive_of(row_start, row_end, zn)]
 
 
-class _ChunkedNTXentTerms(torch.autograd.Function):
-    """The 2N per-row NT-Xent terms; the backward weights each row by its incoming gradient."""
+# The whole-matrix fast path (symmetric upper-triangle tiles), as torch.library ops with fake
+# implementations; `nt_xent_autograd.NTXent` is their autograd, and theirs when called directly.
 
-    @staticmethod
-    def forward(ctx, z_a, z_b, temperature, block):
-        n = z_a.shape[0]
-        zn, norm = l2_normalize(torch.cat([z_a, z_b]))
-        inv_tau = 1.0 / temperature
-        lse = _masked_lse(zn, inv_tau, block)
-        pos = _positive_index(n, zn.device)
-        positive = (zn * zn[pos]).sum(1) * inv_tau
-        ctx.save_for_backward(zn, norm, lse)
-        ctx.inv_tau, ctx.block, ctx.input_dtype = inv_tau, block, z_a.dtype
-        return lse - positive
+@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_fwd", mutates_args=())
+def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool,
+                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 2N row losses, or their mean if not per_row; the masked lse of the 2N rows)."""
+    zn = l2_normalize(z)[0]
+    lse = _masked_lse(zn, inv_tau, block)
+    positive = (zn * zn[_positive_index(zn.shape[0] // 2, zn.device)]).sum(1) * inv_tau
+    row_loss = lse - positive
+    return (row_loss if per_row else row_loss.mean()), lse
 
-    @staticmethod
-    @outside_autocast  # .backward() may be called inside an autocast region
-    def backward(ctx, grad_out):
-        zn, norm, lse = ctx.saved_tensors
-        inv_tau, rows_total = ctx.inv_tau, zn.shape[0]
-        w = grad_out.to(zn.dtype)
-        g = torch.zeros_like(zn)
-        for rows, cols, diagonal in _tiles(rows_total, ctx.block):
-            s = _tile(zn, rows, cols, inv_tau)
-            a = (w[rows, None] * torch.exp(s - lse[rows, None])          # w_I P_IJ + w_J P_JI^T
-                 + w[None, cols] * torch.exp(s - lse[None, cols]))
-            if diagonal:
-                a.fill_diagonal_(0.0)
-                g[rows] += a @ zn[cols]
-            else:
-                g[rows] += a @ zn[cols]
-                g[cols] += a.T @ zn[rows]
-        pos = _positive_index(rows_total // 2, zn.device)
-        g -= (w + w[pos])[:, None] * zn[pos]
-        g *= inv_tau
-        dz = l2_normalize_backward(zn, norm, g).to(ctx.input_dtype)
-        n = rows_total // 2
-        return dz[:n], dz[n:], None, None
+
+@_fused_forward.register_fake
+def _(z, inv_tau, per_row, block):
+    acc = accumulation_dtype(z.dtype)
+    return z.new_empty((z.shape[0],) if per_row else (), dtype=acc), \
+        z.new_empty(z.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_bwd", mutates_args=())
+def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, lse: torch.Tensor,
+                    block: int) -> torch.Tensor:
+    """dL/dz from the incoming gradient of the mean (0-d) or of each row loss ((2N,)): the
+    module docstring's formula with w_i that row's gradient, then the normalisation's backward."""
+    zn, norm = l2_normalize(z)
+    rows_total = zn.shape[0]
+    w = grad.to(zn.dtype)
+    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
+    g = torch.zeros_like(zn)
+    for rows, cols, diagonal in _tiles(rows_total, block):
+        s = _tile(zn, rows, cols, inv_tau)
+        a = (w[rows, None] * torch.exp(s - lse[rows, None])          # w_I P_IJ + w_J P_JI^T
+             + w[None, cols] * torch.exp(s - lse[None, cols]))
+        if diagonal:
+            a.fill_diagonal_(0.0)
+            g[rows] += a @ zn[cols]
+        else:
+            g[rows] += a @ zn[cols]
+            g[cols] += a.T @ zn[rows]
+    pos = _positive_index(rows_total // 2, zn.device)
+    g -= (w + w[pos])[:, None] * zn[pos]
+    g *= inv_tau
+    return l2_normalize_backward(zn, norm, g).to(z.dtype)
+
+
+@_fused_backward.register_fake
+def _(z, grad, inv_tau, lse, block):
+    return torch.empty_like(z)
+
+
+NT_XENT = register_backend(NTXentBackend(
+    "chunked", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_chunked_fwd.default,
+    torch.ops.fastcluster_cl.nt_xent_chunked_bwd.default, per_row_backward=True))
+register_fused_autograd(_fused_forward, NT_XENT.backward, "chunked")
+refuse_double_backward(_fused_backward, "chunked")
+
+
+def _check_block(block_size: int) -> None:
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
 
 
 def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
                   block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
     """NT-Xent's 2N per-row terms (`reference.nt_xent_terms`) in block_size x block_size tiles."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return _ChunkedNTXentTerms.apply(z_a.contiguous(), z_b.contiguous(), temperature, block_size)
+    _check_block(block_size)
+    return nt_xent_autograd.nt_xent_terms(z_a, z_b, temperature, "chunked", block_size)
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
             block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) in block_size x block_size tiles."""
-    return nt_xent_terms(z_a, z_b, temperature, block_size).mean()
+    _check_block(block_size)
+    return nt_xent_autograd.nt_xent(z_a, z_b, temperature, "chunked", block_size)
 
 
 # The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; the O(N*K) terms

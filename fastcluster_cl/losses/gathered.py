@@ -10,7 +10,7 @@ parameter gradients over ranks, which then gives exactly the single-process grad
   the backend's `lse_rows`, all-gathers those per-row values and returns the mean loss over its
   rows. The backward is analytic (DESIGN.md): the backend's `grad_rows` over the local rows
   needs only the gathered Z and per-row values, so no B x D gradient is ever reduced across
-  ranks.
+  ranks. Forward and backward are `nt_xent_autograd.NTXent`, the single-process path's.
 - NT-Xent (backend torch): the independent cross-check, lightly's formulation: a differentiable
   all-gather (its backward sums every rank's gradient for the gathered rows) and the plain
   reference on the local rows.
@@ -21,66 +21,28 @@ parameter gradients over ranks, which then gives exactly the single-process grad
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from .. import distributed as D
+from . import nt_xent_autograd
 from .dispatch import implementation, resolve
-from .reference import (NORM_EPS, accumulation_dtype, dec_target, kl_rows, l2_normalize,
-                        l2_normalize_backward, outside_autocast)
+from .nt_xent_autograd import NTXentBackend, RowGrad, RowLSE, local_row_ranges
+from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows, l2_normalize
 
-RowLSE = Callable[[torch.Tensor, int, int, float], tuple[torch.Tensor, torch.Tensor]]
-RowGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
-
-
-def local_row_ranges(n: int, rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """This rank's rows of the global Z = [z_a of all ranks; z_b of all ranks] (n per view)."""
-    total = n * world
-    return (rank * n, (rank + 1) * n), (total + rank * n, total + (rank + 1) * n)
-
-
-class _GatheredNTXent(torch.autograd.Function):
-    """NT-Xent of the local rows against the gathered Z; backward by the row-range primitives."""
-
-    @staticmethod
-    @outside_autocast  # the primitives' matmuls accumulate in fp32/fp64
-    def forward(ctx, z_a, z_b, temperature, lse_rows: RowLSE, grad_rows: RowGrad):
-        n, inv_tau = z_a.shape[0], 1.0 / temperature
-        ranges = local_row_ranges(n, D.rank(), D.world_size())
-        # Gathered in the input dtype (half the traffic for bf16); the primitives normalise on
-        # the fly and accumulate in fp32.
-        z = D.gather_views(torch.cat([z_a, z_b]))
-        local = [lse_rows(z, start, end, inv_tau) for start, end in ranges]
-        lse_local = torch.cat([lse for lse, _ in local])
-        loss_local = torch.cat([loss for _, loss in local])
-        both = D.gather_views(torch.stack([lse_local, loss_local], 1))
-        ctx.save_for_backward(z, both[:, 0].contiguous(), both[:, 1].contiguous())
-        ctx.ranges, ctx.inv_tau, ctx.grad_rows = ranges, inv_tau, grad_rows
-        return loss_local.mean()
-
-    @staticmethod
-    @outside_autocast
-    def backward(ctx, grad_out):
-        z, lse, row_loss = ctx.saved_tensors
-        g = torch.cat([ctx.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau)
-                       for start, end in ctx.ranges])
-        # World-size times the global dL/dzn (1/(tau * 2N_global)) = 1/(tau * 2n_local).
-        g *= grad_out * ctx.inv_tau / g.shape[0]
-        rows = torch.cat([torch.arange(start, end, device=z.device) for start, end in ctx.ranges])
-        zn, norm = l2_normalize(z[rows])
-        dz = l2_normalize_backward(zn, norm, g).to(z.dtype)
-        n = zn.shape[0] // 2
-        return dz[:n], dz[n:], None, None, None
 
 
 def nt_xent_rows(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
                  lse_rows: RowLSE, grad_rows: RowGrad) -> torch.Tensor:
     """Gathered NT-Xent with explicit row-range primitives (the backends' `lse_rows` and
-    `grad_rows`, possibly with a block size bound)."""
+    `grad_rows`, possibly with a block size bound), through `nt_xent_autograd.NTXent`."""
+    return _gathered(z_a, z_b, temperature, NTXentBackend("rows", lse_rows, grad_rows))
+
+
+def _gathered(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+              spec: NTXentBackend) -> torch.Tensor:
     D.check_equal_rows("z_a", z_a.shape[0], z_a.device)
-    return _GatheredNTXent.apply(z_a.contiguous(), z_b.contiguous(), temperature, lse_rows,
-                                 grad_rows)
+    return nt_xent_autograd.nt_xent(z_a, z_b, temperature, spec, gather=True)
 
 
 def _nt_xent_autograd(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -105,9 +67,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
     backend = resolve(backend, z_a.device)
     if backend == "torch":
         return _nt_xent_autograd(z_a, z_b, temperature)
-    return nt_xent_rows(z_a, z_b, temperature,
-                        implementation("lse_rows", backend, z_a.device),
-                        implementation("grad_rows", backend, z_a.device))
+    return _gathered(z_a, z_b, temperature, implementation("NT_XENT", backend, z_a.device))
 
 
 def _global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

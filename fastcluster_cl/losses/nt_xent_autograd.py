@@ -1,0 +1,217 @@
+"""NT-Xent's one autograd path, shared by every backend and by the distributed loss.
+
+A backend describes itself with an `NTXentBackend`:
+
+- the row-range primitives (required): ``lse_rows(z, row_start, row_end, inv_tau, *options) ->
+  (lse, row_loss)`` and ``grad_rows(z, lse, row_loss, row_start, row_end, inv_tau, *options) ->
+  sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i)`` (unscaled dL/dzn rows of the mean loss, times
+  2N tau) over the raw Z = [z_a; z_b] (normalised inside);
+- optionally a whole-matrix fast path: ``forward(z, inv_tau, per_row, *options) -> (loss,
+  *state)`` (loss the 2N row losses if per_row, else their mean) and ``backward(z, grad,
+  inv_tau, *state, *options) -> dL/dz`` (in z's dtype, the normalisation's backward included;
+  `grad` 0-d for the mean, (2N,) per row where `per_row_backward`). The state is opaque to this
+  module: chunked keeps its lse, Triton its scaled rows and the per-row weights of its one-exp
+  backward, CUDA its scaled rows.
+
+`NTXent` (the autograd.Function) runs the fast path on one process when the backend has one,
+else the row primitives over [0, 2N); with `gather` it all-gathers Z, runs the primitives on this
+rank's rows against the gathered Z and all-gathers their lse and row losses for the backward
+(gathered.py's convention: the gradient of the local rows is world_size times the global one).
+The backward of the primitives path scales the rows by grad * inv_tau / (2N_local) and applies
+`reference.l2_normalize_backward`. Double backward is refused with a clear error on every
+backend (the saved statistics are not differentiable functions of the inputs); backend='torch'
+is the differentiable reference.
+
+`register_fused_autograd` gives a backend's fast-path forward op (a torch.library custom op)
+this same backward, so that the op is differentiable on its own (opcheck, direct calls), and
+`refuse_double_backward` registers the clear error on its backward op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import distributed as D
+from .reference import l2_normalize, l2_normalize_backward, outside_autocast
+
+RowLSE = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+RowGrad = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NTXentBackend:
+    """A backend's NT-Xent primitives (see the module docstring)."""
+    name: str
+    lse_rows: RowLSE
+    grad_rows: RowGrad
+    forward: Callable | None = None
+    backward: Callable | None = None
+    per_row_backward: bool = False
+
+
+_BACKENDS: dict[str, NTXentBackend] = {}
+
+
+def register_backend(spec: NTXentBackend) -> NTXentBackend:
+    """Make `spec` known under its name (the name is what `NTXent` receives on the
+    single-process path, a constant for torch.compile)."""
+    _BACKENDS[spec.name] = spec
+    return spec
+
+
+def _spec(backend: str | NTXentBackend) -> NTXentBackend:
+    return backend if isinstance(backend, NTXentBackend) else _BACKENDS[backend]
+
+
+def double_backward_error(name: str) -> RuntimeError:
+    return RuntimeError(f"double backward is not supported by backend={name!r}; "
+                        "use backend='torch'")
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """dz (a first-order gradient computed with create_graph=True) as a function of the loss's
+    inputs whose derivative raises `double_backward_error`, instead of a second derivative that
+    is silently wrong or an error about tensors that do not require grad."""
+
+    @staticmethod
+    def forward(ctx, dz, name, *inputs):
+        ctx.name = name
+        return dz.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.name)
+
+
+def _guard(dz: torch.Tensor, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+    """dz, refusing a second differentiation when the backward runs with create_graph."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _RefuseDoubleBackward.apply(dz, name, *inputs)
+    return dz
+
+
+def local_row_ranges(n: int, rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """This rank's rows of the global Z = [z_a of all ranks; z_b of all ranks] (n per view)."""
+    total = n * world
+    return (rank * n, (rank + 1) * n), (total + rank * n, total + (rank + 1) * n)
+
+
+def _ranges(n: int, gather: bool) -> tuple[tuple[int, int], ...]:
+    """The rows of the (gathered) Z whose loss this process computes."""
+    return local_row_ranges(n, D.rank(), D.world_size()) if gather else ((0, 2 * n),)
+
+
+class NTXent(torch.autograd.Function):
+    """The NT-Xent terms of [z_a; z_b]: the 2N (local) row losses if per_row, else their mean.
+    `backend` is a registered backend name or an `NTXentBackend`; `options` are passed to its
+    primitives after their own arguments (chunked: the block size)."""
+
+    @staticmethod
+    @outside_autocast  # the primitives' matmuls accumulate in fp32/fp64
+    def forward(ctx, z_a, z_b, inv_tau, backend, per_row, gather, options):
+        spec, n = _spec(backend), z_a.shape[0]
+        z = torch.cat([z_a, z_b])
+        ctx.spec, ctx.inv_tau, ctx.options, ctx.per_row = spec, inv_tau, options, per_row
+        ctx.fused = spec.forward is not None and not gather
+        if ctx.fused:
+            # The inputs rather than their concatenation are saved (no copy held until the
+            # backward, which concatenates them again).
+            loss, *state = spec.forward(z, inv_tau, per_row, *options)
+            ctx.save_for_backward(z_a, z_b, *state)
+            return loss
+        # Gathered in the input dtype (half the traffic for bf16); the primitives normalise on
+        # the fly and accumulate in fp32.
+        z_all = D.gather_views(z) if gather else z
+        ctx.ranges = _ranges(n, gather)
+        local = [spec.lse_rows(z_all, start, end, inv_tau, *options) for start, end in ctx.ranges]
+        lse, row_loss = (torch.cat([lse for lse, _ in local]),
+                         torch.cat([loss for _, loss in local]))
+        if gather:
+            both = D.gather_views(torch.stack([lse, row_loss], 1))
+            ctx.save_for_backward(z_a, z_b, z_all, both[:, 0].contiguous(),
+                                  both[:, 1].contiguous())
+        else:
+            ctx.save_for_backward(z_a, z_b, z_all, lse, row_loss)
+        return row_loss if per_row else row_loss.mean()
+
+    @staticmethod
+    @outside_autocast  # .backward() may be called inside an autocast region
+    def backward(ctx, grad):
+        spec = ctx.spec
+        z_a, z_b, *saved = ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.fused:
+                dz = spec.backward(torch.cat([z_a, z_b]), grad, ctx.inv_tau, *saved,
+                                   *ctx.options)
+            else:
+                dz = _rows_backward(ctx, grad, *saved)
+        dz = _guard(dz, spec.name, z_a, z_b)
+        n = dz.shape[0] // 2
+        return dz[:n], dz[n:], None, None, None, None, None
+
+
+def _rows_backward(ctx, grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
+                   row_loss: torch.Tensor) -> torch.Tensor:
+    """dL/dz of the rows in ctx.ranges of the (gathered) z from the backend's `grad_rows`."""
+    g = torch.cat([ctx.spec.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau, *ctx.options)
+                   for start, end in ctx.ranges])
+    # dL/dzn of the mean over these rows is 1/(tau * rows); gathered, it is world_size times
+    # the global gradient 1/(tau * 2N_global), the same number.
+    g *= grad * ctx.inv_tau / g.shape[0]
+    rows = torch.cat([torch.arange(start, end, device=z.device) for start, end in ctx.ranges])
+    zn, norm = l2_normalize(z[rows])
+    return l2_normalize_backward(zn, norm, g).to(z.dtype)
+
+
+def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+                  backend: str | NTXentBackend, *options) -> torch.Tensor:
+    """The 2N row losses through `NTXent` (reduction="none"). Backends whose backward takes only
+    the mean's gradient refuse to build a graph here."""
+    spec = _spec(backend)
+    if (not spec.per_row_backward and torch.is_grad_enabled()
+            and (z_a.requires_grad or z_b.requires_grad)):
+        raise NotImplementedError(
+            f"reduction='none' with gradients is not supported by backend={spec.name!r} (its "
+            "backward kernels take the mean's gradient only); use backend='chunked' or 'torch', "
+            "or compute the per-row terms under torch.no_grad()")
+    return NTXent.apply(z_a.contiguous(), z_b.contiguous(), 1.0 / temperature, spec.name
+                        if isinstance(backend, str) else spec, True, False, options)
+
+
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
+            backend: str | NTXentBackend, *options, gather: bool = False) -> torch.Tensor:
+    """The mean NT-Xent through `NTXent` (over every rank's rows with `gather`)."""
+    return NTXent.apply(z_a.contiguous(), z_b.contiguous(), 1.0 / temperature, backend, False,
+                        gather, options)
+
+
+def register_fused_autograd(forward_op, backward: Callable, name: str) -> None:
+    """Give a backend's fast-path forward op ``(z, inv_tau, per_row, *options) -> (loss,
+    *state)`` the backward that `NTXent` runs, through torch.library.register_autograd."""
+    def setup_context(ctx, inputs, output):
+        z, inv_tau, _per_row, *options = inputs
+        ctx.save_for_backward(z, *output[1:])
+        ctx.inv_tau, ctx.options = inv_tau, options
+
+    @outside_autocast
+    def backward_fn(ctx, grad, *_state_grads):
+        z, *state = ctx.saved_tensors
+        with torch.no_grad():
+            dz = backward(z, grad, ctx.inv_tau, *state, *ctx.options)
+        return (_guard(dz, name, z), None, None) + (None,) * len(ctx.options)
+
+    forward_op.register_autograd(backward_fn, setup_context=setup_context)
+
+
+def refuse_double_backward(backward_op, name: str) -> None:
+    """Register on a backend's backward op an autograd formula that raises
+    `double_backward_error` when differentiated (create_graph=True, then a second backward)."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward_fn(ctx, *grads):
+        raise double_backward_error(name)
+
+    backward_op.register_autograd(backward_fn, setup_context=setup_context)
