@@ -1,0 +1,175 @@
+"""NT-Xent's registered ops and its one autograd path (fastcluster_cl/losses/nt_xent_autograd.py):
+torch.library.opcheck of every fused forward and backward op that runs on the CPU (chunked;
+Triton under the interpreter; the CUDA twin's glue over the dense model of its launchers),
+graph-break counts under torch.compile, per-row gradients (reduction="none"), and double
+backward: equal to backend="torch" or a clear error, on every backend."""
+import pytest
+import torch
+
+import fastcluster_cl as fc
+from fastcluster_cl import cuda_backend, kernels
+from fastcluster_cl.losses import chunked, nt_xent_autograd, reference
+
+from test_cuda_backend import _DenseLaunchers
+
+OPS = torch.ops.fastcluster_cl
+F64 = torch.float64
+
+
+def _pair(n=6, d=5, dtype=F64, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(n, d, generator=g, dtype=dtype)
+    z_b = z_a + 0.5 * torch.randn(n, d, generator=g, dtype=dtype)
+    return z_a.requires_grad_(grad), z_b.requires_grad_(grad)
+
+
+@pytest.fixture
+def dense_cuda(monkeypatch):
+    """backend='cuda' on CPU tensors, its launchers replaced by the dense model."""
+    monkeypatch.setattr(cuda_backend, "extension", lambda: _DenseLaunchers)
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+
+
+# (forward op, its options after (z, inv_tau, per_row), backward op)
+FUSED = {
+    "chunked": (OPS.nt_xent_chunked_fwd.default, (4,), OPS.nt_xent_chunked_bwd.default),
+    "triton": (OPS.nt_xent_triton_fwd.default, (False,), OPS.nt_xent_triton_bwd.default),
+    "cuda": (OPS.nt_xent_cuda_fwd.default, (), OPS.nt_xent_cuda_bwd.default),
+}
+DTYPES = {"chunked": F64, "triton": F64, "cuda": torch.float32}  # the dense CUDA model: fp32
+
+
+def _opcheck_backend(backend, per_row):
+    forward, options, backward = FUSED[backend]
+    z = torch.cat(_pair(5, 4, DTYPES[backend], grad=False)).requires_grad_()
+    torch.library.opcheck(forward, (z, 2.0, per_row, *options))
+    out = forward(z.detach(), 2.0, per_row, *options)
+    grad = torch.ones_like(out[0])
+    # The backward op's own autograd raises (double backward), so it is checked without
+    # inputs that require grad.
+    torch.library.opcheck(backward, (z.detach(), grad, 2.0, *out[1:], *options),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_chunked(per_row):
+    _opcheck_backend("chunked", per_row)
+
+
+def test_opcheck_triton_interpreted():
+    _opcheck_backend("triton", False)
+
+
+def test_opcheck_cuda_glue(dense_cuda):
+    _opcheck_backend("cuda", False)
+
+
+def test_fused_ops_are_differentiable_on_their_own():
+    """The forward op's registered autograd is NTXent's backward: the same gradient."""
+    z_a, z_b = _pair()
+    z = torch.cat([z_a, z_b])
+    loss = OPS.nt_xent_chunked_fwd(z, 1 / 0.3, False, 4)[0]
+    got = torch.autograd.grad(loss, (z_a, z_b))
+    want = torch.autograd.grad(reference.nt_xent(z_a, z_b, 0.3), (z_a, z_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def _explain(fn, *inputs):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*inputs)
+
+
+@pytest.mark.parametrize("backend, reduction", [("chunked", "mean"), ("chunked", "none"),
+                                                ("triton", "mean")])
+def test_no_graph_breaks_through_the_ops(backend, reduction):
+    z_a, z_b = _pair(grad=False)
+    loss = lambda a, b: fc.nt_xent(a, b, 0.5, backend=backend, reduction=reduction)  # noqa: E731
+    loss(z_a, z_b)  # triton is imported on its first, resolving call (not traceable)
+    explained = _explain(loss, z_a, z_b)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    names = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+    assert f"fastcluster_cl.nt_xent_{backend}_fwd.default" in names
+
+
+def test_compiled_fullgraph_forward_and_backward_chunked():
+    torch._dynamo.reset()
+    z_a, z_b = _pair()
+    compiled = torch.compile(lambda a, b: fc.nt_xent(a, b, 0.5, backend="chunked"),
+                             fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(z_a, z_b), (z_a, z_b))
+    want = torch.autograd.grad(reference.nt_xent(z_a, z_b, 0.5), (z_a, z_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_per_row_gradients_match_torch():
+    """reduction="none" weights each row's backward by its own incoming gradient."""
+    z_a, z_b = _pair(7, 5)
+    weights = torch.randn(14, dtype=F64, generator=torch.Generator().manual_seed(3))
+    weights[2] = 0.0
+    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, 0.3, backend="chunked", reduction="none")
+                               * weights).sum(), (z_a, z_b))
+    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, 0.3) * weights).sum(),
+                               (z_a, z_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_per_row_terms_on_triton_and_cuda(dense_cuda):
+    """reduction="none" runs on triton and cuda: the per-row values; a graph that would need
+    per-row gradients from their kernels is refused at the forward."""
+    z_a, z_b = _pair(5, 4)
+    want = reference.nt_xent_terms(z_a, z_b, 0.4)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.nt_xent_terms(z_a, z_b, 0.4), want)
+        torch.testing.assert_close(nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda"), want)
+    for call in (lambda: kernels.nt_xent_terms(z_a, z_b, 0.4),
+                 lambda: nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")):
+        with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
+            call()
+
+
+def _double_backward(loss_fn, z_a, z_b):
+    """|d/da sum(dL/da^2)| after a first gradient with create_graph=True."""
+    (g_a,) = torch.autograd.grad(loss_fn(z_a, z_b), z_a, create_graph=True)
+    (gg,) = torch.autograd.grad(g_a.pow(2).sum(), z_a)
+    return gg
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+def test_double_backward_is_refused_clearly(backend, dense_cuda):
+    z_a, z_b = _pair()
+    loss_fn = {"chunked": lambda a, b: chunked.nt_xent(a, b, 0.5, 4),
+               "triton": lambda a, b: kernels.nt_xent(a, b, 0.5),
+               "cuda": lambda a, b: nt_xent_autograd.nt_xent(a, b, 0.5, "cuda")}[backend]
+    with pytest.raises(RuntimeError, match=f"double backward is not supported by "
+                                           f"backend='{backend}'; use backend='torch'"):
+        _double_backward(loss_fn, z_a, z_b)
+    # The same through the registered forward op called directly.
+    forward, options, _ = FUSED[backend]
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        _double_backward(lambda a, b: forward(torch.cat([a, b]), 2.0, False, *options)[0],
+                         z_a, z_b)
+
+
+def test_double_backward_on_torch_works_and_first_order_is_unchanged():
+    z_a, z_b = _pair()
+    assert torch.isfinite(_double_backward(lambda a, b: fc.nt_xent(a, b, 0.5, backend="torch"),
+                                           z_a, z_b)).all()
+    # create_graph=True on a fused backend still gives the right first-order gradient.
+    (got,) = torch.autograd.grad(fc.nt_xent(z_a, z_b, 0.5, backend="chunked"), z_a,
+                                 create_graph=True)
+    (want,) = torch.autograd.grad(fc.nt_xent(z_a, z_b, 0.5, backend="torch"), z_a)
+    torch.testing.assert_close(got, want)
+
+
+def test_double_backward_of_the_gathered_path_is_refused():
+    """The distributed path is the same Function (one process: world size 1)."""
+    from fastcluster_cl.losses import gathered
+    z_a, z_b = _pair()
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        _double_backward(lambda a, b: gathered.nt_xent_rows(a, b, 0.5, chunked.lse_rows,
+                                                            chunked.grad_rows), z_a, z_b)
