@@ -126,6 +126,11 @@ def test_per_row_terms_on_triton_and_cuda(dense_cuda):
     with torch.no_grad():
         torch.testing.assert_close(kernels.nt_xent_terms(z_a, z_b, 0.4), want)
         torch.testing.assert_close(nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda"), want)
+    logits = _pair(6, 3, grad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fc.cc_cluster_loss(*logits, 0.7, backend="triton", reduction="none"),
+            reference.cc_cluster_loss_terms(*logits, 0.7))
     for call in (lambda: kernels.nt_xent_terms(z_a, z_b, 0.4),
                  lambda: nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")):
         with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
