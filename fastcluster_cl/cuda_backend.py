@@ -30,7 +30,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .losses import nt_xent_autograd, reference
-from .losses.nt_xent_autograd import (NTXentBackend, refuse_double_backward, register_backend,
+from .losses.nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
+                                      refuse_double_backward, register_backend,
                                       register_fused_autograd)
 
 _SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
@@ -258,6 +259,7 @@ def _normalized(z: torch.Tensor):
     return extension().normalize(z[:half].contiguous(), z[half:].contiguous())
 
 
+@torch.library.custom_op("fastcluster_cl::nt_xent_cuda_lse_rows", mutates_args=())
 def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
              inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-range primitive of `fastcluster_cl.losses.gathered` (gather_distributed): (lse, loss)
@@ -268,6 +270,12 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
                        inv_tau)
 
 
+@lse_rows.register_fake
+def _(z, row_start, row_end, inv_tau):
+    return fake_row_values(z, row_start, row_end, torch.float32)
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_cuda_grad_rows", mutates_args=())
 def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
               row_end: int, inv_tau: float) -> torch.Tensor:
     """Row-range primitive of `fastcluster_cl.losses.gathered`: sum_j (P_ij + P_ji) zn_j -
@@ -276,6 +284,11 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     zs, rs = _normalized(z)[:2]
     return extension().grad_rows(zs, rs, lse.float().contiguous(),
                                  row_loss.float().contiguous(), row_start, row_end, inv_tau)
+
+
+@grad_rows.register_fake
+def _(z, lse, row_loss, row_start, row_end, inv_tau):
+    return fake_grad_rows(z, row_start, row_end, torch.float32)
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -62,7 +62,8 @@ import triton
 import triton.language as tl
 
 from fastcluster_cl.losses import nt_xent_autograd
-from fastcluster_cl.losses.nt_xent_autograd import (NTXentBackend, refuse_double_backward,
+from fastcluster_cl.losses.nt_xent_autograd import (NTXentBackend, fake_grad_rows,
+                                                    fake_row_values, refuse_double_backward,
                                                     register_backend, register_fused_autograd)
 from fastcluster_cl.losses.reference import (fixed_shift_safe, l2_normalize,
                                              l2_normalize_backward)
@@ -494,6 +495,7 @@ def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out,
     return dz
 
 
+@torch.library.custom_op("fastcluster_cl::nt_xent_triton_lse_rows", mutates_args=())
 def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
              inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows [row_start, row_end) of the full Z = [z_a; z_b] (2N x D, raw: normalised on the
@@ -505,6 +507,12 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
     return _lse(zs, rs, dist, row_start, row_end, inv_tau)[:2]
 
 
+@lse_rows.register_fake
+def _(z, row_start, row_end, inv_tau):
+    return fake_row_values(z, row_start, row_end)
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_triton_grad_rows", mutates_args=())
 def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
               row_end: int, inv_tau: float) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows [row_start, row_end) of the raw Z,
@@ -520,6 +528,11 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     zs, rs, norms, _ = _scale_rows(z)
     return _grad(zs, rs, norms, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
                  row_loss.to(rs.dtype).contiguous(), row_start, row_end, inv_tau, None, rs.dtype)
+
+
+@grad_rows.register_fake
+def _(z, lse, row_loss, row_start, row_end, inv_tau):
+    return fake_grad_rows(z, row_start, row_end)
 
 
 def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:

@@ -178,3 +178,23 @@ def test_double_backward_of_the_gathered_path_is_refused():
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         _double_backward(lambda a, b: gathered.nt_xent_rows(a, b, 0.5, chunked.lse_rows,
                                                             chunked.grad_rows), z_a, z_b)
+
+
+# The row-range primitives (the distributed path's forward and backward): registered ops whose
+# autograd is NTXent's (they are not differentiable one by one: grad_rows needs every row's lse).
+PRIMITIVES = {
+    "chunked": (OPS.nt_xent_chunked_lse_rows.default, OPS.nt_xent_chunked_grad_rows.default,
+                (3,)),
+    "triton": (OPS.nt_xent_triton_lse_rows.default, OPS.nt_xent_triton_grad_rows.default, ()),
+    "cuda": (OPS.nt_xent_cuda_lse_rows.default, OPS.nt_xent_cuda_grad_rows.default, ()),
+}
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+def test_opcheck_row_primitives(backend, dense_cuda):
+    lse_rows, grad_rows, options = PRIMITIVES[backend]
+    z = torch.cat(_pair(5, 4, DTYPES[backend], grad=False))
+    lse, row_loss = lse_rows(z, 0, 10, 2.0, *options)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(lse_rows, (z, 3, 8, 2.0, *options), test_utils=checks)
+    torch.library.opcheck(grad_rows, (z, lse, row_loss, 3, 8, 2.0, *options), test_utils=checks)

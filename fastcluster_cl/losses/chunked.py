@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 
 from . import nt_xent_autograd, reference
-from .nt_xent_autograd import (NTXentBackend, refuse_double_backward, register_backend,
-                              register_fused_autograd)
+from .nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
+                              refuse_double_backward, register_backend, register_fused_autograd)
 from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
                         dec_loss, dec_loss_terms, fixed_shift_safe, l2_normalize,
                         l2_normalize_backward, outside_autocast, student_t)
@@ -103,6 +103,7 @@ def _normalized_range(z: torch.Tensor, row_start: int, row_end: int,
     return l2_normalize(z)[0]
 
 
+@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_lse_rows", mutates_args=())
 def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
              block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse_i, lse_i - S_i,pos(i)) for rows i in [row_start, row_end), lse_i = log sum_{k != i}
@@ -130,10 +131,16 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
     return lse, lse - (zn[row_start:row_end] * zn[pos]).sum(1) * inv_tau
 
 
+@lse_rows.register_fake
+def _(z, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
+    return fake_row_values(z, row_start, row_end)
+
+
 def _positive_of(row_start: int, row_end: int, zn: torch.Tensor) -> torch.Tensor:
     return (torch.arange(row_start, row_end, device=zn.device) + zn.shape[0] // 2) % zn.shape[0]
 
 
+@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_grad_rows", mutates_args=())
 def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
               row_end: int, inv_tau: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows i in [row_start, row_end), with
@@ -156,6 +163,11 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
             g += a @ zn[cols]
         out.append(g)
     return torch.cat(out) - 2.0 * zn[_positive_of(row_start, row_end, zn)]
+
+
+@grad_rows.register_fake
+def _(z, lse, row_loss, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
+    return fake_grad_rows(z, row_start, row_end)
 
 
 # The whole-matrix fast path (symmetric upper-triangle tiles), as torch.library ops with fake

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from .. import distributed as D
-from .reference import l2_normalize, l2_normalize_backward, outside_autocast
+from .reference import accumulation_dtype, l2_normalize, l2_normalize_backward, outside_autocast
 
 RowLSE = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RowGrad = Callable[..., torch.Tensor]
@@ -63,6 +63,22 @@ def register_backend(spec: NTXentBackend) -> NTXentBackend:
 
 def _spec(backend: str | NTXentBackend) -> NTXentBackend:
     return backend if isinstance(backend, NTXentBackend) else _BACKENDS[backend]
+
+
+def fake_row_values(z: torch.Tensor, row_start: int, row_end: int,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake (meta) result of a registered `lse_rows` op: two vectors of the range's length
+    in the accumulation dtype (or `dtype`)."""
+    dtype = dtype or accumulation_dtype(z.dtype)
+    return (z.new_empty(row_end - row_start, dtype=dtype),
+            z.new_empty(row_end - row_start, dtype=dtype))
+
+
+def fake_grad_rows(z: torch.Tensor, row_start: int, row_end: int,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The fake result of a registered `grad_rows` op: the range's rows of z's width."""
+    return z.new_empty(row_end - row_start, z.shape[1],
+                       dtype=dtype or accumulation_dtype(z.dtype))
 
 
 def double_backward_error(name: str) -> RuntimeError:
