@@ -3,11 +3,11 @@
 // Zs (m x d) is [z_a; z_b] with each row scaled by the exact power of two that puts its largest
 // |element| in [1, 2), with rs = 1 / max(||zs_i||, eps p_i), so that zn = zs rs exactly: rows of
 // any finite magnitude are safe. It is stored as fp16 for fp16 and bf16 inputs (the same values
-// but for elements below 2^-24 of the row's largest; fp16's 11-bit mantissa for the tensor-core
-// tile weights) and as fp32 for fp32 inputs. A block owns BM = 64 rows and sweeps all m columns
-// in tiles of BN = 64: each tile Zs_rows Zs_cols^T is accumulated in fp32 (wmma tensor cores
-// for float16/bfloat16, an 8x4-per-thread SIMT product for float32) into shared memory, then
-// consumed at once, so no m x m buffer ever exists.
+// but for elements below 2^-14 of the row's largest, fp16 subnormals, and 2^-24, flushed; fp16's
+// 11-bit mantissa for the tensor-core tile weights) and as fp32 for fp32 inputs. A block owns
+// BM = 64 rows and sweeps all m columns in tiles of BN = 64: each tile Zs_rows Zs_cols^T is
+// accumulated in fp32 (wmma tensor cores for float16/bfloat16, an 8x4-per-thread SIMT product
+// for float32) into shared memory, then consumed at once, so no m x m buffer ever exists.
 //   forward  (lse_kernel):  online log-sum-exp of each row over its negatives k != i, pos(i), in
 //            base 2; the host finishes each row from the positive's 1 - cos (normalize_kernel)
 //            without cancellation: loss_i = softplus(lse_neg_i - S_i,pos(i)).
@@ -17,8 +17,8 @@
 //            2 zn_pos after the rounded product cancelled catastrophically). The weights are
 //            scaled by 2^14 before their rounding (|A| <= 2: no fp16 overflow, and the ~1/m
 //            weights of large batches stay clear of the subnormals), then
-//            G += (A diag(rs_cols)) Zs_cols[:, d0:d0+BD]; grid.y splits the features so that the G accumulator
-//            stays in registers. One writer per output row: no atomics.
+//            G += (A diag(rs_cols)) Zs_cols[:, d0:d0+BD]; grid.y splits the features so that
+//            the G accumulator stays in registers. One writer per output row: no atomics.
 // Column splits (grid.z): when the row blocks alone cannot fill the GPU, each block sweeps only
 // its share of the column tiles and writes a partial result to a workspace (per-row max and sum,
 // or a partial G); merge_lse_kernel / sum_splits_kernel combine the splits in a fixed order.

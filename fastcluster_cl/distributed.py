@@ -37,11 +37,14 @@ def is_main_process() -> bool:
 
 
 def check_equal_rows(name: str, rows: int, device: torch.device) -> None:
-    """Raise unless every rank passes the same number of rows (one tiny all-gather).
+    """Raise unless every rank passes the same number of rows (one tiny all-gather, read on the
+    host: so on a GPU only with `validation.set_value_checks(True)`, like the other checks that
+    read data; every rank takes the same decision).
 
     The distributed losses need equal local batches: the mean over ranks of per-rank means is the
     global mean only then (use DistributedSampler(drop_last=True) or drop the last batch)."""
-    if world_size() == 1:
+    from .validation import value_checks_active
+    if world_size() == 1 or not value_checks_active([device]):
         return
     mine = torch.tensor([rows], dtype=torch.int64, device=device)
     counts = [torch.empty_like(mine) for _ in range(world_size())]

@@ -20,7 +20,9 @@ tile_elements (BLOCK_M x BLOCK_N), instructions_per_tile (per warp, steady path)
     T_issue = instructions_per_tile * num_warps / 4   (each SM issues 4 warp-instructions/clock)
 
 the fraction of the tensor-core peak that instruction issue alone allows (1 = MMA-bound).
-MACS_PER_CLOCK is the dense rate of one H100/H200 SM: 2048 for fp16/bf16, 1024 for tf32.
+MACS_PER_CLOCK is the dense rate of one H100/H200 SM: 2048 for fp16/bf16, 1024 for tf32. Beside
+it, ex2_ceiling = min(1, T_mma / (ex2_per_tile / EX2_PER_CLOCK)), the same bound from the MUFU
+units (16 exp2 per clock per SM): a kernel is at best min(issue_ceiling, ex2_ceiling) of peak.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ BLOCK_SHARED_LIMIT = 227 * 1024
 SM_THREADS = 2048
 SM_CTAS = 32
 ISSUE_PER_CLOCK = 4
+EX2_PER_CLOCK = 16
 MACS_PER_CLOCK = {"fp16": 2048, "bf16": 2048, "tf32": 1024}
 _MMA = re.compile(r"^(HGMMA|HMMA|DMMA|IMMA)\.(\d+)x(\d+)x(\d+)")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);")
@@ -136,7 +139,9 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
 
     def mma_count(start, end):
         return sum(_is_mma(ins["op"]) for ins in instructions[start:end + 1])
-    start, end = max(loops, key=lambda span: (mma_count(*span), span[1] - span[0]))
+    # The most MMAs; among equals the shortest span (a cold block branching back into the loop
+    # would otherwise drag the epilogue in).
+    start, end = max(loops, key=lambda span: (mma_count(*span), span[0] - span[1]))
     skipped = set()
     for i in range(start, end):
         ins = instructions[i]
@@ -174,10 +179,11 @@ def analyse(v: Variant) -> dict:
     if issued and tile_macs:  # tile_macs / (issued MACs per instruction), rounded up
         floor = -(-tile_macs * issued // sum(c * macs for c, macs in per_issue))
     ex2 = sum(ins["op"].startswith("MUFU.EX2") for ins in loop) * threads
-    ceiling = None
+    ceiling = ex2_ceiling = None
     if loop and tile_macs and v.precision in MACS_PER_CLOCK:
         t_mma = tile_macs / MACS_PER_CLOCK[v.precision]
         ceiling = round(min(1.0, t_mma / (len(loop) * v.num_warps / ISSUE_PER_CLOCK)), 3)
+        ex2_ceiling = round(min(1.0, t_mma * EX2_PER_CLOCK / ex2), 3) if ex2 else 1.0
     tile_elements = v.block[0] * v.block[1] if len(v.block) == 3 else None
     return {"kernel": v.kernel, "dtype": v.dtype, "block": "x".join(map(str, v.block)),
             "num_warps": v.num_warps, "registers": registers, "spill_bytes": stack,
@@ -185,6 +191,7 @@ def analyse(v: Variant) -> dict:
             "mma_per_tile": issued if loop else None, "mma_floor_per_tile": floor,
             "ex2_per_tile": ex2 if loop else None, "tile_elements": tile_elements,
             "instructions_per_tile": len(loop) or None, "issue_ceiling": ceiling,
+            "ex2_ceiling": ex2_ceiling,
             "targets": v.targets}
 
 
@@ -248,10 +255,12 @@ def _nt_xent_variants() -> list[Variant]:
             bwd.block, bwd.num_stages,
             gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
             precision=precision, targets=_NT_XENT_BWD if precision == "fp16" else {}))
-    out.append(Variant("nt_xent prologue", "bf16", nt._scale_rows_kernel,
-                       dict(pointers, Z="bf16", ZS="fp16"),
-                       dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=32,
-                            BLOCK_D=d), 4, (32, d), targets=dict(no_spills=True)))
+    for width in (d, 512):
+        rows = nt.prologue_rows(width)
+        out.append(Variant(f"nt_xent prologue D={width}", "bf16", nt._scale_rows_kernel,
+                           dict(pointers, Z="bf16", ZS="fp16"),
+                           dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=rows,
+                                BLOCK_D=width), 4, (rows, width), targets=dict(no_spills=True)))
     sym = dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK=64, BLOCK_D=d)
     out.append(Variant("nt_xent symmetric fwd", "bf16/fp16", nt._symmetric_fwd_kernel,
                        dict(pointers, Z="fp16"), sym, 4, (64, 64, d), gemms=((64, 64, d),)))
@@ -314,12 +323,12 @@ def variants(names: str = "") -> list[Variant]:
 
 COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",
            "ctas_per_sm", "mma_per_tile", "mma_floor_per_tile", "ex2_per_tile", "tile_elements",
-           "instructions_per_tile", "issue_ceiling")
+           "instructions_per_tile", "issue_ceiling", "ex2_ceiling")
 
 
 def table(rows: list[dict]) -> str:
     head = ["kernel", "dtype", "block", "warps", "regs", "spill", "smem", "CTAs", "mma",
-            "floor", "ex2", "elems", "instr", "ceiling", "misses"]
+            "floor", "ex2", "elems", "instr", "ceiling", "ex2 ceil", "misses"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [r[c] for c in COLUMNS] + ["; ".join(check_targets(r)) or "-"]

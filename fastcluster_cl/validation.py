@@ -23,9 +23,10 @@ def set_value_checks(enabled: bool | str) -> None:
     """Data-dependent checks (finite inputs, valid probabilities): True on every device (one
     host sync per check on a GPU), False nowhere, "cpu" (the default) on CPU tensors only."""
     global _value_checks
-    if enabled not in (True, False, "cpu"):
+    if not (isinstance(enabled, str) and enabled == "cpu") and not isinstance(
+            enabled, (bool, int)):
         raise ValueError(f"value checks are True, False or 'cpu', got {enabled!r}")
-    _value_checks = enabled
+    _value_checks = enabled if isinstance(enabled, str) else bool(enabled)
 
 
 @contextmanager
@@ -44,10 +45,15 @@ def syncs_host(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
+def value_checks_active(devices) -> bool:
+    """Whether the value checks run for data on these devices (see the module docstring)."""
     if _value_checks is False or torch.compiler.is_compiling():
         return False
-    return _value_checks is True or not any(syncs_host(t.device) for t in tensors)
+    return _value_checks is True or not any(syncs_host(d) for d in devices)
+
+
+def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
+    return value_checks_active([t.device for t in tensors])
 
 
 def check_positive(name: str, value: float) -> float:

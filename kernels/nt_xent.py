@@ -10,9 +10,10 @@ multiplied by the exact power of two p_i that brings its largest element into [1
 eps p_i) (so zn_i = zs_i rs_i exactly), the clamped true norm, and per pair
 dist = 1 - tau S_i,pos(i) = ||zn_i - zn_pos||^2 / 2, free of the cancellation of 1 - cos. The
 scaling makes rows of any finite magnitude safe (|z| ~ 1e19 in fp32 no longer overflows
-z_i . z_j), and the fp16 copy of bf16 inputs holds the same values (elements below 2^-24 of
-their row's largest are flushed) while letting the backward round its tile weights to fp16's
-11-bit rather than bf16's 8-bit mantissa.
+z_i . z_j), and the fp16 copy of bf16 inputs holds the same values (but for elements below
+2^-14 of their row's largest, which lose bits as fp16 subnormals, and below 2^-24, which flush:
+negligible against the bf16 rounding of the row's large elements) while letting the backward
+round its tile weights to fp16's 11-bit rather than bf16's 8-bit mantissa.
 
 Forward (`_lse_fwd_kernel`, one row-parallel launch): each program owns BLOCK_M rows, keeps them
 in registers, and streams every column block of Zs: x = S log2(e) = (zs_I zs_J^T) q_I rs_J with
@@ -22,7 +23,8 @@ normal number, else the online row max. The diagonal and padding masks are appli
 tiles that hold them, and so is the positive pair: with t = log sum_neg exp(S_ik - S_i,pos(i))
 (= ln(total) + dist/tau under the fixed shift: no large terms cancel), the row's loss is
 lse_i - S_i,pos(i) = log(1 + e^t), accurate even when it is tiny. Writes lse_i and that loss.
-Saved for backward: Zs, rs, the norms, lse and the row losses (2N floats each).
+Saved for backward: Zs, rs, the norms, the row losses and the backward's per-row weights
+(u = exp(1/tau - lse) with the fixed shift, else lse log2(e); 2N floats each).
 
 Backward (`_grad_kernel`, one row-parallel launch, no atomics): S is symmetric, so
 P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
@@ -163,20 +165,31 @@ def _positive_tile(c0, BLOCK_N: tl.constexpr, row_lo, BLOCK_M: tl.constexpr, hal
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1 without the cancellation of the difference for small |x| (a series there)."""
-    series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
-        1.0 / 720 + x * (1.0 / 5040)))))))
-    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1.0)
+def _expm1(x, ACC: tl.constexpr):
+    """exp(x) - 1 without the cancellation of the difference for small |x|: a series there in
+    fp32 (its error, ~1e-9, is below fp32's), Kahan's (u - 1) x / log(u) in fp64."""
+    u = tl.exp(x)
+    if ACC == tl.float64:
+        return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
+    else:
+        series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+            1.0 / 720 + x * (1.0 / 5040)))))))
+        return tl.where(tl.abs(x) < 0.1, series, u - 1.0)
 
 
 @triton.jit
-def _softplus(t):
-    """log(1 + exp(t)), accurate where exp(t) is tiny (a series for log1p there)."""
+def _softplus(t, ACC: tl.constexpr):
+    """log(1 + exp(t)), accurate where exp(t) is tiny: log1p(y) by a series in fp32 (error
+    ~1e-9), by Kahan's log(w) y / (w - 1), w = 1 + y, in fp64."""
     y = tl.exp(tl.minimum(t, 15.0))
-    series = y * (1.0 - y * (0.5 - y * (1.0 / 3 - y * (0.25 - y * (0.2 - y * (1.0 / 6 - y * (
-        1.0 / 7 - y * 0.125)))))))
-    return tl.where(t > 15.0, t + tl.exp(-t), tl.where(y < 0.1, series, tl.log(1.0 + y)))
+    if ACC == tl.float64:
+        w = 1.0 + y
+        log1p = tl.where(w == 1.0, y, tl.log(w) * y / (w - 1.0))
+    else:
+        series = y * (1.0 - y * (0.5 - y * (1.0 / 3 - y * (0.25 - y * (0.2 - y * (1.0 / 6 - y * (
+            1.0 / 7 - y * 0.125)))))))
+        log1p = tl.where(y < 0.1, series, tl.log(1.0 + y))
+    return tl.where(t > 15.0, t + tl.exp(-t), log1p)
 
 
 @triton.jit
@@ -196,7 +209,9 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half
     pos = _positive_rows(offs_m, half)
     qi = ri * shift
     total = tl.zeros([BLOCK_M], ACC)   # sum over the negatives k != i, pos(i)
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    # The online max starts at the lower bound of x (-shift), not -inf: a tile that masks every
+    # column of a row then rescales by 2^0, not 2^(-inf + inf) = NaN.
+    m_i = tl.full([BLOCK_M], 0.0, ACC) - shift
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
@@ -221,7 +236,7 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half
         t = tl.log2(total) * _LN2 + dist * inv_tau
     else:
         t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
-    loss = _softplus(t)
+    loss = _softplus(t, ACC)
     lse = (1.0 - dist) * inv_tau + loss
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
@@ -267,7 +282,7 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
-    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
+    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
@@ -280,7 +295,7 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
             a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
         if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
-            pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0))
+            pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
             a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         # A @ zn_J = (A diag(rs_J)) @ zs_J: scale the tile, not the (BLOCK_N, D) operand.
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
@@ -297,11 +312,12 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
 
 
 @triton.jit
-def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D,
+def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, half, D,
                           ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Upper-triangle tiles (I <= J), fixed shift 1/tau: tile (I, J) adds its row sums to rows I
-    (registers) and its column sums to rows J (relaxed atomics: only their sum matters)."""
+    """Upper-triangle tiles (I <= J), fixed shift 1/tau, over the negatives (k != i, pos(i)):
+    tile (I, J) adds its row sums to rows I (registers) and its column sums to rows J (relaxed
+    atomics: only their sum matters)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < rows_total
@@ -316,8 +332,9 @@ def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, D,
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
-        valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        e = tl.where(valid, tl.exp2(x - shift), 0.0)
+        negative = (mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
+                    & (offs_n[None, :] != _positive_rows(offs_m, half)[:, None]))
+        e = tl.where(negative, tl.exp2(x - shift), 0.0)
         total += tl.sum(e, axis=1)
         if c0 != pid * BLOCK:  # the diagonal tile's columns are its own rows, already counted
             tl.atomic_add(COL_SUM + offs_n, tl.sum(e, axis=0), mask=mask_n, sem="relaxed")
@@ -343,7 +360,7 @@ def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half,
     qi = ri * shift
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
-    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0))
+    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
@@ -354,7 +371,7 @@ def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half,
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
         a = tl.where(valid, _weights(x, w_i, w_j, shift, FIXED_SHIFT), 0.0)
-        pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0))
+        pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
         a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
         if c0 != pid * BLOCK:
@@ -436,6 +453,12 @@ def _scaled_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def prologue_rows(d: int) -> int:
+    """Row pairs per prologue program: 32 at D <= 128, fewer for wider rows (at D = 512, 32
+    spilled 616 B on sm_90)."""
+    return max(4, 4096 // feature_block(d, "Z"))
+
+
 def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The prologue (see the module docstring): (Zs, rs, norms, dist)."""
     rows, d = z.shape
@@ -444,7 +467,7 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
     rs = torch.empty(rows, dtype=acc, device=z.device)
     norms = torch.empty_like(rs)
     dist = torch.empty(rows // 2, dtype=acc, device=z.device)
-    block_r = 32
+    block_r = prologue_rows(d)
     with device_guard(z):
         _scale_rows_kernel[(triton.cdiv(rows // 2, block_r),)](
             z, zs, rs, norms, dist, rows // 2, d, z.stride(0), TINY=torch.finfo(acc).tiny,
@@ -545,21 +568,26 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     if not fixed_shift_safe(inv_tau, acc):
         raise ValueError(f"the symmetric forward needs the fixed shift (2/tau within the exp "
                          f"range of {acc}), got tau = {1 / inv_tau}")
-    return _symmetric_lse(*_scale_rows(z)[:2], inv_tau)
+    zs, rs, _, dist = _scale_rows(z)
+    return _symmetric_lse(zs, rs, dist, inv_tau)[0]
 
 
-def _symmetric_lse(zs: torch.Tensor, rs: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    """Launch the symmetric forward on the scaled rows: the 2N row lse."""
+def _symmetric_lse(zs: torch.Tensor, rs: torch.Tensor, dist: torch.Tensor,
+                   inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the symmetric forward on the scaled rows: the 2N row lse and losses, the losses
+    as in `_lse_fwd_kernel` (softplus(log sum_neg exp(S - 1/tau) + dist/tau): no cancellation)."""
     rows_total, d = zs.shape
     block, _, block_d = forward_config(d, zs.dtype).block
     row_sum = torch.empty(rows_total, dtype=rs.dtype, device=zs.device)
     col_sum = torch.zeros(rows_total, dtype=rs.dtype, device=zs.device)
     with device_guard(zs):
         _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, rs), rows_total, d,
-            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
-            BLOCK=block, BLOCK_D=block_d)
-    return torch.log(row_sum + col_sum) + inv_tau
+            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, rs), rows_total,
+            rows_total // 2, d, ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype), BLOCK=block, BLOCK_D=block_d)
+    dist = dist.repeat(2)
+    row_loss = torch.nn.functional.softplus(torch.log(row_sum + col_sum) + dist * inv_tau)
+    return (1.0 - dist) * inv_tau + row_loss, row_loss
 
 
 def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
@@ -603,9 +631,7 @@ def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bo
     the upper-triangle forward (fixed shift only)."""
     zs, rs, norms, dist = _scale_rows(z)
     if symmetric:
-        lse = _symmetric_lse(zs, rs, inv_tau)
-        zn = l2_normalize(z)[0]
-        row_loss = lse - (zn * zn.roll(z.shape[0] // 2, 0)).sum(1) * inv_tau
+        lse, row_loss = _symmetric_lse(zs, rs, dist, inv_tau)
         row_w = _row_weights(lse, inv_tau)
     else:
         _, row_loss, row_w = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)

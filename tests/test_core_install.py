@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import importlib.abc, sys
     import torch  # before the block: torch itself probes tqdm (torch.hub) and tolerates it
+    import torch._dynamo  # custom ops load it on first call; it probes many modules' specs
 
     BLOCKED = {"torchvision", "sklearn", "scipy", "matplotlib", "tqdm", "tensorboard", "PIL",
                "mlxtend", "lightly", "pytorch_metric_learning", "nvidia"}

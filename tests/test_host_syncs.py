@@ -69,8 +69,24 @@ def test_value_checks_run_on_the_cpu_by_default_and_everywhere_when_asked(monkey
     fc.nt_xent(bad, bad, backend="torch")  # "a GPU": not checked, no sync
     with validation.value_checks(True), pytest.raises(ValueError, match="contains NaN"):
         fc.nt_xent(bad, bad, backend="torch")
+    with validation.value_checks(0):  # falsy numbers turn them off, truthy ones on
+        fc.nt_xent(bad, bad, backend="torch")
+    with validation.value_checks(1), pytest.raises(ValueError, match="contains NaN"):
+        fc.nt_xent(bad, bad, backend="torch")
     with pytest.raises(ValueError, match="True, False or 'cpu'"):
         validation.set_value_checks("always")
+
+
+def test_gathered_equal_rows_check_reads_nothing_on_a_gpu(monkeypatch):
+    """gather_distributed's equal-batch check all-gathers the row counts and reads them: on a
+    GPU only with set_value_checks(True)."""
+    from fastcluster_cl import distributed
+    monkeypatch.setattr(validation, "syncs_host", lambda device: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "all_gather", lambda *a: pytest.fail("gathered"))
+    with CountScalarReads() as counter:
+        distributed.check_equal_rows("z_a", 4, torch.device("cpu"))
+    assert counter.reads == []
 
 
 @pytest.mark.gpu

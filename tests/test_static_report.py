@@ -15,7 +15,7 @@ from fastcluster_cl import static_report
 
 KEYS = {"kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",
         "ctas_per_sm", "mma_per_tile", "mma_floor_per_tile", "ex2_per_tile", "tile_elements",
-        "instructions_per_tile", "issue_ceiling"}
+        "instructions_per_tile", "issue_ceiling", "ex2_ceiling"}
 
 
 @pytest.fixture(scope="module")

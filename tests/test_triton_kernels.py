@@ -166,6 +166,36 @@ def test_symmetric_variant_matches_row_parallel(monkeypatch):
             torch.float32, loosen=10.0)
 
 
+def test_symmetric_variant_keeps_the_cancellation_free_losses(monkeypatch):
+    """The upper-triangle forward sums the negatives only and takes each row's loss from the
+    prologue's 1 - cos, as the row-parallel one: nearly identical views at tau 0.05 in fp32
+    (its loss came out 1.7e-2 off when it subtracted S_pos from a full lse)."""
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC", True)
+    z_a, z_b = correlated_views(50, 40, seed=20, noise=0.02)
+    grad_err, loss_err = nt_xent_errors(triton_nt_xent, z_a, z_b, 0.05, torch.float32)
+    assert grad_err < 1e-5 and loss_err < 1e-5, (grad_err, loss_err)
+
+
+def test_online_max_row_without_negatives_in_its_first_tile():
+    """tau < 0.025 (online max) with 2 rows: every column of the first tile is masked for each
+    row (its diagonal and its positive); the loss is 0, not NaN (2^(-inf + inf))."""
+    lse, row_loss = lse_rows(randn(2, 8, seed=62).float(), 0, 2, 100.0)
+    assert torch.isfinite(lse).all() and (row_loss == 0).all()
+
+
+def test_float64_row_losses_match_to_rounding():
+    """fp64's log1p and expm1 are exact to rounding (Kahan's forms): the fp32 series left 1e-9
+    relative error where the loss is in (0.05, 0.1), which these rows cover."""
+    z_a, z_b = correlated_views(60, 12, seed=63, noise=0.3)
+    z = torch.cat([z_a, z_b])
+    zn = z / z.norm(dim=1, keepdim=True)
+    s = zn @ zn.T * 12.0
+    lse = torch.logsumexp(s.masked_fill(torch.eye(120, dtype=torch.bool), float("-inf")), 1)
+    want = lse - s[torch.arange(120), torch.arange(120).roll(60)]
+    assert ((want > 0.05) & (want < 0.1)).sum() >= 5
+    torch.testing.assert_close(lse_rows(z, 0, 120, 12.0)[1], want, rtol=1e-13, atol=1e-15)
+
+
 def test_nt_xent_rejects_wide_rows_and_integer_inputs():
     with pytest.raises(ValueError, match="chunked"):
         kernels.nt_xent(torch.randn(4, 600), torch.randn(4, 600), 0.5)
