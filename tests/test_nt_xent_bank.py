@@ -245,3 +245,62 @@ def test_triton_odd_sizes_fp32_against_the_reference(tau):
     for a, b in zip(torch.autograd.grad(got, (z_a, z_b), w),
                     torch.autograd.grad(want, (z_a, z_b), w)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _gathered_bank_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        torch.manual_seed(5)
+        crit = fc.NTXentLoss(0.2, backend="chunked", memory_bank_size=(M, D),
+                             gather_distributed=True).double()
+        g = torch.Generator().manual_seed(0)
+        results = []
+        for _ in range(3):  # 4 gathered rows a step: pointer 0 -> 4 -> 8 -> wraps to 0
+            z = torch.randn(2, 4, D, generator=g, dtype=F64)  # both ranks draw the same
+            z_a, z_b = z[0][rank::2].clone(), z[1][rank::2].clone()
+            before = crit.bank.clone()
+            loss = crit(z_a.requires_grad_(), z_b)
+            results.append((loss.detach(), before, crit.bank.clone(), int(crit.bank_ptr)))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_distributed_updates_the_bank_with_every_ranks_batch(tmp_path):
+    """lightly's behaviour: the loss uses the local rows, the bank update all-gathers the batch
+    (rank order), so both ranks keep the bank of one process fed the concatenated z_b."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gathered_bank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(5)
+    single = fc.NTXentLoss(0.2, backend="chunked", memory_bank_size=(M, D)).double()
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        z = torch.randn(2, 4, D, generator=g, dtype=F64)
+        order = torch.tensor([0, 2, 1, 3])  # rank 0's rows, then rank 1's
+        single(z[0][order].requires_grad_(), z[1][order])
+        for rank, results in enumerate(ranks):
+            loss, before, after, ptr = results[step]
+            want = reference.nt_xent_bank(z[0][rank::2], z[1][rank::2], before, 0.2)
+            torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(after, single.bank, rtol=0, atol=1e-15)
+            assert ptr == int(single.bank_ptr)
+    assert [r[3] for r in ranks[0]] == [4, 8, 0]
+
+
+def test_cuda_backend_has_no_bank_kernels_yet(monkeypatch):
+    from fastcluster_cl import cuda_backend
+    from fastcluster_cl.losses import dispatch
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    z = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match="'chunked'"):
+        fc.nt_xent_bank(z, z, torch.nn.functional.normalize(torch.randn(5, 3), dim=1),
+                        backend="cuda")
