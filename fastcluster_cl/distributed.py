@@ -71,6 +71,18 @@ def gather_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:half] for p in parts] + [p[half:] for p in parts])
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All-gather (n, ...) into (Wn, ...) in rank order, not differentiable (the memory bank's
+    update: lightly's concat_all_gather)."""
+    w = world_size()
+    if w == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(w)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the incoming gradients over ranks as well."""
 

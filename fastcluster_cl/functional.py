@@ -31,7 +31,8 @@ from .losses import gathered, reference
 from .losses.dispatch import implementation
 from .losses.reference import accumulation_dtype, outside_autocast
 from .validation import (check_finite, check_gather_distributed, check_matrix, check_positive,
-                         check_probabilities, check_reduction, check_same)
+                         check_probabilities, check_reduction, check_same,
+                         check_unit_rows)
 
 
 def _reduced(op: str, backend: str, device: torch.device, reduction: str, count: int, *args):
@@ -81,6 +82,47 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
         return gathered.nt_xent(z_a, z_b, temperature, backend)
     return _reduced("nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b,
                     temperature)
+
+
+@outside_autocast
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                 temperature: float = 0.5, *, backend: str = "auto",
+                 reduction: str = "mean") -> torch.Tensor:
+    """NT-Xent against a memory bank of negatives (lightly's NTXentLoss with a memory bank;
+    MoCo-style). zn = the L2-normalised rows; row i of z_a is the anchor, zn_b_i its positive
+    and the M bank rows its negatives:
+
+        L = 1/N sum_i [ logsumexp_k([S_pos_i, S_i1 .. S_iM]) - S_pos_i ],
+        S_pos_i = zn_a_i . zn_b_i / tau,   S_ik = zn_a_i . bank_k / tau
+
+    (cross-entropy over [sim_pos, sim_neg] / tau with label 0). The fused backends stream the
+    bank in column blocks (no N x M matrix). `NTXentLoss(memory_bank_size=(M, D))` keeps and
+    updates the bank; this op only reads it.
+
+    Args:
+        z_a, z_b: (N, D) projections of the two views, N >= 1.
+        bank: (M, D) negatives, M >= 1, on z_a's device, any float dtype (cast to the
+            accumulation dtype; fp16 in the kernels for fp16/bf16 inputs), used as given:
+            rows must have norm <= 1 (unit rows, as the module stores them; checked with the
+            value checks). It receives no gradient.
+        reduction: "mean", "sum" or "none" (the N row terms; gradients on every backend).
+    """
+    check_matrix("z_a", z_a)
+    check_matrix("z_b", z_b)
+    check_same(("z_a", "z_b"), (z_a, z_b))
+    check_matrix("bank", bank)
+    if bank.device != z_a.device:
+        raise ValueError(f"bank is on {bank.device} but z_a is on {z_a.device}; move them to "
+                         "one device")
+    if bank.shape[1] != z_a.shape[1]:
+        raise ValueError(f"bank has {bank.shape[1]} features but z_a has {z_a.shape[1]}; "
+                         "memory_bank_size must be (size, the projection's dimension)")
+    temperature = check_positive("temperature", temperature)
+    check_reduction(reduction)
+    check_finite(("z_a", "z_b", "bank"), (z_a, z_b, bank))
+    check_unit_rows("bank", bank)
+    return _reduced("nt_xent_bank", backend, z_a.device, reduction, z_a.shape[0], z_a, z_b,
+                    bank, temperature)
 
 
 def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:

@@ -7,7 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import distributed
 from . import functional as FL
+from .losses.reference import l2_normalize
 from .losses.dispatch import BACKENDS
 from .validation import check_gather_distributed, check_positive, check_reduction
 
@@ -18,32 +20,105 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _memory_bank_size(size) -> tuple[int, ...]:
+    """lightly's MemoryBankModule rules: 0 (no bank) or a (size, dim) tuple of non-negative
+    ints; a bare int > 0 is refused (the feature dimension cannot be guessed)."""
+    size_tuple = (size,) if isinstance(size, int) else tuple(size)
+    if any(x < 0 for x in size_tuple):
+        raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
+    if isinstance(size, int) and size > 0:
+        raise ValueError(f"Memory bank size 'size={size}' does not specify the feature "
+                         f"dimension. Set it with 'size=({size}, dim)', or pass 'size=0' to "
+                         "disable the memory bank.")
+    if size_tuple != (0,) and len(size_tuple) != 2:
+        raise ValueError(f"Illegal memory bank size {size}, expected a (num_features, dim) "
+                         "tuple, or 'size=0' to disable the memory bank.")
+    return size_tuple
+
+
 class NTXentLoss(nn.Module):
     """NT-Xent instance loss (SimCLR; CC's instance loss). See `fastcluster_cl.nt_xent`.
 
+    With `memory_bank_size=(M, D)` it is lightly's NTXentLoss with a memory bank (MoCo-style;
+    `fastcluster_cl.functional.nt_xent_bank`): each call contrasts the N rows of the normalised
+    z_a against their positives zn_b and the M bank rows as they were before the call (mean over
+    the N rows of the cross-entropy over [sim_pos, sim_neg] / tau with label 0; z_b's rows are
+    not anchors), then, when z_a requires grad, writes the normalised, detached z_b into the bank
+    at `bank_ptr` with lightly's rule: if ptr + B >= M the rows [ptr, M) take the first M - ptr
+    of the batch (the rest is dropped) and ptr returns to 0, else ptr += B. The bank starts as
+    `F.normalize(torch.randn(M, D))` drawn at construction from torch's global RNG, exactly as
+    lightly draws it, so under one `torch.manual_seed` both start from the same bank. `bank`
+    (float32, moved and cast with the module) and `bank_ptr` are buffers and, unlike lightly's,
+    part of the state dict, so that a resumed run continues with its bank. The backends stream
+    the bank in column blocks (no N x M matrix); the bank gets no gradient. (0, D) or 0 disables
+    the bank, as in lightly.
+
     Attributes:
-        temperature: tau > 0. backend, gather_distributed, reduction ("none": the 2N per-row
-        terms): see `fastcluster_cl.functional`.
+        temperature: tau > 0. memory_bank_size: 0 or (M, D). backend, gather_distributed,
+        reduction ("none": the 2N per-row terms, N with a bank): see `fastcluster_cl.functional`.
+        With a bank, gather_distributed follows lightly: the loss uses this rank's rows only and
+        the bank update all-gathers the batch of every rank (rank order) first, so every rank
+        keeps the same bank.
     Raises:
         ValueError: temperature <= 0, unknown backend or reduction, gather_distributed without
-        torch.distributed (here); bad shapes or NaN (in forward).
+        torch.distributed, a memory_bank_size lightly refuses (a bare int > 0, a negative entry,
+        not a pair) (here); bad shapes, a feature dimension other than the bank's, or NaN (in
+        forward).
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 16), torch.randn(8, 16))
+        >>> moco = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 16))
     """
 
     def __init__(self, temperature: float = 0.5, backend: str = "auto",
-                 gather_distributed: bool = False, reduction: str = "mean"):
+                 gather_distributed: bool = False, reduction: str = "mean",
+                 memory_bank_size: int | tuple[int, int] = 0):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
         self.gather_distributed = check_gather_distributed(gather_distributed)
         self.reduction = check_reduction(reduction)
+        self.memory_bank_size = _memory_bank_size(memory_bank_size)
+        if len(self.memory_bank_size) == 2:
+            # lightly's draw: one randn of the bank's shape in float32, rows normalised.
+            bank = torch.nn.functional.normalize(torch.randn(self.memory_bank_size), dim=-1)
+            self.register_buffer("bank", bank)
+            self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.memory_bank_size[0] > 0
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        """z_a, z_b: (N, D) projections of the two views. Returns the loss (see reduction)."""
-        return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend,
-                          gather_distributed=self.gather_distributed, reduction=self.reduction)
+        """z_a, z_b: (N, D) projections of the two views. Returns the loss (see reduction);
+        with a bank, then updates it (when z_a requires grad)."""
+        if not self.uses_bank:
+            return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend,
+                              gather_distributed=self.gather_distributed,
+                              reduction=self.reduction)
+        # The bank as it was before this batch: a copy, since the update below writes in place
+        # and the backward reads the negatives again.
+        negatives = self.bank.detach().to(z_a.device, copy=True)
+        loss = FL.nt_xent_bank(z_a, z_b, negatives, self.temperature, backend=self.backend,
+                               reduction=self.reduction)
+        if z_a.requires_grad:
+            self._enqueue(z_b)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, z_b: torch.Tensor) -> None:
+        """Write the normalised z_b (all ranks' with gather_distributed) at bank_ptr."""
+        batch = l2_normalize(z_b.detach())[0]
+        if self.gather_distributed:
+            batch = distributed.gather_rows(batch)
+        size, ptr = self.memory_bank_size[0], int(self.bank_ptr)
+        batch = batch.to(self.bank.device, self.bank.dtype)
+        if ptr + batch.shape[0] >= size:
+            self.bank[ptr:] = batch[:size - ptr]
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr:ptr + batch.shape[0]] = batch
+            self.bank_ptr[0] = ptr + batch.shape[0]
 
 
 class CCClusterLoss(nn.Module):

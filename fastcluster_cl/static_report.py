@@ -270,6 +270,47 @@ def _nt_xent_variants() -> list[Variant]:
     return out
 
 
+def _nt_xent_bank_variants() -> list[Variant]:
+    """NT-Xent against a memory bank (kernels/nt_xent_bank.py) at D = 128: the row-parallel
+    forward (fixed shift and online max) and backward, bf16/fp16 inputs with the fp32 bank split
+    into fp16 hi + lo (the module's bank, two score products) or an fp16 bank (one), and fp32
+    inputs. Target: no spills."""
+    import torch
+    import triton.language as tl
+
+    import fastcluster_cl.kernels  # noqa: F401
+    bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    d, out = 128, []
+    pointers = {"RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "ROW_W": "fp32",
+                "ROW_LOSS": "fp32", "INV_TAU": "fp32", "W": "fp32", "DZA": "bf16", "DZB": "bf16"}
+    for dtype, zs, precision, split in (("bf16/fp16, fp32 bank", torch.float16, "fp16", True),
+                                        ("bf16/fp16, fp16 bank", torch.float16, "fp16", False),
+                                        ("fp32 tf32", torch.float32, "tf32", False)):
+        common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee" if precision == "fp16" else
+                      precision, SPLIT=split)
+        operand = "fp16" if precision == "fp16" else "fp32"
+        ptrs = dict(pointers, ZS=operand, BANK=operand, BANK_LO=operand)
+        fwd = nt.forward_config(d, zs)
+        bwd = bank.bank_backward_config(d, zs, common["PREC"])
+        scores = 2 if split else 1
+        for fixed in (True, False):
+            out.append(Variant(
+                f"nt_xent_bank fwd{'' if fixed else ' online-max'}", dtype,
+                bank._bank_fwd_kernel, ptrs, dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
+                fwd.num_warps, fwd.block, fwd.num_stages,
+                gemms=((fwd.block[0], fwd.block[1], d),) * scores, precision=precision,
+                targets=dict(no_spills=True)))
+        out.append(Variant(
+            "nt_xent_bank bwd", dtype, bank._bank_grad_kernel, ptrs,
+            dict(FIXED_SHIFT=True, **common, **bwd.constexprs), bwd.num_warps, bwd.block,
+            bwd.num_stages,
+            gemms=((bwd.block[0], bwd.block[1], d),) * scores + ((bwd.block[0], d,
+                                                                  bwd.block[1]),),
+            precision=precision, targets=dict(no_spills=True)))
+    return out
+
+
 def _cluster_variants() -> list[Variant]:
     """The K-sized kernels (no tile GEMM targets): they must compile within the shared-memory
     limit without spills at every K up to their documented limits."""
@@ -318,7 +359,8 @@ def _cluster_variants() -> list[Variant]:
 
 def variants(names: str = "") -> list[Variant]:
     """Every kernel variant the backends launch, at the sizes users train with (D = 128)."""
-    return [v for v in _nt_xent_variants() + _cluster_variants() if names in v.kernel]
+    return [v for v in _nt_xent_variants() + _nt_xent_bank_variants() + _cluster_variants()
+            if names in v.kernel]
 
 
 COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",

@@ -117,6 +117,17 @@ def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...
                              "softmax(logits) or fastcluster_cl.student_t(h, centers)")
 
 
+def check_unit_rows(name: str, x: torch.Tensor) -> None:
+    """Rows of norm <= 1 (to the dtype's rounding): a memory bank of unit vectors, which the
+    fused NT-Xent kernels may shift by the bound 1/tau of its similarities."""
+    if not _value_checks_active((x,)):
+        return
+    tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not bool((torch.linalg.vector_norm(x.double(), dim=1) <= 1 + tol).all()):
+        raise ValueError(f"{name} must hold unit (or shorter) rows; L2-normalise them "
+                         "(NTXentLoss(memory_bank_size=...) stores normalised rows)")
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -4,7 +4,8 @@ One file per fused op, each holding its forward and backward kernels, the host l
 autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 `fastcluster_cl::nt_xent_triton_fwd` / `_bwd` whose autograd is
 `fastcluster_cl.losses.nt_xent_autograd`, plus the row-range primitives of the distributed
-backend), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
+backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /
+`_bwd`), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
 cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
 both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here).
 This module exposes the ops under their public names with the signatures of
@@ -27,12 +28,14 @@ try:
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
+    from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
     from .student_t import student_t
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
     _IMPORT_ERROR = err
 
-__all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "cc_cluster_loss", "cc_cluster_loss_terms",
+__all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "nt_xent_bank", "nt_xent_bank_terms",
+           "cc_cluster_loss", "cc_cluster_loss_terms",
            "tcc_cluster_loss_terms", "student_t", "dec_loss", "anchor_loss",
            "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
            "unavailable_reason"]

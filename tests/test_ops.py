@@ -198,3 +198,50 @@ def test_opcheck_row_primitives(backend, dense_cuda):
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(lse_rows, (z, 3, 8, 2.0, *options), test_utils=checks)
     torch.library.opcheck(grad_rows, (z, lse, row_loss, 3, 8, 2.0, *options), test_utils=checks)
+
+
+# NT-Xent against a memory bank: (forward op, options after (z_a, z_b, bank, inv_tau, per_row),
+# backward op) per backend; the ops' autograd is nt_xent_bank_autograd's.
+BANK_OPS = {
+    "chunked": (lambda: (OPS.nt_xent_bank_chunked_fwd.default, (3,),
+                         OPS.nt_xent_bank_chunked_bwd.default)),
+    "triton": (lambda: (OPS.nt_xent_bank_triton_fwd.default, (),
+                        OPS.nt_xent_bank_triton_bwd.default)),
+}
+
+
+def _bank_inputs(dtype, n=5, d=4, m=7):
+    z_a, z_b = _pair(n, d, dtype, grad=True)
+    g = torch.Generator().manual_seed(9)
+    bank = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=dtype), dim=1)
+    return z_a, z_b, bank
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_bank_ops(backend, per_row):
+    forward, options, backward = BANK_OPS[backend]()
+    z_a, z_b, bank = _bank_inputs(F64)
+    torch.library.opcheck(forward, (z_a, z_b, bank, 1 / 0.3, per_row, *options))
+    out = forward(z_a.detach(), z_b.detach(), bank, 1 / 0.3, per_row, *options)
+    grad = torch.randn_like(out[0])
+    torch.library.opcheck(backward, (z_a.detach(), z_b.detach(), bank, grad, 1 / 0.3, *out[1:],
+                                     *options),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    got = torch.autograd.grad(forward(z_a, z_b, bank, 1 / 0.3, per_row, *options)[0],
+                              (z_a, z_b), grad)
+    want = torch.autograd.grad(reference.nt_xent_bank_terms(z_a, z_b, bank, 0.3)
+                               if per_row else reference.nt_xent_bank(z_a, z_b, bank, 0.3),
+                               (z_a, z_b), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_bank_double_backward_is_refused(backend):
+    z_a, z_b, bank = _bank_inputs(F64)
+    loss = fc.nt_xent_bank(z_a, z_b, bank, 0.3, backend=backend)
+    (g,) = torch.autograd.grad(loss, z_a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from . import nt_xent_autograd, reference
+from . import nt_xent_autograd, nt_xent_bank_autograd, reference
 from .nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
                               refuse_double_backward, register_backend, register_fused_autograd)
 from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
@@ -246,6 +246,96 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
     """NT-Xent (see `fastcluster_cl.nt_xent`) in block_size x block_size tiles."""
     _check_block(block_size)
     return nt_xent_autograd.nt_xent(z_a, z_b, temperature, "chunked", block_size)
+
+
+# NT-Xent against a memory bank (`reference.nt_xent_bank_terms`): the N rows of z_a against the
+# M bank rows in column blocks of `block`, never an N x M matrix; custom autograd
+# (`nt_xent_bank_autograd`) from the saved row losses.
+
+def _bank_rows(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float):
+    """(zn_a, norm_a, zn_b, norm_b, the bank in the accumulation dtype, S_pos)."""
+    zn_a, norm_a = l2_normalize(z_a)
+    zn_b, norm_b = l2_normalize(z_b)
+    positive = 1.0 - reference.positive_gap(zn_a, norm_a, zn_b, norm_b)
+    return zn_a, norm_a, zn_b, norm_b, bank.to(zn_a.dtype), positive * inv_tau
+
+
+def _bank_column_blocks(bank: torch.Tensor, block: int):
+    for c0 in range(0, bank.shape[0], block):
+        yield bank[c0:c0 + block]
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_chunked_fwd", mutates_args=())
+def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
+                  per_row: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the N row losses, or their mean; the row losses). Per row,
+    t = log sum_k exp(S_ik - S_pos) = log sum_k exp(S_ik - 1/tau) + (1/tau - S_pos) under the
+    fixed shift (1 - cos from ||zn_a - zn_b||^2 / 2: no large terms cancel), else from the
+    blocks' logsumexp; the loss is softplus(t), accurate when it is tiny."""
+    zn_a, _, _, _, bank, s_pos = _bank_rows(z_a, z_b, bank, inv_tau)
+    fixed_shift = fixed_shift_safe(inv_tau, zn_a.dtype)
+    total = torch.zeros(zn_a.shape[0], dtype=zn_a.dtype, device=zn_a.device) if fixed_shift \
+        else torch.full((zn_a.shape[0],), float("-inf"), dtype=zn_a.dtype, device=zn_a.device)
+    for cols in _bank_column_blocks(bank, block):
+        s = (zn_a @ cols.T) * inv_tau
+        if fixed_shift:
+            total += torch.exp(s - inv_tau).sum(1)
+        else:
+            total = torch.logaddexp(total, torch.logsumexp(s, 1))
+    t = (torch.log(total) + (inv_tau - s_pos)) if fixed_shift else total - s_pos
+    row_loss = torch.logaddexp(t, torch.zeros_like(t))
+    return (row_loss.clone() if per_row else row_loss.mean()), row_loss
+
+
+@_bank_forward.register_fake
+def _(z_a, z_b, bank, inv_tau, per_row, block):
+    return nt_xent_bank_autograd.fake_forward(z_a, per_row, z_a.new_empty(
+        z_a.shape[0], dtype=accumulation_dtype(z_a.dtype)))
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_chunked_bwd", mutates_args=())
+def _bank_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
+                   inv_tau: float, row_loss: torch.Tensor,
+                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dz_a, dL/dz_b) from the mean's gradient (0-d) or one per row ((N,)): see
+    `nt_xent_bank_autograd` for the formula."""
+    zn_a, norm_a, zn_b, norm_b, bank, s_pos = _bank_rows(z_a, z_b, bank, inv_tau)
+    n = zn_a.shape[0]
+    w = grad.to(zn_a.dtype)
+    w = (w.expand(n) / n if w.dim() == 0 else w) * inv_tau
+    lse = s_pos + row_loss
+    g_a = torch.zeros_like(zn_a)
+    for cols in _bank_column_blocks(bank, block):
+        g_a += torch.exp((zn_a @ cols.T) * inv_tau - lse[:, None]) @ cols
+    pos = torch.expm1(-row_loss)[:, None]                 # P_pos - 1, no cancellation
+    g_a = (g_a + pos * zn_b) * w[:, None]
+    g_b = pos * zn_a * w[:, None]
+    return (l2_normalize_backward(zn_a, norm_a, g_a).to(z_a.dtype),
+            l2_normalize_backward(zn_b, norm_b, g_b).to(z_b.dtype))
+
+
+@_bank_backward.register_fake
+def _(z_a, z_b, bank, grad, inv_tau, row_loss, block):
+    return torch.empty_like(z_a), torch.empty_like(z_b)
+
+
+nt_xent_bank_autograd.register_bank_autograd(_bank_forward, _bank_backward, "chunked")
+
+
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float,
+                 block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """`reference.nt_xent_bank` over column blocks of block_size bank rows."""
+    _check_block(block_size)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, temperature, False,
+                                              block_size)
+
+
+def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                       temperature: float, block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """`reference.nt_xent_bank_terms` over column blocks (per-row gradients supported)."""
+    _check_block(block_size)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, temperature, True,
+                                              block_size)
 
 
 # The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; the O(N*K) terms

@@ -90,6 +90,38 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     return nt_xent_terms(z_a, z_b, temperature).mean()
 
 
+def positive_gap(zn_a: torch.Tensor, norm_a: torch.Tensor, zn_b: torch.Tensor,
+                 norm_b: torch.Tensor) -> torch.Tensor:
+    """1 - zn_a_i . zn_b_i per row, as ||zn_a_i - zn_b_i||^2 / 2 where both rows are unit (not
+    clamped by eps): no cancellation for correlated views, whose cosine is close to 1."""
+    unit = (norm_a > NORM_EPS) & (norm_b > NORM_EPS)
+    gap = 0.5 * (zn_a - zn_b).pow(2).sum(1, keepdim=True)
+    return torch.where(unit, gap, 1.0 - (zn_a * zn_b).sum(1, keepdim=True)).squeeze(1)
+
+
+def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """NT-Xent against a memory bank (lightly's NTXentLoss with memory_bank_size, MoCo-style),
+    the N per-row terms: row i of z_a contrasts its positive zn_b_i against the M bank rows,
+
+        term_i = logsumexp([S_pos_i, S_i1, ..., S_iM]) - S_pos_i,
+        S_pos_i = zn_a_i . zn_b_i / tau,   S_ik = zn_a_i . bank_k / tau,
+
+    zn the L2-normalised rows; the bank is used as given (rows of norm <= 1: the module keeps
+    unit rows) and gets no gradient. Only the rows of z_a are anchors (lightly's convention)."""
+    zn_a, zn_b = l2_normalize(z_a)[0], l2_normalize(z_b)[0]
+    bank = bank.detach().to(zn_a.dtype)
+    positive = (zn_a * zn_b).sum(1, keepdim=True)
+    logits = torch.cat([positive, zn_a @ bank.T], 1) / temperature
+    return torch.logsumexp(logits, 1) - logits[:, 0]
+
+
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """The mean of `nt_xent_bank_terms` over the N rows of z_a."""
+    return nt_xent_bank_terms(z_a, z_b, bank, temperature).mean()
+
+
 def marginal_entropy_shares(q: torch.Tensor) -> torch.Tensor:
     """Column k's share P_k log P_k + (log K) / K of CC's anti-collapse term (K values summing
     to `marginal_entropy_term`), P_k the column mean of q.

@@ -1,0 +1,267 @@
+"""NT-Xent against a memory bank in Triton (lightly's NTXentLoss with memory_bank_size; see
+`fastcluster_cl.functional.nt_xent_bank`): the N x M similarity matrix is never written.
+
+Rows i < N of z_a are the anchors, zn_b_i their positives, the M bank rows (unit vectors, used as
+given) their negatives: S_ik = zn_a_i . bank_k / tau, S_pos_i = zn_a_i . zn_b_i / tau.
+
+Prologue: `nt_xent._scale_rows_kernel` over Z = [z_a; z_b] (pairs (i, i + N)): Zs (fp16 for
+fp16/bf16 inputs), rs, the clamped norms and dist_i = 1 - tau S_pos_i = ||zn_a_i - zn_b_i||^2 / 2
+(no cancellation for correlated views). The bank is cast to Zs's dtype (fp16 for fp16/bf16
+inputs: unit rows lose nothing to its range).
+
+Forward (`_bank_fwd_kernel`, row-parallel): each program owns BLOCK_M rows of z_a and streams the
+bank's column blocks: x = S log2(e) = (zs_I bank_J^T) q_I, q = rs log2(e) / tau, and per row
+sum_k 2^(x_ik - shift), shift = log2(e)/tau (|S| <= 1/tau for unit bank rows) where exp(-2/tau)
+is a normal number, else the online row max. As in `nt_xent`, t = log sum_k exp(S_ik - S_pos)
+= ln(total) + dist/tau under the fixed shift, and loss = softplus(t). Writes the row losses and
+the backward's per-row weight (u = exp(1/tau - lse) with the fixed shift, else lse log2 e).
+
+Backward (`_bank_grad_kernel`, row-parallel, no atomics, no gradient to the bank): per row block
+G = sum_k P_ik bank_k over the bank's column blocks, P_ik = 2^(x - shift) u_i (one exp per
+element), the tile weights scaled by 2^14 before their cast to the bank's dtype (P <= 1: no fp16
+overflow; tiny weights clear of the subnormals), then in the epilogue, with w_i the row's
+incoming gradient (1/N for the mean) and P_pos - 1 = expm1(-loss_i) in fp32:
+
+    g_a = w_i/tau (G_i + (P_pos - 1) zn_b_i),   g_b = w_i/tau (P_pos - 1) zn_a_i,
+
+each through the normalisation's backward (fused), written to dz_a and dz_b.
+
+Floors (N anchors, M bank rows, D features): forward 2 N M D FLOPs and N M exps; backward
+4 N M D FLOPs and N M exps; the bank is read once per row block.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcluster_cl.losses import nt_xent_bank_autograd
+from fastcluster_cl.losses.reference import fixed_shift_safe
+
+from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision, feature_block,
+                      round_to, torch_acc_dtype, upcast_dots)
+from .nt_xent import (_EPS, _LN2, _LOG2E, _WEIGHT_SCALE, _expm1, _load_rows, _row_weight,
+                      LaunchConfig, _scale_rows, _scaled_dtype, _softplus, backward_config,
+                      forward_config)
+
+
+@triton.jit
+def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """zs_I bank_J^T accumulated in ACC; with SPLIT the bank is hi + lo (two fp16 halves of a
+    wider bank, see `_bank_operands`): a second product restores its precision."""
+    s = dot(zi, tl.trans(bj), ACC, PREC, UPCAST)
+    if SPLIT:
+        lo = _load_rows(BANK_LO, D, offs_n, mask_n, D, BLOCK_D)
+        s += dot(zi, tl.trans(lo), ACC, PREC, UPCAST)
+    return s
+
+
+@triton.jit
+def _bank_fwd_kernel(ZS, RS, DIST, BANK, BANK_LO, ROW_LOSS, ROW_W, INV_TAU, n, M, D,
+                     SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    inv_tau = tl.load(INV_TAU)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D)
+    qi = tl.load(RS + offs_m, mask=mask_m, other=1.0) * shift
+    total = tl.zeros([BLOCK_M], ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    for c0 in range(0, M, BLOCK_N):
+        offs_n = c0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < M
+        bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
+        x = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST,
+                         BLOCK_D) * qi[:, None]
+        if c0 + BLOCK_N > M:  # only the last tile holds padding columns
+            x = tl.where(mask_n[None, :], x, float("-inf"))
+        if FIXED_SHIFT:
+            total += tl.sum(tl.exp2(x - shift), axis=1)
+        else:
+            m_new = tl.maximum(m_i, tl.max(x, axis=1))
+            total = total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
+            m_i = m_new
+    dist = tl.load(DIST + offs_m, mask=mask_m, other=0.0)
+    if FIXED_SHIFT:
+        t = tl.log2(total) * _LN2 + dist * inv_tau
+    else:
+        t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
+    loss = _softplus(t)
+    lse = (1.0 - dist) * inv_tau + loss
+    tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
+    tl.store(ROW_W + offs_m, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
+
+
+@triton.jit
+def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZA, DZB, INV_TAU, n,
+                      M, D, SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    offs_d = tl.arange(0, BLOCK_D)
+    out = offs_m[:, None] * D + offs_d[None, :]
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    inv_tau = tl.load(INV_TAU)
+    shift = inv_tau * _LOG2E
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
+    norm_a = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
+    norm_b = tl.load(NORMS + offs_m + n, mask=mask_m, other=1.0)
+    # c = w/tau (P_pos - 1): the positive's weight in fp32, never rounded for the tensor cores;
+    # cos = zn_a . zn_b = 1 - dist.
+    c = (tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * inv_tau
+         * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0)))
+    cos = 1.0 - tl.load(DIST + offs_m, mask=mask_m, other=0.0)
+    # dz_b = (g_b - zn_b (zn_b . g_b)) / norm_b with g_b = c zn_a: no bank term, so it is
+    # written first, before the loop (fewer tiles live at once: no spills).
+    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
+    radial_b = tl.where(norm_b > _EPS, c * cos, 0.0)
+    dz_b = (c[:, None] * zn_a - zn_b * radial_b[:, None]) / norm_b[:, None]
+    tl.store(DZB + out, round_to(dz_b, DZB.dtype.element_ty), mask=mask)
+    zi = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D)
+    qi = ri * shift
+    u_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for c0 in range(0, M, BLOCK_N):
+        offs_n = c0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < M
+        bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
+        x = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST,
+                         BLOCK_D) * qi[:, None]
+        if FIXED_SHIFT:
+            p = tl.exp2(x - shift) * u_i[:, None]
+        else:
+            p = tl.exp2(x - u_i[:, None])
+        if c0 + BLOCK_N > M:
+            p = tl.where(mask_n[None, :], p, 0.0)
+        acc += dot((p * _WEIGHT_SCALE).to(bj.dtype), bj, ACC, PREC, UPCAST)
+    # dz_a = (g_a - zn_a (zn_a . g_a)) / norm_a, g_a = w/tau G + c zn_b, G = sum_k P_ik bank_k;
+    # zn . g_a = w/tau (zn_a . G) + c cos. zn_a and zn_b reloaded (L2-resident) one at a time.
+    wt = tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * (inv_tau / _WEIGHT_SCALE)
+    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+    radial_a = tl.where(norm_a > _EPS, wt * tl.sum(zn_a * acc, axis=1) + c * cos, 0.0)
+    g = (acc * wt[:, None] - zn_a * radial_a[:, None]) / norm_a[:, None]
+    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
+    g += zn_b * (c / norm_a)[:, None]
+    tl.store(DZA + out, round_to(g, DZA.dtype.element_ty), mask=mask)
+
+
+def bank_backward_config(d: int, dtype: torch.dtype, precision: str | None = None):
+    """`nt_xent.backward_config`, but 32 rows for 4-byte Zs: the fp32 operand held across the
+    loop spilled 24 B at 64 x 32 (sm_90a static report)."""
+    config = backward_config(d, dtype, precision)
+    if dtype == torch.float32:
+        return LaunchConfig((32, 32, config.block[2]), config.num_warps, config.num_stages)
+    return config
+
+
+def _inv_tau_tensor(inv_tau: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((1,), inv_tau, dtype=like.dtype, device=like.device)
+
+
+def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                    bool]:
+    """(hi, lo, split): the bank in the prologue's dtype, contiguous. A bank wider than fp16
+    (lightly's and the module's are fp32) with fp16 Zs (fp16/bf16 inputs) is split into
+    hi = fp16(bank) and lo = fp16(bank - hi), equal to the bank to ~2^-22 relative: the score
+    tiles take both products (rounding unit rows to fp16 alone gave 1.6e-4 relative loss errors
+    at tau = 0.05, where the fp32 path has 1e-7); the backward's weighted sum uses hi (its
+    weights are rounded to fp16 anyway)."""
+    hi = bank.to(zs.dtype).contiguous()
+    split = zs.dtype == torch.float16 and bank.dtype in (torch.float32, torch.float64)
+    return hi, ((bank - hi.to(bank.dtype)).to(zs.dtype).contiguous() if split else hi), split
+
+
+def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
+    n, d = zs.shape[0] // 2, zs.shape[1]
+    config = forward_config(d, zs.dtype)
+    row_loss = torch.empty(n, dtype=rs.dtype, device=zs.device)
+    row_w = torch.empty_like(row_loss)
+    with device_guard(zs):
+        _bank_fwd_kernel[(triton.cdiv(n, config.block[0]),)](
+            zs, rs, dist, bank, bank_lo, row_loss, row_w, _inv_tau_tensor(inv_tau, rs), n,
+            bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), **config.options)
+    return row_loss, row_w
+
+
+def _launch_backward(zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss, w, inv_tau,
+                     out_dtype):
+    n, d = zs.shape[0] // 2, zs.shape[1]
+    config = bank_backward_config(d, zs.dtype)
+    dz_a = torch.empty(n, d, dtype=out_dtype, device=zs.device)
+    dz_b = torch.empty_like(dz_a)
+    with device_guard(zs):
+        _bank_grad_kernel[(triton.cdiv(n, config.block[0]),)](
+            zs, rs, norms, dist, bank, bank_lo, row_w, row_loss, w, dz_a, dz_b,
+            _inv_tau_tensor(inv_tau, rs), n, bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype), **config.options)
+    return dz_a, dz_b
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_fwd", mutates_args=())
+def _fused_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
+                   per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+    """(the N row losses, or their mean; Zs, rs, norms, dist, row weights, row losses)."""
+    zs, rs, norms, dist = _scale_rows(torch.cat([z_a, z_b]))
+    row_loss, row_w = _launch_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau)
+    return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, dist, row_w,
+            row_loss)
+
+
+@_fused_forward.register_fake
+def _(z_a, z_b, bank, inv_tau, per_row):
+    acc, n = torch_acc_dtype(z_a.dtype), z_a.shape[0]
+    vector = z_a.new_empty(2 * n, dtype=acc)
+    return (z_a.new_empty((n,) if per_row else (), dtype=acc),
+            z_a.new_empty(2 * n, z_a.shape[1], dtype=_scaled_dtype(z_a.dtype)), vector,
+            torch.empty_like(vector), z_a.new_empty(n, dtype=acc), z_a.new_empty(n, dtype=acc),
+            z_a.new_empty(n, dtype=acc))
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_bwd", mutates_args=())
+def _fused_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
+                    inv_tau: float, zs: torch.Tensor, rs: torch.Tensor, norms: torch.Tensor,
+                    dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
+    n = z_a.shape[0]
+    w = grad.to(rs.dtype)
+    w = (w.expand(n) / n if w.dim() == 0 else w).contiguous()
+    return _launch_backward(zs, rs, norms, dist, *_bank_operands(bank, zs), row_w, row_loss, w,
+                            inv_tau, z_a.dtype)
+
+
+@_fused_backward.register_fake
+def _(z_a, z_b, bank, grad, inv_tau, zs, rs, norms, dist, row_w, row_loss):
+    return torch.empty_like(z_a), torch.empty_like(z_b)
+
+
+nt_xent_bank_autograd.register_bank_autograd(_fused_forward, _fused_backward, "triton")
+
+
+def _check(z_a: torch.Tensor, bank: torch.Tensor) -> None:
+    check_dtype(z_a, bank)
+    feature_block(z_a.shape[1], "z")
+
+
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """`fastcluster_cl.nt_xent_bank` with the fused kernels (fp32 loss, fp64 for fp64)."""
+    _check(z_a, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_fused_forward, z_a, z_b, bank, temperature, False)
+
+
+def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The N row terms (their backward takes one gradient per row)."""
+    _check(z_a, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_fused_forward, z_a, z_b, bank, temperature, True)
