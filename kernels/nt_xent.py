@@ -140,6 +140,17 @@ def _scale_rows_kernel(Z, ZS, RS, NORMS, DIST, half, D, stride, TINY: tl.constex
 
 
 @triton.jit
+def row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D: tl.constexpr):
+    """A program's own rows: (1/tau, shift = log2(e)/tau, zs_I, rs_I, q_I = rs_I shift), where
+    x = S log2(e) = (zs_I zs_J^T) q_I rs_J on every tile."""
+    inv_tau = tl.load(INV_TAU)
+    shift = inv_tau * _LOG2E
+    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    return inv_tau, shift, zi, ri, ri * shift
+
+
+@triton.jit
 def _positive_rows(offs_m, half):
     return tl.where(offs_m < half, offs_m + half, offs_m - half)
 
@@ -194,6 +205,31 @@ def _softplus(t, ACC: tl.constexpr):
 
 
 @triton.jit
+def accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT: tl.constexpr):
+    """Add a tile's 2^x (masked entries -inf) to the running row sums: relative to the fixed
+    shift, or to the online row max m_i (rescaling the sum when it grows). (total, m_i)."""
+    if FIXED_SHIFT:
+        return total + tl.sum(tl.exp2(x - shift), axis=1), m_i
+    else:
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        return (total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1),
+                m_new)
+
+
+@triton.jit
+def row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """(lse, loss) of rows whose negatives summed to `total` (see `accumulate_negatives`), with
+    dist = 1 - tau S_pos: t = log sum_neg exp(S_ik - S_pos) (= ln(total) + dist / tau under the
+    fixed shift: no large terms cancel), loss = log(1 + e^t), lse = S_pos + loss."""
+    if FIXED_SHIFT:
+        t = tl.log2(total) * _LN2 + dist * inv_tau
+    else:
+        t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
+    loss = _softplus(t, ACC)
+    return (1.0 - dist) * inv_tau + loss, loss
+
+
+@triton.jit
 def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half, D, row_start,
                     row_end,
                     FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -203,12 +239,8 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    inv_tau = tl.load(INV_TAU)
-    shift = inv_tau * _LOG2E
-    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
-    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     pos = _positive_rows(offs_m, half)
-    qi = ri * shift
     total = tl.zeros([BLOCK_M], ACC)   # sum over the negatives k != i, pos(i)
     # The online max starts at the lower bound of x (-shift), not -inf: a tile that masks every
     # column of a row then rescales by 2^0, not 2^(-inf + inf) = NaN.
@@ -224,21 +256,10 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half
             negative = (mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
                         & (offs_n[None, :] != pos[:, None]))
             x = tl.where(negative, x, float("-inf"))
-        if FIXED_SHIFT:
-            total += tl.sum(tl.exp2(x - shift), axis=1)
-        else:
-            m_new = tl.maximum(m_i, tl.max(x, axis=1))
-            total = total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
-            m_i = m_new
+        total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
     dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m,
                    other=0.0)
-    # t = log sum_neg exp(S_ik - S_i,pos); the row's loss is log(1 + e^t), its lse S_pos + that.
-    if FIXED_SHIFT:
-        t = tl.log2(total) * _LN2 + dist * inv_tau
-    else:
-        t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
-    loss = _softplus(t, ACC)
-    lse = (1.0 - dist) * inv_tau + loss
+    lse, loss = row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT, ACC)
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
     tl.store(ROW_LOSS + offs_m - row_start, loss, mask=mask_m)
@@ -275,11 +296,7 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_d = tl.arange(0, BLOCK_D)
-    inv_tau = tl.load(INV_TAU)
-    shift = inv_tau * _LOG2E
-    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
-    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
-    qi = ri * shift
+    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
@@ -322,10 +339,7 @@ def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, half, D,
     pid = tl.program_id(0)
     offs_m = pid * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < rows_total
-    inv_tau = tl.load(INV_TAU)
-    shift = inv_tau * _LOG2E
-    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
-    qi = tl.load(RS + offs_m, mask=mask_m, other=1.0) * shift
+    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     total = tl.zeros([BLOCK], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
@@ -354,11 +368,7 @@ def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half,
     mask_m = offs_m < rows_total
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < D
-    inv_tau = tl.load(INV_TAU)
-    shift = inv_tau * _LOG2E
-    zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
-    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
-    qi = ri * shift
+    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)

@@ -40,9 +40,9 @@ from fastcluster_cl.losses.reference import fixed_shift_safe
 
 from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision, feature_block,
                       round_to, torch_acc_dtype, upcast_dots)
-from .nt_xent import (_EPS, _LN2, _LOG2E, _WEIGHT_SCALE, _expm1, _load_rows, _row_weight,
-                      LaunchConfig, _scale_rows, _scaled_dtype, _softplus, backward_config,
-                      forward_config)
+from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_rows,
+                      _row_weight, _scale_rows, _scaled_dtype, accumulate_negatives,
+                      backward_config, forward_config, row_block, row_losses)
 
 
 @triton.jit
@@ -59,17 +59,15 @@ def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: t
 
 @triton.jit
 def _bank_fwd_kernel(ZS, RS, DIST, BANK, BANK_LO, ROW_LOSS, ROW_W, INV_TAU, n, M, D,
-                     SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
+                     PREC: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    inv_tau = tl.load(INV_TAU)
-    shift = inv_tau * _LOG2E
-    zi = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D)
-    qi = tl.load(RS + offs_m, mask=mask_m, other=1.0) * shift
+    inv_tau, shift, zi, ri, qi = row_block(ZS, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     total = tl.zeros([BLOCK_M], ACC)
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    m_i = tl.full([BLOCK_M], 0.0, ACC) - shift  # x >= -shift: see _lse_fwd_kernel
     for c0 in range(0, M, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
@@ -78,28 +76,18 @@ def _bank_fwd_kernel(ZS, RS, DIST, BANK, BANK_LO, ROW_LOSS, ROW_W, INV_TAU, n, M
                          BLOCK_D) * qi[:, None]
         if c0 + BLOCK_N > M:  # only the last tile holds padding columns
             x = tl.where(mask_n[None, :], x, float("-inf"))
-        if FIXED_SHIFT:
-            total += tl.sum(tl.exp2(x - shift), axis=1)
-        else:
-            m_new = tl.maximum(m_i, tl.max(x, axis=1))
-            total = total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
-            m_i = m_new
-    dist = tl.load(DIST + offs_m, mask=mask_m, other=0.0)
-    if FIXED_SHIFT:
-        t = tl.log2(total) * _LN2 + dist * inv_tau
-    else:
-        t = (tl.log2(total) + m_i) * _LN2 - (1.0 - dist) * inv_tau
-    loss = _softplus(t)
-    lse = (1.0 - dist) * inv_tau + loss
+        total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
+    lse, loss = row_losses(total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau,
+                           FIXED_SHIFT, ACC)
     tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
     tl.store(ROW_W + offs_m, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
 
 
 @triton.jit
-def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZA, DZB, INV_TAU, n,
-                      M, D, SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZA, DZB, INV_TAU,
+                      n, M, D, SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     offs_d = tl.arange(0, BLOCK_D)
@@ -114,7 +102,7 @@ def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZ
     # c = w/tau (P_pos - 1): the positive's weight in fp32, never rounded for the tensor cores;
     # cos = zn_a . zn_b = 1 - dist.
     c = (tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * inv_tau
-         * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0)))
+         * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC))
     cos = 1.0 - tl.load(DIST + offs_m, mask=mask_m, other=0.0)
     # dz_b = (g_b - zn_b (zn_b . g_b)) / norm_b with g_b = c zn_a: no bank term, so it is
     # written first, before the loop (fewer tiles live at once: no spills).
@@ -185,8 +173,9 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
     with device_guard(zs):
         _bank_fwd_kernel[(triton.cdiv(n, config.block[0]),)](
             zs, rs, dist, bank, bank_lo, row_loss, row_w, _inv_tau_tensor(inv_tau, rs), n,
-            bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), **config.options)
+            bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
+            **config.options)
     return row_loss, row_w
 
 
@@ -199,9 +188,9 @@ def _launch_backward(zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss,
     with device_guard(zs):
         _bank_grad_kernel[(triton.cdiv(n, config.block[0]),)](
             zs, rs, norms, dist, bank, bank_lo, row_w, row_loss, w, dz_a, dz_b,
-            _inv_tau_tensor(inv_tau, rs), n, bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype),
-            UPCAST=upcast_dots(zs.dtype), **config.options)
+            _inv_tau_tensor(inv_tau, rs), n, bank.shape[0], d, SPLIT=split,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), **config.options)
     return dz_a, dz_b
 
 
