@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl import cuda_backend, kernels
+from fastcluster_cl import cuda_backend, functional, kernels
 from fastcluster_cl.losses import chunked, nt_xent_autograd, reference
 
 from test_cuda_backend import _DenseLaunchers
@@ -245,3 +245,110 @@ def test_bank_double_backward_is_refused(backend):
     (g,) = torch.autograd.grad(loss, z_a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+# The cluster ops (losses/op_autograd.py): each fused forward and backward of cc_cluster,
+# student_t, DEC, anchor and DEC + anchor is a registered op pair; (backend, op name) below,
+# the ops being fastcluster_cl::<name>_<backend>_fwd / _bwd.
+CLUSTER_OPS = [("triton", "cc_cluster"), ("triton", "student_t"), ("triton", "dec"),
+               ("triton", "anchor"), ("triton", "dec_anchor"), ("cuda", "student_t"),
+               ("cuda", "dec"), ("cuda", "anchor")]
+
+
+def _cluster_inputs(name, dtype, seed=0):
+    """The forward op's arguments (small shapes: Triton runs interpreted)."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    probs = lambda: torch.softmax(2 * randn(6, 4), 1)  # noqa: E731
+    return {"cc_cluster": lambda: (randn(6, 3), randn(6, 3)),
+            "student_t": lambda: (randn(6, 4), randn(3, 4), 1.5),
+            "dec": lambda: (probs(),),
+            "anchor": lambda: (probs(), probs(), probs()),
+            "dec_anchor": lambda: (probs(), probs(), probs())}[name]()
+
+
+def _cluster_pair(backend, name):
+    from fastcluster_cl.losses import op_autograd
+    forward = getattr(OPS, f"{name}_{backend}_fwd").default
+    return forward, op_autograd.PAIRS[f"fastcluster_cl::{name}_{backend}_fwd"]
+
+
+@pytest.mark.parametrize("backend, name", CLUSTER_OPS)
+def test_opcheck_cluster_ops(backend, name, dense_cuda):
+    forward, pair = _cluster_pair(backend, name)
+    inputs = list(_cluster_inputs(name, DTYPES[backend]))
+    for i in pair.wrt:
+        inputs[i].requires_grad_()
+    torch.library.opcheck(forward, tuple(inputs))
+    assert pair.backward_op._qualname == f"fastcluster_cl::{name}_{backend}_bwd"
+    detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+    outputs = forward(*detached)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = [torch.randn_like(out) for out in outputs]
+    torch.library.opcheck(getattr(OPS, f"{name}_{backend}_bwd").default,
+                          tuple(pair.backward_args(detached, outputs, grads)),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def _cluster_losses(backend):
+    """(name, scalar function of the inputs, index of a differentiated input) per op."""
+    module = kernels if backend == "triton" else cuda_backend
+    cases = [("student_t", lambda h, mu, alpha: module.student_t(h, mu, alpha)[:, 0].sum(), 0),
+             ("dec", module.dec_loss, 0), ("anchor", module.anchor_loss, 1)]
+    if backend == "triton":
+        cases += [("cc_cluster", lambda a, b: kernels.cc_cluster_loss(a, b, 0.7), 0),
+                  ("dec_anchor", lambda *q: sum(kernels.dec_anchor_losses(*q)), 0)]
+    return cases
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cluster_double_backward_is_refused_clearly(backend, dense_cuda):
+    for name, loss_fn, wrt in _cluster_losses(backend):
+        inputs = list(_cluster_inputs(name, DTYPES[backend]))
+        inputs[wrt].requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(*inputs), inputs[wrt], create_graph=True)
+        with pytest.raises(RuntimeError, match=f"double backward is not supported by "
+                                               f"backend='{backend}'; use backend='torch'"):
+            torch.autograd.grad(g.pow(2).sum(), inputs[wrt])
+
+
+# Which registered forward op each case of test_compile._cases traces on triton.
+_TRITON_OP_OF_CASE = {
+    "nt_xent": "nt_xent", "cc_cluster_loss": "cc_cluster", "student_t": "student_t",
+    "dec_loss": "dec", "anchor_loss": "anchor", "tcc_cluster_loss": "nt_xent",
+    "ClusterContrastiveLoss(anchor)": "dec_anchor", "ClusterContrastiveLoss(cc)": "cc_cluster",
+    "ClusterContrastiveLoss(tcc)": "nt_xent"}
+
+
+def test_no_graph_breaks_for_every_loss_on_triton():
+    """Every loss and objective on triton (interpreted) traces in one graph holding its op,
+    after one eager call (which imports triton: not traceable)."""
+    from test_compile import _cases
+    for name, fn, inputs in _cases("triton"):
+        fn(*inputs)
+        explained = _explain(fn, *inputs)
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        assert explained.graph_count == 1, name
+        names = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+        assert f"fastcluster_cl.{_TRITON_OP_OF_CASE[name]}_triton_fwd.default" in names, name
+
+
+def test_compiled_fullgraph_cluster_objectives_on_triton():
+    """torch.compile(fullgraph=True) through the cluster ops' registered autograd: the eager
+    values and gradients."""
+    q0, q_a, q_b = _cluster_inputs("anchor", F64)
+    logits = [t.requires_grad_() for t in _cluster_inputs("cc_cluster", F64)]
+    q_a.requires_grad_()
+
+    def objective(q_a, la, lb):
+        dec, anchor = functional.dec_anchor_losses(q0, q_a, q_b, backend="triton")
+        return dec + anchor + fc.cc_cluster_loss(la, lb, 0.7, backend="triton")
+
+    want = objective(q_a, *logits)
+    torch._dynamo.reset()
+    got = torch.compile(objective, fullgraph=True, backend="aot_eager")(q_a, *logits)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, (q_a, *logits)),
+                    torch.autograd.grad(want, (q_a, *logits))):
+        torch.testing.assert_close(g, w)
