@@ -57,8 +57,9 @@ def test_opcheck_chunked(per_row):
     _opcheck_backend("chunked", per_row)
 
 
-def test_opcheck_triton_interpreted():
-    _opcheck_backend("triton", False)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_triton_interpreted(per_row):
+    _opcheck_backend("triton", per_row)
 
 
 def test_opcheck_cuda_glue(dense_cuda):
@@ -82,7 +83,7 @@ def _explain(fn, *inputs):
 
 
 @pytest.mark.parametrize("backend, reduction", [("chunked", "mean"), ("chunked", "none"),
-                                                ("triton", "mean")])
+                                                ("triton", "mean"), ("triton", "none")])
 def test_no_graph_breaks_through_the_ops(backend, reduction):
     z_a, z_b = _pair(grad=False)
     loss = lambda a, b: fc.nt_xent(a, b, 0.5, backend=backend, reduction=reduction)  # noqa: E731
@@ -105,22 +106,67 @@ def test_compiled_fullgraph_forward_and_backward_chunked():
         torch.testing.assert_close(g, w)
 
 
-def test_per_row_gradients_match_torch():
-    """reduction="none" weights each row's backward by its own incoming gradient."""
+@pytest.mark.parametrize("backend, tau", [("chunked", 0.3), ("triton", 0.3), ("triton", 0.002)])
+def test_per_row_gradients_match_torch(backend, tau):
+    """reduction="none" weights each row's backward by its own incoming gradient (triton: the
+    kernel's per-row weights, fixed shift at tau 0.3, online max at tau 0.002 in fp64)."""
     z_a, z_b = _pair(7, 5)
     weights = torch.randn(14, dtype=F64, generator=torch.Generator().manual_seed(3))
     weights[2] = 0.0
-    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, 0.3, backend="chunked", reduction="none")
+    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, tau, backend=backend, reduction="none")
                                * weights).sum(), (z_a, z_b))
-    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, 0.3) * weights).sum(),
+    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, tau) * weights).sum(),
                                (z_a, z_b))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
 
-def test_per_row_terms_on_triton_and_cuda(dense_cuda):
-    """reduction="none" runs on triton and cuda: the per-row values; a graph that would need
-    per-row gradients from their kernels is refused at the forward."""
+def test_per_row_gradients_on_triton_edge_weights():
+    """All-zero incoming gradients give zero (not NaN) gradients; one nonzero row alone is its
+    loss's gradient; a mean taken through the per-row path equals the mean path's."""
+    z_a, z_b = _pair(5, 4)
+    terms = lambda a, b: kernels.nt_xent_terms(a, b, 0.4)  # noqa: E731
+    zero = torch.autograd.grad(terms(z_a, z_b), (z_a, z_b), torch.zeros(10, dtype=F64))
+    assert all((g == 0).all() for g in zero)
+    one = torch.zeros(10, dtype=F64)
+    one[7] = -2.5
+    got = torch.autograd.grad(terms(z_a, z_b), (z_a, z_b), one)
+    want = torch.autograd.grad(reference.nt_xent_terms(z_a, z_b, 0.4), (z_a, z_b), one)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    got = torch.autograd.grad(terms(z_a, z_b).mean(), (z_a, z_b))
+    want = torch.autograd.grad(kernels.nt_xent(z_a, z_b, 0.4), (z_a, z_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_row_gradients_on_triton_low_precision(dtype):
+    """16-bit inputs: per-row weights spanning three orders of magnitude and both signs are
+    scaled by their largest into the fp16 tile weights; the error against the float64
+    reference on the same rounded inputs stays within that of the mean path."""
+    z_a, z_b = (t.to(dtype) for t in _pair(24, 32, F64, grad=False))
+    weights = torch.logspace(-3, 0, 48, dtype=F64) * torch.tensor([1.0, -1.0]).repeat(24)
+    weights = weights[torch.randperm(48, generator=torch.Generator().manual_seed(5))]
+
+    def error(loss_fn, ref_fn):
+        a, b = (t.clone().requires_grad_() for t in (z_a, z_b))
+        ra, rb = (t.double().requires_grad_() for t in (z_a, z_b))
+        got = torch.autograd.grad(loss_fn(a, b), (a, b))
+        want = torch.autograd.grad(ref_fn(ra, rb), (ra, rb))
+        return max(((g.double() - w).abs().max() / w.abs().max()).item()
+                   for g, w in zip(got, want))
+
+    per_row = error(lambda a, b: (kernels.nt_xent_terms(a, b, 0.1) * weights.float()).sum(),
+                    lambda a, b: (reference.nt_xent_terms(a, b, 0.1) * weights).sum())
+    mean = error(lambda a, b: kernels.nt_xent(a, b, 0.1),
+                 lambda a, b: reference.nt_xent(a, b, 0.1))
+    assert per_row <= 2 * mean, (per_row, mean)
+
+
+def test_per_row_terms_on_cuda(dense_cuda):
+    """reduction="none" runs on cuda: the per-row values; a graph that would need per-row
+    gradients from its kernels is refused at the forward."""
     z_a, z_b = _pair(5, 4)
     want = reference.nt_xent_terms(z_a, z_b, 0.4)
     with torch.no_grad():
@@ -131,10 +177,8 @@ def test_per_row_terms_on_triton_and_cuda(dense_cuda):
         torch.testing.assert_close(
             fc.cc_cluster_loss(*logits, 0.7, backend="triton", reduction="none"),
             reference.cc_cluster_loss_terms(*logits, 0.7))
-    for call in (lambda: kernels.nt_xent_terms(z_a, z_b, 0.4),
-                 lambda: nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")):
-        with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
-            call()
+    with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
+        nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")
 
 
 def _double_backward(loss_fn, z_a, z_b):
