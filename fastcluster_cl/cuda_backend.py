@@ -150,14 +150,16 @@ def _(z, inv_tau, per_row):
 def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
                     rs: torch.Tensor, norm: torch.Tensor, lse: torch.Tensor,
                     row_loss: torch.Tensor) -> torch.Tensor:
-    """dL/dz (z's dtype) from the gradient of the mean loss (0-d): gradient rows, then the
-    normalisation's backward."""
-    if grad.dim() != 0:
-        raise NotImplementedError("backend='cuda' backward kernels take the mean's gradient "
-                                  "only, not one per row (reduction='none'); use "
-                                  "backend='chunked' or 'torch'")
+    """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,):
+    gradient rows (per row: weighted by c = grad / max|grad|), then the normalisation's
+    backward scaled by grad / (2N tau) (per row: max|grad| / tau)."""
     ext = extension()
     rows = zs.shape[0]
+    if grad.dim() != 0:
+        scale, weight = nt_xent_autograd.per_row_weights(grad, torch.float32)
+        g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, inv_tau, weight=weight)
+        return ext.norm_backward(zs, rs, norm, g, 0, rows, scale.reshape(1).contiguous(),
+                                 inv_tau, z.dtype)
     g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, inv_tau)
     return ext.norm_backward(zs, rs, norm, g, 0, rows, grad.float().reshape(1).contiguous(),
                              inv_tau / rows, z.dtype)
@@ -282,8 +284,8 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
 
 
 def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The 2N per-row terms with the CUDA C++ kernels (no per-row backward: see
-    `nt_xent_autograd.nt_xent_terms`)."""
+    """The 2N per-row terms with the CUDA C++ kernels (per-row gradients: the backward kernel
+    weights each row's loss by its incoming gradient)."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, float(temperature), "cuda")
 
@@ -353,7 +355,7 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
 
 NT_XENT = register_backend(NTXentBackend(
     "cuda", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_cuda_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default))
+    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default, per_row_backward=True))
 register_fused_autograd(_fused_forward, NT_XENT.backward, "cuda")
 refuse_double_backward(_fused_backward, "cuda")
 

@@ -553,7 +553,7 @@ def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out,
     applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
     sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled. With `row_g` (per-row weights,
     |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
-    (see `_per_row_weights`)."""
+    (see `nt_xent_autograd.per_row_weights`)."""
     rows_total, d = zs.shape
     config = backward_config(d, zs.dtype)
     dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
@@ -568,15 +568,6 @@ def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out,
             PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
             **config.options)
     return dz
-
-
-def _per_row_weights(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, c): the per-row incoming gradients as scale * c with scale = max |grad| (0-d) and
-    |c| <= 1, so that the backward's tile weights keep |A rs| <= 2 (the fp16 weight scaling
-    stays valid). On the device, no host sync; all-zero gradients give c = 0."""
-    grad = grad.to(dtype)
-    scale = grad.abs().amax()
-    return scale, (grad / torch.where(scale > 0, scale, 1.0)).contiguous()
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_lse_rows", mutates_args=())
@@ -715,7 +706,7 @@ def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: tor
     """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,),
     the latter always through the row-parallel kernel."""
     if grad.dim() != 0:
-        scale, row_g = _per_row_weights(grad, rs.dtype)
+        scale, row_g = nt_xent_autograd.per_row_weights(grad, rs.dtype)
         return _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, scale.reshape(1),
                      z.dtype, row_g)
     if symmetric:

@@ -89,11 +89,16 @@ class _DenseLaunchers:
         return torch.logsumexp(s, dim=1)
 
     @classmethod
-    def grad_rows(cls, zs, rs, lse, row_loss, row_start, row_end, inv_tau):
+    def grad_rows(cls, zs, rs, lse, row_loss, row_start, row_end, inv_tau, weight=None):
+        """With `weight` (per-row loss weights c) A_ij = c_i P_ij + c_j P_ji."""
         s, rows, own, pos = cls._scores(zs, rs, row_start, row_end, inv_tau)
-        a = torch.exp(s - lse[row_start:row_end, None]) + torch.exp(s - lse[None, :])
+        c = torch.ones_like(lse) if weight is None else weight
+        c_i = c[row_start:row_end]
+        a = (c_i[:, None] * torch.exp(s - lse[row_start:row_end, None])
+             + c[None, :] * torch.exp(s - lse[None, :]))
         a[rows, own] = 0.0
-        a[rows, pos] = torch.expm1(-row_loss[row_start:row_end]) + torch.expm1(-row_loss[pos])
+        a[rows, pos] = (c_i * torch.expm1(-row_loss[row_start:row_end])
+                        + c[pos] * torch.expm1(-row_loss[pos]))
         return a @ (zs * rs[:, None])
 
     @staticmethod

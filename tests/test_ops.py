@@ -164,21 +164,24 @@ def test_per_row_gradients_on_triton_low_precision(dtype):
     assert per_row <= 2 * mean, (per_row, mean)
 
 
-def test_per_row_terms_on_cuda(dense_cuda):
-    """reduction="none" runs on cuda: the per-row values; a graph that would need per-row
-    gradients from its kernels is refused at the forward."""
-    z_a, z_b = _pair(5, 4)
-    want = reference.nt_xent_terms(z_a, z_b, 0.4)
-    with torch.no_grad():
-        torch.testing.assert_close(kernels.nt_xent_terms(z_a, z_b, 0.4), want)
-        torch.testing.assert_close(nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda"), want)
+def test_per_row_gradients_on_cuda_glue(dense_cuda):
+    """reduction="none" on cuda: the per-row values, and per-row gradients through the glue's
+    weights c = g / max|g| (the dense model of the launchers, float32)."""
+    z_a, z_b = (t.float().requires_grad_() for t in _pair(6, 4, grad=False))
+    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
+    weights = torch.randn(12, dtype=F64, generator=torch.Generator().manual_seed(4))
+    weights[5] = 0.0
+    got = nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")
+    want = reference.nt_xent_terms(r_a, r_b, 0.4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad((got * weights.float()).sum(), (z_a, z_b)),
+                    torch.autograd.grad((want * weights).sum(), (r_a, r_b))):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
     logits = _pair(6, 3, grad=False)
     with torch.no_grad():
         torch.testing.assert_close(
             fc.cc_cluster_loss(*logits, 0.7, backend="triton", reduction="none"),
             reference.cc_cluster_loss_terms(*logits, 0.7))
-    with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
-        nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")
 
 
 def _double_backward(loss_fn, z_a, z_b):
