@@ -143,12 +143,13 @@ at::Tensor lse_rows(const at::Tensor& zn, const at::Tensor& rs, int64_t row_star
 // row's lse and loss (fp32).
 at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& rs, const at::Tensor& lse_full,
                      const at::Tensor& loss_full, int64_t row_start, int64_t row_end,
-                     double inv_tau, int64_t splits) {
+                     double inv_tau, int64_t splits, const std::optional<at::Tensor>& weight) {
   const auto [m, d] = check_rows(zn, row_start, row_end);
   TORCH_CHECK(m % 2 == 0, "zs must have an even number of rows ([z_a; z_b]), got ", m);
   check_float_vector(rs, "rs", m, zn);
   check_float_vector(lse_full, "lse", m, zn);
   check_float_vector(loss_full, "row_loss", m, zn);
+  if (weight.has_value()) check_float_vector(*weight, "weight", m, zn);
   const c10::cuda::CUDAGuard guard(zn.device());
   const int64_t rows = row_end - row_start;
   const auto f32 = zn.options().dtype(at::kFloat);
@@ -159,7 +160,8 @@ at::Tensor grad_rows(const at::Tensor& zn, const at::Tensor& rs, const at::Tenso
   check_launch(fcl_nt_xent_grad(dtype_code(zn), zn.data_ptr(), rs.data_ptr<float>(), m, d,
                                 static_cast<int>(row_start),
                                 static_cast<int>(row_end), static_cast<float>(inv_tau),
-                                lse_full.data_ptr<float>(), loss_full.data_ptr<float>(), split,
+                                lse_full.data_ptr<float>(), loss_full.data_ptr<float>(),
+                                weight.has_value() ? weight->data_ptr<float>() : nullptr, split,
                                 split > 1 ? workspace.data_ptr<float>() : nullptr,
                                 g.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "fcl_nt_xent_grad");
@@ -334,7 +336,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inv_tau"), py::arg("splits") = 0);
   m.def("grad_rows", &grad_rows, "unscaled dL/dzn of rows [row_start, row_end)",
         py::arg("zs"), py::arg("rs"), py::arg("lse"), py::arg("row_loss"), py::arg("row_start"),
-        py::arg("row_end"), py::arg("inv_tau"), py::arg("splits") = 0);
+        py::arg("row_end"), py::arg("inv_tau"), py::arg("splits") = 0,
+        py::arg("weight") = py::none());
   m.def("norm_backward", &norm_backward, "dz of rows [row_start, row_end)", py::arg("zs"),
         py::arg("rs"), py::arg("norm"), py::arg("g"), py::arg("row_start"), py::arg("row_end"),
         py::arg("grad_out"), py::arg("factor"), py::arg("out"));

@@ -50,11 +50,14 @@ int fcl_nt_xent_lse(int dtype, const void* zs, const float* rs, int m, int d, in
 // [row_start, row_end), with P_ij = exp(inv_tau * zn[i] . zn[j] - lse_full[i]); lse_full and
 // loss_full hold all m rows' lse and loss (lse_i - S_i,pos(i)), the positive's weight being
 // expm1(-loss_i) + expm1(-loss_pos(i)). g is fp32, (row_end - row_start) x d: the unscaled
-// dL/dzn (no atomics).
+// dL/dzn (no atomics). weight_full (NULL for the mean's gradient) holds m per-row loss weights
+// c, |c| <= 1: then A_ij = c_i P_ij + c_j P_ji and the positive's c_i expm1(-loss_i) +
+// c_pos expm1(-loss_pos(i)).
 // workspace: splits * (row_end - row_start) * d floats when splits > 1, else may be NULL.
 int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int m, int d, int row_start,
                      int row_end, float inv_tau, const float* lse_full, const float* loss_full,
-                     int splits, float* workspace, float* g, cudaStream_t stream);
+                     const float* weight_full, int splits, float* workspace, float* g,
+                     cudaStream_t stream);
 
 // Finishes the gradient of rows [row_start, row_end): u = (*grad_out * factor) * g, factor =
 // inv_tau / m for the mean loss, then the backward of the L2 normalisation:

@@ -12,6 +12,10 @@
 //            base 2; the host finishes each row from the positive's 1 - cos (normalize_kernel)
 //            without cancellation: loss_i = softplus(lse_neg_i - S_i,pos(i)).
 //   backward (grad_kernel): A_ij = P_ij + P_ji = exp(S_ij - lse_i) + exp(S_ij - lse_j) from the
+//            saved lse (S is symmetric) -- with per-row loss weights c (reduction="none",
+//            |c| <= 1: the incoming gradients over their largest magnitude, so that the 2^14
+//            scaling below stays valid) A_ij = c_i P_ij + c_j P_ji and the positive's
+//            c_i (P_i,pos - 1) + c_pos (P_pos,i - 1) --
 //            saved lse (S is symmetric), and for the positive pair A - 2 = expm1(-loss_i) +
 //            expm1(-loss_pos(i)) (A is ~2 there for correlated views at small tau: subtracting
 //            2 zn_pos after the rounded product cancelled catastrophically). The weights are
@@ -294,8 +298,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ zs, const float* __restrict__ rs, int m, int d,
                 int row_start, int row_end, float scale2, const float* __restrict__ lse_full,
-                const float* __restrict__ loss_full, int cols_per_split,
-                float* __restrict__ g_splits) {
+                const float* __restrict__ loss_full, const float* __restrict__ weight_full,
+                int cols_per_split, float* __restrict__ g_splits) {
   using Tr = Tile<T>;
   constexpr int BD = Tr::BD;
   __shared__ __align__(128) unsigned char smem[Tr::kBytes];
@@ -304,6 +308,7 @@ __global__ void __launch_bounds__(kThreads)
   T* Zd = reinterpret_cast<T*>(smem + Tr::kZOffset);
   float* lse_col = reinterpret_cast<float*>(smem + Tr::kLseOffset);
   float* rs_col = reinterpret_cast<float*>(smem + Tr::kRsOffset);
+  __shared__ float c_col[BN];
   const int r0 = row_start + blockIdx.x * BM;
   const int d0 = blockIdx.y * BD;
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
@@ -311,7 +316,9 @@ __global__ void __launch_bounds__(kThreads)
   const float lse_i = i < row_end ? lse_full[i] * kLog2e : 0.f;
   const float q_i = i < row_end ? rs[i] * scale2 : 0.f;
   const int pos = positive_of(i, m);
-  const float pos_i = i < row_end ? expm1f(-loss_full[i]) : 0.f;  // P_i,pos(i) - 1
+  // Row i's loss weight c_i (per-row gradients, |c| <= 1; 1 for the mean's).
+  const float c_i = weight_full != nullptr && i < row_end ? weight_full[i] : 1.f;
+  const float pos_i = i < row_end ? c_i * expm1f(-loss_full[i]) : 0.f;  // c_i (P_i,pos(i) - 1)
 
   // G accumulator (BM x BD), registers.
   const int warp = threadIdx.x / 32;
@@ -333,6 +340,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < BN; e += kThreads) {
       lse_col[e] = c0 + e < m ? lse_full[c0 + e] * kLog2e : 0.f;
       rs_col[e] = c0 + e < m ? rs[c0 + e] : 0.f;
+      c_col[e] = weight_full != nullptr && c0 + e < m ? weight_full[c0 + e] : 1.f;
     }
     __syncthreads();
 #pragma unroll
@@ -341,10 +349,10 @@ __global__ void __launch_bounds__(kThreads)
       float a = 0.f;
       if (i < row_end && j < m && j != i) {
         if (j == pos) {
-          a = pos_i + expm1f(-loss_full[j]);
+          a = pos_i + c_col[col] * expm1f(-loss_full[j]);
         } else {
           const float x = Ss[r * Tr::LDS + col] * q_i * rs_col[col];
-          a = exp2f(x - lse_i) + exp2f(x - lse_col[col]);
+          a = c_i * exp2f(x - lse_i) + c_col[col] * exp2f(x - lse_col[col]);
         }
       }
       // A zn_J = (A diag(rs_J)) zs_J; fp32: the same element it just read.
@@ -566,8 +574,9 @@ extern "C" int fcl_nt_xent_lse(int dtype, const void* zs, const float* rs, int m
 
 extern "C" int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int m, int d,
                                 int row_start, int row_end, float inv_tau,
-                                const float* lse_full, const float* loss_full, int splits,
-                                float* workspace, float* g, cudaStream_t stream) {
+                                const float* lse_full, const float* loss_full,
+                                const float* weight_full, int splits, float* workspace, float* g,
+                                cudaStream_t stream) {
   if (!valid_rows(m, d, row_start, row_end) || m % 2 != 0) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -580,7 +589,7 @@ extern "C" int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int 
     const dim3 grid(blocks_for(rows, BM), blocks_for(d, Tile<T>::BD), split.count);
     grad_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(zs), rs, m, d, row_start, row_end, inv_tau * kLog2e, lse_full,
-        loss_full, split.cols, split.count == 1 ? g : workspace);
+        loss_full, weight_full, split.cols, split.count == 1 ? g : workspace);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0 || split.count == 1) return launched;
     const int64_t count = (int64_t)rows * d;

@@ -27,12 +27,12 @@ import importlib.resources
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .losses import nt_xent_autograd, reference
 from .losses.nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
                                       refuse_double_backward, register_backend,
                                       register_fused_autograd)
+from .losses.op_autograd import register_pair
 
 _SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -150,14 +150,16 @@ def _(z, inv_tau, per_row):
 def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
                     rs: torch.Tensor, norm: torch.Tensor, lse: torch.Tensor,
                     row_loss: torch.Tensor) -> torch.Tensor:
-    """dL/dz (z's dtype) from the gradient of the mean loss (0-d): gradient rows, then the
-    normalisation's backward."""
-    if grad.dim() != 0:
-        raise NotImplementedError("backend='cuda' backward kernels take the mean's gradient "
-                                  "only, not one per row (reduction='none'); use "
-                                  "backend='chunked' or 'torch'")
+    """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,):
+    gradient rows (per row: weighted by c = grad / max|grad|), then the normalisation's
+    backward scaled by grad / (2N tau) (per row: max|grad| / tau)."""
     ext = extension()
     rows = zs.shape[0]
+    if grad.dim() != 0:
+        scale, weight = nt_xent_autograd.per_row_weights(grad, torch.float32)
+        g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, inv_tau, weight=weight)
+        return ext.norm_backward(zs, rs, norm, g, 0, rows, scale.reshape(1).contiguous(),
+                                 inv_tau, z.dtype)
     g = ext.grad_rows(zs, rs, lse, row_loss, 0, rows, inv_tau)
     return ext.norm_backward(zs, rs, norm, g, 0, rows, grad.float().reshape(1).contiguous(),
                              inv_tau / rows, z.dtype)
@@ -168,59 +170,96 @@ def _(z, grad, inv_tau, zs, rs, norm, lse, row_loss):
     return torch.empty_like(z)
 
 
-class _CudaStudentT(torch.autograd.Function):
-    """Student-t assignment through csrc/cluster.cu; saves q and the squared distances."""
+# Student-t, DEC and anchor as torch.library ops with fake implementations (float32 results,
+# gradients in the input dtype: csrc/binding.cpp); `losses.op_autograd.register_pair` is their
+# autograd. The forwards return what their backward needs: q and the squared distances, the
+# column sums f of DEC.
 
-    @staticmethod
-    def forward(ctx, h, centers, alpha):
-        q, dist2 = extension().student_t_forward(h, centers, alpha)
-        ctx.save_for_backward(h, centers, q, dist2)
-        ctx.alpha = alpha
-        return q
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_q):
-        h, centers, q, dist2 = ctx.saved_tensors
-        dh, dcenters = extension().student_t_backward(h, centers, q, dist2,
-                                                      grad_q.float().contiguous(), ctx.alpha)
-        return dh, dcenters, None
+@torch.library.custom_op("fastcluster_cl::student_t_cuda_fwd", mutates_args=())
+def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, dist2): the Student-t assignment of h to the centres and the squared distances."""
+    q, dist2 = extension().student_t_forward(h, centers, alpha)
+    return q, dist2
 
 
-class _CudaDEC(torch.autograd.Function):
-    """DEC loss through csrc/cluster.cu; the target p is recomputed from q and f in backward."""
-
-    @staticmethod
-    def forward(ctx, q):
-        loss_rows, f = extension().dec_forward(q)
-        ctx.save_for_backward(q, f)
-        return loss_rows.sum() / q.shape[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, f = ctx.saved_tensors
-        return extension().dec_backward(q, f, grad_out.float().reshape(1).contiguous(),
-                                        1.0 / q.shape[0])
+@student_t_forward.register_fake
+def _(h, centers, alpha):
+    q = h.new_empty(h.shape[0], centers.shape[0], dtype=torch.float32)
+    return q, torch.empty_like(q)
 
 
-class _CudaAnchor(torch.autograd.Function):
-    """Anchor loss through csrc/cluster.cu; q0 is held fixed (no gradient)."""
+@torch.library.custom_op("fastcluster_cl::student_t_cuda_bwd", mutates_args=())
+def student_t_backward(h: torch.Tensor, centers: torch.Tensor, q: torch.Tensor,
+                       dist2: torch.Tensor, grad_q: torch.Tensor, alpha: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, dcenters) from dL/dq and the forward's q and dist2."""
+    dh, dcenters = extension().student_t_backward(h, centers, q, dist2,
+                                                  grad_q.float().contiguous(), alpha)
+    return dh, dcenters
 
-    @staticmethod
-    def forward(ctx, q0, q_a, q_b):
-        loss_rows = extension().anchor_forward(q0, q_a, q_b)
-        ctx.save_for_backward(q0, q_a, q_b)
-        return loss_rows.sum() / q0.shape[0]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q0, q_a, q_b = ctx.saved_tensors
-        dq_a, dq_b = extension().anchor_backward(q0, q_a, q_b,
-                                                 grad_out.float().reshape(1).contiguous(),
-                                                 1.0 / q0.shape[0])
-        return None, dq_a, dq_b
+@student_t_backward.register_fake
+def _(h, centers, q, dist2, grad_q, alpha):
+    return torch.empty_like(h), torch.empty_like(centers)
+
+
+@torch.library.custom_op("fastcluster_cl::dec_cuda_fwd", mutates_args=())
+def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DEC loss, f = column sums of q); the target p is recomputed from q and f backward."""
+    loss_rows, f = extension().dec_forward(q)
+    return loss_rows.sum() / q.shape[0], f
+
+
+@dec_forward.register_fake
+def _(q):
+    return q.new_empty((), dtype=torch.float32), q.new_empty(q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcluster_cl::dec_cuda_bwd", mutates_args=())
+def dec_backward(q: torch.Tensor, f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dq (q's dtype) from the gradient of the mean loss (0-d)."""
+    return extension().dec_backward(q, f, grad.float().reshape(1).contiguous(),
+                                    1.0 / q.shape[0])
+
+
+@dec_backward.register_fake
+def _(q, f, grad):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastcluster_cl::anchor_cuda_fwd", mutates_args=())
+def anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """The anchor loss; q0 is held fixed (no gradient)."""
+    return extension().anchor_forward(q0, q_a, q_b).sum() / q0.shape[0]
+
+
+@anchor_forward.register_fake
+def _(q0, q_a, q_b):
+    return q0.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcluster_cl::anchor_cuda_bwd", mutates_args=())
+def anchor_backward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
+                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dqa, dL/dqb) from the gradient of the mean loss (0-d)."""
+    dq_a, dq_b = extension().anchor_backward(q0, q_a, q_b, grad.float().reshape(1).contiguous(),
+                                             1.0 / q0.shape[0])
+    return dq_a, dq_b
+
+
+@anchor_backward.register_fake
+def _(q0, q_a, q_b, grad):
+    return torch.empty_like(q_a), torch.empty_like(q_b)
+
+
+register_pair(student_t_forward, student_t_backward, "cuda",
+              lambda inputs, outputs, grads: (inputs[0], inputs[1], *outputs, grads[0],
+                                              inputs[2]), wrt=(0, 1))
+register_pair(dec_forward, dec_backward, "cuda",
+              lambda inputs, outputs, grads: (inputs[0], outputs[1], grads[0]), wrt=(0,))
+register_pair(anchor_forward, anchor_backward, "cuda",
+              lambda inputs, outputs, grads: (*inputs, grads[0]), wrt=(1, 2))
 
 
 def _check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
@@ -245,8 +284,8 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
 
 
 def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The 2N per-row terms with the CUDA C++ kernels (no per-row backward: see
-    `nt_xent_autograd.nt_xent_terms`)."""
+    """The 2N per-row terms with the CUDA C++ kernels (per-row gradients: the backward kernel
+    weights each row's loss by its incoming gradient)."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, float(temperature), "cuda")
 
@@ -299,24 +338,24 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
         raise ValueError(f"centers must match h in dtype, device and features, got "
                          f"{tuple(centers.shape)} {centers.dtype} {centers.device} and "
                          f"{tuple(h.shape)} {h.dtype} {h.device}")
-    return _CudaStudentT.apply(h.contiguous(), centers.contiguous(), float(alpha))
+    return student_t_forward(h.contiguous(), centers.contiguous(), float(alpha))[0]
 
 
 def dec_loss(q: torch.Tensor) -> torch.Tensor:
     """DEC clustering loss (see `fastcluster_cl.dec_loss`) with the CUDA C++ kernels; float32."""
     _check_inputs(("q",), (q,))
-    return _CudaDEC.apply(q.contiguous())
+    return dec_forward(q.contiguous())[0]
 
 
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
     """Anchor loss (see `fastcluster_cl.anchor_loss`) with the CUDA C++ kernels; float32."""
     _check_inputs(("q0", "q_a", "q_b"), (q0, q_a, q_b))
-    return _CudaAnchor.apply(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
+    return anchor_forward(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
 
 
 NT_XENT = register_backend(NTXentBackend(
     "cuda", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_cuda_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default))
+    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default, per_row_backward=True))
 register_fused_autograd(_fused_forward, NT_XENT.backward, "cuda")
 refuse_double_backward(_fused_backward, "cuda")
 

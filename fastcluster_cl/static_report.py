@@ -232,6 +232,7 @@ def _nt_xent_variants() -> list[Variant]:
     out = []
     d = 128
     pointers = {"RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "LSE": "fp32", "ROW_W": "fp32",
+                "ROW_G": "fp32",
                 "ROW_LOSS": "fp32", "INV_TAU": "fp32", "DZ": "bf16", "GRAD_OUT": "fp32",
                 "G": "fp32", "ROW_SUM": "fp32", "COL_SUM": "fp32"}
     # bf16 and fp16 inputs both run on the fp16 copy Zs (the prologue); fp32 on TF32 tensor
@@ -249,12 +250,16 @@ def _nt_xent_variants() -> list[Variant]:
                 dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs), fwd.num_warps, fwd.block,
                 fwd.num_stages, gemms=((fwd.block[0], fwd.block[1], d),), precision=precision,
                 targets=_NT_XENT_FWD if fixed and precision == "fp16" else {}))
-        out.append(Variant(
-            "nt_xent bwd", dtype, nt._grad_kernel, ptrs,
-            dict(EPILOGUE=True, FIXED_SHIFT=True, **common, **bwd.constexprs), bwd.num_warps,
-            bwd.block, bwd.num_stages,
-            gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
-            precision=precision, targets=_NT_XENT_BWD if precision == "fp16" else {}))
+        # The mean's backward carries the targets; the per-row one (reduction="none") only
+        # no spills.
+        for per_row in (False, True):
+            out.append(Variant(
+                f"nt_xent bwd{' per-row' if per_row else ''}", dtype, nt._grad_kernel, ptrs,
+                dict(EPILOGUE=True, PER_ROW=per_row, FIXED_SHIFT=True, **common,
+                     **bwd.constexprs), bwd.num_warps, bwd.block, bwd.num_stages,
+                gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+                precision=precision, targets=(_NT_XENT_BWD if not per_row else dict(
+                    no_spills=True)) if precision == "fp16" else {}))
     for width in (d, 512):
         rows = nt.prologue_rows(width)
         out.append(Variant(f"nt_xent prologue D={width}", "bf16", nt._scale_rows_kernel,

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcluster_cl.losses.op_autograd import register_pair
+
 from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precision,
                       torch_acc_dtype)
 
@@ -126,50 +128,68 @@ def _block_k(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-class ClusterStatsFunction(torch.autograd.Function):
+# The statistics and their backward as torch.library ops with fake implementations (custom_op
+# around the launchers, as nt_xent's: see there); `losses.op_autograd.register_pair` makes the
+# forward op differentiable through the backward op.
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_triton_fwd", mutates_args=())
+def cluster_stats(logits_a: torch.Tensor, logits_b: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits_a, logits_b) -> (G = Q^T Q (2K x 2K), column sums of Q (2K,)), Q = [softmax(c_a),
     softmax(c_b)], in the accumulation dtype; the N x 2K matrix Q is never written."""
+    n, k = logits_a.shape
+    block_k = _block_k(k)
+    acc = torch_acc_dtype(logits_a.dtype)
+    programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
+    gram = torch.empty(programs, 3, block_k, block_k, dtype=acc, device=logits_a.device)
+    colsum = torch.empty(programs, 2, block_k, dtype=acc, device=logits_a.device)
+    with device_guard(logits_a):
+        _stats_kernel[(programs,)](
+            logits_a, logits_b, gram, colsum, n, k, logits_a.stride(0), logits_b.stride(0),
+            ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
+            BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+    g_aa, g_ab, g_bb = gram.sum(0)[:, :k, :k].unbind(0)
+    full = torch.cat([torch.cat([g_aa, g_ab], 1), torch.cat([g_ab.T, g_bb], 1)], 0)
+    return full, colsum.sum(0)[:, :k].reshape(2 * k)
 
-    @staticmethod
-    def forward(ctx, logits_a, logits_b):
-        n, k = logits_a.shape
-        block_k = _block_k(k)
-        acc = torch_acc_dtype(logits_a.dtype)
-        programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
-        gram = torch.empty(programs, 3, block_k, block_k, dtype=acc, device=logits_a.device)
-        colsum = torch.empty(programs, 2, block_k, dtype=acc, device=logits_a.device)
-        with device_guard(logits_a):
-            _stats_kernel[(programs,)](
-                logits_a, logits_b, gram, colsum, n, k, logits_a.stride(0), logits_b.stride(0),
-                ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
-                BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
-        g_aa, g_ab, g_bb = gram.sum(0)[:, :k, :k].unbind(0)
-        full = torch.cat([torch.cat([g_aa, g_ab], 1), torch.cat([g_ab.T, g_bb], 1)], 0)
-        ctx.save_for_backward(logits_a, logits_b)
-        ctx.block_k = block_k
-        return full, colsum.sum(0)[:, :k].reshape(2 * k)
 
-    @staticmethod
-    def backward(ctx, d_gram, d_colsum):
-        logits_a, logits_b = ctx.saved_tensors
-        n, k = logits_a.shape
-        block_k = ctx.block_k
-        acc = torch_acc_dtype(logits_a.dtype)
-        m = torch.zeros(4, block_k, block_k, dtype=acc, device=logits_a.device)
-        dc = torch.zeros(2, block_k, dtype=acc, device=logits_a.device)
-        if d_gram is not None:
-            sym = (d_gram + d_gram.T).to(acc)
-            m[0, :k, :k], m[1, :k, :k] = sym[:k, :k], sym[:k, k:]
-            m[2, :k, :k], m[3, :k, :k] = sym[k:, :k], sym[k:, k:]
-        if d_colsum is not None:
-            dc[:, :k] = d_colsum.to(acc).reshape(2, k)
-        d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
-        with device_guard(logits_a):
-            _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                logits_a, logits_b, d_a, d_b, m, dc, n, k, logits_a.stride(0),
-                logits_b.stride(0), d_a.stride(0), d_b.stride(0), ACC=acc_dtype(logits_a.dtype),
-                PREC=dot_precision(acc), BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
-        return d_a, d_b
+@cluster_stats.register_fake
+def _(logits_a, logits_b):
+    k2, acc = 2 * logits_a.shape[1], torch_acc_dtype(logits_a.dtype)
+    return logits_a.new_empty(k2, k2, dtype=acc), logits_a.new_empty(k2, dtype=acc)
+
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_triton_bwd", mutates_args=())
+def cluster_stats_backward(logits_a: torch.Tensor, logits_b: torch.Tensor,
+                           d_gram: torch.Tensor, d_colsum: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dlogits_a, dL/dlogits_b) from the gradients of G and of the column sums: one launch
+    re-reading the logits, dQ = Q (dG + dG^T) + 1 dcolsum^T, then the softmax backward."""
+    n, k = logits_a.shape
+    block_k = _block_k(k)
+    acc = torch_acc_dtype(logits_a.dtype)
+    m = torch.zeros(4, block_k, block_k, dtype=acc, device=logits_a.device)
+    dc = torch.zeros(2, block_k, dtype=acc, device=logits_a.device)
+    sym = (d_gram + d_gram.T).to(acc)
+    m[0, :k, :k], m[1, :k, :k] = sym[:k, :k], sym[:k, k:]
+    m[2, :k, :k], m[3, :k, :k] = sym[k:, :k], sym[k:, k:]
+    dc[:, :k] = d_colsum.to(acc).reshape(2, k)
+    d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
+    with device_guard(logits_a):
+        _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
+            logits_a, logits_b, d_a, d_b, m, dc, n, k, logits_a.stride(0),
+            logits_b.stride(0), d_a.stride(0), d_b.stride(0), ACC=acc_dtype(logits_a.dtype),
+            PREC=dot_precision(acc), BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+    return d_a, d_b
+
+
+@cluster_stats_backward.register_fake
+def _(logits_a, logits_b, d_gram, d_colsum):
+    return torch.empty_like(logits_a), torch.empty_like(logits_b)
+
+
+register_pair(cluster_stats, cluster_stats_backward, "triton",
+              lambda inputs, outputs, grads: (*inputs, *grads[:2]), wrt=(0, 1))
 
 
 def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float):
@@ -195,5 +215,5 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """CC cluster-level loss (see `fastcluster_cl.cc_cluster_loss`) with the fused kernels."""
     check_dtype(logits_a, logits_b)
-    gram, colsum = ClusterStatsFunction.apply(logits_a.contiguous(), logits_b.contiguous())
+    gram, colsum = cluster_stats(logits_a.contiguous(), logits_b.contiguous())
     return _epilogue(gram, colsum, logits_a.shape[0], temperature)

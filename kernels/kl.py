@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcluster_cl.losses.op_autograd import register_pair
+
 from ._common import acc_dtype, check_dtype, device_guard, torch_acc_dtype
 
 MAX_CLUSTERS = 4096
@@ -217,89 +219,132 @@ def _column_sums(q: torch.Tensor) -> torch.Tensor:
     return partial.sum(0)[:k].contiguous()
 
 
-class DECFunction(torch.autograd.Function):
-    """q (N x K) -> DEC KL loss (accumulation dtype); saves q and f = column sums (K,)."""
-
-    @staticmethod
-    def forward(ctx, q):
-        n, k = q.shape
-        acc = torch_acc_dtype(q.dtype)
-        f = _column_sums(q)
-        rows = torch.empty(n, dtype=acc, device=q.device)
-        with device_guard(q):
-            _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, rows, n, k, q.stride(0), f, 0,
-                                                     BACKWARD=False, **_consts(q.dtype, k))
-        ctx.save_for_backward(q, f)
-        return rows.mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, f = ctx.saved_tensors
-        n, k = q.shape
-        dq = torch.empty_like(q)
-        with device_guard(q):
-            _dec_kernel[(triton.cdiv(n, _BLOCK_M),)](q, f, dq, n, k, q.stride(0),
-                                                     grad.contiguous(), dq.stride(0),
-                                                     BACKWARD=True, **_consts(q.dtype, k))
-        return dq
+def _rows_grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, _BLOCK_M),)
 
 
-class AnchorFunction(torch.autograd.Function):
-    """(q0, qa, qb) -> anchor loss; no gradient to q0 (the clean view is the fixed anchor)."""
+# DEC, anchor and the two fused as torch.library ops with fake implementations (custom_op around
+# the launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd. The
+# forwards return the mean loss (and DEC's column sums f, its backward's state).
 
-    @staticmethod
-    def forward(ctx, q0, q_a, q_b):
-        n, k = q0.shape
-        rows = torch.empty(n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-        with device_guard(q0):
-            _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                q0, q_a, q_b, rows, q_a, q_b, rows, n, k, q0.stride(0), q_a.stride(0),
-                q_b.stride(0), 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
-        ctx.save_for_backward(q0, q_a, q_b)
-        return rows.mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        q0, q_a, q_b = ctx.saved_tensors
-        n, k = q0.shape
-        d_a, d_b = torch.empty_like(q_a), torch.empty_like(q_b)
-        with device_guard(q0):
-            _anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                q0, q_a, q_b, grad, d_a, d_b, grad.contiguous(), n, k, q0.stride(0),
-                q_a.stride(0), q_b.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True,
-                **_consts(q0.dtype, k))
-        return None, d_a, d_b
+@torch.library.custom_op("fastcluster_cl::dec_triton_fwd", mutates_args=())
+def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N x K) -> (DEC KL loss, f = column sums (K,)), both in the accumulation dtype."""
+    n, k = q.shape
+    f = _column_sums(q)
+    rows = torch.empty(n, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    with device_guard(q):
+        _dec_kernel[_rows_grid(n)](q, f, rows, n, k, q.stride(0), f, 0, BACKWARD=False,
+                                   **_consts(q.dtype, k))
+    return rows.mean(), f
 
 
-class DECAnchorFunction(torch.autograd.Function):
-    """(q0, qa, qb) -> (DEC loss of q0, anchor loss), fused; q0 gets DEC's gradient only."""
+@dec_forward.register_fake
+def _(q):
+    acc = torch_acc_dtype(q.dtype)
+    return q.new_empty((), dtype=acc), q.new_empty(q.shape[1], dtype=acc)
 
-    @staticmethod
-    def forward(ctx, q0, q_a, q_b):
-        n, k = q0.shape
-        f = _column_sums(q0)
-        rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-        with device_guard(q0):
-            _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
-                q_b.stride(0), 0, 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
-        ctx.save_for_backward(q0, q_a, q_b, f)
-        dec, anchor = rows.mean(1).unbind(0)
-        return dec, anchor
 
-    @staticmethod
-    def backward(ctx, grad_dec, grad_anchor):
-        q0, q_a, q_b, f = ctx.saved_tensors
-        n, k = q0.shape
-        grads = torch.stack([torch.zeros_like(f[0]) if g is None else g.to(f.dtype)
-                             for g in (grad_dec, grad_anchor)])
-        d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
-        with device_guard(q0):
-            _dec_anchor_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0),
-                q_a.stride(0), q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0),
-                BACKWARD=True, **_consts(q0.dtype, k))
-        return d0, d_a, d_b
+@torch.library.custom_op("fastcluster_cl::dec_triton_bwd", mutates_args=())
+def dec_backward(q: torch.Tensor, f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dq from the gradient of the mean loss (0-d) and the forward's f."""
+    n, k = q.shape
+    dq = torch.empty_like(q)
+    with device_guard(q):
+        _dec_kernel[_rows_grid(n)](q, f, dq, n, k, q.stride(0), grad.to(f.dtype).contiguous(),
+                                   dq.stride(0), BACKWARD=True, **_consts(q.dtype, k))
+    return dq
+
+
+@dec_backward.register_fake
+def _(q, f, grad):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastcluster_cl::anchor_triton_fwd", mutates_args=())
+def anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
+    """(q0, qa, qb) -> the anchor loss (accumulation dtype); no gradient to q0."""
+    n, k = q0.shape
+    rows = torch.empty(n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
+    with device_guard(q0):
+        _anchor_kernel[_rows_grid(n)](
+            q0, q_a, q_b, rows, q_a, q_b, rows, n, k, q0.stride(0), q_a.stride(0),
+            q_b.stride(0), 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
+    return rows.mean()
+
+
+@anchor_forward.register_fake
+def _(q0, q_a, q_b):
+    return q0.new_empty((), dtype=torch_acc_dtype(q0.dtype))
+
+
+@torch.library.custom_op("fastcluster_cl::anchor_triton_bwd", mutates_args=())
+def anchor_backward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
+                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dqa, dL/dqb) from the gradient of the mean loss (0-d)."""
+    n, k = q0.shape
+    grad = grad.to(torch_acc_dtype(q0.dtype)).contiguous()
+    d_a, d_b = torch.empty_like(q_a), torch.empty_like(q_b)
+    with device_guard(q0):
+        _anchor_kernel[_rows_grid(n)](
+            q0, q_a, q_b, grad, d_a, d_b, grad, n, k, q0.stride(0), q_a.stride(0),
+            q_b.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True, **_consts(q0.dtype, k))
+    return d_a, d_b
+
+
+@anchor_backward.register_fake
+def _(q0, q_a, q_b, grad):
+    return torch.empty_like(q_a), torch.empty_like(q_b)
+
+
+@torch.library.custom_op("fastcluster_cl::dec_anchor_triton_fwd", mutates_args=())
+def dec_anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q0, qa, qb) -> (DEC loss of q0, anchor loss, f = column sums of q0), fused."""
+    n, k = q0.shape
+    f = _column_sums(q0)
+    rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
+    with device_guard(q0):
+        _dec_anchor_kernel[_rows_grid(n)](
+            q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
+            q_b.stride(0), 0, 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
+    return rows[0].mean(), rows[1].mean(), f
+
+
+@dec_anchor_forward.register_fake
+def _(q0, q_a, q_b):
+    acc = torch_acc_dtype(q0.dtype)
+    return (q0.new_empty((), dtype=acc), q0.new_empty((), dtype=acc),
+            q0.new_empty(q0.shape[1], dtype=acc))
+
+
+@torch.library.custom_op("fastcluster_cl::dec_anchor_triton_bwd", mutates_args=())
+def dec_anchor_backward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
+                        f: torch.Tensor, grad_dec: torch.Tensor, grad_anchor: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq0, dqa, dqb): q0 gets DEC's gradient only (the anchor holds it fixed)."""
+    n, k = q0.shape
+    grads = torch.stack([grad_dec.to(f.dtype), grad_anchor.to(f.dtype)])
+    d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
+    with device_guard(q0):
+        _dec_anchor_kernel[_rows_grid(n)](
+            q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0),
+            q_a.stride(0), q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0),
+            BACKWARD=True, **_consts(q0.dtype, k))
+    return d0, d_a, d_b
+
+
+@dec_anchor_backward.register_fake
+def _(q0, q_a, q_b, f, grad_dec, grad_anchor):
+    return torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
+
+
+register_pair(dec_forward, dec_backward, "triton",
+              lambda inputs, outputs, grads: (inputs[0], outputs[1], grads[0]), wrt=(0,))
+register_pair(anchor_forward, anchor_backward, "triton",
+              lambda inputs, outputs, grads: (*inputs, grads[0]), wrt=(1, 2))
+register_pair(dec_anchor_forward, dec_anchor_backward, "triton",
+              lambda inputs, outputs, grads: (*inputs, outputs[2], *grads[:2]), wrt=(0, 1, 2))
 
 
 def _common_inputs(q0, q_a, q_b):
@@ -313,17 +358,17 @@ def _common_inputs(q0, q_a, q_b):
 def dec_loss(q: torch.Tensor) -> torch.Tensor:
     """DEC KL loss (see `fastcluster_cl.dec_loss`) with the Triton kernels."""
     check_dtype(q)
-    return DECFunction.apply(q.contiguous())
+    return dec_forward(q.contiguous())[0]
 
 
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
     """Anchor loss (see `fastcluster_cl.anchor_loss`) with the Triton kernels."""
     q0, q_a, q_b = _common_inputs(q0, q_a, q_b)
-    return AnchorFunction.apply(q0.detach(), q_a, q_b)
+    return anchor_forward(q0.detach(), q_a, q_b)
 
 
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor,
                       q_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dec_loss(q0), anchor_loss(q0, q_a, q_b)) in fused launches: the anchor method's
     clustering terms. q0 receives DEC's gradient only (the anchor treats it as fixed)."""
-    return DECAnchorFunction.apply(*_common_inputs(q0, q_a, q_b))
+    return dec_anchor_forward(*_common_inputs(q0, q_a, q_b))[:2]

@@ -39,6 +39,14 @@ a rounded product cancelled catastrophically (20x gradient errors in bf16 at tau
 computed as (A diag(rs_J) * 2^14) zs_J / 2^14: |A rs| <= 2, so the scaled weights cannot
 overflow fp16 and the ~1/(2N) ones stay clear of its subnormals at any batch size.
 
+Per-row gradients (reduction="none"; `PER_ROW`): row i's loss has the incoming gradient g_i,
+A_ij = g_i P_ij + g_j P_ji (fixed shift: 2^(x - shift) (g_i u_i + g_j u_j), still one exp),
+the positive's g_i (P_i,pos - 1) + g_pos (P_pos,i - 1). The kernel takes c = g / max|g| (on the
+device, no host sync), so |A rs| <= 2 and the 2^14 scaling holds as for the mean, and scales
+the rows by max|g| / tau. Rows whose |g| is below ~2^-38 max|g| get a zero low-precision
+gradient (the mean's limit, relative to the largest weight). The mean path is unchanged (a
+constexpr branch: the same sm_90 code).
+
 Floors (R = 2N rows, D features, b bytes per input element):
   forward  2 R^2 D FLOPs, R^2 exps. Reads of Zs: own rows once, all columns once per row block
            (R / BLOCK_M passes, L2-resident at these sizes); byte floor 2 R D b read + 8 R written.
@@ -287,10 +295,27 @@ def _weights(x, w_i, w_j, shift, FIXED_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
-                 dz_stride, row_start, row_end, EPILOGUE: tl.constexpr, FIXED_SHIFT: tl.constexpr,
-                 ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT: tl.constexpr):
+    """c_i P_ij + c_j P_ji (`_weights` with each row's loss weighted by c): with the fixed
+    shift still one exp per element, 2^(x - shift) (c_i u_i + c_j u_j)."""
+    if FIXED_SHIFT:
+        return _weights(x, c_i * w_i, c_j * w_j, shift, FIXED_SHIFT)
+    else:
+        return (c_i[:, None] * tl.exp2(x - w_i[:, None])
+                + c_j[None, :] * tl.exp2(x - w_j[None, :]))
+
+
+@triton.jit
+def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
+                 dz_stride, row_start, row_end, EPILOGUE: tl.constexpr, PER_ROW: tl.constexpr,
+                 FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Rows [row_start, row_end) of sum_j A_ij zn_j; with EPILOGUE times GRAD_OUT / (tau R) and
+    through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
+    c_i = ROW_G[i], |c| <= 1 (the incoming gradients over their largest magnitude, which
+    GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
+    c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean."""
     pid = tl.program_id(0)
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
@@ -301,6 +326,9 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
     pos = _positive_rows(offs_m, half)
     # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
+    if PER_ROW:
+        c_i = tl.load(ROW_G + offs_m, mask=mask_m, other=0.0)
+        pos_i = c_i * pos_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for c0 in range(0, rows_total, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
@@ -309,17 +337,26 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, DZ, INV_TAU, GRAD_OUT, rows_tota
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
-        a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
+        if PER_ROW:
+            c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)
+            a = _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT)
+        else:
+            a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
             a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
         if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
             pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
+            if PER_ROW:
+                pos_j = c_j * pos_j
             a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         # A @ zn_J = (A diag(rs_J)) @ zs_J: scale the tile, not the (BLOCK_N, D) operand.
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
     g = acc * (1.0 / _WEIGHT_SCALE)
     if EPILOGUE:
-        g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau / rows_total)
+        if PER_ROW:
+            g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau)
+        else:
+            g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau / rows_total)
         # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
         zn = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
         norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
@@ -510,10 +547,13 @@ def _row_weights(lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
     return lse * 1.4426950408889634
 
 
-def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype):
+def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype,
+          row_g=None):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
     applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
-    sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled."""
+    sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled. With `row_g` (per-row weights,
+    |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
+    (see `nt_xent_autograd.per_row_weights`)."""
     rows_total, d = zs.shape
     config = backward_config(d, zs.dtype)
     dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
@@ -521,8 +561,9 @@ def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out,
     inv = _inv_tau_tensor(inv_tau, rs)
     with device_guard(zs):
         _grad_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
-            zs, rs, norms, row_w, row_loss, dz, inv, grad_out if epilogue else inv, rows_total,
-            rows_total // 2, d, dz.stride(0), row_start, row_end, EPILOGUE=epilogue,
+            zs, rs, norms, row_w, row_loss, row_w if row_g is None else row_g, dz, inv,
+            grad_out if epilogue else inv, rows_total, rows_total // 2, d, dz.stride(0),
+            row_start, row_end, EPILOGUE=epilogue, PER_ROW=row_g is not None,
             FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
             **config.options)
@@ -662,11 +703,12 @@ def _(z, inv_tau, per_row, symmetric):
 def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
                     rs: torch.Tensor, norms: torch.Tensor, row_w: torch.Tensor,
                     row_loss: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    """dL/dz (z's dtype) from the gradient of the mean loss (0-d)."""
+    """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,),
+    the latter always through the row-parallel kernel."""
     if grad.dim() != 0:
-        raise NotImplementedError("backend='triton' backward kernels take the mean's gradient "
-                                  "only, not one per row (reduction='none'); use "
-                                  "backend='chunked' or 'torch'")
+        scale, row_g = nt_xent_autograd.per_row_weights(grad, rs.dtype)
+        return _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, scale.reshape(1),
+                     z.dtype, row_g)
     if symmetric:
         g = _symmetric_grad(zs, rs, row_w, row_loss, inv_tau) * (grad * inv_tau / z.shape[0])
         zn, norm = l2_normalize(z)
@@ -682,7 +724,7 @@ def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, symmetric):
 
 NT_XENT = register_backend(NTXentBackend(
     "triton", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_triton_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_triton_bwd.default))
+    torch.ops.fastcluster_cl.nt_xent_triton_bwd.default, per_row_backward=True))
 register_fused_autograd(_fused_forward, NT_XENT.backward, "triton")
 refuse_double_backward(_fused_backward, "triton")
 
@@ -701,7 +743,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
 
 
 def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The 2N per-row terms with the fused Triton kernels (no per-row backward: see
-    `nt_xent_autograd.nt_xent_terms`)."""
+    """The 2N per-row terms with the fused Triton kernels (per-row gradients: each row's loss
+    weighted by its incoming gradient in the backward kernel)."""
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, temperature, "triton",
                                           *_checked_options(z_a, z_b, temperature))

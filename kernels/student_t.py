@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcluster_cl.losses.op_autograd import register_pair
+
 from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision,
                       torch_acc_dtype, upcast_dots)
 
@@ -128,48 +130,67 @@ def _blocks(k: int, f: int) -> tuple[int, int]:
             min(_BLOCK_F, max(16, triton.next_power_of_2(f))))
 
 
-class StudentTFunction(torch.autograd.Function):
+def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
+    """(alpha as a one-element tensor of the accumulation dtype, the kernels' constexprs)."""
+    (n, f), k = h.shape, centers.shape[0]
+    block_k, block_f = _blocks(k, f)
+    alpha_t = torch.full((1,), alpha, dtype=torch_acc_dtype(h.dtype), device=h.device)
+    return alpha_t, dict(ACC=acc_dtype(h.dtype), PREC=dot_precision(h.dtype),
+                         UPCAST=upcast_dots(h.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k,
+                         BLOCK_F=block_f)
+
+
+# The forward and backward as torch.library ops with fake implementations (custom_op around the
+# launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd.
+
+@torch.library.custom_op("fastcluster_cl::student_t_triton_fwd", mutates_args=())
+def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """(h (N x F), centres (K x F), alpha) -> q (N x K) in the accumulation dtype."""
+    (n, f), k = h.shape, centers.shape[0]
+    alpha_t, consts = _launch_args(h, centers, alpha)
+    q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
+    with device_guard(h):
+        _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](h, centers, q, alpha_t, n, k, f, h.stride(0),
+                                                 centers.stride(0), **consts)
+    return q
 
-    @staticmethod
-    def forward(ctx, h, centers, alpha):
-        (n, f), k = h.shape, centers.shape[0]
-        block_k, block_f = _blocks(k, f)
-        acc = torch_acc_dtype(h.dtype)
-        alpha_t = torch.full((1,), alpha, dtype=acc, device=h.device)
-        q = torch.empty(n, k, dtype=acc, device=h.device)
-        with device_guard(h):
-            _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                h, centers, q, alpha_t, n, k, f, h.stride(0), centers.stride(0),
-                ACC=acc_dtype(h.dtype), PREC=dot_precision(h.dtype),
-                UPCAST=upcast_dots(h.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k,
-                BLOCK_F=block_f)
-        ctx.save_for_backward(h, centers, alpha_t, q)
-        return q
 
-    @staticmethod
-    def backward(ctx, dq):
-        h, centers, alpha_t, q = ctx.saved_tensors
-        (n, f), k = h.shape, centers.shape[0]
-        block_k, block_f = _blocks(k, f)
-        acc = torch_acc_dtype(h.dtype)
-        g = torch.empty(n, k, dtype=acc, device=h.device)
-        with device_guard(h):
-            _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
-                h, centers, q, dq.contiguous(), g, alpha_t, n, k, f, h.stride(0),
-                centers.stride(0), ACC=acc_dtype(h.dtype), PREC=dot_precision(h.dtype),
-                UPCAST=upcast_dots(h.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k,
-                BLOCK_F=block_f)
-        # d = |h|^2 - 2 h.mu + |mu|^2: dh = 2 (rowsum(g) h - g mu), dmu = -2 (g^T h - colsum(g) mu)
-        h_acc, mu = h.to(acc), centers.to(acc)
-        dh = 2.0 * (g.sum(1)[:, None] * h_acc - g @ mu)
-        d_mu = -2.0 * (g.T @ h_acc - g.sum(0)[:, None] * mu)
-        return dh.to(h.dtype), d_mu.to(centers.dtype), None
+@student_t_forward.register_fake
+def _(h, centers, alpha):
+    return h.new_empty(h.shape[0], centers.shape[0], dtype=torch_acc_dtype(h.dtype))
+
+
+@torch.library.custom_op("fastcluster_cl::student_t_triton_bwd", mutates_args=())
+def student_t_backward(h: torch.Tensor, centers: torch.Tensor, q: torch.Tensor,
+                       dq: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, dcentres) from dq = dL/dq and the forward's q."""
+    (n, f), k = h.shape, centers.shape[0]
+    alpha_t, consts = _launch_args(h, centers, alpha)
+    acc = torch_acc_dtype(h.dtype)
+    g = torch.empty(n, k, dtype=acc, device=h.device)
+    with device_guard(h):
+        _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](h, centers, q, dq.contiguous(), g, alpha_t, n,
+                                                 k, f, h.stride(0), centers.stride(0), **consts)
+    # d = |h|^2 - 2 h.mu + |mu|^2: dh = 2 (rowsum(g) h - g mu), dmu = -2 (g^T h - colsum(g) mu)
+    h_acc, mu = h.to(acc), centers.to(acc)
+    dh = 2.0 * (g.sum(1)[:, None] * h_acc - g @ mu)
+    d_mu = -2.0 * (g.T @ h_acc - g.sum(0)[:, None] * mu)
+    return dh.to(h.dtype), d_mu.to(centers.dtype)
+
+
+@student_t_backward.register_fake
+def _(h, centers, q, dq, alpha):
+    return torch.empty_like(h), torch.empty_like(centers)
+
+
+register_pair(student_t_forward, student_t_backward, "triton",
+              lambda inputs, outputs, grads: (inputs[0], inputs[1], outputs[0], grads[0],
+                                              inputs[2]), wrt=(0, 1))
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """Student-t assignment (see `fastcluster_cl.student_t`) with the fused kernels."""
     check_dtype(h, centers)
     common = torch.promote_types(h.dtype, centers.dtype)  # e.g. bf16 features, fp32 centres
-    return StudentTFunction.apply(h.to(common).contiguous(), centers.to(common).contiguous(),
-                                  alpha)
+    return student_t_forward(h.to(common).contiguous(), centers.to(common).contiguous(),
+                             float(alpha))

@@ -113,7 +113,8 @@ class EmulatedExtension:
                                              _ptr(workspace), _ptr(lse), None), "lse")
         return lse
 
-    def grad_rows(self, zn, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0):
+    def grad_rows(self, zn, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0,
+                  weight=None):
         m, d = zn.shape
         rows = row_end - row_start
         splits = self._splits(zn, rows, 1, splits)
@@ -122,8 +123,9 @@ class EmulatedExtension:
         self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
                                               row_start,
                                               row_end, ctypes.c_float(inv_tau), _ptr(lse),
-                                              _ptr(row_loss), splits, _ptr(workspace), _ptr(g),
-                                              None), "grad")
+                                              _ptr(row_loss),
+                                              None if weight is None else _ptr(weight), splits,
+                                              _ptr(workspace), _ptr(g), None), "grad")
         return g
 
     def norm_backward(self, zn, rs, norm, g, row_start, row_end, grad_out, factor, out):
@@ -246,6 +248,26 @@ def test_tiny_tile_weights_keep_fp16_precision(emulated):
     z, lse, row_loss, want = tiny_weight_case()
     got = cuda_backend.grad_rows(z, lse, row_loss, 0, z.shape[0], 2.0).double()
     assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_row_gradients(emulated, dtype):
+    """reduction="none": grad_kernel's per-row loss weights (c = g / max|g|, both signs, one
+    zero) against the float64 reference on the same rounded inputs; bf16 within its mean-path
+    gradient tolerance (TOLERANCE) relative to the largest gradient entry."""
+    z_a, z_b = (t.to(dtype) for t in correlated_views(20, 24, seed=23))
+    weights = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    weights[3] = 0.0
+    got_in = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    ref_in = [t.double().requires_grad_() for t in (z_a, z_b)]
+    got = cuda_backend.nt_xent_terms(*got_in, 0.2)
+    want = reference.nt_xent_terms(*ref_in, 0.2)
+    got_grads = torch.autograd.grad((got * weights.float()).sum(), got_in)
+    want_grads = torch.autograd.grad((want * weights).sum(), ref_in)
+    rel = 1e-4 if dtype == torch.float32 else 4e-2
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e-30])

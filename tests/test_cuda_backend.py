@@ -89,11 +89,16 @@ class _DenseLaunchers:
         return torch.logsumexp(s, dim=1)
 
     @classmethod
-    def grad_rows(cls, zs, rs, lse, row_loss, row_start, row_end, inv_tau):
+    def grad_rows(cls, zs, rs, lse, row_loss, row_start, row_end, inv_tau, weight=None):
+        """With `weight` (per-row loss weights c) A_ij = c_i P_ij + c_j P_ji."""
         s, rows, own, pos = cls._scores(zs, rs, row_start, row_end, inv_tau)
-        a = torch.exp(s - lse[row_start:row_end, None]) + torch.exp(s - lse[None, :])
+        c = torch.ones_like(lse) if weight is None else weight
+        c_i = c[row_start:row_end]
+        a = (c_i[:, None] * torch.exp(s - lse[row_start:row_end, None])
+             + c[None, :] * torch.exp(s - lse[None, :]))
         a[rows, own] = 0.0
-        a[rows, pos] = torch.expm1(-row_loss[row_start:row_end]) + torch.expm1(-row_loss[pos])
+        a[rows, pos] = (c_i * torch.expm1(-row_loss[row_start:row_end])
+                        + c[pos] * torch.expm1(-row_loss[pos]))
         return a @ (zs * rs[:, None])
 
     @staticmethod
@@ -123,6 +128,21 @@ class _DenseLaunchers:
     def anchor_backward(q0, q_a, q_b, grad_out, factor):
         tiny = torch.finfo(q0.dtype).tiny
         return tuple(-grad_out * factor * torch.where(q >= tiny, q0 / q, 0.0) for q in (q_a, q_b))
+
+    @staticmethod
+    def student_t_forward(h, centers, alpha):
+        """(q, dist2), both float32 as the kernels'."""
+        dist2 = (h[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+        return reference.student_t(h, centers, alpha).float(), dist2.float()
+
+    @staticmethod
+    def student_t_backward(h, centers, q, dist2, grad_q, alpha):
+        """g = dL/d dist2 through the softmax of -(alpha+1)/2 log(1 + d/alpha), then
+        dh = 2 (rowsum(g) h - g mu), dcenters = -2 (g^T h - colsum(g) mu)."""
+        dlogit = q * (grad_q - (q * grad_q).sum(1, keepdim=True))
+        g = (dlogit * (-(alpha + 1.0) / 2.0) / (alpha + dist2)).to(h.dtype)
+        dh = 2.0 * (g.sum(1)[:, None] * h - g @ centers)
+        return dh, -2.0 * (g.T @ h - g.sum(0)[:, None] * centers)
 
 
 @pytest.fixture
@@ -154,8 +174,9 @@ def test_autograd_glue_matches_reference(dense_launchers):
 
 def test_cluster_glue_matches_reference(dense_launchers):
     q0, q_a, q_b = (_assignments(11, 5, seed).requires_grad_() for seed in range(3))
-    for ours, ref, inputs in [(cuda_backend._CudaDEC.apply, reference.dec_loss, (q_a,)),
-                              (cuda_backend._CudaAnchor.apply, reference.anchor_loss,
+    for ours, ref, inputs in [(lambda q: cuda_backend.dec_forward(q)[0], reference.dec_loss,
+                               (q_a,)),
+                              (cuda_backend.anchor_forward, reference.anchor_loss,
                                (q0.detach(), q_a, q_b))]:
         loss = ours(*inputs)
         grads = torch.autograd.grad(2.5 * loss, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
@@ -164,6 +185,10 @@ def test_cluster_glue_matches_reference(dense_launchers):
         torch.testing.assert_close(loss, expected)
         for got, ref_grad in zip(grads, want):
             torch.testing.assert_close(got, ref_grad)
+
+
+def test_student_t_glue_matches_reference(dense_launchers):
+    check_student_t(cuda_backend.student_t, 9, 4, 6, 1.5, torch.float32)
 
 
 # --- GPU: the compiled kernels ---------------------------------------------------------------

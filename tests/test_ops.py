@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl import cuda_backend, kernels
+from fastcluster_cl import cuda_backend, functional, kernels
 from fastcluster_cl.losses import chunked, nt_xent_autograd, reference
 
 from test_cuda_backend import _DenseLaunchers
@@ -57,8 +57,9 @@ def test_opcheck_chunked(per_row):
     _opcheck_backend("chunked", per_row)
 
 
-def test_opcheck_triton_interpreted():
-    _opcheck_backend("triton", False)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_triton_interpreted(per_row):
+    _opcheck_backend("triton", per_row)
 
 
 def test_opcheck_cuda_glue(dense_cuda):
@@ -82,7 +83,7 @@ def _explain(fn, *inputs):
 
 
 @pytest.mark.parametrize("backend, reduction", [("chunked", "mean"), ("chunked", "none"),
-                                                ("triton", "mean")])
+                                                ("triton", "mean"), ("triton", "none")])
 def test_no_graph_breaks_through_the_ops(backend, reduction):
     z_a, z_b = _pair(grad=False)
     loss = lambda a, b: fc.nt_xent(a, b, 0.5, backend=backend, reduction=reduction)  # noqa: E731
@@ -105,36 +106,82 @@ def test_compiled_fullgraph_forward_and_backward_chunked():
         torch.testing.assert_close(g, w)
 
 
-def test_per_row_gradients_match_torch():
-    """reduction="none" weights each row's backward by its own incoming gradient."""
+@pytest.mark.parametrize("backend, tau", [("chunked", 0.3), ("triton", 0.3), ("triton", 0.002)])
+def test_per_row_gradients_match_torch(backend, tau):
+    """reduction="none" weights each row's backward by its own incoming gradient (triton: the
+    kernel's per-row weights, fixed shift at tau 0.3, online max at tau 0.002 in fp64)."""
     z_a, z_b = _pair(7, 5)
     weights = torch.randn(14, dtype=F64, generator=torch.Generator().manual_seed(3))
     weights[2] = 0.0
-    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, 0.3, backend="chunked", reduction="none")
+    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, tau, backend=backend, reduction="none")
                                * weights).sum(), (z_a, z_b))
-    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, 0.3) * weights).sum(),
+    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, tau) * weights).sum(),
                                (z_a, z_b))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
 
-def test_per_row_terms_on_triton_and_cuda(dense_cuda):
-    """reduction="none" runs on triton and cuda: the per-row values; a graph that would need
-    per-row gradients from their kernels is refused at the forward."""
+def test_per_row_gradients_on_triton_edge_weights():
+    """All-zero incoming gradients give zero (not NaN) gradients; one nonzero row alone is its
+    loss's gradient; a mean taken through the per-row path equals the mean path's."""
     z_a, z_b = _pair(5, 4)
-    want = reference.nt_xent_terms(z_a, z_b, 0.4)
-    with torch.no_grad():
-        torch.testing.assert_close(kernels.nt_xent_terms(z_a, z_b, 0.4), want)
-        torch.testing.assert_close(nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda"), want)
+    terms = lambda a, b: kernels.nt_xent_terms(a, b, 0.4)  # noqa: E731
+    zero = torch.autograd.grad(terms(z_a, z_b), (z_a, z_b), torch.zeros(10, dtype=F64))
+    assert all((g == 0).all() for g in zero)
+    one = torch.zeros(10, dtype=F64)
+    one[7] = -2.5
+    got = torch.autograd.grad(terms(z_a, z_b), (z_a, z_b), one)
+    want = torch.autograd.grad(reference.nt_xent_terms(z_a, z_b, 0.4), (z_a, z_b), one)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    got = torch.autograd.grad(terms(z_a, z_b).mean(), (z_a, z_b))
+    want = torch.autograd.grad(kernels.nt_xent(z_a, z_b, 0.4), (z_a, z_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_row_gradients_on_triton_low_precision(dtype):
+    """16-bit inputs: per-row weights spanning three orders of magnitude and both signs are
+    scaled by their largest into the fp16 tile weights; the error against the float64
+    reference on the same rounded inputs stays within that of the mean path."""
+    z_a, z_b = (t.to(dtype) for t in _pair(24, 32, F64, grad=False))
+    weights = torch.logspace(-3, 0, 48, dtype=F64) * torch.tensor([1.0, -1.0]).repeat(24)
+    weights = weights[torch.randperm(48, generator=torch.Generator().manual_seed(5))]
+
+    def error(loss_fn, ref_fn):
+        a, b = (t.clone().requires_grad_() for t in (z_a, z_b))
+        ra, rb = (t.double().requires_grad_() for t in (z_a, z_b))
+        got = torch.autograd.grad(loss_fn(a, b), (a, b))
+        want = torch.autograd.grad(ref_fn(ra, rb), (ra, rb))
+        return max(((g.double() - w).abs().max() / w.abs().max()).item()
+                   for g, w in zip(got, want))
+
+    per_row = error(lambda a, b: (kernels.nt_xent_terms(a, b, 0.1) * weights.float()).sum(),
+                    lambda a, b: (reference.nt_xent_terms(a, b, 0.1) * weights).sum())
+    mean = error(lambda a, b: kernels.nt_xent(a, b, 0.1),
+                 lambda a, b: reference.nt_xent(a, b, 0.1))
+    assert per_row <= 2 * mean, (per_row, mean)
+
+
+def test_per_row_gradients_on_cuda_glue(dense_cuda):
+    """reduction="none" on cuda: the per-row values, and per-row gradients through the glue's
+    weights c = g / max|g| (the dense model of the launchers, float32)."""
+    z_a, z_b = (t.float().requires_grad_() for t in _pair(6, 4, grad=False))
+    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
+    weights = torch.randn(12, dtype=F64, generator=torch.Generator().manual_seed(4))
+    weights[5] = 0.0
+    got = nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")
+    want = reference.nt_xent_terms(r_a, r_b, 0.4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad((got * weights.float()).sum(), (z_a, z_b)),
+                    torch.autograd.grad((want * weights).sum(), (r_a, r_b))):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
     logits = _pair(6, 3, grad=False)
     with torch.no_grad():
         torch.testing.assert_close(
             fc.cc_cluster_loss(*logits, 0.7, backend="triton", reduction="none"),
             reference.cc_cluster_loss_terms(*logits, 0.7))
-    for call in (lambda: kernels.nt_xent_terms(z_a, z_b, 0.4),
-                 lambda: nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")):
-        with pytest.raises(NotImplementedError, match="reduction='none' with gradients"):
-            call()
 
 
 def _double_backward(loss_fn, z_a, z_b):
@@ -245,3 +292,110 @@ def test_bank_double_backward_is_refused(backend):
     (g,) = torch.autograd.grad(loss, z_a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+# The cluster ops (losses/op_autograd.py): each fused forward and backward of cc_cluster,
+# student_t, DEC, anchor and DEC + anchor is a registered op pair; (backend, op name) below,
+# the ops being fastcluster_cl::<name>_<backend>_fwd / _bwd.
+CLUSTER_OPS = [("triton", "cc_cluster"), ("triton", "student_t"), ("triton", "dec"),
+               ("triton", "anchor"), ("triton", "dec_anchor"), ("cuda", "student_t"),
+               ("cuda", "dec"), ("cuda", "anchor")]
+
+
+def _cluster_inputs(name, dtype, seed=0):
+    """The forward op's arguments (small shapes: Triton runs interpreted)."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    probs = lambda: torch.softmax(2 * randn(6, 4), 1)  # noqa: E731
+    return {"cc_cluster": lambda: (randn(6, 3), randn(6, 3)),
+            "student_t": lambda: (randn(6, 4), randn(3, 4), 1.5),
+            "dec": lambda: (probs(),),
+            "anchor": lambda: (probs(), probs(), probs()),
+            "dec_anchor": lambda: (probs(), probs(), probs())}[name]()
+
+
+def _cluster_pair(backend, name):
+    from fastcluster_cl.losses import op_autograd
+    forward = getattr(OPS, f"{name}_{backend}_fwd").default
+    return forward, op_autograd.PAIRS[f"fastcluster_cl::{name}_{backend}_fwd"]
+
+
+@pytest.mark.parametrize("backend, name", CLUSTER_OPS)
+def test_opcheck_cluster_ops(backend, name, dense_cuda):
+    forward, pair = _cluster_pair(backend, name)
+    inputs = list(_cluster_inputs(name, DTYPES[backend]))
+    for i in pair.wrt:
+        inputs[i].requires_grad_()
+    torch.library.opcheck(forward, tuple(inputs))
+    assert pair.backward_op._qualname == f"fastcluster_cl::{name}_{backend}_bwd"
+    detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+    outputs = forward(*detached)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = [torch.randn_like(out) for out in outputs]
+    torch.library.opcheck(getattr(OPS, f"{name}_{backend}_bwd").default,
+                          tuple(pair.backward_args(detached, outputs, grads)),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def _cluster_losses(backend):
+    """(name, scalar function of the inputs, index of a differentiated input) per op."""
+    module = kernels if backend == "triton" else cuda_backend
+    cases = [("student_t", lambda h, mu, alpha: module.student_t(h, mu, alpha)[:, 0].sum(), 0),
+             ("dec", module.dec_loss, 0), ("anchor", module.anchor_loss, 1)]
+    if backend == "triton":
+        cases += [("cc_cluster", lambda a, b: kernels.cc_cluster_loss(a, b, 0.7), 0),
+                  ("dec_anchor", lambda *q: sum(kernels.dec_anchor_losses(*q)), 0)]
+    return cases
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cluster_double_backward_is_refused_clearly(backend, dense_cuda):
+    for name, loss_fn, wrt in _cluster_losses(backend):
+        inputs = list(_cluster_inputs(name, DTYPES[backend]))
+        inputs[wrt].requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(*inputs), inputs[wrt], create_graph=True)
+        with pytest.raises(RuntimeError, match=f"double backward is not supported by "
+                                               f"backend='{backend}'; use backend='torch'"):
+            torch.autograd.grad(g.pow(2).sum(), inputs[wrt])
+
+
+# Which registered forward op each case of test_compile._cases traces on triton.
+_TRITON_OP_OF_CASE = {
+    "nt_xent": "nt_xent", "cc_cluster_loss": "cc_cluster", "student_t": "student_t",
+    "dec_loss": "dec", "anchor_loss": "anchor", "tcc_cluster_loss": "nt_xent",
+    "ClusterContrastiveLoss(anchor)": "dec_anchor", "ClusterContrastiveLoss(cc)": "cc_cluster",
+    "ClusterContrastiveLoss(tcc)": "nt_xent"}
+
+
+def test_no_graph_breaks_for_every_loss_on_triton():
+    """Every loss and objective on triton (interpreted) traces in one graph holding its op,
+    after one eager call (which imports triton: not traceable)."""
+    from test_compile import _cases
+    for name, fn, inputs in _cases("triton"):
+        fn(*inputs)
+        explained = _explain(fn, *inputs)
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        assert explained.graph_count == 1, name
+        names = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+        assert f"fastcluster_cl.{_TRITON_OP_OF_CASE[name]}_triton_fwd.default" in names, name
+
+
+def test_compiled_fullgraph_cluster_objectives_on_triton():
+    """torch.compile(fullgraph=True) through the cluster ops' registered autograd: the eager
+    values and gradients."""
+    q0, q_a, q_b = _cluster_inputs("anchor", F64)
+    logits = [t.requires_grad_() for t in _cluster_inputs("cc_cluster", F64)]
+    q_a.requires_grad_()
+
+    def objective(q_a, la, lb):
+        dec, anchor = functional.dec_anchor_losses(q0, q_a, q_b, backend="triton")
+        return dec + anchor + fc.cc_cluster_loss(la, lb, 0.7, backend="triton")
+
+    want = objective(q_a, *logits)
+    torch._dynamo.reset()
+    got = torch.compile(objective, fullgraph=True, backend="aot_eager")(q_a, *logits)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, (q_a, *logits)),
+                    torch.autograd.grad(want, (q_a, *logits))):
+        torch.testing.assert_close(g, w)

@@ -1,0 +1,73 @@
+"""The autograd of a fused forward / backward pair of torch.library custom ops (the cluster ops:
+cc_cluster statistics, student_t, DEC, anchor, DEC + anchor, on the triton and cuda backends).
+
+Each fused op is two registered ops with fake implementations: a forward op returning its
+result and whatever state its backward needs, and a backward op taking the saved tensors and the
+incoming gradients. `register_pair` gives the forward op, through
+`torch.library.register_autograd`, the backward op as its formula (so the op is differentiable
+on its own and the loss functions are plain calls of it) and makes the backward op refuse a
+second differentiation with NT-Xent's error ("double backward is not supported by backend=X;
+use backend='torch'", `nt_xent_autograd.double_backward_error`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .nt_xent_autograd import _guard, refuse_double_backward
+from .reference import outside_autocast
+
+# backward_args(inputs, outputs, grads) -> the backward op's arguments: `inputs` the forward
+# op's arguments, `outputs` its results (a tuple), `grads` the incoming gradient of each result.
+BackwardArgs = Callable[[Sequence, Sequence, Sequence], Sequence]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A registered pair: the backward op, how its arguments are built, which inputs it
+    differentiates."""
+    backward_op: object
+    backward_args: BackwardArgs
+    wrt: tuple[int, ...]
+
+
+# Every registered pair by the forward op's qualified name ("fastcluster_cl::dec_triton_fwd"),
+# for the tests (opcheck of each backward op with the arguments its autograd passes).
+PAIRS: dict[str, Pair] = {}
+
+
+def register_pair(forward_op, backward_op, name: str, backward_args: BackwardArgs,
+                  wrt: Sequence[int]) -> None:
+    """Make `forward_op` differentiable through `backward_op`, whose result (a tensor, or a
+    tuple of them) is the gradient of the forward's inputs at the indices `wrt`, in order; the
+    other inputs get none. `name` is the backend named by the double-backward error."""
+    wrt = tuple(wrt)
+    PAIRS[forward_op._qualname] = Pair(backward_op, backward_args, wrt)
+
+    def setup_context(ctx, inputs, output):
+        outputs = output if isinstance(output, tuple) else (output,)
+        values = (*inputs, *outputs)
+        ctx.tensor_at = [i for i, x in enumerate(values) if isinstance(x, torch.Tensor)]
+        ctx.constants = [None if isinstance(x, torch.Tensor) else x for x in values]
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*(values[i] for i in ctx.tensor_at))
+
+    @outside_autocast
+    def backward_fn(ctx, *grads):
+        values = list(ctx.constants)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            values[i] = t
+        inputs, outputs = values[:ctx.n_inputs], values[ctx.n_inputs:]
+        with torch.no_grad():
+            result = backward_op(*backward_args(inputs, outputs, grads))
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        differentiated = [inputs[i] for i in wrt]
+        out = [None] * len(inputs)
+        for i, g in zip(wrt, result):
+            out[i] = _guard(g, name, *differentiated)
+        return tuple(out)
+
+    forward_op.register_autograd(backward_fn, setup_context=setup_context)
+    refuse_double_backward(backward_op, name)
