@@ -219,8 +219,9 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
             setattr(c, name, p[name])
     if c.backbone == "auto":
         c.backbone = p["backbone"]
-    if c.centre_warmup_epochs is None and c.method == "anchor":
-        c.centre_warmup_epochs = p["centre_warmup_epochs"]
+    if c.centre_warmup_epochs is None and c.method == "anchor" \
+            and p["centre_warmup_epochs"] is not None and p["centre_warmup_epochs"] < c.epochs:
+        c.centre_warmup_epochs = p["centre_warmup_epochs"]   # else epochs // 8, below
     if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
         raise ValueError(f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got "
                          f"{c.centre_warmup_epochs}")
