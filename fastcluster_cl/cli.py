@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if main:  # under torchrun, one summary line, not one per rank
         print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")}
-                         | {"kmeans": metrics["kmeans"],
+                         | {"kmeans": metrics["kmeans"], "kmeans_l2": metrics["kmeans_l2"],
                             "seconds": metrics["timing"]["train_seconds"]}))
     return EXIT_OK
 

@@ -548,6 +548,10 @@ class Trainer:
         metrics = {**head,
                    "kmeans": kmeans_metrics(feats[known], labels[known],
                                             self.config.num_clusters, seed=self.config.seed),
+                   # k-means on L2-normalised features: the cosine geometry the contrastive
+                   # losses train (less prone to merging clusters than raw features)
+                   "kmeans_l2": kmeans_metrics(_l2_rows(feats[known]), labels[known],
+                                               self.config.num_clusters, seed=self.config.seed),
                    "eval_seconds": time.perf_counter() - start}
         return metrics, feats, pred, labels
 
@@ -657,6 +661,10 @@ class Trainer:
             plot_losses(steps, plots / "losses.png")
         plot_confusion(labels, pred, plots / "confusion.png")
         plot_embedding(feats, pred, plots / "embedding.png", seed=self.config.seed)
+
+
+def _l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
