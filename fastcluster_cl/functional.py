@@ -296,8 +296,9 @@ def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
         logits_a, logits_b: (N, K) cosine similarities normalise(z) . normalise(C)^T.
         centres: (K, D) cluster embeddings C (normalised here). r_a, r_b: (N, D) the instance
             residual W v of each view.
-        gumbel_temperature: lambda > 0 of pi = softmax((logits + g) / lambda), g ~ Gumbel(0, 1)
-            (torch's global RNG; seed it), and of q.
+        gumbel_temperature: lambda > 0 of q = softmax(logits / lambda) and of its relaxed
+            sample pi = softmax((logits / lambda + g) / lambda), g ~ Gumbel(0, 1) (torch's
+            global RNG; seed it).
         samples: (pi_a, pi_b) to use instead of drawing them (tests, deterministic callers).
         gather_distributed: the instance contrast over every rank's rows, the cluster sums
             and the marginal all-reduced.
@@ -327,8 +328,11 @@ def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     acc = accumulation_dtype(z_a.dtype)
     la, lb = logits_a.to(acc), logits_b.to(acc)
     if samples is None:
-        pi_a = F.gumbel_softmax(la, tau=lam, dim=1)
-        pi_b = F.gumbel_softmax(lb, tau=lam, dim=1)
+        # the Gumbel-softmax relaxation of q itself: softmax((log q + g) / lambda), log q =
+        # l / lambda + const. (Noise added to the raw cosine, as in TCC's prototype, samples
+        # softmax(l) instead: with |l| <= 1 that is near-uniform, and the noise decides.)
+        pi_a = F.gumbel_softmax(la / lam, tau=lam, dim=1)
+        pi_b = F.gumbel_softmax(lb / lam, tau=lam, dim=1)
     else:
         pi_a, pi_b = (s.to(acc) for s in samples)
     q_a, q_b = torch.softmax(la / lam, dim=1), torch.softmax(lb / lam, dim=1)

@@ -101,15 +101,16 @@ def test_tcc_backends_agree_in_float64(prior):
 
 
 def test_tcc_draws_gumbel_softmax_samples_with_lambda():
-    """samples=None draws pi = softmax((logits + g) / lambda) per view from torch's RNG: the
+    """samples=None draws pi = softmax((logits / lambda + g) / lambda) per view (the relaxed
+    sample of q = softmax(logits / lambda)) from torch's RNG: the
     result equals passing those samples, drawn with the same seed."""
     x, _ = problem()
     torch.manual_seed(3)
     got = fc.tcc_loss(*x, backend="torch", **ARGS)
     torch.manual_seed(3)
     lam = ARGS["gumbel_temperature"]
-    samples = (torch.nn.functional.gumbel_softmax(x[2], tau=lam, dim=1),
-               torch.nn.functional.gumbel_softmax(x[3], tau=lam, dim=1))
+    samples = (torch.nn.functional.gumbel_softmax(x[2] / lam, tau=lam, dim=1),
+               torch.nn.functional.gumbel_softmax(x[3] / lam, tau=lam, dim=1))
     again = fc.tcc_loss(*x, samples=samples, backend="torch", **ARGS)
     for name in got:
         torch.testing.assert_close(got[name], again[name])
