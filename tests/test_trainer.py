@@ -222,3 +222,21 @@ def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"2 such steps were skipped already "
                        r"\(--skip-nonfinite-steps 2\)"):
         third.fit()
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
+@pytest.mark.parametrize("name", ["digits", "mnist5k", "cifar10"])
+def test_presets_fill_what_the_user_leaves_out(method, name):
+    from fastcluster_cl.train.presets import preset
+    dataset = blobs()
+    dataset.name = name   # resolve reads only the name, the classes and the image size
+    resolved = resolve(TrainConfig(method=method, dataset=name), dataset)
+    p = preset(method, name)
+    for key in ("epochs", "lr", "warmup_epochs", "instance_temperature", "cluster_temperature",
+                "gumbel_temperature", "loss_weights"):
+        assert getattr(resolved, key) == p[key], key
+    if p["backbone"] != "auto":
+        assert resolved.backbone == p["backbone"]
+    given = resolve(TrainConfig(method=method, dataset=name, epochs=9, lr=0.5,
+                                backbone="small_cnn"), dataset)
+    assert (given.epochs, given.lr, given.backbone) == (9, 0.5, "small_cnn")

@@ -10,16 +10,18 @@ Columns: backbone ("auto": small_cnn below 32 px, resnet18 up to 64 px, else res
 image_size (None: the dataset's native size), epochs, lr (Adam), warmup_epochs (linear lr
 warm-up, then cosine), instance_temperature, cluster_temperature, gumbel_temperature (TCC's
 lambda), centre_warmup_epochs (anchor: instance loss alone before the k-means initialisation
-of the centres).
+of the centres; None: epochs // 8), loss_weights (ClusterContrastiveLoss weights; used when the
+run gives none).
 """
 from __future__ import annotations
 
 PRESET_KEYS = ("backbone", "image_size", "epochs", "lr", "warmup_epochs", "instance_temperature",
-               "cluster_temperature", "gumbel_temperature", "centre_warmup_epochs")
+               "cluster_temperature", "gumbel_temperature", "centre_warmup_epochs",
+               "loss_weights")
 
 _BASE = {"backbone": "auto", "image_size": None, "epochs": 80, "lr": 1e-3, "warmup_epochs": 2.0,
          "instance_temperature": 0.5, "cluster_temperature": 1.0, "gumbel_temperature": 0.3,
-         "centre_warmup_epochs": None}
+         "centre_warmup_epochs": None, "loss_weights": {}}
 
 # (method, dataset) -> overrides of _BASE. centre_warmup_epochs None: epochs // 8 (anchor).
 PRESETS: dict[tuple[str, str], dict] = {
@@ -40,7 +42,9 @@ PRESETS: dict[tuple[str, str], dict] = {
 
 def preset(method: str, dataset: str) -> dict:
     """The full preset of (method, dataset): every key of PRESET_KEYS."""
-    return {**_BASE, **PRESETS.get((method, dataset), PRESETS.get((method, "*"), {}))}
+    out = {**_BASE, **PRESETS.get((method, dataset), PRESETS.get((method, "*"), {}))}
+    out["loss_weights"] = dict(out["loss_weights"])
+    return out
 
 
 def preset_table() -> str:

@@ -219,6 +219,8 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
             setattr(c, name, p[name])
     if c.backbone == "auto":
         c.backbone = p["backbone"]
+    if not c.loss_weights:
+        c.loss_weights = p["loss_weights"]
     if c.centre_warmup_epochs is None and c.method == "anchor" \
             and p["centre_warmup_epochs"] is not None and p["centre_warmup_epochs"] < c.epochs:
         c.centre_warmup_epochs = p["centre_warmup_epochs"]   # else epochs // 8, below
