@@ -40,7 +40,7 @@ PRESETS: dict[tuple[str, str], dict] = {
     # other datasets: the published schedules' settings, shortened (GPU runs)
     ("anchor", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0, "centre_warmup_epochs": 0},
     ("cc", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0},
-    ("tcc", "*"): {"lr": 1e-3, "epochs": 500},
+    ("tcc", "*"): {"lr": 1e-3, "epochs": 500, "loss_weights": {"feature": 1.0}},
 }
 
 
