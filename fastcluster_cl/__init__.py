@@ -15,7 +15,8 @@ from .modules import (AnchorLoss, CCClusterLoss, ClusterContrastiveLoss, DECLoss
 
 __version__ = "0.1.0"
 __all__ = [
-    "nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss", "tcc_loss",
+    "nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss",
+    "tcc_loss",
     "NTXentLoss", "CCClusterLoss", "DECLoss", "AnchorLoss", "ClusterContrastiveLoss",
     "LossOutput",
 ]
