@@ -9,13 +9,14 @@ from ._compat import ensure_torchvision_importable
 ensure_torchvision_importable()
 
 from .functional import (anchor_loss, cc_cluster_loss, dec_loss, nt_xent,  # noqa: E402
-                         nt_xent_bank, student_t, tcc_cluster_loss)
+                         nt_xent_bank, student_t, tcc_cluster_loss, tcc_loss)
 from .modules import (AnchorLoss, CCClusterLoss, ClusterContrastiveLoss, DECLoss,  # noqa: E402
                       LossOutput, NTXentLoss)
 
 __version__ = "0.1.0"
 __all__ = [
-    "nt_xent", "nt_xent_bank", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss",
+    "nt_xent", "nt_xent_bank", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
+    "tcc_cluster_loss", "tcc_loss",
     "NTXentLoss", "CCClusterLoss", "DECLoss", "AnchorLoss", "ClusterContrastiveLoss",
     "LossOutput",
 ]

@@ -59,20 +59,22 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=tuple(METHOD_HEADS), default=S,
                    help=f"clustering method (default {d.method})")
     p.add_argument("--backbone", choices=("auto",) + BACKBONES, default=S,
-                   help="feature extractor (default auto: by image size)")
+                   help="feature extractor (default: the method's and dataset's preset, else by "
+                   "image size)")
     p.add_argument("--cifar-stem", dest="cifar_stem", action=argparse.BooleanOptionalAction,
                    default=S, help="ResNet 3x3 stem without max-pool (default: for <= 64 px)")
     p.add_argument("--num-clusters", dest="num_clusters", type=_number(int, 2, False), default=S,
                    help="K (default: the number of classes)")
     p.add_argument("--image-size", dest="image_size", type=POS_INT, default=S)
     p.add_argument("--augment", default=S, help="augmentation preset (default auto)")
-    p.add_argument("--epochs", type=POS_INT, default=S, help=f"default {d.epochs}")
+    p.add_argument("--epochs", type=POS_INT, default=S, help="default: preset")
     p.add_argument("--batch-size", dest="batch_size", type=_number(int, 2, False), default=S,
                    help=f"global batch, split over torchrun's ranks (default {d.batch_size})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"default {d.optimizer}")
-    p.add_argument("--lr", type=POS_FLOAT, default=S, help=f"default {d.lr}")
+    p.add_argument("--lr", type=POS_FLOAT, default=S, help="default: preset")
     p.add_argument("--weight-decay", dest="weight_decay", type=NONNEG_FLOAT, default=S)
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S)
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S,
+                   help="linear lr warm-up before the cosine decay (default: preset)")
     p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
                    help="max gradient norm (0: off)")
     p.add_argument("--skip-nonfinite-steps", dest="skip_nonfinite_steps", type=NONNEG_INT,
@@ -84,6 +86,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    "then initialise the centres by k-means (default: epochs // 8)")
     p.add_argument("--instance-temperature", dest="instance_temperature", type=POS_FLOAT, default=S)
     p.add_argument("--cluster-temperature", dest="cluster_temperature", type=POS_FLOAT, default=S)
+    p.add_argument("--gumbel-temperature", dest="gumbel_temperature", type=POS_FLOAT, default=S,
+                   help="tcc: temperature lambda of the Gumbel-softmax assignment samples and of "
+                   "q = softmax(cosine logits / lambda) (default: preset, 0.3 as TCC)")
+    p.add_argument("--tcc-prior", dest="tcc_prior", choices=("kl", "marginal"), default=S,
+                   help="tcc: the ELBO's KL(q_i || uniform) per sample (kl, default) or CC's "
+                   "marginal entropy (marginal)")
     p.add_argument("--loss-backend", dest="loss_backend", default=S,
                    choices=("auto", "torch", "chunked", "triton", "cuda"))
     p.add_argument("--amp", choices=AMP_MODES, default=S,
@@ -164,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if main:  # under torchrun, one summary line, not one per rank
         print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")}
-                         | {"kmeans": metrics["kmeans"],
+                         | {"kmeans": metrics["kmeans"], "kmeans_l2": metrics["kmeans_l2"],
                             "seconds": metrics["timing"]["train_seconds"]}))
     return EXIT_OK
 

@@ -23,6 +23,8 @@ anti-collapse term). "none" runs on the torch and chunked backends.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -295,3 +297,111 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
         return gathered.tcc_cluster_loss(y_a, y_b, h_a, h_b, q_a, q_b, temperature, backend)
     return _reduced("tcc_cluster_loss", backend, h_a.device, reduction, 2 * logits_a.shape[1],
                     y_a, y_b, h_a, h_b, q_a, q_b, temperature)
+
+
+TCC_PRIORS = ("kl", "marginal")
+
+
+def _kl_to_uniform_rows(q: torch.Tensor) -> torch.Tensor:
+    """KL(q_i || U(K)) = log K + sum_k q_ik log q_ik per row (p log max(p, tiny): finite
+    gradients where a probability underflows to 0)."""
+    return math.log(q.shape[1]) + (q * reference.safe_log(q)).sum(1)
+
+
+@outside_autocast
+def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+             logits_b: torch.Tensor, centres: torch.Tensor, r_a: torch.Tensor,
+             r_b: torch.Tensor, *, instance_temperature: float = 0.5,
+             cluster_temperature: float = 1.0, gumbel_temperature: float = 0.3,
+             residual_weight: float = 0.1, prior: str = "kl",
+             samples: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
+             gather_distributed: bool = False,
+             reduction: str = "mean") -> dict[str, torch.Tensor]:
+    """The objective of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021,
+    arXiv 2106.01908), as specified in docs/methods.md (each choice tagged there: paper,
+    the first author's prototype, or inferred). Returns its three parts:
+
+    - "cluster" [paper: cluster representations aggregated with the assignments as weights,
+      contrasted between augmented views]: s_k = sum_i pi_ik v_i per view (K x D), v =
+      normalise(z), pi a soft Gumbel-softmax sample; NT-Xent (the backend's `nt_xent`) over
+      the 2K rows (positive: cluster k of the other view), temperature `cluster_temperature`.
+    - "instance" [paper: the instance contrast lower-bounded with the assignments (ELBO);
+      form from the prototype]: NT-Xent over the cluster-conditioned embeddings
+      e_i = normalise(normalise(pi_i C) + residual_weight * normalise(r_i)), temperature
+      `instance_temperature`; C the normalised cluster embeddings.
+    - "prior" [the ELBO's KL to a uniform prior; inferred]: prior="kl":
+      mean_i KL(q_i || U(K)) averaged over both views, q = softmax(logits / gumbel_temperature);
+      prior="marginal": CC's marginal-entropy term log K - H(mean_i q_i), summed over the views.
+
+    Args:
+        z_a, z_b: (N, D) instance projections (normalised here).
+        logits_a, logits_b: (N, K) cosine similarities normalise(z) . normalise(C)^T.
+        centres: (K, D) cluster embeddings C (normalised here). r_a, r_b: (N, D) the instance
+            residual W v of each view.
+        gumbel_temperature: lambda > 0 of q = softmax(logits / lambda) and of its relaxed
+            sample pi = softmax((logits / lambda + g) / lambda), g ~ Gumbel(0, 1) (torch's
+            global RNG; seed it).
+        samples: (pi_a, pi_b) to use instead of drawing them (tests, deterministic callers).
+        gather_distributed: the instance contrast over every rank's rows, the cluster sums
+            and the marginal all-reduced.
+        reduction: "mean"; "sum" (each part times its term count); "none": instance per row
+            (2N), cluster per row (2K), prior per row (2N, views a then b) for "kl" or per view
+            (2 values, each twice the view's term) for "marginal".
+    """
+    _check_logit_pair(logits_a, logits_b)
+    for name, x in (("z_a", z_a), ("z_b", z_b), ("r_a", r_a), ("r_b", r_b)):
+        check_matrix(name, x, min_rows=2)
+    check_same(("z_a", "z_b", "r_a", "r_b"), (z_a, z_b, r_a, r_b))
+    check_matrix("centres", centres, min_rows=2)
+    n, k, d = z_a.shape[0], logits_a.shape[1], z_a.shape[1]
+    if logits_a.shape[0] != n or centres.shape != (k, d):
+        raise ValueError(f"tcc_loss needs logits (N={n}, K) and centres (K, D={d}); got logits "
+                         f"{tuple(logits_a.shape)}, centres {tuple(centres.shape)}")
+    instance_temperature = check_positive("instance_temperature", instance_temperature)
+    cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
+    lam = check_positive("gumbel_temperature", gumbel_temperature)
+    if not residual_weight >= 0:
+        raise ValueError(f"residual_weight must be >= 0, got {residual_weight}")
+    if prior not in TCC_PRIORS:
+        raise ValueError(f"prior must be one of {TCC_PRIORS}, got {prior!r}")
+    check_finite(("z_a", "z_b", "logits_a", "logits_b", "centres", "r_a", "r_b"),
+                 (z_a, z_b, logits_a, logits_b, centres, r_a, r_b))
+    gather = _gathering(gather_distributed, reduction)
+    acc = accumulation_dtype(z_a.dtype)
+    la, lb = logits_a.to(acc), logits_b.to(acc)
+    if samples is None:
+        # the Gumbel-softmax relaxation of q itself: softmax((log q + g) / lambda), log q =
+        # l / lambda + const. (Noise added to the raw cosine, as in TCC's prototype, samples
+        # softmax(l) instead: with |l| <= 1 that is near-uniform, and the noise decides.)
+        pi_a = F.gumbel_softmax(la / lam, tau=lam, dim=1)
+        pi_b = F.gumbel_softmax(lb / lam, tau=lam, dim=1)
+    else:
+        pi_a, pi_b = (s.to(acc) for s in samples)
+    q_a, q_b = torch.softmax(la / lam, dim=1), torch.softmax(lb / lam, dim=1)
+    v_a, v_b = F.normalize(z_a.to(acc), dim=1), F.normalize(z_b.to(acc), dim=1)
+    c = F.normalize(centres.to(acc), dim=1)
+
+    def embed(pi, r):
+        return F.normalize(F.normalize(pi @ c, dim=1)
+                           + residual_weight * F.normalize(r.to(acc), dim=1), dim=1)
+
+    common = dict(backend=backend, reduction=reduction)
+    parts = {"instance": nt_xent(embed(pi_a, r_a), embed(pi_b, r_b), instance_temperature,
+                                 gather_distributed=gather_distributed, **common)}
+    sums = torch.stack([pi_a.T @ v_a, pi_b.T @ v_b])                        # (2, K, D)
+    marginals = torch.stack([q_a.sum(0), q_b.sum(0)])                       # (2, K)
+    rows = torch.tensor(float(n), dtype=acc, device=z_a.device)
+    if gather:
+        stats, rows = gathered._global_sums(torch.cat([sums.reshape(-1), marginals.reshape(-1)]),
+                                            n)
+        sums = stats[:2 * k * d].view_as(sums)
+        marginals = stats[2 * k * d:].view_as(marginals)
+    parts["cluster"] = nt_xent(sums[0], sums[1], cluster_temperature, **common)
+    if prior == "kl":
+        kl = torch.cat([_kl_to_uniform_rows(q_a), _kl_to_uniform_rows(q_b)])
+        parts["prior"] = {"mean": kl.mean(), "sum": kl.sum(), "none": kl}[reduction]
+    else:
+        p = marginals / rows
+        terms = math.log(k) + (p * reference.safe_log(p)).sum(1)
+        parts["prior"] = {"mean": terms.sum(), "sum": terms.sum(), "none": 2 * terms}[reduction]
+    return parts

@@ -186,8 +186,11 @@ class LossOutput(NamedTuple):
 _METHOD_INPUTS = {
     "anchor": ("q0", "q_a", "q_b"),
     "cc": ("logits_a", "logits_b"),
-    "tcc": ("logits_a", "logits_b", "h_a", "h_b"),
+    "tcc": ("logits_a", "logits_b", "centres", "r_a", "r_b"),
 }
+
+
+_WEIGHTS = ("instance", "cluster", "anchor", "prior", "feature")
 
 
 class ClusterContrastiveLoss(nn.Module):
@@ -197,12 +200,16 @@ class ClusterContrastiveLoss(nn.Module):
         "anchor": arXiv 2109.12714, L_ins + w_clu * DEC KL(q0) + w_anc * anchor(q0, qa, qb);
                   needs q0, q_a, q_b (e.g. from `fastcluster_cl.student_t`).
         "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b.
-        "tcc":    You Never Cluster Alone (reconstructed), L_ins + w_clu * tcc_cluster_loss;
-                  needs logits_a/b and features h_a/b.
+        "tcc":    You Never Cluster Alone (`fastcluster_cl.functional.tcc_loss`): w_ins * the
+                  instance NT-Xent over the cluster-conditioned embeddings + w_clu * the
+                  NT-Xent over the 2K pooled cluster rows + w_prior * the prior term, plus
+                  w_feature * plain NT-Xent on z (default weight 0); needs logits_a/b (cosine),
+                  centres (K, D), r_a/b (N, D).
 
     Attributes:
         method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
-        weights: "instance", "cluster", "anchor"), gumbel_tau (tcc), backend,
+        weights: "instance", "cluster", "anchor", and for tcc "prior" (1) and "feature" (0)),
+        gumbel_tau (tcc's lambda, 0.3), tcc_prior ("kl" | "marginal"), backend,
         gather_distributed (every term over the batch of all ranks; the anchor loss is per row
         and needs no communication), reduction: applied to every part ("none": each part holds
         its per-term values, see `fastcluster_cl.functional`, and total is the weighted sum of
@@ -220,8 +227,9 @@ class ClusterContrastiveLoss(nn.Module):
 
     def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
                  cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
-                 gumbel_tau: float = 1.0, backend: str = "auto",
-                 gather_distributed: bool = False, reduction: str = "mean"):
+                 gumbel_tau: float = 0.3, backend: str = "auto",
+                 gather_distributed: bool = False, reduction: str = "mean",
+                 tcc_prior: str = "kl"):
         super().__init__()
         if method not in _METHOD_INPUTS:
             raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
@@ -229,19 +237,22 @@ class ClusterContrastiveLoss(nn.Module):
         self.instance_temperature = check_positive("instance_temperature", instance_temperature)
         self.cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
         self.gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
-        self.weights = {"instance": 1.0, "cluster": 1.0, "anchor": 1.0, **(weights or {})}
+        self.weights = {"instance": 1.0, "cluster": 1.0, "anchor": 1.0, "prior": 1.0,
+                        "feature": 0.0, **(weights or {})}
         for name, w in self.weights.items():
-            if name not in ("instance", "cluster", "anchor") or not w >= 0:
-                raise ValueError(f"weights takes 'instance', 'cluster', 'anchor' >= 0, got "
-                                 f"{name}={w}")
+            if name not in _WEIGHTS or not w >= 0:
+                raise ValueError(f"weights takes {_WEIGHTS} >= 0, got {name}={w}")
+        if tcc_prior not in FL.TCC_PRIORS:
+            raise ValueError(f"tcc_prior must be one of {FL.TCC_PRIORS}, got {tcc_prior!r}")
+        self.tcc_prior = tcc_prior
         self.backend = _check_backend(backend)
         self.gather_distributed = check_gather_distributed(gather_distributed)
         self.reduction = check_reduction(reduction)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
         """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: q0, q_a, q_b (N, K)
-        probabilities; cc: logits_a, logits_b (N, K); tcc: logits_a, logits_b (N, K) and
-        h_a, h_b (N, F)."""
+        probabilities; cc: logits_a, logits_b (N, K); tcc: logits_a, logits_b (N, K) cosine
+        logits, centres (K, D), r_a, r_b (N, D) (`fastcluster_cl.models.TCCHead`)."""
         needed = _METHOD_INPUTS[self.method]
         missing = [name for name in needed if inputs.get(name) is None]
         extra = sorted(set(inputs) - set(needed))
@@ -250,17 +261,24 @@ class ClusterContrastiveLoss(nn.Module):
                             f"unexpected {extra}")
         common = dict(backend=self.backend, gather_distributed=self.gather_distributed,
                       reduction=self.reduction)
-        parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
+        if self.method == "tcc":
+            parts = FL.tcc_loss(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
+                                inputs["centres"], inputs["r_a"], inputs["r_b"],
+                                instance_temperature=self.instance_temperature,
+                                cluster_temperature=self.cluster_temperature,
+                                gumbel_temperature=self.gumbel_tau, prior=self.tcc_prior,
+                                **common)
+            if self.weights["feature"] > 0:
+                parts["feature"] = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
+            parts = dict(parts)
+        else:
+            parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
         if self.method == "anchor":
             parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
                 inputs["q0"], inputs["q_a"], inputs["q_b"], **common)
         elif self.method == "cc":
             parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
                                                   self.cluster_temperature, **common)
-        else:
-            parts["cluster"] = FL.tcc_cluster_loss(
-                inputs["logits_a"], inputs["logits_b"], inputs["h_a"], inputs["h_b"],
-                self.cluster_temperature, gumbel_tau=self.gumbel_tau, **common)
         total = sum(self.weights[name] * (value.mean() if self.reduction == "none" else value)
                     for name, value in parts.items())
         return LossOutput(total, parts)

@@ -54,3 +54,28 @@ def dec_loss(q):
 
 def anchor_loss(q0, q_a, q_b):
     return np.mean([kl(q0[i], q_a[i]) + kl(q0[i], q_b[i]) for i in range(q0.shape[0])])
+
+
+def _unit(x):
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def tcc_loss(z_a, z_b, logits_a, logits_b, centres, r_a, r_b, pi_a, pi_b, tau_i, tau_c, lam,
+             alpha, prior):
+    """TCC's three parts (instance, cluster, prior) for given assignment samples pi (N x K),
+    written from the specification (docs/methods.md) with explicit loops over clusters."""
+    v_a, v_b = _unit(z_a), _unit(z_b)
+    c = _unit(centres)
+    e_a = _unit(_unit(pi_a @ c) + alpha * _unit(r_a))
+    e_b = _unit(_unit(pi_b @ c) + alpha * _unit(r_b))
+    k = centres.shape[0]
+    s_a = np.stack([sum(pi_a[i, j] * v_a[i] for i in range(len(v_a))) for j in range(k)])
+    s_b = np.stack([sum(pi_b[i, j] * v_b[i] for i in range(len(v_b))) for j in range(k)])
+    q_a, q_b = softmax(logits_a / lam), softmax(logits_b / lam)
+    if prior == "kl":
+        kl = [np.sum(q * np.log(q * k)) for q in np.concatenate([q_a, q_b])]
+        prior_value = float(np.mean(kl))
+    else:
+        prior_value = entropy_term(q_a) + entropy_term(q_b)
+    return {"instance": nt_xent(e_a, e_b, tau_i), "cluster": nt_xent(s_a, s_b, tau_c),
+            "prior": prior_value}

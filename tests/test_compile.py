@@ -38,7 +38,8 @@ def _cases(backend):
     ]
     methods = {"anchor": lambda: dict(q0=q, q_a=q.flip(0), q_b=q),
                "cc": lambda: dict(logits_a=c, logits_b=c + 1),
-               "tcc": lambda: dict(logits_a=c, logits_b=c + 1, h_a=h, h_b=h)}
+               "tcc": lambda: dict(logits_a=c, logits_b=c + 1, centres=z[:c.shape[1]],
+                                   r_a=z + 2, r_b=z - 2)}
     for method, inputs in methods.items():
         crit = fc.ClusterContrastiveLoss(method, backend=backend)
         cases.append((f"ClusterContrastiveLoss({method})",

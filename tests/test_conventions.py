@@ -92,7 +92,7 @@ def test_cluster_contrastive_loss_reductions(method):
     q = torch.softmax(c_a, 1)
     inputs = {"anchor": dict(q0=q, q_a=torch.softmax(c_b, 1), q_b=q),
               "cc": dict(logits_a=c_a, logits_b=c_b),
-              "tcc": dict(logits_a=c_a, logits_b=c_b, h_a=h, h_b=h)}[method]
+              "tcc": dict(logits_a=c_a, logits_b=c_b, centres=z_a[:4], r_a=h, r_b=z_b)}[method]
     out = {}
     for reduction in ("mean", "sum", "none"):
         torch.manual_seed(0)

@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent("""
                   fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend)]
         for method, inputs in (("anchor", dict(q0=q, q_a=p_a, q_b=p_b)),
                                ("cc", dict(logits_a=c_a, logits_b=c_b)),
-                               ("tcc", dict(logits_a=c_a, logits_b=c_b, h_a=h, h_b=h))):
+                               ("tcc", dict(logits_a=c_a, logits_b=c_b, centres=z_a[:3],
+                                            r_a=z_a, r_b=z_b))):
             losses.append(fc.ClusterContrastiveLoss(method, backend=backend)(z_a, z_b, **inputs).total)
         sum(losses).backward()
         assert all(torch.isfinite(x) for x in losses), losses

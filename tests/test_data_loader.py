@@ -266,3 +266,45 @@ def test_global_rng_untouched(rgb, augment, workers):
     before = torch.get_rng_state()
     assert len(list(loader.epoch(0, start_batch=1))) == 3
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_digit_augmentation_is_exact_on_resume_and_over_ranks(digits):
+    """The strong digit preset: batch k of an epoch is a function of (seed, epoch, k), whether
+    resumed mid-epoch or split over ranks (the noise seeds travel with each image's row)."""
+    spec = augment_preset("digits")
+    assert spec.uses_digit_ops and spec.crop_scale == (1.0, 1.0)
+    full = list(make_train_loader(digits, 64, seed=3).epoch(2))
+    resumed = list(make_train_loader(digits, 64, seed=3).epoch(2, start_batch=5))
+    for x, y in zip(full[5:], resumed):
+        assert torch.equal(x["a"], y["a"]) and torch.equal(x["b"], y["b"])
+    halves = [next(make_train_loader(digits, 32, seed=3, rank=r, world_size=2).epoch(2))
+              for r in range(2)]
+    for r, half in enumerate(halves):
+        assert torch.equal(half["a"], full[0]["a"][r::2])
+    # the views differ from the clean images and from each other
+    assert not torch.equal(full[0]["a"], full[0]["clean"])
+    assert not torch.equal(full[0]["a"], full[0]["b"])
+
+
+def test_digit_view_operations():
+    from fastcluster_cl.data.augment import digit_view
+    rng = np.random.default_rng(0)
+    x = torch.zeros(6, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 1.0                               # a bar
+    identity = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
+                           jitter_p=0.0, gray_p=0.0, scale=(1.0, 1.0001))
+    p = sample_view_params(rng, 6, 28, 28, identity)
+    torch.testing.assert_close(digit_view(x, p, identity), x, atol=1e-3, rtol=0)
+    strong = augment_preset("mnist5k")
+    p = sample_view_params(rng, 6, 28, 28, strong)
+    out = digit_view(x, p, strong)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, x)
+    # erasing only: the erased box is zero, the rest unchanged
+    erase = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                        gray_p=0.0, erase_p=1.0, scale=(1.0, 1.0001))
+    p = sample_view_params(rng, 6, 28, 28, erase)
+    ones = torch.ones(6, 1, 28, 28)
+    out = digit_view(ones, p, erase)
+    area = (out < 0.5).float().mean((1, 2, 3)).numpy()
+    assert (area > 0).all() and (area < 0.35).all()

@@ -48,7 +48,8 @@ def every_loss(x, backend):
     yield ClusterContrastiveLoss("cc", backend=backend)(x["z_a"], x["z_b"], logits_a=x["c_a"],
                                                         logits_b=x["c_b"]).total
     yield ClusterContrastiveLoss("tcc", backend=backend)(
-        x["z_a"], x["z_b"], logits_a=x["c_a"], logits_b=x["c_b"], h_a=x["h"], h_b=x["h"]).total
+        x["z_a"], x["z_b"], logits_a=x["c_a"], logits_b=x["c_b"],
+        centres=x["z_a"][:x["c_a"].shape[1]], r_a=x["z_b"], r_b=x["z_a"]).total
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])

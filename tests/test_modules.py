@@ -29,16 +29,19 @@ def test_cluster_contrastive_loss_parts_and_weights(method):
         "anchor": dict(q0=torch.softmax(randn(n, k, seed=5), 1), q_a=torch.softmax(c_a, 1),
                        q_b=torch.softmax(c_b, 1)),
         "cc": dict(logits_a=c_a, logits_b=c_b),
-        "tcc": dict(logits_a=c_a, logits_b=c_b, h_a=randn(n, 6, seed=6), h_b=randn(n, 6, seed=7)),
+        "tcc": dict(logits_a=c_a, logits_b=c_b, centres=randn(k, 8, seed=8),
+                    r_a=randn(n, 8, seed=6), r_b=randn(n, 8, seed=7)),
     }[method]
     weights = {"instance": 0.5, "cluster": 2.0, "anchor": 3.0}
     crit = fc.ClusterContrastiveLoss(method, instance_temperature=0.4, weights=weights)
     torch.manual_seed(0)
     out = crit(z_a, z_b, **inputs)
-    assert out.parts["instance"] == fc.nt_xent(z_a, z_b, 0.4)
-    expected_parts = {"anchor": {"instance", "cluster", "anchor"}}.get(method, {"instance", "cluster"})
+    if method != "tcc":   # tcc's instance term contrasts its cluster-conditioned embeddings
+        assert out.parts["instance"] == fc.nt_xent(z_a, z_b, 0.4)
+    expected_parts = {"anchor": {"instance", "cluster", "anchor"},
+                      "tcc": {"instance", "cluster", "prior"}}.get(method, {"instance", "cluster"})
     assert set(out.parts) == expected_parts
-    total = sum(weights[name] * value for name, value in out.parts.items())
+    total = sum(crit.weights[name] * value for name, value in out.parts.items())
     torch.testing.assert_close(out.total, total)
     if method == "cc":
         assert out.parts["cluster"] == fc.cc_cluster_loss(c_a, c_b, 1.0)

@@ -50,7 +50,7 @@ def test_tiny_run_writes_every_output(tmp_path, method):
     assert [r["epoch"] for r in read_log(log, "eval")] == [1, 2, 3]
     state = load_checkpoint(out)
     assert state["position"] == {"epoch": 3, "batch": 0, "step": 9}
-    assert state["config"]["in_channels"] == 1 and state["config"]["backbone"] == "small_cnn"
+    assert state["config"]["in_channels"] == 1 and state["config"]["backbone"] == "digit_cnn"   # the digits preset
     if method == "anchor":
         assert bool(state["model"]["cluster_head.initialised"])
         for png in ("losses.png", "confusion.png", "embedding.png"):
@@ -60,6 +60,25 @@ def test_tiny_run_writes_every_output(tmp_path, method):
                                        dataset=blobs())
     again, *_ = evaluator.evaluate()
     assert again["nmi"] == pytest.approx(metrics["nmi"])
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
+def test_short_training_lowers_the_loss(tmp_path, method):
+    """Smoke test per method (a few seconds): over 5 epochs of the tiny set the loss falls and
+    every metric is finite."""
+    torch.set_num_threads(1)
+    cfg = tiny(tmp_path, method=method, epochs=5, plots=False, eval_every=0,
+               **({"centre_warmup_epochs": 0} if method == "anchor" else {}))
+    metrics = train(cfg, dataset=blobs())
+    records = read_log(tmp_path / "run" / "log.jsonl", "step")
+    # anchor: DEC's self-training target sharpens as the centres move, so its KL (and the total)
+    # may rise while the model learns; its instance loss must fall
+    key = "loss_instance" if method == "anchor" else "loss"
+    losses = [r[key] for r in records]
+    assert len(losses) == 15 and all(np.isfinite([r["loss"] for r in records]))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    for key in ("nmi", "acc", "ari"):
+        assert np.isfinite(metrics[key]) and np.isfinite(metrics["kmeans"][key])
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
@@ -203,3 +222,21 @@ def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"2 such steps were skipped already "
                        r"\(--skip-nonfinite-steps 2\)"):
         third.fit()
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
+@pytest.mark.parametrize("name", ["digits", "mnist5k", "cifar10"])
+def test_presets_fill_what_the_user_leaves_out(method, name):
+    from fastcluster_cl.train.presets import preset
+    dataset = blobs()
+    dataset.name = name   # resolve reads only the name, the classes and the image size
+    resolved = resolve(TrainConfig(method=method, dataset=name), dataset)
+    p = preset(method, name)
+    for key in ("epochs", "lr", "warmup_epochs", "instance_temperature", "cluster_temperature",
+                "gumbel_temperature", "loss_weights"):
+        assert getattr(resolved, key) == p[key], key
+    if p["backbone"] != "auto":
+        assert resolved.backbone == p["backbone"]
+    given = resolve(TrainConfig(method=method, dataset=name, epochs=9, lr=0.5,
+                                backbone="small_cnn"), dataset)
+    assert (given.epochs, given.lr, given.backbone) == (9, 0.5, "small_cnn")

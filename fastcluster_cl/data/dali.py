@@ -18,6 +18,12 @@ two agree in direction, not in pixels); its contrast pivots on mid-grey where to
 pivots on the image's mean grey. Crops, flips, brightness, saturation, grayscale and blur agree
 to within 2 of 255 (tests/test_data_dali.py).
 
+The digit presets' operations (affine and elastic warp, dilation/erosion, contrast, noise,
+erasing) are not DALI operators here: the loader runs `augment.digit_view`, the torchvision
+path's own batched torch code, on this pipeline's output with the same parameters, on the same
+device (`TrainLoader._dali_batch`). DALI has no per-sample elastic field input, and its noise
+operators draw from their own RNG, which would break the (seed, epoch, batch) contract.
+
 `device_id=None` runs every operator on the CPU (what CI tests); `device_id=k` runs them on
 CUDA device k and returns CUDA tensors.
 """

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .augment import (AugmentSpec, ViewParams, augment_preset, sample_view_params,
+from .augment import (AugmentSpec, ViewParams, augment_preset, digit_view, sample_view_params,
                       torchvision_view)
 from .datasets import DATASETS, ImageDataset
 
@@ -58,6 +58,14 @@ class _Normalise:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float -> pixels in [0, 1]."""
+        return x * self.std + self.mean
+
+    def forward_from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] -> normalised float."""
+        return (x - self.mean) / self.std
 
 
 def choose_backend(augment: str, device: torch.device) -> tuple[str, str]:
@@ -160,7 +168,15 @@ class TrainLoader:
                 self.batch_size, self.image_size, self.spec, self.mean, self.std,
                 device_id=device_id, num_threads=max(1, self.num_workers))
         indices = source.indices(k)
-        a, b, clean = self._dali.run(self.dataset.images[indices], *source.params(k))
+        params = source.params(k)
+        a, b, clean = self._dali.run(self.dataset.images[indices], *params)
+        if self.spec.uses_digit_ops:
+            # DALI has no batched counterpart of the digit operations (per-image elastic
+            # fields, seeded noise): they run as the same torch ops (`digit_view`) with the
+            # same parameters on DALI's output, in [0, 1] pixels on the loader's device. The
+            # torchvision path rounds their result to uint8, this one keeps float32.
+            a, b = (self._normalise.forward_from_unit(digit_view(
+                self._normalise.to_unit(x), p, self.spec)) for x, p in zip((a, b), params))
         return {"a": a, "b": b, "clean": clean,
                 "label": torch.from_numpy(self.dataset.labels[indices]).to(self.device),
                 "index": torch.from_numpy(indices.astype(np.int64)).to(self.device)}
@@ -168,7 +184,8 @@ class TrainLoader:
 
 def _rows(params: ViewParams, rows: slice) -> ViewParams:
     """The parameters of a subset of a batch's images."""
-    return ViewParams(**{f.name: getattr(params, f.name)[rows] for f in dataclasses.fields(params)})
+    return ViewParams(**{f.name: None if getattr(params, f.name) is None
+                         else getattr(params, f.name)[rows] for f in dataclasses.fields(params)})
 
 
 class _EpochBatches(torch.utils.data.Dataset):

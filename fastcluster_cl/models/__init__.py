@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import BACKBONES, RESNETS, ResNetBackbone, SmallCNN, build_backbone
+from .backbones import BACKBONES, RESNETS, DigitCNN, ResNetBackbone, SmallCNN, build_backbone
 from .heads import CentreHead, ProjectionHead, SoftmaxClusterHead, TCCHead
 
 METHOD_HEADS = {"anchor": "centre", "cc": "softmax", "tcc": "tcc"}
@@ -23,7 +23,8 @@ class ClusteringModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_clusters: int, head: str = "softmax",
-                 projection_dim: int = 128, hidden_dim: int = 512):
+                 projection_dim: int = 128, hidden_dim: int = 512,
+                 gumbel_temperature: float = 0.3):
         super().__init__()
         if num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
@@ -35,14 +36,24 @@ class ClusteringModel(nn.Module):
         elif head == "centre":
             self.cluster_head = CentreHead(feat, num_clusters)
         elif head == "tcc":
-            self.cluster_head = TCCHead(feat, num_clusters, hidden_dim, projection_dim)
+            # TCC's head works on the instance projection z, not on h
+            self.cluster_head = TCCHead(projection_dim, num_clusters, gumbel_temperature)
         else:
             raise ValueError(f"head must be 'softmax', 'centre' or 'tcc', got {head!r}")
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]):
+        """One batch -> its outputs; a list of views -> a list of their outputs, each view a
+        separate pass through the network, so BatchNorm normalises every view with its own
+        batch statistics (as CC and arXiv 2109.12714 do). One call, so DDP sees one forward."""
+        if isinstance(x, (list, tuple)):
+            return [self._forward(v) for v in x]
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)
-        return {"h": h, "z": self.projector(h), **self.cluster_head(h)}
+        z = self.projector(h)
+        return {"h": h, "z": z, **self.cluster_head(z if self.head == "tcc" else h)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cluster_head.probabilities(out)
@@ -54,12 +65,12 @@ class ClusteringModel(nn.Module):
 
 def build_model(method: str, backbone: str, num_clusters: int, in_channels: int,
                 cifar_stem: bool = False, projection_dim: int = 128,
-                hidden_dim: int = 512) -> ClusteringModel:
+                hidden_dim: int = 512, gumbel_temperature: float = 0.3) -> ClusteringModel:
     """The model for `method` ("anchor", "cc", "tcc") on `backbone` (see BACKBONES)."""
     if method not in METHOD_HEADS:
         raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
     return ClusteringModel(build_backbone(backbone, in_channels, cifar_stem), num_clusters,
-                           METHOD_HEADS[method], projection_dim, hidden_dim)
+                           METHOD_HEADS[method], projection_dim, hidden_dim, gumbel_temperature)
 
 
 def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: dict,
@@ -75,10 +86,10 @@ def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: 
         return {"logits_a": out_a["logits"], "logits_b": out_b["logits"]}
     if method == "tcc":
         return {"logits_a": out_a["logits"], "logits_b": out_b["logits"],
-                "h_a": out_a["r"], "h_b": out_b["r"]}
+                "centres": model.cluster_head.centres, "r_a": out_a["r"], "r_b": out_b["r"]}
     raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
 
 
-__all__ = ["BACKBONES", "RESNETS", "ResNetBackbone", "SmallCNN", "build_backbone",
+__all__ = ["BACKBONES", "RESNETS", "ResNetBackbone", "SmallCNN", "DigitCNN", "build_backbone",
            "ProjectionHead", "SoftmaxClusterHead", "CentreHead", "TCCHead", "ClusteringModel",
            "METHOD_HEADS", "build_model", "method_loss_inputs"]

@@ -9,7 +9,7 @@ from torch import nn
 from .._compat import ensure_torchvision_importable
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
-BACKBONES = ("small_cnn",) + RESNETS
+BACKBONES = ("small_cnn", "digit_cnn") + RESNETS
 
 
 class ResNetBackbone(nn.Module):
@@ -64,12 +64,36 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class DigitCNN(nn.Module):
+    """Four conv-BN-ReLU layers (widths 32, 64, 128, 128), a 2 x 2 max-pool after each of the
+    first three, then global average pooling. On 28 px the pools give 14, 7 and 3 px, so the last
+    layer's 3 x 3 convolutions see the whole digit (receptive field 36 px); SmallCNN's features
+    see about 11 px before pooling. On 8 px digits the pools give 4, 2, 1 px. Measured on
+    mnist5k (docs/methods.md): with the strong digit augmentation CC reaches NMI .95 on this
+    net, .56 on SmallCNN."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 128)):
+        super().__init__()
+        layers, cin = [], in_channels
+        for i, w in enumerate(widths):
+            layers.append(_conv_bn_relu(cin, w))
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = w
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def build_backbone(name: str, in_channels: int, cifar_stem: bool = False) -> nn.Module:
     """`name` from BACKBONES; `cifar_stem` applies to ResNets only."""
-    if name == "small_cnn":
+    if name in ("small_cnn", "digit_cnn"):
         if cifar_stem:
-            raise ValueError("cifar_stem applies to ResNet backbones, not small_cnn")
-        return SmallCNN(in_channels)
+            raise ValueError(f"cifar_stem applies to ResNet backbones, not {name}")
+        return SmallCNN(in_channels) if name == "small_cnn" else DigitCNN(in_channels)
     if name in RESNETS:
         return ResNetBackbone(name, in_channels, cifar_stem)
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")

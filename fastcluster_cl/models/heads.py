@@ -5,8 +5,9 @@ Every cluster head maps backbone features h (N, F) to a dict of outputs and offe
 - SoftmaxClusterHead (Contrastive Clustering): an MLP to K logits, q = softmax.
 - CentreHead (arXiv 2109.12714): learnable centres in feature space, initialised by k-means,
   Student-t assignment.
-- TCCHead (You Never Cluster Alone): the softmax head's logits plus a representation MLP whose
-  outputs are pooled into the cluster representations of TCC's cluster-level loss.
+- TCCHead (You Never Cluster Alone): cosine logits of the normalised instance projection to K
+  learnable cluster embeddings, and the instance residual of TCC's cluster-conditioned
+  embedding.
 """
 from __future__ import annotations
 
@@ -86,14 +87,42 @@ class CentreHead(nn.Module):
         return out["q"]
 
 
-class TCCHead(SoftmaxClusterHead):
-    """TCC: softmax cluster logits plus representations r (N, rep_dim) that the loss pools into
-    cluster representations s_k = normalise(sum_i y_ik r_i)."""
+def max_separated(num: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`num` unit vectors in R^dim with pairwise cosine -1/(num-1) (the vertices of a regular
+    simplex, the Max-Mahalanobis centres of TCC's prototype), randomly rotated; needs
+    dim >= num - 1. With fewer dimensions: `num` random orthonormal-as-possible unit vectors
+    (nn.init.orthogonal_)."""
+    if dim < num - 1:
+        w = torch.empty(num, dim)
+        nn.init.orthogonal_(w, generator=generator)
+        return nn.functional.normalize(w, dim=1)
+    simplex = torch.eye(num) - 1.0 / num                          # centred basis: rank num - 1
+    u, _, _ = torch.linalg.svd(simplex)                           # its (num - 1)-dim span
+    coords = simplex @ u[:, :num - 1]                             # (num, num - 1)
+    basis = torch.empty(dim, num - 1)
+    nn.init.orthogonal_(basis, generator=generator)               # random isometric embedding
+    return nn.functional.normalize(coords @ basis.T, dim=1)
 
-    def __init__(self, in_dim: int, num_clusters: int, hidden_dim: int = 512,
-                 rep_dim: int = 128):
-        super().__init__(in_dim, num_clusters, hidden_dim)
-        self.representation = mlp(in_dim, hidden_dim, rep_dim)
 
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.net(h), "r": self.representation(h)}
+class TCCHead(nn.Module):
+    """TCC's assignment head on the normalised instance projection v = normalise(z) (D):
+    K learnable cluster embeddings C (K, D), maximally separated at initialisation; logits
+    l_ik = v_i . normalise(C_k) (cosine, in [-1, 1]); q = softmax(l / lambda) with lambda the
+    Gumbel temperature. Also the instance residual r = W v (one linear layer) of TCC's
+    cluster-conditioned embedding normalise(normalise(pi C) + alpha normalise(r)).
+    Provenance of each choice: docs/methods.md."""
+
+    def __init__(self, dim: int, num_clusters: int, temperature: float = 0.3):
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.temperature = temperature
+        self.centres = nn.Parameter(max_separated(num_clusters, dim))
+        self.residual = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        v = nn.functional.normalize(z.float(), dim=1)
+        c = nn.functional.normalize(self.centres.float(), dim=1)
+        return {"logits": v @ c.T, "r": self.residual(v)}
+
+    def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(out["logits"].float() / self.temperature, dim=1)

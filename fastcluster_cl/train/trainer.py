@@ -48,10 +48,12 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainConfig:
     """Every setting of a run. None means "derive from the dataset" (see `resolve`)."""
+    # None (and backbone "auto" where the preset names one) takes the (method, dataset) preset
+    # of fastcluster_cl.train.presets; `resolve` fills them in.
     dataset: str = "digits"
     data_root: str | None = None
     method: str = "anchor"
-    backbone: str = "auto"           # small_cnn below 32 px, resnet18 up to 64 px, else resnet34
+    backbone: str = "auto"           # preset; else small_cnn < 32 px, resnet18 <= 64, resnet34
     cifar_stem: bool | None = None   # ResNets: 3x3 stem without max-pool; default for <= 64 px
     num_clusters: int | None = None  # default: the dataset's number of classes
     image_size: int | None = None    # default: the dataset's native training size
@@ -59,12 +61,12 @@ class TrainConfig:
     projection_dim: int = 128
     hidden_dim: int = 512
     augment: str = "auto"
-    epochs: int = 80
+    epochs: int | None = None        # preset
     batch_size: int = 256            # global batch: split evenly over the ranks
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | None = None          # preset
     weight_decay: float = 0.0
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None  # preset
     min_lr_factor: float = 0.0
     grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
     skip_nonfinite_steps: int = 0    # steps with a NaN/inf loss or gradient that may be skipped
@@ -72,8 +74,10 @@ class TrainConfig:
     centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
                                      # k-means initialisation of the centres (DEC-style
                                      # pretraining); None: epochs // 8 for anchor, else 0
-    instance_temperature: float = 0.5
-    cluster_temperature: float = 1.0
+    instance_temperature: float | None = None  # preset
+    cluster_temperature: float | None = None   # preset
+    gumbel_temperature: float | None = None    # tcc: lambda of the assignment samples; preset
+    tcc_prior: str = "kl"            # tcc: "kl" (per-sample KL to uniform) or "marginal" (CC's)
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss_backend: str = "auto"
     amp: str = "auto"                # auto: bf16 on CUDA, none on the CPU
@@ -105,6 +109,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}")
         return cls(**values)
+
+    def preset(self) -> dict[str, Any]:
+        """The (method, dataset) preset (fastcluster_cl.train.presets)."""
+        from .presets import preset
+        return preset(self.method, self.dataset)
 
     def _check_types(self) -> None:
         """Each setting of its declared type (a checkpoint or a dict may hold anything), every
@@ -139,21 +148,24 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr",):
-            if not getattr(self, name) > 0:
+        for name in ("lr", "instance_temperature", "cluster_temperature", "gumbel_temperature"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "eval_every",
                      "checkpoint_every", "skip_nonfinite_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tcc_prior not in ("kl", "marginal"):
+            raise ValueError(f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}")
         if self.centre_warmup_epochs is not None:
             if self.centre_warmup_epochs and self.method != "anchor":
                 raise ValueError("centre_warmup_epochs applies to the anchor method (centre "
                                  "head) only")
-            if not 0 <= self.centre_warmup_epochs < self.epochs:
-                raise ValueError(f"centre_warmup_epochs must be in [0, epochs={self.epochs}), "
+            epochs = self.epochs if self.epochs is not None else self.preset()["epochs"]
+            if not 0 <= self.centre_warmup_epochs < epochs:
+                raise ValueError(f"centre_warmup_epochs must be in [0, epochs={epochs}), "
                                  f"got {self.centre_warmup_epochs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
@@ -200,6 +212,21 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     """Fill the None / "auto" model settings from the dataset; the result is what checkpoints
     store and resumes compare."""
     c = copy.deepcopy(config)
+    p = c.preset()
+    for name in ("image_size", "epochs", "lr", "warmup_epochs", "instance_temperature",
+                 "cluster_temperature", "gumbel_temperature"):
+        if getattr(c, name) is None:
+            setattr(c, name, p[name])
+    if c.backbone == "auto":
+        c.backbone = p["backbone"]
+    if not c.loss_weights:
+        c.loss_weights = p["loss_weights"]
+    if c.centre_warmup_epochs is None and c.method == "anchor" \
+            and p["centre_warmup_epochs"] is not None and p["centre_warmup_epochs"] < c.epochs:
+        c.centre_warmup_epochs = p["centre_warmup_epochs"]   # else epochs // 8, below
+    if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
+        raise ValueError(f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got "
+                         f"{c.centre_warmup_epochs}")
     if c.num_clusters is None:
         c.num_clusters = int(dataset.num_classes)
     if c.image_size is None:
@@ -278,8 +305,9 @@ class Trainer:
                              f"images of {self.dataset.name}; lower --batch-size")
         self.criterion = ClusterContrastiveLoss(
             config.method, config.instance_temperature, config.cluster_temperature,
-            weights=config.loss_weights or None, backend=config.loss_backend,
-            gather_distributed=self.runtime.world_size > 1)
+            weights=config.loss_weights or None, gumbel_tau=config.gumbel_temperature,
+            backend=config.loss_backend, gather_distributed=self.runtime.world_size > 1,
+            tcc_prior=config.tcc_prior)
         self.ddp_model = distributed.wrap_model(
             self.model, dev, config.sync_bn,
             find_unused_parameters=config.centre_warmup_epochs > 0)
@@ -336,7 +364,7 @@ class Trainer:
         self.channels_last = dev.type == "cuda"
         self.model = build_model(config.method, config.backbone, config.num_clusters,
                                  config.in_channels, config.cifar_stem, config.projection_dim,
-                                 config.hidden_dim).to(dev)
+                                 config.hidden_dim, config.gumbel_temperature).to(dev)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype(config.amp, dev)
@@ -401,18 +429,19 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _views(self, batch: dict, keys: tuple[str, ...]) -> list[torch.Tensor]:
+        return [self._inputs(batch, (k,)) for k in keys]
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on a two-view (plus clean view for anchor) batch."""
         anchor = self.config.method == "anchor"
         # Before the centres are initialised (centre warmup) only the instance loss trains.
         warmup = not bool(getattr(self.model.cluster_head, "initialised", True))
         views = ("a", "b", "clean") if anchor and not warmup else ("a", "b")
-        x = self._inputs(batch, views)
-        n = batch["a"].shape[0]
         with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
-            out = self.forward(x)
-            split = [{k: v[i * n:(i + 1) * n] for k, v in out.items()} for i in range(len(views))]
+            # one pass per view (per-view BatchNorm statistics), in one call of the model
+            split = self.forward(self._views(batch, views))
             if warmup:
                 instance = self.instance_loss(split[0]["z"], split[1]["z"])
                 loss = LossOutput(instance, {"instance": instance})
@@ -521,6 +550,10 @@ class Trainer:
         metrics = {**head,
                    "kmeans": kmeans_metrics(feats[known], labels[known],
                                             self.config.num_clusters, seed=self.config.seed),
+                   # k-means on L2-normalised features: the cosine geometry the contrastive
+                   # losses train (less prone to merging clusters than raw features)
+                   "kmeans_l2": kmeans_metrics(_l2_rows(feats[known]), labels[known],
+                                               self.config.num_clusters, seed=self.config.seed),
                    "eval_seconds": time.perf_counter() - start}
         return metrics, feats, pred, labels
 
@@ -630,6 +663,10 @@ class Trainer:
             plot_losses(steps, plots / "losses.png")
         plot_confusion(labels, pred, plots / "confusion.png")
         plot_embedding(feats, pred, plots / "embedding.png", seed=self.config.seed)
+
+
+def _l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
