@@ -419,10 +419,14 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
         got, reference = model(run), model(ref_run)
         assert got.keys() == reference.keys()  # unwrapped: no DDP "module." prefix
         for name, value in reference.items():
-            # fp32 sums in another order on two ranks, amplified by six Adam steps (one weight
-            # of 512 lands 3e-5 off); the weights move by > 1e-3 (checked below).
-            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=5e-5,
-                                       msg=lambda m: f"{run} {name}: {m}")
+            # fp32 sums in another order on two ranks; Adam divides each gradient by its own
+            # running scale, so on a weight whose gradient is ~0 that rounding noise becomes a
+            # step of up to lr: allow 1 weight in 1000 to be off, by at most 2 lr per step, all
+            # others within (1e-4, 5e-5). The weights move by > 1e-3 (checked below).
+            a, b = got[name].double(), value.double()
+            off = ~torch.isclose(a, b, rtol=1e-4, atol=5e-5)
+            assert off.float().mean() <= 1e-3, f"{run} {name}: {int(off.sum())} weights off"
+            assert (a - b).abs().max() <= 2 * 3e-3 * 6, f"{run} {name}"
     reference = model("single")
     # only rank 0 logs, and it logs the global batch's loss
     for (step, loss), (ref_step, ref_loss) in zip(losses("ddp"), losses("single"), strict=True):
