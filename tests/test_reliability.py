@@ -247,7 +247,7 @@ def test_checkpoint_config_of_the_wrong_type_is_one_line(tmp_path, capsys, finis
     for argv in (["eval", str(out)], ["train", "--resume", str(out)]):
         err = one_line_error(capsys, argv)
         assert f"checkpoint {out / 'checkpoint.pt'} holds settings" in err
-        assert "lr must be float, got 'fast' (str)" in err
+        assert "lr must be float or None, got 'fast' (str)" in err  # None: the preset's
 
 
 @pytest.mark.parametrize("where", ["tensor", "optimizer", "position"])
