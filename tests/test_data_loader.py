@@ -308,3 +308,16 @@ def test_digit_view_operations():
     out = digit_view(ones, p, erase)
     area = (out < 0.5).float().mean((1, 2, 3)).numpy()
     assert (area > 0).all() and (area < 0.35).all()
+
+
+def test_dali_path_digit_ops_match_the_torchvision_path(digits):
+    """The DALI path applies `digit_view` to DALI's normalised output (its crop is the identity
+    for the digit presets): emulated here on the clean batch, it equals the torchvision path's
+    view to the torchvision path's uint8 rounding."""
+    loader = make_train_loader(digits, 64, seed=4, augment="torchvision")
+    source = loader_module._EpochBatches(loader, 1)
+    batch = next(loader.epoch(1))
+    params_a, _ = source.params(0)
+    emulated = loader.digit_ops_normalised(batch["clean"], params_a)
+    std = float(loader.std[0])
+    torch.testing.assert_close(emulated, batch["a"], atol=0.51 / 255 / std + 1e-5, rtol=0)

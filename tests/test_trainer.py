@@ -50,7 +50,8 @@ def test_tiny_run_writes_every_output(tmp_path, method):
     assert [r["epoch"] for r in read_log(log, "eval")] == [1, 2, 3]
     state = load_checkpoint(out)
     assert state["position"] == {"epoch": 3, "batch": 0, "step": 9}
-    assert state["config"]["in_channels"] == 1 and state["config"]["backbone"] == "digit_cnn"   # the digits preset
+    # the digits preset's backbone
+    assert state["config"]["in_channels"] == 1 and state["config"]["backbone"] == "digit_cnn"
     if method == "anchor":
         assert bool(state["model"]["cluster_head.initialised"])
         for png in ("losses.png", "confusion.png", "embedding.png"):

@@ -153,9 +153,9 @@ class ViewParams:
     sigma: np.ndarray
     # Digit operations (None when the spec has none): theta (B, 2, 3) the affine_grid matrix
     # (output -> input, [-1, 1] coordinates), elastic (B, 2, 4, 4) coarse displacements (0 where
-    # off), morph (B,) in [-1, 1] (< 0 erosion, > 0 dilation, its size the blend), gain
-    # (B,) the contrast factor (1 where off), noise_seed (B,) (-1 where off), erase (B, 4) top, left, height,
-    # width as fractions of the side (height 0 where off).
+    # off), morph (B,) in [-1, 1] (< 0 erosion, > 0 dilation, its size the blend), gain (B,)
+    # the contrast factor (1 where off), noise_seed (B,) (-1 where off), erase (B, 4) top,
+    # left, height, width as fractions of the side (height 0 where off).
     theta: np.ndarray | None = None
     elastic: np.ndarray | None = None
     morph: np.ndarray | None = None

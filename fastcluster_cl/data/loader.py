@@ -156,6 +156,12 @@ class TrainLoader:
             out["index"] = batch["index"].to(self.device, non_blocking=pin)
             yield out
 
+    def digit_ops_normalised(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """`digit_view` on a normalised float batch (the DALI path): to [0, 1] pixels, the digit
+        operations, normalised again."""
+        return self._normalise.forward_from_unit(
+            digit_view(self._normalise.to_unit(x), p, self.spec))
+
     def _dali_batch(self, source: "_EpochBatches", k: int) -> dict:
         from .dali import DaliTwoViewPipeline
 
@@ -175,8 +181,7 @@ class TrainLoader:
             # fields, seeded noise): they run as the same torch ops (`digit_view`) with the
             # same parameters on DALI's output, in [0, 1] pixels on the loader's device. The
             # torchvision path rounds their result to uint8, this one keeps float32.
-            a, b = (self._normalise.forward_from_unit(digit_view(
-                self._normalise.to_unit(x), p, self.spec)) for x, p in zip((a, b), params))
+            a, b = (self.digit_ops_normalised(x, p) for x, p in zip((a, b), params))
         return {"a": a, "b": b, "clean": clean,
                 "label": torch.from_numpy(self.dataset.labels[indices]).to(self.device),
                 "index": torch.from_numpy(indices.astype(np.int64)).to(self.device)}
