@@ -29,9 +29,7 @@ import os
 import torch
 
 from .losses import nt_xent_autograd, reference
-from .losses.nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
-                                      refuse_double_backward, register_backend,
-                                      register_fused_autograd)
+from .losses.nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
 from .losses.op_autograd import register_pair
 
 _SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
@@ -353,11 +351,7 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return anchor_forward(q0.detach().contiguous(), q_a.contiguous(), q_b.contiguous())
 
 
-NT_XENT = register_backend(NTXentBackend(
-    "cuda", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_cuda_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_cuda_bwd.default, per_row_backward=True))
-register_fused_autograd(_fused_forward, NT_XENT.backward, "cuda")
-refuse_double_backward(_fused_backward, "cuda")
+NT_XENT = register_fast_path("cuda", lse_rows, grad_rows, _fused_forward, _fused_backward)
 
 cc_cluster_loss = functools.partial(reference.cc_cluster_loss, instance_loss=nt_xent)
 tcc_cluster_loss = functools.partial(reference.tcc_cluster_loss, instance_loss=nt_xent)

@@ -72,9 +72,8 @@ import triton
 import triton.language as tl
 
 from fastcluster_cl.losses import nt_xent_autograd
-from fastcluster_cl.losses.nt_xent_autograd import (NTXentBackend, fake_grad_rows,
-                                                    fake_row_values, refuse_double_backward,
-                                                    register_backend, register_fused_autograd)
+from fastcluster_cl.losses.nt_xent_autograd import (fake_grad_rows, fake_row_values,
+                                                    register_fast_path)
 from fastcluster_cl.losses.reference import (fixed_shift_safe, l2_normalize,
                                              l2_normalize_backward)
 
@@ -722,11 +721,7 @@ def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, symmetric):
     return torch.empty_like(z)
 
 
-NT_XENT = register_backend(NTXentBackend(
-    "triton", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_triton_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_triton_bwd.default, per_row_backward=True))
-register_fused_autograd(_fused_forward, NT_XENT.backward, "triton")
-refuse_double_backward(_fused_backward, "triton")
+NT_XENT = register_fast_path("triton", lse_rows, grad_rows, _fused_forward, _fused_backward)
 
 
 def _checked_options(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple:

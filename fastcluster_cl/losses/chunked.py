@@ -20,8 +20,7 @@ from typing import Iterator
 import torch
 
 from . import nt_xent_autograd, nt_xent_bank_autograd, reference
-from .nt_xent_autograd import (NTXentBackend, fake_grad_rows, fake_row_values,
-                              refuse_double_backward, register_backend, register_fused_autograd)
+from .nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
 from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
                         dec_loss, dec_loss_terms, fixed_shift_safe, l2_normalize,
                         l2_normalize_backward, outside_autocast, student_t)
@@ -222,11 +221,7 @@ def _(z, grad, inv_tau, lse, block):
     return torch.empty_like(z)
 
 
-NT_XENT = register_backend(NTXentBackend(
-    "chunked", lse_rows, grad_rows, torch.ops.fastcluster_cl.nt_xent_chunked_fwd.default,
-    torch.ops.fastcluster_cl.nt_xent_chunked_bwd.default, per_row_backward=True))
-register_fused_autograd(_fused_forward, NT_XENT.backward, "chunked")
-refuse_double_backward(_fused_backward, "chunked")
+NT_XENT = register_fast_path("chunked", lse_rows, grad_rows, _fused_forward, _fused_backward)
 
 
 def _check_block(block_size: int) -> None:

@@ -212,6 +212,20 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
                         gather, options)
 
 
+def register_fast_path(name: str, lse_rows: RowLSE, grad_rows: RowGrad, forward_op,
+                       backward_op) -> NTXentBackend:
+    """Register backend `name`: its row primitives and its fast-path op pair, the custom ops
+    ``fastcluster_cl::nt_xent_<name>_fwd`` / ``_bwd`` (per-row gradients supported). The
+    backward op becomes the forward op's autograd and refuses double backward."""
+    ops = torch.ops.fastcluster_cl
+    spec = register_backend(NTXentBackend(
+        name, lse_rows, grad_rows, getattr(ops, f"nt_xent_{name}_fwd").default,
+        getattr(ops, f"nt_xent_{name}_bwd").default, per_row_backward=True))
+    register_fused_autograd(forward_op, spec.backward, name)
+    refuse_double_backward(backward_op, name)
+    return spec
+
+
 def register_fused_autograd(forward_op, backward: Callable, name: str) -> None:
     """Give a backend's fast-path forward op ``(z, inv_tau, per_row, *options) -> (loss,
     *state)`` the backward that `NTXent` runs, through torch.library.register_autograd."""
