@@ -252,3 +252,29 @@ def _tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b):
     """(s_a, s_b, q_a, q_b) in the accumulation dtype, s = y^T h (K x F) per view."""
     acc = accumulation_dtype(h_a.dtype)
     return (y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc), q_a.to(acc), q_b.to(acc))
+
+
+def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
+                     h_b: torch.Tensor, centers: torch.Tensor, temperature: float, alpha: float,
+                     weights: tuple[float, float, float]) -> torch.Tensor:
+    """The anchor method's whole objective (arXiv 2109.12714) from the centre head's inputs:
+    (4,) = [total, instance, cluster, anchor] with q = student_t(h, centers, alpha) per view,
+    instance = nt_xent(z_a, z_b), cluster = dec_loss(q0), anchor = anchor_loss(q0, q_a, q_b)
+    and total = weights . (instance, cluster, anchor). In float64 for float64 z, else float32."""
+    q0, q_a, q_b = (student_t(h, centers, alpha) for h in (h0, h_a, h_b))
+    acc = accumulation_dtype(z_a.dtype)
+    parts = torch.stack([nt_xent(z_a, z_b, temperature).to(acc), dec_loss(q0).to(acc),
+                         anchor_loss(q0, q_a, q_b).to(acc)])
+    return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
+
+
+def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                 logits_b: torch.Tensor, instance_temperature: float,
+                 cluster_temperature: float, weights: tuple[float, float]) -> torch.Tensor:
+    """Contrastive Clustering's whole objective: (3,) = [total, instance, cluster] with
+    instance = nt_xent(z_a, z_b, instance_temperature), cluster = cc_cluster_loss(logits_a,
+    logits_b, cluster_temperature), total = weights . (instance, cluster)."""
+    acc = accumulation_dtype(z_a.dtype)
+    parts = torch.stack([nt_xent(z_a, z_b, instance_temperature).to(acc),
+                         cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc)])
+    return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
