@@ -24,6 +24,7 @@ anti-collapse term). "none" runs on the torch and chunked backends.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +257,155 @@ def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
         return (dec, anchor) if reduction == "mean" else (dec * rows, anchor * rows)
     return (_reduced("dec_loss", backend, device, reduction, rows, q0),
             _reduced("anchor_loss", backend, device, reduction, rows, q0, q_a, q_b))
+
+
+class LossOutput(NamedTuple):
+    """A whole objective: the weighted total and each unweighted part, keyed by name."""
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+def weighted_total(parts: dict[str, torch.Tensor], weights: dict[str, float],
+                   reduction: str) -> LossOutput:
+    """LossOutput of `parts` with total = sum of weights[name] * part (each part's mean for
+    reduction="none", so that the total is the "mean" total)."""
+    total = sum(weights[name] * (value.mean() if reduction == "none" else value)
+                for name, value in parts.items())
+    return LossOutput(total, parts)
+
+
+def _objective(op: str, names: tuple[str, ...], args: tuple, weights: dict[str, float] | None,
+               separate_parts, device: torch.device, backend: str, gather: bool,
+               reduction: str) -> LossOutput:
+    """The backend's one-pass `op` (a vector [total, *parts]) where it has one and the call is
+    a single-process mean; else `separate_parts()` (the parts from the separate ops)
+    weighted here. Both compute the same function."""
+    weights = {name: 1.0 for name in names} | dict(weights or {})
+    for name in names:
+        if not weights[name] >= 0:
+            raise ValueError(f"weights[{name!r}] must be >= 0, got {weights[name]}")
+    fused = (None if gather or reduction != "mean"
+             else implementation(op, backend, device, required=False))
+    if fused is None:
+        return weighted_total(separate_parts(), weights, reduction)
+    out = fused(*args, tuple(float(weights[name]) for name in names))
+    return LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
+
+
+ANCHOR_PARTS = ("instance", "cluster", "anchor")
+CC_PARTS = ("instance", "cluster")
+
+
+@outside_autocast
+def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
+                     h_b: torch.Tensor, centers: torch.Tensor, *,
+                     instance_temperature: float = 0.5, alpha: float = 1.0,
+                     weights: dict[str, float] | None = None, backend: str = "auto",
+                     gather_distributed: bool = False, reduction: str = "mean") -> LossOutput:
+    """The whole objective of arXiv 2109.12714 from the centre head's inputs, in one pass each
+    way on the triton and cuda backends:
+
+        q0, q_a, q_b = student_t(h0 | h_a | h_b, centers, alpha)
+        total = w_instance nt_xent(z_a, z_b) + w_cluster dec_loss(q0)
+                + w_anchor anchor_loss(q0, q_a, q_b)
+
+    The one-pass kernels compute the NT-Xent rows, the three Student-t assignments and DEC's
+    column sums in one row-parallel launch plus a small epilogue, and the gradients of z, h and
+    the centres in one row-parallel launch plus a small reduction; no (N, K) assignment is kept
+    for the backward. Other backends, gather_distributed over several ranks and
+    reduction != "mean" run the separate ops (same values).
+
+    Args:
+        z_a, z_b: (N, D) projections of the two augmented views, N >= 2.
+        h0, h_a, h_b: (N, F) backbone features of the clean and the two augmented views.
+        centers: (K, F) cluster centres, K >= 2, any float dtype (float32 centres with bf16
+            features under autocast); the assignment is computed in float32 (float64 for
+            float64 features).
+        instance_temperature: NT-Xent's tau > 0. alpha: Student-t degrees of freedom > 0.
+        weights: {"instance", "cluster", "anchor"} -> weight >= 0 (missing: 1).
+    Returns:
+        LossOutput(total, {"instance", "cluster", "anchor"}): gradients flow to z, h and
+        centers (none into q0 through the anchor term, whose target is detached, as DEC's).
+    """
+    for name, z in (("z_a", z_a), ("z_b", z_b)):
+        check_matrix(name, z, min_rows=2)
+    check_same(("z_a", "z_b"), (z_a, z_b))
+    feats = ("h0", "h_a", "h_b")
+    for name, h in zip(feats, (h0, h_a, h_b)):
+        check_matrix(name, h, min_rows=2)
+    check_same(feats, (h0, h_a, h_b))
+    check_matrix("centers", centers, min_rows=2)
+    if (h0.shape[0] != z_a.shape[0] or centers.shape[1] != h0.shape[1]
+            or not h0.device == centers.device == z_a.device):
+        raise ValueError(f"anchor_objective needs z (N, D), h (N, F) and centers (K, F) on one "
+                         f"device; got z {tuple(z_a.shape)} on {z_a.device}, h "
+                         f"{tuple(h0.shape)} on {h0.device}, centers {tuple(centers.shape)} on "
+                         f"{centers.device}")
+    instance_temperature = check_positive("instance_temperature", instance_temperature)
+    alpha = check_positive("alpha", alpha)
+    check_finite(("z_a", "z_b", *feats, "centers"), (z_a, z_b, h0, h_a, h_b, centers))
+    gather = _gathering(gather_distributed, reduction)
+
+    def separate_parts():
+        acc = accumulation_dtype(h0.dtype)  # centres may be float32 under bf16 features
+        q0, q_a, q_b = (student_t(h.to(acc), centers.to(acc), alpha, backend=backend)
+                        for h in (h0, h_a, h_b))
+        common = dict(backend=backend, gather_distributed=gather_distributed,
+                      reduction=reduction)
+        cluster, anchor = dec_anchor_losses(q0, q_a, q_b, **common)
+        return {"instance": nt_xent(z_a, z_b, instance_temperature, **common),
+                "cluster": cluster, "anchor": anchor}
+
+    return _objective("anchor_objective", ANCHOR_PARTS,
+                      (z_a, z_b, h0, h_a, h_b, centers, instance_temperature, alpha), weights,
+                      separate_parts, z_a.device, backend, gather, reduction)
+
+
+@outside_autocast
+def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                 logits_b: torch.Tensor, *, instance_temperature: float = 0.5,
+                 cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
+                 backend: str = "auto", gather_distributed: bool = False,
+                 reduction: str = "mean") -> LossOutput:
+    """Contrastive Clustering's whole objective, in one pass each way on the triton and cuda
+    backends:
+
+        total = w_instance nt_xent(z_a, z_b, instance_temperature)
+                + w_cluster cc_cluster_loss(logits_a, logits_b, cluster_temperature)
+
+    The one-pass kernels compute the NT-Xent rows, both views' softmax rows, their column sums
+    and the 2K x 2K assignment Gram in one row-parallel launch plus a K-sized epilogue, and
+    dz / dlogits in one row-parallel launch after a K-sized one. Other backends,
+    gather_distributed over several ranks and reduction != "mean" run the separate ops.
+
+    Args:
+        z_a, z_b: (N, D) projections, N >= 2. logits_a, logits_b: (N, K) cluster logits, K >= 2.
+        weights: {"instance", "cluster"} -> weight >= 0 (missing: 1).
+    Returns:
+        LossOutput(total, {"instance", "cluster"}).
+    """
+    for name, z in (("z_a", z_a), ("z_b", z_b)):
+        check_matrix(name, z, min_rows=2)
+    check_same(("z_a", "z_b"), (z_a, z_b))
+    _check_logit_pair(logits_a, logits_b)
+    if logits_a.shape[0] != z_a.shape[0] or logits_a.device != z_a.device:
+        raise ValueError(f"cc_objective needs z (N, D) and logits (N, K) on one device; got z "
+                         f"{tuple(z_a.shape)} on {z_a.device}, logits {tuple(logits_a.shape)} "
+                         f"on {logits_a.device}")
+    instance_temperature = check_positive("instance_temperature", instance_temperature)
+    cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
+    check_finite(("z_a", "z_b", "logits_a", "logits_b"), (z_a, z_b, logits_a, logits_b))
+    gather = _gathering(gather_distributed, reduction)
+
+    def separate_parts():
+        common = dict(backend=backend, gather_distributed=gather_distributed,
+                      reduction=reduction)
+        return {"instance": nt_xent(z_a, z_b, instance_temperature, **common),
+                "cluster": cc_cluster_loss(logits_a, logits_b, cluster_temperature, **common)}
+
+    return _objective("cc_objective", CC_PARTS,
+                      (z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature),
+                      weights, separate_parts, z_a.device, backend, gather, reduction)
 
 
 @outside_autocast

@@ -2,13 +2,12 @@
 construction, and call `fastcluster_cl.functional`."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from . import distributed
 from . import functional as FL
+from .functional import LossOutput, weighted_total
 from .losses.reference import l2_normalize
 from .losses.dispatch import BACKENDS
 from .validation import check_gather_distributed, check_positive, check_reduction
@@ -177,16 +176,11 @@ class AnchorLoss(nn.Module):
         return FL.anchor_loss(q0, q_a, q_b, backend=self.backend, reduction=self.reduction)
 
 
-class LossOutput(NamedTuple):
-    """The weighted total and each unweighted part, keyed by name."""
-    total: torch.Tensor
-    parts: dict[str, torch.Tensor]
-
-
+# The keyword inputs each method takes: one tuple per accepted form.
 _METHOD_INPUTS = {
-    "anchor": ("q0", "q_a", "q_b"),
-    "cc": ("logits_a", "logits_b"),
-    "tcc": ("logits_a", "logits_b", "centres", "r_a", "r_b"),
+    "anchor": (("h0", "h_a", "h_b", "centers"), ("q0", "q_a", "q_b")),
+    "cc": (("logits_a", "logits_b"),),
+    "tcc": (("logits_a", "logits_b", "centres", "r_a", "r_b"),),
 }
 
 
@@ -198,8 +192,11 @@ class ClusterContrastiveLoss(nn.Module):
 
     Methods (DESIGN.md, "The objective"):
         "anchor": arXiv 2109.12714, L_ins + w_clu * DEC KL(q0) + w_anc * anchor(q0, qa, qb);
-                  needs q0, q_a, q_b (e.g. from `fastcluster_cl.student_t`).
-        "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b.
+                  takes the centre head's inputs h0, h_a, h_b (N, F) and centers (K, F)
+                  (`fastcluster_cl.functional.anchor_objective`: one pass each way on the
+                  triton and cuda backends), or the assignments q0, q_a, q_b themselves.
+        "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b
+                  (`fastcluster_cl.functional.cc_objective`, one pass on triton and cuda).
         "tcc":    You Never Cluster Alone (`fastcluster_cl.functional.tcc_loss`): w_ins * the
                   instance NT-Xent over the cluster-conditioned embeddings + w_clu * the
                   NT-Xent over the 2K pooled cluster rows + w_prior * the prior term, plus
@@ -209,6 +206,7 @@ class ClusterContrastiveLoss(nn.Module):
     Attributes:
         method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
         weights: "instance", "cluster", "anchor", and for tcc "prior" (1) and "feature" (0)),
+        alpha (the anchor method's Student-t degrees of freedom, 1.0),
         gumbel_tau (tcc's lambda, 0.3), tcc_prior ("kl" | "marginal"), backend,
         gather_distributed (every term over the batch of all ranks; the anchor loss is per row
         and needs no communication), reduction: applied to every part ("none": each part holds
@@ -223,13 +221,15 @@ class ClusterContrastiveLoss(nn.Module):
         >>> crit = ClusterContrastiveLoss("cc")
         >>> out = crit(z_a, z_b, logits_a=c_a, logits_b=c_b)
         >>> out.total.backward(); out.parts["instance"], out.parts["cluster"]
+        >>> out = ClusterContrastiveLoss("anchor")(z_a, z_b, h0=h0, h_a=h_a, h_b=h_b,
+        ...                                        centers=mu)
     """
 
     def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
                  cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
                  gumbel_tau: float = 0.3, backend: str = "auto",
                  gather_distributed: bool = False, reduction: str = "mean",
-                 tcc_prior: str = "kl"):
+                 tcc_prior: str = "kl", alpha: float = 1.0):
         super().__init__()
         if method not in _METHOD_INPUTS:
             raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
@@ -237,6 +237,7 @@ class ClusterContrastiveLoss(nn.Module):
         self.instance_temperature = check_positive("instance_temperature", instance_temperature)
         self.cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
         self.gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
+        self.alpha = check_positive("alpha", alpha)
         self.weights = {"instance": 1.0, "cluster": 1.0, "anchor": 1.0, "prior": 1.0,
                         "feature": 0.0, **(weights or {})}
         for name, w in self.weights.items():
@@ -250,35 +251,38 @@ class ClusterContrastiveLoss(nn.Module):
         self.reduction = check_reduction(reduction)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
-        """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: q0, q_a, q_b (N, K)
-        probabilities; cc: logits_a, logits_b (N, K); tcc: logits_a, logits_b (N, K) cosine
-        logits, centres (K, D), r_a, r_b (N, D) (`fastcluster_cl.models.TCCHead`)."""
-        needed = _METHOD_INPUTS[self.method]
-        missing = [name for name in needed if inputs.get(name) is None]
-        extra = sorted(set(inputs) - set(needed))
-        if missing or extra:
-            raise TypeError(f"method {self.method!r} takes {needed}; missing {missing}, "
-                            f"unexpected {extra}")
+        """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: h0, h_a, h_b (N, F)
+        features and centers (K, F), or q0, q_a, q_b (N, K) probabilities; cc: logits_a,
+        logits_b (N, K); tcc: logits_a, logits_b (N, K) cosine logits, centres (K, D), r_a, r_b
+        (N, D) (`fastcluster_cl.models.TCCHead`)."""
+        given = tuple(sorted(name for name, x in inputs.items() if x is not None))
+        forms = _METHOD_INPUTS[self.method]
+        if given not in [tuple(sorted(form)) for form in forms]:
+            raise TypeError(f"method {self.method!r} takes " + " or ".join(map(str, forms))
+                            + f" as keyword inputs; got {given}")
         common = dict(backend=self.backend, gather_distributed=self.gather_distributed,
                       reduction=self.reduction)
-        if self.method == "tcc":
-            parts = FL.tcc_loss(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
-                                inputs["centres"], inputs["r_a"], inputs["r_b"],
-                                instance_temperature=self.instance_temperature,
-                                cluster_temperature=self.cluster_temperature,
-                                gumbel_temperature=self.gumbel_tau, prior=self.tcc_prior,
-                                **common)
-            if self.weights["feature"] > 0:
-                parts["feature"] = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
-            parts = dict(parts)
-        else:
-            parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
+        if self.method == "cc":
+            return FL.cc_objective(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
+                                   instance_temperature=self.instance_temperature,
+                                   cluster_temperature=self.cluster_temperature,
+                                   weights=self.weights, **common)
+        if self.method == "anchor" and "h0" in given:
+            return FL.anchor_objective(z_a, z_b, inputs["h0"], inputs["h_a"], inputs["h_b"],
+                                       inputs["centers"],
+                                       instance_temperature=self.instance_temperature,
+                                       alpha=self.alpha, weights=self.weights, **common)
         if self.method == "anchor":
+            parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
             parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
                 inputs["q0"], inputs["q_a"], inputs["q_b"], **common)
-        elif self.method == "cc":
-            parts["cluster"] = FL.cc_cluster_loss(inputs["logits_a"], inputs["logits_b"],
-                                                  self.cluster_temperature, **common)
-        total = sum(self.weights[name] * (value.mean() if self.reduction == "none" else value)
-                    for name, value in parts.items())
-        return LossOutput(total, parts)
+            return weighted_total(parts, self.weights, self.reduction)
+        parts = dict(FL.tcc_loss(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
+                                 inputs["centres"], inputs["r_a"], inputs["r_b"],
+                                 instance_temperature=self.instance_temperature,
+                                 cluster_temperature=self.cluster_temperature,
+                                 gumbel_temperature=self.gumbel_tau, prior=self.tcc_prior,
+                                 **common))
+        if self.weights["feature"] > 0:
+            parts["feature"] = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
+        return weighted_total(parts, self.weights, self.reduction)

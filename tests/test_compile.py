@@ -36,12 +36,19 @@ def _cases(backend):
         ("tcc_cluster_loss", lambda a, b: fc.tcc_cluster_loss(a, b, h, h, backend=backend),
          (c, c + 1)),
     ]
+    cases += [
+        ("anchor_objective", lambda a, b: fc.anchor_objective(a, b, h, h + 1, h - 1, mu,
+                                                              backend=backend).total, (z, z + 1)),
+        ("cc_objective", lambda a, b: fc.cc_objective(a, b, c, c + 1, backend=backend).total,
+         (z, z + 1)),
+    ]
     methods = {"anchor": lambda: dict(q0=q, q_a=q.flip(0), q_b=q),
+               "anchor(h)": lambda: dict(h0=h, h_a=h + 1, h_b=h - 1, centers=mu),
                "cc": lambda: dict(logits_a=c, logits_b=c + 1),
                "tcc": lambda: dict(logits_a=c, logits_b=c + 1, centres=z[:c.shape[1]],
                                    r_a=z + 2, r_b=z - 2)}
     for method, inputs in methods.items():
-        crit = fc.ClusterContrastiveLoss(method, backend=backend)
+        crit = fc.ClusterContrastiveLoss(method.split("(")[0], backend=backend)
         cases.append((f"ClusterContrastiveLoss({method})",
                       lambda a, b, crit=crit, inputs=inputs: crit(a, b, **inputs()).total,
                       (z, z + 1)))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
+from fastcluster_cl.losses import reference
 
 F64 = torch.float64
 
@@ -52,10 +53,47 @@ def test_cluster_contrastive_loss_parts_and_weights(method):
 def test_cluster_contrastive_loss_input_errors():
     crit = fc.ClusterContrastiveLoss("cc")
     z = randn(4, 3)
-    with pytest.raises(TypeError, match=r"missing \['logits_b'\]"):
+    with pytest.raises(TypeError, match=r"takes \('logits_a', 'logits_b'\).*got \('logits_a',\)"):
         crit(z, z, logits_a=z)
-    with pytest.raises(TypeError, match=r"unexpected \['q0'\]"):
+    with pytest.raises(TypeError, match=r"got \('logits_a', 'logits_b', 'q0'\)"):
         crit(z, z, logits_a=z, logits_b=z, q0=z)
+    with pytest.raises(TypeError, match=r"\('h0', 'h_a', 'h_b', 'centers'\) or \('q0'"):
+        fc.ClusterContrastiveLoss("anchor")(z, z, h0=z, q0=z)
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_anchor_objective_from_features_equals_the_separate_ops(backend):
+    """ClusterContrastiveLoss("anchor") on (h0, h_a, h_b, centers) is anchor_objective: the
+    Student-t assignments of the three views, then the q form; gradients reach h and centres."""
+    n, f, k = 11, 5, 3
+    z_a, z_b = randn(n, 8, seed=1).double(), randn(n, 8, seed=2).double()
+    h0, h_a, h_b = (randn(n, f, seed=s).double().requires_grad_() for s in (3, 4, 5))
+    mu = randn(k, f, seed=6).double().requires_grad_()
+    weights = {"instance": 0.5, "cluster": 2.0, "anchor": 3.0}
+    crit = fc.ClusterContrastiveLoss("anchor", 0.3, weights=weights, alpha=2.0, backend=backend)
+    out = crit(z_a, z_b, h0=h0, h_a=h_a, h_b=h_b, centers=mu)
+    q0, q_a, q_b = (fc.student_t(h, mu, 2.0) for h in (h0, h_a, h_b))
+    want = crit(z_a, z_b, q0=q0, q_a=q_a, q_b=q_b)
+    torch.testing.assert_close(out.total, want.total, rtol=1e-12, atol=0)
+    for name in want.parts:
+        torch.testing.assert_close(out.parts[name], want.parts[name], rtol=1e-12, atol=0)
+    grads = torch.autograd.grad(out.total, (h0, h_a, h_b, mu))
+    wants = torch.autograd.grad(want.total, (h0, h_a, h_b, mu))
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+    ref = reference.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, 0.3, 2.0, (0.5, 2.0, 3.0))
+    torch.testing.assert_close(torch.stack([out.total, *out.parts.values()]), ref.detach(),
+                               rtol=1e-12, atol=0)
+
+
+def test_objectives_reject_bad_inputs():
+    z, h, mu = randn(6, 4), randn(6, 3), randn(2, 3)
+    with pytest.raises(ValueError, match="centers"):
+        fc.anchor_objective(z, z, h, h, h, randn(2, 5))
+    with pytest.raises(ValueError, match="weights"):
+        fc.anchor_objective(z, z, h, h, h, mu, weights={"anchor": -1.0})
+    with pytest.raises(ValueError, match="logits"):
+        fc.cc_objective(z, z, randn(5, 3), randn(5, 3))
 
 
 @pytest.mark.parametrize("kwargs,match", [

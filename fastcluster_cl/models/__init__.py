@@ -53,6 +53,10 @@ class ClusteringModel(nn.Module):
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)
         z = self.projector(h)
+        if self.head == "centre":
+            # the anchor objective computes the Student-t assignment from h inside its fused
+            # pass; `probabilities` computes it on demand
+            return {"h": h, "z": z}
         return {"h": h, "z": z, **self.cluster_head(z if self.head == "tcc" else h)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -80,8 +84,8 @@ def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: 
     if method == "anchor":
         if out_0 is None:
             raise ValueError("the anchor method needs the clean view's outputs (out_0)")
-        return {"q0": model.probabilities(out_0), "q_a": model.probabilities(out_a),
-                "q_b": model.probabilities(out_b)}
+        return {"h0": out_0["h"], "h_a": out_a["h"], "h_b": out_b["h"],
+                "centers": model.cluster_head.centres}
     if method == "cc":
         return {"logits_a": out_a["logits"], "logits_b": out_b["logits"]}
     if method == "tcc":

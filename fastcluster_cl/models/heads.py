@@ -84,7 +84,9 @@ class CentreHead(nn.Module):
         return {"q": student_t(h.float(), self.centres.float(), self.alpha)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return out["q"]
+        """q from the head's outputs, or from the features h of a model's outputs (training
+        computes the assignment inside the loss, `fastcluster_cl.anchor_objective`)."""
+        return out["q"] if "q" in out else self(out["h"])["q"]
 
 
 def max_separated(num: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -307,7 +307,7 @@ class Trainer:
             config.method, config.instance_temperature, config.cluster_temperature,
             weights=config.loss_weights or None, gumbel_tau=config.gumbel_temperature,
             backend=config.loss_backend, gather_distributed=self.runtime.world_size > 1,
-            tcc_prior=config.tcc_prior)
+            tcc_prior=config.tcc_prior, alpha=getattr(self.model.cluster_head, "alpha", 1.0))
         self.ddp_model = distributed.wrap_model(
             self.model, dev, config.sync_bn,
             find_unused_parameters=config.centre_warmup_epochs > 0)
