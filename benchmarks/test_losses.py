@@ -11,7 +11,7 @@ import pytest
 
 from fastcluster_cl import bench
 
-from conftest import DTYPES, SIZES
+from conftest import DEVICE, DTYPES, SIZES
 
 DIMS = (128, 512)
 KS = (10, 100)
@@ -19,9 +19,17 @@ KS = (10, 100)
 PARAMS = []
 for tier, two_n in SIZES.items():
     dims, ks = (DIMS[:1], KS[:1]) if tier == "small" else (DIMS, KS)
-    for case in bench.cases(bench.OPS, [two_n], dims, ks, DTYPES):
+    ops = [op for op in bench.OPS if op not in bench.OBJECTIVES]
+    for case in bench.cases(ops, [two_n], dims, ks, DTYPES):
         impls = bench.IMPLS if case.op == "nt_xent" else bench.BACKENDS
         PARAMS += [pytest.param(case, impl, id=f"{tier}-{case.label}-{impl}") for impl in impls]
+
+# The whole objectives, one pass against the separate ops: the small batch is where launch
+# count matters. 2N = 65536 needs a GPU (the torch reference's 2N x 2N matrix is 16 GiB).
+OBJECTIVE_SIZES = (512, 4096, 65536) if DEVICE.type == "cuda" else (512, 4096)
+for case in bench.cases(bench.OBJECTIVES, OBJECTIVE_SIZES, DIMS[:1], KS, DTYPES):
+    PARAMS += [pytest.param(case, impl, id=f"objective-{case.label}-{impl}")
+               for impl in bench.BACKENDS + bench.SEPARATE]
 
 
 @pytest.mark.parametrize(("case", "impl"), PARAMS)

@@ -49,10 +49,14 @@ from .validation import value_checks
 
 BACKENDS = ("torch", "chunked", "triton", "cuda")
 GPU_ONLY = ("triton", "cuda")
+# The whole objectives through a GPU backend's separate ops instead of its one-pass kernels.
+SEPARATE = ("triton-separate", "cuda-separate")
 PEERS = ("torch-compile", "lightly", "pml")
-IMPLS = BACKENDS + PEERS
+IMPLS = BACKENDS + SEPARATE + PEERS
 REFERENCE = "torch"
-OPS = ("nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss")
+OBJECTIVES = ("anchor_objective", "cc_objective")
+OPS = ("nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss",
+       *OBJECTIVES)
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -96,7 +100,8 @@ class Case:
 
 # Which of D and K each op's inputs depend on (the others are not varied for it).
 _USES = {"nt_xent": "D", "cc_cluster_loss": "K", "student_t": "DK", "dec_loss": "K",
-         "anchor_loss": "K", "tcc_cluster_loss": "DK"}
+         "anchor_loss": "K", "tcc_cluster_loss": "DK", "anchor_objective": "DK",
+         "cc_objective": "DK"}
 
 
 def cases(ops: Sequence[str], sizes: Sequence[int], dims: Sequence[int], ks: Sequence[int],
@@ -115,7 +120,9 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
     """Random leaf inputs of `case` (requires_grad for forward+backward), never zeros.
 
     nt_xent: z_a, z_b (N, D). cc/tcc: logits (N, K) [+ h_a, h_b (N, D)]. student_t: h (N, D),
-    centers (K, D). dec_loss: q (N, K). anchor_loss: q0, q_a, q_b (N, K) probabilities."""
+    centers (K, D). dec_loss: q (N, K). anchor_loss: q0, q_a, q_b (N, K) probabilities.
+    anchor_objective: z_a, z_b, h0, h_a, h_b (N, D), centers (K, D). cc_objective: z_a, z_b
+    (N, D), logits_a, logits_b (N, K)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[case.dtype]
     n, d, k = case.n, case.dim, case.k
@@ -133,6 +140,8 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
         "dec_loss": lambda: (probs(n, k),),
         "anchor_loss": lambda: (probs(n, k), probs(n, k), probs(n, k)),
         "tcc_cluster_loss": lambda: (randn(n, k), randn(n, k), randn(n, d), randn(n, d)),
+        "anchor_objective": lambda: (*(randn(n, d) for _ in range(5)), randn(k, d)),
+        "cc_objective": lambda: (randn(n, d), randn(n, d), randn(n, k), randn(n, k)),
     }
     if case.op not in shapes:
         raise ValueError(f"op must be one of {OPS}, got {case.op!r}")
@@ -152,6 +161,10 @@ def floor(case: Case) -> dict[str, float]:
     backward costs about twice the forward FLOPs, so forward+backward is 3x. Bytes: reading
     every input once (plus writing an (N, K) output for student_t), and for the backward
     writing each input's gradient."""
+    if case.op in _PARTS:  # a whole objective: the sum of its parts
+        parts = [floor(Case(op, case.two_n, case.dim, case.k, case.dtype, case.backward))
+                 for op in _PARTS[case.op]]
+        return {key: sum(part[key] for part in parts) for key in parts[0]}
     n, d, k, two_n = case.n, case.dim, case.k, case.two_n
     size = DTYPES[case.dtype].itemsize
     flops, exps, elements = {
@@ -171,6 +184,12 @@ def floor(case: Case) -> dict[str, float]:
         grad_elements = 2 * n * k if case.op == "anchor_loss" else elements
         flops, exps, nbytes = 3 * flops, 2 * exps, nbytes + grad_elements * size
     return {"flops": float(flops), "exps": float(exps), "bytes": float(nbytes)}
+
+
+# The separate ops each whole objective is made of (for its floors).
+_PARTS = {"anchor_objective": ("nt_xent", "student_t", "student_t", "student_t", "dec_loss",
+                               "anchor_loss"),
+          "cc_objective": ("nt_xent", "cc_cluster_loss")}
 
 
 def _peer_nt_xent(impl: str, device: torch.device) -> Callable:
@@ -209,13 +228,23 @@ def memory_budget(device: torch.device) -> int:
 
 
 def _op_args(op: str) -> dict:
+    if op in OBJECTIVES:
+        return {"instance_temperature": TEMPERATURE}
     return {"nt_xent": {"temperature": TEMPERATURE}}.get(op, {})
+
+
+def _public(op: str) -> Callable:
+    """The public function of `op`; for a whole objective, one returning its total."""
+    fn = getattr(functional, op)
+    if op not in OBJECTIVES:
+        return fn
+    return lambda *args, **kwargs: fn(*args, **kwargs).total
 
 
 @lru_cache(maxsize=None)
 def _compiled_reference(op: str) -> Callable:
     """The torch reference of `op` under torch.compile, one per op so shapes share its cache."""
-    return torch.compile(partial(getattr(functional, op), backend="torch", **_op_args(op)))
+    return torch.compile(partial(_public(op), backend="torch", **_op_args(op)))
 
 
 def resolve_impl(impl: str, op: str, device: torch.device) -> Callable:
@@ -223,14 +252,19 @@ def resolve_impl(impl: str, op: str, device: torch.device) -> Callable:
     cannot run here (GPU-only backend on CPU, backend refused by dispatch, peer not installed,
     peer without that op)."""
     device = torch.device(device)
-    fn = getattr(functional, op)
+    fn = _public(op)
+    if impl in SEPARATE:
+        if op not in OBJECTIVES:
+            raise Skip(f"{impl} times the whole objectives only ({', '.join(OBJECTIVES)})")
+        backend = impl.split("-")[0]
+        return partial(resolve_impl(backend, op, device), fused=False)
     if impl in BACKENDS:
         if impl in GPU_ONLY and device.type != "cuda":
             why = " (the Triton interpreter is a correctness tool, not a timing)"
             raise Skip(f"{impl} is GPU-only; not timed on {device.type}"
                        + (why if impl == "triton" else ""))
-        try:
-            implementation(op, impl, device)
+        try:  # a whole objective runs wherever the backend loads (separate ops if need be)
+            implementation("nt_xent" if op in OBJECTIVES else op, impl, device)
         except (RuntimeError, NotImplementedError) as err:
             raise Skip(str(err))
         return partial(fn, backend=impl, **_op_args(op))

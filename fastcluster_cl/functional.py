@@ -276,19 +276,19 @@ def weighted_total(parts: dict[str, torch.Tensor], weights: dict[str, float],
 
 def _objective(op: str, names: tuple[str, ...], args: tuple, weights: dict[str, float] | None,
                separate_parts, device: torch.device, backend: str, gather: bool,
-               reduction: str) -> LossOutput:
-    """The backend's one-pass `op` (a vector [total, *parts]) where it has one and the call is
-    a single-process mean; else `separate_parts()` (the parts from the separate ops)
-    weighted here. Both compute the same function."""
+               reduction: str, fused: bool) -> LossOutput:
+    """The backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
+    it and the call is a single-process mean; else `separate_parts()` (the parts from the
+    separate ops) weighted here. Both compute the same function."""
     weights = {name: 1.0 for name in names} | dict(weights or {})
     for name in names:
         if not weights[name] >= 0:
             raise ValueError(f"weights[{name!r}] must be >= 0, got {weights[name]}")
-    fused = (None if gather or reduction != "mean"
-             else implementation(op, backend, device, required=False))
-    if fused is None:
+    one_pass = (implementation(op, backend, device, required=False)
+                if fused and not gather and reduction == "mean" else None)
+    if one_pass is None:
         return weighted_total(separate_parts(), weights, reduction)
-    out = fused(*args, tuple(float(weights[name]) for name in names))
+    out = one_pass(*args, tuple(float(weights[name]) for name in names))
     return LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
 
 
@@ -301,7 +301,8 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
                      h_b: torch.Tensor, centers: torch.Tensor, *,
                      instance_temperature: float = 0.5, alpha: float = 1.0,
                      weights: dict[str, float] | None = None, backend: str = "auto",
-                     gather_distributed: bool = False, reduction: str = "mean") -> LossOutput:
+                     gather_distributed: bool = False, reduction: str = "mean",
+                     fused: bool = True) -> LossOutput:
     """The whole objective of arXiv 2109.12714 from the centre head's inputs, in one pass each
     way on the triton and cuda backends:
 
@@ -323,6 +324,7 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
             float64 features).
         instance_temperature: NT-Xent's tau > 0. alpha: Student-t degrees of freedom > 0.
         weights: {"instance", "cluster", "anchor"} -> weight >= 0 (missing: 1).
+        fused: False runs the separate ops on every backend (benchmarks, debugging).
     Returns:
         LossOutput(total, {"instance", "cluster", "anchor"}): gradients flow to z, h and
         centers (none into q0 through the anchor term, whose target is detached, as DEC's).
@@ -358,7 +360,7 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
 
     return _objective("anchor_objective", ANCHOR_PARTS,
                       (z_a, z_b, h0, h_a, h_b, centers, instance_temperature, alpha), weights,
-                      separate_parts, z_a.device, backend, gather, reduction)
+                      separate_parts, z_a.device, backend, gather, reduction, fused)
 
 
 @outside_autocast
@@ -366,7 +368,7 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
                  logits_b: torch.Tensor, *, instance_temperature: float = 0.5,
                  cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
                  backend: str = "auto", gather_distributed: bool = False,
-                 reduction: str = "mean") -> LossOutput:
+                 reduction: str = "mean", fused: bool = True) -> LossOutput:
     """Contrastive Clustering's whole objective, in one pass each way on the triton and cuda
     backends:
 
@@ -381,6 +383,7 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     Args:
         z_a, z_b: (N, D) projections, N >= 2. logits_a, logits_b: (N, K) cluster logits, K >= 2.
         weights: {"instance", "cluster"} -> weight >= 0 (missing: 1).
+        fused: False runs the separate ops on every backend (benchmarks, debugging).
     Returns:
         LossOutput(total, {"instance", "cluster"}).
     """
@@ -405,7 +408,7 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
 
     return _objective("cc_objective", CC_PARTS,
                       (z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature),
-                      weights, separate_parts, z_a.device, backend, gather, reduction)
+                      weights, separate_parts, z_a.device, backend, gather, reduction, fused)
 
 
 @outside_autocast

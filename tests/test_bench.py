@@ -47,10 +47,24 @@ def test_pml_is_skipped_where_its_cubic_mask_does_not_fit():
 @pytest.mark.parametrize(("impl", "op", "reason"), [
     ("triton", "nt_xent", "GPU-only"), ("cuda", "nt_xent", "GPU-only"),
     ("lightly", "cc_cluster_loss", "lightly has no cc_cluster_loss"),
+    ("triton-separate", "nt_xent", "whole objectives only"),
+    ("triton-separate", "cc_objective", "GPU-only"),
 ])
 def test_unavailable_implementations_skip_with_a_reason(impl, op, reason):
     with pytest.raises(bench.Skip, match=reason):
         bench.resolve_impl(impl, op, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", bench.OBJECTIVES)
+def test_objective_rows_time_the_total_and_sum_their_parts_floors(op):
+    case = bench.Case(op, 8, 6, 3, "float32", backward=True)
+    parts = {"anchor_objective": ["nt_xent"] + 3 * ["student_t"] + ["dec_loss", "anchor_loss"],
+             "cc_objective": ["nt_xent", "cc_cluster_loss"]}[op]
+    floors = [bench.floor(bench.Case(p, 8, 6, 3, "float32", True)) for p in parts]
+    assert bench.floor(case) == {k: sum(f[k] for f in floors) for k in floors[0]}
+    inputs = bench.make_inputs(case, "cpu")
+    total = bench.resolve_impl("chunked", op, torch.device("cpu"))(*inputs)
+    assert total.dim() == 0 and total.requires_grad
 
 
 def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
