@@ -43,6 +43,10 @@ using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
 using fcl::kFullMask;
+using fcl::kLn2;
+using fcl::kLog2e;
+using fcl::kNormEps;
+using fcl::row_scale;
 using fcl::to_float;
 using fcl::warp_max;
 using fcl::warp_sum;
@@ -52,9 +56,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int BM = 64;         // rows per block
 constexpr int BN = 64;         // columns per tile
 constexpr int BK = 32;         // features per step of the S product
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNormEps = 1e-12f;  // as F.normalize
 constexpr float kWeightScale = 16384.f;  // tile weight scale before rounding (see above)
 
 // The normalised rows' element type: fp16 for 16-bit inputs, fp32 for fp32.
@@ -417,12 +418,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-}
-
-// The power of two that brings a row's largest |element| m into [1, 2): exact scaling, so that
-// the sum of squares cannot overflow (|z| ~ 1e19 in fp32) or lose tiny rows to underflow.
-__device__ __forceinline__ float row_scale(float m) {
-  return ldexpf(1.f, -ilogbf(fmaxf(m, 1.17549435e-38f)));
 }
 
 // One warp per pair i: rows z_a[i], z_b[i] scaled by their exact powers of two into zs (type
