@@ -6,13 +6,19 @@ use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT
 float32; the forward is an online log-sum-exp over column tiles and the backward one more
 row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
 
-The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``) is built with
-``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
-directory; importing this module builds nothing and works on CPU-only machines.
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``,
+``csrc/objective.cu``) is built with ``torch.utils.cpp_extension.load`` on the first call and
+cached in torch's default extensions directory; importing this module builds nothing and works
+on CPU-only machines.
 
 `student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
 row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
 `tcc_cluster_loss`) run this NT-Xent on their 2K rows.
+
+`anchor_objective` and `cc_objective` are the one-pass fused objectives of ``csrc/objective.cu``
+(`reference.anchor_objective` / `cc_objective`): the instance NT-Xent and the method's cluster
+terms in one row-parallel kernel plus a one-block epilogue, the backward in one row-parallel
+kernel plus one small kernel; deterministic (fixed-order reductions, no atomics).
 
 Raises:
     RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
@@ -87,7 +93,11 @@ def extension():
     norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),
     student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
     dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
-    anchor_backward(q0, q_a, q_b, grad_out, factor).
+    anchor_backward(q0, q_a, q_b, grad_out, factor), anchor_objective_forward(z_a, z_b, h0,
+    h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor),
+    anchor_objective_backward(..., rows, q, dist2, f, grad, ...), cc_objective_forward(z_a, z_b,
+    logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster),
+    cc_objective_backward(..., rows, q, gram, cluster_rows, grad, ...).
     """
     from torch.utils.cpp_extension import load
 

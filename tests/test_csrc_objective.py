@@ -227,6 +227,42 @@ def test_cc_objective_low_precision(emulated, dtype, tau):
     check_cc(13, 24, 7, tau, 1.0, dtype, "spread")
 
 
+OBJECTIVE_OPS = {
+    "anchor_objective": lambda: (*(t.float() for t in anchor_inputs(5, 6, 4, 3)), 2.0, 1.0, 1.0,
+                                 0.7, 0.4),
+    "cc_objective": lambda: (*(t.float() for t in cc_inputs(5, 6, 3)), 2.0, 1.0, 1.0, 0.8)}
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_OPS)
+def test_opcheck_objective_ops(emulated, name):
+    """Schema, fake implementations, autograd registration and AOT dispatch of the forward and
+    backward ops, with the arguments their autograd passes (emulated launchers)."""
+    from fastcluster_cl.losses import op_autograd
+
+    forward = getattr(torch.ops.fastcluster_cl, f"{name}_cuda_fwd").default
+    pair = op_autograd.PAIRS[f"fastcluster_cl::{name}_cuda_fwd"]
+    inputs = list(OBJECTIVE_OPS[name]())
+    for i in pair.wrt:
+        inputs[i].requires_grad_()
+    torch.library.opcheck(forward, tuple(inputs))
+    detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+    outputs = forward(*detached)
+    grads = [torch.randn_like(out) for out in outputs]
+    backward = getattr(torch.ops.fastcluster_cl, f"{name}_cuda_bwd").default
+    torch.library.opcheck(backward, tuple(pair.backward_args(detached, outputs, grads)),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_objective_double_backward_is_refused_clearly(emulated):
+    z_a, z_b, logits_a, logits_b = (t.float().requires_grad_() for t in cc_inputs(5, 6, 3))
+    (g,) = torch.autograd.grad(cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0,
+                                                         (1.0, 1.0))[0], z_a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported by "
+                                           "backend='cuda'; use backend='torch'"):
+        torch.autograd.grad(g.pow(2).sum(), z_a)
+
+
 def test_objective_launchers_reject_bad_arguments(lib):  # noqa: F811
     out = torch.zeros(8)
     assert lib.fcl_cc_objective_forward(0, _ptr(out), _ptr(out), 0, 4, 0, _ptr(out), _ptr(out),
