@@ -375,7 +375,7 @@ at::Tensor workspace(int objective, int backward, int n, int d, int k, int f,
 
 }  // namespace
 
-// (out (4) = [total, instance, DEC, anchor], rows (4 x 2n), q (3 x n x k), dist2, f (k)).
+// (out (4) = [total, instance, DEC, anchor], rows (5 x 2n), q (3 x n x k), dist2, f (k)).
 std::vector<at::Tensor> anchor_objective_forward(const at::Tensor& z_a, const at::Tensor& z_b,
                                                  const at::Tensor& h0, const at::Tensor& h_a,
                                                  const at::Tensor& h_b, const at::Tensor& centers,
@@ -392,7 +392,7 @@ std::vector<at::Tensor> anchor_objective_forward(const at::Tensor& z_a, const at
   const int f = checked_int(centers.size(1), "features of centers");
   const c10::cuda::CUDAGuard guard(z_a.device());
   const auto f32 = z_a.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({4}, f32), rows = at::empty({4, 2 * static_cast<int64_t>(n)}, f32);
+  at::Tensor out = at::empty({4}, f32), rows = at::empty({5, 2 * static_cast<int64_t>(n)}, f32);
   at::Tensor q = at::empty({3, n, k}, f32), dist2 = at::empty({3, n, k}, f32);
   at::Tensor col_sums = at::empty({k}, f32);
   at::Tensor ws = workspace(FCL_OBJECTIVE_ANCHOR, 0, n, d, k, f, z_a);
@@ -420,7 +420,7 @@ std::vector<at::Tensor> anchor_objective_backward(
   const int k = checked_int(centers.size(0), "rows of centers");
   const int f = checked_int(h0.size(1), "features of h0");
   check_state(centers, "centers", {k, f}, z_a);
-  check_state(rows, "rows", {4, 2 * static_cast<int64_t>(n)}, z_a);
+  check_state(rows, "rows", {5, 2 * static_cast<int64_t>(n)}, z_a);
   check_state(q, "q", {3, n, k}, z_a);
   check_state(dist2, "dist2", {3, n, k}, z_a);
   check_state(col_sums, "f", {k}, z_a);
@@ -444,7 +444,7 @@ std::vector<at::Tensor> anchor_objective_backward(
   return {dz_a, dz_b, dh0, dh_a, dh_b, dcenters};
 }
 
-// (out (3) = [total, instance, cluster], rows (4 x 2n), q (2 x n x k), gram (2k x 2k),
+// (out (3) = [total, instance, cluster], rows (5 x 2n), q (2 x n x k), gram (2k x 2k),
 // cluster_rows (3 x 2k)).
 std::vector<at::Tensor> cc_objective_forward(const at::Tensor& z_a, const at::Tensor& z_b,
                                              const at::Tensor& logits_a,
@@ -457,7 +457,7 @@ std::vector<at::Tensor> cc_objective_forward(const at::Tensor& z_a, const at::Te
   TORCH_CHECK(k >= 1, "logits must have at least one column");
   const c10::cuda::CUDAGuard guard(z_a.device());
   const auto f32 = z_a.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({3}, f32), rows = at::empty({4, 2 * static_cast<int64_t>(n)}, f32);
+  at::Tensor out = at::empty({3}, f32), rows = at::empty({5, 2 * static_cast<int64_t>(n)}, f32);
   at::Tensor q = at::empty({2, n, k}, f32), gram = at::empty({2 * k, 2 * k}, f32);
   at::Tensor cluster_rows = at::empty({3, 2 * k}, f32);
   at::Tensor ws = workspace(FCL_OBJECTIVE_CC, 0, n, d, k, 0, z_a);
@@ -484,7 +484,7 @@ std::vector<at::Tensor> cc_objective_backward(const at::Tensor& z_a, const at::T
   const auto [n, d] = check_views(z_a, z_b);
   check_row_inputs({{&logits_a, "logits_a"}, {&logits_b, "logits_b"}}, z_a);
   const int k = checked_int(logits_a.size(1), "columns of logits_a");
-  check_state(rows, "rows", {4, 2 * static_cast<int64_t>(n)}, z_a);
+  check_state(rows, "rows", {5, 2 * static_cast<int64_t>(n)}, z_a);
   check_state(q, "q", {2, n, k}, z_a);
   check_state(gram, "gram", {2 * k, 2 * k}, z_a);
   check_state(cluster_rows, "cluster_rows", {3, 2 * k}, z_a);

@@ -108,8 +108,9 @@ int fcl_anchor_backward(int dtype, const void* q0, const void* qa, const void* q
 // (n x d each, m = 2n rows, z_dtype) and the method's cluster terms; forward: one row kernel and
 // one single-block epilogue; backward: one row kernel and one small kernel. Every buffer is
 // caller-allocated and contiguous; the fp32 state the forward writes is the backward's input:
-//   rows (4 x m): per row of [z_a; z_b] its scale factor c (zn = z c), max(||z||, 1e-12), the
-//     lse over all k != i and the row loss.
+//   rows (5 x m): per row of [z_a; z_b] rs = 1 / max(||z p||, 1e-12 p), max(||z||, 1e-12), the
+//     lse over all k != i, the row loss and p, the power of two that puts the row's largest
+//     |element| into [1, 2) (zn = (z p) rs).
 // grad: device pointer to dL/dout (4 floats for anchor, 3 for cc); the output weights and the
 // incoming gradients are folded inside the kernels. workspace: fcl_objective_workspace floats.
 enum FclObjective { FCL_OBJECTIVE_ANCHOR = 0, FCL_OBJECTIVE_CC = 1 };

@@ -6,26 +6,31 @@
 // Row blocks. Block b owns the index pairs i in [16 b, 16 b + 16) and handles the rows i and
 // n + i of Z (BM = 32 rows), so the positive pair's 1 - cos = ||zn_i - zn_pos||^2 / 2 is formed
 // inside the block without cancellation, and the cluster rows i of h0/h_a/h_b (anchor) or of
-// both logits (cc). Rows and columns are normalised on the fly: zn = z c with
-// c = p / max(||z p||, 1e-12 p) and p the power of two that puts the row's largest |element|
-// into [1, 2) (rows of any finite magnitude; no prologue launch), each column tile's c computed
-// by the block that reads it. Similarities are fp32 SIMT tiles of BM x BN = 32 x 32 over
-// feature steps of BK = 32 (no tensor cores: the elements are scaled as they are loaded).
+// both logits (cc). Rows and columns are normalised on the fly: zn = (z p) rs with p the power
+// of two that puts the row's largest |element| into [1, 2) and rs = 1 / max(||z p||, 1e-12 p)
+// (rows of any finite magnitude; no prologue launch), each column tile's p and rs computed by
+// the block that reads it. Similarity tiles are BM x BN = 32 x 32 over feature steps of
+// BK = 32 of z p (exact), accumulated in fp32: wmma tensor cores on fp16 tiles for 16-bit
+// inputs (one 16 x 16 block per warp), an fp32 SIMT product for fp32; rs is applied after.
 //   forward:  online base-2 log-sum-exp of each row over its negatives, then
-//             loss_i = softplus(lse_neg_i - S_i,pos); the rows' c, norm, lse and loss are saved
-//             (rows: 4 x m floats) for the backward.
+//             loss_i = softplus(lse_neg_i - S_i,pos); the rows' rs, norm, lse, loss and p are
+//             saved (rows: 5 x m floats) for the backward.
 //             anchor: Student-t rows q0, qa, qb against all K centres (fp32, the centres given
 //             in fp32; q and the squared distances saved, 3 x n x K each), the per-row anchor
 //             term, and per-block partial column sums of q0 (no atomics).
 //             cc: softmax rows of both logits (saved, 2 x n x K), per-block partial marginals
-//             and a partial 2K x 2K Gram of the columns of [q_a, q_b].
+//             and a partial 2K x 2K Gram of the columns of [q_a, q_b] (blocks x 4K^2 floats:
+//             meant for CC's K of tens to hundreds).
 //   epilogue: one block sums the partials in a fixed order; anchor: f = column sums of q0
 //             (saved), DEC per row from q0 and f; cc: the cluster NT-Xent over the 2K columns
-//             (Gram / norms; lse and loss per column saved) and the marginal entropies; both:
+//             (cos = Gram / norms, the positive's too: cos_pos is not cancellation-free here,
+//             an absolute error ~ eps / tau_c; lse and loss per column saved) and the marginal
+//             entropies; both:
 //             the means and out = [total, parts...], total = weights . parts.
 //   backward: NT-Xent: A_ij = P_ij + P_ji (the positive: expm1(-loss_i) + expm1(-loss_pos)),
-//             G_i = sum_j A_ij zn_j accumulated per column tile into an fp32 m x d scratch
-//             (each element owned by one thread: no atomics), then
+//             G_i = sum_j A_ij zn_j = (A diag(rs)) (z p)_j accumulated per column tile (wmma:
+//             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
+//             m x d scratch (each element owned by one thread: no atomics), then
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
 //             anchor: G = dL/dlogit: DEC (q0 - p) / n with the detached target p, anchor
 //             (qa - q0) / n and (qb - q0) / n; w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
@@ -38,12 +43,16 @@
 // See fcl_kernels.h for the launcher contract.
 #include <float.h>
 #include <math.h>
+#include <mma.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 
 namespace {
 
+using namespace nvcuda;
 using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
@@ -70,18 +79,34 @@ constexpr int BN = 32;         // columns per tile
 constexpr int BK = 32;         // features per step
 constexpr int kPerThread = BM * BN / kThreads;  // tile entries per thread
 constexpr int kEpilogueThreads = 256;
+constexpr float kWeightScale = 16384.f;  // A tile scale before its fp16 rounding (nt_xent.cu)
 static_assert(BM * 4 == kThreads && BN == 4 * kPerThread,
               "thread t owns row t / 4 and columns t % 4 + 4 j of a tile");
+static_assert(BM == 32 && BN == 32 && BK == 32 && kThreads == 128,
+              "the wmma path: warp w owns the 16 x 16 block (w / 2, w % 2) of a 32 x 32 tile");
 
+// Tile elements: z p (p a power of two: exact) as fp16 for 16-bit inputs (tensor cores, fp32
+// accumulation; bf16 values fit fp16's mantissa, only elements below 2^-24 of the row's largest
+// flush), as fp32 for fp32 (SIMT).
+template <typename T>
+using Elem = typename std::conditional<std::is_same<T, float>::value, float, __half>::type;
+
+template <typename T>
 struct Tiles {
-  float a[BM][BK + 1];  // the block's rows, scaled (feature step)
-  float b[BN][BK + 1];  // the tile's columns, scaled (feature step)
-  float s[BM][BN + 1];  // backward: the A tile
-  float row_c[BM];      // scale factors c of the block's rows
-  float col_c[BN];      // ... and of the tile's columns
-  float col_lse[BN];    // backward: the columns' lse (base 2) and expm1(-loss)
-  float col_pos[BN];
-  float dist[BP];       // forward: 1 - cos of the block's positive pairs
+  using E = Elem<T>;
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  // Leading dimensions: wmma needs 16-byte multiples and 32-byte aligned fragment pointers.
+  static constexpr int LDA = kTensorCores ? BK + 8 : BK + 1;
+  static constexpr int LDS = BN + 4;
+  static constexpr int LDP = BN + 8;
+  __align__(128) E a[BM][LDA];    // the block's rows z p (feature step)
+  __align__(128) E b[BN][LDA];    // the tile's columns z p (feature step)
+  __align__(128) float s[BM][LDS];  // wmma: score / G staging; SIMT backward: the A tile
+  __align__(128) E pa[kTensorCores ? BM : 1][LDP];  // wmma backward: 2^14 A diag(rs_cols)
+  float row_p[BM], row_rs[BM];    // powers of two and 1 / max(||z p||, eps p) of the rows
+  float col_p[BN], col_rs[BN];    // ... and of the tile's columns
+  float col_lse[BN], col_pos[BN];  // backward: the columns' lse (base 2) and expm1(-loss)
+  float dist[BP];                 // forward: 1 - cos of the block's positive pairs
 };
 
 // Row j < 2n of Z = [z_a; z_b].
@@ -96,92 +121,128 @@ __device__ __forceinline__ int block_row(int i0, int n, int r) {
   return i >= n ? -1 : (r < BP ? i : n + i);
 }
 
-// One warp: z's scale factor c (zn = z c, |zn| = 1 unless clamped) and norm max(||z||, eps).
+// One warp: z's power of two p (largest |z p| in [1, 2)), rs = 1 / max(||z p||, eps p) (so
+// that zn = (z p) rs = z / max(||z||, eps) for rows of any finite magnitude) and the clamped
+// norm max(||z||, eps).
 template <typename T>
-__device__ void unit_scale(const T* z, int d, float& c, float& norm) {
+__device__ void unit_scale(const T* z, int d, float& p, float& rs, float& norm) {
   const int lane = threadIdx.x % 32;
   float mx = 0.f;
   for (int e = lane; e < d; e += 32) mx = fmaxf(mx, fabsf(to_float(z[e])));
-  const float p = row_scale(warp_max(mx));
+  p = row_scale(warp_max(mx));
   float sum = 0.f;
   for (int e = lane; e < d; e += 32) {
     const float v = to_float(z[e]) * p;
     sum = fmaf(v, v, sum);
   }
   const float s = sqrtf(warp_sum(sum));
-  c = p / fmaxf(s, kNormEps * p);
+  rs = 1.f / fmaxf(s, kNormEps * p);
   norm = fmaxf(s / p, kNormEps);
 }
 
-// dst[r][kk] = zn[row_of(r)][k0 + kk] (0 outside), r < 32, scale factors factor[r].
-template <typename T, typename RowOf>
-__device__ __forceinline__ void load_scaled(float (*dst)[BK + 1], const T* z_a, const T* z_b,
+// dst[r][kk] = z[row_of(r)][k0 + kk] p[r] (0 outside), r < 32.
+template <typename T, int LD, typename RowOf>
+__device__ __forceinline__ void load_scaled(Elem<T> (*dst)[LD], const T* z_a, const T* z_b,
                                             int n, int d, int k0, RowOf row_of,
-                                            const float* factor) {
+                                            const float* p) {
   for (int e = threadIdx.x; e < 32 * BK; e += kThreads) {
     const int r = e / BK, kk = e % BK;
     const int j = row_of(r);
-    dst[r][kk] = (j >= 0 && k0 + kk < d) ? to_float(z_row(z_a, z_b, n, d, j)[k0 + kk]) * factor[r]
-                                         : 0.f;
+    const float v = (j >= 0 && k0 + kk < d) ? to_float(z_row(z_a, z_b, n, d, j)[k0 + kk]) * p[r]
+                                            : 0.f;
+    dst[r][kk] = from_float<Elem<T>>(v);
   }
 }
 
-// acc[jj] = zn_row(t / 4) . zn_col(c0 + t % 4 + 4 jj); starts and ends with a barrier-free
-// tile (the caller publishes row_c / col_c first); ends with a barrier.
+// acc[jj] = (z p)_row(t / 4) . (z p)_col(c0 + t % 4 + 4 jj) in fp32 (the caller applies rs);
+// the caller publishes row_p / col_p first; ends with a barrier.
 template <typename T>
-__device__ void score_tile(const T* z_a, const T* z_b, int n, int d, int i0, int c0, Tiles& t,
-                           float (&acc)[kPerThread]) {
+__device__ void score_tile(const T* z_a, const T* z_b, int n, int d, int i0, int c0,
+                           Tiles<T>& t, float (&acc)[kPerThread]) {
+  using Tr = Tiles<T>;
   const int r = threadIdx.x / 4, q = threadIdx.x % 4, m = 2 * n;
+  auto rows = [&](int rr) { return block_row(i0, n, rr); };
+  auto cols = [&](int cc) { return c0 + cc < m ? c0 + cc : -1; };
+  if constexpr (Tr::kTensorCores) {
+    using E = typename Tr::E;
+    const int warp = threadIdx.x / 32, wr = warp / 2 * 16, wc = warp % 2 * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag;
+    wmma::fill_fragment(frag, 0.f);
+    for (int k0 = 0; k0 < d; k0 += BK) {
+      load_scaled<T>(t.a, z_a, z_b, n, d, k0, rows, t.row_p);
+      load_scaled<T>(t.b, z_a, z_b, n, d, k0, cols, t.col_p);
+      __syncthreads();
 #pragma unroll
-  for (int jj = 0; jj < kPerThread; ++jj) acc[jj] = 0.f;
-  for (int k0 = 0; k0 < d; k0 += BK) {
-    load_scaled(t.a, z_a, z_b, n, d, k0, [&](int rr) { return block_row(i0, n, rr); }, t.row_c);
-    load_scaled(t.b, z_a, z_b, n, d, k0, [&](int cc) { return c0 + cc < m ? c0 + cc : -1; },
-                t.col_c);
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < BK; ++kk) {
-      const float a = t.a[r][kk];
-#pragma unroll
-      for (int jj = 0; jj < kPerThread; ++jj) acc[jj] = fmaf(a, t.b[q + 4 * jj][kk], acc[jj]);
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+        // b holds column rows [c][k]: read as the K x N operand it is column-major
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, &t.a[wr][kk], Tr::LDA);
+        wmma::load_matrix_sync(fb, &t.b[wc][kk], Tr::LDA);
+        wmma::mma_sync(frag, fa, fb, frag);
+      }
+      __syncthreads();
     }
+    wmma::store_matrix_sync(&t.s[wr][wc], frag, Tr::LDS, wmma::mem_row_major);
     __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kPerThread; ++jj) acc[jj] = t.s[r][q + 4 * jj];
+  } else {
+#pragma unroll
+    for (int jj = 0; jj < kPerThread; ++jj) acc[jj] = 0.f;
+    for (int k0 = 0; k0 < d; k0 += BK) {
+      load_scaled<T>(t.a, z_a, z_b, n, d, k0, rows, t.row_p);
+      load_scaled<T>(t.b, z_a, z_b, n, d, k0, cols, t.col_p);
+      __syncthreads();
+#pragma unroll 4
+      for (int kk = 0; kk < BK; ++kk) {
+        const float a = t.a[r][kk];
+#pragma unroll
+        for (int jj = 0; jj < kPerThread; ++jj) acc[jj] = fmaf(a, t.b[q + 4 * jj][kk], acc[jj]);
+      }
+      __syncthreads();
+    }
   }
+  __syncthreads();  // t.s (wmma) and t.a / t.b are free again
 }
 
-// Forward NT-Xent of the block's rows: rows[0..m) = c, rows[m..2m) = norm,
-// rows[2m..3m) = lse (over all k != i, natural log), rows[3m..4m) = loss.
+// Forward NT-Xent of the block's rows: rows[0..m) = rs, rows[m..2m) = norm,
+// rows[2m..3m) = lse (over all k != i, natural log), rows[3m..4m) = loss, rows[4m..5m) = p.
 template <typename T>
 __device__ void nt_xent_forward_block(const T* z_a, const T* z_b, int n, int d, float inv_tau,
-                                      int i0, Tiles& t, float* rows) {
+                                      int i0, Tiles<T>& t, float* rows) {
   const int m = 2 * n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int p = warp; p < BP; p += kWarps) {  // the pairs: scale factors and 1 - cos
+  for (int p = warp; p < BP; p += kWarps) {  // the pairs: scaling and 1 - cos
     const int i = i0 + p;
     if (i >= n) {  // whole warp
-      if (lane == 0) t.row_c[p] = t.row_c[BP + p] = t.dist[p] = 0.f;
+      if (lane == 0) t.row_p[p] = t.row_p[BP + p] = t.row_rs[p] = t.row_rs[BP + p] = 0.f;
       continue;
     }
     const T* a = z_a + (int64_t)i * d;
     const T* b = z_b + (int64_t)i * d;
-    float ca, na, cb, nb;
-    unit_scale(a, d, ca, na);
-    unit_scale(b, d, cb, nb);
+    float pa, rsa, na, pb, rsb, nb;
+    unit_scale(a, d, pa, rsa, na);
+    unit_scale(b, d, pb, rsb, nb);
     float gap = 0.f, dot = 0.f;
     for (int e = lane; e < d; e += 32) {
-      const float ya = to_float(a[e]) * ca, yb = to_float(b[e]) * cb;
+      const float ya = to_float(a[e]) * pa * rsa, yb = to_float(b[e]) * pb * rsb;
       gap = fmaf(ya - yb, ya - yb, gap);
       dot = fmaf(ya, yb, dot);
     }
     gap = warp_sum(gap);
     dot = warp_sum(dot);
     if (lane == 0) {
-      t.row_c[p] = ca;
-      t.row_c[BP + p] = cb;
+      t.row_p[p] = pa;
+      t.row_p[BP + p] = pb;
+      t.row_rs[p] = rsa;
+      t.row_rs[BP + p] = rsb;
       t.dist[p] = (na > kNormEps && nb > kNormEps) ? 0.5f * gap : 1.f - dot;
-      rows[i] = ca;
-      rows[n + i] = cb;
+      rows[i] = rsa;
+      rows[n + i] = rsb;
       rows[m + i] = na;
       rows[m + n + i] = nb;
+      rows[4 * m + i] = pa;
+      rows[4 * m + n + i] = pb;
     }
   }
   const int r = threadIdx.x / 4, q = threadIdx.x % 4;
@@ -191,18 +252,23 @@ __device__ void nt_xent_forward_block(const T* z_a, const T* z_b, int n, int d, 
   float run_max = -INFINITY, run_sum = 0.f;
   for (int c0 = 0; c0 < m; c0 += BN) {
     for (int cc = warp; cc < BN; cc += kWarps) {
-      float c = 0.f, norm;
-      if (c0 + cc < m) unit_scale(z_row(z_a, z_b, n, d, c0 + cc), d, c, norm);  // whole warp
-      if (lane == 0) t.col_c[cc] = c;
+      float p = 0.f, rs = 0.f, norm;
+      if (c0 + cc < m) unit_scale(z_row(z_a, z_b, n, d, c0 + cc), d, p, rs, norm);  // warp
+      if (lane == 0) {
+        t.col_p[cc] = p;
+        t.col_rs[cc] = rs;
+      }
     }
-    __syncthreads();  // col_c (and the first time row_c, dist)
+    __syncthreads();  // col_p, col_rs (and the first time the rows' values)
     float acc[kPerThread];
     score_tile(z_a, z_b, n, d, i0, c0, t, acc);
+    const float row_factor = gi >= 0 ? t.row_rs[r] * scale2 : 0.f;
     float tile_max = -INFINITY;
 #pragma unroll
     for (int jj = 0; jj < kPerThread; ++jj) {
-      const int j = c0 + q + 4 * jj;
-      acc[jj] = (gi >= 0 && j < m && j != gi && j != pos) ? acc[jj] * scale2 : -INFINITY;
+      const int col = q + 4 * jj, j = c0 + col;
+      acc[jj] = (gi >= 0 && j < m && j != gi && j != pos) ? acc[jj] * row_factor * t.col_rs[col]
+                                                          : -INFINITY;
       tile_max = fmaxf(tile_max, acc[jj]);
     }
     if (tile_max > -INFINITY) {
@@ -233,12 +299,13 @@ __device__ void nt_xent_forward_block(const T* z_a, const T* z_b, int n, int d, 
   }
 }
 
-// Backward NT-Xent of the block's rows: dz = scale-weighted gradient (scale = dL/dinstance
-// * inv_tau / m); g is an m x d fp32 scratch.
+// Backward NT-Xent of the block's rows: dz from scale = dL/dinstance * inv_tau / m; g is an
+// m x d fp32 scratch (G_i = sum_j A_ij zn_j).
 template <typename T>
 __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d, float inv_tau,
-                                       int i0, const float* rows, float scale, Tiles& t,
+                                       int i0, const float* rows, float scale, Tiles<T>& t,
                                        float* g, T* dz_a, T* dz_b) {
+  using Tr = Tiles<T>;
   const int m = 2 * n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = threadIdx.x / 4, q = threadIdx.x % 4;
   const int gi = block_row(i0, n, r);
@@ -246,20 +313,24 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
   const float scale2 = inv_tau * kLog2e;
   for (int e = threadIdx.x; e < BM; e += kThreads) {
     const int j = block_row(i0, n, e);
-    t.row_c[e] = j >= 0 ? rows[j] : 0.f;
+    t.row_rs[e] = j >= 0 ? rows[j] : 0.f;
+    t.row_p[e] = j >= 0 ? rows[4 * m + j] : 0.f;
   }
   const float lse_i = gi >= 0 ? rows[2 * m + gi] * kLog2e : 0.f;
   const float pos_i = gi >= 0 ? expm1f(-rows[3 * m + gi]) : 0.f;  // P_i,pos - 1
+  auto cols = [&](int c0) { return [=](int cc) { return c0 + cc < m ? c0 + cc : -1; }; };
   for (int c0 = 0; c0 < m; c0 += BN) {
     for (int e = threadIdx.x; e < BN; e += kThreads) {
       const int j = c0 + e;
-      t.col_c[e] = j < m ? rows[j] : 0.f;
+      t.col_rs[e] = j < m ? rows[j] : 0.f;
+      t.col_p[e] = j < m ? rows[4 * m + j] : 0.f;
       t.col_lse[e] = j < m ? rows[2 * m + j] * kLog2e : 0.f;
       t.col_pos[e] = j < m ? expm1f(-rows[3 * m + j]) : 0.f;
     }
     __syncthreads();
     float acc[kPerThread];
     score_tile(z_a, z_b, n, d, i0, c0, t, acc);
+    const float row_factor = gi >= 0 ? t.row_rs[r] * scale2 : 0.f;
 #pragma unroll
     for (int jj = 0; jj < kPerThread; ++jj) {
       const int col = q + 4 * jj, j = c0 + col;
@@ -268,22 +339,49 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
         if (j == pos) {
           a = pos_i + t.col_pos[col];
         } else {
-          const float x = acc[jj] * scale2;
+          const float x = acc[jj] * row_factor * t.col_rs[col];
           a = exp2f(x - lse_i) + exp2f(x - t.col_lse[col]);
         }
       }
-      t.s[r][col] = a;
+      // A zn_cols = (A diag(rs_cols)) (z p)_cols
+      if constexpr (Tr::kTensorCores) {
+        t.pa[r][col] = __float2half_rn(a * t.col_rs[col] * kWeightScale);
+      } else {
+        t.s[r][col] = a * t.col_rs[col];
+      }
     }
-    for (int k0 = 0; k0 < d; k0 += BK) {  // G[r][k0 + q + 4 jj] += A[r][:] zn_cols[:][...]
-      load_scaled(t.b, z_a, z_b, n, d, k0, [&](int cc) { return c0 + cc < m ? c0 + cc : -1; },
-                  t.col_c);
-      __syncthreads();  // (the first step also publishes t.s)
-      float part[kPerThread] = {};
-#pragma unroll 4
-      for (int cc = 0; cc < BN; ++cc) {
-        const float a = t.s[r][cc];
+    for (int k0 = 0; k0 < d; k0 += BK) {  // G[r][k0 + q + 4 jj] += (A diag(rs)) (z p)_cols
+      load_scaled<T>(t.b, z_a, z_b, n, d, k0, cols(c0), t.col_p);
+      __syncthreads();  // (the first step also publishes the A tile)
+      float part[kPerThread];
+      if constexpr (Tr::kTensorCores) {
+        using E = typename Tr::E;
+        const int wr = warp / 2 * 16, wc = warp % 2 * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag;
+        wmma::fill_fragment(frag, 0.f);
 #pragma unroll
-        for (int jj = 0; jj < kPerThread; ++jj) part[jj] = fmaf(a, t.b[cc][q + 4 * jj], part[jj]);
+        for (int kk = 0; kk < BN; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, &t.pa[wr][kk], Tr::LDP);
+          wmma::load_matrix_sync(fb, &t.b[kk][wc], Tr::LDA);
+          wmma::mma_sync(frag, fa, fb, frag);
+        }
+        wmma::store_matrix_sync(&t.s[wr][wc], frag, Tr::LDS, wmma::mem_row_major);
+        __syncthreads();
+#pragma unroll
+        for (int jj = 0; jj < kPerThread; ++jj) part[jj] = t.s[r][q + 4 * jj] / kWeightScale;
+      } else {
+#pragma unroll
+        for (int jj = 0; jj < kPerThread; ++jj) part[jj] = 0.f;
+#pragma unroll 4
+        for (int cc = 0; cc < BN; ++cc) {
+          const float a = t.s[r][cc];
+#pragma unroll
+          for (int jj = 0; jj < kPerThread; ++jj) {
+            part[jj] = fmaf(a, to_float(t.b[cc][q + 4 * jj]), part[jj]);
+          }
+        }
       }
       if (gi >= 0) {
 #pragma unroll
@@ -303,7 +401,7 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
     const int row = block_row(i0, n, rr);
     if (row < 0) continue;  // whole warp
     const T* z = z_row(z_a, z_b, n, d, row);
-    const float c = t.row_c[rr], norm = rows[m + row];
+    const float c = t.row_p[rr] * t.row_rs[rr], norm = rows[m + row];  // zn = z c
     const float* gr = g + (int64_t)row * d;
     float dot = 0.f;
     for (int e = lane; e < d; e += 32) dot = fmaf(to_float(z[e]) * c, scale * gr[e], dot);
@@ -344,7 +442,7 @@ __global__ void __launch_bounds__(kThreads)
                           float inv_tau, ClusterInputs in, float* __restrict__ rows,
                           float* __restrict__ q, float* __restrict__ dist2,
                           float* __restrict__ col_part, float* __restrict__ anchor_rows) {
-  __shared__ Tiles t;
+  __shared__ Tiles<T> t;
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int k = in.k, f = in.f;
   nt_xent_forward_block(z_a, z_b, n, d, inv_tau, i0, t, rows);
@@ -428,7 +526,7 @@ __global__ void __launch_bounds__(kThreads)
                            float* __restrict__ g, float* __restrict__ w,
                            float* __restrict__ center_part, T* __restrict__ dz_a,
                            T* __restrict__ dz_b, void* dh0, void* dh_a, void* dh_b) {
-  __shared__ Tiles t;
+  __shared__ Tiles<T> t;
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int k = in.k, nf = in.f;
   const float s_instance = (grad[0] * w_instance + grad[1]) * inv_tau / (2 * n);
@@ -504,7 +602,7 @@ __global__ void __launch_bounds__(kThreads)
                       float inv_tau, int l_dtype, const void* logits_a, const void* logits_b,
                       int k, float* __restrict__ rows, float* __restrict__ q,
                       float* __restrict__ gram_part, float* __restrict__ marginal_part) {
-  __shared__ Tiles t;
+  __shared__ Tiles<T> t;
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   nt_xent_forward_block(z_a, z_b, n, d, inv_tau, i0, t, rows);
   for (int p = warp; p < BP; p += kWarps) {
@@ -660,7 +758,7 @@ __global__ void __launch_bounds__(kThreads)
                        const float* __restrict__ offsets, float* __restrict__ g,
                        T* __restrict__ dz_a, T* __restrict__ dz_b, void* dlogits_a,
                        void* dlogits_b) {
-  __shared__ Tiles t;
+  __shared__ Tiles<T> t;
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float s_instance = (grad[0] * w_instance + grad[1]) * inv_tau / (2 * n);
   nt_xent_backward_block(z_a, z_b, n, d, inv_tau, i0, rows, s_instance, t, g, dz_a, dz_b);
@@ -720,7 +818,7 @@ extern "C" int fcl_anchor_objective_forward(int z_dtype, const void* z_a, const 
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
     anchor_epilogue_kernel<<<1, kEpilogueThreads, 0, stream>>>(
-        n, k, blocks, col_part, q, rows + 6 * (int64_t)n, anchor_rows, w_instance, w_cluster,
+        n, k, blocks, col_part, q, rows + 3 * 2 * (int64_t)n, anchor_rows, w_instance, w_cluster,
         w_anchor, col_sums, out);
     return static_cast<int>(cudaGetLastError());
   });
@@ -777,7 +875,7 @@ extern "C" int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
     cc_epilogue_kernel<<<1, kEpilogueThreads, 0, stream>>>(
-        n, k, blocks, gram_part, marginal_part, rows + 6 * (int64_t)n, inv_tau_c, w_instance,
+        n, k, blocks, gram_part, marginal_part, rows + 3 * 2 * (int64_t)n, inv_tau_c, w_instance,
         w_cluster, gram, cluster_rows, out);
     return static_cast<int>(cudaGetLastError());
   });

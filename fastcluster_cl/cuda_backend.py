@@ -374,8 +374,8 @@ tcc_cluster_loss_terms = functools.partial(reference.tcc_cluster_loss_terms,
 # ---- One-pass fused objectives (csrc/objective.cu) --------------------------------------------
 # reference.anchor_objective / cc_objective in one row-parallel kernel plus a one-block
 # epilogue (forward) and one row kernel plus one small kernel (backward). The forward ops return
-# the result and the fp32 state the backward reads: rows (4, 2N) = per row of [z_a; z_b] its
-# scale factor, norm, lse and loss; anchor: q and the squared distances (3, N, K) of h0, h_a,
+# the result and the fp32 state the backward reads: rows (5, 2N) = per row of [z_a; z_b] its
+# inverse scaled norm, norm, lse, loss and power-of-two scale; anchor: q and the squared distances (3, N, K) of h0, h_a,
 # h_b, the column sums f of q0; cc: the softmax rows (2, N, K), the 2K x 2K Gram of their
 # columns and (3, 2K) = each column's lse, loss and sum. The incoming gradient and the weights
 # are folded in the backward kernels; centres enter in fp32 (the cast's autograd brings their
@@ -398,7 +398,7 @@ def anchor_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Ten
 def _(z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor):
     (n, _), k, f32 = z_a.shape, centers.shape[0], torch.float32
     q = z_a.new_empty(3, n, k, dtype=f32)
-    return (z_a.new_empty(4, dtype=f32), z_a.new_empty(4, 2 * n, dtype=f32), q,
+    return (z_a.new_empty(4, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32), q,
             torch.empty_like(q), z_a.new_empty(k, dtype=f32))
 
 
@@ -438,7 +438,7 @@ def cc_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.T
 @cc_objective_forward.register_fake
 def _(z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster):
     (n, _), k, f32 = z_a.shape, logits_a.shape[1], torch.float32
-    return (z_a.new_empty(3, dtype=f32), z_a.new_empty(4, 2 * n, dtype=f32),
+    return (z_a.new_empty(3, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32),
             z_a.new_empty(2, n, k, dtype=f32), z_a.new_empty(2 * k, 2 * k, dtype=f32),
             z_a.new_empty(3, 2 * k, dtype=f32))
 
