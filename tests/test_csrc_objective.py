@@ -216,20 +216,21 @@ def test_anchor_objective_low_precision_centers(emulated):
 
 @pytest.mark.parametrize("n,d,k,tau,tau_c,assignment", [
     (13, 24, 7, 0.05, 1.0, "spread"), (13, 24, 7, 0.5, 0.5, "onehot"),
-    (13, 24, 7, 0.5, 1.0, "uniform"), (20, 40, 40, 0.5, 1.0, "spread")])
+    (13, 24, 7, 0.5, 1.0, "uniform"), (20, 40, 40, 0.5, 1.0, "spread"),
+    (2, 3, 2, 0.5, 1.0, "spread")])
 def test_cc_objective_fp32(emulated, n, d, k, tau, tau_c, assignment):
     check_cc(n, d, k, tau, tau_c, torch.float32, assignment)
 
 
-def test_objectives_extreme_row_norms(emulated):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_objectives_extreme_row_norms(emulated, dtype):
     """A row of norm ~1e20 (its squares overflow fp32) and one of ~1e-18 (clamped at 1e-12):
     the power-of-two row scaling normalises both exactly, as the float64 reference does."""
     z_a, z_b, logits_a, logits_b = cc_inputs(13, 24, 7)
     z_a[0] *= 1e19
     z_b[1] *= 1e-19
     check_objective(cuda_backend.cc_objective, reference.cc_objective,
-                    (z_a, z_b, logits_a, logits_b), [torch.float32] * 4, (0.1, 1.0, (1.0, 0.8)),
-                    "cpu")
+                    (z_a, z_b, logits_a, logits_b), [dtype] * 4, (0.1, 1.0, (1.0, 0.8)), "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
