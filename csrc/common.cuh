@@ -73,7 +73,10 @@ __device__ __forceinline__ float row_scale(float m) {
   return ldexpf(1.f, -ilogbf(fmaxf(m, 1.17549435e-38f)));
 }
 
-__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+// log(1 + e^x) without overflow; softplus(-inf) = 0.
+__device__ __forceinline__ float softplus(float x) {
+  return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
+}
 
 // KL helpers: 0 log 0 = 0; log q clamped at FLT_MIN as reference.safe_log, whose gradient is
 // w / q where the clamp passes it, else 0.

@@ -25,8 +25,7 @@
 //             (saved), DEC per row from q0 and f; cc: the cluster NT-Xent over the 2K columns
 //             (cos = Gram / norms, the positive's too: cos_pos is not cancellation-free here,
 //             an absolute error ~ eps / tau_c; lse and loss per column saved) and the marginal
-//             entropies; both:
-//             the means and out = [total, parts...], total = weights . parts.
+//             entropies; both: the means and out = [total, parts...], total = weights . parts.
 //   backward: NT-Xent: A_ij = P_ij + P_ji (the positive: expm1(-loss_i) + expm1(-loss_pos)),
 //             G_i = sum_j A_ij zn_j = (A diag(rs)) (z p)_j accumulated per column tile (wmma:
 //             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
@@ -556,7 +555,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = lane; e < nf; e += 32) {
         const float h = load_any(in.h[v], in.dtype, h_base + e);
         float sum = 0.f;
-        for (int c = 0; c < k; ++c) sum = fmaf(w[base + c], h - in.centers[(int64_t)c * nf + e], sum);
+        for (int c = 0; c < k; ++c) {
+          sum = fmaf(w[base + c], h - in.centers[(int64_t)c * nf + e], sum);
+        }
         store_any(dh[v], in.dtype, h_base + e, sum);
       }
     }
@@ -635,7 +636,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int at = threadIdx.x; at < k2 * k2; at += kThreads) {
     const int j = at / k2, l = at % k2;
     float sum = 0.f;
-    for (int p = 0; p < last; ++p) sum = fmaf(q_at(q, n, k, i0 + p, j), q_at(q, n, k, i0 + p, l), sum);
+    for (int p = 0; p < last; ++p) {
+      sum = fmaf(q_at(q, n, k, i0 + p, j), q_at(q, n, k, i0 + p, l), sum);
+    }
     gram_part[(int64_t)blockIdx.x * k2 * k2 + at] = sum;
   }
 }
@@ -771,14 +774,18 @@ __global__ void __launch_bounds__(kThreads)
       auto dq = [&](int c) {  // dL/dq_ic of this view
         const int j = v * k + c;
         float sum = offsets[j];
-        for (int l = 0; l < k2; ++l) sum = fmaf(weights[(int64_t)j * k2 + l], q_at(q, n, k, i, l), sum);
+        for (int l = 0; l < k2; ++l) {
+          sum = fmaf(weights[(int64_t)j * k2 + l], q_at(q, n, k, i, l), sum);
+        }
         return sum;
       };
       float dot = 0.f;
       for (int c = lane; c < k; c += 32) dot = fmaf(dq(c), qi[c], dot);
       dot = warp_sum(dot);
       void* out = v == 0 ? dlogits_a : dlogits_b;
-      for (int c = lane; c < k; c += 32) store_any(out, l_dtype, (int64_t)i * k + c, qi[c] * (dq(c) - dot));
+      for (int c = lane; c < k; c += 32) {
+        store_any(out, l_dtype, (int64_t)i * k + c, qi[c] * (dq(c) - dot));
+      }
     }
   }
 }

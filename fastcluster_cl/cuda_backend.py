@@ -375,11 +375,11 @@ tcc_cluster_loss_terms = functools.partial(reference.tcc_cluster_loss_terms,
 # reference.anchor_objective / cc_objective in one row-parallel kernel plus a one-block
 # epilogue (forward) and one row kernel plus one small kernel (backward). The forward ops return
 # the result and the fp32 state the backward reads: rows (5, 2N) = per row of [z_a; z_b] its
-# inverse scaled norm, norm, lse, loss and power-of-two scale; anchor: q and the squared distances (3, N, K) of h0, h_a,
-# h_b, the column sums f of q0; cc: the softmax rows (2, N, K), the 2K x 2K Gram of their
-# columns and (3, 2K) = each column's lse, loss and sum. The incoming gradient and the weights
-# are folded in the backward kernels; centres enter in fp32 (the cast's autograd brings their
-# gradient back to their dtype).
+# inverse scaled norm, norm, lse, loss and power-of-two scale; anchor: q and the squared
+# distances (3, N, K) of h0, h_a, h_b, the column sums f of q0; cc: the softmax rows (2, N, K),
+# the 2K x 2K Gram of their columns and (3, 2K) = each column's lse, loss and sum. The incoming
+# gradient and the weights are folded in the backward kernels; centres enter in fp32 (the
+# cast's autograd brings their gradient back to their dtype).
 
 @torch.library.custom_op("fastcluster_cl::anchor_objective_cuda_fwd", mutates_args=())
 def anchor_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,

@@ -45,7 +45,8 @@ class EmulatedObjectives:
 
     def anchor_objective_forward(self, z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, *w):
         (n, d), (k, f) = z_a.shape, centers.shape
-        rows, q, dist2, col_sums, out = _nan(5, 2 * n), _nan(3, n, k), _nan(3, n, k), _nan(k), _nan(4)
+        rows, q, dist2 = _nan(5, 2 * n), _nan(3, n, k), _nan(3, n, k)
+        col_sums, out = _nan(k), _nan(4)
         self._check(self.lib.fcl_anchor_objective_forward(
             DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[h0.dtype], _ptr(h0),
             _ptr(h_a), _ptr(h_b), _ptr(centers), k, f, ctypes.c_float(inv_tau),
