@@ -153,6 +153,24 @@ __device__ __forceinline__ void load_scaled(Elem<T> (*dst)[LD], const T* z_a, co
   }
 }
 
+// frag += a (16 x 32, row-major) times the 32 x 16 operand b for one warp (wmma, fp32
+// accumulation); b is row-major K x N, or col-major (its N rows of K contiguous elements).
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+template <typename LayoutB, typename E>
+__device__ __forceinline__ void warp_mma_32(Accumulator& frag, const E* a, int lda, const E* b,
+                                            int ldb) {
+#pragma unroll
+  for (int kk = 0; kk < 32; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, LayoutB> fb;
+    wmma::load_matrix_sync(fa, a + kk, lda);
+    wmma::load_matrix_sync(fb, b + (std::is_same<LayoutB, wmma::col_major>::value ? kk : kk * ldb),
+                           ldb);
+    wmma::mma_sync(frag, fa, fb, frag);
+  }
+}
+
 // acc[jj] = (z p)_row(t / 4) . (z p)_col(c0 + t % 4 + 4 jj) in fp32 (the caller applies rs);
 // the caller publishes row_p / col_p first; ends with a barrier.
 template <typename T>
@@ -163,23 +181,15 @@ __device__ void score_tile(const T* z_a, const T* z_b, int n, int d, int i0, int
   auto rows = [&](int rr) { return block_row(i0, n, rr); };
   auto cols = [&](int cc) { return c0 + cc < m ? c0 + cc : -1; };
   if constexpr (Tr::kTensorCores) {
-    using E = typename Tr::E;
     const int warp = threadIdx.x / 32, wr = warp / 2 * 16, wc = warp % 2 * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag;
+    Accumulator frag;
     wmma::fill_fragment(frag, 0.f);
     for (int k0 = 0; k0 < d; k0 += BK) {
       load_scaled<T>(t.a, z_a, z_b, n, d, k0, rows, t.row_p);
       load_scaled<T>(t.b, z_a, z_b, n, d, k0, cols, t.col_p);
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
-        // b holds column rows [c][k]: read as the K x N operand it is column-major
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, &t.a[wr][kk], Tr::LDA);
-        wmma::load_matrix_sync(fb, &t.b[wc][kk], Tr::LDA);
-        wmma::mma_sync(frag, fa, fb, frag);
-      }
+      // b holds column rows [c][k]: read as the K x N operand it is column-major
+      warp_mma_32<wmma::col_major>(frag, &t.a[wr][0], Tr::LDA, &t.b[wc][0], Tr::LDA);
       __syncthreads();
     }
     wmma::store_matrix_sync(&t.s[wr][wc], frag, Tr::LDS, wmma::mem_row_major);
@@ -354,18 +364,10 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
       __syncthreads();  // (the first step also publishes the A tile)
       float part[kPerThread];
       if constexpr (Tr::kTensorCores) {
-        using E = typename Tr::E;
         const int wr = warp / 2 * 16, wc = warp % 2 * 16;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag;
+        Accumulator frag;
         wmma::fill_fragment(frag, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < BN; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, &t.pa[wr][kk], Tr::LDP);
-          wmma::load_matrix_sync(fb, &t.b[kk][wc], Tr::LDA);
-          wmma::mma_sync(frag, fa, fb, frag);
-        }
+        warp_mma_32<wmma::row_major>(frag, &t.pa[wr][0], Tr::LDP, &t.b[0][wc], Tr::LDA);
         wmma::store_matrix_sync(&t.s[wr][wc], frag, Tr::LDS, wmma::mem_row_major);
         __syncthreads();
 #pragma unroll
@@ -427,9 +429,15 @@ __device__ float block_sum(float v, float* scratch) {
 
 // ---------------------------------------------------------------- anchor (DEC + anchor KL)
 
+// View v of three pointers, without a dynamically indexed (local-memory) array.
+template <typename P>
+__device__ __forceinline__ P pick(int v, P p0, P p1, P p2) {
+  return v == 0 ? p0 : (v == 1 ? p1 : p2);
+}
+
 struct ClusterInputs {  // h0, h_a, h_b (n x f, dtype h_dtype) and the fp32 centres (k x f)
   int dtype;
-  const void* h[3];
+  const void *h0, *h_a, *h_b;
   const float* centers;
   int k, f;
   float alpha;
@@ -449,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
     const int i = i0 + p;
     if (i >= n) continue;  // whole warp
     for (int v = 0; v < 3; ++v) {
-      const void* h = in.h[v];
+      const void* h = pick(v, in.h0, in.h_a, in.h_b);
       student_t_row([&](int e) { return load_any(h, in.dtype, (int64_t)i * f + e); },
                     [&](int c, int e) { return in.centers[(int64_t)c * f + e]; }, k, f,
                     in.alpha, q + ((int64_t)v * n + i) * k, dist2 + ((int64_t)v * n + i) * k);
@@ -532,7 +540,6 @@ __global__ void __launch_bounds__(kThreads)
   const float s_cluster = (grad[0] * w_cluster + grad[2]) / n;
   const float s_anchor = (grad[0] * w_anchor + grad[3]) / n;
   nt_xent_backward_block(z_a, z_b, n, d, inv_tau, i0, rows, s_instance, t, g, dz_a, dz_b);
-  void* dh[3] = {dh0, dh_a, dh_b};
   const float power = in.alpha + 1.f;
   for (int p = warp; p < BP; p += kWarps) {
     const int i = i0 + p;
@@ -553,12 +560,12 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();  // every lane reads the whole row of w
       const int64_t h_base = (int64_t)i * nf;
       for (int e = lane; e < nf; e += 32) {
-        const float h = load_any(in.h[v], in.dtype, h_base + e);
+        const float h = load_any(pick(v, in.h0, in.h_a, in.h_b), in.dtype, h_base + e);
         float sum = 0.f;
         for (int c = 0; c < k; ++c) {
           sum = fmaf(w[base + c], h - in.centers[(int64_t)c * nf + e], sum);
         }
-        store_any(dh[v], in.dtype, h_base + e, sum);
+        store_any(pick(v, dh0, dh_a, dh_b), in.dtype, h_base + e, sum);
       }
     }
   }
@@ -570,7 +577,8 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.f;
     for (int p = 0; p < BP && i0 + p < n; ++p) {
       for (int v = 0; v < 3; ++v) {
-        const float h = load_any(in.h[v], in.dtype, (int64_t)(i0 + p) * nf + e);
+        const float h =
+            load_any(pick(v, in.h0, in.h_a, in.h_b), in.dtype, (int64_t)(i0 + p) * nf + e);
         sum = fmaf(w[((int64_t)v * n + i0 + p) * k + c], mu - h, sum);
       }
     }
@@ -814,7 +822,7 @@ extern "C" int fcl_anchor_objective_forward(int z_dtype, const void* z_a, const 
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int blocks = blocks_for(n, BP);
-  const ClusterInputs in{h_dtype, {h0, h_a, h_b}, centers, k, f, alpha};
+  const ClusterInputs in{h_dtype, h0, h_a, h_b, centers, k, f, alpha};
   float* col_part = workspace;
   float* anchor_rows = workspace + (int64_t)blocks * k;
   return dispatch(z_dtype, [&](auto tag) {
@@ -842,7 +850,7 @@ extern "C" int fcl_anchor_objective_backward(
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int blocks = blocks_for(n, BP);
-  const ClusterInputs in{h_dtype, {h0, h_a, h_b}, centers, k, f, alpha};
+  const ClusterInputs in{h_dtype, h0, h_a, h_b, centers, k, f, alpha};
   float* g = workspace;
   float* w = g + 2 * (int64_t)n * d;
   float* center_part = w + 3 * (int64_t)n * k;
