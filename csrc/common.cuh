@@ -49,6 +49,47 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// Online base-2 log-sum-exp: folds the values x (-inf: masked out) into the running
+// (run_max, run_sum), sum of 2^(x - run_max); an empty state is (-inf, 0).
+template <int N>
+__device__ __forceinline__ void lse2_add(const float (&x)[N], float& run_max, float& run_sum) {
+  float tile_max = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < N; ++c) tile_max = fmaxf(tile_max, x[c]);
+  if (tile_max > -INFINITY) {
+    const float new_max = fmaxf(run_max, tile_max);
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < N; ++c) sum += exp2f(x[c] - new_max);  // exp2f(-inf) = 0
+    run_sum = run_sum * exp2f(run_max - new_max) + sum;
+    run_max = new_max;
+  }
+}
+
+// Merges the state (other_max, other_sum) into (run_max, run_sum); either may be empty.
+__device__ __forceinline__ void lse2_merge(float& run_max, float& run_sum, float other_max,
+                                           float other_sum) {
+  const float new_max = fmaxf(run_max, other_max);
+  run_sum = new_max == -INFINITY
+                ? 0.f
+                : run_sum * exp2f(run_max - new_max) + other_sum * exp2f(other_max - new_max);
+  run_max = new_max;
+}
+
+// out[e] = sum over s < splits of partial[s * count + e], in split order (deterministic): the
+// fixed-order reduction of per-split (per-block) partial results.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
+    sum_splits_kernel(const float* __restrict__ partial, int64_t count, int splits,
+                      float* __restrict__ out) {
+  for (int64_t e = blockIdx.x * (int64_t)kBlock + threadIdx.x; e < count;
+       e += (int64_t)gridDim.x * kBlock) {
+    float total = 0.f;
+    for (int s = 0; s < splits; ++s) total += partial[s * count + e];
+    out[e] = total;
+  }
+}
+
 // Element i of a float32/float16/bfloat16 buffer whose type is only known at run time (an
 // FclDtype): the cluster inputs of the fused objectives, read O(N K F) times, not in a hot tile.
 __device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {

@@ -34,7 +34,7 @@
 //             anchor: G = dL/dlogit: DEC (q0 - p) / n with the detached target p, anchor
 //             (qa - q0) / n and (qb - q0) / n; w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
 //             dh_i = sum_k w_ik (h_i - mu_k) and per-block partials of
-//             dmu_k = sum_i w_ik (mu_k - h_i), summed over the blocks by sum_blocks_kernel.
+//             dmu_k = sum_i w_ik (mu_k - h_i), summed over the blocks by sum_splits_kernel.
 //             cc: cc_weights_kernel first turns the saved Gram, column lse/loss and marginals
 //             into W (2K x 2K) and e (2K) with dL/dQ_i = Q_i W^T + e for the rows Q_i =
 //             [qa_i, qb_i]; the row kernel then applies the softmax backward.
@@ -52,23 +52,7 @@
 namespace {
 
 using namespace nvcuda;
-using fcl::blocks_for;
-using fcl::dispatch;
-using fcl::from_float;
-using fcl::kFullMask;
-using fcl::kLn2;
-using fcl::kLog2e;
-using fcl::kNormEps;
-using fcl::load_any;
-using fcl::row_scale;
-using fcl::safe_log;
-using fcl::softplus;
-using fcl::store_any;
-using fcl::student_t_row;
-using fcl::to_float;
-using fcl::warp_max;
-using fcl::warp_sum;
-using fcl::xlogx;
+using namespace fcl;  // the shared device helpers of common.cuh
 
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
@@ -171,11 +155,12 @@ __device__ __forceinline__ void warp_mma_32(Accumulator& frag, const E* a, int l
   }
 }
 
-// acc[jj] = (z p)_row(t / 4) . (z p)_col(c0 + t % 4 + 4 jj) in fp32 (the caller applies rs);
-// the caller publishes row_p / col_p first; ends with a barrier.
+// acc[jj] = scale2 zn_row(t / 4) . zn_col(c0 + t % 4 + 4 jj): the product of the z p tiles in
+// fp32, times rs of both; the caller publishes row_p / row_rs / col_p / col_rs first. Ends with
+// a barrier.
 template <typename T>
 __device__ void score_tile(const T* z_a, const T* z_b, int n, int d, int i0, int c0,
-                           Tiles<T>& t, float (&acc)[kPerThread]) {
+                           float scale2, Tiles<T>& t, float (&acc)[kPerThread]) {
   using Tr = Tiles<T>;
   const int r = threadIdx.x / 4, q = threadIdx.x % 4, m = 2 * n;
   auto rows = [&](int rr) { return block_row(i0, n, rr); };
@@ -212,6 +197,9 @@ __device__ void score_tile(const T* z_a, const T* z_b, int n, int d, int i0, int
       __syncthreads();
     }
   }
+  const float row_factor = t.row_rs[r] * scale2;
+#pragma unroll
+  for (int jj = 0; jj < kPerThread; ++jj) acc[jj] *= row_factor * t.col_rs[q + 4 * jj];
   __syncthreads();  // t.s (wmma) and t.a / t.b are free again
 }
 
@@ -270,34 +258,19 @@ __device__ void nt_xent_forward_block(const T* z_a, const T* z_b, int n, int d, 
     }
     __syncthreads();  // col_p, col_rs (and the first time the rows' values)
     float acc[kPerThread];
-    score_tile(z_a, z_b, n, d, i0, c0, t, acc);
-    const float row_factor = gi >= 0 ? t.row_rs[r] * scale2 : 0.f;
-    float tile_max = -INFINITY;
+    score_tile(z_a, z_b, n, d, i0, c0, scale2, t, acc);
 #pragma unroll
     for (int jj = 0; jj < kPerThread; ++jj) {
-      const int col = q + 4 * jj, j = c0 + col;
-      acc[jj] = (gi >= 0 && j < m && j != gi && j != pos) ? acc[jj] * row_factor * t.col_rs[col]
-                                                          : -INFINITY;
-      tile_max = fmaxf(tile_max, acc[jj]);
+      const int j = c0 + q + 4 * jj;
+      if (gi < 0 || j >= m || j == gi || j == pos) acc[jj] = -INFINITY;
     }
-    if (tile_max > -INFINITY) {
-      const float new_max = fmaxf(run_max, tile_max);
-      float sum = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < kPerThread; ++jj) sum += exp2f(acc[jj] - new_max);
-      run_sum = run_sum * exp2f(run_max - new_max) + sum;
-      run_max = new_max;
-    }
+    lse2_add(acc, run_max, run_sum);
   }
 #pragma unroll
   for (int offset = 1; offset < 4; offset <<= 1) {  // the row's 4 threads, adjacent lanes
     const float other_max = __shfl_xor_sync(kFullMask, run_max, offset);
     const float other_sum = __shfl_xor_sync(kFullMask, run_sum, offset);
-    const float new_max = fmaxf(run_max, other_max);
-    run_sum = new_max == -INFINITY ? 0.f
-                                   : run_sum * exp2f(run_max - new_max) +
-                                         other_sum * exp2f(other_max - new_max);
-    run_max = new_max;
+    lse2_merge(run_max, run_sum, other_max, other_sum);
   }
   if (gi >= 0 && q == 0) {
     const float lse_neg = (run_max + log2f(run_sum)) * kLn2;  // -inf without negatives
@@ -338,8 +311,7 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
     }
     __syncthreads();
     float acc[kPerThread];
-    score_tile(z_a, z_b, n, d, i0, c0, t, acc);
-    const float row_factor = gi >= 0 ? t.row_rs[r] * scale2 : 0.f;
+    score_tile(z_a, z_b, n, d, i0, c0, scale2, t, acc);
 #pragma unroll
     for (int jj = 0; jj < kPerThread; ++jj) {
       const int col = q + 4 * jj, j = c0 + col;
@@ -348,8 +320,7 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
         if (j == pos) {
           a = pos_i + t.col_pos[col];
         } else {
-          const float x = acc[jj] * row_factor * t.col_rs[col];
-          a = exp2f(x - lse_i) + exp2f(x - t.col_lse[col]);
+          a = exp2f(acc[jj] - lse_i) + exp2f(acc[jj] - t.col_lse[col]);
         }
       }
       // A zn_cols = (A diag(rs_cols)) (z p)_cols
@@ -583,18 +554,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     center_part[(int64_t)blockIdx.x * count + at] = sum;
-  }
-}
-
-// out[e] = sum_b part[b * count + e], b in order.
-__global__ void __launch_bounds__(kEpilogueThreads)
-    sum_blocks_kernel(const float* __restrict__ part, int blocks, int64_t count,
-                      float* __restrict__ out) {
-  for (int64_t e = blockIdx.x * (int64_t)kEpilogueThreads + threadIdx.x; e < count;
-       e += (int64_t)gridDim.x * kEpilogueThreads) {
-    float sum = 0.f;
-    for (int b = 0; b < blocks; ++b) sum += part[(int64_t)b * count + e];
-    out[e] = sum;
   }
 }
 
@@ -865,8 +824,8 @@ extern "C" int fcl_anchor_objective_backward(
     const int64_t count = (int64_t)k * f;
     const int grid =
         static_cast<int>(count / kEpilogueThreads < 4096 ? count / kEpilogueThreads + 1 : 4096);
-    sum_blocks_kernel<<<grid, kEpilogueThreads, 0, stream>>>(center_part, blocks, count,
-                                                             dcenters);
+    sum_splits_kernel<kEpilogueThreads><<<grid, kEpilogueThreads, 0, stream>>>(
+        center_part, count, blocks, dcenters);
     return static_cast<int>(cudaGetLastError());
   });
 }
