@@ -30,19 +30,16 @@ namespace {
 using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
+using fcl::safe_log;
+using fcl::safe_log_grad;
+using fcl::student_t_row;
 using fcl::to_float;
-using fcl::warp_max;
 using fcl::warp_sum;
+using fcl::xlogx;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float xlogx(float x) { return x > 0.f ? x * logf(x) : 0.f; }
-__device__ __forceinline__ float safe_log(float x) { return logf(fmaxf(x, FLT_MIN)); }
-// d/dq log(max(q, FLT_MIN)) times w, i.e. w / q where the clamp passes the gradient.
-__device__ __forceinline__ float safe_log_grad(float w, float q) {
-  return q >= FLT_MIN ? w / q : 0.f;
-}
 
 // f[c] = sum_i q[i][c]: block b owns columns 32b..32b+31 (one per lane); its 8 warps stride the
 // rows and combine through shared memory in a fixed order.
@@ -139,37 +136,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     student_t_kernel(const T* __restrict__ h, const T* __restrict__ centers, int n, int k, int f,
                      float alpha, float* __restrict__ q, float* __restrict__ dist2) {
-  const int row = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.x * kWarps + threadIdx.x / 32;
   if (row >= n) return;  // whole warp
   const T* hi = h + (int64_t)row * f;
-  float* qi = q + (int64_t)row * k;
-  float* di = dist2 + (int64_t)row * k;
-  const float power = -0.5f * (alpha + 1.f);
-  float row_max = -INFINITY;
-  for (int c = 0; c < k; ++c) {
-    const T* mu = centers + (int64_t)c * f;
-    float partial = 0.f;
-    for (int e = lane; e < f; e += 32) {
-      const float diff = to_float(hi[e]) - to_float(mu[e]);
-      partial = fmaf(diff, diff, partial);
-    }
-    const float d = warp_sum(partial);
-    if (lane == c % 32) {
-      const float logit = power * log1pf(d / alpha);
-      di[c] = d;
-      qi[c] = logit;
-      row_max = fmaxf(row_max, logit);
-    }
-  }
-  row_max = warp_max(row_max);
-  float sum = 0.f;
-  for (int c = lane; c < k; c += 32) {
-    const float e = expf(qi[c] - row_max);
-    qi[c] = e;
-    sum += e;
-  }
-  sum = warp_sum(sum);
-  for (int c = lane; c < k; c += 32) qi[c] /= sum;
+  student_t_row([&](int e) { return to_float(hi[e]); },
+                [&](int c, int e) { return to_float(centers[(int64_t)c * f + e]); }, k, f, alpha,
+                q + (int64_t)row * k, dist2 + (int64_t)row * k);
 }
 
 // One warp per row: w (fp32 scratch, n x k) and dh.

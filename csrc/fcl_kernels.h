@@ -103,6 +103,61 @@ int fcl_anchor_backward(int dtype, const void* q0, const void* qa, const void* q
                         const float* grad_out, float factor, void* dqa, void* dqb,
                         cudaStream_t stream);
 
+// ---- One-pass fused objectives (csrc/objective.cu) -------------------------------------------
+// reference.anchor_objective and reference.cc_objective: the instance NT-Xent of [z_a; z_b]
+// (n x d each, m = 2n rows, z_dtype) and the method's cluster terms; forward: one row kernel and
+// one single-block epilogue; backward: one row kernel and one small kernel. Every buffer is
+// caller-allocated and contiguous; the fp32 state the forward writes is the backward's input:
+//   rows (5 x m): per row of [z_a; z_b] rs = 1 / max(||z p||, 1e-12 p), max(||z||, 1e-12), the
+//     lse over all k != i, the row loss and p, the power of two that puts the row's largest
+//     |element| into [1, 2) (zn = (z p) rs).
+// grad: device pointer to dL/dout (4 floats for anchor, 3 for cc); the output weights and the
+// incoming gradients are folded inside the kernels. workspace: fcl_objective_workspace floats.
+enum FclObjective { FCL_OBJECTIVE_ANCHOR = 0, FCL_OBJECTIVE_CC = 1 };
+
+// fp32 workspace size (floats) of the forward (backward = 0) or backward launcher; f = 0 for cc.
+long long fcl_objective_workspace(int objective, int backward, int n, int d, int k, int f);
+
+// out (4) = [total, instance NT-Xent, DEC KL on q0, KL(q0||qa) + KL(q0||qb) (q0 detached)],
+// total = w_instance instance + w_cluster DEC + w_anchor anchor, with q = Student-t(h, centers,
+// alpha) per view (fp32). h0, h_a, h_b: n x f of h_dtype; centers: k x f float32. State: rows,
+// q and dist2 (3 x n x k: q0, qa, qb and their squared distances), col_sums (k: f_c = sum_i q0_ic).
+int fcl_anchor_objective_forward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
+                                 int h_dtype, const void* h0, const void* h_a, const void* h_b,
+                                 const float* centers, int k, int f, float inv_tau, float alpha,
+                                 float w_instance, float w_cluster, float w_anchor, float* rows,
+                                 float* q, float* dist2, float* col_sums, float* workspace,
+                                 float* out, cudaStream_t stream);
+
+// dz_a, dz_b (z_dtype), dh0, dh_a, dh_b (h_dtype) and dcenters (k x f float32).
+int fcl_anchor_objective_backward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
+                                  int h_dtype, const void* h0, const void* h_a, const void* h_b,
+                                  const float* centers, int k, int f, float inv_tau, float alpha,
+                                  float w_instance, float w_cluster, float w_anchor,
+                                  const float* rows, const float* q, const float* dist2,
+                                  const float* col_sums, const float* grad, float* workspace,
+                                  void* dz_a, void* dz_b, void* dh0, void* dh_a, void* dh_b,
+                                  float* dcenters, cudaStream_t stream);
+
+// out (3) = [total, instance NT-Xent (inv_tau), CC cluster loss (inv_tau_c: NT-Xent over the 2K
+// L2-normalised columns of [softmax(logits_a), softmax(logits_b)] plus both marginal entropy
+// terms)], total = w_instance instance + w_cluster cluster. logits: n x k of l_dtype. State:
+// rows, q (2 x n x k softmax rows), gram (2k x 2k, of the columns), cluster_rows (3 x 2k: each
+// column's lse and loss, the column sums).
+int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
+                             int l_dtype, const void* logits_a, const void* logits_b, int k,
+                             float inv_tau, float inv_tau_c, float w_instance, float w_cluster,
+                             float* rows, float* q, float* gram, float* cluster_rows,
+                             float* workspace, float* out, cudaStream_t stream);
+
+// dz_a, dz_b (z_dtype), dlogits_a, dlogits_b (l_dtype).
+int fcl_cc_objective_backward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
+                              int l_dtype, int k, float inv_tau, float inv_tau_c,
+                              float w_instance, float w_cluster, const float* rows,
+                              const float* q, const float* gram, const float* cluster_rows,
+                              const float* grad, float* workspace, void* dz_a, void* dz_b,
+                              void* dlogits_a, void* dlogits_b, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

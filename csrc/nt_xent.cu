@@ -43,6 +43,13 @@ using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
 using fcl::kFullMask;
+using fcl::kLn2;
+using fcl::kLog2e;
+using fcl::kNormEps;
+using fcl::lse2_add;
+using fcl::lse2_merge;
+using fcl::row_scale;
+using fcl::sum_splits_kernel;
 using fcl::to_float;
 using fcl::warp_max;
 using fcl::warp_sum;
@@ -52,9 +59,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int BM = 64;         // rows per block
 constexpr int BN = 64;         // columns per tile
 constexpr int BK = 32;         // features per step of the S product
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNormEps = 1e-12f;  // as F.normalize
 constexpr float kWeightScale = 16384.f;  // tile weight scale before rounding (see above)
 
 // The normalised rows' element type: fp16 for 16-bit inputs, fp32 for fp32.
@@ -231,22 +235,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < BN; e += kThreads) rs_col[e] = c0 + e < m ? rs[c0 + e] : 0.f;
     score_tile<T>(zs, m, d, r0, row_end, c0, smem);  // its closing barrier publishes rs_col
     float x[BN / 2];
-    float tile_max = -INFINITY;
 #pragma unroll
     for (int c = 0; c < BN / 2; ++c) {
       const int col = 2 * c + half, j = c0 + col;
       x[c] = (j < m && j != i && j != pos) ? Ss[r * Tr::LDS + col] * q_i * rs_col[col]
                                            : -INFINITY;
-      tile_max = fmaxf(tile_max, x[c]);
     }
-    if (tile_max > -INFINITY) {
-      const float new_max = fmaxf(run_max, tile_max);
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < BN / 2; ++c) sum += exp2f(x[c] - new_max);  // exp2f(-inf) = 0
-      run_sum = run_sum * exp2f(run_max - new_max) + sum;
-      run_max = new_max;
-    }
+    lse2_add(x, run_max, run_sum);
     __syncthreads();  // the next tile overwrites Ss
   }
   // Merge the two halves of the row. Over all columns (one split) max is finite since m >= 2;
@@ -254,9 +249,8 @@ __global__ void __launch_bounds__(kThreads)
   const float other_max = __shfl_xor_sync(kFullMask, run_max, 1);
   const float other_sum = __shfl_xor_sync(kFullMask, run_sum, 1);
   if (half == 0 && i < row_end) {
-    const float mx = fmaxf(run_max, other_max);
-    const float total = mx == -INFINITY ? 0.f
-                        : run_sum * exp2f(run_max - mx) + other_sum * exp2f(other_max - mx);
+    float mx = run_max, total = run_sum;
+    lse2_merge(mx, total, other_max, other_sum);
     if (gridDim.z == 1) {
       lse[i - row_start] = (mx + log2f(total)) * kLn2;
     } else {
@@ -280,18 +274,6 @@ __global__ void __launch_bounds__(kThreads)
     total += p.y * exp2f(p.x - mx);  // p.x = -inf comes with p.y = 0
   }
   lse[r] = (mx + log2f(total)) * kLn2;
-}
-
-// out[e] = sum over splits of partial[s][e], in split order.
-__global__ void __launch_bounds__(kThreads)
-    sum_splits_kernel(const float* __restrict__ partial, int64_t count, int splits,
-                      float* __restrict__ out) {
-  for (int64_t e = blockIdx.x * (int64_t)kThreads + threadIdx.x; e < count;
-       e += (int64_t)gridDim.x * kThreads) {
-    float total = 0.f;
-    for (int s = 0; s < splits; ++s) total += partial[s * count + e];
-    out[e] = total;
-  }
 }
 
 template <typename T>
@@ -417,12 +399,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-}
-
-// The power of two that brings a row's largest |element| m into [1, 2): exact scaling, so that
-// the sum of squares cannot overflow (|z| ~ 1e19 in fp32) or lose tiny rows to underflow.
-__device__ __forceinline__ float row_scale(float m) {
-  return ldexpf(1.f, -ilogbf(fmaxf(m, 1.17549435e-38f)));
 }
 
 // One warp per pair i: rows z_a[i], z_b[i] scaled by their exact powers of two into zs (type
@@ -594,7 +570,7 @@ extern "C" int fcl_nt_xent_grad(int dtype, const void* zs, const float* rs, int 
     if (launched != 0 || split.count == 1) return launched;
     const int64_t count = (int64_t)rows * d;
     const int blocks = static_cast<int>(count / kThreads < 4096 ? count / kThreads + 1 : 4096);
-    sum_splits_kernel<<<blocks, kThreads, 0, stream>>>(workspace, count, split.count, g);
+    sum_splits_kernel<kThreads><<<blocks, kThreads, 0, stream>>>(workspace, count, split.count, g);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -6,13 +6,19 @@ use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT
 float32; the forward is an online log-sum-exp over column tiles and the backward one more
 row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
 
-The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``) is built with
-``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
-directory; importing this module builds nothing and works on CPU-only machines.
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``,
+``csrc/objective.cu``) is built with ``torch.utils.cpp_extension.load`` on the first call and
+cached in torch's default extensions directory; importing this module builds nothing and works
+on CPU-only machines.
 
 `student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
 row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
 `tcc_cluster_loss`) run this NT-Xent on their 2K rows.
+
+`anchor_objective` and `cc_objective` are the one-pass fused objectives of ``csrc/objective.cu``
+(`reference.anchor_objective` / `cc_objective`): the instance NT-Xent and the method's cluster
+terms in one row-parallel kernel plus a one-block epilogue, the backward in one row-parallel
+kernel plus one small kernel; deterministic (fixed-order reductions, no atomics).
 
 Raises:
     RuntimeError: from `unavailable_reason` (via the dispatcher or a direct call) when torch has
@@ -32,7 +38,7 @@ from .losses import nt_xent_autograd, reference
 from .losses.nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
 from .losses.op_autograd import register_pair
 
-_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
+_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu", "objective.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
@@ -87,7 +93,11 @@ def extension():
     norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),
     student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
     dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
-    anchor_backward(q0, q_a, q_b, grad_out, factor).
+    anchor_backward(q0, q_a, q_b, grad_out, factor), anchor_objective_forward(z_a, z_b, h0,
+    h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor),
+    anchor_objective_backward(..., rows, q, dist2, f, grad, ...), cc_objective_forward(z_a, z_b,
+    logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster),
+    cc_objective_backward(..., rows, q, gram, cluster_rows, grad, ...).
     """
     from torch.utils.cpp_extension import load
 
@@ -359,3 +369,148 @@ cc_cluster_loss_terms = functools.partial(reference.cc_cluster_loss_terms,
                                           instance_terms=nt_xent_terms)
 tcc_cluster_loss_terms = functools.partial(reference.tcc_cluster_loss_terms,
                                            instance_terms=nt_xent_terms)
+
+
+# ---- One-pass fused objectives (csrc/objective.cu) --------------------------------------------
+# reference.anchor_objective / cc_objective in one row-parallel kernel plus a one-block
+# epilogue (forward) and one row kernel plus one small kernel (backward). The forward ops return
+# the result and the fp32 state the backward reads: rows (5, 2N) = per row of [z_a; z_b] its
+# inverse scaled norm, norm, lse, loss and power-of-two scale; anchor: q and the squared
+# distances (3, N, K) of h0, h_a, h_b, the column sums f of q0; cc: the softmax rows (2, N, K),
+# the 2K x 2K Gram of their columns and (3, 2K) = each column's lse, loss and sum. The incoming
+# gradient and the weights are folded in the backward kernels; centres enter in fp32 (the
+# cast's autograd brings their gradient back to their dtype).
+
+@torch.library.custom_op("fastcluster_cl::anchor_objective_cuda_fwd", mutates_args=())
+def anchor_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,
+                             h_a: torch.Tensor, h_b: torch.Tensor, centers: torch.Tensor,
+                             inv_tau: float, alpha: float, w_instance: float, w_cluster: float,
+                             w_anchor: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """(out (4,) = [total, instance, DEC, anchor], rows, q, dist2, f); centers float32."""
+    out, rows, q, dist2, f = extension().anchor_objective_forward(
+        z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor)
+    return out, rows, q, dist2, f
+
+
+@anchor_objective_forward.register_fake
+def _(z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor):
+    (n, _), k, f32 = z_a.shape, centers.shape[0], torch.float32
+    q = z_a.new_empty(3, n, k, dtype=f32)
+    return (z_a.new_empty(4, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32), q,
+            torch.empty_like(q), z_a.new_empty(k, dtype=f32))
+
+
+@torch.library.custom_op("fastcluster_cl::anchor_objective_cuda_bwd", mutates_args=())
+def anchor_objective_backward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,
+                              h_a: torch.Tensor, h_b: torch.Tensor, centers: torch.Tensor,
+                              rows: torch.Tensor, q: torch.Tensor, dist2: torch.Tensor,
+                              f: torch.Tensor, grad: torch.Tensor, inv_tau: float, alpha: float,
+                              w_instance: float, w_cluster: float, w_anchor: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor]:
+    """(dz_a, dz_b, dh0, dh_a, dh_b, dcenters) from dL/dout (4,)."""
+    grads = extension().anchor_objective_backward(
+        z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2, f, grad.float().contiguous(), inv_tau,
+        alpha, w_instance, w_cluster, w_anchor)
+    return tuple(grads)
+
+
+@anchor_objective_backward.register_fake
+def _(z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2, f, grad, inv_tau, alpha, w_instance,
+      w_cluster, w_anchor):
+    return tuple(torch.empty_like(t) for t in (z_a, z_b, h0, h_a, h_b, centers))
+
+
+@torch.library.custom_op("fastcluster_cl::cc_objective_cuda_fwd", mutates_args=())
+def cc_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                         logits_b: torch.Tensor, inv_tau: float, inv_tau_c: float,
+                         w_instance: float, w_cluster: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """(out (3,) = [total, instance, cluster], rows, q, gram, cluster_rows)."""
+    out, rows, q, gram, cluster_rows = extension().cc_objective_forward(
+        z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster)
+    return out, rows, q, gram, cluster_rows
+
+
+@cc_objective_forward.register_fake
+def _(z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster):
+    (n, _), k, f32 = z_a.shape, logits_a.shape[1], torch.float32
+    return (z_a.new_empty(3, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32),
+            z_a.new_empty(2, n, k, dtype=f32), z_a.new_empty(2 * k, 2 * k, dtype=f32),
+            z_a.new_empty(3, 2 * k, dtype=f32))
+
+
+@torch.library.custom_op("fastcluster_cl::cc_objective_cuda_bwd", mutates_args=())
+def cc_objective_backward(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                          logits_b: torch.Tensor, rows: torch.Tensor, q: torch.Tensor,
+                          gram: torch.Tensor, cluster_rows: torch.Tensor, grad: torch.Tensor,
+                          inv_tau: float, inv_tau_c: float, w_instance: float, w_cluster: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dz_a, dz_b, dlogits_a, dlogits_b) from dL/dout (3,)."""
+    grads = extension().cc_objective_backward(
+        z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows, grad.float().contiguous(),
+        inv_tau, inv_tau_c, w_instance, w_cluster)
+    return tuple(grads)
+
+
+@cc_objective_backward.register_fake
+def _(z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows, grad, inv_tau, inv_tau_c,
+      w_instance, w_cluster):
+    return tuple(torch.empty_like(t) for t in (z_a, z_b, logits_a, logits_b))
+
+
+register_pair(anchor_objective_forward, anchor_objective_backward, "cuda",
+              lambda inputs, outputs, grads: (*inputs[:6], *outputs[1:], grads[0], *inputs[6:]),
+              wrt=range(6))
+register_pair(cc_objective_forward, cc_objective_backward, "cuda",
+              lambda inputs, outputs, grads: (*inputs[:4], *outputs[1:], grads[0], *inputs[4:]),
+              wrt=range(4))
+
+
+def _weights(weights, count: int) -> tuple[float, ...]:
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != count:
+        raise ValueError(f"weights must hold {count} numbers, got {weights}")
+    return weights
+
+
+def _check_rows(name: str, t: torch.Tensor, z: torch.Tensor) -> None:
+    if t.dim() != 2 or t.shape[0] != z.shape[0] or t.device != z.device:
+        raise ValueError(f"{name} must be (N, *) on {z.device} with N = {z.shape[0]} (the rows "
+                         f"of z_a), got {tuple(t.shape)} on {t.device}")
+
+
+def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
+                     h_b: torch.Tensor, centers: torch.Tensor, temperature: float, alpha: float,
+                     weights: tuple[float, float, float]) -> torch.Tensor:
+    """`reference.anchor_objective` in one fused forward and backward: float32 (4,) =
+    [total, instance, cluster (DEC on q0), anchor]; differentiable w.r.t. z, h and centers."""
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    _check_inputs(("h0", "h_a", "h_b"), (h0, h_a, h_b))
+    _check_rows("h0", h0, z_a)
+    if (centers.dtype not in _DTYPES or centers.device != h0.device or centers.dim() != 2
+            or centers.shape[1] != h0.shape[1]):
+        raise ValueError(f"centers must be (K, {h0.shape[1]}) float32/float16/bfloat16 on "
+                         f"{h0.device}, got {tuple(centers.shape)} {centers.dtype} "
+                         f"{centers.device}")
+    return anchor_objective_forward(
+        z_a.contiguous(), z_b.contiguous(), h0.contiguous(), h_a.contiguous(), h_b.contiguous(),
+        centers.float().contiguous(), 1.0 / float(temperature), float(alpha),
+        *_weights(weights, 3))[0]
+
+
+def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                 logits_b: torch.Tensor, instance_temperature: float,
+                 cluster_temperature: float, weights: tuple[float, float]) -> torch.Tensor:
+    """`reference.cc_objective` in one fused forward and backward: float32 (3,) =
+    [total, instance, cluster]; differentiable w.r.t. z and the logits."""
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    _check_inputs(("logits_a", "logits_b"), (logits_a, logits_b))
+    _check_rows("logits_a", logits_a, z_a)
+    return cc_objective_forward(
+        z_a.contiguous(), z_b.contiguous(), logits_a.contiguous(), logits_b.contiguous(),
+        1.0 / float(instance_temperature), 1.0 / float(cluster_temperature),
+        *_weights(weights, 2))[0]

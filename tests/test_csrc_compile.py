@@ -36,7 +36,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def test_csrc_has_cuda_sources():
-    assert {"nt_xent.cu", "cluster.cu"} <= {p.name for p in CU_FILES}
+    assert {"nt_xent.cu", "cluster.cu", "objective.cu"} <= {p.name for p in CU_FILES}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
