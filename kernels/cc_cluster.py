@@ -28,7 +28,7 @@ import triton.language as tl
 from fastcluster_cl.losses.op_autograd import register_pair
 
 from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precision,
-                      torch_acc_dtype)
+                      round_to, torch_acc_dtype)
 
 # K = 128 overflows sm_90 shared memory in the backward (four K x K blocks) and spills in the
 # forward (three Gram accumulators); K = 64 compiles with neither (the static report).
@@ -90,8 +90,8 @@ def _load_square(M, BLOCK_K: tl.constexpr):
 def _softmax_grad_store(DL, stride, offs_m, mask_m, q, dq, K, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     dl = q * (dq - tl.sum(q * dq, axis=1)[:, None])
-    tl.store(DL + offs_m[:, None] * stride + offs_k[None, :], dl.to(DL.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_k[None, :] < K))
+    tl.store(DL + offs_m[:, None] * stride + offs_k[None, :],
+             round_to(dl, DL.dtype.element_ty), mask=mask_m[:, None] & (offs_k[None, :] < K))
 
 
 @triton.jit
