@@ -396,7 +396,8 @@ def _objective_variants() -> list[Variant]:
 
     for k in (10, 100):
         block_k, block_f, block_full = ob._anchor_blocks(k, d)
-        centre = dict(HPREC="ieee", HUPCAST=False, BLOCK_K=block_k, BLOCK_F=block_f)
+        centre = dict(HPREC="ieee", HUPCAST=False, SUB_M=ob._SUB_M, BLOCK_K=block_k,
+                      BLOCK_F=block_f)
         out.append(variant(f"objective anchor rows K={k}", "bf16", ob._anchor_rows_kernel,
                            dict(common, **centre, **fwd.constexprs), fwd.num_warps, fwd.block,
                            fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,

@@ -75,6 +75,7 @@ from .student_t import _distances
 
 _EPS = tl.constexpr(NORM_EPS)
 _ROWS = 32          # rows of the one-program epilogue's row loop
+_SUB_M = 16         # rows per slice of the assignment side of the row launches
 _REDUCE = 256       # elements per program of the partial sums' reduction
 
 
@@ -82,13 +83,15 @@ _REDUCE = 256       # elements per program of the partial sums' reduction
 # shared pieces
 
 @triton.jit
-def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, row_lo, n, D, stride_a,
-                   stride_b, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                   UPCAST: tl.constexpr, TINY: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """NT-Xent of rows I and I + N (I = [row_lo, row_lo + BLOCK_M)) against all 2N columns,
-    normalising each column tile on the fly; writes the rows' Zs, rs, norms, backward row
-    weights and row losses; returns the sum of the block's row losses."""
+def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART, pid, n, D,
+                   stride_a, stride_b, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, TINY: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """NT-Xent of program pid's rows I and I + N (I = [pid BLOCK_M, (pid + 1) BLOCK_M))
+    against all 2N columns, normalising each column tile on the fly; writes the rows' Zs, rs,
+    norms, backward row weights and row losses, and INST_PART[pid] = the sum of the block's
+    row losses. Returns (offs_m, mask_m) of I."""
+    row_lo = pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     offs_d = tl.arange(0, BLOCK_D)
@@ -147,7 +150,8 @@ def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, row_lo, n, D,
     tl.store(ROW_W + n + offs_m, _row_weight(lse_b, inv_tau, FIXED_SHIFT), mask=mask_m)
     tl.store(ROW_LOSS + offs_m, loss_a, mask=mask_m)
     tl.store(ROW_LOSS + n + offs_m, loss_b, mask=mask_m)
-    return tl.sum(tl.where(mask_m, loss_a + loss_b, 0.0), axis=0)
+    tl.store(INST_PART + pid, tl.sum(tl.where(mask_m, loss_a + loss_b, 0.0), axis=0))
+    return offs_m, mask_m
 
 
 @triton.jit
@@ -202,9 +206,77 @@ def _student_logits(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, 
 
 
 @triton.jit
+def _three_views(H0, HA, HB, MU, stride_h0, stride_ha, stride_hb, stride_mu, offs_m, mask_m,
+                 k0, K, F, alpha, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The centre tile [k0, k0 + BLOCK_K) of the three views: (offs_k, mask_k, d2_0, logit_0,
+    d2_a, logit_a, d2_b, logit_b)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    d0, l0 = _student_logits(H0, MU, stride_h0, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
+                             alpha, ACC, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
+    da, la = _student_logits(HA, MU, stride_ha, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
+                             alpha, ACC, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
+    db, lb = _student_logits(HB, MU, stride_hb, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
+                             alpha, ACC, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
+    return offs_k, mask_k, d0, l0, da, la, db, lb
+
+
+@triton.jit
 def _online_lse(m, s, logit):
     m_new = tl.maximum(m, tl.max(logit, axis=1))   # finite: each tile holds a centre
     return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def _assignment_rows(H0, HA, HB, MU, Q0, F_PART, LSE, CAB, alpha, part, row_lo, n, K, F,
+                     stride_h0, stride_ha, stride_hb, stride_mu, k_pad, ACC: tl.constexpr,
+                     HPREC: tl.constexpr, HUPCAST: tl.constexpr, TINY: tl.constexpr,
+                     SUB_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The anchor side of rows [row_lo, row_lo + SUB_M): pass 1 each view's log-sum-exp over
+    the centre tiles, pass 2 q, the anchor terms, q0 and its column sums (F_PART row `part`).
+    Writes lse and c_a, c_b; returns the rows' summed anchor terms."""
+    offs_m = row_lo + tl.arange(0, SUB_M)
+    mask_m = offs_m < n
+    m0 = tl.full([SUB_M], float("-inf"), ACC)
+    ma = tl.full([SUB_M], float("-inf"), ACC)
+    mb = tl.full([SUB_M], float("-inf"), ACC)
+    s0 = tl.zeros([SUB_M], ACC)
+    sa = tl.zeros([SUB_M], ACC)
+    sb = tl.zeros([SUB_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k, mask_k, _, l0, _, la, _, lb = _three_views(
+            H0, HA, HB, MU, stride_h0, stride_ha, stride_hb, stride_mu, offs_m, mask_m, k0, K,
+            F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K, BLOCK_F)
+        m0, s0 = _online_lse(m0, s0, l0)
+        ma, sa = _online_lse(ma, sa, la)
+        mb, sb = _online_lse(mb, sb, lb)
+    lse0 = m0 + tl.log(s0)
+    lsea = ma + tl.log(sa)
+    lseb = mb + tl.log(sb)
+    anchor = tl.zeros([SUB_M], ACC)
+    c_a = tl.zeros([SUB_M], ACC)
+    c_b = tl.zeros([SUB_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k, mask_k, _, l0, _, la, _, lb = _three_views(
+            H0, HA, HB, MU, stride_h0, stride_ha, stride_hb, stride_mu, offs_m, mask_m, k0, K,
+            F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K, BLOCK_F)
+        tile = mask_m[:, None] & mask_k[None, :]
+        q0 = tl.where(tile, tl.exp(l0 - lse0[:, None]), 0.0)
+        qa = tl.where(tile, tl.exp(la - lsea[:, None]), 0.0)
+        qb = tl.where(tile, tl.exp(lb - lseb[:, None]), 0.0)
+        anchor += tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
+                         axis=1)
+        c_a += tl.sum(tl.where(qa >= TINY, q0, 0.0), axis=1)
+        c_b += tl.sum(tl.where(qb >= TINY, q0, 0.0), axis=1)
+        tl.store(Q0 + offs_m[:, None] * K + offs_k[None, :], q0, mask=tile)
+        tl.store(F_PART + part * k_pad + offs_k, tl.sum(q0, axis=0))
+    tl.store(LSE + offs_m, lse0, mask=mask_m)
+    tl.store(LSE + n + offs_m, lsea, mask=mask_m)
+    tl.store(LSE + 2 * n + offs_m, lseb, mask=mask_m)
+    tl.store(CAB + offs_m, c_a, mask=mask_m)
+    tl.store(CAB + n + offs_m, c_b, mask=mask_m)
+    return tl.sum(tl.where(mask_m, anchor, 0.0), axis=0)
 
 
 @triton.jit
@@ -215,76 +287,34 @@ def _anchor_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PAR
                         FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
                         TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+                        BLOCK_D: tl.constexpr, SUB_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_F: tl.constexpr):
+    """The forward row launch of the anchor method; the assignments in SUB_M-row slices (the
+    registers of three views' distance tiles do not grow with BLOCK_M), F_PART one row per
+    slice."""
     pid = tl.program_id(0)
-    row_lo = pid * BLOCK_M
-    inst = _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, row_lo, n, D,
-                          stride_a, stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M,
-                          BLOCK_N, BLOCK_D)
-    tl.store(INST_PART + pid, inst)
-    offs_m = row_lo + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n
+    _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART, pid, n, D,
+                   stride_a, stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M, BLOCK_N,
+                   BLOCK_D)
     alpha = tl.load(PARAMS + 1).to(ACC)
-    m0 = tl.full([BLOCK_M], float("-inf"), ACC)
-    ma = tl.full([BLOCK_M], float("-inf"), ACC)
-    mb = tl.full([BLOCK_M], float("-inf"), ACC)
-    s0 = tl.zeros([BLOCK_M], ACC)
-    sa = tl.zeros([BLOCK_M], ACC)
-    sb = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):    # pass 1: each view's log-sum-exp over the centres
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        _, l0 = _student_logits(H0, MU, stride_h0, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        _, la = _student_logits(HA, MU, stride_ha, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        _, lb = _student_logits(HB, MU, stride_hb, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        m0, s0 = _online_lse(m0, s0, l0)
-        ma, sa = _online_lse(ma, sa, la)
-        mb, sb = _online_lse(mb, sb, lb)
-    lse0 = m0 + tl.log(s0)
-    lsea = ma + tl.log(sa)
-    lseb = mb + tl.log(sb)
-    anchor = tl.zeros([BLOCK_M], ACC)
-    c_a = tl.zeros([BLOCK_M], ACC)
-    c_b = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):    # pass 2: q, the anchor terms, q0 and its column sums
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        _, l0 = _student_logits(H0, MU, stride_h0, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        _, la = _student_logits(HA, MU, stride_ha, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        _, lb = _student_logits(HB, MU, stride_hb, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        tile = mask_m[:, None] & mask_k[None, :]
-        q0 = tl.where(tile, tl.exp(l0 - lse0[:, None]), 0.0)
-        qa = tl.where(tile, tl.exp(la - lsea[:, None]), 0.0)
-        qb = tl.where(tile, tl.exp(lb - lseb[:, None]), 0.0)
-        anchor += tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
-                         axis=1)
-        c_a += tl.sum(tl.where(qa >= TINY, q0, 0.0), axis=1)
-        c_b += tl.sum(tl.where(qb >= TINY, q0, 0.0), axis=1)
-        tl.store(Q0 + offs_m[:, None] * K + offs_k[None, :], q0, mask=tile)
-        tl.store(F_PART + pid * k_pad + offs_k, tl.sum(q0, axis=0))
-    tl.store(ANCHOR_PART + pid, tl.sum(tl.where(mask_m, anchor, 0.0), axis=0))
-    tl.store(LSE + offs_m, lse0, mask=mask_m)
-    tl.store(LSE + n + offs_m, lsea, mask=mask_m)
-    tl.store(LSE + 2 * n + offs_m, lseb, mask=mask_m)
-    tl.store(CAB + offs_m, c_a, mask=mask_m)
-    tl.store(CAB + n + offs_m, c_b, mask=mask_m)
+    anchor = tl.zeros([1], ACC)
+    for s in tl.static_range(BLOCK_M // SUB_M):
+        anchor += _assignment_rows(
+            H0, HA, HB, MU, Q0, F_PART, LSE, CAB, alpha, pid * (BLOCK_M // SUB_M) + s,
+            pid * BLOCK_M + s * SUB_M, n, K, F, stride_h0, stride_ha, stride_hb, stride_mu,
+            k_pad, ACC, HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F)
+    tl.store(ANCHOR_PART + pid + tl.arange(0, 1), anchor)
 
 
 @triton.jit
 def _anchor_epilogue_kernel(Q0, F_PART, INST_PART, ANCHOR_PART, PARAMS, FSUM, TOTALS, CDEC, OUT,
-                            n, K, parts, k_pad, ACC: tl.constexpr, TINY: tl.constexpr,
+                            n, K, parts, slices, k_pad, ACC: tl.constexpr, TINY: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: f from the partials, DEC per row (saving T and c_dec), the (4,) output."""
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         f = tl.zeros([BLOCK_K], ACC)
-        for p in range(0, parts):
+        for p in range(0, slices):
             f += tl.load(F_PART + p * k_pad + offs_k)
         tl.store(FSUM + offs_k, f, mask=offs_k < K)
     tl.debug_barrier()   # the row loop reads f that other threads wrote
@@ -340,27 +370,16 @@ def _store_h(DH, stride, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL: tl.constexpr
 
 
 @triton.jit
-def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
-                        H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB, DMU_PART,
-                        n, D, K, F, stride_da, stride_db, stride_h0, stride_ha, stride_hb,
-                        stride_mu, k_pad,
-                        FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        UPCAST: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
-                        TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-                        BLOCK_FULL: tl.constexpr):
-    pid = tl.program_id(0)
-    row_lo = pid * BLOCK_M
-    g_total = tl.load(GRAD).to(ACC)
-    g_inst = tl.load(GRAD + 1).to(ACC) + g_total * tl.load(PARAMS + 2)
-    g_dec = (tl.load(GRAD + 2).to(ACC) + g_total * tl.load(PARAMS + 3)) / n
-    g_anc = (tl.load(GRAD + 3).to(ACC) + g_total * tl.load(PARAMS + 4)) / n
-    _instance_grad(ZS, RS, NORMS, ROW_W, ROW_LOSS, DZA, DZB, PARAMS, g_inst, row_lo, n, D,
-                   stride_da, stride_db, FIXED_SHIFT, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N,
-                   BLOCK_D)
-    offs_m = row_lo + tl.arange(0, BLOCK_M)
+def _assignment_grad_rows(H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB,
+                          DMU_PART, g_dec, g_anc, alpha, pid, row_lo, n, K, F, stride_h0,
+                          stride_ha, stride_hb, stride_mu, k_pad, FIRST: tl.constexpr,
+                          ACC: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
+                          TINY: tl.constexpr, SUB_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_F: tl.constexpr, BLOCK_FULL: tl.constexpr):
+    """dh0, dh_a, dh_b of rows [row_lo, row_lo + SUB_M) and their part of the program's
+    partial dmu (stored by the FIRST slice, added by the others)."""
+    offs_m = row_lo + tl.arange(0, SUB_M)
     mask_m = offs_m < n
-    alpha = tl.load(PARAMS + 1).to(ACC)
     lse0 = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
     lsea = tl.load(LSE + n + offs_m, mask=mask_m, other=0.0)
     lseb = tl.load(LSE + 2 * n + offs_m, mask=mask_m, other=0.0)
@@ -371,23 +390,18 @@ def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
     h0 = _load_h(H0, stride_h0, offs_m, mask_m, F, ACC, BLOCK_FULL)
     ha = _load_h(HA, stride_ha, offs_m, mask_m, F, ACC, BLOCK_FULL)
     hb = _load_h(HB, stride_hb, offs_m, mask_m, F, ACC, BLOCK_FULL)
-    sw0 = tl.zeros([BLOCK_M], ACC)
-    swa = tl.zeros([BLOCK_M], ACC)
-    swb = tl.zeros([BLOCK_M], ACC)
-    wmu0 = tl.zeros([BLOCK_M, BLOCK_FULL], ACC)
-    wmua = tl.zeros([BLOCK_M, BLOCK_FULL], ACC)
-    wmub = tl.zeros([BLOCK_M, BLOCK_FULL], ACC)
+    sw0 = tl.zeros([SUB_M], ACC)
+    swa = tl.zeros([SUB_M], ACC)
+    swb = tl.zeros([SUB_M], ACC)
+    wmu0 = tl.zeros([SUB_M, BLOCK_FULL], ACC)
+    wmua = tl.zeros([SUB_M, BLOCK_FULL], ACC)
+    wmub = tl.zeros([SUB_M, BLOCK_FULL], ACC)
     offs_f = tl.arange(0, BLOCK_FULL)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        offs_k, mask_k, d0, l0, da, la, db, lb = _three_views(
+            H0, HA, HB, MU, stride_h0, stride_ha, stride_hb, stride_mu, offs_m, mask_m, k0, K,
+            F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K, BLOCK_F)
         tile = mask_m[:, None] & mask_k[None, :]
-        d0, l0 = _student_logits(H0, MU, stride_h0, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                 F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        da, la = _student_logits(HA, MU, stride_ha, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                 F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        db, lb = _student_logits(HB, MU, stride_hb, stride_mu, offs_m, mask_m, offs_k, mask_k,
-                                 F, alpha, ACC, HPREC, HUPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
         q0 = tl.where(tile, tl.exp(l0 - lse0[:, None]), 0.0)
         qa = tl.where(tile, tl.exp(la - lsea[:, None]), 0.0)
         qb = tl.where(tile, tl.exp(lb - lseb[:, None]), 0.0)
@@ -402,13 +416,45 @@ def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
         w0, sw0, wmu0, th0 = _view_grad(g0, d0, alpha, tile, mu, h0, sw0, wmu0, ACC, HPREC)
         wa, swa, wmua, tha = _view_grad(ga, da, alpha, tile, mu, ha, swa, wmua, ACC, HPREC)
         wb, swb, wmub, thb = _view_grad(gb, db, alpha, tile, mu, hb, swb, wmub, ACC, HPREC)
-        colsum = tl.sum(w0 + wa + wb, axis=0)
-        tl.store(DMU_PART + (pid * k_pad + offs_k)[:, None] * F + offs_f[None, :],
-                 colsum[:, None] * mu - (th0 + tha + thb),
-                 mask=mask_k[:, None] & (offs_f[None, :] < F))
+        dmu = tl.sum(w0 + wa + wb, axis=0)[:, None] * mu - (th0 + tha + thb)
+        ptrs = DMU_PART + (pid * k_pad + offs_k)[:, None] * F + offs_f[None, :]
+        mask = mask_k[:, None] & (offs_f[None, :] < F)
+        if not FIRST:
+            dmu += tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, dmu, mask=mask)
     _store_h(DH0, stride_h0, offs_m, mask_m, F, sw0, wmu0, h0, BLOCK_FULL)
     _store_h(DHA, stride_ha, offs_m, mask_m, F, swa, wmua, ha, BLOCK_FULL)
     _store_h(DHB, stride_hb, offs_m, mask_m, F, swb, wmub, hb, BLOCK_FULL)
+
+
+@triton.jit
+def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
+                        H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB, DMU_PART,
+                        n, D, K, F, stride_da, stride_db, stride_h0, stride_ha, stride_hb,
+                        stride_mu, k_pad,
+                        FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        UPCAST: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
+                        TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, SUB_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_F: tl.constexpr, BLOCK_FULL: tl.constexpr):
+    """The backward row launch of the anchor method: dz of rows I and I + N, then dh and the
+    partial dmu in SUB_M-row slices (registers independent of BLOCK_M)."""
+    pid = tl.program_id(0)
+    row_lo = pid * BLOCK_M
+    g_total = tl.load(GRAD).to(ACC)
+    g_inst = tl.load(GRAD + 1).to(ACC) + g_total * tl.load(PARAMS + 2)
+    g_dec = (tl.load(GRAD + 2).to(ACC) + g_total * tl.load(PARAMS + 3)) / n
+    g_anc = (tl.load(GRAD + 3).to(ACC) + g_total * tl.load(PARAMS + 4)) / n
+    _instance_grad(ZS, RS, NORMS, ROW_W, ROW_LOSS, DZA, DZB, PARAMS, g_inst, row_lo, n, D,
+                   stride_da, stride_db, FIXED_SHIFT, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N,
+                   BLOCK_D)
+    alpha = tl.load(PARAMS + 1).to(ACC)
+    for s in tl.static_range(BLOCK_M // SUB_M):
+        _assignment_grad_rows(H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB,
+                              DMU_PART, g_dec, g_anc, alpha, pid, row_lo + s * SUB_M, n, K, F,
+                              stride_h0, stride_ha, stride_hb, stride_mu, k_pad, s == 0, ACC,
+                              HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F, BLOCK_FULL)
+        tl.debug_barrier()   # the next slice adds to the partial dmu this one wrote
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,13 +469,9 @@ def _cc_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    row_lo = pid * BLOCK_M
-    inst = _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, row_lo, n, D,
-                          stride_a, stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M,
-                          BLOCK_N, BLOCK_D)
-    tl.store(INST_PART + pid, inst)
-    offs_m = row_lo + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n
+    offs_m, mask_m = _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
+                                    pid, n, D, stride_a, stride_b, FIXED_SHIFT, ACC, PREC,
+                                    UPCAST, TINY, BLOCK_M, BLOCK_N, BLOCK_D)
     q_a = softmax_rows(LA, stride_la, offs_m, mask_m, K, ACC, BLOCK_K)
     q_b = softmax_rows(LB, stride_lb, offs_m, mask_m, K, ACC, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -603,7 +645,7 @@ def instance_config(d: int, dtype: torch.dtype) -> tuple[LaunchConfig, LaunchCon
     path's; the backward is the fast path's."""
     fwd = forward_config(d, dtype)
     block_m, block_n, block_d = fwd.block
-    return (LaunchConfig((block_m, min(block_n, 64), block_d), fwd.num_warps, fwd.num_stages),
+    return (LaunchConfig((block_m, min(block_n, 32), block_d), fwd.num_warps, fwd.num_stages),
             backward_config(d, dtype))
 
 
@@ -667,11 +709,12 @@ def anchor_objective_forward(
     block_m = fwd.block[0]
     block_k, block_f, _ = _anchor_blocks(k, f_dim)
     parts = triton.cdiv(n, block_m)
+    slices = parts * (block_m // _SUB_M)
     k_pad = triton.cdiv(k, block_k) * block_k
     params = _params([1.0 / temperature, alpha, *weights], acc, dev)
     zs, rs, norms, row_w, row_loss = _instance_state(z_a, acc)
     q0 = torch.empty(n, k, dtype=acc, device=dev)                  # temporary, not saved
-    f_part = torch.empty(parts, k_pad, dtype=acc, device=dev)
+    f_part = torch.empty(slices, k_pad, dtype=acc, device=dev)
     inst_part, anchor_part = (torch.empty(parts, dtype=acc, device=dev) for _ in range(2))
     lse = torch.empty(3, n, dtype=acc, device=dev)
     c_ab = torch.empty(2, n, dtype=acc, device=dev)
@@ -684,13 +727,13 @@ def anchor_objective_forward(
             z_a, z_b, zs, rs, norms, row_w, row_loss, params, inst_part, h0, h_a, h_b, centers,
             q0, f_part, anchor_part, lse, c_ab, n, d, k, f_dim, z_a.stride(0), z_b.stride(0),
             h0.stride(0), h_a.stride(0), h_b.stride(0), centers.stride(0), k_pad,
-            TINY=tiny, BLOCK_K=block_k, BLOCK_F=block_f,
+            TINY=tiny, SUB_M=_SUB_M, BLOCK_K=block_k, BLOCK_F=block_f,
             **_instance_consts(z_a, 1.0 / temperature, acc, fwd),
             **_centre_consts(h0, centers, acc), num_warps=fwd.num_warps,
             num_stages=fwd.num_stages)
         _anchor_epilogue_kernel[(1,)](
             q0, f_part, inst_part, anchor_part, params, f_sum, totals, c_dec, out, n, k, parts,
-            k_pad, ACC=acc_dtype(acc), TINY=tiny, BLOCK_M=_ROWS, BLOCK_K=block_k)
+            slices, k_pad, ACC=acc_dtype(acc), TINY=tiny, BLOCK_M=_ROWS, BLOCK_K=block_k)
     return out, zs, rs, norms, row_w, row_loss, params, f_sum, totals, c_dec, lse, c_ab
 
 
@@ -735,7 +778,8 @@ def anchor_objective_backward(
             centers.stride(0), k_pad, FIXED_SHIFT=fixed_shift_safe(1.0 / temperature, acc),
             ACC=acc_dtype(acc), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
             **_centre_consts(h0, centers, acc), TINY=torch.finfo(acc).tiny,
-            BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_FULL=block_full, **bwd.constexprs,
+            SUB_M=_SUB_M, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_FULL=block_full,
+            **bwd.constexprs,
             num_warps=bwd.num_warps, num_stages=bwd.num_stages)
         size = k * f_dim
         _sum_partials_kernel[(triton.cdiv(size, _REDUCE),)](

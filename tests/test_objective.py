@@ -260,30 +260,22 @@ def test_counter_sees_ops_inside_custom_ops():
 
 # -- the registered ops ------------------------------------------------------------------------
 
-def _opcheck(forward, backward, args, constants):
-    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(forward, (*args, *constants))
+@pytest.mark.parametrize("method", ["anchor", "cc"])
+def test_opcheck(method):
+    """opcheck of the forward op (with inputs that require grad: its autograd too) and of the
+    backward op on the arguments its autograd passes (without grad: it refuses a second)."""
+    if method == "anchor":
+        args, constants = anchor_inputs(n=6, d=5, f=4, k=3), (0.4, 1.0, list(ANCHOR_WEIGHTS))
+    else:
+        args, constants = cc_inputs(n=6, d=5, k=3), (0.4, 1.0, list(CC_WEIGHTS))
+    forward = getattr(OPS, f"{method}_objective_triton_fwd").default
+    backward = getattr(OPS, f"{method}_objective_triton_bwd").default
+    torch.library.opcheck(forward, (*(a.requires_grad_() for a in args), *constants))
     out = forward(*(a.detach() for a in args), *constants)
     grad = torch.randn(out[0].shape, generator=_gen(3), dtype=out[0].dtype)
-    return out, grad, checks
-
-
-def test_opcheck_anchor():
-    args = [x.requires_grad_() for x in anchor_inputs(n=6, d=5, f=4, k=3)]
-    out, grad, checks = _opcheck(OPS.anchor_objective_triton_fwd.default,
-                                 OPS.anchor_objective_triton_bwd.default, args,
-                                 (0.4, 1.0, list(ANCHOR_WEIGHTS)))
-    torch.library.opcheck(OPS.anchor_objective_triton_bwd.default,
-                          (*(a.detach() for a in args), grad, *out[1:], 0.4), test_utils=checks)
-
-
-def test_opcheck_cc():
-    args = [x.requires_grad_() for x in cc_inputs(n=6, d=5, k=3)]
-    out, grad, checks = _opcheck(OPS.cc_objective_triton_fwd.default,
-                                 OPS.cc_objective_triton_bwd.default, args,
-                                 (0.4, 1.0, list(CC_WEIGHTS)))
-    torch.library.opcheck(OPS.cc_objective_triton_bwd.default,
-                          (*(a.detach() for a in args), grad, *out[1:], 0.4), test_utils=checks)
+    torch.library.opcheck(backward, (*(a.detach() for a in args), grad, *out[1:], 0.4),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 def test_double_backward_is_refused():
