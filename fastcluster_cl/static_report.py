@@ -403,7 +403,8 @@ def _objective_variants() -> list[Variant]:
                            fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,
                            targets=fwd_targets))
         out.append(variant(f"objective anchor grad K={k}", "bf16", ob._anchor_grad_kernel,
-                           dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs),
+                           dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
+                           | dict(BLOCK_K=ob._anchor_blocks(k, d, backward=True)[0]),
                            bwd.num_warps, bwd.block, bwd.num_stages,
                            gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d,
                                                                      bwd.block[1])),

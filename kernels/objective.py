@@ -370,61 +370,57 @@ def _store_h(DH, stride, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL: tl.constexpr
 
 
 @triton.jit
-def _assignment_grad_rows(H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB,
-                          DMU_PART, g_dec, g_anc, alpha, pid, row_lo, n, K, F, stride_h0,
-                          stride_ha, stride_hb, stride_mu, k_pad, FIRST: tl.constexpr,
-                          ACC: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
-                          TINY: tl.constexpr, SUB_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_F: tl.constexpr, BLOCK_FULL: tl.constexpr):
-    """dh0, dh_a, dh_b of rows [row_lo, row_lo + SUB_M) and their part of the program's
-    partial dmu (stored by the FIRST slice, added by the others)."""
+def _assignment_grad_rows(H0, HV, DHV, MU, FSUM, TOTALS, CDEC, LSE, CAB, DMU_PART, g, alpha,
+                          pid, row_lo, n, K, F, stride_h0, stride_v, stride_mu, k_pad,
+                          slice_index, VIEW: tl.constexpr, ACC: tl.constexpr,
+                          HPREC: tl.constexpr, HUPCAST: tl.constexpr, TINY: tl.constexpr,
+                          SUB_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+                          BLOCK_FULL: tl.constexpr):
+    """One view's dh of rows [row_lo, row_lo + SUB_M) (VIEW 0: h0, DEC's gradient g; 1, 2:
+    h_a, h_b, the anchor's) and its part of the program's partial dmu (stored by view 0 of
+    slice 0, added by the others). One view at a time: the (rows x F) and (tile x F) terms of one view live."""
     offs_m = row_lo + tl.arange(0, SUB_M)
     mask_m = offs_m < n
     lse0 = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
-    lsea = tl.load(LSE + n + offs_m, mask=mask_m, other=0.0)
-    lseb = tl.load(LSE + 2 * n + offs_m, mask=mask_m, other=0.0)
-    totals = tl.load(TOTALS + offs_m, mask=mask_m, other=1.0)
-    c_dec = tl.load(CDEC + offs_m, mask=mask_m, other=0.0)
-    c_a = tl.load(CAB + offs_m, mask=mask_m, other=0.0)
-    c_b = tl.load(CAB + n + offs_m, mask=mask_m, other=0.0)
-    h0 = _load_h(H0, stride_h0, offs_m, mask_m, F, ACC, BLOCK_FULL)
-    ha = _load_h(HA, stride_ha, offs_m, mask_m, F, ACC, BLOCK_FULL)
-    hb = _load_h(HB, stride_hb, offs_m, mask_m, F, ACC, BLOCK_FULL)
-    sw0 = tl.zeros([SUB_M], ACC)
-    swa = tl.zeros([SUB_M], ACC)
-    swb = tl.zeros([SUB_M], ACC)
-    wmu0 = tl.zeros([SUB_M, BLOCK_FULL], ACC)
-    wmua = tl.zeros([SUB_M, BLOCK_FULL], ACC)
-    wmub = tl.zeros([SUB_M, BLOCK_FULL], ACC)
+    if VIEW == 0:
+        c = tl.load(CDEC + offs_m, mask=mask_m, other=0.0)
+        totals = tl.load(TOTALS + offs_m, mask=mask_m, other=1.0)
+        lse_v = lse0
+    else:
+        c = tl.load(CAB + (VIEW - 1) * n + offs_m, mask=mask_m, other=0.0)
+        totals = c
+        lse_v = tl.load(LSE + VIEW * n + offs_m, mask=mask_m, other=0.0)
+    h = _load_h(HV, stride_v, offs_m, mask_m, F, ACC, BLOCK_FULL)
+    sw = tl.zeros([SUB_M], ACC)
+    wmu = tl.zeros([SUB_M, BLOCK_FULL], ACC)
     offs_f = tl.arange(0, BLOCK_FULL)
     for k0 in range(0, K, BLOCK_K):
-        offs_k, mask_k, d0, l0, da, la, db, lb = _three_views(
-            H0, HA, HB, MU, stride_h0, stride_ha, stride_hb, stride_mu, offs_m, mask_m, k0, K,
-            F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K, BLOCK_F)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
         tile = mask_m[:, None] & mask_k[None, :]
+        d, l0 = _student_logits(H0, MU, stride_h0, stride_mu, offs_m, mask_m, offs_k, mask_k,
+                                F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K, BLOCK_F)
         q0 = tl.where(tile, tl.exp(l0 - lse0[:, None]), 0.0)
-        qa = tl.where(tile, tl.exp(la - lsea[:, None]), 0.0)
-        qb = tl.where(tile, tl.exp(lb - lseb[:, None]), 0.0)
-        f = tl.load(FSUM + offs_k, mask=mask_k, other=1.0)
-        p = q0 * q0 / tl.maximum(f, TINY)[None, :] / totals[:, None]
         # dL/dlogit: DEC (target p detached) into q0, the anchor (q0 detached) into qa and qb
-        g0 = g_dec * (q0 * c_dec[:, None] - tl.where(q0 >= TINY, p, 0.0))
-        ga = g_anc * (qa * c_a[:, None] - tl.where(qa >= TINY, q0, 0.0))
-        gb = g_anc * (qb * c_b[:, None] - tl.where(qb >= TINY, q0, 0.0))
+        if VIEW == 0:
+            f = tl.load(FSUM + offs_k, mask=mask_k, other=1.0)
+            p = q0 * q0 / tl.maximum(f, TINY)[None, :] / totals[:, None]
+            grad = g * (q0 * c[:, None] - tl.where(q0 >= TINY, p, 0.0))
+        else:
+            d, lv = _student_logits(HV, MU, stride_v, stride_mu, offs_m, mask_m, offs_k,
+                                    mask_k, F, alpha, ACC, HPREC, HUPCAST, SUB_M, BLOCK_K,
+                                    BLOCK_F)
+            qv = tl.where(tile, tl.exp(lv - lse_v[:, None]), 0.0)
+            grad = g * (qv * c[:, None] - tl.where(qv >= TINY, q0, 0.0))
         mu = tl.load(MU + offs_k[:, None] * stride_mu + offs_f[None, :],
                      mask=mask_k[:, None] & (offs_f[None, :] < F), other=0.0).to(ACC)
-        w0, sw0, wmu0, th0 = _view_grad(g0, d0, alpha, tile, mu, h0, sw0, wmu0, ACC, HPREC)
-        wa, swa, wmua, tha = _view_grad(ga, da, alpha, tile, mu, ha, swa, wmua, ACC, HPREC)
-        wb, swb, wmub, thb = _view_grad(gb, db, alpha, tile, mu, hb, swb, wmub, ACC, HPREC)
-        dmu = tl.sum(w0 + wa + wb, axis=0)[:, None] * mu - (th0 + tha + thb)
+        w, sw, wmu, wh = _view_grad(grad, d, alpha, tile, mu, h, sw, wmu, ACC, HPREC)
+        dmu = tl.sum(w, axis=0)[:, None] * mu - wh
         ptrs = DMU_PART + (pid * k_pad + offs_k)[:, None] * F + offs_f[None, :]
         mask = mask_k[:, None] & (offs_f[None, :] < F)
-        if not FIRST:
-            dmu += tl.load(ptrs, mask=mask, other=0.0)
+        dmu += tl.load(ptrs, mask=mask & (slice_index + VIEW > 0), other=0.0)
         tl.store(ptrs, dmu, mask=mask)
-    _store_h(DH0, stride_h0, offs_m, mask_m, F, sw0, wmu0, h0, BLOCK_FULL)
-    _store_h(DHA, stride_ha, offs_m, mask_m, F, swa, wmua, ha, BLOCK_FULL)
-    _store_h(DHB, stride_hb, offs_m, mask_m, F, swb, wmub, hb, BLOCK_FULL)
+    _store_h(DHV, stride_v, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL)
 
 
 @triton.jit
@@ -441,20 +437,33 @@ def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
     partial dmu in SUB_M-row slices (registers independent of BLOCK_M)."""
     pid = tl.program_id(0)
     row_lo = pid * BLOCK_M
-    g_total = tl.load(GRAD).to(ACC)
-    g_inst = tl.load(GRAD + 1).to(ACC) + g_total * tl.load(PARAMS + 2)
-    g_dec = (tl.load(GRAD + 2).to(ACC) + g_total * tl.load(PARAMS + 3)) / n
-    g_anc = (tl.load(GRAD + 3).to(ACC) + g_total * tl.load(PARAMS + 4)) / n
+    g_inst = tl.load(GRAD + 1).to(ACC) + tl.load(GRAD).to(ACC) * tl.load(PARAMS + 2)
     _instance_grad(ZS, RS, NORMS, ROW_W, ROW_LOSS, DZA, DZB, PARAMS, g_inst, row_lo, n, D,
                    stride_da, stride_db, FIXED_SHIFT, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N,
                    BLOCK_D)
+    # loaded after the NT-Xent loops, not held across them
+    g_total = tl.load(GRAD).to(ACC)
+    g_dec = (tl.load(GRAD + 2).to(ACC) + g_total * tl.load(PARAMS + 3)) / n
+    g_anc = (tl.load(GRAD + 3).to(ACC) + g_total * tl.load(PARAMS + 4)) / n
     alpha = tl.load(PARAMS + 1).to(ACC)
-    for s in tl.static_range(BLOCK_M // SUB_M):
-        _assignment_grad_rows(H0, HA, HB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DH0, DHA, DHB,
-                              DMU_PART, g_dec, g_anc, alpha, pid, row_lo + s * SUB_M, n, K, F,
-                              stride_h0, stride_ha, stride_hb, stride_mu, k_pad, s == 0, ACC,
-                              HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F, BLOCK_FULL)
-        tl.debug_barrier()   # the next slice adds to the partial dmu this one wrote
+    # the slices and views add to the partial dmu in turn: a barrier after each
+    for s in range(0, BLOCK_M // SUB_M):   # not unrolled: one copy of the slice's code
+        lo = row_lo + s * SUB_M
+        _assignment_grad_rows(H0, H0, DH0, MU, FSUM, TOTALS, CDEC, LSE, CAB, DMU_PART, g_dec,
+                              alpha, pid, lo, n, K, F, stride_h0, stride_h0, stride_mu, k_pad,
+                              s, 0, ACC, HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F,
+                              BLOCK_FULL)
+        tl.debug_barrier()
+        _assignment_grad_rows(H0, HA, DHA, MU, FSUM, TOTALS, CDEC, LSE, CAB, DMU_PART, g_anc,
+                              alpha, pid, lo, n, K, F, stride_h0, stride_ha, stride_mu, k_pad,
+                              s, 1, ACC, HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F,
+                              BLOCK_FULL)
+        tl.debug_barrier()
+        _assignment_grad_rows(H0, HB, DHB, MU, FSUM, TOTALS, CDEC, LSE, CAB, DMU_PART, g_anc,
+                              alpha, pid, lo, n, K, F, stride_h0, stride_hb, stride_mu, k_pad,
+                              s, 2, ACC, HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F,
+                              BLOCK_FULL)
+        tl.debug_barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,9 +689,16 @@ def _check_instance(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
 
 # -- anchor --
 
-def _anchor_blocks(k: int, f: int) -> tuple[int, int, int]:
+_FWD_BLOCK_K = 32   # centre tiles of the forward (64 spilled 24 B on sm_90 at K = 100)
+_BWD_BLOCK_K = 16   # and of the backward, whose (tile x F) products w^T h live per view
+
+
+def _anchor_blocks(k: int, f: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_F, BLOCK_FULL): centre tiles (`student_t._blocks`, capped as above:
+    the static report), F chunks of the distance dots, the full F of the dh rows."""
     block_k, block_f = _student_blocks(k, f)
-    return block_k, block_f, feature_block(f, "h")
+    return (min(block_k, _BWD_BLOCK_K if backward else _FWD_BLOCK_K), block_f,
+            feature_block(f, "h"))
 
 
 def _centre_consts(h: torch.Tensor, centers: torch.Tensor, acc: torch.dtype) -> dict:
@@ -763,7 +779,7 @@ def anchor_objective_backward(
     dev = z_a.device
     _, bwd = instance_config(d, zs.dtype)
     block_m = bwd.block[0]
-    block_k, block_f, block_full = _anchor_blocks(k, f_dim)
+    block_k, block_f, block_full = _anchor_blocks(k, f_dim, backward=True)
     parts = triton.cdiv(n, block_m)
     k_pad = triton.cdiv(k, block_k) * block_k
     dz_a, dz_b = torch.empty_like(z_a), torch.empty_like(z_b)
