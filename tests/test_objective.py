@@ -2,6 +2,8 @@
 `cc_objective` against `reference.anchor_objective` / `cc_objective` (values and every
 gradient), their launch and torch-op counts, their ops under torch.library.opcheck, and the
 double-backward refusal. Under the Triton interpreter on the CPU (tests/conftest.py)."""
+import sys
+
 import pytest
 import torch
 
@@ -295,3 +297,28 @@ def test_op_counter_ignores_views_and_allocations():
         (x + 1).sum()
     assert y.shape == (3,) and dict(ops.ops) == {"aten::zeros": 1, "aten::add.Tensor": 1,
                                                  "aten::sum": 1}
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc"])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, method):
+    """The tensor-core launch shapes (forward 128 x 16 with 8 warps, backward 64 x 64; the
+    interpreter otherwise runs 32 x 32) give the same result on fp16 inputs: both accumulate in
+    fp32 on the same fp16 operands, so only the summation order (and the fp16 rounding of the
+    gradients) differs."""
+    from fastcluster_cl.kernels import objective
+
+    if method == "anchor":
+        objective_fn, inputs = _anchor, anchor_inputs(n=37, d=48, f=40, k=10)
+        dtypes = [torch.float16] * 5 + [torch.float32]
+        fn = kernels.anchor_objective
+    else:
+        objective_fn, inputs, dtypes = _cc, cc_inputs(n=37, d=48, k=10), [torch.float16] * 4
+        fn = kernels.cc_objective
+    want, want_grads = run(objective_fn, fn, inputs, dtypes, tau=0.1)
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "_is_interpreted",
+                        lambda: False)
+    assert objective.instance_config(48, torch.float16)[0].block[:2] == (128, 16)
+    value, grads = run(objective_fn, fn, inputs, dtypes, tau=0.1)
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        assert rel(g, w) < 2e-3
