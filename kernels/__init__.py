@@ -7,9 +7,9 @@ autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /
 `_bwd`), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
 cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
-both fused as `dec_anchor_losses`), `objective` (the whole anchor and CC objectives in one
-pass: `anchor_objective`, `cc_objective`, ops `anchor_objective_triton_fwd` / `_bwd` and
-`cc_objective_triton_fwd` / `_bwd`).
+both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here),
+`objective` (the anchor and CC objectives in one pass: `anchor_objective`, `cc_objective`;
+ops `anchor_objective_triton_fwd` / `_bwd`, `cc_objective_triton_fwd` / `_bwd`).
 This module exposes the ops under their public names with the signatures of
 `fastcluster_cl.losses.reference`, as `losses/dispatch.py` expects.
 
