@@ -64,6 +64,7 @@ class Variant:
     precision: str = "fp16"
     targets: dict = field(default_factory=dict)
     elements: int = 0   # S elements per column step when not BLOCK_M x BLOCK_N (column pairs)
+    floats: tuple[str, ...] = ()   # fp32 scalar arguments (the rest are i32)
 
 
 def _bin(tool: str) -> str:
@@ -77,12 +78,13 @@ def compile_variant(v: Variant):
     from triton.backends.compiler import GPUTarget
 
     signature = {name: ("constexpr" if name in v.constexprs else
-                        f"*{v.pointers[name]}" if name in v.pointers else "i32")
+                        f"*{v.pointers[name]}" if name in v.pointers else
+                        "fp32" if name in v.floats else "i32")
                  for name in v.fn.arg_names}
     # As the JIT specialises a launch at D = 128 and a batch that is a multiple of 16: every
     # pointer 16-byte aligned and every integer argument divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(v.fn.arg_names)
-             if signature[name] != "constexpr"}
+             if signature[name] not in ("constexpr", "fp32")}
     return triton.compile(triton.compiler.ASTSource(v.fn, signature, v.constexprs, attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
@@ -395,6 +397,7 @@ def _objective_variants() -> list[Variant]:
     def variant(name, dtype, fn, constexprs, *args, **kwargs):
         return Variant(name, dtype, fn, ptrs,
                        {c: v for c, v in constexprs.items() if c in fn.arg_names}, *args,
+                       floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
                        **kwargs)
 
     for k in (10, 100):

@@ -55,6 +55,8 @@ is one program walking N x K (fine at training sizes: N K ~ 1e5 elements).
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -84,7 +86,7 @@ _REDUCE = 256       # elements per program of the partial sums' reduction
 # shared pieces
 
 @triton.jit
-def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART, pid, n, D,
+def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, inv_tau, INST_PART, pid, n, D,
                    stride_a, stride_b, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, TINY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -97,7 +99,6 @@ def _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART, pi
     mask_m = offs_m < n
     offs_d = tl.arange(0, BLOCK_D)
     mask_md = mask_m[:, None] & (offs_d[None, :] < D)
-    inv_tau = tl.load(PARAMS).to(ACC)
     shift = inv_tau * _LOG2E
     zs_a, rs_a, norm_a = scaled_rows(_load_rows(ZA, stride_a, offs_m, mask_m, D, BLOCK_D),
                                         TINY, ACC)
@@ -167,6 +168,23 @@ def _instance_grad(ZS, RS, NORMS, ROW_W, ROW_LOSS, DZA, DZB, PARAMS, g_inst, row
     grad_block(ZS, RS, NORMS, ROW_W, ROW_LOSS, ROW_W, DZB, PARAMS, g_inst, 2 * n, n, D,
                   stride_db, n, n + row_lo, 2 * n, True, False, FIXED_SHIFT, ACC, PREC, UPCAST,
                   BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _param(hi, lo, ACC: tl.constexpr):
+    """A host float passed as two fp32 kernel arguments (hi = fp32(x), lo = fp32(x - hi)), as
+    a scalar of ACC: x to ~2^-48 in fp64 (Triton passes Python floats as fp32)."""
+    return tl.sum((hi + tl.zeros([1], ACC)) + (lo + tl.zeros([1], ACC)), axis=0)
+
+
+@triton.jit
+def _store_params(PARAMS, pid, v0, v1, v2, v3, v4):
+    """Program 0 writes the five scalars the later launches read (PARAMS, a forward output
+    the backward gets: no host-to-device copy, no fill)."""
+    offs = tl.arange(0, 8)
+    values = tl.where(offs == 0, v0, tl.where(offs == 1, v1, tl.where(
+        offs == 2, v2, tl.where(offs == 3, v3, v4))))
+    tl.store(PARAMS + offs, values, mask=(offs < 5) & (pid == 0))
 
 
 @triton.jit
@@ -284,7 +302,8 @@ def _assignment_rows(H0, HA, HB, MU, Q0, F_PART, LSE, CAB, alpha, part, row_lo, 
 def _anchor_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
                         H0, HA, HB, MU, Q0, F_PART, ANCHOR_PART, LSE, CAB,
                         n, D, K, F, stride_a, stride_b, stride_h0, stride_ha, stride_hb,
-                        stride_mu, k_pad,
+                        stride_mu, k_pad, t_hi, t_lo, a_hi, a_lo, w0_hi, w0_lo, w1_hi, w1_lo,
+                        w2_hi, w2_lo,
                         FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr, HPREC: tl.constexpr, HUPCAST: tl.constexpr,
                         TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -294,10 +313,10 @@ def _anchor_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PAR
     registers of three views' distance tiles do not grow with BLOCK_M), F_PART one row per
     slice."""
     pid = tl.program_id(0)
-    _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART, pid, n, D,
-                   stride_a, stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M, BLOCK_N,
-                   BLOCK_D)
-    alpha = tl.load(PARAMS + 1).to(ACC)
+    _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, _param(t_hi, t_lo, ACC), INST_PART,
+                   pid, n, D, stride_a, stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M,
+                   BLOCK_N, BLOCK_D)
+    alpha = _param(a_hi, a_lo, ACC)
     anchor = tl.zeros([1], ACC)
     for s in tl.static_range(BLOCK_M // SUB_M):
         anchor += _assignment_rows(
@@ -305,6 +324,9 @@ def _anchor_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PAR
             pid * BLOCK_M + s * SUB_M, n, K, F, stride_h0, stride_ha, stride_hb, stride_mu,
             k_pad, ACC, HPREC, HUPCAST, TINY, SUB_M, BLOCK_K, BLOCK_F)
     tl.store(ANCHOR_PART + pid + tl.arange(0, 1), anchor)
+    # last: nothing of it is live across the loops
+    _store_params(PARAMS, pid, _param(t_hi, t_lo, ACC), alpha, _param(w0_hi, w0_lo, ACC),
+                  _param(w1_hi, w1_lo, ACC), _param(w2_hi, w2_lo, ACC))
 
 
 @triton.jit
@@ -473,15 +495,16 @@ def _anchor_grad_kernel(ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, GRAD, DZA, DZB,
 @triton.jit
 def _cc_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
                     LA, LB, GRAM_PART, COL_PART, n, D, K, stride_a, stride_b, stride_la,
-                    stride_lb,
+                    stride_lb, t_hi, t_lo, c_hi, c_lo, w0_hi, w0_lo, w1_hi, w1_lo,
                     FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr, CPREC: tl.constexpr, TINY: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    offs_m, mask_m = _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
-                                    pid, n, D, stride_a, stride_b, FIXED_SHIFT, ACC, PREC,
-                                    UPCAST, TINY, BLOCK_M, BLOCK_N, BLOCK_D)
+    offs_m, mask_m = _instance_rows(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS,
+                                    _param(t_hi, t_lo, ACC), INST_PART, pid, n, D, stride_a,
+                                    stride_b, FIXED_SHIFT, ACC, PREC, UPCAST, TINY, BLOCK_M,
+                                    BLOCK_N, BLOCK_D)
     q_a = softmax_rows(LA, stride_la, offs_m, mask_m, K, ACC, BLOCK_K)
     q_b = softmax_rows(LB, stride_lb, offs_m, mask_m, K, ACC, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -493,6 +516,9 @@ def _cc_rows_kernel(ZA, ZB, ZS, RS, NORMS, ROW_W, ROW_LOSS, PARAMS, INST_PART,
     tl.store(base + 2 * sq + tile, dot(tl.trans(q_b), q_b, ACC, CPREC, False))
     tl.store(COL_PART + pid * 2 * BLOCK_K + offs_k, tl.sum(q_a, axis=0))
     tl.store(COL_PART + pid * 2 * BLOCK_K + BLOCK_K + offs_k, tl.sum(q_b, axis=0))
+    # last: nothing of it is live across the loops
+    _store_params(PARAMS, pid, _param(t_hi, t_lo, ACC), _param(c_hi, c_lo, ACC),
+                  _param(w0_hi, w0_lo, ACC), _param(w1_hi, w1_lo, ACC), 0.0)
 
 
 @triton.jit
@@ -681,10 +707,14 @@ def _instance_consts(z_a: torch.Tensor, inv_tau: float, acc: torch.dtype, config
                 PREC=dot_precision(zs_dtype), UPCAST=upcast_dots(zs_dtype), **config.constexprs)
 
 
-def _params(values: list[float], acc: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The scalars the kernels read (in the accumulation dtype: fp64 keeps fp64 temperatures
-    and weights): one small host-to-device tensor per forward, saved for the backward."""
-    return torch.tensor(values, dtype=acc, device=device)
+def _split(values: list[float]) -> list[float]:
+    """Each float as (hi, lo) fp32 kernel arguments (`_param`): no host-to-device copy, which
+    torch would synchronise (torch.tensor(..., device="cuda")), and fp64 precision kept."""
+    out = []
+    for v in values:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+        out += [hi, struct.unpack("f", struct.pack("f", v - hi))[0]]
+    return out
 
 
 def _check_instance(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
@@ -735,7 +765,7 @@ def anchor_objective_forward(
     parts = triton.cdiv(n, block_m)
     slices = parts * (block_m // _SUB_M)
     k_pad = triton.cdiv(k, block_k) * block_k
-    params = _params([1.0 / temperature, alpha, *weights], acc, dev)
+    params = torch.empty(5, dtype=acc, device=dev)     # written by the row launch
     zs, rs, norms, row_w, row_loss = _instance_state(z_a, acc)
     q0 = torch.empty(n, k, dtype=acc, device=dev)                  # temporary, not saved
     f_part = torch.empty(slices, k_pad, dtype=acc, device=dev)
@@ -751,7 +781,7 @@ def anchor_objective_forward(
             z_a, z_b, zs, rs, norms, row_w, row_loss, params, inst_part, h0, h_a, h_b, centers,
             q0, f_part, anchor_part, lse, c_ab, n, d, k, f_dim, z_a.stride(0), z_b.stride(0),
             h0.stride(0), h_a.stride(0), h_b.stride(0), centers.stride(0), k_pad,
-            TINY=tiny, SUB_M=_SUB_M, BLOCK_K=block_k, BLOCK_F=block_f,
+            *_split([1.0 / temperature, alpha, *weights]), TINY=tiny, SUB_M=_SUB_M, BLOCK_K=block_k, BLOCK_F=block_f,
             **_instance_consts(z_a, 1.0 / temperature, acc, fwd),
             **_centre_consts(h0, centers, acc), num_warps=fwd.num_warps,
             num_stages=fwd.num_stages)
@@ -867,8 +897,7 @@ def cc_objective_forward(
     fwd, _ = instance_config(d, _scaled_dtype(z_a.dtype))
     block_k = _cc_block_k(k)
     parts = triton.cdiv(n, fwd.block[0])
-    params = _params([1.0 / instance_temperature, 1.0 / cluster_temperature, *weights], acc,
-                     dev)
+    params = torch.empty(5, dtype=acc, device=dev)     # written by the row launch
     zs, rs, norms, row_w, row_loss = _instance_state(z_a, acc)
     inst_part = torch.empty(parts, dtype=acc, device=dev)
     gram_part = torch.empty(parts, 3, block_k, block_k, dtype=acc, device=dev)
@@ -881,7 +910,9 @@ def cc_objective_forward(
         _cc_rows_kernel[(parts,)](
             z_a, z_b, zs, rs, norms, row_w, row_loss, params, inst_part, logits_a, logits_b,
             gram_part, col_part, n, d, k, z_a.stride(0), z_b.stride(0), logits_a.stride(0),
-            logits_b.stride(0), CPREC=dot_precision(acc), TINY=tiny, BLOCK_K=block_k,
+            logits_b.stride(0),
+            *_split([1.0 / instance_temperature, 1.0 / cluster_temperature, *weights]),
+            CPREC=dot_precision(acc), TINY=tiny, BLOCK_K=block_k,
             **_instance_consts(z_a, 1.0 / instance_temperature, acc, fwd),
             num_warps=fwd.num_warps, num_stages=fwd.num_stages)
         _cc_epilogue_kernel[(1,)](gram_part, col_part, inst_part, params, gram, colsum, out, n,
@@ -894,7 +925,7 @@ def cc_objective_forward(
 def _(z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature, weights):
     block_k, acc = _cc_block_k(logits_a.shape[1]), _acc(z_a, logits_a)
     return (z_a.new_empty(3, dtype=acc), *_instance_state(z_a, acc),
-            z_a.new_empty(4, dtype=acc), z_a.new_empty(3, block_k, block_k, dtype=acc),
+            z_a.new_empty(5, dtype=acc), z_a.new_empty(3, block_k, block_k, dtype=acc),
             z_a.new_empty(2, block_k, dtype=acc))
 
 
