@@ -419,7 +419,8 @@ def _assignment_grad_rows(H0, HV, DHV, MU, FSUM, TOTALS, CDEC, LSE, CAB, DMU_PAR
                           BLOCK_FULL: tl.constexpr):
     """One view's dh of rows [row_lo, row_lo + SUB_M) (VIEW 0: h0, DEC's gradient g; 1, 2:
     h_a, h_b, the anchor's) and its part of the program's partial dmu (stored by view 0 of
-    slice 0, added by the others). One view at a time: the (rows x F) and (tile x F) terms of one view live."""
+    slice 0, added by the others). One view at a time: only one view's (rows x F) and
+    (tile x F) terms are live."""
     offs_m = row_lo + tl.arange(0, SUB_M)
     mask_m = offs_m < n
     lse0 = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
@@ -799,7 +800,8 @@ def anchor_objective_forward(
             z_a, z_b, zs, rs, norms, row_w, row_loss, params, inst_part, h0, h_a, h_b, centers,
             q0, f_part, anchor_part, lse, c_ab, n, d, k, f_dim, z_a.stride(0), z_b.stride(0),
             h0.stride(0), h_a.stride(0), h_b.stride(0), centers.stride(0), k_pad,
-            *_split([1.0 / temperature, alpha, *weights]), TINY=tiny, SUB_M=_SUB_M, BLOCK_K=block_k, BLOCK_F=block_f,
+            *_split([1.0 / temperature, alpha, *weights]), TINY=tiny, SUB_M=_SUB_M,
+            BLOCK_K=block_k, BLOCK_F=block_f,
             **_instance_consts(z_a, 1.0 / temperature, acc, fwd),
             **_centre_consts(h0, centers, acc), num_warps=fwd.num_warps,
             num_stages=fwd.num_stages)
