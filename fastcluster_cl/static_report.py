@@ -63,6 +63,8 @@ class Variant:
     gemms: tuple[tuple[int, int, int], ...] = ()
     precision: str = "fp16"
     targets: dict = field(default_factory=dict)
+    elements: int = 0   # S elements per column step when not BLOCK_M x BLOCK_N (column pairs)
+    floats: tuple[str, ...] = ()   # fp32 scalar arguments (the rest are i32)
 
 
 def _bin(tool: str) -> str:
@@ -76,12 +78,13 @@ def compile_variant(v: Variant):
     from triton.backends.compiler import GPUTarget
 
     signature = {name: ("constexpr" if name in v.constexprs else
-                        f"*{v.pointers[name]}" if name in v.pointers else "i32")
+                        f"*{v.pointers[name]}" if name in v.pointers else
+                        "fp32" if name in v.floats else "i32")
                  for name in v.fn.arg_names}
     # As the JIT specialises a launch at D = 128 and a batch that is a multiple of 16: every
     # pointer 16-byte aligned and every integer argument divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(v.fn.arg_names)
-             if signature[name] != "constexpr"}
+             if signature[name] not in ("constexpr", "fp32")}
     return triton.compile(triton.compiler.ASTSource(v.fn, signature, v.constexprs, attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": v.num_warps, "num_stages": v.num_stages})
@@ -184,7 +187,7 @@ def analyse(v: Variant) -> dict:
         t_mma = tile_macs / MACS_PER_CLOCK[v.precision]
         ceiling = round(min(1.0, t_mma / (len(loop) * v.num_warps / ISSUE_PER_CLOCK)), 3)
         ex2_ceiling = round(min(1.0, t_mma * EX2_PER_CLOCK / ex2), 3) if ex2 else 1.0
-    tile_elements = v.block[0] * v.block[1] if len(v.block) == 3 else None
+    tile_elements = v.elements or (v.block[0] * v.block[1] if len(v.block) == 3 else None)
     return {"kernel": v.kernel, "dtype": v.dtype, "block": "x".join(map(str, v.block)),
             "num_warps": v.num_warps, "registers": registers, "spill_bytes": stack,
             "shared_bytes": shared, "ctas_per_sm": ctas_per_sm(registers, shared, threads),
@@ -362,10 +365,89 @@ def _cluster_variants() -> list[Variant]:
     return out
 
 
+def _objective_variants() -> list[Variant]:
+    """The one-pass objectives (kernels/objective.py), bf16 z and h with fp32 centres (AMP),
+    D = F = 128: the row launches carry the NT-Xent targets on their column loop (a step is a
+    pair of column tiles, 4 BLOCK_M x BLOCK_N products forward; the backward walks each row
+    block's columns as the fast path does), the small launches no spills."""
+    import torch
+    import triton.language as tl
+
+    import fastcluster_cl.kernels  # noqa: F401
+    ob = sys.modules["fastcluster_cl.kernels.objective"]
+    d = 128
+    fwd, bwd = ob.instance_config(d, torch.float16)
+    bm, bn, _ = fwd.block
+    common = dict(ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=1.1754943508222875e-38,
+                  FIXED_SHIFT=True)
+    f32 = {name: "fp32" for name in (
+        "RS", "NORMS", "ROW_W", "ROW_LOSS", "PARAMS", "INST_PART", "MU", "Q0", "F_PART",
+        "ANCHOR_PART", "LSE", "CAB", "GRAD", "FSUM", "TOTALS", "CDEC", "DMU_PART", "GRAM_PART",
+        "COL_PART", "GRAM", "COLSUM", "M", "DC", "OUT", "PART")}
+    ptrs = dict(f32, ZA="bf16", ZB="bf16", ZS="fp16", H0="bf16", HA="bf16", HB="bf16",
+                DZA="bf16", DZB="bf16", DH0="bf16", DHA="bf16", DHB="bf16", LA="bf16",
+                LB="bf16", DLA="bf16", DLB="bf16")
+    # The forward normalises each column tile it loads (no prologue launch): 8 warps on 128
+    # rows per half, one CTA per SM (the fast path's 2 x 4 warps), and an issue ceiling of
+    # 0.5 where the fast path reaches 0.98 (benchmarks/static_notes.md section 8).
+    fwd_targets = dict(_NT_XENT_FWD, ctas_per_sm=1, issue_ceiling=0.48)
+    bwd_targets = _NT_XENT_BWD
+    clean = dict(no_spills=True)
+    out = []
+    def variant(name, dtype, fn, constexprs, *args, **kwargs):
+        return Variant(name, dtype, fn, ptrs,
+                       {c: v for c, v in constexprs.items() if c in fn.arg_names}, *args,
+                       floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
+                       **kwargs)
+
+    for k in (10, 100):
+        block_k, block_f, block_full = ob._anchor_blocks(k, d)
+        centre = dict(HPREC="ieee", HUPCAST=False, SUB_M=ob._SUB_M, BLOCK_K=block_k,
+                      BLOCK_F=block_f)
+        out.append(variant(f"objective anchor rows K={k}", "bf16", ob._anchor_rows_kernel,
+                           dict(common, **centre, **fwd.constexprs), fwd.num_warps, fwd.block,
+                           fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,
+                           targets=fwd_targets))
+        out.append(variant(f"objective anchor grad K={k}", "bf16", ob._anchor_grad_kernel,
+                           dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
+                           | dict(BLOCK_K=ob._anchor_blocks(k, d, backward=True)[0]),
+                           bwd.num_warps, bwd.block, bwd.num_stages,
+                           gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d,
+                                                                     bwd.block[1])),
+                           targets=bwd_targets))
+        out.append(variant(f"objective anchor epilogue K={k}", "fp32",
+                           ob._anchor_epilogue_kernel,
+                           dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=ob._ROWS,
+                                BLOCK_K=block_k), 4, (ob._ROWS, block_k), targets=clean))
+    block_k = ob._cc_block_k(10)
+    cc = dict(CPREC="ieee", BLOCK_K=block_k)
+    out.append(variant("objective cc rows K=10", "bf16", ob._cc_rows_kernel,
+                       dict(common, **cc, **fwd.constexprs), fwd.num_warps, fwd.block,
+                       fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,
+                       targets=fwd_targets))
+    out.append(variant("objective cc grad K=10", "bf16", ob._cc_grad_kernel,
+                       dict(common, **cc, **bwd.constexprs), bwd.num_warps, bwd.block,
+                       bwd.num_stages, gemms=((bwd.block[0], bwd.block[1], d),
+                                              (bwd.block[0], d, bwd.block[1])),
+                       targets=bwd_targets))
+    for k in (10, ob._CC_MAX_CLUSTERS):
+        small = dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_K=ob._cc_block_k(k))
+        out.append(variant(f"objective cc epilogue K={k}", "fp32", ob._cc_epilogue_kernel,
+                           small, ob._SMALL_WARPS, (small["BLOCK_K"],), targets=clean))
+        out.append(variant(f"objective cc cluster grad K={k}", "fp32",
+                           ob._cc_cluster_grad_kernel, small, ob._SMALL_WARPS,
+                           (small["BLOCK_K"],),
+                           targets=clean))
+    out.append(variant("objective sum partials", "fp32", ob._sum_partials_kernel,
+                       dict(ACC=tl.float32, BLOCK=ob._REDUCE), 4, (ob._REDUCE,),
+                       targets=clean))
+    return out
+
+
 def variants(names: str = "") -> list[Variant]:
     """Every kernel variant the backends launch, at the sizes users train with (D = 128)."""
-    return [v for v in _nt_xent_variants() + _nt_xent_bank_variants() + _cluster_variants()
-            if names in v.kernel]
+    return [v for v in (_nt_xent_variants() + _nt_xent_bank_variants() + _cluster_variants()
+                        + _objective_variants()) if names in v.kernel]
 
 
 COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",

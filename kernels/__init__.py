@@ -7,7 +7,9 @@ autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /
 `_bwd`), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
 cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
-both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here).
+both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here),
+`objective` (the anchor and CC objectives in one pass: `anchor_objective`, `cc_objective`;
+ops `anchor_objective_triton_fwd` / `_bwd`, `cc_objective_triton_fwd` / `_bwd`).
 This module exposes the ops under their public names with the signatures of
 `fastcluster_cl.losses.reference`, as `losses/dispatch.py` expects.
 
@@ -29,6 +31,7 @@ try:
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
+    from .objective import anchor_objective, cc_objective
     from .student_t import student_t
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
@@ -38,6 +41,7 @@ __all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "nt_xent_bank", "nt_xent_bank_
            "cc_cluster_loss", "cc_cluster_loss_terms",
            "tcc_cluster_loss_terms", "student_t", "dec_loss", "anchor_loss",
            "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
+           "anchor_objective", "cc_objective",
            "unavailable_reason"]
 
 

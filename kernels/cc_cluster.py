@@ -28,7 +28,7 @@ import triton.language as tl
 from fastcluster_cl.losses.op_autograd import register_pair
 
 from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precision,
-                      torch_acc_dtype)
+                      round_to, torch_acc_dtype)
 
 # K = 128 overflows sm_90 shared memory in the backward (four K x K blocks) and spills in the
 # forward (three Gram accumulators); K = 64 compiles with neither (the static report).
@@ -38,7 +38,7 @@ _MAX_PROGRAMS = 128
 
 
 @triton.jit
-def _softmax_rows(L, stride, offs_m, mask_m, K, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+def softmax_rows(L, stride, offs_m, mask_m, K, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row softmax of a (BLOCK_M, K) block; rows outside the matrix and padded columns are 0."""
     offs_k = tl.arange(0, BLOCK_K)
     mask = mask_m[:, None] & (offs_k[None, :] < K)
@@ -63,8 +63,8 @@ def _stats_kernel(LA, LB, GRAM, COLSUM, n, K, stride_a, stride_b,
     for r0 in range(pid * BLOCK_M, n, programs * BLOCK_M):
         offs_m = r0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        q_a = _softmax_rows(LA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
-        q_b = _softmax_rows(LB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
+        q_a = softmax_rows(LA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
+        q_b = softmax_rows(LB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
         g_aa += tl.dot(tl.trans(q_a), q_a, out_dtype=ACC, input_precision=PREC)
         g_ab += tl.dot(tl.trans(q_a), q_b, out_dtype=ACC, input_precision=PREC)
         g_bb += tl.dot(tl.trans(q_b), q_b, out_dtype=ACC, input_precision=PREC)
@@ -90,8 +90,8 @@ def _load_square(M, BLOCK_K: tl.constexpr):
 def _softmax_grad_store(DL, stride, offs_m, mask_m, q, dq, K, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     dl = q * (dq - tl.sum(q * dq, axis=1)[:, None])
-    tl.store(DL + offs_m[:, None] * stride + offs_k[None, :], dl.to(DL.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_k[None, :] < K))
+    tl.store(DL + offs_m[:, None] * stride + offs_k[None, :],
+             round_to(dl, DL.dtype.element_ty), mask=mask_m[:, None] & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -100,12 +100,18 @@ def _grad_kernel(LA, LB, DLA, DLB, M, DC, n, K, stride_a, stride_b, stride_da, s
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """M holds the four K x K blocks (aa, ab, ba, bb) of dG + dG^T, DC the two column-sum
     gradients, each zero-padded to BLOCK_K."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cluster_grad_rows(LA, LB, DLA, DLB, M, DC, offs_m, offs_m < n, K, stride_a, stride_b,
+                      stride_da, stride_db, ACC, PREC, BLOCK_K)
+
+
+@triton.jit
+def cluster_grad_rows(LA, LB, DLA, DLB, M, DC, offs_m, mask_m, K, stride_a, stride_b, stride_da,
+                      stride_db, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_grad_kernel` on the logit rows offs_m: dQ = Q M + DC, then the softmax backward."""
     offs_k = tl.arange(0, BLOCK_K)
-    q_a = _softmax_rows(LA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
-    q_b = _softmax_rows(LB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
+    q_a = softmax_rows(LA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
+    q_b = softmax_rows(LB, stride_b, offs_m, mask_m, K, ACC, BLOCK_K)
     sq = BLOCK_K * BLOCK_K
     m_aa = _load_square(M, BLOCK_K)
     m_ab = _load_square(M + sq, BLOCK_K)

@@ -110,18 +110,26 @@ def _pow2_floor(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def scaled_rows(z, TINY: tl.constexpr, ACC: tl.constexpr):
+    """(zs, rs, norms) of loaded rows z: zs = p z (ACC) with p the power of two putting the
+    row's largest |element| in [1, 2) (exact), rs = 1 / max(||zs||, eps p) (so zn = zs rs),
+    norms = max(||z||, eps): finite for rows of any finite magnitude."""
+    z = z.to(ACC)
+    p = 1.0 / _pow2_floor(tl.maximum(tl.max(tl.abs(z), axis=1), TINY), ACC)
+    zs = z * p[:, None]
+    ns = tl.sqrt(tl.sum(zs * zs, axis=1))
+    return zs, 1.0 / tl.maximum(ns, p * _EPS), tl.maximum(ns / p, _EPS)
+
+
+@triton.jit
 def _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     """Zs = p z (p the power of two putting the row's largest |element| in [1, 2); exact),
     rs = 1 / max(||zs||, eps p), norms = max(||z||, eps). Returns zn (ACC) and the norms."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_r[:, None] & (offs_d[None, :] < D)
-    z = tl.load(Z + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(ACC)
-    p = 1.0 / _pow2_floor(tl.maximum(tl.max(tl.abs(z), axis=1), TINY), ACC)
-    zs = z * p[:, None]
-    ns = tl.sqrt(tl.sum(zs * zs, axis=1))
-    rs = 1.0 / tl.maximum(ns, p * _EPS)
-    norms = tl.maximum(ns / p, _EPS)
+    z = tl.load(Z + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    zs, rs, norms = scaled_rows(z, TINY, ACC)
     tl.store(ZS + offs_r[:, None] * D + offs_d[None, :], zs.to(ZS.dtype.element_ty), mask=mask)
     tl.store(RS + offs_r, rs, mask=mask_r)
     tl.store(NORMS + offs_r, norms, mask=mask_r)
@@ -315,8 +323,19 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, GRAD_OUT, ro
     c_i = ROW_G[i], |c| <= 1 (the incoming gradients over their largest magnitude, which
     GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
     c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean."""
-    pid = tl.program_id(0)
-    row_lo = row_start + pid * BLOCK_M
+    grad_block(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, tl.load(GRAD_OUT), rows_total,
+               half, D, dz_stride, row_start, row_start + tl.program_id(0) * BLOCK_M, row_end,
+               EPILOGUE, PER_ROW, FIXED_SHIFT, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def grad_block(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, grad_out, rows_total, half, D,
+               dz_stride, row_start, row_lo, row_end, EPILOGUE: tl.constexpr,
+               PER_ROW: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)), `grad_out` the
+    incoming gradient's value (EPILOGUE): dz row r stored at DZ + (r - row_start) dz_stride."""
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -353,9 +372,9 @@ def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, GRAD_OUT, ro
     g = acc * (1.0 / _WEIGHT_SCALE)
     if EPILOGUE:
         if PER_ROW:
-            g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau)
+            g = g * (grad_out.to(ACC) * inv_tau)
         else:
-            g = g * (tl.load(GRAD_OUT).to(ACC) * inv_tau / rows_total)
+            g = g * (grad_out.to(ACC) * inv_tau / rows_total)
         # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
         zn = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
         norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)

@@ -51,7 +51,10 @@ def _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
                     mask=mask_m[:, None] & mask_f[None, :], other=0.0)
         mu = tl.load(MU + offs_k[:, None] * stride_mu + offs_f[None, :],
                      mask=mask_k[:, None] & mask_f[None, :], other=0.0)
-        cross += dot(h, tl.trans(mu), ACC, PREC, UPCAST)
+        if H.dtype.element_ty == MU.dtype.element_ty:
+            cross += dot(h, tl.trans(mu), ACC, PREC, UPCAST)
+        else:  # e.g. bf16 features and fp32 centres (the one-pass objective's AMP inputs)
+            cross += dot(h.to(ACC), tl.trans(mu.to(ACC)), ACC, PREC, False)
         hf = h.to(ACC)
         muf = mu.to(ACC)
         hh += tl.sum(hf * hf, axis=1)

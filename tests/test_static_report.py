@@ -68,3 +68,27 @@ def test_occupancy_model():
     assert static_report.ctas_per_sm(128, 82432, 128) == 2     # shared memory bound
     assert static_report.ctas_per_sm(255, 1024, 256) == 1      # registers bound
     assert static_report.ctas_per_sm(32, 0, 128) == 16         # threads bound
+
+
+def test_objective_targets_are_checked(report):
+    """The one-pass objectives (kernels/objective.py): the row launches keep the NT-Xent
+    kernels' MMA and exp targets (every product at the instruction floor, one MUFU.EX2 per
+    similarity element: the assignments' exps lie outside the column loop) and spill nothing;
+    the forward, which normalises every column tile it loads, at an issue ceiling of at least
+    0.48 (static_notes.md section 8); the small launches spill nothing at K = 10 and 100 (cc:
+    10 and its limit 64)."""
+    rows = {r["kernel"]: r for r in report[1] if r["kernel"].startswith("objective")}
+    for k in (10, 100):
+        for kernel in (f"objective anchor rows K={k}", f"objective anchor grad K={k}"):
+            row = rows[kernel]
+            assert row["targets"]["mma_at_floor"] and row["targets"]["no_spills"]
+            assert row["spill_bytes"] == 0 and row["mma_per_tile"] == row["mma_floor_per_tile"]
+            assert row["ex2_per_tile"] <= row["tile_elements"]
+        assert rows[f"objective anchor epilogue K={k}"]["spill_bytes"] == 0
+    for kernel in ("objective cc rows K=10", "objective cc grad K=10"):
+        row = rows[kernel]
+        assert row["spill_bytes"] == 0 and row["mma_per_tile"] == row["mma_floor_per_tile"]
+        assert row["ex2_per_tile"] <= row["tile_elements"]
+    assert rows["objective anchor rows K=10"]["issue_ceiling"] >= 0.48
+    assert rows["objective anchor grad K=10"]["issue_ceiling"] >= 0.5
+    assert len(rows) == 13 and all(not r["spill_bytes"] for r in rows.values())

@@ -39,14 +39,17 @@ PAIRS: dict[str, Pair] = {}
 
 
 def register_pair(forward_op, backward_op, name: str, backward_args: BackwardArgs,
-                  wrt: Sequence[int]) -> None:
+                  wrt: Sequence[int], materialize_grads: bool = True) -> None:
     """Make `forward_op` differentiable through `backward_op`, whose result (a tensor, or a
     tuple of them) is the gradient of the forward's inputs at the indices `wrt`, in order; the
-    other inputs get none. `name` is the backend named by the double-backward error."""
+    other inputs get none. `name` is the backend named by the double-backward error.
+    `materialize_grads=False`: results that received no gradient pass None to `backward_args`
+    instead of a zero tensor (no zero fills for outputs that are only backward state)."""
     wrt = tuple(wrt)
     PAIRS[forward_op._qualname] = Pair(backward_op, backward_args, wrt)
 
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(materialize_grads)
         outputs = output if isinstance(output, tuple) else (output,)
         values = (*inputs, *outputs)
         ctx.tensor_at = [i for i, x in enumerate(values) if isinstance(x, torch.Tensor)]
