@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import fastcluster_cl as fc
 from fastcluster_cl import kernels, validation
 from fastcluster_cl.losses import reference
 
@@ -236,6 +237,31 @@ def test_fused_launch_and_op_counts(method):
         counts = _count(lambda: kernels.cc_objective(*x, 0.2, 1.0, CC_WEIGHTS)[0])
     fwd, bwd, fwd_ops, ops = counts
     assert fwd <= 2 and bwd <= 2 and fwd_ops == 0 and ops <= 12, counts
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc"])
+def test_cluster_contrastive_loss_runs_the_one_pass_path(method):
+    """What users and the trainer call: ClusterContrastiveLoss(method, backend="triton") on the
+    centre head's features (anchor) or the logits (cc), within the same budget, and equal to
+    the separate ops."""
+    crit = fc.ClusterContrastiveLoss(method, 0.2, weights={"cluster": 0.7, "anchor": 0.3},
+                                     backend="triton")
+    if method == "anchor":
+        z_a, z_b, h0, h_a, h_b, mu = _small_anchor()
+        inputs = dict(h0=h0, h_a=h_a, h_b=h_b, centers=mu)
+    else:
+        z_a, z_b, la, lb = _small_cc()
+        inputs = dict(logits_a=la, logits_b=lb)
+    fwd, bwd, fwd_ops, ops = _count(lambda: crit(z_a, z_b, **inputs).total)
+    assert fwd <= 2 and bwd <= 2 and ops <= 12, (fwd, bwd, fwd_ops, ops)
+    objective = fc.anchor_objective if method == "anchor" else fc.cc_objective
+    args = (z_a, z_b, *inputs.values())
+    kwargs = dict(instance_temperature=0.2, weights=crit.weights, backend="triton")
+    fused, separate = objective(*args, **kwargs), objective(*args, **kwargs, fused=False)
+    torch.testing.assert_close(fused.total, separate.total, rtol=2e-5, atol=1e-6)
+    for name in separate.parts:
+        torch.testing.assert_close(fused.parts[name], separate.parts[name], rtol=2e-5,
+                                   atol=1e-6)
 
 
 def test_counter_sees_ops_inside_custom_ops():
