@@ -6,9 +6,11 @@
 #   bench     the runner: nt_xent bf16, 2N 4096..65536, D 128/256, torch / torch-compile /
 #             triton / cuda, with the matmul ceiling; JSON + PNG for benchmarks/results/, and
 #             the static sm_90a report beside it (compare measured TFLOP/s with issue_ceiling)
+#   objective the one-pass objectives against the separate ops (triton-separate) and the torch
+#             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
-# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
+# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,7 +30,8 @@ for stage in "${stages[@]}"; do
     tests)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
           tests/test_cuda_backend.py tests/test_triton_kernels.py tests/test_losses.py \
-          tests/test_modules.py tests/test_compile.py \
+          tests/test_modules.py tests/test_compile.py tests/test_objective.py \
+          tests/test_csrc_objective.py \
           --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
       tail -25 "$OUT/tests.log" ;;
     sanitize)
@@ -46,6 +49,15 @@ for stage in "${stages[@]}"; do
       env -u TRITON_INTERPRET python3 -m fastcluster_cl.bench static \
           --json "$OUT/results/static-sm90a.json" >"$OUT/static.log" 2>&1 || status=1
       tail -30 "$OUT/static.log" ;;
+    objective)
+      # cc's Triton kernels take K <= 64: its second K is 64
+      for op_ks in anchor_objective:10,100 cc_objective:10,64; do
+        python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 128 \
+            --ops "${op_ks%%:*}" --ks "${op_ks#*:}" --sizes 512,4096,65536 \
+            --backends torch,triton,triton-separate,cuda,cuda-separate \
+            --out "$OUT/results" >>"$OUT/objective.log" 2>&1 || status=1
+      done
+      tail -60 "$OUT/objective.log" ;;
     dali)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_data_dali.py \
           >"$OUT/dali.log" 2>&1 || status=1
