@@ -28,11 +28,11 @@ import os
 
 import torch
 
-from .losses import nt_xent_autograd, reference
+from .losses import nt_xent_autograd, nt_xent_bank_autograd, reference
 from .losses.nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
 from .losses.op_autograd import register_pair
 
-_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu")
+_SOURCES = ("binding.cpp", "nt_xent.cu", "nt_xent_bank.cu", "cluster.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
@@ -286,6 +286,85 @@ def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> t
     weights each row's loss by its incoming gradient)."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, float(temperature), "cuda")
+
+
+# NT-Xent against a memory bank (csrc/nt_xent_bank.cu) as torch.library ops with fakes; their
+# autograd is `fastcluster_cl.losses.nt_xent_bank_autograd` (the state: zs, rs, norms, dist, row
+# weights and row losses, as the Triton backend's).
+
+def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor,
+                                                                    torch.Tensor | None]:
+    """(bank, bank_lo or None): the extension's bank operands for Zs's dtype
+    (`nt_xent_bank_autograd.bank_operands`)."""
+    hi, lo, split = nt_xent_bank_autograd.bank_operands(bank, zs.dtype)
+    return hi, (lo if split else None)
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_cuda_fwd", mutates_args=())
+def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
+                  per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the N row losses, or their mean; zs, rs, norms, dist, row weights, row losses)."""
+    ext = extension()
+    zs, rs, norm, dist = ext.normalize(z_a, z_b)
+    row_loss, row_w = ext.bank_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau,
+                                       reference.fixed_shift_safe(inv_tau, torch.float32))
+    return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norm, dist, row_w,
+            row_loss)
+
+
+@_bank_forward.register_fake
+def _(z_a, z_b, bank, inv_tau, per_row):
+    n, f32 = z_a.shape[0], torch.float32
+    zs = z_a.new_empty(2 * n, z_a.shape[1], dtype=f32 if z_a.dtype == f32 else torch.float16)
+    vector, row = z_a.new_empty(2 * n, dtype=f32), z_a.new_empty(n, dtype=f32)
+    return nt_xent_bank_autograd.fake_forward(z_a, per_row, zs, vector, vector, row, row, row)
+
+
+@torch.library.custom_op("fastcluster_cl::nt_xent_bank_cuda_bwd", mutates_args=())
+def _bank_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
+                   inv_tau: float, zs: torch.Tensor, rs: torch.Tensor, norm: torch.Tensor,
+                   dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
+    w = nt_xent_bank_autograd.row_gradients(grad, z_a.shape[0], torch.float32)
+    dz_a, dz_b = extension().bank_backward(
+        zs, rs, norm, dist, *_bank_operands(bank, zs), row_w, row_loss, w, inv_tau,
+        reference.fixed_shift_safe(inv_tau, torch.float32), z_a.dtype)
+    return dz_a, dz_b
+
+
+@_bank_backward.register_fake
+def _(z_a, z_b, bank, grad, inv_tau, zs, rs, norm, dist, row_w, row_loss):
+    return torch.empty_like(z_a), torch.empty_like(z_b)
+
+
+nt_xent_bank_autograd.register_bank_autograd(_bank_forward, _bank_backward, "cuda")
+
+
+def _check_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor) -> None:
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    if not bank.is_floating_point():
+        raise TypeError(f"bank must be a floating-point tensor, got {bank.dtype}")
+
+
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """`fastcluster_cl.nt_xent_bank` with the CUDA C++ kernels (csrc/nt_xent_bank.cu); returns
+    float32. The bank (any float dtype) is cast to the kernels' operand type (fp16 hi + lo for
+    a wider bank with 16-bit inputs)."""
+    _check_bank(z_a, z_b, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, float(temperature),
+                                              False)
+
+
+def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The N row terms with the CUDA C++ kernels (per-row gradients: the backward weights each
+    row by its incoming gradient)."""
+    _check_bank(z_a, z_b, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, float(temperature),
+                                              True)
 
 
 def _normalized(z: torch.Tensor):

@@ -49,7 +49,7 @@ from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_r
 def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
     """zs_I bank_J^T accumulated in ACC; with SPLIT the bank is hi + lo (two fp16 halves of a
-    wider bank, see `_bank_operands`): a second product restores its precision."""
+    wider bank, see `nt_xent_bank_autograd.bank_operands`): a second product restores its precision."""
     s = dot(zi, tl.trans(bj), ACC, PREC, UPCAST)
     if SPLIT:
         lo = _load_rows(BANK_LO, D, offs_n, mask_n, D, BLOCK_D)
@@ -152,19 +152,6 @@ def _inv_tau_tensor(inv_tau: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), inv_tau, dtype=like.dtype, device=like.device)
 
 
-def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                    bool]:
-    """(hi, lo, split): the bank in the prologue's dtype, contiguous. A bank wider than fp16
-    (lightly's and the module's are fp32) with fp16 Zs (fp16/bf16 inputs) is split into
-    hi = fp16(bank) and lo = fp16(bank - hi), equal to the bank to ~2^-22 relative: the score
-    tiles take both products (rounding unit rows to fp16 alone gave 1.6e-4 relative loss errors
-    at tau = 0.05, where the fp32 path has 1e-7); the backward's weighted sum uses hi (its
-    weights are rounded to fp16 anyway)."""
-    hi = bank.to(zs.dtype).contiguous()
-    split = zs.dtype == torch.float16 and bank.dtype in (torch.float32, torch.float64)
-    return hi, ((bank - hi.to(bank.dtype)).to(zs.dtype).contiguous() if split else hi), split
-
-
 def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
     n, d = zs.shape[0] // 2, zs.shape[1]
     config = forward_config(d, zs.dtype)
@@ -201,7 +188,8 @@ def _fused_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv
                                            torch.Tensor]:
     """(the N row losses, or their mean; Zs, rs, norms, dist, row weights, row losses)."""
     zs, rs, norms, dist = _scale_rows(torch.cat([z_a, z_b]))
-    row_loss, row_w = _launch_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau)
+    operands = nt_xent_bank_autograd.bank_operands(bank, zs.dtype)
+    row_loss, row_w = _launch_forward(zs, rs, dist, *operands, inv_tau)
     return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, dist, row_w,
             row_loss)
 
@@ -222,11 +210,10 @@ def _fused_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, gr
                     dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
-    n = z_a.shape[0]
-    w = grad.to(rs.dtype)
-    w = (w.expand(n) / n if w.dim() == 0 else w).contiguous()
-    return _launch_backward(zs, rs, norms, dist, *_bank_operands(bank, zs), row_w, row_loss, w,
-                            inv_tau, z_a.dtype)
+    w = nt_xent_bank_autograd.row_gradients(grad, z_a.shape[0], rs.dtype)
+    return _launch_backward(zs, rs, norms, dist,
+                            *nt_xent_bank_autograd.bank_operands(bank, zs.dtype), row_w,
+                            row_loss, w, inv_tau, z_a.dtype)
 
 
 @_fused_backward.register_fake

@@ -7,195 +7,15 @@ feed the backend's autograd.Functions and are compared with the float64 referenc
 This checks indexing, tiling, masking, barrier placement and the launcher contract without a
 GPU; tensor-core rounding and speed still need one (tests/test_cuda_backend.py, marked gpu)."""
 import ctypes
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from emulation import _ptr
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
 from lowp import correlated_views, nt_xent_bounds, nt_xent_errors, tiny_weight_case
 from test_cuda_backend import check_student_t
-
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-EMULATION = Path(__file__).resolve().parent / "csrc_emulation"
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
-LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.+?),\s*(\w+),\s*0,\s*stream>>>\((.*?)\);", re.DOTALL)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _cuda_include() -> Path | None:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    nvcc = shutil.which("nvcc")
-    for home in filter(None, [CUDA_HOME, nvcc and Path(nvcc).resolve().parents[1],
-                              "/usr/local/cuda"]):
-        if Path(home, "include", "cuda_runtime.h").exists():
-            return Path(home, "include")
-    return None
-
-
-def rewrite_launches(source: str) -> str:
-    """`kernel<T><<<grid, threads, 0, stream>>>(args);` -> an emu::launch of the same call."""
-    rewritten, count = LAUNCH.subn(
-        lambda m: f"emu::launch(emu::to_dim({m[2]}), {m[3]}, [&] {{ {m[1]}({m[4]}); }});", source)
-    assert count == source.count("<<<"), "a kernel launch was not rewritten"
-    return rewritten
-
-
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    gxx, include = shutil.which("g++"), _cuda_include()
-    if gxx is None or include is None:
-        pytest.skip("needs g++ and the CUDA toolkit headers")
-    out = tmp_path_factory.mktemp("csrc_emulation")
-    objects = []
-    for source in sorted(CSRC.glob("*.cu")):
-        rewritten = out / f"{source.stem}_host.cu"
-        rewritten.write_text(rewrite_launches(source.read_text()))
-        obj = out / f"{source.stem}.o"
-        cmd = [gxx, "-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-x", "c++",
-               f"-DFCL_KERNEL_SOURCE=\"{rewritten}\"", f"-I{EMULATION}", f"-I{CSRC}",
-               f"-I{include}", "-c", str(EMULATION / "harness.cpp"), "-o", str(obj)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
-        objects.append(str(obj))
-    library = out / "libfcl_emulated.so"
-    subprocess.run([gxx, "-shared", "-pthread", "-o", str(library), *objects], check=True)
-    return ctypes.CDLL(str(library))
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-class EmulatedExtension:
-    """The binding's functions (csrc/binding.cpp) over the emulated launchers, on CPU tensors."""
-
-    multiprocessors = 132  # an H100's SM count drives the automatic column split
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def _splits(self, zn, rows, backward, splits):
-        if splits >= 1:
-            return splits
-        m, d = zn.shape
-        return self.lib.fcl_nt_xent_splits(DTYPE_CODES[zn.dtype], m, d, rows, backward,
-                                           self.multiprocessors)
-
-    def _check(self, err, name):
-        assert err == 0, f"{name} returned {err}"
-
-    def normalize(self, z_a, z_b):
-        n, d = z_a.shape
-        normed = torch.float32 if z_a.dtype == torch.float32 else torch.float16
-        zs = torch.empty(2 * n, d, dtype=normed)
-        rs, norm, dist = torch.empty(2 * n), torch.empty(2 * n), torch.empty(n)
-        self._check(self.lib.fcl_nt_xent_normalize(DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b),
-                                                   n, d, _ptr(zs), _ptr(rs), _ptr(norm),
-                                                   _ptr(dist), None), "normalize")
-        return zs, rs, norm, dist
-
-    def lse_rows(self, zn, rs, row_start, row_end, inv_tau, splits=0):
-        m, d = zn.shape
-        rows = row_end - row_start
-        splits = self._splits(zn, rows, 0, splits)
-        lse = torch.full((rows,), float("nan"))
-        workspace = torch.full((2 * splits * rows,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
-                                             row_start,
-                                             row_end, ctypes.c_float(inv_tau), splits,
-                                             _ptr(workspace), _ptr(lse), None), "lse")
-        return lse
-
-    def grad_rows(self, zn, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0,
-                  weight=None):
-        m, d = zn.shape
-        rows = row_end - row_start
-        splits = self._splits(zn, rows, 1, splits)
-        g = torch.full((rows, d), float("nan"))
-        workspace = torch.full((splits * rows * d,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
-                                              row_start,
-                                              row_end, ctypes.c_float(inv_tau), _ptr(lse),
-                                              _ptr(row_loss),
-                                              None if weight is None else _ptr(weight), splits,
-                                              _ptr(workspace), _ptr(g), None), "grad")
-        return g
-
-    def norm_backward(self, zn, rs, norm, g, row_start, row_end, grad_out, factor, out):
-        m, d = zn.shape
-        dz = torch.full((row_end - row_start, d), float("nan"), dtype=out)
-        self._check(self.lib.fcl_nt_xent_norm_backward(
-            DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), _ptr(norm), _ptr(g), m, d, row_start, row_end,
-            _ptr(grad_out), ctypes.c_float(factor), DTYPE_CODES[out], _ptr(dz), None),
-            "norm_backward")
-        return dz
-
-    def student_t_forward(self, h, centers, alpha):
-        (n, f), k = h.shape, centers.shape[0]
-        q, dist2 = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
-        self._check(self.lib.fcl_student_t(DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), n, k, f,
-                                           ctypes.c_float(alpha), _ptr(q), _ptr(dist2), None),
-                    "student_t")
-        return q, dist2
-
-    def student_t_backward(self, h, centers, q, dist2, grad_q, alpha):
-        (n, f), k = h.shape, centers.shape[0]
-        w = torch.full((n, k), float("nan"))
-        dh, dcenters = torch.full_like(h, float("nan")), torch.full_like(centers, float("nan"))
-        self._check(self.lib.fcl_student_t_backward(
-            DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), _ptr(q), _ptr(dist2), _ptr(grad_q), n,
-            k, f, ctypes.c_float(alpha), _ptr(w), _ptr(dh), _ptr(dcenters), None),
-            "student_t_backward")
-        return dh, dcenters
-
-    def dec_forward(self, q):
-        n, k = q.shape
-        f, loss_rows = torch.full((k,), float("nan")), torch.full((n,), float("nan"))
-        code = DTYPE_CODES[q.dtype]
-        self._check(self.lib.fcl_column_sums(code, _ptr(q), n, k, _ptr(f), None), "column_sums")
-        self._check(self.lib.fcl_dec_rows(code, _ptr(q), _ptr(f), n, k, _ptr(loss_rows), None),
-                    "dec_rows")
-        return loss_rows, f
-
-    def dec_backward(self, q, f, grad_out, factor):
-        n, k = q.shape
-        dq = torch.full_like(q, float("nan"))
-        self._check(self.lib.fcl_dec_backward(DTYPE_CODES[q.dtype], _ptr(q), _ptr(f), n, k,
-                                              _ptr(grad_out), ctypes.c_float(factor), _ptr(dq),
-                                              None), "dec_backward")
-        return dq
-
-    def anchor_forward(self, q0, q_a, q_b):
-        n, k = q0.shape
-        loss_rows = torch.full((n,), float("nan"))
-        self._check(self.lib.fcl_anchor_rows(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
-                                             _ptr(q_b), n, k, _ptr(loss_rows), None),
-                    "anchor_rows")
-        return loss_rows
-
-    def anchor_backward(self, q0, q_a, q_b, grad_out, factor):
-        n, k = q0.shape
-        dq_a, dq_b = torch.full_like(q_a, float("nan")), torch.full_like(q_b, float("nan"))
-        self._check(self.lib.fcl_anchor_backward(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
-                                                 _ptr(q_b), n, k, _ptr(grad_out),
-                                                 ctypes.c_float(factor), _ptr(dq_a),
-                                                 _ptr(dq_b), None), "anchor_backward")
-        return dq_a, dq_b
-
-
-@pytest.fixture
-def emulated(lib, monkeypatch):
-    ext = EmulatedExtension(lib)
-    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
-    return ext
 
 
 def _pair(n, d, dtype, seed=0):
@@ -312,7 +132,8 @@ def test_column_splits_match_unsplit(emulated, dtype):
                 emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 3.0, splits), g[start:end])
 
 
-def test_split_recommendation(lib):
+def test_split_recommendation(csrc_lib):
+    lib = csrc_lib
     # dtype, m, d, rows, backward, SMs -> splits
     assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2        # capped at 2 tiles each
     assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5     # 128 row blocks
@@ -321,7 +142,8 @@ def test_split_recommendation(lib):
     assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1   # enough row blocks
 
 
-def test_launchers_reject_bad_arguments(lib):
+def test_launchers_reject_bad_arguments(csrc_lib):
+    lib = csrc_lib
     zn, out = torch.zeros(200, 4), torch.zeros(200)
     one = ctypes.c_float(1.0)
     assert lib.fcl_nt_xent_lse(0, _ptr(zn), 8, 4, 3, 9, one, 1, None, _ptr(out), None) != 0

@@ -295,12 +295,6 @@ def test_gather_distributed_updates_the_bank_with_every_ranks_batch(tmp_path):
     assert [r[3] for r in ranks[0]] == [4, 8, 0]
 
 
-def test_cuda_backend_has_no_bank_kernels_yet(monkeypatch):
-    from fastcluster_cl import cuda_backend
-    from fastcluster_cl.losses import dispatch
-    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(dispatch, "_RESOLVED", {})
-    z = torch.randn(4, 3)
-    with pytest.raises(NotImplementedError, match="'chunked'"):
-        fc.nt_xent_bank(z, z, torch.nn.functional.normalize(torch.randn(5, 3), dim=1),
-                        backend="cuda")
+def test_module_equals_lightly_cuda_emulated(emulated):
+    """backend="cuda" (fp32: its kernels compute in fp32) through the host emulation."""
+    run_sequence_against_lightly("cuda", 0.2, torch.float32, rtol=2e-5, atol=1e-6)
