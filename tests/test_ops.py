@@ -254,7 +254,15 @@ BANK_OPS = {
                          OPS.nt_xent_bank_chunked_bwd.default)),
     "triton": (lambda: (OPS.nt_xent_bank_triton_fwd.default, (),
                         OPS.nt_xent_bank_triton_bwd.default)),
+    "cuda": (lambda: (OPS.nt_xent_bank_cuda_fwd.default, (), OPS.nt_xent_bank_cuda_bwd.default)),
 }
+BANK_DTYPES = {"chunked": F64, "triton": F64, "cuda": torch.float32}  # cuda: emulated, fp32
+
+
+def _bank_backend(request, backend):
+    if backend == "cuda":
+        request.getfixturevalue("emulated")  # the kernels through the host emulation
+    return BANK_OPS[backend]()
 
 
 def _bank_inputs(dtype, n=5, d=4, m=7):
@@ -264,11 +272,11 @@ def _bank_inputs(dtype, n=5, d=4, m=7):
     return z_a, z_b, bank
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_opcheck_bank_ops(backend, per_row):
-    forward, options, backward = BANK_OPS[backend]()
-    z_a, z_b, bank = _bank_inputs(F64)
+def test_opcheck_bank_ops(request, backend, per_row):
+    forward, options, backward = _bank_backend(request, backend)
+    z_a, z_b, bank = _bank_inputs(BANK_DTYPES[backend])
     torch.library.opcheck(forward, (z_a, z_b, bank, 1 / 0.3, per_row, *options))
     out = forward(z_a.detach(), z_b.detach(), bank, 1 / 0.3, per_row, *options)
     grad = torch.randn_like(out[0])
@@ -285,9 +293,10 @@ def test_opcheck_bank_ops(backend, per_row):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
-def test_bank_double_backward_is_refused(backend):
-    z_a, z_b, bank = _bank_inputs(F64)
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+def test_bank_double_backward_is_refused(request, backend):
+    _bank_backend(request, backend)
+    z_a, z_b, bank = _bank_inputs(BANK_DTYPES[backend])
     loss = fc.nt_xent_bank(z_a, z_b, bank, 0.3, backend=backend)
     (g,) = torch.autograd.grad(loss, z_a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
