@@ -104,6 +104,26 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int
   }
 }
 
+// acc[n] += A B_n for n < N (wmma, one warp): A the 16 x K row-major strip at a (leading
+// dimension lda), B_n the K x 16 operand of layout LB at b + n * n_step, whose k-th 16-row step
+// starts k_step * 16 elements further (ldb its leading dimension).
+template <typename T, typename LB, int K, int N>
+__device__ __forceinline__ void mma_strip(
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[N], const T* a, int lda,
+    const T* b, int ldb, int k_step, int n_step) {
+#pragma unroll
+  for (int kk = 0; kk < K; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kk, lda);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+      wmma::load_matrix_sync(fb, b + kk * k_step + n * n_step, ldb);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
 // Ss[r][c] = a[r0 + r] . b[c0 + c] (fp32 accumulation) for rows r0 + r < a_end and columns
 // c0 + c < b_end (zero elsewhere); with kSplit the columns are b + b_lo (a wider matrix carried
 // as two fp16 halves, csrc/nt_xent_bank.cu) and each k-step takes both products. Ends with a
@@ -116,47 +136,27 @@ __device__ void score_tile(const T* __restrict__ a, int a_end, int r0, const T* 
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = As + BM * Tr::LDA;
   float* Ss = reinterpret_cast<float*>(smem + Tr::kSOffset);
+  // wmma: each warp owns 16 rows; SIMT: an 8 x 16 thread grid, thread (tr, tc) owns rows
+  // tr + 8i (i < 8) and columns tc + 16j (j < 4).
+  const int warp = threadIdx.x / 32;
+  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[Tr::kTensorCores ? BN / 16 : 1];
+  float acc[8][4] = {};
   if constexpr (Tr::kTensorCores) {
-    const int warp = threadIdx.x / 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
 #pragma unroll
-    for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-    for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK, Tr::LDA>(As, a, d, r0, a_end, k0);
+    for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(frag[n], 0.f);
+  }
+  for (int k0 = 0; k0 < d; k0 += BK) {
+    load_tile<T, BK, Tr::LDA>(As, a, d, r0, a_end, k0);
 #pragma unroll
-      for (int part = 0; part < (kSplit ? 2 : 1); ++part) {
-        load_tile<T, BK, Tr::LDA>(Bs, part == 0 ? b : b_lo, d, c0, b_end, k0);
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, As + warp * 16 * Tr::LDA + kk, Tr::LDA);
-#pragma unroll
-          for (int n = 0; n < BN / 16; ++n) {
-            // Bs holds column rows [n][k]: read as the K x N operand it is column-major.
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-            wmma::load_matrix_sync(fb, Bs + n * 16 * Tr::LDA + kk, Tr::LDA);
-            wmma::mma_sync(acc[n], fa, fb, acc[n]);
-          }
-        }
-        __syncthreads();
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < BN / 16; ++n) {
-      wmma::store_matrix_sync(Ss + warp * 16 * Tr::LDS + n * 16, acc[n], Tr::LDS,
-                              wmma::mem_row_major);
-    }
-  } else {
-    // 8 x 16 thread grid; thread (tr, tc) owns rows tr + 8i (i < 8) and columns tc + 16j (j < 4).
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    float acc[8][4] = {};
-    for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK, Tr::LDA>(As, a, d, r0, a_end, k0);
-#pragma unroll
-      for (int part = 0; part < (kSplit ? 2 : 1); ++part) {
-        load_tile<T, BK, Tr::LDA>(Bs, part == 0 ? b : b_lo, d, c0, b_end, k0);
-        __syncthreads();
+    for (int part = 0; part < (kSplit ? 2 : 1); ++part) {
+      load_tile<T, BK, Tr::LDA>(Bs, part == 0 ? b : b_lo, d, c0, b_end, k0);
+      __syncthreads();
+      if constexpr (Tr::kTensorCores) {
+        // Bs holds column rows [n][k]: read as the K x N operand it is column-major.
+        mma_strip<T, wmma::col_major, BK>(frag, As + warp * 16 * Tr::LDA, Tr::LDA, Bs, Tr::LDA,
+                                          1, 16 * Tr::LDA);
+      } else {
 #pragma unroll 4
         for (int kk = 0; kk < BK; ++kk) {
           float va[8], vb[4];
@@ -170,9 +170,17 @@ __device__ void score_tile(const T* __restrict__ a, int a_end, int r0, const T* 
             for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(va[i], vb[j], acc[i][j]);
           }
         }
-        __syncthreads();
       }
+      __syncthreads();
     }
+  }
+  if constexpr (Tr::kTensorCores) {
+#pragma unroll
+    for (int n = 0; n < BN / 16; ++n) {
+      wmma::store_matrix_sync(Ss + warp * 16 * Tr::LDS + n * 16, frag[n], Tr::LDS,
+                              wmma::mem_row_major);
+    }
+  } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
 #pragma unroll
@@ -202,17 +210,8 @@ struct GradAccumulator {
   __device__ __forceinline__ void add(const T* Ps, const T* Zd) {
     if constexpr (Tr::kTensorCores) {
       const int warp = threadIdx.x / 32;
-#pragma unroll
-      for (int kk = 0; kk < BN; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, Ps + warp * 16 * Tr::LDP + kk, Tr::LDP);
-#pragma unroll
-        for (int n = 0; n < BD / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, Zd + kk * Tr::LDZ + n * 16, Tr::LDZ);
-          wmma::mma_sync(frag[n], a, b, frag[n]);
-        }
-      }
+      mma_strip<T, wmma::row_major, BN>(frag, Ps + warp * 16 * Tr::LDP, Tr::LDP, Zd, Tr::LDZ,
+                                        Tr::LDZ, 16);
     } else {
       const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
 #pragma unroll 4

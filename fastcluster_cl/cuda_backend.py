@@ -300,46 +300,21 @@ def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor,
     return hi, (lo if split else None)
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_cuda_fwd", mutates_args=())
-def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
-                  per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the N row losses, or their mean; zs, rs, norms, dist, row weights, row losses)."""
-    ext = extension()
-    zs, rs, norm, dist = ext.normalize(z_a, z_b)
-    row_loss, row_w = ext.bank_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau,
-                                       reference.fixed_shift_safe(inv_tau, torch.float32))
-    return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norm, dist, row_w,
-            row_loss)
+def _bank_forward_rows(zs, rs, dist, bank, inv_tau):
+    return extension().bank_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau,
+                                    reference.fixed_shift_safe(inv_tau, torch.float32))
 
 
-@_bank_forward.register_fake
-def _(z_a, z_b, bank, inv_tau, per_row):
-    n, f32 = z_a.shape[0], torch.float32
-    zs = z_a.new_empty(2 * n, z_a.shape[1], dtype=f32 if z_a.dtype == f32 else torch.float16)
-    vector, row = z_a.new_empty(2 * n, dtype=f32), z_a.new_empty(n, dtype=f32)
-    return nt_xent_bank_autograd.fake_forward(z_a, per_row, zs, vector, vector, row, row, row)
-
-
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_cuda_bwd", mutates_args=())
-def _bank_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
-                   inv_tau: float, zs: torch.Tensor, rs: torch.Tensor, norm: torch.Tensor,
-                   dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
-    w = nt_xent_bank_autograd.row_gradients(grad, z_a.shape[0], torch.float32)
+def _bank_backward_rows(zs, rs, norm, dist, bank, row_w, row_loss, w, inv_tau, out_dtype):
     dz_a, dz_b = extension().bank_backward(
         zs, rs, norm, dist, *_bank_operands(bank, zs), row_w, row_loss, w, inv_tau,
-        reference.fixed_shift_safe(inv_tau, torch.float32), z_a.dtype)
+        reference.fixed_shift_safe(inv_tau, torch.float32), out_dtype)
     return dz_a, dz_b
 
 
-@_bank_backward.register_fake
-def _(z_a, z_b, bank, grad, inv_tau, zs, rs, norm, dist, row_w, row_loss):
-    return torch.empty_like(z_a), torch.empty_like(z_b)
-
-
-nt_xent_bank_autograd.register_bank_autograd(_bank_forward, _bank_backward, "cuda")
+_bank_forward, _bank_backward = nt_xent_bank_autograd.define_scaled_row_ops(
+    "cuda", lambda z_a, z_b: tuple(extension().normalize(z_a, z_b)), _bank_forward_rows,
+    _bank_backward_rows, lambda dtype: torch.float32 if dtype == torch.float32 else torch.float16)
 
 
 def _check_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ from fastcluster_cl.losses import nt_xent_bank_autograd
 from fastcluster_cl.losses.reference import fixed_shift_safe
 
 from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision, feature_block,
-                      round_to, torch_acc_dtype, upcast_dots)
+                      round_to, upcast_dots)
 from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_rows,
                       _row_weight, _scale_rows, _scaled_dtype, accumulate_negatives,
                       backward_config, forward_config, row_block, row_losses)
@@ -181,47 +181,20 @@ def _launch_backward(zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss,
     return dz_a, dz_b
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_fwd", mutates_args=())
-def _fused_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
-                   per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
-    """(the N row losses, or their mean; Zs, rs, norms, dist, row weights, row losses)."""
-    zs, rs, norms, dist = _scale_rows(torch.cat([z_a, z_b]))
-    operands = nt_xent_bank_autograd.bank_operands(bank, zs.dtype)
-    row_loss, row_w = _launch_forward(zs, rs, dist, *operands, inv_tau)
-    return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, dist, row_w,
-            row_loss)
+def _forward(zs, rs, dist, bank, inv_tau):
+    return _launch_forward(zs, rs, dist, *nt_xent_bank_autograd.bank_operands(bank, zs.dtype),
+                           inv_tau)
 
 
-@_fused_forward.register_fake
-def _(z_a, z_b, bank, inv_tau, per_row):
-    acc, n = torch_acc_dtype(z_a.dtype), z_a.shape[0]
-    vector = z_a.new_empty(2 * n, dtype=acc)
-    return (z_a.new_empty((n,) if per_row else (), dtype=acc),
-            z_a.new_empty(2 * n, z_a.shape[1], dtype=_scaled_dtype(z_a.dtype)), vector,
-            torch.empty_like(vector), z_a.new_empty(n, dtype=acc), z_a.new_empty(n, dtype=acc),
-            z_a.new_empty(n, dtype=acc))
-
-
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_bwd", mutates_args=())
-def _fused_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
-                    inv_tau: float, zs: torch.Tensor, rs: torch.Tensor, norms: torch.Tensor,
-                    dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
-    w = nt_xent_bank_autograd.row_gradients(grad, z_a.shape[0], rs.dtype)
+def _backward(zs, rs, norms, dist, bank, row_w, row_loss, w, inv_tau, out_dtype):
     return _launch_backward(zs, rs, norms, dist,
                             *nt_xent_bank_autograd.bank_operands(bank, zs.dtype), row_w,
-                            row_loss, w, inv_tau, z_a.dtype)
+                            row_loss, w, inv_tau, out_dtype)
 
 
-@_fused_backward.register_fake
-def _(z_a, z_b, bank, grad, inv_tau, zs, rs, norms, dist, row_w, row_loss):
-    return torch.empty_like(z_a), torch.empty_like(z_b)
-
-
-nt_xent_bank_autograd.register_bank_autograd(_fused_forward, _fused_backward, "triton")
+_fused_forward, _fused_backward = nt_xent_bank_autograd.define_scaled_row_ops(
+    "triton", lambda z_a, z_b: _scale_rows(torch.cat([z_a, z_b])), _forward, _backward,
+    _scaled_dtype)
 
 
 def _check(z_a: torch.Tensor, bank: torch.Tensor) -> None:

@@ -8,7 +8,8 @@
 
 `cases({backend: [case, ...]})` turns per-backend case lists into pytest parameters
 (backend, *case): the slow paths (interpreter, emulation) keep their own, smaller lists.
-`prepare(request, backend)` readies one and returns (the backend= name, the device)."""
+`prepare(request, backend)` readies one and returns (the backend= name, the device);
+`gradcheck(request, backend, loss, shapes, seed)` runs torch.autograd.gradcheck on it."""
 import pytest
 import torch
 
@@ -43,3 +44,13 @@ def prepare(request, backend: str) -> tuple[str, str]:
     if backend == "cuda":
         return "cuda", "cuda"
     return backend, "cpu"
+
+
+def gradcheck(request, backend: str, loss, shapes, seed: int) -> None:
+    """torch.autograd.gradcheck of loss(*inputs, backend=name) on `backend`, the inputs float64
+    standard normal of the given shapes drawn from `seed`."""
+    name, device = prepare(request, backend)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+              for shape in shapes]
+    assert torch.autograd.gradcheck(lambda *x: loss(*x, backend=name), inputs)

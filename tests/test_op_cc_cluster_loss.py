@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from backends import cases, prepare
+from backends import cases, gradcheck, prepare
 from fastcluster_cl.losses import reference
 from tolerances import BF16, F32, F64, check_against_reference
 
@@ -46,8 +46,6 @@ def test_one_hot_assignments_stay_finite(request, backend):
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
 def test_gradcheck(request, backend):
-    name, device = prepare(request, backend)
-    gen = torch.Generator().manual_seed(22)
-    c = [torch.randn(5, 3, generator=gen, dtype=F64).to(device).requires_grad_()
-         for _ in range(2)]
-    assert torch.autograd.gradcheck(lambda a, b: fc.cc_cluster_loss(a, b, 0.7, backend=name), c)
+    gradcheck(request, backend,
+              lambda a, b, backend: fc.cc_cluster_loss(a, b, 0.7, backend=backend),
+              [(5, 3), (5, 3)], seed=22)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from backends import cases, prepare
+from backends import cases, gradcheck, prepare
 from fastcluster_cl.losses import reference
 from lowp import correlated_views
 from tolerances import (BF16, F16, F32, F64, LOWP, assert_within_lowp_bounds,
@@ -103,8 +103,5 @@ def test_extreme_magnitudes(request, backend, scale):
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
 def test_gradcheck(request, backend):
-    name, device = prepare(request, backend)
-    gen = torch.Generator().manual_seed(20)
-    z = [torch.randn(4, 3, generator=gen, dtype=F64).to(device).requires_grad_()
-         for _ in range(2)]
-    assert torch.autograd.gradcheck(lambda a, b: fc.nt_xent(a, b, 0.3, backend=name), z)
+    gradcheck(request, backend, lambda a, b, backend: fc.nt_xent(a, b, 0.3, backend=backend),
+              [(4, 3), (4, 3)], seed=20)

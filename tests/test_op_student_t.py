@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from backends import cases, prepare
+from backends import cases, gradcheck, prepare
 from fastcluster_cl.losses import reference
 from tolerances import BF16, F16, F32, F64, FP32_MATH, check_against_reference
 
@@ -40,7 +40,5 @@ def test_matches_float64_reference(request, backend, dtype, n, k, f, alpha):
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
 def test_gradcheck(request, backend):
-    name, device = prepare(request, backend)
-    h, mu = randn(5, 4, seed=18).to(device), randn(3, 4, seed=19).to(device)
-    assert torch.autograd.gradcheck(lambda x, y: fc.student_t(x, y, 0.7, backend=name),
-                                    (h.requires_grad_(), mu.requires_grad_()))
+    gradcheck(request, backend, lambda h, mu, backend: fc.student_t(h, mu, 0.7, backend=backend),
+              [(5, 4), (3, 4)], seed=18)
