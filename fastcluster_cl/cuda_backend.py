@@ -6,7 +6,12 @@ use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT
 float32; the forward is an online log-sum-exp over column tiles and the backward one more
 row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
 
-The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``) is built with
+`nt_xent_bank` (NT-Xent against a memory bank) runs ``csrc/nt_xent_bank.cu``: the rows of z_a
+against the bank's column tiles, never an N x M matrix, with the Triton kernels' numerics (fixed
+shift, fp16 hi + lo bank for 16-bit inputs), per-row gradients included.
+
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/nt_xent_bank.cu``,
+``csrc/cluster.cu``; shared tiles in ``csrc/tiles.cuh``) is built with
 ``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
 directory; importing this module builds nothing and works on CPU-only machines.
 
@@ -87,7 +92,9 @@ def extension():
     norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),
     student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
     dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
-    anchor_backward(q0, q_a, q_b, grad_out, factor).
+    anchor_backward(q0, q_a, q_b, grad_out, factor), bank_forward(zs, rs, dist, bank, bank_lo,
+    inv_tau, fixed_shift), bank_backward(zs, rs, norm, dist, bank, bank_lo, row_w, row_loss, w,
+    inv_tau, fixed_shift, out).
     """
     from torch.utils.cpp_extension import load
 
