@@ -158,6 +158,28 @@ int fcl_cc_objective_backward(int z_dtype, const void* z_a, const void* z_b, int
                               const float* grad, float* workspace, void* dz_a, void* dz_b,
                               void* dlogits_a, void* dlogits_b, cudaStream_t stream);
 
+// NT-Xent against a memory bank (csrc/nt_xent_bank.cu). zs, rs, dist, norm: the outputs of
+// fcl_nt_xent_normalize on (z_a, z_b) (zs 2n x d, rows i < n the anchors); bank: m_bank x d in
+// zs's element type, contiguous, rows of norm <= 1, used as given; bank_lo: NULL, or the low
+// half of a bank wider than fp16 (bank + bank_lo is the bank; the scores take both products).
+// fixed_shift != 0 sums 2^(x - log2(e) inv_tau) (valid where exp(-2 inv_tau) is a normal
+// float), else uses the online row max. Forward: row_loss[i] = log(1 + sum_k exp(S_ik -
+// S_pos_i)) and the backward's row weight row_w[i] (exp(1/tau - lse_i) under the fixed shift,
+// else lse_i log2 e), fp32, n entries each.
+int fcl_nt_xent_bank_lse(int dtype, const void* zs, const float* rs, const float* dist,
+                         const void* bank, const void* bank_lo, int n, int m_bank, int d,
+                         float inv_tau, int fixed_shift, float* row_loss, float* row_w,
+                         cudaStream_t stream);
+
+// dz_a, dz_b (n x d, dz_dtype) of sum_i w[i] row_loss[i] (w: n fp32 row gradients, 1/n each
+// for the mean), from the forward's row_w and row_loss; workspace: n x d floats (G = sum_k P_ik
+// bank_k). The bank gets no gradient.
+int fcl_nt_xent_bank_grad(int dtype, const void* zs, const float* rs, const float* norm,
+                          const float* dist, const void* bank, const void* bank_lo, int n,
+                          int m_bank, int d, float inv_tau, int fixed_shift, const float* row_w,
+                          const float* row_loss, const float* w, float* workspace, int dz_dtype,
+                          void* dz_a, void* dz_b, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "tiles.cuh"
 
 namespace {
 
@@ -53,162 +54,10 @@ using fcl::sum_splits_kernel;
 using fcl::to_float;
 using fcl::warp_max;
 using fcl::warp_sum;
-
-constexpr int kThreads = 128;  // 4 warps; each warp owns 16 of the BM rows on the wmma path
-constexpr int kWarps = kThreads / 32;
-constexpr int BM = 64;         // rows per block
-constexpr int BN = 64;         // columns per tile
-constexpr int BK = 32;         // features per step of the S product
-constexpr float kWeightScale = 16384.f;  // tile weight scale before rounding (see above)
-
-// The normalised rows' element type: fp16 for 16-bit inputs, fp32 for fp32.
-template <typename T>
-using Normed = typename std::conditional<std::is_same<T, float>::value, float, __half>::type;
+using namespace fcl::tiles;
 
 __device__ __forceinline__ int positive_of(int i, int m) {
   return i < m / 2 ? i + m / 2 : i - m / 2;
-}
-
-constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
-constexpr int max_of(int a, int b) { return a > b ? a : b; }
-
-// Shared-memory layout per element type. Offsets are multiples of 128 bytes and every wmma
-// pointer lands on a 32-byte boundary: rows of 16-bit tiles are padded by 8 elements (16 bytes),
-// fp32 score/staging tiles by 4 floats, fp32 SIMT operand tiles by 1 float (conflict-free
-// column reads). Padding also spreads rows across banks.
-template <typename T>
-struct Tile {
-  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
-  static constexpr int kPad = kTensorCores ? 8 : 1;
-  static constexpr int LDA = BK + kPad;                 // As (BM x BK) and Bs (BN x BK)
-  static constexpr int LDS = BN + 4;                    // Ss: fp32 scores, BM x BN
-  static constexpr int BD = kTensorCores ? 128 : 64;    // gradient features per block
-  static constexpr int LDP = kTensorCores ? BN + 8 : LDS;  // Ps: A tile (fp32: in place in Ss)
-  static constexpr int LDZ = BD + kPad;                 // Zd: BN x BD slice of the columns
-  static constexpr int LDG = BD + 4;                    // fp32 staging of G (wmma path)
-
-  static constexpr int kStageBytes = round_up(2 * BM * LDA * (int)sizeof(T), 128);  // As, Bs
-  static constexpr int kPBytes = kTensorCores ? round_up(BM * LDP * (int)sizeof(T), 128) : 0;
-  static constexpr int kZOffset = kPBytes;              // Ps, Zd alias As, Bs (phase 2)
-  static constexpr int kZBytes = round_up(BN * LDZ * (int)sizeof(T), 128);
-  static constexpr int kSOffset = max_of(kStageBytes, kPBytes + kZBytes);
-  static constexpr int kLseOffset = kSOffset + round_up(BM * LDS * (int)sizeof(float), 128);
-  static constexpr int kRsOffset = kLseOffset + round_up(BN * (int)sizeof(float), 128);
-  static constexpr int kBytes = kRsOffset + round_up(BN * (int)sizeof(float), 128);
-
-  static_assert(BM == kWarps * 16, "each warp owns 16 rows on the wmma path");
-  static_assert(BM == BN, "As and Bs share one leading dimension");
-  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
-  static_assert(!kTensorCores || BM * LDG * (int)sizeof(float) <= kBytes,
-                "G staging must fit in the shared buffer");
-};
-
-// dst[r][c] = src[(r0 + r) * d + c0 + c] for r0 + r < r_end and c0 + c < d, else 0; r < 64.
-// When rows are 16-byte multiples (d % (16 / sizeof(T)) == 0) and src is 16-byte aligned, each
-// thread moves 16 bytes per load (and per store when LD keeps shared rows 16-byte aligned).
-template <typename T, int WIDTH, int LD>
-__device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int d, int r0,
-                                          int r_end, int c0) {
-  constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
-  static_assert(WIDTH % V == 0, "tile width must be whole 16-byte vectors");
-  if (d % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-#pragma unroll 2  // bounded: the gradient kernel holds its G accumulator in registers
-    for (int e = threadIdx.x; e < 64 * WIDTH / V; e += kThreads) {
-      const int r = e / (WIDTH / V), c = e % (WIDTH / V) * V;
-      const int row = r0 + r, col = c0 + c;  // col < d implies col + V <= d
-      const bool inside = row < r_end && col < d;
-      if constexpr (LD * sizeof(T) % 16 == 0) {
-        uint4 vec = make_uint4(0u, 0u, 0u, 0u);  // zero bits are +0 in every element type
-        if (inside) vec = *reinterpret_cast<const uint4*>(src + (int64_t)row * d + col);
-        *reinterpret_cast<uint4*>(dst + r * LD + c) = vec;
-      } else {  // the fp32 SIMT tiles (rows padded by one float): 16-byte loads, 4-byte stores
-        static_assert(std::is_same<T, float>::value, "16-bit tiles keep 16-byte rows");
-        float4 vec = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (inside) vec = *reinterpret_cast<const float4*>(src + (int64_t)row * d + col);
-        float* out = dst + r * LD + c;
-        out[0] = vec.x;
-        out[1] = vec.y;
-        out[2] = vec.z;
-        out[3] = vec.w;
-      }
-    }
-  } else {
-    for (int e = threadIdx.x; e < 64 * WIDTH; e += kThreads) {
-      const int r = e / WIDTH, c = e % WIDTH;
-      const int row = r0 + r, col = c0 + c;
-      dst[r * LD + c] =
-          (row < r_end && col < d) ? src[(int64_t)row * d + col] : from_float<T>(0.f);
-    }
-  }
-}
-
-// Ss[r][c] = zn[r0 + r] . zn[c0 + c] (fp32 accumulation) for rows < r_end and columns < m
-// (zero elsewhere). Ends with a barrier, after which As/Bs are free and Ss is readable.
-template <typename T>
-__device__ void score_tile(const T* __restrict__ zn, int m, int d, int r0, int r_end, int c0,
-                           unsigned char* smem) {
-  using Tr = Tile<T>;
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + BM * Tr::LDA;
-  float* Ss = reinterpret_cast<float*>(smem + Tr::kSOffset);
-  if constexpr (Tr::kTensorCores) {
-    const int warp = threadIdx.x / 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
-#pragma unroll
-    for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
-    for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
-      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, As + warp * 16 * Tr::LDA + kk, Tr::LDA);
-#pragma unroll
-        for (int n = 0; n < BN / 16; ++n) {
-          // Bs holds column rows [n][k]: read as the K x N operand it is column-major.
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-          wmma::load_matrix_sync(b, Bs + n * 16 * Tr::LDA + kk, Tr::LDA);
-          wmma::mma_sync(acc[n], a, b, acc[n]);
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int n = 0; n < BN / 16; ++n) {
-      wmma::store_matrix_sync(Ss + warp * 16 * Tr::LDS + n * 16, acc[n], Tr::LDS,
-                              wmma::mem_row_major);
-    }
-  } else {
-    // 8 x 16 thread grid; thread (tr, tc) owns rows tr + 8i (i < 8) and columns tc + 16j (j < 4).
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    float acc[8][4] = {};
-    for (int k0 = 0; k0 < d; k0 += BK) {
-      load_tile<T, BK, Tr::LDA>(As, zn, d, r0, r_end, k0);
-      load_tile<T, BK, Tr::LDA>(Bs, zn, d, c0, m, k0);
-      __syncthreads();
-#pragma unroll 4
-      for (int kk = 0; kk < BK; ++kk) {
-        float a[8], b[4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) a[i] = As[(tr + 8 * i) * Tr::LDA + kk];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[(tc + 16 * j) * Tr::LDA + kk];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) Ss[(tr + 8 * i) * Tr::LDS + tc + 16 * j] = acc[i][j];
-    }
-  }
-  __syncthreads();
 }
 
 // Epilogue thread mapping shared by both kernels: thread t reads row t / 2 of the tile and the
@@ -233,7 +82,8 @@ __global__ void __launch_bounds__(kThreads)
   float run_max = -INFINITY, run_sum = 0.f;
   for (int c0 = c_begin; c0 < c_end; c0 += BN) {
     for (int e = threadIdx.x; e < BN; e += kThreads) rs_col[e] = c0 + e < m ? rs[c0 + e] : 0.f;
-    score_tile<T>(zs, m, d, r0, row_end, c0, smem);  // its closing barrier publishes rs_col
+    // score_tile's closing barrier publishes rs_col
+    score_tile<T>(zs, row_end, r0, zs, nullptr, m, c0, d, smem);
     float x[BN / 2];
 #pragma unroll
     for (int c = 0; c < BN / 2; ++c) {
@@ -302,22 +152,14 @@ __global__ void __launch_bounds__(kThreads)
   const float c_i = weight_full != nullptr && i < row_end ? weight_full[i] : 1.f;
   const float pos_i = i < row_end ? c_i * expm1f(-loss_full[i]) : 0.f;  // c_i (P_i,pos(i) - 1)
 
-  // G accumulator (BM x BD), registers.
-  const int warp = threadIdx.x / 32;
-  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> gfrag[Tr::kTensorCores ? BD / 16 : 1];
-  float gacc[8][4] = {};
-  if constexpr (Tr::kTensorCores) {
-#pragma unroll
-    for (int n = 0; n < BD / 16; ++n) wmma::fill_fragment(gfrag[n], 0.f);
-  }
+  GradAccumulator<T> acc;  // G (BM x BD), registers
 
   const int c_begin = blockIdx.z * cols_per_split;
   const int c_end = m < c_begin + cols_per_split ? m : c_begin + cols_per_split;
   // This split's (row_end - row_start) x d slice of the output (the output itself when unsplit).
   float* g = g_splits + (int64_t)blockIdx.z * (row_end - row_start) * d;
   for (int c0 = c_begin; c0 < c_end; c0 += BN) {
-    score_tile<T>(zs, m, d, r0, row_end, c0, smem);
+    score_tile<T>(zs, row_end, r0, zs, nullptr, m, c0, d, smem);
     load_tile<T, BD, Tr::LDZ>(Zd, zs, d, c0, m, d0);
     for (int e = threadIdx.x; e < BN; e += kThreads) {
       lse_col[e] = c0 + e < m ? lse_full[c0 + e] * kLog2e : 0.f;
@@ -341,64 +183,11 @@ __global__ void __launch_bounds__(kThreads)
       Ps[r * Tr::LDP + col] = from_float<T>(a * rs_col[col] * kWeightScale);
     }
     __syncthreads();
-    if constexpr (Tr::kTensorCores) {
-#pragma unroll
-      for (int kk = 0; kk < BN; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, Ps + warp * 16 * Tr::LDP + kk, Tr::LDP);
-#pragma unroll
-        for (int n = 0; n < BD / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, Zd + kk * Tr::LDZ + n * 16, Tr::LDZ);
-          wmma::mma_sync(gfrag[n], a, b, gfrag[n]);
-        }
-      }
-    } else {
-#pragma unroll 4
-      for (int kk = 0; kk < BN; ++kk) {
-        float a[8], b[4];
-#pragma unroll
-        for (int ii = 0; ii < 8; ++ii) a[ii] = to_float(Ps[(tr + 8 * ii) * Tr::LDP + kk]);
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) b[jj] = to_float(Zd[kk * Tr::LDZ + tc + 16 * jj]);
-#pragma unroll
-        for (int ii = 0; ii < 8; ++ii) {
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) gacc[ii][jj] = fmaf(a[ii], b[jj], gacc[ii][jj]);
-        }
-      }
-    }
+    acc.add(Ps, Zd);
     __syncthreads();  // the next tile overwrites Ps, Zd, Ss
   }
 
-  if constexpr (Tr::kTensorCores) {
-    float* Gs = reinterpret_cast<float*>(smem);  // the whole buffer is free after the barrier
-#pragma unroll
-    for (int n = 0; n < BD / 16; ++n) {
-      wmma::store_matrix_sync(Gs + warp * 16 * Tr::LDG + n * 16, gfrag[n], Tr::LDG,
-                              wmma::mem_row_major);
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < BM * BD; e += kThreads) {
-      const int rr = e / BD, cc = e % BD;
-      const int row = r0 + rr, col = d0 + cc;
-      if (row < row_end && col < d) {
-        g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc] * (1.f / kWeightScale);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int ii = 0; ii < 8; ++ii) {
-      const int row = r0 + tr + 8 * ii;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int col = d0 + tc + 16 * jj;
-        if (row < row_end && col < d) {
-          g[(int64_t)(row - row_start) * d + col] = gacc[ii][jj] * (1.f / kWeightScale);
-        }
-      }
-    }
-  }
+  acc.store(g, smem, r0, row_start, row_end, d0, d);
 }
 
 // One warp per pair i: rows z_a[i], z_b[i] scaled by their exact powers of two into zs (type

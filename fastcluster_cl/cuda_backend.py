@@ -6,10 +6,14 @@ use tensor cores (wmma, fp32 accumulation) for float16/bfloat16 and an fp32 SIMT
 float32; the forward is an online log-sum-exp over column tiles and the backward one more
 row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix never exists.
 
-The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/cluster.cu``,
-``csrc/objective.cu``) is built with ``torch.utils.cpp_extension.load`` on the first call and
-cached in torch's default extensions directory; importing this module builds nothing and works
-on CPU-only machines.
+`nt_xent_bank` (NT-Xent against a memory bank) runs ``csrc/nt_xent_bank.cu``: the rows of z_a
+against the bank's column tiles, never an N x M matrix, with the Triton kernels' numerics (fixed
+shift, fp16 hi + lo bank for 16-bit inputs), per-row gradients included.
+
+The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/nt_xent_bank.cu``,
+``csrc/cluster.cu``, ``csrc/objective.cu``; shared tiles in ``csrc/tiles.cuh``) is built with
+``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
+directory; importing this module builds nothing and works on CPU-only machines.
 
 `student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
 row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
@@ -34,11 +38,11 @@ import os
 
 import torch
 
-from .losses import nt_xent_autograd, reference
+from .losses import nt_xent_autograd, nt_xent_bank_autograd, reference
 from .losses.nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
 from .losses.op_autograd import register_pair
 
-_SOURCES = ("binding.cpp", "nt_xent.cu", "cluster.cu", "objective.cu")
+_SOURCES = ("binding.cpp", "nt_xent.cu", "nt_xent_bank.cu", "cluster.cu", "objective.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
@@ -93,11 +97,12 @@ def extension():
     norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),
     student_t_forward(h, centers, alpha), student_t_backward(h, centers, q, dist2, grad_q, alpha),
     dec_forward(q), dec_backward(q, f, grad_out, factor), anchor_forward(q0, q_a, q_b),
-    anchor_backward(q0, q_a, q_b, grad_out, factor), anchor_objective_forward(z_a, z_b, h0,
-    h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor),
-    anchor_objective_backward(..., rows, q, dist2, f, grad, ...), cc_objective_forward(z_a, z_b,
-    logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster),
-    cc_objective_backward(..., rows, q, gram, cluster_rows, grad, ...).
+    anchor_backward(q0, q_a, q_b, grad_out, factor), bank_forward(zs, rs, dist, bank, bank_lo,
+    inv_tau, fixed_shift), bank_backward(zs, rs, norm, dist, bank, bank_lo, row_w, row_loss, w,
+    inv_tau, fixed_shift, out), anchor_objective_forward(z_a, z_b, h0, h_a, h_b, centers,
+    inv_tau, alpha, w_instance, w_cluster, w_anchor), anchor_objective_backward(..., rows, q,
+    dist2, f, grad, ...), cc_objective_forward(z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c,
+    w_instance, w_cluster), cc_objective_backward(..., rows, q, gram, cluster_rows, grad, ...).
     """
     from torch.utils.cpp_extension import load
 
@@ -296,6 +301,60 @@ def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> t
     weights each row's loss by its incoming gradient)."""
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, float(temperature), "cuda")
+
+
+# NT-Xent against a memory bank (csrc/nt_xent_bank.cu) as torch.library ops with fakes; their
+# autograd is `fastcluster_cl.losses.nt_xent_bank_autograd` (the state: zs, rs, norms, dist, row
+# weights and row losses, as the Triton backend's).
+
+def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor,
+                                                                    torch.Tensor | None]:
+    """(bank, bank_lo or None): the extension's bank operands for Zs's dtype
+    (`nt_xent_bank_autograd.bank_operands`)."""
+    hi, lo, split = nt_xent_bank_autograd.bank_operands(bank, zs.dtype)
+    return hi, (lo if split else None)
+
+
+def _bank_forward_rows(zs, rs, dist, bank, inv_tau):
+    return extension().bank_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau,
+                                    reference.fixed_shift_safe(inv_tau, torch.float32))
+
+
+def _bank_backward_rows(zs, rs, norm, dist, bank, row_w, row_loss, w, inv_tau, out_dtype):
+    dz_a, dz_b = extension().bank_backward(
+        zs, rs, norm, dist, *_bank_operands(bank, zs), row_w, row_loss, w, inv_tau,
+        reference.fixed_shift_safe(inv_tau, torch.float32), out_dtype)
+    return dz_a, dz_b
+
+
+_bank_forward, _bank_backward = nt_xent_bank_autograd.define_scaled_row_ops(
+    "cuda", lambda z_a, z_b: tuple(extension().normalize(z_a, z_b)), _bank_forward_rows,
+    _bank_backward_rows, lambda dtype: torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+def _check_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor) -> None:
+    _check_inputs(("z_a", "z_b"), (z_a, z_b))
+    if not bank.is_floating_point():
+        raise TypeError(f"bank must be a floating-point tensor, got {bank.dtype}")
+
+
+def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """`fastcluster_cl.nt_xent_bank` with the CUDA C++ kernels (csrc/nt_xent_bank.cu); returns
+    float32. The bank (any float dtype) is cast to the kernels' operand type (fp16 hi + lo for
+    a wider bank with 16-bit inputs)."""
+    _check_bank(z_a, z_b, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, float(temperature),
+                                              False)
+
+
+def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The N row terms with the CUDA C++ kernels (per-row gradients: the backward weights each
+    row by its incoming gradient)."""
+    _check_bank(z_a, z_b, bank)
+    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, float(temperature),
+                                              True)
 
 
 def _normalized(z: torch.Tensor):

@@ -39,7 +39,7 @@ from fastcluster_cl.losses import nt_xent_bank_autograd
 from fastcluster_cl.losses.reference import fixed_shift_safe
 
 from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision, feature_block,
-                      round_to, torch_acc_dtype, upcast_dots)
+                      round_to, upcast_dots)
 from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_rows,
                       _row_weight, _scale_rows, _scaled_dtype, accumulate_negatives,
                       backward_config, forward_config, row_block, row_losses)
@@ -49,7 +49,7 @@ from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_r
 def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
     """zs_I bank_J^T accumulated in ACC; with SPLIT the bank is hi + lo (two fp16 halves of a
-    wider bank, see `_bank_operands`): a second product restores its precision."""
+    wider bank, see `nt_xent_bank_autograd.bank_operands`): a second product restores its precision."""
     s = dot(zi, tl.trans(bj), ACC, PREC, UPCAST)
     if SPLIT:
         lo = _load_rows(BANK_LO, D, offs_n, mask_n, D, BLOCK_D)
@@ -152,19 +152,6 @@ def _inv_tau_tensor(inv_tau: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), inv_tau, dtype=like.dtype, device=like.device)
 
 
-def _bank_operands(bank: torch.Tensor, zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                    bool]:
-    """(hi, lo, split): the bank in the prologue's dtype, contiguous. A bank wider than fp16
-    (lightly's and the module's are fp32) with fp16 Zs (fp16/bf16 inputs) is split into
-    hi = fp16(bank) and lo = fp16(bank - hi), equal to the bank to ~2^-22 relative: the score
-    tiles take both products (rounding unit rows to fp16 alone gave 1.6e-4 relative loss errors
-    at tau = 0.05, where the fp32 path has 1e-7); the backward's weighted sum uses hi (its
-    weights are rounded to fp16 anyway)."""
-    hi = bank.to(zs.dtype).contiguous()
-    split = zs.dtype == torch.float16 and bank.dtype in (torch.float32, torch.float64)
-    return hi, ((bank - hi.to(bank.dtype)).to(zs.dtype).contiguous() if split else hi), split
-
-
 def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
     n, d = zs.shape[0] // 2, zs.shape[1]
     config = forward_config(d, zs.dtype)
@@ -194,47 +181,20 @@ def _launch_backward(zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss,
     return dz_a, dz_b
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_fwd", mutates_args=())
-def _fused_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
-                   per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
-    """(the N row losses, or their mean; Zs, rs, norms, dist, row weights, row losses)."""
-    zs, rs, norms, dist = _scale_rows(torch.cat([z_a, z_b]))
-    row_loss, row_w = _launch_forward(zs, rs, dist, *_bank_operands(bank, zs), inv_tau)
-    return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, dist, row_w,
-            row_loss)
+def _forward(zs, rs, dist, bank, inv_tau):
+    return _launch_forward(zs, rs, dist, *nt_xent_bank_autograd.bank_operands(bank, zs.dtype),
+                           inv_tau)
 
 
-@_fused_forward.register_fake
-def _(z_a, z_b, bank, inv_tau, per_row):
-    acc, n = torch_acc_dtype(z_a.dtype), z_a.shape[0]
-    vector = z_a.new_empty(2 * n, dtype=acc)
-    return (z_a.new_empty((n,) if per_row else (), dtype=acc),
-            z_a.new_empty(2 * n, z_a.shape[1], dtype=_scaled_dtype(z_a.dtype)), vector,
-            torch.empty_like(vector), z_a.new_empty(n, dtype=acc), z_a.new_empty(n, dtype=acc),
-            z_a.new_empty(n, dtype=acc))
+def _backward(zs, rs, norms, dist, bank, row_w, row_loss, w, inv_tau, out_dtype):
+    return _launch_backward(zs, rs, norms, dist,
+                            *nt_xent_bank_autograd.bank_operands(bank, zs.dtype), row_w,
+                            row_loss, w, inv_tau, out_dtype)
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_bank_triton_bwd", mutates_args=())
-def _fused_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
-                    inv_tau: float, zs: torch.Tensor, rs: torch.Tensor, norms: torch.Tensor,
-                    dist: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per row."""
-    n = z_a.shape[0]
-    w = grad.to(rs.dtype)
-    w = (w.expand(n) / n if w.dim() == 0 else w).contiguous()
-    return _launch_backward(zs, rs, norms, dist, *_bank_operands(bank, zs), row_w, row_loss, w,
-                            inv_tau, z_a.dtype)
-
-
-@_fused_backward.register_fake
-def _(z_a, z_b, bank, grad, inv_tau, zs, rs, norms, dist, row_w, row_loss):
-    return torch.empty_like(z_a), torch.empty_like(z_b)
-
-
-nt_xent_bank_autograd.register_bank_autograd(_fused_forward, _fused_backward, "triton")
+_fused_forward, _fused_backward = nt_xent_bank_autograd.define_scaled_row_ops(
+    "triton", lambda z_a, z_b: _scale_rows(torch.cat([z_a, z_b])), _forward, _backward,
+    _scaled_dtype)
 
 
 def _check(z_a: torch.Tensor, bank: torch.Tensor) -> None:

@@ -16,3 +16,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def csrc_lib(tmp_path_factory):
+    """The csrc kernels built for the host emulation (tests/emulation.py), once per session."""
+    from emulation import build_library
+    lib = build_library(tmp_path_factory.mktemp("csrc_emulation"))
+    if lib is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers")
+    return lib
+
+
+@pytest.fixture
+def emulated(csrc_lib, monkeypatch):
+    """backend="cuda" on CPU tensors: the emulated kernels in place of the compiled extension."""
+    from emulation import EmulatedExtension
+    from fastcluster_cl import cuda_backend
+    from fastcluster_cl.losses import dispatch
+    ext = EmulatedExtension(csrc_lib)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # the functional API then finds it too
+    return ext

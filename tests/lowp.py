@@ -1,10 +1,7 @@
 """The low-precision regime users train in, shared by the kernel tests: correlated views at small
-temperatures, and tolerances taken from a full-precision-accumulating path on the same rounded
-inputs rather than from a fixed number (a loose absolute tolerance once hid 1000% errors)."""
+temperatures, and the tiny tile weights of very large batches. Their error bounds (twice those of
+the fp32-accumulating chunked path on the same rounded inputs) are in tests/tolerances.py."""
 import torch
-
-import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
 
 F64 = torch.float64
 
@@ -14,33 +11,6 @@ def correlated_views(n, d, seed, scale=1.0, noise=0.3):
     gen = torch.Generator().manual_seed(seed)
     z_a = torch.randn(n, d, generator=gen, dtype=F64) * scale
     return z_a, z_a + noise * scale * torch.randn(n, d, generator=gen, dtype=F64)
-
-
-def nt_xent_errors(loss_fn, z_a, z_b, tau, dtype):
-    """(relative Frobenius error of the gradient, relative error of the loss) of
-    loss_fn(a, b, tau) against the float64 reference on the same dtype-rounded inputs."""
-    a, b = (t.to(dtype).requires_grad_() for t in (z_a, z_b))
-    a64, b64 = (t.detach().to(F64).requires_grad_() for t in (a, b))
-    loss = loss_fn(a, b, tau)
-    loss.backward()
-    want = reference.nt_xent(a64, b64, tau)
-    want.backward()
-    got, ref = torch.cat([a.grad, b.grad]).to(F64), torch.cat([a64.grad, b64.grad])
-    assert torch.isfinite(got).all()
-    return ((got - ref).norm() / ref.norm()).item(), abs(loss.item() / want.item() - 1)
-
-
-def nt_xent_bounds(z_a, z_b, tau, dtype):
-    """Error bounds for a backend in `dtype`: twice those of backend="chunked" (fp32
-    accumulation, output rounded to dtype) on the same inputs, the gradient's floored at twice
-    the rounding of the float64 reference gradient to dtype, the loss's at 1e-6."""
-    grad, loss = nt_xent_errors(lambda a, b, t: fc.nt_xent(a, b, t, backend="chunked"),
-                                z_a, z_b, tau, dtype)
-    a, b = (t.to(dtype).to(F64).requires_grad_() for t in (z_a, z_b))
-    reference.nt_xent(a, b, tau).backward()
-    ref = torch.cat([a.grad, b.grad])
-    rounding = ((ref.to(dtype).to(F64) - ref).norm() / ref.norm()).item()
-    return 2 * max(grad, rounding), max(2 * loss, 1e-6)
 
 
 def tiny_weight_case(n=40, d=24, tau=0.5, lse_value=20.0, seed=23):

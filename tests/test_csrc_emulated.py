@@ -1,201 +1,15 @@
-"""Run the csrc kernels on the CPU: their source, with each `<<<grid, threads, 0, stream>>>`
-launch rewritten into a call of the host emulation in tests/csrc_emulation/host_shim.h (one
-std::thread per CUDA thread, real barriers and shuffles, wmma fragments emulated whole), is built
-with g++ into a shared library whose extern "C" launchers are called through ctypes. The results
-feed the backend's autograd.Functions and are compared with the float64 reference.
-
-This checks indexing, tiling, masking, barrier placement and the launcher contract without a
-GPU; tensor-core rounding and speed still need one (tests/test_cuda_backend.py, marked gpu)."""
+"""The csrc kernels' plumbing on the CPU through the host emulation (tests/emulation.py): row
+ranges and column splits composing to the full pass, the split recommendation, tiny tile weights,
+the launchers' argument checks. Values and gradients of every op on backend="cuda" (emulated and
+on a GPU) against the float64 reference are in tests/test_op_*.py."""
 import ctypes
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from emulation import _ptr
 from fastcluster_cl import cuda_backend
-from fastcluster_cl.losses import reference
-from lowp import correlated_views, nt_xent_bounds, nt_xent_errors, tiny_weight_case
-from test_cuda_backend import check_student_t
-
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-EMULATION = Path(__file__).resolve().parent / "csrc_emulation"
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
-LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.+?),\s*(\w+),\s*0,\s*stream>>>\((.*?)\);", re.DOTALL)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _cuda_include() -> Path | None:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    nvcc = shutil.which("nvcc")
-    for home in filter(None, [CUDA_HOME, nvcc and Path(nvcc).resolve().parents[1],
-                              "/usr/local/cuda"]):
-        if Path(home, "include", "cuda_runtime.h").exists():
-            return Path(home, "include")
-    return None
-
-
-def rewrite_launches(source: str) -> str:
-    """`kernel<T><<<grid, threads, 0, stream>>>(args);` -> an emu::launch of the same call."""
-    rewritten, count = LAUNCH.subn(
-        lambda m: f"emu::launch(emu::to_dim({m[2]}), {m[3]}, [&] {{ {m[1]}({m[4]}); }});", source)
-    assert count == source.count("<<<"), "a kernel launch was not rewritten"
-    return rewritten
-
-
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    gxx, include = shutil.which("g++"), _cuda_include()
-    if gxx is None or include is None:
-        pytest.skip("needs g++ and the CUDA toolkit headers")
-    out = tmp_path_factory.mktemp("csrc_emulation")
-    objects = []
-    for source in sorted(CSRC.glob("*.cu")):
-        rewritten = out / f"{source.stem}_host.cu"
-        rewritten.write_text(rewrite_launches(source.read_text()))
-        obj = out / f"{source.stem}.o"
-        cmd = [gxx, "-std=c++20", "-O2", "-fPIC", "-pthread", "-w", "-x", "c++",
-               f"-DFCL_KERNEL_SOURCE=\"{rewritten}\"", f"-I{EMULATION}", f"-I{CSRC}",
-               f"-I{include}", "-c", str(EMULATION / "harness.cpp"), "-o", str(obj)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
-        objects.append(str(obj))
-    library = out / "libfcl_emulated.so"
-    subprocess.run([gxx, "-shared", "-pthread", "-o", str(library), *objects], check=True)
-    return ctypes.CDLL(str(library))
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-class EmulatedExtension:
-    """The binding's functions (csrc/binding.cpp) over the emulated launchers, on CPU tensors."""
-
-    multiprocessors = 132  # an H100's SM count drives the automatic column split
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def _splits(self, zn, rows, backward, splits):
-        if splits >= 1:
-            return splits
-        m, d = zn.shape
-        return self.lib.fcl_nt_xent_splits(DTYPE_CODES[zn.dtype], m, d, rows, backward,
-                                           self.multiprocessors)
-
-    def _check(self, err, name):
-        assert err == 0, f"{name} returned {err}"
-
-    def normalize(self, z_a, z_b):
-        n, d = z_a.shape
-        normed = torch.float32 if z_a.dtype == torch.float32 else torch.float16
-        zs = torch.empty(2 * n, d, dtype=normed)
-        rs, norm, dist = torch.empty(2 * n), torch.empty(2 * n), torch.empty(n)
-        self._check(self.lib.fcl_nt_xent_normalize(DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b),
-                                                   n, d, _ptr(zs), _ptr(rs), _ptr(norm),
-                                                   _ptr(dist), None), "normalize")
-        return zs, rs, norm, dist
-
-    def lse_rows(self, zn, rs, row_start, row_end, inv_tau, splits=0):
-        m, d = zn.shape
-        rows = row_end - row_start
-        splits = self._splits(zn, rows, 0, splits)
-        lse = torch.full((rows,), float("nan"))
-        workspace = torch.full((2 * splits * rows,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_lse(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
-                                             row_start,
-                                             row_end, ctypes.c_float(inv_tau), splits,
-                                             _ptr(workspace), _ptr(lse), None), "lse")
-        return lse
-
-    def grad_rows(self, zn, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0,
-                  weight=None):
-        m, d = zn.shape
-        rows = row_end - row_start
-        splits = self._splits(zn, rows, 1, splits)
-        g = torch.full((rows, d), float("nan"))
-        workspace = torch.full((splits * rows * d,), float("nan"))
-        self._check(self.lib.fcl_nt_xent_grad(DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), m, d,
-                                              row_start,
-                                              row_end, ctypes.c_float(inv_tau), _ptr(lse),
-                                              _ptr(row_loss),
-                                              None if weight is None else _ptr(weight), splits,
-                                              _ptr(workspace), _ptr(g), None), "grad")
-        return g
-
-    def norm_backward(self, zn, rs, norm, g, row_start, row_end, grad_out, factor, out):
-        m, d = zn.shape
-        dz = torch.full((row_end - row_start, d), float("nan"), dtype=out)
-        self._check(self.lib.fcl_nt_xent_norm_backward(
-            DTYPE_CODES[zn.dtype], _ptr(zn), _ptr(rs), _ptr(norm), _ptr(g), m, d, row_start, row_end,
-            _ptr(grad_out), ctypes.c_float(factor), DTYPE_CODES[out], _ptr(dz), None),
-            "norm_backward")
-        return dz
-
-    def student_t_forward(self, h, centers, alpha):
-        (n, f), k = h.shape, centers.shape[0]
-        q, dist2 = torch.full((n, k), float("nan")), torch.full((n, k), float("nan"))
-        self._check(self.lib.fcl_student_t(DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), n, k, f,
-                                           ctypes.c_float(alpha), _ptr(q), _ptr(dist2), None),
-                    "student_t")
-        return q, dist2
-
-    def student_t_backward(self, h, centers, q, dist2, grad_q, alpha):
-        (n, f), k = h.shape, centers.shape[0]
-        w = torch.full((n, k), float("nan"))
-        dh, dcenters = torch.full_like(h, float("nan")), torch.full_like(centers, float("nan"))
-        self._check(self.lib.fcl_student_t_backward(
-            DTYPE_CODES[h.dtype], _ptr(h), _ptr(centers), _ptr(q), _ptr(dist2), _ptr(grad_q), n,
-            k, f, ctypes.c_float(alpha), _ptr(w), _ptr(dh), _ptr(dcenters), None),
-            "student_t_backward")
-        return dh, dcenters
-
-    def dec_forward(self, q):
-        n, k = q.shape
-        f, loss_rows = torch.full((k,), float("nan")), torch.full((n,), float("nan"))
-        code = DTYPE_CODES[q.dtype]
-        self._check(self.lib.fcl_column_sums(code, _ptr(q), n, k, _ptr(f), None), "column_sums")
-        self._check(self.lib.fcl_dec_rows(code, _ptr(q), _ptr(f), n, k, _ptr(loss_rows), None),
-                    "dec_rows")
-        return loss_rows, f
-
-    def dec_backward(self, q, f, grad_out, factor):
-        n, k = q.shape
-        dq = torch.full_like(q, float("nan"))
-        self._check(self.lib.fcl_dec_backward(DTYPE_CODES[q.dtype], _ptr(q), _ptr(f), n, k,
-                                              _ptr(grad_out), ctypes.c_float(factor), _ptr(dq),
-                                              None), "dec_backward")
-        return dq
-
-    def anchor_forward(self, q0, q_a, q_b):
-        n, k = q0.shape
-        loss_rows = torch.full((n,), float("nan"))
-        self._check(self.lib.fcl_anchor_rows(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
-                                             _ptr(q_b), n, k, _ptr(loss_rows), None),
-                    "anchor_rows")
-        return loss_rows
-
-    def anchor_backward(self, q0, q_a, q_b, grad_out, factor):
-        n, k = q0.shape
-        dq_a, dq_b = torch.full_like(q_a, float("nan")), torch.full_like(q_b, float("nan"))
-        self._check(self.lib.fcl_anchor_backward(DTYPE_CODES[q0.dtype], _ptr(q0), _ptr(q_a),
-                                                 _ptr(q_b), n, k, _ptr(grad_out),
-                                                 ctypes.c_float(factor), _ptr(dq_a),
-                                                 _ptr(dq_b), None), "anchor_backward")
-        return dq_a, dq_b
-
-
-@pytest.fixture
-def emulated(lib, monkeypatch):
-    ext = EmulatedExtension(lib)
-    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
-    return ext
+from lowp import tiny_weight_case
 
 
 def _pair(n, d, dtype, seed=0):
@@ -204,85 +18,12 @@ def _pair(n, d, dtype, seed=0):
     return z_a.to(dtype), (z_a + 0.5 * torch.randn(n, d, generator=gen)).to(dtype)
 
 
-# loss atol, gradient tolerance relative to the largest reference entry (see test_cuda_backend)
-TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2),
-             torch.bfloat16: (3e-2, 4e-2)}
-
-
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,d,temperature",
-                         [(37, 48, 0.5), (33, 150, 0.1), (2, 3, 0.5), (100, 40, 0.2)])
-def test_nt_xent_matches_reference(emulated, n, d, temperature, dtype):
-    """Two row blocks and column tiles with ragged edges (2N = 74, 66), D over two k-steps and
-    over the gradient's feature split (150 > BD), a tiny problem (2N = 4, D = 3), and 2N = 200
-    where the automatic column split (132 SMs) divides the columns in two."""
-    z_a, z_b = (t.requires_grad_() for t in _pair(n, d, dtype))
-    loss = cuda_backend.nt_xent(z_a, z_b, temperature)
-    loss.backward(torch.tensor(1.3))
-    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
-    expected = reference.nt_xent(r_a, r_b, temperature)
-    expected.backward(torch.tensor(1.3, dtype=torch.float64))
-    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in TOLERANCE[dtype])
-    assert loss.dtype == torch.float32 and z_a.grad.dtype == dtype
-    torch.testing.assert_close(loss.double(), expected.detach(), rtol=0, atol=loss_atol)
-    for got, want in ((z_a.grad, r_a.grad), (z_b.grad, r_b.grad)):
-        scale = want.abs().max().item()
-        torch.testing.assert_close(got.double(), want, rtol=grad_rel, atol=grad_rel * scale)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("n,d,tau", [(50, 40, 0.05), (37, 48, 0.1), (37, 48, 0.2)])
-def test_nt_xent_low_precision_correlated_views(emulated, dtype, n, d, tau):
-    """Correlated views at tau 0.05-0.2 (tests/lowp.py): no more than twice the error of the
-    fp32-accumulating chunked path on the same inputs."""
-    z_a, z_b = correlated_views(n, d, seed=20)
-    grad_err, loss_err = nt_xent_errors(cuda_backend.nt_xent, z_a, z_b, tau, dtype)
-    grad_bound, loss_bound = nt_xent_bounds(z_a, z_b, tau, dtype)
-    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err, grad_bound,
-                                                               loss_bound)
-
-
 def test_tiny_tile_weights_keep_fp16_precision(emulated):
     """Weights ~ 1e-8 (2N ~ 1e5 and beyond) are scaled by 2^14 before their fp16 rounding; as
     subnormals they kept a few bits (tests/lowp.py `tiny_weight_case`)."""
     z, lse, row_loss, want = tiny_weight_case()
     got = cuda_backend.grad_rows(z, lse, row_loss, 0, z.shape[0], 2.0).double()
     assert ((got - want).norm() / want.norm()).item() < 2e-3
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_per_row_gradients(emulated, dtype):
-    """reduction="none": grad_kernel's per-row loss weights (c = g / max|g|, both signs, one
-    zero) against the float64 reference on the same rounded inputs; bf16 within its mean-path
-    gradient tolerance (TOLERANCE) relative to the largest gradient entry."""
-    z_a, z_b = (t.to(dtype) for t in correlated_views(20, 24, seed=23))
-    weights = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    weights[3] = 0.0
-    got_in = [t.clone().requires_grad_() for t in (z_a, z_b)]
-    ref_in = [t.double().requires_grad_() for t in (z_a, z_b)]
-    got = cuda_backend.nt_xent_terms(*got_in, 0.2)
-    want = reference.nt_xent_terms(*ref_in, 0.2)
-    got_grads = torch.autograd.grad((got * weights.float()).sum(), got_in)
-    want_grads = torch.autograd.grad((want * weights).sum(), ref_in)
-    rel = 1e-4 if dtype == torch.float32 else 4e-2
-    for g, w in zip(got_grads, want_grads):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())
-
-
-@pytest.mark.parametrize("scale", [1e19, 1e-30])
-def test_nt_xent_extreme_magnitudes(emulated, scale):
-    """Rows whose squared norm overflows or underflows float32 are normalised exactly."""
-    z_a, z_b = (t.float().requires_grad_() for t in correlated_views(9, 24, 22, scale=scale))
-    loss = cuda_backend.nt_xent(z_a, z_b, 0.2)
-    loss.backward()
-    r_a, r_b = (t.detach().double().requires_grad_() for t in (z_a, z_b))
-    want = reference.nt_xent(r_a, r_b, 0.2)
-    want.backward()
-    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    for got, ref in ((z_a.grad, r_a.grad), (z_b.grad, r_b.grad)):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-4,
-                                   atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -312,7 +53,8 @@ def test_column_splits_match_unsplit(emulated, dtype):
                 emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 3.0, splits), g[start:end])
 
 
-def test_split_recommendation(lib):
+def test_split_recommendation(csrc_lib):
+    lib = csrc_lib
     # dtype, m, d, rows, backward, SMs -> splits
     assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2        # capped at 2 tiles each
     assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5     # 128 row blocks
@@ -321,7 +63,8 @@ def test_split_recommendation(lib):
     assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1   # enough row blocks
 
 
-def test_launchers_reject_bad_arguments(lib):
+def test_launchers_reject_bad_arguments(csrc_lib):
+    lib = csrc_lib
     zn, out = torch.zeros(200, 4), torch.zeros(200)
     one = ctypes.c_float(1.0)
     assert lib.fcl_nt_xent_lse(0, _ptr(zn), 8, 4, 3, 9, one, 1, None, _ptr(out), None) != 0
@@ -330,35 +73,37 @@ def test_launchers_reject_bad_arguments(lib):
     assert lib.fcl_nt_xent_lse(0, _ptr(zn), 200, 4, 0, 200, one, 2, None, _ptr(out), None) != 0
 
 
-def _assignments(n, k, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.softmax(2.0 * torch.randn(n, k, generator=gen, dtype=torch.float64), dim=1)
-    q[0, 1] = 0.0  # an exact zero exercises the clamped log
-    return (q / q.sum(1, keepdim=True)).to(dtype)
+
+def test_bank_launchers_reject_bad_arguments(csrc_lib):
+    zs, rs, out = torch.zeros(8, 4), torch.ones(8), torch.zeros(4)
+    one = ctypes.c_float(1.0)
+    args = (_ptr(zs), _ptr(rs), _ptr(out), _ptr(zs), None)
+    for n, m, d in [(0, 4, 4), (4, 0, 4), (4, 4, 0)]:
+        assert csrc_lib.fcl_nt_xent_bank_lse(0, *args, n, m, d, one, 1, _ptr(out), _ptr(out),
+                                             None) != 0
+    assert csrc_lib.fcl_nt_xent_bank_lse(7, *args, 4, 4, 4, one, 1, _ptr(out), _ptr(out),
+                                         None) != 0
+    # the gradient needs its workspace
+    assert csrc_lib.fcl_nt_xent_bank_grad(0, _ptr(zs), _ptr(rs), _ptr(rs), _ptr(out), _ptr(zs),
+                                          None, 4, 4, 4, one, 1, _ptr(out), _ptr(out),
+                                          _ptr(out), None, 0, _ptr(zs), _ptr(zs), None) != 0
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,k", [(37, 10), (20, 45)])
-def test_dec_and_anchor_match_reference(emulated, n, k, dtype):
-    q0, q_a, q_b = (_assignments(n, k, dtype, seed) for seed in range(3))
-    cases = [(cuda_backend.dec_loss, reference.dec_loss, (q_a,), (0,)),
-             (cuda_backend.anchor_loss, reference.anchor_loss, (q0, q_a, q_b), (1, 2))]
-    for ours, ref, inputs, wrt in cases:
-        got_in = [t.clone().requires_grad_() for t in inputs]
-        ref_in = [t.double().requires_grad_() for t in inputs]
-        got, want = ours(*got_in), ref(*ref_in)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-        got_grads = torch.autograd.grad(2.0 * got, [got_in[i] for i in wrt])
-        want_grads = torch.autograd.grad(2.0 * want, [ref_in[i] for i in wrt])
-        for g, w in zip(got_grads, want_grads):
-            assert g.dtype == dtype
-            atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
-            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps, atol=atol)
-
-
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (9, 45, 200, 0.7)])
-def test_student_t_matches_reference(emulated, n, k, f, alpha, dtype):
-    """K = 45 gives lanes two columns each; F = 200 spans two feature slices of the centre
-    gradient. The gradient flows from a weighted sum of q (a generic upstream gradient)."""
-    check_student_t(cuda_backend.student_t, n, k, f, alpha, dtype)
+@pytest.mark.parametrize("fixed_shift", [True, False])
+def test_bank_low_half_is_a_second_product(emulated, fixed_shift):
+    """A bank exact in fp16 (bank_lo = 0) gives the unsplit results; lo carrying part of the
+    bank gives the results of the bank hi + lo; the fixed shift and the online max agree."""
+    zs, rs, norm, dist = emulated.normalize(*_pair(37, 20, torch.float16))
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.nn.functional.normalize(torch.randn(45, 20, generator=gen), dim=1)
+    hi = bank.half()
+    lo = (bank - hi.float()).half()
+    plain = emulated.bank_forward(zs, rs, dist, hi, None, 2.0, fixed_shift)
+    torch.testing.assert_close(emulated.bank_forward(zs, rs, dist, hi, torch.zeros_like(hi), 2.0,
+                                                     fixed_shift), plain)
+    half_hi = (hi.float() / 2).half()  # exact: the bank as two equal halves
+    torch.testing.assert_close(emulated.bank_forward(zs, rs, dist, half_hi, half_hi, 2.0,
+                                                     fixed_shift), plain)
+    split = emulated.bank_forward(zs, rs, dist, hi, lo, 2.0, fixed_shift)
+    other = emulated.bank_forward(zs, rs, dist, hi, lo, 2.0, not fixed_shift)
+    torch.testing.assert_close(split[0], other[0], rtol=1e-6, atol=1e-6)

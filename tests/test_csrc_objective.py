@@ -1,7 +1,8 @@
 """The one-pass fused objectives of the CUDA twin (csrc/objective.cu): anchor_objective and
 cc_objective against reference.anchor_objective / cc_objective in float64, values and
-gradients of every input. On CPU through the host emulation of tests/test_csrc_emulated.py (its
-build of csrc/*.cu and its launch rewriting), on a GPU through the real extension (marked gpu).
+gradients of every input. On CPU through the host emulation (tests/emulation.py: its build of
+csrc/*.cu and its launch rewriting; the `emulated` fixture of tests/conftest.py), on a GPU
+through the real extension (marked gpu).
 
 Each error (every value of the output, the relative Frobenius error of each input's gradient)
 is bounded by twice that of the reference on the same rounded inputs, which accumulates in fp32
@@ -16,88 +17,11 @@ import torch
 
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
+from emulation import _ptr
 from lowp import F64, correlated_views
-from test_csrc_emulated import DTYPE_CODES, _ptr, lib  # noqa: F401  (lib: the emulated build)
 
 UPSTREAM = {4: (1.3, 0.2, -0.4, 0.7), 3: (1.1, -0.3, 0.6)}  # dL/dout: folds every part
 FP32_VALUE_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
-
-
-def _nan(*shape):
-    return torch.full(shape, float("nan"))
-
-
-class EmulatedObjectives:
-    """csrc/binding.cpp's objective entry points over the emulated launchers (CPU tensors)."""
-
-    def __init__(self, lib):
-        self.lib = lib
-        lib.fcl_objective_workspace.restype = ctypes.c_longlong
-
-    def _workspace(self, objective, backward, n, d, k, f=0):
-        """A NaN-filled workspace, kept alive until the next call (a temporary passed through
-        _ptr would be freed before the launcher runs)."""
-        self.workspace = _nan(self.lib.fcl_objective_workspace(objective, backward, n, d, k, f))
-        return self.workspace
-
-    def _check(self, err, name):
-        assert err == 0, f"{name} returned {err}"
-
-    def anchor_objective_forward(self, z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, *w):
-        (n, d), (k, f) = z_a.shape, centers.shape
-        rows, q, dist2 = _nan(5, 2 * n), _nan(3, n, k), _nan(3, n, k)
-        col_sums, out = _nan(k), _nan(4)
-        self._check(self.lib.fcl_anchor_objective_forward(
-            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[h0.dtype], _ptr(h0),
-            _ptr(h_a), _ptr(h_b), _ptr(centers), k, f, ctypes.c_float(inv_tau),
-            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(dist2), _ptr(col_sums), _ptr(self._workspace(0, 0, n, d, k, f)), _ptr(out),
-            None), "anchor_objective_forward")
-        return out, rows, q, dist2, col_sums
-
-    def anchor_objective_backward(self, z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2,
-                                  col_sums, grad, inv_tau, alpha, *w):
-        (n, d), (k, f) = z_a.shape, centers.shape
-        grads = [torch.full_like(t, float("nan")) for t in (z_a, z_b, h0, h_a, h_b, centers)]
-        self._check(self.lib.fcl_anchor_objective_backward(
-            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[h0.dtype], _ptr(h0),
-            _ptr(h_a), _ptr(h_b), _ptr(centers), k, f, ctypes.c_float(inv_tau),
-            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(dist2), _ptr(col_sums), _ptr(grad), _ptr(self._workspace(0, 1, n, d, k, f)),
-            *(_ptr(g) for g in grads), None), "anchor_objective_backward")
-        return grads
-
-    def cc_objective_forward(self, z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, *w):
-        (n, d), k = z_a.shape, logits_a.shape[1]
-        rows, q, gram, cluster_rows, out = (_nan(5, 2 * n), _nan(2, n, k), _nan(2 * k, 2 * k),
-                                            _nan(3, 2 * k), _nan(3))
-        self._check(self.lib.fcl_cc_objective_forward(
-            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[logits_a.dtype],
-            _ptr(logits_a), _ptr(logits_b), k, ctypes.c_float(inv_tau),
-            ctypes.c_float(inv_tau_c), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(gram), _ptr(cluster_rows), _ptr(self._workspace(1, 0, n, d, k)), _ptr(out),
-            None), "cc_objective_forward")
-        return out, rows, q, gram, cluster_rows
-
-    def cc_objective_backward(self, z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows,
-                              grad, inv_tau, inv_tau_c, *w):
-        (n, d), k = z_a.shape, logits_a.shape[1]
-        grads = [torch.full_like(t, float("nan")) for t in (z_a, z_b, logits_a, logits_b)]
-        self._check(self.lib.fcl_cc_objective_backward(
-            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[logits_a.dtype], k,
-            ctypes.c_float(inv_tau), ctypes.c_float(inv_tau_c),
-            *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q), _ptr(gram), _ptr(cluster_rows),
-            _ptr(grad), _ptr(self._workspace(1, 1, n, d, k)), *(_ptr(g) for g in grads), None),
-            "cc_objective_backward")
-        return grads
-
-
-@pytest.fixture
-def emulated(lib, monkeypatch):  # noqa: F811
-    ext = EmulatedObjectives(lib)
-    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
-    return ext
 
 
 # ----------------------------------------------------------------------------- inputs (float64)
@@ -276,13 +200,12 @@ def test_objective_double_backward_is_refused_clearly(emulated):
         torch.autograd.grad(g.pow(2).sum(), z_a)
 
 
-def test_objective_launchers_reject_bad_arguments(lib):  # noqa: F811
+def test_objective_launchers_reject_bad_arguments(csrc_lib):
     out = torch.zeros(8)
-    assert lib.fcl_cc_objective_forward(0, _ptr(out), _ptr(out), 0, 4, 0, _ptr(out), _ptr(out),
-                                        3, ctypes.c_float(1.0), ctypes.c_float(1.0),
-                                        ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out),
-                                        _ptr(out), _ptr(out), _ptr(out), _ptr(out), _ptr(out),
-                                        None) != 0
+    assert csrc_lib.fcl_cc_objective_forward(
+        0, _ptr(out), _ptr(out), 0, 4, 0, _ptr(out), _ptr(out), 3, ctypes.c_float(1.0),
+        ctypes.c_float(1.0), ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out), _ptr(out),
+        _ptr(out), _ptr(out), _ptr(out), _ptr(out), None) != 0
 
 
 # ----------------------------------------------------------------------------------------- GPU

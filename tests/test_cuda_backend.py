@@ -1,13 +1,14 @@
 """backend="cuda": clear errors where it cannot run (CPU), the Python glue against a dense model
-of the launcher contract (CPU), and the compiled kernels against the float64 reference and the
-Triton backend (marked gpu)."""
+of the launcher contract (CPU), and the compiled kernels' own checks on a GPU (row ranges, the
+Triton backend, a zero row, float64 refused; marked gpu). Every op's values and gradients against
+the float64 reference (emulated and on a GPU) are in tests/test_op_*.py."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastcluster_cl
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import nt_xent_autograd, reference
+from tolerances import FP32_MATH, TOLERANCE, check_against_reference, widen
 
 
 def _pair(n, d, dtype=torch.float32, device="cpu", seed=0):
@@ -188,17 +189,15 @@ def test_cluster_glue_matches_reference(dense_launchers):
 
 
 def test_student_t_glue_matches_reference(dense_launchers):
-    check_student_t(cuda_backend.student_t, 9, 4, 6, 1.5, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    h, centers, weights = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                           for shape in [(9, 6), (4, 6), (9, 4)])
+    check_against_reference(lambda x, mu: cuda_backend.student_t(x, mu, 1.5),
+                            lambda x, mu: reference.student_t(x, mu, 1.5), (h, 0.5 * centers),
+                            torch.float32, weights=weights, kind=FP32_MATH)
 
 
-# --- GPU: the compiled kernels ---------------------------------------------------------------
-
-# (loss atol, gradient tolerance relative to the largest reference gradient entry) at tau = 0.5;
-# rounding errors of S grow like 1/tau, so `_assert_close_to` widens them for smaller tau.
-TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2),
-             torch.bfloat16: (3e-2, 4e-2)}
-SHAPES = [(37, 48), (2, 3), (130, 200), (300, 33)]  # odd sizes, D > BD = 128, many tiles
-
+# --- GPU: the compiled kernels (their values against the reference: tests/test_op_*.py) -------
 
 def _loss_and_grads(fn, z_a, z_b, *args):
     z_a, z_b = (t.detach().clone().requires_grad_() for t in (z_a, z_b))
@@ -207,27 +206,18 @@ def _loss_and_grads(fn, z_a, z_b, *args):
     return loss.detach(), z_a.grad, z_b.grad
 
 
-def _assert_close_to(expected, actual, dtype, what, temperature=0.5, tolerance=TOLERANCE):
-    loss_atol, grad_rel = (tol * max(1.0, 0.5 / temperature) for tol in tolerance[dtype])
+def _assert_close_to(expected, actual, dtype, what, temperature=0.5, tolerance=None):
+    """Loss within an absolute tolerance, gradients relative to their largest entry: the shared
+    table's (tests/tolerances.py) unless `tolerance` maps dtype -> (loss atol, gradient)."""
+    tol = (TOLERANCE[dtype].value_atol, TOLERANCE[dtype].grad_atol) if tolerance is None \
+        else tolerance[dtype]
+    loss_atol, grad_rel = (t * widen(temperature) for t in tol)
     torch.testing.assert_close(actual[0].double(), expected[0].double(), rtol=0, atol=loss_atol,
                                msg=lambda m: f"{what} loss: {m}")
     for e, a in zip(expected[1:], actual[1:]):
         scale = e.abs().max().item()
         torch.testing.assert_close(a.double(), e.double(), rtol=grad_rel,
                                    atol=grad_rel * scale, msg=lambda m: f"{what} grad: {m}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,d", SHAPES)
-@pytest.mark.parametrize("temperature", [0.5, 0.07])
-def test_nt_xent_matches_float64_reference(n, d, dtype, temperature):
-    z_a, z_b = _pair(n, d, dtype, "cuda")
-    actual = _loss_and_grads(fastcluster_cl.nt_xent, z_a, z_b, temperature)
-    assert actual[0].dtype == torch.float32 and actual[1].dtype == dtype
-    # reference on the same (rounded) inputs, in float64
-    expected = _loss_and_grads(reference.nt_xent, z_a.double(), z_b.double(), temperature)
-    _assert_close_to(expected, actual, dtype, f"cuda {dtype} vs float64 reference", temperature)
 
 
 @pytest.mark.gpu
@@ -295,77 +285,3 @@ def test_float64_is_refused():
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         cuda_backend.nt_xent(z_a, z_b, 0.5)
 
-
-@pytest.mark.gpu
-def test_cluster_losses_match_reference():
-    gen = torch.Generator().manual_seed(1)
-    logits = [torch.randn(37, 10, generator=gen).cuda().requires_grad_() for _ in range(2)]
-    loss = fastcluster_cl.cc_cluster_loss(*logits, backend="cuda")
-    loss.backward()
-    ref_logits = [t.detach().double().requires_grad_() for t in logits]
-    expected = reference.cc_cluster_loss(*ref_logits, 1.0)
-    expected.backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=0, atol=2e-5)
-    for a, e in zip(logits, ref_logits):
-        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-6)
-
-    y = [F.softmax(t.detach(), 1) for t in logits]
-    h = [torch.randn(37, 24, generator=gen).cuda() for _ in range(2)]
-    got = cuda_backend.tcc_cluster_loss(*y, *h, *y, 0.8)
-    want = reference.tcc_cluster_loss(*(t.double() for t in (*y, *h, *y)), 0.8)
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,k", [(37, 10), (3, 2), (129, 40)])
-def test_dec_and_anchor_match_float64_reference(n, k, dtype):
-    q0, q_a, q_b = (_assignments(n, k, seed, zeros=seed == 1).to("cuda", dtype)
-                    for seed in range(3))
-    rel = 1e-5  # fp32 arithmetic on the same (rounded) inputs as the float64 reference
-    for name, ours, ref, inputs, wrt in [
-            ("dec", fastcluster_cl.dec_loss, reference.dec_loss, (q_a,), (0,)),
-            ("anchor", fastcluster_cl.anchor_loss, reference.anchor_loss, (q0, q_a, q_b), (1, 2))]:
-        got_in = [t.clone().requires_grad_() for t in inputs]
-        ref_in = [t.double().requires_grad_() for t in inputs]
-        got = ours(*got_in, backend="cuda")
-        want = ref(*ref_in)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel, msg=name)
-        got_grads = torch.autograd.grad(got, [got_in[i] for i in wrt])
-        want_grads = torch.autograd.grad(want, [ref_in[i] for i in wrt])
-        for g, w in zip(got_grads, want_grads):
-            assert g.dtype == dtype
-            # ours is fp32 math rounded once to the input dtype (subnormals: absolute spacing)
-            atol = max(1e-6 * w.abs().max().item(), torch.finfo(dtype).tiny)
-            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dtype).eps,
-                                       atol=atol, msg=name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("n,k,f,alpha", [(37, 10, 48, 1.0), (300, 45, 200, 0.7)])
-def test_student_t_matches_float64_reference(n, k, f, alpha, dtype):
-    check_student_t(lambda h, c, a: fastcluster_cl.student_t(h, c, a, backend="cuda"),
-                    n, k, f, alpha, dtype, device="cuda")
-
-
-def check_student_t(student_t, n, k, f, alpha, dtype, device="cpu"):
-    """`student_t(h, centers, alpha)` against the float64 reference, values and the gradients of
-    a weighted sum of q (a generic upstream gradient); shared by the emulated and GPU tests."""
-    gen = torch.Generator().manual_seed(3)
-    h = torch.randn(n, f, generator=gen).to(device, dtype)
-    centers = (torch.randn(k, f, generator=gen) * 0.5).to(device, dtype)
-    weights = torch.randn(n, k, generator=gen).to(device)
-    got_in = [t.clone().requires_grad_() for t in (h, centers)]
-    ref_in = [t.double().requires_grad_() for t in (h, centers)]
-    q = student_t(*got_in, alpha)
-    expected = reference.student_t(*ref_in, alpha)
-    assert q.dtype == torch.float32
-    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
-    got_grads = torch.autograd.grad((q * weights).sum(), got_in)
-    want_grads = torch.autograd.grad((expected * weights.double()).sum(), ref_in)
-    for g, w in zip(got_grads, want_grads):
-        assert g.dtype == dtype
-        rel = max(1e-4, 2 * torch.finfo(dtype).eps)
-        torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * w.abs().max().item())

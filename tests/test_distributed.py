@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 import fastcluster_cl.functional as FL
 from fastcluster_cl import ClusterContrastiveLoss, NTXentLoss, distributed
 from fastcluster_cl.losses import chunked, gathered, reference
-from test_csrc_emulated import emulated, lib  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 WORLD = 2
 N, D, K, F = 5, 7, 4, 6  # rows per rank, projection dim, clusters, features (not block multiples)
@@ -450,9 +449,9 @@ def test_gathered_nt_xent_accumulates_in_fp32_under_autocast():
 
 
 def test_gathered_function_with_the_cuda_kernels_emulated(emulated):
-    """The CUDA C++ row-range kernels, run on the CPU by tests/test_csrc_emulated.py's host
-    emulation (fixtures `lib`, `emulated`), through the gathered autograd function (world
-    size 1)."""
+    """The CUDA C++ row-range kernels, run on the CPU by the host emulation (tests/emulation.py,
+    fixture `emulated` in conftest.py), through the gathered autograd function (world size
+    1)."""
     from fastcluster_cl import cuda_backend
     x = {k: v.float().requires_grad_() for k, v in
          _inputs({"za": (D, 0), "zb": (D, 0)}, 37, seed=3).items()}

@@ -1,9 +1,10 @@
 """NT-Xent against a memory bank: `NTXentLoss(memory_bank_size=(M, D))` equals lightly's
 NTXentLoss with a memory bank over a sequence of batches (bank drawn from the same seed, the
 negatives and the pointer/wrap rule of its update, values and gradients) on every backend
-(triton under the interpreter; cuda through the host emulation in test_csrc_emulated.py), the
-functional `nt_xent_bank` against the reference, the gradient formula against autograd, and
-lightly's memory_bank_size argument rules."""
+(triton under the interpreter; cuda through the host emulation, tests/emulation.py), the chunked
+path's small column blocks, the gradient formula against autograd, lightly's memory_bank_size
+argument rules, and the gathered update. The op's values and gradients on every backend against
+the float64 reference are in test_op_nt_xent_bank.py."""
 import pytest
 import torch
 
@@ -131,23 +132,6 @@ def test_gradient_formula():
     torch.testing.assert_close(got_b, want[1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
-def test_reductions_and_no_gradient_to_the_bank(backend):
-    g = torch.Generator().manual_seed(6)
-    z_a, z_b = (torch.randn(5, 4, generator=g, dtype=F64) for _ in range(2))
-    bank = torch.nn.functional.normalize(torch.randn(6, 4, generator=g, dtype=F64), dim=1)
-    bank.requires_grad_()
-    terms = fc.nt_xent_bank(z_a.requires_grad_(), z_b, bank, 0.3, backend=backend,
-                            reduction="none")
-    assert terms.shape == (5,)
-    mean = fc.nt_xent_bank(z_a, z_b, bank, 0.3, backend=backend)
-    total = fc.nt_xent_bank(z_a, z_b, bank, 0.3, backend=backend, reduction="sum")
-    torch.testing.assert_close(terms.mean(), mean, rtol=1e-12, atol=0)
-    torch.testing.assert_close(terms.sum(), total, rtol=1e-12, atol=0)
-    mean.backward()
-    assert bank.grad is None and z_a.grad is not None
-
-
 def test_memory_bank_size_rules_follow_lightly():
     for size in (5, -1, (5,), (3, 4, 5), (-2, 4)):
         with pytest.raises(ValueError) as theirs:
@@ -178,73 +162,6 @@ def test_state_dict_keeps_the_bank():
     again = fc.NTXentLoss(memory_bank_size=(M, D))
     again.load_state_dict(ours.state_dict())
     assert torch.equal(again.bank, ours.bank) and int(again.bank_ptr) == N
-
-
-# Low precision in the regime users train in: correlated views at small temperatures, the bank
-# holding earlier batches' normalised rows (fp32, lightly's dtype). Bounds as tests/lowp.py's:
-# twice the error of backend="chunked" (fp32 accumulation, output rounded to the dtype) on the
-# same rounded inputs, the gradient's floored at twice the rounding of the float64 reference
-# gradient to the dtype, the loss's at 1e-6.
-
-def bank_errors(backend, z_a, z_b, bank, tau, dtype):
-    """(relative Frobenius error of the gradient, relative error of the loss) against the
-    float64 reference on the same dtype-rounded inputs and the same bank."""
-    a, b = (t.to(dtype).requires_grad_() for t in (z_a, z_b))
-    a64, b64 = (t.detach().to(F64).requires_grad_() for t in (a, b))
-    loss = fc.nt_xent_bank(a, b, bank, tau, backend=backend)
-    loss.backward()
-    want = reference.nt_xent_bank(a64, b64, bank.to(F64), tau)
-    want.backward()
-    got, ref = torch.cat([a.grad, b.grad]).to(F64), torch.cat([a64.grad, b64.grad])
-    assert torch.isfinite(got).all()
-    return ((got - ref).norm() / ref.norm()).item(), abs(loss.item() / want.item() - 1)
-
-
-def bank_bounds(z_a, z_b, bank, tau, dtype):
-    grad, loss = bank_errors("chunked", z_a, z_b, bank, tau, dtype)
-    a, b = (t.to(dtype).to(F64).requires_grad_() for t in (z_a, z_b))
-    reference.nt_xent_bank(a, b, bank.to(F64), tau).backward()
-    ref = torch.cat([a.grad, b.grad])
-    rounding = ((ref.to(dtype).to(F64) - ref).norm() / ref.norm()).item()
-    return 2 * max(grad, rounding), max(2 * loss, 1e-6)
-
-
-def lowp_case(n=48, m=200, d=32, seed=11):
-    from lowp import correlated_views
-    z_a, z_b = correlated_views(n, d, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    bank = torch.nn.functional.normalize(
-        correlated_views(m, d, seed + 2)[1] + torch.randn(m, d, generator=g, dtype=F64),
-        dim=1).float()
-    return z_a, z_b, bank
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tau", [0.05, 0.1, 0.2])
-def test_low_precision_triton_within_twice_chunked(dtype, tau):
-    pytest.importorskip("triton")
-    z_a, z_b, bank = lowp_case()
-    grad_bound, loss_bound = bank_bounds(z_a, z_b, bank, tau, dtype)
-    grad, loss = bank_errors("triton", z_a, z_b, bank, tau, dtype)
-    print(f"{dtype} tau={tau}: grad {grad:.2e} (bound {grad_bound:.2e}), "
-          f"loss {loss:.2e} (bound {loss_bound:.2e})")
-    assert grad <= grad_bound and loss <= loss_bound
-
-
-@pytest.mark.parametrize("tau", [0.5, 0.01])  # 0.01: below fp32's fixed-shift range
-def test_triton_odd_sizes_fp32_against_the_reference(tau):
-    pytest.importorskip("triton")
-    g = torch.Generator().manual_seed(12)
-    z_a = torch.randn(37, 20, generator=g, requires_grad=True)
-    z_b = (z_a.detach() + 0.5 * torch.randn(37, 20, generator=g)).requires_grad_()
-    bank = torch.nn.functional.normalize(torch.randn(45, 20, generator=g), dim=1)
-    w = torch.rand(37, generator=g)
-    got = fc.nt_xent_bank(z_a, z_b, bank, tau, backend="triton", reduction="none")
-    want = fc.nt_xent_bank(z_a, z_b, bank, tau, backend="torch", reduction="none")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, (z_a, z_b), w),
-                    torch.autograd.grad(want, (z_a, z_b), w)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _gathered_bank_worker(rank, port, out_dir):
@@ -295,12 +212,6 @@ def test_gather_distributed_updates_the_bank_with_every_ranks_batch(tmp_path):
     assert [r[3] for r in ranks[0]] == [4, 8, 0]
 
 
-def test_cuda_backend_has_no_bank_kernels_yet(monkeypatch):
-    from fastcluster_cl import cuda_backend
-    from fastcluster_cl.losses import dispatch
-    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
-    monkeypatch.setattr(dispatch, "_RESOLVED", {})
-    z = torch.randn(4, 3)
-    with pytest.raises(NotImplementedError, match="'chunked'"):
-        fc.nt_xent_bank(z, z, torch.nn.functional.normalize(torch.randn(5, 3), dim=1),
-                        backend="cuda")
+def test_module_equals_lightly_cuda_emulated(emulated):
+    """backend="cuda" (fp32: its kernels compute in fp32) through the host emulation."""
+    run_sequence_against_lightly("cuda", 0.2, torch.float32, rtol=2e-5, atol=1e-6)

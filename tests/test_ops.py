@@ -106,21 +106,6 @@ def test_compiled_fullgraph_forward_and_backward_chunked():
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("backend, tau", [("chunked", 0.3), ("triton", 0.3), ("triton", 0.002)])
-def test_per_row_gradients_match_torch(backend, tau):
-    """reduction="none" weights each row's backward by its own incoming gradient (triton: the
-    kernel's per-row weights, fixed shift at tau 0.3, online max at tau 0.002 in fp64)."""
-    z_a, z_b = _pair(7, 5)
-    weights = torch.randn(14, dtype=F64, generator=torch.Generator().manual_seed(3))
-    weights[2] = 0.0
-    got = torch.autograd.grad((fc.nt_xent(z_a, z_b, tau, backend=backend, reduction="none")
-                               * weights).sum(), (z_a, z_b))
-    want = torch.autograd.grad((reference.nt_xent_terms(z_a, z_b, tau) * weights).sum(),
-                               (z_a, z_b))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
-
-
 def test_per_row_gradients_on_triton_edge_weights():
     """All-zero incoming gradients give zero (not NaN) gradients; one nonzero row alone is its
     loss's gradient; a mean taken through the per-row path equals the mean path's."""
@@ -254,7 +239,15 @@ BANK_OPS = {
                          OPS.nt_xent_bank_chunked_bwd.default)),
     "triton": (lambda: (OPS.nt_xent_bank_triton_fwd.default, (),
                         OPS.nt_xent_bank_triton_bwd.default)),
+    "cuda": (lambda: (OPS.nt_xent_bank_cuda_fwd.default, (), OPS.nt_xent_bank_cuda_bwd.default)),
 }
+BANK_DTYPES = {"chunked": F64, "triton": F64, "cuda": torch.float32}  # cuda: emulated, fp32
+
+
+def _bank_backend(request, backend):
+    if backend == "cuda":
+        request.getfixturevalue("emulated")  # the kernels through the host emulation
+    return BANK_OPS[backend]()
 
 
 def _bank_inputs(dtype, n=5, d=4, m=7):
@@ -264,11 +257,11 @@ def _bank_inputs(dtype, n=5, d=4, m=7):
     return z_a, z_b, bank
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_opcheck_bank_ops(backend, per_row):
-    forward, options, backward = BANK_OPS[backend]()
-    z_a, z_b, bank = _bank_inputs(F64)
+def test_opcheck_bank_ops(request, backend, per_row):
+    forward, options, backward = _bank_backend(request, backend)
+    z_a, z_b, bank = _bank_inputs(BANK_DTYPES[backend])
     torch.library.opcheck(forward, (z_a, z_b, bank, 1 / 0.3, per_row, *options))
     out = forward(z_a.detach(), z_b.detach(), bank, 1 / 0.3, per_row, *options)
     grad = torch.randn_like(out[0])
@@ -285,9 +278,10 @@ def test_opcheck_bank_ops(backend, per_row):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
-def test_bank_double_backward_is_refused(backend):
-    z_a, z_b, bank = _bank_inputs(F64)
+@pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
+def test_bank_double_backward_is_refused(request, backend):
+    _bank_backend(request, backend)
+    z_a, z_b, bank = _bank_inputs(BANK_DTYPES[backend])
     loss = fc.nt_xent_bank(z_a, z_b, bank, 0.3, backend=backend)
     (g,) = torch.autograd.grad(loss, z_a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
