@@ -29,7 +29,8 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
-          tests/test_cuda_backend.py tests/test_triton_kernels.py tests/test_losses.py \
+          tests/test_op_*.py tests/test_cuda_backend.py tests/test_triton_kernels.py \
+          tests/test_losses.py tests/test_nt_xent_bank.py \
           tests/test_modules.py tests/test_compile.py tests/test_objective.py \
           tests/test_csrc_objective.py \
           --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
