@@ -278,14 +278,18 @@ def _objective(op: str, names: tuple[str, ...], args: tuple, weights: dict[str, 
                separate_parts, device: torch.device, backend: str, gather: bool,
                reduction: str, fused: bool) -> LossOutput:
     """The backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
-    it and the call is a single-process mean; else `separate_parts()` (the parts from the
-    separate ops) weighted here. Both compute the same function."""
+    it, the call is a single-process mean and the backend's `op`_fits (if any) accepts the
+    inputs (the kernels' size limits); else `separate_parts()` (the parts from the separate
+    ops) weighted here. Both compute the same function."""
     weights = {name: 1.0 for name in names} | dict(weights or {})
     for name in names:
-        if not weights[name] >= 0:
-            raise ValueError(f"weights[{name!r}] must be >= 0, got {weights[name]}")
+        if not 0 <= weights[name] < math.inf:
+            raise ValueError(f"weights[{name!r}] must be finite and >= 0, got {weights[name]}")
     one_pass = (implementation(op, backend, device, required=False)
                 if fused and not gather and reduction == "mean" else None)
+    fits = one_pass and implementation(f"{op}_fits", backend, device, required=False)
+    if fits and not fits(*(x for x in args if isinstance(x, torch.Tensor))):
+        one_pass = None
     if one_pass is None:
         return weighted_total(separate_parts(), weights, reduction)
     out = one_pass(*args, tuple(float(weights[name]) for name in names))
@@ -313,8 +317,9 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
     The one-pass kernels compute the NT-Xent rows, the three Student-t assignments and DEC's
     column sums in one row-parallel launch plus a small epilogue, and the gradients of z, h and
     the centres in one row-parallel launch plus a small reduction; no (N, K) assignment is kept
-    for the backward. Other backends, gather_distributed over several ranks and
-    reduction != "mean" run the separate ops (same values).
+    for the backward. Other backends, gather_distributed over several ranks, reduction !=
+    "mean" and inputs beyond the one-pass kernels' limits (e.g. triton: D, F <= 512,
+    K <= 1024) run the separate ops (same values).
 
     Args:
         z_a, z_b: (N, D) projections of the two augmented views, N >= 2.
@@ -378,7 +383,8 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     The one-pass kernels compute the NT-Xent rows, both views' softmax rows, their column sums
     and the 2K x 2K assignment Gram in one row-parallel launch plus a K-sized epilogue, and
     dz / dlogits in one row-parallel launch after a K-sized one. Other backends,
-    gather_distributed over several ranks and reduction != "mean" run the separate ops.
+    gather_distributed over several ranks, reduction != "mean" and inputs beyond the one-pass
+    kernels' limits (triton: D <= 512, K <= 64) run the separate ops (same values).
 
     Args:
         z_a, z_b: (N, D) projections, N >= 2. logits_a, logits_b: (N, K) cluster logits, K >= 2.

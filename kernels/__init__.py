@@ -31,7 +31,8 @@ try:
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
-    from .objective import anchor_objective, cc_objective
+    from .objective import (anchor_objective, anchor_objective_fits, cc_objective,
+                            cc_objective_fits)
     from .student_t import student_t
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
@@ -41,7 +42,7 @@ __all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "nt_xent_bank", "nt_xent_bank_
            "cc_cluster_loss", "cc_cluster_loss_terms",
            "tcc_cluster_loss_terms", "student_t", "dec_loss", "anchor_loss",
            "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
-           "anchor_objective", "cc_objective",
+           "anchor_objective", "cc_objective", "anchor_objective_fits", "cc_objective_fits",
            "unavailable_reason"]
 
 

@@ -67,7 +67,12 @@ Saved for the backward: the 2N x D fp16/input-dtype copy Zs and 2N-, N-, K-sized
 the 2K x 2K Gram for cc); never an N x K or 2N x 2N matrix.
 
 Limits: D and F at most `MAX_FEATURES` (rows in registers); K at most `student_t.MAX_CENTRES`
-(anchor, tiled) and `cc_cluster.MAX_CLUSTERS` (cc, the Gram in registers). The anchor epilogue
+(anchor, tiled) and `cc_cluster.MAX_CLUSTERS` (cc, the Gram in registers); float64 for all
+inputs or none. `anchor_objective_fits` / `cc_objective_fits` say whether a call is within them:
+`fastcluster_cl.functional` runs the separate ops (the same function) for calls that are not.
+No spills at the sizes of the static report (K 10 / 100, F 128); larger ones spill (sm_90a:
+cc rows 672 B at K = 32, 2472 B at K = 64; anchor grad 256 B at F = 256, 1408 B at F = 512).
+The anchor epilogue
 is one program walking N x K (fine at training sizes: N K ~ 1e5 elements; a multi-program
 epilogue would need a third launch or atomics). The partial dmu is (programs x K x F) floats.
 """
@@ -82,14 +87,15 @@ import triton.language as tl
 from fastcluster_cl.losses.op_autograd import register_pair
 from fastcluster_cl.losses.reference import fixed_shift_safe
 
-from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot, dot_precision,
-                      feature_block, round_to, upcast_dots)
+from ._common import (MAX_FEATURES, NORM_EPS, acc_dtype, check_dtype, device_guard, dot,
+                      dot_precision, feature_block, round_to, upcast_dots)
 from .cc_cluster import MAX_CLUSTERS as _CC_MAX_CLUSTERS
 from .cc_cluster import _load_square, cluster_grad_rows, softmax_rows
 from .kl import _dec_row_totals, _dec_weights, _safe_log, _xlogx
 from .nt_xent import (_LOG2E, LaunchConfig, _edge_tile, _load_rows, _row_weight, _scaled_dtype,
                       accumulate_negatives, backward_config, forward_config, grad_block,
                       row_losses, scaled_rows)
+from .student_t import MAX_CENTRES
 from .student_t import _blocks as _student_blocks
 from .student_t import _distances
 
@@ -894,6 +900,17 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
         centers.contiguous(), float(temperature), float(alpha), [float(w) for w in weights])[0]
 
 
+def _float64_all_or_none(*tensors: torch.Tensor) -> bool:
+    return len({t.dtype == torch.float64 for t in tensors}) == 1
+
+
+def anchor_objective_fits(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,
+                          h_a: torch.Tensor, h_b: torch.Tensor, centers: torch.Tensor) -> bool:
+    """Whether the one-pass kernels take these inputs (see the module's limits)."""
+    return (z_a.shape[1] <= MAX_FEATURES and h0.shape[1] <= MAX_FEATURES
+            and centers.shape[0] <= MAX_CENTRES and _float64_all_or_none(z_a, h0, centers))
+
+
 # -- Contrastive Clustering --
 
 def _cc_block_k(k: int) -> int:
@@ -991,6 +1008,13 @@ def _(z_a, z_b, logits_a, logits_b, grad, zs, rs, norms, row_w, row_loss, params
 register_pair(cc_objective_forward, cc_objective_backward, "triton",
               lambda inputs, outputs, grads: (*inputs[:4], grads[0], *outputs[1:], inputs[4]),
               wrt=range(4), materialize_grads=False)
+
+
+def cc_objective_fits(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                      logits_b: torch.Tensor) -> bool:
+    """Whether the one-pass kernels take these inputs (see the module's limits)."""
+    return (z_a.shape[1] <= MAX_FEATURES and logits_a.shape[1] <= _CC_MAX_CLUSTERS
+            and _float64_all_or_none(z_a, logits_a))
 
 
 def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,

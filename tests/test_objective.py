@@ -12,7 +12,8 @@ from fastcluster_cl import kernels, validation
 from fastcluster_cl.losses import reference
 
 from launch_count import OpCounter, counting
-from lowp import correlated_views, nt_xent_bounds
+from lowp import correlated_views
+from tolerances import lowp_bounds
 
 F64 = torch.float64
 OPS = torch.ops.fastcluster_cl
@@ -126,14 +127,16 @@ def _low_precision_bounds(objective, ref_fn, inputs, dtypes, **kw):
     """(value bound, gradient bounds): twice the error of the float32 reference on the same
     rounded inputs, each gradient's floored at twice the rounding of the float64 gradient to
     its input's dtype (what storing it costs) and the value's at 1e-6; the z gradients' at
-    those of backend "chunked" on the instance loss (lowp.nt_xent_bounds)."""
+    those of backend "chunked" on the instance loss (tolerances.lowp_bounds)."""
     rounded = [x.to(dt).to(F64) for x, dt in zip(inputs, dtypes)]
     want, want_grads = run(objective, ref_fn, rounded, [F64] * len(inputs), **kw)
     v32, g32 = run(objective, ref_fn, rounded, [torch.float32] * len(inputs), **kw)
     value = max(2 * rel(v32, want), 1e-6)
     grads = [2 * max(rel(g, w), rel(w.to(dt).to(F64), w))
              for g, w, dt in zip(g32, want_grads, dtypes)]
-    nt_bound = nt_xent_bounds(inputs[0], inputs[1], kw["tau"], dtypes[0])[0]
+    tau = kw["tau"]
+    nt_bound = lowp_bounds(lambda a, b: fc.nt_xent(a, b, tau, backend="chunked"),
+                           lambda a, b: reference.nt_xent(a, b, tau), inputs[:2], dtypes[0])[0]
     return value, [max(grads[0], nt_bound), max(grads[1], nt_bound), *grads[2:]]
 
 
@@ -253,7 +256,9 @@ def test_cluster_contrastive_loss_runs_the_one_pass_path(method):
         z_a, z_b, la, lb = _small_cc()
         inputs = dict(logits_a=la, logits_b=lb)
     fwd, bwd, fwd_ops, ops = _count(lambda: crit(z_a, z_b, **inputs).total)
-    assert fwd <= 2 and bwd <= 2 and ops <= 12, (fwd, bwd, fwd_ops, ops)
+    # the issue's budget is 12 torch ops; what is measured (README) is pinned: the autograd
+    # seed and the total's select_backward
+    assert fwd <= 2 and bwd <= 2 and fwd_ops == 0 and ops <= 2, (fwd, bwd, fwd_ops, ops)
     objective = fc.anchor_objective if method == "anchor" else fc.cc_objective
     args = (z_a, z_b, *inputs.values())
     kwargs = dict(instance_temperature=0.2, weights=crit.weights, backend="triton")
@@ -262,6 +267,25 @@ def test_cluster_contrastive_loss_runs_the_one_pass_path(method):
     for name in separate.parts:
         torch.testing.assert_close(fused.parts[name], separate.parts[name], rtol=2e-5,
                                    atol=1e-6)
+
+
+def test_inputs_beyond_the_kernels_limits_run_the_separate_ops():
+    """F = 600 > 512 (e.g. ResNet-50 features are 2048 wide) and cc's K = 70 > 64: the public
+    objectives run the separate ops instead of refusing, with the same values."""
+    g = torch.Generator().manual_seed(5)
+    z_a, z_b = (torch.randn(6, 8, generator=g) for _ in range(2))
+    h0, h_a, h_b = (torch.randn(6, 600, generator=g) for _ in range(3))
+    mu = torch.randn(3, 600, generator=g)
+    assert not kernels.anchor_objective_fits(z_a, z_b, h0, h_a, h_b, mu)
+    got = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton")
+    want = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="torch")
+    torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-6)
+    la, lb = (torch.randn(6, 70, generator=g) for _ in range(2))
+    assert not kernels.cc_objective_fits(z_a, z_b, la, lb)
+    with pytest.raises(ValueError, match="at most 64 clusters"):  # the separate op's own limit
+        fc.cc_objective(z_a, z_b, la, lb, backend="triton")
+    with pytest.raises(ValueError, match="finite"):
+        fc.cc_objective(z_a, z_b, la[:, :4], lb[:, :4], weights={"cluster": float("inf")})
 
 
 def test_counter_sees_ops_inside_custom_ops():
@@ -330,15 +354,16 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, method):
     """The tensor-core launch shapes (forward 128 x 16 with 8 warps, backward 64 x 64; the
     interpreter otherwise runs 32 x 32) give the same result on fp16 inputs: both accumulate in
     fp32 on the same fp16 operands, so only the summation order (and the fp16 rounding of the
-    gradients) differs."""
+    gradients) differs. N = 150 > 128: several programs at the GPU shapes too (the partial
+    column sums' and d centers' reductions across programs)."""
     from fastcluster_cl.kernels import objective
 
     if method == "anchor":
-        objective_fn, inputs = _anchor, anchor_inputs(n=37, d=48, f=40, k=10)
+        objective_fn, inputs = _anchor, anchor_inputs(n=150, d=48, f=40, k=20)
         dtypes = [torch.float16] * 5 + [torch.float32]
         fn = kernels.anchor_objective
     else:
-        objective_fn, inputs, dtypes = _cc, cc_inputs(n=37, d=48, k=10), [torch.float16] * 4
+        objective_fn, inputs, dtypes = _cc, cc_inputs(n=150, d=48, k=20), [torch.float16] * 4
         fn = kernels.cc_objective
     want, want_grads = run(objective_fn, fn, inputs, dtypes, tau=0.1)
     monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "_is_interpreted",

@@ -358,8 +358,9 @@ def test_cluster_double_backward_is_refused_clearly(backend, dense_cuda):
 _TRITON_OP_OF_CASE = {
     "nt_xent": "nt_xent", "cc_cluster_loss": "cc_cluster", "student_t": "student_t",
     "dec_loss": "dec", "anchor_loss": "anchor", "tcc_cluster_loss": "nt_xent",
-    "ClusterContrastiveLoss(anchor)": "dec_anchor", "ClusterContrastiveLoss(cc)": "cc_cluster",
-    "ClusterContrastiveLoss(tcc)": "nt_xent"}
+    "ClusterContrastiveLoss(anchor)": "dec_anchor", "ClusterContrastiveLoss(cc)": "cc_objective",
+    "ClusterContrastiveLoss(anchor(h))": "anchor_objective", "ClusterContrastiveLoss(tcc)": "nt_xent",
+    "anchor_objective": "anchor_objective", "cc_objective": "cc_objective"}
 
 
 def test_no_graph_breaks_for_every_loss_on_triton():
@@ -393,3 +394,26 @@ def test_compiled_fullgraph_cluster_objectives_on_triton():
     for g, w in zip(torch.autograd.grad(got, (q_a, *logits)),
                     torch.autograd.grad(want, (q_a, *logits))):
         torch.testing.assert_close(g, w)
+
+
+def test_compiled_fullgraph_one_pass_objectives_on_triton():
+    """torch.compile(fullgraph=True) through the one-pass objectives' registered autograd: the
+    eager values and gradients of the total and of a part."""
+    g = torch.Generator().manual_seed(3)
+    z_a, z_b, h0, h_a, h_b = (torch.randn(9, 6, generator=g, dtype=F64).requires_grad_()
+                              for _ in range(5))
+    mu = torch.randn(4, 6, generator=g, dtype=F64).requires_grad_()
+    la, lb = (torch.randn(9, 4, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    leaves = (z_a, z_b, h0, h_a, h_b, mu, la, lb)
+
+    def objective(z_a, z_b, h0, h_a, h_b, mu, la, lb):
+        anchor = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton")
+        cc = fc.cc_objective(z_a, z_b, la, lb, backend="triton")
+        return anchor.total + 0.5 * anchor.parts["cluster"] + cc.total
+
+    want = objective(*leaves)
+    torch._dynamo.reset()
+    got = torch.compile(objective, fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g_got, g_want)
