@@ -54,9 +54,11 @@ class ClusteringModel(nn.Module):
         h = self.backbone(x)
         z = self.projector(h)
         if self.head == "centre":
-            # the anchor objective computes the Student-t assignment from h inside its fused
-            # pass; `probabilities` computes it on demand
-            return {"h": h, "z": z}
+            # the anchor objective computes the Student-t assignment from h and the centres
+            # inside its fused pass (`probabilities` computes it on demand). The centres leave
+            # through the forward (as a view) so that DDP sees them used by it.
+            centres = self.cluster_head.centres
+            return {"h": h, "z": z, "centers": centres.view_as(centres)}
         return {"h": h, "z": z, **self.cluster_head(z if self.head == "tcc" else h)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -85,7 +87,7 @@ def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: 
         if out_0 is None:
             raise ValueError("the anchor method needs the clean view's outputs (out_0)")
         return {"h0": out_0["h"], "h_a": out_a["h"], "h_b": out_b["h"],
-                "centers": model.cluster_head.centres}
+                "centers": out_0["centers"]}
     if method == "cc":
         return {"logits_a": out_a["logits"], "logits_b": out_b["logits"]}
     if method == "tcc":
