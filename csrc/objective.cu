@@ -16,13 +16,16 @@
 //             loss_i = softplus(lse_neg_i - S_i,pos); the rows' rs, norm, lse, loss and p are
 //             saved (rows: 5 x m floats) for the backward.
 //             anchor: Student-t rows q0, qa, qb against all K centres (fp32, the centres given
-//             in fp32; q and the squared distances saved, 3 x n x K each), the per-row anchor
-//             term, and per-block partial column sums of q0 (no atomics).
-//             cc: softmax rows of both logits (saved, 2 x n x K), per-block partial marginals
-//             and a partial 2K x 2K Gram of the columns of [q_a, q_b] (blocks x 4K^2 floats:
-//             meant for CC's K of tens to hundreds).
+//             in fp32; q = exp(logit - lse), the row's lse saved: 3 x n), the per-row anchor
+//             term and c_v = sum_k q0_k [q_v,k >= tiny] (saved, 2 x n), and per-block partial
+//             column sums of q0 (no atomics); q0 (n x K) is workspace scratch handed to the
+//             epilogue, never saved.
+//             cc: softmax rows of both logits in shared memory (their lse saved, 2 x n),
+//             per-block partial marginals and a partial 2K x 2K Gram of the columns of
+//             [q_a, q_b] (blocks x 4K^2 floats; K <= FCL_CC_MAX_CLUSTERS = 64).
 //   epilogue: one block sums the partials in a fixed order; anchor: f = column sums of q0
-//             (saved), DEC per row from q0 and f; cc: the cluster NT-Xent over the 2K columns
+//             (saved), DEC per row from q0 and f (its row total T = sum_k q0^2 / f and
+//             c_dec = sum_k p_k [q0_k >= tiny] saved); cc: the cluster NT-Xent over the 2K columns
 //             (cos = Gram / norms, the positive's too: cos_pos is not cancellation-free here,
 //             an absolute error ~ eps / tau_c; lse and loss per column saved) and the marginal
 //             entropies; both: the means and out = [total, parts...], total = weights . parts.
@@ -31,13 +34,17 @@
 //             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
 //             m x d scratch (each element owned by one thread: no atomics), then
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
-//             anchor: G = dL/dlogit: DEC (q0 - p) / n with the detached target p, anchor
-//             (qa - q0) / n and (qb - q0) / n; w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
+//             anchor: the distances and q recomputed from h, the centres and the saved lse
+//             (nothing N x K is saved); G = dL/dlogit, the exact derivative of the clamped log
+//             (kernels/objective.py): DEC (q0 c_dec - p [q0 >= tiny]) / n with the detached
+//             target p = q0^2 / f / T, anchor (qa c_a - q0 [qa >= tiny]) / n and likewise b;
+//             w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
 //             dh_i = sum_k w_ik (h_i - mu_k) and per-block partials of
 //             dmu_k = sum_i w_ik (mu_k - h_i), summed over the blocks by sum_splits_kernel.
 //             cc: cc_weights_kernel first turns the saved Gram, column lse/loss and marginals
 //             into W (2K x 2K) and e (2K) with dL/dQ_i = Q_i W^T + e for the rows Q_i =
-//             [qa_i, qb_i]; the row kernel then applies the softmax backward.
+//             [qa_i, qb_i]; the row kernel recomputes Q_i from the logits and the saved lse
+//             and applies the softmax backward.
 // The incoming gradient (4 or 3 floats) and the output weights are folded in the kernels.
 // See fcl_kernels.h for the launcher contract.
 #include <float.h>
