@@ -11,6 +11,7 @@ tight tolerances (1e-5 relative for values, 1e-4 for gradients), for bf16/fp16 a
 rounding of the float64 gradient to the dtype. (The floor matters: near one-hot Student-t rows
 make the anchor gradient qa - q0 cancel in fp32, in the reference as here.)"""
 import ctypes
+import math
 
 import pytest
 import torch
@@ -231,6 +232,29 @@ def test_opcheck_objective_ops(emulated, name):
     torch.library.opcheck(backward, tuple(pair.backward_args(detached, outputs, grads)),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", ["anchor", "cc"])
+def test_objectives_save_no_assignment_matrix(emulated, name):
+    """What the autograd keeps for the backward: the inputs and row-, K- and 2K x 2K-sized
+    statistics, never an N x K (or 2N x 2N) tensor."""
+    n, k = 13, 9  # K unlike every fixed size of the state
+    if name == "anchor":
+        inputs = [t.float().requires_grad_() for t in anchor_inputs(n, 24, 20, k)]
+        fn, args = cuda_backend.anchor_objective, (0.5, 1.0, ANCHOR_WEIGHTS)
+    else:
+        inputs = [t.float().requires_grad_() for t in cc_inputs(n, 24, k)]
+        fn, args = cuda_backend.cc_objective, (0.5, 1.0, (1.0, 0.8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = fn(*inputs, *args)
+    ids = {id(t) for t in inputs}
+    state = [tuple(t.shape) for t in saved if id(t) not in ids]
+    assert state, "the forward op's state was not saved through autograd"
+    for shape in state:
+        assert math.prod(shape) <= max(7 * n, 5 * 2 * n, (2 * k) ** 2), state
+        assert not (n in shape and k in shape) and shape.count(2 * n) < 2, state
+    torch.autograd.grad(value.sum(), inputs)  # the backward runs from that state
 
 
 def test_cc_objective_refuses_too_many_clusters(emulated):
