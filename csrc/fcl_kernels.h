@@ -107,13 +107,19 @@ int fcl_anchor_backward(int dtype, const void* q0, const void* qa, const void* q
 // reference.anchor_objective and reference.cc_objective: the instance NT-Xent of [z_a; z_b]
 // (n x d each, m = 2n rows, z_dtype) and the method's cluster terms; forward: one row kernel and
 // one single-block epilogue; backward: one row kernel and one small kernel. Every buffer is
-// caller-allocated and contiguous; the fp32 state the forward writes is the backward's input:
+// caller-allocated and contiguous; the fp32 state the forward writes is the backward's input,
+// and it holds no n x k (or m x m) matrix: the backward recomputes the assignments.
 //   rows (5 x m): per row of [z_a; z_b] rs = 1 / max(||z p||, 1e-12 p), max(||z||, 1e-12), the
 //     lse over all k != i, the row loss and p, the power of two that puts the row's largest
 //     |element| into [1, 2) (zn = (z p) rs).
 // grad: device pointer to dL/dout (4 floats for anchor, 3 for cc); the output weights and the
-// incoming gradients are folded inside the kernels. workspace: fcl_objective_workspace floats.
+// incoming gradients are folded inside the kernels. workspace: fcl_objective_workspace floats
+// (scratch of one call, nothing in it outlives the call).
 enum FclObjective { FCL_OBJECTIVE_ANCHOR = 0, FCL_OBJECTIVE_CC = 1 };
+
+// The most clusters the cc launchers take (the rows' [qa_i, qb_i] live in shared memory, the
+// forward's workspace holds a 2K x 2K Gram per 16 rows); more: cudaErrorInvalidValue.
+enum { FCL_CC_MAX_CLUSTERS = 64 };
 
 // fp32 workspace size (floats) of the forward (backward = 0) or backward launcher; f = 0 for cc.
 long long fcl_objective_workspace(int objective, int backward, int n, int d, int k, int f);
@@ -121,42 +127,48 @@ long long fcl_objective_workspace(int objective, int backward, int n, int d, int
 // out (4) = [total, instance NT-Xent, DEC KL on q0, KL(q0||qa) + KL(q0||qb) (q0 detached)],
 // total = w_instance instance + w_cluster DEC + w_anchor anchor, with q = Student-t(h, centers,
 // alpha) per view (fp32). h0, h_a, h_b: n x f of h_dtype; centers: k x f float32. State: rows,
-// q and dist2 (3 x n x k: q0, qa, qb and their squared distances), col_sums (k: f_c = sum_i q0_ic).
+// assign (7 x n: the Student-t lse of h0, h_a, h_b per row; DEC's row totals T_i =
+// sum_k q0_ik^2 / f_k and c_dec_i = sum_k p_ik [q0_ik >= FLT_MIN]; c_a_i and c_b_i =
+// sum_k q0_ik [q_v,ik >= FLT_MIN], the sums of the clamped log's exact gradient), col_sums
+// (k: f_k = sum_i q0_ik).
 int fcl_anchor_objective_forward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
                                  int h_dtype, const void* h0, const void* h_a, const void* h_b,
                                  const float* centers, int k, int f, float inv_tau, float alpha,
                                  float w_instance, float w_cluster, float w_anchor, float* rows,
-                                 float* q, float* dist2, float* col_sums, float* workspace,
-                                 float* out, cudaStream_t stream);
+                                 float* assign, float* col_sums, float* workspace, float* out,
+                                 cudaStream_t stream);
 
-// dz_a, dz_b (z_dtype), dh0, dh_a, dh_b (h_dtype) and dcenters (k x f float32).
+// dz_a, dz_b (z_dtype), dh0, dh_a, dh_b (h_dtype) and dcenters (k x f float32); the Student-t
+// rows are recomputed from h, centers and the saved lse.
 int fcl_anchor_objective_backward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
                                   int h_dtype, const void* h0, const void* h_a, const void* h_b,
                                   const float* centers, int k, int f, float inv_tau, float alpha,
                                   float w_instance, float w_cluster, float w_anchor,
-                                  const float* rows, const float* q, const float* dist2,
-                                  const float* col_sums, const float* grad, float* workspace,
-                                  void* dz_a, void* dz_b, void* dh0, void* dh_a, void* dh_b,
-                                  float* dcenters, cudaStream_t stream);
+                                  const float* rows, const float* assign, const float* col_sums,
+                                  const float* grad, float* workspace, void* dz_a, void* dz_b,
+                                  void* dh0, void* dh_a, void* dh_b, float* dcenters,
+                                  cudaStream_t stream);
 
 // out (3) = [total, instance NT-Xent (inv_tau), CC cluster loss (inv_tau_c: NT-Xent over the 2K
 // L2-normalised columns of [softmax(logits_a), softmax(logits_b)] plus both marginal entropy
-// terms)], total = w_instance instance + w_cluster cluster. logits: n x k of l_dtype. State:
-// rows, q (2 x n x k softmax rows), gram (2k x 2k, of the columns), cluster_rows (3 x 2k: each
-// column's lse and loss, the column sums).
+// terms)], total = w_instance instance + w_cluster cluster. logits: n x k of l_dtype, k at most
+// FCL_CC_MAX_CLUSTERS. State: rows, row_lse (2 x n: the softmax lse of each view's row), gram
+// (2k x 2k, of the columns), cluster_rows (3 x 2k: each column's lse and loss, the column sums).
 int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
                              int l_dtype, const void* logits_a, const void* logits_b, int k,
                              float inv_tau, float inv_tau_c, float w_instance, float w_cluster,
-                             float* rows, float* q, float* gram, float* cluster_rows,
+                             float* rows, float* row_lse, float* gram, float* cluster_rows,
                              float* workspace, float* out, cudaStream_t stream);
 
-// dz_a, dz_b (z_dtype), dlogits_a, dlogits_b (l_dtype).
+// dz_a, dz_b (z_dtype), dlogits_a, dlogits_b (l_dtype); the softmax rows are recomputed from the
+// logits and row_lse.
 int fcl_cc_objective_backward(int z_dtype, const void* z_a, const void* z_b, int n, int d,
-                              int l_dtype, int k, float inv_tau, float inv_tau_c,
-                              float w_instance, float w_cluster, const float* rows,
-                              const float* q, const float* gram, const float* cluster_rows,
-                              const float* grad, float* workspace, void* dz_a, void* dz_b,
-                              void* dlogits_a, void* dlogits_b, cudaStream_t stream);
+                              int l_dtype, const void* logits_a, const void* logits_b, int k,
+                              float inv_tau, float inv_tau_c, float w_instance, float w_cluster,
+                              const float* rows, const float* row_lse, const float* gram,
+                              const float* cluster_rows, const float* grad, float* workspace,
+                              void* dz_a, void* dz_b, void* dlogits_a, void* dlogits_b,
+                              cudaStream_t stream);
 
 // NT-Xent against a memory bank (csrc/nt_xent_bank.cu). zs, rs, dist, norm: the outputs of
 // fcl_nt_xent_normalize on (z_a, z_b) (zs 2n x d, rows i < n the anchors); bank: m_bank x d in

@@ -16,13 +16,16 @@
 //             loss_i = softplus(lse_neg_i - S_i,pos); the rows' rs, norm, lse, loss and p are
 //             saved (rows: 5 x m floats) for the backward.
 //             anchor: Student-t rows q0, qa, qb against all K centres (fp32, the centres given
-//             in fp32; q and the squared distances saved, 3 x n x K each), the per-row anchor
-//             term, and per-block partial column sums of q0 (no atomics).
-//             cc: softmax rows of both logits (saved, 2 x n x K), per-block partial marginals
-//             and a partial 2K x 2K Gram of the columns of [q_a, q_b] (blocks x 4K^2 floats:
-//             meant for CC's K of tens to hundreds).
+//             in fp32; q = exp(logit - lse), the row's lse saved: 3 x n), the per-row anchor
+//             term and c_v = sum_k q0_k [q_v,k >= tiny] (saved, 2 x n), and per-block partial
+//             column sums of q0 (no atomics); q0 (n x K) is workspace scratch handed to the
+//             epilogue, never saved.
+//             cc: softmax rows of both logits in shared memory (their lse saved, 2 x n),
+//             per-block partial marginals and a partial 2K x 2K Gram of the columns of
+//             [q_a, q_b] (blocks x 4K^2 floats; K <= FCL_CC_MAX_CLUSTERS = 64).
 //   epilogue: one block sums the partials in a fixed order; anchor: f = column sums of q0
-//             (saved), DEC per row from q0 and f; cc: the cluster NT-Xent over the 2K columns
+//             (saved), DEC per row from q0 and f (its row total T = sum_k q0^2 / f and
+//             c_dec = sum_k p_k [q0_k >= tiny] saved); cc: the cluster NT-Xent over the 2K columns
 //             (cos = Gram / norms, the positive's too: cos_pos is not cancellation-free here,
 //             an absolute error ~ eps / tau_c; lse and loss per column saved) and the marginal
 //             entropies; both: the means and out = [total, parts...], total = weights . parts.
@@ -31,13 +34,17 @@
 //             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
 //             m x d scratch (each element owned by one thread: no atomics), then
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
-//             anchor: G = dL/dlogit: DEC (q0 - p) / n with the detached target p, anchor
-//             (qa - q0) / n and (qb - q0) / n; w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
+//             anchor: the distances and q recomputed from h, the centres and the saved lse
+//             (nothing N x K is saved); G = dL/dlogit, the exact derivative of the clamped log
+//             (kernels/objective.py): DEC (q0 c_dec - p [q0 >= tiny]) / n with the detached
+//             target p = q0^2 / f / T, anchor (qa c_a - q0 [qa >= tiny]) / n and likewise b;
+//             w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
 //             dh_i = sum_k w_ik (h_i - mu_k) and per-block partials of
 //             dmu_k = sum_i w_ik (mu_k - h_i), summed over the blocks by sum_splits_kernel.
 //             cc: cc_weights_kernel first turns the saved Gram, column lse/loss and marginals
 //             into W (2K x 2K) and e (2K) with dL/dQ_i = Q_i W^T + e for the rows Q_i =
-//             [qa_i, qb_i]; the row kernel then applies the softmax backward.
+//             [qa_i, qb_i]; the row kernel recomputes Q_i from the logits and the saved lse
+//             and applies the softmax backward.
 // The incoming gradient (4 or 3 floats) and the output weights are folded in the kernels.
 // See fcl_kernels.h for the launcher contract.
 #include <float.h>
@@ -414,31 +421,86 @@ struct ClusterInputs {  // h0, h_a, h_b (n x f, dtype h_dtype) and the fp32 cent
   float alpha;
 };
 
+// The Student-t logit -(alpha + 1) / 2 log1p(d2 / alpha) of a squared distance and q = its
+// exp minus the row's log-normaliser lse (the forward and the backward use these same two
+// expressions, so the recomputed q is the forward's).
+__device__ __forceinline__ float student_t_logit(float d2, float alpha) {
+  return -0.5f * (alpha + 1.f) * log1pf(d2 / alpha);
+}
+__device__ __forceinline__ float student_t_q(float d2, float alpha, float lse) {
+  return expf(student_t_logit(d2, alpha) - lse);
+}
+
+// One warp: the squared distances d2_c = ||h_i - mu_c||^2 of view v's row i against all K
+// centres (squared differences in fp32, like the reference), written to dist2[c] by lane c % 32
+// (the lane that reads them back: no __syncwarp needed).
+__device__ void student_t_dist2(const ClusterInputs& in, int v, int i, float* dist2) {
+  const int lane = threadIdx.x % 32;
+  const void* h = pick(v, in.h0, in.h_a, in.h_b);
+  const int64_t h_base = (int64_t)i * in.f;
+  for (int c = 0; c < in.k; ++c) {
+    float partial = 0.f;
+    for (int e = lane; e < in.f; e += 32) {
+      const float diff = load_any(h, in.dtype, h_base + e) - in.centers[(int64_t)c * in.f + e];
+      partial = fmaf(diff, diff, partial);
+    }
+    const float d2 = warp_sum(partial);
+    if (lane == c % 32) dist2[c] = d2;
+  }
+}
+
+// ... and the row's log-normaliser lse = log sum_c exp(logit_c) (the same in every lane).
+__device__ float student_t_lse(const ClusterInputs& in, int v, int i, float* dist2) {
+  const int lane = threadIdx.x % 32;
+  student_t_dist2(in, v, i, dist2);
+  float row_max = -INFINITY;
+  for (int c = lane; c < in.k; c += 32) {
+    row_max = fmaxf(row_max, student_t_logit(dist2[c], in.alpha));
+  }
+  row_max = warp_max(row_max);
+  float sum = 0.f;
+  for (int c = lane; c < in.k; c += 32) sum += expf(student_t_logit(dist2[c], in.alpha) - row_max);
+  return row_max + logf(warp_sum(sum));
+}
+
+// Forward row kernel. assign (7 x n, saved): the Student-t lse of h0, h_a, h_b per row
+// ([0..3n)), then ([5n..7n)) c_a and c_b = sum_k q0_k [q_v,k >= tiny]; the epilogue fills
+// [3n..5n). q0 (n x k) and dist2 (n x k, one view at a time) are scratch of this forward only.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     anchor_forward_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
                           float inv_tau, ClusterInputs in, float* __restrict__ rows,
-                          float* __restrict__ q, float* __restrict__ dist2,
-                          float* __restrict__ col_part, float* __restrict__ anchor_rows) {
+                          float* __restrict__ assign, float* __restrict__ q0,
+                          float* __restrict__ dist2, float* __restrict__ col_part,
+                          float* __restrict__ anchor_rows) {
   __shared__ Tiles<T> t;
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int k = in.k, f = in.f;
+  const int k = in.k;
   nt_xent_forward_block(z_a, z_b, n, d, inv_tau, i0, t, rows);
   for (int p = warp; p < BP; p += kWarps) {
     const int i = i0 + p;
     if (i >= n) continue;  // whole warp
+    float* q0i = q0 + (int64_t)i * k;
+    float* di = dist2 + (int64_t)i * k;
+    float loss = 0.f;  // lane c % 32 owns column c of q0i and di
     for (int v = 0; v < 3; ++v) {
-      const void* h = pick(v, in.h0, in.h_a, in.h_b);
-      student_t_row([&](int e) { return load_any(h, in.dtype, (int64_t)i * f + e); },
-                    [&](int c, int e) { return in.centers[(int64_t)c * f + e]; }, k, f,
-                    in.alpha, q + ((int64_t)v * n + i) * k, dist2 + ((int64_t)v * n + i) * k);
-    }
-    const float* q0 = q + (int64_t)i * k;
-    const float* qa = q + ((int64_t)n + i) * k;
-    const float* qb = q + (2 * (int64_t)n + i) * k;
-    float loss = 0.f;  // lane c % 32 wrote column c of all three rows
-    for (int c = lane; c < k; c += 32) {
-      loss += 2.f * xlogx(q0[c]) - q0[c] * (safe_log(qa[c]) + safe_log(qb[c]));
+      const float lse = student_t_lse(in, v, i, di);
+      float clamp_sum = 0.f;
+      for (int c = lane; c < k; c += 32) {
+        const float q = student_t_q(di[c], in.alpha, lse);
+        if (v == 0) {
+          q0i[c] = q;
+          loss += 2.f * xlogx(q);
+        } else {
+          loss -= q0i[c] * safe_log(q);
+          clamp_sum += q >= FLT_MIN ? q0i[c] : 0.f;
+        }
+      }
+      clamp_sum = warp_sum(clamp_sum);
+      if (lane == 0) {
+        assign[(int64_t)v * n + i] = lse;
+        if (v > 0) assign[(int64_t)(4 + v) * n + i] = clamp_sum;
+      }
     }
     loss = warp_sum(loss);
     if (lane == 0) anchor_rows[i] = loss;
@@ -446,19 +508,20 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // q0 of the block's rows
   for (int c = threadIdx.x; c < k; c += kThreads) {
     float sum = 0.f;
-    for (int p = 0; p < BP && i0 + p < n; ++p) sum += q[(int64_t)(i0 + p) * k + c];
+    for (int p = 0; p < BP && i0 + p < n; ++p) sum += q0[(int64_t)(i0 + p) * k + c];
     col_part[(int64_t)blockIdx.x * k + c] = sum;
   }
 }
 
-// One block: f = column sums of q0 (saved), DEC per row, the means and out = [total, instance,
-// DEC, anchor].
+// One block: f = column sums of q0 (saved), DEC per row from q0 and f with the row totals
+// T_i = sum_k q0^2 / f and c_dec = sum_k p_k [q0_k >= tiny] (saved: assign[3n..5n)), the means
+// and out = [total, instance, DEC, anchor].
 __global__ void __launch_bounds__(kEpilogueThreads)
     anchor_epilogue_kernel(int n, int k, int blocks, const float* __restrict__ col_part,
                            const float* __restrict__ q0, const float* __restrict__ row_loss,
                            const float* __restrict__ anchor_rows, float w_instance,
                            float w_cluster, float w_anchor, float* __restrict__ f,
-                           float* __restrict__ out) {
+                           float* __restrict__ assign, float* __restrict__ out) {
   __shared__ float scratch[kEpilogueThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kEpilogueThreads / 32;
   for (int c = threadIdx.x; c < k; c += kEpilogueThreads) {
@@ -473,12 +536,18 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     float weight_sum = 0.f;
     for (int c = lane; c < k; c += 32) weight_sum += qi[c] * qi[c] / fmaxf(f[c], FLT_MIN);
     weight_sum = warp_sum(weight_sum);
-    float loss = 0.f;
+    float loss = 0.f, clamp_sum = 0.f;
     for (int c = lane; c < k; c += 32) {
       const float p = qi[c] * qi[c] / fmaxf(f[c], FLT_MIN) / weight_sum;
       loss += xlogx(p) - p * safe_log(qi[c]);
+      clamp_sum += qi[c] >= FLT_MIN ? p : 0.f;
     }
     dec += warp_sum(loss);
+    clamp_sum = warp_sum(clamp_sum);
+    if (lane == 0) {
+      assign[3 * (int64_t)n + i] = weight_sum;
+      assign[4 * (int64_t)n + i] = clamp_sum;
+    }
   }
   float instance = 0.f, anchor = 0.f;
   for (int i = threadIdx.x; i < 2 * n; i += kEpilogueThreads) instance += row_loss[i];
@@ -494,14 +563,31 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
 }
 
+// dh_i of view v = sum_k w_ik (h_i - mu_k) from the warp's row w (published by __syncwarp).
+__device__ void student_t_dh(const ClusterInputs& in, int v, int i, const float* w, void* dh) {
+  const int lane = threadIdx.x % 32;
+  const void* h = pick(v, in.h0, in.h_a, in.h_b);
+  const int64_t h_base = (int64_t)i * in.f;
+  for (int e = lane; e < in.f; e += 32) {
+    const float he = load_any(h, in.dtype, h_base + e);
+    float sum = 0.f;
+    for (int c = 0; c < in.k; ++c) sum = fmaf(w[c], he - in.centers[(int64_t)c * in.f + e], sum);
+    store_any(dh, in.dtype, h_base + e, sum);
+  }
+}
+
+// Backward row kernel: the Student-t rows are recomputed from h, the centres and the saved lse
+// (no N x K state); with G = dL/dlogit (the exact derivative of the clamped log):
+//   DEC    G0 = s_dec (q0 c_dec - p [q0 >= tiny]), p = q0^2 / f / T (detached)
+//   anchor Ga = s_anc (qa c_a - q0 [qa >= tiny]), likewise b, none into q0,
+// w = -G (alpha + 1) / (alpha + d2) in w (3 x n x k scratch, holding d2 until then).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     anchor_backward_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
                            float inv_tau, ClusterInputs in, const float* __restrict__ rows,
-                           const float* __restrict__ q, const float* __restrict__ dist2,
-                           const float* __restrict__ f, const float* __restrict__ grad,
-                           float w_instance, float w_cluster, float w_anchor,
-                           float* __restrict__ g, float* __restrict__ w,
+                           const float* __restrict__ assign, const float* __restrict__ f,
+                           const float* __restrict__ grad, float w_instance, float w_cluster,
+                           float w_anchor, float* __restrict__ g, float* __restrict__ w,
                            float* __restrict__ center_part, T* __restrict__ dz_a,
                            T* __restrict__ dz_b, void* dh0, void* dh_a, void* dh_b) {
   __shared__ Tiles<T> t;
@@ -511,34 +597,37 @@ __global__ void __launch_bounds__(kThreads)
   const float s_cluster = (grad[0] * w_cluster + grad[2]) / n;
   const float s_anchor = (grad[0] * w_anchor + grad[3]) / n;
   nt_xent_backward_block(z_a, z_b, n, d, inv_tau, i0, rows, s_instance, t, g, dz_a, dz_b);
-  const float power = in.alpha + 1.f;
+  const float alpha = in.alpha, power = alpha + 1.f;
   for (int p = warp; p < BP; p += kWarps) {
     const int i = i0 + p;
     if (i >= n) continue;  // whole warp
-    const float* q0 = q + (int64_t)i * k;
-    float weight_sum = 0.f;
-    for (int c = lane; c < k; c += 32) weight_sum += q0[c] * q0[c] / fmaxf(f[c], FLT_MIN);
-    weight_sum = warp_sum(weight_sum);
-    for (int v = 0; v < 3; ++v) {
-      const int64_t base = ((int64_t)v * n + i) * k;
-      for (int c = lane; c < k; c += 32) {
-        // dL/dlogit: DEC on q0 (target p detached), the anchor KL on qa and qb (q0 detached)
-        const float grad_logit =
-            v == 0 ? s_cluster * (q0[c] - q0[c] * q0[c] / fmaxf(f[c], FLT_MIN) / weight_sum)
-                   : s_anchor * (q[base + c] - q0[c]);
-        w[base + c] = -grad_logit * power / (in.alpha + dist2[base + c]);
+    float* w0 = w + (int64_t)i * k;  // d2 of h0 until the views a and b are done
+    student_t_dist2(in, 0, i, w0);
+    const float lse0 = assign[i];
+    for (int v = 1; v < 3; ++v) {
+      float* wv = w + ((int64_t)v * n + i) * k;
+      student_t_dist2(in, v, i, wv);
+      const float lse = assign[(int64_t)v * n + i];
+      const float clamp_sum = assign[(int64_t)(4 + v) * n + i];
+      for (int c = lane; c < k; c += 32) {  // lane c % 32 owns column c
+        const float q0 = student_t_q(w0[c], alpha, lse0);
+        const float q = student_t_q(wv[c], alpha, lse);
+        const float grad_logit = s_anchor * (q * clamp_sum - (q >= FLT_MIN ? q0 : 0.f));
+        wv[c] = -grad_logit * power / (alpha + wv[c]);
       }
       __syncwarp();  // every lane reads the whole row of w
-      const int64_t h_base = (int64_t)i * nf;
-      for (int e = lane; e < nf; e += 32) {
-        const float h = load_any(pick(v, in.h0, in.h_a, in.h_b), in.dtype, h_base + e);
-        float sum = 0.f;
-        for (int c = 0; c < k; ++c) {
-          sum = fmaf(w[base + c], h - in.centers[(int64_t)c * nf + e], sum);
-        }
-        store_any(pick(v, dh0, dh_a, dh_b), in.dtype, h_base + e, sum);
-      }
+      student_t_dh(in, v, i, wv, pick(v, dh0, dh_a, dh_b));
     }
+    const float total = assign[3 * (int64_t)n + i], clamp_sum = assign[4 * (int64_t)n + i];
+    for (int c = lane; c < k; c += 32) {
+      const float d2 = w0[c];
+      const float q0 = student_t_q(d2, alpha, lse0);
+      const float target = q0 * q0 / fmaxf(f[c], FLT_MIN) / total;
+      const float grad_logit = s_cluster * (q0 * clamp_sum - (q0 >= FLT_MIN ? target : 0.f));
+      w0[c] = -grad_logit * power / (alpha + d2);
+    }
+    __syncwarp();
+    student_t_dh(in, 0, i, w0, dh0);
   }
   __syncthreads();  // w of the block's rows
   const int64_t count = (int64_t)k * nf;
@@ -559,54 +648,76 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- cc (Contrastive Clustering)
 
-// Q[i][j] = [qa_i, qb_i][j] from the saved softmax rows q (2 x n x k).
-__device__ __forceinline__ float q_at(const float* q, int n, int k, int i, int j) {
-  return j < k ? q[(int64_t)i * k + j] : q[((int64_t)n + i) * k + j - k];
+constexpr int kMaxClusters = FCL_CC_MAX_CLUSTERS;  // the rows' [qa_i, qb_i] in shared memory
+// An element index of a 2K x 2K matrix fits in int under the limit the launchers enforce (a
+// 64-bit loop index spilled in cc_weights_kernel); offsets that multiply it by a block count,
+// and the workspace sizes, are int64.
+static_assert(4 * kMaxClusters * kMaxClusters < (1 << 30), "2K x 2K indices fit in int");
+
+// One warp: the block's row p of [softmax(logits_a), softmax(logits_b)] (row i) into qs[p]
+// (q = exp(logit - lse), the same expression forward and backward); returns the lse of view v
+// in lse_v (lane c % 32 writes column c; the caller publishes qs).
+__device__ void softmax_pair(int l_dtype, const void* logits_a, const void* logits_b, int k,
+                             int i, float* qs, float& lse_a, float& lse_b,
+                             const float* saved_lse, int n) {
+  const int lane = threadIdx.x % 32;
+  for (int v = 0; v < 2; ++v) {
+    const void* logits = v == 0 ? logits_a : logits_b;
+    const int64_t base = (int64_t)i * k;
+    float lse;
+    if (saved_lse != nullptr) {
+      lse = saved_lse[(int64_t)v * n + i];
+    } else {
+      float mx = -INFINITY;
+      for (int c = lane; c < k; c += 32) mx = fmaxf(mx, load_any(logits, l_dtype, base + c));
+      mx = warp_max(mx);
+      float sum = 0.f;
+      for (int c = lane; c < k; c += 32) sum += expf(load_any(logits, l_dtype, base + c) - mx);
+      lse = mx + logf(warp_sum(sum));
+    }
+    for (int c = lane; c < k; c += 32) {
+      qs[v * k + c] = expf(load_any(logits, l_dtype, base + c) - lse);
+    }
+    (v == 0 ? lse_a : lse_b) = lse;
+  }
 }
 
+// Forward row kernel: NT-Xent, the block's softmax rows (shared memory only; their lse saved
+// in row_lse, 2 x n), per-block partial marginals and the partial 2K x 2K Gram.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cc_forward_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
                       float inv_tau, int l_dtype, const void* logits_a, const void* logits_b,
-                      int k, float* __restrict__ rows, float* __restrict__ q,
+                      int k, float* __restrict__ rows, float* __restrict__ row_lse,
                       float* __restrict__ gram_part, float* __restrict__ marginal_part) {
   __shared__ Tiles<T> t;
+  __shared__ float qs[BP][2 * kMaxClusters];
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   nt_xent_forward_block(z_a, z_b, n, d, inv_tau, i0, t, rows);
   for (int p = warp; p < BP; p += kWarps) {
     const int i = i0 + p;
     if (i >= n) continue;  // whole warp
-    for (int v = 0; v < 2; ++v) {
-      const void* logits = v == 0 ? logits_a : logits_b;
-      const int64_t base = (int64_t)i * k;
-      float* qi = q + ((int64_t)v * n + i) * k;
-      float mx = -INFINITY;
-      for (int c = lane; c < k; c += 32) mx = fmaxf(mx, load_any(logits, l_dtype, base + c));
-      mx = warp_max(mx);
-      float sum = 0.f;
-      for (int c = lane; c < k; c += 32) {
-        qi[c] = expf(load_any(logits, l_dtype, base + c) - mx);
-        sum += qi[c];
-      }
-      sum = warp_sum(sum);
-      for (int c = lane; c < k; c += 32) qi[c] /= sum;
+    float lse_a, lse_b;
+    softmax_pair(l_dtype, logits_a, logits_b, k, i, qs[p], lse_a, lse_b, nullptr, n);
+    if (lane == 0) {
+      row_lse[i] = lse_a;
+      row_lse[(int64_t)n + i] = lse_b;
     }
   }
-  __syncthreads();  // q of the block's rows
+  __syncthreads();  // qs of the block's rows
   const int k2 = 2 * k;
+  const int k2sq = k2 * k2;  // <= 4 kMaxClusters^2
   const int last = n - i0 < BP ? n - i0 : BP;
   for (int j = threadIdx.x; j < k2; j += kThreads) {
     float sum = 0.f;
-    for (int p = 0; p < last; ++p) sum += q_at(q, n, k, i0 + p, j);
+    for (int p = 0; p < last; ++p) sum += qs[p][j];
     marginal_part[(int64_t)blockIdx.x * k2 + j] = sum;
   }
-  for (int at = threadIdx.x; at < k2 * k2; at += kThreads) {
+  for (int at = threadIdx.x; at < k2sq; at += kThreads) {
     const int j = at / k2, l = at % k2;
     float sum = 0.f;
-    for (int p = 0; p < last; ++p) {
-      sum = fmaf(q_at(q, n, k, i0 + p, j), q_at(q, n, k, i0 + p, l), sum);
-    }
-    gram_part[(int64_t)blockIdx.x * k2 * k2 + at] = sum;
+    for (int p = 0; p < last; ++p) sum = fmaf(qs[p][j], qs[p][l], sum);
+    gram_part[(int64_t)blockIdx.x * k2sq + at] = sum;
   }
 }
 
@@ -626,9 +737,10 @@ __global__ void __launch_bounds__(kEpilogueThreads)
                        float* __restrict__ cluster_rows, float* __restrict__ out) {
   __shared__ float scratch[kEpilogueThreads / 32];
   const int k2 = 2 * k;
-  for (int at = threadIdx.x; at < k2 * k2; at += kEpilogueThreads) {
+  const int k2sq = k2 * k2;  // <= 4 kMaxClusters^2
+  for (int at = threadIdx.x; at < k2sq; at += kEpilogueThreads) {
     float sum = 0.f;
-    for (int b = 0; b < blocks; ++b) sum += gram_part[(int64_t)b * k2 * k2 + at];
+    for (int b = 0; b < blocks; ++b) sum += gram_part[(int64_t)b * k2sq + at];
     gram[at] = sum;
   }
   for (int j = threadIdx.x; j < k2; j += kEpilogueThreads) {
@@ -697,7 +809,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   const int k2 = 2 * k;
   const float s = grad[0] * w_cluster + grad[2];
   const float scale = s * inv_tau_c / k2;
-  for (int at = threadIdx.x; at < k2 * k2; at += kEpilogueThreads) {
+  for (int at = threadIdx.x; at < k2 * k2; at += kEpilogueThreads) {  // <= 4 kMaxClusters^2
     const int j = at / k2, l = at % k2;
     if (j == l) continue;
     float cosine;
@@ -719,16 +831,19 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
 }
 
+// Backward row kernel: NT-Xent, then the softmax rows recomputed from the logits and the saved
+// lse into shared memory and the softmax backward of dL/dq = Q_i W^T + e.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cc_backward_kernel(const T* __restrict__ z_a, const T* __restrict__ z_b, int n, int d,
-                       float inv_tau, int l_dtype, int k, const float* __restrict__ rows,
-                       const float* __restrict__ q, const float* __restrict__ grad,
-                       float w_instance, const float* __restrict__ weights,
-                       const float* __restrict__ offsets, float* __restrict__ g,
-                       T* __restrict__ dz_a, T* __restrict__ dz_b, void* dlogits_a,
-                       void* dlogits_b) {
+                       float inv_tau, int l_dtype, const void* logits_a, const void* logits_b,
+                       int k, const float* __restrict__ rows, const float* __restrict__ row_lse,
+                       const float* __restrict__ grad, float w_instance,
+                       const float* __restrict__ weights, const float* __restrict__ offsets,
+                       float* __restrict__ g, T* __restrict__ dz_a, T* __restrict__ dz_b,
+                       void* dlogits_a, void* dlogits_b) {
   __shared__ Tiles<T> t;
+  __shared__ float qs[BP][2 * kMaxClusters];
   const int i0 = blockIdx.x * BP, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float s_instance = (grad[0] * w_instance + grad[1]) * inv_tau / (2 * n);
   nt_xent_backward_block(z_a, z_b, n, d, inv_tau, i0, rows, s_instance, t, g, dz_a, dz_b);
@@ -736,22 +851,23 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = warp; p < BP; p += kWarps) {
     const int i = i0 + p;
     if (i >= n) continue;  // whole warp
+    const float* qi = qs[p];  // [qa_i, qb_i]
+    float lse_a, lse_b;
+    softmax_pair(l_dtype, logits_a, logits_b, k, i, qs[p], lse_a, lse_b, row_lse, n);
+    __syncwarp();  // every lane reads the whole row
     for (int v = 0; v < 2; ++v) {
-      const float* qi = q + ((int64_t)v * n + i) * k;
       auto dq = [&](int c) {  // dL/dq_ic of this view
         const int j = v * k + c;
         float sum = offsets[j];
-        for (int l = 0; l < k2; ++l) {
-          sum = fmaf(weights[(int64_t)j * k2 + l], q_at(q, n, k, i, l), sum);
-        }
+        for (int l = 0; l < k2; ++l) sum = fmaf(weights[(int64_t)j * k2 + l], qi[l], sum);
         return sum;
       };
       float dot = 0.f;
-      for (int c = lane; c < k; c += 32) dot = fmaf(dq(c), qi[c], dot);
+      for (int c = lane; c < k; c += 32) dot = fmaf(dq(c), qi[v * k + c], dot);
       dot = warp_sum(dot);
       void* out = v == 0 ? dlogits_a : dlogits_b;
       for (int c = lane; c < k; c += 32) {
-        store_any(out, l_dtype, (int64_t)i * k + c, qi[c] * (dq(c) - dot));
+        store_any(out, l_dtype, (int64_t)i * k + c, qi[v * k + c] * (dq(c) - dot));
       }
     }
   }
@@ -764,8 +880,8 @@ bool valid_sizes(int n, int d, int k) { return n >= 1 && d >= 1 && k >= 1; }
 extern "C" long long fcl_objective_workspace(int objective, int backward, int n, int d, int k,
                                              int f) {
   const long long blocks = blocks_for(n, BP), m = 2LL * n, k2 = 2LL * k;
-  if (objective == FCL_OBJECTIVE_ANCHOR) {
-    return backward ? m * d + 3LL * n * k + blocks * k * f : blocks * k + n;
+  if (objective == FCL_OBJECTIVE_ANCHOR) {  // forward: partial f, anchor rows, q0 and d2 rows
+    return backward ? m * d + 3LL * n * k + blocks * k * f : blocks * k + n + 2LL * n * k;
   }
   return backward ? m * d + k2 * k2 + k2 : blocks * (k2 * k2 + k2);
 }
@@ -775,25 +891,27 @@ extern "C" int fcl_anchor_objective_forward(int z_dtype, const void* z_a, const 
                                             const void* h_b, const float* centers, int k, int f,
                                             float inv_tau, float alpha, float w_instance,
                                             float w_cluster, float w_anchor, float* rows,
-                                            float* q, float* dist2, float* col_sums,
-                                            float* workspace, float* out, cudaStream_t stream) {
+                                            float* assign, float* col_sums, float* workspace,
+                                            float* out, cudaStream_t stream) {
   if (!valid_sizes(n, d, k) || f < 1 || !(alpha > 0.f)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int blocks = blocks_for(n, BP);
   const ClusterInputs in{h_dtype, h0, h_a, h_b, centers, k, f, alpha};
   float* col_part = workspace;
-  float* anchor_rows = workspace + (int64_t)blocks * k;
+  float* anchor_rows = col_part + (int64_t)blocks * k;
+  float* q0 = anchor_rows + n;
+  float* dist2 = q0 + (int64_t)n * k;
   return dispatch(z_dtype, [&](auto tag) {
     using T = decltype(tag);
     anchor_forward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, in, rows, q,
-        dist2, col_part, anchor_rows);
+        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, in, rows, assign,
+        q0, dist2, col_part, anchor_rows);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
     anchor_epilogue_kernel<<<1, kEpilogueThreads, 0, stream>>>(
-        n, k, blocks, col_part, q, rows + 3 * 2 * (int64_t)n, anchor_rows, w_instance, w_cluster,
-        w_anchor, col_sums, out);
+        n, k, blocks, col_part, q0, rows + 3 * 2 * (int64_t)n, anchor_rows, w_instance,
+        w_cluster, w_anchor, col_sums, assign, out);
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -802,9 +920,8 @@ extern "C" int fcl_anchor_objective_backward(
     int z_dtype, const void* z_a, const void* z_b, int n, int d, int h_dtype, const void* h0,
     const void* h_a, const void* h_b, const float* centers, int k, int f, float inv_tau,
     float alpha, float w_instance, float w_cluster, float w_anchor, const float* rows,
-    const float* q, const float* dist2, const float* col_sums, const float* grad,
-    float* workspace, void* dz_a, void* dz_b, void* dh0, void* dh_a, void* dh_b,
-    float* dcenters, cudaStream_t stream) {
+    const float* assign, const float* col_sums, const float* grad, float* workspace, void* dz_a,
+    void* dz_b, void* dh0, void* dh_a, void* dh_b, float* dcenters, cudaStream_t stream) {
   if (!valid_sizes(n, d, k) || f < 1 || !(alpha > 0.f)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -816,8 +933,8 @@ extern "C" int fcl_anchor_objective_backward(
   return dispatch(z_dtype, [&](auto tag) {
     using T = decltype(tag);
     anchor_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, in, rows, q,
-        dist2, col_sums, grad, w_instance, w_cluster, w_anchor, g, w, center_part,
+        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, in, rows, assign,
+        col_sums, grad, w_instance, w_cluster, w_anchor, g, w, center_part,
         static_cast<T*>(dz_a), static_cast<T*>(dz_b), dh0, dh_a, dh_b);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
@@ -834,9 +951,10 @@ extern "C" int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void
                                         int d, int l_dtype, const void* logits_a,
                                         const void* logits_b, int k, float inv_tau,
                                         float inv_tau_c, float w_instance, float w_cluster,
-                                        float* rows, float* q, float* gram, float* cluster_rows,
-                                        float* workspace, float* out, cudaStream_t stream) {
-  if (!valid_sizes(n, d, k)) return static_cast<int>(cudaErrorInvalidValue);
+                                        float* rows, float* row_lse, float* gram,
+                                        float* cluster_rows, float* workspace, float* out,
+                                        cudaStream_t stream) {
+  if (!valid_sizes(n, d, k) || k > kMaxClusters) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = blocks_for(n, BP);
   const int64_t k2 = 2 * (int64_t)k;
   float* gram_part = workspace;
@@ -845,7 +963,7 @@ extern "C" int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void
     using T = decltype(tag);
     cc_forward_kernel<T><<<blocks, kThreads, 0, stream>>>(
         static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, l_dtype,
-        logits_a, logits_b, k, rows, q, gram_part, marginal_part);
+        logits_a, logits_b, k, rows, row_lse, gram_part, marginal_part);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
     cc_epilogue_kernel<<<1, kEpilogueThreads, 0, stream>>>(
@@ -856,13 +974,15 @@ extern "C" int fcl_cc_objective_forward(int z_dtype, const void* z_a, const void
 }
 
 extern "C" int fcl_cc_objective_backward(int z_dtype, const void* z_a, const void* z_b, int n,
-                                         int d, int l_dtype, int k, float inv_tau,
+                                         int d, int l_dtype, const void* logits_a,
+                                         const void* logits_b, int k, float inv_tau,
                                          float inv_tau_c, float w_instance, float w_cluster,
-                                         const float* rows, const float* q, const float* gram,
-                                         const float* cluster_rows, const float* grad,
-                                         float* workspace, void* dz_a, void* dz_b,
-                                         void* dlogits_a, void* dlogits_b, cudaStream_t stream) {
-  if (!valid_sizes(n, d, k)) return static_cast<int>(cudaErrorInvalidValue);
+                                         const float* rows, const float* row_lse,
+                                         const float* gram, const float* cluster_rows,
+                                         const float* grad, float* workspace, void* dz_a,
+                                         void* dz_b, void* dlogits_a, void* dlogits_b,
+                                         cudaStream_t stream) {
+  if (!valid_sizes(n, d, k) || k > kMaxClusters) return static_cast<int>(cudaErrorInvalidValue);
   const int blocks = blocks_for(n, BP);
   const int64_t k2 = 2 * (int64_t)k;
   float* g = workspace;
@@ -875,9 +995,9 @@ extern "C" int fcl_cc_objective_backward(int z_dtype, const void* z_a, const voi
   return dispatch(z_dtype, [&](auto tag) {
     using T = decltype(tag);
     cc_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, l_dtype, k, rows,
-        q, grad, w_instance, weights, offsets, g, static_cast<T*>(dz_a), static_cast<T*>(dz_b),
-        dlogits_a, dlogits_b);
+        static_cast<const T*>(z_a), static_cast<const T*>(z_b), n, d, inv_tau, l_dtype,
+        logits_a, logits_b, k, rows, row_lse, grad, w_instance, weights, offsets, g,
+        static_cast<T*>(dz_a), static_cast<T*>(dz_b), dlogits_a, dlogits_b);
     return static_cast<int>(cudaGetLastError());
   });
 }

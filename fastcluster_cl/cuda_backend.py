@@ -100,9 +100,10 @@ def extension():
     anchor_backward(q0, q_a, q_b, grad_out, factor), bank_forward(zs, rs, dist, bank, bank_lo,
     inv_tau, fixed_shift), bank_backward(zs, rs, norm, dist, bank, bank_lo, row_w, row_loss, w,
     inv_tau, fixed_shift, out), anchor_objective_forward(z_a, z_b, h0, h_a, h_b, centers,
-    inv_tau, alpha, w_instance, w_cluster, w_anchor), anchor_objective_backward(..., rows, q,
-    dist2, f, grad, ...), cc_objective_forward(z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c,
-    w_instance, w_cluster), cc_objective_backward(..., rows, q, gram, cluster_rows, grad, ...).
+    inv_tau, alpha, w_instance, w_cluster, w_anchor), anchor_objective_backward(..., rows,
+    assign, f, grad, ...), cc_objective_forward(z_a, z_b, logits_a, logits_b, inv_tau,
+    inv_tau_c, w_instance, w_cluster), cc_objective_backward(..., rows, row_lse, gram,
+    cluster_rows, grad, ...).
     """
     from torch.utils.cpp_extension import load
 
@@ -433,51 +434,54 @@ tcc_cluster_loss_terms = functools.partial(reference.tcc_cluster_loss_terms,
 # ---- One-pass fused objectives (csrc/objective.cu) --------------------------------------------
 # reference.anchor_objective / cc_objective in one row-parallel kernel plus a one-block
 # epilogue (forward) and one row kernel plus one small kernel (backward). The forward ops return
-# the result and the fp32 state the backward reads: rows (5, 2N) = per row of [z_a; z_b] its
-# inverse scaled norm, norm, lse, loss and power-of-two scale; anchor: q and the squared
-# distances (3, N, K) of h0, h_a, h_b, the column sums f of q0; cc: the softmax rows (2, N, K),
-# the 2K x 2K Gram of their columns and (3, 2K) = each column's lse, loss and sum. The incoming
+# the result and the fp32 state the backward reads, never an N x K matrix (the backward
+# recomputes the assignments): rows (5, 2N) = per row of [z_a; z_b] its inverse scaled norm,
+# norm, lse, loss and power-of-two scale; anchor: assign (7, N) = the Student-t lse of h0, h_a,
+# h_b per row, DEC's row totals T = sum_k q0^2 / f and c_dec = sum_k p [q0 >= tiny], c_a and
+# c_b = sum_k q0 [q_v >= tiny] (the clamped log's exact gradient), and the column sums f (K,) of
+# q0; cc: row_lse (2, N) = the softmax lse of each view's row, the 2K x 2K Gram of the columns
+# and (3, 2K) = each column's lse, loss and sum (K at most CC_MAX_CLUSTERS). The incoming
 # gradient and the weights are folded in the backward kernels; centres enter in fp32 (the
 # cast's autograd brings their gradient back to their dtype).
+CC_MAX_CLUSTERS = 64  # FCL_CC_MAX_CLUSTERS of csrc/fcl_kernels.h
+
 
 @torch.library.custom_op("fastcluster_cl::anchor_objective_cuda_fwd", mutates_args=())
 def anchor_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,
                              h_a: torch.Tensor, h_b: torch.Tensor, centers: torch.Tensor,
                              inv_tau: float, alpha: float, w_instance: float, w_cluster: float,
                              w_anchor: float
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]:
-    """(out (4,) = [total, instance, DEC, anchor], rows, q, dist2, f); centers float32."""
-    out, rows, q, dist2, f = extension().anchor_objective_forward(
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (4,) = [total, instance, DEC, anchor], rows, assign, f); centers float32."""
+    out, rows, assign, f = extension().anchor_objective_forward(
         z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor)
-    return out, rows, q, dist2, f
+    return out, rows, assign, f
 
 
 @anchor_objective_forward.register_fake
 def _(z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, w_instance, w_cluster, w_anchor):
     (n, _), k, f32 = z_a.shape, centers.shape[0], torch.float32
-    q = z_a.new_empty(3, n, k, dtype=f32)
-    return (z_a.new_empty(4, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32), q,
-            torch.empty_like(q), z_a.new_empty(k, dtype=f32))
+    return (z_a.new_empty(4, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32),
+            z_a.new_empty(7, n, dtype=f32), z_a.new_empty(k, dtype=f32))
 
 
 @torch.library.custom_op("fastcluster_cl::anchor_objective_cuda_bwd", mutates_args=())
 def anchor_objective_backward(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor,
                               h_a: torch.Tensor, h_b: torch.Tensor, centers: torch.Tensor,
-                              rows: torch.Tensor, q: torch.Tensor, dist2: torch.Tensor,
-                              f: torch.Tensor, grad: torch.Tensor, inv_tau: float, alpha: float,
+                              rows: torch.Tensor, assign: torch.Tensor, f: torch.Tensor,
+                              grad: torch.Tensor, inv_tau: float, alpha: float,
                               w_instance: float, w_cluster: float, w_anchor: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor, torch.Tensor]:
     """(dz_a, dz_b, dh0, dh_a, dh_b, dcenters) from dL/dout (4,)."""
     grads = extension().anchor_objective_backward(
-        z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2, f, grad.float().contiguous(), inv_tau,
+        z_a, z_b, h0, h_a, h_b, centers, rows, assign, f, grad.float().contiguous(), inv_tau,
         alpha, w_instance, w_cluster, w_anchor)
     return tuple(grads)
 
 
 @anchor_objective_backward.register_fake
-def _(z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2, f, grad, inv_tau, alpha, w_instance,
+def _(z_a, z_b, h0, h_a, h_b, centers, rows, assign, f, grad, inv_tau, alpha, w_instance,
       w_cluster, w_anchor):
     return tuple(torch.empty_like(t) for t in (z_a, z_b, h0, h_a, h_b, centers))
 
@@ -488,35 +492,36 @@ def cc_objective_forward(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.T
                          w_instance: float, w_cluster: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
-    """(out (3,) = [total, instance, cluster], rows, q, gram, cluster_rows)."""
-    out, rows, q, gram, cluster_rows = extension().cc_objective_forward(
+    """(out (3,) = [total, instance, cluster], rows, row_lse, gram, cluster_rows)."""
+    out, rows, row_lse, gram, cluster_rows = extension().cc_objective_forward(
         z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster)
-    return out, rows, q, gram, cluster_rows
+    return out, rows, row_lse, gram, cluster_rows
 
 
 @cc_objective_forward.register_fake
 def _(z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, w_instance, w_cluster):
     (n, _), k, f32 = z_a.shape, logits_a.shape[1], torch.float32
     return (z_a.new_empty(3, dtype=f32), z_a.new_empty(5, 2 * n, dtype=f32),
-            z_a.new_empty(2, n, k, dtype=f32), z_a.new_empty(2 * k, 2 * k, dtype=f32),
+            z_a.new_empty(2, n, dtype=f32), z_a.new_empty(2 * k, 2 * k, dtype=f32),
             z_a.new_empty(3, 2 * k, dtype=f32))
 
 
 @torch.library.custom_op("fastcluster_cl::cc_objective_cuda_bwd", mutates_args=())
 def cc_objective_backward(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
-                          logits_b: torch.Tensor, rows: torch.Tensor, q: torch.Tensor,
+                          logits_b: torch.Tensor, rows: torch.Tensor, row_lse: torch.Tensor,
                           gram: torch.Tensor, cluster_rows: torch.Tensor, grad: torch.Tensor,
                           inv_tau: float, inv_tau_c: float, w_instance: float, w_cluster: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz_a, dz_b, dlogits_a, dlogits_b) from dL/dout (3,)."""
     grads = extension().cc_objective_backward(
-        z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows, grad.float().contiguous(),
+        z_a, z_b, logits_a, logits_b, rows, row_lse, gram, cluster_rows,
+        grad.float().contiguous(),
         inv_tau, inv_tau_c, w_instance, w_cluster)
     return tuple(grads)
 
 
 @cc_objective_backward.register_fake
-def _(z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows, grad, inv_tau, inv_tau_c,
+def _(z_a, z_b, logits_a, logits_b, rows, row_lse, gram, cluster_rows, grad, inv_tau, inv_tau_c,
       w_instance, w_cluster):
     return tuple(torch.empty_like(t) for t in (z_a, z_b, logits_a, logits_b))
 
@@ -569,6 +574,10 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     _check_inputs(("z_a", "z_b"), (z_a, z_b))
     _check_inputs(("logits_a", "logits_b"), (logits_a, logits_b))
     _check_rows("logits_a", logits_a, z_a)
+    if logits_a.shape[1] > CC_MAX_CLUSTERS:
+        raise ValueError(f"backend='cuda' fuses the cluster contrast for at most "
+                         f"{CC_MAX_CLUSTERS} clusters, got K = {logits_a.shape[1]}; use "
+                         f"backend='chunked'")
     return cc_objective_forward(
         z_a.contiguous(), z_b.contiguous(), logits_a.contiguous(), logits_b.contiguous(),
         1.0 / float(instance_temperature), 1.0 / float(cluster_temperature),

@@ -221,48 +221,48 @@ class EmulatedExtension:
 
     def anchor_objective_forward(self, z_a, z_b, h0, h_a, h_b, centers, inv_tau, alpha, *w):
         (n, d), (k, f) = z_a.shape, centers.shape
-        rows, q, dist2 = _nan(5, 2 * n), _nan(3, n, k), _nan(3, n, k)
-        col_sums, out = _nan(k), _nan(4)
+        rows, assign, col_sums, out = _nan(5, 2 * n), _nan(7, n), _nan(k), _nan(4)
         self._check(self.lib.fcl_anchor_objective_forward(
             DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[h0.dtype], _ptr(h0),
             _ptr(h_a), _ptr(h_b), _ptr(centers), k, f, ctypes.c_float(inv_tau),
-            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(dist2), _ptr(col_sums), _ptr(self._workspace(0, 0, n, d, k, f)), _ptr(out),
-            None), "anchor_objective_forward")
-        return out, rows, q, dist2, col_sums
+            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(assign),
+            _ptr(col_sums), _ptr(self._workspace(0, 0, n, d, k, f)), _ptr(out), None),
+            "anchor_objective_forward")
+        return out, rows, assign, col_sums
 
-    def anchor_objective_backward(self, z_a, z_b, h0, h_a, h_b, centers, rows, q, dist2,
-                                  col_sums, grad, inv_tau, alpha, *w):
+    def anchor_objective_backward(self, z_a, z_b, h0, h_a, h_b, centers, rows, assign, col_sums,
+                                  grad, inv_tau, alpha, *w):
         (n, d), (k, f) = z_a.shape, centers.shape
         grads = [torch.full_like(t, float("nan")) for t in (z_a, z_b, h0, h_a, h_b, centers)]
         self._check(self.lib.fcl_anchor_objective_backward(
             DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[h0.dtype], _ptr(h0),
             _ptr(h_a), _ptr(h_b), _ptr(centers), k, f, ctypes.c_float(inv_tau),
-            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(dist2), _ptr(col_sums), _ptr(grad), _ptr(self._workspace(0, 1, n, d, k, f)),
+            ctypes.c_float(alpha), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(assign),
+            _ptr(col_sums), _ptr(grad), _ptr(self._workspace(0, 1, n, d, k, f)),
             *(_ptr(g) for g in grads), None), "anchor_objective_backward")
         return grads
 
     def cc_objective_forward(self, z_a, z_b, logits_a, logits_b, inv_tau, inv_tau_c, *w):
         (n, d), k = z_a.shape, logits_a.shape[1]
-        rows, q, gram, cluster_rows, out = (_nan(5, 2 * n), _nan(2, n, k), _nan(2 * k, 2 * k),
-                                            _nan(3, 2 * k), _nan(3))
+        rows, row_lse, gram, cluster_rows, out = (_nan(5, 2 * n), _nan(2, n), _nan(2 * k, 2 * k),
+                                                  _nan(3, 2 * k), _nan(3))
         self._check(self.lib.fcl_cc_objective_forward(
             DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[logits_a.dtype],
             _ptr(logits_a), _ptr(logits_b), k, ctypes.c_float(inv_tau),
-            ctypes.c_float(inv_tau_c), *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q),
-            _ptr(gram), _ptr(cluster_rows), _ptr(self._workspace(1, 0, n, d, k)), _ptr(out),
-            None), "cc_objective_forward")
-        return out, rows, q, gram, cluster_rows
+            ctypes.c_float(inv_tau_c), *(ctypes.c_float(x) for x in w), _ptr(rows),
+            _ptr(row_lse), _ptr(gram), _ptr(cluster_rows), _ptr(self._workspace(1, 0, n, d, k)),
+            _ptr(out), None), "cc_objective_forward")
+        return out, rows, row_lse, gram, cluster_rows
 
-    def cc_objective_backward(self, z_a, z_b, logits_a, logits_b, rows, q, gram, cluster_rows,
-                              grad, inv_tau, inv_tau_c, *w):
+    def cc_objective_backward(self, z_a, z_b, logits_a, logits_b, rows, row_lse, gram,
+                              cluster_rows, grad, inv_tau, inv_tau_c, *w):
         (n, d), k = z_a.shape, logits_a.shape[1]
         grads = [torch.full_like(t, float("nan")) for t in (z_a, z_b, logits_a, logits_b)]
         self._check(self.lib.fcl_cc_objective_backward(
-            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[logits_a.dtype], k,
-            ctypes.c_float(inv_tau), ctypes.c_float(inv_tau_c),
-            *(ctypes.c_float(x) for x in w), _ptr(rows), _ptr(q), _ptr(gram), _ptr(cluster_rows),
-            _ptr(grad), _ptr(self._workspace(1, 1, n, d, k)), *(_ptr(g) for g in grads), None),
+            DTYPE_CODES[z_a.dtype], _ptr(z_a), _ptr(z_b), n, d, DTYPE_CODES[logits_a.dtype],
+            _ptr(logits_a), _ptr(logits_b), k, ctypes.c_float(inv_tau),
+            ctypes.c_float(inv_tau_c), *(ctypes.c_float(x) for x in w), _ptr(rows),
+            _ptr(row_lse), _ptr(gram), _ptr(cluster_rows), _ptr(grad),
+            _ptr(self._workspace(1, 1, n, d, k)), *(_ptr(g) for g in grads), None),
             "cc_objective_backward")
         return grads

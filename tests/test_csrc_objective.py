@@ -11,6 +11,7 @@ tight tolerances (1e-5 relative for values, 1e-4 for gradients), for bf16/fp16 a
 rounding of the float64 gradient to the dtype. (The floor matters: near one-hot Student-t rows
 make the anchor gradient qa - q0 cancel in fp32, in the reference as here.)"""
 import ctypes
+import math
 
 import pytest
 import torch
@@ -28,12 +29,19 @@ FP32_VALUE_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
 
 def anchor_inputs(n, d, f, k, assignment="spread", seed=0):
     """(z_a, z_b, h0, h_a, h_b, centers): correlated views; h near the centres ("spread"),
-    each h0 on one of well separated centres ("onehot", q0 ~ one-hot), or every h and centre
-    within 1e-2 of the origin ("uniform", q ~ 1 / K)."""
+    each h0 on one of well separated centres ("onehot", q0 ~ one-hot), every h and centre
+    within 1e-2 of the origin ("uniform", q ~ 1 / K), or h0 halfway between two far centres
+    and h_a, h_b on one each ("split": with alpha ~ 100 most qa, qb entries, some where q0 is
+    ~ 1/2, fall below float32's smallest normal, a float64 one does not)."""
     gen = torch.Generator().manual_seed(seed)
     z_a, z_b = correlated_views(n, d, seed)
-    scale = {"spread": 1.0, "onehot": 30.0, "uniform": 1e-2}[assignment]
+    scale = {"spread": 1.0, "onehot": 30.0, "uniform": 1e-2, "split": 4.0}[assignment]
     centers = scale * torch.randn(k, f, generator=gen, dtype=F64)
+    if assignment == "split":
+        first, second = centers[torch.arange(n) % k], centers[(torch.arange(n) + 1) % k]
+        h0, h_a, h_b = (c + 0.1 * torch.randn(n, f, generator=gen, dtype=F64)
+                        for c in (0.5 * (first + second), first, second))
+        return z_a, z_b, h0, h_a, h_b, centers
     if assignment == "onehot":
         h0 = centers[torch.arange(n) % k].clone()
     else:
@@ -103,12 +111,15 @@ def check_objective(ours, ref, inputs, dtypes, args, device):
         assert err <= bound, f"input {i}: gradient error {err:.3g} > bound {bound:.3g}"
 
 
+ANCHOR_WEIGHTS = (1.0, 0.7, 0.4)
+
+
 def check_anchor(n, d, f, k, tau, dtype, assignment, centers_dtype=torch.float32, alpha=1.0,
                  device="cpu"):
     inputs = anchor_inputs(n, d, f, k, assignment)
     dtypes = [dtype] * 5 + [centers_dtype]
     check_objective(cuda_backend.anchor_objective, reference.anchor_objective, inputs, dtypes,
-                    (tau, alpha, (1.0, 0.7, 0.4)), device)
+                    (tau, alpha, ANCHOR_WEIGHTS), device)
 
 
 def check_cc(n, d, k, tau, tau_c, dtype, assignment, device="cpu"):
@@ -128,10 +139,42 @@ def test_anchor_objective_fp32(emulated, n, d, f, k, tau, assignment):
     check_anchor(n, d, f, k, tau, torch.float32, assignment, alpha=0.7 if k == 40 else 1.0)
 
 
+def test_anchor_objective_underflowing_assignments(emulated):
+    """Most qa, qb entries below float32's smallest normal (some where q0 ~ 1/2): against
+    float64 within twice the fp32 reference's error (large here: float32 clamps log q at the
+    smallest normal, float64 does not), and the value and gradient of that same clamped
+    function as the fp32 reference (the clamp-aware gradient, sum_k q0 [qa >= tiny] != 1)."""
+    inputs = anchor_inputs(13, 24, 20, 7, "split")
+    args = (0.5, 100.0, ANCHOR_WEIGHTS)
+    rounded = [t.float() for t in inputs]
+    q_a = reference.student_t(rounded[3], rounded[5], args[1])
+    assert (q_a < torch.finfo(torch.float32).tiny).float().mean() > 0.5
+    check_objective(cuda_backend.anchor_objective, reference.anchor_objective, inputs,
+                    [torch.float32] * 6, args, "cpu")
+    value, grads = _run(cuda_backend.anchor_objective, rounded, args)
+    ref_value, ref_grads = _run(reference.anchor_objective, rounded, args)
+    torch.testing.assert_close(value, ref_value, rtol=FP32_VALUE_RTOL, atol=0.0)
+    for i, (g, w) in enumerate(zip(grads, ref_grads)):
+        err = ((g - w).norm() / w.norm()).item()
+        assert err <= FP32_GRAD_RTOL, f"input {i}: {err:.3g} from the fp32 reference"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("tau", [0.05, 0.5])
 def test_anchor_objective_low_precision(emulated, dtype, tau):
     check_anchor(13, 24, 20, 7, tau, dtype, "spread")
+
+
+# N = 40, D = 72, K = 40 on the tensor-core path: three row blocks, three column tiles, three
+# feature steps (the last ragged) and clusters past a warp's 32 lanes.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_anchor_objective_low_precision_multi_tile(emulated, dtype):
+    check_anchor(40, 72, 24, 40, 0.1, dtype, "spread")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cc_objective_low_precision_multi_tile(emulated, dtype):
+    check_cc(40, 72, 40, 0.1, 1.0, dtype, "spread")
 
 
 def test_anchor_objective_low_precision_centers(emulated):
@@ -191,6 +234,36 @@ def test_opcheck_objective_ops(emulated, name):
                                       "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("name", ["anchor", "cc"])
+def test_objectives_save_no_assignment_matrix(emulated, name):
+    """What the autograd keeps for the backward: the inputs and row-, K- and 2K x 2K-sized
+    statistics, never an N x K (or 2N x 2N) tensor."""
+    n, k = 13, 9  # K unlike every fixed size of the state
+    if name == "anchor":
+        inputs = [t.float().requires_grad_() for t in anchor_inputs(n, 24, 20, k)]
+        fn, args = cuda_backend.anchor_objective, (0.5, 1.0, ANCHOR_WEIGHTS)
+    else:
+        inputs = [t.float().requires_grad_() for t in cc_inputs(n, 24, k)]
+        fn, args = cuda_backend.cc_objective, (0.5, 1.0, (1.0, 0.8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = fn(*inputs, *args)
+    ids = {id(t) for t in inputs}
+    state = [tuple(t.shape) for t in saved if id(t) not in ids]
+    assert state, "the forward op's state was not saved through autograd"
+    for shape in state:
+        assert math.prod(shape) <= max(7 * n, 5 * 2 * n, (2 * k) ** 2), state
+        assert not (n in shape and k in shape) and shape.count(2 * n) < 2, state
+    torch.autograd.grad(value.sum(), inputs)  # the backward runs from that state
+
+
+def test_cc_objective_refuses_too_many_clusters(emulated):
+    z_a, z_b, logits_a, logits_b = (t.float() for t in cc_inputs(5, 6, 65))
+    with pytest.raises(ValueError, match="at most 64 clusters, got K = 65; use "
+                                         "backend='chunked'"):
+        cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0, (1.0, 1.0))
+
+
 def test_objective_double_backward_is_refused_clearly(emulated):
     z_a, z_b, logits_a, logits_b = (t.float().requires_grad_() for t in cc_inputs(5, 6, 3))
     (g,) = torch.autograd.grad(cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0,
@@ -206,6 +279,11 @@ def test_objective_launchers_reject_bad_arguments(csrc_lib):
         0, _ptr(out), _ptr(out), 0, 4, 0, _ptr(out), _ptr(out), 3, ctypes.c_float(1.0),
         ctypes.c_float(1.0), ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out), _ptr(out),
         _ptr(out), _ptr(out), _ptr(out), _ptr(out), None) != 0
+    for k in (0, 65):  # no clusters; more than FCL_CC_MAX_CLUSTERS (nothing is launched)
+        assert csrc_lib.fcl_cc_objective_forward(
+            0, _ptr(out), _ptr(out), 2, 4, 0, _ptr(out), _ptr(out), k, ctypes.c_float(1.0),
+            ctypes.c_float(1.0), ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out),
+            _ptr(out), _ptr(out), _ptr(out), _ptr(out), _ptr(out), None) != 0
 
 
 # ----------------------------------------------------------------------------------------- GPU
