@@ -566,6 +566,13 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
         *_weights(weights, 3))[0]
 
 
+def cc_objective_fits(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
+                      logits_b: torch.Tensor) -> bool:
+    """Whether the one-pass kernels take these inputs (K <= CC_MAX_CLUSTERS); the public
+    `cc_objective` runs the separate ops (CUDA NT-Xent on the 2K columns) for the others."""
+    return logits_a.shape[1] <= CC_MAX_CLUSTERS
+
+
 def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
                  logits_b: torch.Tensor, instance_temperature: float,
                  cluster_temperature: float, weights: tuple[float, float]) -> torch.Tensor:
