@@ -58,6 +58,13 @@ def _gathering(gather_distributed: bool, reduction: str) -> bool:
     return True
 
 
+def _check_views(z_a: torch.Tensor, z_b: torch.Tensor, min_rows: int = 2) -> None:
+    """Two (N, D) projections of one shape, dtype and device."""
+    check_matrix("z_a", z_a, min_rows=min_rows)
+    check_matrix("z_b", z_b, min_rows=min_rows)
+    check_same(("z_a", "z_b"), (z_a, z_b))
+
+
 @outside_autocast
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
             backend: str = "auto", gather_distributed: bool = False,
@@ -76,9 +83,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
         gather_distributed: contrast against the rows of every rank (equal N on all ranks);
             see the module docstring.
     """
-    check_matrix("z_a", z_a, min_rows=2)
-    check_matrix("z_b", z_b, min_rows=2)
-    check_same(("z_a", "z_b"), (z_a, z_b))
+    _check_views(z_a, z_b)
     temperature = check_positive("temperature", temperature)
     check_finite(("z_a", "z_b"), (z_a, z_b))
     if _gathering(gather_distributed, reduction):
@@ -110,9 +115,7 @@ def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
             value checks). It receives no gradient.
         reduction: "mean", "sum" or "none" (the N row terms; gradients on every backend).
     """
-    check_matrix("z_a", z_a)
-    check_matrix("z_b", z_b)
-    check_same(("z_a", "z_b"), (z_a, z_b))
+    _check_views(z_a, z_b, min_rows=1)
     check_matrix("bank", bank)
     if bank.device != z_a.device:
         raise ValueError(f"bank is on {bank.device} but z_a is on {z_a.device}; move them to "
@@ -334,9 +337,7 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
         LossOutput(total, {"instance", "cluster", "anchor"}): gradients flow to z, h and
         centers (none into q0 through the anchor term, whose target is detached, as DEC's).
     """
-    for name, z in (("z_a", z_a), ("z_b", z_b)):
-        check_matrix(name, z, min_rows=2)
-    check_same(("z_a", "z_b"), (z_a, z_b))
+    _check_views(z_a, z_b)
     feats = ("h0", "h_a", "h_b")
     for name, h in zip(feats, (h0, h_a, h_b)):
         check_matrix(name, h, min_rows=2)
@@ -393,9 +394,7 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     Returns:
         LossOutput(total, {"instance", "cluster"}).
     """
-    for name, z in (("z_a", z_a), ("z_b", z_b)):
-        check_matrix(name, z, min_rows=2)
-    check_same(("z_a", "z_b"), (z_a, z_b))
+    _check_views(z_a, z_b)
     _check_logit_pair(logits_a, logits_b)
     if logits_a.shape[0] != z_a.shape[0] or logits_a.device != z_a.device:
         raise ValueError(f"cc_objective needs z (N, D) and logits (N, K) on one device; got z "
