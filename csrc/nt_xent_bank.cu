@@ -41,14 +41,10 @@ using fcl::kFullMask;
 using fcl::kLn2;
 using fcl::kLog2e;
 using fcl::kNormEps;
+using fcl::softplus;
 using fcl::to_float;
 using fcl::warp_sum;
 using namespace fcl::tiles;
-
-// log(1 + e^t), exact for large t and where e^t is tiny.
-__device__ __forceinline__ float softplus(float t) {
-  return t > 15.f ? t + log1pf(expf(-t)) : log1pf(expf(t));
-}
 
 // Thread t owns row t / 2 of the block and the interleaved tile columns 2c + t % 2, as in
 // nt_xent.cu's lse_kernel; the two threads of a row are adjacent lanes.
