@@ -58,6 +58,19 @@ def test_normalisation_statistics(digits):
     assert abs(clean.mean().item()) < 1e-5 and abs(clean.std().item() - 1) < 1e-3
 
 
+def test_shuffled_eval_loader_visits_every_image_once_in_even_batches(digits):
+    batches = list(make_eval_loader(digits, 500, shuffle_seed=3))
+    index = torch.cat([b["index"] for b in batches]).numpy()
+    assert sorted(index.tolist()) == list(range(len(digits)))
+    assert index[:20].tolist() != list(range(20))
+    assert [len(b["index"]) for b in batches] == [450, 450, 450, 447]   # 1797 in 4, not 500s
+    first = batches[0]
+    np.testing.assert_array_equal(first["label"].numpy(), digits.labels[first["index"].numpy()])
+    np.testing.assert_allclose(first["clean"].numpy(),
+                               _expected_clean(digits, first["index"].numpy()), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_digits_train_loader_resized(digits):
     loader = make_train_loader(digits, 100, image_size=16, seed=0)
     batch = next(loader.epoch(2))

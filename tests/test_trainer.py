@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score
 
 from fastcluster_cl.data import ImageDataset
 from fastcluster_cl.train.checkpoint import CheckpointError, load_checkpoint
@@ -137,6 +139,21 @@ def test_centre_warmup_trains_the_instance_loss_first(tmp_path):
     assert "nmi" in evals[1] and 0 <= metrics["nmi"] <= 1
     with pytest.raises(ValueError, match="anchor method"):
         TrainConfig(method="cc", centre_warmup_epochs=1).check()
+
+
+def test_centre_init_features_come_from_class_mixed_batches(tmp_path):
+    """blobs() is stored sorted by class: in dataset order, batches of 32 hold one class each,
+    and BatchNorm's batch statistics would erase what tells the classes apart before the
+    k-means that places the centres."""
+    torch.set_num_threads(1)
+    data = blobs()
+    trainer = Trainer(tiny(tmp_path, eval_batch_size=32), dataset=data)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    feats, _, labels = trainer._features(train_mode=True)
+    np.testing.assert_array_equal(labels, data.labels)          # back in dataset order
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    found = KMeans(3, n_init=10, random_state=0).fit_predict(feats)
+    assert normalized_mutual_info_score(labels, found) > 0.95
 
 
 @pytest.mark.parametrize("method, epochs, warmup, expected", [

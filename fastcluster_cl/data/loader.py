@@ -290,12 +290,14 @@ def make_train_loader(dataset: ImageDataset, batch_size: int, *, image_size: int
 
 
 class EvalLoader:
-    """Clean, normalised batches {"clean", "label", "index"} in dataset order."""
+    """Clean, normalised batches {"clean", "label", "index"}: every image once, in dataset
+    order, or in the order of the index array `order`."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, image_size: int,
-                 device: torch.device):
+                 device: torch.device, order: np.ndarray | None = None):
         self.dataset, self.batch_size, self.image_size, self.device = (dataset, batch_size,
                                                                         image_size, device)
+        self.order = np.arange(len(dataset)) if order is None else order
         self.mean, self.std = dataset.mean_std
         self._normalise = _Normalise(self.mean, self.std, device)
 
@@ -304,19 +306,27 @@ class EvalLoader:
 
     def __iter__(self):
         for start in range(0, len(self.dataset), self.batch_size):
-            stop = min(start + self.batch_size, len(self.dataset))
-            images = torch.from_numpy(self.dataset.images[start:stop]).to(self.device)
+            index = self.order[start:start + self.batch_size]
+            images = torch.from_numpy(self.dataset.images[index]).to(self.device)
             images = _resize(images.permute(0, 3, 1, 2).contiguous(), self.image_size)
             yield {"clean": self._normalise(images),
-                   "label": torch.from_numpy(self.dataset.labels[start:stop]).to(self.device),
-                   "index": torch.arange(start, stop, dtype=torch.int64, device=self.device)}
+                   "label": torch.from_numpy(self.dataset.labels[index]).to(self.device),
+                   "index": torch.from_numpy(index).to(self.device)}
 
 
 def make_eval_loader(dataset: ImageDataset, batch_size: int, *, image_size: int | None = None,
-                     device="cpu") -> EvalLoader:
-    """Every image once, in dataset order, un-augmented (resized to image_size if given)."""
+                     device="cpu", shuffle_seed: int | None = None) -> EvalLoader:
+    """Every image once, un-augmented (resized to image_size if given): in dataset order, or,
+    with `shuffle_seed`, in a random order drawn from it and in batches of (nearly) equal size
+    at most `batch_size`. The shuffled form is for features taken with BatchNorm in training
+    mode: datasets stored sorted by class (mnist5k) would otherwise give one-class batches,
+    whose batch statistics erase the differences between the classes."""
     _check_dataset(dataset)
     batch_size = _positive_int("batch_size", batch_size)
     image_size = dataset.image_size if image_size is None else _positive_int("image_size",
                                                                              image_size)
-    return EvalLoader(dataset, batch_size, image_size, torch.device(device))
+    order = None
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(dataset))
+        batch_size = math.ceil(len(dataset) / math.ceil(len(dataset) / batch_size))
+    return EvalLoader(dataset, batch_size, image_size, torch.device(device), order)

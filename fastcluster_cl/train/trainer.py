@@ -519,12 +519,24 @@ class Trainer:
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _features(self, train_mode: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features h, cluster-head predictions, labels) over the whole eval loader."""
-        buffers = copy.deepcopy(dict(self.model.named_buffers())) if train_mode else None
+        """(features h, cluster-head predictions, labels) of every clean image, in dataset
+        order. train_mode: BatchNorm on batch statistics, as the loss sees it, so the images
+        go in shuffled batches of the training batch size (the eval loader's batches follow
+        the dataset's order, one class per batch for a dataset stored sorted by class)."""
+        from ..data import make_eval_loader
+        loader = self.eval_loader
+        buffers = None
+        if train_mode:
+            buffers = copy.deepcopy(dict(self.model.named_buffers()))
+            loader = make_eval_loader(
+                self.dataset, distributed.local_batch_size(self.config.batch_size,
+                                                           self.runtime.world_size),
+                image_size=self.config.image_size, device=self.runtime.device,
+                shuffle_seed=self.config.seed)
         self.model.train(train_mode)
-        feats, preds, labels = [], [], []
+        feats, preds, labels, index = [], [], [], []
         try:
-            for batch in self.eval_loader:
+            for batch in loader:
                 with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
                                     enabled=self.amp_dtype is not None):
                     out = self.model(self._inputs(batch, ("clean",)))
@@ -532,13 +544,15 @@ class Trainer:
                         preds.append(self.model.probabilities(out).argmax(1).cpu())
                 feats.append(out["h"].float().cpu())
                 labels.append(torch.as_tensor(batch["label"]).cpu())
+                index.append(torch.as_tensor(batch["index"]).cpu())
         finally:
             self.model.train()
             if buffers is not None:  # train-mode BN updated its running stats: undo that
                 for name, buf in self.model.named_buffers():
                     buf.copy_(buffers[name])
-        pred = torch.cat(preds).numpy() if preds else None
-        return torch.cat(feats).numpy(), pred, torch.cat(labels).numpy()
+        order = torch.argsort(torch.cat(index)).numpy()   # back to dataset order
+        pred = torch.cat(preds).numpy()[order] if preds else None
+        return torch.cat(feats).numpy()[order], pred, torch.cat(labels).numpy()[order]
 
     def evaluate(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
         """Cluster-head metrics (nmi, acc, ari) and k-means-on-features metrics."""
