@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastcluster_cl.data import (AugmentSpec, ImageDataset, augment_preset, load_dataset,
-                                 make_eval_loader, make_train_loader, sample_view_params)
+from fastcluster_cl.data import (AugmentSpec, EvalLoader, ImageDataset, augment_preset,
+                                 load_dataset, make_eval_loader, make_train_loader,
+                                 sample_view_params)
 from fastcluster_cl.data import loader as loader_module
 from fastcluster_cl.data.augment import torchvision_view
 
@@ -63,12 +64,14 @@ def test_shuffled_eval_loader_visits_every_image_once_in_even_batches(digits):
     index = torch.cat([b["index"] for b in batches]).numpy()
     assert sorted(index.tolist()) == list(range(len(digits)))
     assert index[:20].tolist() != list(range(20))
-    assert [len(b["index"]) for b in batches] == [450, 450, 450, 447]   # 1797 in 4, not 500s
+    assert [len(b["index"]) for b in batches] == [450, 449, 449, 449]   # 1797 in 4, not 500s
     first = batches[0]
     np.testing.assert_array_equal(first["label"].numpy(), digits.labels[first["index"].numpy()])
     np.testing.assert_allclose(first["clean"].numpy(),
                                _expected_clean(digits, first["index"].numpy()), rtol=1e-5,
                                atol=1e-5)
+    with pytest.raises(ValueError, match="permutation"):
+        EvalLoader(digits, 500, 8, torch.device("cpu"), order=np.zeros(len(digits), np.int64))
 
 
 def test_digits_train_loader_resized(digits):

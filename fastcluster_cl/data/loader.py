@@ -291,42 +291,50 @@ def make_train_loader(dataset: ImageDataset, batch_size: int, *, image_size: int
 
 class EvalLoader:
     """Clean, normalised batches {"clean", "label", "index"}: every image once, in dataset
-    order, or in the order of the index array `order`."""
+    order in batches of `batch_size`, or, given `order` (a permutation of the indices), in that
+    order in ceil(len / batch_size) batches whose sizes differ by at most one."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, image_size: int,
                  device: torch.device, order: np.ndarray | None = None):
         self.dataset, self.batch_size, self.image_size, self.device = (dataset, batch_size,
                                                                         image_size, device)
-        self.order = np.arange(len(dataset)) if order is None else order
+        n = len(dataset)
+        if order is None:
+            self._batches = [slice(start, min(start + batch_size, n))
+                             for start in range(0, n, batch_size)]
+        else:
+            order = np.asarray(order, dtype=np.int64)
+            if not np.array_equal(np.sort(order), np.arange(n)):
+                raise ValueError(f"order must be a permutation of the {n} image indices")
+            self._batches = np.array_split(order, math.ceil(n / batch_size))
         self.mean, self.std = dataset.mean_std
         self._normalise = _Normalise(self.mean, self.std, device)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
+        return len(self._batches)
 
     def __iter__(self):
-        for start in range(0, len(self.dataset), self.batch_size):
-            index = self.order[start:start + self.batch_size]
-            images = torch.from_numpy(self.dataset.images[index]).to(self.device)
+        for batch in self._batches:
+            index = (np.arange(batch.start, batch.stop, dtype=np.int64)
+                     if isinstance(batch, slice) else batch)
+            images = torch.from_numpy(self.dataset.images[batch]).to(self.device)
             images = _resize(images.permute(0, 3, 1, 2).contiguous(), self.image_size)
             yield {"clean": self._normalise(images),
-                   "label": torch.from_numpy(self.dataset.labels[index]).to(self.device),
+                   "label": torch.from_numpy(self.dataset.labels[batch]).to(self.device),
                    "index": torch.from_numpy(index).to(self.device)}
 
 
 def make_eval_loader(dataset: ImageDataset, batch_size: int, *, image_size: int | None = None,
                      device="cpu", shuffle_seed: int | None = None) -> EvalLoader:
     """Every image once, un-augmented (resized to image_size if given): in dataset order, or,
-    with `shuffle_seed`, in a random order drawn from it and in batches of (nearly) equal size
-    at most `batch_size`. The shuffled form is for features taken with BatchNorm in training
+    with `shuffle_seed`, in a random order drawn from it, in batches of at most `batch_size`
+    whose sizes differ by at most one. The shuffled form is for features taken with BatchNorm in training
     mode: datasets stored sorted by class (mnist5k) would otherwise give one-class batches,
     whose batch statistics erase the differences between the classes."""
     _check_dataset(dataset)
     batch_size = _positive_int("batch_size", batch_size)
     image_size = dataset.image_size if image_size is None else _positive_int("image_size",
                                                                              image_size)
-    order = None
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(dataset))
-        batch_size = math.ceil(len(dataset) / math.ceil(len(dataset) / batch_size))
+    order = (None if shuffle_seed is None else
+             np.random.default_rng(shuffle_seed).permutation(len(dataset)))
     return EvalLoader(dataset, batch_size, image_size, torch.device(device), order)

@@ -364,8 +364,8 @@ class Trainer:
         self.model = build_model(config.method, config.backbone, config.num_clusters,
                                  config.in_channels, config.cifar_stem, config.projection_dim,
                                  config.hidden_dim, config.gumbel_temperature).to(dev)
-        # channels-last on every device: tensor cores on CUDA; on the CPU the digit CNN's step
-        # runs 1.3-1.8x faster than in NCHW (oneDNN convolutions, vectorised pooling)
+        # channels-last on every device: tensor cores on CUDA; on the CPU a digit-CNN training
+        # step runs about 1.5x faster than in NCHW (oneDNN convolutions, vectorised pooling)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype(config.amp, dev)
         return config
@@ -521,7 +521,9 @@ class Trainer:
         """(features h, cluster-head predictions, labels) of every clean image, in dataset
         order. train_mode: BatchNorm on batch statistics, as the loss sees it, so the images
         go in shuffled batches of the training batch size (the eval loader's batches follow
-        the dataset's order, one class per batch for a dataset stored sorted by class)."""
+        the dataset's order, one class per batch for a dataset stored sorted by class). Under
+        sync_bn every rank feeds the same batches, so the statistics are those of one rank's
+        batch, not of the global batch as in training."""
         from ..data import make_eval_loader
         loader = self.eval_loader
         buffers = None
