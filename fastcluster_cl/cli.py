@@ -90,8 +90,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="tcc: temperature lambda of the Gumbel-softmax assignment samples and of "
                    "q = softmax(cosine logits / lambda) (default: preset, 0.3 as TCC)")
     p.add_argument("--tcc-prior", dest="tcc_prior", choices=("kl", "marginal"), default=S,
-                   help="tcc: the ELBO's KL(q_i || uniform) per sample (kl, default) or CC's "
-                   "marginal entropy (marginal)")
+                   help="tcc: the ELBO's KL(q_i || uniform) per sample (kl) or CC's marginal "
+                   "entropy (marginal) (default: preset; marginal on digits and mnist5k)")
     p.add_argument("--loss-backend", dest="loss_backend", default=S,
                    choices=("auto", "torch", "chunked", "triton", "cuda"))
     p.add_argument("--amp", choices=AMP_MODES, default=S,

@@ -77,7 +77,8 @@ class TrainConfig:
     instance_temperature: float | None = None  # preset
     cluster_temperature: float | None = None   # preset
     gumbel_temperature: float | None = None    # tcc: lambda of the assignment samples; preset
-    tcc_prior: str = "kl"            # tcc: "kl" (per-sample KL to uniform) or "marginal" (CC's)
+    tcc_prior: str | None = None     # tcc: "kl" (per-sample KL to uniform) or "marginal"
+                                     # (CC's marginal entropy); preset
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss_backend: str = "auto"
     amp: str = "auto"                # auto: bf16 on CUDA, none on the CPU
@@ -157,7 +158,7 @@ class TrainConfig:
                      "checkpoint_every", "skip_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.tcc_prior not in ("kl", "marginal"):
+        if self.tcc_prior not in (None, "kl", "marginal"):
             raise ValueError(f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}")
         if self.centre_warmup_epochs is not None:
             if self.centre_warmup_epochs and self.method != "anchor":
@@ -214,7 +215,7 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     c = copy.deepcopy(config)
     p = c.preset()
     for name in ("image_size", "epochs", "lr", "warmup_epochs", "instance_temperature",
-                 "cluster_temperature", "gumbel_temperature"):
+                 "cluster_temperature", "gumbel_temperature", "tcc_prior"):
         if getattr(c, name) is None:
             setattr(c, name, p[name])
     if c.backbone == "auto":
