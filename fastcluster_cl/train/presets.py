@@ -26,14 +26,17 @@ _BASE = {"backbone": "auto", "image_size": None, "epochs": 80, "lr": 1e-3, "warm
 
 # (method, dataset) -> overrides of _BASE. centre_warmup_epochs None: epochs // 8 (anchor).
 PRESETS: dict[tuple[str, str], dict] = {
-    # 8 x 8 sklearn digits (1797 images). cc: digit_cnn 150 epochs .903 NMI (small_cnn 80: .747,
-    # digit_cnn 80: .815); 200 epochs: seed 0 .911, seed 2 .849 (150: .842); seeds 0-4 at 200
-    # epochs: cluster temperature 1.0 mean .859, 0.5 higher on every seed (README). tcc: the plain NT-Xent on z ("feature") is what keeps its features
-    # useful (.178 without it, .751 with it at 80 epochs); at 150 epochs CC's marginal prior
-    # instead of the per-sample KL .806 (KL .746, no prior .791, feature weight .5 .637), with
-    # cluster temperature .5 .829, and prior weight 2 .885 (seeds 0-2 mean .842; weight 3:
-    # .820, weight 4 seed 0: .787). anchor: 200 epochs (seeds 0-4 mean .9006, min .854; 150:
-    # .903 / .858, but seed 0 at 2 threads .898 against .901).
+    # 8 x 8 sklearn digits (1797 images); seeds 0-4 at one thread in the README.
+    # cc: digit_cnn 150 epochs .903 NMI (small_cnn 80: .747, digit_cnn 80: .815); 200 epochs:
+    # seed 0 .911, seed 2 .849 (150: .842); at 200 epochs cluster temperature 0.5 is higher than
+    # 1.0 on every seed 0-4 (mean .881 against .859).
+    # anchor: 200 epochs (seeds 0-4 mean .9006, min .854; 150: .903 / .858, but seed 0 at two
+    # threads .898 against .901).
+    # tcc: the plain NT-Xent on z ("feature") is what keeps its features useful (.178 without
+    # it, .751 with it at 80 epochs); at 150 epochs CC's marginal prior instead of the
+    # per-sample KL .806 (KL .746, no prior .791, feature weight .5 .637), with cluster
+    # temperature .5 .829, and prior weight 2 .885 (seeds 0-2 mean .842; weight 3: .820,
+    # weight 4 seed 0: .787).
     ("anchor", "digits"): {"backbone": "digit_cnn", "epochs": 200},
     ("cc", "digits"): {"backbone": "digit_cnn", "epochs": 200, "cluster_temperature": 0.5},
     ("tcc", "digits"): {"backbone": "digit_cnn", "epochs": 150, "tcc_prior": "marginal",
