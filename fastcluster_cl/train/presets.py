@@ -44,10 +44,11 @@ PRESETS: dict[tuple[str, str], dict] = {
                         "loss_weights": {"feature": 1.0, "prior": 2.0}},
     # mnist5k: 5000 MNIST images at the native 28 px; epochs sized to the 10-minute budget on
     # 2 cores (cc, eval every 20 epochs: .926 at 20, .939 at 60, .944 at 100, .955 at 140;
-    # 140 epochs took 611 s of wall at 2 threads, 93 s of it the CPU augmentation);
+    # 140 epochs .954 in 611 s of wall at 2 threads, 93 s of it the CPU augmentation, 130
+    # .949 in 633 s, 115 .949 in 538 s);
     # anchor runs 3 views a step (40 epochs: .937 in 240 s of wall; 70: .953 in 434 s)
     ("anchor", "mnist5k"): {"backbone": "digit_cnn", "epochs": 70, "centre_warmup_epochs": 10},
-    ("cc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 130},
+    ("cc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 115},
     ("tcc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 100, "tcc_prior": "marginal",
                          "cluster_temperature": 0.5,
                          "loss_weights": {"feature": 1.0, "prior": 2.0}},
