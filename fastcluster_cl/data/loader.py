@@ -328,9 +328,9 @@ def make_eval_loader(dataset: ImageDataset, batch_size: int, *, image_size: int 
                      device="cpu", shuffle_seed: int | None = None) -> EvalLoader:
     """Every image once, un-augmented (resized to image_size if given): in dataset order, or,
     with `shuffle_seed`, in a random order drawn from it, in batches of at most `batch_size`
-    whose sizes differ by at most one. The shuffled form is for features taken with BatchNorm in training
-    mode: datasets stored sorted by class (mnist5k) would otherwise give one-class batches,
-    whose batch statistics erase the differences between the classes."""
+    whose sizes differ by at most one. The shuffled form is for features taken with BatchNorm
+    in training mode: datasets stored sorted by class (mnist5k) would otherwise give one-class
+    batches, whose batch statistics erase the differences between the classes."""
     _check_dataset(dataset)
     batch_size = _positive_int("batch_size", batch_size)
     image_size = dataset.image_size if image_size is None else _positive_int("image_size",
