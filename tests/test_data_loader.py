@@ -1,4 +1,6 @@
 """Train/eval loaders (torchvision backend), augmentation parameters, reproducibility, sharding."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,10 @@ def test_torchvision_view_applies_parameters(rgb):
 def test_presets():
     digits = augment_preset("digits")
     assert digits.flip_p == 0 and not digits.uses_colour and digits.blur_p == 0
+    # the 8 px digits: the strong digit set without the stroke dilation / erosion
+    mnist = augment_preset("mnist5k")
+    assert mnist.morph_p > 0 and digits.morph_p == 0
+    assert dataclasses.replace(mnist, morph_p=0.0) == digits
     assert augment_preset("cifar10").uses_colour and augment_preset("cifar10").blur_p == 0
     imagenet = augment_preset("imagenet_dogs")
     assert imagenet.blur_p == 0.5 and imagenet.blur_kernel(224) == 23
