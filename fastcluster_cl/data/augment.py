@@ -114,8 +114,8 @@ DIGIT_STRONG = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=
                            translate=0.12, elastic_p=0.5, elastic_sigma=0.06, morph_p=0.5,
                            intensity_p=0.5, contrast=(0.8, 1.3), noise_sigma=0.1, erase_p=0.5)
 # The 8 x 8 digits: the same without the dilation / erosion, which at 8 px thickens or erases
-# whole strokes (with it on digits, seed 0: cc NMI .911, anchor .901, tcc .885; without: .940,
-# .940, .899; docs/methods.md).
+# whole strokes (digits, seed 0, one thread, cc / anchor / tcc NMI: with it .921 / .903 / .885,
+# without .940 / .940 / .899; docs/methods.md).
 DIGIT_8PX = dataclasses.replace(DIGIT_STRONG, morph_p=0.0)
 _PRESETS = {
     "digits": DIGIT_8PX, "mnist5k": DIGIT_STRONG,
