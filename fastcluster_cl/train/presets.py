@@ -52,7 +52,9 @@ PRESETS: dict[tuple[str, str], dict] = {
     # 2 cores (cc, eval every 20 epochs: .926 at 20, .939 at 60, .944 at 100, .955 at 140;
     # 140 epochs .954 in 611 s of wall at 2 threads, 93 s of it the CPU augmentation, 130
     # .949 in 633 s, 115 .949 in 538 s);
-    # anchor runs 3 views a step (40 epochs: .937 in 240 s of wall; 70: .953 in 434 s)
+    # anchor runs 3 views a step (40 epochs: .937 in 240 s of wall; 70: .953 in 434 s).
+    # Instance temperature .3 (one thread): anchor .939, cc .939, under the .5 presets' .953 /
+    # .949 at two threads (no one-thread .5 run to set beside them); so .5 here.
     ("anchor", "mnist5k"): {"backbone": "digit_cnn", "epochs": 70, "centre_warmup_epochs": 10},
     ("cc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 115},
     ("tcc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 100, "tcc_prior": "marginal",
