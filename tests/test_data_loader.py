@@ -290,17 +290,19 @@ def test_global_rng_untouched(rgb, augment, workers):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_digit_augmentation_is_exact_on_resume_and_over_ranks(digits):
-    """The strong digit preset: batch k of an epoch is a function of (seed, epoch, k), whether
-    resumed mid-epoch or split over ranks (the noise seeds travel with each image's row)."""
-    spec = augment_preset("digits")
+@pytest.mark.parametrize("preset", ["digits", "mnist5k"])
+def test_digit_augmentation_is_exact_on_resume_and_over_ranks(digits, preset):
+    """The digit presets (mnist5k's with the stroke dilation / erosion): batch k of an epoch is
+    a function of (seed, epoch, k), whether resumed mid-epoch or split over ranks (the noise
+    seeds travel with each image's row)."""
+    spec = augment_preset(preset)
     assert spec.uses_digit_ops and spec.crop_scale == (1.0, 1.0)
-    full = list(make_train_loader(digits, 64, seed=3).epoch(2))
-    resumed = list(make_train_loader(digits, 64, seed=3).epoch(2, start_batch=5))
+    full = list(make_train_loader(digits, 64, seed=3, spec=spec).epoch(2))
+    resumed = list(make_train_loader(digits, 64, seed=3, spec=spec).epoch(2, start_batch=5))
     for x, y in zip(full[5:], resumed):
         assert torch.equal(x["a"], y["a"]) and torch.equal(x["b"], y["b"])
-    halves = [next(make_train_loader(digits, 32, seed=3, rank=r, world_size=2).epoch(2))
-              for r in range(2)]
+    halves = [next(make_train_loader(digits, 32, seed=3, rank=r, world_size=2,
+                                     spec=spec).epoch(2)) for r in range(2)]
     for r, half in enumerate(halves):
         assert torch.equal(half["a"], full[0]["a"][r::2])
     # the views differ from the clean images and from each other
@@ -332,11 +334,13 @@ def test_digit_view_operations():
     assert (area > 0).all() and (area < 0.35).all()
 
 
-def test_dali_path_digit_ops_match_the_torchvision_path(digits):
+@pytest.mark.parametrize("preset", ["digits", "mnist5k"])
+def test_dali_path_digit_ops_match_the_torchvision_path(digits, preset):
     """The DALI path applies `digit_view` to DALI's normalised output (its crop is the identity
     for the digit presets): emulated here on the clean batch, it equals the torchvision path's
     view to the torchvision path's uint8 rounding."""
-    loader = make_train_loader(digits, 64, seed=4, augment="torchvision")
+    loader = make_train_loader(digits, 64, seed=4, augment="torchvision",
+                               spec=augment_preset(preset))
     source = loader_module._EpochBatches(loader, 1)
     batch = next(loader.epoch(1))
     params_a, _ = source.params(0)

@@ -353,6 +353,9 @@ def _build_model_without_bn(*args, **kwargs):
 
 
 def _trainer_config(out, **overrides):
+    """LARS, not Adam: Adam divides each gradient by its own running scale, which turns the
+    reduction-order noise of two ranks on ~0 gradients into steps of up to lr; LARS scales each
+    tensor by its norms (biases: SGD with momentum, which also sees the gradients' scale)."""
     from fastcluster_cl.train.trainer import TrainConfig
     return TrainConfig(**{**dict(
         method="anchor", epochs=2, batch_size=16, hidden_dim=32, projection_dim=16,
@@ -418,8 +421,8 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
         got, reference = model(run), model(ref_run)
         assert got.keys() == reference.keys()  # unwrapped: no DDP "module." prefix
         for name, value in reference.items():
-            # fp32 sums in another order on two ranks: ~1e-6 apart after six steps, against
-            # weights that move by > 1e-3 (checked below)
+            # fp32 sums in another order on two ranks: ~1e-6 apart after six (warm-up run:
+            # nine) steps, against tensors that each move by > 1e-4 in an epoch (checked below)
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5,
                                        msg=f"{run} {name}")
     reference = model("single")
@@ -427,8 +430,9 @@ def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_p
     for (step, loss), (ref_step, ref_loss) in zip(losses("ddp"), losses("single"), strict=True):
         assert step == ref_step and loss == pytest.approx(ref_loss, rel=1e-5)
     assert [s for s, _ in losses("resumed")] == [4, 5, 6]
-    moved = max(float((reference[k].float() - initial[k].float()).abs().max()) for k in reference)
-    assert moved > 1e-3  # the second epoch changed the weights well beyond the tolerance
+    for name, value in reference.items():  # the second epoch moved every trained tensor
+        if value.is_floating_point():          # well beyond the tolerance above
+            assert (value - initial[name]).abs().max() > 1e-4, name
 
 
 def test_gathered_nt_xent_accumulates_in_fp32_under_autocast():
