@@ -34,14 +34,15 @@ PRESETS: dict[tuple[str, str], dict] = {
     # Without morph: seeds 0-4 .940 / .854 / .948 / .939 / .952 (mean .927); instance
     # temperature .3: .945 / .951 / .925 / .938 / .950 (mean .942, min .925).
     # anchor: with morph 200 epochs (seeds 0-4 mean .9006, min .854; 150: .903 / .858);
-    # without: .940 / .937 / .943 / .946 / .946 (instance temperature .3, seed 0: .942).
+    # without: .940 / .937 / .943 / .946 / .946, mean .943 (instance temperature .3, seed 0:
+    # .942).
     # tcc: the plain NT-Xent on z ("feature") is what keeps its features useful (.178 without
     # it, .751 with it at 80 epochs); with morph, at 150 epochs, CC's marginal prior instead
     # of the per-sample KL .806 (KL .746, no prior .791, feature weight .5 .637), with cluster
     # temperature .5 .829, and prior weight 2 .885 (seeds 0-4 mean .836; weight 3: .890 but
     # seeds 1-2 .798 / .773; weight 4: .787). Without morph: seeds 0-2 .899 / .919 / .892;
     # seeds 0 and 2: 200 epochs .905 / .865, prior weight 1 .860 / .838, weight 3 .883 / .898,
-    # instance temperature .2 .887 / .810, .3 .924 / .907 (seeds 0-4 mean .918, min .907).
+    # instance temperature .2 .887 / .810, .3 .924 / .907 (seeds 0-4 mean .919, min .907).
     ("anchor", "digits"): {"backbone": "digit_cnn", "epochs": 200},
     ("cc", "digits"): {"backbone": "digit_cnn", "epochs": 200, "cluster_temperature": 0.5,
                        "instance_temperature": 0.3},
