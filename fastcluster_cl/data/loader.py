@@ -300,8 +300,8 @@ class EvalLoader:
                                                                         image_size, device)
         n = len(dataset)
         if order is None:
-            self._batches = [slice(start, min(start + batch_size, n))
-                             for start in range(0, n, batch_size)]
+            order = np.arange(n, dtype=np.int64)
+            self._batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
         else:
             order = np.asarray(order, dtype=np.int64)
             if not np.array_equal(np.sort(order), np.arange(n)):
@@ -314,13 +314,11 @@ class EvalLoader:
         return len(self._batches)
 
     def __iter__(self):
-        for batch in self._batches:
-            index = (np.arange(batch.start, batch.stop, dtype=np.int64)
-                     if isinstance(batch, slice) else batch)
-            images = torch.from_numpy(self.dataset.images[batch]).to(self.device)
+        for index in self._batches:
+            images = torch.from_numpy(self.dataset.images[index]).to(self.device)
             images = _resize(images.permute(0, 3, 1, 2).contiguous(), self.image_size)
             yield {"clean": self._normalise(images),
-                   "label": torch.from_numpy(self.dataset.labels[batch]).to(self.device),
+                   "label": torch.from_numpy(self.dataset.labels[index]).to(self.device),
                    "index": torch.from_numpy(index).to(self.device)}
 
 
