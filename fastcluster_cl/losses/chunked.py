@@ -55,9 +55,12 @@ def _row_shift(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor | N
     return m
 
 
-def _masked_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
-    """lse_i = log sum_{k != i} exp(S_ik), from upper-triangle tiles."""
+def _negatives_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
+    """log sum_{k != i, pos(i)} exp(S_ik), the negatives alone, from upper-triangle tiles (the
+    positive (i, i + N) lies in them on the diagonal N + I - J of tile (I, J); a diagonal tile
+    also holds (i + N, i))."""
     shift = _row_shift(zn, inv_tau, block)
+    half = zn.shape[0] // 2
     total = torch.zeros(zn.shape[0], dtype=zn.dtype, device=zn.device)
     for rows, cols, diagonal in _tiles(zn.shape[0], block):
         s = _tile(zn, rows, cols, inv_tau)
@@ -65,13 +68,37 @@ def _masked_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor:
             e_rows = e_cols = torch.exp(s - inv_tau)
         else:
             e_rows, e_cols = torch.exp(s - shift[rows, None]), torch.exp(s - shift[None, cols])
-        if diagonal:
+        positive = half + rows.start - cols.start
+        e_rows.diagonal(positive).fill_(0.0)
+        if e_cols is not e_rows:
+            e_cols.diagonal(positive).fill_(0.0)
+        if diagonal:   # all of the tile is read by rows: (i + N, i) too
             e_rows.fill_diagonal_(0.0)
+            e_rows.diagonal(-half).fill_(0.0)
             total[rows] += e_rows.sum(1)
         else:
             total[rows] += e_rows.sum(1)
             total[cols] += e_cols.sum(0)
     return torch.log(total) + (inv_tau if shift is None else shift)
+
+
+def _row_losses(negatives_lse: torch.Tensor, gap: torch.Tensor,
+                inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row losses, masked lse) from the negatives' lse and the positives' 1 - cos: with
+    t = lse_neg - S_pos, the row's loss log(exp(S_pos) + exp(lse_neg)) - S_pos is softplus(t),
+    exact when it is tiny (correlated views at a small temperature), where lse - S_pos would
+    cancel two numbers near 1/tau; the lse the backward needs is S_pos + the loss."""
+    s_pos = (1.0 - gap) * inv_tau
+    t = negatives_lse - s_pos
+    row_loss = torch.logaddexp(t, torch.zeros_like(t))     # softplus without its cut-off
+    return row_loss, s_pos + row_loss
+
+
+def _positive_gap(zn: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """1 - cos(z_i, z_pos(i)) for the 2N rows of Z = [z_a; z_b], without cancellation."""
+    n = zn.shape[0] // 2
+    gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
+    return torch.cat([gap, gap])
 
 
 def _positive_index(n: int, device: torch.device) -> torch.Tensor:
@@ -99,7 +126,7 @@ def _normalized_range(z: torch.Tensor, row_start: int, row_end: int,
                          f"{z.shape[0]} rows of Z = [z_a; z_b] (an even count)")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    return l2_normalize(z)[0]
+    return l2_normalize(z)
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_lse_rows", mutates_args=())
@@ -108,10 +135,13 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
     """(lse_i, lse_i - S_i,pos(i)) for rows i in [row_start, row_end), lse_i = log sum_{k != i}
     exp(zn_i . zn_k * inv_tau), zn the row-normalised z.
 
-    Shifted by the fixed bound 1/tau when exp(-2/tau) cannot underflow, else combined per
-    column block with logsumexp / logaddexp (exact, one exp per entry plus the row max)."""
-    zn = _normalized_range(z, row_start, row_end, block)
+    The negatives are summed apart from the positive (`_row_losses`: no cancellation near a
+    zero loss), shifted by the fixed bound 1/tau when exp(-2/tau) cannot underflow, else
+    combined per column block with logsumexp / logaddexp (exact, one exp per entry plus the row
+    max)."""
+    zn, norm = _normalized_range(z, row_start, row_end, block)
     fixed_shift = fixed_shift_safe(inv_tau, zn.dtype)
+    half = zn.shape[0] // 2
     out = []
     for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
         count = rows.stop - rows.start
@@ -119,15 +149,19 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
             torch.full((count,), float("-inf"), dtype=zn.dtype, device=zn.device)
         for cols, offset in col_tiles:
             s = _tile(zn, rows, cols, inv_tau)
-            s.diagonal(offset).fill_(float("-inf"))
+            # i itself, and its positive (column i + N or i - N): the negatives alone
+            for diagonal in (offset, offset + half, offset - half):
+                s.diagonal(diagonal).fill_(float("-inf"))
             if fixed_shift:
                 acc += torch.exp(s - inv_tau).sum(1)
             else:
                 acc = torch.logaddexp(acc, torch.logsumexp(s, 1))
         out.append(torch.log(acc) + inv_tau if fixed_shift else acc)
-    lse = torch.cat(out)
     pos = _positive_of(row_start, row_end, zn)
-    return lse, lse - (zn[row_start:row_end] * zn[pos]).sum(1) * inv_tau
+    rows = slice(row_start, row_end)
+    gap = reference.positive_gap(zn[rows], norm[rows], zn[pos], norm[pos])
+    row_loss, lse = _row_losses(torch.cat(out), gap, inv_tau)
+    return lse, row_loss
 
 
 @lse_rows.register_fake
@@ -148,7 +182,7 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     of the primitive's contract for the kernels, which round the tile weights and so take the
     positive's weight from it; in fp32 tiles subtracting 2 zn_pos is as exact."""
     del row_loss
-    zn = _normalized_range(z, row_start, row_end, block)
+    zn = _normalized_range(z, row_start, row_end, block)[0]
     if lse.shape != zn.shape[:1]:
         raise ValueError(f"lse must hold one value per row of Z ({zn.shape[0]}), got "
                          f"{tuple(lse.shape)}")
@@ -176,10 +210,9 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
 def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool,
                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(the 2N row losses, or their mean if not per_row; the masked lse of the 2N rows)."""
-    zn = l2_normalize(z)[0]
-    lse = _masked_lse(zn, inv_tau, block)
-    positive = (zn * zn[_positive_index(zn.shape[0] // 2, zn.device)]).sum(1) * inv_tau
-    row_loss = lse - positive
+    zn, norm = l2_normalize(z)
+    row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), _positive_gap(zn, norm),
+                                inv_tau)
     return (row_loss if per_row else row_loss.mean()), lse
 
 
