@@ -13,12 +13,12 @@ from .functional import (anchor_loss, anchor_objective, cc_cluster_loss,  # noqa
                          cc_objective, dec_loss, nt_xent, nt_xent_bank, student_t,
                          tcc_cluster_loss, tcc_loss)
 from .modules import (AnchorLoss, CCClusterLoss, ClusterContrastiveLoss, DECLoss,  # noqa: E402
-                      LossOutput, NTXentLoss)
+                      LossOutput, MemoryBank, NTXentLoss)
 
 __version__ = "0.1.0"
 __all__ = [
     "nt_xent", "nt_xent_bank", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss",
     "tcc_cluster_loss", "tcc_loss", "anchor_objective", "cc_objective",
-    "NTXentLoss", "CCClusterLoss", "DECLoss", "AnchorLoss", "ClusterContrastiveLoss",
+    "NTXentLoss", "MemoryBank", "CCClusterLoss", "DECLoss", "AnchorLoss", "ClusterContrastiveLoss",
     "LossOutput",
 ]

@@ -1,7 +1,8 @@
 """Functional losses: validate arguments, pick the backend, call it.
 
 Every function accepts float16/bfloat16/float32/float64 inputs, accumulates in float32 (float64
-for float64 inputs) and returns a 0-d loss in that accumulation dtype. `backend` is one of
+for float64 inputs) and returns the loss in the inputs' dtype (`student_t`'s probabilities stay in
+the accumulation dtype). `backend` is one of
 "auto" (triton for CUDA tensors, else chunked), "torch" (plain reference that materialises the
 similarity matrix), "chunked" (row blocks, never holds the 2N x 2N matrix), "triton", "cuda";
 all compute the same function to rounding.
@@ -23,6 +24,7 @@ anti-collapse term). "none" runs on the torch and chunked backends.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -36,6 +38,27 @@ from .losses.reference import accumulation_dtype, outside_autocast
 from .validation import (check_finite, check_gather_distributed, check_matrix, check_positive,
                          check_probabilities, check_reduction, check_same,
                          check_unit_rows)
+
+
+def loss_in_input_dtype(fn):
+    """Return `fn`'s losses (a tensor, a tuple of them, or a LossOutput) in the dtype of its
+    first tensor argument, as lightly's and torch's losses do; the backends accumulate in
+    float32 (float64), and the cast only rounds the result (its gradient passes through)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        out = fn(*args, **kwargs)
+        dtype = first.dtype if first is not None and first.is_floating_point() else None
+        if dtype is None or dtype in (torch.float32, torch.float64):
+            return out
+        if isinstance(out, LossOutput):
+            return LossOutput(out.total.to(dtype), {k: v.to(dtype) for k, v in out.parts.items()})
+        if isinstance(out, tuple):
+            return tuple(v.to(dtype) for v in out)
+        if isinstance(out, dict):
+            return {k: v.to(dtype) for k, v in out.items()}
+        return out.to(dtype)
+    return wrapper
 
 
 def _reduced(op: str, backend: str, device: torch.device, reduction: str, count: int, *args):
@@ -65,6 +88,7 @@ def _check_views(z_a: torch.Tensor, z_b: torch.Tensor, min_rows: int = 2) -> Non
     check_same(("z_a", "z_b"), (z_a, z_b))
 
 
+@loss_in_input_dtype
 @outside_autocast
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
             backend: str = "auto", gather_distributed: bool = False,
@@ -78,20 +102,32 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
     Equal to lightly's NTXentLoss and CC's InstanceLoss.
 
     Args:
-        z_a, z_b: (N, D) projections of the two views, N >= 2.
+        z_a, z_b: (N, D) projections of the two views. N = 1 (no negatives) gives 0, as
+            lightly and pytorch-metric-learning do.
         temperature: tau > 0 (0.5 in CC and arXiv 2109.12714).
         gather_distributed: contrast against the rows of every rank (equal N on all ranks);
             see the module docstring.
     """
-    _check_views(z_a, z_b)
+    _check_views(z_a, z_b, min_rows=1)
     temperature = check_positive("temperature", temperature)
     check_finite(("z_a", "z_b"), (z_a, z_b))
     if _gathering(gather_distributed, reduction):
         return gathered.nt_xent(z_a, z_b, temperature, backend)
+    if z_a.shape[0] == 1:
+        return _no_negatives(z_a, z_b, reduction)
     return _reduced("nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b,
                     temperature)
 
 
+def _no_negatives(z_a: torch.Tensor, z_b: torch.Tensor, reduction: str) -> torch.Tensor:
+    """One pair and nothing to contrast it with: each row's cross-entropy is over its positive
+    alone, log 1 = 0 (lightly's and pytorch-metric-learning's value, so a drop_last=False tail
+    of one image does not stop training). Zero, with zero gradients, connected to the graph."""
+    rows = (torch.cat([z_a, z_b]).to(accumulation_dtype(z_a.dtype)) * 0).sum(1)
+    return rows if reduction == "none" else rows.sum()
+
+
+@loss_in_input_dtype
 @outside_autocast
 def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
                  temperature: float = 0.5, *, backend: str = "auto",
@@ -137,6 +173,7 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
     check_same(("logits_a", "logits_b"), (logits_a, logits_b))
 
 
+@loss_in_input_dtype
 @outside_autocast
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
                     backend: str = "auto", gather_distributed: bool = False,
@@ -200,6 +237,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
     return implementation("student_t", backend, h.device)(h, centers, alpha)
 
 
+@loss_in_input_dtype
 @outside_autocast
 def dec_loss(q: torch.Tensor, *, backend: str = "auto", gather_distributed: bool = False,
              reduction: str = "mean") -> torch.Tensor:
@@ -219,6 +257,7 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto", gather_distributed: bool
     return _reduced("dec_loss", backend, q.device, reduction, q.shape[0], q)
 
 
+@loss_in_input_dtype
 @outside_autocast
 def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                 backend: str = "auto", reduction: str = "mean") -> torch.Tensor:
@@ -242,6 +281,7 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
     check_probabilities(names, (q0, q_a, q_b))
 
 
+@loss_in_input_dtype
 @outside_autocast
 def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
                       backend: str = "auto", gather_distributed: bool = False,
@@ -303,6 +343,7 @@ ANCHOR_PARTS = ("instance", "cluster", "anchor")
 CC_PARTS = ("instance", "cluster")
 
 
+@loss_in_input_dtype
 @outside_autocast
 def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, centers: torch.Tensor, *,
@@ -369,6 +410,7 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
                       separate_parts, z_a.device, backend, gather, reduction, fused)
 
 
+@loss_in_input_dtype
 @outside_autocast
 def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
                  logits_b: torch.Tensor, *, instance_temperature: float = 0.5,
@@ -416,6 +458,7 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
                       weights, separate_parts, z_a.device, backend, gather, reduction, fused)
 
 
+@loss_in_input_dtype
 @outside_autocast
 def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
                      h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
@@ -466,6 +509,7 @@ def _kl_to_uniform_rows(q: torch.Tensor) -> torch.Tensor:
     return math.log(q.shape[1]) + (q * reference.safe_log(q)).sum(1)
 
 
+@loss_in_input_dtype
 @outside_autocast
 def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
              logits_b: torch.Tensor, centres: torch.Tensor, r_a: torch.Tensor,

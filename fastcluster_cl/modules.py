@@ -22,6 +22,11 @@ def _check_backend(backend: str) -> str:
 def _memory_bank_size(size) -> tuple[int, ...]:
     """lightly's MemoryBankModule rules: 0 (no bank) or a (size, dim) tuple of non-negative
     ints; a bare int > 0 is refused (the feature dimension cannot be guessed)."""
+    if isinstance(size, bool) or not isinstance(size, (int, tuple, list, torch.Size)) or any(
+            isinstance(x, bool) or not isinstance(x, int)
+            for x in ((size,) if isinstance(size, int) else size)):
+        raise TypeError(f"memory_bank_size must be 0 or a (size, dim) tuple of ints, got "
+                        f"{size!r}")
     size_tuple = (size,) if isinstance(size, int) else tuple(size)
     if any(x < 0 for x in size_tuple):
         raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
@@ -35,89 +40,146 @@ def _memory_bank_size(size) -> tuple[int, ...]:
     return size_tuple
 
 
+class MemoryBank(nn.Module):
+    """A FIFO bank of negatives, as lightly's MemoryBankModule (the `memory_bank` of
+    `NTXentLoss`): the same size rules, the same initial draw, the same pointer rule, the same
+    buffers `bank` (M, D) and `bank_ptr` (1,).
+
+    The bank starts as `F.normalize(torch.randn(M, D))`, drawn at construction from torch's
+    global RNG exactly as lightly draws it. `enqueue(batch)` writes the batch at `bank_ptr`:
+    if ptr + B >= M the rows [ptr, M) take the first M - ptr rows (the rest is dropped) and
+    the pointer returns to 0, else ptr += B. The update is written with tensor operations only
+    (no Python branch on the pointer's value), so it traces under
+    `torch.compile(fullgraph=True)` and costs one pass over the bank.
+
+    `persistent=False` (lightly's choice, the default) keeps both buffers out of the state dict,
+    so checkpoints load strictly into and from lightly's modules; `persistent=True` puts them
+    in it (keys `memory_bank.bank` and `memory_bank.bank_ptr` of the loss) for an exact resume
+    of the bank. Loading checks the pointer and the bank's shape.
+    """
+
+    def __init__(self, size=0, gather_distributed: bool = False, feature_dim_first: bool = True,
+                 persistent: bool = False):
+        super().__init__()
+        self.size = _memory_bank_size(size)
+        self.gather_distributed = bool(gather_distributed)
+        self.feature_dim_first = bool(feature_dim_first)
+        bank = torch.empty(self.size, dtype=torch.float)
+        if len(self.size) == 2:
+            # lightly's draw: one randn of the bank's shape in float32, rows normalised.
+            bank = torch.nn.functional.normalize(torch.randn(self.size), dim=-1)
+        self.register_buffer("bank", bank, persistent=persistent)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=persistent)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size[0] > 0
+
+    def forward(self, output: torch.Tensor, labels=None, update: bool = False):
+        """lightly's query: (output, a detached copy of the bank as it was before this call,
+        (D, M) with feature_dim_first, else (M, D); None without a bank); `update` then
+        enqueues `output`."""
+        if not self.enabled:
+            return output, None
+        bank = self.bank.clone().detach()
+        if update:
+            self.enqueue(output)
+        return output, bank.transpose(0, -1) if self.feature_dim_first else bank
+
+    @torch.no_grad()
+    def enqueue(self, batch: torch.Tensor) -> None:
+        """Write `batch` (B, D), all ranks' with gather_distributed, at the pointer."""
+        batch = batch.detach()
+        if self.gather_distributed:
+            batch = distributed.gather_rows(batch)
+        size, n = self.size[0], batch.shape[0]
+        offset = torch.arange(size, device=self.bank.device) - self.bank_ptr
+        written = (offset >= 0) & (offset < n)
+        rows = batch.to(self.bank)[offset.clamp(0, n - 1)]
+        self.bank.copy_(torch.where(written[:, None], rows, self.bank))
+        end = self.bank_ptr + n
+        self.bank_ptr.copy_(torch.where(end >= size, torch.zeros_like(end), end))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        bank, ptr = state_dict.get(prefix + "bank"), state_dict.get(prefix + "bank_ptr")
+        if bank is not None and tuple(bank.shape) != tuple(self.bank.shape):
+            raise ValueError(f"{prefix}bank has shape {tuple(bank.shape)}, this memory bank "
+                             f"is {tuple(self.bank.shape)}")
+        if ptr is not None:
+            size = max(self.size[0], 1)
+            if ptr.numel() != 1 or ptr.is_floating_point() or not 0 <= int(ptr) < size:
+                raise ValueError(f"{prefix}bank_ptr must be one integer in [0, {size}), got "
+                                 f"{ptr.tolist()}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
 class NTXentLoss(nn.Module):
-    """NT-Xent instance loss (SimCLR; CC's instance loss). See `fastcluster_cl.nt_xent`.
+    """NT-Xent instance loss (SimCLR; CC's instance loss) with lightly's interface: the same
+    arguments in the same order, `forward(out0, out1)`, a `memory_bank` attribute and the same
+    state dict keys. See `fastcluster_cl.nt_xent`.
 
     With `memory_bank_size=(M, D)` it is lightly's NTXentLoss with a memory bank (MoCo-style;
     `fastcluster_cl.functional.nt_xent_bank`): each call contrasts the N rows of the normalised
-    z_a against their positives zn_b and the M bank rows as they were before the call (mean over
-    the N rows of the cross-entropy over [sim_pos, sim_neg] / tau with label 0; z_b's rows are
-    not anchors), then, when z_a requires grad, writes the normalised, detached z_b into the bank
-    at `bank_ptr` with lightly's rule: if ptr + B >= M the rows [ptr, M) take the first M - ptr
-    of the batch (the rest is dropped) and ptr returns to 0, else ptr += B. The bank starts as
-    `F.normalize(torch.randn(M, D))` drawn at construction from torch's global RNG, exactly as
-    lightly draws it, so under one `torch.manual_seed` both start from the same bank. `bank`
-    (float32, moved and cast with the module) and `bank_ptr` are buffers and, unlike lightly's,
-    part of the state dict, so that a resumed run continues with its bank. The backends stream
-    the bank in column blocks (no N x M matrix); the bank gets no gradient. (0, D) or 0 disables
-    the bank, as in lightly.
+    out0 against their positives (normalised out1) and the M bank rows as they were before the
+    call (mean over the N rows of the cross-entropy over [sim_pos, sim_neg] / tau with label 0),
+    then, when out0 requires grad, `memory_bank` (a `MemoryBank`) enqueues the normalised,
+    detached out1. The backends stream the bank in column blocks (no N x M matrix); the bank
+    gets no gradient. (0, D) or 0 disables the bank, as in lightly.
+
+    A batch of one pair without a bank has no negatives: the loss is 0 (connected to the graph,
+    zero gradients), as in lightly and pytorch-metric-learning. The loss comes back in the
+    inputs' dtype; fp16/bf16 inputs are accumulated in float32.
 
     Attributes:
-        temperature: tau > 0. memory_bank_size: 0 or (M, D). backend, gather_distributed,
-        reduction ("none": the 2N per-row terms, N with a bank): see `fastcluster_cl.functional`.
-        With a bank, gather_distributed follows lightly: the loss uses this rank's rows only and
-        the bank update all-gathers the batch of every rank (rank order) first, so every rank
-        keeps the same bank.
+        temperature: tau > 0. memory_bank_size: 0 or (M, D). gather_distributed: contrast
+        against every rank's rows (with a bank: lightly's behaviour, the loss uses this rank's
+        rows and the update all-gathers every rank's batch first, so all ranks keep one bank).
+        backend, reduction ("none": the 2N per-row terms, N with a bank): keyword-only, see
+        `fastcluster_cl.functional`. persistent_memory_bank: put the bank and its pointer in
+        the state dict (False, lightly's choice: strict loads to and from lightly's module).
     Raises:
         ValueError: temperature <= 0, unknown backend or reduction, gather_distributed without
         torch.distributed, a memory_bank_size lightly refuses (a bare int > 0, a negative entry,
-        not a pair) (here); bad shapes, a feature dimension other than the bank's, or NaN (in
-        forward).
+        not a pair); TypeError: a memory_bank_size that is not ints (here); bad shapes, a feature
+        dimension other than the bank's, or NaN (in forward).
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 16), torch.randn(8, 16))
-        >>> moco = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 16))
+        >>> moco = NTXentLoss(0.1, (4096, 16))     # lightly's positional order
     """
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto",
-                 gather_distributed: bool = False, reduction: str = "mean",
-                 memory_bank_size: int | tuple[int, int] = 0):
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0,
+                 gather_distributed: bool = False, *, backend: str = "auto",
+                 reduction: str = "mean", persistent_memory_bank: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.backend = _check_backend(backend)
         self.gather_distributed = check_gather_distributed(gather_distributed)
+        self.backend = _check_backend(backend)
         self.reduction = check_reduction(reduction)
-        self.memory_bank_size = _memory_bank_size(memory_bank_size)
-        if len(self.memory_bank_size) == 2:
-            # lightly's draw: one randn of the bank's shape in float32, rows normalised.
-            bank = torch.nn.functional.normalize(torch.randn(self.memory_bank_size), dim=-1)
-            self.register_buffer("bank", bank)
-            self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long))
+        self.memory_bank = MemoryBank(memory_bank_size, gather_distributed=gather_distributed,
+                                      persistent=persistent_memory_bank)
 
     @property
-    def uses_bank(self) -> bool:
-        return self.memory_bank_size[0] > 0
+    def memory_bank_size(self) -> tuple[int, ...]:
+        return self.memory_bank.size
 
-    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        """z_a, z_b: (N, D) projections of the two views. Returns the loss (see reduction);
-        with a bank, then updates it (when z_a requires grad)."""
-        if not self.uses_bank:
-            return FL.nt_xent(z_a, z_b, self.temperature, backend=self.backend,
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """out0, out1: (N, D) projections of the two views. Returns the loss (see reduction);
+        with a bank, then updates it (when out0 requires grad)."""
+        if not self.memory_bank.enabled:
+            return FL.nt_xent(out0, out1, self.temperature, backend=self.backend,
                               gather_distributed=self.gather_distributed,
                               reduction=self.reduction)
         # The bank as it was before this batch: a copy, since the update below writes in place
         # and the backward reads the negatives again.
-        negatives = self.bank.detach().to(z_a.device, copy=True)
-        loss = FL.nt_xent_bank(z_a, z_b, negatives, self.temperature, backend=self.backend,
+        negatives = self.memory_bank.bank.detach().to(out0.device, copy=True)
+        loss = FL.nt_xent_bank(out0, out1, negatives, self.temperature, backend=self.backend,
                                reduction=self.reduction)
-        if z_a.requires_grad:
-            self._enqueue(z_b)
+        if out0.requires_grad:
+            self.memory_bank.enqueue(l2_normalize(out1.detach())[0])
         return loss
-
-    @torch.no_grad()
-    def _enqueue(self, z_b: torch.Tensor) -> None:
-        """Write the normalised z_b (all ranks' with gather_distributed) at bank_ptr."""
-        batch = l2_normalize(z_b.detach())[0]
-        if self.gather_distributed:
-            batch = distributed.gather_rows(batch)
-        size, ptr = self.memory_bank_size[0], int(self.bank_ptr)
-        batch = batch.to(self.bank.device, self.bank.dtype)
-        if ptr + batch.shape[0] >= size:
-            self.bank[ptr:] = batch[:size - ptr]
-            self.bank_ptr.zero_()
-        else:
-            self.bank[ptr:ptr + batch.shape[0]] = batch
-            self.bank_ptr[0] = ptr + batch.shape[0]
 
 
 class CCClusterLoss(nn.Module):

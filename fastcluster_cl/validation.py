@@ -53,6 +53,9 @@ def value_checks_active(devices) -> bool:
 
 
 def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Value checks read data: never on meta tensors (shapes only, no data to read)."""
+    if any(t.device.type == "meta" for t in tensors):
+        return False
     return value_checks_active([t.device for t in tensors])
 
 

@@ -42,8 +42,8 @@ def _pair_of_modules(backend, temperature, seed=5, gather=False):
 
 def test_bank_drawn_as_lightly_draws_it():
     ours, theirs = _pair_of_modules("torch", 0.5)
-    assert ours.bank.dtype == torch.float32 and torch.equal(ours.bank, theirs.memory_bank.bank)
-    assert int(ours.bank_ptr) == 0
+    assert ours.memory_bank.bank.dtype == torch.float32 and torch.equal(ours.memory_bank.bank, theirs.memory_bank.bank)
+    assert int(ours.memory_bank.bank_ptr) == 0
     # and the draw consumes the global RNG as lightly's does
     torch.manual_seed(1)
     lightly_loss.NTXentLoss(memory_bank_size=(M, D))
@@ -71,9 +71,9 @@ def run_sequence_against_lightly(backend, temperature=0.2, dtype=F64, rtol=1e-10
             for a, b in zip(mine, other):
                 torch.testing.assert_close(a.grad, b.grad, rtol=rtol * 10, atol=atol,
                                            msg=lambda m: f"step {step} grad: {m}")
-        torch.testing.assert_close(ours.bank, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
-        assert int(ours.bank_ptr) == int(theirs.memory_bank.bank_ptr), step
-        pointers.append(int(ours.bank_ptr))
+        torch.testing.assert_close(ours.memory_bank.bank, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
+        assert int(ours.memory_bank.bank_ptr) == int(theirs.memory_bank.bank_ptr), step
+        pointers.append(int(ours.memory_bank.bank_ptr))
     assert pointers == [4, 8, 8, 0, 4]  # the no-grad step keeps it; the fourth wraps
 
 
@@ -156,12 +156,27 @@ def test_bad_bank_inputs_are_refused():
         fc.nt_xent_bank(z, z, torch.full((6, 3), float("nan")))
 
 
-def test_state_dict_keeps_the_bank():
+def test_state_dict_keys_are_lightlys_and_the_bank_can_persist():
+    """lightly's state dict has no bank keys: strict loads work both ways. An exact resume of
+    the bank is opt-in (persistent_memory_bank=True), and a bad pointer or shape is refused."""
     ours = fc.NTXentLoss(memory_bank_size=(M, D), backend="chunked")
-    ours(torch.randn(N, D, requires_grad=True), torch.randn(N, D))
-    again = fc.NTXentLoss(memory_bank_size=(M, D))
-    again.load_state_dict(ours.state_dict())
-    assert torch.equal(again.bank, ours.bank) and int(again.bank_ptr) == N
+    theirs = lightly_loss.NTXentLoss(memory_bank_size=(M, D))
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == []
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    kept = fc.NTXentLoss(memory_bank_size=(M, D), backend="chunked", persistent_memory_bank=True)
+    kept(torch.randn(N, D, requires_grad=True), torch.randn(N, D))
+    assert list(kept.state_dict()) == ["memory_bank.bank", "memory_bank.bank_ptr"]
+    again = fc.NTXentLoss(memory_bank_size=(M, D), persistent_memory_bank=True)
+    again.load_state_dict(kept.state_dict())
+    assert torch.equal(again.memory_bank.bank, kept.memory_bank.bank)
+    assert int(again.memory_bank.bank_ptr) == N
+    for key, value, message in (("memory_bank.bank_ptr", torch.tensor([999]), r"\[0, 10\)"),
+                                ("memory_bank.bank_ptr", torch.tensor([-1]), r"\[0, 10\)"),
+                                ("memory_bank.bank", torch.zeros(M + 1, D), "shape")):
+        with pytest.raises(ValueError, match=message):
+            again.load_state_dict({**kept.state_dict(), key: value})
+    assert int(again.memory_bank.bank_ptr) == N      # unchanged by the refused loads
 
 
 def _gathered_bank_worker(rank, port, out_dir):
@@ -177,9 +192,9 @@ def _gathered_bank_worker(rank, port, out_dir):
         for _ in range(3):  # 4 gathered rows a step: pointer 0 -> 4 -> 8 -> wraps to 0
             z = torch.randn(2, 4, D, generator=g, dtype=F64)  # both ranks draw the same
             z_a, z_b = z[0][rank::2].clone(), z[1][rank::2].clone()
-            before = crit.bank.clone()
+            before = crit.memory_bank.bank.clone()
             loss = crit(z_a.requires_grad_(), z_b)
-            results.append((loss.detach(), before, crit.bank.clone(), int(crit.bank_ptr)))
+            results.append((loss.detach(), before, crit.memory_bank.bank.clone(), int(crit.memory_bank.bank_ptr)))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -207,8 +222,8 @@ def test_gather_distributed_updates_the_bank_with_every_ranks_batch(tmp_path):
             loss, before, after, ptr = results[step]
             want = reference.nt_xent_bank(z[0][rank::2], z[1][rank::2], before, 0.2)
             torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(after, single.bank, rtol=0, atol=1e-15)
-            assert ptr == int(single.bank_ptr)
+            torch.testing.assert_close(after, single.memory_bank.bank, rtol=0, atol=1e-15)
+            assert ptr == int(single.memory_bank.bank_ptr)
     assert [r[3] for r in ranks[0]] == [4, 8, 0]
 
 

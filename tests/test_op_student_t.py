@@ -9,7 +9,7 @@ import torch
 import fastcluster_cl as fc
 from backends import cases, gradcheck, prepare
 from fastcluster_cl.losses import reference
-from tolerances import BF16, F16, F32, F64, FP32_MATH, check_against_reference
+from tolerances import ACCUMULATION, BF16, F16, F32, F64, FP32_MATH, check_against_reference
 
 
 def randn(*shape, seed, scale=1.0):
@@ -35,7 +35,8 @@ def test_matches_float64_reference(request, backend, dtype, n, k, f, alpha):
     check_against_reference(lambda h, mu: fc.student_t(h, mu, alpha, backend=name),
                             lambda h, mu: reference.student_t(h, mu, alpha),
                             (randn(n, f, seed=23), randn(k, f, seed=24, scale=0.5)), dtype,
-                            device=device, weights=randn(n, k, seed=25), kind=FP32_MATH)
+                            device=device, weights=randn(n, k, seed=25), kind=FP32_MATH,
+                            out_dtype=ACCUMULATION)
 
 
 @pytest.mark.parametrize("backend", ["triton"])  # torch: test_losses.py; chunked is torch
