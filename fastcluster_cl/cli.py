@@ -1,9 +1,10 @@
 """Command line: ``fastcluster-cl train | eval | bench | info``.
 
-Exit codes: 0 success; 2 bad arguments (argparse); 1 a run that cannot proceed (missing dataset,
-unreadable, corrupted or incompatible checkpoint, busy or unwritable run directory, full disk,
-non-finite loss or gradient), reported as one line on stderr (set
-FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
+Exit codes: 0 success; 2 bad arguments (argparse, and settings the dataset, backbone or
+checkpoint make impossible, found before the first step), naming the option; 1 a run that cannot
+proceed (missing dataset, unreadable, corrupted or incompatible checkpoint, busy, foreign or
+unwritable run directory, full disk, non-finite loss or gradient); 130 SIGINT, 143 SIGTERM. Each
+is reported as one line on stderr (set FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,8 +28,16 @@ def missing_train_modules() -> list[str]:
     return [name for name in TRAIN_MODULES if not module_available(name)]
 
 
-def _number(cast, minimum, strict: bool):
-    """argparse type: `cast` the text and require > minimum (strict) or >= minimum."""
+# The largest accepted numbers: settings become float32 / int32 values in torch (a larger lr
+# overflows in the optimizer), and numpy's seeds are 32-bit.
+MAX_FLOAT, MAX_INT, MAX_SEED = 3.4028234663852886e38, 2**31 - 1, 2**32 - 1
+
+
+def _number(cast, minimum, strict: bool, maximum=None):
+    """argparse type: `cast` the text and require > minimum (strict) or >= minimum, and
+    <= maximum (default: MAX_INT or MAX_FLOAT)."""
+    maximum = maximum if maximum is not None else MAX_INT if cast is int else MAX_FLOAT
+
     def parse(text: str):
         try:
             value = cast(text)
@@ -38,12 +48,16 @@ def _number(cast, minimum, strict: bool):
                 f"must be {'>' if strict else '>='} {minimum}, got {text}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value > maximum:
+            limit = maximum if cast is int else f"{maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be <= {limit}, got {text}")
         return value
     return parse
 
 
 POS_INT, NONNEG_INT = _number(int, 0, True), _number(int, 0, False)
 POS_FLOAT, NONNEG_FLOAT = _number(float, 0, True), _number(float, 0, False)
+SEED = _number(int, 0, False, maximum=MAX_SEED)
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +112,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype (default auto: bf16 on CUDA, none on the CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
                    help="torch.compile the model and the loss")
-    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--seed", type=SEED, default=S, help=f"0 to {MAX_SEED} (default {d.seed})")
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ... (under torchrun: "
                    "the device type; each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
@@ -121,11 +135,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="continue from a checkpoint file or run directory")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     """The full parser; `with_bench=False` leaves fastcluster_cl.bench unimported (its options
     are then not registered), which `main` uses for every other command."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Deep contrastive image clustering.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}")
+    parser = _Parser(prog=PROG, description="Deep contrastive image clustering.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}",
+                                parser_class=_Parser)
     sub.required = True
     train = sub.add_parser("train", help="train a clustering model")
     if not missing_train_modules():  # else `main` refuses train before parsing
@@ -160,8 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         path = resolve_checkpoint(args.resume)
         saved = load_checkpoint(path)["config"]
-        saved["out"] = str(path.parent)
-        config = _saved_config(path, {**saved, **given})
+        config = _saved_config(path, saved, {"out": str(path.parent), **given})
     else:
         config = TrainConfig.from_dict(given)
         config.check()
@@ -177,56 +198,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _saved_config(path, values: dict):
-    """A TrainConfig from a checkpoint's settings, checked; a setting of the wrong type or value
-    is a CheckpointError naming the checkpoint."""
+def _saved_config(path, saved: dict, overrides: dict):
+    """A TrainConfig from a checkpoint's settings with `overrides` (the command line's) applied.
+    The checkpoint's own settings are checked first, every one of them, so that an override
+    cannot hide a bad stored value; a setting of the wrong type or value is a CheckpointError
+    naming the checkpoint."""
     from .train.checkpoint import CheckpointError
     from .train.trainer import TrainConfig
     try:
-        config = TrainConfig.from_dict(values)
-        config.check()
+        TrainConfig.from_dict(saved).check()
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} holds settings this version cannot use: "
                               f"{err}") from err
+    config = TrainConfig.from_dict({**saved, **overrides})
+    config.check()
     return config
 
 
-def _output_dir(path: str) -> Path:
-    """`eval --out`: an existing or creatable directory, checked before any work."""
-    from .train.rundir import RunDirError, describe_os_error
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise RunDirError(f"cannot create --out {out}: a part of the path is a file") from None
-    except OSError as err:
-        raise RunDirError(describe_os_error(err, out)) from err
-    return out
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.rundir import RunDir
+    # --out is taken (new, empty, or ours with metrics.json free or ours) before any work
+    out = RunDir(args.out).open_output(("metrics.json",)) if args.out else None
+    try:
+        metrics = _evaluate(args)
+        if out is not None:
+            from .train.logging import write_text
+            write_text(out.path / "metrics.json", json.dumps(metrics, indent=2))
+    except BaseException:
+        if out is not None and out.created:   # a folder made for nothing goes again
+            out.discard()
+        raise
+    finally:
+        if out is not None:
+            out.release()
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    """The metrics of `args.checkpoint` (printed as JSON)."""
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
-    from .train.logging import write_text
     from .train.trainer import Runtime, Trainer
-    out = _output_dir(args.out) if args.out else None
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
-    saved = dict(state["config"])
+    overrides = {"device": args.device, "eval_batch_size": args.batch_size, "plots": False}
     if args.dataset is not None:
-        saved["dataset"] = args.dataset
+        overrides["dataset"] = args.dataset
     if args.data_root is not None:
-        saved["data_root"] = args.data_root
-    saved.update(device=args.device, eval_batch_size=args.batch_size, plots=False)
-    trainer = Trainer.for_evaluation(_saved_config(path, saved), state,
+        overrides["data_root"] = args.data_root
+    trainer = Trainer.for_evaluation(_saved_config(path, state["config"], overrides), state,
                                      Runtime.create(args.device))
     metrics, *_ = trainer.evaluate()
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if out is not None:
-        write_text(out / "metrics.json", text)
-    return EXIT_OK
+    print(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -306,20 +329,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(with_bench="bench" in argv)
     args = parser.parse_args(argv)
     errors: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError)
+    usage_errors: tuple[type[Exception], ...] = ()
     if args.command in ("train", "eval"):
         from .train.checkpoint import CheckpointError
-        from .train.trainer import NonFiniteLossError
+        from .train.trainer import ConfigError, NonFiniteLossError
         errors += (CheckpointError, NonFiniteLossError)
+        usage_errors += (ConfigError,)
+    previous = _raise_on_sigterm()
     try:
         return COMMANDS[args.command](args)
-    except errors as err:
+    except usage_errors + errors as err:
         if os.environ.get("FASTCLUSTER_CL_TRACEBACK"):
             raise
         print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_USAGE if isinstance(err, usage_errors) else EXIT_ERROR
+    except KeyboardInterrupt as err:
+        print(f"{PROG}: interrupted{' (SIGTERM)' if isinstance(err, Terminated) else ''}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that clean-ups run as for Ctrl-C (a
+    checkpoint write removes its temporary file, a failed start its files)."""
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into `Terminated` (main thread only); returns the previous handler."""
+    def handler(signum, frame):
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread (e.g. called from a test's thread)
+        return None
 
 
 if __name__ == "__main__":

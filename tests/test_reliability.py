@@ -46,8 +46,8 @@ def copy_run(finished_run, tmp_path) -> Path:
 # ---------------------------------------------------------------------------- the lock
 HOLD = textwrap.dedent("""
     import sys, time
-    from fastcluster_cl.train.rundir import RunDirLock
-    lock = RunDirLock(sys.argv[1]).acquire()
+    from fastcluster_cl.train.rundir import RunDir
+    lock = RunDir(sys.argv[1]).lock()
     print("locked", flush=True)
     time.sleep(60)
 """)
@@ -84,14 +84,14 @@ def test_locked_run_directory_refuses_train_and_resume(tmp_path, capsys, finishe
     assert f"in use by process {pid2}" in err
     # the refused runs wrote nothing
     assert ((out / "log.jsonl").read_bytes(), (out / "checkpoint.pt").read_bytes()) == before
-    assert sorted(p.name for p in fresh.iterdir()) == [".lock"]
+    assert sorted(p.name for p in fresh.iterdir()) == [".fastcluster-cl.lock"]
 
 
 def test_lock_is_released_when_the_run_ends(tmp_path, finished_run):
-    from fastcluster_cl.train.rundir import RunDirLock
+    from fastcluster_cl.train.rundir import RunDir
     out = copy_run(finished_run, tmp_path)
     assert main(["train", *TINY, "--resume", str(out)]) == 0
-    RunDirLock(out).acquire().release()     # free again
+    RunDir(out).lock().release()     # free again
 
 
 # ------------------------------------------------------------- failed starts, leftovers
@@ -118,10 +118,12 @@ def test_failed_start_leaves_no_dead_end(tmp_path, capsys, monkeypatch):
 
 
 def test_start_killed_before_its_first_checkpoint_can_be_restarted(tmp_path, capsys):
+    from fastcluster_cl.train.rundir import RunDir
     out = tmp_path / "run"
-    out.mkdir()   # what SIGKILL before the first checkpoint leaves
-    (out / "config.json").write_text("{}")
-    (out / "log.jsonl").write_text('{"event": "start", "time": 0}\n')
+    run = RunDir(out).open()   # what SIGKILL before the first checkpoint leaves: the marker
+    for name, text in (("config.json", "{}"), ("log.jsonl", '{"event": "start", "time": 0}\n')):
+        run.claim(name).write_text(text)
+    run.release()
     err = one_line_error(capsys, ["train", *TINY, "--resume", str(out)])
     assert "stopped before its first checkpoint; start it again with --out" in err
     assert main(["train", *TINY, "--out", str(out)]) == 0

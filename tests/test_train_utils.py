@@ -129,3 +129,22 @@ def test_config_rejects_bad_values():
         TrainConfig(method="dec").check()
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"epoch": 3})
+
+
+def test_line_progress_prints_at_most_every_30_seconds_and_at_the_end():
+    """stdout not a terminal (nohup, SLURM, `> log.txt`): plain lines, not a bar."""
+    import io
+
+    from fastcluster_cl.train.progress import LineProgress
+    now = [0.0]
+    out = io.StringIO()
+    lines = LineProgress(total_steps=100, epochs=10, start_step=0, stream=out,
+                         clock=lambda: now[0])
+    for step in range(1, 101):
+        now[0] += 1.0                       # one second and 64 images a step
+        lines.update(epoch=(step - 1) // 10, step=step, loss=1.0 / step, images=64)
+    printed = out.getvalue().splitlines()
+    assert [line.split("  ")[1] for line in printed] == [
+        "step 1/100", "step 31/100", "step 61/100", "step 91/100", "step 100/100"]
+    assert printed[1] == "epoch 4/10  step 31/100  loss 0.0323  64 img/s  ETA 1m09s"
+    assert printed[-1].startswith("epoch 10/10  step 100/100") and "ETA 0m00s" in printed[-1]

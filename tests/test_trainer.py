@@ -11,6 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from fastcluster_cl.data import ImageDataset
 from fastcluster_cl.train.checkpoint import CheckpointError, load_checkpoint
 from fastcluster_cl.train.logging import read_log
+from fastcluster_cl.train.rundir import RunDirError
 from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer, resolve, train
 
 
@@ -94,7 +95,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     train(tiny(tmp_path, epochs=1, plots=False), dataset=blobs())
-    with pytest.raises(ValueError, match="already holds a run; resume it with --resume"):
+    with pytest.raises(RunDirError, match="already holds a run; resume it with --resume"):
         Trainer(tiny(tmp_path, epochs=1), dataset=blobs())
     with pytest.raises(CheckpointError, match=r"hidden_dim=64 \(checkpoint: 32\)"):
         Trainer(tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(),

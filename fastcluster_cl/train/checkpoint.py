@@ -128,15 +128,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     checkpoint at `path` is left as it was."""
     from .rundir import describe_os_error
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise CheckpointWriteError(describe_os_error(err, path)) from err
     payload = {"format_version": FORMAT_VERSION, "rng": rng_state(), **state}
     payload["checksum"] = {"sha256": payload_digest(payload)}
-    writer = None
+    writer = tmp = None
     try:
+        # created inside the guarded block: an interrupt (SIGINT, SIGTERM as raised by the CLI)
+        # at any point below removes it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
             torch.save(payload, writer)
@@ -144,7 +143,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise CheckpointWriteError(describe_os_error(err, path)) from err
     except RuntimeError as err:
         recorded = writer.error if writer is not None else None
@@ -161,7 +161,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
                                        f"({str(err).splitlines()[0]})") from err
         raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

@@ -4,7 +4,9 @@ a no-op, so callers never branch on the rank."""
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ class RunLogger:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            end_torn_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
             raise_for_write(err, self.path)
@@ -75,14 +78,38 @@ def write_text(path: str | Path, text: str) -> None:
         raise_for_write(err, path)
 
 
+def end_torn_line(path: Path) -> None:
+    """A log whose last line was cut mid-write (a crash) gets the newline it lacks, so that the
+    next record starts a line of its own; the fragment stays, and readers skip it."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def read_log(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
-    """Records of ``log.jsonl`` (all, or one event), skipping a torn last line after a crash."""
+    """Records of ``log.jsonl`` (all, or one event); a torn line (a crash mid-write) is skipped
+    with a warning naming it."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                warnings.warn(f"{path}:{number}: skipping a torn line (a write cut short)",
+                              stacklevel=2)
+                continue
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}:{number}: skipping a line that is not a record",
+                              stacklevel=2)
                 continue
             if event is None or record.get("event") == event:
                 records.append(record)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from ..validation import value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import RunLogger, last_per_step, read_log, write_text
 from .optim import build_optimizer, optimizer_description
-from .rundir import (RunDirLock, discard_unstarted_run, remove_run_files,
-                     remove_temporary_checkpoints)
+from .progress import make_progress
+from .rundir import CHECKPOINT_NAME, RunDir
 from .schedule import warmup_cosine
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -43,6 +42,15 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or inf; training stops instead of corrupting the
     weights."""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (out of range for the dataset, the backbone or the
+    checkpoint), found before the first step; names the command-line option."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"argument {option}: {message}")
+        self.option = option
 
 
 @dataclass
@@ -168,10 +176,23 @@ class TrainConfig:
             if not 0 <= self.centre_warmup_epochs < epochs:
                 raise ValueError(f"centre_warmup_epochs must be in [0, epochs={epochs}), "
                                  f"got {self.centre_warmup_epochs}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in ("threads", "image_size", "in_channels", "projection_dim", "hidden_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_clusters is not None and self.num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+        if not 0 <= self.min_lr_factor <= 1:
+            raise ValueError(f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+        from ..losses.dispatch import BACKENDS
+        if self.loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}")
+        for name, weight in self.loss_weights.items():
+            if not isinstance(name, str) or isinstance(weight, bool) \
+                    or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ValueError(f"loss_weights must map names to finite numbers >= 0, got "
+                                 f"{name!r}: {weight!r}")
 
 
 @dataclass
@@ -248,6 +269,34 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     return c
 
 
+def check_fits_dataset(config: TrainConfig, dataset, world_size: int) -> None:
+    """Settings that the dataset makes impossible, refused before the first step: a batch
+    larger than a rank's share of the images, and more clusters than the labelled images the
+    final evaluation's k-means clusters."""
+    per_rank = len(dataset) // world_size
+    if distributed.local_batch_size(config.batch_size, world_size) > per_rank:
+        share = f" ({per_rank} per rank over {world_size} ranks)" if world_size > 1 else ""
+        raise ConfigError("--batch-size", f"{config.batch_size} exceeds the {len(dataset)} "
+                          f"images of {dataset.name}{share}; lower it")
+    labelled = int((np.asarray(dataset.labels) >= 0).sum())
+    if config.num_clusters > labelled:
+        raise ConfigError("--num-clusters", f"K = {config.num_clusters} exceeds the "
+                          f"{labelled} labelled images of {dataset.name}, which the "
+                          f"evaluation clusters; choose K <= {labelled}")
+
+
+def check_threads(state: dict[str, Any], device: torch.device, path) -> None:
+    """CPU results depend on torch's thread count (the reductions split differently): a
+    resume on the CPU must use the checkpoint's count to stay bit-exact, so another count is
+    refused (checkpoints written before the count was stored are not checked)."""
+    saved = state.get("cpu_threads")
+    now = torch.get_num_threads()
+    if device.type == "cpu" and saved is not None and saved != now:
+        raise ConfigError("--threads", f"checkpoint {path} was trained with {saved} CPU "
+                          f"threads and this resume would use {now}; CPU results depend on "
+                          f"the thread count, so pass --threads {saved} to continue exactly")
+
+
 def check_resumable(saved: dict[str, Any], asked: dict[str, Any], path) -> None:
     """Raise CheckpointError naming every setting that differs from the checkpoint's."""
     diffs = [f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})" for k in asked
@@ -270,10 +319,12 @@ class Trainer:
         self.runtime = runtime or Runtime.create(config.device)
         self.out = Path(config.out) if config.out else default_out_dir()
         self.fresh = resume_from is None
-        self.lock = None
+        self.rundir = None
         self.logger = RunLogger(self.out, enabled=False)
         if self.runtime.is_main_process:   # one writer per run directory, for the whole run
-            self.lock = RunDirLock(self.out).acquire()
+            from .checkpoint import resolve_checkpoint
+            source = None if resume_from is None else resolve_checkpoint(resume_from)
+            self.rundir = RunDir(self.out).open(resume_from=source)
         try:
             self._init(config, dataset, resume_from)
         except BaseException:
@@ -285,13 +336,7 @@ class Trainer:
         self.resume_state = None
         main = self.runtime.is_main_process
         if main:
-            remove_temporary_checkpoints(self.out)   # left by a write killed mid-way
-            if self.fresh and (self.out / "checkpoint.pt").exists():
-                raise ValueError(f"{self.out} already holds a run; resume it with --resume "
-                                 f"{self.out} or choose another --out")
-            if self.fresh and (self.out / "log.jsonl").exists():
-                # a start that stopped before its first checkpoint: nothing to resume
-                remove_run_files(self.out)
+            self.rundir.remove_temporary_checkpoints()   # left by a write killed mid-way
         if resume_from is not None:
             self.resume_state = load_checkpoint(resume_from)
         # Per-rank streams (e.g. TCC's Gumbel noise); DDP broadcasts rank 0's initial weights.
@@ -299,17 +344,16 @@ class Trainer:
         config = self._setup_model(config, dataset)
         if self.resume_state is not None:
             check_resumable(self.resume_state["config"], config.to_dict(), resume_from)
+            check_threads(self.resume_state, self.runtime.device, resume_from)
         config.out = str(self.out)
         dev = self.runtime.device
+        check_fits_dataset(config, self.dataset, self.runtime.world_size)
         self.train_loader = make_train_loader(
             self.dataset, distributed.local_batch_size(config.batch_size,
                                                        self.runtime.world_size),
             image_size=config.image_size, augment=config.augment, device=dev, seed=config.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size)
         self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(self.dataset)} "
-                             f"images of {self.dataset.name}; lower --batch-size")
         self.criterion = ClusterContrastiveLoss(
             config.method, config.instance_temperature, config.cluster_temperature,
             weights=config.loss_weights or None, gumbel_tau=config.gumbel_temperature,
@@ -325,7 +369,7 @@ class Trainer:
                                        round(config.warmup_epochs * self.steps_per_epoch),
                                        total, config.min_lr_factor)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        self.instance_loss = NTXentLoss(config.instance_temperature, config.loss_backend,
+        self.instance_loss = NTXentLoss(config.instance_temperature, backend=config.loss_backend,
                                         gather_distributed=self.runtime.world_size > 1)
         self.forward = torch.compile(self.ddp_model) if config.compile else self.ddp_model
         self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
@@ -334,26 +378,35 @@ class Trainer:
         self.skipped_steps = 0      # non-finite steps skipped so far (--skip-nonfinite-steps)
         if self.resume_state is not None:
             self._load_state(self.resume_state)
+        if main:
+            self._claim("log.jsonl", "tensorboard", "config.json")
         self.logger = RunLogger(self.out, enabled=main)
         if main:
             write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2))
 
+    def _claim(self, *names: str) -> None:
+        """Mark `names` as this run's in the run directory before writing them (main process;
+        the others write nothing)."""
+        if self.rundir is not None:
+            for name in names:
+                self.rundir.claim(name)
+
     def _abandon(self) -> None:
-        """After a failure: a fresh start that wrote no checkpoint leaves nothing behind (no
-        dead end: the directory is empty or gone); otherwise the run stays resumable. The lock
-        is released either way."""
+        """After a failure: a start (fresh, or a resume into a new --out) that wrote no
+        checkpoint removes what it wrote, and nothing else (no dead end: the same --out works
+        again); otherwise the run stays resumable. The lock is released either way."""
         self.logger.close()
-        if self.lock is None:
+        if self.rundir is None:
             return
-        if self.fresh and not (self.out / "checkpoint.pt").exists():
-            discard_unstarted_run(self.lock)
-        self.lock.release()
+        if not (self.out / CHECKPOINT_NAME).exists():
+            self.rundir.discard()
+        self.rundir.release()
 
     def close(self) -> None:
         """Release the run directory (fit() does this when it ends)."""
         self.logger.close()
-        if self.lock is not None:
-            self.lock.release()
+        if self.rundir is not None:
+            self.rundir.release()
 
     def _setup_model(self, config: TrainConfig, dataset) -> TrainConfig:
         """Load the dataset, resolve the config from it, build the eval loader and the model.
@@ -365,15 +418,34 @@ class Trainer:
         dev = self.runtime.device
         self.eval_loader = make_eval_loader(self.dataset, config.eval_batch_size,
                                             image_size=config.image_size, device=dev)
+        sample = next(iter(self.eval_loader))["clean"]
         if config.in_channels is None:
-            config.in_channels = int(next(iter(self.eval_loader))["clean"].shape[1])
+            config.in_channels = int(sample.shape[1])
         self.config = config
         self.model = build_model(config.method, config.backbone, config.num_clusters,
                                  config.in_channels, config.cifar_stem, config.projection_dim,
                                  config.hidden_dim, config.gumbel_temperature).to(dev)
         self.model = self.model.to(memory_format=MEMORY_FORMAT)
         self.amp_dtype = amp_dtype(config.amp, dev)
+        self._check_image_size(sample[:2])
         return config
+
+    @torch.no_grad()
+    def _check_image_size(self, images: torch.Tensor) -> None:
+        """One forward of two images in eval mode (no state changes, no RNG drawn): an image
+        size the backbone cannot take fails here, before the first step, naming the option."""
+        devices = [self.runtime.device] if self.runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.model.eval()
+            try:
+                self.model(self._inputs({"clean": images}, ("clean",)))
+            except RuntimeError as err:
+                raise ConfigError("--image-size", f"{self.config.image_size} px is too small "
+                                  f"for backbone {self.config.backbone} "
+                                  f"({str(err).splitlines()[0]}); use a larger --image-size "
+                                  "or another --backbone") from None
+            finally:
+                self.model.train()
 
     @classmethod
     def for_evaluation(cls, config: TrainConfig, state: dict[str, Any],
@@ -413,7 +485,8 @@ class Trainer:
         """Write checkpoint.pt (atomic) with everything needed to continue exactly."""
         if not self.runtime.is_main_process:
             return None
-        path = save_checkpoint(self.out / "checkpoint.pt", {
+        self._claim(CHECKPOINT_NAME)
+        path = save_checkpoint(self.out / CHECKPOINT_NAME, {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -423,6 +496,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
             "skipped_steps": self.skipped_steps,
+            "cpu_threads": torch.get_num_threads(),
         })
         self.logger.log("checkpoint", epoch=self.epoch, batch=self.batch, step=self.step)
         return path
@@ -608,12 +682,8 @@ class Trainer:
                         optimizer=optimizer_description(self.optimizer),
                         loader_backend=getattr(self.train_loader, "backend", None),
                         amp=str(self.amp_dtype), steps_per_epoch=self.steps_per_epoch)
-        progress = None
-        if main and c.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-            progress = tqdm(total=c.epochs * self.steps_per_epoch * c.batch_size,
-                            initial=self.step * c.batch_size, unit="img", unit_scale=True,
-                            dynamic_ncols=True)
+        progress = make_progress(main and c.progress, c.epochs * self.steps_per_epoch, c.epochs,
+                                 self.step, c.batch_size)
         with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
             while self.epoch < c.epochs:
                 if self.epoch >= c.centre_warmup_epochs:
@@ -643,8 +713,7 @@ class Trainer:
                     elif self.step % c.log_every == 0:
                         self.logger.scalars("step", self.step, **record)
                     if progress is not None:
-                        progress.update(n)
-                        progress.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.3f}")
+                        progress.update(self.epoch, self.step, record["loss"], n)
                     if c.checkpoint_every and self.step % c.checkpoint_every == 0 \
                             and self.batch < self.steps_per_epoch:
                         self.save()
@@ -666,6 +735,7 @@ class Trainer:
                        num_clusters=c.num_clusters, backbone=c.backbone)
         if main:
             self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
+            self._claim("metrics.json", *(("plots",) if c.plots else ()))
             write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
             if c.plots:
                 self.write_plots(feats, pred, labels)
