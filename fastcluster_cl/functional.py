@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .losses import gathered, reference
+from .losses import dispatch, gathered, reference
 from .losses.dispatch import implementation
 from .losses.reference import accumulation_dtype, outside_autocast
-from .validation import (check_finite, check_gather_distributed, check_matrix, check_positive,
-                         check_probabilities, check_reduction, check_same,
-                         check_unit_rows)
+from .validation import (check_finite, check_gather_distributed, check_matrix,
+                         check_nt_xent_temperature, check_positive, check_probabilities,
+                         check_reduction, check_same, check_unit_rows)
 
 
 def loss_in_input_dtype(fn):
@@ -109,7 +109,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
             see the module docstring.
     """
     _check_views(z_a, z_b, min_rows=1)
-    temperature = check_positive("temperature", temperature)
+    temperature = _signed_temperature(temperature, backend, z_a.device)
     check_finite(("z_a", "z_b"), (z_a, z_b))
     if _gathering(gather_distributed, reduction):
         return gathered.nt_xent(z_a, z_b, temperature, backend)
@@ -117,6 +117,16 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
         return _no_negatives(z_a, z_b, reduction)
     return _reduced("nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b,
                     temperature)
+
+
+def _signed_temperature(temperature: float, backend: str, device: torch.device) -> float:
+    """NT-Xent's temperature (`check_nt_xent_temperature`); a negative one runs on the torch
+    and chunked backends only (the fused kernels shift by the bound 1/tau > 0)."""
+    temperature = check_nt_xent_temperature(temperature)
+    if temperature < 0 and dispatch.resolve(backend, device) not in ("torch", "chunked"):
+        raise ValueError(f"a negative temperature ({temperature}) runs on backend='torch' or "
+                         f"'chunked', not {dispatch.resolve(backend, device)!r}")
+    return temperature
 
 
 def _no_negatives(z_a: torch.Tensor, z_b: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -159,7 +169,7 @@ def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
     if bank.shape[1] != z_a.shape[1]:
         raise ValueError(f"bank has {bank.shape[1]} features but z_a has {z_a.shape[1]}; "
                          "memory_bank_size must be (size, the projection's dimension)")
-    temperature = check_positive("temperature", temperature)
+    temperature = _signed_temperature(temperature, backend, z_a.device)
     check_reduction(reduction)
     check_finite(("z_a", "z_b", "bank"), (z_a, z_b, bank))
     check_unit_rows("bank", bank)

@@ -10,7 +10,8 @@ from . import functional as FL
 from .functional import LossOutput, weighted_total
 from .losses.reference import l2_normalize
 from .losses.dispatch import BACKENDS
-from .validation import check_gather_distributed, check_positive, check_reduction
+from .validation import (check_gather_distributed, check_nt_xent_temperature, check_positive,
+                         check_reduction)
 
 
 def _check_backend(backend: str) -> str:
@@ -133,14 +134,15 @@ class NTXentLoss(nn.Module):
     inputs' dtype; fp16/bf16 inputs are accumulated in float32.
 
     Attributes:
-        temperature: tau > 0. memory_bank_size: 0 or (M, D). gather_distributed: contrast
+        temperature: tau, |tau| >= 1e-8 (lightly's rule; a negative tau, which lightly also
+        accepts, runs on the torch and chunked backends). memory_bank_size: 0 or (M, D). gather_distributed: contrast
         against every rank's rows (with a bank: lightly's behaviour, the loss uses this rank's
         rows and the update all-gathers every rank's batch first, so all ranks keep one bank).
         backend, reduction ("none": the 2N per-row terms, N with a bank): keyword-only, see
         `fastcluster_cl.functional`. persistent_memory_bank: put the bank and its pointer in
         the state dict (False, lightly's choice: strict loads to and from lightly's module).
     Raises:
-        ValueError: temperature <= 0, unknown backend or reduction, gather_distributed without
+        ValueError: |temperature| < 1e-8, unknown backend or reduction, gather_distributed without
         torch.distributed, a memory_bank_size lightly refuses (a bare int > 0, a negative entry,
         not a pair); TypeError: a memory_bank_size that is not ints (here); bad shapes, a feature
         dimension other than the bank's, or NaN (in forward).
@@ -154,7 +156,7 @@ class NTXentLoss(nn.Module):
                  gather_distributed: bool = False, *, backend: str = "auto",
                  reduction: str = "mean", persistent_memory_bank: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_nt_xent_temperature(temperature)
         self.gather_distributed = check_gather_distributed(gather_distributed)
         self.backend = _check_backend(backend)
         self.reduction = check_reduction(reduction)

@@ -68,6 +68,18 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_nt_xent_temperature(value: float) -> float:
+    """NT-Xent's temperature: finite with |tau| >= 1e-8. A negative one is accepted as lightly's
+    NTXentLoss accepts it (it maximises the distance to the positives, which is rarely what a
+    run wants), and computed exactly on the torch and chunked backends."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or abs(value) < 1e-8:
+        raise ValueError(f"temperature must be a finite number with |temperature| >= 1e-8, got "
+                         f"{value}")
+    return float(value)
+
+
 def check_matrix(name: str, x: torch.Tensor, min_rows: int = 1, min_cols: int = 1) -> None:
     """A 2-D floating tensor with at least `min_rows` rows and `min_cols` columns."""
     if not isinstance(x, torch.Tensor):

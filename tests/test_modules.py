@@ -109,5 +109,6 @@ def test_cluster_contrastive_loss_rejects_bad_hyper_parameters(kwargs, match):
 
 
 def test_ntxent_module_rejects_bad_temperature():
-    with pytest.raises(ValueError, match="temperature"):
-        fc.NTXentLoss(temperature=-1)
+    for tau in (0.0, 1e-9, float("nan")):       # lightly's rule: |tau| >= 1e-8
+        with pytest.raises(ValueError, match="temperature"):
+            fc.NTXentLoss(temperature=tau)

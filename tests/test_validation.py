@@ -12,10 +12,20 @@ def z(n=4, d=3, dtype=torch.float32):
     return torch.randn(n, d, dtype=dtype)
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.5, math.inf, math.nan])
+@pytest.mark.parametrize("tau", [0.0, 5e-9, math.inf, math.nan])
 def test_nt_xent_rejects_bad_temperature(tau):
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number with "
+                                         r"\|temperature\| >= 1e-8"):
         fc.nt_xent(z(), z(), tau)
+
+
+def test_negative_nt_xent_temperature_runs_where_it_is_exact():
+    """lightly accepts tau < 0; torch and chunked compute it, the fused kernels refuse it."""
+    a, b = z(), z()
+    want = fc.nt_xent(a.double(), b.double(), -0.5, backend="torch")
+    torch.testing.assert_close(fc.nt_xent(a.double(), b.double(), -0.5, backend="chunked"), want)
+    with pytest.raises(ValueError, match="negative temperature .* not 'triton'"):
+        fc.nt_xent(a, b, -0.5, backend="triton")
 
 
 def test_temperature_type_is_checked():

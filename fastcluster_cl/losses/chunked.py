@@ -2,8 +2,8 @@
 
 Memory is O(N*D + block^2). S is symmetric, so only the upper-triangle tiles (I <= J) are
 computed: each serves the row sums of block I and, transposed, those of block J (half the
-matmul and exp work of the reference). Rows are shifted by the fixed bound 1/tau >= S_ik when
-exp(-2/tau) cannot underflow; below that temperature a first pass finds each row's exact max.
+matmul and exp work of the reference). Rows are shifted by the fixed bound 1/|tau| >= S_ik when
+exp(-2/|tau|) cannot underflow; below that temperature a first pass finds each row's exact max.
 The backward is one more pass over the same tiles using the saved per-row lse (DESIGN.md):
 
     dL/dzn_i = 1/tau * ( sum_j (w_i P_ij + w_j P_ji) zn_j - (w_i + w_pos(i)) zn_pos(i) ),
@@ -60,12 +60,13 @@ def _negatives_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor
     positive (i, i + N) lies in them on the diagonal N + I - J of tile (I, J); a diagonal tile
     also holds (i + N, i))."""
     shift = _row_shift(zn, inv_tau, block)
+    bound = abs(inv_tau)
     half = zn.shape[0] // 2
     total = torch.zeros(zn.shape[0], dtype=zn.dtype, device=zn.device)
     for rows, cols, diagonal in _tiles(zn.shape[0], block):
         s = _tile(zn, rows, cols, inv_tau)
         if shift is None:
-            e_rows = e_cols = torch.exp(s - inv_tau)
+            e_rows = e_cols = torch.exp(s - bound)
         else:
             e_rows, e_cols = torch.exp(s - shift[rows, None]), torch.exp(s - shift[None, cols])
         positive = half + rows.start - cols.start
@@ -79,7 +80,7 @@ def _negatives_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor
         else:
             total[rows] += e_rows.sum(1)
             total[cols] += e_cols.sum(0)
-    return torch.log(total) + (inv_tau if shift is None else shift)
+    return torch.log(total) + (bound if shift is None else shift)
 
 
 def _row_losses(negatives_lse: torch.Tensor, gap: torch.Tensor,
@@ -153,10 +154,10 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
             for diagonal in (offset, offset + half, offset - half):
                 s.diagonal(diagonal).fill_(float("-inf"))
             if fixed_shift:
-                acc += torch.exp(s - inv_tau).sum(1)
+                acc += torch.exp(s - abs(inv_tau)).sum(1)
             else:
                 acc = torch.logaddexp(acc, torch.logsumexp(s, 1))
-        out.append(torch.log(acc) + inv_tau if fixed_shift else acc)
+        out.append(torch.log(acc) + abs(inv_tau) if fixed_shift else acc)
     pos = _positive_of(row_start, row_end, zn)
     rows = slice(row_start, row_end)
     gap = reference.positive_gap(zn[rows], norm[rows], zn[pos], norm[pos])
@@ -307,10 +308,10 @@ def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_
     for cols in _bank_column_blocks(bank, block):
         s = (zn_a @ cols.T) * inv_tau
         if fixed_shift:
-            total += torch.exp(s - inv_tau).sum(1)
+            total += torch.exp(s - abs(inv_tau)).sum(1)
         else:
             total = torch.logaddexp(total, torch.logsumexp(s, 1))
-    t = (torch.log(total) + (inv_tau - s_pos)) if fixed_shift else total - s_pos
+    t = (torch.log(total) + (abs(inv_tau) - s_pos)) if fixed_shift else total - s_pos
     row_loss = torch.logaddexp(t, torch.zeros_like(t))
     return (row_loss.clone() if per_row else row_loss.mean()), row_loss
 

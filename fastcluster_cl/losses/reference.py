@@ -22,9 +22,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fixed_shift_safe(inv_tau: float, dtype: torch.dtype) -> bool:
-    """Whether the fixed shift 1/tau (an exact bound of |S|) keeps every exp(S_ik - 1/tau) a
-    normal number in the accumulation dtype `dtype`."""
-    return 2.0 * inv_tau <= _FIXED_SHIFT_RANGE[accumulation_dtype(dtype)]
+    """Whether the fixed shift 1/|tau| (an exact bound of |S|) keeps every exp(S_ik - 1/|tau|)
+    a normal number in the accumulation dtype `dtype`."""
+    return 2.0 * abs(inv_tau) <= _FIXED_SHIFT_RANGE[accumulation_dtype(dtype)]
 
 
 def row_norms(z: torch.Tensor) -> torch.Tensor:
