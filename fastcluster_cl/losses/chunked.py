@@ -4,7 +4,7 @@ Memory is O(N*D + block^2). S is symmetric, so only the upper-triangle tiles (I 
 computed: each serves the row sums of block I and, transposed, those of block J (half the
 matmul and exp work of the reference). Rows are shifted by the fixed bound 1/|tau| >= S_ik when
 exp(-2/|tau|) cannot underflow; below that temperature a first pass finds each row's exact max.
-The backward is one more pass over the same tiles using the saved per-row lse (DESIGN.md):
+The backward is one more pass over the same tiles using the saved per-row lse (docs/design.md):
 
     dL/dzn_i = 1/tau * ( sum_j (w_i P_ij + w_j P_ji) zn_j - (w_i + w_pos(i)) zn_pos(i) ),
 
@@ -12,18 +12,28 @@ with P_ij = exp(S_ij - lse_i) and w_i the incoming gradient of row i's term (1/(
 
 followed by the backward of the L2 normalisation. This is the fast path on CPU.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import torch
 
 from . import nt_xent_autograd, nt_xent_bank_autograd, reference
 from .nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
-from .reference import (NORM_EPS, accumulation_dtype, anchor_loss, anchor_loss_terms,  # noqa: F401
-                        dec_loss, dec_loss_terms, fixed_shift_safe, l2_normalize,
-                        l2_normalize_backward, outside_autocast, student_t)
+from .reference import (  # noqa: F401
+    NORM_EPS,
+    accumulation_dtype,
+    anchor_loss,
+    anchor_loss_terms,
+    dec_loss,
+    dec_loss_terms,
+    fixed_shift_safe,
+    l2_normalize,
+    l2_normalize_backward,
+    outside_autocast,
+)
 
 DEFAULT_BLOCK = 1024
 
@@ -38,7 +48,9 @@ def _tiles(rows: int, block: int) -> Iterator[tuple[slice, slice, bool]]:
 
 
 def _tile(zn: torch.Tensor, rows: slice, cols: slice, inv_tau: float) -> torch.Tensor:
-    return (zn[rows] @ zn[cols].T) * inv_tau
+    """S for the tile, a fresh tensor that callers transform in place: on the CPU each
+    (2N)^2-sized allocation costs page faults, not only its pass over memory."""
+    return torch.mm(zn[rows], zn[cols].T).mul_(inv_tau)
 
 
 def _row_shift(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor | None:
@@ -66,14 +78,15 @@ def _negatives_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor
     for rows, cols, diagonal in _tiles(zn.shape[0], block):
         s = _tile(zn, rows, cols, inv_tau)
         if shift is None:
-            e_rows = e_cols = torch.exp(s - bound)
+            e_rows = e_cols = s.sub_(bound).exp_()
         else:
-            e_rows, e_cols = torch.exp(s - shift[rows, None]), torch.exp(s - shift[None, cols])
+            e_cols = torch.exp(s - shift[None, cols])
+            e_rows = s.sub_(shift[rows, None]).exp_()
         positive = half + rows.start - cols.start
         e_rows.diagonal(positive).fill_(0.0)
         if e_cols is not e_rows:
             e_cols.diagonal(positive).fill_(0.0)
-        if diagonal:   # all of the tile is read by rows: (i + N, i) too
+        if diagonal:  # all of the tile is read by rows: (i + N, i) too
             e_rows.fill_diagonal_(0.0)
             e_rows.diagonal(-half).fill_(0.0)
             total[rows] += e_rows.sum(1)
@@ -83,15 +96,16 @@ def _negatives_lse(zn: torch.Tensor, inv_tau: float, block: int) -> torch.Tensor
     return torch.log(total) + (bound if shift is None else shift)
 
 
-def _row_losses(negatives_lse: torch.Tensor, gap: torch.Tensor,
-                inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_losses(
+    negatives_lse: torch.Tensor, gap: torch.Tensor, inv_tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row losses, masked lse) from the negatives' lse and the positives' 1 - cos: with
     t = lse_neg - S_pos, the row's loss log(exp(S_pos) + exp(lse_neg)) - S_pos is softplus(t),
     exact when it is tiny (correlated views at a small temperature), where lse - S_pos would
     cancel two numbers near 1/tau; the lse the backward needs is S_pos + the loss."""
     s_pos = (1.0 - gap) * inv_tau
     t = negatives_lse - s_pos
-    row_loss = torch.logaddexp(t, torch.zeros_like(t))     # softplus without its cut-off
+    row_loss = torch.logaddexp(t, torch.zeros_like(t))  # softplus without its cut-off
     return row_loss, s_pos + row_loss
 
 
@@ -112,6 +126,7 @@ def _positive_index(n: int, device: torch.device) -> torch.Tensor:
 # Z. Rectangular tiles (rows of the range x all columns); the single-process path above keeps
 # its symmetric upper-triangle tiles.
 
+
 def _range_tiles(row_start: int, row_end: int, cols: int, block: int):
     """(row block, column block, offset of the global diagonal inside the tile)."""
     for r0 in range(row_start, row_end, block):
@@ -119,20 +134,22 @@ def _range_tiles(row_start: int, row_end: int, cols: int, block: int):
         yield rows, [(slice(c0, min(c0 + block, cols)), r0 - c0) for c0 in range(0, cols, block)]
 
 
-def _normalized_range(z: torch.Tensor, row_start: int, row_end: int,
-                      block: int) -> torch.Tensor:
+def _normalized_range(z: torch.Tensor, row_start: int, row_end: int, block: int) -> torch.Tensor:
     """Check the row range and return the normalised Z in the accumulation dtype."""
     if not 0 <= row_start < row_end <= z.shape[0] or z.shape[0] % 2:
-        raise ValueError(f"rows [{row_start}, {row_end}) must be a non-empty range in the "
-                         f"{z.shape[0]} rows of Z = [z_a; z_b] (an even count)")
+        raise ValueError(
+            f"rows [{row_start}, {row_end}) must be a non-empty range in the "
+            f"{z.shape[0]} rows of Z = [z_a; z_b] (an even count)"
+        )
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     return l2_normalize(z)
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_lse_rows", mutates_args=())
-def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
-             block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def lse_rows(
+    z: torch.Tensor, row_start: int, row_end: int, inv_tau: float, block: int = DEFAULT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse_i, lse_i - S_i,pos(i)) for rows i in [row_start, row_end), lse_i = log sum_{k != i}
     exp(zn_i . zn_k * inv_tau), zn the row-normalised z.
 
@@ -146,8 +163,11 @@ def lse_rows(z: torch.Tensor, row_start: int, row_end: int, inv_tau: float,
     out = []
     for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
         count = rows.stop - rows.start
-        acc = torch.zeros(count, dtype=zn.dtype, device=zn.device) if fixed_shift else \
-            torch.full((count,), float("-inf"), dtype=zn.dtype, device=zn.device)
+        acc = (
+            torch.zeros(count, dtype=zn.dtype, device=zn.device)
+            if fixed_shift
+            else torch.full((count,), float("-inf"), dtype=zn.dtype, device=zn.device)
+        )
         for cols, offset in col_tiles:
             s = _tile(zn, rows, cols, inv_tau)
             # i itself, and its positive (column i + N or i - N): the negatives alone
@@ -175,8 +195,15 @@ def _positive_of(row_start: int, row_end: int, zn: torch.Tensor) -> torch.Tensor
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_grad_rows", mutates_args=())
-def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
-              row_end: int, inv_tau: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+def grad_rows(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_start: int,
+    row_end: int,
+    inv_tau: float,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows i in [row_start, row_end), with
     P_ij = exp(S_ij - lse_i), P_ii = 0 and `lse` the masked lse of all 2N rows: dL/dzn_i of the
     mean NT-Xent over the 2N rows, times 2N * tau (zn the row-normalised z). `row_loss` is part
@@ -185,8 +212,9 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     del row_loss
     zn = _normalized_range(z, row_start, row_end, block)[0]
     if lse.shape != zn.shape[:1]:
-        raise ValueError(f"lse must hold one value per row of Z ({zn.shape[0]}), got "
-                         f"{tuple(lse.shape)}")
+        raise ValueError(
+            f"lse must hold one value per row of Z ({zn.shape[0]}), got {tuple(lse.shape)}"
+        )
     out = []
     for rows, col_tiles in _range_tiles(row_start, row_end, zn.shape[0], block):
         g = torch.zeros(rows.stop - rows.start, zn.shape[1], dtype=zn.dtype, device=zn.device)
@@ -207,26 +235,31 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
 # The whole-matrix fast path (symmetric upper-triangle tiles), as torch.library ops with fake
 # implementations; `nt_xent_autograd.NTXent` is their autograd, and theirs when called directly.
 
+
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_fwd", mutates_args=())
-def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool,
-                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_forward(
+    z: torch.Tensor, inv_tau: float, per_row: bool, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the 2N row losses, or their mean if not per_row; the masked lse of the 2N rows)."""
     zn, norm = l2_normalize(z)
-    row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), _positive_gap(zn, norm),
-                                inv_tau)
+    row_loss, lse = _row_losses(
+        _negatives_lse(zn, inv_tau, block), _positive_gap(zn, norm), inv_tau
+    )
     return (row_loss if per_row else row_loss.mean()), lse
 
 
 @_fused_forward.register_fake
 def _(z, inv_tau, per_row, block):
     acc = accumulation_dtype(z.dtype)
-    return z.new_empty((z.shape[0],) if per_row else (), dtype=acc), \
-        z.new_empty(z.shape[0], dtype=acc)
+    return z.new_empty((z.shape[0],) if per_row else (), dtype=acc), z.new_empty(
+        z.shape[0], dtype=acc
+    )
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_bwd", mutates_args=())
-def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, lse: torch.Tensor,
-                    block: int) -> torch.Tensor:
+def _fused_backward(
+    z: torch.Tensor, grad: torch.Tensor, inv_tau: float, lse: torch.Tensor, block: int
+) -> torch.Tensor:
     """dL/dz from the incoming gradient of the mean (0-d) or of each row loss ((2N,)): the
     module docstring's formula with w_i that row's gradient, then the normalisation's backward."""
     zn, norm = l2_normalize(z)
@@ -236,12 +269,14 @@ def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, lse: to
     g = torch.zeros_like(zn)
     for rows, cols, diagonal in _tiles(rows_total, block):
         s = _tile(zn, rows, cols, inv_tau)
-        a = (w[rows, None] * torch.exp(s - lse[rows, None])          # w_I P_IJ + w_J P_JI^T
-             + w[None, cols] * torch.exp(s - lse[None, cols]))
-        if diagonal:
+        if diagonal:  # S_II is symmetric: w_J P_JI^T is the transpose of w_I P_IJ
+            a = s.sub_(lse[rows, None]).exp_().mul_(w[rows, None])
+            a = a + a.T
             a.fill_diagonal_(0.0)
             g[rows] += a @ zn[cols]
-        else:
+        else:  # w_I P_IJ + w_J P_JI^T
+            by_cols = torch.sub(s, lse[None, cols]).exp_().mul_(w[None, cols])
+            a = s.sub_(lse[rows, None]).exp_().mul_(w[rows, None]).add_(by_cols)
             g[rows] += a @ zn[cols]
             g[cols] += a.T @ zn[rows]
     pos = _positive_index(rows_total // 2, zn.device)
@@ -263,15 +298,17 @@ def _check_block(block_size: int) -> None:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
 
-def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-                  block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+def nt_xent_terms(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, block_size: int = DEFAULT_BLOCK
+) -> torch.Tensor:
     """NT-Xent's 2N per-row terms (`reference.nt_xent_terms`) in block_size x block_size tiles."""
     _check_block(block_size)
     return nt_xent_autograd.nt_xent_terms(z_a, z_b, temperature, "chunked", block_size)
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-            block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+def nt_xent(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, block_size: int = DEFAULT_BLOCK
+) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) in block_size x block_size tiles."""
     _check_block(block_size)
     return nt_xent_autograd.nt_xent(z_a, z_b, temperature, "chunked", block_size)
@@ -280,6 +317,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
 # NT-Xent against a memory bank (`reference.nt_xent_bank_terms`): the N rows of z_a against the
 # M bank rows in column blocks of `block`, never an N x M matrix; custom autograd
 # (`nt_xent_bank_autograd`) from the saved row losses.
+
 
 def _bank_rows(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float):
     """(zn_a, norm_a, zn_b, norm_b, the bank in the accumulation dtype, S_pos)."""
@@ -291,20 +329,29 @@ def _bank_rows(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau
 
 def _bank_column_blocks(bank: torch.Tensor, block: int):
     for c0 in range(0, bank.shape[0], block):
-        yield bank[c0:c0 + block]
+        yield bank[c0 : c0 + block]
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_bank_chunked_fwd", mutates_args=())
-def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
-                  per_row: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bank_forward(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    inv_tau: float,
+    per_row: bool,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the N row losses, or their mean; the row losses). Per row,
     t = log sum_k exp(S_ik - S_pos) = log sum_k exp(S_ik - 1/tau) + (1/tau - S_pos) under the
     fixed shift (1 - cos from ||zn_a - zn_b||^2 / 2: no large terms cancel), else from the
     blocks' logsumexp; the loss is softplus(t), accurate when it is tiny."""
     zn_a, _, _, _, bank, s_pos = _bank_rows(z_a, z_b, bank, inv_tau)
     fixed_shift = fixed_shift_safe(inv_tau, zn_a.dtype)
-    total = torch.zeros(zn_a.shape[0], dtype=zn_a.dtype, device=zn_a.device) if fixed_shift \
+    total = (
+        torch.zeros(zn_a.shape[0], dtype=zn_a.dtype, device=zn_a.device)
+        if fixed_shift
         else torch.full((zn_a.shape[0],), float("-inf"), dtype=zn_a.dtype, device=zn_a.device)
+    )
     for cols in _bank_column_blocks(bank, block):
         s = (zn_a @ cols.T) * inv_tau
         if fixed_shift:
@@ -318,14 +365,21 @@ def _bank_forward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_
 
 @_bank_forward.register_fake
 def _(z_a, z_b, bank, inv_tau, per_row, block):
-    return nt_xent_bank_autograd.fake_forward(z_a, per_row, z_a.new_empty(
-        z_a.shape[0], dtype=accumulation_dtype(z_a.dtype)))
+    return nt_xent_bank_autograd.fake_forward(
+        z_a, per_row, z_a.new_empty(z_a.shape[0], dtype=accumulation_dtype(z_a.dtype))
+    )
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_bank_chunked_bwd", mutates_args=())
-def _bank_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, grad: torch.Tensor,
-                   inv_tau: float, row_loss: torch.Tensor,
-                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bank_backward(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    grad: torch.Tensor,
+    inv_tau: float,
+    row_loss: torch.Tensor,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dz_a, dL/dz_b) from the mean's gradient (0-d) or one per row ((N,)): see
     `nt_xent_bank_autograd` for the formula."""
     zn_a, norm_a, zn_b, norm_b, bank, s_pos = _bank_rows(z_a, z_b, bank, inv_tau)
@@ -336,11 +390,13 @@ def _bank_backward(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, gra
     g_a = torch.zeros_like(zn_a)
     for cols in _bank_column_blocks(bank, block):
         g_a += torch.exp((zn_a @ cols.T) * inv_tau - lse[:, None]) @ cols
-    pos = torch.expm1(-row_loss)[:, None]                 # P_pos - 1, no cancellation
+    pos = torch.expm1(-row_loss)[:, None]  # P_pos - 1, no cancellation
     g_a = (g_a + pos * zn_b) * w[:, None]
     g_b = pos * zn_a * w[:, None]
-    return (l2_normalize_backward(zn_a, norm_a, g_a).to(z_a.dtype),
-            l2_normalize_backward(zn_b, norm_b, g_b).to(z_b.dtype))
+    return (
+        l2_normalize_backward(zn_a, norm_a, g_a).to(z_a.dtype),
+        l2_normalize_backward(zn_b, norm_b, g_b).to(z_b.dtype),
+    )
 
 
 @_bank_backward.register_fake
@@ -351,24 +407,51 @@ def _(z_a, z_b, bank, grad, inv_tau, row_loss, block):
 nt_xent_bank_autograd.register_bank_autograd(_bank_forward, _bank_backward, "chunked")
 
 
-def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float,
-                 block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+def nt_xent_bank(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    block_size: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
     """`reference.nt_xent_bank` over column blocks of block_size bank rows."""
     _check_block(block_size)
-    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, temperature, False,
-                                              block_size)
+    return nt_xent_bank_autograd.nt_xent_bank(
+        _bank_forward, z_a, z_b, bank, temperature, False, block_size
+    )
 
 
-def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                       temperature: float, block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+def nt_xent_bank_terms(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    block_size: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
     """`reference.nt_xent_bank_terms` over column blocks (per-row gradients supported)."""
     _check_block(block_size)
-    return nt_xent_bank_autograd.nt_xent_bank(_bank_forward, z_a, z_b, bank, temperature, True,
-                                              block_size)
+    return nt_xent_bank_autograd.nt_xent_bank(
+        _bank_forward, z_a, z_b, bank, temperature, True, block_size
+    )
 
 
-# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; the O(N*K) terms
-# (student_t, dec_loss, anchor_loss) have no N x N matrix to chunk and are the reference ones.
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`reference.student_t` with the distances as one matrix product,
+    ||h_i - mu_k||^2 = ||h_i||^2 + ||mu_k||^2 - 2 h_i . mu_k, instead of an (N, K, F)
+    difference tensor (its memory traffic, not its arithmetic, was the anchor objective's CPU
+    time); autograd's backward is matrix products too. The product runs in float64 whatever
+    the input dtype, so that the cancellation for a point near its centre is far below the
+    float32 reference's own rounding (docs/performance.md has the measurements)."""
+    h64, c64 = h.to(torch.float64), centers.to(torch.float64)
+    dist2 = ((h64 * h64).sum(1, keepdim=True) + (c64 * c64).sum(1) - 2.0 * h64 @ c64.T).clamp_min(
+        0.0
+    )
+    q = torch.softmax(-(alpha + 1) / 2 * torch.log1p(dist2 / alpha), dim=1)
+    return q.to(accumulation_dtype(h.dtype))
+
+
+# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; dec_loss and
+# anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
 cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
 tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
 cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
