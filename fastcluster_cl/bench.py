@@ -23,6 +23,7 @@ from ``torch.cuda.max_memory_allocated``; on CPU from the allocation/free events
 c10's allocator), replayed in time order to find the running maximum. This is tensor memory,
 not process RSS, so it compares backends exactly and is not blurred by the allocator's caching.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -51,15 +52,27 @@ BACKENDS = ("torch", "chunked", "triton", "cuda")
 GPU_ONLY = ("triton", "cuda")
 # The whole objectives through a GPU backend's separate ops instead of its one-pass kernels.
 SEPARATE = ("triton-separate", "cuda-separate")
-PEERS = ("torch-compile", "lightly", "pml")
-IMPLS = BACKENDS + SEPARATE + PEERS
+PEERS = ("torch-compile", "lightly", "lightly-compile", "pml")
+OURS = "auto"  # the library as users call it: backend="auto"
+IMPLS = (OURS,) + BACKENDS + SEPARATE + PEERS
 REFERENCE = "torch"
 OBJECTIVES = ("anchor_objective", "cc_objective")
-OPS = ("nt_xent", "cc_cluster_loss", "student_t", "dec_loss", "anchor_loss", "tcc_cluster_loss",
-       *OBJECTIVES)
+OPS = (
+    "nt_xent",
+    "cc_cluster_loss",
+    "student_t",
+    "dec_loss",
+    "anchor_loss",
+    "tcc_cluster_loss",
+    *OBJECTIVES,
+)
 MODES = ("fwd", "fwd+bwd")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 ROTATE = 3  # input sets cycled through while timing
 TEMPERATURE = 0.5
 
@@ -72,6 +85,7 @@ class Skip(Exception):
 class Case:
     """One benchmark shape. two_n: rows of Z = [z_a; z_b] (each view has N = two_n // 2 rows);
     dim: projection/feature width D; k: clusters K; backward: forward+backward when True."""
+
     op: str
     two_n: int
     dim: int
@@ -99,13 +113,26 @@ class Case:
 
 
 # Which of D and K each op's inputs depend on (the others are not varied for it).
-_USES = {"nt_xent": "D", "cc_cluster_loss": "K", "student_t": "DK", "dec_loss": "K",
-         "anchor_loss": "K", "tcc_cluster_loss": "DK", "anchor_objective": "DK",
-         "cc_objective": "DK"}
+_USES = {
+    "nt_xent": "D",
+    "cc_cluster_loss": "K",
+    "student_t": "DK",
+    "dec_loss": "K",
+    "anchor_loss": "K",
+    "tcc_cluster_loss": "DK",
+    "anchor_objective": "DK",
+    "cc_objective": "DK",
+}
 
 
-def cases(ops: Sequence[str], sizes: Sequence[int], dims: Sequence[int], ks: Sequence[int],
-          dtypes: Sequence[str], modes: Sequence[str] = MODES) -> list[Case]:
+def cases(
+    ops: Sequence[str],
+    sizes: Sequence[int],
+    dims: Sequence[int],
+    ks: Sequence[int],
+    dtypes: Sequence[str],
+    modes: Sequence[str] = MODES,
+) -> list[Case]:
     """The cross product, without repeating an op over a size it does not depend on."""
     out = []
     for op in ops:
@@ -154,7 +181,7 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
 
 
 def floor(case: Case) -> dict[str, float]:
-    """FLOP, exp and byte floors of one call (DESIGN.md, "Performance method").
+    """FLOP, exp and byte floors of one call (docs/design.md, "Performance method").
 
     NT-Xent forward: 2*(2N)^2*D FLOPs (the Z Z^T GEMM) and (2N)^2 exps; the other ops count
     their GEMM-like products the same way and their elementwise work once per element. The
@@ -162,8 +189,10 @@ def floor(case: Case) -> dict[str, float]:
     every input once (plus writing an (N, K) output for student_t), and for the backward
     writing each input's gradient."""
     if case.op in _PARTS:  # a whole objective: the sum of its parts
-        parts = [floor(Case(op, case.two_n, case.dim, case.k, case.dtype, case.backward))
-                 for op in _PARTS[case.op]]
+        parts = [
+            floor(Case(op, case.two_n, case.dim, case.k, case.dtype, case.backward))
+            for op in _PARTS[case.op]
+        ]
         return {key: sum(part[key] for part in parts) for key in parts[0]}
     n, d, k, two_n = case.n, case.dim, case.k, case.two_n
     size = DTYPES[case.dtype].itemsize
@@ -176,8 +205,11 @@ def floor(case: Case) -> dict[str, float]:
         "dec_loss": (8 * n * k, n * k, n * k),
         "anchor_loss": (8 * n * k, 2 * n * k, 3 * n * k),
         # y^T h for both views, NT-Xent over 2K rows of width D, softmax/Gumbel of both views
-        "tcc_cluster_loss": (4 * n * k * d + 2 * (2 * k) ** 2 * d + 8 * n * k,
-                             (2 * k) ** 2 + 4 * n * k, 2 * n * k + 2 * n * d),
+        "tcc_cluster_loss": (
+            4 * n * k * d + 2 * (2 * k) ** 2 * d + 8 * n * k,
+            (2 * k) ** 2 + 4 * n * k,
+            2 * n * k + 2 * n * d,
+        ),
     }[case.op]
     nbytes = elements * size + (n * k * 4 if case.op == "student_t" else 0)
     if case.backward:
@@ -187,29 +219,42 @@ def floor(case: Case) -> dict[str, float]:
 
 
 # The separate ops each whole objective is made of (for its floors).
-_PARTS = {"anchor_objective": ("nt_xent", "student_t", "student_t", "student_t", "dec_loss",
-                               "anchor_loss"),
-          "cc_objective": ("nt_xent", "cc_cluster_loss")}
+_PARTS = {
+    "anchor_objective": (
+        "nt_xent",
+        "student_t",
+        "student_t",
+        "student_t",
+        "dec_loss",
+        "anchor_loss",
+    ),
+    "cc_objective": ("nt_xent", "cc_cluster_loss"),
+}
 
 
 def _peer_nt_xent(impl: str, device: torch.device) -> Callable:
-    if impl == "lightly":
+    if impl in ("lightly", "lightly-compile"):
         try:
             from lightly.loss import NTXentLoss
         except ImportError as err:
-            raise Skip(f"lightly is not installed ({err}); pip install 'fastcluster_cl[bench]'")
-        return NTXentLoss(temperature=TEMPERATURE).to(device)
+            raise Skip(
+                f"lightly is not installed ({err}); pip install 'fastcluster_cl[bench]'"
+            ) from None
+        loss = NTXentLoss(temperature=TEMPERATURE).to(device)
+        return torch.compile(loss) if impl == "lightly-compile" else loss
     try:
         from pytorch_metric_learning.losses import NTXentLoss
     except ImportError as err:
-        raise Skip(f"pytorch-metric-learning is not installed ({err}); "
-                   "pip install 'fastcluster_cl[bench]'")
+        raise Skip(
+            f"pytorch-metric-learning is not installed ({err}); pip install 'fastcluster_cl[bench]'"
+        ) from None
     loss = NTXentLoss(temperature=TEMPERATURE)
 
     def pml(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         # pml's convention: one embedding batch, equal labels mark the positive pairs.
         labels = torch.arange(z_a.shape[0], device=z_a.device).repeat(2)
         return loss(torch.cat([z_a, z_b]), labels)
+
     return pml
 
 
@@ -241,7 +286,7 @@ def _public(op: str) -> Callable:
     return lambda *args, **kwargs: fn(*args, **kwargs).total
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_reference(op: str) -> Callable:
     """The torch reference of `op` under torch.compile, one per op so shapes share its cache."""
     return torch.compile(partial(_public(op), backend="torch", **_op_args(op)))
@@ -258,27 +303,32 @@ def resolve_impl(impl: str, op: str, device: torch.device) -> Callable:
             raise Skip(f"{impl} times the whole objectives only ({', '.join(OBJECTIVES)})")
         backend = impl.split("-")[0]
         return partial(resolve_impl(backend, op, device), fused=False)
+    if impl == OURS:
+        return partial(fn, backend="auto", **_op_args(op))
     if impl in BACKENDS:
         if impl in GPU_ONLY and device.type != "cuda":
             why = " (the Triton interpreter is a correctness tool, not a timing)"
-            raise Skip(f"{impl} is GPU-only; not timed on {device.type}"
-                       + (why if impl == "triton" else ""))
+            raise Skip(
+                f"{impl} is GPU-only; not timed on {device.type}"
+                + (why if impl == "triton" else "")
+            )
         try:  # a whole objective runs wherever the backend loads (separate ops if need be)
             implementation("nt_xent" if op in OBJECTIVES else op, impl, device)
         except (RuntimeError, NotImplementedError) as err:
-            raise Skip(str(err))
+            raise Skip(str(err)) from None
         return partial(fn, backend=impl, **_op_args(op))
     if impl == "torch-compile":
         return _compiled_reference(op)
-    if impl in ("lightly", "pml"):
+    if impl in ("lightly", "lightly-compile", "pml"):
         if op != "nt_xent":
             raise Skip(f"{impl} has no {op}")
         return _peer_nt_xent(impl, device)
     raise ValueError(f"implementation must be one of {IMPLS}, got {impl!r}")
 
 
-def make_step(fn: Callable, input_sets: Sequence[tuple[torch.Tensor, ...]],
-              backward: bool) -> Callable[[], object]:
+def make_step(
+    fn: Callable, input_sets: Sequence[tuple[torch.Tensor, ...]], backward: bool
+) -> Callable[[], object]:
     """A no-argument call of `fn` cycling over `input_sets`; with `backward`, also the
     gradients of the inputs that require them (torch.autograd.grad, so nothing accumulates
     between calls). A non-scalar output (student_t's q) is back-propagated with a fixed random
@@ -295,29 +345,51 @@ def make_step(fn: Callable, input_sets: Sequence[tuple[torch.Tensor, ...]],
         if out.dim() and out.shape not in cotangent:
             gen = torch.Generator().manual_seed(0)
             cotangent[out.shape] = torch.randn(out.shape, generator=gen).to(out)
-        return torch.autograd.grad(out, [t for t in inputs if t.requires_grad],
-                                   cotangent.get(out.shape))
+        return torch.autograd.grad(
+            out, [t for t in inputs if t.requires_grad], cotangent.get(out.shape)
+        )
+
     return forward_backward if backward else forward
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
-def time_call(step: Callable[[], object], device: torch.device, min_run_time: float,
-              clock: str = "wall") -> float:
-    """Median seconds per call of `step` (warm-up included in both timers). On CPU, `clock`
+def time_call(
+    step: Callable[[], object], device: torch.device, min_run_time: float, clock: str = "wall"
+) -> float:
+    """Median seconds per call of `step` (`time_spread` also gives the spread)."""
+    return time_spread(step, device, min_run_time, clock)[0]
+
+
+def time_spread(
+    step: Callable[[], object], device: torch.device, min_run_time: float, clock: str = "wall"
+) -> tuple[float, float]:
+    """(median, interquartile range) of seconds per call of `step` (warm-up included in both
+    timers; CUDA reports no IQR: 0). On CPU, `clock`
     "process" counts this process's CPU seconds (all its threads) instead of wall time: with
     one thread on a shared, loaded machine that is the uncontended time, which wall time is
     not. CUDA always uses CUDA events."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return do_bench(step, warmup=max(1, int(min_run_time * 250)),
-                        rep=max(1, int(min_run_time * 1000)), return_mode="median") / 1e3
+
+        return do_bench(
+            step,
+            warmup=max(1, int(min_run_time * 250)),
+            rep=max(1, int(min_run_time * 1000)),
+            return_mode="median",
+        ) / 1e3, 0.0
     from torch.utils.benchmark import Timer
+
     step()
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads(),
-                  timer=CLOCKS[clock])
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    timer = Timer(
+        stmt="step()",
+        globals={"step": step},
+        num_threads=torch.get_num_threads(),
+        timer=CLOCKS[clock],
+    )
+    measured = timer.blocked_autorange(min_run_time=min_run_time)
+    return measured.median, measured.iqr
 
 
 def peak_memory(step: Callable[[], object], device: torch.device) -> int:
@@ -331,11 +403,17 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-                     and e.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ),
+        key=lambda e: e.start_ns(),
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()  # negative for frees
@@ -347,11 +425,12 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
 CEILING_SIZE = {"cpu": 1024, "cuda": 8192}
 
 
-def matmul_ceiling(dtype: str, device: torch.device, min_run_time: float,
-                   clock: str = "wall") -> float:
-    """Measured TFLOP/s of an n^3 matrix product (n = CEILING_SIZE) in `dtype` on random inputs: the ceiling
-    the loss kernels' dot products run against (float32 follows torch's TF32 setting, as the
-    losses do)."""
+def matmul_ceiling(
+    dtype: str, device: torch.device, min_run_time: float, clock: str = "wall"
+) -> float:
+    """Measured TFLOP/s of an n^3 matrix product (n = CEILING_SIZE) in `dtype` on random
+    inputs: the ceiling the loss kernels' dot products run against (float32 follows torch's TF32
+    setting, as the losses do)."""
     device = torch.device(device)
     n = CEILING_SIZE[device.type]
     gen = torch.Generator().manual_seed(0)
@@ -360,29 +439,46 @@ def matmul_ceiling(dtype: str, device: torch.device, min_run_time: float,
     return 2 * n**3 / seconds / 1e12
 
 
-def measure(case: Case, impl: str, device: torch.device, min_run_time: float,
-            input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
-            clock: str = "wall") -> dict:
+def measure(
+    case: Case,
+    impl: str,
+    device: torch.device,
+    min_run_time: float,
+    input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
+    clock: str = "wall",
+) -> dict:
     """Time and peak memory of `impl` on `case`, with its floors. Raises Skip."""
     fn = resolve_impl(impl, case.op, device)
     if impl == "pml" and pml_memory_bytes(case.two_n) > memory_budget(device):
-        raise Skip(f"pytorch-metric-learning's NTXentLoss needs about "
-                   f"{pml_memory_bytes(case.two_n) / 2**30:.0f} GiB at 2N = {case.two_n} "
-                   "(cubic mask); over the memory budget")
+        raise Skip(
+            f"pytorch-metric-learning's NTXentLoss needs about "
+            f"{pml_memory_bytes(case.two_n) / 2**30:.0f} GiB at 2N = {case.two_n} "
+            "(cubic mask); over the memory budget"
+        )
     if input_sets is None:
         input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
     step = make_step(fn, input_sets, case.backward)
     with value_checks(False):
         try:
             step()  # first call: compiles (torch.compile, Triton) and surfaces errors
-            seconds = time_call(step, device, min_run_time, clock)
+            seconds, iqr = time_spread(step, device, min_run_time, clock)
             peak = peak_memory(step, device)
         except torch.OutOfMemoryError as err:
-            raise Skip(f"out of memory: {str(err).splitlines()[0]}")
+            raise Skip(f"out of memory: {str(err).splitlines()[0]}") from None
     fl = floor(case)
-    return {**asdict(case), "case": case.label, "mode": case.mode, "impl": impl,
-            "median_s": seconds, "peak_bytes": int(peak), **fl,
-            "tflops": fl["flops"] / seconds / 1e12, "gbps": fl["bytes"] / seconds / 1e9}
+    return {
+        **asdict(case),
+        "case": case.label,
+        "mode": case.mode,
+        "impl": impl,
+        "median_s": seconds,
+        "iqr_s": iqr,
+        "threads": torch.get_num_threads(),
+        "peak_bytes": int(peak),
+        **fl,
+        "tflops": fl["flops"] / seconds / 1e12,
+        "gbps": fl["bytes"] / seconds / 1e9,
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -402,21 +498,37 @@ def machine(device: torch.device) -> dict:
     except OSError:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    return {"device": str(device), "device_name": name, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
-            "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            **{dist: _version(dist) for dist in ("triton", "lightly", "pytorch-metric-learning",
-                                                 "fastcluster_cl")}}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **{
+            dist: _version(dist)
+            for dist in ("triton", "lightly", "pytorch-metric-learning", "fastcluster_cl")
+        },
+    }
 
 
-def run_cases(case_list: Sequence[Case], impls: Sequence[str], device: torch.device,
-              min_run_time: float, progress: Callable[[str], None] = lambda _msg: None,
-              clock: str = "wall") -> dict:
+def run_cases(
+    case_list: Sequence[Case],
+    impls: Sequence[str],
+    device: torch.device,
+    min_run_time: float,
+    progress: Callable[[str], None] = lambda _msg: None,
+    clock: str = "wall",
+) -> dict:
     """Measure every (case, impl); add each row's ratio to the reference of the same case and
     its fraction of the measured matrix-product ceiling of its dtype."""
-    ceilings = {dtype: matmul_ceiling(dtype, device, min_run_time, clock)
-                for dtype in dict.fromkeys(case.dtype for case in case_list)}
+    ceilings = {
+        dtype: matmul_ceiling(dtype, device, min_run_time, clock)
+        for dtype in dict.fromkeys(case.dtype for case in case_list)
+    }
     progress("matmul ceiling TFLOP/s: " + ", ".join(f"{d} {v:.3g}" for d, v in ceilings.items()))
     results, skipped = [], []
     for case in case_list:
@@ -443,13 +555,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(results: Sequence[dict]) -> str:
     """Markdown table: one row per (case, implementation)."""
-    lines = ["| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
-             "| peak MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
+        "| peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
-                     f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
-                     f"{_fmt(100 * r['ceiling_fraction'], '.3g')} | "
-                     f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.3g')} |")
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {_fmt(r['median_s'] * 1e3, '.3f')} | "
+            f"{_fmt(r['ratio'], '.2f')} | {_fmt(r['tflops'], '.3g')} | "
+            f"{_fmt(100 * r['ceiling_fraction'], '.3g')} | "
+            f"{_fmt(r['gbps'], '.3g')} | {_fmt(r['peak_bytes'] / 2**20, '.3g')} |"
+        )
     return "\n".join(lines)
 
 
@@ -457,15 +574,54 @@ def summary_table(results: Sequence[dict]) -> str:
     """Compact markdown table for a README: one row per case, one column per implementation
     holding "median ms (x torch), peak MiB"."""
     impls = list(dict.fromkeys(r["impl"] for r in results))
+    several = len({r.get("threads") for r in results}) > 1
     rows: dict[str, dict[str, dict]] = {}
     for r in results:
-        rows.setdefault(r["case"], {})[r["impl"]] = r
+        label = f"{r['case']} ({r['threads']} threads)" if several else r["case"]
+        rows.setdefault(label, {})[r["impl"]] = r
     lines = ["| case | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
     for case, by_impl in rows.items():
-        cells = [f"{by_impl[i]['median_s'] * 1e3:.3g} ms ({_fmt(by_impl[i]['ratio'], '.2f')}x), "
-                 f"{by_impl[i]['peak_bytes'] / 2**20:.3g} MiB" if i in by_impl else "-"
-                 for i in impls]
+        cells = [
+            f"{by_impl[i]['median_s'] * 1e3:.3g} ms ({_fmt(by_impl[i]['ratio'], '.2f')}x), "
+            f"{by_impl[i]['peak_bytes'] / 2**20:.3g} MiB"
+            if i in by_impl
+            else "-"
+            for i in impls
+        ]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def peers_table(results: Sequence[dict]) -> str:
+    """Markdown table of ours (backend="auto") against the fastest peer of each case and
+    thread count, with peak memory against the torch reference. "within noise": the ratio's
+    distance from 1 is below the sum of both rows' relative interquartile ranges."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        groups.setdefault((r["case"], r.get("threads")), {})[r["impl"]] = r
+    lines = [
+        "| case | threads | ours (auto) ms | fastest peer | its ms | ours / fastest | "
+        "verdict | ours MiB | torch MiB |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|",
+    ]
+    for (case, threads), by_impl in groups.items():
+        ours = by_impl.get(OURS)
+        peers = [by_impl[p] for p in ("torch",) + PEERS if p in by_impl]
+        if ours is None or not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_s"])
+        ratio = ours["median_s"] / best["median_s"]
+        noise = ours.get("iqr_s", 0) / ours["median_s"] + best.get("iqr_s", 0) / best["median_s"]
+        verdict = (
+            "ahead" if ratio < 1 - noise else "behind" if ratio > 1 + noise else "within noise"
+        )
+        torch_mib = by_impl["torch"]["peak_bytes"] / 2**20 if "torch" in by_impl else None
+        lines.append(
+            f"| {case} | {threads} | {ours['median_s'] * 1e3:.3g} | "
+            f"{best['impl']} | {best['median_s'] * 1e3:.3g} | {ratio:.2f} | "
+            f"{verdict} | {ours['peak_bytes'] / 2**20:.3g} | "
+            f"{_fmt(torch_mib, '.3g')} |"
+        )
     return "\n".join(lines)
 
 
@@ -474,14 +630,17 @@ def skipped_summary(skipped: Sequence[dict]) -> str:
     groups: dict[tuple[str, str], list[str]] = {}
     for skip in skipped:
         groups.setdefault((skip["impl"], skip["reason"]), []).append(skip["case"])
-    return "\n".join(f"skipped {impl} on {len(names)} case(s), e.g. {names[0]}: {reason}"
-                     for (impl, reason), names in groups.items())
+    return "\n".join(
+        f"skipped {impl} on {len(names)} case(s), e.g. {names[0]}: {reason}"
+        for (impl, reason), names in groups.items()
+    )
 
 
 def plot(results: Sequence[dict], path: Path) -> Path | None:
     """PNG of median time and peak memory against 2N, one line per implementation, one row per
     (op, D, K, dtype, mode) series; None when no series has two sizes to draw."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -489,8 +648,9 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
     for r in results:
         key = (r["op"], r["dim"], r["k"], r["dtype"], r["mode"])
         series.setdefault(key, {}).setdefault(r["impl"], []).append(r)
-    series = {key: impls for key, impls in series.items()
-              if any(len(rows) > 1 for rows in impls.values())}
+    series = {
+        key: impls for key, impls in series.items() if any(len(rows) > 1 for rows in impls.values())
+    }
     if not series:
         return None
     fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.2 * len(series)), squeeze=False)
@@ -501,11 +661,9 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
             rows = sorted(rows, key=lambda r: r["two_n"])
             xs = [r["two_n"] for r in rows]
             ax_t.plot(xs, [r["median_s"] * 1e3 for r in rows], marker="o", label=impl)
-            ax_m.plot(xs, [max(r["peak_bytes"], 1) / 2**20 for r in rows], marker="o",
-                      label=impl)
+            ax_m.plot(xs, [max(r["peak_bytes"], 1) / 2**20 for r in rows], marker="o", label=impl)
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MiB)")):
-            ax.set(xscale="log", yscale="log", xlabel="2N (rows of Z)", ylabel=ylabel,
-                   title=title)
+            ax.set(xscale="log", yscale="log", xlabel="2N (rows of Z)", ylabel=ylabel, title=title)
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
     fig.tight_layout()
@@ -514,14 +672,22 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
     return path
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected integers >= 2, got {text!r}")
-    return values
+def _ints_from(minimum: int) -> Callable[[str], list[int]]:
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}"
+            ) from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+_ints = _ints_from(2)  # sizes, widths, cluster counts
 
 
 def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -531,6 +697,7 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         if bad or not values:
             raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
         return values
+
     return parse
 
 
@@ -541,32 +708,68 @@ QUICK_SIZES = [64, 128]
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the runner's options to `parser` (the `fastcluster-cl bench` subparser)."""
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", type=_choices(OPS), default=["nt_xent"],
-                        help=f"comma-separated ops from {','.join(OPS)} (default nt_xent)")
-    parser.add_argument("--sizes", type=_ints, default=None,
-                        help="comma-separated 2N (rows of Z = both views); default "
-                        f"{DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--ops",
+        type=_choices(OPS),
+        default=["nt_xent"],
+        help=f"comma-separated ops from {','.join(OPS)} (default nt_xent)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="comma-separated 2N (rows of Z = both views); default "
+        f"{DEFAULT_SIZES['cpu']} on cpu, {DEFAULT_SIZES['cuda']} on cuda",
+    )
     parser.add_argument("--dims", type=_ints, default=[128], help="projection widths D")
     parser.add_argument("--ks", type=_ints, default=[10], help="cluster counts K")
-    parser.add_argument("--dtype", type=_choices(tuple(DTYPES)), default=["float32"],
-                        help="comma-separated dtypes (default float32)")
+    parser.add_argument(
+        "--dtype",
+        type=_choices(tuple(DTYPES)),
+        default=["float32"],
+        help="comma-separated dtypes (default float32)",
+    )
     parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
-    parser.add_argument("--backends", type=_choices(IMPLS), default=None,
-                        help=f"implementations from {','.join(IMPLS)} (default all; with "
-                        "--quick, torch,chunked)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"),
-                        help="folder for the results JSON and PNG (created)")
-    parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds of timing per measurement (default 0.2, --quick 0.02)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own setting)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="CPU timer: wall time, or this process's CPU time (for a loaded "
-                        "shared machine, with --threads 1)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: 2N in {QUICK_SIZES}, torch and chunked, short timing")
+    parser.add_argument(
+        "--backends",
+        type=_choices(IMPLS),
+        default=None,
+        help=f"implementations from {','.join(IMPLS)} (default all; with --quick, torch,chunked)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="folder for the results JSON and PNG (created)",
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of timing per measurement (default 0.2, --quick 0.02)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_ints_from(1),
+        default=None,
+        help="comma-separated CPU thread counts for torch, each a full run "
+        "(default: torch's own setting)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="CPU timer: wall time, or this process's CPU time (for a loaded "
+        "shared machine, with --threads 1)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: 2N in {QUICK_SIZES}, torch and chunked, short timing",
+    )
     return parser
 
 
@@ -576,11 +779,6 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device")
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads must be >= 1, got {args.threads}")
-            return 2
-        torch.set_num_threads(args.threads)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
     impls = args.backends or (["torch", "chunked"] if args.quick else list(IMPLS))
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
@@ -588,26 +786,49 @@ def run(args: argparse.Namespace) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc)
     info = machine(device)  # before the run: the load average is that of other processes
     clock = "cuda events" if device.type == "cuda" else args.clock
-    measured = run_cases(case_list, impls, device, min_run_time,
-                         progress=lambda msg: print(msg, flush=True), clock=args.clock)
-    report = {"meta": {**info, "date": stamp.isoformat(timespec="seconds"),
-                       "min_run_time_s": min_run_time, "rotated_input_sets": ROTATE,
-                       "clock": clock,
-                       "peak_memory_method": "cuda.max_memory_allocated" if device.type == "cuda"
-                       else "torch.profiler profile_memory events"},
-              **measured}
+    measured = {"results": [], "skipped": []}
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        part = run_cases(
+            case_list,
+            impls,
+            device,
+            min_run_time,
+            progress=lambda msg, t=threads: print(f"[{t} threads] {msg}", flush=True),
+            clock=args.clock,
+        )
+        measured["matmul_ceiling_tflops"] = part["matmul_ceiling_tflops"]
+        measured["results"] += part["results"]
+        measured["skipped"] += part["skipped"]
+    report = {
+        "meta": {
+            **info,
+            "date": stamp.isoformat(timespec="seconds"),
+            "min_run_time_s": min_run_time,
+            "rotated_input_sets": ROTATE,
+            "clock": clock,
+            "peak_memory_method": "cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "torch.profiler profile_memory events",
+        },
+        **measured,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", info["device_name"]).strip("-").lower()
     base = args.out / f"{stamp:%Y%m%dT%H%M%S}-{device.type}-{slug}"
     json_path = base.with_suffix(".json")
     json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     png = plot(measured["results"], base.with_suffix(".png"))
-    print(f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
-          f"clock), torch {info['torch']}, {report['meta']['date']}; matmul ceiling "
-          + ", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in
-                      measured["matmul_ceiling_tflops"].items()) + "\n")
+    print(
+        f"\n{info['device_name']} ({device}, {info['torch_threads']} threads, {clock} "
+        f"clock), torch {info['torch']}, {report['meta']['date']}; matmul ceiling "
+        + ", ".join(f"{d} {v:.3g} TFLOP/s" for d, v in measured["matmul_ceiling_tflops"].items())
+        + "\n"
+    )
     print(table(measured["results"]))
     print("\n" + summary_table(measured["results"]) + "\n")
+    if any(r["impl"] == OURS for r in measured["results"]):
+        print(peers_table(measured["results"]) + "\n")
     print(skipped_summary(measured["skipped"]))
     print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
     return 0
@@ -619,9 +840,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["static"]:
         from . import static_report
+
         return static_report.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="fastcluster-cl bench", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastcluster-cl bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return run(add_arguments(parser).parse_args(argv))
 
 
