@@ -1,9 +1,11 @@
 // torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.cuda_backend builds it).
 //
 // Each function checks its tensors, allocates the outputs and calls the extern "C" launchers of
-// fcl_kernels.h on the current stream. The autograd.Function that composes them lives in
-// fastcluster_cl/cuda_backend.py; the row-range functions are also the building blocks of the
-// distributed path (each rank: its rows against the all-gathered Z and lse).
+// fcl_kernels.h on the current stream. fastcluster_cl/cuda_backend.py registers them as
+// torch.library ops; NT-Xent's one autograd.Function is fastcluster_cl/losses/nt_xent_autograd.py
+// and the cluster ops' autograd is registered on their ops (docs/ops.md). The row-range functions
+// are also the building blocks of the distributed path (each rank: its rows against the
+// all-gathered Z and lse).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>

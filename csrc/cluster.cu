@@ -1,6 +1,6 @@
 // The O(N*K) cluster terms of the CUDA twin, forward and backward: the Student-t assignment of
-// the centre head and the DEC and anchor losses of arXiv 2109.12714 (DESIGN.md, "The
-// objective", items 2 to 4).
+// the centre head and the DEC and anchor losses of arXiv 2109.12714 (docs/design.md, "The
+// losses", items 4 to 6).
 //
 // Student-t: logit_ik = -(alpha+1)/2 log1p(d_ik / alpha), d_ik = ||h_i - mu_k||^2 (summed as
 //   squared differences in fp32, like the reference), q = softmax_k(logit). One warp per row i.

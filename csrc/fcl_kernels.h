@@ -1,5 +1,5 @@
-// C interface of the CUDA twin: the fused NT-Xent (DESIGN.md, "The objective", item 1;
-// csrc/nt_xent.cu) and the DEC / anchor terms (items 3 and 4; csrc/cluster.cu).
+// C interface of the CUDA twin: the fused NT-Xent (docs/design.md, "The losses", item 1;
+// csrc/nt_xent.cu) and the Student-t, DEC and anchor terms (items 4 to 6; csrc/cluster.cu).
 //
 // NT-Xent: Z = [z_a; z_b] has m = 2n rows of d features; row i's positive is (i + m/2) mod m. Every
 // launcher takes raw device pointers, sizes and a stream, launches asynchronously and returns
