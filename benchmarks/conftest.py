@@ -4,6 +4,7 @@ Everything measured here comes from `fastcluster_cl.bench` (inputs, implementati
 peak memory), so the suites and the `fastcluster-cl bench` runner time the same calls. The
 Triton interpreter is never enabled here: GPU-only backends skip on CPU.
 """
+
 import pytest
 import torch
 
@@ -11,8 +12,10 @@ from fastcluster_cl import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Batch sizes 2N by tier: the tier name is in every test id, so `-k small` selects the quick set.
-SIZES = {"cpu": {"small": 256, "medium": 1024, "large": 4096},
-         "cuda": {"small": 1024, "medium": 8192, "large": 32768}}[DEVICE.type]
+SIZES = {
+    "cpu": {"small": 256, "medium": 1024, "large": 4096},
+    "cuda": {"small": 1024, "medium": 8192, "large": 32768},
+}[DEVICE.type]
 DTYPES = ("float32", "bfloat16") + (("float16",) if DEVICE.type == "cuda" else ())
 
 
@@ -20,6 +23,7 @@ DTYPES = ("float32", "bfloat16") + (("float16",) if DEVICE.type == "cuda" else (
 def run_case(benchmark):
     """Benchmark `impl` on `case`: record peak memory and floors in extra_info, time the call
     (synchronised on CUDA) with pytest-benchmark, then add the achieved TFLOP/s and GB/s."""
+
     def run(case: bench.Case, impl: str) -> None:
         try:
             fn = bench.resolve_impl(impl, case.op, DEVICE)
@@ -37,11 +41,18 @@ def run_case(benchmark):
                 pytest.skip(f"{impl} runs out of memory on {case.label}")
             floors = bench.floor(case)
             benchmark.extra_info.update(
-                case=case.label, impl=impl, device=str(DEVICE), peak_bytes=int(peak), **floors,
-                device_name=bench.machine(DEVICE)["device_name"])
+                case=case.label,
+                impl=impl,
+                device=str(DEVICE),
+                peak_bytes=int(peak),
+                **floors,
+                device_name=bench.machine(DEVICE)["device_name"],
+            )
             benchmark(step)
         if benchmark.stats is not None:  # None under --benchmark-disable
             median = benchmark.stats.stats.median
-            benchmark.extra_info.update(tflops=floors["flops"] / median / 1e12,
-                                        gbps=floors["bytes"] / median / 1e9)
+            benchmark.extra_info.update(
+                tflops=floors["flops"] / median / 1e12, gbps=floors["bytes"] / median / 1e9
+            )
+
     return run

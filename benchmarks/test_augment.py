@@ -5,14 +5,14 @@ Each round is one epoch of `BATCHES` batches (views a, b and the clean view) del
 benchmark device; `extra_info["images_per_s"]` counts source images. On CPU both backends use
 one worker (DALI: one CPU thread; torchvision: in-process); on CUDA DALI runs on the GPU.
 """
+
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from fastcluster_cl.data import ImageDataset, make_train_loader
 from fastcluster_cl.data.dali import dali_unavailable_reason
-
-from conftest import DEVICE
 
 BATCHES = 4
 BATCH = {"cpu": {"small": 32, "large": 128}, "cuda": {"small": 256, "large": 1024}}[DEVICE.type]
@@ -26,8 +26,9 @@ def test_augment(benchmark, augment, tier):
     batch = BATCH[tier]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(BATCHES * batch, 32, 32, 3), dtype=np.uint8)
-    dataset = ImageDataset(images=images, labels=rng.integers(0, 10, size=len(images)),
-                           num_classes=10, name="cifar10")
+    dataset = ImageDataset(
+        images=images, labels=rng.integers(0, 10, size=len(images)), num_classes=10, name="cifar10"
+    )
     loader = make_train_loader(dataset, batch, augment=augment, device=DEVICE, seed=0)
     assert loader.backend == augment
 

@@ -7,11 +7,11 @@ Backends (torch, chunked, triton, cuda) run through the public API; the peers (t
 the reference, lightly, pytorch-metric-learning) are measured for NT-Xent, the loss they share.
 Group and compare with e.g. `--benchmark-group-by=param:case`.
 """
+
 import pytest
+from conftest import DEVICE, DTYPES, SIZES
 
 from fastcluster_cl import bench
-
-from conftest import DEVICE, DTYPES, SIZES
 
 DIMS = (128, 512)
 KS = (10, 100)
@@ -28,8 +28,10 @@ for tier, two_n in SIZES.items():
 # count matters. 2N = 65536 needs a GPU (the torch reference's 2N x 2N matrix is 16 GiB).
 OBJECTIVE_SIZES = (512, 4096, 65536) if DEVICE.type == "cuda" else (512, 4096)
 for case in bench.cases(bench.OBJECTIVES, OBJECTIVE_SIZES, DIMS[:1], KS, DTYPES):
-    PARAMS += [pytest.param(case, impl, id=f"objective-{case.label}-{impl}")
-               for impl in bench.BACKENDS + bench.SEPARATE]
+    PARAMS += [
+        pytest.param(case, impl, id=f"objective-{case.label}-{impl}")
+        for impl in bench.BACKENDS + bench.SEPARATE
+    ]
 
 
 @pytest.mark.parametrize(("case", "impl"), PARAMS)

@@ -5,14 +5,14 @@ ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), a 512-512-128 pr
 (NT-Xent + cluster contrast) on the backend under test; Adam. On CUDA the forward runs under
 bf16 autocast, as in training. The step time shows how much of a real step the loss is.
 """
+
 import pytest
 import torch
 import torchvision
+from conftest import DEVICE
 from torch import nn
 
 from fastcluster_cl import ClusterContrastiveLoss, bench
-
-from conftest import DEVICE
 
 K = 10
 # Images per view by tier (the batch holds 2N images).
@@ -65,8 +65,9 @@ def test_train_step(benchmark, tier, backend):
     with bench.value_checks(False):
         assert torch.isfinite(step())
         peak = bench.peak_memory(step, DEVICE)
-        benchmark.extra_info.update(backend=backend, images=2 * n, device=str(DEVICE),
-                                    peak_bytes=int(peak))
+        benchmark.extra_info.update(
+            backend=backend, images=2 * n, device=str(DEVICE), peak_bytes=int(peak)
+        )
         benchmark.pedantic(step, rounds=3 if DEVICE.type == "cpu" else 20, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = 2 * n / benchmark.stats.stats.median

@@ -5,6 +5,7 @@ DDP's gradient averaging then gives exactly the one-process gradient of the whol
     torchrun --standalone --nproc_per_node=8 examples/ddp_torchrun.py          # 8 GPUs
     torchrun --standalone --nproc_per_node=2 examples/ddp_torchrun.py --tiny   # CPU, gloo
 """
+
 import argparse
 import os
 
@@ -23,13 +24,15 @@ def main(tiny: bool) -> None:
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    torch.manual_seed(0)                               # the same initial weights on every rank
+    torch.manual_seed(0)  # the same initial weights on every rank
 
-    model = DDP(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128)).to(device),
-                device_ids=[device.index] if cuda else None)
+    model = DDP(
+        nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128)).to(device),
+        device_ids=[device.index] if cuda else None,
+    )
     criterion = fc.NTXentLoss(temperature=0.2, gather_distributed=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = torch.Generator().manual_seed(1 + rank)   # each rank its own share of the batch
+    data = torch.Generator().manual_seed(1 + rank)  # each rank its own share of the batch
 
     for step in range(3 if tiny else 1000):
         x = torch.randn(32, 64, generator=data).to(device)

@@ -4,6 +4,7 @@ fastcluster_cl's whole CC objective (instance NT-Xent + cluster contrast) in one
     python examples/lightning_cc.py              # the embedded digits, 100 epochs, NMI at the end
     python examples/lightning_cc.py --tiny       # one short epoch, seconds on a CPU
 """
+
 import argparse
 
 import pytorch_lightning as pl
@@ -30,14 +31,20 @@ class ContrastiveClustering(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.instance_head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
-        self.cluster_head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
-                                          nn.Linear(64, num_clusters))
-        self.criterion = fc.ClusterContrastiveLoss("cc", instance_temperature=0.5,
-                                                   cluster_temperature=1.0)
+        self.cluster_head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_clusters))
+        self.criterion = fc.ClusterContrastiveLoss(
+            "cc", instance_temperature=0.5, cluster_temperature=1.0
+        )
 
     def forward(self, x):
         h = self.backbone(x)
@@ -48,8 +55,9 @@ class ContrastiveClustering(pl.LightningModule):
         z_a, c_a = self(augment(x))
         z_b, c_b = self(augment(x))
         out = self.criterion(z_a, z_b, logits_a=c_a, logits_b=c_b)
-        self.log_dict({"loss": out.total, **{f"loss_{k}": v for k, v in out.parts.items()}},
-                      prog_bar=True)
+        self.log_dict(
+            {"loss": out.total, **{f"loss_{k}": v for k, v in out.parts.items()}}, prog_bar=True
+        )
         return out.total
 
     def configure_optimizers(self):
@@ -60,12 +68,18 @@ def main(tiny: bool) -> None:
     pl.seed_everything(0)
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images),
-                                         batch_size=256, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images), batch_size=256, shuffle=True, drop_last=True
+    )
     model = ContrastiveClustering()
-    trainer = pl.Trainer(max_epochs=1 if tiny else 100, limit_train_batches=2 if tiny else None,
-                         accelerator="auto", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=not tiny)
+    trainer = pl.Trainer(
+        max_epochs=1 if tiny else 100,
+        limit_train_batches=2 if tiny else None,
+        accelerator="auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not tiny,
+    )
     trainer.fit(model, loader)
     model.eval()
     with torch.no_grad():

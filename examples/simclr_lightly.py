@@ -1,8 +1,9 @@
 """lightly's SimCLR example with fastcluster_cl's NT-Xent: the only change is the loss line.
 
-    python examples/simclr_lightly.py            # CIFAR-10 (downloads it), ResNet-18
-    python examples/simclr_lightly.py --tiny     # a few random images, seconds on a CPU
+python examples/simclr_lightly.py            # CIFAR-10 (downloads it), ResNet-18
+python examples/simclr_lightly.py --tiny     # a few random images, seconds on a CPU
 """
+
 import argparse
 
 import torch
@@ -34,12 +35,18 @@ def main(tiny: bool) -> None:
     if tiny:
         dataset = torchvision.datasets.FakeData(16, (3, 32, 32), transform=transform)
     else:
-        dataset = torchvision.datasets.CIFAR10("datasets/cifar10", download=True,
-                                               transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8 if tiny else 256, shuffle=True,
-                                         drop_last=True, num_workers=0 if tiny else 8)
+        dataset = torchvision.datasets.CIFAR10(
+            "datasets/cifar10", download=True, transform=transform
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=8 if tiny else 256,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0 if tiny else 8,
+    )
 
-    criterion = fc.NTXentLoss()   # was: lightly.loss.NTXentLoss()
+    criterion = fc.NTXentLoss()  # was: lightly.loss.NTXentLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
 
     for epoch in range(1 if tiny else 10):

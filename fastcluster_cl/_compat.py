@@ -6,10 +6,11 @@ the two op schemas it looks up at import time is enough for models and transform
 not call them. The shim runs only when torch has no CUDA and the schemas are missing, so a
 matching torch/torchvision pair is never touched.
 """
+
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -41,7 +42,7 @@ def ensure_torchvision_importable() -> None:
         _shim_library.define(_TORCHVISION_SCHEMAS[name])
 
 
-@lru_cache(maxsize=None)
+@cache
 def module_available(name: str) -> bool:
     """True when `name` can be imported (checked without importing it)."""
     try:

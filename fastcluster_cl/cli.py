@@ -6,6 +6,7 @@ proceed (missing dataset, unreadable, corrupted or incompatible checkpoint, busy
 unwritable run directory, full disk, non-finite loss or gradient); 130 SIGINT, 143 SIGTERM. Each
 is reported as one line on stderr (set FASTCLUSTER_CL_TRACEBACK=1 to get the traceback instead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,6 @@ import math
 import os
 import signal
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 PROG = "fastcluster-cl"
@@ -25,6 +25,7 @@ TRAIN_MODULES = ("torchvision", "sklearn", "scipy", "matplotlib", "tqdm", "tenso
 def missing_train_modules() -> list[str]:
     """The [train] extra's modules that cannot be imported here (checked without importing)."""
     from ._compat import module_available
+
     return [name for name in TRAIN_MODULES if not module_available(name)]
 
 
@@ -45,13 +46,15 @@ def _number(cast, minimum, strict: bool, maximum=None):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not (value > minimum if strict else value >= minimum) or value != value:
             raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+                f"must be {'>' if strict else '>='} {minimum}, got {text}"
+            )
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value > maximum:
             limit = maximum if cast is int else f"{maximum:g}"
             raise argparse.ArgumentTypeError(f"must be <= {limit}, got {text}")
         return value
+
     return parse
 
 
@@ -62,77 +65,183 @@ SEED = _number(int, 0, False, maximum=MAX_SEED)
 
 def _train_options(p: argparse.ArgumentParser) -> None:
     """Options of `train`. Defaults are SUPPRESSed so a resume can tell what was given."""
-    from .train.trainer import AMP_MODES, TrainConfig
     from .models import BACKBONES, METHOD_HEADS
     from .train.optim import OPTIMIZERS
+    from .train.trainer import AMP_MODES, TrainConfig
+
     d = TrainConfig()
     S = argparse.SUPPRESS
     p.add_argument("--dataset", default=S, help=f"dataset name (default {d.dataset})")
-    p.add_argument("--data-root", dest="data_root", default=S,
-                   help="directory holding the dataset files (on-disk datasets)")
-    p.add_argument("--method", choices=tuple(METHOD_HEADS), default=S,
-                   help=f"clustering method (default {d.method})")
-    p.add_argument("--backbone", choices=("auto",) + BACKBONES, default=S,
-                   help="feature extractor (default: the method's and dataset's preset, else by "
-                   "image size)")
-    p.add_argument("--cifar-stem", dest="cifar_stem", action=argparse.BooleanOptionalAction,
-                   default=S, help="ResNet 3x3 stem without max-pool (default: for <= 64 px)")
-    p.add_argument("--num-clusters", dest="num_clusters", type=_number(int, 2, False), default=S,
-                   help="K (default: the number of classes)")
+    p.add_argument(
+        "--data-root",
+        dest="data_root",
+        default=S,
+        help="directory holding the dataset files (on-disk datasets)",
+    )
+    p.add_argument(
+        "--method",
+        choices=tuple(METHOD_HEADS),
+        default=S,
+        help=f"clustering method (default {d.method})",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=("auto",) + BACKBONES,
+        default=S,
+        help="feature extractor (default: the method's and dataset's preset, else by image size)",
+    )
+    p.add_argument(
+        "--cifar-stem",
+        dest="cifar_stem",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="ResNet 3x3 stem without max-pool (default: for <= 64 px)",
+    )
+    p.add_argument(
+        "--num-clusters",
+        dest="num_clusters",
+        type=_number(int, 2, False),
+        default=S,
+        help="K (default: the number of classes)",
+    )
     p.add_argument("--image-size", dest="image_size", type=POS_INT, default=S)
     p.add_argument("--augment", default=S, help="augmentation preset (default auto)")
     p.add_argument("--epochs", type=POS_INT, default=S, help="default: preset")
-    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 2, False), default=S,
-                   help=f"global batch, split over torchrun's ranks (default {d.batch_size})")
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=_number(int, 2, False),
+        default=S,
+        help=f"global batch, split over torchrun's ranks (default {d.batch_size})",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"default {d.optimizer}")
     p.add_argument("--lr", type=POS_FLOAT, default=S, help="default: preset")
     p.add_argument("--weight-decay", dest="weight_decay", type=NONNEG_FLOAT, default=S)
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=NONNEG_FLOAT, default=S,
-                   help="linear lr warm-up before the cosine decay (default: preset)")
-    p.add_argument("--grad-clip", dest="grad_clip", type=NONNEG_FLOAT, default=S,
-                   help="max gradient norm (0: off)")
-    p.add_argument("--skip-nonfinite-steps", dest="skip_nonfinite_steps", type=NONNEG_INT,
-                   default=S, help="skip (no update) up to N steps whose loss or gradient is "
-                   "NaN/inf, each logged in log.jsonl, before stopping (default 0: stop at the "
-                   "first)")
-    p.add_argument("--centre-warmup-epochs", dest="centre_warmup_epochs", type=NONNEG_INT,
-                   default=S, help="anchor: train the instance loss alone for this many epochs, "
-                   "then initialise the centres by k-means (default: epochs // 8)")
+    p.add_argument(
+        "--warmup-epochs",
+        dest="warmup_epochs",
+        type=NONNEG_FLOAT,
+        default=S,
+        help="linear lr warm-up before the cosine decay (default: preset)",
+    )
+    p.add_argument(
+        "--grad-clip",
+        dest="grad_clip",
+        type=NONNEG_FLOAT,
+        default=S,
+        help="max gradient norm (0: off)",
+    )
+    p.add_argument(
+        "--skip-nonfinite-steps",
+        dest="skip_nonfinite_steps",
+        type=NONNEG_INT,
+        default=S,
+        help="skip (no update) up to N steps whose loss or gradient is "
+        "NaN/inf, each logged in log.jsonl, before stopping (default 0: stop at the "
+        "first)",
+    )
+    p.add_argument(
+        "--centre-warmup-epochs",
+        dest="centre_warmup_epochs",
+        type=NONNEG_INT,
+        default=S,
+        help="anchor: train the instance loss alone for this many epochs, "
+        "then initialise the centres by k-means (default: epochs // 8)",
+    )
     p.add_argument("--instance-temperature", dest="instance_temperature", type=POS_FLOAT, default=S)
     p.add_argument("--cluster-temperature", dest="cluster_temperature", type=POS_FLOAT, default=S)
-    p.add_argument("--gumbel-temperature", dest="gumbel_temperature", type=POS_FLOAT, default=S,
-                   help="tcc: temperature lambda of the Gumbel-softmax assignment samples and of "
-                   "q = softmax(cosine logits / lambda) (default: preset, 0.3 as TCC)")
-    p.add_argument("--tcc-prior", dest="tcc_prior", choices=("kl", "marginal"), default=S,
-                   help="tcc: the ELBO's KL(q_i || uniform) per sample (kl) or CC's marginal "
-                   "entropy (marginal) (default: preset; marginal on digits and mnist5k)")
-    p.add_argument("--loss-backend", dest="loss_backend", default=S,
-                   choices=("auto", "torch", "chunked", "triton", "cuda"))
-    p.add_argument("--amp", choices=AMP_MODES, default=S,
-                   help="autocast dtype (default auto: bf16 on CUDA, none on the CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
-                   help="torch.compile the model and the loss")
+    p.add_argument(
+        "--gumbel-temperature",
+        dest="gumbel_temperature",
+        type=POS_FLOAT,
+        default=S,
+        help="tcc: temperature lambda of the Gumbel-softmax assignment samples and of "
+        "q = softmax(cosine logits / lambda) (default: preset, 0.3 as TCC)",
+    )
+    p.add_argument(
+        "--tcc-prior",
+        dest="tcc_prior",
+        choices=("kl", "marginal"),
+        default=S,
+        help="tcc: the ELBO's KL(q_i || uniform) per sample (kl) or CC's marginal "
+        "entropy (marginal) (default: preset; marginal on digits and mnist5k)",
+    )
+    p.add_argument(
+        "--loss-backend",
+        dest="loss_backend",
+        default=S,
+        choices=("auto", "torch", "chunked", "triton", "cuda"),
+    )
+    p.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=S,
+        help="autocast dtype (default auto: bf16 on CUDA, none on the CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="torch.compile the model and the loss",
+    )
     p.add_argument("--seed", type=SEED, default=S, help=f"0 to {MAX_SEED} (default {d.seed})")
-    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ... (under torchrun: "
-                   "the device type; each rank takes cuda:LOCAL_RANK)")
-    p.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction,
-                   default=S, help="SyncBatchNorm across torchrun's ranks (CUDA only)")
-    p.add_argument("--threads", type=POS_INT, default=S,
-                   help="CPU threads for torch (default: one per core; on a shared machine "
-                   "1 is often faster)")
-    p.add_argument("--eval-every", dest="eval_every", type=NONNEG_INT, default=S,
-                   help="epochs between evaluations (0: at the end only)")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=NONNEG_INT, default=S,
-                   help="steps between mid-epoch checkpoints (0: at epoch ends only)")
+    p.add_argument(
+        "--device",
+        default=S,
+        help="auto, cpu, cuda, cuda:1, ... (under torchrun: "
+        "the device type; each rank takes cuda:LOCAL_RANK)",
+    )
+    p.add_argument(
+        "--sync-bn",
+        dest="sync_bn",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="SyncBatchNorm across torchrun's ranks (CUDA only)",
+    )
+    p.add_argument(
+        "--threads",
+        type=POS_INT,
+        default=S,
+        help="CPU threads for torch (default: one per core; on a shared machine 1 is often faster)",
+    )
+    p.add_argument(
+        "--eval-every",
+        dest="eval_every",
+        type=NONNEG_INT,
+        default=S,
+        help="epochs between evaluations (0: at the end only)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every",
+        type=NONNEG_INT,
+        default=S,
+        help="steps between mid-epoch checkpoints (0: at epoch ends only)",
+    )
     p.add_argument("--log-every", dest="log_every", type=POS_INT, default=S)
-    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=S,
-                   help="write PNG plots at the end (default on)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S,
-                   help="progress bar on a terminal (default on)")
-    p.add_argument("--out", default=S, help="output directory (default runs/<timestamp>; on "
-                   "--resume, the checkpoint's directory)")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint file or run directory")
+    p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="write PNG plots at the end (default on)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="progress bar on a terminal (default on)",
+    )
+    p.add_argument(
+        "--out",
+        default=S,
+        help="output directory (default runs/<timestamp>; on --resume, the checkpoint's directory)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint file or run directory",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,8 +255,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     """The full parser; `with_bench=False` leaves fastcluster_cl.bench unimported (its options
     are then not registered), which `main` uses for every other command."""
     parser = _Parser(prog=PROG, description="Deep contrastive image clustering.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench,info}",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,eval,bench,info}", parser_class=_Parser
+    )
     sub.required = True
     train = sub.add_parser("train", help="train a clustering model")
     if not missing_train_modules():  # else `main` refuses train before parsing
@@ -178,6 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
     from .train.trainer import TrainConfig, train
+
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if args.resume is not None:
         path = resolve_checkpoint(args.resume)
@@ -192,9 +303,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.cleanup()
     if main:  # under torchrun, one summary line, not one per rank
-        print(json.dumps({k: metrics[k] for k in ("nmi", "acc", "ari")}
-                         | {"kmeans": metrics["kmeans"], "kmeans_l2": metrics["kmeans_l2"],
-                            "seconds": metrics["timing"]["train_seconds"]}))
+        print(
+            json.dumps(
+                {k: metrics[k] for k in ("nmi", "acc", "ari")}
+                | {
+                    "kmeans": metrics["kmeans"],
+                    "kmeans_l2": metrics["kmeans_l2"],
+                    "seconds": metrics["timing"]["train_seconds"],
+                }
+            )
+        )
     return EXIT_OK
 
 
@@ -205,11 +323,13 @@ def _saved_config(path, saved: dict, overrides: dict):
     naming the checkpoint."""
     from .train.checkpoint import CheckpointError
     from .train.trainer import TrainConfig
+
     try:
         TrainConfig.from_dict(saved).check()
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} holds settings this version cannot use: "
-                              f"{err}") from err
+        raise CheckpointError(
+            f"checkpoint {path} holds settings this version cannot use: {err}"
+        ) from err
     config = TrainConfig.from_dict({**saved, **overrides})
     config.check()
     return config
@@ -217,15 +337,17 @@ def _saved_config(path, saved: dict, overrides: dict):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train.rundir import RunDir
+
     # --out is taken (new, empty, or ours with metrics.json free or ours) before any work
     out = RunDir(args.out).open_output(("metrics.json",)) if args.out else None
     try:
         metrics = _evaluate(args)
         if out is not None:
             from .train.logging import write_text
+
             write_text(out.path / "metrics.json", json.dumps(metrics, indent=2))
     except BaseException:
-        if out is not None and out.created:   # a folder made for nothing goes again
+        if out is not None and out.created:  # a folder made for nothing goes again
             out.discard()
         raise
     finally:
@@ -238,6 +360,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     """The metrics of `args.checkpoint` (printed as JSON)."""
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
     from .train.trainer import Runtime, Trainer
+
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
     overrides = {"device": args.device, "eval_batch_size": args.batch_size, "plots": False}
@@ -245,8 +368,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
         overrides["dataset"] = args.dataset
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
-    trainer = Trainer.for_evaluation(_saved_config(path, state["config"], overrides), state,
-                                     Runtime.create(args.device))
+    trainer = Trainer.for_evaluation(
+        _saved_config(path, state["config"], overrides), state, Runtime.create(args.device)
+    )
     metrics, *_ = trainer.evaluate()
     print(json.dumps(metrics, indent=2))
     return metrics
@@ -256,8 +380,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from . import bench
     except ImportError as err:
-        raise RuntimeError(f"the benchmark module fastcluster_cl.bench is not available "
-                           f"({err}); install the package with its benchmarks") from err
+        raise RuntimeError(
+            f"the benchmark module fastcluster_cl.bench is not available "
+            f"({err}); install the package with its benchmarks"
+        ) from err
     return int(bench.run(args))
 
 
@@ -283,8 +409,9 @@ def info() -> dict:
         except Exception as err:  # a broken optional install is reported, not fatal
             return f"unavailable ({type(err).__name__})"
 
-    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
-                         for i in range(torch.cuda.device_count())]
+    devices = ["cpu"] + [
+        f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+    ]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = {}
     for name in BACKENDS[1:]:
@@ -294,10 +421,14 @@ def info() -> dict:
         except (RuntimeError, NotImplementedError, ImportError) as err:
             backends[name] = f"unavailable: {str(err).splitlines()[0]}"
     return {
-        "fastcluster_cl": __version__, "python": platform.python_version(),
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "torchvision": version("torchvision"), "triton": version("triton"),
-        "devices": devices, "loss_backends_on_" + device.type: backends,
+        "fastcluster_cl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torchvision": version("torchvision"),
+        "triton": version("triton"),
+        "devices": devices,
+        "loss_backends_on_" + device.type: backends,
         "dali": version("nvidia.dali") if module_available("nvidia.dali") else "not installed",
         "apex_fused_optimizers": apex_available(),
     }
@@ -323,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     missing = missing_train_modules()
     if command in ("train", "eval") and missing:
-        print(f"{PROG} {command}: error: needs the training extra (missing "
-              f"{', '.join(missing)}); pip install 'fastcluster_cl[train]'", file=sys.stderr)
+        print(
+            f"{PROG} {command}: error: needs the training extra (missing "
+            f"{', '.join(missing)}); pip install 'fastcluster_cl[train]'",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     parser = build_parser(with_bench="bench" in argv)
     args = parser.parse_args(argv)
@@ -333,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "eval"):
         from .train.checkpoint import CheckpointError
         from .train.trainer import ConfigError, NonFiniteLossError
+
         errors += (CheckpointError, NonFiniteLossError)
         usage_errors += (ConfigError,)
     previous = _raise_on_sigterm()
@@ -344,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, usage_errors) else EXIT_ERROR
     except KeyboardInterrupt as err:
-        print(f"{PROG}: interrupted{' (SIGTERM)' if isinstance(err, Terminated) else ''}",
-              file=sys.stderr)
+        print(
+            f"{PROG}: interrupted{' (SIGTERM)' if isinstance(err, Terminated) else ''}",
+            file=sys.stderr,
+        )
         return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
     finally:
         if previous is not None:
@@ -359,11 +496,13 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_on_sigterm():
     """Turn SIGTERM into `Terminated` (main thread only); returns the previous handler."""
+
     def handler(signum, frame):
         raise Terminated()
+
     try:
         return signal.signal(signal.SIGTERM, handler)
-    except ValueError:   # not the main thread (e.g. called from a test's thread)
+    except ValueError:  # not the main thread (e.g. called from a test's thread)
         return None
 
 

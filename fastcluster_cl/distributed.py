@@ -8,6 +8,7 @@ x = [x_a; x_b] (2n rows); `gather_views` returns [x_a of rank 0..W-1; x_b of ran
 positive of global row i stays i +- N with N = W*n, exactly as for one process fed the
 concatenated batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def check_equal_rows(name: str, rows: int, device: torch.device) -> None:
     The distributed losses need equal local batches: the mean over ranks of per-rank means is the
     global mean only then (use DistributedSampler(drop_last=True) or drop the last batch)."""
     from .validation import value_checks_active
+
     if world_size() == 1 or not value_checks_active([device]):
         return
     mine = torch.tensor([rows], dtype=torch.int64, device=device)
@@ -51,9 +53,11 @@ def check_equal_rows(name: str, rows: int, device: torch.device) -> None:
     dist.all_gather(counts, mine)
     counts = [int(c) for c in counts]
     if len(set(counts)) != 1:
-        raise ValueError(f"{name} must have the same number of rows on every rank for "
-                         f"gather_distributed=True, got {counts} (rank order); drop the last "
-                         "incomplete batch (DistributedSampler(drop_last=True))")
+        raise ValueError(
+            f"{name} must have the same number of rows on every rank for "
+            f"gather_distributed=True, got {counts} (rank order); drop the last "
+            "incomplete batch (DistributedSampler(drop_last=True))"
+        )
 
 
 def gather_views(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +117,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start = rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def gather_rows_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 # ---- training under torchrun ----
 
+
 def launched_by_torchrun() -> bool:
     """torchrun (and torch.distributed.launch) export WORLD_SIZE, RANK, LOCAL_RANK."""
     return all(key in os.environ for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
@@ -143,24 +148,29 @@ def setup(device: str | torch.device | None = None) -> torch.device:
     Under torchrun the device is cuda:LOCAL_RANK with the NCCL backend when CUDA is available,
     else the CPU with gloo; passing a device of the other kind raises. Idempotent."""
     if not launched_by_torchrun():
-        return torch.device(device if device is not None else
-                            ("cuda" if torch.cuda.is_available() else "cpu"))
+        return torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() if device is None else \
-        torch.device(device).type == "cuda"
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested under torchrun but CUDA is unavailable")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
-                               "GPUs: pass --nproc_per_node <= the GPU count to torchrun")
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                "GPUs: pass --nproc_per_node <= the GPU count to torchrun"
+            )
         local = torch.device("cuda", local_rank)
         torch.cuda.set_device(local)
     else:
         local = torch.device("cpu")
     if not is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                                device_id=local if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method="env://",
+            device_id=local if use_cuda else None,
+        )
     return local
 
 
@@ -170,8 +180,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool = False,
-               find_unused_parameters: bool = False) -> torch.nn.Module:
+def wrap_model(
+    model: torch.nn.Module,
+    device: torch.device,
+    sync_batchnorm: bool = False,
+    find_unused_parameters: bool = False,
+) -> torch.nn.Module:
     """DistributedDataParallel over the ranks (the model unchanged with one rank).
 
     sync_batchnorm converts BatchNorm layers to SyncBatchNorm (statistics over the global batch;
@@ -181,12 +195,16 @@ def wrap_model(model: torch.nn.Module, device: torch.device, sync_batchnorm: boo
         return model
     if sync_batchnorm:
         if device.type != "cuda":
-            raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU "
-                             "kernel); drop --sync-bn for CPU runs")
+            raise ValueError(
+                "sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                "kernel); drop --sync-bn for CPU runs"
+            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters)
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -200,8 +218,10 @@ def local_batch_size(global_batch: int, world: int | None = None) -> int:
     batches."""
     w = world_size() if world is None else world
     if global_batch % w:
-        raise ValueError(f"batch size {global_batch} is the global batch and must be divisible "
-                         f"by the world size {w}")
+        raise ValueError(
+            f"batch size {global_batch} is the global batch and must be divisible "
+            f"by the world size {w}"
+        )
     return global_batch // w
 
 

@@ -22,6 +22,7 @@ cluster row for cc_cluster_loss and tcc_cluster_loss (2K: view a's clusters, the
 carries its NT-Xent term plus 2K times its column's share P_k log P_k + log(K)/K of the
 anti-collapse term). "none" runs on the torch and chunked backends.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,15 +36,24 @@ from . import distributed
 from .losses import dispatch, gathered, reference
 from .losses.dispatch import implementation
 from .losses.reference import accumulation_dtype, outside_autocast
-from .validation import (check_finite, check_gather_distributed, check_matrix,
-                         check_nt_xent_temperature, check_positive, check_probabilities,
-                         check_reduction, check_same, check_unit_rows)
+from .validation import (
+    check_finite,
+    check_gather_distributed,
+    check_matrix,
+    check_nt_xent_temperature,
+    check_positive,
+    check_probabilities,
+    check_reduction,
+    check_same,
+    check_unit_rows,
+)
 
 
 def loss_in_input_dtype(fn):
     """Return `fn`'s losses (a tensor, a tuple of them, or a LossOutput) in the dtype of its
     first tensor argument, as lightly's and torch's losses do; the backends accumulate in
     float32 (float64), and the cast only rounds the result (its gradient passes through)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -58,6 +68,7 @@ def loss_in_input_dtype(fn):
         if isinstance(out, dict):
             return {k: v.to(dtype) for k, v in out.items()}
         return out.to(dtype)
+
     return wrapper
 
 
@@ -76,8 +87,10 @@ def _gathering(gather_distributed: bool, reduction: str) -> bool:
     if not (check_gather_distributed(gather_distributed) and distributed.world_size() > 1):
         return False
     if reduction != "mean":
-        raise NotImplementedError(f"reduction={reduction!r} with gather_distributed over several "
-                                  "ranks is not supported; use reduction='mean'")
+        raise NotImplementedError(
+            f"reduction={reduction!r} with gather_distributed over several "
+            "ranks is not supported; use reduction='mean'"
+        )
     return True
 
 
@@ -90,9 +103,15 @@ def _check_views(z_a: torch.Tensor, z_b: torch.Tensor, min_rows: int = 2) -> Non
 
 @loss_in_input_dtype
 @outside_autocast
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
-            backend: str = "auto", gather_distributed: bool = False,
-            reduction: str = "mean") -> torch.Tensor:
+def nt_xent(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR; CC's instance loss).
 
     Z = [z_a; z_b] (2N x D) is L2-normalised row-wise, S = Z Z^T / tau and pos(i) = i +- N:
@@ -115,8 +134,9 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.5, *,
         return gathered.nt_xent(z_a, z_b, temperature, backend)
     if z_a.shape[0] == 1:
         return _no_negatives(z_a, z_b, reduction)
-    return _reduced("nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b,
-                    temperature)
+    return _reduced(
+        "nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b, temperature
+    )
 
 
 def _signed_temperature(temperature: float, backend: str, device: torch.device) -> float:
@@ -124,8 +144,10 @@ def _signed_temperature(temperature: float, backend: str, device: torch.device) 
     and chunked backends only (the fused kernels shift by the bound 1/tau > 0)."""
     temperature = check_nt_xent_temperature(temperature)
     if temperature < 0 and dispatch.resolve(backend, device) not in ("torch", "chunked"):
-        raise ValueError(f"a negative temperature ({temperature}) runs on backend='torch' or "
-                         f"'chunked', not {dispatch.resolve(backend, device)!r}")
+        raise ValueError(
+            f"a negative temperature ({temperature}) runs on backend='torch' or "
+            f"'chunked', not {dispatch.resolve(backend, device)!r}"
+        )
     return temperature
 
 
@@ -139,9 +161,15 @@ def _no_negatives(z_a: torch.Tensor, z_b: torch.Tensor, reduction: str) -> torch
 
 @loss_in_input_dtype
 @outside_autocast
-def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                 temperature: float = 0.5, *, backend: str = "auto",
-                 reduction: str = "mean") -> torch.Tensor:
+def nt_xent_bank(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    backend: str = "auto",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """NT-Xent against a memory bank of negatives (lightly's NTXentLoss with a memory bank;
     MoCo-style). zn = the L2-normalised rows; row i of z_a is the anchor, zn_b_i its positive
     and the M bank rows its negatives:
@@ -164,17 +192,21 @@ def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
     _check_views(z_a, z_b, min_rows=1)
     check_matrix("bank", bank)
     if bank.device != z_a.device:
-        raise ValueError(f"bank is on {bank.device} but z_a is on {z_a.device}; move them to "
-                         "one device")
+        raise ValueError(
+            f"bank is on {bank.device} but z_a is on {z_a.device}; move them to one device"
+        )
     if bank.shape[1] != z_a.shape[1]:
-        raise ValueError(f"bank has {bank.shape[1]} features but z_a has {z_a.shape[1]}; "
-                         "memory_bank_size must be (size, the projection's dimension)")
+        raise ValueError(
+            f"bank has {bank.shape[1]} features but z_a has {z_a.shape[1]}; "
+            "memory_bank_size must be (size, the projection's dimension)"
+        )
     temperature = _signed_temperature(temperature, backend, z_a.device)
     check_reduction(reduction)
     check_finite(("z_a", "z_b", "bank"), (z_a, z_b, bank))
     check_unit_rows("bank", bank)
-    return _reduced("nt_xent_bank", backend, z_a.device, reduction, z_a.shape[0], z_a, z_b,
-                    bank, temperature)
+    return _reduced(
+        "nt_xent_bank", backend, z_a.device, reduction, z_a.shape[0], z_a, z_b, bank, temperature
+    )
 
 
 def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
@@ -185,9 +217,16 @@ def _check_logit_pair(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
 
 @loss_in_input_dtype
 @outside_autocast
-def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0, *,
-                    backend: str = "auto", gather_distributed: bool = False,
-                    reduction: str = "mean", from_probs: bool = False) -> torch.Tensor:
+def cc_cluster_loss(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+    from_probs: bool = False,
+) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss (Li et al., AAAI 2021).
 
     q = softmax(logits) over K clusters. The 2K columns of [q_a, q_b] (vectors of length N) are
@@ -209,25 +248,31 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
         check_finite(names, (logits_a, logits_b))
         if _gathering(gather_distributed, reduction):
             return gathered.cc_cluster_loss(logits_a, logits_b, temperature)
-        return _reduced("cc_cluster_loss", backend, device, reduction, count, logits_a, logits_b,
-                        temperature)
+        return _reduced(
+            "cc_cluster_loss", backend, device, reduction, count, logits_a, logits_b, temperature
+        )
     check_probabilities(names, (logits_a, logits_b))
     if _gathering(gather_distributed, reduction):
-        raise NotImplementedError("from_probs=True with gather_distributed over several ranks "
-                                  "is not supported; pass logits (from_probs=False)")
+        raise NotImplementedError(
+            "from_probs=True with gather_distributed over several ranks "
+            "is not supported; pass logits (from_probs=False)"
+        )
     acc = accumulation_dtype(logits_a.dtype)
     q_a, q_b = logits_a.to(acc), logits_b.to(acc)
     if reduction == "none":
         return reference.cluster_contrast_terms(
-            q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent_terms", backend, device))
-    loss = reference.cluster_contrast(q_a.T, q_b.T, q_a, q_b, temperature,
-                                      implementation("nt_xent", backend, device))
+            q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent_terms", backend, device)
+        )
+    loss = reference.cluster_contrast(
+        q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent", backend, device)
+    )
     return loss if reduction == "mean" else loss * count
 
 
 @outside_autocast
-def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
-              backend: str = "auto") -> torch.Tensor:
+def student_t(
+    h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *, backend: str = "auto"
+) -> torch.Tensor:
     """Student-t soft assignment of DEC / arXiv 2109.12714's cluster centre predictor.
 
         q_ik = (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) / sum_j (same for j)
@@ -249,8 +294,13 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *,
 
 @loss_in_input_dtype
 @outside_autocast
-def dec_loss(q: torch.Tensor, *, backend: str = "auto", gather_distributed: bool = False,
-             reduction: str = "mean") -> torch.Tensor:
+def dec_loss(
+    q: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """DEC's clustering loss on a batch of soft assignments (arXiv 2109.12714, Xie et al. 2016).
 
     Target p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) with f_k = sum_i q_ik, computed on the
@@ -269,8 +319,14 @@ def dec_loss(q: torch.Tensor, *, backend: str = "auto", gather_distributed: bool
 
 @loss_in_input_dtype
 @outside_autocast
-def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
-                backend: str = "auto", reduction: str = "mean") -> torch.Tensor:
+def anchor_loss(
+    q0: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    *,
+    backend: str = "auto",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Anchor loss of arXiv 2109.12714: the clean view anchors both augmented views.
 
         L = (1/N) sum_i [ KL(q0_i || qa_i) + KL(q0_i || qb_i) ],   q0 detached
@@ -293,9 +349,15 @@ def _check_anchor_inputs(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor)
 
 @loss_in_input_dtype
 @outside_autocast
-def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
-                      backend: str = "auto", gather_distributed: bool = False,
-                      reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+def dec_anchor_losses(
+    q0: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    *,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dec_loss(q0), anchor_loss(q0, q_a, q_b)): the anchor method's clustering terms, in fused
     launches on backends that have them (triton: q0 read once for both), else the two ops.
     With gather_distributed over several ranks, DEC needs the global f_k, so the two ops run
@@ -308,28 +370,43 @@ def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, *,
     if fused is not None and reduction != "none":
         dec, anchor = fused(q0, q_a, q_b)
         return (dec, anchor) if reduction == "mean" else (dec * rows, anchor * rows)
-    return (_reduced("dec_loss", backend, device, reduction, rows, q0),
-            _reduced("anchor_loss", backend, device, reduction, rows, q0, q_a, q_b))
+    return (
+        _reduced("dec_loss", backend, device, reduction, rows, q0),
+        _reduced("anchor_loss", backend, device, reduction, rows, q0, q_a, q_b),
+    )
 
 
 class LossOutput(NamedTuple):
     """A whole objective: the weighted total and each unweighted part, keyed by name."""
+
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
 
 
-def weighted_total(parts: dict[str, torch.Tensor], weights: dict[str, float],
-                   reduction: str) -> LossOutput:
+def weighted_total(
+    parts: dict[str, torch.Tensor], weights: dict[str, float], reduction: str
+) -> LossOutput:
     """LossOutput of `parts` with total = sum of weights[name] * part (each part's mean for
     reduction="none", so that the total is the "mean" total)."""
-    total = sum(weights[name] * (value.mean() if reduction == "none" else value)
-                for name, value in parts.items())
+    total = sum(
+        weights[name] * (value.mean() if reduction == "none" else value)
+        for name, value in parts.items()
+    )
     return LossOutput(total, parts)
 
 
-def _objective(op: str, names: tuple[str, ...], args: tuple, weights: dict[str, float] | None,
-               separate_parts, device: torch.device, backend: str, gather: bool,
-               reduction: str, fused: bool) -> LossOutput:
+def _objective(
+    op: str,
+    names: tuple[str, ...],
+    args: tuple,
+    weights: dict[str, float] | None,
+    separate_parts,
+    device: torch.device,
+    backend: str,
+    gather: bool,
+    reduction: str,
+    fused: bool,
+) -> LossOutput:
     """The backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
     it, the call is a single-process mean and the backend's `op`_fits (if any) accepts the
     inputs (the kernels' size limits); else `separate_parts()` (the parts from the separate
@@ -338,8 +415,11 @@ def _objective(op: str, names: tuple[str, ...], args: tuple, weights: dict[str, 
     for name in names:
         if not 0 <= weights[name] < math.inf:
             raise ValueError(f"weights[{name!r}] must be finite and >= 0, got {weights[name]}")
-    one_pass = (implementation(op, backend, device, required=False)
-                if fused and not gather and reduction == "mean" else None)
+    one_pass = (
+        implementation(op, backend, device, required=False)
+        if fused and not gather and reduction == "mean"
+        else None
+    )
     fits = one_pass and implementation(f"{op}_fits", backend, device, required=False)
     if fits and not fits(*(x for x in args if isinstance(x, torch.Tensor))):
         one_pass = None
@@ -355,12 +435,22 @@ CC_PARTS = ("instance", "cluster")
 
 @loss_in_input_dtype
 @outside_autocast
-def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
-                     h_b: torch.Tensor, centers: torch.Tensor, *,
-                     instance_temperature: float = 0.5, alpha: float = 1.0,
-                     weights: dict[str, float] | None = None, backend: str = "auto",
-                     gather_distributed: bool = False, reduction: str = "mean",
-                     fused: bool = True) -> LossOutput:
+def anchor_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    h0: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    centers: torch.Tensor,
+    *,
+    instance_temperature: float = 0.5,
+    alpha: float = 1.0,
+    weights: dict[str, float] | None = None,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+    fused: bool = True,
+) -> LossOutput:
     """The whole objective of arXiv 2109.12714 from the centre head's inputs, in one pass each
     way on the triton and cuda backends:
 
@@ -394,12 +484,17 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
         check_matrix(name, h, min_rows=2)
     check_same(feats, (h0, h_a, h_b))
     check_matrix("centers", centers, min_rows=2)
-    if (h0.shape[0] != z_a.shape[0] or centers.shape[1] != h0.shape[1]
-            or not h0.device == centers.device == z_a.device):
-        raise ValueError(f"anchor_objective needs z (N, D), h (N, F) and centers (K, F) on one "
-                         f"device; got z {tuple(z_a.shape)} on {z_a.device}, h "
-                         f"{tuple(h0.shape)} on {h0.device}, centers {tuple(centers.shape)} on "
-                         f"{centers.device}")
+    if (
+        h0.shape[0] != z_a.shape[0]
+        or centers.shape[1] != h0.shape[1]
+        or not h0.device == centers.device == z_a.device
+    ):
+        raise ValueError(
+            f"anchor_objective needs z (N, D), h (N, F) and centers (K, F) on one "
+            f"device; got z {tuple(z_a.shape)} on {z_a.device}, h "
+            f"{tuple(h0.shape)} on {h0.device}, centers {tuple(centers.shape)} on "
+            f"{centers.device}"
+        )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     alpha = check_positive("alpha", alpha)
     check_finite(("z_a", "z_b", *feats, "centers"), (z_a, z_b, h0, h_a, h_b, centers))
@@ -407,26 +502,47 @@ def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a
 
     def separate_parts():
         acc = accumulation_dtype(h0.dtype)  # centres may be float32 under bf16 features
-        q0, q_a, q_b = (student_t(h.to(acc), centers.to(acc), alpha, backend=backend)
-                        for h in (h0, h_a, h_b))
-        common = dict(backend=backend, gather_distributed=gather_distributed,
-                      reduction=reduction)
+        q0, q_a, q_b = (
+            student_t(h.to(acc), centers.to(acc), alpha, backend=backend) for h in (h0, h_a, h_b)
+        )
+        common = dict(backend=backend, gather_distributed=gather_distributed, reduction=reduction)
         cluster, anchor = dec_anchor_losses(q0, q_a, q_b, **common)
-        return {"instance": nt_xent(z_a, z_b, instance_temperature, **common),
-                "cluster": cluster, "anchor": anchor}
+        return {
+            "instance": nt_xent(z_a, z_b, instance_temperature, **common),
+            "cluster": cluster,
+            "anchor": anchor,
+        }
 
-    return _objective("anchor_objective", ANCHOR_PARTS,
-                      (z_a, z_b, h0, h_a, h_b, centers, instance_temperature, alpha), weights,
-                      separate_parts, z_a.device, backend, gather, reduction, fused)
+    return _objective(
+        "anchor_objective",
+        ANCHOR_PARTS,
+        (z_a, z_b, h0, h_a, h_b, centers, instance_temperature, alpha),
+        weights,
+        separate_parts,
+        z_a.device,
+        backend,
+        gather,
+        reduction,
+        fused,
+    )
 
 
 @loss_in_input_dtype
 @outside_autocast
-def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
-                 logits_b: torch.Tensor, *, instance_temperature: float = 0.5,
-                 cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
-                 backend: str = "auto", gather_distributed: bool = False,
-                 reduction: str = "mean", fused: bool = True) -> LossOutput:
+def cc_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    *,
+    instance_temperature: float = 0.5,
+    cluster_temperature: float = 1.0,
+    weights: dict[str, float] | None = None,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+    fused: bool = True,
+) -> LossOutput:
     """Contrastive Clustering's whole objective, in one pass each way on the triton and cuda
     backends:
 
@@ -449,31 +565,51 @@ def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     _check_views(z_a, z_b)
     _check_logit_pair(logits_a, logits_b)
     if logits_a.shape[0] != z_a.shape[0] or logits_a.device != z_a.device:
-        raise ValueError(f"cc_objective needs z (N, D) and logits (N, K) on one device; got z "
-                         f"{tuple(z_a.shape)} on {z_a.device}, logits {tuple(logits_a.shape)} "
-                         f"on {logits_a.device}")
+        raise ValueError(
+            f"cc_objective needs z (N, D) and logits (N, K) on one device; got z "
+            f"{tuple(z_a.shape)} on {z_a.device}, logits {tuple(logits_a.shape)} "
+            f"on {logits_a.device}"
+        )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
     check_finite(("z_a", "z_b", "logits_a", "logits_b"), (z_a, z_b, logits_a, logits_b))
     gather = _gathering(gather_distributed, reduction)
 
     def separate_parts():
-        common = dict(backend=backend, gather_distributed=gather_distributed,
-                      reduction=reduction)
-        return {"instance": nt_xent(z_a, z_b, instance_temperature, **common),
-                "cluster": cc_cluster_loss(logits_a, logits_b, cluster_temperature, **common)}
+        common = dict(backend=backend, gather_distributed=gather_distributed, reduction=reduction)
+        return {
+            "instance": nt_xent(z_a, z_b, instance_temperature, **common),
+            "cluster": cc_cluster_loss(logits_a, logits_b, cluster_temperature, **common),
+        }
 
-    return _objective("cc_objective", CC_PARTS,
-                      (z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature),
-                      weights, separate_parts, z_a.device, backend, gather, reduction, fused)
+    return _objective(
+        "cc_objective",
+        CC_PARTS,
+        (z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature),
+        weights,
+        separate_parts,
+        z_a.device,
+        backend,
+        gather,
+        reduction,
+        fused,
+    )
 
 
 @loss_in_input_dtype
 @outside_autocast
-def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.Tensor,
-                     h_b: torch.Tensor, temperature: float = 1.0, *, gumbel_tau: float = 1.0,
-                     backend: str = "auto", gather_distributed: bool = False,
-                     reduction: str = "mean") -> torch.Tensor:
+def tcc_cluster_loss(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    gumbel_tau: float = 1.0,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cluster-level loss of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021).
 
     Reconstructed from the paper's abstract and method summary, not from its code: each view
@@ -492,7 +628,7 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     check_matrix("h_a", h_a, min_rows=2)
     check_matrix("h_b", h_b, min_rows=2)
     check_same(("h_a", "h_b"), (h_a, h_b))
-    check_same(("logits_a", "h_a"), (logits_a, h_a), shape=False)   # one device, one dtype
+    check_same(("logits_a", "h_a"), (logits_a, h_a), shape=False)  # one device, one dtype
     if h_a.shape[0] != logits_a.shape[0]:
         raise ValueError(f"h_a has {h_a.shape[0]} rows but logits_a has {logits_a.shape[0]}")
     temperature = check_positive("temperature", temperature)
@@ -506,8 +642,20 @@ def tcc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, h_a: torch.
     q_a, q_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
     if gather:
         return gathered.tcc_cluster_loss(y_a, y_b, h_a, h_b, q_a, q_b, temperature, backend)
-    return _reduced("tcc_cluster_loss", backend, h_a.device, reduction, 2 * logits_a.shape[1],
-                    y_a, y_b, h_a, h_b, q_a, q_b, temperature)
+    return _reduced(
+        "tcc_cluster_loss",
+        backend,
+        h_a.device,
+        reduction,
+        2 * logits_a.shape[1],
+        y_a,
+        y_b,
+        h_a,
+        h_b,
+        q_a,
+        q_b,
+        temperature,
+    )
 
 
 TCC_PRIORS = ("kl", "marginal")
@@ -521,14 +669,25 @@ def _kl_to_uniform_rows(q: torch.Tensor) -> torch.Tensor:
 
 @loss_in_input_dtype
 @outside_autocast
-def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
-             logits_b: torch.Tensor, centres: torch.Tensor, r_a: torch.Tensor,
-             r_b: torch.Tensor, *, instance_temperature: float = 0.5,
-             cluster_temperature: float = 1.0, gumbel_temperature: float = 0.3,
-             residual_weight: float = 0.1, prior: str = "kl",
-             samples: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
-             gather_distributed: bool = False,
-             reduction: str = "mean") -> dict[str, torch.Tensor]:
+def tcc_loss(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    centres: torch.Tensor,
+    r_a: torch.Tensor,
+    r_b: torch.Tensor,
+    *,
+    instance_temperature: float = 0.5,
+    cluster_temperature: float = 1.0,
+    gumbel_temperature: float = 0.3,
+    residual_weight: float = 0.1,
+    prior: str = "kl",
+    samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+) -> dict[str, torch.Tensor]:
     """The objective of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021,
     arXiv 2106.01908), as specified in docs/methods.md (each choice tagged there: paper,
     the first author's prototype, or inferred). Returns its three parts:
@@ -567,8 +726,10 @@ def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     check_matrix("centres", centres, min_rows=2)
     n, k, d = z_a.shape[0], logits_a.shape[1], z_a.shape[1]
     if logits_a.shape[0] != n or centres.shape != (k, d):
-        raise ValueError(f"tcc_loss needs logits (N={n}, K) and centres (K, D={d}); got logits "
-                         f"{tuple(logits_a.shape)}, centres {tuple(centres.shape)}")
+        raise ValueError(
+            f"tcc_loss needs logits (N={n}, K) and centres (K, D={d}); got logits "
+            f"{tuple(logits_a.shape)}, centres {tuple(centres.shape)}"
+        )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
     lam = check_positive("gumbel_temperature", gumbel_temperature)
@@ -576,8 +737,10 @@ def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
         raise ValueError(f"residual_weight must be >= 0, got {residual_weight}")
     if prior not in TCC_PRIORS:
         raise ValueError(f"prior must be one of {TCC_PRIORS}, got {prior!r}")
-    check_finite(("z_a", "z_b", "logits_a", "logits_b", "centres", "r_a", "r_b"),
-                 (z_a, z_b, logits_a, logits_b, centres, r_a, r_b))
+    check_finite(
+        ("z_a", "z_b", "logits_a", "logits_b", "centres", "r_a", "r_b"),
+        (z_a, z_b, logits_a, logits_b, centres, r_a, r_b),
+    )
     gather = _gathering(gather_distributed, reduction)
     acc = accumulation_dtype(z_a.dtype)
     la, lb = logits_a.to(acc), logits_b.to(acc)
@@ -594,20 +757,27 @@ def tcc_loss(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
     c = F.normalize(centres.to(acc), dim=1)
 
     def embed(pi, r):
-        return F.normalize(F.normalize(pi @ c, dim=1)
-                           + residual_weight * F.normalize(r.to(acc), dim=1), dim=1)
+        return F.normalize(
+            F.normalize(pi @ c, dim=1) + residual_weight * F.normalize(r.to(acc), dim=1), dim=1
+        )
 
     common = dict(backend=backend, reduction=reduction)
-    parts = {"instance": nt_xent(embed(pi_a, r_a), embed(pi_b, r_b), instance_temperature,
-                                 gather_distributed=gather_distributed, **common)}
-    sums = torch.stack([pi_a.T @ v_a, pi_b.T @ v_b])                        # (2, K, D)
-    marginals = torch.stack([q_a.sum(0), q_b.sum(0)])                       # (2, K)
+    parts = {
+        "instance": nt_xent(
+            embed(pi_a, r_a),
+            embed(pi_b, r_b),
+            instance_temperature,
+            gather_distributed=gather_distributed,
+            **common,
+        )
+    }
+    sums = torch.stack([pi_a.T @ v_a, pi_b.T @ v_b])  # (2, K, D)
+    marginals = torch.stack([q_a.sum(0), q_b.sum(0)])  # (2, K)
     rows = torch.tensor(float(n), dtype=acc, device=z_a.device)
     if gather:
-        stats, rows = gathered._global_sums(torch.cat([sums.reshape(-1), marginals.reshape(-1)]),
-                                            n)
-        sums = stats[:2 * k * d].view_as(sums)
-        marginals = stats[2 * k * d:].view_as(marginals)
+        stats, rows = gathered._global_sums(torch.cat([sums.reshape(-1), marginals.reshape(-1)]), n)
+        sums = stats[: 2 * k * d].view_as(sums)
+        marginals = stats[2 * k * d :].view_as(marginals)
     parts["cluster"] = nt_xent(sums[0], sums[1], cluster_temperature, **common)
     if prior == "kl":
         kl = torch.cat([_kl_to_uniform_rows(q_a), _kl_to_uniform_rows(q_b)])

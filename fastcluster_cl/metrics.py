@@ -1,6 +1,7 @@
-"""Clustering metrics with the field's protocol (DESIGN.md): ACC by Hungarian matching
+"""Clustering metrics with the field's protocol: ACC by Hungarian matching
 (scipy's linear_sum_assignment), NMI with scikit-learn's default arithmetic normalisation, ARI
 from scikit-learn, and k-means on features (scikit-learn) as a baseline evaluation."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """nn.Module wrappers of the functional losses: they hold hyper-parameters, validate them at
 construction, and call `fastcluster_cl.functional`."""
+
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,14 @@ from torch import nn
 from . import distributed
 from . import functional as FL
 from .functional import LossOutput, weighted_total
-from .losses.reference import l2_normalize
 from .losses.dispatch import BACKENDS
-from .validation import (check_gather_distributed, check_nt_xent_temperature, check_positive,
-                         check_reduction)
+from .losses.reference import l2_normalize
+from .validation import (
+    check_gather_distributed,
+    check_nt_xent_temperature,
+    check_positive,
+    check_reduction,
+)
 
 
 def _check_backend(backend: str) -> str:
@@ -23,21 +28,29 @@ def _check_backend(backend: str) -> str:
 def _memory_bank_size(size) -> tuple[int, ...]:
     """lightly's MemoryBankModule rules: 0 (no bank) or a (size, dim) tuple of non-negative
     ints; a bare int > 0 is refused (the feature dimension cannot be guessed)."""
-    if isinstance(size, bool) or not isinstance(size, (int, tuple, list, torch.Size)) or any(
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, (int, tuple, list, torch.Size))
+        or any(
             isinstance(x, bool) or not isinstance(x, int)
-            for x in ((size,) if isinstance(size, int) else size)):
-        raise TypeError(f"memory_bank_size must be 0 or a (size, dim) tuple of ints, got "
-                        f"{size!r}")
+            for x in ((size,) if isinstance(size, int) else size)
+        )
+    ):
+        raise TypeError(f"memory_bank_size must be 0 or a (size, dim) tuple of ints, got {size!r}")
     size_tuple = (size,) if isinstance(size, int) else tuple(size)
     if any(x < 0 for x in size_tuple):
         raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
     if isinstance(size, int) and size > 0:
-        raise ValueError(f"Memory bank size 'size={size}' does not specify the feature "
-                         f"dimension. Set it with 'size=({size}, dim)', or pass 'size=0' to "
-                         "disable the memory bank.")
+        raise ValueError(
+            f"Memory bank size 'size={size}' does not specify the feature "
+            f"dimension. Set it with 'size=({size}, dim)', or pass 'size=0' to "
+            "disable the memory bank."
+        )
     if size_tuple != (0,) and len(size_tuple) != 2:
-        raise ValueError(f"Illegal memory bank size {size}, expected a (num_features, dim) "
-                         "tuple, or 'size=0' to disable the memory bank.")
+        raise ValueError(
+            f"Illegal memory bank size {size}, expected a (num_features, dim) "
+            "tuple, or 'size=0' to disable the memory bank."
+        )
     return size_tuple
 
 
@@ -59,8 +72,13 @@ class MemoryBank(nn.Module):
     of the bank. Loading checks the pointer and the bank's shape.
     """
 
-    def __init__(self, size=0, gather_distributed: bool = False, feature_dim_first: bool = True,
-                 persistent: bool = False):
+    def __init__(
+        self,
+        size=0,
+        gather_distributed: bool = False,
+        feature_dim_first: bool = True,
+        persistent: bool = False,
+    ):
         super().__init__()
         self.size = _memory_bank_size(size)
         self.gather_distributed = bool(gather_distributed)
@@ -101,19 +119,24 @@ class MemoryBank(nn.Module):
         end = self.bank_ptr + n
         self.bank_ptr.copy_(torch.where(end >= size, torch.zeros_like(end), end))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         bank, ptr = state_dict.get(prefix + "bank"), state_dict.get(prefix + "bank_ptr")
         if bank is not None and tuple(bank.shape) != tuple(self.bank.shape):
-            raise ValueError(f"{prefix}bank has shape {tuple(bank.shape)}, this memory bank "
-                             f"is {tuple(self.bank.shape)}")
+            raise ValueError(
+                f"{prefix}bank has shape {tuple(bank.shape)}, this memory bank "
+                f"is {tuple(self.bank.shape)}"
+            )
         if ptr is not None:
             size = max(self.size[0], 1)
             if ptr.numel() != 1 or ptr.is_floating_point() or not 0 <= int(ptr) < size:
-                raise ValueError(f"{prefix}bank_ptr must be one integer in [0, {size}), got "
-                                 f"{ptr.tolist()}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+                raise ValueError(
+                    f"{prefix}bank_ptr must be one integer in [0, {size}), got {ptr.tolist()}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class NTXentLoss(nn.Module):
@@ -135,9 +158,10 @@ class NTXentLoss(nn.Module):
 
     Attributes:
         temperature: tau, |tau| >= 1e-8 (lightly's rule; a negative tau, which lightly also
-        accepts, runs on the torch and chunked backends). memory_bank_size: 0 or (M, D). gather_distributed: contrast
-        against every rank's rows (with a bank: lightly's behaviour, the loss uses this rank's
-        rows and the update all-gathers every rank's batch first, so all ranks keep one bank).
+        accepts, runs on the torch and chunked backends). memory_bank_size: 0 or (M, D).
+        gather_distributed: contrast against every rank's rows (with a bank: lightly's
+        behaviour, the loss uses this rank's rows and the update all-gathers every rank's batch
+        first, so all ranks keep one bank).
         backend, reduction ("none": the 2N per-row terms, N with a bank): keyword-only, see
         `fastcluster_cl.functional`. persistent_memory_bank: put the bank and its pointer in
         the state dict (False, lightly's choice: strict loads to and from lightly's module).
@@ -152,16 +176,26 @@ class NTXentLoss(nn.Module):
         >>> moco = NTXentLoss(0.1, (4096, 16))     # lightly's positional order
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size=0,
-                 gather_distributed: bool = False, *, backend: str = "auto",
-                 reduction: str = "mean", persistent_memory_bank: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size=0,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+        reduction: str = "mean",
+        persistent_memory_bank: bool = False,
+    ):
         super().__init__()
         self.temperature = check_nt_xent_temperature(temperature)
         self.gather_distributed = check_gather_distributed(gather_distributed)
         self.backend = _check_backend(backend)
         self.reduction = check_reduction(reduction)
-        self.memory_bank = MemoryBank(memory_bank_size, gather_distributed=gather_distributed,
-                                      persistent=persistent_memory_bank)
+        self.memory_bank = MemoryBank(
+            memory_bank_size,
+            gather_distributed=gather_distributed,
+            persistent=persistent_memory_bank,
+        )
 
     @property
     def memory_bank_size(self) -> tuple[int, ...]:
@@ -171,14 +205,20 @@ class NTXentLoss(nn.Module):
         """out0, out1: (N, D) projections of the two views. Returns the loss (see reduction);
         with a bank, then updates it (when out0 requires grad)."""
         if not self.memory_bank.enabled:
-            return FL.nt_xent(out0, out1, self.temperature, backend=self.backend,
-                              gather_distributed=self.gather_distributed,
-                              reduction=self.reduction)
+            return FL.nt_xent(
+                out0,
+                out1,
+                self.temperature,
+                backend=self.backend,
+                gather_distributed=self.gather_distributed,
+                reduction=self.reduction,
+            )
         # The bank as it was before this batch: a copy, since the update below writes in place
         # and the backward reads the negatives again.
         negatives = self.memory_bank.bank.detach().to(out0.device, copy=True)
-        loss = FL.nt_xent_bank(out0, out1, negatives, self.temperature, backend=self.backend,
-                               reduction=self.reduction)
+        loss = FL.nt_xent_bank(
+            out0, out1, negatives, self.temperature, backend=self.backend, reduction=self.reduction
+        )
         if out0.requires_grad:
             self.memory_bank.enqueue(l2_normalize(out1.detach())[0])
         return loss
@@ -192,9 +232,14 @@ class CCClusterLoss(nn.Module):
         >>> loss = CCClusterLoss()(torch.randn(8, 10), torch.randn(8, 10))
     """
 
-    def __init__(self, temperature: float = 1.0, backend: str = "auto",
-                 gather_distributed: bool = False, reduction: str = "mean",
-                 from_probs: bool = False):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        reduction: str = "mean",
+        from_probs: bool = False,
+    ):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.backend = _check_backend(backend)
@@ -204,17 +249,24 @@ class CCClusterLoss(nn.Module):
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
         """logits_a, logits_b: (N, K) cluster logits (probabilities with from_probs)."""
-        return FL.cc_cluster_loss(logits_a, logits_b, self.temperature, backend=self.backend,
-                                  gather_distributed=self.gather_distributed,
-                                  reduction=self.reduction, from_probs=self.from_probs)
+        return FL.cc_cluster_loss(
+            logits_a,
+            logits_b,
+            self.temperature,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            reduction=self.reduction,
+            from_probs=self.from_probs,
+        )
 
 
 class DECLoss(nn.Module):
     """DEC KL loss against the batch's sharpened target. See `fastcluster_cl.dec_loss`
     (reduction "none": the N per-row terms)."""
 
-    def __init__(self, backend: str = "auto", gather_distributed: bool = False,
-                 reduction: str = "mean"):
+    def __init__(
+        self, backend: str = "auto", gather_distributed: bool = False, reduction: str = "mean"
+    ):
         super().__init__()
         self.backend = _check_backend(backend)
         self.gather_distributed = check_gather_distributed(gather_distributed)
@@ -222,8 +274,12 @@ class DECLoss(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q: (N, K) probabilities. Returns the loss (see reduction)."""
-        return FL.dec_loss(q, backend=self.backend, gather_distributed=self.gather_distributed,
-                           reduction=self.reduction)
+        return FL.dec_loss(
+            q,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            reduction=self.reduction,
+        )
 
 
 class AnchorLoss(nn.Module):
@@ -254,7 +310,7 @@ _WEIGHTS = ("instance", "cluster", "anchor", "prior", "feature")
 class ClusterContrastiveLoss(nn.Module):
     """The whole objective of one method: instance NT-Xent plus its clustering terms.
 
-    Methods (DESIGN.md, "The objective"):
+    Methods (docs/design.md, docs/methods.md):
         "anchor": arXiv 2109.12714, L_ins + w_clu * DEC KL(q0) + w_anc * anchor(q0, qa, qb);
                   takes the centre head's inputs h0, h_a, h_b (N, F) and centers (K, F)
                   (`fastcluster_cl.functional.anchor_objective`: one pass each way on the
@@ -289,11 +345,19 @@ class ClusterContrastiveLoss(nn.Module):
         ...                                        centers=mu)
     """
 
-    def __init__(self, method: str = "anchor", instance_temperature: float = 0.5,
-                 cluster_temperature: float = 1.0, weights: dict[str, float] | None = None,
-                 gumbel_tau: float = 0.3, backend: str = "auto",
-                 gather_distributed: bool = False, reduction: str = "mean",
-                 tcc_prior: str = "kl", alpha: float = 1.0):
+    def __init__(
+        self,
+        method: str = "anchor",
+        instance_temperature: float = 0.5,
+        cluster_temperature: float = 1.0,
+        weights: dict[str, float] | None = None,
+        gumbel_tau: float = 0.3,
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        reduction: str = "mean",
+        tcc_prior: str = "kl",
+        alpha: float = 1.0,
+    ):
         super().__init__()
         if method not in _METHOD_INPUTS:
             raise ValueError(f"method must be one of {tuple(_METHOD_INPUTS)}, got {method!r}")
@@ -302,8 +366,14 @@ class ClusterContrastiveLoss(nn.Module):
         self.cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
         self.gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
         self.alpha = check_positive("alpha", alpha)
-        self.weights = {"instance": 1.0, "cluster": 1.0, "anchor": 1.0, "prior": 1.0,
-                        "feature": 0.0, **(weights or {})}
+        self.weights = {
+            "instance": 1.0,
+            "cluster": 1.0,
+            "anchor": 1.0,
+            "prior": 1.0,
+            "feature": 0.0,
+            **(weights or {}),
+        }
         for name, w in self.weights.items():
             if name not in _WEIGHTS or not w >= 0:
                 raise ValueError(f"weights takes {_WEIGHTS} >= 0, got {name}={w}")
@@ -322,31 +392,62 @@ class ClusterContrastiveLoss(nn.Module):
         given = tuple(sorted(name for name, x in inputs.items() if x is not None))
         forms = _METHOD_INPUTS[self.method]
         if given not in [tuple(sorted(form)) for form in forms]:
-            raise TypeError(f"method {self.method!r} takes " + " or ".join(map(str, forms))
-                            + f" as keyword inputs; got {given}")
-        common = dict(backend=self.backend, gather_distributed=self.gather_distributed,
-                      reduction=self.reduction)
+            raise TypeError(
+                f"method {self.method!r} takes "
+                + " or ".join(map(str, forms))
+                + f" as keyword inputs; got {given}"
+            )
+        common = dict(
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+            reduction=self.reduction,
+        )
         if self.method == "cc":
-            return FL.cc_objective(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
-                                   instance_temperature=self.instance_temperature,
-                                   cluster_temperature=self.cluster_temperature,
-                                   weights=self.weights, **common)
+            return FL.cc_objective(
+                z_a,
+                z_b,
+                inputs["logits_a"],
+                inputs["logits_b"],
+                instance_temperature=self.instance_temperature,
+                cluster_temperature=self.cluster_temperature,
+                weights=self.weights,
+                **common,
+            )
         if self.method == "anchor" and "h0" in given:
-            return FL.anchor_objective(z_a, z_b, inputs["h0"], inputs["h_a"], inputs["h_b"],
-                                       inputs["centers"],
-                                       instance_temperature=self.instance_temperature,
-                                       alpha=self.alpha, weights=self.weights, **common)
+            return FL.anchor_objective(
+                z_a,
+                z_b,
+                inputs["h0"],
+                inputs["h_a"],
+                inputs["h_b"],
+                inputs["centers"],
+                instance_temperature=self.instance_temperature,
+                alpha=self.alpha,
+                weights=self.weights,
+                **common,
+            )
         if self.method == "anchor":
             parts = {"instance": FL.nt_xent(z_a, z_b, self.instance_temperature, **common)}
             parts["cluster"], parts["anchor"] = FL.dec_anchor_losses(
-                inputs["q0"], inputs["q_a"], inputs["q_b"], **common)
+                inputs["q0"], inputs["q_a"], inputs["q_b"], **common
+            )
             return weighted_total(parts, self.weights, self.reduction)
-        parts = dict(FL.tcc_loss(z_a, z_b, inputs["logits_a"], inputs["logits_b"],
-                                 inputs["centres"], inputs["r_a"], inputs["r_b"],
-                                 instance_temperature=self.instance_temperature,
-                                 cluster_temperature=self.cluster_temperature,
-                                 gumbel_temperature=self.gumbel_tau, prior=self.tcc_prior,
-                                 **common))
+        parts = dict(
+            FL.tcc_loss(
+                z_a,
+                z_b,
+                inputs["logits_a"],
+                inputs["logits_b"],
+                inputs["centres"],
+                inputs["r_a"],
+                inputs["r_b"],
+                instance_temperature=self.instance_temperature,
+                cluster_temperature=self.cluster_temperature,
+                gumbel_temperature=self.gumbel_tau,
+                prior=self.tcc_prior,
+                **common,
+            )
+        )
         if self.weights["feature"] > 0:
             parts["feature"] = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
         return weighted_total(parts, self.weights, self.reduction)

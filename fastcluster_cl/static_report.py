@@ -24,6 +24,7 @@ MACS_PER_CLOCK is the dense rate of one H100/H200 SM: 2048 for fp16/bf16, 1024 f
 it, ex2_ceiling = min(1, T_mma / (ex2_per_tile / EX2_PER_CLOCK)), the same bound from the MUFU
 units (16 exp2 per clock per SM): a kernel is at best min(issue_ceiling, ex2_ceiling) of peak.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SM_REGISTERS = 65536
-SM_SHARED = 228 * 1024          # per SM; 1 KiB of it is reserved per CTA
+SM_SHARED = 228 * 1024  # per SM; 1 KiB of it is reserved per CTA
 BLOCK_SHARED_LIMIT = 227 * 1024
 SM_THREADS = 2048
 SM_CTAS = 32
@@ -52,6 +53,7 @@ _BRANCH_TARGET = re.compile(r"`\((\.L\w+)\)")
 @dataclass
 class Variant:
     """One compiled configuration: `gemms` are the (M, N, K) products of one column tile."""
+
     kernel: str
     dtype: str
     fn: object
@@ -63,12 +65,13 @@ class Variant:
     gemms: tuple[tuple[int, int, int], ...] = ()
     precision: str = "fp16"
     targets: dict = field(default_factory=dict)
-    elements: int = 0   # S elements per column step when not BLOCK_M x BLOCK_N (column pairs)
-    floats: tuple[str, ...] = ()   # fp32 scalar arguments (the rest are i32)
+    elements: int = 0  # S elements per column step when not BLOCK_M x BLOCK_N (column pairs)
+    floats: tuple[str, ...] = ()  # fp32 scalar arguments (the rest are i32)
 
 
 def _bin(tool: str) -> str:
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
@@ -77,25 +80,39 @@ def compile_variant(v: Variant):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    signature = {name: ("constexpr" if name in v.constexprs else
-                        f"*{v.pointers[name]}" if name in v.pointers else
-                        "fp32" if name in v.floats else "i32")
-                 for name in v.fn.arg_names}
+    signature = {
+        name: (
+            "constexpr"
+            if name in v.constexprs
+            else f"*{v.pointers[name]}"
+            if name in v.pointers
+            else "fp32"
+            if name in v.floats
+            else "i32"
+        )
+        for name in v.fn.arg_names
+    }
     # As the JIT specialises a launch at D = 128 and a batch that is a multiple of 16: every
     # pointer 16-byte aligned and every integer argument divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(v.fn.arg_names)
-             if signature[name] not in ("constexpr", "fp32")}
-    return triton.compile(triton.compiler.ASTSource(v.fn, signature, v.constexprs, attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(v.fn.arg_names)
+        if signature[name] not in ("constexpr", "fp32")
+    }
+    return triton.compile(
+        triton.compiler.ASTSource(v.fn, signature, v.constexprs, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+    )
 
 
 def _tool_output(tool: str, args: list[str], cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_bin(tool), *args, f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            [_bin(tool), *args, f.name], capture_output=True, text=True, check=True
+        ).stdout
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -121,8 +138,14 @@ def parse_sass(text: str) -> list[dict]:
             labels[name] = len(out)
         pending = []
         target = _BRANCH_TARGET.search(m[4])
-        out.append({"addr": int(m[1], 16), "pred": (m[2] or "").strip(), "op": m[3],
-                    "target": target[1] if target else None})
+        out.append(
+            {
+                "addr": int(m[1], 16),
+                "pred": (m[2] or "").strip(),
+                "op": m[3],
+                "target": target[1] if target else None,
+            }
+        )
     for ins in out:
         ins["target_index"] = labels.get(ins["target"]) if ins["target"] else None
     return out
@@ -134,14 +157,19 @@ def _is_mma(op: str) -> bool:
 
 def steady_loop(instructions: list[dict]) -> list[dict]:
     """The steady-state path of the column loop (see the module docstring); [] if none."""
-    loops = [(ins["target_index"], i) for i, ins in enumerate(instructions)
-             if ins["op"].startswith("BRA") and ins["target_index"] is not None
-             and ins["target_index"] < i]  # not the trap at the end (a branch to itself)
+    loops = [
+        (ins["target_index"], i)
+        for i, ins in enumerate(instructions)
+        if ins["op"].startswith("BRA")
+        and ins["target_index"] is not None
+        and ins["target_index"] < i
+    ]  # not the trap at the end (a branch to itself)
     if not loops:
         return []
 
     def mma_count(start, end):
-        return sum(_is_mma(ins["op"]) for ins in instructions[start:end + 1])
+        return sum(_is_mma(ins["op"]) for ins in instructions[start : end + 1])
+
     # The most MMAs; among equals the shortest span (a cold block branching back into the loop
     # would otherwise drag the epilogue in).
     start, end = max(loops, key=lambda span: (mma_count(*span), span[0] - span[1]))
@@ -149,10 +177,15 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
     for i in range(start, end):
         ins = instructions[i]
         t = ins["target_index"]
-        if (ins["op"].startswith("BRA") and ins["pred"] and t is not None and i < t <= end
-                and mma_count(i + 1, t - 1) == 0):
+        if (
+            ins["op"].startswith("BRA")
+            and ins["pred"]
+            and t is not None
+            and i < t <= end
+            and mma_count(i + 1, t - 1) == 0
+        ):
             skipped.update(range(i + 1, t))
-    return [ins for i, ins in enumerate(instructions[start:end + 1], start) if i not in skipped]
+    return [ins for i, ins in enumerate(instructions[start : end + 1], start) if i not in skipped]
 
 
 def ctas_per_sm(registers: int, shared: int, threads: int) -> int:
@@ -172,10 +205,15 @@ def analyse(v: Variant) -> dict:
     shared = kernel.metadata.shared
     loop = steady_loop(parse_sass(_tool_output("nvdisasm", ["-c"], cubin)))
     threads = 32 * v.num_warps
-    mma = [tuple(int(x) for x in _MMA.match(ins["op"]).groups()[1:]) + (ins["op"],)
-           for ins in loop if _is_mma(ins["op"])]
-    per_issue = [(v.num_warps // 4 if op.startswith("HGMMA") else v.num_warps, m * n * k)
-                 for m, n, k, op in mma]
+    mma = [
+        tuple(int(x) for x in _MMA.match(ins["op"]).groups()[1:]) + (ins["op"],)
+        for ins in loop
+        if _is_mma(ins["op"])
+    ]
+    per_issue = [
+        (v.num_warps // 4 if op.startswith("HGMMA") else v.num_warps, m * n * k)
+        for m, n, k, op in mma
+    ]
     issued = sum(count for count, _ in per_issue)
     tile_macs = sum(m * n * k for m, n, k in v.gemms)
     floor = None
@@ -188,14 +226,24 @@ def analyse(v: Variant) -> dict:
         ceiling = round(min(1.0, t_mma / (len(loop) * v.num_warps / ISSUE_PER_CLOCK)), 3)
         ex2_ceiling = round(min(1.0, t_mma * EX2_PER_CLOCK / ex2), 3) if ex2 else 1.0
     tile_elements = v.elements or (v.block[0] * v.block[1] if len(v.block) == 3 else None)
-    return {"kernel": v.kernel, "dtype": v.dtype, "block": "x".join(map(str, v.block)),
-            "num_warps": v.num_warps, "registers": registers, "spill_bytes": stack,
-            "shared_bytes": shared, "ctas_per_sm": ctas_per_sm(registers, shared, threads),
-            "mma_per_tile": issued if loop else None, "mma_floor_per_tile": floor,
-            "ex2_per_tile": ex2 if loop else None, "tile_elements": tile_elements,
-            "instructions_per_tile": len(loop) or None, "issue_ceiling": ceiling,
-            "ex2_ceiling": ex2_ceiling,
-            "targets": v.targets}
+    return {
+        "kernel": v.kernel,
+        "dtype": v.dtype,
+        "block": "x".join(map(str, v.block)),
+        "num_warps": v.num_warps,
+        "registers": registers,
+        "spill_bytes": stack,
+        "shared_bytes": shared,
+        "ctas_per_sm": ctas_per_sm(registers, shared, threads),
+        "mma_per_tile": issued if loop else None,
+        "mma_floor_per_tile": floor,
+        "ex2_per_tile": ex2 if loop else None,
+        "tile_elements": tile_elements,
+        "instructions_per_tile": len(loop) or None,
+        "issue_ceiling": ceiling,
+        "ex2_ceiling": ex2_ceiling,
+        "targets": v.targets,
+    }
 
 
 def check_targets(row: dict) -> list[str]:
@@ -206,7 +254,8 @@ def check_targets(row: dict) -> list[str]:
     if t.get("mma_at_floor") and row["mma_per_tile"] != row["mma_floor_per_tile"]:
         missed.append(f"mma {row['mma_per_tile']} vs floor {row['mma_floor_per_tile']}")
     if "ex2_per_element" in t and (row["ex2_per_tile"] or 0) > t["ex2_per_element"] * (
-            row["tile_elements"] or 0):
+        row["tile_elements"] or 0
+    ):
         missed.append(f"ex2 {row['ex2_per_tile']} for {row['tile_elements']} elements")
     if "ctas_per_sm" in t and row["ctas_per_sm"] < t["ctas_per_sm"]:
         missed.append(f"{row['ctas_per_sm']} CTAs/SM")
@@ -220,8 +269,9 @@ def check_targets(row: dict) -> list[str]:
 # Targets of the NT-Xent kernels in the tensor-core dtypes (kernel-core issue): no spills, no
 # duplicated MMA work, at most one exp per S element, two CTAs per SM, and instruction issue
 # leaving room for the tensor cores.
-_NT_XENT_FWD = dict(no_spills=True, mma_at_floor=True, ex2_per_element=1.0, ctas_per_sm=2,
-                    issue_ceiling=0.6)
+_NT_XENT_FWD = dict(
+    no_spills=True, mma_at_floor=True, ex2_per_element=1.0, ctas_per_sm=2, issue_ceiling=0.6
+)
 _NT_XENT_BWD = dict(_NT_XENT_FWD, issue_ceiling=0.5)
 
 
@@ -230,51 +280,114 @@ def _nt_xent_variants() -> list[Variant]:
     import triton.language as tl
 
     import fastcluster_cl.kernels  # noqa: F401  (its nt_xent attribute is the function)
+
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
 
     out = []
     d = 128
-    pointers = {"RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "LSE": "fp32", "ROW_W": "fp32",
-                "ROW_G": "fp32",
-                "ROW_LOSS": "fp32", "INV_TAU": "fp32", "DZ": "bf16", "GRAD_OUT": "fp32",
-                "G": "fp32", "ROW_SUM": "fp32", "COL_SUM": "fp32"}
+    pointers = {
+        "RS": "fp32",
+        "NORMS": "fp32",
+        "DIST": "fp32",
+        "LSE": "fp32",
+        "ROW_W": "fp32",
+        "ROW_G": "fp32",
+        "ROW_LOSS": "fp32",
+        "INV_TAU": "fp32",
+        "DZ": "bf16",
+        "GRAD_OUT": "fp32",
+        "G": "fp32",
+        "ROW_SUM": "fp32",
+        "COL_SUM": "fp32",
+    }
     # bf16 and fp16 inputs both run on the fp16 copy Zs (the prologue); fp32 on TF32 tensor
     # cores where torch allows TF32 matmuls, else ("ieee", torch's default) on FMA units.
-    for dtype, zs, precision in (("bf16/fp16", torch.float16, "fp16"),
-                                 ("fp32 tf32", torch.float32, "tf32"),
-                                 ("fp32 ieee", torch.float32, "ieee")):
+    for dtype, zs, precision in (
+        ("bf16/fp16", torch.float16, "fp16"),
+        ("fp32 tf32", torch.float32, "tf32"),
+        ("fp32 ieee", torch.float32, "ieee"),
+    ):
         common = dict(ACC=tl.float32, UPCAST=False, PREC="tf32" if precision == "tf32" else "ieee")
         ptrs = dict(pointers, Z="fp16" if precision == "fp16" else "fp32")
         fwd = nt.forward_config(d, zs)
         bwd = nt.backward_config(d, zs, common["PREC"])
         for fixed in (True, False):
-            out.append(Variant(
-                f"nt_xent fwd{'' if fixed else ' online-max'}", dtype, nt._lse_fwd_kernel, ptrs,
-                dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs), fwd.num_warps, fwd.block,
-                fwd.num_stages, gemms=((fwd.block[0], fwd.block[1], d),), precision=precision,
-                targets=_NT_XENT_FWD if fixed and precision == "fp16" else {}))
+            out.append(
+                Variant(
+                    f"nt_xent fwd{'' if fixed else ' online-max'}",
+                    dtype,
+                    nt._lse_fwd_kernel,
+                    ptrs,
+                    dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
+                    fwd.num_warps,
+                    fwd.block,
+                    fwd.num_stages,
+                    gemms=((fwd.block[0], fwd.block[1], d),),
+                    precision=precision,
+                    targets=_NT_XENT_FWD if fixed and precision == "fp16" else {},
+                )
+            )
         # The mean's backward carries the targets; the per-row one (reduction="none") only
         # no spills.
         for per_row in (False, True):
-            out.append(Variant(
-                f"nt_xent bwd{' per-row' if per_row else ''}", dtype, nt._grad_kernel, ptrs,
-                dict(EPILOGUE=True, PER_ROW=per_row, FIXED_SHIFT=True, **common,
-                     **bwd.constexprs), bwd.num_warps, bwd.block, bwd.num_stages,
-                gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
-                precision=precision, targets=(_NT_XENT_BWD if not per_row else dict(
-                    no_spills=True)) if precision == "fp16" else {}))
+            out.append(
+                Variant(
+                    f"nt_xent bwd{' per-row' if per_row else ''}",
+                    dtype,
+                    nt._grad_kernel,
+                    ptrs,
+                    dict(
+                        EPILOGUE=True, PER_ROW=per_row, FIXED_SHIFT=True, **common, **bwd.constexprs
+                    ),
+                    bwd.num_warps,
+                    bwd.block,
+                    bwd.num_stages,
+                    gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+                    precision=precision,
+                    targets=(_NT_XENT_BWD if not per_row else dict(no_spills=True))
+                    if precision == "fp16"
+                    else {},
+                )
+            )
     for width in (d, 512):
         rows = nt.prologue_rows(width)
-        out.append(Variant(f"nt_xent prologue D={width}", "bf16", nt._scale_rows_kernel,
-                           dict(pointers, Z="bf16", ZS="fp16"),
-                           dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=rows,
-                                BLOCK_D=width), 4, (rows, width), targets=dict(no_spills=True)))
+        out.append(
+            Variant(
+                f"nt_xent prologue D={width}",
+                "bf16",
+                nt._scale_rows_kernel,
+                dict(pointers, Z="bf16", ZS="fp16"),
+                dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=rows, BLOCK_D=width),
+                4,
+                (rows, width),
+                targets=dict(no_spills=True),
+            )
+        )
     sym = dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK=64, BLOCK_D=d)
-    out.append(Variant("nt_xent symmetric fwd", "bf16/fp16", nt._symmetric_fwd_kernel,
-                       dict(pointers, Z="fp16"), sym, 4, (64, 64, d), gemms=((64, 64, d),)))
-    out.append(Variant("nt_xent symmetric bwd", "bf16/fp16", nt._symmetric_grad_kernel,
-                       dict(pointers, Z="fp16"), dict(sym, FIXED_SHIFT=True), 4, (64, 64, d),
-                       gemms=((64, 64, d), (64, d, 64), (64, d, 64))))
+    out.append(
+        Variant(
+            "nt_xent symmetric fwd",
+            "bf16/fp16",
+            nt._symmetric_fwd_kernel,
+            dict(pointers, Z="fp16"),
+            sym,
+            4,
+            (64, 64, d),
+            gemms=((64, 64, d),),
+        )
+    )
+    out.append(
+        Variant(
+            "nt_xent symmetric bwd",
+            "bf16/fp16",
+            nt._symmetric_grad_kernel,
+            dict(pointers, Z="fp16"),
+            dict(sym, FIXED_SHIFT=True),
+            4,
+            (64, 64, d),
+            gemms=((64, 64, d), (64, d, 64), (64, d, 64)),
+        )
+    )
     return out
 
 
@@ -287,35 +400,69 @@ def _nt_xent_bank_variants() -> list[Variant]:
     import triton.language as tl
 
     import fastcluster_cl.kernels  # noqa: F401
+
     bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
     d, out = 128, []
-    pointers = {"RS": "fp32", "NORMS": "fp32", "DIST": "fp32", "ROW_W": "fp32",
-                "ROW_LOSS": "fp32", "INV_TAU": "fp32", "W": "fp32", "DZA": "bf16", "DZB": "bf16"}
-    for dtype, zs, precision, split in (("bf16/fp16, fp32 bank", torch.float16, "fp16", True),
-                                        ("bf16/fp16, fp16 bank", torch.float16, "fp16", False),
-                                        ("fp32 tf32", torch.float32, "tf32", False)):
-        common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee" if precision == "fp16" else
-                      precision, SPLIT=split)
+    pointers = {
+        "RS": "fp32",
+        "NORMS": "fp32",
+        "DIST": "fp32",
+        "ROW_W": "fp32",
+        "ROW_LOSS": "fp32",
+        "INV_TAU": "fp32",
+        "W": "fp32",
+        "DZA": "bf16",
+        "DZB": "bf16",
+    }
+    for dtype, zs, precision, split in (
+        ("bf16/fp16, fp32 bank", torch.float16, "fp16", True),
+        ("bf16/fp16, fp16 bank", torch.float16, "fp16", False),
+        ("fp32 tf32", torch.float32, "tf32", False),
+    ):
+        common = dict(
+            ACC=tl.float32,
+            UPCAST=False,
+            PREC="ieee" if precision == "fp16" else precision,
+            SPLIT=split,
+        )
         operand = "fp16" if precision == "fp16" else "fp32"
         ptrs = dict(pointers, ZS=operand, BANK=operand, BANK_LO=operand)
         fwd = nt.forward_config(d, zs)
         bwd = bank.bank_backward_config(d, zs, common["PREC"])
         scores = 2 if split else 1
         for fixed in (True, False):
-            out.append(Variant(
-                f"nt_xent_bank fwd{'' if fixed else ' online-max'}", dtype,
-                bank._bank_fwd_kernel, ptrs, dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
-                fwd.num_warps, fwd.block, fwd.num_stages,
-                gemms=((fwd.block[0], fwd.block[1], d),) * scores, precision=precision,
-                targets=dict(no_spills=True)))
-        out.append(Variant(
-            "nt_xent_bank bwd", dtype, bank._bank_grad_kernel, ptrs,
-            dict(FIXED_SHIFT=True, **common, **bwd.constexprs), bwd.num_warps, bwd.block,
-            bwd.num_stages,
-            gemms=((bwd.block[0], bwd.block[1], d),) * scores + ((bwd.block[0], d,
-                                                                  bwd.block[1]),),
-            precision=precision, targets=dict(no_spills=True)))
+            out.append(
+                Variant(
+                    f"nt_xent_bank fwd{'' if fixed else ' online-max'}",
+                    dtype,
+                    bank._bank_fwd_kernel,
+                    ptrs,
+                    dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
+                    fwd.num_warps,
+                    fwd.block,
+                    fwd.num_stages,
+                    gemms=((fwd.block[0], fwd.block[1], d),) * scores,
+                    precision=precision,
+                    targets=dict(no_spills=True),
+                )
+            )
+        out.append(
+            Variant(
+                "nt_xent_bank bwd",
+                dtype,
+                bank._bank_grad_kernel,
+                ptrs,
+                dict(FIXED_SHIFT=True, **common, **bwd.constexprs),
+                bwd.num_warps,
+                bwd.block,
+                bwd.num_stages,
+                gemms=((bwd.block[0], bwd.block[1], d),) * scores
+                + ((bwd.block[0], d, bwd.block[1]),),
+                precision=precision,
+                targets=dict(no_spills=True),
+            )
+        )
     return out
 
 
@@ -326,42 +473,111 @@ def _cluster_variants() -> list[Variant]:
     import triton.language as tl
 
     import fastcluster_cl.kernels  # noqa: F401
-    cc, st, kl = (sys.modules[f"fastcluster_cl.kernels.{m}"]
-                  for m in ("cc_cluster", "student_t", "kl"))
+
+    cc, st, kl = (
+        sys.modules[f"fastcluster_cl.kernels.{m}"] for m in ("cc_cluster", "student_t", "kl")
+    )
     clean = dict(no_spills=True)
-    out = [Variant("cc stats", "bf16", cc._stats_kernel,
-                   {"LA": "bf16", "LB": "bf16", "GRAM": "fp32", "COLSUM": "fp32"},
-                   dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4,
-                   (32, cc.MAX_CLUSTERS), targets=clean),
-           Variant("cc grad", "bf16", cc._grad_kernel,
-                   {"LA": "bf16", "LB": "bf16", "DLA": "bf16", "DLB": "bf16", "M": "fp32",
-                    "DC": "fp32"},
-                   dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS), 4,
-                   (32, cc.MAX_CLUSTERS), targets=clean)]
-    h = {"H": "bf16", "MU": "bf16", "Q": "fp32", "ALPHA": "fp32", "DQ": "fp32", "DH": "bf16",
-         "G": "fp32"}
-    for k in (64, 300, 600, 1000):   # K is tiled: the tile (and the code) is the same for all
+    out = [
+        Variant(
+            "cc stats",
+            "bf16",
+            cc._stats_kernel,
+            {"LA": "bf16", "LB": "bf16", "GRAM": "fp32", "COLSUM": "fp32"},
+            dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS),
+            4,
+            (32, cc.MAX_CLUSTERS),
+            targets=clean,
+        ),
+        Variant(
+            "cc grad",
+            "bf16",
+            cc._grad_kernel,
+            {"LA": "bf16", "LB": "bf16", "DLA": "bf16", "DLB": "bf16", "M": "fp32", "DC": "fp32"},
+            dict(ACC=tl.float32, PREC="tf32", BLOCK_M=32, BLOCK_K=cc.MAX_CLUSTERS),
+            4,
+            (32, cc.MAX_CLUSTERS),
+            targets=clean,
+        ),
+    ]
+    h = {
+        "H": "bf16",
+        "MU": "bf16",
+        "Q": "fp32",
+        "ALPHA": "fp32",
+        "DQ": "fp32",
+        "DH": "bf16",
+        "G": "fp32",
+    }
+    for k in (64, 300, 600, 1000):  # K is tiled: the tile (and the code) is the same for all
         block_k, block_f = st._blocks(k, 128)
         for name, kern in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
-            out.append(Variant(f"student_t {name} K={k}", "bf16", kern, h,
-                               dict(PREC="ieee", ACC=tl.float32, UPCAST=False,
-                                    BLOCK_M=st._BLOCK_M, BLOCK_K=block_k, BLOCK_F=block_f), 4,
-                               (st._BLOCK_M, block_k, block_f), targets=clean))
-    q = {"Q": "fp32", "PARTIAL": "fp32", "F": "fp32", "OUT": "fp32", "GRAD": "fp32",
-         "Q0": "fp32", "QA": "fp32", "QB": "fp32", "DQA": "fp32", "DQB": "fp32", "DQ0": "fp32"}
+            out.append(
+                Variant(
+                    f"student_t {name} K={k}",
+                    "bf16",
+                    kern,
+                    h,
+                    dict(
+                        PREC="ieee",
+                        ACC=tl.float32,
+                        UPCAST=False,
+                        BLOCK_M=st._BLOCK_M,
+                        BLOCK_K=block_k,
+                        BLOCK_F=block_f,
+                    ),
+                    4,
+                    (st._BLOCK_M, block_k, block_f),
+                    targets=clean,
+                )
+            )
+    q = {
+        "Q": "fp32",
+        "PARTIAL": "fp32",
+        "F": "fp32",
+        "OUT": "fp32",
+        "GRAD": "fp32",
+        "Q0": "fp32",
+        "QA": "fp32",
+        "QB": "fp32",
+        "DQA": "fp32",
+        "DQB": "fp32",
+        "DQ0": "fp32",
+    }
     for k in (128, kl.MAX_CLUSTERS):  # tiled over K: 4096 compiles in seconds
         consts = kl._consts(torch.float32, k)
         warps = consts.pop("num_warps")
         block = (consts["BLOCK_M"], consts["BLOCK_K"])
-        out.append(Variant(f"kl colsum K={k}", "fp32", kl._colsum_kernel, q,
-                           dict(ACC=tl.float32, BLOCK_M=block[0], BLOCK_K=block[1]), warps,
-                           block, targets=clean))
+        out.append(
+            Variant(
+                f"kl colsum K={k}",
+                "fp32",
+                kl._colsum_kernel,
+                q,
+                dict(ACC=tl.float32, BLOCK_M=block[0], BLOCK_K=block[1]),
+                warps,
+                block,
+                targets=clean,
+            )
+        )
         for backward in (False, True):
-            for name, kern in (("dec", kl._dec_kernel), ("anchor", kl._anchor_kernel),
-                               ("dec+anchor", kl._dec_anchor_kernel)):
-                out.append(Variant(f"kl {name} {'bwd' if backward else 'fwd'} K={k}", "fp32",
-                                   kern, q, dict(BACKWARD=backward, **consts), warps, block,
-                                   targets=clean))
+            for name, kern in (
+                ("dec", kl._dec_kernel),
+                ("anchor", kl._anchor_kernel),
+                ("dec+anchor", kl._dec_anchor_kernel),
+            ):
+                out.append(
+                    Variant(
+                        f"kl {name} {'bwd' if backward else 'fwd'} K={k}",
+                        "fp32",
+                        kern,
+                        q,
+                        dict(BACKWARD=backward, **consts),
+                        warps,
+                        block,
+                        targets=clean,
+                    )
+                )
     return out
 
 
@@ -374,19 +590,62 @@ def _objective_variants() -> list[Variant]:
     import triton.language as tl
 
     import fastcluster_cl.kernels  # noqa: F401
+
     ob = sys.modules["fastcluster_cl.kernels.objective"]
     d = 128
     fwd, bwd = ob.instance_config(d, torch.float16)
     bm, bn, _ = fwd.block
-    common = dict(ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=1.1754943508222875e-38,
-                  FIXED_SHIFT=True)
-    f32 = {name: "fp32" for name in (
-        "RS", "NORMS", "ROW_W", "ROW_LOSS", "PARAMS", "INST_PART", "MU", "Q0", "F_PART",
-        "ANCHOR_PART", "LSE", "CAB", "GRAD", "FSUM", "TOTALS", "CDEC", "DMU_PART", "GRAM_PART",
-        "COL_PART", "GRAM", "COLSUM", "M", "DC", "OUT", "PART")}
-    ptrs = dict(f32, ZA="bf16", ZB="bf16", ZS="fp16", H0="bf16", HA="bf16", HB="bf16",
-                DZA="bf16", DZB="bf16", DH0="bf16", DHA="bf16", DHB="bf16", LA="bf16",
-                LB="bf16", DLA="bf16", DLB="bf16")
+    common = dict(
+        ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=1.1754943508222875e-38, FIXED_SHIFT=True
+    )
+    f32 = {
+        name: "fp32"
+        for name in (
+            "RS",
+            "NORMS",
+            "ROW_W",
+            "ROW_LOSS",
+            "PARAMS",
+            "INST_PART",
+            "MU",
+            "Q0",
+            "F_PART",
+            "ANCHOR_PART",
+            "LSE",
+            "CAB",
+            "GRAD",
+            "FSUM",
+            "TOTALS",
+            "CDEC",
+            "DMU_PART",
+            "GRAM_PART",
+            "COL_PART",
+            "GRAM",
+            "COLSUM",
+            "M",
+            "DC",
+            "OUT",
+            "PART",
+        )
+    }
+    ptrs = dict(
+        f32,
+        ZA="bf16",
+        ZB="bf16",
+        ZS="fp16",
+        H0="bf16",
+        HA="bf16",
+        HB="bf16",
+        DZA="bf16",
+        DZB="bf16",
+        DH0="bf16",
+        DHA="bf16",
+        DHB="bf16",
+        LA="bf16",
+        LB="bf16",
+        DLA="bf16",
+        DLB="bf16",
+    )
     # The forward normalises each column tile it loads (no prologue launch): 8 warps on 128
     # rows per half, one CTA per SM (the fast path's 2 x 4 warps), and an issue ceiling of
     # 0.5 where the fast path reaches 0.98 (benchmarks/static_notes.md section 8).
@@ -394,70 +653,182 @@ def _objective_variants() -> list[Variant]:
     bwd_targets = _NT_XENT_BWD
     clean = dict(no_spills=True)
     out = []
+
     def variant(name, dtype, fn, constexprs, *args, **kwargs):
-        return Variant(name, dtype, fn, ptrs,
-                       {c: v for c, v in constexprs.items() if c in fn.arg_names}, *args,
-                       floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
-                       **kwargs)
+        return Variant(
+            name,
+            dtype,
+            fn,
+            ptrs,
+            {c: v for c, v in constexprs.items() if c in fn.arg_names},
+            *args,
+            floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
+            **kwargs,
+        )
 
     for k in (10, 100):
         block_k, block_f, block_full = ob._anchor_blocks(k, d)
-        centre = dict(HPREC="ieee", HUPCAST=False, SUB_M=ob._SUB_M, BLOCK_K=block_k,
-                      BLOCK_F=block_f)
-        out.append(variant(f"objective anchor rows K={k}", "bf16", ob._anchor_rows_kernel,
-                           dict(common, **centre, **fwd.constexprs), fwd.num_warps, fwd.block,
-                           fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,
-                           targets=fwd_targets))
-        out.append(variant(f"objective anchor grad K={k}", "bf16", ob._anchor_grad_kernel,
-                           dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
-                           | dict(BLOCK_K=ob._anchor_blocks(k, d, backward=True)[0]),
-                           bwd.num_warps, bwd.block, bwd.num_stages,
-                           gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d,
-                                                                     bwd.block[1])),
-                           targets=bwd_targets))
-        out.append(variant(f"objective anchor epilogue K={k}", "fp32",
-                           ob._anchor_epilogue_kernel,
-                           dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=ob._ROWS,
-                                BLOCK_K=block_k), 4, (ob._ROWS, block_k), targets=clean))
+        centre = dict(
+            HPREC="ieee", HUPCAST=False, SUB_M=ob._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
+        )
+        out.append(
+            variant(
+                f"objective anchor rows K={k}",
+                "bf16",
+                ob._anchor_rows_kernel,
+                dict(common, **centre, **fwd.constexprs),
+                fwd.num_warps,
+                fwd.block,
+                fwd.num_stages,
+                gemms=((bm, bn, d),) * 4,
+                elements=4 * bm * bn,
+                targets=fwd_targets,
+            )
+        )
+        out.append(
+            variant(
+                f"objective anchor grad K={k}",
+                "bf16",
+                ob._anchor_grad_kernel,
+                dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
+                | dict(BLOCK_K=ob._anchor_blocks(k, d, backward=True)[0]),
+                bwd.num_warps,
+                bwd.block,
+                bwd.num_stages,
+                gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+                targets=bwd_targets,
+            )
+        )
+        out.append(
+            variant(
+                f"objective anchor epilogue K={k}",
+                "fp32",
+                ob._anchor_epilogue_kernel,
+                dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=ob._ROWS, BLOCK_K=block_k),
+                4,
+                (ob._ROWS, block_k),
+                targets=clean,
+            )
+        )
     block_k = ob._cc_block_k(10)
     cc = dict(CPREC="ieee", BLOCK_K=block_k)
-    out.append(variant("objective cc rows K=10", "bf16", ob._cc_rows_kernel,
-                       dict(common, **cc, **fwd.constexprs), fwd.num_warps, fwd.block,
-                       fwd.num_stages, gemms=((bm, bn, d),) * 4, elements=4 * bm * bn,
-                       targets=fwd_targets))
-    out.append(variant("objective cc grad K=10", "bf16", ob._cc_grad_kernel,
-                       dict(common, **cc, **bwd.constexprs), bwd.num_warps, bwd.block,
-                       bwd.num_stages, gemms=((bwd.block[0], bwd.block[1], d),
-                                              (bwd.block[0], d, bwd.block[1])),
-                       targets=bwd_targets))
+    out.append(
+        variant(
+            "objective cc rows K=10",
+            "bf16",
+            ob._cc_rows_kernel,
+            dict(common, **cc, **fwd.constexprs),
+            fwd.num_warps,
+            fwd.block,
+            fwd.num_stages,
+            gemms=((bm, bn, d),) * 4,
+            elements=4 * bm * bn,
+            targets=fwd_targets,
+        )
+    )
+    out.append(
+        variant(
+            "objective cc grad K=10",
+            "bf16",
+            ob._cc_grad_kernel,
+            dict(common, **cc, **bwd.constexprs),
+            bwd.num_warps,
+            bwd.block,
+            bwd.num_stages,
+            gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+            targets=bwd_targets,
+        )
+    )
     for k in (10, ob._CC_MAX_CLUSTERS):
         small = dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_K=ob._cc_block_k(k))
-        out.append(variant(f"objective cc epilogue K={k}", "fp32", ob._cc_epilogue_kernel,
-                           small, ob._SMALL_WARPS, (small["BLOCK_K"],), targets=clean))
-        out.append(variant(f"objective cc cluster grad K={k}", "fp32",
-                           ob._cc_cluster_grad_kernel, small, ob._SMALL_WARPS,
-                           (small["BLOCK_K"],),
-                           targets=clean))
-    out.append(variant("objective sum partials", "fp32", ob._sum_partials_kernel,
-                       dict(ACC=tl.float32, BLOCK=ob._REDUCE), 4, (ob._REDUCE,),
-                       targets=clean))
+        out.append(
+            variant(
+                f"objective cc epilogue K={k}",
+                "fp32",
+                ob._cc_epilogue_kernel,
+                small,
+                ob._SMALL_WARPS,
+                (small["BLOCK_K"],),
+                targets=clean,
+            )
+        )
+        out.append(
+            variant(
+                f"objective cc cluster grad K={k}",
+                "fp32",
+                ob._cc_cluster_grad_kernel,
+                small,
+                ob._SMALL_WARPS,
+                (small["BLOCK_K"],),
+                targets=clean,
+            )
+        )
+    out.append(
+        variant(
+            "objective sum partials",
+            "fp32",
+            ob._sum_partials_kernel,
+            dict(ACC=tl.float32, BLOCK=ob._REDUCE),
+            4,
+            (ob._REDUCE,),
+            targets=clean,
+        )
+    )
     return out
 
 
 def variants(names: str = "") -> list[Variant]:
     """Every kernel variant the backends launch, at the sizes users train with (D = 128)."""
-    return [v for v in (_nt_xent_variants() + _nt_xent_bank_variants() + _cluster_variants()
-                        + _objective_variants()) if names in v.kernel]
+    return [
+        v
+        for v in (
+            _nt_xent_variants()
+            + _nt_xent_bank_variants()
+            + _cluster_variants()
+            + _objective_variants()
+        )
+        if names in v.kernel
+    ]
 
 
-COLUMNS = ("kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",
-           "ctas_per_sm", "mma_per_tile", "mma_floor_per_tile", "ex2_per_tile", "tile_elements",
-           "instructions_per_tile", "issue_ceiling", "ex2_ceiling")
+COLUMNS = (
+    "kernel",
+    "dtype",
+    "block",
+    "num_warps",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "ctas_per_sm",
+    "mma_per_tile",
+    "mma_floor_per_tile",
+    "ex2_per_tile",
+    "tile_elements",
+    "instructions_per_tile",
+    "issue_ceiling",
+    "ex2_ceiling",
+)
 
 
 def table(rows: list[dict]) -> str:
-    head = ["kernel", "dtype", "block", "warps", "regs", "spill", "smem", "CTAs", "mma",
-            "floor", "ex2", "elems", "instr", "ceiling", "ex2 ceil", "misses"]
+    head = [
+        "kernel",
+        "dtype",
+        "block",
+        "warps",
+        "regs",
+        "spill",
+        "smem",
+        "CTAs",
+        "mma",
+        "floor",
+        "ex2",
+        "elems",
+        "instr",
+        "ceiling",
+        "ex2 ceil",
+        "misses",
+    ]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [r[c] for c in COLUMNS] + ["; ".join(check_targets(r)) or "-"]
@@ -468,8 +839,9 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fastcluster-cl bench static",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fastcluster-cl bench static", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     parser.add_argument("--kernels", default="", help="only kernels whose name contains this")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ loss path adds no host sync. ``set_value_checks(True)`` runs them on every devic
 check; worth it while debugging), ``set_value_checks(False)`` nowhere. They are skipped while
 torch.compile traces.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,7 @@ def set_value_checks(enabled: bool | str) -> None:
     """Data-dependent checks (finite inputs, valid probabilities): True on every device (one
     host sync per check on a GPU), False nowhere, "cpu" (the default) on CPU tensors only."""
     global _value_checks
-    if not (isinstance(enabled, str) and enabled == "cpu") and not isinstance(
-            enabled, (bool, int)):
+    if not (isinstance(enabled, str) and enabled == "cpu") and not isinstance(enabled, (bool, int)):
         raise ValueError(f"value checks are True, False or 'cpu', got {enabled!r}")
     _value_checks = enabled if isinstance(enabled, str) else bool(enabled)
 
@@ -75,8 +75,9 @@ def check_nt_xent_temperature(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(value).__name__}")
     if not math.isfinite(value) or abs(value) < 1e-8:
-        raise ValueError(f"temperature must be a finite number with |temperature| >= 1e-8, got "
-                         f"{value}")
+        raise ValueError(
+            f"temperature must be a finite number with |temperature| >= 1e-8, got {value}"
+        )
     return float(value)
 
 
@@ -95,19 +96,26 @@ def check_matrix(name: str, x: torch.Tensor, min_rows: int = 1, min_cols: int = 
         raise ValueError(f"{name} needs at least {min_cols} columns, got {x.shape[1]}")
 
 
-def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shape: bool = True) -> None:
+def check_same(
+    names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shape: bool = True
+) -> None:
     """Same device and dtype (and shape when `shape`) for every tensor."""
     first_name, first = names[0], tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "move them to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "move them to one device"
+            )
         if t.dtype != first.dtype:
-            raise TypeError(f"{name} is {t.dtype} but {first_name} is {first.dtype}; "
-                            "cast them to one dtype")
+            raise TypeError(
+                f"{name} is {t.dtype} but {first_name} is {first.dtype}; cast them to one dtype"
+            )
         if shape and t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has "
-                             f"{tuple(first.shape)}; the views must match")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has "
+                f"{tuple(first.shape)}; the views must match"
+            )
 
 
 def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
@@ -116,8 +124,10 @@ def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
         return
     for name, t in zip(names, tensors):
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf; check the model outputs (a diverged "
-                             "step or an fp16 overflow) before the loss")
+            raise ValueError(
+                f"{name} contains NaN or inf; check the model outputs (a diverged "
+                "step or an fp16 overflow) before the loss"
+            )
 
 
 def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
@@ -128,8 +138,10 @@ def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...
     for name, q in zip(names, tensors):
         tol = 1e-2 if q.dtype in (torch.float16, torch.bfloat16) else 1e-4
         if bool((q < 0).any()) or not bool(((q.float().sum(1) - 1).abs() <= tol).all()):
-            raise ValueError(f"{name} must hold probabilities (rows >= 0 summing to 1); pass "
-                             "softmax(logits) or fastcluster_cl.student_t(h, centers)")
+            raise ValueError(
+                f"{name} must hold probabilities (rows >= 0 summing to 1); pass "
+                "softmax(logits) or fastcluster_cl.student_t(h, centers)"
+            )
 
 
 def check_unit_rows(name: str, x: torch.Tensor) -> None:
@@ -139,8 +151,10 @@ def check_unit_rows(name: str, x: torch.Tensor) -> None:
         return
     tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if not bool((torch.linalg.vector_norm(x.double(), dim=1) <= 1 + tol).all()):
-        raise ValueError(f"{name} must hold unit (or shorter) rows; L2-normalise them "
-                         "(NTXentLoss(memory_bank_size=...) stores normalised rows)")
+        raise ValueError(
+            f"{name} must hold unit (or shorter) rows; L2-normalise them "
+            "(NTXentLoss(memory_bank_size=...) stores normalised rows)"
+        )
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -157,7 +171,9 @@ def check_gather_distributed(gather_distributed: bool) -> bool:
     """gather_distributed=True needs a torch built with torch.distributed (checked up front, as
     lightly's NTXentLoss does, rather than at the first multi-rank call)."""
     if gather_distributed and not torch.distributed.is_available():
-        raise ValueError("gather_distributed=True but torch.distributed is not available in this "
-                         "torch build; pass gather_distributed=False or install a torch with "
-                         "distributed support")
+        raise ValueError(
+            "gather_distributed=True but torch.distributed is not available in this "
+            "torch build; pass gather_distributed=False or install a torch with "
+            "distributed support"
+        )
     return bool(gather_distributed)

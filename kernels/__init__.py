@@ -17,6 +17,7 @@ On CUDA tensors the kernels are compiled by Triton; on the CPU they run only und
 interpreter (TRITON_INTERPRET=1, set before triton is first imported), slowly: it is how the tests
 check them without a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,19 +32,35 @@ try:
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
-    from .objective import (anchor_objective, anchor_objective_fits, cc_objective,
-                            cc_objective_fits)
+    from .objective import anchor_objective, anchor_objective_fits, cc_objective, cc_objective_fits
     from .student_t import student_t
+
     _IMPORT_ERROR = None
 except ImportError as err:  # triton missing or broken: the backend reports why when asked
     _IMPORT_ERROR = err
 
-__all__ = ["nt_xent", "nt_xent_terms", "NT_XENT", "nt_xent_bank", "nt_xent_bank_terms",
-           "cc_cluster_loss", "cc_cluster_loss_terms",
-           "tcc_cluster_loss_terms", "student_t", "dec_loss", "anchor_loss",
-           "tcc_cluster_loss", "dec_anchor_losses", "lse_rows", "grad_rows",
-           "anchor_objective", "cc_objective", "anchor_objective_fits", "cc_objective_fits",
-           "unavailable_reason"]
+__all__ = [
+    "nt_xent",
+    "nt_xent_terms",
+    "NT_XENT",
+    "nt_xent_bank",
+    "nt_xent_bank_terms",
+    "cc_cluster_loss",
+    "cc_cluster_loss_terms",
+    "tcc_cluster_loss_terms",
+    "student_t",
+    "dec_loss",
+    "anchor_loss",
+    "tcc_cluster_loss",
+    "dec_anchor_losses",
+    "lse_rows",
+    "grad_rows",
+    "anchor_objective",
+    "cc_objective",
+    "anchor_objective_fits",
+    "cc_objective_fits",
+    "unavailable_reason",
+]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -54,8 +71,10 @@ def unavailable_reason(device: torch.device) -> str | None:
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    return ("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
-            "imported) to run its kernels on the CPU slowly")
+    return (
+        "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
+        "imported) to run its kernels on the CPU slowly"
+    )
 
 
 if _IMPORT_ERROR is None:
@@ -64,5 +83,4 @@ if _IMPORT_ERROR is None:
     # reduction="none": the per-row NT-Xent kernels on the cluster rows (forward only, see
     # `nt_xent_terms`).
     cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
-    tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms,
-                                     instance_terms=nt_xent_terms)
+    tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms, instance_terms=nt_xent_terms)

@@ -1,4 +1,5 @@
 """Shared host-side helpers of the Triton kernels: dtype mapping, dot precision, block sizes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -65,16 +66,20 @@ def round_to(x, DTYPE: tl.constexpr):
 def feature_block(d: int, what: str) -> int:
     """Power-of-two register width for d features; refuse widths the row kernels cannot hold."""
     if d > MAX_FEATURES:
-        raise ValueError(f"backend='triton' supports at most {MAX_FEATURES} features per row "
-                         f"({what} has {d}); use backend='chunked' for wider inputs")
+        raise ValueError(
+            f"backend='triton' supports at most {MAX_FEATURES} features per row "
+            f"({what} has {d}); use backend='chunked' for wider inputs"
+        )
     return max(16, triton.next_power_of_2(d))
 
 
 def check_dtype(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"backend='triton' takes float16, bfloat16, float32 or float64 "
-                            f"tensors, got {t.dtype}")
+            raise TypeError(
+                f"backend='triton' takes float16, bfloat16, float32 or float64 "
+                f"tensors, got {t.dtype}"
+            )
 
 
 def device_guard(t: torch.Tensor):

@@ -17,6 +17,7 @@ exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floa
 assignments never reach memory. K is limited to `MAX_CLUSTERS` (the Gram tiles live in registers;
 larger K would need the Gram tiled over K, not done yet).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,15 @@ import triton.language as tl
 
 from fastcluster_cl.losses.op_autograd import register_pair
 
-from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot_precision,
-                      round_to, torch_acc_dtype)
+from ._common import (
+    NORM_EPS,
+    acc_dtype,
+    check_dtype,
+    device_guard,
+    dot_precision,
+    round_to,
+    torch_acc_dtype,
+)
 
 # K = 128 overflows sm_90 shared memory in the backward (four K x K blocks) and spills in the
 # forward (three Gram accumulators); K = 64 compiles with neither (the static report).
@@ -42,17 +50,29 @@ def softmax_rows(L, stride, offs_m, mask_m, K, ACC: tl.constexpr, BLOCK_K: tl.co
     """Row softmax of a (BLOCK_M, K) block; rows outside the matrix and padded columns are 0."""
     offs_k = tl.arange(0, BLOCK_K)
     mask = mask_m[:, None] & (offs_k[None, :] < K)
-    x = tl.load(L + offs_m[:, None] * stride + offs_k[None, :], mask=mask,
-                other=float("-inf")).to(ACC)
+    x = tl.load(L + offs_m[:, None] * stride + offs_k[None, :], mask=mask, other=float("-inf")).to(
+        ACC
+    )
     m = tl.where(mask_m, tl.max(x, axis=1), 0.0)
     e = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
     return e / tl.where(mask_m, tl.sum(e, axis=1), 1.0)[:, None]
 
 
 @triton.jit
-def _stats_kernel(LA, LB, GRAM, COLSUM, n, K, stride_a, stride_b,
-                  ACC: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _stats_kernel(
+    LA,
+    LB,
+    GRAM,
+    COLSUM,
+    n,
+    K,
+    stride_a,
+    stride_b,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     g_aa = tl.zeros([BLOCK_K, BLOCK_K], ACC)
@@ -90,24 +110,74 @@ def _load_square(M, BLOCK_K: tl.constexpr):
 def _softmax_grad_store(DL, stride, offs_m, mask_m, q, dq, K, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     dl = q * (dq - tl.sum(q * dq, axis=1)[:, None])
-    tl.store(DL + offs_m[:, None] * stride + offs_k[None, :],
-             round_to(dl, DL.dtype.element_ty), mask=mask_m[:, None] & (offs_k[None, :] < K))
+    tl.store(
+        DL + offs_m[:, None] * stride + offs_k[None, :],
+        round_to(dl, DL.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_k[None, :] < K),
+    )
 
 
 @triton.jit
-def _grad_kernel(LA, LB, DLA, DLB, M, DC, n, K, stride_a, stride_b, stride_da, stride_db,
-                 ACC: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_kernel(
+    LA,
+    LB,
+    DLA,
+    DLB,
+    M,
+    DC,
+    n,
+    K,
+    stride_a,
+    stride_b,
+    stride_da,
+    stride_db,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """M holds the four K x K blocks (aa, ab, ba, bb) of dG + dG^T, DC the two column-sum
     gradients, each zero-padded to BLOCK_K."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cluster_grad_rows(LA, LB, DLA, DLB, M, DC, offs_m, offs_m < n, K, stride_a, stride_b,
-                      stride_da, stride_db, ACC, PREC, BLOCK_K)
+    cluster_grad_rows(
+        LA,
+        LB,
+        DLA,
+        DLB,
+        M,
+        DC,
+        offs_m,
+        offs_m < n,
+        K,
+        stride_a,
+        stride_b,
+        stride_da,
+        stride_db,
+        ACC,
+        PREC,
+        BLOCK_K,
+    )
 
 
 @triton.jit
-def cluster_grad_rows(LA, LB, DLA, DLB, M, DC, offs_m, mask_m, K, stride_a, stride_b, stride_da,
-                      stride_db, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+def cluster_grad_rows(
+    LA,
+    LB,
+    DLA,
+    DLB,
+    M,
+    DC,
+    offs_m,
+    mask_m,
+    K,
+    stride_a,
+    stride_b,
+    stride_da,
+    stride_db,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """`_grad_kernel` on the logit rows offs_m: dQ = Q M + DC, then the softmax backward."""
     offs_k = tl.arange(0, BLOCK_K)
     q_a = softmax_rows(LA, stride_a, offs_m, mask_m, K, ACC, BLOCK_K)
@@ -117,20 +187,26 @@ def cluster_grad_rows(LA, LB, DLA, DLB, M, DC, offs_m, mask_m, K, stride_a, stri
     m_ab = _load_square(M + sq, BLOCK_K)
     m_ba = _load_square(M + 2 * sq, BLOCK_K)
     m_bb = _load_square(M + 3 * sq, BLOCK_K)
-    dq_a = (tl.dot(q_a, m_aa, out_dtype=ACC, input_precision=PREC)
-            + tl.dot(q_b, m_ba, out_dtype=ACC, input_precision=PREC)
-            + tl.load(DC + offs_k)[None, :])
-    dq_b = (tl.dot(q_a, m_ab, out_dtype=ACC, input_precision=PREC)
-            + tl.dot(q_b, m_bb, out_dtype=ACC, input_precision=PREC)
-            + tl.load(DC + BLOCK_K + offs_k)[None, :])
+    dq_a = (
+        tl.dot(q_a, m_aa, out_dtype=ACC, input_precision=PREC)
+        + tl.dot(q_b, m_ba, out_dtype=ACC, input_precision=PREC)
+        + tl.load(DC + offs_k)[None, :]
+    )
+    dq_b = (
+        tl.dot(q_a, m_ab, out_dtype=ACC, input_precision=PREC)
+        + tl.dot(q_b, m_bb, out_dtype=ACC, input_precision=PREC)
+        + tl.load(DC + BLOCK_K + offs_k)[None, :]
+    )
     _softmax_grad_store(DLA, stride_da, offs_m, mask_m, q_a, dq_a, K, BLOCK_K)
     _softmax_grad_store(DLB, stride_db, offs_m, mask_m, q_b, dq_b, K, BLOCK_K)
 
 
 def _block_k(k: int) -> int:
     if k > MAX_CLUSTERS:
-        raise ValueError(f"backend='triton' fuses the cluster contrast for at most {MAX_CLUSTERS}"
-                         f" clusters, got K = {k}; use backend='chunked' for more")
+        raise ValueError(
+            f"backend='triton' fuses the cluster contrast for at most {MAX_CLUSTERS}"
+            f" clusters, got K = {k}; use backend='chunked' for more"
+        )
     return max(16, triton.next_power_of_2(k))
 
 
@@ -138,9 +214,11 @@ def _block_k(k: int) -> int:
 # around the launchers, as nt_xent's: see there); `losses.op_autograd.register_pair` makes the
 # forward op differentiable through the backward op.
 
+
 @torch.library.custom_op("fastcluster_cl::cc_cluster_triton_fwd", mutates_args=())
-def cluster_stats(logits_a: torch.Tensor, logits_b: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_stats(
+    logits_a: torch.Tensor, logits_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits_a, logits_b) -> (G = Q^T Q (2K x 2K), column sums of Q (2K,)), Q = [softmax(c_a),
     softmax(c_b)], in the accumulation dtype; the N x 2K matrix Q is never written."""
     n, k = logits_a.shape
@@ -151,9 +229,19 @@ def cluster_stats(logits_a: torch.Tensor, logits_b: torch.Tensor
     colsum = torch.empty(programs, 2, block_k, dtype=acc, device=logits_a.device)
     with device_guard(logits_a):
         _stats_kernel[(programs,)](
-            logits_a, logits_b, gram, colsum, n, k, logits_a.stride(0), logits_b.stride(0),
-            ACC=acc_dtype(logits_a.dtype), PREC=dot_precision(acc),
-            BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+            logits_a,
+            logits_b,
+            gram,
+            colsum,
+            n,
+            k,
+            logits_a.stride(0),
+            logits_b.stride(0),
+            ACC=acc_dtype(logits_a.dtype),
+            PREC=dot_precision(acc),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=block_k,
+        )
     g_aa, g_ab, g_bb = gram.sum(0)[:, :k, :k].unbind(0)
     full = torch.cat([torch.cat([g_aa, g_ab], 1), torch.cat([g_ab.T, g_bb], 1)], 0)
     return full, colsum.sum(0)[:, :k].reshape(2 * k)
@@ -166,9 +254,9 @@ def _(logits_a, logits_b):
 
 
 @torch.library.custom_op("fastcluster_cl::cc_cluster_triton_bwd", mutates_args=())
-def cluster_stats_backward(logits_a: torch.Tensor, logits_b: torch.Tensor,
-                           d_gram: torch.Tensor, d_colsum: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_stats_backward(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, d_gram: torch.Tensor, d_colsum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dlogits_a, dL/dlogits_b) from the gradients of G and of the column sums: one launch
     re-reading the logits, dQ = Q (dG + dG^T) + 1 dcolsum^T, then the softmax backward."""
     n, k = logits_a.shape
@@ -183,9 +271,23 @@ def cluster_stats_backward(logits_a: torch.Tensor, logits_b: torch.Tensor,
     d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
     with device_guard(logits_a):
         _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            logits_a, logits_b, d_a, d_b, m, dc, n, k, logits_a.stride(0),
-            logits_b.stride(0), d_a.stride(0), d_b.stride(0), ACC=acc_dtype(logits_a.dtype),
-            PREC=dot_precision(acc), BLOCK_M=_BLOCK_M, BLOCK_K=block_k)
+            logits_a,
+            logits_b,
+            d_a,
+            d_b,
+            m,
+            dc,
+            n,
+            k,
+            logits_a.stride(0),
+            logits_b.stride(0),
+            d_a.stride(0),
+            d_b.stride(0),
+            ACC=acc_dtype(logits_a.dtype),
+            PREC=dot_precision(acc),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=block_k,
+        )
     return d_a, d_b
 
 
@@ -194,8 +296,13 @@ def _(logits_a, logits_b, d_gram, d_colsum):
     return torch.empty_like(logits_a), torch.empty_like(logits_b)
 
 
-register_pair(cluster_stats, cluster_stats_backward, "triton",
-              lambda inputs, outputs, grads: (*inputs, *grads[:2]), wrt=(0, 1))
+register_pair(
+    cluster_stats,
+    cluster_stats_backward,
+    "triton",
+    lambda inputs, outputs, grads: (*inputs, *grads[:2]),
+    wrt=(0, 1),
+)
 
 
 def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float):
@@ -204,7 +311,7 @@ def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: flo
     k2 = gram.shape[0]
     k = k2 // 2
     # max(|q_k|, eps) as sqrt(max(G_kk, eps^2)): a zero column gets a zero, not NaN, gradient.
-    norm = gram.diagonal().clamp_min(NORM_EPS ** 2).sqrt()
+    norm = gram.diagonal().clamp_min(NORM_EPS**2).sqrt()
     s = gram / (norm[:, None] * norm[None, :]) / temperature
     eye = torch.eye(k2, dtype=torch.bool, device=gram.device)
     lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
@@ -217,8 +324,9 @@ def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: flo
     return instance + 2 * math.log(k) + entropy.sum()
 
 
-def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def cc_cluster_loss(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """CC cluster-level loss (see `fastcluster_cl.cc_cluster_loss`) with the fused kernels."""
     check_dtype(logits_a, logits_b)
     gram, colsum = cluster_stats(logits_a.contiguous(), logits_b.contiguous())

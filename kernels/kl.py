@@ -27,6 +27,7 @@ forward and one in the backward, and two launches each way, over calling `dec_lo
 log q is clamped at the accumulation dtype's smallest normal, as `reference.safe_log`: a zero
 probability has a finite log and a zero gradient (one-hot assignments stay NaN-free).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,14 +49,20 @@ _MAX_PROGRAMS = 128
 
 @triton.jit
 def _load(Q, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr):
-    return tl.load(Q + offs_m[:, None] * stride + offs_k[None, :],
-                   mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(ACC)
+    return tl.load(
+        Q + offs_m[:, None] * stride + offs_k[None, :],
+        mask=mask_m[:, None] & (offs_k[None, :] < K),
+        other=0.0,
+    ).to(ACC)
 
 
 @triton.jit
 def _store(DQ, stride, offs_m, mask_m, offs_k, K, value):
-    tl.store(DQ + offs_m[:, None] * stride + offs_k[None, :], value.to(DQ.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_k[None, :] < K))
+    tl.store(
+        DQ + offs_m[:, None] * stride + offs_k[None, :],
+        value.to(DQ.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_k[None, :] < K),
+    )
 
 
 @triton.jit
@@ -75,8 +82,17 @@ def _ratio(p, q, TINY: tl.constexpr):
 
 
 @triton.jit
-def _colsum_kernel(Q, PARTIAL, n, K, stride, stride_partial, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _colsum_kernel(
+    Q,
+    PARTIAL,
+    n,
+    K,
+    stride,
+    stride_partial,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Program (p, j) sums rows p, p + P, ... of q over the j-th tile of BLOCK_K columns."""
     pid = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -88,8 +104,7 @@ def _colsum_kernel(Q, PARTIAL, n, K, stride, stride_partial, ACC: tl.constexpr,
 
 
 @triton.jit
-def _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr,
-                 TINY: tl.constexpr):
+def _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr, TINY: tl.constexpr):
     """q (one tile) and its unnormalised DEC target q^2 / max(f, tiny): a cluster with no mass
     in the batch (f = 0, so q = 0 in its column) gets weight 0, not 0/0."""
     q = _load(Q, stride, offs_m, mask_m, offs_k, K, ACC)
@@ -98,8 +113,18 @@ def _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr,
 
 
 @triton.jit
-def _dec_row_totals(Q, F, stride, offs_m, mask_m, K, ACC: tl.constexpr, TINY: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dec_row_totals(
+    Q,
+    F,
+    stride,
+    offs_m,
+    mask_m,
+    K,
+    ACC: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """sum_k q_ik^2 / f_k over the K tiles (DEC's first pass); 1 for all-zero rows (padding)."""
     total = tl.zeros([BLOCK_M], ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -110,9 +135,21 @@ def _dec_row_totals(Q, F, stride, offs_m, mask_m, K, ACC: tl.constexpr, TINY: tl
 
 
 @triton.jit
-def _dec_kernel(Q, F, OUT, n, K, stride, GRAD, stride_out, BACKWARD: tl.constexpr,
-                ACC: tl.constexpr, TINY: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dec_kernel(
+    Q,
+    F,
+    OUT,
+    n,
+    K,
+    stride,
+    GRAD,
+    stride_out,
+    BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Forward: OUT[i] = KL(p_i || q_i). Backward: OUT = dq = -(GRAD / n) p / q. Two passes
     over the K tiles: the row totals of the target, then the target tile by tile."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,9 +170,27 @@ def _dec_kernel(Q, F, OUT, n, K, stride, GRAD, stride_out, BACKWARD: tl.constexp
 
 
 @triton.jit
-def _anchor_kernel(Q0, QA, QB, OUT, DQA, DQB, GRAD, n, K, stride0, stride_a, stride_b,
-                   stride_da, stride_db, BACKWARD: tl.constexpr, ACC: tl.constexpr,
-                   TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _anchor_kernel(
+    Q0,
+    QA,
+    QB,
+    OUT,
+    DQA,
+    DQB,
+    GRAD,
+    n,
+    K,
+    stride0,
+    stride_a,
+    stride_b,
+    stride_da,
+    stride_db,
+    BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     acc = tl.zeros([BLOCK_M], ACC)
@@ -156,10 +211,30 @@ def _anchor_kernel(Q0, QA, QB, OUT, DQA, DQB, GRAD, n, K, stride0, stride_a, str
 
 
 @triton.jit
-def _dec_anchor_kernel(Q0, QA, QB, F, OUT, DQ0, DQA, DQB, GRAD, n, K, stride0, stride_a,
-                       stride_b, stride_d0, stride_da, stride_db, BACKWARD: tl.constexpr,
-                       ACC: tl.constexpr, TINY: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _dec_anchor_kernel(
+    Q0,
+    QA,
+    QB,
+    F,
+    OUT,
+    DQ0,
+    DQA,
+    DQB,
+    GRAD,
+    n,
+    K,
+    stride0,
+    stride_a,
+    stride_b,
+    stride_d0,
+    stride_da,
+    stride_db,
+    BACKWARD: tl.constexpr,
+    ACC: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Forward: OUT[0, i] = KL(p_i || q0_i) (DEC), OUT[1, i] = the anchor terms of row i.
     Backward: DQ0 = DEC's gradient (GRAD[0]), DQA, DQB = the anchor's (GRAD[1])."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,14 +252,13 @@ def _dec_anchor_kernel(Q0, QA, QB, F, OUT, DQ0, DQA, DQB, GRAD, n, K, stride0, s
             dec_scale = -tl.load(GRAD).to(ACC) / n
             anchor_scale = -tl.load(GRAD + 1).to(ACC) / n
             _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * _ratio(p, q0, TINY))
-            _store(DQA, stride_da, offs_m, mask_m, offs_k, K,
-                   anchor_scale * _ratio(q0, qa, TINY))
-            _store(DQB, stride_db, offs_m, mask_m, offs_k, K,
-                   anchor_scale * _ratio(q0, qb, TINY))
+            _store(DQA, stride_da, offs_m, mask_m, offs_k, K, anchor_scale * _ratio(q0, qa, TINY))
+            _store(DQB, stride_db, offs_m, mask_m, offs_k, K, anchor_scale * _ratio(q0, qb, TINY))
         else:
             dec += tl.sum(_xlogx(p) - p * _safe_log(q0, TINY), axis=1)
-            anchor += tl.sum(2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)),
-                             axis=1)
+            anchor += tl.sum(
+                2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)), axis=1
+            )
     if not BACKWARD:
         tl.store(OUT + offs_m, dec, mask=mask_m)
         tl.store(OUT + n + offs_m, anchor, mask=mask_m)
@@ -193,15 +267,22 @@ def _dec_anchor_kernel(Q0, QA, QB, F, OUT, DQ0, DQA, DQB, GRAD, n, K, stride0, s
 def _block_k(k: int) -> int:
     """Columns per tile: at most `_BLOCK_K` whatever K (the kernels loop over the tiles)."""
     if k > MAX_CLUSTERS:
-        raise ValueError(f"backend='triton' supports at most {MAX_CLUSTERS} clusters, got {k}; "
-                         "use backend='chunked' for more")
+        raise ValueError(
+            f"backend='triton' supports at most {MAX_CLUSTERS} clusters, got {k}; "
+            "use backend='chunked' for more"
+        )
     return min(_BLOCK_K, max(16, triton.next_power_of_2(k)))
 
 
 def _consts(dtype: torch.dtype, k: int) -> dict:
     acc = torch_acc_dtype(dtype)
-    return dict(ACC=acc_dtype(dtype), TINY=torch.finfo(acc).tiny, BLOCK_M=_BLOCK_M,
-                BLOCK_K=_block_k(k), num_warps=_WARPS)
+    return dict(
+        ACC=acc_dtype(dtype),
+        TINY=torch.finfo(acc).tiny,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_K=_block_k(k),
+        num_warps=_WARPS,
+    )
 
 
 def _column_sums(q: torch.Tensor) -> torch.Tensor:
@@ -210,12 +291,22 @@ def _column_sums(q: torch.Tensor) -> torch.Tensor:
     block_k = _block_k(k)
     tiles = triton.cdiv(k, block_k)
     programs = min(triton.cdiv(n, _BLOCK_M), _MAX_PROGRAMS)
-    partial = torch.empty(programs, tiles * block_k, dtype=torch_acc_dtype(q.dtype),
-                          device=q.device)
+    partial = torch.empty(
+        programs, tiles * block_k, dtype=torch_acc_dtype(q.dtype), device=q.device
+    )
     with device_guard(q):
-        _colsum_kernel[(programs, tiles)](q, partial, n, k, q.stride(0), partial.stride(0),
-                                          ACC=acc_dtype(q.dtype), BLOCK_M=_BLOCK_M,
-                                          BLOCK_K=block_k, num_warps=_WARPS)
+        _colsum_kernel[(programs, tiles)](
+            q,
+            partial,
+            n,
+            k,
+            q.stride(0),
+            partial.stride(0),
+            ACC=acc_dtype(q.dtype),
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=block_k,
+            num_warps=_WARPS,
+        )
     return partial.sum(0)[:k].contiguous()
 
 
@@ -227,6 +318,7 @@ def _rows_grid(n: int) -> tuple[int]:
 # the launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd. The
 # forwards return the mean loss (and DEC's column sums f, its backward's state).
 
+
 @torch.library.custom_op("fastcluster_cl::dec_triton_fwd", mutates_args=())
 def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N x K) -> (DEC KL loss, f = column sums (K,)), both in the accumulation dtype."""
@@ -234,8 +326,9 @@ def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = _column_sums(q)
     rows = torch.empty(n, dtype=torch_acc_dtype(q.dtype), device=q.device)
     with device_guard(q):
-        _dec_kernel[_rows_grid(n)](q, f, rows, n, k, q.stride(0), f, 0, BACKWARD=False,
-                                   **_consts(q.dtype, k))
+        _dec_kernel[_rows_grid(n)](
+            q, f, rows, n, k, q.stride(0), f, 0, BACKWARD=False, **_consts(q.dtype, k)
+        )
     return rows.mean(), f
 
 
@@ -251,8 +344,18 @@ def dec_backward(q: torch.Tensor, f: torch.Tensor, grad: torch.Tensor) -> torch.
     n, k = q.shape
     dq = torch.empty_like(q)
     with device_guard(q):
-        _dec_kernel[_rows_grid(n)](q, f, dq, n, k, q.stride(0), grad.to(f.dtype).contiguous(),
-                                   dq.stride(0), BACKWARD=True, **_consts(q.dtype, k))
+        _dec_kernel[_rows_grid(n)](
+            q,
+            f,
+            dq,
+            n,
+            k,
+            q.stride(0),
+            grad.to(f.dtype).contiguous(),
+            dq.stride(0),
+            BACKWARD=True,
+            **_consts(q.dtype, k),
+        )
     return dq
 
 
@@ -268,8 +371,23 @@ def anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> to
     rows = torch.empty(n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
     with device_guard(q0):
         _anchor_kernel[_rows_grid(n)](
-            q0, q_a, q_b, rows, q_a, q_b, rows, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
+            q0,
+            q_a,
+            q_b,
+            rows,
+            q_a,
+            q_b,
+            rows,
+            n,
+            k,
+            q0.stride(0),
+            q_a.stride(0),
+            q_b.stride(0),
+            0,
+            0,
+            BACKWARD=False,
+            **_consts(q0.dtype, k),
+        )
     return rows.mean()
 
 
@@ -279,16 +397,32 @@ def _(q0, q_a, q_b):
 
 
 @torch.library.custom_op("fastcluster_cl::anchor_triton_bwd", mutates_args=())
-def anchor_backward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
-                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_backward(
+    q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dqa, dL/dqb) from the gradient of the mean loss (0-d)."""
     n, k = q0.shape
     grad = grad.to(torch_acc_dtype(q0.dtype)).contiguous()
     d_a, d_b = torch.empty_like(q_a), torch.empty_like(q_b)
     with device_guard(q0):
         _anchor_kernel[_rows_grid(n)](
-            q0, q_a, q_b, grad, d_a, d_b, grad, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), d_a.stride(0), d_b.stride(0), BACKWARD=True, **_consts(q0.dtype, k))
+            q0,
+            q_a,
+            q_b,
+            grad,
+            d_a,
+            d_b,
+            grad,
+            n,
+            k,
+            q0.stride(0),
+            q_a.stride(0),
+            q_b.stride(0),
+            d_a.stride(0),
+            d_b.stride(0),
+            BACKWARD=True,
+            **_consts(q0.dtype, k),
+        )
     return d_a, d_b
 
 
@@ -298,39 +432,83 @@ def _(q0, q_a, q_b, grad):
 
 
 @torch.library.custom_op("fastcluster_cl::dec_anchor_triton_fwd", mutates_args=())
-def dec_anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dec_anchor_forward(
+    q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q0, qa, qb) -> (DEC loss of q0, anchor loss, f = column sums of q0), fused."""
     n, k = q0.shape
     f = _column_sums(q0)
     rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
     with device_guard(q0):
         _dec_anchor_kernel[_rows_grid(n)](
-            q0, q_a, q_b, f, rows, q0, q_a, q_b, f, n, k, q0.stride(0), q_a.stride(0),
-            q_b.stride(0), 0, 0, 0, BACKWARD=False, **_consts(q0.dtype, k))
+            q0,
+            q_a,
+            q_b,
+            f,
+            rows,
+            q0,
+            q_a,
+            q_b,
+            f,
+            n,
+            k,
+            q0.stride(0),
+            q_a.stride(0),
+            q_b.stride(0),
+            0,
+            0,
+            0,
+            BACKWARD=False,
+            **_consts(q0.dtype, k),
+        )
     return rows[0].mean(), rows[1].mean(), f
 
 
 @dec_anchor_forward.register_fake
 def _(q0, q_a, q_b):
     acc = torch_acc_dtype(q0.dtype)
-    return (q0.new_empty((), dtype=acc), q0.new_empty((), dtype=acc),
-            q0.new_empty(q0.shape[1], dtype=acc))
+    return (
+        q0.new_empty((), dtype=acc),
+        q0.new_empty((), dtype=acc),
+        q0.new_empty(q0.shape[1], dtype=acc),
+    )
 
 
 @torch.library.custom_op("fastcluster_cl::dec_anchor_triton_bwd", mutates_args=())
-def dec_anchor_backward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
-                        f: torch.Tensor, grad_dec: torch.Tensor, grad_anchor: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dec_anchor_backward(
+    q0: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    f: torch.Tensor,
+    grad_dec: torch.Tensor,
+    grad_anchor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq0, dqa, dqb): q0 gets DEC's gradient only (the anchor holds it fixed)."""
     n, k = q0.shape
     grads = torch.stack([grad_dec.to(f.dtype), grad_anchor.to(f.dtype)])
     d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
     with device_guard(q0):
         _dec_anchor_kernel[_rows_grid(n)](
-            q0, q_a, q_b, f, grads, d0, d_a, d_b, grads, n, k, q0.stride(0),
-            q_a.stride(0), q_b.stride(0), d0.stride(0), d_a.stride(0), d_b.stride(0),
-            BACKWARD=True, **_consts(q0.dtype, k))
+            q0,
+            q_a,
+            q_b,
+            f,
+            grads,
+            d0,
+            d_a,
+            d_b,
+            grads,
+            n,
+            k,
+            q0.stride(0),
+            q_a.stride(0),
+            q_b.stride(0),
+            d0.stride(0),
+            d_a.stride(0),
+            d_b.stride(0),
+            BACKWARD=True,
+            **_consts(q0.dtype, k),
+        )
     return d0, d_a, d_b
 
 
@@ -339,19 +517,33 @@ def _(q0, q_a, q_b, f, grad_dec, grad_anchor):
     return torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
 
 
-register_pair(dec_forward, dec_backward, "triton",
-              lambda inputs, outputs, grads: (inputs[0], outputs[1], grads[0]), wrt=(0,))
-register_pair(anchor_forward, anchor_backward, "triton",
-              lambda inputs, outputs, grads: (*inputs, grads[0]), wrt=(1, 2))
-register_pair(dec_anchor_forward, dec_anchor_backward, "triton",
-              lambda inputs, outputs, grads: (*inputs, outputs[2], *grads[:2]), wrt=(0, 1, 2))
+register_pair(
+    dec_forward,
+    dec_backward,
+    "triton",
+    lambda inputs, outputs, grads: (inputs[0], outputs[1], grads[0]),
+    wrt=(0,),
+)
+register_pair(
+    anchor_forward,
+    anchor_backward,
+    "triton",
+    lambda inputs, outputs, grads: (*inputs, grads[0]),
+    wrt=(1, 2),
+)
+register_pair(
+    dec_anchor_forward,
+    dec_anchor_backward,
+    "triton",
+    lambda inputs, outputs, grads: (*inputs, outputs[2], *grads[:2]),
+    wrt=(0, 1, 2),
+)
 
 
 def _common_inputs(q0, q_a, q_b):
     """One accumulation dtype for the three, chosen by q0 as the reference does."""
     check_dtype(q0, q_a, q_b)
-    common = (q0.dtype if all(t.dtype == q0.dtype for t in (q_a, q_b))
-              else torch_acc_dtype(q0.dtype))
+    common = q0.dtype if all(t.dtype == q0.dtype for t in (q_a, q_b)) else torch_acc_dtype(q0.dtype)
     return [t.to(common).contiguous() for t in (q0, q_a, q_b)]
 
 
@@ -367,8 +559,9 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return anchor_forward(q0.detach(), q_a, q_b)
 
 
-def dec_anchor_losses(q0: torch.Tensor, q_a: torch.Tensor,
-                      q_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dec_anchor_losses(
+    q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dec_loss(q0), anchor_loss(q0, q_a, q_b)) in fused launches: the anchor method's
     clustering terms. q0 receives DEC's gradient only (the anchor treats it as fixed)."""
     return dec_anchor_forward(*_common_inputs(q0, q_a, q_b))[:2]

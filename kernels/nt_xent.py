@@ -62,6 +62,7 @@ FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
 all-gathered raw Z): `lse_rows` and `grad_rows`.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,13 +73,25 @@ import triton
 import triton.language as tl
 
 from fastcluster_cl.losses import nt_xent_autograd
-from fastcluster_cl.losses.nt_xent_autograd import (fake_grad_rows, fake_row_values,
-                                                    register_fast_path)
-from fastcluster_cl.losses.reference import (fixed_shift_safe, l2_normalize,
-                                             l2_normalize_backward)
+from fastcluster_cl.losses.nt_xent_autograd import (
+    fake_grad_rows,
+    fake_row_values,
+    register_fast_path,
+)
+from fastcluster_cl.losses.reference import fixed_shift_safe, l2_normalize, l2_normalize_backward
 
-from ._common import (NORM_EPS, acc_dtype, check_dtype, device_guard, dot, dot_precision,
-                      feature_block, round_to, torch_acc_dtype, upcast_dots)
+from ._common import (
+    NORM_EPS,
+    acc_dtype,
+    check_dtype,
+    device_guard,
+    dot,
+    dot_precision,
+    feature_block,
+    round_to,
+    torch_acc_dtype,
+    upcast_dots,
+)
 
 _EPS = tl.constexpr(NORM_EPS)
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -96,8 +109,11 @@ SYMMETRIC = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 @triton.jit
 def _load_rows(Z, stride, offs, mask, D, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(Z + offs[:, None] * stride + offs_d[None, :],
-                   mask=mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    return tl.load(
+        Z + offs[:, None] * stride + offs_d[None, :],
+        mask=mask[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -122,8 +138,19 @@ def scaled_rows(z, TINY: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scale_row_block(
+    Z,
+    ZS,
+    RS,
+    NORMS,
+    offs_r,
+    mask_r,
+    D,
+    stride,
+    TINY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Zs = p z (p the power of two putting the row's largest |element| in [1, 2); exact),
     rs = 1 / max(||zs||, eps p), norms = max(||z||, eps). Returns zn (ACC) and the norms."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -137,20 +164,35 @@ def _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY: tl.const
 
 
 @triton.jit
-def _scale_rows_kernel(Z, ZS, RS, NORMS, DIST, half, D, stride, TINY: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scale_rows_kernel(
+    Z,
+    ZS,
+    RS,
+    NORMS,
+    DIST,
+    half,
+    D,
+    stride,
+    TINY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The prologue over pairs (i, i + N): both rows' Zs, rs and norms, and the pair's
     dist = 1 - zn_i . zn_pos(i) = 1 - tau S_i,pos(i), as ||zn_i - zn_pos||^2 / 2 for unit rows
     (no cancellation for correlated views); rows clamped by eps (||z|| < eps) are not unit."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < half
-    zn_a, norm_a = _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY, ACC,
-                                    BLOCK_D)
-    zn_b, norm_b = _scale_row_block(Z, ZS, RS, NORMS, offs_r + half, mask_r, D, stride, TINY,
-                                    ACC, BLOCK_D)
+    zn_a, norm_a = _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY, ACC, BLOCK_D)
+    zn_b, norm_b = _scale_row_block(
+        Z, ZS, RS, NORMS, offs_r + half, mask_r, D, stride, TINY, ACC, BLOCK_D
+    )
     gap = zn_a - zn_b
-    dist = tl.where((norm_a > _EPS) & (norm_b > _EPS), 0.5 * tl.sum(gap * gap, axis=1),
-                    1.0 - tl.sum(zn_a * zn_b, axis=1))
+    dist = tl.where(
+        (norm_a > _EPS) & (norm_b > _EPS),
+        0.5 * tl.sum(gap * gap, axis=1),
+        1.0 - tl.sum(zn_a * zn_b, axis=1),
+    )
     tl.store(DIST + offs_r, dist, mask=mask_r)
 
 
@@ -187,8 +229,9 @@ def _edge_tile(c0, BLOCK_N: tl.constexpr, row_lo, BLOCK_M: tl.constexpr, rows_to
 def _positive_tile(c0, BLOCK_N: tl.constexpr, row_lo, BLOCK_M: tl.constexpr, half):
     """Whether the tile holds a positive pair (i, pos(i)) of the rows [row_lo, row_lo + BLOCK_M)."""
     row_hi = row_lo + BLOCK_M
-    return (_overlaps(c0, BLOCK_N, row_lo + half, tl.minimum(row_hi, half) + half)
-            | _overlaps(c0, BLOCK_N, tl.maximum(row_lo, half) - half, row_hi - half))
+    return _overlaps(c0, BLOCK_N, row_lo + half, tl.minimum(row_hi, half) + half) | _overlaps(
+        c0, BLOCK_N, tl.maximum(row_lo, half) - half, row_hi - half
+    )
 
 
 @triton.jit
@@ -199,8 +242,15 @@ def _expm1(x, ACC: tl.constexpr):
     if ACC == tl.float64:
         return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
     else:
-        series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
-            1.0 / 720 + x * (1.0 / 5040)))))))
+        series = x * (
+            1.0
+            + x
+            * (
+                0.5
+                + x
+                * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040)))))
+            )
+        )
         return tl.where(tl.abs(x) < 0.1, series, u - 1.0)
 
 
@@ -213,8 +263,14 @@ def _softplus(t, ACC: tl.constexpr):
         w = 1.0 + y
         log1p = tl.where(w == 1.0, y, tl.log(w) * y / (w - 1.0))
     else:
-        series = y * (1.0 - y * (0.5 - y * (1.0 / 3 - y * (0.25 - y * (0.2 - y * (1.0 / 6 - y * (
-            1.0 / 7 - y * 0.125)))))))
+        series = y * (
+            1.0
+            - y
+            * (
+                0.5
+                - y * (1.0 / 3 - y * (0.25 - y * (0.2 - y * (1.0 / 6 - y * (1.0 / 7 - y * 0.125)))))
+            )
+        )
         log1p = tl.where(y < 0.1, series, tl.log(1.0 + y))
     return tl.where(t > 15.0, t + tl.exp(-t), log1p)
 
@@ -227,8 +283,7 @@ def accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT: tl.constexpr):
         return total + tl.sum(tl.exp2(x - shift), axis=1), m_i
     else:
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        return (total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1),
-                m_new)
+        return (total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1), m_new)
 
 
 @triton.jit
@@ -245,18 +300,34 @@ def row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
-def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half, D, row_start,
-                    row_end,
-                    FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+def _lse_fwd_kernel(
+    Z,
+    RS,
+    DIST,
+    LSE,
+    ROW_LOSS,
+    ROW_W,
+    INV_TAU,
+    rows_total,
+    half,
+    D,
+    row_start,
+    row_end,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
     pos = _positive_rows(offs_m, half)
-    total = tl.zeros([BLOCK_M], ACC)   # sum over the negatives k != i, pos(i)
+    total = tl.zeros([BLOCK_M], ACC)  # sum over the negatives k != i, pos(i)
     # The online max starts at the lower bound of x (-shift), not -inf: a tile that masks every
     # column of a row then rescales by 2^0, not 2^(-inf + inf) = NaN.
     m_i = tl.full([BLOCK_M], 0.0, ACC) - shift
@@ -266,14 +337,17 @@ def _lse_fwd_kernel(Z, RS, DIST, LSE, ROW_LOSS, ROW_W, INV_TAU, rows_total, half
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
-        if (_edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total)
-                | _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half)):
-            negative = (mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-                        & (offs_n[None, :] != pos[:, None]))
+        if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total) | _positive_tile(
+            c0, BLOCK_N, row_lo, BLOCK_M, half
+        ):
+            negative = (
+                mask_n[None, :]
+                & (offs_m[:, None] != offs_n[None, :])
+                & (offs_n[None, :] != pos[:, None])
+            )
             x = tl.where(negative, x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
-    dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m,
-                   other=0.0)
+    dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m, other=0.0)
     lse, loss = row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT, ACC)
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
@@ -308,32 +382,98 @@ def _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT: tl.constexpr):
     if FIXED_SHIFT:
         return _weights(x, c_i * w_i, c_j * w_j, shift, FIXED_SHIFT)
     else:
-        return (c_i[:, None] * tl.exp2(x - w_i[:, None])
-                + c_j[None, :] * tl.exp2(x - w_j[None, :]))
+        return c_i[:, None] * tl.exp2(x - w_i[:, None]) + c_j[None, :] * tl.exp2(x - w_j[None, :])
 
 
 @triton.jit
-def _grad_kernel(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, GRAD_OUT, rows_total, half, D,
-                 dz_stride, row_start, row_end, EPILOGUE: tl.constexpr, PER_ROW: tl.constexpr,
-                 FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _grad_kernel(
+    Z,
+    RS,
+    NORMS,
+    ROW_W,
+    ROW_LOSS,
+    ROW_G,
+    DZ,
+    INV_TAU,
+    GRAD_OUT,
+    rows_total,
+    half,
+    D,
+    dz_stride,
+    row_start,
+    row_end,
+    EPILOGUE: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Rows [row_start, row_end) of sum_j A_ij zn_j; with EPILOGUE times GRAD_OUT / (tau R) and
     through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
     c_i = ROW_G[i], |c| <= 1 (the incoming gradients over their largest magnitude, which
     GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
     c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean."""
-    grad_block(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, tl.load(GRAD_OUT), rows_total,
-               half, D, dz_stride, row_start, row_start + tl.program_id(0) * BLOCK_M, row_end,
-               EPILOGUE, PER_ROW, FIXED_SHIFT, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+    grad_block(
+        Z,
+        RS,
+        NORMS,
+        ROW_W,
+        ROW_LOSS,
+        ROW_G,
+        DZ,
+        INV_TAU,
+        tl.load(GRAD_OUT),
+        rows_total,
+        half,
+        D,
+        dz_stride,
+        row_start,
+        row_start + tl.program_id(0) * BLOCK_M,
+        row_end,
+        EPILOGUE,
+        PER_ROW,
+        FIXED_SHIFT,
+        ACC,
+        PREC,
+        UPCAST,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
 
 
 @triton.jit
-def grad_block(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, grad_out, rows_total, half, D,
-               dz_stride, row_start, row_lo, row_end, EPILOGUE: tl.constexpr,
-               PER_ROW: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def grad_block(
+    Z,
+    RS,
+    NORMS,
+    ROW_W,
+    ROW_LOSS,
+    ROW_G,
+    DZ,
+    INV_TAU,
+    grad_out,
+    rows_total,
+    half,
+    D,
+    dz_stride,
+    row_start,
+    row_lo,
+    row_end,
+    EPILOGUE: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)), `grad_out` the
     incoming gradient's value (EPILOGUE): dz row r stored at DZ + (r - row_start) dz_stride."""
     offs_m = row_lo + tl.arange(0, BLOCK_M)
@@ -380,14 +520,29 @@ def grad_block(Z, RS, NORMS, ROW_W, ROW_LOSS, ROW_G, DZ, INV_TAU, grad_out, rows
         norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
         radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
         g = (g - zn * radial[:, None]) / norm[:, None]
-    tl.store(DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
-             round_to(g, DZ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
+    tl.store(
+        DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
+        round_to(g, DZ.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_d[None, :] < D),
+    )
 
 
 @triton.jit
-def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, half, D,
-                          ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _symmetric_fwd_kernel(
+    Z,
+    RS,
+    ROW_SUM,
+    COL_SUM,
+    INV_TAU,
+    rows_total,
+    half,
+    D,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Upper-triangle tiles (I <= J), fixed shift 1/tau, over the negatives (k != i, pos(i)):
     tile (I, J) adds its row sums to rows I (registers) and its column sums to rows J (relaxed
     atomics: only their sum matters)."""
@@ -402,8 +557,12 @@ def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, half, D,
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
-        negative = (mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-                    & (offs_n[None, :] != _positive_rows(offs_m, half)[:, None]))
+        negative = (
+            mask_m[:, None]
+            & mask_n[None, :]
+            & (offs_m[:, None] != offs_n[None, :])
+            & (offs_n[None, :] != _positive_rows(offs_m, half)[:, None])
+        )
         e = tl.where(negative, tl.exp2(x - shift), 0.0)
         total += tl.sum(e, axis=1)
         if c0 != pid * BLOCK:  # the diagonal tile's columns are its own rows, already counted
@@ -412,9 +571,24 @@ def _symmetric_fwd_kernel(Z, RS, ROW_SUM, COL_SUM, INV_TAU, rows_total, half, D,
 
 
 @triton.jit
-def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half, D, g_stride,
-                           FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                           UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _symmetric_grad_kernel(
+    Z,
+    RS,
+    ROW_W,
+    ROW_LOSS,
+    G,
+    INV_TAU,
+    rows_total,
+    half,
+    D,
+    g_stride,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Upper-triangle tiles: A (as in `_grad_kernel`, the positive pairs' -2 included) from tile
     (I, J) gives rows I their A zn_J (registers) and rows J their A^T zn_I (relaxed atomics into
     G, fp32/fp64, zero-initialised)."""
@@ -441,13 +615,21 @@ def _symmetric_grad_kernel(Z, RS, ROW_W, ROW_LOSS, G, INV_TAU, rows_total, half,
         a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
         if c0 != pid * BLOCK:
-            col = dot(tl.trans(a * (ri * _WEIGHT_SCALE)[:, None]).to(zi.dtype), zi, ACC, PREC,
-                      UPCAST)
-            tl.atomic_add(G + offs_n[:, None] * g_stride + offs_d[None, :],
-                          col * (1.0 / _WEIGHT_SCALE), mask=mask_n[:, None] & mask_d,
-                          sem="relaxed")
-    tl.atomic_add(G + offs_m[:, None] * g_stride + offs_d[None, :], acc * (1.0 / _WEIGHT_SCALE),
-                  mask=mask_m[:, None] & mask_d, sem="relaxed")
+            col = dot(
+                tl.trans(a * (ri * _WEIGHT_SCALE)[:, None]).to(zi.dtype), zi, ACC, PREC, UPCAST
+            )
+            tl.atomic_add(
+                G + offs_n[:, None] * g_stride + offs_d[None, :],
+                col * (1.0 / _WEIGHT_SCALE),
+                mask=mask_n[:, None] & mask_d,
+                sem="relaxed",
+            )
+    tl.atomic_add(
+        G + offs_m[:, None] * g_stride + offs_d[None, :],
+        acc * (1.0 / _WEIGHT_SCALE),
+        mask=mask_m[:, None] & mask_d,
+        sem="relaxed",
+    )
 
 
 def _is_interpreted() -> bool:
@@ -458,7 +640,8 @@ def _is_interpreted() -> bool:
 class LaunchConfig:
     """Tile sizes, warps and pipeline stages of one launch (also what the static sm_90 report
     compiles: benchmarks/static_notes.md records how each was chosen)."""
-    block: tuple[int, int, int]   # (BLOCK_M, BLOCK_N, BLOCK_D)
+
+    block: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_D)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -472,7 +655,7 @@ class LaunchConfig:
 
 
 def _small_tiles(block_d: int, dtype: torch.dtype) -> bool:
-    """32-row tiles under the interpreter (fastest there, DESIGN.md), for wide rows and fp64."""
+    """32-row tiles under the interpreter (fastest there), for wide rows and fp64."""
     return _is_interpreted() or block_d > 128 or dtype == torch.float64
 
 
@@ -511,8 +694,9 @@ def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
     if z.dim() != 2 or z.shape[0] % 2:
         raise ValueError(f"Z must be (2N, D), got {tuple(z.shape)}")
     if not 0 <= row_start < row_end <= z.shape[0]:
-        raise ValueError(f"need 0 <= row_start < row_end <= {z.shape[0]}, "
-                         f"got [{row_start}, {row_end})")
+        raise ValueError(
+            f"need 0 <= row_start < row_end <= {z.shape[0]}, got [{row_start}, {row_end})"
+        )
 
 
 def _scaled_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -536,8 +720,19 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
     block_r = prologue_rows(d)
     with device_guard(z):
         _scale_rows_kernel[(triton.cdiv(rows // 2, block_r),)](
-            z, zs, rs, norms, dist, rows // 2, d, z.stride(0), TINY=torch.finfo(acc).tiny,
-            ACC=acc_dtype(z.dtype), BLOCK_R=block_r, BLOCK_D=feature_block(d, "Z"))
+            z,
+            zs,
+            rs,
+            norms,
+            dist,
+            rows // 2,
+            d,
+            z.stride(0),
+            TINY=torch.finfo(acc).tiny,
+            ACC=acc_dtype(z.dtype),
+            BLOCK_R=block_r,
+            BLOCK_D=feature_block(d, "Z"),
+        )
     return zs, rs, norms, dist
 
 
@@ -551,10 +746,24 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
     with device_guard(zs):
         _lse_fwd_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
-            zs, rs, dist, lse, row_loss, row_w, _inv_tau_tensor(inv_tau, rs), rows_total,
-            rows_total // 2, d, row_start, row_end, FIXED_SHIFT=fixed_shift_safe(inv_tau, acc),
-            ACC=acc_dtype(acc), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
-            **config.options)
+            zs,
+            rs,
+            dist,
+            lse,
+            row_loss,
+            row_w,
+            _inv_tau_tensor(inv_tau, rs),
+            rows_total,
+            rows_total // 2,
+            d,
+            row_start,
+            row_end,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, acc),
+            ACC=acc_dtype(acc),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            **config.options,
+        )
     return lse, row_loss, row_w
 
 
@@ -565,8 +774,9 @@ def _row_weights(lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
     return lse * 1.4426950408889634
 
 
-def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype,
-          row_g=None):
+def _grad(
+    zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype, row_g=None
+):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
     applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
     sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled. With `row_g` (per-row weights,
@@ -579,18 +789,36 @@ def _grad(zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out,
     inv = _inv_tau_tensor(inv_tau, rs)
     with device_guard(zs):
         _grad_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
-            zs, rs, norms, row_w, row_loss, row_w if row_g is None else row_g, dz, inv,
-            grad_out if epilogue else inv, rows_total, rows_total // 2, d, dz.stride(0),
-            row_start, row_end, EPILOGUE=epilogue, PER_ROW=row_g is not None,
-            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
-            **config.options)
+            zs,
+            rs,
+            norms,
+            row_w,
+            row_loss,
+            row_w if row_g is None else row_g,
+            dz,
+            inv,
+            grad_out if epilogue else inv,
+            rows_total,
+            rows_total // 2,
+            d,
+            dz.stride(0),
+            row_start,
+            row_end,
+            EPILOGUE=epilogue,
+            PER_ROW=row_g is not None,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            **config.options,
+        )
     return dz
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_lse_rows", mutates_args=())
-def lse_rows(z: torch.Tensor, row_start: int, row_end: int,
-             inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lse_rows(
+    z: torch.Tensor, row_start: int, row_end: int, inv_tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows [row_start, row_end) of the full Z = [z_a; z_b] (2N x D, raw: normalised on the
     fly) against all its rows: lse_i = log sum_{k != i} exp(S_ik) and the row loss
     lse_i - S_i,pos(i), each of shape (row_end - row_start,) in the accumulation dtype."""
@@ -606,8 +834,14 @@ def _(z, row_start, row_end, inv_tau):
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_grad_rows", mutates_args=())
-def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_start: int,
-              row_end: int, inv_tau: float) -> torch.Tensor:
+def grad_rows(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_start: int,
+    row_end: int,
+    inv_tau: float,
+) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows [row_start, row_end) of the raw Z,
     P_ij = exp(S_ij - lse_i), with `lse` and `row_loss` the full (2N,) vectors of `lse_rows`.
     Unscaled: the caller multiplies by grad_out * inv_tau / (2N) and applies the
@@ -616,11 +850,22 @@ def grad_rows(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, row_st
     _check_rows(z, row_start, row_end)
     for name, v in (("lse", lse), ("row_loss", row_loss)):
         if v.shape != (z.shape[0],):
-            raise ValueError(f"{name} must be the full ({z.shape[0]},) vector, got "
-                             f"{tuple(v.shape)}")
+            raise ValueError(
+                f"{name} must be the full ({z.shape[0]},) vector, got {tuple(v.shape)}"
+            )
     zs, rs, norms, _ = _scale_rows(z)
-    return _grad(zs, rs, norms, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-                 row_loss.to(rs.dtype).contiguous(), row_start, row_end, inv_tau, None, rs.dtype)
+    return _grad(
+        zs,
+        rs,
+        norms,
+        _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+        row_loss.to(rs.dtype).contiguous(),
+        row_start,
+        row_end,
+        inv_tau,
+        None,
+        rs.dtype,
+    )
 
 
 @grad_rows.register_fake
@@ -636,14 +881,17 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     _check_rows(z, 0, z.shape[0])
     acc = torch_acc_dtype(z.dtype)
     if not fixed_shift_safe(inv_tau, acc):
-        raise ValueError(f"the symmetric forward needs the fixed shift (2/tau within the exp "
-                         f"range of {acc}), got tau = {1 / inv_tau}")
+        raise ValueError(
+            f"the symmetric forward needs the fixed shift (2/tau within the exp "
+            f"range of {acc}), got tau = {1 / inv_tau}"
+        )
     zs, rs, _, dist = _scale_rows(z)
     return _symmetric_lse(zs, rs, dist, inv_tau)[0]
 
 
-def _symmetric_lse(zs: torch.Tensor, rs: torch.Tensor, dist: torch.Tensor,
-                   inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_lse(
+    zs: torch.Tensor, rs: torch.Tensor, dist: torch.Tensor, inv_tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the symmetric forward on the scaled rows: the 2N row lse and losses, the losses
     as in `_lse_fwd_kernel` (softplus(log sum_neg exp(S - 1/tau) + dist/tau): no cancellation)."""
     rows_total, d = zs.shape
@@ -652,38 +900,68 @@ def _symmetric_lse(zs: torch.Tensor, rs: torch.Tensor, dist: torch.Tensor,
     col_sum = torch.zeros(rows_total, dtype=rs.dtype, device=zs.device)
     with device_guard(zs):
         _symmetric_fwd_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, row_sum, col_sum, _inv_tau_tensor(inv_tau, rs), rows_total,
-            rows_total // 2, d, ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype),
-            UPCAST=upcast_dots(zs.dtype), BLOCK=block, BLOCK_D=block_d)
+            zs,
+            rs,
+            row_sum,
+            col_sum,
+            _inv_tau_tensor(inv_tau, rs),
+            rows_total,
+            rows_total // 2,
+            d,
+            ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            BLOCK=block,
+            BLOCK_D=block_d,
+        )
     dist = dist.repeat(2)
     row_loss = torch.nn.functional.softplus(torch.log(row_sum + col_sum) + dist * inv_tau)
     return (1.0 - dist) * inv_tau + row_loss, row_loss
 
 
-def symmetric_grad(z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor,
-                   inv_tau: float) -> torch.Tensor:
+def symmetric_grad(
+    z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor, inv_tau: float
+) -> torch.Tensor:
     """`grad_rows` over all 2N rows of the raw z (normalised on the fly) from upper-triangle
     tiles: sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled, in the accumulation dtype."""
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
     zs, rs = _scale_rows(z)[:2]
-    return _symmetric_grad(zs, rs, _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-                           row_loss.to(rs.dtype).contiguous(), inv_tau)
+    return _symmetric_grad(
+        zs,
+        rs,
+        _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+        row_loss.to(rs.dtype).contiguous(),
+        inv_tau,
+    )
 
 
-def _symmetric_grad(zs: torch.Tensor, rs: torch.Tensor, row_w: torch.Tensor,
-                    row_loss: torch.Tensor, inv_tau: float) -> torch.Tensor:
+def _symmetric_grad(
+    zs: torch.Tensor, rs: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor, inv_tau: float
+) -> torch.Tensor:
     """Launch the symmetric backward on the scaled rows and the forward's row weights."""
     rows_total, d = zs.shape
     block, _, block_d = forward_config(d, zs.dtype).block
     g = torch.zeros(rows_total, d, dtype=rs.dtype, device=zs.device)
     with device_guard(zs):
         _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](
-            zs, rs, row_w, row_loss, g, _inv_tau_tensor(inv_tau, rs), rows_total,
-            rows_total // 2, d, g.stride(0), FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            zs,
+            rs,
+            row_w,
+            row_loss,
+            g,
+            _inv_tau_tensor(inv_tau, rs),
+            rows_total,
+            rows_total // 2,
+            d,
+            g.stride(0),
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
             ACC=acc_dtype(rs.dtype),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), BLOCK=block,
-            BLOCK_D=block_d)
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            BLOCK=block,
+            BLOCK_D=block_d,
+        )
     return g
 
 
@@ -693,10 +971,11 @@ def _symmetric_grad(zs: torch.Tensor, rs: torch.Tensor, row_w: torch.Tensor,
 # autograd, and theirs when called directly. The forward's state is the prologue's Zs, rs and
 # norms, the backward's per-row weights (one exp per element) and the row losses.
 
+
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_fwd", mutates_args=())
-def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor]:
+def _fused_forward(
+    z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the 2N row losses, or their mean; Zs, rs, norms, row weights, row losses). `symmetric`:
     the upper-triangle forward (fixed shift only)."""
     zs, rs, norms, dist = _scale_rows(z)
@@ -712,27 +991,52 @@ def _fused_forward(z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bo
 def _(z, inv_tau, per_row, symmetric):
     acc, rows = torch_acc_dtype(z.dtype), z.shape[0]
     vector = z.new_empty(rows, dtype=acc)
-    return (z.new_empty((rows,) if per_row else (), dtype=acc),
-            z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)), vector, torch.empty_like(vector),
-            torch.empty_like(vector), torch.empty_like(vector))
+    return (
+        z.new_empty((rows,) if per_row else (), dtype=acc),
+        z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)),
+        vector,
+        torch.empty_like(vector),
+        torch.empty_like(vector),
+        torch.empty_like(vector),
+    )
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_bwd", mutates_args=())
-def _fused_backward(z: torch.Tensor, grad: torch.Tensor, inv_tau: float, zs: torch.Tensor,
-                    rs: torch.Tensor, norms: torch.Tensor, row_w: torch.Tensor,
-                    row_loss: torch.Tensor, symmetric: bool) -> torch.Tensor:
+def _fused_backward(
+    z: torch.Tensor,
+    grad: torch.Tensor,
+    inv_tau: float,
+    zs: torch.Tensor,
+    rs: torch.Tensor,
+    norms: torch.Tensor,
+    row_w: torch.Tensor,
+    row_loss: torch.Tensor,
+    symmetric: bool,
+) -> torch.Tensor:
     """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,),
     the latter always through the row-parallel kernel."""
     if grad.dim() != 0:
         scale, row_g = nt_xent_autograd.per_row_weights(grad, rs.dtype)
-        return _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, scale.reshape(1),
-                     z.dtype, row_g)
+        return _grad(
+            zs,
+            rs,
+            norms,
+            row_w,
+            row_loss,
+            0,
+            zs.shape[0],
+            inv_tau,
+            scale.reshape(1),
+            z.dtype,
+            row_g,
+        )
     if symmetric:
         g = _symmetric_grad(zs, rs, row_w, row_loss, inv_tau) * (grad * inv_tau / z.shape[0])
         zn, norm = l2_normalize(z)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
-    return _grad(zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, grad.contiguous(),
-                 z.dtype)
+    return _grad(
+        zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, grad.contiguous(), z.dtype
+    )
 
 
 @_fused_backward.register_fake
@@ -752,12 +1056,14 @@ def _checked_options(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent (see `fastcluster_cl.nt_xent`) with the fused Triton kernels; the loss is fp32,
     or fp64 for fp64 inputs."""
-    return nt_xent_autograd.nt_xent(z_a, z_b, temperature, "triton",
-                                    *_checked_options(z_a, z_b, temperature))
+    return nt_xent_autograd.nt_xent(
+        z_a, z_b, temperature, "triton", *_checked_options(z_a, z_b, temperature)
+    )
 
 
 def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """The 2N per-row terms with the fused Triton kernels (per-row gradients: each row's loss
     weighted by its incoming gradient in the backward kernel)."""
-    return nt_xent_autograd.nt_xent_terms(z_a, z_b, temperature, "triton",
-                                          *_checked_options(z_a, z_b, temperature))
+    return nt_xent_autograd.nt_xent_terms(
+        z_a, z_b, temperature, "triton", *_checked_options(z_a, z_b, temperature)
+    )

@@ -29,6 +29,7 @@ each through the normalisation's backward (fused), written to dz_a and dz_b.
 Floors (N anchors, M bank rows, D features): forward 2 N M D FLOPs and N M exps; backward
 4 N M D FLOPs and N M exps; the bank is read once per row block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,18 +39,51 @@ import triton.language as tl
 from fastcluster_cl.losses import nt_xent_bank_autograd
 from fastcluster_cl.losses.reference import fixed_shift_safe
 
-from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision, feature_block,
-                      round_to, upcast_dots)
-from .nt_xent import (_EPS, _LOG2E, _WEIGHT_SCALE, LaunchConfig, _expm1, _load_rows,
-                      _row_weight, _scale_rows, _scaled_dtype, accumulate_negatives,
-                      backward_config, forward_config, row_block, row_losses)
+from ._common import (
+    acc_dtype,
+    check_dtype,
+    device_guard,
+    dot,
+    dot_precision,
+    feature_block,
+    round_to,
+    upcast_dots,
+)
+from .nt_xent import (
+    _EPS,
+    _LOG2E,
+    _WEIGHT_SCALE,
+    LaunchConfig,
+    _expm1,
+    _load_rows,
+    _row_weight,
+    _scale_rows,
+    _scaled_dtype,
+    accumulate_negatives,
+    backward_config,
+    forward_config,
+    row_block,
+    row_losses,
+)
 
 
 @triton.jit
-def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bank_scores(
+    zi,
+    bj,
+    BANK_LO,
+    offs_n,
+    mask_n,
+    D,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """zs_I bank_J^T accumulated in ACC; with SPLIT the bank is hi + lo (two fp16 halves of a
-    wider bank, see `nt_xent_bank_autograd.bank_operands`): a second product restores its precision."""
+    wider bank, see `nt_xent_bank_autograd.bank_operands`): a second product restores its
+    precision."""
     s = dot(zi, tl.trans(bj), ACC, PREC, UPCAST)
     if SPLIT:
         lo = _load_rows(BANK_LO, D, offs_n, mask_n, D, BLOCK_D)
@@ -58,11 +92,27 @@ def _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _bank_fwd_kernel(ZS, RS, DIST, BANK, BANK_LO, ROW_LOSS, ROW_W, INV_TAU, n, M, D,
-                     SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
-                     PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _bank_fwd_kernel(
+    ZS,
+    RS,
+    DIST,
+    BANK,
+    BANK_LO,
+    ROW_LOSS,
+    ROW_W,
+    INV_TAU,
+    n,
+    M,
+    D,
+    SPLIT: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     inv_tau, shift, zi, ri, qi = row_block(ZS, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
@@ -72,22 +122,46 @@ def _bank_fwd_kernel(ZS, RS, DIST, BANK, BANK_LO, ROW_LOSS, ROW_W, INV_TAU, n, M
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
-        x = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST,
-                         BLOCK_D) * qi[:, None]
+        x = (
+            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST, BLOCK_D)
+            * qi[:, None]
+        )
         if c0 + BLOCK_N > M:  # only the last tile holds padding columns
             x = tl.where(mask_n[None, :], x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
-    lse, loss = row_losses(total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau,
-                           FIXED_SHIFT, ACC)
+    lse, loss = row_losses(
+        total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau, FIXED_SHIFT, ACC
+    )
     tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
     tl.store(ROW_W + offs_m, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
 
 
 @triton.jit
-def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZA, DZB, INV_TAU,
-                      n, M, D, SPLIT: tl.constexpr, FIXED_SHIFT: tl.constexpr, ACC: tl.constexpr,
-                      PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bank_grad_kernel(
+    ZS,
+    RS,
+    NORMS,
+    DIST,
+    BANK,
+    BANK_LO,
+    ROW_W,
+    ROW_LOSS,
+    W,
+    DZA,
+    DZB,
+    INV_TAU,
+    n,
+    M,
+    D,
+    SPLIT: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     offs_d = tl.arange(0, BLOCK_D)
@@ -101,8 +175,11 @@ def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZ
     norm_b = tl.load(NORMS + offs_m + n, mask=mask_m, other=1.0)
     # c = w/tau (P_pos - 1): the positive's weight in fp32, never rounded for the tensor cores;
     # cos = zn_a . zn_b = 1 - dist.
-    c = (tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * inv_tau
-         * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC))
+    c = (
+        tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC)
+        * inv_tau
+        * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
+    )
     cos = 1.0 - tl.load(DIST + offs_m, mask=mask_m, other=0.0)
     # dz_b = (g_b - zn_b (zn_b . g_b)) / norm_b with g_b = c zn_a: no bank term, so it is
     # written first, before the loop (fewer tiles live at once: no spills).
@@ -119,8 +196,10 @@ def _bank_grad_kernel(ZS, RS, NORMS, DIST, BANK, BANK_LO, ROW_W, ROW_LOSS, W, DZ
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
-        x = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST,
-                         BLOCK_D) * qi[:, None]
+        x = (
+            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST, BLOCK_D)
+            * qi[:, None]
+        )
         if FIXED_SHIFT:
             p = tl.exp2(x - shift) * u_i[:, None]
         else:
@@ -159,42 +238,89 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
     row_w = torch.empty_like(row_loss)
     with device_guard(zs):
         _bank_fwd_kernel[(triton.cdiv(n, config.block[0]),)](
-            zs, rs, dist, bank, bank_lo, row_loss, row_w, _inv_tau_tensor(inv_tau, rs), n,
-            bank.shape[0], d, SPLIT=split, FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-            ACC=acc_dtype(rs.dtype), PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype),
-            **config.options)
+            zs,
+            rs,
+            dist,
+            bank,
+            bank_lo,
+            row_loss,
+            row_w,
+            _inv_tau_tensor(inv_tau, rs),
+            n,
+            bank.shape[0],
+            d,
+            SPLIT=split,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            **config.options,
+        )
     return row_loss, row_w
 
 
-def _launch_backward(zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss, w, inv_tau,
-                     out_dtype):
+def _launch_backward(
+    zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss, w, inv_tau, out_dtype
+):
     n, d = zs.shape[0] // 2, zs.shape[1]
     config = bank_backward_config(d, zs.dtype)
     dz_a = torch.empty(n, d, dtype=out_dtype, device=zs.device)
     dz_b = torch.empty_like(dz_a)
     with device_guard(zs):
         _bank_grad_kernel[(triton.cdiv(n, config.block[0]),)](
-            zs, rs, norms, dist, bank, bank_lo, row_w, row_loss, w, dz_a, dz_b,
-            _inv_tau_tensor(inv_tau, rs), n, bank.shape[0], d, SPLIT=split,
-            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype), ACC=acc_dtype(rs.dtype),
-            PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype), **config.options)
+            zs,
+            rs,
+            norms,
+            dist,
+            bank,
+            bank_lo,
+            row_w,
+            row_loss,
+            w,
+            dz_a,
+            dz_b,
+            _inv_tau_tensor(inv_tau, rs),
+            n,
+            bank.shape[0],
+            d,
+            SPLIT=split,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            ACC=acc_dtype(rs.dtype),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            **config.options,
+        )
     return dz_a, dz_b
 
 
 def _forward(zs, rs, dist, bank, inv_tau):
-    return _launch_forward(zs, rs, dist, *nt_xent_bank_autograd.bank_operands(bank, zs.dtype),
-                           inv_tau)
+    return _launch_forward(
+        zs, rs, dist, *nt_xent_bank_autograd.bank_operands(bank, zs.dtype), inv_tau
+    )
 
 
 def _backward(zs, rs, norms, dist, bank, row_w, row_loss, w, inv_tau, out_dtype):
-    return _launch_backward(zs, rs, norms, dist,
-                            *nt_xent_bank_autograd.bank_operands(bank, zs.dtype), row_w,
-                            row_loss, w, inv_tau, out_dtype)
+    return _launch_backward(
+        zs,
+        rs,
+        norms,
+        dist,
+        *nt_xent_bank_autograd.bank_operands(bank, zs.dtype),
+        row_w,
+        row_loss,
+        w,
+        inv_tau,
+        out_dtype,
+    )
 
 
 _fused_forward, _fused_backward = nt_xent_bank_autograd.define_scaled_row_ops(
-    "triton", lambda z_a, z_b: _scale_rows(torch.cat([z_a, z_b])), _forward, _backward,
-    _scaled_dtype)
+    "triton",
+    lambda z_a, z_b: _scale_rows(torch.cat([z_a, z_b])),
+    _forward,
+    _backward,
+    _scaled_dtype,
+)
 
 
 def _check(z_a: torch.Tensor, bank: torch.Tensor) -> None:
@@ -202,15 +328,17 @@ def _check(z_a: torch.Tensor, bank: torch.Tensor) -> None:
     feature_block(z_a.shape[1], "z")
 
 
-def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+def nt_xent_bank(
+    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """`fastcluster_cl.nt_xent_bank` with the fused kernels (fp32 loss, fp64 for fp64)."""
     _check(z_a, bank)
     return nt_xent_bank_autograd.nt_xent_bank(_fused_forward, z_a, z_b, bank, temperature, False)
 
 
-def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
+def nt_xent_bank_terms(
+    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """The N row terms (their backward takes one gradient per row)."""
     _check(z_a, bank)
     return nt_xent_bank_autograd.nt_xent_bank(_fused_forward, z_a, z_b, bank, temperature, True)

@@ -18,6 +18,7 @@ N F b ceil(K / BLOCK_K) (h once per centre tile, L2-resident after the first) + 
 (P programs; the centres are L2-resident), writes N K acc floats twice and reads them once;
 backward 2 N K F FLOPs in the kernel + 4 N K F in the host GEMMs, reads q and dq twice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,15 @@ import triton.language as tl
 
 from fastcluster_cl.losses.op_autograd import register_pair
 
-from ._common import (acc_dtype, check_dtype, device_guard, dot, dot_precision,
-                      torch_acc_dtype, upcast_dots)
+from ._common import (
+    acc_dtype,
+    check_dtype,
+    device_guard,
+    dot,
+    dot_precision,
+    torch_acc_dtype,
+    upcast_dots,
+)
 
 MAX_CENTRES = 1024
 _BLOCK_M = 32
@@ -36,9 +44,23 @@ _BLOCK_F = 32  # features per chunk of the distance dot
 
 
 @triton.jit
-def _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
-               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+def _distances(
+    H,
+    MU,
+    stride_h,
+    stride_mu,
+    offs_m,
+    mask_m,
+    offs_k,
+    mask_k,
+    F,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_K) squared distances ||h_i - mu_k||^2 for one tile of centres,
     accumulated over F chunks."""
     cross = tl.zeros([BLOCK_M, BLOCK_K], ACC)
@@ -47,10 +69,16 @@ def _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
     for f0 in range(0, F, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
-        h = tl.load(H + offs_m[:, None] * stride_h + offs_f[None, :],
-                    mask=mask_m[:, None] & mask_f[None, :], other=0.0)
-        mu = tl.load(MU + offs_k[:, None] * stride_mu + offs_f[None, :],
-                     mask=mask_k[:, None] & mask_f[None, :], other=0.0)
+        h = tl.load(
+            H + offs_m[:, None] * stride_h + offs_f[None, :],
+            mask=mask_m[:, None] & mask_f[None, :],
+            other=0.0,
+        )
+        mu = tl.load(
+            MU + offs_k[:, None] * stride_mu + offs_f[None, :],
+            mask=mask_k[:, None] & mask_f[None, :],
+            other=0.0,
+        )
         if H.dtype.element_ty == MU.dtype.element_ty:
             cross += dot(h, tl.trans(mu), ACC, PREC, UPCAST)
         else:  # e.g. bf16 features and fp32 centres (the one-pass objective's AMP inputs)
@@ -63,9 +91,23 @@ def _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F,
 
 
 @triton.jit
-def _fwd_kernel(H, MU, Q, ALPHA, n, K, F, stride_h, stride_mu,
-                ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+def _fwd_kernel(
+    H,
+    MU,
+    Q,
+    ALPHA,
+    n,
+    K,
+    F,
+    stride_h,
+    stride_mu,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """Pass 1 over the K tiles writes the logits into Q and keeps the row max and the rescaled
     row sum of exp (online softmax); pass 2 turns this program's logits into q in place."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,15 +118,32 @@ def _fwd_kernel(H, MU, Q, ALPHA, n, K, F, stride_h, stride_mu,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        d = _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F, ACC,
-                       PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
-        logit = tl.where(mask_k[None, :], -(alpha + 1.0) / 2.0 * tl.log(1.0 + d / alpha),
-                         float("-inf"))
-        m_new = tl.maximum(m, tl.max(logit, axis=1))   # finite: each tile has a centre
+        d = _distances(
+            H,
+            MU,
+            stride_h,
+            stride_mu,
+            offs_m,
+            mask_m,
+            offs_k,
+            mask_k,
+            F,
+            ACC,
+            PREC,
+            UPCAST,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_F,
+        )
+        logit = tl.where(
+            mask_k[None, :], -(alpha + 1.0) / 2.0 * tl.log(1.0 + d / alpha), float("-inf")
+        )
+        m_new = tl.maximum(m, tl.max(logit, axis=1))  # finite: each tile has a centre
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
         m = m_new
-        tl.store(Q + offs_m[:, None] * K + offs_k[None, :], logit,
-                 mask=mask_m[:, None] & mask_k[None, :])
+        tl.store(
+            Q + offs_m[:, None] * K + offs_k[None, :], logit, mask=mask_m[:, None] & mask_k[None, :]
+        )
     tl.debug_barrier()  # pass 2 reads logits that other threads of this program wrote
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -95,9 +154,25 @@ def _fwd_kernel(H, MU, Q, ALPHA, n, K, F, stride_h, stride_mu,
 
 
 @triton.jit
-def _bwd_kernel(H, MU, Q, DQ, G, ALPHA, n, K, F, stride_h, stride_mu,
-                ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
+def _bwd_kernel(
+    H,
+    MU,
+    Q,
+    DQ,
+    G,
+    ALPHA,
+    n,
+    K,
+    F,
+    stride_h,
+    stride_mu,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """G = dL/dd from the forward's q: pass 1 over the K tiles takes sum_k q dq, pass 2
     recomputes the distances of each tile and writes its g."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,12 +189,27 @@ def _bwd_kernel(H, MU, Q, DQ, G, ALPHA, n, K, F, stride_h, stride_mu,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
-        d = _distances(H, MU, stride_h, stride_mu, offs_m, mask_m, offs_k, mask_k, F, ACC,
-                       PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_F)
+        d = _distances(
+            H,
+            MU,
+            stride_h,
+            stride_mu,
+            offs_m,
+            mask_m,
+            offs_k,
+            mask_k,
+            F,
+            ACC,
+            PREC,
+            UPCAST,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_F,
+        )
         q = tl.load(Q + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
         dq = tl.load(DQ + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
         dlogit = q * (dq - qdq[:, None])
-        g = dlogit * (-(alpha + 1.0) / 2.0) / (alpha + d)                  # dL/dd_ik
+        g = dlogit * (-(alpha + 1.0) / 2.0) / (alpha + d)  # dL/dd_ik
         tl.store(G + offs_m[:, None] * K + offs_k[None, :], g, mask=mask)
 
 
@@ -127,24 +217,34 @@ def _blocks(k: int, f: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_F): centres in tiles of at most `_BLOCK_K`, features in chunks of at most
     `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, the static report)."""
     if k > MAX_CENTRES:
-        raise ValueError(f"backend='triton' supports at most {MAX_CENTRES} centres, got {k}; "
-                         "use backend='chunked' for more")
-    return (min(_BLOCK_K, max(16, triton.next_power_of_2(k))),
-            min(_BLOCK_F, max(16, triton.next_power_of_2(f))))
+        raise ValueError(
+            f"backend='triton' supports at most {MAX_CENTRES} centres, got {k}; "
+            "use backend='chunked' for more"
+        )
+    return (
+        min(_BLOCK_K, max(16, triton.next_power_of_2(k))),
+        min(_BLOCK_F, max(16, triton.next_power_of_2(f))),
+    )
 
 
 def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
     """(alpha as a one-element tensor of the accumulation dtype, the kernels' constexprs)."""
-    (n, f), k = h.shape, centers.shape[0]
+    f, k = h.shape[1], centers.shape[0]
     block_k, block_f = _blocks(k, f)
     alpha_t = torch.full((1,), alpha, dtype=torch_acc_dtype(h.dtype), device=h.device)
-    return alpha_t, dict(ACC=acc_dtype(h.dtype), PREC=dot_precision(h.dtype),
-                         UPCAST=upcast_dots(h.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k,
-                         BLOCK_F=block_f)
+    return alpha_t, dict(
+        ACC=acc_dtype(h.dtype),
+        PREC=dot_precision(h.dtype),
+        UPCAST=upcast_dots(h.dtype),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_K=block_k,
+        BLOCK_F=block_f,
+    )
 
 
 # The forward and backward as torch.library ops with fake implementations (custom_op around the
 # launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd.
+
 
 @torch.library.custom_op("fastcluster_cl::student_t_triton_fwd", mutates_args=())
 def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,8 +253,9 @@ def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> t
     alpha_t, consts = _launch_args(h, centers, alpha)
     q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
     with device_guard(h):
-        _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](h, centers, q, alpha_t, n, k, f, h.stride(0),
-                                                 centers.stride(0), **consts)
+        _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
+            h, centers, q, alpha_t, n, k, f, h.stride(0), centers.stride(0), **consts
+        )
     return q
 
 
@@ -164,16 +265,29 @@ def _(h, centers, alpha):
 
 
 @torch.library.custom_op("fastcluster_cl::student_t_triton_bwd", mutates_args=())
-def student_t_backward(h: torch.Tensor, centers: torch.Tensor, q: torch.Tensor,
-                       dq: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def student_t_backward(
+    h: torch.Tensor, centers: torch.Tensor, q: torch.Tensor, dq: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh, dcentres) from dq = dL/dq and the forward's q."""
     (n, f), k = h.shape, centers.shape[0]
     alpha_t, consts = _launch_args(h, centers, alpha)
     acc = torch_acc_dtype(h.dtype)
     g = torch.empty(n, k, dtype=acc, device=h.device)
     with device_guard(h):
-        _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](h, centers, q, dq.contiguous(), g, alpha_t, n,
-                                                 k, f, h.stride(0), centers.stride(0), **consts)
+        _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
+            h,
+            centers,
+            q,
+            dq.contiguous(),
+            g,
+            alpha_t,
+            n,
+            k,
+            f,
+            h.stride(0),
+            centers.stride(0),
+            **consts,
+        )
     # d = |h|^2 - 2 h.mu + |mu|^2: dh = 2 (rowsum(g) h - g mu), dmu = -2 (g^T h - colsum(g) mu)
     h_acc, mu = h.to(acc), centers.to(acc)
     dh = 2.0 * (g.sum(1)[:, None] * h_acc - g @ mu)
@@ -186,14 +300,19 @@ def _(h, centers, q, dq, alpha):
     return torch.empty_like(h), torch.empty_like(centers)
 
 
-register_pair(student_t_forward, student_t_backward, "triton",
-              lambda inputs, outputs, grads: (inputs[0], inputs[1], outputs[0], grads[0],
-                                              inputs[2]), wrt=(0, 1))
+register_pair(
+    student_t_forward,
+    student_t_backward,
+    "triton",
+    lambda inputs, outputs, grads: (inputs[0], inputs[1], outputs[0], grads[0], inputs[2]),
+    wrt=(0, 1),
+)
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """Student-t assignment (see `fastcluster_cl.student_t`) with the fused kernels."""
     check_dtype(h, centers)
     common = torch.promote_types(h.dtype, centers.dtype)  # e.g. bf16 features, fp32 centres
-    return student_t_forward(h.to(common).contiguous(), centers.to(common).contiguous(),
-                             float(alpha))
+    return student_t_forward(
+        h.to(common).contiguous(), centers.to(common).contiguous(), float(alpha)
+    )

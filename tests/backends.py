@@ -10,6 +10,7 @@
 (backend, *case): the slow paths (interpreter, emulation) keep their own, smaller lists.
 `prepare(request, backend)` readies one and returns (the backend= name, the device);
 `gradcheck(request, backend, loss, shapes, seed)` runs torch.autograd.gradcheck on it."""
+
 import pytest
 import torch
 
@@ -28,8 +29,9 @@ def cases(table: dict) -> list:
         marks = [pytest.mark.gpu] if backend == "cuda" else []
         for row in rows:
             row = row if isinstance(row, tuple) else (row,)
-            params.append(pytest.param(backend, *row, marks=marks,
-                                       id="-".join([backend, *map(_id, row)])))
+            params.append(
+                pytest.param(backend, *row, marks=marks, id="-".join([backend, *map(_id, row)]))
+            )
     return params
 
 
@@ -51,6 +53,8 @@ def gradcheck(request, backend: str, loss, shapes, seed: int) -> None:
     standard normal of the given shapes drawn from `seed`."""
     name, device = prepare(request, backend)
     gen = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-              for shape in shapes]
+    inputs = [
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+        for shape in shapes
+    ]
     assert torch.autograd.gradcheck(lambda *x: loss(*x, backend=name), inputs)

@@ -1,5 +1,6 @@
-"""Test setup: without CUDA, Triton kernels run under the interpreter (DESIGN.md). The variable
+"""Test setup: without CUDA, Triton kernels run under the interpreter (docs/design.md). The variable
 must be set before any kernel module is imported, hence here at collection time."""
+
 import os
 
 import pytest
@@ -22,6 +23,7 @@ def pytest_collection_modifyitems(config, items):
 def csrc_lib(tmp_path_factory):
     """The csrc kernels built for the host emulation (tests/emulation.py), once per session."""
     from emulation import build_library
+
     lib = build_library(tmp_path_factory.mktemp("csrc_emulation"))
     if lib is None:
         pytest.skip("needs g++ and the CUDA toolkit headers")
@@ -32,8 +34,10 @@ def csrc_lib(tmp_path_factory):
 def emulated(csrc_lib, monkeypatch):
     """backend="cuda" on CPU tensors: the emulated kernels in place of the compiled extension."""
     from emulation import EmulatedExtension
+
     from fastcluster_cl import cuda_backend
     from fastcluster_cl.losses import dispatch
+
     ext = EmulatedExtension(csrc_lib)
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     monkeypatch.setattr(cuda_backend, "_require", lambda device: None)

@@ -1,5 +1,6 @@
 """Independent float64 NumPy implementations of every loss, written from the papers' formulas
 (CC's cross-entropy form of NT-Xent, explicit loops over rows), not from the reference code."""
+
 import numpy as np
 
 
@@ -47,7 +48,7 @@ def kl(p, q):
 
 def dec_loss(q):
     f = q.sum(0)
-    p = q ** 2 / f
+    p = q**2 / f
     p = p / p.sum(1, keepdims=True)
     return np.mean([kl(p[i], q[i]) for i in range(q.shape[0])])
 
@@ -60,8 +61,9 @@ def _unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def tcc_loss(z_a, z_b, logits_a, logits_b, centres, r_a, r_b, pi_a, pi_b, tau_i, tau_c, lam,
-             alpha, prior):
+def tcc_loss(
+    z_a, z_b, logits_a, logits_b, centres, r_a, r_b, pi_a, pi_b, tau_i, tau_c, lam, alpha, prior
+):
     """TCC's three parts (instance, cluster, prior) for given assignment samples pi (N x K),
     written from the specification (docs/methods.md) with explicit loops over clusters."""
     v_a, v_b = _unit(z_a), _unit(z_b)
@@ -77,5 +79,8 @@ def tcc_loss(z_a, z_b, logits_a, logits_b, centres, r_a, r_b, pi_a, pi_b, tau_i,
         prior_value = float(np.mean(kl))
     else:
         prior_value = entropy_term(q_a) + entropy_term(q_b)
-    return {"instance": nt_xent(e_a, e_b, tau_i), "cluster": nt_xent(s_a, s_b, tau_c),
-            "prior": prior_value}
+    return {
+        "instance": nt_xent(e_a, e_b, tau_i),
+        "cluster": nt_xent(s_a, s_b, tau_c),
+        "prior": prior_value,
+    }

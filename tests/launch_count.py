@@ -14,6 +14,7 @@ package's custom ops.
   package (namespace "fastcluster_cl", a torch.library.custom_op) is recorded as such and its
   Python implementation is run with the mode re-entered: the torch ops inside count.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,8 +25,17 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
-ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
-               aten.new_empty_strided, aten.lift_fresh, aten.detach, aten.detach_, aten.alias}
+ALLOCATIONS = {
+    aten.empty,
+    aten.empty_like,
+    aten.empty_strided,
+    aten.new_empty,
+    aten.new_empty_strided,
+    aten.lift_fresh,
+    aten.detach,
+    aten.detach_,
+    aten.alias,
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -41,7 +51,7 @@ class OpCounter(TorchDispatchMode):
         if func.namespace == "fastcluster_cl":
             self.custom[func.name()] += 1
             opdef = OPDEFS[func._schema.name]
-            with self:   # the implementation's own torch ops are dispatched (and counted) anew
+            with self:  # the implementation's own torch ops are dispatched (and counted) anew
                 return opdef._init_fn(*args, **kwargs)
         if not (func.is_view or func.overloadpacket in ALLOCATIONS):
             self.ops[func.name()] += 1

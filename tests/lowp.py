@@ -1,6 +1,7 @@
 """The low-precision regime users train in, shared by the kernel tests: correlated views at small
 temperatures, and the tiny tile weights of very large batches. Their error bounds (twice those of
 the fp32-accumulating chunked path on the same rounded inputs) are in tests/tolerances.py."""
+
 import torch
 
 F64 = torch.float64

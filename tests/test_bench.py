@@ -1,5 +1,6 @@
 """The benchmark runner (`fastcluster-cl bench`, fastcluster_cl.bench): floors, peak memory,
 skips, and a --quick CPU run whose JSON, table and plot hold real values."""
+
 import json
 
 import pytest
@@ -33,6 +34,7 @@ def test_cpu_peak_memory_measures_tensor_bytes():
         x = torch.ones(nbytes, dtype=torch.uint8)
         y = x + 1  # a second buffer of the same size, live with x
         return int(y[0])
+
     peak = bench.peak_memory(step, torch.device("cpu"))
     assert 2 * nbytes <= peak < 2 * nbytes + 4096
 
@@ -44,12 +46,16 @@ def test_pml_is_skipped_where_its_cubic_mask_does_not_fit():
         bench.measure(case, "pml", torch.device("cpu"), min_run_time=0.01)
 
 
-@pytest.mark.parametrize(("impl", "op", "reason"), [
-    ("triton", "nt_xent", "GPU-only"), ("cuda", "nt_xent", "GPU-only"),
-    ("lightly", "cc_cluster_loss", "lightly has no cc_cluster_loss"),
-    ("triton-separate", "nt_xent", "whole objectives only"),
-    ("triton-separate", "cc_objective", "GPU-only"),
-])
+@pytest.mark.parametrize(
+    ("impl", "op", "reason"),
+    [
+        ("triton", "nt_xent", "GPU-only"),
+        ("cuda", "nt_xent", "GPU-only"),
+        ("lightly", "cc_cluster_loss", "lightly has no cc_cluster_loss"),
+        ("triton-separate", "nt_xent", "whole objectives only"),
+        ("triton-separate", "cc_objective", "GPU-only"),
+    ],
+)
 def test_unavailable_implementations_skip_with_a_reason(impl, op, reason):
     with pytest.raises(bench.Skip, match=reason):
         bench.resolve_impl(impl, op, torch.device("cpu"))
@@ -58,8 +64,10 @@ def test_unavailable_implementations_skip_with_a_reason(impl, op, reason):
 @pytest.mark.parametrize("op", bench.OBJECTIVES)
 def test_objective_rows_time_the_total_and_sum_their_parts_floors(op):
     case = bench.Case(op, 8, 6, 3, "float32", backward=True)
-    parts = {"anchor_objective": ["nt_xent"] + 3 * ["student_t"] + ["dec_loss", "anchor_loss"],
-             "cc_objective": ["nt_xent", "cc_cluster_loss"]}[op]
+    parts = {
+        "anchor_objective": ["nt_xent"] + 3 * ["student_t"] + ["dec_loss", "anchor_loss"],
+        "cc_objective": ["nt_xent", "cc_cluster_loss"],
+    }[op]
     floors = [bench.floor(bench.Case(p, 8, 6, 3, "float32", True)) for p in parts]
     assert bench.floor(case) == {k: sum(f[k] for f in floors) for k in floors[0]}
     inputs = bench.make_inputs(case, "cpu")
@@ -68,8 +76,19 @@ def test_objective_rows_time_the_total_and_sum_their_parts_floors(op):
 
 
 def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
-    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path),
-                     "--backends", "torch,chunked,triton", "--dims", "16"])
+    rc = bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--backends",
+            "torch,chunked,triton",
+            "--dims",
+            "16",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     (json_path,) = tmp_path.glob("*.json")
@@ -80,10 +99,11 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
     rows = report["results"]
     assert {(r["two_n"], r["mode"], r["impl"]) for r in rows} == {
-        (n, m, i) for n in bench.QUICK_SIZES for m in bench.MODES for i in ("torch", "chunked")}
+        (n, m, i) for n in bench.QUICK_SIZES for m in bench.MODES for i in ("torch", "chunked")
+    }
     assert {s["impl"] for s in report["skipped"]} == {"triton"}
     (ceiling,) = report["matmul_ceiling_tflops"].values()
-    assert 1e-4 < ceiling < 100      # a CPU's float32 matrix product, in TFLOP/s
+    assert 1e-4 < ceiling < 100  # a CPU's float32 matrix product, in TFLOP/s
     for r in rows:
         assert r["median_s"] > 0 and r["dim"] == 16 and r["dtype"] == "float32"
         assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
@@ -98,15 +118,31 @@ def test_quick_run_writes_json_table_and_plot(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["median_s"] / ref[r["case"]])
     assert "| nt_xent-2N64-D16-float32-fwd | torch |" in out
     assert f"matmul ceiling float32 {ceiling:.3g} TFLOP/s" in out
-    assert ("| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
-            "| peak MiB |") in out
-    summary = [line for line in out.splitlines()
-               if line.startswith("| nt_xent-2N128-D16-float32-fwd+bwd | ") and " ms (" in line]
-    assert len(summary) == 1 and summary[0].split(" | ")[1].endswith("(1.00x), " + format(
-        next(r["peak_bytes"] for r in rows if r["impl"] == "torch" and r["two_n"] == 128
-             and r["backward"]) / 2**20, ".3g") + " MiB")
-    assert ("skipped triton on 4 case(s), e.g. nt_xent-2N64-D16-float32-fwd: triton is GPU-only"
-            in out)
+    assert (
+        "| case | impl | median ms | x torch | TFLOP/s | % matmul ceiling | GB/s at floor "
+        "| peak MiB |"
+    ) in out
+    summary = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| nt_xent-2N128-D16-float32-fwd+bwd | ") and " ms (" in line
+    ]
+    assert len(summary) == 1 and summary[0].split(" | ")[1].endswith(
+        "(1.00x), "
+        + format(
+            next(
+                r["peak_bytes"]
+                for r in rows
+                if r["impl"] == "torch" and r["two_n"] == 128 and r["backward"]
+            )
+            / 2**20,
+            ".3g",
+        )
+        + " MiB"
+    )
+    assert (
+        "skipped triton on 4 case(s), e.g. nt_xent-2N64-D16-float32-fwd: triton is GPU-only" in out
+    )
 
 
 def test_process_clock_ignores_time_off_cpu():
@@ -114,6 +150,7 @@ def test_process_clock_ignores_time_off_cpu():
 
     def sleep():  # 2 ms off the CPU: autorange adds calls until min_run_time of CPU time accrues
         time.sleep(0.002)
+
     cpu = torch.device("cpu")
     assert bench.time_call(sleep, cpu, 0.005, clock="wall") >= 0.002
     assert bench.time_call(sleep, cpu, 0.001, clock="process") < 0.001

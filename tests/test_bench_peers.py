@@ -2,6 +2,7 @@
 pytorch-metric-learning's NTXentLoss (one batch of 2N embeddings, equal labels for the two views
 of an image), in float64, values and gradients. Skipped when a peer is not installed
 (pip install 'fastcluster_cl[bench]')."""
+
 import pytest
 import torch
 
@@ -14,10 +15,8 @@ def _lightly(temperature):
 
 
 def _pml(temperature):
-    loss = pytest.importorskip("pytorch_metric_learning.losses").NTXentLoss(
-        temperature=temperature)
-    return lambda z_a, z_b: loss(torch.cat([z_a, z_b]),
-                                 torch.arange(z_a.shape[0]).repeat(2))
+    loss = pytest.importorskip("pytorch_metric_learning.losses").NTXentLoss(temperature=temperature)
+    return lambda z_a, z_b: loss(torch.cat([z_a, z_b]), torch.arange(z_a.shape[0]).repeat(2))
 
 
 @pytest.mark.parametrize("peer", [_lightly, _pml], ids=["lightly", "pytorch-metric-learning"])

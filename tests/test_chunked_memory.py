@@ -1,6 +1,7 @@
 """The chunked backend never holds the 2N x 2N matrix: its peak memory (forward + backward) is a
 small fraction of the reference's. Each backend runs in a fresh process and reports the growth
 of its peak resident set over the moment just before the loss (ru_maxrss, Linux KiB)."""
+
 import json
 import subprocess
 import sys
@@ -23,8 +24,12 @@ print(json.dumps({"peak_growth_mib": (after - before) / 1024}))
 
 
 def peak_growth_mib(rows: int, dim: int, backend: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(rows), str(dim), backend],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(rows), str(dim), backend],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.splitlines()[-1])["peak_growth_mib"]
 
 
@@ -34,9 +39,11 @@ def check_chunked_is_leaner(rows: int, dim: int, matrix_fraction: float) -> None
     matrix_mib = rows * rows * 4 / 2**20
     reference = peak_growth_mib(rows, dim, "torch")
     chunked = peak_growth_mib(rows, dim, "chunked")
-    print(f"2N={rows} D={dim}: reference +{reference:.0f} MiB, chunked +{chunked:.0f} MiB, "
-          f"one 2N x 2N fp32 matrix = {matrix_mib:.0f} MiB")
-    assert reference > matrix_mib            # the reference really materialises S
+    print(
+        f"2N={rows} D={dim}: reference +{reference:.0f} MiB, chunked +{chunked:.0f} MiB, "
+        f"one 2N x 2N fp32 matrix = {matrix_mib:.0f} MiB"
+    )
+    assert reference > matrix_mib  # the reference really materialises S
     assert chunked < matrix_mib * matrix_fraction  # O(N*D + block^2), not S
     assert chunked < reference / 8
 

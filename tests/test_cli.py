@@ -1,5 +1,6 @@
 """The fastcluster-cl command line: end-to-end train/eval, exit codes and one-line errors, and
 resuming a run killed with SIGKILL mid-epoch."""
+
 import json
 import os
 import signal
@@ -20,9 +21,15 @@ TINY = ["--dataset", "digits", "--batch-size", "256", "--no-plots", "--no-progre
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "fastcluster_cl.cli", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastcluster_cl.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -38,8 +45,14 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_bad_arguments_exit_2(capsys):
-    for argv in ([], ["train", "--method", "dec"], ["train", "--epochs", "0"],
-                 ["train", "--lr", "-1"], ["train", "--batch-size", "x"], ["frobnicate"]):
+    for argv in (
+        [],
+        ["train", "--method", "dec"],
+        ["train", "--epochs", "0"],
+        ["train", "--lr", "-1"],
+        ["train", "--batch-size", "x"],
+        ["frobnicate"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2, argv
@@ -48,8 +61,9 @@ def test_bad_arguments_exit_2(capsys):
 
 
 def test_missing_dataset_and_checkpoints_give_one_line(capsys, tmp_path):
-    err = one_line_error(capsys, ["train", "--dataset", "no-such-dataset", "--out",
-                                  str(tmp_path / "run")])
+    err = one_line_error(
+        capsys, ["train", "--dataset", "no-such-dataset", "--out", str(tmp_path / "run")]
+    )
     assert err.startswith("fastcluster-cl train: error:") and "no-such-dataset" in err
     err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "nothing.pt")])
     assert "no checkpoint at" in err
@@ -69,11 +83,26 @@ def test_info_reports_environment(capsys):
 
 def test_train_then_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "1", "--batch-size", "512", "--threads", "1",
-                 "--out", str(out)]) == 0     # plots are covered by tests/test_trainer.py
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "512",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # plots are covered by tests/test_trainer.py
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"nmi", "acc", "ari", "kmeans", "timing"} <= set(metrics)
-    assert 0 <= metrics["nmi"] <= 1 and metrics["kmeans"]["nmi"] > 0.3   # learns something
+    assert 0 <= metrics["nmi"] <= 1 and metrics["kmeans"]["nmi"] > 0.3  # learns something
     assert metrics["timing"]["train_seconds"] > 0 and metrics["steps"] == 3
     assert list((out / "tensorboard").iterdir())
     steps = read_log(out / "log.jsonl", "step")
@@ -89,8 +118,19 @@ def test_train_then_eval_end_to_end(tmp_path, capsys):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = [*TINY, "--batch-size", "512", "--epochs", "2", "--checkpoint-every", "2",
-            "--method", "tcc", "--threads", "1"]
+    args = [
+        *TINY,
+        "--batch-size",
+        "512",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--method",
+        "tcc",
+        "--threads",
+        "1",
+    ]
     full = run_cli("train", *args, "--out", str(tmp_path / "full"))
     killed_dir = tmp_path / "killed"
     victim = run_cli("train", *args, "--out", str(killed_dir))
@@ -111,8 +151,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert code == 0, err
 
     def losses(run):
-        return [(r["step"], r["loss"]) for r in last_per_step(read_log(run / "log.jsonl",
-                                                                      "step"))]
+        return [(r["step"], r["loss"]) for r in last_per_step(read_log(run / "log.jsonl", "step"))]
+
     assert losses(killed_dir) == losses(tmp_path / "full")
     assert len(losses(killed_dir)) == 6
     final = torch.load(killed_dir / "checkpoint.pt", weights_only=True)["model"]
@@ -125,7 +165,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 def test_bench_without_module_is_a_clear_error(capsys, monkeypatch):
     import fastcluster_cl
-    monkeypatch.setitem(sys.modules, "fastcluster_cl.bench", None)   # import now fails
+
+    monkeypatch.setitem(sys.modules, "fastcluster_cl.bench", None)  # import now fails
     monkeypatch.delattr(fastcluster_cl, "bench", raising=False)
     assert "fastcluster_cl.bench is not available" in one_line_error(capsys, ["bench"])
 

@@ -1,5 +1,6 @@
 """The torchvision shim makes the registry's CUDA torchvision usable with a CPU torch, and the
 NVIDIA apex probe never mistakes another package for it."""
+
 import torch
 
 import fastcluster_cl  # noqa: F401  (applies the shim)

@@ -1,5 +1,6 @@
 """reduction="mean" | "sum" | "none" on every loss and module, cc_cluster_loss(from_probs=True),
 and gather_distributed validated at construction, against lightly where it applies."""
+
 import pytest
 import torch
 
@@ -15,17 +16,25 @@ def randn(*shape, seed=0):
 
 def _losses(backend):
     """name -> (function of reduction, number of terms)."""
-    z_a, z_b, c_a, c_b, h = randn(7, 5, seed=1), randn(7, 5, seed=2), randn(7, 3, seed=3), \
-        randn(7, 3, seed=4), randn(7, 4, seed=5)
+    z_a, z_b, c_a, c_b, h = (
+        randn(7, 5, seed=1),
+        randn(7, 5, seed=2),
+        randn(7, 3, seed=3),
+        randn(7, 3, seed=4),
+        randn(7, 4, seed=5),
+    )
     q0, qa = torch.softmax(c_a, 1), torch.softmax(c_b, 1)
 
     def tcc(reduction):
         torch.manual_seed(0)  # the same Gumbel sample for every reduction
         return fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend, reduction=reduction)
+
     return {
         "nt_xent": (lambda r: fc.nt_xent(z_a, z_b, backend=backend, reduction=r), 14),
-        "cc_cluster_loss": (lambda r: fc.cc_cluster_loss(c_a, c_b, backend=backend,
-                                                         reduction=r), 6),
+        "cc_cluster_loss": (
+            lambda r: fc.cc_cluster_loss(c_a, c_b, backend=backend, reduction=r),
+            6,
+        ),
         "dec_loss": (lambda r: fc.dec_loss(q0, backend=backend, reduction=r), 7),
         "anchor_loss": (lambda r: fc.anchor_loss(q0, qa, qa, backend=backend, reduction=r), 7),
         "tcc_cluster_loss": (tcc, 6),
@@ -33,8 +42,9 @@ def _losses(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["nt_xent", "cc_cluster_loss", "dec_loss", "anchor_loss",
-                                  "tcc_cluster_loss"])
+@pytest.mark.parametrize(
+    "name", ["nt_xent", "cc_cluster_loss", "dec_loss", "anchor_loss", "tcc_cluster_loss"]
+)
 def test_reductions_agree(backend, name):
     fn, count = _losses(backend)[name]
     mean, total, terms = fn("mean"), fn("sum"), fn("none")
@@ -58,13 +68,16 @@ def test_chunked_per_row_terms_and_their_gradients_equal_the_reference():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nt_xent_reductions_against_lightly(backend):
     from lightly.loss import NTXentLoss
+
     z_a, z_b = randn(8, 6, seed=9), randn(8, 6, seed=10)
     want = NTXentLoss(temperature=0.5)(z_a, z_b)
     torch.testing.assert_close(fc.NTXentLoss(0.5, backend=backend)(z_a, z_b), want)
-    torch.testing.assert_close(fc.NTXentLoss(0.5, backend=backend, reduction="sum")(z_a, z_b),
-                               want * 16)
     torch.testing.assert_close(
-        fc.NTXentLoss(0.5, backend=backend, reduction="none")(z_a, z_b).mean(), want)
+        fc.NTXentLoss(0.5, backend=backend, reduction="sum")(z_a, z_b), want * 16
+    )
+    torch.testing.assert_close(
+        fc.NTXentLoss(0.5, backend=backend, reduction="none")(z_a, z_b).mean(), want
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,14 +103,15 @@ def test_from_probs_checks_the_simplex():
 def test_cluster_contrastive_loss_reductions(method):
     z_a, z_b, c_a, c_b, h = (randn(6, 4, seed=s) for s in range(20, 25))
     q = torch.softmax(c_a, 1)
-    inputs = {"anchor": dict(q0=q, q_a=torch.softmax(c_b, 1), q_b=q),
-              "cc": dict(logits_a=c_a, logits_b=c_b),
-              "tcc": dict(logits_a=c_a, logits_b=c_b, centres=z_a[:4], r_a=h, r_b=z_b)}[method]
+    inputs = {
+        "anchor": dict(q0=q, q_a=torch.softmax(c_b, 1), q_b=q),
+        "cc": dict(logits_a=c_a, logits_b=c_b),
+        "tcc": dict(logits_a=c_a, logits_b=c_b, centres=z_a[:4], r_a=h, r_b=z_b),
+    }[method]
     out = {}
     for reduction in ("mean", "sum", "none"):
         torch.manual_seed(0)
-        out[reduction] = fc.ClusterContrastiveLoss(method, reduction=reduction)(z_a, z_b,
-                                                                                **inputs)
+        out[reduction] = fc.ClusterContrastiveLoss(method, reduction=reduction)(z_a, z_b, **inputs)
     assert out["none"].parts["instance"].shape == (12,)
     torch.testing.assert_close(out["none"].total, out["mean"].total, rtol=1e-12, atol=1e-12)
     for name, part in out["none"].parts.items():
@@ -114,6 +128,7 @@ def test_bad_reduction_is_refused():
 
 def test_none_on_a_backend_without_per_term_ops_raises(monkeypatch):
     from fastcluster_cl.losses import dispatch, reference
+
     monkeypatch.setattr(dispatch, "_RESOLVED", {})
     monkeypatch.setitem(dispatch._LOADED, "cuda", type("Fused", (), {"nt_xent": reference.nt_xent}))
     z = randn(4, 3)
@@ -124,13 +139,16 @@ def test_none_on_a_backend_without_per_term_ops_raises(monkeypatch):
 
 def test_gather_distributed_needs_torch_distributed(monkeypatch):
     from lightly.loss import NTXentLoss
+
     monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
     with pytest.raises(ValueError, match="torch.distributed is not available"):
         NTXentLoss(gather_distributed=True)  # lightly's behaviour, matched below
-    for make in (lambda: fc.NTXentLoss(gather_distributed=True),
-                 lambda: fc.CCClusterLoss(gather_distributed=True),
-                 lambda: fc.DECLoss(gather_distributed=True),
-                 lambda: fc.ClusterContrastiveLoss("cc", gather_distributed=True)):
+    for make in (
+        lambda: fc.NTXentLoss(gather_distributed=True),
+        lambda: fc.CCClusterLoss(gather_distributed=True),
+        lambda: fc.DECLoss(gather_distributed=True),
+        lambda: fc.ClusterContrastiveLoss("cc", gather_distributed=True),
+    ):
         with pytest.raises(ValueError, match="torch.distributed is not available"):
             make()
     z = randn(4, 3)

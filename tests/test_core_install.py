@@ -1,5 +1,6 @@
 """A core install (torch, numpy, triton; no [train] extra) imports fastcluster_cl, runs every
 loss and `fastcluster-cl info`, and refuses `train` with a one-line hint at the extra."""
+
 import subprocess
 import sys
 import textwrap
@@ -48,7 +49,8 @@ SCRIPT = textwrap.dedent("""
                                ("cc", dict(logits_a=c_a, logits_b=c_b)),
                                ("tcc", dict(logits_a=c_a, logits_b=c_b, centres=z_a[:3],
                                             r_a=z_a, r_b=z_b))):
-            losses.append(fc.ClusterContrastiveLoss(method, backend=backend)(z_a, z_b, **inputs).total)
+            crit = fc.ClusterContrastiveLoss(method, backend=backend)
+            losses.append(crit(z_a, z_b, **inputs).total)
         sum(losses).backward()
         assert all(torch.isfinite(x) for x in losses), losses
     assert not attempts, f"the losses imported optional modules: {sorted(set(attempts))}"
@@ -61,8 +63,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_core_install_runs_every_loss_without_the_train_extra():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "core ok" in done.stdout
     assert "pip install 'fastcluster_cl[train]'" in done.stderr

@@ -1,6 +1,7 @@
 """Compile every csrc/*.cu for Hopper (sm_90a) and Ampere (sm_80) and syntax-check the torch
 binding, so a syntax or type error in the CUDA twin fails CI on machines without a GPU.
 Nothing runs here; skipped where nvcc (or g++) is missing."""
+
 import os
 import shutil
 import subprocess
@@ -48,8 +49,19 @@ def test_cu_compiles(source, arch, tmp_path):
     # torch's own nvcc flags (no implicit half/bfloat16 conversions), as the JIT build uses them
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    _run([nvcc, f"-gencode={ARCHS[arch]}", "-O3", "-Werror=all-warnings", *COMMON_NVCC_FLAGS,
-          "-c", str(source), "-o", str(tmp_path / f"{source.stem}_{arch}.o")])
+    _run(
+        [
+            nvcc,
+            f"-gencode={ARCHS[arch]}",
+            "-O3",
+            "-Werror=all-warnings",
+            *COMMON_NVCC_FLAGS,
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / f"{source.stem}_{arch}.o"),
+        ]
+    )
 
 
 def test_binding_syntax(tmp_path):
@@ -66,7 +78,19 @@ def test_binding_syntax(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
-    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include),
-                str(tmp_path)]
-    _run([gxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=fcl_syntax_check",
-          *(f"-I{p}" for p in includes), str(CSRC / "binding.cpp")])
+    includes = [
+        *include_paths(),
+        sysconfig.get_paths()["include"],
+        str(cuda_include),
+        str(tmp_path),
+    ]
+    _run(
+        [
+            gxx,
+            "-std=c++20",
+            "-fsyntax-only",
+            "-DTORCH_EXTENSION_NAME=fcl_syntax_check",
+            *(f"-I{p}" for p in includes),
+            str(CSRC / "binding.cpp"),
+        ]
+    )

@@ -2,14 +2,15 @@
 ranges and column splits composing to the full pass, the split recommendation, tiny tile weights,
 the launchers' argument checks. Values and gradients of every op on backend="cuda" (emulated and
 on a GPU) against the float64 reference are in tests/test_op_*.py."""
+
 import ctypes
 
 import pytest
 import torch
-
 from emulation import _ptr
-from fastcluster_cl import cuda_backend
 from lowp import tiny_weight_case
+
+from fastcluster_cl import cuda_backend
 
 
 def _pair(n, d, dtype, seed=0):
@@ -34,8 +35,9 @@ def test_row_ranges_compose(emulated, dtype):
     g = emulated.grad_rows(zn, rs, lse, lse - 1.0, 0, 80, 2.0)
     for start, end in [(0, 1), (5, 70), (64, 80), (33, 33)]:
         torch.testing.assert_close(emulated.lse_rows(zn, rs, start, end, 2.0), lse[start:end])
-        torch.testing.assert_close(emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 2.0),
-                                   g[start:end])
+        torch.testing.assert_close(
+            emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 2.0), g[start:end]
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -47,20 +49,22 @@ def test_column_splits_match_unsplit(emulated, dtype):
     g = emulated.grad_rows(zn, rs, lse, lse - 1.0, 0, 200, 3.0, splits=1)
     for splits in (2, 3, 4):
         for start, end in [(0, 200), (70, 75)]:
-            torch.testing.assert_close(emulated.lse_rows(zn, rs, start, end, 3.0, splits),
-                                       lse[start:end])
             torch.testing.assert_close(
-                emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 3.0, splits), g[start:end])
+                emulated.lse_rows(zn, rs, start, end, 3.0, splits), lse[start:end]
+            )
+            torch.testing.assert_close(
+                emulated.grad_rows(zn, rs, lse, lse - 1.0, start, end, 3.0, splits), g[start:end]
+            )
 
 
 def test_split_recommendation(csrc_lib):
     lib = csrc_lib
     # dtype, m, d, rows, backward, SMs -> splits
-    assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2        # capped at 2 tiles each
-    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5     # 128 row blocks
-    assert lib.fcl_nt_xent_splits(2, 8192, 128, 8192, 1, 132) == 5    # one feature slice
-    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 1, 132) == 3    # fp32: two slices
-    assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1   # enough row blocks
+    assert lib.fcl_nt_xent_splits(0, 200, 40, 200, 0, 132) == 2  # capped at 2 tiles each
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 0, 132) == 5  # 128 row blocks
+    assert lib.fcl_nt_xent_splits(2, 8192, 128, 8192, 1, 132) == 5  # one feature slice
+    assert lib.fcl_nt_xent_splits(0, 8192, 128, 8192, 1, 132) == 3  # fp32: two slices
+    assert lib.fcl_nt_xent_splits(2, 65536, 128, 65536, 0, 132) == 1  # enough row blocks
 
 
 def test_launchers_reject_bad_arguments(csrc_lib):
@@ -73,20 +77,42 @@ def test_launchers_reject_bad_arguments(csrc_lib):
     assert lib.fcl_nt_xent_lse(0, _ptr(zn), 200, 4, 0, 200, one, 2, None, _ptr(out), None) != 0
 
 
-
 def test_bank_launchers_reject_bad_arguments(csrc_lib):
     zs, rs, out = torch.zeros(8, 4), torch.ones(8), torch.zeros(4)
     one = ctypes.c_float(1.0)
     args = (_ptr(zs), _ptr(rs), _ptr(out), _ptr(zs), None)
     for n, m, d in [(0, 4, 4), (4, 0, 4), (4, 4, 0)]:
-        assert csrc_lib.fcl_nt_xent_bank_lse(0, *args, n, m, d, one, 1, _ptr(out), _ptr(out),
-                                             None) != 0
-    assert csrc_lib.fcl_nt_xent_bank_lse(7, *args, 4, 4, 4, one, 1, _ptr(out), _ptr(out),
-                                         None) != 0
+        assert (
+            csrc_lib.fcl_nt_xent_bank_lse(0, *args, n, m, d, one, 1, _ptr(out), _ptr(out), None)
+            != 0
+        )
+    assert csrc_lib.fcl_nt_xent_bank_lse(7, *args, 4, 4, 4, one, 1, _ptr(out), _ptr(out), None) != 0
     # the gradient needs its workspace
-    assert csrc_lib.fcl_nt_xent_bank_grad(0, _ptr(zs), _ptr(rs), _ptr(rs), _ptr(out), _ptr(zs),
-                                          None, 4, 4, 4, one, 1, _ptr(out), _ptr(out),
-                                          _ptr(out), None, 0, _ptr(zs), _ptr(zs), None) != 0
+    assert (
+        csrc_lib.fcl_nt_xent_bank_grad(
+            0,
+            _ptr(zs),
+            _ptr(rs),
+            _ptr(rs),
+            _ptr(out),
+            _ptr(zs),
+            None,
+            4,
+            4,
+            4,
+            one,
+            1,
+            _ptr(out),
+            _ptr(out),
+            _ptr(out),
+            None,
+            0,
+            _ptr(zs),
+            _ptr(zs),
+            None,
+        )
+        != 0
+    )
 
 
 @pytest.mark.parametrize("fixed_shift", [True, False])
@@ -99,11 +125,13 @@ def test_bank_low_half_is_a_second_product(emulated, fixed_shift):
     hi = bank.half()
     lo = (bank - hi.float()).half()
     plain = emulated.bank_forward(zs, rs, dist, hi, None, 2.0, fixed_shift)
-    torch.testing.assert_close(emulated.bank_forward(zs, rs, dist, hi, torch.zeros_like(hi), 2.0,
-                                                     fixed_shift), plain)
+    torch.testing.assert_close(
+        emulated.bank_forward(zs, rs, dist, hi, torch.zeros_like(hi), 2.0, fixed_shift), plain
+    )
     half_hi = (hi.float() / 2).half()  # exact: the bank as two equal halves
-    torch.testing.assert_close(emulated.bank_forward(zs, rs, dist, half_hi, half_hi, 2.0,
-                                                     fixed_shift), plain)
+    torch.testing.assert_close(
+        emulated.bank_forward(zs, rs, dist, half_hi, half_hi, 2.0, fixed_shift), plain
+    )
     split = emulated.bank_forward(zs, rs, dist, hi, lo, 2.0, fixed_shift)
     other = emulated.bank_forward(zs, rs, dist, hi, lo, 2.0, not fixed_shift)
     torch.testing.assert_close(split[0], other[0], rtol=1e-6, atol=1e-6)

@@ -10,22 +10,24 @@ and rounds its gradients to the input dtype (tests/lowp.py); floored for float32
 tight tolerances (1e-5 relative for values, 1e-4 for gradients), for bf16/fp16 at twice the
 rounding of the float64 gradient to the dtype. (The floor matters: near one-hot Student-t rows
 make the anchor gradient qa - q0 cancel in fp32, in the reference as here.)"""
+
 import ctypes
 import math
 
 import pytest
 import torch
+from emulation import _ptr
+from lowp import F64, correlated_views
 
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import reference
-from emulation import _ptr
-from lowp import F64, correlated_views
 
 UPSTREAM = {4: (1.3, 0.2, -0.4, 0.7), 3: (1.1, -0.3, 0.6)}  # dL/dout: folds every part
 FP32_VALUE_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
 
 
 # ----------------------------------------------------------------------------- inputs (float64)
+
 
 def anchor_inputs(n, d, f, k, assignment="spread", seed=0):
     """(z_a, z_b, h0, h_a, h_b, centers): correlated views; h near the centres ("spread"),
@@ -39,8 +41,10 @@ def anchor_inputs(n, d, f, k, assignment="spread", seed=0):
     centers = scale * torch.randn(k, f, generator=gen, dtype=F64)
     if assignment == "split":
         first, second = centers[torch.arange(n) % k], centers[(torch.arange(n) + 1) % k]
-        h0, h_a, h_b = (c + 0.1 * torch.randn(n, f, generator=gen, dtype=F64)
-                        for c in (0.5 * (first + second), first, second))
+        h0, h_a, h_b = (
+            c + 0.1 * torch.randn(n, f, generator=gen, dtype=F64)
+            for c in (0.5 * (first + second), first, second)
+        )
         return z_a, z_b, h0, h_a, h_b, centers
     if assignment == "onehot":
         h0 = centers[torch.arange(n) % k].clone()
@@ -61,11 +65,11 @@ def cc_inputs(n, d, k, assignment="spread", seed=0):
         return z_a, z_b, logits_a, logits_a + 0.5 * torch.randn(n, k, generator=gen, dtype=F64)
     scale = {"spread": 2.0, "uniform": 1e-3}[assignment]
     logits_a = scale * torch.randn(n, k, generator=gen, dtype=F64)
-    return z_a, z_b, logits_a, logits_a + 0.3 * scale * torch.randn(n, k, generator=gen,
-                                                                      dtype=F64)
+    return z_a, z_b, logits_a, logits_a + 0.3 * scale * torch.randn(n, k, generator=gen, dtype=F64)
 
 
 # ------------------------------------------------------------------------------------- checks
+
 
 def _run(fn, inputs, args):
     """(value, gradients of every input) of fn(*inputs, *args) under the upstream gradient."""
@@ -79,8 +83,9 @@ def _run(fn, inputs, args):
 def _errors(value, grads, want_value, want_grads):
     """(|value - want| per entry, relative Frobenius error per gradient) against float64."""
     value_err = (value.double().cpu() - want_value).abs()
-    grad_err = [((g.double().cpu() - w).norm() / w.norm()).item()
-                for g, w in zip(grads, want_grads)]
+    grad_err = [
+        ((g.double().cpu() - w).norm() / w.norm()).item() for g, w in zip(grads, want_grads)
+    ]
     return value_err, grad_err
 
 
@@ -102,8 +107,10 @@ def check_objective(ours, ref, inputs, dtypes, args, device):
         grad_floor = [FP32_GRAD_RTOL] * len(grads)
     else:  # floored at twice the rounding of the float64 gradient to the dtype
         value_floor = 1e-6 * want_value.abs().clamp_min(1.0)
-        grad_floor = [2 * ((w.to(t.dtype).to(F64) - w).norm() / w.norm()).item()
-                      for w, t in zip(want_grads, rounded)]
+        grad_floor = [
+            2 * ((w.to(t.dtype).to(F64) - w).norm() / w.norm()).item()
+            for w, t in zip(want_grads, rounded)
+        ]
     value_bound = torch.maximum(2 * ref_value_err, value_floor)
     grad_bound = [max(2 * e, floor) for e, floor in zip(ref_grad_err, grad_floor)]
     assert (value_err <= value_bound).all(), (value_err, value_bound, value, want_value)
@@ -114,17 +121,30 @@ def check_objective(ours, ref, inputs, dtypes, args, device):
 ANCHOR_WEIGHTS = (1.0, 0.7, 0.4)
 
 
-def check_anchor(n, d, f, k, tau, dtype, assignment, centers_dtype=torch.float32, alpha=1.0,
-                 device="cpu"):
+def check_anchor(
+    n, d, f, k, tau, dtype, assignment, centers_dtype=torch.float32, alpha=1.0, device="cpu"
+):
     inputs = anchor_inputs(n, d, f, k, assignment)
     dtypes = [dtype] * 5 + [centers_dtype]
-    check_objective(cuda_backend.anchor_objective, reference.anchor_objective, inputs, dtypes,
-                    (tau, alpha, ANCHOR_WEIGHTS), device)
+    check_objective(
+        cuda_backend.anchor_objective,
+        reference.anchor_objective,
+        inputs,
+        dtypes,
+        (tau, alpha, ANCHOR_WEIGHTS),
+        device,
+    )
 
 
 def check_cc(n, d, k, tau, tau_c, dtype, assignment, device="cpu"):
-    check_objective(cuda_backend.cc_objective, reference.cc_objective,
-                    cc_inputs(n, d, k, assignment), [dtype] * 4, (tau, tau_c, (1.0, 0.8)), device)
+    check_objective(
+        cuda_backend.cc_objective,
+        reference.cc_objective,
+        cc_inputs(n, d, k, assignment),
+        [dtype] * 4,
+        (tau, tau_c, (1.0, 0.8)),
+        device,
+    )
 
 
 # ------------------------------------------------------------------------------------ emulated
@@ -132,9 +152,16 @@ def check_cc(n, d, k, tau, tau_c, dtype, assignment, device="cpu"):
 # blocks (the epilogues' fixed-order reduction) and two column tiles; K = 40 crosses the 32
 # columns a warp's lanes own; D = 40 takes two feature steps.
 
-@pytest.mark.parametrize("n,d,f,k,tau,assignment", [
-    (13, 24, 20, 7, 0.05, "spread"), (13, 24, 20, 7, 0.5, "onehot"),
-    (13, 24, 20, 7, 0.5, "uniform"), (20, 40, 9, 40, 0.5, "spread")])
+
+@pytest.mark.parametrize(
+    "n,d,f,k,tau,assignment",
+    [
+        (13, 24, 20, 7, 0.05, "spread"),
+        (13, 24, 20, 7, 0.5, "onehot"),
+        (13, 24, 20, 7, 0.5, "uniform"),
+        (20, 40, 9, 40, 0.5, "spread"),
+    ],
+)
 def test_anchor_objective_fp32(emulated, n, d, f, k, tau, assignment):
     check_anchor(n, d, f, k, tau, torch.float32, assignment, alpha=0.7 if k == 40 else 1.0)
 
@@ -149,8 +176,14 @@ def test_anchor_objective_underflowing_assignments(emulated):
     rounded = [t.float() for t in inputs]
     q_a = reference.student_t(rounded[3], rounded[5], args[1])
     assert (q_a < torch.finfo(torch.float32).tiny).float().mean() > 0.5
-    check_objective(cuda_backend.anchor_objective, reference.anchor_objective, inputs,
-                    [torch.float32] * 6, args, "cpu")
+    check_objective(
+        cuda_backend.anchor_objective,
+        reference.anchor_objective,
+        inputs,
+        [torch.float32] * 6,
+        args,
+        "cpu",
+    )
     value, grads = _run(cuda_backend.anchor_objective, rounded, args)
     ref_value, ref_grads = _run(reference.anchor_objective, rounded, args)
     torch.testing.assert_close(value, ref_value, rtol=FP32_VALUE_RTOL, atol=0.0)
@@ -182,10 +215,16 @@ def test_anchor_objective_low_precision_centers(emulated):
     check_anchor(13, 24, 20, 7, 0.5, torch.bfloat16, "spread", centers_dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("n,d,k,tau,tau_c,assignment", [
-    (13, 24, 7, 0.05, 1.0, "spread"), (13, 24, 7, 0.5, 0.5, "onehot"),
-    (13, 24, 7, 0.5, 1.0, "uniform"), (20, 40, 40, 0.5, 1.0, "spread"),
-    (2, 3, 2, 0.5, 1.0, "spread")])
+@pytest.mark.parametrize(
+    "n,d,k,tau,tau_c,assignment",
+    [
+        (13, 24, 7, 0.05, 1.0, "spread"),
+        (13, 24, 7, 0.5, 0.5, "onehot"),
+        (13, 24, 7, 0.5, 1.0, "uniform"),
+        (20, 40, 40, 0.5, 1.0, "spread"),
+        (2, 3, 2, 0.5, 1.0, "spread"),
+    ],
+)
 def test_cc_objective_fp32(emulated, n, d, k, tau, tau_c, assignment):
     check_cc(n, d, k, tau, tau_c, torch.float32, assignment)
 
@@ -197,8 +236,14 @@ def test_objectives_extreme_row_norms(emulated, dtype):
     z_a, z_b, logits_a, logits_b = cc_inputs(13, 24, 7)
     z_a[0] *= 1e19
     z_b[1] *= 1e-19
-    check_objective(cuda_backend.cc_objective, reference.cc_objective,
-                    (z_a, z_b, logits_a, logits_b), [dtype] * 4, (0.1, 1.0, (1.0, 0.8)), "cpu")
+    check_objective(
+        cuda_backend.cc_objective,
+        reference.cc_objective,
+        (z_a, z_b, logits_a, logits_b),
+        [dtype] * 4,
+        (0.1, 1.0, (1.0, 0.8)),
+        "cpu",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -208,9 +253,16 @@ def test_cc_objective_low_precision(emulated, dtype, tau):
 
 
 OBJECTIVE_OPS = {
-    "anchor_objective": lambda: (*(t.float() for t in anchor_inputs(5, 6, 4, 3)), 2.0, 1.0, 1.0,
-                                 0.7, 0.4),
-    "cc_objective": lambda: (*(t.float() for t in cc_inputs(5, 6, 3)), 2.0, 1.0, 1.0, 0.8)}
+    "anchor_objective": lambda: (
+        *(t.float() for t in anchor_inputs(5, 6, 4, 3)),
+        2.0,
+        1.0,
+        1.0,
+        0.7,
+        0.4,
+    ),
+    "cc_objective": lambda: (*(t.float() for t in cc_inputs(5, 6, 3)), 2.0, 1.0, 1.0, 0.8),
+}
 
 
 @pytest.mark.parametrize("name", OBJECTIVE_OPS)
@@ -229,9 +281,11 @@ def test_opcheck_objective_ops(emulated, name):
     outputs = forward(*detached)
     grads = [torch.randn_like(out) for out in outputs]
     backward = getattr(torch.ops.fastcluster_cl, f"{name}_cuda_bwd").default
-    torch.library.opcheck(backward, tuple(pair.backward_args(detached, outputs, grads)),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        backward,
+        tuple(pair.backward_args(detached, outputs, grads)),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.parametrize("name", ["anchor", "cc"])
@@ -259,34 +313,81 @@ def test_objectives_save_no_assignment_matrix(emulated, name):
 
 def test_cc_objective_refuses_too_many_clusters(emulated):
     z_a, z_b, logits_a, logits_b = (t.float() for t in cc_inputs(5, 6, 65))
-    with pytest.raises(ValueError, match="at most 64 clusters, got K = 65; use "
-                                         "backend='chunked'"):
+    with pytest.raises(ValueError, match="at most 64 clusters, got K = 65; use backend='chunked'"):
         cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0, (1.0, 1.0))
 
 
 def test_objective_double_backward_is_refused_clearly(emulated):
     z_a, z_b, logits_a, logits_b = (t.float().requires_grad_() for t in cc_inputs(5, 6, 3))
-    (g,) = torch.autograd.grad(cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0,
-                                                         (1.0, 1.0))[0], z_a, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported by "
-                                           "backend='cuda'; use backend='torch'"):
+    (g,) = torch.autograd.grad(
+        cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0, (1.0, 1.0))[0],
+        z_a,
+        create_graph=True,
+    )
+    with pytest.raises(
+        RuntimeError,
+        match="double backward is not supported by backend='cuda'; use backend='torch'",
+    ):
         torch.autograd.grad(g.pow(2).sum(), z_a)
 
 
 def test_objective_launchers_reject_bad_arguments(csrc_lib):
     out = torch.zeros(8)
-    assert csrc_lib.fcl_cc_objective_forward(
-        0, _ptr(out), _ptr(out), 0, 4, 0, _ptr(out), _ptr(out), 3, ctypes.c_float(1.0),
-        ctypes.c_float(1.0), ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out), _ptr(out),
-        _ptr(out), _ptr(out), _ptr(out), _ptr(out), None) != 0
+    assert (
+        csrc_lib.fcl_cc_objective_forward(
+            0,
+            _ptr(out),
+            _ptr(out),
+            0,
+            4,
+            0,
+            _ptr(out),
+            _ptr(out),
+            3,
+            ctypes.c_float(1.0),
+            ctypes.c_float(1.0),
+            ctypes.c_float(1.0),
+            ctypes.c_float(1.0),
+            _ptr(out),
+            _ptr(out),
+            _ptr(out),
+            _ptr(out),
+            _ptr(out),
+            _ptr(out),
+            None,
+        )
+        != 0
+    )
     for k in (0, 65):  # no clusters; more than FCL_CC_MAX_CLUSTERS (nothing is launched)
-        assert csrc_lib.fcl_cc_objective_forward(
-            0, _ptr(out), _ptr(out), 2, 4, 0, _ptr(out), _ptr(out), k, ctypes.c_float(1.0),
-            ctypes.c_float(1.0), ctypes.c_float(1.0), ctypes.c_float(1.0), _ptr(out),
-            _ptr(out), _ptr(out), _ptr(out), _ptr(out), _ptr(out), None) != 0
+        assert (
+            csrc_lib.fcl_cc_objective_forward(
+                0,
+                _ptr(out),
+                _ptr(out),
+                2,
+                4,
+                0,
+                _ptr(out),
+                _ptr(out),
+                k,
+                ctypes.c_float(1.0),
+                ctypes.c_float(1.0),
+                ctypes.c_float(1.0),
+                ctypes.c_float(1.0),
+                _ptr(out),
+                _ptr(out),
+                _ptr(out),
+                _ptr(out),
+                _ptr(out),
+                _ptr(out),
+                None,
+            )
+            != 0
+        )
 
 
 # ----------------------------------------------------------------------------------------- GPU
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -2,13 +2,14 @@
 of the launcher contract (CPU), and the compiled kernels' own checks on a GPU (row ranges, the
 Triton backend, a zero row, float64 refused; marked gpu). Every op's values and gradients against
 the float64 reference (emulated and on a GPU) are in tests/test_op_*.py."""
+
 import pytest
 import torch
+from tolerances import FP32_MATH, TOLERANCE, check_against_reference, widen
 
 import fastcluster_cl
 from fastcluster_cl import cuda_backend
 from fastcluster_cl.losses import nt_xent_autograd, reference
-from tolerances import FP32_MATH, TOLERANCE, check_against_reference, widen
 
 
 def _pair(n, d, dtype=torch.float32, device="cpu", seed=0):
@@ -19,6 +20,7 @@ def _pair(n, d, dtype=torch.float32, device="cpu", seed=0):
 
 
 # --- CPU: error messages -------------------------------------------------------------------
+
 
 def test_cpu_tensors_raise_a_clear_error():
     z_a, z_b = _pair(6, 5)
@@ -61,6 +63,7 @@ def test_reason_without_compiler(monkeypatch, tmp_path):
 
 # --- CPU: the autograd glue against a dense model of csrc/fcl_kernels.h ----------------------
 
+
 class _DenseLaunchers:
     """What each extension function returns per csrc/fcl_kernels.h, written densely in torch
     (materialises S). Lets the NT-Xent autograd glue be checked on machines without a GPU."""
@@ -95,19 +98,22 @@ class _DenseLaunchers:
         s, rows, own, pos = cls._scores(zs, rs, row_start, row_end, inv_tau)
         c = torch.ones_like(lse) if weight is None else weight
         c_i = c[row_start:row_end]
-        a = (c_i[:, None] * torch.exp(s - lse[row_start:row_end, None])
-             + c[None, :] * torch.exp(s - lse[None, :]))
+        a = c_i[:, None] * torch.exp(s - lse[row_start:row_end, None]) + c[None, :] * torch.exp(
+            s - lse[None, :]
+        )
         a[rows, own] = 0.0
-        a[rows, pos] = (c_i * torch.expm1(-row_loss[row_start:row_end])
-                        + c[pos] * torch.expm1(-row_loss[pos]))
+        a[rows, pos] = c_i * torch.expm1(-row_loss[row_start:row_end]) + c[pos] * torch.expm1(
+            -row_loss[pos]
+        )
         return a @ (zs * rs[:, None])
 
     @staticmethod
     def norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out):
         u = grad_out * factor * g
         rows = (zs * rs[:, None])[row_start:row_end]
-        radial = torch.where(norm[:, None] > reference.NORM_EPS,
-                             (rows * u).sum(1, keepdim=True), 0.0)
+        radial = torch.where(
+            norm[:, None] > reference.NORM_EPS, (rows * u).sum(1, keepdim=True), 0.0
+        )
         return ((u - rows * radial) / norm[:, None]).to(out)
 
     @staticmethod
@@ -175,10 +181,10 @@ def test_autograd_glue_matches_reference(dense_launchers):
 
 def test_cluster_glue_matches_reference(dense_launchers):
     q0, q_a, q_b = (_assignments(11, 5, seed).requires_grad_() for seed in range(3))
-    for ours, ref, inputs in [(lambda q: cuda_backend.dec_forward(q)[0], reference.dec_loss,
-                               (q_a,)),
-                              (cuda_backend.anchor_forward, reference.anchor_loss,
-                               (q0.detach(), q_a, q_b))]:
+    for ours, ref, inputs in [
+        (lambda q: cuda_backend.dec_forward(q)[0], reference.dec_loss, (q_a,)),
+        (cuda_backend.anchor_forward, reference.anchor_loss, (q0.detach(), q_a, q_b)),
+    ]:
         loss = ours(*inputs)
         grads = torch.autograd.grad(2.5 * loss, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
         expected = ref(*inputs)
@@ -190,14 +196,22 @@ def test_cluster_glue_matches_reference(dense_launchers):
 
 def test_student_t_glue_matches_reference(dense_launchers):
     gen = torch.Generator().manual_seed(3)
-    h, centers, weights = (torch.randn(*shape, generator=gen, dtype=torch.float64)
-                           for shape in [(9, 6), (4, 6), (9, 4)])
-    check_against_reference(lambda x, mu: cuda_backend.student_t(x, mu, 1.5),
-                            lambda x, mu: reference.student_t(x, mu, 1.5), (h, 0.5 * centers),
-                            torch.float32, weights=weights, kind=FP32_MATH)
+    h, centers, weights = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for shape in [(9, 6), (4, 6), (9, 4)]
+    )
+    check_against_reference(
+        lambda x, mu: cuda_backend.student_t(x, mu, 1.5),
+        lambda x, mu: reference.student_t(x, mu, 1.5),
+        (h, 0.5 * centers),
+        torch.float32,
+        weights=weights,
+        kind=FP32_MATH,
+    )
 
 
 # --- GPU: the compiled kernels (their values against the reference: tests/test_op_*.py) -------
+
 
 def _loss_and_grads(fn, z_a, z_b, *args):
     z_a, z_b = (t.detach().clone().requires_grad_() for t in (z_a, z_b))
@@ -209,23 +223,39 @@ def _loss_and_grads(fn, z_a, z_b, *args):
 def _assert_close_to(expected, actual, dtype, what, temperature=0.5, tolerance=None):
     """Loss within an absolute tolerance, gradients relative to their largest entry: the shared
     table's (tests/tolerances.py) unless `tolerance` maps dtype -> (loss atol, gradient)."""
-    tol = (TOLERANCE[dtype].value_atol, TOLERANCE[dtype].grad_atol) if tolerance is None \
+    tol = (
+        (TOLERANCE[dtype].value_atol, TOLERANCE[dtype].grad_atol)
+        if tolerance is None
         else tolerance[dtype]
+    )
     loss_atol, grad_rel = (t * widen(temperature) for t in tol)
-    torch.testing.assert_close(actual[0].double(), expected[0].double(), rtol=0, atol=loss_atol,
-                               msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(
+        actual[0].double(),
+        expected[0].double(),
+        rtol=0,
+        atol=loss_atol,
+        msg=lambda m: f"{what} loss: {m}",
+    )
     for e, a in zip(expected[1:], actual[1:]):
         scale = e.abs().max().item()
-        torch.testing.assert_close(a.double(), e.double(), rtol=grad_rel,
-                                   atol=grad_rel * scale, msg=lambda m: f"{what} grad: {m}")
+        torch.testing.assert_close(
+            a.double(),
+            e.double(),
+            rtol=grad_rel,
+            atol=grad_rel * scale,
+            msg=lambda m: f"{what} grad: {m}",
+        )
 
 
 @pytest.mark.gpu
 def test_nt_xent_with_backend_keyword():
     z_a, z_b = _pair(37, 48, torch.float32, "cuda")
-    torch.testing.assert_close(fastcluster_cl.nt_xent(z_a, z_b, backend="cuda"),
-                               reference.nt_xent(z_a.double(), z_b.double(), 0.5).float(),
-                               rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        fastcluster_cl.nt_xent(z_a, z_b, backend="cuda"),
+        reference.nt_xent(z_a.double(), z_b.double(), 0.5).float(),
+        rtol=0,
+        atol=2e-5,
+    )
 
 
 @pytest.mark.gpu
@@ -233,8 +263,9 @@ def test_nt_xent_with_backend_keyword():
 def test_nt_xent_matches_triton(dtype):
     z_a, z_b = _pair(37, 48, dtype, "cuda")
     try:
-        triton_nt_xent = fastcluster_cl.losses.dispatch.implementation("nt_xent", "triton",
-                                                                       z_a.device)
+        triton_nt_xent = fastcluster_cl.losses.dispatch.implementation(
+            "nt_xent", "triton", z_a.device
+        )
     except NotImplementedError as err:
         pytest.skip(f"triton backend has no nt_xent: {err}")
     expected = _loss_and_grads(triton_nt_xent, z_a, z_b, 0.5)
@@ -257,8 +288,9 @@ def test_row_ranges_compose(dtype):
     g = ext.grad_rows(zs, rs, lse, lse - 1.0, 0, m, 2.0)
     for start, end in [(0, 1), (5, 70), (70, 140), (33, 33), (101, 140)]:
         torch.testing.assert_close(ext.lse_rows(zs, rs, start, end, 2.0), lse[start:end])
-        torch.testing.assert_close(ext.grad_rows(zs, rs, lse, lse - 1.0, start, end, 2.0),
-                                   g[start:end])
+        torch.testing.assert_close(
+            ext.grad_rows(zs, rs, lse, lse - 1.0, start, end, 2.0), g[start:end]
+        )
     for splits in (1, 2, 3):  # explicit column splits agree with the automatic choice
         torch.testing.assert_close(ext.lse_rows(zs, rs, 0, m, 2.0, splits), lse)
         torch.testing.assert_close(ext.grad_rows(zs, rs, lse, lse - 1.0, 0, m, 2.0, splits), g)
@@ -274,8 +306,12 @@ def test_zero_row_uses_clamped_norm():
     actual = _loss_and_grads(cuda_backend.nt_xent, z_a, z_b, 0.5)
     expected = _loss_and_grads(reference.nt_xent, z_a.double(), z_b.double(), 0.5)
     keep = torch.arange(10, device="cuda") != 3
-    _assert_close_to((expected[0], expected[1][keep], expected[2]),
-                     (actual[0], actual[1][keep], actual[2]), torch.float32, "zero row")
+    _assert_close_to(
+        (expected[0], expected[1][keep], expected[2]),
+        (actual[0], actual[1][keep], actual[2]),
+        torch.float32,
+        "zero row",
+    )
     torch.testing.assert_close(actual[1][3].double(), expected[1][3], rtol=1e-4, atol=0)
 
 
@@ -284,4 +320,3 @@ def test_float64_is_refused():
     z_a, z_b = _pair(4, 3, torch.float64, "cuda")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         cuda_backend.nt_xent(z_a, z_b, 0.5)
-

@@ -1,5 +1,6 @@
 """The DALI two-view pipeline in CPU mode (device_id=None): shapes, exact identities, parity
 with the torchvision backend for the same parameters, and the loader's reproducibility."""
+
 import dataclasses
 
 import numpy as np
@@ -8,8 +9,13 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastcluster_cl.data import (AugmentSpec, ImageDataset, augment_preset,  # noqa: E402
-                                 make_train_loader, sample_view_params)
+from fastcluster_cl.data import (  # noqa: E402
+    AugmentSpec,
+    ImageDataset,
+    augment_preset,
+    make_train_loader,
+    sample_view_params,
+)
 from fastcluster_cl.data.augment import torchvision_view  # noqa: E402
 from fastcluster_cl.data.dali import DaliTwoViewPipeline, dali_unavailable_reason  # noqa: E402
 
@@ -30,9 +36,21 @@ def _smooth_images(n=4, size=24, seed=0):
 
 def _identity(n, size, spec):
     """Parameters of the identity view (whole image, no flip, no colour change, no blur)."""
-    p = sample_view_params(np.random.default_rng(0), n, size, size,
-                           dataclasses.replace(spec, crop_scale=(1.0, 1.0), crop_ratio=(1, 1),
-                                               flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    p = sample_view_params(
+        np.random.default_rng(0),
+        n,
+        size,
+        size,
+        dataclasses.replace(
+            spec,
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1, 1),
+            flip_p=0.0,
+            jitter_p=0.0,
+            gray_p=0.0,
+            blur_p=0.0,
+        ),
+    )
     return p
 
 
@@ -86,7 +104,7 @@ def test_crop_and_flip_are_exact():
     dali, tv = _both(images, p, 6, spec)
     src = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     for i in range(4):
-        crop = src[i, :, p.top[i]:p.top[i] + 6, p.left[i]:p.left[i] + 6]
+        crop = src[i, :, p.top[i] : p.top[i] + 6, p.left[i] : p.left[i] + 6]
         expected = crop.flip(-1) if p.flip[i] else crop
         assert torch.equal(dali[i], expected) and torch.equal(tv[i], expected)
 
@@ -97,15 +115,18 @@ def _with(p, **changes):
     return p
 
 
-@pytest.mark.parametrize("change,tolerance", [
-    ({"top": 3, "left": 2, "height": 15, "width": 11}, 1.0),  # resized crop (upsampling)
-    ({"height": 24, "width": 24}, 1.0),  # whole image, downsampled below
-    ({"gray": True}, 2.0),
-    ({"brightness": 0.6}, 1.0),
-    ({"saturation": 1.4}, 1.0),
-    ({"saturation": 0.5}, 1.0),
-    ({"sigma": 1.5}, 1.0),
-])
+@pytest.mark.parametrize(
+    "change,tolerance",
+    [
+        ({"top": 3, "left": 2, "height": 15, "width": 11}, 1.0),  # resized crop (upsampling)
+        ({"height": 24, "width": 24}, 1.0),  # whole image, downsampled below
+        ({"gray": True}, 2.0),
+        ({"brightness": 0.6}, 1.0),
+        ({"saturation": 1.4}, 1.0),
+        ({"saturation": 0.5}, 1.0),
+        ({"sigma": 1.5}, 1.0),
+    ],
+)
 def test_parity_with_torchvision(change, tolerance):
     """The same parameters give the same pixels in both backends, up to resampling/rounding
     (0..255 scale; compared inside a 2-pixel margin, where the blur borders could differ)."""
@@ -170,8 +191,9 @@ def test_dali_loader_resume_and_sharding():
     assert loader.backend == "dali" and len(loader) == 6
     full = list(loader.epoch(1))
     assert full[-1]["a"].shape == (3, 3, 16, 16)  # the partial last batch
-    resumed = list(make_train_loader(ds, 4, augment="dali", seed=9, drop_last=False)
-                   .epoch(1, start_batch=4))
+    resumed = list(
+        make_train_loader(ds, 4, augment="dali", seed=9, drop_last=False).epoch(1, start_batch=4)
+    )
     for x, y in zip(full[4:], resumed):
         for key in x:
             assert torch.equal(x[key], y[key]), key
@@ -181,8 +203,17 @@ def test_dali_loader_resume_and_sharding():
     for x, y in zip(full, tv):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["label"], y["label"])
         assert torch.allclose(x["clean"], y["clean"], atol=1e-5)
-    shards = [torch.cat([b["index"] for b in make_train_loader(
-        ds, 4, augment="dali", seed=9, rank=r, world_size=2).epoch(0)]) for r in range(2)]
+    shards = [
+        torch.cat(
+            [
+                b["index"]
+                for b in make_train_loader(
+                    ds, 4, augment="dali", seed=9, rank=r, world_size=2
+                ).epoch(0)
+            ]
+        )
+        for r in range(2)
+    ]
     assert len(set(shards[0].tolist()) | set(shards[1].tolist())) == 16
 
 

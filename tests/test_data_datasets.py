@@ -1,12 +1,19 @@
 """Dataset loaders on tiny files written in each dataset's real on-disk format."""
+
 import pickle
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fastcluster_cl.data import (DATASETS, IMAGENET10_WNIDS, IMAGENET_DOGS_WNIDS, ImageDataset,
-                                 default_image_size, load_dataset)
+from fastcluster_cl.data import (
+    DATASETS,
+    IMAGENET10_WNIDS,
+    IMAGENET_DOGS_WNIDS,
+    ImageDataset,
+    default_image_size,
+    load_dataset,
+)
 
 
 def _rng(seed=0):
@@ -63,8 +70,10 @@ def test_cifar10(tmp_path):
     images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=12)
     for i in range(5):
-        _dump(folder / f"data_batch_{i + 1}", _cifar_batch(images[2 * i:2 * i + 2],
-                                                           labels=labels[2 * i:2 * i + 2]))
+        _dump(
+            folder / f"data_batch_{i + 1}",
+            _cifar_batch(images[2 * i : 2 * i + 2], labels=labels[2 * i : 2 * i + 2]),
+        )
     _dump(folder / "test_batch", _cifar_batch(images[10:], labels=labels[10:]))
     for root in (tmp_path, folder):  # the parent or the extracted folder itself
         d = load_dataset("cifar10", root)
@@ -82,10 +91,10 @@ def test_cifar100_uses_superclasses(tmp_path):
     rng = _rng(1)
     images = rng.integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
     coarse, fine = rng.integers(0, 20, size=7), rng.integers(0, 100, size=7)
-    _dump(folder / "train", _cifar_batch(images[:5], coarse_labels=coarse[:5],
-                                         fine_labels=fine[:5]))
-    _dump(folder / "test", _cifar_batch(images[5:], coarse_labels=coarse[5:],
-                                        fine_labels=fine[5:]))
+    _dump(
+        folder / "train", _cifar_batch(images[:5], coarse_labels=coarse[:5], fine_labels=fine[:5])
+    )
+    _dump(folder / "test", _cifar_batch(images[5:], coarse_labels=coarse[5:], fine_labels=fine[5:]))
     _dump(folder / "meta", {b"coarse_label_names": [b"x"] * 20})
     d = load_dataset("cifar100", tmp_path)
     np.testing.assert_array_equal(d.images, images)
@@ -131,8 +140,9 @@ def _write_image(path, rng, size=(20, 14)):
     return pixels
 
 
-@pytest.mark.parametrize("name,wnids", [("imagenet10", IMAGENET10_WNIDS),
-                                        ("imagenet_dogs", IMAGENET_DOGS_WNIDS)])
+@pytest.mark.parametrize(
+    "name,wnids", [("imagenet10", IMAGENET10_WNIDS), ("imagenet_dogs", IMAGENET_DOGS_WNIDS)]
+)
 def test_imagenet_subsets(tmp_path, name, wnids):
     rng = _rng(3)
     base = tmp_path / "train"
@@ -190,7 +200,8 @@ def test_tiny_imagenet(tmp_path):
     val_pixels = _write_image(folder / "val" / "images" / "val_0.png", rng, (64, 64))
     _write_image(folder / "val" / "images" / "val_1.png", rng, (64, 64))
     (folder / "val" / "val_annotations.txt").write_text(
-        f"val_0.png\t{wnids[2]}\t0\t0\t10\t10\nval_1.png\t{wnids[0]}\t1\t2\t30\t40\n")
+        f"val_0.png\t{wnids[2]}\t0\t0\t10\t10\nval_1.png\t{wnids[0]}\t1\t2\t30\t40\n"
+    )
     d = load_dataset("tiny_imagenet", tmp_path)
     assert d.images.shape == (6, 64, 64, 3) and d.num_classes == 3
     np.testing.assert_array_equal(d.labels, [0, 0, 1, 1, 2, 2])
@@ -261,6 +272,7 @@ class _RunsCode:
 
     def __reduce__(self):
         import os
+
         return os.system, (f"touch {self.marker}",)
 
 
@@ -270,15 +282,21 @@ def _write_cifar10(folder, rng=None, labels=None):
     images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=6) if labels is None else np.asarray(labels)
     for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        _dump(folder / name, _cifar_batch(images[i:i + 1], labels=labels[i:i + 1]))
+        _dump(folder / name, _cifar_batch(images[i : i + 1], labels=labels[i : i + 1]))
     return images, labels
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_restricted_unpickler_reads_numpy_pickles_of_every_protocol(tmp_path, protocol):
     from fastcluster_cl.data.safe_pickle import load
-    data = {b"data": np.arange(12, dtype=np.uint8).reshape(3, 4), b"labels": [1, 2, 3],
-            b"f": np.ones(2, dtype=np.float32), b"names": [b"a.png", "b"], "t": (1, 2.5, None)}
+
+    data = {
+        b"data": np.arange(12, dtype=np.uint8).reshape(3, 4),
+        b"labels": [1, 2, 3],
+        b"f": np.ones(2, dtype=np.float32),
+        b"names": [b"a.png", "b"],
+        "t": (1, 2.5, None),
+    }
     with open(tmp_path / "p", "wb") as f:
         pickle.dump(data, f, protocol=protocol)
     got = load(tmp_path / "p")
@@ -289,11 +307,14 @@ def test_restricted_unpickler_reads_numpy_pickles_of_every_protocol(tmp_path, pr
 def test_malicious_cifar_batch_runs_no_code(tmp_path, capsys):
     from fastcluster_cl.cli import main
     from fastcluster_cl.data.safe_pickle import UnsafePickleError
+
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar10(folder)
     marker = tmp_path / "pwned"
-    _dump(folder / "data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0],
-                                    b"x": _RunsCode(marker)})
+    _dump(
+        folder / "data_batch_1",
+        {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _RunsCode(marker)},
+    )
     with pytest.raises(UnsafePickleError, match=r"data_batch_1: refusing to load posix.system"):
         load_dataset("cifar10", tmp_path)
     assert not marker.exists()
@@ -302,31 +323,51 @@ def test_malicious_cifar_batch_runs_no_code(tmp_path, capsys):
     with pytest.raises(UnsafePickleError, match="data_batch_1: refusing"):
         load_dataset("cifar10", tmp_path)
     assert not marker.exists()
-    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out",
-                 str(tmp_path / "run"), "--epochs", "1", "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "cifar10",
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and not marker.exists()
     assert "\n" not in err and "data_batch_1: refusing to load" in err
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", r"test_batch: cannot unpickle it, the file is truncated or corrupted \(EOFError"),
-    ("truncated", r"test_batch: cannot unpickle it, the file is truncated"),
-    ([1, 2, 3], r"test_batch holds a list, not a CIFAR batch dict"),
-    ({b"data": np.zeros((1, 3072), np.uint8)}, r"test_batch lacks the key\(s\) \['labels'\]"),
-    ({b"data": np.zeros((1, 100), np.uint8), b"labels": [0]}, r"test_batch has data of shape"),
-    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [-1]},
-     r"test_batch holds label -1 at index 0 .*\[0, 10\)"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]},
-     r"test_batch holds label 10 at index 1"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3]}, r"test_batch has \(1,\) labels"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"test_batch: cannot unpickle it, the file is truncated or corrupted \(EOFError"),
+        ("truncated", r"test_batch: cannot unpickle it, the file is truncated"),
+        ([1, 2, 3], r"test_batch holds a list, not a CIFAR batch dict"),
+        ({b"data": np.zeros((1, 3072), np.uint8)}, r"test_batch lacks the key\(s\) \['labels'\]"),
+        ({b"data": np.zeros((1, 100), np.uint8), b"labels": [0]}, r"test_batch has data of shape"),
+        (
+            {b"data": np.zeros((1, 3072), np.uint8), b"labels": [-1]},
+            r"test_batch holds label -1 at index 0 .*\[0, 10\)",
+        ),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]},
+            r"test_batch holds label 10 at index 1",
+        ),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3]}, r"test_batch has \(1,\) labels"),
+    ],
+)
 def test_broken_cifar_batches_name_the_file(tmp_path, content, message):
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar10(folder)
     if content == "truncated":
         whole = (folder / "data_batch_2").read_bytes()
-        (folder / "test_batch").write_bytes(whole[:len(whole) // 2])
+        (folder / "test_batch").write_bytes(whole[: len(whole) // 2])
     elif isinstance(content, bytes):
         (folder / "test_batch").write_bytes(content)
     else:
@@ -350,10 +391,10 @@ def test_stl10_label_byte_zero_is_refused(tmp_path):
     folder.mkdir()
     images = np.zeros((2, 96, 96, 3), np.uint8)
     _stl_write(folder, "train", images, np.array([0, 9]))
-    _stl_write(folder, "test", images, np.array([-1, 3]))     # stored byte 0
+    _stl_write(folder, "test", images, np.array([-1, 3]))  # stored byte 0
     with pytest.raises(ValueError, match=r"test_y.bin holds label 0 at index 0 .*\[1, 11\)"):
         load_dataset("stl10", tmp_path)
-    _stl_write(folder, "test", images, np.array([10, 3]))     # stored byte 11
+    _stl_write(folder, "test", images, np.array([10, 3]))  # stored byte 11
     with pytest.raises(ValueError, match=r"test_y.bin holds label 11 at index 0"):
         load_dataset("stl10", tmp_path)
 

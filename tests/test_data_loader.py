@@ -1,13 +1,21 @@
 """Train/eval loaders (torchvision backend), augmentation parameters, reproducibility, sharding."""
+
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from fastcluster_cl.data import (AugmentSpec, EvalLoader, ImageDataset, augment_preset,
-                                 load_dataset, make_eval_loader, make_train_loader,
-                                 sample_view_params)
+from fastcluster_cl.data import (
+    AugmentSpec,
+    EvalLoader,
+    ImageDataset,
+    augment_preset,
+    load_dataset,
+    make_eval_loader,
+    make_train_loader,
+    sample_view_params,
+)
 from fastcluster_cl.data import loader as loader_module
 from fastcluster_cl.data.augment import torchvision_view
 
@@ -43,8 +51,7 @@ def test_train_batches_shapes_values(rgb):
         assert batch["label"].dtype == torch.int64 and batch["index"].dtype == torch.int64
         index = batch["index"].numpy()
         np.testing.assert_array_equal(batch["label"].numpy(), rgb.labels[index])
-        np.testing.assert_allclose(batch["clean"].numpy(), _expected_clean(rgb, index),
-                                   atol=1e-5)
+        np.testing.assert_allclose(batch["clean"].numpy(), _expected_clean(rgb, index), atol=1e-5)
         # Each view differs from the clean image and from the other view.
         assert (batch["a"] - batch["clean"]).abs().amax(dim=(1, 2, 3)).min() > 0.1
         assert (batch["a"] - batch["b"]).abs().amax(dim=(1, 2, 3)).min() > 0.1
@@ -66,12 +73,15 @@ def test_shuffled_eval_loader_visits_every_image_once_in_even_batches(digits):
     index = torch.cat([b["index"] for b in batches]).numpy()
     assert sorted(index.tolist()) == list(range(len(digits)))
     assert index[:20].tolist() != list(range(20))
-    assert [len(b["index"]) for b in batches] == [450, 449, 449, 449]   # 1797 in 4, not 500s
+    assert [len(b["index"]) for b in batches] == [450, 449, 449, 449]  # 1797 in 4, not 500s
     first = batches[0]
     np.testing.assert_array_equal(first["label"].numpy(), digits.labels[first["index"].numpy()])
-    np.testing.assert_allclose(first["clean"].numpy(),
-                               _expected_clean(digits, first["index"].numpy()), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        first["clean"].numpy(),
+        _expected_clean(digits, first["index"].numpy()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="permutation"):
         EvalLoader(digits, 500, 8, torch.device("cpu"), order=np.zeros(len(digits), np.int64))
 
@@ -110,9 +120,17 @@ def test_workers_give_identical_batches(rgb):
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_sharding_is_disjoint(rgb, drop_last):
     world = 3
-    per_rank = [np.concatenate([b["index"].numpy() for b in make_train_loader(
-        rgb, 5, seed=2, rank=r, world_size=world, drop_last=drop_last).epoch(7)])
-        for r in range(world)]
+    per_rank = [
+        np.concatenate(
+            [
+                b["index"].numpy()
+                for b in make_train_loader(
+                    rgb, 5, seed=2, rank=r, world_size=world, drop_last=drop_last
+                ).epoch(7)
+            ]
+        )
+        for r in range(world)
+    ]
     expected = 10 if drop_last else 37 // world
     assert all(len(ix) == expected for ix in per_rank)
     union = np.concatenate(per_rank)
@@ -120,8 +138,10 @@ def test_sharding_is_disjoint(rgb, drop_last):
     if not drop_last:  # all ranks together cover the truncated permutation once
         order = np.random.default_rng([2, 7]).permutation(37)[:36]
         assert set(union) == set(order)
-    lengths = [len(make_train_loader(rgb, 5, rank=r, world_size=world, drop_last=drop_last))
-               for r in range(world)]
+    lengths = [
+        len(make_train_loader(rgb, 5, rank=r, world_size=world, drop_last=drop_last))
+        for r in range(world)
+    ]
     assert lengths == [2 if drop_last else 3] * world
 
 
@@ -166,8 +186,9 @@ def test_crop_fallback_is_centred():
 
 
 def _identity_params(n, h, w):
-    spec = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(w / h, w / h), flip_p=0.0,
-                       jitter_p=0.0, gray_p=0.0)
+    spec = AugmentSpec(
+        crop_scale=(1.0, 1.0), crop_ratio=(w / h, w / h), flip_p=0.0, jitter_p=0.0, gray_p=0.0
+    )
     return sample_view_params(np.random.default_rng(0), n, h, w, spec), spec
 
 
@@ -187,7 +208,7 @@ def test_torchvision_view_applies_parameters(rgb):
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
     params.gray[:], params.brightness[:] = False, 0.5
     out = torchvision_view(images, params, 6, spec).float()
-    expected = (images[:, :, 2:8, 5:11].float() * 0.5)
+    expected = images[:, :, 2:8, 5:11].float() * 0.5
     assert (out - expected).abs().max() <= 1.0  # uint8 rounding
 
 
@@ -229,22 +250,32 @@ def test_bad_arguments(rgb, digits, monkeypatch):
         AugmentSpec(crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="preset"):
         make_train_loader(ImageDataset(rgb.images, rgb.labels, 10, "mine"), 4)
-    monkeypatch.setattr("fastcluster_cl.data.dali.dali_unavailable_reason",
-                        lambda: "nvidia.dali is not installed")
+    monkeypatch.setattr(
+        "fastcluster_cl.data.dali.dali_unavailable_reason", lambda: "nvidia.dali is not installed"
+    )
     with pytest.raises(ImportError, match="nvidia.dali is not installed"):
         make_train_loader(rgb, 4, augment="dali")
     cuda = torch.device("cuda")
-    assert loader_module.choose_backend("auto", cuda) == ("torchvision",
-                                                          "nvidia.dali is not installed")
+    assert loader_module.choose_backend("auto", cuda) == (
+        "torchvision",
+        "nvidia.dali is not installed",
+    )
 
 
 def test_separable_blur_equals_torchvision_2d_blur():
     from torchvision.transforms.v2 import functional as F
 
-    spec = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
-                       gray_p=0.0, blur_p=1.0)
-    images = torch.randint(0, 256, (3, 3, 41, 41), generator=torch.Generator().manual_seed(0),
-                           dtype=torch.uint8)
+    spec = AugmentSpec(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        blur_p=1.0,
+    )
+    images = torch.randint(
+        0, 256, (3, 3, 41, 41), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     p = sample_view_params(np.random.default_rng(0), 3, 41, 41, spec)
     out = torchvision_view(images, p, 41, spec)
     kernel = spec.blur_kernel(41)
@@ -277,8 +308,7 @@ def test_backend_is_logged(rgb, caplog):
     assert "augmentation backend: torchvision (device is cpu" in caplog.text
 
 
-@pytest.mark.parametrize("augment,workers", [("torchvision", 0), ("torchvision", 1),
-                                             ("dali", 0)])
+@pytest.mark.parametrize("augment,workers", [("torchvision", 0), ("torchvision", 1), ("dali", 0)])
 def test_global_rng_untouched(rgb, augment, workers):
     """The model's own sampling (e.g. Gumbel noise) uses torch's global RNG: iterating the
     loader must not advance it, or resumed runs would diverge."""
@@ -301,8 +331,10 @@ def test_digit_augmentation_is_exact_on_resume_and_over_ranks(digits, preset):
     resumed = list(make_train_loader(digits, 64, seed=3, spec=spec).epoch(2, start_batch=5))
     for x, y in zip(full[5:], resumed):
         assert torch.equal(x["a"], y["a"]) and torch.equal(x["b"], y["b"])
-    halves = [next(make_train_loader(digits, 32, seed=3, rank=r, world_size=2,
-                                     spec=spec).epoch(2)) for r in range(2)]
+    halves = [
+        next(make_train_loader(digits, 32, seed=3, rank=r, world_size=2, spec=spec).epoch(2))
+        for r in range(2)
+    ]
     for r, half in enumerate(halves):
         assert torch.equal(half["a"], full[0]["a"][r::2])
     # the views differ from the clean images and from each other
@@ -312,11 +344,18 @@ def test_digit_augmentation_is_exact_on_resume_and_over_ranks(digits, preset):
 
 def test_digit_view_operations():
     from fastcluster_cl.data.augment import digit_view
+
     rng = np.random.default_rng(0)
     x = torch.zeros(6, 1, 28, 28)
-    x[:, :, 10:18, 12:16] = 1.0                               # a bar
-    identity = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
-                           jitter_p=0.0, gray_p=0.0, scale=(1.0, 1.0001))
+    x[:, :, 10:18, 12:16] = 1.0  # a bar
+    identity = AugmentSpec(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        scale=(1.0, 1.0001),
+    )
     p = sample_view_params(rng, 6, 28, 28, identity)
     torch.testing.assert_close(digit_view(x, p, identity), x, atol=1e-3, rtol=0)
     strong = augment_preset("mnist5k")
@@ -325,8 +364,15 @@ def test_digit_view_operations():
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x)
     # erasing only: the erased box is zero, the rest unchanged
-    erase = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
-                        gray_p=0.0, erase_p=1.0, scale=(1.0, 1.0001))
+    erase = AugmentSpec(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        erase_p=1.0,
+        scale=(1.0, 1.0001),
+    )
     p = sample_view_params(rng, 6, 28, 28, erase)
     ones = torch.ones(6, 1, 28, 28)
     out = digit_view(ones, p, erase)
@@ -339,8 +385,9 @@ def test_dali_path_digit_ops_match_the_torchvision_path(digits, preset):
     """The DALI path applies `digit_view` to DALI's normalised output (its crop is the identity
     for the digit presets): emulated here on the clean batch, it equals the torchvision path's
     view to the torchvision path's uint8 rounding."""
-    loader = make_train_loader(digits, 64, seed=4, augment="torchvision",
-                               spec=augment_preset(preset))
+    loader = make_train_loader(
+        digits, 64, seed=4, augment="torchvision", spec=augment_preset(preset)
+    )
     source = loader_module._EpochBatches(loader, 1)
     batch = next(loader.epoch(1))
     params_a, _ = source.params(0)

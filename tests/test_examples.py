@@ -1,5 +1,6 @@
 """examples/ run as a user runs them (`--tiny`: seconds on the CPU), each in a fresh
 interpreter whose first import is torchvision or lightly (README, "Set-up": any import order)."""
+
 import os
 import shutil
 import subprocess
@@ -15,8 +16,9 @@ pytest.importorskip("lightly")
 
 def run(*argv: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

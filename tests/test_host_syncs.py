@@ -4,6 +4,7 @@ here on the CPU with `validation.syncs_host` answering as for a GPU: every read 
 value into Python (`.item()`, `bool()`, `float()`) goes through aten._local_scalar_dense, and
 a TorchDispatchMode counts those calls. On a GPU, test_no_sync_on_cuda checks the same with
 torch.cuda.set_sync_debug_mode."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,10 +30,20 @@ def inputs(device="cpu", n=9, d=8, k=4):
 
     def leaf(*shape):
         return torch.randn(*shape, generator=gen).to(device).requires_grad_()
-    probs = [torch.softmax(torch.randn(n, k, generator=gen), 1).to(device).requires_grad_()
-             for _ in range(3)]
-    return dict(z_a=leaf(n, d), z_b=leaf(n, d), c_a=leaf(n, k), c_b=leaf(n, k), h=leaf(n, d),
-                mu=leaf(k, d), q=probs)
+
+    probs = [
+        torch.softmax(torch.randn(n, k, generator=gen), 1).to(device).requires_grad_()
+        for _ in range(3)
+    ]
+    return dict(
+        z_a=leaf(n, d),
+        z_b=leaf(n, d),
+        c_a=leaf(n, k),
+        c_b=leaf(n, k),
+        h=leaf(n, d),
+        mu=leaf(k, d),
+        q=probs,
+    )
 
 
 def every_loss(x, backend):
@@ -43,13 +54,21 @@ def every_loss(x, backend):
     yield fc.dec_loss(q0, backend=backend)
     yield fc.anchor_loss(q0, qa, qb, backend=backend)
     yield fc.tcc_cluster_loss(x["c_a"], x["c_b"], x["h"], x["h"], backend=backend)
-    yield ClusterContrastiveLoss("anchor", backend=backend)(x["z_a"], x["z_b"], q0=q0, q_a=qa,
-                                                            q_b=qb).total
-    yield ClusterContrastiveLoss("cc", backend=backend)(x["z_a"], x["z_b"], logits_a=x["c_a"],
-                                                        logits_b=x["c_b"]).total
+    yield ClusterContrastiveLoss("anchor", backend=backend)(
+        x["z_a"], x["z_b"], q0=q0, q_a=qa, q_b=qb
+    ).total
+    yield ClusterContrastiveLoss("cc", backend=backend)(
+        x["z_a"], x["z_b"], logits_a=x["c_a"], logits_b=x["c_b"]
+    ).total
     yield ClusterContrastiveLoss("tcc", backend=backend)(
-        x["z_a"], x["z_b"], logits_a=x["c_a"], logits_b=x["c_b"],
-        centres=x["z_a"][:x["c_a"].shape[1]], r_a=x["z_b"], r_b=x["z_a"]).total
+        x["z_a"],
+        x["z_b"],
+        logits_a=x["c_a"],
+        logits_b=x["c_b"],
+        centres=x["z_a"][: x["c_a"].shape[1]],
+        r_a=x["z_b"],
+        r_b=x["z_a"],
+    ).total
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
@@ -82,6 +101,7 @@ def test_gathered_equal_rows_check_reads_nothing_on_a_gpu(monkeypatch):
     """gather_distributed's equal-batch check all-gathers the row counts and reads them: on a
     GPU only with set_value_checks(True)."""
     from fastcluster_cl import distributed
+
     monkeypatch.setattr(validation, "syncs_host", lambda device: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed.dist, "all_gather", lambda *a: pytest.fail("gathered"))

@@ -1,12 +1,12 @@
 """Every loss and backend against an independent float64 implementation, values and gradients."""
+
+import independent
 import numpy as np
 import pytest
 import torch
 
 import fastcluster_cl as fc
 from fastcluster_cl.losses import chunked, reference
-
-import independent
 
 BACKENDS = ("torch", "chunked")
 F64 = torch.float64
@@ -27,8 +27,9 @@ def test_nt_xent_matches_independent(backend, n, d, tau):
     z_a, z_b = randn(n, d, seed=1), randn(n, d, seed=2)
     got = fc.nt_xent(z_a, z_b, tau, backend=backend)
     assert got.dtype == F64
-    assert float(got) == pytest.approx(independent.nt_xent(z_a.numpy(), z_b.numpy(), tau),
-                                       rel=1e-12)
+    assert float(got) == pytest.approx(
+        independent.nt_xent(z_a.numpy(), z_b.numpy(), tau), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,8 +45,7 @@ def test_cc_cluster_loss_matches_independent(backend, n, k, tau):
 def test_student_t_matches_independent(alpha):
     h, mu = randn(9, 5, seed=5), randn(4, 5, seed=6)
     got = fc.student_t(h, mu, alpha, backend="torch").numpy()
-    np.testing.assert_allclose(got, independent.student_t(h.numpy(), mu.numpy(), alpha),
-                               rtol=1e-12)
+    np.testing.assert_allclose(got, independent.student_t(h.numpy(), mu.numpy(), alpha), rtol=1e-12)
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-14)
 
 
@@ -80,13 +80,16 @@ def test_tcc_cluster_loss_equals_its_formula():
     y_a = torch.nn.functional.gumbel_softmax(c_a, tau=0.5, dim=1)
     y_b = torch.nn.functional.gumbel_softmax(c_b, tau=0.5, dim=1)
     s_a, s_b = (y_a.T @ h_a).numpy(), (y_b.T @ h_b).numpy()
-    want = (independent.nt_xent(s_a, s_b, 0.7)
-            + independent.entropy_term(torch.softmax(c_a, 1).numpy())
-            + independent.entropy_term(torch.softmax(c_b, 1).numpy()))
+    want = (
+        independent.nt_xent(s_a, s_b, 0.7)
+        + independent.entropy_term(torch.softmax(c_a, 1).numpy())
+        + independent.entropy_term(torch.softmax(c_b, 1).numpy())
+    )
     assert float(got) == pytest.approx(want, rel=1e-12)
 
 
 # --- gradients -----------------------------------------------------------------------------
+
 
 def test_student_t_and_anchor_gradcheck():
     # The DEC and anchor targets are held fixed by design, so finite differences must not move
@@ -96,7 +99,8 @@ def test_student_t_and_anchor_gradcheck():
     q0 = fc.student_t(randn(6, 3, seed=26), mu.detach())
     assert torch.autograd.gradcheck(lambda h, m: fc.student_t(h, m, 0.7), (h_a, mu))
     assert torch.autograd.gradcheck(
-        lambda h, m: fc.anchor_loss(q0, fc.student_t(h, m), fc.student_t(2 * h, m)), (h_a, mu))
+        lambda h, m: fc.anchor_loss(q0, fc.student_t(h, m), fc.student_t(2 * h, m)), (h_a, mu)
+    )
 
 
 def test_anchor_and_dec_detach_their_targets():
@@ -112,6 +116,7 @@ def test_anchor_and_dec_detach_their_targets():
 
 
 # --- chunked backend against the reference --------------------------------------------------
+
 
 @pytest.mark.parametrize("block", [1, 5, 32, 37, 100])
 @pytest.mark.parametrize("tau", [0.5, 0.05, 0.01])
@@ -172,13 +177,19 @@ def test_dec_loss_with_an_empty_cluster_is_the_loss_without_it(backend, dtype):
     loss.backward()
     assert float(loss) == pytest.approx(float(fc.dec_loss(q, backend=backend)), rel=1e-6)
     assert torch.isfinite(q_empty.grad).all()
-    assert float(fc.dec_loss(torch.tensor([[.5, .5, 0.], [.5, .5, 0.]], dtype=dtype),
-                             backend=backend)) == 0.0
+    assert (
+        float(
+            fc.dec_loss(
+                torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], dtype=dtype), backend=backend
+            )
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dec_loss_with_a_subnormal_cluster_mass_is_finite(backend):
-    q = torch.tensor([[.5, .5, 1e-41], [.5, .5, 1e-42]], requires_grad=True)
+    q = torch.tensor([[0.5, 0.5, 1e-41], [0.5, 0.5, 1e-42]], requires_grad=True)
     loss = fc.dec_loss(q, backend=backend)
     loss.backward()
     assert float(loss) == pytest.approx(0.0, abs=1e-7) and torch.isfinite(q.grad).all()
@@ -193,8 +204,10 @@ def test_cluster_losses_with_an_underflowing_softmax_column_have_finite_grads(ba
     c_a = logits.to(dtype).requires_grad_()
     c_b = (logits + 0.1 * randn(8, 4, seed=32)).to(dtype).requires_grad_()
     h = randn(8, 5, seed=33, dtype=dtype).requires_grad_()
-    for loss in (fc.cc_cluster_loss(c_a, c_b, backend=backend),
-                 fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend)):
+    for loss in (
+        fc.cc_cluster_loss(c_a, c_b, backend=backend),
+        fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend),
+    ):
         grads = torch.autograd.grad(loss, (c_a, c_b, h), allow_unused=True)
         assert torch.isfinite(loss)
         assert all(torch.isfinite(g).all() for g in grads if g is not None)
@@ -202,13 +215,14 @@ def test_cluster_losses_with_an_underflowing_softmax_column_have_finite_grads(ba
 
 # --- low precision ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
     z_a, z_b = randn(37, 48, seed=40, dtype=dtype), randn(37, 48, seed=41, dtype=dtype)
     z_a.requires_grad_()
     got = fc.nt_xent(z_a, z_b, 0.5, backend=backend)
-    assert got.dtype == dtype          # returned in the inputs' dtype, as lightly's loss
+    assert got.dtype == dtype  # returned in the inputs' dtype, as lightly's loss
     # Against float64 on the same rounded inputs: the fp32 accumulation's result, rounded once
     # to the dtype (a low-precision accumulation would be many units of the last place off).
     want = reference.nt_xent(z_a.detach().double(), z_b.double(), 0.5)
@@ -221,8 +235,10 @@ def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
 
 
 def test_cc_cluster_loss_bf16():
-    c_a, c_b = randn(37, 10, seed=42, dtype=torch.bfloat16), randn(37, 10, seed=43,
-                                                                  dtype=torch.bfloat16)
+    c_a, c_b = (
+        randn(37, 10, seed=42, dtype=torch.bfloat16),
+        randn(37, 10, seed=43, dtype=torch.bfloat16),
+    )
     got = fc.cc_cluster_loss(c_a, c_b, backend="chunked")
     want = reference.cc_cluster_loss(c_a.double(), c_b.double(), 1.0)
     assert got.dtype == torch.bfloat16
@@ -231,24 +247,35 @@ def test_cc_cluster_loss_bf16():
 
 # --- autocast ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,backward_inside", [
-    ("torch", False), ("chunked", False),
-    # PyTorch advises calling backward outside autocast; on CPU a backward inside it runs on the
-    # calling thread under autocast. The chunked Function guards its own backward even then.
-    ("chunked", True),
-])
+
+@pytest.mark.parametrize(
+    "backend,backward_inside",
+    [
+        ("torch", False),
+        ("chunked", False),
+        # PyTorch advises calling backward outside autocast; on CPU a backward inside it runs on the
+        # calling thread under autocast. The chunked Function guards its own backward even then.
+        ("chunked", True),
+    ],
+)
 def test_losses_accumulate_in_fp32_inside_autocast(backend, backward_inside):
     """A training step calls the loss inside a bf16 autocast region: the matmuls must still run
     in fp32, so values and gradients equal those computed outside autocast."""
-    z_a, z_b = randn(37, 48, seed=50, dtype=torch.float32), randn(37, 48, seed=51,
-                                                                  dtype=torch.float32)
-    c_a, c_b = randn(37, 10, seed=52, dtype=torch.float32), randn(37, 10, seed=53,
-                                                                  dtype=torch.float32)
+    z_a, z_b = (
+        randn(37, 48, seed=50, dtype=torch.float32),
+        randn(37, 48, seed=51, dtype=torch.float32),
+    )
+    c_a, c_b = (
+        randn(37, 10, seed=52, dtype=torch.float32),
+        randn(37, 10, seed=53, dtype=torch.float32),
+    )
     inputs = [t.requires_grad_() for t in (z_a, z_b, c_a, c_b)]
 
     def losses():
-        return (fc.nt_xent(z_a, z_b, 0.1, backend=backend),
-                fc.cc_cluster_loss(c_a, c_b, backend=backend))
+        return (
+            fc.nt_xent(z_a, z_b, 0.1, backend=backend),
+            fc.cc_cluster_loss(c_a, c_b, backend=backend),
+        )
 
     plain = losses()
     plain_grads = torch.autograd.grad(sum(plain), inputs)

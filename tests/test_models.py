@@ -1,11 +1,18 @@
 """Models: backbone shapes and stems, heads, and the method -> loss-input wiring."""
+
 import numpy as np
 import pytest
 import torch
 
 from fastcluster_cl import ClusterContrastiveLoss
-from fastcluster_cl.models import (CentreHead, ResNetBackbone, SmallCNN, build_backbone,
-                                   build_model, method_loss_inputs)
+from fastcluster_cl.models import (
+    CentreHead,
+    ResNetBackbone,
+    SmallCNN,
+    build_backbone,
+    build_model,
+    method_loss_inputs,
+)
 
 
 def test_small_cnn_handles_tiny_images():
@@ -29,6 +36,7 @@ def test_resnet_cifar_stem_keeps_resolution():
     def record(name):
         def hook(module, inputs, output):
             seen[name] = output.shape
+
         return hook
 
     cifar.net.layer1.register_forward_hook(record("cifar"))
@@ -83,7 +91,7 @@ def test_every_method_trains_through_the_backbone(method):
         model.cluster_head.init_centres(torch.randn(8, model.backbone.feature_dim))
     x = torch.randn(3 * 6, 1, 8, 8)
     out = model(x)
-    split = model([x[i * 6:(i + 1) * 6] for i in range(3)])   # per-view forward
+    split = model([x[i * 6 : (i + 1) * 6] for i in range(3)])  # per-view forward
     views = split if method == "anchor" else split[:2]
     inputs = method_loss_inputs(model, method, *views)
     loss = ClusterContrastiveLoss(method, backend="torch")(split[0]["z"], split[1]["z"], **inputs)

@@ -1,4 +1,5 @@
 """nn.Module wrappers: validated hyper-parameters, and totals equal to the functional parts."""
+
 import pytest
 import torch
 
@@ -13,12 +14,19 @@ def randn(*shape, seed=0):
 
 
 def test_wrappers_equal_functional():
-    z_a, z_b, c_a, c_b = randn(6, 4, seed=1), randn(6, 4, seed=2), randn(6, 3, seed=3), randn(6, 3, seed=4)
+    z_a, z_b, c_a, c_b = (
+        randn(6, 4, seed=1),
+        randn(6, 4, seed=2),
+        randn(6, 3, seed=3),
+        randn(6, 3, seed=4),
+    )
     q = torch.softmax(c_a, 1)
     assert fc.NTXentLoss(0.3)(z_a, z_b) == fc.nt_xent(z_a, z_b, 0.3)
     assert fc.CCClusterLoss(0.7)(c_a, c_b) == fc.cc_cluster_loss(c_a, c_b, 0.7)
     assert fc.DECLoss()(q) == fc.dec_loss(q)
-    assert fc.AnchorLoss()(q, q, torch.softmax(c_b, 1)) == fc.anchor_loss(q, q, torch.softmax(c_b, 1))
+    assert fc.AnchorLoss()(q, q, torch.softmax(c_b, 1)) == fc.anchor_loss(
+        q, q, torch.softmax(c_b, 1)
+    )
 
 
 @pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
@@ -27,20 +35,30 @@ def test_cluster_contrastive_loss_parts_and_weights(method):
     z_a, z_b = randn(n, 8, seed=1), randn(n, 8, seed=2)
     c_a, c_b = randn(n, k, seed=3), randn(n, k, seed=4)
     inputs = {
-        "anchor": dict(q0=torch.softmax(randn(n, k, seed=5), 1), q_a=torch.softmax(c_a, 1),
-                       q_b=torch.softmax(c_b, 1)),
+        "anchor": dict(
+            q0=torch.softmax(randn(n, k, seed=5), 1),
+            q_a=torch.softmax(c_a, 1),
+            q_b=torch.softmax(c_b, 1),
+        ),
         "cc": dict(logits_a=c_a, logits_b=c_b),
-        "tcc": dict(logits_a=c_a, logits_b=c_b, centres=randn(k, 8, seed=8),
-                    r_a=randn(n, 8, seed=6), r_b=randn(n, 8, seed=7)),
+        "tcc": dict(
+            logits_a=c_a,
+            logits_b=c_b,
+            centres=randn(k, 8, seed=8),
+            r_a=randn(n, 8, seed=6),
+            r_b=randn(n, 8, seed=7),
+        ),
     }[method]
     weights = {"instance": 0.5, "cluster": 2.0, "anchor": 3.0}
     crit = fc.ClusterContrastiveLoss(method, instance_temperature=0.4, weights=weights)
     torch.manual_seed(0)
     out = crit(z_a, z_b, **inputs)
-    if method != "tcc":   # tcc's instance term contrasts its cluster-conditioned embeddings
+    if method != "tcc":  # tcc's instance term contrasts its cluster-conditioned embeddings
         assert out.parts["instance"] == fc.nt_xent(z_a, z_b, 0.4)
-    expected_parts = {"anchor": {"instance", "cluster", "anchor"},
-                      "tcc": {"instance", "cluster", "prior"}}.get(method, {"instance", "cluster"})
+    expected_parts = {
+        "anchor": {"instance", "cluster", "anchor"},
+        "tcc": {"instance", "cluster", "prior"},
+    }.get(method, {"instance", "cluster"})
     assert set(out.parts) == expected_parts
     total = sum(crit.weights[name] * value for name, value in out.parts.items())
     torch.testing.assert_close(out.total, total)
@@ -82,8 +100,9 @@ def test_anchor_objective_from_features_equals_the_separate_ops(backend):
     for g, w in zip(grads, wants):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
     ref = reference.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, 0.3, 2.0, (0.5, 2.0, 3.0))
-    torch.testing.assert_close(torch.stack([out.total, *out.parts.values()]), ref.detach(),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.stack([out.total, *out.parts.values()]), ref.detach(), rtol=1e-12, atol=0
+    )
 
 
 def test_objectives_reject_bad_inputs():
@@ -96,19 +115,22 @@ def test_objectives_reject_bad_inputs():
         fc.cc_objective(z, z, randn(5, 3), randn(5, 3))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="kmeans"), "method must be one of"),
-    (dict(instance_temperature=0.0), "instance_temperature"),
-    (dict(weights={"instance": -1.0}), "weights takes"),
-    (dict(weights={"entropy": 1.0}), "weights takes"),
-    (dict(backend="gpu"), "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="kmeans"), "method must be one of"),
+        (dict(instance_temperature=0.0), "instance_temperature"),
+        (dict(weights={"instance": -1.0}), "weights takes"),
+        (dict(weights={"entropy": 1.0}), "weights takes"),
+        (dict(backend="gpu"), "backend must be one of"),
+    ],
+)
 def test_cluster_contrastive_loss_rejects_bad_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fc.ClusterContrastiveLoss(**kwargs)
 
 
 def test_ntxent_module_rejects_bad_temperature():
-    for tau in (0.0, 1e-9, float("nan")):       # lightly's rule: |tau| >= 1e-8
+    for tau in (0.0, 1e-9, float("nan")):  # lightly's rule: |tau| >= 1e-8
         with pytest.raises(ValueError, match="temperature"):
             fc.NTXentLoss(temperature=tau)

@@ -5,6 +5,7 @@ negatives and the pointer/wrap rule of its update, values and gradients) on ever
 path's small column blocks, the gradient formula against autograd, lightly's memory_bank_size
 argument rules, and the gathered update. The op's values and gradients on every backend against
 the float64 reference are in test_op_nt_xent_bank.py."""
+
 import pytest
 import torch
 
@@ -25,24 +26,29 @@ def _batches(seed=0, dtype=F64):
     out = []
     for _ in SEQUENCE:
         z_a = torch.randn(N, D, generator=g, dtype=F64) * 2
-        out.append((z_a.to(dtype), (z_a + 0.7 * torch.randn(N, D, generator=g, dtype=F64)
-                                    ).to(dtype)))
+        out.append(
+            (z_a.to(dtype), (z_a + 0.7 * torch.randn(N, D, generator=g, dtype=F64)).to(dtype))
+        )
     return out
 
 
 def _pair_of_modules(backend, temperature, seed=5, gather=False):
     torch.manual_seed(seed)
-    theirs = lightly_loss.NTXentLoss(temperature, memory_bank_size=(M, D),
-                                     gather_distributed=gather)
+    theirs = lightly_loss.NTXentLoss(
+        temperature, memory_bank_size=(M, D), gather_distributed=gather
+    )
     torch.manual_seed(seed)
-    ours = fc.NTXentLoss(temperature, backend=backend, memory_bank_size=(M, D),
-                         gather_distributed=gather)
+    ours = fc.NTXentLoss(
+        temperature, backend=backend, memory_bank_size=(M, D), gather_distributed=gather
+    )
     return ours, theirs
 
 
 def test_bank_drawn_as_lightly_draws_it():
     ours, theirs = _pair_of_modules("torch", 0.5)
-    assert ours.memory_bank.bank.dtype == torch.float32 and torch.equal(ours.memory_bank.bank, theirs.memory_bank.bank)
+    assert ours.memory_bank.bank.dtype == torch.float32 and torch.equal(
+        ours.memory_bank.bank, theirs.memory_bank.bank
+    )
     assert int(ours.memory_bank.bank_ptr) == 0
     # and the draw consumes the global RNG as lightly's does
     torch.manual_seed(1)
@@ -63,15 +69,23 @@ def run_sequence_against_lightly(backend, temperature=0.2, dtype=F64, rtol=1e-10
         mine = [z_a.clone().requires_grad_(grad), z_b.clone().requires_grad_(grad)]
         other = [z_a.clone().requires_grad_(grad), z_b.clone().requires_grad_(grad)]
         got, want = ours(*mine), theirs(*other)
-        torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(
+            got, want.to(got.dtype), rtol=rtol, atol=atol, msg=lambda m: f"step {step}: {m}"
+        )
         if grad:
             got.backward()
             want.backward()
             for a, b in zip(mine, other):
-                torch.testing.assert_close(a.grad, b.grad, rtol=rtol * 10, atol=atol,
-                                           msg=lambda m: f"step {step} grad: {m}")
-        torch.testing.assert_close(ours.memory_bank.bank, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(
+                    a.grad,
+                    b.grad,
+                    rtol=rtol * 10,
+                    atol=atol,
+                    msg=lambda m: f"step {step} grad: {m}",
+                )
+        torch.testing.assert_close(
+            ours.memory_bank.bank, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7
+        )
         assert int(ours.memory_bank.bank_ptr) == int(theirs.memory_bank.bank_ptr), step
         pointers.append(int(ours.memory_bank.bank_ptr))
     assert pointers == [4, 8, 8, 0, 4]  # the no-grad step keeps it; the fourth wraps
@@ -95,6 +109,7 @@ def test_module_equals_lightly_triton_interpreted():
 
 def test_small_chunks_equal_the_reference():
     from fastcluster_cl.losses import chunked
+
     g = torch.Generator().manual_seed(3)
     z_a = torch.randn(7, 5, generator=g, dtype=F64, requires_grad=True)
     z_b = torch.randn(7, 5, generator=g, dtype=F64, requires_grad=True)
@@ -104,8 +119,9 @@ def test_small_chunks_equal_the_reference():
         got = chunked.nt_xent_bank_terms(z_a, z_b, bank, tau, block_size=4)
         want = reference.nt_xent_bank_terms(z_a, z_b, bank, tau)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(got, (z_a, z_b), w),
-                        torch.autograd.grad(want, (z_a, z_b), w)):
+        for a, b in zip(
+            torch.autograd.grad(got, (z_a, z_b), w), torch.autograd.grad(want, (z_a, z_b), w)
+        ):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -142,8 +158,9 @@ def test_memory_bank_size_rules_follow_lightly():
     # 0 and (0, D) disable the bank: plain NT-Xent over 2N rows
     z_a, z_b = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
     for size in (0, (0, 3)):
-        torch.testing.assert_close(fc.NTXentLoss(memory_bank_size=size)(z_a, z_b),
-                                   fc.nt_xent(z_a, z_b))
+        torch.testing.assert_close(
+            fc.NTXentLoss(memory_bank_size=size)(z_a, z_b), fc.nt_xent(z_a, z_b)
+        )
 
 
 def test_bad_bank_inputs_are_refused():
@@ -171,22 +188,25 @@ def test_state_dict_keys_are_lightlys_and_the_bank_can_persist():
     again.load_state_dict(kept.state_dict())
     assert torch.equal(again.memory_bank.bank, kept.memory_bank.bank)
     assert int(again.memory_bank.bank_ptr) == N
-    for key, value, message in (("memory_bank.bank_ptr", torch.tensor([999]), r"\[0, 10\)"),
-                                ("memory_bank.bank_ptr", torch.tensor([-1]), r"\[0, 10\)"),
-                                ("memory_bank.bank", torch.zeros(M + 1, D), "shape")):
+    for key, value, message in (
+        ("memory_bank.bank_ptr", torch.tensor([999]), r"\[0, 10\)"),
+        ("memory_bank.bank_ptr", torch.tensor([-1]), r"\[0, 10\)"),
+        ("memory_bank.bank", torch.zeros(M + 1, D), "shape"),
+    ):
         with pytest.raises(ValueError, match=message):
             again.load_state_dict({**kept.state_dict(), key: value})
-    assert int(again.memory_bank.bank_ptr) == N      # unchanged by the refused loads
+    assert int(again.memory_bank.bank_ptr) == N  # unchanged by the refused loads
 
 
 def _gathered_bank_worker(rank, port, out_dir):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(5)
-        crit = fc.NTXentLoss(0.2, backend="chunked", memory_bank_size=(M, D),
-                             gather_distributed=True).double()
+        crit = fc.NTXentLoss(
+            0.2, backend="chunked", memory_bank_size=(M, D), gather_distributed=True
+        ).double()
         g = torch.Generator().manual_seed(0)
         results = []
         for _ in range(3):  # 4 gathered rows a step: pointer 0 -> 4 -> 8 -> wraps to 0
@@ -194,7 +214,14 @@ def _gathered_bank_worker(rank, port, out_dir):
             z_a, z_b = z[0][rank::2].clone(), z[1][rank::2].clone()
             before = crit.memory_bank.bank.clone()
             loss = crit(z_a.requires_grad_(), z_b)
-            results.append((loss.detach(), before, crit.memory_bank.bank.clone(), int(crit.memory_bank.bank_ptr)))
+            results.append(
+                (
+                    loss.detach(),
+                    before,
+                    crit.memory_bank.bank.clone(),
+                    int(crit.memory_bank.bank_ptr),
+                )
+            )
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -206,6 +233,7 @@ def test_gather_distributed_updates_the_bank_with_every_ranks_batch(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

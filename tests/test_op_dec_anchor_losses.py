@@ -2,15 +2,16 @@
 the two ops elsewhere) on every backend against the float64 reference: values and the gradients
 of 0.7 dec + 1.3 anchor (q0 receives DEC's gradient only), with the shared tolerance table
 (tests/tolerances.py)."""
+
 import pytest
 import torch
-
-import fastcluster_cl as fc
 from backends import cases, prepare
-from fastcluster_cl.functional import dec_anchor_losses
-from fastcluster_cl.losses import reference
 from test_op_dec_loss import assignments
 from tolerances import BF16, F32, F64, FP32_MATH, check_against_reference
+
+import fastcluster_cl as fc
+from fastcluster_cl.functional import dec_anchor_losses
+from fastcluster_cl.losses import reference
 
 WEIGHTS = torch.tensor([0.7, 1.3], dtype=F64)
 
@@ -23,14 +24,29 @@ def reference_pair(q0, qa, qb):
     return torch.stack([reference.dec_loss(q0), reference.anchor_loss(q0, qa, qb)])
 
 
-@pytest.mark.parametrize("backend,dtype", cases({
-    "torch": [F32], "chunked": [F64], "triton": [F64, F32, BF16], "cuda-emulated": [F32, BF16],
-    "cuda": [F32, BF16]}))
+@pytest.mark.parametrize(
+    "backend,dtype",
+    cases(
+        {
+            "torch": [F32],
+            "chunked": [F64],
+            "triton": [F64, F32, BF16],
+            "cuda-emulated": [F32, BF16],
+            "cuda": [F32, BF16],
+        }
+    ),
+)
 def test_matches_float64_reference(request, backend, dtype):
     name, device = prepare(request, backend)
     check_against_reference(
         lambda q0, qa, qb: torch.stack(dec_anchor_losses(q0, qa, qb, backend=name)),
-        reference_pair, inputs(), dtype, device=device, weights=WEIGHTS, kind=FP32_MATH)
+        reference_pair,
+        inputs(),
+        dtype,
+        device=device,
+        weights=WEIGHTS,
+        kind=FP32_MATH,
+    )
 
 
 @pytest.mark.parametrize("dtype", [F64, F32, BF16])

@@ -3,14 +3,14 @@ torch.library.opcheck of every fused forward and backward op that runs on the CP
 Triton under the interpreter; the CUDA twin's glue over the dense model of its launchers),
 graph-break counts under torch.compile, per-row gradients (reduction="none"), and double
 backward: equal to backend="torch" or a clear error, on every backend."""
+
 import pytest
 import torch
+from test_cuda_backend import _DenseLaunchers
 
 import fastcluster_cl as fc
 from fastcluster_cl import cuda_backend, functional, kernels
 from fastcluster_cl.losses import chunked, nt_xent_autograd, reference
-
-from test_cuda_backend import _DenseLaunchers
 
 OPS = torch.ops.fastcluster_cl
 F64 = torch.float64
@@ -47,9 +47,11 @@ def _opcheck_backend(backend, per_row):
     grad = torch.ones_like(out[0])
     # The backward op's own autograd raises (double backward), so it is checked without
     # inputs that require grad.
-    torch.library.opcheck(backward, (z.detach(), grad, 2.0, *out[1:], *options),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        backward,
+        (z.detach(), grad, 2.0, *out[1:], *options),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -82,8 +84,10 @@ def _explain(fn, *inputs):
     return torch._dynamo.explain(fn)(*inputs)
 
 
-@pytest.mark.parametrize("backend, reduction", [("chunked", "mean"), ("chunked", "none"),
-                                                ("triton", "mean"), ("triton", "none")])
+@pytest.mark.parametrize(
+    "backend, reduction",
+    [("chunked", "mean"), ("chunked", "none"), ("triton", "mean"), ("triton", "none")],
+)
 def test_no_graph_breaks_through_the_ops(backend, reduction):
     z_a, z_b = _pair(grad=False)
     loss = lambda a, b: fc.nt_xent(a, b, 0.5, backend=backend, reduction=reduction)  # noqa: E731
@@ -98,8 +102,9 @@ def test_no_graph_breaks_through_the_ops(backend, reduction):
 def test_compiled_fullgraph_forward_and_backward_chunked():
     torch._dynamo.reset()
     z_a, z_b = _pair()
-    compiled = torch.compile(lambda a, b: fc.nt_xent(a, b, 0.5, backend="chunked"),
-                             fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda a, b: fc.nt_xent(a, b, 0.5, backend="chunked"), fullgraph=True, backend="aot_eager"
+    )
     got = torch.autograd.grad(compiled(z_a, z_b), (z_a, z_b))
     want = torch.autograd.grad(reference.nt_xent(z_a, z_b, 0.5), (z_a, z_b))
     for g, w in zip(got, want):
@@ -139,13 +144,13 @@ def test_per_row_gradients_on_triton_low_precision(dtype):
         ra, rb = (t.double().requires_grad_() for t in (z_a, z_b))
         got = torch.autograd.grad(loss_fn(a, b), (a, b))
         want = torch.autograd.grad(ref_fn(ra, rb), (ra, rb))
-        return max(((g.double() - w).abs().max() / w.abs().max()).item()
-                   for g, w in zip(got, want))
+        return max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
 
-    per_row = error(lambda a, b: (kernels.nt_xent_terms(a, b, 0.1) * weights.float()).sum(),
-                    lambda a, b: (reference.nt_xent_terms(a, b, 0.1) * weights).sum())
-    mean = error(lambda a, b: kernels.nt_xent(a, b, 0.1),
-                 lambda a, b: reference.nt_xent(a, b, 0.1))
+    per_row = error(
+        lambda a, b: (kernels.nt_xent_terms(a, b, 0.1) * weights.float()).sum(),
+        lambda a, b: (reference.nt_xent_terms(a, b, 0.1) * weights).sum(),
+    )
+    mean = error(lambda a, b: kernels.nt_xent(a, b, 0.1), lambda a, b: reference.nt_xent(a, b, 0.1))
     assert per_row <= 2 * mean, (per_row, mean)
 
 
@@ -159,14 +164,17 @@ def test_per_row_gradients_on_cuda_glue(dense_cuda):
     got = nt_xent_autograd.nt_xent_terms(z_a, z_b, 0.4, "cuda")
     want = reference.nt_xent_terms(r_a, r_b, 0.4)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    for g, w in zip(torch.autograd.grad((got * weights.float()).sum(), (z_a, z_b)),
-                    torch.autograd.grad((want * weights).sum(), (r_a, r_b))):
+    for g, w in zip(
+        torch.autograd.grad((got * weights.float()).sum(), (z_a, z_b)),
+        torch.autograd.grad((want * weights).sum(), (r_a, r_b)),
+    ):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
     logits = _pair(6, 3, grad=False)
     with torch.no_grad():
         torch.testing.assert_close(
             fc.cc_cluster_loss(*logits, 0.7, backend="triton", reduction="none"),
-            reference.cc_cluster_loss_terms(*logits, 0.7))
+            reference.cc_cluster_loss_terms(*logits, 0.7),
+        )
 
 
 def _double_backward(loss_fn, z_a, z_b):
@@ -179,26 +187,31 @@ def _double_backward(loss_fn, z_a, z_b):
 @pytest.mark.parametrize("backend", ["chunked", "triton", "cuda"])
 def test_double_backward_is_refused_clearly(backend, dense_cuda):
     z_a, z_b = _pair()
-    loss_fn = {"chunked": lambda a, b: chunked.nt_xent(a, b, 0.5, 4),
-               "triton": lambda a, b: kernels.nt_xent(a, b, 0.5),
-               "cuda": lambda a, b: nt_xent_autograd.nt_xent(a, b, 0.5, "cuda")}[backend]
-    with pytest.raises(RuntimeError, match=f"double backward is not supported by "
-                                           f"backend='{backend}'; use backend='torch'"):
+    loss_fn = {
+        "chunked": lambda a, b: chunked.nt_xent(a, b, 0.5, 4),
+        "triton": lambda a, b: kernels.nt_xent(a, b, 0.5),
+        "cuda": lambda a, b: nt_xent_autograd.nt_xent(a, b, 0.5, "cuda"),
+    }[backend]
+    with pytest.raises(
+        RuntimeError,
+        match=f"double backward is not supported by backend='{backend}'; use backend='torch'",
+    ):
         _double_backward(loss_fn, z_a, z_b)
     # The same through the registered forward op called directly.
     forward, options, _ = FUSED[backend]
     with pytest.raises(RuntimeError, match="double backward is not supported"):
-        _double_backward(lambda a, b: forward(torch.cat([a, b]), 2.0, False, *options)[0],
-                         z_a, z_b)
+        _double_backward(lambda a, b: forward(torch.cat([a, b]), 2.0, False, *options)[0], z_a, z_b)
 
 
 def test_double_backward_on_torch_works_and_first_order_is_unchanged():
     z_a, z_b = _pair()
-    assert torch.isfinite(_double_backward(lambda a, b: fc.nt_xent(a, b, 0.5, backend="torch"),
-                                           z_a, z_b)).all()
+    assert torch.isfinite(
+        _double_backward(lambda a, b: fc.nt_xent(a, b, 0.5, backend="torch"), z_a, z_b)
+    ).all()
     # create_graph=True on a fused backend still gives the right first-order gradient.
-    (got,) = torch.autograd.grad(fc.nt_xent(z_a, z_b, 0.5, backend="chunked"), z_a,
-                                 create_graph=True)
+    (got,) = torch.autograd.grad(
+        fc.nt_xent(z_a, z_b, 0.5, backend="chunked"), z_a, create_graph=True
+    )
     (want,) = torch.autograd.grad(fc.nt_xent(z_a, z_b, 0.5, backend="torch"), z_a)
     torch.testing.assert_close(got, want)
 
@@ -206,17 +219,20 @@ def test_double_backward_on_torch_works_and_first_order_is_unchanged():
 def test_double_backward_of_the_gathered_path_is_refused():
     """The distributed path is the same Function (one process: world size 1)."""
     from fastcluster_cl.losses import gathered
+
     z_a, z_b = _pair()
     with pytest.raises(RuntimeError, match="double backward is not supported"):
-        _double_backward(lambda a, b: gathered.nt_xent_rows(a, b, 0.5, chunked.lse_rows,
-                                                            chunked.grad_rows), z_a, z_b)
+        _double_backward(
+            lambda a, b: gathered.nt_xent_rows(a, b, 0.5, chunked.lse_rows, chunked.grad_rows),
+            z_a,
+            z_b,
+        )
 
 
 # The row-range primitives (the distributed path's forward and backward): registered ops whose
 # autograd is NTXent's (they are not differentiable one by one: grad_rows needs every row's lse).
 PRIMITIVES = {
-    "chunked": (OPS.nt_xent_chunked_lse_rows.default, OPS.nt_xent_chunked_grad_rows.default,
-                (3,)),
+    "chunked": (OPS.nt_xent_chunked_lse_rows.default, OPS.nt_xent_chunked_grad_rows.default, (3,)),
     "triton": (OPS.nt_xent_triton_lse_rows.default, OPS.nt_xent_triton_grad_rows.default, ()),
     "cuda": (OPS.nt_xent_cuda_lse_rows.default, OPS.nt_xent_cuda_grad_rows.default, ()),
 }
@@ -235,10 +251,12 @@ def test_opcheck_row_primitives(backend, dense_cuda):
 # NT-Xent against a memory bank: (forward op, options after (z_a, z_b, bank, inv_tau, per_row),
 # backward op) per backend; the ops' autograd is nt_xent_bank_autograd's.
 BANK_OPS = {
-    "chunked": (lambda: (OPS.nt_xent_bank_chunked_fwd.default, (3,),
-                         OPS.nt_xent_bank_chunked_bwd.default)),
-    "triton": (lambda: (OPS.nt_xent_bank_triton_fwd.default, (),
-                        OPS.nt_xent_bank_triton_bwd.default)),
+    "chunked": (
+        lambda: (OPS.nt_xent_bank_chunked_fwd.default, (3,), OPS.nt_xent_bank_chunked_bwd.default)
+    ),
+    "triton": (
+        lambda: (OPS.nt_xent_bank_triton_fwd.default, (), OPS.nt_xent_bank_triton_bwd.default)
+    ),
     "cuda": (lambda: (OPS.nt_xent_bank_cuda_fwd.default, (), OPS.nt_xent_bank_cuda_bwd.default)),
 }
 BANK_DTYPES = {"chunked": F64, "triton": F64, "cuda": torch.float32}  # cuda: emulated, fp32
@@ -265,15 +283,21 @@ def test_opcheck_bank_ops(request, backend, per_row):
     torch.library.opcheck(forward, (z_a, z_b, bank, 1 / 0.3, per_row, *options))
     out = forward(z_a.detach(), z_b.detach(), bank, 1 / 0.3, per_row, *options)
     grad = torch.randn_like(out[0])
-    torch.library.opcheck(backward, (z_a.detach(), z_b.detach(), bank, grad, 1 / 0.3, *out[1:],
-                                     *options),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
-    got = torch.autograd.grad(forward(z_a, z_b, bank, 1 / 0.3, per_row, *options)[0],
-                              (z_a, z_b), grad)
-    want = torch.autograd.grad(reference.nt_xent_bank_terms(z_a, z_b, bank, 0.3)
-                               if per_row else reference.nt_xent_bank(z_a, z_b, bank, 0.3),
-                               (z_a, z_b), grad)
+    torch.library.opcheck(
+        backward,
+        (z_a.detach(), z_b.detach(), bank, grad, 1 / 0.3, *out[1:], *options),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    got = torch.autograd.grad(
+        forward(z_a, z_b, bank, 1 / 0.3, per_row, *options)[0], (z_a, z_b), grad
+    )
+    want = torch.autograd.grad(
+        reference.nt_xent_bank_terms(z_a, z_b, bank, 0.3)
+        if per_row
+        else reference.nt_xent_bank(z_a, z_b, bank, 0.3),
+        (z_a, z_b),
+        grad,
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -291,9 +315,16 @@ def test_bank_double_backward_is_refused(request, backend):
 # The cluster ops (losses/op_autograd.py): each fused forward and backward of cc_cluster,
 # student_t, DEC, anchor and DEC + anchor is a registered op pair; (backend, op name) below,
 # the ops being fastcluster_cl::<name>_<backend>_fwd / _bwd.
-CLUSTER_OPS = [("triton", "cc_cluster"), ("triton", "student_t"), ("triton", "dec"),
-               ("triton", "anchor"), ("triton", "dec_anchor"), ("cuda", "student_t"),
-               ("cuda", "dec"), ("cuda", "anchor")]
+CLUSTER_OPS = [
+    ("triton", "cc_cluster"),
+    ("triton", "student_t"),
+    ("triton", "dec"),
+    ("triton", "anchor"),
+    ("triton", "dec_anchor"),
+    ("cuda", "student_t"),
+    ("cuda", "dec"),
+    ("cuda", "anchor"),
+]
 
 
 def _cluster_inputs(name, dtype, seed=0):
@@ -301,15 +332,18 @@ def _cluster_inputs(name, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
     probs = lambda: torch.softmax(2 * randn(6, 4), 1)  # noqa: E731
-    return {"cc_cluster": lambda: (randn(6, 3), randn(6, 3)),
-            "student_t": lambda: (randn(6, 4), randn(3, 4), 1.5),
-            "dec": lambda: (probs(),),
-            "anchor": lambda: (probs(), probs(), probs()),
-            "dec_anchor": lambda: (probs(), probs(), probs())}[name]()
+    return {
+        "cc_cluster": lambda: (randn(6, 3), randn(6, 3)),
+        "student_t": lambda: (randn(6, 4), randn(3, 4), 1.5),
+        "dec": lambda: (probs(),),
+        "anchor": lambda: (probs(), probs(), probs()),
+        "dec_anchor": lambda: (probs(), probs(), probs()),
+    }[name]()
 
 
 def _cluster_pair(backend, name):
     from fastcluster_cl.losses import op_autograd
+
     forward = getattr(OPS, f"{name}_{backend}_fwd").default
     return forward, op_autograd.PAIRS[f"fastcluster_cl::{name}_{backend}_fwd"]
 
@@ -326,20 +360,26 @@ def test_opcheck_cluster_ops(backend, name, dense_cuda):
     outputs = forward(*detached)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     grads = [torch.randn_like(out) for out in outputs]
-    torch.library.opcheck(getattr(OPS, f"{name}_{backend}_bwd").default,
-                          tuple(pair.backward_args(detached, outputs, grads)),
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        getattr(OPS, f"{name}_{backend}_bwd").default,
+        tuple(pair.backward_args(detached, outputs, grads)),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def _cluster_losses(backend):
     """(name, scalar function of the inputs, index of a differentiated input) per op."""
     module = kernels if backend == "triton" else cuda_backend
-    cases = [("student_t", lambda h, mu, alpha: module.student_t(h, mu, alpha)[:, 0].sum(), 0),
-             ("dec", module.dec_loss, 0), ("anchor", module.anchor_loss, 1)]
+    cases = [
+        ("student_t", lambda h, mu, alpha: module.student_t(h, mu, alpha)[:, 0].sum(), 0),
+        ("dec", module.dec_loss, 0),
+        ("anchor", module.anchor_loss, 1),
+    ]
     if backend == "triton":
-        cases += [("cc_cluster", lambda a, b: kernels.cc_cluster_loss(a, b, 0.7), 0),
-                  ("dec_anchor", lambda *q: sum(kernels.dec_anchor_losses(*q)), 0)]
+        cases += [
+            ("cc_cluster", lambda a, b: kernels.cc_cluster_loss(a, b, 0.7), 0),
+            ("dec_anchor", lambda *q: sum(kernels.dec_anchor_losses(*q)), 0),
+        ]
     return cases
 
 
@@ -349,24 +389,35 @@ def test_cluster_double_backward_is_refused_clearly(backend, dense_cuda):
         inputs = list(_cluster_inputs(name, DTYPES[backend]))
         inputs[wrt].requires_grad_()
         (g,) = torch.autograd.grad(loss_fn(*inputs), inputs[wrt], create_graph=True)
-        with pytest.raises(RuntimeError, match=f"double backward is not supported by "
-                                               f"backend='{backend}'; use backend='torch'"):
+        with pytest.raises(
+            RuntimeError,
+            match=f"double backward is not supported by backend='{backend}'; use backend='torch'",
+        ):
             torch.autograd.grad(g.pow(2).sum(), inputs[wrt])
 
 
 # Which registered forward op each case of test_compile._cases traces on triton.
 _TRITON_OP_OF_CASE = {
-    "nt_xent": "nt_xent", "cc_cluster_loss": "cc_cluster", "student_t": "student_t",
-    "dec_loss": "dec", "anchor_loss": "anchor", "tcc_cluster_loss": "nt_xent",
-    "ClusterContrastiveLoss(anchor)": "dec_anchor", "ClusterContrastiveLoss(cc)": "cc_objective",
-    "ClusterContrastiveLoss(anchor(h))": "anchor_objective", "ClusterContrastiveLoss(tcc)": "nt_xent",
-    "anchor_objective": "anchor_objective", "cc_objective": "cc_objective"}
+    "nt_xent": "nt_xent",
+    "cc_cluster_loss": "cc_cluster",
+    "student_t": "student_t",
+    "dec_loss": "dec",
+    "anchor_loss": "anchor",
+    "tcc_cluster_loss": "nt_xent",
+    "ClusterContrastiveLoss(anchor)": "dec_anchor",
+    "ClusterContrastiveLoss(cc)": "cc_objective",
+    "ClusterContrastiveLoss(anchor(h))": "anchor_objective",
+    "ClusterContrastiveLoss(tcc)": "nt_xent",
+    "anchor_objective": "anchor_objective",
+    "cc_objective": "cc_objective",
+}
 
 
 def test_no_graph_breaks_for_every_loss_on_triton():
     """Every loss and objective on triton (interpreted) traces in one graph holding its op,
     after one eager call (which imports triton: not traceable)."""
     from test_compile import _cases
+
     for name, fn, inputs in _cases("triton"):
         fn(*inputs)
         explained = _explain(fn, *inputs)
@@ -391,8 +442,9 @@ def test_compiled_fullgraph_cluster_objectives_on_triton():
     torch._dynamo.reset()
     got = torch.compile(objective, fullgraph=True, backend="aot_eager")(q_a, *logits)
     torch.testing.assert_close(got, want)
-    for g, w in zip(torch.autograd.grad(got, (q_a, *logits)),
-                    torch.autograd.grad(want, (q_a, *logits))):
+    for g, w in zip(
+        torch.autograd.grad(got, (q_a, *logits)), torch.autograd.grad(want, (q_a, *logits))
+    ):
         torch.testing.assert_close(g, w)
 
 
@@ -400,8 +452,9 @@ def test_compiled_fullgraph_one_pass_objectives_on_triton():
     """torch.compile(fullgraph=True) through the one-pass objectives' registered autograd: the
     eager values and gradients of the total and of a part."""
     g = torch.Generator().manual_seed(3)
-    z_a, z_b, h0, h_a, h_b = (torch.randn(9, 6, generator=g, dtype=F64).requires_grad_()
-                              for _ in range(5))
+    z_a, z_b, h0, h_a, h_b = (
+        torch.randn(9, 6, generator=g, dtype=F64).requires_grad_() for _ in range(5)
+    )
     mu = torch.randn(4, 6, generator=g, dtype=F64).requires_grad_()
     la, lb = (torch.randn(9, 4, generator=g, dtype=F64).requires_grad_() for _ in range(2))
     leaves = (z_a, z_b, h0, h_a, h_b, mu, la, lb)

@@ -1,6 +1,7 @@
-"""Reliability probes, round 2 (README, "Reliability"): each case as a real `fastcluster-cl`
+"""Reliability probes, round 2 (docs/reliability.md): each case as a real `fastcluster-cl`
 process where it is a CLI case, checking the exit code, the one stderr line, and that nothing of
 the user's (or of another run) was deleted or changed."""
+
 import json
 import os
 import shutil
@@ -18,16 +19,32 @@ from fastcluster_cl.train.checkpoint import load_checkpoint, save_checkpoint
 from fastcluster_cl.train.logging import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--batch-size", "512", "--epochs", "1", "--threads", "1",
-        "--no-plots", "--no-progress"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--batch-size",
+    "512",
+    "--epochs",
+    "1",
+    "--threads",
+    "1",
+    "--no-plots",
+    "--no-progress",
+]
 
 
 def run(*args, code: int) -> str:
     """Run the CLI; assert the exit code and, for a failure, exactly one stderr line, which is
     returned."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "fastcluster_cl.cli", *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastcluster_cl.cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == code, proc.stderr
     if code == 0:
         return proc.stdout
@@ -39,8 +56,11 @@ def run(*args, code: int) -> str:
 def tree(root: Path) -> dict[str, bytes | None]:
     """Every entry under `root` with its bytes (None for a folder), but the lock file, which
     each process that takes the lock rewrites with its PID."""
-    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.name != ".fastcluster-cl.lock"}
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.name != ".fastcluster-cl.lock"
+    }
 
 
 def users_folder(path: Path) -> Path:
@@ -66,18 +86,36 @@ def finished(tmp_path_factory) -> Path:
 def test_failed_start_in_a_users_folder_deletes_nothing(tmp_path):
     folder = users_folder(tmp_path / "mine")
     before = tree(folder)
-    err = run("train", "--dataset", "cifar10", "--data-root", tmp_path / "nonexistent",
-              "--out", folder, "--no-progress", code=1)
+    err = run(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        tmp_path / "nonexistent",
+        "--out",
+        folder,
+        "--no-progress",
+        code=1,
+    )
     assert "is not empty and holds no fastcluster-cl run" in err and "config.json" in err
     assert tree(folder) == before
-    err = run("train", *TINY, "--out", folder, code=1)      # a start that would succeed
+    err = run("train", *TINY, "--out", folder, code=1)  # a start that would succeed
     assert "holds no fastcluster-cl run" in err and tree(folder) == before
 
 
 def test_failed_start_in_a_new_folder_leaves_nothing(tmp_path):
     out = tmp_path / "new" / "run"
-    err = run("train", "--dataset", "cifar10", "--data-root", tmp_path / "nonexistent",
-              "--out", out, "--no-progress", code=1)
+    err = run(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        tmp_path / "nonexistent",
+        "--out",
+        out,
+        "--no-progress",
+        code=1,
+    )
     assert "cifar" in err.lower()
     assert not out.exists()
 
@@ -86,10 +124,10 @@ def test_users_files_beside_a_run_are_kept_and_never_replaced(tmp_path, finished
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     (out / "notes.txt").write_text("mine")
-    (out / "checkpoint.pt").unlink()          # as if the start had died before its checkpoint
+    (out / "checkpoint.pt").unlink()  # as if the start had died before its checkpoint
     run("train", *TINY, "--out", out, code=0)  # the aborted start is cleared, notes.txt stays
     assert (out / "notes.txt").read_text() == "mine"
-    (out / "plots").mkdir()      # the user's folder, of a name a run writes (this one did not)
+    (out / "plots").mkdir()  # the user's folder, of a name a run writes (this one did not)
     (out / "plots" / "mine.png").write_bytes(b"mine")
     (out / "checkpoint.pt").unlink()
     before = tree(out)
@@ -119,11 +157,14 @@ def test_resume_into_a_new_folder_leaves_the_source_alone(tmp_path, finished):
 
 
 # 3. impossible settings are caught before the first step, exit 2 naming the option
-@pytest.mark.parametrize("argv, message", [
-    (["--num-clusters", "2000"], "argument --num-clusters: K = 2000 exceeds the 1797 labelled"),
-    (["--batch-size", "5000"], "argument --batch-size: 5000 exceeds the 1797 images of digits"),
-    (["--image-size", "1"], "argument --image-size: 1 px is too small for backbone digit_cnn"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-clusters", "2000"], "argument --num-clusters: K = 2000 exceeds the 1797 labelled"),
+        (["--batch-size", "5000"], "argument --batch-size: 5000 exceeds the 1797 images of digits"),
+        (["--image-size", "1"], "argument --image-size: 1 px is too small for backbone digit_cnn"),
+    ],
+)
 def test_impossible_settings_fail_before_the_first_step(tmp_path, argv, message):
     out = tmp_path / "run"
     err = run("train", *TINY, *argv, "--out", out, code=2)
@@ -136,7 +177,7 @@ def test_resume_after_a_torn_log_line_keeps_every_record_readable(tmp_path, fini
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     with open(out / "log.jsonl", "a") as f:
-        f.write('{"event": "step", "step": 4, "lo')          # a crash mid-write
+        f.write('{"event": "step", "step": 4, "lo')  # a crash mid-write
     run("train", *TINY, "--resume", out, code=0)
     with pytest.warns(UserWarning, match="log.jsonl:9: skipping a torn line"):
         records = read_log(out / "log.jsonl")
@@ -149,8 +190,17 @@ def test_resume_with_another_thread_count_is_refused(tmp_path, finished):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     before = tree(out)
-    err = run("train", *TINY[:-4], "--threads", "2", "--no-plots", "--no-progress",
-              "--resume", out, code=2)
+    err = run(
+        "train",
+        *TINY[:-4],
+        "--threads",
+        "2",
+        "--no-plots",
+        "--no-progress",
+        "--resume",
+        out,
+        code=2,
+    )
     assert "argument --threads: checkpoint" in err and "pass --threads 1" in err
     assert tree(out) == before
 
@@ -173,24 +223,32 @@ SLOW_SAVE = textwrap.dedent("""
 def test_signal_during_a_checkpoint_write_leaves_nothing(tmp_path, finished, sig, code):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", *TINY, "--out",
-                             str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, "train", *TINY, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "writing"
     assert list(out.glob(".checkpoint.pt.*.tmp"))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and "interrupted" in err and "Traceback" not in err, err
-    assert not out.exists()       # no checkpoint was written: the start removed what it wrote
+    assert not out.exists()  # no checkpoint was written: the start removed what it wrote
 
 
 # 7. exit codes and one-line messages
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "1e300"], "argument --lr: must be <= 3.40282e+38, got 1e300"),
-    (["--seed", "-5"], "argument --seed: must be >= 0, got -5"),
-    (["--seed", str(2**70)], f"argument --seed: must be <= {2**32 - 1}, got {2**70}"),
-    (["--epochs", str(2**40)], "argument --epochs: must be <= 2147483647"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "1e300"], "argument --lr: must be <= 3.40282e+38, got 1e300"),
+        (["--seed", "-5"], "argument --seed: must be >= 0, got -5"),
+        (["--seed", str(2**70)], f"argument --seed: must be <= {2**32 - 1}, got {2**70}"),
+        (["--epochs", str(2**40)], "argument --epochs: must be <= 2147483647"),
+    ],
+)
 def test_out_of_range_numbers_exit_2_naming_the_option(argv, message):
     assert message in run("train", *TINY, *argv, code=2)
 
@@ -212,7 +270,7 @@ def test_eval_out_never_replaces_a_users_file(tmp_path, finished):
     err = run("eval", finished, "--out", folder, code=1)
     assert "holds no fastcluster-cl output" in err and tree(folder) == before
     run("eval", finished, "--out", tmp_path / "new", code=0)
-    run("eval", finished, "--out", tmp_path / "new", code=0)   # its own metrics.json: replaced
+    run("eval", finished, "--out", tmp_path / "new", code=0)  # its own metrics.json: replaced
     assert json.loads((tmp_path / "new" / "metrics.json").read_text())["nmi"] >= 0
 
 
@@ -220,23 +278,30 @@ def test_library_errors_on_meta_tensors_and_bank_sizes():
     meta = torch.empty(4, 8, device="meta", requires_grad=True)
     assert fc.nt_xent(meta, meta).device.type == "meta"
     assert fc.NTXentLoss(0.1, (16, 8)).to("meta")(meta, meta).device.type == "meta"
-    with pytest.raises(TypeError, match=r"memory_bank_size must be 0 or a \(size, dim\) tuple "
-                                        r"of ints, got \(16.5, 8\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"memory_bank_size must be 0 or a \(size, dim\) tuple "
+        r"of ints, got \(16.5, 8\)",
+    ):
         fc.NTXentLoss(memory_bank_size=(16.5, 8))
 
 
 # 8. values that were silently accepted
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_checkpoint_with_a_bad_boolean_is_refused_even_when_overridden(tmp_path, finished,
-                                                                        command):
+def test_checkpoint_with_a_bad_boolean_is_refused_even_when_overridden(tmp_path, finished, command):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     state = load_checkpoint(out)
     state["config"]["plots"] = "yes"
-    save_checkpoint(out / "checkpoint.pt", {k: v for k, v in state.items()
-                                            if k not in ("format_version", "rng", "checksum")})
-    argv = ["eval", out] if command == "eval" else ["train", "--resume", out, "--no-plots",
-                                                    "--threads", "1"]
+    save_checkpoint(
+        out / "checkpoint.pt",
+        {k: v for k, v in state.items() if k not in ("format_version", "rng", "checksum")},
+    )
+    argv = (
+        ["eval", out]
+        if command == "eval"
+        else ["train", "--resume", out, "--no-plots", "--threads", "1"]
+    )
     err = run(*argv, code=1)
     assert "holds settings this version cannot use: plots must be bool, got 'yes'" in err
 
@@ -245,6 +310,9 @@ def test_bank_pointer_out_of_range_is_refused():
     loss = fc.NTXentLoss(memory_bank_size=(16, 8), persistent_memory_bank=True)
     state = loss.state_dict()
     state["memory_bank.bank_ptr"] = torch.tensor([999])
-    with pytest.raises(ValueError, match=r"bank_ptr must be one integer in \[0, 16\), got "
-                                         r"\[999\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"bank_ptr must be one integer in \[0, 16\), got "
+        r"\[999\]",
+    ):
         loss.load_state_dict(state)

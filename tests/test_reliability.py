@@ -1,6 +1,7 @@
 """Reliability of runs and their files: one writer per run directory, no dead end after a
 failed start, one-line errors with the documented exit codes for bad paths, full disks and
-broken checkpoints (README, "Reliability")."""
+broken checkpoints (docs/reliability.md)."""
+
 import errno
 import os
 import shutil
@@ -18,8 +19,18 @@ from fastcluster_cl.train.checkpoint import CheckpointWriteError, load_checkpoin
 from fastcluster_cl.train.logging import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--batch-size", "512", "--epochs", "1", "--threads", "1",
-        "--no-plots", "--no-progress"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--batch-size",
+    "512",
+    "--epochs",
+    "1",
+    "--threads",
+    "1",
+    "--no-plots",
+    "--no-progress",
+]
 
 
 def one_line_error(capsys, argv, code=1) -> str:
@@ -60,8 +71,9 @@ def holder():
 
     def start(directory):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], env=env,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(directory)], env=env, stdout=subprocess.PIPE, text=True
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return proc.pid
@@ -89,9 +101,10 @@ def test_locked_run_directory_refuses_train_and_resume(tmp_path, capsys, finishe
 
 def test_lock_is_released_when_the_run_ends(tmp_path, finished_run):
     from fastcluster_cl.train.rundir import RunDir
+
     out = copy_run(finished_run, tmp_path)
     assert main(["train", *TINY, "--resume", str(out)]) == 0
-    RunDir(out).lock().release()     # free again
+    RunDir(out).lock().release()  # free again
 
 
 # ------------------------------------------------------------- failed starts, leftovers
@@ -107,20 +120,21 @@ def test_failed_start_leaves_no_dead_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     err = one_line_error(capsys, ["train", *TINY, "--out", str(out)])
     assert "backend='triton' cannot run on cpu" in err
-    assert not out.exists()             # the start created it and removed it again
+    assert not out.exists()  # the start created it and removed it again
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
     one_line_error(capsys, ["train", *TINY, "--out", str(kept)])
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
     monkeypatch.undo()
-    assert main(["train", *TINY, "--out", str(out)]) == 0      # the same --out now works
+    assert main(["train", *TINY, "--out", str(out)]) == 0  # the same --out now works
 
 
 def test_start_killed_before_its_first_checkpoint_can_be_restarted(tmp_path, capsys):
     from fastcluster_cl.train.rundir import RunDir
+
     out = tmp_path / "run"
-    run = RunDir(out).open()   # what SIGKILL before the first checkpoint leaves: the marker
+    run = RunDir(out).open()  # what SIGKILL before the first checkpoint leaves: the marker
     for name, text in (("config.json", "{}"), ("log.jsonl", '{"event": "start", "time": 0}\n')):
         run.claim(name).write_text(text)
     run.release()
@@ -143,7 +157,7 @@ def test_resume_removes_temporary_checkpoint_files(tmp_path, finished_run):
 def test_out_pointing_at_a_file_is_one_line(tmp_path, capsys, finished_run, command):
     target = tmp_path / "afile"
     target.write_text("x")
-    argv = (["train", *TINY] if command == "train" else ["eval", str(finished_run)])
+    argv = ["train", *TINY] if command == "train" else ["eval", str(finished_run)]
     err = one_line_error(capsys, [*argv, "--out", str(target)])
     assert f"{target} exists and is not a directory" in err
     err = one_line_error(capsys, [*argv, "--out", str(target / "sub")])
@@ -167,8 +181,9 @@ def test_read_only_file_system_is_one_line(tmp_path, capsys, monkeypatch, finish
 
 
 # ------------------------------------------------------------------- argument ranges
-@pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--warmup-epochs", "--grad-clip",
-                                    "--instance-temperature"])
+@pytest.mark.parametrize(
+    "option", ["--lr", "--weight-decay", "--warmup-epochs", "--grad-clip", "--instance-temperature"]
+)
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_numbers_exit_2(capsys, option, value):
     with pytest.raises(SystemExit) as exc:
@@ -185,7 +200,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     before = path.read_bytes()
     real_fdopen = os.fdopen
 
-    class FullDisk:            # the disk fills after 100 bytes: torch's zip writer then fails
+    class FullDisk:  # the disk fills after 100 bytes: torch's zip writer then fails
         def __init__(self, f):
             self.f, self.n = f, 0
 
@@ -205,8 +220,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
             return self.f.write(data)
 
     monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
-    with pytest.raises(CheckpointWriteError,
-                       match=f"^no space left on device while writing {path}$"):
+    with pytest.raises(
+        CheckpointWriteError, match=f"^no space left on device while writing {path}$"
+    ):
         save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
     monkeypatch.setattr(ckpt.os, "fdopen", real_fdopen)
     assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
@@ -214,14 +230,18 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     def raises(error):
         def save(*args, **kwargs):
             raise error
+
         return save
 
     monkeypatch.setattr(ckpt.torch, "save", raises(OSError(errno.ENOSPC, "No space left")))
     with pytest.raises(CheckpointWriteError, match="no space left on device while writing"):
         save_checkpoint(path, {"model": {}})
     # the zip writer's error alone (no errno): told apart by the free space left
-    monkeypatch.setattr(ckpt.torch, "save", raises(RuntimeError(
-        "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")))
+    monkeypatch.setattr(
+        ckpt.torch,
+        "save",
+        raises(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")),
+    )
     monkeypatch.setattr(ckpt, "_free_bytes", lambda d: 4096)
     with pytest.raises(CheckpointWriteError, match="no space left on device while writing"):
         save_checkpoint(path, {"model": {}})
@@ -232,8 +252,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 
 def test_disk_full_during_training_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ckpt.torch, "save", lambda *a, **k: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        ckpt.torch,
+        "save",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     out = tmp_path / "run"
     err = one_line_error(capsys, ["train", *TINY, "--out", str(out)])
     assert err.endswith(f"no space left on device while writing {out / 'checkpoint.pt'}")
@@ -244,8 +267,10 @@ def test_checkpoint_config_of_the_wrong_type_is_one_line(tmp_path, capsys, finis
     out = copy_run(finished_run, tmp_path)
     state = load_checkpoint(out)
     state["config"]["lr"] = "fast"
-    save_checkpoint(out / "checkpoint.pt", {k: v for k, v in state.items()
-                                            if k not in ("format_version", "rng", "checksum")})
+    save_checkpoint(
+        out / "checkpoint.pt",
+        {k: v for k, v in state.items() if k not in ("format_version", "rng", "checksum")},
+    )
     for argv in (["eval", str(out)], ["train", "--resume", str(out)]):
         err = one_line_error(capsys, argv)
         assert f"checkpoint {out / 'checkpoint.pt'} holds settings" in err
@@ -255,18 +280,23 @@ def test_checkpoint_config_of_the_wrong_type_is_one_line(tmp_path, capsys, finis
 @pytest.mark.parametrize("where", ["tensor", "optimizer", "position"])
 def test_flipped_bit_in_a_checkpoint_is_refused(tmp_path, capsys, where):
     weight = torch.linspace(-1, 1, 4096)
-    state = {"config": {"lr": 0.001}, "model": {"w": weight},
-             "optimizer": {"state": {0: {"exp_avg": torch.full((512,), 0.25)}}},
-             "position": {"epoch": 3, "batch": 0, "step": 7777777}}
+    state = {
+        "config": {"lr": 0.001},
+        "model": {"w": weight},
+        "optimizer": {"state": {0: {"exp_avg": torch.full((512,), 0.25)}}},
+        "position": {"epoch": 3, "batch": 0, "step": 7777777},
+    }
     path = save_checkpoint(tmp_path / "checkpoint.pt", state)
     assert torch.equal(load_checkpoint(path)["model"]["w"], weight)
     data = bytearray(path.read_bytes())
-    needle = {"tensor": weight.numpy().tobytes()[4000:4016],
-              "optimizer": torch.full((4,), 0.25).numpy().tobytes(),
-              "position": (7777777).to_bytes(4, "little")}[where]
+    needle = {
+        "tensor": weight.numpy().tobytes()[4000:4016],
+        "optimizer": torch.full((4,), 0.25).numpy().tobytes(),
+        "position": (7777777).to_bytes(4, "little"),
+    }[where]
     at = data.find(needle)
     assert at > 0
-    data[at + 2] ^= 0x10                    # one bit
+    data[at + 2] ^= 0x10  # one bit
     path.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="fails its checksum"):
         load_checkpoint(path)
@@ -281,6 +311,6 @@ def test_checkpoint_without_checksum_is_refused_old_format_still_loads(tmp_path)
     torch.save(state, path)
     with pytest.raises(ckpt.CheckpointError, match="has no checksum"):
         load_checkpoint(path)
-    state["format_version"] = 1     # written before checksums existed
+    state["format_version"] = 1  # written before checksums existed
     torch.save(state, path)
     assert load_checkpoint(path)["format_version"] == 1

@@ -4,6 +4,7 @@ their efficiency targets (no spills, no duplicated MMA work, one exp per S eleme
 SM, issue ceilings 0.6 forward and 0.5 backward). A regression fails here. Runs the report as
 `python -m fastcluster_cl.bench static` in a subprocess: the kernels must be compiled, not
 interpreted (TRITON_INTERPRET unset)."""
+
 import json
 import os
 import subprocess
@@ -13,17 +14,36 @@ import pytest
 
 from fastcluster_cl import static_report
 
-KEYS = {"kernel", "dtype", "block", "num_warps", "registers", "spill_bytes", "shared_bytes",
-        "ctas_per_sm", "mma_per_tile", "mma_floor_per_tile", "ex2_per_tile", "tile_elements",
-        "instructions_per_tile", "issue_ceiling", "ex2_ceiling"}
+KEYS = {
+    "kernel",
+    "dtype",
+    "block",
+    "num_warps",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "ctas_per_sm",
+    "mma_per_tile",
+    "mma_floor_per_tile",
+    "ex2_per_tile",
+    "tile_elements",
+    "instructions_per_tile",
+    "issue_ceiling",
+    "ex2_ceiling",
+}
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "fastcluster_cl.bench", "static", "--json",
-                           str(path)], env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastcluster_cl.bench", "static", "--json", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert path.exists(), done.stdout + done.stderr
     return done, json.loads(path.read_text())
 
@@ -65,9 +85,9 @@ def test_sass_parsing_finds_the_loop_and_skips_edge_paths():
 
 
 def test_occupancy_model():
-    assert static_report.ctas_per_sm(128, 82432, 128) == 2     # shared memory bound
-    assert static_report.ctas_per_sm(255, 1024, 256) == 1      # registers bound
-    assert static_report.ctas_per_sm(32, 0, 128) == 16         # threads bound
+    assert static_report.ctas_per_sm(128, 82432, 128) == 2  # shared memory bound
+    assert static_report.ctas_per_sm(255, 1024, 256) == 1  # registers bound
+    assert static_report.ctas_per_sm(32, 0, 128) == 16  # threads bound
 
 
 def test_objective_targets_are_checked(report):

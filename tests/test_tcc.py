@@ -1,17 +1,19 @@
 """TCC (fastcluster_cl.functional.tcc_loss, TCCHead) against an independent float64 NumPy
 implementation (tests/independent.py): values, gradients (central differences of the NumPy
 loss), the backends' agreement, the sampling and the head's initialisation."""
+
+import independent
 import numpy as np
 import pytest
 import torch
 
 import fastcluster_cl as fc
-import independent
 from fastcluster_cl.models.heads import TCCHead, max_separated
 
 F64 = torch.float64
-ARGS = dict(instance_temperature=0.4, cluster_temperature=0.8, gumbel_temperature=0.3,
-            residual_weight=0.1)
+ARGS = dict(
+    instance_temperature=0.4, cluster_temperature=0.8, gumbel_temperature=0.3, residual_weight=0.1
+)
 
 
 def problem(n=7, k=3, d=5, seed=0):
@@ -28,9 +30,14 @@ def problem(n=7, k=3, d=5, seed=0):
 
 def want(x, samples, prior):
     arrays = [t.detach().numpy() for t in x] + [s.numpy() for s in samples]
-    return independent.tcc_loss(*arrays, ARGS["instance_temperature"],
-                                ARGS["cluster_temperature"], ARGS["gumbel_temperature"],
-                                ARGS["residual_weight"], prior)
+    return independent.tcc_loss(
+        *arrays,
+        ARGS["instance_temperature"],
+        ARGS["cluster_temperature"],
+        ARGS["gumbel_temperature"],
+        ARGS["residual_weight"],
+        prior,
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked"])
@@ -73,8 +80,9 @@ def _backends():
     out = ["torch", "chunked"]
     try:
         from fastcluster_cl import kernels  # noqa: F401
+
         out.append("triton")
-    except Exception:   # no triton on this platform
+    except Exception:  # no triton on this platform
         pass
     return out
 
@@ -87,10 +95,9 @@ def test_tcc_backends_agree_in_float64(prior):
         leaves = [t.clone().requires_grad_() for t in x]
         parts = fc.tcc_loss(*leaves, samples=samples, prior=prior, backend=backend, **ARGS)
         sum(parts.values()).backward()
-        results[backend] = ({k: v.detach() for k, v in parts.items()},
-                            [t.grad for t in leaves])
+        results[backend] = ({k: v.detach() for k, v in parts.items()}, [t.grad for t in leaves])
     ref_parts, ref_grads = results["torch"]
-    for backend, (parts, grads) in results.items():
+    for _backend, (parts, grads) in results.items():
         for name in ref_parts:
             torch.testing.assert_close(parts[name], ref_parts[name], rtol=1e-10, atol=1e-12)
         for a, b in zip(grads, ref_grads):
@@ -109,8 +116,10 @@ def test_tcc_draws_gumbel_softmax_samples_with_lambda():
     got = fc.tcc_loss(*x, backend="torch", **ARGS)
     torch.manual_seed(3)
     lam = ARGS["gumbel_temperature"]
-    samples = (torch.nn.functional.gumbel_softmax(x[2] / lam, tau=lam, dim=1),
-               torch.nn.functional.gumbel_softmax(x[3] / lam, tau=lam, dim=1))
+    samples = (
+        torch.nn.functional.gumbel_softmax(x[2] / lam, tau=lam, dim=1),
+        torch.nn.functional.gumbel_softmax(x[3] / lam, tau=lam, dim=1),
+    )
     again = fc.tcc_loss(*x, samples=samples, backend="torch", **ARGS)
     for name in got:
         torch.testing.assert_close(got[name], again[name])

@@ -1,12 +1,17 @@
 """Schedule, optimizers (LARS, selection rules) and checkpoint files."""
+
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from fastcluster_cl.train.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint,
-                                             set_rng_state)
+from fastcluster_cl.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from fastcluster_cl.train.optim import LARS, build_optimizer, optimizer_description
 from fastcluster_cl.train.schedule import warmup_cosine, warmup_cosine_factor
 from fastcluster_cl.train.trainer import TrainConfig, check_resumable
@@ -16,7 +21,7 @@ def test_warmup_then_cosine():
     f = [warmup_cosine_factor(s, 4, 12, min_factor=0.1) for s in range(13)]
     assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f[4] == pytest.approx(1.0)
-    assert f[8] == pytest.approx(0.1 + 0.9 * 0.5)          # half-way through the cosine
+    assert f[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert f[12] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
 
@@ -43,8 +48,14 @@ def test_lars_step_matches_hand_computation():
     b = torch.nn.Parameter(torch.randn(4))
     gw, gb = torch.randn(3, 4), torch.randn(4)
     w0, b0 = w.detach().clone(), b.detach().clone()
-    opt = LARS([{"params": [w], "weight_decay": 0.1},
-                {"params": [b], "weight_decay": 0.1, "lars_exclude": True}], lr=0.5, eta=0.01)
+    opt = LARS(
+        [
+            {"params": [w], "weight_decay": 0.1},
+            {"params": [b], "weight_decay": 0.1, "lars_exclude": True},
+        ],
+        lr=0.5,
+        eta=0.01,
+    )
     for _ in range(2):
         w.grad, b.grad = gw.clone(), gb.clone()
         opt.step()
@@ -73,14 +84,17 @@ def test_build_optimizer_rules():
     lars = build_optimizer("lars", model, 0.1)
     assert isinstance(lars, LARS) and lars.param_groups[1]["lars_exclude"]
     with pytest.raises(RuntimeError, match="needs NVIDIA apex"):
-        build_optimizer("lamb", model, 1e-3)           # no apex, no CUDA here
+        build_optimizer("lamb", model, 1e-3)  # no apex, no CUDA here
     with pytest.raises(ValueError, match="optimizer must be one of"):
         build_optimizer("sgd", model, 1e-3)
 
 
 def _state():
-    return {"config": {"method": "cc"}, "model": {"w": torch.arange(3.0)},
-            "position": {"epoch": 1, "batch": 2, "step": 9}}
+    return {
+        "config": {"method": "cc"},
+        "model": {"w": torch.arange(3.0)},
+        "position": {"epoch": 1, "batch": 2, "step": 9},
+    }
 
 
 def test_checkpoint_round_trip_restores_rngs(tmp_path):
@@ -88,12 +102,12 @@ def test_checkpoint_round_trip_restores_rngs(tmp_path):
     path = save_checkpoint(tmp_path / "ck.pt", _state())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     with pytest.raises(CheckpointError, match="no checkpoint at"):
-        load_checkpoint(tmp_path)                          # a directory needs checkpoint.pt
+        load_checkpoint(tmp_path)  # a directory needs checkpoint.pt
     state = load_checkpoint(path)
     assert state["position"]["step"] == 9 and torch.equal(state["model"]["w"], torch.arange(3.0))
     set_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]   # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
 
 
 def test_checkpoint_errors(tmp_path):
@@ -136,15 +150,20 @@ def test_line_progress_prints_at_most_every_30_seconds_and_at_the_end():
     import io
 
     from fastcluster_cl.train.progress import LineProgress
+
     now = [0.0]
     out = io.StringIO()
-    lines = LineProgress(total_steps=100, epochs=10, start_step=0, stream=out,
-                         clock=lambda: now[0])
+    lines = LineProgress(total_steps=100, epochs=10, start_step=0, stream=out, clock=lambda: now[0])
     for step in range(1, 101):
-        now[0] += 1.0                       # one second and 64 images a step
+        now[0] += 1.0  # one second and 64 images a step
         lines.update(epoch=(step - 1) // 10, step=step, loss=1.0 / step, images=64)
     printed = out.getvalue().splitlines()
     assert [line.split("  ")[1] for line in printed] == [
-        "step 1/100", "step 31/100", "step 61/100", "step 91/100", "step 100/100"]
+        "step 1/100",
+        "step 31/100",
+        "step 61/100",
+        "step 91/100",
+        "step 100/100",
+    ]
     assert printed[1] == "epoch 4/10  step 31/100  loss 0.0323  64 img/s  ETA 1m09s"
     assert printed[-1].startswith("epoch 10/10  step 100/100") and "ETA 0m00s" in printed[-1]

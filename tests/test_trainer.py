@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny synthetic dataset: outputs, evaluation, the non-finite
 guard and resume checks."""
+
 import json
 
 import numpy as np
@@ -27,9 +28,18 @@ def blobs(n_per_class=32, classes=3, seed=0) -> ImageDataset:
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
-    base = dict(epochs=3, batch_size=32, hidden_dim=32, projection_dim=16, lr=3e-3,
-                warmup_epochs=0.5, eval_every=1, eval_batch_size=64, out=str(tmp_path / "run"),
-                progress=False)
+    base = dict(
+        epochs=3,
+        batch_size=32,
+        hidden_dim=32,
+        projection_dim=16,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        eval_every=1,
+        eval_batch_size=64,
+        out=str(tmp_path / "run"),
+        progress=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -60,8 +70,9 @@ def test_tiny_run_writes_every_output(tmp_path, method):
         for png in ("losses.png", "confusion.png", "embedding.png"):
             assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
         assert list((out / "tensorboard").iterdir())
-    evaluator = Trainer.for_evaluation(TrainConfig.from_dict(state["config"]), state,
-                                       dataset=blobs())
+    evaluator = Trainer.for_evaluation(
+        TrainConfig.from_dict(state["config"]), state, dataset=blobs()
+    )
     again, *_ = evaluator.evaluate()
     assert again["nmi"] == pytest.approx(metrics["nmi"])
 
@@ -71,8 +82,14 @@ def test_short_training_lowers_the_loss(tmp_path, method):
     """Smoke test per method (a few seconds): over 5 epochs of the tiny set the loss falls and
     every metric is finite."""
     torch.set_num_threads(1)
-    cfg = tiny(tmp_path, method=method, epochs=5, plots=False, eval_every=0,
-               **({"centre_warmup_epochs": 0} if method == "anchor" else {}))
+    cfg = tiny(
+        tmp_path,
+        method=method,
+        epochs=5,
+        plots=False,
+        eval_every=0,
+        **({"centre_warmup_epochs": 0} if method == "anchor" else {}),
+    )
     metrics = train(cfg, dataset=blobs())
     records = read_log(tmp_path / "run" / "log.jsonl", "step")
     # anchor: DEC's self-training target sharpens as the centres move, so its KL (and the total)
@@ -98,19 +115,21 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(RunDirError, match="already holds a run; resume it with --resume"):
         Trainer(tiny(tmp_path, epochs=1), dataset=blobs())
     with pytest.raises(CheckpointError, match=r"hidden_dim=64 \(checkpoint: 32\)"):
-        Trainer(tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(),
-                resume_from=tmp_path / "run")
+        Trainer(
+            tiny(tmp_path, epochs=1, hidden_dim=64), dataset=blobs(), resume_from=tmp_path / "run"
+        )
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
     torch.set_num_threads(1)
-    trainer = Trainer(tiny(tmp_path, method="cc", amp="bf16", epochs=1, plots=False),
-                      dataset=blobs())
+    trainer = Trainer(
+        tiny(tmp_path, method="cc", amp="bf16", epochs=1, plots=False), dataset=blobs()
+    )
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     metrics = trainer.fit()
     steps = read_log(tmp_path / "run" / "log.jsonl", "step")
     assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
-    assert trainer.model.projector.net[0].weight.dtype == torch.float32   # master weights
+    assert trainer.model.projector.net[0].weight.dtype == torch.float32  # master weights
     assert 0 <= metrics["nmi"] <= 1
 
 
@@ -120,8 +139,18 @@ def test_torch_compile_matches_eager(tmp_path):
     losses = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
-        train(tiny(tmp_path, method="cc", epochs=1, compile=compiled, plots=False, eval_every=0,
-                   out=str(out)), dataset=blobs())
+        train(
+            tiny(
+                tmp_path,
+                method="cc",
+                epochs=1,
+                compile=compiled,
+                plots=False,
+                eval_every=0,
+                out=str(out),
+            ),
+            dataset=blobs(),
+        )
         losses[compiled] = [r["loss"] for r in read_log(out / "log.jsonl", "step")]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
@@ -136,7 +165,7 @@ def test_centre_warmup_trains_the_instance_loss_first(tmp_path):
     init = read_log(log, "init_centres")
     assert len(init) == 1 and init[0]["time"] > steps[2]["time"]
     evals = read_log(log, "eval")
-    assert "nmi" not in evals[0] and "kmeans_nmi" in evals[0]   # centres not yet set
+    assert "nmi" not in evals[0] and "kmeans_nmi" in evals[0]  # centres not yet set
     assert "nmi" in evals[1] and 0 <= metrics["nmi"] <= 1
     with pytest.raises(ValueError, match="anchor method"):
         TrainConfig(method="cc", centre_warmup_epochs=1).check()
@@ -151,15 +180,22 @@ def test_centre_init_features_come_from_class_mixed_batches(tmp_path):
     trainer = Trainer(tiny(tmp_path, eval_batch_size=32), dataset=data)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     feats, _, labels = trainer._features(train_mode=True)
-    np.testing.assert_array_equal(labels, data.labels)          # back in dataset order
+    np.testing.assert_array_equal(labels, data.labels)  # back in dataset order
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
     found = KMeans(3, n_init=10, random_state=0).fit_predict(feats)
     assert normalized_mutual_info_score(labels, found) > 0.95
 
 
-@pytest.mark.parametrize("method, epochs, warmup, expected", [
-    ("anchor", 80, None, 10), ("anchor", 7, None, 0), ("anchor", 80, 3, 3),
-    ("cc", 80, None, 0), ("tcc", 80, None, 0)])
+@pytest.mark.parametrize(
+    "method, epochs, warmup, expected",
+    [
+        ("anchor", 80, None, 10),
+        ("anchor", 7, None, 0),
+        ("anchor", 80, 3, 3),
+        ("cc", 80, None, 0),
+        ("tcc", 80, None, 0),
+    ],
+)
 def test_centre_warmup_default_is_an_eighth_of_the_anchor_run(method, epochs, warmup, expected):
     config = TrainConfig(method=method, epochs=epochs, centre_warmup_epochs=warmup)
     config.check()
@@ -171,33 +207,49 @@ def nan_gradient_at(trainer, steps):
     stays finite."""
     weight = trainer.model.projector.net[0].weight
     return weight.register_hook(
-        lambda g: torch.full_like(g, float("nan")) if trainer.step in steps else g)
+        lambda g: torch.full_like(g, float("nan")) if trainer.step in steps else g
+    )
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
 def test_nan_gradient_with_finite_loss_stops(tmp_path, grad_clip):
     torch.set_num_threads(1)
-    trainer = Trainer(tiny(tmp_path, method="cc", plots=False, grad_clip=grad_clip),
-                      dataset=blobs())
+    trainer = Trainer(
+        tiny(tmp_path, method="cc", plots=False, grad_clip=grad_clip), dataset=blobs()
+    )
     nan_gradient_at(trainer, {1})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan \(the loss is finite\) "
-                       r"at epoch 0 step 1 \(loss=.*--skip-nonfinite-steps N"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"gradient norm is nan \(the loss is finite\) "
+        r"at epoch 0 step 1 \(loss=.*--skip-nonfinite-steps N",
+    ):
         trainer.fit()
-    assert trainer.step == 1     # step 0 updated, step 1 did not
-    assert not (tmp_path / "run").exists()   # failed before its first checkpoint
+    assert trainer.step == 1  # step 0 updated, step 1 did not
+    assert not (tmp_path / "run").exists()  # failed before its first checkpoint
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values()
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in trainer.model.state_dict().values()
+        if v.is_floating_point()
+    )
 
 
 def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
     torch.set_num_threads(1)
-    bad = {1, 4}     # epoch 0 step 1, epoch 1 step 4
+    bad = {1, 4}  # epoch 0 step 1, epoch 1 step 4
 
     def config(name, **kw):
-        return tiny(tmp_path, method="cc", plots=False, epochs=2, eval_every=0,
-                    skip_nonfinite_steps=2, out=str(tmp_path / name), **kw)
+        return tiny(
+            tmp_path,
+            method="cc",
+            plots=False,
+            epochs=2,
+            eval_every=0,
+            skip_nonfinite_steps=2,
+            out=str(tmp_path / name),
+            **kw,
+        )
 
     full = Trainer(config("full"), dataset=blobs())
     nan_gradient_at(full, bad)
@@ -221,6 +273,7 @@ def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
     def save_then_stop(self):
         real_save(self)
         raise Stop
+
     part.save = save_then_stop.__get__(part)
     with pytest.raises(Stop):
         part.fit()
@@ -231,15 +284,20 @@ def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
     assert b["skipped_steps"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    losses = [[(r["step"], r["loss"]) for r in read_log(tmp_path / n / "log.jsonl", "step")]
-              for n in ("full", "part")]
+    losses = [
+        [(r["step"], r["loss"]) for r in read_log(tmp_path / n / "log.jsonl", "step")]
+        for n in ("full", "part")
+    ]
     assert losses[0] == sorted(set(losses[1]))
 
     # a third non-finite step with --skip-nonfinite-steps 2 stops the run, naming the limit
     third = Trainer(config("third"), dataset=blobs())
     nan_gradient_at(third, {0, 1, 2})
-    with pytest.raises(NonFiniteLossError, match=r"2 such steps were skipped already "
-                       r"\(--skip-nonfinite-steps 2\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"2 such steps were skipped already "
+        r"\(--skip-nonfinite-steps 2\)",
+    ):
         third.fit()
 
 
@@ -247,15 +305,24 @@ def test_skip_nonfinite_steps_is_bounded_logged_and_resume_exact(tmp_path):
 @pytest.mark.parametrize("name", ["digits", "mnist5k", "cifar10"])
 def test_presets_fill_what_the_user_leaves_out(method, name):
     from fastcluster_cl.train.presets import preset
+
     dataset = blobs()
-    dataset.name = name   # resolve reads only the name, the classes and the image size
+    dataset.name = name  # resolve reads only the name, the classes and the image size
     resolved = resolve(TrainConfig(method=method, dataset=name), dataset)
     p = preset(method, name)
-    for key in ("epochs", "lr", "warmup_epochs", "instance_temperature", "cluster_temperature",
-                "gumbel_temperature", "loss_weights"):
+    for key in (
+        "epochs",
+        "lr",
+        "warmup_epochs",
+        "instance_temperature",
+        "cluster_temperature",
+        "gumbel_temperature",
+        "loss_weights",
+    ):
         assert getattr(resolved, key) == p[key], key
     if p["backbone"] != "auto":
         assert resolved.backbone == p["backbone"]
-    given = resolve(TrainConfig(method=method, dataset=name, epochs=9, lr=0.5,
-                                backbone="small_cnn"), dataset)
+    given = resolve(
+        TrainConfig(method=method, dataset=name, epochs=9, lr=0.5, backbone="small_cnn"), dataset
+    )
     assert (given.epochs, given.lr, given.backbone) == (9, 0.5, "small_cnn")

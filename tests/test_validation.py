@@ -1,4 +1,5 @@
 """Bad input gives a clear error naming the problem, never a NaN loss."""
+
 import math
 
 import pytest
@@ -14,8 +15,11 @@ def z(n=4, d=3, dtype=torch.float32):
 
 @pytest.mark.parametrize("tau", [0.0, 5e-9, math.inf, math.nan])
 def test_nt_xent_rejects_bad_temperature(tau):
-    with pytest.raises(ValueError, match=r"temperature must be a finite number with "
-                                         r"\|temperature\| >= 1e-8"):
+    with pytest.raises(
+        ValueError,
+        match=r"temperature must be a finite number with "
+        r"\|temperature\| >= 1e-8",
+    ):
         fc.nt_xent(z(), z(), tau)
 
 
@@ -33,13 +37,16 @@ def test_temperature_type_is_checked():
         fc.nt_xent(z(), z(), "0.5")
 
 
-@pytest.mark.parametrize("a,b,match", [
-    (z(4, 3), z(5, 3), "the views must match"),
-    (z(4, 3), z(4, 2), "the views must match"),
-    (torch.randn(4), torch.randn(4), "must be 2-D"),
-    (z(0, 3), z(0, 3), "an empty batch"),
-    (z(4, 0), z(4, 0), "at least 1 columns"),
-])
+@pytest.mark.parametrize(
+    "a,b,match",
+    [
+        (z(4, 3), z(5, 3), "the views must match"),
+        (z(4, 3), z(4, 2), "the views must match"),
+        (torch.randn(4), torch.randn(4), "must be 2-D"),
+        (z(0, 3), z(0, 3), "an empty batch"),
+        (z(4, 0), z(4, 0), "at least 1 columns"),
+    ],
+)
 def test_nt_xent_rejects_bad_shapes(a, b, match):
     with pytest.raises(ValueError, match=match):
         fc.nt_xent(a, b)
@@ -119,6 +126,7 @@ def test_tcc_checks_rows_and_gumbel_tau():
 def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
     from fastcluster_cl import validation
     from fastcluster_cl.losses import dispatch
+
     monkeypatch.setattr(dispatch, "_RESOLVED", {})
     monkeypatch.setitem(dispatch._LOADED, "cuda", validation)  # a module without nt_xent
     with pytest.raises(NotImplementedError, match="has no nt_xent"):
@@ -134,5 +142,6 @@ def test_tcc_checks_dtypes_and_devices_across_logits_and_features():
     meta = torch.empty(4, 6, device="meta")
     with pytest.raises(ValueError, match="h_a is on meta but logits_a is on cpu; move them"):
         fc.tcc_cluster_loss(c, c, meta, meta)
-    assert fc.tcc_cluster_loss(c.double(), c.double(), h.double(), h.double()).dtype \
-        == torch.float64
+    assert (
+        fc.tcc_cluster_loss(c.double(), c.double(), h.double(), h.double()).dtype == torch.float64
+    )

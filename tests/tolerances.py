@@ -17,6 +17,7 @@ In the low-precision regime users train in (correlated views at small tau) a fix
 1000% errors once, so fp16/bf16 there are bounded by the fp32-accumulating chunked path instead
 (`lowp_bounds`): twice its error on the same inputs, the gradient's floored at twice the rounding
 of the float64 reference gradient to the dtype, the loss's at 1e-6."""
+
 from typing import NamedTuple
 
 import torch
@@ -56,13 +57,28 @@ def _assert_grad(got, want, rtol, atol, what, scale=None):
     normal number of got's dtype (gradients that underflow it cannot be held)."""
     assert torch.isfinite(got).all(), what
     scale = want.abs().max().item() if scale is None else scale
-    torch.testing.assert_close(got.to(F64), want, rtol=rtol,
-                               atol=max(atol * scale, torch.finfo(got.dtype).tiny),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.to(F64),
+        want,
+        rtol=rtol,
+        atol=max(atol * scale, torch.finfo(got.dtype).tiny),
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
-def check_against_reference(fn, ref, inputs, dtype, *, device="cpu", weights=None, loosen=1.0,
-                            kind=None, out_dtype=None, grad_scale=None):
+def check_against_reference(
+    fn,
+    ref,
+    inputs,
+    dtype,
+    *,
+    device="cpu",
+    weights=None,
+    loosen=1.0,
+    kind=None,
+    out_dtype=None,
+    grad_scale=None,
+):
     """fn(*inputs in dtype on device) against ref(*the same values in float64): the outputs and
     the gradients of sum(weights * output) (every input ref differentiates; an input without a
     reference gradient must get none or zeros). kind: FP32_MATH (values to fp32's tolerance) or
@@ -81,8 +97,9 @@ def check_against_reference(fn, ref, inputs, dtype, *, device="cpu", weights=Non
     tol = TOLERANCE[dtype]
     value = TOLERANCE[accumulation] if kind in (FP32_MATH, ROUNDED_ONCE) else tol
     rounding = torch.finfo(got.dtype).eps if got.dtype in LOWP else 0.0
-    torch.testing.assert_close(got.to(F64), want, rtol=value.value_rtol * loosen + rounding,
-                               atol=value.value_atol * loosen)
+    torch.testing.assert_close(
+        got.to(F64), want, rtol=value.value_rtol * loosen + rounding, atol=value.value_atol * loosen
+    )
     w = torch.ones_like(want) if weights is None else weights.to(want)
     (got * w.to(got)).sum().backward()
     (want * w).sum().backward()
@@ -94,8 +111,14 @@ def check_against_reference(fn, ref, inputs, dtype, *, device="cpu", weights=Non
         if kind == ROUNDED_ONCE:
             _assert_grad(a.grad, b.grad, 4 * torch.finfo(dtype).eps, 1e-6, f"gradient {i}")
         else:
-            _assert_grad(a.grad, b.grad, tol.grad_rtol * loosen, tol.grad_atol * loosen,
-                         f"gradient {i}", grad_scale)
+            _assert_grad(
+                a.grad,
+                b.grad,
+                tol.grad_rtol * loosen,
+                tol.grad_atol * loosen,
+                f"gradient {i}",
+                grad_scale,
+            )
 
 
 def relative_errors(loss_fn, ref_fn, inputs, dtype):
@@ -127,5 +150,9 @@ def lowp_bounds(chunked_fn, ref_fn, inputs, dtype):
 def assert_within_lowp_bounds(loss_fn, chunked_fn, ref_fn, inputs, dtype):
     grad_err, loss_err = relative_errors(loss_fn, ref_fn, inputs, dtype)
     grad_bound, loss_bound = lowp_bounds(chunked_fn, ref_fn, inputs, dtype)
-    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err, grad_bound,
-                                                               loss_bound)
+    assert grad_err <= grad_bound and loss_err <= loss_bound, (
+        grad_err,
+        loss_err,
+        grad_bound,
+        loss_bound,
+    )

@@ -13,6 +13,7 @@ imports fastcluster_cl, which declares the schemas when torch has no CUDA. Nothi
 start-up. A matching torch / torchvision pair (a CUDA torch, or CPU builds of both) never needs
 it: there the schemas exist and the shim does nothing. Remove it with `--uninstall`.
 """
+
 from __future__ import annotations
 
 import importlib.abc

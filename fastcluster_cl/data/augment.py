@@ -23,6 +23,7 @@ with p .5. Measured on mnist5k (docs/methods.md): this set takes CC from NMI .44
 .95. Every random number of it is drawn with the view's other parameters (noise as one seed per
 image), so it too is a function of (seed, epoch, batch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,16 +49,16 @@ class AugmentSpec:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     # Digit operations (`digit_view`); all off by default.
-    rotate: float = 0.0                      # degrees, uniform in [-rotate, rotate]
-    shear: float = 0.0                       # degrees, uniform in [-shear, shear]
+    rotate: float = 0.0  # degrees, uniform in [-rotate, rotate]
+    shear: float = 0.0  # degrees, uniform in [-shear, shear]
     scale: tuple[float, float] = (1.0, 1.0)  # zoom factor range
-    translate: float = 0.0                   # fraction of the side, uniform in +-translate
+    translate: float = 0.0  # fraction of the side, uniform in +-translate
     elastic_p: float = 0.0
-    elastic_sigma: float = 0.0               # std of the coarse displacements, in [-1, 1] units
-    morph_p: float = 0.0                     # a dilation or an erosion (half each)
-    intensity_p: float = 0.0                 # contrast change and Gaussian noise together
+    elastic_sigma: float = 0.0  # std of the coarse displacements, in [-1, 1] units
+    morph_p: float = 0.0  # a dilation or an erosion (half each)
+    intensity_p: float = 0.0  # contrast change and Gaussian noise together
     contrast: tuple[float, float] = (1.0, 1.0)
-    noise_sigma: float = 0.0                 # of the [0, 1] pixel range
+    noise_sigma: float = 0.0  # of the [0, 1] pixel range
     erase_p: float = 0.0
     erase_scale: tuple[float, float] = (0.02, 0.2)  # fraction of the area
     erase_ratio: tuple[float, float] = (0.3, 3.3)
@@ -71,16 +72,18 @@ class AugmentSpec:
             raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
         for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
         if not 0 <= self.jitter_strength <= 1.25:  # hue 0.2 s must stay within 0.25
             raise ValueError(f"jitter_strength must be in [0, 1.25], got {self.jitter_strength}")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
         for name in ("elastic_p", "morph_p", "intensity_p", "erase_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
         for name in ("rotate", "shear", "translate", "elastic_sigma", "noise_sigma"):
             if not 0 <= getattr(self, name) < 90:
                 raise ValueError(f"{name} must be in [0, 90), got {getattr(self, name)}")
@@ -99,9 +102,16 @@ class AugmentSpec:
     def uses_digit_ops(self) -> bool:
         """Whether `digit_view` has anything to do (affine, elastic, morphology, intensity,
         erasing)."""
-        return (self.rotate > 0 or self.shear > 0 or self.scale != (1.0, 1.0)
-                or self.translate > 0 or (self.elastic_p > 0 and self.elastic_sigma > 0)
-                or self.morph_p > 0 or self.intensity_p > 0 or self.erase_p > 0)
+        return (
+            self.rotate > 0
+            or self.shear > 0
+            or self.scale != (1.0, 1.0)
+            or self.translate > 0
+            or (self.elastic_p > 0 and self.elastic_sigma > 0)
+            or self.morph_p > 0
+            or self.intensity_p > 0
+            or self.erase_p > 0
+        )
 
     def blur_kernel(self, image_size: int) -> int:
         """Odd kernel side, about 10% of the image side (SimCLR), at least 3."""
@@ -110,17 +120,35 @@ class AugmentSpec:
 
 _RGB = AugmentSpec()
 # The strong digit augmentation (module docstring); no crop, flip or colour.
-DIGIT_STRONG = AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
-                           jitter_p=0.0, gray_p=0.0, rotate=20.0, shear=15.0, scale=(0.75, 1.25),
-                           translate=0.12, elastic_p=0.5, elastic_sigma=0.06, morph_p=0.5,
-                           intensity_p=0.5, contrast=(0.8, 1.3), noise_sigma=0.1, erase_p=0.5)
+DIGIT_STRONG = AugmentSpec(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_p=0.0,
+    jitter_p=0.0,
+    gray_p=0.0,
+    rotate=20.0,
+    shear=15.0,
+    scale=(0.75, 1.25),
+    translate=0.12,
+    elastic_p=0.5,
+    elastic_sigma=0.06,
+    morph_p=0.5,
+    intensity_p=0.5,
+    contrast=(0.8, 1.3),
+    noise_sigma=0.1,
+    erase_p=0.5,
+)
 # The 8 x 8 digits: the same without the dilation / erosion, which at 8 px thickens or erases
 # whole strokes (digits, seed 0, one thread, cc / anchor / tcc NMI: with it .921 / .903 / .885,
 # without .940 / .940 / .899; docs/methods.md).
 DIGIT_8PX = dataclasses.replace(DIGIT_STRONG, morph_p=0.0)
 _PRESETS = {
-    "digits": DIGIT_8PX, "mnist5k": DIGIT_STRONG,
-    "cifar10": _RGB, "cifar100": _RGB, "stl10": _RGB, "tiny_imagenet": _RGB,
+    "digits": DIGIT_8PX,
+    "mnist5k": DIGIT_STRONG,
+    "cifar10": _RGB,
+    "cifar100": _RGB,
+    "stl10": _RGB,
+    "tiny_imagenet": _RGB,
     "imagenet10": AugmentSpec(blur_p=0.5),
 }
 _PRESETS["imagenet_dogs"] = _PRESETS["imagenet10"]
@@ -166,14 +194,16 @@ class ViewParams:
     erase: np.ndarray | None = None
 
 
-def _sample_crops(rng: np.random.Generator, n: int, height: int, width: int,
-                  spec: AugmentSpec, attempts: int = 10):
+def _sample_crops(
+    rng: np.random.Generator, n: int, height: int, width: int, spec: AugmentSpec, attempts: int = 10
+):
     """torchvision's RandomResizedCrop.get_params, vectorised over n images: up to 10 tries of
     (area, log-uniform ratio), first box that fits wins; else a centred crop of clamped ratio."""
     area = height * width
     target = area * rng.uniform(*spec.crop_scale, size=(n, attempts))
-    ratio = np.exp(rng.uniform(math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]),
-                               size=(n, attempts)))
+    ratio = np.exp(
+        rng.uniform(math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), size=(n, attempts))
+    )
     w = np.rint(np.sqrt(target * ratio)).astype(np.int64)
     h = np.rint(np.sqrt(target / ratio)).astype(np.int64)
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
@@ -196,8 +226,9 @@ def _sample_crops(rng: np.random.Generator, n: int, height: int, width: int,
     return top, left, h, w
 
 
-def sample_view_params(rng: np.random.Generator, n: int, height: int, width: int,
-                       spec: AugmentSpec) -> ViewParams:
+def sample_view_params(
+    rng: np.random.Generator, n: int, height: int, width: int, spec: AugmentSpec
+) -> ViewParams:
     """Draw one view's parameters for n images of size height x width."""
     top, left, h, w = _sample_crops(rng, n, height, width, spec)
     flip = rng.random(n) < spec.flip_p
@@ -218,8 +249,9 @@ def sample_view_params(rng: np.random.Generator, n: int, height: int, width: int
     return params
 
 
-def _sample_digit_params(rng: np.random.Generator, n: int, spec: AugmentSpec,
-                         p: ViewParams) -> None:
+def _sample_digit_params(
+    rng: np.random.Generator, n: int, spec: AugmentSpec, p: ViewParams
+) -> None:
     rot = np.deg2rad(rng.uniform(-spec.rotate, spec.rotate, size=n))
     shear = np.deg2rad(rng.uniform(-spec.shear, spec.shear, size=n))
     zoom = rng.uniform(*spec.scale, size=n)
@@ -234,20 +266,24 @@ def _sample_digit_params(rng: np.random.Generator, n: int, spec: AugmentSpec,
     theta = np.concatenate([inv, -(inv @ shift[:, :, None])], axis=2)
     p.theta = theta.astype(np.float32)
     on = rng.random(n) < spec.elastic_p
-    field = rng.normal(0.0, spec.elastic_sigma, size=(n, 2, 4, 4)) if spec.elastic_sigma else \
-        np.zeros((n, 2, 4, 4))
+    field = (
+        rng.normal(0.0, spec.elastic_sigma, size=(n, 2, 4, 4))
+        if spec.elastic_sigma
+        else np.zeros((n, 2, 4, 4))
+    )
     p.elastic = np.where(on[:, None, None, None], field, 0.0).astype(np.float32)
     on = rng.random(n) < spec.morph_p
     sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
     p.morph = np.where(on, sign * rng.uniform(0.5, 1.0, size=n), 0.0).astype(np.float32)
     on = rng.random(n) < spec.intensity_p
     p.gain = np.where(on, rng.uniform(*spec.contrast, size=n), 1.0).astype(np.float32)
-    seeds = rng.integers(0, 2 ** 62, size=n)
+    seeds = rng.integers(0, 2**62, size=n)
     p.noise_seed = np.where(on & (spec.noise_sigma > 0), seeds, -1).astype(np.int64)
     on = rng.random(n) < spec.erase_p
     area = rng.uniform(*spec.erase_scale, size=n)
-    ratio = np.exp(rng.uniform(math.log(spec.erase_ratio[0]), math.log(spec.erase_ratio[1]),
-                               size=n))
+    ratio = np.exp(
+        rng.uniform(math.log(spec.erase_ratio[0]), math.log(spec.erase_ratio[1]), size=n)
+    )
     eh, ew = np.minimum(np.sqrt(area * ratio), 1.0), np.minimum(np.sqrt(area / ratio), 1.0)
     top, left = rng.random(n) * (1 - eh), rng.random(n) * (1 - ew)
     p.erase = np.stack([top, left, np.where(on, eh, 0.0), ew], axis=1).astype(np.float32)
@@ -263,11 +299,14 @@ def digit_view(x: torch.Tensor, p: ViewParams, spec: AugmentSpec) -> torch.Tenso
         return x
     b, _, size, _ = x.shape
     dev, dt = x.device, x.dtype
-    grid = F.affine_grid(torch.from_numpy(p.theta).to(dev, dt), list(x.shape),
-                         align_corners=False)
+    grid = F.affine_grid(torch.from_numpy(p.theta).to(dev, dt), list(x.shape), align_corners=False)
     if p.elastic.any():
-        disp = F.interpolate(torch.from_numpy(p.elastic).to(dev, dt), size=(size, size),
-                             mode="bicubic", align_corners=True)
+        disp = F.interpolate(
+            torch.from_numpy(p.elastic).to(dev, dt),
+            size=(size, size),
+            mode="bicubic",
+            align_corners=True,
+        )
         grid = grid + disp.permute(0, 2, 3, 1)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     m = torch.from_numpy(p.morph).to(dev, dt).view(b, 1, 1, 1)
@@ -282,21 +321,26 @@ def digit_view(x: torch.Tensor, p: ViewParams, spec: AugmentSpec) -> torch.Tenso
     noisy = np.flatnonzero(p.noise_seed >= 0)
     if len(noisy):
         shape = x.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-            int(p.noise_seed[i]))) for i in noisy]).to(dev, dt)
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(int(p.noise_seed[i])))
+                for i in noisy
+            ]
+        ).to(dev, dt)
         x = x.index_add(0, torch.from_numpy(noisy).to(dev), noise * spec.noise_sigma)
     if (p.erase[:, 2] > 0).any():
         e = torch.from_numpy(p.erase).to(dev, dt)
         pos = (torch.arange(size, device=dev, dtype=dt) + 0.5) / size
-        rows = (pos >= e[:, 0:1]) & (pos < e[:, 0:1] + e[:, 2:3])        # (B, S)
+        rows = (pos >= e[:, 0:1]) & (pos < e[:, 0:1] + e[:, 2:3])  # (B, S)
         cols = (pos >= e[:, 1:2]) & (pos < e[:, 1:2] + e[:, 3:4])
         keep = ~(rows[:, :, None] & cols[:, None, :])
         x = x * keep[:, None].to(dt)
     return x.clamp_(0.0, 1.0)
 
 
-def torchvision_view(images: torch.Tensor, p: ViewParams, size: int,
-                     spec: AugmentSpec) -> torch.Tensor:
+def torchvision_view(
+    images: torch.Tensor, p: ViewParams, size: int, spec: AugmentSpec
+) -> torch.Tensor:
     """Apply one view's parameters with torchvision.transforms.v2.functional.
 
     images: uint8 (B, C, H, W). Returns uint8 (B, C, size, size). The digit operations of
@@ -315,9 +359,16 @@ def _identity_view(images: torch.Tensor, p: ViewParams, size: int, spec: Augment
     """Whether the per-image ops leave the batch as it is (full-image boxes at the same size,
     no flip, colour or blur): the digit presets' case, which then skips the per-image loop."""
     _, _, h, w = images.shape
-    return (h == w == size and not spec.uses_colour and not p.flip.any()
-            and not (p.sigma > 0).any() and (p.top == 0).all() and (p.left == 0).all()
-            and (p.height == h).all() and (p.width == w).all())
+    return (
+        h == w == size
+        and not spec.uses_colour
+        and not p.flip.any()
+        and not (p.sigma > 0).any()
+        and (p.top == 0).all()
+        and (p.left == 0).all()
+        and (p.height == h).all()
+        and (p.width == w).all()
+    )
 
 
 def _torchvision_ops(images: torch.Tensor, p: ViewParams, size: int, spec: AugmentSpec, F):
@@ -328,8 +379,15 @@ def _torchvision_ops(images: torch.Tensor, p: ViewParams, size: int, spec: Augme
     adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
     out = []
     for i, img in enumerate(images):
-        img = F.resized_crop(img, int(p.top[i]), int(p.left[i]), int(p.height[i]),
-                             int(p.width[i]), [size, size], antialias=True)
+        img = F.resized_crop(
+            img,
+            int(p.top[i]),
+            int(p.left[i]),
+            int(p.height[i]),
+            int(p.width[i]),
+            [size, size],
+            antialias=True,
+        )
         if p.flip[i]:
             img = F.horizontal_flip(img)
         factors = (p.brightness[i], p.contrast[i], p.saturation[i], p.hue[i])

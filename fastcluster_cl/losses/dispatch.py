@@ -4,10 +4,11 @@ signatures of `fastcluster_cl.losses.reference`. A backend may define
 ``unavailable_reason(device) -> str | None`` to refuse devices it cannot run on. Asking a backend
 for an op it lacks, or for a device it refuses, raises: no silent fallback.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -62,16 +63,19 @@ def _lookup(op: str, backend: str, device: torch.device) -> Callable | None:
     try:
         module = _backend_module(name)
     except ImportError as err:
-        raise RuntimeError(f"backend={name!r} cannot be loaded here ({err}); use backend='auto', "
-                           "'chunked' or 'torch'") from err
+        raise RuntimeError(
+            f"backend={name!r} cannot be loaded here ({err}); use backend='auto', "
+            "'chunked' or 'torch'"
+        ) from err
     reason = getattr(module, "unavailable_reason", lambda _device: None)(device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
     return getattr(module, op, None)
 
 
-def implementation(op: str, backend: str, device: torch.device,
-                   required: bool = True) -> Callable | None:
+def implementation(
+    op: str, backend: str, device: torch.device, required: bool = True
+) -> Callable | None:
     """The function computing `op` on `backend` ("auto" resolved) for tensors on `device`; None
     for an optional op (required=False, e.g. a fused variant) that the backend lacks. Resolved
     once per (op, backend, device)."""
@@ -80,6 +84,8 @@ def implementation(op: str, backend: str, device: torch.device,
         _RESOLVED[key] = _lookup(op, backend, device)
     fn = _RESOLVED[key]
     if fn is None and required:
-        raise NotImplementedError(f"backend={resolve(backend, device)!r} has no {op}; use "
-                                  "backend='torch' or 'chunked' for it")
+        raise NotImplementedError(
+            f"backend={resolve(backend, device)!r} has no {op}; use "
+            "backend='torch' or 'chunked' for it"
+        )
     return fn

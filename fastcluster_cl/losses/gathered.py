@@ -8,7 +8,7 @@ parameter gradients over ranks, which then gives exactly the single-process grad
 - NT-Xent (backends chunked / triton / cuda): a rank all-gathers Z in its input dtype (not
   differentiably), computes the masked lse and the loss of its own rows against all of Z with
   the backend's `lse_rows`, all-gathers those per-row values and returns the mean loss over its
-  rows. The backward is analytic (DESIGN.md): the backend's `grad_rows` over the local rows
+  rows. The backward is analytic (docs/design.md): the backend's `grad_rows` over the local rows
   needs only the gathered Z and per-row values, so no B x D gradient is ever reduced across
   ranks. Forward and backward are `nt_xent_autograd.NTXent`, the single-process path's.
 - NT-Xent (backend torch): the independent cross-check, lightly's formulation: a differentiable
@@ -18,6 +18,7 @@ parameter gradients over ranks, which then gives exactly the single-process grad
   DEC f_k) are all-reduced; the loss from global statistics is identical on every rank and the
   all-reduce's backward gives each rank world_size times its share of the gradient.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,16 +32,17 @@ from .nt_xent_autograd import NTXentBackend, RowGrad, RowLSE, local_row_ranges
 from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows, l2_normalize
 
 
-
-def nt_xent_rows(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-                 lse_rows: RowLSE, grad_rows: RowGrad) -> torch.Tensor:
+def nt_xent_rows(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, lse_rows: RowLSE, grad_rows: RowGrad
+) -> torch.Tensor:
     """Gathered NT-Xent with explicit row-range primitives (the backends' `lse_rows` and
     `grad_rows`, possibly with a block size bound), through `nt_xent_autograd.NTXent`."""
     return _gathered(z_a, z_b, temperature, NTXentBackend("rows", lse_rows, grad_rows))
 
 
-def _gathered(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-              spec: NTXentBackend) -> torch.Tensor:
+def _gathered(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, spec: NTXentBackend
+) -> torch.Tensor:
     D.check_equal_rows("z_a", z_a.shape[0], z_a.device)
     return nt_xent_autograd.nt_xent(z_a, z_b, temperature, spec, gather=True)
 
@@ -52,17 +54,17 @@ def _nt_xent_autograd(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
     n, total = z_a.shape[0], z_a.shape[0] * D.world_size()
     z = torch.cat([D.gather_rows_with_grad(z_a.to(acc)), D.gather_rows_with_grad(z_b.to(acc))])
     z = l2_normalize(z)[0]
-    rows = torch.cat([torch.arange(start, end) for start, end in
-                      local_row_ranges(n, D.rank(), D.world_size())]).to(z.device)
-    s = z[rows] @ z.T / temperature                                  # (2n, 2N_global)
+    rows = torch.cat(
+        [torch.arange(start, end) for start, end in local_row_ranges(n, D.rank(), D.world_size())]
+    ).to(z.device)
+    s = z[rows] @ z.T / temperature  # (2n, 2N_global)
     local = torch.arange(2 * n, device=z.device)
     positive = s[local, (rows + total) % (2 * total)]
     lse = torch.logsumexp(s.index_put((local, rows), s.new_tensor(float("-inf"))), dim=1)
     return (lse - positive).mean()
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-            backend: str) -> torch.Tensor:
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
     """NT-Xent over the batch of all ranks (see the module docstring for the convention)."""
     backend = resolve(backend, z_a.device)
     if backend == "torch":
@@ -83,14 +85,16 @@ def _entropy_term(column_sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
     p = column_sums / rows
     # p log max(p, tiny) (`reference.safe_log`), not xlogy: xlogy's derivative at P_k = 0 is
     # -inf, a NaN gradient through the softmax of a column that underflows.
-    return (math.log(column_sums.shape[0])
-            + (p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum())
+    return (
+        math.log(column_sums.shape[0])
+        + (p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum()
+    )
 
 
 def _nt_xent_from_gram(gram: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over 2M rows given only their Gram matrix G (2M x 2M): cos_ij =
     G_ij / (||x_i|| ||x_j||), pos(i) = i +- M, mean over the 2M rows."""
-    norm = gram.diagonal().clamp_min(NORM_EPS ** 2).sqrt()  # clamped first: finite gradient at 0
+    norm = gram.diagonal().clamp_min(NORM_EPS**2).sqrt()  # clamped first: finite gradient at 0
     s = gram / (norm[:, None] * norm[None, :]) / temperature
     m = s.shape[0] // 2
     eye = torch.eye(2 * m, dtype=torch.bool, device=s.device)
@@ -98,19 +102,24 @@ def _nt_xent_from_gram(gram: torch.Tensor, temperature: float) -> torch.Tensor:
     return (lse - s.diagonal(m).repeat(2)).mean()
 
 
-def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def cc_cluster_loss(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """CC's cluster-level loss over all ranks: the column contrast from the all-reduced
     2K x 2K assignment Gram, the entropy from the all-reduced column sums (any backend: the
     statistics are K-sized, the N-sized work is one local GEMM)."""
     acc = accumulation_dtype(logits_a.dtype)
-    q = torch.cat([torch.softmax(logits_a.to(acc), dim=1),
-                   torch.softmax(logits_b.to(acc), dim=1)], dim=1)           # (n, 2K)
+    q = torch.cat(
+        [torch.softmax(logits_a.to(acc), dim=1), torch.softmax(logits_b.to(acc), dim=1)], dim=1
+    )  # (n, 2K)
     stats, rows = _global_sums(torch.cat([q.T @ q, q.sum(0)[None]]), q.shape[0])
     gram, column_sums = stats[:-1], stats[-1]
     k = logits_a.shape[1]
-    return (_nt_xent_from_gram(gram, temperature)
-            + _entropy_term(column_sums[:k], rows) + _entropy_term(column_sums[k:], rows))
+    return (
+        _nt_xent_from_gram(gram, temperature)
+        + _entropy_term(column_sums[:k], rows)
+        + _entropy_term(column_sums[k:], rows)
+    )
 
 
 def dec_loss(q: torch.Tensor) -> torch.Tensor:
@@ -121,9 +130,16 @@ def dec_loss(q: torch.Tensor) -> torch.Tensor:
     return kl_rows(dec_target(q, f), q).sum() * (D.world_size() / rows)
 
 
-def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_b: torch.Tensor,
-                     q_a: torch.Tensor, q_b: torch.Tensor, temperature: float,
-                     backend: str) -> torch.Tensor:
+def tcc_cluster_loss(
+    y_a: torch.Tensor,
+    y_b: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
     """TCC's cluster-level loss over all ranks: the cluster sums s_k = sum_i y_ik h_i and the
     assignment column sums are all-reduced, then the backend's NT-Xent runs on the 2K rows."""
     acc = accumulation_dtype(h_a.dtype)
@@ -131,8 +147,11 @@ def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_
     columns = torch.stack([q_a.to(acc).sum(0), q_b.to(acc).sum(0)])
     k = columns.shape[1]
     stats, rows = _global_sums(torch.cat([sums.reshape(-1), columns.reshape(-1)]), h_a.shape[0])
-    s = stats[:-2 * k].view_as(sums)
-    columns = stats[-2 * k:].view_as(columns)
+    s = stats[: -2 * k].view_as(sums)
+    columns = stats[-2 * k :].view_as(columns)
     instance = implementation("nt_xent", backend, h_a.device)
-    return (instance(s[0], s[1], temperature)
-            + _entropy_term(columns[0], rows) + _entropy_term(columns[1], rows))
+    return (
+        instance(s[0], s[1], temperature)
+        + _entropy_term(columns[0], rows)
+        + _entropy_term(columns[1], rows)
+    )

@@ -26,10 +26,11 @@ is the differentiable reference.
 this same backward, so that the op is differentiable on its own (opcheck, direct calls), and
 `refuse_double_backward` registers the clear error on its backward op.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -43,6 +44,7 @@ RowGrad = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class NTXentBackend:
     """A backend's NT-Xent primitives (see the module docstring)."""
+
     name: str
     lse_rows: RowLSE
     grad_rows: RowGrad
@@ -65,20 +67,23 @@ def _spec(backend: str | NTXentBackend) -> NTXentBackend:
     return backend if isinstance(backend, NTXentBackend) else _BACKENDS[backend]
 
 
-def fake_row_values(z: torch.Tensor, row_start: int, row_end: int,
-                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_row_values(
+    z: torch.Tensor, row_start: int, row_end: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fake (meta) result of a registered `lse_rows` op: two vectors of the range's length
     in the accumulation dtype (or `dtype`)."""
     dtype = dtype or accumulation_dtype(z.dtype)
-    return (z.new_empty(row_end - row_start, dtype=dtype),
-            z.new_empty(row_end - row_start, dtype=dtype))
+    return (
+        z.new_empty(row_end - row_start, dtype=dtype),
+        z.new_empty(row_end - row_start, dtype=dtype),
+    )
 
 
-def fake_grad_rows(z: torch.Tensor, row_start: int, row_end: int,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+def fake_grad_rows(
+    z: torch.Tensor, row_start: int, row_end: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The fake result of a registered `grad_rows` op: the range's rows of z's width."""
-    return z.new_empty(row_end - row_start, z.shape[1],
-                       dtype=dtype or accumulation_dtype(z.dtype))
+    return z.new_empty(row_end - row_start, z.shape[1], dtype=dtype or accumulation_dtype(z.dtype))
 
 
 def per_row_weights(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +96,9 @@ def per_row_weights(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def double_backward_error(name: str) -> RuntimeError:
-    return RuntimeError(f"double backward is not supported by backend={name!r}; "
-                        "use backend='torch'")
+    return RuntimeError(
+        f"double backward is not supported by backend={name!r}; use backend='torch'"
+    )
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):
@@ -151,12 +157,13 @@ class NTXent(torch.autograd.Function):
         z_all = D.gather_views(z) if gather else z
         ctx.ranges = _ranges(n, gather)
         local = [spec.lse_rows(z_all, start, end, inv_tau, *options) for start, end in ctx.ranges]
-        lse, row_loss = (torch.cat([lse for lse, _ in local]),
-                         torch.cat([loss for _, loss in local]))
+        lse, row_loss = (
+            torch.cat([lse for lse, _ in local]),
+            torch.cat([loss for _, loss in local]),
+        )
         if gather:
             both = D.gather_views(torch.stack([lse, row_loss], 1))
-            ctx.save_for_backward(z_a, z_b, z_all, both[:, 0].contiguous(),
-                                  both[:, 1].contiguous())
+            ctx.save_for_backward(z_a, z_b, z_all, both[:, 0].contiguous(), both[:, 1].contiguous())
         else:
             ctx.save_for_backward(z_a, z_b, z_all, lse, row_loss)
         return row_loss if per_row else row_loss.mean()
@@ -168,8 +175,7 @@ class NTXent(torch.autograd.Function):
         z_a, z_b, *saved = ctx.saved_tensors
         with torch.no_grad():
             if ctx.fused:
-                dz = spec.backward(torch.cat([z_a, z_b]), grad, ctx.inv_tau, *saved,
-                                   *ctx.options)
+                dz = spec.backward(torch.cat([z_a, z_b]), grad, ctx.inv_tau, *saved, *ctx.options)
             else:
                 dz = _rows_backward(ctx, grad, *saved)
         dz = _guard(dz, spec.name, z_a, z_b)
@@ -177,11 +183,16 @@ class NTXent(torch.autograd.Function):
         return dz[:n], dz[n:], None, None, None, None, None
 
 
-def _rows_backward(ctx, grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
-                   row_loss: torch.Tensor) -> torch.Tensor:
+def _rows_backward(
+    ctx, grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor
+) -> torch.Tensor:
     """dL/dz of the rows in ctx.ranges of the (gathered) z from the backend's `grad_rows`."""
-    g = torch.cat([ctx.spec.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau, *ctx.options)
-                   for start, end in ctx.ranges])
+    g = torch.cat(
+        [
+            ctx.spec.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau, *ctx.options)
+            for start, end in ctx.ranges
+        ]
+    )
     # dL/dzn of the mean over these rows is 1/(tau * rows); gathered, it is world_size times
     # the global gradient 1/(tau * 2N_global), the same number.
     g *= grad * ctx.inv_tau / g.shape[0]
@@ -190,37 +201,64 @@ def _rows_backward(ctx, grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor,
     return l2_normalize_backward(zn, norm, g).to(z.dtype)
 
 
-def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-                  backend: str | NTXentBackend, *options) -> torch.Tensor:
+def nt_xent_terms(
+    z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, backend: str | NTXentBackend, *options
+) -> torch.Tensor:
     """The 2N row losses through `NTXent` (reduction="none"). Backends whose backward takes only
     the mean's gradient refuse to build a graph here."""
     spec = _spec(backend)
-    if (not spec.per_row_backward and torch.is_grad_enabled()
-            and (z_a.requires_grad or z_b.requires_grad)):
+    if (
+        not spec.per_row_backward
+        and torch.is_grad_enabled()
+        and (z_a.requires_grad or z_b.requires_grad)
+    ):
         raise NotImplementedError(
             f"reduction='none' with gradients is not supported by backend={spec.name!r} (its "
             "backward kernels take the mean's gradient only); use backend='chunked' or 'torch', "
-            "or compute the per-row terms under torch.no_grad()")
-    return NTXent.apply(z_a.contiguous(), z_b.contiguous(), 1.0 / temperature, spec.name
-                        if isinstance(backend, str) else spec, True, False, options)
+            "or compute the per-row terms under torch.no_grad()"
+        )
+    return NTXent.apply(
+        z_a.contiguous(),
+        z_b.contiguous(),
+        1.0 / temperature,
+        spec.name if isinstance(backend, str) else spec,
+        True,
+        False,
+        options,
+    )
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float,
-            backend: str | NTXentBackend, *options, gather: bool = False) -> torch.Tensor:
+def nt_xent(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    backend: str | NTXentBackend,
+    *options,
+    gather: bool = False,
+) -> torch.Tensor:
     """The mean NT-Xent through `NTXent` (over every rank's rows with `gather`)."""
-    return NTXent.apply(z_a.contiguous(), z_b.contiguous(), 1.0 / temperature, backend, False,
-                        gather, options)
+    return NTXent.apply(
+        z_a.contiguous(), z_b.contiguous(), 1.0 / temperature, backend, False, gather, options
+    )
 
 
-def register_fast_path(name: str, lse_rows: RowLSE, grad_rows: RowGrad, forward_op,
-                       backward_op) -> NTXentBackend:
+def register_fast_path(
+    name: str, lse_rows: RowLSE, grad_rows: RowGrad, forward_op, backward_op
+) -> NTXentBackend:
     """Register backend `name`: its row primitives and its fast-path op pair, the custom ops
     ``fastcluster_cl::nt_xent_<name>_fwd`` / ``_bwd`` (per-row gradients supported). The
     backward op becomes the forward op's autograd and refuses double backward."""
     ops = torch.ops.fastcluster_cl
-    spec = register_backend(NTXentBackend(
-        name, lse_rows, grad_rows, getattr(ops, f"nt_xent_{name}_fwd").default,
-        getattr(ops, f"nt_xent_{name}_bwd").default, per_row_backward=True))
+    spec = register_backend(
+        NTXentBackend(
+            name,
+            lse_rows,
+            grad_rows,
+            getattr(ops, f"nt_xent_{name}_fwd").default,
+            getattr(ops, f"nt_xent_{name}_bwd").default,
+            per_row_backward=True,
+        )
+    )
     register_fused_autograd(forward_op, spec.backward, name)
     refuse_double_backward(backward_op, name)
     return spec
@@ -229,6 +267,7 @@ def register_fast_path(name: str, lse_rows: RowLSE, grad_rows: RowGrad, forward_
 def register_fused_autograd(forward_op, backward: Callable, name: str) -> None:
     """Give a backend's fast-path forward op ``(z, inv_tau, per_row, *options) -> (loss,
     *state)`` the backward that `NTXent` runs, through torch.library.register_autograd."""
+
     def setup_context(ctx, inputs, output):
         z, inv_tau, _per_row, *options = inputs
         ctx.save_for_backward(z, *output[1:])
@@ -247,6 +286,7 @@ def register_fused_autograd(forward_op, backward: Callable, name: str) -> None:
 def refuse_double_backward(backward_op, name: str) -> None:
     """Register on a backend's backward op an autograd formula that raises
     `double_backward_error` when differentiated (create_graph=True, then a second backward)."""
+
     def setup_context(ctx, inputs, output):
         pass
 

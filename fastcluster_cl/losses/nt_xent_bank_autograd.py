@@ -23,6 +23,7 @@ P_pos_i = exp(-loss_i), the mean's
 P_pos_i - 1 = expm1(-loss_i) without cancellation, then each through the normalisation's
 backward (per row: 1/N replaced by that row's incoming gradient).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,6 +34,7 @@ from .reference import outside_autocast
 
 def register_bank_autograd(forward_op, backward_op, name: str) -> None:
     """Make `forward_op` differentiable in (z_a, z_b) through `backward_op`."""
+
     def setup_context(ctx, inputs, output):
         z_a, z_b, bank, inv_tau, _per_row, *options = inputs
         ctx.save_for_backward(z_a, z_b, bank, *output[1:])
@@ -43,19 +45,33 @@ def register_bank_autograd(forward_op, backward_op, name: str) -> None:
         z_a, z_b, bank, *state = ctx.saved_tensors
         with torch.no_grad():
             dz_a, dz_b = backward_op(z_a, z_b, bank, grad, ctx.inv_tau, *state, *ctx.options)
-        return ((_guard(dz_a, name, z_a, z_b), _guard(dz_b, name, z_a, z_b), None, None, None)
-                + (None,) * len(ctx.options))
+        return (_guard(dz_a, name, z_a, z_b), _guard(dz_b, name, z_a, z_b), None, None, None) + (
+            None,
+        ) * len(ctx.options)
 
     forward_op.register_autograd(backward_fn, setup_context=setup_context)
     refuse_double_backward(backward_op, name)
 
 
-def nt_xent_bank(forward_op, z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                 temperature: float, per_row: bool, *options) -> torch.Tensor:
+def nt_xent_bank(
+    forward_op,
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    per_row: bool,
+    *options,
+) -> torch.Tensor:
     """The loss (the N row losses if per_row) through a backend's registered forward op; the
     bank is detached (no gradient flows to it)."""
-    return forward_op(z_a.contiguous(), z_b.contiguous(), bank.detach().contiguous(),
-                      1.0 / temperature, per_row, *options)[0]
+    return forward_op(
+        z_a.contiguous(),
+        z_b.contiguous(),
+        bank.detach().contiguous(),
+        1.0 / temperature,
+        per_row,
+        *options,
+    )[0]
 
 
 def define_scaled_row_ops(backend: str, prologue, forward, backward, scaled_dtype):
@@ -67,30 +83,55 @@ def define_scaled_row_ops(backend: str, prologue, forward, backward, scaled_dtyp
     forward(zs, rs, dist, bank, inv_tau) -> (row_loss, row_w); backward(zs, rs, norms, dist,
     bank, row_w, row_loss, w, inv_tau, out_dtype) -> (dz_a, dz_b), w the N incoming row
     gradients (`row_gradients`)."""
+
     @torch.library.custom_op(f"fastcluster_cl::nt_xent_bank_{backend}_fwd", mutates_args=())
-    def forward_op(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float,
-                   per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
+    def forward_op(
+        z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, inv_tau: float, per_row: bool
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+    ]:
         """(the N row losses, or their mean; Zs, rs, norms, dist, row weights, row losses)."""
         zs, rs, norms, dist = prologue(z_a, z_b)
         row_loss, row_w = forward(zs, rs, dist, bank, inv_tau)
-        return ((row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, dist, row_w,
-                row_loss)
+        return (
+            (row_loss.clone() if per_row else row_loss.mean()),
+            zs,
+            rs,
+            norms,
+            dist,
+            row_w,
+            row_loss,
+        )
 
     @forward_op.register_fake
     def _(z_a, z_b, bank, inv_tau, per_row):
         from .reference import accumulation_dtype
+
         n, acc = z_a.shape[0], accumulation_dtype(z_a.dtype)
         zs = z_a.new_empty(2 * n, z_a.shape[1], dtype=scaled_dtype(z_a.dtype))
         vector, row = z_a.new_empty(2 * n, dtype=acc), z_a.new_empty(n, dtype=acc)
         return fake_forward(z_a, per_row, zs, vector, vector, row, row, row)
 
     @torch.library.custom_op(f"fastcluster_cl::nt_xent_bank_{backend}_bwd", mutates_args=())
-    def backward_op(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                    grad: torch.Tensor, inv_tau: float, zs: torch.Tensor, rs: torch.Tensor,
-                    norms: torch.Tensor, dist: torch.Tensor, row_w: torch.Tensor,
-                    row_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward_op(
+        z_a: torch.Tensor,
+        z_b: torch.Tensor,
+        bank: torch.Tensor,
+        grad: torch.Tensor,
+        inv_tau: float,
+        zs: torch.Tensor,
+        rs: torch.Tensor,
+        norms: torch.Tensor,
+        dist: torch.Tensor,
+        row_w: torch.Tensor,
+        row_loss: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(dL/dz_a, dL/dz_b) in the inputs' dtype from the mean's gradient (0-d) or one per
         row."""
         w = row_gradients(grad, z_a.shape[0], rs.dtype)
@@ -104,8 +145,9 @@ def define_scaled_row_ops(backend: str, prologue, forward, backward, scaled_dtyp
     return forward_op, backward_op
 
 
-def bank_operands(bank: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                                     bool]:
+def bank_operands(
+    bank: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(hi, lo, split): the bank for kernels whose scaled rows Zs have `dtype`, contiguous. A
     bank wider than fp16 (lightly's and the module's are fp32) with fp16 Zs (fp16/bf16 inputs)
     is split into hi = fp16(bank) and lo = fp16(bank - hi), equal to the bank to ~2^-22
@@ -129,6 +171,7 @@ def fake_forward(z_a: torch.Tensor, per_row: bool, *state_like: torch.Tensor):
     """The fake result of a forward op: the loss (N,) or 0-d in the accumulation dtype, then
     tensors shaped like `state_like`."""
     from .reference import accumulation_dtype
+
     acc = accumulation_dtype(z_a.dtype)
     loss = z_a.new_empty((z_a.shape[0],) if per_row else (), dtype=acc)
     return (loss, *(torch.empty_like(t) for t in state_like))

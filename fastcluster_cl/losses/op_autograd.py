@@ -9,10 +9,11 @@ on its own and the loss functions are plain calls of it) and makes the backward 
 second differentiation with NT-Xent's error ("double backward is not supported by backend=X;
 use backend='torch'", `nt_xent_autograd.double_backward_error`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -28,6 +29,7 @@ BackwardArgs = Callable[[Sequence, Sequence, Sequence], Sequence]
 class Pair:
     """A registered pair: the backward op, how its arguments are built, which inputs it
     differentiates."""
+
     backward_op: object
     backward_args: BackwardArgs
     wrt: tuple[int, ...]
@@ -38,8 +40,14 @@ class Pair:
 PAIRS: dict[str, Pair] = {}
 
 
-def register_pair(forward_op, backward_op, name: str, backward_args: BackwardArgs,
-                  wrt: Sequence[int], materialize_grads: bool = True) -> None:
+def register_pair(
+    forward_op,
+    backward_op,
+    name: str,
+    backward_args: BackwardArgs,
+    wrt: Sequence[int],
+    materialize_grads: bool = True,
+) -> None:
     """Make `forward_op` differentiable through `backward_op`, whose result (a tensor, or a
     tuple of them) is the gradient of the forward's inputs at the indices `wrt`, in order; the
     other inputs get none. `name` is the backend named by the double-backward error.
@@ -62,7 +70,7 @@ def register_pair(forward_op, backward_op, name: str, backward_args: BackwardArg
         values = list(ctx.constants)
         for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
             values[i] = t
-        inputs, outputs = values[:ctx.n_inputs], values[ctx.n_inputs:]
+        inputs, outputs = values[: ctx.n_inputs], values[ctx.n_inputs :]
         with torch.no_grad():
             result = backward_op(*backward_args(inputs, outputs, grads))
         result = result if isinstance(result, (tuple, list)) else (result,)

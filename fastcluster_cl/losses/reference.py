@@ -4,6 +4,7 @@ Readable, materialises the full similarity matrices, and is the ground truth eve
 is tested against. Inputs are cast to the accumulation dtype (float64 stays float64, everything
 else computes in float32), so the returned loss is float32 or float64.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,6 +56,7 @@ def outside_autocast(fn):
     autocast region (a forward, or a `.backward()` called there) its matmuls would otherwise run
     in bf16/fp16, breaking the fp32 (fp64) accumulation every backend promises. Inputs keep
     their dtype; low-precision inputs are still accepted."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -62,6 +64,7 @@ def outside_autocast(fn):
             return fn(*args, **kwargs)
         with torch.autocast(first.device.type, enabled=False):
             return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -78,7 +81,7 @@ def nt_xent_terms(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> t
     """
     n = z_a.shape[0]
     z = l2_normalize(torch.cat([z_a, z_b]))[0]
-    s = z @ z.T / temperature                                     # (2N, 2N)
+    s = z @ z.T / temperature  # (2N, 2N)
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
     pos = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
@@ -90,8 +93,9 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.T
     return nt_xent_terms(z_a, z_b, temperature).mean()
 
 
-def positive_gap(zn_a: torch.Tensor, norm_a: torch.Tensor, zn_b: torch.Tensor,
-                 norm_b: torch.Tensor) -> torch.Tensor:
+def positive_gap(
+    zn_a: torch.Tensor, norm_a: torch.Tensor, zn_b: torch.Tensor, norm_b: torch.Tensor
+) -> torch.Tensor:
     """1 - zn_a_i . zn_b_i per row, as ||zn_a_i - zn_b_i||^2 / 2 where both rows are unit (not
     clamped by eps): no cancellation for correlated views, whose cosine is close to 1."""
     unit = (norm_a > NORM_EPS) & (norm_b > NORM_EPS)
@@ -99,8 +103,9 @@ def positive_gap(zn_a: torch.Tensor, norm_a: torch.Tensor, zn_b: torch.Tensor,
     return torch.where(unit, gap, 1.0 - (zn_a * zn_b).sum(1, keepdim=True)).squeeze(1)
 
 
-def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
+def nt_xent_bank_terms(
+    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """NT-Xent against a memory bank (lightly's NTXentLoss with memory_bank_size, MoCo-style),
     the N per-row terms: row i of z_a contrasts its positive zn_b_i against the M bank rows,
 
@@ -116,8 +121,9 @@ def nt_xent_bank_terms(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
     return torch.logsumexp(logits, 1) - logits[:, 0]
 
 
-def nt_xent_bank(z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+def nt_xent_bank(
+    z_a: torch.Tensor, z_b: torch.Tensor, bank: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """The mean of `nt_xent_bank_terms` over the N rows of z_a."""
     return nt_xent_bank_terms(z_a, z_b, bank, temperature).mean()
 
@@ -137,17 +143,31 @@ def marginal_entropy_term(q: torch.Tensor) -> torch.Tensor:
     return marginal_entropy_shares(q).sum()
 
 
-def cluster_contrast(x_a: torch.Tensor, x_b: torch.Tensor, q_a: torch.Tensor,
-                     q_b: torch.Tensor, temperature: float, instance_loss=nt_xent) -> torch.Tensor:
+def cluster_contrast(
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    temperature: float,
+    instance_loss=nt_xent,
+) -> torch.Tensor:
     """NT-Xent over the 2K cluster rows [x_a; x_b] plus `marginal_entropy_term` of the
     assignment probabilities q of each view: the cluster losses of CC (x = q^T) and TCC."""
-    return (instance_loss(x_a, x_b, temperature)
-            + marginal_entropy_term(q_a) + marginal_entropy_term(q_b))
+    return (
+        instance_loss(x_a, x_b, temperature)
+        + marginal_entropy_term(q_a)
+        + marginal_entropy_term(q_b)
+    )
 
 
-def cluster_contrast_terms(x_a: torch.Tensor, x_b: torch.Tensor, q_a: torch.Tensor,
-                           q_b: torch.Tensor, temperature: float,
-                           instance_terms=nt_xent_terms) -> torch.Tensor:
+def cluster_contrast_terms(
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    temperature: float,
+    instance_terms=nt_xent_terms,
+) -> torch.Tensor:
     """`cluster_contrast` per cluster row (2K values whose mean is the loss): row j's NT-Xent
     term plus 2K times its column's `marginal_entropy_shares`."""
     shares = torch.cat([marginal_entropy_shares(q_a), marginal_entropy_shares(q_b)])
@@ -159,8 +179,9 @@ def _softmax_pair(logits_a: torch.Tensor, logits_b: torch.Tensor):
     return torch.softmax(logits_a.to(acc), dim=1), torch.softmax(logits_b.to(acc), dim=1)
 
 
-def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
-                    instance_loss=nt_xent) -> torch.Tensor:
+def cc_cluster_loss(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float, instance_loss=nt_xent
+) -> torch.Tensor:
     """Contrastive Clustering's cluster-level loss.
 
     q = softmax over K; NT-Xent over the 2K L2-normalised columns of [q_a, q_b] (mean over 2K),
@@ -171,8 +192,9 @@ def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature:
     return cluster_contrast(q_a.T, q_b.T, q_a, q_b, temperature, instance_loss)
 
 
-def cc_cluster_loss_terms(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float,
-                          instance_terms=nt_xent_terms) -> torch.Tensor:
+def cc_cluster_loss_terms(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float, instance_terms=nt_xent_terms
+) -> torch.Tensor:
     """`cc_cluster_loss` per column of [q_a, q_b] (see `cluster_contrast_terms`)."""
     q_a, q_b = _softmax_pair(logits_a, logits_b)
     return cluster_contrast_terms(q_a.T, q_b.T, q_a, q_b, temperature, instance_terms)
@@ -184,7 +206,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     Computed as a softmax of the log-kernel so that far points do not underflow to 0/0.
     """
     acc = accumulation_dtype(h.dtype)
-    diff = h.to(acc)[:, None, :] - centers.to(acc)[None, :, :]    # (N, K, F)
+    diff = h.to(acc)[:, None, :] - centers.to(acc)[None, :, :]  # (N, K, F)
     dist2 = diff.pow(2).sum(-1)
     return torch.softmax(-(alpha + 1) / 2 * torch.log1p(dist2 / alpha), dim=1)
 
@@ -229,9 +251,16 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return anchor_loss_terms(q0, q_a, q_b).mean()
 
 
-def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_b: torch.Tensor,
-                     q_a: torch.Tensor, q_b: torch.Tensor, temperature: float,
-                     instance_loss=nt_xent) -> torch.Tensor:
+def tcc_cluster_loss(
+    y_a: torch.Tensor,
+    y_b: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    temperature: float,
+    instance_loss=nt_xent,
+) -> torch.Tensor:
     """TCC's cluster-level loss (reconstructed, see the functional docstring).
 
     Cluster representations s_k = normalise(sum_i y_ik h_i) per view, NT-Xent over the 2K rows,
@@ -240,12 +269,20 @@ def tcc_cluster_loss(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor, h_
     return cluster_contrast(*_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature, instance_loss)
 
 
-def tcc_cluster_loss_terms(y_a: torch.Tensor, y_b: torch.Tensor, h_a: torch.Tensor,
-                           h_b: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor,
-                           temperature: float, instance_terms=nt_xent_terms) -> torch.Tensor:
+def tcc_cluster_loss_terms(
+    y_a: torch.Tensor,
+    y_b: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    q_a: torch.Tensor,
+    q_b: torch.Tensor,
+    temperature: float,
+    instance_terms=nt_xent_terms,
+) -> torch.Tensor:
     """`tcc_cluster_loss` per cluster representation (see `cluster_contrast_terms`)."""
-    return cluster_contrast_terms(*_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature,
-                                  instance_terms)
+    return cluster_contrast_terms(
+        *_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature, instance_terms
+    )
 
 
 def _tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b):
@@ -254,27 +291,50 @@ def _tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b):
     return (y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc), q_a.to(acc), q_b.to(acc))
 
 
-def anchor_objective(z_a: torch.Tensor, z_b: torch.Tensor, h0: torch.Tensor, h_a: torch.Tensor,
-                     h_b: torch.Tensor, centers: torch.Tensor, temperature: float, alpha: float,
-                     weights: tuple[float, float, float]) -> torch.Tensor:
+def anchor_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    h0: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    centers: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    weights: tuple[float, float, float],
+) -> torch.Tensor:
     """The anchor method's whole objective (arXiv 2109.12714) from the centre head's inputs:
     (4,) = [total, instance, cluster, anchor] with q = student_t(h, centers, alpha) per view,
     instance = nt_xent(z_a, z_b), cluster = dec_loss(q0), anchor = anchor_loss(q0, q_a, q_b)
     and total = weights . (instance, cluster, anchor). In float64 for float64 z, else float32."""
     q0, q_a, q_b = (student_t(h, centers, alpha) for h in (h0, h_a, h_b))
     acc = accumulation_dtype(z_a.dtype)
-    parts = torch.stack([nt_xent(z_a, z_b, temperature).to(acc), dec_loss(q0).to(acc),
-                         anchor_loss(q0, q_a, q_b).to(acc)])
+    parts = torch.stack(
+        [
+            nt_xent(z_a, z_b, temperature).to(acc),
+            dec_loss(q0).to(acc),
+            anchor_loss(q0, q_a, q_b).to(acc),
+        ]
+    )
     return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
 
 
-def cc_objective(z_a: torch.Tensor, z_b: torch.Tensor, logits_a: torch.Tensor,
-                 logits_b: torch.Tensor, instance_temperature: float,
-                 cluster_temperature: float, weights: tuple[float, float]) -> torch.Tensor:
+def cc_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    instance_temperature: float,
+    cluster_temperature: float,
+    weights: tuple[float, float],
+) -> torch.Tensor:
     """Contrastive Clustering's whole objective: (3,) = [total, instance, cluster] with
     instance = nt_xent(z_a, z_b, instance_temperature), cluster = cc_cluster_loss(logits_a,
     logits_b, cluster_temperature), total = weights . (instance, cluster)."""
     acc = accumulation_dtype(z_a.dtype)
-    parts = torch.stack([nt_xent(z_a, z_b, instance_temperature).to(acc),
-                         cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc)])
+    parts = torch.stack(
+        [
+            nt_xent(z_a, z_b, instance_temperature).to(acc),
+            cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc),
+        ]
+    )
     return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])

@@ -4,6 +4,7 @@
 cc: softmax head, tcc: TCC head) and `method_loss_inputs` turns the model outputs of the views
 into the keyword inputs of `fastcluster_cl.ClusterContrastiveLoss`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,15 @@ class ClusteringModel(nn.Module):
     `predict` its argmax.
     """
 
-    def __init__(self, backbone: nn.Module, num_clusters: int, head: str = "softmax",
-                 projection_dim: int = 128, hidden_dim: int = 512,
-                 gumbel_temperature: float = 0.3):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_clusters: int,
+        head: str = "softmax",
+        projection_dim: int = 128,
+        hidden_dim: int = 512,
+        gumbel_temperature: float = 0.3,
+    ):
         super().__init__()
         if num_clusters < 2:
             raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
@@ -69,33 +76,64 @@ class ClusteringModel(nn.Module):
         return self.probabilities(self(x)).argmax(1)
 
 
-def build_model(method: str, backbone: str, num_clusters: int, in_channels: int,
-                cifar_stem: bool = False, projection_dim: int = 128,
-                hidden_dim: int = 512, gumbel_temperature: float = 0.3) -> ClusteringModel:
+def build_model(
+    method: str,
+    backbone: str,
+    num_clusters: int,
+    in_channels: int,
+    cifar_stem: bool = False,
+    projection_dim: int = 128,
+    hidden_dim: int = 512,
+    gumbel_temperature: float = 0.3,
+) -> ClusteringModel:
     """The model for `method` ("anchor", "cc", "tcc") on `backbone` (see BACKBONES)."""
     if method not in METHOD_HEADS:
         raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
-    return ClusteringModel(build_backbone(backbone, in_channels, cifar_stem), num_clusters,
-                           METHOD_HEADS[method], projection_dim, hidden_dim, gumbel_temperature)
+    return ClusteringModel(
+        build_backbone(backbone, in_channels, cifar_stem),
+        num_clusters,
+        METHOD_HEADS[method],
+        projection_dim,
+        hidden_dim,
+        gumbel_temperature,
+    )
 
 
-def method_loss_inputs(model: ClusteringModel, method: str, out_a: dict, out_b: dict,
-                       out_0: dict | None = None) -> dict[str, torch.Tensor]:
+def method_loss_inputs(
+    model: ClusteringModel, method: str, out_a: dict, out_b: dict, out_0: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Keyword inputs of ClusterContrastiveLoss(method) from the outputs of views a, b and, for
     the anchor method, the clean view 0."""
     if method == "anchor":
         if out_0 is None:
             raise ValueError("the anchor method needs the clean view's outputs (out_0)")
-        return {"h0": out_0["h"], "h_a": out_a["h"], "h_b": out_b["h"],
-                "centers": out_0["centers"]}
+        return {"h0": out_0["h"], "h_a": out_a["h"], "h_b": out_b["h"], "centers": out_0["centers"]}
     if method == "cc":
         return {"logits_a": out_a["logits"], "logits_b": out_b["logits"]}
     if method == "tcc":
-        return {"logits_a": out_a["logits"], "logits_b": out_b["logits"],
-                "centres": model.cluster_head.centres, "r_a": out_a["r"], "r_b": out_b["r"]}
+        return {
+            "logits_a": out_a["logits"],
+            "logits_b": out_b["logits"],
+            "centres": model.cluster_head.centres,
+            "r_a": out_a["r"],
+            "r_b": out_b["r"],
+        }
     raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {method!r}")
 
 
-__all__ = ["BACKBONES", "RESNETS", "ResNetBackbone", "SmallCNN", "DigitCNN", "build_backbone",
-           "ProjectionHead", "SoftmaxClusterHead", "CentreHead", "TCCHead", "ClusteringModel",
-           "METHOD_HEADS", "build_model", "method_loss_inputs"]
+__all__ = [
+    "BACKBONES",
+    "RESNETS",
+    "ResNetBackbone",
+    "SmallCNN",
+    "DigitCNN",
+    "build_backbone",
+    "ProjectionHead",
+    "SoftmaxClusterHead",
+    "CentreHead",
+    "TCCHead",
+    "ClusteringModel",
+    "METHOD_HEADS",
+    "build_model",
+    "method_loss_inputs",
+]

@@ -1,6 +1,7 @@
 """Feature extractors: torchvision ResNets (optionally with the CIFAR stem) and a small CNN for
 tiny images (8x8 digits, 28x28 MNIST). Each maps (N, C, H, W) images to (N, F) features and
 exposes F as `feature_dim`."""
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,11 @@ class ResNetBackbone(nn.Module):
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SmallCNN(nn.Module):
@@ -57,7 +61,9 @@ class SmallCNN(nn.Module):
             _conv_bn_relu(width, width),
             _conv_bn_relu(width, 2 * width, stride=2),
             _conv_bn_relu(2 * width, 4 * width, stride=2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.feature_dim = 4 * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

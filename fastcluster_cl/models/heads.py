@@ -9,6 +9,7 @@ Every cluster head maps backbone features h (N, F) to a dict of outputs and offe
   learnable cluster embeddings, and the instance residual of TCC's cluster-conditioned
   embedding.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ from ..functional import student_t
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear - ReLU - Linear, the shape of CC's instance and cluster projectors."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
 
 
 class ProjectionHead(nn.Module):
@@ -73,8 +75,9 @@ class CentreHead(nn.Module):
 
         features = np.asarray(torch.as_tensor(features).float().cpu())
         if features.shape[0] < self.num_clusters:
-            raise ValueError(f"k-means needs at least {self.num_clusters} feature rows, got "
-                             f"{features.shape[0]}")
+            raise ValueError(
+                f"k-means needs at least {self.num_clusters} feature rows, got {features.shape[0]}"
+            )
         km = KMeans(n_clusters=self.num_clusters, n_init=10, random_state=seed).fit(features)
         self.centres.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.centres.dtype))
         self.initialised.fill_(True)
@@ -98,11 +101,11 @@ def max_separated(num: int, dim: int, generator: torch.Generator | None = None) 
         w = torch.empty(num, dim)
         nn.init.orthogonal_(w, generator=generator)
         return nn.functional.normalize(w, dim=1)
-    simplex = torch.eye(num) - 1.0 / num                          # centred basis: rank num - 1
-    u, _, _ = torch.linalg.svd(simplex)                           # its (num - 1)-dim span
-    coords = simplex @ u[:, :num - 1]                             # (num, num - 1)
+    simplex = torch.eye(num) - 1.0 / num  # centred basis: rank num - 1
+    u, _, _ = torch.linalg.svd(simplex)  # its (num - 1)-dim span
+    coords = simplex @ u[:, : num - 1]  # (num, num - 1)
     basis = torch.empty(dim, num - 1)
-    nn.init.orthogonal_(basis, generator=generator)               # random isometric embedding
+    nn.init.orthogonal_(basis, generator=generator)  # random isometric embedding
     return nn.functional.normalize(coords @ basis.T, dim=1)
 
 

@@ -9,6 +9,7 @@ arbitrary code from the file). Format 2 stores a SHA-256 of the payload (every t
 shape and bytes, and every other value) under "checksum", verified on load, so a flipped bit in
 the tensor data is refused instead of loading silently; format 1 files (no checksum) still load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)   # 1: before checksums
+READABLE_FORMATS = (1, 2)  # 1: before checksums
 
 
 class CheckpointError(RuntimeError):
@@ -32,10 +33,17 @@ class CheckpointError(RuntimeError):
 def rng_state() -> dict[str, Any]:
     """Every RNG the trainer touches, as tensors and plain Python values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,8 +52,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -80,8 +89,12 @@ class _RecordingWriter:
         self._f.flush()
 
 
-_ZIP_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos",
-                        "file write failed")
+_ZIP_WRITER_FAILURES = (
+    "inline_container",
+    "PytorchStreamWriter",
+    "unexpected pos",
+    "file write failed",
+)
 
 
 def _free_bytes(directory: Path) -> int | None:
@@ -127,6 +140,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     on a full disk) when the write fails; the temporary file is removed and the previous
     checkpoint at `path` is left as it was."""
     from .rundir import describe_os_error
+
     path = Path(path)
     payload = {"format_version": FORMAT_VERSION, "rng": rng_state(), **state}
     payload["checksum"] = {"sha256": payload_digest(payload)}
@@ -155,10 +169,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             raise CheckpointWriteError(describe_os_error(recorded, path)) from err
         if zip_failure:
             if free is not None and free < (1 << 20):
-                raise CheckpointWriteError(f"no space left on device while writing {path}"
-                                           ) from err
-            raise CheckpointWriteError(f"cannot write {path}: torch's writer failed "
-                                       f"({str(err).splitlines()[0]})") from err
+                raise CheckpointWriteError(f"no space left on device while writing {path}") from err
+            raise CheckpointWriteError(
+                f"cannot write {path}: torch's writer failed ({str(err).splitlines()[0]})"
+            ) from err
         raise
     except BaseException:
         if tmp is not None:
@@ -174,9 +188,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = path / "checkpoint.pt"
     if not path.is_file():
         if (path.parent / "log.jsonl").is_file():
-            raise CheckpointError(f"no checkpoint at {path}: the run in {path.parent} stopped "
-                                  "before its first checkpoint; start it again with --out "
-                                  f"{path.parent}")
+            raise CheckpointError(
+                f"no checkpoint at {path}: the run in {path.parent} stopped "
+                "before its first checkpoint; start it again with --out "
+                f"{path.parent}"
+            )
         raise CheckpointError(f"no checkpoint at {path}")
     return path
 
@@ -188,23 +204,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted or not a "
-                              f"fastcluster_cl checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is corrupted or not a "
+            f"fastcluster_cl checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a fastcluster_cl training checkpoint")
     if state["format_version"] not in READABLE_FORMATS:
-        raise CheckpointError(f"{path} has checkpoint format {state['format_version']}, this "
-                              f"version reads formats {READABLE_FORMATS}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {state['format_version']}, this "
+            f"version reads formats {READABLE_FORMATS}"
+        )
     if state["format_version"] >= 2:
         stored = state.get("checksum")
         if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
-            raise CheckpointError(f"{path} has no checksum; it is corrupted or not a "
-                                  "fastcluster_cl checkpoint")
+            raise CheckpointError(
+                f"{path} has no checksum; it is corrupted or not a fastcluster_cl checkpoint"
+            )
         if payload_digest(state) != stored["sha256"]:
-            raise CheckpointError(f"checkpoint {path} fails its checksum: its contents changed "
-                                  "after it was written (a flipped bit, a partial copy); "
-                                  "restore it or start the run again")
+            raise CheckpointError(
+                f"checkpoint {path} fails its checksum: its contents changed "
+                "after it was written (a flipped bit, a partial copy); "
+                "restore it or start the run again"
+            )
     missing = [k for k in ("config", "model", "position") if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; it is not a complete training checkpoint")

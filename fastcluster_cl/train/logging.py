@@ -1,6 +1,7 @@
 """Run logs: one JSON object per line in ``log.jsonl`` (the record resume and plots read back)
 and the same scalars in TensorBoard. Only the main process writes; on other ranks every call is
 a no-op, so callers never branch on the rank."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class RunLogger:
             raise_for_write(err, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(str(Path(out) / "tensorboard"))
 
     def log(self, event: str, **fields: Any) -> None:
@@ -65,6 +67,7 @@ def raise_for_write(err: OSError, path) -> None:
     """Re-raise an OSError met while writing `path` as one that names the path (`str(err)` of
     a failed write or flush often does not) and says plainly what happened."""
     from .rundir import describe_os_error
+
     raise OSError(err.errno, describe_os_error(err, path), str(path)) from err
 
 
@@ -104,12 +107,14 @@ def read_log(path: str | Path, event: str | None = None) -> list[dict[str, Any]]
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                warnings.warn(f"{path}:{number}: skipping a torn line (a write cut short)",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path}:{number}: skipping a torn line (a write cut short)", stacklevel=2
+                )
                 continue
             if not isinstance(record, dict):
-                warnings.warn(f"{path}:{number}: skipping a line that is not a record",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{path}:{number}: skipping a line that is not a record", stacklevel=2
+                )
                 continue
             if event is None or record.get("event") == event:
                 records.append(record)

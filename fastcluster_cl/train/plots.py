@@ -1,6 +1,7 @@
 """PNG plots of a finished run (matplotlib, Agg backend): loss curves, the confusion matrix of
 the cluster head against the labels (clusters reordered by the Hungarian match), and a 2-D
 embedding (t-SNE) of the features coloured by predicted cluster."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,10 @@ import numpy as np
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -61,8 +64,13 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path) -> 
     return Path(path)
 
 
-def plot_embedding(features: np.ndarray, y_pred: np.ndarray, path: str | Path,
-                   max_points: int = 2000, seed: int = 0) -> Path:
+def plot_embedding(
+    features: np.ndarray,
+    y_pred: np.ndarray,
+    path: str | Path,
+    max_points: int = 2000,
+    seed: int = 0,
+) -> Path:
     """t-SNE of up to `max_points` feature rows (a random subset), coloured by cluster."""
     from sklearn.manifold import TSNE
 
@@ -71,8 +79,9 @@ def plot_embedding(features: np.ndarray, y_pred: np.ndarray, path: str | Path,
     idx = rng.permutation(len(features))[:max_points]
     x = np.asarray(features, dtype=np.float32)[idx]
     perplexity = float(min(30, max(2, (len(x) - 1) / 3)))
-    emb = TSNE(n_components=2, perplexity=perplexity, init="pca",
-               random_state=seed).fit_transform(x)
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        x
+    )
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(emb[:, 0], emb[:, 1], c=y_pred[idx], cmap="tab20", s=4)
     ax.set_title("t-SNE of features, coloured by cluster")

@@ -1,8 +1,8 @@
 """Per-method, per-dataset training presets: what `fastcluster-cl train --method M --dataset D`
 uses for every setting the user leaves out.
 
-Each entry was chosen by measurement on this project's 2-core CPU machine (README, "Measured
-quality"; docs/methods.md has the runs behind them). Datasets without an entry of their own use
+Each entry was chosen by measurement on this project's 2-core CPU machine (docs/results.md;
+docs/methods.md has the runs behind them). Datasets without an entry of their own use
 the "*" row of their method: the published settings (CC, arXiv 2109.12714, TCC's prototype,
 scaled to what a GPU run of a few hundred epochs needs) untested here.
 
@@ -14,19 +14,40 @@ centre_warmup_epochs (anchor: instance loss alone before the k-means initialisat
 centres; None: epochs // 8), loss_weights (ClusterContrastiveLoss weights; used when the
 run gives none).
 """
+
 from __future__ import annotations
 
-PRESET_KEYS = ("backbone", "image_size", "epochs", "lr", "warmup_epochs", "instance_temperature",
-               "cluster_temperature", "gumbel_temperature", "tcc_prior",
-               "centre_warmup_epochs", "loss_weights")
+PRESET_KEYS = (
+    "backbone",
+    "image_size",
+    "epochs",
+    "lr",
+    "warmup_epochs",
+    "instance_temperature",
+    "cluster_temperature",
+    "gumbel_temperature",
+    "tcc_prior",
+    "centre_warmup_epochs",
+    "loss_weights",
+)
 
-_BASE = {"backbone": "auto", "image_size": None, "epochs": 80, "lr": 1e-3, "warmup_epochs": 2.0,
-         "instance_temperature": 0.5, "cluster_temperature": 1.0, "gumbel_temperature": 0.3,
-         "tcc_prior": "kl", "centre_warmup_epochs": None, "loss_weights": {}}
+_BASE = {
+    "backbone": "auto",
+    "image_size": None,
+    "epochs": 80,
+    "lr": 1e-3,
+    "warmup_epochs": 2.0,
+    "instance_temperature": 0.5,
+    "cluster_temperature": 1.0,
+    "gumbel_temperature": 0.3,
+    "tcc_prior": "kl",
+    "centre_warmup_epochs": None,
+    "loss_weights": {},
+}
 
 # (method, dataset) -> overrides of _BASE. centre_warmup_epochs None: epochs // 8 (anchor).
 PRESETS: dict[tuple[str, str], dict] = {
-    # 8 x 8 sklearn digits (1797 images); seeds 0-4 at one thread in the README. Runs at seed 0
+    # 8 x 8 sklearn digits (1797 images); seeds 0-4 at one thread in docs/results.md. Runs at seed 0
     # (one thread) unless said; "with morph" were taken with mnist5k's augmentation, whose
     # stroke dilation / erosion the digits' own (DIGIT_8PX) leaves out.
     # cc: with morph: digit_cnn 150 epochs .903 NMI (small_cnn 80: .747, digit_cnn 80: .815);
@@ -44,11 +65,20 @@ PRESETS: dict[tuple[str, str], dict] = {
     # seeds 0 and 2: 200 epochs .905 / .865, prior weight 1 .860 / .838, weight 3 .883 / .898,
     # instance temperature .2 .887 / .810, .3 .924 / .907 (seeds 0-4 mean .919, min .907).
     ("anchor", "digits"): {"backbone": "digit_cnn", "epochs": 200},
-    ("cc", "digits"): {"backbone": "digit_cnn", "epochs": 200, "cluster_temperature": 0.5,
-                       "instance_temperature": 0.3},
-    ("tcc", "digits"): {"backbone": "digit_cnn", "epochs": 150, "tcc_prior": "marginal",
-                        "instance_temperature": 0.3, "cluster_temperature": 0.5,
-                        "loss_weights": {"feature": 1.0, "prior": 2.0}},
+    ("cc", "digits"): {
+        "backbone": "digit_cnn",
+        "epochs": 200,
+        "cluster_temperature": 0.5,
+        "instance_temperature": 0.3,
+    },
+    ("tcc", "digits"): {
+        "backbone": "digit_cnn",
+        "epochs": 150,
+        "tcc_prior": "marginal",
+        "instance_temperature": 0.3,
+        "cluster_temperature": 0.5,
+        "loss_weights": {"feature": 1.0, "prior": 2.0},
+    },
     # mnist5k: 5000 MNIST images at the native 28 px; epochs sized to the 10-minute budget on
     # 2 cores (cc, eval every 20 epochs: .926 at 20, .939 at 60, .944 at 100, .955 at 140;
     # 140 epochs .954 in 611 s of wall at 2 threads, 93 s of it the CPU augmentation, 130
@@ -58,9 +88,13 @@ PRESETS: dict[tuple[str, str], dict] = {
     # .949 at two threads (no one-thread .5 run to set beside them); so .5 here.
     ("anchor", "mnist5k"): {"backbone": "digit_cnn", "epochs": 70, "centre_warmup_epochs": 10},
     ("cc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 115},
-    ("tcc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 100, "tcc_prior": "marginal",
-                         "cluster_temperature": 0.5,
-                         "loss_weights": {"feature": 1.0, "prior": 2.0}},
+    ("tcc", "mnist5k"): {
+        "backbone": "digit_cnn",
+        "epochs": 100,
+        "tcc_prior": "marginal",
+        "cluster_temperature": 0.5,
+        "loss_weights": {"feature": 1.0, "prior": 2.0},
+    },
     # other datasets: the published schedules' settings, shortened (GPU runs)
     ("anchor", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0, "centre_warmup_epochs": 0},
     ("cc", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0},
@@ -79,8 +113,9 @@ def preset_table() -> str:
     """PRESETS as a Markdown table (for docs and `--help`)."""
     head = "| method | dataset | " + " | ".join(PRESET_KEYS) + " |"
     rows = [head, "|" + "---|" * (len(PRESET_KEYS) + 2)]
-    for (method, dataset) in PRESETS:
+    for method, dataset in PRESETS:
         p = preset(method, dataset)
-        rows.append(f"| {method} | {dataset} | " + " | ".join(str(p[k]) for k in PRESET_KEYS)
-                    + " |")
+        rows.append(
+            f"| {method} | {dataset} | " + " | ".join(str(p[k]) for k in PRESET_KEYS) + " |"
+        )
     return "\n".join(rows)

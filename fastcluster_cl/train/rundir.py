@@ -13,6 +13,7 @@ ever touched.
 - An exclusive ``fcntl.flock`` on ``.fastcluster-cl.lock`` (the holder's PID inside) keeps one
   writer per directory; the kernel drops it when the holder exits, SIGKILL included.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,8 +28,7 @@ MARKER_NAME = ".fastcluster-cl-run.json"
 LOCK_NAME = ".fastcluster-cl.lock"
 CHECKPOINT_NAME = "checkpoint.pt"
 # Every entry a run writes (checkpoint.pt's temporary files, ".checkpoint.pt.*.tmp", go with it).
-RUN_ENTRIES = ("config.json", "log.jsonl", "metrics.json", CHECKPOINT_NAME, "tensorboard",
-               "plots")
+RUN_ENTRIES = ("config.json", "log.jsonl", "metrics.json", CHECKPOINT_NAME, "tensorboard", "plots")
 # What runs of earlier versions (no marker) left; a resume in place adopts them.
 LEGACY_ENTRIES = RUN_ENTRIES + (".lock",)
 
@@ -58,23 +58,28 @@ def make_directory(path: Path, option: str = "--out") -> bool:
             os.stat(path)
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise RunDirError(f"{option} {path} is a symbolic link loop; choose another "
-                                  f"{option}") from None
-        raise RunDirError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which "
-                          f"does not exist; create the target or choose another {option}")
+                raise RunDirError(
+                    f"{option} {path} is a symbolic link loop; choose another {option}"
+                ) from None
+        raise RunDirError(
+            f"{option} {path} is a symbolic link to {os.readlink(path)}, which "
+            f"does not exist; create the target or choose another {option}"
+        )
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"{option} {path} exists and is not a directory; choose another "
-                          f"{option}")
+        raise RunDirError(f"{option} {path} exists and is not a directory; choose another {option}")
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise RunDirError(f"cannot create {option} {path}: a part of the path is a file; "
-                          f"choose another {option}") from None
+        raise RunDirError(
+            f"cannot create {option} {path}: a part of the path is a file; choose another {option}"
+        ) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise RunDirError(f"cannot create {option} {path}: a part of the path is a "
-                              f"symbolic link loop; choose another {option}") from None
+            raise RunDirError(
+                f"cannot create {option} {path}: a part of the path is a "
+                f"symbolic link loop; choose another {option}"
+            ) from None
         raise RunDirError(describe_os_error(err, path)) from err
     return created
 
@@ -103,7 +108,7 @@ class RunDir:
         self._lock_created = False
 
     # ------------------------------------------------------------------------------- opening
-    def open(self, resume_from: Path | None = None, run_id: str | None = None) -> "RunDir":
+    def open(self, resume_from: Path | None = None, run_id: str | None = None) -> RunDir:
         """Take the directory for a run: fresh (`resume_from` None) or resuming the checkpoint
         `resume_from`. Refuses (RunDirError, one line, nothing written or deleted) a directory
         that holds files without a marker, one whose run has a checkpoint (unless that is the
@@ -122,48 +127,63 @@ class RunDir:
         entries = self._entries()
         marker = self._read_marker() if MARKER_NAME in entries else None
         checkpoint = self.path / CHECKPOINT_NAME
-        resuming_here = (resume_from is not None and checkpoint.exists()
-                         and Path(resume_from).resolve() == checkpoint.resolve())
+        resuming_here = (
+            resume_from is not None
+            and checkpoint.exists()
+            and Path(resume_from).resolve() == checkpoint.resolve()
+        )
         if marker is None:
             others = entries - {MARKER_NAME}
-            if resuming_here and others <= set(LEGACY_ENTRIES) | {e for e in others
-                                                                  if _is_checkpoint_temp(e)}:
+            if resuming_here and others <= set(LEGACY_ENTRIES) | {
+                e for e in others if _is_checkpoint_temp(e)
+            }:
                 # a run of an earlier version, resumed in place: its checkpoint proves it
                 self.run_id = run_id or uuid.uuid4().hex
                 self.written = sorted(e for e in others if e in RUN_ENTRIES)
                 self._write_marker()
                 return
             if others:
-                raise RunDirError(f"{self.option} {self.path} is not empty and holds no "
-                                  f"fastcluster-cl run ({_listing(others)}); nothing was "
-                                  f"changed there: choose a new or empty {self.option}")
+                raise RunDirError(
+                    f"{self.option} {self.path} is not empty and holds no "
+                    f"fastcluster-cl run ({_listing(others)}); nothing was "
+                    f"changed there: choose a new or empty {self.option}"
+                )
             self.run_id = run_id or uuid.uuid4().hex
             self.written = []
             self._write_marker()
             return
         self.run_id, self.written = marker
-        foreign = {e for e in entries - {MARKER_NAME} - set(self.written)
-                   if not (_is_checkpoint_temp(e) and CHECKPOINT_NAME in self.written)}
+        foreign = {
+            e
+            for e in entries - {MARKER_NAME} - set(self.written)
+            if not (_is_checkpoint_temp(e) and CHECKPOINT_NAME in self.written)
+        }
         clash = sorted(foreign & set(RUN_ENTRIES))
         if clash:
-            raise RunDirError(f"{self.option} {self.path} holds {_listing(clash)}, which this "
-                              "run did not write and would replace; move them or choose "
-                              f"another {self.option}")
+            raise RunDirError(
+                f"{self.option} {self.path} holds {_listing(clash)}, which this "
+                "run did not write and would replace; move them or choose "
+                f"another {self.option}"
+            )
         if CHECKPOINT_NAME in self.written and checkpoint.exists():
             if resuming_here:
                 return
             if resume_from is None:
-                raise RunDirError(f"{self.path} already holds a run; resume it with --resume "
-                                  f"{self.path} or choose another {self.option}")
-            raise RunDirError(f"{self.option} {self.path} already holds another run (its own "
-                              f"{CHECKPOINT_NAME}); resume that one with --resume {self.path}, "
-                              f"or choose a new or empty {self.option}")
+                raise RunDirError(
+                    f"{self.path} already holds a run; resume it with --resume "
+                    f"{self.path} or choose another {self.option}"
+                )
+            raise RunDirError(
+                f"{self.option} {self.path} already holds another run (its own "
+                f"{CHECKPOINT_NAME}); resume that one with --resume {self.path}, "
+                f"or choose a new or empty {self.option}"
+            )
         # A start that died before its first checkpoint: nothing to resume, clear it.
         self.remove_written()
         self.run_id = run_id or uuid.uuid4().hex
         self._write_marker()
 
-    def open_output(self, names: tuple[str, ...]) -> "RunDir":
+    def open_output(self, names: tuple[str, ...]) -> RunDir:
         """Take the directory to write `names` into (e.g. eval's metrics.json): a new or empty
         directory (then marked), or a marked one where those names are free or the tool's."""
         self.lock()
@@ -172,9 +192,11 @@ class RunDir:
             if MARKER_NAME in entries:
                 self.run_id, self.written = self._read_marker()
             elif entries:
-                raise RunDirError(f"{self.option} {self.path} is not empty and holds no "
-                                  f"fastcluster-cl output ({_listing(entries)}); nothing was "
-                                  f"changed there: choose a new or empty {self.option}")
+                raise RunDirError(
+                    f"{self.option} {self.path} is not empty and holds no "
+                    f"fastcluster-cl output ({_listing(entries)}); nothing was "
+                    f"changed there: choose a new or empty {self.option}"
+                )
             else:
                 self.run_id = uuid.uuid4().hex
                 self._write_marker()
@@ -193,8 +215,10 @@ class RunDir:
         if name in self.written:
             return path
         if os.path.lexists(path):
-            raise RunDirError(f"{path} exists and was not written by this run; move it or "
-                              f"choose another {self.option}")
+            raise RunDirError(
+                f"{path} exists and was not written by this run; move it or "
+                f"choose another {self.option}"
+            )
         self.written.append(name)
         self._write_marker()
         return path
@@ -206,28 +230,37 @@ class RunDir:
         try:
             return set(os.listdir(self.path)) - {LOCK_NAME, MARKER_NAME + ".tmp"}
         except OSError as err:
-            raise RunDirError(f"cannot read {self.option} {self.path}: "
-                              f"{err.strerror or err}") from err
+            raise RunDirError(
+                f"cannot read {self.option} {self.path}: {err.strerror or err}"
+            ) from err
 
     def _read_marker(self) -> tuple[str, list[str]]:
         path = self.path / MARKER_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             run_id, written = data["run_id"], data["written"]
-            if not (isinstance(run_id, str) and isinstance(written, list)
-                    and all(isinstance(w, str) and "/" not in w and w not in ("", ".", "..")
-                            for w in written)):
+            if not (
+                isinstance(run_id, str)
+                and isinstance(written, list)
+                and all(
+                    isinstance(w, str) and "/" not in w and w not in ("", ".", "..")
+                    for w in written
+                )
+            ):
                 raise ValueError
         except (OSError, ValueError, KeyError, TypeError):
-            raise RunDirError(f"{path} is damaged (not a fastcluster-cl run marker); nothing "
-                              f"was changed there: choose another {self.option}") from None
+            raise RunDirError(
+                f"{path} is damaged (not a fastcluster-cl run marker); nothing "
+                f"was changed there: choose another {self.option}"
+            ) from None
         return run_id, list(written)
 
     def _write_marker(self) -> None:
         path = self.path / MARKER_NAME
         tmp = self.path / (MARKER_NAME + ".tmp")
-        text = json.dumps({"tool": "fastcluster-cl", "run_id": self.run_id,
-                           "written": self.written}, indent=1)
+        text = json.dumps(
+            {"tool": "fastcluster-cl", "run_id": self.run_id, "written": self.written}, indent=1
+        )
         try:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
@@ -268,14 +301,15 @@ class RunDir:
         self.release(remove_lock=True)
         if self.created:
             try:
-                self.path.rmdir()   # only if empty
+                self.path.rmdir()  # only if empty
             except OSError:
                 pass
 
     # --------------------------------------------------------------------------------- lock
-    def lock(self) -> "RunDir":
+    def lock(self) -> RunDir:
         """Create the directory if needed and take its lock (RunDirBusyError if held)."""
         import fcntl
+
         self.created = make_directory(self.path, self.option)
         lock = self.path / LOCK_NAME
         while True:
@@ -289,11 +323,16 @@ class RunDir:
             except BlockingIOError:
                 holder = os.pread(fd, 256, 0).decode(errors="replace").split()
                 os.close(fd)
-                who = (f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")
-                       if holder else "another process")
-                raise RunDirBusyError(f"run directory {self.path} is in use by {who} (lock "
-                                      f"{lock}); wait for it to finish or choose another "
-                                      f"{self.option}") from None
+                who = (
+                    f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")
+                    if holder
+                    else "another process"
+                )
+                raise RunDirBusyError(
+                    f"run directory {self.path} is in use by {who} (lock "
+                    f"{lock}); wait for it to finish or choose another "
+                    f"{self.option}"
+                ) from None
             # The file may have been removed (a failed start cleaning up) between open and
             # flock: then this lock guards nothing, try again on the new file.
             try:
@@ -327,7 +366,7 @@ class RunDir:
         self._lock_fd = None
         if self.created and not (self.path / MARKER_NAME).exists():
             try:
-                self.path.rmdir()   # a refused start leaves no empty folder it made
+                self.path.rmdir()  # a refused start leaves no empty folder it made
             except OSError:
                 pass
 

@@ -8,6 +8,7 @@ initialises the process group, the model is wrapped in DistributedDataParallel, 
 gather across ranks and each rank reads its shard: `batch_size` is the global batch, so a run
 (and its checkpoints) means the same thing on any number of ranks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,63 +57,77 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     """Every setting of a run. None means "derive from the dataset" (see `resolve`)."""
+
     # None (and backbone "auto" where the preset names one) takes the (method, dataset) preset
     # of fastcluster_cl.train.presets; `resolve` fills them in.
     dataset: str = "digits"
     data_root: str | None = None
     method: str = "anchor"
-    backbone: str = "auto"           # preset; else small_cnn < 32 px, resnet18 <= 64, resnet34
-    cifar_stem: bool | None = None   # ResNets: 3x3 stem without max-pool; default for <= 64 px
+    backbone: str = "auto"  # preset; else small_cnn < 32 px, resnet18 <= 64, resnet34
+    cifar_stem: bool | None = None  # ResNets: 3x3 stem without max-pool; default for <= 64 px
     num_clusters: int | None = None  # default: the dataset's number of classes
-    image_size: int | None = None    # default: the dataset's native training size
-    in_channels: int | None = None   # read from the data
+    image_size: int | None = None  # default: the dataset's native training size
+    in_channels: int | None = None  # read from the data
     projection_dim: int = 128
     hidden_dim: int = 512
     augment: str = "auto"
-    epochs: int | None = None        # preset
-    batch_size: int = 256            # global batch: split evenly over the ranks
+    epochs: int | None = None  # preset
+    batch_size: int = 256  # global batch: split evenly over the ranks
     optimizer: str = "adam"
-    lr: float | None = None          # preset
+    lr: float | None = None  # preset
     weight_decay: float = 0.0
     warmup_epochs: float | None = None  # preset
     min_lr_factor: float = 0.0
-    grad_clip: float = 0.0           # max gradient norm; 0 disables clipping
-    skip_nonfinite_steps: int = 0    # steps with a NaN/inf loss or gradient that may be skipped
-                                     # (no update) before the run stops; 0: stop at the first
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    skip_nonfinite_steps: int = 0  # steps with a NaN/inf loss or gradient that may be skipped
+    # (no update) before the run stops; 0: stop at the first
     centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
-                                     # k-means initialisation of the centres (DEC-style
-                                     # pretraining); None: epochs // 8 for anchor, else 0
+    # k-means initialisation of the centres (DEC-style
+    # pretraining); None: epochs // 8 for anchor, else 0
     instance_temperature: float | None = None  # preset
-    cluster_temperature: float | None = None   # preset
-    gumbel_temperature: float | None = None    # tcc: lambda of the assignment samples; preset
-    tcc_prior: str | None = None     # tcc: "kl" (per-sample KL to uniform) or "marginal"
-                                     # (CC's marginal entropy); preset
+    cluster_temperature: float | None = None  # preset
+    gumbel_temperature: float | None = None  # tcc: lambda of the assignment samples; preset
+    tcc_prior: str | None = None  # tcc: "kl" (per-sample KL to uniform) or "marginal"
+    # (CC's marginal entropy); preset
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss_backend: str = "auto"
-    amp: str = "auto"                # auto: bf16 on CUDA, none on the CPU
+    amp: str = "auto"  # auto: bf16 on CUDA, none on the CPU
     compile: bool = False
-    sync_bn: bool = False            # SyncBatchNorm across ranks (CUDA only)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None       # CPU threads for torch ops; None: torch's default
-    eval_every: int = 0              # epochs between evaluations; 0: only at the end
+    threads: int | None = None  # CPU threads for torch ops; None: torch's default
+    eval_every: int = 0  # epochs between evaluations; 0: only at the end
     eval_batch_size: int = 512
-    checkpoint_every: int = 0        # steps between mid-epoch checkpoints; 0: epoch ends only
-    log_every: int = 1               # steps between step records in log.jsonl / TensorBoard
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: epoch ends only
+    log_every: int = 1  # steps between step records in log.jsonl / TensorBoard
     out: str | None = None
     plots: bool = True
     progress: bool = True
 
     # Settings a resumed run may change; all others must equal the checkpoint's.
-    RESUMABLE = ("device", "threads", "out", "eval_every", "eval_batch_size",
-                 "checkpoint_every", "log_every", "plots", "progress", "compile", "data_root",
-                 "loss_backend", "sync_bn", "skip_nonfinite_steps")
+    RESUMABLE = (
+        "device",
+        "threads",
+        "out",
+        "eval_every",
+        "eval_batch_size",
+        "checkpoint_every",
+        "log_every",
+        "plots",
+        "progress",
+        "compile",
+        "data_root",
+        "loss_backend",
+        "sync_bn",
+        "skip_nonfinite_steps",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -122,23 +137,30 @@ class TrainConfig:
     def preset(self) -> dict[str, Any]:
         """The (method, dataset) preset (fastcluster_cl.train.presets)."""
         from .presets import preset
+
         return preset(self.method, self.dataset)
 
     def _check_types(self) -> None:
         """Each setting of its declared type (a checkpoint or a dict may hold anything), every
         float finite."""
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-                 "dict": (dict,)}
+        kinds = {
+            "int": (int,),
+            "float": (int, float),
+            "bool": (bool,),
+            "str": (str,),
+            "dict": (dict,),
+        }
         for f in dataclasses.fields(self):
             value, annotation = getattr(self, f.name), str(f.type)
             if value is None and "None" in annotation:
                 continue
             base = annotation.split("|")[0].strip().split("[")[0]
-            ok = isinstance(value, kinds[base]) and (base == "bool"
-                                                     or not isinstance(value, bool))
+            ok = isinstance(value, kinds[base]) and (base == "bool" or not isinstance(value, bool))
             if not ok:
-                raise ValueError(f"{f.name} must be {annotation.replace('|', 'or')}, got "
-                                 f"{value!r} ({type(value).__name__})")
+                raise ValueError(
+                    f"{f.name} must be {annotation.replace('|', 'or')}, got "
+                    f"{value!r} ({type(value).__name__})"
+                )
             if base == "float" and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
 
@@ -146,12 +168,14 @@ class TrainConfig:
         """Raise ValueError on settings that cannot work, before any data is loaded."""
         from ..models import BACKBONES, METHOD_HEADS
         from .optim import OPTIMIZERS
+
         self._check_types()
         if self.method not in METHOD_HEADS:
             raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}")
         if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be 'auto' or one of {BACKBONES}, got "
-                             f"{self.backbone!r}")
+            raise ValueError(
+                f"backbone must be 'auto' or one of {BACKBONES}, got {self.backbone!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.amp not in AMP_MODES:
@@ -162,20 +186,29 @@ class TrainConfig:
         for name in ("lr", "instance_temperature", "cluster_temperature", "gumbel_temperature"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip", "eval_every",
-                     "checkpoint_every", "skip_nonfinite_steps"):
+        for name in (
+            "weight_decay",
+            "warmup_epochs",
+            "grad_clip",
+            "eval_every",
+            "checkpoint_every",
+            "skip_nonfinite_steps",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tcc_prior not in (None, "kl", "marginal"):
             raise ValueError(f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}")
         if self.centre_warmup_epochs is not None:
             if self.centre_warmup_epochs and self.method != "anchor":
-                raise ValueError("centre_warmup_epochs applies to the anchor method (centre "
-                                 "head) only")
+                raise ValueError(
+                    "centre_warmup_epochs applies to the anchor method (centre head) only"
+                )
             epochs = self.epochs if self.epochs is not None else self.preset()["epochs"]
             if not 0 <= self.centre_warmup_epochs < epochs:
-                raise ValueError(f"centre_warmup_epochs must be in [0, epochs={epochs}), "
-                                 f"got {self.centre_warmup_epochs}")
+                raise ValueError(
+                    f"centre_warmup_epochs must be in [0, epochs={epochs}), "
+                    f"got {self.centre_warmup_epochs}"
+                )
         for name in ("threads", "image_size", "in_channels", "projection_dim", "hidden_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -186,18 +219,25 @@ class TrainConfig:
         if not 0 <= self.min_lr_factor <= 1:
             raise ValueError(f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
         from ..losses.dispatch import BACKENDS
+
         if self.loss_backend not in BACKENDS:
             raise ValueError(f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}")
         for name, weight in self.loss_weights.items():
-            if not isinstance(name, str) or isinstance(weight, bool) \
-                    or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-                raise ValueError(f"loss_weights must map names to finite numbers >= 0, got "
-                                 f"{name!r}: {weight!r}")
+            if (
+                not isinstance(name, str)
+                or isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not 0 <= weight < math.inf
+            ):
+                raise ValueError(
+                    f"loss_weights must map names to finite numbers >= 0, got {name!r}: {weight!r}"
+                )
 
 
 @dataclass
 class Runtime:
     """Where this process runs: its device, rank and world size (one place for DDP to extend)."""
+
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -207,11 +247,14 @@ class Runtime:
         return self.rank == 0
 
     @classmethod
-    def create(cls, device: str = "auto") -> "Runtime":
+    def create(cls, device: str = "auto") -> Runtime:
         """This process's runtime; under torchrun, also joins the process group and takes
         cuda:LOCAL_RANK (`fastcluster_cl.distributed.setup`)."""
-        if device != "auto" and torch.device(device).type == "cuda" \
-                and not torch.cuda.is_available():
+        if (
+            device != "auto"
+            and torch.device(device).type == "cuda"
+            and not torch.cuda.is_available()
+        ):
             raise ValueError(f"device {device!r} asked for but CUDA is not available here")
         dev = distributed.setup(None if device == "auto" else device)
         return cls(dev, distributed.rank(), distributed.world_size())
@@ -241,27 +284,41 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     store and resumes compare."""
     c = copy.deepcopy(config)
     p = c.preset()
-    for name in ("image_size", "epochs", "lr", "warmup_epochs", "instance_temperature",
-                 "cluster_temperature", "gumbel_temperature", "tcc_prior"):
+    for name in (
+        "image_size",
+        "epochs",
+        "lr",
+        "warmup_epochs",
+        "instance_temperature",
+        "cluster_temperature",
+        "gumbel_temperature",
+        "tcc_prior",
+    ):
         if getattr(c, name) is None:
             setattr(c, name, p[name])
     if c.backbone == "auto":
         c.backbone = p["backbone"]
     if not c.loss_weights:
         c.loss_weights = p["loss_weights"]
-    if c.centre_warmup_epochs is None and c.method == "anchor" \
-            and p["centre_warmup_epochs"] is not None and p["centre_warmup_epochs"] < c.epochs:
-        c.centre_warmup_epochs = p["centre_warmup_epochs"]   # else epochs // 8, below
+    if (
+        c.centre_warmup_epochs is None
+        and c.method == "anchor"
+        and p["centre_warmup_epochs"] is not None
+        and p["centre_warmup_epochs"] < c.epochs
+    ):
+        c.centre_warmup_epochs = p["centre_warmup_epochs"]  # else epochs // 8, below
     if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
-        raise ValueError(f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got "
-                         f"{c.centre_warmup_epochs}")
+        raise ValueError(
+            f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got {c.centre_warmup_epochs}"
+        )
     if c.num_clusters is None:
         c.num_clusters = int(dataset.num_classes)
     if c.image_size is None:
         c.image_size = int(dataset.image_size)
     if c.backbone == "auto":
-        c.backbone = ("small_cnn" if c.image_size < 32 else
-                      "resnet18" if c.image_size <= 64 else "resnet34")
+        c.backbone = (
+            "small_cnn" if c.image_size < 32 else "resnet18" if c.image_size <= 64 else "resnet34"
+        )
     if c.cifar_stem is None:
         c.cifar_stem = c.backbone in RESNETS and c.image_size <= 64
     if c.centre_warmup_epochs is None:
@@ -276,13 +333,19 @@ def check_fits_dataset(config: TrainConfig, dataset, world_size: int) -> None:
     per_rank = len(dataset) // world_size
     if distributed.local_batch_size(config.batch_size, world_size) > per_rank:
         share = f" ({per_rank} per rank over {world_size} ranks)" if world_size > 1 else ""
-        raise ConfigError("--batch-size", f"{config.batch_size} exceeds the {len(dataset)} "
-                          f"images of {dataset.name}{share}; lower it")
+        raise ConfigError(
+            "--batch-size",
+            f"{config.batch_size} exceeds the {len(dataset)} "
+            f"images of {dataset.name}{share}; lower it",
+        )
     labelled = int((np.asarray(dataset.labels) >= 0).sum())
     if config.num_clusters > labelled:
-        raise ConfigError("--num-clusters", f"K = {config.num_clusters} exceeds the "
-                          f"{labelled} labelled images of {dataset.name}, which the "
-                          f"evaluation clusters; choose K <= {labelled}")
+        raise ConfigError(
+            "--num-clusters",
+            f"K = {config.num_clusters} exceeds the "
+            f"{labelled} labelled images of {dataset.name}, which the "
+            f"evaluation clusters; choose K <= {labelled}",
+        )
 
 
 def check_threads(state: dict[str, Any], device: torch.device, path) -> None:
@@ -292,18 +355,25 @@ def check_threads(state: dict[str, Any], device: torch.device, path) -> None:
     saved = state.get("cpu_threads")
     now = torch.get_num_threads()
     if device.type == "cpu" and saved is not None and saved != now:
-        raise ConfigError("--threads", f"checkpoint {path} was trained with {saved} CPU "
-                          f"threads and this resume would use {now}; CPU results depend on "
-                          f"the thread count, so pass --threads {saved} to continue exactly")
+        raise ConfigError(
+            "--threads",
+            f"checkpoint {path} was trained with {saved} CPU "
+            f"threads and this resume would use {now}; CPU results depend on "
+            f"the thread count, so pass --threads {saved} to continue exactly",
+        )
 
 
 def check_resumable(saved: dict[str, Any], asked: dict[str, Any], path) -> None:
     """Raise CheckpointError naming every setting that differs from the checkpoint's."""
-    diffs = [f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})" for k in asked
-             if k not in TrainConfig.RESUMABLE and asked[k] != saved.get(k)]
+    diffs = [
+        f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})"
+        for k in asked
+        if k not in TrainConfig.RESUMABLE and asked[k] != saved.get(k)
+    ]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} is incompatible with this run: "
-                              + ", ".join(diffs))
+        raise CheckpointError(
+            f"checkpoint {path} is incompatible with this run: " + ", ".join(diffs)
+        )
 
 
 class Trainer:
@@ -311,8 +381,13 @@ class Trainer:
     and returns the final metrics. `resume_from` continues a checkpoint exactly (same batches,
     same augmentations, same RNG streams)."""
 
-    def __init__(self, config: TrainConfig, dataset=None, runtime: Runtime | None = None,
-                 resume_from: str | Path | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset=None,
+        runtime: Runtime | None = None,
+        resume_from: str | Path | None = None,
+    ):
         config.check()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -321,8 +396,9 @@ class Trainer:
         self.fresh = resume_from is None
         self.rundir = None
         self.logger = RunLogger(self.out, enabled=False)
-        if self.runtime.is_main_process:   # one writer per run directory, for the whole run
+        if self.runtime.is_main_process:  # one writer per run directory, for the whole run
             from .checkpoint import resolve_checkpoint
+
             source = None if resume_from is None else resolve_checkpoint(resume_from)
             self.rundir = RunDir(self.out).open(resume_from=source)
         try:
@@ -333,10 +409,11 @@ class Trainer:
 
     def _init(self, config: TrainConfig, dataset, resume_from) -> None:
         from ..data import make_train_loader
+
         self.resume_state = None
         main = self.runtime.is_main_process
         if main:
-            self.rundir.remove_temporary_checkpoints()   # left by a write killed mid-way
+            self.rundir.remove_temporary_checkpoints()  # left by a write killed mid-way
         if resume_from is not None:
             self.resume_state = load_checkpoint(resume_from)
         # Per-rank streams (e.g. TCC's Gumbel noise); DDP broadcasts rank 0's initial weights.
@@ -349,33 +426,51 @@ class Trainer:
         dev = self.runtime.device
         check_fits_dataset(config, self.dataset, self.runtime.world_size)
         self.train_loader = make_train_loader(
-            self.dataset, distributed.local_batch_size(config.batch_size,
-                                                       self.runtime.world_size),
-            image_size=config.image_size, augment=config.augment, device=dev, seed=config.seed,
-            rank=self.runtime.rank, world_size=self.runtime.world_size)
+            self.dataset,
+            distributed.local_batch_size(config.batch_size, self.runtime.world_size),
+            image_size=config.image_size,
+            augment=config.augment,
+            device=dev,
+            seed=config.seed,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+        )
         self.steps_per_epoch = len(self.train_loader)
         self.criterion = ClusterContrastiveLoss(
-            config.method, config.instance_temperature, config.cluster_temperature,
-            weights=config.loss_weights or None, gumbel_tau=config.gumbel_temperature,
-            backend=config.loss_backend, gather_distributed=self.runtime.world_size > 1,
-            tcc_prior=config.tcc_prior, alpha=getattr(self.model.cluster_head, "alpha", 1.0))
+            config.method,
+            config.instance_temperature,
+            config.cluster_temperature,
+            weights=config.loss_weights or None,
+            gumbel_tau=config.gumbel_temperature,
+            backend=config.loss_backend,
+            gather_distributed=self.runtime.world_size > 1,
+            tcc_prior=config.tcc_prior,
+            alpha=getattr(self.model.cluster_head, "alpha", 1.0),
+        )
         self.ddp_model = distributed.wrap_model(
-            self.model, dev, config.sync_bn,
-            find_unused_parameters=config.centre_warmup_epochs > 0)
-        self.optimizer = build_optimizer(config.optimizer, self.model, config.lr,
-                                         config.weight_decay, dev)
+            self.model, dev, config.sync_bn, find_unused_parameters=config.centre_warmup_epochs > 0
+        )
+        self.optimizer = build_optimizer(
+            config.optimizer, self.model, config.lr, config.weight_decay, dev
+        )
         total = config.epochs * self.steps_per_epoch
-        self.scheduler = warmup_cosine(self.optimizer,
-                                       round(config.warmup_epochs * self.steps_per_epoch),
-                                       total, config.min_lr_factor)
+        self.scheduler = warmup_cosine(
+            self.optimizer,
+            round(config.warmup_epochs * self.steps_per_epoch),
+            total,
+            config.min_lr_factor,
+        )
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        self.instance_loss = NTXentLoss(config.instance_temperature, backend=config.loss_backend,
-                                        gather_distributed=self.runtime.world_size > 1)
+        self.instance_loss = NTXentLoss(
+            config.instance_temperature,
+            backend=config.loss_backend,
+            gather_distributed=self.runtime.world_size > 1,
+        )
         self.forward = torch.compile(self.ddp_model) if config.compile else self.ddp_model
         self.loss_fn = torch.compile(self.criterion) if config.compile else self.criterion
         self.epoch, self.batch, self.step = 0, 0, 0
         self.train_seconds, self.images_seen = 0.0, 0
-        self.skipped_steps = 0      # non-finite steps skipped so far (--skip-nonfinite-steps)
+        self.skipped_steps = 0  # non-finite steps skipped so far (--skip-nonfinite-steps)
         if self.resume_state is not None:
             self._load_state(self.resume_state)
         if main:
@@ -412,19 +507,29 @@ class Trainer:
         """Load the dataset, resolve the config from it, build the eval loader and the model.
         Sets self.config (resolved), dataset, eval_loader, model, amp_dtype."""
         from ..data import load_dataset, make_eval_loader
-        self.dataset = dataset if dataset is not None else load_dataset(config.dataset,
-                                                                        config.data_root)
+
+        self.dataset = (
+            dataset if dataset is not None else load_dataset(config.dataset, config.data_root)
+        )
         config = resolve(config, self.dataset)
         dev = self.runtime.device
-        self.eval_loader = make_eval_loader(self.dataset, config.eval_batch_size,
-                                            image_size=config.image_size, device=dev)
+        self.eval_loader = make_eval_loader(
+            self.dataset, config.eval_batch_size, image_size=config.image_size, device=dev
+        )
         sample = next(iter(self.eval_loader))["clean"]
         if config.in_channels is None:
             config.in_channels = int(sample.shape[1])
         self.config = config
-        self.model = build_model(config.method, config.backbone, config.num_clusters,
-                                 config.in_channels, config.cifar_stem, config.projection_dim,
-                                 config.hidden_dim, config.gumbel_temperature).to(dev)
+        self.model = build_model(
+            config.method,
+            config.backbone,
+            config.num_clusters,
+            config.in_channels,
+            config.cifar_stem,
+            config.projection_dim,
+            config.hidden_dim,
+            config.gumbel_temperature,
+        ).to(dev)
         self.model = self.model.to(memory_format=MEMORY_FORMAT)
         self.amp_dtype = amp_dtype(config.amp, dev)
         self._check_image_size(sample[:2])
@@ -440,16 +545,24 @@ class Trainer:
             try:
                 self.model(self._inputs({"clean": images}, ("clean",)))
             except RuntimeError as err:
-                raise ConfigError("--image-size", f"{self.config.image_size} px is too small "
-                                  f"for backbone {self.config.backbone} "
-                                  f"({str(err).splitlines()[0]}); use a larger --image-size "
-                                  "or another --backbone") from None
+                raise ConfigError(
+                    "--image-size",
+                    f"{self.config.image_size} px is too small "
+                    f"for backbone {self.config.backbone} "
+                    f"({str(err).splitlines()[0]}); use a larger --image-size "
+                    "or another --backbone",
+                ) from None
             finally:
                 self.model.train()
 
     @classmethod
-    def for_evaluation(cls, config: TrainConfig, state: dict[str, Any],
-                       runtime: Runtime | None = None, dataset=None) -> "Trainer":
+    def for_evaluation(
+        cls,
+        config: TrainConfig,
+        state: dict[str, Any],
+        runtime: Runtime | None = None,
+        dataset=None,
+    ) -> Trainer:
         """A Trainer holding only what `evaluate` needs, with the checkpoint's weights; the
         dataset is loaded by config.dataset unless given."""
         self = cls.__new__(cls)
@@ -458,8 +571,9 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:
-            raise CheckpointError(f"checkpoint weights do not fit the model: "
-                                  f"{str(err).splitlines()[0]}") from err
+            raise CheckpointError(
+                f"checkpoint weights do not fit the model: {str(err).splitlines()[0]}"
+            ) from err
         return self
 
     # ----------------------------------------------------------------------------------- state
@@ -470,8 +584,9 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint does not fit this model/optimizer: "
-                                  f"{str(err).splitlines()[0]}") from err
+            raise CheckpointError(
+                f"checkpoint does not fit this model/optimizer: {str(err).splitlines()[0]}"
+            ) from err
         pos = state["position"]
         self.epoch, self.batch, self.step = pos["epoch"], pos["batch"], pos["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -486,18 +601,21 @@ class Trainer:
         if not self.runtime.is_main_process:
             return None
         self._claim(CHECKPOINT_NAME)
-        path = save_checkpoint(self.out / CHECKPOINT_NAME, {
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
-            "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen,
-            "skipped_steps": self.skipped_steps,
-            "cpu_threads": torch.get_num_threads(),
-        })
+        path = save_checkpoint(
+            self.out / CHECKPOINT_NAME,
+            {
+                "config": self.config.to_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+                "train_seconds": self.train_seconds,
+                "images_seen": self.images_seen,
+                "skipped_steps": self.skipped_steps,
+                "cpu_threads": torch.get_num_threads(),
+            },
+        )
         self.logger.log("checkpoint", epoch=self.epoch, batch=self.batch, step=self.step)
         return path
 
@@ -516,8 +634,9 @@ class Trainer:
         # Before the centres are initialised (centre warmup) only the instance loss trains.
         warmup = not bool(getattr(self.model.cluster_head, "initialised", True))
         views = ("a", "b", "clean") if anchor and not warmup else ("a", "b")
-        with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
             # one pass per view (per-view BatchNorm statistics), in one call of the model
             split = self.forward(self._views(batch, views))
             if warmup:
@@ -531,8 +650,12 @@ class Trainer:
         # all-reduced, so every rank sees the same verdict of the finite checks below and all
         # stop (or skip) together.
         world = self.runtime.world_size
-        logged = distributed.all_reduce_sum(torch.stack(
-            [total.detach()] + [v.detach().float() for v in loss.parts.values()])) / world
+        logged = (
+            distributed.all_reduce_sum(
+                torch.stack([total.detach()] + [v.detach().float() for v in loss.parts.values()])
+            )
+            / world
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         # The gradient norm: clipping computes it anyway; without clipping it is one fused
@@ -545,12 +668,17 @@ class Trainer:
         elif not self.scaler.is_enabled():
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        stats = logged if norm is None else torch.cat(
-            [logged, norm.detach().float().reshape(1).to(logged.device)])
-        values = stats.tolist()   # the step's one device sync: loss, parts and gradient norm
+        stats = (
+            logged
+            if norm is None
+            else torch.cat([logged, norm.detach().float().reshape(1).to(logged.device)])
+        )
+        values = stats.tolist()  # the step's one device sync: loss, parts and gradient norm
         n_parts = len(loss.parts)
-        record = {"loss": values[0],
-                  **{f"loss_{k}": v for k, v in zip(loss.parts, values[1:1 + n_parts])}}
+        record = {
+            "loss": values[0],
+            **{f"loss_{k}": v for k, v in zip(loss.parts, values[1 : 1 + n_parts])},
+        }
         grad_norm = values[1 + n_parts] if norm is not None else None
         if self.config.grad_clip > 0:
             record["grad_norm"] = grad_norm
@@ -578,18 +706,19 @@ class Trainer:
         limit = self.config.skip_nonfinite_steps
         if self.skipped_steps >= limit:
             self.optimizer.zero_grad(set_to_none=True)
-            hint = ("lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16"
-                    + ("; --skip-nonfinite-steps N skips up to N such steps" if limit == 0
-                       else f"; {limit} such steps were skipped already "
-                            f"(--skip-nonfinite-steps {limit})"))
+            hint = "lower --lr, set --grad-clip, or use --amp bf16/none instead of fp16" + (
+                "; --skip-nonfinite-steps N skips up to N such steps"
+                if limit == 0
+                else f"; {limit} such steps were skipped already (--skip-nonfinite-steps {limit})"
+            )
             raise NonFiniteLossError(f"{where}; {hint}")
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():   # forget this step's inf checks; back off as on overflow
+        if self.scaler.is_enabled():  # forget this step's inf checks; back off as on overflow
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.skipped_steps += 1
         record["skipped"] = where
         record["lr"] = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": meant
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         return record
@@ -605,19 +734,27 @@ class Trainer:
         centres initialised from them, do not depend on the world size (under sync_bn these
         are exactly the training statistics; without it each rank's loss sees its share)."""
         from ..data import make_eval_loader
+
         loader = self.eval_loader
         buffers = None
         if train_mode:
             buffers = copy.deepcopy(dict(self.model.named_buffers()))
-            loader = make_eval_loader(self.dataset, self.config.batch_size,
-                                      image_size=self.config.image_size,
-                                      device=self.runtime.device, shuffle_seed=self.config.seed)
+            loader = make_eval_loader(
+                self.dataset,
+                self.config.batch_size,
+                image_size=self.config.image_size,
+                device=self.runtime.device,
+                shuffle_seed=self.config.seed,
+            )
         self.model.train(train_mode)
         feats, preds, labels, index = [], [], [], []
         try:
             for batch in loader:
-                with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype,
-                                    enabled=self.amp_dtype is not None):
+                with torch.autocast(
+                    self.runtime.device.type,
+                    dtype=self.amp_dtype,
+                    enabled=self.amp_dtype is not None,
+                ):
                     out = self.model(self._inputs(batch, ("clean",)))
                     if bool(getattr(self.model.cluster_head, "initialised", True)):
                         preds.append(self.model.probabilities(out).argmax(1).cpu())
@@ -629,7 +766,7 @@ class Trainer:
             if buffers is not None:  # train-mode BN updated its running stats: undo that
                 for name, buf in self.model.named_buffers():
                     buf.copy_(buffers[name])
-        order = torch.argsort(torch.cat(index)).numpy()   # back to dataset order
+        order = torch.argsort(torch.cat(index)).numpy()  # back to dataset order
         pred = torch.cat(preds).numpy()[order] if preds else None
         return torch.cat(feats).numpy()[order], pred, torch.cat(labels).numpy()[order]
 
@@ -640,14 +777,21 @@ class Trainer:
         known = labels >= 0  # unlabelled images (label -1, STL-10's extra split) are not scored
         # no cluster-head metrics while the centres await their initialisation
         head = cluster_metrics(labels[known], pred[known]) if pred is not None else {}
-        metrics = {**head,
-                   "kmeans": kmeans_metrics(feats[known], labels[known],
-                                            self.config.num_clusters, seed=self.config.seed),
-                   # k-means on L2-normalised features: the cosine geometry the contrastive
-                   # losses train (less prone to merging clusters than raw features)
-                   "kmeans_l2": kmeans_metrics(_l2_rows(feats[known]), labels[known],
-                                               self.config.num_clusters, seed=self.config.seed),
-                   "eval_seconds": time.perf_counter() - start}
+        metrics = {
+            **head,
+            "kmeans": kmeans_metrics(
+                feats[known], labels[known], self.config.num_clusters, seed=self.config.seed
+            ),
+            # k-means on L2-normalised features: the cosine geometry the contrastive
+            # losses train (less prone to merging clusters than raw features)
+            "kmeans_l2": kmeans_metrics(
+                _l2_rows(feats[known]),
+                labels[known],
+                self.config.num_clusters,
+                seed=self.config.seed,
+            ),
+            "eval_seconds": time.perf_counter() - start,
+        }
         return metrics, feats, pred, labels
 
     def init_centres(self) -> None:
@@ -677,13 +821,21 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         c, main = self.config, self.runtime.is_main_process
         wall_start = time.perf_counter()
-        self.logger.log("start", resumed=self.resume_state is not None, epoch=self.epoch,
-                        batch=self.batch, step=self.step, device=str(self.runtime.device),
-                        optimizer=optimizer_description(self.optimizer),
-                        loader_backend=getattr(self.train_loader, "backend", None),
-                        amp=str(self.amp_dtype), steps_per_epoch=self.steps_per_epoch)
-        progress = make_progress(main and c.progress, c.epochs * self.steps_per_epoch, c.epochs,
-                                 self.step, c.batch_size)
+        self.logger.log(
+            "start",
+            resumed=self.resume_state is not None,
+            epoch=self.epoch,
+            batch=self.batch,
+            step=self.step,
+            device=str(self.runtime.device),
+            optimizer=optimizer_description(self.optimizer),
+            loader_backend=getattr(self.train_loader, "backend", None),
+            amp=str(self.amp_dtype),
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        progress = make_progress(
+            main and c.progress, c.epochs * self.steps_per_epoch, c.epochs, self.step, c.batch_size
+        )
         with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
             while self.epoch < c.epochs:
                 if self.epoch >= c.centre_warmup_epochs:
@@ -706,22 +858,29 @@ class Trainer:
                     self.batch += 1
                     self.step += 1
                     record.update(epoch=self.epoch, images_per_s=n / dt)
-                    if "skipped" in record:   # always logged; NaN/inf written as strings
-                        self.logger.log("skipped_step", step=self.step, epoch=self.epoch,
-                                        reason=record["skipped"], skipped=self.skipped_steps,
-                                        limit=c.skip_nonfinite_steps)
+                    if "skipped" in record:  # always logged; NaN/inf written as strings
+                        self.logger.log(
+                            "skipped_step",
+                            step=self.step,
+                            epoch=self.epoch,
+                            reason=record["skipped"],
+                            skipped=self.skipped_steps,
+                            limit=c.skip_nonfinite_steps,
+                        )
                     elif self.step % c.log_every == 0:
                         self.logger.scalars("step", self.step, **record)
                     if progress is not None:
                         progress.update(self.epoch, self.step, record["loss"], n)
-                    if c.checkpoint_every and self.step % c.checkpoint_every == 0 \
-                            and self.batch < self.steps_per_epoch:
+                    if (
+                        c.checkpoint_every
+                        and self.step % c.checkpoint_every == 0
+                        and self.batch < self.steps_per_epoch
+                    ):
                         self.save()
                 self.epoch, self.batch = self.epoch + 1, 0
                 if c.eval_every and self.epoch % c.eval_every == 0 and self.epoch < c.epochs:
                     metrics, *_ = self.evaluate()
-                    self.logger.scalars("eval", self.step, epoch=self.epoch,
-                                        **_flat(metrics))
+                    self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
                 self.save()
         if progress is not None:
             progress.close()
@@ -731,8 +890,14 @@ class Trainer:
             "images_per_second": self.images_seen / max(self.train_seconds, 1e-9),
             "wall_seconds_this_session": time.perf_counter() - wall_start,
         }
-        metrics.update(method=c.method, dataset=c.dataset, epochs=c.epochs, steps=self.step,
-                       num_clusters=c.num_clusters, backbone=c.backbone)
+        metrics.update(
+            method=c.method,
+            dataset=c.dataset,
+            epochs=c.epochs,
+            steps=self.step,
+            num_clusters=c.num_clusters,
+            backbone=c.backbone,
+        )
         if main:
             self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
             self._claim("metrics.json", *(("plots",) if c.plots else ()))
@@ -745,6 +910,7 @@ class Trainer:
 
     def write_plots(self, feats: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> None:
         from .plots import plot_confusion, plot_embedding, plot_losses
+
         plots = self.out / "plots"
         plots.mkdir(parents=True, exist_ok=True)
         steps = last_per_step(read_log(self.out / "log.jsonl", "step"))
@@ -773,7 +939,11 @@ def default_out_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def train(config: TrainConfig, dataset=None, runtime: Runtime | None = None,
-          resume_from: str | Path | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    dataset=None,
+    runtime: Runtime | None = None,
+    resume_from: str | Path | None = None,
+) -> dict[str, Any]:
     """Build a Trainer and run it; returns the final metrics (also in out/metrics.json)."""
     return Trainer(config, dataset, runtime, resume_from).fit()
