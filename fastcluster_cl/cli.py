@@ -339,7 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.rundir import RunDir
 
     # --out is taken (new, empty, or ours with metrics.json free or ours) before any work
-    out = RunDir(args.out).open_output(("metrics.json",)) if args.out else None
+    out = RunDir(args.out).open_output(("metrics.json",), "eval") if args.out else None
     try:
         metrics = _evaluate(args)
         if out is not None:
@@ -347,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             write_text(out.path / "metrics.json", json.dumps(metrics, indent=2))
     except BaseException:
-        if out is not None and out.created:  # a folder made for nothing goes again
+        if out is not None and (out.created or out.marked_here):  # marked for nothing: undo
             out.discard()
         raise
     finally:

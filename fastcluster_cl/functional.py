@@ -1,11 +1,11 @@
 """Functional losses: validate arguments, pick the backend, call it.
 
 Every function accepts float16/bfloat16/float32/float64 inputs, accumulates in float32 (float64
-for float64 inputs) and returns the loss in the inputs' dtype (`student_t`'s probabilities stay in
-the accumulation dtype). `backend` is one of
-"auto" (triton for CUDA tensors, else chunked), "torch" (plain reference that materialises the
-similarity matrix), "chunked" (row blocks, never holds the 2N x 2N matrix), "triton", "cuda";
-all compute the same function to rounding.
+for float64 inputs) and returns the loss in the inputs' dtype, or in float32 inside an autocast
+region as torch's own losses (`student_t`'s probabilities stay in the accumulation dtype).
+`backend` is one of "auto" (triton for CUDA tensors, else chunked), "torch" (plain reference
+that materialises the similarity matrix), "chunked" (row blocks, never holds the 2N x 2N
+matrix), "triton", "cuda"; all compute the same function to rounding.
 
 `gather_distributed=True` (nt_xent, cc_cluster_loss, dec_loss, tcc_cluster_loss) computes the loss
 over the batch of all ranks of an initialised torch.distributed process group, with lightly's
@@ -48,18 +48,36 @@ from .validation import (
     check_unit_rows,
 )
 
+_under_autocast = False  # set while a loss called inside an autocast region runs
+
 
 def loss_in_input_dtype(fn):
     """Return `fn`'s losses (a tensor, a tuple of them, or a LossOutput) in the dtype of its
     first tensor argument, as lightly's and torch's losses do; the backends accumulate in
-    float32 (float64), and the cast only rounds the result (its gradient passes through)."""
+    float32 (float64), and the cast only rounds the result (its gradient passes through).
+    Inside an autocast region the losses stay float32, as torch's autocast keeps its losses
+    (cross_entropy, log_softmax) and so lightly's: a GradScaler's 2^16 scale would overflow an
+    fp16 loss's gradient, and a bf16 total would keep three digits."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _under_autocast
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if (
+            not _under_autocast
+            and first is not None
+            and torch.amp.is_autocast_available(first.device.type)
+            and torch.is_autocast_enabled(first.device.type)
+        ):
+            # the losses this one calls run with autocast off: tell them it was on
+            _under_autocast = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _under_autocast = False
         out = fn(*args, **kwargs)
         dtype = first.dtype if first is not None and first.is_floating_point() else None
-        if dtype is None or dtype in (torch.float32, torch.float64):
+        if _under_autocast or dtype is None or dtype in (torch.float32, torch.float64):
             return out
         if isinstance(out, LossOutput):
             return LossOutput(out.total.to(dtype), {k: v.to(dtype) for k, v in out.parts.items()})
@@ -123,7 +141,8 @@ def nt_xent(
     Args:
         z_a, z_b: (N, D) projections of the two views. N = 1 (no negatives) gives 0, as
             lightly and pytorch-metric-learning do.
-        temperature: tau > 0 (0.5 in CC and arXiv 2109.12714).
+        temperature: tau, |tau| >= 1e-8 (0.5 in CC and arXiv 2109.12714; a negative tau, which
+            lightly accepts, runs on the torch and chunked backends).
         gather_distributed: contrast against the rows of every rank (equal N on all ranks);
             see the module docstring.
     """

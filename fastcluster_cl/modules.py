@@ -112,6 +112,8 @@ class MemoryBank(nn.Module):
         if self.gather_distributed:
             batch = distributed.gather_rows(batch)
         size, n = self.size[0], batch.shape[0]
+        if n == 0:  # nothing to write (lightly's rule leaves the bank as it is)
+            return
         offset = torch.arange(size, device=self.bank.device) - self.bank_ptr
         written = (offset >= 0) & (offset < n)
         rows = batch.to(self.bank)[offset.clamp(0, n - 1)]

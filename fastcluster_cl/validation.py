@@ -12,6 +12,7 @@ torch.compile traces.
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -72,8 +73,9 @@ def check_nt_xent_temperature(value: float) -> float:
     """NT-Xent's temperature: finite with |tau| >= 1e-8. A negative one is accepted as lightly's
     NTXentLoss accepts it (it maximises the distance to the positives, which is rarely what a
     run wants), and computed exactly on the torch and chunked backends."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or abs(value) < 1e-8:
         raise ValueError(
             f"temperature must be a finite number with |temperature| >= 1e-8, got {value}"

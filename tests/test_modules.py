@@ -134,3 +134,29 @@ def test_ntxent_module_rejects_bad_temperature():
     for tau in (0.0, 1e-9, float("nan")):  # lightly's rule: |tau| >= 1e-8
         with pytest.raises(ValueError, match="temperature"):
             fc.NTXentLoss(temperature=tau)
+
+
+def test_losses_stay_float32_inside_autocast_as_torch_losses_do():
+    """Outside autocast a loss comes back in its inputs' dtype (lightly's behaviour); inside,
+    float32, as torch's autocast keeps cross_entropy (and so lightly's loss): a GradScaler's
+    2^16 scale would overflow an fp16 loss's gradient."""
+    z = torch.randn(8, 16)
+    assert fc.NTXentLoss()(z.half(), z.half() + 0.1).dtype == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        za, zb = z.bfloat16().requires_grad_(), (z + 0.1).bfloat16()
+        loss = fc.NTXentLoss()(za, zb)
+        out = fc.ClusterContrastiveLoss("cc")(za, zb, logits_a=za[:, :4], logits_b=zb[:, :4])
+    assert loss.dtype == out.total.dtype == torch.float32
+    (loss * 65536.0).backward()
+    assert torch.isfinite(za.grad).all()
+
+
+def test_memory_bank_takes_lightlys_edge_cases():
+    import numpy as np
+
+    bank = fc.MemoryBank((8, 4))
+    before = bank.bank.clone()
+    bank.enqueue(torch.randn(0, 4))  # an empty batch leaves the bank alone
+    assert torch.equal(bank.bank, before) and int(bank.bank_ptr) == 0
+    z = torch.randn(6, 4)
+    torch.testing.assert_close(fc.NTXentLoss(np.float32(0.5))(z, z + 1), fc.nt_xent(z, z + 1))

@@ -120,19 +120,26 @@ def test_failed_start_in_a_new_folder_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_users_files_beside_a_run_are_kept_and_never_replaced(tmp_path, finished):
+def test_users_files_beside_a_run_are_kept_and_never_replaced(tmp_path):
+    from fastcluster_cl.train.rundir import RunDir
+
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
+    started = RunDir(out).open()  # a start that died before its first checkpoint
+    for name in ("config.json", "log.jsonl"):
+        started.claim(name).write_text("{}")
+    started.release()
     (out / "notes.txt").write_text("mine")
-    (out / "checkpoint.pt").unlink()  # as if the start had died before its checkpoint
     run("train", *TINY, "--out", out, code=0)  # the aborted start is cleared, notes.txt stays
     assert (out / "notes.txt").read_text() == "mine"
-    (out / "plots").mkdir()  # the user's folder, of a name a run writes (this one did not)
-    (out / "plots" / "mine.png").write_bytes(b"mine")
-    (out / "checkpoint.pt").unlink()
-    before = tree(out)
-    err = run("train", *TINY, "--out", out, code=1)
-    assert "holds plots, which this run did not write" in err and tree(out) == before
+    fresh = tmp_path / "again"
+    started = RunDir(fresh).open()
+    started.claim("log.jsonl").write_text("{}")
+    started.release()
+    (fresh / "plots").mkdir()  # the user's folder, of a name a run writes (this one did not)
+    (fresh / "plots" / "mine.png").write_bytes(b"mine")
+    before = tree(fresh)
+    err = run("train", *TINY, "--out", fresh, code=1)
+    assert "holds plots, which this run did not write" in err and tree(fresh) == before
 
 
 # 2. one check for "this directory holds another run", fresh starts and resumes alike
@@ -316,3 +323,59 @@ def test_bank_pointer_out_of_range_is_refused():
         r"\[999\]",
     ):
         loss.load_state_dict(state)
+
+
+# Found in review: results without a checkpoint, eval into a run, symlinked lock files, runs of
+# earlier versions, temperatures below the losses' limit
+def test_a_finished_run_without_its_checkpoint_is_never_cleared(tmp_path, finished):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "checkpoint.pt").unlink()  # the user freed the space; the results stay theirs
+    before = tree(out)
+    err = run("train", *TINY, "--out", out, code=1)
+    assert "holds a run's results without its checkpoint (checkpoint.pt, metrics.json)" in err
+    assert tree(out) == before
+
+
+def test_eval_out_never_replaces_a_training_runs_metrics(tmp_path, finished):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = tree(out)
+    err = run("eval", out, "--out", out, code=1)
+    assert "holds a fastcluster-cl train run" in err and tree(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run("eval", tmp_path / "missing", "--out", empty, code=1)  # a failed eval leaves it empty
+    assert not any(empty.iterdir())
+    run("eval", finished, "--out", empty, code=0)
+    err = run("train", *TINY, "--out", empty, code=1)  # nor does a start clear an eval's output
+    assert "holds the output of `eval`" in err
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_kept(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    (folder / ".fastcluster-cl.lock").symlink_to(target)
+    err = run("train", *TINY, "--out", folder, code=1)
+    assert "is a symbolic link" in err and target.read_text() == "mine"
+
+
+def test_a_run_of_an_earlier_version_resumes_elsewhere_not_in_place(tmp_path, finished):
+    out = tmp_path / "old"
+    shutil.copytree(finished, out)
+    (out / ".fastcluster-cl-run.json").unlink()  # what an earlier version left
+    before = tree(out)
+    err = run("train", *TINY, "--resume", out, code=1)
+    assert f"resume it into a new directory with --resume {out} --out NEW" in err
+    assert tree(out) == before
+    run("train", *TINY, "--resume", out, "--out", tmp_path / "new", code=0)
+    assert tree(out) == before
+
+
+def test_temperature_below_the_losses_limit_exits_2():
+    err = run("train", *TINY, "--instance-temperature", "1e-9", code=2)
+    assert "argument --instance-temperature: instance_temperature must be >= 1e-8" in err
+    err = run("train", *TINY, "--method", "cc", "--centre-warmup-epochs", "1", code=2)
+    assert "argument --centre-warmup-epochs" in err

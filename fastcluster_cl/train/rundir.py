@@ -29,8 +29,10 @@ LOCK_NAME = ".fastcluster-cl.lock"
 CHECKPOINT_NAME = "checkpoint.pt"
 # Every entry a run writes (checkpoint.pt's temporary files, ".checkpoint.pt.*.tmp", go with it).
 RUN_ENTRIES = ("config.json", "log.jsonl", "metrics.json", CHECKPOINT_NAME, "tensorboard", "plots")
-# What runs of earlier versions (no marker) left; a resume in place adopts them.
-LEGACY_ENTRIES = RUN_ENTRIES + (".lock",)
+# What a start writes before its first checkpoint: a marked directory listing nothing else is a
+# start that died early, cleared by the next start; anything more (a checkpoint, metrics, plots)
+# is a run's result, never cleared.
+EARLY_ENTRIES = {"config.json", "log.jsonl", "tensorboard"}
 
 
 class RunDirError(RuntimeError):
@@ -104,6 +106,8 @@ class RunDir:
         self.created = False
         self.run_id: str | None = None
         self.written: list[str] = []
+        self.kind = "train"
+        self.marked_here = False  # open_output marked a new or empty directory
         self._lock_fd: int | None = None
         self._lock_created = False
 
@@ -134,14 +138,14 @@ class RunDir:
         )
         if marker is None:
             others = entries - {MARKER_NAME}
-            if resuming_here and others <= set(LEGACY_ENTRIES) | {
-                e for e in others if _is_checkpoint_temp(e)
-            }:
-                # a run of an earlier version, resumed in place: its checkpoint proves it
-                self.run_id = run_id or uuid.uuid4().hex
-                self.written = sorted(e for e in others if e in RUN_ENTRIES)
-                self._write_marker()
-                return
+            if resuming_here:
+                # a run of an earlier version: nothing proves which files beside the
+                # checkpoint are the tool's, so it is continued elsewhere, not in place
+                raise RunDirError(
+                    f"{self.path} has no run marker (written by an earlier version); nothing "
+                    f"was changed there: resume it into a new directory with --resume "
+                    f"{self.path} --out NEW"
+                )
             if others:
                 raise RunDirError(
                     f"{self.option} {self.path} is not empty and holds no "
@@ -152,7 +156,12 @@ class RunDir:
             self.written = []
             self._write_marker()
             return
-        self.run_id, self.written = marker
+        self.run_id, self.written, kind = marker
+        if kind != "train":
+            raise RunDirError(
+                f"{self.option} {self.path} holds the output of `{kind}`; nothing was changed "
+                f"there: choose a new or empty {self.option}"
+            )
         foreign = {
             e
             for e in entries - {MARKER_NAME} - set(self.written)
@@ -178,19 +187,34 @@ class RunDir:
                 f"{CHECKPOINT_NAME}); resume that one with --resume {self.path}, "
                 f"or choose a new or empty {self.option}"
             )
+        results = sorted(set(self.written) - EARLY_ENTRIES)
+        if results:
+            raise RunDirError(
+                f"{self.option} {self.path} holds a run's results without its checkpoint "
+                f"({_listing(results)}); nothing was changed there: choose a new or empty "
+                f"{self.option}"
+            )
         # A start that died before its first checkpoint: nothing to resume, clear it.
         self.remove_written()
         self.run_id = run_id or uuid.uuid4().hex
         self._write_marker()
 
-    def open_output(self, names: tuple[str, ...]) -> RunDir:
-        """Take the directory to write `names` into (e.g. eval's metrics.json): a new or empty
-        directory (then marked), or a marked one where those names are free or the tool's."""
+    def open_output(self, names: tuple[str, ...], kind: str) -> RunDir:
+        """Take the directory to write `names` into for command `kind` (e.g. eval's
+        metrics.json): a new or empty directory (then marked), or one that an earlier `kind`
+        marked; never a training run's (its metrics.json is that run's result)."""
+        self.kind = kind
         self.lock()
         try:
             entries = self._entries()
             if MARKER_NAME in entries:
-                self.run_id, self.written = self._read_marker()
+                self.run_id, self.written, marked = self._read_marker()
+                if marked != kind:
+                    raise RunDirError(
+                        f"{self.option} {self.path} holds a fastcluster-cl {marked} run, whose "
+                        f"files stay its own; nothing was changed there: choose a new or "
+                        f"empty {self.option}"
+                    )
             elif entries:
                 raise RunDirError(
                     f"{self.option} {self.path} is not empty and holds no "
@@ -200,6 +224,7 @@ class RunDir:
             else:
                 self.run_id = uuid.uuid4().hex
                 self._write_marker()
+                self.marked_here = True
             for name in names:
                 self.claim(name)
         except BaseException:
@@ -234,13 +259,15 @@ class RunDir:
                 f"cannot read {self.option} {self.path}: {err.strerror or err}"
             ) from err
 
-    def _read_marker(self) -> tuple[str, list[str]]:
+    def _read_marker(self) -> tuple[str, list[str], str]:
+        """(run id, the entries written, the command that marked it: "train", "eval")."""
         path = self.path / MARKER_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            run_id, written = data["run_id"], data["written"]
+            run_id, written, kind = data["run_id"], data["written"], data.get("kind", "train")
             if not (
                 isinstance(run_id, str)
+                and isinstance(kind, str)
                 and isinstance(written, list)
                 and all(
                     isinstance(w, str) and "/" not in w and w not in ("", ".", "..")
@@ -253,19 +280,29 @@ class RunDir:
                 f"{path} is damaged (not a fastcluster-cl run marker); nothing "
                 f"was changed there: choose another {self.option}"
             ) from None
-        return run_id, list(written)
+        return run_id, list(written), kind
 
     def _write_marker(self) -> None:
         path = self.path / MARKER_NAME
         tmp = self.path / (MARKER_NAME + ".tmp")
         text = json.dumps(
-            {"tool": "fastcluster-cl", "run_id": self.run_id, "written": self.written}, indent=1
+            {
+                "tool": "fastcluster-cl",
+                "kind": self.kind,
+                "run_id": self.run_id,
+                "written": self.written,
+            },
+            indent=1,
         )
         try:
-            tmp.write_text(text, encoding="utf-8")
+            # never through a symbolic link someone left under that name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            if not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
             raise RunDirError(describe_os_error(err, path)) from err
 
     # ----------------------------------------------------------------------------- removing
@@ -314,9 +351,14 @@ class RunDir:
         lock = self.path / LOCK_NAME
         while True:
             existed = lock.exists()
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link someone left under that name
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise RunDirError(
+                        f"{lock} is a symbolic link; nothing was changed there: choose "
+                        f"another {self.option}"
+                    ) from None
                 raise RunDirError(describe_os_error(err, lock)) from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -45,6 +45,11 @@ class NonFiniteLossError(RuntimeError):
     weights."""
 
 
+def _option(setting: str) -> str:
+    """The command-line option of a TrainConfig field."""
+    return "--" + setting.replace("_", "-")
+
+
 class ConfigError(ValueError):
     """A setting that cannot work (out of range for the dataset, the backbone or the
     checkpoint), found before the first step; names the command-line option."""
@@ -165,27 +170,41 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
 
     def check(self) -> None:
-        """Raise ValueError on settings that cannot work, before any data is loaded."""
+        """Raise ConfigError (a ValueError naming the option) on settings that cannot work, before
+        any data is loaded; a value of the wrong type is a ValueError (`_check_types`)."""
         from ..models import BACKBONES, METHOD_HEADS
         from .optim import OPTIMIZERS
 
         self._check_types()
         if self.method not in METHOD_HEADS:
-            raise ValueError(f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}")
+            raise ConfigError(
+                "--method", f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}"
+            )
         if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise ValueError(
-                f"backbone must be 'auto' or one of {BACKBONES}, got {self.backbone!r}"
+            raise ConfigError(
+                "--backbone",
+                f"backbone must be 'auto' or one of {BACKBONES}, got {self.backbone!r}",
             )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(
+                "--optimizer", f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise ConfigError("--amp", f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(_option(name), f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "instance_temperature", "cluster_temperature", "gumbel_temperature"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(_option(name), f"{name} must be > 0, got {getattr(self, name)}")
+            if (
+                name.endswith("temperature")
+                and getattr(self, name) is not None
+                and getattr(self, name) < 1e-8
+            ):  # the losses' limit (lightly's)
+                raise ConfigError(
+                    _option(name), f"{name} must be >= 1e-8, got {getattr(self, name)}"
+                )
         for name in (
             "weight_decay",
             "warmup_epochs",
@@ -195,33 +214,44 @@ class TrainConfig:
             "skip_nonfinite_steps",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(_option(name), f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tcc_prior not in (None, "kl", "marginal"):
-            raise ValueError(f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}")
+            raise ConfigError(
+                "--tcc-prior", f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}"
+            )
         if self.centre_warmup_epochs is not None:
             if self.centre_warmup_epochs and self.method != "anchor":
-                raise ValueError(
-                    "centre_warmup_epochs applies to the anchor method (centre head) only"
+                raise ConfigError(
+                    "--centre-warmup-epochs",
+                    "centre_warmup_epochs applies to the anchor method (centre head) only",
                 )
             epochs = self.epochs if self.epochs is not None else self.preset()["epochs"]
             if not 0 <= self.centre_warmup_epochs < epochs:
-                raise ValueError(
+                raise ConfigError(
+                    "--centre-warmup-epochs",
                     f"centre_warmup_epochs must be in [0, epochs={epochs}), "
-                    f"got {self.centre_warmup_epochs}"
+                    f"got {self.centre_warmup_epochs}",
                 )
         for name in ("threads", "image_size", "in_channels", "projection_dim", "hidden_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(_option(name), f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_clusters is not None and self.num_clusters < 2:
-            raise ValueError(f"num_clusters must be >= 2, got {self.num_clusters}")
+            raise ConfigError(
+                "--num-clusters", f"num_clusters must be >= 2, got {self.num_clusters}"
+            )
         if not 0 <= self.seed <= 2**32 - 1:
-            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+            raise ConfigError("--seed", f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
+            raise ConfigError(
+                "--min-lr-factor", f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}"
+            )
         from ..losses.dispatch import BACKENDS
 
         if self.loss_backend not in BACKENDS:
-            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}")
+            raise ConfigError(
+                "--loss-backend",
+                f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}",
+            )
         for name, weight in self.loss_weights.items():
             if (
                 not isinstance(name, str)
@@ -229,8 +259,9 @@ class TrainConfig:
                 or not isinstance(weight, (int, float))
                 or not 0 <= weight < math.inf
             ):
-                raise ValueError(
-                    f"loss_weights must map names to finite numbers >= 0, got {name!r}: {weight!r}"
+                raise ConfigError(
+                    "--loss-weights",
+                    f"loss_weights must map names to finite numbers >= 0, got {name!r}: {weight!r}",
                 )
 
 
@@ -308,8 +339,9 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     ):
         c.centre_warmup_epochs = p["centre_warmup_epochs"]  # else epochs // 8, below
     if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
-        raise ValueError(
-            f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got {c.centre_warmup_epochs}"
+        raise ConfigError(
+            "--centre-warmup-epochs",
+            f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got {c.centre_warmup_epochs}",
         )
     if c.num_clusters is None:
         c.num_clusters = int(dataset.num_classes)
