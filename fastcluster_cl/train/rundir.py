@@ -112,22 +112,23 @@ class RunDir:
         self._lock_created = False
 
     # ------------------------------------------------------------------------------- opening
-    def open(self, resume_from: Path | None = None, run_id: str | None = None) -> RunDir:
+    def open(self, resume_from: Path | None = None) -> RunDir:
         """Take the directory for a run: fresh (`resume_from` None) or resuming the checkpoint
         `resume_from`. Refuses (RunDirError, one line, nothing written or deleted) a directory
         that holds files without a marker, one whose run has a checkpoint (unless that is the
-        checkpoint being resumed), and one where the user's files take the run's names. A
-        marked directory without a checkpoint (a start that died before its first one) is
-        cleared of the run's entries and reused."""
+        checkpoint being resumed), one holding a run's results without its checkpoint, and one
+        where the user's files take the run's names. A marked directory that lists only what a
+        start writes before its first checkpoint (a start that died early) is cleared of those
+        entries and reused."""
         self.lock()
         try:
-            self._take(resume_from, run_id)
+            self._take(resume_from)
         except BaseException:
             self.release()
             raise
         return self
 
-    def _take(self, resume_from: Path | None, run_id: str | None) -> None:
+    def _take(self, resume_from: Path | None) -> None:
         entries = self._entries()
         marker = self._read_marker() if MARKER_NAME in entries else None
         checkpoint = self.path / CHECKPOINT_NAME
@@ -152,7 +153,7 @@ class RunDir:
                     f"fastcluster-cl run ({_listing(others)}); nothing was "
                     f"changed there: choose a new or empty {self.option}"
                 )
-            self.run_id = run_id or uuid.uuid4().hex
+            self.run_id = uuid.uuid4().hex
             self.written = []
             self._write_marker()
             return
@@ -196,7 +197,7 @@ class RunDir:
             )
         # A start that died before its first checkpoint: nothing to resume, clear it.
         self.remove_written()
-        self.run_id = run_id or uuid.uuid4().hex
+        self.run_id = uuid.uuid4().hex
         self._write_marker()
 
     def open_output(self, names: tuple[str, ...], kind: str) -> RunDir:
