@@ -162,11 +162,13 @@ def _signed_temperature(temperature: float, backend: str, device: torch.device) 
     """NT-Xent's temperature (`check_nt_xent_temperature`); a negative one runs on the torch
     and chunked backends only (the fused kernels shift by the bound 1/tau > 0)."""
     temperature = check_nt_xent_temperature(temperature)
-    if temperature < 0 and dispatch.resolve(backend, device) not in ("torch", "chunked"):
-        raise ValueError(
-            f"a negative temperature ({temperature}) runs on backend='torch' or "
-            f"'chunked', not {dispatch.resolve(backend, device)!r}"
-        )
+    if temperature < 0:
+        resolved = dispatch.resolve(backend, device)
+        if resolved not in ("torch", "chunked"):
+            raise ValueError(
+                f"a negative temperature ({temperature}) runs on backend='torch' or "
+                f"'chunked', not {resolved!r}"
+            )
     return temperature
 
 

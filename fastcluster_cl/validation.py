@@ -69,18 +69,21 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+MIN_TEMPERATURE = 1e-8  # lightly's guard against dividing by ~0 (the messages say "1e-8")
+
+
 def check_nt_xent_temperature(value: float) -> float:
-    """NT-Xent's temperature: finite with |tau| >= 1e-8. A negative one is accepted as lightly's
-    NTXentLoss accepts it (it maximises the distance to the positives, which is rarely what a
-    run wants), and computed exactly on the torch and chunked backends."""
+    """NT-Xent's temperature: finite with |tau| >= MIN_TEMPERATURE. A negative one is accepted
+    as lightly's NTXentLoss accepts it (it maximises the distance to the positives, which is
+    rarely what a run wants), and computed exactly on the torch and chunked backends."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"temperature must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or abs(value) < 1e-8:
+    if not math.isfinite(value) or abs(value) < MIN_TEMPERATURE:
         raise ValueError(
             f"temperature must be a finite number with |temperature| >= 1e-8, got {value}"
         )
-    return float(value)
+    return value
 
 
 def check_matrix(name: str, x: torch.Tensor, min_rows: int = 1, min_cols: int = 1) -> None:

@@ -29,7 +29,7 @@ from .. import distributed
 from ..metrics import cluster_metrics, kmeans_metrics
 from ..models import RESNETS, build_model, method_loss_inputs
 from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
-from ..validation import value_checks
+from ..validation import MIN_TEMPERATURE, value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .logging import RunLogger, last_per_step, read_log, write_text
 from .optim import build_optimizer, optimizer_description
@@ -200,10 +200,11 @@ class TrainConfig:
             if (
                 name.endswith("temperature")
                 and getattr(self, name) is not None
-                and getattr(self, name) < 1e-8
+                and getattr(self, name) < MIN_TEMPERATURE
             ):  # the losses' limit (lightly's)
                 raise ConfigError(
-                    _option(name), f"{name} must be >= 1e-8, got {getattr(self, name)}"
+                    _option(name),
+                    f"{name} must be >= 1e-8, got {getattr(self, name)}",
                 )
         for name in (
             "weight_decay",
