@@ -1,8 +1,8 @@
-// torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.cuda_backend builds it).
+// torch.utils.cpp_extension binding of the CUDA twin (fastcluster_cl.backends.cuda builds it).
 //
 // Each function checks its tensors, allocates the outputs and calls the extern "C" launchers of
-// fcl_kernels.h on the current stream. fastcluster_cl/cuda_backend.py registers them as
-// torch.library ops; NT-Xent's one autograd.Function is fastcluster_cl/losses/nt_xent_autograd.py
+// fcl_kernels.h on the current stream. fastcluster_cl/backends/cuda/ registers them as
+// torch.library ops; NT-Xent's one autograd.Function is fastcluster_cl/backends/autograd/nt_xent.py
 // and the cluster ops' autograd is registered on their ops (docs/ops.md). The row-range functions
 // are also the building blocks of the distributed path (each rank: its rows against the
 // all-gathered Z and lse).

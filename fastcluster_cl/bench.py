@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from . import functional
-from .losses.dispatch import implementation
+from .backends.dispatch import implementation
 from .validation import value_checks
 
 BACKENDS = ("torch", "chunked", "triton", "cuda")

@@ -400,7 +400,7 @@ def info() -> dict:
 
     from . import __version__
     from ._compat import apex_available, module_available
-    from .losses.dispatch import BACKENDS, implementation
+    from .backends.dispatch import BACKENDS, implementation
 
     def version(name):
         try:

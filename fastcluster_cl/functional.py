@@ -11,7 +11,7 @@ matrix), "triton", "cuda"; all compute the same function to rounding.
 over the batch of all ranks of an initialised torch.distributed process group, with lightly's
 convention: the mean over ranks of the returned values is the single-process loss on the
 concatenated batch, and each rank's gradient for its inputs is world_size times the
-single-process one, so that DDP's gradient averaging is exact (`fastcluster_cl.losses.gathered`).
+single-process one, so that DDP's gradient averaging is exact (`fastcluster_cl.backends.gathered`).
 With one rank (or no process group) it is the plain loss; over several ranks only
 reduction="mean" is supported. gather_distributed=True raises at once where torch.distributed
 is unavailable.
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .losses import dispatch, gathered, reference
-from .losses.dispatch import implementation
-from .losses.reference import accumulation_dtype, outside_autocast
+from .backends import dispatch, gathered, reference
+from .backends.dispatch import implementation
+from .backends.numerics import accumulation_dtype, outside_autocast, safe_log
 from .validation import (
     check_finite,
     check_gather_distributed,
@@ -685,7 +685,7 @@ TCC_PRIORS = ("kl", "marginal")
 def _kl_to_uniform_rows(q: torch.Tensor) -> torch.Tensor:
     """KL(q_i || U(K)) = log K + sum_k q_ik log q_ik per row (p log max(p, tiny): finite
     gradients where a probability underflows to 0)."""
-    return math.log(q.shape[1]) + (q * reference.safe_log(q)).sum(1)
+    return math.log(q.shape[1]) + (q * safe_log(q)).sum(1)
 
 
 @loss_in_input_dtype
@@ -805,6 +805,6 @@ def tcc_loss(
         parts["prior"] = {"mean": kl.mean(), "sum": kl.sum(), "none": kl}[reduction]
     else:
         p = marginals / rows
-        terms = math.log(k) + (p * reference.safe_log(p)).sum(1)
+        terms = math.log(k) + (p * safe_log(p)).sum(1)
         parts["prior"] = {"mean": terms.sum(), "sum": terms.sum(), "none": 2 * terms}[reduction]
     return parts

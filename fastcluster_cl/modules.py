@@ -8,9 +8,9 @@ from torch import nn
 
 from . import distributed
 from . import functional as FL
+from .backends.dispatch import BACKENDS
+from .backends.numerics import l2_normalize
 from .functional import LossOutput, weighted_total
-from .losses.dispatch import BACKENDS
-from .losses.reference import l2_normalize
 from .validation import (
     check_gather_distributed,
     check_nt_xent_temperature,

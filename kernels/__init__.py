@@ -3,7 +3,7 @@
 One file per fused op, each holding its forward and backward kernels, the host launchers and its
 autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 `fastcluster_cl::nt_xent_triton_fwd` / `_bwd` whose autograd is
-`fastcluster_cl.losses.nt_xent_autograd`, plus the row-range primitives of the distributed
+`fastcluster_cl.backends.autograd.nt_xent`, plus the row-range primitives of the distributed
 backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /
 `_bwd`), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
 cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
@@ -11,7 +11,7 @@ both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses
 `objective` (the anchor and CC objectives in one pass: `anchor_objective`, `cc_objective`;
 ops `anchor_objective_triton_fwd` / `_bwd`, `cc_objective_triton_fwd` / `_bwd`).
 This module exposes the ops under their public names with the signatures of
-`fastcluster_cl.losses.reference`, as `losses/dispatch.py` expects.
+`fastcluster_cl.backends.reference`, as `backends/dispatch.py` expects.
 
 On CUDA tensors the kernels are compiled by Triton; on the CPU they run only under the Triton
 interpreter (TRITON_INTERPRET=1, set before triton is first imported), slowly: it is how the tests
@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 try:
     from .cc_cluster import cc_cluster_loss

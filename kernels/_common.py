@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 # The reference's norm eps (F.normalize's) and accumulation dtype, for the kernel modules.
-from fastcluster_cl.losses.reference import NORM_EPS  # noqa: F401
-from fastcluster_cl.losses.reference import accumulation_dtype as torch_acc_dtype  # noqa: F401
+from fastcluster_cl.backends.numerics import NORM_EPS  # noqa: F401
+from fastcluster_cl.backends.numerics import accumulation_dtype as torch_acc_dtype  # noqa: F401
 
 MAX_FEATURES = 512  # the row kernels keep a whole feature row in registers
 _ACC = {torch.float64: tl.float64}

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses.op_autograd import register_pair
+from fastcluster_cl.backends.autograd.pairs import register_pair
 
 from ._common import (
     NORM_EPS,
@@ -211,7 +211,7 @@ def _block_k(k: int) -> int:
 
 
 # The statistics and their backward as torch.library ops with fake implementations (custom_op
-# around the launchers, as nt_xent's: see there); `losses.op_autograd.register_pair` makes the
+# around the launchers, as nt_xent's: see there); `backends.autograd.pairs.register_pair` makes the
 # forward op differentiable through the backward op.
 
 

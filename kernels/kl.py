@@ -24,7 +24,7 @@ launch reads the same again and writes dq0 (DEC's), dqa, dqb. Saves one read of 
 forward and one in the backward, and two launches each way, over calling `dec_loss` and
 `anchor_loss`.
 
-log q is clamped at the accumulation dtype's smallest normal, as `reference.safe_log`: a zero
+log q is clamped at the accumulation dtype's smallest normal, as `numerics.safe_log`: a zero
 probability has a finite log and a zero gradient (one-hot assignments stay NaN-free).
 """
 
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses.op_autograd import register_pair
+from fastcluster_cl.backends.autograd.pairs import register_pair
 
 from ._common import acc_dtype, check_dtype, device_guard, torch_acc_dtype
 
@@ -315,7 +315,7 @@ def _rows_grid(n: int) -> tuple[int]:
 
 
 # DEC, anchor and the two fused as torch.library ops with fake implementations (custom_op around
-# the launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd. The
+# the launchers, as nt_xent's); `backends.autograd.pairs.register_pair` is their autograd. The
 # forwards return the mean loss (and DEC's column sums f, its backward's state).
 
 

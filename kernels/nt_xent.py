@@ -72,13 +72,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses import nt_xent_autograd
-from fastcluster_cl.losses.nt_xent_autograd import (
+from fastcluster_cl.backends.autograd import nt_xent as nt_xent_autograd
+from fastcluster_cl.backends.autograd.nt_xent import (
     fake_grad_rows,
     fake_row_values,
     register_fast_path,
 )
-from fastcluster_cl.losses.reference import fixed_shift_safe, l2_normalize, l2_normalize_backward
+from fastcluster_cl.backends.numerics import fixed_shift_safe, l2_normalize, l2_normalize_backward
 
 from ._common import (
     NORM_EPS,

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses import nt_xent_bank_autograd
-from fastcluster_cl.losses.reference import fixed_shift_safe
+from fastcluster_cl.backends.autograd import nt_xent_bank as nt_xent_bank_autograd
+from fastcluster_cl.backends.numerics import fixed_shift_safe
 
 from ._common import (
     acc_dtype,

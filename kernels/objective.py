@@ -1,6 +1,6 @@
 """The whole objective of the anchor method and of Contrastive Clustering in one pass: instance
 NT-Xent, the clustering terms and the weighted total in two launches forward and two backward,
-with no torch compute between them (`fastcluster_cl.losses.reference.anchor_objective` and
+with no torch compute between them (`fastcluster_cl.backends.reference.anchor_objective` and
 `cc_objective` define the math).
 
 Layout. Z = [z_a; z_b] (2N x D) is never concatenated: program p owns the N-row indices
@@ -23,7 +23,7 @@ Forward row launch (`_anchor_rows_kernel` / `_cc_rows_kernel`), per program:
     h0, h_a, h_b against all K centres in tiles (`student_t._distances`; mixed bf16 features
     and fp32 centres meet in fp32), an online log-sum-exp per view (pass 1), then pass 2 recomputes
     the logits and forms q = exp(logit - lse): the anchor terms KL(q0||qa) + KL(q0||qb) (log q
-    clamped at the smallest normal as `reference.safe_log`), q0's partial column sums f (one
+    clamped at the smallest normal as `numerics.safe_log`), q0's partial column sums f (one
     row per slice: deterministic), q0 itself (an N x K temporary for the epilogue, not saved),
     and per row lse_v and c_v = sum_k q0_k [q_v,k >= tiny] (the clamp-aware gradient's sums).
   * cc: softmax rows of both views (`cc_cluster.softmax_rows`), the block's partial Gram of
@@ -85,8 +85,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses.op_autograd import register_pair
-from fastcluster_cl.losses.reference import fixed_shift_safe
+from fastcluster_cl.backends.autograd.pairs import register_pair
+from fastcluster_cl.backends.numerics import fixed_shift_safe
 
 from ._common import (
     MAX_FEATURES,

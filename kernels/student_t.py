@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcluster_cl.losses.op_autograd import register_pair
+from fastcluster_cl.backends.autograd.pairs import register_pair
 
 from ._common import (
     acc_dtype,
@@ -243,7 +243,7 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
 
 
 # The forward and backward as torch.library ops with fake implementations (custom_op around the
-# launchers, as nt_xent's); `losses.op_autograd.register_pair` is their autograd.
+# launchers, as nt_xent's); `backends.autograd.pairs.register_pair` is their autograd.
 
 
 @torch.library.custom_op("fastcluster_cl::student_t_triton_fwd", mutates_args=())

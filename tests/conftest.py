@@ -35,12 +35,12 @@ def emulated(csrc_lib, monkeypatch):
     """backend="cuda" on CPU tensors: the emulated kernels in place of the compiled extension."""
     from emulation import EmulatedExtension
 
-    from fastcluster_cl import cuda_backend
-    from fastcluster_cl.losses import dispatch
+    from fastcluster_cl.backends import cuda as cuda_backend
+    from fastcluster_cl.backends import dispatch
 
     ext = EmulatedExtension(csrc_lib)
-    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(cuda_backend.build, "extension", lambda: ext)
+    monkeypatch.setattr(cuda_backend.build, "require_device", lambda device: None)
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(dispatch, "_RESOLVED", {})  # the functional API then finds it too
     return ext

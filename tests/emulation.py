@@ -4,7 +4,7 @@ source, with each `<<<grid, threads, 0, stream>>>` launch rewritten into a call 
 built with g++ into a shared library whose extern "C" launchers are called through ctypes.
 `EmulatedExtension` offers the binding's functions (csrc/binding.cpp) over them on CPU tensors;
 the fixtures `csrc_lib` and `emulated` (tests/conftest.py) build it once per session and put it
-in place of `cuda_backend.extension()`, so that backend="cuda" runs on CPU tensors.
+in place of `cuda_backend.build.extension()`, so that backend="cuda" runs on CPU tensors.
 
 This checks indexing, tiling, masking, barrier placement and the launcher contract without a
 GPU; tensor-core rounding and speed still need one (tests marked gpu)."""

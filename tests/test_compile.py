@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import dispatch
+from fastcluster_cl.backends import dispatch
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked"])

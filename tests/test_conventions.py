@@ -127,7 +127,7 @@ def test_bad_reduction_is_refused():
 
 
 def test_none_on_a_backend_without_per_term_ops_raises(monkeypatch):
-    from fastcluster_cl.losses import dispatch, reference
+    from fastcluster_cl.backends import dispatch, reference
 
     monkeypatch.setattr(dispatch, "_RESOLVED", {})
     monkeypatch.setitem(dispatch._LOADED, "cuda", type("Fused", (), {"nt_xent": reference.nt_xent}))

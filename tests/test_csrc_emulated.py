@@ -10,7 +10,7 @@ import torch
 from emulation import _ptr
 from lowp import tiny_weight_case
 
-from fastcluster_cl import cuda_backend
+from fastcluster_cl.backends import cuda as cuda_backend
 
 
 def _pair(n, d, dtype, seed=0):

@@ -19,8 +19,8 @@ import torch
 from emulation import _ptr
 from lowp import F64, correlated_views
 
-from fastcluster_cl import cuda_backend
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import cuda as cuda_backend
+from fastcluster_cl.backends import reference
 
 UPSTREAM = {4: (1.3, 0.2, -0.4, 0.7), 3: (1.1, -0.3, 0.6)}  # dL/dout: folds every part
 FP32_VALUE_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
@@ -269,10 +269,10 @@ OBJECTIVE_OPS = {
 def test_opcheck_objective_ops(emulated, name):
     """Schema, fake implementations, autograd registration and AOT dispatch of the forward and
     backward ops, with the arguments their autograd passes (emulated launchers)."""
-    from fastcluster_cl.losses import op_autograd
+    from fastcluster_cl.backends.autograd import pairs
 
     forward = getattr(torch.ops.fastcluster_cl, f"{name}_cuda_fwd").default
-    pair = op_autograd.PAIRS[f"fastcluster_cl::{name}_cuda_fwd"]
+    pair = pairs.PAIRS[f"fastcluster_cl::{name}_cuda_fwd"]
     inputs = list(OBJECTIVE_OPS[name]())
     for i in pair.wrt:
         inputs[i].requires_grad_()

@@ -8,8 +8,10 @@ import torch
 from tolerances import FP32_MATH, TOLERANCE, check_against_reference, widen
 
 import fastcluster_cl
-from fastcluster_cl import cuda_backend
-from fastcluster_cl.losses import nt_xent_autograd, reference
+from fastcluster_cl.backends import cuda as cuda_backend
+from fastcluster_cl.backends import reference
+from fastcluster_cl.backends.autograd import nt_xent as nt_xent_autograd
+from fastcluster_cl.backends.numerics import NORM_EPS
 
 
 def _pair(n, d, dtype=torch.float32, device="cpu", seed=0):
@@ -43,7 +45,7 @@ def test_direct_call_raises_without_building():
     z_a, z_b = _pair(6, 5)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
         cuda_backend.nt_xent(z_a, z_b, 0.5)
-    assert cuda_backend.extension.cache_info().currsize == 0  # nothing was compiled or loaded
+    assert cuda_backend.build.extension.cache_info().currsize == 0  # nothing was compiled or loaded
 
 
 def test_reason_for_cpu_device_with_cuda_torch(monkeypatch):
@@ -56,9 +58,9 @@ def test_reason_without_compiler(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    assert "no CUDA toolkit found" in cuda_backend._compiler_missing()
+    assert "no CUDA toolkit found" in cuda_backend.build._compiler_missing()
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
-    assert f"no nvcc at {tmp_path}" in cuda_backend._compiler_missing()
+    assert f"no nvcc at {tmp_path}" in cuda_backend.build._compiler_missing()
 
 
 # --- CPU: the autograd glue against a dense model of csrc/fcl_kernels.h ----------------------
@@ -72,7 +74,7 @@ class _DenseLaunchers:
     def normalize(z_a, z_b):
         """zs = z (a valid power-of-two scaling: p = 1), rs = 1 / norm."""
         z = torch.cat([z_a, z_b])
-        norm = z.norm(dim=1).clamp_min(reference.NORM_EPS)
+        norm = z.norm(dim=1).clamp_min(NORM_EPS)
         zn = z / norm[:, None]
         n = z_a.shape[0]
         return z, 1.0 / norm, norm, 1.0 - (zn[:n] * zn[n:]).sum(1)
@@ -111,9 +113,7 @@ class _DenseLaunchers:
     def norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out):
         u = grad_out * factor * g
         rows = (zs * rs[:, None])[row_start:row_end]
-        radial = torch.where(
-            norm[:, None] > reference.NORM_EPS, (rows * u).sum(1, keepdim=True), 0.0
-        )
+        radial = torch.where(norm[:, None] > NORM_EPS, (rows * u).sum(1, keepdim=True), 0.0)
         return ((u - rows * radial) / norm[:, None]).to(out)
 
     @staticmethod
@@ -154,8 +154,8 @@ class _DenseLaunchers:
 
 @pytest.fixture
 def dense_launchers(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "extension", lambda: _DenseLaunchers)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(cuda_backend.build, "extension", lambda: _DenseLaunchers)
+    monkeypatch.setattr(cuda_backend.build, "require_device", lambda device: None)
 
 
 def _assignments(n, k, seed, zeros=False):
@@ -182,8 +182,8 @@ def test_autograd_glue_matches_reference(dense_launchers):
 def test_cluster_glue_matches_reference(dense_launchers):
     q0, q_a, q_b = (_assignments(11, 5, seed).requires_grad_() for seed in range(3))
     for ours, ref, inputs in [
-        (lambda q: cuda_backend.dec_forward(q)[0], reference.dec_loss, (q_a,)),
-        (cuda_backend.anchor_forward, reference.anchor_loss, (q0.detach(), q_a, q_b)),
+        (lambda q: cuda_backend.cluster.dec_forward(q)[0], reference.dec_loss, (q_a,)),
+        (cuda_backend.cluster.anchor_forward, reference.anchor_loss, (q0.detach(), q_a, q_b)),
     ]:
         loss = ours(*inputs)
         grads = torch.autograd.grad(2.5 * loss, (q_a,) + ((q_b,) if len(inputs) == 3 else ()))
@@ -263,7 +263,7 @@ def test_nt_xent_with_backend_keyword():
 def test_nt_xent_matches_triton(dtype):
     z_a, z_b = _pair(37, 48, dtype, "cuda")
     try:
-        triton_nt_xent = fastcluster_cl.losses.dispatch.implementation(
+        triton_nt_xent = fastcluster_cl.backends.dispatch.implementation(
             "nt_xent", "triton", z_a.device
         )
     except NotImplementedError as err:
@@ -280,7 +280,7 @@ def test_nt_xent_matches_triton(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_ranges_compose(dtype):
     """The distributed building blocks: row ranges reproduce the full lse and gradient rows."""
-    ext = cuda_backend.extension()
+    ext = cuda_backend.build.extension()
     z_a, z_b = _pair(70, 40, dtype, "cuda")
     zs, rs, norm, _ = ext.normalize(z_a, z_b)
     m = zs.shape[0]

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import fastcluster_cl.functional as FL
 from fastcluster_cl import ClusterContrastiveLoss, NTXentLoss, distributed
-from fastcluster_cl.losses import chunked, gathered, reference
+from fastcluster_cl.backends import chunked, gathered, reference
 
 WORLD = 2
 N, D, K, F = 5, 7, 4, 6  # rows per rank, projection dim, clusters, features (not block multiples)
@@ -554,7 +554,7 @@ def test_gathered_function_with_the_cuda_kernels_emulated(emulated):
     """The CUDA C++ row-range kernels, run on the CPU by the host emulation (tests/emulation.py,
     fixture `emulated` in conftest.py), through the gathered autograd function (world size
     1)."""
-    from fastcluster_cl import cuda_backend
+    from fastcluster_cl.backends import cuda as cuda_backend
 
     x = {
         k: v.float().requires_grad_()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import chunked, reference
+from fastcluster_cl.backends import chunked, reference
 
 BACKENDS = ("torch", "chunked")
 F64 = torch.float64

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 F64 = torch.float64
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 F64 = torch.float64
 lightly_loss = pytest.importorskip("lightly.loss")
@@ -108,7 +108,7 @@ def test_module_equals_lightly_triton_interpreted():
 
 
 def test_small_chunks_equal_the_reference():
-    from fastcluster_cl.losses import chunked
+    from fastcluster_cl.backends import chunked
 
     g = torch.Generator().manual_seed(3)
     z_a = torch.randn(7, 5, generator=g, dtype=F64, requires_grad=True)

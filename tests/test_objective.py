@@ -13,7 +13,7 @@ from tolerances import lowp_bounds
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels, validation
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 F64 = torch.float64
 OPS = torch.ops.fastcluster_cl

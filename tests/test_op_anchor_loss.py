@@ -10,7 +10,7 @@ from test_op_dec_loss import DEC_CASES, assignments
 from tolerances import F64, FP32_MATH, ROUNDED_ONCE, check_against_reference
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 
 @pytest.mark.parametrize("backend,dtype,n,k,zero", DEC_CASES)

@@ -8,7 +8,7 @@ from backends import cases, gradcheck, prepare
 from tolerances import BF16, F32, F64, check_against_reference
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 
 def logits(n, k, seed):

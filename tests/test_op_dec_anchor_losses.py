@@ -10,8 +10,8 @@ from test_op_dec_loss import assignments
 from tolerances import BF16, F32, F64, FP32_MATH, check_against_reference
 
 import fastcluster_cl as fc
+from fastcluster_cl.backends import reference
 from fastcluster_cl.functional import dec_anchor_losses
-from fastcluster_cl.losses import reference
 
 WEIGHTS = torch.tensor([0.7, 1.3], dtype=F64)
 

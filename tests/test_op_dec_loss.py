@@ -10,7 +10,7 @@ from backends import cases, prepare
 from tolerances import BF16, F16, F32, F64, FP32_MATH, ROUNDED_ONCE, check_against_reference
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 
 def assignments(n, k, seed, zero=False):

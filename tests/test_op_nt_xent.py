@@ -21,7 +21,7 @@ from tolerances import (
 )
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 
 def pair(n, d, seed=0):

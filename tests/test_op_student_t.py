@@ -10,7 +10,7 @@ from backends import cases, gradcheck, prepare
 from tolerances import ACCUMULATION, BF16, F16, F32, F64, FP32_MATH, check_against_reference
 
 import fastcluster_cl as fc
-from fastcluster_cl.losses import reference
+from fastcluster_cl.backends import reference
 
 
 def randn(*shape, seed, scale=1.0):

@@ -8,7 +8,7 @@ import torch
 from backends import cases, prepare
 from tolerances import F32, F64, check_against_reference
 
-from fastcluster_cl.losses import dispatch, reference
+from fastcluster_cl.backends import dispatch, reference
 
 
 def tcc_inputs(n=37, k=10, f=24, seed=33):

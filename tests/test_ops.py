@@ -1,4 +1,4 @@
-"""NT-Xent's registered ops and its one autograd path (fastcluster_cl/losses/nt_xent_autograd.py):
+"""NT-Xent's registered ops and its one autograd path (fastcluster_cl/backends/autograd/nt_xent.py):
 torch.library.opcheck of every fused forward and backward op that runs on the CPU (chunked;
 Triton under the interpreter; the CUDA twin's glue over the dense model of its launchers),
 graph-break counts under torch.compile, per-row gradients (reduction="none"), and double
@@ -9,8 +9,10 @@ import torch
 from test_cuda_backend import _DenseLaunchers
 
 import fastcluster_cl as fc
-from fastcluster_cl import cuda_backend, functional, kernels
-from fastcluster_cl.losses import chunked, nt_xent_autograd, reference
+from fastcluster_cl import functional, kernels
+from fastcluster_cl.backends import chunked, reference
+from fastcluster_cl.backends import cuda as cuda_backend
+from fastcluster_cl.backends.autograd import nt_xent as nt_xent_autograd
 
 OPS = torch.ops.fastcluster_cl
 F64 = torch.float64
@@ -26,8 +28,8 @@ def _pair(n=6, d=5, dtype=F64, seed=0, grad=True):
 @pytest.fixture
 def dense_cuda(monkeypatch):
     """backend='cuda' on CPU tensors, its launchers replaced by the dense model."""
-    monkeypatch.setattr(cuda_backend, "extension", lambda: _DenseLaunchers)
-    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(cuda_backend.build, "extension", lambda: _DenseLaunchers)
+    monkeypatch.setattr(cuda_backend.build, "require_device", lambda device: None)
 
 
 # (forward op, its options after (z, inv_tau, per_row), backward op)
@@ -218,7 +220,7 @@ def test_double_backward_on_torch_works_and_first_order_is_unchanged():
 
 def test_double_backward_of_the_gathered_path_is_refused():
     """The distributed path is the same Function (one process: world size 1)."""
-    from fastcluster_cl.losses import gathered
+    from fastcluster_cl.backends import gathered
 
     z_a, z_b = _pair()
     with pytest.raises(RuntimeError, match="double backward is not supported"):
@@ -312,7 +314,7 @@ def test_bank_double_backward_is_refused(request, backend):
         g.sum().backward()
 
 
-# The cluster ops (losses/op_autograd.py): each fused forward and backward of cc_cluster,
+# The cluster ops (backends/autograd/pairs.py): each fused forward and backward of cc_cluster,
 # student_t, DEC, anchor and DEC + anchor is a registered op pair; (backend, op name) below,
 # the ops being fastcluster_cl::<name>_<backend>_fwd / _bwd.
 CLUSTER_OPS = [
@@ -342,10 +344,10 @@ def _cluster_inputs(name, dtype, seed=0):
 
 
 def _cluster_pair(backend, name):
-    from fastcluster_cl.losses import op_autograd
+    from fastcluster_cl.backends.autograd import pairs
 
     forward = getattr(OPS, f"{name}_{backend}_fwd").default
-    return forward, op_autograd.PAIRS[f"fastcluster_cl::{name}_{backend}_fwd"]
+    return forward, pairs.PAIRS[f"fastcluster_cl::{name}_{backend}_fwd"]
 
 
 @pytest.mark.parametrize("backend, name", CLUSTER_OPS)

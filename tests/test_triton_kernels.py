@@ -14,8 +14,8 @@ from tolerances import ACCUMULATION, check_against_reference, relative_errors
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
+from fastcluster_cl.backends import dispatch, reference
 from fastcluster_cl.kernels.nt_xent import grad_rows, lse_rows, symmetric_grad, symmetric_masked_lse
-from fastcluster_cl.losses import dispatch, reference
 from fastcluster_cl.modules import ClusterContrastiveLoss
 
 F64 = torch.float64
@@ -357,7 +357,7 @@ def test_cc_underflowing_column_gives_finite_gradients():
 
 def test_gathered_entropy_term_has_a_finite_gradient_at_zero_mass():
     """The distributed backend's entropy term (gathered._entropy_term) at P_k = 0."""
-    from fastcluster_cl.losses import gathered
+    from fastcluster_cl.backends import gathered
 
     sums = torch.tensor([3.0, 5.0, 0.0], dtype=F64, requires_grad=True)
     value = gathered._entropy_term(sums, torch.tensor(8.0, dtype=F64))
@@ -371,7 +371,7 @@ def test_gathered_cc_loss_with_an_underflowing_column_is_finite():
     """The whole distributed CC loss (world size 1): the entropy term and the column contrast
     from the Gram matrix (its norms clamped before the square root) have finite gradients,
     equal to backend="torch"'s."""
-    from fastcluster_cl.losses import gathered
+    from fastcluster_cl.backends import gathered
 
     la, lb = randn(8, 4, seed=60), randn(8, 4, seed=61)
     la[:, 3] -= 820

@@ -125,7 +125,7 @@ def test_tcc_checks_rows_and_gumbel_tau():
 
 def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
     from fastcluster_cl import validation
-    from fastcluster_cl.losses import dispatch
+    from fastcluster_cl.backends import dispatch
 
     monkeypatch.setattr(dispatch, "_RESOLVED", {})
     monkeypatch.setitem(dispatch._LOADED, "cuda", validation)  # a module without nt_xent

@@ -246,7 +246,7 @@ class TrainConfig:
             raise ConfigError(
                 "--min-lr-factor", f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}"
             )
-        from ..losses.dispatch import BACKENDS
+        from ..backends.dispatch import BACKENDS
 
         if self.loss_backend not in BACKENDS:
             raise ConfigError(

@@ -28,29 +28,27 @@ from __future__ import annotations
 
 import torch
 
-from .nt_xent_autograd import _guard, refuse_double_backward
-from .reference import outside_autocast
+from ..numerics import accumulation_dtype
+from .pairs import register_pair
 
 
 def register_bank_autograd(forward_op, backward_op, name: str) -> None:
     """Make `forward_op` differentiable in (z_a, z_b) through `backward_op`."""
-
-    def setup_context(ctx, inputs, output):
-        z_a, z_b, bank, inv_tau, _per_row, *options = inputs
-        ctx.save_for_backward(z_a, z_b, bank, *output[1:])
-        ctx.inv_tau, ctx.options = inv_tau, options
-
-    @outside_autocast
-    def backward_fn(ctx, grad, *_state_grads):
-        z_a, z_b, bank, *state = ctx.saved_tensors
-        with torch.no_grad():
-            dz_a, dz_b = backward_op(z_a, z_b, bank, grad, ctx.inv_tau, *state, *ctx.options)
-        return (_guard(dz_a, name, z_a, z_b), _guard(dz_b, name, z_a, z_b), None, None, None) + (
-            None,
-        ) * len(ctx.options)
-
-    forward_op.register_autograd(backward_fn, setup_context=setup_context)
-    refuse_double_backward(backward_op, name)
+    register_pair(
+        forward_op,
+        backward_op,
+        name,
+        # (z_a, z_b, bank, inv_tau, per_row, *options) -> (loss, *state); backward (z_a, z_b,
+        # bank, grad, inv_tau, *state, *options) -> (dz_a, dz_b)
+        lambda inputs, outputs, grads: (
+            *inputs[:3],
+            grads[0],
+            inputs[3],
+            *outputs[1:],
+            *inputs[5:],
+        ),
+        wrt=(0, 1),
+    )
 
 
 def nt_xent_bank(
@@ -111,7 +109,6 @@ def define_scaled_row_ops(backend: str, prologue, forward, backward, scaled_dtyp
 
     @forward_op.register_fake
     def _(z_a, z_b, bank, inv_tau, per_row):
-        from .reference import accumulation_dtype
 
         n, acc = z_a.shape[0], accumulation_dtype(z_a.dtype)
         zs = z_a.new_empty(2 * n, z_a.shape[1], dtype=scaled_dtype(z_a.dtype))
@@ -170,7 +167,6 @@ def row_gradients(grad: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tenso
 def fake_forward(z_a: torch.Tensor, per_row: bool, *state_like: torch.Tensor):
     """The fake result of a forward op: the loss (N,) or 0-d in the accumulation dtype, then
     tensors shaped like `state_like`."""
-    from .reference import accumulation_dtype
 
     acc = accumulation_dtype(z_a.dtype)
     loss = z_a.new_empty((z_a.shape[0],) if per_row else (), dtype=acc)

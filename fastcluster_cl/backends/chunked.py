@@ -20,20 +20,19 @@ from functools import partial
 
 import torch
 
-from . import nt_xent_autograd, nt_xent_bank_autograd, reference
-from .nt_xent_autograd import fake_grad_rows, fake_row_values, register_fast_path
-from .reference import (  # noqa: F401
-    NORM_EPS,
+from . import reference
+from .autograd import nt_xent as nt_xent_autograd
+from .autograd import nt_xent_bank as nt_xent_bank_autograd
+from .autograd.nt_xent import fake_grad_rows, fake_row_values, register_fast_path
+from .numerics import (
     accumulation_dtype,
-    anchor_loss,
-    anchor_loss_terms,
-    dec_loss,
-    dec_loss_terms,
     fixed_shift_safe,
     l2_normalize,
     l2_normalize_backward,
-    outside_autocast,
 )
+
+# The DEC and anchor losses are O(N K) elementwise: the reference's are the CPU path too.
+from .reference import anchor_loss, anchor_loss_terms, dec_loss, dec_loss_terms  # noqa: F401
 
 DEFAULT_BLOCK = 1024
 
@@ -127,7 +126,7 @@ def _positive_index(n: int, device: torch.device) -> torch.Tensor:
 
 # Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
 # shared with the Triton and CUDA backends: the distributed NT-Xent
-# (`fastcluster_cl.losses.gathered`) calls them on a rank's local rows against the all-gathered
+# (`fastcluster_cl.backends.gathered`) calls them on a rank's local rows against the all-gathered
 # Z. Rectangular tiles (rows of the range x all columns); the single-process path above keeps
 # its symmetric upper-triangle tiles.
 

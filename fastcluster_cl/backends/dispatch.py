@@ -1,6 +1,6 @@
 """Backend selection. A backend is a module exposing some of the loss ops under their public
 names (nt_xent, cc_cluster_loss, student_t, dec_loss, anchor_loss, tcc_cluster_loss) with the
-signatures of `fastcluster_cl.losses.reference`. A backend may define
+signatures of `fastcluster_cl.backends.reference`. A backend may define
 ``unavailable_reason(device) -> str | None`` to refuse devices it cannot run on. Asking a backend
 for an op it lacks, or for a device it refuses, raises: no silent fallback.
 """
@@ -16,10 +16,10 @@ from . import chunked, reference
 
 BACKENDS = ("auto", "torch", "chunked", "triton", "cuda")
 _MODULES = {
-    "torch": "fastcluster_cl.losses.reference",
-    "chunked": "fastcluster_cl.losses.chunked",
+    "torch": "fastcluster_cl.backends.reference",
+    "chunked": "fastcluster_cl.backends.chunked",
     "triton": "fastcluster_cl.kernels",
-    "cuda": "fastcluster_cl.cuda_backend",
+    "cuda": "fastcluster_cl.backends.cuda",
 }
 # Backend modules by name. The pure-PyTorch ones are imported here so that a first call traced by
 # torch.compile finds them without an import, which dynamo cannot trace; triton and cuda load on

@@ -18,13 +18,13 @@ else the row primitives over [0, 2N); with `gather` it all-gathers Z, runs the p
 rank's rows against the gathered Z and all-gathers their lse and row losses for the backward
 (gathered.py's convention: the gradient of the local rows is world_size times the global one).
 The backward of the primitives path scales the rows by grad * inv_tau / (2N_local) and applies
-`reference.l2_normalize_backward`. Double backward is refused with a clear error on every
+`numerics.l2_normalize_backward`. Double backward is refused with a clear error on every
 backend (the saved statistics are not differentiable functions of the inputs); backend='torch'
 is the differentiable reference.
 
-`register_fused_autograd` gives a backend's fast-path forward op (a torch.library custom op)
-this same backward, so that the op is differentiable on its own (opcheck, direct calls), and
-`refuse_double_backward` registers the clear error on its backward op.
+`register_fast_path` gives a backend's fast-path forward op (a torch.library custom op) its
+backward op as autograd formula (`pairs.register_pair`), so that the op is differentiable on its
+own (opcheck, direct calls), and makes the backward op refuse a second differentiation.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed as D
-from .reference import accumulation_dtype, l2_normalize, l2_normalize_backward, outside_autocast
+from ... import distributed as D
+from ..numerics import accumulation_dtype, l2_normalize, l2_normalize_backward, outside_autocast
+from .pairs import guard, register_pair
 
 RowLSE = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RowGrad = Callable[..., torch.Tensor]
@@ -95,34 +96,6 @@ def per_row_weights(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return scale, (grad / torch.where(scale > 0, scale, 1.0)).contiguous()
 
 
-def double_backward_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"double backward is not supported by backend={name!r}; use backend='torch'"
-    )
-
-
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """dz (a first-order gradient computed with create_graph=True) as a function of the loss's
-    inputs whose derivative raises `double_backward_error`, instead of a second derivative that
-    is silently wrong or an error about tensors that do not require grad."""
-
-    @staticmethod
-    def forward(ctx, dz, name, *inputs):
-        ctx.name = name
-        return dz.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise double_backward_error(ctx.name)
-
-
-def _guard(dz: torch.Tensor, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-    """dz, refusing a second differentiation when the backward runs with create_graph."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _RefuseDoubleBackward.apply(dz, name, *inputs)
-    return dz
-
-
 def local_row_ranges(n: int, rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """This rank's rows of the global Z = [z_a of all ranks; z_b of all ranks] (n per view)."""
     total = n * world
@@ -178,7 +151,7 @@ class NTXent(torch.autograd.Function):
                 dz = spec.backward(torch.cat([z_a, z_b]), grad, ctx.inv_tau, *saved, *ctx.options)
             else:
                 dz = _rows_backward(ctx, grad, *saved)
-        dz = _guard(dz, spec.name, z_a, z_b)
+        dz = guard(dz, spec.name, z_a, z_b)
         n = dz.shape[0] // 2
         return dz[:n], dz[n:], None, None, None, None, None
 
@@ -259,38 +232,13 @@ def register_fast_path(
             per_row_backward=True,
         )
     )
-    register_fused_autograd(forward_op, spec.backward, name)
-    refuse_double_backward(backward_op, name)
+    register_pair(
+        forward_op,
+        backward_op,
+        name,
+        # (z, inv_tau, per_row, *options) -> (loss, *state); backward (z, grad, inv_tau, *state,
+        # *options) -> dz
+        lambda inputs, outputs, grads: (inputs[0], grads[0], inputs[1], *outputs[1:], *inputs[3:]),
+        wrt=(0,),
+    )
     return spec
-
-
-def register_fused_autograd(forward_op, backward: Callable, name: str) -> None:
-    """Give a backend's fast-path forward op ``(z, inv_tau, per_row, *options) -> (loss,
-    *state)`` the backward that `NTXent` runs, through torch.library.register_autograd."""
-
-    def setup_context(ctx, inputs, output):
-        z, inv_tau, _per_row, *options = inputs
-        ctx.save_for_backward(z, *output[1:])
-        ctx.inv_tau, ctx.options = inv_tau, options
-
-    @outside_autocast
-    def backward_fn(ctx, grad, *_state_grads):
-        z, *state = ctx.saved_tensors
-        with torch.no_grad():
-            dz = backward(z, grad, ctx.inv_tau, *state, *ctx.options)
-        return (_guard(dz, name, z), None, None) + (None,) * len(ctx.options)
-
-    forward_op.register_autograd(backward_fn, setup_context=setup_context)
-
-
-def refuse_double_backward(backward_op, name: str) -> None:
-    """Register on a backend's backward op an autograd formula that raises
-    `double_backward_error` when differentiated (create_graph=True, then a second backward)."""
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward_fn(ctx, *grads):
-        raise double_backward_error(name)
-
-    backward_op.register_autograd(backward_fn, setup_context=setup_context)

@@ -26,10 +26,11 @@ import math
 import torch
 
 from .. import distributed as D
-from . import nt_xent_autograd
+from .autograd import nt_xent as nt_xent_autograd
+from .autograd.nt_xent import NTXentBackend, RowGrad, RowLSE, local_row_ranges
 from .dispatch import implementation, resolve
-from .nt_xent_autograd import NTXentBackend, RowGrad, RowLSE, local_row_ranges
-from .reference import NORM_EPS, accumulation_dtype, dec_target, kl_rows, l2_normalize
+from .numerics import NORM_EPS, accumulation_dtype, l2_normalize
+from .reference import dec_target, kl_rows
 
 
 def nt_xent_rows(
@@ -83,7 +84,7 @@ def _global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Te
 def _entropy_term(column_sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """log K + sum_k P_k log P_k, P_k = column sum / rows (`reference.marginal_entropy_term`)."""
     p = column_sums / rows
-    # p log max(p, tiny) (`reference.safe_log`), not xlogy: xlogy's derivative at P_k = 0 is
+    # p log max(p, tiny) (`numerics.safe_log`), not xlogy: xlogy's derivative at P_k = 0 is
     # -inf, a NaN gradient through the softmax of a column that underflows.
     return (
         math.log(column_sums.shape[0])

@@ -17,8 +17,49 @@ from dataclasses import dataclass
 
 import torch
 
-from .nt_xent_autograd import _guard, refuse_double_backward
-from .reference import outside_autocast
+from ..numerics import outside_autocast
+
+
+def double_backward_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"double backward is not supported by backend={name!r}; use backend='torch'"
+    )
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """dz (a first-order gradient computed with create_graph=True) as a function of the loss's
+    inputs whose derivative raises `double_backward_error`, instead of a second derivative that
+    is silently wrong or an error about tensors that do not require grad."""
+
+    @staticmethod
+    def forward(ctx, dz, name, *inputs):
+        ctx.name = name
+        return dz.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.name)
+
+
+def guard(dz: torch.Tensor, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+    """dz, refusing a second differentiation when the backward runs with create_graph."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _RefuseDoubleBackward.apply(dz, name, *inputs)
+    return dz
+
+
+def refuse_double_backward(backward_op, name: str) -> None:
+    """Register on a backend's backward op an autograd formula that raises
+    `double_backward_error` when differentiated (create_graph=True, then a second backward)."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward_fn(ctx, *grads):
+        raise double_backward_error(name)
+
+    backward_op.register_autograd(backward_fn, setup_context=setup_context)
+
 
 # backward_args(inputs, outputs, grads) -> the backward op's arguments: `inputs` the forward
 # op's arguments, `outputs` its results (a tuple), `grads` the incoming gradient of each result.
@@ -77,7 +118,7 @@ def register_pair(
         differentiated = [inputs[i] for i in wrt]
         out = [None] * len(inputs)
         for i, g in zip(wrt, result):
-            out[i] = _guard(g, name, *differentiated)
+            out[i] = guard(g, name, *differentiated)
         return tuple(out)
 
     forward_op.register_autograd(backward_fn, setup_context=setup_context)
