@@ -582,18 +582,19 @@ def _cluster_variants() -> list[Variant]:
 
 
 def _objective_variants() -> list[Variant]:
-    """The one-pass objectives (kernels/objective.py), bf16 z and h with fp32 centres (AMP),
+    """The one-pass objectives (kernels/objective/), bf16 z and h with fp32 centres (AMP),
     D = F = 128: the row launches carry the NT-Xent targets on their column loop (a step is a
     pair of column tiles, 4 BLOCK_M x BLOCK_N products forward; the backward walks each row
     block's columns as the fast path does), the small launches no spills."""
     import torch
     import triton.language as tl
 
-    import fastcluster_cl.kernels  # noqa: F401
+    from fastcluster_cl.kernels.objective import anchor as anchor_k
+    from fastcluster_cl.kernels.objective import cc as cc_k
+    from fastcluster_cl.kernels.objective import instance as instance_k
 
-    ob = sys.modules["fastcluster_cl.kernels.objective"]
     d = 128
-    fwd, bwd = ob.instance_config(d, torch.float16)
+    fwd, bwd = instance_k.instance_config(d, torch.float16)
     bm, bn, _ = fwd.block
     common = dict(
         ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=1.1754943508222875e-38, FIXED_SHIFT=True
@@ -667,15 +668,15 @@ def _objective_variants() -> list[Variant]:
         )
 
     for k in (10, 100):
-        block_k, block_f, block_full = ob._anchor_blocks(k, d)
+        block_k, block_f, block_full = anchor_k._anchor_blocks(k, d)
         centre = dict(
-            HPREC="ieee", HUPCAST=False, SUB_M=ob._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
+            HPREC="ieee", HUPCAST=False, SUB_M=anchor_k._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
         )
         out.append(
             variant(
                 f"objective anchor rows K={k}",
                 "bf16",
-                ob._anchor_rows_kernel,
+                anchor_k._anchor_rows_kernel,
                 dict(common, **centre, **fwd.constexprs),
                 fwd.num_warps,
                 fwd.block,
@@ -689,9 +690,9 @@ def _objective_variants() -> list[Variant]:
             variant(
                 f"objective anchor grad K={k}",
                 "bf16",
-                ob._anchor_grad_kernel,
+                anchor_k._anchor_grad_kernel,
                 dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
-                | dict(BLOCK_K=ob._anchor_blocks(k, d, backward=True)[0]),
+                | dict(BLOCK_K=anchor_k._anchor_blocks(k, d, backward=True)[0]),
                 bwd.num_warps,
                 bwd.block,
                 bwd.num_stages,
@@ -703,20 +704,20 @@ def _objective_variants() -> list[Variant]:
             variant(
                 f"objective anchor epilogue K={k}",
                 "fp32",
-                ob._anchor_epilogue_kernel,
-                dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=ob._ROWS, BLOCK_K=block_k),
+                anchor_k._anchor_epilogue_kernel,
+                dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=anchor_k._ROWS, BLOCK_K=block_k),
                 4,
-                (ob._ROWS, block_k),
+                (anchor_k._ROWS, block_k),
                 targets=clean,
             )
         )
-    block_k = ob._cc_block_k(10)
+    block_k = cc_k._cc_block_k(10)
     cc = dict(CPREC="ieee", BLOCK_K=block_k)
     out.append(
         variant(
             "objective cc rows K=10",
             "bf16",
-            ob._cc_rows_kernel,
+            cc_k._cc_rows_kernel,
             dict(common, **cc, **fwd.constexprs),
             fwd.num_warps,
             fwd.block,
@@ -730,7 +731,7 @@ def _objective_variants() -> list[Variant]:
         variant(
             "objective cc grad K=10",
             "bf16",
-            ob._cc_grad_kernel,
+            cc_k._cc_grad_kernel,
             dict(common, **cc, **bwd.constexprs),
             bwd.num_warps,
             bwd.block,
@@ -739,15 +740,15 @@ def _objective_variants() -> list[Variant]:
             targets=bwd_targets,
         )
     )
-    for k in (10, ob._CC_MAX_CLUSTERS):
-        small = dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_K=ob._cc_block_k(k))
+    for k in (10, cc_k._CC_MAX_CLUSTERS):
+        small = dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_K=cc_k._cc_block_k(k))
         out.append(
             variant(
                 f"objective cc epilogue K={k}",
                 "fp32",
-                ob._cc_epilogue_kernel,
+                cc_k._cc_epilogue_kernel,
                 small,
-                ob._SMALL_WARPS,
+                cc_k._SMALL_WARPS,
                 (small["BLOCK_K"],),
                 targets=clean,
             )
@@ -756,9 +757,9 @@ def _objective_variants() -> list[Variant]:
             variant(
                 f"objective cc cluster grad K={k}",
                 "fp32",
-                ob._cc_cluster_grad_kernel,
+                cc_k._cc_cluster_grad_kernel,
                 small,
-                ob._SMALL_WARPS,
+                cc_k._SMALL_WARPS,
                 (small["BLOCK_K"],),
                 targets=clean,
             )
@@ -767,10 +768,10 @@ def _objective_variants() -> list[Variant]:
         variant(
             "objective sum partials",
             "fp32",
-            ob._sum_partials_kernel,
-            dict(ACC=tl.float32, BLOCK=ob._REDUCE),
+            instance_k._sum_partials_kernel,
+            dict(ACC=tl.float32, BLOCK=anchor_k._REDUCE),
             4,
-            (ob._REDUCE,),
+            (anchor_k._REDUCE,),
             targets=clean,
         )
     )

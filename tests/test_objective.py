@@ -1,4 +1,4 @@
-"""The one-pass objectives of backend "triton" (kernels/objective.py): `anchor_objective` and
+"""The one-pass objectives of backend "triton" (kernels/objective/): `anchor_objective` and
 `cc_objective` against `reference.anchor_objective` / `cc_objective` (values and every
 gradient), their launch and torch-op counts, their ops under torch.library.opcheck, and the
 double-backward refusal. Under the Triton interpreter on the CPU (tests/conftest.py)."""
@@ -469,7 +469,7 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, method):
     fp32 on the same fp16 operands, so only the summation order (and the fp16 rounding of the
     gradients) differs. N = 150 > 128: several programs at the GPU shapes too (the partial
     column sums' and d centers' reductions across programs)."""
-    from fastcluster_cl.kernels import objective
+    from fastcluster_cl.kernels.objective import instance as objective
 
     if method == "anchor":
         objective_fn, inputs = _anchor, anchor_inputs(n=150, d=48, f=40, k=20)

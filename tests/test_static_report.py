@@ -91,7 +91,7 @@ def test_occupancy_model():
 
 
 def test_objective_targets_are_checked(report):
-    """The one-pass objectives (kernels/objective.py): the row launches keep the NT-Xent
+    """The one-pass objectives (kernels/objective/): the row launches keep the NT-Xent
     kernels' MMA and exp targets (every product at the instruction floor, one MUFU.EX2 per
     similarity element: the assignments' exps lie outside the column loop) and spill nothing;
     the forward, which normalises every column tile it loads, at an issue ceiling of at least
