@@ -8,7 +8,7 @@ Triton interpreter is never enabled here: GPU-only backends skip on CPU.
 import pytest
 import torch
 
-from fastcluster_cl import bench
+from fastcluster_cl.bench import runner as bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Batch sizes 2N by tier: the tier name is in every test id, so `-k small` selects the quick set.

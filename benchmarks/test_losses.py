@@ -11,7 +11,7 @@ Group and compare with e.g. `--benchmark-group-by=param:case`.
 import pytest
 from conftest import DEVICE, DTYPES, SIZES
 
-from fastcluster_cl import bench
+from fastcluster_cl.bench import runner as bench
 
 DIMS = (128, 512)
 KS = (10, 100)

@@ -273,7 +273,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     bench_module = None
     if with_bench:
         try:
-            from . import bench as bench_module
+            from .bench import runner as bench_module
         except ImportError:
             pass
     if bench_module is not None:
@@ -378,7 +378,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from . import bench
+        from .bench import runner as bench
     except ImportError as err:
         raise RuntimeError(
             f"the benchmark module fastcluster_cl.bench is not available "

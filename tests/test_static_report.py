@@ -1,4 +1,4 @@
-"""The static sm_90a report (fastcluster_cl/static_report.py): every Triton kernel variant
+"""The static sm_90a report (fastcluster_cl/bench/static_report.py): every Triton kernel variant
 compiles for an H100/H200 without a GPU, fits its shared memory, and the NT-Xent kernels keep
 their efficiency targets (no spills, no duplicated MMA work, one exp per S element, 2 CTAs per
 SM, issue ceilings 0.6 forward and 0.5 backward). A regression fails here. Runs the report as
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fastcluster_cl import static_report
+from fastcluster_cl.bench import static_report
 
 KEYS = {
     "kernel",

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from . import functional
-from .backends.dispatch import implementation
-from .validation import value_checks
+from .. import functional
+from ..backends.dispatch import implementation
+from ..validation import value_checks
 
 BACKENDS = ("torch", "chunked", "triton", "cuda")
 GPU_ONLY = ("triton", "cuda")
@@ -835,8 +835,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`static [...]` runs the static sm_90 report (fastcluster_cl.static_report); anything else
-    the timing runner."""
+    """`static [...]` runs the static sm_90 report (`static_report`); anything else the timing
+    runner."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["static"]:
         from . import static_report
@@ -848,7 +848,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return run(add_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
