@@ -66,8 +66,8 @@ SEED = _number(int, 0, False, maximum=MAX_SEED)
 def _train_options(p: argparse.ArgumentParser) -> None:
     """Options of `train`. Defaults are SUPPRESSed so a resume can tell what was given."""
     from .models import BACKBONES, METHOD_HEADS
+    from .train.config import AMP_MODES, TrainConfig
     from .train.optim import OPTIMIZERS
-    from .train.trainer import AMP_MODES, TrainConfig
 
     d = TrainConfig()
     S = argparse.SUPPRESS
@@ -287,7 +287,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
-    from .train.trainer import TrainConfig, train
+    from .train.config import TrainConfig
+    from .train.loop import train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
     if args.resume is not None:
@@ -322,7 +323,7 @@ def _saved_config(path, saved: dict, overrides: dict):
     cannot hide a bad stored value; a setting of the wrong type or value is a CheckpointError
     naming the checkpoint."""
     from .train.checkpoint import CheckpointError
-    from .train.trainer import TrainConfig
+    from .train.config import TrainConfig
 
     try:
         TrainConfig.from_dict(saved).check()
@@ -359,7 +360,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> dict:
     """The metrics of `args.checkpoint` (printed as JSON)."""
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
-    from .train.trainer import Runtime, Trainer
+    from .train.loop import Trainer
+    from .train.runtime import Runtime
 
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
@@ -466,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     usage_errors: tuple[type[Exception], ...] = ()
     if args.command in ("train", "eval"):
         from .train.checkpoint import CheckpointError
-        from .train.trainer import ConfigError, NonFiniteLossError
+        from .train.config import ConfigError
+        from .train.loop import NonFiniteLossError
 
         errors += (CheckpointError, NonFiniteLossError)
         usage_errors += (ConfigError,)

@@ -430,7 +430,7 @@ def _trainer_config(out, **overrides):
     """LARS, not Adam: Adam divides each gradient by its own running scale, which turns the
     reduction-order noise of two ranks on ~0 gradients into steps of up to lr; LARS scales each
     tensor by its norms (biases: SGD with momentum, which also sees the gradients' scale)."""
-    from fastcluster_cl.train.trainer import TrainConfig
+    from fastcluster_cl.train.config import TrainConfig
 
     return TrainConfig(
         **{
@@ -461,7 +461,7 @@ WARMUP = dict(epochs=3, centre_warmup_epochs=1)
 
 
 def _trainer_worker(rank: int, port: int, tmp: str) -> None:
-    import fastcluster_cl.train.trainer as T
+    import fastcluster_cl.train.loop as T
 
     os.environ.update(
         WORLD_SIZE=str(WORLD),
@@ -486,7 +486,7 @@ def _trainer_worker(rank: int, port: int, tmp: str) -> None:
 
 
 def test_trainer_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path, monkeypatch):
-    import fastcluster_cl.train.trainer as T
+    import fastcluster_cl.train.loop as T
     from fastcluster_cl.train.logging import read_log
 
     torch.set_num_threads(1)

@@ -317,7 +317,8 @@ def test_probe_checkpoint_problems(tmp_path, finished):
 
 def test_probe_nan_gradient_with_finite_loss(tmp_path):
     """In-process: a hook makes the gradient NaN while the loss stays finite."""
-    from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer
+    from fastcluster_cl.train.config import TrainConfig
+    from fastcluster_cl.train.loop import NonFiniteLossError, Trainer
 
     torch.set_num_threads(1)
     trainer = Trainer(

@@ -111,7 +111,7 @@ def test_lock_is_released_when_the_run_ends(tmp_path, finished_run):
 def test_failed_start_leaves_no_dead_end(tmp_path, capsys, monkeypatch):
     # e.g. --loss-backend triton on a CPU without TRITON_INTERPRET fails at the first step,
     # after config.json and log.jsonl were written (here the interpreter is on: inject it)
-    from fastcluster_cl.train.trainer import Trainer
+    from fastcluster_cl.train.loop import Trainer
 
     def fails(self, batch):
         raise RuntimeError("backend='triton' cannot run on cpu")

@@ -12,9 +12,9 @@ from fastcluster_cl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fastcluster_cl.train.config import TrainConfig, check_resumable
 from fastcluster_cl.train.optim import LARS, build_optimizer, optimizer_description
 from fastcluster_cl.train.schedule import warmup_cosine, warmup_cosine_factor
-from fastcluster_cl.train.trainer import TrainConfig, check_resumable
 
 
 def test_warmup_then_cosine():

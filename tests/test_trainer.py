@@ -11,9 +11,10 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from fastcluster_cl.data import ImageDataset
 from fastcluster_cl.train.checkpoint import CheckpointError, load_checkpoint
+from fastcluster_cl.train.config import TrainConfig, resolve
 from fastcluster_cl.train.logging import read_log
+from fastcluster_cl.train.loop import NonFiniteLossError, Trainer, train
 from fastcluster_cl.train.rundir import RunDirError
-from fastcluster_cl.train.trainer import NonFiniteLossError, TrainConfig, Trainer, resolve, train
 
 
 def blobs(n_per_class=32, classes=3, seed=0) -> ImageDataset:

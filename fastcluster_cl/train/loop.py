@@ -2,23 +2,22 @@
 optimizers, warmup + cosine schedule, gradient clipping, a non-finite-loss guard, periodic
 evaluation, exact resume and JSONL/TensorBoard logs.
 
-Device and rank live in one `Runtime` object; logging, checkpoints and plots happen only where
-`runtime.is_main_process` is true. Under torchrun (docs/distributed.md) `Runtime.create`
-initialises the process group, the model is wrapped in DistributedDataParallel, the losses
-gather across ranks and each rank reads its shard: `batch_size` is the global batch, so a run
-(and its checkpoints) means the same thing on any number of ranks.
+`Trainer` owns one run; `fit` reads top to bottom: per epoch the centre initialisation, then per
+batch data, forward/backward, step, log and checkpoint, then evaluation. Its neighbours hold the
+rest: config.py (settings and checks), runtime.py (device, DDP, AMP), evaluate.py (features and
+metrics), rundir.py (what the run may write), checkpoint.py, logging.py, plots.py. Logging,
+checkpoints and plots happen only on the main process. Under torchrun (docs/distributed.md) the
+model is wrapped in DistributedDataParallel, the losses gather across ranks and each rank reads
+its shard: `batch_size` is the global batch, so a run (and its checkpoints) means the same thing
+on any number of ranks.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
-import random
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,387 +25,31 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..metrics import cluster_metrics, kmeans_metrics
-from ..models import RESNETS, build_model, method_loss_inputs
+from ..models import build_model, method_loss_inputs
 from ..modules import ClusterContrastiveLoss, LossOutput, NTXentLoss
-from ..validation import MIN_TEMPERATURE, value_checks
+from ..validation import value_checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_fits_dataset,
+    check_resumable,
+    check_threads,
+    resolve,
+)
+from .evaluate import evaluate as evaluate_model
+from .evaluate import extract_features, flat
 from .logging import RunLogger, last_per_step, read_log, write_text
 from .optim import build_optimizer, optimizer_description
 from .progress import make_progress
 from .rundir import CHECKPOINT_NAME, RunDir
+from .runtime import MEMORY_FORMAT, Runtime, amp_dtype, model_input, seed_everything
 from .schedule import warmup_cosine
-
-AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or inf; training stops instead of corrupting the
     weights."""
-
-
-def _option(setting: str) -> str:
-    """The command-line option of a TrainConfig field."""
-    return "--" + setting.replace("_", "-")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work (out of range for the dataset, the backbone or the
-    checkpoint), found before the first step; names the command-line option."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"argument {option}: {message}")
-        self.option = option
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run. None means "derive from the dataset" (see `resolve`)."""
-
-    # None (and backbone "auto" where the preset names one) takes the (method, dataset) preset
-    # of fastcluster_cl.train.presets; `resolve` fills them in.
-    dataset: str = "digits"
-    data_root: str | None = None
-    method: str = "anchor"
-    backbone: str = "auto"  # preset; else small_cnn < 32 px, resnet18 <= 64, resnet34
-    cifar_stem: bool | None = None  # ResNets: 3x3 stem without max-pool; default for <= 64 px
-    num_clusters: int | None = None  # default: the dataset's number of classes
-    image_size: int | None = None  # default: the dataset's native training size
-    in_channels: int | None = None  # read from the data
-    projection_dim: int = 128
-    hidden_dim: int = 512
-    augment: str = "auto"
-    epochs: int | None = None  # preset
-    batch_size: int = 256  # global batch: split evenly over the ranks
-    optimizer: str = "adam"
-    lr: float | None = None  # preset
-    weight_decay: float = 0.0
-    warmup_epochs: float | None = None  # preset
-    min_lr_factor: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
-    skip_nonfinite_steps: int = 0  # steps with a NaN/inf loss or gradient that may be skipped
-    # (no update) before the run stops; 0: stop at the first
-    centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
-    # k-means initialisation of the centres (DEC-style
-    # pretraining); None: epochs // 8 for anchor, else 0
-    instance_temperature: float | None = None  # preset
-    cluster_temperature: float | None = None  # preset
-    gumbel_temperature: float | None = None  # tcc: lambda of the assignment samples; preset
-    tcc_prior: str | None = None  # tcc: "kl" (per-sample KL to uniform) or "marginal"
-    # (CC's marginal entropy); preset
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    loss_backend: str = "auto"
-    amp: str = "auto"  # auto: bf16 on CUDA, none on the CPU
-    compile: bool = False
-    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None  # CPU threads for torch ops; None: torch's default
-    eval_every: int = 0  # epochs between evaluations; 0: only at the end
-    eval_batch_size: int = 512
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: epoch ends only
-    log_every: int = 1  # steps between step records in log.jsonl / TensorBoard
-    out: str | None = None
-    plots: bool = True
-    progress: bool = True
-
-    # Settings a resumed run may change; all others must equal the checkpoint's.
-    RESUMABLE = (
-        "device",
-        "threads",
-        "out",
-        "eval_every",
-        "eval_batch_size",
-        "checkpoint_every",
-        "log_every",
-        "plots",
-        "progress",
-        "compile",
-        "data_root",
-        "loss_backend",
-        "sync_bn",
-        "skip_nonfinite_steps",
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}")
-        return cls(**values)
-
-    def preset(self) -> dict[str, Any]:
-        """The (method, dataset) preset (fastcluster_cl.train.presets)."""
-        from .presets import preset
-
-        return preset(self.method, self.dataset)
-
-    def _check_types(self) -> None:
-        """Each setting of its declared type (a checkpoint or a dict may hold anything), every
-        float finite."""
-        kinds = {
-            "int": (int,),
-            "float": (int, float),
-            "bool": (bool,),
-            "str": (str,),
-            "dict": (dict,),
-        }
-        for f in dataclasses.fields(self):
-            value, annotation = getattr(self, f.name), str(f.type)
-            if value is None and "None" in annotation:
-                continue
-            base = annotation.split("|")[0].strip().split("[")[0]
-            ok = isinstance(value, kinds[base]) and (base == "bool" or not isinstance(value, bool))
-            if not ok:
-                raise ValueError(
-                    f"{f.name} must be {annotation.replace('|', 'or')}, got "
-                    f"{value!r} ({type(value).__name__})"
-                )
-            if base == "float" and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value}")
-
-    def check(self) -> None:
-        """Raise ConfigError (a ValueError naming the option) on settings that cannot work, before
-        any data is loaded; a value of the wrong type is a ValueError (`_check_types`)."""
-        from ..models import BACKBONES, METHOD_HEADS
-        from .optim import OPTIMIZERS
-
-        self._check_types()
-        if self.method not in METHOD_HEADS:
-            raise ConfigError(
-                "--method", f"method must be one of {tuple(METHOD_HEADS)}, got {self.method!r}"
-            )
-        if self.backbone != "auto" and self.backbone not in BACKBONES:
-            raise ConfigError(
-                "--backbone",
-                f"backbone must be 'auto' or one of {BACKBONES}, got {self.backbone!r}",
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                "--optimizer", f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
-            )
-        if self.amp not in AMP_MODES:
-            raise ConfigError("--amp", f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(_option(name), f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "instance_temperature", "cluster_temperature", "gumbel_temperature"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(_option(name), f"{name} must be > 0, got {getattr(self, name)}")
-            if (
-                name.endswith("temperature")
-                and getattr(self, name) is not None
-                and getattr(self, name) < MIN_TEMPERATURE
-            ):  # the losses' limit (lightly's)
-                raise ConfigError(
-                    _option(name),
-                    f"{name} must be >= 1e-8, got {getattr(self, name)}",
-                )
-        for name in (
-            "weight_decay",
-            "warmup_epochs",
-            "grad_clip",
-            "eval_every",
-            "checkpoint_every",
-            "skip_nonfinite_steps",
-        ):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(_option(name), f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.tcc_prior not in (None, "kl", "marginal"):
-            raise ConfigError(
-                "--tcc-prior", f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}"
-            )
-        if self.centre_warmup_epochs is not None:
-            if self.centre_warmup_epochs and self.method != "anchor":
-                raise ConfigError(
-                    "--centre-warmup-epochs",
-                    "centre_warmup_epochs applies to the anchor method (centre head) only",
-                )
-            epochs = self.epochs if self.epochs is not None else self.preset()["epochs"]
-            if not 0 <= self.centre_warmup_epochs < epochs:
-                raise ConfigError(
-                    "--centre-warmup-epochs",
-                    f"centre_warmup_epochs must be in [0, epochs={epochs}), "
-                    f"got {self.centre_warmup_epochs}",
-                )
-        for name in ("threads", "image_size", "in_channels", "projection_dim", "hidden_dim"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(_option(name), f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_clusters is not None and self.num_clusters < 2:
-            raise ConfigError(
-                "--num-clusters", f"num_clusters must be >= 2, got {self.num_clusters}"
-            )
-        if not 0 <= self.seed <= 2**32 - 1:
-            raise ConfigError("--seed", f"seed must be in [0, 2**32 - 1], got {self.seed}")
-        if not 0 <= self.min_lr_factor <= 1:
-            raise ConfigError(
-                "--min-lr-factor", f"min_lr_factor must be in [0, 1], got {self.min_lr_factor}"
-            )
-        from ..backends.dispatch import BACKENDS
-
-        if self.loss_backend not in BACKENDS:
-            raise ConfigError(
-                "--loss-backend",
-                f"loss_backend must be one of {BACKENDS}, got {self.loss_backend!r}",
-            )
-        for name, weight in self.loss_weights.items():
-            if (
-                not isinstance(name, str)
-                or isinstance(weight, bool)
-                or not isinstance(weight, (int, float))
-                or not 0 <= weight < math.inf
-            ):
-                raise ConfigError(
-                    "--loss-weights",
-                    f"loss_weights must map names to finite numbers >= 0, got {name!r}: {weight!r}",
-                )
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its device, rank and world size (one place for DDP to extend)."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def create(cls, device: str = "auto") -> Runtime:
-        """This process's runtime; under torchrun, also joins the process group and takes
-        cuda:LOCAL_RANK (`fastcluster_cl.distributed.setup`)."""
-        if (
-            device != "auto"
-            and torch.device(device).type == "cuda"
-            and not torch.cuda.is_available()
-        ):
-            raise ValueError(f"device {device!r} asked for but CUDA is not available here")
-        dev = distributed.setup(None if device == "auto" else device)
-        return cls(dev, distributed.rank(), distributed.world_size())
-
-
-# Weights and images channels-last on every device: tensor cores on CUDA; on the CPU a
-# digit-CNN training step runs about 1.5x faster than in NCHW (oneDNN convolutions, vectorised
-# pooling).
-MEMORY_FORMAT = torch.channels_last
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `mode` on `device` (None: full precision)."""
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def resolve(config: TrainConfig, dataset) -> TrainConfig:
-    """Fill the None / "auto" model settings from the dataset; the result is what checkpoints
-    store and resumes compare."""
-    c = copy.deepcopy(config)
-    p = c.preset()
-    for name in (
-        "image_size",
-        "epochs",
-        "lr",
-        "warmup_epochs",
-        "instance_temperature",
-        "cluster_temperature",
-        "gumbel_temperature",
-        "tcc_prior",
-    ):
-        if getattr(c, name) is None:
-            setattr(c, name, p[name])
-    if c.backbone == "auto":
-        c.backbone = p["backbone"]
-    if not c.loss_weights:
-        c.loss_weights = p["loss_weights"]
-    if (
-        c.centre_warmup_epochs is None
-        and c.method == "anchor"
-        and p["centre_warmup_epochs"] is not None
-        and p["centre_warmup_epochs"] < c.epochs
-    ):
-        c.centre_warmup_epochs = p["centre_warmup_epochs"]  # else epochs // 8, below
-    if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
-        raise ConfigError(
-            "--centre-warmup-epochs",
-            f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got {c.centre_warmup_epochs}",
-        )
-    if c.num_clusters is None:
-        c.num_clusters = int(dataset.num_classes)
-    if c.image_size is None:
-        c.image_size = int(dataset.image_size)
-    if c.backbone == "auto":
-        c.backbone = (
-            "small_cnn" if c.image_size < 32 else "resnet18" if c.image_size <= 64 else "resnet34"
-        )
-    if c.cifar_stem is None:
-        c.cifar_stem = c.backbone in RESNETS and c.image_size <= 64
-    if c.centre_warmup_epochs is None:
-        c.centre_warmup_epochs = c.epochs // 8 if c.method == "anchor" else 0
-    return c
-
-
-def check_fits_dataset(config: TrainConfig, dataset, world_size: int) -> None:
-    """Settings that the dataset makes impossible, refused before the first step: a batch
-    larger than a rank's share of the images, and more clusters than the labelled images the
-    final evaluation's k-means clusters."""
-    per_rank = len(dataset) // world_size
-    if distributed.local_batch_size(config.batch_size, world_size) > per_rank:
-        share = f" ({per_rank} per rank over {world_size} ranks)" if world_size > 1 else ""
-        raise ConfigError(
-            "--batch-size",
-            f"{config.batch_size} exceeds the {len(dataset)} "
-            f"images of {dataset.name}{share}; lower it",
-        )
-    labelled = int((np.asarray(dataset.labels) >= 0).sum())
-    if config.num_clusters > labelled:
-        raise ConfigError(
-            "--num-clusters",
-            f"K = {config.num_clusters} exceeds the "
-            f"{labelled} labelled images of {dataset.name}, which the "
-            f"evaluation clusters; choose K <= {labelled}",
-        )
-
-
-def check_threads(state: dict[str, Any], device: torch.device, path) -> None:
-    """CPU results depend on torch's thread count (the reductions split differently): a
-    resume on the CPU must use the checkpoint's count to stay bit-exact, so another count is
-    refused (checkpoints written before the count was stored are not checked)."""
-    saved = state.get("cpu_threads")
-    now = torch.get_num_threads()
-    if device.type == "cpu" and saved is not None and saved != now:
-        raise ConfigError(
-            "--threads",
-            f"checkpoint {path} was trained with {saved} CPU "
-            f"threads and this resume would use {now}; CPU results depend on "
-            f"the thread count, so pass --threads {saved} to continue exactly",
-        )
-
-
-def check_resumable(saved: dict[str, Any], asked: dict[str, Any], path) -> None:
-    """Raise CheckpointError naming every setting that differs from the checkpoint's."""
-    diffs = [
-        f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})"
-        for k in asked
-        if k not in TrainConfig.RESUMABLE and asked[k] != saved.get(k)
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} is incompatible with this run: " + ", ".join(diffs)
-        )
 
 
 class Trainer:
@@ -654,9 +297,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- steps
     def _inputs(self, batch: dict, keys: tuple[str, ...]) -> torch.Tensor:
-        x = torch.cat([batch[k] for k in keys]).to(self.runtime.device, non_blocking=True)
-        x = x.contiguous(memory_format=MEMORY_FORMAT)
-        return x
+        return model_input(batch, keys, self.runtime.device)
 
     def _views(self, batch: dict, keys: tuple[str, ...]) -> list[torch.Tensor]:
         return [self._inputs(batch, (k,)) for k in keys]
@@ -757,7 +398,6 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _features(self, train_mode: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(features h, cluster-head predictions, labels) of every clean image, in dataset
         order. train_mode: BatchNorm on batch statistics, as the loss sees it, so the images
@@ -769,9 +409,7 @@ class Trainer:
         from ..data import make_eval_loader
 
         loader = self.eval_loader
-        buffers = None
         if train_mode:
-            buffers = copy.deepcopy(dict(self.model.named_buffers()))
             loader = make_eval_loader(
                 self.dataset,
                 self.config.batch_size,
@@ -779,53 +417,19 @@ class Trainer:
                 device=self.runtime.device,
                 shuffle_seed=self.config.seed,
             )
-        self.model.train(train_mode)
-        feats, preds, labels, index = [], [], [], []
-        try:
-            for batch in loader:
-                with torch.autocast(
-                    self.runtime.device.type,
-                    dtype=self.amp_dtype,
-                    enabled=self.amp_dtype is not None,
-                ):
-                    out = self.model(self._inputs(batch, ("clean",)))
-                    if bool(getattr(self.model.cluster_head, "initialised", True)):
-                        preds.append(self.model.probabilities(out).argmax(1).cpu())
-                feats.append(out["h"].float().cpu())
-                labels.append(torch.as_tensor(batch["label"]).cpu())
-                index.append(torch.as_tensor(batch["index"]).cpu())
-        finally:
-            self.model.train()
-            if buffers is not None:  # train-mode BN updated its running stats: undo that
-                for name, buf in self.model.named_buffers():
-                    buf.copy_(buffers[name])
-        order = torch.argsort(torch.cat(index)).numpy()  # back to dataset order
-        pred = torch.cat(preds).numpy()[order] if preds else None
-        return torch.cat(feats).numpy()[order], pred, torch.cat(labels).numpy()[order]
+        return extract_features(self.model, loader, self.runtime.device, self.amp_dtype, train_mode)
 
     def evaluate(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
         """Cluster-head metrics (nmi, acc, ari) and k-means-on-features metrics."""
-        start = time.perf_counter()
-        feats, pred, labels = self._features()
-        known = labels >= 0  # unlabelled images (label -1, STL-10's extra split) are not scored
-        # no cluster-head metrics while the centres await their initialisation
-        head = cluster_metrics(labels[known], pred[known]) if pred is not None else {}
-        metrics = {
-            **head,
-            "kmeans": kmeans_metrics(
-                feats[known], labels[known], self.config.num_clusters, seed=self.config.seed
-            ),
-            # k-means on L2-normalised features: the cosine geometry the contrastive
-            # losses train (less prone to merging clusters than raw features)
-            "kmeans_l2": kmeans_metrics(
-                _l2_rows(feats[known]),
-                labels[known],
-                self.config.num_clusters,
-                seed=self.config.seed,
-            ),
-            "eval_seconds": time.perf_counter() - start,
-        }
-        return metrics, feats, pred, labels
+        c = self.config
+        return evaluate_model(
+            self.model,
+            self.eval_loader,
+            self.runtime.device,
+            self.amp_dtype,
+            c.num_clusters,
+            c.seed,
+        )
 
     def init_centres(self) -> None:
         """k-means on the features of the current network (BatchNorm in training mode, as the
@@ -869,54 +473,69 @@ class Trainer:
         progress = make_progress(
             main and c.progress, c.epochs * self.steps_per_epoch, c.epochs, self.step, c.batch_size
         )
-        with value_checks(False):  # the finite-loss guard below replaces the per-input syncs
+        with value_checks(False):  # the finite-loss guard replaces the per-input syncs
             while self.epoch < c.epochs:
+                # centres: k-means on the current features once the warm-up is over
                 if self.epoch >= c.centre_warmup_epochs:
                     self.init_centres()
-                batches = self.train_loader.epoch(self.epoch, start_batch=self.batch)
-                while True:
-                    # The loader may draw from torch's global RNG (DataLoader seeds its workers
-                    # from it when an iterator starts); fencing it off keeps the stream the
-                    # model uses (Gumbel noise) identical in resumed and uninterrupted runs.
-                    with torch.random.fork_rng(devices=[]):
-                        batch = next(batches, None)
-                    if batch is None:
-                        break
-                    t0 = time.perf_counter()
-                    record = self.train_step(batch)
-                    dt = time.perf_counter() - t0
-                    n = batch["a"].shape[0] * self.runtime.world_size
-                    self.train_seconds += dt
-                    self.images_seen += n
-                    self.batch += 1
-                    self.step += 1
-                    record.update(epoch=self.epoch, images_per_s=n / dt)
-                    if "skipped" in record:  # always logged; NaN/inf written as strings
-                        self.logger.log(
-                            "skipped_step",
-                            step=self.step,
-                            epoch=self.epoch,
-                            reason=record["skipped"],
-                            skipped=self.skipped_steps,
-                            limit=c.skip_nonfinite_steps,
-                        )
-                    elif self.step % c.log_every == 0:
-                        self.logger.scalars("step", self.step, **record)
-                    if progress is not None:
-                        progress.update(self.epoch, self.step, record["loss"], n)
-                    if (
-                        c.checkpoint_every
-                        and self.step % c.checkpoint_every == 0
-                        and self.batch < self.steps_per_epoch
-                    ):
-                        self.save()
+                self._train_epoch(progress)
                 self.epoch, self.batch = self.epoch + 1, 0
+                # evaluate every eval_every epochs (the last one is evaluated below)
                 if c.eval_every and self.epoch % c.eval_every == 0 and self.epoch < c.epochs:
                     metrics, *_ = self.evaluate()
-                    self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
+                    self.logger.scalars("eval", self.step, epoch=self.epoch, **flat(metrics))
                 self.save()
         if progress is not None:
             progress.close()
+        return self._finish(wall_start)
+
+    def _train_epoch(self, progress) -> None:
+        """The batches of self.epoch from self.batch on: one optimizer step each."""
+        c = self.config
+        batches = self.train_loader.epoch(self.epoch, start_batch=self.batch)
+        while True:
+            # data: the loader may draw from torch's global RNG (DataLoader seeds its workers
+            # from it when an iterator starts); fencing it off keeps the stream the model uses
+            # (Gumbel noise) identical in resumed and uninterrupted runs
+            with torch.random.fork_rng(devices=[]):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            # forward, backward and optimizer step
+            t0 = time.perf_counter()
+            record = self.train_step(batch)
+            dt = time.perf_counter() - t0
+            n = batch["a"].shape[0] * self.runtime.world_size
+            self.train_seconds += dt
+            self.images_seen += n
+            self.batch += 1
+            self.step += 1
+            # log: skipped steps always (NaN/inf written as strings), the others every log_every
+            record.update(epoch=self.epoch, images_per_s=n / dt)
+            if "skipped" in record:
+                self.logger.log(
+                    "skipped_step",
+                    step=self.step,
+                    epoch=self.epoch,
+                    reason=record["skipped"],
+                    skipped=self.skipped_steps,
+                    limit=c.skip_nonfinite_steps,
+                )
+            elif self.step % c.log_every == 0:
+                self.logger.scalars("step", self.step, **record)
+            if progress is not None:
+                progress.update(self.epoch, self.step, record["loss"], n)
+            # checkpoint every checkpoint_every steps (the epoch's end saves anyway)
+            if (
+                c.checkpoint_every
+                and self.step % c.checkpoint_every == 0
+                and self.batch < self.steps_per_epoch
+            ):
+                self.save()
+
+    def _finish(self, wall_start: float) -> dict[str, Any]:
+        """The final evaluation, written as metrics.json (and plots) by the main process."""
+        c = self.config
         metrics, feats, pred, labels = self.evaluate()
         metrics["timing"] = {
             "train_seconds": self.train_seconds,
@@ -931,13 +550,13 @@ class Trainer:
             num_clusters=c.num_clusters,
             backbone=c.backbone,
         )
-        if main:
-            self.logger.scalars("eval", self.step, epoch=self.epoch, **_flat(metrics))
+        if self.runtime.is_main_process:
+            self.logger.scalars("eval", self.step, epoch=self.epoch, **flat(metrics))
             self._claim("metrics.json", *(("plots",) if c.plots else ()))
             write_text(self.out / "metrics.json", json.dumps(metrics, indent=2))
             if c.plots:
                 self.write_plots(feats, pred, labels)
-        self.logger.log("end", **_flat(metrics))
+        self.logger.log("end", **flat(metrics))
         self.logger.close()
         return metrics
 
@@ -951,21 +570,6 @@ class Trainer:
             plot_losses(steps, plots / "losses.png")
         plot_confusion(labels, pred, plots / "confusion.png")
         plot_embedding(feats, pred, plots / "embedding.png", seed=self.config.seed)
-
-
-def _l2_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
-    """{"kmeans": {"nmi": x}} -> {"kmeans_nmi": x}, for JSONL records and TensorBoard tags."""
-    flat = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
-        else:
-            flat[k] = v
-    return flat
 
 
 def default_out_dir() -> Path:
