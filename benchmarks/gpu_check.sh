@@ -29,16 +29,16 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
-          tests/test_op_*.py tests/test_cuda_backend.py tests/test_triton_kernels.py \
-          tests/test_losses.py tests/test_nt_xent_bank.py \
-          tests/test_modules.py tests/test_compile.py tests/test_objective.py \
-          tests/test_csrc_objective.py \
+          tests/ops/test_op_*.py tests/backends/test_cuda_backend.py tests/backends/test_triton_kernels.py \
+          tests/ops/test_losses.py tests/ops/test_nt_xent_bank.py \
+          tests/ops/test_modules.py tests/ops/test_compile.py tests/backends/test_triton_objectives.py \
+          tests/backends/test_cuda_objectives.py \
           --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
       tail -25 "$OUT/tests.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
         compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -x \
-            -p no:cacheprovider -m gpu tests/test_cuda_backend.py \
+            -p no:cacheprovider -m gpu tests/backends/test_cuda_backend.py \
             >"$OUT/sanitize-$tool.log" 2>&1 || status=1
         tail -5 "$OUT/sanitize-$tool.log"
       done ;;
@@ -60,7 +60,7 @@ for stage in "${stages[@]}"; do
       done
       tail -60 "$OUT/objective.log" ;;
     dali)
-      python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_data_dali.py \
+      python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/data/test_data_dali.py \
           >"$OUT/dali.log" 2>&1 || status=1
       tail -15 "$OUT/dali.log" ;;
     train)

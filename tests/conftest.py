@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def csrc_lib(tmp_path_factory):
-    """The csrc kernels built for the host emulation (tests/emulation.py), once per session."""
+    """The csrc kernels built for the host emulation (support/emulation.py), once per session."""
     from emulation import build_library
 
     lib = build_library(tmp_path_factory.mktemp("csrc_emulation"))

@@ -16,7 +16,7 @@ jitter factors as one fused linear transform in a fixed order (torchvision follo
 order); its hue is a rotation in YIQ space that keeps luma (torchvision shifts HSV hue, so the
 two agree in direction, not in pixels); its contrast pivots on mid-grey where torchvision's
 pivots on the image's mean grey. Crops, flips, brightness, saturation, grayscale and blur agree
-to within 2 of 255 (tests/test_data_dali.py).
+to within 2 of 255 (tests/data/test_data_dali.py).
 
 The digit presets' operations (affine and elastic warp, dilation/erosion, contrast, noise,
 erasing) are not DALI operators here: the loader runs `augment.digit_view`, the torchvision

@@ -1,0 +1,484 @@
+"""The Triton backend's internals: the row-range primitives, the symmetric forward, tiny tile
+weights, the centre and cluster tiling (blocks monkeypatched small) and documented limits, the
+fused anchor objective, device guards, availability. Values and gradients of every op against
+the float64 reference, on every backend, are in ops/test_op_*.py. Without CUDA the kernels run
+under TRITON_INTERPRET=1 (tests/conftest.py)."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+from lowp import correlated_views, tiny_weight_case
+from tolerances import ACCUMULATION, check_against_reference, relative_errors
+
+import fastcluster_cl as fc
+from fastcluster_cl import kernels
+from fastcluster_cl.backends import dispatch, reference
+from fastcluster_cl.kernels.nt_xent import grad_rows, lse_rows, symmetric_grad, symmetric_masked_lse
+from fastcluster_cl.modules import ClusterContrastiveLoss
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+
+def leaves(*tensors, dtype):
+    return [t.to(DEVICE, dtype).detach().clone().requires_grad_() for t in tensors]
+
+
+def compare(
+    fn_triton, fn_ref, inputs, dtype, weights=None, loosen=1.0, grad_scale=None, out_dtype=None
+):
+    """`tolerances.check_against_reference` on the Triton device: the shared tolerance table,
+    `loosen` where the problem amplifies rounding (1/tau multiplies the error of S)."""
+    check_against_reference(
+        fn_triton,
+        fn_ref,
+        inputs,
+        dtype,
+        device=DEVICE,
+        weights=weights,
+        loosen=loosen,
+        grad_scale=grad_scale,
+        out_dtype=out_dtype,
+    )
+
+
+# --- NT-Xent ---------------------------------------------------------------------------------
+
+
+def triton_nt_xent(a, b, tau):
+    return fc.nt_xent(a, b, tau, backend="triton")
+
+
+def test_tiny_tile_weights_keep_fp16_precision():
+    """Weights ~ 1e-8 (2N ~ 1e5 and beyond: unscaled, 72% of them were flushed at 2N = 65536)
+    are scaled by 2^14 before their fp16 rounding (support/lowp.py `tiny_weight_case`)."""
+    z, lse, row_loss, want = tiny_weight_case()
+    got = grad_rows(z, lse, row_loss, 0, z.shape[0], 2.0).double()
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+def test_nt_xent_extreme_inputs_stay_finite():
+    """Near-identical embeddings at a small temperature, plus an all-zero row."""
+    base = randn(1, 16, seed=7)
+    z_a = base + 1e-6 * randn(33, 16, seed=8)
+    z_b = base + 1e-6 * randn(33, 16, seed=9)
+    z_b[3] = 0.0
+    for tau in (0.05, 0.01):  # gradients at fp32's rounding level: absolute tolerances
+        compare(
+            lambda a, b: fc.nt_xent(a, b, tau, backend="triton"),
+            lambda a, b: reference.nt_xent(a, b, tau),
+            (z_a, z_b),
+            torch.float32,
+            loosen=0.1 / tau,
+            grad_scale=1.0,
+        )
+
+
+def test_row_range_primitives():
+    n2, d, inv_tau = 74, 20, 2.0
+    z = randn(n2, d, seed=10)
+    zn = z / z.norm(dim=1, keepdim=True)
+    s = zn @ zn.T * inv_tau
+    s_masked = s.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    lse = torch.logsumexp(s_masked, dim=1)
+    pos = torch.arange(n2).roll(n2 // 2)
+    row_loss = lse - s[torch.arange(n2), pos]
+    got_lse, got_loss = lse_rows(z, 5, 50, inv_tau)
+    torch.testing.assert_close(got_lse, lse[5:50], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_loss, row_loss[5:50], rtol=1e-12, atol=1e-12)
+    p = torch.exp(s_masked - lse[:, None])
+    want = (p + p.T) @ zn - 2 * zn[pos]
+    torch.testing.assert_close(
+        grad_rows(z, lse, row_loss, 40, n2, inv_tau), want[40:], rtol=1e-12, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="row_end"):
+        lse_rows(z, 10, 80, inv_tau)
+
+
+def test_symmetric_variant_matches_row_parallel(monkeypatch):
+    z = randn(70, 24, seed=11)
+    lse, row_loss = lse_rows(z, 0, 70, 2.0)
+    torch.testing.assert_close(symmetric_masked_lse(z, 2.0), lse, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="fixed shift"):
+        symmetric_masked_lse(z, 1000.0)
+    torch.testing.assert_close(
+        symmetric_grad(z, lse, row_loss, 2.0),
+        grad_rows(z, lse, row_loss, 0, 70, 2.0),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC", True)
+    compare(
+        lambda a, b: fc.nt_xent(a, b, 0.5, backend="triton"),
+        lambda a, b: reference.nt_xent(a, b, 0.5),
+        (randn(35, 24, seed=12), randn(35, 24, seed=13)),
+        F64,
+    )
+    # tau = 0.01: the forward needs the online max (row-parallel), and so does its backward.
+    compare(
+        lambda a, b: fc.nt_xent(a, b, 0.01, backend="triton"),
+        lambda a, b: reference.nt_xent(a, b, 0.01),
+        (randn(35, 24, seed=14), randn(35, 24, seed=15)),
+        torch.float32,
+        loosen=10.0,
+    )
+
+
+def test_symmetric_variant_keeps_the_cancellation_free_losses(monkeypatch):
+    """The upper-triangle forward sums the negatives only and takes each row's loss from the
+    prologue's 1 - cos, as the row-parallel one: nearly identical views at tau 0.05 in fp32
+    (its loss came out 1.7e-2 off when it subtracted S_pos from a full lse)."""
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SYMMETRIC", True)
+    z_a, z_b = correlated_views(50, 40, seed=20, noise=0.02)
+    grad_err, loss_err = relative_errors(
+        lambda a, b: triton_nt_xent(a, b, 0.05),
+        lambda a, b: reference.nt_xent(a, b, 0.05),
+        (z_a, z_b),
+        torch.float32,
+    )
+    assert grad_err < 1e-5 and loss_err < 1e-5, (grad_err, loss_err)
+
+
+def test_online_max_row_without_negatives_in_its_first_tile():
+    """tau < 0.025 (online max) with 2 rows: every column of the first tile is masked for each
+    row (its diagonal and its positive); the loss is 0, not NaN (2^(-inf + inf))."""
+    lse, row_loss = lse_rows(randn(2, 8, seed=62).float(), 0, 2, 100.0)
+    assert torch.isfinite(lse).all() and (row_loss == 0).all()
+
+
+def test_float64_row_losses_match_to_rounding():
+    """fp64's log1p and expm1 are exact to rounding (Kahan's forms): the fp32 series left 1e-9
+    relative error where the loss is in (0.05, 0.1), which these rows cover."""
+    z_a, z_b = correlated_views(60, 12, seed=63, noise=0.3)
+    z = torch.cat([z_a, z_b])
+    zn = z / z.norm(dim=1, keepdim=True)
+    s = zn @ zn.T * 12.0
+    lse = torch.logsumexp(s.masked_fill(torch.eye(120, dtype=torch.bool), float("-inf")), 1)
+    want = lse - s[torch.arange(120), torch.arange(120).roll(60)]
+    assert ((want > 0.05) & (want < 0.1)).sum() >= 5
+    torch.testing.assert_close(lse_rows(z, 0, 120, 12.0)[1], want, rtol=1e-13, atol=1e-15)
+
+
+def test_nt_xent_rejects_wide_rows_and_integer_inputs():
+    with pytest.raises(ValueError, match="chunked"):
+        kernels.nt_xent(torch.randn(4, 600), torch.randn(4, 600), 0.5)
+    with pytest.raises(TypeError, match="float"):
+        kernels.nt_xent(
+            torch.ones(4, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32), 0.5
+        )
+
+
+# --- cluster side ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,f", [(37, 70, 100), (33, 96, 20), (5, 33, 7)])
+def test_student_t_tiles_over_centres(monkeypatch, dtype, n, k, f):
+    """K not a multiple of the centre tile (32 here): several tiles, the online softmax across
+    them, a last tile that is mostly padding (K = 33) and an exact multiple (K = 96)."""
+    st = kernel_module("student_t")
+    monkeypatch.setattr(st, "_BLOCK_K", 32)
+    assert st._blocks(k, f)[0] == 32
+    compare(
+        lambda h, mu: fc.student_t(h, mu, 1.5, backend="triton"),
+        lambda h, mu: reference.student_t(h, mu, 1.5),
+        (randn(n, f, seed=52), randn(k, f, seed=53, scale=0.3)),
+        dtype,
+        weights=randn(n, k, seed=54),
+        out_dtype=ACCUMULATION,
+    )
+
+
+def test_student_t_up_to_the_documented_limit():
+    """K = MAX_CENTRES runs (in 16 tiles of 64 centres); one more is refused."""
+    st = kernel_module("student_t")
+    k = st.MAX_CENTRES
+    compare(
+        lambda h, mu: fc.student_t(h, mu, 1.0, backend="triton"),
+        lambda h, mu: reference.student_t(h, mu, 1.0),
+        (randn(3, 8, seed=55), randn(k, 8, seed=56)),
+        torch.float32,
+        grad_scale=1.0,
+        out_dtype=ACCUMULATION,
+    )  # d sum(q) = 0: rounding level
+    with pytest.raises(ValueError, match="at most 1024 centres"):
+        kernels.student_t(torch.randn(3, 8), torch.randn(k + 1, 8), 1.0)
+
+
+def test_student_t_mixed_dtypes():
+    """bf16 features with fp32 centres (autocast) give the fp32 computation on bf16 features."""
+    h = randn(20, 16, seed=26).bfloat16()
+    mu = randn(5, 16, seed=27).float().requires_grad_()
+    got = kernels.student_t(h, mu, 1.0)
+    torch.testing.assert_close(
+        got, reference.student_t(h.float(), mu.detach(), 1.0), rtol=1e-5, atol=1e-6
+    )
+    got.sum().backward()
+    assert mu.grad.dtype == torch.float32 and torch.isfinite(mu.grad).all()
+
+
+def kernel_module(name):
+    """The module kernels/<name>.py (the package exports functions under the same names)."""
+    return importlib.import_module(f"fastcluster_cl.kernels.{name}")
+
+
+def probabilities(n, k, seed):
+    return torch.softmax(randn(n, k, seed=seed, scale=2.0), dim=1)
+
+
+def test_anchor_objective_uses_the_fused_kernel(monkeypatch):
+    calls = []
+    fused = kernels.dec_anchor_losses
+    monkeypatch.setattr(kernels, "dec_anchor_losses", lambda *q: calls.append(1) or fused(*q))
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # resolve to the patched function
+    q = [probabilities(9, 4, seed) for seed in (47, 48, 49)]
+    ClusterContrastiveLoss("anchor", backend="triton")(
+        randn(9, 8, seed=50), randn(9, 8, seed=51), q0=q[0], q_a=q[1], q_b=q[2]
+    )
+    assert calls == [1]
+
+
+def test_dec_and_anchor_one_hot_stay_finite():
+    q = torch.eye(10, dtype=F64)[torch.arange(37) % 10]
+    compare(lambda x: fc.dec_loss(x, backend="triton"), reference.dec_loss, (q,), torch.float32)
+    compare(
+        lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
+        reference.anchor_loss,
+        (q, q, probabilities(37, 10, 32)),
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(37, 70), (40, 64), (5, 33)])
+def test_kl_losses_tile_over_clusters(monkeypatch, dtype, n, k):
+    """K not a multiple of the column tile (32 here): DEC's two passes (row totals, then the
+    target) and the column sums across several tiles, on all three kernels."""
+    kl = kernel_module("kl")
+    monkeypatch.setattr(kl, "_BLOCK_K", 32)
+    assert kl._block_k(k) == 32
+    from fastcluster_cl.functional import dec_anchor_losses
+
+    compare(
+        lambda q: fc.dec_loss(q, backend="triton"),
+        reference.dec_loss,
+        (probabilities(n, k, 28),),
+        dtype,
+    )
+    compare(
+        lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
+        reference.anchor_loss,
+        (probabilities(n, k, 29), probabilities(n, k, 30), probabilities(n, k, 31)),
+        dtype,
+    )
+    inputs = (probabilities(n, k, 57), probabilities(n, k, 58), probabilities(n, k, 59))
+    compare(
+        lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
+        lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
+        inputs,
+        dtype,
+        torch.tensor([0.7, 1.3], dtype=F64),
+    )
+
+
+def test_kl_losses_at_the_documented_limit():
+    """K = MAX_CLUSTERS = 4096 runs (64 tiles of 64 columns); one more is refused."""
+    from fastcluster_cl.functional import dec_anchor_losses
+
+    kl = kernel_module("kl")
+    k = kl.MAX_CLUSTERS
+    inputs = (probabilities(3, k, 60), probabilities(3, k, 61), probabilities(3, k, 62))
+    compare(
+        lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
+        lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
+        inputs,
+        torch.float32,
+    )
+    with pytest.raises(ValueError, match="at most 4096 clusters"):
+        kernels.dec_loss(torch.rand(3, k + 1))
+
+
+def test_dec_empty_cluster_gives_a_finite_target():
+    """A cluster with no mass in the batch (f_k = 0): target 0 there, finite loss and gradients
+    equal to backend='torch' (the target divides by max(f, tiny), not by f)."""
+    from fastcluster_cl.functional import dec_anchor_losses
+
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], dtype=F64)
+    others = (probabilities(2, 3, 63), probabilities(2, 3, 64))
+    for dtype in (F64, torch.float32):
+        for fn in (
+            lambda q0, qa, qb, backend: fc.dec_loss(q0, backend=backend),
+            lambda q0, qa, qb, backend: torch.stack(dec_anchor_losses(q0, qa, qb, backend=backend)),
+        ):
+            x = leaves(q, *others, dtype=dtype)
+            y = leaves(q, *others, dtype=dtype)
+            got, want = fn(*x, backend="triton"), fn(*y, backend="torch")
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want)
+            got.sum().backward()
+            want.sum().backward()
+            for a, b in zip(x, y):
+                assert (a.grad is None) == (b.grad is None)
+                if a.grad is not None:
+                    assert torch.isfinite(a.grad).all()
+                    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_cc_underflowing_column_gives_finite_gradients():
+    """A softmax column that underflows to 0 (logit 120 below the rest): finite loss and
+    gradients equal to backend='torch' (p log max(p, tiny), not xlogy, in the entropy term)."""
+    la, lb = randn(8, 4, seed=65), randn(8, 4, seed=66)
+    la[:, 3] -= 120
+    for dtype in (F64, torch.float32):
+        if dtype == F64:
+            la64 = la.clone()
+            la64[:, 3] -= 700  # exp underflows in float64 too
+            inputs = (la64, lb)
+        else:
+            inputs = (la, lb)
+        x, y = leaves(*inputs, dtype=dtype), leaves(*inputs, dtype=dtype)
+        got = fc.cc_cluster_loss(*x, 0.5, backend="triton")
+        want = fc.cc_cluster_loss(*y, 0.5, backend="torch")
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want)
+        got.backward()
+        want.backward()
+        for a, b in zip(x, y):
+            assert torch.isfinite(a.grad).all()
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_gathered_entropy_term_has_a_finite_gradient_at_zero_mass():
+    """The distributed backend's entropy term (gathered._entropy_term) at P_k = 0."""
+    from fastcluster_cl.backends import gathered
+
+    sums = torch.tensor([3.0, 5.0, 0.0], dtype=F64, requires_grad=True)
+    value = gathered._entropy_term(sums, torch.tensor(8.0, dtype=F64))
+    value.backward()
+    p = sums.detach() / 8
+    assert torch.isfinite(value) and torch.isfinite(sums.grad).all()
+    torch.testing.assert_close(value, reference.marginal_entropy_term(p[None, :]))
+
+
+def test_gathered_cc_loss_with_an_underflowing_column_is_finite():
+    """The whole distributed CC loss (world size 1): the entropy term and the column contrast
+    from the Gram matrix (its norms clamped before the square root) have finite gradients,
+    equal to backend="torch"'s."""
+    from fastcluster_cl.backends import gathered
+
+    la, lb = randn(8, 4, seed=60), randn(8, 4, seed=61)
+    la[:, 3] -= 820
+    lb[:, 3] -= 820
+    x = [t.clone().requires_grad_() for t in (la, lb)]
+    y = [t.clone().requires_grad_() for t in (la, lb)]
+    got, want = gathered.cc_cluster_loss(*x, 1.0), reference.cc_cluster_loss(*y, 1.0)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(x, y):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_every_launch_runs_under_its_device_guard(monkeypatch):
+    """student_t, kl and cc_cluster launch each kernel inside device_guard(input) (on a
+    multi-GPU machine the kernel then runs on the inputs' device, not the current one)."""
+    import contextlib
+
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        active.append(t.device)
+        yield
+        active.pop()
+
+    class Checked:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert active, f"{self.name} launched outside device_guard"
+                launches.append(self.name)
+                return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("student_t", "kl", "cc_cluster"):
+        module = kernel_module(name)
+        monkeypatch.setattr(module, "device_guard", guard)
+        for attr, value in vars(module).copy().items():
+            if attr.endswith("_kernel") and hasattr(value, "__getitem__"):  # jit or interpreted
+                monkeypatch.setattr(module, attr, Checked(f"{name}.{attr}", value))
+    q = [probabilities(6, 5, seed).requires_grad_() for seed in (67, 68, 69)]
+    h, mu = randn(6, 4, seed=70).requires_grad_(), randn(3, 4, seed=71).requires_grad_()
+    la, lb = randn(6, 5, seed=72).requires_grad_(), randn(6, 5, seed=73).requires_grad_()
+    total = (
+        kernels.student_t(h, mu, 1.0).sum()
+        + kernels.dec_loss(q[0])
+        + kernels.anchor_loss(*q)
+        + sum(kernels.dec_anchor_losses(*q))
+        + kernels.cc_cluster_loss(la, lb, 0.5)
+    )
+    total.backward()
+    assert not active and len(launches) == 12, launches  # 7 forward, 5 backward
+
+
+# --- backend wiring --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["anchor", "cc"])
+def test_whole_objective_matches_torch_backend(method):
+    z_a, z_b = randn(21, 32, seed=37), randn(21, 32, seed=38)
+    inputs = (
+        {
+            "q0": probabilities(21, 6, 39),
+            "q_a": probabilities(21, 6, 40),
+            "q_b": probabilities(21, 6, 41),
+        }
+        if method == "anchor"
+        else {"logits_a": randn(21, 6, seed=42), "logits_b": randn(21, 6, seed=43)}
+    )
+    got = ClusterContrastiveLoss(method, backend="triton")(z_a, z_b, **inputs)
+    want = ClusterContrastiveLoss(method, backend="torch")(z_a, z_b, **inputs)
+    torch.testing.assert_close(got.total, want.total, rtol=1e-10, atol=1e-12)
+    for name in want.parts:
+        torch.testing.assert_close(got.parts[name], want.parts[name], rtol=1e-10, atol=1e-12)
+
+
+def test_unavailable_reason_and_auto(monkeypatch):
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # availability changes with the variable below
+    assert kernels.unavailable_reason(torch.device("cuda")) is None
+    assert dispatch.resolve("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = kernels.unavailable_reason(torch.device("cpu"))
+    assert "CUDA" in reason and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        fc.nt_xent(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_limits_and_tf32_follow_torch():
+    from fastcluster_cl.kernels._common import dot_precision
+
+    with pytest.raises(ValueError, match="at most 64 clusters"):
+        kernels.cc_cluster_loss(torch.randn(8, 65), torch.randn(8, 65), 1.0)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float64) == "ieee"
+    finally:
+        matmul.fp32_precision = saved

@@ -1,0 +1,135 @@
+"""`anchor_objective` (the anchor method's whole loss in one pass) on backend "triton" against
+`reference.anchor_objective` in float64: values and every gradient, at small temperatures on
+correlated views, one-hot and uniform assignments, extreme norms, a zero-mass centre, bf16 and
+fp16 inputs. The CUDA twin's: backends/test_cuda_objectives.py; launches and ops:
+backends/test_triton_objectives.py."""
+
+import pytest
+import torch
+from objectives import (
+    F64,
+    anchor_call,
+    anchor_inputs,
+    compare,
+    low_precision_bounds,
+    rel,
+    run,
+)
+
+from fastcluster_cl import kernels
+from fastcluster_cl.backends import reference
+
+
+@pytest.mark.parametrize(
+    "k, tau", [(k, tau) for k in (10, 7) for tau in (0.05, 0.1, 0.5)] + [(70, 0.1)]
+)  # K = 70 crosses the centre tiles
+def test_anchor_float64(k, tau):
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        anchor_inputs(k=k),
+        [F64] * 6,
+        1e-10,
+        [1e-10] * 6,
+        tau=tau,
+    )
+
+
+def test_anchor_float32():
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        anchor_inputs(),
+        [torch.float32] * 6,
+        1e-5,
+        [1e-5] * 6,
+        tau=0.1,
+    )
+
+
+@pytest.mark.parametrize("case", ["one-hot", "uniform"])
+def test_anchor_assignment_extremes(case):
+    """Centres far apart (q nearly one-hot) or all within 1e-3 of one point (q uniform to
+    ~1e-3: identical centres give exactly zero h and centre gradients, nothing to compare)."""
+    inputs = anchor_inputs(k=7, centre_scale=30.0 if case == "one-hot" else 1e-3)
+    if case == "uniform":
+        inputs[5] += inputs[2][0]
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        inputs,
+        [F64] * 6,
+        1e-10,
+        [1e-9] * 6,
+        tau=0.5,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_anchor_low_precision(dtype):
+    """bf16/fp16 z and h with float32 centres (AMP training)."""
+    inputs = anchor_inputs(k=10)
+    dtypes = [dtype] * 5 + [torch.float32]
+    value_tol, grad_tols = low_precision_bounds(
+        anchor_call, reference.anchor_objective, inputs, dtypes, tau=0.1
+    )
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        inputs,
+        dtypes,
+        value_tol,
+        grad_tols,
+        tau=0.1,
+    )
+
+
+def test_extreme_norms():
+    """Rows with |z| ~ 1e19 and ~1e-30 in float32 (their squares overflow / underflow):
+    normalised exactly, as the reference does in float64."""
+    inputs = anchor_inputs(n=20, d=24, f=16, k=7)
+    for z in inputs[:2]:
+        z[3] *= 1e19
+        z[11] *= 1e-30
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        inputs,
+        [torch.float32] * 6,
+        1e-5,
+        [1e-5] * 6,
+        tau=0.1,
+    )
+
+
+def test_zero_mass_centre():
+    """A centre whose Student-t mass underflows in float32 (f_k = 0: DEC's target 0, not 0/0)
+    and a CC column whose softmax underflows (P_k = 0, the column norm clamped): finite, and
+    equal to the reference computed in float32 (which underflows alike)."""
+    inputs = anchor_inputs(n=20, d=24, f=16, k=7)
+    inputs[5][6] += 1e3  # alpha = 100: (1 + d2/alpha)^-50.5 ~ 1e-202 -> 0 in float32
+    compare(
+        anchor_call,
+        kernels.anchor_objective,
+        reference.anchor_objective,
+        [x.float().double() for x in inputs],
+        [torch.float32] * 6,
+        1e-5,
+        [1e-5] * 6,
+        tau=0.5,
+        alpha=100.0,
+    )
+    value, grads = run(
+        anchor_call, kernels.anchor_objective, inputs, [torch.float32] * 6, tau=0.5, alpha=100.0
+    )
+    want, want_grads = run(
+        anchor_call, reference.anchor_objective, inputs, [torch.float32] * 6, tau=0.5, alpha=100.0
+    )
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all() and rel(g, w) < 1e-4

@@ -1,0 +1,39 @@
+"""examples/ run as a user runs them (`--tiny`: seconds on the CPU), each in a fresh
+interpreter whose first import is torchvision or lightly (README, "Set-up": any import order)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+pytest.importorskip("lightly")
+
+
+def run(*argv: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_simclr_with_lightly_and_our_loss():
+    assert "epoch: 00, loss:" in run(sys.executable, str(EXAMPLES / "simclr_lightly.py"))
+
+
+def test_contrastive_clustering_in_lightning():
+    pytest.importorskip("pytorch_lightning")
+    assert "NMI of the cluster head:" in run(sys.executable, str(EXAMPLES / "lightning_cc.py"))
+
+
+def test_ddp_under_torchrun():
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    out = run(torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_torchrun.py"))
+    assert "step 2: loss" in out and "over 2 ranks" in out
