@@ -1,5 +1,5 @@
 // The O(N*K) cluster terms of the CUDA twin, forward and backward: the Student-t assignment of
-// the centre head and the DEC and anchor losses of arXiv 2109.12714 (docs/design.md, "The
+// the center head and the DEC and anchor losses of arXiv 2109.12714 (docs/design.md, "The
 // losses", items 4 to 6).
 //
 // Student-t: logit_ik = -(alpha+1)/2 log1p(d_ik / alpha), d_ik = ||h_i - mu_k||^2 (summed as
@@ -7,7 +7,7 @@
 //   Backward, with G = dL/dq: w_ik = dL/dd_ik
 //   = q_ik (G_ik - sum_j G_ij q_ij) * (-(alpha+1)/2) / (alpha + d_ik) (softmax, log1p);
 //   dh_i = 2 (h_i sum_k w_ik - sum_k w_ik mu_k) (one warp per row) and
-//   dmu_k = -2 (sum_i w_ik h_i - mu_k sum_i w_ik) (a block per centre and feature slice, looping
+//   dmu_k = -2 (sum_i w_ik h_i - mu_k sum_i w_ik) (a block per center and feature slice, looping
 //   over the rows in order: deterministic).
 //
 // q is N x K soft assignments (rows sum to 1), K small. Each row is one warp (lanes stride the K
@@ -177,9 +177,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-constexpr int kCenterFeatures = 128;  // features per block of the centre gradient
+constexpr int kCenterFeatures = 128;  // features per block of the center gradient
 
-// Block (centre c, feature slice): dmu_ce = -2 (sum_i w_ic h_ie - mu_ce sum_i w_ic).
+// Block (center c, feature slice): dmu_ce = -2 (sum_i w_ic h_ie - mu_ce sum_i w_ic).
 template <typename T>
 __global__ void __launch_bounds__(kCenterFeatures)
     student_t_centers_backward_kernel(const T* __restrict__ h, const T* __restrict__ centers,

@@ -130,7 +130,7 @@ __device__ __forceinline__ float safe_log_grad(float w, float q) {
 // One warp computes a Student-t row: d_c = ||h - mu_c||^2 (squared differences in fp32, like
 // the reference) and q_c = softmax_c(-(alpha+1)/2 log1p(d_c / alpha)) for c < k, written to
 // dist2[c] and q[c] by lane c % 32 (the lane that reads them back: no __syncwarp needed).
-// h(e) and mu(c, e) return element e of the row and of centre c as float.
+// h(e) and mu(c, e) return element e of the row and of center c as float.
 template <typename LoadH, typename LoadMu>
 __device__ void student_t_row(LoadH h, LoadMu mu, int k, int f, float alpha, float* q,
                               float* dist2) {

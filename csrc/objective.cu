@@ -15,7 +15,7 @@
 //   forward:  online base-2 log-sum-exp of each row over its negatives, then
 //             loss_i = softplus(lse_neg_i - S_i,pos); the rows' rs, norm, lse, loss and p are
 //             saved (rows: 5 x m floats) for the backward.
-//             anchor: Student-t rows q0, qa, qb against all K centres (fp32, the centres given
+//             anchor: Student-t rows q0, qa, qb against all K centers (fp32, the centers given
 //             in fp32; q = exp(logit - lse), the row's lse saved: 3 x n), the per-row anchor
 //             term and c_v = sum_k q0_k [q_v,k >= tiny] (saved, 2 x n), and per-block partial
 //             column sums of q0 (no atomics); q0 (n x K) is workspace scratch handed to the
@@ -34,7 +34,7 @@
 //             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
 //             m x d scratch (each element owned by one thread: no atomics), then
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
-//             anchor: the distances and q recomputed from h, the centres and the saved lse
+//             anchor: the distances and q recomputed from h, the centers and the saved lse
 //             (nothing N x K is saved); G = dL/dlogit, the exact derivative of the clamped log
 //             (kernels/objective.py): DEC (q0 c_dec - p [q0 >= tiny]) / n with the detached
 //             target p = q0^2 / f / T, anchor (qa c_a - q0 [qa >= tiny]) / n and likewise b;
@@ -413,7 +413,7 @@ __device__ __forceinline__ P pick(int v, P p0, P p1, P p2) {
   return v == 0 ? p0 : (v == 1 ? p1 : p2);
 }
 
-struct ClusterInputs {  // h0, h_a, h_b (n x f, dtype h_dtype) and the fp32 centres (k x f)
+struct ClusterInputs {  // h0, h_a, h_b (n x f, dtype h_dtype) and the fp32 centers (k x f)
   int dtype;
   const void *h0, *h_a, *h_b;
   const float* centers;
@@ -432,7 +432,7 @@ __device__ __forceinline__ float student_t_q(float d2, float alpha, float lse) {
 }
 
 // One warp: the squared distances d2_c = ||h_i - mu_c||^2 of view v's row i against all K
-// centres (squared differences in fp32, like the reference), written to dist2[c] by lane c % 32
+// centers (squared differences in fp32, like the reference), written to dist2[c] by lane c % 32
 // (the lane that reads them back: no __syncwarp needed).
 __device__ void student_t_dist2(const ClusterInputs& in, int v, int i, float* dist2) {
   const int lane = threadIdx.x % 32;
@@ -576,7 +576,7 @@ __device__ void student_t_dh(const ClusterInputs& in, int v, int i, const float*
   }
 }
 
-// Backward row kernel: the Student-t rows are recomputed from h, the centres and the saved lse
+// Backward row kernel: the Student-t rows are recomputed from h, the centers and the saved lse
 // (no N x K state); with G = dL/dlogit (the exact derivative of the clamped log):
 //   DEC    G0 = s_dec (q0 c_dec - p [q0 >= tiny]), p = q0^2 / f / T (detached)
 //   anchor Ga = s_anc (qa c_a - q0 [qa >= tiny]), likewise b, none into q0,

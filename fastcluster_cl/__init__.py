@@ -1,8 +1,8 @@
 """fastcluster_cl: fused contrastive clustering losses for PyTorch.
 
-Functional losses (`nt_xent`, `cc_cluster_loss`, `student_t`, `dec_loss`, `anchor_loss`,
-`tcc_cluster_loss`), whole objectives (`anchor_objective`, `cc_objective`: one fused pass each
-way on the triton and cuda backends) and their nn.Module wrappers, each with backends torch /
+Functional losses (`nt_xent`, `nt_xent_bank`, `cc_cluster_loss`, `student_t`, `dec_loss`,
+`anchor_loss`), whole objectives (`anchor_objective`, `cc_objective`: one fused pass each way on
+the triton and cuda backends; `tcc_loss`) and their nn.Module wrappers, each with backends torch /
 chunked / triton / cuda (see `fastcluster_cl.functional`). Metrics live in
 `fastcluster_cl.metrics`.
 """
@@ -20,7 +20,6 @@ from .functional import (  # noqa: E402
     nt_xent,
     nt_xent_bank,
     student_t,
-    tcc_cluster_loss,
     tcc_loss,
 )
 from .modules import (  # noqa: E402
@@ -41,7 +40,6 @@ __all__ = [
     "student_t",
     "dec_loss",
     "anchor_loss",
-    "tcc_cluster_loss",
     "tcc_loss",
     "anchor_objective",
     "cc_objective",

@@ -141,12 +141,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         "first)",
     )
     p.add_argument(
-        "--centre-warmup-epochs",
-        dest="centre_warmup_epochs",
+        "--center-warmup-epochs",
+        dest="center_warmup_epochs",
         type=NONNEG_INT,
         default=S,
         help="anchor: train the instance loss alone for this many epochs, "
-        "then initialise the centres by k-means (default: epochs // 8)",
+        "then initialise the centers by k-means (default: epochs // 8)",
     )
     p.add_argument("--instance-temperature", dest="instance_temperature", type=POS_FLOAT, default=S)
     p.add_argument("--cluster-temperature", dest="cluster_temperature", type=POS_FLOAT, default=S)

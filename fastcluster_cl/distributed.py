@@ -190,7 +190,7 @@ def wrap_model(
 
     sync_batchnorm converts BatchNorm layers to SyncBatchNorm (statistics over the global batch;
     torch supports it on CUDA devices only). find_unused_parameters is for phases where part of
-    the model gets no gradient (the anchor method's centre warm-up)."""
+    the model gets no gradient (the anchor method's center warm-up)."""
     if world_size() == 1:
         return model
     if sync_batchnorm:

@@ -7,8 +7,8 @@ region as torch's own losses (`student_t`'s probabilities stay in the accumulati
 that materialises the similarity matrix), "chunked" (row blocks, never holds the 2N x 2N
 matrix), "triton", "cuda"; all compute the same function to rounding.
 
-`gather_distributed=True` (nt_xent, cc_cluster_loss, dec_loss, tcc_cluster_loss) computes the loss
-over the batch of all ranks of an initialised torch.distributed process group, with lightly's
+`gather_distributed=True` (nt_xent, cc_cluster_loss, dec_loss, tcc_loss) computes the loss over
+the batch of all ranks of an initialised torch.distributed process group, with lightly's
 convention: the mean over ranks of the returned values is the single-process loss on the
 concatenated batch, and each rank's gradient for its inputs is world_size times the
 single-process one, so that DDP's gradient averaging is exact (`fastcluster_cl.backends.gathered`).
@@ -18,7 +18,7 @@ is unavailable.
 
 `reduction` (every loss): "mean" (default), "sum", or "none" for the per-term values whose mean
 is the loss: per row for nt_xent (2N: the rows of [z_a; z_b]), dec_loss and anchor_loss (N), per
-cluster row for cc_cluster_loss and tcc_cluster_loss (2K: view a's clusters, then view b's; row j
+cluster row for cc_cluster_loss (2K: view a's clusters, then view b's; row j
 carries its NT-Xent term plus 2K times its column's share P_k log P_k + log(K)/K of the
 anti-collapse term). "none" runs on the torch and chunked backends.
 """
@@ -294,12 +294,12 @@ def cc_cluster_loss(
 def student_t(
     h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Student-t soft assignment of DEC / arXiv 2109.12714's cluster centre predictor.
+    """Student-t soft assignment of DEC / arXiv 2109.12714's cluster center predictor.
 
         q_ik = (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) / sum_j (same for j)
 
     Args:
-        h: (N, F) features. centers: (K, F) centres, K >= 2. alpha: degrees of freedom > 0.
+        h: (N, F) features. centers: (K, F) centers, K >= 2. alpha: degrees of freedom > 0.
     Returns:
         (N, K) probabilities in the accumulation dtype (float32, or float64 for float64 input).
     """
@@ -416,6 +416,15 @@ def weighted_total(
     return LossOutput(total, parts)
 
 
+def _part_weights(names: tuple[str, ...], weights: dict[str, float] | None) -> dict[str, float]:
+    """Each part's weight: 1 unless `weights` names it; finite and >= 0."""
+    weights = {name: 1.0 for name in names} | dict(weights or {})
+    for name in names:
+        if not 0 <= weights[name] < math.inf:
+            raise ValueError(f"weights[{name!r}] must be finite and >= 0, got {weights[name]}")
+    return weights
+
+
 def _objective(
     op: str,
     names: tuple[str, ...],
@@ -432,10 +441,7 @@ def _objective(
     it, the call is a single-process mean and the backend's `op`_fits (if any) accepts the
     inputs (the kernels' size limits); else `separate_parts()` (the parts from the separate
     ops) weighted here. Both compute the same function."""
-    weights = {name: 1.0 for name in names} | dict(weights or {})
-    for name in names:
-        if not 0 <= weights[name] < math.inf:
-            raise ValueError(f"weights[{name!r}] must be finite and >= 0, got {weights[name]}")
+    weights = _part_weights(names, weights)
     one_pass = (
         implementation(op, backend, device, required=False)
         if fused and not gather and reduction == "mean"
@@ -472,7 +478,7 @@ def anchor_objective(
     reduction: str = "mean",
     fused: bool = True,
 ) -> LossOutput:
-    """The whole objective of arXiv 2109.12714 from the centre head's inputs, in one pass each
+    """The whole objective of arXiv 2109.12714 from the center head's inputs, in one pass each
     way on the triton and cuda backends:
 
         q0, q_a, q_b = student_t(h0 | h_a | h_b, centers, alpha)
@@ -481,7 +487,7 @@ def anchor_objective(
 
     The one-pass kernels compute the NT-Xent rows, the three Student-t assignments and DEC's
     column sums in one row-parallel launch plus a small epilogue, and the gradients of z, h and
-    the centres in one row-parallel launch plus a small reduction; no (N, K) assignment is kept
+    the centers in one row-parallel launch plus a small reduction; no (N, K) assignment is kept
     for the backward. Other backends, gather_distributed over several ranks, reduction !=
     "mean" and inputs beyond the one-pass kernels' limits (e.g. triton: D, F <= 512,
     K <= 1024) run the separate ops (same values).
@@ -489,7 +495,7 @@ def anchor_objective(
     Args:
         z_a, z_b: (N, D) projections of the two augmented views, N >= 2.
         h0, h_a, h_b: (N, F) backbone features of the clean and the two augmented views.
-        centers: (K, F) cluster centres, K >= 2, any float dtype (float32 centres with bf16
+        centers: (K, F) cluster centers, K >= 2, any float dtype (float32 centers with bf16
             features under autocast); the assignment is computed in float32 (float64 for
             float64 features).
         instance_temperature: NT-Xent's tau > 0. alpha: Student-t degrees of freedom > 0.
@@ -522,7 +528,7 @@ def anchor_objective(
     gather = _gathering(gather_distributed, reduction)
 
     def separate_parts():
-        acc = accumulation_dtype(h0.dtype)  # centres may be float32 under bf16 features
+        acc = accumulation_dtype(h0.dtype)  # centers may be float32 under bf16 features
         q0, q_a, q_b = (
             student_t(h.to(acc), centers.to(acc), alpha, backend=backend) for h in (h0, h_a, h_b)
         )
@@ -617,69 +623,8 @@ def cc_objective(
     )
 
 
-@loss_in_input_dtype
-@outside_autocast
-def tcc_cluster_loss(
-    logits_a: torch.Tensor,
-    logits_b: torch.Tensor,
-    h_a: torch.Tensor,
-    h_b: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    gumbel_tau: float = 1.0,
-    backend: str = "auto",
-    gather_distributed: bool = False,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Cluster-level loss of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021).
-
-    Reconstructed from the paper's abstract and method summary, not from its code: each view
-    draws a soft Gumbel-softmax sample y = gumbel_softmax(logits, gumbel_tau) (N x K), builds
-    cluster representations s_k = normalise(sum_i y_ik h_i) (K x F), and the 2K representations
-    are contrasted with NT-Xent (the same cluster in the other view is the positive); the
-    marginal-entropy term of `cc_cluster_loss` on q = softmax(logits) guards against collapse.
-    Sampling uses torch's global RNG (seed it for reproducibility).
-
-    Args:
-        logits_a, logits_b: (N, K) cluster logits, K >= 2. h_a, h_b: (N, F) features.
-        temperature: tau_c > 0. gumbel_tau: Gumbel-softmax temperature > 0.
-        gather_distributed: all-reduce the cluster sums and marginals over every rank's batch.
-    """
-    _check_logit_pair(logits_a, logits_b)
-    check_matrix("h_a", h_a, min_rows=2)
-    check_matrix("h_b", h_b, min_rows=2)
-    check_same(("h_a", "h_b"), (h_a, h_b))
-    check_same(("logits_a", "h_a"), (logits_a, h_a), shape=False)  # one device, one dtype
-    if h_a.shape[0] != logits_a.shape[0]:
-        raise ValueError(f"h_a has {h_a.shape[0]} rows but logits_a has {logits_a.shape[0]}")
-    temperature = check_positive("temperature", temperature)
-    gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
-    check_finite(("logits_a", "logits_b", "h_a", "h_b"), (logits_a, logits_b, h_a, h_b))
-    gather = _gathering(gather_distributed, reduction)
-    acc = accumulation_dtype(logits_a.dtype)
-    logits_a, logits_b = logits_a.to(acc), logits_b.to(acc)
-    y_a = F.gumbel_softmax(logits_a, tau=gumbel_tau, dim=1)
-    y_b = F.gumbel_softmax(logits_b, tau=gumbel_tau, dim=1)
-    q_a, q_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
-    if gather:
-        return gathered.tcc_cluster_loss(y_a, y_b, h_a, h_b, q_a, q_b, temperature, backend)
-    return _reduced(
-        "tcc_cluster_loss",
-        backend,
-        h_a.device,
-        reduction,
-        2 * logits_a.shape[1],
-        y_a,
-        y_b,
-        h_a,
-        h_b,
-        q_a,
-        q_b,
-        temperature,
-    )
-
-
 TCC_PRIORS = ("kl", "marginal")
+TCC_PARTS = ("instance", "cluster", "prior")
 
 
 def _kl_to_uniform_rows(q: torch.Tensor) -> torch.Tensor:
@@ -695,7 +640,7 @@ def tcc_loss(
     z_b: torch.Tensor,
     logits_a: torch.Tensor,
     logits_b: torch.Tensor,
-    centres: torch.Tensor,
+    centers: torch.Tensor,
     r_a: torch.Tensor,
     r_b: torch.Tensor,
     *,
@@ -705,13 +650,15 @@ def tcc_loss(
     residual_weight: float = 0.1,
     prior: str = "kl",
     samples: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: dict[str, float] | None = None,
     backend: str = "auto",
     gather_distributed: bool = False,
     reduction: str = "mean",
-) -> dict[str, torch.Tensor]:
+) -> LossOutput:
     """The objective of TCC ("You Never Cluster Alone", Shen et al., NeurIPS 2021,
     arXiv 2106.01908), as specified in docs/methods.md (each choice tagged there: paper,
-    the first author's prototype, or inferred). Returns its three parts:
+    the first author's prototype, or inferred). Returns LossOutput(total, parts): the total
+    weights its three parts (`weights`, each 1 unless given):
 
     - "cluster" [paper: cluster representations aggregated with the assignments as weights,
       contrasted between augmented views]: s_k = sum_i pi_ik v_i per view (K x D), v =
@@ -728,28 +675,31 @@ def tcc_loss(
     Args:
         z_a, z_b: (N, D) instance projections (normalised here).
         logits_a, logits_b: (N, K) cosine similarities normalise(z) . normalise(C)^T.
-        centres: (K, D) cluster embeddings C (normalised here). r_a, r_b: (N, D) the instance
+        centers: (K, D) cluster embeddings C (normalised here). r_a, r_b: (N, D) the instance
             residual W v of each view.
         gumbel_temperature: lambda > 0 of q = softmax(logits / lambda) and of its relaxed
             sample pi = softmax((logits / lambda + g) / lambda), g ~ Gumbel(0, 1) (torch's
             global RNG; seed it).
         samples: (pi_a, pi_b) to use instead of drawing them (tests, deterministic callers).
+        weights: "instance", "cluster", "prior" -> weight >= 0 of the part in the total.
         gather_distributed: the instance contrast over every rank's rows, the cluster sums
             and the marginal all-reduced.
         reduction: "mean"; "sum" (each part times its term count); "none": instance per row
             (2N), cluster per row (2K), prior per row (2N, views a then b) for "kl" or per view
-            (2 values, each twice the view's term) for "marginal".
+            (2 values, each twice the view's term) for "marginal"; the total is then the weighted
+            sum of the parts' means.
     """
     _check_logit_pair(logits_a, logits_b)
     for name, x in (("z_a", z_a), ("z_b", z_b), ("r_a", r_a), ("r_b", r_b)):
         check_matrix(name, x, min_rows=2)
     check_same(("z_a", "z_b", "r_a", "r_b"), (z_a, z_b, r_a, r_b))
-    check_matrix("centres", centres, min_rows=2)
+    check_same(("z_a", "logits_a", "centers"), (z_a, logits_a, centers), shape=False)
+    check_matrix("centers", centers, min_rows=2)
     n, k, d = z_a.shape[0], logits_a.shape[1], z_a.shape[1]
-    if logits_a.shape[0] != n or centres.shape != (k, d):
+    if logits_a.shape[0] != n or centers.shape != (k, d):
         raise ValueError(
-            f"tcc_loss needs logits (N={n}, K) and centres (K, D={d}); got logits "
-            f"{tuple(logits_a.shape)}, centres {tuple(centres.shape)}"
+            f"tcc_loss needs logits (N={n}, K) and centers (K, D={d}); got logits "
+            f"{tuple(logits_a.shape)}, centers {tuple(centers.shape)}"
         )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
@@ -759,8 +709,8 @@ def tcc_loss(
     if prior not in TCC_PRIORS:
         raise ValueError(f"prior must be one of {TCC_PRIORS}, got {prior!r}")
     check_finite(
-        ("z_a", "z_b", "logits_a", "logits_b", "centres", "r_a", "r_b"),
-        (z_a, z_b, logits_a, logits_b, centres, r_a, r_b),
+        ("z_a", "z_b", "logits_a", "logits_b", "centers", "r_a", "r_b"),
+        (z_a, z_b, logits_a, logits_b, centers, r_a, r_b),
     )
     gather = _gathering(gather_distributed, reduction)
     acc = accumulation_dtype(z_a.dtype)
@@ -775,7 +725,7 @@ def tcc_loss(
         pi_a, pi_b = (s.to(acc) for s in samples)
     q_a, q_b = torch.softmax(la / lam, dim=1), torch.softmax(lb / lam, dim=1)
     v_a, v_b = F.normalize(z_a.to(acc), dim=1), F.normalize(z_b.to(acc), dim=1)
-    c = F.normalize(centres.to(acc), dim=1)
+    c = F.normalize(centers.to(acc), dim=1)
 
     def embed(pi, r):
         return F.normalize(
@@ -807,4 +757,4 @@ def tcc_loss(
         p = marginals / rows
         terms = math.log(k) + (p * safe_log(p)).sum(1)
         parts["prior"] = {"mean": terms.sum(), "sum": terms.sum(), "none": 2 * terms}[reduction]
-    return parts
+    return weighted_total(parts, _part_weights(TCC_PARTS, weights), reduction)

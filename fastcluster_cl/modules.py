@@ -302,7 +302,7 @@ class AnchorLoss(nn.Module):
 _METHOD_INPUTS = {
     "anchor": (("h0", "h_a", "h_b", "centers"), ("q0", "q_a", "q_b")),
     "cc": (("logits_a", "logits_b"),),
-    "tcc": (("logits_a", "logits_b", "centres", "r_a", "r_b"),),
+    "tcc": (("logits_a", "logits_b", "centers", "r_a", "r_b"),),
 }
 
 
@@ -314,7 +314,7 @@ class ClusterContrastiveLoss(nn.Module):
 
     Methods (docs/design.md, docs/methods.md):
         "anchor": arXiv 2109.12714, L_ins + w_clu * DEC KL(q0) + w_anc * anchor(q0, qa, qb);
-                  takes the centre head's inputs h0, h_a, h_b (N, F) and centers (K, F)
+                  takes the center head's inputs h0, h_a, h_b (N, F) and centers (K, F)
                   (`fastcluster_cl.functional.anchor_objective`: one pass each way on the
                   triton and cuda backends), or the assignments q0, q_a, q_b themselves.
         "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b
@@ -323,13 +323,13 @@ class ClusterContrastiveLoss(nn.Module):
                   instance NT-Xent over the cluster-conditioned embeddings + w_clu * the
                   NT-Xent over the 2K pooled cluster rows + w_prior * the prior term, plus
                   w_feature * plain NT-Xent on z (default weight 0); needs logits_a/b (cosine),
-                  centres (K, D), r_a/b (N, D).
+                  centers (K, D), r_a/b (N, D).
 
     Attributes:
         method, instance_temperature (0.5), cluster_temperature (1.0), weights (dict of part
         weights: "instance", "cluster", "anchor", and for tcc "prior" (1) and "feature" (0)),
         alpha (the anchor method's Student-t degrees of freedom, 1.0),
-        gumbel_tau (tcc's lambda, 0.3), tcc_prior ("kl" | "marginal"), backend,
+        gumbel_temperature (tcc's lambda, 0.3), tcc_prior ("kl" | "marginal"), backend,
         gather_distributed (every term over the batch of all ranks; the anchor loss is per row
         and needs no communication), reduction: applied to every part ("none": each part holds
         its per-term values, see `fastcluster_cl.functional`, and total is the weighted sum of
@@ -353,7 +353,7 @@ class ClusterContrastiveLoss(nn.Module):
         instance_temperature: float = 0.5,
         cluster_temperature: float = 1.0,
         weights: dict[str, float] | None = None,
-        gumbel_tau: float = 0.3,
+        gumbel_temperature: float = 0.3,
         backend: str = "auto",
         gather_distributed: bool = False,
         reduction: str = "mean",
@@ -366,7 +366,7 @@ class ClusterContrastiveLoss(nn.Module):
         self.method = method
         self.instance_temperature = check_positive("instance_temperature", instance_temperature)
         self.cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
-        self.gumbel_tau = check_positive("gumbel_tau", gumbel_tau)
+        self.gumbel_temperature = check_positive("gumbel_temperature", gumbel_temperature)
         self.alpha = check_positive("alpha", alpha)
         self.weights = {
             "instance": 1.0,
@@ -389,7 +389,7 @@ class ClusterContrastiveLoss(nn.Module):
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, **inputs: torch.Tensor) -> LossOutput:
         """z_a, z_b: (N, D) projections. Keyword inputs by method: anchor: h0, h_a, h_b (N, F)
         features and centers (K, F), or q0, q_a, q_b (N, K) probabilities; cc: logits_a,
-        logits_b (N, K); tcc: logits_a, logits_b (N, K) cosine logits, centres (K, D), r_a, r_b
+        logits_b (N, K); tcc: logits_a, logits_b (N, K) cosine logits, centers (K, D), r_a, r_b
         (N, D) (`fastcluster_cl.models.TCCHead`)."""
         given = tuple(sorted(name for name, x in inputs.items() if x is not None))
         forms = _METHOD_INPUTS[self.method]
@@ -434,22 +434,22 @@ class ClusterContrastiveLoss(nn.Module):
                 inputs["q0"], inputs["q_a"], inputs["q_b"], **common
             )
             return weighted_total(parts, self.weights, self.reduction)
-        parts = dict(
-            FL.tcc_loss(
-                z_a,
-                z_b,
-                inputs["logits_a"],
-                inputs["logits_b"],
-                inputs["centres"],
-                inputs["r_a"],
-                inputs["r_b"],
-                instance_temperature=self.instance_temperature,
-                cluster_temperature=self.cluster_temperature,
-                gumbel_temperature=self.gumbel_tau,
-                prior=self.tcc_prior,
-                **common,
-            )
+        out = FL.tcc_loss(
+            z_a,
+            z_b,
+            inputs["logits_a"],
+            inputs["logits_b"],
+            inputs["centers"],
+            inputs["r_a"],
+            inputs["r_b"],
+            instance_temperature=self.instance_temperature,
+            cluster_temperature=self.cluster_temperature,
+            gumbel_temperature=self.gumbel_temperature,
+            prior=self.tcc_prior,
+            weights={name: self.weights[name] for name in FL.TCC_PARTS},
+            **common,
         )
-        if self.weights["feature"] > 0:
-            parts["feature"] = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
-        return weighted_total(parts, self.weights, self.reduction)
+        if self.weights["feature"] == 0:
+            return out
+        feature = FL.nt_xent(z_a, z_b, self.instance_temperature, **common)
+        return weighted_total(out.parts | {"feature": feature}, self.weights, self.reduction)

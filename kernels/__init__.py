@@ -6,7 +6,7 @@ autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 `fastcluster_cl.backends.autograd.nt_xent`, plus the row-range primitives of the distributed
 backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /
 `_bwd`), `cc_cluster` (softmax assignment + column statistics + Gram of the CC
-cluster contrast), `student_t` (centre-head assignment), `kl` (DEC and anchor KL losses, and
+cluster contrast), `student_t` (center-head assignment), `kl` (DEC and anchor KL losses, and
 both fused as `dec_anchor_losses`, which `ClusterContrastiveLoss("anchor")` uses here),
 `objective` (the anchor and CC objectives in one pass: `anchor_objective`, `cc_objective`;
 ops `anchor_objective_triton_fwd` / `_bwd`, `cc_objective_triton_fwd` / `_bwd`).
@@ -47,11 +47,9 @@ __all__ = [
     "nt_xent_bank_terms",
     "cc_cluster_loss",
     "cc_cluster_loss_terms",
-    "tcc_cluster_loss_terms",
     "student_t",
     "dec_loss",
     "anchor_loss",
-    "tcc_cluster_loss",
     "dec_anchor_losses",
     "lse_rows",
     "grad_rows",
@@ -78,9 +76,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 if _IMPORT_ERROR is None:
-    # TCC's cluster contrast is NT-Xent over the 2K cluster representations: the fused kernel.
-    tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
     # reduction="none": the per-row NT-Xent kernels on the cluster rows (forward only, see
     # `nt_xent_terms`).
     cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
-    tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms, instance_terms=nt_xent_terms)

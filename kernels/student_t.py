@@ -1,9 +1,9 @@
-"""Student-t soft assignment (DEC / arXiv 2109.12714 centre head) in Triton.
+"""Student-t soft assignment (DEC / arXiv 2109.12714 center head) in Triton.
 
 q_ik = softmax_k( -(alpha+1)/2 * log(1 + d_ik / alpha) ),  d_ik = ||h_i - mu_k||^2, computed as
 ||h_i||^2 - 2 h_i . mu_k + ||mu_k||^2 (clamped at 0) so the cross term is a tensor-core dot.
 
-Forward (`_fwd_kernel`, row-parallel): each program takes BLOCK_M rows and walks the centres in
+Forward (`_fwd_kernel`, row-parallel): each program takes BLOCK_M rows and walks the centers in
 tiles of BLOCK_K (`_BLOCK_K`, at most 64), so its registers and shared memory do not grow with
 K: for each tile it builds the (BLOCK_M, BLOCK_K) distances (F in chunks of BLOCK_F, at most
 32), writes the logits into q and updates the row max and rescaled sum of exp (online softmax);
@@ -13,9 +13,9 @@ takes sum_k q dq, a second recomputes each tile's distances and writes g = dL/dd
 dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are cuBLAS GEMMs on the host,
 which keeps them deterministic and the kernel free of an (N x F) accumulator.
 
-Floors (N rows, K centres, F features, b bytes): forward 2 N K F FLOPs, N K logs/exps, reads
-N F b ceil(K / BLOCK_K) (h once per centre tile, L2-resident after the first) + P K F b
-(P programs; the centres are L2-resident), writes N K acc floats twice and reads them once;
+Floors (N rows, K centers, F features, b bytes): forward 2 N K F FLOPs, N K logs/exps, reads
+N F b ceil(K / BLOCK_K) (h once per center tile, L2-resident after the first) + P K F b
+(P programs; the centers are L2-resident), writes N K acc floats twice and reads them once;
 backward 2 N K F FLOPs in the kernel + 4 N K F in the host GEMMs, reads q and dq twice.
 """
 
@@ -37,9 +37,9 @@ from ._common import (
     upcast_dots,
 )
 
-MAX_CENTRES = 1024
+MAX_CENTERS = 1024
 _BLOCK_M = 32
-_BLOCK_K = 64  # centres per tile: every K up to MAX_CENTRES runs in ceil(K / 64) tiles
+_BLOCK_K = 64  # centers per tile: every K up to MAX_CENTERS runs in ceil(K / 64) tiles
 _BLOCK_F = 32  # features per chunk of the distance dot
 
 
@@ -61,7 +61,7 @@ def _distances(
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_K) squared distances ||h_i - mu_k||^2 for one tile of centres,
+    """(BLOCK_M, BLOCK_K) squared distances ||h_i - mu_k||^2 for one tile of centers,
     accumulated over F chunks."""
     cross = tl.zeros([BLOCK_M, BLOCK_K], ACC)
     hh = tl.zeros([BLOCK_M], ACC)
@@ -81,7 +81,7 @@ def _distances(
         )
         if H.dtype.element_ty == MU.dtype.element_ty:
             cross += dot(h, tl.trans(mu), ACC, PREC, UPCAST)
-        else:  # e.g. bf16 features and fp32 centres (the one-pass objective's AMP inputs)
+        else:  # e.g. bf16 features and fp32 centers (the one-pass objective's AMP inputs)
             cross += dot(h.to(ACC), tl.trans(mu.to(ACC)), ACC, PREC, False)
         hf = h.to(ACC)
         muf = mu.to(ACC)
@@ -138,7 +138,7 @@ def _fwd_kernel(
         logit = tl.where(
             mask_k[None, :], -(alpha + 1.0) / 2.0 * tl.log(1.0 + d / alpha), float("-inf")
         )
-        m_new = tl.maximum(m, tl.max(logit, axis=1))  # finite: each tile has a centre
+        m_new = tl.maximum(m, tl.max(logit, axis=1))  # finite: each tile has a center
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
         m = m_new
         tl.store(
@@ -214,11 +214,11 @@ def _bwd_kernel(
 
 
 def _blocks(k: int, f: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_F): centres in tiles of at most `_BLOCK_K`, features in chunks of at most
+    """(BLOCK_K, BLOCK_F): centers in tiles of at most `_BLOCK_K`, features in chunks of at most
     `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, the static report)."""
-    if k > MAX_CENTRES:
+    if k > MAX_CENTERS:
         raise ValueError(
-            f"backend='triton' supports at most {MAX_CENTRES} centres, got {k}; "
+            f"backend='triton' supports at most {MAX_CENTERS} centers, got {k}; "
             "use backend='chunked' for more"
         )
     return (
@@ -248,7 +248,7 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
 
 @torch.library.custom_op("fastcluster_cl::student_t_triton_fwd", mutates_args=())
 def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(h (N x F), centres (K x F), alpha) -> q (N x K) in the accumulation dtype."""
+    """(h (N x F), centers (K x F), alpha) -> q (N x K) in the accumulation dtype."""
     (n, f), k = h.shape, centers.shape[0]
     alpha_t, consts = _launch_args(h, centers, alpha)
     q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
@@ -268,7 +268,7 @@ def _(h, centers, alpha):
 def student_t_backward(
     h: torch.Tensor, centers: torch.Tensor, q: torch.Tensor, dq: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dh, dcentres) from dq = dL/dq and the forward's q."""
+    """(dh, dcenters) from dq = dL/dq and the forward's q."""
     (n, f), k = h.shape, centers.shape[0]
     alpha_t, consts = _launch_args(h, centers, alpha)
     acc = torch_acc_dtype(h.dtype)
@@ -312,7 +312,7 @@ register_pair(
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """Student-t assignment (see `fastcluster_cl.student_t`) with the fused kernels."""
     check_dtype(h, centers)
-    common = torch.promote_types(h.dtype, centers.dtype)  # e.g. bf16 features, fp32 centres
+    common = torch.promote_types(h.dtype, centers.dtype)  # e.g. bf16 features, fp32 centers
     return student_t_forward(
         h.to(common).contiguous(), centers.to(common).contiguous(), float(alpha)
     )

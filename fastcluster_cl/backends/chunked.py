@@ -444,7 +444,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     ||h_i - mu_k||^2 = ||h_i||^2 + ||mu_k||^2 - 2 h_i . mu_k, instead of an (N, K, F)
     difference tensor (its memory traffic, not its arithmetic, was the anchor objective's CPU
     time); autograd's backward is matrix products too. The product runs in float64 whatever
-    the input dtype, so that the cancellation for a point near its centre is far below the
+    the input dtype, so that the cancellation for a point near its center is far below the
     float32 reference's own rounding (docs/performance.md has the measurements)."""
     h64, c64 = h.to(torch.float64), centers.to(torch.float64)
     dist2 = ((h64 * h64).sum(1, keepdim=True) + (c64 * c64).sum(1) - 2.0 * h64 @ c64.T).clamp_min(
@@ -457,6 +457,4 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
 # The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; dec_loss and
 # anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
 cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
-tcc_cluster_loss = partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
 cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
-tcc_cluster_loss_terms = partial(reference.tcc_cluster_loss_terms, instance_terms=nt_xent_terms)

@@ -1,5 +1,5 @@
 """Backend selection. A backend is a module exposing some of the loss ops under their public
-names (nt_xent, cc_cluster_loss, student_t, dec_loss, anchor_loss, tcc_cluster_loss) with the
+names (nt_xent, cc_cluster_loss, student_t, dec_loss, anchor_loss, ...) with the
 signatures of `fastcluster_cl.backends.reference`. A backend may define
 ``unavailable_reason(device) -> str | None`` to refuse devices it cannot run on. Asking a backend
 for an op it lacks, or for a device it refuses, raises: no silent fallback.

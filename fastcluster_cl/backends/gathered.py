@@ -129,30 +129,3 @@ def dec_loss(q: torch.Tensor) -> torch.Tensor:
     q = q.to(accumulation_dtype(q.dtype))
     f, rows = _global_sums(q.detach().sum(0), q.shape[0])
     return kl_rows(dec_target(q, f), q).sum() * (D.world_size() / rows)
-
-
-def tcc_cluster_loss(
-    y_a: torch.Tensor,
-    y_b: torch.Tensor,
-    h_a: torch.Tensor,
-    h_b: torch.Tensor,
-    q_a: torch.Tensor,
-    q_b: torch.Tensor,
-    temperature: float,
-    backend: str,
-) -> torch.Tensor:
-    """TCC's cluster-level loss over all ranks: the cluster sums s_k = sum_i y_ik h_i and the
-    assignment column sums are all-reduced, then the backend's NT-Xent runs on the 2K rows."""
-    acc = accumulation_dtype(h_a.dtype)
-    sums = torch.stack([y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc)])
-    columns = torch.stack([q_a.to(acc).sum(0), q_b.to(acc).sum(0)])
-    k = columns.shape[1]
-    stats, rows = _global_sums(torch.cat([sums.reshape(-1), columns.reshape(-1)]), h_a.shape[0])
-    s = stats[: -2 * k].view_as(sums)
-    columns = stats[-2 * k :].view_as(columns)
-    instance = implementation("nt_xent", backend, h_a.device)
-    return (
-        instance(s[0], s[1], temperature)
-        + _entropy_term(columns[0], rows)
-        + _entropy_term(columns[1], rows)
-    )

@@ -191,46 +191,6 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return anchor_loss_terms(q0, q_a, q_b).mean()
 
 
-def tcc_cluster_loss(
-    y_a: torch.Tensor,
-    y_b: torch.Tensor,
-    h_a: torch.Tensor,
-    h_b: torch.Tensor,
-    q_a: torch.Tensor,
-    q_b: torch.Tensor,
-    temperature: float,
-    instance_loss=nt_xent,
-) -> torch.Tensor:
-    """TCC's cluster-level loss (reconstructed, see the functional docstring).
-
-    Cluster representations s_k = normalise(sum_i y_ik h_i) per view, NT-Xent over the 2K rows,
-    plus `marginal_entropy_term` of the assignment probabilities q of each view.
-    """
-    return cluster_contrast(*_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature, instance_loss)
-
-
-def tcc_cluster_loss_terms(
-    y_a: torch.Tensor,
-    y_b: torch.Tensor,
-    h_a: torch.Tensor,
-    h_b: torch.Tensor,
-    q_a: torch.Tensor,
-    q_b: torch.Tensor,
-    temperature: float,
-    instance_terms=nt_xent_terms,
-) -> torch.Tensor:
-    """`tcc_cluster_loss` per cluster representation (see `cluster_contrast_terms`)."""
-    return cluster_contrast_terms(
-        *_tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b), temperature, instance_terms
-    )
-
-
-def _tcc_rows(y_a, y_b, h_a, h_b, q_a, q_b):
-    """(s_a, s_b, q_a, q_b) in the accumulation dtype, s = y^T h (K x F) per view."""
-    acc = accumulation_dtype(h_a.dtype)
-    return (y_a.to(acc).T @ h_a.to(acc), y_b.to(acc).T @ h_b.to(acc), q_a.to(acc), q_b.to(acc))
-
-
 def anchor_objective(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -242,7 +202,7 @@ def anchor_objective(
     alpha: float,
     weights: tuple[float, float, float],
 ) -> torch.Tensor:
-    """The anchor method's whole objective (arXiv 2109.12714) from the centre head's inputs:
+    """The anchor method's whole objective (arXiv 2109.12714) from the center head's inputs:
     (4,) = [total, instance, cluster, anchor] with q = student_t(h, centers, alpha) per view,
     instance = nt_xent(z_a, z_b), cluster = dec_loss(q0), anchor = anchor_loss(q0, q_a, q_b)
     and total = weights . (instance, cluster, anchor). In float64 for float64 z, else float32."""

@@ -63,7 +63,6 @@ OPS = (
     "student_t",
     "dec_loss",
     "anchor_loss",
-    "tcc_cluster_loss",
     *OBJECTIVES,
 )
 MODES = ("fwd", "fwd+bwd")
@@ -119,7 +118,6 @@ _USES = {
     "student_t": "DK",
     "dec_loss": "K",
     "anchor_loss": "K",
-    "tcc_cluster_loss": "DK",
     "anchor_objective": "DK",
     "cc_objective": "DK",
 }
@@ -146,7 +144,7 @@ def cases(
 def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random leaf inputs of `case` (requires_grad for forward+backward), never zeros.
 
-    nt_xent: z_a, z_b (N, D). cc/tcc: logits (N, K) [+ h_a, h_b (N, D)]. student_t: h (N, D),
+    nt_xent: z_a, z_b (N, D). cc_cluster_loss: logits (N, K). student_t: h (N, D),
     centers (K, D). dec_loss: q (N, K). anchor_loss: q0, q_a, q_b (N, K) probabilities.
     anchor_objective: z_a, z_b, h0, h_a, h_b (N, D), centers (K, D). cc_objective: z_a, z_b
     (N, D), logits_a, logits_b (N, K)."""
@@ -166,7 +164,6 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
         "student_t": lambda: (randn(n, d), randn(k, d)),
         "dec_loss": lambda: (probs(n, k),),
         "anchor_loss": lambda: (probs(n, k), probs(n, k), probs(n, k)),
-        "tcc_cluster_loss": lambda: (randn(n, k), randn(n, k), randn(n, d), randn(n, d)),
         "anchor_objective": lambda: (*(randn(n, d) for _ in range(5)), randn(k, d)),
         "cc_objective": lambda: (randn(n, d), randn(n, d), randn(n, k), randn(n, k)),
     }
@@ -204,12 +201,6 @@ def floor(case: Case) -> dict[str, float]:
         "student_t": (2 * n * k * d + 6 * n * k, 2 * n * k, n * d + k * d),
         "dec_loss": (8 * n * k, n * k, n * k),
         "anchor_loss": (8 * n * k, 2 * n * k, 3 * n * k),
-        # y^T h for both views, NT-Xent over 2K rows of width D, softmax/Gumbel of both views
-        "tcc_cluster_loss": (
-            4 * n * k * d + 2 * (2 * k) ** 2 * d + 8 * n * k,
-            (2 * k) ** 2 + 4 * n * k,
-            2 * n * k + 2 * n * d,
-        ),
     }[case.op]
     nbytes = elements * size + (n * k * 4 if case.op == "student_t" else 0)
     if case.backward:

@@ -582,7 +582,7 @@ def _cluster_variants() -> list[Variant]:
 
 
 def _objective_variants() -> list[Variant]:
-    """The one-pass objectives (kernels/objective/), bf16 z and h with fp32 centres (AMP),
+    """The one-pass objectives (kernels/objective/), bf16 z and h with fp32 centers (AMP),
     D = F = 128: the row launches carry the NT-Xent targets on their column loop (a step is a
     pair of column tiles, 4 BLOCK_M x BLOCK_N products forward; the backward walks each row
     block's columns as the fast path does), the small launches no spills."""
@@ -669,7 +669,7 @@ def _objective_variants() -> list[Variant]:
 
     for k in (10, 100):
         block_k, block_f, block_full = anchor_k._anchor_blocks(k, d)
-        centre = dict(
+        center = dict(
             HPREC="ieee", HUPCAST=False, SUB_M=anchor_k._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
         )
         out.append(
@@ -677,7 +677,7 @@ def _objective_variants() -> list[Variant]:
                 f"objective anchor rows K={k}",
                 "bf16",
                 anchor_k._anchor_rows_kernel,
-                dict(common, **centre, **fwd.constexprs),
+                dict(common, **center, **fwd.constexprs),
                 fwd.num_warps,
                 fwd.block,
                 fwd.num_stages,
@@ -691,7 +691,7 @@ def _objective_variants() -> list[Variant]:
                 f"objective anchor grad K={k}",
                 "bf16",
                 anchor_k._anchor_grad_kernel,
-                dict(common, **centre, BLOCK_FULL=block_full, **bwd.constexprs)
+                dict(common, **center, BLOCK_FULL=block_full, **bwd.constexprs)
                 | dict(BLOCK_K=anchor_k._anchor_blocks(k, d, backward=True)[0]),
                 bwd.num_warps,
                 bwd.block,

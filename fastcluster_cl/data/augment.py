@@ -198,7 +198,7 @@ def _sample_crops(
     rng: np.random.Generator, n: int, height: int, width: int, spec: AugmentSpec, attempts: int = 10
 ):
     """torchvision's RandomResizedCrop.get_params, vectorised over n images: up to 10 tries of
-    (area, log-uniform ratio), first box that fits wins; else a centred crop of clamped ratio."""
+    (area, log-uniform ratio), first box that fits wins; else a centered crop of clamped ratio."""
     area = height * width
     target = area * rng.uniform(*spec.crop_scale, size=(n, attempts))
     ratio = np.exp(

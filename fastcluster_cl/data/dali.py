@@ -37,7 +37,7 @@ import torch
 
 from .augment import AugmentSpec, ViewParams
 
-_NO_BLUR_SIGMA = 1e-6  # Gaussian weights off the centre underflow to exactly 0
+_NO_BLUR_SIGMA = 1e-6  # Gaussian weights off the center underflow to exactly 0
 
 
 @cache

@@ -1,6 +1,6 @@
 """Clustering models: a backbone, an instance projection head and a cluster head.
 
-`build_model(method, ...)` picks the cluster head the method needs (anchor: centre head,
+`build_model(method, ...)` picks the cluster head the method needs (anchor: center head,
 cc: softmax head, tcc: TCC head) and `method_loss_inputs` turns the model outputs of the views
 into the keyword inputs of `fastcluster_cl.ClusterContrastiveLoss`.
 """
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .backbones import BACKBONES, RESNETS, DigitCNN, ResNetBackbone, SmallCNN, build_backbone
-from .heads import CentreHead, ProjectionHead, SoftmaxClusterHead, TCCHead
+from .heads import CenterHead, ProjectionHead, SoftmaxClusterHead, TCCHead
 
-METHOD_HEADS = {"anchor": "centre", "cc": "softmax", "tcc": "tcc"}
+METHOD_HEADS = {"anchor": "center", "cc": "softmax", "tcc": "tcc"}
 
 
 class ClusteringModel(nn.Module):
@@ -40,13 +40,13 @@ class ClusteringModel(nn.Module):
         self.projector = ProjectionHead(feat, hidden_dim, projection_dim)
         if head == "softmax":
             self.cluster_head = SoftmaxClusterHead(feat, num_clusters, hidden_dim)
-        elif head == "centre":
-            self.cluster_head = CentreHead(feat, num_clusters)
+        elif head == "center":
+            self.cluster_head = CenterHead(feat, num_clusters)
         elif head == "tcc":
             # TCC's head works on the instance projection z, not on h
             self.cluster_head = TCCHead(projection_dim, num_clusters, gumbel_temperature)
         else:
-            raise ValueError(f"head must be 'softmax', 'centre' or 'tcc', got {head!r}")
+            raise ValueError(f"head must be 'softmax', 'center' or 'tcc', got {head!r}")
         self.head = head
 
     def forward(self, x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]):
@@ -60,12 +60,12 @@ class ClusteringModel(nn.Module):
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)
         z = self.projector(h)
-        if self.head == "centre":
-            # the anchor objective computes the Student-t assignment from h and the centres
-            # inside its fused pass (`probabilities` computes it on demand). The centres leave
+        if self.head == "center":
+            # the anchor objective computes the Student-t assignment from h and the centers
+            # inside its fused pass (`probabilities` computes it on demand). The centers leave
             # through the forward (as a view) so that DDP sees them used by it.
-            centres = self.cluster_head.centres
-            return {"h": h, "z": z, "centers": centres.view_as(centres)}
+            centers = self.cluster_head.centers
+            return {"h": h, "z": z, "centers": centers.view_as(centers)}
         return {"h": h, "z": z, **self.cluster_head(z if self.head == "tcc" else h)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,7 +114,7 @@ def method_loss_inputs(
         return {
             "logits_a": out_a["logits"],
             "logits_b": out_b["logits"],
-            "centres": model.cluster_head.centres,
+            "centers": model.cluster_head.centers,
             "r_a": out_a["r"],
             "r_b": out_b["r"],
         }
@@ -130,7 +130,7 @@ __all__ = [
     "build_backbone",
     "ProjectionHead",
     "SoftmaxClusterHead",
-    "CentreHead",
+    "CenterHead",
     "TCCHead",
     "ClusteringModel",
     "METHOD_HEADS",

@@ -3,7 +3,7 @@
 Every cluster head maps backbone features h (N, F) to a dict of outputs and offers
 `probabilities(out)` (N, K), so evaluation and the anchor method treat them alike:
 - SoftmaxClusterHead (Contrastive Clustering): an MLP to K logits, q = softmax.
-- CentreHead (arXiv 2109.12714): learnable centres in feature space, initialised by k-means,
+- CenterHead (arXiv 2109.12714): learnable centers in feature space, initialised by k-means,
   Student-t assignment.
 - TCCHead (You Never Cluster Alone): cosine logits of the normalised instance projection to K
   learnable cluster embeddings, and the instance residual of TCC's cluster-conditioned
@@ -52,11 +52,19 @@ class SoftmaxClusterHead(nn.Module):
         return torch.softmax(out["logits"].float(), dim=1)
 
 
-class CentreHead(nn.Module):
-    """Deep embedding cluster centre predictor of arXiv 2109.12714.
+def _read_old_spelling(module, state_dict, prefix, *args) -> None:
+    """State dicts written by version 0.1.0 name the parameter `centres`: read it as `centers`, so
+    that their checkpoints still load."""
+    old = prefix + "centres"
+    if old in state_dict:
+        state_dict[prefix + "centers"] = state_dict.pop(old)
 
-    K learnable centres mu (K, F) in the backbone's feature space; q_ik is the Student-t kernel
-    (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2), normalised over k. `init_centres` sets mu by
+
+class CenterHead(nn.Module):
+    """Deep embedding cluster center predictor of arXiv 2109.12714.
+
+    K learnable centers mu (K, F) in the backbone's feature space; q_ik is the Student-t kernel
+    (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2), normalised over k. `init_centers` sets mu by
     k-means on features of the (untrained or warmed-up) network; until then `initialised` is
     False and the trainer calls it before the first step.
     """
@@ -65,11 +73,12 @@ class CentreHead(nn.Module):
         super().__init__()
         self.num_clusters = num_clusters
         self.alpha = alpha
-        self.centres = nn.Parameter(torch.zeros(num_clusters, in_dim))
+        self.centers = nn.Parameter(torch.zeros(num_clusters, in_dim))
         self.register_buffer("initialised", torch.tensor(False))
+        self.register_load_state_dict_pre_hook(_read_old_spelling)
 
     @torch.no_grad()
-    def init_centres(self, features: np.ndarray | torch.Tensor, seed: int = 0) -> None:
+    def init_centers(self, features: np.ndarray | torch.Tensor, seed: int = 0) -> None:
         """k-means (k-means++, 10 restarts, scikit-learn) on `features` (M, F), M >= K."""
         from sklearn.cluster import KMeans
 
@@ -79,12 +88,12 @@ class CentreHead(nn.Module):
                 f"k-means needs at least {self.num_clusters} feature rows, got {features.shape[0]}"
             )
         km = KMeans(n_clusters=self.num_clusters, n_init=10, random_state=seed).fit(features)
-        self.centres.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.centres.dtype))
+        self.centers.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.centers.dtype))
         self.initialised.fill_(True)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Student-t in fp32: under autocast h may be bf16 while the centres stay fp32.
-        return {"q": student_t(h.float(), self.centres.float(), self.alpha)}
+        # Student-t in fp32: under autocast h may be bf16 while the centers stay fp32.
+        return {"q": student_t(h.float(), self.centers.float(), self.alpha)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """q from the head's outputs, or from the features h of a model's outputs (training
@@ -94,14 +103,14 @@ class CentreHead(nn.Module):
 
 def max_separated(num: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """`num` unit vectors in R^dim with pairwise cosine -1/(num-1) (the vertices of a regular
-    simplex, the Max-Mahalanobis centres of TCC's prototype), randomly rotated; needs
+    simplex, the Max-Mahalanobis centers of TCC's prototype), randomly rotated; needs
     dim >= num - 1. With fewer dimensions: `num` random orthonormal-as-possible unit vectors
     (nn.init.orthogonal_)."""
     if dim < num - 1:
         w = torch.empty(num, dim)
         nn.init.orthogonal_(w, generator=generator)
         return nn.functional.normalize(w, dim=1)
-    simplex = torch.eye(num) - 1.0 / num  # centred basis: rank num - 1
+    simplex = torch.eye(num) - 1.0 / num  # centered basis: rank num - 1
     u, _, _ = torch.linalg.svd(simplex)  # its (num - 1)-dim span
     coords = simplex @ u[:, : num - 1]  # (num, num - 1)
     basis = torch.empty(dim, num - 1)
@@ -121,12 +130,13 @@ class TCCHead(nn.Module):
         super().__init__()
         self.num_clusters = num_clusters
         self.temperature = temperature
-        self.centres = nn.Parameter(max_separated(num_clusters, dim))
+        self.centers = nn.Parameter(max_separated(num_clusters, dim))
         self.residual = nn.Linear(dim, dim)
+        self.register_load_state_dict_pre_hook(_read_old_spelling)
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         v = nn.functional.normalize(z.float(), dim=1)
-        c = nn.functional.normalize(self.centres.float(), dim=1)
+        c = nn.functional.normalize(self.centers.float(), dim=1)
         return {"logits": v @ c.T, "r": self.residual(v)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -231,4 +231,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in ("config", "model", "position") if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; it is not a complete training checkpoint")
+    config = state["config"]
+    if isinstance(config, dict) and "centre_warmup_epochs" in config:  # version 0.1.0's name
+        config["center_warmup_epochs"] = config.pop("centre_warmup_epochs")
     return state

@@ -61,8 +61,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
     skip_nonfinite_steps: int = 0  # steps with a NaN/inf loss or gradient that may be skipped
     # (no update) before the run stops; 0: stop at the first
-    centre_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
-    # k-means initialisation of the centres (DEC-style
+    center_warmup_epochs: int | None = None  # anchor: epochs of instance loss alone before the
+    # k-means initialisation of the centers (DEC-style
     # pretraining); None: epochs // 8 for anchor, else 0
     instance_temperature: float | None = None  # preset
     cluster_temperature: float | None = None  # preset
@@ -195,18 +195,18 @@ class TrainConfig:
             raise ConfigError(
                 "--tcc-prior", f"tcc_prior must be 'kl' or 'marginal', got {self.tcc_prior!r}"
             )
-        if self.centre_warmup_epochs is not None:
-            if self.centre_warmup_epochs and self.method != "anchor":
+        if self.center_warmup_epochs is not None:
+            if self.center_warmup_epochs and self.method != "anchor":
                 raise ConfigError(
-                    "--centre-warmup-epochs",
-                    "centre_warmup_epochs applies to the anchor method (centre head) only",
+                    "--center-warmup-epochs",
+                    "center_warmup_epochs applies to the anchor method (center head) only",
                 )
             epochs = self.epochs if self.epochs is not None else self.preset()["epochs"]
-            if not 0 <= self.centre_warmup_epochs < epochs:
+            if not 0 <= self.center_warmup_epochs < epochs:
                 raise ConfigError(
-                    "--centre-warmup-epochs",
-                    f"centre_warmup_epochs must be in [0, epochs={epochs}), "
-                    f"got {self.centre_warmup_epochs}",
+                    "--center-warmup-epochs",
+                    f"center_warmup_epochs must be in [0, epochs={epochs}), "
+                    f"got {self.center_warmup_epochs}",
                 )
         for name in ("threads", "image_size", "in_channels", "projection_dim", "hidden_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -263,16 +263,16 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
     if not c.loss_weights:
         c.loss_weights = p["loss_weights"]
     if (
-        c.centre_warmup_epochs is None
+        c.center_warmup_epochs is None
         and c.method == "anchor"
-        and p["centre_warmup_epochs"] is not None
-        and p["centre_warmup_epochs"] < c.epochs
+        and p["center_warmup_epochs"] is not None
+        and p["center_warmup_epochs"] < c.epochs
     ):
-        c.centre_warmup_epochs = p["centre_warmup_epochs"]  # else epochs // 8, below
-    if c.centre_warmup_epochs is not None and c.centre_warmup_epochs >= c.epochs:
+        c.center_warmup_epochs = p["center_warmup_epochs"]  # else epochs // 8, below
+    if c.center_warmup_epochs is not None and c.center_warmup_epochs >= c.epochs:
         raise ConfigError(
-            "--centre-warmup-epochs",
-            f"centre_warmup_epochs must be in [0, epochs={c.epochs}), got {c.centre_warmup_epochs}",
+            "--center-warmup-epochs",
+            f"center_warmup_epochs must be in [0, epochs={c.epochs}), got {c.center_warmup_epochs}",
         )
     if c.num_clusters is None:
         c.num_clusters = int(dataset.num_classes)
@@ -284,8 +284,8 @@ def resolve(config: TrainConfig, dataset) -> TrainConfig:
         )
     if c.cifar_stem is None:
         c.cifar_stem = c.backbone in RESNETS and c.image_size <= 64
-    if c.centre_warmup_epochs is None:
-        c.centre_warmup_epochs = c.epochs // 8 if c.method == "anchor" else 0
+    if c.center_warmup_epochs is None:
+        c.center_warmup_epochs = c.epochs // 8 if c.method == "anchor" else 0
     return c
 
 

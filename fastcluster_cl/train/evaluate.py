@@ -19,7 +19,7 @@ def extract_features(
     model, loader, device: torch.device, amp_dtype: torch.dtype | None, train_mode: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(features h, cluster-head predictions, labels) of every clean image of `loader`, in
-    dataset order; no predictions while the centres await their initialisation. train_mode:
+    dataset order; no predictions while the centers await their initialisation. train_mode:
     BatchNorm on batch statistics, as the loss sees them (its running statistics are restored
     afterwards)."""
     buffers = copy.deepcopy(dict(model.named_buffers())) if train_mode else None

@@ -2,7 +2,7 @@
 optimizers, warmup + cosine schedule, gradient clipping, a non-finite-loss guard, periodic
 evaluation, exact resume and JSONL/TensorBoard logs.
 
-`Trainer` owns one run; `fit` reads top to bottom: per epoch the centre initialisation, then per
+`Trainer` owns one run; `fit` reads top to bottom: per epoch the center initialisation, then per
 batch data, forward/backward, step, log and checkpoint, then evaluation. Its neighbours hold the
 rest: config.py (settings and checks), runtime.py (device, DDP, AMP), evaluate.py (features and
 metrics), rundir.py (what the run may write), checkpoint.py, logging.py, plots.py. Logging,
@@ -117,14 +117,14 @@ class Trainer:
             config.instance_temperature,
             config.cluster_temperature,
             weights=config.loss_weights or None,
-            gumbel_tau=config.gumbel_temperature,
+            gumbel_temperature=config.gumbel_temperature,
             backend=config.loss_backend,
             gather_distributed=self.runtime.world_size > 1,
             tcc_prior=config.tcc_prior,
             alpha=getattr(self.model.cluster_head, "alpha", 1.0),
         )
         self.ddp_model = distributed.wrap_model(
-            self.model, dev, config.sync_bn, find_unused_parameters=config.centre_warmup_epochs > 0
+            self.model, dev, config.sync_bn, find_unused_parameters=config.center_warmup_epochs > 0
         )
         self.optimizer = build_optimizer(
             config.optimizer, self.model, config.lr, config.weight_decay, dev
@@ -305,7 +305,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimizer step on a two-view (plus clean view for anchor) batch."""
         anchor = self.config.method == "anchor"
-        # Before the centres are initialised (centre warmup) only the instance loss trains.
+        # Before the centers are initialised (center warmup) only the instance loss trains.
         warmup = not bool(getattr(self.model.cluster_head, "initialised", True))
         views = ("a", "b", "clean") if anchor and not warmup else ("a", "b")
         with torch.autocast(
@@ -404,7 +404,7 @@ class Trainer:
         go in shuffled, class-mixed batches (the eval loader's batches follow the dataset's
         order: one class per batch for a dataset stored sorted by class) of the global batch
         size, the same on every rank and for any number of ranks, so the features, and the
-        centres initialised from them, do not depend on the world size (under sync_bn these
+        centers initialised from them, do not depend on the world size (under sync_bn these
         are exactly the training statistics; without it each rank's loss sees its share)."""
         from ..data import make_eval_loader
 
@@ -431,16 +431,16 @@ class Trainer:
             c.seed,
         )
 
-    def init_centres(self) -> None:
+    def init_centers(self) -> None:
         """k-means on the features of the current network (BatchNorm in training mode, as the
         loss will see them; running statistics left untouched)."""
         head = self.model.cluster_head
-        if not hasattr(head, "init_centres") or bool(head.initialised):
+        if not hasattr(head, "init_centers") or bool(head.initialised):
             return
         feats, _, _ = self._features(train_mode=True)
-        head.init_centres(feats, seed=self.config.seed)
-        distributed.broadcast_state(head)  # every rank starts from rank 0's centres
-        self.logger.log("init_centres", n=len(feats))
+        head.init_centers(feats, seed=self.config.seed)
+        distributed.broadcast_state(head)  # every rank starts from rank 0's centers
+        self.logger.log("init_centers", n=len(feats))
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -475,9 +475,9 @@ class Trainer:
         )
         with value_checks(False):  # the finite-loss guard replaces the per-input syncs
             while self.epoch < c.epochs:
-                # centres: k-means on the current features once the warm-up is over
-                if self.epoch >= c.centre_warmup_epochs:
-                    self.init_centres()
+                # centers: k-means on the current features once the warm-up is over
+                if self.epoch >= c.center_warmup_epochs:
+                    self.init_centers()
                 self._train_epoch(progress)
                 self.epoch, self.batch = self.epoch + 1, 0
                 # evaluate every eval_every epochs (the last one is evaluated below)

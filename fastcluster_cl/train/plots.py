@@ -24,7 +24,7 @@ def plot_losses(steps: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r["step"] for r in steps]
     parts = sorted({k for r in steps for k in r if k.startswith("loss_")})
-    for key in ["loss"] + parts:  # parts absent in some steps (centre warmup) plot as gaps
+    for key in ["loss"] + parts:  # parts absent in some steps (center warmup) plot as gaps
         ax.plot(x, [r.get(key, float("nan")) for r in steps], label=key, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -10,8 +10,8 @@ Columns: backbone ("auto": small_cnn below 32 px, resnet18 up to 64 px, else res
 image_size (None: the dataset's native size), epochs, lr (Adam), warmup_epochs (linear lr
 warm-up, then cosine), instance_temperature, cluster_temperature, gumbel_temperature (TCC's
 lambda), tcc_prior (TCC's entropy term: "kl" per sample or CC's "marginal"),
-centre_warmup_epochs (anchor: instance loss alone before the k-means initialisation of the
-centres; None: epochs // 8), loss_weights (ClusterContrastiveLoss weights; used when the
+center_warmup_epochs (anchor: instance loss alone before the k-means initialisation of the
+centers; None: epochs // 8), loss_weights (ClusterContrastiveLoss weights; used when the
 run gives none).
 """
 
@@ -27,7 +27,7 @@ PRESET_KEYS = (
     "cluster_temperature",
     "gumbel_temperature",
     "tcc_prior",
-    "centre_warmup_epochs",
+    "center_warmup_epochs",
     "loss_weights",
 )
 
@@ -41,11 +41,11 @@ _BASE = {
     "cluster_temperature": 1.0,
     "gumbel_temperature": 0.3,
     "tcc_prior": "kl",
-    "centre_warmup_epochs": None,
+    "center_warmup_epochs": None,
     "loss_weights": {},
 }
 
-# (method, dataset) -> overrides of _BASE. centre_warmup_epochs None: epochs // 8 (anchor).
+# (method, dataset) -> overrides of _BASE. center_warmup_epochs None: epochs // 8 (anchor).
 PRESETS: dict[tuple[str, str], dict] = {
     # 8 x 8 sklearn digits (1797 images); seeds 0-4 at one thread in docs/results.md. Runs at seed 0
     # (one thread) unless said; "with morph" were taken with mnist5k's augmentation, whose
@@ -86,7 +86,7 @@ PRESETS: dict[tuple[str, str], dict] = {
     # anchor runs 3 views a step (40 epochs: .937 in 240 s of wall; 70: .953 in 434 s).
     # Instance temperature .3 (one thread): anchor .939, cc .939, under the .5 presets' .953 /
     # .949 at two threads (no one-thread .5 run to set beside them); so .5 here.
-    ("anchor", "mnist5k"): {"backbone": "digit_cnn", "epochs": 70, "centre_warmup_epochs": 10},
+    ("anchor", "mnist5k"): {"backbone": "digit_cnn", "epochs": 70, "center_warmup_epochs": 10},
     ("cc", "mnist5k"): {"backbone": "digit_cnn", "epochs": 115},
     ("tcc", "mnist5k"): {
         "backbone": "digit_cnn",
@@ -96,7 +96,7 @@ PRESETS: dict[tuple[str, str], dict] = {
         "loss_weights": {"feature": 1.0, "prior": 2.0},
     },
     # other datasets: the published schedules' settings, shortened (GPU runs)
-    ("anchor", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0, "centre_warmup_epochs": 0},
+    ("anchor", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0, "center_warmup_epochs": 0},
     ("cc", "*"): {"lr": 3e-4, "epochs": 500, "warmup_epochs": 0.0},
     ("tcc", "*"): {"lr": 1e-3, "epochs": 500, "loss_weights": {"feature": 1.0}},
 }

@@ -23,8 +23,8 @@ Forward row launch (`_anchor_rows_kernel` / `_cc_rows_kernel`), per program:
     Row losses use `accumulate_negatives` / `row_losses` (fixed shift or online max, the
     cancellation-free positive term ||zn_i - zn_pos||^2 / 2).
   * anchor, in slices of `_SUB_M` rows (registers independent of BLOCK_M): Student-t logits of
-    h0, h_a, h_b against all K centres in tiles (`student_t._distances`; mixed bf16 features
-    and fp32 centres meet in fp32), an online log-sum-exp per view (pass 1), then pass 2 recomputes
+    h0, h_a, h_b against all K centers in tiles (`student_t._distances`; mixed bf16 features
+    and fp32 centers meet in fp32), an online log-sum-exp per view (pass 1), then pass 2 recomputes
     the logits and forms q = exp(logit - lse): the anchor terms KL(q0||qa) + KL(q0||qb) (log q
     clamped at the smallest normal as `numerics.safe_log`), q0's partial column sums f (one
     row per slice: deterministic), q0 itself (an N x K temporary for the epilogue, not saved),
@@ -46,7 +46,7 @@ Backward: the incoming gradient g (4,) / (3,) and the weights w fold into one sc
   * anchor: one row launch (`_anchor_grad_kernel`): NT-Xent dz of both row blocks through
     `nt_xent.grad_block` (the fast path's kernel body: expm1 positive weights, 2^14-scaled fp16
     tile weights, the normalisation's backward), and the Student-t rows recomputed from h and
-    the centres with the saved lse, f, T, c, in 16-row slices and one view at a time (the
+    the centers with the saved lse, f, T, c, in 16-row slices and one view at a time (the
     static report: three views at once spilled): with G = dL/dlogit,
         DEC    G0 = g_dec (q0 c_dec - p [q0 >= tiny]) / N   (p detached)
         anchor Ga = g_anc (qa c_a - q0 [qa >= tiny]) / N, likewise b, none into q0,
@@ -66,7 +66,7 @@ were reached, are in benchmarks/static_notes.md (section 8).
 Saved for the backward: the 2N x D fp16/input-dtype copy Zs and 2N-, N-, K-sized vectors (and
 the 2K x 2K Gram for cc); never an N x K or 2N x 2N matrix.
 
-Limits: D and F at most `MAX_FEATURES` (rows in registers); K at most `student_t.MAX_CENTRES`
+Limits: D and F at most `MAX_FEATURES` (rows in registers); K at most `student_t.MAX_CENTERS`
 (anchor, tiled) and `cc_cluster.MAX_CLUSTERS` (cc, the Gram in registers); float64 for all
 inputs or none. `anchor_objective_fits` / `cc_objective_fits` say whether a call is within them:
 `fastcluster_cl.functional` runs the separate ops (the same function) for calls that are not.

@@ -26,7 +26,7 @@ from ..kl import _dec_row_totals, _dec_weights, _safe_log, _xlogx
 from ..nt_xent import (
     _scaled_dtype,
 )
-from ..student_t import MAX_CENTRES, _distances
+from ..student_t import MAX_CENTERS, _distances
 from ..student_t import _blocks as _student_blocks
 from .instance import (
     _acc,
@@ -72,7 +72,7 @@ def _student_logits(
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """(d2, logit) of one centre tile: logit = -(alpha+1)/2 log(1 + d2/alpha), -inf on padding."""
+    """(d2, logit) of one center tile: logit = -(alpha+1)/2 log(1 + d2/alpha), -inf on padding."""
     d = _distances(
         H,
         MU,
@@ -117,7 +117,7 @@ def _three_views(
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """The centre tile [k0, k0 + BLOCK_K) of the three views: (offs_k, mask_k, d2_0, logit_0,
+    """The center tile [k0, k0 + BLOCK_K) of the three views: (offs_k, mask_k, d2_0, logit_0,
     d2_a, logit_a, d2_b, logit_b)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -180,7 +180,7 @@ def _three_views(
 
 @triton.jit
 def _online_lse(m, s, logit):
-    m_new = tl.maximum(m, tl.max(logit, axis=1))  # finite: each tile holds a centre
+    m_new = tl.maximum(m, tl.max(logit, axis=1))  # finite: each tile holds a center
     return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
 
 
@@ -214,7 +214,7 @@ def _assignment_rows(
     BLOCK_F: tl.constexpr,
 ):
     """The anchor side of rows [row_lo, row_lo + SUB_M): pass 1 each view's log-sum-exp over
-    the centre tiles, pass 2 q, the anchor terms, q0 and its column sums (F_PART row `part`).
+    the center tiles, pass 2 q, the anchor terms, q0 and its column sums (F_PART row `part`).
     Writes lse and c_a, c_b; returns the rows' summed anchor terms."""
     offs_m = row_lo + tl.arange(0, SUB_M)
     mask_m = offs_m < n
@@ -486,7 +486,7 @@ def _anchor_epilogue_kernel(
 
 @triton.jit
 def _view_grad(G, d, alpha, tile, mu, h, sw, wmu, ACC: tl.constexpr, PREC: tl.constexpr):
-    """w = -G (alpha+1) / (alpha + d2) of one view's centre tile (0 on padding), G = dL/dlogit:
+    """w = -G (alpha+1) / (alpha + d2) of one view's center tile (0 on padding), G = dL/dlogit:
     returns (w, sw + sum_k w, wmu + w mu, the tile's w^T h)."""
     w = tl.where(tile, -G * (alpha + 1.0) / (alpha + d), 0.0)
     return (
@@ -825,12 +825,12 @@ def _anchor_grad_kernel(
 
 # -- anchor --
 
-_FWD_BLOCK_K = 32  # centre tiles of the forward (64 spilled 24 B on sm_90 at K = 100)
+_FWD_BLOCK_K = 32  # center tiles of the forward (64 spilled 24 B on sm_90 at K = 100)
 _BWD_BLOCK_K = 16  # and of the backward, whose (tile x F) products w^T h live per view
 
 
 def _anchor_blocks(k: int, f: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_F, BLOCK_FULL): centre tiles (`student_t._blocks`, capped as above:
+    """(BLOCK_K, BLOCK_F, BLOCK_FULL): center tiles (`student_t._blocks`, capped as above:
     the static report), F chunks of the distance dots, the full F of the dh rows."""
     block_k, block_f = _student_blocks(k, f)
     return (
@@ -840,8 +840,8 @@ def _anchor_blocks(k: int, f: int, backward: bool = False) -> tuple[int, int, in
     )
 
 
-def _centre_consts(h: torch.Tensor, centers: torch.Tensor, acc: torch.dtype) -> dict:
-    """The Student-t dots' precision: the operands' own dtype where h and the centres share it
+def _center_consts(h: torch.Tensor, centers: torch.Tensor, acc: torch.dtype) -> dict:
+    """The Student-t dots' precision: the operands' own dtype where h and the centers share it
     (bf16 tensor cores for bf16), else both in the accumulation dtype."""
     same = h.dtype == centers.dtype
     return dict(
@@ -934,7 +934,7 @@ def anchor_objective_forward(
             BLOCK_K=block_k,
             BLOCK_F=block_f,
             **_instance_consts(z_a, 1.0 / temperature, acc, fwd),
-            **_centre_consts(h0, centers, acc),
+            **_center_consts(h0, centers, acc),
             num_warps=fwd.num_warps,
             num_stages=fwd.num_stages,
         )
@@ -1052,7 +1052,7 @@ def anchor_objective_backward(
             ACC=acc_dtype(acc),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
-            **_centre_consts(h0, centers, acc),
+            **_center_consts(h0, centers, acc),
             TINY=torch.finfo(acc).tiny,
             SUB_M=_SUB_M,
             BLOCK_K=block_k,
@@ -1167,6 +1167,6 @@ def anchor_objective_fits(
     return (
         z_a.shape[1] <= MAX_FEATURES
         and h0.shape[1] <= MAX_FEATURES
-        and centers.shape[0] <= MAX_CENTRES
+        and centers.shape[0] <= MAX_CENTERS
         and _float64_all_or_none(z_a, h0, centers)
     )

@@ -406,7 +406,6 @@ _TRITON_OP_OF_CASE = {
     "student_t": "student_t",
     "dec_loss": "dec",
     "anchor_loss": "anchor",
-    "tcc_cluster_loss": "nt_xent",
     "ClusterContrastiveLoss(anchor)": "dec_anchor",
     "ClusterContrastiveLoss(cc)": "cc_objective",
     "ClusterContrastiveLoss(anchor(h))": "anchor_objective",

@@ -30,9 +30,9 @@ FP32_VALUE_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
 
 
 def anchor_inputs(n, d, f, k, assignment="spread", seed=0):
-    """(z_a, z_b, h0, h_a, h_b, centers): correlated views; h near the centres ("spread"),
-    each h0 on one of well separated centres ("onehot", q0 ~ one-hot), every h and centre
-    within 1e-2 of the origin ("uniform", q ~ 1 / K), or h0 halfway between two far centres
+    """(z_a, z_b, h0, h_a, h_b, centers): correlated views; h near the centers ("spread"),
+    each h0 on one of well separated centers ("onehot", q0 ~ one-hot), every h and center
+    within 1e-2 of the origin ("uniform", q ~ 1 / K), or h0 halfway between two far centers
     and h_a, h_b on one each ("split": with alpha ~ 100 most qa, qb entries, some where q0 is
     ~ 1/2, fall below float32's smallest normal, a float64 one does not)."""
     gen = torch.Generator().manual_seed(seed)
@@ -211,7 +211,7 @@ def test_cc_objective_low_precision_multi_tile(emulated, dtype):
 
 
 def test_anchor_objective_low_precision_centers(emulated):
-    """bf16 centres: their gradient comes back through the fp32 cast."""
+    """bf16 centers: their gradient comes back through the fp32 cast."""
     check_anchor(13, 24, 20, 7, 0.5, torch.bfloat16, "spread", centers_dtype=torch.bfloat16)
 
 

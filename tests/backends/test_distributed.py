@@ -90,28 +90,6 @@ CASES = {
         lambda x: FL.dec_loss(torch.softmax(x["l"], 1), gather_distributed=True),
         lambda x: reference.dec_loss(torch.softmax(x["l"], 1)),
     ),
-    "tcc_cluster": (
-        {"ya": (K, 0), "yb": (K, 0), "ha": (F, 0), "hb": (F, 0), "la": (K, 0), "lb": (K, 0)},
-        lambda x: gathered.tcc_cluster_loss(
-            torch.softmax(x["ya"], 1),
-            torch.softmax(x["yb"], 1),
-            x["ha"],
-            x["hb"],
-            torch.softmax(x["la"], 1),
-            torch.softmax(x["lb"], 1),
-            0.8,
-            "chunked",
-        ),
-        lambda x: reference.tcc_cluster_loss(
-            torch.softmax(x["ya"], 1),
-            torch.softmax(x["yb"], 1),
-            x["ha"],
-            x["hb"],
-            torch.softmax(x["la"], 1),
-            torch.softmax(x["lb"], 1),
-            0.8,
-        ),
-    ),
     "module_cc": (
         {"za": (D, 0), "zb": (D, 0), "la": (K, 0), "lb": (K, 0)},
         lambda x: (
@@ -456,8 +434,8 @@ def _trainer_config(out, **overrides):
     )
 
 
-# The centre warm-up leaves the centre head without gradients for an epoch (DDP must allow it).
-WARMUP = dict(epochs=3, centre_warmup_epochs=1)
+# The center warm-up leaves the center head without gradients for an epoch (DDP must allow it).
+WARMUP = dict(epochs=3, center_warmup_epochs=1)
 
 
 def _trainer_worker(rank: int, port: int, tmp: str) -> None:

@@ -1,5 +1,5 @@
 """The Triton backend's internals: the row-range primitives, the symmetric forward, tiny tile
-weights, the centre and cluster tiling (blocks monkeypatched small) and documented limits, the
+weights, the center and cluster tiling (blocks monkeypatched small) and documented limits, the
 fused anchor objective, device guards, availability. Values and gradients of every op against
 the float64 reference, on every backend, are in ops/test_op_*.py. Without CUDA the kernels run
 under TRITON_INTERPRET=1 (tests/conftest.py)."""
@@ -180,8 +180,8 @@ def test_nt_xent_rejects_wide_rows_and_integer_inputs():
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,f", [(37, 70, 100), (33, 96, 20), (5, 33, 7)])
-def test_student_t_tiles_over_centres(monkeypatch, dtype, n, k, f):
-    """K not a multiple of the centre tile (32 here): several tiles, the online softmax across
+def test_student_t_tiles_over_centers(monkeypatch, dtype, n, k, f):
+    """K not a multiple of the center tile (32 here): several tiles, the online softmax across
     them, a last tile that is mostly padding (K = 33) and an exact multiple (K = 96)."""
     st = kernel_module("student_t")
     monkeypatch.setattr(st, "_BLOCK_K", 32)
@@ -197,9 +197,9 @@ def test_student_t_tiles_over_centres(monkeypatch, dtype, n, k, f):
 
 
 def test_student_t_up_to_the_documented_limit():
-    """K = MAX_CENTRES runs (in 16 tiles of 64 centres); one more is refused."""
+    """K = MAX_CENTERS runs (in 16 tiles of 64 centers); one more is refused."""
     st = kernel_module("student_t")
-    k = st.MAX_CENTRES
+    k = st.MAX_CENTERS
     compare(
         lambda h, mu: fc.student_t(h, mu, 1.0, backend="triton"),
         lambda h, mu: reference.student_t(h, mu, 1.0),
@@ -208,12 +208,12 @@ def test_student_t_up_to_the_documented_limit():
         grad_scale=1.0,
         out_dtype=ACCUMULATION,
     )  # d sum(q) = 0: rounding level
-    with pytest.raises(ValueError, match="at most 1024 centres"):
+    with pytest.raises(ValueError, match="at most 1024 centers"):
         kernels.student_t(torch.randn(3, 8), torch.randn(k + 1, 8), 1.0)
 
 
 def test_student_t_mixed_dtypes():
-    """bf16 features with fp32 centres (autocast) give the fp32 computation on bf16 features."""
+    """bf16 features with fp32 centers (autocast) give the fp32 computation on bf16 features."""
     h = randn(20, 16, seed=26).bfloat16()
     mu = randn(5, 16, seed=27).float().requires_grad_()
     got = kernels.student_t(h, mu, 1.0)

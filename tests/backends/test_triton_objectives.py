@@ -48,7 +48,7 @@ def test_fused_launch_and_op_counts(method):
 @pytest.mark.parametrize("method", ["anchor", "cc"])
 def test_cluster_contrastive_loss_runs_the_one_pass_path(method):
     """What users and the trainer call: ClusterContrastiveLoss(method, backend="triton") on the
-    centre head's features (anchor) or the logits (cc), within the same budget, and equal to
+    center head's features (anchor) or the logits (cc), within the same budget, and equal to
     the separate ops."""
     crit = fc.ClusterContrastiveLoss(
         method, 0.2, weights={"cluster": 0.7, "anchor": 0.3}, backend="triton"

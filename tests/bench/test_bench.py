@@ -18,10 +18,13 @@ def test_floor_counts_nt_xent_as_design_says():
 
 
 def test_inputs_match_the_case():
-    case = bench.Case("tcc_cluster_loss", 10, 7, 4, "float32", backward=True)
-    logits_a, logits_b, h_a, h_b = bench.make_inputs(case, "cpu", seed=1)
-    assert logits_a.shape == (5, 4) and h_b.shape == (5, 7)
-    assert all(t.requires_grad and t.is_leaf for t in (logits_a, logits_b, h_a, h_b))
+    case = bench.Case("anchor_objective", 10, 7, 4, "float32", backward=True)
+    z_a, z_b, h0, h_a, h_b, centers = bench.make_inputs(case, "cpu", seed=1)
+    assert z_a.shape == (5, 7) and h_b.shape == (5, 7) and centers.shape == (4, 7)
+    assert all(t.requires_grad and t.is_leaf for t in (z_a, z_b, h0, h_a, h_b, centers))
+    logits_a, logits_b = bench.make_inputs(
+        bench.Case("cc_cluster_loss", 10, 7, 4, "float32", False), "cpu"
+    )
     assert not torch.equal(logits_a, logits_b)
     (q,) = bench.make_inputs(bench.Case("dec_loss", 10, 7, 4, "float64", False), "cpu")
     torch.testing.assert_close(q.sum(1), torch.ones(5, dtype=torch.float64))

@@ -176,8 +176,8 @@ def test_crop_parameters_follow_spec():
     assert all(sorted(o) == [0, 1, 2, 3] for o in p.order[:50])
 
 
-def test_crop_fallback_is_centred():
-    """No box of ratio >= 3 fits a 10x10 image: torchvision's rule takes a centred crop."""
+def test_crop_fallback_is_centered():
+    """No box of ratio >= 3 fits a 10x10 image: torchvision's rule takes a centered crop."""
     spec = AugmentSpec(crop_scale=(0.9, 1.0), crop_ratio=(3.0, 4.0))
     p = sample_view_params(np.random.default_rng(1), 20, 10, 10, spec)
     np.testing.assert_array_equal(p.width, 10)

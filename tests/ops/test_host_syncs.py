@@ -53,7 +53,6 @@ def every_loss(x, backend):
     yield fc.student_t(x["h"], x["mu"], backend=backend).sum()
     yield fc.dec_loss(q0, backend=backend)
     yield fc.anchor_loss(q0, qa, qb, backend=backend)
-    yield fc.tcc_cluster_loss(x["c_a"], x["c_b"], x["h"], x["h"], backend=backend)
     yield ClusterContrastiveLoss("anchor", backend=backend)(
         x["z_a"], x["z_b"], q0=q0, q_a=qa, q_b=qb
     ).total
@@ -65,7 +64,7 @@ def every_loss(x, backend):
         x["z_b"],
         logits_a=x["c_a"],
         logits_b=x["c_b"],
-        centres=x["z_a"][: x["c_a"].shape[1]],
+        centers=x["z_a"][: x["c_a"].shape[1]],
         r_a=x["z_b"],
         r_b=x["z_a"],
     ).total

@@ -44,7 +44,7 @@ def test_cluster_contrastive_loss_parts_and_weights(method):
         "tcc": dict(
             logits_a=c_a,
             logits_b=c_b,
-            centres=randn(k, 8, seed=8),
+            centers=randn(k, 8, seed=8),
             r_a=randn(n, 8, seed=6),
             r_b=randn(n, 8, seed=7),
         ),
@@ -82,7 +82,7 @@ def test_cluster_contrastive_loss_input_errors():
 @pytest.mark.parametrize("backend", ["torch", "chunked"])
 def test_anchor_objective_from_features_equals_the_separate_ops(backend):
     """ClusterContrastiveLoss("anchor") on (h0, h_a, h_b, centers) is anchor_objective: the
-    Student-t assignments of the three views, then the q form; gradients reach h and centres."""
+    Student-t assignments of the three views, then the q form; gradients reach h and centers."""
     n, f, k = 11, 5, 3
     z_a, z_b = randn(n, 8, seed=1).double(), randn(n, 8, seed=2).double()
     h0, h_a, h_b = (randn(n, f, seed=s).double().requires_grad_() for s in (3, 4, 5))

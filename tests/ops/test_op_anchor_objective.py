@@ -1,6 +1,6 @@
 """`anchor_objective` (the anchor method's whole loss in one pass) on backend "triton" against
 `reference.anchor_objective` in float64: values and every gradient, at small temperatures on
-correlated views, one-hot and uniform assignments, extreme norms, a zero-mass centre, bf16 and
+correlated views, one-hot and uniform assignments, extreme norms, a zero-mass center, bf16 and
 fp16 inputs. The CUDA twin's: backends/test_cuda_objectives.py; launches and ops:
 backends/test_triton_objectives.py."""
 
@@ -22,7 +22,7 @@ from fastcluster_cl.backends import reference
 
 @pytest.mark.parametrize(
     "k, tau", [(k, tau) for k in (10, 7) for tau in (0.05, 0.1, 0.5)] + [(70, 0.1)]
-)  # K = 70 crosses the centre tiles
+)  # K = 70 crosses the center tiles
 def test_anchor_float64(k, tau):
     compare(
         anchor_call,
@@ -51,9 +51,9 @@ def test_anchor_float32():
 
 @pytest.mark.parametrize("case", ["one-hot", "uniform"])
 def test_anchor_assignment_extremes(case):
-    """Centres far apart (q nearly one-hot) or all within 1e-3 of one point (q uniform to
-    ~1e-3: identical centres give exactly zero h and centre gradients, nothing to compare)."""
-    inputs = anchor_inputs(k=7, centre_scale=30.0 if case == "one-hot" else 1e-3)
+    """Centers far apart (q nearly one-hot) or all within 1e-3 of one point (q uniform to
+    ~1e-3: identical centers give exactly zero h and center gradients, nothing to compare)."""
+    inputs = anchor_inputs(k=7, center_scale=30.0 if case == "one-hot" else 1e-3)
     if case == "uniform":
         inputs[5] += inputs[2][0]
     compare(
@@ -70,7 +70,7 @@ def test_anchor_assignment_extremes(case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_anchor_low_precision(dtype):
-    """bf16/fp16 z and h with float32 centres (AMP training)."""
+    """bf16/fp16 z and h with float32 centers (AMP training)."""
     inputs = anchor_inputs(k=10)
     dtypes = [dtype] * 5 + [torch.float32]
     value_tol, grad_tols = low_precision_bounds(
@@ -107,8 +107,8 @@ def test_extreme_norms():
     )
 
 
-def test_zero_mass_centre():
-    """A centre whose Student-t mass underflows in float32 (f_k = 0: DEC's target 0, not 0/0)
+def test_zero_mass_center():
+    """A center whose Student-t mass underflows in float32 (f_k = 0: DEC's target 0, not 0/0)
     and a CC column whose softmax underflows (P_k = 0, the column norm clamped): finite, and
     equal to the reference computed in float32 (which underflows alike)."""
     inputs = anchor_inputs(n=20, d=24, f=16, k=7)

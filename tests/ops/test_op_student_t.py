@@ -1,7 +1,7 @@
 """student_t (DEC's soft assignment) on every backend against the float64 reference: q and the
-gradients of a weighted sum of q (a generic upstream gradient) for h and the centres, with the
+gradients of a weighted sum of q (a generic upstream gradient) for h and the centers, with the
 shared tolerance table (support/tolerances.py; fp32 math: fp32's value tolerance for every input
-dtype). Centre tiling and limits of the Triton kernel are in test_triton_kernels.py, the
+dtype). Center tiling and limits of the Triton kernel are in test_triton_kernels.py, the
 independent implementation in test_losses.py."""
 
 import pytest
@@ -19,7 +19,7 @@ def randn(*shape, seed, scale=1.0):
 
 TRITON_SHAPES = [(37, 10, 48, 1.0), (6, 2, 3, 2.0), (70, 13, 100, 1.0)]
 # K = 45 gives the CUDA kernel's lanes two columns each; F = 200 spans two feature slices of
-# the centre gradient.
+# the center gradient.
 CUDA_SHAPES = [(37, 10, 48, 1.0), (9, 45, 200, 0.7)]
 
 

@@ -19,13 +19,13 @@ ARGS = dict(
 def problem(n=7, k=3, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     z_a, z_b, r_a, r_b = (torch.randn(n, d, generator=g, dtype=F64) for _ in range(4))
-    centres = torch.randn(k, d, generator=g, dtype=F64)
-    c = torch.nn.functional.normalize(centres, dim=1)
+    centers = torch.randn(k, d, generator=g, dtype=F64)
+    c = torch.nn.functional.normalize(centers, dim=1)
     logits_a = torch.nn.functional.normalize(z_a, dim=1) @ c.T
     logits_b = torch.nn.functional.normalize(z_b, dim=1) @ c.T
     pi_a = torch.softmax(torch.randn(n, k, generator=g, dtype=F64) * 2, 1)
     pi_b = torch.softmax(torch.randn(n, k, generator=g, dtype=F64) * 2, 1)
-    return [z_a, z_b, logits_a, logits_b, centres, r_a, r_b], (pi_a, pi_b)
+    return [z_a, z_b, logits_a, logits_b, centers, r_a, r_b], (pi_a, pi_b)
 
 
 def want(x, samples, prior):
@@ -46,9 +46,10 @@ def test_tcc_loss_matches_independent(backend, prior):
     x, samples = problem()
     got = fc.tcc_loss(*x, samples=samples, prior=prior, backend=backend, **ARGS)
     expected = want(x, samples, prior)
-    assert set(got) == set(expected)
+    assert set(got.parts) == set(expected)
     for name, value in expected.items():
-        assert float(got[name]) == pytest.approx(value, rel=1e-12), name
+        assert float(got.parts[name]) == pytest.approx(value, rel=1e-12), name
+    assert float(got.total) == pytest.approx(sum(expected.values()), rel=1e-12)
 
 
 @pytest.mark.parametrize("prior", ["kl", "marginal"])
@@ -57,9 +58,10 @@ def test_tcc_loss_gradients_match_independent(prior):
     implementation (samples fixed)."""
     x, samples = problem(n=5, k=3, d=4, seed=1)
     leaves = [t.clone().requires_grad_() for t in x]
-    parts = fc.tcc_loss(*leaves, samples=samples, prior=prior, backend="torch", **ARGS)
     weights = {"instance": 1.0, "cluster": 0.7, "prior": 1.3}
-    total = sum(weights[k] * v for k, v in parts.items())
+    total = fc.tcc_loss(
+        *leaves, samples=samples, prior=prior, weights=weights, backend="torch", **ARGS
+    ).total
     grads = torch.autograd.grad(total, leaves, allow_unused=True)
     eps = 1e-6
     for i, (leaf, grad) in enumerate(zip(x, grads)):
@@ -93,8 +95,8 @@ def test_tcc_backends_agree_in_float64(prior):
     results = {}
     for backend in _backends():
         leaves = [t.clone().requires_grad_() for t in x]
-        parts = fc.tcc_loss(*leaves, samples=samples, prior=prior, backend=backend, **ARGS)
-        sum(parts.values()).backward()
+        total, parts = fc.tcc_loss(*leaves, samples=samples, prior=prior, backend=backend, **ARGS)
+        total.backward()
         results[backend] = ({k: v.detach() for k, v in parts.items()}, [t.grad for t in leaves])
     ref_parts, ref_grads = results["torch"]
     for _backend, (parts, grads) in results.items():
@@ -121,21 +123,21 @@ def test_tcc_draws_gumbel_softmax_samples_with_lambda():
         torch.nn.functional.gumbel_softmax(x[3] / lam, tau=lam, dim=1),
     )
     again = fc.tcc_loss(*x, samples=samples, backend="torch", **ARGS)
-    for name in got:
-        torch.testing.assert_close(got[name], again[name])
+    for name in got.parts:
+        torch.testing.assert_close(got.parts[name], again.parts[name])
 
 
 def test_tcc_reductions_and_errors():
     x, samples = problem()
-    mean = fc.tcc_loss(*x, samples=samples, backend="torch", **ARGS)
-    none = fc.tcc_loss(*x, samples=samples, backend="torch", reduction="none", **ARGS)
+    mean = fc.tcc_loss(*x, samples=samples, backend="torch", **ARGS).parts
+    none = fc.tcc_loss(*x, samples=samples, backend="torch", reduction="none", **ARGS).parts
     assert none["instance"].shape == (14,) and none["cluster"].shape == (6,)
     assert none["prior"].shape == (14,)
     for name in mean:
         torch.testing.assert_close(none[name].mean(), mean[name])
     with pytest.raises(ValueError, match="prior must be one of"):
         fc.tcc_loss(*x, prior="entropy")
-    with pytest.raises(ValueError, match="centres"):
+    with pytest.raises(ValueError, match="centers"):
         fc.tcc_loss(*x[:4], x[4][:, :3], *x[5:])
 
 

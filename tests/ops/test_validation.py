@@ -115,12 +115,13 @@ def test_probabilities_are_checked():
         fc.anchor_loss(q, q, q[:3])
 
 
-def test_tcc_checks_rows_and_gumbel_tau():
-    c, h = z(4, 3), z(5, 6)
-    with pytest.raises(ValueError, match="h_a has 5 rows but logits_a has 4"):
-        fc.tcc_cluster_loss(c, c, h, h)
-    with pytest.raises(ValueError, match="gumbel_tau"):
-        fc.tcc_cluster_loss(c, c, z(4, 6), z(4, 6), gumbel_tau=0.0)
+def test_tcc_checks_rows_and_gumbel_temperature():
+    c, v = z(4, 3), z(5, 6)
+    with pytest.raises(ValueError, match=r"tcc_loss needs logits \(N=5, K\)"):
+        fc.tcc_loss(v, v, c, c, z(3, 6), v, v)
+    v = z(4, 6)
+    with pytest.raises(ValueError, match="gumbel_temperature"):
+        fc.tcc_loss(v, v, c, c, z(3, 6), v, v, gumbel_temperature=0.0)
 
 
 def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
@@ -134,14 +135,14 @@ def test_backend_without_the_op_raises_instead_of_falling_back(monkeypatch):
 
 
 def test_tcc_checks_dtypes_and_devices_across_logits_and_features():
-    c, h = z(4, 3), z(4, 6)
-    with pytest.raises(TypeError, match="h_a is torch.float32 but logits_a is torch.float64"):
-        fc.tcc_cluster_loss(c.double(), c.double(), h, h)
-    with pytest.raises(TypeError, match="h_a is torch.float64 but logits_a is torch.float32"):
-        fc.tcc_cluster_loss(c, c, h.double(), h.double())
+    c, v, mu = z(4, 3), z(4, 6), z(3, 6)
+    with pytest.raises(TypeError, match="logits_a is torch.float64 but z_a is torch.float32"):
+        fc.tcc_loss(v, v, c.double(), c.double(), mu, v, v)
+    with pytest.raises(TypeError, match="logits_a is torch.float32 but z_a is torch.float64"):
+        fc.tcc_loss(v.double(), v.double(), c, c, mu, v.double(), v.double())
     meta = torch.empty(4, 6, device="meta")
-    with pytest.raises(ValueError, match="h_a is on meta but logits_a is on cpu; move them"):
-        fc.tcc_cluster_loss(c, c, meta, meta)
-    assert (
-        fc.tcc_cluster_loss(c.double(), c.double(), h.double(), h.double()).dtype == torch.float64
-    )
+    with pytest.raises(ValueError, match="logits_a is on cpu but z_a is on meta; move them"):
+        fc.tcc_loss(meta, meta, c, c, mu, meta, meta)
+    v = v.double()
+    out = fc.tcc_loss(v, v, c.double(), c.double(), mu.double(), v, v)
+    assert out.total.dtype == torch.float64

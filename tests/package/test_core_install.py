@@ -43,11 +43,10 @@ SCRIPT = textwrap.dedent("""
         losses = [fc.nt_xent(z_a, z_b, backend=backend),
                   fc.cc_cluster_loss(c_a, c_b, backend=backend),
                   fc.dec_loss(q, backend=backend),
-                  fc.anchor_loss(q, p_a, p_b, backend=backend),
-                  fc.tcc_cluster_loss(c_a, c_b, h, h, backend=backend)]
+                  fc.anchor_loss(q, p_a, p_b, backend=backend)]
         for method, inputs in (("anchor", dict(q0=q, q_a=p_a, q_b=p_b)),
                                ("cc", dict(logits_a=c_a, logits_b=c_b)),
-                               ("tcc", dict(logits_a=c_a, logits_b=c_b, centres=z_a[:3],
+                               ("tcc", dict(logits_a=c_a, logits_b=c_b, centers=z_a[:3],
                                             r_a=z_a, r_b=z_b))):
             crit = fc.ClusterContrastiveLoss(method, backend=backend)
             losses.append(crit(z_a, z_b, **inputs).total)

@@ -62,15 +62,15 @@ def _unit(x):
 
 
 def tcc_loss(
-    z_a, z_b, logits_a, logits_b, centres, r_a, r_b, pi_a, pi_b, tau_i, tau_c, lam, alpha, prior
+    z_a, z_b, logits_a, logits_b, centers, r_a, r_b, pi_a, pi_b, tau_i, tau_c, lam, alpha, prior
 ):
     """TCC's three parts (instance, cluster, prior) for given assignment samples pi (N x K),
     written from the specification (docs/methods.md) with explicit loops over clusters."""
     v_a, v_b = _unit(z_a), _unit(z_b)
-    c = _unit(centres)
+    c = _unit(centers)
     e_a = _unit(_unit(pi_a @ c) + alpha * _unit(r_a))
     e_b = _unit(_unit(pi_b @ c) + alpha * _unit(r_b))
-    k = centres.shape[0]
+    k = centers.shape[0]
     s_a = np.stack([sum(pi_a[i, j] * v_a[i] for i in range(len(v_a))) for j in range(k)])
     s_b = np.stack([sum(pi_b[i, j] * v_b[i] for i in range(len(v_b))) for j in range(k)])
     q_a, q_b = softmax(logits_a / lam), softmax(logits_b / lam)

@@ -21,11 +21,6 @@ def loss_cases(backend):
         ("student_t", lambda a, b: fc.student_t(a, b, backend=backend), (h, mu)),
         ("dec_loss", lambda a: fc.dec_loss(a, backend=backend), (q,)),
         ("anchor_loss", lambda a, b: fc.anchor_loss(a, b, b, backend=backend), (q, q.flip(0))),
-        (
-            "tcc_cluster_loss",
-            lambda a, b: fc.tcc_cluster_loss(a, b, h, h, backend=backend),
-            (c, c + 1),
-        ),
     ]
     cases += [
         (
@@ -44,7 +39,7 @@ def loss_cases(backend):
         "anchor(h)": lambda: dict(h0=h, h_a=h + 1, h_b=h - 1, centers=mu),
         "cc": lambda: dict(logits_a=c, logits_b=c + 1),
         "tcc": lambda: dict(
-            logits_a=c, logits_b=c + 1, centres=z[: c.shape[1]], r_a=z + 2, r_b=z - 2
+            logits_a=c, logits_b=c + 1, centers=z[: c.shape[1]], r_a=z + 2, r_b=z - 2
         ),
     }
     for method, inputs in methods.items():

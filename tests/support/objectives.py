@@ -19,14 +19,14 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def anchor_inputs(n=37, d=48, f=40, k=10, seed=0, centre_scale=1.0, noise=0.3):
-    """float64 (z_a, z_b, h0, h_a, h_b, centres): correlated views, each h near h0."""
+def anchor_inputs(n=37, d=48, f=40, k=10, seed=0, center_scale=1.0, noise=0.3):
+    """float64 (z_a, z_b, h0, h_a, h_b, centers): correlated views, each h near h0."""
     z_a, z_b = correlated_views(n, d, seed)
     g = gen(seed + 1)
     h0 = torch.randn(n, f, generator=g, dtype=F64)
     h_a, h_b = (h0 + noise * torch.randn(n, f, generator=g, dtype=F64) for _ in range(2))
-    centres = centre_scale * torch.randn(k, f, generator=g, dtype=F64)
-    return [z_a, z_b, h0, h_a, h_b, centres]
+    centers = center_scale * torch.randn(k, f, generator=g, dtype=F64)
+    return [z_a, z_b, h0, h_a, h_b, centers]
 
 
 def cc_inputs(n=37, d=48, k=10, seed=0, scale=1.0):

@@ -6,9 +6,10 @@ import torch
 
 from fastcluster_cl import ClusterContrastiveLoss
 from fastcluster_cl.models import (
-    CentreHead,
+    CenterHead,
     ResNetBackbone,
     SmallCNN,
+    TCCHead,
     build_backbone,
     build_model,
     method_loss_inputs,
@@ -63,24 +64,24 @@ def test_backbone_errors():
         build_model("cc", "small_cnn", 1, 1)
 
 
-def test_centre_head_kmeans_init_and_student_t():
+def test_center_head_kmeans_init_and_student_t():
     rng = np.random.default_rng(0)
     means = np.array([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0]])
     feats = np.concatenate([m + 0.1 * rng.standard_normal((20, 2)) for m in means])
-    head = CentreHead(2, 3)
+    head = CenterHead(2, 3)
     assert not bool(head.initialised)
-    head.init_centres(feats, seed=0)
+    head.init_centers(feats, seed=0)
     assert bool(head.initialised)
-    centres = head.centres.detach().numpy()
-    # each true mean has a centre within 0.1 of it
-    assert np.abs(centres[:, None, :] - means[None]).sum(-1).min(0).max() < 0.1
+    centers = head.centers.detach().numpy()
+    # each true mean has a center within 0.1 of it
+    assert np.abs(centers[:, None, :] - means[None]).sum(-1).min(0).max() < 0.1
     h = torch.randn(5, 2, dtype=torch.float64)
     q = head(h.float())["q"].double()
-    mu = head.centres.detach().double()
+    mu = head.centers.detach().double()
     kernel = 1.0 / (1.0 + ((h[:, None] - mu[None]) ** 2).sum(-1))  # alpha = 1: exponent -1
     torch.testing.assert_close(q, kernel / kernel.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least 3 feature rows"):
-        head.init_centres(feats[:2])
+        head.init_centers(feats[:2])
 
 
 @pytest.mark.parametrize("method", ["anchor", "cc", "tcc"])
@@ -88,7 +89,7 @@ def test_every_method_trains_through_the_backbone(method):
     torch.manual_seed(0)
     model = build_model(method, "small_cnn", 4, 1, hidden_dim=32, projection_dim=16)
     if method == "anchor":
-        model.cluster_head.init_centres(torch.randn(8, model.backbone.feature_dim))
+        model.cluster_head.init_centers(torch.randn(8, model.backbone.feature_dim))
     x = torch.randn(3 * 6, 1, 8, 8)
     out = model(x)
     split = model([x[i * 6 : (i + 1) * 6] for i in range(3)])  # per-view forward
@@ -109,3 +110,13 @@ def test_anchor_needs_the_clean_view():
     out = model(torch.randn(4, 1, 8, 8))
     with pytest.raises(ValueError, match="clean view"):
         method_loss_inputs(model, "anchor", out, out)
+
+
+@pytest.mark.parametrize("head", [CenterHead(4, 3), TCCHead(4, 3)])
+def test_state_dicts_of_version_0_1_0_load(head):
+    """Version 0.1.0 spelled the parameter `centres`: its state dicts (checkpoints) still load."""
+    old = {("centres" if k == "centers" else k): v for k, v in head.state_dict().items()}
+    old["centres"] = torch.randn(3, 4)
+    fresh = type(head)(4, 3)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.centers, old["centres"])

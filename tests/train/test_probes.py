@@ -334,9 +334,9 @@ def test_probe_nan_gradient_with_finite_loss(tmp_path):
 def test_probe_tcc_mixed_dtype_and_device():
     import fastcluster_cl as fc
 
-    c, h = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6)
+    c, v, mu = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6), torch.randn(3, 6)
     with pytest.raises(TypeError, match="cast them to one dtype"):
-        fc.tcc_cluster_loss(c, c, h, h)
+        fc.tcc_loss(v, v, c, c, mu, v, v)
     m = torch.empty(4, 6, device="meta")
     with pytest.raises(ValueError, match="move them to one device"):
-        fc.tcc_cluster_loss(c.float(), c.float(), m, m)
+        fc.tcc_loss(m, m, c.float(), c.float(), mu, m, m)

@@ -377,5 +377,5 @@ def test_a_run_of_an_earlier_version_resumes_elsewhere_not_in_place(tmp_path, fi
 def test_temperature_below_the_losses_limit_exits_2():
     err = run("train", *TINY, "--instance-temperature", "1e-9", code=2)
     assert "argument --instance-temperature: instance_temperature must be >= 1e-8" in err
-    err = run("train", *TINY, "--method", "cc", "--centre-warmup-epochs", "1", code=2)
-    assert "argument --centre-warmup-epochs" in err
+    err = run("train", *TINY, "--method", "cc", "--center-warmup-epochs", "1", code=2)
+    assert "argument --center-warmup-epochs" in err

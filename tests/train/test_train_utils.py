@@ -167,3 +167,12 @@ def test_line_progress_prints_at_most_every_30_seconds_and_at_the_end():
     ]
     assert printed[1] == "epoch 4/10  step 31/100  loss 0.0323  64 img/s  ETA 1m09s"
     assert printed[-1].startswith("epoch 10/10  step 100/100") and "ETA 0m00s" in printed[-1]
+
+
+def test_checkpoints_of_version_0_1_0_read_the_new_setting_name(tmp_path):
+    """Version 0.1.0 stored centre_warmup_epochs; it is read as center_warmup_epochs."""
+    state = _state()
+    state["config"] = dict(state["config"], centre_warmup_epochs=3)
+    state["config"].pop("center_warmup_epochs", None)
+    config = load_checkpoint(save_checkpoint(tmp_path / "old.pt", state))["config"]
+    assert config["center_warmup_epochs"] == 3 and "centre_warmup_epochs" not in config

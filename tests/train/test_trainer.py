@@ -89,11 +89,11 @@ def test_short_training_lowers_the_loss(tmp_path, method):
         epochs=5,
         plots=False,
         eval_every=0,
-        **({"centre_warmup_epochs": 0} if method == "anchor" else {}),
+        **({"center_warmup_epochs": 0} if method == "anchor" else {}),
     )
     metrics = train(cfg, dataset=blobs())
     records = read_log(tmp_path / "run" / "log.jsonl", "step")
-    # anchor: DEC's self-training target sharpens as the centres move, so its KL (and the total)
+    # anchor: DEC's self-training target sharpens as the centers move, so its KL (and the total)
     # may rise while the model learns; its instance loss must fall
     key = "loss_instance" if method == "anchor" else "loss"
     losses = [r[key] for r in records]
@@ -156,26 +156,26 @@ def test_torch_compile_matches_eager(tmp_path):
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
-def test_centre_warmup_trains_the_instance_loss_first(tmp_path):
+def test_center_warmup_trains_the_instance_loss_first(tmp_path):
     torch.set_num_threads(1)
-    metrics = train(tiny(tmp_path, centre_warmup_epochs=1, plots=False), dataset=blobs())
+    metrics = train(tiny(tmp_path, center_warmup_epochs=1, plots=False), dataset=blobs())
     log = tmp_path / "run" / "log.jsonl"
     steps = read_log(log, "step")
     assert all(set(r) & {"loss_cluster", "loss_anchor"} == set() for r in steps[:3])
     assert all({"loss_cluster", "loss_anchor"} <= set(r) for r in steps[3:])
-    init = read_log(log, "init_centres")
+    init = read_log(log, "init_centers")
     assert len(init) == 1 and init[0]["time"] > steps[2]["time"]
     evals = read_log(log, "eval")
-    assert "nmi" not in evals[0] and "kmeans_nmi" in evals[0]  # centres not yet set
+    assert "nmi" not in evals[0] and "kmeans_nmi" in evals[0]  # centers not yet set
     assert "nmi" in evals[1] and 0 <= metrics["nmi"] <= 1
     with pytest.raises(ValueError, match="anchor method"):
-        TrainConfig(method="cc", centre_warmup_epochs=1).check()
+        TrainConfig(method="cc", center_warmup_epochs=1).check()
 
 
-def test_centre_init_features_come_from_class_mixed_batches(tmp_path):
+def test_center_init_features_come_from_class_mixed_batches(tmp_path):
     """blobs() is stored sorted by class: in dataset order, batches of 32 hold one class each,
     and BatchNorm's batch statistics would erase what tells the classes apart before the
-    k-means that places the centres."""
+    k-means that places the centers."""
     torch.set_num_threads(1)
     data = blobs()
     trainer = Trainer(tiny(tmp_path, eval_batch_size=32), dataset=data)
@@ -197,10 +197,10 @@ def test_centre_init_features_come_from_class_mixed_batches(tmp_path):
         ("tcc", 80, None, 0),
     ],
 )
-def test_centre_warmup_default_is_an_eighth_of_the_anchor_run(method, epochs, warmup, expected):
-    config = TrainConfig(method=method, epochs=epochs, centre_warmup_epochs=warmup)
+def test_center_warmup_default_is_an_eighth_of_the_anchor_run(method, epochs, warmup, expected):
+    config = TrainConfig(method=method, epochs=epochs, center_warmup_epochs=warmup)
     config.check()
-    assert resolve(config, blobs()).centre_warmup_epochs == expected
+    assert resolve(config, blobs()).center_warmup_epochs == expected
 
 
 def nan_gradient_at(trainer, steps):

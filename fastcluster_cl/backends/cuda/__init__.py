@@ -16,8 +16,8 @@ The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/nt_xent_bank.cu
 directory; importing this module builds nothing and works on CPU-only machines.
 
 `student_t`, `dec_loss` and `anchor_loss` run the kernels of ``csrc/cluster.cu`` (one warp per
-row, deterministic, forward and backward). The cluster-level contrasts (`cc_cluster_loss`,
-`tcc_cluster_loss`) run this NT-Xent on their 2K rows.
+row, deterministic, forward and backward). The cluster-level contrast (`cc_cluster_loss`) runs
+this NT-Xent on its 2K rows.
 
 `anchor_objective` and `cc_objective` are the one-pass fused objectives of ``csrc/objective.cu``
 (`reference.anchor_objective` / `cc_objective`): the instance NT-Xent and the method's cluster
@@ -42,12 +42,8 @@ from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
 from .objective import anchor_objective, cc_objective, cc_objective_fits
 
 cc_cluster_loss = functools.partial(reference.cc_cluster_loss, instance_loss=nt_xent)
-tcc_cluster_loss = functools.partial(reference.tcc_cluster_loss, instance_loss=nt_xent)
 cc_cluster_loss_terms = functools.partial(
     reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms
-)
-tcc_cluster_loss_terms = functools.partial(
-    reference.tcc_cluster_loss_terms, instance_terms=nt_xent_terms
 )
 
 __all__ = [
@@ -66,7 +62,5 @@ __all__ = [
     "nt_xent_bank_terms",
     "nt_xent_terms",
     "student_t",
-    "tcc_cluster_loss",
-    "tcc_cluster_loss_terms",
     "unavailable_reason",
 ]

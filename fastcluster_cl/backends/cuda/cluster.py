@@ -18,7 +18,7 @@ from . import build
 def student_t_forward(
     h: torch.Tensor, centers: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, dist2): the Student-t assignment of h to the centres and the squared distances."""
+    """(q, dist2): the Student-t assignment of h to the centers and the squared distances."""
     q, dist2 = build.extension().student_t_forward(h, centers, alpha)
     return q, dist2
 

@@ -17,7 +17,7 @@ from . import build
 # c_b = sum_k q0 [q_v >= tiny] (the clamped log's exact gradient), and the column sums f (K,) of
 # q0; cc: row_lse (2, N) = the softmax lse of each view's row, the 2K x 2K Gram of the columns
 # and (3, 2K) = each column's lse, loss and sum (K at most CC_MAX_CLUSTERS). The incoming
-# gradient and the weights are folded in the backward kernels; centres enter in fp32 (the
+# gradient and the weights are folded in the backward kernels; centers enter in fp32 (the
 # cast's autograd brings their gradient back to their dtype).
 CC_MAX_CLUSTERS = 64  # FCL_CC_MAX_CLUSTERS of csrc/fcl_kernels.h
 
