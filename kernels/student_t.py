@@ -254,7 +254,16 @@ def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> t
     q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
     with device_guard(h):
         _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            h, centers, q, alpha_t, n, k, f, h.stride(0), centers.stride(0), **consts
+            H=h,
+            MU=centers,
+            Q=q,
+            ALPHA=alpha_t,
+            n=n,
+            K=k,
+            F=f,
+            stride_h=h.stride(0),
+            stride_mu=centers.stride(0),
+            **consts,
         )
     return q
 
@@ -275,17 +284,17 @@ def student_t_backward(
     g = torch.empty(n, k, dtype=acc, device=h.device)
     with device_guard(h):
         _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
-            h,
-            centers,
-            q,
-            dq.contiguous(),
-            g,
-            alpha_t,
-            n,
-            k,
-            f,
-            h.stride(0),
-            centers.stride(0),
+            H=h,
+            MU=centers,
+            Q=q,
+            DQ=dq.contiguous(),
+            G=g,
+            ALPHA=alpha_t,
+            n=n,
+            K=k,
+            F=f,
+            stride_h=h.stride(0),
+            stride_mu=centers.stride(0),
             **consts,
         )
     # d = |h|^2 - 2 h.mu + |mu|^2: dh = 2 (rowsum(g) h - g mu), dmu = -2 (g^T h - colsum(g) mu)

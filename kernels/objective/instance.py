@@ -303,13 +303,14 @@ def _instance_consts(z_a: torch.Tensor, inv_tau: float, acc: torch.dtype, config
     )
 
 
-def _split(values: list[float]) -> list[float]:
-    """Each float as (hi, lo) fp32 kernel arguments (`_param`): no host-to-device copy, which
-    torch would synchronise (torch.tensor(..., device="cuda")), and fp64 precision kept."""
-    out = []
-    for v in values:
+def _split(**values: float) -> dict[str, float]:
+    """Each float as the (hi, lo) fp32 kernel arguments `<name>_hi`, `<name>_lo` (`_param`): no
+    host-to-device copy, which torch would synchronise (torch.tensor(..., device="cuda")), and
+    fp64 precision kept."""
+    out = {}
+    for name, v in values.items():
         hi = struct.unpack("f", struct.pack("f", v))[0]
-        out += [hi, struct.unpack("f", struct.pack("f", v - hi))[0]]
+        out[f"{name}_hi"], out[f"{name}_lo"] = hi, struct.unpack("f", struct.pack("f", v - hi))[0]
     return out
 
 
