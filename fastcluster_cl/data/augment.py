@@ -19,9 +19,9 @@ batches by `digit_view` (affine_grid / grid_sample): rotation +-20 deg, shear +-
 displacements, upsampled bicubically) on half the images; a soft 3 x 3 dilation or erosion of
 the strokes on half (mnist5k only: the 8 x 8 digits' `DIGIT_8PX` leaves it out); contrast
 .8-1.3 and Gaussian noise (sigma .1 of the range) on half; random erasing (2-20% of the area)
-with p .5. Measured on mnist5k (docs/methods.md): this set takes CC from NMI .44 (crop-only) to
-.95. Every random number of it is drawn with the view's other parameters (noise as one seed per
-image), so it too is a function of (seed, epoch, batch).
+with p .5 (what each piece is worth on mnist5k: docs/methods.md). Every random number of it is
+drawn with the view's other parameters (noise as one seed per image), so it too is a function of
+(seed, epoch, batch).
 """
 
 from __future__ import annotations
