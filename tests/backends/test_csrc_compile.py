@@ -64,8 +64,10 @@ def test_cu_compiles(source, arch, tmp_path):
     )
 
 
-def test_binding_syntax(tmp_path):
-    """g++ -fsyntax-only of binding.cpp against torch's headers, as cpp_extension compiles it.
+@pytest.mark.parametrize("source", sorted(CSRC.glob("*binding.cpp")), ids=lambda p: p.name)
+def test_binding_syntax(source, tmp_path):
+    """g++ -fsyntax-only of each binding file against torch's headers, as cpp_extension
+    compiles it.
 
     CPU builds of torch ship the c10/cuda headers without the generated cuda_cmake_macros.h;
     an empty stand-in (searched last) is enough for a syntax check."""
@@ -91,6 +93,6 @@ def test_binding_syntax(tmp_path):
             "-fsyntax-only",
             "-DTORCH_EXTENSION_NAME=fcl_syntax_check",
             *(f"-I{p}" for p in includes),
-            str(CSRC / "binding.cpp"),
+            str(source),
         ]
     )

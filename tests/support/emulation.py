@@ -2,7 +2,7 @@
 source, with each `<<<grid, threads, 0, stream>>>` launch rewritten into a call of the emulation
 (one std::thread per CUDA thread, real barriers and shuffles, wmma fragments emulated whole), is
 built with g++ into a shared library whose extern "C" launchers are called through ctypes.
-`EmulatedExtension` offers the binding's functions (csrc/binding.cpp) over them on CPU tensors;
+`EmulatedExtension` offers the binding's functions (csrc/*_binding.cpp) over them on CPU tensors;
 the fixtures `csrc_lib` and `emulated` (tests/conftest.py) build it once per session and put it
 in place of `cuda_backend.build.extension()`, so that backend="cuda" runs on CPU tensors.
 
@@ -92,7 +92,7 @@ def _nan(*shape):
 
 
 class EmulatedExtension:
-    """The binding's functions (csrc/binding.cpp) over the emulated launchers, on CPU tensors."""
+    """The binding's functions (csrc/*_binding.cpp) over the emulated launchers, on CPU tensors."""
 
     multiprocessors = 132  # an H100's SM count drives the automatic column split
 

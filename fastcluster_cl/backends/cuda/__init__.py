@@ -10,8 +10,9 @@ row-parallel pass using the saved per-row lse, so the 2N x 2N similarity matrix 
 against the bank's column tiles, never an N x M matrix, with the Triton kernels' numerics (fixed
 shift, fp16 hi + lo bank for 16-bit inputs), per-row gradients included.
 
-The extension (``csrc/binding.cpp``, ``csrc/nt_xent.cu``, ``csrc/nt_xent_bank.cu``,
-``csrc/cluster.cu``, ``csrc/objective.cu``; shared tiles in ``csrc/tiles.cuh``) is built with
+The extension (``csrc/<op>.cu`` with its torch binding ``csrc/<op>_binding.cpp`` for the ops
+nt_xent, nt_xent_bank, cluster and objective, the module in ``csrc/binding.cpp``; shared tiles
+in ``csrc/tiles.cuh``) is built with
 ``torch.utils.cpp_extension.load`` on the first call and cached in torch's default extensions
 directory; importing this module builds nothing and works on CPU-only machines.
 

@@ -9,7 +9,9 @@ import os
 
 import torch
 
-_SOURCES = ("binding.cpp", "nt_xent.cu", "nt_xent_bank.cu", "cluster.cu", "objective.cu")
+_OPS = ("nt_xent", "nt_xent_bank", "cluster", "objective")
+# each op's kernels and its torch binding beside them, and the module definition
+_SOURCES = ("binding.cpp", *(f"{op}{suffix}" for op in _OPS for suffix in (".cu", "_binding.cpp")))
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (wmma) need Ampere or newer
@@ -66,7 +68,7 @@ def require_device(device: torch.device) -> None:
 def extension():
     """The compiled extension module (JIT-built on first use, then loaded from torch's cache).
 
-    Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/binding.cpp:
+    Exposes the building blocks documented in csrc/fcl_kernels.h and csrc/*_binding.cpp:
     normalize(z_a, z_b), lse_rows(zs, rs, row_start, row_end, inv_tau),
     grad_rows(zs, rs, lse, row_loss, row_start, row_end, inv_tau),
     norm_backward(zs, rs, norm, g, row_start, row_end, grad_out, factor, out),

@@ -9,9 +9,9 @@ from ..autograd.pairs import register_pair
 from . import build
 
 # Student-t, DEC and anchor as torch.library ops with fake implementations (float32 results,
-# gradients in the input dtype: csrc/binding.cpp); `backends.autograd.pairs.register_pair` is their
-# autograd. The forwards return what their backward needs: q and the squared distances, the
-# column sums f of DEC.
+# gradients in the input dtype: csrc/cluster_binding.cpp); `backends.autograd.pairs.register_pair`
+# is their autograd. The forwards return what their backward needs: q and the squared distances,
+# the column sums f of DEC.
 
 
 @torch.library.custom_op("fastcluster_cl::student_t_cuda_fwd", mutates_args=())
