@@ -17,7 +17,8 @@ setup(
     # kernels/ and csrc/ sit at the top level and install inside the package; csrc is
     # shipped as sources because the CUDA twin is JIT-built on first use.
     packages=find_packages(include=["fastcluster_cl", "fastcluster_cl.*"])
-    + ["fastcluster_cl.kernels", "fastcluster_cl.csrc"],
+    + ["fastcluster_cl.kernels", *(f"fastcluster_cl.kernels.{p}" for p in find_packages("kernels"))]
+    + ["fastcluster_cl.csrc"],
     package_dir={"fastcluster_cl.kernels": "kernels", "fastcluster_cl.csrc": "csrc"},
     package_data={"fastcluster_cl.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
     # The losses need only torch, numpy and (on Linux) triton; the trainer, metrics, data and
