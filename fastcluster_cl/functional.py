@@ -83,8 +83,6 @@ def loss_in_input_dtype(fn):
             return LossOutput(out.total.to(dtype), {k: v.to(dtype) for k, v in out.parts.items()})
         if isinstance(out, tuple):
             return tuple(v.to(dtype) for v in out)
-        if isinstance(out, dict):
-            return {k: v.to(dtype) for k, v in out.items()}
         return out.to(dtype)
 
     return wrapper
@@ -693,7 +691,7 @@ def tcc_loss(
     for name, x in (("z_a", z_a), ("z_b", z_b), ("r_a", r_a), ("r_b", r_b)):
         check_matrix(name, x, min_rows=2)
     check_same(("z_a", "z_b", "r_a", "r_b"), (z_a, z_b, r_a, r_b))
-    check_same(("z_a", "logits_a", "centers"), (z_a, logits_a, centers), shape=False)
+    check_same(("z_a", "logits_a", "centers"), (z_a, logits_a, centers), shape=False, dtype=False)
     check_matrix("centers", centers, min_rows=2)
     n, k, d = z_a.shape[0], logits_a.shape[1], z_a.shape[1]
     if logits_a.shape[0] != n or centers.shape != (k, d):

@@ -102,9 +102,12 @@ def check_matrix(name: str, x: torch.Tensor, min_rows: int = 1, min_cols: int = 
 
 
 def check_same(
-    names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shape: bool = True
+    names: tuple[str, ...],
+    tensors: tuple[torch.Tensor, ...],
+    shape: bool = True,
+    dtype: bool = True,
 ) -> None:
-    """Same device and dtype (and shape when `shape`) for every tensor."""
+    """Same device for every tensor, and the same dtype (when `dtype`) and shape (`shape`)."""
     first_name, first = names[0], tensors[0]
     for name, t in zip(names[1:], tensors[1:]):
         if t.device != first.device:
@@ -112,7 +115,7 @@ def check_same(
                 f"{name} is on {t.device} but {first_name} is on {first.device}; "
                 "move them to one device"
             )
-        if t.dtype != first.dtype:
+        if dtype and t.dtype != first.dtype:
             raise TypeError(
                 f"{name} is {t.dtype} but {first_name} is {first.dtype}; cast them to one dtype"
             )

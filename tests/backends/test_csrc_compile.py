@@ -24,7 +24,7 @@ def _nvcc() -> str | None:
 
 def _cuda_include(nvcc: str) -> Path | None:
     """The toolkit's include directory (nvcc may be a wrapper script outside the toolkit)."""
-    candidates = [os.environ.get("CUDA_HOME"), Path(nvcc).resolve().parents[2], "/usr/local/cuda"]
+    candidates = [os.environ.get("CUDA_HOME"), Path(nvcc).resolve().parents[1], "/usr/local/cuda"]
     for home in filter(None, candidates):
         if Path(home, "include", "cuda_runtime_api.h").exists():
             return Path(home, "include")

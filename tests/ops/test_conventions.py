@@ -147,3 +147,22 @@ def test_gather_distributed_needs_torch_distributed(monkeypatch):
     with pytest.raises(ValueError, match="torch.distributed is not available"):
         fc.nt_xent(z, z, gather_distributed=True)
     assert fc.NTXentLoss(gather_distributed=False) is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
+def test_the_returned_loss_may_be_changed_in_place_before_backward(backend):
+    """As with torch's own losses, `loss += extra` before `.backward()` works: the fused
+    backends do not save the loss they return for their backward."""
+    z_a, z_b = randn(6, 4, seed=1).float(), randn(6, 4, seed=2).float()
+    bank = torch.nn.functional.normalize(randn(9, 4, seed=3).float(), dim=1)
+    for fn in (
+        lambda a, b: fc.nt_xent(a, b, backend=backend),
+        lambda a, b: fc.nt_xent_bank(a, b, bank, backend=backend),
+    ):
+        a, b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+        loss = fn(a, b)
+        loss += 1.0
+        loss.backward()
+        a2, b2 = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+        fn(a2, b2).backward()
+        torch.testing.assert_close(a.grad, a2.grad)

@@ -30,7 +30,7 @@ def _cuda_include() -> Path | None:
 
     nvcc = shutil.which("nvcc")
     for home in filter(
-        None, [CUDA_HOME, nvcc and Path(nvcc).resolve().parents[2], "/usr/local/cuda"]
+        None, [CUDA_HOME, nvcc and Path(nvcc).resolve().parents[1], "/usr/local/cuda"]
     ):
         if Path(home, "include", "cuda_runtime.h").exists():
             return Path(home, "include")

@@ -336,7 +336,7 @@ def test_probe_tcc_mixed_dtype_and_device():
 
     c, v, mu = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6), torch.randn(3, 6)
     with pytest.raises(TypeError, match="cast them to one dtype"):
-        fc.tcc_loss(v, v, c, c, mu, v, v)
+        fc.tcc_loss(v, v, c, c.float(), mu, v, v)
     m = torch.empty(4, 6, device="meta")
     with pytest.raises(ValueError, match="move them to one device"):
         fc.tcc_loss(m, m, c.float(), c.float(), mu, m, m)

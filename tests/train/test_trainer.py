@@ -121,10 +121,13 @@ def test_resume_refuses_a_different_model(tmp_path):
         )
 
 
-def test_bf16_autocast_on_cpu(tmp_path):
+@pytest.mark.parametrize("method", ["cc", "tcc", "anchor"])
+def test_bf16_autocast_on_cpu(tmp_path, method):
+    """Every method trains under bf16 autocast (bf16 projections and logits, fp32 parameters
+    such as the centers)."""
     torch.set_num_threads(1)
     trainer = Trainer(
-        tiny(tmp_path, method="cc", amp="bf16", epochs=1, plots=False), dataset=blobs()
+        tiny(tmp_path, method=method, amp="bf16", epochs=1, plots=False), dataset=blobs()
     )
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     metrics = trainer.fit()

@@ -48,6 +48,7 @@ def register_bank_autograd(forward_op, backward_op, name: str) -> None:
             *inputs[5:],
         ),
         wrt=(0, 1),
+        save_result=False,
     )
 
 

@@ -7,7 +7,7 @@ incoming gradients. `register_pair` gives the forward op, through
 `torch.library.register_autograd`, the backward op as its formula (so the op is differentiable
 on its own and the loss functions are plain calls of it) and makes the backward op refuse a
 second differentiation with NT-Xent's error ("double backward is not supported by backend=X;
-use backend='torch'", `nt_xent_autograd.double_backward_error`).
+use backend='torch'", `double_backward_error`).
 """
 
 from __future__ import annotations
@@ -88,18 +88,23 @@ def register_pair(
     backward_args: BackwardArgs,
     wrt: Sequence[int],
     materialize_grads: bool = True,
+    save_result: bool = True,
 ) -> None:
     """Make `forward_op` differentiable through `backward_op`, whose result (a tensor, or a
     tuple of them) is the gradient of the forward's inputs at the indices `wrt`, in order; the
     other inputs get none. `name` is the backend named by the double-backward error.
     `materialize_grads=False`: results that received no gradient pass None to `backward_args`
-    instead of a zero tensor (no zero fills for outputs that are only backward state)."""
+    instead of a zero tensor (no zero fills for outputs that are only backward state).
+    `save_result=False`: the first output (the loss the caller gets) is not saved and reaches
+    `backward_args` as None, so that the caller may modify it in place before backward."""
     wrt = tuple(wrt)
     PAIRS[forward_op._qualname] = Pair(backward_op, backward_args, wrt)
 
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(materialize_grads)
         outputs = output if isinstance(output, tuple) else (output,)
+        if not save_result:
+            outputs = (None, *outputs[1:])
         values = (*inputs, *outputs)
         ctx.tensor_at = [i for i, x in enumerate(values) if isinstance(x, torch.Tensor)]
         ctx.constants = [None if isinstance(x, torch.Tensor) else x for x in values]
