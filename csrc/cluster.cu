@@ -13,7 +13,7 @@
 // q is N x K soft assignments (rows sum to 1), K small. Each row is one warp (lanes stride the K
 // columns); per-row losses are written out and summed by the caller, so the kernels are
 // deterministic (no atomics). log q is log(max(q, FLT_MIN)) with the clamp's gradient, as
-// reference.safe_log: d/dq = 1/q where q >= FLT_MIN, else 0.
+// numerics.safe_log: d/dq = 1/q where q >= FLT_MIN, else 0.
 //   DEC:    f_k = sum_i q_ik (column_sum_kernel, its own launch so that a distributed caller can
 //           all-reduce f before the rows); p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) held fixed;
 //           loss_i = sum_k p_ik log p_ik - p_ik log q_ik; dL/dq_ik = -s p_ik / q_ik.

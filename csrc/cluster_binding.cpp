@@ -1,6 +1,8 @@
 // The torch binding of csrc/cluster.cu: Student-t, DEC and anchor, forward and backward.
 #include "binding.h"
 
+namespace {  // only bind_* below is visible to the module definition
+
 namespace {
 
 // Validates an n x k assignment matrix; returns {n, k}.
@@ -132,6 +134,8 @@ std::vector<at::Tensor> student_t_backward(const at::Tensor& h, const at::Tensor
                "fcl_student_t_backward");
   return {dh, dcenters};
 }
+
+}  // namespace
 
 void bind_cluster(py::module_& m) {
   m.def("student_t_forward", &student_t_forward, "Student-t assignment q and distances",

@@ -119,7 +119,7 @@ __device__ __forceinline__ float softplus(float x) {
   return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
 }
 
-// KL helpers: 0 log 0 = 0; log q clamped at FLT_MIN as reference.safe_log, whose gradient is
+// KL helpers: 0 log 0 = 0; log q clamped at FLT_MIN as numerics.safe_log, whose gradient is
 // w / q where the clamp passes it, else 0.
 __device__ __forceinline__ float xlogx(float x) { return x > 0.f ? x * logf(x) : 0.f; }
 __device__ __forceinline__ float safe_log(float x) { return logf(fmaxf(x, FLT_MIN)); }

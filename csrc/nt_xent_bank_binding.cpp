@@ -1,6 +1,8 @@
 // The torch binding of csrc/nt_xent_bank.cu: NT-Xent against a memory bank.
 #include "binding.h"
 
+namespace {  // only bind_* below is visible to the module definition
+
 // NT-Xent against a memory bank (csrc/nt_xent_bank.cu). zs, rs, norm, dist: the outputs of
 // normalize on (z_a, z_b); bank (M x d) in zs's dtype, with bank_lo its low fp16 half when the
 // bank is wider than zs (scores take both products). fixed_shift: the kernels sum 2^(x - 1/tau
@@ -86,6 +88,8 @@ std::vector<at::Tensor> bank_backward(const at::Tensor& zs, const at::Tensor& rs
                "fcl_nt_xent_bank_grad");
   return {dz_a, dz_b};
 }
+
+}  // namespace
 
 void bind_nt_xent_bank(py::module_& m) {
   m.def("bank_forward", &bank_forward, "row losses and row weights against a memory bank",

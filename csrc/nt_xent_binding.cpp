@@ -2,6 +2,8 @@
 // normalisation's backward (also the distributed path's building blocks).
 #include "binding.h"
 
+namespace {  // only bind_* below is visible to the module definition
+
 // (zs, rs, norm, dist): [z_a; z_b] with rows scaled by powers of two (fp16 for 16-bit inputs,
 // else fp32), the inverse scaled norms (zn = zs rs), the clamped row norms, and
 // dist[i] = 1 - zn[i] . zn[n + i] (fp32; see fcl_kernels.h).
@@ -125,6 +127,8 @@ at::Tensor norm_backward(const at::Tensor& zn, const at::Tensor& rs, const at::T
                "fcl_nt_xent_norm_backward");
   return dz;
 }
+
+}  // namespace
 
 void bind_nt_xent(py::module_& m) {
   m.def("normalize", &normalize, "zs, rs, norm, dist of [z_a; z_b]", py::arg("z_a"),

@@ -36,7 +36,7 @@
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
 //             anchor: the distances and q recomputed from h, the centers and the saved lse
 //             (nothing N x K is saved); G = dL/dlogit, the exact derivative of the clamped log
-//             (kernels/objective.py): DEC (q0 c_dec - p [q0 >= tiny]) / n with the detached
+//             (kernels/objective/anchor.py): DEC (q0 c_dec - p [q0 >= tiny]) / n with the detached
 //             target p = q0^2 / f / T, anchor (qa c_a - q0 [qa >= tiny]) / n and likewise b;
 //             w_ik = -G_ik (alpha + 1) / (alpha + d2_ik);
 //             dh_i = sum_k w_ik (h_i - mu_k) and per-block partials of

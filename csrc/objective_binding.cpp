@@ -1,6 +1,8 @@
 // The torch binding of csrc/objective.cu: the one-pass anchor and CC objectives.
 #include "binding.h"
 
+namespace {  // only bind_* below is visible to the module definition
+
 namespace {
 
 // z_a, z_b: n x d CUDA, same dtype; returns {n, d}.
@@ -183,6 +185,8 @@ std::vector<at::Tensor> cc_objective_backward(const at::Tensor& z_a, const at::T
                "fcl_cc_objective_backward");
   return {dz_a, dz_b, dlogits_a, dlogits_b};
 }
+
+}  // namespace
 
 void bind_objective(py::module_& m) {
   m.def("anchor_objective_forward", &anchor_objective_forward,

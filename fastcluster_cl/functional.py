@@ -280,10 +280,10 @@ def cc_cluster_loss(
     q_a, q_b = logits_a.to(acc), logits_b.to(acc)
     if reduction == "none":
         return reference.cluster_contrast_terms(
-            q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent_terms", backend, device)
+            q_a, q_b, temperature, implementation("nt_xent_terms", backend, device)
         )
     loss = reference.cluster_contrast(
-        q_a.T, q_b.T, q_a, q_b, temperature, implementation("nt_xent", backend, device)
+        q_a, q_b, temperature, implementation("nt_xent", backend, device)
     )
     return loss if reduction == "mean" else loss * count
 
@@ -744,7 +744,7 @@ def tcc_loss(
     marginals = torch.stack([q_a.sum(0), q_b.sum(0)])  # (2, K)
     rows = torch.tensor(float(n), dtype=acc, device=z_a.device)
     if gather:
-        stats, rows = gathered._global_sums(torch.cat([sums.reshape(-1), marginals.reshape(-1)]), n)
+        stats, rows = gathered.global_sums(torch.cat([sums.reshape(-1), marginals.reshape(-1)]), n)
         sums = stats[: 2 * k * d].view_as(sums)
         marginals = stats[2 * k * d :].view_as(marginals)
     parts["cluster"] = nt_xent(sums[0], sums[1], cluster_temperature, **common)

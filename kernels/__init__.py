@@ -1,7 +1,7 @@
 """Triton kernels (installed as fastcluster_cl.kernels): the backend "triton".
 
-One file per fused op, each holding its forward and backward kernels, the host launchers and its
-autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
+One module per fused op, each holding its forward and backward kernels, the host launchers and
+its autograd: `nt_xent` (instance NT-Xent: the fast path as the torch.library ops
 `fastcluster_cl::nt_xent_triton_fwd` / `_bwd` whose autograd is
 `fastcluster_cl.backends.autograd.nt_xent`, plus the row-range primitives of the distributed
 backend), `nt_xent_bank` (NT-Xent against a memory bank: ops `nt_xent_bank_triton_fwd` /

@@ -445,7 +445,7 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     difference tensor (its memory traffic, not its arithmetic, was the anchor objective's CPU
     time); autograd's backward is matrix products too. The product runs in float64 whatever
     the input dtype, so that the cancellation for a point near its center is far below the
-    float32 reference's own rounding (docs/performance.md has the measurements)."""
+    float32 reference's own rounding (docs/results.md has the CPU measurements)."""
     h64, c64 = h.to(torch.float64), centers.to(torch.float64)
     dist2 = ((h64 * h64).sum(1, keepdim=True) + (c64 * c64).sum(1) - 2.0 * h64 @ c64.T).clamp_min(
         0.0

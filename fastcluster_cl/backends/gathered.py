@@ -14,9 +14,10 @@ parameter gradients over ranks, which then gives exactly the single-process grad
 - NT-Xent (backend torch): the independent cross-check, lightly's formulation: a differentiable
   all-gather (its backward sums every rank's gradient for the gathered rows) and the plain
   reference on the local rows.
-- Cluster losses: the column statistics (CC assignment Gram and column sums, TCC cluster sums,
-  DEC f_k) are all-reduced; the loss from global statistics is identical on every rank and the
-  all-reduce's backward gives each rank world_size times its share of the gradient.
+- Cluster losses: the column statistics (CC assignment Gram and column sums, DEC f_k; TCC's
+  cluster sums in `tcc_loss`) are all-reduced; the loss from global statistics is identical on
+  every rank and the all-reduce's backward gives each rank world_size times its share of the
+  gradient.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, backend: s
     return _gathered(z_a, z_b, temperature, implementation("NT_XENT", backend, z_a.device))
 
 
-def _global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_sums(local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All-reduce local sums together with the local row count in one collective:
     (global sums shaped like `local`, global row count as a 0-d tensor)."""
     flat = torch.cat([local.reshape(-1), local.new_tensor([rows])])
@@ -113,7 +114,7 @@ def cc_cluster_loss(
     q = torch.cat(
         [torch.softmax(logits_a.to(acc), dim=1), torch.softmax(logits_b.to(acc), dim=1)], dim=1
     )  # (n, 2K)
-    stats, rows = _global_sums(torch.cat([q.T @ q, q.sum(0)[None]]), q.shape[0])
+    stats, rows = global_sums(torch.cat([q.T @ q, q.sum(0)[None]]), q.shape[0])
     gram, column_sums = stats[:-1], stats[-1]
     k = logits_a.shape[1]
     return (
@@ -127,5 +128,5 @@ def dec_loss(q: torch.Tensor) -> torch.Tensor:
     """DEC loss over all ranks: the target uses the all-reduced f_k; the local KL sum is scaled
     by world_size / N_global so that ranks may hold different row counts."""
     q = q.to(accumulation_dtype(q.dtype))
-    f, rows = _global_sums(q.detach().sum(0), q.shape[0])
+    f, rows = global_sums(q.detach().sum(0), q.shape[0])
     return kl_rows(dec_target(q, f), q).sum() * (D.world_size() / rows)

@@ -84,34 +84,24 @@ def marginal_entropy_term(q: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_contrast(
-    x_a: torch.Tensor,
-    x_b: torch.Tensor,
-    q_a: torch.Tensor,
-    q_b: torch.Tensor,
-    temperature: float,
-    instance_loss=nt_xent,
+    q_a: torch.Tensor, q_b: torch.Tensor, temperature: float, instance_loss=nt_xent
 ) -> torch.Tensor:
-    """NT-Xent over the 2K cluster rows [x_a; x_b] plus `marginal_entropy_term` of the
-    assignment probabilities q of each view: the cluster losses of CC (x = q^T) and TCC."""
+    """CC's cluster loss from the assignment probabilities q (N x K) of each view: NT-Xent over
+    the 2K cluster rows [q_a^T; q_b^T] plus `marginal_entropy_term` of each view."""
     return (
-        instance_loss(x_a, x_b, temperature)
+        instance_loss(q_a.T, q_b.T, temperature)
         + marginal_entropy_term(q_a)
         + marginal_entropy_term(q_b)
     )
 
 
 def cluster_contrast_terms(
-    x_a: torch.Tensor,
-    x_b: torch.Tensor,
-    q_a: torch.Tensor,
-    q_b: torch.Tensor,
-    temperature: float,
-    instance_terms=nt_xent_terms,
+    q_a: torch.Tensor, q_b: torch.Tensor, temperature: float, instance_terms=nt_xent_terms
 ) -> torch.Tensor:
     """`cluster_contrast` per cluster row (2K values whose mean is the loss): row j's NT-Xent
     term plus 2K times its column's `marginal_entropy_shares`."""
     shares = torch.cat([marginal_entropy_shares(q_a), marginal_entropy_shares(q_b)])
-    return instance_terms(x_a, x_b, temperature) + shares.shape[0] * shares
+    return instance_terms(q_a.T, q_b.T, temperature) + shares.shape[0] * shares
 
 
 def _softmax_pair(logits_a: torch.Tensor, logits_b: torch.Tensor):
@@ -129,7 +119,7 @@ def cc_cluster_loss(
     used on the columns (other backends pass their own).
     """
     q_a, q_b = _softmax_pair(logits_a, logits_b)
-    return cluster_contrast(q_a.T, q_b.T, q_a, q_b, temperature, instance_loss)
+    return cluster_contrast(q_a, q_b, temperature, instance_loss)
 
 
 def cc_cluster_loss_terms(
@@ -137,7 +127,7 @@ def cc_cluster_loss_terms(
 ) -> torch.Tensor:
     """`cc_cluster_loss` per column of [q_a, q_b] (see `cluster_contrast_terms`)."""
     q_a, q_b = _softmax_pair(logits_a, logits_b)
-    return cluster_contrast_terms(q_a.T, q_b.T, q_a, q_b, temperature, instance_terms)
+    return cluster_contrast_terms(q_a, q_b, temperature, instance_terms)
 
 
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -768,7 +768,7 @@ def _objective_variants() -> list[Variant]:
         variant(
             "objective sum partials",
             "fp32",
-            instance_k._sum_partials_kernel,
+            anchor_k._sum_partials_kernel,
             dict(ACC=tl.float32, BLOCK=anchor_k._REDUCE),
             4,
             (anchor_k._REDUCE,),

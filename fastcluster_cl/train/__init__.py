@@ -1,3 +1,3 @@
-"""The trainer behind ``fastcluster-cl train`` (trainer, checkpoint, optim, schedule, logging,
-plots). Needs the ``[train]`` extra (torchvision, scikit-learn, scipy, matplotlib, tqdm,
-tensorboard); the losses do not."""
+"""The trainer behind ``fastcluster-cl train``: config, runtime, loop (the Trainer), evaluate,
+rundir, checkpoint, optim, schedule, logging, progress, presets, plots. Needs the ``[train]``
+extra (torchvision, scikit-learn, scipy, matplotlib, tqdm, tensorboard); the losses do not."""

@@ -40,7 +40,6 @@ from .instance import (
     _split,
     _store_params,
     _sum,
-    _sum_partials_kernel,
     instance_config,
 )
 
@@ -631,6 +630,19 @@ def _assignment_grad_rows(
         dmu += tl.load(ptrs, mask=mask & (slice_index + VIEW > 0), other=0.0)
         tl.store(ptrs, dmu, mask=mask)
     _store_h(DHV, stride_v, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PART, OUT, parts, size, part_stride, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    """OUT[e] = sum_p PART[p part_stride + e] in the order p = 0, 1, ... (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    total = tl.zeros([BLOCK], ACC)
+    for p in range(0, parts):
+        total += tl.load(PART + p * part_stride + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -246,19 +246,6 @@ def _sum(P, count, ACC: tl.constexpr):
     return tl.sum(total, axis=0)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    PART, OUT, parts, size, part_stride, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
-    """OUT[e] = sum_p PART[p part_stride + e] in the order p = 0, 1, ... (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    total = tl.zeros([BLOCK], ACC)
-    for p in range(0, parts):
-        total += tl.load(PART + p * part_stride + offs, mask=mask, other=0.0)
-    tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # host side
 

@@ -6,8 +6,8 @@ backward: equal to backend="torch" or a clear error, on every backend."""
 
 import pytest
 import torch
+from dense_launchers import DenseLaunchers
 from loss_cases import loss_cases
-from test_cuda_backend import _DenseLaunchers
 
 import fastcluster_cl as fc
 from fastcluster_cl import functional, kernels
@@ -29,7 +29,7 @@ def _pair(n=6, d=5, dtype=F64, seed=0, grad=True):
 @pytest.fixture
 def dense_cuda(monkeypatch):
     """backend='cuda' on CPU tensors, its launchers replaced by the dense model."""
-    monkeypatch.setattr(cuda_backend.build, "extension", lambda: _DenseLaunchers)
+    monkeypatch.setattr(cuda_backend.build, "extension", lambda: DenseLaunchers)
     monkeypatch.setattr(cuda_backend.build, "require_device", lambda device: None)
 
 

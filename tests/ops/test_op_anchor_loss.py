@@ -5,8 +5,8 @@ dtype); q0 gets no gradient. The fused dec + anchor op is in test_op_dec_anchor_
 
 import pytest
 import torch
+from assignment_cases import DEC_CASES, assignments
 from backend_cases import prepare
-from test_op_dec_loss import DEC_CASES, assignments
 from tolerances import F64, FP32_MATH, ROUNDED_ONCE, check_against_reference
 
 import fastcluster_cl as fc

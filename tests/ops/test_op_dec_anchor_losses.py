@@ -5,8 +5,8 @@ of 0.7 dec + 1.3 anchor (q0 receives DEC's gradient only), with the shared toler
 
 import pytest
 import torch
+from assignment_cases import assignments
 from backend_cases import cases, prepare
-from test_op_dec_loss import assignments
 from tolerances import BF16, F32, F64, FP32_MATH, check_against_reference
 
 import fastcluster_cl as fc
