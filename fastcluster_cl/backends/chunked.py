@@ -120,10 +120,6 @@ def _positive_gap(zn: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return torch.cat([gap, gap])
 
 
-def _positive_index(n: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([torch.arange(n, 2 * n, device=device), torch.arange(n, device=device)])
-
-
 # Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
 # shared with the Triton and CUDA backends: the distributed NT-Xent
 # (`fastcluster_cl.backends.gathered`) calls them on a rank's local rows against the all-gathered
@@ -243,33 +239,95 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_fwd", mutates_args=())
 def _fused_forward(
     z: torch.Tensor, inv_tau: float, per_row: bool, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the 2N row losses, or their mean if not per_row; the masked lse of the 2N rows)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the 2N row losses, or their mean if not per_row; the masked lse and the row losses of
+    the 2N rows; when 2N <= block, E = exp(S - shift) over the negatives and r = exp(shift -
+    lse) per row, so that P = E r, else two empty tensors).
+
+    When the whole matrix is one tile, its exponentials are kept for the backward instead of
+    recomputed there (one matrix product and one exp pass fewer; (2N)^2 values held, no more
+    than the tile the forward holds anyway): the path that decides small batches."""
     zn, norm = l2_normalize(z)
-    row_loss, lse = _row_losses(
-        _negatives_lse(zn, inv_tau, block), _positive_gap(zn, norm), inv_tau
+    gap = _positive_gap(zn, norm)
+    if zn.shape[0] > block:
+        row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
+        loss = row_loss.clone() if per_row else row_loss.mean()
+        return loss, lse, row_loss, zn.new_empty(0), zn.new_empty(0)
+    e, shift = _negatives_exp(zn, inv_tau)
+    row_loss, lse = _row_losses(torch.log(e.sum(1)) + shift, gap, inv_tau)
+    return (
+        (row_loss.clone() if per_row else row_loss.mean()),
+        lse,
+        row_loss,
+        e,
+        torch.exp(shift - lse),
     )
-    return (row_loss if per_row else row_loss.mean()), lse
+
+
+def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(S_ik - shift_i) with the diagonal and the positives set to 0, shift) over the
+    whole matrix: shift the bound 1/|tau| where exp(-2/|tau|) stays normal, else each row's
+    max over k != i."""
+    s = _tile(zn, slice(None), slice(None), inv_tau)
+    half = zn.shape[0] // 2
+    if fixed_shift_safe(inv_tau, zn.dtype):
+        shift = torch.full_like(s[:, 0], abs(inv_tau))
+    else:
+        shift = s.fill_diagonal_(float("-inf")).amax(1)
+    e = s.sub_(shift[:, None]).exp_()
+    for diagonal in (0, half, -half):
+        e.diagonal(diagonal).fill_(0.0)
+    return e, shift
 
 
 @_fused_forward.register_fake
 def _(z, inv_tau, per_row, block):
     acc = accumulation_dtype(z.dtype)
-    return z.new_empty((z.shape[0],) if per_row else (), dtype=acc), z.new_empty(
-        z.shape[0], dtype=acc
+    rows = z.shape[0]
+    kept = rows <= block
+    return (
+        z.new_empty((rows,) if per_row else (), dtype=acc),
+        z.new_empty(rows, dtype=acc),
+        z.new_empty(rows, dtype=acc),
+        z.new_empty((rows, rows) if kept else (0,), dtype=acc),
+        z.new_empty(rows if kept else 0, dtype=acc),
     )
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_chunked_bwd", mutates_args=())
 def _fused_backward(
-    z: torch.Tensor, grad: torch.Tensor, inv_tau: float, lse: torch.Tensor, block: int
+    z: torch.Tensor,
+    grad: torch.Tensor,
+    inv_tau: float,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor,
+    e: torch.Tensor,
+    r: torch.Tensor,
+    block: int,
 ) -> torch.Tensor:
     """dL/dz from the incoming gradient of the mean (0-d) or of each row loss ((2N,)): the
-    module docstring's formula with w_i that row's gradient, then the normalisation's backward."""
+    module docstring's formula with w_i that row's gradient, then the normalisation's backward.
+    With the forward's exponentials (one tile) the negatives' weights are w_i P_ij + w_j P_ji =
+    E_ij c_i + E_ji c_j, c = w r (E symmetric under the fixed shift: E (c_i + c_j), no
+    transpose), and the positive's w_i expm1(-loss_i) + w_pos expm1(-loss_pos), free of
+    cancellation."""
     zn, norm = l2_normalize(z)
     rows_total = zn.shape[0]
+    half = rows_total // 2
     w = grad.to(zn.dtype)
     w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
+    if e.numel():
+        c = w * r
+        if fixed_shift_safe(inv_tau, zn.dtype):
+            a = e * (c[:, None] + c[None, :])
+        else:
+            a = e * c[:, None]
+            a = a + a.T
+        g = a @ zn
+        weight = w * torch.expm1(-row_loss)
+        g += (weight + weight.roll(half))[:, None] * zn.roll(half, 0)
+        g *= inv_tau
+        return l2_normalize_backward(zn, norm, g).to(z.dtype)
     g = torch.zeros_like(zn)
     for rows, cols, diagonal in _tiles(rows_total, block):
         s = _tile(zn, rows, cols, inv_tau)
@@ -283,14 +341,13 @@ def _fused_backward(
             a = s.sub_(lse[rows, None]).exp_().mul_(w[rows, None]).add_(by_cols)
             g[rows] += a @ zn[cols]
             g[cols] += a.T @ zn[rows]
-    pos = _positive_index(rows_total // 2, zn.device)
-    g -= (w + w[pos])[:, None] * zn[pos]
+    g -= (w + w.roll(half))[:, None] * zn.roll(half, 0)
     g *= inv_tau
     return l2_normalize_backward(zn, norm, g).to(z.dtype)
 
 
 @_fused_backward.register_fake
-def _(z, grad, inv_tau, lse, block):
+def _(z, grad, inv_tau, lse, row_loss, e, r, block):
     return torch.empty_like(z)
 
 
