@@ -20,11 +20,13 @@ from functools import partial
 
 import torch
 
+from .. import validation
 from . import reference
 from .autograd import nt_xent as nt_xent_autograd
 from .autograd import nt_xent_bank as nt_xent_bank_autograd
 from .autograd.nt_xent import fake_grad_rows, fake_row_values, register_fast_path
 from .numerics import (
+    NORM_EPS,
     accumulation_dtype,
     fixed_shift_safe,
     l2_normalize,
@@ -114,10 +116,15 @@ def _softplus(t: torch.Tensor) -> torch.Tensor:
 
 
 def _positive_gap(zn: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """1 - cos(z_i, z_pos(i)) for the 2N rows of Z = [z_a; z_b], without cancellation."""
+    """1 - cos(z_i, z_pos(i)) for the 2N rows of Z = [z_a; z_b], without cancellation. On the
+    CPU, where reading a value costs no device sync, rows that are all unit take
+    ||zn_a - zn_b||^2 / 2 alone (`reference.positive_gap` otherwise)."""
     n = zn.shape[0] // 2
-    gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
-    return torch.cat([gap, gap])
+    if not validation.syncs_host(zn.device) and bool(norm.min() > NORM_EPS):
+        gap = (zn[:n] - zn[n:]).pow_(2).sum(1).mul_(0.5)
+    else:
+        gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
+    return gap.repeat(2)
 
 
 # Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
@@ -236,48 +243,52 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau, block=DEFAULT_BLOCK):
 # implementations; `nt_xent_autograd.NTXent` is their autograd, and theirs when called directly.
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_fwd", mutates_args=())
-def _fused_forward(
-    z: torch.Tensor, inv_tau: float, per_row: bool, block: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the 2N row losses, or their mean if not per_row; the masked lse and the row losses of
-    the 2N rows; when 2N <= block, E = exp(S - shift) over the negatives and r = exp(shift -
-    lse) per row, so that P = E r, else two empty tensors).
+_T = torch.Tensor
 
-    When the whole matrix is one tile, its exponentials are kept for the backward instead of
-    recomputed there (one matrix product and one exp pass fewer; (2N)^2 values held, no more
-    than the tile the forward holds anyway): the path that decides small batches."""
+
+def _forward(
+    z: torch.Tensor, inv_tau: float, per_row: bool, block: int
+) -> tuple[_T, _T, _T, _T, _T, _T, _T]:
+    """(the 2N row losses, or their mean if not per_row; the masked lse and the row losses of
+    the 2N rows; when 2N <= block, E = exp(S - shift) over the negatives, r = exp(shift - lse)
+    per row (P = E r), zn and the norms, else four empty tensors).
+
+    When the whole matrix is one tile, its exponentials and the normalised rows are kept for
+    the backward instead of recomputed there (one matrix product, one exp pass and the
+    normalisation fewer; (2N)^2 + 2N D values held, no more than the forward holds anyway):
+    the path that decides small batches."""
     zn, norm = l2_normalize(z)
     gap = _positive_gap(zn, norm)
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
         loss = row_loss.clone() if per_row else row_loss.mean()
-        return loss, lse, row_loss, zn.new_empty(0), zn.new_empty(0)
+        return loss, lse, row_loss, *(zn.new_empty(0) for _ in range(4))
     e, shift = _negatives_exp(zn, inv_tau)
-    row_loss, lse = _row_losses(torch.log(e.sum(1)) + shift, gap, inv_tau)
-    return (
-        (row_loss.clone() if per_row else row_loss.mean()),
-        lse,
-        row_loss,
-        e,
-        torch.exp(shift - lse),
-    )
+    row_loss, lse = _row_losses(e.sum(1).log_().add_(shift), gap, inv_tau)
+    loss = row_loss.clone() if per_row else row_loss.mean()
+    return loss, lse, row_loss, e, torch.exp(torch.sub(shift, lse)), zn, norm
 
 
-def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor | float]:
     """(exp(S_ik - shift_i) with the diagonal and the positives set to 0, shift) over the
-    whole matrix: shift the bound 1/|tau| where exp(-2/|tau|) stays normal, else each row's
-    max over k != i."""
+    whole matrix: shift the bound 1/|tau| (a float) where exp(-2/|tau|) stays normal, else
+    each row's max over k != i."""
     s = _tile(zn, slice(None), slice(None), inv_tau)
     half = zn.shape[0] // 2
     if fixed_shift_safe(inv_tau, zn.dtype):
-        shift = torch.full_like(s[:, 0], abs(inv_tau))
+        shift = abs(inv_tau)
+        e = s.sub_(shift).exp_()
     else:
         shift = s.fill_diagonal_(float("-inf")).amax(1)
-    e = s.sub_(shift[:, None]).exp_()
+        e = s.sub_(shift[:, None]).exp_()
     for diagonal in (0, half, -half):
         e.diagonal(diagonal).fill_(0.0)
     return e, shift
+
+
+_fused_forward = torch.library.custom_op(
+    "fastcluster_cl::nt_xent_chunked_fwd", _forward, mutates_args=()
+)
 
 
 @_fused_forward.register_fake
@@ -291,11 +302,12 @@ def _(z, inv_tau, per_row, block):
         z.new_empty(rows, dtype=acc),
         z.new_empty((rows, rows) if kept else (0,), dtype=acc),
         z.new_empty(rows if kept else 0, dtype=acc),
+        z.new_empty((rows, z.shape[1]) if kept else (0,), dtype=acc),
+        z.new_empty((rows, 1) if kept else (0,), dtype=acc),
     )
 
 
-@torch.library.custom_op("fastcluster_cl::nt_xent_chunked_bwd", mutates_args=())
-def _fused_backward(
+def _backward(
     z: torch.Tensor,
     grad: torch.Tensor,
     inv_tau: float,
@@ -303,6 +315,8 @@ def _fused_backward(
     row_loss: torch.Tensor,
     e: torch.Tensor,
     r: torch.Tensor,
+    zn: torch.Tensor,
+    norm: torch.Tensor,
     block: int,
 ) -> torch.Tensor:
     """dL/dz from the incoming gradient of the mean (0-d) or of each row loss ((2N,)): the
@@ -311,23 +325,24 @@ def _fused_backward(
     E_ij c_i + E_ji c_j, c = w r (E symmetric under the fixed shift: E (c_i + c_j), no
     transpose), and the positive's w_i expm1(-loss_i) + w_pos expm1(-loss_pos), free of
     cancellation."""
-    zn, norm = l2_normalize(z)
-    rows_total = zn.shape[0]
+    rows_total = z.shape[0]
     half = rows_total // 2
-    w = grad.to(zn.dtype)
-    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     if e.numel():
+        w = grad.to(e.dtype) * inv_tau
+        w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
         c = w * r
-        if fixed_shift_safe(inv_tau, zn.dtype):
-            a = e * (c[:, None] + c[None, :])
+        if fixed_shift_safe(inv_tau, e.dtype):
+            a = torch.add(c[:, None], c[None, :]).mul_(e)
         else:
             a = e * c[:, None]
             a = a + a.T
-        g = a @ zn
-        weight = w * torch.expm1(-row_loss)
-        g += (weight + weight.roll(half))[:, None] * zn.roll(half, 0)
-        g *= inv_tau
+        weight = torch.expm1(-row_loss).mul_(w)
+        weight += weight.roll(half)
+        g = torch.addmm(weight[:, None] * zn.roll(half, 0), a, zn)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    zn, norm = l2_normalize(z)
+    w = grad.to(zn.dtype)
+    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     g = torch.zeros_like(zn)
     for rows, cols, diagonal in _tiles(rows_total, block):
         s = _tile(zn, rows, cols, inv_tau)
@@ -346,12 +361,19 @@ def _fused_backward(
     return l2_normalize_backward(zn, norm, g).to(z.dtype)
 
 
+_fused_backward = torch.library.custom_op(
+    "fastcluster_cl::nt_xent_chunked_bwd", _backward, mutates_args=()
+)
+
+
 @_fused_backward.register_fake
-def _(z, grad, inv_tau, lse, row_loss, e, r, block):
+def _(z, grad, inv_tau, lse, row_loss, e, r, zn, norm, block):
     return torch.empty_like(z)
 
 
-NT_XENT = register_fast_path("chunked", lse_rows, grad_rows, _fused_forward, _fused_backward)
+NT_XENT = register_fast_path(
+    "chunked", lse_rows, grad_rows, _fused_forward, _fused_backward, eager=(_forward, _backward)
+)
 
 
 def _check_block(block_size: int) -> None:
