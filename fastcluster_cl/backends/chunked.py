@@ -1,10 +1,14 @@
-"""Chunked backend: pure PyTorch in square tiles, never holding the 2N x 2N similarity matrix.
+"""Chunked backend: pure PyTorch in square tiles, never holding more than one block x block tile
+of the 2N x 2N similarity matrix.
 
-Memory is O(N*D + block^2). S is symmetric, so only the upper-triangle tiles (I <= J) are
-computed: each serves the row sums of block I and, transposed, those of block J (half the
-matmul and exp work of the reference). Rows are shifted by the fixed bound 1/|tau| >= S_ik when
-exp(-2/|tau|) cannot underflow; below that temperature a first pass finds each row's exact max.
-The backward is one more pass over the same tiles using the saved per-row lse (docs/design.md):
+Memory is O(N*D + block^2). When 2N <= block the one tile is the whole matrix: its
+exponentials are then kept from the forward for the backward (`_forward`). S is symmetric, so
+only the upper-triangle tiles (I <= J) are computed: each serves the row sums of block I and,
+transposed, those of block J (half the matmul and exp work of the reference). Rows are shifted
+by the fixed bound 1/|tau| >= S_ik when exp(-2/|tau|) cannot underflow; below that temperature
+a first pass finds each row's exact max.
+Above one tile, the backward is one more pass over the same tiles using the saved per-row lse
+(docs/design.md):
 
     dL/dzn_i = 1/tau * ( sum_j (w_i P_ij + w_j P_ji) zn_j - (w_i + w_pos(i)) zn_pos(i) ),
 
