@@ -259,8 +259,8 @@ def _forward(
 
     When the whole matrix is one tile, its exponentials and the normalised rows are kept for
     the backward instead of recomputed there (one matrix product, one exp pass and the
-    normalisation fewer; (2N)^2 + 2N D values held, no more than the forward holds anyway):
-    the path that decides small batches."""
+    normalisation fewer): the path that decides small batches. (2N)^2 + 2N D values are held
+    until the backward, at most block^2 + 2N D and less than the reference's autograd keeps."""
     zn, norm = l2_normalize(z)
     gap = _positive_gap(zn, norm)
     if zn.shape[0] > block:
@@ -328,12 +328,15 @@ def _backward(
     With the forward's exponentials (one tile) the negatives' weights are w_i P_ij + w_j P_ji =
     E_ij c_i + E_ji c_j, c = w r (E symmetric under the fixed shift: E (c_i + c_j), no
     transpose), and the positive's w_i expm1(-loss_i) + w_pos expm1(-loss_pos), free of
-    cancellation."""
+    cancellation. w is scaled to |w| <= 1 first (`per_row_weights`): r reaches exp(2 / |tau|)
+    / (2N - 1), and c_i + c_j must not overflow where E is 0."""
     rows_total = z.shape[0]
     half = rows_total // 2
     if e.numel():
-        w = grad.to(e.dtype) * inv_tau
-        w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
+        w = grad.to(e.dtype)
+        scale, w = nt_xent_autograd.per_row_weights(
+            w.expand(rows_total) / rows_total if w.dim() == 0 else w, e.dtype
+        )
         c = w * r
         if fixed_shift_safe(inv_tau, e.dtype):
             a = torch.add(c[:, None], c[None, :]).mul_(e)
@@ -342,7 +345,7 @@ def _backward(
             a = a + a.T
         weight = torch.expm1(-row_loss).mul_(w)
         weight += weight.roll(half)
-        g = torch.addmm(weight[:, None] * zn.roll(half, 0), a, zn)
+        g = torch.addmm(weight[:, None] * zn.roll(half, 0), a, zn).mul_(scale * inv_tau)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
     zn, norm = l2_normalize(z)
     w = grad.to(zn.dtype)

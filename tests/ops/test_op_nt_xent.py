@@ -187,3 +187,23 @@ def test_chunked_fp32_is_accurate_near_a_zero_loss(seed):
     chunked_error = (fc.nt_xent(a, b, 0.05, backend="chunked").double() - want).abs()
     assert chunked_error <= 2 * torch_error + 1e-12 * want, (chunked_error, torch_error, want)
     assert chunked_error <= 1e-5 * want
+
+
+@pytest.mark.parametrize("scale", [65536.0, None])
+def test_large_incoming_gradients_at_the_fixed_shift_limit(scale):
+    """Collapsed rows at |tau| = 0.025 (the fixed shift's fp32 limit, where exp(shift - lse)
+    reaches ~1e32) under a GradScaler-sized gradient, and a large per-row gradient: the
+    chunked backward stays finite and equals the reference (zero gradient for identical rows)."""
+    z = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    for tau in (0.025, -0.025):
+        grads = []
+        for backend in ("torch", "chunked"):
+            a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+            if scale is None:
+                terms = fc.nt_xent(a, b, tau, backend=backend, reduction="none")
+                (terms * torch.tensor([1e4] + [0.0] * 7)).sum().backward()
+            else:
+                (fc.nt_xent(a, b, tau, backend=backend) * scale).backward()
+            grads.append(torch.cat([a.grad, b.grad]))
+        assert torch.isfinite(grads[1]).all(), (tau, grads[1])
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=0)
