@@ -265,12 +265,13 @@ def _forward(
     gap = _positive_gap(zn, norm)
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
-        loss = row_loss.clone() if per_row else row_loss.mean()
-        return loss, lse, row_loss, *(zn.new_empty(0) for _ in range(4))
-    e, shift = _negatives_exp(zn, inv_tau)
-    row_loss, lse = _row_losses(e.sum(1).log_().add_(shift), gap, inv_tau)
+        kept = tuple(zn.new_empty(0) for _ in range(4))
+    else:
+        e, shift = _negatives_exp(zn, inv_tau)
+        row_loss, lse = _row_losses(e.sum(1).log_().add_(shift), gap, inv_tau)
+        kept = (e, torch.exp(torch.sub(shift, lse)), zn, norm)
     loss = row_loss.clone() if per_row else row_loss.mean()
-    return loss, lse, row_loss, e, torch.exp(torch.sub(shift, lse)), zn, norm
+    return loss, lse, row_loss, *kept
 
 
 def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -332,11 +333,10 @@ def _backward(
     / (2N - 1), and c_i + c_j must not overflow where E is 0."""
     rows_total = z.shape[0]
     half = rows_total // 2
+    w = grad.to(lse.dtype)
+    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     if e.numel():
-        w = grad.to(e.dtype)
-        scale, w = nt_xent_autograd.per_row_weights(
-            w.expand(rows_total) / rows_total if w.dim() == 0 else w, e.dtype
-        )
+        scale, w = nt_xent_autograd.per_row_weights(w, lse.dtype)
         c = w * r
         if fixed_shift_safe(inv_tau, e.dtype):
             a = torch.add(c[:, None], c[None, :]).mul_(e)
@@ -348,8 +348,6 @@ def _backward(
         g = torch.addmm(weight[:, None] * zn.roll(half, 0), a, zn).mul_(scale * inv_tau)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
     zn, norm = l2_normalize(z)
-    w = grad.to(zn.dtype)
-    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     g = torch.zeros_like(zn)
     for rows, cols, diagonal in _tiles(rows_total, block):
         s = _tile(zn, rows, cols, inv_tau)
