@@ -36,6 +36,7 @@ from .numerics import (
     l2_normalize,
     l2_normalize_backward,
 )
+from .objective_sides import Objective, cc_side
 
 # The DEC and anchor losses are O(N K) elementwise: the reference's are the CPU path too.
 from .reference import anchor_loss, anchor_loss_terms, dec_loss, dec_loss_terms  # noqa: F401
@@ -538,7 +539,65 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     return q.to(accumulation_dtype(h.dtype))
 
 
-# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows; dec_loss and
-# anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
-cc_cluster_loss = partial(reference.cc_cluster_loss, instance_loss=nt_xent)
+# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows above one tile; dec_loss
+# and anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
+def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float):
+    """`reference.cc_cluster_loss`: one op each way (`objective_sides.cc_side`) while the 2K
+    cluster rows fit one tile, else the chunked NT-Xent on them."""
+    if 2 * logits_a.shape[1] <= DEFAULT_BLOCK:
+        return cc_side(logits_a, logits_b, temperature)
+    return reference.cc_cluster_loss(logits_a, logits_b, temperature, instance_loss=nt_xent)
+
+
 cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)
+
+
+def anchor_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    h0: torch.Tensor,
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    centers: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    weights: tuple[float, float, float],
+) -> torch.Tensor:
+    """`reference.anchor_objective` as one autograd node (`objective_sides.Objective`): the
+    chunked NT-Xent and the anchor side (the three assignments, DEC and the anchor terms)."""
+    return Objective.apply(
+        "anchor", weights, DEFAULT_BLOCK, z_a, z_b, 1.0 / temperature, h0, h_a, h_b, centers, alpha
+    )
+
+
+def cc_objective(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    instance_temperature: float,
+    cluster_temperature: float,
+    weights: tuple[float, float],
+) -> torch.Tensor:
+    """`reference.cc_objective`: the chunked NT-Xent plus `cc_cluster_loss`, as one autograd
+    node (`objective_sides.Objective`) while the 2K cluster rows fit one tile."""
+    if 2 * logits_a.shape[1] > DEFAULT_BLOCK:
+        acc = accumulation_dtype(z_a.dtype)
+        parts = torch.stack(
+            [
+                nt_xent(z_a, z_b, instance_temperature).to(acc),
+                cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc),
+            ]
+        )
+        return torch.cat([(parts * parts.new_tensor(weights)).sum().reshape(1), parts])
+    return Objective.apply(
+        "cc",
+        weights,
+        DEFAULT_BLOCK,
+        z_a,
+        z_b,
+        1.0 / instance_temperature,
+        logits_a,
+        logits_b,
+        cluster_temperature,
+    )

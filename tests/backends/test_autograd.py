@@ -448,9 +448,11 @@ def test_compiled_fullgraph_cluster_objectives_on_triton():
         torch.testing.assert_close(g, w)
 
 
-def test_compiled_fullgraph_one_pass_objectives_on_triton():
-    """torch.compile(fullgraph=True) through the one-pass objectives' registered autograd: the
-    eager values and gradients of the total and of a part."""
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_compiled_fullgraph_one_pass_objectives(backend):
+    """torch.compile(fullgraph=True) through the one-pass objectives' autograd (triton: the
+    registered ops'; chunked: its one node over the side ops): the eager values and gradients
+    of the total and of a part."""
     g = torch.Generator().manual_seed(3)
     z_a, z_b, h0, h_a, h_b = (
         torch.randn(9, 6, generator=g, dtype=F64).requires_grad_() for _ in range(5)
@@ -460,8 +462,8 @@ def test_compiled_fullgraph_one_pass_objectives_on_triton():
     leaves = (z_a, z_b, h0, h_a, h_b, mu, la, lb)
 
     def objective(z_a, z_b, h0, h_a, h_b, mu, la, lb):
-        anchor = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton")
-        cc = fc.cc_objective(z_a, z_b, la, lb, backend="triton")
+        anchor = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend=backend)
+        cc = fc.cc_objective(z_a, z_b, la, lb, backend=backend)
         return anchor.total + 0.5 * anchor.parts["cluster"] + cc.total
 
     want = objective(*leaves)
@@ -470,3 +472,36 @@ def test_compiled_fullgraph_one_pass_objectives_on_triton():
     torch.testing.assert_close(got, want)
     for g_got, g_want in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
         torch.testing.assert_close(g_got, g_want)
+
+
+def _side_inputs():
+    g = torch.Generator().manual_seed(4)
+    h = [torch.randn(7, 5, generator=g, dtype=F64) for _ in range(3)]
+    logits = [torch.randn(7, 3, generator=g, dtype=F64) for _ in range(2)]
+    return (*h, torch.randn(3, 5, generator=g, dtype=F64), 1.5), (*logits, 0.7)
+
+
+def test_opcheck_chunked_objective_sides():
+    """The chunked objectives' side ops (what torch.compile traces) pass opcheck; their
+    backward ops refuse a second differentiation."""
+    for side, args in zip(("anchor", "cc"), _side_inputs()):
+        forward, backward = (getattr(OPS, f"{side}_side_{d}").default for d in ("fwd", "bwd"))
+        torch.library.opcheck(forward, args)
+        value, *state = forward(*args)
+        torch.library.opcheck(
+            backward,
+            (*args, torch.ones_like(value), *state),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
+
+
+def test_chunked_objective_double_backward_is_refused_clearly():
+    anchor, cc = _side_inputs()
+    z_a, z_b = _pair(7, 4)
+    for objective, inputs in ((fc.anchor_objective, anchor[:4]), (fc.cc_objective, cc[:2])):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        total = objective(z_a, z_b, *leaves, backend="chunked").total
+        grads = torch.autograd.grad(total, [z_a, *leaves], create_graph=True)
+        for g, wrt in zip(grads, [z_a, *leaves]):
+            with pytest.raises(RuntimeError, match="double backward is not supported by "):
+                torch.autograd.grad(g.pow(2).sum(), wrt, retain_graph=True)

@@ -240,7 +240,8 @@ def test_cc_cluster_loss_bf16():
 )
 def test_losses_accumulate_in_fp32_inside_autocast(backend, backward_inside):
     """A training step calls the loss inside a bf16 autocast region: the matmuls must still run
-    in fp32, so values and gradients equal those computed outside autocast."""
+    in fp32, so values and gradients equal those computed outside autocast (the whole
+    objectives too: chunked runs each as one autograd node)."""
     z_a, z_b = (
         randn(37, 48, seed=50, dtype=torch.float32),
         randn(37, 48, seed=51, dtype=torch.float32),
@@ -249,12 +250,16 @@ def test_losses_accumulate_in_fp32_inside_autocast(backend, backward_inside):
         randn(37, 10, seed=52, dtype=torch.float32),
         randn(37, 10, seed=53, dtype=torch.float32),
     )
-    inputs = [t.requires_grad_() for t in (z_a, z_b, c_a, c_b)]
+    h0, h_a, h_b = (randn(37, 12, seed=s, dtype=torch.float32) for s in (54, 55, 56))
+    centers = randn(10, 12, seed=57, dtype=torch.float32)
+    inputs = [t.requires_grad_() for t in (z_a, z_b, c_a, c_b, h0, h_a, h_b, centers)]
 
     def losses():
         return (
             fc.nt_xent(z_a, z_b, 0.1, backend=backend),
             fc.cc_cluster_loss(c_a, c_b, backend=backend),
+            fc.cc_objective(z_a, z_b, c_a, c_b, backend=backend).total,
+            fc.anchor_objective(z_a, z_b, h0, h_a, h_b, centers, backend=backend).total,
         )
 
     plain = losses()

@@ -1,8 +1,8 @@
-"""`anchor_objective` (the anchor method's whole loss in one pass) on backend "triton" against
-`reference.anchor_objective` in float64: values and every gradient, at small temperatures on
-correlated views, one-hot and uniform assignments, extreme norms, a zero-mass center, bf16 and
-fp16 inputs. The CUDA twin's: backends/test_cuda_objectives.py; launches and ops:
-backends/test_triton_objectives.py."""
+"""`anchor_objective` (the anchor method's whole loss in one pass) on backends "triton" and
+"chunked" against `reference.anchor_objective` in float64: values and every gradient, at small
+temperatures on correlated views, one-hot and uniform assignments, extreme norms, a zero-mass
+center, bf16 and fp16 inputs. The CUDA twin's: backends/test_cuda_objectives.py; launches and
+ops: backends/test_triton_objectives.py."""
 
 import pytest
 import torch
@@ -17,16 +17,23 @@ from objectives import (
 )
 
 from fastcluster_cl import kernels
-from fastcluster_cl.backends import reference
+from fastcluster_cl.backends import chunked, reference
+
+# The one-pass objective of each backend that has one and runs here: triton (interpreted)
+# and chunked (one autograd node: the chunked NT-Xent and the clustering side).
+FUSED = pytest.mark.parametrize(
+    "fused", [kernels.anchor_objective, chunked.anchor_objective], ids=["triton", "chunked"]
+)
 
 
+@FUSED
 @pytest.mark.parametrize(
     "k, tau", [(k, tau) for k in (10, 7) for tau in (0.05, 0.1, 0.5)] + [(70, 0.1)]
 )  # K = 70 crosses the center tiles
-def test_anchor_float64(k, tau):
+def test_anchor_float64(k, tau, fused):
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         anchor_inputs(k=k),
         [F64] * 6,
@@ -36,10 +43,11 @@ def test_anchor_float64(k, tau):
     )
 
 
-def test_anchor_float32():
+@FUSED
+def test_anchor_float32(fused):
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         anchor_inputs(),
         [torch.float32] * 6,
@@ -49,8 +57,9 @@ def test_anchor_float32():
     )
 
 
+@FUSED
 @pytest.mark.parametrize("case", ["one-hot", "uniform"])
-def test_anchor_assignment_extremes(case):
+def test_anchor_assignment_extremes(case, fused):
     """Centers far apart (q nearly one-hot) or all within 1e-3 of one point (q uniform to
     ~1e-3: identical centers give exactly zero h and center gradients, nothing to compare)."""
     inputs = anchor_inputs(k=7, center_scale=30.0 if case == "one-hot" else 1e-3)
@@ -58,7 +67,7 @@ def test_anchor_assignment_extremes(case):
         inputs[5] += inputs[2][0]
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         inputs,
         [F64] * 6,
@@ -68,8 +77,9 @@ def test_anchor_assignment_extremes(case):
     )
 
 
+@FUSED
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_anchor_low_precision(dtype):
+def test_anchor_low_precision(dtype, fused):
     """bf16/fp16 z and h with float32 centers (AMP training)."""
     inputs = anchor_inputs(k=10)
     dtypes = [dtype] * 5 + [torch.float32]
@@ -78,7 +88,7 @@ def test_anchor_low_precision(dtype):
     )
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         inputs,
         dtypes,
@@ -88,7 +98,8 @@ def test_anchor_low_precision(dtype):
     )
 
 
-def test_extreme_norms():
+@FUSED
+def test_extreme_norms(fused):
     """Rows with |z| ~ 1e19 and ~1e-30 in float32 (their squares overflow / underflow):
     normalised exactly, as the reference does in float64."""
     inputs = anchor_inputs(n=20, d=24, f=16, k=7)
@@ -97,7 +108,7 @@ def test_extreme_norms():
         z[11] *= 1e-30
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         inputs,
         [torch.float32] * 6,
@@ -107,7 +118,8 @@ def test_extreme_norms():
     )
 
 
-def test_zero_mass_center():
+@FUSED
+def test_zero_mass_center(fused):
     """A center whose Student-t mass underflows in float32 (f_k = 0: DEC's target 0, not 0/0)
     and a CC column whose softmax underflows (P_k = 0, the column norm clamped): finite, and
     equal to the reference computed in float32 (which underflows alike)."""
@@ -115,7 +127,7 @@ def test_zero_mass_center():
     inputs[5][6] += 1e3  # alpha = 100: (1 + d2/alpha)^-50.5 ~ 1e-202 -> 0 in float32
     compare(
         anchor_call,
-        kernels.anchor_objective,
+        fused,
         reference.anchor_objective,
         [x.float().double() for x in inputs],
         [torch.float32] * 6,
@@ -124,9 +136,7 @@ def test_zero_mass_center():
         tau=0.5,
         alpha=100.0,
     )
-    value, grads = run(
-        anchor_call, kernels.anchor_objective, inputs, [torch.float32] * 6, tau=0.5, alpha=100.0
-    )
+    value, grads = run(anchor_call, fused, inputs, [torch.float32] * 6, tau=0.5, alpha=100.0)
     want, want_grads = run(
         anchor_call, reference.anchor_objective, inputs, [torch.float32] * 6, tau=0.5, alpha=100.0
     )

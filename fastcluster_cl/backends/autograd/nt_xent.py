@@ -73,7 +73,7 @@ def register_backend(spec: NTXentBackend) -> NTXentBackend:
     return spec
 
 
-def _spec(backend: str | NTXentBackend) -> NTXentBackend:
+def backend_spec(backend: str | NTXentBackend) -> NTXentBackend:
     return backend if isinstance(backend, NTXentBackend) else _BACKENDS[backend]
 
 
@@ -124,7 +124,7 @@ class NTXent(torch.autograd.Function):
     @staticmethod
     @outside_autocast  # the primitives' matmuls accumulate in fp32/fp64
     def forward(ctx, z_a, z_b, inv_tau, backend, per_row, gather, options):
-        spec, n = _spec(backend), z_a.shape[0]
+        spec, n = backend_spec(backend), z_a.shape[0]
         z = torch.cat([z_a, z_b])
         ctx.spec, ctx.inv_tau, ctx.options, ctx.per_row = spec, inv_tau, options, per_row
         ctx.fused = spec.forward is not None and not gather
@@ -189,7 +189,7 @@ def nt_xent_terms(
 ) -> torch.Tensor:
     """The 2N row losses through `NTXent` (reduction="none"). Backends whose backward takes only
     the mean's gradient refuse to build a graph here."""
-    spec = _spec(backend)
+    spec = backend_spec(backend)
     if (
         not spec.per_row_backward
         and torch.is_grad_enabled()
