@@ -346,7 +346,10 @@ def _backward(
             a = a + a.T
         weight = torch.expm1(-row_loss).mul_(w)
         weight += weight.roll(half)
-        g = torch.addmm(weight[:, None] * zn.roll(half, 0), a, zn).mul_(scale * inv_tau)
+        g = a @ zn
+        g[:half].addcmul_(weight[:half, None], zn[half:])  # the positives, without a rolled copy
+        g[half:].addcmul_(weight[half:, None], zn[:half])
+        g.mul_(scale * inv_tau)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
     zn, norm = l2_normalize(z)
     g = torch.zeros_like(zn)

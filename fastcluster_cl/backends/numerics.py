@@ -42,8 +42,8 @@ def l2_normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def l2_normalize_backward(zn: torch.Tensor, norm: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """dL/dz from dL/dzn = g: project out the radial part where ||z|| > eps, divide by the norm."""
-    radial = torch.where(norm > NORM_EPS, (zn * g).sum(1, keepdim=True), 0.0)
-    return (g - zn * radial) / norm
+    radial = torch.where(norm > NORM_EPS, torch.linalg.vecdot(zn, g).unsqueeze(1), 0.0)
+    return torch.addcmul(g, zn, radial, value=-1.0).div_(norm)  # one (rows, D) temporary
 
 
 def outside_autocast(fn):

@@ -125,21 +125,28 @@ def _cc_columns(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q / norm, norm
 
 
+def _cc_similarities(q: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P: the log-softmax of the 2K columns' similarities over k != j (2K, 2K), the
+    normalised columns (N, 2K)). The column entries are in [0, 1], so the accumulation dtype holds
+    their squares (where one underflows, the norm is below the clamp)."""
+    xn = q / torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
+    s = torch.mm(xn.T, xn).mul_(1.0 / temperature).fill_diagonal_(float("-inf"))
+    return torch.log_softmax(s, 1), xn
+
+
 def _cc_side_forward(
     logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cc_cluster_loss in the accumulation dtype, and for the backward q = [q_a, q_b] (N, 2K)
-    and the 2K x 2K softmax P of the columns' similarities, 0 on the diagonal)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cc_cluster_loss in the accumulation dtype, q = [q_a, q_b] (N, 2K) for the backward,
+    which recomputes the 2K x 2K similarities from it rather than holding them)."""
     n, k = logits_a.shape
     acc = accumulation_dtype(logits_a.dtype)
     q = torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
-    xn, _ = _cc_columns(q)
-    s = torch.mm(xn.T, xn).mul_(1.0 / temperature).fill_diagonal_(float("-inf"))
-    log_p = torch.log_softmax(s, 1)
+    log_p, _ = _cc_similarities(q, temperature)
     contrast = (log_p.diagonal(k).sum() + log_p.diagonal(-k).sum()) / (-2 * k)
     shares = q.mean(0)
     entropy = (shares * safe_log(shares)).sum() + 2 * math.log(k)
-    return contrast + entropy, q, log_p.exp_()
+    return contrast + entropy, q
 
 
 cc_side_forward = torch.library.custom_op(
@@ -151,11 +158,7 @@ cc_side_forward = torch.library.custom_op(
 def _(logits_a, logits_b, temperature):
     n, k = logits_a.shape
     acc = accumulation_dtype(logits_a.dtype)
-    return (
-        logits_a.new_empty((), dtype=acc),
-        logits_a.new_empty((n, 2 * k), dtype=acc),
-        logits_a.new_empty((2 * k, 2 * k), dtype=acc),
-    )
+    return logits_a.new_empty((), dtype=acc), logits_a.new_empty((n, 2 * k), dtype=acc)
 
 
 def _cc_side_backward(
@@ -164,20 +167,20 @@ def _cc_side_backward(
     temperature: float,
     grad: torch.Tensor,
     q: torch.Tensor,
-    prob: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring)."""
     n, k = logits_a.shape
     g = grad.to(q.dtype) / (2 * k)
-    w = prob * g
+    log_p, xn = _cc_similarities(q, temperature)
+    w = log_p.exp_().mul_(g)
     w.diagonal(k).sub_(g)
     w.diagonal(-k).sub_(g)
-    xn, norm = _cc_columns(q)
     dxn = torch.mm(xn, w + w.T).mul_(1.0 / temperature)  # (N, 2K)
+    norm = torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
     radial = torch.where(norm > NORM_EPS, (xn * dxn).sum(0), 0.0)
     shares = q.mean(0)
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (2 * k / n * g)
-    dq = (dxn - xn * radial).div_(norm).add_(entropy).view(n, 2, k)
+    dq = dxn.sub_(xn * radial).div_(norm).add_(entropy).view(n, 2, k)
     q3 = q.view(n, 2, k)
     dl = (dq - (q3 * dq).sum(-1, keepdim=True)).mul_(q3)
     return dl[:, 0].to(logits_a.dtype, copy=True), dl[:, 1].to(logits_b.dtype, copy=True)
@@ -189,7 +192,7 @@ cc_side_backward = torch.library.custom_op(
 
 
 @cc_side_backward.register_fake
-def _(logits_a, logits_b, temperature, grad, q, prob):
+def _(logits_a, logits_b, temperature, grad, q):
     return torch.empty_like(logits_a), torch.empty_like(logits_b)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastcluster_cl as fc
+from fastcluster_cl import validation
 from fastcluster_cl.validation import value_checks
 
 
@@ -147,3 +148,16 @@ def test_tcc_checks_devices_and_takes_mixed_dtypes():
     v = v.double()
     out = fc.tcc_loss(v, v, c.double(), c.double(), mu, v, v)
     assert out.total.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_tells_overflowing_sums_from_nan_and_inf(dtype):
+    """The check sums in float32 first: finite values whose float32 sum overflows are finite
+    (the float64 sum decides), a NaN or an inf anywhere is not."""
+    big = torch.full((64, 8), torch.finfo(dtype).max, dtype=dtype)
+    validation.check_finite(("z",), (big,))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = big.clone()
+        x[5, 3] = bad
+        with pytest.raises(ValueError, match="z contains NaN or inf"):
+            validation.check_finite(("z",), (x,))
