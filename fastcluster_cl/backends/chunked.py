@@ -19,6 +19,7 @@ followed by the backward of the L2 normalisation. This is the fast path on CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 
@@ -114,6 +115,18 @@ def _row_losses(
     return row_loss, s_pos + row_loss
 
 
+def _normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`numerics.l2_normalize`. On the CPU, where reading a value costs no device sync, float32
+    rows take the float32 norm unless a sum of squares overflowed (a non-finite norm; the
+    float64 one then); squares that underflow belong to norms below the clamp."""
+    if z.dtype == torch.float32 and not validation.syncs_host(z.device):
+        norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+        if math.isfinite(float(norm.sum())):  # non-negative norms: finite sum, all finite
+            norm.clamp_min_(NORM_EPS)
+            return z / norm, norm
+    return l2_normalize(z)
+
+
 def _softplus(t: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(t)) to the last bit: torch's softplus turns linear above t = 20, a relative
     error of exp(-20) that the float64 tests see."""
@@ -126,10 +139,11 @@ def _positive_gap(zn: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     ||zn_a - zn_b||^2 / 2 alone (`reference.positive_gap` otherwise)."""
     n = zn.shape[0] // 2
     if not validation.syncs_host(zn.device) and bool(norm.min() > NORM_EPS):
-        gap = (zn[:n] - zn[n:]).pow_(2).sum(1).mul_(0.5)
+        diff = zn[:n] - zn[n:]
+        gap = torch.linalg.vecdot(diff, diff).mul_(0.5)
     else:
         gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
-    return gap.repeat(2)
+    return torch.cat([gap, gap])
 
 
 # Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
@@ -262,7 +276,7 @@ def _forward(
     the backward instead of recomputed there (one matrix product, one exp pass and the
     normalisation fewer): the path that decides small batches. (2N)^2 + 2N D values are held
     until the backward, at most block^2 + 2N D and less than the reference's autograd keeps."""
-    zn, norm = l2_normalize(z)
+    zn, norm = _normalize(z)
     gap = _positive_gap(zn, norm)
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
@@ -279,12 +293,12 @@ def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torc
     """(exp(S_ik - shift_i) with the diagonal and the positives set to 0, shift) over the
     whole matrix: shift the bound 1/|tau| (a float) where exp(-2/|tau|) stays normal, else
     each row's max over k != i."""
-    s = _tile(zn, slice(None), slice(None), inv_tau)
     half = zn.shape[0] // 2
     if fixed_shift_safe(inv_tau, zn.dtype):
-        shift = abs(inv_tau)
-        e = s.sub_(shift).exp_()
+        shift = abs(inv_tau)  # S - shift in the product's own pass
+        e = torch.addmm(zn.new_full((), -shift), zn, zn.T, alpha=inv_tau).exp_()
     else:
+        s = _tile(zn, slice(None), slice(None), inv_tau)
         shift = s.fill_diagonal_(float("-inf")).amax(1)
         e = s.sub_(shift[:, None]).exp_()
     for diagonal in (0, half, -half):

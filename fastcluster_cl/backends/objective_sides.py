@@ -125,13 +125,17 @@ def _cc_columns(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q / norm, norm
 
 
-def _cc_similarities(q: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cc_similarities(
+    q: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log P: the log-softmax of the 2K columns' similarities over k != j (2K, 2K), the
-    normalised columns (N, 2K)). The column entries are in [0, 1], so the accumulation dtype holds
-    their squares (where one underflows, the norm is below the clamp)."""
-    xn = q / torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
+    normalised columns (N, 2K), their clamped norms (2K,)). The column entries are in [0, 1], so
+    the accumulation dtype holds their squares (where one underflows, the norm is below the
+    clamp)."""
+    norm = torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
+    xn = q / norm
     s = torch.mm(xn.T, xn).mul_(1.0 / temperature).fill_diagonal_(float("-inf"))
-    return torch.log_softmax(s, 1), xn
+    return torch.log_softmax(s, 1), xn, norm
 
 
 def _cc_side_forward(
@@ -142,7 +146,7 @@ def _cc_side_forward(
     n, k = logits_a.shape
     acc = accumulation_dtype(logits_a.dtype)
     q = torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
-    log_p, _ = _cc_similarities(q, temperature)
+    log_p = _cc_similarities(q, temperature)[0]
     contrast = (log_p.diagonal(k).sum() + log_p.diagonal(-k).sum()) / (-2 * k)
     shares = q.mean(0)
     entropy = (shares * safe_log(shares)).sum() + 2 * math.log(k)
@@ -171,12 +175,11 @@ def _cc_side_backward(
     """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring)."""
     n, k = logits_a.shape
     g = grad.to(q.dtype) / (2 * k)
-    log_p, xn = _cc_similarities(q, temperature)
+    log_p, xn, norm = _cc_similarities(q, temperature)
     w = log_p.exp_().mul_(g)
     w.diagonal(k).sub_(g)
     w.diagonal(-k).sub_(g)
     dxn = torch.mm(xn, w + w.T).mul_(1.0 / temperature)  # (N, 2K)
-    norm = torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
     radial = torch.where(norm > NORM_EPS, (xn * dxn).sum(0), 0.0)
     shares = q.mean(0)
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (2 * k / n * g)
