@@ -140,17 +140,17 @@ def _cc_similarities(
 
 def _cc_side_forward(
     logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cc_cluster_loss in the accumulation dtype, q = [q_a, q_b] (N, 2K) for the backward,
-    which recomputes the 2K x 2K similarities from it rather than holding them)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cc_cluster_loss in the accumulation dtype, and for the backward q = [q_a, q_b] (N, 2K),
+    the normalised columns (N, 2K), their norms (2K,) and P (2K, 2K), 0 on the diagonal)."""
     n, k = logits_a.shape
     acc = accumulation_dtype(logits_a.dtype)
     q = torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
-    log_p = _cc_similarities(q, temperature)[0]
+    log_p, xn, norm = _cc_similarities(q, temperature)
     contrast = (log_p.diagonal(k).sum() + log_p.diagonal(-k).sum()) / (-2 * k)
     shares = q.mean(0)
-    entropy = (shares * safe_log(shares)).sum() + 2 * math.log(k)
-    return contrast + entropy, q
+    entropy = torch.special.xlogy(shares, shares).sum() + 2 * math.log(k)
+    return contrast + entropy, q, xn, norm, log_p.exp()
 
 
 cc_side_forward = torch.library.custom_op(
@@ -162,7 +162,13 @@ cc_side_forward = torch.library.custom_op(
 def _(logits_a, logits_b, temperature):
     n, k = logits_a.shape
     acc = accumulation_dtype(logits_a.dtype)
-    return logits_a.new_empty((), dtype=acc), logits_a.new_empty((n, 2 * k), dtype=acc)
+    return (
+        logits_a.new_empty((), dtype=acc),
+        logits_a.new_empty((n, 2 * k), dtype=acc),
+        logits_a.new_empty((n, 2 * k), dtype=acc),
+        logits_a.new_empty(2 * k, dtype=acc),
+        logits_a.new_empty((2 * k, 2 * k), dtype=acc),
+    )
 
 
 def _cc_side_backward(
@@ -171,21 +177,23 @@ def _cc_side_backward(
     temperature: float,
     grad: torch.Tensor,
     q: torch.Tensor,
+    xn: torch.Tensor,
+    norm: torch.Tensor,
+    prob: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring)."""
     n, k = logits_a.shape
     g = grad.to(q.dtype) / (2 * k)
-    log_p, xn, norm = _cc_similarities(q, temperature)
-    w = log_p.exp_().mul_(g)
+    w = prob * g
     w.diagonal(k).sub_(g)
     w.diagonal(-k).sub_(g)
     dxn = torch.mm(xn, w + w.T).mul_(1.0 / temperature)  # (N, 2K)
-    radial = torch.where(norm > NORM_EPS, (xn * dxn).sum(0), 0.0)
+    radial = torch.where(norm > NORM_EPS, torch.linalg.vecdot(xn, dxn, dim=0), 0.0)
     shares = q.mean(0)
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (2 * k / n * g)
     dq = dxn.sub_(xn * radial).div_(norm).add_(entropy).view(n, 2, k)
     q3 = q.view(n, 2, k)
-    dl = (dq - (q3 * dq).sum(-1, keepdim=True)).mul_(q3)
+    dl = (dq - torch.linalg.vecdot(q3, dq).unsqueeze(-1)).mul_(q3)
     return dl[:, 0].to(logits_a.dtype, copy=True), dl[:, 1].to(logits_b.dtype, copy=True)
 
 
@@ -195,7 +203,7 @@ cc_side_backward = torch.library.custom_op(
 
 
 @cc_side_backward.register_fake
-def _(logits_a, logits_b, temperature, grad, q):
+def _(logits_a, logits_b, temperature, grad, q, xn, norm, prob):
     return torch.empty_like(logits_a), torch.empty_like(logits_b)
 
 
