@@ -8,6 +8,8 @@
 #             the static sm_90a report beside it (compare measured TFLOP/s with issue_ceiling)
 #   objective the one-pass objectives against the separate ops (triton-separate) and the torch
 #             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
+#   model     the cost model's NT-Xent table measured: bf16, N 256..32768 pairs (2N 512..65536),
+#             D 128/256, torch and triton, beside the model's predictions (model-h100.json)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
 # Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
@@ -59,6 +61,13 @@ for stage in "${stages[@]}"; do
             --out "$OUT/results" >>"$OUT/objective.log" 2>&1 || status=1
       done
       tail -60 "$OUT/objective.log" ;;
+    model)
+      python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 128,256 \
+          --sizes 512,2048,8192,65536 --modes fwd+bwd --backends torch,triton \
+          --out "$OUT/results" >"$OUT/model.log" 2>&1 || status=1
+      env -u TRITON_INTERPRET python3 -m fastcluster_cl.bench model \
+          --json "$OUT/results/model-h100.json" >>"$OUT/model.log" 2>&1 || status=1
+      tail -40 "$OUT/model.log" ;;
     dali)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/data/test_data_dali.py \
           >"$OUT/dali.log" 2>&1 || status=1

@@ -826,13 +826,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`static [...]` runs the static sm_90 report (`static_report`); anything else the timing
-    runner."""
+    """`static [...]` runs the static sm_90 report (`static_report`), `model [...]` the cost
+    model (`paths`); anything else the timing runner."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["static"]:
         from . import static_report
 
         return static_report.main(argv[1:])
+    if argv[:1] == ["model"]:
+        from . import paths
+
+        return paths.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="fastcluster-cl bench",
         description=__doc__.split("\n\n")[0],

@@ -123,7 +123,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def parse_sass(text: str) -> list[dict]:
-    """Instructions in order: {"addr", "op", "pred", "text", "label"} (label: a branch target)."""
+    """Instructions in order: {"addr", "pred", "op", "target", "args", "target_index"} (target:
+    the label a branch jumps to)."""
     out, labels = [], {}
     pending = []
     for line in text.splitlines():
@@ -144,6 +145,7 @@ def parse_sass(text: str) -> list[dict]:
                 "pred": (m[2] or "").strip(),
                 "op": m[3],
                 "target": target[1] if target else None,
+                "args": m[4].strip(),
             }
         )
     for ins in out:
@@ -275,6 +277,24 @@ _NT_XENT_FWD = dict(
 _NT_XENT_BWD = dict(_NT_XENT_FWD, issue_ceiling=0.5)
 
 
+# Pointer dtypes of the NT-Xent kernels' arguments other than Z (bf16 gradients, fp32 rest).
+NT_XENT_POINTERS = {
+    "RS": "fp32",
+    "NORMS": "fp32",
+    "DIST": "fp32",
+    "LSE": "fp32",
+    "ROW_W": "fp32",
+    "ROW_G": "fp32",
+    "ROW_LOSS": "fp32",
+    "INV_TAU": "fp32",
+    "DZ": "bf16",
+    "GRAD_OUT": "fp32",
+    "G": "fp32",
+    "ROW_SUM": "fp32",
+    "COL_SUM": "fp32",
+}
+
+
 def _nt_xent_variants() -> list[Variant]:
     import torch
     import triton.language as tl
@@ -285,21 +305,7 @@ def _nt_xent_variants() -> list[Variant]:
 
     out = []
     d = 128
-    pointers = {
-        "RS": "fp32",
-        "NORMS": "fp32",
-        "DIST": "fp32",
-        "LSE": "fp32",
-        "ROW_W": "fp32",
-        "ROW_G": "fp32",
-        "ROW_LOSS": "fp32",
-        "INV_TAU": "fp32",
-        "DZ": "bf16",
-        "GRAD_OUT": "fp32",
-        "G": "fp32",
-        "ROW_SUM": "fp32",
-        "COL_SUM": "fp32",
-    }
+    pointers = NT_XENT_POINTERS
     # bf16 and fp16 inputs both run on the fp16 copy Zs (the prologue); fp32 on TF32 tensor
     # cores where torch allows TF32 matmuls, else ("ieee", torch's default) on FMA units.
     for dtype, zs, precision in (
@@ -850,7 +856,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the kernels must be compiled, not interpreted: unset TRITON_INTERPRET")
     rows = [analyse(v) for v in variants(args.kernels)]
     print(table(rows))
-    if args.json:
+    if args.json:  # the first element names the sources the rows were compiled from
+        from .paths import source_hash
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps([{"source_hash": source_hash()}, *rows], indent=1))
     return 1 if any(check_targets(r) for r in rows) else 0

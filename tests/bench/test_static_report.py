@@ -45,7 +45,9 @@ def report(tmp_path_factory):
         timeout=1800,
     )
     assert path.exists(), done.stdout + done.stderr
-    return done, json.loads(path.read_text())
+    meta, *rows = json.loads(path.read_text())
+    assert set(meta) == {"source_hash"}
+    return done, rows
 
 
 def test_every_variant_compiles_and_meets_its_targets(report):

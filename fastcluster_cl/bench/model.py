@@ -1,0 +1,340 @@
+"""Predicted H100 SXM time of whole kernels and whole paths, read from the compiled code without a
+GPU (`python -m fastcluster_cl.bench model --json PATH`).
+
+A kernel is compiled for sm_90a (`static_report.compile_variant`) and its SASS cut into regions:
+the code outside every loop and the body of each loop (a backward branch's span, inner loops
+excluded). Predicated forward branches over code with no MMA inside a loop (edge-tile masks,
+the diagonal) are cold: counted once per program, not per iteration. Per region and per CTA,
+one execution costs, in SM clocks, on each unit:
+
+    tensor core   MMA multiply-adds / MACS_PER_CLOCK (HGMMA x warpgroups, HMMA x warps)
+    MUFU          MUFU instructions (EX2, RCP, SQRT, LG2, ...) x threads / 16
+    FP32 pipe     FFMA, FADD, FMUL, FMNMX x threads / 128
+    shared memory LDS / STS / LDSM / LDGSTS bytes / 128
+    issue         instructions x warps / 4
+
+A region's time is the largest of these when everything overlaps (the low end of the range) and
+the tensor core's plus the largest of the others where the SASS waits for the MMA results before
+using them (`WARPGROUP.DEPBAR ... 0x0`, or synchronous HMMA: the high end). A region runs its
+loop's trip count times per execution of its parent (`KernelModel.trips` says, by whether the loop
+holds an MMA, its nesting depth or its place, what it iterates over at a shape). A program's time is
+the sum over regions; an SM runs ceil(programs / 132) programs, `ctas_per_sm` at a time
+sharing its units (low: their unit time adds up; high: at least one program's serialised chain
+per group); a launch costs LAUNCH_S more. What is left out: global-memory latency and L2 misses
+(HBM enters only the floor and the eager model), TMA and wgmma operand reads from shared memory,
+warp scheduling stalls, clock throttling. The constants are stated once below with sources.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import static_report as static
+
+# H100 SXM5 (NVIDIA H100 Tensor Core GPU datasheet and Hopper whitepaper): 132 SMs; 989.4 dense
+# fp16/bf16 tensor TFLOP/s = 132 SMs x 4096 FLOP/clock at 1830 MHz; HBM3 3.35 TB/s.
+SMS = 132
+CLOCK_HZ = 1.83e9
+HBM_BYTES_PER_S = 3.35e12
+PEAK_TENSOR_FLOPS = 2 * static.MACS_PER_CLOCK["fp16"] * SMS * CLOCK_HZ
+# Per-SM throughputs of compute capability 9.0 (CUDA C++ Programming Guide, "Arithmetic
+# Instructions" table: 128 fp32 FMA/add/mul, 16 exp2/rcp/rsqrt/lg2 per clock per SM; four
+# schedulers issuing one warp instruction each per clock; 32 banks x 4 bytes of shared memory).
+FP32_PER_CLOCK = 128
+MUFU_PER_CLOCK = static.EX2_PER_CLOCK
+ISSUE_PER_CLOCK = static.ISSUE_PER_CLOCK
+SHARED_BYTES_PER_CLOCK = 128
+PEAK_EXPS = MUFU_PER_CLOCK * SMS * CLOCK_HZ
+# Hiding a dependent arithmetic instruction's ~4-clock latency takes 4 warps per scheduler when a
+# warp has no instruction-level parallelism (CUDA C++ Programming Guide, "Multiprocessor
+# Level"): with fewer, the high end issues at warps / 4 of the peak rate.
+WARPS_TO_HIDE_LATENCY = 4
+# L2 to SM bandwidth: about 5.5 TB/s measured on an H100 PCIe (114 SMs; chipsandcheese.com,
+# "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023); global loads and stores of a launch
+# take at least their bytes at this rate.
+L2_BYTES_PER_S = 5.5e12
+# A global load's latency: 400-800 clocks (CUDA C++ Best Practices Guide, "Device Memory
+# Spaces"). At the high end each group of co-resident programs waits once for its first tiles
+# (the pipeline fill) with no other program on its SM to switch to.
+MEMORY_LATENCY_CLOCKS = 800
+# A kernel launch's fixed cost seen by a training step: a few microseconds (NVIDIA, "Getting
+# Started with CUDA Graphs", 2019, measures launch-bound kernels at 3-4 us each).
+LAUNCH_S = 4e-6
+# A cuBLAS-class GEMM: 721.6 TFLOP/s, 73% of the peak, for 2048 x 8192 x 8192 fp16 on an H100
+# (triton-lang/triton issue 2339, 2023); smaller products lose whole waves of 128 x 128 tiles.
+CUBLAS_FRACTION = 721.6e12 / PEAK_TENSOR_FLOPS
+CUBLAS_TILE = 128
+
+UNITS = ("tensor", "mufu", "fp32", "shared", "issue")
+_GLOBAL = ("LDG", "STG", "LDGSTS", "RED", "ATOMG")
+_FP32 = re.compile(r"^(FFMA|FADD|FMUL|FMNMX)(\.|$)")
+_WIDTH_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+@dataclass
+class Region:
+    """The instructions of one loop body (inner loops excluded) or of the code outside loops."""
+
+    depth: int  # -1: outside every loop
+    index: int  # 0 outside loops, then the loops in address order from 1
+    has_mma: bool  # the loop (inner loops included) issues MMA
+    waits: bool  # the body waits for all its MMA results before using them
+    parent: int | None
+    clocks: dict = field(default_factory=dict)  # unit -> SM clocks per execution, per CTA
+    global_bytes: int = 0  # per execution, per CTA
+
+    def low(self) -> float:
+        """Every unit overlapped, instructions issued at the peak rate."""
+        return max(self.clocks.values())
+
+    def high(self, issue_rate: float) -> float:
+        """Instructions issued at `issue_rate` of the peak (latency not hidden); where the
+        body waits for its MMA, the tensor core's time plus the rest's."""
+        clocks = dict(self.clocks, issue=self.clocks["issue"] / issue_rate)
+        if not self.waits:
+            return max(clocks.values())
+        return clocks["tensor"] + max(v for unit, v in clocks.items() if unit != "tensor")
+
+
+_SYNC_MMA = {"16816": 16 * 8 * 16, "1688": 16 * 8 * 8, "884": 8 * 8 * 4}  # mma.sync shapes
+
+
+def _macs(op: str) -> tuple[int, str] | None:
+    """(multiply-adds of one MMA instruction, "fp16" or "tf32"), None for other instructions:
+    HGMMA.MxNxK (per warpgroup), HMMA.16816 / .1688 (per warp, sm_80-style mma.sync)."""
+    parts = op.split(".")
+    kind = "tf32" if "TF32" in parts else "fp16"
+    m = static._MMA.match(op)
+    if m:
+        return int(m[2]) * int(m[3]) * int(m[4]), kind
+    if parts[0] == "HMMA" and len(parts) > 1 and parts[1] in _SYNC_MMA:
+        return _SYNC_MMA[parts[1]], kind
+    return None
+
+
+def _shared_bytes(op: str) -> int:
+    """Bytes one warp instruction moves through shared memory: LDS / STS / LDGSTS by their width
+    suffix (4 bytes a thread without one), LDSM / STSM 128 bytes per 8 x 8 b16 matrix."""
+    parts = op.split(".")
+    if parts[0] in ("LDSM", "STSM"):
+        return 128 * int(parts[-1]) if parts[-1].isdigit() and len(parts) > 3 else 128
+    if parts[0] in ("LDS", "STS", "LDGSTS"):
+        width = next((_WIDTH_BYTES[p] for p in reversed(parts) if p in _WIDTH_BYTES), 4)
+        return 32 * width
+    return 0
+
+
+def _global_bytes(op: str) -> int:
+    """Bytes one warp instruction moves to or from global memory (4 a thread without a width)."""
+    parts = op.split(".")
+    if parts[0] not in _GLOBAL:
+        return 0
+    return 32 * next((_WIDTH_BYTES[p] for p in reversed(parts) if p in _WIDTH_BYTES), 4)
+
+
+def _unit_clocks(instructions: list[dict], num_warps: int) -> dict:
+    threads = 32 * num_warps
+    tensor = 0.0
+    mufu = fp32 = shared = 0
+    for ins in instructions:
+        op = ins["op"]
+        mma = _macs(op)
+        if mma:
+            macs, kind = mma
+            issuers = num_warps // 4 if op.startswith("HGMMA") else num_warps
+            tensor += macs * issuers / static.MACS_PER_CLOCK[kind]
+        elif op.startswith("MUFU"):
+            mufu += 1
+        elif _FP32.match(op):
+            fp32 += 1
+        shared += _shared_bytes(op)
+    return {
+        "tensor": tensor,
+        "mufu": mufu * threads / MUFU_PER_CLOCK,
+        "fp32": fp32 * threads / FP32_PER_CLOCK,
+        "shared": shared * num_warps / SHARED_BYTES_PER_CLOCK,
+        "issue": len(instructions) * num_warps / ISSUE_PER_CLOCK,
+    }
+
+
+def _loops(instructions: list[dict]) -> list[tuple[int, int]]:
+    """(header, last) index spans of the loops: every backward branch, one span per header."""
+    spans: dict[int, int] = {}
+    for i, ins in enumerate(instructions):
+        t = ins["target_index"]
+        if ins["op"].startswith("BRA") and t is not None and t < i:
+            spans[t] = max(spans.get(t, i), i)
+    return sorted(spans.items())
+
+
+def _cold(instructions: list[dict], start: int, end: int) -> set[int]:
+    """Indices inside loop [start, end] jumped over by a predicated forward branch with no MMA
+    in between (`static.steady_loop`'s rule): edge-tile code."""
+    cold = set()
+    for i in range(start, end):
+        ins = instructions[i]
+        t = ins["target_index"]
+        if (
+            ins["op"].startswith("BRA")
+            and ins["pred"]
+            and t is not None
+            and i < t <= end
+            and not any(_macs(x["op"]) for x in instructions[i + 1 : t])
+        ):
+            cold.update(range(i + 1, t))
+    return cold
+
+
+def regions(instructions: list[dict], num_warps: int) -> list[Region]:
+    """Region 0 is the code outside loops (and every loop's cold code), then one per loop."""
+    loops = _loops(instructions)
+    owner = [0] * len(instructions)  # region index per instruction
+    parents: list[int | None] = []
+    depths = []
+    for index, (start, end) in enumerate(loops, start=1):
+        enclosing = [
+            j for j, (s, e) in enumerate(loops, start=1) if j != index and s <= start and end <= e
+        ]
+        parent = max(enclosing, key=lambda j: loops[j - 1][0]) if enclosing else None
+        parents.append(parent)
+        depths.append(len(enclosing))
+    for index, (start, end) in sorted(
+        enumerate(loops, start=1), key=lambda item: item[1][1] - item[1][0], reverse=True
+    ):
+        cold = _cold(instructions, start, end)
+        for i in range(start, end + 1):
+            owner[i] = 0 if i in cold else index
+    out = [Region(-1, 0, False, False, None)]
+    for index, (start, end) in enumerate(loops, start=1):
+        body = instructions[start : end + 1]
+        out.append(
+            Region(
+                depths[index - 1],
+                index,
+                any(_macs(ins["op"]) for ins in body),
+                False,
+                parents[index - 1],
+            )
+        )
+    members: list[list[dict]] = [[] for _ in out]
+    for ins, region in zip(instructions, owner):
+        if ins["pred"] != "@!PT":  # predicated off for good: never executes
+            members[region].append(ins)
+    for region, body in zip(out, members):
+        region.clocks = _unit_clocks(body, num_warps)
+        region.global_bytes = sum(_global_bytes(ins["op"]) for ins in body) * num_warps
+        has_own_mma = any(_macs(ins["op"]) for ins in body)
+        region.waits = has_own_mma and any(
+            ins["op"].startswith("HMMA")  # synchronous: the warp waits for it
+            or (ins["op"].startswith("WARPGROUP.DEPBAR") and ins["args"].endswith("0x0"))
+            for ins in body
+        )
+    return out
+
+
+@dataclass
+class Compiled:
+    """What the model reads off one compiled kernel."""
+
+    name: str
+    num_warps: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    ctas_per_sm: int
+    regions: list[Region]
+
+
+def compile_kernel(variant: static.Variant) -> Compiled:
+    kernel = static.compile_variant(variant)
+    cubin = kernel.asm["cubin"]
+    registers, stack = static.resource_usage(cubin)
+    instructions = static.parse_sass(static._tool_output("nvdisasm", ["-c"], cubin))
+    return Compiled(
+        variant.kernel,
+        variant.num_warps,
+        registers,
+        stack,
+        kernel.metadata.shared,
+        static.ctas_per_sm(registers, kernel.metadata.shared, 32 * variant.num_warps),
+        regions(instructions, variant.num_warps),
+    )
+
+
+# trips(loop) -> iterations of that loop (a Region: its has_mma, depth, index) per execution of
+# its parent, at a shape
+Trips = Callable[[Region], int]
+
+
+def program_clocks(compiled: Compiled, trips: Trips) -> tuple[float, float, dict, float]:
+    """(low, high) SM clocks of one program, each unit's clocks (overlapped), and its global
+    bytes. The high end issues at the rate the resident warps sustain without hiding latency
+    (`WARPS_TO_HIDE_LATENCY`)."""
+    executions = []
+    for region in compiled.regions:
+        count, r = 1, region
+        while r.depth >= 0:
+            count *= trips(r)
+            r = compiled.regions[r.parent] if r.parent is not None else None
+            if r is None:
+                break
+        executions.append(count)
+    per_scheduler = max(1, compiled.ctas_per_sm) * compiled.num_warps / 4
+    issue_rate = min(1.0, per_scheduler / WARPS_TO_HIDE_LATENCY)
+    low = sum(n * r.low() for n, r in zip(executions, compiled.regions))
+    high = sum(n * r.high(issue_rate) for n, r in zip(executions, compiled.regions))
+    units = {u: sum(n * r.clocks[u] for n, r in zip(executions, compiled.regions)) for u in UNITS}
+    nbytes = sum(n * r.global_bytes for n, r in zip(executions, compiled.regions))
+    return low, high, units, nbytes
+
+
+@dataclass
+class Launch:
+    """One kernel launch at a shape: its compiled code, its grid and its loops' trip counts."""
+
+    compiled: Compiled
+    programs: int
+    trips: Trips
+
+    def predict(self) -> dict:
+        low, high, units, nbytes = program_clocks(self.compiled, self.trips)
+        per_sm = math.ceil(self.programs / SMS)
+        resident = max(1, self.compiled.ctas_per_sm)
+        groups, last = divmod(per_sm, resident)
+        sizes = [resident] * groups + ([last] if last else [])
+        sm_low = per_sm * low / CLOCK_HZ
+        fill = MEMORY_LATENCY_CLOCKS if self.compiled.regions[0].global_bytes else 0
+        sm_high = sum(max(g * low, high) + fill for g in sizes) / CLOCK_HZ
+        l2 = self.programs * nbytes / L2_BYTES_PER_S
+        units = {**units, "l2": l2 * CLOCK_HZ / per_sm}  # comparable: clocks per SM
+        return {
+            "kernel": self.compiled.name,
+            "programs": self.programs,
+            "low_s": LAUNCH_S + max(sm_low, l2),
+            "high_s": LAUNCH_S + max(sm_high, l2),
+            "limit": max(units, key=units.get),
+            "sm_fill": min(1.0, self.programs / (SMS * resident)),
+            "waves": math.ceil(self.programs / (SMS * resident)),
+        }
+
+
+def gemm_seconds(m: int, n: int, k: int) -> float:
+    """A cuBLAS-class GEMM: whole waves of 128 x 128 output tiles at CUBLAS_FRACTION of the
+    tensor peak, plus a launch."""
+    tiles = math.ceil(m / CUBLAS_TILE) * math.ceil(n / CUBLAS_TILE)
+    waves = math.ceil(tiles / SMS)
+    per_tile = CUBLAS_TILE * CUBLAS_TILE * k / (static.MACS_PER_CLOCK["fp16"] * CUBLAS_FRACTION)
+    return LAUNCH_S + waves * per_tile / CLOCK_HZ
+
+
+def memory_seconds(nbytes: float) -> float:
+    """An elementwise or reduction kernel: its bytes at HBM bandwidth, plus a launch."""
+    return LAUNCH_S + nbytes / HBM_BYTES_PER_S
+
+
+def floor_seconds(flops: float, exps: float, nbytes: float) -> float:
+    """The whole GPU's floor: the largest of the tensor FLOPs, the exps and the HBM bytes."""
+    return max(flops / PEAK_TENSOR_FLOPS, exps / PEAK_EXPS, nbytes / HBM_BYTES_PER_S)

@@ -1,0 +1,202 @@
+"""The cost model (fastcluster_cl/bench/model.py, paths.py): its accounting against hand counts,
+on SASS written here and on a compiled kernel with one MMA loop and nothing else; the stored
+predictions against the kernels' sources."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastcluster_cl.bench import model, paths, static_report
+
+ROOT = Path(__file__).resolve().parents[2]
+STORED = ROOT / "benchmarks" / "results" / "model-h100.json"
+STATIC = ROOT / "benchmarks" / "results" / "static-sm90a.json"
+
+# Hand-written SASS: straight code, an outer loop (2 FFMA, a MUFU) around an inner loop (one
+# HGMMA 64x64x16, an LDS.128, the wait for the MMA), a cold edge block, an instruction
+# predicated off for good.
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+        /*0020*/                   FFMA R2, R2, R3, R4 ;
+        /*0030*/                   MUFU.EX2 R5, R2 ;
+.L_x_1:
+        /*0040*/                   HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT ;
+        /*0050*/                   LDS.128 R8, [R9] ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/              @!P6 BRA `(.L_x_2) ;
+        /*0080*/                   FSEL R2, R2, -INF , P0 ;
+.L_x_2:
+        /*0090*/              @!PT LDS R3, [R9] ;
+        /*00a0*/              @!P1 BRA `(.L_x_1) ;
+        /*00b0*/              @!P2 BRA `(.L_x_0) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_regions_count_by_hand():
+    """4 warps (one warpgroup, 128 threads): per inner iteration 64*64*16 / 2048 = 32 tensor
+    clocks, 16 * 32 * 4 / 128 = 16 shared clocks, 5 instructions (the edge FSEL is cold, the
+    @!PT LDS never runs) * 4 / 4 = 5 issue clocks; per outer iteration 2 FFMA * 128 / 128 = 2
+    FP32 clocks, 128 / 16 = 8 MUFU clocks, 4 instructions."""
+    regions = model.regions(static_report.parse_sass(SASS), num_warps=4)
+    straight, outer, inner = regions
+    assert (outer.depth, inner.depth, inner.parent, inner.index) == (0, 1, 1, 2)
+    assert inner.has_mma and outer.has_mma and inner.waits and not outer.waits
+    assert inner.clocks == {"tensor": 32, "mufu": 0, "fp32": 0, "shared": 16, "issue": 5}
+    assert outer.clocks == {"tensor": 0, "mufu": 8, "fp32": 2, "shared": 0, "issue": 4}
+    assert straight.clocks["issue"] == 3  # MOV, EXIT and the cold FSEL
+
+    compiled = model.Compiled("hand", 4, 64, 0, 0, 1, regions)
+    trips = {(True, 0): 3, (True, 1): 10}  # 3 outer iterations of 10 inner ones
+    low, high, units, _ = model.program_clocks(
+        compiled, lambda loop: trips[(loop.has_mma, loop.depth)]
+    )
+    assert units["tensor"] == 3 * 10 * 32
+    assert low == 3 + 3 * 8 + 30 * 32
+    # one CTA of 4 warps: one warp per scheduler issues at 1/4 of the peak at the high end;
+    # the inner loop waits for its MMA: 32 tensor clocks + 4 * 5 issue clocks
+    assert high == 4 * 3 + 3 * 4 * 4 + 30 * (32 + 4 * 5)
+
+
+def test_instruction_classes():
+    assert model._macs("HGMMA.64x128x16.F32.BF16") == (64 * 128 * 16, "fp16")
+    assert model._macs("HMMA.16816.F32.BF16") == (16 * 8 * 16, "fp16")
+    assert model._macs("HMMA.1688.F32.TF32") == (16 * 8 * 8, "tf32")
+    assert model._macs("FFMA") is None
+    assert model._shared_bytes("LDSM.16.M88.4") == 512
+    assert model._shared_bytes("LDS.128") == 512 and model._shared_bytes("STS") == 128
+    assert model._shared_bytes("LDGSTS.E.BYPASS.128") == 512
+    assert model._global_bytes("LDG.E.64") == 256 and model._global_bytes("STG.E") == 128
+    assert model._global_bytes("LDS.128") == 0
+
+
+# Compiled in a subprocess: the test session interprets Triton (TRITON_INTERPRET=1), and an
+# interpreted kernel cannot be compiled for sm_90a.
+ONE_MMA_LOOP = """
+import json, triton, triton.language as tl
+from fastcluster_cl.bench import model, paths, static_report
+
+@triton.jit
+def mma_loop(A, B, C, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    a_ptr = A + offs[:, None] * n + offs[None, :]
+    b_ptr = B + offs[:, None] * BLOCK + offs[None, :]
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for _ in range(0, n, BLOCK):
+        acc = tl.dot(tl.load(a_ptr), tl.load(b_ptr), acc)
+        a_ptr += BLOCK
+        b_ptr += BLOCK * BLOCK
+    tl.store(C + offs[:, None] * BLOCK + offs[None, :], acc)
+
+variant = static_report.Variant(
+    "one MMA loop", "fp16", mma_loop, {"A": "fp16", "B": "fp16", "C": "fp32"}, dict(BLOCK=64),
+    4, (64, 64, 64),
+)
+compiled = model.compile_kernel(variant)
+launch = model.Launch(compiled, 264, paths.mma_loop(1000, 64 * 64 * 64))
+low, high, units, _ = model.program_clocks(compiled, launch.trips)
+print(json.dumps(dict(
+    loops=[dict(mma=r.has_mma, tensor=r.clocks["tensor"]) for r in compiled.regions[1:]],
+    units=units, ctas=compiled.ctas_per_sm, predict=launch.predict(),
+)))
+"""
+
+
+def _compiled_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
+    """A GEMM-like kernel whose only loop loads two 64 x 64 tiles and multiplies them: 4
+    HGMMA.64x64x16 per iteration, 128 tensor clocks; 1000 iterations, 264 programs on 132
+    SMs."""
+    script = tmp_path / "one_mma_loop.py"  # @triton.jit needs its source in a file
+    script.write_text(ONE_MMA_LOOP)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=_compiled_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["loops"] == [{"mma": True, "tensor": 64 * 64 * 64 / 2048}]
+    assert got["units"]["tensor"] == 1000 * 128
+    p = got["predict"]
+    per_sm = math.ceil(264 / 132)
+    assert p["low_s"] >= model.LAUNCH_S + per_sm * 1000 * 128 / model.CLOCK_HZ
+    assert p["limit"] in (*model.UNITS, "l2")
+    assert p["waves"] == math.ceil(264 / (132 * got["ctas"]))
+
+
+REGENERATE = (
+    "python -m fastcluster_cl.bench model --json benchmarks/results/model-h100.json "
+    "--static-json benchmarks/results/static-sm90a.json"
+)
+
+
+@pytest.mark.parametrize("stored", [STORED, STATIC])
+def test_stored_predictions_match_the_sources(stored):
+    """The stored model and static report are regenerated by one command whenever a kernel or
+    the model changes (their source_hash)."""
+    meta = json.loads(stored.read_text())[0]
+    assert meta["source_hash"] == paths.source_hash(), (
+        f"{stored.name} predates the kernels' or the model's sources: regenerate with "
+        f"`{REGENERATE}`"
+    )
+
+
+def test_stored_predictions_hold_the_schema():
+    rows = json.loads(STORED.read_text())[1:]
+    shape_keys = {"path", "op", "shape", "runs"}
+    timed = {
+        "predicted_us_low",
+        "predicted_us_high",
+        "floor_us",
+        "eager_us",
+        "tiles",
+        "sm_fill",
+        "limit",
+        "spill_bytes",
+        "auto",
+    }
+    calibration_keys = {
+        "calibration",
+        "kernel",
+        "published_tflops",
+        "source",
+        "predicted_tflops_low",
+        "predicted_tflops_high",
+    }
+    for row in rows:
+        if row.get("calibration"):
+            assert calibration_keys <= row.keys()
+        else:
+            assert shape_keys <= row.keys() and {"n", "d", "dtype"} <= row["shape"].keys()
+            assert timed <= row.keys() if row["runs"] else "reason" in row
+
+
+def test_model_command_runs(tmp_path):
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps([{"n": 256, "d": 128}]))
+    out = tmp_path / "model.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "fastcluster_cl.bench", "model", "--shapes", str(shapes)]
+        + ["--json", str(out)],
+        env=_compiled_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())[1:]
+    assert {r["path"] for r in rows if not r.get("calibration")} == {"triton", "eager", "cuda"}
+    assert sum(bool(r.get("calibration")) for r in rows) == 6
