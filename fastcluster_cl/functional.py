@@ -450,8 +450,8 @@ def _objective(
         one_pass = None
     if one_pass is None:
         return weighted_total(separate_parts(), weights, reduction)
-    total, *parts = one_pass(*args, tuple(float(weights[name]) for name in names)).unbind()
-    return LossOutput(total, dict(zip(names, parts)))  # one unbind: one autograd node
+    out = one_pass(*args, tuple(float(weights[name]) for name in names))
+    return LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
 
 
 ANCHOR_PARTS = ("instance", "cluster", "anchor")
