@@ -134,6 +134,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     values overflows. Other devices, some without float64, keep isfinite (no host read)."""
     if t.dtype == torch.float64 or not t.is_floating_point() or t.device.type != "cpu":
         return bool(torch.isfinite(t).all())
+    t = t.detach()  # a value read, not a graph node
     return math.isfinite(float(t.sum(dtype=torch.float32))) or math.isfinite(
         float(t.sum(dtype=torch.float64))
     )
