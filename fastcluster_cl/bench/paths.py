@@ -442,10 +442,13 @@ def table(rows: list[dict]) -> str:
 
 
 def source_hash() -> str:
-    """The hash of the kernel sources and of the model itself: the stored JSONs name it, and a
-    test fails when they no longer match."""
-    root = Path(__file__).resolve().parents[2]
-    files = sorted((root / "kernels").rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    """The hash of the kernel sources and of the model itself (found as installed, from a
+    checkout or a wheel): the stored JSONs name it, and a test fails when they no longer
+    match."""
+    import importlib.util
+
+    kernels = Path(importlib.util.find_spec("fastcluster_cl.kernels").origin).parent  # not imported
+    files = sorted(kernels.rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())
