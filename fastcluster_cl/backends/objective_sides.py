@@ -9,7 +9,9 @@ Anchor side (the anchor method's three Student-t assignments, DEC and the anchor
 three views' distances are one float64 product (||h||^2 + ||mu||^2 - 2 h mu^T, as
 `chunked.student_t`). With logits l = -(alpha + 1) / 2 log1p(d2 / alpha) and q = softmax(l) per
 row, a term -(1/N) sum_ik t_ik log q_ik with a fixed target t has dL/dl = (q sum_k t - t) / N:
-DEC's target is p = dec_target(q0), the anchor terms' are q0 (for q_a and q_b); then dL/dd2 =
+DEC's target is p = dec_target(q0), the anchor terms' are q0 (for q_a and q_b), each zero where
+q underflows below the smallest normal of h's accumulation dtype (the reference's safe_log
+clamps the log there and passes no gradient); then dL/dd2 =
 dL/dl * -(alpha + 1) / 2 / (alpha + d2) and, with G = dL/dd2 (rows of h, columns of centers),
 
     dL/dh = 2 (rowsum(G) h - G mu),    dL/dmu = 2 (colsum(G) mu - G^T h).
@@ -55,10 +57,13 @@ def _anchor_side_forward(
     log_q = torch.log_softmax(torch.log1p(d2 / alpha).mul_(-(alpha + 1) / 2), dim=1)
     q = log_q.exp()
     n = h0.shape[0]
-    q0, log_q0 = q[:n], log_q[:n]
+    q0 = q[:n]
     p = dec_target(q0)
-    dec = (torch.special.xlogy(p, p) - p * log_q0).sum() / n
-    anchor = (2 * torch.special.xlogy(q0, q0) - q0 * (log_q[n : 2 * n] + log_q[2 * n :])).sum() / n
+    # the reference's safe_log: log q clamped where q falls below the smallest normal of h's
+    # accumulation dtype (such an entry then gets no gradient: the backward masks its target)
+    safe = log_q.clamp_min(math.log(torch.finfo(accumulation_dtype(h0.dtype)).tiny))
+    dec = (torch.special.xlogy(p, p) - p * safe[:n]).sum() / n
+    anchor = (2 * torch.special.xlogy(q0, q0) - q0 * (safe[n : 2 * n] + safe[2 * n :])).sum() / n
     inv = torch.where(raw >= 0, d2.add_(alpha).reciprocal_(), 0.0)
     return torch.stack([dec, anchor]), q, p, inv, h
 
@@ -96,10 +101,13 @@ def _anchor_side_backward(
     docstring); h is the features' float64 stack."""
     n = h0.shape[0]
     g_dec, g_anchor = (grad.to(_F64) / n).unbind()
+    kept = q >= torch.finfo(accumulation_dtype(h0.dtype)).tiny  # where safe_log is not clamped
     q0 = q[:n]
-    dl = torch.empty_like(q)
-    torch.sub(q0 * p.sum(1, keepdim=True), p, out=dl[:n]).mul_(g_dec)
-    torch.sub(q[n:].view(2, n, -1), q0, out=dl[n:].view(2, n, -1)).mul_(g_anchor)
+    # dL/dl = q sum_k t - t per row with the target t zero where the log was clamped
+    target = torch.cat([p * kept[:n], (q0 * kept[n:].view(2, n, -1)).view(2 * n, -1)])
+    dl = q * target.sum(1, keepdim=True) - target
+    dl[:n] *= g_dec
+    dl[n:] *= g_anchor
     gd = dl.mul_(inv).mul_(-(alpha + 1))  # 2 dL/dd2
     mu = centers.to(_F64)
     dh = torch.addmm(h * gd.sum(1, keepdim=True), gd, mu, alpha=-1.0)
@@ -115,14 +123,6 @@ anchor_side_backward = torch.library.custom_op(
 @anchor_side_backward.register_fake
 def _(h0, h_a, h_b, centers, alpha, grad, q, p, inv, h):
     return (*(torch.empty_like(h0) for _ in range(3)), torch.empty_like(centers))
-
-
-def _cc_columns(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the columns of q divided by their norms (N, 2K), the clamped norms (2K,)): entries in
-    [0, 1], so the accumulation dtype holds their squares (where one underflows, the norm is
-    below the clamp)."""
-    norm = torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
-    return q / norm, norm
 
 
 def _cc_similarities(

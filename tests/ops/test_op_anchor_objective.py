@@ -143,3 +143,23 @@ def test_zero_mass_center(fused):
     torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(grads, want_grads):
         assert torch.isfinite(g).all() and rel(g, w) < 1e-4
+
+
+@FUSED
+@pytest.mark.parametrize("dtype, alpha, far", [(torch.float32, 20.0, 1e3), (F64, 100.0, 1e5)])
+def test_underflowing_view_assignment_is_clamped_as_the_reference(dtype, alpha, far, fused):
+    """A view whose Student-t row underflows where the clean view has mass: the reference's
+    safe_log clamps log q there (and passes no gradient), so the anchor term is bounded; the
+    fused objective gives the reference's value and gradients in the same dtype."""
+    inputs = [x.clone() for x in anchor_inputs(n=4, d=8, f=6, k=3)]
+    centers = inputs[5]
+    centers[1] = centers[0] + far
+    inputs[2][0] = centers[0]  # h0 row 0 at center 0
+    inputs[3][0] = centers[1] - 0.01  # h_a row 0 far from center 0, at center 1
+    value, grads = run(anchor_call, fused, inputs, [dtype] * 6, tau=0.5, alpha=alpha)
+    want, want_grads = run(
+        anchor_call, reference.anchor_objective, inputs, [dtype] * 6, tau=0.5, alpha=alpha
+    )
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all() and rel(g, w) < 1e-4
