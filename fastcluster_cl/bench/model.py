@@ -170,24 +170,6 @@ def _loops(instructions: list[dict]) -> list[tuple[int, int]]:
     return sorted(spans.items())
 
 
-def _cold(instructions: list[dict], start: int, end: int) -> set[int]:
-    """Indices inside loop [start, end] jumped over by a predicated forward branch with no MMA
-    in between (`static.steady_loop`'s rule): edge-tile code."""
-    cold = set()
-    for i in range(start, end):
-        ins = instructions[i]
-        t = ins["target_index"]
-        if (
-            ins["op"].startswith("BRA")
-            and ins["pred"]
-            and t is not None
-            and i < t <= end
-            and not any(_macs(x["op"]) for x in instructions[i + 1 : t])
-        ):
-            cold.update(range(i + 1, t))
-    return cold
-
-
 def regions(instructions: list[dict], num_warps: int) -> list[Region]:
     """Region 0 is the code outside loops (and every loop's cold code), then one per loop."""
     loops = _loops(instructions)
@@ -204,7 +186,7 @@ def regions(instructions: list[dict], num_warps: int) -> list[Region]:
     for index, (start, end) in sorted(
         enumerate(loops, start=1), key=lambda item: item[1][1] - item[1][0], reverse=True
     ):
-        cold = _cold(instructions, start, end)
+        cold = static.cold_indices(instructions, start, end, lambda op: _macs(op) is not None)
         for i in range(start, end + 1):
             owner[i] = 0 if i in cold else index
     out = [Region(-1, 0, False, False, None)]

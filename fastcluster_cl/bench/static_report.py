@@ -175,7 +175,14 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
     # The most MMAs; among equals the shortest span (a cold block branching back into the loop
     # would otherwise drag the epilogue in).
     start, end = max(loops, key=lambda span: (mma_count(*span), span[0] - span[1]))
-    skipped = set()
+    skipped = cold_indices(instructions, start, end)
+    return [ins for i, ins in enumerate(instructions[start : end + 1], start) if i not in skipped]
+
+
+def cold_indices(instructions: list[dict], start: int, end: int, is_mma=_is_mma) -> set[int]:
+    """Indices inside loop [start, end] jumped over by a predicated forward branch with no MMA
+    in between: edge-tile code (masks, the diagonal) that steady iterations skip."""
+    cold = set()
     for i in range(start, end):
         ins = instructions[i]
         t = ins["target_index"]
@@ -184,10 +191,10 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
             and ins["pred"]
             and t is not None
             and i < t <= end
-            and mma_count(i + 1, t - 1) == 0
+            and not any(is_mma(x["op"]) for x in instructions[i + 1 : t])
         ):
-            skipped.update(range(i + 1, t))
-    return [ins for i, ins in enumerate(instructions[start : end + 1], start) if i not in skipped]
+            cold.update(range(i + 1, t))
+    return cold
 
 
 def ctas_per_sm(registers: int, shared: int, threads: int) -> int:
