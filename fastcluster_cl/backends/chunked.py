@@ -606,7 +606,7 @@ def cc_objective(
                 cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc),
             ]
         )
-        return torch.cat([(parts * parts.new_tensor(weights)).sum().reshape(1), parts])
+        return reference.with_total(parts, weights)
     return Objective.apply(
         "cc",
         weights,

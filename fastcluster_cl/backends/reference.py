@@ -181,6 +181,11 @@ def anchor_loss(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch
     return anchor_loss_terms(q0, q_a, q_b).mean()
 
 
+def with_total(parts: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """[weights . parts, *parts]: a whole objective's output from its parts."""
+    return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
+
+
 def anchor_objective(
     z_a: torch.Tensor,
     z_b: torch.Tensor,
@@ -205,7 +210,7 @@ def anchor_objective(
             anchor_loss(q0, q_a, q_b).to(acc),
         ]
     )
-    return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
+    return with_total(parts, weights)
 
 
 def cc_objective(
@@ -227,4 +232,4 @@ def cc_objective(
             cc_cluster_loss(logits_a, logits_b, cluster_temperature).to(acc),
         ]
     )
-    return torch.cat([(parts.new_tensor(weights) * parts).sum().reshape(1), parts])
+    return with_total(parts, weights)
