@@ -344,27 +344,32 @@ def _backward(
     With the forward's exponentials (one tile) the negatives' weights are w_i P_ij + w_j P_ji =
     E_ij c_i + E_ji c_j, c = w r (E symmetric under the fixed shift: E (c_i + c_j), no
     transpose), and the positive's w_i expm1(-loss_i) + w_pos expm1(-loss_pos), free of
-    cancellation. w is scaled to |w| <= 1 first (`per_row_weights`): r reaches exp(2 / |tau|)
-    / (2N - 1), and c_i + c_j must not overflow where E is 0."""
+    cancellation. w is scaled to |w| <= 1 first (`per_row_weights`; the mean's equal weights
+    factor out): r reaches exp(2 / |tau|) / (2N - 1), and c_i + c_j must not overflow where E
+    is 0."""
     rows_total = z.shape[0]
     half = rows_total // 2
     w = grad.to(lse.dtype)
-    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     if e.numel():
-        scale, w = nt_xent_autograd.per_row_weights(w, lse.dtype)
-        c = w * r
+        weight = torch.expm1(-row_loss)
+        if w.dim() == 0:  # the mean's: every row's weight is grad / 2N, factored out
+            scale, c = w / rows_total, r
+        else:
+            scale, w = nt_xent_autograd.per_row_weights(w, lse.dtype)
+            c = w * r
+            weight.mul_(w)
         if fixed_shift_safe(inv_tau, e.dtype):
             a = torch.add(c[:, None], c[None, :]).mul_(e)
         else:
             a = e * c[:, None]
             a = a + a.T
-        weight = torch.expm1(-row_loss).mul_(w)
         weight += weight.roll(half)
         g = a @ zn
         g[:half].addcmul_(weight[:half, None], zn[half:])  # the positives, without a rolled copy
         g[half:].addcmul_(weight[half:, None], zn[:half])
         g.mul_(scale * inv_tau)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     zn, norm = l2_normalize(z)
     g = torch.zeros_like(zn)
     for rows, cols, diagonal in _tiles(rows_total, block):
