@@ -27,6 +27,7 @@ not process RSS, so it compares backends exactly and is not blurred by the alloc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import itertools
@@ -35,6 +36,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +75,7 @@ DTYPES = {
     "float64": torch.float64,
 }
 ROTATE = 3  # input sets cycled through while timing
+ROUNDS = 5  # turns the implementations of a case take on the CPU (`measure_interleaved`)
 TEMPERATURE = 0.5
 
 
@@ -430,15 +433,11 @@ def matmul_ceiling(
     return 2 * n**3 / seconds / 1e12
 
 
-def measure(
-    case: Case,
-    impl: str,
-    device: torch.device,
-    min_run_time: float,
-    input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
-    clock: str = "wall",
-) -> dict:
-    """Time and peak memory of `impl` on `case`, with its floors. Raises Skip."""
+def prepare(
+    case: Case, impl: str, device: torch.device, input_sets: Sequence[tuple[torch.Tensor, ...]]
+) -> Callable[[], object]:
+    """The step of `impl` on `case`, called once (torch.compile and Triton compile there, and
+    errors surface). Raises Skip."""
     fn = resolve_impl(impl, case.op, device)
     if impl == "pml" and pml_memory_bytes(case.two_n) > memory_budget(device):
         raise Skip(
@@ -446,16 +445,21 @@ def measure(
             f"{pml_memory_bytes(case.two_n) / 2**30:.0f} GiB at 2N = {case.two_n} "
             "(cubic mask); over the memory budget"
         )
-    if input_sets is None:
-        input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
     step = make_step(fn, input_sets, case.backward)
-    with value_checks(False):
-        try:
-            step()  # first call: compiles (torch.compile, Triton) and surfaces errors
-            seconds, iqr = time_spread(step, device, min_run_time, clock)
-            peak = peak_memory(step, device)
-        except torch.OutOfMemoryError as err:
-            raise Skip(f"out of memory: {str(err).splitlines()[0]}") from None
+    with value_checks(False), _out_of_memory_skips():
+        step()
+    return step
+
+
+@contextlib.contextmanager
+def _out_of_memory_skips():
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise Skip(f"out of memory: {str(err).splitlines()[0]}") from None
+
+
+def _row(case: Case, impl: str, seconds: float, iqr: float, peak: int, rounds: list) -> dict:
     fl = floor(case)
     return {
         **asdict(case),
@@ -464,12 +468,75 @@ def measure(
         "impl": impl,
         "median_s": seconds,
         "iqr_s": iqr,
+        "round_s": rounds,
         "threads": torch.get_num_threads(),
         "peak_bytes": int(peak),
         **fl,
         "tflops": fl["flops"] / seconds / 1e12,
         "gbps": fl["bytes"] / seconds / 1e9,
     }
+
+
+def measure(
+    case: Case,
+    impl: str,
+    device: torch.device,
+    min_run_time: float,
+    input_sets: Sequence[tuple[torch.Tensor, ...]] | None = None,
+    clock: str = "wall",
+) -> dict:
+    """Time and peak memory of `impl` on `case` alone, with its floors. Raises Skip."""
+    if input_sets is None:
+        input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
+    rows, skipped = measure_interleaved(case, [impl], device, min_run_time, input_sets, clock)
+    if not rows:
+        raise Skip(skipped[0][1])
+    return rows[0]
+
+
+def measure_interleaved(
+    case: Case,
+    impls: Sequence[str],
+    device: torch.device,
+    min_run_time: float,
+    input_sets: Sequence[tuple[torch.Tensor, ...]],
+    clock: str = "wall",
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(rows, skipped (impl, reason)) of the implementations of one case, timed in `ROUNDS`
+    rounds that take turns (each round in a rotated order, min_run_time / ROUNDS each), so
+    that a shared machine's load drift falls on all of them alike. A row's median_s is the
+    median of its round medians, iqr_s their interquartile range; round_s keeps them, for
+    ratios taken round by round (`peers_table`). CUDA times one round (do_bench)."""
+    steps, skipped = {}, []
+    for impl in impls:
+        try:
+            steps[impl] = prepare(case, impl, device, input_sets)
+        except Skip as why:
+            skipped.append((impl, str(why)))
+    rounds = 1 if device.type == "cuda" else ROUNDS
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for r in range(rounds):
+        names = list(steps)
+        for impl in names[r % len(names) :] + names[: r % len(names)] if names else []:
+            try:
+                with value_checks(False), _out_of_memory_skips():
+                    seconds = time_spread(steps[impl], device, min_run_time / rounds, clock)[0]
+            except Skip as why:
+                skipped.append((impl, str(why)))
+                del steps[impl]
+                continue
+            times[impl].append(seconds)
+    rows = []
+    for impl, step in steps.items():
+        try:
+            with value_checks(False), _out_of_memory_skips():
+                peak = peak_memory(step, device)
+        except Skip as why:
+            skipped.append((impl, str(why)))
+            continue
+        low, _, high = statistics.quantiles(times[impl], n=4) if rounds > 1 else (0.0, 0.0, 0.0)
+        rows.append(_row(case, impl, statistics.median(times[impl]), high - low, peak, times[impl]))
+    return rows, skipped
 
 
 def _version(dist: str) -> str | None:
@@ -524,13 +591,10 @@ def run_cases(
     results, skipped = [], []
     for case in case_list:
         input_sets = [make_inputs(case, device, seed) for seed in range(ROTATE)]
-        rows = []
-        for impl in impls:
-            try:
-                rows.append(measure(case, impl, device, min_run_time, input_sets, clock))
-                progress(f"{case.label} {impl}: {rows[-1]['median_s'] * 1e3:.3f} ms")
-            except Skip as why:
-                skipped.append({"case": case.label, "impl": impl, "reason": str(why)})
+        rows, refused = measure_interleaved(case, impls, device, min_run_time, input_sets, clock)
+        for row in rows:
+            progress(f"{case.label} {row['impl']}: {row['median_s'] * 1e3:.3f} ms")
+        skipped += [{"case": case.label, "impl": impl, "reason": why} for impl, why in refused]
         ref = next((r["median_s"] for r in rows if r["impl"] == REFERENCE), None)
         for row in rows:
             row["ratio"] = row["median_s"] / ref if ref else None
@@ -583,10 +647,27 @@ def summary_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ratio_and_verdict(ours: dict, best: dict) -> tuple[float, str]:
+    """ours / best and whether that is ahead, behind or within noise. With round times
+    (`measure_interleaved`), the ratio is the median of the round-by-round ratios and the
+    verdict says whether their interquartile range lies below 1, above 1 or spans it; else
+    (older results) the ratio's distance from 1 against both rows' relative IQRs."""
+    if len(ours.get("round_s") or ()) > 1 and len(ours["round_s"]) == len(
+        best.get("round_s") or ()
+    ):
+        ratios = [a / b for a, b in zip(ours["round_s"], best["round_s"])]
+        low, ratio, high = statistics.quantiles(ratios, n=4)
+    else:
+        ratio = ours["median_s"] / best["median_s"]
+        noise = ours.get("iqr_s", 0) / ours["median_s"] + best.get("iqr_s", 0) / best["median_s"]
+        low, high = ratio - noise, ratio + noise
+    return ratio, "ahead" if high < 1 else "behind" if low > 1 else "within noise"
+
+
 def peers_table(results: Sequence[dict]) -> str:
     """Markdown table of ours (backend="auto") against the fastest peer of each case and
-    thread count, with peak memory against the torch reference. "within noise": the ratio's
-    distance from 1 is below the sum of both rows' relative interquartile ranges."""
+    thread count, with peak memory against the torch reference (`_ratio_and_verdict` says how
+    noise is judged)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["case"], r.get("threads")), {})[r["impl"]] = r
@@ -601,11 +682,7 @@ def peers_table(results: Sequence[dict]) -> str:
         if ours is None or not peers:
             continue
         best = min(peers, key=lambda r: r["median_s"])
-        ratio = ours["median_s"] / best["median_s"]
-        noise = ours.get("iqr_s", 0) / ours["median_s"] + best.get("iqr_s", 0) / best["median_s"]
-        verdict = (
-            "ahead" if ratio < 1 - noise else "behind" if ratio > 1 + noise else "within noise"
-        )
+        ratio, verdict = _ratio_and_verdict(ours, best)
         torch_mib = by_impl["torch"]["peak_bytes"] / 2**20 if "torch" in by_impl else None
         lines.append(
             f"| {case} | {threads} | {ours['median_s'] * 1e3:.3g} | "

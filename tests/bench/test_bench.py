@@ -157,3 +157,25 @@ def test_process_clock_ignores_time_off_cpu():
     cpu = torch.device("cpu")
     assert bench.time_call(sleep, cpu, 0.005, clock="wall") >= 0.002
     assert bench.time_call(sleep, cpu, 0.001, clock="process") < 0.001
+
+
+def test_implementations_of_a_case_take_turns_and_skip_alone():
+    case = bench.Case("nt_xent", 16, 4, 2, "float32", backward=True)
+    inputs = [bench.make_inputs(case, "cpu", seed) for seed in range(2)]
+    rows, skipped = bench.measure_interleaved(
+        case, ["torch", "triton", "chunked"], torch.device("cpu"), 0.01, inputs
+    )
+    assert [r["impl"] for r in rows] == ["torch", "chunked"]
+    assert [impl for impl, _ in skipped] == ["triton"]
+    for row in rows:
+        assert len(row["round_s"]) == bench.ROUNDS and row["median_s"] > 0 and row["iqr_s"] >= 0
+
+
+def test_peer_verdict_takes_the_ratio_round_by_round():
+    # drift that hits both alike (rounds 3-5 twice as slow): every round's ratio is 0.9
+    ours = {"round_s": [0.9, 0.9, 1.8, 1.8, 1.8], "median_s": 1.8}
+    peer = {"round_s": [1.0, 1.0, 2.0, 2.0, 2.0], "median_s": 2.0}
+    assert bench._ratio_and_verdict(ours, peer) == (pytest.approx(0.9), "ahead")
+    mixed = {"round_s": [0.9, 1.1, 1.9, 2.1, 2.0], "median_s": 1.9}
+    assert bench._ratio_and_verdict(mixed, peer)[1] == "within noise"
+    assert bench._ratio_and_verdict(peer, ours)[1] == "behind"
