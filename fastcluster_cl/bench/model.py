@@ -99,20 +99,15 @@ class Region:
         return clocks["tensor"] + max(v for unit, v in clocks.items() if unit != "tensor")
 
 
-_SYNC_MMA = {"16816": 16 * 8 * 16, "1688": 16 * 8 * 8, "884": 8 * 8 * 4}  # mma.sync shapes
-
-
 def _macs(op: str) -> tuple[int, str] | None:
-    """(multiply-adds of one MMA instruction, "fp16" or "tf32"), None for other instructions:
-    HGMMA.MxNxK (per warpgroup), HMMA.16816 / .1688 (per warp, sm_80-style mma.sync)."""
+    """(multiply-adds of one MMA instruction, its `MACS_PER_CLOCK` kind), None for others
+    (`static_report.mma_shape`: HGMMA per warpgroup, mma.sync HMMA per warp)."""
+    shape = static.mma_shape(op)
+    if shape is None:
+        return None
     parts = op.split(".")
-    kind = "tf32" if "TF32" in parts else "fp16"
-    m = static._MMA.match(op)
-    if m:
-        return int(m[2]) * int(m[3]) * int(m[4]), kind
-    if parts[0] == "HMMA" and len(parts) > 1 and parts[1] in _SYNC_MMA:
-        return _SYNC_MMA[parts[1]], kind
-    return None
+    kind = "fp64" if parts[0] == "DMMA" else "tf32" if "TF32" in parts else "fp16"
+    return math.prod(shape), kind
 
 
 def _shared_bytes(op: str) -> int:

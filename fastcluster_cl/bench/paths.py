@@ -174,9 +174,14 @@ def _tensor_bytes(values) -> int:
     return total
 
 
+# An H100 SXM's memory: a reference whose single tensor is larger cannot run the shape.
+HBM_BYTES = 80 * 2**30
+
+
 def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
     """(op, predicted seconds) of every kernel the torch reference launches for fn(*inputs)
-    and its backward, recorded on meta tensors (no data, no device)."""
+    and its backward, recorded on meta tensors (no data, no device). Raises MemoryError when
+    one of its tensors alone is larger than the GPU's memory."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -199,6 +204,11 @@ def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
                     (str(func), batch * model.gemm_seconds(m, n, k) - (batch - 1) * model.LAUNCH_S)
                 )
             elif not _is_kernel_free(func):
+                if _tensor_bytes([out]) > HBM_BYTES:
+                    raise MemoryError(
+                        f"{func} makes a {_tensor_bytes([out]) / 2**30:.0f} GiB tensor: more "
+                        f"than the GPU's {HBM_BYTES / 2**30:.0f} GiB"
+                    )
                 moved = (
                     _tensor_bytes(args)
                     + _tensor_bytes(kwargs.values() if kwargs else ())
@@ -324,16 +334,15 @@ def _floor(op: str, n: int, d: int) -> float:
 
 def _sum_launches(launches: list[model.Launch]) -> dict:
     predictions = [launch.predict() for launch in launches]
-    slowest = max(predictions, key=lambda p: p["high_s"])
-    main = max(predictions, key=lambda p: p["programs"])
+    slowest = max(predictions, key=lambda p: p["high_s"])  # its grid is the step's fill
     return {
         "low": sum(p["low_s"] for p in predictions),
         "high": sum(p["high_s"] for p in predictions),
         "limit": f"{slowest['kernel']}: {slowest['limit']}",
         "sm_fill": {
-            "programs": main["programs"],
-            "fill": round(main["sm_fill"], 3),
-            "waves": main["waves"],
+            "programs": slowest["programs"],
+            "fill": round(slowest["sm_fill"], 3),
+            "waves": slowest["waves"],
         },
         "spill_bytes": max(launch.compiled.spill_bytes for launch in launches),
     }
@@ -392,11 +401,359 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
             )
         )
         rows.append(
+            _not_modelled(
+                dict(common, eager_us=None if eager is None else eager * 1e6),
+                "cuda",
+                None,
+                "the CUDA twin's SASS is not read by the model yet",
+                False,
+            )
+        )
+    return rows
+
+
+# --- the whole objectives ------------------------------------------------------------------------
+
+# The objectives' shapes (bf16, D = 128): anchor with F (ResNet-18/34's 512, ResNet-50's 2048)
+# and K centres; cc with K clusters.
+OBJECTIVE_N = (256, 1024, 4096, 32768)
+ANCHOR_SHAPES = [
+    dict(n=n, d=128, f=f, k=k) for n in OBJECTIVE_N for f in (512, 2048) for k in (10, 100, 1000)
+]
+CC_SHAPES = [dict(n=n, d=128, k=k) for n in OBJECTIVE_N for k in (10, 20, 100, 200, 1000)]
+
+# The parts of each objective, as (op, width of its rows), for the runner's floors.
+_OBJECTIVE_PARTS = {
+    "anchor_objective": lambda s: (
+        [("nt_xent", s["d"])]
+        + [("student_t", s["f"])] * 3
+        + [("dec_loss", s["f"]), ("anchor_loss", s["f"])]
+    ),
+    "cc_objective": lambda s: [("nt_xent", s["d"]), ("cc_cluster_loss", s["d"])],
+}
+
+
+def objective_floor(op: str, shape: dict) -> float:
+    """The whole GPU's floor of one forward + backward: the sum of its parts' FLOP, exp and
+    byte floors (`runner.floor`), in bf16."""
+    from .runner import Case, floor
+
+    work = [
+        floor(Case(part, 2 * shape["n"], width, shape["k"], "bfloat16", True))
+        for part, width in _OBJECTIVE_PARTS[op](shape)
+    ]
+    total = {key: sum(w[key] for w in work) for key in work[0]}
+    return model.floor_seconds(total["flops"], total["exps"], total["bytes"])
+
+
+def _objective_inputs(op: str, shape: dict) -> list:
+    import torch
+
+    n, d, k = shape["n"], shape["d"], shape["k"]
+
+    def empty(*size):
+        return torch.empty(*size, dtype=torch.bfloat16, device="meta")
+
+    if op == "anchor_objective":
+        f = shape["f"]
+        return [empty(n, d), empty(n, d), empty(n, f), empty(n, f), empty(n, f), empty(k, f)]
+    return [empty(n, d), empty(n, d), empty(n, k), empty(n, k)]
+
+
+def eager_objective_seconds(op: str, shape: dict) -> float:
+    """The torch reference of the whole objective (forward + backward of its total) as its
+    own kernels (`eager_kernels`)."""
+    from ..backends import reference
+
+    if op == "anchor_objective":
+
+        def total(*xs):
+            return reference.anchor_objective(*xs, 0.5, 1.0, (1.0, 1.0, 1.0))[0]
+    else:
+
+        def total(*xs):
+            return reference.cc_objective(*xs, 0.5, 1.0, (1.0, 1.0))[0]
+
+    return sum(s for _, s in eager_kernels(total, _objective_inputs(op, shape)))
+
+
+def _kernel_module(name: str):
+    """A module of the kernels package (its __init__ re-exports functions of the same names)."""
+    import fastcluster_cl.kernels  # noqa: F401
+
+    return sys.modules[f"fastcluster_cl.kernels.{name}"]
+
+
+def triton_onepass_refusal(op: str, shape: dict) -> str | None:
+    """Why the one-pass Triton kernels cannot take the shape (their `_fits`), or None."""
+    _common = _kernel_module("_common")
+    cc_clusters = _kernel_module("cc_cluster").MAX_CLUSTERS  # the one-pass cc kernels' too
+    widest = max(shape["d"], shape.get("f", 0))
+    if widest > _common.MAX_FEATURES:
+        return (
+            f"rows of {widest} features: the one-pass kernels hold at most "
+            f"{_common.MAX_FEATURES} (auto takes the separate ops)"
+        )
+    if op == "cc_objective" and shape["k"] > cc_clusters:
+        return f"K = {shape['k']}: the one-pass cc kernels take at most {cc_clusters} clusters"
+    return None
+
+
+def triton_separate_refusal(op: str, shape: dict) -> str | None:
+    """Why the separate Triton ops cannot take the shape, or None."""
+    cc_cluster, student_t = _kernel_module("cc_cluster"), _kernel_module("student_t")
+    if op == "cc_objective" and shape["k"] > cc_cluster.MAX_CLUSTERS:
+        return (
+            f"K = {shape['k']}: the Triton cc_cluster_loss takes at most "
+            f"{cc_cluster.MAX_CLUSTERS} clusters (raises; backend='chunked' runs it)"
+        )
+    if op == "anchor_objective" and shape["k"] > student_t.MAX_CENTERS:
+        return f"K = {shape['k']}: the Triton student_t takes at most {student_t.MAX_CENTERS}"
+    return None
+
+
+def _not_modelled(common: dict, path: str, refusal: str | None, why: str, auto: bool) -> dict:
+    """A row for a path the model does not read yet: whether it runs, and why no number."""
+    return dict(
+        common,
+        path=path,
+        runs=refusal is None,
+        reason=refusal or why,
+        modelled=False,
+        predicted_us_low=None,
+        predicted_us_high=None,
+        eager_us=common["eager_us"],
+        tiles=None,
+        sm_fill=None,
+        limit=None,
+        spill_bytes=None,
+        auto=auto,
+    )
+
+
+def partial_loops(compiled: model.Compiled, parts: int) -> model.Trips:
+    """Trips of a one-program epilogue's loops over the `parts` row programs' partials. The
+    compiler unrolls such a loop by u, the partials one body loads (its global bytes over the
+    smallest body's), and leaves a remainder loop of at most u - 1 iterations; a loop with an
+    MMA or inside another is an error."""
+    loops = compiled.regions[1:]
+    unit = min((r.global_bytes for r in loops if r.global_bytes), default=1)
+    widest = max((r.global_bytes // unit for r in loops), default=1)
+
+    def trips(loop: model.Region) -> int:
+        if loop.has_mma or loop.depth:
+            raise ValueError(f"loop {loop.index} is not a loop over the partials")
+        unrolled = max(1, loop.global_bytes // unit)
+        if unrolled > 1:
+            return parts // unrolled
+        return min(parts, widest - 1) if widest > 1 else parts
+
+    return trips
+
+
+def cc_onepass_launches(n: int, d: int, k: int) -> tuple[list[model.Launch], int]:
+    """(launches, tensor-core tiles) of the cc one-pass objective on bf16 inputs: the row
+    launch (each program's column loop over pairs of column tiles) and its one-program
+    epilogue forward; the cluster-gradient program and the row-parallel gradient launch (two
+    column loops, one per view's rows, over all 2N columns) backward."""
+    variants = static.cc_objective_variants(k, d)
+    compiled = {name: _compiled(("cc", name, k, d), lambda v=v: v) for name, v in variants.items()}
+    fwd, bwd = variants["rows"].block, variants["grad"].block
+    rows, grads = math.ceil(n / fwd[0]), math.ceil(n / bwd[0])
+    fwd_trips, bwd_trips = math.ceil(n / fwd[1]), math.ceil(2 * n / bwd[1])
+    launches = [
+        model.Launch(compiled["rows"], rows, mma_loop(fwd_trips, 4 * math.prod(fwd))),
+        model.Launch(compiled["epilogue"], 1, partial_loops(compiled["epilogue"], rows)),
+        model.Launch(compiled["cluster grad"], 1, partial_loops(compiled["cluster grad"], rows)),
+        model.Launch(compiled["grad"], grads, mma_loop(bwd_trips, 2 * math.prod(bwd))),
+    ]
+    return launches, rows * fwd_trips + grads * 2 * bwd_trips
+
+
+def _nested_loops(mma_trips: int, tile_macs: int, by_depth: dict[int, int]) -> model.Trips:
+    """Trips of a row kernel with its MMA (column) loop at depth 0 and loops without MMA
+    whose trip count depends on their depth alone (`by_depth`: e.g. K tiles at 0, F chunks at
+    1); any other loop is an error."""
+    column = mma_loop(mma_trips, tile_macs)
+
+    def trips(loop: model.Region) -> int:
+        if loop.has_mma:
+            return column(loop)
+        if loop.depth not in by_depth:
+            raise ValueError(f"loop {loop.index} at depth {loop.depth} is not expected")
+        return by_depth[loop.depth]
+
+    return trips
+
+
+def anchor_epilogue_loops(
+    compiled: model.Compiled, n: int, k: int, block_k: int, slices: int, parts: int
+) -> model.Trips:
+    """Trips of the anchor forward's one-program epilogue (`_anchor_epilogue_kernel`): the
+    loop over centre tiles around its loop over the slices' partials (unrolled, as
+    `partial_loops`), the loop over 32-row blocks around its two centre-tile loops (their
+    bodies hold the MUFU logs), and the instance and anchor partial sums (128 a step)."""
+    regions = compiled.regions
+    children = {r.index: [c for c in regions[1:] if c.parent == r.index] for r in regions}
+    inner = [c for r in regions[1:] if not r.depth for c in children[r.index]]
+    slice_loops = [c for c in inner if not c.clocks["mufu"]]
+    unit = min((c.global_bytes for c in slice_loops), default=1)
+    widest = max((c.global_bytes // unit for c in slice_loops), default=1)
+
+    def trips(loop: model.Region) -> int:
+        if loop.has_mma or loop.depth > 1:
+            raise ValueError(f"loop {loop.index}: not in the epilogue's structure")
+        if loop.depth == 0:
+            kids = children[loop.index]
+            if any(c.clocks["mufu"] for c in kids):
+                return math.ceil(n / 32)  # the row blocks
+            return math.ceil(k / block_k) if kids else math.ceil(parts / 128)
+        if loop.clocks["mufu"]:
+            return math.ceil(k / block_k)  # centre tiles of a row block
+        unrolled = max(1, loop.global_bytes // unit)
+        return slices // unrolled if unrolled > 1 else min(slices, max(widest - 1, 1))
+
+    return trips
+
+
+def anchor_onepass_launches(n: int, d: int, f: int, k: int) -> tuple[list[model.Launch], int]:
+    """(launches, tensor-core tiles) of the anchor one-pass objective on bf16 inputs. Forward:
+    the row launch (the column loop over pairs of column tiles; per 16-row slice, unrolled, two
+    loops over centre tiles, each over F chunks per view) and its one-program epilogue.
+    Backward: the row-parallel gradient launch (two column loops over all 2N columns; a loop
+    over its slices, each with a loop over centre tiles per view, each over F chunks) and the
+    centre gradient's partial sums."""
+    variants = static.anchor_objective_variants(k, d, f)
+    compiled = {
+        name: _compiled(("anchor", name, k, d, f), lambda v=v: v) for name, v in variants.items()
+    }
+    rows_v, grad_v = variants["rows"], variants["grad"]
+    fwd, bwd = rows_v.block, grad_v.block
+    rows, grads = math.ceil(n / fwd[0]), math.ceil(n / bwd[0])
+    fwd_trips, bwd_trips = math.ceil(n / fwd[1]), math.ceil(2 * n / bwd[1])
+    c = rows_v.constexprs
+    g = grad_v.constexprs
+    slices = rows * (fwd[0] // c["SUB_M"])
+    launches = [
+        model.Launch(
+            compiled["rows"],
+            rows,
+            _nested_loops(
+                fwd_trips,
+                4 * math.prod(fwd),
+                {0: math.ceil(k / c["BLOCK_K"]), 1: math.ceil(f / c["BLOCK_F"])},
+            ),
+        ),
+        model.Launch(
+            compiled["epilogue"],
+            1,
+            anchor_epilogue_loops(
+                compiled["epilogue"],
+                n,
+                k,
+                variants["epilogue"].constexprs["BLOCK_K"],
+                slices,
+                rows,
+            ),
+        ),
+        model.Launch(
+            compiled["grad"],
+            grads,
+            _nested_loops(
+                bwd_trips,
+                2 * math.prod(bwd),
+                {
+                    0: bwd[0] // g["SUB_M"],
+                    1: math.ceil(k / g["BLOCK_K"]),
+                    2: math.ceil(f / g["BLOCK_F"]),
+                },
+            ),
+        ),
+        model.Launch(
+            compiled["sum partials"],
+            math.ceil(k * f / variants["sum partials"].constexprs["BLOCK"]),
+            partial_loops(compiled["sum partials"], grads),
+        ),
+    ]
+    return launches, rows * fwd_trips + grads * 2 * bwd_trips
+
+
+def _predicted(common: dict, path: str, launches: list[model.Launch], tiles: int, auto: bool):
+    t = _sum_launches(launches)
+    return dict(
+        common,
+        path=path,
+        runs=True,
+        modelled=True,
+        predicted_us_low=t["low"] * 1e6,
+        predicted_us_high=t["high"] * 1e6,
+        tiles=tiles,
+        sm_fill=t["sm_fill"],
+        limit=t["limit"],
+        spill_bytes=t["spill_bytes"],
+        auto=auto,
+    )
+
+
+def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
+    """The eager reference and the one-pass Triton kernels modelled; the separate Triton ops
+    and the CUDA twin say whether they run the shape (the model does not read their kernels
+    yet)."""
+    import fastcluster_cl.kernels  # noqa: F401  (the kernels' limits)
+
+    rows = []
+    for shape in shapes:
+        try:
+            eager, eager_refusal = eager_objective_seconds(op, shape) * 1e6, None
+        except MemoryError as err:
+            eager, eager_refusal = None, f"out of memory: {err}"
+        common = {
+            "op": op,
+            "shape": dict(shape, dtype="bf16"),
+            "floor_us": objective_floor(op, shape) * 1e6,
+            "eager_us": eager,
+        }
+        onepass = triton_onepass_refusal(op, shape)
+        separate = triton_separate_refusal(op, shape)
+        if onepass is None:
+            n, d, k = shape["n"], shape["d"], shape["k"]
+            launches, tiles = (
+                cc_onepass_launches(n, d, k)
+                if op == "cc_objective"
+                else anchor_onepass_launches(n, d, shape["f"], k)
+            )
+            rows.append(_predicted(common, "triton-onepass", launches, tiles, auto=True))
+        else:
+            rows.append(_not_modelled(common, "triton-onepass", onepass, "", auto=False))
+        rows.append(
+            _not_modelled(
+                common,
+                "triton-separate",
+                separate,
+                "runs; its kernels are not read by the model yet",
+                auto=onepass is not None and separate is None,
+            )
+        )
+        rows.append(
+            _not_modelled(
+                common, "cuda", None, "the CUDA twin's SASS is not read by the model yet", False
+            )
+        )
+        if eager_refusal:
+            rows.append(dict(common, path="eager", runs=False, reason=eager_refusal, auto=False))
+            continue
+        rows.append(
             dict(
                 common,
-                path="cuda",
-                runs=False,
-                reason="the CUDA twin's SASS is not read by the model yet",
+                path="eager",
+                runs=True,
+                modelled=True,
+                predicted_us_low=eager,
+                predicted_us_high=eager,
+                tiles=None,
+                sm_fill=None,
+                limit="launches and HBM",
+                spill_bytes=0,
                 auto=False,
             )
         )
@@ -414,7 +771,7 @@ def table(rows: list[dict]) -> str:
         if r.get("calibration"):
             continue
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k != "dtype")
-        if not r["runs"] and r.get("predicted_us_low") is None:
+        if r.get("predicted_us_low") is None:
             lines.append(f"| {r['path']} | {r['op']} | {shape} | - ({r.get('reason')}) | | | | |")
             continue
         low, high = r["predicted_us_low"], r["predicted_us_high"]
@@ -471,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the kernels must be compiled, not interpreted: unset TRITON_INTERPRET")
     shapes = json.loads(args.shapes.read_text()) if args.shapes else NT_XENT_SHAPES
     rows = calibration_rows() + nt_xent_rows(shapes)
+    if not args.shapes:
+        rows += objective_rows("anchor_objective", ANCHOR_SHAPES)
+        rows += objective_rows("cc_objective", CC_SHAPES)
     rows = [_round(r) for r in rows]
     print(table(rows))
     meta = {"source_hash": source_hash(), "device": "H100 SXM5 (predicted)"}

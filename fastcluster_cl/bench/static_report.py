@@ -43,7 +43,9 @@ SM_THREADS = 2048
 SM_CTAS = 32
 ISSUE_PER_CLOCK = 4
 EX2_PER_CLOCK = 16
-MACS_PER_CLOCK = {"fp16": 2048, "bf16": 2048, "tf32": 1024}
+# dense tensor-core multiply-adds per SM per clock (H100 SXM: 989 fp16, 495 tf32, 67 fp64
+# TFLOP/s on 132 SMs at 1.83-1.98 GHz)
+MACS_PER_CLOCK = {"fp16": 2048, "bf16": 2048, "tf32": 1024, "fp64": 128}
 _MMA = re.compile(r"^(HGMMA|HMMA|DMMA|IMMA)\.(\d+)x(\d+)x(\d+)")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);")
 _LABEL = re.compile(r"^(\.L\w+):")
@@ -153,8 +155,24 @@ def parse_sass(text: str) -> list[dict]:
     return out
 
 
+# mma.sync shapes as the SASS names them (HMMA.16816, HMMA.1688.F32.TF32, DMMA.884): m, n, k
+_SYNC_MMA = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
+
+
+def mma_shape(op: str) -> tuple[int, int, int] | None:
+    """(m, n, k) of one MMA instruction: HGMMA.MxNxK (issued per warpgroup) or an mma.sync
+    HMMA / DMMA (per warp); None for any other instruction."""
+    m = _MMA.match(op)
+    if m:
+        return int(m[2]), int(m[3]), int(m[4])
+    parts = op.split(".")
+    if parts[0] in ("HMMA", "DMMA") and len(parts) > 1:
+        return _SYNC_MMA.get(parts[1])
+    return None
+
+
 def _is_mma(op: str) -> bool:
-    return bool(_MMA.match(op))
+    return mma_shape(op) is not None
 
 
 def steady_loop(instructions: list[dict]) -> list[dict]:
@@ -214,11 +232,7 @@ def analyse(v: Variant) -> dict:
     shared = kernel.metadata.shared
     loop = steady_loop(parse_sass(_tool_output("nvdisasm", ["-c"], cubin)))
     threads = 32 * v.num_warps
-    mma = [
-        tuple(int(x) for x in _MMA.match(ins["op"]).groups()[1:]) + (ins["op"],)
-        for ins in loop
-        if _is_mma(ins["op"])
-    ]
+    mma = [mma_shape(ins["op"]) + (ins["op"],) for ins in loop if _is_mma(ins["op"])]
     per_issue = [
         (v.num_warps // 4 if op.startswith("HGMMA") else v.num_warps, m * n * k)
         for m, n, k, op in mma
@@ -594,25 +608,10 @@ def _cluster_variants() -> list[Variant]:
     return out
 
 
-def _objective_variants() -> list[Variant]:
-    """The one-pass objectives (kernels/objective/), bf16 z and h with fp32 centers (AMP),
-    D = F = 128: the row launches carry the NT-Xent targets on their column loop (a step is a
-    pair of column tiles, 4 BLOCK_M x BLOCK_N products forward; the backward walks each row
-    block's columns as the fast path does), the small launches no spills."""
-    import torch
-    import triton.language as tl
-
-    from fastcluster_cl.kernels.objective import anchor as anchor_k
-    from fastcluster_cl.kernels.objective import cc as cc_k
-    from fastcluster_cl.kernels.objective import instance as instance_k
-
-    d = 128
-    fwd, bwd = instance_k.instance_config(d, torch.float16)
-    bm, bn, _ = fwd.block
-    common = dict(
-        ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=1.1754943508222875e-38, FIXED_SHIFT=True
-    )
-    f32 = {
+# Pointer dtypes of the one-pass objectives' arguments: bf16 z, h, logits and their gradients,
+# fp16 scaled rows, fp32 the rest.
+_OBJECTIVE_POINTERS = dict(
+    {
         name: "fp32"
         for name in (
             "RS",
@@ -641,154 +640,191 @@ def _objective_variants() -> list[Variant]:
             "OUT",
             "PART",
         )
-    }
-    ptrs = dict(
-        f32,
-        ZA="bf16",
-        ZB="bf16",
-        ZS="fp16",
-        H0="bf16",
-        HA="bf16",
-        HB="bf16",
-        DZA="bf16",
-        DZB="bf16",
-        DH0="bf16",
-        DHA="bf16",
-        DHB="bf16",
-        LA="bf16",
-        LB="bf16",
-        DLA="bf16",
-        DLB="bf16",
+    },
+    ZA="bf16",
+    ZB="bf16",
+    ZS="fp16",
+    H0="bf16",
+    HA="bf16",
+    HB="bf16",
+    DZA="bf16",
+    DZB="bf16",
+    DH0="bf16",
+    DHA="bf16",
+    DHB="bf16",
+    LA="bf16",
+    LB="bf16",
+    DLA="bf16",
+    DLB="bf16",
+)
+_TINY_FP32 = 1.1754943508222875e-38
+# The forward normalises each column tile it loads (no prologue launch): 8 warps on 128 rows
+# per half, one CTA per SM (the fast path's 2 x 4 warps), and an issue ceiling of 0.5 where the
+# fast path reaches 0.98 (benchmarks/static_notes.md section 8).
+_OBJECTIVE_FWD = dict(_NT_XENT_FWD, ctas_per_sm=1, issue_ceiling=0.48)
+_CLEAN = dict(no_spills=True)
+
+
+def _objective_variant(name, dtype, fn, constexprs, *args, **kwargs) -> Variant:
+    """A one-pass objective kernel with the constexprs it takes and its split fp64 scalars."""
+    return Variant(
+        name,
+        dtype,
+        fn,
+        _OBJECTIVE_POINTERS,
+        {c: v for c, v in constexprs.items() if c in fn.arg_names},
+        *args,
+        floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
+        **kwargs,
     )
-    # The forward normalises each column tile it loads (no prologue launch): 8 warps on 128
-    # rows per half, one CTA per SM (the fast path's 2 x 4 warps), and an issue ceiling of
-    # 0.5 where the fast path reaches 0.98 (benchmarks/static_notes.md section 8).
-    fwd_targets = dict(_NT_XENT_FWD, ctas_per_sm=1, issue_ceiling=0.48)
-    bwd_targets = _NT_XENT_BWD
-    clean = dict(no_spills=True)
-    out = []
 
-    def variant(name, dtype, fn, constexprs, *args, **kwargs):
-        return Variant(
-            name,
-            dtype,
-            fn,
-            ptrs,
-            {c: v for c, v in constexprs.items() if c in fn.arg_names},
-            *args,
-            floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
-            **kwargs,
-        )
 
-    for k in (10, 100):
-        block_k, block_f, block_full = anchor_k._anchor_blocks(k, d)
-        center = dict(
-            HPREC="ieee", HUPCAST=False, SUB_M=anchor_k._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
-        )
-        out.append(
-            variant(
-                f"objective anchor rows K={k}",
-                "bf16",
-                anchor_k._anchor_rows_kernel,
-                dict(common, **center, **fwd.constexprs),
-                fwd.num_warps,
-                fwd.block,
-                fwd.num_stages,
-                gemms=((bm, bn, d),) * 4,
-                elements=4 * bm * bn,
-                targets=fwd_targets,
-            )
-        )
-        out.append(
-            variant(
-                f"objective anchor grad K={k}",
-                "bf16",
-                anchor_k._anchor_grad_kernel,
-                dict(common, **center, BLOCK_FULL=block_full, **bwd.constexprs)
-                | dict(BLOCK_K=anchor_k._anchor_blocks(k, d, backward=True)[0]),
-                bwd.num_warps,
-                bwd.block,
-                bwd.num_stages,
-                gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
-                targets=bwd_targets,
-            )
-        )
-        out.append(
-            variant(
-                f"objective anchor epilogue K={k}",
-                "fp32",
-                anchor_k._anchor_epilogue_kernel,
-                dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_M=anchor_k._ROWS, BLOCK_K=block_k),
-                4,
-                (anchor_k._ROWS, block_k),
-                targets=clean,
-            )
-        )
-    block_k = cc_k._cc_block_k(10)
-    cc = dict(CPREC="ieee", BLOCK_K=block_k)
-    out.append(
-        variant(
-            "objective cc rows K=10",
+def _instance_parts(d: int) -> tuple[dict, object, object]:
+    """(the constexprs every row launch shares, the forward's and the backward's configs) of
+    the objectives' NT-Xent part at D features (bf16 z, fp32 accumulation)."""
+    import torch
+    import triton.language as tl
+
+    from fastcluster_cl.kernels.objective import instance as instance_k
+
+    fwd, bwd = instance_k.instance_config(d, torch.float16)
+    common = dict(ACC=tl.float32, PREC="ieee", UPCAST=False, TINY=_TINY_FP32, FIXED_SHIFT=True)
+    return common, fwd, bwd
+
+
+def _row_gemms(fwd, bwd, d: int) -> tuple[dict, dict]:
+    """The column-loop targets of the forward (a step is a pair of column tiles: 4 BLOCK_M x
+    BLOCK_N products) and of the backward (each row block's columns as the fast path)."""
+    bm, bn, _ = fwd.block
+    forward = dict(gemms=((bm, bn, d),) * 4, elements=4 * bm * bn, targets=_OBJECTIVE_FWD)
+    backward = dict(
+        gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
+        targets=_NT_XENT_BWD,
+    )
+    return forward, backward
+
+
+def anchor_objective_variants(k: int, d: int = 128, f: int = 128) -> dict[str, Variant]:
+    """The anchor one-pass kernels at K centres, D and F features: "rows" and "epilogue"
+    forward, "grad" and "sum partials" backward."""
+    import triton.language as tl
+
+    from fastcluster_cl.kernels.objective import anchor as anchor_k
+
+    common, fwd, bwd = _instance_parts(d)
+    forward, backward = _row_gemms(fwd, bwd, d)
+    block_k, block_f, block_full = anchor_k._anchor_blocks(k, f)
+    center = dict(
+        HPREC="ieee", HUPCAST=False, SUB_M=anchor_k._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
+    )
+    return {
+        "rows": _objective_variant(
+            f"objective anchor rows K={k}",
             "bf16",
-            cc_k._cc_rows_kernel,
-            dict(common, **cc, **fwd.constexprs),
+            anchor_k._anchor_rows_kernel,
+            dict(common, **center, **fwd.constexprs),
             fwd.num_warps,
             fwd.block,
             fwd.num_stages,
-            gemms=((bm, bn, d),) * 4,
-            elements=4 * bm * bn,
-            targets=fwd_targets,
-        )
-    )
-    out.append(
-        variant(
-            "objective cc grad K=10",
+            **forward,
+        ),
+        "grad": _objective_variant(
+            f"objective anchor grad K={k}",
             "bf16",
-            cc_k._cc_grad_kernel,
-            dict(common, **cc, **bwd.constexprs),
+            anchor_k._anchor_grad_kernel,
+            dict(common, **center, BLOCK_FULL=block_full, **bwd.constexprs)
+            | dict(BLOCK_K=anchor_k._anchor_blocks(k, f, backward=True)[0]),
             bwd.num_warps,
             bwd.block,
             bwd.num_stages,
-            gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
-            targets=bwd_targets,
-        )
-    )
-    for k in (10, cc_k._CC_MAX_CLUSTERS):
-        small = dict(ACC=tl.float32, TINY=common["TINY"], BLOCK_K=cc_k._cc_block_k(k))
-        out.append(
-            variant(
-                f"objective cc epilogue K={k}",
-                "fp32",
-                cc_k._cc_epilogue_kernel,
-                small,
-                cc_k._SMALL_WARPS,
-                (small["BLOCK_K"],),
-                targets=clean,
-            )
-        )
-        out.append(
-            variant(
-                f"objective cc cluster grad K={k}",
-                "fp32",
-                cc_k._cc_cluster_grad_kernel,
-                small,
-                cc_k._SMALL_WARPS,
-                (small["BLOCK_K"],),
-                targets=clean,
-            )
-        )
-    out.append(
-        variant(
+            **backward,
+        ),
+        "epilogue": _objective_variant(
+            f"objective anchor epilogue K={k}",
+            "fp32",
+            anchor_k._anchor_epilogue_kernel,
+            dict(ACC=tl.float32, TINY=_TINY_FP32, BLOCK_M=anchor_k._ROWS, BLOCK_K=block_k),
+            4,
+            (anchor_k._ROWS, block_k),
+            targets=_CLEAN,
+        ),
+        "sum partials": _objective_variant(
             "objective sum partials",
             "fp32",
             anchor_k._sum_partials_kernel,
             dict(ACC=tl.float32, BLOCK=anchor_k._REDUCE),
             4,
             (anchor_k._REDUCE,),
-            targets=clean,
+            targets=_CLEAN,
+        ),
+    }
+
+
+def cc_objective_variants(k: int, d: int = 128) -> dict[str, Variant]:
+    """The cc one-pass kernels at K clusters and D features: "rows" and "epilogue" forward,
+    "cluster grad" and "grad" backward."""
+    import triton.language as tl
+
+    from fastcluster_cl.kernels.objective import cc as cc_k
+
+    common, fwd, bwd = _instance_parts(d)
+    forward, backward = _row_gemms(fwd, bwd, d)
+    cc = dict(CPREC="ieee", BLOCK_K=cc_k._cc_block_k(k))
+    small = dict(ACC=tl.float32, TINY=_TINY_FP32, BLOCK_K=cc["BLOCK_K"])
+    out = {
+        "rows": _objective_variant(
+            f"objective cc rows K={k}",
+            "bf16",
+            cc_k._cc_rows_kernel,
+            dict(common, **cc, **fwd.constexprs),
+            fwd.num_warps,
+            fwd.block,
+            fwd.num_stages,
+            **forward,
+        ),
+        "grad": _objective_variant(
+            f"objective cc grad K={k}",
+            "bf16",
+            cc_k._cc_grad_kernel,
+            dict(common, **cc, **bwd.constexprs),
+            bwd.num_warps,
+            bwd.block,
+            bwd.num_stages,
+            **backward,
+        ),
+    }
+    for name, fn in (
+        ("epilogue", cc_k._cc_epilogue_kernel),
+        ("cluster grad", cc_k._cc_cluster_grad_kernel),
+    ):
+        out[name] = _objective_variant(
+            f"objective cc {name} K={k}",
+            "fp32",
+            fn,
+            small,
+            cc_k._SMALL_WARPS,
+            (small["BLOCK_K"],),
+            targets=_CLEAN,
         )
-    )
     return out
+
+
+def _objective_variants() -> list[Variant]:
+    """The one-pass objectives (kernels/objective/), bf16 z and h with fp32 centers (AMP),
+    D = F = 128: the row launches carry the NT-Xent targets on their column loop, the small
+    launches no spills."""
+    from fastcluster_cl.kernels.objective import cc as cc_k
+
+    out = []
+    for k in (10, 100):
+        anchor = anchor_objective_variants(k)
+        out += [anchor["rows"], anchor["grad"], anchor["epilogue"]]
+    cc = cc_objective_variants(10)
+    out += [cc["rows"], cc["grad"]]
+    for k in (10, cc_k._CC_MAX_CLUSTERS):
+        cc = cc_objective_variants(k)
+        out += [cc["epilogue"], cc["cluster grad"]]
+    return out + [anchor["sum partials"]]
 
 
 def variants(names: str = "") -> list[Variant]:
