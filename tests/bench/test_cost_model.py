@@ -69,7 +69,10 @@ def test_instruction_classes():
     assert model._macs("HGMMA.64x128x16.F32.BF16") == (64 * 128 * 16, "fp16")
     assert model._macs("HMMA.16816.F32.BF16") == (16 * 8 * 16, "fp16")
     assert model._macs("HMMA.1688.F32.TF32") == (16 * 8 * 8, "tf32")
+    assert model._macs("DMMA.884") == (8 * 8 * 4, "fp64")
     assert model._macs("FFMA") is None
+    assert static_report.mma_shape("HMMA.16816.F32.BF16") == (16, 8, 16)
+    assert static_report.mma_shape("HGMMA.64x64x16.F32") == (64, 64, 16)
     assert model._shared_bytes("LDSM.16.M88.4") == 512
     assert model._shared_bytes("LDS.128") == 512 and model._shared_bytes("STS") == 128
     assert model._shared_bytes("LDGSTS.E.BYPASS.128") == 512
@@ -200,3 +203,47 @@ def test_model_command_runs(tmp_path):
     rows = json.loads(out.read_text())[1:]
     assert {r["path"] for r in rows if not r.get("calibration")} == {"triton", "eager", "cuda"}
     assert sum(bool(r.get("calibration")) for r in rows) == 6
+
+
+def _loop(index: int, global_bytes: int, depth: int = 0, mma: bool = False) -> model.Region:
+    return model.Region(depth, index, mma, False, None, {u: 0 for u in model.UNITS}, global_bytes)
+
+
+def test_partial_loops_split_the_partials_between_unrolled_body_and_remainder():
+    """An epilogue's loop over 10 partials unrolled by 4 (its body loads 4 of them) runs 2
+    times, the remainder loop (one partial a body) at most 3; a loop with an MMA is refused."""
+    loops = [_loop(1, 4096), _loop(2, 1024)]
+    compiled = model.Compiled("epilogue", 8, 32, 0, 0, 8, [_loop(0, 0, depth=-1), *loops])
+    trips = paths.partial_loops(compiled, parts=10)
+    assert (trips(loops[0]), trips(loops[1])) == (2, 3)
+    assert paths.partial_loops(compiled, parts=2)(loops[1]) == 2
+    with pytest.raises(ValueError, match="not a loop over the partials"):
+        trips(_loop(3, 1024, mma=True))
+
+
+def test_objective_rows_cover_the_issue_shapes():
+    """Every path and shape of the objectives' table is a row: the one-pass kernels predicted
+    where they run, refused with the reason where they cannot, and the eager reference refused
+    where one of its tensors alone exceeds the GPU's memory."""
+    rows = [r for r in json.loads(STORED.read_text())[1:] if r.get("op", "").endswith("objective")]
+    shapes = {
+        "anchor_objective": len(paths.ANCHOR_SHAPES),
+        "cc_objective": len(paths.CC_SHAPES),
+    }
+    for op, count in shapes.items():
+        ours = [r for r in rows if r["op"] == op]
+        assert {r["path"] for r in ours} == {"triton-onepass", "triton-separate", "cuda", "eager"}
+        assert len(ours) == 4 * count
+    onepass = [r for r in rows if r["path"] == "triton-onepass"]
+    for r in onepass:
+        fits = r["shape"].get("f", 0) <= 512 and (
+            r["op"] != "cc_objective" or r["shape"]["k"] <= 64
+        )
+        assert r["runs"] == fits and (r["predicted_us_low"] is not None) == fits, r
+        assert fits or "at most" in r["reason"]
+    huge = next(
+        r
+        for r in rows
+        if r["path"] == "eager" and r["shape"] == dict(n=32768, d=128, f=2048, k=1000, dtype="bf16")
+    )
+    assert not huge["runs"] and huge["reason"].startswith("out of memory")
