@@ -90,7 +90,11 @@ def loss_in_input_dtype(fn):
 
 def _reduced(op: str, backend: str, device: torch.device, reduction: str, count: int, *args):
     """`op` under `reduction`: the backend's mean, times the number of terms `count` for "sum",
-    or the backend's per-term op (`op`_terms) for "none"."""
+    or the backend's per-term op (`op`_terms) for "none"; "auto" as `dispatch.backend_for`
+    chooses for these inputs."""
+    backend = dispatch.backend_for(
+        op, backend, device, *(a for a in args if isinstance(a, torch.Tensor))
+    )
     if reduction == "none":
         return implementation(f"{op}_terms", backend, device)(*args)
     loss = implementation(op, backend, device)(*args)
@@ -148,6 +152,7 @@ def nt_xent(
     temperature = _signed_temperature(temperature, backend, z_a.device)
     check_finite(("z_a", "z_b"), (z_a, z_b))
     if _gathering(gather_distributed, reduction):
+        backend = dispatch.backend_for("nt_xent", backend, z_a.device, z_a, z_b)
         return gathered.nt_xent(z_a, z_b, temperature, backend)
     if z_a.shape[0] == 1:
         return _no_negatives(z_a, z_b, reduction)
@@ -278,6 +283,7 @@ def cc_cluster_loss(
         )
     acc = accumulation_dtype(logits_a.dtype)
     q_a, q_b = logits_a.to(acc), logits_b.to(acc)
+    backend = dispatch.backend_for("nt_xent", backend, device, q_a.T, q_b.T)  # N features
     if reduction == "none":
         return reference.cluster_contrast_terms(
             q_a, q_b, temperature, implementation("nt_xent_terms", backend, device)
@@ -308,6 +314,7 @@ def student_t(
         raise ValueError(f"h has {h.shape[1]} features but centers have {centers.shape[1]}")
     alpha = check_positive("alpha", alpha)
     check_finite(("h", "centers"), (h, centers))
+    backend = dispatch.backend_for("student_t", backend, h.device, h, centers)
     return implementation("student_t", backend, h.device)(h, centers, alpha)
 
 
@@ -383,6 +390,7 @@ def dec_anchor_losses(
     separately (the anchor loss is row-wise and needs no collective)."""
     _check_anchor_inputs(q0, q_a, q_b)
     device, rows = q0.device, q0.shape[0]
+    backend = dispatch.backend_for("dec_anchor_losses", backend, device, q0)
     if _gathering(gather_distributed, reduction):
         return gathered.dec_loss(q0), implementation("anchor_loss", backend, device)(q0, q_a, q_b)
     fused = implementation("dec_anchor_losses", backend, device, required=False)

@@ -28,11 +28,13 @@ import torch
 from fastcluster_cl.backends import reference
 
 try:
+    from . import _common, cc_cluster, kl
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
     from .objective import anchor_objective, anchor_objective_fits, cc_objective, cc_objective_fits
+    from .student_t import MAX_CENTERS as _MAX_CENTERS
     from .student_t import student_t
 
     _IMPORT_ERROR = None
@@ -57,6 +59,13 @@ __all__ = [
     "cc_objective",
     "anchor_objective_fits",
     "cc_objective_fits",
+    "nt_xent_fits",
+    "nt_xent_bank_fits",
+    "cc_cluster_loss_fits",
+    "student_t_fits",
+    "dec_loss_fits",
+    "anchor_loss_fits",
+    "dec_anchor_losses_fits",
     "unavailable_reason",
 ]
 
@@ -76,6 +85,25 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 if _IMPORT_ERROR is None:
+    # The inputs each kernel holds, for backend="auto" (`dispatch.backend_for`): beyond them
+    # auto runs the chunked backend; backend="triton" raises, saying why.
+
+    def nt_xent_fits(z_a: torch.Tensor, *_) -> bool:
+        return z_a.shape[1] <= _common.MAX_FEATURES
+
+    nt_xent_bank_fits = nt_xent_fits
+
+    def cc_cluster_loss_fits(logits_a: torch.Tensor, *_) -> bool:
+        return logits_a.shape[1] <= cc_cluster.MAX_CLUSTERS
+
+    def student_t_fits(h: torch.Tensor, centers: torch.Tensor) -> bool:
+        return centers.shape[0] <= _MAX_CENTERS
+
+    def dec_loss_fits(q: torch.Tensor, *_) -> bool:
+        return q.shape[1] <= kl.MAX_CLUSTERS
+
+    anchor_loss_fits = dec_anchor_losses_fits = dec_loss_fits
+
     # reduction="none": the per-row NT-Xent kernels on the cluster rows (forward only, see
     # `nt_xent_terms`).
     cc_cluster_loss_terms = partial(reference.cc_cluster_loss_terms, instance_terms=nt_xent_terms)

@@ -2,7 +2,9 @@
 names (nt_xent, cc_cluster_loss, student_t, dec_loss, anchor_loss, ...) with the
 signatures of `fastcluster_cl.backends.reference`. A backend may define
 ``unavailable_reason(device) -> str | None`` to refuse devices it cannot run on. Asking a backend
-for an op it lacks, or for a device it refuses, raises: no silent fallback.
+for an op it lacks, or for a device it refuses, raises: no silent fallback. "auto" is the one
+choice made for the caller: triton on usable CUDA devices, chunked elsewhere and for inputs the
+Triton kernels cannot hold (`backend_for`); both compute the same function.
 """
 
 from __future__ import annotations
@@ -89,3 +91,14 @@ def implementation(
             "backend='torch' or 'chunked' for it"
         )
     return fn
+
+
+def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Tensor) -> str:
+    """`backend` for these inputs: "auto" where it resolves to triton takes chunked when the
+    kernels cannot hold the inputs (the triton module's `op`_fits, e.g. more than 512 features
+    a row, or more than 64 clusters for the fused cluster contrast), instead of raising. An
+    explicit backend is kept (and raises on such inputs, saying why)."""
+    if backend != "auto" or resolve(backend, device) != "triton":
+        return backend
+    fits = implementation(f"{op}_fits", backend, device, required=False)
+    return "chunked" if fits is not None and not fits(*tensors) else backend

@@ -505,7 +505,8 @@ def triton_separate_refusal(op: str, shape: dict) -> str | None:
     if op == "cc_objective" and shape["k"] > cc_cluster.MAX_CLUSTERS:
         return (
             f"K = {shape['k']}: the Triton cc_cluster_loss takes at most "
-            f"{cc_cluster.MAX_CLUSTERS} clusters (raises; backend='chunked' runs it)"
+            f"{cc_cluster.MAX_CLUSTERS} clusters (auto runs the chunked one on the GPU, not "
+            "modelled)"
         )
     if op == "anchor_objective" and shape["k"] > student_t.MAX_CENTERS:
         return f"K = {shape['k']}: the Triton student_t takes at most {student_t.MAX_CENTERS}"

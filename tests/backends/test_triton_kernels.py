@@ -467,6 +467,37 @@ def test_unavailable_reason_and_auto(monkeypatch):
     assert kernels.unavailable_reason(torch.device("cpu")) is None
 
 
+def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
+    """backend="auto" where it means triton (a CUDA device, faked here) takes the chunked
+    backend for inputs the kernels cannot hold, and computes the same loss; within the limits
+    it keeps triton, and an explicit backend="triton" still refuses, saying why."""
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    cpu = torch.device("cpu")
+    wide, narrow = randn(6, 513, seed=50), randn(6, 512, seed=51)
+    many, few = randn(6, 65, seed=52), randn(6, 64, seed=53)
+    assert dispatch.backend_for("nt_xent", "auto", cpu, wide, wide) == "chunked"
+    assert dispatch.backend_for("nt_xent", "auto", cpu, narrow, narrow) == "auto"
+    assert dispatch.backend_for("cc_cluster_loss", "auto", cpu, many, many) == "chunked"
+    assert dispatch.backend_for("cc_cluster_loss", "auto", cpu, few, few) == "auto"
+    assert dispatch.backend_for("student_t", "auto", cpu, wide, randn(1025, 513)) == "chunked"
+    assert dispatch.backend_for("nt_xent", "triton", cpu, wide, wide) == "triton"
+    torch.testing.assert_close(
+        fc.cc_cluster_loss(many, randn(6, 65, seed=54)),
+        fc.cc_cluster_loss(many, randn(6, 65, seed=54), backend="torch"),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        fc.nt_xent(wide, randn(6, 513, seed=55)),
+        fc.nt_xent(wide, randn(6, 513, seed=55), backend="torch"),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="at most 512 features"):
+        fc.nt_xent(wide, wide, backend="triton")
+
+
 def test_limits_and_tf32_follow_torch():
     from fastcluster_cl.kernels._common import dot_precision
 
