@@ -92,8 +92,9 @@ def _reduced(op: str, backend: str, device: torch.device, reduction: str, count:
     """`op` under `reduction`: the backend's mean, times the number of terms `count` for "sum",
     or the backend's per-term op (`op`_terms) for "none"; "auto" as `dispatch.backend_for`
     chooses for these inputs."""
+    name = f"{op}_terms" if reduction == "none" else op
     backend = dispatch.backend_for(
-        op, backend, device, *(a for a in args if isinstance(a, torch.Tensor))
+        name, backend, device, *(a for a in args if isinstance(a, torch.Tensor))
     )
     if reduction == "none":
         return implementation(f"{op}_terms", backend, device)(*args)

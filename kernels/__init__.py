@@ -60,8 +60,11 @@ __all__ = [
     "anchor_objective_fits",
     "cc_objective_fits",
     "nt_xent_fits",
+    "nt_xent_terms_fits",
     "nt_xent_bank_fits",
+    "nt_xent_bank_terms_fits",
     "cc_cluster_loss_fits",
+    "cc_cluster_loss_terms_fits",
     "student_t_fits",
     "dec_loss_fits",
     "anchor_loss_fits",
@@ -91,10 +94,14 @@ if _IMPORT_ERROR is None:
     def nt_xent_fits(z_a: torch.Tensor, *_) -> bool:
         return z_a.shape[1] <= _common.MAX_FEATURES
 
-    nt_xent_bank_fits = nt_xent_fits
+    nt_xent_terms_fits = nt_xent_bank_fits = nt_xent_bank_terms_fits = nt_xent_fits
 
     def cc_cluster_loss_fits(logits_a: torch.Tensor, *_) -> bool:
         return logits_a.shape[1] <= cc_cluster.MAX_CLUSTERS
+
+    def cc_cluster_loss_terms_fits(logits_a: torch.Tensor, *_) -> bool:
+        """The per-row terms run `nt_xent_terms` on the N-long cluster columns."""
+        return logits_a.shape[0] <= _common.MAX_FEATURES
 
     def student_t_fits(h: torch.Tensor, centers: torch.Tensor) -> bool:
         return centers.shape[0] <= _MAX_CENTERS

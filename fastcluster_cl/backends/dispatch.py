@@ -95,10 +95,13 @@ def implementation(
 
 def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Tensor) -> str:
     """`backend` for these inputs: "auto" where it resolves to triton takes chunked when the
-    kernels cannot hold the inputs (the triton module's `op`_fits, e.g. more than 512 features
-    a row, or more than 64 clusters for the fused cluster contrast), instead of raising. An
-    explicit backend is kept (and raises on such inputs, saying why)."""
+    kernels lack `op` (e.g. DEC's per-row terms) or cannot hold the inputs (the triton module's
+    `op`_fits: more than 512 features a row, more than 64 clusters for the fused cluster
+    contrast, ...), instead of raising. An explicit backend is kept (and raises on such inputs,
+    saying why)."""
     if backend != "auto" or resolve(backend, device) != "triton":
         return backend
+    if implementation(op, backend, device, required=False) is None:
+        return "chunked"
     fits = implementation(f"{op}_fits", backend, device, required=False)
     return "chunked" if fits is not None and not fits(*tensors) else backend

@@ -174,16 +174,41 @@ def _tensor_bytes(values) -> int:
     return total
 
 
-# An H100 SXM's memory: a reference whose single tensor is larger cannot run the shape.
-HBM_BYTES = 80 * 2**30
+# An H100 SXM5 80GB's memory as nvidia-smi reports it (81559 MiB): a reference whose live
+# tensors exceed it at some point cannot run the shape.
+HBM_BYTES = 81559 * 2**20
+
+
+def _free(live: list, nbytes: int) -> None:
+    live[0] -= nbytes
 
 
 def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
     """(op, predicted seconds) of every kernel the torch reference launches for fn(*inputs)
     and its backward, recorded on meta tensors (no data, no device). Raises MemoryError when
-    one of its tensors alone is larger than the GPU's memory."""
+    the tensors alive at once (every op's fresh outputs until they are freed, autograd's saved
+    ones included) exceed the GPU's memory."""
+    import weakref
+
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    live = [0]
+
+    def allocate(out, func) -> None:
+        """Count the op's fresh output tensors (not views or in-place results) while alive."""
+        if getattr(func, "is_view", False) or str(func).split(".")[1].endswith("_"):
+            return
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor):
+                nbytes = t.numel() * t.element_size()
+                live[0] += nbytes
+                weakref.finalize(t, _free, live, nbytes)
+        if live[0] > HBM_BYTES:
+            raise MemoryError(
+                f"{func} brings the reference's live tensors to {live[0] / 2**30:.0f} GiB: "
+                f"more than the GPU's {HBM_BYTES / 2**30:.1f} GiB"
+            )
 
     aten = torch.ops.aten
     gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -192,6 +217,7 @@ def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            allocate(out, func)
             if func in gemms:
                 a, b = (
                     (args[1], args[2])
@@ -204,11 +230,6 @@ def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
                     (str(func), batch * model.gemm_seconds(m, n, k) - (batch - 1) * model.LAUNCH_S)
                 )
             elif not _is_kernel_free(func):
-                if _tensor_bytes([out]) > HBM_BYTES:
-                    raise MemoryError(
-                        f"{func} makes a {_tensor_bytes([out]) / 2**30:.0f} GiB tensor: more "
-                        f"than the GPU's {HBM_BYTES / 2**30:.0f} GiB"
-                    )
                 moved = (
                     _tensor_bytes(args)
                     + _tensor_bytes(kwargs.values() if kwargs else ())
@@ -218,6 +239,7 @@ def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
             return out
 
     leaves = [t.to("meta").requires_grad_() for t in inputs]
+    live[0] = _tensor_bytes(leaves)
     with Record():
         loss = fn(*leaves)
         loss.backward()
@@ -364,7 +386,10 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
         floor = _floor("nt_xent", n, d) * 1  # per rank: its rows against all columns
         if ranks > 1:
             floor = _floor("nt_xent", n * ranks, d) / ranks
-        eager = _eager_nt_xent(n, d) if ranks == 1 else None
+        try:
+            eager, eager_refusal = (_eager_nt_xent(n, d), None) if ranks == 1 else (None, None)
+        except MemoryError as err:
+            eager, eager_refusal = None, f"out of memory: {err}"
         common = {"op": "nt_xent", "shape": dict(shape, dtype="bf16"), "floor_us": floor * 1e6}
         launches = nt_xent_launches(n, d, ranks)
         t = _sum_launches(launches)
@@ -388,8 +413,12 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
             dict(
                 common,
                 path="eager",
-                runs=ranks == 1,
-                **({} if ranks == 1 else {"reason": "the gathered reference is not modelled yet"}),
+                runs=eager is not None,
+                **(
+                    {}
+                    if eager is not None
+                    else {"reason": eager_refusal or "the gathered reference is not modelled yet"}
+                ),
                 predicted_us_low=None if eager is None else eager * 1e6,
                 predicted_us_high=None if eager is None else eager * 1e6,
                 eager_us=None if eager is None else eager * 1e6,
@@ -454,9 +483,10 @@ def _objective_inputs(op: str, shape: dict) -> list:
     def empty(*size):
         return torch.empty(*size, dtype=torch.bfloat16, device="meta")
 
-    if op == "anchor_objective":
+    if op == "anchor_objective":  # under AMP the centres are an fp32 parameter, as the kernels
         f = shape["f"]
-        return [empty(n, d), empty(n, d), empty(n, f), empty(n, f), empty(n, f), empty(k, f)]
+        centers = torch.empty(k, f, dtype=torch.float32, device="meta")
+        return [empty(n, d), empty(n, d), empty(n, f), empty(n, f), empty(n, f), centers]
     return [empty(n, d), empty(n, d), empty(n, k), empty(n, k)]
 
 

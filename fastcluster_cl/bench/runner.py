@@ -534,7 +534,11 @@ def measure_interleaved(
         except Skip as why:
             skipped.append((impl, str(why)))
             continue
-        low, _, high = statistics.quantiles(times[impl], n=4) if rounds > 1 else (0.0, 0.0, 0.0)
+        low, _, high = (
+            statistics.quantiles(times[impl], n=4, method="inclusive")
+            if rounds > 1
+            else (0.0, 0.0, 0.0)
+        )
         rows.append(_row(case, impl, statistics.median(times[impl]), high - low, peak, times[impl]))
     return rows, skipped
 
@@ -656,7 +660,7 @@ def _ratio_and_verdict(ours: dict, best: dict) -> tuple[float, str]:
         best.get("round_s") or ()
     ):
         ratios = [a / b for a, b in zip(ours["round_s"], best["round_s"])]
-        low, ratio, high = statistics.quantiles(ratios, n=4)
+        low, ratio, high = statistics.quantiles(ratios, n=4, method="inclusive")
     else:
         ratio = ours["median_s"] / best["median_s"]
         noise = ours.get("iqr_s", 0) / ours["median_s"] + best.get("iqr_s", 0) / best["median_s"]

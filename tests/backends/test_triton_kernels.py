@@ -482,6 +482,9 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
     assert dispatch.backend_for("cc_cluster_loss", "auto", cpu, few, few) == "auto"
     assert dispatch.backend_for("student_t", "auto", cpu, wide, randn(1025, 513)) == "chunked"
     assert dispatch.backend_for("nt_xent", "triton", cpu, wide, wide) == "triton"
+    tall = randn(513, 10, seed=56)  # reduction="none" contrasts the N-long columns
+    assert dispatch.backend_for("cc_cluster_loss_terms", "auto", cpu, tall, tall) == "chunked"
+    assert dispatch.backend_for("dec_loss_terms", "auto", cpu, few.softmax(1)) == "chunked"
     torch.testing.assert_close(
         fc.cc_cluster_loss(many, randn(6, 65, seed=54)),
         fc.cc_cluster_loss(many, randn(6, 65, seed=54), backend="torch"),
