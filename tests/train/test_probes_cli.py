@@ -226,6 +226,12 @@ SLOW_SAVE = textwrap.dedent("""
 """)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: the test
+    run may be such a job, a user's Ctrl-C reaches a foreground CLI."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_a_checkpoint_write_leaves_nothing(tmp_path, finished, sig, code):
     out = tmp_path / "run"
@@ -237,6 +243,7 @@ def test_signal_during_a_checkpoint_write_leaves_nothing(tmp_path, finished, sig
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert proc.stdout.readline().strip() == "writing"
     assert list(out.glob(".checkpoint.pt.*.tmp"))
