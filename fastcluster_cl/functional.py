@@ -97,7 +97,7 @@ def _reduced(op: str, backend: str, device: torch.device, reduction: str, count:
         name, backend, device, *(a for a in args if isinstance(a, torch.Tensor))
     )
     if reduction == "none":
-        return implementation(f"{op}_terms", backend, device)(*args)
+        return implementation(name, backend, device)(*args)
     loss = implementation(op, backend, device)(*args)
     return loss if reduction == "mean" else loss * count
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -261,9 +260,7 @@ def nt_xent_tiles(n: int, d: int, ranks: int = 1) -> int:
     """Tensor-core tiles of one forward + backward on a rank: row blocks x column blocks."""
     import torch
 
-    import fastcluster_cl.kernels  # noqa: F401
-
-    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    nt = static.kernel_module("nt_xent")
     return sum(
         math.ceil(2 * n / c.block[0]) * math.ceil(2 * n * ranks / c.block[1])
         for c in (nt.forward_config(d, torch.float16), nt.backward_config(d, torch.float16))
@@ -277,9 +274,7 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
     import torch
     import triton.language as tl
 
-    import fastcluster_cl.kernels  # noqa: F401
-
-    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    nt = static.kernel_module("nt_xent")
     rows, columns = 2 * n, 2 * n * ranks
     fwd = nt.forward_config(d, torch.float16)
     bwd = nt.backward_config(d, torch.float16)
@@ -507,17 +502,10 @@ def eager_objective_seconds(op: str, shape: dict) -> float:
     return sum(s for _, s in eager_kernels(total, _objective_inputs(op, shape)))
 
 
-def _kernel_module(name: str):
-    """A module of the kernels package (its __init__ re-exports functions of the same names)."""
-    import fastcluster_cl.kernels  # noqa: F401
-
-    return sys.modules[f"fastcluster_cl.kernels.{name}"]
-
-
 def triton_onepass_refusal(op: str, shape: dict) -> str | None:
     """Why the one-pass Triton kernels cannot take the shape (their `_fits`), or None."""
-    _common = _kernel_module("_common")
-    cc_clusters = _kernel_module("cc_cluster").MAX_CLUSTERS  # the one-pass cc kernels' too
+    _common = static.kernel_module("_common")
+    cc_clusters = static.kernel_module("cc_cluster").MAX_CLUSTERS  # the one-pass cc kernels' too
     widest = max(shape["d"], shape.get("f", 0))
     if widest > _common.MAX_FEATURES:
         return (
@@ -531,7 +519,7 @@ def triton_onepass_refusal(op: str, shape: dict) -> str | None:
 
 def triton_separate_refusal(op: str, shape: dict) -> str | None:
     """Why the separate Triton ops cannot take the shape, or None."""
-    cc_cluster, student_t = _kernel_module("cc_cluster"), _kernel_module("student_t")
+    cc_cluster, student_t = static.kernel_module("cc_cluster"), static.kernel_module("student_t")
     if op == "cc_objective" and shape["k"] > cc_cluster.MAX_CLUSTERS:
         return (
             f"K = {shape['k']}: the Triton cc_cluster_loss takes at most "
@@ -730,8 +718,6 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
     """The eager reference and the one-pass Triton kernels modelled; the separate Triton ops
     and the CUDA twin say whether they run the shape (the model does not read their kernels
     yet)."""
-    import fastcluster_cl.kernels  # noqa: F401  (the kernels' limits)
-
     rows = []
     for shape in shapes:
         try:

@@ -316,13 +316,19 @@ NT_XENT_POINTERS = {
 }
 
 
+def kernel_module(name: str):
+    """A module of the kernels package by name: the package re-exports functions of the same
+    names (its `nt_xent` attribute is the function), so the module comes from sys.modules."""
+    import fastcluster_cl.kernels  # noqa: F401
+
+    return sys.modules[f"fastcluster_cl.kernels.{name}"]
+
+
 def _nt_xent_variants() -> list[Variant]:
     import torch
     import triton.language as tl
 
-    import fastcluster_cl.kernels  # noqa: F401  (its nt_xent attribute is the function)
-
-    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    nt = kernel_module("nt_xent")
 
     out = []
     d = 128
@@ -426,10 +432,7 @@ def _nt_xent_bank_variants() -> list[Variant]:
     import torch
     import triton.language as tl
 
-    import fastcluster_cl.kernels  # noqa: F401
-
-    bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
-    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    bank, nt = kernel_module("nt_xent_bank"), kernel_module("nt_xent")
     d, out = 128, []
     pointers = {
         "RS": "fp32",
@@ -499,11 +502,7 @@ def _cluster_variants() -> list[Variant]:
     import torch
     import triton.language as tl
 
-    import fastcluster_cl.kernels  # noqa: F401
-
-    cc, st, kl = (
-        sys.modules[f"fastcluster_cl.kernels.{m}"] for m in ("cc_cluster", "student_t", "kl")
-    )
+    cc, st, kl = (kernel_module(m) for m in ("cc_cluster", "student_t", "kl"))
     clean = dict(no_spills=True)
     out = [
         Variant(
