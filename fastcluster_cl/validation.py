@@ -134,7 +134,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     values overflows. Other devices, some without float64, keep isfinite (no host read)."""
     if t.dtype == torch.float64 or not t.is_floating_point() or t.device.type != "cpu":
         return bool(torch.isfinite(t).all())
-    t = t.detach()  # a value read, not a graph node
     return math.isfinite(float(t.sum(dtype=torch.float32))) or math.isfinite(
         float(t.sum(dtype=torch.float64))
     )
@@ -144,8 +143,10 @@ def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
     """Raise on NaN/inf inputs instead of returning a NaN loss."""
     if not _value_checks_active(tensors):
         return
-    for name, t in zip(names, tensors):
-        if not _all_finite(t):
+    with torch.no_grad():  # value reads, not graph nodes
+        finite = [_all_finite(t) for t in tensors]
+    for name, ok in zip(names, finite):
+        if not ok:
             raise ValueError(
                 f"{name} contains NaN or inf; check the model outputs (a diverged "
                 "step or an fp16 overflow) before the loss"

@@ -110,40 +110,42 @@ def _row_losses(
     t = lse_neg - S_pos, the row's loss log(exp(S_pos) + exp(lse_neg)) - S_pos is softplus(t),
     exact when it is tiny (correlated views at a small temperature), where lse - S_pos would
     cancel two numbers near 1/tau; the lse the backward needs is S_pos + the loss."""
-    s_pos = (1.0 - gap) * inv_tau
+    s_pos = torch.rsub(gap, inv_tau, alpha=inv_tau)  # (1 - gap) / tau
     row_loss = _softplus(negatives_lse - s_pos)
     return row_loss, s_pos + row_loss
 
 
-def _normalize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`numerics.l2_normalize`. On the CPU, where reading a value costs no device sync, float32
-    rows take the float32 norm unless a sum of squares overflowed (a non-finite norm; the
-    float64 one then); squares that underflow belong to norms below the clamp."""
-    if z.dtype == torch.float32 and not validation.syncs_host(z.device):
+def _normalize_with_gap(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(zn, norm) as `numerics.l2_normalize`, and 1 - cos(z_i, z_pos(i)) for the 2N rows of
+    Z = [z_a; z_b], without cancellation. On the CPU, where reading a value costs no device
+    sync: float32 rows take the float32 norm unless a sum of squares overflowed (a non-finite
+    norm; the float64 one then; squares that underflow belong to norms below the clamp), and
+    when every norm is above the clamp (every zn a unit row) the gap is ||zn_a - zn_b||^2 / 2
+    alone (`reference.positive_gap` otherwise)."""
+    on_cpu = not validation.syncs_host(z.device)
+    zn = None
+    if on_cpu and z.dtype == torch.float32:
         norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-        if math.isfinite(float(norm.sum())):  # non-negative norms: finite sum, all finite
-            norm.clamp_min_(NORM_EPS)
-            return z / norm, norm
-    return l2_normalize(z)
+        low, high = torch.aminmax(norm)
+        if math.isfinite(float(high)):  # non-negative norms: all finite
+            unit = float(low) > NORM_EPS
+            zn = z / norm.clamp_min_(NORM_EPS)
+    if zn is None:
+        zn, norm = l2_normalize(z)
+        unit = on_cpu and bool(norm.min() > NORM_EPS)
+    n = zn.shape[0] // 2
+    if unit:
+        diff = zn[:n] - zn[n:]
+        gap = torch.linalg.vecdot(diff, diff).mul_(0.5)
+    else:
+        gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
+    return zn, norm, torch.cat([gap, gap])
 
 
 def _softplus(t: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(t)) to the last bit: torch's softplus turns linear above t = 20, a relative
     error of exp(-20) that the float64 tests see."""
     return torch.logaddexp(t, torch.zeros_like(t))
-
-
-def _positive_gap(zn: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """1 - cos(z_i, z_pos(i)) for the 2N rows of Z = [z_a; z_b], without cancellation. On the
-    CPU, where reading a value costs no device sync, rows that are all unit take
-    ||zn_a - zn_b||^2 / 2 alone (`reference.positive_gap` otherwise)."""
-    n = zn.shape[0] // 2
-    if not validation.syncs_host(zn.device) and bool(norm.min() > NORM_EPS):
-        diff = zn[:n] - zn[n:]
-        gap = torch.linalg.vecdot(diff, diff).mul_(0.5)
-    else:
-        gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
-    return torch.cat([gap, gap])
 
 
 # Row-range primitives over the full raw Z = [z_a; z_b] (2N x D, any dtype, normalised inside),
@@ -276,8 +278,7 @@ def _forward(
     the backward instead of recomputed there (one matrix product, one exp pass and the
     normalisation fewer): the path that decides small batches. (2N)^2 + 2N D values are held
     until the backward, at most block^2 + 2N D and less than the reference's autograd keeps."""
-    zn, norm = _normalize(z)
-    gap = _positive_gap(zn, norm)
+    zn, norm, gap = _normalize_with_gap(z)
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
         kept = tuple(zn.new_empty(0) for _ in range(4))
@@ -301,8 +302,8 @@ def _negatives_exp(zn: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torc
         s = _tile(zn, slice(None), slice(None), inv_tau)
         shift = s.fill_diagonal_(float("-inf")).amax(1)
         e = s.sub_(shift[:, None]).exp_()
-    for diagonal in (0, half, -half):
-        e.diagonal(diagonal).fill_(0.0)
+    # the diagonals 0 and +-N: those of the four N x N blocks
+    e.view(2, half, 2, half).diagonal(dim1=1, dim2=3).fill_(0.0)
     return e, shift
 
 
@@ -363,12 +364,13 @@ def _backward(
         else:
             a = e * c[:, None]
             a = a + a.T
-        weight += weight.roll(half)
+        # the positives' weights, the same for i and pos(i), on A's diagonals +-N (E is 0
+        # there): one product for both terms
+        pair = weight.view(2, half).sum(0)
+        a.diagonal(half).copy_(pair)
+        a.diagonal(-half).copy_(pair)
         g = a @ zn
-        g[:half].addcmul_(weight[:half, None], zn[half:])  # the positives, without a rolled copy
-        g[half:].addcmul_(weight[half:, None], zn[:half])
-        g.mul_(scale * inv_tau)
-        return l2_normalize_backward(zn, norm, g).to(z.dtype)
+        return l2_normalize_backward(zn, norm, g, scale * inv_tau).to(z.dtype)
     w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     zn, norm = l2_normalize(z)
     g = torch.zeros_like(zn)
@@ -385,8 +387,7 @@ def _backward(
             g[rows] += a @ zn[cols]
             g[cols] += a.T @ zn[rows]
     g -= (w + w.roll(half))[:, None] * zn.roll(half, 0)
-    g *= inv_tau
-    return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    return l2_normalize_backward(zn, norm, g, inv_tau).to(z.dtype)
 
 
 _fused_backward = torch.library.custom_op(

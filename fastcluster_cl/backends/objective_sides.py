@@ -147,10 +147,11 @@ def _cc_side_forward(
     acc = accumulation_dtype(logits_a.dtype)
     q = torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
     log_p, xn, norm = _cc_similarities(q, temperature)
-    contrast = (log_p.diagonal(k).sum() + log_p.diagonal(-k).sum()) / (-2 * k)
+    positives = log_p.roll(k, 1).trace()  # sum_j log P_(j, j +- K)
     shares = q.mean(0)
-    entropy = torch.special.xlogy(shares, shares).sum() + 2 * math.log(k)
-    return contrast + entropy, q, xn, norm, log_p.exp()
+    entropy = torch.special.xlogy(shares, shares).sum()
+    value = torch.add(entropy, positives, alpha=-1.0 / (2 * k)).add_(2 * math.log(k))
+    return value, q, xn, norm, log_p.exp()
 
 
 cc_side_forward = torch.library.custom_op(
@@ -183,22 +184,39 @@ def _cc_side_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring)."""
     n, k = logits_a.shape
-    g = grad.to(q.dtype) / (2 * k)
-    w = prob * g
-    w.diagonal(k).sub_(g)
-    w.diagonal(-k).sub_(g)
-    dxn = torch.mm(xn, w + w.T).mul_(1.0 / temperature)  # (N, 2K)
+    g = grad.to(q.dtype)
+    # (W + W^T) xn with W = g (P - [positive]) / 2K: the positive of column j is j +- K
+    dxn = torch.mm(xn, prob + prob.T).sub_(xn.roll(k, 1), alpha=2.0).mul_(g / (2 * k * temperature))
     radial = torch.where(norm > NORM_EPS, torch.linalg.vecdot(xn, dxn, dim=0), 0.0)
     shares = q.mean(0)
-    entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (2 * k / n * g)
-    dq = dxn.sub_(xn * radial).div_(norm).add_(entropy).view(n, 2, k)
+    entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (g / n)
+    dq = dxn.addcmul_(xn, radial, value=-1.0).div_(norm).add_(entropy).view(n, 2, k)
     q3 = q.view(n, 2, k)
-    dl = (dq - torch.linalg.vecdot(q3, dq).unsqueeze(-1)).mul_(q3)
-    return dl[:, 0].to(logits_a.dtype, copy=True), dl[:, 1].to(logits_b.dtype, copy=True)
+    # the softmax's backward, written as [dlogits_a; dlogits_b] (2, N, K): one buffer, each
+    # gradient contiguous in it
+    dl = logits_a.new_empty(2, n, k)
+    torch.mul(dq.sub_(torch.linalg.vecdot(q3, dq).unsqueeze(-1)), q3, out=dl.permute(1, 0, 2))
+    return dl[0], dl[1]
+
+
+def _cc_side_backward_op(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    temperature: float,
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    xn: torch.Tensor,
+    norm: torch.Tensor,
+    prob: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_cc_side_backward` with the two gradients in two buffers, as a custom op's outputs must
+    be."""
+    da, db = _cc_side_backward(logits_a, logits_b, temperature, grad, q, xn, norm, prob)
+    return da, db.clone()
 
 
 cc_side_backward = torch.library.custom_op(
-    "fastcluster_cl::cc_side_bwd", _cc_side_backward, mutates_args=()
+    "fastcluster_cl::cc_side_bwd", _cc_side_backward_op, mutates_args=()
 )
 
 
@@ -301,7 +319,7 @@ class Objective(torch.autograd.Function):
         z_a, z_b, *saved = ctx.saved_tensors
         nt_state, saved = saved[: ctx.nt_state], saved[ctx.nt_state :]
         inputs, state = saved[: ctx.tensors], saved[ctx.tensors :]
-        g = grad[1:] + grad[0] * ctx.weights
+        g = torch.addcmul(grad[1:], grad[0], ctx.weights)  # each part's own + the total's
         _, nt_backward = nt_xent_autograd.backend_spec("chunked").fast_path()
         with torch.no_grad():
             dz = nt_backward(_rows(z_a, z_b, nt_state), g[0], ctx.inv_tau, *nt_state, ctx.block)

@@ -178,10 +178,10 @@ def _rows_backward(
     )
     # dL/dzn of the mean over these rows is 1/(tau * rows); gathered, it is world_size times
     # the global gradient 1/(tau * 2N_global), the same number.
-    g *= grad * ctx.inv_tau / g.shape[0]
+    scale = grad * ctx.inv_tau / g.shape[0]
     rows = torch.cat([torch.arange(start, end, device=z.device) for start, end in ctx.ranges])
     zn, norm = l2_normalize(z[rows])
-    return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    return l2_normalize_backward(zn, norm, g, scale).to(z.dtype)
 
 
 def nt_xent_terms(
