@@ -10,7 +10,8 @@
 #             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
 #   model     the cost model's table measured beside its predictions (model-h100.json): NT-Xent
 #             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch and triton; the cc
-#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64) and torch
+#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64), the
+#             separate Triton ops (where K <= 64) and torch
 #             (the anchor rows, D 128 with F 512/2048, need the runner to take F apart from D)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
@@ -69,7 +70,8 @@ for stage in "${stages[@]}"; do
           --out "$OUT/results" >"$OUT/model.log" 2>&1 || status=1
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --ops cc_objective \
           --dims 128 --ks 10,20,100,200,1000 --sizes 512,8192,65536 --modes fwd+bwd \
-          --backends auto,torch --out "$OUT/results" >>"$OUT/model.log" 2>&1 || status=1
+          --backends auto,torch,triton-separate --out "$OUT/results" >>"$OUT/model.log" 2>&1 \
+          || status=1
       env -u TRITON_INTERPRET python3 -m fastcluster_cl.bench model \
           --json "$OUT/results/model-h100.json" >>"$OUT/model.log" 2>&1 || status=1
       tail -40 "$OUT/model.log" ;;

@@ -20,7 +20,8 @@ loop's trip count times per execution of its parent (`KernelModel.trips` says, b
 holds an MMA, its nesting depth or its place, what it iterates over at a shape). A program's time is
 the sum over regions; an SM runs ceil(programs / 132) programs, `ctas_per_sm` at a time
 sharing its units (low: their unit time adds up; high: at least one program's serialised chain
-per group); a launch costs LAUNCH_S more. What is left out: global-memory latency and L2 misses
+per group, plus the group's global bytes outside loops at the SM's share of L2 bandwidth); a
+launch costs LAUNCH_S more. What is left out: global-memory latency and L2 misses
 (HBM enters only the floor and the eager model), TMA and wgmma operand reads from shared memory,
 warp scheduling stalls, clock throttling. The constants are stated once below with sources.
 """
@@ -56,6 +57,10 @@ WARPS_TO_HIDE_LATENCY = 4
 # "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023); global loads and stores of a launch
 # take at least their bytes at this rate.
 L2_BYTES_PER_S = 5.5e12
+# At the high end a program's global loads and stores outside its loops (the pipeline's first
+# tiles before the loop, the epilogue's stores after it) move at its SM's share of that
+# bandwidth, serialised with the loops rather than overlapped with them.
+L2_BYTES_PER_SM_CLOCK = L2_BYTES_PER_S / SMS / CLOCK_HZ
 # A global load's latency: 400-800 clocks (CUDA C++ Best Practices Guide, "Device Memory
 # Spaces"). At the high end each group of co-resident programs waits once for its first tiles
 # (the pipeline fill) with no other program on its SM to switch to.
@@ -246,11 +251,10 @@ def compile_kernel(variant: static.Variant) -> Compiled:
 Trips = Callable[[Region], int]
 
 
-def program_clocks(compiled: Compiled, trips: Trips) -> tuple[float, float, dict, float]:
-    """(low, high) SM clocks of one program, each unit's clocks (overlapped), and its global
-    bytes. The high end issues at the rate the resident warps sustain without hiding latency
-    (`WARPS_TO_HIDE_LATENCY`)."""
-    executions = []
+def executions(compiled: Compiled, trips: Trips) -> list[int]:
+    """How many times one program runs each region: the product of the trip counts of its loop
+    and of the loops around it."""
+    counts = []
     for region in compiled.regions:
         count, r = 1, region
         while r.depth >= 0:
@@ -258,13 +262,21 @@ def program_clocks(compiled: Compiled, trips: Trips) -> tuple[float, float, dict
             r = compiled.regions[r.parent] if r.parent is not None else None
             if r is None:
                 break
-        executions.append(count)
+        counts.append(count)
+    return counts
+
+
+def program_clocks(compiled: Compiled, trips: Trips) -> tuple[float, float, dict, float]:
+    """(low, high) SM clocks of one program, each unit's clocks (overlapped), and its global
+    bytes. The high end issues at the rate the resident warps sustain without hiding latency
+    (`WARPS_TO_HIDE_LATENCY`)."""
+    counts = executions(compiled, trips)
     per_scheduler = max(1, compiled.ctas_per_sm) * compiled.num_warps / 4
     issue_rate = min(1.0, per_scheduler / WARPS_TO_HIDE_LATENCY)
-    low = sum(n * r.low() for n, r in zip(executions, compiled.regions))
-    high = sum(n * r.high(issue_rate) for n, r in zip(executions, compiled.regions))
-    units = {u: sum(n * r.clocks[u] for n, r in zip(executions, compiled.regions)) for u in UNITS}
-    nbytes = sum(n * r.global_bytes for n, r in zip(executions, compiled.regions))
+    low = sum(n * r.low() for n, r in zip(counts, compiled.regions))
+    high = sum(n * r.high(issue_rate) for n, r in zip(counts, compiled.regions))
+    units = {u: sum(n * r.clocks[u] for n, r in zip(counts, compiled.regions)) for u in UNITS}
+    nbytes = sum(n * r.global_bytes for n, r in zip(counts, compiled.regions))
     return low, high, units, nbytes
 
 
@@ -276,6 +288,14 @@ class Launch:
     programs: int
     trips: Trips
 
+    def mma_bodies(self) -> int:
+        """The region executions that issue MMA, over the whole grid: the launch's work in
+        tensor-core tiles."""
+        counts = executions(self.compiled, self.trips)
+        return self.programs * sum(
+            n for n, r in zip(counts, self.compiled.regions) if r.clocks["tensor"]
+        )
+
     def predict(self) -> dict:
         low, high, units, nbytes = program_clocks(self.compiled, self.trips)
         per_sm = math.ceil(self.programs / SMS)
@@ -283,8 +303,10 @@ class Launch:
         groups, last = divmod(per_sm, resident)
         sizes = [resident] * groups + ([last] if last else [])
         sm_low = per_sm * low / CLOCK_HZ
-        fill = MEMORY_LATENCY_CLOCKS if self.compiled.regions[0].global_bytes else 0
-        sm_high = sum(max(g * low, high) + fill for g in sizes) / CLOCK_HZ
+        edge_bytes = self.compiled.regions[0].global_bytes
+        fill = MEMORY_LATENCY_CLOCKS if edge_bytes else 0
+        edge = edge_bytes / L2_BYTES_PER_SM_CLOCK
+        sm_high = sum(max(g * low, high) + fill + g * edge for g in sizes) / CLOCK_HZ
         l2 = self.programs * nbytes / L2_BYTES_PER_S
         units = {**units, "l2": l2 * CLOCK_HZ / per_sm}  # comparable: clocks per SM
         return {

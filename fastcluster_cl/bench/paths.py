@@ -3,9 +3,12 @@ at, and the calibration against published measurements (`python -m fastcluster_c
 --json PATH`). The per-kernel model is `model.py`; here are the launches each path makes.
 
 Paths: "triton" (NT-Xent's fused fast path: prologue, row-parallel forward, row-parallel
-backward), and "eager": the torch reference as its own kernels, recorded by running it on meta
-tensors under a dispatch mode: matrix products at a cuBLAS-class rate (`model.gemm_seconds`),
-every other op that makes a kernel at HBM bandwidth over the bytes it reads and writes
+backward); "triton-onepass" (the one-pass objectives); "triton-separate" (an objective as the
+separate Triton ops, traced on meta tensors with their host code: each recorded launch is
+compiled and its loops counted by `SEPARATE_LOOPS`, the torch ops around the launches costed
+as the eager ones); and "eager": the torch reference as its own kernels, recorded on meta
+tensors (`trace.record`): matrix products at a cuBLAS-class rate (`model.gemm_seconds`), every
+other op that makes a kernel at HBM bandwidth over the bytes it reads and writes
 (`model.memory_seconds`), each with a launch. Shapes a path cannot run are rows saying why.
 """
 
@@ -19,8 +22,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import model
+from . import model, trace
 from . import static_report as static
+from .trace import eager_kernels
 
 # The calibration: published H100 figures of kernels whose code we compile (`calibration.py`).
 ATTENTION_SOURCE = (
@@ -131,118 +135,6 @@ def calibration_rows() -> list[dict]:
             _calibration_row(matmul.name, shape, 2.0 * m * n * k, launch, published, MATMUL_SOURCE)
         )
     return rows
-
-
-# --- eager: the reference's own kernels -------------------------------------------------------
-
-
-def _is_kernel_free(func) -> bool:
-    """Ops that launch no kernel: views, allocations without a fill, metadata."""
-    import torch
-
-    name = func.__name__ if hasattr(func, "__name__") else str(func)
-    return (
-        bool(getattr(func, "is_view", False))
-        or name.split(".")[0]
-        in (
-            "empty",
-            "empty_strided",
-            "empty_like",
-            "new_empty",
-            "new_empty_strided",
-            "detach",
-            "alias",
-            "lift_fresh",
-            "_unsafe_view",
-            "sym_size",
-            "sym_stride",
-        )
-        or func in (torch.ops.aten.set_.source_Storage_storage_offset,)
-    )
-
-
-def _tensor_bytes(values) -> int:
-    import torch
-
-    total = 0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, (list, tuple)):
-            total += _tensor_bytes(v)
-    return total
-
-
-# An H100 SXM5 80GB's memory as nvidia-smi reports it (81559 MiB): a reference whose live
-# tensors exceed it at some point cannot run the shape.
-HBM_BYTES = 81559 * 2**20
-
-
-def _free(live: list, nbytes: int) -> None:
-    live[0] -= nbytes
-
-
-def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
-    """(op, predicted seconds) of every kernel the torch reference launches for fn(*inputs)
-    and its backward, recorded on meta tensors (no data, no device). Raises MemoryError when
-    the tensors alive at once (every op's fresh outputs until they are freed, autograd's saved
-    ones included) exceed the GPU's memory."""
-    import weakref
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    live = [0]
-
-    def allocate(out, func) -> None:
-        """Count the op's fresh output tensors (not views or in-place results) while alive."""
-        if getattr(func, "is_view", False) or str(func).split(".")[1].endswith("_"):
-            return
-        for t in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(t, torch.Tensor):
-                nbytes = t.numel() * t.element_size()
-                live[0] += nbytes
-                weakref.finalize(t, _free, live, nbytes)
-        if live[0] > HBM_BYTES:
-            raise MemoryError(
-                f"{func} brings the reference's live tensors to {live[0] / 2**30:.0f} GiB: "
-                f"more than the GPU's {HBM_BYTES / 2**30:.1f} GiB"
-            )
-
-    aten = torch.ops.aten
-    gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-    kernels = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            allocate(out, func)
-            if func in gemms:
-                a, b = (
-                    (args[1], args[2])
-                    if func in (aten.addmm.default, aten.baddbmm.default)
-                    else args[:2]
-                )
-                batch = a.shape[0] if a.dim() == 3 else 1
-                m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-                kernels.append(
-                    (str(func), batch * model.gemm_seconds(m, n, k) - (batch - 1) * model.LAUNCH_S)
-                )
-            elif not _is_kernel_free(func):
-                moved = (
-                    _tensor_bytes(args)
-                    + _tensor_bytes(kwargs.values() if kwargs else ())
-                    + _tensor_bytes([out])
-                )
-                kernels.append((str(func), model.memory_seconds(moved)))
-            return out
-
-    leaves = [t.to("meta").requires_grad_() for t in inputs]
-    live[0] = _tensor_bytes(leaves)
-    with Record():
-        loss = fn(*leaves)
-        loss.backward()
-    return kernels
 
 
 # --- Triton -----------------------------------------------------------------------------------
@@ -366,11 +258,9 @@ def _sum_launches(launches: list[model.Launch]) -> dict:
 
 
 def _eager_nt_xent(n: int, d: int) -> float:
-    import torch
-
     from ..backends import reference
 
-    z = [torch.empty(n, d, dtype=torch.bfloat16, device="meta") for _ in range(2)]
+    z = [_meta_bf16(n, d) for _ in range(2)]
     return sum(s for _, s in eager_kernels(lambda a, b: reference.nt_xent(a, b, 0.5), z))
 
 
@@ -387,23 +277,10 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
             eager, eager_refusal = None, f"out of memory: {err}"
         common = {"op": "nt_xent", "shape": dict(shape, dtype="bf16"), "floor_us": floor * 1e6}
         launches = nt_xent_launches(n, d, ranks)
-        t = _sum_launches(launches)
+        host = _host_ops("nt_xent", shape) if ranks == 1 else ()
         tiles = nt_xent_tiles(n, d, ranks)
-        rows.append(
-            dict(
-                common,
-                path="triton",
-                runs=True,
-                predicted_us_low=t["low"] * 1e6,
-                predicted_us_high=t["high"] * 1e6,
-                eager_us=None if eager is None else eager * 1e6,
-                tiles=tiles,
-                sm_fill=t["sm_fill"],
-                limit=t["limit"],
-                spill_bytes=t["spill_bytes"],
-                auto=True,
-            )
-        )
+        timed = dict(common, eager_us=None if eager is None else eager * 1e6)
+        rows.append(_predicted(timed, "triton", launches, tiles, True, host))
         rows.append(
             dict(
                 common,
@@ -470,19 +347,21 @@ def objective_floor(op: str, shape: dict) -> float:
     return model.floor_seconds(total["flops"], total["exps"], total["bytes"])
 
 
+def _meta_bf16(*size: int):
+    import torch
+
+    return torch.empty(*size, dtype=torch.bfloat16, device="meta")
+
+
 def _objective_inputs(op: str, shape: dict) -> list:
     import torch
 
     n, d, k = shape["n"], shape["d"], shape["k"]
-
-    def empty(*size):
-        return torch.empty(*size, dtype=torch.bfloat16, device="meta")
-
     if op == "anchor_objective":  # under AMP the centres are an fp32 parameter, as the kernels
         f = shape["f"]
         centers = torch.empty(k, f, dtype=torch.float32, device="meta")
-        return [empty(n, d), empty(n, d), empty(n, f), empty(n, f), empty(n, f), centers]
-    return [empty(n, d), empty(n, d), empty(n, k), empty(n, k)]
+        return [_meta_bf16(n, d), _meta_bf16(n, d), *(_meta_bf16(n, f) for _ in range(3)), centers]
+    return [_meta_bf16(n, d), _meta_bf16(n, d), _meta_bf16(n, k), _meta_bf16(n, k)]
 
 
 def eager_objective_seconds(op: str, shape: dict) -> float:
@@ -697,27 +576,169 @@ def anchor_onepass_launches(n: int, d: int, f: int, k: int) -> tuple[list[model.
     return launches, rows * fwd_trips + grads * 2 * bwd_trips
 
 
-def _predicted(common: dict, path: str, launches: list[model.Launch], tiles: int, auto: bool):
+# --- the separate Triton ops --------------------------------------------------------------------
+
+
+def _row_steps(args: dict, grid: tuple) -> int:
+    """A persistent row loop: BLOCK_M rows a step, stepping by the grid's programs."""
+    return math.ceil(args["n"] / (grid[0] * args["BLOCK_M"]))
+
+
+def _cluster_tiles(args: dict, grid: tuple) -> int:
+    return math.ceil(args["K"] / args["BLOCK_K"])
+
+
+def _feature_chunks(args: dict, grid: tuple) -> int:
+    return math.ceil(args["F"] / args["BLOCK_F"])
+
+
+def _column_tiles(args: dict, grid: tuple) -> int:
+    return math.ceil(args["rows_total"] / args["BLOCK_N"])
+
+
+# The loops of the kernels the separate ops launch, by kernel ("module.function") and loop depth:
+# each depth's trip count from a launch's arguments and grid. A kernel or a depth missing here is
+# an error: its loops must be read before the model counts them.
+SEPARATE_LOOPS = {
+    "nt_xent._scale_rows_kernel": {},
+    "nt_xent._lse_fwd_kernel": {0: _column_tiles},
+    "nt_xent._grad_kernel": {0: _column_tiles},
+    "cc_cluster._stats_kernel": {0: _row_steps},
+    "cc_cluster._grad_kernel": {},
+    "student_t._fwd_kernel": {0: _cluster_tiles, 1: _feature_chunks},
+    "student_t._bwd_kernel": {0: _cluster_tiles, 1: _feature_chunks},
+    "kl._colsum_kernel": {0: _row_steps},
+    "kl._dec_anchor_kernel": {0: _cluster_tiles},
+}
+
+
+def _pointer_dtype(dtype) -> str:
+    import torch
+
+    return {
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.int32: "i32",
+        torch.int64: "i64",
+    }[dtype]
+
+
+def traced_launch(call: trace.TritonLaunch) -> model.Launch:
+    """A recorded Triton launch as the model's: the kernel compiled with the launch's
+    constexprs, pointer dtypes, warps and stages (Triton's defaults, 4 and 3, where the launch
+    names none), its loops counted by `SEPARATE_LOOPS`."""
+    import torch
+
+    jit = call.kernel
+    name = f"{jit.fn.__module__.rsplit('.', 1)[-1]}.{jit.fn.__name__}"
+    if name not in SEPARATE_LOOPS:
+        raise ValueError(f"{name}: its loops are not in SEPARATE_LOOPS")
+    loops = SEPARATE_LOOPS[name]
+    constexprs = {
+        jit.arg_names[i]: call.args[jit.arg_names[i]]
+        for i in jit.constexprs
+        if jit.arg_names[i] in call.args
+    }
+    pointers = {k: _pointer_dtype(v) for k, v in call.args.items() if isinstance(v, torch.dtype)}
+    floats = tuple(k for k, v in call.args.items() if isinstance(v, float) and k not in constexprs)
+    warps, stages = call.args.get("num_warps", 4), call.args.get("num_stages", 3)
+    key = (name, tuple(sorted((k, str(v)) for k, v in {**constexprs, **pointers}.items())))
+    variant = static.Variant(
+        name, "bf16", jit, pointers, constexprs, warps, (), stages, floats=floats
+    )
+    compiled = _compiled((*key, warps, stages), lambda: variant)
+
+    def trips(loop: model.Region) -> int:
+        if loop.depth not in loops:
+            raise ValueError(f"{name}: loop {loop.index} at depth {loop.depth} is not expected")
+        return loops[loop.depth](call.args, call.grid)
+
+    return model.Launch(compiled, math.prod(call.grid), trips)
+
+
+def _separate_total(op: str) -> Callable:
+    """The objective as the separate Triton ops compute it (functional's `separate_parts` and
+    weighted total: NT-Xent, three Student-t assignments on the accumulation dtype and the
+    fused DEC + anchor losses; NT-Xent and the cluster contrast), all weights 1."""
+    import torch
+
+    from fastcluster_cl import kernels  # the ops under their public names
+
+    if op == "anchor_objective":
+
+        def total(z_a, z_b, h0, h_a, h_b, centers):
+            acc = torch.float32
+            q0, q_a, q_b = (
+                kernels.student_t(h.to(acc), centers.to(acc), 1.0) for h in (h0, h_a, h_b)
+            )
+            cluster, anchor = kernels.dec_anchor_losses(q0, q_a, q_b)
+            return 1.0 * kernels.nt_xent(z_a, z_b, 0.5) + 1.0 * cluster + 1.0 * anchor
+
+        return total
+
+    def total(z_a, z_b, logits_a, logits_b):
+        instance = kernels.nt_xent(z_a, z_b, 0.5)
+        return 1.0 * instance + 1.0 * kernels.cc_cluster_loss(logits_a, logits_b, 1.0)
+
+    return total
+
+
+def _host_ops(op: str, shape: dict) -> list[tuple[str, float]]:
+    """The torch ops around the Triton launches of `op`'s fused path (NT-Xent's fast path, a
+    one-pass objective's total), traced on meta tensors: their eager kernels."""
+    from fastcluster_cl import kernels  # the ops under their public names
+
+    if op == "nt_xent":
+        inputs = [_meta_bf16(shape["n"], shape["d"]) for _ in range(2)]
+        return trace.record(lambda a, b: kernels.nt_xent(a, b, 0.5), inputs, triton=True).kernels
+    weights = (1.0, 1.0, 1.0) if op == "anchor_objective" else (1.0, 1.0)
+    fused = getattr(kernels, op)
+
+    def total(*xs):
+        return fused(*xs, 0.5, 1.0, weights)[0]
+
+    return trace.record(total, _objective_inputs(op, shape), triton=True).kernels
+
+
+def separate_launches(op: str, shape: dict) -> tuple[list[model.Launch], list[tuple[str, float]]]:
+    """(the Triton launches, the torch ops around them) of one forward + backward of `op` on the
+    separate Triton ops, traced on meta tensors (`trace.record`)."""
+    recorded = trace.record(_separate_total(op), _objective_inputs(op, shape), triton=True)
+    return [traced_launch(call) for call in recorded.launches], recorded.kernels
+
+
+def _predicted(
+    common: dict,
+    path: str,
+    launches: list[model.Launch],
+    tiles: int,
+    auto: bool,
+    host: list[tuple[str, float]] = (),
+):
+    """A modelled row: the launches' times plus the torch ops around them (`host`)."""
     t = _sum_launches(launches)
+    host_s = sum(s for _, s in host)
     return dict(
         common,
         path=path,
         runs=True,
         modelled=True,
-        predicted_us_low=t["low"] * 1e6,
-        predicted_us_high=t["high"] * 1e6,
+        predicted_us_low=(t["low"] + host_s) * 1e6,
+        predicted_us_high=(t["high"] + host_s) * 1e6,
         tiles=tiles,
         sm_fill=t["sm_fill"],
-        limit=t["limit"],
+        limit=t["limit"] if host_s < t["low"] else f"the {len(host)} torch ops around the kernels",
         spill_bytes=t["spill_bytes"],
         auto=auto,
     )
 
 
 def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
-    """The eager reference and the one-pass Triton kernels modelled; the separate Triton ops
-    and the CUDA twin say whether they run the shape (the model does not read their kernels
-    yet)."""
+    """The eager reference, the one-pass Triton kernels and the separate Triton ops modelled
+    (the separate ops with the torch ops around their kernels); the CUDA twin says whether it
+    runs the shape (the model does not read its kernels yet)."""
     rows = []
     for shape in shapes:
         try:
@@ -739,18 +760,17 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
                 if op == "cc_objective"
                 else anchor_onepass_launches(n, d, shape["f"], k)
             )
-            rows.append(_predicted(common, "triton-onepass", launches, tiles, auto=True))
+            host = _host_ops(op, shape)
+            rows.append(_predicted(common, "triton-onepass", launches, tiles, True, host))
         else:
             rows.append(_not_modelled(common, "triton-onepass", onepass, "", auto=False))
-        rows.append(
-            _not_modelled(
-                common,
-                "triton-separate",
-                separate,
-                "runs; its kernels are not read by the model yet",
-                auto=onepass is not None and separate is None,
-            )
-        )
+        separate_auto = onepass is not None and separate is None
+        if separate is None:
+            launches, host = separate_launches(op, shape)
+            tiles = sum(launch.mma_bodies() for launch in launches)
+            rows.append(_predicted(common, "triton-separate", launches, tiles, separate_auto, host))
+        else:
+            rows.append(_not_modelled(common, "triton-separate", separate, "", auto=False))
         rows.append(
             _not_modelled(
                 common, "cuda", None, "the CUDA twin's SASS is not read by the model yet", False
@@ -822,7 +842,12 @@ def source_hash() -> str:
     import importlib.util
 
     kernels = Path(importlib.util.find_spec("fastcluster_cl.kernels").origin).parent  # not imported
-    files = sorted(kernels.rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py"))
+    backends = Path(__file__).parents[1] / "backends"  # the reference and the traced host code
+    files = (
+        sorted(kernels.rglob("*.py"))
+        + sorted(backends.rglob("*.py"))
+        + sorted(Path(__file__).parent.glob("*.py"))
+    )
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())

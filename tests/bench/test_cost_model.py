@@ -222,9 +222,9 @@ def test_partial_loops_split_the_partials_between_unrolled_body_and_remainder():
 
 
 def test_objective_rows_cover_the_issue_shapes():
-    """Every path and shape of the objectives' table is a row: the one-pass kernels predicted
-    where they run, refused with the reason where they cannot, and the eager reference refused
-    where one of its tensors alone exceeds the GPU's memory."""
+    """Every path and shape of the objectives' table is a row: the one-pass kernels and the
+    separate ops predicted where they run, refused with the reason where they cannot, and the
+    eager reference refused where one of its tensors alone exceeds the GPU's memory."""
     rows = [r for r in json.loads(STORED.read_text())[1:] if r.get("op", "").endswith("objective")]
     shapes = {
         "anchor_objective": len(paths.ANCHOR_SHAPES),
@@ -241,9 +241,67 @@ def test_objective_rows_cover_the_issue_shapes():
         )
         assert r["runs"] == fits and (r["predicted_us_low"] is not None) == fits, r
         assert fits or "at most" in r["reason"]
+    for r in (r for r in rows if r["path"] == "triton-separate"):
+        fits = r["op"] != "cc_objective" or r["shape"]["k"] <= 64
+        assert r["runs"] == fits and (r.get("predicted_us_low") is not None) == fits, r
     huge = next(
         r
         for r in rows
         if r["path"] == "eager" and r["shape"] == dict(n=32768, d=128, f=2048, k=1000, dtype="bf16")
     )
     assert not huge["runs"] and huge["reason"].startswith("out of memory")
+
+
+def test_separate_ops_are_traced_with_their_launches_and_host_ops():
+    """The separate cc path on meta tensors: each Triton launch recorded with its grid (the
+    statistics' persistent programs: min(ceil(N / 32), 128)) and every kernel's loops known to
+    the model; the torch ops around the kernels (the K-sized epilogue, the autograd glue)
+    recorded beside them."""
+    import torch
+
+    from fastcluster_cl.bench import trace
+
+    n, d, k = 5000, 128, 10
+    inputs = [torch.empty(n, c, dtype=torch.bfloat16, device="meta") for c in (d, d, k, k)]
+    recorded = trace.record(paths._separate_total("cc_objective"), inputs, triton=True)
+    names = [
+        f"{c.kernel.fn.__module__.rsplit('.', 1)[-1]}.{c.kernel.fn.__name__}"
+        for c in recorded.launches
+    ]
+    assert sorted(names) == sorted(
+        [
+            "nt_xent._scale_rows_kernel",
+            "nt_xent._lse_fwd_kernel",
+            "nt_xent._grad_kernel",
+            "cc_cluster._stats_kernel",
+            "cc_cluster._grad_kernel",
+        ]
+    )
+    assert all(name in paths.SEPARATE_LOOPS for name in names)
+    stats = recorded.launches[names.index("cc_cluster._stats_kernel")]
+    assert stats.grid == (128,) and stats.args["n"] == n
+    assert paths.SEPARATE_LOOPS["cc_cluster._stats_kernel"][0](stats.args, stats.grid) == 2
+    assert len(recorded.kernels) > 20  # the epilogue and the autograd glue launch kernels too
+
+
+def test_a_kernel_whose_loops_are_unread_is_refused():
+    from fastcluster_cl.bench import trace
+
+    kl = static_report.kernel_module("kl")
+    call = trace.TritonLaunch(kl._dec_kernel, (4,), {"n": 128, "K": 10})
+    with pytest.raises(ValueError, match="not in SEPARATE_LOOPS"):
+        paths.traced_launch(call)
+
+
+def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
+    """One program per SM whose straight code loads 64 KiB around a 1000-clock loop: the high
+    end adds the global latency and 64 KiB at the SM's share of L2 bandwidth; the low end
+    (everything overlapped) does not."""
+    edge = model.Region(-1, 0, False, False, None, {u: 0 for u in model.UNITS}, 65536)
+    body = model.Region(0, 1, True, False, 0, dict({u: 0 for u in model.UNITS}, tensor=10), 0)
+    compiled = model.Compiled("edges", 4, 32, 0, 0, 1, [edge, body])
+    p = model.Launch(compiled, model.SMS, lambda loop: 100).predict()
+    l2 = model.SMS * 65536 / model.L2_BYTES_PER_S
+    assert p["low_s"] == pytest.approx(model.LAUNCH_S + max(1000 / model.CLOCK_HZ, l2))
+    serial = 1000 + model.MEMORY_LATENCY_CLOCKS + 65536 / model.L2_BYTES_PER_SM_CLOCK
+    assert p["high_s"] == pytest.approx(model.LAUNCH_S + serial / model.CLOCK_HZ)
