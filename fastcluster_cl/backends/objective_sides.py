@@ -182,7 +182,9 @@ def _cc_side_backward(
     norm: torch.Tensor,
     prob: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring)."""
+    """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring): the
+    two halves of one (2, N, K) buffer in the logits' dtype (a leaf's .grad then shares that
+    storage with the other's; each stays contiguous)."""
     n, k = logits_a.shape
     g = grad.to(q.dtype)
     # (W + W^T) xn with W = g (P - [positive]) / 2K: the positive of column j is j +- K

@@ -674,13 +674,13 @@ def _separate_total(op: str) -> Callable:
                 kernels.student_t(h.to(acc), centers.to(acc), 1.0) for h in (h0, h_a, h_b)
             )
             cluster, anchor = kernels.dec_anchor_losses(q0, q_a, q_b)
-            return 1.0 * kernels.nt_xent(z_a, z_b, 0.5) + 1.0 * cluster + 1.0 * anchor
+            return sum(1.0 * part for part in (kernels.nt_xent(z_a, z_b, 0.5), cluster, anchor))
 
         return total
 
     def total(z_a, z_b, logits_a, logits_b):
-        instance = kernels.nt_xent(z_a, z_b, 0.5)
-        return 1.0 * instance + 1.0 * kernels.cc_cluster_loss(logits_a, logits_b, 1.0)
+        parts = (kernels.nt_xent(z_a, z_b, 0.5), kernels.cc_cluster_loss(logits_a, logits_b, 1.0))
+        return sum(1.0 * part for part in parts)
 
     return total
 
@@ -842,10 +842,12 @@ def source_hash() -> str:
     import importlib.util
 
     kernels = Path(importlib.util.find_spec("fastcluster_cl.kernels").origin).parent  # not imported
-    backends = Path(__file__).parents[1] / "backends"  # the reference and the traced host code
+    backends = Path(__file__).parents[1] / "backends"  # what the eager and separate rows trace
+    traced = [backends / "reference.py", backends / "numerics.py"]
     files = (
         sorted(kernels.rglob("*.py"))
-        + sorted(backends.rglob("*.py"))
+        + traced
+        + sorted((backends / "autograd").glob("*.py"))
         + sorted(Path(__file__).parent.glob("*.py"))
     )
     digest = hashlib.sha256()
@@ -868,6 +870,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("the kernels must be compiled, not interpreted: unset TRITON_INTERPRET")
+    if os.environ.get("FASTCLUSTER_CL_SYMMETRIC"):
+        parser.error(
+            "the model reads the row-parallel NT-Xent kernels: unset FASTCLUSTER_CL_SYMMETRIC"
+        )
     shapes = json.loads(args.shapes.read_text()) if args.shapes else NT_XENT_SHAPES
     rows = calibration_rows() + nt_xent_rows(shapes)
     if not args.shapes:

@@ -74,6 +74,10 @@ def _tensor_bytes(values) -> int:
     return total
 
 
+def _flat(out) -> list:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def _free(live: list, nbytes: int) -> None:
     live[0] -= nbytes
 
@@ -125,7 +129,7 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
         """Count the op's fresh output tensors (not views or in-place results) while alive."""
         if getattr(func, "is_view", False) or str(func).split(".")[1].endswith("_"):
             return
-        for t in out if isinstance(out, (list, tuple)) else [out]:
+        for t in _flat(out):
             if isinstance(t, torch.Tensor):
                 nbytes = t.numel() * t.element_size()
                 live[0] += nbytes
@@ -143,9 +147,18 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if triton and func.namespace == OPS_NAMESPACE:
+                opdef = custom_ops._maybe_get_opdef(func._schema.name)
+                if opdef is None:
+                    raise ValueError(f"{func}: not a torch.library.custom_op, its body is unknown")
                 with self:  # the op's own host code, its torch ops recorded too
-                    return custom_ops._maybe_get_opdef(func._schema.name)._init_fn(*args, **kwargs)
+                    return opdef._init_fn(*args, **kwargs)
+            with self:  # a composite op (matmul, reshape, to, ...) as the kernels it runs
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
             out = func(*args, **kwargs)
+            if not any(isinstance(t, torch.Tensor) for t in _flat(out)):
+                return out  # a dtype, a shape: no kernel
             allocate(out, func)
             if func in gemms:
                 a, b = (
