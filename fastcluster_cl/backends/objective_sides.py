@@ -181,10 +181,10 @@ def _cc_side_backward(
     xn: torch.Tensor,
     norm: torch.Tensor,
     prob: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dlogits_a, dlogits_b) from the incoming gradient of the loss (module docstring): the
-    two halves of one (2, N, K) buffer in the logits' dtype (a leaf's .grad then shares that
-    storage with the other's; each stays contiguous)."""
+) -> torch.Tensor:
+    """[dlogits_a; dlogits_b] (2, N, K) in the logits' dtype from the incoming gradient of the
+    loss (module docstring): one buffer, each gradient a contiguous half of it (a leaf's .grad
+    then shares that storage with the other's)."""
     n, k = logits_a.shape
     g = grad.to(q.dtype)
     # (W + W^T) xn with W = g (P - [positive]) / 2K: the positive of column j is j +- K
@@ -194,42 +194,25 @@ def _cc_side_backward(
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (g / n)
     dq = dxn.addcmul_(xn, radial, value=-1.0).div_(norm).add_(entropy).view(n, 2, k)
     q3 = q.view(n, 2, k)
-    # the softmax's backward, written as [dlogits_a; dlogits_b] (2, N, K): one buffer, each
-    # gradient contiguous in it
-    dl = logits_a.new_empty(2, n, k)
+    dl = logits_a.new_empty(2, n, k)  # the softmax's backward, written view-major
     torch.mul(dq.sub_(torch.linalg.vecdot(q3, dq).unsqueeze(-1)), q3, out=dl.permute(1, 0, 2))
-    return dl[0], dl[1]
-
-
-def _cc_side_backward_op(
-    logits_a: torch.Tensor,
-    logits_b: torch.Tensor,
-    temperature: float,
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    xn: torch.Tensor,
-    norm: torch.Tensor,
-    prob: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_cc_side_backward` with the two gradients in two buffers, as a custom op's outputs must
-    be."""
-    da, db = _cc_side_backward(logits_a, logits_b, temperature, grad, q, xn, norm, prob)
-    return da, db.clone()
+    return dl
 
 
 cc_side_backward = torch.library.custom_op(
-    "fastcluster_cl::cc_side_bwd", _cc_side_backward_op, mutates_args=()
+    "fastcluster_cl::cc_side_bwd", _cc_side_backward, mutates_args=()
 )
 
 
 @cc_side_backward.register_fake
 def _(logits_a, logits_b, temperature, grad, q, xn, norm, prob):
-    return torch.empty_like(logits_a), torch.empty_like(logits_b)
+    return logits_a.new_empty(2, *logits_a.shape)
 
 
 # Each side: (forward op, its function, backward op, its function). The forward takes the
 # tensors, then the floats, and returns (value, *state); the backward takes the same arguments,
-# the value's gradient and the state, and returns one gradient per tensor argument.
+# the value's gradient and the state, and returns one gradient per tensor argument (or, all of
+# one shape, stacked along dim 0: cc's two logit gradients in one buffer).
 _SIDES = {
     "anchor": (
         anchor_side_forward,
@@ -249,8 +232,10 @@ def _run_side(side: str, compiling: bool, args):
 
 
 def _side_grads(side: str, compiling: bool, inputs, floats, grad, state):
+    """One gradient per tensor argument (a backward may return them stacked along dim 0)."""
     _, _, backward_op, backward = _SIDES[side]
-    return (backward_op if compiling else backward)(*inputs, *floats, grad, *state)
+    grads = (backward_op if compiling else backward)(*inputs, *floats, grad, *state)
+    return grads.unbind(0) if isinstance(grads, torch.Tensor) else grads
 
 
 def _split_args(args) -> tuple[list, tuple]:
