@@ -364,20 +364,24 @@ def _objective_inputs(op: str, shape: dict) -> list:
     return [_meta_bf16(n, d), _meta_bf16(n, d), _meta_bf16(n, k), _meta_bf16(n, k)]
 
 
+def _objective_total(ops, op: str) -> Callable:
+    """The total of `op` as `ops` computes it in one call (the torch reference, or the Triton
+    kernels' one-pass objective): temperatures 0.5 and 1, every part's weight 1."""
+    weights = (1.0, 1.0, 1.0) if op == "anchor_objective" else (1.0, 1.0)
+    objective = getattr(ops, op)
+
+    def total(*xs):
+        return objective(*xs, 0.5, 1.0, weights)[0]
+
+    return total
+
+
 def eager_objective_seconds(op: str, shape: dict) -> float:
     """The torch reference of the whole objective (forward + backward of its total) as its
     own kernels (`eager_kernels`)."""
     from ..backends import reference
 
-    if op == "anchor_objective":
-
-        def total(*xs):
-            return reference.anchor_objective(*xs, 0.5, 1.0, (1.0, 1.0, 1.0))[0]
-    else:
-
-        def total(*xs):
-            return reference.cc_objective(*xs, 0.5, 1.0, (1.0, 1.0))[0]
-
+    total = _objective_total(reference, op)
     return sum(s for _, s in eager_kernels(total, _objective_inputs(op, shape)))
 
 
@@ -693,12 +697,7 @@ def _host_ops(op: str, shape: dict) -> list[tuple[str, float]]:
     if op == "nt_xent":
         inputs = [_meta_bf16(shape["n"], shape["d"]) for _ in range(2)]
         return trace.record(lambda a, b: kernels.nt_xent(a, b, 0.5), inputs, triton=True).kernels
-    weights = (1.0, 1.0, 1.0) if op == "anchor_objective" else (1.0, 1.0)
-    fused = getattr(kernels, op)
-
-    def total(*xs):
-        return fused(*xs, 0.5, 1.0, weights)[0]
-
+    total = _objective_total(kernels, op)
     return trace.record(total, _objective_inputs(op, shape), triton=True).kernels
 
 
