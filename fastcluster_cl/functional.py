@@ -445,13 +445,17 @@ def _objective(
     fused: bool,
 ) -> LossOutput:
     """The backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
-    it, the call is a single-process mean and the backend's `op`_fits (if any) accepts the
-    inputs (the kernels' size limits); else `separate_parts()` (the parts from the separate
-    ops) weighted here. Both compute the same function."""
+    it, the call is a single-process mean, the backend's `op`_fits (if any) accepts the
+    inputs (the kernels' size limits) and, for "auto", the backend does not run it slower than
+    its separate ops (`dispatch.auto_takes_one_pass`); else `separate_parts()` (the parts from
+    the separate ops) weighted here. Both compute the same function."""
     weights = _part_weights(names, weights)
     one_pass = (
         implementation(op, backend, device, required=False)
-        if fused and not gather and reduction == "mean"
+        if fused
+        and not gather
+        and reduction == "mean"
+        and dispatch.auto_takes_one_pass(op, backend, device)
         else None
     )
     fits = one_pass and implementation(f"{op}_fits", backend, device, required=False)
@@ -496,8 +500,9 @@ def anchor_objective(
     column sums in one row-parallel launch plus a small epilogue, and the gradients of z, h and
     the centers in one row-parallel launch plus a small reduction; no (N, K) assignment is kept
     for the backward. Other backends, gather_distributed over several ranks, reduction !=
-    "mean" and inputs beyond the one-pass kernels' limits (e.g. triton: D, F <= 512,
-    K <= 1024) run the separate ops (same values).
+    "mean", inputs beyond the one-pass kernels' limits (e.g. triton: D, F <= 512,
+    K <= 1024) and backend="auto" on a GPU (the Triton one-pass kernels are predicted slower
+    there) run the separate ops (same values).
 
     Args:
         z_a, z_b: (N, D) projections of the two augmented views, N >= 2.

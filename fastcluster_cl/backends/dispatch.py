@@ -4,7 +4,8 @@ signatures of `fastcluster_cl.backends.reference`. A backend may define
 ``unavailable_reason(device) -> str | None`` to refuse devices it cannot run on. Asking a backend
 for an op it lacks, or for a device it refuses, raises: no silent fallback. "auto" is the one
 choice made for the caller: triton on usable CUDA devices, chunked elsewhere and for inputs the
-Triton kernels cannot hold (`backend_for`); both compute the same function.
+Triton kernels cannot hold (`backend_for`), and the separate ops where a backend declares its
+one-pass objective the slower path (`auto_takes_one_pass`); all compute the same function.
 """
 
 from __future__ import annotations
@@ -105,3 +106,12 @@ def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Ten
         return "chunked"
     fits = implementation(f"{op}_fits", backend, device, required=False)
     return "chunked" if fits is not None and not fits(*tensors) else backend
+
+
+def auto_takes_one_pass(op: str, backend: str, device: torch.device) -> bool:
+    """False where "auto" resolves to a backend whose ``AUTO_SEPARATE`` names `op`: a one-pass
+    objective that backend runs slower than its separate ops, so auto takes those (the same
+    function). An explicit backend keeps its one-pass path."""
+    if backend != "auto":
+        return True
+    return op not in getattr(_backend_module(resolve(backend, device)), "AUTO_SEPARATE", ())

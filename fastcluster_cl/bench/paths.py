@@ -4,12 +4,14 @@ at, and the calibration against published measurements (`python -m fastcluster_c
 
 Paths: "triton" (NT-Xent's fused fast path: prologue, row-parallel forward, row-parallel
 backward); "triton-onepass" (the one-pass objectives); "triton-separate" (an objective as the
-separate Triton ops, traced on meta tensors with their host code: each recorded launch is
-compiled and its loops counted by `SEPARATE_LOOPS`, the torch ops around the launches costed
-as the eager ones); and "eager": the torch reference as its own kernels, recorded on meta
-tensors (`trace.record`): matrix products at a cuBLAS-class rate (`model.gemm_seconds`), every
-other op that makes a kernel at HBM bandwidth over the bytes it reads and writes
-(`model.memory_seconds`), each with a launch. Shapes a path cannot run are rows saying why.
+separate ops as backend="auto" runs them, traced on meta tensors with their host code: the
+Triton kernels, and the chunked backend's op where the inputs exceed a kernel's limits (the
+row's `chunked_ops`); each recorded launch is compiled and its loops counted by
+`SEPARATE_LOOPS`, the torch ops around the launches costed as the eager ones); and "eager":
+the torch reference as its own kernels, recorded on meta tensors (`trace.record`): matrix
+products at a cuBLAS-class rate (`model.gemm_seconds`), every other op that makes a kernel at
+HBM bandwidth over the bytes it reads and writes (`model.memory_seconds`), each with a launch.
+Shapes a path cannot run are rows saying why.
 """
 
 from __future__ import annotations
@@ -400,20 +402,6 @@ def triton_onepass_refusal(op: str, shape: dict) -> str | None:
     return None
 
 
-def triton_separate_refusal(op: str, shape: dict) -> str | None:
-    """Why the separate Triton ops cannot take the shape, or None."""
-    cc_cluster, student_t = static.kernel_module("cc_cluster"), static.kernel_module("student_t")
-    if op == "cc_objective" and shape["k"] > cc_cluster.MAX_CLUSTERS:
-        return (
-            f"K = {shape['k']}: the Triton cc_cluster_loss takes at most "
-            f"{cc_cluster.MAX_CLUSTERS} clusters (auto runs the chunked one on the GPU, not "
-            "modelled)"
-        )
-    if op == "anchor_objective" and shape["k"] > student_t.MAX_CENTERS:
-        return f"K = {shape['k']}: the Triton student_t takes at most {student_t.MAX_CENTERS}"
-    return None
-
-
 def _not_modelled(common: dict, path: str, refusal: str | None, why: str, auto: bool) -> dict:
     """A row for a path the model does not read yet: whether it runs, and why no number."""
     return dict(
@@ -662,28 +650,58 @@ def traced_launch(call: trace.TritonLaunch) -> model.Launch:
     return model.Launch(compiled, math.prod(call.grid), trips)
 
 
-def _separate_total(op: str) -> Callable:
-    """The objective as the separate Triton ops compute it (functional's `separate_parts` and
-    weighted total: NT-Xent, three Student-t assignments on the accumulation dtype and the
-    fused DEC + anchor losses; NT-Xent and the cluster contrast), all weights 1."""
-    import torch
-
+def _auto_op(name: str, *inputs):
+    """The separate op `name` as backend="auto" runs it on a GPU (`dispatch.backend_for`): the
+    Triton kernel where its `name`_fits takes the inputs, else the chunked backend's."""
     from fastcluster_cl import kernels  # the ops under their public names
+    from fastcluster_cl.backends import chunked
+
+    fits = getattr(kernels, f"{name}_fits", None)
+    return getattr(kernels if fits is None or fits(*inputs) else chunked, name)
+
+
+def chunked_ops(op: str, shape: dict) -> list[str]:
+    """The separate ops of `op` that auto runs on the chunked backend at `shape` (inputs beyond
+    the Triton kernels' limits, `_auto_op`)."""
+    from fastcluster_cl import kernels
+
+    n, z = shape["n"], _meta_bf16(shape["n"], shape["d"])
+    checks = [("nt_xent", (z, z))]
+    if op == "anchor_objective":
+        q, centers = _meta_bf16(n, shape["k"]), _meta_bf16(shape["k"], shape["f"])
+        checks.append(("student_t", (_meta_bf16(n, shape["f"]), centers)))
+        checks.append(("dec_anchor_losses", (q, q, q)))
+    else:
+        checks.append(("cc_cluster_loss", (_meta_bf16(n, shape["k"]),) * 2))
+    return [name for name, xs in checks if not getattr(kernels, f"{name}_fits")(*xs)]
+
+
+def _separate_total(op: str) -> Callable:
+    """The objective as backend="auto" computes it from the separate ops (functional's
+    `separate_parts` and weighted total, each op on Triton or, beyond its kernel's limits, on
+    the chunked backend: `_auto_op`): NT-Xent, three Student-t assignments on the accumulation
+    dtype and the fused DEC + anchor losses; NT-Xent and the cluster contrast. All weights 1."""
+    import torch
 
     if op == "anchor_objective":
 
         def total(z_a, z_b, h0, h_a, h_b, centers):
             acc = torch.float32
             q0, q_a, q_b = (
-                kernels.student_t(h.to(acc), centers.to(acc), 1.0) for h in (h0, h_a, h_b)
+                _auto_op("student_t", h, centers)(h.to(acc), centers.to(acc), 1.0)
+                for h in (h0, h_a, h_b)
             )
-            cluster, anchor = kernels.dec_anchor_losses(q0, q_a, q_b)
-            return sum(1.0 * part for part in (kernels.nt_xent(z_a, z_b, 0.5), cluster, anchor))
+            cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
+            instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)
+            return sum(1.0 * part for part in (instance, cluster, anchor))
 
         return total
 
     def total(z_a, z_b, logits_a, logits_b):
-        parts = (kernels.nt_xent(z_a, z_b, 0.5), kernels.cc_cluster_loss(logits_a, logits_b, 1.0))
+        parts = (
+            _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5),
+            _auto_op("cc_cluster_loss", logits_a, logits_b)(logits_a, logits_b, 1.0),
+        )
         return sum(1.0 * part for part in parts)
 
     return total
@@ -735,9 +753,13 @@ def _predicted(
 
 
 def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
-    """The eager reference, the one-pass Triton kernels and the separate Triton ops modelled
-    (the separate ops with the torch ops around their kernels); the CUDA twin says whether it
-    runs the shape (the model does not read its kernels yet)."""
+    """The eager reference, the one-pass Triton kernels and the separate ops modelled (with
+    the torch ops around their kernels); `auto` marks the path backend="auto" takes: the
+    one-pass kernels where they take the shape and the op is not in `kernels.AUTO_SEPARATE`,
+    else the separate ops. The CUDA twin says whether it runs the shape (the model does not
+    read its kernels yet)."""
+    from fastcluster_cl import kernels
+
     rows = []
     for shape in shapes:
         try:
@@ -751,7 +773,7 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
             "eager_us": eager,
         }
         onepass = triton_onepass_refusal(op, shape)
-        separate = triton_separate_refusal(op, shape)
+        onepass_auto = onepass is None and op not in kernels.AUTO_SEPARATE
         if onepass is None:
             n, d, k = shape["n"], shape["d"], shape["k"]
             launches, tiles = (
@@ -760,16 +782,13 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
                 else anchor_onepass_launches(n, d, shape["f"], k)
             )
             host = _host_ops(op, shape)
-            rows.append(_predicted(common, "triton-onepass", launches, tiles, True, host))
+            rows.append(_predicted(common, "triton-onepass", launches, tiles, onepass_auto, host))
         else:
             rows.append(_not_modelled(common, "triton-onepass", onepass, "", auto=False))
-        separate_auto = onepass is not None and separate is None
-        if separate is None:
-            launches, host = separate_launches(op, shape)
-            tiles = sum(launch.mma_bodies() for launch in launches)
-            rows.append(_predicted(common, "triton-separate", launches, tiles, separate_auto, host))
-        else:
-            rows.append(_not_modelled(common, "triton-separate", separate, "", auto=False))
+        launches, host = separate_launches(op, shape)
+        tiles = sum(launch.mma_bodies() for launch in launches)
+        separate = _predicted(common, "triton-separate", launches, tiles, not onepass_auto, host)
+        rows.append(dict(separate, chunked_ops=chunked_ops(op, shape)))
         rows.append(
             _not_modelled(
                 common, "cuda", None, "the CUDA twin's SASS is not read by the model yet", False

@@ -501,6 +501,30 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
         fc.nt_xent(wide, wide, backend="triton")
 
 
+def test_auto_runs_the_anchor_objective_on_the_separate_ops(monkeypatch):
+    """backend="auto" where it means triton (faked here) takes the separate ops for the anchor
+    objective (kernels.AUTO_SEPARATE: predicted faster), the same loss; an explicit
+    backend="triton" keeps the one-pass kernels; cc keeps its one-pass kernels under auto."""
+    calls = []
+    for op in ("anchor_objective", "cc_objective"):
+        one_pass = getattr(kernels, op)
+        spy = lambda *a, _f=one_pass, _op=op: calls.append(_op) or _f(*a)  # noqa: E731
+        monkeypatch.setattr(kernels, op, spy)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    z_a, z_b = correlated_views(12, 8, seed=60)
+    h0, h_a, h_b = (randn(12, 6, seed=s) for s in (61, 62, 63))
+    mu = randn(5, 6, seed=64)
+    auto = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu).total
+    assert calls == []
+    explicit = fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton").total
+    assert calls == ["anchor_objective"]
+    torch.testing.assert_close(auto, explicit, rtol=1e-10, atol=1e-12)
+    logits = randn(12, 5, seed=65), randn(12, 5, seed=66)
+    fc.cc_objective(z_a, z_b, *logits)
+    assert calls == ["anchor_objective", "cc_objective"]
+
+
 def test_limits_and_tf32_follow_torch():
     from fastcluster_cl.kernels._common import dot_precision
 

@@ -222,9 +222,11 @@ def test_partial_loops_split_the_partials_between_unrolled_body_and_remainder():
 
 
 def test_objective_rows_cover_the_issue_shapes():
-    """Every path and shape of the objectives' table is a row: the one-pass kernels and the
-    separate ops predicted where they run, refused with the reason where they cannot, and the
-    eager reference refused where one of its tensors alone exceeds the GPU's memory."""
+    """Every path and shape of the objectives' table is a row: the one-pass kernels predicted
+    where they run, refused with the reason where they cannot; the separate ops as auto runs
+    them everywhere (cc's cluster contrast on chunked beyond K = 64); exactly one path marked
+    auto per shape, never the anchor one-pass kernels (`kernels.AUTO_SEPARATE`); the eager
+    reference refused where one of its tensors alone exceeds the GPU's memory."""
     rows = [r for r in json.loads(STORED.read_text())[1:] if r.get("op", "").endswith("objective")]
     shapes = {
         "anchor_objective": len(paths.ANCHOR_SHAPES),
@@ -242,8 +244,15 @@ def test_objective_rows_cover_the_issue_shapes():
         assert r["runs"] == fits and (r["predicted_us_low"] is not None) == fits, r
         assert fits or "at most" in r["reason"]
     for r in (r for r in rows if r["path"] == "triton-separate"):
-        fits = r["op"] != "cc_objective" or r["shape"]["k"] <= 64
-        assert r["runs"] == fits and (r.get("predicted_us_low") is not None) == fits, r
+        wide = r["op"] == "cc_objective" and r["shape"]["k"] > 64
+        assert r["runs"] and r["predicted_us_low"] is not None, r
+        assert r["chunked_ops"] == (["cc_cluster_loss"] if wide else []), r
+    for op in shapes:
+        for shape in {json.dumps(r["shape"]) for r in rows if r["op"] == op}:
+            auto = [r for r in rows if r["op"] == op and json.dumps(r["shape"]) == shape]
+            auto = [r["path"] for r in auto if r["auto"]]
+            onepass_fits = op == "cc_objective" and json.loads(shape)["k"] <= 64
+            assert auto == ["triton-onepass" if onepass_fits else "triton-separate"], shape
     huge = next(
         r
         for r in rows
