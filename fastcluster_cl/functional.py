@@ -38,6 +38,7 @@ from .backends.dispatch import implementation
 from .backends.numerics import accumulation_dtype, outside_autocast, safe_log
 from .validation import (
     check_finite,
+    check_finite_through,
     check_gather_distributed,
     check_matrix,
     check_nt_xent_temperature,
@@ -151,15 +152,19 @@ def nt_xent(
     """
     _check_views(z_a, z_b, min_rows=1)
     temperature = _signed_temperature(temperature, backend, z_a.device)
-    check_finite(("z_a", "z_b"), (z_a, z_b))
-    if _gathering(gather_distributed, reduction):
+    gather = _gathering(gather_distributed, reduction)
+    if gather or z_a.shape[0] == 1:  # gathered: the loss holds every rank's z; N = 1: no z
+        check_finite(("z_a", "z_b"), (z_a, z_b))
+    if gather:
         backend = dispatch.backend_for("nt_xent", backend, z_a.device, z_a, z_b)
         return gathered.nt_xent(z_a, z_b, temperature, backend)
     if z_a.shape[0] == 1:
         return _no_negatives(z_a, z_b, reduction)
-    return _reduced(
+    loss = _reduced(
         "nt_xent", backend, z_a.device, reduction, 2 * z_a.shape[0], z_a, z_b, temperature
     )
+    check_finite_through(loss, ("z_a", "z_b"), (z_a, z_b))
+    return loss
 
 
 def _signed_temperature(temperature: float, backend: str, device: torch.device) -> float:
@@ -444,12 +449,16 @@ def _objective(
     reduction: str,
     fused: bool,
 ) -> LossOutput:
-    """The backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
+    """`op` on inputs `args` = (z_a, z_b, ...), the other inputs checked finite by the caller:
+    the backend's one-pass `op` (a vector [total, *parts]) where it has one, `fused` asks for
     it, the call is a single-process mean, the backend's `op`_fits (if any) accepts the
     inputs (the kernels' size limits) and, for "auto", the backend does not run it slower than
     its separate ops (`dispatch.auto_takes_one_pass`); else `separate_parts()` (the parts from
     the separate ops) weighted here. Both compute the same function."""
     weights = _part_weights(names, weights)
+    z = args[:2]
+    if gather:  # else read from the instance part (`check_finite_through`)
+        check_finite(("z_a", "z_b"), z)
     one_pass = (
         implementation(op, backend, device, required=False)
         if fused
@@ -462,9 +471,13 @@ def _objective(
     if fits and not fits(*(x for x in args if isinstance(x, torch.Tensor))):
         one_pass = None
     if one_pass is None:
-        return weighted_total(separate_parts(), weights, reduction)
-    out = one_pass(*args, tuple(float(weights[name]) for name in names))
-    return LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
+        result = weighted_total(separate_parts(), weights, reduction)
+    else:
+        out = one_pass(*args, tuple(float(weights[name]) for name in names))
+        result = LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
+    if not gather:
+        check_finite_through(result.parts["instance"], ("z_a", "z_b"), z)
+    return result
 
 
 ANCHOR_PARTS = ("instance", "cluster", "anchor")
@@ -536,7 +549,7 @@ def anchor_objective(
         )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     alpha = check_positive("alpha", alpha)
-    check_finite(("z_a", "z_b", *feats, "centers"), (z_a, z_b, h0, h_a, h_b, centers))
+    check_finite((*feats, "centers"), (h0, h_a, h_b, centers))
     gather = _gathering(gather_distributed, reduction)
 
     def separate_parts():
@@ -611,7 +624,7 @@ def cc_objective(
         )
     instance_temperature = check_positive("instance_temperature", instance_temperature)
     cluster_temperature = check_positive("cluster_temperature", cluster_temperature)
-    check_finite(("z_a", "z_b", "logits_a", "logits_b"), (z_a, z_b, logits_a, logits_b))
+    check_finite(("logits_a", "logits_b"), (logits_a, logits_b))
     gather = _gathering(gather_distributed, reduction)
 
     def separate_parts():

@@ -134,6 +134,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     values overflows. Other devices, some without float64, keep isfinite (no host read)."""
     if t.dtype == torch.float64 or not t.is_floating_point() or t.device.type != "cpu":
         return bool(torch.isfinite(t).all())
+    if t.numel() == 1:
+        return math.isfinite(float(t))
     return math.isfinite(float(t.sum(dtype=torch.float32))) or math.isfinite(
         float(t.sum(dtype=torch.float64))
     )
@@ -151,6 +153,21 @@ def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> N
                 f"{name} contains NaN or inf; check the model outputs (a diverged "
                 "step or an fp16 overflow) before the loss"
             )
+
+
+def check_finite_through(
+    result: torch.Tensor, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
+) -> None:
+    """`check_finite(names, tensors)` for inputs that reach every value of `result`, as NT-Xent's
+    z do (each row is normalised, and each row's loss sums over every row): a NaN or inf in
+    them makes `result` non-finite, so one read of `result` replaces a pass over each input;
+    the inputs are read only then, to name the culprit."""
+    if not _value_checks_active(tensors):
+        return
+    with torch.no_grad():
+        if _all_finite(result):
+            return
+    check_finite(names, tensors)
 
 
 def check_probabilities(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:

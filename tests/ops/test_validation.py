@@ -76,6 +76,30 @@ def test_non_finite_inputs_raise(bad):
         fc.cc_cluster_loss(z(), a)
 
 
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_z_is_named_after_the_loss_reads_it(backend, bad):
+    """z's check reads the loss (`check_finite_through`): a NaN or inf in either view still
+    raises naming it, for NT-Xent per row and both objectives; huge finite z (squares
+    overflowing float32) do not raise."""
+    n, k = 6, 3
+    logits, h, mu = torch.randn(n, k), torch.randn(n, 4), torch.randn(k, 4)
+    calls = {
+        "nt_xent": lambda a, b: fc.nt_xent(a, b, backend=backend),
+        "nt_xent rows": lambda a, b: fc.nt_xent(a, b, backend=backend, reduction="none"),
+        "cc_objective": lambda a, b: fc.cc_objective(a, b, logits, logits, backend=backend),
+        "anchor_objective": lambda a, b: fc.anchor_objective(a, b, h, h, h, mu, backend=backend),
+    }
+    for name, call in calls.items():
+        for view in ("z_a", "z_b"):
+            a, b = z(n, 5), z(n, 5)
+            (a if view == "z_a" else b)[2, 1] = bad
+            with pytest.raises(ValueError, match=f"{view} contains NaN or inf"):
+                call(a, b)
+        out = call(z(n, 5) * 1e30, z(n, 5) * 1e30)
+        assert torch.isfinite(out.total if isinstance(out, tuple) else out).all()
+
+
 def test_value_checks_can_be_disabled():
     a = z()
     a[0, 0] = math.nan
