@@ -135,8 +135,7 @@ def _normalize_with_gap(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
         unit = on_cpu and bool(norm.min() > NORM_EPS)
     n = zn.shape[0] // 2
     if unit:
-        diff = zn[:n] - zn[n:]
-        gap = torch.linalg.vecdot(diff, diff).mul_(0.5)
+        gap = torch.linalg.vector_norm(zn[:n] - zn[n:], dim=1).square_().mul_(0.5)
     else:
         gap = reference.positive_gap(zn[:n], norm[:n], zn[n:], norm[n:])
     return zn, norm, torch.cat([gap, gap])
@@ -354,10 +353,10 @@ def _backward(
     if e.numel():
         weight = torch.expm1(-row_loss)
         if w.dim() == 0:  # the mean's: every row's weight is grad / 2N, factored out
-            scale, c = w / rows_total, r
+            scale, c = w * (inv_tau / rows_total), r
         else:
             scale, w = nt_xent_autograd.per_row_weights(w, lse.dtype)
-            c = w * r
+            scale, c = scale * inv_tau, w * r
             weight.mul_(w)
         if fixed_shift_safe(inv_tau, e.dtype):
             a = torch.add(c[:, None], c[None, :]).mul_(e)
@@ -370,7 +369,7 @@ def _backward(
         a.diagonal(half).copy_(pair)
         a.diagonal(-half).copy_(pair)
         g = a @ zn
-        return l2_normalize_backward(zn, norm, g, scale * inv_tau).to(z.dtype)
+        return l2_normalize_backward(zn, norm, g, scale).to(z.dtype)
     w = w.expand(rows_total) / rows_total if w.dim() == 0 else w
     zn, norm = l2_normalize(z)
     g = torch.zeros_like(zn)

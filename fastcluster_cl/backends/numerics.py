@@ -46,7 +46,7 @@ def l2_normalize_backward(
     """dL/dz from dL/dzn = scale * g, written into g: project out the radial part where
     ||z|| > eps, then multiply by scale / norm (the caller's constant factor folded into the
     normalisation's, one pass over g fewer)."""
-    radial = torch.where(norm > NORM_EPS, torch.linalg.vecdot(zn, g).unsqueeze(1), 0.0)
+    radial = (zn * g).sum(1, keepdim=True).masked_fill_(norm <= NORM_EPS, 0.0)
     return g.addcmul_(zn, radial, value=-1.0).mul_(scale / norm)
 
 

@@ -189,7 +189,7 @@ def _cc_side_backward(
     g = grad.to(q.dtype)
     # (W + W^T) xn with W = g (P - [positive]) / 2K: the positive of column j is j +- K
     dxn = torch.mm(xn, prob + prob.T).sub_(xn.roll(k, 1), alpha=2.0).mul_(g / (2 * k * temperature))
-    radial = torch.where(norm > NORM_EPS, torch.linalg.vecdot(xn, dxn, dim=0), 0.0)
+    radial = (xn * dxn).sum(0).masked_fill_(norm <= NORM_EPS, 0.0)
     shares = q.mean(0)
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (g / n)
     dq = dxn.addcmul_(xn, radial, value=-1.0).div_(norm).add_(entropy).view(n, 2, k)
@@ -296,9 +296,10 @@ class Objective(torch.autograd.Function):
         ctx.nt_state = len(nt_state)
         ctx.save_for_backward(z_a, z_b, *nt_state, *tensors, *state)
         acc = accumulation_dtype(z_a.dtype)
-        parts = torch.cat([loss.to(acc).reshape(1), value.to(acc).reshape(-1)])
+        loss, value = loss.to(acc), value.to(acc)
+        parts = torch.stack([loss, value]) if value.dim() == 0 else torch.cat([loss[None], value])
         ctx.weights = parts.new_tensor(weights)
-        return torch.cat([(parts @ ctx.weights).reshape(1), parts])
+        return torch.cat([(parts @ ctx.weights)[None], parts])
 
     @staticmethod
     @outside_autocast
