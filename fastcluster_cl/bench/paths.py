@@ -35,11 +35,25 @@ ATTENTION_SOURCE = (
 )
 ATTENTION_PUBLISHED = {1024: 353.0, 2048: 385.0, 4096: 405.0, 8192: 413.0, 16384: 420.0}
 ATTENTION_HEADS = 128 * 8
-MATMUL_SOURCE = (
+_PERSISTENT_MATMUL = (
     "triton-lang/triton pull request 5726 (2025): 09-persistent-matmul.py's matmul_kernel on an "
     "H100, fp16, M = N = 8192, K = 512: 217.5 TFLOP/s (cuBLAS 285.4 in the same run)"
 )
-MATMUL_PUBLISHED = {(8192, 8192, 512): 217.548}
+_TMA_STORE_MATMUL = (
+    "triton-lang/triton issue 2339 (2023): 10-experimental-tma-store-matrix-multiplication.py "
+    "on an H100 with ENABLE_TMA=1 ENABLE_MMA_V3=1 (Triton main of September 2023), fp16, "
+    "M = 2048 (cuBLAS 721.6 TFLOP/s at 2048 x 8192 x 8192 in the same run)"
+)
+# (M, N, K) -> (published TFLOP/s, source). No published H100 figure of a plain Triton tl.dot
+# kernel at a square 4096^3 or 8192^3 was found; these are the large fp16 GEMMs that were.
+MATMUL_PUBLISHED = {
+    (8192, 8192, 512): (217.548, _PERSISTENT_MATMUL),
+    (2048, 512, 512): (77.85, _TMA_STORE_MATMUL),
+    (2048, 1024, 1024): (206.81, _TMA_STORE_MATMUL),
+    (2048, 2048, 2048): (295.15, _TMA_STORE_MATMUL),
+    (2048, 4096, 4096): (346.28, _TMA_STORE_MATMUL),
+    (2048, 8192, 8192): (369.84, _TMA_STORE_MATMUL),
+}
 
 
 def mma_loop(count: int, tile_macs: int) -> model.Trips:
@@ -130,11 +144,11 @@ def calibration_rows() -> list[dict]:
             _calibration_row(attention.name, shape, flops, launch, published, ATTENTION_SOURCE)
         )
     matmul = model.compile_kernel(_matmul_variant())
-    for (m, n, k), published in MATMUL_PUBLISHED.items():
+    for (m, n, k), (published, source) in MATMUL_PUBLISHED.items():
         launch = model.Launch(matmul, (m // 128) * (n // 256), mma_loop(k // 64, 128 * 256 * 64))
         shape = {"m": m, "n": n, "k": k, "dtype": "fp16"}
         rows.append(
-            _calibration_row(matmul.name, shape, 2.0 * m * n * k, launch, published, MATMUL_SOURCE)
+            _calibration_row(matmul.name, shape, 2.0 * m * n * k, launch, published, source)
         )
     return rows
 
