@@ -10,8 +10,10 @@
 #             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
 #   model     the cost model's table measured beside its predictions (model-h100.json): NT-Xent
 #             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch and triton; the cc
-#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64), the
-#             separate Triton ops (where K <= 64) and torch
+#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64; beyond,
+#             the model's "triton-separate" rows predict auto's Triton NT-Xent + chunked cluster
+#             contrast: compare them with the runner's auto), the separate Triton ops (where
+#             K <= 64) and torch
 #             (the anchor rows, D 128 with F 512/2048, need the runner to take F apart from D)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s

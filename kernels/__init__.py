@@ -76,7 +76,8 @@ __all__ = [
 # One-pass objectives that backend="auto" does not take here (`dispatch.auto_takes_one_pass`):
 # it runs the separate ops instead, the same function. The cost model (`python -m
 # fastcluster_cl.bench model`, benchmarks/results/model-h100.json) predicts the one-pass anchor
-# kernels slower than the separate ops at every shape of its table (H100, bf16, high ends:
+# kernels slower than the separate ops at every shape of its table where they run (F = 512;
+# at N = 32768 pairs within the model's error; H100, bf16, high ends:
 # N = 1024, F = 512: 581 against 427 us at K = 10, 2661 against 538 at K = 100, 20797 against
 # 1567 at K = 1000): N / 128 programs fill few SMs and each computes its Student-t distances on
 # the FP32 pipe, twice. backend="triton" still runs them; benchmarks/gpu_check.sh measures both.

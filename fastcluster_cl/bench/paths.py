@@ -875,7 +875,8 @@ def source_hash() -> str:
 
     kernels = Path(importlib.util.find_spec("fastcluster_cl.kernels").origin).parent  # not imported
     backends = Path(__file__).parents[1] / "backends"  # what the eager and separate rows trace
-    traced = [backends / "reference.py", backends / "numerics.py"]
+    traced = [backends / name for name in ("reference.py", "numerics.py", "chunked.py")]
+    traced.append(backends / "objective_sides.py")  # chunked's cluster contrast beyond K = 64
     files = (
         sorted(kernels.rglob("*.py"))
         + traced

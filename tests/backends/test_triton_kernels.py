@@ -525,6 +525,20 @@ def test_auto_runs_the_anchor_objective_on_the_separate_ops(monkeypatch):
     assert calls == ["anchor_objective", "cc_objective"]
 
 
+def test_auto_on_the_cpu_keeps_the_chunked_anchor_objective(monkeypatch):
+    """AUTO_SEPARATE is the Triton backend's: on the CPU auto still runs chunked's one pass."""
+    from fastcluster_cl.backends import chunked
+
+    calls = []
+    one_pass = chunked.anchor_objective
+    monkeypatch.setattr(chunked, "anchor_objective", lambda *a: calls.append(1) or one_pass(*a))
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    z_a, z_b = correlated_views(12, 8, seed=67)
+    h, mu = randn(12, 6, seed=68), randn(5, 6, seed=69)
+    fc.anchor_objective(z_a, z_b, h, h, h, mu)
+    assert calls == [1]
+
+
 def test_limits_and_tf32_follow_torch():
     from fastcluster_cl.kernels._common import dot_precision
 

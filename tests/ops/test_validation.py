@@ -76,21 +76,36 @@ def test_non_finite_inputs_raise(bad):
         fc.cc_cluster_loss(z(), a)
 
 
-@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_z_is_named_after_the_loss_reads_it(backend, bad):
     """z's check reads the loss (`check_finite_through`): a NaN or inf in either view still
-    raises naming it, for NT-Xent per row and both objectives; huge finite z (squares
-    overflowing float32) do not raise."""
+    raises naming it, for NT-Xent per row and both objectives (one pass and separate ops, per
+    row, with the instance part weighted 0, in bf16); huge finite z (squares overflowing
+    float32) do not raise."""
     n, k = 6, 3
     logits, h, mu = torch.randn(n, k), torch.randn(n, 4), torch.randn(k, 4)
+    zero = {"instance": 0.0}
     calls = {
         "nt_xent": lambda a, b: fc.nt_xent(a, b, backend=backend),
         "nt_xent rows": lambda a, b: fc.nt_xent(a, b, backend=backend, reduction="none"),
+        "nt_xent bf16": lambda a, b: fc.nt_xent(a.bfloat16(), b.bfloat16(), backend=backend),
         "cc_objective": lambda a, b: fc.cc_objective(a, b, logits, logits, backend=backend),
+        "cc_objective, instance weight 0": lambda a, b: fc.cc_objective(
+            a, b, logits, logits, backend=backend, weights=zero
+        ),
+        "cc_objective rows": lambda a, b: fc.cc_objective(
+            a, b, logits, logits, backend=backend, reduction="none"
+        ),
         "anchor_objective": lambda a, b: fc.anchor_objective(a, b, h, h, h, mu, backend=backend),
+        "anchor_objective, instance weight 0": lambda a, b: fc.anchor_objective(
+            a, b, h, h, h, mu, backend=backend, weights=zero
+        ),
+        "anchor_objective, separate ops": lambda a, b: fc.anchor_objective(
+            a, b, h, h, h, mu, backend=backend, fused=False
+        ),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         for view in ("z_a", "z_b"):
             a, b = z(n, 5), z(n, 5)
             (a if view == "z_a" else b)[2, 1] = bad
