@@ -457,19 +457,29 @@ def partial_loops(compiled: model.Compiled, parts: int) -> model.Trips:
 
 def cc_onepass_launches(n: int, d: int, k: int) -> tuple[list[model.Launch], int]:
     """(launches, tensor-core tiles) of the cc one-pass objective on bf16 inputs: the row
-    launch (each program's column loop over pairs of column tiles) and its one-program
-    epilogue forward; the cluster-gradient program and the row-parallel gradient launch (two
-    column loops, one per view's rows, over all 2N columns) backward."""
+    launch (each program's column loop over pairs of column tiles, then its loop over slices
+    of rows for the softmax and the Gram) and its one-program epilogue forward; the
+    cluster-gradient program and the row-parallel gradient launch (two column loops, one per
+    view's rows, over all 2N columns, then the logit rows' slices) backward."""
     variants = static.cc_objective_variants(k, d)
     compiled = {name: _compiled(("cc", name, k, d), lambda v=v: v) for name, v in variants.items()}
     fwd, bwd = variants["rows"].block, variants["grad"].block
     rows, grads = math.ceil(n / fwd[0]), math.ceil(n / bwd[0])
     fwd_trips, bwd_trips = math.ceil(n / fwd[1]), math.ceil(2 * n / bwd[1])
+    sub_m = static.kernel_module("objective.cc")._SUB_M.value
     launches = [
-        model.Launch(compiled["rows"], rows, mma_loop(fwd_trips, 4 * math.prod(fwd))),
+        model.Launch(
+            compiled["rows"],
+            rows,
+            _nested_loops(fwd_trips, 4 * math.prod(fwd), {0: fwd[0] // sub_m}),
+        ),
         model.Launch(compiled["epilogue"], 1, partial_loops(compiled["epilogue"], rows)),
         model.Launch(compiled["cluster grad"], 1, partial_loops(compiled["cluster grad"], rows)),
-        model.Launch(compiled["grad"], grads, mma_loop(bwd_trips, 2 * math.prod(bwd))),
+        model.Launch(
+            compiled["grad"],
+            grads,
+            _nested_loops(bwd_trips, 2 * math.prod(bwd), {0: bwd[0] // sub_m}),
+        ),
     ]
     return launches, rows * fwd_trips + grads * 2 * bwd_trips
 

@@ -818,11 +818,9 @@ def _objective_variants() -> list[Variant]:
     for k in (10, 100):
         anchor = anchor_objective_variants(k)
         out += [anchor["rows"], anchor["grad"], anchor["epilogue"]]
-    cc = cc_objective_variants(10)
-    out += [cc["rows"], cc["grad"]]
-    for k in (10, cc_k._CC_MAX_CLUSTERS):
+    for k in (10, 20, cc_k._CC_MAX_CLUSTERS):  # 16-, 32- and 64-wide cluster tiles
         cc = cc_objective_variants(k)
-        out += [cc["epilogue"], cc["cluster grad"]]
+        out += [cc["rows"], cc["grad"]] + ([cc["epilogue"], cc["cluster grad"]] if k != 20 else [])
     return out + [anchor["sum partials"]]
 
 

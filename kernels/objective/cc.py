@@ -42,6 +42,7 @@ from .instance import (
 )
 
 _SMALL_WARPS = 8  # the one-program cc launches (no spills at K = 64 on sm_90a; 4 spilled)
+_SUB_M = tl.constexpr(16)  # rows per slice of the row launch's softmax and Gram (a dot's K: at least 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,17 +115,31 @@ def _cc_rows_kernel(
         BLOCK_N,
         BLOCK_D,
     )
-    q_a = softmax_rows(LA, stride_la, offs_m, mask_m, K, ACC, BLOCK_K)
-    q_b = softmax_rows(LB, stride_lb, offs_m, mask_m, K, ACC, BLOCK_K)
+    # the block's partial Gram of [P_a P_b] and column sums, _SUB_M rows of softmax at a time
+    # (registers independent of BLOCK_M: the whole block's rows at K = 20 spilled)
+    g_aa = tl.zeros([BLOCK_K, BLOCK_K], ACC)
+    g_ab = tl.zeros([BLOCK_K, BLOCK_K], ACC)
+    g_bb = tl.zeros([BLOCK_K, BLOCK_K], ACC)
+    c_a = tl.zeros([BLOCK_K], ACC)
+    c_b = tl.zeros([BLOCK_K], ACC)
+    for start in range(0, BLOCK_M, _SUB_M):
+        rows = pid * BLOCK_M + start + tl.arange(0, _SUB_M)
+        q_a = softmax_rows(LA, stride_la, rows, rows < n, K, ACC, BLOCK_K)
+        q_b = softmax_rows(LB, stride_lb, rows, rows < n, K, ACC, BLOCK_K)
+        g_aa += dot(tl.trans(q_a), q_a, ACC, CPREC, False)
+        g_ab += dot(tl.trans(q_a), q_b, ACC, CPREC, False)
+        g_bb += dot(tl.trans(q_b), q_b, ACC, CPREC, False)
+        c_a += tl.sum(q_a, axis=0)
+        c_b += tl.sum(q_b, axis=0)
     offs_k = tl.arange(0, BLOCK_K)
     sq = BLOCK_K * BLOCK_K
     tile = offs_k[:, None] * BLOCK_K + offs_k[None, :]
     base = GRAM_PART + pid * 3 * sq
-    tl.store(base + tile, dot(tl.trans(q_a), q_a, ACC, CPREC, False))
-    tl.store(base + sq + tile, dot(tl.trans(q_a), q_b, ACC, CPREC, False))
-    tl.store(base + 2 * sq + tile, dot(tl.trans(q_b), q_b, ACC, CPREC, False))
-    tl.store(COL_PART + pid * 2 * BLOCK_K + offs_k, tl.sum(q_a, axis=0))
-    tl.store(COL_PART + pid * 2 * BLOCK_K + BLOCK_K + offs_k, tl.sum(q_b, axis=0))
+    tl.store(base + tile, g_aa)
+    tl.store(base + sq + tile, g_ab)
+    tl.store(base + 2 * sq + tile, g_bb)
+    tl.store(COL_PART + pid * 2 * BLOCK_K + offs_k, c_a)
+    tl.store(COL_PART + pid * 2 * BLOCK_K + BLOCK_K + offs_k, c_b)
     # last: nothing of it is live across the loops
     _store_params(
         PARAMS,
@@ -360,25 +375,26 @@ def _cc_grad_kernel(
         BLOCK_N,
         BLOCK_D,
     )
-    offs_m = row_lo + tl.arange(0, BLOCK_M)
-    cluster_grad_rows(
-        LA,
-        LB,
-        DLA,
-        DLB,
-        M,
-        DC,
-        offs_m,
-        offs_m < n,
-        K,
-        stride_la,
-        stride_lb,
-        stride_dla,
-        stride_dlb,
-        ACC,
-        CPREC,
-        BLOCK_K,
-    )
+    for start in range(0, BLOCK_M, _SUB_M):  # the logit rows in slices, as the forward
+        rows = row_lo + start + tl.arange(0, _SUB_M)
+        cluster_grad_rows(
+            LA,
+            LB,
+            DLA,
+            DLB,
+            M,
+            DC,
+            rows,
+            rows < n,
+            K,
+            stride_la,
+            stride_lb,
+            stride_dla,
+            stride_dlb,
+            ACC,
+            CPREC,
+            BLOCK_K,
+        )
 
 
 # -- Contrastive Clustering --

@@ -27,7 +27,7 @@ FUSED = pytest.mark.parametrize(
 
 
 @FUSED
-@pytest.mark.parametrize("k", [10, 7])
+@pytest.mark.parametrize("k", [10, 7, 33])  # 33: 64-wide cluster tiles
 @pytest.mark.parametrize("tau", [0.05, 0.1, 0.5])
 def test_cc_float64(k, tau, fused):
     compare(
