@@ -173,8 +173,9 @@ def _bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """G = dL/dd from the forward's q: pass 1 over the K tiles takes sum_k q dq, pass 2
-    recomputes the distances of each tile and writes its g."""
+    """G = 2 dL/dd from the forward's q (the factor 2 of d's gradients taken here, free): pass
+    1 over the K tiles takes sum_k q dq, pass 2 recomputes the distances of each tile and writes
+    its G."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     alpha = tl.load(ALPHA)
@@ -209,7 +210,7 @@ def _bwd_kernel(
         q = tl.load(Q + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
         dq = tl.load(DQ + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
         dlogit = q * (dq - qdq[:, None])
-        g = dlogit * (-(alpha + 1.0) / 2.0) / (alpha + d)  # dL/dd_ik
+        g = dlogit * (-(alpha + 1.0)) / (alpha + d)  # 2 dL/dd_ik
         tl.store(G + offs_m[:, None] * K + offs_k[None, :], g, mask=mask)
 
 
@@ -297,10 +298,11 @@ def student_t_backward(
             stride_mu=centers.stride(0),
             **consts,
         )
-    # d = |h|^2 - 2 h.mu + |mu|^2: dh = 2 (rowsum(g) h - g mu), dmu = -2 (g^T h - colsum(g) mu)
+    # d = |h|^2 - 2 h.mu + |mu|^2, G = 2 dL/dd: dh = rowsum(G) h - G mu and
+    # dmu = colsum(G) mu - G^T h, each one product added onto its scaled rows (three launches)
     h_acc, mu = h.to(acc), centers.to(acc)
-    dh = 2.0 * (g.sum(1)[:, None] * h_acc - g @ mu)
-    d_mu = -2.0 * (g.T @ h_acc - g.sum(0)[:, None] * mu)
+    dh = torch.addmm(h_acc * g.sum(1, keepdim=True), g, mu, alpha=-1.0)
+    d_mu = torch.addmm(mu * g.sum(0)[:, None], g.T, h_acc, alpha=-1.0)
     return dh.to(h.dtype), d_mu.to(centers.dtype)
 
 
