@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 
 import torch
 import triton
@@ -85,3 +86,21 @@ def check_dtype(*tensors: torch.Tensor) -> None:
 def device_guard(t: torch.Tensor):
     """Launch on the tensor's own GPU, not the current one (the interpreter has none to set)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def float_param(hi, lo, ACC: tl.constexpr):
+    """A host float passed as two fp32 kernel arguments (`split_floats`: hi = fp32(x),
+    lo = fp32(x - hi)), as a scalar of ACC: x to ~2^-48 in fp64 (Triton passes Python floats as
+    fp32)."""
+    return tl.sum((hi + tl.zeros([1], ACC)) + (lo + tl.zeros([1], ACC)), axis=0)
+
+
+def split_floats(**values: float) -> dict[str, float]:
+    """Each float as the (hi, lo) fp32 kernel arguments `<name>_hi`, `<name>_lo` (`float_param`):
+    no tensor to fill or copy per call, and fp64 precision kept."""
+    out = {}
+    for name, v in values.items():
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+        out[f"{name}_hi"], out[f"{name}_lo"] = hi, struct.unpack("f", struct.pack("f", v - hi))[0]
+    return out

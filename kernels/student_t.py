@@ -33,6 +33,8 @@ from ._common import (
     device_guard,
     dot,
     dot_precision,
+    float_param,
+    split_floats,
     torch_acc_dtype,
     upcast_dots,
 )
@@ -95,7 +97,8 @@ def _fwd_kernel(
     H,
     MU,
     Q,
-    ALPHA,
+    alpha_hi,
+    alpha_lo,
     n,
     K,
     F,
@@ -112,7 +115,7 @@ def _fwd_kernel(
     row sum of exp (online softmax); pass 2 turns this program's logits into q in place."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    alpha = tl.load(ALPHA)
+    alpha = float_param(alpha_hi, alpha_lo, ACC)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     s = tl.zeros([BLOCK_M], ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -160,7 +163,8 @@ def _bwd_kernel(
     Q,
     DQ,
     G,
-    ALPHA,
+    alpha_hi,
+    alpha_lo,
     n,
     K,
     F,
@@ -178,7 +182,7 @@ def _bwd_kernel(
     its G."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    alpha = tl.load(ALPHA)
+    alpha = float_param(alpha_hi, alpha_lo, ACC)
     qdq = tl.zeros([BLOCK_M], ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -228,12 +232,13 @@ def _blocks(k: int, f: int) -> tuple[int, int]:
     )
 
 
-def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
-    """(alpha as a one-element tensor of the accumulation dtype, the kernels' constexprs)."""
+def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> dict:
+    """The kernels' scalar arguments (alpha as two fp32 halves, `split_floats`: no tensor to
+    fill per call) and constexprs."""
     f, k = h.shape[1], centers.shape[0]
     block_k, block_f = _blocks(k, f)
-    alpha_t = torch.full((1,), alpha, dtype=torch_acc_dtype(h.dtype), device=h.device)
-    return alpha_t, dict(
+    return dict(
+        **split_floats(alpha=alpha),
         ACC=acc_dtype(h.dtype),
         PREC=dot_precision(h.dtype),
         UPCAST=upcast_dots(h.dtype),
@@ -251,14 +256,13 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> tuple:
 def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """(h (N x F), centers (K x F), alpha) -> q (N x K) in the accumulation dtype."""
     (n, f), k = h.shape, centers.shape[0]
-    alpha_t, consts = _launch_args(h, centers, alpha)
+    consts = _launch_args(h, centers, alpha)
     q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
     with device_guard(h):
         _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
             H=h,
             MU=centers,
             Q=q,
-            ALPHA=alpha_t,
             n=n,
             K=k,
             F=f,
@@ -280,7 +284,7 @@ def student_t_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh, dcenters) from dq = dL/dq and the forward's q."""
     (n, f), k = h.shape, centers.shape[0]
-    alpha_t, consts = _launch_args(h, centers, alpha)
+    consts = _launch_args(h, centers, alpha)
     acc = torch_acc_dtype(h.dtype)
     g = torch.empty(n, k, dtype=acc, device=h.device)
     with device_guard(h):
@@ -290,7 +294,6 @@ def student_t_backward(
             Q=q,
             DQ=dq.contiguous(),
             G=g,
-            ALPHA=alpha_t,
             n=n,
             K=k,
             F=f,

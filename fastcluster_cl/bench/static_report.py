@@ -530,7 +530,6 @@ def _cluster_variants() -> list[Variant]:
         "H": "bf16",
         "MU": "bf16",
         "Q": "fp32",
-        "ALPHA": "fp32",
         "DQ": "fp32",
         "DH": "bf16",
         "G": "fp32",
@@ -555,6 +554,7 @@ def _cluster_variants() -> list[Variant]:
                     4,
                     (st._BLOCK_M, block_k, block_f),
                     targets=clean,
+                    floats=("alpha_hi", "alpha_lo"),
                 )
             )
     q = {

@@ -19,7 +19,9 @@ from .._common import (
     dot,
     dot_precision,
     feature_block,
+    float_param,
     round_to,
+    split_floats,
     upcast_dots,
 )
 from ..kl import _dec_row_totals, _dec_weights, _safe_log, _xlogx
@@ -36,8 +38,6 @@ from .instance import (
     _instance_grad,
     _instance_rows,
     _instance_state,
-    _param,
-    _split,
     _store_params,
     _sum,
     instance_config,
@@ -364,7 +364,7 @@ def _anchor_rows_kernel(
         NORMS,
         ROW_W,
         ROW_LOSS,
-        _param(t_hi, t_lo, ACC),
+        float_param(t_hi, t_lo, ACC),
         INST_PART,
         pid,
         n,
@@ -380,7 +380,7 @@ def _anchor_rows_kernel(
         BLOCK_N,
         BLOCK_D,
     )
-    alpha = _param(a_hi, a_lo, ACC)
+    alpha = float_param(a_hi, a_lo, ACC)
     anchor = tl.zeros([1], ACC)
     for s in tl.static_range(BLOCK_M // SUB_M):
         anchor += _assignment_rows(
@@ -416,11 +416,11 @@ def _anchor_rows_kernel(
     _store_params(
         PARAMS,
         pid,
-        _param(t_hi, t_lo, ACC),
+        float_param(t_hi, t_lo, ACC),
         alpha,
-        _param(w0_hi, w0_lo, ACC),
-        _param(w1_hi, w1_lo, ACC),
-        _param(w2_hi, w2_lo, ACC),
+        float_param(w0_hi, w0_lo, ACC),
+        float_param(w1_hi, w1_lo, ACC),
+        float_param(w2_hi, w2_lo, ACC),
     )
 
 
@@ -940,7 +940,9 @@ def anchor_objective_forward(
             stride_hb=h_b.stride(0),
             stride_mu=centers.stride(0),
             k_pad=k_pad,
-            **_split(t=1.0 / temperature, a=alpha, w0=weights[0], w1=weights[1], w2=weights[2]),
+            **split_floats(
+                t=1.0 / temperature, a=alpha, w0=weights[0], w1=weights[1], w2=weights[2]
+            ),
             TINY=tiny,
             SUB_M=_SUB_M,
             BLOCK_K=block_k,

@@ -18,6 +18,8 @@ from .._common import (
     device_guard,
     dot,
     dot_precision,
+    float_param,
+    split_floats,
     upcast_dots,
 )
 from ..cc_cluster import MAX_CLUSTERS as _CC_MAX_CLUSTERS
@@ -34,15 +36,13 @@ from .instance import (
     _instance_grad,
     _instance_rows,
     _instance_state,
-    _param,
-    _split,
     _store_params,
     _sum,
     instance_config,
 )
 
 _SMALL_WARPS = 8  # the one-program cc launches (no spills at K = 64 on sm_90a; 4 spilled)
-_SUB_M = tl.constexpr(16)  # rows per slice of the row launch's softmax and Gram (a dot's K: at least 16)
+_SUB_M = tl.constexpr(16)  # rows per slice of the softmax rows and Gram (a dot's K: >= 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _cc_rows_kernel(
         NORMS,
         ROW_W,
         ROW_LOSS,
-        _param(t_hi, t_lo, ACC),
+        float_param(t_hi, t_lo, ACC),
         INST_PART,
         pid,
         n,
@@ -144,10 +144,10 @@ def _cc_rows_kernel(
     _store_params(
         PARAMS,
         pid,
-        _param(t_hi, t_lo, ACC),
-        _param(c_hi, c_lo, ACC),
-        _param(w0_hi, w0_lo, ACC),
-        _param(w1_hi, w1_lo, ACC),
+        float_param(t_hi, t_lo, ACC),
+        float_param(c_hi, c_lo, ACC),
+        float_param(w0_hi, w0_lo, ACC),
+        float_param(w1_hi, w1_lo, ACC),
         0.0,
     )
 
@@ -468,7 +468,7 @@ def cc_objective_forward(
             stride_b=z_b.stride(0),
             stride_la=logits_a.stride(0),
             stride_lb=logits_b.stride(0),
-            **_split(
+            **split_floats(
                 t=1.0 / instance_temperature,
                 c=1.0 / cluster_temperature,
                 w0=weights[0],

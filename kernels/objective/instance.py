@@ -4,8 +4,6 @@ fp32 scalars, the fixed-order partial sums, and their host-side launch settings.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
@@ -219,13 +217,6 @@ def _instance_grad(
 
 
 @triton.jit
-def _param(hi, lo, ACC: tl.constexpr):
-    """A host float passed as two fp32 kernel arguments (hi = fp32(x), lo = fp32(x - hi)), as
-    a scalar of ACC: x to ~2^-48 in fp64 (Triton passes Python floats as fp32)."""
-    return tl.sum((hi + tl.zeros([1], ACC)) + (lo + tl.zeros([1], ACC)), axis=0)
-
-
-@triton.jit
 def _store_params(PARAMS, pid, v0, v1, v2, v3, v4):
     """Program 0 writes the five scalars the later launches read (PARAMS, a forward output
     the backward gets: no host-to-device copy, no fill)."""
@@ -288,17 +279,6 @@ def _instance_consts(z_a: torch.Tensor, inv_tau: float, acc: torch.dtype, config
         UPCAST=upcast_dots(zs_dtype),
         **config.constexprs,
     )
-
-
-def _split(**values: float) -> dict[str, float]:
-    """Each float as the (hi, lo) fp32 kernel arguments `<name>_hi`, `<name>_lo` (`_param`): no
-    host-to-device copy, which torch would synchronise (torch.tensor(..., device="cuda")), and
-    fp64 precision kept."""
-    out = {}
-    for name, v in values.items():
-        hi = struct.unpack("f", struct.pack("f", v))[0]
-        out[f"{name}_hi"], out[f"{name}_lo"] = hi, struct.unpack("f", struct.pack("f", v - hi))[0]
-    return out
 
 
 def _check_instance(z_a: torch.Tensor, z_b: torch.Tensor) -> None:

@@ -108,9 +108,9 @@ def test_counter_sees_ops_inside_custom_ops():
         with counting() as (bwd, bwd_ops):
             loss.backward()
     assert sum(fwd.values()) >= 7 and sum(bwd.values()) >= 5
-    assert bwd_ops.ops["aten::matmul"] == 6  # inside student_t_triton_bwd, x3
+    assert bwd_ops.ops["aten::addmm"] == 6  # inside student_t_triton_bwd, x3
     assert bwd_ops.custom["fastcluster_cl::student_t_triton_bwd"] == 3
-    assert fwd_ops.compute_ops + bwd_ops.compute_ops > 40
+    assert bwd_ops.compute_ops >= 18  # the Student-t backward's 6 host ops a view among them
 
 
 @pytest.mark.parametrize("method", ["anchor", "cc"])
