@@ -1,4 +1,5 @@
-"""Shared host-side helpers of the Triton kernels: dtype mapping, dot precision, block sizes."""
+"""Shared helpers of the Triton kernels: dtype mapping, dot precision, block sizes, and host
+floats as (hi, lo) fp32 kernel arguments."""
 
 from __future__ import annotations
 

@@ -32,9 +32,9 @@ Forward row launch (`_anchor_rows_kernel` / `_cc_rows_kernel`), per program:
   * cc: softmax rows of both views (`cc_cluster.softmax_rows`), the block's partial Gram of
     [P_a P_b] (three K x K blocks) and column sums.
   * scalars (1/tau, alpha or 1/tau_cluster, the weights) arrive as (hi, lo) fp32 kernel
-    arguments (`_param`: fp64 precision kept) and program 0 writes them into the params tensor
-    the later launches read: no host-to-device copy (torch.tensor(..., device="cuda") would
-    synchronise the host), no fill.
+    arguments (`_common.float_param`: fp64 precision kept) and program 0 writes them into the
+    params tensor the later launches read: no host-to-device copy (torch.tensor(...,
+    device="cuda") would synchronise the host), no fill.
 Epilogue (one program, `_anchor_epilogue_kernel` O(N K) / `_cc_epilogue_kernel` O(K^2)): sums
 the partials in a fixed order; anchor: f, DEC's row totals T_i = sum_k q0^2 / f and KL(p||q0)
 per row (`kl._dec_row_totals`, `kl._dec_weights`), and c_dec = sum_k p [q0 >= tiny]; cc: the
