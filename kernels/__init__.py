@@ -77,8 +77,8 @@ __all__ = [
 # it runs the separate ops instead, the same function. The cost model (`python -m
 # fastcluster_cl.bench model`, benchmarks/results/model-h100.json) predicts the one-pass anchor
 # kernels slower than the separate ops at every shape of its table where they run (F = 512;
-# H100, bf16, high ends at N = 1024: 581 against 345 us at K = 10, 2661 against 453 at K = 100,
-# 20797 against 1473 at K = 1000): N / 128 programs fill few SMs and each computes its
+# H100, bf16, high ends at N = 1024: 581 against 317 us at K = 10, 2661 against 425 at K = 100,
+# 20797 against 1445 at K = 1000): N / 128 programs fill few SMs and each computes its
 # Student-t distances on the FP32 pipe, twice. backend="triton" still runs them;
 # benchmarks/gpu_check.sh measures both.
 AUTO_SEPARATE = ("anchor_objective",)

@@ -702,10 +702,15 @@ def chunked_ops(op: str, shape: dict) -> list[str]:
 
 def _separate_total(op: str) -> Callable:
     """The objective as backend="auto" computes it from the separate ops (functional's
-    `separate_parts` and weighted total, each op on Triton or, beyond its kernel's limits, on
+    `separate_parts` and `weighted_total`, each op on Triton or, beyond its kernel's limits, on
     the chunked backend: `_auto_op`): NT-Xent, three Student-t assignments on the accumulation
     dtype and the fused DEC + anchor losses; NT-Xent and the cluster contrast. All weights 1."""
     import torch
+
+    from fastcluster_cl.functional import weighted_total
+
+    def total_of(parts: dict) -> torch.Tensor:
+        return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
 
     if op == "anchor_objective":
 
@@ -717,16 +722,14 @@ def _separate_total(op: str) -> Callable:
             )
             cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
             instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)
-            return sum(1.0 * part for part in (instance, cluster, anchor))
+            return total_of({"instance": instance, "cluster": cluster, "anchor": anchor})
 
         return total
 
     def total(z_a, z_b, logits_a, logits_b):
-        parts = (
-            _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5),
-            _auto_op("cc_cluster_loss", logits_a, logits_b)(logits_a, logits_b, 1.0),
-        )
-        return sum(1.0 * part for part in parts)
+        instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)
+        cluster = _auto_op("cc_cluster_loss", logits_a, logits_b)(logits_a, logits_b, 1.0)
+        return total_of({"instance": instance, "cluster": cluster})
 
     return total
 
@@ -887,6 +890,7 @@ def source_hash() -> str:
     backends = Path(__file__).parents[1] / "backends"  # what the eager and separate rows trace
     traced = [backends / name for name in ("reference.py", "numerics.py", "chunked.py")]
     traced.append(backends / "objective_sides.py")  # chunked's cluster contrast beyond K = 64
+    traced.append(backends.parent / "functional.py")  # the separate rows' weighted total
     files = (
         sorted(kernels.rglob("*.py"))
         + traced
