@@ -626,6 +626,14 @@ SEPARATE_LOOPS = {
     "kl._colsum_kernel": {0: _row_steps},
     "kl._dec_anchor_kernel": {0: _cluster_tiles},
 }
+# The multiply-adds one body of a kernel's MMA loop does, from the launch's arguments: one
+# tile's products (NT-Xent's forward S; its backward S and A Z). A body that does other than
+# this (the compiler unrolled the loop, or the kernel changed) is an error, as in `mma_loop`;
+# an MMA loop in a kernel missing here is one too.
+SEPARATE_TILE_MACS = {
+    "nt_xent._lse_fwd_kernel": lambda a: a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_D"],
+    "nt_xent._grad_kernel": lambda a: 2 * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_D"],
+}
 
 
 def _pointer_dtype(dtype) -> str:
@@ -644,7 +652,8 @@ def _pointer_dtype(dtype) -> str:
 def traced_launch(call: trace.TritonLaunch) -> model.Launch:
     """A recorded Triton launch as the model's: the kernel compiled with the launch's
     constexprs, pointer dtypes, warps and stages (Triton's defaults, 4 and 3, where the launch
-    names none), its loops counted by `SEPARATE_LOOPS`."""
+    names none), its loops counted by `SEPARATE_LOOPS` and its MMA bodies checked against
+    `SEPARATE_TILE_MACS`."""
     import torch
 
     jit = call.kernel
@@ -669,6 +678,14 @@ def traced_launch(call: trace.TritonLaunch) -> model.Launch:
     def trips(loop: model.Region) -> int:
         if loop.depth not in loops:
             raise ValueError(f"{name}: loop {loop.index} at depth {loop.depth} is not expected")
+        if loop.clocks["tensor"]:  # its own MMA (not an inner loop's): one tile a body
+            per_body = loop.clocks["tensor"] * static.MACS_PER_CLOCK["fp16"]
+            tile = SEPARATE_TILE_MACS.get(name, lambda _args: None)(call.args)
+            if per_body != tile:
+                raise ValueError(
+                    f"{name}: loop {loop.index} does {per_body:.0f} MACs a body, not one "
+                    f"tile's {tile} (SEPARATE_TILE_MACS)"
+                )
         return loops[loop.depth](call.args, call.grid)
 
     return model.Launch(compiled, math.prod(call.grid), trips)

@@ -303,6 +303,49 @@ def test_a_kernel_whose_loops_are_unread_is_refused():
         paths.traced_launch(call)
 
 
+TRACED_TILE = """
+import json, torch
+from fastcluster_cl.bench import paths, static_report, trace
+
+z = [torch.empty(1024, 128, dtype=torch.bfloat16, device="meta") for _ in range(2)]
+nt = static_report.kernel_module("nt_xent")
+recorded = trace.record(lambda a, b: nt.nt_xent(a, b, 0.5), z, triton=True)
+forward = next(c for c in recorded.launches if c.kernel.fn.__name__ == "_lse_fwd_kernel")
+out = dict(bodies=paths.traced_launch(forward).mma_bodies())
+name = "nt_xent._lse_fwd_kernel"
+doubled = lambda a: 2 * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_D"]
+for case, tile in (("doubled", doubled), ("none", None)):
+    paths.SEPARATE_TILE_MACS = {k: v for k, v in paths.SEPARATE_TILE_MACS.items() if k != name}
+    if tile:
+        paths.SEPARATE_TILE_MACS[name] = tile
+    try:
+        paths.traced_launch(forward).predict()
+        out[case] = "counted"
+    except ValueError as err:
+        out[case] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_a_traced_mma_loop_must_do_one_tile_a_body():
+    """A traced launch's MMA loop is counted only while one body does the tile
+    SEPARATE_TILE_MACS names (the forward's 64 x 128 x 128 products at D = 128: 2N / 64
+    programs x 2N / 128 column tiles); a wrong tile (as after an unrolled loop) is refused,
+    and so is an MMA loop of a kernel with no tile named."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRACED_TILE],
+        env=_compiled_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["bodies"] == 32 * 16
+    assert "MACs a body, not one tile's" in out["doubled"]
+    assert "not one tile's None" in out["none"]
+
+
 def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
     """One program per SM whose straight code loads 64 KiB around a 1000-clock loop: the high
     end adds the global latency and 64 KiB at the SM's share of L2 bandwidth; the low end
