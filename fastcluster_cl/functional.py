@@ -455,11 +455,9 @@ def _objective(
     it, the call is a single-process mean, the backend's `op`_fits (if any) accepts the
     inputs (the kernels' size limits) and, for "auto", the backend does not run it slower than
     its separate ops (`dispatch.auto_takes_one_pass`); else `separate_parts()` (the parts from
-    the separate ops) weighted here. Both compute the same function."""
+    the separate ops, whose `nt_xent` checks z) weighted here. Both compute the same
+    function."""
     weights = _part_weights(names, weights)
-    z = args[:2]
-    if gather:  # else read from the instance part (`check_finite_through`)
-        check_finite(("z_a", "z_b"), z)
     one_pass = (
         implementation(op, backend, device, required=False)
         if fused
@@ -472,12 +470,10 @@ def _objective(
     if fits and not fits(*(x for x in args if isinstance(x, torch.Tensor))):
         one_pass = None
     if one_pass is None:
-        result = weighted_total(separate_parts(), weights, reduction)
-    else:
-        out = one_pass(*args, tuple(float(weights[name]) for name in names))
-        result = LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
-    if not gather:
-        check_finite_through(result.parts["instance"], ("z_a", "z_b"), z)
+        return weighted_total(separate_parts(), weights, reduction)
+    out = one_pass(*args, tuple(float(weights[name]) for name in names))
+    result = LossOutput(out[0], {name: out[i + 1] for i, name in enumerate(names)})
+    check_finite_through(result.parts["instance"], ("z_a", "z_b"), args[:2])
     return result
 
 
