@@ -691,21 +691,26 @@ def traced_launch(call: trace.TritonLaunch) -> model.Launch:
     return model.Launch(compiled, math.prod(call.grid), trips)
 
 
+def _triton_takes(name: str, *inputs) -> bool:
+    """Whether the Triton kernel of the separate op `name` holds these inputs (its `_fits`)."""
+    from fastcluster_cl import kernels
+
+    fits = getattr(kernels, f"{name}_fits", None)
+    return fits is None or fits(*inputs)
+
+
 def _auto_op(name: str, *inputs):
     """The separate op `name` as backend="auto" runs it on a GPU (`dispatch.backend_for`): the
-    Triton kernel where its `name`_fits takes the inputs, else the chunked backend's."""
+    Triton kernel where it holds the inputs, else the chunked backend's."""
     from fastcluster_cl import kernels  # the ops under their public names
     from fastcluster_cl.backends import chunked
 
-    fits = getattr(kernels, f"{name}_fits", None)
-    return getattr(kernels if fits is None or fits(*inputs) else chunked, name)
+    return getattr(kernels if _triton_takes(name, *inputs) else chunked, name)
 
 
 def chunked_ops(op: str, shape: dict) -> list[str]:
     """The separate ops of `op` that auto runs on the chunked backend at `shape` (inputs beyond
     the Triton kernels' limits, `_auto_op`)."""
-    from fastcluster_cl import kernels
-
     n, z = shape["n"], _meta_bf16(shape["n"], shape["d"])
     checks = [("nt_xent", (z, z))]
     if op == "anchor_objective":
@@ -714,7 +719,7 @@ def chunked_ops(op: str, shape: dict) -> list[str]:
         checks.append(("dec_anchor_losses", (q, q, q)))
     else:
         checks.append(("cc_cluster_loss", (_meta_bf16(n, shape["k"]),) * 2))
-    return [name for name, xs in checks if not getattr(kernels, f"{name}_fits")(*xs)]
+    return [name for name, xs in checks if not _triton_takes(name, *xs)]
 
 
 def _separate_total(op: str) -> Callable:

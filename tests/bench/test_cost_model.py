@@ -116,21 +116,23 @@ def _compiled_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def _compiled_json(argv: list[str]) -> dict:
+    """Run a Python script without the interpreter (kernels compiled for sm_90a) and read the
+    JSON object its last line prints."""
+    done = subprocess.run(
+        [sys.executable, *argv], env=_compiled_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
     """A GEMM-like kernel whose only loop loads two 64 x 64 tiles and multiplies them: 4
     HGMMA.64x64x16 per iteration, 128 tensor clocks; 1000 iterations, 264 programs on 132
     SMs."""
     script = tmp_path / "one_mma_loop.py"  # @triton.jit needs its source in a file
     script.write_text(ONE_MMA_LOOP)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env=_compiled_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = _compiled_json([str(script)])
     assert got["loops"] == [{"mma": True, "tensor": 64 * 64 * 64 / 2048}]
     assert got["units"]["tensor"] == 1000 * 128
     p = got["predict"]
@@ -332,15 +334,7 @@ def test_a_traced_mma_loop_must_do_one_tile_a_body():
     SEPARATE_TILE_MACS names (the forward's 64 x 128 x 128 products at D = 128: 2N / 64
     programs x 2N / 128 column tiles); a wrong tile (as after an unrolled loop) is refused,
     and so is an MMA loop of a kernel with no tile named."""
-    done = subprocess.run(
-        [sys.executable, "-c", TRACED_TILE],
-        env=_compiled_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = _compiled_json(["-c", TRACED_TILE])
     assert out["bodies"] == 32 * 16
     assert "MACs a body, not one tile's" in out["doubled"]
     assert "not one tile's None" in out["none"]
