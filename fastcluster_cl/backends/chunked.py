@@ -43,6 +43,11 @@ from .objective_sides import Objective, cc_side
 from .reference import anchor_loss, anchor_loss_terms, dec_loss, dec_loss_terms  # noqa: F401
 
 DEFAULT_BLOCK = 1024
+# CC's cluster side runs as one op each way (`objective_sides.cc_side`) while its 2K cluster rows
+# are at most this many: it holds the (2K)^2 similarities and their softmax, 64 MiB each in
+# float32 at the limit (K = 2048), and does the work in two matrix products. Beyond it the
+# chunked NT-Xent runs on the 2K rows in tiles.
+CLUSTER_GRAM_ROWS = 4096
 
 
 def _tiles(rows: int, block: int) -> Iterator[tuple[slice, slice, bool]]:
@@ -561,12 +566,12 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     return q.to(accumulation_dtype(h.dtype))
 
 
-# The cluster-level contrasts reuse the chunked NT-Xent on their 2K rows above one tile; dec_loss
-# and anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
+# Above CLUSTER_GRAM_ROWS the cluster-level contrasts reuse the chunked NT-Xent on their 2K rows;
+# dec_loss and anchor_loss are O(N*K) with no N x N matrix to chunk and are the reference ones.
 def cc_cluster_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float):
-    """`reference.cc_cluster_loss`: one op each way (`objective_sides.cc_side`) while the 2K
-    cluster rows fit one tile, else the chunked NT-Xent on them."""
-    if 2 * logits_a.shape[1] <= DEFAULT_BLOCK:
+    """`reference.cc_cluster_loss`: one op each way (`objective_sides.cc_side`) for at most
+    `CLUSTER_GRAM_ROWS` cluster rows, else the chunked NT-Xent on them."""
+    if 2 * logits_a.shape[1] <= CLUSTER_GRAM_ROWS:
         return cc_side(logits_a, logits_b, temperature)
     return reference.cc_cluster_loss(logits_a, logits_b, temperature, instance_loss=nt_xent)
 
@@ -602,8 +607,8 @@ def cc_objective(
     weights: tuple[float, float],
 ) -> torch.Tensor:
     """`reference.cc_objective`: the chunked NT-Xent plus `cc_cluster_loss`, as one autograd
-    node (`objective_sides.Objective`) while the 2K cluster rows fit one tile."""
-    if 2 * logits_a.shape[1] > DEFAULT_BLOCK:
+    node (`objective_sides.Objective`) for at most `CLUSTER_GRAM_ROWS` cluster rows."""
+    if 2 * logits_a.shape[1] > CLUSTER_GRAM_ROWS:
         acc = accumulation_dtype(z_a.dtype)
         parts = torch.stack(
             [

@@ -24,7 +24,10 @@ SHAPES = [(37, 10, 1.0), (6, 2, 0.5), (70, 13, 0.3)]
     cases(
         {
             "torch": [(F32, 37, 10, 1.0)],
-            "chunked": [(dtype, 37, 10, 1.0) for dtype in (F64, F32, BF16)],
+            # K = 600: one op each way past the old 1024-row tile; K = 2100: 2K above
+            # chunked.CLUSTER_GRAM_ROWS, the chunked NT-Xent on the cluster rows
+            "chunked": [(dtype, 37, 10, 1.0) for dtype in (F64, F32, BF16)]
+            + [(F32, 37, 600, 0.5), (BF16, 37, 600, 0.5), (F32, 9, 2100, 0.5)],
             "triton": [(dtype, *shape) for dtype in (F64, F32, BF16) for shape in SHAPES],
             "cuda-emulated": [(dtype, 37, 10, 1.0) for dtype in (F32, BF16)],
             "cuda": [(dtype, *shape) for dtype in (F32, BF16) for shape in SHAPES],

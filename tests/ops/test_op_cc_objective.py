@@ -56,6 +56,22 @@ def test_cc_float32(fused):
     )
 
 
+@pytest.mark.parametrize("k", [600, 2100])
+def test_cc_chunked_many_clusters(k):
+    """Chunked with 2K past the old 1024-row tile (one autograd node, the cluster side one op
+    each way) and past `chunked.CLUSTER_GRAM_ROWS` (the chunked NT-Xent on the cluster rows)."""
+    compare(
+        cc_call,
+        chunked.cc_objective,
+        reference.cc_objective,
+        cc_inputs(n=9, k=k),
+        [torch.float32] * 4,
+        1e-5,
+        [1e-5] * 4,
+        tau=0.1,
+    )
+
+
 @FUSED
 @pytest.mark.parametrize("scale", [50.0, 0.01])
 def test_cc_assignment_extremes(scale, fused):
