@@ -88,7 +88,9 @@ from ._common import (
     dot,
     dot_precision,
     feature_block,
+    float_param,
     round_to,
+    split_floats,
     torch_acc_dtype,
     upcast_dots,
 )
@@ -197,14 +199,13 @@ def _scale_rows_kernel(
 
 
 @triton.jit
-def row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D: tl.constexpr):
-    """A program's own rows: (1/tau, shift = log2(e)/tau, zs_I, rs_I, q_I = rs_I shift), where
+def row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D: tl.constexpr):
+    """A program's own rows: (shift = log2(e)/tau, zs_I, rs_I, q_I = rs_I shift), where
     x = S log2(e) = (zs_I zs_J^T) q_I rs_J on every tile."""
-    inv_tau = tl.load(INV_TAU)
     shift = inv_tau * _LOG2E
     zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
-    return inv_tau, shift, zi, ri, ri * shift
+    return shift, zi, ri, ri * shift
 
 
 @triton.jit
@@ -307,7 +308,8 @@ def _lse_fwd_kernel(
     LSE,
     ROW_LOSS,
     ROW_W,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     rows_total,
     half,
     D,
@@ -325,7 +327,8 @@ def _lse_fwd_kernel(
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     pos = _positive_rows(offs_m, half)
     total = tl.zeros([BLOCK_M], ACC)  # sum over the negatives k != i, pos(i)
     # The online max starts at the lower bound of x (-shift), not -inf: a tile that masks every
@@ -394,7 +397,8 @@ def _grad_kernel(
     ROW_LOSS,
     ROW_G,
     DZ,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     GRAD_OUT,
     rows_total,
     half,
@@ -425,7 +429,7 @@ def _grad_kernel(
         ROW_LOSS,
         ROW_G,
         DZ,
-        INV_TAU,
+        float_param(inv_tau_hi, inv_tau_lo, ACC),
         tl.load(GRAD_OUT),
         rows_total,
         half,
@@ -455,7 +459,7 @@ def grad_block(
     ROW_LOSS,
     ROW_G,
     DZ,
-    INV_TAU,
+    inv_tau,
     grad_out,
     rows_total,
     half,
@@ -479,7 +483,7 @@ def grad_block(
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_d = tl.arange(0, BLOCK_D)
-    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
+    shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
@@ -533,7 +537,8 @@ def _symmetric_fwd_kernel(
     RS,
     ROW_SUM,
     COL_SUM,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     rows_total,
     half,
     D,
@@ -549,7 +554,8 @@ def _symmetric_fwd_kernel(
     pid = tl.program_id(0)
     offs_m = pid * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < rows_total
-    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     total = tl.zeros([BLOCK], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
@@ -577,7 +583,8 @@ def _symmetric_grad_kernel(
     ROW_W,
     ROW_LOSS,
     G,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     rows_total,
     half,
     D,
@@ -597,7 +604,8 @@ def _symmetric_grad_kernel(
     mask_m = offs_m < rows_total
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < D
-    inv_tau, shift, zi, ri, qi = row_block(Z, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
@@ -685,10 +693,6 @@ def backward_config(d: int, dtype: torch.dtype, precision: str | None = None) ->
     return LaunchConfig((64, 64, block_d))
 
 
-def _inv_tau_tensor(inv_tau: float, z: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), inv_tau, dtype=torch_acc_dtype(z.dtype), device=z.device)
-
-
 def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
     check_dtype(z)
     if z.dim() != 2 or z.shape[0] % 2:
@@ -752,7 +756,7 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
             LSE=lse,
             ROW_LOSS=row_loss,
             ROW_W=row_w,
-            INV_TAU=_inv_tau_tensor(inv_tau, rs),
+            **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
@@ -786,7 +790,6 @@ def _grad(
     config = backward_config(d, zs.dtype)
     dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
-    inv = _inv_tau_tensor(inv_tau, rs)
     with device_guard(zs):
         _grad_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
             Z=zs,
@@ -796,8 +799,8 @@ def _grad(
             ROW_LOSS=row_loss,
             ROW_G=row_w if row_g is None else row_g,
             DZ=dz,
-            INV_TAU=inv,
-            GRAD_OUT=grad_out if epilogue else inv,
+            **split_floats(inv_tau=inv_tau),
+            GRAD_OUT=grad_out if epilogue else rs,  # read, unused, without the epilogue
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
@@ -904,7 +907,7 @@ def _symmetric_lse(
             RS=rs,
             ROW_SUM=row_sum,
             COL_SUM=col_sum,
-            INV_TAU=_inv_tau_tensor(inv_tau, rs),
+            **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
@@ -950,7 +953,7 @@ def _symmetric_grad(
             ROW_W=row_w,
             ROW_LOSS=row_loss,
             G=g,
-            INV_TAU=_inv_tau_tensor(inv_tau, rs),
+            **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,

@@ -46,7 +46,9 @@ from ._common import (
     dot,
     dot_precision,
     feature_block,
+    float_param,
     round_to,
+    split_floats,
     upcast_dots,
 )
 from .nt_xent import (
@@ -100,7 +102,8 @@ def _bank_fwd_kernel(
     BANK_LO,
     ROW_LOSS,
     ROW_W,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     n,
     M,
     D,
@@ -115,7 +118,8 @@ def _bank_fwd_kernel(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    inv_tau, shift, zi, ri, qi = row_block(ZS, RS, INV_TAU, offs_m, mask_m, D, BLOCK_D)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    shift, zi, ri, qi = row_block(ZS, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     total = tl.zeros([BLOCK_M], ACC)
     m_i = tl.full([BLOCK_M], 0.0, ACC) - shift  # x >= -shift: see _lse_fwd_kernel
     for c0 in range(0, M, BLOCK_N):
@@ -149,7 +153,8 @@ def _bank_grad_kernel(
     W,
     DZA,
     DZB,
-    INV_TAU,
+    inv_tau_hi,
+    inv_tau_lo,
     n,
     M,
     D,
@@ -167,7 +172,7 @@ def _bank_grad_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     out = offs_m[:, None] * D + offs_d[None, :]
     mask = mask_m[:, None] & (offs_d[None, :] < D)
-    inv_tau = tl.load(INV_TAU)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     shift = inv_tau * _LOG2E
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
@@ -227,10 +232,6 @@ def bank_backward_config(d: int, dtype: torch.dtype, precision: str | None = Non
     return config
 
 
-def _inv_tau_tensor(inv_tau: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), inv_tau, dtype=like.dtype, device=like.device)
-
-
 def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
     n, d = zs.shape[0] // 2, zs.shape[1]
     config = forward_config(d, zs.dtype)
@@ -245,7 +246,7 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
             BANK_LO=bank_lo,
             ROW_LOSS=row_loss,
             ROW_W=row_w,
-            INV_TAU=_inv_tau_tensor(inv_tau, rs),
+            **split_floats(inv_tau=inv_tau),
             n=n,
             M=bank.shape[0],
             D=d,
@@ -279,7 +280,7 @@ def _launch_backward(
             W=w,
             DZA=dz_a,
             DZB=dz_b,
-            INV_TAU=_inv_tau_tensor(inv_tau, rs),
+            **split_floats(inv_tau=inv_tau),
             n=n,
             M=bank.shape[0],
             D=d,

@@ -77,6 +77,10 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+# The (hi, lo) fp32 halves of a host float (`kernels._common.split_floats`), by their names.
+_SPLIT_FLOAT = ("_hi", "_lo")
+
+
 def compile_variant(v: Variant):
     """The compiled kernel (cubin and metadata) for sm_90a."""
     import triton
@@ -89,7 +93,7 @@ def compile_variant(v: Variant):
             else f"*{v.pointers[name]}"
             if name in v.pointers
             else "fp32"
-            if name in v.floats
+            if name in v.floats or name.endswith(_SPLIT_FLOAT)
             else "i32"
         )
         for name in v.fn.arg_names
@@ -307,7 +311,6 @@ NT_XENT_POINTERS = {
     "ROW_W": "fp32",
     "ROW_G": "fp32",
     "ROW_LOSS": "fp32",
-    "INV_TAU": "fp32",
     "DZ": "bf16",
     "GRAD_OUT": "fp32",
     "G": "fp32",
@@ -440,7 +443,6 @@ def _nt_xent_bank_variants() -> list[Variant]:
         "DIST": "fp32",
         "ROW_W": "fp32",
         "ROW_LOSS": "fp32",
-        "INV_TAU": "fp32",
         "W": "fp32",
         "DZA": "bf16",
         "DZB": "bf16",
@@ -554,7 +556,6 @@ def _cluster_variants() -> list[Variant]:
                     4,
                     (st._BLOCK_M, block_k, block_f),
                     targets=clean,
-                    floats=("alpha_hi", "alpha_lo"),
                 )
             )
     q = {
@@ -673,7 +674,6 @@ def _objective_variant(name, dtype, fn, constexprs, *args, **kwargs) -> Variant:
         _OBJECTIVE_POINTERS,
         {c: v for c, v in constexprs.items() if c in fn.arg_names},
         *args,
-        floats=tuple(a for a in fn.arg_names if a.endswith(("_hi", "_lo"))),
         **kwargs,
     )
 
