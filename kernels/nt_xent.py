@@ -47,6 +47,15 @@ the rows by max|g| / tau. Rows whose |g| is below ~2^-38 max|g| get a zero low-p
 gradient (the mean's limit, relative to the largest weight). The mean path is unchanged (a
 constexpr branch: the same sm_90 code).
 
+Column splits (`column_splits`, flash-decoding's split-K): where the row blocks alone would
+leave most SMs idle (2N up to a few thousand rows, and a rank's rows against every gathered
+column under gather_distributed), each launch also cuts its columns into splits, one program
+per (row block, split). The forward's splits write their rows' negative sums (and, without the
+fixed shift, their maxima) and `_lse_merge_kernel` adds them in split order; the backward's
+write their rows' sum_j A_ij zn_j in fp32 and `_grad_merge_kernel` adds them in split order and
+runs the epilogue. No atomics: run-to-run deterministic, and the split count depends on the
+shape only, not the GPU.
+
 Floors (R = 2N rows, D features, b bytes per input element):
   forward  2 R^2 D FLOPs, R^2 exps. Reads of Zs: own rows once, all columns once per row block
            (R / BLOCK_M passes, L2-resident at these sizes); byte floor 2 R D b read + 8 R written.
@@ -301,6 +310,19 @@ def row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
+def column_range(rows_total, split_columns, SPLIT: tl.constexpr):
+    """The columns [lo, hi) of this program's split (program_id(1)); without SPLIT all of them
+    from a constant 0, which keeps the masked tiles' branches cold: a loop from a
+    program-dependent start compiled them into selects on every tile (sm_90a: 429 -> 567
+    instructions a backward tile, static_notes.md section 11)."""
+    if SPLIT:
+        lo = tl.program_id(1) * split_columns
+        return lo, tl.minimum(lo + split_columns, rows_total)
+    else:
+        return 0, rows_total
+
+
+@triton.jit
 def _lse_fwd_kernel(
     Z,
     RS,
@@ -308,6 +330,7 @@ def _lse_fwd_kernel(
     LSE,
     ROW_LOSS,
     ROW_W,
+    PART,
     inv_tau_hi,
     inv_tau_lo,
     rows_total,
@@ -315,6 +338,8 @@ def _lse_fwd_kernel(
     D,
     row_start,
     row_end,
+    split_columns,
+    SPLIT: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
@@ -323,6 +348,9 @@ def _lse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Rows [row_start, row_end) against the columns of `column_range`. SPLIT: the row sums
+    and maxima of split program_id(1) go to PART (2 x splits x rows) for `_lse_merge_kernel`;
+    else the program sweeps every column and writes the rows' results."""
     pid = tl.program_id(0)
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
@@ -334,7 +362,8 @@ def _lse_fwd_kernel(
     # The online max starts at the lower bound of x (-shift), not -inf: a tile that masks every
     # column of a row then rescales by 2^0, not 2^(-inf + inf) = NaN.
     m_i = tl.full([BLOCK_M], 0.0, ACC) - shift
-    for c0 in range(0, rows_total, BLOCK_N):
+    col_lo, col_hi = column_range(rows_total, split_columns, SPLIT)
+    for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
@@ -350,11 +379,105 @@ def _lse_fwd_kernel(
             )
             x = tl.where(negative, x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
+    if SPLIT:
+        rows = row_end - row_start
+        part = PART + tl.program_id(1) * rows + offs_m - row_start
+        tl.store(part, total, mask=mask_m)
+        tl.store(part + tl.num_programs(1) * rows, m_i, mask=mask_m)
+    else:
+        _store_row_results(
+            LSE,
+            ROW_LOSS,
+            ROW_W,
+            DIST,
+            total,
+            m_i,
+            inv_tau,
+            offs_m,
+            mask_m,
+            row_start,
+            half,
+            FIXED_SHIFT,
+            ACC,
+        )
+
+
+@triton.jit
+def _store_row_results(
+    LSE,
+    ROW_LOSS,
+    ROW_W,
+    DIST,
+    total,
+    m_i,
+    inv_tau,
+    offs_m,
+    mask_m,
+    row_start,
+    half,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """lse, the row loss and the backward's row weight of rows whose negatives summed to
+    (total, m_i) (`accumulate_negatives`)."""
     dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m, other=0.0)
     lse, loss = row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT, ACC)
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
     tl.store(ROW_LOSS + offs_m - row_start, loss, mask=mask_m)
+
+
+@triton.jit
+def _lse_merge_kernel(
+    PART,
+    DIST,
+    LSE,
+    ROW_LOSS,
+    ROW_W,
+    inv_tau_hi,
+    inv_tau_lo,
+    half,
+    row_start,
+    row_end,
+    splits,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The split forward's rows: their column ranges' sums merged in split order (under the
+    fixed shift a plain sum; else each rescaled to the largest maximum), then as unsplit."""
+    offs_m = row_start + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask_m = offs_m < row_end
+    rows = row_end - row_start
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    m_i = tl.full([BLOCK], float("-inf"), ACC)
+    if not FIXED_SHIFT:
+        for s in range(0, splits):
+            m_s = tl.load(PART + (splits + s) * rows + offs_m - row_start, mask=mask_m, other=0.0)
+            m_i = tl.maximum(m_i, m_s)
+    total = tl.zeros([BLOCK], ACC)
+    for s in range(0, splits):
+        part = tl.load(PART + s * rows + offs_m - row_start, mask=mask_m, other=0.0)
+        if FIXED_SHIFT:
+            total += part
+        else:
+            m_s = tl.load(PART + (splits + s) * rows + offs_m - row_start, mask=mask_m, other=0.0)
+            total += part * tl.exp2(m_s - m_i)
+    _store_row_results(
+        LSE,
+        ROW_LOSS,
+        ROW_W,
+        DIST,
+        total,
+        m_i,
+        inv_tau,
+        offs_m,
+        mask_m,
+        row_start,
+        half,
+        FIXED_SHIFT,
+        ACC,
+    )
 
 
 @triton.jit
@@ -406,6 +529,9 @@ def _grad_kernel(
     dz_stride,
     row_start,
     row_end,
+    split_columns,
+    split_stride,
+    SPLIT: tl.constexpr,
     EPILOGUE: tl.constexpr,
     PER_ROW: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
@@ -420,7 +546,9 @@ def _grad_kernel(
     through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
     c_i = ROW_G[i], |c| <= 1 (the incoming gradients over their largest magnitude, which
     GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
-    c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean."""
+    c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean. SPLIT: the
+    columns of split s = program_id(1) (`column_range`), its rows stored split_stride
+    elements after split 0's for `_grad_merge_kernel`."""
     grad_block(
         Z,
         RS,
@@ -428,7 +556,7 @@ def _grad_kernel(
         ROW_W,
         ROW_LOSS,
         ROW_G,
-        DZ,
+        DZ + tl.program_id(1) * split_stride,
         float_param(inv_tau_hi, inv_tau_lo, ACC),
         tl.load(GRAD_OUT),
         rows_total,
@@ -438,6 +566,8 @@ def _grad_kernel(
         row_start,
         row_start + tl.program_id(0) * BLOCK_M,
         row_end,
+        split_columns,
+        SPLIT,
         EPILOGUE,
         PER_ROW,
         FIXED_SHIFT,
@@ -468,6 +598,8 @@ def grad_block(
     row_start,
     row_lo,
     row_end,
+    split_columns,
+    SPLIT: tl.constexpr,
     EPILOGUE: tl.constexpr,
     PER_ROW: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
@@ -478,8 +610,9 @@ def grad_block(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)), `grad_out` the
-    incoming gradient's value (EPILOGUE): dz row r stored at DZ + (r - row_start) dz_stride."""
+    """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)) against the columns
+    of `column_range`, `grad_out` the incoming gradient's value (EPILOGUE): dz row r stored at
+    DZ + (r - row_start) dz_stride."""
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -492,7 +625,8 @@ def grad_block(
         c_i = tl.load(ROW_G + offs_m, mask=mask_m, other=0.0)
         pos_i = c_i * pos_i
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for c0 in range(0, rows_total, BLOCK_N):
+    col_lo, col_hi = column_range(rows_total, split_columns, SPLIT)
+    for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
@@ -515,20 +649,96 @@ def grad_block(
         acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
     g = acc * (1.0 / _WEIGHT_SCALE)
     if EPILOGUE:
-        if PER_ROW:
-            g = g * (grad_out.to(ACC) * inv_tau)
-        else:
-            g = g * (grad_out.to(ACC) * inv_tau / rows_total)
-        # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
-        zn = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
-        norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
-        radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
-        g = (g - zn * radial[:, None]) / norm[:, None]
+        g = _epilogue(
+            g, Z, NORMS, ri, grad_out, inv_tau, rows_total, offs_m, mask_m, D, PER_ROW, ACC, BLOCK_D
+        )
     tl.store(
         DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
         round_to(g, DZ.dtype.element_ty),
         mask=mask_m[:, None] & (offs_d[None, :] < D),
     )
+
+
+@triton.jit
+def _epilogue(
+    g,
+    Z,
+    NORMS,
+    ri,
+    grad_out,
+    inv_tau,
+    rows_total,
+    offs_m,
+    mask_m,
+    D,
+    PER_ROW: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Rows' sum_j A_ij zn_j times grad_out / (tau R) (PER_ROW: grad_out / tau), through the
+    normalisation's backward: dL/dz."""
+    if PER_ROW:
+        g = g * (grad_out.to(ACC) * inv_tau)
+    else:
+        g = g * (grad_out.to(ACC) * inv_tau / rows_total)
+    # z_I reloaded (L2-resident) rather than kept live across the loop: fewer registers.
+    zn = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+    norm = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
+    radial = tl.where(norm > _EPS, tl.sum(zn * g, axis=1), 0.0)
+    return (g - zn * radial[:, None]) / norm[:, None]
+
+
+@triton.jit
+def _grad_merge_kernel(
+    Z,
+    RS,
+    NORMS,
+    PART,
+    DZ,
+    inv_tau_hi,
+    inv_tau_lo,
+    GRAD_OUT,
+    rows_total,
+    D,
+    row_start,
+    row_end,
+    splits,
+    EPILOGUE: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The split backward's rows: the splits' sums of A_ij zn_j (PART, splits x rows x D, in
+    the accumulation dtype) added in split order, then `_grad_kernel`'s epilogue."""
+    offs_m = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    rows = row_end - row_start
+    local = (offs_m - row_start)[:, None] * D + offs_d[None, :]
+    g = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for s in range(0, splits):
+        g += tl.load(PART + s * rows * D + local, mask=mask, other=0.0)
+    if EPILOGUE:
+        ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+        inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+        g = _epilogue(
+            g,
+            Z,
+            NORMS,
+            ri,
+            tl.load(GRAD_OUT),
+            inv_tau,
+            rows_total,
+            offs_m,
+            mask_m,
+            D,
+            PER_ROW,
+            ACC,
+            BLOCK_D,
+        )
+    tl.store(DZ + local, round_to(g, DZ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -640,6 +850,18 @@ def _symmetric_grad_kernel(
     )
 
 
+# Programs a row-parallel launch aims for by splitting its columns (`column_splits`): two per
+# SM of an H100 SXM (132 SMs; both kernels hold 2 CTAs per SM, static_notes.md).
+SPLIT_PROGRAMS = 264
+# A launch splits only sweeps of at least MIN_SWEEP_TILES column tiles, into runs of at least
+# MIN_SPLIT_TILES: shorter, the merge launch (a few microseconds) costs about what the split
+# saves (the cost model's NT-Xent table, benchmarks/static_notes.md section 11).
+MIN_SWEEP_TILES = 16
+MIN_SPLIT_TILES = 2
+# Rows per program of the forward's merge (the backward's merges `prologue_rows`, D wide).
+LSE_MERGE_ROWS = 128
+
+
 def _is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -678,14 +900,18 @@ def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig((64, 128, block_d))
 
 
-def backward_config(d: int, dtype: torch.dtype, precision: str | None = None) -> LaunchConfig:
+def backward_config(
+    d: int, dtype: torch.dtype, precision: str | None = None, epilogue: bool = True
+) -> LaunchConfig:
     """The backward's launch (dot `precision`: by default what torch allows now): 64 x 64
     tiles, one warpgroup owning its rows, two stages (sm_90: no spills, 2 CTAs/SM; 8 warps on
-    64 rows held 1 CTA/SM, 3 stages spilled)."""
+    64 rows held 1 CTA/SM, 3 stages spilled). Without the `epilogue` in the kernel (column
+    splits, the row primitive) rows wider than 128 take one stage: ptxas fitted two into 168
+    registers for 3 CTAs/SM and spilled 8 B."""
     block_d = feature_block(d, "the NT-Xent input")
     precision = precision or dot_precision(dtype)
     if _small_tiles(block_d, dtype):
-        return LaunchConfig((32, 32, block_d))
+        return LaunchConfig((32, 32, block_d), num_stages=2 if epilogue or block_d <= 128 else 1)
     if dtype == torch.float32 and precision == "ieee":  # FMA products: 64 x 32 spilled 200 B
         return LaunchConfig((32, 32, block_d))
     if dtype == torch.float32:  # 4-byte tiles: 64 columns spilled 56 B
@@ -708,8 +934,8 @@ def _scaled_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def prologue_rows(d: int) -> int:
-    """Row pairs per prologue program: 32 at D <= 128, fewer for wider rows (at D = 512, 32
-    spilled 616 B on sm_90)."""
+    """Row pairs per prologue program, and rows per program of the split backward's merge: 32
+    at D <= 128, fewer for wider rows (at D = 512, 32 spilled 616 B on sm_90)."""
     return max(4, 4096 // feature_block(d, "Z"))
 
 
@@ -740,34 +966,71 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return zs, rs, norms, dist
 
 
+def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, int]:
+    """(splits, columns per split) of a row-parallel launch over `rows` x `columns`: a sweep
+    of at least `MIN_SWEEP_TILES` column blocks is cut into runs of at least `MIN_SPLIT_TILES`,
+    toward `SPLIT_PROGRAMS` programs (flash-decoding's split-K; under the interpreter any
+    sweep into single blocks, so that the tests' few-tile batches run the split launches).
+    Each split sums its range and a merge launch adds the splits in a fixed order: results are
+    run-to-run deterministic and the same on every GPU."""
+    row_blocks = triton.cdiv(rows, config.block[0])
+    column_blocks = triton.cdiv(columns, config.block[1])
+    sweep, least = (1, 1) if _is_interpreted() else (MIN_SWEEP_TILES, MIN_SPLIT_TILES)
+    wanted = min(column_blocks // least, SPLIT_PROGRAMS // row_blocks)
+    if column_blocks < sweep or wanted < 2:
+        return 1, column_blocks * config.block[1]
+    per_split = triton.cdiv(column_blocks, wanted)
+    return triton.cdiv(column_blocks, per_split), per_split * config.block[1]
+
+
 def _lse(zs, rs, dist, row_start, row_end, inv_tau):
     """Launch the row-parallel forward: (lse, lse - S_pos, the backward's row weights) of rows
-    [row_start, row_end)."""
+    [row_start, row_end); with column splits, then the merge."""
     rows_total, d = zs.shape
+    rows = row_end - row_start
     config = forward_config(d, zs.dtype)
     acc = rs.dtype
-    lse = torch.empty(row_end - row_start, dtype=acc, device=zs.device)
+    lse = torch.empty(rows, dtype=acc, device=zs.device)
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
+    splits, split_columns = column_splits(rows, rows_total, config)
+    part = torch.empty(2, splits, rows, dtype=acc, device=zs.device) if splits > 1 else lse
+    fixed_shift = fixed_shift_safe(inv_tau, acc)
+    scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     with device_guard(zs):
-        _lse_fwd_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
+        _lse_fwd_kernel[(triton.cdiv(rows, config.block[0]), splits)](
             Z=zs,
             RS=rs,
             DIST=dist,
             LSE=lse,
             ROW_LOSS=row_loss,
             ROW_W=row_w,
-            **split_floats(inv_tau=inv_tau),
+            PART=part,
+            **scalars,
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
-            row_start=row_start,
-            row_end=row_end,
-            FIXED_SHIFT=fixed_shift_safe(inv_tau, acc),
+            split_columns=split_columns,
+            SPLIT=splits > 1,
+            FIXED_SHIFT=fixed_shift,
             ACC=acc_dtype(acc),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
+        if splits > 1:
+            _lse_merge_kernel[(triton.cdiv(rows, LSE_MERGE_ROWS),)](
+                PART=part,
+                DIST=dist,
+                LSE=lse,
+                ROW_LOSS=row_loss,
+                ROW_W=row_w,
+                **scalars,
+                half=rows_total // 2,
+                splits=splits,
+                FIXED_SHIFT=fixed_shift,
+                ACC=acc_dtype(acc),
+                BLOCK=LSE_MERGE_ROWS,
+            )
     return lse, row_loss, row_w
 
 
@@ -787,34 +1050,55 @@ def _grad(
     |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
     (see `nt_xent_autograd.per_row_weights`)."""
     rows_total, d = zs.shape
-    config = backward_config(d, zs.dtype)
-    dz = torch.empty(row_end - row_start, d, dtype=out_dtype, device=zs.device)
+    rows = row_end - row_start
+    dz = torch.empty(rows, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
+    grad_out = grad_out if epilogue else rs  # read, unused, without the epilogue
+    splits, split_columns = column_splits(rows, rows_total, backward_config(d, zs.dtype))
+    config = backward_config(d, zs.dtype, epilogue=epilogue and splits == 1)
+    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if splits > 1 else dz
+    scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
+    flags = dict(EPILOGUE=epilogue, PER_ROW=row_g is not None, ACC=acc_dtype(rs.dtype))
     with device_guard(zs):
-        _grad_kernel[(triton.cdiv(row_end - row_start, config.block[0]),)](
+        _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
             Z=zs,
             RS=rs,
             NORMS=norms,
             ROW_W=row_w,
             ROW_LOSS=row_loss,
             ROW_G=row_w if row_g is None else row_g,
-            DZ=dz,
-            **split_floats(inv_tau=inv_tau),
-            GRAD_OUT=grad_out if epilogue else rs,  # read, unused, without the epilogue
+            DZ=part,
+            **scalars,
+            GRAD_OUT=grad_out,
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
-            dz_stride=dz.stride(0),
-            row_start=row_start,
-            row_end=row_end,
-            EPILOGUE=epilogue,
-            PER_ROW=row_g is not None,
+            dz_stride=d,
+            split_columns=split_columns,
+            split_stride=rows * d,
+            SPLIT=splits > 1,
+            **dict(flags, EPILOGUE=epilogue and splits == 1),
             FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-            ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
+        if splits > 1:
+            _grad_merge_kernel[(triton.cdiv(rows, prologue_rows(d)),)](
+                Z=zs,
+                RS=rs,
+                NORMS=norms,
+                PART=part,
+                DZ=dz,
+                **scalars,
+                GRAD_OUT=grad_out,
+                rows_total=rows_total,
+                D=d,
+                splits=splits,
+                **flags,
+                BLOCK_M=prologue_rows(d),
+                BLOCK_D=config.block[2],
+            )
     return dz
 
 

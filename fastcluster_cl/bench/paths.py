@@ -203,13 +203,17 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             (block_r, fwd.block[2]),
         )
 
+    fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
+    bwd_splits, bwd_columns = nt.column_splits(rows, columns, bwd)
+    bwd = nt.backward_config(d, torch.float16, epilogue=bwd_splits == 1)
+
     def forward():
         return static.Variant(
             f"nt_xent fwd {'x'.join(map(str, fwd.block))}",
             "bf16",
             nt._lse_fwd_kernel,
             pointers,
-            dict(FIXED_SHIFT=True, **common, **fwd.constexprs),
+            dict(SPLIT=fwd_splits > 1, FIXED_SHIFT=True, **common, **fwd.constexprs),
             fwd.num_warps,
             fwd.block,
             fwd.num_stages,
@@ -221,25 +225,43 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             "bf16",
             nt._grad_kernel,
             pointers,
-            dict(EPILOGUE=True, PER_ROW=False, FIXED_SHIFT=True, **common, **bwd.constexprs),
+            dict(
+                SPLIT=bwd_splits > 1,
+                EPILOGUE=bwd_splits == 1,
+                PER_ROW=False,
+                FIXED_SHIFT=True,
+                **common,
+                **bwd.constexprs,
+            ),
             bwd.num_warps,
             bwd.block,
             bwd.num_stages,
         )
 
-    return [
+    launches = [
         model.Launch(_compiled(("prologue", d), prologue), math.ceil(rows / 2 / block_r), no_loops),
         model.Launch(
-            _compiled(("fwd", fwd), forward),
-            math.ceil(rows / fwd.block[0]),
-            mma_loop(math.ceil(columns / fwd.block[1]), math.prod(fwd.block)),
+            _compiled(("fwd", fwd, fwd_splits > 1), forward),
+            math.ceil(rows / fwd.block[0]) * fwd_splits,
+            mma_loop(math.ceil(fwd_columns / fwd.block[1]), math.prod(fwd.block)),
         ),
         model.Launch(
-            _compiled(("bwd", bwd), backward),
-            math.ceil(rows / bwd.block[0]),
-            mma_loop(math.ceil(columns / bwd.block[1]), 2 * math.prod(bwd.block)),
+            _compiled(("bwd", bwd, bwd_splits > 1), backward),
+            math.ceil(rows / bwd.block[0]) * bwd_splits,
+            mma_loop(math.ceil(bwd_columns / bwd.block[1]), 2 * math.prod(bwd.block)),
         ),
     ]
+    if fwd_splits > 1:
+        merge = _compiled(("fwd merge",), lambda: static.nt_xent_merge_variants(d)[0])
+        launches.append(
+            model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
+        )
+    if bwd_splits > 1:
+        merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
+        launches.append(
+            model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)
+        )
+    return launches
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -609,7 +631,12 @@ def _feature_chunks(args: dict, grid: tuple) -> int:
 
 
 def _column_tiles(args: dict, grid: tuple) -> int:
-    return math.ceil(args["rows_total"] / args["BLOCK_N"])
+    """A split's column tiles (`nt_xent.column_splits`; the last split may have fewer)."""
+    return math.ceil(min(args["split_columns"], args["rows_total"]) / args["BLOCK_N"])
+
+
+def _splits(args: dict, grid: tuple) -> int:
+    return args["splits"]
 
 
 # The loops of the kernels the separate ops launch, by kernel ("module.function") and loop depth:
@@ -619,6 +646,8 @@ SEPARATE_LOOPS = {
     "nt_xent._scale_rows_kernel": {},
     "nt_xent._lse_fwd_kernel": {0: _column_tiles},
     "nt_xent._grad_kernel": {0: _column_tiles},
+    "nt_xent._lse_merge_kernel": {0: _splits},
+    "nt_xent._grad_merge_kernel": {0: _splits},
     "cc_cluster._stats_kernel": {0: _row_steps},
     "cc_cluster._grad_kernel": {},
     "student_t._fwd_kernel": {0: _cluster_tiles, 1: _feature_chunks},

@@ -82,9 +82,18 @@ _SPLIT_FLOAT = ("_hi", "_lo")
 
 
 def compile_variant(v: Variant):
-    """The compiled kernel (cubin and metadata) for sm_90a."""
+    """The compiled kernel (cubin and metadata) for sm_90a. Every constexpr of the kernel must be
+    given: one left out would compile as an i32 argument, both sides of its branches kept."""
     import triton
     from triton.backends.compiler import GPUTarget
+
+    missing = [
+        name
+        for i, name in enumerate(v.fn.arg_names)
+        if i in v.fn.constexprs and name not in v.constexprs
+    ]
+    if missing:
+        raise ValueError(f"{v.kernel}: constexprs not given: {', '.join(missing)}")
 
     signature = {
         name: (
@@ -304,6 +313,7 @@ _NT_XENT_BWD = dict(_NT_XENT_FWD, issue_ceiling=0.5)
 
 # Pointer dtypes of the NT-Xent kernels' arguments other than Z (bf16 gradients, fp32 rest).
 NT_XENT_POINTERS = {
+    "PART": "fp32",
     "RS": "fp32",
     "NORMS": "fp32",
     "DIST": "fp32",
@@ -317,6 +327,43 @@ NT_XENT_POINTERS = {
     "ROW_SUM": "fp32",
     "COL_SUM": "fp32",
 }
+
+
+def nt_xent_merge_variants(d: int) -> list[Variant]:
+    """The column-split launches' merges (`nt_xent.column_splits`), bf16 Z of D features:
+    the forward's (row sums to lse) and the backward's (partial rows to dL/dz, the epilogue)."""
+    import triton.language as tl
+
+    nt = kernel_module("nt_xent")
+    acc = dict(ACC=tl.float32)
+    return [
+        Variant(
+            "nt_xent fwd merge",
+            "bf16/fp16",
+            nt._lse_merge_kernel,
+            NT_XENT_POINTERS,
+            dict(FIXED_SHIFT=True, BLOCK=nt.LSE_MERGE_ROWS, **acc),
+            4,
+            (nt.LSE_MERGE_ROWS,),
+            targets=dict(no_spills=True),
+        ),
+        Variant(
+            f"nt_xent bwd merge D={d}",
+            "bf16",
+            nt._grad_merge_kernel,
+            dict(NT_XENT_POINTERS, Z="fp16"),
+            dict(
+                EPILOGUE=True,
+                PER_ROW=False,
+                BLOCK_M=nt.prologue_rows(d),
+                BLOCK_D=nt.feature_block(d, "Z"),
+                **acc,
+            ),
+            4,
+            (nt.prologue_rows(d), d),
+            targets=dict(no_spills=True),
+        ),
+    ]
 
 
 def kernel_module(name: str):
@@ -347,45 +394,59 @@ def _nt_xent_variants() -> list[Variant]:
         ptrs = dict(pointers, Z="fp16" if precision == "fp16" else "fp32")
         fwd = nt.forward_config(d, zs)
         bwd = nt.backward_config(d, zs, common["PREC"])
-        for fixed in (True, False):
+        # Unsplit (every column a program, as at 2N = 65536), and, for bf16, the column-split
+        # launches of smaller batches (`nt_xent.column_splits`; their merges below).
+        splits = (False, True) if precision == "fp16" else (False,)
+        for fixed, split in [(True, s) for s in splits] + [(False, False)]:
             out.append(
                 Variant(
-                    f"nt_xent fwd{'' if fixed else ' online-max'}",
+                    f"nt_xent fwd{'' if fixed else ' online-max'}{' split' if split else ''}",
                     dtype,
                     nt._lse_fwd_kernel,
                     ptrs,
-                    dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
+                    dict(SPLIT=split, FIXED_SHIFT=fixed, **common, **fwd.constexprs),
                     fwd.num_warps,
                     fwd.block,
                     fwd.num_stages,
                     gemms=((fwd.block[0], fwd.block[1], d),),
                     precision=precision,
-                    targets=_NT_XENT_FWD if fixed and precision == "fp16" else {},
+                    targets=_NT_XENT_FWD
+                    if fixed and not split and precision == "fp16"
+                    else dict(no_spills=True)
+                    if split
+                    else {},
                 )
             )
-        # The mean's backward carries the targets; the per-row one (reduction="none") only
-        # no spills.
-        for per_row in (False, True):
+        # The mean's backward carries the targets; the per-row one (reduction="none") and the
+        # split one (its epilogue in the merge) only no spills.
+        for per_row, split in [(False, s) for s in splits] + [(True, False)]:
             out.append(
                 Variant(
-                    f"nt_xent bwd{' per-row' if per_row else ''}",
+                    f"nt_xent bwd{' per-row' if per_row else ''}{' split' if split else ''}",
                     dtype,
                     nt._grad_kernel,
                     ptrs,
                     dict(
-                        EPILOGUE=True, PER_ROW=per_row, FIXED_SHIFT=True, **common, **bwd.constexprs
+                        SPLIT=split,
+                        EPILOGUE=not split,
+                        PER_ROW=per_row,
+                        FIXED_SHIFT=True,
+                        **common,
+                        **bwd.constexprs,
                     ),
                     bwd.num_warps,
                     bwd.block,
                     bwd.num_stages,
                     gemms=((bwd.block[0], bwd.block[1], d), (bwd.block[0], d, bwd.block[1])),
                     precision=precision,
-                    targets=(_NT_XENT_BWD if not per_row else dict(no_spills=True))
+                    targets=(_NT_XENT_BWD if not (per_row or split) else dict(no_spills=True))
                     if precision == "fp16"
                     else {},
                 )
             )
     for width in (d, 512):
+        merges = nt_xent_merge_variants(width)
+        out.extend(merges if width == d else merges[1:])  # the forward's merge has no D
         rows = nt.prologue_rows(width)
         out.append(
             Variant(

@@ -102,6 +102,43 @@ def test_row_range_primitives():
         lse_rows(z, 10, 80, inv_tau)
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.005])  # 0.005: the online max, merged by its maxima
+def test_column_splits_match_one_program_per_row_block(monkeypatch, tau):
+    """The row-parallel launches cut their columns into splits (`column_splits`: 3 here, a row
+    range not starting at 0) and merge them in a fixed order: the same values and gradients as
+    one program sweeping every column, to rounding, and bitwise the same run to run."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    z = randn(74, 20, seed=16).float()
+    assert nt.column_splits(45, 74, nt.forward_config(20, torch.float32))[0] == 3
+    lse, loss = lse_rows(z, 5, 50, 1 / tau)
+    grad = grad_rows(z, *lse_rows(z, 0, 74, 1 / tau), 40, 74, 1 / tau)
+    again = lse_rows(z, 5, 50, 1 / tau)
+    assert torch.equal(lse, again[0]) and torch.equal(loss, again[1])
+    monkeypatch.setattr(nt, "SPLIT_PROGRAMS", 1)
+    assert nt.column_splits(45, 74, nt.forward_config(20, torch.float32))[0] == 1
+    whole = lse_rows(z, 5, 50, 1 / tau)
+    torch.testing.assert_close(lse, whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, whole[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        grad, grad_rows(z, *lse_rows(z, 0, 74, 1 / tau), 40, 74, 1 / tau), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_column_splits_on_a_gpu(monkeypatch):
+    """Compiled (not interpreted), a launch splits a sweep of at least MIN_SWEEP_TILES column
+    tiles into runs of at least MIN_SPLIT_TILES, toward SPLIT_PROGRAMS programs: none at
+    2N = 512 (4 and 8 column tiles), 8 forward and backward splits at 2N = 2048, 2 at 8192,
+    none at 65536."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fwd, bwd = nt.forward_config(128, torch.float16), nt.backward_config(128, torch.float16)
+    got = {rows: [nt.column_splits(rows, rows, c) for c in (fwd, bwd)] for rows in (512, 2048)}
+    assert got[512] == [(1, 512), (1, 512)]
+    assert got[2048] == [(8, 256), (8, 256)]
+    assert nt.column_splits(8192, 8192, bwd) == (2, 4096)
+    assert nt.column_splits(65536, 65536, bwd)[0] == 1
+
+
 def test_symmetric_variant_matches_row_parallel(monkeypatch):
     z = randn(70, 24, seed=11)
     lse, row_loss = lse_rows(z, 0, 70, 2.0)
