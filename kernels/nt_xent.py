@@ -15,9 +15,10 @@ z_i . z_j), and the fp16 copy of bf16 inputs holds the same values (but for elem
 negligible against the bf16 rounding of the row's large elements) while letting the backward
 round its tile weights to fp16's 11-bit rather than bf16's 8-bit mantissa.
 
-Forward (`_lse_fwd_kernel`, one row-parallel launch): each program owns BLOCK_M rows, keeps them
-in registers, and streams every column block of Zs: x = S log2(e) = (zs_I zs_J^T) q_I rs_J with
-q = rs log2(e) / tau (one row scale, exp2 on the tile). Per row it accumulates
+Forward (`_lse_fwd_kernel`, row-parallel; column splits below): each program owns BLOCK_M rows,
+keeps them in registers, and streams every column block of Zs (of its split):
+x = S log2(e) = (zs_I zs_J^T) q_I rs_J with q = rs log2(e) / tau (one row scale, exp2 on the
+tile). Per row it accumulates
 sum_{k != i} 2^(x_ik - shift): shift = log2(e)/tau (|S| <= 1/tau) when exp(-2/tau) stays a
 normal number, else the online row max. The diagonal and padding masks are applied only on the
 tiles that hold them, and so is the positive pair: with t = log sum_neg exp(S_ik - S_i,pos(i))
@@ -26,7 +27,7 @@ lse_i - S_i,pos(i) = log(1 + e^t), accurate even when it is tiny. Writes lse_i a
 Saved for backward: Zs, rs, the norms, the row losses and the backward's per-row weights
 (u = exp(1/tau - lse) with the fixed shift, else lse log2(e); 2N floats each).
 
-Backward (`_grad_kernel`, one row-parallel launch, no atomics): S is symmetric, so
+Backward (`_grad_kernel`, row-parallel, no atomics; column splits below): S is symmetric, so
 P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
 
     g_i = 1/(tau*2N) * sum_j A_ij zn_j,   A_ij = P_ij + P_ji - 2 [j = pos(i)],
@@ -52,16 +53,17 @@ leave most SMs idle (2N up to a few thousand rows, and a rank's rows against eve
 column under gather_distributed), each launch also cuts its columns into splits, one program
 per (row block, split). The forward's splits write their rows' negative sums (and, without the
 fixed shift, their maxima) and `_lse_merge_kernel` adds them in split order; the backward's
-write their rows' sum_j A_ij zn_j in fp32 and `_grad_merge_kernel` adds them in split order and
-runs the epilogue. No atomics: run-to-run deterministic, and the split count depends on the
-shape only, not the GPU.
+write their rows' sum_j A_ij zn_j in the accumulation dtype and `_grad_merge_kernel` adds them
+in split order and runs the epilogue. No atomics: run-to-run deterministic, and the split count
+depends on the shape only, not the GPU.
 
 Floors (R = 2N rows, D features, b bytes per input element):
   forward  2 R^2 D FLOPs, R^2 exps. Reads of Zs: own rows once, all columns once per row block
            (R / BLOCK_M passes, L2-resident at these sizes); byte floor 2 R D b read + 8 R written.
   backward 4 R^2 D FLOPs (the S tile and A zs_J), R^2 exps with the fixed shift. Reads of Zs:
            own rows twice (tile operand, epilogue), all columns once per row block, lse once per
-           row block; writes R D b.
+           row block; writes R D b (split: splits x R x D accumulation-dtype partials, written
+           and read back once more, L2-resident at the sizes that split).
 The symmetric upper-triangle variant (each tile serving its rows and, transposed, its columns;
 half the GEMM/exp work, at the price of relaxed atomics on the column sums / column gradient
 rows, whose summation order is not deterministic) is `symmetric_masked_lse` + `symmetric_grad`.
@@ -968,7 +970,8 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, int]:
     """(splits, columns per split) of a row-parallel launch over `rows` x `columns`: a sweep
-    of at least `MIN_SWEEP_TILES` column blocks is cut into runs of at least `MIN_SPLIT_TILES`,
+    of at least `MIN_SWEEP_TILES` column blocks is cut into runs of at least `MIN_SPLIT_TILES`
+    (but the last, which holds what is left),
     toward `SPLIT_PROGRAMS` programs (flash-decoding's split-K; under the interpreter any
     sweep into single blocks, so that the tests' few-tile batches run the split launches).
     Each split sums its range and a merge launch adds the splits in a fixed order: results are

@@ -26,6 +26,12 @@ incoming gradient (1/N for the mean) and P_pos - 1 = expm1(-loss_i) in fp32:
 
 each through the normalisation's backward (fused), written to dz_a and dz_b.
 
+Column splits (`nt_xent.column_splits`, as the NT-Xent kernels): where N / BLOCK_M row programs
+would leave most SMs idle against a long bank, both launches also split the bank's columns
+across programs; the forward's splits are merged by `nt_xent._lse_merge_kernel`, the
+backward's (each split's G rows in fp32) by `_bank_grad_merge_kernel`, which then writes dz_a
+and dz_b. Merged in split order, no atomics: deterministic.
+
 Floors (N anchors, M bank rows, D features): forward 2 N M D FLOPs and N M exps; backward
 4 N M D FLOPs and N M exps; the bank is read once per row block.
 """
@@ -55,15 +61,20 @@ from .nt_xent import (
     _EPS,
     _LOG2E,
     _WEIGHT_SCALE,
+    LSE_MERGE_ROWS,
     LaunchConfig,
     _expm1,
     _load_rows,
+    _lse_merge_kernel,
     _row_weight,
     _scale_rows,
     _scaled_dtype,
     accumulate_negatives,
     backward_config,
+    column_range,
+    column_splits,
     forward_config,
+    prologue_rows,
     row_block,
     row_losses,
 )
@@ -77,17 +88,17 @@ def _bank_scores(
     offs_n,
     mask_n,
     D,
-    SPLIT: tl.constexpr,
+    HI_LO: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """zs_I bank_J^T accumulated in ACC; with SPLIT the bank is hi + lo (two fp16 halves of a
+    """zs_I bank_J^T accumulated in ACC; with HI_LO the bank is hi + lo (two fp16 halves of a
     wider bank, see `nt_xent_bank_autograd.bank_operands`): a second product restores its
     precision."""
     s = dot(zi, tl.trans(bj), ACC, PREC, UPCAST)
-    if SPLIT:
+    if HI_LO:
         lo = _load_rows(BANK_LO, D, offs_n, mask_n, D, BLOCK_D)
         s += dot(zi, tl.trans(lo), ACC, PREC, UPCAST)
     return s
@@ -102,12 +113,15 @@ def _bank_fwd_kernel(
     BANK_LO,
     ROW_LOSS,
     ROW_W,
+    PART,
     inv_tau_hi,
     inv_tau_lo,
     n,
     M,
     D,
+    split_columns,
     SPLIT: tl.constexpr,
+    HI_LO: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
@@ -116,28 +130,102 @@ def _bank_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Rows of z_a against the bank columns of `column_range`; SPLIT: the rows' sums (and
+    maxima) to PART for `nt_xent._lse_merge_kernel`, as `nt_xent._lse_fwd_kernel`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     shift, zi, ri, qi = row_block(ZS, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     total = tl.zeros([BLOCK_M], ACC)
     m_i = tl.full([BLOCK_M], 0.0, ACC) - shift  # x >= -shift: see _lse_fwd_kernel
-    for c0 in range(0, M, BLOCK_N):
+    col_lo, col_hi = column_range(M, split_columns, SPLIT)
+    for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
         x = (
-            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST, BLOCK_D)
+            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
             * qi[:, None]
         )
         if c0 + BLOCK_N > M:  # only the last tile holds padding columns
             x = tl.where(mask_n[None, :], x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
-    lse, loss = row_losses(
-        total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau, FIXED_SHIFT, ACC
+    if SPLIT:
+        part = PART + tl.program_id(1) * n + offs_m
+        tl.store(part, total, mask=mask_m)
+        tl.store(part + tl.num_programs(1) * n, m_i, mask=mask_m)
+    else:
+        lse, loss = row_losses(
+            total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau, FIXED_SHIFT, ACC
+        )
+        tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
+        tl.store(ROW_W + offs_m, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
+
+
+@triton.jit
+def _positive_terms(W, ROW_LOSS, DIST, offs_m, mask_m, inv_tau, ACC: tl.constexpr):
+    """(c = w/tau (P_pos - 1), the positive's weight in fp32, never rounded for the tensor
+    cores; cos = zn_a . zn_b = 1 - dist) of the rows."""
+    c = (
+        tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC)
+        * inv_tau
+        * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
     )
-    tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
-    tl.store(ROW_W + offs_m, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
+    return c, 1.0 - tl.load(DIST + offs_m, mask=mask_m, other=0.0)
+
+
+@triton.jit
+def _store_dz_b(
+    ZS, RS, NORMS, DZB, c, cos, offs_m, mask_m, n, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """dz_b = (g_b - zn_b (zn_b . g_b)) / norm_b with g_b = c zn_a: no bank term."""
+    offs_d = tl.arange(0, BLOCK_D)
+    out = offs_m[:, None] * D + offs_d[None, :]
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
+    norm_b = tl.load(NORMS + offs_m + n, mask=mask_m, other=1.0)
+    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
+    radial_b = tl.where(norm_b > _EPS, c * cos, 0.0)
+    dz_b = (c[:, None] * zn_a - zn_b * radial_b[:, None]) / norm_b[:, None]
+    tl.store(DZB + out, round_to(dz_b, DZB.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_dz_a(
+    acc,
+    ZS,
+    RS,
+    NORMS,
+    W,
+    DZA,
+    c,
+    cos,
+    inv_tau,
+    offs_m,
+    mask_m,
+    n,
+    D,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dz_a = (g_a - zn_a (zn_a . g_a)) / norm_a, g_a = w/tau G + c zn_b, from acc = 2^14 G,
+    G = sum_k P_ik bank_k; zn . g_a = w/tau (zn_a . G) + c cos. zn_a and zn_b reloaded
+    (L2-resident) one at a time."""
+    offs_d = tl.arange(0, BLOCK_D)
+    out = offs_m[:, None] * D + offs_d[None, :]
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
+    rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
+    norm_a = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
+    wt = tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * (inv_tau / _WEIGHT_SCALE)
+    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
+    radial_a = tl.where(norm_a > _EPS, wt * tl.sum(zn_a * acc, axis=1) + c * cos, 0.0)
+    g = (acc * wt[:, None] - zn_a * radial_a[:, None]) / norm_a[:, None]
+    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
+    g += zn_b * (c / norm_a)[:, None]
+    tl.store(DZA + out, round_to(g, DZA.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -153,12 +241,15 @@ def _bank_grad_kernel(
     W,
     DZA,
     DZB,
+    PART,
     inv_tau_hi,
     inv_tau_lo,
     n,
     M,
     D,
+    split_columns,
     SPLIT: tl.constexpr,
+    HI_LO: tl.constexpr,
     FIXED_SHIFT: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
@@ -167,42 +258,27 @@ def _bank_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """dz_a and dz_b of a row block; SPLIT: only the block's 2^14 G over the bank columns of
+    `column_range`, to PART (splits x N x D, fp32) for `_bank_grad_merge_kernel`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    offs_d = tl.arange(0, BLOCK_D)
-    out = offs_m[:, None] * D + offs_d[None, :]
-    mask = mask_m[:, None] & (offs_d[None, :] < D)
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     shift = inv_tau * _LOG2E
+    if not SPLIT:  # written before the loop: fewer tiles live at once (no spills)
+        c, cos = _positive_terms(W, ROW_LOSS, DIST, offs_m, mask_m, inv_tau, ACC)
+        _store_dz_b(ZS, RS, NORMS, DZB, c, cos, offs_m, mask_m, n, D, ACC, BLOCK_D)
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
-    rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
-    norm_a = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
-    norm_b = tl.load(NORMS + offs_m + n, mask=mask_m, other=1.0)
-    # c = w/tau (P_pos - 1): the positive's weight in fp32, never rounded for the tensor cores;
-    # cos = zn_a . zn_b = 1 - dist.
-    c = (
-        tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC)
-        * inv_tau
-        * _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
-    )
-    cos = 1.0 - tl.load(DIST + offs_m, mask=mask_m, other=0.0)
-    # dz_b = (g_b - zn_b (zn_b . g_b)) / norm_b with g_b = c zn_a: no bank term, so it is
-    # written first, before the loop (fewer tiles live at once: no spills).
-    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
-    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
-    radial_b = tl.where(norm_b > _EPS, c * cos, 0.0)
-    dz_b = (c[:, None] * zn_a - zn_b * radial_b[:, None]) / norm_b[:, None]
-    tl.store(DZB + out, round_to(dz_b, DZB.dtype.element_ty), mask=mask)
     zi = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D)
     qi = ri * shift
     u_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for c0 in range(0, M, BLOCK_N):
+    col_lo, col_hi = column_range(M, split_columns, SPLIT)
+    for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
         x = (
-            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, SPLIT, ACC, PREC, UPCAST, BLOCK_D)
+            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
             * qi[:, None]
         )
         if FIXED_SHIFT:
@@ -212,33 +288,76 @@ def _bank_grad_kernel(
         if c0 + BLOCK_N > M:
             p = tl.where(mask_n[None, :], p, 0.0)
         acc += dot((p * _WEIGHT_SCALE).to(bj.dtype), bj, ACC, PREC, UPCAST)
-    # dz_a = (g_a - zn_a (zn_a . g_a)) / norm_a, g_a = w/tau G + c zn_b, G = sum_k P_ik bank_k;
-    # zn . g_a = w/tau (zn_a . G) + c cos. zn_a and zn_b reloaded (L2-resident) one at a time.
-    wt = tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * (inv_tau / _WEIGHT_SCALE)
-    zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
-    radial_a = tl.where(norm_a > _EPS, wt * tl.sum(zn_a * acc, axis=1) + c * cos, 0.0)
-    g = (acc * wt[:, None] - zn_a * radial_a[:, None]) / norm_a[:, None]
-    zn_b = _load_rows(ZS, D, offs_m + n, mask_m, D, BLOCK_D).to(ACC) * rb[:, None]
-    g += zn_b * (c / norm_a)[:, None]
-    tl.store(DZA + out, round_to(g, DZA.dtype.element_ty), mask=mask)
+    if SPLIT:
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(
+            PART + tl.program_id(1) * n * D + offs_m[:, None] * D + offs_d[None, :],
+            acc,
+            mask=mask_m[:, None] & (offs_d[None, :] < D),
+        )
+    else:
+        _store_dz_a(acc, ZS, RS, NORMS, W, DZA, c, cos, inv_tau, offs_m, mask_m, n, D, ACC, BLOCK_D)
 
 
-def bank_backward_config(d: int, dtype: torch.dtype, precision: str | None = None):
+@triton.jit
+def _bank_grad_merge_kernel(
+    ZS,
+    RS,
+    NORMS,
+    DIST,
+    ROW_LOSS,
+    W,
+    PART,
+    DZA,
+    DZB,
+    inv_tau_hi,
+    inv_tau_lo,
+    n,
+    D,
+    splits,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The split backward's rows: the splits' 2^14 G added in split order, then dz_a and dz_b
+    as `_bank_grad_kernel` writes them unsplit."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    offs_d = tl.arange(0, BLOCK_D)
+    local = offs_m[:, None] * D + offs_d[None, :]
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for s in range(0, splits):
+        acc += tl.load(PART + s * n * D + local, mask=mask, other=0.0)
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    c, cos = _positive_terms(W, ROW_LOSS, DIST, offs_m, mask_m, inv_tau, ACC)
+    _store_dz_b(ZS, RS, NORMS, DZB, c, cos, offs_m, mask_m, n, D, ACC, BLOCK_D)
+    _store_dz_a(acc, ZS, RS, NORMS, W, DZA, c, cos, inv_tau, offs_m, mask_m, n, D, ACC, BLOCK_D)
+
+
+def bank_backward_config(
+    d: int, dtype: torch.dtype, precision: str | None = None, epilogue: bool = True
+):
     """`nt_xent.backward_config`, but 32 rows for 4-byte Zs: the fp32 operand held across the
     loop spilled 24 B at 64 x 32 (sm_90a static report)."""
-    config = backward_config(d, dtype, precision)
+    config = backward_config(d, dtype, precision, epilogue)
     if dtype == torch.float32:
         return LaunchConfig((32, 32, config.block[2]), config.num_warps, config.num_stages)
     return config
 
 
-def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
-    n, d = zs.shape[0] // 2, zs.shape[1]
+def _launch_forward(zs, rs, dist, bank, bank_lo, hi_lo, inv_tau):
+    """The row losses and the backward's row weights; with column splits
+    (`nt_xent.column_splits` over the bank), then `nt_xent._lse_merge_kernel`."""
+    n, d, m = zs.shape[0] // 2, zs.shape[1], bank.shape[0]
     config = forward_config(d, zs.dtype)
     row_loss = torch.empty(n, dtype=rs.dtype, device=zs.device)
     row_w = torch.empty_like(row_loss)
+    splits, split_columns = column_splits(n, m, config)
+    part = torch.empty(2, splits, n, dtype=rs.dtype, device=zs.device) if splits > 1 else row_w
+    fixed_shift = fixed_shift_safe(inv_tau, rs.dtype)
     with device_guard(zs):
-        _bank_fwd_kernel[(triton.cdiv(n, config.block[0]),)](
+        _bank_fwd_kernel[(triton.cdiv(n, config.block[0]), splits)](
             ZS=zs,
             RS=rs,
             DIST=dist,
@@ -246,29 +365,52 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, split, inv_tau):
             BANK_LO=bank_lo,
             ROW_LOSS=row_loss,
             ROW_W=row_w,
+            PART=part,
             **split_floats(inv_tau=inv_tau),
             n=n,
-            M=bank.shape[0],
+            M=m,
             D=d,
-            SPLIT=split,
-            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            split_columns=split_columns,
+            SPLIT=splits > 1,
+            HI_LO=hi_lo,
+            FIXED_SHIFT=fixed_shift,
             ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
+        if splits > 1:
+            _lse_merge_kernel[(triton.cdiv(n, LSE_MERGE_ROWS),)](
+                PART=part,
+                DIST=dist,
+                LSE=torch.empty_like(row_loss),  # the bank's backward needs only the weights
+                ROW_LOSS=row_loss,
+                ROW_W=row_w,
+                **split_floats(inv_tau=inv_tau),
+                half=n,
+                row_start=0,
+                row_end=n,
+                splits=splits,
+                FIXED_SHIFT=fixed_shift,
+                ACC=acc_dtype(rs.dtype),
+                BLOCK=LSE_MERGE_ROWS,
+            )
     return row_loss, row_w
 
 
 def _launch_backward(
-    zs, rs, norms, dist, bank, bank_lo, split, row_w, row_loss, w, inv_tau, out_dtype
+    zs, rs, norms, dist, bank, bank_lo, hi_lo, row_w, row_loss, w, inv_tau, out_dtype
 ):
-    n, d = zs.shape[0] // 2, zs.shape[1]
-    config = bank_backward_config(d, zs.dtype)
+    """(dz_a, dz_b); with column splits over the bank, then `_bank_grad_merge_kernel`."""
+    n, d, m = zs.shape[0] // 2, zs.shape[1], bank.shape[0]
     dz_a = torch.empty(n, d, dtype=out_dtype, device=zs.device)
     dz_b = torch.empty_like(dz_a)
+    splits, split_columns = column_splits(n, m, bank_backward_config(d, zs.dtype))
+    config = bank_backward_config(d, zs.dtype, epilogue=splits == 1)
+    part = torch.empty(splits, n, d, dtype=rs.dtype, device=zs.device) if splits > 1 else dz_a
+    scalars = dict(**split_floats(inv_tau=inv_tau), n=n, D=d)
     with device_guard(zs):
-        _bank_grad_kernel[(triton.cdiv(n, config.block[0]),)](
+        _bank_grad_kernel[(triton.cdiv(n, config.block[0]), splits)](
             ZS=zs,
             RS=rs,
             NORMS=norms,
@@ -280,17 +422,35 @@ def _launch_backward(
             W=w,
             DZA=dz_a,
             DZB=dz_b,
-            **split_floats(inv_tau=inv_tau),
-            n=n,
-            M=bank.shape[0],
-            D=d,
-            SPLIT=split,
+            PART=part,
+            **scalars,
+            M=m,
+            split_columns=split_columns,
+            SPLIT=splits > 1,
+            HI_LO=hi_lo,
             FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
             ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
+        if splits > 1:
+            _bank_grad_merge_kernel[(triton.cdiv(n, prologue_rows(d)),)](
+                ZS=zs,
+                RS=rs,
+                NORMS=norms,
+                DIST=dist,
+                ROW_LOSS=row_loss,
+                W=w,
+                PART=part,
+                DZA=dz_a,
+                DZB=dz_b,
+                **scalars,
+                splits=splits,
+                ACC=acc_dtype(rs.dtype),
+                BLOCK_M=prologue_rows(d),
+                BLOCK_D=config.block[2],
+            )
     return dz_a, dz_b
 
 

@@ -177,8 +177,11 @@ def nt_xent_tiles(n: int, d: int, ranks: int = 1) -> int:
 
 def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
     """NT-Xent's Triton fast path on bf16 Z (2N x D per rank): the prologue (scaled fp16 rows),
-    the row-parallel forward and backward. Under gather_distributed the rank's row blocks sweep
-    every rank's 2N columns (the all-gather itself is not modelled)."""
+    the row-parallel forward and backward, each with its merge where it splits its columns
+    (`nt_xent.column_splits`). Under gather_distributed the row primitives run: each scales
+    every rank's rows, the rank's row blocks sweep all 2N x ranks columns, and the backward
+    returns its rows unscaled in fp32 (no epilogue; the all-gather and the host's scaling are
+    not modelled)."""
     import torch
     import triton.language as tl
 
@@ -203,9 +206,11 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             (block_r, fwd.block[2]),
         )
 
+    gathered = ranks > 1
     fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
     bwd_splits, bwd_columns = nt.column_splits(rows, columns, bwd)
-    bwd = nt.backward_config(d, torch.float16, epilogue=bwd_splits == 1)
+    in_kernel = not gathered and bwd_splits == 1  # the epilogue in the backward launch itself
+    bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
 
     def forward():
         return static.Variant(
@@ -224,10 +229,10 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             f"nt_xent bwd {'x'.join(map(str, bwd.block))}",
             "bf16",
             nt._grad_kernel,
-            pointers,
+            dict(pointers, DZ="bf16" if in_kernel else "fp32"),
             dict(
                 SPLIT=bwd_splits > 1,
-                EPILOGUE=bwd_splits == 1,
+                EPILOGUE=in_kernel,
                 PER_ROW=False,
                 FIXED_SHIFT=True,
                 **common,
@@ -238,15 +243,18 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             bwd.num_stages,
         )
 
+    prologue_launch = model.Launch(
+        _compiled(("prologue", d), prologue), math.ceil(columns / 2 / block_r), no_loops
+    )
     launches = [
-        model.Launch(_compiled(("prologue", d), prologue), math.ceil(rows / 2 / block_r), no_loops),
+        *[prologue_launch] * (2 if gathered else 1),
         model.Launch(
             _compiled(("fwd", fwd, fwd_splits > 1), forward),
             math.ceil(rows / fwd.block[0]) * fwd_splits,
             mma_loop(math.ceil(fwd_columns / fwd.block[1]), math.prod(fwd.block)),
         ),
         model.Launch(
-            _compiled(("bwd", bwd, bwd_splits > 1), backward),
+            _compiled(("bwd", bwd, bwd_splits > 1, in_kernel), backward),
             math.ceil(rows / bwd.block[0]) * bwd_splits,
             mma_loop(math.ceil(bwd_columns / bwd.block[1]), 2 * math.prod(bwd.block)),
         ),
@@ -257,7 +265,10 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
         )
     if bwd_splits > 1:
-        merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
+        merge = _compiled(
+            ("bwd merge", d, gathered),
+            lambda: static.nt_xent_merge_variants(d, epilogue=not gathered)[1],
+        )
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)
         )

@@ -329,9 +329,10 @@ NT_XENT_POINTERS = {
 }
 
 
-def nt_xent_merge_variants(d: int) -> list[Variant]:
+def nt_xent_merge_variants(d: int, epilogue: bool = True) -> list[Variant]:
     """The column-split launches' merges (`nt_xent.column_splits`), bf16 Z of D features:
-    the forward's (row sums to lse) and the backward's (partial rows to dL/dz, the epilogue)."""
+    the forward's (row sums to lse) and the backward's (partial rows to dL/dz in bf16 through
+    the epilogue, or, for the row primitive of gather_distributed, summed rows in fp32)."""
     import triton.language as tl
 
     nt = kernel_module("nt_xent")
@@ -348,12 +349,12 @@ def nt_xent_merge_variants(d: int) -> list[Variant]:
             targets=dict(no_spills=True),
         ),
         Variant(
-            f"nt_xent bwd merge D={d}",
+            f"nt_xent bwd merge D={d}{'' if epilogue else ' rows'}",
             "bf16",
             nt._grad_merge_kernel,
-            dict(NT_XENT_POINTERS, Z="fp16"),
+            dict(NT_XENT_POINTERS, Z="fp16", DZ="bf16" if epilogue else "fp32"),
             dict(
-                EPILOGUE=True,
+                EPILOGUE=epilogue,
                 PER_ROW=False,
                 BLOCK_M=nt.prologue_rows(d),
                 BLOCK_D=nt.feature_block(d, "Z"),
@@ -425,7 +426,7 @@ def _nt_xent_variants() -> list[Variant]:
                     f"nt_xent bwd{' per-row' if per_row else ''}{' split' if split else ''}",
                     dtype,
                     nt._grad_kernel,
-                    ptrs,
+                    dict(ptrs, DZ="fp32") if split else ptrs,  # split: fp32 partial rows
                     dict(
                         SPLIT=split,
                         EPILOGUE=not split,
@@ -507,8 +508,9 @@ def _nt_xent_bank_variants() -> list[Variant]:
         "W": "fp32",
         "DZA": "bf16",
         "DZB": "bf16",
+        "PART": "fp32",
     }
-    for dtype, zs, precision, split in (
+    for dtype, zs, precision, hi_lo in (
         ("bf16/fp16, fp32 bank", torch.float16, "fp16", True),
         ("bf16/fp16, fp16 bank", torch.float16, "fp16", False),
         ("fp32 tf32", torch.float32, "tf32", False),
@@ -517,21 +519,23 @@ def _nt_xent_bank_variants() -> list[Variant]:
             ACC=tl.float32,
             UPCAST=False,
             PREC="ieee" if precision == "fp16" else precision,
-            SPLIT=split,
+            HI_LO=hi_lo,
         )
         operand = "fp16" if precision == "fp16" else "fp32"
         ptrs = dict(pointers, ZS=operand, BANK=operand, BANK_LO=operand)
         fwd = nt.forward_config(d, zs)
         bwd = bank.bank_backward_config(d, zs, common["PREC"])
-        scores = 2 if split else 1
-        for fixed in (True, False):
+        scores = 2 if hi_lo else 1
+        # Unsplit, and, for the fp32 bank, the column-split launches (`nt_xent.column_splits`)
+        splits = (False, True) if hi_lo else (False,)
+        for fixed, split in [(True, s) for s in splits] + [(False, False)]:
             out.append(
                 Variant(
-                    f"nt_xent_bank fwd{'' if fixed else ' online-max'}",
+                    f"nt_xent_bank fwd{'' if fixed else ' online-max'}{' split' if split else ''}",
                     dtype,
                     bank._bank_fwd_kernel,
                     ptrs,
-                    dict(FIXED_SHIFT=fixed, **common, **fwd.constexprs),
+                    dict(SPLIT=split, FIXED_SHIFT=fixed, **common, **fwd.constexprs),
                     fwd.num_warps,
                     fwd.block,
                     fwd.num_stages,
@@ -540,22 +544,36 @@ def _nt_xent_bank_variants() -> list[Variant]:
                     targets=dict(no_spills=True),
                 )
             )
-        out.append(
-            Variant(
-                "nt_xent_bank bwd",
-                dtype,
-                bank._bank_grad_kernel,
-                ptrs,
-                dict(FIXED_SHIFT=True, **common, **bwd.constexprs),
-                bwd.num_warps,
-                bwd.block,
-                bwd.num_stages,
-                gemms=((bwd.block[0], bwd.block[1], d),) * scores
-                + ((bwd.block[0], d, bwd.block[1]),),
-                precision=precision,
-                targets=dict(no_spills=True),
+        for split in splits:
+            out.append(
+                Variant(
+                    f"nt_xent_bank bwd{' split' if split else ''}",
+                    dtype,
+                    bank._bank_grad_kernel,
+                    ptrs,
+                    dict(SPLIT=split, FIXED_SHIFT=True, **common, **bwd.constexprs),
+                    bwd.num_warps,
+                    bwd.block,
+                    bwd.num_stages,
+                    gemms=((bwd.block[0], bwd.block[1], d),) * scores
+                    + ((bwd.block[0], d, bwd.block[1]),),
+                    precision=precision,
+                    targets=dict(no_spills=True),
+                )
             )
+    rows = nt.prologue_rows(d)
+    out.append(
+        Variant(
+            "nt_xent_bank bwd merge",
+            "bf16",
+            bank._bank_grad_merge_kernel,
+            dict(pointers, ZS="fp16"),
+            dict(ACC=tl.float32, BLOCK_M=rows, BLOCK_D=d),
+            4,
+            (rows, d),
+            targets=dict(no_spills=True),
         )
+    )
     return out
 
 

@@ -124,6 +124,30 @@ def test_column_splits_match_one_program_per_row_block(monkeypatch, tau):
     )
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.005])
+def test_bank_column_splits_match_one_program_per_row_block(monkeypatch, tau):
+    """The memory bank's launches split the bank's columns (3 splits of 32 columns here) and
+    merge them in order: values and gradients as one program per row block, to rounding, and
+    bitwise the same run to run."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    bank_module = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
+    z_a, z_b = (randn(40, 16, seed=s).float() for s in (17, 18))
+    bank = torch.nn.functional.normalize(randn(70, 16, seed=19), dim=1).float()
+    assert nt.column_splits(40, 70, nt.forward_config(16, torch.float32))[0] == 3
+
+    def run():
+        a, b = leaves(z_a, z_b, dtype=torch.float32)
+        loss = bank_module.nt_xent_bank(a, b, bank, tau)
+        loss.backward()
+        return loss, a.grad, b.grad
+
+    split = run()
+    assert all(torch.equal(x, y) for x, y in zip(split, run()))
+    monkeypatch.setattr(nt, "SPLIT_PROGRAMS", 1)
+    for x, y in zip(split, run()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
 def test_column_splits_on_a_gpu(monkeypatch):
     """Compiled (not interpreted), a launch splits a sweep of at least MIN_SWEEP_TILES column
     tiles into runs of at least MIN_SPLIT_TILES, toward SPLIT_PROGRAMS programs: none at
