@@ -29,8 +29,8 @@ each through the normalisation's backward (fused), written to dz_a and dz_b.
 Column splits (`nt_xent.column_splits`, as the NT-Xent kernels): where N / BLOCK_M row programs
 would leave most SMs idle against a long bank, both launches also split the bank's columns
 across programs; the forward's splits are merged by `nt_xent._lse_merge_kernel`, the
-backward's (each split's G rows in fp32) by `_bank_grad_merge_kernel`, which then writes dz_a
-and dz_b. Merged in split order, no atomics: deterministic.
+backward's (each split's G rows in the accumulation dtype) by `_bank_grad_merge_kernel`, which
+then writes dz_a and dz_b. Merged in split order, no atomics: deterministic.
 
 Floors (N anchors, M bank rows, D features): forward 2 N M D FLOPs and N M exps; backward
 4 N M D FLOPs and N M exps; the bank is read once per row block.
@@ -259,7 +259,7 @@ def _bank_grad_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dz_a and dz_b of a row block; SPLIT: only the block's 2^14 G over the bank columns of
-    `column_range`, to PART (splits x N x D, fp32) for `_bank_grad_merge_kernel`."""
+    `column_range`, to PART (splits x N x D, accumulation dtype) for `_bank_grad_merge_kernel`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)

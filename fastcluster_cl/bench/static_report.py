@@ -493,7 +493,8 @@ def _nt_xent_bank_variants() -> list[Variant]:
     """NT-Xent against a memory bank (kernels/nt_xent_bank.py) at D = 128: the row-parallel
     forward (fixed shift and online max) and backward, bf16/fp16 inputs with the fp32 bank split
     into fp16 hi + lo (the module's bank, two score products) or an fp16 bank (one), and fp32
-    inputs. Target: no spills."""
+    inputs; for the fp32 bank also the column-split forward and backward and the backward's
+    merge. Target: no spills."""
     import torch
     import triton.language as tl
 
@@ -524,7 +525,6 @@ def _nt_xent_bank_variants() -> list[Variant]:
         operand = "fp16" if precision == "fp16" else "fp32"
         ptrs = dict(pointers, ZS=operand, BANK=operand, BANK_LO=operand)
         fwd = nt.forward_config(d, zs)
-        bwd = bank.bank_backward_config(d, zs, common["PREC"])
         scores = 2 if hi_lo else 1
         # Unsplit, and, for the fp32 bank, the column-split launches (`nt_xent.column_splits`)
         splits = (False, True) if hi_lo else (False,)
@@ -545,6 +545,7 @@ def _nt_xent_bank_variants() -> list[Variant]:
                 )
             )
         for split in splits:
+            bwd = bank.bank_backward_config(d, zs, common["PREC"], epilogue=not split)
             out.append(
                 Variant(
                     f"nt_xent_bank bwd{' split' if split else ''}",
@@ -568,7 +569,7 @@ def _nt_xent_bank_variants() -> list[Variant]:
             "bf16",
             bank._bank_grad_merge_kernel,
             dict(pointers, ZS="fp16"),
-            dict(ACC=tl.float32, BLOCK_M=rows, BLOCK_D=d),
+            dict(ACC=tl.float32, BLOCK_M=rows, BLOCK_D=nt.feature_block(d, "Z")),
             4,
             (rows, d),
             targets=dict(no_spills=True),
