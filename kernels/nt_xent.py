@@ -382,10 +382,7 @@ def _lse_fwd_kernel(
             x = tl.where(negative, x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
     if SPLIT:
-        rows = row_end - row_start
-        part = PART + tl.program_id(1) * rows + offs_m - row_start
-        tl.store(part, total, mask=mask_m)
-        tl.store(part + tl.num_programs(1) * rows, m_i, mask=mask_m)
+        store_split_sums(PART, total, m_i, offs_m - row_start, row_end - row_start, mask_m)
     else:
         _store_row_results(
             LSE,
@@ -402,6 +399,27 @@ def _lse_fwd_kernel(
             FIXED_SHIFT,
             ACC,
         )
+
+
+@triton.jit
+def store_split_sums(PART, total, m_i, local, rows, mask):
+    """A split's row sums and maxima (`accumulate_negatives`) into PART (2 x splits x rows):
+    split s = program_id(1) at s rows, its maxima splits rows further (`_lse_merge_kernel`)."""
+    part = PART + tl.program_id(1) * rows + local
+    tl.store(part, total, mask=mask)
+    tl.store(part + tl.num_programs(1) * rows, m_i, mask=mask)
+
+
+@triton.jit
+def sum_split_rows(
+    PART, local, mask, size, splits, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """The splits' partial rows at `local` (split s's block `size` elements after split
+    s - 1's), added in split order: the backward merges' first step."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for s in range(0, splits):
+        acc += tl.load(PART + s * size + local, mask=mask, other=0.0)
+    return acc
 
 
 @triton.jit
@@ -719,9 +737,7 @@ def _grad_merge_kernel(
     mask = mask_m[:, None] & (offs_d[None, :] < D)
     rows = row_end - row_start
     local = (offs_m - row_start)[:, None] * D + offs_d[None, :]
-    g = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for s in range(0, splits):
-        g += tl.load(PART + s * rows * D + local, mask=mask, other=0.0)
+    g = sum_split_rows(PART, local, mask, rows * D, splits, ACC, BLOCK_M, BLOCK_D)
     if EPILOGUE:
         ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
         inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
@@ -997,8 +1013,6 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
     splits, split_columns = column_splits(rows, rows_total, config)
     part = torch.empty(2, splits, rows, dtype=acc, device=zs.device) if splits > 1 else lse
-    fixed_shift = fixed_shift_safe(inv_tau, acc)
-    scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     with device_guard(zs):
         _lse_fwd_kernel[(triton.cdiv(rows, config.block[0]), splits)](
             Z=zs,
@@ -1008,33 +1022,44 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
             ROW_LOSS=row_loss,
             ROW_W=row_w,
             PART=part,
-            **scalars,
+            **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
+            row_start=row_start,
+            row_end=row_end,
             split_columns=split_columns,
             SPLIT=splits > 1,
-            FIXED_SHIFT=fixed_shift,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, acc),
             ACC=acc_dtype(acc),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
         if splits > 1:
-            _lse_merge_kernel[(triton.cdiv(rows, LSE_MERGE_ROWS),)](
-                PART=part,
-                DIST=dist,
-                LSE=lse,
-                ROW_LOSS=row_loss,
-                ROW_W=row_w,
-                **scalars,
-                half=rows_total // 2,
-                splits=splits,
-                FIXED_SHIFT=fixed_shift,
-                ACC=acc_dtype(acc),
-                BLOCK=LSE_MERGE_ROWS,
-            )
+            merge_row_sums(part, dist, lse, row_loss, row_w, inv_tau, rows_total // 2, row_start)
     return lse, row_loss, row_w
+
+
+def merge_row_sums(part, dist, lse, row_loss, row_w, inv_tau, half, row_start):
+    """Launch `_lse_merge_kernel` on a split forward's PART (2 x splits x rows): lse, the row
+    losses and the backward's row weights of rows [row_start, row_start + rows)."""
+    splits, rows = part.shape[1:]
+    _lse_merge_kernel[(triton.cdiv(rows, LSE_MERGE_ROWS),)](
+        PART=part,
+        DIST=dist,
+        LSE=lse,
+        ROW_LOSS=row_loss,
+        ROW_W=row_w,
+        **split_floats(inv_tau=inv_tau),
+        half=half,
+        row_start=row_start,
+        row_end=row_start + rows,
+        splits=splits,
+        FIXED_SHIFT=fixed_shift_safe(inv_tau, part.dtype),
+        ACC=acc_dtype(part.dtype),
+        BLOCK=LSE_MERGE_ROWS,
+    )
 
 
 def _row_weights(lse: torch.Tensor, inv_tau: float) -> torch.Tensor:

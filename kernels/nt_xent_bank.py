@@ -61,11 +61,9 @@ from .nt_xent import (
     _EPS,
     _LOG2E,
     _WEIGHT_SCALE,
-    LSE_MERGE_ROWS,
     LaunchConfig,
     _expm1,
     _load_rows,
-    _lse_merge_kernel,
     _row_weight,
     _scale_rows,
     _scaled_dtype,
@@ -74,9 +72,12 @@ from .nt_xent import (
     column_range,
     column_splits,
     forward_config,
+    merge_row_sums,
     prologue_rows,
     row_block,
     row_losses,
+    store_split_sums,
+    sum_split_rows,
 )
 
 
@@ -151,9 +152,7 @@ def _bank_fwd_kernel(
             x = tl.where(mask_n[None, :], x, float("-inf"))
         total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
     if SPLIT:
-        part = PART + tl.program_id(1) * n + offs_m
-        tl.store(part, total, mask=mask_m)
-        tl.store(part + tl.num_programs(1) * n, m_i, mask=mask_m)
+        store_split_sums(PART, total, m_i, offs_m, n, mask_m)
     else:
         lse, loss = row_losses(
             total, m_i, tl.load(DIST + offs_m, mask=mask_m, other=0.0), inv_tau, FIXED_SHIFT, ACC
@@ -326,9 +325,7 @@ def _bank_grad_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     local = offs_m[:, None] * D + offs_d[None, :]
     mask = mask_m[:, None] & (offs_d[None, :] < D)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for s in range(0, splits):
-        acc += tl.load(PART + s * n * D + local, mask=mask, other=0.0)
+    acc = sum_split_rows(PART, local, mask, n * D, splits, ACC, BLOCK_M, BLOCK_D)
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     c, cos = _positive_terms(W, ROW_LOSS, DIST, offs_m, mask_m, inv_tau, ACC)
     _store_dz_b(ZS, RS, NORMS, DZB, c, cos, offs_m, mask_m, n, D, ACC, BLOCK_D)
@@ -348,14 +345,13 @@ def bank_backward_config(
 
 def _launch_forward(zs, rs, dist, bank, bank_lo, hi_lo, inv_tau):
     """The row losses and the backward's row weights; with column splits
-    (`nt_xent.column_splits` over the bank), then `nt_xent._lse_merge_kernel`."""
+    (`nt_xent.column_splits` over the bank), then `nt_xent.merge_row_sums`."""
     n, d, m = zs.shape[0] // 2, zs.shape[1], bank.shape[0]
     config = forward_config(d, zs.dtype)
     row_loss = torch.empty(n, dtype=rs.dtype, device=zs.device)
     row_w = torch.empty_like(row_loss)
     splits, split_columns = column_splits(n, m, config)
     part = torch.empty(2, splits, n, dtype=rs.dtype, device=zs.device) if splits > 1 else row_w
-    fixed_shift = fixed_shift_safe(inv_tau, rs.dtype)
     with device_guard(zs):
         _bank_fwd_kernel[(triton.cdiv(n, config.block[0]), splits)](
             ZS=zs,
@@ -373,28 +369,14 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, hi_lo, inv_tau):
             split_columns=split_columns,
             SPLIT=splits > 1,
             HI_LO=hi_lo,
-            FIXED_SHIFT=fixed_shift,
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
             ACC=acc_dtype(rs.dtype),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
-        if splits > 1:
-            _lse_merge_kernel[(triton.cdiv(n, LSE_MERGE_ROWS),)](
-                PART=part,
-                DIST=dist,
-                LSE=torch.empty_like(row_loss),  # the bank's backward needs only the weights
-                ROW_LOSS=row_loss,
-                ROW_W=row_w,
-                **split_floats(inv_tau=inv_tau),
-                half=n,
-                row_start=0,
-                row_end=n,
-                splits=splits,
-                FIXED_SHIFT=fixed_shift,
-                ACC=acc_dtype(rs.dtype),
-                BLOCK=LSE_MERGE_ROWS,
-            )
+        if splits > 1:  # lse to scratch: the bank's backward needs only the weights
+            merge_row_sums(part, dist, torch.empty_like(row_loss), row_loss, row_w, inv_tau, n, 0)
     return row_loss, row_w
 
 
