@@ -1188,6 +1188,41 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau):
     return fake_grad_rows(z, row_start, row_end)
 
 
+@torch.library.custom_op("fastcluster_cl::nt_xent_triton_dz_rows", mutates_args=())
+def dz_rows(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_start: int,
+    row_end: int,
+    inv_tau: float,
+    grad_out: torch.Tensor,
+) -> torch.Tensor:
+    """dL/dz of rows [row_start, row_end) of the raw Z for L = grad_out (0-d) times the mean of
+    all 2N row losses, in z's dtype: `grad_rows` with the scaling and the normalisation's
+    backward in the kernel's epilogue (or its merge's)."""
+    z = z.contiguous()
+    _check_rows(z, row_start, row_end)
+    zs, rs, norms, _ = _scale_rows(z)
+    return _grad(
+        zs,
+        rs,
+        norms,
+        _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
+        row_loss.to(rs.dtype).contiguous(),
+        row_start,
+        row_end,
+        inv_tau,
+        grad_out.to(rs.dtype).contiguous(),
+        z.dtype,
+    )
+
+
+@dz_rows.register_fake
+def _(z, lse, row_loss, row_start, row_end, inv_tau, grad_out):
+    return fake_grad_rows(z, row_start, row_end, z.dtype)
+
+
 def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """All 2N row lse of the raw Z from upper-triangle tiles only (half the GEMM and exp work of
     `lse_rows`). Needs the fixed shift (2/tau within the exp range) and fp32 or wider
@@ -1359,7 +1394,9 @@ def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, symmetric):
     return torch.empty_like(z)
 
 
-NT_XENT = register_fast_path("triton", lse_rows, grad_rows, _fused_forward, _fused_backward)
+NT_XENT = register_fast_path(
+    "triton", lse_rows, grad_rows, _fused_forward, _fused_backward, dz_rows=dz_rows
+)
 
 
 def _checked_options(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple:

@@ -249,6 +249,35 @@ def test_opcheck_row_primitives(backend, dense_cuda):
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(lse_rows, (z, 3, 8, 2.0, *options), test_utils=checks)
     torch.library.opcheck(grad_rows, (z, lse, row_loss, 3, 8, 2.0, *options), test_utils=checks)
+    if backend != "chunked":  # the optional dz_rows
+        grad_out = torch.tensor(0.7, dtype=z.dtype, device=z.device)
+        torch.library.opcheck(
+            getattr(OPS, f"nt_xent_{backend}_dz_rows").default,
+            (z, lse, row_loss, 3, 8, 2.0, grad_out),
+            test_utils=checks,
+        )
+
+
+def test_dz_rows_is_grad_rows_through_the_normalisation_backward():
+    """Triton's dz_rows (the scaling and the normalisation's backward in the kernel epilogue)
+    against grad_rows followed by torch's, on a row range, unsplit and with column splits
+    (the interpreter splits every multi-tile sweep), tiny and huge rows included."""
+    from fastcluster_cl import kernels
+    from fastcluster_cl.backends.numerics import l2_normalize, l2_normalize_backward
+
+    torch.manual_seed(0)
+    for rows in (10, 150):
+        z = torch.randn(rows, 24, dtype=torch.float64)
+        z[1] *= 1e-30
+        z[-1] *= 1e19
+        lse, row_loss = kernels.lse_rows(z, 0, rows, 3.0)
+        start, end = 2, rows - 1
+        grad_out = torch.tensor(0.7, dtype=torch.float64)
+        got = OPS.nt_xent_triton_dz_rows(z, lse, row_loss, start, end, 3.0, grad_out)
+        g = kernels.grad_rows(z, lse, row_loss, start, end, 3.0)
+        zn, norm = l2_normalize(z[start:end])
+        want = l2_normalize_backward(zn, norm, g, grad_out * 3.0 / rows)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-300)
 
 
 # NT-Xent against a memory bank: (forward op, options after (z_a, z_b, bank, inv_tau, per_row),

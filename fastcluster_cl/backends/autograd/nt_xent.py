@@ -6,6 +6,9 @@ A backend describes itself with an `NTXentBackend`:
   (lse, row_loss)`` and ``grad_rows(z, lse, row_loss, row_start, row_end, inv_tau, *options) ->
   sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i)`` (unscaled dL/dzn rows of the mean loss, times
   2N tau) over the raw Z = [z_a; z_b] (normalised inside);
+- optionally ``dz_rows(z, lse, row_loss, row_start, row_end, inv_tau, grad_out, *options) ->
+  dL/dz`` of those rows for L = grad_out * (the mean of all 2N row losses), in z's dtype, the
+  normalisation's backward included (one kernel where `grad_rows` leaves ~15 torch ops);
 - optionally a whole-matrix fast path: ``forward(z, inv_tau, per_row, *options) -> (loss,
   *state)`` (loss the 2N row losses if per_row, else their mean) and ``backward(z, grad,
   inv_tau, *state, *options) -> dL/dz`` (in z's dtype, the normalisation's backward included;
@@ -18,9 +21,9 @@ else the row primitives over [0, 2N); with `gather` it all-gathers Z, runs the p
 rank's rows against the gathered Z and all-gathers their lse and row losses for the backward
 (gathered.py's convention: the gradient of the local rows is world_size times the global one).
 The backward of the primitives path scales the rows by grad * inv_tau / (2N_local) and applies
-`numerics.l2_normalize_backward`. Double backward is refused with a clear error on every
-backend (the saved statistics are not differentiable functions of the inputs); backend='torch'
-is the differentiable reference.
+`numerics.l2_normalize_backward`, or has `dz_rows` do both. Double backward is refused with a
+clear error on every backend (the saved statistics are not differentiable functions of the
+inputs); backend='torch' is the differentiable reference.
 
 `register_fast_path` gives a backend's fast-path forward op (a torch.library custom op) its
 backward op as autograd formula (`pairs.register_pair`), so that the op is differentiable on its
@@ -40,6 +43,7 @@ from .pairs import guard, register_pair
 
 RowLSE = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RowGrad = Callable[..., torch.Tensor]
+RowDz = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class NTXentBackend:
     # The fast path's plain Python functions, called instead of the ops outside torch.compile
     # (the op dispatch costs ~45 us a call on the CPU, 7% of a 2N = 256 step on two threads).
     eager: tuple[Callable, Callable] | None = None
+    dz_rows: RowDz | None = None
 
     def fast_path(self) -> tuple[Callable, Callable]:
         """(forward, backward): the ops while torch.compile traces, else `eager` if given."""
@@ -169,7 +174,18 @@ class NTXent(torch.autograd.Function):
 def _rows_backward(
     ctx, grad: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, row_loss: torch.Tensor
 ) -> torch.Tensor:
-    """dL/dz of the rows in ctx.ranges of the (gathered) z from the backend's `grad_rows`."""
+    """dL/dz of the rows in ctx.ranges of the (gathered) z from the backend's `dz_rows`, or
+    from its `grad_rows` and torch's normalisation backward."""
+    local = sum(end - start for start, end in ctx.ranges)
+    if ctx.spec.dz_rows is not None:
+        # the mean over these rows is z.shape[0] / local times the mean over all of z's rows
+        grad_out = (grad * (z.shape[0] / local)).contiguous()
+        return torch.cat(
+            [
+                ctx.spec.dz_rows(z, lse, row_loss, start, end, ctx.inv_tau, grad_out, *ctx.options)
+                for start, end in ctx.ranges
+            ]
+        )
     g = torch.cat(
         [
             ctx.spec.grad_rows(z, lse, row_loss, start, end, ctx.inv_tau, *ctx.options)
@@ -178,7 +194,7 @@ def _rows_backward(
     )
     # dL/dzn of the mean over these rows is 1/(tau * rows); gathered, it is world_size times
     # the global gradient 1/(tau * 2N_global), the same number.
-    scale = grad * ctx.inv_tau / g.shape[0]
+    scale = grad * ctx.inv_tau / local
     rows = torch.cat([torch.arange(start, end, device=z.device) for start, end in ctx.ranges])
     zn, norm = l2_normalize(z[rows])
     return l2_normalize_backward(zn, norm, g, scale).to(z.dtype)
@@ -232,8 +248,10 @@ def register_fast_path(
     forward_op,
     backward_op,
     eager: tuple[Callable, Callable] | None = None,
+    dz_rows: RowDz | None = None,
 ) -> NTXentBackend:
-    """Register backend `name`: its row primitives and its fast-path op pair, the custom ops
+    """Register backend `name`: its row primitives (`dz_rows` optional) and its fast-path op
+    pair, the custom ops
     ``fastcluster_cl::nt_xent_<name>_fwd`` / ``_bwd`` (per-row gradients supported), and
     optionally the ops' plain functions for eager calls. The backward op becomes the forward
     op's autograd and refuses double backward."""
@@ -247,6 +265,7 @@ def register_fast_path(
             getattr(ops, f"nt_xent_{name}_bwd").default,
             per_row_backward=True,
             eager=eager,
+            dz_rows=dz_rows,
         )
     )
     register_pair(

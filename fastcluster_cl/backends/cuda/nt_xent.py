@@ -148,4 +148,42 @@ def _(z, lse, row_loss, row_start, row_end, inv_tau):
     return fake_grad_rows(z, row_start, row_end, torch.float32)
 
 
-NT_XENT = register_fast_path("cuda", lse_rows, grad_rows, _fused_forward, _fused_backward)
+@torch.library.custom_op("fastcluster_cl::nt_xent_cuda_dz_rows", mutates_args=())
+def dz_rows(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_start: int,
+    row_end: int,
+    inv_tau: float,
+    grad_out: torch.Tensor,
+) -> torch.Tensor:
+    """Row-range primitive: dL/dz of rows [row_start, row_end) for L = grad_out (0-d) times the
+    mean of all 2N row losses, in z's dtype (`grad_rows`, then the normalisation's backward
+    kernel)."""
+    zs, rs, norm, _ = _normalized(z)
+    ext = build.extension()
+    g = ext.grad_rows(
+        zs, rs, lse.float().contiguous(), row_loss.float().contiguous(), row_start, row_end, inv_tau
+    )
+    return ext.norm_backward(
+        zs,
+        rs,
+        norm[row_start:row_end].contiguous(),
+        g,
+        row_start,
+        row_end,
+        grad_out.float().reshape(1).contiguous(),
+        inv_tau / zs.shape[0],
+        z.dtype,
+    )
+
+
+@dz_rows.register_fake
+def _(z, lse, row_loss, row_start, row_end, inv_tau, grad_out):
+    return fake_grad_rows(z, row_start, row_end, z.dtype)
+
+
+NT_XENT = register_fast_path(
+    "cuda", lse_rows, grad_rows, _fused_forward, _fused_backward, dz_rows=dz_rows
+)
