@@ -9,7 +9,8 @@
 #   objective the one-pass objectives against the separate ops (triton-separate) and the torch
 #             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
 #   model     the cost model's table measured beside its predictions (model-h100.json): NT-Xent
-#             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch and triton; the cc
+#             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch, triton and the CUDA
+#             twin (its rows need nvcc; the 8-rank gathered rows need 8 GPUs); the cc
 #             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64; beyond,
 #             the model's "triton-separate" rows predict auto's Triton NT-Xent + chunked cluster
 #             contrast: compare them with the runner's auto), the separate Triton ops (where
@@ -68,7 +69,7 @@ for stage in "${stages[@]}"; do
       tail -60 "$OUT/objective.log" ;;
     model)
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 128,256 \
-          --sizes 512,2048,8192,65536 --modes fwd+bwd --backends torch,triton \
+          --sizes 512,2048,8192,65536 --modes fwd+bwd --backends torch,triton,cuda \
           --out "$OUT/results" >"$OUT/model.log" 2>&1 || status=1
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --ops cc_objective \
           --dims 128 --ks 10,20,100,200,1000 --sizes 512,8192,65536 --modes fwd+bwd \

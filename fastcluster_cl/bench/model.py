@@ -170,8 +170,11 @@ def _loops(instructions: list[dict]) -> list[tuple[int, int]]:
     return sorted(spans.items())
 
 
-def regions(instructions: list[dict], num_warps: int) -> list[Region]:
-    """Region 0 is the code outside loops (and every loop's cold code), then one per loop."""
+def regions(
+    instructions: list[dict], num_warps: int, cold_code=static.cold_indices
+) -> list[Region]:
+    """Region 0 is the code outside loops (and every loop's cold code, as `cold_code(
+    instructions, start, end, is_mma)` finds it), then one per loop."""
     loops = _loops(instructions)
     owner = [0] * len(instructions)  # region index per instruction
     parents: list[int | None] = []
@@ -186,7 +189,7 @@ def regions(instructions: list[dict], num_warps: int) -> list[Region]:
     for index, (start, end) in sorted(
         enumerate(loops, start=1), key=lambda item: item[1][1] - item[1][0], reverse=True
     ):
-        cold = static.cold_indices(instructions, start, end, lambda op: _macs(op) is not None)
+        cold = cold_code(instructions, start, end, lambda op: _macs(op) is not None)
         for i in range(start, end + 1):
             owner[i] = 0 if i in cold else index
     out = [Region(-1, 0, False, False, None)]

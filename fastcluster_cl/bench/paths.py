@@ -10,8 +10,10 @@ row's `chunked_ops`); each recorded launch is compiled and its loops counted by
 `SEPARATE_LOOPS`, the torch ops around the launches costed as the eager ones); and "eager":
 the torch reference as its own kernels, recorded on meta tensors (`trace.record`): matrix
 products at a cuBLAS-class rate (`model.gemm_seconds`), every other op that makes a kernel at
-HBM bandwidth over the bytes it reads and writes (`model.memory_seconds`), each with a launch.
-Shapes a path cannot run are rows saying why.
+HBM bandwidth over the bytes it reads and writes (`model.memory_seconds`), each with a launch;
+"cuda" (NT-Xent on the CUDA C++ twin: its kernels compiled by nvcc and read from their SASS,
+its launchers mirrored, the torch ops around them traced: `cuda_twin`). Shapes a path cannot
+run are rows saying why.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import model, trace
+from . import cuda_twin, model, trace
 from . import static_report as static
 from .trace import eager_kernels
 
@@ -170,29 +172,15 @@ def _compiled(key: tuple, make: Callable[[], static.Variant]) -> model.Compiled:
     return _COMPILED[key]
 
 
-def nt_xent_tiles(n: int, d: int, ranks: int = 1) -> int:
-    """Tensor-core tiles of one forward + backward on a rank: row blocks x column blocks."""
-    import torch
-
-    nt = static.kernel_module("nt_xent")
-    return sum(
-        math.ceil(2 * n / c.block[0]) * math.ceil(2 * n * ranks / c.block[1])
-        for c in (nt.forward_config(d, torch.float16), nt.backward_config(d, torch.float16))
-    )
-
-
-def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
-    """NT-Xent's Triton fast path on bf16 Z (2N x D per rank): the prologue (scaled fp16 rows),
-    the row-parallel forward and backward, each with its merge where it splits its columns
-    (`nt_xent.column_splits`). Under gather_distributed the row primitives run: each scales
-    every rank's rows, the rank's row blocks sweep all 2N x ranks columns, and the backward
-    returns its rows unscaled in fp32 (no epilogue; the all-gather and the host's scaling are
-    not modelled)."""
+def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
+    """NT-Xent's Triton fast path on bf16 Z (2N x D): the prologue (scaled fp16 rows), the
+    row-parallel forward and backward, each with its merge where it splits its columns
+    (`nt_xent.column_splits`)."""
     import torch
     import triton.language as tl
 
     nt = static.kernel_module("nt_xent")
-    rows, columns = 2 * n, 2 * n * ranks
+    rows = columns = 2 * n
     fwd = nt.forward_config(d, torch.float16)
     bwd = nt.backward_config(d, torch.float16)
     common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
@@ -212,10 +200,9 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             (block_r, fwd.block[2]),
         )
 
-    gathered = ranks > 1
     fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
     bwd_splits, bwd_columns = nt.column_splits(rows, columns, bwd)
-    in_kernel = not gathered and bwd_splits == 1  # the epilogue in the backward launch itself
+    in_kernel = bwd_splits == 1  # the epilogue in the backward launch itself
     bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
 
     def forward():
@@ -249,11 +236,8 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             bwd.num_stages,
         )
 
-    prologue_launch = model.Launch(
-        _compiled(("prologue", d), prologue), math.ceil(columns / 2 / block_r), no_loops
-    )
     launches = [
-        *[prologue_launch] * (2 if gathered else 1),
+        model.Launch(_compiled(("prologue", d), prologue), math.ceil(n / block_r), no_loops),
         model.Launch(
             _compiled(("fwd", fwd, fwd_splits > 1), forward),
             math.ceil(rows / fwd.block[0]) * fwd_splits,
@@ -271,10 +255,7 @@ def nt_xent_launches(n: int, d: int, ranks: int = 1) -> list[model.Launch]:
             model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
         )
     if bwd_splits > 1:
-        merge = _compiled(
-            ("bwd merge", d, gathered),
-            lambda: static.nt_xent_merge_variants(d, epilogue=not gathered)[1],
-        )
+        merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)
         )
@@ -312,11 +293,17 @@ def _sum_launches(launches: list[model.Launch]) -> dict:
     }
 
 
-def _eager_nt_xent(n: int, d: int) -> float:
-    from ..backends import reference
+def _eager_nt_xent(n: int, d: int, ranks: int = 1) -> float:
+    """The torch reference's kernels; gathered, rank 0 of `ranks` (`trace.rank_zero_of`): the
+    differentiable all-gather, then the reference on its rows against all of them."""
+    from ..backends import gathered, reference
 
     z = [_meta_bf16(n, d) for _ in range(2)]
-    return sum(s for _, s in eager_kernels(lambda a, b: reference.nt_xent(a, b, 0.5), z))
+    if ranks == 1:
+        return sum(s for _, s in eager_kernels(lambda a, b: reference.nt_xent(a, b, 0.5), z))
+    with trace.rank_zero_of(ranks):
+        kernels = eager_kernels(lambda a, b: gathered._nt_xent_autograd(a, b, 0.5), z)
+    return sum(s for _, s in kernels)
 
 
 def nt_xent_rows(shapes: list[dict]) -> list[dict]:
@@ -327,13 +314,16 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
         if ranks > 1:
             floor = _floor("nt_xent", n * ranks, d) / ranks
         try:
-            eager, eager_refusal = (_eager_nt_xent(n, d), None) if ranks == 1 else (None, None)
+            eager, eager_refusal = _eager_nt_xent(n, d, ranks), None
         except MemoryError as err:
             eager, eager_refusal = None, f"out of memory: {err}"
         common = {"op": "nt_xent", "shape": dict(shape, dtype="bf16"), "floor_us": floor * 1e6}
-        launches = nt_xent_launches(n, d, ranks)
-        host = _host_ops("nt_xent", shape) if ranks == 1 else ()
-        tiles = nt_xent_tiles(n, d, ranks)
+        launches, host = (
+            (nt_xent_launches(n, d), _host_ops("nt_xent", shape))
+            if ranks == 1
+            else nt_xent_gathered(n, d, ranks)
+        )
+        tiles = sum(launch.mma_bodies() for launch in launches)
         timed = dict(common, eager_us=None if eager is None else eager * 1e6)
         rows.append(_predicted(timed, "triton", launches, tiles, True, host))
         rows.append(
@@ -341,11 +331,7 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
                 common,
                 path="eager",
                 runs=eager is not None,
-                **(
-                    {}
-                    if eager is not None
-                    else {"reason": eager_refusal or "the gathered reference is not modelled yet"}
-                ),
+                **({} if eager is not None else {"reason": eager_refusal}),
                 predicted_us_low=None if eager is None else eager * 1e6,
                 predicted_us_high=None if eager is None else eager * 1e6,
                 eager_us=None if eager is None else eager * 1e6,
@@ -356,16 +342,18 @@ def nt_xent_rows(shapes: list[dict]) -> list[dict]:
                 auto=False,
             )
         )
-        rows.append(
-            _not_modelled(
-                dict(common, eager_us=None if eager is None else eager * 1e6),
-                "cuda",
-                None,
-                "the CUDA twin's SASS is not read by the model yet",
-                False,
-            )
-        )
+        rows.append(cuda_nt_xent_row(timed, n, d, ranks))
     return rows
+
+
+def cuda_nt_xent_row(common: dict, n: int, d: int, ranks: int) -> dict:
+    """The CUDA twin's NT-Xent (`cuda_twin`): its kernels read from nvcc's SASS, the torch ops
+    around them traced; a row saying why where nvcc is missing or compiled other loops."""
+    try:
+        launches, host, tiles = cuda_twin.nt_xent_path(n, d, ranks)
+    except (FileNotFoundError, cuda_twin.LoopsChanged) as err:
+        return _not_modelled(common, "cuda", None, str(err), False)
+    return _predicted(common, "cuda", launches, tiles, False, host)
 
 
 # --- the whole objectives ------------------------------------------------------------------------
@@ -814,6 +802,23 @@ def _host_ops(op: str, shape: dict) -> list[tuple[str, float]]:
     return trace.record(total, _objective_inputs(op, shape), triton=True).kernels
 
 
+def nt_xent_gathered(n: int, d: int, ranks: int) -> tuple[list[model.Launch], list]:
+    """(the Triton launches, the torch ops around them) of NT-Xent under gather_distributed on
+    rank 0 of `ranks`, traced (`trace.rank_zero_of`): per local row range (its view a rows,
+    its view b rows) the row primitives scale every rank's rows and sweep all of them, forward
+    and backward (`dz_rows`: the normalisation's backward in the kernels' epilogue)."""
+    from fastcluster_cl import kernels  # noqa: F401  (registers backend "triton")
+
+    from ..backends.autograd import nt_xent as autograd
+
+    inputs = [_meta_bf16(n, d) for _ in range(2)]
+    with trace.rank_zero_of(ranks):
+        recorded = trace.record(
+            lambda a, b: autograd.nt_xent(a, b, 0.5, "triton", gather=True), inputs, triton=True
+        )
+    return [traced_launch(call) for call in recorded.launches], recorded.kernels
+
+
 def separate_launches(op: str, shape: dict) -> tuple[list[model.Launch], list[tuple[str, float]]]:
     """(the Triton launches, the torch ops around them) of one forward + backward of `op` on the
     separate Triton ops, traced on meta tensors (`trace.record`)."""
@@ -886,7 +891,11 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
         rows.append(dict(separate, chunked_ops=chunked_ops(op, shape)))
         rows.append(
             _not_modelled(
-                common, "cuda", None, "the CUDA twin's SASS is not read by the model yet", False
+                common,
+                "cuda",
+                None,
+                "the twin's objective kernels (csrc/objective.cu) are not read by the model yet",
+                False,
             )
         )
         if eager_refusal:
@@ -965,6 +974,8 @@ def source_hash() -> str:
         + sorted((backends / "autograd").glob("*.py"))
         + sorted(Path(__file__).parent.glob("*.py"))
     )
+    csrc = Path(importlib.util.find_spec("fastcluster_cl.csrc").origin).parent  # the twin's rows
+    files += sorted(p for p in csrc.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())

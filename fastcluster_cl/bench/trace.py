@@ -185,6 +185,27 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
     return trace
 
 
+def rank_zero_of(ranks: int):
+    """The distributed helpers as rank 0 of `ranks` ranks, so that a gathered path traces in one
+    process: an all-gather becomes a copy of the rows `ranks` times (its local traffic; the
+    interconnect is not modelled)."""
+    from unittest import mock
+
+    from .. import distributed
+
+    def gather(t):
+        return t.repeat(ranks, *[1] * (t.dim() - 1))
+
+    return mock.patch.multiple(
+        distributed,
+        gather_views=gather,
+        gather_rows_with_grad=gather,
+        check_equal_rows=lambda *args: None,
+        rank=lambda: 0,
+        world_size=lambda: ranks,
+    )
+
+
 def eager_kernels(fn: Callable, inputs: list) -> list[tuple[str, float]]:
     """(op, predicted seconds) of every kernel the torch reference launches for fn(*inputs)
     and its backward (`record`)."""

@@ -1,0 +1,417 @@
+"""The CUDA C++ twin (csrc/) in the cost model: its kernels compiled for sm_90a with nvcc and read
+from their SASS as the Triton kernels are (`model.regions`), its launchers' grids and column
+splits mirrored here, and the torch ops around its launches traced on meta tensors with a
+stand-in for the compiled extension that records each call instead of running it.
+
+A kernel's loops are named below, in address order, as nvcc 13.1 compiles them: each with its
+nesting depth, MMA count, global loads and stores (its signature), and its trip count at a
+shape. Most of the twin's small loops run one element per thread with an unknown stride, so
+nvcc unrolls them by u (16, 4) and leaves a remainder loop: a loop over T items then runs
+T // 16 bodies of the 16-wide loop, (T % 16) // 4 of the 4-wide one and T % u' of the
+remainder (`_cascade`). A compiled kernel whose loops differ from its list is a row saying so,
+not a guess. Unlike Triton's SASS, the twin's hot code sits behind predicated forward branches
+(the online lse's `if (tile_max > -inf)`, the in-range test of each element), so those are not
+cold here; the cold code is the other side of an if / else, which nvcc lays out after the
+common side and jumps over unconditionally (the positive pair's expm1, load_tile's 2-byte
+path): `else_sides`. The rest of a loop's body counts in full on every trip."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.resources
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import model
+from . import static_report as static
+
+THREADS = 128  # kThreads in csrc/tiles.cuh: every twin kernel's block
+BM, BN, BK = 64, 64, 32  # rows per block, columns per tile, features per step (tiles.cuh)
+BD = 128  # gradient features per block on the tensor-core path (Tile<__half>::BD)
+BLOCKS_PER_SM = 4  # fcl_nt_xent_splits: resident blocks per SM its split aims for
+MIN_TILES_PER_SPLIT = 2
+MAX_SPLITS = 65535  # grid.z
+SUM_SPLITS_BLOCKS = 4096  # fcl_nt_xent_grad: the largest grid of sum_splits_kernel
+NVCC_VERSION = "13.1"  # the compiler whose loops are listed below
+
+
+def nvcc() -> str | None:
+    """nvcc from CUDA_HOME (or CUDA_PATH), else from PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One compiled loop: its signature, and its trips per execution of its parent at a shape
+    (`At`)."""
+
+    depth: int
+    mma: int
+    loads: int
+    stores: int
+    trips: Callable[[dict], int]
+
+
+def _cascade(items: str, unroll: int, wider: int | None = None) -> Callable[[dict], int]:
+    """Trips of one loop of nvcc's unroll cascade over `items` per thread: the widest loop
+    runs items // unroll bodies, a narrower one what the wider left, (items % wider) // unroll."""
+    if wider is None:
+        return lambda at: at[items] // unroll
+    return lambda at: at[items] % wider // unroll
+
+
+def _of(key: str) -> Callable[[dict], int]:
+    return lambda at: at[key]
+
+
+def _never(at: dict) -> int:
+    return 0
+
+
+def _fast(count: int) -> Callable[[dict], int]:
+    """load_tile's 16-byte path (d a multiple of 8): `count` bodies, 0 on the 2-byte path."""
+    return lambda at: count if at["d"] % 8 == 0 else 0
+
+
+def _slow(count: int) -> Callable[[dict], int]:
+    return lambda at: 0 if at["d"] % 8 == 0 else count
+
+
+# score_tile's k-step over the features: load_tile of the rows (2-byte path unrolled by 4, then
+# the 16-byte path of 256 vectors at one per thread and `#pragma unroll 2`), the same for the
+# columns, and the 16 HMMAs.
+_SCORE_STEP = [
+    Loop(1, 16, 8, 0, _of("k_steps")),
+    Loop(2, 0, 4, 0, _slow(64 * BK // 4 // THREADS)),
+    Loop(2, 0, 2, 0, _fast(1)),
+    Loop(2, 0, 4, 0, _slow(64 * BK // 4 // THREADS)),
+    Loop(2, 0, 2, 0, _fast(1)),
+]
+
+# name -> (mangled-name pattern in csrc/nt_xent.cu's cubin, its loops), for bf16 inputs: the
+# rows are scaled into fp16 (`Normed<T>`), so the tile kernels run on __half.
+NT_XENT_KERNELS = {
+    "normalize": (
+        r"16normalize_kernelI13__nv_bfloat166__half",
+        [  # per lane, ceil(d / 32) elements: max |z|, sum of squares, the scaled rows
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 32, 0, _cascade("lane", 16)),
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 32, 0, _cascade("lane", 16)),
+            Loop(0, 0, 2, 2, _cascade("lane", 1, 4)),
+            Loop(0, 0, 8, 8, _cascade("lane", 4)),
+        ],
+    ),
+    "lse": (
+        r"10lse_kernelI6__half",
+        [
+            Loop(0, 0, 15, 0, _of("tiles")),  # the column tiles of the block's split
+            Loop(1, 0, 16, 0, _never),  # rs of the tile's 64 columns: threads < 64, peeled
+            *_SCORE_STEP,
+        ],
+    ),
+    "merge_lse": (
+        r"16merge_lse_kernel",
+        [  # over the splits: their max, then their sums
+            Loop(0, 0, 16, 0, _cascade("splits", 16)),
+            Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
+            Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
+            Loop(0, 0, 16, 0, _cascade("splits", 16)),
+            Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
+            Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
+        ],
+    ),
+    "grad": (
+        r"11grad_kernelI6__half",
+        [
+            Loop(0, 64, 51, 0, _of("tiles")),  # and G += P Z: 64 HMMAs a tile
+            *_SCORE_STEP,
+            Loop(1, 0, 4, 0, _slow(64 * BD // THREADS // 4)),  # the columns' BD features
+            Loop(1, 0, 2, 0, _fast(64 * BD // 8 // THREADS // 2)),
+            Loop(1, 0, 8, 0, _never),  # lse, rs, weights of 64 columns: peeled
+            Loop(1, 0, 12, 0, _never),
+            Loop(0, 0, 0, 1, _cascade("g_store", 1, 4)),  # G of BM x BD, fp32
+            Loop(0, 0, 0, 4, _cascade("g_store", 4)),
+        ],
+    ),
+    "sum_splits": (
+        r"17sum_splits_kernelILi128E",
+        [
+            Loop(0, 0, 0, 1, _never),  # no splits: zeros
+            Loop(0, 0, 0, 4, _never),
+            Loop(0, 0, 11, 1, _of("per_thread")),  # grid-stride over the elements
+            Loop(1, 0, 16, 0, _cascade("splits", 16)),
+            Loop(1, 0, 4, 0, _cascade("splits", 4, 16)),
+        ],
+    ),
+    "norm_backward": (
+        r"20norm_backward_kernelI6__half13__nv_bfloat16",
+        [  # per lane: z . g, then dz
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 32, 0, _cascade("lane", 16)),
+            Loop(0, 0, 2, 1, _cascade("lane", 1, 4)),
+            Loop(0, 0, 8, 4, _cascade("lane", 4)),
+        ],
+    ),
+}
+
+
+def else_sides(instructions: list[dict], start: int, end: int, is_mma) -> set[int]:
+    """Indices inside loop [start, end] that an unconditional forward branch jumps over with no
+    MMA in between: the side of an if / else laid out second."""
+    cold = set()
+    for i in range(start, end):
+        ins = instructions[i]
+        t = ins["target_index"]
+        if (
+            ins["op"].startswith("BRA")
+            and not ins["pred"]
+            and t is not None
+            and i < t <= end
+            and not any(is_mma(x["op"]) for x in instructions[i + 1 : t])
+        ):
+            cold.update(range(i + 1, t))
+    return cold
+
+
+class LoopsChanged(ValueError):
+    """The compiled kernel's loops are not the ones listed for it."""
+
+
+def _flags() -> list[str]:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    # as the extension's JIT build compiles them (backends/cuda/build.py), for sm_90a
+    return ["-gencode=arch=compute_90a,code=sm_90a", "-O3", *COMMON_NVCC_FLAGS]
+
+
+@functools.cache
+def _functions(source: str) -> dict[str, tuple[str, str]]:
+    """mangled name -> (its SASS, its cuobjdump resource line) for every kernel of csrc/`source`."""
+    compiler = nvcc()
+    if compiler is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    path = importlib.resources.files("fastcluster_cl.csrc") / source
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernels.cubin")
+        subprocess.run(
+            [compiler, *_flags(), "-cubin", "-o", cubin, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        with open(cubin, "rb") as f:
+            code = f.read()
+    sass = static._tool_output("nvdisasm", ["-c"], code)
+    usage = static._tool_output("cuobjdump", ["-res-usage"], code)
+    sections = re.split(r"\n\s*\.section\s+\.text\.", sass)[1:]
+    texts = {s.split(",", 1)[0]: s for s in sections}
+    resources = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage))
+    return {name: (text, resources[name]) for name, text in texts.items()}
+
+
+def _signature(instructions: list[dict], regions: list[model.Region]) -> list[tuple]:
+    """(depth, MMAs, global loads, global stores) of each loop's own body, in address order."""
+    spans = model._loops(instructions)
+    out = []
+    for (start, end), region in zip(spans, regions[1:]):
+        inner = [(s, e) for s, e in spans if start < s and e <= end]
+        own = [
+            instructions[i]["op"]
+            for i in range(start, end + 1)
+            if not any(s <= i <= e for s, e in inner)
+        ]
+        mma = sum(model._macs(op) is not None for op in own)
+        loads = sum(op.split(".")[0] == "LDG" for op in own)
+        stores = sum(op.split(".")[0] == "STG" for op in own)
+        out.append((region.depth, mma, loads, stores))
+    return out
+
+
+@functools.cache
+def compiled(name: str) -> tuple[model.Compiled, tuple[Loop, ...]]:
+    """The twin's kernel `name` (NT_XENT_KERNELS) as compiled, and its listed loops; raises
+    LoopsChanged when the compiled loops are not the listed ones."""
+    pattern, loops = NT_XENT_KERNELS[name]
+    functions = _functions("nt_xent.cu")
+    mangled = next(m for m in functions if re.search(pattern, m))
+    text, resources = functions[mangled]
+    instructions = static.parse_sass(text)
+    regions = model.regions(instructions, THREADS // 32, else_sides)
+    found = _signature(instructions, regions)
+    listed = [(loop.depth, loop.mma, loop.loads, loop.stores) for loop in loops]
+    if found != listed:
+        raise LoopsChanged(
+            f"{name}: compiled loops (depth, MMA, loads, stores) {found}, listed {listed}: "
+            f"the kernel or the compiler changed (the list is nvcc {NVCC_VERSION}'s)"
+        )
+    registers = int(re.search(r"REG:(\d+)", resources)[1])
+    shared = int(re.search(r"SHARED:(\d+)", resources)[1])
+    spill = int(re.search(r"LOCAL:(\d+)", resources)[1])
+    kernel = model.Compiled(
+        name,
+        THREADS // 32,
+        registers,
+        spill,
+        shared,
+        static.ctas_per_sm(registers, shared, THREADS),
+        regions,
+    )
+    return kernel, tuple(loops)
+
+
+def _launch(name: str, programs: int, at: dict) -> model.Launch:
+    kernel, loops = compiled(name)
+    return model.Launch(kernel, programs, lambda region: loops[region.index - 1].trips(at))
+
+
+# --- the launchers (csrc/nt_xent.cu), mirrored ---------------------------------------------------
+
+
+def split_columns(m: int, requested: int) -> tuple[int, int]:
+    """(columns per split, non-empty splits) for a requested split count (`split_columns`)."""
+    tiles = math.ceil(m / BN)
+    want = min(max(requested, 1), min(tiles, MAX_SPLITS))
+    cols = math.ceil(tiles / want) * BN
+    return cols, math.ceil(m / cols)
+
+
+def column_splits(m: int, d: int, rows: int, backward: bool) -> int:
+    """The split count `fcl_nt_xent_splits` picks on an H100 (its SMs)."""
+    blocks = math.ceil(rows / BM) * (math.ceil(d / BD) if backward else 1)
+    wanted = math.ceil(BLOCKS_PER_SM * model.SMS / blocks)
+    most = math.ceil(math.ceil(m / BN) / MIN_TILES_PER_SPLIT)
+    return split_columns(m, min(wanted, most))[1]
+
+
+def _lane(d: int) -> int:
+    return math.ceil(d / 32)
+
+
+def score_tiles(call: tuple[str, dict]) -> int:
+    """The 64 x 64 tiles of S one call computes (backward: once per 128 features, with its
+    A Z product); 0 for the calls without tensor-core work."""
+    method, s = call
+    if method not in ("lse_rows", "grad_rows"):
+        return 0
+    d_blocks = math.ceil(s["d"] / BD) if method == "grad_rows" else 1
+    return math.ceil(s["rows"] / BM) * math.ceil(s["m"] / BN) * d_blocks
+
+
+def launches(call: tuple[str, dict]) -> list[model.Launch]:
+    """The kernel launches of one recorded extension call (`Extension`)."""
+    method, s = call
+    d, warps = s["d"], THREADS // 32
+    if method in ("normalize", "norm_backward"):  # a warp per pair, a warp per row
+        rows = s["n"] if method == "normalize" else s["rows"]
+        return [_launch(method, math.ceil(rows / warps), {"lane": _lane(d)})]
+    m, rows = s["m"], s["rows"]
+    backward = method == "grad_rows"
+    cols, splits = split_columns(m, column_splits(m, d, rows, backward))
+    at = {"d": d, "k_steps": math.ceil(d / BK), "tiles": cols // BN}
+    if not backward:
+        out = [_launch("lse", math.ceil(rows / BM) * splits, at)]
+        if splits > 1:
+            out.append(_launch("merge_lse", math.ceil(rows / THREADS), {"splits": splits}))
+        return out
+    at["g_store"] = BM * BD // THREADS
+    out = [_launch("grad", math.ceil(rows / BM) * math.ceil(d / BD) * splits, at)]
+    if splits > 1:
+        count = rows * d
+        blocks = min(count // THREADS + 1, SUM_SPLITS_BLOCKS)
+        per_thread = math.ceil(count / (blocks * THREADS))
+        out.append(_launch("sum_splits", blocks, {"splits": splits, "per_thread": per_thread}))
+    return out
+
+
+# --- the torch ops around the launches ----------------------------------------------------------
+
+
+class Extension:
+    """A stand-in for the compiled extension's NT-Xent building blocks (csrc/nt_xent_binding.cpp):
+    each call is recorded with its sizes and answered with meta tensors of the real results'
+    shapes and dtypes."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    @staticmethod
+    def _empty(*size, dtype=None):
+        import torch
+
+        return torch.empty(*size, dtype=dtype or torch.float32, device="meta")
+
+    def normalize(self, z_a, z_b):
+        import torch
+
+        n, d = z_a.shape
+        self.calls.append(("normalize", {"n": n, "d": d}))
+        normed = torch.float32 if z_a.dtype == torch.float32 else torch.float16
+        return (
+            self._empty(2 * n, d, dtype=normed),
+            *(self._empty(2 * n) for _ in range(2)),
+            (self._empty(n)),
+        )
+
+    def lse_rows(self, zs, rs, row_start, row_end, inv_tau, splits=0):
+        m, d = zs.shape
+        self.calls.append(("lse_rows", {"m": m, "d": d, "rows": row_end - row_start}))
+        return self._empty(row_end - row_start)
+
+    def grad_rows(self, zs, rs, lse, row_loss, row_start, row_end, inv_tau, splits=0, weight=None):
+        m, d = zs.shape
+        self.calls.append(("grad_rows", {"m": m, "d": d, "rows": row_end - row_start}))
+        return self._empty(row_end - row_start, d)
+
+    def norm_backward(self, zs, rs, norm, g, row_start, row_end, grad_out, factor, out):
+        rows, d = g.shape
+        self.calls.append(("norm_backward", {"rows": rows, "d": d}))
+        return self._empty(rows, d, dtype=out)
+
+
+@contextlib.contextmanager
+def stand_in(extension: Extension):
+    """backend="cuda" on meta tensors: the extension is `extension`, the device checks pass."""
+    from unittest import mock
+
+    from ..backends.cuda import build
+
+    with (
+        mock.patch.object(build, "extension", lambda: extension),
+        mock.patch.object(build, "require_device", lambda device: None),
+    ):
+        yield
+
+
+def nt_xent_path(n: int, d: int, ranks: int = 1):
+    """(launches, the torch ops around them, tensor-core tiles) of one forward + backward of
+    NT-Xent on the twin, bf16 N x D views (per rank, gathered over `ranks`)."""
+    from ..backends import cuda  # noqa: F401  (registers backend "cuda")
+    from ..backends.autograd import nt_xent as autograd
+    from . import trace
+
+    extension = Extension()
+    inputs = [torch_meta_bf16(n, d) for _ in range(2)]
+    gather = ranks > 1
+    with stand_in(extension), trace.rank_zero_of(ranks):
+        recorded = trace.record(
+            lambda a, b: autograd.nt_xent(a, b, 0.5, "cuda", gather=gather), inputs, triton=True
+        )
+    out = [launch for call in extension.calls for launch in launches(call)]
+    return out, recorded.kernels, sum(score_tiles(call) for call in extension.calls)
+
+
+def torch_meta_bf16(*size: int):
+    import torch
+
+    return torch.empty(*size, dtype=torch.bfloat16, device="meta")

@@ -1,0 +1,145 @@
+"""The CUDA twin in the cost model (fastcluster_cl.bench.cuda_twin): its launchers' mirror
+against the launchers themselves (host emulation), its stand-in extension against the emulated
+one, and its kernels' tensor-core work against a hand count. Compiling needs nvcc."""
+
+import math
+
+import pytest
+import torch
+
+from fastcluster_cl.bench import cuda_twin, model, paths, trace
+
+
+def _need_nvcc():
+    if cuda_twin.nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_mirror_matches_the_launcher(csrc_lib, backward):
+    """`column_splits` picks what fcl_nt_xent_splits picks on 132 SMs, gathered row ranges and
+    odd sizes included."""
+    for m in (2, 130, 512, 2048, 8192, 65536, 16384):
+        for rows in (1, m // 8 or 1, m // 2 or 1, m):
+            for d in (16, 128, 200, 2048):
+                want = csrc_lib.fcl_nt_xent_splits(1, m, d, rows, int(backward), model.SMS)
+                assert cuda_twin.column_splits(m, d, rows, backward) == want, (m, rows, d)
+
+
+class _Logged:
+    """The emulated extension, each NT-Xent call logged as (method, result shapes and dtypes)."""
+
+    def __init__(self, ext):
+        self.ext, self.log = ext, []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            out = getattr(self.ext, name)(*args, **kwargs)
+            results = out if isinstance(out, tuple) else (out,)
+            self.log.append((name, [(tuple(t.shape), t.dtype) for t in results]))
+            return out
+
+        return call
+
+
+def _stand_in_log(n, d, ranks):
+    """The stand-in's calls with its results' shapes and dtypes."""
+    from fastcluster_cl.backends.autograd import nt_xent as autograd
+
+    class Logged(cuda_twin.Extension):
+        def __init__(self):
+            super().__init__()
+            self.log = []
+
+        def __getattribute__(self, name):
+            attr = super().__getattribute__(name)
+            if name.startswith("_") or name in ("calls", "log") or not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                out = attr(*args, **kwargs)
+                results = out if isinstance(out, tuple) else (out,)
+                self.log.append((name, [(tuple(t.shape), t.dtype) for t in results]))
+                return out
+
+            return call
+
+    ext = Logged()
+    inputs = [torch.empty(n, d, dtype=torch.bfloat16, device="meta") for _ in range(2)]
+    with cuda_twin.stand_in(ext), trace.rank_zero_of(ranks):
+        trace.record(
+            lambda a, b: autograd.nt_xent(a, b, 0.5, "cuda", gather=ranks > 1), inputs, True
+        )
+    return ext.log
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_stand_in_answers_as_the_extension(emulated, monkeypatch, ranks):
+    """Run for real on CPU (the emulated kernels), backend="cuda" makes the same extension calls,
+    with results of the same shapes and dtypes, as the stand-in the model traces with."""
+    from fastcluster_cl.backends.autograd import nt_xent as autograd
+    from fastcluster_cl.backends.cuda import build
+
+    n, d = 5, 24
+    logged = _Logged(emulated)
+    monkeypatch.setattr(build, "extension", lambda: logged)
+    z_a, z_b = (torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    with trace.rank_zero_of(ranks):
+        autograd.nt_xent(z_a, z_b, 0.5, "cuda", gather=ranks > 1).backward()
+    methods = [name for name, _ in logged.log]
+    assert methods == (
+        ["normalize", "lse_rows", "grad_rows", "norm_backward"]
+        if ranks == 1
+        else ["normalize", "lse_rows"] * 2 + ["normalize", "grad_rows", "norm_backward"] * 2
+    )
+    assert logged.log == _stand_in_log(n, d, ranks)
+
+
+def test_launches_cover_every_tile_once():
+    """The forward's and backward's tensor-core work over the whole grid is the hand count:
+    2N x 2N x D multiply-adds forward (S), twice that backward (S, then A Z), at a shape whose
+    blocks and splits divide evenly."""
+    _need_nvcc()
+    n, d = 1024, 128
+    launches, _, tiles = cuda_twin.nt_xent_path(n, d)
+    assert tiles == 2 * (2 * n // 64) ** 2
+    by_kernel = {launch.compiled.name: launch for launch in launches}
+    for name, products in (("lse", 1), ("grad", 2)):
+        launch = by_kernel[name]
+        _, _, units, _ = model.program_clocks(launch.compiled, launch.trips)
+        macs = units["tensor"] * launch.programs * model.static.MACS_PER_CLOCK["fp16"]
+        assert macs == products * (2 * n) ** 2 * d, name
+    assert [launch.compiled.name for launch in launches] == [
+        "normalize",
+        "lse",
+        "merge_lse",
+        "grad",
+        "sum_splits",
+        "norm_backward",
+    ]
+    assert by_kernel["lse"].programs == math.ceil(2 * n / 64) * cuda_twin.column_splits(
+        2 * n, d, 2 * n, False
+    )
+
+
+def test_changed_loops_and_missing_nvcc_are_rows(monkeypatch):
+    """A kernel whose compiled loops are not its listed ones, or no nvcc, gives a row saying so
+    rather than a number."""
+    _need_nvcc()
+    common = {"op": "nt_xent", "shape": {"n": 256, "d": 128}, "floor_us": 1.0, "eager_us": 2.0}
+    pattern, loops = cuda_twin.NT_XENT_KERNELS["lse"]
+    monkeypatch.setitem(cuda_twin.NT_XENT_KERNELS, "lse", (pattern, loops[1:]))
+    cuda_twin.compiled.cache_clear()
+    try:
+        row = paths.cuda_nt_xent_row(common, 256, 128, 1)
+    finally:
+        cuda_twin.compiled.cache_clear()
+    assert row["runs"] and row["predicted_us_low"] is None
+    assert "lse: compiled loops" in row["reason"]
+    monkeypatch.setattr(cuda_twin, "nvcc", lambda: None)
+    cuda_twin._functions.cache_clear()
+    try:
+        row = paths.cuda_nt_xent_row(common, 256, 128, 1)
+    finally:
+        cuda_twin._functions.cache_clear()
+    assert "nvcc not found" in row["reason"]
