@@ -1161,6 +1161,12 @@ def grad_rows(
     P_ij = exp(S_ij - lse_i), with `lse` and `row_loss` the full (2N,) vectors of `lse_rows`.
     Unscaled: the caller multiplies by grad_out * inv_tau / (2N) and applies the
     normalisation's backward. Shape (rows, D), in the accumulation dtype."""
+    return _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, None)
+
+
+def _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, grad_out):
+    """`_grad` on rows [row_start, row_end) of the raw z from the full (2N,) lse and row losses:
+    unscaled in the accumulation dtype without grad_out, else dL/dz in z's dtype."""
     z = z.contiguous()
     _check_rows(z, row_start, row_end)
     for name, v in (("lse", lse), ("row_loss", row_loss)):
@@ -1178,8 +1184,8 @@ def grad_rows(
         row_start,
         row_end,
         inv_tau,
-        None,
-        rs.dtype,
+        None if grad_out is None else grad_out.to(rs.dtype).contiguous(),
+        rs.dtype if grad_out is None else z.dtype,
     )
 
 
@@ -1201,21 +1207,7 @@ def dz_rows(
     """dL/dz of rows [row_start, row_end) of the raw Z for L = grad_out (0-d) times the mean of
     all 2N row losses, in z's dtype: `grad_rows` with the scaling and the normalisation's
     backward in the kernel's epilogue (or its merge's)."""
-    z = z.contiguous()
-    _check_rows(z, row_start, row_end)
-    zs, rs, norms, _ = _scale_rows(z)
-    return _grad(
-        zs,
-        rs,
-        norms,
-        _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-        row_loss.to(rs.dtype).contiguous(),
-        row_start,
-        row_end,
-        inv_tau,
-        grad_out.to(rs.dtype).contiguous(),
-        z.dtype,
-    )
+    return _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, grad_out)
 
 
 @dz_rows.register_fake

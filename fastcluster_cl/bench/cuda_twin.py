@@ -166,22 +166,9 @@ NT_XENT_KERNELS = {
 }
 
 
-def else_sides(instructions: list[dict], start: int, end: int, is_mma) -> set[int]:
-    """Indices inside loop [start, end] that an unconditional forward branch jumps over with no
-    MMA in between: the side of an if / else laid out second."""
-    cold = set()
-    for i in range(start, end):
-        ins = instructions[i]
-        t = ins["target_index"]
-        if (
-            ins["op"].startswith("BRA")
-            and not ins["pred"]
-            and t is not None
-            and i < t <= end
-            and not any(is_mma(x["op"]) for x in instructions[i + 1 : t])
-        ):
-            cold.update(range(i + 1, t))
-    return cold
+# Indices inside a loop that an unconditional forward branch jumps over with no MMA in between:
+# the side of an if / else laid out second.
+else_sides = functools.partial(static.cold_indices, predicated=False)
 
 
 class LoopsChanged(ValueError):

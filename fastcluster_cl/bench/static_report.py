@@ -210,16 +210,19 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
     return [ins for i, ins in enumerate(instructions[start : end + 1], start) if i not in skipped]
 
 
-def cold_indices(instructions: list[dict], start: int, end: int, is_mma=_is_mma) -> set[int]:
-    """Indices inside loop [start, end] jumped over by a predicated forward branch with no MMA
-    in between: edge-tile code (masks, the diagonal) that steady iterations skip."""
+def cold_indices(
+    instructions: list[dict], start: int, end: int, is_mma=_is_mma, predicated: bool = True
+) -> set[int]:
+    """Indices inside loop [start, end] jumped over by a predicated forward branch (with
+    `predicated` False: an unconditional one) with no MMA in between: in Triton's SASS the
+    edge-tile code (masks, the diagonal) that steady iterations skip."""
     cold = set()
     for i in range(start, end):
         ins = instructions[i]
         t = ins["target_index"]
         if (
             ins["op"].startswith("BRA")
-            and ins["pred"]
+            and bool(ins["pred"]) == predicated
             and t is not None
             and i < t <= end
             and not any(is_mma(x["op"]) for x in instructions[i + 1 : t])
