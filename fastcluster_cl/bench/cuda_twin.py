@@ -1,9 +1,9 @@
-"""The CUDA C++ twin (csrc/) in the cost model: its kernels compiled for sm_90a with nvcc and read
+"""The CUDA C++ twin (csrc/) in the cost model: its kernels compiled for sm_90 with nvcc and read
 from their SASS as the Triton kernels are (`model.regions`), its launchers' grids and column
 splits mirrored here, and the torch ops around its launches traced on meta tensors with a
 stand-in for the compiled extension that records each call instead of running it.
 
-A kernel's loops are named below, in address order, as nvcc 13.1 compiles them: each with its
+A kernel's loops are named below, in address order, as nvcc 13.0 compiles them: each with its
 nesting depth, MMA count, global loads and stores (its signature), and its trip count at a
 shape. Most of the twin's small loops run one element per thread with an unknown stride, so
 nvcc unrolls them by u (16, 4) and leaves a remainder loop: a loop over T items then runs
@@ -39,7 +39,7 @@ BLOCKS_PER_SM = 4  # fcl_nt_xent_splits: resident blocks per SM its split aims f
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 65535  # grid.z
 SUM_SPLITS_BLOCKS = 4096  # fcl_nt_xent_grad: the largest grid of sum_splits_kernel
-NVCC_VERSION = "13.1"  # the compiler whose loops are listed below
+NVCC_RELEASE = "13.0"  # the compiler whose loops are listed below
 
 
 def nvcc() -> str | None:
@@ -171,15 +171,31 @@ NT_XENT_KERNELS = {
 else_sides = functools.partial(static.cold_indices, predicated=False)
 
 
-class LoopsChanged(ValueError):
+class NotModelled(RuntimeError):
+    """The twin cannot be read here: no nvcc, a failed compile, a kernel not found."""
+
+
+class LoopsChanged(NotModelled):
     """The compiled kernel's loops are not the ones listed for it."""
 
 
 def _flags() -> list[str]:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    # as the extension's JIT build compiles them (backends/cuda/build.py), for sm_90a
-    return ["-gencode=arch=compute_90a,code=sm_90a", "-O3", *COMMON_NVCC_FLAGS]
+    # as the extension's JIT build compiles them on an H100 (backends/cuda/build.py: torch's
+    # flags, -O3 -lineinfo, the device's own architecture)
+    return ["-gencode=arch=compute_90,code=sm_90", "-O3", "-lineinfo", *COMMON_NVCC_FLAGS]
+
+
+@functools.cache
+def nvcc_release() -> str | None:
+    """The release nvcc reports ("13.0"), None without nvcc."""
+    compiler = nvcc()
+    if compiler is None:
+        return None
+    out = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found[1] if found else "unknown"
 
 
 @functools.cache
@@ -187,16 +203,16 @@ def _functions(source: str) -> dict[str, tuple[str, str]]:
     """mangled name -> (its SASS, its cuobjdump resource line) for every kernel of csrc/`source`."""
     compiler = nvcc()
     if compiler is None:
-        raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+        raise NotModelled("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     path = importlib.resources.files("fastcluster_cl.csrc") / source
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernels.cubin")
-        subprocess.run(
-            [compiler, *_flags(), "-cubin", "-o", cubin, str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
+        done = subprocess.run(
+            [compiler, *_flags(), "-cubin", "-o", cubin, str(path)], capture_output=True, text=True
         )
+        if done.returncode:
+            tail = " ".join(done.stderr.strip().splitlines()[-2:])
+            raise NotModelled(f"nvcc {nvcc_release()} failed on csrc/{source}: {tail}")
         with open(cubin, "rb") as f:
             code = f.read()
     sass = static._tool_output("nvdisasm", ["-c"], code)
@@ -231,7 +247,9 @@ def compiled(name: str) -> tuple[model.Compiled, tuple[Loop, ...]]:
     LoopsChanged when the compiled loops are not the listed ones."""
     pattern, loops = NT_XENT_KERNELS[name]
     functions = _functions("nt_xent.cu")
-    mangled = next(m for m in functions if re.search(pattern, m))
+    mangled = next((m for m in functions if re.search(pattern, m)), None)
+    if mangled is None:
+        raise NotModelled(f"{name}: no kernel matching {pattern!r} in csrc/nt_xent.cu's cubin")
     text, resources = functions[mangled]
     instructions = static.parse_sass(text)
     regions = model.regions(instructions, THREADS // 32, else_sides)
@@ -240,10 +258,13 @@ def compiled(name: str) -> tuple[model.Compiled, tuple[Loop, ...]]:
     if found != listed:
         raise LoopsChanged(
             f"{name}: compiled loops (depth, MMA, loads, stores) {found}, listed {listed}: "
-            f"the kernel or the compiler changed (the list is nvcc {NVCC_VERSION}'s)"
+            f"the kernel or the compiler changed (the list is nvcc {NVCC_RELEASE}'s, this is "
+            f"nvcc {nvcc_release()})"
         )
     registers = int(re.search(r"REG:(\d+)", resources)[1])
-    shared = int(re.search(r"SHARED:(\d+)", resources)[1])
+    # cuobjdump counts the 1 KiB the SM reserves per CTA in a kernel's static shared memory
+    # (none without any); static.ctas_per_sm adds it itself
+    shared = max(0, int(re.search(r"SHARED:(\d+)", resources)[1]) - 1024)
     spill = int(re.search(r"LOCAL:(\d+)", resources)[1])
     kernel = model.Compiled(
         name,
@@ -275,6 +296,8 @@ def split_columns(m: int, requested: int) -> tuple[int, int]:
 
 def column_splits(m: int, d: int, rows: int, backward: bool) -> int:
     """The split count `fcl_nt_xent_splits` picks on an H100 (its SMs)."""
+    if m < 2 or d < 1 or rows < 1:
+        return 1
     blocks = math.ceil(rows / BM) * (math.ceil(d / BD) if backward else 1)
     wanted = math.ceil(BLOCKS_PER_SM * model.SMS / blocks)
     most = math.ceil(math.ceil(m / BN) / MIN_TILES_PER_SPLIT)

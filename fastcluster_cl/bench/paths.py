@@ -351,7 +351,7 @@ def cuda_nt_xent_row(common: dict, n: int, d: int, ranks: int) -> dict:
     around them traced; a row saying why where nvcc is missing or compiled other loops."""
     try:
         launches, host, tiles = cuda_twin.nt_xent_path(n, d, ranks)
-    except (FileNotFoundError, cuda_twin.LoopsChanged) as err:
+    except cuda_twin.NotModelled as err:
         return _not_modelled(common, "cuda", None, str(err), False)
     return _predicted(common, "cuda", launches, tiles, False, host)
 
@@ -1007,7 +1007,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += objective_rows("cc_objective", CC_SHAPES)
     rows = [_round(r) for r in rows]
     print(table(rows))
-    meta = {"source_hash": source_hash(), "device": "H100 SXM5 (predicted)"}
+    meta = {
+        "source_hash": source_hash(),
+        "device": "H100 SXM5 (predicted)",
+        "nvcc": cuda_twin.nvcc_release(),  # the CUDA twin's rows were read from its SASS
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([meta, *rows], indent=1))

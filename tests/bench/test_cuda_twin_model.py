@@ -143,3 +143,45 @@ def test_changed_loops_and_missing_nvcc_are_rows(monkeypatch):
     finally:
         cuda_twin._functions.cache_clear()
     assert "nvcc not found" in row["reason"]
+    monkeypatch.setattr(cuda_twin, "nvcc", lambda: "false")  # a compiler that fails
+    try:
+        row = paths.cuda_nt_xent_row(common, 256, 128, 1)
+    finally:
+        cuda_twin._functions.cache_clear()
+    assert "failed on csrc/nt_xent.cu" in row["reason"]
+
+
+def test_the_positive_pair_is_the_cold_side():
+    """In the gradient's tile loop the element's two exps (P_ij, P_ji) count on every trip and
+    the positive pair's expm1, the else side nvcc jumps over, once per program: 2 MUFU a
+    thread per column of its half row (32), in the forward 1 (and the rescale)."""
+    _need_nvcc()
+    per_thread = {}
+    for name in ("lse", "grad"):
+        kernel, _ = cuda_twin.compiled(name)
+        column_loop = kernel.regions[1]
+        per_thread[name] = column_loop.clocks["mufu"] * model.MUFU_PER_CLOCK / cuda_twin.THREADS
+    assert per_thread == {"lse": 33, "grad": 64}
+
+
+def test_gathered_paths_are_traced_as_rank_zero():
+    """Gathered over 8 ranks, each of the rank's two row ranges runs the prologue over every
+    rank's rows, the forward and its merge; the backward the same with dz_rows' epilogue (the
+    launches `paths.nt_xent_gathered` compiles); the eager reference is its differentiable
+    all-gather and the dense rows."""
+    from fastcluster_cl import kernels  # noqa: F401  (registers backend "triton")
+    from fastcluster_cl.backends.autograd import nt_xent as autograd
+
+    inputs = [torch.empty(256, 128, dtype=torch.bfloat16, device="meta") for _ in range(2)]
+    with trace.rank_zero_of(8):
+        recorded = trace.record(
+            lambda a, b: autograd.nt_xent(a, b, 0.5, "triton", gather=True), inputs, True
+        )
+    names = [call.kernel.fn.__name__ for call in recorded.launches]
+    assert names.count("_scale_rows_kernel") == 4
+    assert names.count("_lse_fwd_kernel") == names.count("_grad_kernel") == 2
+    backward = ("_grad_kernel", "_grad_merge_kernel")  # the epilogue in one of them per range
+    epilogues = [c.args["EPILOGUE"] for c in recorded.launches if c.kernel.fn.__name__ in backward]
+    assert epilogues.count(True) == 2
+    assert 0 < len(recorded.kernels) < 20
+    assert paths._eager_nt_xent(256, 128, 8) > paths._eager_nt_xent(256, 128)

@@ -8,7 +8,8 @@ A backend describes itself with an `NTXentBackend`:
   2N tau) over the raw Z = [z_a; z_b] (normalised inside);
 - optionally ``dz_rows(z, lse, row_loss, row_start, row_end, inv_tau, grad_out, *options) ->
   dL/dz`` of those rows for L = grad_out * (the mean of all 2N row losses), in z's dtype, the
-  normalisation's backward included (one kernel where `grad_rows` leaves ~15 torch ops);
+  normalisation's backward included (in the backend's kernels, where `grad_rows` leaves it to
+  about 19 torch ops);
 - optionally a whole-matrix fast path: ``forward(z, inv_tau, per_row, *options) -> (loss,
   *state)`` (loss the 2N row losses if per_row, else their mean) and ``backward(z, grad,
   inv_tau, *state, *options) -> dL/dz`` (in z's dtype, the normalisation's backward included;
@@ -177,8 +178,9 @@ def _rows_backward(
     """dL/dz of the rows in ctx.ranges of the (gathered) z from the backend's `dz_rows`, or
     from its `grad_rows` and torch's normalisation backward."""
     local = sum(end - start for start, end in ctx.ranges)
-    if ctx.spec.dz_rows is not None:
-        # the mean over these rows is z.shape[0] / local times the mean over all of z's rows
+    if ctx.spec.dz_rows is not None and grad.dim() == 0:
+        # the local rows' gradient is 2N / 2N_local (world_size) times the global one: dz_rows
+        # scales by 1 / (2N tau), so grad_out carries the factor
         grad_out = (grad * (z.shape[0] / local)).contiguous()
         return torch.cat(
             [
