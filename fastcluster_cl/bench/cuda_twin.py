@@ -53,7 +53,7 @@ def nvcc() -> str | None:
 @dataclass(frozen=True)
 class Loop:
     """One compiled loop: its signature, and its trips per execution of its parent at a shape
-    (`At`)."""
+    (from a dict of the launch's counts: "tiles", "k_steps", "lane", "splits", ...)."""
 
     depth: int
     mma: int
