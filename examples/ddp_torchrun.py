@@ -43,6 +43,7 @@ def main(tiny: bool) -> None:
         optimizer.step()
         if rank == 0 and (tiny or step % 100 == 0):
             print(f"step {step}: loss {loss.item():.4f} over {world} ranks")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
