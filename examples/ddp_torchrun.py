@@ -7,6 +7,7 @@ DDP's gradient averaging then gives exactly the one-process gradient of the whol
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -17,15 +18,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fastcluster_cl as fc
 
 
-def main(tiny: bool) -> None:
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+def train(tiny: bool, device: torch.device, cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same initial weights on every rank
-
     model = DDP(
         nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128)).to(device),
         device_ids=[device.index] if cuda else None,
@@ -42,8 +37,20 @@ def main(tiny: bool) -> None:
         loss.backward()
         optimizer.step()
         if rank == 0 and (tiny or step % 100 == 0):
-            print(f"step {step}: loss {loss.item():.4f} over {world} ranks")
-    dist.barrier()  # no rank tears gloo down while another still talks to it
+            print(f"step {step}: loss {loss.item():.4f} over {world} ranks", flush=True)
+
+
+def main(tiny: bool) -> None:
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    train(tiny, device, cuda)
+    # DDP holds the process group: collect it (and its pending gloo work) while the interpreter
+    # is whole, wait for every rank, then tear the group down
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

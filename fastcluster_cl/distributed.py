@@ -11,6 +11,7 @@ concatenated batch.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -175,8 +176,11 @@ def setup(device: str | torch.device | None = None) -> torch.device:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one exists (end of training)."""
+    """Destroy the default process group if one exists (end of training), after collecting what
+    still holds it (a DDP model left in a cycle): gloo work freed later, during interpreter
+    finalisation, can abort the process."""
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -32,8 +32,23 @@ def test_contrastive_clustering_in_lightning():
     assert "NMI of the cluster head:" in run(sys.executable, str(EXAMPLES / "lightning_cc.py"))
 
 
+# A rank of a two-process gloo run can abort at interpreter exit, after its work, with this
+# message (gloo's worker threads torn down during finalisation; pytorch/pytorch PR 179291
+# discusses it). It hit two of this project's CI runs and none of 20 local runs.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def test_ddp_under_torchrun():
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"
-    out = run(torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_torchrun.py"))
-    assert "step 2: loss" in out and "over 2 ranks" in out
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_torchrun.py")]
+    for attempt in range(2):  # once more only after that exit-time abort, the work done
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        done = "step 2: loss" in proc.stdout and "over 2 ranks" in proc.stdout
+        if proc.returncode == 0 or not (done and GLOO_EXIT_ABORT in proc.stderr) or attempt:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert done, proc.stdout
