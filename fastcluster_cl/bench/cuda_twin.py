@@ -407,21 +407,10 @@ def nt_xent_path(n: int, d: int, ranks: int = 1):
     """(launches, the torch ops around them, tensor-core tiles) of one forward + backward of
     NT-Xent on the twin, bf16 N x D views (per rank, gathered over `ranks`)."""
     from ..backends import cuda  # noqa: F401  (registers backend "cuda")
-    from ..backends.autograd import nt_xent as autograd
     from . import trace
 
     extension = Extension()
-    inputs = [torch_meta_bf16(n, d) for _ in range(2)]
-    gather = ranks > 1
-    with stand_in(extension), trace.rank_zero_of(ranks):
-        recorded = trace.record(
-            lambda a, b: autograd.nt_xent(a, b, 0.5, "cuda", gather=gather), inputs, triton=True
-        )
+    with stand_in(extension):
+        recorded = trace.nt_xent("cuda", n, d, ranks)
     out = [launch for call in extension.calls for launch in launches(call)]
     return out, recorded.kernels, sum(score_tiles(call) for call in extension.calls)
-
-
-def torch_meta_bf16(*size: int):
-    import torch
-
-    return torch.empty(*size, dtype=torch.bfloat16, device="meta")

@@ -298,7 +298,7 @@ def _eager_nt_xent(n: int, d: int, ranks: int = 1) -> float:
     differentiable all-gather, then the reference on its rows against all of them."""
     from ..backends import gathered, reference
 
-    z = [_meta_bf16(n, d) for _ in range(2)]
+    z = [trace.meta_bf16(n, d) for _ in range(2)]
     if ranks == 1:
         return sum(s for _, s in eager_kernels(lambda a, b: reference.nt_xent(a, b, 0.5), z))
     with trace.rank_zero_of(ranks):
@@ -390,12 +390,6 @@ def objective_floor(op: str, shape: dict) -> float:
     return model.floor_seconds(total["flops"], total["exps"], total["bytes"])
 
 
-def _meta_bf16(*size: int):
-    import torch
-
-    return torch.empty(*size, dtype=torch.bfloat16, device="meta")
-
-
 def _objective_inputs(op: str, shape: dict) -> list:
     import torch
 
@@ -403,8 +397,12 @@ def _objective_inputs(op: str, shape: dict) -> list:
     if op == "anchor_objective":  # under AMP the centres are an fp32 parameter, as the kernels
         f = shape["f"]
         centers = torch.empty(k, f, dtype=torch.float32, device="meta")
-        return [_meta_bf16(n, d), _meta_bf16(n, d), *(_meta_bf16(n, f) for _ in range(3)), centers]
-    return [_meta_bf16(n, d), _meta_bf16(n, d), _meta_bf16(n, k), _meta_bf16(n, k)]
+        return [
+            *(trace.meta_bf16(n, d) for _ in range(2)),
+            *(trace.meta_bf16(n, f) for _ in range(3)),
+            centers,
+        ]
+    return [*(trace.meta_bf16(n, d) for _ in range(2)), *(trace.meta_bf16(n, k) for _ in range(2))]
 
 
 def _objective_total(ops, op: str) -> Callable:
@@ -745,14 +743,14 @@ def _auto_op(name: str, *inputs):
 def chunked_ops(op: str, shape: dict) -> list[str]:
     """The separate ops of `op` that auto runs on the chunked backend at `shape` (inputs beyond
     the Triton kernels' limits, `_auto_op`)."""
-    n, z = shape["n"], _meta_bf16(shape["n"], shape["d"])
+    n, z = shape["n"], trace.meta_bf16(shape["n"], shape["d"])
     checks = [("nt_xent", (z, z))]
     if op == "anchor_objective":
-        q, centers = _meta_bf16(n, shape["k"]), _meta_bf16(shape["k"], shape["f"])
-        checks.append(("student_t", (_meta_bf16(n, shape["f"]), centers)))
+        q, centers = trace.meta_bf16(n, shape["k"]), trace.meta_bf16(shape["k"], shape["f"])
+        checks.append(("student_t", (trace.meta_bf16(n, shape["f"]), centers)))
         checks.append(("dec_anchor_losses", (q, q, q)))
     else:
-        checks.append(("cc_cluster_loss", (_meta_bf16(n, shape["k"]),) * 2))
+        checks.append(("cc_cluster_loss", (trace.meta_bf16(n, shape["k"]),) * 2))
     return [name for name, xs in checks if not _triton_takes(name, *xs)]
 
 
@@ -796,7 +794,7 @@ def _host_ops(op: str, shape: dict) -> list[tuple[str, float]]:
     from fastcluster_cl import kernels  # the ops under their public names
 
     if op == "nt_xent":
-        inputs = [_meta_bf16(shape["n"], shape["d"]) for _ in range(2)]
+        inputs = [trace.meta_bf16(shape["n"], shape["d"]) for _ in range(2)]
         return trace.record(lambda a, b: kernels.nt_xent(a, b, 0.5), inputs, triton=True).kernels
     total = _objective_total(kernels, op)
     return trace.record(total, _objective_inputs(op, shape), triton=True).kernels
@@ -804,18 +802,12 @@ def _host_ops(op: str, shape: dict) -> list[tuple[str, float]]:
 
 def nt_xent_gathered(n: int, d: int, ranks: int) -> tuple[list[model.Launch], list]:
     """(the Triton launches, the torch ops around them) of NT-Xent under gather_distributed on
-    rank 0 of `ranks`, traced (`trace.rank_zero_of`): per local row range (its view a rows,
-    its view b rows) the row primitives scale every rank's rows and sweep all of them, forward
-    and backward (`dz_rows`: the normalisation's backward in the kernels' epilogue)."""
+    rank 0 of `ranks`, traced (`trace.nt_xent`): per local row range (its view a rows, its
+    view b rows) the row primitives scale every rank's rows and sweep all of them, forward and
+    backward (`dz_rows`: the normalisation's backward in the kernels' epilogue)."""
     from fastcluster_cl import kernels  # noqa: F401  (registers backend "triton")
 
-    from ..backends.autograd import nt_xent as autograd
-
-    inputs = [_meta_bf16(n, d) for _ in range(2)]
-    with trace.rank_zero_of(ranks):
-        recorded = trace.record(
-            lambda a, b: autograd.nt_xent(a, b, 0.5, "triton", gather=True), inputs, triton=True
-        )
+    recorded = trace.nt_xent("triton", n, d, ranks)
     return [traced_launch(call) for call in recorded.launches], recorded.kernels
 
 

@@ -332,10 +332,10 @@ NT_XENT_POINTERS = {
 }
 
 
-def nt_xent_merge_variants(d: int, epilogue: bool = True) -> list[Variant]:
+def nt_xent_merge_variants(d: int) -> list[Variant]:
     """The column-split launches' merges (`nt_xent.column_splits`), bf16 Z of D features:
     the forward's (row sums to lse) and the backward's (partial rows to dL/dz in bf16 through
-    the epilogue, or, for the row primitive of gather_distributed, summed rows in fp32)."""
+    the epilogue)."""
     import triton.language as tl
 
     nt = kernel_module("nt_xent")
@@ -352,12 +352,12 @@ def nt_xent_merge_variants(d: int, epilogue: bool = True) -> list[Variant]:
             targets=dict(no_spills=True),
         ),
         Variant(
-            f"nt_xent bwd merge D={d}{'' if epilogue else ' rows'}",
+            f"nt_xent bwd merge D={d}",
             "bf16",
             nt._grad_merge_kernel,
-            dict(NT_XENT_POINTERS, Z="fp16", DZ="bf16" if epilogue else "fp32"),
+            dict(NT_XENT_POINTERS, Z="fp16", DZ="bf16"),
             dict(
-                EPILOGUE=epilogue,
+                EPILOGUE=True,
                 PER_ROW=False,
                 BLOCK_M=nt.prologue_rows(d),
                 BLOCK_D=nt.feature_block(d, "Z"),

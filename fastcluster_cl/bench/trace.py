@@ -185,6 +185,27 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
     return trace
 
 
+def meta_bf16(*size: int):
+    """A bf16 tensor of `size` on the meta device: shapes and dtypes, no data."""
+    import torch
+
+    return torch.empty(*size, dtype=torch.bfloat16, device="meta")
+
+
+def nt_xent(backend: str, n: int, d: int, ranks: int = 1) -> Trace:
+    """One forward + backward of NT-Xent through its autograd function on `backend`, bf16
+    N x D views, recorded with the backend's launches (`record(triton=True)`); gathered over
+    `ranks` as rank 0 (`rank_zero_of`)."""
+    from ..backends.autograd import nt_xent as autograd
+
+    with rank_zero_of(ranks):
+        return record(
+            lambda a, b: autograd.nt_xent(a, b, 0.5, backend, gather=ranks > 1),
+            [meta_bf16(n, d), meta_bf16(n, d)],
+            triton=True,
+        )
+
+
 def rank_zero_of(ranks: int):
     """The distributed helpers as rank 0 of `ranks` ranks, so that a gathered path traces in one
     process: an all-gather becomes a copy of the rows `ranks` times (its local traffic; the

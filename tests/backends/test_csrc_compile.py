@@ -10,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fastcluster_cl.bench.cuda_twin import nvcc as _nvcc  # CUDA_HOME / CUDA_PATH, then PATH
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 ARCHS = {"sm_90a": "arch=compute_90a,code=sm_90a", "sm_80": "arch=compute_80,code=sm_80"}
-
-
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and Path(home, "bin", "nvcc").exists():
-        return str(Path(home, "bin", "nvcc"))
-    return shutil.which("nvcc")
 
 
 def _cuda_include(nvcc: str) -> Path | None:

@@ -44,7 +44,6 @@ class _Logged:
 
 def _stand_in_log(n, d, ranks):
     """The stand-in's calls with its results' shapes and dtypes."""
-    from fastcluster_cl.backends.autograd import nt_xent as autograd
 
     class Logged(cuda_twin.Extension):
         def __init__(self):
@@ -65,11 +64,8 @@ def _stand_in_log(n, d, ranks):
             return call
 
     ext = Logged()
-    inputs = [torch.empty(n, d, dtype=torch.bfloat16, device="meta") for _ in range(2)]
-    with cuda_twin.stand_in(ext), trace.rank_zero_of(ranks):
-        trace.record(
-            lambda a, b: autograd.nt_xent(a, b, 0.5, "cuda", gather=ranks > 1), inputs, True
-        )
+    with cuda_twin.stand_in(ext):
+        trace.nt_xent("cuda", n, d, ranks)
     return ext.log
 
 
@@ -170,13 +166,8 @@ def test_gathered_paths_are_traced_as_rank_zero():
     launches `paths.nt_xent_gathered` compiles); the eager reference is its differentiable
     all-gather and the dense rows."""
     from fastcluster_cl import kernels  # noqa: F401  (registers backend "triton")
-    from fastcluster_cl.backends.autograd import nt_xent as autograd
 
-    inputs = [torch.empty(256, 128, dtype=torch.bfloat16, device="meta") for _ in range(2)]
-    with trace.rank_zero_of(8):
-        recorded = trace.record(
-            lambda a, b: autograd.nt_xent(a, b, 0.5, "triton", gather=True), inputs, True
-        )
+    recorded = trace.nt_xent("triton", 256, 128, 8)
     names = [call.kernel.fn.__name__ for call in recorded.launches]
     assert names.count("_scale_rows_kernel") == 4
     assert names.count("_lse_fwd_kernel") == names.count("_grad_kernel") == 2

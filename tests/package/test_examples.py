@@ -14,11 +14,15 @@ EXAMPLES = REPO / "examples"
 pytest.importorskip("lightly")
 
 
-def run(*argv: str) -> str:
+def _run(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
+    return subprocess.run(
         [*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+def run(*argv: str) -> str:
+    proc = _run(*argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -43,10 +47,7 @@ def test_ddp_under_torchrun():
     assert torchrun, "torchrun is installed with torch"
     argv = [torchrun, "--standalone", "--nproc_per_node=2", str(EXAMPLES / "ddp_torchrun.py")]
     for attempt in range(2):  # once more only after that exit-time abort, the work done
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(
-            [*argv, "--tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-        )
+        proc = _run(*argv)
         done = "step 2: loss" in proc.stdout and "over 2 ranks" in proc.stdout
         if proc.returncode == 0 or not (done and GLOO_EXIT_ABORT in proc.stderr) or attempt:
             break
