@@ -72,6 +72,10 @@ LAUNCH_S = 4e-6
 # (triton-lang/triton issue 2339, 2023); smaller products lose whole waves of 128 x 128 tiles.
 CUBLAS_FRACTION = 721.6e12 / PEAK_TENSOR_FLOPS
 CUBLAS_TILE = 128
+# Matrix products of 4-byte or wider operands (torch's default fp32 matmul is IEEE, no TF32) run
+# on the FP32 pipe at FP32_PER_CLOCK multiply-adds per clock per SM (FP64 on the tensor cores at
+# the same rate: 67 TFLOP/s in the datasheet), taken at the same CUBLAS_FRACTION.
+WIDE_GEMM_MACS_PER_CLOCK = FP32_PER_CLOCK
 
 UNITS = ("tensor", "mufu", "fp32", "shared", "issue")
 _GLOBAL = ("LDG", "STG", "LDGSTS", "RED", "ATOMG")
@@ -323,12 +327,14 @@ class Launch:
         }
 
 
-def gemm_seconds(m: int, n: int, k: int) -> float:
+def gemm_seconds(m: int, n: int, k: int, operand_bytes: int = 2) -> float:
     """A cuBLAS-class GEMM: whole waves of 128 x 128 output tiles at CUBLAS_FRACTION of the
-    tensor peak, plus a launch."""
+    tensor peak (16-bit operands) or of the FP32 pipe's (`WIDE_GEMM_MACS_PER_CLOCK`: fp32,
+    fp64), plus a launch."""
     tiles = math.ceil(m / CUBLAS_TILE) * math.ceil(n / CUBLAS_TILE)
     waves = math.ceil(tiles / SMS)
-    per_tile = CUBLAS_TILE * CUBLAS_TILE * k / (static.MACS_PER_CLOCK["fp16"] * CUBLAS_FRACTION)
+    rate = static.MACS_PER_CLOCK["fp16"] if operand_bytes <= 2 else WIDE_GEMM_MACS_PER_CLOCK
+    per_tile = CUBLAS_TILE * CUBLAS_TILE * k / (rate * CUBLAS_FRACTION)
     return LAUNCH_S + waves * per_tile / CLOCK_HZ
 
 

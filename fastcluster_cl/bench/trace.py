@@ -168,9 +168,8 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
                 )
                 batch = a.shape[0] if a.dim() == 3 else 1
                 m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-                trace.kernels.append(
-                    (str(func), batch * model.gemm_seconds(m, n, k) - (batch - 1) * model.LAUNCH_S)
-                )
+                seconds = model.gemm_seconds(m, n, k, max(a.element_size(), b.element_size()))
+                trace.kernels.append((str(func), batch * seconds - (batch - 1) * model.LAUNCH_S))
             elif not _is_kernel_free(func):
                 moved = _tensor_bytes(args) + _tensor_bytes(kwargs.values()) + _tensor_bytes([out])
                 trace.kernels.append((str(func), model.memory_seconds(moved)))

@@ -352,3 +352,12 @@ def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
     assert p["low_s"] == pytest.approx(model.LAUNCH_S + max(1000 / model.CLOCK_HZ, l2))
     serial = 1000 + model.MEMORY_LATENCY_CLOCKS + 65536 / model.L2_BYTES_PER_SM_CLOCK
     assert p["high_s"] == pytest.approx(model.LAUNCH_S + serial / model.CLOCK_HZ)
+
+
+def test_wide_gemms_run_on_the_fp32_pipe():
+    """torch's fp32 matmul is IEEE (no TF32): one wave of 128 x 128 tiles takes the tensor
+    cores' rate over the FP32 pipe's (2048 / 128) times a 16-bit one's, launch aside."""
+    bf16, fp32 = (model.gemm_seconds(128, 128, 4096, size) - model.LAUNCH_S for size in (2, 4))
+    assert fp32 / bf16 == pytest.approx(2048 / model.WIDE_GEMM_MACS_PER_CLOCK)
+    expected = 128 * 128 * 4096 / (128 * model.CUBLAS_FRACTION) / model.CLOCK_HZ
+    assert fp32 == pytest.approx(expected)
