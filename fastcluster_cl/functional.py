@@ -309,13 +309,16 @@ def student_t(
         q_ik = (1 + ||h_i - mu_k||^2 / alpha)^(-(alpha+1)/2) / sum_j (same for j)
 
     Args:
-        h: (N, F) features. centers: (K, F) centers, K >= 2. alpha: degrees of freedom > 0.
+        h: (N, F) features. centers: (K, F) centers, K >= 2, h's dtype or float32 under
+            bfloat16 / float16 features (autocast's fp32 parameter; computed as with h cast
+            to float32). alpha: degrees of freedom > 0.
     Returns:
         (N, K) probabilities in the accumulation dtype (float32, or float64 for float64 input).
     """
     check_matrix("h", h)
     check_matrix("centers", centers, min_rows=2)
-    check_same(("h", "centers"), (h, centers), shape=False)
+    amp = h.dtype in (torch.bfloat16, torch.float16) and centers.dtype == torch.float32
+    check_same(("h", "centers"), (h, centers), shape=False, dtype=not amp)
     if h.shape[1] != centers.shape[1]:
         raise ValueError(f"h has {h.shape[1]} features but centers have {centers.shape[1]}")
     alpha = check_positive("alpha", alpha)
@@ -550,10 +553,8 @@ def anchor_objective(
     gather = _gathering(gather_distributed, reduction)
 
     def separate_parts():
-        acc = accumulation_dtype(h0.dtype)  # centers may be float32 under bf16 features
-        q0, q_a, q_b = (
-            student_t(h.to(acc), centers.to(acc), alpha, backend=backend) for h in (h0, h_a, h_b)
-        )
+        centers_acc = centers.to(accumulation_dtype(h0.dtype))  # bf16 h stays: fp32 centers
+        q0, q_a, q_b = (student_t(h, centers_acc, alpha, backend=backend) for h in (h0, h_a, h_b))
         common = dict(backend=backend, gather_distributed=gather_distributed, reduction=reduction)
         cluster, anchor = dec_anchor_losses(q0, q_a, q_b, **common)
         return {

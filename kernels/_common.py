@@ -16,6 +16,10 @@ from fastcluster_cl.backends.numerics import NORM_EPS  # noqa: F401
 from fastcluster_cl.backends.numerics import accumulation_dtype as torch_acc_dtype  # noqa: F401
 
 MAX_FEATURES = 512  # the row kernels keep a whole feature row in registers
+# Programs a row-parallel launch aims for by splitting its columns (NT-Xent's `column_splits`,
+# Student-t's `center_splits`): two per SM of an H100 SXM (132 SMs; NT-Xent's kernels hold 2
+# CTAs per SM, benchmarks/static_notes.md).
+SPLIT_PROGRAMS = 264
 _ACC = {torch.float64: tl.float64}
 
 
@@ -32,6 +36,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     if precision == "none":
         precision = torch.backends.fp32_precision
     return "tf32" if dtype == torch.float32 and precision == "tf32" else "ieee"
+
+
+def is_interpreted() -> bool:
+    """Whether the kernels run under TRITON_INTERPRET=1 (the tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -93,6 +93,7 @@ from fastcluster_cl.backends.numerics import fixed_shift_safe, l2_normalize, l2_
 
 from ._common import (
     NORM_EPS,
+    SPLIT_PROGRAMS,
     acc_dtype,
     check_dtype,
     device_guard,
@@ -105,6 +106,7 @@ from ._common import (
     torch_acc_dtype,
     upcast_dots,
 )
+from ._common import is_interpreted as _is_interpreted
 
 _EPS = tl.constexpr(NORM_EPS)
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -868,9 +870,6 @@ def _symmetric_grad_kernel(
     )
 
 
-# Programs a row-parallel launch aims for by splitting its columns (`column_splits`): two per
-# SM of an H100 SXM (132 SMs; both kernels hold 2 CTAs per SM, static_notes.md).
-SPLIT_PROGRAMS = 264
 # A launch splits only sweeps of at least MIN_SWEEP_TILES column tiles, into runs of at least
 # MIN_SPLIT_TILES: shorter, the merge launch (a few microseconds) costs about what the split
 # saves (the cost model's NT-Xent table, benchmarks/static_notes.md section 11).
@@ -878,10 +877,6 @@ MIN_SWEEP_TILES = 16
 MIN_SPLIT_TILES = 2
 # Rows per program of the forward's merge (the backward's merges `prologue_rows`, D wide).
 LSE_MERGE_ROWS = 128
-
-
-def _is_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,25 @@
 q_ik = softmax_k( -(alpha+1)/2 * log(1 + d_ik / alpha) ),  d_ik = ||h_i - mu_k||^2, computed as
 ||h_i||^2 - 2 h_i . mu_k + ||mu_k||^2 (clamped at 0) so the cross term is a tensor-core dot.
 
-Forward (`_fwd_kernel`, row-parallel): each program takes BLOCK_M rows and walks the centers in
-tiles of BLOCK_K (`_BLOCK_K`, at most 64), so its registers and shared memory do not grow with
-K: for each tile it builds the (BLOCK_M, BLOCK_K) distances (F in chunks of BLOCK_F, at most
-32), writes the logits into q and updates the row max and rescaled sum of exp (online softmax);
-a second pass over its own rows of q turns the logits into probabilities. Backward
-(`_bwd_kernel`, row-parallel, no atomics) starts from the saved q: one pass over the K tiles
-takes sum_k q dq, a second recomputes each tile's distances and writes g = dL/dd (N x K).
+Forward (`_fwd_kernel`): each program takes BLOCK_M rows and a split of the center tiles
+(BLOCK_K centers, `_BLOCK_K`, at most 64; `center_splits`, flash-decoding style, so that a
+large K fills the GPU), so its registers and shared memory do not grow with K: for each tile it
+builds the (BLOCK_M, BLOCK_K) distances (F in chunks of BLOCK_F, at most 32), writes the logits
+into q and updates the row max and rescaled sum of exp (online softmax). With one split a
+second pass over its rows of q turns the logits into probabilities; with several, each split's
+(max, sum) pair goes to a partial buffer and `_normalize_kernel` merges them in a fixed order
+(deterministic) and normalises one tile per program. Backward (`_bwd_kernel`, same grid, no
+atomics) starts from the saved q: sum_k q dq per row (in the program with one split, else
+`_row_dot_kernel` first), then each tile's distances again and g = dL/dd (N x K).
 dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are cuBLAS GEMMs on the host,
 which keeps them deterministic and the kernel free of an (N x F) accumulator.
+
+bf16 features against float32 centers (AMP: the centers are an fp32 parameter) keep the
+products on the tensor cores: each center chunk is split into three bf16 parts, mu = hi + mid +
+lo (exactly, but for fp32 numbers whose parts fall below bf16's normal range), and h . mu is
+the sum of three products of bf16 numbers, each exact in the fp32 accumulator: the cross term
+carries the fp32 computation's error, not bf16's (two parts left 2^-18 relative of mu, 3-5x
+the fp32 error at points near their centers: tests/backends/test_triton_kernels.py).
 
 Floors (N rows, K centers, F features, b bytes): forward 2 N K F FLOPs, N K logs/exps, reads
 N F b ceil(K / BLOCK_K) (h once per center tile, L2-resident after the first) + P K F b
@@ -28,12 +38,15 @@ import triton.language as tl
 from fastcluster_cl.backends.autograd.pairs import register_pair
 
 from ._common import (
+    SPLIT_PROGRAMS,
     acc_dtype,
     check_dtype,
     device_guard,
     dot,
     dot_precision,
     float_param,
+    is_interpreted,
+    round_to,
     split_floats,
     torch_acc_dtype,
     upcast_dots,
@@ -62,9 +75,11 @@ def _distances(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    SPLIT_CENTERS: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_K) squared distances ||h_i - mu_k||^2 for one tile of centers,
-    accumulated over F chunks."""
+    accumulated over F chunks; bf16 h against fp32 centers on the tensor cores when
+    SPLIT_CENTERS (the one-pass anchor kernels keep the FP32 pipe: their registers are full)."""
     cross = tl.zeros([BLOCK_M, BLOCK_K], ACC)
     hh = tl.zeros([BLOCK_M], ACC)
     mm = tl.zeros([BLOCK_K], ACC)
@@ -83,7 +98,21 @@ def _distances(
         )
         if H.dtype.element_ty == MU.dtype.element_ty:
             cross += dot(h, tl.trans(mu), ACC, PREC, UPCAST)
-        else:  # e.g. bf16 features and fp32 centers (the one-pass objective's AMP inputs)
+        elif (
+            SPLIT_CENTERS
+            and H.dtype.element_ty == tl.bfloat16
+            and MU.dtype.element_ty == tl.float32
+        ):
+            # AMP's bf16 features, fp32 centers: mu = hi + mid + lo in bf16 (exact: 3 x 8 bits
+            # cover fp32's 24), three tensor-core products each exact in the fp32 accumulator
+            hi = round_to(mu, tl.bfloat16)
+            rest = mu - hi.to(tl.float32)
+            mid = round_to(rest, tl.bfloat16)
+            lo = round_to(rest - mid.to(tl.float32), tl.bfloat16)
+            cross += dot(h, tl.trans(hi), ACC, PREC, UPCAST)
+            cross += dot(h, tl.trans(mid), ACC, PREC, UPCAST)
+            cross += dot(h, tl.trans(lo), ACC, PREC, UPCAST)
+        else:  # other mixed inputs (fp16 features, fp32 centers) on the FP32 pipe
             cross += dot(h.to(ACC), tl.trans(mu.to(ACC)), ACC, PREC, False)
         hf = h.to(ACC)
         muf = mu.to(ACC)
@@ -97,6 +126,7 @@ def _fwd_kernel(
     H,
     MU,
     Q,
+    PART,
     alpha_hi,
     alpha_lo,
     n,
@@ -104,21 +134,26 @@ def _fwd_kernel(
     F,
     stride_h,
     stride_mu,
+    tiles_per_split,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Pass 1 over the K tiles writes the logits into Q and keeps the row max and the rescaled
-    row sum of exp (online softmax); pass 2 turns this program's logits into q in place."""
+    """Pass 1 over this split's center tiles writes the logits into Q and keeps the row max and
+    the rescaled row sum of exp (online softmax). One split (not SPLIT): pass 2 turns the
+    logits into q in place; else the (max, sum) pair goes to PART (2, splits, n)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     alpha = float_param(alpha_hi, alpha_lo, ACC)
+    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     s = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         d = _distances(
@@ -137,6 +172,7 @@ def _fwd_kernel(
             BLOCK_M,
             BLOCK_K,
             BLOCK_F,
+            True,
         )
         logit = tl.where(
             mask_k[None, :], -(alpha + 1.0) / 2.0 * tl.log(1.0 + d / alpha), float("-inf")
@@ -147,13 +183,71 @@ def _fwd_kernel(
         tl.store(
             Q + offs_m[:, None] * K + offs_k[None, :], logit, mask=mask_m[:, None] & mask_k[None, :]
         )
-    tl.debug_barrier()  # pass 2 reads logits that other threads of this program wrote
+    if SPLIT:
+        split, splits = tl.program_id(1), tl.num_programs(1)
+        tl.store(PART + split * n + offs_m, m, mask=mask_m)
+        tl.store(PART + (splits + split) * n + offs_m, s, mask=mask_m)
+    else:
+        tl.debug_barrier()  # pass 2 reads logits that other threads of this program wrote
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (offs_k[None, :] < K)
+            ptrs = Q + offs_m[:, None] * K + offs_k[None, :]
+            logit = tl.load(ptrs, mask=mask, other=0.0)
+            tl.store(ptrs, tl.exp(logit - m[:, None]) / s[:, None], mask=mask)
+
+
+@triton.jit
+def _normalize_kernel(
+    Q,
+    PART,
+    n,
+    K,
+    splits,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """q = exp(logit - m) / s on one center tile of BLOCK_M rows, with the rows' (m, s) merged
+    from the splits' partials in split order (run-to-run deterministic)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_M], ACC)
+    for split in range(0, splits):
+        m_split = tl.load(PART + split * n + offs_m, mask=mask_m, other=0.0)
+        s_split = tl.load(PART + (splits + split) * n + offs_m, mask=mask_m, other=0.0)
+        m_new = tl.maximum(m, m_split)
+        s = s * tl.exp(m - m_new) + s_split * tl.exp(m_split - m_new)
+        m = m_new
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = mask_m[:, None] & (offs_k[None, :] < K)
+    ptrs = Q + offs_m[:, None] * K + offs_k[None, :]
+    logit = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, tl.exp(logit - m[:, None]) / s[:, None], mask=mask)
+
+
+@triton.jit
+def _row_dot(Q, DQ, offs_m, mask_m, K, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k q dq of BLOCK_M rows, over the center tiles in order."""
+    qdq = tl.zeros(offs_m.shape, ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_m[:, None] & (offs_k[None, :] < K)
-        ptrs = Q + offs_m[:, None] * K + offs_k[None, :]
-        logit = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, tl.exp(logit - m[:, None]) / s[:, None], mask=mask)
+        q = tl.load(Q + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+        dq = tl.load(DQ + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
+        qdq += tl.sum(q * dq, axis=1)
+    return qdq
+
+
+@triton.jit
+def _row_dot_kernel(
+    Q, DQ, QDQ, n, K, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """QDQ = sum_k q dq per row, for a backward whose center tiles are split."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    tl.store(QDQ + offs_m, _row_dot(Q, DQ, offs_m, mask_m, K, ACC, BLOCK_K), mask=mask_m)
 
 
 @triton.jit
@@ -162,6 +256,7 @@ def _bwd_kernel(
     MU,
     Q,
     DQ,
+    QDQ,
     G,
     alpha_hi,
     alpha_lo,
@@ -170,27 +265,28 @@ def _bwd_kernel(
     F,
     stride_h,
     stride_mu,
+    tiles_per_split,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """G = 2 dL/dd from the forward's q (the factor 2 of d's gradients taken here, free): pass
-    1 over the K tiles takes sum_k q dq, pass 2 recomputes the distances of each tile and writes
-    its G."""
+    """G = 2 dL/dd from the forward's q (the factor 2 of d's gradients taken here, free) on this
+    split's center tiles: sum_k q dq (from QDQ when SPLIT, else over all K here), then each
+    tile's distances again and its G."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     alpha = float_param(alpha_hi, alpha_lo, ACC)
-    qdq = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_m[:, None] & (offs_k[None, :] < K)
-        q = tl.load(Q + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-        dq = tl.load(DQ + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
-        qdq += tl.sum(q * dq, axis=1)
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT:
+        qdq = tl.load(QDQ + offs_m, mask=mask_m, other=0.0)
+    else:
+        qdq = _row_dot(Q, DQ, offs_m, mask_m, K, ACC, BLOCK_K)
+    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
@@ -210,6 +306,7 @@ def _bwd_kernel(
             BLOCK_M,
             BLOCK_K,
             BLOCK_F,
+            True,
         )
         q = tl.load(Q + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
         dq = tl.load(DQ + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
@@ -245,7 +342,23 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> dict:
         BLOCK_M=_BLOCK_M,
         BLOCK_K=block_k,
         BLOCK_F=block_f,
+        # 4 warps lay a 32 x 16 or 32 x 32 product out twice (every MMA issued twice, the
+        # compiled code); 2 warps cover it once
+        num_warps=4 if block_k >= 64 else 2,
     )
+
+
+def center_splits(n: int, k: int, block_k: int) -> tuple[int, int]:
+    """(splits, center tiles per split) of a launch over n rows and k centers: the tiles are cut
+    toward `SPLIT_PROGRAMS` programs when the row blocks alone are fewer (under the interpreter
+    into runs of two, so that the tests' few-tile cases run the split launches)."""
+    tiles = triton.cdiv(k, block_k)
+    row_blocks = triton.cdiv(n, _BLOCK_M)
+    wanted = min(tiles, triton.cdiv(tiles, 2) if is_interpreted() else SPLIT_PROGRAMS // row_blocks)
+    if wanted < 2:
+        return 1, tiles
+    per_split = triton.cdiv(tiles, wanted)
+    return triton.cdiv(tiles, per_split), per_split
 
 
 # The forward and backward as torch.library ops with fake implementations (custom_op around the
@@ -257,19 +370,36 @@ def student_t_forward(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> t
     """(h (N x F), centers (K x F), alpha) -> q (N x K) in the accumulation dtype."""
     (n, f), k = h.shape, centers.shape[0]
     consts = _launch_args(h, centers, alpha)
-    q = torch.empty(n, k, dtype=torch_acc_dtype(h.dtype), device=h.device)
+    acc = torch_acc_dtype(h.dtype)
+    q = torch.empty(n, k, dtype=acc, device=h.device)
+    splits, per_split = center_splits(n, k, consts["BLOCK_K"])
+    part = torch.empty(2, splits, n, dtype=acc, device=h.device) if splits > 1 else q
     with device_guard(h):
-        _fwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
+        _fwd_kernel[(triton.cdiv(n, _BLOCK_M), splits)](
             H=h,
             MU=centers,
             Q=q,
+            PART=part,
             n=n,
             K=k,
             F=f,
             stride_h=h.stride(0),
             stride_mu=centers.stride(0),
+            tiles_per_split=per_split,
+            SPLIT=splits > 1,
             **consts,
         )
+        if splits > 1:
+            _normalize_kernel[(triton.cdiv(n, _BLOCK_M), triton.cdiv(k, consts["BLOCK_K"]))](
+                Q=q,
+                PART=part,
+                n=n,
+                K=k,
+                splits=splits,
+                ACC=consts["ACC"],
+                BLOCK_M=_BLOCK_M,
+                BLOCK_K=consts["BLOCK_K"],
+            )
     return q
 
 
@@ -287,18 +417,35 @@ def student_t_backward(
     consts = _launch_args(h, centers, alpha)
     acc = torch_acc_dtype(h.dtype)
     g = torch.empty(n, k, dtype=acc, device=h.device)
+    dq = dq.contiguous()
+    splits, per_split = center_splits(n, k, consts["BLOCK_K"])
+    qdq = torch.empty(n, dtype=acc, device=h.device) if splits > 1 else g
     with device_guard(h):
-        _bwd_kernel[(triton.cdiv(n, _BLOCK_M),)](
+        if splits > 1:
+            _row_dot_kernel[(triton.cdiv(n, _BLOCK_M),)](
+                Q=q,
+                DQ=dq,
+                QDQ=qdq,
+                n=n,
+                K=k,
+                ACC=consts["ACC"],
+                BLOCK_M=_BLOCK_M,
+                BLOCK_K=consts["BLOCK_K"],
+            )
+        _bwd_kernel[(triton.cdiv(n, _BLOCK_M), splits)](
             H=h,
             MU=centers,
             Q=q,
-            DQ=dq.contiguous(),
+            DQ=dq,
+            QDQ=qdq,
             G=g,
             n=n,
             K=k,
             F=f,
             stride_h=h.stride(0),
             stride_mu=centers.stride(0),
+            tiles_per_split=per_split,
+            SPLIT=splits > 1,
             **consts,
         )
     # d = |h|^2 - 2 h.mu + |mu|^2, G = 2 dL/dd: dh = rowsum(G) h - G mu and
@@ -326,7 +473,7 @@ register_pair(
 def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """Student-t assignment (see `fastcluster_cl.student_t`) with the fused kernels."""
     check_dtype(h, centers)
-    common = torch.promote_types(h.dtype, centers.dtype)  # e.g. bf16 features, fp32 centers
-    return student_t_forward(
-        h.to(common).contiguous(), centers.to(common).contiguous(), float(alpha)
-    )
+    if (h.dtype, centers.dtype) != (torch.bfloat16, torch.float32):  # AMP's pair stays mixed
+        common = torch.promote_types(h.dtype, centers.dtype)
+        h, centers = h.to(common), centers.to(common)
+    return student_t_forward(h.contiguous(), centers.contiguous(), float(alpha))

@@ -328,13 +328,16 @@ class Launch:
 
 
 def gemm_seconds(m: int, n: int, k: int, operand_bytes: int = 2) -> float:
-    """A cuBLAS-class GEMM: whole waves of 128 x 128 output tiles at CUBLAS_FRACTION of the
-    tensor peak (16-bit operands) or of the FP32 pipe's (`WIDE_GEMM_MACS_PER_CLOCK`: fp32,
-    fp64), plus a launch."""
-    tiles = math.ceil(m / CUBLAS_TILE) * math.ceil(n / CUBLAS_TILE)
-    waves = math.ceil(tiles / SMS)
+    """A cuBLAS-class GEMM at CUBLAS_FRACTION of the tensor peak (16-bit operands) or of the FP32
+    pipe's (`WIDE_GEMM_MACS_PER_CLOCK`: fp32, fp64), plus a launch: output tiles of up to 128 x
+    128 (a smaller product, its own size rounded up to 16), in whole waves; fewer tiles than SMs
+    split their k across SMs (split-K, in slices of at least 128)."""
+    rows, cols = (max(16, min(CUBLAS_TILE, 16 * math.ceil(x / 16))) for x in (m, n))
+    tiles = math.ceil(m / rows) * math.ceil(n / cols)
+    slices = max(1, min(SMS // tiles, k // CUBLAS_TILE))
+    waves = math.ceil(tiles * slices / SMS)
     rate = static.MACS_PER_CLOCK["fp16"] if operand_bytes <= 2 else WIDE_GEMM_MACS_PER_CLOCK
-    per_tile = CUBLAS_TILE * CUBLAS_TILE * k / (rate * CUBLAS_FRACTION)
+    per_tile = rows * cols * math.ceil(k / slices) / (rate * CUBLAS_FRACTION)
     return LAUNCH_S + waves * per_tile / CLOCK_HZ
 
 

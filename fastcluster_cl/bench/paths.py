@@ -642,6 +642,11 @@ def _splits(args: dict, grid: tuple) -> int:
     return args["splits"]
 
 
+def _split_tiles(args: dict, grid: tuple) -> int:
+    """A split's center tiles (`student_t.center_splits`; the last split may have fewer)."""
+    return args["tiles_per_split"]
+
+
 # The loops of the kernels the separate ops launch, by kernel ("module.function") and loop depth:
 # each depth's trip count from a launch's arguments and grid. A kernel or a depth missing here is
 # an error: its loops must be read before the model counts them.
@@ -653,8 +658,10 @@ SEPARATE_LOOPS = {
     "nt_xent._grad_merge_kernel": {0: _splits},
     "cc_cluster._stats_kernel": {0: _row_steps},
     "cc_cluster._grad_kernel": {},
-    "student_t._fwd_kernel": {0: _cluster_tiles, 1: _feature_chunks},
-    "student_t._bwd_kernel": {0: _cluster_tiles, 1: _feature_chunks},
+    "student_t._fwd_kernel": {0: _split_tiles, 1: _feature_chunks},
+    "student_t._normalize_kernel": {0: _splits},
+    "student_t._row_dot_kernel": {0: _cluster_tiles},
+    "student_t._bwd_kernel": {0: _split_tiles, 1: _feature_chunks},
     "kl._colsum_kernel": {0: _row_steps},
     "kl._dec_anchor_kernel": {0: _cluster_tiles},
 }
@@ -665,7 +672,21 @@ SEPARATE_LOOPS = {
 SEPARATE_TILE_MACS = {
     "nt_xent._lse_fwd_kernel": lambda a: a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_D"],
     "nt_xent._grad_kernel": lambda a: 2 * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_D"],
+    "student_t._fwd_kernel": lambda a: (
+        _center_parts(a) * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_F"]
+    ),
+    "student_t._bwd_kernel": lambda a: (
+        _center_parts(a) * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_F"]
+    ),
 }
+
+
+def _center_parts(args: dict) -> int:
+    """Tensor-core products per feature chunk of the Student-t distances: three for bf16
+    features against fp32 centers (the centers' three bf16 parts), else one."""
+    import torch
+
+    return 3 if (args["H"], args["MU"]) == (torch.bfloat16, torch.float32) else 1
 
 
 def _pointer_dtype(dtype) -> str:
@@ -769,10 +790,9 @@ def _separate_total(op: str) -> Callable:
     if op == "anchor_objective":
 
         def total(z_a, z_b, h0, h_a, h_b, centers):
-            acc = torch.float32
+            centers = centers.to(torch.float32)  # bf16 h against fp32 centers
             q0, q_a, q_b = (
-                _auto_op("student_t", h, centers)(h.to(acc), centers.to(acc), 1.0)
-                for h in (h0, h_a, h_b)
+                _auto_op("student_t", h, centers)(h, centers, 1.0) for h in (h0, h_a, h_b)
             )
             cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
             instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)

@@ -619,15 +619,17 @@ def _cluster_variants() -> list[Variant]:
         "DH": "bf16",
         "G": "fp32",
     }
-    for k in (64, 300, 600, 1000):  # K is tiled: the tile (and the code) is the same for all
+    # K is tiled: the tile (and the code) is the same for every K; one split (K = 64) or
+    # several; bf16 centers, or AMP's fp32 ones (three bf16 parts a chunk)
+    for k, centers in ((64, "bf16"), (1000, "bf16"), (64, "fp32"), (1000, "fp32")):
         block_k, block_f = st._blocks(k, 128)
         for name, kern in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
             out.append(
                 Variant(
-                    f"student_t {name} K={k}",
+                    f"student_t {name} K={k}" + (" fp32 centers" if centers == "fp32" else ""),
                     "bf16",
                     kern,
-                    h,
+                    dict(h, MU=centers, PART="fp32", QDQ="fp32"),
                     dict(
                         PREC="ieee",
                         ACC=tl.float32,
@@ -635,6 +637,7 @@ def _cluster_variants() -> list[Variant]:
                         BLOCK_M=st._BLOCK_M,
                         BLOCK_K=block_k,
                         BLOCK_F=block_f,
+                        SPLIT=k > block_k,
                     ),
                     4,
                     (st._BLOCK_M, block_k, block_f),

@@ -88,6 +88,7 @@ def _student_logits(
         BLOCK_M,
         BLOCK_K,
         BLOCK_F,
+        False,
     )
     logit = tl.where(mask_k[None, :], -(alpha + 1.0) / 2.0 * tl.log(1.0 + d / alpha), float("-inf"))
     return d, logit

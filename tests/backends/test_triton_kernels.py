@@ -285,6 +285,73 @@ def test_student_t_mixed_dtypes():
     assert mu.grad.dtype == torch.float32 and torch.isfinite(mu.grad).all()
 
 
+def test_student_t_center_splits_fill_the_gpu(monkeypatch):
+    """On a GPU the center tiles are split toward SPLIT_PROGRAMS programs when the row blocks
+    alone are fewer: 32 row blocks x 16 tiles (N = 1024, K = 1000) in 8 splits of 2 tiles; a
+    single tile, or rows enough, stay one split (one launch each way)."""
+    st = kernel_module("student_t")
+    monkeypatch.setattr(st, "is_interpreted", lambda: False)
+    assert st.center_splits(1024, 1000, 64) == (8, 2)
+    assert st.center_splits(1024, 64, 64) == (1, 1)
+    assert st.center_splits(32768, 1000, 64) == (1, 16)
+    assert st.center_splits(256, 1000, 64) == (16, 1)
+
+
+def _expanded_fp32(h, mu, alpha):
+    """Student-t from the expanded distances |h|^2 - 2 h.mu + |mu|^2 in fp32 IEEE products (the
+    kernels' arithmetic before the split centers): the fp32-accumulating baseline of the AMP
+    path's error."""
+    h, mu = h.float(), mu.float()
+    d = ((h * h).sum(1, keepdim=True) + (mu * mu).sum(1) - 2.0 * h @ mu.T).clamp_min(0.0)
+    return torch.softmax(-(alpha + 1) / 2 * torch.log1p(d / alpha), dim=1)
+
+
+def _amp_cases():
+    """(name, h, centers) in the regimes users train in: points near one of their centers
+    (near one-hot q) with large and tiny norms, and centers close together (near-uniform q)."""
+    n, k, f = 45, 150, 100  # K: three center tiles (two splits), F: not a multiple of 32
+    centers = randn(k, f, seed=61)
+    owner = torch.arange(n) % k
+    near = centers[owner] + 0.05 * randn(n, f, seed=62)
+    base = randn(1, f, seed=63)
+    uniform = (base + 1e-3 * randn(k, f, seed=64), base + 1e-3 * randn(n, f, seed=65))
+    return [
+        ("one-hot", near, centers),
+        ("one-hot |h| 1e3", 1e3 * near, 1e3 * centers),
+        ("one-hot |h| 1e-3", 1e-3 * near, 1e-3 * centers),
+        ("near-uniform", uniform[1], uniform[0]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _amp_cases()])
+def test_student_t_amp_centers_split_for_the_tensor_cores(case):
+    """bf16 features against fp32 centers (the split centers on the tensor cores, several
+    center splits): q and both gradients within twice the error of the fp32 expanded-distance
+    computation on the same inputs, against the float64 reference; dh, a bf16 leaf's gradient,
+    within twice the reference's own rounding to bf16 where that is larger."""
+    _, h, mu = _amp_cases()[case]
+    h = h.bfloat16().double()  # the features as AMP hands them over: bf16 values
+    weights = randn(h.shape[0], mu.shape[0], seed=66)
+    alpha = 1.0
+
+    def run(fn, h, mu):
+        h, mu = h.detach().requires_grad_(), mu.detach().requires_grad_()
+        q = fn(h, mu)
+        (q.double() * weights).sum().backward()
+        return [q.double(), h.grad.double(), mu.grad.double()]
+
+    want = run(lambda h, mu: reference.student_t(h, mu, alpha), h, mu)
+    base = run(lambda h, mu: _expanded_fp32(h, mu, alpha), h.float(), mu.float())
+    got = run(lambda h, mu: kernels.student_t(h, mu, alpha), h.bfloat16(), mu.float())
+    for name, g, b, w in zip(("q", "dh", "dmu"), got, base, want):
+        scale = w.abs().max().item()
+        error = (b - w).abs().max().item()
+        if name == "dh":
+            error = max(error, (w.bfloat16().double() - w).abs().max().item())
+        bound = 2 * error + 1e-7 * scale
+        assert (g - w).abs().max().item() <= bound, (name, (g - w).abs().max().item(), bound)
+
+
 def kernel_module(name):
     """The module kernels/<name>.py (the package exports functions under the same names)."""
     return importlib.import_module(f"fastcluster_cl.kernels.{name}")

@@ -355,9 +355,17 @@ def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
 
 
 def test_wide_gemms_run_on_the_fp32_pipe():
-    """torch's fp32 matmul is IEEE (no TF32): one wave of 128 x 128 tiles takes the tensor
-    cores' rate over the FP32 pipe's (2048 / 128) times a 16-bit one's, launch aside."""
-    bf16, fp32 = (model.gemm_seconds(128, 128, 4096, size) - model.LAUNCH_S for size in (2, 4))
+    """torch's fp32 matmul is IEEE (no TF32): two waves of 128 x 128 tiles (144 tiles) take the
+    tensor cores' rate over the FP32 pipe's (2048 / 128) times a 16-bit product's."""
+    bf16, fp32 = (model.gemm_seconds(1536, 1536, 4096, size) - model.LAUNCH_S for size in (2, 4))
     assert fp32 / bf16 == pytest.approx(2048 / model.WIDE_GEMM_MACS_PER_CLOCK)
-    expected = 128 * 128 * 4096 / (128 * model.CUBLAS_FRACTION) / model.CLOCK_HZ
-    assert fp32 == pytest.approx(expected)
+    per_tile = 128 * 128 * 4096 / (model.WIDE_GEMM_MACS_PER_CLOCK * model.CUBLAS_FRACTION)
+    assert fp32 == pytest.approx(2 * per_tile / model.CLOCK_HZ)
+
+
+def test_skinny_gemms_take_their_own_rows_and_split_k():
+    """10 x 512 x 1024 (the Student-t centre gradient at K = 10): 16-row tiles, 4 of them, each
+    k split in 8 slices of 128 over 32 SMs: one wave of 16 x 128 x 128."""
+    got = model.gemm_seconds(10, 512, 1024, 4) - model.LAUNCH_S
+    per_slice = 16 * 128 * 128 / (model.WIDE_GEMM_MACS_PER_CLOCK * model.CUBLAS_FRACTION)
+    assert got == pytest.approx(per_slice / model.CLOCK_HZ)

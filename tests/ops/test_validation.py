@@ -138,6 +138,15 @@ def test_cluster_losses_need_two_clusters():
         fc.dec_loss(torch.ones(4, 1))
 
 
+def test_student_t_takes_autocasts_fp32_centers():
+    """bf16 / fp16 features with fp32 centers (autocast's parameter) are the computation on the
+    features cast to fp32; other mixed pairs are refused."""
+    h, mu = z(6, 3).bfloat16(), z(2, 3)
+    torch.testing.assert_close(fc.student_t(h, mu), fc.student_t(h.float(), mu), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cast them to one dtype"):
+        fc.student_t(z(4, 3), z(2, 3).bfloat16())
+
+
 def test_student_t_checks():
     with pytest.raises(ValueError, match="features but centers have"):
         fc.student_t(z(4, 3), z(2, 5))

@@ -129,6 +129,8 @@ def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Ten
     """Student-t soft assignment (see `fastcluster_cl.student_t`) with the CUDA C++ kernels;
     returns float32 (N, K)."""
     build.check_inputs(("h",), (h,))
+    if h.dtype in (torch.bfloat16, torch.float16) and centers.dtype == torch.float32:
+        h = h.float()  # autocast's fp32 centers: the kernels take one dtype
     if centers.dtype != h.dtype or centers.device != h.device or centers.shape[1:] != h.shape[1:]:
         raise ValueError(
             f"centers must match h in dtype, device and features, got "
