@@ -18,7 +18,7 @@
 #             (the anchor rows, D 128 with F 512/2048, need the runner to take F apart from D)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
-# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
+# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|model|anchor|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -78,6 +78,13 @@ for stage in "${stages[@]}"; do
       env -u TRITON_INTERPRET python3 -m fastcluster_cl.bench model \
           --json "$OUT/results/model-h100.json" >>"$OUT/model.log" 2>&1 || status=1
       tail -40 "$OUT/model.log" ;;
+    anchor)
+      # the model table's anchor rows: D = 128, F = 512 / 2048, K = 10 / 100 / 1000, fp32 centres
+      python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --ops anchor_objective \
+          --dims 128 --features 512,2048 --ks 10,100,1000 --sizes 512,2048,8192,65536 \
+          --modes fwd+bwd --backends auto,torch,triton \
+          --out "$OUT/results" >"$OUT/anchor.log" 2>&1 || status=1
+      tail -40 "$OUT/anchor.log" ;;
     dali)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/data/test_data_dali.py \
           >"$OUT/dali.log" 2>&1 || status=1

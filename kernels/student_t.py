@@ -13,20 +13,23 @@ second pass over its rows of q turns the logits into probabilities; with several
 (deterministic) and normalises one tile per program. Backward (`_bwd_kernel`, same grid, no
 atomics) starts from the saved q: sum_k q dq per row (in the program with one split, else
 `_row_dot_kernel` first), then each tile's distances again and g = dL/dd (N x K).
-dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are cuBLAS GEMMs on the host,
-which keeps them deterministic and the kernel free of an (N x F) accumulator.
+dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are separate products, which
+keeps them deterministic and the kernel free of an (N x F) accumulator: for bf16 features
+`_gradient_product_kernel` (64 x 64 output tiles, the inner dimension split where the tiles are
+few, `product_splits`, merged in order by `_gradient_merge_kernel`), else cuBLAS on the host.
 
 bf16 features against float32 centers (AMP: the centers are an fp32 parameter) keep the
 products on the tensor cores: each center chunk is split into three bf16 parts, mu = hi + mid +
 lo (exactly, but for fp32 numbers whose parts fall below bf16's normal range), and h . mu is
 the sum of three products of bf16 numbers, each exact in the fp32 accumulator: the cross term
-carries the fp32 computation's error, not bf16's (two parts left 2^-18 relative of mu, 3-5x
-the fp32 error at points near their centers: tests/backends/test_triton_kernels.py).
+carries the fp32 computation's error, not bf16's (two parts left 2^-18 relative of mu, 4.5-5x
+the fp32 error at points near their centers: tests/backends/test_triton_kernels.py). The
+gradient products split the fp32 factor(s) the same way (`_bf16_parts`).
 
 Floors (N rows, K centers, F features, b bytes): forward 2 N K F FLOPs, N K logs/exps, reads
 N F b ceil(K / BLOCK_K) (h once per center tile, L2-resident after the first) + P K F b
 (P programs; the centers are L2-resident), writes N K acc floats twice and reads them once;
-backward 2 N K F FLOPs in the kernel + 4 N K F in the host GEMMs, reads q and dq twice.
+backward 2 N K F FLOPs in the kernel + 4 N K F in the two products, reads q and dq twice.
 """
 
 from __future__ import annotations
@@ -53,9 +56,20 @@ from ._common import (
 )
 
 MAX_CENTERS = 1024
-_BLOCK_M = 32
+_BLOCK_M = 64
 _BLOCK_K = 64  # centers per tile: every K up to MAX_CENTERS runs in ceil(K / 64) tiles
 _BLOCK_F = 32  # features per chunk of the distance dot
+
+
+@triton.jit
+def _bf16_parts(x):
+    """fp32 x as hi + mid + lo in bf16: exact (3 x 8 bits cover fp32's 24) but for parts below
+    bf16's normal range. Products of bf16 parts are exact in an fp32 accumulator."""
+    hi = round_to(x, tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    mid = round_to(rest, tl.bfloat16)
+    lo = round_to(rest - mid.to(tl.float32), tl.bfloat16)
+    return hi, mid, lo
 
 
 @triton.jit
@@ -105,10 +119,7 @@ def _distances(
         ):
             # AMP's bf16 features, fp32 centers: mu = hi + mid + lo in bf16 (exact: 3 x 8 bits
             # cover fp32's 24), three tensor-core products each exact in the fp32 accumulator
-            hi = round_to(mu, tl.bfloat16)
-            rest = mu - hi.to(tl.float32)
-            mid = round_to(rest, tl.bfloat16)
-            lo = round_to(rest - mid.to(tl.float32), tl.bfloat16)
+            hi, mid, lo = _bf16_parts(mu)
             cross += dot(h, tl.trans(hi), ACC, PREC, UPCAST)
             cross += dot(h, tl.trans(mid), ACC, PREC, UPCAST)
             cross += dot(h, tl.trans(lo), ACC, PREC, UPCAST)
@@ -315,6 +326,110 @@ def _bwd_kernel(
         tl.store(G + offs_m[:, None] * K + offs_k[None, :], g, mask=mask)
 
 
+@triton.jit
+def _gradient_product_kernel(
+    A,
+    B,
+    X,
+    SCALE,
+    OUT,
+    PART,
+    rows,
+    cols,
+    inner,
+    inner_per_split,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_x,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """OUT = SCALE[:, None] X - A B on the tensor cores at fp32's accuracy: A (fp32, the
+    distances' gradient G or its transpose) as three bf16 parts; B as it is when bf16 (three
+    products), else as three parts too (the six products of parts above 2^-24 relative). The
+    Student-t backward's dh = rowsum(G) h - G mu and dmu = colsum(G) mu - G^T h. With SPLIT,
+    this program's range of the inner dimension goes to PART[split] (`_gradient_merge_kernel`
+    adds the splits and applies the rest)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < rows, offs_n < cols
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k_start = tl.program_id(2) * inner_per_split
+    for k0 in range(k_start, tl.minimum(k_start + inner_per_split, inner), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < inner
+        a = tl.load(
+            A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        a_hi, a_mid, a_lo = _bf16_parts(a)
+        if B.dtype.element_ty == tl.bfloat16:
+            acc += dot(a_hi, b, tl.float32, "ieee", UPCAST)
+            acc += dot(a_mid, b, tl.float32, "ieee", UPCAST)
+            acc += dot(a_lo, b, tl.float32, "ieee", UPCAST)
+        else:
+            b_hi, b_mid, b_lo = _bf16_parts(b)
+            acc += dot(a_hi, b_hi, tl.float32, "ieee", UPCAST)
+            acc += dot(a_hi, b_mid, tl.float32, "ieee", UPCAST)
+            acc += dot(a_mid, b_hi, tl.float32, "ieee", UPCAST)
+            acc += dot(a_hi, b_lo, tl.float32, "ieee", UPCAST)
+            acc += dot(a_mid, b_mid, tl.float32, "ieee", UPCAST)
+            acc += dot(a_lo, b_hi, tl.float32, "ieee", UPCAST)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = PART + (tl.program_id(2) * rows + offs_m[:, None]) * cols + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
+    else:
+        _scaled_minus(acc, X, SCALE, OUT, offs_m, offs_n, rows, cols, stride_x)
+
+
+@triton.jit
+def _scaled_minus(product, X, SCALE, OUT, offs_m, offs_n, rows, cols, stride_x):
+    """OUT = SCALE[:, None] X - product on one tile, rounded once to OUT's dtype."""
+    mask_m = offs_m < rows
+    mask = mask_m[:, None] & (offs_n < cols)[None, :]
+    x = tl.load(X + offs_m[:, None] * stride_x + offs_n[None, :], mask=mask, other=0.0)
+    scale = tl.load(SCALE + offs_m, mask=mask_m, other=0.0)
+    out = round_to(scale[:, None] * x.to(tl.float32) - product, OUT.dtype.element_ty)
+    tl.store(OUT + offs_m[:, None] * cols + offs_n[None, :], out, mask=mask)
+
+
+@triton.jit
+def _gradient_merge_kernel(
+    PART,
+    X,
+    SCALE,
+    OUT,
+    rows,
+    cols,
+    splits,
+    stride_x,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The split gradient product: its partial products added in split order (run-to-run
+    deterministic), then OUT = SCALE[:, None] X - the sum."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < rows)[:, None] & (offs_n < cols)[None, :]
+    product = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for split in range(0, splits):
+        part = PART + (split * rows + offs_m[:, None]) * cols + offs_n[None, :]
+        product += tl.load(part, mask=mask, other=0.0)
+    _scaled_minus(product, X, SCALE, OUT, offs_m, offs_n, rows, cols, stride_x)
+
+
 def _blocks(k: int, f: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_F): centers in tiles of at most `_BLOCK_K`, features in chunks of at most
     `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, the static report)."""
@@ -449,11 +564,89 @@ def student_t_backward(
             **consts,
         )
     # d = |h|^2 - 2 h.mu + |mu|^2, G = 2 dL/dd: dh = rowsum(G) h - G mu and
-    # dmu = colsum(G) mu - G^T h, each one product added onto its scaled rows (three launches)
+    # dmu = colsum(G) mu - G^T h: with bf16 features on the tensor cores (`_gradient_product`),
+    # else each one torch product added onto its scaled rows
+    if h.dtype == torch.bfloat16:
+        return _gradient_product(g, centers, h, g.sum(1)), _gradient_product(
+            g.T, h, centers, g.sum(0)
+        )
     h_acc, mu = h.to(acc), centers.to(acc)
     dh = torch.addmm(h_acc * g.sum(1, keepdim=True), g, mu, alpha=-1.0)
     d_mu = torch.addmm(mu * g.sum(0)[:, None], g.T, h_acc, alpha=-1.0)
     return dh.to(h.dtype), d_mu.to(centers.dtype)
+
+
+_PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+# A split of the gradient product's inner dimension spans at least this many k-steps on a GPU.
+_MIN_PRODUCT_STEPS = 4
+
+
+def product_splits(tiles: int, inner: int) -> tuple[int, int]:
+    """(splits, inner length per split) of a gradient product of `tiles` output tiles: its inner
+    dimension is cut toward `SPLIT_PROGRAMS` programs when the tiles alone are fewer (split-K,
+    e.g. dmu at a few centers: K x F outputs over N rows); under the interpreter into runs of
+    two k-steps, so that the tests run the split launches."""
+    block_k = _PRODUCT_BLOCKS["BLOCK_K"]
+    steps = triton.cdiv(inner, block_k)
+    if is_interpreted():
+        wanted = triton.cdiv(steps, 2)
+    else:
+        wanted = min(steps // _MIN_PRODUCT_STEPS, SPLIT_PROGRAMS // tiles)
+    if wanted < 2:
+        return 1, steps * block_k
+    per_split = triton.cdiv(steps, wanted)
+    return triton.cdiv(steps, per_split), per_split * block_k
+
+
+def _gradient_product(
+    a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """scale[:, None] x - a b in x's dtype (`_gradient_product_kernel`, split-K and
+    `_gradient_merge_kernel` where its output tiles are few): a fp32 (G or G^T, any strides),
+    b bf16 or fp32, x with unit column stride."""
+    (rows, inner), cols = a.shape, b.shape[1]
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    blocks = _PRODUCT_BLOCKS
+    grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
+    splits, per_split = product_splits(grid[0] * grid[1], inner)
+    part = (
+        torch.empty(splits, rows, cols, dtype=torch.float32, device=x.device) if splits > 1 else out
+    )
+    with device_guard(x):
+        _gradient_product_kernel[(*grid, splits)](
+            A=a,
+            B=b,
+            X=x,
+            SCALE=scale,
+            OUT=out,
+            PART=part,
+            rows=rows,
+            cols=cols,
+            inner=inner,
+            inner_per_split=per_split,
+            stride_am=a.stride(0),
+            stride_ak=a.stride(1),
+            stride_bk=b.stride(0),
+            stride_bn=b.stride(1),
+            stride_x=x.stride(0),
+            UPCAST=upcast_dots(torch.bfloat16),
+            SPLIT=splits > 1,
+            **blocks,
+        )
+        if splits > 1:
+            _gradient_merge_kernel[grid](
+                PART=part,
+                X=x,
+                SCALE=scale,
+                OUT=out,
+                rows=rows,
+                cols=cols,
+                splits=splits,
+                stride_x=x.stride(0),
+                BLOCK_M=blocks["BLOCK_M"],
+                BLOCK_N=blocks["BLOCK_N"],
+            )
+    return out
 
 
 @student_t_backward.register_fake

@@ -642,6 +642,11 @@ def _splits(args: dict, grid: tuple) -> int:
     return args["splits"]
 
 
+def _inner_steps(args: dict, grid: tuple) -> int:
+    """A split's k-steps of the Student-t gradient product (`student_t.product_splits`)."""
+    return math.ceil(args["inner_per_split"] / args["BLOCK_K"])
+
+
 def _split_tiles(args: dict, grid: tuple) -> int:
     """A split's center tiles (`student_t.center_splits`; the last split may have fewer)."""
     return args["tiles_per_split"]
@@ -662,6 +667,8 @@ SEPARATE_LOOPS = {
     "student_t._normalize_kernel": {0: _splits},
     "student_t._row_dot_kernel": {0: _cluster_tiles},
     "student_t._bwd_kernel": {0: _split_tiles, 1: _feature_chunks},
+    "student_t._gradient_product_kernel": {0: _inner_steps},
+    "student_t._gradient_merge_kernel": {0: _splits},
     "kl._colsum_kernel": {0: _row_steps},
     "kl._dec_anchor_kernel": {0: _cluster_tiles},
 }
@@ -678,7 +685,18 @@ SEPARATE_TILE_MACS = {
     "student_t._bwd_kernel": lambda a: (
         _center_parts(a) * a["BLOCK_M"] * a["BLOCK_K"] * a["BLOCK_F"]
     ),
+    "student_t._gradient_product_kernel": lambda a: (
+        _product_parts(a) * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"]
+    ),
 }
+
+
+def _product_parts(args: dict) -> int:
+    """Tensor-core products per k-step of the Student-t gradient product: G's three bf16 parts
+    against bf16 features, or the six products of parts against fp32 centers."""
+    import torch
+
+    return 3 if args["B"] == torch.bfloat16 else 6
 
 
 def _center_parts(args: dict) -> int:

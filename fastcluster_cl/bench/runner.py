@@ -86,7 +86,8 @@ class Skip(Exception):
 @dataclass(frozen=True)
 class Case:
     """One benchmark shape. two_n: rows of Z = [z_a; z_b] (each view has N = two_n // 2 rows);
-    dim: projection/feature width D; k: clusters K; backward: forward+backward when True."""
+    dim: projection/feature width D; k: clusters K; backward: forward+backward when True;
+    features: the anchor objective's backbone width F (0: F = D)."""
 
     op: str
     two_n: int
@@ -94,10 +95,15 @@ class Case:
     k: int
     dtype: str
     backward: bool
+    features: int = 0
 
     @property
     def n(self) -> int:
         return self.two_n // 2
+
+    @property
+    def f(self) -> int:
+        return self.features or self.dim
 
     @property
     def mode(self) -> str:
@@ -109,6 +115,8 @@ class Case:
         sizes = [f"2N{self.two_n}"]
         if "D" in _USES[self.op]:
             sizes.append(f"D{self.dim}")
+        if self.features:
+            sizes.append(f"F{self.features}")
         if "K" in _USES[self.op]:
             sizes.append(f"K{self.k}")
         return "-".join([self.op, *sizes, self.dtype, self.mode])
@@ -133,14 +141,18 @@ def cases(
     ks: Sequence[int],
     dtypes: Sequence[str],
     modes: Sequence[str] = MODES,
+    features: Sequence[int] = (0,),
 ) -> list[Case]:
-    """The cross product, without repeating an op over a size it does not depend on."""
+    """The cross product, without repeating an op over a size it does not depend on (the
+    features F only for the anchor objective)."""
     out = []
     for op in ops:
         op_dims = dims if "D" in _USES[op] else dims[:1]
         op_ks = ks if "K" in _USES[op] else ks[:1]
-        for two_n, dim, k, dtype, mode in itertools.product(sizes, op_dims, op_ks, dtypes, modes):
-            out.append(Case(op, two_n, dim, k, dtype, mode == "fwd+bwd"))
+        op_fs = features if op == "anchor_objective" else (0,)
+        grid = itertools.product(sizes, op_dims, op_ks, dtypes, modes, op_fs)
+        for two_n, dim, k, dtype, mode, f in grid:
+            out.append(Case(op, two_n, dim, k, dtype, mode == "fwd+bwd", f))
     return out
 
 
@@ -149,8 +161,9 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
 
     nt_xent: z_a, z_b (N, D). cc_cluster_loss: logits (N, K). student_t: h (N, D),
     centers (K, D). dec_loss: q (N, K). anchor_loss: q0, q_a, q_b (N, K) probabilities.
-    anchor_objective: z_a, z_b, h0, h_a, h_b (N, D), centers (K, D). cc_objective: z_a, z_b
-    (N, D), logits_a, logits_b (N, K)."""
+    anchor_objective: z_a, z_b (N, D), h0, h_a, h_b (N, F), centers (K, F), float32 under
+    16-bit inputs (autocast's parameter). cc_objective: z_a, z_b (N, D), logits_a, logits_b
+    (N, K)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[case.dtype]
     n, d, k = case.n, case.dim, case.k
@@ -167,12 +180,18 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> tuple[
         "student_t": lambda: (randn(n, d), randn(k, d)),
         "dec_loss": lambda: (probs(n, k),),
         "anchor_loss": lambda: (probs(n, k), probs(n, k), probs(n, k)),
-        "anchor_objective": lambda: (*(randn(n, d) for _ in range(5)), randn(k, d)),
+        "anchor_objective": lambda: (
+            *(randn(n, d) for _ in range(2)),
+            *(randn(n, case.f) for _ in range(3)),
+            randn(k, case.f),
+        ),
         "cc_objective": lambda: (randn(n, d), randn(n, d), randn(n, k), randn(n, k)),
     }
     if case.op not in shapes:
         raise ValueError(f"op must be one of {OPS}, got {case.op!r}")
     tensors = [t.to(device=device, dtype=dtype) for t in shapes[case.op]()]
+    if case.op == "anchor_objective" and dtype.itemsize == 2:
+        tensors[-1] = tensors[-1].float()  # the centers: an fp32 parameter under autocast
     # anchor_loss detaches its anchor q0: only the two views get gradients
     differentiable = tensors[1:] if case.op == "anchor_loss" else tensors
     for t in differentiable:
@@ -190,7 +209,16 @@ def floor(case: Case) -> dict[str, float]:
     writing each input's gradient."""
     if case.op in _PARTS:  # a whole objective: the sum of its parts
         parts = [
-            floor(Case(op, case.two_n, case.dim, case.k, case.dtype, case.backward))
+            floor(
+                Case(
+                    op,
+                    case.two_n,
+                    case.f if op == "student_t" else case.dim,
+                    case.k,
+                    case.dtype,
+                    case.backward,
+                )
+            )
             for op in _PARTS[case.op]
         ]
         return {key: sum(part[key] for part in parts) for key in parts[0]}
@@ -710,7 +738,7 @@ def skipped_summary(skipped: Sequence[dict]) -> str:
 
 def plot(results: Sequence[dict], path: Path) -> Path | None:
     """PNG of median time and peak memory against 2N, one line per implementation, one row per
-    (op, D, K, dtype, mode) series; None when no series has two sizes to draw."""
+    (op, D, K, dtype, mode, F) series; None when no series has two sizes to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -718,7 +746,7 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
 
     series: dict[tuple, dict[str, list[dict]]] = {}
     for r in results:
-        key = (r["op"], r["dim"], r["k"], r["dtype"], r["mode"])
+        key = (r["op"], r["dim"], r["k"], r["dtype"], r["mode"], r.get("features", 0))
         series.setdefault(key, {}).setdefault(r["impl"], []).append(r)
     series = {
         key: impls for key, impls in series.items() if any(len(rows) > 1 for rows in impls.values())
@@ -727,8 +755,8 @@ def plot(results: Sequence[dict], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(len(series), 2, figsize=(11, 3.2 * len(series)), squeeze=False)
     for (key, impls), (ax_t, ax_m) in zip(series.items(), axes):
-        op, dim, k, dtype, mode = key
-        title = Case(op, 2, dim, k, dtype, mode == "fwd+bwd").label.replace("-2N2", "")
+        op, dim, k, dtype, mode, features = key
+        title = Case(op, 2, dim, k, dtype, mode == "fwd+bwd", features).label.replace("-2N2", "")
         for impl, rows in impls.items():
             rows = sorted(rows, key=lambda r: r["two_n"])
             xs = [r["two_n"] for r in rows]
@@ -799,6 +827,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=_ints, default=[128], help="projection widths D")
     parser.add_argument("--ks", type=_ints, default=[10], help="cluster counts K")
     parser.add_argument(
+        "--features",
+        type=_ints,
+        default=[0],
+        help="the anchor objective's backbone widths F (default: F = D)",
+    )
+    parser.add_argument(
         "--dtype",
         type=_choices(tuple(DTYPES)),
         default=["float32"],
@@ -854,7 +888,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type])
     impls = args.backends or (["torch", "chunked"] if args.quick else list(IMPLS))
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
-    case_list = cases(args.ops, sizes, args.dims, args.ks, args.dtype, args.modes)
+    case_list = cases(args.ops, sizes, args.dims, args.ks, args.dtype, args.modes, args.features)
     stamp = _dt.datetime.now(_dt.timezone.utc)
     info = machine(device)  # before the run: the load average is that of other processes
     clock = "cuda events" if device.type == "cuda" else args.clock

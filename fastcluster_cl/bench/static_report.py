@@ -644,6 +644,20 @@ def _cluster_variants() -> list[Variant]:
                     targets=clean,
                 )
             )
+    for b, x, out_dtype in (("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16")):  # dmu, dh
+        blocks = st._PRODUCT_BLOCKS
+        out.append(
+            Variant(
+                f"student_t gradient product B {b}",
+                "bf16",
+                st._gradient_product_kernel,
+                {"A": "fp32", "B": b, "X": x, "SCALE": "fp32", "OUT": out_dtype, "PART": "fp32"},
+                dict(UPCAST=False, SPLIT=False, **blocks),
+                4,
+                (blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]),
+                targets=clean,
+            )
+        )
     q = {
         "Q": "fp32",
         "PARTIAL": "fp32",

@@ -287,14 +287,26 @@ def test_student_t_mixed_dtypes():
 
 def test_student_t_center_splits_fill_the_gpu(monkeypatch):
     """On a GPU the center tiles are split toward SPLIT_PROGRAMS programs when the row blocks
-    alone are fewer: 32 row blocks x 16 tiles (N = 1024, K = 1000) in 8 splits of 2 tiles; a
-    single tile, or rows enough, stay one split (one launch each way)."""
+    alone are fewer: 64 row blocks x 16 tiles (N = 4096, K = 1000) in 4 splits of 4 tiles, 16
+    row blocks (N = 1024) in 16 of one; a single tile, or rows enough, stay one split (one
+    launch each way)."""
     st = kernel_module("student_t")
     monkeypatch.setattr(st, "is_interpreted", lambda: False)
-    assert st.center_splits(1024, 1000, 64) == (8, 2)
+    assert st._BLOCK_M == 64
+    assert st.center_splits(4096, 1000, 64) == (4, 4)
+    assert st.center_splits(1024, 1000, 64) == (16, 1)
     assert st.center_splits(1024, 64, 64) == (1, 1)
     assert st.center_splits(32768, 1000, 64) == (1, 16)
-    assert st.center_splits(256, 1000, 64) == (16, 1)
+
+
+def test_student_t_gradient_products_split_k_where_tiles_are_few(monkeypatch):
+    """On a GPU the centre gradient at K = 10 (one row of 64 x 64 output tiles, 8 of them at
+    F = 512) splits its N = 32768 rows into 32 runs of 1024; dh (512 tiles) stays one launch."""
+    st = kernel_module("student_t")
+    monkeypatch.setattr(st, "is_interpreted", lambda: False)
+    assert st.product_splits(8, 32768) == (32, 1024)
+    assert st.product_splits(512, 1000) == (1, 1024)
+    assert st.product_splits(8, 100) == (1, 128)  # 4 k-steps: too short to split
 
 
 def _expanded_fp32(h, mu, alpha):
@@ -326,23 +338,24 @@ def _amp_cases():
 @pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _amp_cases()])
 def test_student_t_amp_centers_split_for_the_tensor_cores(case):
     """bf16 features against fp32 centers (the split centers on the tensor cores, several
-    center splits): q and both gradients within twice the error of the fp32 expanded-distance
-    computation on the same inputs, against the float64 reference; dh, a bf16 leaf's gradient,
-    within twice the reference's own rounding to bf16 where that is larger."""
+    center splits; the gradient products on the tensor cores, dh's split over K): q and both
+    gradients within twice the error of the fp32 expanded-distance computation on the same
+    inputs, against the float64 reference; dh, a bf16 leaf's gradient, within twice the
+    reference's own rounding to bf16 where that is larger."""
     _, h, mu = _amp_cases()[case]
     h = h.bfloat16().double()  # the features as AMP hands them over: bf16 values
     weights = randn(h.shape[0], mu.shape[0], seed=66)
     alpha = 1.0
 
-    def run(fn, h, mu):
-        h, mu = h.detach().requires_grad_(), mu.detach().requires_grad_()
+    def run(fn, h, mu, device="cpu"):
+        h, mu = (t.to(device).detach().requires_grad_() for t in (h, mu))
         q = fn(h, mu)
-        (q.double() * weights).sum().backward()
-        return [q.double(), h.grad.double(), mu.grad.double()]
+        (q.double() * weights.to(device)).sum().backward()
+        return [t.double().cpu() for t in (q, h.grad, mu.grad)]
 
     want = run(lambda h, mu: reference.student_t(h, mu, alpha), h, mu)
     base = run(lambda h, mu: _expanded_fp32(h, mu, alpha), h.float(), mu.float())
-    got = run(lambda h, mu: kernels.student_t(h, mu, alpha), h.bfloat16(), mu.float())
+    got = run(lambda h, mu: kernels.student_t(h, mu, alpha), h.bfloat16(), mu.float(), DEVICE)
     for name, g, b, w in zip(("q", "dh", "dmu"), got, base, want):
         scale = w.abs().max().item()
         error = (b - w).abs().max().item()

@@ -30,6 +30,30 @@ def test_inputs_match_the_case():
     torch.testing.assert_close(q.sum(1), torch.ones(5, dtype=torch.float64))
 
 
+def test_anchor_cases_take_a_backbone_width_and_fp32_centers_under_16_bit():
+    """--features F: the anchor objective's h (N, F) and centers (K, F), float32 centers under
+    bf16 inputs (autocast's parameter); other ops are not repeated over F."""
+    got = bench.cases(
+        ["anchor_objective", "nt_xent"], [10], [7], [4], ["bfloat16"], ["fwd"], [9, 11]
+    )
+    assert [(c.op, c.features) for c in got] == [
+        ("anchor_objective", 9),
+        ("anchor_objective", 11),
+        ("nt_xent", 0),
+    ]
+    z_a, _, h0, _, _, centers = bench.make_inputs(got[0], "cpu")
+    assert z_a.shape == (5, 7) and h0.shape == (5, 9) and centers.shape == (4, 9)
+    assert h0.dtype == torch.bfloat16 and centers.dtype == torch.float32
+    assert got[0].label == "anchor_objective-2N10-D7-F9-K4-bfloat16-fwd"
+    parts = ("nt_xent", "student_t", "student_t", "student_t", "dec_loss", "anchor_loss")
+    widths = {"student_t": 9}  # the assignments are over F, NT-Xent over D
+    flops = [
+        bench.floor(bench.Case(op, 10, widths.get(op, 7), 4, "bfloat16", False))["flops"]
+        for op in parts
+    ]
+    assert bench.floor(got[0])["flops"] == sum(flops)
+
+
 def test_cpu_peak_memory_measures_tensor_bytes():
     nbytes = 3_000_000
 
