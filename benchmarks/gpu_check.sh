@@ -15,7 +15,8 @@
 #             the model's "triton-separate" rows predict auto's Triton NT-Xent + chunked cluster
 #             contrast: compare them with the runner's auto), the separate Triton ops (where
 #             K <= 64) and torch
-#             (the anchor rows, D 128 with F 512/2048, need the runner to take F apart from D)
+#   anchor    the model's anchor rows measured: D 128, F 512/2048, K 10/100/1000, fp32 centres
+#             (--features), auto, torch and the one-pass Triton kernels
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
 # Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|model|anchor|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)

@@ -310,8 +310,9 @@ def student_t(
 
     Args:
         h: (N, F) features. centers: (K, F) centers, K >= 2, h's dtype or float32 under
-            bfloat16 / float16 features (autocast's fp32 parameter; computed as with h cast
-            to float32). alpha: degrees of freedom > 0.
+            bfloat16 / float16 features (autocast's fp32 parameter; computed in float32 at
+            its accuracy: on Triton, bf16 features take the products on the tensor cores
+            exactly, whatever torch's TF32 setting). alpha: degrees of freedom > 0.
     Returns:
         (N, K) probabilities in the accumulation dtype (float32, or float64 for float64 input).
     """

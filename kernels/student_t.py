@@ -432,7 +432,8 @@ def _gradient_merge_kernel(
 
 def _blocks(k: int, f: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_F): centers in tiles of at most `_BLOCK_K`, features in chunks of at most
-    `_BLOCK_F` (the backward spills registers on sm_90 at 64 x 64, the static report)."""
+    `_BLOCK_F` (64-feature chunks spilled the backward's registers on sm_90, the static
+    report)."""
     if k > MAX_CENTERS:
         raise ValueError(
             f"backend='triton' supports at most {MAX_CENTERS} centers, got {k}; "
@@ -457,9 +458,6 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> dict:
         BLOCK_M=_BLOCK_M,
         BLOCK_K=block_k,
         BLOCK_F=block_f,
-        # 4 warps lay a 32 x 16 or 32 x 32 product out twice (every MMA issued twice, the
-        # compiled code); 2 warps cover it once
-        num_warps=4 if block_k >= 64 else 2,
     )
 
 

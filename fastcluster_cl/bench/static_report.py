@@ -619,9 +619,9 @@ def _cluster_variants() -> list[Variant]:
         "DH": "bf16",
         "G": "fp32",
     }
-    # K is tiled: the tile (and the code) is the same for every K; one split (K = 64) or
-    # several; bf16 centers, or AMP's fp32 ones (three bf16 parts a chunk)
-    for k, centers in ((64, "bf16"), (1000, "bf16"), (64, "fp32"), (1000, "fp32")):
+    # K is tiled: the tile (and the code) is the same for every K from 64; one split (K <= 64,
+    # narrower tiles below 64) or several; bf16 centers, or AMP's fp32 ones (three bf16 parts)
+    for k, centers in ((64, "bf16"), (1000, "bf16"), (10, "fp32"), (20, "fp32"), (1000, "fp32")):
         block_k, block_f = st._blocks(k, 128)
         for name, kern in (("fwd", st._fwd_kernel), ("bwd", st._bwd_kernel)):
             out.append(
