@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.numerics import accumulation_dtype
 from ..functional import student_t
 
 
@@ -92,8 +93,10 @@ class CenterHead(nn.Module):
         self.initialised.fill_(True)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Student-t in fp32: under autocast h may be bf16 while the centers stay fp32.
-        return {"q": student_t(h.float(), self.centers.float(), self.alpha)}
+        # Under autocast h may be bf16 while the centers stay fp32: student_t takes that pair
+        # (computed in fp32, on the tensor cores on Triton), the objective's way.
+        centers = self.centers.to(accumulation_dtype(h.dtype))
+        return {"q": student_t(h, centers, self.alpha)}
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """q from the head's outputs, or from the features h of a model's outputs (training
