@@ -38,6 +38,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and precision == "tf32" else "ieee"
 
 
+def even_splits(blocks: int, wanted: int) -> tuple[int, int]:
+    """(splits, blocks per split) of `blocks` cut into at most `wanted` runs of equal length
+    (the last holds what is left); one run when fewer than two are wanted. The split launches'
+    common policy (NT-Xent's columns, Student-t's centre tiles and product k-steps)."""
+    if wanted < 2:
+        return 1, blocks
+    per_split = triton.cdiv(blocks, wanted)
+    return triton.cdiv(blocks, per_split), per_split
+
+
 def is_interpreted() -> bool:
     """Whether the kernels run under TRITON_INTERPRET=1 (the tests without a GPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

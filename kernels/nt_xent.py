@@ -99,6 +99,7 @@ from ._common import (
     device_guard,
     dot,
     dot_precision,
+    even_splits,
     feature_block,
     float_param,
     round_to,
@@ -991,10 +992,8 @@ def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, i
     column_blocks = triton.cdiv(columns, config.block[1])
     sweep, least = (1, 1) if _is_interpreted() else (MIN_SWEEP_TILES, MIN_SPLIT_TILES)
     wanted = min(column_blocks // least, SPLIT_PROGRAMS // row_blocks)
-    if column_blocks < sweep or wanted < 2:
-        return 1, column_blocks * config.block[1]
-    per_split = triton.cdiv(column_blocks, wanted)
-    return triton.cdiv(column_blocks, per_split), per_split * config.block[1]
+    splits, per_split = even_splits(column_blocks, wanted if column_blocks >= sweep else 1)
+    return splits, per_split * config.block[1]
 
 
 def _lse(zs, rs, dist, row_start, row_end, inv_tau):

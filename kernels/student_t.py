@@ -47,6 +47,7 @@ from ._common import (
     device_guard,
     dot,
     dot_precision,
+    even_splits,
     float_param,
     is_interpreted,
     round_to,
@@ -467,11 +468,8 @@ def center_splits(n: int, k: int, block_k: int) -> tuple[int, int]:
     into runs of two, so that the tests' few-tile cases run the split launches)."""
     tiles = triton.cdiv(k, block_k)
     row_blocks = triton.cdiv(n, _BLOCK_M)
-    wanted = min(tiles, triton.cdiv(tiles, 2) if is_interpreted() else SPLIT_PROGRAMS // row_blocks)
-    if wanted < 2:
-        return 1, tiles
-    per_split = triton.cdiv(tiles, wanted)
-    return triton.cdiv(tiles, per_split), per_split
+    wanted = triton.cdiv(tiles, 2) if is_interpreted() else SPLIT_PROGRAMS // row_blocks
+    return even_splits(tiles, min(tiles, wanted))
 
 
 # The forward and backward as torch.library ops with fake implementations (custom_op around the
@@ -590,10 +588,8 @@ def product_splits(tiles: int, inner: int) -> tuple[int, int]:
         wanted = triton.cdiv(steps, 2)
     else:
         wanted = min(steps // _MIN_PRODUCT_STEPS, SPLIT_PROGRAMS // tiles)
-    if wanted < 2:
-        return 1, steps * block_k
-    per_split = triton.cdiv(steps, wanted)
-    return triton.cdiv(steps, per_split), per_split * block_k
+    splits, per_split = even_splits(steps, wanted)
+    return splits, per_split * block_k
 
 
 def _gradient_product(
