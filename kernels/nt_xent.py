@@ -898,19 +898,31 @@ class LaunchConfig:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, **self.constexprs)
 
 
-def _small_tiles(block_d: int, dtype: torch.dtype) -> bool:
-    """32-row tiles under the interpreter (fastest there), for wide rows and fp64."""
-    return _is_interpreted() or block_d > 128 or dtype == torch.float64
+def small_tiles(block_d: int, dtype: torch.dtype) -> bool:
+    """32 x 32 tiles: under the interpreter (fastest there), for fp64, and for 4-byte rows wider
+    than 128 features. 2-byte rows take 64-row tensor-core tiles at every width."""
+    return _is_interpreted() or dtype == torch.float64 or (block_d > 128 and dtype == torch.float32)
+
+
+def epilogue_in_backward(d: int) -> bool:
+    """Whether an unsplit backward launch runs the epilogue itself: for rows of at most 128
+    features. Wider, the fp32 rows go to `_grad_merge_kernel` (one split) for it: at D = 256
+    the 64 x 32 launch spilled 152 B holding the epilogue (sm_90a)."""
+    return feature_block(d, "the NT-Xent input") <= 128
 
 
 def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
     """The forward's launch for D features of Zs in `dtype`: 64 x 128 tiles, one warpgroup, two
-    stages (sm_90: 128 registers, 2 CTAs/SM, issue ceiling 0.98)."""
+    stages (sm_90, D = 128: 128 registers, 2 CTAs/SM, issue ceiling 0.98). Wider 2-byte rows
+    take 64 x 64 tiles (32 x 32 mma.sync tiles were shared-memory bound): two stages at
+    D = 256 (2 CTAs/SM), one at D = 512 (64 x 128 needed 328 KB of shared memory)."""
     block_d = feature_block(d, "the NT-Xent input")
-    if _small_tiles(block_d, dtype):
+    if small_tiles(block_d, dtype):
         return LaunchConfig((32, 32, block_d))
     if dtype == torch.float32:  # 4-byte tiles: 64 columns keep 2 CTAs/SM in shared memory
         return LaunchConfig((64, 64, block_d))
+    if block_d > 128:
+        return LaunchConfig((64, 64, block_d), num_stages=2 if block_d <= 256 else 1)
     return LaunchConfig((64, 128, block_d))
 
 
@@ -919,17 +931,23 @@ def backward_config(
 ) -> LaunchConfig:
     """The backward's launch (dot `precision`: by default what torch allows now): 64 x 64
     tiles, one warpgroup owning its rows, two stages (sm_90: no spills, 2 CTAs/SM; 8 warps on
-    64 rows held 1 CTA/SM, 3 stages spilled). Without the `epilogue` in the kernel (column
-    splits, the row primitive) rows wider than 128 take one stage: ptxas fitted two into 168
-    registers for 3 CTAs/SM and spilled 8 B."""
+    64 rows held 1 CTA/SM, 3 stages spilled); 64 x 32 for 2-byte rows of 256 features, 32 x 32
+    for 512. Narrow 32 x 32 tiles of rows wider than 128 take one stage without the `epilogue`
+    in the kernel (column splits, the row primitive, `epilogue_in_backward`): ptxas fitted two
+    into 168 registers for 3 CTAs/SM and spilled 8 B."""
     block_d = feature_block(d, "the NT-Xent input")
     precision = precision or dot_precision(dtype)
-    if _small_tiles(block_d, dtype):
-        return LaunchConfig((32, 32, block_d), num_stages=2 if epilogue or block_d <= 128 else 1)
+    narrow = LaunchConfig((32, 32, block_d), num_stages=2 if epilogue or block_d <= 128 else 1)
+    if small_tiles(block_d, dtype):
+        return narrow
     if dtype == torch.float32 and precision == "ieee":  # FMA products: 64 x 32 spilled 200 B
         return LaunchConfig((32, 32, block_d))
     if dtype == torch.float32:  # 4-byte tiles: 64 columns spilled 56 B
         return LaunchConfig((64, 32, block_d))
+    if block_d == 256:  # 64 x 64 spilled 16 B
+        return LaunchConfig((64, 32, block_d))
+    if block_d > 256:  # 64 rows of fp32 accumulator at D = 512 spilled 1 KiB
+        return narrow
     return LaunchConfig((64, 64, block_d))
 
 
@@ -1077,8 +1095,10 @@ def _grad(
     epilogue = grad_out is not None
     grad_out = grad_out if epilogue else rs  # read, unused, without the epilogue
     splits, split_columns = column_splits(rows, rows_total, backward_config(d, zs.dtype))
-    config = backward_config(d, zs.dtype, epilogue=epilogue and splits == 1)
-    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if splits > 1 else dz
+    in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
+    merge = splits > 1 or (epilogue and not in_kernel)
+    config = backward_config(d, zs.dtype, epilogue=in_kernel)
+    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if merge else dz
     scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     flags = dict(EPILOGUE=epilogue, PER_ROW=row_g is not None, ACC=acc_dtype(rs.dtype))
     with device_guard(zs):
@@ -1099,13 +1119,13 @@ def _grad(
             split_columns=split_columns,
             split_stride=rows * d,
             SPLIT=splits > 1,
-            **dict(flags, EPILOGUE=epilogue and splits == 1),
+            **dict(flags, EPILOGUE=in_kernel),
             FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
             PREC=dot_precision(zs.dtype),
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
-        if splits > 1:
+        if merge:
             _grad_merge_kernel[(triton.cdiv(rows, prologue_rows(d)),)](
                 Z=zs,
                 RS=rs,
@@ -1225,13 +1245,20 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     return _symmetric_lse(zs, rs, dist, inv_tau)[0]
 
 
+def _symmetric_block(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(square tile side, feature width) of the symmetric kernels: the forward's rows, 32 for
+    rows wider than 128 features (the symmetric kernels are not compiled wider)."""
+    block, _, block_d = forward_config(d, dtype).block
+    return (32 if block_d > 128 else block), block_d
+
+
 def _symmetric_lse(
     zs: torch.Tensor, rs: torch.Tensor, dist: torch.Tensor, inv_tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the symmetric forward on the scaled rows: the 2N row lse and losses, the losses
     as in `_lse_fwd_kernel` (softplus(log sum_neg exp(S - 1/tau) + dist/tau): no cancellation)."""
     rows_total, d = zs.shape
-    block, _, block_d = forward_config(d, zs.dtype).block
+    block, block_d = _symmetric_block(d, zs.dtype)
     row_sum = torch.empty(rows_total, dtype=rs.dtype, device=zs.device)
     col_sum = torch.zeros(rows_total, dtype=rs.dtype, device=zs.device)
     with device_guard(zs):
@@ -1277,7 +1304,7 @@ def _symmetric_grad(
 ) -> torch.Tensor:
     """Launch the symmetric backward on the scaled rows and the forward's row weights."""
     rows_total, d = zs.shape
-    block, _, block_d = forward_config(d, zs.dtype).block
+    block, block_d = _symmetric_block(d, zs.dtype)
     g = torch.zeros(rows_total, d, dtype=rs.dtype, device=zs.device)
     with device_guard(zs):
         _symmetric_grad_kernel[(triton.cdiv(rows_total, block),)](

@@ -238,17 +238,26 @@ class Compiled:
 
 
 def compile_kernel(variant: static.Variant) -> Compiled:
+    """`variant` compiled for sm_90a and cut into regions; a ValueError where no CTA of it fits
+    on an SM (the launch would fail with out-of-resources, not run slowly)."""
     kernel = static.compile_variant(variant)
     cubin = kernel.asm["cubin"]
     registers, stack = static.resource_usage(cubin)
+    shared = kernel.metadata.shared
+    resident = static.ctas_per_sm(registers, shared, 32 * variant.num_warps)
+    if resident < 1:
+        raise ValueError(
+            f"{variant.kernel}: {shared} B of shared memory and {registers} registers a thread: "
+            "no CTA fits on an SM"
+        )
     instructions = static.parse_sass(static._tool_output("nvdisasm", ["-c"], cubin))
     return Compiled(
         variant.kernel,
         variant.num_warps,
         registers,
         stack,
-        kernel.metadata.shared,
-        static.ctas_per_sm(registers, kernel.metadata.shared, 32 * variant.num_warps),
+        shared,
+        resident,
         regions(instructions, variant.num_warps),
     )
 

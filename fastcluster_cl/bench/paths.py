@@ -202,7 +202,8 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
 
     fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
     bwd_splits, bwd_columns = nt.column_splits(rows, columns, bwd)
-    in_kernel = bwd_splits == 1  # the epilogue in the backward launch itself
+    # the epilogue in the backward launch itself, else in the merge (of one split or several)
+    in_kernel = bwd_splits == 1 and nt.epilogue_in_backward(d)
     bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
 
     def forward():
@@ -254,7 +255,7 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
         )
-    if bwd_splits > 1:
+    if not in_kernel:
         merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from lowp import correlated_views, tiny_weight_case
-from tolerances import ACCUMULATION, check_against_reference, relative_errors
+from tolerances import ACCUMULATION, check_against_reference, lowp_bounds, relative_errors
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
@@ -161,6 +161,74 @@ def test_column_splits_on_a_gpu(monkeypatch):
     assert got[2048] == [(8, 256), (8, 256)]
     assert nt.column_splits(8192, 8192, bwd) == (2, 4096)
     assert nt.column_splits(65536, 65536, bwd)[0] == 1
+
+
+def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
+    """Compiled, 2-byte rows of 129-512 features take 64-row tensor-core tiles (the 32 x 32
+    mma.sync tiles were shared-memory bound): 64 x 64 forward (two stages at 256, one at 512),
+    64 x 32 backward at 256 and 32 x 32 at 512; 4-byte rows and the bank kernels keep 32 x 32
+    there. Only rows of at most 128 features run the epilogue in the backward launch."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    half, single = torch.float16, torch.float32
+
+    def tiles(config):
+        return config.block, config.num_stages
+
+    assert tiles(nt.forward_config(200, half)) == ((64, 64, 256), 2)
+    assert tiles(nt.forward_config(512, half)) == ((64, 64, 512), 1)
+    assert tiles(nt.backward_config(256, half)) == ((64, 32, 256), 2)
+    assert tiles(nt.backward_config(512, half, epilogue=False)) == ((32, 32, 512), 1)
+    assert nt.forward_config(256, single).block == nt.backward_config(256, single).block
+    assert nt.forward_config(256, single).block == (32, 32, 256)
+    assert bank.bank_forward_config(256, half).block == (32, 32, 256)
+    assert tiles(bank.bank_backward_config(256, half, epilogue=False)) == ((32, 32, 256), 1)
+    assert [nt.epilogue_in_backward(d) for d in (128, 129, 512)] == [True, False, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_wide_rows_run_the_epilogue_in_the_merge(monkeypatch, dtype, tau):
+    """Rows wider than 128 features: an unsplit backward (one column tile here) leaves its
+    epilogue to `_grad_merge_kernel` over one split. Correlated views of 13 pairs x 200
+    features against the float64 reference: fp32 to its tolerance, bf16 within twice the
+    fp32-accumulating chunked path's error."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    merges = []
+    kernel = nt._grad_merge_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(nt, "_grad_merge_kernel", Counted())
+    z_a, z_b = correlated_views(13, 200, seed=70, noise=0.05)
+    assert nt.column_splits(26, 26, nt.backward_config(200, dtype))[0] == 1
+    if dtype == torch.float32:
+        compare(
+            lambda a, b: triton_nt_xent(a, b, tau),
+            lambda a, b: reference.nt_xent(a, b, tau),
+            (z_a, z_b),
+            dtype,
+            loosen=10.0 if tau < 0.1 else 1.0,
+        )
+    else:
+        grad_err, loss_err = relative_errors(
+            lambda a, b: triton_nt_xent(a, b, tau),
+            lambda a, b: reference.nt_xent(a, b, tau),
+            (z_a, z_b),
+            dtype,
+        )
+        grad_bound, loss_bound = lowp_bounds(
+            lambda a, b: fc.nt_xent(a, b, tau, backend="chunked"),
+            lambda a, b: reference.nt_xent(a, b, tau),
+            (z_a, z_b),
+            dtype,
+        )
+        assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err)
+    assert merges, "the backward ran its epilogue in the launch"
 
 
 def test_symmetric_variant_matches_row_parallel(monkeypatch):

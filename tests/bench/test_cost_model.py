@@ -105,9 +105,18 @@ variant = static_report.Variant(
 compiled = model.compile_kernel(variant)
 launch = model.Launch(compiled, 264, paths.mma_loop(1000, 64 * 64 * 64))
 low, high, units, _ = model.program_clocks(compiled, launch.trips)
+# 128 x 128 tiles in 5 stages: 5 x 64 KB of shared memory, more than an SM holds
+too_big = static_report.Variant(
+    "too big", "fp16", mma_loop, variant.pointers, dict(BLOCK=128), 4, (128, 128, 128), 5
+)
+try:
+    model.compile_kernel(too_big)
+    refused = None
+except ValueError as err:
+    refused = str(err)
 print(json.dumps(dict(
     loops=[dict(mma=r.has_mma, tensor=r.clocks["tensor"]) for r in compiled.regions[1:]],
-    units=units, ctas=compiled.ctas_per_sm, predict=launch.predict(),
+    units=units, ctas=compiled.ctas_per_sm, predict=launch.predict(), refused=refused,
 )))
 """
 
@@ -140,6 +149,8 @@ def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
     assert p["low_s"] >= model.LAUNCH_S + per_sm * 1000 * 128 / model.CLOCK_HZ
     assert p["limit"] in (*model.UNITS, "l2")
     assert p["waves"] == math.ceil(264 / (132 * got["ctas"]))
+    # a kernel no SM can hold is refused, not predicted
+    assert got["refused"] and "no CTA fits on an SM" in got["refused"]
 
 
 REGENERATE = (
