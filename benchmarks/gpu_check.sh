@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
           tests/ops/test_op_*.py tests/backends/test_cuda_backend.py tests/backends/test_triton_kernels.py \
           tests/ops/test_losses.py tests/ops/test_nt_xent_bank.py \
           tests/ops/test_modules.py tests/ops/test_compile.py tests/backends/test_triton_objectives.py \
-          tests/backends/test_cuda_objectives.py \
+          tests/backends/test_cuda_objectives.py tests/backends/test_parts_product.py \
           --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
       tail -25 "$OUT/tests.log" ;;
     sanitize)

@@ -75,3 +75,68 @@ def safe_log(q: torch.Tensor) -> torch.Tensor:
     """log(q) with q clamped at the dtype's smallest normal: zero probabilities give a finite log
     whose product with a zero weight is 0, and a zero gradient instead of 0/0."""
     return torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))
+
+
+def bf16_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 x as hi + mid + lo, three bf16 tensors of 8 significant bits each: together the 24
+    of fp32, so the sum is x (but where a part falls below bf16's normal range)."""
+    hi = x.to(torch.bfloat16)
+    rest = x - hi  # promoted to fp32: exact
+    mid = rest.to(torch.bfloat16)
+    return hi, mid, (rest - mid).to(torch.bfloat16)
+
+
+def parts_product(a, b) -> torch.Tensor:
+    """a @ b of fp32 matrices given as their `bf16_parts` (a, b: the three parts each): the six
+    products whose part orders add to at most 2, each bf16 x bf16 accumulated into fp32 on the
+    tensor cores (CUDA only), the smallest first. The terms left out are below 2^-24 |a||b|:
+    fp32's own rounding, at the bf16 tensor rate."""
+    (a0, a1, a2), (b0, b1, b2) = a, b
+    out = torch.mm(a0, b2, out_dtype=torch.float32)
+    for x, y in ((a2, b0), (a1, b1), (a0, b1), (a1, b0), (a0, b0)):
+        out = torch.addmm(out, x, y, out_dtype=torch.float32)
+    return out
+
+
+# Where an fp32 product runs as `parts_product` on CUDA. Per multiply-add it saves about 2.8e-14
+# s on an H100 (one on the FP32 pipe, torch's IEEE default, against six at the bf16 tensor rate,
+# each at cuBLAS's 73%); splitting an operand element costs about 9e-12 s (five elementwise
+# passes, ~30 bytes at HBM bandwidth) and the split about ten launches (~40 us). So it pays
+# from about 1.6e9 multiply-adds, and for products of at least about 330 multiply-adds per
+# operand element (mnk / (mk + kn)): a Gram of 2 x 200 cluster columns over 32768 rows does
+# not. The cost model's cc rows, benchmarks/static_notes.md section 16.
+PARTS_PRODUCT_MACS = 2**31
+PARTS_PRODUCT_MACS_PER_ELEMENT = 512
+
+
+# torch.mm's out_dtype (bf16 x bf16 into fp32) is newer than the oldest torch supported here;
+# without it the products stay fp32 matmuls (the same values to rounding, slower).
+_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def _by_parts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a @ b runs as `parts_product`: fp32 CUDA matrices (meta ones too: the cost model
+    traces the CUDA path) of a large and dense enough product."""
+    (m, k), n = a.shape, b.shape[1]
+    return (
+        _OUT_DTYPE
+        and a.dtype == b.dtype == torch.float32
+        and a.device.type in ("cuda", "meta")
+        and m * n * k >= PARTS_PRODUCT_MACS
+        and m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n)
+    )
+
+
+def fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, as `parts_product` where `_by_parts`."""
+    if _by_parts(a, b):
+        return parts_product(bf16_parts(a), bf16_parts(b))
+    return a @ b
+
+
+def fp32_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x, as `parts_product` where `_by_parts` (x's parts split once)."""
+    if _by_parts(x.T, x):
+        parts = bf16_parts(x)
+        return parts_product([p.T for p in parts], parts)
+    return x.T @ x

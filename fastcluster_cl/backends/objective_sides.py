@@ -19,7 +19,9 @@ dL/dl * -(alpha + 1) / 2 / (alpha + d2) and, with G = dL/dd2 (rows of h, columns
 CC side (Contrastive Clustering's cluster loss): both views' softmax in one pass, NT-Xent over
 the 2K normalised columns as one 2K x 2K matrix (used while 2K fits one chunked tile), with
 dL/dS = (P - [positive]) / 2K, dxn = (G + G^T) xn / tau, then the normalisation's, the
-entropy terms' (log P_k + 1) / N and the softmax's backward.
+entropy terms' (log P_k + 1) / N and the softmax's backward. On CUDA its two fp32 products run
+on the tensor cores as bf16 parts where they are large (`numerics.fp32_product`: fp32's
+accuracy).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import torch
 
 from .autograd import nt_xent as nt_xent_autograd
 from .autograd.pairs import guard, refuse_double_backward
-from .numerics import NORM_EPS, accumulation_dtype, outside_autocast, safe_log
+from .numerics import (
+    NORM_EPS,
+    accumulation_dtype,
+    fp32_gram,
+    fp32_product,
+    outside_autocast,
+    safe_log,
+)
 from .reference import dec_target
 
 _F64 = torch.float64
@@ -134,7 +143,7 @@ def _cc_similarities(
     clamp)."""
     norm = torch.linalg.vector_norm(q, dim=0).clamp_min_(NORM_EPS)
     xn = q / norm
-    s = torch.mm(xn.T, xn).mul_(1.0 / temperature).fill_diagonal_(float("-inf"))
+    s = fp32_gram(xn).mul_(1.0 / temperature).fill_diagonal_(float("-inf"))
     return torch.log_softmax(s, 1), xn, norm
 
 
@@ -188,7 +197,8 @@ def _cc_side_backward(
     n, k = logits_a.shape
     g = grad.to(q.dtype)
     # (W + W^T) xn with W = g (P - [positive]) / 2K: the positive of column j is j +- K
-    dxn = torch.mm(xn, prob + prob.T).sub_(xn.roll(k, 1), alpha=2.0).mul_(g / (2 * k * temperature))
+    dxn = fp32_product(xn, prob + prob.T).sub_(xn.roll(k, 1), alpha=2.0)
+    dxn.mul_(g / (2 * k * temperature))
     radial = (xn * dxn).sum(0).masked_fill_(norm <= NORM_EPS, 0.0)
     shares = q.mean(0)
     entropy = (safe_log(shares) + (shares >= torch.finfo(q.dtype).tiny)) * (g / n)

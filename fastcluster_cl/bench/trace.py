@@ -141,7 +141,9 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
             )
 
     aten = torch.ops.aten
-    gemms = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    # the .dtype overloads: bf16 x bf16 accumulated into fp32 (`numerics.parts_product`)
+    added = {aten.addmm.default, aten.addmm.dtype, aten.baddbmm.default}  # c + a b
+    gemms = {aten.mm.default, aten.mm.dtype, aten.bmm.default, *added}
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -161,11 +163,7 @@ def record(fn: Callable, inputs: list, triton: bool = False) -> Trace:
                 return out  # a dtype, a shape: no kernel
             allocate(out, func)
             if func in gemms:
-                a, b = (
-                    (args[1], args[2])
-                    if func in (aten.addmm.default, aten.baddbmm.default)
-                    else args[:2]
-                )
+                a, b = (args[1], args[2]) if func in added else args[:2]
                 batch = a.shape[0] if a.dim() == 3 else 1
                 m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
                 seconds = model.gemm_seconds(m, n, k, max(a.element_size(), b.element_size()))
