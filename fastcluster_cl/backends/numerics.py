@@ -88,9 +88,9 @@ def bf16_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def parts_product(a, b) -> torch.Tensor:
     """a @ b of fp32 matrices given as their `bf16_parts` (a, b: the three parts each): the six
-    products whose part orders add to at most 2, each bf16 x bf16 accumulated into fp32 on the
-    tensor cores (CUDA only), the smallest first. The terms left out are below 2^-24 |a||b|:
-    fp32's own rounding, at the bf16 tensor rate."""
+    products whose part orders add to at most 2 (the dropped ones are at or below 2^-24
+    |a||b|, fp32's own rounding), each bf16 x bf16 accumulated into the fp32 sum on the tensor
+    cores (CUDA only; `_fp32_bias_taken`), smallest first."""
     (a0, a1, a2), (b0, b1, b2) = a, b
     out = torch.mm(a0, b2, out_dtype=torch.float32)
     for x, y in ((a2, b0), (a1, b1), (a0, b1), (a1, b0), (a0, b0)):
@@ -109,21 +109,54 @@ PARTS_PRODUCT_MACS = 2**31
 PARTS_PRODUCT_MACS_PER_ELEMENT = 512
 
 
-# torch.mm's out_dtype (bf16 x bf16 into fp32) is newer than the oldest torch supported here;
-# without it the products stay fp32 matmuls (the same values to rounding, slower).
-_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+@functools.cache
+def _fp32_bias_taken(device_type: str) -> bool:
+    """Whether this torch's addmm takes an fp32 bias with bf16 factors into fp32 (out_dtype):
+    the overloads are newer than the oldest torch supported here, and some releases wanted
+    the bias in the factors' dtype. Without it the products stay fp32 matmuls (the same values
+    to rounding, slower). Meta: the cost model's stand-in for a current torch on an H100 (no
+    probe, whose ops its trace would record)."""
+    if device_type == "meta":
+        return True
+    one = torch.ones(1, 1, device=device_type)
+    try:
+        torch.addmm(one, one.bfloat16(), one.bfloat16(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch may run fp32 matmuls as TF32 (then one TF32 product beats six bf16 ones)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch before the fp32_precision settings
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
+def _bf16_tensor_cores(device: torch.device) -> bool:
+    """An NVIDIA GPU with bf16 tensor cores (sm_80 on); meta: the H100 the cost model traces."""
+    if device.type == "meta":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _by_parts(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a @ b runs as `parts_product`: fp32 CUDA matrices (meta ones too: the cost model
-    traces the CUDA path) of a large and dense enough product."""
+    traces the CUDA path) of a large and dense enough product, where torch multiplies fp32 as
+    IEEE (not TF32) and the GPU has bf16 tensor cores."""
     (m, k), n = a.shape, b.shape[1]
     return (
-        _OUT_DTYPE
-        and a.dtype == b.dtype == torch.float32
+        a.dtype == b.dtype == torch.float32
         and a.device.type in ("cuda", "meta")
         and m * n * k >= PARTS_PRODUCT_MACS
         and m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n)
+        and not _tf32_allowed()
+        and _bf16_tensor_cores(a.device)
+        and _fp32_bias_taken(a.device.type)
     )
 
 

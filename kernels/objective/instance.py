@@ -255,9 +255,14 @@ def instance_config(d: int, dtype: torch.dtype) -> tuple[LaunchConfig, LaunchCon
     amortise: on the tensor-core path (the fast path's 64 x 128) 128 rows per half and
     16-column tiles, 8 warps (sm_90: issue ceiling 0.42 -> 0.50 over 64 x 32 with 4 warps, no
     spills; 128 x 32 spilled); elsewhere the fast path's rows and at most 32 columns (each step
-    is four products). The backward is the fast path's."""
+    is four products). The backward is the fast path's. Rows wider than 128 features keep 32 x
+    32 tiles both ways: the one-pass kernels (their epilogue in the backward, the cluster
+    side's registers beside it) have not been compiled at the fast path's 64-row tiles there."""
     fwd = forward_config(d, dtype)
     block_m, block_n, block_d = fwd.block
+    if block_d > 128:
+        narrow = LaunchConfig((32, 32, block_d))
+        return narrow, narrow
     if (block_m, block_n) == (64, 128):
         forward = LaunchConfig((128, 16, block_d), num_warps=8, num_stages=fwd.num_stages)
     else:

@@ -1,7 +1,9 @@
 """fp32 products on the tensor cores as bf16 parts (`numerics.parts_product`), used by the
-chunked cc side on CUDA: exact splits, fp32's accuracy, where they run, and the cc side through
-them. Without a GPU the bf16 x bf16 -> fp32 products run on the CPU (`EmulatedTensorCores`:
-products of bf16 numbers are exact in fp32, accumulated in fp32 as the tensor cores do)."""
+chunked cc side on CUDA: exact splits, every kept term, fp32's accuracy, where they run, and
+the cc side through them. Without a GPU the bf16 x bf16 -> fp32 products run on the CPU
+(`EmulatedTensorCores`: products of bf16 numbers are exact in fp32, accumulated with IEEE
+round-to-nearest, which the tensor cores' accumulation need not match: the `gpu` tests check
+the accuracy on the hardware)."""
 
 import pytest
 import torch
@@ -59,7 +61,18 @@ def test_parts_product_has_fp32_accuracy(signed):
     assert got.dtype == torch.float32 and err <= 2 * fp32, (err, fp32)
 
 
-def test_products_by_parts_only_where_they_pay():
+def test_every_part_product_is_kept():
+    """One multiply-add per output (an outer product): no accumulation error, so each entry is
+    the six kept part products, within 4 fp32 roundings of the exact a_i b_j. A term of order 1
+    or 2 dropped or doubled errs by 2^-16 of it or more."""
+    a, b = _rand(64, 1, seed=4, low=-1.0), _rand(1, 48, seed=5, low=-1.0)
+    want = a.double() @ b.double()
+    with EmulatedTensorCores():
+        got = numerics.parts_product(numerics.bf16_parts(a), numerics.bf16_parts(b))
+    assert ((got.double() - want).abs() <= 4 * 2.0**-24 * want.abs()).all()
+
+
+def test_products_by_parts_only_where_they_pay(monkeypatch):
     """fp32 CUDA (or meta: the cost model's trace) products of at least PARTS_PRODUCT_MACS
     multiply-adds and PARTS_PRODUCT_MACS_PER_ELEMENT per operand element."""
 
@@ -74,6 +87,8 @@ def test_products_by_parts_only_where_they_pay():
     assert not by_parts(2000, 1024, 2000, dtype=F64)
     assert not by_parts(2000, 1024, 2000, dtype=torch.bfloat16)
     assert not by_parts(64, 64, 64, device="cpu")
+    monkeypatch.setattr(numerics, "_tf32_allowed", lambda: True)  # one TF32 product is faster
+    assert not by_parts(2000, 1024, 2000)
 
 
 def test_cc_side_through_parts_matches_the_reference(monkeypatch):
@@ -95,7 +110,9 @@ def test_cc_side_through_parts_matches_the_reference(monkeypatch):
 
 @pytest.mark.gpu
 def test_parts_product_on_the_gpu():
-    a, b = _rand(2000, 1024, seed=6).cuda(), _rand(1024, 2000, seed=7).cuda()
+    """On the tensor cores (whose fp32 accumulation the CPU emulation does not reproduce):
+    signed factors, within twice an IEEE fp32 matmul's error against float64."""
+    a, b = _rand(2000, 1024, seed=6, low=-1.0).cuda(), _rand(1024, 2000, seed=7, low=-1.0).cuda()
     assert numerics._by_parts(a, b)
     want = a.double() @ b.double()
     scale = want.abs().max()

@@ -167,7 +167,8 @@ def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
     """Compiled, 2-byte rows of 129-512 features take 64-row tensor-core tiles (the 32 x 32
     mma.sync tiles were shared-memory bound): 64 x 64 forward (two stages at 256, one at 512),
     64 x 32 backward at 256 and 32 x 32 at 512; 4-byte rows and the bank kernels keep 32 x 32
-    there. Only rows of at most 128 features run the epilogue in the backward launch."""
+    there, and so do the one-pass objectives' instance launches. Only rows of at most 128
+    features run the epilogue in the backward launch."""
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
     bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -185,6 +186,9 @@ def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
     assert bank.bank_forward_config(256, half).block == (32, 32, 256)
     assert tiles(bank.bank_backward_config(256, half, epilogue=False)) == ((32, 32, 256), 1)
     assert [nt.epilogue_in_backward(d) for d in (128, 129, 512)] == [True, False, False]
+    instance = sys.modules["fastcluster_cl.kernels.objective.instance"]
+    assert [c.block for c in instance.instance_config(256, half)] == [(32, 32, 256)] * 2
+    assert instance.instance_config(128, half)[1].block == (64, 64, 128)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
