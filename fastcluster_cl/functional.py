@@ -467,7 +467,9 @@ def _objective(
         if fused
         and not gather
         and reduction == "mean"
-        and dispatch.auto_takes_one_pass(op, backend, device)
+        and dispatch.auto_takes_one_pass(
+            op, backend, device, *(x for x in args if isinstance(x, torch.Tensor))
+        )
         else None
     )
     fits = one_pass and implementation(f"{op}_fits", backend, device, required=False)

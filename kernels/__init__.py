@@ -73,15 +73,23 @@ __all__ = [
     "AUTO_SEPARATE",
 ]
 
-# One-pass objectives that backend="auto" does not take here (`dispatch.auto_takes_one_pass`):
-# it runs the separate ops instead, the same function. The cost model (`python -m
-# fastcluster_cl.bench model`, benchmarks/results/model-h100.json) predicts the one-pass anchor
-# kernels slower than the separate ops at every shape of its table where they run (F = 512;
-# H100, bf16, high ends at N = 1024: 581 against 317 us at K = 10, 2661 against 425 at K = 100,
-# 20797 against 1445 at K = 1000): N / 128 programs fill few SMs and each computes its
-# Student-t distances on the FP32 pipe, twice. backend="triton" still runs them;
-# benchmarks/gpu_check.sh measures both.
-AUTO_SEPARATE = ("anchor_objective",)
+# One-pass objectives that backend="auto" does not take here (`dispatch.auto_takes_one_pass`),
+# by the inputs (z_a first): it runs the separate ops instead, the same function. The cost
+# model (`python -m fastcluster_cl.bench model`, benchmarks/results/model-h100.json, H100, bf16)
+# predicts the one-pass anchor kernels slower than the separate ops at every shape of its table
+# where they run (N / 128 programs fill few SMs and each computes its Student-t distances on the
+# FP32 pipe, twice): at N = 1024, F = 512, one pass against separate ops (midpoints) 520
+# against 215 us at K = 10, 2511 against 274 at K = 100, 19841 against 447 at K = 1000. The
+# one-pass cc kernels win at small batches and lose beyond CC_ONE_PASS_PAIRS pairs (their row
+# launch fills few SMs; the separate ops split NT-Xent's columns): K = 10, 67 against 119 us at
+# N = 256, 142 against 133 at 1024 (kept: within the model's error), 438 against 231 at 4096,
+# 7604 against 6657 at 32768.
+# backend="triton" still runs them; benchmarks/gpu_check.sh measures both.
+CC_ONE_PASS_PAIRS = 1024
+AUTO_SEPARATE = {
+    "anchor_objective": lambda z_a, *_: True,
+    "cc_objective": lambda z_a, *_: z_a.shape[0] > CC_ONE_PASS_PAIRS,
+}
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -7,9 +7,10 @@ similarities G_kl / (|q_k| |q_l|). The anti-collapse term needs the column sums.
 kernel (`_stats_kernel`) streams the N rows of both logit matrices once, computes each row
 block's softmax in registers and accumulates G_aa, G_ab, G_bb and the column sums; a fixed number
 of persistent programs each write one partial (deterministic, no atomics), summed on the host.
-The epilogue (`_epilogue`, plain torch on 2K x 2K) does the normalisation, the masked lse and the
-entropies, and autograd gives dG and d(colsum). The backward kernel (`_grad_kernel`) re-reads the
-logits once: dQ = Q (dG + dG^T) + 1 dcolsum^T, then the softmax backward.
+The epilogue (`cluster_epilogue`: one single-program launch each way on the 2K x 2K Gram) does
+the normalisation, the masked lse and the entropies, and gives dG and d(colsum) in closed form
+(it was ~40 torch ops under autograd, launch-bound). The backward kernel (`_grad_kernel`)
+re-reads the logits once: dQ = Q (dG + dG^T) + 1 dcolsum^T, then the softmax backward.
 
 Floors (N rows, K clusters, b bytes per logit): forward 6 N K^2 FLOPs (three K x K Grams) + N K
 exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floats; backward
@@ -19,8 +20,6 @@ larger K would need the Gram tiled over K, not done yet).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -305,23 +304,163 @@ register_pair(
 )
 
 
-def _epilogue(gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float):
-    """The K-sized terms: NT-Xent over the 2K normalised columns from their Gram, plus
-    log K + sum_k P_k log P_k for each view (P = column sums / N)."""
-    k2 = gram.shape[0]
-    k = k2 // 2
-    # max(|q_k|, eps) as sqrt(max(G_kk, eps^2)): a zero column gets a zero, not NaN, gradient.
-    norm = gram.diagonal().clamp_min(NORM_EPS**2).sqrt()
-    s = gram / (norm[:, None] * norm[None, :]) / temperature
-    eye = torch.eye(k2, dtype=torch.bool, device=gram.device)
-    lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
-    idx = torch.arange(k2, device=gram.device)
-    instance = (lse - s[idx, (idx + k) % k2]).mean()
-    p = colsum.reshape(2, k) / n
-    # p log max(p, tiny), not xlogy: a column that underflows to P_k = 0 has xlogy's derivative
-    # log P_k + 1 = -inf, and -inf times the softmax's zero Jacobian is a NaN gradient.
-    entropy = p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-    return instance + 2 * math.log(k) + entropy.sum()
+@triton.jit
+def _column_terms(GRAM, k, inv_tau, ACC: tl.constexpr, EPS2: tl.constexpr, BLOCK: tl.constexpr):
+    """The 2K columns' NT-Xent terms from their Gram G (2k x 2k, row-major): (row indices,
+    column indices, the valid entries j != i, the positives j = i +- k, the clamped norms'
+    squares d2, S = G / (d_i d_j) / tau, the rows' lse over j != i (0 on padding rows))."""
+    k2 = 2 * k
+    rows = tl.arange(0, BLOCK)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    inside = (rows < k2) & (cols < k2)
+    g = tl.load(GRAM + rows * k2 + cols, mask=inside, other=0.0).to(ACC)
+    diagonal = rows == cols
+    d2_rows = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=1), EPS2)
+    d2_cols = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=0), EPS2)
+    s = g / (tl.sqrt(d2_rows)[:, None] * tl.sqrt(d2_cols)[None, :]) * inv_tau
+    valid = inside & (rows != cols)
+    positive = inside & (cols == (rows + k) % k2)
+    masked = tl.where(valid, s, float("-inf"))
+    top = tl.where(tl.arange(0, BLOCK) < k2, tl.max(masked, axis=1), 0.0)
+    total = tl.sum(tl.where(valid, tl.exp(masked - top[:, None]), 0.0), axis=1)
+    lse = tl.where(tl.arange(0, BLOCK) < k2, top + tl.log(tl.maximum(total, 1e-30)), 0.0)
+    return rows, cols, valid, positive, d2_rows, s, lse
+
+
+@triton.jit
+def _epilogue_fwd_kernel(
+    GRAM,
+    COLSUM,
+    OUT,
+    k,
+    n,
+    inv_tau,
+    ACC: tl.constexpr,
+    EPS2: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: NT-Xent over the 2K normalised columns from their Gram, plus
+    2 log K + sum_k P_k log max(P_k, tiny) over both views (P = column sums / N)."""
+    rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
+    instance = (tl.sum(lse) - tl.sum(tl.where(positive, s, 0.0))) / (2 * k)
+    offs = tl.arange(0, BLOCK)
+    p = tl.load(COLSUM + offs, mask=offs < 2 * k, other=0.0).to(ACC) / n
+    entropy = tl.sum(p * tl.log(tl.maximum(p, TINY)))
+    tl.store(OUT, instance + 2 * tl.log(k.to(ACC)) + entropy)
+
+
+@triton.jit
+def _epilogue_bwd_kernel(
+    GRAM,
+    COLSUM,
+    GRAD,
+    DGRAM,
+    DCOLSUM,
+    k,
+    n,
+    inv_tau,
+    ACC: tl.constexpr,
+    EPS2: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The gradients of `_epilogue_fwd_kernel`'s value: with W = (P - [positive]) g / 2K (P the
+    rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and, through the clamped norms
+    d_i = sqrt(max(G_ii, eps^2)), dG_ii += -(sum_j W_ij S_ij + W_ji S_ji) / (2 d_i^2) where
+    G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
+    rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
+    g = tl.load(GRAD).to(ACC)
+    k2 = 2 * k
+    prob = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    w = (prob - tl.where(positive, 1.0, 0.0)) * (g / k2)
+    d = tl.sqrt(d2)
+    ws = w * s
+    radial = tl.sum(ws, axis=1) + tl.sum(tl.trans(ws), axis=1)
+    diagonal = tl.load(GRAM + tl.arange(0, BLOCK) * (k2 + 1), mask=tl.arange(0, BLOCK) < k2)
+    unclamped = diagonal.to(ACC) >= EPS2
+    d_norm = tl.where(unclamped, -radial / (2 * d2), 0.0)
+    d_cols = tl.sum(tl.where(rows == cols, d[:, None], 0.0), axis=0)  # d along the columns
+    dgram = w * inv_tau / (d[:, None] * d_cols[None, :]) + tl.where(
+        rows == cols, d_norm[:, None], 0.0
+    )
+    tl.store(DGRAM + rows * k2 + cols, dgram, mask=(rows < k2) & (cols < k2))
+    offs = tl.arange(0, BLOCK)
+    mask = offs < k2
+    p = tl.load(COLSUM + offs, mask=mask, other=1.0).to(ACC) / n
+    dp = tl.log(tl.maximum(p, TINY)) + tl.where(p >= TINY, 1.0, 0.0)
+    tl.store(DCOLSUM + offs, dp * (g / n), mask=mask)
+
+
+def _epilogue_consts(gram: torch.Tensor) -> dict:
+    acc, block = gram.dtype, max(16, triton.next_power_of_2(gram.shape[0]))
+    return dict(
+        ACC=acc_dtype(acc),
+        EPS2=NORM_EPS**2,
+        TINY=torch.finfo(acc).tiny,
+        BLOCK=block,
+        num_warps=max(4, block * block // 1024),  # 128 x 128 on 8 warps spilled 112 B (sm_90a)
+    )
+
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_epilogue_triton_fwd", mutates_args=())
+def cluster_epilogue(
+    gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float
+) -> torch.Tensor:
+    """The K-sized terms of the loss (0-d, the Gram's dtype) from the Gram of the 2K columns and
+    their sums (`cluster_stats`), in one single-program launch (`_epilogue_fwd_kernel`)."""
+    out = torch.empty((), dtype=gram.dtype, device=gram.device)
+    with device_guard(gram):
+        _epilogue_fwd_kernel[(1,)](
+            GRAM=gram,
+            COLSUM=colsum,
+            OUT=out,
+            k=gram.shape[0] // 2,
+            n=n,
+            inv_tau=1.0 / temperature,
+            **_epilogue_consts(gram),
+        )
+    return out
+
+
+@cluster_epilogue.register_fake
+def _(gram, colsum, n, temperature):
+    return gram.new_empty(())
+
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_epilogue_triton_bwd", mutates_args=())
+def cluster_epilogue_backward(
+    gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dgram, dL/dcolsum) of `cluster_epilogue` (`_epilogue_bwd_kernel`, one program)."""
+    d_gram, d_colsum = torch.empty_like(gram), torch.empty_like(colsum)
+    with device_guard(gram):
+        _epilogue_bwd_kernel[(1,)](
+            GRAM=gram,
+            COLSUM=colsum,
+            GRAD=grad.to(gram.dtype).contiguous(),
+            DGRAM=d_gram,
+            DCOLSUM=d_colsum,
+            k=gram.shape[0] // 2,
+            n=n,
+            inv_tau=1.0 / temperature,
+            **_epilogue_consts(gram),
+        )
+    return d_gram, d_colsum
+
+
+@cluster_epilogue_backward.register_fake
+def _(gram, colsum, n, temperature, grad):
+    return torch.empty_like(gram), torch.empty_like(colsum)
+
+
+register_pair(
+    cluster_epilogue,
+    cluster_epilogue_backward,
+    "triton",
+    lambda inputs, outputs, grads: (*inputs, grads[0]),
+    wrt=(0, 1),
+)
 
 
 def cc_cluster_loss(
@@ -330,4 +469,4 @@ def cc_cluster_loss(
     """CC cluster-level loss (see `fastcluster_cl.cc_cluster_loss`) with the fused kernels."""
     check_dtype(logits_a, logits_b)
     gram, colsum = cluster_stats(logits_a.contiguous(), logits_b.contiguous())
-    return _epilogue(gram, colsum, logits_a.shape[0], temperature)
+    return cluster_epilogue(gram, colsum, logits_a.shape[0], temperature)

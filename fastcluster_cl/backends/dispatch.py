@@ -108,10 +108,12 @@ def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Ten
     return "chunked" if fits is not None and not fits(*tensors) else backend
 
 
-def auto_takes_one_pass(op: str, backend: str, device: torch.device) -> bool:
-    """False where "auto" resolves to a backend whose ``AUTO_SEPARATE`` names `op`: a one-pass
-    objective that backend runs slower than its separate ops, so auto takes those (the same
-    function). An explicit backend keeps its one-pass path."""
+def auto_takes_one_pass(op: str, backend: str, device: torch.device, *tensors) -> bool:
+    """False where "auto" resolves to a backend whose ``AUTO_SEPARATE`` says so for `op` on
+    these inputs (z_a first): a one-pass objective that backend runs slower than its separate
+    ops there, so auto takes those (the same function). An explicit backend keeps its one-pass
+    path."""
     if backend != "auto":
         return True
-    return op not in getattr(_backend_module(resolve(backend, device)), "AUTO_SEPARATE", ())
+    separate = getattr(_backend_module(resolve(backend, device)), "AUTO_SEPARATE", {}).get(op)
+    return separate is None or not separate(*tensors)

@@ -664,6 +664,8 @@ SEPARATE_LOOPS = {
     "nt_xent._grad_merge_kernel": {0: _splits},
     "cc_cluster._stats_kernel": {0: _row_steps},
     "cc_cluster._grad_kernel": {},
+    "cc_cluster._epilogue_fwd_kernel": {},
+    "cc_cluster._epilogue_bwd_kernel": {},
     "student_t._fwd_kernel": {0: _split_tiles, 1: _feature_chunks},
     "student_t._normalize_kernel": {0: _splits},
     "student_t._row_dot_kernel": {0: _cluster_tiles},
@@ -886,9 +888,9 @@ def _predicted(
 def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
     """The eager reference, the one-pass Triton kernels and the separate ops modelled (with
     the torch ops around their kernels); `auto` marks the path backend="auto" takes: the
-    one-pass kernels where they take the shape and the op is not in `kernels.AUTO_SEPARATE`,
-    else the separate ops. The CUDA twin says whether it runs the shape (the model does not
-    read its kernels yet)."""
+    one-pass kernels where they take the shape and `kernels.AUTO_SEPARATE` does not send the
+    op's inputs of that shape to the separate ops, else the separate ops. The CUDA twin says
+    whether it runs the shape (the model does not read its kernels yet)."""
     from fastcluster_cl import kernels
 
     rows = []
@@ -904,7 +906,8 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
             "eager_us": eager,
         }
         onepass = triton_onepass_refusal(op, shape)
-        onepass_auto = onepass is None and op not in kernels.AUTO_SEPARATE
+        separate_first = kernels.AUTO_SEPARATE.get(op, lambda *_: False)
+        onepass_auto = onepass is None and not separate_first(trace.meta_bf16(shape["n"], 1))
         if onepass is None:
             n, d, k = shape["n"], shape["d"], shape["k"]
             launches, tiles = (

@@ -642,7 +642,7 @@ def test_every_launch_runs_under_its_device_guard(monkeypatch):
         + kernels.cc_cluster_loss(la, lb, 0.5)
     )
     total.backward()
-    assert not active and len(launches) == 12, launches  # 7 forward, 5 backward
+    assert not active and len(launches) == 14, launches  # 8 forward, 6 backward
 
 
 # --- backend wiring --------------------------------------------------------------------------
@@ -717,7 +717,8 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
 def test_auto_runs_the_anchor_objective_on_the_separate_ops(monkeypatch):
     """backend="auto" where it means triton (faked here) takes the separate ops for the anchor
     objective (kernels.AUTO_SEPARATE: predicted faster), the same loss; an explicit
-    backend="triton" keeps the one-pass kernels; cc keeps its one-pass kernels under auto."""
+    backend="triton" keeps the one-pass kernels; cc keeps its one-pass kernels under auto up
+    to CC_ONE_PASS_PAIRS pairs."""
     calls = []
     for op in ("anchor_objective", "cc_objective"):
         one_pass = getattr(kernels, op)
@@ -736,6 +737,13 @@ def test_auto_runs_the_anchor_objective_on_the_separate_ops(monkeypatch):
     logits = randn(12, 5, seed=65), randn(12, 5, seed=66)
     fc.cc_objective(z_a, z_b, *logits)
     assert calls == ["anchor_objective", "cc_objective"]
+    # beyond CC_ONE_PASS_PAIRS pairs auto takes cc's separate ops too (the same loss)
+    monkeypatch.setattr(kernels, "CC_ONE_PASS_PAIRS", 8)
+    separate = fc.cc_objective(z_a, z_b, *logits).total
+    assert calls == ["anchor_objective", "cc_objective"]
+    torch.testing.assert_close(
+        separate, fc.cc_objective(z_a, z_b, *logits, backend="triton").total, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_auto_on_the_cpu_keeps_the_chunked_anchor_objective(monkeypatch):
