@@ -605,8 +605,10 @@ def cc_objective(
     The one-pass kernels compute the NT-Xent rows, both views' softmax rows, their column sums
     and the 2K x 2K assignment Gram in one row-parallel launch plus a K-sized epilogue, and
     dz / dlogits in one row-parallel launch after a K-sized one. Other backends,
-    gather_distributed over several ranks, reduction != "mean" and inputs beyond the one-pass
-    kernels' limits (triton: D <= 512, K <= 64) run the separate ops (same values).
+    gather_distributed over several ranks, reduction != "mean", inputs beyond the one-pass
+    kernels' limits (triton: D <= 512, K <= 64) and backend="auto" on a GPU above 768 pairs
+    (the separate ops are predicted faster there, `kernels.CC_ONE_PASS_PAIRS`) run the separate
+    ops (same values).
 
     Args:
         z_a, z_b: (N, D) projections, N >= 2. logits_a, logits_b: (N, K) cluster logits, K >= 2.

@@ -318,7 +318,8 @@ class ClusterContrastiveLoss(nn.Module):
                   (`fastcluster_cl.functional.anchor_objective`: one pass each way on the
                   triton and cuda backends), or the assignments q0, q_a, q_b themselves.
         "cc":     Contrastive Clustering, L_ins + w_clu * cc_cluster_loss; needs logits_a/b
-                  (`fastcluster_cl.functional.cc_objective`, one pass on triton and cuda).
+                  (`fastcluster_cl.functional.cc_objective`, one pass on triton and cuda;
+                  auto on a GPU runs the separate ops above 768 pairs).
         "tcc":    You Never Cluster Alone (`fastcluster_cl.functional.tcc_loss`): w_ins * the
                   instance NT-Xent over the cluster-conditioned embeddings + w_clu * the
                   NT-Xent over the 2K pooled cluster rows + w_prior * the prior term, plus

@@ -81,11 +81,11 @@ __all__ = [
 # FP32 pipe, twice): at N = 1024, F = 512, one pass against separate ops (midpoints) 520
 # against 215 us at K = 10, 2511 against 274 at K = 100, 19841 against 447 at K = 1000. The
 # one-pass cc kernels win at small batches and lose beyond CC_ONE_PASS_PAIRS pairs (their row
-# launch fills few SMs; the separate ops split NT-Xent's columns): K = 10, 67 against 119 us at
-# N = 256, 142 against 133 at 1024 (kept: within the model's error), 438 against 231 at 4096,
-# 7604 against 6657 at 32768.
+# launch fills few SMs; the separate ops split NT-Xent's columns). K = 10, one pass against
+# separate ops: 67 against 119 us at N = 256, 92 / 124 at 512, 117 / 129 at 768, 142 / 133 at
+# 1024 (K = 20: 150 / 138), 438 / 231 at 4096; at 32768 (7604 / 6657) the ranges overlap.
 # backend="triton" still runs them; benchmarks/gpu_check.sh measures both.
-CC_ONE_PASS_PAIRS = 1024
+CC_ONE_PASS_PAIRS = 768
 AUTO_SEPARATE = {
     "anchor_objective": lambda z_a, *_: True,
     "cc_objective": lambda z_a, *_: z_a.shape[0] > CC_ONE_PASS_PAIRS,

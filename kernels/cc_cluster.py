@@ -33,7 +33,9 @@ from ._common import (
     check_dtype,
     device_guard,
     dot_precision,
+    float_param,
     round_to,
+    split_floats,
     torch_acc_dtype,
 )
 
@@ -315,8 +317,9 @@ def _column_terms(GRAM, k, inv_tau, ACC: tl.constexpr, EPS2: tl.constexpr, BLOCK
     inside = (rows < k2) & (cols < k2)
     g = tl.load(GRAM + rows * k2 + cols, mask=inside, other=0.0).to(ACC)
     diagonal = rows == cols
-    d2_rows = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=1), EPS2)
-    d2_cols = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=0), EPS2)
+    eps2 = tl.full([], EPS2, ACC)  # a bare constexpr would be rounded to fp32
+    d2_rows = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=1), eps2)
+    d2_cols = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=0), eps2)
     s = g / (tl.sqrt(d2_rows)[:, None] * tl.sqrt(d2_cols)[None, :]) * inv_tau
     valid = inside & (rows != cols)
     positive = inside & (cols == (rows + k) % k2)
@@ -327,14 +330,15 @@ def _column_terms(GRAM, k, inv_tau, ACC: tl.constexpr, EPS2: tl.constexpr, BLOCK
     return rows, cols, valid, positive, d2_rows, s, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "n"])  # k = 1, n = 1 would become constexprs
 def _epilogue_fwd_kernel(
     GRAM,
     COLSUM,
     OUT,
     k,
     n,
-    inv_tau,
+    inv_tau_hi,
+    inv_tau_lo,
     ACC: tl.constexpr,
     EPS2: tl.constexpr,
     TINY: tl.constexpr,
@@ -342,6 +346,7 @@ def _epilogue_fwd_kernel(
 ):
     """One program: NT-Xent over the 2K normalised columns from their Gram, plus
     2 log K + sum_k P_k log max(P_k, tiny) over both views (P = column sums / N)."""
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
     instance = (tl.sum(lse) - tl.sum(tl.where(positive, s, 0.0))) / (2 * k)
     offs = tl.arange(0, BLOCK)
@@ -350,7 +355,7 @@ def _epilogue_fwd_kernel(
     tl.store(OUT, instance + 2 * tl.log(k.to(ACC)) + entropy)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "n"])  # k = 1, n = 1 would become constexprs
 def _epilogue_bwd_kernel(
     GRAM,
     COLSUM,
@@ -359,7 +364,8 @@ def _epilogue_bwd_kernel(
     DCOLSUM,
     k,
     n,
-    inv_tau,
+    inv_tau_hi,
+    inv_tau_lo,
     ACC: tl.constexpr,
     EPS2: tl.constexpr,
     TINY: tl.constexpr,
@@ -369,6 +375,7 @@ def _epilogue_bwd_kernel(
     rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and, through the clamped norms
     d_i = sqrt(max(G_ii, eps^2)), dG_ii += -(sum_j W_ij S_ij + W_ji S_ji) / (2 d_i^2) where
     G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
     g = tl.load(GRAD).to(ACC)
     k2 = 2 * k
@@ -378,7 +385,7 @@ def _epilogue_bwd_kernel(
     ws = w * s
     radial = tl.sum(ws, axis=1) + tl.sum(tl.trans(ws), axis=1)
     diagonal = tl.load(GRAM + tl.arange(0, BLOCK) * (k2 + 1), mask=tl.arange(0, BLOCK) < k2)
-    unclamped = diagonal.to(ACC) >= EPS2
+    unclamped = diagonal.to(ACC) >= tl.full([], EPS2, ACC)
     d_norm = tl.where(unclamped, -radial / (2 * d2), 0.0)
     d_cols = tl.sum(tl.where(rows == cols, d[:, None], 0.0), axis=0)  # d along the columns
     dgram = w * inv_tau / (d[:, None] * d_cols[None, :]) + tl.where(
@@ -393,6 +400,7 @@ def _epilogue_bwd_kernel(
 
 
 def _epilogue_consts(gram: torch.Tensor) -> dict:
+    _block_k(gram.shape[0] // 2)  # refuses more than MAX_CLUSTERS clusters
     acc, block = gram.dtype, max(16, triton.next_power_of_2(gram.shape[0]))
     return dict(
         ACC=acc_dtype(acc),
@@ -417,7 +425,7 @@ def cluster_epilogue(
             OUT=out,
             k=gram.shape[0] // 2,
             n=n,
-            inv_tau=1.0 / temperature,
+            **split_floats(inv_tau=1.0 / temperature),
             **_epilogue_consts(gram),
         )
     return out
@@ -443,7 +451,7 @@ def cluster_epilogue_backward(
             DCOLSUM=d_colsum,
             k=gram.shape[0] // 2,
             n=n,
-            inv_tau=1.0 / temperature,
+            **split_floats(inv_tau=1.0 / temperature),
             **_epilogue_consts(gram),
         )
     return d_gram, d_colsum

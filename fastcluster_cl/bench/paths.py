@@ -907,7 +907,7 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
         }
         onepass = triton_onepass_refusal(op, shape)
         separate_first = kernels.AUTO_SEPARATE.get(op, lambda *_: False)
-        onepass_auto = onepass is None and not separate_first(trace.meta_bf16(shape["n"], 1))
+        onepass_auto = onepass is None and not separate_first(*_objective_inputs(op, shape))
         if onepass is None:
             n, d, k = shape["n"], shape["d"], shape["k"]
             launches, tiles = (

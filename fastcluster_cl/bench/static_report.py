@@ -611,6 +611,31 @@ def _cluster_variants() -> list[Variant]:
             targets=clean,
         ),
     ]
+    # the K-sized epilogue, one program each way: 2K = 20 (4 warps) and 128 (16 warps)
+    for k in (10, cc.MAX_CLUSTERS):
+        block = max(16, 2 ** (2 * k - 1).bit_length())
+        consts = dict(ACC=tl.float32, EPS2=1e-24, TINY=1.1754943508222875e-38, BLOCK=block)
+        warps = max(4, block * block // 1024)
+        for name, kern, pointers in (
+            ("fwd", cc._epilogue_fwd_kernel, {"GRAM": "fp32", "COLSUM": "fp32", "OUT": "fp32"}),
+            (
+                "bwd",
+                cc._epilogue_bwd_kernel,
+                dict.fromkeys(("GRAM", "COLSUM", "GRAD", "DGRAM", "DCOLSUM"), "fp32"),
+            ),
+        ):
+            out.append(
+                Variant(
+                    f"cc epilogue {name} K={k}",
+                    "fp32",
+                    kern,
+                    pointers,
+                    consts,
+                    warps,
+                    (block, block),
+                    targets=clean,
+                )
+            )
     h = {
         "H": "bf16",
         "MU": "bf16",
