@@ -417,6 +417,7 @@ def cluster_epilogue(
 ) -> torch.Tensor:
     """The K-sized terms of the loss (0-d, the Gram's dtype) from the Gram of the 2K columns and
     their sums (`cluster_stats`), in one single-program launch (`_epilogue_fwd_kernel`)."""
+    gram, colsum = gram.contiguous(), colsum.contiguous()
     out = torch.empty((), dtype=gram.dtype, device=gram.device)
     with device_guard(gram):
         _epilogue_fwd_kernel[(1,)](
@@ -441,6 +442,7 @@ def cluster_epilogue_backward(
     gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dgram, dL/dcolsum) of `cluster_epilogue` (`_epilogue_bwd_kernel`, one program)."""
+    gram, colsum = gram.contiguous(), colsum.contiguous()
     d_gram, d_colsum = torch.empty_like(gram), torch.empty_like(colsum)
     with device_guard(gram):
         _epilogue_bwd_kernel[(1,)](
@@ -459,7 +461,7 @@ def cluster_epilogue_backward(
 
 @cluster_epilogue_backward.register_fake
 def _(gram, colsum, n, temperature, grad):
-    return torch.empty_like(gram), torch.empty_like(colsum)
+    return gram.new_empty(gram.shape), colsum.new_empty(colsum.shape)
 
 
 register_pair(
