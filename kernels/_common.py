@@ -12,7 +12,10 @@ import triton
 import triton.language as tl
 
 # The reference's norm eps (F.normalize's) and accumulation dtype, for the kernel modules.
-from fastcluster_cl.backends.numerics import NORM_EPS  # noqa: F401
+from fastcluster_cl.backends.numerics import (
+    NORM_EPS,  # noqa: F401
+    tf32_allowed,
+)
 from fastcluster_cl.backends.numerics import accumulation_dtype as torch_acc_dtype  # noqa: F401
 
 MAX_FEATURES = 512  # the row kernels keep a whole feature row in registers
@@ -30,12 +33,8 @@ def acc_dtype(dtype: torch.dtype):
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: TF32 for float32 inputs only where torch allows it for matmuls
-    (torch.backends.cuda.matmul.fp32_precision, which also reflects the legacy allow_tf32 and
-    set_float32_matmul_precision; "none" defers to torch.backends.fp32_precision)."""
-    precision = torch.backends.cuda.matmul.fp32_precision
-    if precision == "none":
-        precision = torch.backends.fp32_precision
-    return "tf32" if dtype == torch.float32 and precision == "tf32" else "ieee"
+    (`numerics.tf32_allowed`)."""
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 def even_splits(blocks: int, wanted: int) -> tuple[int, int]:

@@ -904,6 +904,16 @@ def small_tiles(block_d: int, dtype: torch.dtype) -> bool:
     return _is_interpreted() or dtype == torch.float64 or (block_d > 128 and dtype == torch.float32)
 
 
+def narrow_wide_rows(d: int, epilogue: bool = True) -> LaunchConfig | None:
+    """32 x 32 tiles (one stage without the epilogue) for rows wider than 128 features, for the
+    kernels not compiled at the fast path's 64-row tiles there (memory bank, symmetric, the
+    one-pass objectives); None for narrower rows."""
+    block_d = feature_block(d, "the NT-Xent input")
+    if block_d <= 128:
+        return None
+    return LaunchConfig((32, 32, block_d), num_stages=2 if epilogue else 1)
+
+
 def epilogue_in_backward(d: int) -> bool:
     """Whether an unsplit backward launch runs the epilogue itself: for rows of at most 128
     features. Wider, the fp32 rows go to `_grad_merge_kernel` (one split) for it: at D = 256
@@ -1246,10 +1256,10 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
 
 
 def _symmetric_block(d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(square tile side, feature width) of the symmetric kernels: the forward's rows, 32 for
-    rows wider than 128 features (the symmetric kernels are not compiled wider)."""
-    block, _, block_d = forward_config(d, dtype).block
-    return (32 if block_d > 128 else block), block_d
+    """(square tile side, feature width) of the symmetric kernels: the forward's rows
+    (`narrow_wide_rows` for rows wider than 128 features)."""
+    block, _, block_d = (narrow_wide_rows(d) or forward_config(d, dtype)).block
+    return block, block_d
 
 
 def _symmetric_lse(

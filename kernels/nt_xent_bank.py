@@ -73,6 +73,7 @@ from .nt_xent import (
     column_splits,
     forward_config,
     merge_row_sums,
+    narrow_wide_rows,
     prologue_rows,
     row_block,
     row_losses,
@@ -332,30 +333,23 @@ def _bank_grad_merge_kernel(
     _store_dz_a(acc, ZS, RS, NORMS, W, DZA, c, cos, inv_tau, offs_m, mask_m, n, D, ACC, BLOCK_D)
 
 
-def _wide_rows(d: int, epilogue: bool = True) -> LaunchConfig | None:
-    """32 x 32 tiles for rows wider than 128 features (one stage without the epilogue), as
-    before NT-Xent's own kernels took 64-row tiles there: the bank kernels (another
-    accumulator, the fp32 bank's two parts) have not been compiled at those widths."""
-    block_d = feature_block(d, "z")
-    if block_d <= 128:
-        return None
-    return LaunchConfig((32, 32, block_d), num_stages=2 if epilogue else 1)
-
-
 def bank_forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
-    """`nt_xent.forward_config`, 32 x 32 for rows wider than 128 (`_wide_rows`)."""
-    return _wide_rows(d) or forward_config(d, dtype)
+    """`nt_xent.forward_config`, 32 x 32 for rows wider than 128 (`nt_xent.narrow_wide_rows`:
+    the bank kernels, another accumulator and the fp32 bank's two parts, are not compiled at
+    64-row tiles there)."""
+    return narrow_wide_rows(d) or forward_config(d, dtype)
 
 
 def bank_backward_config(
     d: int, dtype: torch.dtype, precision: str | None = None, epilogue: bool = True
 ):
     """`nt_xent.backward_config`, but 32 rows for 4-byte Zs: the fp32 operand held across the
-    loop spilled 24 B at 64 x 32 (sm_90a static report); `_wide_rows` for rows wider than 128."""
+    loop spilled 24 B at 64 x 32 (sm_90a static report); `nt_xent.narrow_wide_rows` for rows
+    wider than 128."""
     config = backward_config(d, dtype, precision, epilogue)
     if dtype == torch.float32:
         return LaunchConfig((32, 32, config.block[2]), config.num_warps, config.num_stages)
-    return _wide_rows(d, epilogue) or config
+    return narrow_wide_rows(d, epilogue) or config
 
 
 def _launch_forward(zs, rs, dist, bank, bank_lo, hi_lo, inv_tau):

@@ -126,8 +126,10 @@ def _fp32_bias_taken(device_type: str) -> bool:
     return True
 
 
-def _tf32_allowed() -> bool:
-    """Whether torch may run fp32 matmuls as TF32 (then one TF32 product beats six bf16 ones)."""
+def tf32_allowed() -> bool:
+    """Whether torch may run fp32 matmuls as TF32 (torch.backends.cuda.matmul.fp32_precision,
+    which also reflects the legacy allow_tf32 and set_float32_matmul_precision; "none" defers to
+    torch.backends.fp32_precision)."""
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:  # torch before the fp32_precision settings
@@ -154,7 +156,7 @@ def _by_parts(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.device.type in ("cuda", "meta")
         and m * n * k >= PARTS_PRODUCT_MACS
         and m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n)
-        and not _tf32_allowed()
+        and not tf32_allowed()  # then one TF32 product beats six bf16 ones
         and _bf16_tensor_cores(a.device)
         and _fp32_bias_taken(a.device.type)
     )

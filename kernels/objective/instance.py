@@ -30,6 +30,7 @@ from ..nt_xent import (
     backward_config,
     forward_config,
     grad_block,
+    narrow_wide_rows,
     row_losses,
     scaled_rows,
 )
@@ -258,11 +259,11 @@ def instance_config(d: int, dtype: torch.dtype) -> tuple[LaunchConfig, LaunchCon
     is four products). The backward is the fast path's. Rows wider than 128 features keep 32 x
     32 tiles both ways: the one-pass kernels (their epilogue in the backward, the cluster
     side's registers beside it) have not been compiled at the fast path's 64-row tiles there."""
+    narrow = narrow_wide_rows(d)
+    if narrow:
+        return narrow, narrow
     fwd = forward_config(d, dtype)
     block_m, block_n, block_d = fwd.block
-    if block_d > 128:
-        narrow = LaunchConfig((32, 32, block_d))
-        return narrow, narrow
     if (block_m, block_n) == (64, 128):
         forward = LaunchConfig((128, 16, block_d), num_warps=8, num_stages=fwd.num_stages)
     else:
