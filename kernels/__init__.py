@@ -28,7 +28,7 @@ import torch
 from fastcluster_cl.backends import reference
 
 try:
-    from . import _common, cc_cluster, kl
+    from . import _common, kl
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
@@ -63,7 +63,6 @@ __all__ = [
     "nt_xent_terms_fits",
     "nt_xent_bank_fits",
     "nt_xent_bank_terms_fits",
-    "cc_cluster_loss_fits",
     "cc_cluster_loss_terms_fits",
     "student_t_fits",
     "dec_loss_fits",
@@ -114,9 +113,6 @@ if _IMPORT_ERROR is None:
         return z_a.shape[1] <= _common.MAX_FEATURES
 
     nt_xent_terms_fits = nt_xent_bank_fits = nt_xent_bank_terms_fits = nt_xent_fits
-
-    def cc_cluster_loss_fits(logits_a: torch.Tensor, *_) -> bool:
-        return logits_a.shape[1] <= cc_cluster.MAX_CLUSTERS
 
     def cc_cluster_loss_terms_fits(logits_a: torch.Tensor, *_) -> bool:
         """The per-row terms run `nt_xent_terms` on the N-long cluster columns."""

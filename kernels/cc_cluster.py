@@ -7,16 +7,19 @@ similarities G_kl / (|q_k| |q_l|). The anti-collapse term needs the column sums.
 kernel (`_stats_kernel`) streams the N rows of both logit matrices once, computes each row
 block's softmax in registers and accumulates G_aa, G_ab, G_bb and the column sums; a fixed number
 of persistent programs each write one partial (deterministic, no atomics), summed on the host.
-The epilogue (`cluster_epilogue`: one single-program launch each way on the 2K x 2K Gram) does
-the normalisation, the masked lse and the entropies, and gives dG and d(colsum) in closed form
-(it was ~40 torch ops under autograd, launch-bound). The backward kernel (`_grad_kernel`)
-re-reads the logits once: dQ = Q (dG + dG^T) + 1 dcolsum^T, then the softmax backward.
+The epilogue (`cluster_epilogue`: up to 32 clusters one single-program launch each way on the
+2K x 2K Gram) does the normalisation, the masked lse and the entropies, and gives dG and
+d(colsum) in closed form (it was ~40 torch ops under autograd, launch-bound). The backward
+kernel (`_grad_kernel`) re-reads the logits once: dQ = Q (dG + dG^T) + 1 dcolsum^T, then the
+softmax backward.
 
 Floors (N rows, K clusters, b bytes per logit): forward 6 N K^2 FLOPs (three K x K Grams) + N K
 exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floats; backward
 8 N K^2 FLOPs, reads each logit matrix once and writes its gradient (4 N K b bytes). The N x K
-assignments never reach memory. K is limited to `MAX_CLUSTERS` (the Gram tiles live in registers;
-larger K would need the Gram tiled over K, not done yet).
+assignments never reach memory. The fused kernels hold at most `MAX_CLUSTERS` clusters (the
+Gram tiles live in registers); above, `gram_stats` gives the same (G, column sums) from torch
+(the softmaxes written, the Gram and its backward product on cuBLAS) and the epilogue tiles the
+2K x 2K matrix by rows: a row block a program, the columns swept in tiles.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastcluster_cl.backends.autograd.pairs import register_pair
+from fastcluster_cl.backends.numerics import fp32_gram, fp32_product
 
 from ._common import (
     NORM_EPS,
@@ -248,12 +252,6 @@ def cluster_stats(
     return full, colsum.sum(0)[:, :k].reshape(2 * k)
 
 
-@cluster_stats.register_fake
-def _(logits_a, logits_b):
-    k2, acc = 2 * logits_a.shape[1], torch_acc_dtype(logits_a.dtype)
-    return logits_a.new_empty(k2, k2, dtype=acc), logits_a.new_empty(k2, dtype=acc)
-
-
 @torch.library.custom_op("fastcluster_cl::cc_cluster_triton_bwd", mutates_args=())
 def cluster_stats_backward(
     logits_a: torch.Tensor, logits_b: torch.Tensor, d_gram: torch.Tensor, d_colsum: torch.Tensor
@@ -292,42 +290,140 @@ def cluster_stats_backward(
     return d_a, d_b
 
 
-@cluster_stats_backward.register_fake
-def _(logits_a, logits_b, d_gram, d_colsum):
+# Above MAX_CLUSTERS the statistics come from torch: the softmaxes written (N x 2K), their Gram
+# and its backward product through cuBLAS (fp32 as `numerics.fp32_gram` / `fp32_product`: bf16
+# parts on the tensor cores where that pays), the same op pair's signature.
+
+
+def _assignments(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Q = [softmax(c_a), softmax(c_b)] (N x 2K) in the accumulation dtype."""
+    n, k = logits_a.shape
+    acc = torch_acc_dtype(logits_a.dtype)
+    return torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
+
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_gram_triton_fwd", mutates_args=())
+def gram_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cluster_stats` for any K: G = Q^T Q and the column sums of Q, Q written."""
+    q = _assignments(logits_a, logits_b)
+    return fp32_gram(q), q.sum(0)
+
+
+@torch.library.custom_op("fastcluster_cl::cc_cluster_gram_triton_bwd", mutates_args=())
+def gram_stats_backward(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, d_gram: torch.Tensor, d_colsum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cluster_stats_backward` for any K: Q recomputed, dQ = Q (dG + dG^T) + 1 dcolsum^T, then
+    the softmax backward."""
+    n, k = logits_a.shape
+    q = _assignments(logits_a, logits_b)
+    dq = fp32_product(q, d_gram + d_gram.T).add_(d_colsum).view(n, 2, k)
+    q3 = q.view(n, 2, k)
+    dq.sub_(torch.linalg.vecdot(q3, dq).unsqueeze(-1))
+    d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
+    torch.mul(dq[:, 0], q3[:, 0], out=d_a)
+    torch.mul(dq[:, 1], q3[:, 1], out=d_b)
+    return d_a, d_b
+
+
+def _stats_fake(logits_a, logits_b):
+    k2, acc = 2 * logits_a.shape[1], torch_acc_dtype(logits_a.dtype)
+    return logits_a.new_empty(k2, k2, dtype=acc), logits_a.new_empty(k2, dtype=acc)
+
+
+def _stats_backward_fake(logits_a, logits_b, d_gram, d_colsum):
     return torch.empty_like(logits_a), torch.empty_like(logits_b)
 
 
-register_pair(
-    cluster_stats,
-    cluster_stats_backward,
-    "triton",
-    lambda inputs, outputs, grads: (*inputs, *grads[:2]),
-    wrt=(0, 1),
-)
+for _forward, _backward in (
+    (cluster_stats, cluster_stats_backward),
+    (gram_stats, gram_stats_backward),
+):
+    _forward.register_fake(_stats_fake)
+    _backward.register_fake(_stats_backward_fake)
+    register_pair(
+        _forward,
+        _backward,
+        "triton",
+        lambda inputs, outputs, grads: (*inputs, *grads[:2]),
+        wrt=(0, 1),
+    )
 
 
 @triton.jit
-def _column_terms(GRAM, k, inv_tau, ACC: tl.constexpr, EPS2: tl.constexpr, BLOCK: tl.constexpr):
-    """The 2K columns' NT-Xent terms from their Gram G (2k x 2k, row-major): (row indices,
-    column indices, the valid entries j != i, the positives j = i +- k, the clamped norms'
-    squares d2, S = G / (d_i d_j) / tau, the rows' lse over j != i (0 on padding rows))."""
-    k2 = 2 * k
-    rows = tl.arange(0, BLOCK)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    inside = (rows < k2) & (cols < k2)
-    g = tl.load(GRAM + rows * k2 + cols, mask=inside, other=0.0).to(ACC)
-    diagonal = rows == cols
+def _norms(GRAM, offs, mask, k2, ACC: tl.constexpr, EPS2: tl.constexpr):
+    """(d^2, d) of the columns `offs`: G_ii clamped at eps^2, and its root."""
     eps2 = tl.full([], EPS2, ACC)  # a bare constexpr would be rounded to fp32
-    d2_rows = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=1), eps2)
-    d2_cols = tl.maximum(tl.sum(tl.where(diagonal, g, 0.0), axis=0), eps2)
-    s = g / (tl.sqrt(d2_rows)[:, None] * tl.sqrt(d2_cols)[None, :]) * inv_tau
-    valid = inside & (rows != cols)
-    positive = inside & (cols == (rows + k) % k2)
-    masked = tl.where(valid, s, float("-inf"))
-    top = tl.where(tl.arange(0, BLOCK) < k2, tl.max(masked, axis=1), 0.0)
-    total = tl.sum(tl.where(valid, tl.exp(masked - top[:, None]), 0.0), axis=1)
-    lse = tl.where(tl.arange(0, BLOCK) < k2, top + tl.log(tl.maximum(total, 1e-30)), 0.0)
-    return rows, cols, valid, positive, d2_rows, s, lse
+    d2 = tl.maximum(tl.load(GRAM + offs * (k2 + 1), mask=mask, other=1.0).to(ACC), eps2)
+    return d2, tl.sqrt(d2)
+
+
+@triton.jit
+def _similarities(GRAM, offs_r, mask_r, d_r, offs_c, mask_c, d_c, k, inv_tau, ACC: tl.constexpr):
+    """S = G / (d_i d_j) / tau on the tile (rows offs_r, columns offs_c) of the 2k x 2k Gram,
+    with the entries it holds j != i (valid) and j = i +- k (positive; symmetric in i, j)."""
+    k2 = 2 * k
+    inside = mask_r[:, None] & mask_c[None, :]
+    g = tl.load(GRAM + offs_r[:, None] * k2 + offs_c[None, :], mask=inside, other=0.0).to(ACC)
+    s = g / (d_r[:, None] * d_c[None, :]) * inv_tau
+    valid = inside & (offs_r[:, None] != offs_c[None, :])
+    positive = inside & (offs_c[None, :] == (offs_r[:, None] + k) % k2)
+    return s, valid, positive
+
+
+@triton.jit
+def _column_tile(
+    GRAM,
+    c0,
+    offs_r,
+    mask_r,
+    d_r,
+    k,
+    inv_tau,
+    ACC: tl.constexpr,
+    EPS2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The column tile from c0 of the rows offs_r: (its columns, their mask, their norms d, and
+    `_similarities` on it)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < 2 * k
+    d2_c, d_c = _norms(GRAM, offs_c, mask_c, 2 * k, ACC, EPS2)
+    s, valid, positive = _similarities(
+        GRAM, offs_r, mask_r, d_r, offs_c, mask_c, d_c, k, inv_tau, ACC
+    )
+    return offs_c, mask_c, d_c, s, valid, positive
+
+
+@triton.jit
+def _row_lse(
+    GRAM,
+    offs_r,
+    mask_r,
+    d_r,
+    k,
+    inv_tau,
+    ACC: tl.constexpr,
+    EPS2: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(lse over j != i of S_ij, S_i,pos(i)) of the rows offs_r, a column tile at a time. The
+    running max starts at S's lower bound -1/tau (cosines >= -1), never at -inf."""
+    k2 = 2 * k
+    total = tl.zeros([BLOCK_R], ACC)
+    top = total - inv_tau
+    pos = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, k2, BLOCK_C):
+        offs_c, mask_c, d_c, s, valid, positive = _column_tile(
+            GRAM, c0, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_C
+        )
+        masked = tl.where(valid, s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(masked, axis=1))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(masked - new_top[:, None]), axis=1)
+        top = new_top
+        pos += tl.sum(tl.where(positive, s, 0.0), axis=1)
+    return top + tl.log(tl.maximum(total, 1e-30)), pos
 
 
 @triton.jit(do_not_specialize=["k", "n"])  # k = 1, n = 1 would become constexprs
@@ -335,6 +431,7 @@ def _epilogue_fwd_kernel(
     GRAM,
     COLSUM,
     OUT,
+    LSE,
     k,
     n,
     inv_tau_hi,
@@ -342,17 +439,27 @@ def _epilogue_fwd_kernel(
     ACC: tl.constexpr,
     EPS2: tl.constexpr,
     TINY: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
-    """One program: NT-Xent over the 2K normalised columns from their Gram, plus
-    2 log K + sum_k P_k log max(P_k, tiny) over both views (P = column sums / N)."""
+    """Rows [pid BLOCK_R, +BLOCK_R) of NT-Xent over the 2K normalised columns, from their Gram:
+    each row's lse to LSE and its share of the loss, (lse_i - S_i,pos(i)) / 2K + P_i log
+    max(P_i, tiny) + log(K) / K (P = column sums / N), to OUT (2K,); SINGLE (one program holds
+    every row): their sum, the loss, to OUT (0-d)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < 2 * k
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
-    rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
-    instance = (tl.sum(lse) - tl.sum(tl.where(positive, s, 0.0))) / (2 * k)
-    offs = tl.arange(0, BLOCK)
-    p = tl.load(COLSUM + offs, mask=offs < 2 * k, other=0.0).to(ACC) / n
-    entropy = tl.sum(p * tl.log(tl.maximum(p, TINY)))
-    tl.store(OUT, instance + 2 * tl.log(k.to(ACC)) + entropy)
+    _, d_r = _norms(GRAM, offs_r, mask_r, 2 * k, ACC, EPS2)
+    lse, pos = _row_lse(GRAM, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_R, BLOCK_C)
+    tl.store(LSE + offs_r, lse, mask=mask_r)
+    p = tl.load(COLSUM + offs_r, mask=mask_r, other=1.0).to(ACC) / n
+    share = (lse - pos) / (2 * k) + p * tl.log(tl.maximum(p, TINY)) + tl.log(k.to(ACC)) / k
+    share = tl.where(mask_r, share, 0.0)
+    if SINGLE:
+        tl.store(OUT, tl.sum(share))
+    else:
+        tl.store(OUT + offs_r, share, mask=mask_r)
 
 
 @triton.jit(do_not_specialize=["k", "n"])  # k = 1, n = 1 would become constexprs
@@ -360,6 +467,7 @@ def _epilogue_bwd_kernel(
     GRAM,
     COLSUM,
     GRAD,
+    LSE,
     DGRAM,
     DCOLSUM,
     k,
@@ -369,45 +477,94 @@ def _epilogue_bwd_kernel(
     ACC: tl.constexpr,
     EPS2: tl.constexpr,
     TINY: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
-    """The gradients of `_epilogue_fwd_kernel`'s value: with W = (P - [positive]) g / 2K (P the
-    rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and, through the clamped norms
-    d_i = sqrt(max(G_ii, eps^2)), dG_ii += -(sum_j W_ij S_ij + W_ji S_ji) / (2 d_i^2) where
-    G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
-    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
-    rows, cols, valid, positive, d2, s, lse = _column_terms(GRAM, k, inv_tau, ACC, EPS2, BLOCK)
-    g = tl.load(GRAD).to(ACC)
+    """Rows [pid BLOCK_R, +BLOCK_R) of the gradients of `_epilogue_fwd_kernel`'s loss, given
+    every row's lse in LSE (SINGLE: the one program computes them itself). With W = (P -
+    [positive]) g / 2K (P the rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and,
+    through the clamped norms d_i = sqrt(max(G_ii, eps^2)), dG_ii = -(sum_j W_ij S_ij + W_ji
+    S_ji) / (2 d_i^2) where G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
     k2 = 2 * k
-    prob = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    w = (prob - tl.where(positive, 1.0, 0.0)) * (g / k2)
-    d = tl.sqrt(d2)
-    ws = w * s
-    radial = tl.sum(ws, axis=1) + tl.sum(tl.trans(ws), axis=1)
-    diagonal = tl.load(GRAM + tl.arange(0, BLOCK) * (k2 + 1), mask=tl.arange(0, BLOCK) < k2)
-    unclamped = diagonal.to(ACC) >= tl.full([], EPS2, ACC)
-    d_norm = tl.where(unclamped, -radial / (2 * d2), 0.0)
-    d_cols = tl.sum(tl.where(rows == cols, d[:, None], 0.0), axis=0)  # d along the columns
-    dgram = w * inv_tau / (d[:, None] * d_cols[None, :]) + tl.where(
-        rows == cols, d_norm[:, None], 0.0
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < k2
+    inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
+    d2_r, d_r = _norms(GRAM, offs_r, mask_r, k2, ACC, EPS2)
+    if SINGLE:
+        lse_r, pos = _row_lse(GRAM, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_R, BLOCK_C)
+    else:
+        lse_r = tl.load(LSE + offs_r, mask=mask_r, other=0.0)
+    g = tl.load(GRAD).to(ACC)
+    scale = g / k2
+    radial = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, k2, BLOCK_C):
+        offs_c, mask_c, d_c, s, valid, positive = _column_tile(
+            GRAM, c0, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_C
+        )
+        w = (tl.where(valid, tl.exp(s - lse_r[:, None]), 0.0) - positive.to(ACC)) * scale
+        ws = w * s
+        if SINGLE:  # the tile is the whole matrix: W_ji S_ji is its transpose
+            ws_t = tl.trans(ws)
+        else:  # S_ji from G_ji itself (a Gram's two triangles may round differently)
+            lse_c = tl.load(LSE + offs_c, mask=mask_c, other=0.0)
+            s_t, valid_t, positive_t = _similarities(
+                GRAM, offs_c, mask_c, d_c, offs_r, mask_r, d_r, k, inv_tau, ACC
+            )
+            s_t = tl.trans(s_t)
+            w_t = tl.where(valid, tl.exp(s_t - lse_c[None, :]), 0.0) - positive.to(ACC)
+            ws_t = w_t * scale * s_t
+        radial += tl.sum(ws, axis=1) + tl.sum(ws_t, axis=1)
+        dgram = w * inv_tau / (d_r[:, None] * d_c[None, :])
+        tl.store(DGRAM + offs_r[:, None] * k2 + offs_c[None, :], dgram, mask=valid)
+    unclamped = tl.load(GRAM + offs_r * (k2 + 1), mask=mask_r, other=0.0).to(ACC) >= tl.full(
+        [], EPS2, ACC
     )
-    tl.store(DGRAM + rows * k2 + cols, dgram, mask=(rows < k2) & (cols < k2))
-    offs = tl.arange(0, BLOCK)
-    mask = offs < k2
-    p = tl.load(COLSUM + offs, mask=mask, other=1.0).to(ACC) / n
+    tl.store(DGRAM + offs_r * (k2 + 1), tl.where(unclamped, -radial / (2 * d2_r), 0.0), mask=mask_r)
+    p = tl.load(COLSUM + offs_r, mask=mask_r, other=1.0).to(ACC) / n
     dp = tl.log(tl.maximum(p, TINY)) + tl.where(p >= TINY, 1.0, 0.0)
-    tl.store(DCOLSUM + offs, dp * (g / n), mask=mask)
+    tl.store(DCOLSUM + offs_r, dp * (g / n), mask=mask_r)
 
 
-def _epilogue_consts(gram: torch.Tensor) -> dict:
-    _block_k(gram.shape[0] // 2)  # refuses more than MAX_CLUSTERS clusters
-    acc, block = gram.dtype, max(16, triton.next_power_of_2(gram.shape[0]))
-    return dict(
+# One program holds the whole 2K x 2K Gram up to this size (K <= 32; at 2K = 128 its backward
+# spilled 24 B on 16 warps, sm_90a); beyond, programs take EPILOGUE_ROWS rows each, sweeping
+# the columns EPILOGUE_COLUMNS at a time (toward a program an SM at K = 1000), and the backward
+# first runs the forward for every row's lse.
+SINGLE_EPILOGUE = 64
+EPILOGUE_ROWS = 16
+EPILOGUE_COLUMNS = 128
+
+
+def _epilogue_launch(gram: torch.Tensor) -> tuple[int, dict]:
+    """(programs, constexprs and warps) of the epilogue kernels on `gram`."""
+    k2, acc = gram.shape[0], gram.dtype
+    single = k2 <= SINGLE_EPILOGUE
+    block = max(16, triton.next_power_of_2(k2))
+    rows, columns = (block, block) if single else (EPILOGUE_ROWS, EPILOGUE_COLUMNS)
+    return triton.cdiv(k2, rows), dict(
         ACC=acc_dtype(acc),
         EPS2=NORM_EPS**2,
         TINY=torch.finfo(acc).tiny,
-        BLOCK=block,
-        num_warps=max(4, block * block // 1024),  # 128 x 128 on 8 warps spilled 112 B (sm_90a)
+        BLOCK_R=rows,
+        BLOCK_C=columns,
+        SINGLE=single,
+        num_warps=4,
+    )
+
+
+def _epilogue_rows(gram, colsum, n, temperature, out, lse) -> None:
+    """`_epilogue_fwd_kernel` over every row: their lse to `lse`, the loss or its shares to
+    `out`."""
+    programs, consts = _epilogue_launch(gram)
+    _epilogue_fwd_kernel[(programs,)](
+        GRAM=gram,
+        COLSUM=colsum,
+        OUT=out,
+        LSE=lse,
+        k=gram.shape[0] // 2,
+        n=n,
+        **split_floats(inv_tau=1.0 / temperature),
+        **consts,
     )
 
 
@@ -416,20 +573,16 @@ def cluster_epilogue(
     gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float
 ) -> torch.Tensor:
     """The K-sized terms of the loss (0-d, the Gram's dtype) from the Gram of the 2K columns and
-    their sums (`cluster_stats`), in one single-program launch (`_epilogue_fwd_kernel`)."""
+    their sums (`cluster_stats`): one single-program launch up to 32 clusters, else one
+    program a row block (`_epilogue_fwd_kernel`) and the sum of the rows' shares."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
-    out = torch.empty((), dtype=gram.dtype, device=gram.device)
+    single = gram.shape[0] <= SINGLE_EPILOGUE
+    out = gram.new_empty(() if single else gram.shape[0])
     with device_guard(gram):
-        _epilogue_fwd_kernel[(1,)](
-            GRAM=gram,
-            COLSUM=colsum,
-            OUT=out,
-            k=gram.shape[0] // 2,
-            n=n,
-            **split_floats(inv_tau=1.0 / temperature),
-            **_epilogue_consts(gram),
+        _epilogue_rows(
+            gram, colsum, n, temperature, out, torch.empty_like(colsum, dtype=gram.dtype)
         )
-    return out
+    return out if single else out.sum()
 
 
 @cluster_epilogue.register_fake
@@ -441,20 +594,26 @@ def _(gram, colsum, n, temperature):
 def cluster_epilogue_backward(
     gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dgram, dL/dcolsum) of `cluster_epilogue` (`_epilogue_bwd_kernel`, one program)."""
+    """(dL/dgram, dL/dcolsum) of `cluster_epilogue` (`_epilogue_bwd_kernel`; beyond one
+    program, after `_epilogue_fwd_kernel` for the rows' lse)."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
     d_gram, d_colsum = torch.empty_like(gram), torch.empty_like(colsum)
+    lse = torch.empty_like(colsum, dtype=gram.dtype)
+    programs, consts = _epilogue_launch(gram)
     with device_guard(gram):
-        _epilogue_bwd_kernel[(1,)](
+        if not consts["SINGLE"]:
+            _epilogue_rows(gram, colsum, n, temperature, torch.empty_like(lse), lse)
+        _epilogue_bwd_kernel[(programs,)](
             GRAM=gram,
             COLSUM=colsum,
             GRAD=grad.to(gram.dtype).contiguous(),
+            LSE=lse,
             DGRAM=d_gram,
             DCOLSUM=d_colsum,
             k=gram.shape[0] // 2,
             n=n,
             **split_floats(inv_tau=1.0 / temperature),
-            **_epilogue_consts(gram),
+            **consts,
         )
     return d_gram, d_colsum
 
@@ -478,5 +637,6 @@ def cc_cluster_loss(
 ) -> torch.Tensor:
     """CC cluster-level loss (see `fastcluster_cl.cc_cluster_loss`) with the fused kernels."""
     check_dtype(logits_a, logits_b)
-    gram, colsum = cluster_stats(logits_a.contiguous(), logits_b.contiguous())
+    stats = cluster_stats if logits_a.shape[1] <= MAX_CLUSTERS else gram_stats
+    gram, colsum = stats(logits_a.contiguous(), logits_b.contiguous())
     return cluster_epilogue(gram, colsum, logits_a.shape[0], temperature)

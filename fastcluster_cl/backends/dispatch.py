@@ -97,8 +97,8 @@ def implementation(
 def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Tensor) -> str:
     """`backend` for these inputs: "auto" where it resolves to triton takes chunked when the
     kernels lack `op` (e.g. DEC's per-row terms) or cannot hold the inputs (the triton module's
-    `op`_fits: more than 512 features a row, more than 64 clusters for the fused cluster
-    contrast, ...), instead of raising. An explicit backend is kept (and raises on such inputs,
+    `op`_fits: more than 512 features a row, more than 1024 Student-t centres, ...), instead
+    of raising. An explicit backend is kept (and raises on such inputs,
     saying why)."""
     if backend != "auto" or resolve(backend, device) != "triton":
         return backend

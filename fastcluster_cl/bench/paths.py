@@ -639,6 +639,11 @@ def _column_tiles(args: dict, grid: tuple) -> int:
     return math.ceil(min(args["split_columns"], args["rows_total"]) / args["BLOCK_N"])
 
 
+def _gram_column_tiles(args: dict, grid: tuple) -> int:
+    """The cc epilogue's column tiles of the 2K x 2K Gram."""
+    return math.ceil(2 * args["k"] / args["BLOCK_C"])
+
+
 def _splits(args: dict, grid: tuple) -> int:
     return args["splits"]
 
@@ -664,8 +669,8 @@ SEPARATE_LOOPS = {
     "nt_xent._grad_merge_kernel": {0: _splits},
     "cc_cluster._stats_kernel": {0: _row_steps},
     "cc_cluster._grad_kernel": {},
-    "cc_cluster._epilogue_fwd_kernel": {},
-    "cc_cluster._epilogue_bwd_kernel": {},
+    "cc_cluster._epilogue_fwd_kernel": {0: _gram_column_tiles},
+    "cc_cluster._epilogue_bwd_kernel": {0: _gram_column_tiles},
     "student_t._fwd_kernel": {0: _split_tiles, 1: _feature_chunks},
     "student_t._normalize_kernel": {0: _splits},
     "student_t._row_dot_kernel": {0: _cluster_tiles},
@@ -1000,7 +1005,7 @@ def source_hash() -> str:
     kernels = Path(importlib.util.find_spec("fastcluster_cl.kernels").origin).parent  # not imported
     backends = Path(__file__).parents[1] / "backends"  # what the eager and separate rows trace
     traced = [backends / name for name in ("reference.py", "numerics.py", "chunked.py")]
-    traced.append(backends / "objective_sides.py")  # chunked's cluster contrast beyond K = 64
+    traced.append(backends / "objective_sides.py")  # chunked's sides, auto beyond the kernels
     traced.append(backends.parent / "functional.py")  # the separate rows' weighted total
     files = (
         sorted(kernels.rglob("*.py"))

@@ -611,17 +611,21 @@ def _cluster_variants() -> list[Variant]:
             targets=clean,
         ),
     ]
-    # the K-sized epilogue, one program each way: 2K = 20 (4 warps) and 128 (16 warps)
-    for k in (10, cc.MAX_CLUSTERS):
-        block = max(16, 2 ** (2 * k - 1).bit_length())
-        consts = dict(ACC=tl.float32, EPS2=1e-24, TINY=1.1754943508222875e-38, BLOCK=block)
-        warps = max(4, block * block // 1024)
+    # the K-sized epilogue: one program each way at 2K = 20; row blocks sweeping column tiles
+    # at K = 64 and 1000
+    for k in (10, cc.MAX_CLUSTERS, 1000):
+        _, consts = cc._epilogue_launch(torch.empty(2 * k, 2 * k, device="meta"))
+        warps = consts.pop("num_warps")
         for name, kern, pointers in (
-            ("fwd", cc._epilogue_fwd_kernel, {"GRAM": "fp32", "COLSUM": "fp32", "OUT": "fp32"}),
+            (
+                "fwd",
+                cc._epilogue_fwd_kernel,
+                dict.fromkeys(("GRAM", "COLSUM", "OUT", "LSE"), "fp32"),
+            ),
             (
                 "bwd",
                 cc._epilogue_bwd_kernel,
-                dict.fromkeys(("GRAM", "COLSUM", "GRAD", "DGRAM", "DCOLSUM"), "fp32"),
+                dict.fromkeys(("GRAM", "COLSUM", "GRAD", "LSE", "DGRAM", "DCOLSUM"), "fp32"),
             ),
         ):
             out.append(
@@ -632,7 +636,7 @@ def _cluster_variants() -> list[Variant]:
                     pointers,
                     consts,
                     warps,
-                    (block, block),
+                    (consts["BLOCK_R"], consts["BLOCK_C"]),
                     targets=clean,
                 )
             )

@@ -349,6 +349,7 @@ def test_bank_double_backward_is_refused(request, backend):
 # the ops being fastcluster_cl::<name>_<backend>_fwd / _bwd.
 CLUSTER_OPS = [
     ("triton", "cc_cluster"),
+    ("triton", "cc_cluster_gram"),
     ("triton", "cc_cluster_epilogue"),
     ("triton", "student_t"),
     ("triton", "dec"),
@@ -367,6 +368,7 @@ def _cluster_inputs(name, dtype, seed=0):
     probs = lambda: torch.softmax(2 * randn(6, 4), 1)  # noqa: E731
     return {
         "cc_cluster": lambda: (randn(6, 3), randn(6, 3)),
+        "cc_cluster_gram": lambda: (randn(6, 3), randn(6, 3)),
         # a Gram of 2K = 6 columns over 6 rows, their sums, N, the temperature
         "cc_cluster_epilogue": lambda: (lambda q: (q.T @ q, q.sum(0), 6, 0.7))(
             torch.softmax(randn(6, 6), 1)

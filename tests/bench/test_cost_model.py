@@ -240,7 +240,7 @@ def test_partial_loops_split_the_partials_between_unrolled_body_and_remainder():
 def test_objective_rows_cover_the_issue_shapes():
     """Every path and shape of the objectives' table is a row: the one-pass kernels predicted
     where they run, refused with the reason where they cannot; the separate ops as auto runs
-    them everywhere (cc's cluster contrast on chunked beyond K = 64); exactly one path marked
+    them everywhere, on Triton throughout (no op on chunked); exactly one path marked
     auto per shape, never the anchor one-pass kernels and cc's only up to CC_ONE_PASS_PAIRS
     pairs (`kernels.AUTO_SEPARATE`); the eager
     reference refused where one of its tensors alone exceeds the GPU's memory."""
@@ -261,9 +261,8 @@ def test_objective_rows_cover_the_issue_shapes():
         assert r["runs"] == fits and (r["predicted_us_low"] is not None) == fits, r
         assert fits or "at most" in r["reason"]
     for r in (r for r in rows if r["path"] == "triton-separate"):
-        wide = r["op"] == "cc_objective" and r["shape"]["k"] > 64
         assert r["runs"] and r["predicted_us_low"] is not None, r
-        assert r["chunked_ops"] == (["cc_cluster_loss"] if wide else []), r
+        assert r["chunked_ops"] == [], r
     for op in shapes:
         for shape in {json.dumps(r["shape"]) for r in rows if r["op"] == op}:
             auto = [r for r in rows if r["op"] == op and json.dumps(r["shape"]) == shape]

@@ -1,0 +1,160 @@
+"""CC's cluster loss on the Triton backend above one epilogue tile (2K > 64) and above the fused
+statistics kernel (K > 64): the torch Gram op pair and the row-tiled epilogue against the
+float64 reference, in the regime users train in (temperatures 0.05-0.5, correlated views,
+one-hot and near-uniform assignments, empty clusters), low precision within twice the chunked
+path's error, an asymmetric Gram, run-to-run determinism and opcheck. Without CUDA the kernels
+run under TRITON_INTERPRET=1 (tests/conftest.py)."""
+
+import math
+
+import pytest
+import torch
+from tolerances import BF16, F32, F64, assert_within_lowp_bounds, check_against_reference, widen
+
+import fastcluster_cl as fc
+from fastcluster_cl.backends import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _module():
+    import importlib
+
+    return importlib.import_module("fastcluster_cl.kernels.cc_cluster")
+
+
+def logits(n, k, seed, regime):
+    """Two views' logits: correlated (the second a small perturbation of the first), peaked to
+    one-hot, near-uniform, or with an empty cluster (a column 800 below the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    a = 2.0 * torch.randn(n, k, generator=g, dtype=F64)
+    b = a + 0.2 * torch.randn(n, k, generator=g, dtype=F64)
+    if regime == "one-hot":
+        a, b = 60.0 * a, 60.0 * b
+    elif regime == "uniform":
+        a, b = 1e-3 * a, 1e-3 * b
+    elif regime == "empty":
+        a[:, 1] -= 800.0
+        b[:, 1] -= 800.0
+    return a, b
+
+
+def triton_loss(tau):
+    return lambda a, b: fc.cc_cluster_loss(a, b, tau, backend="triton")
+
+
+def reference_loss(tau):
+    return lambda a, b: reference.cc_cluster_loss(a, b, tau)
+
+
+@pytest.mark.parametrize("k", [33, 100])  # one epilogue tile of 2K rows too few; two column tiles
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+@pytest.mark.parametrize("regime", ["correlated", "one-hot", "uniform", "empty"])
+def test_tiled_path_matches_float64_reference(k, tau, regime):
+    """fp64 and fp32 against the reference on the same rounded inputs (the shared tolerance
+    table, widened for small tau). Near-uniform assignments put every cosine near 1 and cost
+    every fp32 path ~1e-4 of the gradient (the reference's own run in fp32 too): there fp32 is
+    held to twice the chunked path's error. N = 29 is no multiple of any block."""
+    inputs = logits(29, k, 3, regime)
+    check_against_reference(
+        triton_loss(tau), reference_loss(tau), inputs, F64, device=DEVICE, loosen=widen(tau)
+    )
+    if regime == "uniform":
+        assert_within_lowp_bounds(
+            triton_loss(tau),
+            lambda a, b: fc.cc_cluster_loss(a, b, tau, backend="chunked"),
+            reference_loss(tau),
+            [t.to(DEVICE) for t in inputs],
+            F32,
+        )
+    else:
+        check_against_reference(
+            triton_loss(tau), reference_loss(tau), inputs, F32, device=DEVICE, loosen=widen(tau)
+        )
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+@pytest.mark.parametrize("regime", ["correlated", "one-hot", "uniform"])
+def test_tiled_path_bf16_within_twice_the_chunked_error(tau, regime):
+    """bf16 logits: within twice the error of the fp32-accumulating chunked path on the same
+    rounded inputs (values and gradients)."""
+    inputs = [t.to(DEVICE) for t in logits(29, 100, 4, regime)]
+    assert_within_lowp_bounds(
+        triton_loss(tau),
+        lambda a, b: fc.cc_cluster_loss(a, b, tau, backend="chunked"),
+        reference_loss(tau),
+        inputs,
+        BF16,
+    )
+
+
+def epilogue_reference(gram, colsum, n, tau):
+    """The epilogue's loss from a Gram (any, not only symmetric) in torch, float64."""
+    k2 = gram.shape[0]
+    rows = torch.arange(k2)
+    d = gram.diagonal().clamp_min(1e-12**2).sqrt()
+    s = gram / (d[:, None] * d[None, :]) / tau
+    lse = torch.logsumexp(s.masked_fill(torch.eye(k2, dtype=torch.bool), float("-inf")), 1)
+    positives = s[rows, (rows + k2 // 2) % k2]
+    p = colsum / n
+    entropy = (p * torch.log(p.clamp_min(torch.finfo(F64).tiny))).sum()
+    return (lse - positives).sum() / k2 + 2 * math.log(k2 // 2) + entropy
+
+
+@pytest.mark.parametrize("k", [5, 70])  # one program; row blocks over column tiles
+def test_epilogue_on_an_asymmetric_gram(k):
+    """The epilogue's gradient is with respect to each entry as given: S_ji is read from G_ji,
+    not assumed equal to S_ij (a Gram's triangles may round differently)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.softmax(2 * torch.randn(40, 2 * k, generator=g, dtype=F64), 1)
+    gram = q.T @ q + 1e-3 * torch.rand(2 * k, 2 * k, generator=g, dtype=F64)
+    colsum = q.sum(0)
+    x = [t.to(DEVICE).clone().requires_grad_() for t in (gram, colsum)]
+    y = [t.clone().requires_grad_() for t in (gram, colsum)]
+    got = _module().cluster_epilogue(*x, 40, 0.3)
+    want = epilogue_reference(*y, 40, 0.3)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(x, y):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_tiled_path_is_deterministic():
+    """Row blocks write their own rows; the shares are summed in one fixed order."""
+    a, b = (t.to(DEVICE, F32) for t in logits(29, 100, 5, "correlated"))
+    runs = []
+    for _ in range(2):
+        x = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        loss = fc.cc_cluster_loss(*x, 0.5, backend="triton")
+        loss.backward()
+        runs.append((loss, *(t.grad for t in x)))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_the_fused_statistics_keep_their_limit():
+    """The stats kernel holds at most MAX_CLUSTERS clusters (its Gram in registers); the loss
+    takes the Gram op pair above, the same function."""
+    module = _module()
+    a, b = (t.to(DEVICE, F32) for t in logits(8, module.MAX_CLUSTERS + 1, 6, "correlated"))
+    with pytest.raises(ValueError, match="at most 64 clusters"):
+        module.cluster_stats(a, b)
+    torch.testing.assert_close(
+        fc.cc_cluster_loss(a, b, 0.5, backend="triton"),
+        fc.cc_cluster_loss(a, b, 0.5, backend="torch"),
+    )
+
+
+def test_opcheck_the_tiled_epilogue():
+    """The epilogue op pair past one program (2K = 80): schema, fake tensors, AOT dispatch."""
+    module = _module()
+    g = torch.Generator().manual_seed(8)
+    q = torch.softmax(torch.randn(12, 80, generator=g, dtype=F64), 1).to(DEVICE)
+    gram, colsum = (q.T @ q).requires_grad_(), q.sum(0).requires_grad_()
+    torch.library.opcheck(module.cluster_epilogue, (gram, colsum, 12, 0.4))
+    torch.library.opcheck(
+        module.cluster_epilogue_backward,
+        (gram.detach(), colsum.detach(), 12, 0.4, torch.tensor(1.5, dtype=F64, device=DEVICE)),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
