@@ -7,11 +7,11 @@ similarities G_kl / (|q_k| |q_l|). The anti-collapse term needs the column sums.
 kernel (`_stats_kernel`) streams the N rows of both logit matrices once, computes each row
 block's softmax in registers and accumulates G_aa, G_ab, G_bb and the column sums; a fixed number
 of persistent programs each write one partial (deterministic, no atomics), summed on the host.
-The epilogue (`cluster_epilogue`: up to 32 clusters one single-program launch each way on the
-2K x 2K Gram) does the normalisation, the masked lse and the entropies, and gives dG and
-d(colsum) in closed form (it was ~40 torch ops under autograd, launch-bound). The backward
-kernel (`_grad_kernel`) re-reads the logits once: dQ = Q (dG + dG^T) + 1 dcolsum^T, then the
-softmax backward.
+The epilogue (`cluster_epilogue`: one launch each way on the 2K x 2K Gram, a single program up
+to 32 clusters, else a program per row block) does the normalisation, the masked lse and the
+entropies, and gives dG and d(colsum) in closed form (it was ~40 torch ops under autograd,
+launch-bound). The backward kernel (`_grad_kernel`) re-reads the logits once: dQ = Q (dG +
+dG^T) + 1 dcolsum^T, then the softmax backward.
 
 Floors (N rows, K clusters, b bytes per logit): forward 6 N K^2 FLOPs (three K x K Grams) + N K
 exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floats; backward
@@ -209,8 +209,8 @@ def cluster_grad_rows(
 def _block_k(k: int) -> int:
     if k > MAX_CLUSTERS:
         raise ValueError(
-            f"backend='triton' fuses the cluster contrast for at most {MAX_CLUSTERS}"
-            f" clusters, got K = {k}; use backend='chunked' for more"
+            f"the fused cluster statistics take at most {MAX_CLUSTERS} clusters, got K = {k}; "
+            "cc_cluster_loss takes more through gram_stats"
         )
     return max(16, triton.next_power_of_2(k))
 
@@ -354,7 +354,9 @@ for _forward, _backward in (
 def _norms(GRAM, offs, mask, k2, ACC: tl.constexpr, EPS2: tl.constexpr):
     """(d^2, d) of the columns `offs`: G_ii clamped at eps^2, and its root."""
     eps2 = tl.full([], EPS2, ACC)  # a bare constexpr would be rounded to fp32
-    d2 = tl.maximum(tl.load(GRAM + offs * (k2 + 1), mask=mask, other=1.0).to(ACC), eps2)
+    d2 = tl.maximum(
+        tl.load(GRAM + offs.to(tl.int64) * (k2 + 1), mask=mask, other=1.0).to(ACC), eps2
+    )
     return d2, tl.sqrt(d2)
 
 
@@ -364,7 +366,8 @@ def _similarities(GRAM, offs_r, mask_r, d_r, offs_c, mask_c, d_c, k, inv_tau, AC
     with the entries it holds j != i (valid) and j = i +- k (positive; symmetric in i, j)."""
     k2 = 2 * k
     inside = mask_r[:, None] & mask_c[None, :]
-    g = tl.load(GRAM + offs_r[:, None] * k2 + offs_c[None, :], mask=inside, other=0.0).to(ACC)
+    at = offs_r[:, None].to(tl.int64) * k2 + offs_c[None, :]  # (2K)^2 passes 2^31 at K = 23171
+    g = tl.load(GRAM + at, mask=inside, other=0.0).to(ACC)
     s = g / (d_r[:, None] * d_c[None, :]) * inv_tau
     valid = inside & (offs_r[:, None] != offs_c[None, :])
     positive = inside & (offs_c[None, :] == (offs_r[:, None] + k) % k2)
@@ -408,11 +411,12 @@ def _row_lse(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """(lse over j != i of S_ij, S_i,pos(i)) of the rows offs_r, a column tile at a time. The
-    running max starts at S's lower bound -1/tau (cosines >= -1), never at -inf."""
+    """(lse over j != i of S_ij, S_i,pos(i)) of the rows offs_r (0 on padding rows), a column
+    tile at a time, online: the running max from -inf, each tile's sum shifted by it (by 0
+    while no entry of the row is seen)."""
     k2 = 2 * k
     total = tl.zeros([BLOCK_R], ACC)
-    top = total - inv_tau
+    top = total + float("-inf")
     pos = tl.zeros([BLOCK_R], ACC)
     for c0 in range(0, k2, BLOCK_C):
         offs_c, mask_c, d_c, s, valid, positive = _column_tile(
@@ -420,10 +424,11 @@ def _row_lse(
         )
         masked = tl.where(valid, s, float("-inf"))
         new_top = tl.maximum(top, tl.max(masked, axis=1))
-        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(masked - new_top[:, None]), axis=1)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp(top - shift) + tl.sum(tl.exp(masked - shift[:, None]), axis=1)
         top = new_top
         pos += tl.sum(tl.where(positive, s, 0.0), axis=1)
-    return top + tl.log(tl.maximum(total, 1e-30)), pos
+    return tl.where(mask_r, top + tl.log(tl.maximum(total, 1e-30)), 0.0), pos
 
 
 @triton.jit(do_not_specialize=["k", "n"])  # k = 1, n = 1 would become constexprs
@@ -482,7 +487,7 @@ def _epilogue_bwd_kernel(
     SINGLE: tl.constexpr,
 ):
     """Rows [pid BLOCK_R, +BLOCK_R) of the gradients of `_epilogue_fwd_kernel`'s loss, given
-    every row's lse in LSE (SINGLE: the one program computes them itself). With W = (P -
+    every row's lse in LSE (the forward's). With W = (P -
     [positive]) g / 2K (P the rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and,
     through the clamped norms d_i = sqrt(max(G_ii, eps^2)), dG_ii = -(sum_j W_ij S_ij + W_ji
     S_ji) / (2 d_i^2) where G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
@@ -491,10 +496,7 @@ def _epilogue_bwd_kernel(
     mask_r = offs_r < k2
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
     d2_r, d_r = _norms(GRAM, offs_r, mask_r, k2, ACC, EPS2)
-    if SINGLE:
-        lse_r, pos = _row_lse(GRAM, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_R, BLOCK_C)
-    else:
-        lse_r = tl.load(LSE + offs_r, mask=mask_r, other=0.0)
+    lse_r = tl.load(LSE + offs_r, mask=mask_r, other=0.0)
     g = tl.load(GRAD).to(ACC)
     scale = g / k2
     radial = tl.zeros([BLOCK_R], ACC)
@@ -516,11 +518,10 @@ def _epilogue_bwd_kernel(
             ws_t = w_t * scale * s_t
         radial += tl.sum(ws, axis=1) + tl.sum(ws_t, axis=1)
         dgram = w * inv_tau / (d_r[:, None] * d_c[None, :])
-        tl.store(DGRAM + offs_r[:, None] * k2 + offs_c[None, :], dgram, mask=valid)
-    unclamped = tl.load(GRAM + offs_r * (k2 + 1), mask=mask_r, other=0.0).to(ACC) >= tl.full(
-        [], EPS2, ACC
-    )
-    tl.store(DGRAM + offs_r * (k2 + 1), tl.where(unclamped, -radial / (2 * d2_r), 0.0), mask=mask_r)
+        tl.store(DGRAM + offs_r[:, None].to(tl.int64) * k2 + offs_c[None, :], dgram, mask=valid)
+    diagonal = offs_r.to(tl.int64) * (k2 + 1)
+    unclamped = tl.load(GRAM + diagonal, mask=mask_r, other=0.0).to(ACC) >= tl.full([], EPS2, ACC)
+    tl.store(DGRAM + diagonal, tl.where(unclamped, -radial / (2 * d2_r), 0.0), mask=mask_r)
     p = tl.load(COLSUM + offs_r, mask=mask_r, other=1.0).to(ACC) / n
     dp = tl.log(tl.maximum(p, TINY)) + tl.where(p >= TINY, 1.0, 0.0)
     tl.store(DCOLSUM + offs_r, dp * (g / n), mask=mask_r)
@@ -528,8 +529,7 @@ def _epilogue_bwd_kernel(
 
 # One program holds the whole 2K x 2K Gram up to this size (K <= 32; at 2K = 128 its backward
 # spilled 24 B on 16 warps, sm_90a); beyond, programs take EPILOGUE_ROWS rows each, sweeping
-# the columns EPILOGUE_COLUMNS at a time (toward a program an SM at K = 1000), and the backward
-# first runs the forward for every row's lse.
+# the columns EPILOGUE_COLUMNS at a time (toward a program an SM at K = 1000).
 SINGLE_EPILOGUE = 64
 EPILOGUE_ROWS = 16
 EPILOGUE_COLUMNS = 128
@@ -552,62 +552,57 @@ def _epilogue_launch(gram: torch.Tensor) -> tuple[int, dict]:
     )
 
 
-def _epilogue_rows(gram, colsum, n, temperature, out, lse) -> None:
-    """`_epilogue_fwd_kernel` over every row: their lse to `lse`, the loss or its shares to
-    `out`."""
-    programs, consts = _epilogue_launch(gram)
-    _epilogue_fwd_kernel[(programs,)](
-        GRAM=gram,
-        COLSUM=colsum,
-        OUT=out,
-        LSE=lse,
-        k=gram.shape[0] // 2,
-        n=n,
-        **split_floats(inv_tau=1.0 / temperature),
-        **consts,
-    )
-
-
 @torch.library.custom_op("fastcluster_cl::cc_cluster_epilogue_triton_fwd", mutates_args=())
 def cluster_epilogue(
     gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float
-) -> torch.Tensor:
-    """The K-sized terms of the loss (0-d, the Gram's dtype) from the Gram of the 2K columns and
-    their sums (`cluster_stats`): one single-program launch up to 32 clusters, else one
-    program a row block (`_epilogue_fwd_kernel`) and the sum of the rows' shares."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the K-sized terms of the loss (0-d), every row's lse (2K,) for the backward), in the
+    Gram's dtype, from the Gram of the 2K columns and their sums (`cluster_stats`): one
+    single-program launch up to 32 clusters, else a program a row block and the sum of the
+    rows' shares (`_epilogue_fwd_kernel`)."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
-    single = gram.shape[0] <= SINGLE_EPILOGUE
-    out = gram.new_empty(() if single else gram.shape[0])
+    programs, consts = _epilogue_launch(gram)
+    out = gram.new_empty(() if consts["SINGLE"] else gram.shape[0])
+    lse = gram.new_empty(gram.shape[0])
     with device_guard(gram):
-        _epilogue_rows(
-            gram, colsum, n, temperature, out, torch.empty_like(colsum, dtype=gram.dtype)
+        _epilogue_fwd_kernel[(programs,)](
+            GRAM=gram,
+            COLSUM=colsum,
+            OUT=out,
+            LSE=lse,
+            k=gram.shape[0] // 2,
+            n=n,
+            **split_floats(inv_tau=1.0 / temperature),
+            **consts,
         )
-    return out if single else out.sum()
+    return (out if consts["SINGLE"] else out.sum()), lse
 
 
 @cluster_epilogue.register_fake
 def _(gram, colsum, n, temperature):
-    return gram.new_empty(())
+    return gram.new_empty(()), gram.new_empty(gram.shape[0])
 
 
 @torch.library.custom_op("fastcluster_cl::cc_cluster_epilogue_triton_bwd", mutates_args=())
 def cluster_epilogue_backward(
-    gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float, grad: torch.Tensor
+    gram: torch.Tensor,
+    colsum: torch.Tensor,
+    n: int,
+    temperature: float,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dgram, dL/dcolsum) of `cluster_epilogue` (`_epilogue_bwd_kernel`; beyond one
-    program, after `_epilogue_fwd_kernel` for the rows' lse)."""
+    """(dL/dgram, dL/dcolsum) of `cluster_epilogue`'s loss from its rows' lse
+    (`_epilogue_bwd_kernel`, the forward's grid)."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
     d_gram, d_colsum = torch.empty_like(gram), torch.empty_like(colsum)
-    lse = torch.empty_like(colsum, dtype=gram.dtype)
     programs, consts = _epilogue_launch(gram)
     with device_guard(gram):
-        if not consts["SINGLE"]:
-            _epilogue_rows(gram, colsum, n, temperature, torch.empty_like(lse), lse)
         _epilogue_bwd_kernel[(programs,)](
             GRAM=gram,
             COLSUM=colsum,
             GRAD=grad.to(gram.dtype).contiguous(),
-            LSE=lse,
+            LSE=lse.contiguous(),
             DGRAM=d_gram,
             DCOLSUM=d_colsum,
             k=gram.shape[0] // 2,
@@ -619,7 +614,7 @@ def cluster_epilogue_backward(
 
 
 @cluster_epilogue_backward.register_fake
-def _(gram, colsum, n, temperature, grad):
+def _(gram, colsum, n, temperature, lse, grad):
     return gram.new_empty(gram.shape), colsum.new_empty(colsum.shape)
 
 
@@ -627,8 +622,14 @@ register_pair(
     cluster_epilogue,
     cluster_epilogue_backward,
     "triton",
-    lambda inputs, outputs, grads: (*inputs, grads[0]),
+    lambda inputs, outputs, grads: (
+        *inputs,
+        outputs[1],
+        outputs[1].new_zeros(()) if grads[0] is None else grads[0],  # an unused loss
+    ),
     wrt=(0, 1),
+    materialize_grads=False,  # the lse is backward state: no zero fill for it
+    save_result=False,
 )
 
 
@@ -639,4 +640,4 @@ def cc_cluster_loss(
     check_dtype(logits_a, logits_b)
     stats = cluster_stats if logits_a.shape[1] <= MAX_CLUSTERS else gram_stats
     gram, colsum = stats(logits_a.contiguous(), logits_b.contiguous())
-    return cluster_epilogue(gram, colsum, logits_a.shape[0], temperature)
+    return cluster_epilogue(gram, colsum, logits_a.shape[0], temperature)[0]

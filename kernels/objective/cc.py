@@ -403,8 +403,8 @@ def _cc_grad_kernel(
 def _cc_block_k(k: int) -> int:
     if k > _CC_MAX_CLUSTERS:
         raise ValueError(
-            f"backend='triton' fuses the cluster contrast for at most "
-            f"{_CC_MAX_CLUSTERS} clusters, got K = {k}; use backend='chunked'"
+            f"backend='triton' fuses the cc objective for at most {_CC_MAX_CLUSTERS} "
+            f"clusters, got K = {k}; fc.cc_objective runs the separate ops beyond"
         )
     return max(16, triton.next_power_of_2(k))
 

@@ -13,6 +13,7 @@ from tolerances import BF16, F32, F64, assert_within_lowp_bounds, check_against_
 
 import fastcluster_cl as fc
 from fastcluster_cl.backends import reference
+from fastcluster_cl.backends.numerics import NORM_EPS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,7 +93,7 @@ def epilogue_reference(gram, colsum, n, tau):
     """The epilogue's loss from a Gram (any, not only symmetric) in torch, float64."""
     k2 = gram.shape[0]
     rows = torch.arange(k2)
-    d = gram.diagonal().clamp_min(1e-12**2).sqrt()
+    d = gram.diagonal().clamp_min(NORM_EPS**2).sqrt()
     s = gram / (d[:, None] * d[None, :]) / tau
     lse = torch.logsumexp(s.masked_fill(torch.eye(k2, dtype=torch.bool), float("-inf")), 1)
     positives = s[rows, (rows + k2 // 2) % k2]
@@ -101,23 +102,43 @@ def epilogue_reference(gram, colsum, n, tau):
     return (lse - positives).sum() / k2 + 2 * math.log(k2 // 2) + entropy
 
 
-@pytest.mark.parametrize("k", [5, 70])  # one program; row blocks over column tiles
-def test_epilogue_on_an_asymmetric_gram(k):
-    """The epilogue's gradient is with respect to each entry as given: S_ji is read from G_ji,
-    not assumed equal to S_ij (a Gram's triangles may round differently)."""
+def epilogue_gram(k, case):
+    """(Gram, column sums, temperature) of 2K columns over 40 rows: softmax columns plus an
+    asymmetric perturbation; one column scaled by 1e-14 (its squared norm below eps^2, clamped,
+    with other entries not zero); or signed, cosines of -2 to -3 at tau = 0.01 (not a Gram of
+    any columns: the online lse must not assume S >= -1/tau)."""
     g = torch.Generator().manual_seed(7)
     q = torch.softmax(2 * torch.randn(40, 2 * k, generator=g, dtype=F64), 1)
-    gram = q.T @ q + 1e-3 * torch.rand(2 * k, 2 * k, generator=g, dtype=F64)
-    colsum = q.sum(0)
+    noise = 1e-3 * torch.rand(2 * k, 2 * k, generator=g, dtype=F64)
+    if case == "clamped":
+        q[:, 1] *= 1e-14  # G_11 about 1e-30, its cosines about 1e-3
+        noise[1], noise[:, 1] = 0.0, 0.0
+    gram = q.T @ q + noise
+    if case == "signed":
+        gram = -2 - torch.rand(2 * k, 2 * k, generator=g, dtype=F64)
+        gram.diagonal().fill_(1.0)
+        return gram, q.sum(0), 0.01
+    return gram, q.sum(0), 0.3
+
+
+@pytest.mark.parametrize("k", [5, 70])  # one program; row blocks over column tiles
+@pytest.mark.parametrize("case", ["asymmetric", "clamped", "signed"])
+def test_epilogue_on_any_gram(k, case):
+    """The epilogue's gradient is with respect to each entry as given: S_ji is read from G_ji,
+    not assumed equal to S_ij (a Gram's triangles may round differently); a clamped norm's
+    diagonal gets no gradient; any S, however negative, keeps the lse exact."""
+    gram, colsum, tau = epilogue_gram(k, case)
     x = [t.to(DEVICE).clone().requires_grad_() for t in (gram, colsum)]
     y = [t.clone().requires_grad_() for t in (gram, colsum)]
-    got = _module().cluster_epilogue(*x, 40, 0.3)
-    want = epilogue_reference(*y, 40, 0.3)
+    got = _module().cluster_epilogue(*x, 40, tau)[0]
+    want = epilogue_reference(*y, 40, tau)
     got.backward()
     want.backward()
     torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
     for a, b in zip(x, y):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-10, atol=1e-13)
+    if case == "clamped":
+        assert x[0].grad[1, 1] == 0 and x[0].grad[1, 0] != 0
 
 
 def test_tiled_path_is_deterministic():
@@ -153,8 +174,10 @@ def test_opcheck_the_tiled_epilogue():
     q = torch.softmax(torch.randn(12, 80, generator=g, dtype=F64), 1).to(DEVICE)
     gram, colsum = (q.T @ q).requires_grad_(), q.sum(0).requires_grad_()
     torch.library.opcheck(module.cluster_epilogue, (gram, colsum, 12, 0.4))
+    _, lse = module.cluster_epilogue(gram.detach(), colsum.detach(), 12, 0.4)
+    grad = torch.tensor(1.5, dtype=F64, device=DEVICE)
     torch.library.opcheck(
         module.cluster_epilogue_backward,
-        (gram.detach(), colsum.detach(), 12, 0.4, torch.tensor(1.5, dtype=F64, device=DEVICE)),
+        (gram.detach(), colsum.detach(), 12, 0.4, lse, grad),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )

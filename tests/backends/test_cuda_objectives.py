@@ -313,7 +313,9 @@ def test_objectives_save_no_assignment_matrix(emulated, name):
 
 def test_cc_objective_refuses_too_many_clusters(emulated):
     z_a, z_b, logits_a, logits_b = (t.float() for t in cc_inputs(5, 6, 65))
-    with pytest.raises(ValueError, match="at most 64 clusters, got K = 65; use backend='chunked'"):
+    with pytest.raises(
+        ValueError, match="at most 64 clusters, got K = 65; fc.cc_objective runs the separate"
+    ):
         cuda_backend.cc_objective(z_a, z_b, logits_a, logits_b, 0.5, 1.0, (1.0, 1.0))
 
 

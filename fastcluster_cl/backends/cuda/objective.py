@@ -293,9 +293,9 @@ def cc_objective(
     _check_rows("logits_a", logits_a, z_a)
     if logits_a.shape[1] > CC_MAX_CLUSTERS:
         raise ValueError(
-            f"backend='cuda' fuses the cluster contrast for at most "
-            f"{CC_MAX_CLUSTERS} clusters, got K = {logits_a.shape[1]}; use "
-            f"backend='chunked'"
+            f"backend='cuda' fuses the cc objective for at most {CC_MAX_CLUSTERS} "
+            f"clusters, got K = {logits_a.shape[1]}; fc.cc_objective runs the separate ops "
+            "beyond"
         )
     return cc_objective_forward(
         z_a.contiguous(),
