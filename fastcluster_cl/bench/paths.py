@@ -804,11 +804,12 @@ def chunked_ops(op: str, shape: dict) -> list[str]:
 def _separate_total(op: str) -> Callable:
     """The objective as backend="auto" computes it from the separate ops (functional's
     `separate_parts` and `weighted_total`, each op on Triton or, beyond its kernel's limits, on
-    the chunked backend: `_auto_op`): NT-Xent, three Student-t assignments on the accumulation
-    dtype and the fused DEC + anchor losses; NT-Xent and the cluster contrast. All weights 1."""
+    the chunked backend: `_auto_op`): NT-Xent, the three views' Student-t assignments
+    (`three_assignments`) against fp32 centres and the fused DEC + anchor losses; NT-Xent and
+    the cluster contrast. All weights 1."""
     import torch
 
-    from fastcluster_cl.functional import weighted_total
+    from fastcluster_cl.functional import three_assignments, weighted_total
 
     def total_of(parts: dict) -> torch.Tensor:
         return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
@@ -817,8 +818,12 @@ def _separate_total(op: str) -> Callable:
 
         def total(z_a, z_b, h0, h_a, h_b, centers):
             centers = centers.to(torch.float32)  # bf16 h against fp32 centers
-            q0, q_a, q_b = (
-                _auto_op("student_t", h, centers)(h, centers, 1.0) for h in (h0, h_a, h_b)
+            q0, q_a, q_b = three_assignments(
+                lambda h: _auto_op("student_t", h, centers)(h, centers, 1.0),
+                h0,
+                h_a,
+                h_b,
+                centers.shape[0],
             )
             cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
             instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)

@@ -92,6 +92,28 @@ def test_inputs_beyond_the_kernels_limits_run_the_separate_ops():
         fc.cc_objective(z_a, z_b, la[:, :4], lb[:, :4], weights={"cluster": float("inf")})
 
 
+def test_separate_anchor_ops_stack_the_three_assignments(monkeypatch):
+    """The anchor objective's separate ops take the three views' Student-t rows in one call
+    (`functional.three_assignments`: 5 + 3 launches, was 7 + 5) while the copies are small,
+    one call a view beyond `STACKED_ASSIGNMENT_BYTES`; the same values either way."""
+    from fastcluster_cl import functional, validation
+
+    z_a, z_b, h0, h_a, h_b, mu = small_anchor()
+
+    def loss():
+        return fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton", fused=False)
+
+    with validation.value_checks(False):
+        stacked = count_launches(lambda: loss().total)
+        monkeypatch.setattr(functional, "STACKED_ASSIGNMENT_BYTES", 0)
+        apart = count_launches(lambda: loss().total)
+        separate = loss()
+    monkeypatch.undo()
+    assert stacked[:2] == (5, 3) and apart[:2] == (7, 5), (stacked, apart)
+    together = loss()
+    torch.testing.assert_close(together.total, separate.total, rtol=1e-6, atol=1e-7)
+
+
 def test_counter_sees_ops_inside_custom_ops():
     """The counter is not blind inside the package's ops: the unfused anchor path (student_t,
     nt_xent, dec_anchor_losses) shows its launches and the torch ops of its ops' bodies (the
