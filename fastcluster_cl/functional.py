@@ -488,20 +488,23 @@ CC_PARTS = ("instance", "cluster")
 
 # The anchor objective's separate ops take the three views' Student-t assignments in one call on
 # their stacked rows while the copies that costs stay below this: the features' concatenation
-# and, backward, the assignments' gradients gathered into one (3N, K) block. On a GPU it is one
-# launch chain instead of three (10 launches fewer). The cost model (H100, bf16, auto's path)
-# puts the break-even at 200-250 MiB of copies: N = 4096, F = 2048, K = 1000 (190 MiB) 2487 ->
-# 2433 us, N = 1024, F = 512, K = 100 274 -> 175; N = 32768, F = 512, K = 100 (267 MiB) 7488 ->
-# 7507 (benchmarks/static_notes.md section 19).
+# (kept for the backward: 3 N F more bytes resident until then) and, backward, the assignments'
+# gradients gathered into one (3N, K) block. On a GPU it is one launch chain instead of three
+# (up to 10 launches fewer). The cost model (H100, bf16, auto's path) puts the break-even at
+# 200-250 MiB of copies: N = 4096, F = 2048, K = 1000 (190 MiB) 2487 -> 2433 us, N = 1024, F =
+# 512, K = 100 274 -> 175; N = 32768, F = 512, K = 100 (267 MiB) 7488 -> 7507
+# (benchmarks/static_notes.md section 19). Not on backend "torch": its reference builds an
+# (N, K, F) difference tensor a call, which stacking would hold three at a time.
 STACKED_ASSIGNMENT_BYTES = 192 * 2**20
 
 
-def three_assignments(assign, h0, h_a, h_b, k: int) -> tuple[torch.Tensor, ...]:
-    """(assign(h0), assign(h_a), assign(h_b)) for a row-wise `assign` giving K columns: one call
-    on the stacked rows while the copies fit `STACKED_ASSIGNMENT_BYTES`, else one a view."""
+def three_assignments(assign, h0, h_a, h_b, k: int, backend: str) -> tuple[torch.Tensor, ...]:
+    """(assign(h0), assign(h_a), assign(h_b)) for a row-wise `assign` giving K columns on the
+    resolved `backend`: one call on the stacked rows while the copies fit
+    `STACKED_ASSIGNMENT_BYTES`, else one a view."""
     n, f = h0.shape
     copies = 6 * n * (f * h0.element_size() + k * accumulation_dtype(h0.dtype).itemsize)
-    if copies <= STACKED_ASSIGNMENT_BYTES:
+    if backend != "torch" and copies <= STACKED_ASSIGNMENT_BYTES:
         return assign(torch.cat([h0, h_a, h_b])).split(n)
     return tuple(assign(h) for h in (h0, h_a, h_b))
 
@@ -576,12 +579,16 @@ def anchor_objective(
 
     def separate_parts():
         centers_acc = centers.to(accumulation_dtype(h0.dtype))  # bf16 h stays: fp32 centers
+        resolved = dispatch.resolve(
+            dispatch.backend_for("student_t", backend, h0.device, h0, centers_acc), h0.device
+        )
         q0, q_a, q_b = three_assignments(
             lambda h: student_t(h, centers_acc, alpha, backend=backend),
             h0,
             h_a,
             h_b,
             centers.shape[0],
+            resolved,
         )
         common = dict(backend=backend, gather_distributed=gather_distributed, reduction=reduction)
         cluster, anchor = dec_anchor_losses(q0, q_a, q_b, **common)

@@ -78,7 +78,7 @@ __all__ = [
 # predicts the one-pass anchor kernels slower than the separate ops at every shape of its table
 # where they run (N / 128 programs fill few SMs and each computes its Student-t distances on the
 # FP32 pipe, twice): at N = 1024, F = 512, one pass against separate ops (midpoints) 520
-# against 215 us at K = 10, 2511 against 274 at K = 100, 19841 against 447 at K = 1000. The
+# against 148 us at K = 10, 2511 against 175 at K = 100, 19841 against 346 at K = 1000. The
 # one-pass cc kernels win at small batches and lose beyond CC_ONE_PASS_PAIRS pairs (their row
 # launch fills few SMs; the separate ops split NT-Xent's columns). K = 10, one pass against
 # separate ops: 67 against 119 us at N = 256, 92 / 124 at 512, 117 / 129 at 768, 142 / 133 at

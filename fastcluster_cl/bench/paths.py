@@ -824,6 +824,7 @@ def _separate_total(op: str) -> Callable:
                 h_a,
                 h_b,
                 centers.shape[0],
+                "triton",
             )
             cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
             instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)

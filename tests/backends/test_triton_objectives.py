@@ -92,26 +92,59 @@ def test_inputs_beyond_the_kernels_limits_run_the_separate_ops():
         fc.cc_objective(z_a, z_b, la[:, :4], lb[:, :4], weights={"cluster": float("inf")})
 
 
-def test_separate_anchor_ops_stack_the_three_assignments(monkeypatch):
+@pytest.mark.parametrize("centers_dtype", [None, torch.float32])  # h's dtype; AMP's pair
+def test_separate_anchor_ops_stack_the_three_assignments(monkeypatch, centers_dtype):
     """The anchor objective's separate ops take the three views' Student-t rows in one call
-    (`functional.three_assignments`: 5 + 3 launches, was 7 + 5) while the copies are small,
-    one call a view beyond `STACKED_ASSIGNMENT_BYTES`; the same values either way."""
-    from fastcluster_cl import functional, validation
+    (`functional.three_assignments`: 5 / 3 launches and 9 + 11 torch ops, were 7 / 5) while the
+    copies are small, one call a view beyond `STACKED_ASSIGNMENT_BYTES`: the same parts and
+    gradients either way (bf16 features with fp32 centres: the tensor-core products over the
+    stacked rows)."""
+    from fastcluster_cl import functional
 
     z_a, z_b, h0, h_a, h_b, mu = small_anchor()
+    if centers_dtype is not None:
+        h0, h_a, h_b = (h.to(torch.bfloat16) for h in (h0, h_a, h_b))
+        mu = mu.to(centers_dtype)
 
-    def loss():
-        return fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton", fused=False)
+    def run():
+        x = [t.detach().clone().requires_grad_() for t in (z_a, z_b, h0, h_a, h_b, mu)]
+        out = fc.anchor_objective(*x, backend="triton", fused=False)
+        out.total.backward()
+        return out, [t.grad for t in x]
 
-    with validation.value_checks(False):
-        stacked = count_launches(lambda: loss().total)
-        monkeypatch.setattr(functional, "STACKED_ASSIGNMENT_BYTES", 0)
-        apart = count_launches(lambda: loss().total)
-        separate = loss()
-    monkeypatch.undo()
-    assert stacked[:2] == (5, 3) and apart[:2] == (7, 5), (stacked, apart)
-    together = loss()
-    torch.testing.assert_close(together.total, separate.total, rtol=1e-6, atol=1e-7)
+    stacked = count_launches(
+        lambda: fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton", fused=False).total
+    )
+    together, grads = run()
+    monkeypatch.setattr(functional, "STACKED_ASSIGNMENT_BYTES", 0)
+    apart = count_launches(
+        lambda: fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend="triton", fused=False).total
+    )
+    separate, separate_grads = run()
+    if centers_dtype is None:
+        assert stacked == (5, 3, 9, 20) and apart[:2] == (7, 5), (stacked, apart)
+    for name in separate.parts:
+        torch.testing.assert_close(together.parts[name], separate.parts[name])
+    for got, want in zip(grads, separate_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_backend_assigns_the_views_apart(monkeypatch):
+    """Backend "torch" keeps one Student-t call a view (its reference builds an (N, K, F)
+    tensor a call: stacked, three at once); chunked stacks them like Triton."""
+    from fastcluster_cl import functional
+
+    z_a, z_b, h0, h_a, h_b, mu = small_anchor()
+    calls = []
+    real = functional.student_t
+    monkeypatch.setattr(
+        functional, "student_t", lambda h, *a, **k: calls.append(h.shape[0]) or real(h, *a, **k)
+    )
+    n = h0.shape[0]
+    for backend, rows in (("torch", [n, n, n]), ("chunked", [3 * n])):
+        calls.clear()
+        fc.anchor_objective(z_a, z_b, h0, h_a, h_b, mu, backend=backend, fused=False)
+        assert calls == rows, backend
 
 
 def test_counter_sees_ops_inside_custom_ops():
