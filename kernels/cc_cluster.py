@@ -529,9 +529,10 @@ def _epilogue_bwd_kernel(
 
 # One program holds the whole 2K x 2K Gram up to this size (K <= 32; at 2K = 128 its backward
 # spilled 24 B on 16 warps, sm_90a); beyond, programs take EPILOGUE_ROWS rows each, sweeping
-# the columns EPILOGUE_COLUMNS at a time (toward a program an SM at K = 1000).
+# the columns EPILOGUE_COLUMNS at a time (the cost model: 8 rows beat 16 and 4 at K = 1000,
+# 250 programs; benchmarks/static_notes.md section 18).
 SINGLE_EPILOGUE = 64
-EPILOGUE_ROWS = 16
+EPILOGUE_ROWS = 8
 EPILOGUE_COLUMNS = 128
 
 
