@@ -11,15 +11,17 @@
 #   model     the cost model's table measured beside its predictions (model-h100.json): NT-Xent
 #             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch, triton and the CUDA
 #             twin (its rows need nvcc; the 8-rank gathered rows need 8 GPUs); the cc
-#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64; beyond,
-#             the model's "triton-separate" rows predict auto's Triton NT-Xent + chunked cluster
-#             contrast: compare them with the runner's auto), the separate Triton ops (where
-#             K <= 64) and torch
+#             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64 and N <=
+#             768 pairs, else the separate Triton ops: above K = 64 the cluster Gram from torch
+#             and the row-tiled epilogue), the separate Triton ops and torch
 #   anchor    the model's anchor rows measured: D 128, F 512/2048, K 10/100/1000, fp32 centres
 #             (--features), auto, torch and the one-pass Triton kernels
+#   tiles     NT-Xent's forward at 64 x 128 (4 warps, today) against 128 x 64 (8 warps), 2N 8192
+#             and 65536 (benchmarks/forward_tiles.py; static_notes.md section 20: whether the
+#             128-row tiles' repeated scale loads hit L1, which the model cannot tell)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
-# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|model|anchor|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
+# Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|model|anchor|tiles|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -42,6 +44,7 @@ for stage in "${stages[@]}"; do
           tests/ops/test_losses.py tests/ops/test_nt_xent_bank.py \
           tests/ops/test_modules.py tests/ops/test_compile.py tests/backends/test_triton_objectives.py \
           tests/backends/test_cuda_objectives.py tests/backends/test_parts_product.py \
+          tests/backends/test_cc_cluster_tiled.py tests/bench/test_forward_tiles.py \
           --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
       tail -25 "$OUT/tests.log" ;;
     sanitize)
@@ -86,6 +89,10 @@ for stage in "${stages[@]}"; do
           --modes fwd+bwd --backends auto,torch,triton \
           --out "$OUT/results" >"$OUT/anchor.log" 2>&1 || status=1
       tail -40 "$OUT/anchor.log" ;;
+    tiles)
+      python3 benchmarks/forward_tiles.py --rows 8192,65536 --dim 128 >"$OUT/tiles.log" 2>&1 \
+          || status=1
+      tail -8 "$OUT/tiles.log" ;;
     dali)
       python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/data/test_data_dali.py \
           >"$OUT/dali.log" 2>&1 || status=1
