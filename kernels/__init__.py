@@ -81,8 +81,9 @@ __all__ = [
 # against 148 us at K = 10, 2511 against 175 at K = 100, 19841 against 346 at K = 1000. The
 # one-pass cc kernels win at small batches and lose beyond CC_ONE_PASS_PAIRS pairs (their row
 # launch fills few SMs; the separate ops split NT-Xent's columns). K = 10, one pass against
-# separate ops: 67 against 119 us at N = 256, 92 / 124 at 512, 117 / 129 at 768, 142 / 133 at
-# 1024 (K = 20: 150 / 138), 438 / 231 at 4096; at 32768 (7604 / 6657) the ranges overlap.
+# separate ops: 67 against 103 us at N = 256, 92 / 108 at 512, 105 / 111 at 640, 117 / 113 at
+# 768, 142 / 116 at 1024 (K = 20: 150 / 121), 438 / 215 at 4096; at 32768 (7604 / 6641) the
+# ranges overlap. The crossover lies between 640 and 768 pairs; at 768 the two are within 4 us.
 # backend="triton" still runs them; benchmarks/gpu_check.sh measures both.
 CC_ONE_PASS_PAIRS = 768
 AUTO_SEPARATE = {
