@@ -261,11 +261,12 @@ def cluster_stats_backward(
     n, k = logits_a.shape
     block_k = _block_k(k)
     acc = torch_acc_dtype(logits_a.dtype)
-    pad = block_k - k
-    # dG + dG^T as its four K x K blocks (aa, ab, ba, bb), each zero-padded: one copy
-    blocks = (d_gram + d_gram.T).to(acc).view(2, k, 2, k).permute(0, 2, 1, 3).reshape(4, k, k)
-    m = torch.nn.functional.pad(blocks, (0, pad, 0, pad))
-    dc = torch.nn.functional.pad(d_colsum.to(acc).reshape(2, k), (0, pad))
+    # dG + dG^T as its four K x K blocks (aa, ab, ba, bb), each zero-padded: a fill and one add
+    m = torch.zeros(2, 2, block_k, block_k, dtype=acc, device=logits_a.device)
+    blocks = d_gram.view(2, k, 2, k).permute(0, 2, 1, 3)
+    torch.add(blocks, blocks.permute(1, 0, 3, 2), out=m[:, :, :k, :k])
+    dc = torch.zeros(2, block_k, dtype=acc, device=logits_a.device)
+    dc[:, :k] = d_colsum.view(2, k)
     d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
     with device_guard(logits_a):
         _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
