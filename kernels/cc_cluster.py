@@ -391,7 +391,7 @@ def _column_tile(
     `_similarities` on it)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     mask_c = offs_c < 2 * k
-    d2_c, d_c = _norms(GRAM, offs_c, mask_c, 2 * k, ACC, EPS2)
+    d_c = _norms(GRAM, offs_c, mask_c, 2 * k, ACC, EPS2)[1]
     s, valid, positive = _similarities(
         GRAM, offs_r, mask_r, d_r, offs_c, mask_c, d_c, k, inv_tau, ACC
     )
@@ -455,7 +455,7 @@ def _epilogue_fwd_kernel(
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < 2 * k
     inv_tau = float_param(inv_tau_hi, inv_tau_lo, ACC)
-    _, d_r = _norms(GRAM, offs_r, mask_r, 2 * k, ACC, EPS2)
+    d_r = _norms(GRAM, offs_r, mask_r, 2 * k, ACC, EPS2)[1]
     lse, pos = _row_lse(GRAM, offs_r, mask_r, d_r, k, inv_tau, ACC, EPS2, BLOCK_R, BLOCK_C)
     tl.store(LSE + offs_r, lse, mask=mask_r)
     p = tl.load(COLSUM + offs_r, mask=mask_r, other=1.0).to(ACC) / n
@@ -487,10 +487,10 @@ def _epilogue_bwd_kernel(
     SINGLE: tl.constexpr,
 ):
     """Rows [pid BLOCK_R, +BLOCK_R) of the gradients of `_epilogue_fwd_kernel`'s loss, given
-    every row's lse in LSE (the forward's). With W = (P -
-    [positive]) g / 2K (P the rows' softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and,
-    through the clamped norms d_i = sqrt(max(G_ii, eps^2)), dG_ii = -(sum_j W_ij S_ij + W_ji
-    S_ji) / (2 d_i^2) where G_ii >= eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
+    every row's lse in LSE (the forward's). With W = (P - [positive]) g / 2K (P the rows'
+    softmax over j != i), dG_ij = W_ij / (d_i d_j tau) and, through the clamped norms d_i =
+    sqrt(max(G_ii, eps^2)), dG_ii = -(sum_j W_ij S_ij + W_ji S_ji) / (2 d_i^2) where G_ii >=
+    eps^2; dcolsum = g (log max(P_k, tiny) + [P_k >= tiny]) / N."""
     k2 = 2 * k
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < k2
@@ -510,10 +510,9 @@ def _epilogue_bwd_kernel(
             ws_t = tl.trans(ws)
         else:  # S_ji from G_ji itself (a Gram's two triangles may round differently)
             lse_c = tl.load(LSE + offs_c, mask=mask_c, other=0.0)
-            s_t, valid_t, positive_t = _similarities(
-                GRAM, offs_c, mask_c, d_c, offs_r, mask_r, d_r, k, inv_tau, ACC
+            s_t = tl.trans(
+                _similarities(GRAM, offs_c, mask_c, d_c, offs_r, mask_r, d_r, k, inv_tau, ACC)[0]
             )
-            s_t = tl.trans(s_t)
             w_t = tl.where(valid, tl.exp(s_t - lse_c[None, :]), 0.0) - positive.to(ACC)
             ws_t = w_t * scale * s_t
         radial += tl.sum(ws, axis=1) + tl.sum(ws_t, axis=1)
