@@ -30,6 +30,7 @@ import triton.language as tl
 
 from fastcluster_cl.backends.autograd.pairs import register_pair
 from fastcluster_cl.backends.numerics import fp32_gram, fp32_product
+from fastcluster_cl.backends.objective_sides import cc_assignments
 
 from ._common import (
     NORM_EPS,
@@ -295,17 +296,10 @@ def cluster_stats_backward(
 # parts on the tensor cores where that pays), the same op pair's signature.
 
 
-def _assignments(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    """Q = [softmax(c_a), softmax(c_b)] (N x 2K) in the accumulation dtype."""
-    n, k = logits_a.shape
-    acc = torch_acc_dtype(logits_a.dtype)
-    return torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
-
-
 @torch.library.custom_op("fastcluster_cl::cc_cluster_gram_triton_fwd", mutates_args=())
 def gram_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`cluster_stats` for any K: G = Q^T Q and the column sums of Q, Q written."""
-    q = _assignments(logits_a, logits_b)
+    q = cc_assignments(logits_a, logits_b)
     return fp32_gram(q), q.sum(0)
 
 
@@ -316,7 +310,7 @@ def gram_stats_backward(
     """`cluster_stats_backward` for any K: Q recomputed, dQ = Q (dG + dG^T) + 1 dcolsum^T, then
     the softmax backward."""
     n, k = logits_a.shape
-    q = _assignments(logits_a, logits_b)
+    q = cc_assignments(logits_a, logits_b)
     dq = fp32_product(q, d_gram + d_gram.T).add_(d_colsum).view(n, 2, k)
     q3 = q.view(n, 2, k)
     dq.sub_(torch.linalg.vecdot(q3, dq).unsqueeze(-1))
@@ -552,6 +546,14 @@ def _epilogue_launch(gram: torch.Tensor) -> tuple[int, dict]:
     )
 
 
+def _epilogue_args(gram: torch.Tensor, n: int, temperature: float) -> tuple[int, dict]:
+    """(programs, the arguments both epilogue kernels take beside their tensors)."""
+    programs, consts = _epilogue_launch(gram)
+    return programs, dict(
+        k=gram.shape[0] // 2, n=n, **split_floats(inv_tau=1.0 / temperature), **consts
+    )
+
+
 @torch.library.custom_op("fastcluster_cl::cc_cluster_epilogue_triton_fwd", mutates_args=())
 def cluster_epilogue(
     gram: torch.Tensor, colsum: torch.Tensor, n: int, temperature: float
@@ -561,21 +563,12 @@ def cluster_epilogue(
     single-program launch up to 32 clusters, else a program a row block and the sum of the
     rows' shares (`_epilogue_fwd_kernel`)."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
-    programs, consts = _epilogue_launch(gram)
-    out = gram.new_empty(() if consts["SINGLE"] else gram.shape[0])
+    programs, args = _epilogue_args(gram, n, temperature)
+    out = gram.new_empty(() if args["SINGLE"] else gram.shape[0])
     lse = gram.new_empty(gram.shape[0])
     with device_guard(gram):
-        _epilogue_fwd_kernel[(programs,)](
-            GRAM=gram,
-            COLSUM=colsum,
-            OUT=out,
-            LSE=lse,
-            k=gram.shape[0] // 2,
-            n=n,
-            **split_floats(inv_tau=1.0 / temperature),
-            **consts,
-        )
-    return (out if consts["SINGLE"] else out.sum()), lse
+        _epilogue_fwd_kernel[(programs,)](GRAM=gram, COLSUM=colsum, OUT=out, LSE=lse, **args)
+    return (out if args["SINGLE"] else out.sum()), lse
 
 
 @cluster_epilogue.register_fake
@@ -596,7 +589,7 @@ def cluster_epilogue_backward(
     (`_epilogue_bwd_kernel`, the forward's grid)."""
     gram, colsum = gram.contiguous(), colsum.contiguous()
     d_gram, d_colsum = torch.empty_like(gram), torch.empty_like(colsum)
-    programs, consts = _epilogue_launch(gram)
+    programs, args = _epilogue_args(gram, n, temperature)
     with device_guard(gram):
         _epilogue_bwd_kernel[(programs,)](
             GRAM=gram,
@@ -605,10 +598,7 @@ def cluster_epilogue_backward(
             LSE=lse.contiguous(),
             DGRAM=d_gram,
             DCOLSUM=d_colsum,
-            k=gram.shape[0] // 2,
-            n=n,
-            **split_floats(inv_tau=1.0 / temperature),
-            **consts,
+            **args,
         )
     return d_gram, d_colsum
 

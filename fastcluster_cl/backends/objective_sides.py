@@ -147,14 +147,21 @@ def _cc_similarities(
     return torch.log_softmax(s, 1), xn, norm
 
 
+def cc_assignments(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Q = [softmax(c_a), softmax(c_b)] (N x 2K) in the accumulation dtype: one softmax over
+    both views' logits side by side."""
+    n, k = logits_a.shape
+    acc = accumulation_dtype(logits_a.dtype)
+    return torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
+
+
 def _cc_side_forward(
     logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cc_cluster_loss in the accumulation dtype, and for the backward q = [q_a, q_b] (N, 2K),
     the normalised columns (N, 2K), their norms (2K,) and P (2K, 2K), 0 on the diagonal)."""
-    n, k = logits_a.shape
-    acc = accumulation_dtype(logits_a.dtype)
-    q = torch.cat([logits_a, logits_b], 1).view(n, 2, k).softmax(-1, dtype=acc).view(n, 2 * k)
+    k = logits_a.shape[1]
+    q = cc_assignments(logits_a, logits_b)
     log_p, xn, norm = _cc_similarities(q, temperature)
     positives = log_p.roll(k, 1).trace()  # sum_j log P_(j, j +- K)
     shares = q.mean(0)
