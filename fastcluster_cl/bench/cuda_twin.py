@@ -1,7 +1,8 @@
-"""The CUDA C++ twin (csrc/) in the cost model: its kernels compiled for sm_90 with nvcc and read
-from their SASS as the Triton kernels are (`model.regions`), its launchers' grids and column
-splits mirrored here, and the torch ops around its launches traced on meta tensors with a
-stand-in for the compiled extension that records each call instead of running it.
+"""The CUDA C++ twin (csrc/nt_xent.cu, csrc/objective.cu) in the cost model: its kernels compiled
+for sm_90 with nvcc and read from their SASS as the Triton kernels are (`model.regions`), its
+launchers' grids and column splits mirrored here, and the torch ops around its launches traced
+on meta tensors with a stand-in for the compiled extension that records each call instead of
+running it.
 
 A kernel's loops are named below, in address order, as nvcc 13.0 compiles them: each with its
 nesting depth, MMA count, global loads and stores (its signature), and its trip count at a
@@ -62,6 +63,17 @@ class Loop:
     trips: Callable[[dict], int]
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel of the twin: its csrc/ file, its mangled-name pattern in that file's cubin, its
+    loops in address order and its block size."""
+
+    source: str
+    pattern: str
+    loops: tuple[Loop, ...]
+    threads: int = THREADS
+
+
 def _cascade(items: str, unroll: int, wider: int | None = None) -> Callable[[dict], int]:
     """Trips of one loop of nvcc's unroll cascade over `items` per thread: the widest loop
     runs items // unroll bodies, a narrower one what the wider left, (items % wider) // unroll."""
@@ -98,42 +110,55 @@ _SCORE_STEP = [
     Loop(2, 0, 2, 0, _fast(1)),
 ]
 
-# name -> (mangled-name pattern in csrc/nt_xent.cu's cubin, its loops), for bf16 inputs: the
-# rows are scaled into fp16 (`Normed<T>`), so the tile kernels run on __half.
+# sum_splits_kernel (common.cuh): the partial sums of `splits` blocks, element-wise
+_SUM_SPLITS = (
+    Loop(0, 0, 0, 1, _never),  # no splits: zeros
+    Loop(0, 0, 0, 4, _never),
+    Loop(0, 0, 11, 1, _of("per_thread")),  # grid-stride over the elements
+    Loop(1, 0, 16, 0, _cascade("splits", 16)),
+    Loop(1, 0, 4, 0, _cascade("splits", 4, 16)),
+)
+
+# csrc/nt_xent.cu's kernels for bf16 inputs: the rows are scaled into fp16 (`Normed<T>`), so the
+# tile kernels run on __half.
 NT_XENT_KERNELS = {
-    "normalize": (
+    "normalize": Kernel(
+        "nt_xent.cu",
         r"16normalize_kernelI13__nv_bfloat166__half",
-        [  # per lane, ceil(d / 32) elements: max |z|, sum of squares, the scaled rows
+        (  # per lane, ceil(d / 32) elements: max |z|, sum of squares, the scaled rows
             Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
             Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
             Loop(0, 0, 2, 2, _cascade("lane", 1, 4)),
             Loop(0, 0, 8, 8, _cascade("lane", 4)),
-        ],
+        ),
     ),
-    "lse": (
+    "lse": Kernel(
+        "nt_xent.cu",
         r"10lse_kernelI6__half",
-        [
+        (
             Loop(0, 0, 15, 0, _of("tiles")),  # the column tiles of the block's split
             Loop(1, 0, 16, 0, _never),  # rs of the tile's 64 columns: threads < 64, peeled
             *_SCORE_STEP,
-        ],
+        ),
     ),
-    "merge_lse": (
+    "merge_lse": Kernel(
+        "nt_xent.cu",
         r"16merge_lse_kernel",
-        [  # over the splits: their max, then their sums
+        (  # over the splits: their max, then their sums
             Loop(0, 0, 16, 0, _cascade("splits", 16)),
             Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
             Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
             Loop(0, 0, 16, 0, _cascade("splits", 16)),
             Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
             Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
-        ],
+        ),
     ),
-    "grad": (
+    "grad": Kernel(
+        "nt_xent.cu",
         r"11grad_kernelI6__half",
-        [
+        (
             Loop(0, 64, 51, 0, _of("tiles")),  # and G += P Z: 64 HMMAs a tile
             *_SCORE_STEP,
             Loop(1, 0, 4, 0, _slow(64 * BD // THREADS // 4)),  # the columns' BD features
@@ -142,29 +167,273 @@ NT_XENT_KERNELS = {
             Loop(1, 0, 12, 0, _never),
             Loop(0, 0, 0, 1, _cascade("g_store", 1, 4)),  # G of BM x BD, fp32
             Loop(0, 0, 0, 4, _cascade("g_store", 4)),
-        ],
+        ),
     ),
-    "sum_splits": (
+    "sum_splits": Kernel(
+        "nt_xent.cu",
         r"17sum_splits_kernelILi128E",
-        [
-            Loop(0, 0, 0, 1, _never),  # no splits: zeros
-            Loop(0, 0, 0, 4, _never),
-            Loop(0, 0, 11, 1, _of("per_thread")),  # grid-stride over the elements
-            Loop(1, 0, 16, 0, _cascade("splits", 16)),
-            Loop(1, 0, 4, 0, _cascade("splits", 4, 16)),
-        ],
+        _SUM_SPLITS,
     ),
-    "norm_backward": (
+    "norm_backward": Kernel(
+        "nt_xent.cu",
         r"20norm_backward_kernelI6__half13__nv_bfloat16",
-        [  # per lane: z . g, then dz
+        (  # per lane: z . g, then dz
             Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
             Loop(0, 0, 2, 1, _cascade("lane", 1, 4)),
             Loop(0, 0, 8, 4, _cascade("lane", 4)),
-        ],
+        ),
     ),
 }
 
+
+def _count(trips: int) -> Callable[[dict], int]:
+    return lambda at: trips
+
+
+# csrc/objective.cu's kernels for bf16 z, h and logits (fp32 centres). Their per-lane loops read
+# h or the logits through `load_any`, whose dtype nvcc switches on outside the loop: such a loop
+# is compiled once per dtype (fp32: 4-byte loads only; fp16: HADD2.F32 conversions; bf16: the
+# one that runs here) and the others never run. A loop whose item count is 0 (no rows in a
+# block, no blocks, K2 = 0) is compiled apart too: never. The trip keys (`objective_at`) are
+# per-thread item counts: "x_lane" = ceil(x / 32) for a warp's lanes, "x_block" = ceil(x / 128)
+# for a block's threads, "x_epi" = ceil(x / 256) for an epilogue's.
+_UNIT_SCALE = [  # max |z|, then the sum of squares: 16-wide, the rest in the parent's body
+    Loop(0, 0, 16, 0, _cascade("d_lane", 16)),
+    Loop(0, 0, 16, 0, _cascade("d_lane", 16)),
+]
+
+
+def _deeper(loops: list[Loop], by: int) -> list[Loop]:
+    return [Loop(x.depth + by, x.mma, x.loads, x.stores, x.trips) for x in loops]
+
+
+_SCORE_TILE = [  # score_tile's feature steps: the rows' and columns' z p (8 a thread, 4-wide)
+    Loop(0, 4, 6, 0, _of("k_steps")),
+    Loop(1, 0, 4, 0, _count(2)),
+    Loop(1, 0, 4, 0, _count(2)),
+]
+_FORWARD_ROWS = [  # nt_xent_forward_block
+    Loop(0, 0, 66, 6, _count(4)),  # the block's 16 pairs, 4 a warp: scaling, 1 - cos
+    *_deeper(_UNIT_SCALE, 1),  # of z_a's row
+    *_deeper(_UNIT_SCALE, 1),  # of z_b's
+    Loop(1, 0, 8, 0, _cascade("d_lane", 4)),  # the pair's gap and dot
+    Loop(0, 0, 0, 0, _of("tiles")),  # the column tiles: online lse
+    Loop(1, 0, 30, 0, _count(8)),  # the tile's 32 columns' p and rs, 8 a warp
+    *_deeper(_UNIT_SCALE, 2),
+    *_deeper(_SCORE_TILE, 1),
+]
+_BACKWARD_ROWS = [  # nt_xent_backward_block
+    Loop(0, 0, 2, 0, _count(1)),  # the 32 rows' rs and p: one a thread of the first 32
+    Loop(0, 0, 8, 0, _never),  # ... 4-wide
+    Loop(0, 0, 4, 0, _of("tiles")),  # the column tiles
+    Loop(1, 0, 8, 0, _never),  # the tile's 32 columns' values, 2-wide: one a thread, in the body
+    *_deeper(_SCORE_TILE, 1),
+    Loop(1, 4, 11, 16, _of("k_steps")),  # G += (A diag(rs)) (z p) a feature step
+    Loop(2, 0, 4, 0, _count(2)),  # the columns' z p
+    Loop(0, 0, 37, 3, _count(8)),  # dz of the 32 rows, 8 a warp
+    Loop(1, 0, 32, 0, _cascade("d_lane", 16)),  # zn . g
+    Loop(1, 0, 8, 4, _cascade("d_lane", 4)),  # dz
+]
+
+
+def _student_t_dist2(depth: int) -> list[Loop]:
+    """student_t_dist2 of one view's row: the K centres, each over the lane's F elements."""
+    return _deeper(
+        [
+            Loop(0, 0, 12, 1, _of("k")),  # the centres (fp32 / bf16 h), the F tail in the body
+            Loop(1, 0, 8, 0, _never),  # fp32 h's F loop
+            Loop(1, 0, 8, 0, _cascade("f_lane", 4)),  # bf16 h's, 4-wide
+            Loop(0, 0, 30, 1, _never),  # fp16 h's centres
+            Loop(1, 0, 32, 0, _never),
+        ],
+        depth,
+    )
+
+
+def _student_t_dh(depth: int) -> list[Loop]:
+    """student_t_dh of one view's row: the lane's F elements, each over the K centres."""
+    return _deeper(
+        [
+            Loop(0, 0, 23, 1, _of("f_lane")),  # bf16 h
+            Loop(1, 0, 32, 0, _cascade("k", 16)),  # the centres, 16-wide
+            Loop(1, 0, 8, 0, _cascade("k", 4, 16)),
+            Loop(0, 0, 23, 1, _never),  # fp32 h
+            Loop(1, 0, 32, 0, _never),
+            Loop(1, 0, 8, 0, _never),
+            Loop(0, 0, 0, 16, _never),  # K = 0
+            Loop(0, 0, 23, 1, _never),  # fp16 h
+            Loop(1, 0, 32, 0, _never),
+            Loop(1, 0, 8, 0, _never),
+        ],
+        depth,
+    )
+
+
+def _block_sums(calls: int) -> list[Loop]:
+    """block_sum's loop over the 8 warps' partials (16-wide, 4-wide, 1-wide), per call."""
+    return [Loop(0, 0, 0, 0, _never), Loop(0, 0, 0, 0, _count(2)), Loop(0, 0, 0, 0, _never)] * calls
+
+
+def _block_column_sums(items: str) -> list[Loop]:
+    """An epilogue's sums over the row blocks' partials: `items` a thread, each over the
+    blocks (16-wide, 4-wide); the versions for no blocks never run."""
+    return [
+        Loop(0, 0, 0, 1, _never),
+        Loop(0, 0, 0, 16, _never),
+        Loop(0, 0, 11, 1, _of(items)),
+        Loop(1, 0, 16, 0, _cascade("blocks", 16)),
+        Loop(1, 0, 4, 0, _cascade("blocks", 4, 16)),
+    ]
+
+
+def _block_rows(items: str, loads: int, row_loads: int) -> list[Loop]:
+    """A row kernel's sums over its 16 rows: `items` a thread, each over the rows (16-wide,
+    4-wide; `row_loads` global loads a row); the versions for a block without rows never run."""
+    return [
+        Loop(0, 0, 0, 1, _never),
+        Loop(0, 0, 0, 16, _never),
+        Loop(0, 0, loads, 1, _of(items)),
+        Loop(1, 0, 16 * row_loads, 0, _count(1)),
+        Loop(1, 0, 4 * row_loads, 0, _never),
+    ]
+
+
+def _softmax_rows(lse_saved: bool) -> list[Loop]:
+    """softmax_pair's loops for one view (depth 2): the logits' max and exp sum (not run with a
+    saved lse), then q; per dtype."""
+    forward = _never if lse_saved else _cascade("k_lane", 4)
+    return _deeper(
+        [
+            Loop(0, 0, 4, 0, forward),  # max, bf16
+            Loop(0, 0, 4, 0, _never),  # fp32
+            Loop(0, 0, 16, 0, _never),  # fp16
+            *(
+                [Loop(0, 0, 4, 0, _never)] * 3  # the exp sum, per dtype
+                if lse_saved
+                else [Loop(0, 0, 8, 0, forward), Loop(0, 0, 4, 0, _never)]  # bf16 or fp32; fp16
+            ),
+            *(
+                [Loop(0, 0, 4, 0, _cascade("k_lane", 4))] + [Loop(0, 0, 4, 0, _never)] * 2
+                if lse_saved
+                else [Loop(0, 0, 8, 0, _cascade("k_lane", 4)), Loop(0, 0, 4, 0, _never)]
+            ),
+        ],
+        2,
+    )
+
+
+EPILOGUE_THREADS = 256  # kEpilogueThreads in csrc/objective.cu
+OBJECTIVE_KERNELS = {
+    "anchor_forward": Kernel(
+        "objective.cu",
+        r"21anchor_forward_kernelI13__nv_bfloat16",
+        (
+            *_FORWARD_ROWS,
+            Loop(0, 0, 0, 1, _count(4)),  # the block's pairs, 4 a warp
+            Loop(1, 0, 4, 2, _count(3)),  # the views h0, h_a, h_b
+            *_student_t_dist2(2),
+            Loop(2, 0, 4, 0, _cascade("k_lane", 4)),  # the logits' max
+            Loop(2, 0, 2, 0, _cascade("k_lane", 2)),  # their exp sum
+            Loop(2, 0, 2, 1, _of("k_lane")),  # q and the row's loss terms
+            *_block_rows("k_block", 11, 1),  # q0's column sums over the block's rows
+        ),
+    ),
+    "anchor_epilogue": Kernel(
+        "objective.cu",
+        r"22anchor_epilogue_kernel",
+        (
+            *_block_column_sums("k_epi"),  # f
+            Loop(0, 0, 8, 2, _of("n_warps")),  # DEC, a row a warp
+            Loop(1, 0, 8, 0, _cascade("k_lane", 4)),  # its total T
+            Loop(1, 0, 4, 0, _cascade("k_lane", 2)),  # its loss terms
+            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 16)),  # the instance rows' sum
+            Loop(0, 0, 16, 0, _cascade("m_epi", 16)),
+            Loop(0, 0, 1, 0, _cascade("n_epi", 1, 16)),  # the anchor rows'
+            Loop(0, 0, 16, 0, _cascade("n_epi", 16)),
+            *_block_sums(3),
+        ),
+        EPILOGUE_THREADS,
+    ),
+    "anchor_backward": Kernel(
+        "objective.cu",
+        r"22anchor_backward_kernelI13__nv_bfloat16",
+        (
+            *_BACKWARD_ROWS,
+            Loop(0, 0, 5, 16, _count(4)),  # the block's pairs, 4 a warp
+            *_student_t_dist2(1),  # of h0
+            Loop(1, 0, 2, 15, _count(2)),  # the views h_a, h_b
+            *_student_t_dist2(2),
+            Loop(2, 0, 2, 1, _of("k_lane")),  # the view's w
+            *_student_t_dh(2),
+            Loop(1, 0, 4, 2, _cascade("k_lane", 2)),  # h0's w (DEC)
+            *_student_t_dh(1),
+            Loop(0, 0, 97, 1, _of("kf_block")),  # the centres' partials: the 16 rows x 3 views
+            Loop(1, 0, 12, 0, _never),  # ... of a block with fewer rows
+        ),
+    ),
+    "anchor_sum_splits": Kernel(
+        "objective.cu", r"17sum_splits_kernelILi256E", _SUM_SPLITS, EPILOGUE_THREADS
+    ),
+    "cc_forward": Kernel(
+        "objective.cu",
+        r"17cc_forward_kernelI13__nv_bfloat16",
+        (
+            *_FORWARD_ROWS,
+            Loop(0, 0, 0, 2, _count(4)),  # the block's pairs, 4 a warp
+            Loop(1, 0, 39, 0, _count(2)),  # the two views' softmax rows
+            *_softmax_rows(lse_saved=False),
+            *_block_rows("k2_block", 0, 0),  # the partial marginals
+            *_block_rows("k2sq_block", 0, 0),  # the partial Gram
+        ),
+    ),
+    "cc_epilogue": Kernel(
+        "objective.cu",
+        r"18cc_epilogue_kernel",
+        (
+            *_block_column_sums("k2sq_epi"),  # the Gram
+            *_block_column_sums("k2_epi"),  # the marginals
+            Loop(0, 0, 16, 2, _of("k2_epi")),  # the cluster contrast, a column a thread
+            Loop(1, 0, 8, 0, _cascade("k2", 4)),  # its max over the 2K columns
+            Loop(1, 0, 8, 0, _cascade("k2", 4)),  # its exp sum
+            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 16)),  # the instance rows' sum
+            Loop(0, 0, 16, 0, _cascade("m_epi", 16)),
+            *_block_sums(3),
+        ),
+        EPILOGUE_THREADS,
+    ),
+    "cc_weights": Kernel(
+        "objective.cu",
+        r"17cc_weights_kernel",
+        (
+            Loop(0, 0, 7, 1, _of("k2sq_epi")),  # W, an element a thread
+            Loop(0, 0, 2, 2, _of("k2_epi")),  # its diagonal and e, a column a thread
+            Loop(1, 0, 7, 0, _of("k2")),  # ... over the 2K columns
+        ),
+        EPILOGUE_THREADS,
+    ),
+    "cc_backward": Kernel(
+        "objective.cu",
+        r"18cc_backward_kernelI13__nv_bfloat16",
+        (
+            *_BACKWARD_ROWS,
+            Loop(0, 0, 0, 0, _count(4)),  # the block's pairs, 4 a warp
+            Loop(1, 0, 40, 0, _count(2)),  # the two views' softmax rows from the saved lse
+            *_softmax_rows(lse_saved=True),
+            Loop(1, 0, 30, 15, _count(2)),  # the two views' softmax backward
+            Loop(2, 0, 16, 0, _never),  # dq . q with K2 = 0
+            Loop(2, 0, 12, 0, _of("k_lane")),  # dq . q, a column a lane
+            Loop(3, 0, 16, 0, _cascade("k2", 16)),  # dq = Q_i W^T + e: its 2K products
+            Loop(3, 0, 4, 0, _cascade("k2", 4, 16)),
+            Loop(2, 0, 1, 2, _never),  # dlogits with K2 = 0
+            Loop(2, 0, 16, 16, _never),
+            Loop(2, 0, 12, 3, _of("k_lane")),  # dlogits, a column a lane
+            Loop(3, 0, 16, 0, _cascade("k2", 16)),
+            Loop(3, 0, 4, 0, _cascade("k2", 4, 16)),
+        ),
+    ),
+}
+KERNELS = {**NT_XENT_KERNELS, **OBJECTIVE_KERNELS}
 
 # Indices inside a loop that an unconditional forward branch jumps over with no MMA in between:
 # the side of an if / else laid out second.
@@ -243,18 +512,21 @@ def _signature(instructions: list[dict], regions: list[model.Region]) -> list[tu
 
 @functools.cache
 def compiled(name: str) -> tuple[model.Compiled, tuple[Loop, ...]]:
-    """The twin's kernel `name` (NT_XENT_KERNELS) as compiled, and its listed loops; raises
+    """The twin's kernel `name` (KERNELS) as compiled, and its listed loops; raises
     LoopsChanged when the compiled loops are not the listed ones."""
-    pattern, loops = NT_XENT_KERNELS[name]
-    functions = _functions("nt_xent.cu")
-    mangled = next((m for m in functions if re.search(pattern, m)), None)
+    listing = KERNELS[name]
+    functions = _functions(listing.source)
+    mangled = next((m for m in functions if re.search(listing.pattern, m)), None)
     if mangled is None:
-        raise NotModelled(f"{name}: no kernel matching {pattern!r} in csrc/nt_xent.cu's cubin")
+        raise NotModelled(
+            f"{name}: no kernel matching {listing.pattern!r} in csrc/{listing.source}'s cubin"
+        )
     text, resources = functions[mangled]
     instructions = static.parse_sass(text)
-    regions = model.regions(instructions, THREADS // 32, else_sides)
+    warps = listing.threads // 32
+    regions = model.regions(instructions, warps, else_sides)
     found = _signature(instructions, regions)
-    listed = [(loop.depth, loop.mma, loop.loads, loop.stores) for loop in loops]
+    listed = [(loop.depth, loop.mma, loop.loads, loop.stores) for loop in listing.loops]
     if found != listed:
         raise LoopsChanged(
             f"{name}: compiled loops (depth, MMA, loads, stores) {found}, listed {listed}: "
@@ -268,14 +540,14 @@ def compiled(name: str) -> tuple[model.Compiled, tuple[Loop, ...]]:
     spill = int(re.search(r"LOCAL:(\d+)", resources)[1])
     kernel = model.Compiled(
         name,
-        THREADS // 32,
+        warps,
         registers,
         spill,
         shared,
-        static.ctas_per_sm(registers, shared, THREADS),
+        static.ctas_per_sm(registers, shared, listing.threads),
         regions,
     )
-    return kernel, tuple(loops)
+    return kernel, listing.loops
 
 
 def _launch(name: str, programs: int, at: dict) -> model.Launch:
@@ -321,6 +593,8 @@ def score_tiles(call: tuple[str, dict]) -> int:
 def launches(call: tuple[str, dict]) -> list[model.Launch]:
     """The kernel launches of one recorded extension call (`Extension`)."""
     method, s = call
+    if "objective" in method:
+        return objective_launches(call)
     d, warps = s["d"], THREADS // 32
     if method in ("normalize", "norm_backward"):  # a warp per pair, a warp per row
         rows = s["n"] if method == "normalize" else s["rows"]
@@ -344,6 +618,46 @@ def launches(call: tuple[str, dict]) -> list[model.Launch]:
     return out
 
 
+BP = 16  # index pairs per block of csrc/objective.cu (rows i and n + i of Z)
+
+
+def objective_at(n: int, d: int, k: int, f: int = 0) -> dict:
+    """The trip keys of csrc/objective.cu's kernels at a shape (`OBJECTIVE_KERNELS`)."""
+    blocks, k2 = math.ceil(n / BP), 2 * k
+    per = {"_lane": 32, "_block": THREADS, "_epi": EPILOGUE_THREADS}
+    items = {"d": d, "k": k, "f": f, "k2": k2, "k2sq": k2 * k2, "kf": k * f, "m": 2 * n, "n": n}
+    at = {
+        f"{x}{suffix}": math.ceil(items[x] / width) for x in items for suffix, width in per.items()
+    }
+    return dict(
+        at,
+        k=k,
+        k2=k2,
+        blocks=blocks,
+        tiles=math.ceil(2 * n / 32),  # BN = 32 columns a tile
+        k_steps=math.ceil(d / 32),  # BK = 32 features a step
+        n_warps=math.ceil(n / (EPILOGUE_THREADS // 32)),
+    )
+
+
+def objective_launches(call: tuple[str, dict]) -> list[model.Launch]:
+    """The kernel launches of one recorded one-pass objective call (csrc/objective.cu's
+    launchers): a block per 16 pairs, the one-block epilogues, the centres' split sums."""
+    method, s = call
+    at = objective_at(s["n"], s["d"], s["k"], s.get("f", 0))
+    blocks = at["blocks"]
+    if method == "anchor_objective_forward":
+        return [_launch("anchor_forward", blocks, at), _launch("anchor_epilogue", 1, at)]
+    if method == "anchor_objective_backward":
+        count = s["k"] * s["f"]
+        grid = min(count // EPILOGUE_THREADS + 1, SUM_SPLITS_BLOCKS)
+        split = {"splits": blocks, "per_thread": math.ceil(count / (grid * EPILOGUE_THREADS))}
+        return [_launch("anchor_backward", blocks, at), _launch("anchor_sum_splits", grid, split)]
+    if method == "cc_objective_forward":
+        return [_launch("cc_forward", blocks, at), _launch("cc_epilogue", 1, at)]
+    return [_launch("cc_weights", 1, at), _launch("cc_backward", blocks, at)]
+
+
 # --- the torch ops around the launches ----------------------------------------------------------
 
 
@@ -354,6 +668,10 @@ class Extension:
 
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
+
+    def _workspace(self, floats: int) -> None:
+        """The fp32 scratch the binding allocates for the launch, alive during the call."""
+        self._empty(floats)
 
     @staticmethod
     def _empty(*size, dtype=None):
@@ -388,6 +706,31 @@ class Extension:
         self.calls.append(("norm_backward", {"rows": rows, "d": d}))
         return self._empty(rows, d, dtype=out)
 
+    def anchor_objective_forward(self, z_a, z_b, h0, h_a, h_b, centers, *scalars):
+        (n, d), (k, f) = z_a.shape, centers.shape
+        self.calls.append(("anchor_objective_forward", {"n": n, "d": d, "k": k, "f": f}))
+        self._workspace(math.ceil(n / BP) * k + n + 2 * n * k)
+        return [self._empty(4), self._empty(5, 2 * n), self._empty(7, n), self._empty(k)]
+
+    def anchor_objective_backward(self, z_a, z_b, h0, h_a, h_b, centers, *state_and_scalars):
+        (n, d), (k, f) = z_a.shape, centers.shape
+        self.calls.append(("anchor_objective_backward", {"n": n, "d": d, "k": k, "f": f}))
+        self._workspace(2 * n * d + 3 * n * k + math.ceil(n / BP) * k * f)
+        return [self._empty(*t.shape, dtype=t.dtype) for t in (z_a, z_b, h0, h_a, h_b, centers)]
+
+    def cc_objective_forward(self, z_a, z_b, logits_a, logits_b, *scalars):
+        (n, d), k = z_a.shape, logits_a.shape[1]
+        self.calls.append(("cc_objective_forward", {"n": n, "d": d, "k": k}))
+        self._workspace(math.ceil(n / BP) * (4 * k * k + 2 * k))
+        sizes = ((3,), (5, 2 * n), (2, n), (2 * k, 2 * k), (3, 2 * k))
+        return [self._empty(*size) for size in sizes]
+
+    def cc_objective_backward(self, z_a, z_b, logits_a, logits_b, *state_and_scalars):
+        (n, d), k = z_a.shape, logits_a.shape[1]
+        self.calls.append(("cc_objective_backward", {"n": n, "d": d, "k": k}))
+        self._workspace(2 * n * d + 4 * k * k + 2 * k)
+        return [self._empty(*t.shape, dtype=t.dtype) for t in (z_a, z_b, logits_a, logits_b)]
+
 
 @contextlib.contextmanager
 def stand_in(extension: Extension):
@@ -414,3 +757,16 @@ def nt_xent_path(n: int, d: int, ranks: int = 1):
         recorded = trace.nt_xent("cuda", n, d, ranks)
     out = [launch for call in extension.calls for launch in launches(call)]
     return out, recorded.kernels, sum(score_tiles(call) for call in extension.calls)
+
+
+def objective_path(total: Callable, inputs: list):
+    """(launches, the torch ops around them, MMA loop bodies) of one forward + backward of
+    `total(*inputs)` on the twin (an objective on backend "cuda"), traced on meta tensors."""
+    from ..backends import cuda  # noqa: F401  (registers backend "cuda")
+    from . import trace
+
+    extension = Extension()
+    with stand_in(extension):
+        recorded = trace.record(total, inputs, triton=True)
+    out = [launch for call in extension.calls for launch in launches(call)]
+    return out, recorded.kernels, sum(launch.mma_bodies() for launch in out)

@@ -165,11 +165,19 @@ def _unit_clocks(instructions: list[dict], num_warps: int) -> dict:
 
 
 def _loops(instructions: list[dict]) -> list[tuple[int, int]]:
-    """(header, last) index spans of the loops: every backward branch, one span per header."""
+    """(header, last) index spans of the loops: every backward branch, one span per header,
+    except a branch from the out-of-line code after the last EXIT back into the body (nvcc's
+    slow path of a warp shuffle in possibly diverged code returns so: not a loop). A predicated
+    EXIT can end a loop's body, so only an unconditional one starts that code."""
+    exits = [
+        i for i, ins in enumerate(instructions) if ins["op"].startswith("EXIT") and not ins["pred"]
+    ]
+    last_exit = exits[-1] if exits else len(instructions)
     spans: dict[int, int] = {}
     for i, ins in enumerate(instructions):
         t = ins["target_index"]
-        if ins["op"].startswith("BRA") and t is not None and t < i:
+        returns = t is not None and t < last_exit < i
+        if ins["op"].startswith("BRA") and t is not None and t < i and not returns:
             spans[t] = max(spans.get(t, i), i)
     return sorted(spans.items())
 

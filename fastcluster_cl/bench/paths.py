@@ -11,9 +11,9 @@ row's `chunked_ops`); each recorded launch is compiled and its loops counted by
 the torch reference as its own kernels, recorded on meta tensors (`trace.record`): matrix
 products at a cuBLAS-class rate (`model.gemm_seconds`), every other op that makes a kernel at
 HBM bandwidth over the bytes it reads and writes (`model.memory_seconds`), each with a launch;
-"cuda" (NT-Xent on the CUDA C++ twin: its kernels compiled by nvcc and read from their SASS,
-its launchers mirrored, the torch ops around them traced: `cuda_twin`). Shapes a path cannot
-run are rows saying why.
+"cuda" (NT-Xent and the objectives on the CUDA C++ twin: its kernels compiled by nvcc and read
+from their SASS, its launchers mirrored, the torch ops around them traced: `cuda_twin`). Shapes
+a path cannot run are rows saying why.
 """
 
 from __future__ import annotations
@@ -896,12 +896,49 @@ def _predicted(
     )
 
 
+def _cuda_total(op: str) -> Callable:
+    """The objective as backend="cuda" computes it (functional's `_objective`): the one-pass
+    kernels where they take the inputs (cc: K <= 64), else NT-Xent and the cluster contrast on
+    the twin's NT-Xent, weighted. Temperatures 0.5 and 1, every weight 1."""
+    from fastcluster_cl.backends import cuda
+    from fastcluster_cl.functional import weighted_total
+
+    one_pass = _objective_total(cuda, op)
+    if op == "anchor_objective":
+        return one_pass
+
+    def total(z_a, z_b, logits_a, logits_b):
+        if cuda.cc_objective_fits(z_a, z_b, logits_a, logits_b):
+            return one_pass(z_a, z_b, logits_a, logits_b)
+        parts = {
+            "instance": cuda.nt_xent(z_a, z_b, 0.5),
+            "cluster": cuda.cc_cluster_loss(logits_a, logits_b, 1.0),
+        }
+        return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
+
+    return total
+
+
+def cuda_objective_row(common: dict, op: str, shape: dict) -> dict:
+    """The CUDA twin's objective (`cuda_twin.objective_path`): its kernels read from nvcc's
+    SASS, the torch ops around them traced."""
+    try:
+        launches, host, tiles = cuda_twin.objective_path(
+            _cuda_total(op), _objective_inputs(op, shape)
+        )
+    except cuda_twin.NotModelled as err:
+        return _not_modelled(common, "cuda", None, str(err), False)
+    except MemoryError as err:
+        return dict(common, path="cuda", runs=False, reason=f"out of memory: {err}", auto=False)
+    return _predicted(common, "cuda", launches, tiles, False, host)
+
+
 def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
     """The eager reference, the one-pass Triton kernels and the separate ops modelled (with
     the torch ops around their kernels); `auto` marks the path backend="auto" takes: the
     one-pass kernels where they take the shape and `kernels.AUTO_SEPARATE` does not send the
-    op's inputs of that shape to the separate ops, else the separate ops. The CUDA twin says
-    whether it runs the shape (the model does not read its kernels yet)."""
+    op's inputs of that shape to the separate ops, else the separate ops; and the CUDA twin
+    (`cuda_objective_row`)."""
     from fastcluster_cl import kernels
 
     rows = []
@@ -934,15 +971,7 @@ def objective_rows(op: str, shapes: list[dict]) -> list[dict]:
         tiles = sum(launch.mma_bodies() for launch in launches)
         separate = _predicted(common, "triton-separate", launches, tiles, not onepass_auto, host)
         rows.append(dict(separate, chunked_ops=chunked_ops(op, shape)))
-        rows.append(
-            _not_modelled(
-                common,
-                "cuda",
-                None,
-                "the twin's objective kernels (csrc/objective.cu) are not read by the model yet",
-                False,
-            )
-        )
+        rows.append(cuda_objective_row(common, op, shape))
         if eager_refusal:
             rows.append(dict(common, path="eager", runs=False, reason=eager_refusal, auto=False))
             continue

@@ -66,6 +66,31 @@ def test_regions_count_by_hand():
     assert high == 4 * 3 + 3 * 4 * 4 + 30 * (32 + 4 * 5)
 
 
+# A loop ending in a predicated EXIT (a persistent loop's last test), then a shuffle's slow path
+# after the unconditional EXIT that returns into the body: one loop, not two.
+TRAILER_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+.L_x_1:
+        /*0020*/                   SHFL.BFLY PT, R5, R2, 0x1, 0x1f ;
+        /*0030*/              @P0 EXIT ;
+        /*0040*/                   BRA `(.L_x_0) ;
+        /*0050*/                   EXIT ;
+.L_x_2:
+        /*0060*/                   BRA `(.L_x_2) ;
+        /*0070*/                   WARPSYNC.COLLECTIVE R3, `(.L_x_3) ;
+.L_x_3:
+        /*0080*/                   SHFL.BFLY P3, R5, R2, R4, R6 ;
+        /*0090*/                   BRA `(.L_x_1) ;
+"""
+
+
+def test_code_after_the_last_exit_returning_into_the_body_is_not_a_loop():
+    instructions = static_report.parse_sass(TRAILER_SASS)
+    assert model._loops(instructions) == [(1, 4)]
+
+
 def test_instruction_classes():
     assert model._macs("HGMMA.64x128x16.F32.BF16") == (64 * 128 * 16, "fp16")
     assert model._macs("HMMA.16816.F32.BF16") == (16 * 8 * 16, "fp16")

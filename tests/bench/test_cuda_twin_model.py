@@ -2,6 +2,7 @@
 against the launchers themselves (host emulation), its stand-in extension against the emulated
 one, and its kernels' tensor-core work against a hand count. Compiling needs nvcc."""
 
+import dataclasses
 import math
 
 import pytest
@@ -35,15 +36,16 @@ class _Logged:
     def __getattr__(self, name):
         def call(*args, **kwargs):
             out = getattr(self.ext, name)(*args, **kwargs)
-            results = out if isinstance(out, tuple) else (out,)
+            results = out if isinstance(out, (tuple, list)) else (out,)
             self.log.append((name, [(tuple(t.shape), t.dtype) for t in results]))
             return out
 
         return call
 
 
-def _stand_in_log(n, d, ranks):
-    """The stand-in's calls with its results' shapes and dtypes."""
+def _stand_in_log(record):
+    """The stand-in's calls, while `record()` traces a path, with its results' shapes and
+    dtypes."""
 
     class Logged(cuda_twin.Extension):
         def __init__(self):
@@ -57,7 +59,7 @@ def _stand_in_log(n, d, ranks):
 
             def call(*args, **kwargs):
                 out = attr(*args, **kwargs)
-                results = out if isinstance(out, tuple) else (out,)
+                results = out if isinstance(out, (tuple, list)) else (out,)
                 self.log.append((name, [(tuple(t.shape), t.dtype) for t in results]))
                 return out
 
@@ -65,7 +67,7 @@ def _stand_in_log(n, d, ranks):
 
     ext = Logged()
     with cuda_twin.stand_in(ext):
-        trace.nt_xent("cuda", n, d, ranks)
+        record()
     return ext.log
 
 
@@ -88,7 +90,36 @@ def test_stand_in_answers_as_the_extension(emulated, monkeypatch, ranks):
         if ranks == 1
         else ["normalize", "lse_rows"] * 2 + ["normalize", "grad_rows", "norm_backward"] * 2
     )
-    assert logged.log == _stand_in_log(n, d, ranks)
+    assert logged.log == _stand_in_log(lambda: trace.nt_xent("cuda", n, d, ranks))
+
+
+@pytest.mark.parametrize(
+    "op, shape",
+    [
+        ("anchor_objective", dict(n=5, d=24, f=12, k=3)),
+        ("cc_objective", dict(n=5, d=24, k=3)),
+        ("cc_objective", dict(n=5, d=24, k=65)),  # beyond the one-pass kernels: separate ops
+    ],
+)
+def test_objective_stand_in_answers_as_the_extension(emulated, monkeypatch, op, shape):
+    """The objectives on backend="cuda" (`paths._cuda_total`), run for real on CPU, make the
+    same extension calls with results of the same shapes and dtypes as the stand-in."""
+    from fastcluster_cl.backends.cuda import build
+
+    logged = _Logged(emulated)
+    monkeypatch.setattr(build, "extension", lambda: logged)
+    total = paths._cuda_total(op)
+    inputs = [
+        torch.randn(t.shape, dtype=t.dtype).requires_grad_()
+        for t in paths._objective_inputs(op, shape)
+    ]
+    total(*inputs).backward()
+    one_pass = [f"{op}_forward", f"{op}_backward"]
+    separate = ["normalize", "lse_rows"] * 2 + ["grad_rows", "norm_backward"] * 2
+    methods = [name for name, _ in logged.log]
+    assert methods == (separate if shape["k"] > 64 else one_pass)
+    record = lambda: trace.record(total, paths._objective_inputs(op, shape), triton=True)  # noqa: E731
+    assert logged.log == _stand_in_log(record)
 
 
 def test_launches_cover_every_tile_once():
@@ -118,13 +149,38 @@ def test_launches_cover_every_tile_once():
     )
 
 
+@pytest.mark.parametrize("op", ["anchor_objective", "cc_objective"])
+def test_objective_launches_cover_every_tile_once(op):
+    """The one-pass objectives' tensor-core work over the whole grid is NT-Xent's hand count:
+    2N x 2N x D multiply-adds forward (S), twice that backward (S, then A Z); the row kernels
+    run a block per 16 pairs, each epilogue one block."""
+    _need_nvcc()
+    n, d = 1024, 128
+    shape = dict(n=n, d=d, k=10, f=512) if op == "anchor_objective" else dict(n=n, d=d, k=10)
+    launches, _, _ = cuda_twin.objective_path(
+        paths._cuda_total(op), paths._objective_inputs(op, shape)
+    )
+    programs = {launch.compiled.name: launch.programs for launch in launches}
+    prefix = op.split("_")[0]
+    assert programs[f"{prefix}_forward"] == programs[f"{prefix}_backward"] == n // 16
+    for launch in launches:
+        _, _, units, _ = model.program_clocks(launch.compiled, launch.trips)
+        macs = units["tensor"] * launch.programs * model.static.MACS_PER_CLOCK["fp16"]
+        products = {f"{prefix}_forward": 1, f"{prefix}_backward": 2}.get(launch.compiled.name, 0)
+        assert macs == products * (2 * n) ** 2 * d, launch.compiled.name
+    epilogues = ("anchor_epilogue",) if prefix == "anchor" else ("cc_epilogue", "cc_weights")
+    assert all(programs[name] == 1 for name in epilogues)
+
+
 def test_changed_loops_and_missing_nvcc_are_rows(monkeypatch):
     """A kernel whose compiled loops are not its listed ones, or no nvcc, gives a row saying so
     rather than a number."""
     _need_nvcc()
     common = {"op": "nt_xent", "shape": {"n": 256, "d": 128}, "floor_us": 1.0, "eager_us": 2.0}
-    pattern, loops = cuda_twin.NT_XENT_KERNELS["lse"]
-    monkeypatch.setitem(cuda_twin.NT_XENT_KERNELS, "lse", (pattern, loops[1:]))
+    listed = cuda_twin.KERNELS["lse"]
+    monkeypatch.setitem(
+        cuda_twin.KERNELS, "lse", dataclasses.replace(listed, loops=listed.loops[1:])
+    )
     cuda_twin.compiled.cache_clear()
     try:
         row = paths.cuda_nt_xent_row(common, 256, 128, 1)
