@@ -64,9 +64,10 @@ def check_positive(name: str, value: float) -> float:
     """A finite number > 0 (temperatures, alpha)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    value = float(value)
+    if not 0 < value < math.inf:  # comparisons, not math.isfinite: they trace as guards
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return value
 
 
 MIN_TEMPERATURE = 1e-8  # lightly's guard against dividing by ~0 (the messages say "1e-8")
@@ -79,7 +80,7 @@ def check_nt_xent_temperature(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"temperature must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or abs(value) < MIN_TEMPERATURE:
+    if not MIN_TEMPERATURE <= abs(value) < math.inf:
         raise ValueError(
             f"temperature must be a finite number with |temperature| >= 1e-8, got {value}"
         )

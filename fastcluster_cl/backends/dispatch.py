@@ -10,7 +10,6 @@ one-pass objective the slower path (`auto_takes_one_pass`); all compute the same
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -18,15 +17,9 @@ import torch
 from . import chunked, reference
 
 BACKENDS = ("auto", "torch", "chunked", "triton", "cuda")
-_MODULES = {
-    "torch": "fastcluster_cl.backends.reference",
-    "chunked": "fastcluster_cl.backends.chunked",
-    "triton": "fastcluster_cl.kernels",
-    "cuda": "fastcluster_cl.backends.cuda",
-}
-# Backend modules by name. The pure-PyTorch ones are imported here so that a first call traced by
-# torch.compile finds them without an import, which dynamo cannot trace; triton and cuda load on
-# first use (so that importing fastcluster_cl never imports triton or builds CUDA code).
+# Backend modules by name. The pure-PyTorch ones are imported with this module; triton and cuda
+# load on first use (`_import`), so that importing fastcluster_cl never imports triton or builds
+# CUDA code.
 _LOADED = {"torch": reference, "chunked": chunked}
 
 
@@ -51,8 +44,20 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def _backend_module(name: str):
     if name not in _LOADED:
-        _LOADED[name] = importlib.import_module(_MODULES[name])
+        _LOADED[name] = _import(name)
     return _LOADED[name]
+
+
+def _import(name: str):
+    """The triton or cuda backend module, by import statements: dynamo traces those (a first call
+    under torch.compile loads the backend in its graph), not importlib."""
+    if name == "triton":
+        from .. import kernels
+
+        return kernels
+    from . import cuda
+
+    return cuda
 
 
 # (op, backend, device) -> the function, or None for an op the backend lacks. Filled on the first

@@ -33,6 +33,37 @@ def test_no_graph_breaks(backend, monkeypatch):
         assert explained.graph_count == 1, name
 
 
+def test_dynamic_compile_traces_every_loss_in_one_graph(monkeypatch):
+    """Under dynamic=True Dynamo traces the float hyperparameters as symbols: the argument
+    checks still hold them in one graph (comparisons trace as guards), with the eager values."""
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    for name, fn, inputs in loss_cases("chunked"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch._inductor.config.patch(fallback_random=True):  # TCC's Gumbel draw as eager's
+            got = torch.compile(fn, dynamic=True, fullgraph=True)(*inputs)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, fn(*inputs), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_first_triton_call_loads_its_backend_inside_the_graph(monkeypatch, dynamic):
+    """The triton backend loads on first use: under torch.compile(fullgraph=True) that import
+    is traced too (the kernels run under the interpreter without CUDA, tests/conftest.py)."""
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.delitem(dispatch._LOADED, "triton", raising=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    z_a, z_b = (torch.randn(6, 4, device=device) for _ in range(2))
+    logits = torch.randn(6, 3, device=device)
+
+    def loss(a, b):
+        return fc.cc_objective(a, b, logits, logits.flip(0), backend="triton").total
+
+    torch._dynamo.reset()
+    got = torch.compile(loss, dynamic=dynamic, fullgraph=True)(z_a, z_b)
+    torch.testing.assert_close(got, loss(z_a, z_b))
+
+
 def test_backend_is_resolved_once(monkeypatch):
     calls = []
     lookup = dispatch._lookup
