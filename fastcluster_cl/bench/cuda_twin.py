@@ -5,16 +5,16 @@ on meta tensors with a stand-in for the compiled extension that records each cal
 running it.
 
 A kernel's loops are named below, in address order, as nvcc 13.0 compiles them: each with its
-nesting depth, MMA count, global loads and stores (its signature), and its trip count at a
-shape. Most of the twin's small loops run one element per thread with an unknown stride, so
-nvcc unrolls them by u (16, 4) and leaves a remainder loop: a loop over T items then runs
-T // 16 bodies of the 16-wide loop, (T % 16) // 4 of the 4-wide one and T % u' of the
-remainder (`_cascade`). A compiled kernel whose loops differ from its list is a row saying so,
-not a guess. Unlike Triton's SASS, the twin's hot code sits behind predicated forward branches
-(the online lse's `if (tile_max > -inf)`, the in-range test of each element), so those are not
-cold here; the cold code is the other side of an if / else, which nvcc lays out after the
-common side and jumps over unconditionally (the positive pair's expm1, load_tile's 2-byte
-path): `else_sides`. The rest of a loop's body counts in full on every trip."""
+nesting depth, MMA count, global loads and stores (its signature), and its trip count at a shape.
+Most of the twin's small loops run one element per thread with an unknown stride, so nvcc unrolls
+them by 16, then straight-line 8- and 4-wide blocks, and leaves a 4-wide or a remainder loop: a
+loop over T items then runs T // 16 bodies of the 16-wide loop, (T % 8) // 4 of a 4-wide one and
+T % 4 of the remainder (`_cascade`). A compiled kernel whose loops differ from its list is a row
+saying so, not a guess. Unlike Triton's SASS, the twin's hot code sits behind predicated forward
+branches (the online lse's `if (tile_max > -inf)`, the in-range test of each element), so those are
+not cold here; the cold code is the other side of an if / else, which nvcc lays out after the
+common side and jumps over unconditionally (the positive pair's expm1, load_tile's 2-byte path):
+`else_sides`. The rest of a loop's body counts in full on every trip."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 65535  # grid.z
 SUM_SPLITS_BLOCKS = 4096  # fcl_nt_xent_grad: the largest grid of sum_splits_kernel
 NVCC_RELEASE = "13.0"  # the compiler whose loops are listed below
+BP = 16  # index pairs per block of csrc/objective.cu (rows i and n + i of Z)
 
 
 def nvcc() -> str | None:
@@ -74,12 +75,14 @@ class Kernel:
     threads: int = THREADS
 
 
-def _cascade(items: str, unroll: int, wider: int | None = None) -> Callable[[dict], int]:
-    """Trips of one loop of nvcc's unroll cascade over `items` per thread: the widest loop
-    runs items // unroll bodies, a narrower one what the wider left, (items % wider) // unroll."""
-    if wider is None:
+def _cascade(items: str, unroll: int, left: int | None = None) -> Callable[[dict], int]:
+    """Trips of one loop of nvcc's unroll cascade over T = at[items] per thread: the widest
+    loop runs T // unroll bodies; a narrower one what the wider ones and nvcc's straight-line
+    blocks between them leave, (T % left) // unroll (after a 16-wide loop an 8-wide block, so
+    a 4-wide loop runs (T % 8) // 4 times; a 1-wide remainder T % 4)."""
+    if left is None:
         return lambda at: at[items] // unroll
-    return lambda at: at[items] % wider // unroll
+    return lambda at: at[items] % left // unroll
 
 
 def _of(key: str) -> Callable[[dict], int]:
@@ -116,7 +119,7 @@ _SUM_SPLITS = (
     Loop(0, 0, 0, 4, _never),
     Loop(0, 0, 11, 1, _of("per_thread")),  # grid-stride over the elements
     Loop(1, 0, 16, 0, _cascade("splits", 16)),
-    Loop(1, 0, 4, 0, _cascade("splits", 4, 16)),
+    Loop(1, 0, 4, 0, _cascade("splits", 4, 8)),
 )
 
 # csrc/nt_xent.cu's kernels for bf16 inputs: the rows are scaled into fp16 (`Normed<T>`), so the
@@ -126,9 +129,9 @@ NT_XENT_KERNELS = {
         "nt_xent.cu",
         r"16normalize_kernelI13__nv_bfloat166__half",
         (  # per lane, ceil(d / 32) elements: max |z|, sum of squares, the scaled rows
-            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 4)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
-            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 4)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
             Loop(0, 0, 2, 2, _cascade("lane", 1, 4)),
             Loop(0, 0, 8, 8, _cascade("lane", 4)),
@@ -148,10 +151,10 @@ NT_XENT_KERNELS = {
         r"16merge_lse_kernel",
         (  # over the splits: their max, then their sums
             Loop(0, 0, 16, 0, _cascade("splits", 16)),
-            Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
+            Loop(0, 0, 4, 0, _cascade("splits", 4, 8)),
             Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
             Loop(0, 0, 16, 0, _cascade("splits", 16)),
-            Loop(0, 0, 4, 0, _cascade("splits", 4, 16)),
+            Loop(0, 0, 4, 0, _cascade("splits", 4, 8)),
             Loop(0, 0, 1, 0, _cascade("splits", 1, 4)),
         ),
     ),
@@ -178,7 +181,7 @@ NT_XENT_KERNELS = {
         "nt_xent.cu",
         r"20norm_backward_kernelI6__half13__nv_bfloat16",
         (  # per lane: z . g, then dz
-            Loop(0, 0, 2, 0, _cascade("lane", 1, 16)),
+            Loop(0, 0, 2, 0, _cascade("lane", 1, 4)),
             Loop(0, 0, 32, 0, _cascade("lane", 16)),
             Loop(0, 0, 2, 1, _cascade("lane", 1, 4)),
             Loop(0, 0, 8, 4, _cascade("lane", 4)),
@@ -257,7 +260,7 @@ def _student_t_dh(depth: int) -> list[Loop]:
         [
             Loop(0, 0, 23, 1, _of("f_lane")),  # bf16 h
             Loop(1, 0, 32, 0, _cascade("k", 16)),  # the centres, 16-wide
-            Loop(1, 0, 8, 0, _cascade("k", 4, 16)),
+            Loop(1, 0, 8, 0, _cascade("k", 4, 8)),
             Loop(0, 0, 23, 1, _never),  # fp32 h
             Loop(1, 0, 32, 0, _never),
             Loop(1, 0, 8, 0, _never),
@@ -271,8 +274,12 @@ def _student_t_dh(depth: int) -> list[Loop]:
 
 
 def _block_sums(calls: int) -> list[Loop]:
-    """block_sum's loop over the 8 warps' partials (16-wide, 4-wide, 1-wide), per call."""
-    return [Loop(0, 0, 0, 0, _never), Loop(0, 0, 0, 0, _count(2)), Loop(0, 0, 0, 0, _never)] * calls
+    """block_sum's loop over the warps' partials (16-wide, 4-wide, 1-wide), per call."""
+    return [
+        Loop(0, 0, 0, 0, _cascade("warps", 16)),
+        Loop(0, 0, 0, 0, _cascade("warps", 4, 8)),
+        Loop(0, 0, 0, 0, _cascade("warps", 1, 4)),
+    ] * calls
 
 
 def _block_column_sums(items: str) -> list[Loop]:
@@ -283,7 +290,7 @@ def _block_column_sums(items: str) -> list[Loop]:
         Loop(0, 0, 0, 16, _never),
         Loop(0, 0, 11, 1, _of(items)),
         Loop(1, 0, 16, 0, _cascade("blocks", 16)),
-        Loop(1, 0, 4, 0, _cascade("blocks", 4, 16)),
+        Loop(1, 0, 4, 0, _cascade("blocks", 4, 8)),
     ]
 
 
@@ -347,9 +354,9 @@ OBJECTIVE_KERNELS = {
             Loop(0, 0, 8, 2, _of("n_warps")),  # DEC, a row a warp
             Loop(1, 0, 8, 0, _cascade("k_lane", 4)),  # its total T
             Loop(1, 0, 4, 0, _cascade("k_lane", 2)),  # its loss terms
-            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 16)),  # the instance rows' sum
+            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 4)),  # the instance rows' sum
             Loop(0, 0, 16, 0, _cascade("m_epi", 16)),
-            Loop(0, 0, 1, 0, _cascade("n_epi", 1, 16)),  # the anchor rows'
+            Loop(0, 0, 1, 0, _cascade("n_epi", 1, 4)),  # the anchor rows'
             Loop(0, 0, 16, 0, _cascade("n_epi", 16)),
             *_block_sums(3),
         ),
@@ -368,8 +375,8 @@ OBJECTIVE_KERNELS = {
             *_student_t_dh(2),
             Loop(1, 0, 4, 2, _cascade("k_lane", 2)),  # h0's w (DEC)
             *_student_t_dh(1),
-            Loop(0, 0, 97, 1, _of("kf_block")),  # the centres' partials: the 16 rows x 3 views
-            Loop(1, 0, 12, 0, _never),  # ... of a block with fewer rows
+            Loop(0, 0, 97, 1, _of("kf_block")),  # the centres' partials, an element a step
+            Loop(1, 0, 12, 0, _count(BP)),  # its 16 rows x 3 views, fp32 or bf16 h (fp16: cold)
         ),
     ),
     "anchor_sum_splits": Kernel(
@@ -396,7 +403,7 @@ OBJECTIVE_KERNELS = {
             Loop(0, 0, 16, 2, _of("k2_epi")),  # the cluster contrast, a column a thread
             Loop(1, 0, 8, 0, _cascade("k2", 4)),  # its max over the 2K columns
             Loop(1, 0, 8, 0, _cascade("k2", 4)),  # its exp sum
-            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 16)),  # the instance rows' sum
+            Loop(0, 0, 1, 0, _cascade("m_epi", 1, 4)),  # the instance rows' sum
             Loop(0, 0, 16, 0, _cascade("m_epi", 16)),
             *_block_sums(3),
         ),
@@ -424,12 +431,12 @@ OBJECTIVE_KERNELS = {
             Loop(2, 0, 16, 0, _never),  # dq . q with K2 = 0
             Loop(2, 0, 12, 0, _of("k_lane")),  # dq . q, a column a lane
             Loop(3, 0, 16, 0, _cascade("k2", 16)),  # dq = Q_i W^T + e: its 2K products
-            Loop(3, 0, 4, 0, _cascade("k2", 4, 16)),
+            Loop(3, 0, 4, 0, _cascade("k2", 4, 8)),
             Loop(2, 0, 1, 2, _never),  # dlogits with K2 = 0
             Loop(2, 0, 16, 16, _never),
             Loop(2, 0, 12, 3, _of("k_lane")),  # dlogits, a column a lane
             Loop(3, 0, 16, 0, _cascade("k2", 16)),
-            Loop(3, 0, 4, 0, _cascade("k2", 4, 16)),
+            Loop(3, 0, 4, 0, _cascade("k2", 4, 8)),
         ),
     ),
 }
@@ -618,9 +625,6 @@ def launches(call: tuple[str, dict]) -> list[model.Launch]:
     return out
 
 
-BP = 16  # index pairs per block of csrc/objective.cu (rows i and n + i of Z)
-
-
 def objective_at(n: int, d: int, k: int, f: int = 0) -> dict:
     """The trip keys of csrc/objective.cu's kernels at a shape (`OBJECTIVE_KERNELS`)."""
     blocks, k2 = math.ceil(n / BP), 2 * k
@@ -637,6 +641,7 @@ def objective_at(n: int, d: int, k: int, f: int = 0) -> dict:
         tiles=math.ceil(2 * n / 32),  # BN = 32 columns a tile
         k_steps=math.ceil(d / 32),  # BK = 32 features a step
         n_warps=math.ceil(n / (EPILOGUE_THREADS // 32)),
+        warps=EPILOGUE_THREADS // 32,  # block_sum's partials
     )
 
 

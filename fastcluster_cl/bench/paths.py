@@ -1046,6 +1046,7 @@ def source_hash() -> str:
         sorted(kernels.rglob("*.py"))
         + traced
         + sorted((backends / "autograd").glob("*.py"))
+        + sorted((backends / "cuda").glob("*.py"))  # the twin's host code
         + sorted(Path(__file__).parent.glob("*.py"))
     )
     csrc = Path(importlib.util.find_spec("fastcluster_cl.csrc").origin).parent  # the twin's rows
