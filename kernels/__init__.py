@@ -31,6 +31,7 @@ try:
     from . import _common, kl
     from .cc_cluster import cc_cluster_loss
     from .kl import anchor_loss, dec_anchor_losses, dec_loss
+    from .nt_xent import MAX_ROW_FEATURES as _MAX_ROW_FEATURES
     from .nt_xent import NT_XENT, grad_rows, lse_rows, nt_xent, nt_xent_terms
     from .nt_xent_bank import nt_xent_bank, nt_xent_bank_terms
     from .objective import anchor_objective, anchor_objective_fits, cc_objective, cc_objective_fits
@@ -111,9 +112,13 @@ if _IMPORT_ERROR is None:
     # auto runs the chunked backend; backend="triton" raises, saying why.
 
     def nt_xent_fits(z_a: torch.Tensor, *_) -> bool:
+        return z_a.shape[1] <= _MAX_ROW_FEATURES
+
+    def nt_xent_bank_fits(z_a: torch.Tensor, *_) -> bool:
         return z_a.shape[1] <= _common.MAX_FEATURES
 
-    nt_xent_terms_fits = nt_xent_bank_fits = nt_xent_bank_terms_fits = nt_xent_fits
+    nt_xent_terms_fits = nt_xent_fits
+    nt_xent_bank_terms_fits = nt_xent_bank_fits
 
     def cc_cluster_loss_terms_fits(logits_a: torch.Tensor, *_) -> bool:
         """The per-row terms run `nt_xent_terms` on the N-long cluster columns."""

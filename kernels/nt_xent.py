@@ -70,6 +70,14 @@ rows, whose summation order is not deterministic) is `symmetric_masked_lse` + `s
 Which one the fast path (`nt_xent_triton_fwd`) uses awaits a GPU measurement, so `SYMMETRIC` (env
 FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 
+Rows wider than the registers hold (`wide`: MAX_FEATURES < D <= MAX_ROW_FEATURES, e.g.
+ResNet-50's 2048 features): a program keeps no rows; each tile's scores sum feature chunks of
+both operands streamed from L2 (`chunked_scores`), and the backward gives each program a block
+of the features (grid axis 2), recomputing the tile's scores over every feature for it, its
+epilogue in `_grad_merge_kernel` over whole rows. Both are L2-bound: the backward reads the
+scores' operands once per feature block (predicted about 10x the floor from 2N = 2048 on an
+H100, 2-3x faster than the chunked backend's fp32 products that auto ran before).
+
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
 all-gathered raw Z): `lse_rows` and `grad_rows`.
 """
@@ -92,6 +100,7 @@ from fastcluster_cl.backends.autograd.nt_xent import (
 from fastcluster_cl.backends.numerics import fixed_shift_safe, l2_normalize, l2_normalize_backward
 
 from ._common import (
+    MAX_FEATURES,
     NORM_EPS,
     SPLIT_PROGRAMS,
     acc_dtype,
@@ -220,6 +229,41 @@ def row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D: tl.constexpr):
     zi = _load_rows(Z, D, offs_m, mask_m, D, BLOCK_D)
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     return shift, zi, ri, ri * shift
+
+
+@triton.jit
+def chunked_scores(
+    Z,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    D,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """zs_I zs_J^T of a tile over feature chunks of BLOCK_K, both operands loaded per chunk:
+    rows wider than the registers hold (`WIDE`); the rows' chunks come back from L2."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, D, BLOCK_K):
+        in_row = (k0 + offs_k)[None, :] < D
+        a = tl.load(
+            Z + offs_m[:, None] * D + (k0 + offs_k)[None, :],
+            mask=mask_m[:, None] & in_row,
+            other=0.0,
+        )
+        b = tl.load(
+            Z + offs_n[:, None] * D + (k0 + offs_k)[None, :],
+            mask=mask_n[:, None] & in_row,
+            other=0.0,
+        )
+        s += dot(a, tl.trans(b), ACC, PREC, UPCAST)
+    return s
 
 
 @triton.jit
@@ -352,10 +396,13 @@ def _lse_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr = False,
+    BLOCK_K: tl.constexpr = 16,
 ):
     """Rows [row_start, row_end) against the columns of `column_range`. SPLIT: the row sums
     and maxima of split program_id(1) go to PART (2 x splits x rows) for `_lse_merge_kernel`;
-    else the program sweeps every column and writes the rows' results."""
+    else the program sweeps every column and writes the rows' results. WIDE: the rows are not
+    held, each tile's scores sum feature chunks of BLOCK_K (`chunked_scores`)."""
     pid = tl.program_id(0)
     row_lo = row_start + pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
@@ -371,9 +418,15 @@ def _lse_fwd_kernel(
     for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)  # (unused when WIDE)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        if WIDE:
+            s = chunked_scores(
+                Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+            )
+        else:
+            s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
+        x = s * qi[:, None] * rj[None, :]
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total) | _positive_tile(
             c0, BLOCK_N, row_lo, BLOCK_M, half
         ):
@@ -564,6 +617,8 @@ def _grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr = False,
+    BLOCK_K: tl.constexpr = 16,
 ):
     """Rows [row_start, row_end) of sum_j A_ij zn_j; with EPILOGUE times GRAD_OUT / (tau R) and
     through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
@@ -571,7 +626,9 @@ def _grad_kernel(
     GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
     c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean. SPLIT: the
     columns of split s = program_id(1) (`column_range`), its rows stored split_stride
-    elements after split 0's for `_grad_merge_kernel`."""
+    elements after split 0's for `_grad_merge_kernel`. WIDE (no EPILOGUE): features
+    [program_id(2) BLOCK_D, + BLOCK_D) of the rows, each tile's scores over every feature in
+    chunks of BLOCK_K (`chunked_scores`)."""
     grad_block(
         Z,
         RS,
@@ -600,6 +657,8 @@ def _grad_kernel(
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
+        WIDE,
+        BLOCK_K,
     )
 
 
@@ -632,13 +691,19 @@ def grad_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr = False,
+    BLOCK_K: tl.constexpr = 16,
 ):
     """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)) against the columns
     of `column_range`, `grad_out` the incoming gradient's value (EPILOGUE): dz row r stored at
-    DZ + (r - row_start) dz_stride."""
+    DZ + (r - row_start) dz_stride. WIDE: only the features of block program_id(2)."""
+    tl.static_assert(not (WIDE and EPILOGUE), "the epilogue needs whole rows")
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    offs_d = tl.arange(0, BLOCK_D)
+    if WIDE:
+        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
     shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
@@ -652,10 +717,23 @@ def grad_block(
     for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
-        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        if WIDE:
+            zj = tl.load(  # the columns' features of this block
+                Z + offs_n[:, None] * D + offs_d[None, :],
+                mask=mask_n[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+        else:
+            zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
-        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        if WIDE:
+            s = chunked_scores(
+                Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+            )
+        else:
+            s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
+        x = s * qi[:, None] * rj[None, :]
         if PER_ROW:
             c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)
             a = _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT)
@@ -878,6 +956,26 @@ MIN_SWEEP_TILES = 16
 MIN_SPLIT_TILES = 2
 # Rows per program of the forward's merge (the backward's merges `prologue_rows`, D wide).
 LSE_MERGE_ROWS = 128
+# The fast path's widest rows. Up to MAX_FEATURES a program holds its rows in registers; wider
+# (`wide`: ResNet-50's 2048 features) each tile's scores sum feature chunks streamed from L2,
+# and the backward's programs each own a block of the features, recomputing the scores.
+MAX_ROW_FEATURES = 2048
+
+
+def wide(d: int) -> bool:
+    """Whether rows of d features take the chunked (`WIDE`) kernels."""
+    return d > MAX_FEATURES
+
+
+def row_width(d: int, what: str = "the NT-Xent input") -> int:
+    """Power-of-two width of a whole row of d features (the prologue's and the merge's tiles);
+    refuses rows wider than the fast path takes."""
+    if d > MAX_ROW_FEATURES:
+        raise ValueError(
+            f"backend='triton' supports at most {MAX_ROW_FEATURES} features per row for "
+            f"NT-Xent ({what} has {d}); use backend='chunked' for wider inputs"
+        )
+    return max(16, triton.next_power_of_2(d))
 
 
 @dataclass(frozen=True)
@@ -888,10 +986,16 @@ class LaunchConfig:
     block: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_D)
     num_warps: int = 4
     num_stages: int = 2
+    chunk: int | None = None  # rows too wide to hold (`wide`): the scores' feature chunk
+
+    @property
+    def wide(self) -> bool:
+        return self.chunk is not None
 
     @property
     def constexprs(self) -> dict:
-        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), self.block))
+        wide = {"WIDE": True, "BLOCK_K": self.chunk} if self.wide else {}
+        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), self.block), **wide)
 
     @property
     def options(self) -> dict:
@@ -918,14 +1022,24 @@ def epilogue_in_backward(d: int) -> bool:
     """Whether an unsplit backward launch runs the epilogue itself: for rows of at most 128
     features. Wider, the fp32 rows go to `_grad_merge_kernel` (one split) for it: at D = 256
     the 64 x 32 launch spilled 152 B holding the epilogue (sm_90a)."""
-    return feature_block(d, "the NT-Xent input") <= 128
+    return row_width(d) <= 128
 
 
 def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
     """The forward's launch for D features of Zs in `dtype`: 64 x 128 tiles, one warpgroup, two
     stages (sm_90, D = 128: 128 registers, 2 CTAs/SM, issue ceiling 0.98). Wider 2-byte rows
     take 64 x 64 tiles (32 x 32 mma.sync tiles were shared-memory bound): two stages at
-    D = 256 (2 CTAs/SM), one at D = 512 (64 x 128 needed 328 KB of shared memory)."""
+    D = 256 (2 CTAs/SM), one at D = 512 (64 x 128 needed 328 KB of shared memory). Wider
+    rows (`wide`) stream chunks of 64 features through 128 x 128 tiles, two warpgroups
+    (64 x 64, chunks of 32, for 4-byte rows): their scores come from L2 at 64 multiply-adds a
+    loaded element (64 x 64 tiles: 32, predicted 2x slower at N = 4096, D = 2048)."""
+    if wide(d):
+        row_width(d)
+        if _is_interpreted() or dtype == torch.float64:
+            return LaunchConfig((32, 32, 128), chunk=128)
+        if dtype == torch.float32:
+            return LaunchConfig((64, 64, 32), chunk=32)
+        return LaunchConfig((128, 128, 64), num_warps=8, chunk=64)
     block_d = feature_block(d, "the NT-Xent input")
     if small_tiles(block_d, dtype):
         return LaunchConfig((32, 32, block_d))
@@ -944,7 +1058,16 @@ def backward_config(
     64 rows held 1 CTA/SM, 3 stages spilled); 64 x 32 for 2-byte rows of 256 features, 32 x 32
     for 512. Narrow 32 x 32 tiles of rows wider than 128 take one stage without the `epilogue`
     in the kernel (column splits, the row primitive, `epilogue_in_backward`): ptxas fitted two
-    into 168 registers for 3 CTAs/SM and spilled 8 B."""
+    into 168 registers for 3 CTAs/SM and spilled 8 B. Wider rows (`wide`) give each program a
+    block of 512 features in 64 x 64 tiles, two warpgroups, one stage (254 registers, no
+    spills; 256-feature blocks recompute the scores twice as often: 64 x 32 tiles predicted
+    1.5x slower), the scores over chunks of 64; 128 features in 32 x 32 tiles for 4-byte and
+    interpreted rows; never the epilogue."""
+    if wide(d):
+        row_width(d)
+        if small_tiles(MAX_ROW_FEATURES, dtype):
+            return LaunchConfig((32, 32, 128), chunk=128)
+        return LaunchConfig((64, 64, 512), num_warps=8, num_stages=1, chunk=64)
     block_d = feature_block(d, "the NT-Xent input")
     precision = precision or dot_precision(dtype)
     narrow = LaunchConfig((32, 32, block_d), num_stages=2 if epilogue or block_d <= 128 else 1)
@@ -977,8 +1100,8 @@ def _scaled_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def prologue_rows(d: int) -> int:
     """Row pairs per prologue program, and rows per program of the split backward's merge: 32
-    at D <= 128, fewer for wider rows (at D = 512, 32 spilled 616 B on sm_90)."""
-    return max(4, 4096 // feature_block(d, "Z"))
+    at D <= 128, fewer for wider rows (at D = 512, 32 spilled 616 B on sm_90; 2 at 2048)."""
+    return max(2, 4096 // row_width(d, "Z"))
 
 
 def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -1003,7 +1126,7 @@ def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
             TINY=torch.finfo(acc).tiny,
             ACC=acc_dtype(z.dtype),
             BLOCK_R=block_r,
-            BLOCK_D=feature_block(d, "Z"),
+            BLOCK_D=row_width(d, "Z"),
         )
     return zs, rs, norms, dist
 
@@ -1104,7 +1227,9 @@ def _grad(
     dz = torch.empty(rows, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
     grad_out = grad_out if epilogue else rs  # read, unused, without the epilogue
-    splits, split_columns = column_splits(rows, rows_total, backward_config(d, zs.dtype))
+    config = backward_config(d, zs.dtype)
+    feature_blocks = triton.cdiv(d, config.block[2]) if config.wide else 1
+    splits, split_columns = column_splits(rows * feature_blocks, rows_total, config)
     in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
     merge = splits > 1 or (epilogue and not in_kernel)
     config = backward_config(d, zs.dtype, epilogue=in_kernel)
@@ -1112,7 +1237,7 @@ def _grad(
     scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     flags = dict(EPILOGUE=epilogue, PER_ROW=row_g is not None, ACC=acc_dtype(rs.dtype))
     with device_guard(zs):
-        _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
+        _grad_kernel[(triton.cdiv(rows, config.block[0]), splits, feature_blocks)](
             Z=zs,
             RS=rs,
             NORMS=norms,
@@ -1149,7 +1274,7 @@ def _grad(
                 splits=splits,
                 **flags,
                 BLOCK_M=prologue_rows(d),
-                BLOCK_D=config.block[2],
+                BLOCK_D=row_width(d),
             )
     return dz
 
@@ -1424,8 +1549,9 @@ NT_XENT = register_fast_path(
 
 def _checked_options(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple:
     check_dtype(z_a, z_b)
-    feature_block(z_a.shape[1], "z")
-    return (SYMMETRIC and fixed_shift_safe(1.0 / temperature, z_a.dtype),)
+    row_width(z_a.shape[1], "z")
+    symmetric = SYMMETRIC and not wide(z_a.shape[1])  # its kernels hold whole rows
+    return (symmetric and fixed_shift_safe(1.0 / temperature, z_a.dtype),)
 
 
 def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -82,6 +82,23 @@ def mma_loop(count: int, tile_macs: int) -> model.Trips:
     return trips
 
 
+def chunked_mma_loops(columns: int, chunks: int, macs: dict[int, int]) -> model.Trips:
+    """Trips of a row kernel whose rows are too wide to hold (`nt_xent.wide`): its column loop
+    (depth 0, with its own product of macs[0] multiply-adds a body, 0 forward) around the
+    scores' loop over feature chunks (depth 1, macs[1] a body). Any other loop is an error."""
+
+    def trips(loop: model.Region) -> int:
+        per_body = loop.clocks["tensor"] * static.MACS_PER_CLOCK["fp16"]
+        if loop.depth not in macs or not loop.has_mma or per_body != macs[loop.depth]:
+            raise ValueError(
+                f"loop {loop.index} (depth {loop.depth}, {per_body:.0f} MACs a body) is not "
+                f"the column loop or the chunk loop ({macs})"
+            )
+        return chunks if loop.depth else columns
+
+    return trips
+
+
 def no_loops(loop: model.Region) -> int:
     raise ValueError(f"loop {loop.index}: this kernel was compiled without loops")
 
@@ -193,15 +210,15 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             "bf16",
             nt._scale_rows_kernel,
             dict(static.NT_XENT_POINTERS, Z="bf16", ZS="fp16"),
-            dict(
-                TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=fwd.block[2]
-            ),
+            dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=width),
             4,
-            (block_r, fwd.block[2]),
+            (block_r, width),
         )
 
+    width = nt.row_width(d)
+    feature_blocks = math.ceil(d / bwd.block[2]) if bwd.wide else 1
     fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
-    bwd_splits, bwd_columns = nt.column_splits(rows, columns, bwd)
+    bwd_splits, bwd_columns = nt.column_splits(rows * feature_blocks, columns, bwd)
     # the epilogue in the backward launch itself, else in the merge (of one split or several)
     in_kernel = bwd_splits == 1 and nt.epilogue_in_backward(d)
     bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
@@ -237,17 +254,28 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             bwd.num_stages,
         )
 
+    fwd_tiles, bwd_tiles = (
+        math.ceil(c / b.block[1]) for c, b in ((fwd_columns, fwd), (bwd_columns, bwd))
+    )
+    if fwd.wide:  # the scores over feature chunks, a block of the features per backward program
+        chunks = math.ceil(d / fwd.chunk), math.ceil(d / bwd.chunk)
+        scores = [config.block[0] * config.block[1] * config.chunk for config in (fwd, bwd)]
+        fwd_trips = chunked_mma_loops(fwd_tiles, chunks[0], {0: 0, 1: scores[0]})
+        bwd_trips = chunked_mma_loops(bwd_tiles, chunks[1], {0: math.prod(bwd.block), 1: scores[1]})
+    else:
+        fwd_trips = mma_loop(fwd_tiles, math.prod(fwd.block))
+        bwd_trips = mma_loop(bwd_tiles, 2 * math.prod(bwd.block))
     launches = [
         model.Launch(_compiled(("prologue", d), prologue), math.ceil(n / block_r), no_loops),
         model.Launch(
             _compiled(("fwd", fwd, fwd_splits > 1), forward),
             math.ceil(rows / fwd.block[0]) * fwd_splits,
-            mma_loop(math.ceil(fwd_columns / fwd.block[1]), math.prod(fwd.block)),
+            fwd_trips,
         ),
         model.Launch(
             _compiled(("bwd", bwd, bwd_splits > 1, in_kernel), backward),
-            math.ceil(rows / bwd.block[0]) * bwd_splits,
-            mma_loop(math.ceil(bwd_columns / bwd.block[1]), 2 * math.prod(bwd.block)),
+            math.ceil(rows / bwd.block[0]) * bwd_splits * feature_blocks,
+            bwd_trips,
         ),
     ]
     if fwd_splits > 1:
@@ -266,9 +294,9 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
 # --- rows ---------------------------------------------------------------------------------------
 
 # The shapes users train at (bf16): N pairs x D, 8 ranks x N_local under gather_distributed.
-NT_XENT_SHAPES = [dict(n=n, d=d) for n in (256, 1024, 4096, 32768) for d in (128, 256)] + [
+NT_XENT_SHAPES = [dict(n=n, d=d) for n in (256, 1024, 4096, 32768) for d in (128, 256, 2048)] + [
     dict(n=n, d=128, ranks=8) for n in (256, 1024)
-]
+]  # D = 2048: TCC contrasting ResNet-50's features (rows wider than the kernels hold)
 
 
 def _floor(op: str, n: int, d: int) -> float:

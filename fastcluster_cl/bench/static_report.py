@@ -33,7 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SM_REGISTERS = 65536
@@ -83,10 +83,19 @@ _SPLIT_FLOAT = ("_hi", "_lo")
 
 def compile_variant(v: Variant):
     """The compiled kernel (cubin and metadata) for sm_90a. Every constexpr of the kernel must be
-    given: one left out would compile as an i32 argument, both sides of its branches kept."""
+    given, or have a default (as a launch leaving it out takes): one left out would compile as
+    an i32 argument, both sides of its branches kept."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
 
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(v.fn.fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    v = replace(v, constexprs={**defaults, **v.constexprs})
     missing = [
         name
         for i, name in enumerate(v.fn.arg_names)
@@ -360,7 +369,7 @@ def nt_xent_merge_variants(d: int) -> list[Variant]:
                 EPILOGUE=True,
                 PER_ROW=False,
                 BLOCK_M=nt.prologue_rows(d),
-                BLOCK_D=nt.feature_block(d, "Z"),
+                BLOCK_D=nt.row_width(d, "Z"),
                 **acc,
             ),
             4,
@@ -448,7 +457,39 @@ def _nt_xent_variants() -> list[Variant]:
                     else {},
                 )
             )
-    for width in (d, 512):
+    # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward,
+    # a block of the features per backward program, the epilogue in the merge.
+    wide = 2048
+    common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
+    fwd, bwd = nt.forward_config(wide, torch.float16), nt.backward_config(wide, torch.float16)
+    for name, kernel, config, constexprs, ptrs in (
+        ("fwd", nt._lse_fwd_kernel, fwd, dict(SPLIT=False), dict(pointers, Z="fp16")),
+        (
+            "bwd",
+            nt._grad_kernel,
+            bwd,
+            dict(SPLIT=False, EPILOGUE=False, PER_ROW=False),
+            dict(pointers, Z="fp16", DZ="fp32"),
+        ),
+    ):
+        chunk = config.block[2]
+        out.append(
+            Variant(
+                f"nt_xent {name} D={wide}",
+                "bf16/fp16",
+                kernel,
+                ptrs,
+                dict(FIXED_SHIFT=True, **constexprs, **common, **config.constexprs),
+                config.num_warps,
+                config.block,
+                config.num_stages,
+                gemms=((config.block[0], config.block[1], chunk),)
+                + (((config.block[0], chunk, config.block[1]),) if name == "bwd" else ()),
+                precision="fp16",
+                targets=dict(no_spills=True),
+            )
+        )
+    for width in (d, 512, wide):
         merges = nt_xent_merge_variants(width)
         out.extend(merges if width == d else merges[1:])  # the forward's merge has no D
         rows = nt.prologue_rows(width)

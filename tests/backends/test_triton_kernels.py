@@ -81,8 +81,9 @@ def test_nt_xent_extreme_inputs_stay_finite():
         )
 
 
-def test_row_range_primitives():
-    n2, d, inv_tau = 74, 20, 2.0
+@pytest.mark.parametrize("d", [20, 1030])  # 1030: feature chunks and blocks (`nt_xent.wide`)
+def test_row_range_primitives(d):
+    n2, inv_tau = 74, 2.0
     z = randn(n2, d, seed=10)
     zn = z / z.norm(dim=1, keepdim=True)
     s = zn @ zn.T * inv_tau
@@ -189,6 +190,52 @@ def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
     instance = sys.modules["fastcluster_cl.kernels.objective.instance"]
     assert [c.block for c in instance.instance_config(256, half)] == [(32, 32, 256)] * 2
     assert instance.instance_config(128, half)[1].block == (64, 64, 128)
+
+
+def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
+    """Beyond MAX_FEATURES a program holds no rows: its scores sum feature chunks, and the
+    backward launches one program per (row block, split, block of features), its epilogue in
+    the merge over whole rows. On a GPU 2-byte rows take 128 x 128 tiles of 64-feature chunks
+    forward and 64 x 64 tiles of 512-feature blocks backward; up to 2048 features."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    grids = []
+    kernel = nt._grad_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(nt, "_grad_kernel", Counted())
+    z_a, z_b = correlated_views(9, 1030, seed=71, noise=0.05)
+    compare(
+        lambda a, b: triton_nt_xent(a, b, 0.1),
+        lambda a, b: reference.nt_xent(a, b, 0.1),
+        (z_a, z_b),
+        torch.float32,
+    )
+    assert grids == [(1, 1, 9)]  # 18 rows, one column tile, 1030 features in blocks of 128
+    for scale in (1e19, 1e-30):  # rows whose squared norm overflows / underflows fp32
+        compare(
+            lambda a, b: triton_nt_xent(a, b, 0.2),
+            lambda a, b: reference.nt_xent(a, b, 0.2),
+            correlated_views(9, 1030, seed=72, scale=scale),
+            torch.float32,
+            loosen=2.0,
+        )
+    monkeypatch.setattr(nt, "_is_interpreted", lambda: False)
+    half, single = torch.bfloat16, torch.float32
+    forward, backward = nt.forward_config(2048, half), nt.backward_config(2048, half)
+    assert (forward.block, forward.chunk, backward.block, backward.chunk) == (
+        (128, 128, 64),
+        64,
+        (64, 64, 512),
+        64,
+    )
+    assert nt.forward_config(1030, single).block == (64, 64, 32)
+    assert not nt.forward_config(512, half).wide and nt.prologue_rows(2048) == 2
+    with pytest.raises(ValueError, match="at most 2048"):
+        nt.forward_config(2049, half)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -300,8 +347,8 @@ def test_float64_row_losses_match_to_rounding():
 
 
 def test_nt_xent_rejects_wide_rows_and_integer_inputs():
-    with pytest.raises(ValueError, match="chunked"):
-        kernels.nt_xent(torch.randn(4, 600), torch.randn(4, 600), 0.5)
+    with pytest.raises(ValueError, match="at most 2048 features.*chunked"):
+        kernels.nt_xent(torch.randn(4, 2049), torch.randn(4, 2049), 0.5)
     with pytest.raises(TypeError, match="float"):
         kernels.nt_xent(
             torch.ones(4, 3, dtype=torch.int32), torch.ones(4, 3, dtype=torch.int32), 0.5
@@ -688,12 +735,15 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
     cpu = torch.device("cpu")
     wide, narrow = randn(6, 513, seed=50), randn(6, 512, seed=51)
+    widest = randn(6, 2049, seed=57)
     many, few = randn(6, 65, seed=52), randn(6, 64, seed=53)
-    assert dispatch.backend_for("nt_xent", "auto", cpu, wide, wide) == "chunked"
+    assert dispatch.backend_for("nt_xent", "auto", cpu, widest, widest) == "chunked"
+    assert dispatch.backend_for("nt_xent", "auto", cpu, wide, wide) == "auto"  # feature chunks
+    assert dispatch.backend_for("nt_xent_bank", "auto", cpu, wide, wide, wide) == "chunked"
     assert dispatch.backend_for("nt_xent", "auto", cpu, narrow, narrow) == "auto"
     assert dispatch.backend_for("cc_cluster_loss", "auto", cpu, many, many) == "auto"  # any K
     assert dispatch.backend_for("student_t", "auto", cpu, wide, randn(1025, 513)) == "chunked"
-    assert dispatch.backend_for("nt_xent", "triton", cpu, wide, wide) == "triton"
+    assert dispatch.backend_for("nt_xent", "triton", cpu, widest, widest) == "triton"
     tall = randn(513, 10, seed=56)  # reduction="none" contrasts the N-long columns
     assert dispatch.backend_for("cc_cluster_loss_terms", "auto", cpu, tall, tall) == "chunked"
     assert dispatch.backend_for("dec_loss_terms", "auto", cpu, few.softmax(1)) == "chunked"
@@ -704,13 +754,13 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
         atol=1e-12,
     )
     torch.testing.assert_close(
-        fc.nt_xent(wide, randn(6, 513, seed=55)),
-        fc.nt_xent(wide, randn(6, 513, seed=55), backend="torch"),
+        fc.nt_xent(widest, randn(6, 2049, seed=55)),
+        fc.nt_xent(widest, randn(6, 2049, seed=55), backend="torch"),
         rtol=1e-10,
         atol=1e-12,
     )
-    with pytest.raises(ValueError, match="at most 512 features"):
-        fc.nt_xent(wide, wide, backend="triton")
+    with pytest.raises(ValueError, match="at most 2048 features"):
+        fc.nt_xent(widest, widest, backend="triton")
 
 
 def test_auto_runs_the_anchor_objective_on_the_separate_ops(monkeypatch):

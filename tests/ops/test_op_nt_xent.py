@@ -41,13 +41,16 @@ REFERENCE_CASES = cases(
             for dtype in (F64, F32, BF16)
             for n, d, tau in [(37, 48, 0.5), (5, 3, 0.05)]
         ],
-        # sizes that are not multiples of the blocks, small temperatures (0.01: online max)
+        # sizes that are not multiples of the blocks, small temperatures (0.01: online max);
+        # rows wider than the registers hold (1030 features: chunks of 128, the backward's
+        # feature blocks, a ragged last one; 40 pairs: several row blocks, column splits)
         "triton": [
             (dtype, n, d, tau)
             for dtype in (F64, F32)
             for n, d, tau in [(37, 48, 0.5), (37, 48, 0.05), (5, 3, 0.01), (40, 100, 0.2)]
         ]
-        + [(dtype, 37, 48, tau) for dtype in (BF16, F16) for tau in (0.5, 0.05)],
+        + [(dtype, 37, 48, tau) for dtype in (BF16, F16) for tau in (0.5, 0.05)]
+        + [(F64, 40, 1030, 0.2), (F64, 3, 2048, 0.5), (F32, 21, 1030, 0.5)],
         # two row blocks and ragged column tiles (2N = 74, 66), D over two k-steps and over the
         # gradient's feature split (150 > BD), 2N = 4 with D = 3, and 2N = 200 where the automatic
         # column split (132 SMs) divides the columns in two
@@ -87,7 +90,13 @@ def test_matches_float64_reference(request, backend, dtype, n, d, tau):
             "chunked": [(F64, 0.3, 7, 5)],
             # the kernel's per-row weights: fixed shift at tau 0.3, online max at tau 0.002 in fp64
             # (20, 24): 40 rows, two row blocks and two column splits under the interpreter
-            "triton": [(F64, 0.3, 7, 5), (F64, 0.002, 7, 5), (F32, 0.2, 20, 24)],
+            # (7, 700): rows wider than the kernels hold, in feature chunks
+            "triton": [
+                (F64, 0.3, 7, 5),
+                (F64, 0.002, 7, 5),
+                (F32, 0.2, 20, 24),
+                (F64, 0.1, 7, 700),
+            ],
             # grad_kernel's per-row loss weights c = g / max|g|, on correlated views
             "cuda-emulated": [(F32, 0.2, 20, 24), (BF16, 0.2, 20, 24)],
             "cuda": [(F32, 0.2, 20, 24), (BF16, 0.2, 20, 24)],
@@ -118,7 +127,11 @@ def test_per_row_gradients(request, backend, dtype, tau, n, d):
         {
             backend: [(dtype, *case) for dtype in LOWP for case in shapes]
             for backend, shapes in [
-                ("triton", [(50, 40, 0.05), (37, 48, 0.1), (64, 128, 0.1), (37, 48, 0.2)]),
+                (
+                    "triton",
+                    [(50, 40, 0.05), (37, 48, 0.1), (64, 128, 0.1), (37, 48, 0.2)]
+                    + [(20, 1030, 0.05)],  # feature chunks
+                ),
                 ("cuda-emulated", [(50, 40, 0.05), (37, 48, 0.1), (37, 48, 0.2)]),
                 ("cuda", [(50, 40, 0.05), (37, 48, 0.1), (64, 128, 0.1), (37, 48, 0.2)]),
             ]
