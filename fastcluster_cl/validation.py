@@ -64,10 +64,10 @@ def check_positive(name: str, value: float) -> float:
     """A finite number > 0 (temperatures, alpha)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not 0 < value < math.inf:  # comparisons, not math.isfinite: they trace as guards
+    number = float(value)
+    if not 0 < number < math.inf:  # comparisons, not math.isfinite: they trace as guards
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+    return number
 
 
 MIN_TEMPERATURE = 1e-8  # lightly's guard against dividing by ~0 (the messages say "1e-8")

@@ -122,7 +122,7 @@ if _IMPORT_ERROR is None:
 
     def cc_cluster_loss_terms_fits(logits_a: torch.Tensor, *_) -> bool:
         """The per-row terms run `nt_xent_terms` on the N-long cluster columns."""
-        return logits_a.shape[0] <= _common.MAX_FEATURES
+        return logits_a.shape[0] <= _MAX_ROW_FEATURES
 
     def student_t_fits(h: torch.Tensor, centers: torch.Tensor) -> bool:
         return centers.shape[0] <= _MAX_CENTERS

@@ -346,6 +346,7 @@ def bank_backward_config(
     """`nt_xent.backward_config`, but 32 rows for 4-byte Zs: the fp32 operand held across the
     loop spilled 24 B at 64 x 32 (sm_90a static report); `nt_xent.narrow_wide_rows` for rows
     wider than 128."""
+    feature_block(d, "the memory bank's rows")  # no wide rows (`nt_xent.wide`) here
     config = backward_config(d, dtype, precision, epilogue)
     if dtype == torch.float32:
         return LaunchConfig((32, 32, config.block[2]), config.num_warps, config.num_stages)

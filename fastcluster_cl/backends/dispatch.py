@@ -55,9 +55,11 @@ def _import(name: str):
         from .. import kernels
 
         return kernels
-    from . import cuda
+    if name == "cuda":
+        from . import cuda
 
-    return cuda
+        return cuda
+    raise ValueError(f"no module for backend {name!r}: add it to dispatch._import")
 
 
 # (op, backend, device) -> the function, or None for an op the backend lacks. Filled on the first
@@ -102,9 +104,9 @@ def implementation(
 def backend_for(op: str, backend: str, device: torch.device, *tensors: torch.Tensor) -> str:
     """`backend` for these inputs: "auto" where it resolves to triton takes chunked when the
     kernels lack `op` (e.g. DEC's per-row terms) or cannot hold the inputs (the triton module's
-    `op`_fits: more than 512 features a row, more than 1024 Student-t centres, ...), instead
-    of raising. An explicit backend is kept (and raises on such inputs,
-    saying why)."""
+    `op`_fits: more than 2048 features an NT-Xent row, more than 1024 Student-t centres,
+    ...), instead of raising. An explicit backend is kept (and raises on such inputs, saying
+    why)."""
     if backend != "auto" or resolve(backend, device) != "triton":
         return backend
     if implementation(op, backend, device, required=False) is None:

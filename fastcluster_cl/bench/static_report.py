@@ -472,7 +472,7 @@ def _nt_xent_variants() -> list[Variant]:
             dict(pointers, Z="fp16", DZ="fp32"),
         ),
     ):
-        chunk = config.block[2]
+        block_m, block_n, block_d = config.block
         out.append(
             Variant(
                 f"nt_xent {name} D={wide}",
@@ -483,8 +483,9 @@ def _nt_xent_variants() -> list[Variant]:
                 config.num_warps,
                 config.block,
                 config.num_stages,
-                gemms=((config.block[0], config.block[1], chunk),)
-                + (((config.block[0], chunk, config.block[1]),) if name == "bwd" else ()),
+                # a chunk of the scores (the steady loop); backward, the A Z product too
+                gemms=((block_m, block_n, config.chunk),)
+                + (((block_m, block_d, block_n),) if name == "bwd" else ()),
                 precision="fp16",
                 targets=dict(no_spills=True),
             )

@@ -346,6 +346,22 @@ def test_float64_row_losses_match_to_rounding():
     torch.testing.assert_close(lse_rows(z, 0, 120, 12.0)[1], want, rtol=1e-13, atol=1e-15)
 
 
+def test_cc_loss_forms_on_long_columns_take_feature_chunks():
+    """`cc_cluster_loss`'s from_probs and reduction="none" forms run NT-Xent on the N-long
+    columns: N = 600 takes the wide kernels, the float64 reference's values and gradients."""
+    logits = [randn(600, 3, seed=s).requires_grad_() for s in (60, 61)]
+    probs = [t.detach().softmax(1).requires_grad_() for t in logits]
+    for inputs, kwargs in ((logits, dict(reduction="none")), (probs, dict(from_probs=True))):
+        got, want = (
+            fc.cc_cluster_loss(*inputs, 0.5, backend=backend, **kwargs)
+            for backend in ("triton", "torch")
+        )
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        g_got, g_want = (torch.autograd.grad(x.sum(), inputs) for x in (got, want))
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_nt_xent_rejects_wide_rows_and_integer_inputs():
     with pytest.raises(ValueError, match="at most 2048 features.*chunked"):
         kernels.nt_xent(torch.randn(4, 2049), torch.randn(4, 2049), 0.5)
@@ -744,7 +760,7 @@ def test_auto_runs_inputs_beyond_the_kernels_on_chunked(monkeypatch):
     assert dispatch.backend_for("cc_cluster_loss", "auto", cpu, many, many) == "auto"  # any K
     assert dispatch.backend_for("student_t", "auto", cpu, wide, randn(1025, 513)) == "chunked"
     assert dispatch.backend_for("nt_xent", "triton", cpu, widest, widest) == "triton"
-    tall = randn(513, 10, seed=56)  # reduction="none" contrasts the N-long columns
+    tall = randn(2049, 10, seed=56)  # reduction="none" contrasts the N-long columns
     assert dispatch.backend_for("cc_cluster_loss_terms", "auto", cpu, tall, tall) == "chunked"
     assert dispatch.backend_for("dec_loss_terms", "auto", cpu, few.softmax(1)) == "chunked"
     torch.testing.assert_close(
