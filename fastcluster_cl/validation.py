@@ -61,8 +61,9 @@ def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def check_positive(name: str, value: float) -> float:
-    """A finite number > 0 (temperatures, alpha)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite number > 0 (temperatures, alpha): any real number type (numpy's and
+    fractions' too, as the NT-Xent temperature takes)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     number = float(value)
     if not 0 < number < math.inf:  # comparisons, not math.isfinite: they trace as guards

@@ -1,7 +1,9 @@
 """Bad input gives a clear error naming the problem, never a NaN loss."""
 
+import fractions
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,8 +152,14 @@ def test_student_t_takes_autocasts_fp32_centers():
 def test_student_t_checks():
     with pytest.raises(ValueError, match="features but centers have"):
         fc.student_t(z(4, 3), z(2, 5))
-    with pytest.raises(ValueError, match="alpha must be"):
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0$"):
         fc.student_t(z(4, 3), z(2, 3), alpha=0)
+    with pytest.raises(TypeError, match="alpha must be a float, got str"):
+        fc.student_t(z(4, 3), z(2, 3), alpha="1")
+    h, mu = z(4, 3), z(2, 3)
+    want = fc.student_t(h, mu, alpha=0.5)
+    for alpha in (np.float32(0.5), np.float64(0.5), fractions.Fraction(1, 2)):  # any real type
+        torch.testing.assert_close(fc.student_t(h, mu, alpha=alpha), want)
 
 
 def test_probabilities_are_checked():
