@@ -1136,12 +1136,15 @@ def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, i
     of at least `MIN_SWEEP_TILES` column blocks is cut into runs of at least `MIN_SPLIT_TILES`
     (but the last, which holds what is left),
     toward `SPLIT_PROGRAMS` programs (flash-decoding's split-K; under the interpreter any
-    sweep into single blocks, so that the tests' few-tile batches run the split launches).
-    Each split sums its range and a merge launch adds the splits in a fixed order: results are
-    run-to-run deterministic and the same on every GPU."""
+    sweep into single blocks, so that the tests' few-tile batches run the split launches, and
+    so for rows too wide to hold, whose tile is a loop over feature chunks: at 2N = 512,
+    D = 2048 the SMs fill, 125 -> 94 us predicted). Each split sums its range and a merge
+    launch adds the splits in a fixed order: results are run-to-run deterministic and the same
+    on every GPU."""
     row_blocks = triton.cdiv(rows, config.block[0])
     column_blocks = triton.cdiv(columns, config.block[1])
-    sweep, least = (1, 1) if _is_interpreted() else (MIN_SWEEP_TILES, MIN_SPLIT_TILES)
+    single = _is_interpreted() or config.wide
+    sweep, least = (1, 1) if single else (MIN_SWEEP_TILES, MIN_SPLIT_TILES)
     wanted = min(column_blocks // least, SPLIT_PROGRAMS // row_blocks)
     splits, per_split = even_splits(column_blocks, wanted if column_blocks >= sweep else 1)
     return splits, per_split * config.block[1]
