@@ -60,18 +60,19 @@ def _value_checks_active(tensors: tuple[torch.Tensor, ...]) -> bool:
     return value_checks_active([t.device for t in tensors])
 
 
+MIN_TEMPERATURE = 1e-8  # lightly's guard against dividing by ~0 (the messages say "1e-8")
+
+
 def check_positive(name: str, value: float) -> float:
-    """A finite number > 0 (temperatures, alpha): any real number type (numpy's and
-    fractions' too, as the NT-Xent temperature takes)."""
+    """A finite number >= MIN_TEMPERATURE (temperatures, alpha; a subnormal temperature made
+    1 / tau overflow and the loss NaN): any real number type (numpy's and fractions' too, as
+    the NT-Xent temperature takes)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     number = float(value)
-    if not 0 < number < math.inf:  # comparisons, not math.isfinite: they trace as guards
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not MIN_TEMPERATURE <= number < math.inf:  # comparisons trace as guards, isfinite not
+        raise ValueError(f"{name} must be a finite number >= 1e-8, got {value}")
     return number
-
-
-MIN_TEMPERATURE = 1e-8  # lightly's guard against dividing by ~0 (the messages say "1e-8")
 
 
 def check_nt_xent_temperature(value: float) -> float:

@@ -152,8 +152,10 @@ def test_student_t_takes_autocasts_fp32_centers():
 def test_student_t_checks():
     with pytest.raises(ValueError, match="features but centers have"):
         fc.student_t(z(4, 3), z(2, 5))
-    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0$"):
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 1e-8, got 0$"):
         fc.student_t(z(4, 3), z(2, 3), alpha=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 1e-8"):
+        fc.cc_cluster_loss(z(4, 3), z(4, 3), 1e-310)  # its inverse overflows: was a NaN loss
     with pytest.raises(TypeError, match="alpha must be a float, got str"):
         fc.student_t(z(4, 3), z(2, 3), alpha="1")
     h, mu = z(4, 3), z(2, 3)
