@@ -267,6 +267,34 @@ def chunked_scores(
 
 
 @triton.jit
+def tile_scores(
+    Z,
+    zi,
+    zj,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    D,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """zs_I zs_J^T of a tile: from the held rows zi and the loaded columns zj, or for rows too
+    wide to hold (`WIDE`) over feature chunks (`chunked_scores`; zi, zj unused)."""
+    if WIDE:
+        return chunked_scores(
+            Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+        )
+    else:
+        return dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
+
+
+@triton.jit
 def _positive_rows(offs_m, half):
     return tl.where(offs_m < half, offs_m + half, offs_m - half)
 
@@ -420,12 +448,23 @@ def _lse_fwd_kernel(
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)  # (unused when WIDE)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        if WIDE:
-            s = chunked_scores(
-                Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
-            )
-        else:
-            s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
+        s = tile_scores(
+            Z,
+            zi,
+            zj,
+            offs_m,
+            mask_m,
+            offs_n,
+            mask_n,
+            D,
+            ACC,
+            PREC,
+            UPCAST,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            WIDE,
+        )
         x = s * qi[:, None] * rj[None, :]
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total) | _positive_tile(
             c0, BLOCK_N, row_lo, BLOCK_M, half
@@ -727,12 +766,23 @@ def grad_block(
             zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
-        if WIDE:
-            s = chunked_scores(
-                Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
-            )
-        else:
-            s = dot(zi, tl.trans(zj), ACC, PREC, UPCAST)
+        s = tile_scores(
+            Z,
+            zi,
+            zj,
+            offs_m,
+            mask_m,
+            offs_n,
+            mask_n,
+            D,
+            ACC,
+            PREC,
+            UPCAST,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            WIDE,
+        )
         x = s * qi[:, None] * rj[None, :]
         if PER_ROW:
             c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)

@@ -56,6 +56,19 @@ def triton_nt_xent(a, b, tau):
     return fc.nt_xent(a, b, tau, backend="triton")
 
 
+def launch_grids(monkeypatch, module, name: str) -> list:
+    """The grids of every launch of `module`.`name` from now on (the kernel still runs)."""
+    grids, kernel = [], getattr(module, name)
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Recorded())
+    return grids
+
+
 def test_tiny_tile_weights_keep_fp16_precision():
     """Weights ~ 1e-8 (2N ~ 1e5 and beyond: unscaled, 72% of them were flushed at 2N = 65536)
     are scaled by 2^14 before their fp16 rounding (support/lowp.py `tiny_weight_case`)."""
@@ -198,15 +211,7 @@ def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
     the merge over whole rows. On a GPU 2-byte rows take 128 x 128 tiles of 64-feature chunks
     forward and 64 x 64 tiles of 512-feature blocks backward; up to 2048 features."""
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
-    grids = []
-    kernel = nt._grad_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(nt, "_grad_kernel", Counted())
+    grids = launch_grids(monkeypatch, nt, "_grad_kernel")
     z_a, z_b = correlated_views(9, 1030, seed=71, noise=0.05)
     compare(
         lambda a, b: triton_nt_xent(a, b, 0.1),
@@ -246,15 +251,7 @@ def test_wide_rows_run_the_epilogue_in_the_merge(monkeypatch, dtype, tau):
     features against the float64 reference: fp32 to its tolerance, bf16 within twice the
     fp32-accumulating chunked path's error."""
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
-    merges = []
-    kernel = nt._grad_merge_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            merges.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(nt, "_grad_merge_kernel", Counted())
+    merges = launch_grids(monkeypatch, nt, "_grad_merge_kernel")
     z_a, z_b = correlated_views(13, 200, seed=70, noise=0.05)
     assert nt.column_splits(26, 26, nt.backward_config(200, dtype))[0] == 1
     if dtype == torch.float32:
