@@ -83,11 +83,12 @@ def round_to(x, DTYPE: tl.constexpr):
         return x.to(DTYPE)
 
 
-def feature_block(d: int, what: str) -> int:
-    """Power-of-two register width for d features; refuse widths the row kernels cannot hold."""
-    if d > MAX_FEATURES:
+def feature_block(d: int, what: str, limit: int = MAX_FEATURES, kernels: str = "") -> int:
+    """Power-of-two register width for d features; refuse widths beyond `limit` (the row
+    kernels hold MAX_FEATURES; `kernels` names those with another limit in the message)."""
+    if d > limit:
         raise ValueError(
-            f"backend='triton' supports at most {MAX_FEATURES} features per row "
+            f"backend='triton' supports at most {limit} features per row{kernels} "
             f"({what} has {d}); use backend='chunked' for wider inputs"
         )
     return max(16, triton.next_power_of_2(d))

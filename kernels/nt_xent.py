@@ -1020,12 +1020,7 @@ def wide(d: int) -> bool:
 def row_width(d: int, what: str = "the NT-Xent input") -> int:
     """Power-of-two width of a whole row of d features (the prologue's and the merge's tiles);
     refuses rows wider than the fast path takes."""
-    if d > MAX_ROW_FEATURES:
-        raise ValueError(
-            f"backend='triton' supports at most {MAX_ROW_FEATURES} features per row for "
-            f"NT-Xent ({what} has {d}); use backend='chunked' for wider inputs"
-        )
-    return max(16, triton.next_power_of_2(d))
+    return feature_block(d, what, MAX_ROW_FEATURES, " for NT-Xent")
 
 
 @dataclass(frozen=True)

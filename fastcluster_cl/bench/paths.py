@@ -829,6 +829,14 @@ def chunked_ops(op: str, shape: dict) -> list[str]:
     return [name for name, xs in checks if not _triton_takes(name, *xs)]
 
 
+def _unit_total(parts: dict):
+    """The objective's total from its parts as functional's `weighted_total` forms it, every
+    weight 1."""
+    from fastcluster_cl.functional import weighted_total
+
+    return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
+
+
 def _separate_total(op: str) -> Callable:
     """The objective as backend="auto" computes it from the separate ops (functional's
     `separate_parts` and `weighted_total`, each op on Triton or, beyond its kernel's limits, on
@@ -837,10 +845,7 @@ def _separate_total(op: str) -> Callable:
     the cluster contrast. All weights 1."""
     import torch
 
-    from fastcluster_cl.functional import three_assignments, weighted_total
-
-    def total_of(parts: dict) -> torch.Tensor:
-        return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
+    from fastcluster_cl.functional import three_assignments
 
     if op == "anchor_objective":
 
@@ -856,14 +861,14 @@ def _separate_total(op: str) -> Callable:
             )
             cluster, anchor = _auto_op("dec_anchor_losses", q0, q_a, q_b)(q0, q_a, q_b)
             instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)
-            return total_of({"instance": instance, "cluster": cluster, "anchor": anchor})
+            return _unit_total({"instance": instance, "cluster": cluster, "anchor": anchor})
 
         return total
 
     def total(z_a, z_b, logits_a, logits_b):
         instance = _auto_op("nt_xent", z_a, z_b)(z_a, z_b, 0.5)
         cluster = _auto_op("cc_cluster_loss", logits_a, logits_b)(logits_a, logits_b, 1.0)
-        return total_of({"instance": instance, "cluster": cluster})
+        return _unit_total({"instance": instance, "cluster": cluster})
 
     return total
 
@@ -929,7 +934,6 @@ def _cuda_total(op: str) -> Callable:
     kernels where they take the inputs (cc: K <= 64), else NT-Xent and the cluster contrast on
     the twin's NT-Xent, weighted. Temperatures 0.5 and 1, every weight 1."""
     from fastcluster_cl.backends import cuda
-    from fastcluster_cl.functional import weighted_total
 
     one_pass = _objective_total(cuda, op)
     if op == "anchor_objective":
@@ -938,11 +942,12 @@ def _cuda_total(op: str) -> Callable:
     def total(z_a, z_b, logits_a, logits_b):
         if cuda.cc_objective_fits(z_a, z_b, logits_a, logits_b):
             return one_pass(z_a, z_b, logits_a, logits_b)
-        parts = {
-            "instance": cuda.nt_xent(z_a, z_b, 0.5),
-            "cluster": cuda.cc_cluster_loss(logits_a, logits_b, 1.0),
-        }
-        return weighted_total(parts, dict.fromkeys(parts, 1.0), "mean").total
+        return _unit_total(
+            {
+                "instance": cuda.nt_xent(z_a, z_b, 0.5),
+                "cluster": cuda.cc_cluster_loss(logits_a, logits_b, 1.0),
+            }
+        )
 
     return total
 
