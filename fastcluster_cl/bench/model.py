@@ -21,9 +21,12 @@ holds an MMA, its nesting depth or its place, what it iterates over at a shape).
 the sum over regions; an SM runs ceil(programs / 132) programs, `ctas_per_sm` at a time
 sharing its units (low: their unit time adds up; high: at least one program's serialised chain
 per group, plus the group's global bytes outside loops at the SM's share of L2 bandwidth); a
-launch costs LAUNCH_S more. What is left out: global-memory latency and L2 misses
-(HBM enters only the floor and the eager model), TMA and wgmma operand reads from shared memory,
-warp scheduling stalls, clock throttling. The constants are stated once below with sources.
+launch costs LAUNCH_S more. Global bytes cross L2 as issued, but a Triton loop's LDG bytes count
+at most the distinct elements its TTGIR loads (`Region.l2_bytes`: a CTA's warps repeating an
+address, as a vector broadcast into an MMA layout does, are served by L1). What is left out:
+global-memory latency and L2 misses (HBM enters only the floor and the eager model), TMA and
+wgmma operand reads from shared memory, warp scheduling stalls, clock throttling. The constants
+are stated once below with sources.
 """
 
 from __future__ import annotations
@@ -93,7 +96,19 @@ class Region:
     waits: bool  # the body waits for all its MMA results before using them
     parent: int | None
     clocks: dict = field(default_factory=dict)  # unit -> SM clocks per execution, per CTA
-    global_bytes: int = 0  # per execution, per CTA
+    global_bytes: int = 0  # per execution, per CTA, as issued (every warp's LDG counted)
+    load_bytes: int = 0  # the LDG part of global_bytes
+    unique_loads: int | None = None  # bytes of the loop's distinct loaded elements (TTGIR)
+
+    @property
+    def l2_bytes(self) -> int:
+        """The bytes this region moves through L2: its LDG bytes no more than the distinct
+        elements it loads, where known. A CTA's warps loading the same addresses (a vector
+        broadcast into an MMA layout, replicated over lanes and warps) are served by L1 after
+        the first request; LDGSTS (cp.async, L1 bypassed) and stores count as issued."""
+        if self.unique_loads is None:
+            return self.global_bytes
+        return self.global_bytes - self.load_bytes + min(self.load_bytes, self.unique_loads)
 
     def low(self) -> float:
         """Every unit overlapped, instructions issued at the peak rate."""
@@ -223,6 +238,10 @@ def regions(
     for region, body in zip(out, members):
         region.clocks = _unit_clocks(body, num_warps)
         region.global_bytes = sum(_global_bytes(ins["op"]) for ins in body) * num_warps
+        region.load_bytes = (
+            sum(_global_bytes(ins["op"]) for ins in body if ins["op"].split(".")[0] == "LDG")
+            * num_warps
+        )
         has_own_mma = any(_macs(ins["op"]) for ins in body)
         region.waits = has_own_mma and any(
             ins["op"].startswith("HMMA")  # synchronous: the warp waits for it
@@ -230,6 +249,35 @@ def regions(
             for ins in body
         )
     return out
+
+
+_TTGIR_POINTER = re.compile(r"(?:tensor<([0-9x]+)x)?!tt\.ptr<[a-z]+(\d+)")
+
+
+def unique_loads(ttgir: str) -> list[tuple[int, int]]:
+    """(nesting depth, bytes of its `tt.load` tensors) of each `scf.for` / `scf.while` loop in
+    a Triton kernel's TTGIR, in text order: what one iteration of the body loads, each element
+    once (a load inside an inner loop counts for the inner loop only)."""
+    loops: list[list[int]] = []
+    stack: list[int | None] = []  # per open region: its loop, or None
+    for raw in ttgir.splitlines():
+        line = raw[: raw.rfind(" loc(")] if " loc(" in raw else raw
+        if "= tt.load " in line and stack:
+            pointer = _TTGIR_POINTER.search(line.rsplit(" : ", 1)[-1])
+            inner = next((i for i in reversed(stack) if i is not None), None)
+            if pointer and inner is not None:
+                shape, bits = pointer.groups()
+                elements = math.prod(int(x) for x in shape.split("x")) if shape else 1
+                loops[inner][1] += elements * max(8, int(bits)) // 8
+        opened = line.count("{") - line.count("}")
+        if opened > 0 and re.search(r"\bscf\.(for|while)\b", line):
+            loops.append([sum(i is not None for i in stack), 0])
+            stack += [len(loops) - 1] + [None] * (opened - 1)
+        elif opened > 0:
+            stack += [None] * opened
+        elif opened < 0:
+            del stack[opened:]
+    return [(depth, nbytes) for depth, nbytes in loops]
 
 
 @dataclass
@@ -259,15 +307,14 @@ def compile_kernel(variant: static.Variant) -> Compiled:
             "no CTA fits on an SM"
         )
     instructions = static.parse_sass(static._tool_output("nvdisasm", ["-c"], cubin))
-    return Compiled(
-        variant.kernel,
-        variant.num_warps,
-        registers,
-        stack,
-        shared,
-        resident,
-        regions(instructions, variant.num_warps),
-    )
+    cut = regions(instructions, variant.num_warps)
+    loops = unique_loads(kernel.asm["ttgir"])
+    # the TTGIR's loops are the SASS's where their nesting agrees (ptxas may split or unroll a
+    # loop of a small kernel: its loads then count as issued)
+    if [depth for depth, _ in loops] == [r.depth for r in cut[1:]]:
+        for region, (_, nbytes) in zip(cut[1:], loops):
+            region.unique_loads = nbytes
+    return Compiled(variant.kernel, variant.num_warps, registers, stack, shared, resident, cut)
 
 
 # trips(loop) -> iterations of that loop (a Region: its has_mma, depth, index) per execution of
@@ -300,7 +347,7 @@ def program_clocks(compiled: Compiled, trips: Trips) -> tuple[float, float, dict
     low = sum(n * r.low() for n, r in zip(counts, compiled.regions))
     high = sum(n * r.high(issue_rate) for n, r in zip(counts, compiled.regions))
     units = {u: sum(n * r.clocks[u] for n, r in zip(counts, compiled.regions)) for u in UNITS}
-    nbytes = sum(n * r.global_bytes for n, r in zip(counts, compiled.regions))
+    nbytes = sum(n * r.l2_bytes for n, r in zip(counts, compiled.regions))
     return low, high, units, nbytes
 
 
@@ -327,7 +374,7 @@ class Launch:
         groups, last = divmod(per_sm, resident)
         sizes = [resident] * groups + ([last] if last else [])
         sm_low = per_sm * low / CLOCK_HZ
-        edge_bytes = self.compiled.regions[0].global_bytes
+        edge_bytes = self.compiled.regions[0].l2_bytes
         fill = MEMORY_LATENCY_CLOCKS if edge_bytes else 0
         edge = edge_bytes / L2_BYTES_PER_SM_CLOCK
         sm_high = sum(max(g * low, high) + fill + g * edge for g in sizes) / CLOCK_HZ

@@ -142,7 +142,10 @@ try:
 except ValueError as err:
     refused = str(err)
 print(json.dumps(dict(
-    loops=[dict(mma=r.has_mma, tensor=r.clocks["tensor"]) for r in compiled.regions[1:]],
+    loops=[
+        dict(mma=r.has_mma, tensor=r.clocks["tensor"], unique_loads=r.unique_loads)
+        for r in compiled.regions[1:]
+    ],
     units=units, ctas=compiled.ctas_per_sm, predict=launch.predict(), refused=refused,
 )))
 """
@@ -169,7 +172,8 @@ def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
     script = tmp_path / "one_mma_loop.py"  # @triton.jit needs its source in a file
     script.write_text(ONE_MMA_LOOP)
     got = _compiled_json([str(script)])
-    assert got["loops"] == [{"mma": True, "tensor": 64 * 64 * 64 / 2048}]
+    # both tiles come through cp.async (LDGSTS): no register loads in the loop's TTGIR
+    assert got["loops"] == [{"mma": True, "tensor": 64 * 64 * 64 / 2048, "unique_loads": 0}]
     assert got["units"]["tensor"] == 1000 * 128
     p = got["predict"]
     per_sm = math.ceil(264 / 132)
@@ -394,6 +398,51 @@ def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
     assert p["low_s"] == pytest.approx(model.LAUNCH_S + max(1000 / model.CLOCK_HZ, l2))
     serial = 1000 + model.MEMORY_LATENCY_CLOCKS + 65536 / model.L2_BYTES_PER_SM_CLOCK
     assert p["high_s"] == pytest.approx(model.LAUNCH_S + serial / model.CLOCK_HZ)
+
+
+# A TTGIR loop (a vector load in the MMA's slice layout, a scalar one under an scf.if, a
+# reduction's region) around an inner loop loading a 2-D tile.
+TTGIR = """
+module attributes {"ttg.num-warps" = 8 : i32} {
+  tt.func public @k(%A: !tt.ptr<f32>, %B: !tt.ptr<f16>) attributes {noinline = false} {
+    %r = scf.for %i = %c0 to %n step %c64 iter_args(%acc = %z) -> (f32)  : i32 {
+      %v = tt.load %p, %m : tensor<64x!tt.ptr<f32>, #ttg.slice<{dim = 0, parent = #mma}>> loc(#loc1)
+      %s = scf.if %c -> (f32) {
+        %x = tt.load %A : !tt.ptr<f32> loc(#loc2)
+        scf.yield %x : f32 loc(#loc3)
+      } else {
+        scf.yield %acc : f32 loc(#loc4)
+      } loc(#loc5)
+      %t = "tt.reduce"(%v) <{axis = 0 : i32}> ({
+      ^bb0(%a: f32, %b: f32):
+        %y = arith.addf %a, %b : f32 loc(#loc6)
+        tt.reduce.return %y : f32 loc(#loc7)
+      }) : (tensor<64xf32, #blocked>) -> f32 loc(#loc8)
+      scf.for %j = %c0 to %n step %c64  : i32 {
+        %w = tt.load %q {contiguity = 8 : i32} : tensor<64x128x!tt.ptr<f16>, #blocked1> loc(#loc9)
+      } loc(#loc10)
+      scf.yield %t : f32 loc(#loc11)
+    } loc(#loc12)
+    tt.return loc(#loc13)
+  } loc(#loc14)
+} loc(#loc15)
+"""
+
+
+def test_unique_loads_read_the_ttgir_loops():
+    """Each loop's `tt.load` tensors, each element once, its inner loop's apart."""
+    assert model.unique_loads(TTGIR) == [(0, 64 * 4 + 4), (1, 64 * 128 * 2)]
+
+
+def test_replicated_loads_cross_l2_once():
+    """A loop whose LDGs load 16 KiB across its warps but 256 distinct bytes (a column vector
+    broadcast into the MMA layout) moves its LDGSTS tile and those 256 bytes through L2; where
+    the TTGIR's loops are not the SASS's, every byte as issued."""
+    units = {u: 0 for u in model.UNITS}
+    loop = model.Region(0, 1, True, False, None, units, 16384 + 16384, 16384, 256)
+    assert loop.l2_bytes == 16384 + 256
+    assert model.Region(0, 1, True, False, None, units, 32768, 16384).l2_bytes == 32768
+    assert model.Region(0, 1, True, False, None, units, 32768, 128, 256).l2_bytes == 32768
 
 
 def test_wide_gemms_run_on_the_fp32_pipe():
