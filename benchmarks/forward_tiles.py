@@ -1,8 +1,9 @@
-"""Time NT-Xent's forward rows launch (with its merge where it splits) at two tile shapes: today's
-64 x 128 on 4 warps against 128 x 64 on 8 warps, whose repeated loads of the columns' scales the
-static cost model counts as L2 traffic (benchmarks/static_notes.md section 20: on hardware they
-should hit L1, and the 128-row tiles would halve the forward's L2 traffic). Medians of
-triton.testing.do_bench on a GPU; under the Triton interpreter one run each, to check the script.
+"""Time NT-Xent's forward rows launch (with its merge where it splits) at its two tile shapes: 64 x
+128 on 4 warps (below `TALL_ROWS` rows) against 128 x 64 on 8 warps, 3 stages (from there), whose
+repeated loads of the columns' scales the cost model takes to hit L1 (benchmarks/static_notes.md
+sections 20 and 23: the 128-row tiles then halve the forward's L2 traffic; this checks that on a
+GPU). Medians of triton.testing.do_bench on a GPU; under the Triton interpreter one run each, to
+check the script.
 
     python benchmarks/forward_tiles.py [--rows 8192,65536] [--dim 128]
 """
@@ -19,7 +20,10 @@ import torch
 if not torch.cuda.is_available():  # run the kernels interpreted (set before triton's import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-TILES = {"64x128, 4 warps (today)": ((64, 128), 4), "128x64, 8 warps": ((128, 64), 8)}
+TILES = {
+    "64x128, 4 warps, 2 stages": ((64, 128), 4, 2),
+    "128x64, 8 warps, 3 stages": ((128, 64), 8, 3),
+}
 
 
 def time_forward(rows: int, dim: int, device: str) -> dict[str, float]:
@@ -34,9 +38,9 @@ def time_forward(rows: int, dim: int, device: str) -> dict[str, float]:
     real = nt.forward_config
     out, first = {}, None
     try:
-        for name, (block, warps) in TILES.items():
-            config = nt.LaunchConfig((*block, nt.feature_block(dim, "Z")), num_warps=warps)
-            nt.forward_config = lambda d, dtype, config=config: config
+        for name, (block, warps, stages) in TILES.items():
+            config = nt.LaunchConfig((*block, nt.feature_block(dim, "Z")), warps, stages)
+            nt.forward_config = lambda d, dtype, rows=0, config=config: config
             run = lambda: nt._lse(zs, rs, dist, 0, rows, 2.0)  # noqa: E731 (tau = 0.5)
             lse = run()[0]
             first = lse if first is None else first
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=128, help="at most 128 (today's 64 x 128)")
     args = parser.parse_args(argv)
     if not 0 < args.dim <= 128:
-        parser.error("--dim must be 1-128: wider rows take other tiles today")
+        parser.error("--dim must be 1-128: wider rows take other tiles")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for rows in (int(r) for r in args.rows.split(",")):
         times = time_forward(rows, args.dim, device)

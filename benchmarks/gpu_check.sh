@@ -16,9 +16,9 @@
 #             and the row-tiled epilogue), the separate Triton ops and torch
 #   anchor    the model's anchor rows measured: D 128, F 512/2048, K 10/100/1000, fp32 centres
 #             (--features), auto, torch and the one-pass Triton kernels
-#   tiles     NT-Xent's forward at 64 x 128 (4 warps, today) against 128 x 64 (8 warps), 2N 8192
-#             and 65536 (benchmarks/forward_tiles.py; static_notes.md section 20: whether the
-#             128-row tiles' repeated scale loads hit L1, which the model cannot tell)
+#   tiles     NT-Xent's forward at 64 x 128 (4 warps) against 128 x 64 (8 warps, 3 stages: from
+#             2N = 4096), 2N 8192 and 65536 (benchmarks/forward_tiles.py; static_notes.md
+#             sections 20 and 23: whether the 128-row tiles' repeated scale loads hit L1)
 #   dali      the DALI pipeline tests on the GPU (device_id=0)
 #   train     a short `fastcluster-cl train` on CUDA with bf16 AMP and --compile; images/s
 # Usage: bash benchmarks/gpu_check.sh [tests|sanitize|bench|objective|model|anchor|tiles|dali|train ...]   (default: tests; one stage a call fits the 10 minutes)

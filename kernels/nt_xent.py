@@ -1070,14 +1070,24 @@ def epilogue_in_backward(d: int) -> bool:
     return row_width(d) <= 128
 
 
-def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
-    """The forward's launch for D features of Zs in `dtype`: 64 x 128 tiles, one warpgroup, two
-    stages (sm_90, D = 128: 128 registers, 2 CTAs/SM, issue ceiling 0.98). Wider 2-byte rows
-    take 64 x 64 tiles (32 x 32 mma.sync tiles were shared-memory bound): two stages at
-    D = 256 (2 CTAs/SM), one at D = 512 (64 x 128 needed 328 KB of shared memory). Wider
-    rows (`wide`) stream chunks of 64 features through 128 x 128 tiles, two warpgroups
-    (64 x 64, chunks of 32, for 4-byte rows): their scores come from L2 at 64 multiply-adds a
-    loaded element (64 x 64 tiles: 32, predicted 2x slower at N = 4096, D = 2048)."""
+# From this many rows (2N) the fast path's forward takes 128-row tiles (`forward_config`).
+TALL_ROWS = 4096
+
+
+def forward_config(d: int, dtype: torch.dtype, rows: int = 0) -> LaunchConfig:
+    """The forward's launch for `rows` rows of D features of Zs in `dtype`. Each program reads
+    every column tile of its split from L2, the limit from 2N = 2048: 128-row tiles on two
+    warpgroups halve that traffic where they keep 2 CTAs/SM (sm_90, benchmarks/static_notes.md
+    section 23). 2-byte rows up to 128 features: 64 x 128 tiles, one warpgroup, two stages
+    (128 registers, issue ceiling 0.98); from TALL_ROWS rows 128 x 64, three stages (80
+    registers; predicted 3186 -> 1597 us at N = 32768, but fewer programs below: 10.0 -> 12.0
+    us at N = 256). 129-256 features: 128 x 32 tiles, two stages (57 registers; was 64 x 64 on
+    one warpgroup: 6313 -> 3160 us at N = 32768, the same at N = 256). 257-512: 64 x 64, one
+    stage (64 x 128 needed 328 KB of shared memory); 32 x 32 mma.sync tiles were shared-memory
+    bound. Wider rows (`wide`) stream chunks of 64 features through 128 x 128 tiles, two
+    warpgroups (64 x 64, chunks of 32, for 4-byte rows): their scores come from L2 at 64
+    multiply-adds a loaded element (64 x 64 tiles: 32, predicted 2x slower at N = 4096,
+    D = 2048)."""
     if wide(d):
         row_width(d)
         if _is_interpreted() or dtype == torch.float64:
@@ -1090,8 +1100,12 @@ def forward_config(d: int, dtype: torch.dtype) -> LaunchConfig:
         return LaunchConfig((32, 32, block_d))
     if dtype == torch.float32:  # 4-byte tiles: 64 columns keep 2 CTAs/SM in shared memory
         return LaunchConfig((64, 64, block_d))
-    if block_d > 128:
-        return LaunchConfig((64, 64, block_d), num_stages=2 if block_d <= 256 else 1)
+    if block_d == 256:
+        return LaunchConfig((128, 32, block_d), num_warps=8)
+    if block_d > 256:
+        return LaunchConfig((64, 64, block_d), num_stages=1)
+    if rows >= TALL_ROWS:
+        return LaunchConfig((128, 64, block_d), num_warps=8, num_stages=3)
     return LaunchConfig((64, 128, block_d))
 
 
@@ -1200,7 +1214,7 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
     [row_start, row_end); with column splits, then the merge."""
     rows_total, d = zs.shape
     rows = row_end - row_start
-    config = forward_config(d, zs.dtype)
+    config = forward_config(d, zs.dtype, rows)
     acc = rs.dtype
     lse = torch.empty(rows, dtype=acc, device=zs.device)
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)

@@ -198,7 +198,7 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
 
     nt = static.kernel_module("nt_xent")
     rows = columns = 2 * n
-    fwd = nt.forward_config(d, torch.float16)
+    fwd = nt.forward_config(d, torch.float16, rows)
     bwd = nt.backward_config(d, torch.float16)
     common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     pointers = dict(static.NT_XENT_POINTERS, Z="fp16")

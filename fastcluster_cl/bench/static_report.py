@@ -408,28 +408,33 @@ def _nt_xent_variants() -> list[Variant]:
         fwd = nt.forward_config(d, zs)
         bwd = nt.backward_config(d, zs, common["PREC"])
         # Unsplit (every column a program, as at 2N = 65536), and, for bf16, the column-split
-        # launches of smaller batches (`nt_xent.column_splits`; their merges below).
+        # launches of smaller batches (`nt_xent.column_splits`; their merges below); for bf16
+        # also the 128-row ("tall") tiles from `nt_xent.TALL_ROWS` rows.
         splits = (False, True) if precision == "fp16" else (False,)
-        for fixed, split in [(True, s) for s in splits] + [(False, False)]:
-            out.append(
-                Variant(
-                    f"nt_xent fwd{'' if fixed else ' online-max'}{' split' if split else ''}",
-                    dtype,
-                    nt._lse_fwd_kernel,
-                    ptrs,
-                    dict(SPLIT=split, FIXED_SHIFT=fixed, **common, **fwd.constexprs),
-                    fwd.num_warps,
-                    fwd.block,
-                    fwd.num_stages,
-                    gemms=((fwd.block[0], fwd.block[1], d),),
-                    precision=precision,
-                    targets=_NT_XENT_FWD
-                    if fixed and not split and precision == "fp16"
-                    else dict(no_spills=True)
-                    if split
-                    else {},
+        talls = ("", " tall") if precision == "fp16" else ("",)
+        for tall in talls:
+            config = nt.forward_config(d, zs, nt.TALL_ROWS) if tall else fwd
+            for fixed, split in [(True, s) for s in splits] + [(False, False)] * (not tall):
+                out.append(
+                    Variant(
+                        f"nt_xent fwd{tall}{'' if fixed else ' online-max'}"
+                        f"{' split' if split else ''}",
+                        dtype,
+                        nt._lse_fwd_kernel,
+                        ptrs,
+                        dict(SPLIT=split, FIXED_SHIFT=fixed, **common, **config.constexprs),
+                        config.num_warps,
+                        config.block,
+                        config.num_stages,
+                        gemms=((config.block[0], config.block[1], d),),
+                        precision=precision,
+                        targets=_NT_XENT_FWD
+                        if fixed and not split and precision == "fp16"
+                        else dict(no_spills=True)
+                        if split
+                        else {},
+                    )
                 )
-            )
         # The mean's backward carries the targets; the per-row one (reduction="none") and the
         # split one (its epilogue in the merge) only no spills.
         for per_row, split in [(False, s) for s in splits] + [(True, False)]:
@@ -457,6 +462,31 @@ def _nt_xent_variants() -> list[Variant]:
                     else {},
                 )
             )
+    # 129-256 features: the forward's 128 x 32 tiles on two warpgroups, unsplit and split.
+    mid = 256
+    config = nt.forward_config(mid, torch.float16)
+    for split in (False, True):
+        out.append(
+            Variant(
+                f"nt_xent fwd D={mid}{' split' if split else ''}",
+                "bf16/fp16",
+                nt._lse_fwd_kernel,
+                dict(pointers, Z="fp16"),
+                dict(
+                    SPLIT=split,
+                    FIXED_SHIFT=True,
+                    ACC=tl.float32,
+                    UPCAST=False,
+                    PREC="ieee",
+                    **config.constexprs,
+                ),
+                config.num_warps,
+                config.block,
+                config.num_stages,
+                gemms=((config.block[0], config.block[1], mid),),
+                targets=dict(no_spills=True) if split else _NT_XENT_FWD,
+            )
+        )
     # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward,
     # a block of the features per backward program, the epilogue in the merge.
     wide = 2048

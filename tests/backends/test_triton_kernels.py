@@ -177,12 +177,51 @@ def test_column_splits_on_a_gpu(monkeypatch):
     assert nt.column_splits(65536, 65536, bwd)[0] == 1
 
 
-def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
-    """Compiled, 2-byte rows of 129-512 features take 64-row tensor-core tiles (the 32 x 32
-    mma.sync tiles were shared-memory bound): 64 x 64 forward (two stages at 256, one at 512),
-    64 x 32 backward at 256 and 32 x 32 at 512; 4-byte rows and the bank kernels keep 32 x 32
-    there, and so do the one-pass objectives' instance launches. Only rows of at most 128
-    features run the epilogue in the backward launch."""
+def test_tall_batches_take_128_row_forward_tiles_on_a_gpu(monkeypatch):
+    """Compiled, the forward of 2-byte rows up to 128 features takes 128 x 64 tiles on 8 warps
+    from TALL_ROWS rows (halving its L2 traffic), 64 x 128 below; wider or 4-byte rows keep
+    theirs."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    half = torch.float16
+    assert nt.forward_config(128, half, nt.TALL_ROWS - 2).block == (64, 128, 128)
+    tall = nt.forward_config(128, half, nt.TALL_ROWS)
+    assert (tall.block, tall.num_warps, tall.num_stages) == ((128, 64, 128), 8, 3)
+    assert nt.forward_config(256, half, 65536).block == (128, 32, 256)
+    assert nt.forward_config(128, torch.float32, 65536).block == (64, 64, 128)
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+@pytest.mark.parametrize("d", [40, 200])
+def test_tall_forward_tiles_match_the_reference(monkeypatch, split, tau, d):
+    """The 128-row forward tiles (128 x 64 at D = 40, 128 x 32 at 200; interpreted, with and
+    without column splits) on correlated bf16 views of 97 pairs, sizes no block divides: loss
+    and gradients against the float64 reference within twice the fp32-accumulating chunked
+    path's error."""
+    nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tall = nt.forward_config(d, torch.float16, nt.TALL_ROWS)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(nt, "forward_config", lambda d, dtype, rows=0: tall)
+    if not split:
+        monkeypatch.setattr(nt, "SPLIT_PROGRAMS", 1)
+    assert tall.block[0] == 128 and (nt.column_splits(194, 194, tall)[0] > 1) == split
+    z_a, z_b = correlated_views(97, d, seed=71, noise=0.05)
+    run = (lambda a, b: triton_nt_xent(a, b, tau), lambda a, b: reference.nt_xent(a, b, tau))
+    grad_err, loss_err = relative_errors(*run, (z_a, z_b), torch.bfloat16)
+    grad_bound, loss_bound = lowp_bounds(
+        lambda a, b: fc.nt_xent(a, b, tau, backend="chunked"), run[1], (z_a, z_b), torch.bfloat16
+    )
+    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err)
+
+
+def test_wide_rows_take_tensor_core_tiles_on_a_gpu(monkeypatch):
+    """Compiled, 2-byte rows of 129-512 features take tensor-core tiles of 64 rows or more
+    (the 32 x 32 mma.sync tiles were shared-memory bound): forward 128 x 32 on 8 warps at 256,
+    64 x 64 in one stage at 512; backward 64 x 32 at 256 and 32 x 32 at 512; 4-byte rows and
+    the bank kernels keep 32 x 32 there, and so do the one-pass objectives' instance launches.
+    Only rows of at most 128 features run the epilogue in the backward launch."""
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
     bank = sys.modules["fastcluster_cl.kernels.nt_xent_bank"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -191,7 +230,7 @@ def test_wide_rows_take_64_row_tiles_on_a_gpu(monkeypatch):
     def tiles(config):
         return config.block, config.num_stages
 
-    assert tiles(nt.forward_config(200, half)) == ((64, 64, 256), 2)
+    assert tiles(nt.forward_config(200, half)) == ((128, 32, 256), 2)
     assert tiles(nt.forward_config(512, half)) == ((64, 64, 512), 1)
     assert tiles(nt.backward_config(256, half)) == ((64, 32, 256), 2)
     assert tiles(nt.backward_config(512, half, epilogue=False)) == ((32, 32, 512), 1)
