@@ -1070,7 +1070,8 @@ def epilogue_in_backward(d: int) -> bool:
     return row_width(d) <= 128
 
 
-# From this many rows (2N) the fast path's forward takes 128-row tiles (`forward_config`).
+# From this many rows a forward launch (2N; a rank's rows under gather_distributed) takes
+# 128-row tiles (`forward_config`).
 TALL_ROWS = 4096
 
 

@@ -251,33 +251,70 @@ def regions(
     return out
 
 
-_TTGIR_POINTER = re.compile(r"(?:tensor<([0-9x]+)x)?!tt\.ptr<[a-z]+(\d+)")
+# A tt.load's pointer type: a tensor of pointers (or one pointer) to a scalar or to a pointer;
+# a block pointer (`!tt.ptr<tensor<...>>`) does not match.
+_TTGIR_POINTER = re.compile(r"^(?:tensor<([0-9x]+)x)?!tt\.ptr<(!tt\.ptr|[a-z]+(\d+))")
+_TTGIR_LOC = re.compile(r"\s+loc\((?:[^()]|\([^()]*\))*\)\s*$")
+# A product on the tensor cores: wgmma, or a tt.dot into an MMA layout (mma.sync; a dot into
+# a blocked layout runs on the FMA units).
+_TTGIR_MMA = re.compile(r"\bttng\.warp_group_dot\b|\btt\.dot\b.*->\s*tensor<[^>]*#mma")
 
 
-def unique_loads(ttgir: str) -> list[tuple[int, int]]:
-    """(nesting depth, bytes of its `tt.load` tensors) of each `scf.for` / `scf.while` loop in
-    a Triton kernel's TTGIR, in text order: what one iteration of the body loads, each element
-    once (a load inside an inner loop counts for the inner loop only)."""
-    loops: list[list[int]] = []
+@dataclass
+class TtgirLoop:
+    """One `scf.for` / `scf.while` of a Triton kernel's TTGIR."""
+
+    depth: int
+    load_bytes: int | None = 0  # its body's tt.load tensors, each element once; None: unread
+    has_mma: bool = False  # the loop (inner loops included) holds a tensor-core product
+
+
+def ttgir_loops(ttgir: str) -> list[TtgirLoop]:
+    """The loops of a kernel's TTGIR in text order, each with what one iteration of its body
+    loads (a load inside an inner loop counts for the inner loop only)."""
+    loops: list[TtgirLoop] = []
     stack: list[int | None] = []  # per open region: its loop, or None
     for raw in ttgir.splitlines():
-        line = raw[: raw.rfind(" loc(")] if " loc(" in raw else raw
-        if "= tt.load " in line and stack:
-            pointer = _TTGIR_POINTER.search(line.rsplit(" : ", 1)[-1])
-            inner = next((i for i in reversed(stack) if i is not None), None)
-            if pointer and inner is not None:
-                shape, bits = pointer.groups()
+        line = _TTGIR_LOC.sub("", raw)
+        inside = [loops[i] for i in stack if i is not None]
+        if "= tt.load " in line and inside:
+            loop = inside[-1]
+            pointer = _TTGIR_POINTER.match(line.rsplit(" : ", 1)[-1].strip())
+            if pointer is None or loop.load_bytes is None:
+                loop.load_bytes = None
+            else:
+                shape, pointee, bits = pointer.groups()
                 elements = math.prod(int(x) for x in shape.split("x")) if shape else 1
-                loops[inner][1] += elements * max(8, int(bits)) // 8
+                width = 8 if pointee == "!tt.ptr" else max(8, int(bits)) // 8
+                loop.load_bytes += elements * width
+        if _TTGIR_MMA.search(line):
+            for loop in inside:
+                loop.has_mma = True
         opened = line.count("{") - line.count("}")
         if opened > 0 and re.search(r"\bscf\.(for|while)\b", line):
-            loops.append([sum(i is not None for i in stack), 0])
+            loops.append(TtgirLoop(len(inside)))
             stack += [len(loops) - 1] + [None] * (opened - 1)
         elif opened > 0:
             stack += [None] * opened
         elif opened < 0:
             del stack[opened:]
-    return [(depth, nbytes) for depth, nbytes in loops]
+    return loops
+
+
+def cap_repeated_loads(cut: list[Region], ttgir: str) -> None:
+    """Give each SASS loop its TTGIR loop's distinct load bytes (`Region.unique_loads`) where
+    the two kernels' loops agree one to one, by nesting and by which hold tensor-core products
+    (ptxas may split a loop into a main and a remainder loop, or unroll one away: then every
+    load counts as issued). The repeated bytes a cap removes from L2 are L1 hits: charged to
+    the shared-memory unit, which L1 shares."""
+    loops = ttgir_loops(ttgir)
+    if [(loop.depth, loop.has_mma) for loop in loops] != [(r.depth, r.has_mma) for r in cut[1:]]:
+        return
+    for region, loop in zip(cut[1:], loops):
+        if loop.load_bytes is not None:
+            region.unique_loads = loop.load_bytes
+            hits = region.load_bytes - min(region.load_bytes, loop.load_bytes)
+            region.clocks["shared"] += hits / SHARED_BYTES_PER_CLOCK
 
 
 @dataclass
@@ -308,12 +345,7 @@ def compile_kernel(variant: static.Variant) -> Compiled:
         )
     instructions = static.parse_sass(static._tool_output("nvdisasm", ["-c"], cubin))
     cut = regions(instructions, variant.num_warps)
-    loops = unique_loads(kernel.asm["ttgir"])
-    # the TTGIR's loops are the SASS's where their nesting agrees (ptxas may split or unroll a
-    # loop of a small kernel: its loads then count as issued)
-    if [depth for depth, _ in loops] == [r.depth for r in cut[1:]]:
-        for region, (_, nbytes) in zip(cut[1:], loops):
-            region.unique_loads = nbytes
+    cap_repeated_loads(cut, kernel.asm["ttgir"])
     return Compiled(variant.kernel, variant.num_warps, registers, stack, shared, resident, cut)
 
 

@@ -414,7 +414,7 @@ def _nt_xent_variants() -> list[Variant]:
         talls = ("", " tall") if precision == "fp16" else ("",)
         for tall in talls:
             config = nt.forward_config(d, zs, nt.TALL_ROWS) if tall else fwd
-            for fixed, split in [(True, s) for s in splits] + [(False, False)] * (not tall):
+            for fixed, split in [(True, s) for s in splits] + [(False, False)]:
                 out.append(
                     Variant(
                         f"nt_xent fwd{tall}{'' if fixed else ' online-max'}"

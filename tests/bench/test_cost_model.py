@@ -141,7 +141,14 @@ try:
     refused = None
 except ValueError as err:
     refused = str(err)
+# NT-Xent's tall forward: its column scales broadcast into the MMA layout, loaded by every warp
+tall = next(v for v in static_report.variants("nt_xent") if v.kernel == "nt_xent fwd tall")
+column_loop = model.compile_kernel(tall).regions[1]
 print(json.dumps(dict(
+    tall=dict(
+        issued=column_loop.global_bytes, ldg=column_loop.load_bytes,
+        unique=column_loop.unique_loads, l2=column_loop.l2_bytes,
+    ),
     loops=[
         dict(mma=r.has_mma, tensor=r.clocks["tensor"], unique_loads=r.unique_loads)
         for r in compiled.regions[1:]
@@ -168,7 +175,7 @@ def _compiled_json(argv: list[str]) -> dict:
 def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
     """A GEMM-like kernel whose only loop loads two 64 x 64 tiles and multiplies them: 4
     HGMMA.64x64x16 per iteration, 128 tensor clocks; 1000 iterations, 264 programs on 132
-    SMs."""
+    SMs. And a loop whose loads repeat across warps, capped at its distinct bytes."""
     script = tmp_path / "one_mma_loop.py"  # @triton.jit needs its source in a file
     script.write_text(ONE_MMA_LOOP)
     got = _compiled_json([str(script)])
@@ -182,6 +189,11 @@ def test_compiled_mma_loop_matches_the_hand_count(tmp_path):
     assert p["waves"] == math.ceil(264 / (132 * got["ctas"]))
     # a kernel no SM can hold is refused, not predicted
     assert got["refused"] and "no CTA fits on an SM" in got["refused"]
+    # the tall forward's 64 column scales (256 B) reach every warp's registers: 16 KiB of LDG,
+    # 256 B of it through L2, beside the column tile's LDGSTS
+    tall = got["tall"]
+    assert (tall["ldg"], tall["unique"]) == (16384, 256)
+    assert tall["l2"] == tall["issued"] - 16384 + 256
 
 
 REGENERATE = (
@@ -400,11 +412,14 @@ def test_bytes_outside_loops_are_serialised_at_the_sms_share_of_l2():
     assert p["high_s"] == pytest.approx(model.LAUNCH_S + serial / model.CLOCK_HZ)
 
 
-# A TTGIR loop (a vector load in the MMA's slice layout, a scalar one under an scf.if, a
-# reduction's region) around an inner loop loading a 2-D tile.
+# TTGIR as Triton prints it: a loop (a vector load in the MMA's slice layout, a scalar one
+# under an scf.if, a reduction's region) around an inner loop loading a 2-D tile and
+# multiplying on the tensor cores; then a while loop loading pointers, and a loop loading
+# through a block pointer and multiplying on the FMA units.
 TTGIR = """
+#loc = loc("k.py":1:0)
 module attributes {"ttg.num-warps" = 8 : i32} {
-  tt.func public @k(%A: !tt.ptr<f32>, %B: !tt.ptr<f16>) attributes {noinline = false} {
+  tt.func public @k(%A: !tt.ptr<f32> {tt.divisibility = 16 : i32} loc("A"(#loc)), %B: !tt.ptr<f16> loc("B"(#loc))) attributes {noinline = false} {
     %r = scf.for %i = %c0 to %n step %c64 iter_args(%acc = %z) -> (f32)  : i32 {
       %v = tt.load %p, %m : tensor<64x!tt.ptr<f32>, #ttg.slice<{dim = 0, parent = #mma}>> loc(#loc1)
       %s = scf.if %c -> (f32) {
@@ -414,35 +429,73 @@ module attributes {"ttg.num-warps" = 8 : i32} {
         scf.yield %acc : f32 loc(#loc4)
       } loc(#loc5)
       %t = "tt.reduce"(%v) <{axis = 0 : i32}> ({
-      ^bb0(%a: f32, %b: f32):
+      ^bb0(%a: f32 loc(callsite(#loc6 at #loc7)), %b: f32 loc(callsite(#loc6 at #loc7))):
         %y = arith.addf %a, %b : f32 loc(#loc6)
         tt.reduce.return %y : f32 loc(#loc7)
       }) : (tensor<64xf32, #blocked>) -> f32 loc(#loc8)
       scf.for %j = %c0 to %n step %c64  : i32 {
         %w = tt.load %q {contiguity = 8 : i32} : tensor<64x128x!tt.ptr<f16>, #blocked1> loc(#loc9)
-      } loc(#loc10)
-      scf.yield %t : f32 loc(#loc11)
-    } loc(#loc12)
-    tt.return loc(#loc13)
-  } loc(#loc14)
-} loc(#loc15)
-"""
+        %d = ttng.warp_group_dot %w, %u, %e : !ttg.memdesc<64x128xf16> -> tensor<64x64xf32, #mma> loc(#loc10)
+      } loc(#loc11)
+      scf.yield %t : f32 loc(#loc12)
+    } {tt.num_stages = 2 : i32} loc(#loc13)
+    %k = scf.while (%a = %c0) : (i32) -> i32 {
+      %pp = tt.load %pq : tensor<16x!tt.ptr<!tt.ptr<f32>>, #blocked> loc(#loc14)
+      scf.condition(%f) %a : i32 loc(#loc15)
+    } do {
+    ^bb0(%a: i32 loc("a"(#loc))):
+      scf.yield %a : i32 loc(#loc16)
+    } loc(#loc17)
+    scf.for %j = %c0 to %n step %c64  : i32 {
+      %b = tt.load %bp : !tt.ptr<tensor<64x64xf16, #blocked1>> loc(#loc18)
+      %f = tt.dot %x, %y, %z : tensor<16x16xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<16x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<16x16xf32, #blocked> loc(#loc18)
+    } loc(#loc19)
+    tt.return loc(#loc20)
+  } loc(#loc21)
+} loc(#loc22)
+"""  # noqa: E501 (as Triton prints it)
 
 
-def test_unique_loads_read_the_ttgir_loops():
-    """Each loop's `tt.load` tensors, each element once, its inner loop's apart."""
-    assert model.unique_loads(TTGIR) == [(0, 64 * 4 + 4), (1, 64 * 128 * 2)]
+def test_ttgir_loops_read_the_loads_and_products():
+    """Each loop's `tt.load` tensors, each element once, its inner loop's apart (pointers 8
+    bytes each); a tensor-core product marks its loop and the loops around it (an FMA one does
+    not); a load the parser cannot size (a block pointer) leaves its loop's bytes unknown."""
+    assert model.ttgir_loops(TTGIR) == [
+        model.TtgirLoop(0, 64 * 4 + 4, True),
+        model.TtgirLoop(1, 64 * 128 * 2, True),
+        model.TtgirLoop(0, 16 * 8, False),
+        model.TtgirLoop(0, None, False),
+    ]
 
 
 def test_replicated_loads_cross_l2_once():
     """A loop whose LDGs load 16 KiB across its warps but 256 distinct bytes (a column vector
-    broadcast into the MMA layout) moves its LDGSTS tile and those 256 bytes through L2; where
-    the TTGIR's loops are not the SASS's, every byte as issued."""
-    units = {u: 0 for u in model.UNITS}
-    loop = model.Region(0, 1, True, False, None, units, 16384 + 16384, 16384, 256)
-    assert loop.l2_bytes == 16384 + 256
-    assert model.Region(0, 1, True, False, None, units, 32768, 16384).l2_bytes == 32768
-    assert model.Region(0, 1, True, False, None, units, 32768, 128, 256).l2_bytes == 32768
+    broadcast into the MMA layout) moves its LDGSTS tile and those 256 bytes through L2; the
+    rest are L1 hits, charged to the shared-memory unit. Where the TTGIR's loops are not the
+    SASS's (nesting, products) every byte counts as issued."""
+    ttgir = "\n".join(
+        [
+            "tt.func @k() {",
+            "scf.for %i {",
+            "%d = ttng.warp_group_dot %a, %b, %c",
+            "%v = tt.load %p : tensor<64x!tt.ptr<f32>>",
+            "}",
+            "}",
+        ]
+    )
+
+    def loop(mma: bool = True) -> model.Region:
+        units = {u: 0 for u in model.UNITS}
+        return model.Region(0, 1, mma, False, None, units, 16384 + 16384, 16384)
+
+    outside = model.Region(-1, 0, False, False, None, {u: 0 for u in model.UNITS}, 4096, 4096)
+    cut = [outside, loop()]
+    model.cap_repeated_loads(cut, ttgir)
+    assert cut[1].l2_bytes == 16384 + 256 and outside.l2_bytes == 4096
+    assert cut[1].clocks["shared"] == (16384 - 256) / model.SHARED_BYTES_PER_CLOCK
+    for other in ([outside, loop(mma=False)], [outside, loop(), loop()]):
+        model.cap_repeated_loads(other, ttgir)
+        assert all(r.unique_loads is None and r.l2_bytes == r.global_bytes for r in other)
 
 
 def test_wide_gemms_run_on_the_fp32_pipe():
