@@ -554,6 +554,31 @@ def _nested_loops(mma_trips: int, tile_macs: int, by_depth: dict[int, int]) -> m
     return trips
 
 
+def anchor_grad_loops(
+    compiled: model.Compiled, column_trips: int, tile_macs: int, slices: int, k: int, f: int, g
+) -> model.Trips:
+    """Trips of the anchor backward's row launch (`_anchor_grad_kernel`, its constexprs `g`):
+    the MMA column loops; the loop over SUB_M-row slices; in it per view, the loop over centre
+    tiles (its w: the body holds the exps) over F chunks of the distances, then the loop over
+    F chunks of dh and dmu over centre tiles."""
+    column = mma_loop(column_trips, tile_macs)
+    tiles, chunks = math.ceil(k / g["BLOCK_K"]), math.ceil(f / g["BLOCK_F"])
+    wide = math.ceil(f / g["BLOCK_FH"])
+
+    def trips(loop: model.Region) -> int:
+        if loop.has_mma:
+            return column(loop)
+        if loop.depth == 0:
+            return slices
+        if loop.depth == 1:
+            return tiles if loop.clocks["mufu"] else wide
+        if loop.depth == 2:
+            return chunks if compiled.regions[loop.parent].clocks["mufu"] else tiles
+        raise ValueError(f"loop {loop.index} at depth {loop.depth} is not expected")
+
+    return trips
+
+
 def anchor_epilogue_loops(
     compiled: model.Compiled, n: int, k: int, block_k: int, slices: int, parts: int
 ) -> model.Trips:
@@ -589,8 +614,7 @@ def anchor_onepass_launches(n: int, d: int, f: int, k: int) -> tuple[list[model.
     the row launch (the column loop over pairs of column tiles; per 16-row slice, unrolled, two
     loops over centre tiles, each over F chunks per view) and its one-program epilogue.
     Backward: the row-parallel gradient launch (two column loops over all 2N columns; a loop
-    over its slices, each with a loop over centre tiles per view, each over F chunks) and the
-    centre gradient's partial sums."""
+    over its slices, `anchor_grad_loops`) and the centre gradient's partial sums."""
     variants = static.anchor_objective_variants(k, d, f)
     compiled = {
         name: _compiled(("anchor", name, k, d, f), lambda v=v: v) for name, v in variants.items()
@@ -627,14 +651,8 @@ def anchor_onepass_launches(n: int, d: int, f: int, k: int) -> tuple[list[model.
         model.Launch(
             compiled["grad"],
             grads,
-            _nested_loops(
-                bwd_trips,
-                2 * math.prod(bwd),
-                {
-                    0: bwd[0] // g["SUB_M"],
-                    1: math.ceil(k / g["BLOCK_K"]),
-                    2: math.ceil(f / g["BLOCK_F"]),
-                },
+            anchor_grad_loops(
+                compiled["grad"], bwd_trips, 2 * math.prod(bwd), bwd[0] // g["SUB_M"], k, f, g
             ),
         ),
         model.Launch(

@@ -832,6 +832,7 @@ _OBJECTIVE_POINTERS = dict(
             "TOTALS",
             "CDEC",
             "DMU_PART",
+            "WEIGHTS",
             "GRAM_PART",
             "COL_PART",
             "GRAM",
@@ -913,7 +914,7 @@ def anchor_objective_variants(k: int, d: int = 128, f: int = 128) -> dict[str, V
 
     common, fwd, bwd = _instance_parts(d)
     forward, backward = _row_gemms(fwd, bwd, d)
-    block_k, block_f, block_full = anchor_k._anchor_blocks(k, f)
+    block_k, block_f, block_fh = anchor_k._anchor_blocks(k, f)
     center = dict(
         HPREC="ieee", HUPCAST=False, SUB_M=anchor_k._SUB_M, BLOCK_K=block_k, BLOCK_F=block_f
     )
@@ -932,7 +933,7 @@ def anchor_objective_variants(k: int, d: int = 128, f: int = 128) -> dict[str, V
             f"objective anchor grad K={k}",
             "bf16",
             anchor_k._anchor_grad_kernel,
-            dict(common, **center, BLOCK_FULL=block_full, **bwd.constexprs)
+            dict(common, **center, BLOCK_FH=block_fh, **bwd.constexprs)
             | dict(BLOCK_K=anchor_k._anchor_blocks(k, f, backward=True)[0]),
             bwd.num_warps,
             bwd.block,

@@ -485,39 +485,6 @@ def _anchor_epilogue_kernel(
 
 
 @triton.jit
-def _view_grad(G, d, alpha, tile, mu, h, sw, wmu, ACC: tl.constexpr, PREC: tl.constexpr):
-    """w = -G (alpha+1) / (alpha + d2) of one view's center tile (0 on padding), G = dL/dlogit:
-    returns (w, sw + sum_k w, wmu + w mu, the tile's w^T h)."""
-    w = tl.where(tile, -G * (alpha + 1.0) / (alpha + d), 0.0)
-    return (
-        w,
-        sw + tl.sum(w, axis=1),
-        wmu + dot(w, mu, ACC, PREC, False),
-        dot(tl.trans(w), h, ACC, PREC, False),
-    )
-
-
-@triton.jit
-def _load_h(H, stride, offs_m, mask_m, F, ACC: tl.constexpr, BLOCK_FULL: tl.constexpr):
-    offs_f = tl.arange(0, BLOCK_FULL)
-    return tl.load(
-        H + offs_m[:, None] * stride + offs_f[None, :],
-        mask=mask_m[:, None] & (offs_f[None, :] < F),
-        other=0.0,
-    ).to(ACC)
-
-
-@triton.jit
-def _store_h(DH, stride, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL: tl.constexpr):
-    offs_f = tl.arange(0, BLOCK_FULL)
-    tl.store(
-        DH + offs_m[:, None] * stride + offs_f[None, :],
-        round_to(sw[:, None] * h - wmu, DH.dtype.element_ty),
-        mask=mask_m[:, None] & (offs_f[None, :] < F),
-    )
-
-
-@triton.jit
 def _assignment_grad_rows(
     H0,
     HV,
@@ -529,6 +496,7 @@ def _assignment_grad_rows(
     LSE,
     CAB,
     DMU_PART,
+    WEIGHTS,
     g,
     alpha,
     pid,
@@ -549,12 +517,15 @@ def _assignment_grad_rows(
     SUB_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    BLOCK_FULL: tl.constexpr,
+    BLOCK_FH: tl.constexpr,
 ):
     """One view's dh of rows [row_lo, row_lo + SUB_M) (VIEW 0: h0, DEC's gradient g; 1, 2:
     h_a, h_b, the anchor's) and its part of the program's partial dmu (stored by view 0 of
-    slice 0, added by the others). One view at a time: only one view's (rows x F) and
-    (tile x F) terms are live."""
+    slice 0, added by the others). With w = -G (alpha + 1) / (alpha + d2) (G = dL/dlogit, 0 on
+    padding): dh = (sum_k w) h - w mu and dmu = (sum_rows w) mu - w^T h. First every center
+    tile's w (the distances over all F) into the program's rows of WEIGHTS, then the F-wide
+    terms in chunks of BLOCK_FH features: no (rows x F) or (tile x F) term is held whole (at
+    F = 512 they spilled)."""
     offs_m = row_lo + tl.arange(0, SUB_M)
     mask_m = offs_m < n
     lse0 = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
@@ -566,10 +537,8 @@ def _assignment_grad_rows(
         c = tl.load(CAB + (VIEW - 1) * n + offs_m, mask=mask_m, other=0.0)
         totals = c
         lse_v = tl.load(LSE + VIEW * n + offs_m, mask=mask_m, other=0.0)
-    h = _load_h(HV, stride_v, offs_m, mask_m, F, ACC, BLOCK_FULL)
+    w_rows = WEIGHTS + (pid * SUB_M + tl.arange(0, SUB_M))[:, None] * k_pad
     sw = tl.zeros([SUB_M], ACC)
-    wmu = tl.zeros([SUB_M, BLOCK_FULL], ACC)
-    offs_f = tl.arange(0, BLOCK_FULL)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -619,18 +588,33 @@ def _assignment_grad_rows(
             )
             qv = tl.where(tile, tl.exp(lv - lse_v[:, None]), 0.0)
             grad = g * (qv * c[:, None] - tl.where(qv >= TINY, q0, 0.0))
-        mu = tl.load(
-            MU + offs_k[:, None] * stride_mu + offs_f[None, :],
-            mask=mask_k[:, None] & (offs_f[None, :] < F),
-            other=0.0,
-        ).to(ACC)
-        w, sw, wmu, wh = _view_grad(grad, d, alpha, tile, mu, h, sw, wmu, ACC, HPREC)
-        dmu = tl.sum(w, axis=0)[:, None] * mu - wh
-        ptrs = DMU_PART + (pid * k_pad + offs_k)[:, None] * F + offs_f[None, :]
-        mask = mask_k[:, None] & (offs_f[None, :] < F)
-        dmu += tl.load(ptrs, mask=mask & (slice_index + VIEW > 0), other=0.0)
-        tl.store(ptrs, dmu, mask=mask)
-    _store_h(DHV, stride_v, offs_m, mask_m, F, sw, wmu, h, BLOCK_FULL)
+        w = tl.where(tile, -grad * (alpha + 1.0) / (alpha + d), 0.0)
+        sw += tl.sum(w, axis=1)
+        tl.store(w_rows + offs_k[None, :], w)
+    tl.debug_barrier()  # the tiles' w, stored in one layout, are read in another
+    for f0 in range(0, F, BLOCK_FH):
+        offs_f = f0 + tl.arange(0, BLOCK_FH)
+        mask_f = offs_f < F
+        rows = mask_m[:, None] & mask_f[None, :]
+        h = tl.load(HV + offs_m[:, None] * stride_v + offs_f[None, :], mask=rows, other=0.0).to(ACC)
+        wmu = tl.zeros([SUB_M, BLOCK_FH], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            centers = (offs_k < K)[:, None] & mask_f[None, :]
+            w = tl.load(w_rows + offs_k[None, :])
+            mu = tl.load(
+                MU + offs_k[:, None] * stride_mu + offs_f[None, :], mask=centers, other=0.0
+            ).to(ACC)
+            wmu += dot(w, mu, ACC, HPREC, False)
+            dmu = tl.sum(w, axis=0)[:, None] * mu - dot(tl.trans(w), h, ACC, HPREC, False)
+            ptrs = DMU_PART + (pid * k_pad + offs_k)[:, None] * F + offs_f[None, :]
+            dmu += tl.load(ptrs, mask=centers & (slice_index + VIEW > 0), other=0.0)
+            tl.store(ptrs, dmu, mask=centers)
+        tl.store(
+            DHV + offs_m[:, None] * stride_v + offs_f[None, :],
+            round_to(sw[:, None] * h - wmu, DHV.dtype.element_ty),
+            mask=rows,
+        )
 
 
 @triton.jit
@@ -670,6 +654,7 @@ def _anchor_grad_kernel(
     DHA,
     DHB,
     DMU_PART,
+    WEIGHTS,
     n,
     D,
     K,
@@ -694,7 +679,7 @@ def _anchor_grad_kernel(
     SUB_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    BLOCK_FULL: tl.constexpr,
+    BLOCK_FH: tl.constexpr,
 ):
     """The backward row launch of the anchor method: dz of rows I and I + N, then dh and the
     partial dmu in SUB_M-row slices (registers independent of BLOCK_M)."""
@@ -743,6 +728,7 @@ def _anchor_grad_kernel(
             LSE,
             CAB,
             DMU_PART,
+            WEIGHTS,
             g_dec,
             alpha,
             pid,
@@ -763,7 +749,7 @@ def _anchor_grad_kernel(
             SUB_M,
             BLOCK_K,
             BLOCK_F,
-            BLOCK_FULL,
+            BLOCK_FH,
         )
         tl.debug_barrier()
         _assignment_grad_rows(
@@ -777,6 +763,7 @@ def _anchor_grad_kernel(
             LSE,
             CAB,
             DMU_PART,
+            WEIGHTS,
             g_anc,
             alpha,
             pid,
@@ -797,7 +784,7 @@ def _anchor_grad_kernel(
             SUB_M,
             BLOCK_K,
             BLOCK_F,
-            BLOCK_FULL,
+            BLOCK_FH,
         )
         tl.debug_barrier()
         _assignment_grad_rows(
@@ -811,6 +798,7 @@ def _anchor_grad_kernel(
             LSE,
             CAB,
             DMU_PART,
+            WEIGHTS,
             g_anc,
             alpha,
             pid,
@@ -831,7 +819,7 @@ def _anchor_grad_kernel(
             SUB_M,
             BLOCK_K,
             BLOCK_F,
-            BLOCK_FULL,
+            BLOCK_FH,
         )
         tl.debug_barrier()
 
@@ -842,14 +830,19 @@ _FWD_BLOCK_K = 32  # center tiles of the forward (64 spilled 24 B on sm_90 at K 
 _BWD_BLOCK_K = 16  # and of the backward, whose (tile x F) products w^T h live per view
 
 
+# Features per chunk of the backward's dh rows and dmu tiles (sm_90: whole 512-feature terms
+# spilled 1408 B, chunks of 128 32 B; 64 is the widest without spills).
+_BWD_BLOCK_FH = 64
+
+
 def _anchor_blocks(k: int, f: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_F, BLOCK_FULL): center tiles (`student_t._blocks`, capped as above:
-    the static report), F chunks of the distance dots, the full F of the dh rows."""
+    """(BLOCK_K, BLOCK_F, BLOCK_FH): center tiles (`student_t._blocks`, capped as above: the
+    static report), F chunks of the distance dots, F chunks of the backward's dh and dmu."""
     block_k, block_f = _student_blocks(k, f)
     return (
         min(block_k, _BWD_BLOCK_K if backward else _FWD_BLOCK_K),
         block_f,
-        feature_block(f, "h"),
+        min(feature_block(f, "h"), _BWD_BLOCK_FH),
     )
 
 
@@ -1021,9 +1014,10 @@ def anchor_objective_backward(
     dev = z_a.device
     _, bwd = instance_config(d, zs.dtype)
     block_m = bwd.block[0]
-    block_k, block_f, block_full = _anchor_blocks(k, f_dim, backward=True)
+    block_k, block_f, block_fh = _anchor_blocks(k, f_dim, backward=True)
     parts = triton.cdiv(n, block_m)
     k_pad = triton.cdiv(k, block_k) * block_k
+    weights = torch.empty(parts, _SUB_M, k_pad, dtype=acc, device=dev)
     dz_a, dz_b = torch.empty_like(z_a), torch.empty_like(z_b)
     dh0, dh_a, dh_b = torch.empty_like(h0), torch.empty_like(h_a), torch.empty_like(h_b)
     d_mu = torch.empty_like(centers)
@@ -1052,6 +1046,7 @@ def anchor_objective_backward(
             DHA=dh_a,
             DHB=dh_b,
             DMU_PART=dmu_part,
+            WEIGHTS=weights,
             n=n,
             D=d,
             K=k,
@@ -1072,7 +1067,7 @@ def anchor_objective_backward(
             SUB_M=_SUB_M,
             BLOCK_K=block_k,
             BLOCK_F=block_f,
-            BLOCK_FULL=block_full,
+            BLOCK_FH=block_fh,
             **bwd.constexprs,
             num_warps=bwd.num_warps,
             num_stages=bwd.num_stages,

@@ -44,6 +44,22 @@ def test_anchor_float64(k, tau, fused):
 
 
 @FUSED
+def test_anchor_features_cross_the_gradient_chunks(fused):
+    """F = 300: the fused backward's dh rows and dmu tiles in chunks of 64 features, the last
+    partial, over two center tiles."""
+    compare(
+        anchor_call,
+        fused,
+        reference.anchor_objective,
+        anchor_inputs(k=20, f=300),
+        [F64] * 6,
+        1e-10,
+        [1e-10] * 6,
+        tau=0.1,
+    )
+
+
+@FUSED
 def test_anchor_float32(fused):
     compare(
         anchor_call,
@@ -78,10 +94,13 @@ def test_anchor_assignment_extremes(case, fused):
 
 
 @FUSED
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_anchor_low_precision(dtype, fused):
-    """bf16/fp16 z and h with float32 centers (AMP training)."""
-    inputs = anchor_inputs(k=10)
+@pytest.mark.parametrize(
+    "dtype, f", [(torch.bfloat16, 40), (torch.float16, 40), (torch.bfloat16, 300)]
+)
+def test_anchor_low_precision(dtype, f, fused):
+    """bf16/fp16 z and h with float32 centers (AMP training), F within one gradient chunk and
+    across several."""
+    inputs = anchor_inputs(k=10, f=f)
     dtypes = [dtype] * 5 + [torch.float32]
     value_tol, grad_tols = low_precision_bounds(
         anchor_call, reference.anchor_objective, inputs, dtypes, tau=0.1
