@@ -714,7 +714,7 @@ def _anchor_grad_kernel(
     g_dec = (tl.load(GRAD + 2).to(ACC) + g_total * tl.load(PARAMS + 3)) / n
     g_anc = (tl.load(GRAD + 3).to(ACC) + g_total * tl.load(PARAMS + 4)) / n
     alpha = tl.load(PARAMS + 1).to(ACC)
-    # the slices and views add to the partial dmu in turn: a barrier after each
+    # the slices and views add to the partial dmu and reuse WEIGHTS in turn: a barrier after each
     for s in range(0, BLOCK_M // SUB_M):  # not unrolled: one copy of the slice's code
         lo = row_lo + s * SUB_M
         _assignment_grad_rows(
@@ -827,7 +827,7 @@ def _anchor_grad_kernel(
 # -- anchor --
 
 _FWD_BLOCK_K = 32  # center tiles of the forward (64 spilled 24 B on sm_90 at K = 100)
-_BWD_BLOCK_K = 16  # and of the backward, whose (tile x F) products w^T h live per view
+_BWD_BLOCK_K = 16  # and of the backward, whose (tile x BLOCK_FH) products w^T h live per view
 
 
 # Features per chunk of the backward's dh rows and dmu tiles (sm_90: whole 512-feature terms
