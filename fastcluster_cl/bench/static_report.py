@@ -462,6 +462,8 @@ def _nt_xent_variants() -> list[Variant]:
                     else {},
                 )
             )
+    # bf16 rows wider than 128 features (fp16 Zs, fp32 accumulation):
+    common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     # 129-256 features: the forward's 128 x 32 tiles on two warpgroups, unsplit and split.
     mid = 256
     config = nt.forward_config(mid, torch.float16)
@@ -472,14 +474,7 @@ def _nt_xent_variants() -> list[Variant]:
                 "bf16/fp16",
                 nt._lse_fwd_kernel,
                 dict(pointers, Z="fp16"),
-                dict(
-                    SPLIT=split,
-                    FIXED_SHIFT=True,
-                    ACC=tl.float32,
-                    UPCAST=False,
-                    PREC="ieee",
-                    **config.constexprs,
-                ),
+                dict(SPLIT=split, FIXED_SHIFT=True, **common, **config.constexprs),
                 config.num_warps,
                 config.block,
                 config.num_stages,
@@ -490,7 +485,6 @@ def _nt_xent_variants() -> list[Variant]:
     # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward,
     # a block of the features per backward program, the epilogue in the merge.
     wide = 2048
-    common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     fwd, bwd = nt.forward_config(wide, torch.float16), nt.backward_config(wide, torch.float16)
     for name, kernel, config, constexprs, ptrs in (
         ("fwd", nt._lse_fwd_kernel, fwd, dict(SPLIT=False), dict(pointers, Z="fp16")),
