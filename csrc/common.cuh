@@ -49,6 +49,29 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// max(x[0..count), 0) over a block of kBlockWarps warps, returned to every thread (a barrier
+// inside: every thread of the block calls it; scratch holds kBlockWarps floats of shared memory).
+template <int kBlockWarps>
+__device__ float block_max(const float* __restrict__ x, int count, float* scratch) {
+  float top = 0.f;
+  for (int e = threadIdx.x; e < count; e += 32 * kBlockWarps) top = fmaxf(top, x[e]);
+  top = warp_max(top);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = top;
+  __syncthreads();
+  top = scratch[0];
+  for (int w = 1; w < kBlockWarps; ++w) top = fmaxf(top, scratch[w]);
+  return top;
+}
+
+// The backward's tile weight scale (kernels/nt_xent.py `weight_scale`): the power of two
+// 2^(15 - ceil(log2 bound)), bound (>= every weight) clamped to [2^-100, 2], so that the scaled
+// weights stay at most 2^15 in fp16 and the largest keep its 11-bit precision however small.
+__device__ __forceinline__ float weight_scale(float bound) {
+  int e;  // bound = f 2^e, f in [0.5, 1): ceil(log2 bound) = e, or e - 1 for f = 0.5
+  const float f = frexpf(fminf(fmaxf(bound, 7.888609052210118e-31f), 2.f), &e);
+  return ldexpf(1.f, 15 - (f == 0.5f ? e - 1 : e));
+}
+
 // Online base-2 log-sum-exp: folds the values x (-inf: masked out) into the running
 // (run_max, run_sum), sum of 2^(x - run_max); an empty state is (-inf, 0).
 template <int N>

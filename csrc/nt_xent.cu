@@ -13,14 +13,16 @@
 //            without cancellation: loss_i = softplus(lse_neg_i - S_i,pos(i)).
 //   backward (grad_kernel): A_ij = P_ij + P_ji = exp(S_ij - lse_i) + exp(S_ij - lse_j) from the
 //            saved lse (S is symmetric) -- with per-row loss weights c (reduction="none",
-//            |c| <= 1: the incoming gradients over their largest magnitude, so that the 2^14
-//            scaling below stays valid) A_ij = c_i P_ij + c_j P_ji and the positive's
+//            |c| <= 1: the incoming gradients over their largest magnitude, so that the
+//            weight bound below holds) A_ij = c_i P_ij + c_j P_ji and the positive's
 //            c_i (P_i,pos - 1) + c_pos (P_pos,i - 1) --
 //            saved lse (S is symmetric), and for the positive pair A - 2 = expm1(-loss_i) +
 //            expm1(-loss_pos(i)) (A is ~2 there for correlated views at small tau: subtracting
 //            2 zn_pos after the rounded product cancelled catastrophically). The weights are
-//            scaled by 2^14 before their rounding (|A| <= 2: no fp16 overflow, and the ~1/m
-//            weights of large batches stay clear of the subnormals), then
+//            scaled before their rounding by the power of two `weight_scale` of their bound
+//            2 min(max loss, 1) (each block reduces the m losses): no fp16 overflow, the ~1/m
+//            weights of large batches clear of the subnormals, and those of nearly solved
+//            batches too (a fixed 2^14 flushed them), then
 //            G += (A diag(rs_cols)) Zs_cols[:, d0:d0+BD]; grid.y splits the features so that
 //            the G accumulator stays in registers. One writer per output row: no atomics.
 // Column splits (grid.z): when the row blocks alone cannot fill the GPU, each block sweeps only
@@ -40,6 +42,7 @@
 namespace {
 
 using namespace nvcuda;
+using fcl::block_max;
 using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
@@ -54,6 +57,7 @@ using fcl::sum_splits_kernel;
 using fcl::to_float;
 using fcl::warp_max;
 using fcl::warp_sum;
+using fcl::weight_scale;
 using namespace fcl::tiles;
 
 __device__ __forceinline__ int positive_of(int i, int m) {
@@ -151,6 +155,9 @@ __global__ void __launch_bounds__(kThreads)
   // Row i's loss weight c_i (per-row gradients, |c| <= 1; 1 for the mean's).
   const float c_i = weight_full != nullptr && i < row_end ? weight_full[i] : 1.f;
   const float pos_i = i < row_end ? c_i * expm1f(-loss_full[i]) : 0.f;  // c_i (P_i,pos(i) - 1)
+  // |A_ij| <= m_i + m_j, m = 1 - e^-loss <= min(loss, 1) (|c| <= 1): the tile weights' scale
+  __shared__ float red[kWarps];
+  const float scale = weight_scale(2.f * fminf(block_max<kWarps>(loss_full, m, red), 1.f));
 
   GradAccumulator<T> acc;  // G (BM x BD), registers
 
@@ -180,14 +187,14 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       // A zn_J = (A diag(rs_J)) zs_J; fp32: the same element it just read.
-      Ps[r * Tr::LDP + col] = from_float<T>(a * rs_col[col] * kWeightScale);
+      Ps[r * Tr::LDP + col] = from_float<T>(a * rs_col[col] * scale);
     }
     __syncthreads();
     acc.add(Ps, Zd);
     __syncthreads();  // the next tile overwrites Ps, Zd, Ss
   }
 
-  acc.store(g, smem, r0, row_start, row_end, d0, d);
+  acc.store(g, smem, r0, row_start, row_end, d0, d, 1.f / scale);
 }
 
 // One warp per pair i: rows z_a[i], z_b[i] scaled by their exact powers of two into zs (type

@@ -17,13 +17,14 @@
 //            large terms cancel), loss = softplus(t), and the backward's row weight
 //            u = exp(dist / tau - loss) = exp(1/tau - lse) (fixed shift) or lse log2(e).
 //   backward (bank_grad_kernel): G = sum_k P_ik bank_k over the column tiles, P_ik =
-//            2^(x - shift) u_i (one exp per element), the tile weights scaled by 2^14 before
-//            their rounding to the bank's type (P <= 1: no fp16 overflow, small weights clear of
-//            the subnormals) and multiplied on the tensor cores with the bank's hi part
-//            (tiles.cuh: GradAccumulator); grid.y splits the features. G is written to an fp32
-//            workspace; bank_finish_kernel (one warp per row) then applies the row's incoming
-//            gradient w_i (1/n for the mean) and the positive's weight P_pos - 1 =
-//            expm1(-loss_i):
+//            2^(x - shift) u_i (one exp per element), the tile weights scaled before their
+//            rounding to the bank's type by the power of two `weight_scale` of the block's
+//            largest P <= min(loss, 1) (no fp16 overflow, small weights clear of the
+//            subnormals however small the losses) and multiplied on the tensor cores with the
+//            bank's hi part (tiles.cuh: GradAccumulator); grid.y splits the features. G is
+//            written to an fp32 workspace; bank_finish_kernel (one warp per row) then applies
+//            the row's incoming gradient w_i (1/n for the mean) and the positive's weight
+//            P_pos - 1 = expm1(-loss_i):
 //                g_a = w_i/tau (G_i + (P_pos - 1) zn_b_i),   g_b = w_i/tau (P_pos - 1) zn_a_i,
 //            each through the normalisation's backward, written to dz_a and dz_b. No atomics,
 //            no gradient to the bank. See fcl_kernels.h for the launcher contract.
@@ -34,6 +35,7 @@
 
 namespace {
 
+using fcl::block_max;
 using fcl::blocks_for;
 using fcl::dispatch;
 using fcl::from_float;
@@ -44,6 +46,7 @@ using fcl::kNormEps;
 using fcl::softplus;
 using fcl::to_float;
 using fcl::warp_sum;
+using fcl::weight_scale;
 using namespace fcl::tiles;
 
 // Thread t owns row t / 2 of the block and the interleaved tile columns 2c + t % 2, as in
@@ -104,7 +107,8 @@ __global__ void __launch_bounds__(kThreads)
     bank_grad_kernel(const T* __restrict__ zs, const float* __restrict__ rs,
                      const T* __restrict__ bank, const T* __restrict__ bank_lo, int n,
                      int m_bank, int d, float inv_tau, int fixed_shift,
-                     const float* __restrict__ row_w, float* __restrict__ g) {
+                     const float* __restrict__ row_w, const float* __restrict__ row_loss,
+                     float* __restrict__ g) {
   using Tr = Tile<T>;
   __shared__ __align__(128) unsigned char smem[Tr::kBytes];
   float* Ss = reinterpret_cast<float*>(smem + Tr::kSOffset);
@@ -117,6 +121,10 @@ __global__ void __launch_bounds__(kThreads)
   const float shift = inv_tau * kLog2e;
   const float q_i = i < n ? rs[i] * shift : 0.f;
   const float u_i = i < n ? row_w[i] : 0.f;
+  // P_ik <= 1 - P_pos <= min(loss_i, 1): the tile weights' scale from the block's rows
+  __shared__ float red[kWarps];
+  const int rows = n - r0 < BM ? n - r0 : BM;
+  const float scale = weight_scale(fminf(block_max<kWarps>(row_loss + r0, rows, red), 1.f));
   GradAccumulator<T> acc;
   for (int c0 = 0; c0 < m_bank; c0 += BN) {
     score_tile<T, kSplit>(zs, n, r0, bank, bank_lo, m_bank, c0, d, smem);
@@ -130,13 +138,13 @@ __global__ void __launch_bounds__(kThreads)
         p = fixed_shift ? exp2f(x - shift) * u_i : exp2f(x - u_i);
       }
       // fp32: in place, the same element it just read.
-      Ps[r * Tr::LDP + col] = from_float<T>(p * kWeightScale);
+      Ps[r * Tr::LDP + col] = from_float<T>(p * scale);
     }
     __syncthreads();
     acc.add(Ps, Zd);
     __syncthreads();  // the next tile overwrites Ps, Zd, Ss
   }
-  acc.store(g, smem, r0, 0, n, d0, d);
+  acc.store(g, smem, r0, 0, n, d0, d, 1.f / scale);
 }
 
 // One warp per row i < n: the epilogue above (see the header comment); w holds the n incoming
@@ -213,7 +221,8 @@ extern "C" int fcl_nt_xent_bank_grad(int dtype, const void* zs, const float* rs,
     const dim3 grid(blocks_for(n, BM), blocks_for(d, Tile<T>::BD), 1);
     bank_grad_kernel<T, decltype(split)::value><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(zs), rs, static_cast<const T*>(bank),
-        static_cast<const T*>(bank_lo), n, m_bank, d, inv_tau, fixed_shift, row_w, workspace);
+        static_cast<const T*>(bank_lo), n, m_bank, d, inv_tau, fixed_shift, row_w, row_loss,
+        workspace);
     const int launched = static_cast<int>(cudaGetLastError());
     if (launched != 0) return launched;
     return dispatch(dz_dtype, [&](auto out_tag) {

@@ -31,8 +31,8 @@
 //             entropies; both: the means and out = [total, parts...], total = weights . parts.
 //   backward: NT-Xent: A_ij = P_ij + P_ji (the positive: expm1(-loss_i) + expm1(-loss_pos)),
 //             G_i = sum_j A_ij zn_j = (A diag(rs)) (z p)_j accumulated per column tile (wmma:
-//             the A tile scaled by 2^14 and rounded to fp16, as in nt_xent.cu) into an fp32
-//             m x d scratch (each element owned by one thread: no atomics), then
+//             the A tile scaled by `weight_scale` and rounded to fp16, as in nt_xent.cu) into an
+//             fp32 m x d scratch (each element owned by one thread: no atomics), then
 //             dz_i = (u - zn_i (zn_i . u)) / norm_i with u = s G_i, s = dL/dinstance / (m tau).
 //             anchor: the distances and q recomputed from h, the centers and the saved lse
 //             (nothing N x K is saved); G = dL/dlogit, the exact derivative of the clamped log
@@ -69,7 +69,6 @@ constexpr int BN = 32;         // columns per tile
 constexpr int BK = 32;         // features per step
 constexpr int kPerThread = BM * BN / kThreads;  // tile entries per thread
 constexpr int kEpilogueThreads = 256;
-constexpr float kWeightScale = 16384.f;  // A tile scale before its fp16 rounding (nt_xent.cu)
 static_assert(BM * 4 == kThreads && BN == 4 * kPerThread,
               "thread t owns row t / 4 and columns t % 4 + 4 j of a tile");
 static_assert(BM == 32 && BN == 32 && BK == 32 && kThreads == 128,
@@ -92,7 +91,7 @@ struct Tiles {
   __align__(128) E a[BM][LDA];    // the block's rows z p (feature step)
   __align__(128) E b[BN][LDA];    // the tile's columns z p (feature step)
   __align__(128) float s[BM][LDS];  // wmma: score / G staging; SIMT backward: the A tile
-  __align__(128) E pa[kTensorCores ? BM : 1][LDP];  // wmma backward: 2^14 A diag(rs_cols)
+  __align__(128) E pa[kTensorCores ? BM : 1][LDP];  // wmma backward: A diag(rs_cols) scaled
   float row_p[BM], row_rs[BM];    // powers of two and 1 / max(||z p||, eps p) of the rows
   float col_p[BN], col_rs[BN];    // ... and of the tile's columns
   float col_lse[BN], col_pos[BN];  // backward: the columns' lse (base 2) and expm1(-loss)
@@ -307,6 +306,10 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
   }
   const float lse_i = gi >= 0 ? rows[2 * m + gi] * kLog2e : 0.f;
   const float pos_i = gi >= 0 ? expm1f(-rows[3 * m + gi]) : 0.f;  // P_i,pos - 1
+  // the A tile's scale from its bound 2 min(max loss, 1) (nt_xent.cu's grad_kernel)
+  __shared__ float red[kWarps];
+  const float wscale = weight_scale(2.f * fminf(block_max<kWarps>(rows + 3 * m, m, red), 1.f));
+  const float unscale = 1.f / wscale;
   auto cols = [&](int c0) { return [=](int cc) { return c0 + cc < m ? c0 + cc : -1; }; };
   for (int c0 = 0; c0 < m; c0 += BN) {
     for (int e = threadIdx.x; e < BN; e += kThreads) {
@@ -332,7 +335,7 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
       }
       // A zn_cols = (A diag(rs_cols)) (z p)_cols
       if constexpr (Tr::kTensorCores) {
-        t.pa[r][col] = __float2half_rn(a * t.col_rs[col] * kWeightScale);
+        t.pa[r][col] = __float2half_rn(a * t.col_rs[col] * wscale);
       } else {
         t.s[r][col] = a * t.col_rs[col];
       }
@@ -349,7 +352,7 @@ __device__ void nt_xent_backward_block(const T* z_a, const T* z_b, int n, int d,
         wmma::store_matrix_sync(&t.s[wr][wc], frag, Tr::LDS, wmma::mem_row_major);
         __syncthreads();
 #pragma unroll
-        for (int jj = 0; jj < kPerThread; ++jj) part[jj] = t.s[r][q + 4 * jj] / kWeightScale;
+        for (int jj = 0; jj < kPerThread; ++jj) part[jj] = t.s[r][q + 4 * jj] * unscale;
       } else {
 #pragma unroll
         for (int jj = 0; jj < kPerThread; ++jj) part[jj] = 0.f;

@@ -22,7 +22,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int BM = 64;         // rows per block
 constexpr int BN = 64;         // columns per tile
 constexpr int BK = 32;         // features per step of the S product
-constexpr float kWeightScale = 16384.f;  // tile weight scale before rounding (nt_xent.cu)
 
 // The normalised rows' element type: fp16 for 16-bit inputs, fp32 for fp32.
 template <typename T>
@@ -227,10 +226,12 @@ struct GradAccumulator {
     }
   }
 
-  // g[(row - row_start) * d + col] = G / kWeightScale for the block's rows r0 + r < row_end and
-  // features d0 + c < d. Call after a barrier: the wmma path stages G in smem (all of it).
+  // g[(row - row_start) * d + col] = G * unscale (the tile weights' 1 / scale) for the block's
+  // rows r0 + r < row_end and features d0 + c < d. Call after a barrier: the wmma path stages
+  // G in smem (all of it).
   __device__ __forceinline__ void store(float* __restrict__ g, unsigned char* smem, int r0,
-                                        int row_start, int row_end, int d0, int d) {
+                                        int row_start, int row_end, int d0, int d,
+                                        float unscale) {
     if constexpr (Tr::kTensorCores) {
       float* Gs = reinterpret_cast<float*>(smem);
       const int warp = threadIdx.x / 32;
@@ -244,7 +245,7 @@ struct GradAccumulator {
         const int rr = e / BD, cc = e % BD;
         const int row = r0 + rr, col = d0 + cc;
         if (row < row_end && col < d) {
-          g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc] * (1.f / kWeightScale);
+          g[(int64_t)(row - row_start) * d + col] = Gs[rr * Tr::LDG + cc] * unscale;
         }
       }
     } else {
@@ -256,7 +257,7 @@ struct GradAccumulator {
         for (int jj = 0; jj < 4; ++jj) {
           const int col = d0 + tc + 16 * jj;
           if (row < row_end && col < d) {
-            g[(int64_t)(row - row_start) * d + col] = simt[ii][jj] * (1.f / kWeightScale);
+            g[(int64_t)(row - row_start) * d + col] = simt[ii][jj] * unscale;
           }
         }
       }

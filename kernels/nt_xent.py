@@ -24,8 +24,9 @@ normal number, else the online row max. The diagonal and padding masks are appli
 tiles that hold them, and so is the positive pair: with t = log sum_neg exp(S_ik - S_i,pos(i))
 (= ln(total) + dist/tau under the fixed shift: no large terms cancel), the row's loss is
 lse_i - S_i,pos(i) = log(1 + e^t), accurate even when it is tiny. Writes lse_i and that loss.
-Saved for backward: Zs, rs, the norms, the row losses and the backward's per-row weights
-(u = exp(1/tau - lse) with the fixed shift, else lse log2(e); 2N floats each).
+Saved for backward: Zs, rs, the norms, the row losses, the backward's per-row weights
+(u = exp(1/tau - lse) with the fixed shift, else lse log2(e); 2N floats each) and each
+writing program's largest loss (LOSS_MAX).
 
 Backward (`_grad_kernel`, row-parallel, no atomics; column splits below): S is symmetric, so
 P_ji = exp(S_ij - lse_j) comes from the same tile as P_ij = exp(S_ij - lse_i):
@@ -37,16 +38,18 @@ With the fixed shift A_ij = 2^(x - shift) (u_i + u_j), u = 2^(shift - lse log2 e
 element. The positive pair's -2 joins its weight before the weights are rounded for the tensor
 cores: A_i,pos(i) is close to 2 for correlated views at small tau, and subtracting 2 zn_pos after
 a rounded product cancelled catastrophically (20x gradient errors in bf16 at tau 0.05). A zn_J is
-computed as (A diag(rs_J) * 2^14) zs_J / 2^14: |A rs| <= 2, so the scaled weights cannot
-overflow fp16 and the ~1/(2N) ones stay clear of its subnormals at any batch size.
+computed as (A diag(rs_J) sigma) zs_J / sigma with a power of two sigma per launch
+(`weight_scale`): the forward writes each program's largest row loss (LOSS_MAX), the backward
+bounds |A rs| <= 2 min(max loss, 1) from them, so the scaled weights cannot overflow fp16 and
+the largest keep fp16's 11-bit precision however solved the batch (a fixed 2^14 flushed every
+weight of rows whose loss was below ~1e-11).
 
 Per-row gradients (reduction="none"; `PER_ROW`): row i's loss has the incoming gradient g_i,
 A_ij = g_i P_ij + g_j P_ji (fixed shift: 2^(x - shift) (g_i u_i + g_j u_j), still one exp),
 the positive's g_i (P_i,pos - 1) + g_pos (P_pos,i - 1). The kernel takes c = g / max|g| (on the
-device, no host sync), so |A rs| <= 2 and the 2^14 scaling holds as for the mean, and scales
-the rows by max|g| / tau. Rows whose |g| is below ~2^-38 max|g| get a zero low-precision
-gradient (the mean's limit, relative to the largest weight). The mean path is unchanged (a
-constexpr branch: the same sm_90 code).
+device, no host sync), so |c| <= 1 and the weight bound holds as for the mean, and scales the
+rows by max|g| / tau. Weights below ~2^-38 of the largest bound still flush (negligible in the
+batch's gradient). The mean path is unchanged (a constexpr branch: the same sm_90 code).
 
 Column splits (`column_splits`, flash-decoding's split-K): where the row blocks alone would
 leave most SMs idle (2N up to a few thousand rows, and a rank's rows against every gathered
@@ -121,13 +124,6 @@ from ._common import is_interpreted as _is_interpreted
 _EPS = tl.constexpr(NORM_EPS)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-# The backward's tile weights A_ij rs_j (|A| <= 2, rs <= 1) are multiplied by this power of two
-# before the cast to fp16 and divided out of the fp32 sum: below 2^15, so no overflow, while the
-# typical ~1/(2N) weights stay far above fp16's subnormals (unscaled, 2N = 65536 with
-# ||z|| ~ 1e3 flushed 72% of them to zero). Limit: weights below 2^-38 still flush, so a row whose
-# loss is below ~1e-11 (a solved batch) gets a zero gradient in bf16/fp16.
-WEIGHT_SCALE = 16384.0
-_WEIGHT_SCALE = tl.constexpr(WEIGHT_SCALE)
 SYMMETRIC = os.environ.get("FASTCLUSTER_CL_SYMMETRIC", "0") == "1"
 
 
@@ -407,6 +403,7 @@ def _lse_fwd_kernel(
     LSE,
     ROW_LOSS,
     ROW_W,
+    LOSS_MAX,
     PART,
     inv_tau_hi,
     inv_tau_lo,
@@ -483,6 +480,7 @@ def _lse_fwd_kernel(
             LSE,
             ROW_LOSS,
             ROW_W,
+            LOSS_MAX,
             DIST,
             total,
             m_i,
@@ -522,6 +520,7 @@ def _store_row_results(
     LSE,
     ROW_LOSS,
     ROW_W,
+    LOSS_MAX,
     DIST,
     total,
     m_i,
@@ -534,12 +533,14 @@ def _store_row_results(
     ACC: tl.constexpr,
 ):
     """lse, the row loss and the backward's row weight of rows whose negatives summed to
-    (total, m_i) (`accumulate_negatives`)."""
+    (total, m_i) (`accumulate_negatives`), and their largest loss at LOSS_MAX[program_id(0)]
+    (`weight_scale`)."""
     dist = tl.load(DIST + tl.where(offs_m < half, offs_m, offs_m - half), mask=mask_m, other=0.0)
     lse, loss = row_losses(total, m_i, dist, inv_tau, FIXED_SHIFT, ACC)
     tl.store(LSE + offs_m - row_start, lse, mask=mask_m)
     tl.store(ROW_W + offs_m - row_start, _row_weight(lse, inv_tau, FIXED_SHIFT), mask=mask_m)
     tl.store(ROW_LOSS + offs_m - row_start, loss, mask=mask_m)
+    tl.store(LOSS_MAX + tl.program_id(0), tl.max(tl.where(mask_m, loss, 0.0), axis=0))
 
 
 @triton.jit
@@ -549,6 +550,7 @@ def _lse_merge_kernel(
     LSE,
     ROW_LOSS,
     ROW_W,
+    LOSS_MAX,
     inv_tau_hi,
     inv_tau_lo,
     half,
@@ -582,6 +584,7 @@ def _lse_merge_kernel(
         LSE,
         ROW_LOSS,
         ROW_W,
+        LOSS_MAX,
         DIST,
         total,
         m_i,
@@ -593,6 +596,38 @@ def _lse_merge_kernel(
         FIXED_SHIFT,
         ACC,
     )
+
+
+@triton.jit
+def largest(X, count, BLOCK: tl.constexpr = 1024):
+    """max(X[0:count], 0) in fp32, BLOCK a step: the batch's largest row loss from the
+    forward's per-program maxima (LOSS_MAX)."""
+    offs = tl.arange(0, BLOCK)
+    top = tl.zeros([BLOCK], tl.float32)
+    for b0 in range(0, count, BLOCK):
+        got = tl.load(X + b0 + offs, mask=b0 + offs < count, other=0.0)
+        top = tl.maximum(top, got.to(tl.float32))
+    return tl.max(top, axis=0)
+
+
+@triton.jit
+def weight_scale(bound):
+    """The power of two sigma = 2^(15 - ceil(log2 bound)) (bound clamped to [2^-100, 2]) by
+    which the backward multiplies its tile weights (all at most `bound`) before their cast to
+    fp16 and divides out of the fp32 sum: the scaled weights stay at most 2^15 (fp16's largest
+    is 65504) and the largest of them keep fp16's 11-bit precision, the ~1/(2N) weights of a
+    large batch clear of its subnormals (unscaled, 2N = 65536 with ||z|| ~ 1e3 flushed 72% of
+    them), however small the losses. Exact: built on the bits."""
+    bits = tl.minimum(tl.maximum(bound, 7.888609052210118e-31), 2.0).to(tl.int32, bitcast=True)
+    ceil_log2 = ((bits >> 23) & 255) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return ((142 - ceil_log2) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nt_xent_weight_scale(LOSS_MAX, loss_blocks):
+    """`weight_scale` of NT-Xent's tile weights: |A_ij| <= m_i + m_j with m = 1 - e^-loss (a
+    negative's P_ij <= 1 - P_i,pos; the positive's |P - 1| = m), m <= min(loss, 1), rs <= 1."""
+    return weight_scale(2.0 * tl.minimum(largest(LOSS_MAX, loss_blocks), 1.0))
 
 
 @triton.jit
@@ -626,7 +661,7 @@ def _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT: tl.constexpr):
         return c_i[:, None] * tl.exp2(x - w_i[:, None]) + c_j[None, :] * tl.exp2(x - w_j[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["loss_blocks"])  # 1 would become a constexpr: a recompile
 def _grad_kernel(
     Z,
     RS,
@@ -634,10 +669,12 @@ def _grad_kernel(
     ROW_W,
     ROW_LOSS,
     ROW_G,
+    LOSS_MAX,
     DZ,
     inv_tau_hi,
     inv_tau_lo,
     GRAD_OUT,
+    loss_blocks,
     rows_total,
     half,
     D,
@@ -663,7 +700,8 @@ def _grad_kernel(
     through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
     c_i = ROW_G[i], |c| <= 1 (the incoming gradients over their largest magnitude, which
     GRAD_OUT then holds): A_ij = c_i P_ij + c_j P_ji, the positive's c_i (P_i,pos - 1) +
-    c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |A rs| <= 2 as for the mean. SPLIT: the
+    c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |c| <= 1 keeps the mean's weight bound
+    (`nt_xent_weight_scale`, from the forward's LOSS_MAX[0:loss_blocks]). SPLIT: the
     columns of split s = program_id(1) (`column_range`), its rows stored split_stride
     elements after split 0's for `_grad_merge_kernel`. WIDE (no EPILOGUE): features
     [program_id(2) BLOCK_D, + BLOCK_D) of the rows, each tile's scores over every feature in
@@ -678,6 +716,7 @@ def _grad_kernel(
         DZ + tl.program_id(1) * split_stride,
         float_param(inv_tau_hi, inv_tau_lo, ACC),
         tl.load(GRAD_OUT),
+        nt_xent_weight_scale(LOSS_MAX, loss_blocks),
         rows_total,
         half,
         D,
@@ -712,6 +751,7 @@ def grad_block(
     DZ,
     inv_tau,
     grad_out,
+    sigma,
     rows_total,
     half,
     D,
@@ -734,8 +774,9 @@ def grad_block(
     BLOCK_K: tl.constexpr = 16,
 ):
     """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)) against the columns
-    of `column_range`, `grad_out` the incoming gradient's value (EPILOGUE): dz row r stored at
-    DZ + (r - row_start) dz_stride. WIDE: only the features of block program_id(2)."""
+    of `column_range`, `grad_out` the incoming gradient's value (EPILOGUE), sigma the tile
+    weights' scale (`weight_scale`): dz row r stored at DZ + (r - row_start) dz_stride.
+    WIDE: only the features of block program_id(2)."""
     tl.static_assert(not (WIDE and EPILOGUE), "the epilogue needs whole rows")
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
@@ -797,8 +838,8 @@ def grad_block(
                 pos_j = c_j * pos_j
             a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         # A @ zn_J = (A diag(rs_J)) @ zs_J: scale the tile, not the (BLOCK_N, D) operand.
-        acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
-    g = acc * (1.0 / _WEIGHT_SCALE)
+        acc += dot((a * (rj * sigma)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+    g = acc * (1.0 / sigma)
     if EPILOGUE:
         g = _epilogue(
             g, Z, NORMS, ri, grad_out, inv_tau, rows_total, offs_m, mask_m, D, PER_ROW, ACC, BLOCK_D
@@ -941,6 +982,7 @@ def _symmetric_grad_kernel(
     RS,
     ROW_W,
     ROW_LOSS,
+    LOSS_MAX,
     G,
     inv_tau_hi,
     inv_tau_lo,
@@ -968,6 +1010,7 @@ def _symmetric_grad_kernel(
     w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
     pos = _positive_rows(offs_m, half)
     pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
+    sigma = nt_xent_weight_scale(LOSS_MAX, 1)
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
     for c0 in range(pid * BLOCK, rows_total, BLOCK):
         offs_n = c0 + tl.arange(0, BLOCK)
@@ -980,20 +1023,18 @@ def _symmetric_grad_kernel(
         a = tl.where(valid, _weights(x, w_i, w_j, shift, FIXED_SHIFT), 0.0)
         pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
         a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
-        acc += dot((a * (rj * _WEIGHT_SCALE)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
+        acc += dot((a * (rj * sigma)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
         if c0 != pid * BLOCK:
-            col = dot(
-                tl.trans(a * (ri * _WEIGHT_SCALE)[:, None]).to(zi.dtype), zi, ACC, PREC, UPCAST
-            )
+            col = dot(tl.trans(a * (ri * sigma)[:, None]).to(zi.dtype), zi, ACC, PREC, UPCAST)
             tl.atomic_add(
                 G + offs_n[:, None] * g_stride + offs_d[None, :],
-                col * (1.0 / _WEIGHT_SCALE),
+                col * (1.0 / sigma),
                 mask=mask_n[:, None] & mask_d,
                 sem="relaxed",
             )
     tl.atomic_add(
         G + offs_m[:, None] * g_stride + offs_d[None, :],
-        acc * (1.0 / _WEIGHT_SCALE),
+        acc * (1.0 / sigma),
         mask=mask_m[:, None] & mask_d,
         sem="relaxed",
     )
@@ -1210,17 +1251,29 @@ def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, i
     return splits, per_split * config.block[1]
 
 
+def _forward_plan(
+    rows: int, rows_total: int, d: int, dtype: torch.dtype
+) -> tuple[LaunchConfig, int, int, int]:
+    """`_lse`'s launch for `rows` rows against `rows_total` of Zs in `dtype`: (config, column
+    splits, columns per split, programs writing row results: the forward's or the merge's)."""
+    config = forward_config(d, dtype, rows)
+    splits, split_columns = column_splits(rows, rows_total, config)
+    writers = triton.cdiv(rows, LSE_MERGE_ROWS if splits > 1 else config.block[0])
+    return config, splits, split_columns, writers
+
+
 def _lse(zs, rs, dist, row_start, row_end, inv_tau):
-    """Launch the row-parallel forward: (lse, lse - S_pos, the backward's row weights) of rows
-    [row_start, row_end); with column splits, then the merge."""
+    """Launch the row-parallel forward: (lse, lse - S_pos, the backward's row weights, the
+    writing programs' largest losses) of rows [row_start, row_end); with column splits, then
+    the merge."""
     rows_total, d = zs.shape
     rows = row_end - row_start
-    config = forward_config(d, zs.dtype, rows)
+    config, splits, split_columns, writers = _forward_plan(rows, rows_total, d, zs.dtype)
     acc = rs.dtype
     lse = torch.empty(rows, dtype=acc, device=zs.device)
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
-    splits, split_columns = column_splits(rows, rows_total, config)
     part = torch.empty(2, splits, rows, dtype=acc, device=zs.device) if splits > 1 else lse
+    loss_max = torch.empty(writers, dtype=acc, device=zs.device)
     with device_guard(zs):
         _lse_fwd_kernel[(triton.cdiv(rows, config.block[0]), splits)](
             Z=zs,
@@ -1229,6 +1282,7 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
             LSE=lse,
             ROW_LOSS=row_loss,
             ROW_W=row_w,
+            LOSS_MAX=loss_max,
             PART=part,
             **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
@@ -1245,13 +1299,16 @@ def _lse(zs, rs, dist, row_start, row_end, inv_tau):
             **config.options,
         )
         if splits > 1:
-            merge_row_sums(part, dist, lse, row_loss, row_w, inv_tau, rows_total // 2, row_start)
-    return lse, row_loss, row_w
+            merge_row_sums(
+                part, dist, lse, row_loss, row_w, loss_max, inv_tau, rows_total // 2, row_start
+            )
+    return lse, row_loss, row_w, loss_max
 
 
-def merge_row_sums(part, dist, lse, row_loss, row_w, inv_tau, half, row_start):
+def merge_row_sums(part, dist, lse, row_loss, row_w, loss_max, inv_tau, half, row_start):
     """Launch `_lse_merge_kernel` on a split forward's PART (2 x splits x rows): lse, the row
-    losses and the backward's row weights of rows [row_start, row_start + rows)."""
+    losses and the backward's row weights of rows [row_start, row_start + rows), and each
+    program's largest loss (cdiv(rows, LSE_MERGE_ROWS) of them)."""
     splits, rows = part.shape[1:]
     _lse_merge_kernel[(triton.cdiv(rows, LSE_MERGE_ROWS),)](
         PART=part,
@@ -1259,6 +1316,7 @@ def merge_row_sums(part, dist, lse, row_loss, row_w, inv_tau, half, row_start):
         LSE=lse,
         ROW_LOSS=row_loss,
         ROW_W=row_w,
+        LOSS_MAX=loss_max,
         **split_floats(inv_tau=inv_tau),
         half=half,
         row_start=row_start,
@@ -1278,13 +1336,25 @@ def _row_weights(lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
 
 
 def _grad(
-    zs, rs, norms, row_w, row_loss, row_start, row_end, inv_tau, grad_out, out_dtype, row_g=None
+    zs,
+    rs,
+    norms,
+    row_w,
+    row_loss,
+    loss_max,
+    row_start,
+    row_end,
+    inv_tau,
+    grad_out,
+    out_dtype,
+    row_g=None,
 ):
     """Launch the row-parallel backward. With grad_out (a 0-d tensor) the epilogue scales and
     applies the normalisation's backward (dL/dz in out_dtype); without it the rows are
     sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled. With `row_g` (per-row weights,
     |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
-    (see `nt_xent_autograd.per_row_weights`)."""
+    (see `nt_xent_autograd.per_row_weights`). `loss_max`: values whose largest is the largest
+    of all 2N row losses (the forward's per-program maxima)."""
     rows_total, d = zs.shape
     rows = row_end - row_start
     dz = torch.empty(rows, d, dtype=out_dtype, device=zs.device)
@@ -1307,9 +1377,11 @@ def _grad(
             ROW_W=row_w,
             ROW_LOSS=row_loss,
             ROW_G=row_w if row_g is None else row_g,
+            LOSS_MAX=loss_max,
             DZ=part,
             **scalars,
             GRAD_OUT=grad_out,
+            loss_blocks=loss_max.numel(),
             rows_total=rows_total,
             half=rows_total // 2,
             D=d,
@@ -1370,9 +1442,10 @@ def grad_rows(
     inv_tau: float,
 ) -> torch.Tensor:
     """sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i) for rows [row_start, row_end) of the raw Z,
-    P_ij = exp(S_ij - lse_i), with `lse` and `row_loss` the full (2N,) vectors of `lse_rows`.
-    Unscaled: the caller multiplies by grad_out * inv_tau / (2N) and applies the
-    normalisation's backward. Shape (rows, D), in the accumulation dtype."""
+    P_ij = exp(S_ij - lse_i), with `lse` and `row_loss` the full (2N,) vectors of `lse_rows`
+    (the largest row loss bounds the fp16 tile weights: they must be consistent). Unscaled:
+    the caller multiplies by grad_out * inv_tau / (2N) and applies the normalisation's
+    backward. Shape (rows, D), in the accumulation dtype."""
     return _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, None)
 
 
@@ -1387,12 +1460,14 @@ def _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, grad_out):
                 f"{name} must be the full ({z.shape[0]},) vector, got {tuple(v.shape)}"
             )
     zs, rs, norms, _ = _scale_rows(z)
+    row_loss = row_loss.to(rs.dtype).contiguous()
     return _grad(
         zs,
         rs,
         norms,
         _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-        row_loss.to(rs.dtype).contiguous(),
+        row_loss,
+        row_loss.amax().reshape(1),
         row_start,
         row_end,
         inv_tau,
@@ -1488,19 +1563,27 @@ def symmetric_grad(
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
     zs, rs = _scale_rows(z)[:2]
+    row_loss = row_loss.to(rs.dtype).contiguous()
     return _symmetric_grad(
         zs,
         rs,
         _row_weights(lse.to(rs.dtype), inv_tau).contiguous(),
-        row_loss.to(rs.dtype).contiguous(),
+        row_loss,
+        row_loss.amax().reshape(1),
         inv_tau,
     )
 
 
 def _symmetric_grad(
-    zs: torch.Tensor, rs: torch.Tensor, row_w: torch.Tensor, row_loss: torch.Tensor, inv_tau: float
+    zs: torch.Tensor,
+    rs: torch.Tensor,
+    row_w: torch.Tensor,
+    row_loss: torch.Tensor,
+    loss_max: torch.Tensor,
+    inv_tau: float,
 ) -> torch.Tensor:
-    """Launch the symmetric backward on the scaled rows and the forward's row weights."""
+    """Launch the symmetric backward on the scaled rows and the forward's row weights, its tile
+    weights scaled from the largest row loss (`loss_max`, one value)."""
     rows_total, d = zs.shape
     block, block_d = _symmetric_block(d, zs.dtype)
     g = torch.zeros(rows_total, d, dtype=rs.dtype, device=zs.device)
@@ -1510,6 +1593,7 @@ def _symmetric_grad(
             RS=rs,
             ROW_W=row_w,
             ROW_LOSS=row_loss,
+            LOSS_MAX=loss_max,
             G=g,
             **split_floats(inv_tau=inv_tau),
             rows_total=rows_total,
@@ -1530,28 +1614,34 @@ def _symmetric_grad(
 # the launchers (torch.library.triton_op + wrap_triton cannot run under TRITON_INTERPRET: its
 # fake and AOT tracing hand fake tensors to the interpreter). `nt_xent_autograd.NTXent` is their
 # autograd, and theirs when called directly. The forward's state is the prologue's Zs, rs and
-# norms, the backward's per-row weights (one exp per element) and the row losses.
+# norms, the backward's per-row weights (one exp per element), the row losses and the forward
+# programs' largest losses (the backward's weight scale).
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_fwd", mutates_args=())
 def _fused_forward(
     z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the 2N row losses, or their mean; Zs, rs, norms, row weights, row losses). `symmetric`:
-    the upper-triangle forward (fixed shift only)."""
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """(the 2N row losses, or their mean; Zs, rs, norms, row weights, row losses, the largest
+    losses of the forward's programs). `symmetric`: the upper-triangle forward (fixed shift
+    only)."""
     zs, rs, norms, dist = _scale_rows(z)
     if symmetric:
         lse, row_loss = _symmetric_lse(zs, rs, dist, inv_tau)
-        row_w = _row_weights(lse, inv_tau)
+        row_w, loss_max = _row_weights(lse, inv_tau), row_loss.amax().reshape(1)
     else:
-        _, row_loss, row_w = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
-    return (row_loss.clone() if per_row else row_loss.mean()), zs, rs, norms, row_w, row_loss
+        _, row_loss, row_w, loss_max = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
+    loss = row_loss.clone() if per_row else row_loss.mean()
+    return loss, zs, rs, norms, row_w, row_loss, loss_max
 
 
 @_fused_forward.register_fake
 def _(z, inv_tau, per_row, symmetric):
     acc, rows = torch_acc_dtype(z.dtype), z.shape[0]
     vector = z.new_empty(rows, dtype=acc)
+    writers = 1 if symmetric else _forward_plan(rows, rows, z.shape[1], _scaled_dtype(z.dtype))[3]
     return (
         z.new_empty((rows,) if per_row else (), dtype=acc),
         z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)),
@@ -1559,6 +1649,7 @@ def _(z, inv_tau, per_row, symmetric):
         torch.empty_like(vector),
         torch.empty_like(vector),
         torch.empty_like(vector),
+        z.new_empty(writers, dtype=acc),
     )
 
 
@@ -1572,6 +1663,7 @@ def _fused_backward(
     norms: torch.Tensor,
     row_w: torch.Tensor,
     row_loss: torch.Tensor,
+    loss_max: torch.Tensor,
     symmetric: bool,
 ) -> torch.Tensor:
     """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,),
@@ -1584,6 +1676,7 @@ def _fused_backward(
             norms,
             row_w,
             row_loss,
+            loss_max,
             0,
             zs.shape[0],
             inv_tau,
@@ -1592,16 +1685,27 @@ def _fused_backward(
             row_g,
         )
     if symmetric:
-        g = _symmetric_grad(zs, rs, row_w, row_loss, inv_tau) * (grad * inv_tau / z.shape[0])
+        g = _symmetric_grad(zs, rs, row_w, row_loss, loss_max, inv_tau)
+        g = g * (grad * inv_tau / z.shape[0])
         zn, norm = l2_normalize(z)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
     return _grad(
-        zs, rs, norms, row_w, row_loss, 0, zs.shape[0], inv_tau, grad.contiguous(), z.dtype
+        zs,
+        rs,
+        norms,
+        row_w,
+        row_loss,
+        loss_max,
+        0,
+        zs.shape[0],
+        inv_tau,
+        grad.contiguous(),
+        z.dtype,
     )
 
 
 @_fused_backward.register_fake
-def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, symmetric):
+def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, loss_max, symmetric):
     return torch.empty_like(z)
 
 

@@ -18,9 +18,10 @@ the backward's per-row weight (u = exp(1/tau - lse) with the fixed shift, else l
 
 Backward (`_bank_grad_kernel`, row-parallel, no atomics, no gradient to the bank): per row block
 G = sum_k P_ik bank_k over the bank's column blocks, P_ik = 2^(x - shift) u_i (one exp per
-element), the tile weights scaled by 2^14 before their cast to the bank's dtype (P <= 1: no fp16
-overflow; tiny weights clear of the subnormals), then in the epilogue, with w_i the row's
-incoming gradient (1/N for the mean) and P_pos - 1 = expm1(-loss_i) in fp32:
+element), the tile weights scaled before their cast to the bank's dtype by the power of two
+`nt_xent.weight_scale` of the block's largest P <= 1 - P_pos <= min(loss, 1) (no fp16 overflow;
+the largest weights keep fp16's precision however small the losses), then in the epilogue,
+with w_i the row's incoming gradient (1/N for the mean) and P_pos - 1 = expm1(-loss_i) in fp32:
 
     g_a = w_i/tau (G_i + (P_pos - 1) zn_b_i),   g_b = w_i/tau (P_pos - 1) zn_a_i,
 
@@ -60,7 +61,7 @@ from ._common import (
 from .nt_xent import (
     _EPS,
     _LOG2E,
-    _WEIGHT_SCALE,
+    LSE_MERGE_ROWS,
     LaunchConfig,
     _expm1,
     _load_rows,
@@ -79,6 +80,7 @@ from .nt_xent import (
     row_losses,
     store_split_sums,
     sum_split_rows,
+    weight_scale,
 )
 
 
@@ -210,8 +212,8 @@ def _store_dz_a(
     ACC: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dz_a = (g_a - zn_a (zn_a . g_a)) / norm_a, g_a = w/tau G + c zn_b, from acc = 2^14 G,
-    G = sum_k P_ik bank_k; zn . g_a = w/tau (zn_a . G) + c cos. zn_a and zn_b reloaded
+    """dz_a = (g_a - zn_a (zn_a . g_a)) / norm_a, g_a = w/tau G + c zn_b, from acc = G =
+    sum_k P_ik bank_k; zn . g_a = w/tau (zn_a . G) + c cos. zn_a and zn_b reloaded
     (L2-resident) one at a time."""
     offs_d = tl.arange(0, BLOCK_D)
     out = offs_m[:, None] * D + offs_d[None, :]
@@ -219,7 +221,7 @@ def _store_dz_a(
     ri = tl.load(RS + offs_m, mask=mask_m, other=1.0)
     rb = tl.load(RS + offs_m + n, mask=mask_m, other=1.0)
     norm_a = tl.load(NORMS + offs_m, mask=mask_m, other=1.0)
-    wt = tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * (inv_tau / _WEIGHT_SCALE)
+    wt = tl.load(W + offs_m, mask=mask_m, other=0.0).to(ACC) * inv_tau
     zn_a = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D).to(ACC) * ri[:, None]
     radial_a = tl.where(norm_a > _EPS, wt * tl.sum(zn_a * acc, axis=1) + c * cos, 0.0)
     g = (acc * wt[:, None] - zn_a * radial_a[:, None]) / norm_a[:, None]
@@ -258,7 +260,7 @@ def _bank_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dz_a and dz_b of a row block; SPLIT: only the block's 2^14 G over the bank columns of
+    """dz_a and dz_b of a row block; SPLIT: only the block's G over the bank columns of
     `column_range`, to PART (splits x N x D, accumulation dtype) for `_bank_grad_merge_kernel`."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
@@ -271,6 +273,8 @@ def _bank_grad_kernel(
     zi = _load_rows(ZS, D, offs_m, mask_m, D, BLOCK_D)
     qi = ri * shift
     u_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
+    loss = tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0)
+    sigma = weight_scale(tl.minimum(tl.max(loss, axis=0), 1.0).to(tl.float32))
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     col_lo, col_hi = column_range(M, split_columns, SPLIT)
     for c0 in range(col_lo, col_hi, BLOCK_N):
@@ -287,7 +291,8 @@ def _bank_grad_kernel(
             p = tl.exp2(x - u_i[:, None])
         if c0 + BLOCK_N > M:
             p = tl.where(mask_n[None, :], p, 0.0)
-        acc += dot((p * _WEIGHT_SCALE).to(bj.dtype), bj, ACC, PREC, UPCAST)
+        acc += dot((p * sigma).to(bj.dtype), bj, ACC, PREC, UPCAST)
+    acc *= 1.0 / sigma
     if SPLIT:
         offs_d = tl.arange(0, BLOCK_D)
         tl.store(
@@ -319,7 +324,7 @@ def _bank_grad_merge_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The split backward's rows: the splits' 2^14 G added in split order, then dz_a and dz_b
+    """The split backward's rows: the splits' G added in split order, then dz_a and dz_b
     as `_bank_grad_kernel` writes them unsplit."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
@@ -385,8 +390,11 @@ def _launch_forward(zs, rs, dist, bank, bank_lo, hi_lo, inv_tau):
             UPCAST=upcast_dots(zs.dtype),
             **config.options,
         )
-        if splits > 1:  # lse to scratch: the bank's backward needs only the weights
-            merge_row_sums(part, dist, torch.empty_like(row_loss), row_loss, row_w, inv_tau, n, 0)
+        if splits > 1:  # lse and the largest losses to scratch: the backward needs neither
+            scratch = torch.empty(triton.cdiv(n, LSE_MERGE_ROWS), dtype=rs.dtype, device=zs.device)
+            merge_row_sums(
+                part, dist, torch.empty_like(row_loss), row_loss, row_w, scratch, inv_tau, n, 0
+            )
     return row_loss, row_w
 
 

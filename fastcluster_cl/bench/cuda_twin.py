@@ -161,7 +161,9 @@ NT_XENT_KERNELS = {
     "grad": Kernel(
         "nt_xent.cu",
         r"11grad_kernelI6__half",
-        (
+        (  # the m row losses' max (the weight scale), then the column tiles
+            Loop(0, 0, 1, 0, _cascade("losses", 1, 4)),
+            Loop(0, 0, 16, 0, _cascade("losses", 16)),
             Loop(0, 64, 51, 0, _of("tiles")),  # and G += P Z: 64 HMMAs a tile
             *_SCORE_STEP,
             Loop(1, 0, 4, 0, _slow(64 * BD // THREADS // 4)),  # the columns' BD features
@@ -229,6 +231,8 @@ _FORWARD_ROWS = [  # nt_xent_forward_block
 _BACKWARD_ROWS = [  # nt_xent_backward_block
     Loop(0, 0, 2, 0, _count(1)),  # the 32 rows' rs and p: one a thread of the first 32
     Loop(0, 0, 8, 0, _never),  # ... 4-wide
+    Loop(0, 0, 1, 0, _cascade("m_block", 1, 4)),  # the 2N row losses' max (the weight scale)
+    Loop(0, 0, 16, 0, _cascade("m_block", 16)),
     Loop(0, 0, 4, 0, _of("tiles")),  # the column tiles
     Loop(1, 0, 8, 0, _never),  # the tile's 32 columns' values, 2-wide: one a thread, in the body
     *_deeper(_SCORE_TILE, 1),
@@ -615,7 +619,7 @@ def launches(call: tuple[str, dict]) -> list[model.Launch]:
         if splits > 1:
             out.append(_launch("merge_lse", math.ceil(rows / THREADS), {"splits": splits}))
         return out
-    at["g_store"] = BM * BD // THREADS
+    at.update(g_store=BM * BD // THREADS, losses=math.ceil(m / THREADS))
     out = [_launch("grad", math.ceil(rows / BM) * math.ceil(d / BD) * splits, at)]
     if splits > 1:
         count = rows * d

@@ -99,6 +99,18 @@ def chunked_mma_loops(columns: int, chunks: int, macs: dict[int, int]) -> model.
     return trips
 
 
+def after_loss_scan(trips: model.Trips, loss_blocks: int) -> model.Trips:
+    """`trips` of a backward that first scans the forward's per-program largest losses
+    (`nt_xent.largest`, 1024 a step: its only loop at depth 0 without MMAs)."""
+
+    def scan_first(loop: model.Region) -> int:
+        if loop.depth == 0 and not loop.has_mma:
+            return math.ceil(loss_blocks / 1024)
+        return trips(loop)
+
+    return scan_first
+
+
 def no_loops(loop: model.Region) -> int:
     raise ValueError(f"loop {loop.index}: this kernel was compiled without loops")
 
@@ -265,6 +277,8 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
     else:
         fwd_trips = mma_loop(fwd_tiles, math.prod(fwd.block))
         bwd_trips = mma_loop(bwd_tiles, 2 * math.prod(bwd.block))
+    writers = math.ceil(rows / (nt.LSE_MERGE_ROWS if fwd_splits > 1 else fwd.block[0]))
+    bwd_trips = after_loss_scan(bwd_trips, writers)
     launches = [
         model.Launch(_compiled(("prologue", d), prologue), math.ceil(n / block_r), no_loops),
         model.Launch(
@@ -726,6 +740,11 @@ SEPARATE_LOOPS = {
     "kl._colsum_kernel": {0: _row_steps},
     "kl._dec_anchor_kernel": {0: _cluster_tiles},
 }
+# Kernels that first scan the forward's per-program largest losses (`nt_xent.largest`, 1024 a
+# step): their one depth-0 loop without MMAs.
+SEPARATE_SCANS = {
+    "nt_xent._grad_kernel": lambda args, grid: math.ceil(args["loss_blocks"] / 1024),
+}
 # The multiply-adds one body of a kernel's MMA loop does, from the launch's arguments: one
 # tile's products (NT-Xent's forward S; its backward S and A Z). A body that does other than
 # this (the compiler unrolled the loop, or the kernel changed) is an error, as in `mma_loop`;
@@ -801,6 +820,8 @@ def traced_launch(call: trace.TritonLaunch) -> model.Launch:
     compiled = _compiled((*key, warps, stages), lambda: variant)
 
     def trips(loop: model.Region) -> int:
+        if name in SEPARATE_SCANS and loop.depth == 0 and not loop.has_mma:
+            return SEPARATE_SCANS[name](call.args, call.grid)
         if loop.depth not in loops:
             raise ValueError(f"{name}: loop {loop.index} at depth {loop.depth} is not expected")
         if loop.clocks["tensor"]:  # its own MMA (not an inner loop's): one tile a body

@@ -212,9 +212,18 @@ def steady_loop(instructions: list[dict]) -> list[dict]:
     def mma_count(start, end):
         return sum(_is_mma(ins["op"]) for ins in instructions[start : end + 1])
 
-    # The most MMAs; among equals the shortest span (a cold block branching back into the loop
-    # would otherwise drag the epilogue in).
-    start, end = max(loops, key=lambda span: (mma_count(*span), span[0] - span[1]))
+    def has_ex2(start, end):
+        return any(ins["op"].startswith("MUFU.EX2") for ins in instructions[start : end + 1])
+
+    def key(span):
+        # The most MMAs; without any, a loop with exponentials (a 4-byte kernel's FFMA column
+        # loop, not the backward's scan of the forward's largest losses); among equals the
+        # shortest span (a cold block branching back into the loop would otherwise drag the
+        # epilogue in).
+        mma = mma_count(*span)
+        return mma, not mma and has_ex2(*span), span[0] - span[1]
+
+    start, end = max(loops, key=key)
     skipped = cold_indices(instructions, start, end)
     return [ins for i, ins in enumerate(instructions[start : end + 1], start) if i not in skipped]
 
@@ -333,6 +342,7 @@ NT_XENT_POINTERS = {
     "ROW_W": "fp32",
     "ROW_G": "fp32",
     "ROW_LOSS": "fp32",
+    "LOSS_MAX": "fp32",
     "DZ": "bf16",
     "GRAD_OUT": "fp32",
     "G": "fp32",

@@ -44,10 +44,11 @@ the weighted total written straight into the (4,) / (3,) output.
 Backward: the incoming gradient g (4,) / (3,) and the weights w fold into one scalar per part
 (g_part + g_total w_part) inside the kernels.
   * anchor: one row launch (`_anchor_grad_kernel`): NT-Xent dz of both row blocks through
-    `nt_xent.grad_block` (the fast path's kernel body: expm1 positive weights, 2^14-scaled fp16
-    tile weights, the normalisation's backward), and the Student-t rows recomputed from h and
-    the centers with the saved lse, f, T, c, in 16-row slices and one view at a time (the
-    static report: three views at once spilled): with G = dL/dlogit,
+    `nt_xent.grad_block` (the fast path's kernel body: expm1 positive weights, fp16 tile
+    weights scaled from the largest row loss, which the row launch's programs and the epilogue
+    reduce into PARAMS[5], the normalisation's backward), and the Student-t rows recomputed
+    from h and the centers with the saved lse, f, T, c, in 16-row slices and one view at a
+    time (the static report: three views at once spilled): with G = dL/dlogit,
         DEC    G0 = g_dec (q0 c_dec - p [q0 >= tiny]) / N   (p detached)
         anchor Ga = g_anc (qa c_a - q0 [qa >= tiny]) / N, likewise b, none into q0,
     w = -G (alpha + 1) / (alpha + d2), dh = (sum_k w) h - w mu, and the block's partial

@@ -41,6 +41,7 @@ from .instance import (
     _store_params,
     _sum,
     instance_config,
+    store_largest_loss,
 )
 
 _ROWS = 32  # rows of the one-program epilogue's row loop
@@ -471,6 +472,7 @@ def _anchor_epilogue_kernel(
         tl.store(CDEC + offs_m, c_dec, mask=mask_m)
         dec_sum += tl.where(mask_m, dec, 0.0)
     instance = _sum(INST_PART, parts, ACC) / (2 * n)
+    store_largest_loss(PARAMS, INST_PART, parts)
     cluster = tl.sum(dec_sum, axis=0) / n
     anchor = _sum(ANCHOR_PART, parts, ACC) / n
     total = (
@@ -892,11 +894,12 @@ def anchor_objective_forward(
     parts = triton.cdiv(n, block_m)
     slices = parts * (block_m // _SUB_M)
     k_pad = triton.cdiv(k, block_k) * block_k
-    params = torch.empty(5, dtype=acc, device=dev)  # written by the row launch
+    params = torch.empty(6, dtype=acc, device=dev)  # written by the row and epilogue launches
     zs, rs, norms, row_w, row_loss = _instance_state(z_a, acc)
     q0 = torch.empty(n, k, dtype=acc, device=dev)  # temporary, not saved
     f_part = torch.empty(slices, k_pad, dtype=acc, device=dev)
-    inst_part, anchor_part = (torch.empty(parts, dtype=acc, device=dev) for _ in range(2))
+    inst_part = torch.empty(2 * parts, dtype=acc, device=dev)  # sums, then maxima
+    anchor_part = torch.empty(parts, dtype=acc, device=dev)
     lse = torch.empty(3, n, dtype=acc, device=dev)
     c_ab = torch.empty(2, n, dtype=acc, device=dev)
     f_sum = torch.empty(k, dtype=acc, device=dev)
@@ -977,7 +980,7 @@ def _(z_a, z_b, h0, h_a, h_b, centers, temperature, alpha, weights):
     return (
         z_a.new_empty(4, dtype=acc),
         *_instance_state(z_a, acc),
-        z_a.new_empty(5, dtype=acc),
+        z_a.new_empty(6, dtype=acc),
         z_a.new_empty(k, dtype=acc),
         vec,
         torch.empty_like(vec),

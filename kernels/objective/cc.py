@@ -39,6 +39,7 @@ from .instance import (
     _store_params,
     _sum,
     instance_config,
+    store_largest_loss,
 )
 
 _SMALL_WARPS = 8  # the one-program cc launches (no spills at K = 64 on sm_90a; 4 spilled)
@@ -251,6 +252,7 @@ def _cc_epilogue_kernel(
     )
     cluster = contrast + entropy + 2.0 * tl.log(kf)
     instance = _sum(INST_PART, parts, ACC) / (2 * n)
+    store_largest_loss(PARAMS, INST_PART, parts)
     tl.store(OUT, tl.load(PARAMS + 2) * instance + tl.load(PARAMS + 3) * cluster)
     tl.store(OUT + 1, instance)
     tl.store(OUT + 2, cluster)
@@ -437,9 +439,9 @@ def cc_objective_forward(
     fwd, _ = instance_config(d, _scaled_dtype(z_a.dtype))
     block_k = _cc_block_k(k)
     parts = triton.cdiv(n, fwd.block[0])
-    params = torch.empty(5, dtype=acc, device=dev)  # written by the row launch
+    params = torch.empty(6, dtype=acc, device=dev)  # written by the row and epilogue launches
     zs, rs, norms, row_w, row_loss = _instance_state(z_a, acc)
-    inst_part = torch.empty(parts, dtype=acc, device=dev)
+    inst_part = torch.empty(2 * parts, dtype=acc, device=dev)
     gram_part = torch.empty(parts, 3, block_k, block_k, dtype=acc, device=dev)
     col_part = torch.empty(parts, 2, block_k, dtype=acc, device=dev)
     gram = torch.empty(3, block_k, block_k, dtype=acc, device=dev)
@@ -506,7 +508,7 @@ def _(z_a, z_b, logits_a, logits_b, instance_temperature, cluster_temperature, w
     return (
         z_a.new_empty(3, dtype=acc),
         *_instance_state(z_a, acc),
-        z_a.new_empty(5, dtype=acc),
+        z_a.new_empty(6, dtype=acc),
         z_a.new_empty(3, block_k, block_k, dtype=acc),
         z_a.new_empty(2, block_k, dtype=acc),
     )

@@ -30,7 +30,9 @@ from ..nt_xent import (
     backward_config,
     forward_config,
     grad_block,
+    largest,
     narrow_wide_rows,
+    nt_xent_weight_scale,
     row_losses,
     scaled_rows,
 )
@@ -69,8 +71,9 @@ def _instance_rows(
 ):
     """NT-Xent of program pid's rows I and I + N (I = [pid BLOCK_M, (pid + 1) BLOCK_M))
     against all 2N columns, normalising each column tile on the fly; writes the rows' Zs, rs,
-    norms, backward row weights and row losses, and INST_PART[pid] = the sum of the block's
-    row losses. Returns (offs_m, mask_m) of I."""
+    norms, backward row weights and row losses, INST_PART[pid] = the sum of the block's row
+    losses and INST_PART[programs + pid] their largest (`store_largest_loss`). Returns
+    (offs_m, mask_m) of I."""
     row_lo = pid * BLOCK_M
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
@@ -133,7 +136,16 @@ def _instance_rows(
     tl.store(ROW_LOSS + offs_m, loss_a, mask=mask_m)
     tl.store(ROW_LOSS + n + offs_m, loss_b, mask=mask_m)
     tl.store(INST_PART + pid, tl.sum(tl.where(mask_m, loss_a + loss_b, 0.0), axis=0))
+    largest_loss = tl.max(tl.where(mask_m, tl.maximum(loss_a, loss_b), 0.0), axis=0)
+    tl.store(INST_PART + tl.num_programs(0) + pid, largest_loss)
     return offs_m, mask_m
+
+
+@triton.jit
+def store_largest_loss(PARAMS, INST_PART, parts):
+    """The epilogues' PARAMS[5]: the largest of the 2N row losses (from the row programs'
+    maxima in INST_PART[parts, 2 parts)), which sets the backward's tile weight scale."""
+    tl.store(PARAMS + 5, largest(INST_PART + parts, parts, 128))  # 128 a step, as `_sum`
 
 
 @triton.jit
@@ -160,7 +172,9 @@ def _instance_grad(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dz of rows I (into DZA) and I + N (into DZB): the fast path's backward body."""
+    """dz of rows I (into DZA) and I + N (into DZB): the fast path's backward body, its tile
+    weights scaled from the largest row loss (PARAMS[5], `nt_xent.nt_xent_weight_scale`)."""
+    sigma = nt_xent_weight_scale(PARAMS + 5, 1)
     grad_block(
         ZS,
         RS,
@@ -171,6 +185,7 @@ def _instance_grad(
         DZA,
         tl.load(PARAMS),
         g_inst,
+        sigma,
         2 * n,
         n,
         D,
@@ -200,6 +215,7 @@ def _instance_grad(
         DZB,
         tl.load(PARAMS),
         g_inst,
+        sigma,
         2 * n,
         n,
         D,
@@ -223,8 +239,8 @@ def _instance_grad(
 
 @triton.jit
 def _store_params(PARAMS, pid, v0, v1, v2, v3, v4):
-    """Program 0 writes the five scalars the later launches read (PARAMS, a forward output
-    the backward gets: no host-to-device copy, no fill)."""
+    """Program 0 writes the five scalars the later launches read (PARAMS[0, 5), a forward
+    output the backward gets: no host-to-device copy, no fill; the epilogue adds PARAMS[5])."""
     offs = tl.arange(0, 8)
     values = tl.where(
         offs == 0, v0, tl.where(offs == 1, v1, tl.where(offs == 2, v2, tl.where(offs == 3, v3, v4)))

@@ -1,8 +1,13 @@
 """The low-precision regime users train in, shared by the kernel tests: correlated views at small
-temperatures, and the tiny tile weights of very large batches. Their error bounds (twice those of
-the fp32-accumulating chunked path on the same rounded inputs) are in support/tolerances.py."""
+temperatures, the tiny tile weights of very large batches and nearly solved batches. Their error
+bounds (twice those of the fp32-accumulating chunked path on the same rounded inputs) are in
+support/tolerances.py."""
 
 import torch
+from tolerances import lowp_bounds, relative_errors
+
+import fastcluster_cl as fc
+from fastcluster_cl.backends import reference
 
 F64 = torch.float64
 
@@ -17,14 +22,83 @@ def correlated_views(n, d, seed, scale=1.0, noise=0.3):
 def tiny_weight_case(n=40, d=24, tau=0.5, lse_value=20.0, seed=23):
     """Inputs of a backend's `grad_rows` in the regime of very large batches: every row's lse
     far above its similarities, so the weights P_ij = exp(S_ij - lse_i) ~ 1e-8 (fp16 subnormals
-    unless scaled before rounding), and row losses of 0 (the positive's weight is 0). Returns
-    (z in fp16, lse, row_loss, the float64 result)."""
+    unless scaled before rounding). Row losses 0 (the positives' weights 0) but row 0's, 20: a
+    large batch's largest loss, which bounds the weights (the backward's scale, 2^14 as for
+    any batch whose largest loss is at least 1). Returns (z in fp16, lse, row_loss, the float64
+    result); compare with `tiny_weight_error`."""
     z_a, z_b = correlated_views(n, d, seed)
     z = torch.cat([z_a, z_b]).to(torch.float16)
     zn = z.to(F64) / z.to(F64).norm(dim=1, keepdim=True)
     lse = torch.full((2 * n,), lse_value, dtype=F64)
+    row_loss = torch.zeros(2 * n, dtype=F64)
+    row_loss[0] = 20.0
     p = torch.exp(zn @ zn.T / tau - lse[:, None])
     p.fill_diagonal_(0.0)
     pos = torch.arange(2 * n).roll(n)
     p[torch.arange(2 * n), pos] = 0.0
-    return z, lse.float(), torch.zeros(2 * n), (p + p.T) @ zn
+    a = p + p.T
+    a[torch.arange(2 * n), pos] = torch.expm1(-row_loss) + torch.expm1(-row_loss[pos])
+    return z, lse.float(), row_loss.float(), a @ zn
+
+
+def tiny_weight_error(got, want):
+    """The relative error of `tiny_weight_case`'s rows but row 0's pair (the positive's weight
+    there, about -1, would hide the tiny weights' error)."""
+    n = want.shape[0] // 2
+    rows = [i for i in range(2 * n) if i not in (0, n)]
+    return ((got.double()[rows] - want[rows]).norm() / want[rows].norm()).item()
+
+
+def solved_views(n=20, d=48, seed=31, noise=0.01, cos=0.0):
+    """A nearly solved batch: n unit rows at cosine `cos` from each other (orthonormal rows
+    plus a shared direction) and positives `noise` away, so that every row loss is ~1e-13 at
+    tau = 0.03 (cos 0) or ~5e-11 at 0.022 (cos 0.4), every tile weight below 1e-12; the n
+    orthonormal rows left over come back as bank rows, orthogonal to z_a (and, but for the
+    noise, to z_b)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))[0][: 2 * n + 1]
+    z_a = cos**0.5 * q[2 * n] + (1 - cos) ** 0.5 * q[:n]
+    return z_a, z_a + noise * torch.randn(n, d, generator=gen, dtype=F64) / d**0.5, q[n : 2 * n]
+
+
+# The paths whose backward scales its tile weights, each on a nearly solved batch: the mean
+# under the online max (tau 0.022) and the fixed shift (0.03), per-row gradients, the memory
+# bank, the one-pass cc and anchor objectives (their instance term alone).
+SOLVED_CASES = ["online max", "fixed shift", "per row", "bank", "cc one pass", "anchor one pass"]
+
+
+def assert_solved_case(case, backend, cc_objective, anchor_objective):
+    """`case` of SOLVED_CASES in bf16 on `backend` (its one-pass objectives given): gradient
+    and loss within twice the chunked path's error against the float64 reference."""
+    online_max = case == "online max"  # at a tau whose float64 reference loss is not 0
+    z_a, z_b, bank = solved_views(cos=0.4 if online_max else 0.0)
+    tau = 0.022 if online_max else 0.03
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(2 * z_a.shape[0], dtype=F64, generator=gen)
+    logits = torch.randn(z_a.shape[0], 7, dtype=F64, generator=gen).to(torch.bfloat16)
+    h = torch.randn(z_a.shape[0], 12, dtype=F64, generator=gen).to(torch.bfloat16)
+    centers = torch.randn(5, 12, dtype=F64, generator=gen).to(torch.bfloat16)
+
+    def mean(name):
+        return lambda a, b: fc.nt_xent(a, b, tau, backend=name)
+
+    def terms(name):
+        return lambda a, b: (fc.nt_xent(a, b, tau, backend=name, reduction="none") * w).sum()
+
+    def banked(name):
+        return lambda a, b: fc.nt_xent_bank(a, b, bank.float(), tau, backend=name)
+
+    cases = {
+        "per row": (terms, lambda a, b: (reference.nt_xent_terms(a, b, tau) * w).sum()),
+        "bank": (banked, lambda a, b: reference.nt_xent_bank(a, b, bank, tau)),
+    }
+    loss, ref = cases.get(case, (mean, lambda a, b: reference.nt_xent(a, b, tau)))
+    run = {
+        "cc one pass": lambda a, b: cc_objective(a, b, logits, logits, tau, 1.0, (1.0, 0.0))[0],
+        "anchor one pass": lambda a, b: anchor_objective(
+            a, b, h, h, h, centers, tau, 1.0, (1.0, 0.0, 0.0)
+        )[0],
+    }.get(case, loss(backend))
+    grad_err, loss_err = relative_errors(run, ref, (z_a, z_b), torch.bfloat16)
+    grad_bound, loss_bound = lowp_bounds(loss("chunked"), ref, (z_a, z_b), torch.bfloat16)
+    assert grad_err <= grad_bound and loss_err <= loss_bound, (grad_err, loss_err)

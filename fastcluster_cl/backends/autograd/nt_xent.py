@@ -14,8 +14,9 @@ A backend describes itself with an `NTXentBackend`:
   *state)`` (loss the 2N row losses if per_row, else their mean) and ``backward(z, grad,
   inv_tau, *state, *options) -> dL/dz`` (in z's dtype, the normalisation's backward included;
   `grad` 0-d for the mean, (2N,) per row where `per_row_backward`). The state is opaque to this
-  module: chunked keeps its lse, Triton its scaled rows and the per-row weights of its one-exp
-  backward, CUDA its scaled rows.
+  module: chunked keeps its lse, Triton its scaled rows, the per-row weights of its one-exp
+  backward and the forward programs' largest losses (its fp16 weight scale), CUDA its scaled
+  rows.
 
 `NTXent` (the autograd.Function) runs the fast path on one process when the backend has one,
 else the row primitives over [0, 2N); with `gather` it all-gathers Z, runs the primitives on this
