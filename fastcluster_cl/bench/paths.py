@@ -101,7 +101,9 @@ def chunked_mma_loops(columns: int, chunks: int, macs: dict[int, int]) -> model.
 
 def after_loss_scan(trips: model.Trips, loss_blocks: int) -> model.Trips:
     """`trips` of a backward that first scans the forward's per-program largest losses
-    (`nt_xent.largest`, 1024 a step: its only loop at depth 0 without MMAs)."""
+    (`nt_xent.largest`, 1024 a step: its only loop at depth 0 without MMAs; the model's bf16
+    kernels hold their column loops' products on the tensor cores, a 4-byte kernel's FFMA
+    column loop would be taken for the scan)."""
 
     def scan_first(loop: model.Region) -> int:
         if loop.depth == 0 and not loop.has_mma:

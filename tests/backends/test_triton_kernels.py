@@ -93,6 +93,14 @@ def test_solved_batches_keep_their_gradients(case):
     assert_solved_case(case, "triton", kernels.cc_objective, kernels.anchor_objective)
 
 
+@pytest.mark.parametrize("case", ["fixed shift", "per row"])
+def test_solved_batches_without_column_splits(monkeypatch, case):
+    """As above with one program per row block (the interpreter splits every sweep): the
+    forward kernel itself writes the largest losses, and the backward runs its epilogue."""
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "SPLIT_PROGRAMS", 1)
+    assert_solved_case(case, "triton", kernels.cc_objective, kernels.anchor_objective)
+
+
 def test_nt_xent_extreme_inputs_stay_finite():
     """Near-identical embeddings at a small temperature, plus an all-zero row."""
     base = randn(1, 16, seed=7)
