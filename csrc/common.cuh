@@ -65,7 +65,7 @@ __device__ float block_max(const float* __restrict__ x, int count, float* scratc
 
 // The backward's tile weight scale (kernels/nt_xent.py `weight_scale`): the power of two
 // 2^(15 - ceil(log2 bound)), bound (>= every weight) clamped to [2^-100, 2], so that the scaled
-// weights stay at most 2^15 in fp16 and the largest keep its 11-bit precision however small.
+// weights stay at most 2^15 in fp16 and the largest keeps fp16's 11-bit precision however small.
 __device__ __forceinline__ float weight_scale(float bound) {
   int e;  // bound = f 2^e, f in [0.5, 1): ceil(log2 bound) = e, or e - 1 for f = 0.5
   const float f = frexpf(fminf(fmaxf(bound, 7.888609052210118e-31f), 2.f), &e);

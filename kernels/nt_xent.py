@@ -598,8 +598,12 @@ def _lse_merge_kernel(
     )
 
 
+# The backward's scan of the forward programs' largest losses takes this many a step.
+LOSS_SCAN_STEP = 1024
+
+
 @triton.jit
-def largest(X, count, BLOCK: tl.constexpr = 1024):
+def largest(X, count, BLOCK: tl.constexpr = LOSS_SCAN_STEP):
     """max(X[0:count], 0) in fp32, BLOCK a step: the batch's largest row loss from the
     forward's per-program maxima (LOSS_MAX)."""
     offs = tl.arange(0, BLOCK)

@@ -101,13 +101,13 @@ def chunked_mma_loops(columns: int, chunks: int, macs: dict[int, int]) -> model.
 
 def after_loss_scan(trips: model.Trips, loss_blocks: int) -> model.Trips:
     """`trips` of a backward that first scans the forward's per-program largest losses
-    (`nt_xent.largest`, 1024 a step: its only loop at depth 0 without MMAs; the model's bf16
+    (`nt_xent.largest`, LOSS_SCAN_STEP a step: its only loop at depth 0 without MMAs; bf16
     kernels hold their column loops' products on the tensor cores, a 4-byte kernel's FFMA
     column loop would be taken for the scan)."""
 
     def scan_first(loop: model.Region) -> int:
         if loop.depth == 0 and not loop.has_mma:
-            return math.ceil(loss_blocks / 1024)
+            return math.ceil(loss_blocks / static.kernel_module("nt_xent").LOSS_SCAN_STEP)
         return trips(loop)
 
     return scan_first
@@ -742,10 +742,12 @@ SEPARATE_LOOPS = {
     "kl._colsum_kernel": {0: _row_steps},
     "kl._dec_anchor_kernel": {0: _cluster_tiles},
 }
-# Kernels that first scan the forward's per-program largest losses (`nt_xent.largest`, 1024 a
-# step): their one depth-0 loop without MMAs.
+# Kernels that first scan the forward's per-program largest losses (`nt_xent.largest`, its
+# LOSS_SCAN_STEP a step): their one depth-0 loop without MMAs.
 SEPARATE_SCANS = {
-    "nt_xent._grad_kernel": lambda args, grid: math.ceil(args["loss_blocks"] / 1024),
+    "nt_xent._grad_kernel": lambda args, grid: math.ceil(
+        args["loss_blocks"] / static.kernel_module("nt_xent").LOSS_SCAN_STEP
+    ),
 }
 # The multiply-adds one body of a kernel's MMA loop does, from the launch's arguments: one
 # tile's products (NT-Xent's forward S; its backward S and A Z). A body that does other than

@@ -105,8 +105,8 @@ def fake_grad_rows(
 
 def per_row_weights(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, c): per-row incoming gradients as scale * c, scale = max |grad| (0-d), |c| <= 1,
-    for the fused backward kernels: their tile weights then keep |A rs| <= 2 (the fp16 weight
-    scaling stays valid). On the device, no host sync; all-zero gradients give c = 0."""
+    for the fused backward kernels: their tile weights then keep the mean's bound (the fp16
+    weight scale stays valid). On the device, no host sync; all-zero gradients give c = 0."""
     grad = grad.to(dtype)
     scale = grad.abs().amax()
     return scale, (grad / torch.where(scale > 0, scale, 1.0)).contiguous()

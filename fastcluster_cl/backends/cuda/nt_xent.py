@@ -136,7 +136,8 @@ def grad_rows(
 ) -> torch.Tensor:
     """Row-range primitive of `fastcluster_cl.backends.gathered`: sum_j (P_ij + P_ji) zn_j -
     2 zn_pos(i) for rows [row_start, row_end), `lse` and `row_loss` the (2N,) vectors of all
-    rows (float32)."""
+    rows (float32; consistent, as `lse_rows` gives them: the largest row loss bounds the fp16
+    tile weights)."""
     zs, rs = _normalized(z)[:2]
     return build.extension().grad_rows(
         zs, rs, lse.float().contiguous(), row_loss.float().contiguous(), row_start, row_end, inv_tau
