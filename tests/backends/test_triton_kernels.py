@@ -21,7 +21,13 @@ from tolerances import ACCUMULATION, check_against_reference, lowp_bounds, relat
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
 from fastcluster_cl.backends import dispatch, reference
-from fastcluster_cl.kernels.nt_xent import grad_rows, lse_rows, symmetric_grad, symmetric_masked_lse
+from fastcluster_cl.kernels.nt_xent import (
+    grad_rows,
+    lse_rows,
+    symmetric_grad,
+    symmetric_masked_lse,
+    weight_scale,
+)
 from fastcluster_cl.modules import ClusterContrastiveLoss
 
 F64 = torch.float64
@@ -73,6 +79,25 @@ def launch_grids(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, Recorded())
     return grids
+
+
+def test_weight_scale_is_the_power_of_two_under_2_to_the_15():
+    """`nt_xent.weight_scale`: sigma = 2^(15 - ceil(log2 b)), so sigma b is in (2^14, 2^15]
+    (exact powers of two land on 2^15), b clamped to [2^-100, 2] (0, subnormal, above 2, inf)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale(B, OUT):
+        i = tl.program_id(0)
+        tl.store(OUT + i, weight_scale(tl.load(B + i)))
+
+    bounds = [2.0, 1.9, 1.0, 0.75, 0.5, 1e-12, 2.0**-100, 0.0, 1e-40, 5.0, float("inf")]
+    b = torch.tensor(bounds, device=DEVICE)
+    got = torch.empty_like(b)
+    scale[(b.numel(),)](b, got)
+    want = [2**14, 2**14, 2**15, 2**15, 2**16, 2**54, 2**115, 2**115, 2**115, 2**14, 2**14]
+    assert got.tolist() == [float(w) for w in want]
 
 
 def test_tiny_tile_weights_keep_fp16_precision():
