@@ -1672,39 +1672,18 @@ def _fused_backward(
 ) -> torch.Tensor:
     """dL/dz (z's dtype) from the gradient of the mean loss (0-d) or of each row's loss (2N,),
     the latter always through the row-parallel kernel."""
-    if grad.dim() != 0:
-        scale, row_g = nt_xent_autograd.per_row_weights(grad, rs.dtype)
-        return _grad(
-            zs,
-            rs,
-            norms,
-            row_w,
-            row_loss,
-            loss_max,
-            0,
-            zs.shape[0],
-            inv_tau,
-            scale.reshape(1),
-            z.dtype,
-            row_g,
-        )
-    if symmetric:
+    if symmetric and grad.dim() == 0:
         g = _symmetric_grad(zs, rs, row_w, row_loss, loss_max, inv_tau)
         g = g * (grad * inv_tau / z.shape[0])
         zn, norm = l2_normalize(z)
         return l2_normalize_backward(zn, norm, g).to(z.dtype)
+    grad_out, row_g = grad.contiguous(), None
+    if grad.dim() != 0:
+        scale, row_g = nt_xent_autograd.per_row_weights(grad, rs.dtype)
+        grad_out = scale.reshape(1)
+    rows = zs.shape[0]
     return _grad(
-        zs,
-        rs,
-        norms,
-        row_w,
-        row_loss,
-        loss_max,
-        0,
-        zs.shape[0],
-        inv_tau,
-        grad.contiguous(),
-        z.dtype,
+        zs, rs, norms, row_w, row_loss, loss_max, 0, rows, inv_tau, grad_out, z.dtype, row_g
     )
 
 
