@@ -47,6 +47,25 @@ def even_splits(blocks: int, wanted: int) -> tuple[int, int]:
     return triton.cdiv(blocks, per_split), per_split
 
 
+# A split of a split-K product's inner dimension spans at least this many k-steps on a GPU.
+MIN_PRODUCT_STEPS = 4
+
+
+def product_splits(tiles: int, inner: int, block_k: int) -> tuple[int, int]:
+    """(splits, inner length per split) of a product of `tiles` output tiles whose inner
+    dimension runs in steps of `block_k`: cut toward `SPLIT_PROGRAMS` programs when the tiles
+    alone are fewer (split-K, e.g. Student-t's dmu at a few centres: K x F outputs over N
+    rows); under the interpreter into runs of two k-steps, so that the tests run the split
+    launches."""
+    steps = triton.cdiv(inner, block_k)
+    if is_interpreted():
+        wanted = triton.cdiv(steps, 2)
+    else:
+        wanted = min(steps // MIN_PRODUCT_STEPS, SPLIT_PROGRAMS // tiles)
+    splits, per_split = even_splits(steps, wanted)
+    return splits, per_split * block_k
+
+
 def is_interpreted() -> bool:
     """Whether the kernels run under TRITON_INTERPRET=1 (the tests without a GPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -75,11 +75,14 @@ FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 
 Rows wider than the registers hold (`wide`: MAX_FEATURES < D <= MAX_ROW_FEATURES, e.g.
 ResNet-50's 2048 features): a program keeps no rows; each tile's scores sum feature chunks of
-both operands streamed from L2 (`chunked_scores`), and the backward gives each program a block
-of the features (grid axis 2), recomputing the tile's scores over every feature for it, its
-epilogue in `_grad_merge_kernel` over whole rows. Both are L2-bound: the backward reads the
-scores' operands once per feature block (predicted about 10x the floor from 2N = 2048 on an
-H100, 2-3x faster than the chunked backend's fp32 products that auto ran before).
+both operands streamed from L2 (`chunked_scores`). The backward is two GEMMs per slab of
+`slab_rows` rows (`_wide_row_sums`): `_weight_slab_kernel` writes the slab's scaled tile
+weights sigma A_ij rs_j against every column (Zs's dtype, the same rounding as the row
+kernels' tensor-core operand; the slab is never larger than Zs), then `_slab_product_kernel`
+multiplies them with Zs (split-K where its output tiles are few), and `_grad_merge_kernel`
+adds the splits and runs the epilogue over whole rows. Each part is a GEMM of (2N)^2 D
+multiply-adds, predicted L2-bound on an H100 at about 2.2x the floor from 2N = 8192 (the
+earlier backward, which recomputed the scores for each block of 512 features, 9.4x).
 
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
 all-gathered raw Z): `lse_rows` and `grad_rows`.
@@ -114,6 +117,7 @@ from ._common import (
     even_splits,
     feature_block,
     float_param,
+    product_splits,
     round_to,
     split_floats,
     torch_acc_dtype,
@@ -697,8 +701,6 @@ def _grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr = False,
-    BLOCK_K: tl.constexpr = 16,
 ):
     """Rows [row_start, row_end) of sum_j A_ij zn_j; with EPILOGUE times GRAD_OUT / (tau R) and
     through the normalisation's backward. PER_ROW (EPILOGUE only): row i's loss weighted by
@@ -707,9 +709,8 @@ def _grad_kernel(
     c_pos (P_pos,i - 1), scaled by GRAD_OUT / tau; |c| <= 1 keeps the mean's weight bound
     (`nt_xent_weight_scale`, from the forward's LOSS_MAX[0:loss_blocks]). SPLIT: the
     columns of split s = program_id(1) (`column_range`), its rows stored split_stride
-    elements after split 0's for `_grad_merge_kernel`. WIDE (no EPILOGUE): features
-    [program_id(2) BLOCK_D, + BLOCK_D) of the rows, each tile's scores over every feature in
-    chunks of BLOCK_K (`chunked_scores`)."""
+    elements after split 0's for `_grad_merge_kernel`. Rows too wide to hold (`wide`) take
+    `_weight_slab_kernel` and `_slab_product_kernel` instead."""
     grad_block(
         Z,
         RS,
@@ -739,9 +740,66 @@ def _grad_kernel(
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
-        WIDE,
-        BLOCK_K,
     )
+
+
+@triton.jit
+def row_terms(
+    ROW_W, ROW_LOSS, ROW_G, offs_m, mask_m, half, PER_ROW: tl.constexpr, ACC: tl.constexpr
+):
+    """The backward's per-row terms of rows offs_m: (w, pos(i), the positive's weight term,
+    c = ROW_G (PER_ROW; else w, unused)). P_i,pos(i) - 1 = expm1(-loss_i): the positive's
+    weight A - 2 without cancellation."""
+    w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
+    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
+    c_i = w_i
+    if PER_ROW:
+        c_i = tl.load(ROW_G + offs_m, mask=mask_m, other=0.0)
+        pos_i = c_i * pos_i
+    return w_i, _positive_rows(offs_m, half), pos_i, c_i
+
+
+@triton.jit
+def tile_weights(
+    x,
+    ROW_W,
+    ROW_LOSS,
+    ROW_G,
+    w_i,
+    pos,
+    pos_i,
+    c_i,
+    shift,
+    offs_m,
+    offs_n,
+    mask_n,
+    c0,
+    row_lo,
+    rows_total,
+    half,
+    PER_ROW: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """A_ij of the tile (rows [row_lo, row_lo + BLOCK_M), columns [c0, c0 + BLOCK_N)) from
+    x = S log2(e) and the rows' `row_terms`: zero on the diagonal and padding columns, the
+    positive's expm1 terms at (i, pos(i))."""
+    w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
+    if PER_ROW:
+        c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)
+        a = _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT)
+    else:
+        a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
+    if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
+        a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
+    if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
+        pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
+        if PER_ROW:
+            pos_j = c_j * pos_j
+        a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
+    return a
 
 
 @triton.jit
@@ -774,73 +832,46 @@ def grad_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    WIDE: tl.constexpr = False,
-    BLOCK_K: tl.constexpr = 16,
 ):
     """`_grad_kernel`'s rows [row_lo, row_lo + BLOCK_M) (of [.., row_end)) against the columns
     of `column_range`, `grad_out` the incoming gradient's value (EPILOGUE), sigma the tile
-    weights' scale (`weight_scale`): dz row r stored at DZ + (r - row_start) dz_stride.
-    WIDE: only the features of block program_id(2)."""
-    tl.static_assert(not (WIDE and EPILOGUE), "the epilogue needs whole rows")
+    weights' scale (`weight_scale`): dz row r stored at DZ + (r - row_start) dz_stride."""
     offs_m = row_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
-    if WIDE:
-        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    else:
-        offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
     shift, zi, ri, qi = row_block(Z, RS, inv_tau, offs_m, mask_m, D, BLOCK_D)
-    w_i = tl.load(ROW_W + offs_m, mask=mask_m, other=0.0)
-    pos = _positive_rows(offs_m, half)
-    # P_i,pos(i) - 1 = expm1(-loss_i): the positive's weight A - 2 without cancellation.
-    pos_i = _expm1(-tl.load(ROW_LOSS + offs_m, mask=mask_m, other=0.0), ACC)
-    if PER_ROW:
-        c_i = tl.load(ROW_G + offs_m, mask=mask_m, other=0.0)
-        pos_i = c_i * pos_i
+    w_i, pos, pos_i, c_i = row_terms(ROW_W, ROW_LOSS, ROW_G, offs_m, mask_m, half, PER_ROW, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     col_lo, col_hi = column_range(rows_total, split_columns, SPLIT)
     for c0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < rows_total
-        if WIDE:
-            zj = tl.load(  # the columns' features of this block
-                Z + offs_n[:, None] * D + offs_d[None, :],
-                mask=mask_n[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-        else:
-            zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
+        zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
-        s = tile_scores(
-            Z,
-            zi,
-            zj,
+        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        a = tile_weights(
+            x,
+            ROW_W,
+            ROW_LOSS,
+            ROW_G,
+            w_i,
+            pos,
+            pos_i,
+            c_i,
+            shift,
             offs_m,
-            mask_m,
             offs_n,
             mask_n,
-            D,
+            c0,
+            row_lo,
+            rows_total,
+            half,
+            PER_ROW,
+            FIXED_SHIFT,
             ACC,
-            PREC,
-            UPCAST,
             BLOCK_M,
             BLOCK_N,
-            BLOCK_K,
-            WIDE,
         )
-        x = s * qi[:, None] * rj[None, :]
-        if PER_ROW:
-            c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)
-            a = _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT)
-        else:
-            a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
-        if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
-            a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
-        if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
-            pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
-            if PER_ROW:
-                pos_j = c_j * pos_j
-            a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         # A @ zn_J = (A diag(rs_J)) @ zs_J: scale the tile, not the (BLOCK_N, D) operand.
         acc += dot((a * (rj * sigma)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)
     g = acc * (1.0 / sigma)
@@ -852,6 +883,133 @@ def grad_block(
         DZ + (offs_m - row_start)[:, None] * dz_stride + offs_d[None, :],
         round_to(g, DZ.dtype.element_ty),
         mask=mask_m[:, None] & (offs_d[None, :] < D),
+    )
+
+
+@triton.jit(do_not_specialize=["loss_blocks"])
+def _weight_slab_kernel(
+    Z,
+    RS,
+    ROW_W,
+    ROW_LOSS,
+    ROW_G,
+    LOSS_MAX,
+    SLAB,
+    inv_tau_hi,
+    inv_tau_lo,
+    loss_blocks,
+    rows_total,
+    half,
+    D,
+    slab_start,
+    slab_end,
+    PER_ROW: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows too wide to hold (`wide`), first half of the backward: rows [slab_start, slab_end) of
+    the scaled weights sigma A_ij rs_j (`tile_weights`, sigma from `nt_xent_weight_scale`)
+    against every column, in Zs's dtype, SLAB[i - slab_start, j]: one tile a program (row block
+    program_id(0), column block program_id(1)), its scores over feature chunks of BLOCK_K."""
+    row_lo = slab_start + tl.program_id(0) * BLOCK_M
+    offs_m = row_lo + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < slab_end
+    c0 = tl.program_id(1) * BLOCK_N
+    offs_n = c0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < rows_total
+    shift = float_param(inv_tau_hi, inv_tau_lo, ACC) * _LOG2E
+    qi = tl.load(RS + offs_m, mask=mask_m, other=1.0) * shift
+    rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
+    w_i, pos, pos_i, c_i = row_terms(ROW_W, ROW_LOSS, ROW_G, offs_m, mask_m, half, PER_ROW, ACC)
+    s = chunked_scores(
+        Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    a = tile_weights(
+        s * qi[:, None] * rj[None, :],
+        ROW_W,
+        ROW_LOSS,
+        ROW_G,
+        w_i,
+        pos,
+        pos_i,
+        c_i,
+        shift,
+        offs_m,
+        offs_n,
+        mask_n,
+        c0,
+        row_lo,
+        rows_total,
+        half,
+        PER_ROW,
+        FIXED_SHIFT,
+        ACC,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    sigma = nt_xent_weight_scale(LOSS_MAX, loss_blocks)
+    tl.store(
+        SLAB + (offs_m - slab_start)[:, None] * rows_total + offs_n[None, :],
+        (a * (rj * sigma)[None, :]).to(SLAB.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["loss_blocks"])
+def _slab_product_kernel(
+    SLAB,
+    Z,
+    LOSS_MAX,
+    PART,
+    loss_blocks,
+    rows_total,
+    D,
+    slab_rows,
+    part_row,
+    split_columns,
+    split_stride,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Second half of the wide backward: the GEMM SLAB @ Zs / sigma, rows [part_row, +
+    slab_rows) of sum_j A_ij zn_j into PART (fp32 partial rows for `_grad_merge_kernel`). A
+    program owns an output tile (rows program_id(0), features program_id(1)) and sums the
+    columns of split program_id(2) (split_columns each, stored split_stride apart)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < slab_rows
+    offs_d = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_d = offs_d < D
+    col_lo = tl.program_id(2) * split_columns
+    col_hi = tl.minimum(col_lo + split_columns, rows_total)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(col_lo, col_hi, BLOCK_K):
+        mask_k = k0 + offs_k < col_hi
+        w = tl.load(
+            SLAB + offs_m[:, None] * rows_total + (k0 + offs_k)[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        z = tl.load(
+            Z + (k0 + offs_k)[:, None] * D + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc += dot(w, z, ACC, PREC, UPCAST)
+    g = acc * (1.0 / nt_xent_weight_scale(LOSS_MAX, loss_blocks))
+    tl.store(
+        PART + tl.program_id(2) * split_stride + (part_row + offs_m)[:, None] * D + offs_d[None, :],
+        g,
+        mask=mask_m[:, None] & mask_d[None, :],
     )
 
 
@@ -1133,13 +1291,20 @@ def forward_config(d: int, dtype: torch.dtype, rows: int = 0) -> LaunchConfig:
     bound. Wider rows (`wide`) stream chunks of 64 features through 128 x 128 tiles, two
     warpgroups (64 x 64, chunks of 32, for 4-byte rows): their scores come from L2 at 64
     multiply-adds a loaded element (64 x 64 tiles: 32, predicted 2x slower at N = 4096,
-    D = 2048)."""
+    D = 2048); from TALL_ROWS rows chunks of 32 through 128 x 256 tiles, three stages (195
+    registers; 85 multiply-adds an element: 51569 -> 38684 us at N = 32768), below 1024 rows
+    64 x 64 tiles on one warpgroup (4x the programs: 16.0 -> 10.3 us at N = 256). The
+    backward's weight slab (`_weight_slab_kernel`) takes the same tiles."""
     if wide(d):
         row_width(d)
         if _is_interpreted() or dtype == torch.float64:
             return LaunchConfig((32, 32, 128), chunk=128)
         if dtype == torch.float32:
             return LaunchConfig((64, 64, 32), chunk=32)
+        if rows >= TALL_ROWS:
+            return LaunchConfig((128, 256, 32), num_warps=8, num_stages=3, chunk=32)
+        if rows < 1024:
+            return LaunchConfig((64, 64, 64), num_warps=4, chunk=64)
         return LaunchConfig((128, 128, 64), num_warps=8, chunk=64)
     block_d = feature_block(d, "the NT-Xent input")
     if small_tiles(block_d, dtype):
@@ -1163,16 +1328,18 @@ def backward_config(
     64 rows held 1 CTA/SM, 3 stages spilled); 64 x 32 for 2-byte rows of 256 features, 32 x 32
     for 512. Narrow 32 x 32 tiles of rows wider than 128 take one stage without the `epilogue`
     in the kernel (column splits, the row primitive, `epilogue_in_backward`): ptxas fitted two
-    into 168 registers for 3 CTAs/SM and spilled 8 B. Wider rows (`wide`) give each program a
-    block of 512 features in 64 x 64 tiles, two warpgroups, one stage (254 registers, no
-    spills; 256-feature blocks recompute the scores twice as often: 64 x 32 tiles predicted
-    1.5x slower), the scores over chunks of 64; 128 features in 32 x 32 tiles for 4-byte and
-    interpreted rows; never the epilogue."""
+    into 168 registers for 3 CTAs/SM and spilled 8 B. Rows too wide to hold (`wide`): the
+    tiles (rows, features, columns a k-step) of `_slab_product_kernel`, the GEMM of the weight
+    slab with Zs: 128 x 256 x 64 on two warpgroups, three stages for 2-byte rows (tutorial 03's
+    Hopper GEMM; 128 x 128 predicted 1.33x slower), 64 x 64 x 32 for 4-byte, 32 x 32 x 32
+    interpreted or fp64; the slab's weights take the forward's tiles (`forward_config`)."""
     if wide(d):
         row_width(d)
-        if small_tiles(MAX_ROW_FEATURES, dtype):
-            return LaunchConfig((32, 32, 128), chunk=128)
-        return LaunchConfig((64, 64, 512), num_warps=8, num_stages=1, chunk=64)
+        if _is_interpreted() or dtype == torch.float64:
+            return LaunchConfig((32, 32, 32))
+        if dtype == torch.float32:
+            return LaunchConfig((64, 64, 32))
+        return LaunchConfig((128, 256, 64), num_warps=8, num_stages=3)
     block_d = feature_block(d, "the NT-Xent input")
     precision = precision or dot_precision(dtype)
     narrow = LaunchConfig((32, 32, block_d), num_stages=2 if epilogue or block_d <= 128 else 1)
@@ -1187,6 +1354,12 @@ def backward_config(
     if block_d > 256:  # 64 rows of fp32 accumulator at D = 512 spilled 1 KiB
         return narrow
     return LaunchConfig((64, 64, block_d))
+
+
+def slab_rows(d: int) -> int:
+    """Rows of the wide backward's weight slab (rows x 2N in Zs's dtype) per pair of launches:
+    D rounded down to 128, so that the slab is never larger than Zs."""
+    return d // 128 * 128
 
 
 def _check_rows(z: torch.Tensor, row_start: int, row_end: int) -> None:
@@ -1358,48 +1531,56 @@ def _grad(
     sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled. With `row_g` (per-row weights,
     |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
     (see `nt_xent_autograd.per_row_weights`). `loss_max`: values whose largest is the largest
-    of all 2N row losses (the forward's per-program maxima)."""
+    of all 2N row losses (the forward's per-program maxima). Rows too wide to hold (`wide`)
+    take `_wide_row_sums`, the epilogue in the merge."""
     rows_total, d = zs.shape
     rows = row_end - row_start
     dz = torch.empty(rows, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
     grad_out = grad_out if epilogue else rs  # read, unused, without the epilogue
-    config = backward_config(d, zs.dtype)
-    feature_blocks = triton.cdiv(d, config.block[2]) if config.wide else 1
-    splits, split_columns = column_splits(rows * feature_blocks, rows_total, config)
-    in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
-    merge = splits > 1 or (epilogue and not in_kernel)
-    config = backward_config(d, zs.dtype, epilogue=in_kernel)
-    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if merge else dz
     scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     flags = dict(EPILOGUE=epilogue, PER_ROW=row_g is not None, ACC=acc_dtype(rs.dtype))
-    with device_guard(zs):
-        _grad_kernel[(triton.cdiv(rows, config.block[0]), splits, feature_blocks)](
-            Z=zs,
-            RS=rs,
-            NORMS=norms,
-            ROW_W=row_w,
-            ROW_LOSS=row_loss,
-            ROW_G=row_w if row_g is None else row_g,
-            LOSS_MAX=loss_max,
-            DZ=part,
-            **scalars,
-            GRAD_OUT=grad_out,
-            loss_blocks=loss_max.numel(),
-            rows_total=rows_total,
-            half=rows_total // 2,
-            D=d,
-            dz_stride=d,
-            split_columns=split_columns,
-            split_stride=rows * d,
-            SPLIT=splits > 1,
-            **dict(flags, EPILOGUE=in_kernel),
-            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-            PREC=dot_precision(zs.dtype),
-            UPCAST=upcast_dots(zs.dtype),
-            **config.options,
+    row_g = row_w if row_g is None else row_g  # read, unused, without PER_ROW
+    if wide(d):
+        part, splits = _wide_row_sums(
+            zs, rs, row_w, row_loss, row_g, loss_max, row_start, row_end, inv_tau, flags
         )
-        if merge:
+        in_kernel = False
+    else:
+        config = backward_config(d, zs.dtype)
+        splits, split_columns = column_splits(rows, rows_total, config)
+        in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
+        config = backward_config(d, zs.dtype, epilogue=in_kernel)
+        merged = splits > 1 or (epilogue and not in_kernel)
+        part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if merged else dz
+        with device_guard(zs):
+            _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
+                Z=zs,
+                RS=rs,
+                NORMS=norms,
+                ROW_W=row_w,
+                ROW_LOSS=row_loss,
+                ROW_G=row_g,
+                LOSS_MAX=loss_max,
+                DZ=part,
+                **scalars,
+                GRAD_OUT=grad_out,
+                loss_blocks=loss_max.numel(),
+                rows_total=rows_total,
+                half=rows_total // 2,
+                D=d,
+                dz_stride=d,
+                split_columns=split_columns,
+                split_stride=rows * d,
+                SPLIT=splits > 1,
+                **dict(flags, EPILOGUE=in_kernel),
+                FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+                PREC=dot_precision(zs.dtype),
+                UPCAST=upcast_dots(zs.dtype),
+                **config.options,
+            )
+    if part is not dz:
+        with device_guard(zs):
             _grad_merge_kernel[(triton.cdiv(rows, prologue_rows(d)),)](
                 Z=zs,
                 RS=rs,
@@ -1416,6 +1597,73 @@ def _grad(
                 BLOCK_D=row_width(d),
             )
     return dz
+
+
+def _wide_row_sums(zs, rs, row_w, row_loss, row_g, loss_max, row_start, row_end, inv_tau, flags):
+    """Rows too wide to hold (`wide`): sum_j A_ij zn_j of rows [row_start, row_end) as
+    (splits x rows x D fp32 partial sums, splits), a GEMM in place of recomputing the scores
+    per feature block. Per slab of `slab_rows` rows, `_weight_slab_kernel` writes the scaled
+    weights sigma A_ij rs_j against every column (the scores over feature chunks, as the
+    forward's), then `_slab_product_kernel` multiplies them with Zs (split-K where its
+    output tiles are few, `_common.product_splits`)."""
+    rows_total, d = zs.shape
+    rows = row_end - row_start
+    weights, product = forward_config(d, zs.dtype, rows_total), backward_config(d, zs.dtype)
+    slab_height = min(slab_rows(d), rows)
+    block_m, block_n, block_k = product.block
+    tiles = triton.cdiv(slab_height, block_m) * triton.cdiv(d, block_n)
+    splits, split_columns = product_splits(tiles, rows_total, block_k)
+    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device)
+    slab = torch.empty(slab_height, rows_total, dtype=zs.dtype, device=zs.device)
+    dots = dict(ACC=flags["ACC"], PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype))
+    with device_guard(zs):
+        for lo in range(row_start, row_end, slab_height):
+            hi = min(lo + slab_height, row_end)
+            row_blocks = triton.cdiv(hi - lo, weights.block[0])
+            _weight_slab_kernel[(row_blocks, triton.cdiv(rows_total, weights.block[1]))](
+                Z=zs,
+                RS=rs,
+                ROW_W=row_w,
+                ROW_LOSS=row_loss,
+                ROW_G=row_g,
+                LOSS_MAX=loss_max,
+                SLAB=slab,
+                **split_floats(inv_tau=inv_tau),
+                loss_blocks=loss_max.numel(),
+                rows_total=rows_total,
+                half=rows_total // 2,
+                D=d,
+                slab_start=lo,
+                slab_end=hi,
+                PER_ROW=flags["PER_ROW"],
+                FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+                **dots,
+                BLOCK_M=weights.block[0],
+                BLOCK_N=weights.block[1],
+                BLOCK_K=weights.chunk,
+                num_warps=weights.num_warps,
+                num_stages=weights.num_stages,
+            )
+            _slab_product_kernel[(triton.cdiv(hi - lo, block_m), triton.cdiv(d, block_n), splits)](
+                SLAB=slab,
+                Z=zs,
+                LOSS_MAX=loss_max,
+                PART=part,
+                loss_blocks=loss_max.numel(),
+                rows_total=rows_total,
+                D=d,
+                slab_rows=hi - lo,
+                part_row=lo - row_start,
+                split_columns=split_columns,
+                split_stride=rows * d,
+                **dots,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                num_warps=product.num_warps,
+                num_stages=product.num_stages,
+            )
+    return part, splits
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_lse_rows", mutates_args=())

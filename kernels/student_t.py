@@ -16,7 +16,8 @@ atomics) starts from the saved q: sum_k q dq per row (in the program with one sp
 dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are separate products, which
 keeps them deterministic and the kernel free of an (N x F) accumulator: for bf16 features
 `_gradient_product_kernel` (64 x 64 output tiles, the inner dimension split where the tiles are
-few, `product_splits`, merged in order by `_gradient_merge_kernel`), else cuBLAS on the host.
+few, `_common.product_splits`, merged in order by `_gradient_merge_kernel`), else cuBLAS on the
+host.
 
 bf16 features against float32 centers (AMP: the centers are an fp32 parameter) keep the
 products on the tensor cores: each center chunk is split into three bf16 parts, mu = hi + mid +
@@ -50,6 +51,7 @@ from ._common import (
     even_splits,
     float_param,
     is_interpreted,
+    product_splits,
     round_to,
     split_floats,
     torch_acc_dtype,
@@ -573,23 +575,6 @@ def student_t_backward(
 
 
 _PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-# A split of the gradient product's inner dimension spans at least this many k-steps on a GPU.
-_MIN_PRODUCT_STEPS = 4
-
-
-def product_splits(tiles: int, inner: int) -> tuple[int, int]:
-    """(splits, inner length per split) of a gradient product of `tiles` output tiles: its inner
-    dimension is cut toward `SPLIT_PROGRAMS` programs when the tiles alone are fewer (split-K,
-    e.g. dmu at a few centers: K x F outputs over N rows); under the interpreter into runs of
-    two k-steps, so that the tests run the split launches."""
-    block_k = _PRODUCT_BLOCKS["BLOCK_K"]
-    steps = triton.cdiv(inner, block_k)
-    if is_interpreted():
-        wanted = triton.cdiv(steps, 2)
-    else:
-        wanted = min(steps // _MIN_PRODUCT_STEPS, SPLIT_PROGRAMS // tiles)
-    splits, per_split = even_splits(steps, wanted)
-    return splits, per_split * block_k
 
 
 def _gradient_product(
@@ -602,7 +587,7 @@ def _gradient_product(
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     blocks = _PRODUCT_BLOCKS
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
-    splits, per_split = product_splits(grid[0] * grid[1], inner)
+    splits, per_split = product_splits(grid[0] * grid[1], inner, blocks["BLOCK_K"])
     part = (
         torch.empty(splits, rows, cols, dtype=torch.float32, device=x.device) if splits > 1 else out
     )

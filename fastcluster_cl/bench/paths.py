@@ -206,14 +206,14 @@ def _compiled(key: tuple, make: Callable[[], static.Variant]) -> model.Compiled:
 def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
     """NT-Xent's Triton fast path on bf16 Z (2N x D): the prologue (scaled fp16 rows), the
     row-parallel forward and backward, each with its merge where it splits its columns
-    (`nt_xent.column_splits`)."""
+    (`nt_xent.column_splits`); rows too wide to hold (`nt_xent.wide`) take the backward's
+    weight slabs and their products (`wide_backward_launches`), merged."""
     import torch
     import triton.language as tl
 
     nt = static.kernel_module("nt_xent")
     rows = columns = 2 * n
     fwd = nt.forward_config(d, torch.float16, rows)
-    bwd = nt.backward_config(d, torch.float16)
     common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     pointers = dict(static.NT_XENT_POINTERS, Z="fp16")
     block_r = nt.prologue_rows(d)
@@ -230,12 +230,7 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
         )
 
     width = nt.row_width(d)
-    feature_blocks = math.ceil(d / bwd.block[2]) if bwd.wide else 1
     fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
-    bwd_splits, bwd_columns = nt.column_splits(rows * feature_blocks, columns, bwd)
-    # the epilogue in the backward launch itself, else in the merge (of one split or several)
-    in_kernel = bwd_splits == 1 and nt.epilogue_in_backward(d)
-    bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
 
     def forward():
         return static.Variant(
@@ -249,38 +244,14 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             fwd.num_stages,
         )
 
-    def backward():
-        return static.Variant(
-            f"nt_xent bwd {'x'.join(map(str, bwd.block))}",
-            "bf16",
-            nt._grad_kernel,
-            dict(pointers, DZ="bf16" if in_kernel else "fp32"),
-            dict(
-                SPLIT=bwd_splits > 1,
-                EPILOGUE=in_kernel,
-                PER_ROW=False,
-                FIXED_SHIFT=True,
-                **common,
-                **bwd.constexprs,
-            ),
-            bwd.num_warps,
-            bwd.block,
-            bwd.num_stages,
+    fwd_tiles = math.ceil(fwd_columns / fwd.block[1])
+    if fwd.wide:  # the scores over feature chunks
+        fwd_trips = chunked_mma_loops(
+            fwd_tiles, math.ceil(d / fwd.chunk), {0: 0, 1: math.prod(fwd.block[:2]) * fwd.chunk}
         )
-
-    fwd_tiles, bwd_tiles = (
-        math.ceil(c / b.block[1]) for c, b in ((fwd_columns, fwd), (bwd_columns, bwd))
-    )
-    if fwd.wide:  # the scores over feature chunks, a block of the features per backward program
-        chunks = math.ceil(d / fwd.chunk), math.ceil(d / bwd.chunk)
-        scores = [config.block[0] * config.block[1] * config.chunk for config in (fwd, bwd)]
-        fwd_trips = chunked_mma_loops(fwd_tiles, chunks[0], {0: 0, 1: scores[0]})
-        bwd_trips = chunked_mma_loops(bwd_tiles, chunks[1], {0: math.prod(bwd.block), 1: scores[1]})
     else:
         fwd_trips = mma_loop(fwd_tiles, math.prod(fwd.block))
-        bwd_trips = mma_loop(bwd_tiles, 2 * math.prod(bwd.block))
     writers = math.ceil(rows / (nt.LSE_MERGE_ROWS if fwd_splits > 1 else fwd.block[0]))
-    bwd_trips = after_loss_scan(bwd_trips, writers)
     launches = [
         model.Launch(_compiled(("prologue", d), prologue), math.ceil(n / block_r), no_loops),
         model.Launch(
@@ -288,23 +259,140 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             math.ceil(rows / fwd.block[0]) * fwd_splits,
             fwd_trips,
         ),
-        model.Launch(
-            _compiled(("bwd", bwd, bwd_splits > 1, in_kernel), backward),
-            math.ceil(rows / bwd.block[0]) * bwd_splits * feature_blocks,
-            bwd_trips,
-        ),
     ]
     if fwd_splits > 1:
         merge = _compiled(("fwd merge",), lambda: static.nt_xent_merge_variants(d)[0])
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
         )
+    if nt.wide(d):
+        backward, bwd_splits = wide_backward_launches(rows, d, writers)
+        in_kernel = False
+    else:
+        backward, bwd_splits, in_kernel = _row_backward_launch(rows, d, writers)
+    launches += backward
     if not in_kernel:
         merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
         launches.append(
             model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)
         )
     return launches
+
+
+def _row_backward_launch(rows: int, d: int, writers: int) -> tuple[list, int, bool]:
+    """NT-Xent's row-parallel backward over 2N = `rows` rows of D features, `writers` forward
+    programs' largest losses to scan: ([its launch], column splits, whether the epilogue runs
+    in it rather than in the merge)."""
+    import torch
+    import triton.language as tl
+
+    nt = static.kernel_module("nt_xent")
+    bwd = nt.backward_config(d, torch.float16)
+    splits, split_columns = nt.column_splits(rows, rows, bwd)
+    in_kernel = splits == 1 and nt.epilogue_in_backward(d)
+    bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
+
+    def backward():
+        return static.Variant(
+            f"nt_xent bwd {'x'.join(map(str, bwd.block))}",
+            "bf16",
+            nt._grad_kernel,
+            dict(static.NT_XENT_POINTERS, Z="fp16", DZ="bf16" if in_kernel else "fp32"),
+            dict(
+                SPLIT=splits > 1,
+                EPILOGUE=in_kernel,
+                PER_ROW=False,
+                FIXED_SHIFT=True,
+                ACC=tl.float32,
+                UPCAST=False,
+                PREC="ieee",
+                **bwd.constexprs,
+            ),
+            bwd.num_warps,
+            bwd.block,
+            bwd.num_stages,
+        )
+
+    trips = mma_loop(math.ceil(split_columns / bwd.block[1]), 2 * math.prod(bwd.block))
+    launch = model.Launch(
+        _compiled(("bwd", bwd, splits > 1, in_kernel), backward),
+        math.ceil(rows / bwd.block[0]) * splits,
+        after_loss_scan(trips, writers),
+    )
+    return [launch], splits, in_kernel
+
+
+def wide_backward_launches(rows: int, d: int, writers: int) -> tuple[list, int]:
+    """NT-Xent's backward for rows too wide to hold (`nt_xent._wide_row_sums`) over 2N = `rows`
+    rows: per slab of `nt_xent.slab_rows` rows the weights (one tile a program, its scores over
+    feature chunks) and their product with Zs (k-steps of its column split); (the launches,
+    the product's splits)."""
+    import torch
+    import triton.language as tl
+
+    nt = static.kernel_module("nt_xent")
+    weights = nt.forward_config(d, torch.float16, rows)
+    product = nt.backward_config(d, torch.float16)
+    pointers = dict(static.NT_XENT_POINTERS, Z="fp16", SLAB="fp16")
+    dots = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
+    block_m, block_n, block_k = product.block
+    height = min(nt.slab_rows(d), rows)
+    splits, split_columns = nt.product_splits(
+        math.ceil(height / block_m) * math.ceil(d / block_n), rows, block_k
+    )
+
+    def weight_slab():
+        return static.Variant(
+            f"nt_xent bwd weights {weights.block[0]}x{weights.block[1]}x{weights.chunk}",
+            "bf16",
+            nt._weight_slab_kernel,
+            pointers,
+            dict(
+                PER_ROW=False,
+                FIXED_SHIFT=True,
+                BLOCK_M=weights.block[0],
+                BLOCK_N=weights.block[1],
+                BLOCK_K=weights.chunk,
+                **dots,
+            ),
+            weights.num_warps,
+            weights.block,
+            weights.num_stages,
+        )
+
+    def slab_product():
+        return static.Variant(
+            f"nt_xent bwd product {'x'.join(map(str, product.block))}",
+            "bf16",
+            nt._slab_product_kernel,
+            pointers,
+            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dots),
+            product.num_warps,
+            product.block,
+            product.num_stages,
+        )
+
+    chunk_macs = weights.block[0] * weights.block[1] * weights.chunk
+    weight_trips = after_loss_scan(mma_loop(math.ceil(d / weights.chunk), chunk_macs), writers)
+    product_trips = after_loss_scan(
+        mma_loop(math.ceil(split_columns / block_k), math.prod(product.block)), writers
+    )
+    launches = []
+    for lo in range(0, rows, height):
+        slab = min(height, rows - lo)
+        launches += [
+            model.Launch(
+                _compiled(("bwd weights", weights), weight_slab),
+                math.ceil(slab / weights.block[0]) * math.ceil(rows / weights.block[1]),
+                weight_trips,
+            ),
+            model.Launch(
+                _compiled(("bwd product", product), slab_product),
+                math.ceil(slab / block_m) * math.ceil(d / block_n) * splits,
+                product_trips,
+            ),
+        ]
+    return launches, splits
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -711,7 +799,7 @@ def _splits(args: dict, grid: tuple) -> int:
 
 
 def _inner_steps(args: dict, grid: tuple) -> int:
-    """A split's k-steps of the Student-t gradient product (`student_t.product_splits`)."""
+    """A split's k-steps of the Student-t gradient product (`_common.product_splits`)."""
     return math.ceil(args["inner_per_split"] / args["BLOCK_K"])
 
 

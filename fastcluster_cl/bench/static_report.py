@@ -492,34 +492,31 @@ def _nt_xent_variants() -> list[Variant]:
                 targets=dict(no_spills=True) if split else _NT_XENT_FWD,
             )
         )
-    # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward,
-    # a block of the features per backward program, the epilogue in the merge.
+    # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward
+    # and for the backward's weight slab, then the slab's product with Zs (a GEMM over the
+    # columns), the epilogue in the merge; the tiles of batches from TALL_ROWS rows.
     wide = 2048
-    fwd, bwd = nt.forward_config(wide, torch.float16), nt.backward_config(wide, torch.float16)
-    for name, kernel, config, constexprs, ptrs in (
-        ("fwd", nt._lse_fwd_kernel, fwd, dict(SPLIT=False), dict(pointers, Z="fp16")),
-        (
-            "bwd",
-            nt._grad_kernel,
-            bwd,
-            dict(SPLIT=False, EPILOGUE=False, PER_ROW=False),
-            dict(pointers, Z="fp16", DZ="fp32"),
-        ),
+    fwd = nt.forward_config(wide, torch.float16, nt.TALL_ROWS)
+    bwd = nt.backward_config(wide, torch.float16)
+    slab = dict(pointers, Z="fp16", SLAB="fp16")
+    chunked = dict(BLOCK_M=fwd.block[0], BLOCK_N=fwd.block[1], BLOCK_K=fwd.chunk)
+    for name, kernel, config, constexprs, gemm in (
+        ("fwd", nt._lse_fwd_kernel, fwd, dict(SPLIT=False, **fwd.constexprs), fwd.block[:2]),
+        ("bwd weights", nt._weight_slab_kernel, fwd, dict(PER_ROW=False, **chunked), fwd.block[:2]),
+        ("bwd product", nt._slab_product_kernel, bwd, dict(zip(chunked, bwd.block)), None),
     ):
-        block_m, block_n, block_d = config.block
         out.append(
             Variant(
                 f"nt_xent {name} D={wide}",
                 "bf16/fp16",
                 kernel,
-                ptrs,
-                dict(FIXED_SHIFT=True, **constexprs, **common, **config.constexprs),
+                slab,
+                dict(constexprs, **common, **({"FIXED_SHIFT": True} if gemm else {})),
                 config.num_warps,
                 config.block,
                 config.num_stages,
-                # a chunk of the scores (the steady loop); backward, the A Z product too
-                gemms=((block_m, block_n, config.chunk),)
-                + (((block_m, block_d, block_n),) if name == "bwd" else ()),
+                # the steady loop: a chunk of the scores; the product's k-step
+                gemms=((*gemm, fwd.chunk),) if gemm else (bwd.block,),
                 precision="fp16",
                 targets=dict(no_spills=True),
             )

@@ -143,8 +143,10 @@ def test_nt_xent_extreme_inputs_stay_finite():
         )
 
 
-@pytest.mark.parametrize("d", [20, 1030])  # 1030: feature chunks and blocks (`nt_xent.wide`)
-def test_row_range_primitives(d):
+@pytest.mark.parametrize("d", [20, 1030])  # 1030: feature chunks, weight slabs (`nt_xent.wide`)
+def test_row_range_primitives(monkeypatch, d):
+    # wide rows: the gradient's rows [40, 74) in slabs of 16 (the last 2 rows)
+    monkeypatch.setattr(sys.modules["fastcluster_cl.kernels.nt_xent"], "slab_rows", lambda d: 16)
     n2, inv_tau = 74, 2.0
     z = randn(n2, d, seed=10)
     zn = z / z.norm(dim=1, keepdim=True)
@@ -305,20 +307,27 @@ def test_wide_rows_take_tensor_core_tiles_on_a_gpu(monkeypatch):
 
 
 def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
-    """Beyond MAX_FEATURES a program holds no rows: its scores sum feature chunks, and the
-    backward launches one program per (row block, split, block of features), its epilogue in
-    the merge over whole rows. On a GPU 2-byte rows take 128 x 128 tiles of 64-feature chunks
-    forward and 64 x 64 tiles of 512-feature blocks backward; up to 2048 features."""
+    """Beyond MAX_FEATURES a program holds no rows: its scores sum feature chunks. The backward
+    writes the scaled weights of a slab of rows against every column, then multiplies them with
+    Zs (split-K), slab after slab, its epilogue in the merge over whole rows: here slabs of 32
+    rows (of 80) and the product's 80 columns in 2 splits. On a GPU 2-byte rows take 128 x 128
+    tiles of 64-feature chunks forward and for the weights (64 x 64 below 1024 rows, 128 x 256
+    of 32 from TALL_ROWS), 128 x 256 x 64 product tiles; up to 2048 features, slabs of 2048
+    rows."""
     nt = sys.modules["fastcluster_cl.kernels.nt_xent"]
-    grids = launch_grids(monkeypatch, nt, "_grad_kernel")
-    z_a, z_b = correlated_views(9, 1030, seed=71, noise=0.05)
+    weights = launch_grids(monkeypatch, nt, "_weight_slab_kernel")
+    products = launch_grids(monkeypatch, nt, "_slab_product_kernel")
+    monkeypatch.setattr(nt, "slab_rows", lambda d: 32)
+    z_a, z_b = correlated_views(40, 1030, seed=71, noise=0.05)
     compare(
         lambda a, b: triton_nt_xent(a, b, 0.1),
         lambda a, b: reference.nt_xent(a, b, 0.1),
         (z_a, z_b),
         torch.float32,
     )
-    assert grids == [(1, 1, 9)]  # 18 rows, one column tile, 1030 features in blocks of 128
+    # rows [0, 32), [32, 64), [64, 80): 32 x 32 weight tiles, product tiles of 32 x 32 features
+    assert weights == [(1, 3)] * 3 and products == [(1, 33, 2)] * 3
+    monkeypatch.undo()
     for scale in (1e19, 1e-30):  # rows whose squared norm overflows / underflows fp32
         compare(
             lambda a, b: triton_nt_xent(a, b, 0.2),
@@ -329,13 +338,12 @@ def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
         )
     monkeypatch.setattr(nt, "_is_interpreted", lambda: False)
     half, single = torch.bfloat16, torch.float32
-    forward, backward = nt.forward_config(2048, half), nt.backward_config(2048, half)
-    assert (forward.block, forward.chunk, backward.block, backward.chunk) == (
-        (128, 128, 64),
-        64,
-        (64, 64, 512),
-        64,
-    )
+    forward, backward = nt.forward_config(2048, half, 1024), nt.backward_config(2048, half)
+    assert (forward.block, forward.chunk, backward.block) == ((128, 128, 64), 64, (128, 256, 64))
+    assert nt.forward_config(2048, half, 1023).block == (64, 64, 64)
+    tall = nt.forward_config(2048, half, nt.TALL_ROWS)
+    assert (tall.block, tall.chunk, tall.num_stages) == ((128, 256, 32), 32, 3)
+    assert [nt.slab_rows(d) for d in (1030, 2048)] == [1024, 2048]
     assert nt.forward_config(1030, single).block == (64, 64, 32)
     assert not nt.forward_config(512, half).wide and nt.prologue_rows(2048) == 2
     with pytest.raises(ValueError, match="at most 2048"):
@@ -534,11 +542,11 @@ def test_student_t_center_splits_fill_the_gpu(monkeypatch):
 def test_student_t_gradient_products_split_k_where_tiles_are_few(monkeypatch):
     """On a GPU the centre gradient at K = 10 (one row of 64 x 64 output tiles, 8 of them at
     F = 512) splits its N = 32768 rows into 32 runs of 1024; dh (512 tiles) stays one launch."""
-    st = kernel_module("student_t")
-    monkeypatch.setattr(st, "is_interpreted", lambda: False)
-    assert st.product_splits(8, 32768) == (32, 1024)
-    assert st.product_splits(512, 1000) == (1, 1024)
-    assert st.product_splits(8, 100) == (1, 128)  # 4 k-steps: too short to split
+    common = kernel_module("_common")
+    monkeypatch.setattr(common, "is_interpreted", lambda: False)
+    assert common.product_splits(8, 32768, 32) == (32, 1024)
+    assert common.product_splits(512, 1000, 32) == (1, 1024)
+    assert common.product_splits(8, 100, 32) == (1, 128)  # 4 k-steps: too short to split
 
 
 def _expanded_fp32(h, mu, alpha):
