@@ -76,13 +76,14 @@ FASTCLUSTER_CL_SYMMETRIC=1) defaults to off: the row-parallel kernels.
 Rows wider than the registers hold (`wide`: MAX_FEATURES < D <= MAX_ROW_FEATURES, e.g.
 ResNet-50's 2048 features): a program keeps no rows; each tile's scores sum feature chunks of
 both operands streamed from L2 (`chunked_scores`). The backward is two GEMMs per slab of
-`slab_rows` rows (`_wide_row_sums`): `_weight_slab_kernel` writes the slab's scaled tile
-weights sigma A_ij rs_j against every column (Zs's dtype, the same rounding as the row
-kernels' tensor-core operand; the slab is never larger than Zs), then `_slab_product_kernel`
+`slab_rows` rows (`_wide_grad`): `_weight_slab_kernel` writes the slab's scaled tile weights
+sigma A_ij rs_j against every column (Zs's dtype, the same rounding as the row kernels'
+tensor-core operand; the slab is never larger than Zs), then `_slab_product_kernel`
 multiplies them with Zs (split-K where its output tiles are few), and `_grad_merge_kernel`
-adds the splits and runs the epilogue over whole rows. Each part is a GEMM of (2N)^2 D
-multiply-adds, predicted L2-bound on an H100 at about 2.2x the floor from 2N = 8192 (the
-earlier backward, which recomputed the scores for each block of 512 features, 9.4x).
+adds the slab's splits and runs the epilogue over whole rows. Each part is a GEMM of
+(2N)^2 D multiply-adds, predicted L2-bound on an H100: the whole loss 2.5x the floor at
+2N = 8192, 2.2x at 65536 (the earlier backward, which recomputed the scores for each block
+of 512 features, 9.4-10.7x).
 
 Row-range primitives for the distributed backend (each rank owns rows [row_start, row_end) of the
 all-gathered raw Z): `lse_rows` and `grad_rows`.
@@ -247,7 +248,8 @@ def chunked_scores(
     BLOCK_K: tl.constexpr,
 ):
     """zs_I zs_J^T of a tile over feature chunks of BLOCK_K, both operands loaded per chunk:
-    rows wider than the registers hold (`WIDE`); the rows' chunks come back from L2."""
+    rows wider than the registers hold (the forward's `WIDE`, the backward's weight slab); the
+    rows' chunks come back from L2."""
     s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, D, BLOCK_K):
@@ -886,7 +888,7 @@ def grad_block(
     )
 
 
-@triton.jit(do_not_specialize=["loss_blocks"])
+@triton.jit(do_not_specialize=["loss_blocks", "slab_start", "slab_end"])  # one compile a shape
 def _weight_slab_kernel(
     Z,
     RS,
@@ -960,7 +962,7 @@ def _weight_slab_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["loss_blocks"])
+@triton.jit(do_not_specialize=["loss_blocks", "slab_rows"])
 def _slab_product_kernel(
     SLAB,
     Z,
@@ -970,9 +972,7 @@ def _slab_product_kernel(
     rows_total,
     D,
     slab_rows,
-    part_row,
     split_columns,
-    split_stride,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -980,10 +980,10 @@ def _slab_product_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Second half of the wide backward: the GEMM SLAB @ Zs / sigma, rows [part_row, +
-    slab_rows) of sum_j A_ij zn_j into PART (fp32 partial rows for `_grad_merge_kernel`). A
-    program owns an output tile (rows program_id(0), features program_id(1)) and sums the
-    columns of split program_id(2) (split_columns each, stored split_stride apart)."""
+    """Second half of the wide backward: the GEMM SLAB @ Zs / sigma, the slab's slab_rows rows
+    of sum_j A_ij zn_j into PART (splits x slab_rows x D partial rows for `_grad_merge_kernel`).
+    A program owns an output tile (rows program_id(0), features program_id(1)) and sums the
+    columns of split program_id(2) (split_columns each)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < slab_rows
     offs_d = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1007,7 +1007,7 @@ def _slab_product_kernel(
         acc += dot(w, z, ACC, PREC, UPCAST)
     g = acc * (1.0 / nt_xent_weight_scale(LOSS_MAX, loss_blocks))
     tl.store(
-        PART + tl.program_id(2) * split_stride + (part_row + offs_m)[:, None] * D + offs_d[None, :],
+        PART + (tl.program_id(2) * slab_rows + offs_m)[:, None] * D + offs_d[None, :],
         g,
         mask=mask_m[:, None] & mask_d[None, :],
     )
@@ -1211,12 +1211,13 @@ MIN_SPLIT_TILES = 2
 LSE_MERGE_ROWS = 128
 # The fast path's widest rows. Up to MAX_FEATURES a program holds its rows in registers; wider
 # (`wide`: ResNet-50's 2048 features) each tile's scores sum feature chunks streamed from L2,
-# and the backward's programs each own a block of the features, recomputing the scores.
+# and the backward is two GEMMs over a slab of tile weights (`_wide_grad`).
 MAX_ROW_FEATURES = 2048
 
 
 def wide(d: int) -> bool:
-    """Whether rows of d features take the chunked (`WIDE`) kernels."""
+    """Whether rows of d features take the feature-chunked kernels: the forward's `WIDE`
+    tiles, the backward's weight slabs (`_wide_grad`)."""
     return d > MAX_FEATURES
 
 
@@ -1532,138 +1533,159 @@ def _grad(
     |row_g| <= 1) grad_out is their scale: row i's loss has the gradient grad_out * row_g_i
     (see `nt_xent_autograd.per_row_weights`). `loss_max`: values whose largest is the largest
     of all 2N row losses (the forward's per-program maxima). Rows too wide to hold (`wide`)
-    take `_wide_row_sums`, the epilogue in the merge."""
+    take `_wide_grad`."""
     rows_total, d = zs.shape
     rows = row_end - row_start
     dz = torch.empty(rows, d, dtype=out_dtype, device=zs.device)
     epilogue = grad_out is not None
     grad_out = grad_out if epilogue else rs  # read, unused, without the epilogue
-    scalars = dict(**split_floats(inv_tau=inv_tau), row_start=row_start, row_end=row_end)
     flags = dict(EPILOGUE=epilogue, PER_ROW=row_g is not None, ACC=acc_dtype(rs.dtype))
     row_g = row_w if row_g is None else row_g  # read, unused, without PER_ROW
-    if wide(d):
-        part, splits = _wide_row_sums(
-            zs, rs, row_w, row_loss, row_g, loss_max, row_start, row_end, inv_tau, flags
-        )
-        in_kernel = False
-    else:
+    rows_out = RowsOut(zs, rs, norms, dz, row_start, grad_out, inv_tau, flags)
+    with device_guard(zs):
+        if wide(d):
+            _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, rows_out)
+            return dz
         config = backward_config(d, zs.dtype)
         splits, split_columns = column_splits(rows, rows_total, config)
         in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
         config = backward_config(d, zs.dtype, epilogue=in_kernel)
         merged = splits > 1 or (epilogue and not in_kernel)
         part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if merged else dz
-        with device_guard(zs):
-            _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
-                Z=zs,
-                RS=rs,
-                NORMS=norms,
-                ROW_W=row_w,
-                ROW_LOSS=row_loss,
-                ROW_G=row_g,
-                LOSS_MAX=loss_max,
-                DZ=part,
-                **scalars,
-                GRAD_OUT=grad_out,
-                loss_blocks=loss_max.numel(),
-                rows_total=rows_total,
-                half=rows_total // 2,
-                D=d,
-                dz_stride=d,
-                split_columns=split_columns,
-                split_stride=rows * d,
-                SPLIT=splits > 1,
-                **dict(flags, EPILOGUE=in_kernel),
-                FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-                PREC=dot_precision(zs.dtype),
-                UPCAST=upcast_dots(zs.dtype),
-                **config.options,
-            )
-    if part is not dz:
-        with device_guard(zs):
-            _grad_merge_kernel[(triton.cdiv(rows, prologue_rows(d)),)](
-                Z=zs,
-                RS=rs,
-                NORMS=norms,
-                PART=part,
-                DZ=dz,
-                **scalars,
-                GRAD_OUT=grad_out,
-                rows_total=rows_total,
-                D=d,
-                splits=splits,
-                **flags,
-                BLOCK_M=prologue_rows(d),
-                BLOCK_D=row_width(d),
-            )
+        _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
+            Z=zs,
+            RS=rs,
+            NORMS=norms,
+            ROW_W=row_w,
+            ROW_LOSS=row_loss,
+            ROW_G=row_g,
+            LOSS_MAX=loss_max,
+            DZ=part,
+            **split_floats(inv_tau=inv_tau),
+            GRAD_OUT=grad_out,
+            loss_blocks=loss_max.numel(),
+            rows_total=rows_total,
+            half=rows_total // 2,
+            D=d,
+            dz_stride=d,
+            row_start=row_start,
+            row_end=row_end,
+            split_columns=split_columns,
+            split_stride=rows * d,
+            SPLIT=splits > 1,
+            **dict(flags, EPILOGUE=in_kernel),
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            PREC=dot_precision(zs.dtype),
+            UPCAST=upcast_dots(zs.dtype),
+            **config.options,
+        )
+        if merged:
+            rows_out.merge(part, row_start, row_end)
     return dz
 
 
-def _wide_row_sums(zs, rs, row_w, row_loss, row_g, loss_max, row_start, row_end, inv_tau, flags):
-    """Rows too wide to hold (`wide`): sum_j A_ij zn_j of rows [row_start, row_end) as
-    (splits x rows x D fp32 partial sums, splits), a GEMM in place of recomputing the scores
-    per feature block. Per slab of `slab_rows` rows, `_weight_slab_kernel` writes the scaled
-    weights sigma A_ij rs_j against every column (the scores over feature chunks, as the
-    forward's), then `_slab_product_kernel` multiplies them with Zs (split-K where its
-    output tiles are few, `_common.product_splits`)."""
+@dataclass(frozen=True)
+class RowsOut:
+    """Where a backward's rows go: dz (rows [dz_start, ..) of Zs) through `_grad_merge_kernel`,
+    with what its epilogue reads."""
+
+    zs: torch.Tensor
+    rs: torch.Tensor
+    norms: torch.Tensor
+    dz: torch.Tensor
+    dz_start: int
+    grad_out: torch.Tensor
+    inv_tau: float
+    flags: dict
+
+    def merge(self, part: torch.Tensor, lo: int, hi: int) -> None:
+        """Rows [lo, hi) of dz from their partial sums PART (splits x (hi - lo) x D, the
+        accumulation dtype), added in split order, through the epilogue (`EPILOGUE`)."""
+        rows_total, d = self.zs.shape
+        _grad_merge_kernel[(triton.cdiv(hi - lo, prologue_rows(d)),)](
+            Z=self.zs,
+            RS=self.rs,
+            NORMS=self.norms,
+            PART=part,
+            DZ=self.dz[lo - self.dz_start :],
+            **split_floats(inv_tau=self.inv_tau),
+            GRAD_OUT=self.grad_out,
+            rows_total=rows_total,
+            D=d,
+            row_start=lo,
+            row_end=hi,
+            splits=part.shape[0],
+            **self.flags,
+            BLOCK_M=prologue_rows(d),
+            BLOCK_D=row_width(d),
+        )
+
+
+def _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, out: RowsOut):
+    """The backward of rows too wide to hold (`wide`), a GEMM in place of recomputing the
+    scores per feature block, slab by slab of `slab_rows` rows: `_weight_slab_kernel` writes
+    the slab's scaled weights sigma A_ij rs_j against every column (the scores over feature
+    chunks, as the forward's), `_slab_product_kernel` multiplies them with Zs into fp32
+    partial rows (split-K where its output tiles are few, `_common.product_splits`), and the
+    merge turns them into the slab's rows of dz. Workspace: the slab (never larger than Zs)
+    and splits x slab x D partial sums."""
     rows_total, d = zs.shape
-    rows = row_end - row_start
-    weights, product = forward_config(d, zs.dtype, rows_total), backward_config(d, zs.dtype)
-    slab_height = min(slab_rows(d), rows)
+    row_start, row_end = out.dz_start, out.dz_start + out.dz.shape[0]
+    weights = forward_config(d, zs.dtype, row_end - row_start)
+    product = backward_config(d, zs.dtype)
+    height = min(slab_rows(d), row_end - row_start)
     block_m, block_n, block_k = product.block
-    tiles = triton.cdiv(slab_height, block_m) * triton.cdiv(d, block_n)
+    tiles = triton.cdiv(height, block_m) * triton.cdiv(d, block_n)
     splits, split_columns = product_splits(tiles, rows_total, block_k)
-    part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device)
-    slab = torch.empty(slab_height, rows_total, dtype=zs.dtype, device=zs.device)
-    dots = dict(ACC=flags["ACC"], PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype))
-    with device_guard(zs):
-        for lo in range(row_start, row_end, slab_height):
-            hi = min(lo + slab_height, row_end)
-            row_blocks = triton.cdiv(hi - lo, weights.block[0])
-            _weight_slab_kernel[(row_blocks, triton.cdiv(rows_total, weights.block[1]))](
-                Z=zs,
-                RS=rs,
-                ROW_W=row_w,
-                ROW_LOSS=row_loss,
-                ROW_G=row_g,
-                LOSS_MAX=loss_max,
-                SLAB=slab,
-                **split_floats(inv_tau=inv_tau),
-                loss_blocks=loss_max.numel(),
-                rows_total=rows_total,
-                half=rows_total // 2,
-                D=d,
-                slab_start=lo,
-                slab_end=hi,
-                PER_ROW=flags["PER_ROW"],
-                FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
-                **dots,
-                BLOCK_M=weights.block[0],
-                BLOCK_N=weights.block[1],
-                BLOCK_K=weights.chunk,
-                num_warps=weights.num_warps,
-                num_stages=weights.num_stages,
-            )
-            _slab_product_kernel[(triton.cdiv(hi - lo, block_m), triton.cdiv(d, block_n), splits)](
-                SLAB=slab,
-                Z=zs,
-                LOSS_MAX=loss_max,
-                PART=part,
-                loss_blocks=loss_max.numel(),
-                rows_total=rows_total,
-                D=d,
-                slab_rows=hi - lo,
-                part_row=lo - row_start,
-                split_columns=split_columns,
-                split_stride=rows * d,
-                **dots,
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
-                BLOCK_K=block_k,
-                num_warps=product.num_warps,
-                num_stages=product.num_stages,
-            )
-    return part, splits
+    part = torch.empty(splits * height * d, dtype=rs.dtype, device=zs.device)
+    slab = torch.empty(height, rows_total, dtype=zs.dtype, device=zs.device)
+    dots = dict(ACC=out.flags["ACC"], PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype))
+    for lo in range(row_start, row_end, height):
+        hi = min(lo + height, row_end)
+        row_blocks = triton.cdiv(hi - lo, weights.block[0])
+        _weight_slab_kernel[(row_blocks, triton.cdiv(rows_total, weights.block[1]))](
+            Z=zs,
+            RS=rs,
+            ROW_W=row_w,
+            ROW_LOSS=row_loss,
+            ROW_G=row_g,
+            LOSS_MAX=loss_max,
+            SLAB=slab,
+            **split_floats(inv_tau=inv_tau),
+            loss_blocks=loss_max.numel(),
+            rows_total=rows_total,
+            half=rows_total // 2,
+            D=d,
+            slab_start=lo,
+            slab_end=hi,
+            PER_ROW=out.flags["PER_ROW"],
+            FIXED_SHIFT=fixed_shift_safe(inv_tau, rs.dtype),
+            **dots,
+            BLOCK_M=weights.block[0],
+            BLOCK_N=weights.block[1],
+            BLOCK_K=weights.chunk,
+            num_warps=weights.num_warps,
+            num_stages=weights.num_stages,
+        )
+        slab_part = part[: splits * (hi - lo) * d].view(splits, hi - lo, d)
+        _slab_product_kernel[(triton.cdiv(hi - lo, block_m), triton.cdiv(d, block_n), splits)](
+            SLAB=slab,
+            Z=zs,
+            LOSS_MAX=loss_max,
+            PART=slab_part,
+            loss_blocks=loss_max.numel(),
+            rows_total=rows_total,
+            D=d,
+            slab_rows=hi - lo,
+            split_columns=split_columns,
+            **dots,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=product.num_warps,
+            num_stages=product.num_stages,
+        )
+        out.merge(slab_part, lo, hi)
 
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_lse_rows", mutates_args=())

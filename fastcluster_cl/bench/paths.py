@@ -266,17 +266,19 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             model.Launch(merge, math.ceil(rows / nt.LSE_MERGE_ROWS), lambda _: fwd_splits)
         )
     if nt.wide(d):
-        backward, bwd_splits = wide_backward_launches(rows, d, writers)
-        in_kernel = False
-    else:
-        backward, bwd_splits, in_kernel = _row_backward_launch(rows, d, writers)
+        return launches + wide_backward_launches(rows, d, writers)
+    backward, bwd_splits, in_kernel = _row_backward_launch(rows, d, writers)
     launches += backward
     if not in_kernel:
-        merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
-        launches.append(
-            model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: bwd_splits)
-        )
+        launches.append(_backward_merge(d, rows, bwd_splits))
     return launches
+
+
+def _backward_merge(d: int, rows: int, splits: int) -> model.Launch:
+    """`nt_xent._grad_merge_kernel` over `rows` rows of D features from `splits` partial sums."""
+    nt = static.kernel_module("nt_xent")
+    merge = _compiled(("bwd merge", d), lambda: static.nt_xent_merge_variants(d)[1])
+    return model.Launch(merge, math.ceil(rows / nt.prologue_rows(d)), lambda _: splits)
 
 
 def _row_backward_launch(rows: int, d: int, writers: int) -> tuple[list, int, bool]:
@@ -322,16 +324,16 @@ def _row_backward_launch(rows: int, d: int, writers: int) -> tuple[list, int, bo
     return [launch], splits, in_kernel
 
 
-def wide_backward_launches(rows: int, d: int, writers: int) -> tuple[list, int]:
-    """NT-Xent's backward for rows too wide to hold (`nt_xent._wide_row_sums`) over 2N = `rows`
+def wide_backward_launches(rows: int, d: int, writers: int) -> list[model.Launch]:
+    """NT-Xent's backward for rows too wide to hold (`nt_xent._wide_grad`) over 2N = `rows`
     rows: per slab of `nt_xent.slab_rows` rows the weights (one tile a program, its scores over
-    feature chunks) and their product with Zs (k-steps of its column split); (the launches,
-    the product's splits)."""
+    feature chunks), their product with Zs (k-steps of its column split) and the merge of the
+    slab's rows."""
     import torch
     import triton.language as tl
 
     nt = static.kernel_module("nt_xent")
-    weights = nt.forward_config(d, torch.float16, rows)
+    weights = nt.forward_config(d, torch.float16, rows)  # the forward's, one GPU's rows
     product = nt.backward_config(d, torch.float16)
     pointers = dict(static.NT_XENT_POINTERS, Z="fp16", SLAB="fp16")
     dots = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
@@ -391,8 +393,9 @@ def wide_backward_launches(rows: int, d: int, writers: int) -> tuple[list, int]:
                 math.ceil(slab / block_m) * math.ceil(d / block_n) * splits,
                 product_trips,
             ),
+            _backward_merge(d, slab, splits),
         ]
-    return launches, splits
+    return launches
 
 
 # --- rows ---------------------------------------------------------------------------------------

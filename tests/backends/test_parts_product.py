@@ -72,6 +72,23 @@ def test_every_part_product_is_kept():
     assert ((got.double() - want).abs() <= 4 * 2.0**-24 * want.abs()).all()
 
 
+def test_parts_gram_keeps_the_six_terms_in_four_products():
+    """`parts_gram`, x^T x by symmetry: exactly symmetric; one row (an outer product, no
+    accumulation) within 5 fp32 roundings of the exact x_i x_j, every kept term there (a term
+    of order 1 or 2 dropped or doubled errs by 2^-16 of it or more); N = 700 rows within twice
+    fp32 matmul's error against float64."""
+    for x, bound in ((_rand(1, 48, seed=8, low=-1.0), "terms"), (_rand(700, 60, seed=9), "sum")):
+        want = x.double().T @ x.double()
+        with EmulatedTensorCores():
+            got = numerics.parts_gram(numerics.bf16_parts(x))
+        assert got.dtype == torch.float32 and torch.equal(got, got.T)
+        if bound == "terms":
+            assert ((got.double() - want).abs() <= 5 * 2.0**-24 * want.abs()).all()
+        else:
+            fp32 = ((x.T @ x).double() - want).abs().max()
+            assert (got.double() - want).abs().max() <= 2 * fp32
+
+
 def test_products_by_parts_only_where_they_pay(monkeypatch):
     """fp32 CUDA (or meta: the cost model's trace) products of at least PARTS_PRODUCT_MACS
     multiply-adds and PARTS_PRODUCT_MACS_PER_ELEMENT per operand element."""

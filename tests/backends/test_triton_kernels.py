@@ -16,7 +16,7 @@ from lowp import (
     tiny_weight_case,
     tiny_weight_error,
 )
-from tolerances import ACCUMULATION, check_against_reference, lowp_bounds, relative_errors
+from tolerances import ACCUMULATION, check_against_reference, lowp_bounds, relative_errors, widen
 
 import fastcluster_cl as fc
 from fastcluster_cl import kernels
@@ -336,6 +336,13 @@ def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
             torch.float32,
             loosen=2.0,
         )
+    compare(  # tau 0.02: exp(-2 / tau) underflows fp32, the online row max
+        lambda a, b: triton_nt_xent(a, b, 0.02),
+        lambda a, b: reference.nt_xent(a, b, 0.02),
+        correlated_views(9, 1030, seed=73, noise=3.0),
+        torch.float32,
+        loosen=widen(0.02),
+    )
     monkeypatch.setattr(nt, "_is_interpreted", lambda: False)
     half, single = torch.bfloat16, torch.float32
     forward, backward = nt.forward_config(2048, half, 1024), nt.backward_config(2048, half)

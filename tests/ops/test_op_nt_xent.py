@@ -42,8 +42,9 @@ REFERENCE_CASES = cases(
             for n, d, tau in [(37, 48, 0.5), (5, 3, 0.05)]
         ],
         # sizes that are not multiples of the blocks, small temperatures (0.01: online max);
-        # rows wider than the registers hold (1030 features: chunks of 128, the backward's
-        # feature blocks, a ragged last one; 40 pairs: several row blocks, column splits)
+        # rows wider than the registers hold (1030 features: chunks of 128, a ragged last one,
+        # the backward's weight slab and its product; 40 pairs: several row blocks, column
+        # splits, split-K)
         "triton": [
             (dtype, n, d, tau)
             for dtype in (F64, F32)
