@@ -17,8 +17,9 @@ Floors (N rows, K clusters, b bytes per logit): forward 6 N K^2 FLOPs (three K x
 exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floats; backward
 8 N K^2 FLOPs, reads each logit matrix once and writes its gradient (4 N K b bytes). The N x K
 assignments never reach memory. The fused kernels hold at most `MAX_CLUSTERS` clusters (the
-Gram tiles live in registers); above, `gram_stats` gives the same (G, column sums) from torch
-(the softmaxes written, the Gram and its backward product on cuBLAS) and the epilogue tiles the
+Gram tiles live in registers); above, `gram_stats` gives the same (G, column sums) with the
+softmaxes written by one launch (`_assignments_kernel`, with their bf16 parts where the
+products take them), the Gram and its backward product on cuBLAS, and the epilogue tiles the
 2K x 2K matrix by rows: a row block a program, the columns swept in tiles.
 """
 
@@ -29,8 +30,12 @@ import triton
 import triton.language as tl
 
 from fastcluster_cl.backends.autograd.pairs import register_pair
-from fastcluster_cl.backends.numerics import fp32_gram, fp32_product
-from fastcluster_cl.backends.objective_sides import cc_assignments
+from fastcluster_cl.backends.numerics import (
+    bf16_parts,
+    parts_gram,
+    parts_product,
+    products_by_parts,
+)
 
 from ._common import (
     NORM_EPS,
@@ -291,16 +296,104 @@ def cluster_stats_backward(
     return d_a, d_b
 
 
-# Above MAX_CLUSTERS the statistics come from torch: the softmaxes written (N x 2K), their Gram
-# and its backward product through cuBLAS (fp32 as `numerics.fp32_gram` / `fp32_product`: bf16
-# parts on the tensor cores where that pays), the same op pair's signature.
+# Above MAX_CLUSTERS the statistics come from cuBLAS: the softmaxes written (N x 2K, with their
+# bf16 parts where the products take them: `_assignments_kernel`), their Gram and its backward
+# product (fp32 as `numerics.parts_gram` / `parts_product` where that pays, else torch's fp32
+# matmul), the same op pair's signature.
+_ASSIGN_ROWS = 8
+_ASSIGN_COLUMNS = 256
+
+
+@triton.jit
+def _assignments_kernel(
+    LA,
+    LB,
+    Q,
+    HI,
+    MID,
+    LO,
+    n,
+    K,
+    stride_a,
+    stride_b,
+    PARTS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Q = [softmax(c_a), softmax(c_b)] (N x 2K in ACC) on rows [program_id(0) BLOCK_M, +
+    BLOCK_M) of view program_id(1), any K: the rows' max and sum of exp over column chunks of
+    BLOCK_K (online), then the chunks again, written; with PARTS also Q's `bf16_parts` (hi,
+    mid, lo: N x 2K bf16 each), where the Gram and the backward product take them (one pass
+    in place of torch's five over Q)."""
+    if tl.program_id(1) == 0:
+        logits, stride, column = LA, stride_a, 0
+    else:
+        logits, stride, column = LB, stride_b, K
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    offs_k = tl.arange(0, BLOCK_K)
+    top = tl.full([BLOCK_M], -3.0e38, ACC)  # finite: a row of padding keeps exp(top - top) = 1
+    total = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
+        x = tl.load(
+            logits + offs_m[:, None] * stride + (k0 + offs_k)[None, :], mask=mask, other=-1.0e38
+        ).to(ACC)
+        new_top = tl.maximum(top, tl.max(x, axis=1))
+        total = total * tl.exp(top - new_top) + tl.sum(
+            tl.where(mask, tl.exp(x - new_top[:, None]), 0.0), axis=1
+        )
+        top = new_top
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
+        x = tl.load(logits + offs_m[:, None] * stride + (k0 + offs_k)[None, :], mask=mask).to(ACC)
+        q = tl.exp(x - top[:, None]) / total[:, None]
+        at = offs_m[:, None] * (2 * K) + (column + k0 + offs_k)[None, :]
+        tl.store(Q + at, q, mask=mask)
+        if PARTS:
+            hi = q.to(tl.bfloat16)
+            rest = q - hi.to(ACC)
+            mid = rest.to(tl.bfloat16)
+            tl.store(HI + at, hi, mask=mask)
+            tl.store(MID + at, mid, mask=mask)
+            tl.store(LO + at, (rest - mid.to(ACC)).to(tl.bfloat16), mask=mask)
+
+
+def _assignments(logits_a: torch.Tensor, logits_b: torch.Tensor, parts: bool) -> tuple:
+    """(Q = `objective_sides.cc_assignments`, its `bf16_parts` or None) from one launch."""
+    n, k = logits_a.shape
+    q = torch.empty(n, 2 * k, dtype=torch_acc_dtype(logits_a.dtype), device=logits_a.device)
+    split = [torch.empty_like(q, dtype=torch.bfloat16) for _ in range(3)] if parts else [q] * 3
+    with device_guard(logits_a):
+        _assignments_kernel[(triton.cdiv(n, _ASSIGN_ROWS), 2)](
+            LA=logits_a,
+            LB=logits_b,
+            Q=q,
+            HI=split[0],
+            MID=split[1],
+            LO=split[2],
+            n=n,
+            K=k,
+            stride_a=logits_a.stride(0),
+            stride_b=logits_b.stride(0),
+            PARTS=parts,
+            ACC=acc_dtype(q.dtype),
+            BLOCK_M=_ASSIGN_ROWS,
+            BLOCK_K=min(_ASSIGN_COLUMNS, triton.next_power_of_2(k)),
+        )
+    return q, split if parts else None
 
 
 @torch.library.custom_op("fastcluster_cl::cc_cluster_gram_triton_fwd", mutates_args=())
 def gram_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`cluster_stats` for any K: G = Q^T Q and the column sums of Q, Q written."""
-    q = cc_assignments(logits_a, logits_b)
-    return fp32_gram(q), q.sum(0)
+    n, k = logits_a.shape
+    acc = torch_acc_dtype(logits_a.dtype)
+    q, parts = _assignments(
+        logits_a, logits_b, products_by_parts(2 * k, n, 2 * k, acc, logits_a.device)
+    )
+    return (parts_gram(parts) if parts else q.T @ q), q.sum(0)
 
 
 @torch.library.custom_op("fastcluster_cl::cc_cluster_gram_triton_bwd", mutates_args=())
@@ -310,8 +403,13 @@ def gram_stats_backward(
     """`cluster_stats_backward` for any K: Q recomputed, dQ = Q (dG + dG^T) + 1 dcolsum^T, then
     the softmax backward."""
     n, k = logits_a.shape
-    q = cc_assignments(logits_a, logits_b)
-    dq = fp32_product(q, d_gram + d_gram.T).add_(d_colsum).view(n, 2, k)
+    acc = torch_acc_dtype(logits_a.dtype)
+    q, parts = _assignments(
+        logits_a, logits_b, products_by_parts(n, 2 * k, 2 * k, acc, logits_a.device)
+    )
+    sym = d_gram + d_gram.T
+    dq = parts_product(parts, bf16_parts(sym)) if parts else q @ sym
+    dq = dq.add_(d_colsum).view(n, 2, k)
     q3 = q.view(n, 2, k)
     dq.sub_(torch.linalg.vecdot(q3, dq).unsqueeze(-1))
     d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)

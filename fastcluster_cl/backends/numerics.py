@@ -157,20 +157,26 @@ def _bf16_tensor_cores(device: torch.device) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def _by_parts(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a @ b runs as `parts_product`: fp32 CUDA matrices (meta ones too: the cost model
-    traces the CUDA path) of a large and dense enough product, where torch multiplies fp32 as
-    IEEE (not TF32) and the GPU has bf16 tensor cores."""
-    (m, k), n = a.shape, b.shape[1]
+def products_by_parts(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an (m x k) @ (k x n) product of `dtype` on `device` runs as `parts_product`:
+    fp32 CUDA matrices (meta ones too: the cost model traces the CUDA path) of a large and
+    dense enough product, where torch multiplies fp32 as IEEE (not TF32) and the GPU has bf16
+    tensor cores."""
     return (
-        a.dtype == b.dtype == torch.float32
-        and a.device.type in ("cuda", "meta")
+        dtype == torch.float32
+        and device.type in ("cuda", "meta")
         and m * n * k >= PARTS_PRODUCT_MACS
         and m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n)
         and not tf32_allowed()  # then one TF32 product beats six bf16 ones
-        and _bf16_tensor_cores(a.device)
-        and _fp32_bias_taken(a.device.type)
+        and _bf16_tensor_cores(device)
+        and _fp32_bias_taken(device.type)
     )
+
+
+def _by_parts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`products_by_parts` of a @ b."""
+    (m, k), n = a.shape, b.shape[1]
+    return a.dtype == b.dtype and products_by_parts(m, k, n, a.dtype, a.device)
 
 
 def fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -797,6 +797,11 @@ def _gram_column_tiles(args: dict, grid: tuple) -> int:
     return math.ceil(2 * args["k"] / args["BLOCK_C"])
 
 
+def _assignment_chunks(args: dict, grid: tuple) -> int:
+    """The cc assignments' column chunks (both passes: the online max and sum, the writes)."""
+    return math.ceil(args["K"] / args["BLOCK_K"])
+
+
 def _splits(args: dict, grid: tuple) -> int:
     return args["splits"]
 
@@ -821,6 +826,7 @@ SEPARATE_LOOPS = {
     "nt_xent._lse_merge_kernel": {0: _splits},
     "nt_xent._grad_merge_kernel": {0: _splits},
     "cc_cluster._stats_kernel": {0: _row_steps},
+    "cc_cluster._assignments_kernel": {0: _assignment_chunks},
     "cc_cluster._grad_kernel": {},
     "cc_cluster._epilogue_fwd_kernel": {0: _gram_column_tiles},
     "cc_cluster._epilogue_bwd_kernel": {0: _gram_column_tiles},

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tensor_cores import EmulatedTensorCores
 from tolerances import BF16, F32, F64, assert_within_lowp_bounds, check_against_reference, widen
 
 import fastcluster_cl as fc
@@ -72,6 +73,47 @@ def test_tiled_path_matches_float64_reference(k, tau, regime):
         check_against_reference(
             triton_loss(tau), reference_loss(tau), inputs, F32, device=DEVICE, loosen=widen(tau)
         )
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_assignments_and_their_parts_in_one_pass(dtype):
+    """`_assignments_kernel` at K = 300 (two column chunks, the online max across them): both
+    views' softmaxes against float64 within twice torch's own relative error in the dtype (8
+    roundings where torch's is the reference's own computation), and their bf16 parts adding
+    up to them exactly (fp32)."""
+    a, b = (t.to(dtype) for t in logits(29, 300, 4, "correlated"))
+    a[3, 290] = 40.0  # the row's largest logit in its last chunk
+    parts = dtype == F32
+    q, split = _module()._assignments(a.to(DEVICE), b.to(DEVICE), parts)
+    want = torch.cat([a.double().softmax(1), b.double().softmax(1)], 1)
+    torch_q = torch.cat([a.softmax(1), b.softmax(1)], 1)
+    assert q.dtype == dtype
+    error, torch_error = ((x.cpu().double() - want).abs().div(want).max() for x in (q, torch_q))
+    assert error <= max(2 * torch_error, 8 * torch.finfo(dtype).eps), (error, torch_error)
+    if parts:
+        assert torch.equal(sum(p.float() for p in split), q)
+    else:
+        assert split is None
+
+
+def test_gram_path_by_bf16_parts_matches_float64_reference(monkeypatch):
+    """Above 64 clusters with the Gram and the backward product as bf16 parts (where they pay
+    on a GPU; here forced, products emulated): fp32 values and gradients against float64."""
+    module = _module()
+    monkeypatch.setattr(module, "products_by_parts", lambda m, k, n, dtype, device: dtype == F32)
+    for name in ("parts_gram", "parts_product"):  # inside the op (a dispatch mode stops there)
+        monkeypatch.setattr(module, name, _emulated(getattr(module, name)))
+    for regime in ("correlated", "one-hot"):
+        inputs = logits(29, 100, 5, regime)
+        check_against_reference(triton_loss(0.5), reference_loss(0.5), inputs, F32, device=DEVICE)
+
+
+def _emulated(product):
+    def run(*args):
+        with EmulatedTensorCores():
+            return product(*args)
+
+    return run
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5])

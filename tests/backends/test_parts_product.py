@@ -7,29 +7,13 @@ the accuracy on the hardware)."""
 
 import pytest
 import torch
+from tensor_cores import EmulatedTensorCores
 from tolerances import check_against_reference
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcluster_cl as fc
 from fastcluster_cl.backends import numerics, reference
 
 F64 = torch.float64
-AT = torch.ops.aten
-
-
-class EmulatedTensorCores(TorchDispatchMode):
-    """aten.mm.dtype / addmm.dtype (CUDA only in torch) on the CPU: the bf16 operands upcast to
-    the output dtype first."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is AT.mm.dtype:
-            a, b, dtype = args
-            return torch.mm(a.to(dtype), b.to(dtype))
-        if func is AT.addmm.dtype:
-            c, a, b, dtype = args
-            return torch.addmm(c, a.to(dtype), b.to(dtype), **kwargs)
-        return func(*args, **kwargs)
 
 
 def _rand(*shape, seed, low=0.0):
