@@ -332,32 +332,36 @@ def _assignments_kernel(
         logits, stride, column = LB, stride_b, K
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
+    rows = offs_m.to(tl.int64)  # N x 2K passes 2^31 at K = 1000 from about a million rows
     offs_k = tl.arange(0, BLOCK_K)
-    top = tl.full([BLOCK_M], -3.0e38, ACC)  # finite: a row of padding keeps exp(top - top) = 1
+    top = tl.full([BLOCK_M], float("-inf"), ACC)
     total = tl.zeros([BLOCK_M], ACC)
     for k0 in range(0, K, BLOCK_K):
         mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
         x = tl.load(
-            logits + offs_m[:, None] * stride + (k0 + offs_k)[None, :], mask=mask, other=-1.0e38
+            logits + rows[:, None] * stride + (k0 + offs_k)[None, :],
+            mask=mask,
+            other=float("-inf"),
         ).to(ACC)
         new_top = tl.maximum(top, tl.max(x, axis=1))
-        total = total * tl.exp(top - new_top) + tl.sum(
-            tl.where(mask, tl.exp(x - new_top[:, None]), 0.0), axis=1
+        # no exp(-inf - -inf): an unchanged max keeps the sum, a -inf logit adds nothing
+        total = total * tl.where(top == new_top, 1.0, tl.exp(top - new_top)) + tl.sum(
+            tl.where(x > float("-inf"), tl.exp(x - new_top[:, None]), 0.0), axis=1
         )
         top = new_top
     for k0 in range(0, K, BLOCK_K):
         mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
-        x = tl.load(logits + offs_m[:, None] * stride + (k0 + offs_k)[None, :], mask=mask).to(ACC)
+        x = tl.load(logits + rows[:, None] * stride + (k0 + offs_k)[None, :], mask=mask).to(ACC)
         q = tl.exp(x - top[:, None]) / total[:, None]
-        at = offs_m[:, None] * (2 * K) + (column + k0 + offs_k)[None, :]
+        at = rows[:, None] * (2 * K) + (column + k0 + offs_k)[None, :]
         tl.store(Q + at, q, mask=mask)
-        if PARTS:
-            hi = q.to(tl.bfloat16)
+        if PARTS:  # as `numerics.bf16_parts`, rounded to nearest even (`round_to`)
+            hi = round_to(q, tl.bfloat16)
             rest = q - hi.to(ACC)
-            mid = rest.to(tl.bfloat16)
+            mid = round_to(rest, tl.bfloat16)
             tl.store(HI + at, hi, mask=mask)
             tl.store(MID + at, mid, mask=mask)
-            tl.store(LO + at, (rest - mid.to(ACC)).to(tl.bfloat16), mask=mask)
+            tl.store(LO + at, round_to(rest - mid.to(ACC), tl.bfloat16), mask=mask)
 
 
 def _assignments(logits_a: torch.Tensor, logits_b: torch.Tensor, parts: bool) -> tuple:

@@ -15,9 +15,9 @@ atomics) starts from the saved q: sum_k q dq per row (in the program with one sp
 `_row_dot_kernel` first), then each tile's distances again and g = dL/dd (N x K).
 dh = 2 (rowsum(g) h - g mu) and dmu = -2 (g^T h - colsum(g) mu) are separate products, which
 keeps them deterministic and the kernel free of an (N x F) accumulator: for bf16 features
-`_gradient_product_kernel` (64 x 64 output tiles, the inner dimension split where the tiles are
-few, `_common.product_splits`, merged in order by `_gradient_merge_kernel`), else cuBLAS on the
-host.
+`_gradient_product_kernel` (64 x 64 output tiles, 64 x 128 where those fill the GPU, the inner
+dimension split where the tiles are few, `_common.product_splits`, merged in order by
+`_gradient_merge_kernel`), else cuBLAS on the host.
 
 bf16 features against float32 centers (AMP: the centers are an fp32 parameter) keep the
 products on the tensor cores: each center chunk is split into three bf16 parts, mu = hi + mid +
@@ -575,6 +575,17 @@ def student_t_backward(
 
 
 _PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+# Where they still fill the GPU (`SPLIT_PROGRAMS` / 2 tiles), 64 x 128 output tiles on one
+# warpgroup (sm_90a: 199-254 registers, no spills, 2 CTAs/SM): a third less L2 traffic a
+# multiply-add (benchmarks/static_notes.md section 28).
+_WIDE_PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
+
+
+def product_blocks(rows: int, cols: int) -> dict:
+    """The gradient product's tiles for a rows x cols output."""
+    wide = _WIDE_PRODUCT_BLOCKS
+    tiles = triton.cdiv(rows, wide["BLOCK_M"]) * triton.cdiv(cols, wide["BLOCK_N"])
+    return wide if tiles >= SPLIT_PROGRAMS // 2 else _PRODUCT_BLOCKS
 
 
 def _gradient_product(
@@ -585,7 +596,7 @@ def _gradient_product(
     b bf16 or fp32, x with unit column stride."""
     (rows, inner), cols = a.shape, b.shape[1]
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
-    blocks = _PRODUCT_BLOCKS
+    blocks = product_blocks(rows, cols)
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(cols, blocks["BLOCK_N"]))
     splits, per_split = product_splits(grid[0] * grid[1], inner, blocks["BLOCK_K"])
     part = (

@@ -115,7 +115,9 @@ def parts_gram(parts) -> torch.Tensor:
 # passes, ~30 bytes at HBM bandwidth) and the split about ten launches (~40 us). So it pays
 # from about 1.6e9 multiply-adds, and for products of at least about 330 multiply-adds per
 # operand element (mnk / (mk + kn)): a Gram of 2 x 200 cluster columns over 32768 rows does
-# not. The cost model's cc rows, benchmarks/static_notes.md section 16.
+# not. The cost model's cc rows, benchmarks/static_notes.md section 16. (The Triton cc side
+# splits Q in the pass that writes it, nearly free; it keeps the rule, so it may take the
+# fp32 product a little above where the parts would now pay: not re-measured.)
 PARTS_PRODUCT_MACS = 2**31
 PARTS_PRODUCT_MACS_PER_ELEMENT = 512
 

@@ -746,11 +746,15 @@ def _cluster_variants() -> list[Variant]:
                     targets=clean,
                 )
             )
-    for b, x, out_dtype in (("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16")):  # dmu, dh
-        blocks = st._PRODUCT_BLOCKS
+    products = [
+        (b, x, o, blocks)
+        for b, x, o in (("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16"))  # dmu, dh
+        for blocks in (st._PRODUCT_BLOCKS, st._WIDE_PRODUCT_BLOCKS)
+    ]
+    for b, x, out_dtype, blocks in products:
         out.append(
             Variant(
-                f"student_t gradient product B {b}",
+                f"student_t gradient product B {b} {blocks['BLOCK_M']}x{blocks['BLOCK_N']}",
                 "bf16",
                 st._gradient_product_kernel,
                 {"A": "fp32", "B": b, "X": x, "SCALE": "fp32", "OUT": out_dtype, "PART": "fp32"},

@@ -554,6 +554,9 @@ def test_student_t_gradient_products_split_k_where_tiles_are_few(monkeypatch):
     assert common.product_splits(8, 32768, 32) == (32, 1024)
     assert common.product_splits(512, 1000, 32) == (1, 1024)
     assert common.product_splits(8, 100, 32) == (1, 128)  # 4 k-steps: too short to split
+    st = kernel_module("student_t")  # 64 x 128 tiles where they fill the GPU: dh at N = 4096
+    widths = [st.product_blocks(*shape)["BLOCK_N"] for shape in ((4096, 512), (256, 512))]
+    assert widths == [128, 64]
 
 
 def _expanded_fp32(h, mu, alpha):
@@ -582,13 +585,21 @@ def _amp_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _amp_cases()])
-def test_student_t_amp_centers_split_for_the_tensor_cores(case):
+@pytest.mark.parametrize(
+    "case,wide",
+    [(case, False) for case in range(4)] + [(0, True), (3, True)],
+    ids=[c[0] for c in _amp_cases()] + ["one-hot 64x128", "near-uniform 64x128"],
+)
+def test_student_t_amp_centers_split_for_the_tensor_cores(monkeypatch, case, wide):
     """bf16 features against fp32 centers (the split centers on the tensor cores, several
-    center splits; the gradient products on the tensor cores, dh's split over K): q and both
-    gradients within twice the error of the fp32 expanded-distance computation on the same
-    inputs, against the float64 reference; dh, a bf16 leaf's gradient, within twice the
-    reference's own rounding to bf16 where that is larger."""
+    center splits; the gradient products on the tensor cores, dh's split over K, on 64 x 64
+    tiles or, as where they fill a GPU, 64 x 128): q and both gradients within twice the error
+    of the fp32 expanded-distance computation on the same inputs, against the float64
+    reference; dh, a bf16 leaf's gradient, within twice the reference's own rounding to bf16
+    where that is larger."""
+    st = kernel_module("student_t")
+    if wide:
+        monkeypatch.setattr(st, "product_blocks", lambda rows, cols: st._WIDE_PRODUCT_BLOCKS)
     _, h, mu = _amp_cases()[case]
     h = h.bfloat16().double()  # the features as AMP hands them over: bf16 values
     weights = randn(h.shape[0], mu.shape[0], seed=66)
