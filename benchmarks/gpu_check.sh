@@ -10,10 +10,11 @@
 #             reference: bf16, 2N 512/4096/65536, D 128, K 10/100 (cc: 10/64), fwd and fwd+bwd
 #   model     the cost model's table measured beside its predictions (model-h100.json): NT-Xent
 #             bf16, N 256..32768 pairs (2N 512..65536), D 128/256, torch, triton and the CUDA
-#             twin (its rows need nvcc; the 8-rank gathered rows need 8 GPUs); the cc
+#             twin (its rows need nvcc; the 8-rank gathered rows need 8 GPUs), D 2048 up to
+#             N 4096 (torch, triton: the wide rows' slab backward); the cc
 #             objective at D 128, K 10/20/100/200/1000, auto (one pass where K <= 64 and N <=
-#             768 pairs, else the separate Triton ops: above K = 64 the cluster Gram from torch
-#             and the row-tiled epilogue), the separate Triton ops and torch
+#             768 pairs, else the separate Triton ops: above K = 64 Q from one Triton pass, its
+#             Gram from cuBLAS and the row-tiled epilogue), the separate Triton ops and torch
 #   anchor    the model's anchor rows measured: D 128, F 512/2048, K 10/100/1000, fp32 centres
 #             (--features), auto, torch and the one-pass Triton kernels
 #   tiles     NT-Xent's forward at 64 x 128 (4 warps) against 128 x 64 (8 warps, 3 stages: from
@@ -75,6 +76,9 @@ for stage in "${stages[@]}"; do
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 128,256 \
           --sizes 512,2048,8192,65536 --modes fwd+bwd --backends torch,triton,cuda \
           --out "$OUT/results" >"$OUT/model.log" 2>&1 || status=1
+      python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --dims 2048 \
+          --sizes 512,2048,8192 --modes fwd+bwd --backends torch,triton \
+          --out "$OUT/results" >>"$OUT/model.log" 2>&1 || status=1
       python3 -m fastcluster_cl.bench --device cuda --dtype bfloat16 --ops cc_objective \
           --dims 128 --ks 10,20,100,200,1000 --sizes 512,8192,65536 --modes fwd+bwd \
           --backends auto,torch,triton-separate --out "$OUT/results" >>"$OUT/model.log" 2>&1 \

@@ -962,7 +962,7 @@ def _weight_slab_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["loss_blocks", "slab_rows"])
+@triton.jit(do_not_specialize=["loss_blocks", "height"])
 def _slab_product_kernel(
     SLAB,
     Z,
@@ -971,7 +971,7 @@ def _slab_product_kernel(
     loss_blocks,
     rows_total,
     D,
-    slab_rows,
+    height,
     split_columns,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
@@ -980,12 +980,12 @@ def _slab_product_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Second half of the wide backward: the GEMM SLAB @ Zs / sigma, the slab's slab_rows rows
-    of sum_j A_ij zn_j into PART (splits x slab_rows x D partial rows for `_grad_merge_kernel`).
+    """Second half of the wide backward: the GEMM SLAB @ Zs / sigma, the slab's height rows
+    of sum_j A_ij zn_j into PART (splits x height x D partial rows for `_grad_merge_kernel`).
     A program owns an output tile (rows program_id(0), features program_id(1)) and sums the
     columns of split program_id(2) (split_columns each)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < slab_rows
+    mask_m = offs_m < height
     offs_d = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_d = offs_d < D
     col_lo = tl.program_id(2) * split_columns
@@ -1007,7 +1007,7 @@ def _slab_product_kernel(
         acc += dot(w, z, ACC, PREC, UPCAST)
     g = acc * (1.0 / nt_xent_weight_scale(LOSS_MAX, loss_blocks))
     tl.store(
-        PART + (tl.program_id(2) * slab_rows + offs_m)[:, None] * D + offs_d[None, :],
+        PART + (tl.program_id(2) * height + offs_m)[:, None] * D + offs_d[None, :],
         g,
         mask=mask_m[:, None] & mask_d[None, :],
     )
@@ -1232,7 +1232,7 @@ class LaunchConfig:
     """Tile sizes, warps and pipeline stages of one launch (also what the static sm_90 report
     compiles: benchmarks/static_notes.md records how each was chosen)."""
 
-    block: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_D)
+    block: tuple[int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_D); the slab product's (M, N, K)
     num_warps: int = 4
     num_stages: int = 2
     chunk: int | None = None  # rows too wide to hold (`wide`): the scores' feature chunk
@@ -1275,8 +1275,9 @@ def epilogue_in_backward(d: int) -> bool:
 
 
 # From this many rows a forward launch (2N; a rank's rows under gather_distributed) takes
-# 128-row tiles (`forward_config`).
+# 128-row tiles (`forward_config`); below FEW_WIDE_ROWS rows too wide to hold take 64 x 64.
 TALL_ROWS = 4096
+FEW_WIDE_ROWS = 1024
 
 
 def forward_config(d: int, dtype: torch.dtype, rows: int = 0) -> LaunchConfig:
@@ -1293,7 +1294,7 @@ def forward_config(d: int, dtype: torch.dtype, rows: int = 0) -> LaunchConfig:
     warpgroups (64 x 64, chunks of 32, for 4-byte rows): their scores come from L2 at 64
     multiply-adds a loaded element (64 x 64 tiles: 32, predicted 2x slower at N = 4096,
     D = 2048); from TALL_ROWS rows chunks of 32 through 128 x 256 tiles, three stages (195
-    registers; 85 multiply-adds an element: 51569 -> 38684 us at N = 32768), below 1024 rows
+    registers; 85 multiply-adds an element: 51569 -> 38684 us at N = 32768), below FEW_WIDE_ROWS
     64 x 64 tiles on one warpgroup (4x the programs: 16.0 -> 10.3 us at N = 256). The
     backward's weight slab (`_weight_slab_kernel`) takes the same tiles."""
     if wide(d):
@@ -1304,7 +1305,7 @@ def forward_config(d: int, dtype: torch.dtype, rows: int = 0) -> LaunchConfig:
             return LaunchConfig((64, 64, 32), chunk=32)
         if rows >= TALL_ROWS:
             return LaunchConfig((128, 256, 32), num_warps=8, num_stages=3, chunk=32)
-        if rows < 1024:
+        if rows < FEW_WIDE_ROWS:
             return LaunchConfig((64, 64, 64), num_warps=4, chunk=64)
         return LaunchConfig((128, 128, 64), num_warps=8, chunk=64)
     block_d = feature_block(d, "the NT-Xent input")
@@ -1544,7 +1545,7 @@ def _grad(
     rows_out = RowsOut(zs, rs, norms, dz, row_start, grad_out, inv_tau, flags)
     with device_guard(zs):
         if wide(d):
-            _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, rows_out)
+            _wide_grad(rows_out, row_w, row_loss, row_g, loss_max)
             return dz
         config = backward_config(d, zs.dtype)
         splits, split_columns = column_splits(rows, rows_total, config)
@@ -1621,7 +1622,7 @@ class RowsOut:
         )
 
 
-def _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, out: RowsOut):
+def _wide_grad(out: RowsOut, row_w, row_loss, row_g, loss_max):
     """The backward of rows too wide to hold (`wide`), a GEMM in place of recomputing the
     scores per feature block, slab by slab of `slab_rows` rows: `_weight_slab_kernel` writes
     the slab's scaled weights sigma A_ij rs_j against every column (the scores over feature
@@ -1629,6 +1630,7 @@ def _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, out: RowsOut):
     partial rows (split-K where its output tiles are few, `_common.product_splits`), and the
     merge turns them into the slab's rows of dz. Workspace: the slab (never larger than Zs)
     and splits x slab x D partial sums."""
+    zs, rs, inv_tau = out.zs, out.rs, out.inv_tau
     rows_total, d = zs.shape
     row_start, row_end = out.dz_start, out.dz_start + out.dz.shape[0]
     weights = forward_config(d, zs.dtype, row_end - row_start)
@@ -1676,7 +1678,7 @@ def _wide_grad(zs, rs, row_w, row_loss, row_g, loss_max, inv_tau, out: RowsOut):
             loss_blocks=loss_max.numel(),
             rows_total=rows_total,
             D=d,
-            slab_rows=hi - lo,
+            height=hi - lo,
             split_columns=split_columns,
             **dots,
             BLOCK_M=block_m,

@@ -578,14 +578,14 @@ _PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 # Where they still fill the GPU (`SPLIT_PROGRAMS` / 2 tiles), 64 x 128 output tiles on one
 # warpgroup (sm_90a: 199-254 registers, no spills, 2 CTAs/SM): a third less L2 traffic a
 # multiply-add (benchmarks/static_notes.md section 28).
-_WIDE_PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
+_LARGE_PRODUCT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
 
 
 def product_blocks(rows: int, cols: int) -> dict:
     """The gradient product's tiles for a rows x cols output."""
-    wide = _WIDE_PRODUCT_BLOCKS
-    tiles = triton.cdiv(rows, wide["BLOCK_M"]) * triton.cdiv(cols, wide["BLOCK_N"])
-    return wide if tiles >= SPLIT_PROGRAMS // 2 else _PRODUCT_BLOCKS
+    large = _LARGE_PRODUCT_BLOCKS
+    tiles = triton.cdiv(rows, large["BLOCK_M"]) * triton.cdiv(cols, large["BLOCK_N"])
+    return large if tiles >= SPLIT_PROGRAMS // 2 else _PRODUCT_BLOCKS
 
 
 def _gradient_product(

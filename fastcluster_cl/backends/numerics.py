@@ -101,7 +101,7 @@ def parts_product(a, b) -> torch.Tensor:
 def parts_gram(parts) -> torch.Tensor:
     """x^T x of an fp32 matrix given as its `bf16_parts`: `parts_product`'s six products in
     four, by symmetry (the cross terms P0^T P1 + P0^T P2 once, added to their transpose, then
-    P1^T P1 and P0^T P0, smallest first); exactly symmetric."""
+    P1^T P1 and P0^T P0, smallest first): the cross terms' sum exactly symmetric."""
     p0, p1, p2 = parts
     cross = torch.mm(p0.T, p2, out_dtype=torch.float32)
     cross = torch.addmm(cross, p0.T, p1, out_dtype=torch.float32)

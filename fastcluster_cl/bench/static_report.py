@@ -493,34 +493,50 @@ def _nt_xent_variants() -> list[Variant]:
             )
         )
     # Rows wider than the registers hold (ResNet-50's 2048 features): feature chunks forward
-    # and for the backward's weight slab, then the slab's product with Zs (a GEMM over the
-    # columns), the epilogue in the merge; the tiles of batches from TALL_ROWS rows.
+    # and for the backward's weight slab (their tiles by the batch's rows: below FEW_WIDE_ROWS,
+    # below TALL_ROWS, from it), then the slab's product with Zs (a GEMM over the columns),
+    # the epilogue in the merge.
     wide = 2048
-    fwd = nt.forward_config(wide, torch.float16, nt.TALL_ROWS)
     bwd = nt.backward_config(wide, torch.float16)
     slab = dict(pointers, Z="fp16", SLAB="fp16")
-    chunked = dict(BLOCK_M=fwd.block[0], BLOCK_N=fwd.block[1], BLOCK_K=fwd.chunk)
-    for name, kernel, config, constexprs, gemm in (
-        ("fwd", nt._lse_fwd_kernel, fwd, dict(SPLIT=False, **fwd.constexprs), fwd.block[:2]),
-        ("bwd weights", nt._weight_slab_kernel, fwd, dict(PER_ROW=False, **chunked), fwd.block[:2]),
-        ("bwd product", nt._slab_product_kernel, bwd, dict(zip(chunked, bwd.block)), None),
-    ):
-        out.append(
-            Variant(
-                f"nt_xent {name} D={wide}",
-                "bf16/fp16",
-                kernel,
-                slab,
-                dict(constexprs, **common, **({"FIXED_SHIFT": True} if gemm else {})),
-                config.num_warps,
-                config.block,
-                config.num_stages,
-                # the steady loop: a chunk of the scores; the product's k-step
-                gemms=((*gemm, fwd.chunk),) if gemm else (bwd.block,),
-                precision="fp16",
-                targets=dict(no_spills=True),
+    for rows in (0, nt.FEW_WIDE_ROWS, nt.TALL_ROWS):
+        fwd = nt.forward_config(wide, torch.float16, rows)
+        chunked = dict(BLOCK_M=fwd.block[0], BLOCK_N=fwd.block[1], BLOCK_K=fwd.chunk)
+        tiles = f"{fwd.block[0]}x{fwd.block[1]}x{fwd.chunk}"
+        for name, kernel, constexprs in (
+            ("fwd", nt._lse_fwd_kernel, dict(SPLIT=False, **fwd.constexprs)),
+            ("bwd weights", nt._weight_slab_kernel, dict(PER_ROW=False, **chunked)),
+        ):
+            out.append(
+                Variant(
+                    f"nt_xent {name} D={wide} {tiles}",
+                    "bf16/fp16",
+                    kernel,
+                    slab,
+                    dict(constexprs, FIXED_SHIFT=True, **common),
+                    fwd.num_warps,
+                    fwd.block,
+                    fwd.num_stages,
+                    gemms=((*fwd.block[:2], fwd.chunk),),  # the steady loop: a chunk's scores
+                    precision="fp16",
+                    targets=dict(no_spills=True),
+                )
             )
+    out.append(
+        Variant(
+            f"nt_xent bwd product D={wide}",
+            "bf16/fp16",
+            nt._slab_product_kernel,
+            slab,
+            dict(BLOCK_M=bwd.block[0], BLOCK_N=bwd.block[1], BLOCK_K=bwd.block[2], **common),
+            bwd.num_warps,
+            bwd.block,
+            bwd.num_stages,
+            gemms=(bwd.block,),  # a k-step
+            precision="fp16",
+            targets=dict(no_spills=True),
         )
+    )
     for width in (d, 512, wide):
         merges = nt_xent_merge_variants(width)
         out.extend(merges if width == d else merges[1:])  # the forward's merge has no D
@@ -713,6 +729,19 @@ def _cluster_variants() -> list[Variant]:
                     targets=clean,
                 )
             )
+    # above 64 clusters: Q and its bf16 parts from the bf16 logits, in one pass
+    out.append(
+        Variant(
+            "cc assignments parts",
+            "bf16",
+            cc._assignments_kernel,
+            {"LA": "bf16", "LB": "bf16", "Q": "fp32", "HI": "bf16", "MID": "bf16", "LO": "bf16"},
+            dict(PARTS=True, ACC=tl.float32, BLOCK_M=cc._ASSIGN_ROWS, BLOCK_K=cc._ASSIGN_COLUMNS),
+            4,
+            (cc._ASSIGN_ROWS, cc._ASSIGN_COLUMNS),
+            targets=clean,
+        )
+    )
     h = {
         "H": "bf16",
         "MU": "bf16",
@@ -749,7 +778,7 @@ def _cluster_variants() -> list[Variant]:
     products = [
         (b, x, o, blocks)
         for b, x, o in (("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16"))  # dmu, dh
-        for blocks in (st._PRODUCT_BLOCKS, st._WIDE_PRODUCT_BLOCKS)
+        for blocks in (st._PRODUCT_BLOCKS, st._LARGE_PRODUCT_BLOCKS)
     ]
     for b, x, out_dtype, blocks in products:
         out.append(

@@ -57,10 +57,10 @@ def test_every_part_product_is_kept():
 
 
 def test_parts_gram_keeps_the_six_terms_in_four_products():
-    """`parts_gram`, x^T x by symmetry: exactly symmetric; one row (an outer product, no
-    accumulation) within 5 fp32 roundings of the exact x_i x_j, every kept term there (a term
-    of order 1 or 2 dropped or doubled errs by 2^-16 of it or more); N = 700 rows within twice
-    fp32 matmul's error against float64."""
+    """`parts_gram`, x^T x by symmetry: symmetric (exactly here, on the CPU); one row (an outer
+    product, no accumulation) within 5 fp32 roundings of the exact x_i x_j, every kept term
+    there (a term of order 1 or 2 dropped or doubled errs by 2^-16 of it or more); N = 700 rows
+    within twice fp32 matmul's error against float64."""
     for x, bound in ((_rand(1, 48, seed=8, low=-1.0), "terms"), (_rand(700, 60, seed=9), "sum")):
         want = x.double().T @ x.double()
         with EmulatedTensorCores():

@@ -350,6 +350,8 @@ def test_rows_wider_than_the_registers_stream_feature_chunks(monkeypatch):
     assert nt.forward_config(2048, half, 1023).block == (64, 64, 64)
     tall = nt.forward_config(2048, half, nt.TALL_ROWS)
     assert (tall.block, tall.chunk, tall.num_stages) == ((128, 256, 32), 32, 3)
+    assert (backward.num_warps, backward.num_stages, tall.num_warps) == (8, 3, 8)
+    assert [nt.backward_config(2048, t).block for t in (single, F64)] == [(64, 64, 32), (32,) * 3]
     assert [nt.slab_rows(d) for d in (1030, 2048)] == [1024, 2048]
     assert nt.forward_config(1030, single).block == (64, 64, 32)
     assert not nt.forward_config(512, half).wide and nt.prologue_rows(2048) == 2
@@ -599,7 +601,7 @@ def test_student_t_amp_centers_split_for_the_tensor_cores(monkeypatch, case, wid
     where that is larger."""
     st = kernel_module("student_t")
     if wide:
-        monkeypatch.setattr(st, "product_blocks", lambda rows, cols: st._WIDE_PRODUCT_BLOCKS)
+        monkeypatch.setattr(st, "product_blocks", lambda rows, cols: st._LARGE_PRODUCT_BLOCKS)
     _, h, mu = _amp_cases()[case]
     h = h.bfloat16().double()  # the features as AMP hands them over: bf16 values
     weights = randn(h.shape[0], mu.shape[0], seed=66)
