@@ -394,9 +394,8 @@ def gram_stats(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Te
     """`cluster_stats` for any K: G = Q^T Q and the column sums of Q, Q written."""
     n, k = logits_a.shape
     acc = torch_acc_dtype(logits_a.dtype)
-    q, parts = _assignments(
-        logits_a, logits_b, products_by_parts(2 * k, n, 2 * k, acc, logits_a.device)
-    )
+    by_parts = products_by_parts(2 * k, n, 2 * k, acc, logits_a.device, split=True)
+    q, parts = _assignments(logits_a, logits_b, by_parts)
     return (parts_gram(parts) if parts else q.T @ q), q.sum(0)
 
 
@@ -408,9 +407,8 @@ def gram_stats_backward(
     the softmax backward."""
     n, k = logits_a.shape
     acc = torch_acc_dtype(logits_a.dtype)
-    q, parts = _assignments(
-        logits_a, logits_b, products_by_parts(n, 2 * k, 2 * k, acc, logits_a.device)
-    )
+    by_parts = products_by_parts(n, 2 * k, 2 * k, acc, logits_a.device, split=True)
+    q, parts = _assignments(logits_a, logits_b, by_parts)
     sym = d_gram + d_gram.T
     dq = parts_product(parts, bf16_parts(sym)) if parts else q @ sym
     dq = dq.add_(d_colsum).view(n, 2, k)

@@ -115,9 +115,9 @@ def parts_gram(parts) -> torch.Tensor:
 # passes, ~30 bytes at HBM bandwidth) and the split about ten launches (~40 us). So it pays
 # from about 1.6e9 multiply-adds, and for products of at least about 330 multiply-adds per
 # operand element (mnk / (mk + kn)): a Gram of 2 x 200 cluster columns over 32768 rows does
-# not. The cost model's cc rows, benchmarks/static_notes.md section 16. (The Triton cc side
-# splits Q in the pass that writes it, nearly free; it keeps the rule, so it may take the
-# fp32 product a little above where the parts would now pay: not re-measured.)
+# not. The cost model's cc rows, benchmarks/static_notes.md section 16. Where the large operand
+# comes split already (the Triton cc side writes Q's parts in the pass that writes Q, nearly
+# free) only the multiply-adds count: that Gram pays (section 27).
 PARTS_PRODUCT_MACS = 2**31
 PARTS_PRODUCT_MACS_PER_ELEMENT = 512
 
@@ -159,16 +159,19 @@ def _bf16_tensor_cores(device: torch.device) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def products_by_parts(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+def products_by_parts(
+    m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, split: bool = False
+) -> bool:
     """Whether an (m x k) @ (k x n) product of `dtype` on `device` runs as `parts_product`:
     fp32 CUDA matrices (meta ones too: the cost model traces the CUDA path) of a large and
-    dense enough product, where torch multiplies fp32 as IEEE (not TF32) and the GPU has bf16
-    tensor cores."""
+    dense enough product (any density where the caller has the large operand `split`
+    already), where torch multiplies fp32 as IEEE (not TF32) and the GPU has bf16 tensor
+    cores."""
     return (
         dtype == torch.float32
         and device.type in ("cuda", "meta")
         and m * n * k >= PARTS_PRODUCT_MACS
-        and m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n)
+        and (split or m * n >= PARTS_PRODUCT_MACS_PER_ELEMENT * (m + n))
         and not tf32_allowed()  # then one TF32 product beats six bf16 ones
         and _bf16_tensor_cores(device)
         and _fp32_bias_taken(device.type)

@@ -84,6 +84,9 @@ def test_products_by_parts_only_where_they_pay(monkeypatch):
     assert by_parts(2000, 1024, 2000)  # cc's Gram at K = 1000, N = 1024
     assert by_parts(4096, 2000, 2000)  # its backward at N = 4096
     assert not by_parts(400, 32768, 400)  # K = 200 at N = 32768: the split costs more
+    large = (400, 32768, 400, torch.float32, torch.device("meta"))
+    assert numerics.products_by_parts(*large, split=True)  # unless Q comes split (cc's Triton)
+    assert not numerics.products_by_parts(200, 32768, 200, *large[3:], split=True)  # too small
     assert not by_parts(200, 1024, 200)  # small
     assert not by_parts(2000, 1024, 2000, dtype=F64)
     assert not by_parts(2000, 1024, 2000, dtype=torch.bfloat16)
