@@ -1430,7 +1430,7 @@ def column_splits(rows: int, columns: int, config: LaunchConfig) -> tuple[int, i
     return splits, per_split * config.block[1]
 
 
-def _forward_plan(
+def forward_plan(
     rows: int, rows_total: int, d: int, dtype: torch.dtype
 ) -> tuple[LaunchConfig, int, int, int]:
     """`_lse`'s launch for `rows` rows against `rows_total` of Zs in `dtype`: (config, column
@@ -1441,13 +1441,37 @@ def _forward_plan(
     return config, splits, split_columns, writers
 
 
+def backward_plan(
+    rows: int, rows_total: int, d: int, dtype: torch.dtype, epilogue: bool = True
+) -> tuple[LaunchConfig, int, int, bool]:
+    """`_grad_kernel`'s launch (rows that fit the registers) for `rows` rows against
+    `rows_total` of Zs in `dtype`: (config, column splits, columns per split, whether the
+    `epilogue` runs in it rather than in the merge)."""
+    splits, split_columns = column_splits(rows, rows_total, backward_config(d, dtype))
+    in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
+    return backward_config(d, dtype, epilogue=in_kernel), splits, split_columns, in_kernel
+
+
+def wide_backward_plan(
+    rows: int, rows_total: int, d: int, dtype: torch.dtype
+) -> tuple[LaunchConfig, LaunchConfig, int, int, int]:
+    """`_wide_grad`'s launches for `rows` rows against `rows_total` of Zs in `dtype`: (the
+    weights' tiles, the forward's; the product's; the slab height; the product's splits and
+    columns per split)."""
+    weights, product = forward_config(d, dtype, rows), backward_config(d, dtype)
+    height = min(slab_rows(d), rows)
+    block_m, block_n, block_k = product.block
+    tiles = triton.cdiv(height, block_m) * triton.cdiv(d, block_n)
+    return weights, product, height, *product_splits(tiles, rows_total, block_k)
+
+
 def _lse(zs, rs, dist, row_start, row_end, inv_tau):
     """Launch the row-parallel forward: (lse, lse - S_pos, the backward's row weights, the
     writing programs' largest losses) of rows [row_start, row_end); with column splits, then
     the merge."""
     rows_total, d = zs.shape
     rows = row_end - row_start
-    config, splits, split_columns, writers = _forward_plan(rows, rows_total, d, zs.dtype)
+    config, splits, split_columns, writers = forward_plan(rows, rows_total, d, zs.dtype)
     acc = rs.dtype
     lse = torch.empty(rows, dtype=acc, device=zs.device)
     row_loss, row_w = torch.empty_like(lse), torch.empty_like(lse)
@@ -1547,10 +1571,9 @@ def _grad(
         if wide(d):
             _wide_grad(rows_out, row_w, row_loss, row_g, loss_max)
             return dz
-        config = backward_config(d, zs.dtype)
-        splits, split_columns = column_splits(rows, rows_total, config)
-        in_kernel = epilogue and splits == 1 and epilogue_in_backward(d)
-        config = backward_config(d, zs.dtype, epilogue=in_kernel)
+        config, splits, split_columns, in_kernel = backward_plan(
+            rows, rows_total, d, zs.dtype, epilogue
+        )
         merged = splits > 1 or (epilogue and not in_kernel)
         part = torch.empty(splits, rows, d, dtype=rs.dtype, device=zs.device) if merged else dz
         _grad_kernel[(triton.cdiv(rows, config.block[0]), splits)](
@@ -1633,12 +1656,10 @@ def _wide_grad(out: RowsOut, row_w, row_loss, row_g, loss_max):
     zs, rs, inv_tau = out.zs, out.rs, out.inv_tau
     rows_total, d = zs.shape
     row_start, row_end = out.dz_start, out.dz_start + out.dz.shape[0]
-    weights = forward_config(d, zs.dtype, row_end - row_start)
-    product = backward_config(d, zs.dtype)
-    height = min(slab_rows(d), row_end - row_start)
+    weights, product, height, splits, split_columns = wide_backward_plan(
+        row_end - row_start, rows_total, d, zs.dtype
+    )
     block_m, block_n, block_k = product.block
-    tiles = triton.cdiv(height, block_m) * triton.cdiv(d, block_n)
-    splits, split_columns = product_splits(tiles, rows_total, block_k)
     part = torch.empty(splits * height * d, dtype=rs.dtype, device=zs.device)
     slab = torch.empty(height, rows_total, dtype=zs.dtype, device=zs.device)
     dots = dict(ACC=out.flags["ACC"], PREC=dot_precision(zs.dtype), UPCAST=upcast_dots(zs.dtype))
@@ -1917,7 +1938,7 @@ def _fused_forward(
 def _(z, inv_tau, per_row, symmetric):
     acc, rows = torch_acc_dtype(z.dtype), z.shape[0]
     vector = z.new_empty(rows, dtype=acc)
-    writers = 1 if symmetric else _forward_plan(rows, rows, z.shape[1], _scaled_dtype(z.dtype))[3]
+    writers = 1 if symmetric else forward_plan(rows, rows, z.shape[1], _scaled_dtype(z.dtype))[3]
     return (
         z.new_empty((rows,) if per_row else (), dtype=acc),
         z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)),

@@ -213,7 +213,7 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
 
     nt = static.kernel_module("nt_xent")
     rows = columns = 2 * n
-    fwd = nt.forward_config(d, torch.float16, rows)
+    fwd, fwd_splits, fwd_columns, writers = nt.forward_plan(rows, columns, d, torch.float16)
     common = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     pointers = dict(static.NT_XENT_POINTERS, Z="fp16")
     block_r = nt.prologue_rows(d)
@@ -230,7 +230,6 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
         )
 
     width = nt.row_width(d)
-    fwd_splits, fwd_columns = nt.column_splits(rows, columns, fwd)
 
     def forward():
         return static.Variant(
@@ -251,7 +250,6 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
         )
     else:
         fwd_trips = mma_loop(fwd_tiles, math.prod(fwd.block))
-    writers = math.ceil(rows / (nt.LSE_MERGE_ROWS if fwd_splits > 1 else fwd.block[0]))
     launches = [
         model.Launch(_compiled(("prologue", d), prologue), math.ceil(n / block_r), no_loops),
         model.Launch(
@@ -289,10 +287,7 @@ def _row_backward_launch(rows: int, d: int, writers: int) -> tuple[list, int, bo
     import triton.language as tl
 
     nt = static.kernel_module("nt_xent")
-    bwd = nt.backward_config(d, torch.float16)
-    splits, split_columns = nt.column_splits(rows, rows, bwd)
-    in_kernel = splits == 1 and nt.epilogue_in_backward(d)
-    bwd = nt.backward_config(d, torch.float16, epilogue=in_kernel)
+    bwd, splits, split_columns, in_kernel = nt.backward_plan(rows, rows, d, torch.float16)
 
     def backward():
         return static.Variant(
@@ -333,15 +328,12 @@ def wide_backward_launches(rows: int, d: int, writers: int) -> list[model.Launch
     import triton.language as tl
 
     nt = static.kernel_module("nt_xent")
-    weights = nt.forward_config(d, torch.float16, rows)  # the forward's, one GPU's rows
-    product = nt.backward_config(d, torch.float16)
+    weights, product, height, splits, split_columns = nt.wide_backward_plan(
+        rows, rows, d, torch.float16
+    )
     pointers = dict(static.NT_XENT_POINTERS, Z="fp16", SLAB="fp16")
     dots = dict(ACC=tl.float32, UPCAST=False, PREC="ieee")
     block_m, block_n, block_k = product.block
-    height = min(nt.slab_rows(d), rows)
-    splits, split_columns = nt.product_splits(
-        math.ceil(height / block_m) * math.ceil(d / block_n), rows, block_k
-    )
 
     def weight_slab():
         return static.Variant(
