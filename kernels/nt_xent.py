@@ -365,11 +365,29 @@ def _softplus(t, ACC: tl.constexpr):
 
 
 @triton.jit
-def accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT: tl.constexpr):
-    """Add a tile's 2^x (masked entries -inf) to the running row sums: relative to the fixed
-    shift, or to the online row max m_i (rescaling the sum when it grows). (total, m_i)."""
+def row_logits(s, q_i, shift, FIXED_SHIFT: tl.constexpr):
+    """A tile's base-2 logits x = s q_I (= S log2(e)) from its scores, less the fixed shift
+    where it applies: one FFMA an element (a multiply and a subtraction before: sm_90a 524 ->
+    460 instructions a 64 x 128 forward tile, benchmarks/static_notes.md section 29)."""
     if FIXED_SHIFT:
-        return total + tl.sum(tl.exp2(x - shift), axis=1), m_i
+        return tl.fma(s, q_i[:, None], -shift)
+    else:
+        return s * q_i[:, None]
+
+
+@triton.jit
+def tile_logits(s, q_i, r_j, shift, FIXED_SHIFT: tl.constexpr):
+    """`row_logits` of scores zs_I zs_J^T, whose columns scale by rs_J."""
+    return row_logits(s * r_j[None, :], q_i, shift, FIXED_SHIFT)
+
+
+@triton.jit
+def accumulate_negatives(x, total, m_i, FIXED_SHIFT: tl.constexpr):
+    """Add a tile's 2^x (`row_logits`, masked entries -inf) to the running row sums: x is
+    already relative to the fixed shift, else relative to the online row max m_i (rescaling
+    the sum when it grows). (total, m_i)."""
+    if FIXED_SHIFT:
+        return total + tl.sum(tl.exp2(x), axis=1), m_i
     else:
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         return (total * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1), m_new)
@@ -468,7 +486,7 @@ def _lse_fwd_kernel(
             BLOCK_K,
             WIDE,
         )
-        x = s * qi[:, None] * rj[None, :]
+        x = tile_logits(s, qi, rj, shift, FIXED_SHIFT)
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total) | _positive_tile(
             c0, BLOCK_N, row_lo, BLOCK_M, half
         ):
@@ -478,7 +496,7 @@ def _lse_fwd_kernel(
                 & (offs_n[None, :] != pos[:, None])
             )
             x = tl.where(negative, x, float("-inf"))
-        total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
+        total, m_i = accumulate_negatives(x, total, m_i, FIXED_SHIFT)
     if SPLIT:
         store_split_sums(PART, total, m_i, offs_m - row_start, row_end - row_start, mask_m)
     else:
@@ -651,22 +669,22 @@ def _row_weight(lse, inv_tau, FIXED_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _weights(x, w_i, w_j, shift, FIXED_SHIFT: tl.constexpr):
+def _weights(x, w_i, w_j, FIXED_SHIFT: tl.constexpr):
     """A_ij = P_ij + P_ji = 2^(x - l2_i) + 2^(x - l2_j) (x = S_ij log2 e, l2 = lse log2 e = w);
-    with the fixed shift one exp per element: 2^(x - shift) (u_i + u_j), u = 2^(shift - l2) = w
-    (saved per row by the forward)."""
+    with the fixed shift one exp per element: 2^x (u_i + u_j), x less the shift
+    (`row_logits`), u = 2^(shift - l2) = w (saved per row by the forward)."""
     if FIXED_SHIFT:
-        return tl.exp2(x - shift) * (w_i[:, None] + w_j[None, :])
+        return tl.exp2(x) * (w_i[:, None] + w_j[None, :])
     else:
         return tl.exp2(x - w_i[:, None]) + tl.exp2(x - w_j[None, :])
 
 
 @triton.jit
-def _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT: tl.constexpr):
+def _row_weighted(x, w_i, w_j, c_i, c_j, FIXED_SHIFT: tl.constexpr):
     """c_i P_ij + c_j P_ji (`_weights` with each row's loss weighted by c): with the fixed
-    shift still one exp per element, 2^(x - shift) (c_i u_i + c_j u_j)."""
+    shift still one exp per element, 2^x (c_i u_i + c_j u_j)."""
     if FIXED_SHIFT:
-        return _weights(x, c_i * w_i, c_j * w_j, shift, FIXED_SHIFT)
+        return _weights(x, c_i * w_i, c_j * w_j, FIXED_SHIFT)
     else:
         return c_i[:, None] * tl.exp2(x - w_i[:, None]) + c_j[None, :] * tl.exp2(x - w_j[None, :])
 
@@ -771,7 +789,6 @@ def tile_weights(
     pos,
     pos_i,
     c_i,
-    shift,
     offs_m,
     offs_n,
     mask_n,
@@ -786,14 +803,14 @@ def tile_weights(
     BLOCK_N: tl.constexpr,
 ):
     """A_ij of the tile (rows [row_lo, row_lo + BLOCK_M), columns [c0, c0 + BLOCK_N)) from
-    x = S log2(e) and the rows' `row_terms`: zero on the diagonal and padding columns, the
-    positive's expm1 terms at (i, pos(i))."""
+    its logits x (`row_logits`) and the rows' `row_terms`: zero on the diagonal and padding
+    columns, the positive's expm1 terms at (i, pos(i))."""
     w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
     if PER_ROW:
         c_j = tl.load(ROW_G + offs_n, mask=mask_n, other=0.0)
-        a = _row_weighted(x, w_i, w_j, c_i, c_j, shift, FIXED_SHIFT)
+        a = _row_weighted(x, w_i, w_j, c_i, c_j, FIXED_SHIFT)
     else:
-        a = _weights(x, w_i, w_j, shift, FIXED_SHIFT)
+        a = _weights(x, w_i, w_j, FIXED_SHIFT)
     if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, rows_total):
         a = tl.where(mask_n[None, :] & (offs_m[:, None] != offs_n[None, :]), a, 0.0)
     if _positive_tile(c0, BLOCK_N, row_lo, BLOCK_M, half):
@@ -850,7 +867,7 @@ def grad_block(
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        x = tile_logits(dot(zi, tl.trans(zj), ACC, PREC, UPCAST), qi, rj, shift, FIXED_SHIFT)
         a = tile_weights(
             x,
             ROW_W,
@@ -860,7 +877,6 @@ def grad_block(
             pos,
             pos_i,
             c_i,
-            shift,
             offs_m,
             offs_n,
             mask_n,
@@ -932,7 +948,7 @@ def _weight_slab_kernel(
         Z, offs_m, mask_m, offs_n, mask_n, D, ACC, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
     )
     a = tile_weights(
-        s * qi[:, None] * rj[None, :],
+        tile_logits(s, qi, rj, shift, FIXED_SHIFT),
         ROW_W,
         ROW_LOSS,
         ROW_G,
@@ -940,7 +956,6 @@ def _weight_slab_kernel(
         pos,
         pos_i,
         c_i,
-        shift,
         offs_m,
         offs_n,
         mask_n,
@@ -1124,14 +1139,14 @@ def _symmetric_fwd_kernel(
         mask_n = offs_n < rows_total
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
-        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        x = tile_logits(dot(zi, tl.trans(zj), ACC, PREC, UPCAST), qi, rj, shift, True)
         negative = (
             mask_m[:, None]
             & mask_n[None, :]
             & (offs_m[:, None] != offs_n[None, :])
             & (offs_n[None, :] != _positive_rows(offs_m, half)[:, None])
         )
-        e = tl.where(negative, tl.exp2(x - shift), 0.0)
+        e = tl.where(negative, tl.exp2(x), 0.0)
         total += tl.sum(e, axis=1)
         if c0 != pid * BLOCK:  # the diagonal tile's columns are its own rows, already counted
             tl.atomic_add(COL_SUM + offs_n, tl.sum(e, axis=0), mask=mask_n, sem="relaxed")
@@ -1180,9 +1195,9 @@ def _symmetric_grad_kernel(
         zj = _load_rows(Z, D, offs_n, mask_n, D, BLOCK_D)
         rj = tl.load(RS + offs_n, mask=mask_n, other=1.0)
         w_j = tl.load(ROW_W + offs_n, mask=mask_n, other=0.0)
-        x = dot(zi, tl.trans(zj), ACC, PREC, UPCAST) * qi[:, None] * rj[None, :]
+        x = tile_logits(dot(zi, tl.trans(zj), ACC, PREC, UPCAST), qi, rj, shift, FIXED_SHIFT)
         valid = mask_m[:, None] & mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
-        a = tl.where(valid, _weights(x, w_i, w_j, shift, FIXED_SHIFT), 0.0)
+        a = tl.where(valid, _weights(x, w_i, w_j, FIXED_SHIFT), 0.0)
         pos_j = _expm1(-tl.load(ROW_LOSS + offs_n, mask=mask_n, other=0.0), ACC)
         a = tl.where(offs_n[None, :] == pos[:, None], pos_i[:, None] + pos_j[None, :], a)
         acc += dot((a * (rj * sigma)[None, :]).to(zj.dtype), zj, ACC, PREC, UPCAST)

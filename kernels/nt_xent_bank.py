@@ -77,6 +77,7 @@ from .nt_xent import (
     narrow_wide_rows,
     prologue_rows,
     row_block,
+    row_logits,
     row_losses,
     store_split_sums,
     sum_split_rows,
@@ -147,13 +148,11 @@ def _bank_fwd_kernel(
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
-        x = (
-            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
-            * qi[:, None]
-        )
+        scores = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
+        x = row_logits(scores, qi, shift, FIXED_SHIFT)
         if c0 + BLOCK_N > M:  # only the last tile holds padding columns
             x = tl.where(mask_n[None, :], x, float("-inf"))
-        total, m_i = accumulate_negatives(x, total, m_i, shift, FIXED_SHIFT)
+        total, m_i = accumulate_negatives(x, total, m_i, FIXED_SHIFT)
     if SPLIT:
         store_split_sums(PART, total, m_i, offs_m, n, mask_m)
     else:
@@ -281,12 +280,10 @@ def _bank_grad_kernel(
         offs_n = c0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < M
         bj = _load_rows(BANK, D, offs_n, mask_n, D, BLOCK_D)
-        x = (
-            _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
-            * qi[:, None]
-        )
+        scores = _bank_scores(zi, bj, BANK_LO, offs_n, mask_n, D, HI_LO, ACC, PREC, UPCAST, BLOCK_D)
+        x = row_logits(scores, qi, shift, FIXED_SHIFT)
         if FIXED_SHIFT:
-            p = tl.exp2(x - shift) * u_i[:, None]
+            p = tl.exp2(x) * u_i[:, None]
         else:
             p = tl.exp2(x - u_i[:, None])
         if c0 + BLOCK_N > M:

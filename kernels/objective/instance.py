@@ -35,6 +35,7 @@ from ..nt_xent import (
     nt_xent_weight_scale,
     row_losses,
     scaled_rows,
+    tile_logits,
 )
 
 _EPS = tl.constexpr(NORM_EPS)
@@ -114,10 +115,10 @@ def _instance_rows(
         zc_b, rc_b, _ = scaled_rows(_load_rows(ZB, stride_b, offs_n, mask_n, D, BLOCK_D), TINY, ACC)
         zc_a = tl.trans(zc_a.to(ZS.dtype.element_ty))
         zc_b = tl.trans(zc_b.to(ZS.dtype.element_ty))
-        x_aa = dot(zi_a, zc_a, ACC, PREC, UPCAST) * q_a[:, None] * rc_a[None, :]
-        x_ab = dot(zi_a, zc_b, ACC, PREC, UPCAST) * q_a[:, None] * rc_b[None, :]
-        x_ba = dot(zi_b, zc_a, ACC, PREC, UPCAST) * q_b[:, None] * rc_a[None, :]
-        x_bb = dot(zi_b, zc_b, ACC, PREC, UPCAST) * q_b[:, None] * rc_b[None, :]
+        x_aa = tile_logits(dot(zi_a, zc_a, ACC, PREC, UPCAST), q_a, rc_a, shift, FIXED_SHIFT)
+        x_ab = tile_logits(dot(zi_a, zc_b, ACC, PREC, UPCAST), q_a, rc_b, shift, FIXED_SHIFT)
+        x_ba = tile_logits(dot(zi_b, zc_a, ACC, PREC, UPCAST), q_b, rc_a, shift, FIXED_SHIFT)
+        x_bb = tile_logits(dot(zi_b, zc_b, ACC, PREC, UPCAST), q_b, rc_b, shift, FIXED_SHIFT)
         if _edge_tile(c0, BLOCK_N, row_lo, BLOCK_M, n):
             # column j of either half is row i's diagonal or positive exactly when j = i
             negative = mask_n[None, :] & (offs_m[:, None] != offs_n[None, :])
@@ -125,10 +126,10 @@ def _instance_rows(
             x_ab = tl.where(negative, x_ab, float("-inf"))
             x_ba = tl.where(negative, x_ba, float("-inf"))
             x_bb = tl.where(negative, x_bb, float("-inf"))
-        tot_a, m_a = accumulate_negatives(x_aa, tot_a, m_a, shift, FIXED_SHIFT)
-        tot_a, m_a = accumulate_negatives(x_ab, tot_a, m_a, shift, FIXED_SHIFT)
-        tot_b, m_b = accumulate_negatives(x_ba, tot_b, m_b, shift, FIXED_SHIFT)
-        tot_b, m_b = accumulate_negatives(x_bb, tot_b, m_b, shift, FIXED_SHIFT)
+        tot_a, m_a = accumulate_negatives(x_aa, tot_a, m_a, FIXED_SHIFT)
+        tot_a, m_a = accumulate_negatives(x_ab, tot_a, m_a, FIXED_SHIFT)
+        tot_b, m_b = accumulate_negatives(x_ba, tot_b, m_b, FIXED_SHIFT)
+        tot_b, m_b = accumulate_negatives(x_bb, tot_b, m_b, FIXED_SHIFT)
     lse_a, loss_a = row_losses(tot_a, m_a, dist, inv_tau, FIXED_SHIFT, ACC)
     lse_b, loss_b = row_losses(tot_b, m_b, dist, inv_tau, FIXED_SHIFT, ACC)
     tl.store(ROW_W + offs_m, _row_weight(lse_a, inv_tau, FIXED_SHIFT), mask=mask_m)
