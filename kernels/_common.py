@@ -47,6 +47,18 @@ def even_splits(blocks: int, wanted: int) -> tuple[int, int]:
     return triton.cdiv(blocks, per_split), per_split
 
 
+def tile_splits(row_blocks: int, tiles: int, sweep: int = 2) -> tuple[int, int]:
+    """(splits, tiles per split) of a row launch over `tiles` column tiles: a sweep of at least
+    `sweep` tiles is cut toward `SPLIT_PROGRAMS` programs where the row blocks alone are fewer
+    (under the interpreter any sweep into runs of two, so that the tests' few-tile cases run
+    the split launches). Student-t's center tiles, the KL losses' cluster tiles."""
+    if is_interpreted():
+        wanted = triton.cdiv(tiles, 2)
+    else:
+        wanted = SPLIT_PROGRAMS // row_blocks if tiles >= sweep else 1
+    return even_splits(tiles, min(tiles, wanted))
+
+
 # A split of a split-K product's inner dimension spans at least this many k-steps on a GPU.
 MIN_PRODUCT_STEPS = 4
 

@@ -1,28 +1,31 @@
 """The two KL losses on assignments, in Triton: DEC's self-training KL and the anchor loss.
 
-DEC (`dec_loss`): f_k = sum_i q_ik; p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j) held fixed;
-L = (1/N) sum_i KL(p_i || q_i). The forward is a column-sum launch (`_colsum_kernel`, persistent
-programs per tile of columns writing deterministic partials of f) and a row launch
-(`_dec_kernel`) that rebuilds p_i from q_i and f and writes the per-row KL; the backward launch
-re-reads q (and f) and writes dq_ik = -(grad / N) p_ik / q_ik. f_k is clamped at the smallest
-normal (`reference.dec_target`): a cluster with no mass in the batch has target 0, not NaN.
-Every kernel walks K in tiles of `_BLOCK_K` columns, so registers and compile time do not grow
-with K (a whole 4096-wide row per program took over 15 minutes to compile); the row launches
-of DEC take two passes over the tiles, the first for the row totals sum_j q_ij^2 / f_j.
-Reads of q: forward 3, backward 2; the target p never reaches memory. Floors: O(N K) FLOPs,
-forward 3 N K b bytes read, backward 2 N K b read + N K b written.
+DEC (`dec_loss`): f_k = sum_i q_ik; p_ik = w_ik / T_i with w_ik = q_ik^2 / f_k and T_i = sum_j
+w_ij, held fixed; L = (1/N) sum_i KL(p_i || q_i). Since w / q = q / f, KL(p_i || q_i) = sum_k
+w_ik log(q_ik / f_k) / T_i - log T_i: the row launch needs no first pass for T. The forward is
+a column-sum launch (`_colsum_kernel`, persistent programs per tile of columns writing
+deterministic partials of f) and a row launch (`_rows_kernel`) that reads q once and writes the
+per-row KL and T; the backward (`_grads_kernel`, no row reductions: one pass) reads q, f and T
+and writes dq_ik = -(grad / N) p_ik / q_ik. f_k is clamped at the smallest normal
+(`reference.dec_target`): a cluster with no mass in the batch has target 0, not NaN. Every
+kernel walks K in tiles of `_BLOCK_K` columns, so registers and compile time do not grow with K
+(a whole 4096-wide row per program took over 15 minutes to compile); where the row blocks are
+few (N = 256: 8 of 32 rows) the row launch splits the cluster tiles across programs
+(`_common.tile_splits`, as flash-decoding) and `_merge_rows_kernel` adds the splits' sums in a
+fixed order (run-to-run deterministic). Reads of q: forward 2 (the column sums, the rows),
+backward 1; the target p never reaches memory. Floors: O(N K) FLOPs, forward 2 N K b bytes
+read, backward N K b read + N K b written.
 
-Anchor (`anchor_loss`): L = (1/N) sum_i KL(q0_i || qa_i) + KL(q0_i || qb_i), q0 detached. One
-row launch reads q0, qa, qb once and writes per-row terms; the backward reads each once more and
-writes dqa = -(grad / N) q0 / qa, dqb likewise. Floors: forward 3 N K b read, backward 3 N K b
-read + 2 N K b written.
+Anchor (`anchor_loss`): L = (1/N) sum_i KL(q0_i || qa_i) + KL(q0_i || qb_i), q0 detached. The
+same row launch reads q0, qa, qb once and writes per-row terms; the backward reads each once
+more and writes dqa = -(grad / N) q0 / qa, dqb likewise. Floors: forward 3 N K b read,
+backward 3 N K b read + 2 N K b written.
 
 Anchor method's cluster side fused (`dec_anchor_losses`, what `ClusterContrastiveLoss("anchor")`
 uses on this backend): both losses read q0, so one column-sum launch over q0 and one row launch
-reading q0 twice (DEC's two passes) and qa, qb once give both per-row terms; one backward
-launch reads the same again and writes dq0 (DEC's), dqa, dqb. Saves one read of q0 in the
-forward and one in the backward, and two launches each way, over calling `dec_loss` and
-`anchor_loss`.
+reading q0, qa, qb once give both per-row terms; one backward launch reads the same again and
+writes dq0 (DEC's), dqa, dqb. Saves one read of q0 each way, and two launches each way, over
+calling `dec_loss` and `anchor_loss`.
 
 log q is clamped at the accumulation dtype's smallest normal, as `numerics.safe_log`: a zero
 probability has a finite log and a zero gradient (one-hot assignments stay NaN-free).
@@ -36,7 +39,7 @@ import triton.language as tl
 
 from fastcluster_cl.backends.autograd.pairs import register_pair
 
-from ._common import acc_dtype, check_dtype, device_guard, torch_acc_dtype
+from ._common import acc_dtype, check_dtype, device_guard, tile_splits, torch_acc_dtype
 
 MAX_CLUSTERS = 4096
 _BLOCK_M = 32
@@ -45,6 +48,11 @@ _BLOCK_M = 32
 _BLOCK_K = 64
 _WARPS = 8
 _MAX_PROGRAMS = 128
+_MERGE_ROWS = 128  # rows a program of the split forward's merge
+# Cluster tiles a row sweeps before it splits (512 clusters): below, the merge's launch costs
+# more than the split saves (predicted, N = 256: K = 100 162.8 -> 165.5 us split, K = 1000
+# 223.8 -> 196.2).
+_SPLIT_SWEEP = 8
 
 
 @triton.jit
@@ -135,92 +143,162 @@ def _dec_row_totals(
 
 
 @triton.jit
-def _dec_kernel(
-    Q,
+def _row_sums(
+    Q0,
+    QA,
+    QB,
     F,
-    OUT,
-    n,
+    offs_m,
+    mask_m,
+    k_start,
+    k_end,
     K,
-    stride,
-    GRAD,
-    stride_out,
-    BACKWARD: tl.constexpr,
+    stride0,
+    stride_a,
+    stride_b,
+    DEC: tl.constexpr,
+    ANCHOR: tl.constexpr,
     ACC: tl.constexpr,
     TINY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Forward: OUT[i] = KL(p_i || q_i). Backward: OUT = dq = -(GRAD / n) p / q. Two passes
-    over the K tiles: the row totals of the target, then the target tile by tile."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n
-    total = _dec_row_totals(Q, F, stride, offs_m, mask_m, K, ACC, TINY, BLOCK_M, BLOCK_K)
-    kl = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):
+    """The rows' sums over the cluster tiles [k_start, k_end): DEC's target mass sum w and
+    sum w log(q0 / f) (w = q0^2 / max(f, tiny), `_dec_weights`; w / q0 = q0 / f), and the
+    anchor's terms 2 q0 log q0 - q0 (log qa + log qb). One read of each input, one pass (DEC's
+    target needs no row total first: KL(p || q0) follows from the two sums, `_finish_rows`)."""
+    mass = tl.zeros([BLOCK_M], ACC)
+    dec = tl.zeros([BLOCK_M], ACC)
+    anchor = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q, w = _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC, TINY)
-        p = w / total[:, None]
-        if BACKWARD:
-            scale = -tl.load(GRAD).to(ACC) / n
-            _store(OUT, stride_out, offs_m, mask_m, offs_k, K, scale * _ratio(p, q, TINY))
-        else:
-            kl += tl.sum(_xlogx(p) - p * _safe_log(q, TINY), axis=1)
-    if not BACKWARD:
-        tl.store(OUT + offs_m, kl, mask=mask_m)
+        q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
+        if DEC:
+            f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)[None, :]
+            w = q0 * q0 / f
+            mass += tl.sum(w, axis=1)
+            dec += tl.sum(w * tl.log(tl.where(w > 0, q0 / f, 1.0)), axis=1)  # 0 where w is 0
+        if ANCHOR:
+            qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
+            qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
+            terms = 2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY))
+            anchor += tl.sum(terms, axis=1)
+    return mass, dec, anchor
 
 
 @triton.jit
-def _anchor_kernel(
+def _finish_rows(
+    mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC: tl.constexpr, ANCHOR: tl.constexpr
+):
+    """The rows' losses from their sums (`_row_sums`): ROWS[0] = KL(p || q0) = sum w log(q0 / f)
+    / T - log T with T = sum w (1 for a row without mass: padding), T to TOTAL (the backward's
+    p = w / T); ROWS[1] = the anchor's terms."""
+    if DEC:
+        total = tl.where(mass > 0, mass, 1.0)
+        tl.store(ROWS + offs_m, dec / total - tl.log(total), mask=mask_m)
+        tl.store(TOTAL + offs_m, total, mask=mask_m)
+    if ANCHOR:
+        tl.store(ROWS + n + offs_m, anchor, mask=mask_m)
+
+
+@triton.jit
+def _rows_kernel(
     Q0,
     QA,
     QB,
-    OUT,
-    DQA,
-    DQB,
-    GRAD,
+    F,
+    ROWS,
+    TOTAL,
+    PART,
     n,
     K,
     stride0,
     stride_a,
     stride_b,
-    stride_da,
-    stride_db,
-    BACKWARD: tl.constexpr,
+    tiles_per_split,
+    DEC: tl.constexpr,
+    ANCHOR: tl.constexpr,
+    SPLIT: tl.constexpr,
     ACC: tl.constexpr,
     TINY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """The forward of BLOCK_M rows over split program_id(1)'s cluster tiles: SPLIT, its sums to
+    PART (3 x splits x n) for `_merge_rows_kernel`; else the rows' losses (`_finish_rows`)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    acc = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
-        qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
-        qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
-        if BACKWARD:
-            scale = -tl.load(GRAD).to(ACC) / n
-            _store(DQA, stride_da, offs_m, mask_m, offs_k, K, scale * _ratio(q0, qa, TINY))
-            _store(DQB, stride_db, offs_m, mask_m, offs_k, K, scale * _ratio(q0, qb, TINY))
-        else:
-            terms = 2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY))
-            acc += tl.sum(terms, axis=1)
-    if not BACKWARD:
-        tl.store(OUT + offs_m, acc, mask=mask_m)
+    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    mass, dec, anchor = _row_sums(
+        Q0,
+        QA,
+        QB,
+        F,
+        offs_m,
+        mask_m,
+        k_start,
+        k_end,
+        K,
+        stride0,
+        stride_a,
+        stride_b,
+        DEC,
+        ANCHOR,
+        ACC,
+        TINY,
+        BLOCK_M,
+        BLOCK_K,
+    )
+    if SPLIT:
+        part = PART + tl.program_id(1) * n + offs_m
+        size = tl.num_programs(1) * n
+        tl.store(part, mass, mask=mask_m)
+        tl.store(part + size, dec, mask=mask_m)
+        tl.store(part + 2 * size, anchor, mask=mask_m)
+    else:
+        _finish_rows(mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC, ANCHOR)
 
 
 @triton.jit
-def _dec_anchor_kernel(
+def _merge_rows_kernel(
+    PART,
+    ROWS,
+    TOTAL,
+    n,
+    splits,
+    DEC: tl.constexpr,
+    ANCHOR: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The splits' row sums added in split order (run-to-run deterministic), then the rows'
+    losses (`_finish_rows`)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    mass = tl.zeros([BLOCK_M], ACC)
+    dec = tl.zeros([BLOCK_M], ACC)
+    anchor = tl.zeros([BLOCK_M], ACC)
+    for split in range(0, splits):
+        part = PART + split * n + offs_m
+        mass += tl.load(part, mask=mask_m, other=0.0)
+        dec += tl.load(part + splits * n, mask=mask_m, other=0.0)
+        anchor += tl.load(part + 2 * splits * n, mask=mask_m, other=0.0)
+    _finish_rows(mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC, ANCHOR)
+
+
+@triton.jit
+def _grads_kernel(
     Q0,
     QA,
     QB,
     F,
-    OUT,
+    TOTAL,
+    GRAD_DEC,
+    GRAD_ANCHOR,
     DQ0,
     DQA,
     DQB,
-    GRAD,
     n,
     K,
     stride0,
@@ -229,39 +307,40 @@ def _dec_anchor_kernel(
     stride_d0,
     stride_da,
     stride_db,
-    BACKWARD: tl.constexpr,
+    tiles_per_split,
+    DEC: tl.constexpr,
+    ANCHOR: tl.constexpr,
     ACC: tl.constexpr,
     TINY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Forward: OUT[0, i] = KL(p_i || q0_i) (DEC), OUT[1, i] = the anchor terms of row i.
-    Backward: DQ0 = DEC's gradient (GRAD[0]), DQA, DQB = the anchor's (GRAD[1])."""
+    """The gradients of BLOCK_M rows on split program_id(1)'s cluster tiles (the forward's
+    splits), from the forward's f and row masses T: DEC's dq0 = -(grad / n) p / q0 = -(grad /
+    n) (q0 / max(f, tiny)) / T, the anchor's dqa = -(grad / n) q0 / qa and dqb likewise (each 0
+    where its divisor is below tiny, as `_ratio`). No row reduction: one pass."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    total = _dec_row_totals(Q0, F, stride0, offs_m, mask_m, K, ACC, TINY, BLOCK_M, BLOCK_K)
-    dec = tl.zeros([BLOCK_M], ACC)
-    anchor = tl.zeros([BLOCK_M], ACC)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    if DEC:
+        total = tl.load(TOTAL + offs_m, mask=mask_m, other=1.0)
+        dec_scale = -tl.load(GRAD_DEC).to(ACC) / n
+    if ANCHOR:
+        anchor_scale = -tl.load(GRAD_ANCHOR).to(ACC) / n
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q0, w = _dec_weights(Q0, F, stride0, offs_m, mask_m, offs_k, K, ACC, TINY)
-        qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
-        qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
-        p = w / total[:, None]
-        if BACKWARD:
-            dec_scale = -tl.load(GRAD).to(ACC) / n
-            anchor_scale = -tl.load(GRAD + 1).to(ACC) / n
-            _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * _ratio(p, q0, TINY))
-            _store(DQA, stride_da, offs_m, mask_m, offs_k, K, anchor_scale * _ratio(q0, qa, TINY))
+        q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
+        if DEC:
+            f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)
+            p_over_q = tl.where(q0 >= TINY, q0 / f[None, :] / total[:, None], 0.0)
+            _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * p_over_q)
+        if ANCHOR:
+            qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
+            qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
+            dqa = anchor_scale * _ratio(q0, qa, TINY)
+            _store(DQA, stride_da, offs_m, mask_m, offs_k, K, dqa)
             _store(DQB, stride_db, offs_m, mask_m, offs_k, K, anchor_scale * _ratio(q0, qb, TINY))
-        else:
-            dec += tl.sum(_xlogx(p) - p * _safe_log(q0, TINY), axis=1)
-            anchor += tl.sum(
-                2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY)), axis=1
-            )
-    if not BACKWARD:
-        tl.store(OUT + offs_m, dec, mask=mask_m)
-        tl.store(OUT + n + offs_m, anchor, mask=mask_m)
 
 
 def _block_k(k: int) -> int:
@@ -310,94 +389,131 @@ def _column_sums(q: torch.Tensor) -> torch.Tensor:
     return partial.sum(0)[:k].contiguous()
 
 
-def _rows_grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK_M),)
+def _splits(n: int, k: int, block_k: int) -> tuple[int, int, int]:
+    """(row blocks, splits, cluster tiles per split) of the row launches (`tile_splits`)."""
+    row_blocks = triton.cdiv(n, _BLOCK_M)
+    return row_blocks, *tile_splits(row_blocks, triton.cdiv(k, block_k), _SPLIT_SWEEP)
+
+
+def _launch_forward(q0, q_a, q_b, dec: bool, anchor: bool):
+    """The rows' losses (2, N: DEC's, the anchor's) and DEC's state (f, row masses T): the
+    column sums, then the row launch over its cluster splits and, split, the merge."""
+    n, k = q0.shape
+    consts = _consts(q0.dtype, k)
+    acc = torch_acc_dtype(q0.dtype)
+    rows = torch.empty(2, n, dtype=acc, device=q0.device)
+    # a launch's unused pointers take a tensor it has (none may be empty: a null pointer)
+    f = _column_sums(q0) if dec else rows
+    total = torch.empty(n, dtype=acc, device=q0.device) if dec else rows
+    row_blocks, splits, per_split = _splits(n, k, consts["BLOCK_K"])
+    part = torch.empty(3, splits, n, dtype=acc, device=q0.device) if splits > 1 else rows
+    flags = dict(DEC=dec, ANCHOR=anchor)
+    with device_guard(q0):
+        _rows_kernel[(row_blocks, splits)](
+            Q0=q0,
+            QA=q_a,
+            QB=q_b,
+            F=f,
+            ROWS=rows,
+            TOTAL=total,
+            PART=part,
+            n=n,
+            K=k,
+            stride0=q0.stride(0),
+            stride_a=q_a.stride(0),
+            stride_b=q_b.stride(0),
+            tiles_per_split=per_split,
+            SPLIT=splits > 1,
+            **flags,
+            **consts,
+        )
+        if splits > 1:
+            _merge_rows_kernel[(triton.cdiv(n, _MERGE_ROWS),)](
+                PART=part,
+                ROWS=rows,
+                TOTAL=total,
+                n=n,
+                splits=splits,
+                ACC=consts["ACC"],
+                BLOCK_M=_MERGE_ROWS,
+                **flags,
+            )
+    return rows, f, total
+
+
+def _launch_backward(q0, q_a, q_b, f, total, grad_dec, grad_anchor, dec: bool, anchor: bool):
+    """(dq0 if dec, dqa and dqb if anchor) in one launch over the forward's splits."""
+    n, k = q0.shape
+    consts = _consts(q0.dtype, k)
+    acc = torch_acc_dtype(q0.dtype)
+    row_blocks, splits, per_split = _splits(n, k, consts["BLOCK_K"])
+    d0 = torch.empty_like(q0) if dec else q0
+    d_a, d_b = (torch.empty_like(q_a), torch.empty_like(q_b)) if anchor else (q_a, q_b)
+    with device_guard(q0):
+        _grads_kernel[(row_blocks, splits)](
+            Q0=q0,
+            QA=q_a,
+            QB=q_b,
+            F=f,
+            TOTAL=total,
+            GRAD_DEC=grad_dec.to(acc).contiguous(),
+            GRAD_ANCHOR=grad_anchor.to(acc).contiguous(),
+            DQ0=d0,
+            DQA=d_a,
+            DQB=d_b,
+            n=n,
+            K=k,
+            stride0=q0.stride(0),
+            stride_a=q_a.stride(0),
+            stride_b=q_b.stride(0),
+            stride_d0=d0.stride(0),
+            stride_da=d_a.stride(0),
+            stride_db=d_b.stride(0),
+            tiles_per_split=per_split,
+            DEC=dec,
+            ANCHOR=anchor,
+            **consts,
+        )
+    return d0, d_a, d_b
 
 
 # DEC, anchor and the two fused as torch.library ops with fake implementations (custom_op around
 # the launchers, as nt_xent's); `backends.autograd.pairs.register_pair` is their autograd. The
-# forwards return the mean loss (and DEC's column sums f, its backward's state).
+# forwards return the mean loss (and DEC's column sums f and row masses T, its backward's state).
 
 
 @torch.library.custom_op("fastcluster_cl::dec_triton_fwd", mutates_args=())
-def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (N x K) -> (DEC KL loss, f = column sums (K,)), both in the accumulation dtype."""
-    n, k = q.shape
-    f = _column_sums(q)
-    rows = torch.empty(n, dtype=torch_acc_dtype(q.dtype), device=q.device)
-    with device_guard(q):
-        _dec_kernel[_rows_grid(n)](
-            Q=q,
-            F=f,
-            OUT=rows,
-            n=n,
-            K=k,
-            stride=q.stride(0),
-            GRAD=f,
-            stride_out=0,
-            BACKWARD=False,
-            **_consts(q.dtype, k),
-        )
-    return rows.mean(), f
+def dec_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (N x K) -> (DEC KL loss, f = column sums (K,), row masses T (N,)), in the accumulation
+    dtype."""
+    rows, f, total = _launch_forward(q, q, q, dec=True, anchor=False)
+    return rows[0].mean(), f, total
 
 
 @dec_forward.register_fake
 def _(q):
     acc = torch_acc_dtype(q.dtype)
-    return q.new_empty((), dtype=acc), q.new_empty(q.shape[1], dtype=acc)
+    n, k = q.shape
+    return q.new_empty((), dtype=acc), q.new_empty(k, dtype=acc), q.new_empty(n, dtype=acc)
 
 
 @torch.library.custom_op("fastcluster_cl::dec_triton_bwd", mutates_args=())
-def dec_backward(q: torch.Tensor, f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """dL/dq from the gradient of the mean loss (0-d) and the forward's f."""
-    n, k = q.shape
-    dq = torch.empty_like(q)
-    with device_guard(q):
-        _dec_kernel[_rows_grid(n)](
-            Q=q,
-            F=f,
-            OUT=dq,
-            n=n,
-            K=k,
-            stride=q.stride(0),
-            GRAD=grad.to(f.dtype).contiguous(),
-            stride_out=dq.stride(0),
-            BACKWARD=True,
-            **_consts(q.dtype, k),
-        )
-    return dq
+def dec_backward(
+    q: torch.Tensor, f: torch.Tensor, total: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """dL/dq from the gradient of the mean loss (0-d) and the forward's f and T."""
+    return _launch_backward(q, q, q, f, total, grad, grad, dec=True, anchor=False)[0]
 
 
 @dec_backward.register_fake
-def _(q, f, grad):
+def _(q, f, total, grad):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("fastcluster_cl::anchor_triton_fwd", mutates_args=())
 def anchor_forward(q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
     """(q0, qa, qb) -> the anchor loss (accumulation dtype); no gradient to q0."""
-    n, k = q0.shape
-    rows = torch.empty(n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-    with device_guard(q0):
-        _anchor_kernel[_rows_grid(n)](
-            Q0=q0,
-            QA=q_a,
-            QB=q_b,
-            OUT=rows,
-            DQA=q_a,
-            DQB=q_b,
-            GRAD=rows,
-            n=n,
-            K=k,
-            stride0=q0.stride(0),
-            stride_a=q_a.stride(0),
-            stride_b=q_b.stride(0),
-            stride_da=0,
-            stride_db=0,
-            BACKWARD=False,
-            **_consts(q0.dtype, k),
-        )
-    return rows.mean()
+    return _launch_forward(q0, q_a, q_b, dec=False, anchor=True)[0][1].mean()
 
 
 @anchor_forward.register_fake
@@ -410,28 +526,7 @@ def anchor_backward(
     q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dqa, dL/dqb) from the gradient of the mean loss (0-d)."""
-    n, k = q0.shape
-    grad = grad.to(torch_acc_dtype(q0.dtype)).contiguous()
-    d_a, d_b = torch.empty_like(q_a), torch.empty_like(q_b)
-    with device_guard(q0):
-        _anchor_kernel[_rows_grid(n)](
-            Q0=q0,
-            QA=q_a,
-            QB=q_b,
-            OUT=grad,
-            DQA=d_a,
-            DQB=d_b,
-            GRAD=grad,
-            n=n,
-            K=k,
-            stride0=q0.stride(0),
-            stride_a=q_a.stride(0),
-            stride_b=q_b.stride(0),
-            stride_da=d_a.stride(0),
-            stride_db=d_b.stride(0),
-            BACKWARD=True,
-            **_consts(q0.dtype, k),
-        )
+    _, d_a, d_b = _launch_backward(q0, q_a, q_b, q0, q0, grad, grad, dec=False, anchor=True)
     return d_a, d_b
 
 
@@ -443,43 +538,22 @@ def _(q0, q_a, q_b, grad):
 @torch.library.custom_op("fastcluster_cl::dec_anchor_triton_fwd", mutates_args=())
 def dec_anchor_forward(
     q0: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q0, qa, qb) -> (DEC loss of q0, anchor loss, f = column sums of q0), fused."""
-    n, k = q0.shape
-    f = _column_sums(q0)
-    rows = torch.empty(2, n, dtype=torch_acc_dtype(q0.dtype), device=q0.device)
-    with device_guard(q0):
-        _dec_anchor_kernel[_rows_grid(n)](
-            Q0=q0,
-            QA=q_a,
-            QB=q_b,
-            F=f,
-            OUT=rows,
-            DQ0=q0,
-            DQA=q_a,
-            DQB=q_b,
-            GRAD=f,
-            n=n,
-            K=k,
-            stride0=q0.stride(0),
-            stride_a=q_a.stride(0),
-            stride_b=q_b.stride(0),
-            stride_d0=0,
-            stride_da=0,
-            stride_db=0,
-            BACKWARD=False,
-            **_consts(q0.dtype, k),
-        )
-    return rows[0].mean(), rows[1].mean(), f
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q0, qa, qb) -> (DEC loss of q0, anchor loss, f = column sums of q0, row masses T),
+    fused: one read of each input."""
+    rows, f, total = _launch_forward(q0, q_a, q_b, dec=True, anchor=True)
+    return rows[0].mean(), rows[1].mean(), f, total
 
 
 @dec_anchor_forward.register_fake
 def _(q0, q_a, q_b):
     acc = torch_acc_dtype(q0.dtype)
+    n, k = q0.shape
     return (
         q0.new_empty((), dtype=acc),
         q0.new_empty((), dtype=acc),
-        q0.new_empty(q0.shape[1], dtype=acc),
+        q0.new_empty(k, dtype=acc),
+        q0.new_empty(n, dtype=acc),
     )
 
 
@@ -489,40 +563,16 @@ def dec_anchor_backward(
     q_a: torch.Tensor,
     q_b: torch.Tensor,
     f: torch.Tensor,
+    total: torch.Tensor,
     grad_dec: torch.Tensor,
     grad_anchor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq0, dqa, dqb): q0 gets DEC's gradient only (the anchor holds it fixed)."""
-    n, k = q0.shape
-    grads = torch.stack([grad_dec.to(f.dtype), grad_anchor.to(f.dtype)])
-    d0, d_a, d_b = torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
-    with device_guard(q0):
-        _dec_anchor_kernel[_rows_grid(n)](
-            Q0=q0,
-            QA=q_a,
-            QB=q_b,
-            F=f,
-            OUT=grads,
-            DQ0=d0,
-            DQA=d_a,
-            DQB=d_b,
-            GRAD=grads,
-            n=n,
-            K=k,
-            stride0=q0.stride(0),
-            stride_a=q_a.stride(0),
-            stride_b=q_b.stride(0),
-            stride_d0=d0.stride(0),
-            stride_da=d_a.stride(0),
-            stride_db=d_b.stride(0),
-            BACKWARD=True,
-            **_consts(q0.dtype, k),
-        )
-    return d0, d_a, d_b
+    return _launch_backward(q0, q_a, q_b, f, total, grad_dec, grad_anchor, dec=True, anchor=True)
 
 
 @dec_anchor_backward.register_fake
-def _(q0, q_a, q_b, f, grad_dec, grad_anchor):
+def _(q0, q_a, q_b, f, total, grad_dec, grad_anchor):
     return torch.empty_like(q0), torch.empty_like(q_a), torch.empty_like(q_b)
 
 
@@ -530,7 +580,7 @@ register_pair(
     dec_forward,
     dec_backward,
     "triton",
-    lambda inputs, outputs, grads: (inputs[0], outputs[1], grads[0]),
+    lambda inputs, outputs, grads: (inputs[0], *outputs[1:], grads[0]),
     wrt=(0,),
 )
 register_pair(
@@ -544,7 +594,7 @@ register_pair(
     dec_anchor_forward,
     dec_anchor_backward,
     "triton",
-    lambda inputs, outputs, grads: (*inputs, outputs[2], *grads[:2]),
+    lambda inputs, outputs, grads: (*inputs, *outputs[2:], *grads[:2]),
     wrt=(0, 1, 2),
 )
 

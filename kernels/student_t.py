@@ -48,12 +48,11 @@ from ._common import (
     device_guard,
     dot,
     dot_precision,
-    even_splits,
     float_param,
-    is_interpreted,
     product_splits,
     round_to,
     split_floats,
+    tile_splits,
     torch_acc_dtype,
     upcast_dots,
 )
@@ -465,13 +464,9 @@ def _launch_args(h: torch.Tensor, centers: torch.Tensor, alpha: float) -> dict:
 
 
 def center_splits(n: int, k: int, block_k: int) -> tuple[int, int]:
-    """(splits, center tiles per split) of a launch over n rows and k centers: the tiles are cut
-    toward `SPLIT_PROGRAMS` programs when the row blocks alone are fewer (under the interpreter
-    into runs of two, so that the tests' few-tile cases run the split launches)."""
-    tiles = triton.cdiv(k, block_k)
-    row_blocks = triton.cdiv(n, _BLOCK_M)
-    wanted = triton.cdiv(tiles, 2) if is_interpreted() else SPLIT_PROGRAMS // row_blocks
-    return even_splits(tiles, min(tiles, wanted))
+    """(splits, center tiles per split) of a launch over n rows and k centers
+    (`_common.tile_splits`)."""
+    return tile_splits(triton.cdiv(n, _BLOCK_M), triton.cdiv(k, block_k))
 
 
 # The forward and backward as torch.library ops with fake implementations (custom_op around the

@@ -804,7 +804,8 @@ def _inner_steps(args: dict, grid: tuple) -> int:
 
 
 def _split_tiles(args: dict, grid: tuple) -> int:
-    """A split's center tiles (`student_t.center_splits`; the last split may have fewer)."""
+    """A split's center or cluster tiles (`_common.tile_splits`; the last split may have
+    fewer)."""
     return args["tiles_per_split"]
 
 
@@ -829,7 +830,9 @@ SEPARATE_LOOPS = {
     "student_t._gradient_product_kernel": {0: _inner_steps},
     "student_t._gradient_merge_kernel": {0: _splits},
     "kl._colsum_kernel": {0: _row_steps},
-    "kl._dec_anchor_kernel": {0: _cluster_tiles},
+    "kl._rows_kernel": {0: _split_tiles},
+    "kl._merge_rows_kernel": {0: _splits},
+    "kl._grads_kernel": {0: _split_tiles},
 }
 # Kernels that first scan the forward's per-program largest losses (`nt_xent.largest`, its
 # LOSS_SCAN_STEP a step): their one depth-0 loop without MMAs.

@@ -793,19 +793,10 @@ def _cluster_variants() -> list[Variant]:
                 targets=clean,
             )
         )
-    q = {
-        "Q": "fp32",
-        "PARTIAL": "fp32",
-        "F": "fp32",
-        "OUT": "fp32",
-        "GRAD": "fp32",
-        "Q0": "fp32",
-        "QA": "fp32",
-        "QB": "fp32",
-        "DQA": "fp32",
-        "DQB": "fp32",
-        "DQ0": "fp32",
-    }
+    q = dict.fromkeys(
+        ("Q PARTIAL F Q0 QA QB ROWS TOTAL PART GRAD_DEC GRAD_ANCHOR DQ0 DQA DQB".split()),
+        "fp32",
+    )
     for k in (128, kl.MAX_CLUSTERS):  # tiled over K: 4096 compiles in seconds
         consts = kl._consts(torch.float32, k)
         warps = consts.pop("num_warps")
@@ -822,24 +813,49 @@ def _cluster_variants() -> list[Variant]:
                 targets=clean,
             )
         )
-        for backward in (False, True):
-            for name, kern in (
-                ("dec", kl._dec_kernel),
-                ("anchor", kl._anchor_kernel),
-                ("dec+anchor", kl._dec_anchor_kernel),
-            ):
+        for name, dec, anchor in (
+            ("dec", True, False),
+            ("anchor", False, True),
+            ("dec+anchor", True, True),
+        ):
+            flags = dict(DEC=dec, ANCHOR=anchor, **consts)
+            for split in (False, True) if dec and anchor else (False,):
                 out.append(
                     Variant(
-                        f"kl {name} {'bwd' if backward else 'fwd'} K={k}",
+                        f"kl {name} fwd{' split' if split else ''} K={k}",
                         "fp32",
-                        kern,
+                        kl._rows_kernel,
                         q,
-                        dict(BACKWARD=backward, **consts),
+                        dict(SPLIT=split, **flags),
                         warps,
                         block,
                         targets=clean,
                     )
                 )
+            out.append(
+                Variant(
+                    f"kl {name} bwd K={k}",
+                    "fp32",
+                    kl._grads_kernel,
+                    q,
+                    flags,
+                    warps,
+                    block,
+                    targets=clean,
+                )
+            )
+    out.append(
+        Variant(
+            "kl dec+anchor merge",
+            "fp32",
+            kl._merge_rows_kernel,
+            q,
+            dict(DEC=True, ANCHOR=True, ACC=tl.float32, BLOCK_M=kl._MERGE_ROWS),
+            4,
+            (kl._MERGE_ROWS,),
+            targets=clean,
+        )
+    )
     return out
 
 

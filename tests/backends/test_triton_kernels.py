@@ -540,12 +540,25 @@ def test_student_t_center_splits_fill_the_gpu(monkeypatch):
     row blocks (N = 1024) in 16 of one; a single tile, or rows enough, stay one split (one
     launch each way)."""
     st = kernel_module("student_t")
-    monkeypatch.setattr(st, "is_interpreted", lambda: False)
+    monkeypatch.setattr(kernel_module("_common"), "is_interpreted", lambda: False)
     assert st._BLOCK_M == 64
     assert st.center_splits(4096, 1000, 64) == (4, 4)
     assert st.center_splits(1024, 1000, 64) == (16, 1)
     assert st.center_splits(1024, 64, 64) == (1, 1)
     assert st.center_splits(32768, 1000, 64) == (1, 16)
+
+
+def test_kl_cluster_splits_fill_the_gpu(monkeypatch):
+    """On a GPU the KL row launches (32-row blocks) split their cluster tiles where the row
+    blocks are few: N = 256, K = 1000 (8 blocks) in 16 splits of one 64-column tile, N = 4096 in
+    2 of 8, N = 32768 one sweep; sweeps of fewer than 8 tiles (K = 100) stay one split."""
+    kl = kernel_module("kl")
+    monkeypatch.setattr(kernel_module("_common"), "is_interpreted", lambda: False)
+    assert kl._splits(256, 1000, 64) == (8, 16, 1)
+    assert kl._splits(4096, 1000, 64) == (128, 2, 8)
+    assert kl._splits(32768, 1000, 64) == (1024, 1, 16)
+    assert kl._splits(256, 10, 16) == (8, 1, 1)
+    assert kl._splits(256, 100, 64) == (8, 1, 2)
 
 
 def test_student_t_gradient_products_split_k_where_tiles_are_few(monkeypatch):
@@ -684,6 +697,33 @@ def test_kl_losses_tile_over_clusters(monkeypatch, dtype, n, k):
         lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
         lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
         inputs,
+        dtype,
+        torch.tensor([0.7, 1.3], dtype=F64),
+    )
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["one-hot", "near-uniform"])
+def test_kl_split_rows_at_one_hot_and_near_uniform(monkeypatch, dtype, shape):
+    """The row launch split over cluster tiles (3 tiles of 32, 2 splits, then the merge) on the
+    regime's extremes: one-hot q0 with clusters that hold no mass (f = 0) against peaked qa, qb,
+    and near-uniform assignments (KL near 0: its two sums nearly cancel)."""
+    from fastcluster_cl.functional import dec_anchor_losses
+
+    kl = kernel_module("kl")
+    monkeypatch.setattr(kl, "_BLOCK_K", 32)
+    n, k = 29, 70
+    assert kl._splits(n, k, kl._block_k(k))[1] == 2
+    if shape == "one-hot":
+        q0 = torch.eye(k, dtype=F64)[(torch.arange(n) * 7) % 50]  # clusters 50-69 empty
+        qa, qb = probabilities(n, k, 65), probabilities(n, k, 66)
+    else:
+        q0, qa, qb = (torch.softmax(randn(n, k, seed=s, scale=1e-3), 1) for s in (67, 68, 69))
+    compare(lambda q: fc.dec_loss(q, backend="triton"), reference.dec_loss, (q0,), dtype)
+    compare(
+        lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
+        lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
+        (q0, qa, qb),
         dtype,
         torch.tensor([0.7, 1.3], dtype=F64),
     )

@@ -357,8 +357,8 @@ def test_separate_ops_are_traced_with_their_launches_and_host_ops():
 def test_a_kernel_whose_loops_are_unread_is_refused():
     from fastcluster_cl.bench import trace
 
-    kl = static_report.kernel_module("kl")
-    call = trace.TritonLaunch(kl._dec_kernel, (4,), {"n": 128, "K": 10})
+    nt = static_report.kernel_module("nt_xent")  # its symmetric kernels: not the separate path's
+    call = trace.TritonLaunch(nt._symmetric_fwd_kernel, (4,), {"rows_total": 128, "D": 10})
     with pytest.raises(ValueError, match="not in SEPARATE_LOOPS"):
         paths.traced_launch(call)
 
