@@ -2001,7 +2001,14 @@ def _(z, grad, inv_tau, zs, rs, norms, row_w, row_loss, loss_max, symmetric):
 
 
 NT_XENT = register_fast_path(
-    "triton", lse_rows, grad_rows, _fused_forward, _fused_backward, dz_rows=dz_rows
+    "triton",
+    lse_rows,
+    grad_rows,
+    _fused_forward,
+    _fused_backward,
+    dz_rows=dz_rows,
+    # the row-parallel backward reads Zs; only the symmetric one normalises Z again
+    reads_rows=lambda state, options: options[0],
 )
 
 

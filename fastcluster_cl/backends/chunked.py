@@ -405,7 +405,14 @@ def _(z, grad, inv_tau, lse, row_loss, e, r, zn, norm, block):
 
 
 NT_XENT = register_fast_path(
-    "chunked", lse_rows, grad_rows, _fused_forward, _fused_backward, eager=(_forward, _backward)
+    "chunked",
+    lse_rows,
+    grad_rows,
+    _fused_forward,
+    _fused_backward,
+    eager=(_forward, _backward),
+    # with the forward's one tile (its exponentials e = state[2]) the backward reads Z's shape
+    reads_rows=lambda state, options: not state[2].numel(),
 )
 
 

@@ -286,15 +286,6 @@ class Side(torch.autograd.Function):
         return None, *(guard(g, "chunked", *inputs) for g in grads), *(None for _ in ctx.floats)
 
 
-def _rows(z_a: torch.Tensor, z_b: torch.Tensor, nt_state) -> torch.Tensor:
-    """Z = [z_a; z_b] for the NT-Xent backward; when the forward kept its one tile (its
-    exponentials are in nt_state), that backward reads only Z's shape and dtype, so a view of
-    one element stands in for the copy."""
-    if nt_state[-1].numel():
-        return z_a.new_empty(()).expand(2 * z_a.shape[0], z_a.shape[1])
-    return torch.cat([z_a, z_b])
-
-
 class Objective(torch.autograd.Function):
     """A whole objective as one autograd node: [total, instance, *side parts] with instance the
     chunked NT-Xent of (z_a, z_b) (its fast path) and total = weights . parts. One node instead
@@ -325,9 +316,10 @@ class Objective(torch.autograd.Function):
         nt_state, saved = saved[: ctx.nt_state], saved[ctx.nt_state :]
         inputs, state = saved[: ctx.tensors], saved[ctx.tensors :]
         g = torch.addcmul(grad[1:], grad[0], ctx.weights)  # each part's own + the total's
-        _, nt_backward = nt_xent_autograd.backend_spec("chunked").fast_path()
+        spec = nt_xent_autograd.backend_spec("chunked")
         with torch.no_grad():
-            dz = nt_backward(_rows(z_a, z_b, nt_state), g[0], ctx.inv_tau, *nt_state, ctx.block)
+            z = spec.backward_rows(z_a, z_b, nt_state, (ctx.block,))
+            dz = spec.fast_path()[1](z, g[0], ctx.inv_tau, *nt_state, ctx.block)
             grads = _side_grads(ctx.side, ctx.compiling, inputs, ctx.floats, g[1:], state)
         n = z_a.shape[0]
         dz = guard(dz, "chunked", z_a, z_b)

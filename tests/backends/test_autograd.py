@@ -82,6 +82,44 @@ def test_fused_ops_are_differentiable_on_their_own():
         torch.testing.assert_close(g, w)
 
 
+class _RowCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the concatenations that produce a tensor of `shape`."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.cat.default and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize(
+    "backend, options, copies",
+    [
+        ("triton", (False,), 0),  # the row-parallel backward reads the saved Zs
+        ("triton", (True,), 1),  # the symmetric one normalises Z again
+        ("chunked", (64,), 0),  # one tile: its exponentials and zn are kept
+        ("chunked", (4,), 1),  # tiled: the backward recomputes from Z
+        ("cuda", (), 0),
+    ],
+)
+def test_the_backward_copies_z_only_where_it_reads_it(backend, options, copies, dense_cuda):
+    """`NTXentBackend.backward_rows`: Z = [z_a; z_b] is built again for the backward only where
+    the backward op reads its values; the gradient is the reference's either way."""
+    z_a, z_b = _pair(dtype=DTYPES[backend])
+    loss = nt_xent_autograd.nt_xent(z_a, z_b, 0.5, backend, *options)
+    with _RowCopies((2 * z_a.shape[0], z_a.shape[1])) as copies_seen:
+        got = torch.autograd.grad(loss, (z_a, z_b))
+    assert copies_seen.count == copies
+    x, y = (t.detach().double().requires_grad_() for t in (z_a, z_b))
+    want = torch.autograd.grad(reference.nt_xent(x, y, 0.5), (x, y))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
 def _explain(fn, *inputs):
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*inputs)

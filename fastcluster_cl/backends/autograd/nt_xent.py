@@ -62,12 +62,25 @@ class NTXentBackend:
     # (the op dispatch costs ~45 us a call on the CPU, 7% of a 2N = 256 step on two threads).
     eager: tuple[Callable, Callable] | None = None
     dz_rows: RowDz | None = None
+    # (forward state, options) -> whether the fast path's backward reads Z's values; where it
+    # reads only its shape and dtype, `backward_rows` spares the copy. None: always reads.
+    reads_rows: Callable[[tuple, tuple], bool] | None = None
 
     def fast_path(self) -> tuple[Callable, Callable]:
         """(forward, backward): the ops while torch.compile traces, else `eager` if given."""
         if self.eager is None or torch.compiler.is_compiling():
             return self.forward, self.backward
         return self.eager
+
+    def backward_rows(
+        self, z_a: torch.Tensor, z_b: torch.Tensor, state: tuple, options: tuple
+    ) -> torch.Tensor:
+        """Z = [z_a; z_b] for the fast path's backward; where that reads only Z's shape and
+        dtype (`reads_rows`), a view of one element stands in for the copy (2N x D written and
+        read again at every step)."""
+        if self.reads_rows is None or self.reads_rows(state, options):
+            return torch.cat([z_a, z_b])
+        return z_a.new_empty(()).expand(2 * z_a.shape[0], z_a.shape[1])
 
 
 _BACKENDS: dict[str, NTXentBackend] = {}
@@ -165,7 +178,8 @@ class NTXent(torch.autograd.Function):
         with torch.no_grad():
             if ctx.fused:
                 backward = spec.fast_path()[1]
-                dz = backward(torch.cat([z_a, z_b]), grad, ctx.inv_tau, *saved, *ctx.options)
+                z = spec.backward_rows(z_a, z_b, saved, ctx.options)
+                dz = backward(z, grad, ctx.inv_tau, *saved, *ctx.options)
             else:
                 dz = _rows_backward(ctx, grad, *saved)
         dz = guard(dz, spec.name, z_a, z_b)
@@ -252,12 +266,14 @@ def register_fast_path(
     backward_op,
     eager: tuple[Callable, Callable] | None = None,
     dz_rows: RowDz | None = None,
+    reads_rows: Callable[[tuple, tuple], bool] | None = None,
 ) -> NTXentBackend:
     """Register backend `name`: its row primitives (`dz_rows` optional) and its fast-path op
     pair, the custom ops
     ``fastcluster_cl::nt_xent_<name>_fwd`` / ``_bwd`` (per-row gradients supported), and
-    optionally the ops' plain functions for eager calls. The backward op becomes the forward
-    op's autograd and refuses double backward."""
+    optionally the ops' plain functions for eager calls and when the backward op reads Z's
+    values (`NTXentBackend.reads_rows`). The backward op becomes the forward op's autograd and
+    refuses double backward."""
     ops = torch.ops.fastcluster_cl
     spec = register_backend(
         NTXentBackend(
@@ -269,6 +285,7 @@ def register_fast_path(
             per_row_backward=True,
             eager=eager,
             dz_rows=dz_rows,
+            reads_rows=reads_rows,
         )
     )
     register_pair(
