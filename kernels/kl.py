@@ -133,7 +133,8 @@ def _dec_row_totals(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """sum_k q_ik^2 / f_k over the K tiles (DEC's first pass); 1 for all-zero rows (padding)."""
+    """sum_k q_ik^2 / f_k over the K tiles (the one-pass anchor objective's first pass over its
+    rows); 1 for all-zero rows (padding)."""
     total = tl.zeros([BLOCK_M], ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -150,6 +151,7 @@ def _row_sums(
     F,
     offs_m,
     mask_m,
+    n,
     k_start,
     k_end,
     K,
@@ -163,10 +165,12 @@ def _row_sums(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The rows' sums over the cluster tiles [k_start, k_end): DEC's target mass sum w and
-    sum w log(q0 / f) (w = q0^2 / max(f, tiny), `_dec_weights`; w / q0 = q0 / f), and the
-    anchor's terms 2 q0 log q0 - q0 (log qa + log qb). One read of each input, one pass (DEC's
-    target needs no row total first: KL(p || q0) follows from the two sums, `_finish_rows`)."""
+    """The rows' sums over the cluster tiles [k_start, k_end): DEC's target mass T = sum w
+    (w = q0^2 / max(f, tiny)) and sum w (log w - safe_log(q0) + log n), which is sum w log(n q0
+    / f) for q0 >= tiny (w / q0 = q0 / f: one log an element, of a number near 1 for
+    near-uniform rows, so that the KL near 0 keeps its digits), and the anchor's terms 2 q0
+    log q0 - q0 (log qa + log qb). One read of each input, one pass: DEC's target needs no row
+    total first, KL(p || q0) follows from the two sums (`_finish_rows`)."""
     mass = tl.zeros([BLOCK_M], ACC)
     dec = tl.zeros([BLOCK_M], ACC)
     anchor = tl.zeros([BLOCK_M], ACC)
@@ -176,8 +180,10 @@ def _row_sums(
         if DEC:
             f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)[None, :]
             w = q0 * q0 / f
+            # below tiny (zero, negative) safe_log(q0) is log(tiny): n w / tiny; 0 log 0 = 0
+            ratio = tl.where(q0 >= TINY, n * q0 / f, n * w / TINY)
             mass += tl.sum(w, axis=1)
-            dec += tl.sum(w * tl.log(tl.where(w > 0, q0 / f, 1.0)), axis=1)  # 0 where w is 0
+            dec += tl.sum(w * tl.log(tl.where(w > 0, ratio, 1.0)), axis=1)
         if ANCHOR:
             qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
             qb = _load(QB, stride_b, offs_m, mask_m, offs_k, K, ACC)
@@ -187,16 +193,30 @@ def _row_sums(
 
 
 @triton.jit
+def _split_range(tiles_per_split, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The clusters [lo, hi) of this program's split (program_id(1)); unsplit all of them from
+    a constant 0 (as `nt_xent.column_range`: a loop from a program-dependent start compiles
+    its masks into every tile)."""
+    if SPLIT:
+        lo = tl.program_id(1) * tiles_per_split * BLOCK_K
+        return lo, tl.minimum(lo + tiles_per_split * BLOCK_K, K)
+    else:
+        return 0, K
+
+
+@triton.jit
 def _finish_rows(
     mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC: tl.constexpr, ANCHOR: tl.constexpr
 ):
-    """The rows' losses from their sums (`_row_sums`): ROWS[0] = KL(p || q0) = sum w log(q0 / f)
-    / T - log T with T = sum w (1 for a row without mass: padding), T to TOTAL (the backward's
-    p = w / T); ROWS[1] = the anchor's terms."""
+    """The rows' losses from their sums (`_row_sums`): ROWS[0] = KL(p || q0) = sum w log(n q0 /
+    f) / T - log(n T) with T = sum w (0 for a row without mass: padding, or every w below the
+    smallest subnormal), T to TOTAL (the backward's p = w / T); ROWS[1] = the anchor's
+    terms."""
     if DEC:
         total = tl.where(mass > 0, mass, 1.0)
-        tl.store(ROWS + offs_m, dec / total - tl.log(total), mask=mask_m)
-        tl.store(TOTAL + offs_m, total, mask=mask_m)
+        kl = tl.where(mass > 0, dec / total - tl.log(n * total), 0.0)
+        tl.store(ROWS + offs_m, kl, mask=mask_m)
+        tl.store(TOTAL + offs_m, mass, mask=mask_m)
     if ANCHOR:
         tl.store(ROWS + n + offs_m, anchor, mask=mask_m)
 
@@ -228,8 +248,7 @@ def _rows_kernel(
     PART (3 x splits x n) for `_merge_rows_kernel`; else the rows' losses (`_finish_rows`)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    k_start, k_end = _split_range(tiles_per_split, K, SPLIT, BLOCK_K)
     mass, dec, anchor = _row_sums(
         Q0,
         QA,
@@ -237,6 +256,7 @@ def _rows_kernel(
         F,
         offs_m,
         mask_m,
+        n,
         k_start,
         k_end,
         K,
@@ -253,9 +273,11 @@ def _rows_kernel(
     if SPLIT:
         part = PART + tl.program_id(1) * n + offs_m
         size = tl.num_programs(1) * n
-        tl.store(part, mass, mask=mask_m)
-        tl.store(part + size, dec, mask=mask_m)
-        tl.store(part + 2 * size, anchor, mask=mask_m)
+        if DEC:
+            tl.store(part, mass, mask=mask_m)
+            tl.store(part + size, dec, mask=mask_m)
+        if ANCHOR:
+            tl.store(part + 2 * size, anchor, mask=mask_m)
     else:
         _finish_rows(mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC, ANCHOR)
 
@@ -281,9 +303,11 @@ def _merge_rows_kernel(
     anchor = tl.zeros([BLOCK_M], ACC)
     for split in range(0, splits):
         part = PART + split * n + offs_m
-        mass += tl.load(part, mask=mask_m, other=0.0)
-        dec += tl.load(part + splits * n, mask=mask_m, other=0.0)
-        anchor += tl.load(part + 2 * splits * n, mask=mask_m, other=0.0)
+        if DEC:
+            mass += tl.load(part, mask=mask_m, other=0.0)
+            dec += tl.load(part + splits * n, mask=mask_m, other=0.0)
+        if ANCHOR:
+            anchor += tl.load(part + 2 * splits * n, mask=mask_m, other=0.0)
     _finish_rows(mass, dec, anchor, ROWS, TOTAL, offs_m, mask_m, n, DEC, ANCHOR)
 
 
@@ -310,6 +334,7 @@ def _grads_kernel(
     tiles_per_split,
     DEC: tl.constexpr,
     ANCHOR: tl.constexpr,
+    SPLIT: tl.constexpr,
     ACC: tl.constexpr,
     TINY: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -318,13 +343,14 @@ def _grads_kernel(
     """The gradients of BLOCK_M rows on split program_id(1)'s cluster tiles (the forward's
     splits), from the forward's f and row masses T: DEC's dq0 = -(grad / n) p / q0 = -(grad /
     n) (q0 / max(f, tiny)) / T, the anchor's dqa = -(grad / n) q0 / qa and dqb likewise (each 0
-    where its divisor is below tiny, as `_ratio`). No row reduction: one pass."""
+    where its divisor is below tiny, as `_ratio`; DEC's 0 on rows without mass, whose target
+    is 0). No row reduction: one pass."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    k_start = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    k_start, k_end = _split_range(tiles_per_split, K, SPLIT, BLOCK_K)
     if DEC:
-        total = tl.load(TOTAL + offs_m, mask=mask_m, other=1.0)
+        mass = tl.load(TOTAL + offs_m, mask=mask_m, other=0.0)[:, None]
+        total = tl.where(mass > 0, mass, 1.0)
         dec_scale = -tl.load(GRAD_DEC).to(ACC) / n
     if ANCHOR:
         anchor_scale = -tl.load(GRAD_ANCHOR).to(ACC) / n
@@ -333,7 +359,7 @@ def _grads_kernel(
         q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
         if DEC:
             f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)
-            p_over_q = tl.where(q0 >= TINY, q0 / f[None, :] / total[:, None], 0.0)
+            p_over_q = tl.where((q0 >= TINY) & (mass > 0), q0 / f[None, :] / total, 0.0)
             _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * p_over_q)
         if ANCHOR:
             qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
@@ -472,6 +498,7 @@ def _launch_backward(q0, q_a, q_b, f, total, grad_dec, grad_anchor, dec: bool, a
             tiles_per_split=per_split,
             DEC=dec,
             ANCHOR=anchor,
+            SPLIT=splits > 1,
             **consts,
         )
     return d0, d_a, d_b

@@ -670,6 +670,10 @@ def _nt_xent_bank_variants() -> list[Variant]:
     return out
 
 
+# The KL row kernels' flags: (name, DEC, ANCHOR) of dec_loss, anchor_loss, dec_anchor_losses.
+_KL_OPS = (("dec", True, False), ("anchor", False, True), ("dec+anchor", True, True))
+
+
 def _cluster_variants() -> list[Variant]:
     """The K-sized kernels (no tile GEMM targets): they must compile within the shared-memory
     limit without spills at every K up to their documented limits."""
@@ -813,49 +817,35 @@ def _cluster_variants() -> list[Variant]:
                 targets=clean,
             )
         )
-        for name, dec, anchor in (
-            ("dec", True, False),
-            ("anchor", False, True),
-            ("dec+anchor", True, True),
-        ):
+        for name, dec, anchor in _KL_OPS:
             flags = dict(DEC=dec, ANCHOR=anchor, **consts)
-            for split in (False, True) if dec and anchor else (False,):
-                out.append(
-                    Variant(
-                        f"kl {name} fwd{' split' if split else ''} K={k}",
-                        "fp32",
-                        kl._rows_kernel,
-                        q,
-                        dict(SPLIT=split, **flags),
-                        warps,
-                        block,
-                        targets=clean,
+            for split in (False, True):
+                for direction, kern in (("fwd", kl._rows_kernel), ("bwd", kl._grads_kernel)):
+                    out.append(
+                        Variant(
+                            f"kl {name} {direction}{' split' if split else ''} K={k}",
+                            "fp32",
+                            kern,
+                            q,
+                            dict(SPLIT=split, **flags),
+                            warps,
+                            block,
+                            targets=clean,
+                        )
                     )
-                )
-            out.append(
-                Variant(
-                    f"kl {name} bwd K={k}",
-                    "fp32",
-                    kl._grads_kernel,
-                    q,
-                    flags,
-                    warps,
-                    block,
-                    targets=clean,
-                )
+    for name, dec, anchor in _KL_OPS:
+        out.append(
+            Variant(
+                f"kl {name} merge",
+                "fp32",
+                kl._merge_rows_kernel,
+                q,
+                dict(DEC=dec, ANCHOR=anchor, ACC=tl.float32, BLOCK_M=kl._MERGE_ROWS),
+                4,
+                (kl._MERGE_ROWS,),
+                targets=clean,
             )
-    out.append(
-        Variant(
-            "kl dec+anchor merge",
-            "fp32",
-            kl._merge_rows_kernel,
-            q,
-            dict(DEC=True, ANCHOR=True, ACC=tl.float32, BLOCK_M=kl._MERGE_ROWS),
-            4,
-            (kl._MERGE_ROWS,),
-            targets=clean,
         )
-    )
     return out
 
 

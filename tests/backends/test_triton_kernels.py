@@ -673,7 +673,7 @@ def test_dec_and_anchor_one_hot_stay_finite():
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(37, 70), (40, 64), (5, 33)])
 def test_kl_losses_tile_over_clusters(monkeypatch, dtype, n, k):
-    """K not a multiple of the column tile (32 here): DEC's two passes (row totals, then the
+    """K not a multiple of the column tile (32 here): DEC's row sums (its target's mass, then the
     target) and the column sums across several tiles, on all three kernels."""
     kl = kernel_module("kl")
     monkeypatch.setattr(kl, "_BLOCK_K", 32)
@@ -705,14 +705,15 @@ def test_kl_losses_tile_over_clusters(monkeypatch, dtype, n, k):
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", ["one-hot", "near-uniform"])
 def test_kl_split_rows_at_one_hot_and_near_uniform(monkeypatch, dtype, shape):
-    """The row launch split over cluster tiles (3 tiles of 32, 2 splits, then the merge) on the
-    regime's extremes: one-hot q0 with clusters that hold no mass (f = 0) against peaked qa, qb,
-    and near-uniform assignments (KL near 0: its two sums nearly cancel)."""
+    """The row launch split over cluster tiles (3 tiles of 32, 2 splits, then the merge over two
+    programs of rows) on the regime's extremes, each of the three ops: one-hot q0 with clusters
+    that hold no mass (f = 0) against peaked qa, qb, and near-uniform assignments (KL near 0)."""
     from fastcluster_cl.functional import dec_anchor_losses
 
     kl = kernel_module("kl")
     monkeypatch.setattr(kl, "_BLOCK_K", 32)
-    n, k = 29, 70
+    n, k = 150, 70
+    assert kl._MERGE_ROWS < n
     assert kl._splits(n, k, kl._block_k(k))[1] == 2
     if shape == "one-hot":
         q0 = torch.eye(k, dtype=F64)[(torch.arange(n) * 7) % 50]  # clusters 50-69 empty
@@ -721,12 +722,44 @@ def test_kl_split_rows_at_one_hot_and_near_uniform(monkeypatch, dtype, shape):
         q0, qa, qb = (torch.softmax(randn(n, k, seed=s, scale=1e-3), 1) for s in (67, 68, 69))
     compare(lambda q: fc.dec_loss(q, backend="triton"), reference.dec_loss, (q0,), dtype)
     compare(
+        lambda q0, qa, qb: fc.anchor_loss(q0, qa, qb, backend="triton"),
+        reference.anchor_loss,
+        (q0, qa, qb),
+        dtype,
+    )
+    compare(
         lambda *q: torch.stack(dec_anchor_losses(*q, backend="triton")),
         lambda *q: torch.stack([reference.dec_loss(q[0]), reference.anchor_loss(*q)]),
         (q0, qa, qb),
         dtype,
         torch.tensor([0.7, 1.3], dtype=F64),
     )
+
+
+def test_dec_near_uniform_keeps_its_digits():
+    """Near-uniform assignments (DEC's start) have a KL near 0 (~5e-7 here); the one-pass form
+    sums w log(n q / f), numbers near 0, so that its fp32 error stays at the old two-pass
+    kernel's (1.7e-8 at N = 64, K = 1000), not the 1.3e-7 of sum w log(q / f) / T - log T."""
+    q = torch.softmax(randn(64, 1000, seed=70, scale=1e-3), 1)
+    want = reference.dec_loss(q).item()
+    got = fc.dec_loss(q.float(), backend="triton").item()
+    assert 0 < want < 1e-5
+    assert abs(got - want) < 3e-8, (got, want)
+
+
+def test_dec_rows_below_the_float_range():
+    """The kernels on inputs the public API refuses (rows that are not probabilities): rows
+    whose every q^2 / f underflows (T = 0 in fp32) get gradient 0, as their target is 0 there;
+    a negative entry takes safe_log's clamp as the reference does, not a NaN."""
+    q = torch.softmax(randn(8, 40, seed=71), 1).float()
+    q[2] = 1e-24
+    x = q.clone().requires_grad_()
+    kernels.dec_loss(x).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[2] == 0).all()
+    q = torch.softmax(randn(8, 40, seed=72), 1)
+    q[2, 3] = -1e-6
+    got = kernels.dec_loss(q.float())
+    torch.testing.assert_close(got.double(), reference.dec_loss(q), rtol=1e-5, atol=1e-7)
 
 
 def test_kl_losses_at_the_documented_limit():
