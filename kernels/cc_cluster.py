@@ -6,12 +6,14 @@ Everything it needs is in the Gram G = Q^T Q (2K x 2K): column norms sqrt(G_kk) 
 similarities G_kl / (|q_k| |q_l|). The anti-collapse term needs the column sums. So the forward
 kernel (`_stats_kernel`) streams the N rows of both logit matrices once, computes each row
 block's softmax in registers and accumulates G_aa, G_ab, G_bb and the column sums; a fixed number
-of persistent programs each write one partial (deterministic, no atomics), summed on the host.
+of persistent programs each write one partial (no atomics), which one merge launch
+(`_stats_merge_kernel`) adds in program order into G and the column sums (deterministic).
 The epilogue (`cluster_epilogue`: one launch each way on the 2K x 2K Gram, a single program up
 to 32 clusters, else a program per row block) does the normalisation, the masked lse and the
 entropies, and gives dG and d(colsum) in closed form (it was ~40 torch ops under autograd,
 launch-bound). The backward kernel (`_grad_kernel`) re-reads the logits once: dQ = Q (dG +
-dG^T) + 1 dcolsum^T, then the softmax backward.
+dG^T) + 1 dcolsum^T, then the softmax backward; one small launch (`_grad_operands_kernel`)
+gives it dG + dG^T and dcolsum padded to its tiles.
 
 Floors (N rows, K clusters, b bytes per logit): forward 6 N K^2 FLOPs (three K x K Grams) + N K
 exps, reads each logit matrix once (2 N K b bytes), writes P * (3 K^2 + 2K) floats; backward
@@ -54,6 +56,9 @@ from ._common import (
 MAX_CLUSTERS = 64
 _BLOCK_M = 32
 _MAX_PROGRAMS = 128
+# The statistics' merge: Gram rows a program (3 x 8 programs at K = 64), partials a step.
+_MERGE_ROWS = 8
+_MERGE_PARTIALS = 16
 
 
 @triton.jit
@@ -109,6 +114,69 @@ def _stats_kernel(
     tl.store(base + 2 * BLOCK_K * BLOCK_K + tile, g_bb)
     tl.store(COLSUM + pid * 2 * BLOCK_K + offs_k, c_a)
     tl.store(COLSUM + pid * 2 * BLOCK_K + BLOCK_K + offs_k, c_b)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    GRAM,
+    COLSUM,
+    G,
+    C,
+    K,
+    programs,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The statistics programs' partials added BLOCK_P at a time, in program order (run-to-run
+    deterministic): program (b, r) sums rows [r, r + BLOCK_R) of Gram block b (aa, ab, bb) into
+    G = [[G_aa, G_ab], [G_ab^T, G_bb]] (2K x 2K, G_ab^T from the same rows), program (0, 0) the
+    column sums into C (2K). One launch for the sums, slices and concatenations on the host."""
+    block = tl.program_id(0)
+    flat = tl.arange(0, BLOCK_R * BLOCK_K)
+    rows = tl.program_id(1) * BLOCK_R + flat // BLOCK_K
+    cols = flat % BLOCK_K
+    parts = tl.arange(0, BLOCK_P)[:, None]
+    acc = tl.zeros([BLOCK_R * BLOCK_K], ACC)
+    for p0 in range(0, programs, BLOCK_P):
+        tile = ((p0 + parts) * 3 + block) * BLOCK_K * BLOCK_K + (rows * BLOCK_K + cols)[None, :]
+        acc += tl.sum(tl.load(GRAM + tile, mask=p0 + parts < programs, other=0.0), axis=0)
+    mask = (rows < K) & (cols < K)
+    row = block // 2  # aa: (0, 0), ab: (0, 1), bb: (1, 1)
+    col = (block + 1) // 2
+    two_k = 2 * K
+    tl.store(G + (row * K + rows) * two_k + col * K + cols, acc, mask=mask)
+    if block == 1:
+        tl.store(G + (K + cols) * two_k + rows, acc, mask=mask)
+    if (block == 0) & (tl.program_id(1) == 0):
+        offs = tl.arange(0, 2 * BLOCK_K)
+        sums = tl.zeros([2 * BLOCK_K], ACC)
+        for p0 in range(0, programs, BLOCK_P):
+            ptrs = COLSUM + (p0 + parts) * 2 * BLOCK_K + offs[None, :]
+            sums += tl.sum(tl.load(ptrs, mask=p0 + parts < programs, other=0.0), axis=0)
+        view = offs // BLOCK_K  # a: 0, b: 1
+        lane = offs % BLOCK_K
+        tl.store(C + view * K + lane, sums, mask=lane < K)
+
+
+@triton.jit
+def _grad_operands_kernel(DG, DCS, M, DC, K, BLOCK_K: tl.constexpr):
+    """The backward's operands: program b = 2 i + j writes M's block (i, j) of dG + dG^T,
+    dG[iK + r, jK + c] + dG[jK + c, iK + r], zero-padded to BLOCK_K; programs 0 and 1 the
+    column-sum gradients, padded. One launch for the fills and adds on the host."""
+    block = tl.program_id(0)
+    i = block // 2
+    j = block % 2
+    offs = tl.arange(0, BLOCK_K)
+    mask = (offs[:, None] < K) & (offs[None, :] < K)
+    two_k = 2 * K
+    d = tl.load(DG + (i * K + offs[:, None]) * two_k + j * K + offs[None, :], mask=mask, other=0.0)
+    d += tl.load(DG + (j * K + offs[None, :]) * two_k + i * K + offs[:, None], mask=mask, other=0.0)
+    tl.store(M + block * BLOCK_K * BLOCK_K + offs[:, None] * BLOCK_K + offs[None, :], d)
+    if block < 2:
+        dc = tl.load(DCS + block * K + offs, mask=offs < K, other=0.0)
+        tl.store(DC + block * BLOCK_K + offs, dc)
 
 
 @triton.jit
@@ -253,9 +321,21 @@ def cluster_stats(
             BLOCK_M=_BLOCK_M,
             BLOCK_K=block_k,
         )
-    g_aa, g_ab, g_bb = gram.sum(0)[:, :k, :k].unbind(0)
-    full = torch.cat([torch.cat([g_aa, g_ab], 1), torch.cat([g_ab.T, g_bb], 1)], 0)
-    return full, colsum.sum(0)[:, :k].reshape(2 * k)
+        full = torch.empty(2 * k, 2 * k, dtype=acc, device=logits_a.device)
+        sums = torch.empty(2 * k, dtype=acc, device=logits_a.device)
+        _stats_merge_kernel[(3, triton.cdiv(k, _MERGE_ROWS))](
+            GRAM=gram,
+            COLSUM=colsum,
+            G=full,
+            C=sums,
+            K=k,
+            programs=programs,
+            ACC=acc_dtype(logits_a.dtype),
+            BLOCK_P=_MERGE_PARTIALS,
+            BLOCK_R=_MERGE_ROWS,
+            BLOCK_K=block_k,
+        )
+    return full, sums
 
 
 @torch.library.custom_op("fastcluster_cl::cc_cluster_triton_bwd", mutates_args=())
@@ -267,14 +347,18 @@ def cluster_stats_backward(
     n, k = logits_a.shape
     block_k = _block_k(k)
     acc = torch_acc_dtype(logits_a.dtype)
-    # dG + dG^T as its four K x K blocks (aa, ab, ba, bb), each zero-padded: a fill and one add
-    m = torch.zeros(2, 2, block_k, block_k, dtype=acc, device=logits_a.device)
-    blocks = d_gram.view(2, k, 2, k).permute(0, 2, 1, 3)
-    torch.add(blocks, blocks.permute(1, 0, 3, 2), out=m[:, :, :k, :k])
-    dc = torch.zeros(2, block_k, dtype=acc, device=logits_a.device)
-    dc[:, :k] = d_colsum.view(2, k)
+    m = torch.empty(2, 2, block_k, block_k, dtype=acc, device=logits_a.device)
+    dc = torch.empty(2, block_k, dtype=acc, device=logits_a.device)
     d_a, d_b = torch.empty_like(logits_a), torch.empty_like(logits_b)
     with device_guard(logits_a):
+        _grad_operands_kernel[(4,)](
+            DG=d_gram.contiguous(),
+            DCS=d_colsum.contiguous(),
+            M=m,
+            DC=dc,
+            K=k,
+            BLOCK_K=block_k,
+        )
         _grad_kernel[(triton.cdiv(n, _BLOCK_M),)](
             LA=logits_a,
             LB=logits_b,

@@ -794,6 +794,11 @@ def _assignment_chunks(args: dict, grid: tuple) -> int:
     return math.ceil(args["K"] / args["BLOCK_K"])
 
 
+def _merged_programs(args: dict, grid: tuple) -> int:
+    """The cc statistics merge's loop over the statistics programs' partials, BLOCK_P a step."""
+    return math.ceil(args["programs"] / args["BLOCK_P"])
+
+
 def _splits(args: dict, grid: tuple) -> int:
     return args["splits"]
 
@@ -821,6 +826,8 @@ SEPARATE_LOOPS = {
     "cc_cluster._stats_kernel": {0: _row_steps},
     "cc_cluster._assignments_kernel": {0: _assignment_chunks},
     "cc_cluster._grad_kernel": {},
+    "cc_cluster._stats_merge_kernel": {0: _merged_programs},
+    "cc_cluster._grad_operands_kernel": {},
     "cc_cluster._epilogue_fwd_kernel": {0: _gram_column_tiles},
     "cc_cluster._epilogue_bwd_kernel": {0: _gram_column_tiles},
     "student_t._fwd_kernel": {0: _split_tiles, 1: _feature_chunks},
