@@ -191,27 +191,32 @@ def _scale_row_block(
 
 @triton.jit
 def _scale_rows_kernel(
-    Z,
+    ZA,
+    ZB,
     ZS,
     RS,
     NORMS,
     DIST,
     half,
     D,
-    stride,
+    stride_a,
+    stride_b,
     TINY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The prologue over pairs (i, i + N): both rows' Zs, rs and norms, and the pair's
-    dist = 1 - zn_i . zn_pos(i) = 1 - tau S_i,pos(i), as ||zn_i - zn_pos||^2 / 2 for unit rows
-    (no cancellation for correlated views); rows clamped by eps (||z|| < eps) are not unit."""
+    """The prologue over pairs (i, i + N) of Z = [z_a; z_b], read from the two views (Z is never
+    concatenated): both rows' Zs, rs and norms, and the pair's dist = 1 - zn_i . zn_pos(i) = 1 -
+    tau S_i,pos(i), as ||zn_i - zn_pos||^2 / 2 for unit rows (no cancellation for correlated
+    views); rows clamped by eps (||z|| < eps) are not unit."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < half
-    zn_a, norm_a = _scale_row_block(Z, ZS, RS, NORMS, offs_r, mask_r, D, stride, TINY, ACC, BLOCK_D)
+    zn_a, norm_a = _scale_row_block(
+        ZA, ZS, RS, NORMS, offs_r, mask_r, D, stride_a, TINY, ACC, BLOCK_D
+    )
     zn_b, norm_b = _scale_row_block(
-        Z, ZS, RS, NORMS, offs_r + half, mask_r, D, stride, TINY, ACC, BLOCK_D
+        ZB, ZS + half * D, RS + half, NORMS + half, offs_r, mask_r, D, stride_b, TINY, ACC, BLOCK_D
     )
     gap = zn_a - zn_b
     dist = tl.where(
@@ -1399,27 +1404,31 @@ def prologue_rows(d: int) -> int:
     return max(2, 4096 // row_width(d, "Z"))
 
 
-def _scale_rows(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The prologue (see the module docstring): (Zs, rs, norms, dist)."""
-    rows, d = z.shape
-    acc = torch_acc_dtype(z.dtype)
-    zs = torch.empty(rows, d, dtype=_scaled_dtype(z.dtype), device=z.device)
-    rs = torch.empty(rows, dtype=acc, device=z.device)
+def _scale_rows(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The prologue (see the module docstring) of Z = [z_a; z_b] (rows of unit stride):
+    (Zs, rs, norms, dist)."""
+    half, d = z_a.shape
+    rows = 2 * half
+    acc = torch_acc_dtype(z_a.dtype)
+    zs = torch.empty(rows, d, dtype=_scaled_dtype(z_a.dtype), device=z_a.device)
+    rs = torch.empty(rows, dtype=acc, device=z_a.device)
     norms = torch.empty_like(rs)
-    dist = torch.empty(rows // 2, dtype=acc, device=z.device)
+    dist = torch.empty(half, dtype=acc, device=z_a.device)
     block_r = prologue_rows(d)
-    with device_guard(z):
-        _scale_rows_kernel[(triton.cdiv(rows // 2, block_r),)](
-            Z=z,
+    with device_guard(z_a):
+        _scale_rows_kernel[(triton.cdiv(half, block_r),)](
+            ZA=z_a,
+            ZB=z_b,
             ZS=zs,
             RS=rs,
             NORMS=norms,
             DIST=dist,
-            half=rows // 2,
+            half=half,
             D=d,
-            stride=z.stride(0),
+            stride_a=z_a.stride(0),
+            stride_b=z_b.stride(0),
             TINY=torch.finfo(acc).tiny,
-            ACC=acc_dtype(z.dtype),
+            ACC=acc_dtype(z_a.dtype),
             BLOCK_R=block_r,
             BLOCK_D=row_width(d, "Z"),
         )
@@ -1735,7 +1744,7 @@ def lse_rows(
     lse_i - S_i,pos(i), each of shape (row_end - row_start,) in the accumulation dtype."""
     z = z.contiguous()
     _check_rows(z, row_start, row_end)
-    zs, rs, _, dist = _scale_rows(z)
+    zs, rs, _, dist = _scale_rows(*z.chunk(2))
     return _lse(zs, rs, dist, row_start, row_end, inv_tau)[:2]
 
 
@@ -1771,7 +1780,7 @@ def _rows_backward(z, lse, row_loss, row_start, row_end, inv_tau, grad_out):
             raise ValueError(
                 f"{name} must be the full ({z.shape[0]},) vector, got {tuple(v.shape)}"
             )
-    zs, rs, norms, _ = _scale_rows(z)
+    zs, rs, norms, _ = _scale_rows(*z.chunk(2))
     row_loss = row_loss.to(rs.dtype).contiguous()
     return _grad(
         zs,
@@ -1826,7 +1835,7 @@ def symmetric_masked_lse(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
             f"the symmetric forward needs the fixed shift (2/tau within the exp "
             f"range of {acc}), got tau = {1 / inv_tau}"
         )
-    zs, rs, _, dist = _scale_rows(z)
+    zs, rs, _, dist = _scale_rows(*z.chunk(2))
     return _symmetric_lse(zs, rs, dist, inv_tau)[0]
 
 
@@ -1874,7 +1883,7 @@ def symmetric_grad(
     tiles: sum_j (P_ij + P_ji) zn_j - 2 zn_pos(i), unscaled, in the accumulation dtype."""
     z = z.contiguous()
     _check_rows(z, 0, z.shape[0])
-    zs, rs = _scale_rows(z)[:2]
+    zs, rs = _scale_rows(*z.chunk(2))[:2]
     row_loss = row_loss.to(rs.dtype).contiguous()
     return _symmetric_grad(
         zs,
@@ -1932,31 +1941,32 @@ def _symmetric_grad(
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_triton_fwd", mutates_args=())
 def _fused_forward(
-    z: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
+    z_a: torch.Tensor, z_b: torch.Tensor, inv_tau: float, per_row: bool, symmetric: bool
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """(the 2N row losses, or their mean; Zs, rs, norms, row weights, row losses, the largest
     losses of the forward's programs). `symmetric`: the upper-triangle forward (fixed shift
     only)."""
-    zs, rs, norms, dist = _scale_rows(z)
+    zs, rs, norms, dist = _scale_rows(z_a, z_b)
     if symmetric:
         lse, row_loss = _symmetric_lse(zs, rs, dist, inv_tau)
         row_w, loss_max = _row_weights(lse, inv_tau), row_loss.amax().reshape(1)
     else:
-        _, row_loss, row_w, loss_max = _lse(zs, rs, dist, 0, z.shape[0], inv_tau)
+        _, row_loss, row_w, loss_max = _lse(zs, rs, dist, 0, zs.shape[0], inv_tau)
     loss = row_loss.clone() if per_row else row_loss.mean()
     return loss, zs, rs, norms, row_w, row_loss, loss_max
 
 
 @_fused_forward.register_fake
-def _(z, inv_tau, per_row, symmetric):
-    acc, rows = torch_acc_dtype(z.dtype), z.shape[0]
+def _(z_a, z_b, inv_tau, per_row, symmetric):
+    z = z_a
+    acc, rows, d = torch_acc_dtype(z.dtype), 2 * z.shape[0], z.shape[1]
     vector = z.new_empty(rows, dtype=acc)
-    writers = 1 if symmetric else forward_plan(rows, rows, z.shape[1], _scaled_dtype(z.dtype))[3]
+    writers = 1 if symmetric else forward_plan(rows, rows, d, _scaled_dtype(z.dtype))[3]
     return (
         z.new_empty((rows,) if per_row else (), dtype=acc),
-        z.new_empty(z.shape, dtype=_scaled_dtype(z.dtype)),
+        z.new_empty(rows, d, dtype=_scaled_dtype(z.dtype)),
         vector,
         torch.empty_like(vector),
         torch.empty_like(vector),

@@ -474,7 +474,7 @@ def _backward(zs, rs, norms, dist, bank, row_w, row_loss, w, inv_tau, out_dtype)
 
 _fused_forward, _fused_backward = nt_xent_bank_autograd.define_scaled_row_ops(
     "triton",
-    lambda z_a, z_b: _scale_rows(torch.cat([z_a, z_b])),
+    _scale_rows,
     _forward,
     _backward,
     _scaled_dtype,

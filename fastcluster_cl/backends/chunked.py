@@ -272,17 +272,17 @@ _T = torch.Tensor
 
 
 def _forward(
-    z: torch.Tensor, inv_tau: float, per_row: bool, block: int
+    z_a: torch.Tensor, z_b: torch.Tensor, inv_tau: float, per_row: bool, block: int
 ) -> tuple[_T, _T, _T, _T, _T, _T, _T]:
-    """(the 2N row losses, or their mean if not per_row; the masked lse and the row losses of
-    the 2N rows; when 2N <= block, E = exp(S - shift) over the negatives, r = exp(shift - lse)
-    per row (P = E r), zn and the norms, else four empty tensors).
+    """(the 2N row losses of Z = [z_a; z_b], or their mean if not per_row; the masked lse and
+    the row losses of the 2N rows; when 2N <= block, E = exp(S - shift) over the negatives,
+    r = exp(shift - lse) per row (P = E r), zn and the norms, else four empty tensors).
 
     When the whole matrix is one tile, its exponentials and the normalised rows are kept for
     the backward instead of recomputed there (one matrix product, one exp pass and the
     normalisation fewer): the path that decides small batches. (2N)^2 + 2N D values are held
     until the backward, at most block^2 + 2N D and less than the reference's autograd keeps."""
-    zn, norm, gap = _normalize_with_gap(z)
+    zn, norm, gap = _normalize_with_gap(torch.cat([z_a, z_b]))
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
         kept = tuple(zn.new_empty(0) for _ in range(4))
@@ -317,9 +317,10 @@ _fused_forward = torch.library.custom_op(
 
 
 @_fused_forward.register_fake
-def _(z, inv_tau, per_row, block):
+def _(z_a, z_b, inv_tau, per_row, block):
+    z = z_a
     acc = accumulation_dtype(z.dtype)
-    rows = z.shape[0]
+    rows = 2 * z.shape[0]
     kept = rows <= block
     return (
         z.new_empty((rows,) if per_row else (), dtype=acc),

@@ -296,7 +296,7 @@ class Objective(torch.autograd.Function):
     @outside_autocast
     def forward(ctx, side, weights, block, z_a, z_b, inv_tau, *args):
         nt_forward, _ = nt_xent_autograd.backend_spec("chunked").fast_path()
-        loss, *nt_state = nt_forward(torch.cat([z_a, z_b]), inv_tau, False, block)
+        loss, *nt_state = nt_forward(z_a, z_b, inv_tau, False, block)
         ctx.compiling = torch.compiler.is_compiling()
         value, *state = _run_side(side, ctx.compiling, args)
         tensors, ctx.floats = _split_args(args)

@@ -223,7 +223,7 @@ def nt_xent_launches(n: int, d: int) -> list[model.Launch]:
             f"nt_xent prologue D={d}",
             "bf16",
             nt._scale_rows_kernel,
-            dict(static.NT_XENT_POINTERS, Z="bf16", ZS="fp16"),
+            dict(static.NT_XENT_POINTERS, ZA="bf16", ZB="bf16", ZS="fp16"),
             dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=width),
             4,
             (block_r, width),

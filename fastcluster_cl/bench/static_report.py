@@ -546,7 +546,7 @@ def _nt_xent_variants() -> list[Variant]:
                 f"nt_xent prologue D={width}",
                 "bf16",
                 nt._scale_rows_kernel,
-                dict(pointers, Z="bf16", ZS="fp16"),
+                dict(pointers, ZA="bf16", ZB="bf16", ZS="fp16"),
                 dict(TINY=1.1754943508222875e-38, ACC=tl.float32, BLOCK_R=rows, BLOCK_D=width),
                 4,
                 (rows, width),

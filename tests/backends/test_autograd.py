@@ -44,15 +44,16 @@ DTYPES = {"chunked": F64, "triton": F64, "cuda": torch.float32}  # the dense CUD
 
 def _opcheck_backend(backend, per_row):
     forward, options, backward = FUSED[backend]
-    z = torch.cat(_pair(5, 4, DTYPES[backend], grad=False)).requires_grad_()
-    torch.library.opcheck(forward, (z, 2.0, per_row, *options))
-    out = forward(z.detach(), 2.0, per_row, *options)
+    z_a, z_b = (z.requires_grad_() for z in _pair(5, 4, DTYPES[backend], grad=False))
+    torch.library.opcheck(forward, (z_a, z_b, 2.0, per_row, *options))
+    out = forward(z_a.detach(), z_b.detach(), 2.0, per_row, *options)
     grad = torch.ones_like(out[0])
     # The backward op's own autograd raises (double backward), so it is checked without
     # inputs that require grad.
+    z = torch.cat([z_a, z_b]).detach()
     torch.library.opcheck(
         backward,
-        (z.detach(), grad, 2.0, *out[1:], *options),
+        (z, grad, 2.0, *out[1:], *options),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 
@@ -72,14 +73,16 @@ def test_opcheck_cuda_glue(dense_cuda):
 
 
 def test_fused_ops_are_differentiable_on_their_own():
-    """The forward op's registered autograd is NTXent's backward: the same gradient."""
-    z_a, z_b = _pair()
-    z = torch.cat([z_a, z_b])
-    loss = OPS.nt_xent_chunked_fwd(z, 1 / 0.3, False, 4)[0]
-    got = torch.autograd.grad(loss, (z_a, z_b))
-    want = torch.autograd.grad(reference.nt_xent(z_a, z_b, 0.3), (z_a, z_b))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    """The forward op's registered autograd is NTXent's backward: the same gradient, split
+    between the two views, with and without the kept tile (the backward's Z a stand-in or the
+    concatenation)."""
+    for block in (4, 64):
+        z_a, z_b = _pair()
+        loss = OPS.nt_xent_chunked_fwd(z_a, z_b, 1 / 0.3, False, block)[0]
+        got = torch.autograd.grad(loss, (z_a, z_b))
+        want = torch.autograd.grad(reference.nt_xent(z_a, z_b, 0.3), (z_a, z_b))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
 
 
 class _RowCopies(torch.utils._python_dispatch.TorchDispatchMode):
@@ -241,7 +244,7 @@ def test_double_backward_is_refused_clearly(backend, dense_cuda):
     # The same through the registered forward op called directly.
     forward, options, _ = FUSED[backend]
     with pytest.raises(RuntimeError, match="double backward is not supported"):
-        _double_backward(lambda a, b: forward(torch.cat([a, b]), 2.0, False, *options)[0], z_a, z_b)
+        _double_backward(lambda a, b: forward(a, b, 2.0, False, *options)[0], z_a, z_b)
 
 
 def test_double_backward_on_torch_works_and_first_order_is_unchanged():

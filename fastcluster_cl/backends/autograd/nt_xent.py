@@ -10,13 +10,15 @@ A backend describes itself with an `NTXentBackend`:
   dL/dz`` of those rows for L = grad_out * (the mean of all 2N row losses), in z's dtype, the
   normalisation's backward included (in the backend's kernels, where `grad_rows` leaves it to
   about 19 torch ops);
-- optionally a whole-matrix fast path: ``forward(z, inv_tau, per_row, *options) -> (loss,
-  *state)`` (loss the 2N row losses if per_row, else their mean) and ``backward(z, grad,
+- optionally a whole-matrix fast path: ``forward(z_a, z_b, inv_tau, per_row, *options) ->
+  (loss, *state)`` (loss the 2N row losses if per_row, else their mean; the two views, not
+  their concatenation, which the Triton and CUDA prologues never build) and ``backward(z, grad,
   inv_tau, *state, *options) -> dL/dz`` (in z's dtype, the normalisation's backward included;
-  `grad` 0-d for the mean, (2N,) per row where `per_row_backward`). The state is opaque to this
-  module: chunked keeps its lse, Triton its scaled rows, the per-row weights of its one-exp
-  backward and the forward programs' largest losses (its fp16 weight scale), CUDA its scaled
-  rows.
+  `grad` 0-d for the mean, (2N,) per row where `per_row_backward`; z = [z_a; z_b] where the
+  backward reads it, `NTXentBackend.reads_rows`, else a stand-in of its shape). The state is
+  opaque to this module: chunked keeps its lse, Triton its scaled rows, the per-row weights of
+  its one-exp backward and the forward programs' largest losses (its fp16 weight scale), CUDA
+  its scaled rows.
 
 `NTXent` (the autograd.Function) runs the fast path on one process when the backend has one,
 else the row primitives over [0, 2N); with `gather` it all-gathers Z, runs the primitives on this
@@ -145,15 +147,15 @@ class NTXent(torch.autograd.Function):
     @outside_autocast  # the primitives' matmuls accumulate in fp32/fp64
     def forward(ctx, z_a, z_b, inv_tau, backend, per_row, gather, options):
         spec, n = backend_spec(backend), z_a.shape[0]
-        z = torch.cat([z_a, z_b])
         ctx.spec, ctx.inv_tau, ctx.options, ctx.per_row = spec, inv_tau, options, per_row
         ctx.fused = spec.forward is not None and not gather
         if ctx.fused:
-            # The inputs rather than their concatenation are saved (no copy held until the
-            # backward, which concatenates them again).
-            loss, *state = spec.fast_path()[0](z, inv_tau, per_row, *options)
+            # The fast path takes the two views (its prologue reads both: no concatenation) and
+            # they are saved, not a copy (`backward_rows` builds Z again where it is read).
+            loss, *state = spec.fast_path()[0](z_a, z_b, inv_tau, per_row, *options)
             ctx.save_for_backward(z_a, z_b, *state)
             return loss
+        z = torch.cat([z_a, z_b])
         # Gathered in the input dtype (half the traffic for bf16); the primitives normalise on
         # the fly and accumulate in fp32.
         z_all = D.gather_views(z) if gather else z
@@ -292,10 +294,17 @@ def register_fast_path(
         forward_op,
         backward_op,
         name,
-        # (z, inv_tau, per_row, *options) -> (loss, *state); backward (z, grad, inv_tau, *state,
-        # *options) -> dz
-        lambda inputs, outputs, grads: (inputs[0], grads[0], inputs[1], *outputs[1:], *inputs[3:]),
-        wrt=(0,),
+        # (z_a, z_b, inv_tau, per_row, *options) -> (loss, *state); backward (z, grad, inv_tau,
+        # *state, *options) -> dz, whose halves are z_a's and z_b's gradients
+        lambda inputs, outputs, grads: (
+            spec.backward_rows(inputs[0], inputs[1], outputs[1:], tuple(inputs[4:])),
+            grads[0],
+            inputs[2],
+            *outputs[1:],
+            *inputs[4:],
+        ),
+        wrt=(0, 1),
         save_result=False,
+        split_result=lambda dz: dz.chunk(2),
     )
     return spec

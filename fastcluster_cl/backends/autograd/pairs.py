@@ -89,6 +89,7 @@ def register_pair(
     wrt: Sequence[int],
     materialize_grads: bool = True,
     save_result: bool = True,
+    split_result: Callable | None = None,
 ) -> None:
     """Make `forward_op` differentiable through `backward_op`, whose result (a tensor, or a
     tuple of them) is the gradient of the forward's inputs at the indices `wrt`, in order; the
@@ -96,7 +97,9 @@ def register_pair(
     `materialize_grads=False`: results that received no gradient pass None to `backward_args`
     instead of a zero tensor (no zero fills for outputs that are only backward state).
     `save_result=False`: the first output (the loss the caller gets) is not saved and reaches
-    `backward_args` as None, so that the caller may modify it in place before backward."""
+    `backward_args` as None, so that the caller may modify it in place before backward.
+    `split_result`: the backward op's one result -> the gradients of the `wrt` inputs (NT-Xent's
+    dz of Z = [z_a; z_b] -> its halves)."""
     wrt = tuple(wrt)
     PAIRS[forward_op._qualname] = Pair(backward_op, backward_args, wrt)
 
@@ -119,6 +122,8 @@ def register_pair(
         inputs, outputs = values[: ctx.n_inputs], values[ctx.n_inputs :]
         with torch.no_grad():
             result = backward_op(*backward_args(inputs, outputs, grads))
+        if split_result is not None:
+            result = split_result(result)
         result = result if isinstance(result, (tuple, list)) else (result,)
         differentiated = [inputs[i] for i in wrt]
         out = [None] * len(inputs)

@@ -26,23 +26,22 @@ def _row_values(
 
 @torch.library.custom_op("fastcluster_cl::nt_xent_cuda_fwd", mutates_args=())
 def _fused_forward(
-    z: torch.Tensor, inv_tau: float, per_row: bool
+    z_a: torch.Tensor, z_b: torch.Tensor, inv_tau: float, per_row: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the 2N row losses, or their mean; zs, rs, norms, lse, row losses): row scaling and the
-    row lse."""
+    """(the 2N row losses, or their mean; zs, rs, norms, lse, row losses) of Z = [z_a; z_b]:
+    row scaling (reading the two views) and the row lse."""
     ext = build.extension()
-    half = z.shape[0] // 2
-    zs, rs, norm, dist = ext.normalize(z[:half].contiguous(), z[half:].contiguous())
+    zs, rs, norm, dist = ext.normalize(z_a.contiguous(), z_b.contiguous())
     rows = zs.shape[0]
     lse, row_loss = _row_values(ext.lse_rows(zs, rs, 0, rows, inv_tau), dist.repeat(2), inv_tau)
     return (row_loss.clone() if per_row else row_loss.mean()), zs, rs, norm, lse, row_loss
 
 
 @_fused_forward.register_fake
-def _(z, inv_tau, per_row):
-    rows, f32 = z.shape[0], torch.float32
+def _(z_a, z_b, inv_tau, per_row):
+    z, rows, f32 = z_a, 2 * z_a.shape[0], torch.float32
     vector = z.new_empty(rows, dtype=f32)
-    zs = z.new_empty(z.shape, dtype=f32 if z.dtype == f32 else torch.float16)
+    zs = z.new_empty(rows, z.shape[1], dtype=f32 if z.dtype == f32 else torch.float16)
     return (
         z.new_empty((rows,) if per_row else (), dtype=f32),
         zs,
