@@ -7,7 +7,8 @@ similarities G_kl / (|q_k| |q_l|). The anti-collapse term needs the column sums.
 kernel (`_stats_kernel`) streams the N rows of both logit matrices once, computes each row
 block's softmax in registers and accumulates G_aa, G_ab, G_bb and the column sums; a fixed number
 of persistent programs each write one partial (no atomics), which one merge launch
-(`_stats_merge_kernel`) adds in program order into G and the column sums (deterministic).
+(`_stats_merge_kernel`) adds in a fixed order (blocks of 16 partials, in program order) into G
+and the column sums (run-to-run deterministic).
 The epilogue (`cluster_epilogue`: one launch each way on the 2K x 2K Gram, a single program up
 to 32 clusters, else a program per row block) does the normalisation, the masked lse and the
 entropies, and gives dG and d(colsum) in closed form (it was ~40 torch ops under autograd,
@@ -129,10 +130,11 @@ def _stats_merge_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The statistics programs' partials added BLOCK_P at a time, in program order (run-to-run
-    deterministic): program (b, r) sums rows [r, r + BLOCK_R) of Gram block b (aa, ab, bb) into
-    G = [[G_aa, G_ab], [G_ab^T, G_bb]] (2K x 2K, G_ab^T from the same rows), program (0, 0) the
-    column sums into C (2K). One launch for the sums, slices and concatenations on the host."""
+    """The statistics programs' partials added in a fixed order, blocks of BLOCK_P in program
+    order (run-to-run deterministic): program (b, r) sums rows [r, r + BLOCK_R) of Gram block
+    b (aa, ab, bb) into G = [[G_aa, G_ab], [G_ab^T, G_bb]] (2K x 2K, G_ab^T from the same
+    rows), program (0, 0) the column sums into C (2K). One launch for the sums, slices and
+    concatenations on the host."""
     block = tl.program_id(0)
     flat = tl.arange(0, BLOCK_R * BLOCK_K)
     rows = tl.program_id(1) * BLOCK_R + flat // BLOCK_K

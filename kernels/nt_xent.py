@@ -1405,8 +1405,11 @@ def prologue_rows(d: int) -> int:
 
 
 def _scale_rows(z_a: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The prologue (see the module docstring) of Z = [z_a; z_b] (rows of unit stride):
-    (Zs, rs, norms, dist)."""
+    """The prologue (see the module docstring) of Z = [z_a; z_b], two views of one shape (any
+    row stride; a view whose columns are not adjacent is copied first): (Zs, rs, norms,
+    dist)."""
+    nt_xent_autograd.check_views(z_a, z_b)
+    z_a, z_b = (z if z.stride(1) == 1 else z.contiguous() for z in (z_a, z_b))
     half, d = z_a.shape
     rows = 2 * half
     acc = torch_acc_dtype(z_a.dtype)
@@ -1960,6 +1963,7 @@ def _fused_forward(
 
 @_fused_forward.register_fake
 def _(z_a, z_b, inv_tau, per_row, symmetric):
+    nt_xent_autograd.check_views(z_a, z_b)
     z = z_a
     acc, rows, d = torch_acc_dtype(z.dtype), 2 * z.shape[0], z.shape[1]
     vector = z.new_empty(rows, dtype=acc)

@@ -282,6 +282,7 @@ def _forward(
     the backward instead of recomputed there (one matrix product, one exp pass and the
     normalisation fewer): the path that decides small batches. (2N)^2 + 2N D values are held
     until the backward, at most block^2 + 2N D and less than the reference's autograd keeps."""
+    nt_xent_autograd.check_views(z_a, z_b)
     zn, norm, gap = _normalize_with_gap(torch.cat([z_a, z_b]))
     if zn.shape[0] > block:
         row_loss, lse = _row_losses(_negatives_lse(zn, inv_tau, block), gap, inv_tau)
@@ -318,6 +319,7 @@ _fused_forward = torch.library.custom_op(
 
 @_fused_forward.register_fake
 def _(z_a, z_b, inv_tau, per_row, block):
+    nt_xent_autograd.check_views(z_a, z_b)
     z = z_a
     acc = accumulation_dtype(z.dtype)
     rows = 2 * z.shape[0]

@@ -33,7 +33,7 @@ def dense_cuda(monkeypatch):
     monkeypatch.setattr(cuda_backend.build, "require_device", lambda device: None)
 
 
-# (forward op, its options after (z, inv_tau, per_row), backward op)
+# (forward op, its options after (z_a, z_b, inv_tau, per_row), backward op)
 FUSED = {
     "chunked": (OPS.nt_xent_chunked_fwd.default, (4,), OPS.nt_xent_chunked_bwd.default),
     "triton": (OPS.nt_xent_triton_fwd.default, (False,), OPS.nt_xent_triton_bwd.default),
@@ -100,22 +100,26 @@ class _RowCopies(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    "backend, options, copies",
+    "backend, options, forward_copies, copies",
     [
-        ("triton", (False,), 0),  # the row-parallel backward reads the saved Zs
-        ("triton", (True,), 1),  # the symmetric one normalises Z again
-        ("chunked", (64,), 0),  # one tile: its exponentials and zn are kept
-        ("chunked", (4,), 1),  # tiled: the backward recomputes from Z
-        ("cuda", (), 0),
+        ("triton", (False,), 0, 0),  # the prologue reads the views; the backward the saved Zs
+        ("triton", (True,), 0, 1),  # the symmetric backward normalises Z again
+        ("chunked", (64,), 1, 0),  # the op concatenates; one tile: E and zn are kept
+        ("chunked", (4,), 1, 1),  # tiled: the backward recomputes from Z
+        ("cuda", (), None, 0),  # (the dense model of its launchers concatenates)
     ],
 )
-def test_the_backward_copies_z_only_where_it_reads_it(backend, options, copies, dense_cuda):
-    """`NTXentBackend.backward_rows`: Z = [z_a; z_b] is built again for the backward only where
-    the backward op reads its values; the gradient is the reference's either way."""
+def test_z_is_copied_only_where_it_is_read(backend, options, forward_copies, copies, dense_cuda):
+    """The fast path's forward takes the two views and `NTXentBackend.backward_rows` builds
+    Z = [z_a; z_b] for the backward only where the backward op reads its values; the gradient is
+    the reference's either way."""
     z_a, z_b = _pair(dtype=DTYPES[backend])
-    loss = nt_xent_autograd.nt_xent(z_a, z_b, 0.5, backend, *options)
-    with _RowCopies((2 * z_a.shape[0], z_a.shape[1])) as copies_seen:
+    shape = (2 * z_a.shape[0], z_a.shape[1])
+    with _RowCopies(shape) as forward_seen:
+        loss = nt_xent_autograd.nt_xent(z_a, z_b, 0.5, backend, *options)
+    with _RowCopies(shape) as copies_seen:
         got = torch.autograd.grad(loss, (z_a, z_b))
+    assert forward_copies is None or forward_seen.count == forward_copies
     assert copies_seen.count == copies
     x, y = (t.detach().double().requires_grad_() for t in (z_a, z_b))
     want = torch.autograd.grad(reference.nt_xent(x, y, 0.5), (x, y))

@@ -447,6 +447,29 @@ def test_online_max_row_without_negatives_in_its_first_tile():
     assert torch.isfinite(lse).all() and (row_loss == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["column slices", "transposed storage"])
+def test_fast_path_ops_take_any_views(layout):
+    """Called directly, the Triton NT-Xent and memory-bank forward ops read z_a, z_b as given:
+    views with a row stride other than D (the prologue's two pointers) or with columns not
+    adjacent (copied first) give the loss of their values; views of two shapes are refused."""
+    z_a, z_b = correlated_views(20, 12, seed=73, noise=0.3)
+    if layout == "column slices":
+        views = torch.cat([z_a, z_b], 1).chunk(2, 1)
+        assert views[0].stride(0) == 24
+    else:
+        views = tuple(z.T.contiguous().T for z in (z_a, z_b))
+        assert views[0].stride(1) != 1
+    ops = torch.ops.fastcluster_cl
+    bank = torch.nn.functional.normalize(randn(7, 12, seed=74), dim=1)
+    for call in (
+        lambda a, b: ops.nt_xent_triton_fwd(a, b, 2.0, False, False)[0],
+        lambda a, b: ops.nt_xent_bank_triton_fwd(a, b, bank, 2.0, False)[0],
+    ):
+        torch.testing.assert_close(call(*views), call(z_a, z_b))
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.nt_xent_triton_fwd(z_a, z_b[:-1], 2.0, False, False)
+
+
 def test_float64_row_losses_match_to_rounding():
     """fp64's log1p and expm1 are exact to rounding (Kahan's forms): the fp32 series left 1e-9
     relative error where the loss is in (0.05, 0.1), which these rows cover."""

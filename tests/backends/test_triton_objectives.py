@@ -95,7 +95,7 @@ def test_inputs_beyond_the_kernels_limits_run_the_separate_ops():
 @pytest.mark.parametrize("centers_dtype", [None, torch.float32])  # h's dtype; AMP's pair
 def test_separate_anchor_ops_stack_the_three_assignments(monkeypatch, centers_dtype):
     """The anchor objective's separate ops take the three views' Student-t rows in one call
-    (`functional.three_assignments`: 5 / 3 launches and 8 / 18 torch ops, were 7 / 5) while the
+    (`functional.three_assignments`: 5 / 3 launches and 8 + 10 torch ops, were 7 / 5) while the
     copies are small, one call a view beyond `STACKED_ASSIGNMENT_BYTES`: the same parts and
     gradients either way (bf16 features with fp32 centres: the tensor-core products over the
     stacked rows)."""

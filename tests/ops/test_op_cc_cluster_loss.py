@@ -30,11 +30,12 @@ SHAPES = [(37, 10, 1.0), (6, 2, 0.5), (70, 13, 0.3)]
             + [(F32, 37, 600, 0.5), (BF16, 37, 600, 0.5), (F32, 9, 2100, 0.5)],
             # K = 100: the Gram op pair and the row-tiled epilogue (tests/backends/
             # test_cc_cluster_tiled.py holds the regimes)
-            # N = 600: 19 statistics programs, merged 16 partials a step; K = 20: 3 row programs
+            # N = 600: 19 statistics programs, merged 16 partials a step; K = 20: 3 row programs;
+            # K = 16 and 64: the tile's width, 2 and 8 row programs
             "triton": [
                 (dtype, *shape) for dtype in (F64, F32, BF16) for shape in SHAPES + [(37, 100, 0.5)]
             ]
-            + [(F32, 600, 20, 0.5)],
+            + [(F32, 600, 20, 0.5), (F32, 40, 16, 0.5), (F32, 40, 64, 0.5)],
             "cuda-emulated": [(dtype, 37, 10, 1.0) for dtype in (F32, BF16)],
             "cuda": [(dtype, *shape) for dtype in (F32, BF16) for shape in SHAPES],
         }

@@ -99,6 +99,16 @@ def backend_spec(backend: str | NTXentBackend) -> NTXentBackend:
     return backend if isinstance(backend, NTXentBackend) else _BACKENDS[backend]
 
 
+def check_views(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+    """The fast path's two views pair up row by row: the same shape (real and fake calls)."""
+    torch._check(
+        z_a.shape == z_b.shape,
+        lambda: (
+            f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        ),
+    )
+
+
 def fake_row_values(
     z: torch.Tensor, row_start: int, row_end: int, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

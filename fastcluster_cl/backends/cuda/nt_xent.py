@@ -30,6 +30,7 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the 2N row losses, or their mean; zs, rs, norms, lse, row losses) of Z = [z_a; z_b]:
     row scaling (reading the two views) and the row lse."""
+    nt_xent_autograd.check_views(z_a, z_b)
     ext = build.extension()
     zs, rs, norm, dist = ext.normalize(z_a.contiguous(), z_b.contiguous())
     rows = zs.shape[0]
@@ -39,6 +40,7 @@ def _fused_forward(
 
 @_fused_forward.register_fake
 def _(z_a, z_b, inv_tau, per_row):
+    nt_xent_autograd.check_views(z_a, z_b)
     z, rows, f32 = z_a, 2 * z_a.shape[0], torch.float32
     vector = z.new_empty(rows, dtype=f32)
     zs = z.new_empty(rows, z.shape[1], dtype=f32 if z.dtype == f32 else torch.float16)
