@@ -40,6 +40,7 @@ import triton.language as tl
 from fastcluster_cl.backends.autograd.pairs import register_pair
 
 from ._common import acc_dtype, check_dtype, device_guard, tile_splits, torch_acc_dtype
+from .nt_xent import column_range
 
 MAX_CLUSTERS = 4096
 _BLOCK_M = 32
@@ -112,12 +113,18 @@ def _colsum_kernel(
 
 
 @triton.jit
+def _clamped_sums(F, offs_k, K, TINY: tl.constexpr):
+    """The column sums f of a tile's clusters, clamped at tiny (1, ..., padding), as a row: a
+    cluster with no mass in the batch (f = 0, so q = 0 in its column) gets DEC weight 0, not
+    0/0."""
+    return tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)[None, :]
+
+
+@triton.jit
 def _dec_weights(Q, F, stride, offs_m, mask_m, offs_k, K, ACC: tl.constexpr, TINY: tl.constexpr):
-    """q (one tile) and its unnormalised DEC target q^2 / max(f, tiny): a cluster with no mass
-    in the batch (f = 0, so q = 0 in its column) gets weight 0, not 0/0."""
+    """q (one tile) and its unnormalised DEC target q^2 / max(f, tiny) (`_clamped_sums`)."""
     q = _load(Q, stride, offs_m, mask_m, offs_k, K, ACC)
-    f = tl.load(F + offs_k, mask=offs_k < K, other=1.0)
-    return q, q * q / tl.maximum(f, TINY)[None, :]
+    return q, q * q / _clamped_sums(F, offs_k, K, TINY)
 
 
 @triton.jit
@@ -178,7 +185,7 @@ def _row_sums(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
         if DEC:
-            f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)[None, :]
+            f = _clamped_sums(F, offs_k, K, TINY)
             w = q0 * q0 / f
             # below tiny (zero, negative) safe_log(q0) is log(tiny): n w / tiny; 0 log 0 = 0
             ratio = tl.where(q0 >= TINY, n * q0 / f, n * w / TINY)
@@ -190,18 +197,6 @@ def _row_sums(
             terms = 2.0 * _xlogx(q0) - q0 * (_safe_log(qa, TINY) + _safe_log(qb, TINY))
             anchor += tl.sum(terms, axis=1)
     return mass, dec, anchor
-
-
-@triton.jit
-def _split_range(tiles_per_split, K, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The clusters [lo, hi) of this program's split (program_id(1)); unsplit all of them from
-    a constant 0 (as `nt_xent.column_range`: a loop from a program-dependent start compiles
-    its masks into every tile)."""
-    if SPLIT:
-        lo = tl.program_id(1) * tiles_per_split * BLOCK_K
-        return lo, tl.minimum(lo + tiles_per_split * BLOCK_K, K)
-    else:
-        return 0, K
 
 
 @triton.jit
@@ -248,7 +243,7 @@ def _rows_kernel(
     PART (3 x splits x n) for `_merge_rows_kernel`; else the rows' losses (`_finish_rows`)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    k_start, k_end = _split_range(tiles_per_split, K, SPLIT, BLOCK_K)
+    k_start, k_end = column_range(K, tiles_per_split * BLOCK_K, SPLIT)
     mass, dec, anchor = _row_sums(
         Q0,
         QA,
@@ -347,7 +342,7 @@ def _grads_kernel(
     is 0). No row reduction: one pass."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
-    k_start, k_end = _split_range(tiles_per_split, K, SPLIT, BLOCK_K)
+    k_start, k_end = column_range(K, tiles_per_split * BLOCK_K, SPLIT)
     if DEC:
         mass = tl.load(TOTAL + offs_m, mask=mask_m, other=0.0)[:, None]
         total = tl.where(mass > 0, mass, 1.0)
@@ -358,8 +353,8 @@ def _grads_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q0 = _load(Q0, stride0, offs_m, mask_m, offs_k, K, ACC)
         if DEC:
-            f = tl.maximum(tl.load(F + offs_k, mask=offs_k < K, other=1.0), TINY)
-            p_over_q = tl.where((q0 >= TINY) & (mass > 0), q0 / f[None, :] / total, 0.0)
+            f = _clamped_sums(F, offs_k, K, TINY)
+            p_over_q = tl.where((q0 >= TINY) & (mass > 0), q0 / f / total, 0.0)
             _store(DQ0, stride_d0, offs_m, mask_m, offs_k, K, dec_scale * p_over_q)
         if ANCHOR:
             qa = _load(QA, stride_a, offs_m, mask_m, offs_k, K, ACC)
